@@ -1,0 +1,1 @@
+"""The Bluesky layer of hxn-ptycho (installed as ``hxn_ptycho.callbacks``)."""

@@ -1,0 +1,107 @@
+"""The array backend: the array module ``xp`` (numpy or cupy), FFTs, and the window gather/scatter.
+
+The engine (``engine.py``) and the DM steps (``dm.py``) are written once against a
+:class:`Backend`. :class:`NumpyBackend` runs on the CPU with ``scipy.fft`` (threads split over
+views); :mod:`hxn_ptycho.gpu` provides the CuPy backend with our CUDA kernels.
+
+Array layouts used everywhere:
+
+- object ``(L, H, W)``, probe ``(K, n, n)``, complex
+- exit waves of a batch ``(B, L, K, n, n)``, complex, C-contiguous
+- ``diffamp`` of a batch ``(B, n, n)`` float, ``mask`` ``(n, n)`` bool (true = good) or None
+- window corners ``pos`` ``(B, 2)`` int64 (row, col)
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import scipy.fft
+
+
+class BackendError(RuntimeError):
+    """The requested backend is not available here (e.g. no CuPy or no GPU)."""
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+class NumpyBackend:
+    """CPU backend: numpy arrays, ``scipy.fft`` and views split across ``threads`` workers."""
+
+    name = "numpy"
+    xp = np
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = max(1, int(threads or available_cores()))
+
+    # --- arrays ---------------------------------------------------------------------------
+    def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    def asnumpy(self, a: Any) -> np.ndarray:
+        return np.asarray(a)
+
+    def empty(self, shape: tuple, dtype: Any) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    def zeros(self, shape: tuple, dtype: Any) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def synchronize(self) -> None:
+        pass
+
+    # --- FFTs (orthonormal, over the last two axes, in place where possible) ---------------
+    def fft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
+        return scipy.fft.fft2(a, norm="ortho", overwrite_x=True, workers=workers)
+
+    def ifft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
+        return scipy.fft.ifft2(a, norm="ortho", overwrite_x=True, workers=workers)
+
+    # --- windows ----------------------------------------------------------------------------
+    def gather(self, obj: np.ndarray, pos: np.ndarray, n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``out[b, l] = obj[l, r_b:r_b+n, c_b:c_b+n]`` for every view b of the batch."""
+        if out is None:
+            out = np.empty((len(pos), obj.shape[0], n, n), dtype=obj.dtype)
+        for b, (r, c) in enumerate(pos):
+            out[b] = obj[:, r:r + n, c:c + n]
+        return out
+
+    def scatter_add(self, acc: np.ndarray, pos: np.ndarray, src: np.ndarray) -> None:
+        """``acc[l, r_b:r_b+n, c_b:c_b+n] += src[b, l]`` (overlapping windows add up).
+
+        One vectorised add per view (never per pixel); ``src`` may be ``(n, n)`` to add the same
+        window at every position (the denominators of equation (6)).
+        """
+        n = src.shape[-1]
+        if src.ndim == 2:
+            for r, c in pos:
+                acc[:, r:r + n, c:c + n] += src
+        else:
+            for b, (r, c) in enumerate(pos):
+                acc[:, r:r + n, c:c + n] += src[b]
+
+
+def get_backend(name: str = "numpy", threads: int | None = None, device: int | None = None) -> Any:
+    """The backend called ``name``: "numpy", "cupy" (GPU; clear error without one) or "auto"."""
+    if name == "numpy":
+        return NumpyBackend(threads)
+    if name in ("cupy", "auto"):
+        try:
+            from .gpu import CupyBackend, gpu_available
+        except ImportError as exc:  # pragma: no cover - depends on the machine
+            if name == "auto":
+                return NumpyBackend(threads)
+            raise BackendError(f"backend 'cupy' needs CuPy and a CUDA GPU: {exc}") from None
+        ok, why = gpu_available()
+        if ok:
+            return CupyBackend(device=device)
+        if name == "auto":
+            return NumpyBackend(threads)
+        raise BackendError(f"backend 'cupy' is not available here: {why}")
+    raise BackendError(f"unknown backend {name!r} (choose numpy, cupy or auto)")

@@ -1,0 +1,76 @@
+"""Small HDF5 helpers shared by the scan and result files: atomic writes, field checks."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+
+class FileFormatError(ValueError):
+    """A scan or result file is missing a field or has a malformed one; the message names it."""
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Open a temporary HDF5 file beside ``path``; rename it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def open_h5(path: str | os.PathLike, kind: str) -> h5py.File:
+    """Open an HDF5 file for reading, with an error that names the file and what it should be."""
+    path = Path(path)
+    if not path.exists():
+        raise FileFormatError(f"{kind} file not found: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise FileFormatError(f"{kind} file {path} is not a readable HDF5 file ({exc})") from None
+
+
+def require(f: h5py.File, name: str, kind: str) -> h5py.Dataset:
+    if name not in f:
+        raise FileFormatError(f"{kind} file {f.filename}: missing field '{name}'")
+    obj = f[name]
+    if not isinstance(obj, h5py.Dataset):
+        raise FileFormatError(f"{kind} file {f.filename}: field '{name}' is not a dataset")
+    return obj
+
+
+def require_shape(arr_shape: tuple, expected: tuple, name: str, kind: str, filename: str) -> None:
+    """``expected`` may hold None for a free axis."""
+    ok = len(arr_shape) == len(expected) and all(e is None or e == a for a, e in zip(arr_shape, expected))
+    if not ok:
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise FileFormatError(f"{kind} file {filename}: field '{name}' has shape {tuple(arr_shape)}, expected {want}")
+
+
+def require_finite(arr: np.ndarray, name: str, kind: str, filename: str) -> None:
+    if not np.all(np.isfinite(arr)):
+        raise FileFormatError(f"{kind} file {filename}: field '{name}' contains NaN or infinite values")
+
+
+def scalar(f: h5py.File, name: str, kind: str, positive: bool = True) -> float:
+    ds = require(f, name, kind)
+    try:
+        value = float(np.asarray(ds[()]).reshape(()))
+    except (TypeError, ValueError):
+        raise FileFormatError(f"{kind} file {f.filename}: field '{name}' is not a scalar number") from None
+    if not np.isfinite(value) or (positive and value <= 0):
+        raise FileFormatError(f"{kind} file {f.filename}: field '{name}' = {value} must be a positive finite number")
+    return value

@@ -1,0 +1,155 @@
+"""The NSLS-II HXN scan file ``scan_<N>.h5``: read, validate and atomically write.
+
+Fields (HXN names and units):
+
+- ``diffamp`` float32 (N, n, n): sqrt(intensity), zero frequency at pixel [0, 0]
+- ``points`` float64 (2, N): positions in micrometres, row 0 = x (object columns), row 1 = y (rows)
+- ``lambda_nm``, ``z_m``, ``ccd_pixel_um``: wavelength, detector distance, detector pixel
+- optional ``mask`` bool (n, n), true = good pixel; ``probe_guess`` complex (n, n) or (M, n, n)
+- attributes such as ``scan_id`` and ``raw_uid``
+
+The object pixel size is λ·z / (n·Δ). Each MPI rank may read only its own slice of frames.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .h5util import FileFormatError, atomic_h5, open_h5, require, require_finite, require_shape, scalar
+
+KIND = "scan"
+
+
+@dataclass
+class ScanData:
+    diffamp: np.ndarray                 # (N, n, n) float32, or a rank's slice of it
+    points: np.ndarray                  # (2, N_total) float64 µm — always every view
+    lambda_nm: float
+    z_m: float
+    ccd_pixel_um: float
+    mask: np.ndarray | None = None      # (n, n) bool, true = good
+    probe_guess: np.ndarray | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    views: slice = slice(None)          # which views ``diffamp`` holds
+
+    @property
+    def n(self) -> int:
+        return int(self.diffamp.shape[-1])
+
+    @property
+    def n_views(self) -> int:
+        return int(self.points.shape[1])
+
+    @property
+    def pixel_size_m(self) -> float:
+        """Object pixel size λ·z / (n·Δ) in metres."""
+        return self.lambda_nm * 1e-9 * self.z_m / (self.n * self.ccd_pixel_um * 1e-6)
+
+    def validate(self, filename: str = "<memory>") -> None:
+        d = self.diffamp
+        if d.ndim != 3 or d.shape[1] != d.shape[2]:
+            raise FileFormatError(f"{KIND} file {filename}: field 'diffamp' has shape {d.shape}, expected (N, n, n)")
+        if self.points.ndim != 2 or self.points.shape[0] != 2:
+            raise FileFormatError(f"{KIND} file {filename}: field 'points' has shape {self.points.shape}, expected (2, N)")
+        if self.n_views == 0:
+            raise FileFormatError(f"{KIND} file {filename}: the scan has no views (empty 'points')")
+        expected = len(range(*self.views.indices(self.n_views)))
+        if d.shape[0] != expected:
+            raise FileFormatError(
+                f"{KIND} file {filename}: 'diffamp' holds {d.shape[0]} frames but 'points' has {expected} positions")
+        require_finite(self.points, "points", KIND, filename)
+        require_finite(d, "diffamp", KIND, filename)
+        if d.size and float(d.min()) < 0:
+            raise FileFormatError(f"{KIND} file {filename}: field 'diffamp' has negative values (it must be sqrt(intensity))")
+        for name in ("lambda_nm", "z_m", "ccd_pixel_um"):
+            v = float(getattr(self, name))
+            if not np.isfinite(v) or v <= 0:
+                raise FileFormatError(f"{KIND} file {filename}: field '{name}' = {v} must be a positive finite number")
+        if self.mask is not None:
+            require_shape(self.mask.shape, (self.n, self.n), "mask", KIND, filename)
+            if not self.mask.any():
+                raise FileFormatError(f"{KIND} file {filename}: field 'mask' masks every pixel")
+        if self.probe_guess is not None:
+            pg = self.probe_guess
+            if pg.ndim not in (2, 3) or pg.shape[-2:] != (self.n, self.n):
+                raise FileFormatError(
+                    f"{KIND} file {filename}: field 'probe_guess' has shape {pg.shape}, expected (n, n) or (M, n, n) with n = {self.n}")
+            require_finite(pg, "probe_guess", KIND, filename)
+
+
+def write_scan(path: str | os.PathLike, scan: ScanData, extras: dict[str, np.ndarray] | None = None) -> None:
+    """Validate and write a scan file atomically (temporary name, then rename).
+
+    ``extras`` are further datasets (e.g. ``truth/object`` of a simulation), written as given.
+    """
+    scan.validate(str(path))
+    with atomic_h5(path) as f:
+        f.create_dataset("diffamp", data=np.asarray(scan.diffamp, dtype=np.float32), chunks=(1,) + scan.diffamp.shape[1:])
+        f.create_dataset("points", data=np.asarray(scan.points, dtype=np.float64))
+        f["lambda_nm"] = float(scan.lambda_nm)
+        f["z_m"] = float(scan.z_m)
+        f["ccd_pixel_um"] = float(scan.ccd_pixel_um)
+        if scan.mask is not None:
+            f.create_dataset("mask", data=np.asarray(scan.mask, dtype=bool))
+        if scan.probe_guess is not None:
+            f.create_dataset("probe_guess", data=np.asarray(scan.probe_guess))
+        for k, v in scan.attrs.items():
+            f.attrs[k] = v
+        for k, v in (extras or {}).items():
+            f.create_dataset(k, data=np.asarray(v))
+
+
+def scan_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Shape and geometry of a scan file without reading its frames."""
+    with open_h5(path, KIND) as f:
+        d = require(f, "diffamp", KIND)
+        if d.ndim != 3 or d.shape[1] != d.shape[2]:
+            raise FileFormatError(f"{KIND} file {path}: field 'diffamp' has shape {d.shape}, expected (N, n, n)")
+        p = require(f, "points", KIND)
+        if p.ndim != 2 or p.shape[0] != 2:
+            raise FileFormatError(f"{KIND} file {path}: field 'points' has shape {p.shape}, expected (2, N)")
+        if p.shape[1] != d.shape[0]:
+            raise FileFormatError(
+                f"{KIND} file {path}: 'diffamp' has {d.shape[0]} frames but 'points' has {p.shape[1]} positions")
+        if d.shape[0] == 0:
+            raise FileFormatError(f"{KIND} file {path}: the scan has no views (empty 'diffamp')")
+        return {"n_views": int(d.shape[0]), "n": int(d.shape[1]),
+                "attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}}
+
+
+def read_scan(path: str | os.PathLike, views: slice = slice(None)) -> ScanData:
+    """Read and validate a scan file; ``views`` selects the frames this process reads (a hyperslab)."""
+    info = scan_info(path)
+    with open_h5(path, KIND) as f:
+        points = np.asarray(f["points"][()], dtype=np.float64)
+        start, stop, step = views.indices(info["n_views"])
+        if step != 1:
+            raise ValueError("views must be a contiguous slice")
+        diffamp = np.asarray(f["diffamp"][start:stop], dtype=np.float32)
+        mask = np.asarray(require(f, "mask", KIND)[()], dtype=bool) if "mask" in f else None
+        probe_guess = np.asarray(f["probe_guess"][()]) if "probe_guess" in f else None
+        scan = ScanData(
+            diffamp=diffamp, points=points,
+            lambda_nm=scalar(f, "lambda_nm", KIND), z_m=scalar(f, "z_m", KIND),
+            ccd_pixel_um=scalar(f, "ccd_pixel_um", KIND),
+            mask=mask, probe_guess=probe_guess, attrs=info["attrs"], views=slice(start, stop))
+    scan.validate(str(path))
+    return scan
+
+
+def positions_px(points: np.ndarray, pixel_size_m: float, n: int, margin: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Window corners (row, col) in object pixels for every view, and the object shape (H, W).
+
+    Row follows y (``points[1]``), column follows x (``points[0]``); positions are rounded to
+    whole pixels, and the outermost windows lie ``margin`` pixels inside the object array.
+    """
+    px = points * 1e-6 / pixel_size_m          # µm → object pixels
+    rows = px[1] - px[1].min()
+    cols = px[0] - px[0].min()
+    pos = np.stack([np.round(rows), np.round(cols)], axis=1) + margin
+    shape = (int(pos[:, 0].max()) + n + margin, int(pos[:, 1].max()) + n + margin)
+    return pos.astype(np.float64), shape
