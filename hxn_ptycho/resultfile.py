@@ -1,0 +1,114 @@
+"""The result file of one reconstruction: written atomically, read back for warm starts and queries.
+
+Fields:
+
+- ``object`` complex (M_O, H, W); ``probe`` complex (M_P, n, n)
+- ``positions_px`` float64 (N, 2): (row, col) of each view's window corner in ``object``
+- ``error/data`` (iterations,), ``error/probe`` (iterations, M_P), ``error/object`` (iterations, M_O)
+- ``probe_power_fraction`` (M_P,)
+- attributes: ``params`` (JSON of :class:`~hxn_ptycho.params.ReconParams`), ``version``,
+  ``elapsed_s``, ``final_cost``, ``final_data_error``, ``probe_modes_log`` and the scan's own
+  attributes (``scan_id``, ``raw_uid``, ...) prefixed with ``scan_``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .h5util import FileFormatError, atomic_h5, open_h5, require, require_finite, require_shape
+
+KIND = "result"
+
+
+@dataclass
+class ResultData:
+    """A reconstruction as stored in a result file (numpy arrays, plain attributes)."""
+
+    object: np.ndarray                      # (M_O, H, W) complex
+    probe: np.ndarray                       # (M_P, n, n) complex
+    positions_px: np.ndarray                # (N, 2) float64
+    error_data: np.ndarray                  # (iterations,)
+    error_probe: np.ndarray                 # (iterations, M_P)
+    error_object: np.ndarray                # (iterations, M_O)
+    probe_power_fraction: np.ndarray        # (M_P,)
+    params: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def iterations(self) -> int:
+        return int(self.error_data.shape[0])
+
+    def validate(self, filename: str = "<memory>") -> None:
+        o, p = self.object, self.probe
+        if o.ndim != 3 or not np.iscomplexobj(o):
+            raise FileFormatError(f"{KIND} file {filename}: field 'object' must be complex (M_O, H, W), got {o.dtype} {o.shape}")
+        if p.ndim != 3 or p.shape[1] != p.shape[2] or not np.iscomplexobj(p):
+            raise FileFormatError(f"{KIND} file {filename}: field 'probe' must be complex (M_P, n, n), got {p.dtype} {p.shape}")
+        n = p.shape[-1]
+        if o.shape[1] < n or o.shape[2] < n:
+            raise FileFormatError(f"{KIND} file {filename}: field 'object' {o.shape} is smaller than the probe window {n}")
+        require_shape(self.positions_px.shape, (None, 2), "positions_px", KIND, filename)
+        it = self.error_data.shape[0]
+        require_shape(self.error_data.shape, (it,), "error/data", KIND, filename)
+        require_shape(self.error_probe.shape, (it, p.shape[0]), "error/probe", KIND, filename)
+        require_shape(self.error_object.shape, (it, o.shape[0]), "error/object", KIND, filename)
+        require_shape(self.probe_power_fraction.shape, (p.shape[0],), "probe_power_fraction", KIND, filename)
+        for name, arr in (("object", o), ("probe", p), ("positions_px", self.positions_px)):
+            require_finite(arr, name, KIND, filename)
+        pos = self.positions_px
+        if pos.size and (pos.min() < 0 or pos[:, 0].max() + n > o.shape[1] or pos[:, 1].max() + n > o.shape[2]):
+            raise FileFormatError(f"{KIND} file {filename}: field 'positions_px' puts windows outside the object array")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode()
+    return v
+
+
+def write_result(path: str | os.PathLike, res: ResultData) -> None:
+    """Validate and write ``res`` to ``path`` atomically (temporary name, then rename)."""
+    res.validate(str(path))
+    with atomic_h5(path) as f:
+        f.create_dataset("object", data=res.object)
+        f.create_dataset("probe", data=res.probe)
+        f.create_dataset("positions_px", data=np.asarray(res.positions_px, dtype=np.float64))
+        g = f.create_group("error")
+        g.create_dataset("data", data=np.asarray(res.error_data, dtype=np.float64))
+        g.create_dataset("probe", data=np.asarray(res.error_probe, dtype=np.float64))
+        g.create_dataset("object", data=np.asarray(res.error_object, dtype=np.float64))
+        f.create_dataset("probe_power_fraction", data=np.asarray(res.probe_power_fraction, dtype=np.float64))
+        f.attrs["params"] = json.dumps(res.params, sort_keys=True)
+        f.attrs["version"] = __version__
+        for k, v in res.attrs.items():
+            if k in ("params", "version"):
+                continue
+            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+
+
+def read_result(path: str | os.PathLike) -> ResultData:
+    """Read and validate a result file; errors name the missing or malformed field."""
+    with open_h5(path, KIND) as f:
+        arrays = {name: require(f, name, KIND)[()] for name in
+                  ("object", "probe", "positions_px", "error/data", "error/probe", "error/object",
+                   "probe_power_fraction")}
+        attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
+    try:
+        params = json.loads(attrs.pop("params", "{}"))
+    except json.JSONDecodeError:
+        raise FileFormatError(f"{KIND} file {path}: attribute 'params' is not valid JSON") from None
+    res = ResultData(
+        object=np.asarray(arrays["object"]), probe=np.asarray(arrays["probe"]),
+        positions_px=np.asarray(arrays["positions_px"], dtype=np.float64),
+        error_data=np.asarray(arrays["error/data"]), error_probe=np.asarray(arrays["error/probe"]),
+        error_object=np.asarray(arrays["error/object"]),
+        probe_power_fraction=np.asarray(arrays["probe_power_fraction"]), params=params, attrs=attrs)
+    res.validate(str(path))
+    return res
