@@ -34,7 +34,7 @@ class ScanData:
     mask: np.ndarray | None = None      # (n, n) bool, true = good
     probe_guess: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
-    views: slice = slice(None)          # which views ``diffamp`` holds
+    views: slice = field(default_factory=lambda: slice(None))  # which views ``diffamp`` holds
 
     @property
     def n(self) -> int:

@@ -1,0 +1,131 @@
+"""The steps of the multi-mode Difference Map, one function each.
+
+Equation numbers are those of Dong, Fang, Huang, Yan et al., *High-Performance Multi-Mode
+Ptychography Reconstruction on Distributed GPUs* (NSLS-II HXN), after Thibault & Menzel's
+mixed-state model. Every function works on one batch of views and is written against the array
+module ``be.xp``; a backend that has a fused kernel for a step provides a method of the same name
+(see :mod:`hxn_ptycho.gpu`), which is used instead.
+
+Shapes: object ``(L, H, W)``, probe ``(K, n, n)``, exit waves ``(B, L, K, n, n)``, object windows
+``(B, L, n, n)``, ``diffamp`` ``(B, n, n)`` = √I, ``mask`` ``(n, n)`` (true = good) or None.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+TINY = 1e-30
+
+
+def _fused(be: Any, name: str) -> Any:
+    return getattr(be, name, None)
+
+
+# (2) ψ_j^(k,l) = P_k · O_l(r − r_j)
+def exit_waves(be: Any, probe: Any, obj_windows: Any, out: Any) -> Any:
+    fused = _fused(be, "exit_waves")
+    if fused is not None:
+        return fused(probe, obj_windows, out)
+    return be.xp.multiply(obj_windows[:, :, None], probe[None, None], out=out)
+
+
+# (3) input of the Fourier projection, in Fourier space: F(2·P·O − ψ) = 2·F(P·O) − F(ψ)
+def reflect(be: Any, fphi: Any, fpsi: Any, out: Any) -> Any:
+    xp = be.xp
+    xp.subtract(fphi, fpsi, out=out)
+    out += fphi
+    return out
+
+
+# (4) Π_F: Ψ ← √I · Ψ / (Σ_kl |Ψ^(k,l)|²)^½ on good pixels; masked pixels keep the model's modulus
+def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any) -> Any:
+    """In place on the Fourier-space waves ``(B, L, K, n, n)`` of a batch."""
+    fused = _fused(be, "fourier_projection")
+    if fused is not None:
+        return fused(waves_f, diffamp, mask)
+    xp = be.xp
+    modulus = xp.sqrt(_mode_intensity(be, waves_f))
+    factor = xp.maximum(modulus, TINY, out=modulus)
+    xp.divide(diffamp, factor, out=factor)
+    if mask is not None:
+        factor[:, ~mask] = 1.0
+    B, n = waves_f.shape[0], waves_f.shape[-1]
+    waves_f.reshape(B, -1, n, n)[...] *= factor[:, None]
+    return waves_f
+
+
+def _mode_intensity(be: Any, waves_f: Any) -> Any:
+    """Σ over modes of |Ψ|², per view and pixel: ``(B, n, n)``."""
+    xp = be.xp
+    B, n = waves_f.shape[0], waves_f.shape[-1]
+    w = waves_f.reshape(B, -1, n, n)
+    intensity = xp.square(w.real[:, 0])
+    intensity += xp.square(w.imag[:, 0])
+    for m in range(1, w.shape[1]):
+        intensity += xp.square(w.real[:, m])
+        intensity += xp.square(w.imag[:, m])
+    return intensity
+
+
+# (3) ψ ← ψ + β · (Π_F(2·P·O − ψ) − P·O), here on the Fourier transforms (F is linear)
+def dm_update(be: Any, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any:
+    fused = _fused(be, "dm_update")
+    if fused is not None:
+        return fused(fpsi, fphi, projected, beta)
+    projected -= fphi
+    projected *= beta
+    fpsi += projected
+    return fpsi
+
+
+# (7) data error of the model: Σ_good (|F(P·O)| − √I)², modes summed incoherently
+def data_error(be: Any, fphi: Any, diffamp: Any, mask: Any) -> Any:
+    fused = _fused(be, "data_error")
+    if fused is not None:
+        return fused(fphi, diffamp, mask)
+    xp = be.xp
+    diff = xp.sqrt(_mode_intensity(be, fphi))
+    diff -= diffamp
+    if mask is not None:
+        diff *= mask
+    return xp.vdot(diff.ravel(), diff.ravel())
+
+
+# (6) numerator of the object update: Σ_k P_k* · ψ^(k,l), per view and object mode
+def object_numerator(be: Any, psi: Any, probe_conj: Any, out: Any) -> Any:
+    fused = _fused(be, "object_numerator")
+    if fused is not None:
+        return fused(psi, probe_conj, out)
+    xp = be.xp
+    xp.multiply(psi[:, :, 0], probe_conj[0], out=out)
+    for k in range(1, psi.shape[2]):
+        out += psi[:, :, k] * probe_conj[k]
+    return out
+
+
+# (5) numerator and denominator of the probe update: Σ_j,l O_l* · ψ^(k,l) and Σ_j,l |O_l|²
+def probe_sums(be: Any, psi: Any, obj_windows: Any, num: Any, den: Any, work: Any) -> None:
+    fused = _fused(be, "probe_sums")
+    if fused is not None:
+        return fused(psi, obj_windows, num, den, work)
+    xp = be.xp
+    ow = obj_windows
+    work = xp.multiply(xp.conj(ow)[:, :, None], psi, out=work)
+    num += work.sum(axis=(0, 1))
+    den += (xp.square(ow.real) + xp.square(ow.imag)).sum(axis=(0, 1))
+
+
+# (5), (6) the regularised ratio: X ← (num + α·X_old) / (den + α), α = reg · max(den)
+def regularised_ratio(be: Any, num: Any, den: Any, old: Any, reg: float) -> Any:
+    xp = be.xp
+    alpha = reg * float(den.max()) + TINY
+    return (num + alpha * old) / (den + alpha)
+
+
+# (7) relative change ε = ‖X_new − X_old‖ / ‖X_old‖, per mode
+def relative_change(be: Any, new: Any, old: Any) -> Any:
+    xp = be.xp
+    axes = tuple(range(1, new.ndim))
+    d = new - old
+    num = xp.sum(xp.square(d.real) + xp.square(d.imag), axis=axes)
+    den = xp.sum(xp.square(old.real) + xp.square(old.imag), axis=axes)
+    return be.asnumpy(xp.sqrt(num / xp.maximum(den, TINY)))

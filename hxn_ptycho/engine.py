@@ -1,0 +1,489 @@
+"""The Difference Map iteration loop, written once for one process or many.
+
+The loop works on the views this process holds (a rank's slice of the scan). Every sum over
+views — the numerators and denominators of the probe and object updates and the error figures —
+goes through a *reducer*: the identity for one process, an MPI Allreduce for many
+(:mod:`hxn_ptycho.distributed`). So the 1-rank and K-rank reconstructions run the same code.
+
+Within a process, the CPU backend splits the batches of views statically over ``threads``
+workers, each with its own buffers and accumulators (summed in a fixed order, so results are
+reproducible); the GPU backend uses one worker and large batches.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__, dm, modes
+from .backend import NumpyBackend, get_backend
+from .h5util import FileFormatError
+from .params import ParamError, ReconParams
+from .resultfile import ResultData, read_result
+from .scanfile import ScanData, positions_px
+
+
+class LocalReducer:
+    """The reducer of a single process: sums over ranks are the identity."""
+
+    rank = 0
+    size = 1
+
+    def allreduce_sum(self, arrays: list) -> None:
+        pass
+
+
+class MemoryBoundError(ParamError):
+    """The reconstruction does not fit in the memory bound."""
+
+
+@dataclass
+class MemoryPlan:
+    batch_size: int
+    exit_waves_gb: float
+    frames_gb: float
+    batch_buffers_gb: float
+    accumulators_gb: float
+    fft_work_gb: float = 0.0
+
+    @property
+    def total_gb(self) -> float:
+        return self.exit_waves_gb + self.frames_gb + self.batch_buffers_gb + self.accumulators_gb + self.fft_work_gb
+
+    def describe(self) -> str:
+        return (f"peak memory estimate {self.total_gb:.2f} GB (exit waves {self.exit_waves_gb:.2f}, "
+                f"frames {self.frames_gb:.2f}, batch buffers {self.batch_buffers_gb:.2f} for {self.batch_size} views, "
+                f"accumulators {self.accumulators_gb:.2f}"
+                + (f", FFT work {self.fft_work_gb:.2f}" if self.fft_work_gb else "") + ")")
+
+
+CACHE_BATCH_BYTES = 2 * 2**20     # CPU: a batch's exit waves fit in cache
+
+
+def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, int, int], params: ReconParams,
+                backend: Any, workers: int, max_modes: int | None = None) -> MemoryPlan:
+    """Choose the batch size and estimate the peak memory of one process; raise when over the bound."""
+    itemsize = 16 if params.precision == "double" else 8
+    m = max_modes or modes_total
+    view_bytes = m * n * n * itemsize
+    gb = 1 / 2**30
+    psi = 2 * n_local * view_bytes * gb          # ψ and its Fourier transform
+    frames = n_local * n * n * itemsize / 2 * gb
+    acc = workers * (obj_shape[0] * obj_shape[1] * obj_shape[2] * itemsize * 1.5 + 2 * m * n * n * itemsize) * gb
+    bound = params.max_memory_gb
+    per_view = 4 * view_bytes + obj_shape[0] * n * n * itemsize
+    if params.batch_size:
+        batch = params.batch_size
+    elif backend.name == "numpy":
+        batch = max(1, CACHE_BATCH_BYTES // view_bytes)
+    else:
+        free = bound / gb - (psi + frames + acc) / gb
+        batch = max(1, int(free * 0.5 // (per_view * workers)))
+    batch = max(1, min(batch, n_local))
+    fft_work = float(getattr(backend, "fft_work_bytes", lambda b, m, n: 0)(batch, m, n)) * gb
+    plan = MemoryPlan(batch, psi, frames, workers * batch * per_view * gb, acc, fft_work)
+    if plan.total_gb > bound:
+        raise MemoryBoundError(
+            f"the reconstruction needs about {plan.total_gb:.2f} GB per process ({plan.describe()}), more than "
+            f"max_memory_gb = {bound}; use more MPI ranks, fewer modes or a larger max_memory_gb")
+    return plan
+
+
+def _median_step(pos: np.ndarray) -> float:
+    """Median distance (pixels) from each position to its nearest neighbour."""
+    if len(pos) < 2:
+        return 0.0
+    from scipy.spatial import cKDTree
+    d, _ = cKDTree(pos).query(pos, k=2)
+    return float(np.median(d[:, 1]))
+
+
+class _Worker:
+    """Buffers and accumulators of one worker thread (one static share of the batches)."""
+
+    def __init__(self, be: Any, batch: int, L: int, K: int, n: int, obj_shape: tuple, cdtype: Any, rdtype: Any):
+        self.be = be
+        self.alloc(batch, L, K, n, obj_shape, cdtype, rdtype)
+
+    def alloc(self, batch: int, L: int, K: int, n: int, obj_shape: tuple, cdtype: Any, rdtype: Any) -> None:
+        be = self.be
+        self.phi = be.empty((batch, L, K, n, n), cdtype)
+        self.work = be.empty((batch, L, K, n, n), cdtype)
+        self.objwin = be.empty((batch, L, n, n), cdtype)
+        self.onum_src = be.empty((batch, L, n, n), cdtype)
+        self.obj_num = be.zeros(obj_shape, cdtype)
+        self.obj_den = be.zeros((1,) + obj_shape[1:], rdtype)
+        self.probe_num = be.zeros((K, n, n), cdtype)
+        self.probe_den = be.zeros((n, n), rdtype)
+        self.err = 0.0
+
+
+class Reconstruction:
+    """One multi-mode DM reconstruction of the views this process holds."""
+
+    def __init__(self, scan: ScanData, params: ReconParams, *, backend: Any = None, reducer: Any = None,
+                 progress: bool = False, log: Callable[[str], None] | None = None) -> None:
+        params.validate()
+        scan.validate()
+        self.scan, self.params = scan, params
+        self.reducer = reducer or LocalReducer()
+        self.be = backend or get_backend(params.backend, params.threads)
+        self.progress = progress and self.reducer.rank == 0
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.cdtype = np.complex128 if params.precision == "double" else np.complex64
+        self.rdtype = np.float64 if params.precision == "double" else np.float32
+        self.modes_log: list[str] = []
+        self._setup()
+
+    # --- set-up ------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        scan, p, be = self.scan, self.params, self.be
+        n = scan.n
+        pos_all, shape = positions_px(scan.points, scan.pixel_size_m, n, p.margin)
+        self.positions_all = pos_all
+        start, stop, _ = scan.views.indices(scan.n_views)
+        self.pos = pos_all[start:stop].astype(np.int64)
+        if len(self.pos) == 0:
+            raise ParamError(f"process {self.reducer.rank} holds no views of the scan (more ranks than views?)")
+        self.n = n
+        L = p.object_modes
+        K = p.initial_probe_modes
+        self.obj_shape = (L, shape[0], shape[1])
+        self.workers = be.threads if be.name == "numpy" else 1
+        max_k = p.auto_max_modes if p.probe_modes == "auto" else K
+        self.plan = plan_memory(len(self.pos), n, L * K, self.obj_shape, p, be, self.workers, L * max_k)
+        if self.reducer.rank == 0:
+            self.log(f"hxn-ptycho: {scan.n_views} views of {n}x{n}, object {shape[0]}x{shape[1]}, "
+                     f"{K} probe mode(s){' (auto)' if p.probe_modes == 'auto' else ''}, {L} object mode(s), "
+                     f"{self.reducer.size} process(es) x {self.workers} worker(s), backend {be.name}; "
+                     f"{self.plan.describe()}")
+        self.diffamp = be.asarray(scan.diffamp, self.rdtype)
+        self.mask = None if scan.mask is None or scan.mask.all() else be.asarray(scan.mask, bool)
+        good = 1.0 if scan.mask is None else scan.mask
+        local = np.array([float(np.sum(np.square(scan.diffamp, dtype=np.float64) * good)),
+                          float(len(self.pos)) * float(np.sum(good))])
+        self.reducer.allreduce_sum([local])
+        self.total_intensity, self.good_pixels_total = float(local[0]), float(local[1])
+        self.obj = be.asarray(self._initial_object(), self.cdtype)
+        self.probe = be.asarray(self._initial_probe(K), self.cdtype)
+        batch = self.plan.batch_size
+        self.batches = [slice(i, min(i + batch, len(self.pos))) for i in range(0, len(self.pos), batch)]
+        self.psi = be.empty((len(self.pos), L, K, n, n), self.cdtype)
+        self.fpsi = be.empty((len(self.pos), L, K, n, n), self.cdtype)
+        self._workers = [_Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype)
+                         for _ in range(self.workers)]
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self._each(self._init_psi)
+
+    def _initial_object(self) -> np.ndarray:
+        p = self.params
+        L, H, W = self.obj_shape
+        if p.init_from:
+            prev = read_result(p.init_from)
+            if prev.object.shape[1:] != (H, W):
+                raise ParamError(f"init_from {p.init_from}: object shape {prev.object.shape[1:]} differs from this "
+                                 f"scan's {(H, W)} (other positions, margin or pixel size)")
+            obj = np.empty(self.obj_shape, np.complex128)
+            m = min(L, prev.object.shape[0])
+            obj[:m] = prev.object[:m]
+            obj[m:] = 0.1 * prev.object[:1]
+            return obj
+        rng = np.random.default_rng(p.seed)
+        if p.object_init == "random":
+            obj = np.exp(1j * rng.uniform(-np.pi / 4, np.pi / 4, (L, H, W)))
+        else:
+            obj = np.ones((L, H, W), np.complex128)
+        for l in range(1, L):       # weaker, perturbed extra object modes
+            obj[l] = 0.1 * obj[0] * np.exp(1j * rng.uniform(-np.pi, np.pi, (H, W)))
+        return obj
+
+    def _mean_frame_power(self) -> tuple[float, np.ndarray]:
+        """Mean Σ I of a frame (masked pixels filled in proportion) and the mean amplitude, over all ranks."""
+        scan = self.scan
+        mean_amp = np.sum(scan.diffamp, axis=0, dtype=np.float64)
+        buf = [mean_amp, np.array([float(len(self.pos))])]
+        self.reducer.allreduce_sum(buf)
+        mean_amp = buf[0] / buf[1][0]
+        frac = 1.0 if scan.mask is None else float(scan.mask.mean())
+        return self.total_intensity / scan.n_views / frac, mean_amp
+
+    def _initial_probe(self, K: int) -> np.ndarray:
+        p, scan, n = self.params, self.scan, self.n
+        power, mean_amp = self._mean_frame_power()
+        if p.init_from:
+            prev = read_result(p.init_from).probe
+            if prev.shape[-1] != n:
+                raise ParamError(f"init_from {p.init_from}: probe is {prev.shape[-1]}x{prev.shape[-1]}, "
+                                 f"the scan's frames are {n}x{n}")
+            if prev.shape[0] >= K:
+                return prev[:K]
+            return np.concatenate([prev, modes.diverse_modes(prev[0], K - prev.shape[0], p.extra_mode_power,
+                                                             np.random.default_rng(p.seed))])
+        source = p.probe_init
+        if source == "auto":
+            source = "file" if scan.probe_guess is not None else "amplitude"
+        if source == "file":
+            if scan.probe_guess is None:
+                raise ParamError("probe_init = 'file' but the scan file has no 'probe_guess'")
+            guess = np.asarray(scan.probe_guess, np.complex128)
+            p0 = guess if guess.ndim == 2 else guess[0]
+        else:
+            p0 = modes.probe_from_amplitude(mean_amp, 2.5 * _median_step(self.positions_all))
+        p0 = p0 * np.sqrt(power / max(float(np.vdot(p0, p0).real), 1e-300))
+        probe = modes.initial_probe_modes(p0, K, p.extra_mode_power, p.seed)
+        if source == "file" and np.asarray(scan.probe_guess).ndim == 3:
+            g = np.asarray(scan.probe_guess, np.complex128)
+            m = min(K, g.shape[0])
+            probe[:m] = g[:m] * np.sqrt(power / modes.probe_power(g).sum())
+        return probe
+
+    # --- worker plumbing ------------------------------------------------------------------------
+    def _each(self, fn: Callable[[_Worker, slice], None]) -> None:
+        """Run ``fn(worker, batch)`` over all batches, batch i on worker i mod T (static, reproducible)."""
+        def run(w: int) -> None:
+            for b in self.batches[w::self.workers]:
+                fn(self._workers[w], b)
+        if self._pool is None:
+            run(0)
+        else:
+            for f in [self._pool.submit(run, w) for w in range(self.workers)]:
+                f.result()
+
+    def _sum_workers(self, name: str) -> Any:
+        total = getattr(self._workers[0], name)
+        for w in self._workers[1:]:
+            total = total + getattr(w, name)
+        return total
+
+    def _reset(self, *names: str) -> None:
+        for w in self._workers:
+            for name in names:
+                if name == "err":
+                    w.err = 0.0
+                else:
+                    getattr(w, name)[...] = 0
+
+    def _init_psi(self, w: _Worker, b: slice) -> None:
+        B = b.stop - b.start
+        ow = self.be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
+        dm.exit_waves(self.be, self.probe, ow, self.psi[b])
+        self.fpsi[b] = self.be.fft2(self.psi[b].copy())
+
+    # --- one DM iteration, per batch ----------------------------------------------------------
+    # The DM state is kept in Fourier space (F(ψ)) with ψ beside it: F(P·O) is then the only
+    # forward transform and gives the exact data error of the current model for free.
+    def _fourier_batch(self, w: _Worker, b: slice) -> None:
+        be, B = self.be, b.stop - b.start
+        fpsi, amp = self.fpsi[b], self.diffamp[b]
+        ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
+        fphi = be.fft2(dm.exit_waves(be, self.probe, ow, w.phi[:B]))             # (2), F(P·O)
+        w.err += dm.data_error(be, fphi, amp, self.mask)                          # (7)
+        work = dm.reflect(be, fphi, fpsi, w.work[:B])                             # F(2·P·O − ψ)
+        work = dm.fourier_projection(be, work, amp, self.mask)                    # (4)
+        dm.dm_update(be, fpsi, fphi, work, self.params.beta)                      # (3)
+        psi = self.psi[b]
+        psi[...] = fpsi
+        psi[...] = be.ifft2(psi)                                                  # ψ for (5), (6)
+        self._object_sums(w, b)
+
+    def _object_sums(self, w: _Worker, b: slice) -> None:
+        be, B = self.be, b.stop - b.start
+        src = dm.object_numerator(be, self.psi[b], self._probe_conj, w.onum_src[:B])   # (6) numerator
+        be.scatter_add(w.obj_num, self.pos[b], src)
+        be.scatter_add(w.obj_den, self.pos[b], self._probe_intensity)                 # (6) denominator
+
+    def _probe_batch(self, w: _Worker, b: slice) -> None:
+        be, B = self.be, b.stop - b.start
+        ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
+        dm.probe_sums(be, self.psi[b], ow, w.probe_num, w.probe_den, w.work[:B])        # (5)
+
+    def _model_error_batch(self, w: _Worker, b: slice) -> None:
+        be, B = self.be, b.stop - b.start
+        ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
+        f = be.fft2(dm.exit_waves(be, self.probe, ow, w.phi[:B]))
+        w.err += dm.data_error(be, f, self.diffamp[b], self.mask)
+
+    # --- updates ---------------------------------------------------------------------------
+    def _probe_terms(self) -> None:
+        xp = self.be.xp
+        self._probe_conj = xp.conj(self.probe)
+        self._probe_intensity = (xp.square(self.probe.real) + xp.square(self.probe.imag)).sum(axis=0)
+
+    def _update_object(self) -> None:
+        num, den = self._sum_workers("obj_num"), self._sum_workers("obj_den")
+        self.reducer.allreduce_sum([num, den])
+        self.obj = dm.regularised_ratio(self.be, num, den, self.obj, self.params.object_reg).astype(self.cdtype)
+
+    def _update_probe(self) -> None:
+        self._reset("probe_num", "probe_den")
+        self._each(self._probe_batch)
+        num, den = self._sum_workers("probe_num"), self._sum_workers("probe_den")
+        self.reducer.allreduce_sum([num, den])
+        self.probe = dm.regularised_ratio(self.be, num, den[None], self.probe, self.params.probe_reg).astype(self.cdtype)
+        self._probe_terms()
+
+    def _reduce_err(self) -> float:
+        err = np.array([float(sum(float(w.err) for w in self._workers))])
+        self.reducer.allreduce_sum([err])
+        return float(err[0])
+
+    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
+        """One DM iteration; returns the data error and ε_P, ε_O of equation (7)."""
+        p = self.params
+        obj_old, probe_old = self.obj.copy(), self.probe.copy()
+        self._probe_terms()
+        self._reset("obj_num", "obj_den", "err")
+        self._each(self._fourier_batch)
+        data_err = self._reduce_err() / max(self.total_intensity, 1e-300)
+        self._update_object()
+        if it >= p.probe_update_start:
+            for r in range(p.update_rounds):
+                self._update_probe()
+                if r + 1 < p.update_rounds:
+                    self._reset("obj_num", "obj_den")
+                    self._each(self._object_sums)
+                    self._update_object()
+        eps_p = dm.relative_change(self.be, self.probe, probe_old)                   # (7)
+        eps_o = dm.relative_change(self.be, self.obj, obj_old)                       # (7)
+        return data_err, eps_p, eps_o
+
+    # --- probe modes -----------------------------------------------------------------------
+    def _mix_modes(self, u: np.ndarray) -> None:
+        """Apply the unitary mode change ``u`` to the exit waves (the model is unchanged)."""
+        be = self.be
+        u_dev = be.asarray(u, self.cdtype)
+        xp = be.xp
+
+        def mix(w: _Worker, b: slice) -> None:
+            for arr in (self.psi, self.fpsi):
+                arr[b] = xp.moveaxis(xp.tensordot(u_dev, arr[b], axes=([1], [2])), 0, 2)
+        self._each(mix)
+
+    def orthogonalize_probe(self) -> None:
+        probe, u = modes.orthogonalize(self.be.asnumpy(self.probe))
+        self.probe = self.be.asarray(probe, self.cdtype)
+        self._mix_modes(u)
+
+    def _resize_modes(self, K: int, new_mode: np.ndarray | None = None) -> None:
+        be = self.be
+        L, n = self.obj_shape[0], self.n
+        k_old = self.psi.shape[2]
+        keep = min(K, k_old)
+        for name in ("psi", "fpsi"):
+            old = getattr(self, name)
+            new = be.empty((len(self.pos), L, K, n, n), self.cdtype)
+            new[:, :, :keep] = old[:, :, :keep]
+            setattr(self, name, new)
+            del old
+        probe = be.asnumpy(self.probe)[:keep]
+        if new_mode is not None:
+            probe = np.concatenate([probe, new_mode[None]])
+        self.probe = be.asarray(probe, self.cdtype)
+        for w in self._workers:
+            w.alloc(self.plan.batch_size, L, K, n, self.obj_shape, self.cdtype, self.rdtype)
+        if K > k_old:
+            def init_new(w: _Worker, b: slice) -> None:
+                B = b.stop - b.start
+                ow = be.gather(self.obj, self.pos[b], n, out=w.objwin[:B])
+                self.psi[b, :, k_old:] = ow[:, :, None] * self.probe[None, None, k_old:]
+                self.fpsi[b, :, k_old:] = be.fft2(self.psi[b, :, k_old:].copy())
+            self._each(init_new)
+
+    def auto_modes_step(self, it: int) -> bool:
+        """The paper's rule: add a probe mode while the newest carries ≥ 1 % of the intensity.
+
+        Returns True once the number of modes is settled.
+        """
+        p = self.params
+        self.orthogonalize_probe()
+        frac = modes.power_fractions(be_np := self.be.asnumpy(self.probe))
+        K = be_np.shape[0]
+        if frac[-1] >= p.auto_threshold and K < p.auto_max_modes:
+            new = modes.diverse_modes(be_np[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
+            self._resize_modes(K + 1, new)
+            self.modes_log.append(f"iteration {it}: newest of {K} modes carries {100 * frac[-1]:.2f} % >= "
+                                  f"{100 * p.auto_threshold:g} %, adding mode {K + 1}")
+            return False
+        if frac[-1] < p.auto_threshold and K > 1:
+            self._resize_modes(K - 1)
+            self.modes_log.append(f"iteration {it}: newest of {K} modes carries {100 * frac[-1]:.2f} % < "
+                                  f"{100 * p.auto_threshold:g} %, keeping {K - 1} mode(s)")
+        else:
+            self.modes_log.append(f"iteration {it}: reached the ceiling of {K} modes "
+                                  f"(newest carries {100 * frac[-1]:.2f} %)")
+        return True
+
+    # --- the run --------------------------------------------------------------------------
+    def model_cost(self) -> tuple[float, float]:
+        """Of the current model: mean over frames and good pixels of (|F(P·O)| − √I)², and that sum / ΣI."""
+        self._reset("err")
+        self._each(self._model_error_batch)
+        total = self._reduce_err()
+        return total / max(self.good_pixels_total, 1.0), total / max(self.total_intensity, 1e-300)
+
+    def run(self) -> ResultData:
+        p = self.params
+        t0 = time.perf_counter()
+        iters = p.iterations
+        err_data = np.full(iters, np.nan)
+        err_probe: list[np.ndarray] = []
+        err_obj = np.full((iters, self.obj_shape[0]), np.nan)
+        settled = p.probe_modes != "auto"
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=iters, desc="DM", unit="it", file=sys.stderr)
+        try:
+            for it in range(iters):
+                if not np.all(np.isfinite(err_data[:it])):
+                    raise FloatingPointError(f"the reconstruction diverged (non-finite error at iteration {it - 1})")
+                d, ep, eo = self.iterate(it)
+                err_data[it], err_obj[it] = d, eo
+                err_probe.append(ep)
+                last = it + 1 == iters
+                if not settled and (it + 1) % p.auto_interval == 0 and not last:
+                    settled = self.auto_modes_step(it)
+                elif p.orthogonalize_every and (it + 1) % p.orthogonalize_every == 0 and not last:
+                    self.orthogonalize_probe()
+                if bar is not None:
+                    bar.set_postfix_str(f"data error {d:.4g}")
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not np.isfinite(err_data[-1]):
+            raise FloatingPointError("the reconstruction diverged (non-finite data error)")
+        if not settled:
+            self.auto_modes_step(iters)
+        self.orthogonalize_probe()
+        cost, model_err = self.model_cost()
+        elapsed = time.perf_counter() - t0
+        probe = self.be.asnumpy(self.probe)
+        K = probe.shape[0]
+        ep = np.full((iters, K), np.nan)
+        for i, e in enumerate(err_probe):
+            m = min(K, len(e))
+            ep[i, :m] = e[:m]
+        if self._pool is not None:
+            self._pool.shutdown()
+        attrs = {"elapsed_s": elapsed, "final_cost": cost, "final_data_error": model_err,
+                 "probe_modes_log": list(self.modes_log), "probe_modes_used": K, "version": __version__,
+                 "backend": self.be.name, "processes": self.reducer.size, "workers": self.workers}
+        attrs.update({f"scan_{k}": v for k, v in self.scan.attrs.items()})
+        return ResultData(object=self.be.asnumpy(self.obj), probe=probe,
+                          positions_px=self.positions_all.astype(np.float64),
+                          error_data=err_data, error_probe=ep, error_object=err_obj,
+                          probe_power_fraction=modes.power_fractions(probe),
+                          params=p.to_dict(), attrs=attrs)
+
+
+def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: Any = None, reducer: Any = None,
+                progress: bool = False, log: Callable[[str], None] | None = None) -> ResultData:
+    """Reconstruct ``scan`` (this process's views of it) with the multi-mode Difference Map."""
+    return Reconstruction(scan, params or ReconParams(), backend=backend, reducer=reducer, progress=progress,
+                          log=log).run()
