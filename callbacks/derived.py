@@ -1,0 +1,209 @@
+"""The derived run of one reconstruction, written into the catalog's ``processed`` container.
+
+Start: ``plan_name`` "hxn_ptycho_dm", ``plan_type`` "analysis", ``raw_uid``, the raw ``scan_id``,
+``recon`` (every parameter), ``versions`` and ``host``.
+Stream ``primary`` (one event): ``object``, ``probe`` and ``positions_px`` as external HDF5
+(``StreamResource``/``StreamDatum`` into a sidecar file beside the result file, whose datasets
+carry the leading event axis Tiled expects), ``probe_power_fraction`` and the final errors inline.
+Stream ``iterations``: the per-iteration errors inline, one event per iteration.
+Stop: ``exit_status`` "success", or "fail" with ``reason`` — a failed reconstruction is recorded.
+
+When the catalog cannot take the documents, they are kept as JSON lines beside the result
+(``<result>.docs.jsonl``) so :func:`republish` can send them later; the error says where.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .catalog import CatalogConfig, CatalogError, atomic_write_text, resolve_catalog, runs
+
+log = logging.getLogger(__name__)
+
+PLAN_NAME = "hxn_ptycho_dm"
+PLAN_TYPE = "analysis"
+SIDE_SUFFIX = ".tiled.h5"
+
+Doc = tuple[str, dict]
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types only (numpy scalars/arrays, tuples, paths and bytes converted)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for dist in ("hxn-ptycho", "numpy", "scipy", "h5py", "event-model", "bluesky-tiled-plugins", "tiled", "mpi4py"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def start_metadata(raw_uid: str | None, recon: dict, **extra: Any) -> dict:
+    recon = jsonable(dict(recon or {}))
+    md = {"plan_name": PLAN_NAME, "plan_type": PLAN_TYPE, "raw_uid": raw_uid,
+          "recon": recon, "versions": versions(), "host": socket.gethostname()}
+    scan_id = recon.get("scan_id")
+    if scan_id is not None:
+        md["scan_id"] = scan_id
+    md.update(jsonable(extra))
+    return md
+
+
+def write_sidecar(result_path: str | os.PathLike, res: Any) -> Path:
+    """``<result>.tiled.h5`` with ``object``, ``probe``, ``positions_px`` (each with a leading axis of 1)."""
+    from hxn_ptycho.h5util import atomic_h5
+
+    side = Path(str(result_path) + SIDE_SUFFIX).resolve()
+    with atomic_h5(side) as f:
+        f.create_dataset("object", data=np.asarray(res.object)[None])
+        f.create_dataset("probe", data=np.asarray(res.probe)[None])
+        f.create_dataset("positions_px", data=np.asarray(res.positions_px, dtype=np.float64)[None])
+    return side
+
+
+def _array_key(arr: np.ndarray, external: bool) -> dict:
+    key = {"source": PLAN_NAME, "dtype": "array", "shape": list(arr.shape), "dtype_numpy": arr.dtype.str}
+    if external:
+        key["external"] = "STREAM:"
+    return key
+
+
+def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon: dict) -> list[Doc]:
+    """The complete derived run (success) of the result file at ``result_path``."""
+    from event_model import compose_run
+    from hxn_ptycho.resultfile import read_result
+
+    res = read_result(result_path)
+    recon = dict(recon or {})
+    recon.setdefault("params", res.params)
+    if "scan_id" not in recon and "scan_scan_id" in res.attrs:
+        recon["scan_id"] = res.attrs["scan_scan_id"]
+    side = write_sidecar(result_path, res)
+    bundle = compose_run(metadata=start_metadata(raw_uid, recon, result_file=str(Path(result_path).resolve()),
+                                                 elapsed_s=res.attrs.get("elapsed_s")))
+    docs: list[Doc] = [("start", bundle.start_doc)]
+    external = {"object": np.asarray(res.object), "probe": np.asarray(res.probe),
+                "positions_px": np.asarray(res.positions_px, dtype=np.float64)}
+    inline = {"probe_power_fraction": np.asarray(res.probe_power_fraction, dtype=np.float64),
+              "final_probe_error": np.asarray(res.error_probe[-1], dtype=np.float64),
+              "final_object_error": np.asarray(res.error_object[-1], dtype=np.float64)}
+    data_keys = {k: _array_key(v, True) for k, v in external.items()}
+    data_keys.update({k: _array_key(v, False) for k, v in inline.items()})
+    data_keys["final_data_error"] = {"source": PLAN_NAME, "dtype": "number", "shape": []}
+    primary = bundle.compose_descriptor(name="primary", data_keys=data_keys)
+    docs.append(("descriptor", primary.descriptor_doc))
+    for key in external:
+        sres = bundle.compose_stream_resource(mimetype="application/x-hdf5", uri=side.as_uri(), data_key=key,
+                                              parameters={"dataset": f"/{key}", "chunk_shape": [1]})
+        docs.append(("stream_resource", sres.stream_resource_doc))
+        docs.append(("stream_datum", sres.compose_stream_datum(indices={"start": 0, "stop": 1},
+                                                               descriptor=primary.descriptor_doc)))
+    now = time.time()
+    data = {k: v.tolist() for k, v in inline.items()}
+    data["final_data_error"] = float(res.error_data[-1]) if res.iterations else float("nan")
+    docs.append(("event", primary.compose_event(data=data, timestamps={k: now for k in data})))
+    it_keys = {"data_error": {"source": PLAN_NAME, "dtype": "number", "shape": []},
+               "probe_error": _array_key(np.asarray(res.error_probe[0], dtype=np.float64), False),
+               "object_error": _array_key(np.asarray(res.error_object[0], dtype=np.float64), False)}
+    iters = bundle.compose_descriptor(name="iterations", data_keys=it_keys)
+    docs.append(("descriptor", iters.descriptor_doc))
+    n = res.iterations
+    page = {"data_error": [float(x) for x in res.error_data],
+            "probe_error": np.asarray(res.error_probe, dtype=np.float64).tolist(),
+            "object_error": np.asarray(res.error_object, dtype=np.float64).tolist()}
+    docs.append(("event_page", iters.compose_event_page(
+        data=page, timestamps={k: [now] * n for k in page}, seq_num=list(range(1, n + 1)))))
+    docs.append(("stop", bundle.compose_stop(exit_status="success")))
+    return docs
+
+
+def failure_documents(raw_uid: str | None, recon: dict, reason: str) -> list[Doc]:
+    """A derived run that records a failed reconstruction: start, then stop with ``fail`` and the reason."""
+    from event_model import compose_run
+
+    bundle = compose_run(metadata=start_metadata(raw_uid, recon))
+    return [("start", bundle.start_doc), ("stop", bundle.compose_stop(exit_status="fail", reason=str(reason)))]
+
+
+def write_documents(catalog: "str | os.PathLike | CatalogConfig | None", docs: Iterable[Doc],
+                    backup: str | os.PathLike | None = None) -> str:
+    """Send one run's documents to the ``processed`` container; return its uid.
+
+    If that fails and ``backup`` is given, the documents are saved there (JSON lines) first.
+    """
+    from bluesky_tiled_plugins import TiledWriter
+
+    docs = list(docs)
+    uid = docs[0][1]["uid"]
+    try:
+        cfg = resolve_catalog(catalog)
+        writer = TiledWriter(runs(cfg, "processed"), max_array_size=0, batch_size=1)
+        for name, doc in docs:
+            writer(name, doc)
+    except Exception as exc:
+        where = ""
+        if backup is not None:
+            try:
+                save_documents(backup, docs)
+                where = f"; its documents are saved in {backup} (send them later with hxn_ptycho.callbacks.derived.republish)"
+            except OSError as save_exc:
+                where = f"; saving its documents to {backup} failed too ({save_exc})"
+        raise CatalogError(f"could not write derived run {uid} to the catalog {catalog}: "
+                           f"{type(exc).__name__}: {exc}{where}") from exc
+    return uid
+
+
+def save_documents(path: str | os.PathLike, docs: Iterable[Doc]) -> None:
+    atomic_write_text(path, "".join(json.dumps([name, doc]) + "\n" for name, doc in docs))
+
+
+def republish(path: str | os.PathLike, catalog: "str | os.PathLike | CatalogConfig | None" = None) -> str:
+    """Send documents saved by a failed publish to the catalog; return the run's uid."""
+    docs = [tuple(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+    uid = write_documents(catalog, docs)  # type: ignore[arg-type]
+    Path(path).unlink()
+    return uid
+
+
+def publish_result(catalog: str, result_path: str, raw_uid: str | None, recon: dict) -> str:
+    """Write the derived run of a finished reconstruction; return its uid (called by the job's rank 0)."""
+    docs = result_documents(result_path, raw_uid, recon)
+    uid = write_documents(catalog, docs, backup=str(result_path) + ".docs.jsonl")
+    log.info("derived run %s (raw %s) written to %s", uid, raw_uid, catalog)
+    return uid
+
+
+def publish_failure(catalog: str, raw_uid: str | None, recon: dict, reason: str) -> str:
+    """Record a failed reconstruction as a derived run with ``exit_status`` "fail"; return its uid."""
+    docs = failure_documents(raw_uid, recon, reason)
+    backup = (recon or {}).get("failure_backup")
+    uid = write_documents(catalog, docs, backup=backup)
+    log.info("failed reconstruction of raw run %s recorded as %s: %s", raw_uid, uid, reason)
+    return uid

@@ -1,0 +1,75 @@
+"""The derived run: publish_result / publish_failure against a real Tiled server, read back."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest_bluesky import make_result, tiled_server  # noqa: F401  (fixture)
+from hxn_ptycho.callbacks import derived
+from hxn_ptycho.callbacks.catalog import CatalogError, resolve_catalog, runs
+
+
+def test_publish_result_round_trip(tiled_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    result = tiled_server.directory / "results" / "result_7.h5"
+    res = make_result(result, iterations=6)
+    recon = {"params": {"iterations": 6, "beta": 0.8}, "ranks": 2, "gpus": 0, "scan_id": 7}
+    uid = derived.publish_result(tiled_server.uri, str(result), "raw-uid-7", recon)
+    run = runs(tiled_server.uri, "processed")[uid]
+    start = run.metadata["start"]
+    assert start["plan_name"] == "hxn_ptycho_dm" and start["plan_type"] == "analysis"
+    assert start["raw_uid"] == "raw-uid-7" and start["scan_id"] == 7
+    assert start["recon"]["params"]["beta"] == 0.8 and start["recon"]["ranks"] == 2
+    assert "hxn-ptycho" in start["versions"] and start["host"]
+    assert run.metadata["stop"]["exit_status"] == "success"
+    p = run["primary"]
+    np.testing.assert_allclose(p["object"].read()[0], res.object, rtol=1e-6)
+    np.testing.assert_allclose(p["probe"].read()[0], res.probe, rtol=1e-6)
+    np.testing.assert_allclose(p["positions_px"].read()[0], res.positions_px)
+    np.testing.assert_allclose(p["probe_power_fraction"].read()[0], res.probe_power_fraction)
+    assert p["final_data_error"].read()[0] == pytest.approx(res.error_data[-1])
+    np.testing.assert_allclose(run["iterations"]["data_error"].read(), res.error_data)
+    assert run["iterations"]["probe_error"].read().shape == (6, 2)
+    # scan_id lookup in the processed container finds it too
+    assert runs(tiled_server.uri, "processed")[7].metadata["start"]["uid"] == uid
+
+
+def test_publish_failure_records_reason(tiled_server, monkeypatch):
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    uid = derived.publish_failure(tiled_server.uri, "raw-x", {"scan_id": 99}, "scan has no frames")
+    run = runs(tiled_server.uri, "processed")[uid]
+    assert run.metadata["stop"]["exit_status"] == "fail"
+    assert run.metadata["stop"]["reason"] == "scan has no frames"
+    assert run.metadata["start"]["raw_uid"] == "raw-x"
+
+
+def test_config_file_and_api_key_file(tiled_server, monkeypatch):
+    monkeypatch.delenv("TILED_API_KEY", raising=False)
+    cfg = resolve_catalog(str(tiled_server.directory))          # the folder's catalog.json
+    assert cfg.uri == tiled_server.uri and cfg.resolve_api_key() == tiled_server.api_key
+    from hxn_ptycho.callbacks.catalog import connect
+    root = connect(cfg)
+    assert {"raw", "processed"} <= set(root.keys())
+    assert "CatalogOfBlueskyRuns" in [s.name for s in root["raw"].specs]
+
+
+def test_wrong_api_key_is_a_clear_error(tiled_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TILED_API_KEY", "not-the-key")
+    result = tmp_path / "r.h5"
+    make_result(result)
+    with pytest.raises(CatalogError, match="could not write derived run"):
+        derived.publish_result(tiled_server.uri, str(result), "u", {})
+    assert (tmp_path / "r.h5.docs.jsonl").exists()
+
+
+def test_unreachable_catalog_saves_documents_and_republishes(tiled_server, tmp_path, monkeypatch):
+    from hxn_ptycho.callbacks.catalog import free_port
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    result = tiled_server.directory / "results" / "r2.h5"
+    make_result(result, scan_id=8)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(CatalogError, match=f"could not write derived run .* {dead}.*saved in"):
+        derived.publish_result(dead, str(result), "u8", {})
+    backup = str(result) + ".docs.jsonl"
+    uid = derived.republish(backup, tiled_server.uri)
+    assert runs(tiled_server.uri, "processed")[uid].metadata["stop"]["exit_status"] == "success"
