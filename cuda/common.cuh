@@ -1,0 +1,65 @@
+// Shared helpers of the hxn_ptycho CUDA kernels: complex arithmetic on float2/double2 and a
+// block reduction.  Plain CUDA C++ that NVRTC (cupy.RawModule), nvcc and the CPU emulation
+// header (tests/cuda_emu/emu.h, which defines HXN_EMULATION) all accept: no includes, no
+// warp intrinsics, only __syncthreads and atomicAdd.
+//
+// Launch convention of every kernel in this folder:
+//   blockDim = (T, 1, 1) with T a power of two <= HXN_MAX_BLOCK;
+//   gridDim.y strides over the views of a batch (b = blockIdx.y; b < B; b += gridDim.y);
+//   gridDim.x strides over the elements of one view.
+// So per-view offsets are 64-bit while the index inside a view fits in 32 bits.
+#pragma once
+
+#define HXN_MAX_BLOCK 256
+#define HXN_TINY 1e-30
+// Modes of one view kept in registers by the Fourier constraint (more are re-read from memory).
+#define HXN_MODE_CACHE 8
+
+template <typename R> struct hxn_complex;
+template <> struct hxn_complex<float> { typedef float2 type; };
+template <> struct hxn_complex<double> { typedef double2 type; };
+
+__device__ __forceinline__ float hxn_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double hxn_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float hxn_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double hxn_max(double a, double b) { return fmax(a, b); }
+
+template <typename C>
+__device__ __forceinline__ C hxn_make(decltype(C().x) re, decltype(C().x) im) {
+    C r;
+    r.x = re;
+    r.y = im;
+    return r;
+}
+
+// a * b
+template <typename C>
+__device__ __forceinline__ C hxn_mul(C a, C b) {
+    return hxn_make<C>(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
+}
+
+// conj(a) * b
+template <typename C>
+__device__ __forceinline__ C hxn_cmul(C a, C b) {
+    return hxn_make<C>(a.x * b.x + a.y * b.y, a.x * b.y - a.y * b.x);
+}
+
+template <typename C>
+__device__ __forceinline__ decltype(C().x) hxn_abs2(C a) {
+    return a.x * a.x + a.y * a.y;
+}
+
+// Adds the sum of `v` over the threads of the block to *out (one atomicAdd per block).
+// Every thread of the block must call it (it holds __syncthreads).
+__device__ __forceinline__ void hxn_block_sum_add(double v, double* out) {
+    __shared__ double partial[HXN_MAX_BLOCK];
+    const unsigned t = threadIdx.x;
+    partial[t] = v;
+    __syncthreads();
+    for (unsigned half = blockDim.x / 2; half > 0; half >>= 1) {
+        if (t < half) partial[t] += partial[t + half];
+        __syncthreads();
+    }
+    if (t == 0) atomicAdd(out, partial[0]);
+    __syncthreads();  // partial[] is free again for the next call
+}

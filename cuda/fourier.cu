@@ -1,0 +1,137 @@
+// Fourier-space and element-wise DM kernels (equations (2), (3), (4) of the paper).
+// complex64: *_c64 (float2, float), complex128: *_c128 (double2, double).
+// Layouts (C order): waves (B, M, npix) with M = L*K modes of a view and npix = n*n,
+// diffamp (B, npix) = sqrt(I), mask (npix) uint8 (1 = good pixel).
+#include "common.cuh"
+
+// (4) the fused Fourier constraint, all modes of a view in one pass:
+//   I = sum_m |w[b,m,p]|^2, mod = sqrt(I);
+//   good pixels: err[b] += (mod - a)^2 and, if apply, w[b,m,p] *= a / max(mod, tiny);
+//   masked pixels: untouched and not counted.
+// err (B) double must be zeroed by the caller; apply = 0 only measures the error.
+// Unnormalised FFTs: the orthonormal waves are in_scale * waves (in_scale = 1/n after a raw
+// forward cuFFT of n x n), and every written value is also multiplied by out_scale (1/n folds the orthonormal scaling of the following raw inverse cuFFT
+// in), so a raw FFT -> this kernel -> raw inverse FFT needs no separate scaling passes.  Masked
+// pixels are then scaled by in_scale * out_scale (and left untouched when that is 1).
+template <typename R>
+__device__ void hxn_fourier_projection(typename hxn_complex<R>::type* __restrict__ waves,
+                                       const R* __restrict__ diffamp,
+                                       const unsigned char* __restrict__ mask, int use_mask,
+                                       int B, int M, int npix, int apply, R in_scale,
+                                       R out_scale, double* __restrict__ err) {
+    typedef typename hxn_complex<R>::type C;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        C* w = waves + (long long)b * M * npix;
+        const R* a = diffamp + (long long)b * npix;
+        R e = 0;
+        for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += gridDim.x * blockDim.x) {
+            C v[HXN_MODE_CACHE];
+            R intensity = 0;
+#pragma unroll
+            for (int m = 0; m < HXN_MODE_CACHE; ++m) {
+                if (m < M) {
+                    v[m] = w[(long long)m * npix + p];
+                    intensity += hxn_abs2(v[m]);
+                }
+            }
+            for (int m = HXN_MODE_CACHE; m < M; ++m) intensity += hxn_abs2(w[(long long)m * npix + p]);
+            if (use_mask && !mask[p]) {
+                const R g = in_scale * out_scale;
+                if (apply && g != (R)1) {
+                    for (int m = 0; m < M; ++m) {
+                        const C t = w[(long long)m * npix + p];
+                        w[(long long)m * npix + p] = hxn_make<C>(t.x * g, t.y * g);
+                    }
+                }
+                continue;
+            }
+            const R mod = in_scale * hxn_sqrt(intensity);
+            const R amp = a[p];
+            const R d = mod - amp;
+            e += d * d;
+            if (apply) {
+                const R f = amp / hxn_max(mod, (R)HXN_TINY) * (in_scale * out_scale);
+#pragma unroll
+                for (int m = 0; m < HXN_MODE_CACHE; ++m) {
+                    if (m < M) w[(long long)m * npix + p] = hxn_make<C>(v[m].x * f, v[m].y * f);
+                }
+                for (int m = HXN_MODE_CACHE; m < M; ++m) {
+                    const C t = w[(long long)m * npix + p];
+                    w[(long long)m * npix + p] = hxn_make<C>(t.x * f, t.y * f);
+                }
+            }
+        }
+        hxn_block_sum_add((double)e, err + b);
+    }
+}
+
+// (2) exit waves: out[b,k,p] = win[b,p] * probe[k,p] for the BL = B*L object windows of a batch
+// (out is (B, L, K, npix), win is (B, L, npix), probe is (K, npix)).
+template <typename R>
+__device__ void hxn_exit_waves(const typename hxn_complex<R>::type* __restrict__ probe,
+                               const typename hxn_complex<R>::type* __restrict__ win,
+                               typename hxn_complex<R>::type* __restrict__ out,
+                               int BL, int K, int npix) {
+    const int per = K * npix;
+    for (int b = blockIdx.y; b < BL; b += gridDim.y) {
+        const typename hxn_complex<R>::type* o = win + (long long)b * npix;
+        typename hxn_complex<R>::type* dst = out + (long long)b * per;
+        for (int q = blockIdx.x * blockDim.x + threadIdx.x; q < per; q += gridDim.x * blockDim.x) {
+            const int p = q % npix;
+            dst[q] = hxn_mul(o[p], probe[q]);
+        }
+    }
+}
+
+// (3) DM update: psi += beta * (proj - phi), element-wise over `count` complex values.
+template <typename R>
+__device__ void hxn_dm_update(typename hxn_complex<R>::type* __restrict__ psi,
+                              const typename hxn_complex<R>::type* __restrict__ phi,
+                              const typename hxn_complex<R>::type* __restrict__ proj,
+                              long long count, R beta) {
+    const long long stride = (long long)gridDim.x * blockDim.x * gridDim.y;
+    for (long long i = ((long long)blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+         i < count; i += stride) {
+        typename hxn_complex<R>::type s = psi[i];
+        const typename hxn_complex<R>::type f = phi[i], g = proj[i];
+        s.x += beta * (g.x - f.x);
+        s.y += beta * (g.y - f.y);
+        psi[i] = s;
+    }
+}
+
+// (3) input of the Fourier projection: out = 2*phi - psi, element-wise.
+template <typename R>
+__device__ void hxn_reflect(const typename hxn_complex<R>::type* __restrict__ phi,
+                            const typename hxn_complex<R>::type* __restrict__ psi,
+                            typename hxn_complex<R>::type* __restrict__ out, long long count) {
+    const long long stride = (long long)gridDim.x * blockDim.x * gridDim.y;
+    for (long long i = ((long long)blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+         i < count; i += stride) {
+        const typename hxn_complex<R>::type f = phi[i], s = psi[i];
+        out[i] = hxn_make<typename hxn_complex<R>::type>(2 * f.x - s.x, 2 * f.y - s.y);
+    }
+}
+
+#define HXN_FOURIER_KERNELS(SUF, R, C)                                                               \
+    extern "C" __global__ void fourier_projection_##SUF(C* waves, const R* diffamp,                 \
+                                                        const unsigned char* mask, int use_mask,    \
+                                                        int B, int M, int npix, int apply,          \
+                                                        R in_scale, R out_scale, double* err) {     \
+        hxn_fourier_projection<R>(waves, diffamp, mask, use_mask, B, M, npix, apply, in_scale,      \
+                                  out_scale, err);                                                  \
+    }                                                                                                \
+    extern "C" __global__ void exit_waves_##SUF(const C* probe, const C* win, C* out, int BL,       \
+                                                int K, int npix) {                                  \
+        hxn_exit_waves<R>(probe, win, out, BL, K, npix);                                            \
+    }                                                                                                \
+    extern "C" __global__ void dm_update_##SUF(C* psi, const C* phi, const C* proj,                 \
+                                               long long count, R beta) {                           \
+        hxn_dm_update<R>(psi, phi, proj, count, beta);                                              \
+    }                                                                                                \
+    extern "C" __global__ void reflect_##SUF(const C* phi, const C* psi, C* out, long long count) { \
+        hxn_reflect<R>(phi, psi, out, count);                                                       \
+    }
+
+HXN_FOURIER_KERNELS(c64, float, float2)
+HXN_FOURIER_KERNELS(c128, double, double2)

@@ -1,0 +1,280 @@
+"""The CUDA kernels of cuda/*.cu, compiled as host C++ with tests/cuda_emu/emu.h and run on the CPU.
+
+The real kernel sources are built with g++ into a shared library (one launcher per
+``extern "C" __global__`` kernel, found by preprocessing the sources) and compared with numpy on
+random data: masked pixels, several modes (more than the register cache holds), overlapping
+windows at the edges of the object, grid-stride loops over views and pixels, block reductions,
+atomics and the non-overlapping-sets scatter.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hxn_ptycho.cuda import kernel_dir
+from hxn_ptycho.gpu import kernel_files, nonoverlapping_sets
+
+EMU = Path(__file__).resolve().parent / "cuda_emu" / "emu.h"
+SIG = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
+CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "float": ctypes.c_float,
+          "double": ctypes.c_double, "unsigned": ctypes.c_uint}
+
+
+def _params(text: str) -> list[tuple[str, str]]:
+    out = []
+    for p in text.split(","):
+        p = " ".join(p.replace("__restrict__", " ").replace("const ", " ").split())
+        m = re.match(r"(.*?)(\*?)\s*(\w+)$", p.replace(" *", "*"))
+        assert m, p
+        typ, star, name = m.group(1).strip(), m.group(2), m.group(3)
+        out.append((typ + star, name))
+    return out
+
+
+def _signatures(gxx: str, src: Path) -> dict[str, list[tuple[str, str]]]:
+    pre = subprocess.run([gxx, "-E", "-P", "-x", "c++", "-I", str(kernel_dir()), str(src)],
+                         check=True, capture_output=True, text=True).stdout
+    return {m.group(1): _params(m.group(2)) for m in SIG.finditer(pre)}
+
+
+class EmuKernels:
+    """``k.NAME(grid, block, *args)`` runs kernel NAME of cuda/*.cu on the CPU (arrays by pointer)."""
+
+    def __init__(self, lib: ctypes.CDLL, sigs: dict[str, list[tuple[str, str]]]):
+        self.lib, self.sigs = lib, sigs
+
+    def __getattr__(self, name: str):
+        params = self.sigs[name]
+        fn = getattr(self.lib, "emu_" + name)
+        fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_void_p if t.endswith("*") else CTYPES[t] for t, _ in params]
+        fn.restype = None
+
+        def call(grid, block, *args):
+            assert len(args) == len(params), (name, len(args), len(params))
+            conv = []
+            for (t, pname), a in zip(params, args):
+                if t.endswith("*"):
+                    if a is None:
+                        conv.append(None)
+                    else:
+                        assert isinstance(a, np.ndarray) and a.flags.c_contiguous, pname
+                        conv.append(a.ctypes.data)
+                else:
+                    conv.append(a)
+            g = tuple(grid) + (1,) * (3 - len(grid))
+            b = tuple(block) + (1,) * (3 - len(block))
+            fn(*g, *b, *conv)
+        return call
+
+
+@pytest.fixture(scope="module")
+def k(tmp_path_factory) -> EmuKernels:
+    gxx = shutil.which("g++")
+    if gxx is None:
+        if os.environ.get("CI"):
+            pytest.fail("g++ is needed to emulate the CUDA kernels on the CPU")
+        pytest.skip("g++ not found: cannot emulate the CUDA kernels on the CPU")
+    d = tmp_path_factory.mktemp("cuda_emu")
+    sigs: dict[str, list[tuple[str, str]]] = {}
+    lines = [f'#include "{EMU}"']
+    for src in kernel_files():
+        lines.append(f'#include "{src}"')
+        sigs.update(_signatures(gxx, src))
+    assert sigs, "no extern \"C\" __global__ kernels found in cuda/*.cu"
+    for name, params in sigs.items():
+        decl = ", ".join(f"{t} {n}" for t, n in params)
+        args = ", ".join(n for _, n in params)
+        lines.append(f'extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+                     f'unsigned bz, {decl}) {{ emu::launch(dim3{{gx, gy, gz}}, dim3{{bx, by, bz}}, '
+                     f'[&] {{ {name}({args}); }}); }}')
+    (d / "emu_kernels.cpp").write_text("\n".join(lines) + "\n")
+    lib = d / "libemu_kernels.so"
+    subprocess.run([gxx, "-std=c++20", "-O1", "-g0", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+                    "-I", str(kernel_dir()), str(d / "emu_kernels.cpp"), "-o", str(lib)], check=True)
+    return EmuKernels(ctypes.CDLL(str(lib)), sigs)
+
+
+RNG = np.random.default_rng(1234)
+PRECISIONS = [("c64", np.complex64, np.float32, 2e-6), ("c128", np.complex128, np.float64, 1e-12)]
+
+
+def crandn(shape, dtype):
+    return (RNG.standard_normal(shape) + 1j * RNG.standard_normal(shape)).astype(dtype)
+
+
+def ref_fourier(w, amp, mask):
+    """numpy reference of the Fourier constraint on (B, M, n, n) waves (float64 throughout)."""
+    w64 = w.astype(np.complex128)
+    mod = np.sqrt((np.abs(w64) ** 2).sum(axis=1))
+    good = np.ones(mod.shape[1:], bool) if mask is None else mask.astype(bool)
+    d = (mod - amp) * good
+    err = (d ** 2).sum(axis=(1, 2))
+    f = np.where(good, amp / np.maximum(mod, 1e-30), 1.0)
+    return w64 * f[:, None], err
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+@pytest.mark.parametrize("M", [1, 3, 10])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fourier_projection(k, suf, cdt, rdt, tol, M, masked):
+    B, n = 5, 12
+    w = crandn((B, M, n, n), cdt)
+    w[1, :, 2, 3] = 0                               # zero modulus: the tiny floor
+    amp = np.abs(RNG.standard_normal((B, n, n))).astype(rdt)
+    amp[0, 0, :4] = 0
+    mask = (RNG.random((n, n)) > 0.2).astype(np.uint8) if masked else None
+    want_w, want_err = ref_fourier(w, amp.astype(np.float64), mask)
+    err = np.zeros(B, np.float64)
+    got = w.copy()
+    # grid smaller than the work: grid-stride loops over pixels (144 > 2*32) and views (5 > 2)
+    getattr(k, f"fourier_projection_{suf}")((2, 2), (32,), got, amp, mask if masked else None, int(masked),
+                                           B, M, n * n, 1, 1.0, 1.0, err)
+    np.testing.assert_allclose(got, want_w, rtol=tol * 10, atol=tol * 10)
+    np.testing.assert_allclose(err, want_err, rtol=tol * 10)
+    if masked:       # masked pixels untouched, bit for bit
+        np.testing.assert_array_equal(got[:, :, mask == 0], w[:, :, mask == 0])
+    # apply = 0: only the error
+    err2 = np.zeros(B, np.float64)
+    same = w.copy()
+    getattr(k, f"fourier_projection_{suf}")((3, 1), (64,), same, amp, mask if masked else None, int(masked),
+                                           B, M, n * n, 0, 1.0, 1.0, err2)
+    np.testing.assert_array_equal(same, w)
+    np.testing.assert_allclose(err2, want_err, rtol=tol * 10)
+    # raw (unnormalised) waves: in_scale recovers the orthonormal ones, out_scale pre-scales the output
+    raw, s_in, s_out = w * 4, 0.25, 0.5
+    err3 = np.zeros(B, np.float64)
+    getattr(k, f"fourier_projection_{suf}")((2, 3), (32,), raw, amp, mask if masked else None, int(masked),
+                                           B, M, n * n, 1, s_in, s_out, err3)
+    np.testing.assert_allclose(raw, want_w * s_out, rtol=tol * 10, atol=tol * 10)
+    np.testing.assert_allclose(err3, want_err, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+def test_elementwise(k, suf, cdt, rdt, tol):
+    B, L, K, n = 3, 2, 3, 8
+    probe = crandn((K, n, n), cdt)
+    win = crandn((B, L, n, n), cdt)
+    out = np.zeros((B, L, K, n, n), cdt)
+    getattr(k, f"exit_waves_{suf}")((2, 4), (32,), probe, win, out, B * L, K, n * n)
+    np.testing.assert_allclose(out, win[:, :, None] * probe[None, None], rtol=tol, atol=tol)
+
+    psi, phi, proj = (crandn((B, L, K, n, n), cdt) for _ in range(3))
+    want = psi + 0.7 * (proj - phi)
+    getattr(k, f"dm_update_{suf}")((3, 2), (32,), psi, phi, proj, psi.size, 0.7)
+    np.testing.assert_allclose(psi, want, rtol=10 * tol, atol=10 * tol)
+
+    r = np.empty_like(psi)
+    getattr(k, f"reflect_{suf}")((2, 1), (64,), phi, psi, r, psi.size)
+    np.testing.assert_allclose(r, 2 * phi - psi, rtol=tol, atol=tol)
+
+
+def edge_positions(B, n, H, W):
+    """Window corners that overlap heavily and touch every edge of the object."""
+    pos = np.stack([RNG.integers(0, H - n + 1, B), RNG.integers(0, W - n + 1, B)], axis=1)
+    pos[:4] = [[0, 0], [H - n, W - n], [0, W - n], [H - n, 0]]
+    pos[4:8] = pos[0] + np.array([[0, 1], [1, 0], [1, 1], [0, 0]])     # near-duplicates and a duplicate
+    return pos.astype(np.int64)
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+def test_gather(k, suf, cdt, rdt, tol):
+    L, H, W, n, B = 2, 23, 19, 7, 11
+    obj = crandn((L, H, W), cdt)
+    pos = edge_positions(B, n, H, W)
+    pos[-1] = [H - 3, -2]                       # partly outside: reads zeros there
+    out = np.full((B, L, n, n), 99, cdt)
+    getattr(k, f"gather_{suf}")((2, 3), (32,), obj, L, H, W, pos, B, n, out)
+    pad = np.zeros((L, H + 2 * n, W + 2 * n), cdt)
+    pad[:, n:n + H, n:n + W] = obj
+    want = np.stack([pad[:, r + n:r + 2 * n, c + n:c + 2 * n] for r, c in pos])
+    np.testing.assert_array_equal(out, want)
+
+
+def ref_scatter(acc, pos, src):
+    acc = acc.copy()
+    L, H, W = acc.shape
+    n = src.shape[-1]
+    for b, (r, c) in enumerate(pos):
+        s = src if src.ndim == 2 else src[b]
+        for i in range(n):
+            for j in range(n):
+                if 0 <= r + i < H and 0 <= c + j < W:
+                    acc[:, r + i, c + j] += s[..., i, j]
+    return acc
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+@pytest.mark.parametrize("mode", ["atomic", "sets"])
+def test_scatter_add(k, suf, cdt, rdt, tol, mode):
+    L, H, W, n, B = 2, 26, 21, 8, 24
+    pos = edge_positions(B, n, H, W)
+    rsuf = "f32" if rdt == np.float32 else "f64"
+    kern = getattr(k, f"scatter_add_{'atomic' if mode == 'atomic' else 'sets'}_{rsuf}")
+    cases = [
+        (crandn((L, H, W), cdt), crandn((B, L, n, n), cdt), 2, L * n * n, n * n),     # complex (B, L, n, n)
+        (RNG.random((1, H, W)).astype(rdt), RNG.random((n, n)).astype(rdt), 1, 0, 0),  # real window, broadcast
+        (RNG.random((L, H, W)).astype(rdt), RNG.random((n, n)).astype(rdt), 1, 0, 0),  # broadcast to L modes
+    ]
+    for acc, src, ncomp, sb, sl in cases:
+        Lacc = acc.shape[0]
+        want = ref_scatter(acc.astype(np.complex128 if ncomp == 2 else np.float64), pos, src)
+        got = acc.copy()
+        if mode == "atomic":
+            kern((3, 5), (32,), got.view(rdt), Lacc, H, W, pos, None, 0, B, n, src.view(rdt), sb, sl, ncomp)
+        else:
+            sets = nonoverlapping_sets(pos, n)
+            for s in sets:
+                kern((2, 3), (32,), got.view(rdt), Lacc, H, W, pos, s, 1, len(s), n, src.view(rdt), sb, sl, ncomp)
+        np.testing.assert_allclose(got, want, rtol=20 * tol, atol=20 * tol)
+
+
+def test_nonoverlapping_sets():
+    n = 10
+    pos = np.concatenate([edge_positions(200, n, 90, 70),
+                          np.array([[-3, 5], [-13, -12], [0, 0], [0, 0]])]).astype(np.int64)
+    sets = nonoverlapping_sets(pos, n)
+    allv = np.sort(np.concatenate(sets))
+    np.testing.assert_array_equal(allv, np.arange(len(pos)))
+    for s in sets:
+        assert s.dtype == np.int32
+        p = pos[s]
+        dr = np.abs(p[:, None, 0] - p[None, :, 0])
+        dc = np.abs(p[:, None, 1] - p[None, :, 1])
+        overlap = (dr < n) & (dc < n)
+        np.fill_diagonal(overlap, False)
+        assert not overlap.any()
+    assert len(sets) < len(pos) / 4       # sets, not one view each
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+def test_object_numerator(k, suf, cdt, rdt, tol):
+    for K in (1, 4):
+        B, L, n = 3, 2, 9
+        psi = crandn((B, L, K, n, n), cdt)
+        pc = crandn((K, n, n), cdt)
+        out = np.zeros((B, L, n, n), cdt)
+        getattr(k, f"object_numerator_{suf}")((2, 4), (32,), psi, pc, out, B * L, K, n * n)
+        np.testing.assert_allclose(out, (psi * pc[None, None]).sum(axis=2), rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+@pytest.mark.parametrize("chunk,gy", [(100, 1), (2, 2), (3, 7)])
+def test_probe_sums(k, suf, cdt, rdt, tol, chunk, gy):
+    B, L, K, n = 7, 2, 3, 6
+    psi = crandn((B, L, K, n, n), cdt)
+    win = crandn((B, L, n, n), cdt)
+    num0 = crandn((K, n, n), cdt)
+    den0 = RNG.random((n, n)).astype(rdt)
+    num, den = num0.copy(), den0.copy()
+    getattr(k, f"probe_sums_{suf}")((2, gy), (32,), psi, win, num.view(rdt), den, B, L, K, n * n, chunk)
+    want_num = num0 + (np.conj(win)[:, :, None] * psi).sum(axis=(0, 1))
+    want_den = den0 + (np.abs(win) ** 2).sum(axis=(0, 1))
+    np.testing.assert_allclose(num, want_num, rtol=20 * tol, atol=20 * tol)
+    np.testing.assert_allclose(den, want_den, rtol=20 * tol, atol=20 * tol)
