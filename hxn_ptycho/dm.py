@@ -37,15 +37,31 @@ def reflect(be: Any, fphi: Any, fpsi: Any, out: Any) -> Any:
 
 
 # (4) Π_F: Ψ ← √I · Ψ / (Σ_kl |Ψ^(k,l)|²)^½ on good pixels; masked pixels keep the model's modulus
-def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any) -> Any:
-    """In place on the Fourier-space waves ``(B, L, K, n, n)`` of a batch."""
+def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0) -> Any:
+    """In place on the Fourier-space waves ``(B, L, K, n, n)`` of a batch.
+
+    ``pbound`` > 0 relaxes the projection for noisy data (PtyPy's power bound): a view whose
+    mean squared modulus deviation is below ``pbound`` is left as it is, one above it is moved
+    only onto the sphere of radius √pbound around the data instead of onto the data.
+    """
     fused = _fused(be, "fourier_projection")
     if fused is not None:
-        return fused(waves_f, diffamp, mask)
+        return fused(waves_f, diffamp, mask, pbound)
     xp = be.xp
     modulus = xp.sqrt(_mode_intensity(be, waves_f))
+    if pbound > 0:
+        dev = modulus - diffamp
+        sq = xp.square(dev)
+        if mask is not None:
+            sq *= mask
+        per_view = sq.reshape(sq.shape[0], -1).mean(axis=1)
+        renorm = xp.where(per_view > pbound, xp.sqrt(pbound / xp.maximum(per_view, TINY)), 1.0)
+        dev *= renorm.astype(dev.dtype)[:, None, None]
+        target = dev.__iadd__(diffamp)         # √I + (|Ψ| − √I)·renorm; = |Ψ| within the bound
+    else:
+        target = diffamp
     factor = xp.maximum(modulus, TINY, out=modulus)
-    xp.divide(diffamp, factor, out=factor)
+    xp.divide(target, factor, out=factor)
     if mask is not None:
         factor[:, ~mask] = 1.0
     B, n = waves_f.shape[0], waves_f.shape[-1]

@@ -164,11 +164,13 @@ class Reconstruction:
                      f"{self.plan.describe()}")
         self.diffamp = be.asarray(scan.diffamp, self.rdtype)
         self.mask = None if scan.mask is None or scan.mask.all() else be.asarray(scan.mask, bool)
-        good = 1.0 if scan.mask is None else scan.mask
+        good = np.ones((n, n), bool) if scan.mask is None else scan.mask
         local = np.array([float(np.sum(np.square(scan.diffamp, dtype=np.float64) * good)),
                           float(len(self.pos)) * float(np.sum(good))])
         self.reducer.allreduce_sum([local])
         self.total_intensity, self.good_pixels_total = float(local[0]), float(local[1])
+        # power bound of the relaxed Fourier projection, per pixel (PtyPy's 0.25·r²·mean intensity)
+        self.pbound = 0.25 * p.fourier_relax ** 2 * self.total_intensity / max(self.good_pixels_total, 1.0)
         self.obj = be.asarray(self._initial_object(), self.cdtype)
         self.probe = be.asarray(self._initial_probe(K), self.cdtype)
         batch = self.plan.batch_size
@@ -284,7 +286,7 @@ class Reconstruction:
         fphi = be.fft2(dm.exit_waves(be, self.probe, ow, w.phi[:B]))             # (2), F(P·O)
         w.err += dm.data_error(be, fphi, amp, self.mask)                          # (7)
         work = dm.reflect(be, fphi, fpsi, w.work[:B])                             # F(2·P·O − ψ)
-        work = dm.fourier_projection(be, work, amp, self.mask)                    # (4)
+        work = dm.fourier_projection(be, work, amp, self.mask, self.pbound)       # (4)
         dm.dm_update(be, fpsi, fphi, work, self.params.beta)                      # (3)
         psi = self.psi[b]
         psi[...] = fpsi

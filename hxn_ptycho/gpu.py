@@ -114,6 +114,11 @@ def _unshadowed_cuda() -> Iterator[None]:
     mod = sys.modules.get("cuda")
     if mod is not None and Path(getattr(mod, "__file__", "") or "/").resolve().parent == mine:
         del sys.modules["cuda"]
+    if "cupy" not in sys.modules:
+        # an earlier, failed ``import cupy`` (e.g. a pytest plugin's, shadowed by our cuda/) left
+        # half-imported submodules behind: drop them so this import starts clean
+        for name in [m for m in sys.modules if m.split(".")[0] in ("cupy", "cupy_backends", "cupyx")]:
+            del sys.modules[name]
     saved = list(sys.path)
     sys.path[:] = [p for p in sys.path if (Path(p or os.getcwd()) / "cuda").resolve() != mine]
     try:

@@ -24,6 +24,7 @@ class ReconParams:
     probe_modes: ProbeModes = 1          # an int, or "auto" (the paper's 1 % rule)
     object_modes: int = 1
     beta: float = 0.8                    # DM relaxation of equation (3)
+    fourier_relax: float = 0.05          # power bound of the Fourier projection (4), relative; 0 = exact
     update_rounds: int = 1               # probe/object update alternations per DM iteration
     probe_update_start: int = 2          # first iteration (0-based) with a probe update
     object_init: str = "ones"            # "ones" or "random" (random phases)
@@ -63,6 +64,8 @@ class ReconParams:
             raise ParamError(f"object_modes must be a positive integer, got {self.object_modes!r}")
         if not 0.0 < float(self.beta) <= 1.5:
             raise ParamError(f"beta must lie in (0, 1.5], got {self.beta}")
+        if not 0.0 <= float(self.fourier_relax) < 1.0:
+            raise ParamError(f"fourier_relax must lie in [0, 1), got {self.fourier_relax}")
         if self.update_rounds < 1:
             raise ParamError(f"update_rounds must be at least 1, got {self.update_rounds}")
         if self.precision not in ("single", "double"):
