@@ -278,3 +278,31 @@ def test_probe_sums(k, suf, cdt, rdt, tol, chunk, gy):
     want_den = den0 + (np.abs(win) ** 2).sum(axis=(0, 1))
     np.testing.assert_allclose(num, want_num, rtol=20 * tol, atol=20 * tol)
     np.testing.assert_allclose(den, want_den, rtol=20 * tol, atol=20 * tol)
+
+
+def test_cupy_backend_without_gpu_fails_clearly():
+    from hxn_ptycho.backend import BackendError, get_backend
+    from hxn_ptycho.gpu import gpu_available
+    ok, why = gpu_available()
+    if ok:
+        pytest.skip("a GPU is visible here")
+    assert why and ("CuPy" in why)
+    with pytest.raises(BackendError, match="backend 'cupy' is not available here: .*CuPy"):
+        get_backend("cupy")
+    assert get_backend("auto", threads=1).name == "numpy"
+
+
+def test_kernel_source_is_one_translation_unit(k, tmp_path):
+    """What NVRTC compiles on the device holds every kernel the emulation tests exercise."""
+    from hxn_ptycho.gpu import kernel_source
+    src = kernel_source()
+    assert "#include" not in src and src.count("hxn_block_sum_add(double v") == 1
+    one = tmp_path / "all.cu"
+    one.write_text(src)
+    names = set(_signatures(shutil.which("g++"), one))
+    assert names == set(k.sigs)
+    for fam in ("fourier_projection", "exit_waves", "reflect", "dm_update", "gather", "object_numerator",
+                "probe_sums"):
+        assert {f"{fam}_c64", f"{fam}_c128"} <= names
+    for fam in ("scatter_add_atomic", "scatter_add_sets"):
+        assert {f"{fam}_f32", f"{fam}_f64"} <= names

@@ -1,0 +1,169 @@
+"""The CuPy backend on a real GPU: every kernel against numpy, then whole reconstructions.
+
+Deselected by default (setup.cfg addopts ``-m "not gpu"``); run with ``pytest -m gpu`` on a
+machine with CuPy and a CUDA device (``benchmarks/gpu_session.sh`` does it in one call).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hxn_ptycho import dm
+from hxn_ptycho.backend import NumpyBackend
+from hxn_ptycho.gpu import gpu_available
+
+OK, WHY = gpu_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not OK, reason=f"no GPU: {WHY}")]
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def be():
+    from hxn_ptycho.gpu import CupyBackend
+    return CupyBackend(0)
+
+
+@pytest.fixture(scope="module")
+def nb():
+    return NumpyBackend(1)
+
+
+def crandn(shape, dtype=np.complex64):
+    return (RNG.standard_normal(shape) + 1j * RNG.standard_normal(shape)).astype(dtype)
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.complex128), np.asarray(b, np.complex128)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+PREC = [(np.complex64, 2e-6), (np.complex128, 1e-12)]
+
+
+@pytest.mark.parametrize("cdt,tol", PREC)
+def test_fft_orthonormal_and_plans_reused(be, cdt, tol):
+    a = crandn((5, 3, 48, 48), cdt)
+    d = be.asarray(a)
+    f = be.fft2(d)
+    assert rel(be.asnumpy(f), np.fft.fft2(a, norm="ortho")) < 10 * tol
+    g = be.ifft2(f)
+    assert rel(be.asnumpy(g), a) < 10 * tol
+    plans = len(be._plans)
+    be.fft2(be.asarray(a))
+    assert len(be._plans) == plans            # same shape: the plan is reused
+
+
+@pytest.mark.parametrize("cdt,tol", PREC)
+@pytest.mark.parametrize("M", [1, 3, 10])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fourier_projection_matches_numpy(be, nb, cdt, tol, M, masked):
+    rdt = np.float32 if cdt == np.complex64 else np.float64
+    B, n = 9, 40
+    w = crandn((B, M, n, n), cdt)
+    amp = np.abs(RNG.standard_normal((B, n, n))).astype(rdt)
+    mask = (RNG.random((n, n)) > 0.1) if masked else None
+    want = w.copy()
+    want_err = dm.fourier_projection(nb, want, amp, mask)
+    d = be.asarray(w)
+    err = be.fourier_projection(d, be.asarray(amp), None if mask is None else be.asarray(mask))
+    assert rel(be.asnumpy(d), want) < 10 * tol
+    assert abs(float(err) - float(want_err)) <= 10 * tol * abs(float(want_err))
+    # fourier_step = ifft2(projection(fft2(.))) with the scalings folded in
+    x = crandn((B, M, n, n), cdt)
+    ref = nb.ifft2(x.copy())                  # any orthonormal-space waves
+    ref_f = nb.fft2(ref.copy())
+    ref_err = dm.fourier_projection(nb, ref_f, amp, mask)
+    ref_out = nb.ifft2(ref_f)
+    dx = be.asarray(nb.ifft2(x.copy()))
+    e2 = be.fourier_step(dx, be.asarray(amp), None if mask is None else be.asarray(mask))
+    assert rel(be.asnumpy(dx), ref_out) < 50 * tol
+    assert abs(float(e2) - float(ref_err)) <= 50 * tol * abs(float(ref_err))
+
+
+@pytest.mark.parametrize("cdt,tol", PREC)
+@pytest.mark.parametrize("mode", ["atomic", "sets"])
+def test_gather_scatter_match_numpy(be, nb, cdt, tol, mode):
+    rdt = np.float32 if cdt == np.complex64 else np.float64
+    L, H, W, n, B = 2, 130, 110, 32, 150
+    pos = np.stack([RNG.integers(0, H - n + 1, B), RNG.integers(0, W - n + 1, B)], 1).astype(np.int64)
+    pos[:4] = [[0, 0], [H - n, W - n], [0, W - n], [H - n, 0]]
+    obj = crandn((L, H, W), cdt)
+    win = be.gather(be.asarray(obj), pos, n)
+    np.testing.assert_array_equal(be.asnumpy(win), nb.gather(obj, pos, n))
+    src = crandn((B, L, n, n), cdt)
+    acc0 = crandn((L, H, W), cdt)
+    want = acc0.copy()
+    nb.scatter_add(want, pos, src)
+    acc = be.asarray(acc0)
+    be.scatter_add(acc, pos, be.asarray(src), mode=mode)
+    assert rel(be.asnumpy(acc), want) < 20 * tol
+    den0 = RNG.random((1, H, W)).astype(rdt)
+    w2 = RNG.random((n, n)).astype(rdt)
+    want_den = den0.copy()
+    nb.scatter_add(want_den, pos, w2)
+    den = be.asarray(den0)
+    be.scatter_add(den, pos, be.asarray(w2), mode=mode)
+    np.testing.assert_allclose(be.asnumpy(den), want_den, rtol=20 * tol)
+
+
+@pytest.mark.parametrize("cdt,tol", PREC)
+def test_fused_steps_match_generic(be, nb, cdt, tol):
+    rdt = np.float32 if cdt == np.complex64 else np.float64
+    B, L, K, n = 6, 2, 3, 24
+    probe = crandn((K, n, n), cdt)
+    win = crandn((B, L, n, n), cdt)
+    out = be.empty((B, L, K, n, n), cdt)
+    be.exit_waves(be.asarray(probe), be.asarray(win), out)
+    assert rel(be.asnumpy(out), win[:, :, None] * probe[None, None]) < 10 * tol
+    psi, phi, proj = (crandn((B, L, K, n, n), cdt) for _ in range(3))
+    r = be.empty(psi.shape, cdt)
+    be.reflect(be.asarray(phi), be.asarray(psi), r)
+    assert rel(be.asnumpy(r), 2 * phi - psi) < 10 * tol
+    d = be.asarray(psi)
+    be.dm_update(d, be.asarray(phi), be.asarray(proj), 0.8)
+    assert rel(be.asnumpy(d), psi + 0.8 * (proj - phi)) < 10 * tol
+    pc = np.conj(probe)
+    o = be.empty((B, L, n, n), cdt)
+    be.object_numerator(be.asarray(psi), be.asarray(pc), o)
+    assert rel(be.asnumpy(o), (psi * pc[None, None]).sum(2)) < 10 * tol
+    num0, den0 = crandn((K, n, n), cdt), RNG.random((n, n)).astype(rdt)
+    num_w, den_w = num0.copy(), den0.copy()
+    dm.probe_sums(nb, psi, win, num_w, den_w, np.empty_like(psi))
+    num, den = be.asarray(num0), be.asarray(den0)
+    be.probe_sums(be.asarray(psi), be.asarray(win), num, den, None)
+    assert rel(be.asnumpy(num), num_w) < 20 * tol
+    np.testing.assert_allclose(be.asnumpy(den), den_w, rtol=20 * tol)
+
+
+def _reconstruct(scan, backend, **kw):
+    from hxn_ptycho.engine import reconstruct
+    from hxn_ptycho.params import ReconParams
+    params = ReconParams(iterations=20, precision="single", **kw)
+    return reconstruct(scan, params, backend=backend)
+
+
+@pytest.mark.parametrize("modes", [1, 3])
+@pytest.mark.parametrize("batch", [None, 7])
+def test_reconstruction_matches_numpy(be, modes, batch):
+    from hxn_ptycho.simulate import simulate_scan
+    scan, _ = simulate_scan(n=64, n_positions=60, probe_modes=modes, photons=1e6, seed=3, dead_pixels=0.02)
+    kw = dict(probe_modes=modes, batch_size=batch, max_memory_gb=8.0)
+    cpu = _reconstruct(scan, NumpyBackend(1), **kw)
+    gpu = _reconstruct(scan, be, **kw)
+    assert gpu.attrs["backend"] == "cupy"
+    assert rel(gpu.object, cpu.object) <= 1e-4
+    assert rel(gpu.probe, cpu.probe) <= 1e-4
+    np.testing.assert_allclose(gpu.error_data, cpu.error_data, rtol=1e-4)
+
+
+def test_scatter_modes_agree_in_a_reconstruction(be):
+    from hxn_ptycho.simulate import simulate_scan
+    scan, _ = simulate_scan(n=64, n_positions=60, probe_modes=1, photons=None, seed=5)
+    be.scatter_mode = "sets"
+    try:
+        a = _reconstruct(scan, be, probe_modes=1)
+    finally:
+        be.scatter_mode = "atomic"
+    b = _reconstruct(scan, be, probe_modes=1)
+    assert rel(a.object, b.object) <= 1e-4
