@@ -1,0 +1,176 @@
+"""MPI: which process runs which views, and the Allreduce reducer the engine sums through.
+
+Synchronous mode (the NSLS-II paper): the views are split almost evenly into contiguous
+slices, each rank reads only its slice of frames, and every sum over views in the engine is
+one in-place ``Allreduce`` on a reused contiguous buffer — so all ranks hold the same probe
+and object after every update, and rank 0 writes the result.
+
+mpi4py is imported only when an MPI launcher started this process (world size > 1), so a
+single process never initialises MPI and never launches a second launcher.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .backend import available_cores, get_backend
+from .engine import LocalReducer, reconstruct
+from .params import ParamError, ReconParams
+from .resultfile import ResultData
+from .scanfile import read_scan, scan_info
+
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS",
+                       "MPI_LOCALNRANKS", "HYDRA_NPROCS")
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher (mpiexec, mpirun, srun) started this process with several ranks."""
+    for var in _LAUNCHER_SIZE_VARS:
+        try:
+            if int(os.environ.get(var, "1")) > 1:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+class LocalComm:
+    """The communicator of a process that was not started by an MPI launcher."""
+
+    rank = 0
+    size = 1
+    local_size = 1
+
+    def abort(self, status: int) -> None:
+        sys.exit(status)
+
+    def barrier(self) -> None:
+        pass
+
+    def bcast(self, obj: Any) -> Any:
+        return obj
+
+
+class MPIComm:
+    """``MPI.COMM_WORLD`` with the few operations the job needs."""
+
+    def __init__(self) -> None:
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise RuntimeError(f"this job was started by an MPI launcher but mpi4py cannot be imported: {exc}") from None
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        try:
+            self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+        except Exception:  # noqa: BLE001 - a facility MPI without MPI-3 shared split
+            self.local_size = 1
+
+    def abort(self, status: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(status)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def bcast(self, obj: Any) -> Any:
+        return self.comm.bcast(obj, root=0)
+
+
+def world() -> Any:
+    """This process's communicator: MPI's world when launched by MPI, else a one-process stand-in."""
+    return MPIComm() if launched_by_mpi() else LocalComm()
+
+
+class MPIReducer:
+    """Sums arrays over all ranks in place with one ``Allreduce`` on a packed, reused buffer."""
+
+    def __init__(self, comm: MPIComm) -> None:
+        self.comm = comm
+        self.rank, self.size = comm.rank, comm.size
+        self._buffers: dict[tuple, np.ndarray] = {}
+        self.seconds = 0.0          # time spent in communication (for the benchmark)
+        self.calls = 0
+
+    def allreduce_sum(self, arrays: list) -> None:
+        """Sum C-contiguous numpy arrays of one precision (real or complex) over all ranks, in place."""
+        views = [a.view(a.real.dtype) if a.dtype.kind == "c" else a for a in arrays]
+        base = views[0].dtype
+        if any(v.dtype != base or not v.flags.c_contiguous for v in views):
+            raise TypeError("allreduce_sum needs C-contiguous arrays of one precision")
+        key = tuple(v.shape for v in views) + (base.str,)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = np.empty(sum(v.size for v in views), base)
+        i = 0
+        for v in views:
+            buf[i:i + v.size] = v.ravel()
+            i += v.size
+        t0 = time.perf_counter()
+        self.comm.comm.Allreduce(self.comm.MPI.IN_PLACE, buf, op=self.comm.MPI.SUM)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        i = 0
+        for v in views:
+            v.ravel()[...] = buf[i:i + v.size]
+            i += v.size
+
+
+def split_views(n_views: int, size: int) -> list[slice]:
+    """Contiguous, almost equal slices of the views, one per rank."""
+    if size > n_views:
+        raise ParamError(f"more ranks ({size}) than views ({n_views}): use at most {n_views} processes")
+    bounds = np.linspace(0, n_views, size + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def rank_threads(params: ReconParams, comm: Any) -> int:
+    """FFT/worker threads of one rank: the user's choice, else the cores shared by the ranks of this node."""
+    return params.threads or max(1, available_cores() // max(1, comm.local_size))
+
+
+def rank_device(comm: Any, devices: int) -> int:
+    """The GPU of this rank: rank modulo the visible devices."""
+    return comm.rank % max(1, devices)
+
+
+def scan_geometry(path: str) -> dict[str, Any]:
+    info = scan_info(path)
+    info["path"] = path
+    return info
+
+
+def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync", progress: bool = False,
+                    log: Callable[[str], None] | None = None) -> tuple[ResultData, dict[str, Any]]:
+    """Reconstruct the scan file ``path`` on the ranks of ``comm``; every rank returns the result."""
+    info = scan_geometry(path)
+    if mode == "async":
+        from .stitch import run_async
+        return run_async(path, params, comm, progress=progress, log=log), info
+    if mode != "sync":
+        raise ParamError(f"mode must be 'sync' or 'async', got {mode!r}")
+    views = split_views(info["n_views"], comm.size)[comm.rank]
+    scan = read_scan(path, views=views)
+    info.update(lambda_nm=scan.lambda_nm, z_m=scan.z_m, ccd_pixel_um=scan.ccd_pixel_um,
+                pixel_size_m=scan.pixel_size_m)
+    device = None
+    if params.backend in ("cupy", "auto"):
+        try:
+            from .gpu import device_count
+            device = rank_device(comm, device_count())
+        except ImportError:
+            device = None
+    backend = get_backend(params.backend, rank_threads(params, comm), device=device)
+    reducer = MPIReducer(comm) if comm.size > 1 else LocalReducer()
+    quiet = (lambda msg: None) if comm.rank else None
+    res = reconstruct(scan, params, backend=backend, reducer=reducer, progress=progress, log=log or quiet)
+    if comm.size > 1:
+        res.attrs["communication_s"] = reducer.seconds
+    return res, info

@@ -1,0 +1,103 @@
+"""``python -m hxn_ptycho.job SCAN.h5 -o RESULT.h5``: what each process of a reconstruction runs.
+
+Started once (one process) or by an MPI launcher (``mpiexec``/``srun``: one per rank). Each
+rank reads only its own share of the frames, runs the engine with the MPI reducer, and rank 0
+writes the result file (temporary name, then rename) and, when ``--catalog`` is given,
+publishes the derived run — or a failed one with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import traceback
+from typing import Any, Sequence
+
+from . import __version__
+from .h5util import FileFormatError
+from .params import ParamError, ReconParams
+
+
+class JobError(RuntimeError):
+    """A reconstruction job failed; the message says why (and on which rank)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hxn_ptycho.job", description=__doc__.splitlines()[0])
+    p.add_argument("scan", help="HXN scan file (scan_<N>.h5)")
+    p.add_argument("-o", "--output", required=True, help="result file to write")
+    p.add_argument("--params", default="{}", help="reconstruction parameters as JSON (ReconParams fields)")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="sync: reduce + broadcast every iteration (default); async: regions stitched at the end")
+    p.add_argument("--png", help="also write a summary figure")
+    p.add_argument("--catalog", help="Tiled catalog (URL) to publish the derived run to; key from $TILED_API_KEY")
+    p.add_argument("--raw-uid", help="uid of the raw run this reconstruction derives from")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def recon_summary(params: ReconParams, scan_info: dict[str, Any], size: int, mode: str) -> dict[str, Any]:
+    """Everything about the run that belongs in the derived run's ``recon`` dict."""
+    out = dict(params.to_dict())
+    out.update({"ranks": size, "mode": mode, "hxn_ptycho_version": __version__, "host": socket.gethostname(),
+                "scan_file": os.path.abspath(scan_info.get("path", "")), "n_views": scan_info.get("n_views"),
+                "frame_size": scan_info.get("n")})
+    for k in ("lambda_nm", "z_m", "ccd_pixel_um", "pixel_size_m", "energy_kev", "crop"):
+        if k in scan_info:
+            out[k] = scan_info[k]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job in this process (one rank of it); returns the exit status."""
+    from .distributed import world
+    comm = world()
+    params_error: str | None = None
+    try:
+        params = ReconParams.from_dict(json.loads(args.params))
+    except (ParamError, json.JSONDecodeError, TypeError) as exc:
+        params, params_error = ReconParams(), f"bad --params: {exc}"
+    status, message = 0, ""
+    try:
+        if params_error:
+            raise ParamError(params_error)
+        from .distributed import run_distributed
+        res, info = run_distributed(args.scan, params, comm, mode=args.mode, progress=not args.quiet)
+        if comm.rank == 0:
+            from .resultfile import write_result
+            write_result(args.output, res)
+            if args.png:
+                from .plots import summary_png
+                summary_png(res, args.png)
+            if args.catalog:
+                from hxn_ptycho.callbacks.derived import publish_result
+                publish_result(args.catalog, os.path.abspath(args.output), args.raw_uid,
+                               recon_summary(params, info, comm.size, args.mode))
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, then the job exits non-zero
+        status = 2 if isinstance(exc, (FileFormatError, ParamError)) else 1
+        message = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
+        if os.environ.get("HXN_PTYCHO_DEBUG"):
+            traceback.print_exc()
+    if not status:
+        return 0
+    print(f"hxn-ptycho job failed: {message}", file=sys.stderr, flush=True)
+    if comm.rank == 0 and args.catalog:
+        try:
+            from hxn_ptycho.callbacks.derived import publish_failure
+            publish_failure(args.catalog, args.raw_uid,
+                            recon_summary(params, {"path": args.scan}, comm.size, args.mode), message)
+        except Exception as exc:  # noqa: BLE001
+            print(f"hxn-ptycho job: could not record the failure in {args.catalog}: {exc}", file=sys.stderr)
+    if comm.size > 1:
+        comm.abort(status)          # the other ranks may wait in a collective: end them all
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
