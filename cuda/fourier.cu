@@ -6,7 +6,8 @@
 
 // (4) the fused Fourier constraint, all modes of a view in one pass:
 //   I = sum_m |w[b,m,p]|^2, mod = sqrt(I);
-//   good pixels: err[b] += (mod - a)^2 and, if apply, w[b,m,p] *= a / max(mod, tiny);
+//   good pixels: err[b] += (mod - a)^2 and, if apply, w[b,m,p] *= t / max(mod, tiny) with the
+//   target modulus t = a, or with use_relax (the power bound) t = a + (mod - a) * relax[b];
 //   masked pixels: untouched and not counted.
 // err (B) double must be zeroed by the caller; apply = 0 only measures the error.
 // Unnormalised FFTs: the orthonormal waves are in_scale * waves (in_scale = 1/n after a raw
@@ -18,11 +19,13 @@ __device__ void hxn_fourier_projection(typename hxn_complex<R>::type* __restrict
                                        const R* __restrict__ diffamp,
                                        const unsigned char* __restrict__ mask, int use_mask,
                                        int B, int M, int npix, int apply, R in_scale,
-                                       R out_scale, double* __restrict__ err) {
+                                       R out_scale, const R* __restrict__ relax, int use_relax,
+                                       double* __restrict__ err) {
     typedef typename hxn_complex<R>::type C;
     for (int b = blockIdx.y; b < B; b += gridDim.y) {
         C* w = waves + (long long)b * M * npix;
         const R* a = diffamp + (long long)b * npix;
+        const R rx = use_relax ? relax[b] : (R)0;
         R e = 0;
         for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += gridDim.x * blockDim.x) {
             C v[HXN_MODE_CACHE];
@@ -50,7 +53,8 @@ __device__ void hxn_fourier_projection(typename hxn_complex<R>::type* __restrict
             const R d = mod - amp;
             e += d * d;
             if (apply) {
-                const R f = amp / hxn_max(mod, (R)HXN_TINY) * (in_scale * out_scale);
+                const R target = amp + d * rx;
+                const R f = target / hxn_max(mod, (R)HXN_TINY) * (in_scale * out_scale);
 #pragma unroll
                 for (int m = 0; m < HXN_MODE_CACHE; ++m) {
                     if (m < M) w[(long long)m * npix + p] = hxn_make<C>(v[m].x * f, v[m].y * f);
@@ -65,20 +69,22 @@ __device__ void hxn_fourier_projection(typename hxn_complex<R>::type* __restrict
     }
 }
 
-// (2) exit waves: out[b,k,p] = win[b,p] * probe[k,p] for the BL = B*L object windows of a batch
-// (out is (B, L, K, npix), win is (B, L, npix), probe is (K, npix)).
+// (2) exit waves: out[b,k,p] = scale * win[b,p] * probe[k,p] for the BL = B*L object windows of a
+// batch (out is (B, L, K, npix), win is (B, L, npix), probe is (K, npix)); scale = 1/n makes a
+// following raw cuFFT orthonormal.
 template <typename R>
 __device__ void hxn_exit_waves(const typename hxn_complex<R>::type* __restrict__ probe,
                                const typename hxn_complex<R>::type* __restrict__ win,
                                typename hxn_complex<R>::type* __restrict__ out,
-                               int BL, int K, int npix) {
+                               int BL, int K, int npix, R scale) {
     const int per = K * npix;
     for (int b = blockIdx.y; b < BL; b += gridDim.y) {
         const typename hxn_complex<R>::type* o = win + (long long)b * npix;
         typename hxn_complex<R>::type* dst = out + (long long)b * per;
         for (int q = blockIdx.x * blockDim.x + threadIdx.x; q < per; q += gridDim.x * blockDim.x) {
             const int p = q % npix;
-            dst[q] = hxn_mul(o[p], probe[q]);
+            const typename hxn_complex<R>::type v = hxn_mul(o[p], probe[q]);
+            dst[q] = hxn_make<typename hxn_complex<R>::type>(v.x * scale, v.y * scale);
         }
     }
 }
@@ -113,17 +119,109 @@ __device__ void hxn_reflect(const typename hxn_complex<R>::type* __restrict__ ph
     }
 }
 
+// (3)+(4)+(7) fused, in Fourier space (F is linear), without storing the reflected waves:
+//   w = 2*fphi - fpsi (all M modes of view b, pixel p), mod_w = sqrt(sum_m |w|^2);
+//   good pixels: t = a (+ (mod_w - a) * relax[b] with use_relax), f = t / max(mod_w, tiny);
+//   masked pixels: f = 1;   fpsi += beta * (f * w - fphi);
+//   model_err[b] += sum_good (sqrt(sum_m |fphi|^2) - a)^2  (the data error of the model, (7)).
+template <typename R>
+__device__ void hxn_fourier_update(typename hxn_complex<R>::type* __restrict__ fpsi,
+                                   const typename hxn_complex<R>::type* __restrict__ fphi,
+                                   const R* __restrict__ diffamp,
+                                   const unsigned char* __restrict__ mask, int use_mask,
+                                   int B, int M, int npix, const R* __restrict__ relax,
+                                   int use_relax, R beta, double* __restrict__ model_err) {
+    typedef typename hxn_complex<R>::type C;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        C* s = fpsi + (long long)b * M * npix;
+        const C* f = fphi + (long long)b * M * npix;
+        const R* a = diffamp + (long long)b * npix;
+        const R rx = use_relax ? relax[b] : (R)0;
+        R e = 0;
+        for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += gridDim.x * blockDim.x) {
+            C vs[HXN_MODE_CACHE], vf[HXN_MODE_CACHE];
+            R iw = 0, iphi = 0;
+#pragma unroll
+            for (int m = 0; m < HXN_MODE_CACHE; ++m) {
+                if (m < M) {
+                    vs[m] = s[(long long)m * npix + p];
+                    vf[m] = f[(long long)m * npix + p];
+                    iw += hxn_abs2(hxn_make<C>(2 * vf[m].x - vs[m].x, 2 * vf[m].y - vs[m].y));
+                    iphi += hxn_abs2(vf[m]);
+                }
+            }
+            for (int m = HXN_MODE_CACHE; m < M; ++m) {
+                const C ts = s[(long long)m * npix + p], tf = f[(long long)m * npix + p];
+                iw += hxn_abs2(hxn_make<C>(2 * tf.x - ts.x, 2 * tf.y - ts.y));
+                iphi += hxn_abs2(tf);
+            }
+            R fac = 1;
+            if (!use_mask || mask[p]) {
+                const R amp = a[p];
+                const R dphi = hxn_sqrt(iphi) - amp;
+                e += dphi * dphi;
+                const R mod = hxn_sqrt(iw);
+                fac = (amp + (mod - amp) * rx) / hxn_max(mod, (R)HXN_TINY);
+            }
+#pragma unroll
+            for (int m = 0; m < HXN_MODE_CACHE; ++m) {
+                if (m < M) {
+                    const R wx = 2 * vf[m].x - vs[m].x, wy = 2 * vf[m].y - vs[m].y;
+                    s[(long long)m * npix + p] = hxn_make<C>(vs[m].x + beta * (fac * wx - vf[m].x),
+                                                             vs[m].y + beta * (fac * wy - vf[m].y));
+                }
+            }
+            for (int m = HXN_MODE_CACHE; m < M; ++m) {
+                const C ts = s[(long long)m * npix + p], tf = f[(long long)m * npix + p];
+                const R wx = 2 * tf.x - ts.x, wy = 2 * tf.y - ts.y;
+                s[(long long)m * npix + p] = hxn_make<C>(ts.x + beta * (fac * wx - tf.x),
+                                                         ts.y + beta * (fac * wy - tf.y));
+            }
+        }
+        hxn_block_sum_add((double)e, model_err + b);
+    }
+}
+
+// dev_err[b] += sum_good (|2*fphi - fpsi|_modes - a)^2: the per-view deviation the power bound
+// of hxn_fourier_update needs (its first pass; only run when the bound is on).
+template <typename R>
+__device__ void hxn_reflect_error(const typename hxn_complex<R>::type* __restrict__ fpsi,
+                                  const typename hxn_complex<R>::type* __restrict__ fphi,
+                                  const R* __restrict__ diffamp,
+                                  const unsigned char* __restrict__ mask, int use_mask,
+                                  int B, int M, int npix, double* __restrict__ dev_err) {
+    typedef typename hxn_complex<R>::type C;
+    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+        const C* s = fpsi + (long long)b * M * npix;
+        const C* f = fphi + (long long)b * M * npix;
+        const R* a = diffamp + (long long)b * npix;
+        R e = 0;
+        for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += gridDim.x * blockDim.x) {
+            if (use_mask && !mask[p]) continue;
+            R iw = 0;
+            for (int m = 0; m < M; ++m) {
+                const C ts = s[(long long)m * npix + p], tf = f[(long long)m * npix + p];
+                iw += hxn_abs2(hxn_make<C>(2 * tf.x - ts.x, 2 * tf.y - ts.y));
+            }
+            const R d = hxn_sqrt(iw) - a[p];
+            e += d * d;
+        }
+        hxn_block_sum_add((double)e, dev_err + b);
+    }
+}
+
 #define HXN_FOURIER_KERNELS(SUF, R, C)                                                               \
     extern "C" __global__ void fourier_projection_##SUF(C* waves, const R* diffamp,                 \
                                                         const unsigned char* mask, int use_mask,    \
                                                         int B, int M, int npix, int apply,          \
-                                                        R in_scale, R out_scale, double* err) {     \
+                                                        R in_scale, R out_scale, const R* relax,    \
+                                                        int use_relax, double* err) {               \
         hxn_fourier_projection<R>(waves, diffamp, mask, use_mask, B, M, npix, apply, in_scale,      \
-                                  out_scale, err);                                                  \
+                                  out_scale, relax, use_relax, err);                                \
     }                                                                                                \
     extern "C" __global__ void exit_waves_##SUF(const C* probe, const C* win, C* out, int BL,       \
-                                                int K, int npix) {                                  \
-        hxn_exit_waves<R>(probe, win, out, BL, K, npix);                                            \
+                                                int K, int npix, R scale) {                         \
+        hxn_exit_waves<R>(probe, win, out, BL, K, npix, scale);                                     \
     }                                                                                                \
     extern "C" __global__ void dm_update_##SUF(C* psi, const C* phi, const C* proj,                 \
                                                long long count, R beta) {                           \
@@ -131,6 +229,18 @@ __device__ void hxn_reflect(const typename hxn_complex<R>::type* __restrict__ ph
     }                                                                                                \
     extern "C" __global__ void reflect_##SUF(const C* phi, const C* psi, C* out, long long count) { \
         hxn_reflect<R>(phi, psi, out, count);                                                       \
+    }                                                                                                \
+    extern "C" __global__ void fourier_update_##SUF(C* fpsi, const C* fphi, const R* diffamp,       \
+                                                    const unsigned char* mask, int use_mask, int B, \
+                                                    int M, int npix, const R* relax, int use_relax, \
+                                                    R beta, double* model_err) {                    \
+        hxn_fourier_update<R>(fpsi, fphi, diffamp, mask, use_mask, B, M, npix, relax, use_relax,    \
+                              beta, model_err);                                                     \
+    }                                                                                                \
+    extern "C" __global__ void reflect_error_##SUF(const C* fpsi, const C* fphi, const R* diffamp,  \
+                                                   const unsigned char* mask, int use_mask, int B,  \
+                                                   int M, int npix, double* dev_err) {              \
+        hxn_reflect_error<R>(fpsi, fphi, diffamp, mask, use_mask, B, M, npix, dev_err);             \
     }
 
 HXN_FOURIER_KERNELS(c64, float, float2)

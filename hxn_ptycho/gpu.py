@@ -2,9 +2,10 @@
 
 :class:`CupyBackend` implements the :mod:`hxn_ptycho.backend` contract on the device (``xp`` is
 ``cupy``) and adds the fused steps :mod:`hxn_ptycho.dm` dispatches to by name:
-``fourier_projection`` (all modes of a view in one pass), ``exit_waves``, ``reflect``,
-``dm_update``, ``object_numerator`` and ``probe_sums``, plus ``fourier_step`` (raw cuFFT →
-projection with the orthonormal scaling folded in → raw inverse cuFFT: no scaling passes).
+``fourier_projection`` (all modes of a view in one pass, the power bound included),
+``data_error``, ``exit_waves``, ``dm_update``, ``object_numerator`` and ``probe_sums``; and
+fused steps the engine may use when present: ``fourier_update`` (data error + reflect +
+projection + DM update in one kernel) and ``fft_exit_waves`` (orthonormal F(P·O), no scaling pass).
 
 - Kernels: every ``cuda/*.cu`` concatenated into one ``cupy.RawModule`` (NVRTC, extern "C"
   names), compiled once per device and CuPy/NVRTC version into CuPy's kernel cache
@@ -411,65 +412,116 @@ class CupyBackend:
             raise ValueError(f"scatter mode must be one of {SCATTER_MODES}, got {mode!r}")
 
     # --- fused DM steps (dm.py dispatches by these names) ----------------------------------
-    def _fourier(self, waves: Any, diffamp: Any, mask: Any, apply: int, in_scale: float, out_scale: float) -> Any:
-        cp = self.xp
-        B, n = waves.shape[0], waves.shape[-1]
-        npix = n * waves.shape[-2]
-        M = waves.size // (B * npix)
-        suf, rdt = self._suffix(waves.dtype)
-        if diffamp.dtype != rdt or not isinstance(diffamp, cp.ndarray):
-            diffamp = cp.asarray(diffamp, dtype=rdt)
-        diffamp = cp.ascontiguousarray(diffamp)
-        self._check(waves)
+    def _mask_arg(self, mask: Any) -> tuple[Any, int]:
         if mask is None:
-            m, use = self._dummy_u8, 0
-        else:
-            m = cp.ascontiguousarray(cp.asarray(mask, dtype=cp.bool_)).view(cp.uint8)
-            use = 1
+            return self._dummy_u8, 0
+        cp = self.xp
+        return cp.ascontiguousarray(cp.asarray(mask, dtype=cp.bool_)).view(cp.uint8), 1
+
+    def _amp_arg(self, diffamp: Any, rdt: Any) -> Any:
+        cp = self.xp
+        if not isinstance(diffamp, cp.ndarray) or diffamp.dtype != rdt:
+            diffamp = cp.asarray(diffamp, dtype=rdt)
+        return cp.ascontiguousarray(diffamp)
+
+    @staticmethod
+    def _view_shape(waves: Any) -> tuple[int, int, int]:
+        B = waves.shape[0]
+        npix = waves.shape[-1] * waves.shape[-2]
+        return B, waves.size // (B * npix) if B else 0, npix
+
+    def _fourier(self, waves: Any, diffamp: Any, mask: Any, apply: int, relax: Any = None,
+                 in_scale: float = 1.0, out_scale: float = 1.0) -> Any:
+        """The fused Fourier-constraint kernel; returns the per-view errors (B,) float64."""
+        cp = self.xp
+        B, M, npix = self._view_shape(waves)
+        suf, rdt = self._suffix(waves.dtype)
+        self._check(waves)
+        m, use = self._mask_arg(mask)
         err = cp.zeros(B, cp.float64)
-        self._k(f"fourier_projection_{suf}")(
-            _grid(npix, B, self.sm_count), (BLOCK,),
-            (waves, diffamp, m, np.int32(use), np.int32(B), np.int32(M), np.int32(npix), np.int32(apply),
-             rdt(in_scale), rdt(out_scale), err))
-        return err.sum()
-
-    def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any) -> Any:
-        """(4) in place on orthonormal Fourier-space waves (B, ..., n, n); returns Σ_good (|Ψ| − √I)²."""
-        return self._fourier(waves_f, diffamp, mask, 1, 1.0, 1.0)
-
-    def fourier_step(self, waves: Any, diffamp: Any, mask: Any) -> Any:
-        """ifft2(Π_F(fft2(waves))) in place, orthonormal, with the scalings folded into the kernel."""
-        n0, n1 = waves.shape[-2], waves.shape[-1]
-        s = 1.0 / math.sqrt(n0 * n1)
-        self._raw_fft(waves, self._cufft.CUFFT_FORWARD)
-        err = self._fourier(waves, diffamp, mask, 1, s, s)
-        self._raw_fft(waves, self._cufft.CUFFT_INVERSE)
+        if B:
+            rel = self._dummy_real(rdt) if relax is None else cp.ascontiguousarray(relax, dtype=rdt)
+            self._k(f"fourier_projection_{suf}")(
+                _grid(npix, B, self.sm_count), (BLOCK,),
+                (waves, self._amp_arg(diffamp, rdt), m, np.int32(use), np.int32(B), np.int32(M), np.int32(npix),
+                 np.int32(apply), rdt(in_scale), rdt(out_scale), rel, np.int32(relax is not None), err))
         return err
 
-    def model_error(self, waves_f: Any, diffamp: Any, mask: Any) -> Any:
-        """Σ_good (|Ψ| − √I)² of orthonormal Fourier-space waves, without projecting."""
-        return self._fourier(waves_f, diffamp, mask, 0, 1.0, 1.0)
+    def _dummy_real(self, rdt: Any) -> Any:
+        return self.xp.zeros(1, rdt)
 
-    def exit_waves(self, probe: Any, obj_windows: Any, out: Any) -> Any:
-        """(2) out[b, l, k] = obj_windows[b, l] · probe[k]."""
+    def _relax(self, dev_err: Any, npix: int, pbound: float, rdt: Any) -> Any:
+        """Per-view factor of the power bound (dm.fourier_projection): √(pbound / mean dev²) above it, else 1."""
+        cp = self.xp
+        per_view = dev_err / npix
+        return cp.where(per_view > pbound, cp.sqrt(pbound / cp.maximum(per_view, 1e-30)), 1.0).astype(rdt)
+
+    def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0) -> Any:
+        """(4) in place on orthonormal Fourier-space waves (B, ..., n, n), all modes of a view in one
+        pass; with ``pbound`` > 0 the relaxed projection (a first pass measures each view's deviation)."""
+        if pbound > 0:
+            _, rdt = self._suffix(waves_f.dtype)
+            dev = self._fourier(waves_f, diffamp, mask, 0)
+            self._fourier(waves_f, diffamp, mask, 1, self._relax(dev, self._view_shape(waves_f)[2], pbound, rdt))
+        else:
+            self._fourier(waves_f, diffamp, mask, 1)
+        return waves_f
+
+    def data_error(self, fphi: Any, diffamp: Any, mask: Any) -> Any:
+        """(7) Σ_good (|F(P·O)| − √I)² of orthonormal Fourier-space waves (a device scalar)."""
+        return self._fourier(fphi, diffamp, mask, 0).sum()
+
+    def fourier_update(self, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float) -> Any:
+        """data_error + reflect + fourier_projection + dm_update of dm.py in one kernel (two with the
+        power bound), never storing the reflected waves:
+        ``fpsi += β (Π_F(2 fphi − fpsi) − fphi)``; returns Σ_good (|fphi| − √I)² (device scalar)."""
+        cp = self.xp
+        B, M, npix = self._view_shape(fpsi)
+        suf, rdt = self._suffix(fpsi.dtype)
+        self._check(fpsi, fphi)
+        m, use = self._mask_arg(mask)
+        amp = self._amp_arg(diffamp, rdt)
+        err = cp.zeros(B, cp.float64)
+        if B == 0:
+            return err.sum()
+        grid = _grid(npix, B, self.sm_count)
+        relax = self._dummy_real(rdt)
+        if pbound > 0:
+            dev = cp.zeros(B, cp.float64)
+            self._k(f"reflect_error_{suf}")(grid, (BLOCK,), (fpsi, fphi, amp, m, np.int32(use), np.int32(B),
+                                                            np.int32(M), np.int32(npix), dev))
+            relax = self._relax(dev, npix, pbound, rdt)
+        self._k(f"fourier_update_{suf}")(grid, (BLOCK,), (fpsi, fphi, amp, m, np.int32(use), np.int32(B), np.int32(M),
+                                                         np.int32(npix), relax, np.int32(pbound > 0), rdt(beta), err))
+        return err.sum()
+
+    def fft_exit_waves(self, probe: Any, obj_windows: Any, out: Any) -> Any:
+        """Orthonormal F(P·O) in ``out``: the 1/n scaling is folded into the exit-wave kernel and the
+        cuFFT runs raw (no separate scaling pass)."""
+        n0, n1 = probe.shape[-2:]
+        self.exit_waves(probe, obj_windows, out, scale=1.0 / math.sqrt(n0 * n1))
+        return self._raw_fft(out, self._cufft.CUFFT_FORWARD)
+
+    def exit_waves(self, probe: Any, obj_windows: Any, out: Any, scale: float = 1.0) -> Any:
+        """(2) out[b, l, k] = scale · obj_windows[b, l] · probe[k]."""
         B, L = obj_windows.shape[:2]
         K, n0, n1 = probe.shape
         npix = n0 * n1
         probe = self.xp.ascontiguousarray(probe, dtype=out.dtype)
         self._check(obj_windows, out)
-        suf, _ = self._suffix(out.dtype)
+        suf, rdt = self._suffix(out.dtype)
         self._k(f"exit_waves_{suf}")(_grid(K * npix, B * L, self.sm_count), (BLOCK,),
-                                     (probe, obj_windows, out, np.int32(B * L), np.int32(K), np.int32(npix)))
+                                     (probe, obj_windows, out, np.int32(B * L), np.int32(K), np.int32(npix), rdt(scale)))
         return out
 
     def _flat_grid(self, count: int) -> tuple[int, int]:
         return max(1, min(-(-count // BLOCK), self.sm_count * 16)), 1
 
-    def reflect(self, phi: Any, psi: Any, out: Any) -> Any:
-        """(3) out = 2·phi − psi."""
-        self._check(phi, psi, out)
+    def reflect(self, fphi: Any, fpsi: Any, out: Any) -> Any:
+        """(3) out = 2·fphi − fpsi (one pass; dm.reflect's generic code takes two)."""
+        self._check(fphi, fpsi, out)
         suf, _ = self._suffix(out.dtype)
-        self._k(f"reflect_{suf}")(self._flat_grid(out.size), (BLOCK,), (phi, psi, out, np.int64(out.size)))
+        self._k(f"reflect_{suf}")(self._flat_grid(out.size), (BLOCK,), (fphi, fpsi, out, np.int64(out.size)))
         return out
 
     def dm_update(self, psi: Any, phi: Any, projected: Any, beta: float) -> Any:

@@ -109,15 +109,22 @@ def crandn(shape, dtype):
     return (RNG.standard_normal(shape) + 1j * RNG.standard_normal(shape)).astype(dtype)
 
 
-def ref_fourier(w, amp, mask):
+def ref_fourier(w, amp, mask, relax=None):
     """numpy reference of the Fourier constraint on (B, M, n, n) waves (float64 throughout)."""
     w64 = w.astype(np.complex128)
     mod = np.sqrt((np.abs(w64) ** 2).sum(axis=1))
     good = np.ones(mod.shape[1:], bool) if mask is None else mask.astype(bool)
     d = (mod - amp) * good
     err = (d ** 2).sum(axis=(1, 2))
-    f = np.where(good, amp / np.maximum(mod, 1e-30), 1.0)
+    target = amp if relax is None else amp + (mod - amp) * relax[:, None, None]
+    f = np.where(good, target / np.maximum(mod, 1e-30), 1.0)
     return w64 * f[:, None], err
+
+
+def ref_relax(dev_err, npix, pbound):
+    """The power bound of dm.fourier_projection: per-view factor on the modulus deviation."""
+    per_view = dev_err / npix
+    return np.where(per_view > pbound, np.sqrt(pbound / np.maximum(per_view, 1e-30)), 1.0)
 
 
 @pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
@@ -135,7 +142,7 @@ def test_fourier_projection(k, suf, cdt, rdt, tol, M, masked):
     got = w.copy()
     # grid smaller than the work: grid-stride loops over pixels (144 > 2*32) and views (5 > 2)
     getattr(k, f"fourier_projection_{suf}")((2, 2), (32,), got, amp, mask if masked else None, int(masked),
-                                           B, M, n * n, 1, 1.0, 1.0, err)
+                                           B, M, n * n, 1, 1.0, 1.0, None, 0, err)
     np.testing.assert_allclose(got, want_w, rtol=tol * 10, atol=tol * 10)
     np.testing.assert_allclose(err, want_err, rtol=tol * 10)
     if masked:       # masked pixels untouched, bit for bit
@@ -144,16 +151,62 @@ def test_fourier_projection(k, suf, cdt, rdt, tol, M, masked):
     err2 = np.zeros(B, np.float64)
     same = w.copy()
     getattr(k, f"fourier_projection_{suf}")((3, 1), (64,), same, amp, mask if masked else None, int(masked),
-                                           B, M, n * n, 0, 1.0, 1.0, err2)
+                                           B, M, n * n, 0, 1.0, 1.0, None, 0, err2)
     np.testing.assert_array_equal(same, w)
     np.testing.assert_allclose(err2, want_err, rtol=tol * 10)
     # raw (unnormalised) waves: in_scale recovers the orthonormal ones, out_scale pre-scales the output
     raw, s_in, s_out = w * 4, 0.25, 0.5
     err3 = np.zeros(B, np.float64)
     getattr(k, f"fourier_projection_{suf}")((2, 3), (32,), raw, amp, mask if masked else None, int(masked),
-                                           B, M, n * n, 1, s_in, s_out, err3)
+                                           B, M, n * n, 1, s_in, s_out, None, 0, err3)
     np.testing.assert_allclose(raw, want_w * s_out, rtol=tol * 10, atol=tol * 10)
     np.testing.assert_allclose(err3, want_err, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+@pytest.mark.parametrize("M", [2, 9])
+def test_fourier_projection_power_bound(k, suf, cdt, rdt, tol, M):
+    B, n = 4, 10
+    w = crandn((B, M, n, n), cdt)
+    amp = np.abs(RNG.standard_normal((B, n, n)) * 2).astype(rdt)
+    mask = (RNG.random((n, n)) > 0.25).astype(np.uint8)
+    _, dev = ref_fourier(w, amp.astype(np.float64), mask)
+    pbound = float(np.median(dev / (n * n)))          # some views inside the bound, some outside
+    relax = ref_relax(dev, n * n, pbound)
+    assert (relax < 1).any() and (relax == 1).any()
+    want_w, want_err = ref_fourier(w, amp.astype(np.float64), mask, relax)
+    got, err = w.copy(), np.zeros(B)
+    getattr(k, f"fourier_projection_{suf}")((2, 3), (32,), got, amp, mask, 1, B, M, n * n, 1, 1.0, 1.0,
+                                           relax.astype(rdt), 1, err)
+    np.testing.assert_allclose(got, want_w, rtol=tol * 50, atol=tol * 50)
+    np.testing.assert_allclose(err, want_err, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+@pytest.mark.parametrize("M", [1, 3, 10])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("bound", [False, True])
+def test_fourier_update(k, suf, cdt, rdt, tol, M, masked, bound):
+    """Fused reflect + projection + DM update + model error against the step-by-step numpy."""
+    B, n, beta = 5, 11, 0.8
+    fpsi, fphi = crandn((B, M, n, n), cdt), crandn((B, M, n, n), cdt)
+    amp = np.abs(RNG.standard_normal((B, n, n)) * 2).astype(rdt)
+    mask = (RNG.random((n, n)) > 0.25).astype(np.uint8) if masked else None
+    a64 = amp.astype(np.float64)
+    w = 2 * fphi.astype(np.complex128) - fpsi
+    _, dev = ref_fourier(w, a64, mask)
+    dev_got = np.zeros(B)
+    getattr(k, f"reflect_error_{suf}")((2, 2), (32,), fpsi, fphi, amp, mask, int(masked), B, M, n * n, dev_got)
+    np.testing.assert_allclose(dev_got, dev, rtol=tol * 10)
+    relax = ref_relax(dev, n * n, float(np.median(dev / (n * n)))) if bound else None
+    proj, _ = ref_fourier(w, a64, mask, relax)
+    want = fpsi + beta * (proj - fphi)
+    _, want_err = ref_fourier(fphi, a64, mask)
+    got, err = fpsi.copy(), np.zeros(B)
+    getattr(k, f"fourier_update_{suf}")((2, 3), (32,), got, fphi, amp, mask, int(masked), B, M, n * n,
+                                       None if relax is None else relax.astype(rdt), int(bound), beta, err)
+    np.testing.assert_allclose(got, want, rtol=tol * 50, atol=tol * 50)
+    np.testing.assert_allclose(err, want_err, rtol=tol * 10)
 
 
 @pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
@@ -162,8 +215,10 @@ def test_elementwise(k, suf, cdt, rdt, tol):
     probe = crandn((K, n, n), cdt)
     win = crandn((B, L, n, n), cdt)
     out = np.zeros((B, L, K, n, n), cdt)
-    getattr(k, f"exit_waves_{suf}")((2, 4), (32,), probe, win, out, B * L, K, n * n)
+    getattr(k, f"exit_waves_{suf}")((2, 4), (32,), probe, win, out, B * L, K, n * n, 1.0)
     np.testing.assert_allclose(out, win[:, :, None] * probe[None, None], rtol=tol, atol=tol)
+    getattr(k, f"exit_waves_{suf}")((3, 2), (32,), probe, win, out, B * L, K, n * n, 0.125)
+    np.testing.assert_allclose(out, 0.125 * win[:, :, None] * probe[None, None], rtol=tol, atol=tol)
 
     psi, phi, proj = (crandn((B, L, K, n, n), cdt) for _ in range(3))
     want = psi + 0.7 * (proj - phi)
@@ -302,7 +357,7 @@ def test_kernel_source_is_one_translation_unit(k, tmp_path):
     names = set(_signatures(shutil.which("g++"), one))
     assert names == set(k.sigs)
     for fam in ("fourier_projection", "exit_waves", "reflect", "dm_update", "gather", "object_numerator",
-                "probe_sums"):
+                "probe_sums", "fourier_update", "reflect_error"):
         assert {f"{fam}_c64", f"{fam}_c128"} <= names
     for fam in ("scatter_add_atomic", "scatter_add_sets"):
         assert {f"{fam}_f32", f"{fam}_f64"} <= names
