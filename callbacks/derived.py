@@ -70,10 +70,22 @@ def start_metadata(raw_uid: str | None, recon: dict, **extra: Any) -> dict:
     md = {"plan_name": PLAN_NAME, "plan_type": PLAN_TYPE, "raw_uid": raw_uid,
           "recon": recon, "versions": versions(), "host": socket.gethostname()}
     scan_id = recon.get("scan_id")
+    if scan_id is None and recon.get("scan_file"):
+        scan_id = _scan_file_id(recon["scan_file"])
     if scan_id is not None:
         md["scan_id"] = scan_id
     md.update(jsonable(extra))
     return md
+
+
+def _scan_file_id(path: str) -> Any:
+    """The raw ``scan_id`` stored in a scan file's attributes, if it can be read."""
+    try:
+        from hxn_ptycho.scanfile import scan_info
+        value = scan_info(path)["attrs"].get("scan_id")
+        return int(value) if value is not None and int(value) >= 0 else None
+    except Exception:
+        return None
 
 
 def write_sidecar(result_path: str | os.PathLike, res: Any) -> Path:

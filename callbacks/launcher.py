@@ -1,0 +1,241 @@
+"""The on-disk job queue and the non-blocking ``mpiexec`` launch (argument lists only).
+
+Jobs are JSON files under ``DIR/pending``, ``DIR/running``, ``DIR/done`` and ``DIR/failed``;
+a job moves between them by atomic rename, so a listener that restarts finds what was pending
+(and re-runs what was running when it died). ``slots`` runner threads (one per GPU pool; 1 by
+default) take the oldest pending job, run it with ``subprocess.Popen`` (never a shell) and wait
+for it — on their own threads, never on the RunEngine's. ``max_pending`` bounds the queue.
+
+A job that exits non-zero without having recorded its failure in the catalog gets a ``fail``
+derived run from here, with the end of its log as the reason, so no failure is silently lost.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .catalog import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STATES = ("pending", "running", "done", "failed")
+
+
+class QueueFull(RuntimeError):
+    """The job queue holds ``max_pending`` jobs already."""
+
+
+@dataclass
+class Job:
+    """One reconstruction job: what to run and where its files go."""
+
+    scan_file: str
+    result_file: str
+    params: dict = field(default_factory=dict)
+    raw_uid: str | None = None
+    scan_id: Any = None
+    nprocs: int = 1
+    catalog: str | None = None          # URL or config file; the key travels in TILED_API_KEY
+    recon: dict = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    returncode: int | None = None
+    reason: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Job":
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def mpiexec_path() -> str:
+    """``mpiexec`` beside the Python interpreter (the mpich wheel), else on PATH."""
+    here = Path(sys.executable).with_name("mpiexec")
+    if here.exists():
+        return str(here)
+    found = shutil.which("mpiexec")
+    if not found:
+        raise FileNotFoundError("mpiexec not found beside the Python interpreter nor on PATH")
+    return found
+
+
+def job_command(job: Job, *, python: str | None = None, module: str = "hxn_ptycho.job",
+                mpiexec: str | None = None) -> list[str]:
+    """The job's argument list: ``[mpiexec, -n, K,] python -m hxn_ptycho.job SCAN -o RESULT ...``."""
+    argv = [python or sys.executable, "-m", module, str(job.scan_file), "-o", str(job.result_file),
+            "--params", json.dumps(job.params, sort_keys=True)]
+    if job.catalog:
+        argv += ["--catalog", str(job.catalog)]
+    if job.raw_uid:
+        argv += ["--raw-uid", str(job.raw_uid)]
+    if job.nprocs > 1:
+        argv = [mpiexec or mpiexec_path(), "-n", str(int(job.nprocs))] + argv
+    return argv
+
+
+class JobQueue:
+    """A bounded, on-disk queue of :class:`Job` run ``slots`` at a time by runner threads."""
+
+    def __init__(self, directory: str | os.PathLike, *, slots: int = 1, max_pending: int = 1000,
+                 command: Callable[[Job], list[str]] = job_command, env: dict[str, str] | None = None,
+                 on_failure: Callable[[Job, str], None] | None = None, timeout_s: float | None = None) -> None:
+        self.directory = Path(directory)
+        self.slots = max(1, int(slots))
+        self.max_pending = int(max_pending)
+        self.command = command
+        self.env = dict(env or {})
+        self.on_failure = on_failure
+        self.timeout_s = timeout_s
+        self._stop = threading.Event()
+        self._wake = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._procs: dict[str, subprocess.Popen] = {}
+        for state in STATES:
+            (self.directory / state).mkdir(parents=True, exist_ok=True)
+        (self.directory / "logs").mkdir(exist_ok=True)
+
+    # -- the queue on disk ----------------------------------------------------------------
+    def _path(self, state: str, job: Job) -> Path:
+        return self.directory / state / f"{job.created:017.6f}-{job.id}.json"
+
+    def jobs(self, state: str) -> list[Job]:
+        out = []
+        for p in sorted((self.directory / state).glob("*.json")):
+            try:
+                out.append(Job.from_dict(json.loads(p.read_text())))
+            except (OSError, ValueError) as exc:
+                log.error("job queue: cannot read %s (%s); it is left where it is", p, exc)
+        return out
+
+    def submit(self, job: Job) -> Job:
+        """Put ``job`` in ``pending`` (atomic write); raise :class:`QueueFull` if the queue is full."""
+        if len(list((self.directory / "pending").glob("*.json"))) >= self.max_pending:
+            raise QueueFull(f"job queue {self.directory} already holds {self.max_pending} pending jobs")
+        atomic_write_text(self._path("pending", job), json.dumps(asdict(job), indent=1))
+        with self._wake:
+            self._wake.notify_all()
+        log.info("queued job %s for scan %s (%s)", job.id, job.scan_id, job.scan_file)
+        return job
+
+    def _claim(self) -> tuple[Job, Path] | None:
+        for p in sorted((self.directory / "pending").glob("*.json")):
+            target = self.directory / "running" / p.name
+            try:
+                os.rename(p, target)              # atomic: only one runner wins
+            except FileNotFoundError:
+                continue
+            try:
+                return Job.from_dict(json.loads(target.read_text())), target
+            except (OSError, ValueError) as exc:
+                log.error("job queue: %s is not a valid job (%s); moved to failed", p.name, exc)
+                os.replace(target, self.directory / "failed" / p.name)
+        return None
+
+    def _finish(self, job: Job, running: Path, ok: bool) -> None:
+        state = "done" if ok else "failed"
+        atomic_write_text(self.directory / state / running.name, json.dumps(asdict(job), indent=1))
+        running.unlink(missing_ok=True)
+
+    # -- runners --------------------------------------------------------------------------
+    def start(self) -> "JobQueue":
+        """Requeue what a previous process left running, then start the runner threads."""
+        for p in sorted((self.directory / "running").glob("*.json")):
+            log.warning("job queue: requeueing %s, left running by a previous process", p.name)
+            os.replace(p, self.directory / "pending" / p.name)
+        self._stop.clear()
+        for i in range(self.slots):
+            t = threading.Thread(target=self._runner, name=f"hxn-ptycho-job-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _runner(self) -> None:
+        while not self._stop.is_set():
+            claimed = self._claim()
+            if claimed is None:
+                with self._wake:
+                    self._wake.wait(0.5)
+                continue
+            job, running = claimed
+            try:
+                ok = self._run(job)
+            except Exception as exc:              # never let a runner die
+                log.exception("job %s could not be run", job.id)
+                job.reason, ok = f"the job could not be started: {type(exc).__name__}: {exc}", False
+            if not ok and self.on_failure is not None:
+                try:
+                    self.on_failure(job, job.reason or "unknown failure")
+                except Exception:
+                    log.exception("job %s: recording its failure failed", job.id)
+            self._finish(job, running, ok)
+
+    def _run(self, job: Job) -> bool:
+        argv = self.command(job)
+        logfile = self.directory / "logs" / f"{job.id}.log"
+        env = dict(os.environ, **self.env)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        log.info("job %s: %s", job.id, " ".join(argv))
+        job.started = time.time()
+        with open(logfile, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            self._procs[job.id] = proc
+            try:
+                job.returncode = proc.wait(self.timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                job.returncode = proc.wait()
+                job.reason = f"the job ran past its {self.timeout_s:.0f} s limit and was killed"
+            finally:
+                self._procs.pop(job.id, None)
+        if job.returncode == 0:
+            log.info("job %s finished (scan %s)", job.id, job.scan_id)
+            return True
+        if job.reason is None:
+            job.reason = f"the job exited with status {job.returncode}: {log_tail(logfile)}"
+        log.error("job %s failed: %s", job.id, job.reason)
+        return False
+
+    def idle(self) -> bool:
+        return not any(any((self.directory / s).glob("*.json")) for s in ("pending", "running"))
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.idle():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop taking jobs; with ``kill``, terminate running ones (they are requeued at next start)."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if kill:
+            for proc in list(self._procs.values()):
+                proc.kill()
+        for t in self._threads:
+            t.join(timeout=None if not kill else 10)
+        self._threads.clear()
+
+
+def log_tail(path: str | os.PathLike, chars: int = 600) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").strip()
+    except OSError:
+        return "(no log)"
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    tail = " | ".join(lines[-4:])
+    return tail[-chars:] if tail else "(empty log)"

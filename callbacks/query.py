@@ -1,0 +1,145 @@
+"""Query helpers: the reconstruction of a scan, as arrays and parameters.
+
+``hxn_ptycho.results(catalog, scan_id=N)`` or ``results(catalog, raw_uid=UID)`` returns the
+latest derived run of that raw scan as a :class:`DerivedResult` (a failed one too, with its
+reason and no arrays). ``catalog`` is a URL, a config file, an embedded server's folder, or a
+Tiled client of the ``processed`` container.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class NoResult(LookupError):
+    """No derived run matches the query."""
+
+
+@dataclass
+class DerivedResult:
+    uid: str
+    raw_uid: str | None
+    scan_id: Any
+    exit_status: str | None
+    reason: str | None
+    recon: dict = field(default_factory=dict)
+    start: dict = field(default_factory=dict)
+    object: np.ndarray | None = None               # (M_O, H, W) complex
+    probe: np.ndarray | None = None                # (M_P, n, n) complex
+    positions_px: np.ndarray | None = None         # (N, 2)
+    probe_power_fraction: np.ndarray | None = None
+    final_data_error: float | None = None
+    data_error: np.ndarray | None = None           # per iteration
+    probe_error: np.ndarray | None = None
+    object_error: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == "success"
+
+    def summary(self) -> str:
+        head = f"derived run {self.uid} of scan {self.scan_id} (raw {self.raw_uid}): {self.exit_status}"
+        if not self.ok:
+            return f"{head} — {self.reason}"
+        return (f"{head}; object {tuple(self.object.shape)}, probe {tuple(self.probe.shape)}, "
+                f"probe power {np.round(self.probe_power_fraction, 3).tolist()}, "
+                f"final data error {self.final_data_error:.4g}")
+
+
+def _processed(catalog: Any) -> Any:
+    if hasattr(catalog, "search"):
+        return catalog
+    from .catalog import runs
+    return runs(catalog, "processed")
+
+
+def find_derived(catalog: Any, *, scan_id: int | None = None, raw_uid: str | None = None,
+                 only_success: bool = False) -> Any:
+    """The latest derived run (a Tiled client) for ``scan_id`` or ``raw_uid``."""
+    from tiled.queries import Eq
+
+    if (scan_id is None) == (raw_uid is None):
+        raise ValueError("give exactly one of scan_id= or raw_uid=")
+    found = _processed(catalog).search(Eq("plan_name", "hxn_ptycho_dm"))
+    found = found.search(Eq("raw_uid", raw_uid)) if raw_uid is not None else found.search(Eq("scan_id", int(scan_id)))
+    if only_success:
+        found = found.search(Eq("stop.exit_status", "success"))
+    what = f"raw_uid={raw_uid}" if raw_uid is not None else f"scan_id={scan_id}"
+    if not len(found):
+        raise NoResult(f"no reconstruction of {what} in the catalog")
+    return found.values().last()
+
+
+def _read(stream: Any, key: str) -> np.ndarray | None:
+    try:
+        return np.asarray(stream[key].read())
+    except KeyError:
+        return None
+
+
+def load_result(run: Any) -> DerivedResult:
+    md = run.metadata
+    start, stop = dict(md.get("start", {})), dict(md.get("stop") or {})
+    out = DerivedResult(uid=start.get("uid"), raw_uid=start.get("raw_uid"), scan_id=start.get("scan_id"),
+                        exit_status=stop.get("exit_status"), reason=stop.get("reason"),
+                        recon=dict(start.get("recon", {})), start=start)
+    if out.exit_status != "success":
+        return out
+    p = run["primary"]
+    out.object = _read(p, "object")[0]
+    out.probe = _read(p, "probe")[0]
+    out.positions_px = _read(p, "positions_px")[0]
+    out.probe_power_fraction = _read(p, "probe_power_fraction")[0]
+    out.final_data_error = float(_read(p, "final_data_error")[0])
+    if "iterations" in run:
+        it = run["iterations"]
+        out.data_error, out.probe_error, out.object_error = (_read(it, k) for k in
+                                                             ("data_error", "probe_error", "object_error"))
+    return out
+
+
+def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | None = None,
+            only_success: bool = False) -> DerivedResult:
+    """The latest reconstruction of a raw scan: arrays, parameters, status (and reason if it failed)."""
+    return load_result(find_derived(catalog, scan_id=scan_id, raw_uid=raw_uid, only_success=only_success))
+
+
+def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
+    """Object amplitude and phase, probe modes and the error curve in one PNG (written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    if not res.ok:
+        raise NoResult(f"derived run {res.uid} failed ({res.reason}); there is nothing to plot")
+    n_modes = res.probe.shape[0]
+    fig, axes = plt.subplots(1, 3 + n_modes, figsize=(3.2 * (3 + n_modes), 3.2))
+    obj = res.object[0]
+    axes[0].imshow(np.abs(obj), cmap="gray")
+    axes[0].set_title("object amplitude")
+    axes[1].imshow(np.angle(obj), cmap="twilight")
+    axes[1].set_title("object phase")
+    for k in range(n_modes):
+        axes[2 + k].imshow(np.abs(res.probe[k]), cmap="magma")
+        axes[2 + k].set_title(f"probe mode {k} ({100 * res.probe_power_fraction[k]:.1f} %)")
+    ax = axes[-1]
+    if res.data_error is not None:
+        ax.semilogy(np.arange(1, len(res.data_error) + 1), res.data_error)
+    ax.set_xlabel("iteration")
+    ax.set_title("data error")
+    for a in axes[:-1]:
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.suptitle(f"scan {res.scan_id} — {res.uid[:8]}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return str(path)
