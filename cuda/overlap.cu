@@ -78,14 +78,14 @@ __device__ void hxn_object_numerator(const C* __restrict__ psi, const C* __restr
     }
 }
 
-// (5) probe sums over a batch: num[k, p] += sum_{b,l} conj(win[b,l,p]) * psi[b,l,k,p] and
-// den[p] += sum_{b,l} |win[b,l,p]|^2.  blockIdx.x strides over (k, p) (one owner per output),
+// (5) probe sums over a batch: num[k, p] += sum_{b,l} conj(win[b,l,p]) * psi[b,l,k,p] and, with
+// with_den, den[p] += sum_{b,l} |win[b,l,p]|^2.  blockIdx.x strides over (k, p) (one owner per output),
 // blockIdx.y over chunks of `chunk` views, each chunk adding its partial sum atomically
 // (gridDim.y = 1 and chunk >= B gives plain, deterministic sums).
 template <typename R>
 __device__ void hxn_probe_sums(const typename hxn_complex<R>::type* __restrict__ psi,
                                const typename hxn_complex<R>::type* __restrict__ win,
-                               R* __restrict__ num, R* __restrict__ den,
+                               R* __restrict__ num, R* __restrict__ den, int with_den,
                                int B, int L, int K, int npix, int chunk) {
     typedef typename hxn_complex<R>::type C;
     const int per = K * npix;
@@ -111,11 +111,11 @@ __device__ void hxn_probe_sums(const typename hxn_complex<R>::type* __restrict__
             if (gridDim.y == 1) {
                 num[2 * q] += acc.x;
                 num[2 * q + 1] += acc.y;
-                if (k == 0) den[p] += d;
+                if (with_den && k == 0) den[p] += d;
             } else {
                 atomicAdd(num + 2 * q, acc.x);
                 atomicAdd(num + 2 * q + 1, acc.y);
-                if (k == 0) atomicAdd(den + p, d);
+                if (with_den && k == 0) atomicAdd(den + p, d);
             }
         }
     }
@@ -130,9 +130,10 @@ __device__ void hxn_probe_sums(const typename hxn_complex<R>::type* __restrict__
                                                       int K, int npix) {                           \
         hxn_object_numerator<C>(psi, pc, out, BL, K, npix);                                        \
     }                                                                                               \
-    extern "C" __global__ void probe_sums_##SUF(const C* psi, const C* win, R* num, R* den, int B, \
-                                                int L, int K, int npix, int chunk) {               \
-        hxn_probe_sums<R>(psi, win, num, den, B, L, K, npix, chunk);                               \
+    extern "C" __global__ void probe_sums_##SUF(const C* psi, const C* win, R* num, R* den,        \
+                                                int with_den, int B, int L, int K, int npix,       \
+                                                int chunk) {                                       \
+        hxn_probe_sums<R>(psi, win, num, den, with_den, B, L, K, npix, chunk);                     \
     }
 
 #define HXN_OVERLAP_SCALAR(SUF, S)                                                                  \

@@ -3,7 +3,7 @@
 :class:`CupyBackend` implements the :mod:`hxn_ptycho.backend` contract on the device (``xp`` is
 ``cupy``) and adds the fused steps :mod:`hxn_ptycho.dm` dispatches to by name:
 ``fourier_projection`` (all modes of a view in one pass, the power bound included),
-``data_error``, ``exit_waves``, ``dm_update``, ``object_numerator`` and ``probe_sums``; and
+``data_error``, ``exit_waves``, ``dm_update``, ``object_numerator`` and ``probe_numerator``; and
 fused steps the engine may use when present: ``fourier_update`` (data error + reflect +
 projection + DM update in one kernel) and ``fft_exit_waves`` (orthonormal F(P·O), no scaling pass).
 
@@ -38,6 +38,7 @@ from .cuda import kernel_dir
 
 BLOCK = 256                 # threads per block of every launch (a power of two <= HXN_MAX_BLOCK)
 MAX_GRID_Y = 65535
+MAX_PLANS = 6               # cuFFT plans kept (a full batch and a last, shorter one, per use)
 SCATTER_MODES = ("atomic", "sets")
 
 _cupy: Any = None
@@ -325,10 +326,16 @@ class CupyBackend:
         if plan is None:
             cufft = self._cufft
             kind = cufft.CUFFT_C2C if np.dtype(dtype) == np.complex64 else cufft.CUFFT_Z2Z
+            if len(self._plans) >= MAX_PLANS:        # each plan holds a work area: keep few
+                self._plans.pop(next(iter(self._plans)))
             with self.device:
                 plan = cufft.PlanNd([n0, n1], None, 1, n0 * n1, None, 1, n0 * n1, kind, batch, "C", -1, None)
             self._plans[key] = plan
         return plan
+
+    def clear_plans(self) -> None:
+        """Drop the cached cuFFT plans (and their work areas)."""
+        self._plans.clear()
 
     def _raw_fft(self, a: Any, direction: int) -> Any:
         if not a.flags.c_contiguous:
@@ -337,6 +344,16 @@ class CupyBackend:
         plan = self._plan(a.size // (n0 * n1), n0, n1, a.dtype)
         plan.fft(a, a, direction)
         return a
+
+    def raw_ifft2(self, a: Any, out: Any = None) -> Any:
+        """Unnormalised inverse FFT (n·orthonormal for n×n) of ``a`` into ``out`` (default: in place)."""
+        if out is None:
+            return self._raw_fft(a, self._cufft.CUFFT_INVERSE)
+        if not (a.flags.c_contiguous and out.flags.c_contiguous) or out.shape != a.shape or out.dtype != a.dtype:
+            raise ValueError("raw_ifft2 needs C-contiguous arrays of one shape and dtype")
+        n0, n1 = a.shape[-2], a.shape[-1]
+        self._plan(a.size // (n0 * n1), n0, n1, a.dtype).fft(a, out, self._cufft.CUFFT_INVERSE)
+        return out
 
     def fft2(self, a: Any, workers: int = 1) -> Any:
         self._raw_fft(a, self._cufft.CUFFT_FORWARD)
@@ -543,21 +560,33 @@ class CupyBackend:
                                            (psi, probe_conj, out, np.int32(B * L), np.int32(K), np.int32(npix)))
         return out
 
-    def probe_sums(self, psi: Any, obj_windows: Any, num: Any, den: Any, work: Any = None) -> None:
-        """(5) num += Σ_{b,l} conj(O_win) · psi[:, :, k], den += Σ_{b,l} |O_win|² (work unused)."""
+    def probe_sums(self, psi: Any, obj_windows: Any, num: Any, den: Any = None, work: Any = None) -> None:
+        """(5) num += Σ_{b,l} conj(O_win) · psi[:, :, k] and (unless den is None) den += Σ_{b,l} |O_win|²."""
         B, L, K = psi.shape[:3]
         npix = psi.shape[-1] * psi.shape[-2]
-        self._check(psi, obj_windows, num, den)
+        self._check(psi, obj_windows, num)
         suf, rdt = self._suffix(psi.dtype)
-        if den.dtype != rdt:
-            raise TypeError(f"den must be {np.dtype(rdt)}, got {den.dtype}")
+        if den is None:
+            den_arg, with_den = self._dummy_real(rdt), 0
+        else:
+            self._check(den)
+            if den.dtype != rdt:
+                raise TypeError(f"den must be {np.dtype(rdt)}, got {den.dtype}")
+            den_arg, with_den = den, 1
+        if B == 0:
+            return
         gx = max(1, -(-K * npix // BLOCK))
         gy = max(1, min(B, -(-4 * self.sm_count // gx), MAX_GRID_Y))
         chunk = -(-B // gy)
         gy = -(-B // chunk)
         self._k(f"probe_sums_{suf}")((gx, gy), (BLOCK,),
-                                     (psi, obj_windows, num.view(rdt), den, np.int32(B), np.int32(L), np.int32(K),
-                                      np.int32(npix), np.int32(chunk)))
+                                     (psi, obj_windows, num.view(rdt), den_arg, np.int32(with_den), np.int32(B),
+                                      np.int32(L), np.int32(K), np.int32(npix), np.int32(chunk)))
+
+    def probe_numerator(self, psi: Any, obj_windows: Any, num: Any, work: Any = None) -> None:
+        """(5) num += Σ_{b,l} conj(O_win) · psi[:, :, k] (no atomics contention: one owner per pixel
+        and mode, views in a few chunks)."""
+        self.probe_sums(psi, obj_windows, num, None)
 
 
 # --- reducers across MPI ranks (one GPU each) ------------------------------------------------

@@ -3,8 +3,8 @@
 //
 // A launch runs the blocks one after another; the threads of a block run as real std::threads
 // sharing one std::barrier, so __syncthreads and __shared__ (static storage, one block at a time)
-// behave as on the device and a missing barrier or a race shows up as a wrong result.
-// atomicAdd is a compare-and-swap loop.  A thread that returns early drops out of the barrier.
+// behave as on the device and a missing barrier shows up as a wrong result.
+// atomicAdd is a compare-and-swap loop.
 #pragma once
 #include <barrier>
 #include <cmath>
@@ -31,28 +31,31 @@ inline thread_local std::barrier<>* block_barrier = nullptr;
 inline dim3 block_dim;
 inline dim3 grid_dim;
 
+// One std::thread per thread of a block, reused for every block of the launch (blocks run one
+// after another; a barrier closes each block so __shared__ storage is free for the next one).
+// As on the device, every thread must reach each __syncthreads; none may return early before one.
 template <class Body>
 void launch(dim3 grid, dim3 block, Body body) {
     grid_dim = grid;
     block_dim = block;
     const unsigned nt = block.x * block.y * block.z;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                std::barrier<> bar(nt);
-                std::vector<std::thread> threads;
-                threads.reserve(nt);
-                for (unsigned t = 0; t < nt; ++t) {
-                    threads.emplace_back([&, t] {
-                        thread_idx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+    std::barrier<> bar(nt);
+    std::vector<std::thread> threads;
+    threads.reserve(nt);
+    for (unsigned t = 0; t < nt; ++t) {
+        threads.emplace_back([&, t] {
+            thread_idx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            block_barrier = &bar;
+            for (unsigned bz = 0; bz < grid.z; ++bz)
+                for (unsigned by = 0; by < grid.y; ++by)
+                    for (unsigned bx = 0; bx < grid.x; ++bx) {
                         block_idx = dim3{bx, by, bz};
-                        block_barrier = &bar;
                         body();
-                        bar.arrive_and_drop();
-                    });
-                }
-                for (auto& th : threads) th.join();
-            }
+                        bar.arrive_and_wait();
+                    }
+        });
+    }
+    for (auto& th : threads) th.join();
 }
 }  // namespace emu
 
