@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Everything a GPU session runs, in one device call (from the repository root):
+#   bash benchmarks/gpu_session.sh            # results under $OUT (default ./gpu_out)
+# 1. environment (nvidia-smi, CuPy, CUDA), 2. pytest -m gpu (CuPy backend vs numpy, every kernel,
+# whole reconstructions for 1 and 3 modes, batching forced), 3. the benchmark (cases a, b, b192 and
+# atomics vs sets). Optional: SANITIZE=1 adds compute-sanitizer memcheck on the kernel tests;
+# QUICK=1 runs the benchmark at small sizes. Needs no network: the package is laid out in a
+# temporary folder (hxn_ptycho/ with cuda/ and callbacks/ in place) instead of pip-installed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+
+SITE="$(mktemp -d)"
+cp -r hxn_ptycho "$SITE/hxn_ptycho"
+rm -rf "$SITE/hxn_ptycho/cuda" "$SITE/hxn_ptycho/callbacks"
+cp -r cuda "$SITE/hxn_ptycho/cuda"
+cp -r callbacks "$SITE/hxn_ptycho/callbacks"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export HXN_PTYCHO_KERNEL_CACHE="${HXN_PTYCHO_KERNEL_CACHE:-$OUT/.kernel_cache}"
+
+{
+    echo "== $(date -u +%FT%TZ)  git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    "$PY" -P -c "import sys, numpy, cupy; from hxn_ptycho.gpu import gpu_available; print(sys.version.split()[0], 'numpy', numpy.__version__, 'cupy', cupy.__version__, 'runtime', cupy.cuda.runtime.runtimeGetVersion()); print(gpu_available())"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== pytest -m gpu"
+timeout 300 "$PY" -P -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider \
+    --junitxml="$OUT/pytest_gpu.xml" tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
+rc_tests=${PIPESTATUS[0]}
+
+if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer memcheck (kernel tests)"
+    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -P -m pytest -m gpu -q -x \
+        -p no:cacheprovider -k "not reconstruction" tests/test_gpu.py 2>&1 | tail -40 | tee "$OUT/sanitizer.log"
+fi
+
+echo "== benchmark"
+timeout "${BENCH_TIMEOUT:-420}" "$PY" -P benchmarks/gpu_bench.py ${QUICK:+--quick} --json "$OUT/bench.json" 2>&1 \
+    | tee "$OUT/bench.txt"
+rc_bench=${PIPESTATUS[0]}
+
+echo "== done: pytest rc=$rc_tests, benchmark rc=$rc_bench (results in $OUT)"
+rm -rf "$SITE"
+[ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ]
