@@ -152,7 +152,8 @@ def gpu_available() -> tuple[bool, str]:
     cp = _import_cupy()
     if cp is None:
         return False, (f"CuPy is not importable ({_cupy_error}); install it with "
-                       f"pip install 'hxn-ptycho[gpu]' (CUDA 12 drivers) or cupy-cuda13x (CUDA 13)")
+                       f"pip install 'hxn-ptycho[gpu]' (cupy-cuda12x: CUDA 12 or 13 drivers) or "
+                       f"'hxn-ptycho[gpu-cuda13]' (cupy-cuda13x: CUDA 13 drivers)")
     try:
         count = cp.cuda.runtime.getDeviceCount()
     except Exception as exc:
