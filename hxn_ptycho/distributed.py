@@ -54,6 +54,9 @@ class LocalComm:
     def bcast(self, obj: Any) -> Any:
         return obj
 
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
 
 class MPIComm:
     """``MPI.COMM_WORLD`` with the few operations the job needs."""
@@ -62,7 +65,8 @@ class MPIComm:
         try:
             from mpi4py import MPI
         except ImportError as exc:
-            raise RuntimeError(f"this job was started by an MPI launcher but mpi4py cannot be imported: {exc}") from None
+            raise RuntimeError(f"this job was started by an MPI launcher but mpi4py cannot be imported ({exc}); "
+                               "pip install mpi4py mpich, or build mpi4py against your facility's MPI") from None
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
@@ -82,6 +86,10 @@ class MPIComm:
 
     def bcast(self, obj: Any) -> Any:
         return self.comm.bcast(obj, root=0)
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (pickled; for the end of a run, not the iterations)."""
+        return self.comm.gather(obj, root=0)
 
 
 def world() -> Any:
@@ -141,10 +149,30 @@ def rank_device(comm: Any, devices: int) -> int:
     return comm.rank % max(1, devices)
 
 
+def rank_backend(params: ReconParams, comm: Any) -> Any:
+    """This rank's array backend: its share of the node's cores, and its GPU (rank mod devices)."""
+    device = None
+    if params.backend in ("cupy", "auto"):
+        try:
+            from .gpu import device_count
+            device = rank_device(comm, device_count())
+        except ImportError:
+            device = None
+    return get_backend(params.backend, rank_threads(params, comm), device=device)
+
+
 def scan_geometry(path: str) -> dict[str, Any]:
     info = scan_info(path)
     info["path"] = path
     return info
+
+
+def gather_views(views: slice, reducer: Any) -> list[list[int]]:
+    """[start, stop) of the frames every rank read, through the reducer (provenance and tests)."""
+    table = np.zeros((reducer.size, 2))
+    table[reducer.rank] = (views.start, views.stop)
+    reducer.allreduce_sum([table])
+    return table.astype(int).tolist()
 
 
 def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync", progress: bool = False,
@@ -160,17 +188,13 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
     scan = read_scan(path, views=views)
     info.update(lambda_nm=scan.lambda_nm, z_m=scan.z_m, ccd_pixel_um=scan.ccd_pixel_um,
                 pixel_size_m=scan.pixel_size_m)
-    device = None
-    if params.backend in ("cupy", "auto"):
-        try:
-            from .gpu import device_count
-            device = rank_device(comm, device_count())
-        except ImportError:
-            device = None
-    backend = get_backend(params.backend, rank_threads(params, comm), device=device)
     reducer = MPIReducer(comm) if comm.size > 1 else LocalReducer()
-    quiet = (lambda msg: None) if comm.rank else None
-    res = reconstruct(scan, params, backend=backend, reducer=reducer, progress=progress, log=log or quiet)
+    quiet = (lambda msg: None) if comm.rank else log
+    res = reconstruct(scan, params, backend=rank_backend(params, comm), reducer=reducer,
+                      progress=progress and comm.rank == 0, log=quiet)
+    res.attrs["mode"] = "sync"
+    res.attrs["rank_views"] = gather_views(scan.views, reducer)
     if comm.size > 1:
         res.attrs["communication_s"] = reducer.seconds
+        res.attrs["allreduce_calls"] = reducer.calls
     return res, info

@@ -50,10 +50,35 @@ def recon_summary(params: ReconParams, scan_info: dict[str, Any], size: int, mod
     return out
 
 
+def _test_hooks(rank: int) -> None:
+    """TEST HOOK ONLY (tests/test_mpi.py): make one rank fail or die, to test that the job fails whole.
+
+    ``HXN_PTYCHO_TEST_FAIL_RANK=r`` makes rank r raise; ``HXN_PTYCHO_TEST_KILL_RANK=r`` kills it
+    with SIGKILL. Unset in production, this does nothing.
+    """
+    if os.environ.get("HXN_PTYCHO_TEST_FAIL_RANK") == str(rank):
+        raise RuntimeError("test hook HXN_PTYCHO_TEST_FAIL_RANK: this rank fails on purpose")
+    if os.environ.get("HXN_PTYCHO_TEST_KILL_RANK") == str(rank):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _world() -> Any:
+    """The communicator, or a :class:`JobError` saying why MPI cannot start."""
+    from .distributed import world
+    try:
+        return world()
+    except RuntimeError as exc:
+        raise JobError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the job in this process (one rank of it); returns the exit status."""
-    from .distributed import world
-    comm = world()
+    try:
+        comm = _world()
+    except JobError as exc:
+        print(f"hxn-ptycho job failed: {exc}", file=sys.stderr, flush=True)
+        return 1
     params_error: str | None = None
     try:
         params = ReconParams.from_dict(json.loads(args.params))
@@ -63,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if params_error:
             raise ParamError(params_error)
+        _test_hooks(comm.rank)
         from .distributed import run_distributed
         res, info = run_distributed(args.scan, params, comm, mode=args.mode, progress=not args.quiet)
+        comm.barrier()              # every rank finished its share before rank 0 writes anything
         if comm.rank == 0:
             from .resultfile import write_result
             write_result(args.output, res)
@@ -75,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
                 from hxn_ptycho.callbacks.derived import publish_result
                 publish_result(args.catalog, os.path.abspath(args.output), args.raw_uid,
                                recon_summary(params, info, comm.size, args.mode))
-    except Exception as exc:  # noqa: BLE001 - every failure is reported, then the job exits non-zero
-        status = 2 if isinstance(exc, (FileFormatError, ParamError)) else 1
+        comm.barrier()              # no rank exits (and so tears the job down) while rank 0 writes
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the job exits non-zero
+        status = 2 if isinstance(exc, (FileFormatError, ParamError)) else 130 if isinstance(exc, KeyboardInterrupt) else 1
         message = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
         if os.environ.get("HXN_PTYCHO_DEBUG"):
             traceback.print_exc()

@@ -121,6 +121,20 @@ def scan_info(path: str | os.PathLike) -> dict[str, Any]:
                 "attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}}
 
 
+def _read_fields(f: h5py.File, path: str | os.PathLike, info: dict[str, Any], diffamp: np.ndarray,
+                 points: np.ndarray, views: slice) -> ScanData:
+    """The scan's scalar and small fields around frames already read; validated."""
+    mask = np.asarray(require(f, "mask", KIND)[()], dtype=bool) if "mask" in f else None
+    probe_guess = np.asarray(f["probe_guess"][()]) if "probe_guess" in f else None
+    scan = ScanData(
+        diffamp=diffamp, points=points,
+        lambda_nm=scalar(f, "lambda_nm", KIND), z_m=scalar(f, "z_m", KIND),
+        ccd_pixel_um=scalar(f, "ccd_pixel_um", KIND),
+        mask=mask, probe_guess=probe_guess, attrs=info["attrs"], views=views)
+    scan.validate(str(path))
+    return scan
+
+
 def read_scan(path: str | os.PathLike, views: slice = slice(None)) -> ScanData:
     """Read and validate a scan file; ``views`` selects the frames this process reads (a hyperslab)."""
     info = scan_info(path)
@@ -130,15 +144,32 @@ def read_scan(path: str | os.PathLike, views: slice = slice(None)) -> ScanData:
         if step != 1:
             raise ValueError("views must be a contiguous slice")
         diffamp = np.asarray(f["diffamp"][start:stop], dtype=np.float32)
-        mask = np.asarray(require(f, "mask", KIND)[()], dtype=bool) if "mask" in f else None
-        probe_guess = np.asarray(f["probe_guess"][()]) if "probe_guess" in f else None
-        scan = ScanData(
-            diffamp=diffamp, points=points,
-            lambda_nm=scalar(f, "lambda_nm", KIND), z_m=scalar(f, "z_m", KIND),
-            ccd_pixel_um=scalar(f, "ccd_pixel_um", KIND),
-            mask=mask, probe_guess=probe_guess, attrs=info["attrs"], views=slice(start, stop))
-    scan.validate(str(path))
-    return scan
+        return _read_fields(f, path, info, diffamp, points, slice(start, stop))
+
+
+def read_scan_views(path: str | os.PathLike, indices: np.ndarray) -> ScanData:
+    """Read only the frames ``indices`` (any order, no repeats) as a scan of its own.
+
+    The returned scan holds just these views: ``points`` is their (2, len(indices)) subset in
+    the order given, ``diffamp`` their frames (one HDF5 point selection; nothing else is read).
+    """
+    info = scan_info(path)
+    idx = np.asarray(indices, dtype=np.int64).ravel()
+    if idx.size == 0:
+        raise ValueError(f"{KIND} file {path}: no views selected")
+    if idx.min() < 0 or idx.max() >= info["n_views"]:
+        raise ValueError(f"{KIND} file {path}: view indices must lie in [0, {info['n_views']}), "
+                         f"got {int(idx.min())}..{int(idx.max())}")
+    order = np.argsort(idx, kind="stable")
+    ascending = idx[order]
+    if np.any(np.diff(ascending) == 0):
+        raise ValueError(f"{KIND} file {path}: view indices repeat")
+    with open_h5(path, KIND) as f:
+        points = np.asarray(f["points"][()], dtype=np.float64)[:, idx]
+        frames = np.asarray(f["diffamp"][ascending], dtype=np.float32)   # h5py needs increasing indices
+        diffamp = np.empty_like(frames)
+        diffamp[order] = frames
+        return _read_fields(f, path, info, diffamp, points, slice(None))
 
 
 def positions_px(points: np.ndarray, pixel_size_m: float, n: int, margin: int) -> tuple[np.ndarray, tuple[int, int]]:
