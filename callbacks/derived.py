@@ -176,7 +176,7 @@ def write_documents(catalog: "str | os.PathLike | CatalogConfig | None", docs: I
     uid = docs[0][1]["uid"]
     try:
         cfg = resolve_catalog(catalog)
-        writer = TiledWriter(runs(cfg, "processed"), max_array_size=0, batch_size=1)
+        writer = TiledWriter(runs(cfg, "processed"), max_array_size=0)
         for name, doc in docs:
             writer(name, doc)
     except Exception as exc:

@@ -121,7 +121,9 @@ def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
     obj = res.object[0]
     axes[0].imshow(np.abs(obj), cmap="gray")
     axes[0].set_title("object amplitude")
-    axes[1].imshow(np.angle(obj), cmap="twilight")
+    phase = np.angle(obj)
+    lo, hi = np.percentile(phase, [2, 98])
+    axes[1].imshow(phase, cmap="twilight", vmin=lo, vmax=hi)
     axes[1].set_title("object phase")
     for k in range(n_modes):
         axes[2 + k].imshow(np.abs(res.probe[k]), cmap="magma")
