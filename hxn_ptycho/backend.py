@@ -31,6 +31,13 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _in_place(a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``a`` holding ``out`` (scipy transforms contiguous complex input in place; copy otherwise)."""
+    if out.__array_interface__["data"][0] != a.__array_interface__["data"][0]:
+        a[...] = out
+    return a
+
+
 class NumpyBackend:
     """CPU backend: numpy arrays, ``scipy.fft`` and views split across ``threads`` workers."""
 
@@ -56,12 +63,12 @@ class NumpyBackend:
     def synchronize(self) -> None:
         pass
 
-    # --- FFTs (orthonormal, over the last two axes, in place where possible) ---------------
+    # --- FFTs (orthonormal, over the last two axes, in place: ``a`` is transformed and returned) --
     def fft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
-        return scipy.fft.fft2(a, norm="ortho", overwrite_x=True, workers=workers)
+        return _in_place(a, scipy.fft.fft2(a, norm="ortho", overwrite_x=True, workers=workers))
 
     def ifft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
-        return scipy.fft.ifft2(a, norm="ortho", overwrite_x=True, workers=workers)
+        return _in_place(a, scipy.fft.ifft2(a, norm="ortho", overwrite_x=True, workers=workers))
 
     # --- windows ----------------------------------------------------------------------------
     def gather(self, obj: np.ndarray, pos: np.ndarray, n: int, out: np.ndarray | None = None) -> np.ndarray:

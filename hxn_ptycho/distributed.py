@@ -23,6 +23,8 @@ from .params import ParamError, ReconParams
 from .resultfile import ResultData
 from .scanfile import read_scan, scan_info
 
+ABORT_GRACE_S = 1.0     # mpiexec forwards a rank's stderr asynchronously; Abort tears it down at once
+
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS",
                        "MPI_LOCALNRANKS", "HYDRA_NPROCS")
 
@@ -77,8 +79,10 @@ class MPIComm:
             self.local_size = 1
 
     def abort(self, status: int) -> None:
+        """End every rank with ``status``, after giving the launcher time to forward our last words."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(status)
 
     def barrier(self) -> None:

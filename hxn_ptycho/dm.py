@@ -42,44 +42,49 @@ def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any, pbound: f
 
     ``pbound`` > 0 relaxes the projection for noisy data (PtyPy's power bound): a view whose
     mean squared modulus deviation is below ``pbound`` is left as it is, one above it is moved
-    only onto the sphere of radius √pbound around the data instead of onto the data.
+    only onto the sphere of radius √pbound around the data, i.e. the target modulus is
+    √I + r·(|Ψ| − √I) with r = √(pbound / deviation) — factor r + (1 − r)·√I/|Ψ|.
     """
     fused = _fused(be, "fourier_projection")
     if fused is not None:
         return fused(waves_f, diffamp, mask, pbound)
     xp = be.xp
-    modulus = xp.sqrt(_mode_intensity(be, waves_f))
-    if pbound > 0:
-        dev = modulus - diffamp
-        sq = xp.square(dev)
-        if mask is not None:
-            sq *= mask
-        per_view = sq.reshape(sq.shape[0], -1).mean(axis=1)
-        renorm = xp.where(per_view > pbound, xp.sqrt(pbound / xp.maximum(per_view, TINY)), 1.0)
-        dev *= renorm.astype(dev.dtype)[:, None, None]
-        target = dev.__iadd__(diffamp)         # √I + (|Ψ| − √I)·renorm; = |Ψ| within the bound
-    else:
-        target = diffamp
-    factor = xp.maximum(modulus, TINY, out=modulus)
-    xp.divide(target, factor, out=factor)
-    if mask is not None:
-        factor[:, ~mask] = 1.0
     B, n = waves_f.shape[0], waves_f.shape[-1]
+    modulus = _modulus(be, waves_f)
+    renorm = None
+    if pbound > 0:
+        dev = xp.subtract(modulus, diffamp)
+        if mask is not None:
+            dev *= mask
+        per_view = xp.square(dev, out=dev).reshape(B, -1).mean(axis=1)
+        outside = per_view > pbound
+        if not bool(outside.any()):
+            return waves_f                      # every view within the bound: nothing to do
+        renorm = xp.where(outside, xp.sqrt(pbound / xp.maximum(per_view, TINY)), 1.0).astype(modulus.dtype)
+    factor = xp.maximum(modulus, TINY, out=modulus)
+    xp.divide(diffamp, factor, out=factor)
+    if renorm is not None:
+        factor *= (1.0 - renorm)[:, None, None]
+        factor += renorm[:, None, None]
+    if mask is not None:
+        xp.copyto(factor, 1.0, where=~mask)
     waves_f.reshape(B, -1, n, n)[...] *= factor[:, None]
     return waves_f
 
 
-def _mode_intensity(be: Any, waves_f: Any) -> Any:
-    """Σ over modes of |Ψ|², per view and pixel: ``(B, n, n)``."""
+def _modulus(be: Any, waves_f: Any) -> Any:
+    """(Σ over modes of |Ψ|²)^½, per view and pixel: ``(B, n, n)``."""
     xp = be.xp
     B, n = waves_f.shape[0], waves_f.shape[-1]
     w = waves_f.reshape(B, -1, n, n)
+    if w.shape[1] == 1:
+        return xp.abs(w[:, 0])
     intensity = xp.square(w.real[:, 0])
     intensity += xp.square(w.imag[:, 0])
     for m in range(1, w.shape[1]):
         intensity += xp.square(w.real[:, m])
         intensity += xp.square(w.imag[:, m])
-    return intensity
+    return xp.sqrt(intensity, out=intensity)
 
 
 # (3) ψ ← ψ + β · (Π_F(2·P·O − ψ) − P·O), here on the Fourier transforms (F is linear)
@@ -99,7 +104,7 @@ def data_error(be: Any, fphi: Any, diffamp: Any, mask: Any) -> Any:
     if fused is not None:
         return fused(fphi, diffamp, mask)
     xp = be.xp
-    diff = xp.sqrt(_mode_intensity(be, fphi))
+    diff = _modulus(be, fphi)
     diff -= diffamp
     if mask is not None:
         diff *= mask
@@ -118,16 +123,42 @@ def object_numerator(be: Any, psi: Any, probe_conj: Any, out: Any) -> Any:
     return out
 
 
-# (5) numerator and denominator of the probe update: Σ_j,l O_l* · ψ^(k,l) and Σ_j,l |O_l|²
-def probe_sums(be: Any, psi: Any, obj_windows: Any, num: Any, den: Any, work: Any) -> None:
-    fused = _fused(be, "probe_sums")
+# (5) numerator of the probe update: Σ_j,l O_l* · ψ^(k,l)
+def probe_numerator(be: Any, psi: Any, obj_windows: Any, num: Any, work: Any) -> None:
+    fused = _fused(be, "probe_numerator")
     if fused is not None:
-        return fused(psi, obj_windows, num, den, work)
+        return fused(psi, obj_windows, num, work)
     xp = be.xp
-    ow = obj_windows
-    work = xp.multiply(xp.conj(ow)[:, :, None], psi, out=work)
+    ow = xp.conjugate(obj_windows, out=obj_windows)
+    work = xp.multiply(ow[:, :, None], psi, out=work)
     num += work.sum(axis=(0, 1))
-    den += (xp.square(ow.real) + xp.square(ow.imag)).sum(axis=(0, 1))
+
+
+def coverage_spectrum(be: Any, positions: Any, shape: tuple[int, int]) -> Any:
+    """Fourier transform of the map C that counts the window corners r_j at each object pixel."""
+    import numpy as np
+    cov = np.zeros(shape)
+    np.add.at(cov, (positions[:, 0].astype(int), positions[:, 1].astype(int)), 1.0)
+    return be.xp.fft.rfft2(be.asarray(cov))
+
+
+# (6) denominator of the object update: Σ_j Σ_k |P_k(r − r_j)|² = (C ∗ Σ_k |P_k|²)(r)
+def object_denominator(be: Any, coverage_f: Any, probe_intensity: Any, shape: tuple[int, int]) -> Any:
+    xp = be.xp
+    kernel = xp.zeros(shape)
+    n = probe_intensity.shape[-1]
+    kernel[:n, :n] = probe_intensity
+    den = xp.fft.irfft2(coverage_f * xp.fft.rfft2(kernel), s=shape)
+    return xp.maximum(den, 0.0, out=den)[None]
+
+
+# (5) denominator of the probe update: Σ_j Σ_l |O_l(r + r_j)|² = (C ⋆ Σ_l |O_l|²)(r), r in the window
+def probe_denominator(be: Any, coverage_f: Any, obj: Any, n: int) -> Any:
+    xp = be.xp
+    shape = obj.shape[-2:]
+    inten = (xp.square(obj.real) + xp.square(obj.imag)).sum(axis=0)
+    den = xp.fft.irfft2(xp.conj(coverage_f) * xp.fft.rfft2(inten.astype(xp.float64)), s=shape)[:n, :n]
+    return xp.maximum(den, 0.0)
 
 
 # (5), (6) the regularised ratio: X ← (num + α·X_old) / (den + α), α = reg · max(den)

@@ -34,6 +34,7 @@ OVERLAP_FRACTION = 0.5      # overlap margin of a region, in frame widths (≈ o
 WEIGHT_THRESHOLD = 0.1      # overlap pixels: both illuminations above this fraction of their maxima
 MIN_SHIFT_PX = 0.05         # registered shifts smaller than this are not applied
 MAX_SHIFT_FRACTION = 0.25   # registered shifts beyond this fraction of a frame are distrusted
+REGISTER_ROUNDS = 4         # register, shift, re-register: removes the overlap window's pull to zero
 
 
 # --- the split -------------------------------------------------------------------------------
@@ -176,30 +177,57 @@ def _ramp(shape: tuple[int, int], scale: complex, a: float, b: float) -> np.ndar
     return scale * np.exp(1j * (a * rr + b * cc))
 
 
+def _register_overlap(ref: np.ndarray, img: np.ndarray, apod: np.ndarray) -> tuple[float, float]:
+    """Sub-pixel shift of ``img`` onto ``ref`` over the overlap window ``apod`` (means removed)."""
+    r_sl, c_sl = (slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(apod))
+
+    def centred(x: np.ndarray) -> np.ndarray:
+        sub, a = x[r_sl, c_sl], apod[r_sl, c_sl]
+        return (sub - np.sum(a * sub) / np.sum(a)) * a
+    shift, _ = register(centred(ref), centred(img), upsample=20)
+    return shift
+
+
 def align_region(ref: np.ndarray, ref_weight: np.ndarray, region: RegionResult, n: int) -> RegionResult:
-    """Register ``region`` onto the stitched image ``ref`` (cropped to the region's box) in place."""
-    obj, w = region.result.object, region.weight
-    overlap = (ref_weight > WEIGHT_THRESHOLD) & (w > WEIGHT_THRESHOLD)
+    """Register ``region`` onto the stitched image ``ref`` (cropped to the region's box), in place.
+
+    A few rounds of: sub-pixel shift in the overlap, then the complex scale and phase ramp that
+    match ``ref`` there. The overlap window is shared by both images, which pulls a single
+    registration towards zero shift; re-registering the shifted region removes that bias.
+    """
+    obj0, w0 = region.result.object, region.weight
+    overlap = (ref_weight > WEIGHT_THRESHOLD) & (w0 > WEIGHT_THRESHOLD)
     if overlap.sum() < n:
         region.notes.append(f"region {region.index}: overlap of {int(overlap.sum())} pixels is too small to "
                             "register; placed by its scan positions only")
         return region
-    apod = np.where(overlap, np.sqrt(ref_weight * w), 0.0)
-    r_sl, c_sl = (slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(overlap))
-
-    def centred(img: np.ndarray) -> np.ndarray:
-        sub, a = img[r_sl, c_sl], apod[r_sl, c_sl]
-        return (sub - np.sum(a * sub) / np.sum(a)) * a
-    shift, _ = register(centred(ref), centred(obj[0]), upsample=20)
-    if max(abs(shift[0]), abs(shift[1])) > MAX_SHIFT_FRACTION * n:
-        region.notes.append(f"region {region.index}: registered shift {shift} is implausible; not applied")
-    elif max(abs(shift[0]), abs(shift[1])) >= MIN_SHIFT_PX:
-        obj = np.stack([fourier_shift(o, shift) for o in obj])
-        w = np.clip(fourier_shift(w, shift), 0.0, None)
-        region.shift = shift
-    scale, a, b = fit_phase_ramp(ref, obj[0], np.where(overlap, ref_weight * w, 0.0))
-    region.result.object = obj * _ramp(obj.shape[1:], scale, a, b)[None]
+    apod = np.where(overlap, np.sqrt(ref_weight * w0), 0.0)
+    total = np.zeros(2)
+    obj, w = obj0, w0
+    factor = np.ones(obj0.shape[1:], complex)
+    for _ in range(REGISTER_ROUNDS):
+        scale, a, b = fit_phase_ramp(ref, obj[0], np.where(overlap, ref_weight * w, 0.0))
+        factor = _ramp(obj.shape[1:], scale, a, b)
+        step = np.array(_register_overlap(ref, factor * obj[0], apod))
+        if np.max(np.abs(total + step)) > MAX_SHIFT_FRACTION * n:
+            region.notes.append(f"region {region.index}: registered shift {tuple(total + step)} is implausible; "
+                                "not applied")
+            total[:] = 0.0
+            obj, w = obj0, w0
+            scale, a, b = fit_phase_ramp(ref, obj[0], np.where(overlap, ref_weight * w, 0.0))
+            factor = _ramp(obj.shape[1:], scale, a, b)
+            break
+        if np.max(np.abs(step)) < MIN_SHIFT_PX:
+            break
+        total += step
+        obj = np.stack([fourier_shift(o, tuple(total)) for o in obj0])
+        w = np.clip(fourier_shift(w0, tuple(total)), 0.0, None)
+    else:
+        scale, a, b = fit_phase_ramp(ref, obj[0], np.where(overlap, ref_weight * w, 0.0))
+        factor = _ramp(obj.shape[1:], scale, a, b)
+    region.result.object = obj * factor[None]
     region.weight = w
+    region.shift = (float(total[0]), float(total[1]))
     region.scale, region.ramp = scale, (a, b)
     return region
 
