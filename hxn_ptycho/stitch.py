@@ -32,9 +32,10 @@ from .scanfile import ScanData, positions_px, read_scan, read_scan_views
 
 OVERLAP_FRACTION = 0.5      # overlap margin of a region, in frame widths (≈ one probe width)
 WEIGHT_THRESHOLD = 0.1      # overlap pixels: both illuminations above this fraction of their maxima
-MIN_SHIFT_PX = 0.05         # registered shifts smaller than this are not applied
+MIN_SHIFT_PX = 0.02         # registered shifts smaller than this are not applied
 MAX_SHIFT_FRACTION = 0.25   # registered shifts beyond this fraction of a frame are distrusted
-REGISTER_ROUNDS = 4         # register, shift, re-register: removes the overlap window's pull to zero
+SHIFT_PAD = 8               # reflected pixels around a region before a Fourier shift
+REFINE_STEPS = 8            # Gauss–Newton steps of the least-squares shift refinement
 
 
 # --- the split -------------------------------------------------------------------------------
@@ -178,7 +179,11 @@ def _ramp(shape: tuple[int, int], scale: complex, a: float, b: float) -> np.ndar
 
 
 def _register_overlap(ref: np.ndarray, img: np.ndarray, apod: np.ndarray) -> tuple[float, float]:
-    """Sub-pixel shift of ``img`` onto ``ref`` over the overlap window ``apod`` (means removed)."""
+    """Coarse sub-pixel shift of ``img`` onto ``ref`` by cross-correlation over the window ``apod``.
+
+    The window is shared by both images, which pulls the peak towards zero shift; the
+    least-squares refinement in :func:`align_region` removes that bias.
+    """
     r_sl, c_sl = (slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(apod))
 
     def centred(x: np.ndarray) -> np.ndarray:
@@ -188,47 +193,62 @@ def _register_overlap(ref: np.ndarray, img: np.ndarray, apod: np.ndarray) -> tup
     return shift
 
 
-def align_region(ref: np.ndarray, ref_weight: np.ndarray, region: RegionResult, n: int) -> RegionResult:
-    """Register ``region`` onto the stitched image ``ref`` (cropped to the region's box), in place.
+def _shift(img: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
+    """``img`` moved by a sub-pixel shift, padded by reflection so the periodic Fourier shift does
+    not wrap one edge onto the other."""
+    pad = int(np.ceil(np.max(np.abs(shift)))) + SHIFT_PAD
+    padded = np.pad(img, pad, mode="reflect")
+    return fourier_shift(padded, shift)[pad:-pad, pad:-pad]
 
-    A few rounds of: sub-pixel shift in the overlap, then the complex scale and phase ramp that
-    match ``ref`` there. The overlap window is shared by both images, which pulls a single
-    registration towards zero shift; re-registering the shifted region removes that bias.
-    """
-    obj0, w0 = region.result.object, region.weight
-    overlap = (ref_weight > WEIGHT_THRESHOLD) & (w0 > WEIGHT_THRESHOLD)
+
+def _matched(ref: np.ndarray, obj: np.ndarray, weight: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """``obj`` (modes, h, w) moved by ``shift`` and multiplied by the scale and ramp that best match ``ref``."""
+    moved = np.stack([_shift(o, tuple(shift)) for o in obj]) if np.any(shift) else obj
+    scale, a, b = fit_phase_ramp(ref, moved[0], weight)
+    return moved * _ramp(moved.shape[1:], scale, a, b)[None], (scale, a, b)
+
+
+def _refine_shift(ref: np.ndarray, obj: np.ndarray, weight: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Gauss–Newton steps on Σ weight·|ref − c·ramp·shifted(obj)|² over the shift."""
+    rows, cols = np.nonzero(weight > 0)
+    w = weight[rows, cols]
+    for _ in range(REFINE_STEPS):
+        model, _ = _matched(ref, obj[:1], weight, shift)
+        grad_r, grad_c = np.gradient(model[0])
+        J = -np.stack([grad_r[rows, cols], grad_c[rows, cols]], axis=1)      # ∂model/∂shift
+        resid = ref[rows, cols] - model[0][rows, cols]
+        A = np.real(J.conj().T @ (w[:, None] * J))
+        step = np.linalg.solve(A + 1e-12 * np.trace(A) * np.eye(2), np.real(J.conj().T @ (w * resid)))
+        shift = shift + step
+        if np.max(np.abs(step)) < 1e-3:
+            break
+    return shift
+
+
+def align_region(ref: np.ndarray, ref_weight: np.ndarray, region: RegionResult, n: int) -> RegionResult:
+    """Register ``region`` onto the stitched image ``ref`` (cropped to the region's box), in place:
+    sub-pixel shift, complex scale (amplitude, global phase) and linear phase ramp in the overlap."""
+    obj, w = region.result.object, region.weight
+    overlap = (ref_weight > WEIGHT_THRESHOLD) & (w > WEIGHT_THRESHOLD)
     if overlap.sum() < n:
         region.notes.append(f"region {region.index}: overlap of {int(overlap.sum())} pixels is too small to "
                             "register; placed by its scan positions only")
-        return region
-    apod = np.where(overlap, np.sqrt(ref_weight * w0), 0.0)
-    total = np.zeros(2)
-    obj, w = obj0, w0
-    factor = np.ones(obj0.shape[1:], complex)
-    for _ in range(REGISTER_ROUNDS):
-        scale, a, b = fit_phase_ramp(ref, obj[0], np.where(overlap, ref_weight * w, 0.0))
-        factor = _ramp(obj.shape[1:], scale, a, b)
-        step = np.array(_register_overlap(ref, factor * obj[0], apod))
-        if np.max(np.abs(total + step)) > MAX_SHIFT_FRACTION * n:
-            region.notes.append(f"region {region.index}: registered shift {tuple(total + step)} is implausible; "
-                                "not applied")
-            total[:] = 0.0
-            obj, w = obj0, w0
-            scale, a, b = fit_phase_ramp(ref, obj[0], np.where(overlap, ref_weight * w, 0.0))
-            factor = _ramp(obj.shape[1:], scale, a, b)
-            break
-        if np.max(np.abs(step)) < MIN_SHIFT_PX:
-            break
-        total += step
-        obj = np.stack([fourier_shift(o, tuple(total)) for o in obj0])
-        w = np.clip(fourier_shift(w0, tuple(total)), 0.0, None)
+        shift = np.zeros(2)
     else:
-        scale, a, b = fit_phase_ramp(ref, obj[0], np.where(overlap, ref_weight * w, 0.0))
-        factor = _ramp(obj.shape[1:], scale, a, b)
-    region.result.object = obj * factor[None]
-    region.weight = w
-    region.shift = (float(total[0]), float(total[1]))
-    region.scale, region.ramp = scale, (a, b)
+        weight = np.where(overlap, ref_weight * w, 0.0)
+        first, _ = _matched(ref, obj[:1], weight, np.zeros(2))
+        shift = np.array(_register_overlap(ref, first[0], np.where(overlap, np.sqrt(ref_weight * w), 0.0)))
+        shift = _refine_shift(ref, obj, weight, shift)
+        if np.max(np.abs(shift)) > MAX_SHIFT_FRACTION * n:
+            region.notes.append(f"region {region.index}: registered shift {tuple(shift)} is implausible; "
+                                "placed by its scan positions only")
+            shift = np.zeros(2)
+        elif np.max(np.abs(shift)) < MIN_SHIFT_PX:
+            shift = np.zeros(2)
+    if np.any(shift):
+        w = np.clip(_shift(w, tuple(shift)), 0.0, None)
+    region.result.object, (region.scale, a, b) = _matched(ref, obj, np.where(overlap, ref_weight * w, 0.0), shift)
+    region.weight, region.shift, region.ramp = w, (float(shift[0]), float(shift[1])), (a, b)
     return region
 
 
