@@ -111,6 +111,23 @@ def data_error(be: Any, fphi: Any, diffamp: Any, mask: Any) -> Any:
     return xp.vdot(diff.ravel(), diff.ravel())
 
 
+# (3), (4), (7) together: the data error of F(P·O), then ψ's DM update through the projection
+def fourier_update(be: Any, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float,
+                   work: Any) -> Any:
+    """One batch's Fourier step on F(ψ) in place; returns Σ_good (|F(P·O)| − √I)².
+
+    A backend with a fused kernel does it in one pass without the ``work`` buffer.
+    """
+    fused = _fused(be, "fourier_update")
+    if fused is not None:
+        return fused(fpsi, fphi, diffamp, mask, pbound, beta)
+    err = data_error(be, fphi, diffamp, mask)                   # (7)
+    work = reflect(be, fphi, fpsi, work)                        # F(2·P·O − ψ)
+    work = fourier_projection(be, work, diffamp, mask, pbound)  # (4)
+    dm_update(be, fpsi, fphi, work, beta)                       # (3)
+    return err
+
+
 # (6) numerator of the object update: Σ_k P_k* · ψ^(k,l), per view and object mode
 def object_numerator(be: Any, psi: Any, probe_conj: Any, out: Any) -> Any:
     fused = _fused(be, "object_numerator")

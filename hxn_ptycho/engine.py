@@ -12,6 +12,7 @@ reproducible); the GPU backend uses one worker and large batches.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,16 @@ class MemoryPlan:
 CACHE_BATCH_BYTES = 2 * 2**20     # CPU: a batch's exit waves fit in cache
 
 
+def default_memory_bound_gb(backend: Any) -> float:
+    """Without a user bound: 90 % of the GPU's memory, or 75 % of the host's physical memory."""
+    if hasattr(backend, "memory_info"):
+        return 0.9 * backend.memory_info()[1] / 2**30
+    try:
+        return 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4.0
+
+
 def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, int, int], params: ReconParams,
                 backend: Any, workers: int, max_modes: int | None = None) -> MemoryPlan:
     """Choose the batch size and estimate the peak memory of one process; raise when over the bound."""
@@ -75,7 +86,7 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
     psi = 2 * n_local * view_bytes * gb          # ψ and its Fourier transform
     frames = n_local * n * n * itemsize / 2 * gb
     acc = workers * (obj_shape[0] * obj_shape[1] * obj_shape[2] * itemsize * 1.5 + 2 * m * n * n * itemsize) * gb
-    bound = params.max_memory_gb
+    bound = params.max_memory_gb or default_memory_bound_gb(backend)
     per_view = 4 * view_bytes + obj_shape[0] * n * n * itemsize
     if params.batch_size:
         batch = params.batch_size
@@ -90,7 +101,8 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
     if plan.total_gb > bound:
         raise MemoryBoundError(
             f"the reconstruction needs about {plan.total_gb:.2f} GB per process ({plan.describe()}), more than "
-            f"max_memory_gb = {bound}; use more MPI ranks, fewer modes or a larger max_memory_gb")
+            f"the memory bound of {bound:.2f} GB (max_memory_gb); use more MPI ranks, fewer modes or a larger "
+            f"max_memory_gb")
     return plan
 
 
@@ -283,10 +295,8 @@ class Reconstruction:
         fpsi, amp = self.fpsi[b], self.diffamp[b]
         ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
         fphi = be.fft2(dm.exit_waves(be, self.probe, ow, w.phi[:B]))             # (2), F(P·O)
-        w.err += dm.data_error(be, fphi, amp, self.mask)                          # (7)
-        work = dm.reflect(be, fphi, fpsi, w.work[:B])                             # F(2·P·O − ψ)
-        work = dm.fourier_projection(be, work, amp, self.mask, self.pbound)       # (4)
-        dm.dm_update(be, fpsi, fphi, work, self.params.beta)                      # (3)
+        w.err += dm.fourier_update(be, fpsi, fphi, amp, self.mask, self.pbound,   # (3), (4), (7)
+                                   self.params.beta, w.work[:B])
         psi = self.psi[b]
         psi[...] = fpsi
         be.ifft2(psi)                                                             # ψ for (5), (6), in place

@@ -32,7 +32,7 @@ class ReconParams:
     init_from: str | None = None         # a previous result file (warm start)
     precision: str = "single"            # "single" (complex64) or "double" (complex128)
     batch_size: int | None = None        # views per batch; None = from max_memory_gb
-    max_memory_gb: float = 4.0           # bound for the engine's working memory
+    max_memory_gb: float | None = None   # bound for one process's memory; None = 75 % of RAM (90 % of a GPU's)
     object_reg: float = 1e-3             # relative regulariser of the object denominator (6)
     probe_reg: float = 1e-3              # relative regulariser of the probe denominator (5)
     extra_mode_power: float = 0.1        # power of a new probe mode relative to the first
@@ -76,7 +76,7 @@ class ReconParams:
             raise ParamError(f"probe_init must be 'auto', 'file' or 'amplitude', got {self.probe_init!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ParamError(f"batch_size must be positive, got {self.batch_size}")
-        if self.max_memory_gb <= 0:
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
             raise ParamError(f"max_memory_gb must be positive, got {self.max_memory_gb}")
         if self.backend not in ("numpy", "cupy", "auto"):
             raise ParamError(f"backend must be 'numpy', 'cupy' or 'auto', got {self.backend!r}")
