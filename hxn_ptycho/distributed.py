@@ -5,6 +5,9 @@ slices, each rank reads only its slice of frames, and every sum over views in th
 one in-place ``Allreduce`` on a reused contiguous buffer — so all ranks hold the same probe
 and object after every update, and rank 0 writes the result.
 
+Asynchronous mode (``mode="async"``, the Argonne scheme) lives in :mod:`hxn_ptycho.stitch`: one
+spatial region per rank, no communication during the iterations, stitched on rank 0.
+
 mpi4py is imported only when an MPI launcher started this process (world size > 1), so a
 single process never initialises MPI and never launches a second launcher.
 """

@@ -313,6 +313,9 @@ def run_async(path: str, params: ReconParams, comm: Any, progress: bool = False,
     """Reconstruct ``path`` as ``comm.size`` regions, one per rank, stitched on rank 0; every rank
     returns the stitched result. ``overlap`` is the region margin in pixels (default half a frame)."""
     from .distributed import rank_backend
+    if params.init_from and comm.size > 1:
+        raise ParamError("init_from (a warm start) is not supported in async mode with several processes: "
+                         "use --mode sync, or one process")
     geometry = read_scan(path, views=slice(0, 0))          # positions and geometry, no frames
     corners, shape = global_corners(geometry, params.margin)
     regions = split_regions(corners.astype(np.float64), comm.size,

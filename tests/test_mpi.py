@@ -100,6 +100,9 @@ def test_async_close_to_sync(scan, tmp_path):
         res = read_result(out)
         assert res.object.shape[1:] == truth.object.shape
         errors[mode, nprocs] = nrmse(res.object[0], truth.object, region)
+        if mode == "async" and nprocs > 1:          # each rank read its region's frames only
+            views = json.loads(res.attrs["region_views"])
+            assert len(views) == nprocs and max(views) < 100 <= sum(views)
     assert errors["async", 1] == pytest.approx(errors["sync", 1], rel=1e-12)   # one region = sync
     for nprocs in (2, 3):
         assert errors["async", nprocs] <= 1.10 * errors["sync", 1], errors
