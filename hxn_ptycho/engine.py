@@ -179,8 +179,7 @@ class Reconstruction:
                           float(len(self.pos)) * float(np.sum(good))])
         self.reducer.allreduce_sum([local])
         self.total_intensity, self.good_pixels_total = float(local[0]), float(local[1])
-        # power bound of the relaxed Fourier projection, per pixel (PtyPy's 0.25·r²·mean intensity)
-        self.pbound = 0.25 * p.fourier_relax ** 2 * self.total_intensity / max(self.good_pixels_total, 1.0)
+        self.pbound = float(p.power_bound)      # of the relaxed Fourier projection, per pixel
         self.obj = be.asarray(self._initial_object(), self.cdtype)
         self.probe = be.asarray(self._initial_probe(K), self.cdtype)
         batch = self.plan.batch_size

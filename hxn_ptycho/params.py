@@ -24,7 +24,8 @@ class ReconParams:
     probe_modes: ProbeModes = 1          # an int, or "auto" (the paper's 1 % rule)
     object_modes: int = 1
     beta: float = 0.8                    # DM relaxation of equation (3)
-    fourier_relax: float = 0.05          # power bound of the Fourier projection (4), relative; 0 = exact
+    power_bound: float = 0.25            # relaxed Fourier projection (4): mean squared amplitude deviation per
+                                         # pixel left alone (photon counts: 0.25 = Poisson noise); 0 = exact
     update_rounds: int = 1               # probe/object update alternations per DM iteration
     probe_update_start: int = 2          # first iteration (0-based) with a probe update
     object_init: str = "ones"            # "ones" or "random" (random phases)
@@ -64,8 +65,8 @@ class ReconParams:
             raise ParamError(f"object_modes must be a positive integer, got {self.object_modes!r}")
         if not 0.0 < float(self.beta) <= 1.5:
             raise ParamError(f"beta must lie in (0, 1.5], got {self.beta}")
-        if not 0.0 <= float(self.fourier_relax) < 1.0:
-            raise ParamError(f"fourier_relax must lie in [0, 1), got {self.fourier_relax}")
+        if not 0.0 <= float(self.power_bound) < float("inf"):
+            raise ParamError(f"power_bound must be a finite number >= 0, got {self.power_bound}")
         if self.update_rounds < 1:
             raise ParamError(f"update_rounds must be at least 1, got {self.update_rounds}")
         if self.precision not in ("single", "double"):
