@@ -1,0 +1,33 @@
+# 00-base.py — the RunEngine and the catalog.
+#
+# The catalog is $HXN_PTYCHO_CATALOG (a Tiled URL, a config file, or an embedded server's folder;
+# the API key in $TILED_API_KEY or the config's api_key_file). Without it, a local catalog is
+# started in $HXN_PTYCHO_PROFILE_DIR (default ./hxn_ptycho_profile) for this session.
+import atexit
+import logging
+import os
+from pathlib import Path
+
+from bluesky import RunEngine
+from bluesky.preprocessors import SupplementalData
+
+from hxn_ptycho.callbacks.catalog import EmbeddedServer, broker, tiled_writer
+
+logging.getLogger("hxn_ptycho").setLevel(logging.INFO)
+PROFILE_DIR = Path(os.environ.get("HXN_PTYCHO_PROFILE_DIR", "hxn_ptycho_profile")).resolve()
+
+CATALOG = os.environ.get("HXN_PTYCHO_CATALOG")
+if not CATALOG:
+    _server = EmbeddedServer(PROFILE_DIR / "catalog", readable=(str(PROFILE_DIR),)).start()
+    atexit.register(_server.stop)
+    CATALOG = str(_server.directory)
+    os.environ["HXN_PTYCHO_CATALOG"] = CATALOG
+    print(f"hxn-ptycho: local catalog at {_server.uri} ({CATALOG})")
+
+RE = RunEngine({})
+sd = SupplementalData()
+RE.preprocessors.append(sd)
+# Raw runs into the catalog's 'raw' container; documents Tiled refuses are kept as JSON lines.
+RE.subscribe(tiled_writer(CATALOG, "raw", max_array_size=0, backup_directory=str(PROFILE_DIR / "tiled_backup")))
+# databroker v1 over the same client: db[-1], db[scan_id], db(plan_name=...)
+db = broker(CATALOG, "raw")
