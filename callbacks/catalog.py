@@ -236,20 +236,31 @@ def wait_for_server(uri: str, timeout: float = 60.0, proc: subprocess.Popen | No
     raise CatalogError(f"the Tiled server at {uri} did not answer within {timeout:.0f} s ({last})")
 
 
+def _tables_uri(database: str) -> str:
+    """Tabular data of a PostgreSQL catalog go to the database ``<name>_tables`` on the same server."""
+    uri = database.replace("postgresql+asyncpg://", "postgresql://")
+    head, _, name = uri.rpartition("/")
+    name, sep, query = name.partition("?")
+    return f"{head}/{name}_tables{sep}{query}"
+
+
 class EmbeddedServer:
     """``tiled serve catalog`` on 127.0.0.1 over ``DIR/catalog.db`` and ``DIR/data``.
 
     ``DIR/catalog.json`` (the config others pass as ``--catalog DIR``) and ``DIR/api_key`` (mode
     0600) are written when it starts. ``database`` may instead be a PostgreSQL URI
-    (``postgresql://...``) for a facility-like catalog; tables then go to the same database.
+    (``postgresql://...``) for a facility-like catalog; tabular data then go to ``tables``
+    (default: the database ``<name>_tables`` on the same PostgreSQL server).
     """
 
     def __init__(self, directory: str | os.PathLike, *, port: int | None = None, api_key: str | None = None,
-                 database: str | None = None, readable: tuple[str, ...] = (), log_file: str | None = None) -> None:
+                 database: str | None = None, tables: str | None = None, readable: tuple[str, ...] = (),
+                 log_file: str | None = None) -> None:
         self.directory = Path(directory).resolve()
         self.port = port or free_port()
         self.api_key = api_key or secrets.token_hex(16)
         self.database = database
+        self.tables = tables
         self.readable = tuple(str(Path(p).resolve()) for p in readable)
         self.log_file = Path(log_file) if log_file else self.directory / "server.log"
         self.proc: subprocess.Popen | None = None
@@ -268,8 +279,8 @@ class EmbeddedServer:
             db = self.database
             if db.startswith("postgresql://"):
                 db = "postgresql+asyncpg://" + db[len("postgresql://"):]
-            tables = self.database.replace("postgresql+asyncpg://", "postgresql://")
-            init = ["--init"]
+            tables = self.tables or _tables_uri(self.database)
+            init = ["--init"]                   # creates the schema only where it does not exist
         else:
             db_path = self.directory / "catalog.db"
             db = str(db_path)
