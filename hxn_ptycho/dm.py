@@ -140,42 +140,18 @@ def object_numerator(be: Any, psi: Any, probe_conj: Any, out: Any) -> Any:
     return out
 
 
-# (5) numerator of the probe update: Σ_j,l O_l* · ψ^(k,l)
-def probe_numerator(be: Any, psi: Any, obj_windows: Any, num: Any, work: Any) -> None:
-    fused = _fused(be, "probe_numerator")
+# (5) numerator and denominator of the probe update: Σ_j,l O_l* · ψ^(k,l) and Σ_j,l |O_l|²
+def probe_sums(be: Any, psi: Any, obj_windows: Any, num: Any, den: Any, work: Any) -> None:
+    """Adds the batch's sums to ``num`` (K, n, n) and ``den`` (n, n); ``obj_windows`` is scratch."""
+    fused = _fused(be, "probe_sums")
     if fused is not None:
-        return fused(psi, obj_windows, num, work)
+        return fused(psi, obj_windows, num, den, work)
     xp = be.xp
-    ow = xp.conjugate(obj_windows, out=obj_windows)
+    ow = obj_windows
+    den += (xp.square(ow.real) + xp.square(ow.imag)).sum(axis=(0, 1))
+    ow = xp.conjugate(ow, out=ow)
     work = xp.multiply(ow[:, :, None], psi, out=work)
     num += work.sum(axis=(0, 1))
-
-
-def coverage_spectrum(be: Any, positions: Any, shape: tuple[int, int]) -> Any:
-    """Fourier transform of the map C that counts the window corners r_j at each object pixel."""
-    import numpy as np
-    cov = np.zeros(shape)
-    np.add.at(cov, (positions[:, 0].astype(int), positions[:, 1].astype(int)), 1.0)
-    return be.xp.fft.rfft2(be.asarray(cov))
-
-
-# (6) denominator of the object update: Σ_j Σ_k |P_k(r − r_j)|² = (C ∗ Σ_k |P_k|²)(r)
-def object_denominator(be: Any, coverage_f: Any, probe_intensity: Any, shape: tuple[int, int]) -> Any:
-    xp = be.xp
-    kernel = xp.zeros(shape)
-    n = probe_intensity.shape[-1]
-    kernel[:n, :n] = probe_intensity
-    den = xp.fft.irfft2(coverage_f * xp.fft.rfft2(kernel), s=shape)
-    return xp.maximum(den, 0.0, out=den)[None]
-
-
-# (5) denominator of the probe update: Σ_j Σ_l |O_l(r + r_j)|² = (C ⋆ Σ_l |O_l|²)(r), r in the window
-def probe_denominator(be: Any, coverage_f: Any, obj: Any, n: int) -> Any:
-    xp = be.xp
-    shape = obj.shape[-2:]
-    inten = (xp.square(obj.real) + xp.square(obj.imag)).sum(axis=0)
-    den = xp.fft.irfft2(xp.conj(coverage_f) * xp.fft.rfft2(inten.astype(xp.float64)), s=shape)[:n, :n]
-    return xp.maximum(den, 0.0)
 
 
 # (5), (6) the regularised ratio: X ← (num + α·X_old) / (den + α), α = reg · max(den)

@@ -129,7 +129,9 @@ class _Worker:
         self.objwin = be.empty((batch, L, n, n), cdtype)
         self.onum_src = be.empty((batch, L, n, n), cdtype)
         self.obj_num = be.zeros(obj_shape, cdtype)
+        self.obj_den = be.zeros((1,) + obj_shape[1:], rdtype)
         self.probe_num = be.zeros((K, n, n), cdtype)
+        self.probe_den = be.zeros((n, n), rdtype)
         self.err = 0.0
 
 
@@ -184,7 +186,6 @@ class Reconstruction:
         self.probe = be.asarray(self._initial_probe(K), self.cdtype)
         batch = self.plan.batch_size
         self.batches = [slice(i, min(i + batch, len(self.pos))) for i in range(0, len(self.pos), batch)]
-        self._coverage_f = dm.coverage_spectrum(be, self.positions_all, self.obj_shape[1:])
         self.psi = be.empty((len(self.pos), L, K, n, n), self.cdtype)
         self.fpsi = be.empty((len(self.pos), L, K, n, n), self.cdtype)
         self._workers = [_Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype)
@@ -305,11 +306,12 @@ class Reconstruction:
         be, B = self.be, b.stop - b.start
         src = dm.object_numerator(be, self.psi[b], self._probe_conj, w.onum_src[:B])   # (6) numerator
         be.scatter_add(w.obj_num, self.pos[b], src)
+        be.scatter_add(w.obj_den, self.pos[b], self._probe_intensity)                 # (6) denominator
 
     def _probe_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
         ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
-        dm.probe_numerator(be, self.psi[b], ow, w.probe_num, w.work[:B])                # (5)
+        dm.probe_sums(be, self.psi[b], ow, w.probe_num, w.probe_den, w.work[:B])        # (5)
 
     def _model_error_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
@@ -324,18 +326,15 @@ class Reconstruction:
         self._probe_intensity = (xp.square(self.probe.real) + xp.square(self.probe.imag)).sum(axis=0)
 
     def _update_object(self) -> None:
-        num = self._sum_workers("obj_num")
-        self.reducer.allreduce_sum([num])
-        # the denominator from all positions (known on every rank): no reduction needed
-        den = dm.object_denominator(self.be, self._coverage_f, self._probe_intensity, self.obj_shape[1:])
+        num, den = self._sum_workers("obj_num"), self._sum_workers("obj_den")
+        self.reducer.allreduce_sum([num, den])
         self.obj = dm.regularised_ratio(self.be, num, den, self.obj, self.params.object_reg).astype(self.cdtype)
 
     def _update_probe(self) -> None:
-        self._reset("probe_num")
+        self._reset("probe_num", "probe_den")
         self._each(self._probe_batch)
-        num = self._sum_workers("probe_num")
-        self.reducer.allreduce_sum([num])
-        den = dm.probe_denominator(self.be, self._coverage_f, self.obj, self.n)
+        num, den = self._sum_workers("probe_num"), self._sum_workers("probe_den")
+        self.reducer.allreduce_sum([num, den])
         self.probe = dm.regularised_ratio(self.be, num, den[None], self.probe, self.params.probe_reg).astype(self.cdtype)
         self._probe_terms()
 
@@ -349,7 +348,7 @@ class Reconstruction:
         p = self.params
         obj_old, probe_old = self.obj.copy(), self.probe.copy()
         self._probe_terms()
-        self._reset("obj_num", "err")
+        self._reset("obj_num", "obj_den", "err")
         self._each(self._fourier_batch)
         data_err = self._reduce_err() / max(self.total_intensity, 1e-300)
         self._update_object()
@@ -357,7 +356,7 @@ class Reconstruction:
             for r in range(p.update_rounds):
                 self._update_probe()
                 if r + 1 < p.update_rounds:
-                    self._reset("obj_num")
+                    self._reset("obj_num", "obj_den")
                     self._each(self._object_sums)
                     self._update_object()
         eps_p = dm.relative_change(self.be, self.probe, probe_old)                   # (7)
