@@ -214,8 +214,9 @@ def publish_result(catalog: str, result_path: str, raw_uid: str | None, recon: d
 
 def publish_failure(catalog: str, raw_uid: str | None, recon: dict, reason: str) -> str:
     """Record a failed reconstruction as a derived run with ``exit_status`` "fail"; return its uid."""
+    recon = dict(recon or {})
+    backup = recon.pop("failure_backup", None)
     docs = failure_documents(raw_uid, recon, reason)
-    backup = (recon or {}).get("failure_backup")
     uid = write_documents(catalog, docs, backup=backup)
     log.info("failed reconstruction of raw run %s recorded as %s: %s", raw_uid, uid, reason)
     return uid

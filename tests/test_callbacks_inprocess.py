@@ -202,3 +202,28 @@ def test_in_process_scan_to_derived_run(tiled_server, tmp_path, sim, monkeypatch
     assert raw.metadata["stop"]["exit_status"] == "success"
     assert results(tiled_server.uri, scan_id=41).uid == res.uid
     print(f"\n[hxn-ptycho] 60-point step scan in the RunEngine: {scan_time:.2f} s")
+
+
+def test_unreachable_catalog_is_logged_and_other_runs_go_on(tmp_path, sim, caplog):
+    """A broken run cannot be recorded (catalog down): a clear log line; the next run is still processed."""
+    from bluesky import RunEngine
+    from hxn_ptycho.callbacks.catalog import free_port
+    from hxn_ptycho.callbacks.sim_beamline import SimFrames, make_hxn, step_scan
+
+    hxn = make_hxn(SimFrames(sim), tmp_path / "det")
+    RE = make_re(hxn)
+    dead = f"http://127.0.0.1:{free_port()}"
+    cb = PtychoCallback(CallbackConfig(work_dir=str(tmp_path / "work"), catalog=dead,
+                                       export=ExportConfig(crop=64)), jobs=None)
+    RE.subscribe(cb)
+    with caplog.at_level(logging.INFO, logger="hxn_ptycho"):
+        RE(step_scan(hxn, sim.points[:, :10], distance_m=sim.z_m, read_y=False))   # broken: no y
+        RE(step_scan(hxn, sim.points[:, :10], distance_m=sim.z_m))                 # fine
+        assert cb.flush(30)
+    cb.close()
+    assert len(cb.failed) == 1 and "position field 'zpssy'" in cb.failed[0][1]
+    assert "could not record the failure in the catalog" in caplog.text
+    assert f"cannot reach the Tiled catalog at {dead}" in caplog.text
+    assert len(list((tmp_path / "work" / "results").glob("failed_*.docs.jsonl"))) == 1   # kept for republish
+    assert len(cb.submitted) == 1
+    assert len(list((tmp_path / "work" / "scans").glob("scan_*.h5"))) == 1
