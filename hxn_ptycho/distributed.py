@@ -151,21 +151,24 @@ def rank_threads(params: ReconParams, comm: Any) -> int:
     return params.threads or max(1, available_cores() // max(1, comm.local_size))
 
 
-def rank_device(comm: Any, devices: int) -> int:
-    """The GPU of this rank: rank modulo the visible devices."""
-    return comm.rank % max(1, devices)
-
-
 def rank_backend(params: ReconParams, comm: Any) -> Any:
     """This rank's array backend: its share of the node's cores, and its GPU (rank mod devices)."""
     device = None
     if params.backend in ("cupy", "auto"):
         try:
-            from .gpu import device_count
-            device = rank_device(comm, device_count())
+            from .gpu import select_device
+            device = select_device(comm.rank)           # node-local rank modulo visible GPUs
         except ImportError:
             device = None
     return get_backend(params.backend, rank_threads(params, comm), device=device)
+
+
+def rank_reducer(host: Any, backend: Any) -> Any:
+    """The engine's reducer: ``host`` (MPI Allreduce) on the CPU; on a GPU, NCCL or pinned staging."""
+    if host.size <= 1 or backend.name == "numpy":
+        return host
+    from .gpu import make_reducer
+    return make_reducer(host, backend)
 
 
 def scan_geometry(path: str) -> dict[str, Any]:
@@ -195,13 +198,15 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
     scan = read_scan(path, views=views)
     info.update(lambda_nm=scan.lambda_nm, z_m=scan.z_m, ccd_pixel_um=scan.ccd_pixel_um,
                 pixel_size_m=scan.pixel_size_m)
-    reducer = MPIReducer(comm) if comm.size > 1 else LocalReducer()
+    backend = rank_backend(params, comm)
+    host = MPIReducer(comm) if comm.size > 1 else LocalReducer()
+    reducer = rank_reducer(host, backend)
     quiet = (lambda msg: None) if comm.rank else log
-    res = reconstruct(scan, params, backend=rank_backend(params, comm), reducer=reducer,
+    res = reconstruct(scan, params, backend=backend, reducer=reducer,
                       progress=progress and comm.rank == 0, log=quiet)
     res.attrs["mode"] = "sync"
-    res.attrs["rank_views"] = gather_views(scan.views, reducer)
+    res.attrs["rank_views"] = gather_views(scan.views, host)
     if comm.size > 1:
-        res.attrs["communication_s"] = reducer.seconds
-        res.attrs["allreduce_calls"] = reducer.calls
+        res.attrs["communication_s"] = getattr(reducer, "seconds", float("nan"))
+        res.attrs["allreduce_calls"] = getattr(reducer, "calls", -1)
     return res, info
