@@ -108,7 +108,7 @@ def data_error(be: Any, fphi: Any, diffamp: Any, mask: Any) -> Any:
     diff -= diffamp
     if mask is not None:
         diff *= mask
-    return xp.vdot(diff.ravel(), diff.ravel())
+    return xp.sum(xp.square(diff, out=diff), dtype=xp.float64)     # no BLAS: runs in worker threads
 
 
 # (3), (4), (7) together: the data error of F(P·O), then ψ's DM update through the projection

@@ -262,7 +262,8 @@ class Reconstruction:
             for b in self.batches[w::self.workers]:
                 fn(self._workers[w], b)
         if self._pool is None:
-            run(0)
+            for w in range(self.workers):
+                run(w)
         else:
             for f in [self._pool.submit(run, w) for w in range(self.workers)]:
                 f.result()
@@ -365,14 +366,22 @@ class Reconstruction:
 
     # --- probe modes -----------------------------------------------------------------------
     def _mix_modes(self, u: np.ndarray) -> None:
-        """Apply the unitary mode change ``u`` to the exit waves (the model is unchanged)."""
+        """Apply the unitary mode change ``u`` to the exit waves (the model is unchanged).
+
+        Elementwise (K² multiply-adds per view), not a BLAS product: it runs in the worker threads.
+        """
         be = self.be
-        u_dev = be.asarray(u, self.cdtype)
-        xp = be.xp
+        coef = [[complex(c) for c in row] for row in u]
+        K = len(coef)
 
         def mix(w: _Worker, b: slice) -> None:
             for arr in (self.psi, self.fpsi):
-                arr[b] = xp.moveaxis(xp.tensordot(u_dev, arr[b], axes=([1], [2])), 0, 2)
+                old = arr[b].copy()
+                for i in range(K):
+                    out = arr[b, :, i]
+                    be.xp.multiply(old[:, :, 0], coef[i][0], out=out)
+                    for k in range(1, K):
+                        out += coef[i][k] * old[:, :, k]
         self._each(mix)
 
     def orthogonalize_probe(self) -> None:
@@ -430,6 +439,12 @@ class Reconstruction:
         return True
 
     # --- the run --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker threads (the run is over)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
     def model_cost(self) -> tuple[float, float]:
         """Of the current model: mean over frames and good pixels of (|F(P·O)| − √I)², and that sum / ΣI."""
         self._reset("err")
@@ -464,6 +479,9 @@ class Reconstruction:
                 if bar is not None:
                     bar.set_postfix_str(f"data error {d:.4g}")
                     bar.update(1)
+        except BaseException:
+            self.close()
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -480,8 +498,7 @@ class Reconstruction:
         for i, e in enumerate(err_probe):
             m = min(K, len(e))
             ep[i, :m] = e[:m]
-        if self._pool is not None:
-            self._pool.shutdown()
+        self.close()
         attrs = {"elapsed_s": elapsed, "final_cost": cost, "final_data_error": model_err,
                  "probe_modes_log": list(self.modes_log), "probe_modes_used": K, "version": __version__,
                  "backend": self.be.name, "processes": self.reducer.size, "workers": self.workers}
