@@ -6,7 +6,6 @@ Bad input exits with status 2 and a one-line message naming the problem.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

@@ -156,7 +156,6 @@ def probe_sums(be: Any, psi: Any, obj_windows: Any, num: Any, den: Any, work: An
 
 # (5), (6) the regularised ratio: X ← (num + α·X_old) / (den + α), α = reg · max(den)
 def regularised_ratio(be: Any, num: Any, den: Any, old: Any, reg: float) -> Any:
-    xp = be.xp
     alpha = reg * float(den.max()) + TINY
     return (num + alpha * old) / (den + alpha)
 

@@ -11,7 +11,6 @@ reproducible); the GPU backend uses one worker and large batches.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -22,8 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__, dm, modes
-from .backend import NumpyBackend, get_backend
-from .h5util import FileFormatError
+from .backend import get_backend
 from .params import ParamError, ReconParams
 from .resultfile import ResultData, read_result
 from .scanfile import ScanData, positions_px

@@ -87,6 +87,7 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
     work = tiled_server.directory / "listener_work"
     log_path = tmp_path / "listener.log"
     listener = start_listener(tiled_server, port_out, work, log_path)
+    publisher = None
     try:
         scan, _ = simulate_scan(n=64, n_positions=30, seed=11)
         hxn = make_hxn(SimFrames(scan), tiled_server.directory / "detector20")
@@ -159,6 +160,10 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
         text = log_path.read_text(errors="replace")
         assert "malformed" in text, "the malformed documents were not logged"
     finally:
+        if publisher is not None:
+            # close the PUB socket now, without lingering: left to the garbage collector, its
+            # context's term() blocks forever once the proxy is gone (queued messages, linger -1)
+            publisher._context.destroy(linger=0)
         listener.terminate()
         listener.wait(60)
 
