@@ -485,13 +485,15 @@ def test_backend_window_steps_match_numpy(ebe, mode):
     onum = np.empty((B, L, n, n), np.complex64)
     assert _rel(dm.object_numerator(ebe, psi, np.conj(probe), onum), (psi * np.conj(probe)).sum(2)) < 1e-5
     num, num_w = np.zeros((K, n, n), np.complex64), np.zeros((K, n, n), np.complex64)
-    dm.probe_numerator(ebe, psi, win, num, None)
-    dm.probe_numerator(nb, psi, win.copy(), num_w, np.empty_like(psi))   # it conjugates the windows in place
+    den, den_w = np.zeros((n, n), np.float32), np.zeros((n, n), np.float32)
+    dm.probe_sums(ebe, psi, win.copy(), num, den, None)
+    dm.probe_sums(nb, psi, win.copy(), num_w, den_w, np.empty_like(psi))   # it conjugates the windows in place
     assert _rel(num, num_w) < 1e-5
-    num, den = np.zeros((K, n, n), np.complex64), np.zeros((n, n), np.float32)
-    ebe.probe_sums(psi, win, num, den)
-    assert _rel(num, num_w) < 1e-5
+    np.testing.assert_allclose(den, den_w, rtol=1e-5)
     np.testing.assert_allclose(den, (np.abs(win) ** 2).sum(axis=(0, 1)), rtol=1e-5)
+    num = np.zeros((K, n, n), np.complex64)
+    ebe.probe_numerator(psi, win, num, None)
+    assert _rel(num, num_w) < 1e-5
 
 
 @pytest.mark.parametrize("modes", [1, 3])
