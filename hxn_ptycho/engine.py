@@ -49,13 +49,17 @@ class MemoryPlan:
     batch_buffers_gb: float
     accumulators_gb: float
     fft_work_gb: float = 0.0
+    streaming: bool = False         # exit waves in (pinned) host memory, moved batch by batch
 
     @property
     def total_gb(self) -> float:
-        return self.exit_waves_gb + self.frames_gb + self.batch_buffers_gb + self.accumulators_gb + self.fft_work_gb
+        """Of the working memory (the GPU's, for the GPU backend)."""
+        resident = 0.0 if self.streaming else self.exit_waves_gb
+        return resident + self.frames_gb + self.batch_buffers_gb + self.accumulators_gb + self.fft_work_gb
 
     def describe(self) -> str:
-        return (f"peak memory estimate {self.total_gb:.2f} GB (exit waves {self.exit_waves_gb:.2f}, "
+        where = " in host memory, streamed" if self.streaming else ""
+        return (f"peak memory estimate {self.total_gb:.2f} GB (exit waves {self.exit_waves_gb:.2f}{where}, "
                 f"frames {self.frames_gb:.2f}, batch buffers {self.batch_buffers_gb:.2f} for {self.batch_size} views, "
                 f"accumulators {self.accumulators_gb:.2f}"
                 + (f", FFT work {self.fft_work_gb:.2f}" if self.fft_work_gb else "") + ")")
@@ -85,23 +89,35 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
     frames = n_local * n * n * itemsize / 2 * gb
     acc = workers * (obj_shape[0] * obj_shape[1] * obj_shape[2] * itemsize * 1.5 + 2 * m * n * n * itemsize) * gb
     bound = params.max_memory_gb or default_memory_bound_gb(backend)
-    per_view = 4 * view_bytes + obj_shape[0] * n * n * itemsize
-    if params.batch_size:
-        batch = params.batch_size
-    elif backend.name == "numpy":
-        batch = max(1, CACHE_BATCH_BYTES // view_bytes)
-    else:
-        free = bound / gb - (psi + frames + acc) / gb
-        batch = max(1, int(free * 0.5 // (per_view * workers)))
-    batch = max(1, min(batch, n_local))
-    fft_work = float(getattr(backend, "fft_work_bytes", lambda b, m, n: 0)(batch, m, n)) * gb
-    plan = MemoryPlan(batch, psi, frames, workers * batch * per_view * gb, acc, fft_work)
+
+    def make(stream: bool) -> MemoryPlan:
+        per_view = (6 if stream else 4) * view_bytes + obj_shape[0] * n * n * itemsize
+        if params.batch_size:
+            batch = params.batch_size
+        elif backend.name == "numpy":
+            batch = max(1, CACHE_BATCH_BYTES // view_bytes)
+        else:
+            free = bound / gb - ((0 if stream else psi) + frames + acc) / gb
+            batch = max(1, int(free * 0.5 // (per_view * workers)))
+        batch = max(1, min(batch, n_local))
+        fft_work = float(getattr(backend, "fft_work_bytes", lambda b, m, n: 0)(batch, m, n)) * gb
+        return MemoryPlan(batch, psi, frames, workers * batch * per_view * gb, acc, fft_work, stream)
+
+    stream = params.exit_waves_on_host
+    plan = make(bool(stream))
+    if stream is None and plan.total_gb > bound and backend.name != "numpy":
+        plan = make(True)           # the scan does not fit on the GPU: keep the exit waves on the host
     if plan.total_gb > bound:
         raise MemoryBoundError(
             f"the reconstruction needs about {plan.total_gb:.2f} GB per process ({plan.describe()}), more than "
             f"the memory bound of {bound:.2f} GB (max_memory_gb); use more MPI ranks, fewer modes or a larger "
             f"max_memory_gb")
     return plan
+
+
+def _copy_into(out: np.ndarray, src: np.ndarray) -> np.ndarray:
+    out[...] = src
+    return out
 
 
 def _median_step(pos: np.ndarray) -> float:
@@ -116,12 +132,17 @@ def _median_step(pos: np.ndarray) -> float:
 class _Worker:
     """Buffers and accumulators of one worker thread (one static share of the batches)."""
 
-    def __init__(self, be: Any, batch: int, L: int, K: int, n: int, obj_shape: tuple, cdtype: Any, rdtype: Any):
+    def __init__(self, be: Any, batch: int, L: int, K: int, n: int, obj_shape: tuple, cdtype: Any, rdtype: Any,
+                 streaming: bool = False):
         self.be = be
+        self.streaming = streaming
         self.alloc(batch, L, K, n, obj_shape, cdtype, rdtype)
 
     def alloc(self, batch: int, L: int, K: int, n: int, obj_shape: tuple, cdtype: Any, rdtype: Any) -> None:
         be = self.be
+        if self.streaming:            # device copies of one batch of the host-resident exit waves
+            self.psi = be.empty((batch, L, K, n, n), cdtype)
+            self.fpsi = be.empty((batch, L, K, n, n), cdtype)
         self.phi = be.empty((batch, L, K, n, n), cdtype)
         self.work = be.empty((batch, L, K, n, n), cdtype)
         self.objwin = be.empty((batch, L, n, n), cdtype)
@@ -184,9 +205,10 @@ class Reconstruction:
         self.probe = be.asarray(self._initial_probe(K), self.cdtype)
         batch = self.plan.batch_size
         self.batches = [slice(i, min(i + batch, len(self.pos))) for i in range(0, len(self.pos), batch)]
-        self.psi = be.empty((len(self.pos), L, K, n, n), self.cdtype)
-        self.fpsi = be.empty((len(self.pos), L, K, n, n), self.cdtype)
-        self._workers = [_Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype)
+        self.streaming = self.plan.streaming
+        self.psi = self._exit_wave_store((len(self.pos), L, K, n, n))
+        self.fpsi = self._exit_wave_store((len(self.pos), L, K, n, n))
+        self._workers = [_Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype, self.streaming)
                          for _ in range(self.workers)]
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         self._each(self._init_psi)
@@ -253,6 +275,27 @@ class Reconstruction:
             probe[:m] = g[:m] * np.sqrt(power / modes.probe_power(g).sum())
         return probe
 
+    # --- exit waves: on the device, or in pinned host memory moved batch by batch ----------------
+    def _exit_wave_store(self, shape: tuple) -> Any:
+        if self.streaming:
+            return self.be.pinned_empty(shape, self.cdtype) if hasattr(self.be, "pinned_empty") \
+                else np.empty(shape, self.cdtype)
+        return self.be.empty(shape, self.cdtype)
+
+    def _load(self, w: "_Worker", name: str, b: slice) -> Any:
+        """The batch ``b`` of ``self.psi`` or ``self.fpsi``, on the device."""
+        if not self.streaming:
+            return getattr(self, name)[b]
+        buf = getattr(w, name)[:b.stop - b.start]
+        return self.be.to_device(getattr(self, name)[b], buf) if hasattr(self.be, "to_device") \
+            else _copy_into(buf, getattr(self, name)[b])
+
+    def _store(self, w: "_Worker", name: str, b: slice, dev: Any) -> None:
+        """Write a batch loaded with :meth:`_load` back to host memory (nothing to do otherwise)."""
+        if self.streaming:
+            host = getattr(self, name)[b]
+            self.be.to_host(dev, host) if hasattr(self.be, "to_host") else _copy_into(host, dev)
+
     # --- worker plumbing ------------------------------------------------------------------------
     def _each(self, fn: Callable[[_Worker, slice], None]) -> None:
         """Run ``fn(worker, batch)`` over all batches, batch i on worker i mod T (static, reproducible)."""
@@ -283,34 +326,41 @@ class Reconstruction:
     def _init_psi(self, w: _Worker, b: slice) -> None:
         B = b.stop - b.start
         ow = self.be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
-        dm.exit_waves(self.be, self.probe, ow, self.psi[b])
-        self.fpsi[b] = self.be.fft2(self.psi[b].copy())
+        psi, fpsi = self._load(w, "psi", b), self._load(w, "fpsi", b)
+        dm.exit_waves(self.be, self.probe, ow, psi)
+        fpsi[...] = psi
+        self.be.fft2(fpsi)
+        self._store(w, "psi", b, psi)
+        self._store(w, "fpsi", b, fpsi)
 
     # --- one DM iteration, per batch ----------------------------------------------------------
     # The DM state is kept in Fourier space (F(ψ)) with ψ beside it: F(P·O) is then the only
     # forward transform and gives the exact data error of the current model for free.
     def _fourier_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
-        fpsi, amp = self.fpsi[b], self.diffamp[b]
+        fpsi, amp = self._load(w, "fpsi", b), self.diffamp[b]
         ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
         fphi = be.fft2(dm.exit_waves(be, self.probe, ow, w.phi[:B]))             # (2), F(P·O)
         w.err += dm.fourier_update(be, fpsi, fphi, amp, self.mask, self.pbound,   # (3), (4), (7)
                                    self.params.beta, w.work[:B])
-        psi = self.psi[b]
+        psi = w.psi[:B] if self.streaming else self.psi[b]
         psi[...] = fpsi
         be.ifft2(psi)                                                             # ψ for (5), (6), in place
-        self._object_sums(w, b)
+        self._store(w, "fpsi", b, fpsi)
+        self._store(w, "psi", b, psi)
+        self._object_sums(w, b, psi)
 
-    def _object_sums(self, w: _Worker, b: slice) -> None:
+    def _object_sums(self, w: _Worker, b: slice, psi: Any = None) -> None:
         be, B = self.be, b.stop - b.start
-        src = dm.object_numerator(be, self.psi[b], self._probe_conj, w.onum_src[:B])   # (6) numerator
+        psi = self._load(w, "psi", b) if psi is None else psi
+        src = dm.object_numerator(be, psi, self._probe_conj, w.onum_src[:B])          # (6) numerator
         be.scatter_add(w.obj_num, self.pos[b], src)
         be.scatter_add(w.obj_den, self.pos[b], self._probe_intensity)                 # (6) denominator
 
     def _probe_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
         ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
-        dm.probe_sums(be, self.psi[b], ow, w.probe_num, w.probe_den, w.work[:B])        # (5)
+        dm.probe_sums(be, self._load(w, "psi", b), ow, w.probe_num, w.probe_den, w.work[:B])   # (5)
 
     def _model_error_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
@@ -373,13 +423,15 @@ class Reconstruction:
         K = len(coef)
 
         def mix(w: _Worker, b: slice) -> None:
-            for arr in (self.psi, self.fpsi):
-                old = arr[b].copy()
+            for name in ("psi", "fpsi"):
+                arr = self._load(w, name, b)
+                old = arr.copy()
                 for i in range(K):
-                    out = arr[b, :, i]
+                    out = arr[:, :, i]
                     be.xp.multiply(old[:, :, 0], coef[i][0], out=out)
                     for k in range(1, K):
                         out += coef[i][k] * old[:, :, k]
+                self._store(w, name, b, arr)
         self._each(mix)
 
     def orthogonalize_probe(self) -> None:
@@ -394,7 +446,7 @@ class Reconstruction:
         keep = min(K, k_old)
         for name in ("psi", "fpsi"):
             old = getattr(self, name)
-            new = be.empty((len(self.pos), L, K, n, n), self.cdtype)
+            new = self._exit_wave_store((len(self.pos), L, K, n, n))
             new[:, :, :keep] = old[:, :, :keep]
             setattr(self, name, new)
             del old
@@ -408,8 +460,12 @@ class Reconstruction:
             def init_new(w: _Worker, b: slice) -> None:
                 B = b.stop - b.start
                 ow = be.gather(self.obj, self.pos[b], n, out=w.objwin[:B])
-                self.psi[b, :, k_old:] = ow[:, :, None] * self.probe[None, None, k_old:]
-                self.fpsi[b, :, k_old:] = be.fft2(self.psi[b, :, k_old:].copy())
+                for name in ("psi", "fpsi"):
+                    arr = self._load(w, name, b)
+                    arr[:, :, k_old:] = ow[:, :, None] * self.probe[None, None, k_old:]
+                    if name == "fpsi":
+                        arr[:, :, k_old:] = be.fft2(arr[:, :, k_old:].copy())
+                    self._store(w, name, b, arr)
             self._each(init_new)
 
     def auto_modes_step(self, it: int) -> bool:

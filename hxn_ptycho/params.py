@@ -33,6 +33,7 @@ class ReconParams:
     init_from: str | None = None         # a previous result file (warm start)
     precision: str = "single"            # "single" (complex64) or "double" (complex128)
     batch_size: int | None = None        # views per batch; None = from max_memory_gb
+    exit_waves_on_host: bool | None = None  # GPU: keep exit waves in pinned host memory (None = when they don't fit)
     max_memory_gb: float | None = None   # bound for one process's memory; None = 75 % of RAM (90 % of a GPU's)
     object_reg: float = 1e-3             # relative regulariser of the object denominator (6)
     probe_reg: float = 1e-3              # relative regulariser of the probe denominator (5)

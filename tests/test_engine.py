@@ -205,3 +205,16 @@ def test_bad_parameters_are_named():
         ReconParams.from_dict({"iterations": 3, "colour": "blue"})
     p = ReconParams(probe_modes="auto", beta=0.7)
     assert ReconParams.from_json(p.to_json()) == p
+
+
+def test_streamed_exit_waves_give_the_same_result(sim3):
+    """Exit waves kept in host memory and moved batch by batch (the GPU path for scans that do not
+    fit on the device) change nothing: same numbers, modes added and mixed included."""
+    scan, _ = sim3
+    p = ReconParams(iterations=22, probe_modes="auto", auto_interval=10, batch_size=16, precision="double")
+    a = reconstruct(scan, p, backend=NumpyBackend(2), **QUIET)
+    rec = Reconstruction(scan, p.replace(exit_waves_on_host=True), backend=NumpyBackend(2), **QUIET)
+    assert rec.streaming and "streamed" in rec.plan.describe()
+    b = rec.run()
+    np.testing.assert_array_equal(a.object, b.object)
+    np.testing.assert_array_equal(a.probe, b.probe)

@@ -386,6 +386,10 @@ class _FakeCupy:
         def get_current_stream():
             return type("S", (), {"synchronize": staticmethod(lambda: None), "ptr": 0})()
 
+        @staticmethod
+        def alloc_pinned_memory(nbytes):
+            return bytearray(nbytes)
+
 
 class _FakePlan:
     """cuFFT semantics: unnormalised in both directions, in or out of place."""
@@ -411,6 +415,9 @@ def _emulated_backend(k):
 
     be = object.__new__(gpu.CupyBackend)
     be.xp = _FakeCupy()
+    # host <-> device copies (cupy's ndarray.set/get) as plain copies
+    be.to_device = lambda host, out: (np.copyto(out, host), out)[1]
+    be.to_host = lambda dev, out: (np.copyto(out, dev), out)[1]
     be.device_id, be.device, be.device_name, be.sm_count = 0, contextlib.nullcontext(), "CPU emulation", 2
     be.scatter_mode = "atomic"
     be._cufft = SimpleNamespace(CUFFT_FORWARD=-1, CUFFT_INVERSE=1)
@@ -496,8 +503,8 @@ def test_backend_window_steps_match_numpy(ebe, mode):
     assert _rel(num, num_w) < 1e-5
 
 
-@pytest.mark.parametrize("modes", [1, 3])
-def test_reconstruction_with_emulated_gpu_backend_matches_numpy(ebe, modes):
+@pytest.mark.parametrize("modes, on_host", [(1, False), (3, False), (3, True)])
+def test_reconstruction_with_emulated_gpu_backend_matches_numpy(ebe, modes, on_host):
     """The engine on CupyBackend's host code + emulated kernels against the numpy backend."""
     from hxn_ptycho.backend import NumpyBackend
     from hxn_ptycho.engine import reconstruct
@@ -505,7 +512,7 @@ def test_reconstruction_with_emulated_gpu_backend_matches_numpy(ebe, modes):
     from hxn_ptycho.simulate import simulate_scan
     scan, _ = simulate_scan(n=16, n_positions=12, probe_modes=modes, photons=1e5, seed=2, dead_pixels=0.05)
     params = ReconParams(iterations=4, probe_modes=modes, precision="single", batch_size=5,
-                         probe_update_start=1, max_memory_gb=1.0)
+                         probe_update_start=1, max_memory_gb=1.0, exit_waves_on_host=on_host)
     cpu = reconstruct(scan, params, backend=NumpyBackend(1))
     emu = reconstruct(scan, params, backend=ebe)
     assert emu.attrs["backend"] == "cupy"
