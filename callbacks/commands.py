@@ -154,6 +154,8 @@ def collected_from_catalog(raw: Any, detectors: tuple[str, ...], position_fields
     from .collector import CollectedRun
     from .export import ExportError, find_detector
 
+    from .query import as_v3
+    raw = as_v3(raw)
     start, stop = dict(raw.metadata["start"]), dict(raw.metadata.get("stop") or {})
     if "primary" not in raw:
         raise ExportError(f"stored run {start.get('uid')} has no 'primary' stream")

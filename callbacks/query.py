@@ -73,14 +73,24 @@ def find_derived(catalog: Any, *, scan_id: int | None = None, raw_uid: str | Non
     return found.values().last()
 
 
-def _read(stream: Any, key: str) -> np.ndarray | None:
+def _read(stream: Any, key: str, required: bool = True) -> np.ndarray | None:
     try:
         return np.asarray(stream[key].read())
     except KeyError:
+        if required:
+            raise NoResult(f"derived run {stream.uri}: stream has no '{key}'") from None
         return None
 
 
+def as_v3(run: Any) -> Any:
+    """The v3 view of a run. databroker's v1/v2 accessors switch the *shared* structure-client
+    registry to v2 (``copy.copy`` of tiled's ``OneShotCachedMap`` shares its dict), so a client
+    may hand out v2 runs after ``db[...]`` was used; v3 gives streams as containers of arrays."""
+    return run.v3 if hasattr(run, "v3") else run
+
+
 def load_result(run: Any) -> DerivedResult:
+    run = as_v3(run)
     md = run.metadata
     start, stop = dict(md.get("start", {})), dict(md.get("stop") or {})
     out = DerivedResult(uid=start.get("uid"), raw_uid=start.get("raw_uid"), scan_id=start.get("scan_id"),
@@ -96,7 +106,7 @@ def load_result(run: Any) -> DerivedResult:
     out.final_data_error = float(_read(p, "final_data_error")[0])
     if "iterations" in run:
         it = run["iterations"]
-        out.data_error, out.probe_error, out.object_error = (_read(it, k) for k in
+        out.data_error, out.probe_error, out.object_error = (_read(it, k, False) for k in
                                                              ("data_error", "probe_error", "object_error"))
     return out
 
