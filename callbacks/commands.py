@@ -88,12 +88,16 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike) -> tup
             env["TILED_API_KEY"] = key
     export = ExportConfig(crop=args.crop, energy_kev=args.energy_kev, distance_m=args.distance_m,
                           detectors=tuple(args.detectors), position_fields=tuple(args.positions_from),
-                          scaler=args.scaler or None)
+                          scaler=args.scaler or None, frame_wait_s=args.frame_wait)
     params = {"iterations": args.iterations, "probe_modes": args.probe_modes}
+    pools = args.gpu_pools or None
     jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending, env=env,
-                    on_failure=job_failure_recorder(catalog)).start()
+                    on_failure=job_failure_recorder(catalog), gpu_pools=pools).start()
+    if pools:
+        params["backend"] = "auto"
     cb = PtychoCallback(CallbackConfig(work_dir=str(work_dir), catalog=catalog, params=params,
-                                       nprocs=args.nprocs, export=export), jobs)
+                                       nprocs=args.nprocs, export=export,
+                                       gpus=len(pools[0].split(",")) if pools else 0), jobs)
     return jobs, cb
 
 
@@ -307,6 +311,10 @@ def _add_callback_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nprocs", type=int, default=1, help="MPI ranks per job")
     p.add_argument("--slots", type=int, default=1, help="jobs at a time (one per GPU pool)")
     p.add_argument("--max-pending", type=int, default=1000, help="bound of the job queue")
+    p.add_argument("--gpu-pools", nargs="*", metavar="IDS",
+                   help="GPU pools, e.g. 0,1 2,3: one job at a time on each (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--frame-wait", type=float, default=5.0,
+                   help="seconds to wait for detector frames still being written (default 5)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 

@@ -50,7 +50,7 @@ class ExportConfig:
     center: tuple[int, int] | None = None                     # (row, col); None = from the mean frame
     bad_pixels: tuple[tuple[int, int], ...] = ()
     hot_pixels: bool = True                                   # mask pixels constant and bright in all frames
-    frame_wait_s: float = 10.0                                # wait this long for frames still being written
+    frame_wait_s: float = 5.0                                 # wait this long for frames still being written
 
 
 def bragg_energy_kev(theta_deg: float) -> float:

@@ -2,8 +2,8 @@
 
 Jobs are JSON files under ``DIR/pending``, ``DIR/running``, ``DIR/done`` and ``DIR/failed``;
 a job moves between them by atomic rename, so a listener that restarts finds what was pending
-(and re-runs what was running when it died). ``slots`` runner threads (one per GPU pool; 1 by
-default) take the oldest pending job, run it with ``subprocess.Popen`` (never a shell) and wait
+(and re-runs what was running when it died). ``slots`` runner threads (1 by default; with
+``gpu_pools`` such as ``["0,1", "2,3"]`` one per pool, each job seeing only its pool's GPUs) take the oldest pending job, run it with ``subprocess.Popen`` (never a shell) and wait
 for it — on their own threads, never on the RunEngine's. ``max_pending`` bounds the queue.
 
 A job that exits non-zero without having recorded its failure in the catalog gets a ``fail``
@@ -89,9 +89,11 @@ class JobQueue:
 
     def __init__(self, directory: str | os.PathLike, *, slots: int = 1, max_pending: int = 1000,
                  command: Callable[[Job], list[str]] = job_command, env: dict[str, str] | None = None,
-                 on_failure: Callable[[Job, str], None] | None = None, timeout_s: float | None = None) -> None:
+                 on_failure: Callable[[Job, str], None] | None = None, timeout_s: float | None = None,
+                 gpu_pools: list[str] | None = None) -> None:
         self.directory = Path(directory)
-        self.slots = max(1, int(slots))
+        self.gpu_pools = list(gpu_pools or [])
+        self.slots = len(self.gpu_pools) if self.gpu_pools else max(1, int(slots))
         self.max_pending = int(max_pending)
         self.command = command
         self.env = dict(env or {})
@@ -155,12 +157,12 @@ class JobQueue:
             os.replace(p, self.directory / "pending" / p.name)
         self._stop.clear()
         for i in range(self.slots):
-            t = threading.Thread(target=self._runner, name=f"hxn-ptycho-job-{i}", daemon=True)
+            t = threading.Thread(target=self._runner, args=(i,), name=f"hxn-ptycho-job-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         return self
 
-    def _runner(self) -> None:
+    def _runner(self, slot: int = 0) -> None:
         while not self._stop.is_set():
             claimed = self._claim()
             if claimed is None:
@@ -169,7 +171,7 @@ class JobQueue:
                 continue
             job, running = claimed
             try:
-                ok = self._run(job)
+                ok = self._run(job, slot)
             except Exception as exc:              # never let a runner die
                 log.exception("job %s could not be run", job.id)
                 job.reason, ok = f"the job could not be started: {type(exc).__name__}: {exc}", False
@@ -180,10 +182,12 @@ class JobQueue:
                     log.exception("job %s: recording its failure failed", job.id)
             self._finish(job, running, ok)
 
-    def _run(self, job: Job) -> bool:
+    def _run(self, job: Job, slot: int = 0) -> bool:
         argv = self.command(job)
         logfile = self.directory / "logs" / f"{job.id}.log"
         env = dict(os.environ, **self.env)
+        if self.gpu_pools:                        # one job at a time on each pool of GPUs
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu_pools[slot]
         env.setdefault("OMP_NUM_THREADS", "1")
         log.info("job %s: %s", job.id, " ".join(argv))
         job.started = time.time()

@@ -62,7 +62,7 @@ def start_listener(server, port_out, work, log_path, extra=()):
     env = dict(os.environ, TILED_API_KEY=server.api_key, OMP_NUM_THREADS="1")
     argv = [sys.executable, "-m", "hxn_ptycho.callbacks.commands", "listen", "--zmq", f"127.0.0.1:{port_out}",
             "--catalog", str(server.directory), "--work-dir", str(work), "--crop", "64",
-            "--iterations", "5", "--slots", "2", *extra]
+            "--iterations", "5", "--slots", "2", "--frame-wait", "1", *extra]
     proc = subprocess.Popen(argv, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env)
     wait_for(lambda: "listening on" in log_path.read_text(errors="replace") or proc.poll() is not None,
              60, what="the listener to start")
@@ -204,3 +204,23 @@ def test_queue_is_bounded_and_failures_are_recorded(tmp_path):
     assert q.wait_idle(60)
     q.stop()
     assert len(failures) == 2 and "exited with status 3" in failures[0] and "boom: bad scan" in failures[0]
+
+
+def test_gpu_pools_one_job_at_a_time_each(tmp_path):
+    """Two pools → two runners; each job sees only its pool's GPUs."""
+    from hxn_ptycho.callbacks.launcher import Job, JobQueue
+
+    out = tmp_path / "seen"
+    out.mkdir()
+    code = ("import os, pathlib, sys, time; time.sleep(0.3); "
+            "pathlib.Path(sys.argv[1]).write_text(os.environ['CUDA_VISIBLE_DEVICES'])")
+    q = JobQueue(tmp_path / "q", gpu_pools=["0,1", "2,3"],
+                 command=lambda job: [sys.executable, "-c", code, str(out / job.id)])
+    assert q.slots == 2
+    for i in range(4):
+        q.submit(Job(scan_file=f"s{i}", result_file=f"r{i}"))
+    q.start()
+    assert q.wait_idle(60)
+    q.stop()
+    seen = sorted(p.read_text() for p in out.iterdir())
+    assert len(seen) == 4 and set(seen) <= {"0,1", "2,3"}
