@@ -101,7 +101,7 @@ def _load_config_file(path: Path) -> CatalogConfig:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - yaml/json errors of any kind
         raise CatalogError(f"catalog config {path} is not valid {path.suffix or 'JSON'}: {exc}") from None
     if not isinstance(data, dict) or "uri" not in data:
         raise CatalogError(f"catalog config {path} must be a mapping with at least a 'uri' entry")
@@ -115,7 +115,7 @@ def _load_config_file(path: Path) -> CatalogConfig:
     return cfg
 
 
-def resolve_catalog(spec: "str | os.PathLike | CatalogConfig | None" = None) -> CatalogConfig:
+def resolve_catalog(spec: str | os.PathLike | CatalogConfig | None = None) -> CatalogConfig:
     """Turn a URL, a config file path, a :class:`CatalogConfig` or None (environment) into a config."""
     if isinstance(spec, CatalogConfig):
         return spec
@@ -136,7 +136,7 @@ def resolve_catalog(spec: "str | os.PathLike | CatalogConfig | None" = None) -> 
     raise CatalogError(f"catalog {spec!r} is neither an http(s) URL nor an existing config file")
 
 
-def connect(spec: "str | os.PathLike | CatalogConfig | None" = None, *, timeout: float = 30.0) -> Any:
+def connect(spec: str | os.PathLike | CatalogConfig | None = None, *, timeout: float = 30.0) -> Any:
     """A Tiled client for the catalog root, with a clear error when it is unreachable."""
     from tiled.client import from_uri
 
@@ -179,7 +179,7 @@ def ensure_containers(client: Any, names: tuple[str, ...] = ("raw", "processed")
                 raise CatalogError(f"cannot create the container {name!r} in the catalog: {exc}") from exc
 
 
-def runs(spec: "str | os.PathLike | CatalogConfig | None" = None, which: str = "raw") -> Any:
+def runs(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "raw") -> Any:
     """The ``raw`` or ``processed`` container (a ``CatalogOfBlueskyRuns`` client)."""
     cfg = resolve_catalog(spec)
     client = connect(cfg)
@@ -187,14 +187,14 @@ def runs(spec: "str | os.PathLike | CatalogConfig | None" = None, which: str = "
     return client[cfg.raw if which == "raw" else cfg.processed if which == "processed" else which]
 
 
-def tiled_writer(spec: "str | os.PathLike | CatalogConfig | None" = None, which: str = "raw", **kwargs: Any) -> Any:
+def tiled_writer(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "raw", **kwargs: Any) -> Any:
     """A ``TiledWriter`` for the raw (or processed) container — subscribe it to the RunEngine."""
     from bluesky_tiled_plugins import TiledWriter
 
     return TiledWriter(runs(spec, which), **kwargs)
 
 
-def broker(spec: "str | os.PathLike | CatalogConfig | None" = None, which: str = "raw") -> Any:
+def broker(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "raw") -> Any:
     """databroker's v1 ``Broker`` over the same client: ``db[-1]``, ``db[scan_id]``, ``db(key=value)``."""
     from databroker.v1 import Broker
 
@@ -292,11 +292,11 @@ class EmbeddedServer:
             cmd += ["-r", r]
         return cmd + ["--host", "127.0.0.1", "--port", str(self.port)]
 
-    def start(self, timeout: float = 60.0) -> "EmbeddedServer":
+    def start(self, timeout: float = 60.0) -> EmbeddedServer:
         (self.directory / "data").mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.directory / "api_key", self.api_key + "\n", mode=0o600)
         env = dict(os.environ, TILED_SINGLE_USER_API_KEY=self.api_key)
-        logf = open(self.log_file, "ab")
+        logf = open(self.log_file, "ab")  # noqa: SIM115 - handed to Popen, closed below
         try:
             self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -306,7 +306,7 @@ class EmbeddedServer:
             wait_for_server(self.uri, timeout, self.proc)
             cfg = self.config
             ensure_containers(connect(cfg), (cfg.raw, cfg.processed))
-        except Exception:
+        except Exception:  # noqa: BLE001 - any start failure: stop and report
             tail = self.log_tail()
             self.stop()
             raise CatalogError(f"the embedded Tiled server did not start; its log ({self.log_file}) ends:\n{tail}")
@@ -333,8 +333,8 @@ class EmbeddedServer:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
 
-    def __enter__(self) -> "EmbeddedServer":
+    def __enter__(self) -> EmbeddedServer:  # noqa: PYI034
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

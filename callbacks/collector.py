@@ -8,8 +8,9 @@ router puts it on a worker queue). Reading frames happens later, in :mod:`.expor
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from event_model import DocumentRouter
 

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .catalog import CatalogError, EmbeddedServer, resolve_catalog
 
@@ -155,9 +156,9 @@ def collected_from_catalog(raw: Any, detectors: tuple[str, ...], position_fields
                            scaler: str | None) -> tuple[Any, Any]:
     """A stored raw run (Tiled client) → (CollectedRun, frames array)."""
     import numpy as np
+
     from .collector import CollectedRun
     from .export import ExportError, find_detector
-
     from .query import as_v3
     raw = as_v3(raw)
     start, stop = dict(raw.metadata["start"]), dict(raw.metadata.get("stop") or {})
@@ -186,12 +187,13 @@ def collected_from_catalog(raw: Any, detectors: tuple[str, ...], position_fields
 
 def reconstruct_from_catalog(args: argparse.Namespace) -> int:
     """``hxn-ptycho reconstruct --scan-id N --catalog C``: export the stored run, run the job, publish."""
+    from hxn_ptycho.params import ReconParams
+    from hxn_ptycho.scanfile import write_scan
+
     from .catalog import runs
     from .export import ExportConfig, ExportError, build_scan
     from .launcher import mpiexec_path
     from .query import results, summary_png
-    from hxn_ptycho.params import ReconParams
-    from hxn_ptycho.scanfile import write_scan
 
     _setup_logging(False)
     try:
@@ -247,6 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from bluesky.preprocessors import SupplementalData
 
     from hxn_ptycho.simulate import simulate_scan
+
     from .catalog import tiled_writer
     from .query import results, summary_png
     from .sim_beamline import SimFrames, fly_scan, make_hxn, step_scan

@@ -19,12 +19,19 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-from .catalog import CatalogConfig, CatalogError, atomic_write_text, resolve_catalog, runs
+from .catalog import (
+    CatalogConfig,
+    CatalogError,
+    atomic_write_text,
+    resolve_catalog,
+    runs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +91,7 @@ def _scan_file_id(path: str) -> Any:
         from hxn_ptycho.scanfile import scan_info
         value = scan_info(path)["attrs"].get("scan_id")
         return int(value) if value is not None and int(value) >= 0 else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable scan file just leaves scan_id unset
         return None
 
 
@@ -110,6 +117,7 @@ def _array_key(arr: np.ndarray, external: bool) -> dict:
 def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon: dict) -> list[Doc]:
     """The complete derived run (success) of the result file at ``result_path``."""
     from event_model import compose_run
+
     from hxn_ptycho.resultfile import read_result
 
     res = read_result(result_path)
@@ -164,7 +172,7 @@ def failure_documents(raw_uid: str | None, recon: dict, reason: str) -> list[Doc
     return [("start", bundle.start_doc), ("stop", bundle.compose_stop(exit_status="fail", reason=str(reason)))]
 
 
-def write_documents(catalog: "str | os.PathLike | CatalogConfig | None", docs: Iterable[Doc],
+def write_documents(catalog: str | os.PathLike | CatalogConfig | None, docs: Iterable[Doc],
                     backup: str | os.PathLike | None = None) -> str:
     """Send one run's documents to the ``processed`` container; return its uid.
 
@@ -196,7 +204,7 @@ def save_documents(path: str | os.PathLike, docs: Iterable[Doc]) -> None:
     atomic_write_text(path, "".join(json.dumps([name, doc]) + "\n" for name, doc in docs))
 
 
-def republish(path: str | os.PathLike, catalog: "str | os.PathLike | CatalogConfig | None" = None) -> str:
+def republish(path: str | os.PathLike, catalog: str | os.PathLike | CatalogConfig | None = None) -> str:
     """Send documents saved by a failed publish to the catalog; return the run's uid."""
     docs = [tuple(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
     uid = write_documents(catalog, docs)  # type: ignore[arg-type]

@@ -18,11 +18,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import urlsplit, unquote
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from hxn_ptycho.scanfile import ScanData
 
 from .collector import CollectedRun
 
@@ -269,7 +271,7 @@ def beam_center(mean_frame: np.ndarray, good: np.ndarray) -> tuple[int, int]:
     if total <= 0:
         raise ExportError("cannot find the beam centre: the mean detector frame is empty")
     rows, cols = np.indices(w.shape)
-    return int(round(float((rows * w).sum() / total))), int(round(float((cols * w).sum() / total)))
+    return round(float((rows * w).sum() / total)), round(float((cols * w).sum() / total))
 
 
 def bad_pixel_mask(frames: np.ndarray, bad: list[tuple[int, int]], hot: bool) -> np.ndarray:
@@ -293,7 +295,7 @@ def crop_frames(frames: np.ndarray, good: np.ndarray, center: tuple[int, int], s
     return frames[:, r0:r0 + size, c0:c0 + size], good[r0:r0 + size, c0:c0 + size]
 
 
-def build_scan(run: CollectedRun, cfg: ExportConfig, frames: np.ndarray | None = None) -> "ScanData":
+def build_scan(run: CollectedRun, cfg: ExportConfig, frames: np.ndarray | None = None) -> ScanData:
     """The :class:`~hxn_ptycho.scanfile.ScanData` of a collected run (reads the frames unless given)."""
     from hxn_ptycho.scanfile import ScanData
 
@@ -327,10 +329,10 @@ def build_scan(run: CollectedRun, cfg: ExportConfig, frames: np.ndarray | None =
                     mask=None if mask.all() else mask, attrs=attrs)
 
 
-def export_scan(run: CollectedRun, cfg: ExportConfig, path: str | os.PathLike) -> "ScanData":
+def export_scan(run: CollectedRun, cfg: ExportConfig, path: str | os.PathLike) -> ScanData:
     """Build and atomically write the scan file of ``run``; return its data."""
-    from hxn_ptycho.scanfile import write_scan
     from hxn_ptycho.h5util import FileFormatError
+    from hxn_ptycho.scanfile import write_scan
 
     scan = build_scan(run, cfg)
     try:

@@ -20,9 +20,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .catalog import atomic_write_text
 
@@ -54,7 +55,7 @@ class Job:
     reason: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Job":
+    def from_dict(cls, d: dict) -> Job:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -150,7 +151,7 @@ class JobQueue:
         running.unlink(missing_ok=True)
 
     # -- runners --------------------------------------------------------------------------
-    def start(self) -> "JobQueue":
+    def start(self) -> JobQueue:
         """Requeue what a previous process left running, then start the runner threads."""
         for p in sorted((self.directory / "running").glob("*.json")):
             log.warning("job queue: requeueing %s, left running by a previous process", p.name)

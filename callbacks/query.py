@@ -121,8 +121,9 @@ def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
     """Object amplitude and phase, probe modes and the error curve in one PNG (written atomically)."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     if not res.ok:
         raise NoResult(f"derived run {res.uid} failed ({res.reason}); there is nothing to plot")

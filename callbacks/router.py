@@ -10,12 +10,11 @@ thread does the heavy part: read the frames, write the scan file, submit the job
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from event_model import RunRouter
 
@@ -68,7 +67,7 @@ class PtychoCallback:
         (self.work_dir / "scans").mkdir(parents=True, exist_ok=True)
         (self.work_dir / "results").mkdir(parents=True, exist_ok=True)
         self._router = RunRouter([self._factory])
-        self._pending: "queue.Queue[CollectedRun | None]" = queue.Queue()
+        self._pending: queue.Queue[CollectedRun | None] = queue.Queue()
         self._busy = threading.Event()
         self.submitted: list[Job] = []
         self.failed: list[tuple[str, str]] = []          # (raw uid, reason)
@@ -79,7 +78,7 @@ class PtychoCallback:
     def __call__(self, name: str, doc: dict) -> None:
         try:
             self._router(name, doc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - nothing may raise into the RunEngine
             log.error("hxn-ptycho callback: ignored a malformed %r document (%s: %s)",
                       name, type(exc).__name__, exc)
 
@@ -138,7 +137,7 @@ class PtychoCallback:
         self.failed.append((run.uid, reason))
         try:
             self.on_failure(run, reason)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the worker thread must survive any run
             log.error("run %s: could not record the failure in the catalog: %s", run.uid, exc)
 
     def _publish_failure(self, run: CollectedRun, reason: str) -> None:
@@ -170,15 +169,16 @@ def job_failure_recorder(catalog: str | None) -> Callable[[Job, str], None]:
     def record(job: Job, reason: str) -> None:
         if not catalog:
             return
-        from .catalog import runs
         from tiled.queries import Comparison, Eq
+
+        from .catalog import runs
         from .derived import publish_failure
         try:
             found = runs(catalog, "processed").search(Eq("raw_uid", job.raw_uid)).search(
                 Comparison("ge", "time", float(job.started or job.created)))
             if len(found):
                 return                        # the job recorded its own failure
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - recording a failure must not stop the queue
             log.warning("job %s: could not check the catalog for its failure record (%s)", job.id, exc)
         recon = {**job.recon, "params": job.params, "scan_id": job.scan_id, "job_id": job.id,
                  "failure_backup": str(job.result_file) + ".fail.docs.jsonl"}

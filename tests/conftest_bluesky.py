@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-
 from hxn_ptycho.callbacks.catalog import EmbeddedServer
+
+if TYPE_CHECKING:
+    from hxn_ptycho.resultfile import ResultData
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def tiled_server(tmp_path_factory):
         server.stop()
 
 
-def make_result(path: str | os.PathLike, iterations: int = 5, modes: int = 2, n: int = 16, scan_id: int = 7) -> "ResultData":
+def make_result(path: str | os.PathLike, iterations: int = 5, modes: int = 2, n: int = 16, scan_id: int = 7) -> ResultData:
     """A small, valid result file (no reconstruction needed)."""
     from hxn_ptycho.resultfile import ResultData, write_result
 

@@ -6,15 +6,27 @@ import logging
 import sys
 import time
 
+import conftest_bluesky
 import numpy as np
 import pytest
 
-from conftest_bluesky import tiled_server, wait_for  # noqa: F401  (fixture)
-from hxn_ptycho.callbacks.collector import CollectedRun, RunCollector
-from hxn_ptycho.callbacks.export import (ExportConfig, ExportError, beam_center, bragg_angle_deg,
-                                         bragg_energy_kev, build_scan)
+tiled_server = conftest_bluesky.tiled_server      # the fixture (a real Tiled server process)
+from hxn_ptycho.callbacks.collector import RunCollector
+from hxn_ptycho.callbacks.export import (
+    ExportConfig,
+    ExportError,
+    beam_center,
+    bragg_angle_deg,
+    bragg_energy_kev,
+    build_scan,
+)
 from hxn_ptycho.callbacks.launcher import Job, JobQueue, job_command, mpiexec_path
-from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback, is_ptycho_run, job_failure_recorder
+from hxn_ptycho.callbacks.router import (
+    CallbackConfig,
+    PtychoCallback,
+    is_ptycho_run,
+    job_failure_recorder,
+)
 
 PARAMS = {"iterations": 8, "probe_modes": 1}
 
@@ -22,7 +34,7 @@ PARAMS = {"iterations": 8, "probe_modes": 1}
 @pytest.fixture(scope="module")
 def sim():
     from hxn_ptycho.simulate import simulate_scan
-    scan, truth = simulate_scan(n=64, n_positions=60, seed=3, photons=1e6)
+    scan, _truth = simulate_scan(n=64, n_positions=60, seed=3, photons=1e6)
     return scan
 
 
@@ -206,7 +218,6 @@ def test_in_process_scan_to_derived_run(tiled_server, tmp_path, sim, monkeypatch
 
 def test_unreachable_catalog_is_logged_and_other_runs_go_on(tmp_path, sim, caplog):
     """A broken run cannot be recorded (catalog down): a clear log line; the next run is still processed."""
-    from bluesky import RunEngine
     from hxn_ptycho.callbacks.catalog import free_port
     from hxn_ptycho.callbacks.sim_beamline import SimFrames, make_hxn, step_scan
 

@@ -13,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import conftest_bluesky
 import pytest
+from conftest_bluesky import wait_for
 
-from conftest_bluesky import tiled_server, wait_for  # noqa: F401  (fixture)
+tiled_server = conftest_bluesky.tiled_server      # the fixture (a real Tiled server process)
 from hxn_ptycho.callbacks.catalog import free_port, runs
 
 KINDS = ["ok", "ok", "abort", "ok", "frames", "fly", "fail", "ok", "pos", "ok",
@@ -50,7 +51,7 @@ def zmq_proxy(tmp_path):
     port_in, port_out = free_port(), free_port()
     exe = Path(sys.executable).with_name("bluesky-0MQ-proxy")
     proc = subprocess.Popen([str(exe), str(port_in), str(port_out)], stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "proxy.log", "wb"))
+                            stderr=open(tmp_path / "proxy.log", "wb"))  # noqa: SIM115 - the subprocess owns it
     time.sleep(0.5)
     assert proc.poll() is None, (tmp_path / "proxy.log").read_text()
     yield port_in, port_out
@@ -63,7 +64,7 @@ def start_listener(server, port_out, work, log_path, extra=()):
     argv = [sys.executable, "-m", "hxn_ptycho.callbacks.commands", "listen", "--zmq", f"127.0.0.1:{port_out}",
             "--catalog", str(server.directory), "--work-dir", str(work), "--crop", "64",
             "--iterations", "5", "--slots", "2", "--frame-wait", "1", *extra]
-    proc = subprocess.Popen(argv, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(argv, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115 - the subprocess owns it
     wait_for(lambda: "listening on" in log_path.read_text(errors="replace") or proc.poll() is not None,
              60, what="the listener to start")
     assert proc.poll() is None, log_path.read_text()
@@ -76,10 +77,15 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
     from bluesky.callbacks.zmq import Publisher
     from bluesky.preprocessors import SupplementalData
     from bluesky.utils import RunEngineInterrupted
+    from hxn_ptycho.callbacks.catalog import tiled_writer
+    from hxn_ptycho.callbacks.sim_beamline import (
+        SimFrames,
+        fly_scan,
+        make_hxn,
+        step_scan,
+    )
     from tiled.queries import Eq
 
-    from hxn_ptycho.callbacks.catalog import tiled_writer
-    from hxn_ptycho.callbacks.sim_beamline import SimFrames, fly_scan, make_hxn, step_scan
     from hxn_ptycho.simulate import simulate_scan
 
     monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
@@ -117,7 +123,7 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
                 RE.abort("aborted by the test")
             except PlannedFailure:
                 assert kind == "fail"
-            except Exception as exc:                  # anything else means the callbacks hurt the RE
+            except Exception as exc:                  # anything else means the callbacks hurt the RE  # noqa: BLE001 - anything else is a test failure
                 unexpected.append((i, exc))
             uids[100 + i] = kind
         assert not unexpected, unexpected

@@ -1,10 +1,12 @@
 """The derived run: publish_result / publish_failure against a real Tiled server, read back."""
 from __future__ import annotations
 
+import conftest_bluesky
 import numpy as np
 import pytest
+from conftest_bluesky import make_result
 
-from conftest_bluesky import make_result, tiled_server  # noqa: F401  (fixture)
+tiled_server = conftest_bluesky.tiled_server      # the fixture (a real Tiled server process)
 from hxn_ptycho.callbacks import derived
 from hxn_ptycho.callbacks.catalog import CatalogError, resolve_catalog, runs
 

@@ -3,12 +3,12 @@ does with ``ipython --profile-dir profile_collection``), run a simulated scan th
 and lands in the catalog; databroker's v1 ``db[-1]``/``db[scan_id]``/``db(...)`` work on it."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
+import conftest_bluesky
 import numpy as np
 
-from conftest_bluesky import tiled_server  # noqa: F401  (fixture)
+tiled_server = conftest_bluesky.tiled_server      # the fixture (a real Tiled server process)
 
 STARTUP = Path(__file__).resolve().parents[1] / "profile_collection" / "startup"
 
@@ -16,7 +16,7 @@ STARTUP = Path(__file__).resolve().parents[1] / "profile_collection" / "startup"
 def run_startup(namespace: dict) -> list[str]:
     files = sorted(STARTUP.glob("[0-9][0-9]-*.py"))
     for path in files:
-        exec(compile(path.read_text(), str(path), "exec"), namespace)
+        exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - IPython runs startup files the same way
     return [p.name for p in files]
 
 

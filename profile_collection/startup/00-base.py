@@ -10,7 +10,6 @@ from pathlib import Path
 
 from bluesky import RunEngine
 from bluesky.preprocessors import SupplementalData
-
 from hxn_ptycho.callbacks.catalog import EmbeddedServer, broker, tiled_writer
 
 logging.getLogger("hxn_ptycho").setLevel(logging.INFO)

@@ -1,4 +1,5 @@
 # 10-devices.py — the HXN devices: simulated (default) or real (HXN_PTYCHO_SIM=0).
+# ruff: noqa: F821  (RE, sd, CATALOG, PROFILE_DIR, ... come from the earlier startup files)
 #
 # Simulated: zpssx/zpssy (+ encoders), merlin1 writing AD-style HDF5 frames of a simulated
 # sample, dcm_th (Si(111), in the baseline) and sclr1. Real: EPICS devices whose PV names come
@@ -8,7 +9,13 @@ import os
 SIMULATED = os.environ.get("HXN_PTYCHO_SIM", "1") != "0"
 
 if SIMULATED:
-    from hxn_ptycho.callbacks.sim_beamline import SimFrames, fly_scan, make_hxn, step_scan
+    from hxn_ptycho.callbacks.sim_beamline import (
+        SimFrames,
+        fly_scan,
+        make_hxn,
+        step_scan,
+    )
+
     from hxn_ptycho.simulate import simulate_scan
 
     sim_scan, _sim_truth = simulate_scan(n=64, n_positions=int(os.environ.get("HXN_PTYCHO_SIM_POINTS", "100")),

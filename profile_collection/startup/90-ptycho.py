@@ -1,4 +1,5 @@
 # 90-ptycho.py — reconstruct every ptychography scan: subscribe the hxn-ptycho callback.
+# ruff: noqa: F821  (RE, sd, CATALOG, PROFILE_DIR, ... come from the earlier startup files)
 #
 # Scan files, results and the on-disk job queue go to $HXN_PTYCHO_WORK (default
 # PROFILE_DIR/work); jobs run `mpiexec -n $HXN_PTYCHO_NPROCS python -m hxn_ptycho.job` one at a
@@ -9,8 +10,11 @@ import os
 from hxn_ptycho.callbacks.catalog import resolve_catalog
 from hxn_ptycho.callbacks.export import ExportConfig
 from hxn_ptycho.callbacks.launcher import JobQueue
-from hxn_ptycho.callbacks.query import results
-from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback, job_failure_recorder
+from hxn_ptycho.callbacks.router import (
+                       CallbackConfig,
+                       PtychoCallback,
+                       job_failure_recorder,
+)
 
 _key = resolve_catalog(CATALOG).resolve_api_key()
 ptycho_jobs = JobQueue(os.environ.get("HXN_PTYCHO_WORK", str(PROFILE_DIR / "work")) + "/queue",
