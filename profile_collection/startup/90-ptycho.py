@@ -10,6 +10,7 @@ import os
 from hxn_ptycho.callbacks.catalog import resolve_catalog
 from hxn_ptycho.callbacks.export import ExportConfig
 from hxn_ptycho.callbacks.launcher import JobQueue
+from hxn_ptycho.callbacks.query import results  # noqa: F401  (for the user: results(CATALOG, scan_id=N))
 from hxn_ptycho.callbacks.router import (
                        CallbackConfig,
                        PtychoCallback,
