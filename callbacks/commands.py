@@ -286,7 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\ncatalog:      {server.uri} (raw scan {res.scan_id}: {raw_uid}; derived run {res.uid})\n"
               f"scan file:    {job.scan_file}\nresult file:  {job.result_file}\n"
               f"summary PNG:  {png}\njob log:      {base / 'work' / 'queue' / 'logs' / (job.id + '.log')}\n"
-              f"query later:  hxn-ptycho serve --dir {server.directory}  then  "
+              f"query later:  hxn-ptycho serve --dir {server.directory} --read {base}  then  "
               f"hxn-ptycho results --catalog {server.directory} --scan-id {res.scan_id}")
         if args.serve:
             print(f"serving {server.uri}; Ctrl-C to stop", flush=True)
