@@ -38,12 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def recon_summary(params: ReconParams, scan_info: dict[str, Any], size: int, mode: str) -> dict[str, Any]:
+def recon_summary(params: ReconParams, scan_info: dict[str, Any], size: int, mode: str,
+                  result: Any = None) -> dict[str, Any]:
     """Everything about the run that belongs in the derived run's ``recon`` dict."""
     out = dict(params.to_dict())
+    attrs = getattr(result, "attrs", {}) or {}
+    backend = attrs.get("backend", params.backend)
     out.update({"ranks": size, "mode": mode, "hxn_ptycho_version": __version__, "host": socket.gethostname(),
                 "scan_file": os.path.abspath(scan_info.get("path", "")), "n_views": scan_info.get("n_views"),
-                "frame_size": scan_info.get("n")})
+                "frame_size": scan_info.get("n"), "backend": backend,
+                "gpus": size if backend == "cupy" else 0,
+                "scan_id": (scan_info.get("attrs") or {}).get("scan_id")})
+    if "probe_modes_used" in attrs:
+        out["probe_modes_used"] = attrs["probe_modes_used"]
+    if "elapsed_s" in attrs:
+        out["elapsed_s"] = attrs["elapsed_s"]
     for k in ("lambda_nm", "z_m", "ccd_pixel_um", "pixel_size_m", "energy_kev", "crop"):
         if k in scan_info:
             out[k] = scan_info[k]
@@ -101,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             if args.catalog:
                 from hxn_ptycho.callbacks.derived import publish_result
                 publish_result(args.catalog, os.path.abspath(args.output), args.raw_uid,
-                               recon_summary(params, info, comm.size, args.mode))
+                               recon_summary(params, info, comm.size, args.mode, res))
         comm.barrier()              # no rank exits (and so tears the job down) while rank 0 writes
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the job exits non-zero
         status = 2 if isinstance(exc, (FileFormatError, ParamError)) else 130 if isinstance(exc, KeyboardInterrupt) else 1
