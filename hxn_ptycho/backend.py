@@ -79,6 +79,14 @@ class NumpyBackend:
             out[b] = obj[:, r:r + n, c:c + n]
         return out
 
+    def exit_waves_at(self, obj: np.ndarray, pos: np.ndarray, probe: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """(2) ``out[b, l, k] = obj[l, window b] · probe[k]``, straight from the object (no gathered copy)."""
+        n = probe.shape[-1]
+        pr = probe[None]
+        for b, (r, c) in enumerate(pos):
+            np.multiply(obj[:, None, r:r + n, c:c + n], pr, out=out[b])
+        return out
+
     def scatter_add(self, acc: np.ndarray, pos: np.ndarray, src: np.ndarray) -> None:
         """``acc[l, r_b:r_b+n, c_b:c_b+n] += src[b, l]`` (overlapping windows add up).
 

@@ -28,6 +28,14 @@ def exit_waves(be: Any, probe: Any, obj_windows: Any, out: Any) -> Any:
     return be.xp.multiply(obj_windows[:, :, None], probe[None, None], out=out)
 
 
+# (2) from the object itself: gather the windows, then multiply (a backend may do both at once)
+def exit_waves_at(be: Any, obj: Any, pos: Any, probe: Any, windows: Any, out: Any) -> Any:
+    fused = _fused(be, "exit_waves_at")
+    if fused is not None:
+        return fused(obj, pos, probe, out)
+    return exit_waves(be, probe, be.gather(obj, pos, probe.shape[-1], out=windows), out)
+
+
 # (3) input of the Fourier projection, in Fourier space: F(2·P·O − ψ) = 2·F(P·O) − F(ψ)
 def reflect(be: Any, fphi: Any, fpsi: Any, out: Any) -> Any:
     xp = be.xp

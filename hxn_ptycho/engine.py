@@ -339,8 +339,8 @@ class Reconstruction:
     def _fourier_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
         fpsi, amp = self._load(w, "fpsi", b), self.diffamp[b]
-        ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
-        fphi = be.fft2(dm.exit_waves(be, self.probe, ow, w.phi[:B]))             # (2), F(P·O)
+        phi = dm.exit_waves_at(be, self.obj, self.pos[b], self.probe, w.objwin[:B], w.phi[:B])   # (2)
+        fphi = be.fft2(phi)                                                       # F(P·O)
         w.err += dm.fourier_update(be, fpsi, fphi, amp, self.mask, self.pbound,   # (3), (4), (7)
                                    self.params.beta, w.work[:B])
         psi = w.psi[:B] if self.streaming else self.psi[b]
