@@ -118,41 +118,25 @@ def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | N
 
 
 def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
-    """Object amplitude and phase, probe modes and the error curve in one PNG (written atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
+    """Object phase and amplitude, probe modes and the error curves in one PNG (written atomically):
+    the same figure as ``hxn-ptycho reconstruct --png``."""
+    from hxn_ptycho.plots import summary_png as plot
+    from hxn_ptycho.resultfile import ResultData
 
     if not res.ok:
         raise NoResult(f"derived run {res.uid} failed ({res.reason}); there is nothing to plot")
-    n_modes = res.probe.shape[0]
-    fig, axes = plt.subplots(1, 3 + n_modes, figsize=(3.2 * (3 + n_modes), 3.2))
-    obj = res.object[0]
-    axes[0].imshow(np.abs(obj), cmap="gray")
-    axes[0].set_title("object amplitude")
-    phase = np.angle(obj)
-    lo, hi = np.percentile(phase, [2, 98])
-    axes[1].imshow(phase, cmap="twilight", vmin=lo, vmax=hi)
-    axes[1].set_title("object phase")
-    for k in range(n_modes):
-        axes[2 + k].imshow(np.abs(res.probe[k]), cmap="magma")
-        axes[2 + k].set_title(f"probe mode {k} ({100 * res.probe_power_fraction[k]:.1f} %)")
-    ax = axes[-1]
-    if res.data_error is not None:
-        ax.semilogy(np.arange(1, len(res.data_error) + 1), res.data_error)
-    ax.set_xlabel("iteration")
-    ax.set_title("data error")
-    for a in axes[:-1]:
-        a.set_xticks([])
-        a.set_yticks([])
-    fig.suptitle(f"scan {res.scan_id} — {res.uid[:8]}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+
+    def curves(values: np.ndarray | None, width: int) -> np.ndarray:
+        if values is None:
+            return np.full((iters, width), np.nan)
+        return np.asarray(values, dtype=float).reshape(iters, -1)
+
+    iters = 0 if res.data_error is None else len(res.data_error)
+    data = ResultData(object=res.object, probe=res.probe, positions_px=res.positions_px,
+                      error_data=np.zeros(0) if res.data_error is None else np.asarray(res.data_error, float),
+                      error_probe=curves(res.probe_error, res.probe.shape[0]),
+                      error_object=curves(res.object_error, res.object.shape[0]),
+                      probe_power_fraction=res.probe_power_fraction, params=res.recon)
+    plot(data, path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}, final data error "
+                           f"{res.final_data_error:.4g}")
     return str(path)

@@ -31,7 +31,9 @@ def summary_png(res: ResultData, path: str | os.PathLike, title: str = "") -> No
     rows, colsl = _lit_window(res)
     obj = res.object[0][rows, colsl]
     ax = axes[0]
-    im = ax[0].imshow(np.angle(obj), cmap="twilight")
+    phase = np.angle(obj)
+    lo, hi = np.percentile(phase, [1, 99])
+    im = ax[0].imshow(phase, cmap="viridis", vmin=lo, vmax=hi)
     ax[0].set_title("object phase (rad)")
     fig.colorbar(im, ax=ax[0], fraction=0.046)
     amp = np.abs(obj)
@@ -63,6 +65,7 @@ def summary_png(res: ResultData, path: str | os.PathLike, title: str = "") -> No
                  + (f", cost {float(cost):.4g}" if cost is not None else ""))
     fig.tight_layout()
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.part.png"
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
