@@ -475,22 +475,26 @@ class Reconstruction:
         """
         p = self.params
         self.orthogonalize_probe()
-        frac = modes.power_fractions(be_np := self.be.asnumpy(self.probe))
-        K = be_np.shape[0]
+        probe = self.be.asnumpy(self.probe)
+        frac, K = modes.power_fractions(probe), probe.shape[0]
+        share = f"iteration {it}: the newest of {K} modes carries {100 * frac[-1]:.2f} %"
         if frac[-1] >= p.auto_threshold and K < p.auto_max_modes:
-            new = modes.diverse_modes(be_np[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
+            new = modes.diverse_modes(probe[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
             self._resize_modes(K + 1, new)
-            self.modes_log.append(f"iteration {it}: newest of {K} modes carries {100 * frac[-1]:.2f} % >= "
-                                  f"{100 * p.auto_threshold:g} %, adding mode {K + 1}")
+            self._note_modes(f"{share} >= {100 * p.auto_threshold:g} %: adding mode {K + 1}")
             return False
         if frac[-1] < p.auto_threshold and K > 1:
             self._resize_modes(K - 1)
-            self.modes_log.append(f"iteration {it}: newest of {K} modes carries {100 * frac[-1]:.2f} % < "
-                                  f"{100 * p.auto_threshold:g} %, keeping {K - 1} mode(s)")
+            self._note_modes(f"{share} < {100 * p.auto_threshold:g} %: keeping {K - 1} mode(s)")
         else:
-            self.modes_log.append(f"iteration {it}: reached the ceiling of {K} modes "
-                                  f"(newest carries {100 * frac[-1]:.2f} %)")
+            self._note_modes(f"{share}: keeping {K} mode(s), the ceiling (auto_max_modes)")
         return True
+
+    def _note_modes(self, line: str) -> None:
+        """Record (in the result) and report (on rank 0) a decision of the 1 % rule."""
+        self.modes_log.append(line)
+        if self.reducer.rank == 0:
+            self.log(f"hxn-ptycho: probe modes: {line}")
 
     # --- the run --------------------------------------------------------------------------
     def close(self) -> None:
