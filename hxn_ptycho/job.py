@@ -16,6 +16,7 @@ import traceback
 from typing import Any, Sequence
 
 from . import __version__
+from .backend import BackendError
 from .h5util import FileFormatError
 from .params import ParamError, ReconParams
 
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                                recon_summary(params, info, comm.size, args.mode, res))
         comm.barrier()              # no rank exits (and so tears the job down) while rank 0 writes
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the job exits non-zero
-        status = 2 if isinstance(exc, (FileFormatError, ParamError)) else 130 if isinstance(exc, KeyboardInterrupt) else 1
+        status = 2 if isinstance(exc, (FileFormatError, ParamError, BackendError)) else 130 if isinstance(exc, KeyboardInterrupt) else 1
         message = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
         if os.environ.get("HXN_PTYCHO_DEBUG"):
             traceback.print_exc()

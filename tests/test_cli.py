@@ -63,6 +63,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, words):
     assert "Traceback" not in r.stderr
 
 
+def test_gpu_backend_without_a_gpu_is_a_clear_error(tmp_path, sim_file):
+    r = run("reconstruct", str(sim_file), "-o", str(tmp_path / "r.h5"), "--backend", "cupy", "--iterations", "2")
+    if r.returncode == 0:
+        pytest.skip("a GPU with CuPy is available here")
+    assert r.returncode == 2 and "backend 'cupy'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r.h5").exists()
+
+
 @pytest.mark.parametrize("args", [["--probe-modes", "0"], ["--iterations", "-3"], ["--beta", "7"]])
 def test_bad_parameters_exit_2(tmp_path, sim_file, args):
     r = run("reconstruct", str(sim_file), "-o", str(tmp_path / "r.h5"), *args)
