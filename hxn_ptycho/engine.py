@@ -100,7 +100,8 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
             free = bound / gb - ((0 if stream else psi) + frames + acc) / gb
             batch = max(1, int(free * 0.5 // (per_view * workers)))
         batch = max(1, min(batch, n_local))
-        fft_work = float(getattr(backend, "fft_work_bytes", lambda b, m, n: 0)(batch, m, n)) * gb
+        cdtype = np.complex128 if params.precision == "double" else np.complex64
+        fft_work = float(getattr(backend, "fft_work_bytes", lambda b, m, n, dtype: 0)(batch, m, n, cdtype)) * gb
         return MemoryPlan(batch, psi, frames, workers * batch * per_view * gb, acc, fft_work, stream)
 
     stream = params.exit_waves_on_host
@@ -201,8 +202,9 @@ class Reconstruction:
         self.reducer.allreduce_sum([local])
         self.total_intensity, self.good_pixels_total = float(local[0]), float(local[1])
         self.pbound = float(p.power_bound)      # of the relaxed Fourier projection, per pixel
-        self.obj = be.asarray(self._initial_object(), self.cdtype)
-        self.probe = be.asarray(self._initial_probe(K), self.cdtype)
+        previous = read_result(p.init_from) if p.init_from else None
+        self.obj = be.asarray(self._initial_object(previous), self.cdtype)
+        self.probe = be.asarray(self._initial_probe(K, previous), self.cdtype)
         batch = self.plan.batch_size
         self.batches = [slice(i, min(i + batch, len(self.pos))) for i in range(0, len(self.pos), batch)]
         self.streaming = self.plan.streaming
@@ -211,13 +213,16 @@ class Reconstruction:
         self._workers = [_Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype, self.streaming)
                          for _ in range(self.workers)]
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
-        self._each(self._init_psi)
+        try:
+            self._each(self._init_psi)
+        except BaseException:
+            self.close()
+            raise
 
-    def _initial_object(self) -> np.ndarray:
+    def _initial_object(self, prev: ResultData | None) -> np.ndarray:
         p = self.params
         L, H, W = self.obj_shape
-        if p.init_from:
-            prev = read_result(p.init_from)
+        if prev is not None:
             if prev.object.shape[1:] != (H, W):
                 raise ParamError(f"init_from {p.init_from}: object shape {prev.object.shape[1:]} differs from this "
                                  f"scan's {(H, W)} (other positions, margin or pixel size)")
@@ -245,11 +250,11 @@ class Reconstruction:
         frac = 1.0 if scan.mask is None else float(scan.mask.mean())
         return self.total_intensity / scan.n_views / frac, mean_amp
 
-    def _initial_probe(self, K: int) -> np.ndarray:
+    def _initial_probe(self, K: int, previous: ResultData | None) -> np.ndarray:
         p, scan, n = self.params, self.scan, self.n
         power, mean_amp = self._mean_frame_power()
-        if p.init_from:
-            prev = read_result(p.init_from).probe
+        if previous is not None:
+            prev = previous.probe
             if prev.shape[-1] != n:
                 raise ParamError(f"init_from {p.init_from}: probe is {prev.shape[-1]}x{prev.shape[-1]}, "
                                  f"the scan's frames are {n}x{n}")
@@ -377,14 +382,14 @@ class Reconstruction:
     def _update_object(self) -> None:
         num, den = self._sum_workers("obj_num"), self._sum_workers("obj_den")
         self.reducer.allreduce_sum([num, den])
-        self.obj = dm.regularised_ratio(self.be, num, den, self.obj, self.params.object_reg).astype(self.cdtype)
+        self.obj = dm.regularised_ratio(self.be, num, den, self.obj, self.params.object_reg).astype(self.cdtype, copy=False)
 
     def _update_probe(self) -> None:
         self._reset("probe_num", "probe_den")
         self._each(self._probe_batch)
         num, den = self._sum_workers("probe_num"), self._sum_workers("probe_den")
         self.reducer.allreduce_sum([num, den])
-        self.probe = dm.regularised_ratio(self.be, num, den[None], self.probe, self.params.probe_reg).astype(self.cdtype)
+        self.probe = dm.regularised_ratio(self.be, num, den[None], self.probe, self.params.probe_reg).astype(self.cdtype, copy=False)
         self._probe_terms()
 
     def _reduce_err(self) -> float:
@@ -395,7 +400,7 @@ class Reconstruction:
     def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
         """One DM iteration; returns the data error and ε_P, ε_O of equation (7)."""
         p = self.params
-        obj_old, probe_old = self.obj.copy(), self.probe.copy()
+        obj_old, probe_old = self.obj, self.probe          # the updates make new arrays
         self._probe_terms()
         self._reset("obj_num", "obj_den", "err")
         self._each(self._fourier_batch)
@@ -511,6 +516,13 @@ class Reconstruction:
         return total / max(self.good_pixels_total, 1.0), total / max(self.total_intensity, 1e-300)
 
     def run(self) -> ResultData:
+        """Iterate, then orthogonalise the modes and measure the final cost; the threads stop either way."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> ResultData:
         p = self.params
         t0 = time.perf_counter()
         iters = p.iterations
@@ -524,7 +536,7 @@ class Reconstruction:
             bar = tqdm(total=iters, desc="DM", unit="it", file=sys.stderr)
         try:
             for it in range(iters):
-                if not np.all(np.isfinite(err_data[:it])):
+                if it and not np.isfinite(err_data[it - 1]):
                     raise FloatingPointError(f"the reconstruction diverged (non-finite error at iteration {it - 1})")
                 d, ep, eo = self.iterate(it)
                 err_data[it], err_obj[it] = d, eo
@@ -537,9 +549,6 @@ class Reconstruction:
                 if bar is not None:
                     bar.set_postfix_str(f"data error {d:.4g}")
                     bar.update(1)
-        except BaseException:
-            self.close()
-            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -556,7 +565,6 @@ class Reconstruction:
         for i, e in enumerate(err_probe):
             m = min(K, len(e))
             ep[i, :m] = e[:m]
-        self.close()
         attrs = {"elapsed_s": elapsed, "final_cost": cost, "final_data_error": model_err,
                  "probe_modes_log": list(self.modes_log), "probe_modes_used": K, "version": __version__,
                  "backend": self.be.name, "processes": self.reducer.size, "workers": self.workers}
