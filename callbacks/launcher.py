@@ -104,6 +104,7 @@ class JobQueue:
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._procs: dict[str, subprocess.Popen] = {}
+        self._killed: set[str] = set()          # jobs ended by stop(kill=True), to be requeued
         for state in STATES:
             (self.directory / state).mkdir(parents=True, exist_ok=True)
         (self.directory / "logs").mkdir(exist_ok=True)
@@ -176,6 +177,9 @@ class JobQueue:
             except Exception as exc:              # never let a runner die
                 log.exception("job %s could not be run", job.id)
                 job.reason, ok = f"the job could not be started: {type(exc).__name__}: {exc}", False
+            if job.id in self._killed:            # stopped by stop(kill=True): run again at next start
+                os.replace(running, self.directory / "pending" / running.name)
+                continue
             if not ok and self.on_failure is not None:
                 try:
                     self.on_failure(job, job.reason or "unknown failure")
@@ -199,7 +203,7 @@ class JobQueue:
             try:
                 job.returncode = proc.wait(self.timeout_s)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                kill_job(proc)
                 job.returncode = proc.wait()
                 job.reason = f"the job ran past its {self.timeout_s:.0f} s limit and was killed"
             finally:
@@ -229,11 +233,21 @@ class JobQueue:
         with self._wake:
             self._wake.notify_all()
         if kill:
-            for proc in list(self._procs.values()):
-                proc.kill()
+            for job_id, proc in list(self._procs.items()):
+                self._killed.add(job_id)
+                kill_job(proc)
         for t in self._threads:
             t.join(timeout=None if not kill else 10)
         self._threads.clear()
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """Kill a job with all its processes (mpiexec and its ranks share the session it leads)."""
+    import signal
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
 
 
 def log_tail(path: str | os.PathLike, chars: int = 600) -> str:

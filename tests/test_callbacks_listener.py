@@ -230,3 +230,34 @@ def test_gpu_pools_one_job_at_a_time_each(tmp_path):
     q.stop()
     seen = sorted(p.read_text() for p in out.iterdir())
     assert len(seen) == 4 and set(seen) <= {"0,1", "2,3"}
+
+
+def test_killed_jobs_are_requeued_with_all_their_processes(tmp_path):
+    """stop(kill=True) ends the whole process group of a running job and puts the job back."""
+    from hxn_ptycho.callbacks.launcher import Job, JobQueue
+
+    pidfile = tmp_path / "child.pid"
+    script = ("import os, subprocess, sys, time, pathlib; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"pathlib.Path({str(pidfile)!r}).write_text(str(c.pid)); time.sleep(60)")
+    failures = []
+    q = JobQueue(tmp_path / "q", command=lambda job: [sys.executable, "-c", script],
+                 on_failure=lambda job, reason: failures.append(reason))
+    job = q.submit(Job(scan_file="a", result_file="b"))
+    q.start()
+    wait_for(lambda: pidfile.exists() and pidfile.read_text(), 30, what="the job's child process")
+    child = int(pidfile.read_text())
+    q.stop(kill=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the job's child process survived the kill")
+    assert not failures
+    pending = [p.name for p in (tmp_path / "q" / "pending").glob("*.json")]
+    assert len(pending) == 1 and pending[0].endswith(f"-{job.id}.json"), pending
+    assert not list((tmp_path / "q" / "failed").glob("*.json"))
