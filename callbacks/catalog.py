@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hxn_ptycho.h5util import atomic_path
+
 log = logging.getLogger(__name__)
 
 ENV_CATALOG = "HXN_PTYCHO_CATALOG"
@@ -80,17 +82,12 @@ class CatalogConfig:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
-    """Write ``text`` to a temporary name beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(tmp, "w") as f:
-        if mode is not None:
-            os.chmod(tmp, mode)
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to a unique temporary name beside ``path`` and rename it into place."""
+    with atomic_path(path, 0o644 if mode is None else mode) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _load_config_file(path: Path) -> CatalogConfig:
