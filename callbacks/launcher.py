@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hxn_ptycho.job import find_mpiexec, job_argv
 
 from .catalog import atomic_write_text
 
@@ -62,27 +62,13 @@ class Job:
 
 def mpiexec_path() -> str:
     """``mpiexec`` beside the Python interpreter (the mpich wheel), else on PATH."""
-    here = Path(sys.executable).with_name("mpiexec")
-    if here.exists():
-        return str(here)
-    found = shutil.which("mpiexec")
-    if not found:
-        raise FileNotFoundError("mpiexec not found beside the Python interpreter nor on PATH")
-    return found
+    return find_mpiexec()
 
 
-def job_command(job: Job, *, python: str | None = None, module: str = "hxn_ptycho.job",
-                mpiexec: str | None = None) -> list[str]:
+def job_command(job: Job, *, mpiexec: str | None = None) -> list[str]:
     """The job's argument list: ``[mpiexec, -n, K,] python -m hxn_ptycho.job SCAN -o RESULT ...``."""
-    argv = [python or sys.executable, "-m", module, str(job.scan_file), "-o", str(job.result_file),
-            "--params", json.dumps(job.params, sort_keys=True)]
-    if job.catalog:
-        argv += ["--catalog", str(job.catalog)]
-    if job.raw_uid:
-        argv += ["--raw-uid", str(job.raw_uid)]
-    if job.nprocs > 1:
-        argv = [mpiexec or mpiexec_path(), "-n", str(int(job.nprocs))] + argv
-    return argv
+    return job_argv(str(job.scan_file), str(job.result_file), json.dumps(job.params, sort_keys=True),
+                    nprocs=job.nprocs, catalog=job.catalog, raw_uid=job.raw_uid, quiet=True, mpiexec=mpiexec)
 
 
 class JobQueue:

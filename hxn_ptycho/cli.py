@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Sequence
 from . import __version__
 from .backend import BackendError
 from .h5util import FileFormatError
+from .job import LauncherNotFound
 from .params import ParamError, ReconParams
 
 
@@ -97,31 +97,6 @@ def params_from_args(args: argparse.Namespace) -> ReconParams:
                        seed=args.seed)
 
 
-def find_mpiexec() -> str:
-    """``mpiexec`` beside this Python (the mpich wheel's), else on PATH; a clear error if none."""
-    here = Path(sys.executable).parent / "mpiexec"
-    if here.exists():
-        return str(here)
-    found = shutil.which("mpiexec") or shutil.which("mpirun")
-    if not found:
-        raise UsageError("--nprocs needs an MPI launcher but no 'mpiexec' was found "
-                         "(pip install mpich, or load your facility's MPI module)")
-    return found
-
-
-def job_argv(scan: str, output: str, params: ReconParams, args: argparse.Namespace) -> list[str]:
-    """The job's argument list (never a shell string)."""
-    argv = [sys.executable, "-m", "hxn_ptycho.job", scan, "-o", output, "--params", params.to_json(),
-            "--mode", args.mode]
-    if args.png:
-        argv += ["--png", args.png]
-    if args.catalog:
-        argv += ["--catalog", args.catalog]
-    if args.quiet:
-        argv.append("--quiet")
-    return argv
-
-
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.scan_id is not None:
         if not args.catalog:
@@ -134,13 +109,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise UsageError(f"scan file not found: {args.scan}")
     params = params_from_args(args)
     output = args.output or str(Path(args.scan).with_suffix("")) + "_recon.h5"
-    argv = job_argv(args.scan, output, params, args)
     from .distributed import launched_by_mpi
-    if args.nprocs > 1 and not launched_by_mpi():
-        argv = [find_mpiexec(), "-n", str(args.nprocs)] + argv
+    from .job import job_argv, main as job_main
+    nprocs = args.nprocs if not launched_by_mpi() else 1     # a launched job never launches another
+    argv = job_argv(args.scan, output, params.to_json(), nprocs=nprocs, mode=args.mode, png=args.png,
+                    catalog=args.catalog, quiet=args.quiet)
+    if nprocs > 1:
         status = subprocess.run(argv, check=False).returncode
     else:
-        from .job import main as job_main
         status = job_main(argv[3:])
     if status == 0:
         print(f"wrote {output}" + (f" and {args.png}" if args.png else ""))
@@ -169,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, FileFormatError, ParamError, BackendError) as exc:
+    except (UsageError, FileFormatError, ParamError, BackendError, LauncherNotFound) as exc:
         print(f"hxn-ptycho {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,6 +25,40 @@ class JobError(RuntimeError):
     """A reconstruction job failed; the message says why (and on which rank)."""
 
 
+class LauncherNotFound(FileNotFoundError):
+    """Several processes were asked for, but there is no ``mpiexec``."""
+
+
+def find_mpiexec() -> str:
+    """``mpiexec`` beside this Python (the mpich wheel's), else on PATH; a clear error if none."""
+    import shutil
+    from pathlib import Path
+    here = Path(sys.executable).with_name("mpiexec")
+    if here.exists():
+        return str(here)
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if not found:
+        raise LauncherNotFound("several processes need an MPI launcher but no 'mpiexec' was found beside "
+                               f"{sys.executable} nor on PATH (pip install mpich, or load your facility's MPI module)")
+    return found
+
+
+def job_argv(scan: str, output: str, params_json: str, *, nprocs: int = 1, mode: str = "sync",
+             png: str | None = None, catalog: str | None = None, raw_uid: str | None = None,
+             quiet: bool = False, mpiexec: str | None = None) -> list[str]:
+    """The job's argument list (never a shell string): ``[mpiexec -n K] python -m hxn_ptycho.job SCAN -o OUT ...``."""
+    argv = [sys.executable, "-m", "hxn_ptycho.job", str(scan), "-o", str(output), "--params", params_json,
+            "--mode", mode]
+    for flag, value in (("--png", png), ("--catalog", catalog), ("--raw-uid", raw_uid)):
+        if value:
+            argv += [flag, str(value)]
+    if quiet:
+        argv.append("--quiet")
+    if nprocs > 1:
+        argv = [mpiexec or find_mpiexec(), "-n", str(int(nprocs))] + argv
+    return argv
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hxn_ptycho.job", description=__doc__.splitlines()[0])
     p.add_argument("scan", help="HXN scan file (scan_<N>.h5)")

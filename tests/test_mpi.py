@@ -154,11 +154,11 @@ def test_missing_mpi4py_is_a_clear_error(scan, tmp_path):
 
 
 def test_missing_mpiexec_is_a_clear_error(monkeypatch, tmp_path):
-    from hxn_ptycho import cli
+    from hxn_ptycho import job
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(cli.UsageError, match="no 'mpiexec' was found"):
-        cli.find_mpiexec()
+    with pytest.raises(job.LauncherNotFound, match="no 'mpiexec' was found"):
+        job.find_mpiexec()
 
 
 def test_cli_nprocs_runs_mpiexec(scan, tmp_path):
