@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 from .collector import CollectedRun
 
-HC_KEV_NM = 1.239842             # h·c in keV·nm
+HC_KEV_A = 12.39842              # h·c in keV·Å
+HC_KEV_NM = HC_KEV_A / 10        # h·c in keV·nm
+SI111_D_A = 3.1355893            # Si(111) lattice spacing in Å
 PIXEL_UM = {"merlin": 55.0, "eiger": 75.0}
 
 
@@ -60,12 +62,12 @@ def bragg_energy_kev(theta_deg: float) -> float:
     s = math.sin(math.radians(float(theta_deg)))
     if s <= 0:
         raise ExportError(f"dcm_th = {theta_deg} degrees does not give a positive Bragg energy")
-    return 12.39842 / (2 * 3.1355893 * s)
+    return HC_KEV_A / (2 * SI111_D_A * s)
 
 
 def bragg_angle_deg(energy_kev: float) -> float:
     """The inverse of :func:`bragg_energy_kev`."""
-    return math.degrees(math.asin(12.39842 / (2 * 3.1355893 * float(energy_kev))))
+    return math.degrees(math.asin(HC_KEV_A / (2 * SI111_D_A * float(energy_kev))))
 
 
 # -- which detector, which fields -----------------------------------------------------------
