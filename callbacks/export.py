@@ -171,19 +171,19 @@ def _resource_file(res: dict) -> str:
     return os.path.join(root, path) if root and not os.path.isabs(path) else path
 
 
-def _open_h5(path: str, wait_s: float) -> Any:
+class FramesNotReady(ExportError):
+    """A detector file or frame is not there (yet): the detector may still be writing it."""
+
+
+def _open_h5(path: str) -> Any:
     import h5py
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return h5py.File(path, "r")
-        except (OSError, FileNotFoundError) as exc:
-            if time.monotonic() >= deadline:
-                raise ExportError(f"cannot open detector file {path}: {exc}") from None
-            time.sleep(0.2)
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise FramesNotReady(f"cannot open detector file {path}: {exc}") from None
 
 
-def frames_from_datums(run: CollectedRun, refs: list, wait_s: float) -> np.ndarray:
+def frames_from_datums(run: CollectedRun, refs: list) -> np.ndarray:
     """One frame per event from AD_HDF5 resources/datums (``frame_per_point`` frames summed)."""
     files: dict[str, Any] = {}
     out = []
@@ -202,13 +202,13 @@ def frames_from_datums(run: CollectedRun, refs: list, wait_s: float) -> np.ndarr
                 raise ExportError(f"run {run.uid}: detector resource spec {spec!r} is not supported (AD_HDF5 only)")
             path = _resource_file(res)
             if path not in files:
-                files[path] = _open_h5(path, 0.0)
+                files[path] = _open_h5(path)
             dset = files[path]["/entry/data/data"]
             fpp = int((res.get("resource_kwargs") or {}).get("frame_per_point", 1))
             point = int(datum.get("datum_kwargs", {}).get("point_number", i))
             lo, hi = point * fpp, (point + 1) * fpp
             if hi > dset.shape[0]:
-                raise ExportError(f"run {run.uid}: frame {point} is missing from {path} "
+                raise FramesNotReady(f"run {run.uid}: frame {point} is missing from {path} "
                                   f"(the file holds {dset.shape[0] // max(fpp, 1)} points)")
             out.append(np.asarray(dset[lo:hi], dtype=np.float64).sum(axis=0))
     finally:
@@ -255,10 +255,10 @@ def load_frames(run: CollectedRun, key: str, stream: str, n_events: int, wait_s:
     if refs is None:
         raise ExportError(f"run {run.uid}: detector key '{key}' has no values in the '{stream}' stream")
     deadline = time.monotonic() + wait_s
-    while True:
+    while True:                 # only a file or frame still being written is worth waiting for
         try:
-            return frames_from_datums(run, refs, 0.0)
-        except ExportError:
+            return frames_from_datums(run, refs)
+        except FramesNotReady:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.25)
