@@ -23,6 +23,13 @@ class UsageError(Exception):
     """Bad command-line input: exit status 2 with the message."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives one line naming it (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _probe_modes(text: str) -> int | str:
     """A positive integer, or 'auto'."""
     return "auto" if text == "auto" else _positive_int(text)
@@ -124,7 +131,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hxn-ptycho", description="Multi-mode Difference Map ptychography "
+    parser = OneLineParser(prog="hxn-ptycho", description="Multi-mode Difference Map ptychography "
                                      "for the NSLS-II HXN beamline.")
     parser.add_argument("--version", action="version", version=f"hxn-ptycho {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

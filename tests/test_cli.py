@@ -75,6 +75,8 @@ def test_gpu_backend_without_a_gpu_is_a_clear_error(tmp_path, sim_file):
 def test_bad_parameters_exit_2(tmp_path, sim_file, args):
     r = run("reconstruct", str(sim_file), "-o", str(tmp_path / "r.h5"), *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and args[0].lstrip("-").replace("-", "_").split("_")[0] in lines[0], r.stderr
     assert not (tmp_path / "r.h5").exists()
 
 
