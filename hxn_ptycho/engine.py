@@ -330,9 +330,8 @@ class Reconstruction:
 
     def _init_psi(self, w: _Worker, b: slice) -> None:
         B = b.stop - b.start
-        ow = self.be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
         psi, fpsi = self._load(w, "psi", b), self._load(w, "fpsi", b)
-        dm.exit_waves(self.be, self.probe, ow, psi)
+        dm.exit_waves_at(self.be, self.obj, self.pos[b], self.probe, w.objwin[:B], psi)
         fpsi[...] = psi
         self.be.fft2(fpsi)
         self._store(w, "psi", b, psi)
@@ -369,8 +368,7 @@ class Reconstruction:
 
     def _model_error_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
-        ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
-        f = be.fft2(dm.exit_waves(be, self.probe, ow, w.phi[:B]))
+        f = be.fft2(dm.exit_waves_at(be, self.obj, self.pos[b], self.probe, w.objwin[:B], w.phi[:B]))
         w.err += dm.data_error(be, f, self.diffamp[b], self.mask)
 
     # --- updates ---------------------------------------------------------------------------
