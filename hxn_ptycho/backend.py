@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
+from .errors import BadInput
 
 
-class BackendError(RuntimeError):
+class BackendError(BadInput):
     """The requested backend is not available here (e.g. no CuPy or no GPU)."""
 
 

@@ -17,9 +17,10 @@ from .backend import BackendError
 from .h5util import FileFormatError
 from .job import LauncherNotFound
 from .params import ParamError, ReconParams
+from .errors import BadInput
 
 
-class UsageError(Exception):
+class UsageError(BadInput):
     """Bad command-line input: exit status 2 with the message."""
 
 

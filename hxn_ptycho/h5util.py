@@ -9,9 +9,10 @@ from typing import Iterator
 
 import h5py
 import numpy as np
+from .errors import BadInput
 
 
-class FileFormatError(ValueError):
+class FileFormatError(BadInput):
     """A scan or result file is missing a field or has a malformed one; the message names it."""
 
 

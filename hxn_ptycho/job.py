@@ -19,13 +19,14 @@ from . import __version__
 from .backend import BackendError
 from .h5util import FileFormatError
 from .params import ParamError, ReconParams
+from .errors import BadInput, HxnPtychoError
 
 
-class JobError(RuntimeError):
+class JobError(HxnPtychoError):
     """A reconstruction job failed; the message says why (and on which rank)."""
 
 
-class LauncherNotFound(FileNotFoundError):
+class LauncherNotFound(BadInput, FileNotFoundError):
     """Several processes were asked for, but there is no ``mpiexec``."""
 
 

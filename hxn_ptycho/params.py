@@ -1,16 +1,43 @@
-"""Reconstruction parameters: every knob with its default, and its JSON round trip."""
+"""Reconstruction parameters: every knob with its default, bounds, help text and JSON round trip.
+
+Each field of :class:`ReconParams` is declared with :func:`param`, which records its help text,
+its bounds or choices and the concern it belongs to (``group``). Validation, the command-line
+options of every entry point (:func:`add_param_options` / :func:`params_from_namespace`) and the
+``--help`` text are all generated from those declarations, so a new field is settable everywhere
+the moment it is declared.
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Union
 
+from .errors import BadInput
+
 ProbeModes = Union[int, str]
 
+GROUPS = ("algorithm", "probe modes", "initial guess", "positions", "memory", "execution")
 
-class ParamError(ValueError):
+
+class ParamError(BadInput):
     """A reconstruction parameter has a value the engine cannot use."""
+
+
+def param(default: Any, help: str, *, group: str, min: float | None = None, max: float | None = None,
+          min_open: bool = False, choices: tuple | None = None, kind: str | None = None,
+          cli: bool = True) -> Any:
+    """A :class:`ReconParams` field: default, help, bounds (``min``/``max``; ``min_open`` = strict),
+    ``choices``, and ``kind`` ("int", "float", "str", "bool", "int_or_auto", "path", "algorithm").
+
+    ``cli=False`` keeps a field out of the generated command-line options (still settable in JSON).
+    """
+    assert group in GROUPS, group
+    return dataclasses.field(default=default, metadata={
+        "help": help, "group": group, "min": min, "max": max, "min_open": min_open,
+        "choices": choices, "kind": kind, "cli": cli})
 
 
 @dataclass
@@ -20,70 +47,67 @@ class ReconParams:
     The defaults are what a beamline user gets from ``hxn-ptycho reconstruct SCAN.h5``.
     """
 
-    iterations: int = 100
-    probe_modes: ProbeModes = 1          # an int, or "auto" (the paper's 1 % rule)
-    object_modes: int = 1
-    beta: float = 0.8                    # DM relaxation of equation (3)
-    power_bound: float = 0.25            # relaxed Fourier projection (4): mean squared amplitude deviation per
-                                         # pixel left alone (photon counts: 0.25 = Poisson noise); 0 = exact
-    update_rounds: int = 1               # probe/object update alternations per DM iteration
-    probe_update_start: int = 2          # first iteration (0-based) with a probe update
-    object_init: str = "ones"            # "ones" or "random" (random phases)
-    probe_init: str = "auto"             # "auto" (scan file guess, else "amplitude"), "file", "amplitude"
-    init_from: str | None = None         # a previous result file (warm start)
-    precision: str = "single"            # "single" (complex64) or "double" (complex128)
-    batch_size: int | None = None        # views per batch; None = from max_memory_gb
-    exit_waves_on_host: bool | None = None  # GPU: keep exit waves in pinned host memory (None = when they don't fit)
-    max_memory_gb: float | None = None   # bound for one process's memory; None = 75 % of RAM (90 % of a GPU's)
-    object_reg: float = 1e-3             # relative regulariser of the object denominator (6)
-    probe_reg: float = 1e-3              # relative regulariser of the probe denominator (5)
-    extra_mode_power: float = 0.1        # power of a new probe mode relative to the first
-    auto_max_modes: int = 8              # ceiling for probe_modes="auto"
-    auto_interval: int = 10              # iterations between "auto" decisions
-    auto_threshold: float = 0.01         # the paper's 1 % rule
-    orthogonalize_every: int = 10        # orthogonalise probe modes (and exit waves) every k iterations; 0 = only at the end
-    margin: int = 4                      # object pixels around the outermost probe window
-    seed: int = 0
-    threads: int | None = None           # FFT threads; None = cores / ranks
-    backend: str = "numpy"               # "numpy", "cupy" or "auto"
+    # -- algorithm ------------------------------------------------------------------------
+    iterations: int = param(100, "iterations in all", group="algorithm", min=1, kind="int")
+    beta: float = param(0.8, "DM relaxation β of equation (3)", group="algorithm", min=0.0, max=1.5,
+                        min_open=True, kind="float")
+    power_bound: float = param(0.25, "relaxed Fourier projection (4): mean squared amplitude deviation per "
+                               "pixel left alone (photon counts: 0.25 = Poisson noise); 0 = exact",
+                               group="algorithm", min=0.0, kind="float")
+    update_rounds: int = param(1, "probe/object update alternations per DM iteration", group="algorithm",
+                               min=1, kind="int")
+    probe_update_start: int = param(2, "first iteration (0-based) with a probe update", group="algorithm",
+                                    min=0, kind="int")
+    object_reg: float = param(1e-3, "relative regulariser of the object denominator (6)", group="algorithm",
+                              min=0.0, kind="float")
+    probe_reg: float = param(1e-3, "relative regulariser of the probe denominator (5)", group="algorithm",
+                             min=0.0, kind="float")
+    margin: int = param(4, "object pixels around the outermost probe window", group="algorithm", min=0,
+                        kind="int")
+    # -- probe modes ----------------------------------------------------------------------
+    probe_modes: ProbeModes = param(1, "probe modes: an integer, or 'auto' (the paper's 1 % rule)",
+                                    group="probe modes", min=1, kind="int_or_auto")
+    object_modes: int = param(1, "object modes (mixed states)", group="probe modes", min=1, kind="int")
+    extra_mode_power: float = param(0.1, "power of a new probe mode relative to the first", group="probe modes",
+                                    min=0.0, max=1.0, min_open=True, kind="float")
+    auto_max_modes: int = param(8, "ceiling for probe_modes=auto", group="probe modes", min=1, kind="int")
+    auto_interval: int = param(10, "iterations between probe_modes=auto decisions", group="probe modes",
+                               min=1, kind="int")
+    auto_threshold: float = param(0.01, "probe_modes=auto keeps a mode above this power fraction",
+                                  group="probe modes", min=0.0, max=1.0, min_open=True, kind="float")
+    orthogonalize_every: int = param(10, "orthogonalise probe modes (and exit waves) every k iterations; "
+                                     "0 = only at the end", group="probe modes", min=0, kind="int")
+    # -- initial guess --------------------------------------------------------------------
+    object_init: str = param("ones", "initial object", group="initial guess", choices=("ones", "random"),
+                             kind="str")
+    probe_init: str = param("auto", "initial probe: scan file guess if any, else from the mean amplitude",
+                            group="initial guess", choices=("auto", "file", "amplitude"), kind="str")
+    init_from: str | None = param(None, "a previous result file to start from (warm start)",
+                                  group="initial guess", kind="path")
+    seed: int = param(0, "random seed (initial guesses)", group="initial guess", kind="int")
+    # -- memory ---------------------------------------------------------------------------
+    precision: str = param("single", "complex64 (single) or complex128 (double)", group="memory",
+                           choices=("single", "double"), kind="str")
+    batch_size: int | None = param(None, "views per batch (default: from max_memory_gb)", group="memory",
+                                   min=1, kind="int")
+    exit_waves_on_host: bool | None = param(None, "GPU: keep exit waves in pinned host memory "
+                                            "(default: when they don't fit)", group="memory", kind="bool")
+    max_memory_gb: float | None = param(None, "bound for one process's memory (default 75 % of RAM, "
+                                        "90 % of a GPU's)", group="memory", min=0.0, min_open=True,
+                                        kind="float")
+    # -- execution ------------------------------------------------------------------------
+    threads: int | None = param(None, "FFT threads per rank (default: cores / ranks)", group="execution",
+                                min=1, kind="int")
+    backend: str = param("numpy", "array backend ('auto' = GPU when one is visible)", group="execution",
+                         choices=("numpy", "cupy", "auto"), kind="str")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`ParamError` naming the first bad parameter."""
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ParamError(f"iterations must be a positive integer, got {self.iterations!r}")
-        if isinstance(self.probe_modes, str):
-            if self.probe_modes != "auto":
-                try:
-                    self.probe_modes = int(self.probe_modes)
-                except ValueError:
-                    raise ParamError(f"probe_modes must be an integer or 'auto', got {self.probe_modes!r}") from None
-        if isinstance(self.probe_modes, int) and self.probe_modes < 1:
-            raise ParamError(f"probe_modes must be at least 1, got {self.probe_modes}")
-        if not isinstance(self.object_modes, int) or self.object_modes < 1:
-            raise ParamError(f"object_modes must be a positive integer, got {self.object_modes!r}")
-        if not 0.0 < float(self.beta) <= 1.5:
-            raise ParamError(f"beta must lie in (0, 1.5], got {self.beta}")
-        if not 0.0 <= float(self.power_bound) < float("inf"):
-            raise ParamError(f"power_bound must be a finite number >= 0, got {self.power_bound}")
-        if self.update_rounds < 1:
-            raise ParamError(f"update_rounds must be at least 1, got {self.update_rounds}")
-        if self.precision not in ("single", "double"):
-            raise ParamError(f"precision must be 'single' or 'double', got {self.precision!r}")
-        if self.object_init not in ("ones", "random"):
-            raise ParamError(f"object_init must be 'ones' or 'random', got {self.object_init!r}")
-        if self.probe_init not in ("auto", "file", "amplitude"):
-            raise ParamError(f"probe_init must be 'auto', 'file' or 'amplitude', got {self.probe_init!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ParamError(f"batch_size must be positive, got {self.batch_size}")
-        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
-            raise ParamError(f"max_memory_gb must be positive, got {self.max_memory_gb}")
-        if self.backend not in ("numpy", "cupy", "auto"):
-            raise ParamError(f"backend must be 'numpy', 'cupy' or 'auto', got {self.backend!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ParamError(f"threads must be positive, got {self.threads}")
+        """Raise :class:`ParamError` naming the first bad parameter (from the field declarations)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_value(f, getattr(self, f.name)))
 
     @property
     def initial_probe_modes(self) -> int:
@@ -96,7 +120,9 @@ class ReconParams:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReconParams":
+    def from_dict(cls, d: dict[str, Any]) -> ReconParams:
+        if not isinstance(d, dict):
+            raise ParamError(f"reconstruction parameters must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -104,8 +130,143 @@ class ReconParams:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> "ReconParams":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str) -> ReconParams:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ParamError(f"reconstruction parameters are not valid JSON: {exc}") from None
 
-    def replace(self, **changes: Any) -> "ReconParams":
+    def replace(self, **changes: Any) -> ReconParams:
         return dataclasses.replace(self, **changes)
+
+
+def _bounds_text(meta: dict) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is None and hi is None:
+        return ""
+    left = "(" if meta.get("min_open") else "["
+    return f"{left}{'-∞' if lo is None else lo}, {'∞' if hi is None else hi}]"
+
+
+def check_value(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` for field ``f``, converted where the kind allows (``"3"`` → 3), or :class:`ParamError`."""
+    meta, name = f.metadata, f.name
+    kind = meta.get("kind")
+    if value is None:
+        if f.default is None:
+            return None
+        raise ParamError(f"{name} must be set (got None)")
+    if kind == "int_or_auto":
+        if isinstance(value, str):
+            if value == "auto":
+                return value
+            try:
+                value = int(value)
+            except ValueError:
+                raise ParamError(f"{name} must be an integer or 'auto', got {value!r}") from None
+        kind = "int"
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ParamError(f"{name} must be an integer, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ParamError(f"{name} must be a finite number, got {value}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ParamError(f"{name} must be true or false, got {value!r}")
+    elif kind in ("str", "path", "algorithm"):
+        if not isinstance(value, str):
+            raise ParamError(f"{name} must be a string, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ParamError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and (value < lo or (meta.get("min_open") and value <= lo)) or \
+                hi is not None and value > hi:
+            raise ParamError(f"{name} must lie in {_bounds_text(meta)}, got {value}")
+    return value
+
+
+# -- command-line options generated from the fields -------------------------------------------
+
+def option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _cli_type(f: dataclasses.Field) -> Any:
+    kind = f.metadata.get("kind")
+
+    def convert(text: str) -> Any:
+        value: Any = text
+        if kind in ("int", "int_or_auto") and text != "auto":
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        elif kind == "float":
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        elif kind == "bool":
+            low = text.lower()
+            if low not in ("true", "false", "yes", "no", "1", "0"):
+                raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+            value = low in ("true", "yes", "1")
+        try:
+            return check_value(f, value)
+        except ParamError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split(" must ", 1)[-1].join(("must ", ""))) from None
+    convert.__name__ = kind or "value"
+    return convert
+
+
+def add_param_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """One option per :class:`ReconParams` field (``--power-bound``), grouped by concern, with the
+    default and bounds in the help. Unset options stay ``None`` in the namespace (see
+    :func:`params_from_namespace`), so a caller's own defaults are not overridden."""
+    groups = {g: parser.add_argument_group(f"reconstruction: {g}") for g in GROUPS}
+    for f in dataclasses.fields(ReconParams):
+        meta = f.metadata
+        if not meta.get("cli", True) or f.name in skip:
+            continue
+        bits = [meta["help"]]
+        if meta.get("choices"):
+            bits.append("one of " + ", ".join(meta["choices"]))
+        bounds = _bounds_text(meta)
+        if bounds:
+            bits.append(f"in {bounds}")
+        if f.default is not None:
+            bits.append(f"default {f.default!r}")
+        elif meta.get("kind") != "path":
+            bits.append("default: automatic")
+        metavar = {"int": "N", "float": "X", "int_or_auto": "N|auto", "bool": "true|false",
+                   "path": "FILE"}.get(meta.get("kind") or "", None)
+        if meta.get("choices"):
+            metavar = "{" + ",".join(meta["choices"]) + "}"
+        groups[meta["group"]].add_argument(option_name(f.name), dest=f"param_{f.name}", type=_cli_type(f),
+                                           default=None, metavar=metavar or "VALUE",
+                                           help="; ".join(bits).replace("%", "%%"))
+
+
+def params_from_namespace(args: argparse.Namespace, base: ReconParams | dict | None = None) -> ReconParams:
+    """The parameters given on the command line, over ``base`` (a ReconParams or a dict of fields)."""
+    values = base.to_dict() if isinstance(base, ReconParams) else dict(base or {})
+    for f in dataclasses.fields(ReconParams):
+        v = getattr(args, f"param_{f.name}", None)
+        if v is not None:
+            values[f.name] = v
+    return ReconParams.from_dict(values)
+
+
+def given_params(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the fields set explicitly on the command line."""
+    return {f.name: getattr(args, f"param_{f.name}") for f in dataclasses.fields(ReconParams)
+            if getattr(args, f"param_{f.name}", None) is not None}
