@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hxn_ptycho.errors import HxnPtychoError
 from hxn_ptycho.h5util import atomic_path
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ RUNS_SPEC = "CatalogOfBlueskyRuns"
 RUNS_SPEC_VERSION = "3.0"
 
 
-class CatalogError(RuntimeError):
+class CatalogError(HxnPtychoError, RuntimeError):
     """The catalog is not configured, not reachable, or refused a request; the message says which."""
+
+    exit_status = 2
 
 
 @dataclass
@@ -59,6 +62,7 @@ class CatalogConfig:
     raw: str = "raw"
     processed: str = "processed"
     api_key: str | None = None            # only for in-process use; never written to disk by us
+    readable: list[str] | None = None     # folders the server may read (None: not known, e.g. a remote server)
 
     def resolve_api_key(self) -> str | None:
         if self.api_key:
@@ -78,6 +82,8 @@ class CatalogConfig:
         data = {"uri": self.uri, "api_key_env": self.api_key_env, "raw": self.raw, "processed": self.processed}
         if self.api_key_file:
             data["api_key_file"] = str(self.api_key_file)
+        if self.readable is not None:
+            data["readable"] = [str(p) for p in self.readable]
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
@@ -102,7 +108,7 @@ def _load_config_file(path: Path) -> CatalogConfig:
         raise CatalogError(f"catalog config {path} is not valid {path.suffix or 'JSON'}: {exc}") from None
     if not isinstance(data, dict) or "uri" not in data:
         raise CatalogError(f"catalog config {path} must be a mapping with at least a 'uri' entry")
-    known = {"uri", "api_key_env", "api_key_file", "raw", "processed"}
+    known = {"uri", "api_key_env", "api_key_file", "raw", "processed", "readable"}
     unknown = set(data) - known
     if unknown:
         raise CatalogError(f"catalog config {path}: unknown entries {sorted(unknown)} (known: {sorted(known)})")
@@ -268,7 +274,8 @@ class EmbeddedServer:
 
     @property
     def config(self) -> CatalogConfig:
-        return CatalogConfig(uri=self.uri, api_key_file=str(self.directory / "api_key"))
+        return CatalogConfig(uri=self.uri, api_key_file=str(self.directory / "api_key"),
+                             readable=[str(self.directory), *self.readable])
 
     def command(self) -> list[str]:
         data = self.directory / "data"

@@ -18,13 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hxn_ptycho.errors import BadInput, HxnPtychoError
+from hxn_ptycho.params import ReconParams, add_param_options, params_from_namespace
+from hxn_ptycho.spec import Execution, JobSpec, add_execution_options, execution_from_namespace
+
 from .catalog import CatalogError, EmbeddedServer, resolve_catalog
 
 log = logging.getLogger("hxn_ptycho.callbacks")
 
 
-class CommandError(RuntimeError):
-    """A verb cannot do what was asked; the message says why."""
+class CommandError(BadInput):
+    """A verb cannot do what was asked; the message says why (exit status 2)."""
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -75,11 +79,13 @@ def make_dispatcher(args: argparse.Namespace) -> Any:
     return RemoteDispatcher(args.zmq)
 
 
-def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike) -> tuple[Any, Any]:
-    """The job queue (started) and the callback, from the listen/demo options."""
+def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
+                   base_params: dict | None = None) -> tuple[Any, Any]:
+    """The job queue (started) and the callback, from the listen/demo options (parameter options
+    over ``base_params``)."""
     from .export import ExportConfig
     from .launcher import JobQueue
-    from .router import CallbackConfig, PtychoCallback, job_failure_recorder
+    from .router import CallbackConfig, PtychoCallback
 
     catalog = args.catalog
     env = {}
@@ -90,16 +96,18 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike) -> tup
     export = ExportConfig(crop=args.crop, energy_kev=args.energy_kev, distance_m=args.distance_m,
                           detectors=tuple(args.detectors), position_fields=tuple(args.positions_from),
                           scaler=args.scaler or None, frame_wait_s=args.frame_wait)
-    params = {"iterations": args.iterations, "probe_modes": args.probe_modes}
     pools = args.gpu_pools or None
-    jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending, env=env,
-                    on_failure=job_failure_recorder(catalog), gpu_pools=pools).start()
+    base = dict(base_params or {})
     if pools:
-        params["backend"] = "auto"
-    cb = PtychoCallback(CallbackConfig(work_dir=str(work_dir), catalog=catalog, params=params,
-                                       nprocs=args.nprocs, export=export,
-                                       gpus=len(pools[0].split(",")) if pools else 0), jobs)
-    return jobs, cb
+        base.setdefault("backend", "auto")
+    params = params_from_namespace(args, base)
+    execution = execution_from_namespace(args, gpus=pools[0].split(",") if pools else None)
+    config = CallbackConfig(work_dir=str(work_dir), catalog=catalog, params=params.to_dict(),
+                            nprocs=execution.ranks, mode=execution.mode, gpus=execution.gpus,
+                            force_nprocs=execution.force, export=export)
+    jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending, env=env,
+                    gpu_pools=pools).start()
+    return jobs, PtychoCallback(config, jobs)
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -150,7 +158,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
-# -- reconstruct a stored scan ----------------------------------------------------------------
+# -- reconstruct a stored run ("run uid U of catalog C") -------------------------------------------
 
 def collected_from_catalog(raw: Any, detectors: tuple[str, ...], position_fields: tuple[str, ...],
                            scaler: str | None) -> tuple[Any, Any]:
@@ -185,59 +193,98 @@ def collected_from_catalog(raw: Any, detectors: tuple[str, ...], position_fields
     return run, frames
 
 
-def reconstruct_from_catalog(args: argparse.Namespace) -> int:
-    """``hxn-ptycho reconstruct --scan-id N --catalog C``: export the stored run, run the job, publish."""
-    from hxn_ptycho.params import ReconParams
+def find_stored_run(catalog: Any, *, uid: str | None = None, scan_id: int | None = None) -> Any:
+    """The raw run ``uid`` (or scan ``scan_id``) of the catalog, or a :class:`CommandError` naming it."""
+    from .catalog import runs
+    raw = runs(catalog, "raw")
+    key: Any = uid if uid else int(scan_id) if scan_id is not None else None
+    if key is None:
+        raise CommandError("give the stored run's uid or scan id")
+    try:
+        return raw[key]
+    except KeyError:
+        what = f"run {uid}" if uid else f"scan {scan_id}"
+        raise CommandError(f"no {what} in the catalog {catalog}") from None
+
+
+def export_stored_run(raw: Any, export: Any, scan_path: str | os.PathLike) -> Any:
+    """THE one read of a stored run: raw run (Tiled client) → scan file at ``scan_path``; returns the
+    CollectedRun. (Every stored-run path — CLI, Prefect flow — goes through here; the frame source of
+    ``callbacks/frames.py`` replaces its body.)"""
+    from hxn_ptycho.h5util import FileFormatError
     from hxn_ptycho.scanfile import write_scan
 
-    from .catalog import runs
-    from .export import ExportConfig, ExportError, build_scan
-    from .launcher import mpiexec_path
-    from .query import results, summary_png
-
-    _setup_logging(False)
-    try:
-        cfg = resolve_catalog(args.catalog)
-        raw = runs(cfg, "raw")[int(args.scan_id)]
-    except KeyError:
-        print(f"hxn-ptycho reconstruct: no scan {args.scan_id} in the catalog {args.catalog}", file=sys.stderr)
-        return 1
-    except CatalogError as exc:
-        print(f"hxn-ptycho reconstruct: {exc}", file=sys.stderr)
-        return 2
-    export = ExportConfig()
+    from .export import ExportError, build_scan
     try:
         run, frames = collected_from_catalog(raw, export.detectors, export.position_fields, export.scaler)
         scan = build_scan(run, export, frames=frames)
-    except ExportError as exc:
-        print(f"hxn-ptycho reconstruct: {exc}", file=sys.stderr)
-        return 2
-    output = Path(args.output or f"result_{args.scan_id}_{run.uid[:8]}.h5").resolve()
-    scan_path = output.with_name(output.stem + "_scan.h5")
-    write_scan(scan_path, scan)
-    params = ReconParams(iterations=args.iterations, probe_modes=args.probe_modes, object_modes=args.object_modes,
-                         beta=args.beta, precision=args.precision)
-    argv = [sys.executable, "-m", "hxn_ptycho.job", str(scan_path), "-o", str(output), "--params", params.to_json(),
-            "--catalog", str(args.catalog), "--raw-uid", run.uid]
-    if getattr(args, "quiet", False):
-        argv.append("--quiet")
-    if args.nprocs > 1:
-        argv = [mpiexec_path(), "-n", str(args.nprocs)] + argv
-    env = dict(os.environ)
-    key = cfg.resolve_api_key()
+        write_scan(scan_path, scan)
+    except (ExportError, FileFormatError) as exc:
+        raise CommandError(f"cannot build the scan file: {exc}") from None
+    return run
+
+
+def default_result_dir(catalog: Any) -> Path:
+    """Where a stored run's result goes without -o: a folder the catalog server reads, when known."""
+    cfg = resolve_catalog(catalog)
+    if cfg.readable:
+        return Path(cfg.readable[0]) / "results"
+    return Path.cwd()
+
+
+def stored_run_spec(catalog: Any, *, uid: str | None = None, scan_id: int | None = None,
+                    params: ReconParams | None = None, execution: Execution | None = None,
+                    output: str | os.PathLike | None = None, png: str | None = None) -> JobSpec:
+    """Read run ``uid`` (or scan ``scan_id``) of ``catalog``, write its scan file, and return the
+    job spec — refused up front when the catalog server could not read the result."""
+    from hxn_ptycho.spec import Geometry, Source
+
+    from .derived import check_readable
+    from .export import ExportConfig
+    from .router import geometry_provenance
+
+    raw = find_stored_run(catalog, uid=uid, scan_id=scan_id)
+    start = dict(raw.metadata["start"])
+    sid = start.get("scan_id")
+    stem = f"{sid if isinstance(sid, int) else 'x'}_{start['uid'][:8]}"
+    result = Path(output) if output else default_result_dir(catalog) / f"result_{stem}.h5"
+    result = result.resolve()
+    spec = JobSpec(params=params or ReconParams(), execution=execution or Execution(),
+                   source=Source(scan_file=str(result.with_name(result.stem + "_scan.h5")), result_file=str(result),
+                                 raw_uid=start["uid"], scan_id=sid if isinstance(sid, int) else None,
+                                 catalog=str(catalog), png=str(Path(png).resolve()) if png else None))
+    check_readable(spec)                                # before any work
+    export = ExportConfig()
+    run = export_stored_run(raw, export, spec.source.scan_file)
+    spec.geometry = Geometry.from_scan_file(spec.source.scan_file, geometry_provenance(run, export))
+    return spec
+
+
+def reconstruct_stored(spec: JobSpec, *, quiet: bool = True) -> tuple[int, dict, str | None]:
+    """Run the job of a stored run's spec and publish its outcome; (exit status, outcome, derived uid)."""
+    from hxn_ptycho.job import execute
+
+    from .derived import publish_outcome
+    env = {}
+    key = resolve_catalog(spec.source.catalog).resolve_api_key()
     if key:
         env["TILED_API_KEY"] = key
-    status = subprocess.run(argv, env=env, check=False).returncode
-    if status != 0:
-        print(f"hxn-ptycho reconstruct: the job failed (exit status {status}); its failure is recorded "
-              f"in the catalog", file=sys.stderr)
-        return status
-    res = results(cfg, raw_uid=run.uid)
-    print(res.summary())
-    print(f"wrote {output}")
-    if args.png:
-        print(f"wrote {summary_png(res, args.png)}")
-    return 0
+    status, outcome = execute(spec, quiet=quiet, env=env)
+    derived_uid = publish_outcome(spec, outcome)
+    return status, outcome, derived_uid
+
+
+def reconstruct_from_catalog(args: argparse.Namespace) -> int:
+    """``hxn-ptycho reconstruct --scan-id N | --uid U --catalog C``: the stored run → job → derived run."""
+    from hxn_ptycho.job import final_line
+
+    _setup_logging(False)
+    spec = stored_run_spec(args.catalog, uid=args.uid, scan_id=args.scan_id, params=params_from_namespace(args),
+                           execution=execution_from_namespace(args), output=args.output, png=args.png)
+    status, outcome, derived_uid = reconstruct_stored(spec, quiet=bool(getattr(args, "quiet", False)))
+    print(f"derived run {derived_uid} of raw run {spec.source.raw_uid} in {args.catalog}")
+    print(final_line(outcome), flush=True)
+    return status
 
 
 # -- demo -----------------------------------------------------------------------------------
@@ -255,22 +302,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .sim_beamline import SimFrames, fly_scan, make_hxn, step_scan
 
     base = Path(args.dir).resolve()
-    server = EmbeddedServer(base / "catalog", port=args.port, readable=(str(base),)).start()
-    os.environ["TILED_API_KEY"] = server.api_key
+    server: EmbeddedServer | None = None
+    if args.catalog:                           # use the given catalog; start none of our own
+        cfg = resolve_catalog(args.catalog)
+        key = cfg.resolve_api_key()
+        if key:
+            os.environ["TILED_API_KEY"] = key
+        catalog_cfg: Any = cfg
+        det_root = base / "detector"
+        if cfg.readable is not None and not any(base == Path(r).resolve() or Path(r).resolve() in base.parents
+                                                for r in cfg.readable):
+            raise CommandError(f"the catalog server at {cfg.uri} cannot read the demo folder {base}: restart it "
+                               f"with 'hxn-ptycho serve --dir DIR --read {base}', or pass --dir inside "
+                               f"{', '.join(cfg.readable)}")
+    else:
+        server = EmbeddedServer(base / "catalog", port=args.port, readable=(str(base),)).start()
+        os.environ["TILED_API_KEY"] = server.api_key
+        catalog_cfg = server.config
+        args.catalog = str(server.directory)
+        det_root = server.directory / "detector"
     try:
-        scan, _truth = simulate_scan(n=64, n_positions=args.positions, probe_modes=args.true_modes, seed=args.seed)
-        hxn = make_hxn(SimFrames(scan), server.directory / "detector")
+        scan, _truth = simulate_scan(n=64, n_positions=args.positions, probe_modes=args.true_modes, seed=args.sim_seed)
+        hxn = make_hxn(SimFrames(scan), det_root)
         RE = RunEngine({}, call_returns_result=False)
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
-        RE.subscribe(tiled_writer(server.config, "raw", max_array_size=0))
-        args.catalog = str(server.directory)
-        jobs, cb = build_callback(args, base / "work")
+        RE.subscribe(tiled_writer(catalog_cfg, "raw", max_array_size=0))
+        jobs, cb = build_callback(args, base / "work", base_params={"iterations": 40})
         RE.subscribe(cb)
         plan = fly_scan if args.fly else step_scan
         t0 = time.monotonic()
         RE(plan(hxn, scan.points, distance_m=scan.z_m, md={"ptycho_crop": scan.n, "sample": "simulated star"}))
         print(f"scan of {args.positions} points done in {time.monotonic() - t0:.1f} s; reconstructing "
-              f"({args.iterations} iterations, {args.nprocs} MPI rank(s))...", flush=True)
+              f"({cb.config.params['iterations']} iterations, {args.nprocs} MPI rank(s))...", flush=True)
         cb.flush(60)
         if not cb.submitted:
             raise CommandError(f"no job was submitted: {cb.failed}")
@@ -279,26 +342,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise CommandError(f"the reconstruction did not finish within {args.timeout} s; see {base / 'work/queue/logs'}")
         jobs.stop()
         cb.close()
-        res = results(server.config, raw_uid=raw_uid)
+        res = results(catalog_cfg, raw_uid=raw_uid)
         print(res.summary())
         png = summary_png(res, args.png or base / "summary.png") if res.ok else None
         job = cb.submitted[-1]
-        print(f"\ncatalog:      {server.uri} (raw scan {res.scan_id}: {raw_uid}; derived run {res.uid})\n"
+        later = (f"hxn-ptycho serve --dir {server.directory} --read {base}  then  " if server else "") + \
+            f"hxn-ptycho results --catalog {args.catalog} --scan-id {res.scan_id}"
+        print(f"\ncatalog:      {catalog_cfg.uri} (raw scan {res.scan_id}: {raw_uid}; derived run {res.uid})\n"
               f"scan file:    {job.scan_file}\nresult file:  {job.result_file}\n"
               f"summary PNG:  {png}\njob log:      {base / 'work' / 'queue' / 'logs' / (job.id + '.log')}\n"
-              f"query later:  hxn-ptycho serve --dir {server.directory} --read {base}  then  "
-              f"hxn-ptycho results --catalog {server.directory} --scan-id {res.scan_id}")
-        if args.serve:
+              f"query later:  {later}")
+        if args.serve and server is not None:
             print(f"serving {server.uri}; Ctrl-C to stop", flush=True)
             _wait_for_signal()
         return 0 if res.ok else 1
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 # -- wiring -----------------------------------------------------------------------------------
 
-def _add_callback_options(p: argparse.ArgumentParser) -> None:
+def _add_callback_options(p: argparse.ArgumentParser, *, nprocs: int = 1) -> None:
     p.add_argument("--catalog", default=os.environ.get("HXN_PTYCHO_CATALOG"),
                    help="Tiled URL, config file or embedded server folder (default $HXN_PTYCHO_CATALOG); "
                         "API key from $TILED_API_KEY")
@@ -309,9 +374,6 @@ def _add_callback_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=128, help="frame size around the beam centre")
     p.add_argument("--energy-kev", type=float, help="explicit energy (default: from dcm_th in the baseline)")
     p.add_argument("--distance-m", type=float, help="detector distance when the metadata has none")
-    p.add_argument("--iterations", type=int, default=100)
-    p.add_argument("--probe-modes", default=1, type=lambda s: s if s == "auto" else int(s))
-    p.add_argument("--nprocs", type=int, default=1, help="MPI ranks per job")
     p.add_argument("--slots", type=int, default=1, help="jobs at a time (one per GPU pool)")
     p.add_argument("--max-pending", type=int, default=1000, help="bound of the job queue")
     p.add_argument("--gpu-pools", nargs="*", metavar="IDS",
@@ -319,15 +381,17 @@ def _add_callback_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-wait", type=float, default=5.0,
                    help="seconds to wait for detector frames still being written (default 5)")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_execution_options(p, nprocs=nprocs)
+    add_param_options(p)
 
 
 def _guarded(func: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (CommandError, CatalogError) as exc:
+        except HxnPtychoError as exc:
             print(f"hxn-ptycho {args.verb}: error: {exc}", file=sys.stderr)
-            return 2
+            return exc.exit_status
     return run
 
 
@@ -353,14 +417,14 @@ def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="simulated scan → RunEngine → callback → reconstruction → catalog")
     p.add_argument("--dir", default="hxn_ptycho_demo")
     p.add_argument("--port", type=int)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sim-seed", type=int, default=1, help="seed of the simulated sample and noise")
     p.add_argument("--true-modes", type=int, default=1, help="probe modes of the simulated beam")
     p.add_argument("--fly", action="store_true", help="fly-scan-like plan (encoder positions)")
     p.add_argument("--png", help="summary figure (default DIR/summary.png)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--serve", action="store_true", help="keep the catalog running afterwards")
-    _add_callback_options(p)
-    p.set_defaults(func=_guarded(cmd_demo), crop=64, iterations=40, nprocs=2)
+    _add_callback_options(p, nprocs=2)
+    p.set_defaults(func=_guarded(cmd_demo), crop=64)
     p.add_argument("--points", dest="positions", type=int, default=100, help="scan positions")
 
     p = subparsers.add_parser("results", help="the reconstruction of a stored scan")

@@ -1,7 +1,12 @@
 """The derived run of one reconstruction, written into the catalog's ``processed`` container.
 
+:func:`publish_outcome` is the one publisher: the queue runner, the CLI and the Prefect flow call
+it with the job's spec and the outcome record the job wrote (or a failure outcome when the job
+died or could not start), and it writes the success or the failure.
+
 Start: ``plan_name`` "hxn_ptycho_dm", ``plan_type`` "analysis", ``raw_uid``, the raw ``scan_id``,
-``recon`` (every parameter), ``versions`` and ``host``.
+``recon`` (the job spec unchanged — ``params``, ``geometry``, ``execution``, ``source`` — plus the
+job's measured facts in ``recon["measured"]``), ``versions`` and ``host``.
 Stream ``primary`` (one event): ``object``, ``probe`` and ``positions_px`` as external HDF5
 (``StreamResource``/``StreamDatum`` into a sidecar file beside the result file, whose datasets
 carry the leading event axis Tiled expects), ``probe_power_fraction`` and the final errors inline.
@@ -16,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import socket
 import time
 from collections.abc import Iterable
@@ -24,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hxn_ptycho.errors import BadInput
+from hxn_ptycho.spec import JobSpec, versions
 
 from .catalog import (
     CatalogConfig,
@@ -61,24 +68,15 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for dist in ("hxn-ptycho", "numpy", "scipy", "h5py", "event-model", "bluesky-tiled-plugins", "tiled", "mpi4py"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def start_metadata(raw_uid: str | None, recon: dict, **extra: Any) -> dict:
     recon = jsonable(dict(recon or {}))
     md = {"plan_name": PLAN_NAME, "plan_type": PLAN_TYPE, "raw_uid": raw_uid,
           "recon": recon, "versions": versions(), "host": socket.gethostname()}
-    scan_id = recon.get("scan_id")
-    if scan_id is None and recon.get("scan_file"):
-        scan_id = _scan_file_id(recon["scan_file"])
+    source = recon.get("source") or {}
+    scan_id = source.get("scan_id", recon.get("scan_id"))
+    scan_file = source.get("scan_file", recon.get("scan_file"))
+    if scan_id is None and scan_file:
+        scan_id = _scan_file_id(scan_file)
     if scan_id is not None:
         md["scan_id"] = scan_id
     md.update(jsonable(extra))
@@ -123,11 +121,12 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
     res = read_result(result_path)
     recon = dict(recon or {})
     recon.setdefault("params", res.params)
-    if "scan_id" not in recon and "scan_scan_id" in res.attrs:
-        recon["scan_id"] = res.attrs["scan_scan_id"]
+    extra: dict[str, Any] = {}
+    if not (recon.get("source") or {}).get("scan_id", recon.get("scan_id")) and "scan_scan_id" in res.attrs:
+        extra["scan_id"] = res.attrs["scan_scan_id"]
     side = write_sidecar(result_path, res)
     bundle = compose_run(metadata=start_metadata(raw_uid, recon, result_file=str(Path(result_path).resolve()),
-                                                 elapsed_s=res.attrs.get("elapsed_s")))
+                                                 **extra))
     docs: list[Doc] = [("start", bundle.start_doc)]
     external = {"object": np.asarray(res.object), "probe": np.asarray(res.probe),
                 "positions_px": np.asarray(res.positions_px, dtype=np.float64)}
@@ -227,4 +226,61 @@ def publish_failure(catalog: str, raw_uid: str | None, recon: dict, reason: str)
     docs = failure_documents(raw_uid, recon, reason)
     uid = write_documents(catalog, docs, backup=backup)
     log.info("failed reconstruction of raw run %s recorded as %s: %s", raw_uid, uid, reason)
+    return uid
+
+
+# -- the one publisher --------------------------------------------------------------------------
+
+class UnreadableResult(BadInput):
+    """The result would be written where the catalog server cannot read it."""
+
+
+def check_readable(spec: JobSpec) -> None:
+    """Refuse a run whose result the catalog server could not read, naming the folder to add.
+
+    Known for an embedded server (its ``catalog.json`` lists the folders it reads); for a remote
+    server the readable folders are not known here and nothing is refused.
+    """
+    from .catalog import resolve_catalog
+    if not spec.source.catalog:
+        return
+    cfg = resolve_catalog(spec.source.catalog)
+    if cfg.readable is None:
+        return
+    folder = Path(spec.source.result_file).resolve().parent
+    roots = [Path(r).resolve() for r in cfg.readable]
+    if any(folder == r or r in folder.parents for r in roots):
+        return
+    raise UnreadableResult(
+        f"the catalog server at {cfg.uri} cannot read {folder} (it reads {', '.join(map(str, roots))}): write the "
+        f"result there (-o), or restart the server with 'hxn-ptycho serve --dir DIR --read {folder}'")
+
+
+def publish_outcome(spec: JobSpec | dict, outcome: dict | None, *, reason: str | None = None) -> str | None:
+    """Publish a job's outcome as its derived run in ``spec.source.catalog``; return the run's uid.
+
+    ``outcome`` is the job's outcome record (:func:`hxn_ptycho.job.read_outcome`), or None when the
+    job wrote none (it died, or never started): the run is then recorded as failed with ``reason``.
+    The start's ``recon`` is ``spec.recon(outcome["measured"])``. Returns None without a catalog.
+    """
+    from hxn_ptycho.job import failure_outcome
+    if isinstance(spec, dict):
+        spec = JobSpec.from_dict(spec)
+    src = spec.source
+    if not src.catalog:
+        return None
+    if outcome is None:
+        outcome = failure_outcome(spec, reason or "the job ended without an outcome record")
+    recon = spec.recon(outcome.get("measured"))
+    if outcome.get("status") == "success" and outcome.get("result_file"):
+        docs = result_documents(outcome["result_file"], src.raw_uid, recon)
+        backup = str(outcome["result_file"]) + ".docs.jsonl"
+        uid = write_documents(src.catalog, docs, backup=backup)
+        log.info("derived run %s (raw %s) written to %s", uid, src.raw_uid, src.catalog)
+    else:
+        why = str(outcome.get("reason") or reason or "unknown failure")
+        docs = failure_documents(src.raw_uid, recon, why)
+        backup = (str(src.result_file) + ".fail.docs.jsonl") if src.result_file else None
+        uid = write_documents(src.catalog, docs, backup=backup)
+        log.info("failed reconstruction of raw run %s recorded as %s: %s", src.raw_uid, uid, why)
     return uid

@@ -6,8 +6,11 @@ a job moves between them by atomic rename, so a listener that restarts finds wha
 ``gpu_pools`` such as ``["0,1", "2,3"]`` one per pool, each job seeing only its pool's GPUs) take the oldest pending job, run it with ``subprocess.Popen`` (never a shell) and wait
 for it — on their own threads, never on the RunEngine's. ``max_pending`` bounds the queue.
 
-A job that exits non-zero without having recorded its failure in the catalog gets a ``fail``
-derived run from here, with the end of its log as the reason, so no failure is silently lost.
+A job is a :class:`~hxn_ptycho.spec.JobSpec`; the runner writes it as ``DIR/specs/<job>.spec.json``
+and starts ``[mpiexec -n K] python -m hxn_ptycho.job SPEC.json`` (ranks checked first). The job only
+computes; when it ends the runner reads its outcome record and publishes it — success or failure —
+through :func:`~.derived.publish_outcome`, the one publisher. A job that died without an outcome
+is recorded as failed with the end of its log as the reason, so no failure is silently lost.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hxn_ptycho.job import find_mpiexec, job_argv
+from hxn_ptycho.errors import HxnPtychoError
+from hxn_ptycho.job import find_mpiexec, launch_argv, outcome_path, read_outcome
+from hxn_ptycho.spec import JobSpec
 
 from .catalog import atomic_write_text
 
@@ -38,26 +43,52 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class Job:
-    """One reconstruction job: what to run and where its files go."""
+    """One reconstruction job: its spec (a :class:`~hxn_ptycho.spec.JobSpec` as a dict) and its life."""
 
-    scan_file: str
-    result_file: str
-    params: dict = field(default_factory=dict)
-    raw_uid: str | None = None
-    scan_id: Any = None
-    nprocs: int = 1
-    catalog: str | None = None          # URL or config file; the key travels in TILED_API_KEY
-    recon: dict = field(default_factory=dict)
+    spec: dict = field(default_factory=lambda: JobSpec().to_dict())
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     created: float = field(default_factory=time.time)
+    spec_file: str | None = None        # written by JobQueue.submit
     started: float | None = None
     returncode: int | None = None
     reason: str | None = None
 
     @classmethod
+    def of(cls, spec: JobSpec) -> Job:
+        return cls(spec=spec.to_dict())
+
+    @classmethod
     def from_dict(cls, d: dict) -> Job:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def job_spec(self) -> JobSpec:
+        return JobSpec.from_dict(self.spec)
+
+    @property
+    def scan_file(self) -> str:
+        return str(self.spec["source"]["scan_file"])
+
+    @property
+    def result_file(self) -> str:
+        return str(self.spec["source"]["result_file"])
+
+    @property
+    def raw_uid(self) -> str | None:
+        return self.spec["source"].get("raw_uid")
+
+    @property
+    def scan_id(self) -> Any:
+        return self.spec["source"].get("scan_id")
+
+    @property
+    def nprocs(self) -> int:
+        return int(self.spec["execution"]["ranks"])
+
+    @property
+    def catalog(self) -> str | None:
+        return self.spec["source"].get("catalog")
 
 
 def mpiexec_path() -> str:
@@ -66,9 +97,15 @@ def mpiexec_path() -> str:
 
 
 def job_command(job: Job, *, mpiexec: str | None = None) -> list[str]:
-    """The job's argument list: ``[mpiexec, -n, K,] python -m hxn_ptycho.job SCAN -o RESULT ...``."""
-    return job_argv(str(job.scan_file), str(job.result_file), json.dumps(job.params, sort_keys=True),
-                    nprocs=job.nprocs, catalog=job.catalog, raw_uid=job.raw_uid, quiet=True, mpiexec=mpiexec)
+    """The job's argument list: ``[mpiexec, -n, K,] python -m hxn_ptycho.job SPEC.json`` (ranks checked)."""
+    if not job.spec_file:
+        raise ValueError(f"job {job.id} has no spec file (submit it to a JobQueue first)")
+    return launch_argv(job.job_spec, job.spec_file, quiet=True, mpiexec=mpiexec)
+
+
+def _publish(spec: JobSpec, outcome: dict | None, reason: str | None) -> Any:
+    from .derived import publish_outcome
+    return publish_outcome(spec, outcome, reason=reason)
 
 
 class JobQueue:
@@ -77,7 +114,8 @@ class JobQueue:
     def __init__(self, directory: str | os.PathLike, *, slots: int = 1, max_pending: int = 1000,
                  command: Callable[[Job], list[str]] = job_command, env: dict[str, str] | None = None,
                  on_failure: Callable[[Job, str], None] | None = None, timeout_s: float | None = None,
-                 gpu_pools: list[str] | None = None) -> None:
+                 gpu_pools: list[str] | None = None,
+                 publish: Callable[[JobSpec, dict | None, str | None], Any] | None = _publish) -> None:
         self.directory = Path(directory)
         self.gpu_pools = list(gpu_pools or [])
         self.slots = len(self.gpu_pools) if self.gpu_pools else max(1, int(slots))
@@ -85,6 +123,7 @@ class JobQueue:
         self.command = command
         self.env = dict(env or {})
         self.on_failure = on_failure
+        self.publish = publish
         self.timeout_s = timeout_s
         self._stop = threading.Event()
         self._wake = threading.Condition()
@@ -94,6 +133,7 @@ class JobQueue:
         for state in STATES:
             (self.directory / state).mkdir(parents=True, exist_ok=True)
         (self.directory / "logs").mkdir(exist_ok=True)
+        (self.directory / "specs").mkdir(exist_ok=True)
 
     # -- the queue on disk ----------------------------------------------------------------
     def _path(self, state: str, job: Job) -> Path:
@@ -112,6 +152,9 @@ class JobQueue:
         """Put ``job`` in ``pending`` (atomic write); raise :class:`QueueFull` if the queue is full."""
         if len(list((self.directory / "pending").glob("*.json"))) >= self.max_pending:
             raise QueueFull(f"job queue {self.directory} already holds {self.max_pending} pending jobs")
+        spec_file = self.directory / "specs" / f"{job.created:017.6f}-{job.id}.spec.json"
+        JobSpec.from_dict(job.spec).write(spec_file)
+        job.spec_file = str(spec_file)
         atomic_write_text(self._path("pending", job), json.dumps(asdict(job), indent=1))
         with self._wake:
             self._wake.notify_all()
@@ -166,6 +209,7 @@ class JobQueue:
             if job.id in self._killed:            # stopped by stop(kill=True): run again at next start
                 os.replace(running, self.directory / "pending" / running.name)
                 continue
+            self._publish_outcome(job, ok)
             if not ok and self.on_failure is not None:
                 try:
                     self.on_failure(job, job.reason or "unknown failure")
@@ -173,8 +217,25 @@ class JobQueue:
                     log.exception("job %s: recording its failure failed", job.id)
             self._finish(job, running, ok)
 
+    def _publish_outcome(self, job: Job, ok: bool) -> None:
+        """The job's outcome (or its failure) → the derived run, through the one publisher."""
+        if self.publish is None or not job.catalog:
+            return
+        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        if outcome is not None and not ok and outcome.get("status") == "success":
+            outcome = None                        # it said success, then died: record the failure
+        try:
+            self.publish(job.job_spec, outcome, job.reason)
+        except Exception as exc:  # noqa: BLE001 - a catalog error must not stop the queue
+            log.error("job %s: could not publish its outcome: %s", job.id, exc)
+
     def _run(self, job: Job, slot: int = 0) -> bool:
-        argv = self.command(job)
+        try:
+            argv = self.command(job)
+        except HxnPtychoError as exc:             # refused before anything starts (e.g. too many ranks)
+            job.reason = f"not started: {exc}"
+            log.error("job %s %s", job.id, job.reason)
+            return False
         logfile = self.directory / "logs" / f"{job.id}.log"
         env = dict(os.environ, **self.env)
         if self.gpu_pools:                        # one job at a time on each pool of GPUs
@@ -194,11 +255,13 @@ class JobQueue:
                 job.reason = f"the job ran past its {self.timeout_s:.0f} s limit and was killed"
             finally:
                 self._procs.pop(job.id, None)
-        if job.returncode == 0:
+        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        if job.returncode == 0 and (outcome is None or outcome.get("status") == "success"):
             log.info("job %s finished (scan %s)", job.id, job.scan_id)
             return True
         if job.reason is None:
-            job.reason = f"the job exited with status {job.returncode}: {log_tail(logfile)}"
+            said = f" ({outcome['reason']})" if outcome and outcome.get("reason") else ""
+            job.reason = f"the job exited with status {job.returncode}{said}: {log_tail(logfile)}"
         log.error("job %s failed: %s", job.id, job.reason)
         return False
 

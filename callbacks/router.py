@@ -18,6 +18,10 @@ from pathlib import Path
 
 from event_model import RunRouter
 
+from hxn_ptycho.errors import HxnPtychoError
+from hxn_ptycho.params import ReconParams
+from hxn_ptycho.spec import Execution, Geometry, JobSpec, Source, check_ranks
+
 from .collector import CollectedRun, RunCollector
 from .derived import PLAN_NAME, PLAN_TYPE
 from .export import ExportConfig, ExportError, export_scan, find_detector
@@ -34,8 +38,19 @@ class CallbackConfig:
     catalog: str | None = None                 # URL or config file; None = no catalog (files only)
     params: dict = field(default_factory=dict)  # ReconParams fields for the job
     nprocs: int = 1
-    gpus: int = 0
+    mode: str = "sync"                          # MPI scheme: sync or async
+    gpus: list[str] = field(default_factory=list)   # the GPU ids of a job's pool
+    force_nprocs: bool = False
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        ReconParams.from_dict(dict(self.params))        # bad parameters are refused at once
+        self.execution()
+
+    def execution(self) -> Execution:
+        ex = Execution(ranks=int(self.nprocs), mode=self.mode, gpus=list(self.gpus), force=self.force_nprocs)
+        ex.validate()
+        return ex
 
 
 def is_ptycho_run(start: dict, detectors: tuple[str, ...]) -> bool:
@@ -103,6 +118,17 @@ class PtychoCallback:
                 self._pending.task_done()
                 self._busy.clear()
 
+    def job_spec(self, run: CollectedRun, scan_path: Path | None = None) -> JobSpec:
+        """The job spec of ``run``: this callback's parameters and execution, the exported geometry."""
+        geometry = (Geometry.from_scan_file(scan_path, geometry_provenance(run, self.config.export))
+                    if scan_path is not None and scan_path.exists() else Geometry())
+        source = Source(scan_file=str(scan_path or ""),
+                        result_file=str(self.work_dir / "results" / f"result_{run_stem(run)}.h5"),
+                        raw_uid=run.uid, scan_id=run.scan_id if isinstance(run.scan_id, int) else None,
+                        catalog=self.config.catalog)
+        return JobSpec(params=ReconParams.from_dict(dict(self.config.params)), geometry=geometry,
+                       execution=self.config.execution(), source=source)
+
     def process(self, run: CollectedRun) -> Job | None:
         """Export a finished run and submit its job (or record why it cannot be reconstructed)."""
         if run.exit_status != "success":
@@ -111,16 +137,20 @@ class PtychoCallback:
             return None
         scan_path = self.work_dir / "scans" / f"scan_{run_stem(run)}.h5"
         try:
-            scan = export_scan(run, self.config.export, scan_path)
+            export_scan(run, self.config.export, scan_path)
         except ExportError as exc:
             self._fail(run, f"cannot build the scan file: {exc}")
             return None
-        job = Job(scan_file=str(scan_path),
-                  result_file=str(self.work_dir / "results" / f"result_{run_stem(run)}.h5"),
-                  params=dict(self.config.params), raw_uid=run.uid, scan_id=run.scan_id,
-                  nprocs=self.config.nprocs, catalog=self.config.catalog,
-                  recon={"crop": scan.n, "energy_kev": scan.attrs.get("energy_kev"), "distance_m": scan.z_m,
-                         "pixel_um": scan.ccd_pixel_um, "ranks": self.config.nprocs, "gpus": self.config.gpus})
+        try:
+            spec = self.job_spec(run, scan_path)
+            check_ranks(spec)
+            if spec.source.catalog:
+                from .derived import check_readable
+                check_readable(spec)
+        except HxnPtychoError as exc:
+            self._fail(run, f"not reconstructed: {exc}")
+            return None
+        job = Job.of(spec)
         if self.jobs is None:
             self.submitted.append(job)
             return job
@@ -143,11 +173,8 @@ class PtychoCallback:
     def _publish_failure(self, run: CollectedRun, reason: str) -> None:
         if not self.config.catalog:
             return
-        from .derived import publish_failure
-        recon = {"params": dict(self.config.params), "ranks": self.config.nprocs, "gpus": self.config.gpus,
-                 "scan_id": run.scan_id,
-                 "failure_backup": str(self.work_dir / "results" / f"failed_{run_stem(run)}.docs.jsonl")}
-        publish_failure(self.config.catalog, run.uid, recon, reason)
+        from .derived import publish_outcome
+        publish_outcome(self.job_spec(run), None, reason=reason)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every finished run has been exported and submitted (not until jobs end)."""
@@ -164,23 +191,24 @@ class PtychoCallback:
         self._worker.join(timeout=30)
 
 
-def job_failure_recorder(catalog: str | None) -> Callable[[Job, str], None]:
-    """For :class:`JobQueue`: publish a ``fail`` derived run unless the job recorded one itself."""
-    def record(job: Job, reason: str) -> None:
-        if not catalog:
-            return
-        from tiled.queries import Comparison, Eq
-
-        from .catalog import runs
-        from .derived import publish_failure
-        try:
-            found = runs(catalog, "processed").search(Eq("raw_uid", job.raw_uid)).search(
-                Comparison("ge", "time", float(job.started or job.created)))
-            if len(found):
-                return                        # the job recorded its own failure
-        except Exception as exc:  # noqa: BLE001 - recording a failure must not stop the queue
-            log.warning("job %s: could not check the catalog for its failure record (%s)", job.id, exc)
-        recon = {**job.recon, "params": job.params, "scan_id": job.scan_id, "job_id": job.id,
-                 "failure_backup": str(job.result_file) + ".fail.docs.jsonl"}
-        publish_failure(catalog, job.raw_uid, recon, reason)
-    return record
+def geometry_provenance(run: CollectedRun, cfg: ExportConfig) -> dict[str, str]:
+    """Where each geometry value of an exported run came from (the precedence of ``export.effective``:
+    start metadata first, then the configuration, then the baseline or the detector table)."""
+    s = run.start
+    det = find_detector(s, cfg.detectors) or "?"
+    if "energy_kev" in s:
+        energy = "start metadata 'energy_kev'"
+    elif cfg.energy_kev is not None:
+        energy = "configuration (energy_kev)"
+    else:
+        energy = f"baseline '{cfg.energy_motor}' via Si(111) Bragg"
+    family = next((f for f in cfg.pixel_um if det.startswith(f)), None)
+    center = ("start metadata 'ptycho_center'" if "ptycho_center" in s else
+              "configuration (center)" if cfg.center is not None else "centre of mass of the mean frame")
+    return {"energy_kev": energy, "lambda_nm": "λ = hc / energy",
+            "z_m": "start metadata 'detector_distance_m'" if "detector_distance_m" in s else "configuration (distance_m)",
+            "ccd_pixel_um": ("start metadata 'detector_pixel_um'" if "detector_pixel_um" in s
+                             else f"detector table ({family}: {cfg.pixel_um.get(family or '', '?')} µm)"),
+            "crop": "start metadata 'ptycho_crop'" if "ptycho_crop" in s else "configuration (crop)",
+            "center": center, "orientation": "as recorded (no flip or transpose)",
+            "detector": f"start metadata 'detectors' ({det})"}

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .backend import BackendError
-from .h5util import FileFormatError
-from .job import LauncherNotFound
-from .params import ParamError, ReconParams
-from .errors import BadInput
+from .errors import BadInput, HxnPtychoError
+from .job import execute, final_line
+from .params import add_param_options, params_from_namespace
+from .scanfile import scan_info
+from .spec import Geometry, JobSpec, Source, add_execution_options, execution_from_namespace
 
 
 class UsageError(BadInput):
@@ -73,61 +72,58 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def add_reconstruct(sub: argparse._SubParsersAction) -> None:
-    d = ReconParams()
-    p = sub.add_parser("reconstruct", help="reconstruct a scan file with the multi-mode Difference Map",
-                       description="Reconstruct an HXN scan file (or a stored scan, with --scan-id and --catalog).")
+    p = sub.add_parser("reconstruct", help="reconstruct a scan file, or a stored run of a catalog",
+                       description="Reconstruct an HXN scan file, or a stored run (--scan-id N or --uid U with "
+                                   "--catalog C), with the multi-mode Difference Map. Every reconstruction "
+                                   "parameter is an option; the last line gives the final data error, cost and time.")
     p.add_argument("scan", nargs="?", help="HXN scan file (scan_<N>.h5)")
-    p.add_argument("-o", "--output", help="result file to write (default: <scan>_recon.h5)")
-    p.add_argument("--iterations", type=_positive_int, default=d.iterations)
-    p.add_argument("--probe-modes", type=_probe_modes, default=d.probe_modes, help="an integer, or 'auto' (1 %% rule)")
-    p.add_argument("--object-modes", type=_positive_int, default=d.object_modes)
-    p.add_argument("--beta", type=float, default=d.beta, help="DM relaxation β (default %(default)s)")
-    p.add_argument("--precision", choices=("single", "double"), default=d.precision)
-    p.add_argument("--init-from", help="previous result file to start from (warm start)")
+    p.add_argument("-o", "--output", help="result file to write (default: <scan>_recon.h5; for a stored run "
+                                          "result_<scan id>_<uid>.h5 in the catalog's folder)")
     p.add_argument("--png", help="write a summary figure")
-    p.add_argument("--nprocs", type=_positive_int, default=1, help="MPI ranks (mpiexec -n K); 1 runs in-process")
-    p.add_argument("--threads", type=_positive_int, help="FFT threads per rank (default: cores / ranks)")
-    p.add_argument("--mode", choices=("sync", "async"), default="sync", help="MPI scheme (default sync)")
-    p.add_argument("--backend", choices=("numpy", "cupy", "auto"), default=d.backend)
-    p.add_argument("--batch-size", type=_positive_int, help="views per batch (default: from the memory bound)")
-    p.add_argument("--max-memory-gb", type=float, default=d.max_memory_gb)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--scan-id", type=int, help="reconstruct a stored scan from --catalog instead of a file")
-    p.add_argument("--catalog", help="Tiled catalog URL (with --scan-id, or to publish the derived run)")
+    p.add_argument("--scan-id", type=int, help="reconstruct the stored scan N of --catalog instead of a file")
+    p.add_argument("--uid", help="reconstruct the stored run with this uid of --catalog")
+    p.add_argument("--catalog", help="Tiled catalog (URL, config file or server folder): with --scan-id/--uid, "
+                                     "or to publish the derived run of a file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_execution_options(p)
+    add_param_options(p)
     p.set_defaults(func=cmd_reconstruct)
 
 
-def params_from_args(args: argparse.Namespace) -> ReconParams:
-    return ReconParams(iterations=args.iterations, probe_modes=args.probe_modes, object_modes=args.object_modes,
-                       beta=args.beta, precision=args.precision, init_from=args.init_from, threads=args.threads,
-                       backend=args.backend, batch_size=args.batch_size, max_memory_gb=args.max_memory_gb,
-                       seed=args.seed)
-
-
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    if args.scan_id is not None:
+    if args.scan_id is not None or args.uid:
         if not args.catalog:
-            raise UsageError("--scan-id needs --catalog (the Tiled catalog that holds the scan)")
+            raise UsageError(f"{'--scan-id' if args.scan_id is not None else '--uid'} needs --catalog "
+                             "(the Tiled catalog that holds the scan)")
+        if args.scan:
+            raise UsageError("give a scan file or a stored run (--scan-id/--uid), not both")
         from hxn_ptycho.callbacks.commands import reconstruct_from_catalog
         return reconstruct_from_catalog(args)
     if not args.scan:
-        raise UsageError("give a scan file, or --scan-id with --catalog")
+        raise UsageError("give a scan file, or --scan-id N (or --uid U) with --catalog")
     if not os.path.exists(args.scan):
         raise UsageError(f"scan file not found: {args.scan}")
-    params = params_from_args(args)
+    params = params_from_namespace(args)
+    geometry = Geometry.from_scan_file(args.scan)
     output = args.output or str(Path(args.scan).with_suffix("")) + "_recon.h5"
-    from .distributed import launched_by_mpi
-    from .job import job_argv, main as job_main
-    nprocs = args.nprocs if not launched_by_mpi() else 1     # a launched job never launches another
-    argv = job_argv(args.scan, output, params.to_json(), nprocs=nprocs, mode=args.mode, png=args.png,
-                    catalog=args.catalog, quiet=args.quiet)
-    if nprocs > 1:
-        status = subprocess.run(argv, check=False).returncode
-    else:
-        status = job_main(argv[3:])
-    if status == 0:
-        print(f"wrote {output}" + (f" and {args.png}" if args.png else ""))
+    raw_uid = scan_info(args.scan)["attrs"].get("raw_uid")
+    scan_id = scan_info(args.scan)["attrs"].get("scan_id")
+    source = Source(scan_file=os.path.abspath(args.scan), result_file=os.path.abspath(output),
+                    raw_uid=str(raw_uid) if raw_uid else None,
+                    scan_id=int(scan_id) if scan_id is not None and int(scan_id) >= 0 else None,
+                    catalog=str(args.catalog) if args.catalog else None,
+                    png=os.path.abspath(args.png) if args.png else None)
+    spec = JobSpec(params=params, geometry=geometry, execution=execution_from_namespace(args), source=source)
+    publish = None
+    if args.catalog:
+        from hxn_ptycho.callbacks.derived import check_readable, publish_outcome
+        check_readable(spec)                         # refused up front if the server could not read the result
+        publish = publish_outcome
+    status, outcome = execute(spec, quiet=args.quiet)
+    if publish is not None:
+        uid = publish(spec, outcome)
+        print(f"derived run {uid} in {args.catalog}")
+    print(final_line(outcome), flush=True)
     return status
 
 
@@ -153,9 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, FileFormatError, ParamError, BackendError, LauncherNotFound) as exc:
+    except HxnPtychoError as exc:                # the one error root: its exit status, one line
         print(f"hxn-ptycho {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         return 130
 

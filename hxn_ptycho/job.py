@@ -1,25 +1,42 @@
-"""``python -m hxn_ptycho.job SCAN.h5 -o RESULT.h5``: what each process of a reconstruction runs.
+"""``python -m hxn_ptycho.job SPEC.json``: what each process of a reconstruction runs.
 
-Started once (one process) or by an MPI launcher (``mpiexec``/``srun``: one per rank). Each
-rank reads only its own share of the frames, runs the engine with the MPI reducer, and rank 0
-writes the result file (temporary name, then rename) and, when ``--catalog`` is given,
-publishes the derived run — or a failed one with the reason.
+Started once (one process) or by an MPI launcher (``mpiexec``/``srun``: one per rank) on a
+:class:`~hxn_ptycho.spec.JobSpec` file. Each rank reads only its own share of the frames and runs
+the engine with the MPI reducer. The job only computes: rank 0 writes the result file to a
+temporary name, renames it into place after the final barrier (every rank finished), and writes a
+small outcome record (JSON: status, reason, result path, measured facts) beside the spec. It
+publishes nothing — whoever launched it publishes the outcome
+(``hxn_ptycho.callbacks.derived.publish_outcome``).
+
+``python -m hxn_ptycho.job SCAN.h5 -o RESULT.h5 --params JSON [--mode async]`` still works: it
+builds the spec from the scan file.
+
+Ctrl-C (SIGINT) asks the engine to stop after the current iteration when the engine offers a stop
+hook; the result is then kept and marked ``interrupted``. A second Ctrl-C interrupts at once.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
+import logging
 import os
+import signal
 import socket
 import sys
+import tempfile
+import threading
+import time
 import traceback
+from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
-from .backend import BackendError
-from .h5util import FileFormatError
-from .params import ParamError, ReconParams
 from .errors import BadInput, HxnPtychoError
+from .spec import JobSpec, Source, SpecError, versions
+
+log = logging.getLogger(__name__)
+_IMPORTED_AT = time.time()
 
 
 class JobError(HxnPtychoError):
@@ -33,7 +50,6 @@ class LauncherNotFound(BadInput, FileNotFoundError):
 def find_mpiexec() -> str:
     """``mpiexec`` beside this Python (the mpich wheel's), else on PATH; a clear error if none."""
     import shutil
-    from pathlib import Path
     here = Path(sys.executable).with_name("mpiexec")
     if here.exists():
         return str(here)
@@ -44,55 +60,62 @@ def find_mpiexec() -> str:
     return found
 
 
-def job_argv(scan: str, output: str, params_json: str, *, nprocs: int = 1, mode: str = "sync",
-             png: str | None = None, catalog: str | None = None, raw_uid: str | None = None,
-             quiet: bool = False, mpiexec: str | None = None) -> list[str]:
-    """The job's argument list (never a shell string): ``[mpiexec -n K] python -m hxn_ptycho.job SCAN -o OUT ...``."""
-    argv = [sys.executable, "-m", "hxn_ptycho.job", str(scan), "-o", str(output), "--params", params_json,
-            "--mode", mode]
-    for flag, value in (("--png", png), ("--catalog", catalog), ("--raw-uid", raw_uid)):
-        if value:
-            argv += [flag, str(value)]
+def outcome_path(spec_path: str | os.PathLike) -> Path:
+    """Where the job started on ``spec_path`` writes its outcome: ``X.spec.json`` → ``X.outcome.json``."""
+    p = Path(spec_path)
+    stem = p.name[:-len(".spec.json")] if p.name.endswith(".spec.json") else p.stem
+    return p.with_name(stem + ".outcome.json")
+
+
+def job_argv(spec_path: str | os.PathLike, *, nprocs: int = 1, quiet: bool = False,
+             mpiexec: str | None = None, launched_at: float | None = None) -> list[str]:
+    """The job's argument list (never a shell string): ``[mpiexec -n K] python -m hxn_ptycho.job SPEC.json``."""
+    argv = [sys.executable, "-m", "hxn_ptycho.job", str(spec_path)]
     if quiet:
         argv.append("--quiet")
+    if launched_at is not None:
+        argv += ["--launched-at", repr(float(launched_at))]
     if nprocs > 1:
         argv = [mpiexec or find_mpiexec(), "-n", str(int(nprocs))] + argv
     return argv
 
 
+def launch_argv(spec: JobSpec, spec_path: str | os.PathLike, *, quiet: bool = True,
+                mpiexec: str | None = None) -> list[str]:
+    """Check the spec (ranks vs views and cores) and return its argument list; nothing is started here."""
+    from .spec import check_ranks
+    check_ranks(spec)
+    return job_argv(spec_path, nprocs=spec.execution.ranks, quiet=quiet, mpiexec=mpiexec, launched_at=time.time())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hxn_ptycho.job", description=__doc__.splitlines()[0])
-    p.add_argument("scan", help="HXN scan file (scan_<N>.h5)")
-    p.add_argument("-o", "--output", required=True, help="result file to write")
-    p.add_argument("--params", default="{}", help="reconstruction parameters as JSON (ReconParams fields)")
-    p.add_argument("--mode", choices=("sync", "async"), default="sync",
-                   help="sync: reduce + broadcast every iteration (default); async: regions stitched at the end")
-    p.add_argument("--png", help="also write a summary figure")
-    p.add_argument("--catalog", help="Tiled catalog (URL) to publish the derived run to; key from $TILED_API_KEY")
-    p.add_argument("--raw-uid", help="uid of the raw run this reconstruction derives from")
+    p = argparse.ArgumentParser(prog="python -m hxn_ptycho.job", description=(__doc__ or "").splitlines()[0])
+    p.add_argument("spec", help="job spec (SPEC.json), or an HXN scan file with -o (legacy form)")
+    p.add_argument("-o", "--output", help="legacy form: result file to write")
+    p.add_argument("--params", default="{}", help="legacy form: reconstruction parameters as JSON")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync", help="legacy form: MPI scheme")
+    p.add_argument("--png", help="legacy form: also write a summary figure")
+    p.add_argument("--outcome", help="outcome record to write (default: beside the spec, X.outcome.json)")
+    p.add_argument("--launched-at", type=float, help="epoch seconds of the launch (to measure the start-up)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def recon_summary(params: ReconParams, scan_info: dict[str, Any], size: int, mode: str,
-                  result: Any = None) -> dict[str, Any]:
-    """Everything about the run that belongs in the derived run's ``recon`` dict."""
-    out = dict(params.to_dict())
-    attrs = getattr(result, "attrs", {}) or {}
-    backend = attrs.get("backend", params.backend)
-    out.update({"ranks": size, "mode": mode, "hxn_ptycho_version": __version__, "host": socket.gethostname(),
-                "scan_file": os.path.abspath(scan_info.get("path", "")), "n_views": scan_info.get("n_views"),
-                "frame_size": scan_info.get("n"), "backend": backend,
-                "gpus": size if backend == "cupy" else 0,
-                "scan_id": (scan_info.get("attrs") or {}).get("scan_id")})
-    if "probe_modes_used" in attrs:
-        out["probe_modes_used"] = attrs["probe_modes_used"]
-    if "elapsed_s" in attrs:
-        out["elapsed_s"] = attrs["elapsed_s"]
-    for k in ("lambda_nm", "z_m", "ccd_pixel_um", "pixel_size_m", "energy_kev", "crop"):
-        if k in scan_info:
-            out[k] = scan_info[k]
-    return out
+def spec_from_args(args: argparse.Namespace) -> tuple[JobSpec, Path]:
+    """The spec and the outcome path from the job's arguments (a spec file, or the legacy form)."""
+    if str(args.spec).endswith(".json"):
+        spec = JobSpec.read(args.spec)
+        return spec, Path(args.outcome) if args.outcome else outcome_path(args.spec)
+    if not args.output:
+        raise SpecError("give a job spec (SPEC.json), or a scan file with -o RESULT.h5")
+    from .params import ReconParams
+    from .spec import Execution, Geometry
+    geometry = Geometry.from_scan_file(args.spec)
+    spec = JobSpec(params=ReconParams.from_json(args.params), geometry=geometry,
+                   execution=Execution(ranks=1, mode=args.mode),
+                   source=Source(scan_file=os.path.abspath(args.spec), result_file=os.path.abspath(args.output),
+                                 png=args.png))
+    return spec, Path(args.outcome) if args.outcome else Path(str(args.output) + ".outcome.json")
 
 
 def _test_hooks(rank: int) -> None:
@@ -104,7 +127,6 @@ def _test_hooks(rank: int) -> None:
     if os.environ.get("HXN_PTYCHO_TEST_FAIL_RANK") == str(rank):
         raise RuntimeError("test hook HXN_PTYCHO_TEST_FAIL_RANK: this rank fails on purpose")
     if os.environ.get("HXN_PTYCHO_TEST_KILL_RANK") == str(rank):
-        import signal
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -117,59 +139,184 @@ def _world() -> Any:
         raise JobError(str(exc)) from None
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the job in this process (one rank of it); returns the exit status."""
+def write_outcome(path: str | os.PathLike, outcome: dict[str, Any]) -> None:
+    from .h5util import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(outcome, indent=1, sort_keys=True, default=str))
+
+
+def read_outcome(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The outcome record a job wrote, or None if it wrote none (it died first)."""
+    try:
+        return dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def failure_outcome(spec: JobSpec, reason: str, **measured: Any) -> dict[str, Any]:
+    """The outcome of a job that failed (or could not start) with ``reason``."""
+    facts = {"status": "fail", "host": socket.gethostname(), "ranks": spec.execution.ranks,
+             "mode": spec.execution.mode, **measured}
+    return {"status": "fail", "reason": str(reason), "result_file": None, "measured": facts}
+
+
+def measured_facts(res: Any, spec: JobSpec, comm: Any, startup_s: float | None) -> dict[str, Any]:
+    import numpy as np
+    attrs = res.attrs
+    err = np.asarray(res.error_data, dtype=float)
+    return {"status": "success", "elapsed_s": attrs.get("elapsed_s"), "startup_s": startup_s,
+            "iterations_done": int(np.isfinite(err).sum()), "probe_modes_used": attrs.get("probe_modes_used"),
+            "final_data_error": attrs.get("final_data_error"), "final_cost": attrs.get("final_cost"),
+            "interrupted": bool(attrs.get("interrupted", False)), "host": socket.gethostname(),
+            "versions": versions(), "backend": attrs.get("backend", spec.params.backend), "ranks": comm.size,
+            "mode": spec.execution.mode}
+
+
+def _accepts_stop() -> bool:
+    """Whether the engine offers the stop hook (a ``stop`` keyword of ``run_distributed``)."""
+    from .distributed import run_distributed
+    return "stop" in inspect.signature(run_distributed).parameters
+
+
+@contextlib.contextmanager
+def sigint_stops(stop: threading.Event) -> Any:
+    """First Ctrl-C sets ``stop`` (the engine ends after the current iteration); the second interrupts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nhxn-ptycho: stopping after the current iteration (Ctrl-C again to abort)", file=sys.stderr,
+              flush=True)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, progress: bool = True,
+             launched_at: float | None = None) -> tuple[int, dict[str, Any]]:
+    """Run the job in this process (one rank of it); returns (exit status, outcome).
+
+    Rank 0 writes the result (renamed into place after the final barrier) and the outcome record.
+    """
+    launched = launched_at if launched_at is not None else _IMPORTED_AT
     try:
         comm = _world()
     except JobError as exc:
         print(f"hxn-ptycho job failed: {exc}", file=sys.stderr, flush=True)
-        return 1
-    params_error: str | None = None
-    try:
-        params = ReconParams.from_dict(json.loads(args.params))
-    except (ParamError, json.JSONDecodeError, TypeError) as exc:
-        params, params_error = ReconParams(), f"bad --params: {exc}"
+        outcome = failure_outcome(spec, str(exc))
+        if outcome_file:
+            write_outcome(outcome_file, outcome)
+        return 1, outcome
+    src = spec.source
+    result = Path(src.result_file)
+    tmp: Path | None = None
     status, message = 0, ""
+    outcome: dict[str, Any] = {}
+    stop = threading.Event()
     try:
-        if params_error:
-            raise ParamError(params_error)
         _test_hooks(comm.rank)
         from .distributed import run_distributed
-        res, info = run_distributed(args.scan, params, comm, mode=args.mode, progress=not args.quiet)
+        extra: dict[str, Any] = {"stop": stop} if _accepts_stop() else {}
+        with sigint_stops(stop) if extra else contextlib.nullcontext():
+            res, _info = run_distributed(src.scan_file, spec.params, comm, mode=spec.execution.mode,
+                                         progress=progress, **extra)
+        first_iteration = time.time() - float(res.attrs.get("elapsed_s") or 0.0)
+        starts = comm.gather(first_iteration)
         comm.barrier()              # every rank finished its share before rank 0 writes anything
         if comm.rank == 0:
             from .resultfile import write_result
-            write_result(args.output, res)
-            if args.png:
+            result.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{result.name}.", suffix=".part", dir=result.parent)
+            os.close(fd)
+            tmp = Path(name)
+            write_result(tmp, res)
+        comm.barrier()              # the final barrier: every rank is done; only now is the result renamed
+        if comm.rank == 0:
+            assert tmp is not None
+            os.replace(tmp, result)
+            os.chmod(result, 0o644)
+            tmp = None
+            if src.png:
                 from .plots import summary_png
-                summary_png(res, args.png)
-            if args.catalog:
-                from hxn_ptycho.callbacks.derived import publish_result
-                publish_result(args.catalog, os.path.abspath(args.output), args.raw_uid,
-                               recon_summary(params, info, comm.size, args.mode, res))
-        comm.barrier()              # no rank exits (and so tears the job down) while rank 0 writes
+                summary_png(res, src.png)
+            startup = max(starts) - launched if starts else None
+            outcome = {"status": "success", "reason": None, "result_file": str(result.resolve()),
+                       "measured": measured_facts(res, spec, comm, startup)}
+            if outcome_file:
+                write_outcome(outcome_file, outcome)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the job exits non-zero
-        status = 2 if isinstance(exc, (FileFormatError, ParamError, BackendError)) else 130 if isinstance(exc, KeyboardInterrupt) else 1
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        status = (exc.exit_status if isinstance(exc, HxnPtychoError)
+                  else 130 if isinstance(exc, KeyboardInterrupt) else 1)
         message = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
         if os.environ.get("HXN_PTYCHO_DEBUG"):
             traceback.print_exc()
     if not status:
-        return 0
+        return 0, outcome
     print(f"hxn-ptycho job failed: {message}", file=sys.stderr, flush=True)
-    if comm.rank == 0 and args.catalog:
-        try:
-            from hxn_ptycho.callbacks.derived import publish_failure
-            publish_failure(args.catalog, args.raw_uid,
-                            recon_summary(params, {"path": args.scan}, comm.size, args.mode), message)
-        except Exception as exc:  # noqa: BLE001
-            print(f"hxn-ptycho job: could not record the failure in {args.catalog}: {exc}", file=sys.stderr)
+    outcome = failure_outcome(spec, message, exit_code=status)
+    if comm.rank == 0 and outcome_file:
+        with contextlib.suppress(OSError):
+            write_outcome(outcome_file, outcome)
     if comm.size > 1:
         comm.abort(status)          # the other ranks may wait in a collective: end them all
-    return status
+    return status, outcome
+
+
+def execute(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = None,
+            workdir: str | os.PathLike | None = None) -> tuple[int, dict[str, Any]]:
+    """Run the job of ``spec`` to its end, here (one rank) or under ``mpiexec`` (several); return
+    (exit status, outcome). The ranks are checked first; the spec and outcome files of an MPI run
+    live in ``workdir`` (default: a temporary folder, removed afterwards)."""
+    from .distributed import launched_by_mpi
+    from .spec import check_ranks
+    check_ranks(spec)
+    if spec.execution.ranks <= 1 or launched_by_mpi():      # a launched job never launches another
+        return run_spec(spec, None, progress=not quiet, launched_at=time.time())
+    with tempfile.TemporaryDirectory(prefix="hxn-ptycho-job-", dir=workdir) as tmp:
+        spec_path = spec.write(Path(tmp) / "job.spec.json")
+        argv = launch_argv(spec, spec_path, quiet=quiet)
+        import subprocess
+        status = subprocess.run(argv, check=False, env=dict(os.environ, **(env or {}))).returncode
+        outcome = read_outcome(outcome_path(spec_path))
+    if outcome is None:
+        outcome = failure_outcome(spec, f"the job exited with status {status} without an outcome record "
+                                        "(a rank died; see the messages above)", exit_code=status)
+    if status == 0 and outcome.get("status") != "success":
+        status = 1
+    return status, outcome
+
+
+def final_line(outcome: dict[str, Any]) -> str:
+    """The one line a reconstruction ends with: final data error, cost, time (or why it failed)."""
+    m = outcome.get("measured") or {}
+    if outcome.get("status") != "success":
+        return f"failed: {outcome.get('reason')}"
+
+    def num(v: Any, fmt: str) -> str:
+        return "?" if v is None else format(float(v), fmt)
+    note = ", interrupted" if m.get("interrupted") else ""
+    return (f"final data error {num(m.get('final_data_error'), '.4g')}, cost {num(m.get('final_cost'), '.4g')}, "
+            f"time {num(m.get('elapsed_s'), '.1f')} s ({m.get('iterations_done')} iterations, "
+            f"{m.get('ranks')} rank(s){note}) -> {outcome.get('result_file')}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    try:
+        spec, outcome = spec_from_args(args)
+    except HxnPtychoError as exc:
+        print(f"hxn-ptycho job failed: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_status
+    return run_spec(spec, outcome, progress=not args.quiet, launched_at=args.launched_at)[0]
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from hxn_ptycho.callbacks.router import (
     CallbackConfig,
     PtychoCallback,
     is_ptycho_run,
-    job_failure_recorder,
 )
+from hxn_ptycho.spec import Execution, Geometry, JobSpec, Source
 
 PARAMS = {"iterations": 8, "probe_modes": 1}
 
@@ -121,15 +121,21 @@ def test_missing_position_is_named(tmp_path, sim):
         build_scan(run, ExportConfig())
 
 
-def test_job_command_is_an_argument_list():
-    job = Job(scan_file="/d/scan 1.h5", result_file="/d/r.h5", params={"iterations": 3}, raw_uid="u; rm -rf /",
-              nprocs=2, catalog="http://127.0.0.1:1")
+def test_job_command_is_an_argument_list(tmp_path):
+    from hxn_ptycho.params import ReconParams
+    spec = JobSpec(params=ReconParams(iterations=3), geometry=Geometry(n_views=10),
+                   execution=Execution(ranks=2), source=Source(scan_file="/d/scan 1.h5", result_file="/d/r.h5",
+                                                               raw_uid="u; rm -rf /", catalog="http://127.0.0.1:1"))
+    q = JobQueue(tmp_path / "q")
+    job = q.submit(Job.of(spec))
     argv = job_command(job)
     assert argv[:3] == [mpiexec_path(), "-n", "2"]
-    assert argv[3:6] == [sys.executable, "-m", "hxn_ptycho.job"]
-    assert "/d/scan 1.h5" in argv and "u; rm -rf /" in argv
-    assert json.loads(argv[argv.index("--params") + 1]) == {"iterations": 3}
-    assert job_command(Job(scan_file="s", result_file="r"))[0] == sys.executable
+    assert argv[3:7] == [sys.executable, "-m", "hxn_ptycho.job", job.spec_file]
+    written = json.loads(open(job.spec_file).read())        # the one spec file, with everything in it
+    assert written["source"]["raw_uid"] == "u; rm -rf /" and written["params"]["iterations"] == 3
+    assert written["source"]["scan_file"] == "/d/scan 1.h5"
+    one = q.submit(Job.of(JobSpec(source=Source(scan_file="s", result_file="r"))))
+    assert job_command(one)[0] == sys.executable
 
 
 def test_per_event_cost_is_small(tmp_path, capsys):
@@ -183,8 +189,7 @@ def test_in_process_scan_to_derived_run(tiled_server, tmp_path, sim, monkeypatch
     RE = make_re(hxn)
     RE.subscribe(tiled_writer(tiled_server.uri, "raw", max_array_size=0))
     jobs = JobQueue(tiled_server.directory / "queue",
-                    env={"TILED_API_KEY": tiled_server.api_key},
-                    on_failure=job_failure_recorder(tiled_server.uri)).start()
+                    env={"TILED_API_KEY": tiled_server.api_key}).start()
     cfg = CallbackConfig(work_dir=str(tiled_server.directory / "work"), catalog=tiled_server.uri,
                          params=dict(PARAMS), nprocs=2, export=ExportConfig(crop=64))
     cb = PtychoCallback(cfg, jobs)
@@ -202,7 +207,13 @@ def test_in_process_scan_to_derived_run(tiled_server, tmp_path, sim, monkeypatch
     res = results(tiled_server.uri, raw_uid=raw_uid)
     assert res.ok, res.reason
     assert res.scan_id == 41
-    assert res.start["recon"]["ranks"] == 2 and res.start["recon"]["iterations"] == PARAMS["iterations"]
+    recon = res.start["recon"]
+    assert recon["execution"]["ranks"] == 2 and recon["params"]["iterations"] == PARAMS["iterations"]
+    assert recon["measured"]["ranks"] == 2 and recon["measured"]["iterations_done"] == PARAMS["iterations"]
+    geo = recon["geometry"]
+    assert geo["crop"] == 64 and geo["energy_kev"] > 0 and geo["lambda_nm"] == pytest.approx(1.239842 / geo["energy_kev"])
+    assert "dcm_th" in geo["provenance"]["energy_kev"] and "detector table" in geo["provenance"]["ccd_pixel_um"]
+    assert JobSpec.from_dict(recon).to_dict() == {k: v for k, v in recon.items() if k != "measured"}
     assert res.object.ndim == 3 and np.iscomplexobj(res.object)
     assert res.probe.shape == (1, 64, 64)
     assert res.positions_px.shape == (60, 2)
@@ -235,6 +246,6 @@ def test_unreachable_catalog_is_logged_and_other_runs_go_on(tmp_path, sim, caplo
     assert len(cb.failed) == 1 and "position field 'zpssy'" in cb.failed[0][1]
     assert "could not record the failure in the catalog" in caplog.text
     assert f"cannot reach the Tiled catalog at {dead}" in caplog.text
-    assert len(list((tmp_path / "work" / "results").glob("failed_*.docs.jsonl"))) == 1   # kept for republish
+    assert len(list((tmp_path / "work" / "results").glob("result_*.h5.fail.docs.jsonl"))) == 1   # kept for republish
     assert len(cb.submitted) == 1
     assert len(list((tmp_path / "work" / "scans").glob("scan_*.h5"))) == 1

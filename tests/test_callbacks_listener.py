@@ -20,6 +20,12 @@ from conftest_bluesky import wait_for
 tiled_server = conftest_bluesky.tiled_server      # the fixture (a real Tiled server process)
 from hxn_ptycho.callbacks.catalog import free_port, runs
 
+def job_of(scan: str, result: str):
+    from hxn_ptycho.callbacks.launcher import Job
+    from hxn_ptycho.spec import JobSpec, Source
+    return Job.of(JobSpec(source=Source(scan_file=scan, result_file=result)))
+
+
 KINDS = ["ok", "ok", "abort", "ok", "frames", "fly", "fail", "ok", "pos", "ok",
          "ok", "frames", "fly", "abort", "ok", "pos", "ok", "ok", "frames", "ok"]
 
@@ -185,7 +191,7 @@ def test_queue_survives_a_restart(tmp_path):
         return [sys.executable, "-c", f"import pathlib; pathlib.Path({str(marker / job.id)!r}).write_text('x')"]
 
     q = JobQueue(tmp_path / "q", command=command)          # never started: the "dead" listener
-    jobs = [q.submit(Job(scan_file=f"s{i}", result_file=f"r{i}")) for i in range(3)]
+    jobs = [q.submit(job_of(f"s{i}", f"r{i}")) for i in range(3)]
     os.rename(next((tmp_path / "q" / "pending").glob("*.json")),
               tmp_path / "q" / "running" / "crashed.json")   # one was running when it died
     q2 = JobQueue(tmp_path / "q", command=command).start()
@@ -202,10 +208,10 @@ def test_queue_is_bounded_and_failures_are_recorded(tmp_path):
     q = JobQueue(tmp_path / "q", max_pending=2,
                  command=lambda job: [sys.executable, "-c", "import sys; print('boom: bad scan'); sys.exit(3)"],
                  on_failure=lambda job, reason: failures.append(reason))
-    q.submit(Job(scan_file="a", result_file="b"))
-    q.submit(Job(scan_file="a", result_file="b"))
+    q.submit(job_of("a", "b"))
+    q.submit(job_of("a", "b"))
     with pytest.raises(QueueFull, match="already holds 2 pending jobs"):
-        q.submit(Job(scan_file="a", result_file="b"))
+        q.submit(job_of("a", "b"))
     q.start()
     assert q.wait_idle(60)
     q.stop()
@@ -224,7 +230,7 @@ def test_gpu_pools_one_job_at_a_time_each(tmp_path):
                  command=lambda job: [sys.executable, "-c", code, str(out / job.id)])
     assert q.slots == 2
     for i in range(4):
-        q.submit(Job(scan_file=f"s{i}", result_file=f"r{i}"))
+        q.submit(job_of(f"s{i}", f"r{i}"))
     q.start()
     assert q.wait_idle(60)
     q.stop()
@@ -243,7 +249,7 @@ def test_killed_jobs_are_requeued_with_all_their_processes(tmp_path):
     failures = []
     q = JobQueue(tmp_path / "q", command=lambda job: [sys.executable, "-c", script],
                  on_failure=lambda job, reason: failures.append(reason))
-    job = q.submit(Job(scan_file="a", result_file="b"))
+    job = q.submit(job_of("a", "b"))
     q.start()
     wait_for(lambda: pidfile.exists() and pidfile.read_text(), 30, what="the job's child process")
     child = int(pidfile.read_text())
