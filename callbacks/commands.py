@@ -243,10 +243,14 @@ def stored_run_spec(catalog: Any, *, uid: str | None = None, scan_id: int | None
     from .export import ExportConfig
     from .router import geometry_provenance
 
+    from .catalog import ENV_CATALOG
+    catalog = catalog if catalog not in (None, "") else os.environ.get(ENV_CATALOG)
+    if not catalog:
+        raise CommandError(f"no catalog given: pass the catalog or set {ENV_CATALOG}")
     raw = find_stored_run(catalog, uid=uid, scan_id=scan_id)
     start = dict(raw.metadata["start"])
     sid = start.get("scan_id")
-    stem = f"{sid if isinstance(sid, int) else 'x'}_{start['uid'][:8]}"
+    stem = f"{sid if isinstance(sid, int) else 'x'}_{start['uid'][:8]}_{time.strftime('%Y%m%dT%H%M%S')}_{os.urandom(2).hex()}"
     result = Path(output) if output else default_result_dir(catalog) / f"result_{stem}.h5"
     result = result.resolve()
     spec = JobSpec(params=params or ReconParams(), execution=execution or Execution(),

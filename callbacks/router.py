@@ -212,3 +212,10 @@ def geometry_provenance(run: CollectedRun, cfg: ExportConfig) -> dict[str, str]:
             "crop": "start metadata 'ptycho_crop'" if "ptycho_crop" in s else "configuration (crop)",
             "center": center, "orientation": "as recorded (no flip or transpose)",
             "detector": f"start metadata 'detectors' ({det})"}
+
+
+def job_failure_recorder(catalog: str | None) -> None:
+    """Deprecated: the job queue now publishes every outcome (success or failure) itself through
+    :func:`~.derived.publish_outcome`, so there is no separate failure hook; returns None (no
+    ``on_failure`` hook) so that profiles written before still start. Remove it from callers."""
+    return None

@@ -53,7 +53,7 @@ def test_reconstruct_stored_scan_and_query(server, tmp_path, monkeypatch):
     assert out.exists() and png.stat().st_size > 1000
     res = results(server.config, scan_id=321)
     assert res.ok and res.raw_uid == uid
-    assert res.start["recon"]["iterations"] == 4 and res.start["recon"]["ranks"] == 2
+    assert res.start["recon"]["params"]["iterations"] == 4 and res.start["recon"]["execution"]["ranks"] == 2
     assert res.object.ndim == 3 and res.data_error.shape == (4,)
 
     q = subprocess.run([sys.executable, "-m", "hxn_ptycho.cli", "results", "--catalog", str(server.directory),

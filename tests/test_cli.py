@@ -87,3 +87,102 @@ def test_every_verb_has_help():
     for verb in verbs:
         h = run(verb, "--help")
         assert h.returncode == 0 and "usage" in h.stdout.lower(), verb
+
+
+# -- the job spec, the checks before mpiexec, the one error root ---------------------------------
+
+def test_nprocs_beyond_the_views_or_the_cores_is_refused_before_mpiexec(tmp_path, sim_file):
+    import time
+
+    from hxn_ptycho.backend import available_cores
+    t0 = time.monotonic()
+    r = run("reconstruct", str(sim_file), "-o", str(tmp_path / "r.h5"), "--nprocs", "121", "--quiet")
+    assert r.returncode == 2 and "--nprocs 121 is more than the scan's 120 views" in r.stderr, r.stderr
+    many = 4 * available_cores() + 1
+    if many <= 120:
+        r = run("reconstruct", str(sim_file), "-o", str(tmp_path / "r.h5"), "--nprocs", str(many), "--quiet")
+        assert r.returncode == 2 and "ranks per core" in r.stderr and "--force-nprocs" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 20                   # refused at once: no ranks were started
+    assert not (tmp_path / "r.h5").exists() and "Traceback" not in r.stderr
+
+
+def test_reconstruct_ends_with_one_line_and_the_spec_round_trips(tmp_path, sim_file):
+    import json
+    import re
+
+    from hxn_ptycho.spec import JobSpec
+    out = tmp_path / "r.h5"
+    r = run("reconstruct", str(sim_file), "-o", str(out), "--iterations", "3", "--power-bound", "0.5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    m = re.match(r"final data error ([0-9.e+-]+), cost ([0-9.e+-]+), time ([0-9.]+) s \(3 iterations, 1 rank\(s\)\)", last)
+    assert m, last
+    res = read_result(out)
+    assert float(m.group(1)) == pytest.approx(res.attrs["final_data_error"], rel=1e-3)
+    assert res.params["power_bound"] == 0.5
+    # the job started on a spec file: the same parameters, an outcome record beside the spec
+    spec = JobSpec.from_dict({"params": {"iterations": 2, "power_bound": 0.5},
+                              "source": {"scan_file": str(sim_file), "result_file": str(tmp_path / "s.h5")}})
+    path = spec.write(tmp_path / "job.spec.json")
+    assert JobSpec.read(path) == spec
+    done = subprocess.run([sys.executable, "-m", "hxn_ptycho.job", str(path), "--quiet"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads((tmp_path / "job.outcome.json").read_text())
+    assert outcome["status"] == "success" and outcome["result_file"] == str(tmp_path / "s.h5")
+    assert outcome["measured"]["iterations_done"] == 2 and outcome["measured"]["startup_s"] < 10
+    assert read_result(tmp_path / "s.h5").params["power_bound"] == 0.5
+
+
+def test_bad_spec_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.spec.json"
+    bad.write_text('{"params": {"beta": 9}}')
+    done = subprocess.run([sys.executable, "-m", "hxn_ptycho.job", str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "beta must lie in" in done.stderr and "Traceback" not in done.stderr
+    bad.write_text('{"parameters": {}}')
+    done = subprocess.run([sys.executable, "-m", "hxn_ptycho.job", str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown top-level field(s): parameters" in done.stderr
+
+
+def test_every_error_of_the_root_exits_with_its_status(monkeypatch, capsys):
+    from hxn_ptycho import cli
+    from hxn_ptycho.errors import HxnPtychoError
+
+    class Odd(HxnPtychoError):
+        exit_status = 7
+
+    def boom(args):
+        raise Odd("something named went wrong")
+    parser = cli.build_parser()
+    args = parser.parse_args(["simulate", "x.h5"])
+    args.func = boom
+    monkeypatch.setattr(cli, "build_parser", lambda: type("P", (), {"parse_args": lambda self, a: args})())
+    assert cli.main([]) == 7
+    assert capsys.readouterr().err.strip() == "hxn-ptycho simulate: error: something named went wrong"
+
+
+def test_first_ctrl_c_asks_to_stop_the_second_interrupts():
+    import os
+    import signal
+    import threading
+
+    from hxn_ptycho.job import sigint_stops
+    stop = threading.Event()
+    with sigint_stops(stop):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.wait(2)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            threading.Event().wait(2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_options_are_generated_for_every_entry_point():
+    import dataclasses
+
+    from hxn_ptycho.params import ReconParams, option_name
+    names = [option_name(f.name) for f in dataclasses.fields(ReconParams)]
+    for verb in ("reconstruct", "listen", "demo"):
+        h = run(verb, "--help").stdout
+        missing = [n for n in names + ["--nprocs", "--mode"] if n not in h]
+        assert not missing, (verb, missing)

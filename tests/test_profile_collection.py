@@ -37,7 +37,7 @@ def test_profile_startup_files_in_order(tiled_server, tmp_path, monkeypatch):
         assert jobs.wait_idle(180), "the job did not finish"
         res = ns["results"](ns["CATALOG"], raw_uid=uid)
         assert res.ok, res.reason
-        assert res.scan_id == 777 and res.start["recon"]["ranks"] == 2
+        assert res.scan_id == 777 and res.start["recon"]["execution"]["ranks"] == 2
         assert res.probe.shape == (1, 64, 64)
         # databroker v1 over the same catalog
         db = ns["db"]
