@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hxn_ptycho.gpu import CupyBackend, gpu_available  # noqa: E402
+from hxn_ptycho.gpu import CupyBackend, gpu_available
 
 
 def synthetic_scan(be, N: int, n: int, K: int, seed: int = 0):

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from hxn_ptycho.errors import BadInput, HxnPtychoError
 from hxn_ptycho.params import ReconParams, add_param_options, params_from_namespace
 from hxn_ptycho.spec import Execution, JobSpec, add_execution_options, execution_from_namespace
 
-from .catalog import CatalogError, EmbeddedServer, resolve_catalog
+from .catalog import EmbeddedServer, resolve_catalog
 
 log = logging.getLogger("hxn_ptycho.callbacks")
 

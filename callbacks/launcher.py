@@ -3,7 +3,8 @@
 Jobs are JSON files under ``DIR/pending``, ``DIR/running``, ``DIR/done`` and ``DIR/failed``;
 a job moves between them by atomic rename, so a listener that restarts finds what was pending
 (and re-runs what was running when it died). ``slots`` runner threads (1 by default; with
-``gpu_pools`` such as ``["0,1", "2,3"]`` one per pool, each job seeing only its pool's GPUs) take the oldest pending job, run it with ``subprocess.Popen`` (never a shell) and wait
+``gpu_pools`` such as ``["0,1", "2,3"]`` one per pool, each job seeing only its pool's GPUs) take
+the oldest pending job, run it with ``subprocess.Popen`` (never a shell) and wait
 for it — on their own threads, never on the RunEngine's. ``max_pending`` bounds the queue.
 
 A job is a :class:`~hxn_ptycho.spec.JobSpec`; the runner writes it as ``DIR/specs/<job>.spec.json``

@@ -209,10 +209,10 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
         comm = _world()
     except JobError as exc:
         print(f"hxn-ptycho job failed: {exc}", file=sys.stderr, flush=True)
-        outcome = failure_outcome(spec, str(exc))
+        failed = failure_outcome(spec, str(exc))
         if outcome_file:
-            write_outcome(outcome_file, outcome)
-        return 1, outcome
+            write_outcome(outcome_file, failed)
+        return 1, failed
     src = spec.source
     result = Path(src.result_file)
     tmp: Path | None = None

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Union
 
 from .errors import BadInput
@@ -140,7 +141,7 @@ class ReconParams:
         return dataclasses.replace(self, **changes)
 
 
-def _bounds_text(meta: dict) -> str:
+def _bounds_text(meta: Mapping[str, Any]) -> str:
     lo, hi = meta.get("min"), meta.get("max")
     if lo is None and hi is None:
         return ""
@@ -248,7 +249,7 @@ def add_param_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
         elif meta.get("kind") != "path":
             bits.append("default: automatic")
         metavar = {"int": "N", "float": "X", "int_or_auto": "N|auto", "bool": "true|false",
-                   "path": "FILE"}.get(meta.get("kind") or "", None)
+                   "path": "FILE"}.get(meta.get("kind") or "")
         if meta.get("choices"):
             metavar = "{" + ",".join(meta["choices"]) + "}"
         groups[meta["group"]].add_argument(option_name(f.name), dest=f"param_{f.name}", type=_cli_type(f),

@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import conftest_bluesky
 import numpy as np
@@ -131,7 +132,7 @@ def test_job_command_is_an_argument_list(tmp_path):
     argv = job_command(job)
     assert argv[:3] == [mpiexec_path(), "-n", "2"]
     assert argv[3:7] == [sys.executable, "-m", "hxn_ptycho.job", job.spec_file]
-    written = json.loads(open(job.spec_file).read())        # the one spec file, with everything in it
+    written = json.loads(Path(job.spec_file).read_text())        # the one spec file, with everything in it
     assert written["source"]["raw_uid"] == "u; rm -rf /" and written["params"]["iterations"] == 3
     assert written["source"]["scan_file"] == "/d/scan 1.h5"
     one = q.submit(Job.of(JobSpec(source=Source(scan_file="s", result_file="r"))))

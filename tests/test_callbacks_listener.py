@@ -182,7 +182,7 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
 
 def test_queue_survives_a_restart(tmp_path):
     """Jobs pending (or running) when a listener dies are run by the next one."""
-    from hxn_ptycho.callbacks.launcher import Job, JobQueue
+    from hxn_ptycho.callbacks.launcher import JobQueue
 
     marker = tmp_path / "ran"
     marker.mkdir()
@@ -202,7 +202,7 @@ def test_queue_survives_a_restart(tmp_path):
 
 
 def test_queue_is_bounded_and_failures_are_recorded(tmp_path):
-    from hxn_ptycho.callbacks.launcher import Job, JobQueue, QueueFull
+    from hxn_ptycho.callbacks.launcher import JobQueue, QueueFull
 
     failures = []
     q = JobQueue(tmp_path / "q", max_pending=2,
@@ -220,7 +220,7 @@ def test_queue_is_bounded_and_failures_are_recorded(tmp_path):
 
 def test_gpu_pools_one_job_at_a_time_each(tmp_path):
     """Two pools → two runners; each job sees only its pool's GPUs."""
-    from hxn_ptycho.callbacks.launcher import Job, JobQueue
+    from hxn_ptycho.callbacks.launcher import JobQueue
 
     out = tmp_path / "seen"
     out.mkdir()
@@ -240,7 +240,7 @@ def test_gpu_pools_one_job_at_a_time_each(tmp_path):
 
 def test_killed_jobs_are_requeued_with_all_their_processes(tmp_path):
     """stop(kill=True) ends the whole process group of a running job and puts the job back."""
-    from hxn_ptycho.callbacks.launcher import Job, JobQueue
+    from hxn_ptycho.callbacks.launcher import JobQueue
 
     pidfile = tmp_path / "child.pid"
     script = ("import os, subprocess, sys, time, pathlib; "
