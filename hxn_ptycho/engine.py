@@ -244,7 +244,7 @@ class Reconstruction:
         """Mean Σ I of a frame (masked pixels filled in proportion) and the mean amplitude, over all ranks."""
         scan = self.scan
         mean_amp = np.sum(scan.diffamp, axis=0, dtype=np.float64)
-        buf = [mean_amp, np.array([float(len(self.pos))])]
+        buf: list[np.ndarray] = [np.asarray(mean_amp), np.array([float(len(self.pos))])]
         self.reducer.allreduce_sum(buf)
         mean_amp = buf[0] / buf[1][0]
         frac = 1.0 if scan.mask is None else float(scan.mask.mean())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -65,7 +66,7 @@ def split_regions(pos: np.ndarray, k: int, overlap: float) -> list[np.ndarray]:
     if k > n_views:
         raise ParamError(f"more regions/ranks ({k}) than views ({n_views}): use at most {n_views} processes")
     rows, cols = grid_shape(k, tuple(np.ptp(pos, axis=0)))
-    regions = []
+    regions: list[Any] = []
     for strip in np.array_split(np.argsort(pos[:, 0], kind="stable"), rows):
         for core in np.array_split(strip[np.argsort(pos[strip, 1], kind="stable")], cols):
             if len(core) == 0:
@@ -246,7 +247,7 @@ def align_region(ref: np.ndarray, ref_weight: np.ndarray, region: RegionResult, 
         elif np.max(np.abs(shift)) < MIN_SHIFT_PX:
             shift = np.zeros(2)
     if np.any(shift):
-        w = np.clip(_shift(w, tuple(shift)), 0.0, None)
+        w = np.clip(_shift(w, (float(shift[0]), float(shift[1]))), 0.0, None)
     region.result.object, (region.scale, a, b) = _matched(ref, obj, np.where(overlap, ref_weight * w, 0.0), shift)
     region.weight, region.shift, region.ramp = w, (float(shift[0]), float(shift[1])), (a, b)
     return region
@@ -272,7 +273,7 @@ def blend(regions: list[RegionResult], order: list[int], shape: tuple[int, int],
     return obj
 
 
-def _weighted(values: list[np.ndarray], weights: list[float]) -> np.ndarray:
+def _weighted(values: Sequence[Any], weights: Sequence[float]) -> np.ndarray:
     w = np.asarray(weights, dtype=float)
     return np.tensordot(w / w.sum(), np.stack(values), axes=1)
 
