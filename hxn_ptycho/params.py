@@ -271,3 +271,19 @@ def given_params(args: argparse.Namespace) -> dict[str, Any]:
     """Only the fields set explicitly on the command line."""
     return {f.name: getattr(args, f"param_{f.name}") for f in dataclasses.fields(ReconParams)
             if getattr(args, f"param_{f.name}", None) is not None}
+
+
+def options_markdown() -> str:
+    """The table of every reconstruction option (README's "Options"), generated from the declarations."""
+    rows = ["| option | group | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for f in dataclasses.fields(ReconParams):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        allowed = ", ".join(map(str, meta["choices"])) if meta.get("choices") else _bounds_text(meta)
+        if meta.get("kind") == "int_or_auto":
+            allowed += " or auto"
+        default = ("none" if meta.get("kind") == "path" else "automatic") if f.default is None else f"`{f.default}`"
+        text = meta["help"].replace("|", "\\|")
+        rows.append(f"| `{option_name(f.name)}` | {meta['group']} | {default} | {allowed} | {text} |")
+    return "\n".join(rows) + "\n"

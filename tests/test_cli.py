@@ -186,3 +186,10 @@ def test_options_are_generated_for_every_entry_point():
         h = run(verb, "--help").stdout
         missing = [n for n in names + ["--nprocs", "--mode"] if n not in h]
         assert not missing, (verb, missing)
+
+
+def test_readme_options_table_is_the_generated_one():
+    from hxn_ptycho.params import options_markdown
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- options:begin -->\n", 1)[1].split("<!-- options:end -->", 1)[0]
+    assert table == options_markdown()
