@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -212,16 +211,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _tiled_executable() -> list[str]:
-    exe = Path(sys.executable).with_name("tiled")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("tiled")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "tiled"]
-
-
 def wait_for_server(uri: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     """Poll ``{uri}/api/v1/`` until it answers; raise naming the reason when it does not."""
     deadline = time.monotonic() + timeout
@@ -247,13 +236,56 @@ def _tables_uri(database: str) -> str:
     return f"{head}/{name}_tables{sep}{query}"
 
 
+KEY_FILE = "api_key"
+LOCK_FILE = "server.lock"
+LOG_FILE = "server.log"
+_DB_SUFFIXES = ("", "-journal", "-wal", "-shm")
+
+
+class CatalogInUse(CatalogError):
+    """Another server already serves this catalog folder; the message names its pid and address."""
+
+
+def read_key_file(path: str | os.PathLike) -> str | None:
+    """The key stored in ``path`` (made 0600 if it was not), or None when there is none."""
+    path = Path(path)
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CatalogError(f"cannot read the catalog's API key file {path}: {exc}") from None
+    mode = path.stat().st_mode & 0o777
+    if mode != 0o600:
+        log.warning("the API key file %s had mode %o; set to 0600", path, mode)
+        path.chmod(0o600)
+    return key or None
+
+
+def _lock_holder(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text() or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 class EmbeddedServer:
     """``tiled serve catalog`` on 127.0.0.1 over ``DIR/catalog.db`` and ``DIR/data``.
 
-    ``DIR/catalog.json`` (the config others pass as ``--catalog DIR``) and ``DIR/api_key`` (mode
-    0600) are written when it starts. ``database`` may instead be a PostgreSQL URI
-    (``postgresql://...``) for a facility-like catalog; tabular data then go to ``tables``
-    (default: the database ``<name>_tables`` on the same PostgreSQL server).
+    ``DIR/catalog.json`` (the config others pass as ``--catalog DIR``) is written when it starts.
+    The API key lives in ``DIR/api_key`` (0600) and is *reused* at every start, so listeners,
+    jobs and shells that exported it keep working across restarts; a new key is made only for a
+    new folder (or when ``api_key`` is given). Tiled runs through :mod:`.tiled_guard`, which keeps
+    the key out of ``DIR/server.log`` and refuses file assets that resolve (``..``, symlinks)
+    outside the readable folders or onto the catalog's own files. The server process is started
+    with umask 077 and the folder is 0700, so the database, the data, the log and the key are
+    readable by their owner only. ``DIR/server.lock`` is held (``flock``) by the running server:
+    a second server on the same folder is refused with :class:`CatalogInUse`, naming the first.
+
+    ``database`` may instead be a PostgreSQL URI (``postgresql://...``) for a facility-like
+    catalog; tabular data then go to ``tables`` (default: the database ``<name>_tables`` on the
+    same PostgreSQL server). The lock then guards the folder only, not the database.
     """
 
     def __init__(self, directory: str | os.PathLike, *, port: int | None = None, api_key: str | None = None,
@@ -261,11 +293,13 @@ class EmbeddedServer:
                  log_file: str | None = None) -> None:
         self.directory = Path(directory).resolve()
         self.port = port or free_port()
-        self.api_key = api_key or secrets.token_hex(16)
+        self.key_file = self.directory / KEY_FILE
+        self.api_key = api_key or read_key_file(self.key_file) or secrets.token_hex(32)
         self.database = database
         self.tables = tables
         self.readable = tuple(str(Path(p).resolve()) for p in readable)
-        self.log_file = Path(log_file) if log_file else self.directory / "server.log"
+        self.log_file = Path(log_file) if log_file else self.directory / LOG_FILE
+        self.lock_file = self.directory / LOCK_FILE
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -274,8 +308,20 @@ class EmbeddedServer:
 
     @property
     def config(self) -> CatalogConfig:
-        return CatalogConfig(uri=self.uri, api_key_file=str(self.directory / "api_key"),
+        return CatalogConfig(uri=self.uri, api_key_file=str(self.key_file),
                              readable=[str(self.directory), *self.readable])
+
+    def readable_folders(self) -> list[str]:
+        """What the server may read: the catalog folder (less :meth:`secret_files`), its data, ``readable``."""
+        return [str(self.directory), str(self.directory / "data"), *self.readable]
+
+    def secret_files(self) -> list[str]:
+        """The catalog's own files that no asset may point at (key, lock, log, SQLite databases)."""
+        out = [str(self.key_file), str(self.lock_file), str(self.log_file)]
+        if not self.database:
+            for base in (self.directory / "catalog.db", self.directory / "data" / "tables.sqlite"):
+                out += [str(base) + suffix for suffix in _DB_SUFFIXES]
+        return out
 
     def command(self) -> list[str]:
         data = self.directory / "data"
@@ -290,22 +336,78 @@ class EmbeddedServer:
             db = str(db_path)
             tables = f"sqlite:///{data / 'tables.sqlite'}"
             init = [] if db_path.exists() else ["--init"]
-        cmd = [*_tiled_executable(), "serve", "catalog", db, *init,
+        cmd = [sys.executable, "-m", "hxn_ptycho.callbacks.tiled_guard", "serve", "catalog", db, *init,
                "-w", str(data), "-w", tables, "-r", str(self.directory)]
         for r in self.readable:
             cmd += ["-r", r]
         return cmd + ["--host", "127.0.0.1", "--port", str(self.port)]
 
-    def start(self, timeout: float = 60.0) -> EmbeddedServer:
-        (self.directory / "data").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.directory / "api_key", self.api_key + "\n", mode=0o600)
-        env = dict(os.environ, TILED_SINGLE_USER_API_KEY=self.api_key)
-        logf = open(self.log_file, "ab")  # noqa: SIM115 - handed to Popen, closed below
+    # -- start: lock, secure the folder, keep the key, start Tiled behind the guard -------------
+    def _acquire_lock(self) -> int:
+        import fcntl
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            held = _lock_holder(self.lock_file)
+            raise CatalogInUse(
+                f"the catalog {self.directory} is already served by process {held.get('pid', '?')} at "
+                f"{held.get('uri', '?')} (database {held.get('database', '?')}); use it with "
+                f"--catalog {self.directory}, or stop that server first") from None
+        os.fchmod(fd, 0o600)
+        return fd
+
+    def _write_lock(self, fd: int, pid: int) -> None:
+        text = json.dumps({"pid": pid, "uri": self.uri, "database": self.database or str(self.directory / "catalog.db"),
+                           "started": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text, 0)
+
+    def _secure_folder(self) -> None:
+        """Folder and data 0700; every existing secret or database file 0600 (older catalogs included)."""
+        for d in (self.directory, self.directory / "data"):
+            d.chmod(0o700)
+        for name in self.secret_files():
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(name, 0o600)
+
+    def _store_key(self) -> None:
+        if read_key_file(self.key_file) != self.api_key:
+            atomic_write_text(self.key_file, self.api_key + "\n", mode=0o600)
+
+    def _scrub_log(self) -> None:
+        """A log written by an older version may hold the key: redact it before the key is reused."""
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return
+        if self.api_key in text:
+            log.warning("the API key appeared in %s (an older server printed it); redacted", self.log_file)
+            atomic_write_text(self.log_file, text.replace(self.api_key, "***"), mode=0o600)
+
+    def start(self, timeout: float = 60.0) -> EmbeddedServer:
+        from .tiled_guard import ENV_READABLE, ENV_SECRETS
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.directory / "data").mkdir(exist_ok=True, mode=0o700)
+        lock_fd = self._acquire_lock()
+        try:
+            self._secure_folder()
+            self._store_key()
+            self._scrub_log()
+            env = dict(os.environ, TILED_SINGLE_USER_API_KEY=self.api_key,
+                       **{ENV_READABLE: os.pathsep.join(self.readable_folders()),
+                          ENV_SECRETS: os.pathsep.join(self.secret_files())})
+            log_fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.fchmod(log_fd, 0o600)
+                self.proc = subprocess.Popen(self.command(), stdout=log_fd, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True, umask=0o077, pass_fds=(lock_fd,))
+            finally:
+                os.close(log_fd)
+            self._write_lock(lock_fd, self.proc.pid)
         finally:
-            logf.close()
+            os.close(lock_fd)          # the server process holds the lock now (inherited descriptor)
         try:
             wait_for_server(self.uri, timeout, self.proc)
             cfg = self.config

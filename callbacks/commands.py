@@ -48,14 +48,20 @@ def _wait_for_signal() -> None:
 # -- serve ----------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a catalog folder; the key in ``DIR/api_key`` is kept across restarts (see EmbeddedServer)."""
     _setup_logging(args.verbose)
     server = EmbeddedServer(args.dir, port=args.port, database=args.database, readable=tuple(args.read or ()))
-    server.start()
+    server.start()                   # refused (CatalogInUse, exit 2) when another server holds the folder
     cfg_path = server.directory / "catalog.json"
     print(f"Tiled catalog: {server.uri}  (containers 'raw' and 'processed')\n"
           f"config:        {cfg_path}   (use --catalog {server.directory})\n"
-          f"API key file:  {server.directory / 'api_key'}   (or: export TILED_API_KEY=$(cat {server.directory / 'api_key'}))\n"
+          f"API key file:  {server.key_file}   (kept across restarts; "
+          f"or: export TILED_API_KEY=$(cat {server.key_file}))\n"
           f"log:           {server.log_file}\nPress Ctrl-C to stop.", flush=True)
+    exported = os.environ.get("TILED_API_KEY")
+    if exported and exported != server.api_key:
+        log.warning("TILED_API_KEY in this shell is not this catalog's key: clients started here will get "
+                    "401; export TILED_API_KEY=$(cat %s)", server.key_file)
     try:
         _wait_for_signal()
     finally:

@@ -1,0 +1,178 @@
+"""``python -m hxn_ptycho.callbacks.tiled_guard serve catalog ...``: ``tiled`` with two guards added.
+
+:class:`~.catalog.EmbeddedServer` starts Tiled through this module, which adds what tiled 0.2.x
+does not do (checked against a real server in ``tests/test_catalog_security.py``):
+
+1. **The API key never reaches a log.** ``tiled serve catalog`` prints
+   ``http://HOST:PORT?api_key=KEY`` to stderr whenever the key did not come from ``--api-key``
+   (and a key on the command line would be visible to every user in ``ps``). Here the key comes
+   in the environment (``TILED_SINGLE_USER_API_KEY``) and ``sys.stdout``/``sys.stderr`` are
+   wrapped so that the key, and any ``api_key=...`` in a logged URL, is replaced by ``***``
+   before a line is written.
+2. **File assets outside the readable folders are refused, after normalising ``..`` and
+   symlinks.** Tiled's check (``CatalogNodeAdapter._ensure_uri_within_readable_storage``,
+   tiled/catalog/adapter.py) compares ``os.path.commonpath`` of the *unresolved* paths, so
+   ``file://<readable>/../secret`` or a symlink inside a readable folder serves any file the
+   server can read. Here every ``file://`` asset is resolved with ``os.path.realpath`` and must lie
+   in a readable folder (``HXN_PTYCHO_READABLE``, resolved the same way) and outside the
+   catalog's own secrets (``HXN_PTYCHO_SECRETS``: the key file, the database, the log, the lock).
+   The check runs when an asset is registered (the write is refused with 403), when it is read,
+   and when its bytes are downloaded.
+
+If the Tiled functions patched here are missing (a Tiled version with another layout), the
+server refuses to start rather than run unguarded.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from collections.abc import Iterable
+from urllib.parse import unquote, urlsplit
+
+ENV_READABLE = "HXN_PTYCHO_READABLE"
+ENV_SECRETS = "HXN_PTYCHO_SECRETS"
+ENV_KEY = "TILED_SINGLE_USER_API_KEY"
+_API_KEY_IN_URL = re.compile(r"(api_key=)[^&\s\"']+")
+
+
+class AssetRefused(PermissionError):
+    """A file asset resolves outside the readable folders, or onto one of the catalog's secrets."""
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def asset_path(uri: str) -> str | None:
+    """The local path of a ``file:`` URI (None for other schemes, which are not path-scoped)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "file":
+        return None
+    return unquote(parts.path)
+
+
+def check_asset(uri: str, readable: Iterable[str], secrets: Iterable[str] = ()) -> None:
+    """Raise :class:`AssetRefused` unless the ``file:`` ``uri`` resolves inside ``readable`` and off ``secrets``."""
+    path = asset_path(uri)
+    if path is None:
+        return
+    real = _real(path)
+    for secret in secrets:
+        if _within(real, _real(secret)):
+            raise AssetRefused(f"refusing the asset {uri}: it resolves to {real}, one of the catalog's own files")
+    roots = [_real(r) for r in readable]
+    if not any(_within(real, r) for r in roots):
+        raise AssetRefused(f"refusing the asset {uri}: it resolves to {real}, outside the readable folders "
+                           f"{roots} (add its folder with 'hxn-ptycho serve --read FOLDER')")
+
+
+def _env_paths(name: str) -> list[str]:
+    return [p for p in os.environ.get(name, "").split(os.pathsep) if p]
+
+
+class RedactingStream(io.TextIOBase):
+    """A text stream that writes whole lines to ``target`` with every secret replaced by ``***``."""
+
+    def __init__(self, target: io.TextIOBase, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self._target = target
+        self._secrets = [s for s in secrets if s]
+        self._buffer = ""
+
+    def _clean(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return _API_KEY_IN_URL.sub(r"\1***", text)
+
+    def write(self, text: str) -> int:
+        self._buffer += text
+        if "\n" in self._buffer:
+            lines, self._buffer = self._buffer.rsplit("\n", 1)
+            self._target.write(self._clean(lines + "\n"))
+            self._target.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._target.write(self._clean(self._buffer))
+            self._buffer = ""
+        self._target.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:  # some libraries ask; writing to the fd directly would bypass us
+        raise io.UnsupportedOperation("fileno")
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._target, "encoding", "utf-8")
+
+
+def install() -> None:
+    """Wrap stdout/stderr and patch Tiled's asset checks (see the module docstring)."""
+    key = os.environ.get(ENV_KEY, "")
+    sys.stdout = RedactingStream(sys.stdout, [key])
+    sys.stderr = RedactingStream(sys.stderr, [key])
+
+    readable, secrets = _env_paths(ENV_READABLE), _env_paths(ENV_SECRETS)
+    if not readable:
+        raise SystemExit(f"tiled_guard: {ENV_READABLE} is empty; refusing to serve without readable folders")
+
+    from fastapi import HTTPException
+
+    import tiled.server.router as router
+    from tiled.catalog.adapter import CatalogNodeAdapter
+
+    missing = [name for name, obj in (("_ensure_uri_within_readable_storage", CatalogNodeAdapter),
+                                      ("_put_asset", CatalogNodeAdapter), ("path_from_uri", router))
+               if not hasattr(obj, name)]
+    if missing:
+        raise SystemExit(f"tiled_guard: this Tiled version has no {missing}; refusing to serve unguarded")
+
+    upstream_read_check = CatalogNodeAdapter._ensure_uri_within_readable_storage
+    upstream_put_asset = CatalogNodeAdapter._put_asset
+    upstream_path_from_uri = router.path_from_uri
+
+    def read_check(self, data_uri):  # type: ignore[no-untyped-def]
+        try:
+            check_asset(data_uri, readable, secrets)
+        except AssetRefused as exc:
+            raise RuntimeError(str(exc)) from None       # as upstream: the read fails
+        return upstream_read_check(self, data_uri)
+
+    async def put_asset(self, db, asset):  # type: ignore[no-untyped-def]
+        try:
+            check_asset(asset.data_uri, readable, secrets)
+        except AssetRefused as exc:
+            raise HTTPException(status_code=403, detail=str(exc)) from None
+        return await upstream_put_asset(self, db, asset)
+
+    def path_from_uri(uri):  # type: ignore[no-untyped-def]
+        try:
+            check_asset(str(uri), readable, secrets)
+        except AssetRefused as exc:
+            raise HTTPException(status_code=403, detail=str(exc)) from None
+        return upstream_path_from_uri(uri)
+
+    CatalogNodeAdapter._ensure_uri_within_readable_storage = read_check
+    CatalogNodeAdapter._put_asset = put_asset
+    router.path_from_uri = path_from_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    install()
+    from tiled.commandline.main import main as tiled_main
+    sys.argv = ["tiled", *(sys.argv[1:] if argv is None else argv)]
+    result = tiled_main()
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
