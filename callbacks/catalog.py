@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -196,11 +197,192 @@ def tiled_writer(spec: str | os.PathLike | CatalogConfig | None = None, which: s
     return TiledWriter(runs(spec, which), **kwargs)
 
 
-def broker(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "raw") -> Any:
-    """databroker's v1 ``Broker`` over the same client: ``db[-1]``, ``db[scan_id]``, ``db(key=value)``."""
+# --- server errors as one line --------------------------------------------------------------
+
+def server_log(spec: str | os.PathLike | CatalogConfig | None) -> Path | None:
+    """The log of an embedded server (``DIR/server.log`` beside ``DIR/catalog.json``), if there is one."""
+    if spec is None or isinstance(spec, CatalogConfig) or str(spec).startswith(("http://", "https://")):
+        return None
+    path = Path(spec).expanduser()
+    folder = path if path.is_dir() else path.parent
+    log_path = folder / "server.log"
+    return log_path if log_path.is_file() else None
+
+
+def server_log_cause(log_path: Path | None, correlation_id: str | None, wait_s: float = 1.0) -> str | None:
+    """The exception line that ends the traceback the server logged for one request.
+
+    Tiled prefixes each log record of a request with its correlation ID (``[0123abcd] ERROR: ...``)
+    and returns the same ID in the ``x-tiled-request-id`` header of the response. The record may be
+    written just after the response was sent, so the log is read again for up to ``wait_s``.
+    """
+    if log_path is None or not correlation_id:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        cause = _logged_cause(log_path, f"[{correlation_id}]")
+        if cause or time.monotonic() >= deadline:
+            return cause
+        time.sleep(0.1)
+
+
+def _logged_cause(log_path: Path, tag: str, max_bytes: int = 4 << 20) -> str | None:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, log_path.stat().st_size - max_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [i for i, line in enumerate(lines) if tag in line and ("ERROR" in line or "Exception" in line)]
+    if not errors:
+        return None
+    cause = None
+    for line in lines[errors[-1] + 1:]:
+        if _LOG_RECORD.match(line):
+            break                                   # the next log record: the traceback is over
+        m = _EXCEPTION_LINE.match(line)
+        if m:
+            cause = f"{m.group(1)}: {m.group(2)}"   # the last one is the exception that was raised
+    return cause
+
+
+_LOG_RECORD = re.compile(r"^\[[0-9a-f]{8,}\]")
+_EXCEPTION_LINE = re.compile(r"^[\s|]*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Refused|Warning)): (.*)$")
+
+
+def client_error(exc: BaseException, spec: str | os.PathLike | CatalogConfig | None = None,
+                 what: str = "") -> CatalogError:
+    """One line for an HTTP failure of the Tiled client: what was asked, the status, and the cause
+    (from the embedded server's log when it is at hand, else the correlation ID to look for)."""
+    import httpx
+
+    doing = f"{what}: " if what else ""
+    if isinstance(exc, httpx.HTTPStatusError):
+        resp = exc.response
+        req = exc.request
+        where = f"{req.url.scheme}://{req.url.netloc.decode()}"
+        head = f"{doing}the catalog at {where} answered {resp.status_code} {resp.reason_phrase} to {req.method} {req.url.path}"
+        detail = ""
+        with contextlib.suppress(Exception):
+            if resp.headers.get("content-type", "").startswith("application/json"):
+                detail = str(resp.json().get("detail") or "")
+        if resp.status_code in (401, 403):
+            return CatalogError(f"{head}: the API key was refused (set {ENV_API_KEY} or the config's api_key_file)")
+        if resp.status_code < 500:
+            return CatalogError(f"{head}" + (f": {detail}" if detail else ""))
+        cid = resp.headers.get("x-tiled-request-id")
+        cause = server_log_cause(server_log(spec), cid)
+        if cause:
+            return CatalogError(f"{head}; the server's log says: {cause}")
+        return CatalogError(f"{head}; the cause is in the server's log under correlation ID {cid}")
+    if isinstance(exc, httpx.HTTPError):
+        url = ""
+        with contextlib.suppress(Exception):
+            url = f" {exc.request.url}"
+        return CatalogError(f"{doing}cannot reach the catalog{url}: {type(exc).__name__}: {exc}")
+    return CatalogError(f"{doing}{type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def catalog_errors(spec: str | os.PathLike | CatalogConfig | None = None, what: str = "") -> Any:
+    """Turn the Tiled client's HTTP errors inside the block into one-line :class:`CatalogError`."""
+    import httpx
+
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise client_error(exc, spec, what) from None
+
+
+# --- databroker v1 -----------------------------------------------------------------------
+
+def _broker_class() -> type:
     from databroker.v1 import Broker
 
-    return Broker(runs(spec, which))
+    class CatalogBroker(Broker):
+        """databroker's v1 ``Broker`` over ``raw`` that also finds the derived runs in ``processed``.
+
+        ``db[-1]`` and ``db[scan_id]`` are raw scans (a scan id used by several raw runs warns, naming
+        them); ``db[uid]`` looks in ``raw``, then ``processed``; ``db(key=value)`` searches both and
+        yields the matching runs oldest first; ``db.processed`` is the plain v1 view of ``processed``.
+        """
+
+        def __init__(self, raw: Any, processed: Any) -> None:
+            super().__init__(raw)
+            self.processed = Broker(processed)
+
+        def __call__(self, text_search: str | None = None, **kwargs: Any) -> Any:
+            found = (Broker.__call__(self, text_search, **dict(kwargs)),
+                     self.processed(text_search, **dict(kwargs)))
+            return _MergedResults(found)
+
+        def __getitem__(self, key: Any) -> Any:
+            if isinstance(key, str):
+                try:
+                    return Broker.__getitem__(self, key)
+                except KeyError:
+                    return self.processed[key]
+            if isinstance(key, int) and key > 0:
+                _warn_duplicate_scan_id(self._catalog, key)
+            return Broker.__getitem__(self, key)
+
+    return CatalogBroker
+
+
+class _MergedResults:
+    """Headers of several v1 ``Results``, merged by start time (each is already in time order)."""
+
+    def __init__(self, parts: tuple[Any, ...]) -> None:
+        self._parts = parts
+
+    def __iter__(self) -> Any:
+        import heapq
+        return heapq.merge(*self._parts, key=lambda h: h.start.get("time", 0.0))
+
+
+def _warn_duplicate_scan_id(raw: Any, scan_id: int) -> list[str]:
+    """Warn (and return the uids) when several raw runs carry ``scan_id``."""
+    from tiled.queries import Eq
+
+    found = raw.search(Eq("scan_id", int(scan_id)))
+    if len(found) < 2:
+        return []
+    uids = [str(k) for k in found.keys()]
+    log.warning("scan_id %s names %d raw runs (%s); taking the newest, %s — pick one by uid",
+                scan_id, len(uids), ", ".join(uids), uids[-1])
+    return uids
+
+
+def _own_registry(client: Any) -> Any:
+    """The same client with a private structure-client registry.
+
+    databroker's v1 objects call ``catalog.v2``, which sets "BlueskyRun" → v2 on a ``copy.copy`` of
+    the registry — and a copy of tiled's ``OneShotCachedMap`` shares its dict (``__getstate__``
+    returns it), so every other client of the process would hand out v2 runs from then on. A
+    private dict keeps that switch inside the broker.
+    """
+    import copy
+
+    registry = client.structure_clients
+    private = copy.copy(registry)
+    private.__setstate__(dict(registry.__getstate__()))
+    return client.new_variation(structure_clients=private)
+
+
+def broker(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "raw") -> Any:
+    """databroker's v1 ``Broker``: ``db[-1]``, ``db[scan_id]``, ``db[uid]``, ``db(key=value)``.
+
+    ``which="raw"`` (default): the raw scans, and ``db(...)`` also finds the derived runs of the
+    ``processed`` container, so ``db(plan_name="hxn_ptycho_dm")`` lists the reconstructions.
+    ``which="processed"``: the plain broker over the derived runs only.
+    """
+    from databroker.v1 import Broker
+
+    with catalog_errors(spec, "databroker over the catalog"):
+        if which != "raw":
+            return Broker(_own_registry(runs(spec, which)))
+        cfg = resolve_catalog(spec)
+        return _broker_class()(_own_registry(runs(cfg, "raw")), _own_registry(runs(cfg, "processed")))
 
 
 # --- the embedded server ------------------------------------------------------------------

@@ -142,19 +142,50 @@ def cmd_listen(args: argparse.Namespace) -> int:
 # -- results --------------------------------------------------------------------------------
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from .query import NoResult, results, summary_png
+    """``hxn-ptycho results``: the newest readable reconstruction of a scan (``--uid`` one derived run,
+    ``--all`` the list of them); server errors and unreadable runs are one line, never a traceback."""
+    from .query import TABLE_HEAD, NoResult, results, summary_png
 
-    if (args.scan_id is None) == (args.raw_uid is None):
-        raise CommandError("give --scan-id N or --raw-uid UID")
+    chosen = [n for n, v in (("--scan-id", args.scan_id), ("--raw-uid", args.raw_uid), ("--uid", args.uid))
+              if v is not None]
+    if len(chosen) != 1:
+        raise CommandError("give one of --scan-id N, --raw-uid UID or --uid DERIVED_UID"
+                           + (f" (got {' and '.join(chosen)})" if chosen else ""))
+    if args.all and args.uid is not None:
+        raise CommandError("--all lists the reconstructions of a scan: use it with --scan-id or --raw-uid")
+    if args.all and args.png:
+        raise CommandError("--png draws one reconstruction: pick it with --uid instead of --all")
+    qlog = logging.getLogger("hxn_ptycho.callbacks")
+    if not qlog.handlers:                       # warnings of the query, one line each on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("hxn-ptycho results: warning: %(message)s"))
+        qlog.addHandler(handler)
+        qlog.setLevel(logging.WARNING)
+        qlog.propagate = False
+    for noisy in ("httpx", "httpcore", "tiled"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        res = results(args.catalog, scan_id=args.scan_id, raw_uid=args.raw_uid)
+        if args.all:
+            rows = results(args.catalog, scan_id=args.scan_id, raw_uid=args.raw_uid, all=True)
+            if not rows:
+                raise NoResult(f"no reconstruction of "
+                               f"{'scan_id=' + str(args.scan_id) if args.scan_id is not None else 'raw_uid=' + args.raw_uid}"
+                               " in the catalog")
+            print(TABLE_HEAD)
+            for row in rows:
+                print(row.line())
+            if args.json:
+                print(json.dumps([vars(r) for r in rows], indent=1, default=str))
+            return 0
+        res = results(args.catalog, scan_id=args.scan_id, raw_uid=args.raw_uid, uid=args.uid)
     except NoResult as exc:
         print(f"hxn-ptycho results: {exc}", file=sys.stderr)
         return 1
     print(res.summary())
     if args.json:
         print(json.dumps({"uid": res.uid, "raw_uid": res.raw_uid, "scan_id": res.scan_id,
-                          "exit_status": res.exit_status, "reason": res.reason, "recon": res.recon}, indent=1))
+                          "exit_status": res.exit_status, "reason": res.reason, "recon": res.recon,
+                          "skipped": res.skipped}, indent=1))
     if args.png:
         if not res.ok:
             print(f"hxn-ptycho results: no figure, the reconstruction failed: {res.reason}", file=sys.stderr)
@@ -438,8 +469,11 @@ def add_commands(subparsers: Any) -> None:
 
     p = subparsers.add_parser("results", help="the reconstruction of a stored scan")
     p.add_argument("--catalog", default=os.environ.get("HXN_PTYCHO_CATALOG"))
-    p.add_argument("--scan-id", type=int)
-    p.add_argument("--raw-uid")
+    p.add_argument("--scan-id", type=int, help="the raw scan's scan_id (a duplicate warns, naming the uids)")
+    p.add_argument("--raw-uid", help="the raw scan's uid")
+    p.add_argument("--uid", help="one derived run (full uid or its first ≥ 5 characters)")
+    p.add_argument("--all", action="store_true",
+                   help="list every reconstruction of the scan: uid, time, status, data error, key parameters")
     p.add_argument("--png", help="write a summary figure")
     p.add_argument("--json", action="store_true", help="also print the start metadata as JSON")
     p.set_defaults(func=_guarded(cmd_results))

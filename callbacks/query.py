@@ -1,21 +1,45 @@
-"""Query helpers: the reconstruction of a scan, as arrays and parameters.
+"""Query helpers: the reconstructions of a scan, as arrays and parameters.
 
-``hxn_ptycho.results(catalog, scan_id=N)`` or ``results(catalog, raw_uid=UID)`` returns the
-latest derived run of that raw scan as a :class:`DerivedResult` (a failed one too, with its
-reason and no arrays). ``catalog`` is a URL, a config file, an embedded server's folder, or a
-Tiled client of the ``processed`` container.
+``hxn_ptycho.results(catalog, scan_id=N)`` (or ``raw_uid=UID``) returns the newest *readable*
+derived run of that raw scan as a :class:`DerivedResult` (a failed one too, with its reason and no
+arrays): a run whose external files the server cannot read is skipped with a warning naming the
+cause, and the next newest is taken (``res.skipped`` lists what was skipped). ``uid=U`` picks one
+derived run; ``all=True`` lists every reconstruction of the scan as :class:`RunSummary` rows
+(uid, time, status, key parameters, final data error), newest first. A scan id used by several
+raw runs warns, naming their uids. ``catalog`` is a URL, a config file, an embedded server's
+folder, or a Tiled client of the ``processed`` container.
+
+Server errors become one-line :class:`~hxn_ptycho.callbacks.catalog.CatalogError`; a run that
+cannot be read is found with one request (no retries) and reported as :class:`UnreadableRun`.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from hxn_ptycho.errors import HxnPtychoError
 
-class NoResult(LookupError):
+from .catalog import catalog_errors, server_log, server_log_cause
+
+log = logging.getLogger(__name__)
+
+PLAN_NAME = "hxn_ptycho_dm"
+KEY_PARAMETERS = ("iterations", "probe_modes", "object_modes", "beta", "mode", "ranks", "backend", "precision")
+
+
+class NoResult(HxnPtychoError, LookupError):
     """No derived run matches the query."""
+
+
+class UnreadableRun(NoResult):
+    """The catalog lists this derived run but its server cannot read its data; the message says why."""
 
 
 @dataclass
@@ -35,10 +59,16 @@ class DerivedResult:
     data_error: np.ndarray | None = None           # per iteration
     probe_error: np.ndarray | None = None
     object_error: np.ndarray | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (uid, why) of newer unreadable runs
+    notes: list[str] = field(default_factory=list)                 # warnings of the query
 
     @property
     def ok(self) -> bool:
         return self.exit_status == "success"
+
+    @property
+    def time(self) -> float | None:
+        return self.start.get("time")
 
     def summary(self) -> str:
         head = f"derived run {self.uid} of scan {self.scan_id} (raw {self.raw_uid}): {self.exit_status}"
@@ -49,6 +79,39 @@ class DerivedResult:
                 f"final data error {self.final_data_error:.4g}")
 
 
+@dataclass
+class RunSummary:
+    """One reconstruction of a scan, as listed by ``results(..., all=True)``."""
+
+    uid: str
+    raw_uid: str | None
+    scan_id: Any
+    time: float | None
+    exit_status: str | None
+    reason: str | None
+    parameters: dict = field(default_factory=dict)     # the KEY_PARAMETERS found in ``recon``
+    final_data_error: float | None = None
+    unreadable: str | None = None                      # why the server cannot read it, if it cannot
+
+    @property
+    def status(self) -> str:
+        if self.unreadable:
+            return "unreadable"
+        return self.exit_status or "running"
+
+    def line(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time)) if self.time else "?"
+        params = " ".join(f"{k}={v}" for k, v in self.parameters.items())
+        err = f"{self.final_data_error:.4g}" if self.final_data_error is not None else "-"
+        tail = f"  ({self.unreadable or self.reason})" if (self.unreadable or self.reason) else ""
+        return f"{self.uid}  {when}  {self.status:<10}  {err:>10}  {params}{tail}"
+
+
+TABLE_HEAD = f"{'uid':<36}  {'time':<19}  {'status':<10}  {'data error':>10}  parameters"
+
+
+# --- finding runs -------------------------------------------------------------------------
+
 def _processed(catalog: Any) -> Any:
     if hasattr(catalog, "search"):
         return catalog
@@ -56,22 +119,149 @@ def _processed(catalog: Any) -> Any:
     return runs(catalog, "processed")
 
 
-def find_derived(catalog: Any, *, scan_id: int | None = None, raw_uid: str | None = None,
-                 only_success: bool = False) -> Any:
-    """The latest derived run (a Tiled client) for ``scan_id`` or ``raw_uid``."""
+def _raw(catalog: Any) -> Any | None:
+    if hasattr(catalog, "search"):
+        return None                       # a bare processed client: its raw container is unknown here
+    from .catalog import runs
+    return runs(catalog, "raw")
+
+
+def find_derived_runs(catalog: Any, *, scan_id: int | None = None, raw_uid: str | None = None,
+                      only_success: bool = False) -> list[Any]:
+    """The derived runs (Tiled clients) of ``scan_id`` or ``raw_uid``, newest first."""
     from tiled.queries import Eq
 
     if (scan_id is None) == (raw_uid is None):
-        raise ValueError("give exactly one of scan_id= or raw_uid=")
-    found = _processed(catalog).search(Eq("plan_name", "hxn_ptycho_dm"))
-    found = found.search(Eq("raw_uid", raw_uid)) if raw_uid is not None else found.search(Eq("scan_id", int(scan_id)))
-    if only_success:
-        found = found.search(Eq("stop.exit_status", "success"))
-    what = f"raw_uid={raw_uid}" if raw_uid is not None else f"scan_id={scan_id}"
-    if not len(found):
-        raise NoResult(f"no reconstruction of {what} in the catalog")
-    return found.values().last()
+        raise NoResult("give exactly one of scan_id= or raw_uid=")
+    with catalog_errors(catalog, "searching the derived runs"):
+        found = _processed(catalog).search(Eq("plan_name", PLAN_NAME))
+        found = found.search(Eq("raw_uid", raw_uid)) if raw_uid is not None else found.search(Eq("scan_id", int(scan_id)))
+        if only_success:
+            found = found.search(Eq("stop.exit_status", "success"))
+        runs = list(found.values())
+    runs.sort(key=lambda r: r.metadata.get("start", {}).get("time", 0.0), reverse=True)
+    return runs
 
+
+def find_derived(catalog: Any, *, scan_id: int | None = None, raw_uid: str | None = None,
+                 only_success: bool = False) -> Any:
+    """The newest derived run (a Tiled client) for ``scan_id`` or ``raw_uid``."""
+    found = find_derived_runs(catalog, scan_id=scan_id, raw_uid=raw_uid, only_success=only_success)
+    if not found:
+        raise NoResult(f"no reconstruction of {_what(scan_id, raw_uid)} in the catalog")
+    return found[0]
+
+
+def derived_run(catalog: Any, uid: str) -> Any:
+    """The derived run ``uid`` (full or partial, ≥ 5 characters) of the ``processed`` container."""
+    with catalog_errors(catalog, f"looking up derived run {uid}"):
+        try:
+            run = _processed(catalog)[uid]
+        except (KeyError, ValueError) as exc:
+            raise NoResult(f"no derived run {uid} in the catalog ({exc})") from None
+    if run.metadata.get("start", {}).get("plan_name") != PLAN_NAME:
+        raise NoResult(f"run {uid} is not a reconstruction (plan_name "
+                       f"{run.metadata.get('start', {}).get('plan_name')!r}, not {PLAN_NAME!r})")
+    return run
+
+
+def _what(scan_id: Any, raw_uid: Any) -> str:
+    return f"raw_uid={raw_uid}" if raw_uid is not None else f"scan_id={scan_id}"
+
+
+def duplicate_scan_ids(catalog: Any, scan_id: int, derived: list[Any] = ()) -> str | None:
+    """A warning when ``scan_id`` names several raw scans (in ``raw``, or among the derived runs'
+    ``raw_uid``), naming their uids; None when it is unique."""
+    from tiled.queries import Eq
+
+    uids: list[str] = []
+    raw = _raw(catalog)
+    if raw is not None:
+        with catalog_errors(catalog, "searching the raw scans"):
+            uids = [str(k) for k in raw.search(Eq("scan_id", int(scan_id))).keys()]
+    for run in derived:
+        u = run.metadata.get("start", {}).get("raw_uid")
+        if u and u not in uids:
+            uids.append(u)
+    if len(uids) < 2:
+        return None
+    return (f"scan_id {scan_id} names {len(uids)} raw scans ({', '.join(uids)}); this is the newest "
+            f"reconstruction of any of them — pick one with raw_uid= (--raw-uid) or uid= (--uid)")
+
+
+# --- readability ---------------------------------------------------------------------------
+
+def _external_arrays(run: Any) -> list[tuple[str, Any]]:
+    """The arrays of the ``primary`` stream that live in external files (StreamResource)."""
+    out = []
+    if "primary" not in run:
+        return out
+    stream = run["primary"]
+    keys = stream.metadata.get("data_keys", {}) if hasattr(stream, "metadata") else {}
+    for key, spec in (keys or {}).items():
+        if spec.get("external") and key in stream:
+            out.append((key, stream[key]))
+    return out
+
+
+def _asset_paths(array: Any) -> list[str]:
+    paths = []
+    for ds in array.data_sources() or []:
+        for asset in ds.assets:
+            uri = urlparse(asset.data_uri)
+            paths.append(unquote(uri.path) if uri.scheme in ("file", "") else asset.data_uri)
+    return paths
+
+
+def check_readable(run: Any, catalog: Any = None) -> str | None:
+    """None when the server can read every external array of ``run``; else why it cannot.
+
+    One small request per array (a single element), without the client's retries, so a run the
+    server cannot read is known at once instead of after half a minute of retrying a 500.
+    """
+    import httpx
+
+    run = as_v3(run)
+    for key, array in _external_arrays(run):
+        url = array.item["links"]["full"]
+        params = {"expected_shape": ",".join("1" for _ in array.shape) or "scalar",
+                  "slice": ",".join("0:1" for _ in array.shape)}
+        try:
+            # "Connection: close": the server drops a connection after a 500; the next request
+            # must not find it in the pool (the client would retry it and print "Retrying…")
+            resp = array.context.http_client.get(url, params=params,
+                                                 headers={"Accept": "application/octet-stream", "Connection": "close"})
+        except httpx.HTTPError as exc:
+            return f"its '{key}' could not be requested: {type(exc).__name__}: {exc}"
+        if resp.status_code < 400:
+            continue
+        return _unreadable_cause(key, array, resp, catalog)
+    return None
+
+
+def _unreadable_cause(key: str, array: Any, resp: Any, catalog: Any) -> str:
+    paths = []
+    try:
+        paths = _asset_paths(array)
+    except Exception as exc:  # noqa: BLE001 - the cause is only a better message
+        log.debug("data sources of %s: %s", key, exc)
+    head = f"the server answered {resp.status_code} {resp.reason_phrase} for its '{key}'"
+    cause = server_log_cause(server_log(catalog) if isinstance(catalog, (str, os.PathLike)) else None,
+                             resp.headers.get("x-tiled-request-id"))
+    where = paths[0] if paths else "its file"
+    if cause and "outside the readable storage" in cause:
+        return (f"the server refuses to read {where}: it is outside the folders it may read "
+                f"(serve the catalog with --read {Path(where).parent}, or re-run the scan with -o inside them)")
+    missing = [p for p in paths if p.startswith("/") and not os.path.exists(p)]
+    if missing:
+        return f"{head}: its file {missing[0]} does not exist (deleted or moved)"
+    if cause:
+        return f"{head}: {cause}"
+    return (f"{head} ({where}); the cause is in the server's log under correlation ID "
+            f"{resp.headers.get('x-tiled-request-id')}")
+
+
+# --- reading -------------------------------------------------------------------------------
 
 def _read(stream: Any, key: str, required: bool = True) -> np.ndarray | None:
     try:
@@ -89,7 +279,8 @@ def as_v3(run: Any) -> Any:
     return run.v3 if hasattr(run, "v3") else run
 
 
-def load_result(run: Any) -> DerivedResult:
+def load_result(run: Any, catalog: Any = None) -> DerivedResult:
+    """Arrays and parameters of one derived run; :class:`UnreadableRun` if the server cannot read it."""
     run = as_v3(run)
     md = run.metadata
     start, stop = dict(md.get("start", {})), dict(md.get("stop") or {})
@@ -98,28 +289,106 @@ def load_result(run: Any) -> DerivedResult:
                         recon=dict(start.get("recon", {})), start=start)
     if out.exit_status != "success":
         return out
-    p = run["primary"]
-    out.object = _read(p, "object")[0]
-    out.probe = _read(p, "probe")[0]
-    out.positions_px = _read(p, "positions_px")[0]
-    out.probe_power_fraction = _read(p, "probe_power_fraction")[0]
-    out.final_data_error = float(_read(p, "final_data_error")[0])
-    if "iterations" in run:
-        it = run["iterations"]
-        out.data_error, out.probe_error, out.object_error = (_read(it, k, False) for k in
-                                                             ("data_error", "probe_error", "object_error"))
+    with catalog_errors(catalog, f"reading derived run {out.uid}"):
+        why = check_readable(run, catalog)
+        if why:
+            raise UnreadableRun(f"derived run {out.uid} of scan {out.scan_id} cannot be read: {why}")
+        p = run["primary"]
+        out.object = _read(p, "object")[0]
+        out.probe = _read(p, "probe")[0]
+        out.positions_px = _read(p, "positions_px")[0]
+        out.probe_power_fraction = _read(p, "probe_power_fraction")[0]
+        out.final_data_error = float(_read(p, "final_data_error")[0])
+        if "iterations" in run:
+            it = run["iterations"]
+            out.data_error, out.probe_error, out.object_error = (_read(it, k, False) for k in
+                                                                 ("data_error", "probe_error", "object_error"))
     return out
 
 
+def _find_key(tree: Any, key: str) -> Any:
+    """The first value of ``key`` in nested dicts (breadth first), or None."""
+    level = [tree]
+    while level:
+        nxt = []
+        for d in level:
+            if isinstance(d, dict):
+                if key in d and not isinstance(d[key], dict):
+                    return d[key]
+                nxt.extend(v for v in d.values() if isinstance(v, dict))
+        level = nxt
+    return None
+
+
+def key_parameters(recon: dict) -> dict:
+    """The parameters that tell reconstructions of one scan apart, wherever ``recon`` nests them."""
+    out = {}
+    for k in KEY_PARAMETERS:
+        v = _find_key(recon, k)
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def summarize(run: Any, catalog: Any = None, check: bool = True) -> RunSummary:
+    """One row of the listing of a scan's reconstructions."""
+    run = as_v3(run)
+    md = run.metadata
+    start, stop = dict(md.get("start", {})), dict(md.get("stop") or {})
+    row = RunSummary(uid=start.get("uid"), raw_uid=start.get("raw_uid"), scan_id=start.get("scan_id"),
+                     time=start.get("time"), exit_status=stop.get("exit_status"), reason=stop.get("reason"),
+                     parameters=key_parameters(dict(start.get("recon", {}))))
+    if row.exit_status == "success":
+        with catalog_errors(catalog, f"reading derived run {row.uid}"):
+            if "primary" in run and "final_data_error" in run["primary"]:
+                row.final_data_error = float(np.asarray(run["primary"]["final_data_error"].read()).ravel()[0])
+            if check:
+                row.unreadable = check_readable(run, catalog)
+    return row
+
+
 def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | None = None,
-            only_success: bool = False) -> DerivedResult:
-    """The latest reconstruction of a raw scan: arrays, parameters, status (and reason if it failed)."""
-    return load_result(find_derived(catalog, scan_id=scan_id, raw_uid=raw_uid, only_success=only_success))
+            uid: str | None = None, all: bool = False,  # noqa: A002 - the documented keyword
+            only_success: bool = False) -> DerivedResult | list[RunSummary]:
+    """The newest readable reconstruction of a raw scan: arrays, parameters, status (and reason if it
+    failed). ``uid=`` picks one derived run; ``all=True`` lists them all (newest first)."""
+    if uid is not None:
+        if scan_id is not None or raw_uid is not None or all:
+            raise NoResult("uid= picks one derived run: give it alone")
+        return load_result(derived_run(catalog, uid), catalog)
+    found = find_derived_runs(catalog, scan_id=scan_id, raw_uid=raw_uid, only_success=only_success)
+    notes = []
+    if scan_id is not None:
+        dup = duplicate_scan_ids(catalog, scan_id, found)
+        if dup:
+            log.warning("%s", dup)
+            notes.append(dup)
+    if all:
+        return [summarize(run, catalog) for run in found]
+    if not found:
+        raise NoResult(f"no reconstruction of {_what(scan_id, raw_uid)} in the catalog")
+    skipped: list[tuple[str, str]] = []
+    for run in found:
+        try:
+            res = load_result(run, catalog)
+        except UnreadableRun as exc:
+            log.warning("%s; trying the next newest", exc)
+            skipped.append((run.metadata["start"]["uid"], str(exc)))
+            continue
+        res.skipped, res.notes = skipped, notes
+        if skipped:
+            note = (f"showing derived run {res.uid}, the newest readable one of {_what(scan_id, raw_uid)}: "
+                    f"{len(skipped)} newer one(s) cannot be read ({', '.join(u for u, _ in skipped)})")
+            log.warning("%s", note)
+            res.notes.append(note)
+        return res
+    raise UnreadableRun(f"none of the {len(found)} reconstruction(s) of {_what(scan_id, raw_uid)} can be read; "
+                        f"the newest: {skipped[0][1]}")
 
 
 def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
-    """Object phase and amplitude, probe modes and the error curves in one PNG (written atomically):
-    the same figure as ``hxn-ptycho reconstruct --png``."""
+    """Object, probe modes and the convergence curves in one PNG (written atomically): the same
+    figure as ``hxn-ptycho reconstruct --png``, at the object pixel size recorded in ``recon``."""
     from hxn_ptycho.plots import summary_png as plot
     from hxn_ptycho.resultfile import ResultData
 
@@ -132,11 +401,13 @@ def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
         return np.asarray(values, dtype=float).reshape(iters, -1)
 
     iters = 0 if res.data_error is None else len(res.data_error)
+    attrs = {k: v for k in ("probe_modes_log", "final_cost", "pixel_size_m", "lambda_nm", "z_m", "ccd_pixel_um")
+             if (v := _find_key(res.recon, k)) is not None}
+    attrs["scan_scan_id"] = res.scan_id
     data = ResultData(object=res.object, probe=res.probe, positions_px=res.positions_px,
                       error_data=np.zeros(0) if res.data_error is None else np.asarray(res.data_error, float),
                       error_probe=curves(res.probe_error, res.probe.shape[0]),
                       error_object=curves(res.object_error, res.object.shape[0]),
-                      probe_power_fraction=res.probe_power_fraction, params=res.recon)
-    plot(data, path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}, final data error "
-                           f"{res.final_data_error:.4g}")
+                      probe_power_fraction=res.probe_power_fraction, params=res.recon, attrs=attrs)
+    plot(data, path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}")
     return str(path)
