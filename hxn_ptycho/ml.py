@@ -44,6 +44,20 @@ def poisson_terms(be: Any, fphi: Any, intensity: Any, mask: Any, floor: float) -
     return float(xp.sum(nll, dtype=xp.float64)), weight, model
 
 
+# (ML, amplitude model) Σ_good (|Ψ| − √I)² — the variance-stabilised Poisson model, the peers' cost —
+# and its weight (1 − √I/|Ψ|) of ∂L/∂Ψ* = (1 − √I/|Ψ|)·Ψ
+def amplitude_terms(be: Any, fphi: Any, diffamp: Any, mask: Any, floor: float) -> tuple[float, Any, Any]:
+    xp = be.xp
+    model = dm._modulus(be, fphi)
+    model = xp.maximum(model, np.sqrt(floor), out=model)
+    dev = model - diffamp
+    weight = 1.0 - diffamp / model
+    if mask is not None:
+        dev *= mask
+        weight *= mask
+    return float(xp.sum(xp.square(dev), dtype=xp.float64)), weight, model
+
+
 class MLIteration:
     """Poisson ML by conjugate gradient over a :class:`~hxn_ptycho.engine.Reconstruction`'s parts."""
 
@@ -52,6 +66,7 @@ class MLIteration:
     def __init__(self, rec: Any) -> None:
         self.rec = rec
         be = rec.be
+        self.model = rec.params.ml_noise_model
         self.intensity = be.xp.square(rec.diffamp)
         mean_i = rec.total_intensity / max(rec.good_pixels_total, 1.0)
         self.floor = FLOOR * max(mean_i, 1e-30)
@@ -72,7 +87,10 @@ class MLIteration:
         be.fft2(fphi)
         rec._store(w, "fpsi", b, fphi)
         w.err += dm.data_error(be, fphi, rec.diffamp[b], rec.mask)                 # (7) of this model
-        nll, weight, _ = poisson_terms(be, fphi, self.intensity[b], rec.mask, self.floor)
+        if self.model == "poisson":
+            nll, weight, _ = poisson_terms(be, fphi, self.intensity[b], rec.mask, self.floor)
+        else:
+            nll, weight, _ = amplitude_terms(be, fphi, rec.diffamp[b], rec.mask, self.floor)
         w.nll += nll
         chi = w.work[:B]
         be.xp.multiply(fphi, weight[:, None, None], out=chi)
@@ -104,9 +122,17 @@ class MLIteration:
         c1 = 2 * (f0.real * f1.real + f0.imag * f1.imag).sum(axis=1)
         c2 = (f1.real ** 2 + f1.imag ** 2 + 2 * (f0.real * f2.real + f0.imag * f2.imag)).sum(axis=1)
         i0 = xp.maximum(dm._modulus(be, fphi) ** 2, self.floor)
-        ratio = self.intensity[b] / i0
-        d1 = (1 - ratio) * c1
-        d2 = 2 * (1 - ratio) * c2 + ratio / i0 * c1 * c1
+        if self.model == "poisson":     # L = Σ I_m − I log I_m
+            ratio = self.intensity[b] / i0
+            d1 = (1 - ratio) * c1
+            d2 = 2 * (1 - ratio) * c2 + ratio / i0 * c1 * c1
+        else:                           # L = Σ (√I_m − √I)²: a = √I_m, a' = c1/2a, a'' = c2/a − c1²/4a³
+            a = xp.sqrt(i0)
+            da = c1 / (2 * a)
+            dda = c2 / a - c1 * c1 / (4 * a * i0)
+            dev = a - rec.diffamp[b]
+            d1 = 2 * dev * da
+            d2 = 2 * (da * da + dev * dda)
         if rec.mask is not None:
             d1 *= rec.mask
             d2 *= rec.mask

@@ -68,6 +68,9 @@ class ReconParams:
                            "Poisson maximum likelihood by conjugate gradient); a stage without a count takes "
                            "the rest of 'iterations'; when every stage has one, their sum is the total",
                            group="algorithm", kind="algorithm")
+    ml_noise_model: str = param("amplitude", "noise model of the ML stage: Poisson likelihood of the counts, or "
+                                "'amplitude' (Gaussian on √I, the variance-stabilised Poisson model)",
+                                group="algorithm", choices=("poisson", "amplitude"), kind="str")
     # -- probe modes ----------------------------------------------------------------------
     probe_modes: ProbeModes = param(1, "probe modes: an integer, or 'auto' (the paper's 1 % rule)",
                                     group="probe modes", min=1, kind="int_or_auto")
