@@ -205,7 +205,9 @@ class Reconstruction:
             raise ParamError(f"process {self.reducer.rank} holds no views of the scan (more ranks than views?)")
         self.n = n
         L = p.object_modes
-        K = p.initial_probe_modes
+        K = 1 if p.probe_modes == "auto" and p.auto_rule == "gain" else p.initial_probe_modes
+        self._err_trace: list[float] = []          # data error of each iteration (for the auto rule)
+        self._auto_added_at: int | None = None     # iteration at which the newest mode was added
         self.obj_shape = (L, shape[0], shape[1])
         self.workers = be.threads if be.name == "numpy" else 1
         max_k = max(p.auto_max_modes, K) if p.probe_modes == "auto" else K
@@ -502,6 +504,8 @@ class Reconstruction:
         probe = self.be.asnumpy(self.probe)
         frac, K = modes.power_fractions(probe), probe.shape[0]
         share = f"iteration {it}: the newest of {K} modes carries {100 * frac[-1]:.2f} %"
+        if p.auto_rule == "gain":
+            return self._auto_gain_step(it, probe, frac, K, share)
         if frac[-1] >= p.auto_threshold and K < p.auto_max_modes:
             new = modes.diverse_modes(probe[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
             self._resize_modes(K + 1, new)
@@ -513,6 +517,36 @@ class Reconstruction:
         else:
             self._note_modes(f"{share}: keeping {K} mode(s), the ceiling (auto_max_modes)")
         return True
+
+    def _auto_gain_step(self, it: int, probe: np.ndarray, frac: np.ndarray, K: int, share: str) -> bool:
+        """Keep the newest mode only if it makes the data error fall clearly faster than before.
+
+        With Δ = ``auto_interval``: drop_after = e(t_add) − e(t_add + Δ), drop_before =
+        e(t_add − Δ) − e(t_add) over an interval without a change of modes; the mode is kept when
+        drop_after ≥ ``auto_min_gain`` × drop_before (a mode that only fits noise hardly changes the
+        error) and it carries ≥ ``auto_threshold`` of the power.
+        """
+        p, e, iv = self.params, self._err_trace, self.params.auto_interval
+        t = self._auto_added_at
+        if t is not None and K > 1:
+            before = e[t - iv] - e[t] if t - iv >= 0 else np.inf
+            after = e[t] - e[len(e) - 1]
+            if frac[-1] < p.auto_threshold or after < p.auto_min_gain * before:
+                self._resize_modes(K - 1)
+                self._note_modes(f"{share}; error drop {after:.3g} after it vs {before:.3g} before: "
+                                 f"keeping {K - 1} mode(s)")
+                return True
+        if K >= p.auto_max_modes:
+            self._note_modes(f"{share}: keeping {K} mode(s), the ceiling (auto_max_modes)")
+            return True
+        if len(e) < 2 * iv:            # the first interval converges from the initial guess: wait one more
+            self._note_modes(f"{share}: waiting")
+            return False
+        new = modes.diverse_modes(probe[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
+        self._resize_modes(K + 1, new)
+        self._auto_added_at = len(e) - 1
+        self._note_modes(f"{share}: adding mode {K + 1}")
+        return False
 
     def _note_modes(self, line: str) -> None:
         """Record (in the result) and report (on rank 0) a decision of the 1 % rule."""
@@ -589,6 +623,7 @@ class Reconstruction:
                     if bar is not None:
                         bar.set_description(stage_name)
                 d, ep, eo = stage.iterate(it)
+                self._err_trace.append(d)
                 err_data[it], err_obj[it] = d, eo
                 err_probe.append(ep)
                 done = it + 1

@@ -82,6 +82,12 @@ class ReconParams:
                                min=1, kind="int")
     auto_threshold: float = param(0.01, "probe_modes=auto keeps a mode above this power fraction",
                                   group="probe modes", min=0.0, max=1.0, min_open=True, kind="float")
+    auto_rule: str = param("power", "probe_modes=auto: 'gain' keeps a new mode only if the data error falls faster "
+                           "after it than before (starting from 1 mode), 'power' is the paper's 1 % rule alone",
+                           group="probe modes", choices=("gain", "power"), kind="str")
+    auto_min_gain: float = param(0.3, "probe_modes=auto ('gain'): the error drop in the interval after adding a "
+                                 "mode must exceed this many times the drop in the interval before",
+                                 group="probe modes", min=0.0, kind="float")
     orthogonalize_every: int = param(10, "orthogonalise probe modes (and exit waves) every k iterations; "
                                      "0 = only at the end", group="probe modes", min=0, kind="int")
     # -- initial guess --------------------------------------------------------------------
