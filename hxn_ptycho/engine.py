@@ -22,7 +22,8 @@ import numpy as np
 
 from . import __version__, dm, modes
 from .backend import get_backend
-from .params import ParamError, ReconParams
+from .geometry import Geometry
+from .params import ParamError, ReconParams, algorithm_stages
 from .resultfile import ResultData, read_result
 from .scanfile import ScanData, positions_px
 
@@ -147,21 +148,35 @@ class _Worker:
         self.phi = be.empty((batch, L, K, n, n), cdtype)
         self.work = be.empty((batch, L, K, n, n), cdtype)
         self.objwin = be.empty((batch, L, n, n), cdtype)
+        self.tmp = be.empty((batch, L, n, n), cdtype)         # scratch of sub-pixel windows
         self.onum_src = be.empty((batch, L, n, n), cdtype)
         self.obj_num = be.zeros(obj_shape, cdtype)
         self.obj_den = be.zeros((1,) + obj_shape[1:], rdtype)
         self.probe_num = be.zeros((K, n, n), cdtype)
         self.probe_den = be.zeros((n, n), rdtype)
         self.err = 0.0
+        self.nll = self.d1 = self.d2 = 0.0                   # sums of the ML passes
+
+
+def _stop_requested(stop: Any) -> bool:
+    """``stop`` is None, a callable returning true to stop, or an object with ``is_set()`` (an Event)."""
+    if stop is None:
+        return False
+    if hasattr(stop, "is_set"):
+        return bool(stop.is_set())
+    return bool(stop())
 
 
 class Reconstruction:
     """One multi-mode DM reconstruction of the views this process holds."""
 
     def __init__(self, scan: ScanData, params: ReconParams, *, backend: Any = None, reducer: Any = None,
-                 progress: bool = False, log: Callable[[str], None] | None = None) -> None:
+                 progress: bool = False, log: Callable[[str], None] | None = None, stop: Any = None) -> None:
         params.validate()
         scan.validate()
+        self.stages = algorithm_stages(params)
+        self.iterations = sum(c for _, c in self.stages)
+        self.stop = stop
         self.scan, self.params = scan, params
         self.reducer = reducer or LocalReducer()
         self.be = backend or get_backend(params.backend, params.threads)
@@ -172,22 +187,30 @@ class Reconstruction:
         self.modes_log: list[str] = []
         self._setup()
 
+    @property
+    def pos(self) -> np.ndarray:
+        """Integer window corners of this process's views (the sub-pixel ones are in ``geom``)."""
+        return self.geom.corner
+
     # --- set-up ------------------------------------------------------------------------------
     def _setup(self) -> None:
         scan, p, be = self.scan, self.params, self.be
         n = scan.n
-        pos_all, shape = positions_px(scan.points, scan.pixel_size_m, n, p.margin)
+        # refined windows may move outwards: room for the largest correction and a bilinear pixel
+        self.margin = p.margin + (int(np.ceil(p.position_max_shift)) + 1 if p.refine_positions else 0)
+        pos_all, shape = positions_px(scan.points, scan.pixel_size_m, n, self.margin)
         self.positions_all = pos_all
-        start, stop, _ = scan.views.indices(scan.n_views)
-        self.pos = pos_all[start:stop].astype(np.int64)
-        if len(self.pos) == 0:
+        self.geom = Geometry(pos_all, scan.views, n, shape, subpixel=p.refine_positions)
+        if len(self.geom) == 0:
             raise ParamError(f"process {self.reducer.rank} holds no views of the scan (more ranks than views?)")
         self.n = n
         L = p.object_modes
-        K = p.initial_probe_modes
+        K = 1 if p.probe_modes == "auto" and p.auto_rule == "gain" else p.initial_probe_modes
+        self._err_trace: list[float] = []          # data error of each iteration (for the auto rule)
+        self._auto_added_at: int | None = None     # iteration at which the newest mode was added
         self.obj_shape = (L, shape[0], shape[1])
         self.workers = be.threads if be.name == "numpy" else 1
-        max_k = p.auto_max_modes if p.probe_modes == "auto" else K
+        max_k = max(p.auto_max_modes, K) if p.probe_modes == "auto" else K
         self.plan = plan_memory(len(self.pos), n, L * K, self.obj_shape, p, be, self.workers, L * max_k)
         if self.reducer.rank == 0:
             self.log(f"hxn-ptycho: {scan.n_views} views of {n}x{n}, object {shape[0]}x{shape[1]}, "
@@ -331,7 +354,7 @@ class Reconstruction:
     def _init_psi(self, w: _Worker, b: slice) -> None:
         B = b.stop - b.start
         psi, fpsi = self._load(w, "psi", b), self._load(w, "fpsi", b)
-        dm.exit_waves_at(self.be, self.obj, self.pos[b], self.probe, w.objwin[:B], psi)
+        self.geom.exit_waves(self.be, self.obj, b, self.probe, w.objwin[:B], psi, w.tmp[:B])
         fpsi[...] = psi
         self.be.fft2(fpsi)
         self._store(w, "psi", b, psi)
@@ -343,7 +366,7 @@ class Reconstruction:
     def _fourier_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
         fpsi, amp = self._load(w, "fpsi", b), self.diffamp[b]
-        phi = dm.exit_waves_at(be, self.obj, self.pos[b], self.probe, w.objwin[:B], w.phi[:B])   # (2)
+        phi = self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])   # (2)
         fphi = be.fft2(phi)                                                       # F(P·O)
         w.err += dm.fourier_update(be, fpsi, fphi, amp, self.mask, self.pbound,   # (3), (4), (7)
                                    self.params.beta, w.work[:B])
@@ -358,17 +381,17 @@ class Reconstruction:
         be, B = self.be, b.stop - b.start
         psi = self._load(w, "psi", b) if psi is None else psi
         src = dm.object_numerator(be, psi, self._probe_conj, w.onum_src[:B])          # (6) numerator
-        be.scatter_add(w.obj_num, self.pos[b], src)
-        be.scatter_add(w.obj_den, self.pos[b], self._probe_intensity)                 # (6) denominator
+        self.geom.scatter_add(be, w.obj_num, b, src)
+        self.geom.scatter_add(be, w.obj_den, b, self._probe_intensity)                # (6) denominator
 
     def _probe_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
-        ow = be.gather(self.obj, self.pos[b], self.n, out=w.objwin[:B])
+        ow = self.geom.gather(be, self.obj, b, w.objwin[:B], w.tmp[:B])
         dm.probe_sums(be, self._load(w, "psi", b), ow, w.probe_num, w.probe_den, w.work[:B])   # (5)
 
     def _model_error_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
-        f = be.fft2(dm.exit_waves_at(be, self.obj, self.pos[b], self.probe, w.objwin[:B], w.phi[:B]))
+        f = be.fft2(self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
         w.err += dm.data_error(be, f, self.diffamp[b], self.mask)
 
     # --- updates ---------------------------------------------------------------------------
@@ -462,7 +485,7 @@ class Reconstruction:
         if K > k_old:
             def init_new(w: _Worker, b: slice) -> None:
                 B = b.stop - b.start
-                ow = be.gather(self.obj, self.pos[b], n, out=w.objwin[:B])
+                ow = self.geom.gather(be, self.obj, b, w.objwin[:B], w.tmp[:B])
                 for name in ("psi", "fpsi"):
                     arr = self._load(w, name, b)
                     arr[:, :, k_old:] = ow[:, :, None] * self.probe[None, None, k_old:]
@@ -481,6 +504,8 @@ class Reconstruction:
         probe = self.be.asnumpy(self.probe)
         frac, K = modes.power_fractions(probe), probe.shape[0]
         share = f"iteration {it}: the newest of {K} modes carries {100 * frac[-1]:.2f} %"
+        if p.auto_rule == "gain":
+            return self._auto_gain_step(it, probe, frac, K, share)
         if frac[-1] >= p.auto_threshold and K < p.auto_max_modes:
             new = modes.diverse_modes(probe[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
             self._resize_modes(K + 1, new)
@@ -492,6 +517,36 @@ class Reconstruction:
         else:
             self._note_modes(f"{share}: keeping {K} mode(s), the ceiling (auto_max_modes)")
         return True
+
+    def _auto_gain_step(self, it: int, probe: np.ndarray, frac: np.ndarray, K: int, share: str) -> bool:
+        """Keep the newest mode only if it makes the data error fall clearly faster than before.
+
+        With Δ = ``auto_interval``: drop_after = e(t_add) − e(t_add + Δ), drop_before =
+        e(t_add − Δ) − e(t_add) over an interval without a change of modes; the mode is kept when
+        drop_after ≥ ``auto_min_gain`` × drop_before (a mode that only fits noise hardly changes the
+        error) and it carries ≥ ``auto_threshold`` of the power.
+        """
+        p, e, iv = self.params, self._err_trace, self.params.auto_interval
+        t = self._auto_added_at
+        if t is not None and K > 1:
+            before = e[t - iv] - e[t] if t - iv >= 0 else np.inf
+            after = e[t] - e[len(e) - 1]
+            if frac[-1] < p.auto_threshold or after < p.auto_min_gain * before:
+                self._resize_modes(K - 1)
+                self._note_modes(f"{share}; error drop {after:.3g} after it vs {before:.3g} before: "
+                                 f"keeping {K - 1} mode(s)")
+                return True
+        if K >= p.auto_max_modes:
+            self._note_modes(f"{share}: keeping {K} mode(s), the ceiling (auto_max_modes)")
+            return True
+        if len(e) < 2 * iv:            # the first interval converges from the initial guess: wait one more
+            self._note_modes(f"{share}: waiting")
+            return False
+        new = modes.diverse_modes(probe[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
+        self._resize_modes(K + 1, new)
+        self._auto_added_at = len(e) - 1
+        self._note_modes(f"{share}: adding mode {K + 1}")
+        return False
 
     def _note_modes(self, line: str) -> None:
         """Record (in the result) and report (on rank 0) a decision of the 1 % rule."""
@@ -520,62 +575,147 @@ class Reconstruction:
         finally:
             self.close()
 
+    def _stage_at(self) -> list[str]:
+        """The algorithm of every iteration, from the chain (``DM:200,ML:100``)."""
+        names: list[str] = []
+        for name, count in self.stages:
+            names += [name] * count
+        return names
+
+    def _should_stop(self) -> bool:
+        """The stop hook, agreed by every rank (any rank asking stops them all)."""
+        if self.stop is None:
+            return False
+        flag = np.array([1.0 if _stop_requested(self.stop) else 0.0])
+        if self.reducer.size > 1:
+            self.reducer.allreduce_sum([flag])
+        return bool(flag[0] > 0)
+
     def _run(self) -> ResultData:
         p = self.params
         t0 = time.perf_counter()
-        iters = p.iterations
+        iters = self.iterations
+        schedule = self._stage_at()
         err_data = np.full(iters, np.nan)
         err_probe: list[np.ndarray] = []
         err_obj = np.full((iters, self.obj_shape[0]), np.nan)
         settled = p.probe_modes != "auto"
+        refiner = None
+        if p.refine_positions:
+            from .positions import PositionRefiner
+            refiner = PositionRefiner(self)
+        stage: Any = None
+        stage_name = None
+        done = 0
+        interrupted = False
         bar = None
         if self.progress:
             from tqdm import tqdm
-            bar = tqdm(total=iters, desc="DM", unit="it", file=sys.stderr)
+            bar = tqdm(total=iters, desc=schedule[0], unit="it", file=sys.stderr)
         try:
             for it in range(iters):
                 if it and not np.isfinite(err_data[it - 1]):
                     raise FloatingPointError(f"the reconstruction diverged (non-finite error at iteration {it - 1})")
-                d, ep, eo = self.iterate(it)
+                if schedule[it] != stage_name:
+                    stage_name = schedule[it]
+                    stage = self._enter_stage(stage_name, it, settled)
+                    settled = settled or stage_name != "DM"
+                    if bar is not None:
+                        bar.set_description(stage_name)
+                d, ep, eo = stage.iterate(it)
+                self._err_trace.append(d)
                 err_data[it], err_obj[it] = d, eo
                 err_probe.append(ep)
+                done = it + 1
                 last = it + 1 == iters
-                if not settled and (it + 1) % p.auto_interval == 0 and not last:
-                    settled = self.auto_modes_step(it)
-                elif p.orthogonalize_every and (it + 1) % p.orthogonalize_every == 0 and not last:
-                    self.orthogonalize_probe()
+                if refiner is not None and not last:
+                    if refiner.due(it):
+                        refiner.refine()
+                    if it >= refiner.end and self.geom.subpixel_windows and not p.position_subpixel_windows:
+                        self.geom.use_subpixel(False)        # refinement over: windows on the pixel grid
+                        if stage_name == "DM":
+                            self._each(self._init_psi)
+                if stage_name == "DM" and not last:
+                    if not settled and (it + 1) % p.auto_interval == 0:
+                        settled = self.auto_modes_step(it)
+                    elif p.orthogonalize_every and (it + 1) % p.orthogonalize_every == 0:
+                        self.orthogonalize_probe()
                 if bar is not None:
                     bar.set_postfix_str(f"data error {d:.4g}")
                     bar.update(1)
+                if not last and self._should_stop():
+                    interrupted = True
+                    break
         finally:
             if bar is not None:
                 bar.close()
+        if interrupted and self.reducer.rank == 0:
+            self.log(f"hxn-ptycho: stopped on request after iteration {done} of {iters}")
+        err_data, err_obj = err_data[:done], err_obj[:done]
         if not np.isfinite(err_data[-1]):
             raise FloatingPointError("the reconstruction diverged (non-finite data error)")
-        if not settled:
+        if not settled and not interrupted:
             self.auto_modes_step(iters)
         self.orthogonalize_probe()
         cost, model_err = self.model_cost()
         elapsed = time.perf_counter() - t0
         probe = self.be.asnumpy(self.probe)
         K = probe.shape[0]
-        ep = np.full((iters, K), np.nan)
-        for i, e in enumerate(err_probe):
+        ep = np.full((done, K), np.nan)
+        for i, e in enumerate(err_probe[:done]):
             m = min(K, len(e))
             ep[i, :m] = e[:m]
         attrs = {"elapsed_s": elapsed, "final_cost": cost, "final_data_error": model_err,
                  "probe_modes_log": list(self.modes_log), "probe_modes_used": K, "version": __version__,
-                 "backend": self.be.name, "processes": self.reducer.size, "workers": self.workers}
+                 "backend": self.be.name, "processes": self.reducer.size, "workers": self.workers,
+                 "algorithm_stages": [f"{a}:{c}" for a, c in self.stages], "interrupted": interrupted,
+                 "iterations_done": done, "object_margin_px": self.margin}
+        refined = None
+        if refiner is not None:
+            refined = self.geom.positions_all.copy()
+            attrs["position_refinements"] = refiner.count
+            from .positions import affine_terms
+            attrs["position_affine_matrix"] = affine_terms(self.geom.nominal_all, refined).tolist()
         attrs.update({f"scan_{k}": v for k, v in self.scan.attrs.items()})
         return ResultData(object=self.be.asnumpy(self.obj), probe=probe,
                           positions_px=self.positions_all.astype(np.float64),
                           error_data=err_data, error_probe=ep, error_object=err_obj,
                           probe_power_fraction=modes.power_fractions(probe),
-                          params=p.to_dict(), attrs=attrs)
+                          params=p.to_dict(), attrs=attrs, positions_refined_px=refined)
+
+    def _enter_stage(self, name: str, it: int, settled: bool) -> Any:
+        """The iteration object of algorithm ``name`` over this reconstruction's parts."""
+        if name == "ML":
+            if not settled:          # probe_modes=auto decides before ML starts
+                self.auto_modes_step(it)
+            self.orthogonalize_probe()
+            from .ml import MLIteration
+            return MLIteration(self)
+        if it > 0:                   # DM after another algorithm: exit waves from the current model
+            self._each(self._init_psi)
+        return DMIteration(self)
+
+
+class DMIteration:
+    """The Difference Map iteration (equations (2)–(7)) over a reconstruction's parts."""
+
+    name = "DM"
+
+    def __init__(self, rec: Reconstruction) -> None:
+        self.rec = rec
+
+    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
+        return self.rec.iterate(it)
 
 
 def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: Any = None, reducer: Any = None,
-                progress: bool = False, log: Callable[[str], None] | None = None) -> ResultData:
-    """Reconstruct ``scan`` (this process's views of it) with the multi-mode Difference Map."""
+                progress: bool = False, log: Callable[[str], None] | None = None, stop: Any = None) -> ResultData:
+    """Reconstruct ``scan`` (this process's views of it) with the chain of ``params.algorithm``.
+
+    ``stop`` (a callable returning true, or a ``threading.Event``) is checked after every
+    iteration: when set, the loop ends after the current iteration and the result is marked
+    ``attrs["interrupted"] = True`` (with the iterations done so far). Under MPI every rank
+    passes its own; any rank asking stops them all.
+    """
     return Reconstruction(scan, params or ReconParams(), backend=backend, reducer=reducer, progress=progress,
-                          log=log).run()
+                          log=log, stop=stop).run()

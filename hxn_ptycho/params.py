@@ -65,6 +65,13 @@ class ReconParams:
                              min=0.0, kind="float")
     margin: int = param(4, "object pixels around the outermost probe window", group="algorithm", min=0,
                         kind="int")
+    algorithm: str = param("DM", "the chain of algorithms, e.g. 'DM:200,ML:100' (DM = Difference Map, ML = "
+                           "Poisson maximum likelihood by conjugate gradient); a stage without a count takes "
+                           "the rest of 'iterations'; when every stage has one, their sum is the total",
+                           group="algorithm", kind="algorithm")
+    ml_noise_model: str = param("amplitude", "noise model of the ML stage: Poisson likelihood of the counts, or "
+                                "'amplitude' (Gaussian on √I, the variance-stabilised Poisson model)",
+                                group="algorithm", choices=("poisson", "amplitude"), kind="str")
     # -- probe modes ----------------------------------------------------------------------
     probe_modes: ProbeModes = param(1, "probe modes: an integer, or 'auto' (the paper's 1 % rule)",
                                     group="probe modes", min=1, kind="int_or_auto")
@@ -76,6 +83,12 @@ class ReconParams:
                                min=1, kind="int")
     auto_threshold: float = param(0.01, "probe_modes=auto keeps a mode above this power fraction",
                                   group="probe modes", min=0.0, max=1.0, min_open=True, kind="float")
+    auto_rule: str = param("power", "probe_modes=auto: 'gain' keeps a new mode only if the data error falls faster "
+                           "after it than before (starting from 1 mode), 'power' is the paper's 1 % rule alone",
+                           group="probe modes", choices=("gain", "power"), kind="str")
+    auto_min_gain: float = param(0.3, "probe_modes=auto ('gain'): the error drop in the interval after adding a "
+                                 "mode must exceed this many times the drop in the interval before",
+                                 group="probe modes", min=0.0, kind="float")
     orthogonalize_every: int = param(10, "orthogonalise probe modes (and exit waves) every k iterations; "
                                      "0 = only at the end", group="probe modes", min=0, kind="int")
     # -- initial guess --------------------------------------------------------------------
@@ -86,6 +99,29 @@ class ReconParams:
     init_from: str | None = param(None, "a previous result file to start from (warm start)",
                                   group="initial guess", kind="path")
     seed: int = param(0, "random seed (initial guesses)", group="initial guess", kind="int")
+    # -- positions ------------------------------------------------------------------------
+    refine_positions: bool = param(False, "refine every view's position (sub-pixel) during the reconstruction",
+                                   group="positions", kind="bool")
+    position_start: int = param(10, "first iteration (0-based) of position refinement", group="positions",
+                                min=0, kind="int")
+    position_interval: int = param(1, "iterations between position refinements", group="positions", min=1,
+                                   kind="int")
+    position_max_shift: float = param(8.0, "largest correction (pixels) of a view beyond the global affine "
+                                      "term", group="positions", min=0.0, min_open=True, kind="float")
+    position_step: float = param(1.0, "largest move (pixels) of a view in one refinement (gradient) or the "
+                                 "first search step (search)", group="positions", min=0.0, min_open=True,
+                                 kind="float")
+    position_affine: bool = param(True, "fit a global affine term (scale, rotation, shear) to the refined "
+                                  "positions: the systematic errors of a stage", group="positions", kind="bool")
+    position_method: str = param("gradient", "position refinement: a Gauss-Newton gradient step, or a "
+                                 "bounded search", group="positions", choices=("gradient", "search"),
+                                 kind="str")
+    position_end: int = param(0, "last iteration (0-based) of position refinement; afterwards the windows "
+                              "snap to the nearest pixel; 0 = at 80 % of the iterations", group="positions",
+                              min=0, kind="int")
+    position_subpixel_windows: bool = param(False, "keep sub-pixel (bilinear, slightly blurring) windows after "
+                                            "the refinement instead of snapping them to the nearest pixel",
+                                            group="positions", kind="bool")
     # -- memory ---------------------------------------------------------------------------
     precision: str = param("single", "complex64 (single) or complex128 (double)", group="memory",
                            choices=("single", "double"), kind="str")
@@ -184,6 +220,8 @@ def check_value(f: dataclasses.Field, value: Any) -> Any:
     elif kind in ("str", "path", "algorithm"):
         if not isinstance(value, str):
             raise ParamError(f"{name} must be a string, got {value!r}")
+        if kind == "algorithm":
+            parse_algorithm(value, name)
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ParamError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -193,6 +231,47 @@ def check_value(f: dataclasses.Field, value: Any) -> Any:
                 hi is not None and value > hi:
             raise ParamError(f"{name} must lie in {_bounds_text(meta)}, got {value}")
     return value
+
+
+ALGORITHMS = ("DM", "ML")
+
+
+def parse_algorithm(text: str, name: str = "algorithm") -> list[tuple[str, int | None]]:
+    """``"DM:200,ML:100"`` → ``[("DM", 200), ("ML", 100)]``; a stage without a count gets ``None``."""
+    stages: list[tuple[str, int | None]] = []
+    for part in text.split(","):
+        part = part.strip()
+        alg, _, count = part.partition(":")
+        alg = alg.strip().upper()
+        if alg not in ALGORITHMS:
+            raise ParamError(f"{name} {text!r}: unknown algorithm {part.partition(':')[0].strip()!r} "
+                             f"(choose {', '.join(ALGORITHMS)}, e.g. 'DM:200,ML:100')")
+        if count.strip():
+            try:
+                k = int(count)
+            except ValueError:
+                raise ParamError(f"{name} {text!r}: the count of {alg} must be an integer, got {count.strip()!r}") from None
+            if k < 1:
+                raise ParamError(f"{name} {text!r}: the count of {alg} must be at least 1, got {k}")
+            stages.append((alg, k))
+        else:
+            stages.append((alg, None))
+    if sum(c is None for _, c in stages) > 1:
+        raise ParamError(f"{name} {text!r}: at most one stage may go without a count")
+    return stages
+
+
+def algorithm_stages(params: "ReconParams") -> list[tuple[str, int]]:
+    """The chain of algorithms with their iteration counts; their sum is the total number of iterations."""
+    stages = parse_algorithm(params.algorithm)
+    fixed = sum(c for _, c in stages if c is not None)
+    if all(c is not None for _, c in stages):
+        return [(a, int(c)) for a, c in stages]
+    rest = params.iterations - fixed
+    if rest < 1:
+        raise ParamError(f"algorithm {params.algorithm!r}: the stages with a count take {fixed} iterations, "
+                         f"leaving none of iterations = {params.iterations} for the stage without one")
+    return [(a, int(c) if c is not None else rest) for a, c in stages]
 
 
 # -- command-line options generated from the fields -------------------------------------------
@@ -252,9 +331,10 @@ def add_param_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
                    "path": "FILE"}.get(meta.get("kind") or "")
         if meta.get("choices"):
             metavar = "{" + ",".join(meta["choices"]) + "}"
+        flag = {"nargs": "?", "const": True} if meta.get("kind") == "bool" else {}   # --refine-positions
         groups[meta["group"]].add_argument(option_name(f.name), dest=f"param_{f.name}", type=_cli_type(f),
                                            default=None, metavar=metavar or "VALUE",
-                                           help="; ".join(bits).replace("%", "%%"))
+                                           help="; ".join(bits).replace("%", "%%"), **flag)
 
 
 def params_from_namespace(args: argparse.Namespace, base: ReconParams | dict | None = None) -> ReconParams:

@@ -3,7 +3,10 @@
 Fields:
 
 - ``object`` complex (M_O, H, W); ``probe`` complex (M_P, n, n)
-- ``positions_px`` float64 (N, 2): (row, col) of each view's window corner in ``object``
+- ``positions_px`` float64 (N, 2): (row, col) of each view's window corner in ``object``, nominal
+  (from the scan's positions)
+- ``positions_refined_px`` float64 (N, 2), optional: the corners after position refinement
+  (sub-pixel; absent when positions were not refined, and in files written before it existed)
 - ``error/data`` (iterations,), ``error/probe`` (iterations, M_P), ``error/object`` (iterations, M_O)
 - ``probe_power_fraction`` (M_P,)
 - attributes: ``params`` (JSON of :class:`~hxn_ptycho.params.ReconParams`), ``version``,
@@ -38,6 +41,7 @@ class ResultData:
     probe_power_fraction: np.ndarray        # (M_P,)
     params: dict[str, Any] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
+    positions_refined_px: np.ndarray | None = None     # (N, 2) float64, after position refinement
 
     @property
     def iterations(self) -> int:
@@ -60,9 +64,15 @@ class ResultData:
         require_shape(self.probe_power_fraction.shape, (p.shape[0],), "probe_power_fraction", KIND, filename)
         for name, arr in (("object", o), ("probe", p), ("positions_px", self.positions_px)):
             require_finite(arr, name, KIND, filename)
-        pos = self.positions_px
-        if pos.size and (pos.min() < 0 or pos[:, 0].max() + n > o.shape[1] or pos[:, 1].max() + n > o.shape[2]):
-            raise FileFormatError(f"{KIND} file {filename}: field 'positions_px' puts windows outside the object array")
+        checks = [("positions_px", self.positions_px)]
+        if self.positions_refined_px is not None:
+            require_shape(self.positions_refined_px.shape, self.positions_px.shape, "positions_refined_px", KIND,
+                          filename)
+            require_finite(self.positions_refined_px, "positions_refined_px", KIND, filename)
+            checks.append(("positions_refined_px", self.positions_refined_px))
+        for name, pos in checks:
+            if pos.size and (pos.min() < 0 or pos[:, 0].max() + n > o.shape[1] or pos[:, 1].max() + n > o.shape[2]):
+                raise FileFormatError(f"{KIND} file {filename}: field '{name}' puts windows outside the object array")
 
 
 def _jsonable(v: Any) -> Any:
@@ -80,6 +90,8 @@ def write_result(path: str | os.PathLike, res: ResultData) -> None:
         f.create_dataset("object", data=res.object)
         f.create_dataset("probe", data=res.probe)
         f.create_dataset("positions_px", data=np.asarray(res.positions_px, dtype=np.float64))
+        if res.positions_refined_px is not None:
+            f.create_dataset("positions_refined_px", data=np.asarray(res.positions_refined_px, dtype=np.float64))
         g = f.create_group("error")
         g.create_dataset("data", data=np.asarray(res.error_data, dtype=np.float64))
         g.create_dataset("probe", data=np.asarray(res.error_probe, dtype=np.float64))
@@ -99,6 +111,7 @@ def read_result(path: str | os.PathLike) -> ResultData:
         arrays = {name: require(f, name, KIND)[()] for name in
                   ("object", "probe", "positions_px", "error/data", "error/probe", "error/object",
                    "probe_power_fraction")}
+        refined = np.asarray(f["positions_refined_px"][()], dtype=np.float64) if "positions_refined_px" in f else None
         attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
     try:
         params = json.loads(attrs.pop("params", "{}"))
@@ -109,6 +122,7 @@ def read_result(path: str | os.PathLike) -> ResultData:
         positions_px=np.asarray(arrays["positions_px"], dtype=np.float64),
         error_data=np.asarray(arrays["error/data"]), error_probe=np.asarray(arrays["error/probe"]),
         error_object=np.asarray(arrays["error/object"]),
-        probe_power_fraction=np.asarray(arrays["probe_power_fraction"]), params=params, attrs=attrs)
+        probe_power_fraction=np.asarray(arrays["probe_power_fraction"]), params=params, attrs=attrs,
+        positions_refined_px=refined)
     res.validate(str(path))
     return res

@@ -99,12 +99,19 @@ class Truth:
 def simulate_scan(n: int = 64, n_positions: int = 100, probe_modes: int = 1, photons: float | None = 1e6,
                   seed: int = 0, pattern: str = "spiral", overlap_step: float | None = None,
                   dead_pixels: float = 0.0, phase_range: float = 1.0, blur_px: float = 3.0,
-                  margin: int = 4) -> tuple[ScanData, Truth]:
+                  margin: int = 4, position_error_px: float = 0.0, scale_error: float = 0.0,
+                  gain: float = 1.0, mode_powers: tuple[float, ...] | None = None) -> tuple[ScanData, Truth]:
     """A synthetic scan and its truth.
 
     ``probe_modes`` K > 1 blurs each exposure over ``blur_px`` pixels along the scan's fast axis
-    (an incoherent sum of K shifted probes, as in a fly scan); ``photons`` is the mean count per
-    frame (None: no noise); ``dead_pixels`` the fraction of masked detector pixels.
+    (an incoherent sum of K shifted probes, as in a fly scan) — or, with ``mode_powers`` (K
+    fractions), K orthogonal modes carrying those shares of the intensity; ``photons`` is the
+    mean count per frame (None: no noise); ``dead_pixels`` the fraction of masked detector pixels.
+
+    Stage errors: the file's positions are the true ones scaled by ``1 + scale_error`` about
+    their centre plus random errors of ``position_error_px`` pixels RMS (of the 2-D distance); the
+    truth keeps the true ones. ``gain`` multiplies the counts after the Poisson noise (a detector
+    reading in units other than photons).
     """
     rng = np.random.default_rng(seed)
     probe1 = zone_plate_probe(n)
@@ -123,7 +130,16 @@ def simulate_scan(n: int = 64, n_positions: int = 100, probe_modes: int = 1, pho
     phase = phase_range * (blobs_image((H, W), rng) - 0.5)
     obj = amp * np.exp(1j * phase)
     # modes of the fly-scan blur: K probes shifted along the columns, equal weights
-    if probe_modes > 1:
+    if mode_powers is not None:
+        from .modes import diverse_modes
+        if len(mode_powers) != probe_modes:
+            raise ValueError(f"mode_powers needs {probe_modes} fractions, got {len(mode_powers)}")
+        w = np.asarray(mode_powers, float) / float(np.sum(mode_powers))
+        extra = diverse_modes(probe1, probe_modes - 1, 1.0, np.random.default_rng(seed + 1000))
+        basis = np.concatenate([probe1[None], extra])
+        basis /= np.sqrt(np.sum(np.abs(basis) ** 2, axis=(1, 2)))[:, None, None]
+        probe = basis * np.sqrt(w)[:, None, None]
+    elif probe_modes > 1:
         shifts = np.linspace(-blur_px / 2, blur_px / 2, probe_modes)
         probe = np.stack([_shift(probe1, 0.0, s) for s in shifts]) / np.sqrt(probe_modes)
     else:
@@ -137,6 +153,7 @@ def simulate_scan(n: int = 64, n_positions: int = 100, probe_modes: int = 1, pho
         frames[j] = np.sum(np.abs(np.fft.fft2(probe * win, norm="ortho")) ** 2, axis=0)
     if photons is not None:
         frames = rng.poisson(frames).astype(np.float64)
+    frames *= gain
     mask = None
     if dead_pixels > 0:
         mask = rng.uniform(size=(n, n)) >= dead_pixels
@@ -144,7 +161,12 @@ def simulate_scan(n: int = 64, n_positions: int = 100, probe_modes: int = 1, pho
     lam = wavelength_nm(ENERGY_KEV)
     pixel_m = lam * 1e-9 * DISTANCE_M / (n * CCD_PIXEL_UM * 1e-6)
     # points (µm): row 0 = x (columns), row 1 = y (rows); use the exact (rounded) pixel positions
-    points = np.stack([corners[:, 1], corners[:, 0]]).astype(np.float64) * pixel_m * 1e6
+    nominal = corners.astype(np.float64)
+    if scale_error or position_error_px:
+        centre = nominal.mean(axis=0)
+        err = rng.standard_normal(nominal.shape) * position_error_px / np.sqrt(2)
+        nominal = centre + (nominal - centre) * (1 + scale_error) + err
+    points = np.stack([nominal[:, 1], nominal[:, 0]]) * pixel_m * 1e6
     scan = ScanData(diffamp=np.sqrt(frames).astype(np.float32), points=points, lambda_nm=lam, z_m=DISTANCE_M,
                     ccd_pixel_um=CCD_PIXEL_UM, mask=mask,
                     attrs={"scan_id": int(seed), "simulated": True, "photons": float(photons or 0),

@@ -123,7 +123,7 @@ def reconstruct_region(path: str, index: int, views: np.ndarray, corners: np.nda
     """Read and reconstruct one region with no communication; return it with its global offset."""
     scan = region_scan(path, views, corners)
     res = reconstruct(scan, params, backend=backend, reducer=LocalReducer(), progress=progress, log=log)
-    offset = corners[views].min(axis=0) - params.margin
+    offset = corners[views].min(axis=0) - int(res.attrs.get("object_margin_px", params.margin))
     local = res.positions_px.astype(np.int64)
     if not np.array_equal(local + offset, corners[views]):
         raise RuntimeError(f"region {index}: the engine placed its views off the global pixel grid")

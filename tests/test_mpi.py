@@ -79,6 +79,20 @@ def test_sync_equals_one_process(scan, reference, tmp_path, nprocs):
     assert res.attrs["processes"] == nprocs
 
 
+def test_ml_and_position_refinement_equal_one_process(scan, tmp_path):
+    """DM, then ML, with position refinement: 2 ranks give the 1-process result (same reducer)."""
+    params = dict(PARAMS, iterations=12, algorithm="DM:8,ML:4", refine_positions=True, position_start=3)
+    ref = tmp_path / "ref.h5"
+    assert run_job(1, scan[0], ref, params, launcher=False).returncode == 0
+    out = tmp_path / "r.h5"
+    done = run_job(2, scan[0], out, params)
+    assert done.returncode == 0, done.stderr
+    a, b = read_result(out), read_result(ref)
+    assert rel_diff(a.object, b.object) <= 1e-5 and rel_diff(a.probe, b.probe) <= 1e-5
+    np.testing.assert_allclose(a.positions_refined_px, b.positions_refined_px, atol=1e-6)
+    assert np.abs(a.positions_refined_px - a.positions_px).max() > 0.01        # they were refined
+
+
 def test_each_rank_reads_only_its_slice(scan, tmp_path):
     out = tmp_path / "r.h5"
     done = run_job(3, scan[0], out, PARAMS)

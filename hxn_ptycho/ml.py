@@ -1,0 +1,210 @@
+"""Maximum-likelihood refinement (Poisson noise) by preconditioned conjugate gradient, after DM.
+
+The negative Poisson log-likelihood of the model intensities I_m = Σ_kl |F(P_k · O_l(r + r_j))|²,
+
+    L = Σ_j Σ_good (I_m − I · log I_m),
+
+is minimised over the object and every probe mode together (Thibault & Guizar-Sicairos, *New J.
+Phys.* 14, 063004 (2012); PtyPy's ML engine and PyNX's ML operator do the same with their own noise
+models). One iteration is two passes over the views, each summed through the reducer (so K MPI
+ranks give the 1-process result to rounding):
+
+1. the gradient: χ = F⁻¹[(1 − I/I_m)·F(Φ)], g_O = Σ_j,k P_k*·χ (scattered), g_P = Σ_j,l O_l*·χ,
+   preconditioned by the DM denominators (Σ|P|² for the object, Σ|O|² for the probe); the
+   direction is Polak–Ribière conjugate (reset when the likelihood rose or the angle is poor);
+2. the line search: along (h_O, h_P) the exit wave is exactly Φ(α) = Φ + α·A1 + α²·A2 with
+   A1 = P·h_O + h_P·O and A2 = h_P·h_O, so I_m(α) ≈ I_m + α·c1 + α²·c2 per pixel and one Newton
+   step on L(α) gives α = −L'(0)/L''(0) (PtyPy's polynomial line search, for the Poisson model).
+
+Four FFTs per view and mode per iteration; the Fourier transforms F(Φ) of pass 1 are kept in the
+exit-wave store for pass 2.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import dm
+
+FLOOR = 1e-6          # of the mean measured intensity per pixel: I_m is kept above it
+
+
+# (ML) the data term: Σ_good (I_m − I log I_m) and the weight (1 − I/I_m) of ∂L/∂Ψ* = (1 − I/I_m)·Ψ
+def poisson_terms(be: Any, fphi: Any, intensity: Any, mask: Any, floor: float) -> tuple[float, Any, Any]:
+    xp = be.xp
+    model = dm._modulus(be, fphi)
+    model = xp.square(model, out=model)
+    model = xp.maximum(model, floor, out=model)
+    nll = model - intensity * xp.log(model)
+    weight = 1.0 - intensity / model
+    if mask is not None:
+        nll *= mask
+        weight *= mask
+    return float(xp.sum(nll, dtype=xp.float64)), weight, model
+
+
+# (ML, amplitude model) Σ_good (|Ψ| − √I)² — the variance-stabilised Poisson model, the peers' cost —
+# and its weight (1 − √I/|Ψ|) of ∂L/∂Ψ* = (1 − √I/|Ψ|)·Ψ
+def amplitude_terms(be: Any, fphi: Any, diffamp: Any, mask: Any, floor: float) -> tuple[float, Any, Any]:
+    xp = be.xp
+    model = dm._modulus(be, fphi)
+    model = xp.maximum(model, np.sqrt(floor), out=model)
+    dev = model - diffamp
+    weight = 1.0 - diffamp / model
+    if mask is not None:
+        dev *= mask
+        weight *= mask
+    return float(xp.sum(xp.square(dev), dtype=xp.float64)), weight, model
+
+
+class MLIteration:
+    """Poisson ML by conjugate gradient over a :class:`~hxn_ptycho.engine.Reconstruction`'s parts."""
+
+    name = "ML"
+
+    def __init__(self, rec: Any) -> None:
+        self.rec = rec
+        be = rec.be
+        self.model = rec.params.ml_noise_model
+        self.intensity = be.xp.square(rec.diffamp)
+        mean_i = rec.total_intensity / max(rec.good_pixels_total, 1.0)
+        self.floor = FLOOR * max(mean_i, 1e-30)
+        self.h_obj = self.h_probe = None
+        self.g_prev = None                  # preconditioned gradient of the previous iteration
+        self.gg_prev = 0.0
+        self.nll_prev = np.inf
+        self.alpha_prev = 0.0
+        self.resets = 0
+
+    # --- pass 1: likelihood and gradient ----------------------------------------------------------
+    def _gradient_batch(self, w: Any, b: slice) -> None:
+        rec, be = self.rec, self.rec.be
+        B = b.stop - b.start
+        phi = rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])   # (2)
+        fphi = rec._load(w, "fpsi", b)
+        fphi[...] = phi
+        be.fft2(fphi)
+        rec._store(w, "fpsi", b, fphi)
+        w.err += dm.data_error(be, fphi, rec.diffamp[b], rec.mask)                 # (7) of this model
+        if self.model == "poisson":
+            nll, weight, _ = poisson_terms(be, fphi, self.intensity[b], rec.mask, self.floor)
+        else:
+            nll, weight, _ = amplitude_terms(be, fphi, rec.diffamp[b], rec.mask, self.floor)
+        w.nll += nll
+        chi = w.work[:B]
+        be.xp.multiply(fphi, weight[:, None, None], out=chi)
+        be.ifft2(chi)                                                              # χ = ∂L/∂Φ*
+        src = dm.object_numerator(be, chi, rec._probe_conj, w.onum_src[:B])        # Σ_k P_k* χ
+        rec.geom.scatter_add(be, w.obj_num, b, src)
+        rec.geom.scatter_add(be, w.obj_den, b, rec._probe_intensity)
+        ow = rec.geom.gather(be, rec.obj, b, w.objwin[:B], w.tmp[:B])
+        dm.probe_sums(be, chi, ow, w.probe_num, w.probe_den, w.phi[:B])           # Σ_j,l O_l* χ, Σ|O|²
+
+    # --- pass 2: the line-search polynomial ------------------------------------------------------
+    def _line_batch(self, w: Any, b: slice) -> None:
+        rec, be = self.rec, self.rec.be
+        xp = be.xp
+        B = b.stop - b.start
+        geom = rec.geom
+        fphi = rec._load(w, "fpsi", b)
+        ow = geom.gather(be, rec.obj, b, w.objwin[:B], w.tmp[:B])
+        how = geom.gather(be, self.h_obj, b, w.onum_src[:B], w.tmp[:B])
+        a1 = dm.exit_waves(be, rec.probe, how, w.phi[:B])                          # P·h_O
+        a1 += ow[:, :, None] * self.h_probe[None, None]                            # + h_P·O
+        be.fft2(a1)
+        a2 = dm.exit_waves(be, self.h_probe, how, w.work[:B])                      # h_P·h_O
+        be.fft2(a2)
+        B_, L, K, n = fphi.shape[0], fphi.shape[1], fphi.shape[2], fphi.shape[-1]
+        f0 = fphi.reshape(B_, L * K, n, n)
+        f1 = a1.reshape(B_, L * K, n, n)
+        f2 = a2.reshape(B_, L * K, n, n)
+        c1 = 2 * (f0.real * f1.real + f0.imag * f1.imag).sum(axis=1)
+        c2 = (f1.real ** 2 + f1.imag ** 2 + 2 * (f0.real * f2.real + f0.imag * f2.imag)).sum(axis=1)
+        i0 = xp.maximum(dm._modulus(be, fphi) ** 2, self.floor)
+        if self.model == "poisson":     # L = Σ I_m − I log I_m
+            ratio = self.intensity[b] / i0
+            d1 = (1 - ratio) * c1
+            d2 = 2 * (1 - ratio) * c2 + ratio / i0 * c1 * c1
+        else:                           # L = Σ (√I_m − √I)²: a = √I_m, a' = c1/2a, a'' = c2/a − c1²/4a³
+            a = xp.sqrt(i0)
+            da = c1 / (2 * a)
+            dda = c2 / a - c1 * c1 / (4 * a * i0)
+            dev = a - rec.diffamp[b]
+            d1 = 2 * dev * da
+            d2 = 2 * (da * da + dev * dda)
+        if rec.mask is not None:
+            d1 *= rec.mask
+            d2 *= rec.mask
+        w.d1 += float(xp.sum(d1, dtype=xp.float64))
+        w.d2 += float(xp.sum(d2, dtype=xp.float64))
+
+    # --- one iteration ----------------------------------------------------------------------------
+    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
+        rec, be = self.rec, self.rec.be
+        xp = be.xp
+        obj_old, probe_old = rec.obj, rec.probe
+        rec._probe_terms()
+        for w in rec._workers:
+            w.nll = w.d1 = w.d2 = 0.0
+        rec._reset("obj_num", "obj_den", "probe_num", "probe_den", "err")
+        rec._each(self._gradient_batch)
+        g_obj, d_obj = rec._sum_workers("obj_num"), rec._sum_workers("obj_den")
+        g_probe, d_probe = rec._sum_workers("probe_num"), rec._sum_workers("probe_den")
+        scal = np.array([sum(w.nll for w in rec._workers), sum(float(w.err) for w in rec._workers)])
+        rec.reducer.allreduce_sum([g_obj, g_probe])
+        rec.reducer.allreduce_sum([d_obj, d_probe])
+        rec.reducer.allreduce_sum([scal])
+        nll, err = float(scal[0]), float(scal[1])
+        data_err = err / max(rec.total_intensity, 1e-300)
+        # preconditioned gradient (the DM denominators, regularised like the DM updates)
+        a_o = rec.params.object_reg * float(d_obj.max()) + dm.TINY
+        a_p = rec.params.probe_reg * float(d_probe.max()) + dm.TINY
+        pg_obj = g_obj / (d_obj + a_o)
+        pg_probe = g_probe / (d_probe[None] + a_p)
+        if not np.isfinite(nll):
+            raise FloatingPointError("ML: non-finite likelihood")
+        gg = float(xp.sum(g_obj.real * pg_obj.real + g_obj.imag * pg_obj.imag)) + \
+            float(xp.sum(g_probe.real * pg_probe.real + g_probe.imag * pg_probe.imag))
+        restart = self.h_obj is None or nll > self.nll_prev
+        if restart and self.h_obj is not None and nll > self.nll_prev:
+            # the last step overshot: go back half of it and restart along the gradient
+            rec.obj = (rec.obj - 0.5 * self.alpha_prev * self.h_obj).astype(rec.cdtype, copy=False)
+            rec.probe = (rec.probe - 0.5 * self.alpha_prev * self.h_probe).astype(rec.cdtype, copy=False)
+            self.resets += 1
+            self.h_obj = self.h_probe = None
+            self.nll_prev = np.inf
+            return data_err, dm.relative_change(be, rec.probe, probe_old), dm.relative_change(be, rec.obj, obj_old)
+        if restart:
+            beta_cg = 0.0
+        else:
+            g0o, g0p = self.g_prev
+            overlap = float(xp.sum(g0o.real * pg_obj.real + g0o.imag * pg_obj.imag)) + \
+                float(xp.sum(g0p.real * pg_probe.real + g0p.imag * pg_probe.imag))
+            beta_cg = max(0.0, (gg - overlap) / max(self.gg_prev, 1e-300))     # Polak–Ribière+
+        if beta_cg == 0.0:
+            self.h_obj, self.h_probe = -pg_obj, -pg_probe
+        else:
+            self.h_obj = beta_cg * self.h_obj - pg_obj
+            self.h_probe = beta_cg * self.h_probe - pg_probe
+        if it < rec.params.probe_update_start:
+            self.h_probe = xp.zeros_like(self.h_probe)
+        self.h_obj = self.h_obj.astype(rec.cdtype, copy=False)
+        self.h_probe = self.h_probe.astype(rec.cdtype, copy=False)
+        self.g_prev = (g_obj, g_probe)
+        self.gg_prev = gg
+        rec._each(self._line_batch)
+        curv = np.array([sum(w.d1 for w in rec._workers), sum(w.d2 for w in rec._workers)])
+        rec.reducer.allreduce_sum([curv])
+        d1, d2 = float(curv[0]), float(curv[1])
+        if d1 >= 0:             # not a descent direction: restart along the gradient next time
+            alpha = 0.0
+            self.h_obj = None
+        else:
+            alpha = -d1 / d2 if d2 > 0 else 0.0
+        rec.obj = (rec.obj + alpha * self.h_obj).astype(rec.cdtype, copy=False) if alpha else rec.obj
+        rec.probe = (rec.probe + alpha * self.h_probe).astype(rec.cdtype, copy=False) if alpha else rec.probe
+        self.alpha_prev = alpha
+        self.nll_prev = nll
+        self.last_nll = nll
+        return data_err, dm.relative_change(be, rec.probe, probe_old), dm.relative_change(be, rec.obj, obj_old)

@@ -1,0 +1,273 @@
+"""Position refinement: every view's window corner, sub-pixel, from the current model and the data.
+
+Two methods over the same parts (geometry, batches, reducer), chosen by ``position_method``:
+
+- **gradient** (as Tike and Pty-Chi): a Gauss-Newton step per view. With the model exit wave
+  Φ = P·O(r + p) and its Fourier-projected version Π_F(Φ), the shift δ that best explains the
+  residual R = Π_F(Φ) − Φ by Φ(p + δ) ≈ Φ + δ·∇Φ solves the 2×2 system
+  A δ = b, A_ab = Σ Re(∂_a Φ* ∂_b Φ), b_a = Σ Re(∂_a Φ* R), with ∂_a Φ = P·∂_a O. It costs one
+  forward and one inverse FFT of the view's exit waves.
+- **search** (as the beamline backend and PtyPy): the data error Σ(|F(Φ)| − √I)² is evaluated
+  at ±s along rows and columns and the view moves to the best; s shrinks geometrically. It costs
+  four forward FFTs per view.
+
+After either, the refined corners of all views are summed through the reducer (every rank refines
+only its own views, then all hold all positions), the mean move is removed (a global translation
+is traded with the object), and — with ``position_affine`` — a global affine term (scale,
+rotation, shear) is fitted to nominal → refined; each view's correction beyond it is bounded by
+``position_max_shift``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import dm
+
+
+def smoothed(be: Any, obj: Any, sigma: float) -> Any:
+    """``obj`` convolved with a Gaussian of ``sigma`` pixels (periodic, through the FFT of the object)."""
+    if sigma <= 0.05:
+        return obj
+    xp = be.xp
+    kr = xp.fft.fftfreq(obj.shape[1])[:, None]
+    kc = xp.fft.fftfreq(obj.shape[2])[None, :]
+    g = xp.exp(-2 * (np.pi * sigma) ** 2 * (kr ** 2 + kc ** 2))
+    mean = obj.mean(axis=(1, 2), keepdims=True)
+    return (xp.fft.ifft2(xp.fft.fft2(obj - mean) * g) + mean).astype(obj.dtype)
+
+
+def object_gradient(be: Any, obj: Any) -> tuple[Any, Any]:
+    """∂O/∂row and ∂O/∂col by central differences (one-sided at the edges)."""
+    xp = be.xp
+    out = []
+    for axis in (1, 2):
+        d = xp.empty_like(obj)
+        sl = [slice(None)] * 3
+
+        def at(s: slice) -> tuple:
+            sl[axis] = s
+            return tuple(sl)
+        d[at(slice(1, -1))] = 0.5 * (obj[at(slice(2, None))] - obj[at(slice(None, -2))])
+        d[at(slice(0, 1))] = obj[at(slice(1, 2))] - obj[at(slice(0, 1))]
+        d[at(slice(-1, None))] = obj[at(slice(-1, None))] - obj[at(slice(-2, -1))]
+        out.append(d)
+    return out[0], out[1]
+
+
+def view_errors(be: Any, fphi: Any, diffamp: Any, mask: Any) -> np.ndarray:
+    """Σ_good (|F(Φ)| − √I)² of each view of a batch, as numpy ``(B,)``."""
+    xp = be.xp
+    diff = dm._modulus(be, fphi)
+    diff -= diffamp
+    if mask is not None:
+        diff *= mask
+    return be.asnumpy(xp.sum(xp.square(diff), axis=(1, 2), dtype=xp.float64))
+
+
+def fit_affine(nominal: np.ndarray, refined: np.ndarray) -> np.ndarray:
+    """Least-squares affine map of the nominal corners onto the refined ones, as predicted corners."""
+    c = nominal.mean(axis=0)
+    x = np.concatenate([nominal - c, np.ones((len(nominal), 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(x, refined, rcond=None)
+    return x @ coef
+
+
+def affine_terms(nominal: np.ndarray, refined: np.ndarray) -> np.ndarray:
+    """The 2×2 linear part of the fitted affine map (identity = no scale, rotation or shear error)."""
+    c = nominal.mean(axis=0)
+    x = np.concatenate([nominal - c, np.ones((len(nominal), 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(x, refined, rcond=None)
+    return coef[:2].T
+
+
+def constrain(nominal: np.ndarray, current: np.ndarray, proposed: np.ndarray, max_shift: float,
+              affine: bool) -> np.ndarray:
+    """Remove the mean move, fit the global affine term (if asked) and bound each view's correction."""
+    moved = proposed - (proposed - current).mean(axis=0)
+    base = fit_affine(nominal, moved) if affine else nominal
+    dev = moved - base
+    norm = np.hypot(dev[:, 0], dev[:, 1])
+    scale = np.minimum(1.0, max_shift / np.maximum(norm, 1e-12))
+    return base + dev * scale[:, None]
+
+
+class PositionRefiner:
+    """Refines the positions of a :class:`~hxn_ptycho.engine.Reconstruction`'s views in place."""
+
+    def __init__(self, rec: Any) -> None:
+        self.rec = rec
+        p = rec.params
+        self.method = p.position_method
+        self.step = float(p.position_step)
+        self.max_shift = float(p.position_max_shift)
+        self.affine = bool(p.position_affine)
+        self.count = 0
+        self.rescue_every, self.outlier, self.rescued = 10, 3.0, 0
+        self.sigma0, self.decay = 2.0, 0.95     # coarse to fine: the gradient of a smoothed object first
+        self.moves: list[float] = []        # RMS move of each refinement (pixels)
+        self._bufs: dict[int, tuple] = {}
+
+    @property
+    def end(self) -> int:
+        """The last iteration of refinement."""
+        p = self.rec.params
+        return p.position_end or max(p.position_start, int(0.8 * self.rec.iterations) - 1)
+
+    def due(self, it: int) -> bool:
+        p = self.rec.params
+        return (p.refine_positions and p.position_start <= it <= self.end
+                and (it - p.position_start) % p.position_interval == 0)
+
+    def _buffers(self, w: Any) -> tuple:
+        rec = self.rec
+        B = rec.plan.batch_size
+        L, K, n = rec.obj_shape[0], rec.probe.shape[0], rec.n
+        key = id(w)
+        bufs = self._bufs.get(key)
+        if bufs is None or bufs[0].shape[0] < B or bufs[2].shape[2] != K:
+            be = rec.be
+            bufs = (be.empty((B, L, n, n), rec.cdtype), be.empty((B, L, n, n), rec.cdtype),
+                    be.empty((B, L, K, n, n), rec.cdtype), be.empty((B, L, n, n), rec.cdtype))
+            self._bufs[key] = bufs
+        return bufs
+
+    # --- one refinement ------------------------------------------------------------------------
+    def refine(self) -> float:
+        """Move every view; returns the RMS move (pixels) over all views."""
+        rec = self.rec
+        geom = rec.geom
+        self._new = geom.local.copy()
+        self._err = np.zeros(len(geom))
+        if self.method == "gradient":
+            xp = rec.be.xp
+            sigma = self.sigma0 * self.decay ** self.count
+            self._dobj = object_gradient(rec.be, smoothed(rec.be, rec.obj, sigma))
+            self._pint = (xp.square(rec.probe.real) + xp.square(rec.probe.imag)).sum(axis=0)
+            self._pconj = xp.conj(rec.probe)
+            rec._each(self._gradient_batch)
+        else:
+            self._s = max(0.02, self.step * 0.93 ** self.count)
+            rec._each(self._search_batch)
+        full = np.zeros_like(geom.positions_all)
+        full[geom.start:geom.stop] = self._new
+        errs = np.zeros(len(full))
+        errs[geom.start:geom.stop] = self._err
+        rec.reducer.allreduce_sum([full, errs])
+        if self.method == "gradient" and self.count % self.rescue_every == self.rescue_every - 1:
+            full = self._rescue(full, errs)
+        new = constrain(geom.nominal_all, geom.positions_all, full, self.max_shift, self.affine)
+        hr, hc = geom.limits
+        new[:, 0] = np.clip(new[:, 0], 0.0, hr)
+        new[:, 1] = np.clip(new[:, 1], 0.0, hc)
+        move = float(np.sqrt(np.mean(np.sum((new - geom.positions_all) ** 2, axis=1))))
+        geom.set_positions(new)
+        self.count += 1
+        self.moves.append(move)
+        return move
+
+    def _gradient_batch(self, w: Any, b: slice) -> None:
+        rec, be = self.rec, self.rec.be
+        xp = be.xp
+        B = b.stop - b.start
+        gr, gc, resid, q = (x[:B] for x in self._buffers(w))
+        # the model at the estimate itself (bilinear when sub-pixel), whatever windows the engine uses
+        pos = rec.geom.local[b]
+        win = rec.geom.gather_at(be, rec.obj, pos, w.objwin[:B], w.tmp[:B])
+        phi = dm.exit_waves(be, rec.probe, win, w.phi[:B])
+        resid[...] = phi
+        be.fft2(resid)
+        self._err[b] = view_errors(be, resid, rec.diffamp[b], rec.mask)
+        dm.fourier_projection(be, resid, rec.diffamp[b], rec.mask, 0.0)          # (4), exact
+        be.ifft2(resid)
+        resid -= phi                                                             # R = Π_F(Φ) − Φ
+        q = dm.object_numerator(be, resid, self._pconj, q)                       # Σ_k P_k* R_k
+        rec.geom.gather_at(be, self._dobj[0], pos, gr, w.tmp[:B])
+        rec.geom.gather_at(be, self._dobj[1], pos, gc, w.tmp[:B])
+        pint = self._pint
+
+        def dot(a: Any, c: Any, weight: Any = None) -> np.ndarray:
+            v = (a.real * c.real + a.imag * c.imag)
+            if weight is not None:
+                v = v * weight
+            return be.asnumpy(v.sum(axis=(1, 2, 3), dtype=xp.float64))
+        a_rr, a_cc, a_rc = dot(gr, gr, pint), dot(gc, gc, pint), dot(gr, gc, pint)
+        b_r, b_c = dot(gr, q), dot(gc, q)
+        lam = 1e-3 * (a_rr + a_cc) + 1e-30
+        a_rr, a_cc = a_rr + lam, a_cc + lam
+        det = a_rr * a_cc - a_rc * a_rc
+        d_r = (a_cc * b_r - a_rc * b_c) / det
+        d_c = (a_rr * b_c - a_rc * b_r) / det
+        d = np.stack([d_r, d_c], axis=1)
+        norm = np.hypot(d[:, 0], d[:, 1])
+        d *= np.minimum(1.0, self.step / np.maximum(norm, 1e-12))[:, None]
+        self._new[b] = pos + np.where(np.isfinite(d), d, 0.0)
+
+    def _rescue(self, full: np.ndarray, errs: np.ndarray) -> np.ndarray:
+        """Views caught in a wrong local minimum (data error far above the median, as a gradient step
+        cannot leave them): a bounded grid search over ``position_max_shift`` around them."""
+        rec, be = self.rec, self.rec.be
+        geom = rec.geom
+        med = float(np.median(errs))
+        flagged = np.nonzero(errs > self.outlier * max(med, 1e-300))[0]
+        mine = [j for j in flagged if geom.start <= j < geom.stop]
+        out = np.zeros_like(full)
+        mask_rows = np.zeros(len(full))
+        r = int(np.ceil(self.max_shift))
+        grid = np.array([(a, c) for a in range(-r, r + 1) for c in range(-r, r + 1) if a * a + c * c <= r * r],
+                        np.float64)
+        hr, hc = geom.limits
+        L, K, n = rec.obj_shape[0], rec.probe.shape[0], rec.n
+        chunk = max(1, rec.plan.batch_size)
+        win = be.empty((chunk, L, n, n), rec.cdtype)
+        tmp = be.empty((chunk, L, n, n), rec.cdtype)
+        waves = be.empty((chunk, L, K, n, n), rec.cdtype)
+        for j in mine:
+            cand = full[j] + grid
+            cand[:, 0] = np.clip(cand[:, 0], 0, hr)
+            cand[:, 1] = np.clip(cand[:, 1], 0, hc)
+            amp = rec.diffamp[j - geom.start]
+            e = np.empty(len(cand))
+            for i in range(0, len(cand), chunk):
+                c = cand[i:i + chunk]
+                m = len(c)
+                ow = geom.gather_at(be, rec.obj, c, win[:m], tmp[:m])
+                f = be.fft2(dm.exit_waves(be, rec.probe, ow, waves[:m]))
+                e[i:i + m] = view_errors(be, f, amp[None], rec.mask)
+            best = int(np.argmin(e))
+            if e[best] < 0.7 * errs[j]:
+                out[j] = cand[best]
+                mask_rows[j] = 1.0
+        rec.reducer.allreduce_sum([out, mask_rows])
+        moved = mask_rows > 0
+        self.rescued += int(moved.sum())
+        full = full.copy()
+        full[moved] = out[moved]
+        return full
+
+    def _search_batch(self, w: Any, b: slice) -> None:
+        rec, be = self.rec, self.rec.be
+        B = b.stop - b.start
+        s = self._s
+        pos0 = rec.geom.local[b]
+        hr, hc = rec.geom.limits
+
+        def error_at(pos: np.ndarray) -> np.ndarray:
+            pos = np.stack([np.clip(pos[:, 0], 0, hr), np.clip(pos[:, 1], 0, hc)], axis=1)
+            win = rec.geom.gather_at(be, rec.obj, pos, w.objwin[:B], w.tmp[:B])
+            f = be.fft2(dm.exit_waves(be, rec.probe, win, w.phi[:B]))
+            return view_errors(be, f, rec.diffamp[b], rec.mask)
+        e0 = error_at(pos0)
+        best = pos0.copy()
+        for axis in (0, 1):
+            cand_err = [e0]
+            cands = [0.0]
+            for sign in (1.0, -1.0):
+                pos = pos0.copy()
+                pos[:, axis] += sign * s
+                cand_err.append(error_at(pos))
+                cands.append(sign * s)
+            pick = np.argmin(np.stack(cand_err), axis=0)
+            best[:, axis] += np.asarray(cands)[pick]
+        self._new[b] = best
