@@ -490,7 +490,7 @@ class EmbeddedServer:
 
     @property
     def config(self) -> CatalogConfig:
-        return CatalogConfig(uri=self.uri, api_key_file=str(self.key_file),
+        return CatalogConfig(uri=self.uri, api_key_file=str(self.key_file), api_key=self.api_key,
                              readable=[str(self.directory), *self.readable])
 
     def readable_folders(self) -> list[str]:

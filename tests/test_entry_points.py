@@ -49,6 +49,7 @@ def assert_option_reached(recon: dict, result_file: str | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def stored(tiled_server, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
     """Entry point 'in-process callback', configured by the same options as ``hxn-ptycho listen``:
     a RunEngine scan → raw run in Tiled → callback → queue → mpiexec job → derived run."""
     from bluesky import RunEngine
@@ -61,7 +62,7 @@ def stored(tiled_server, tmp_path_factory):
     from hxn_ptycho.cli import build_parser
     from hxn_ptycho.simulate import simulate_scan
 
-    os.environ["TILED_API_KEY"] = tiled_server.api_key
+    mp.setenv("TILED_API_KEY", tiled_server.api_key)             # undone after this module
     scan, _ = simulate_scan(n=64, n_positions=40, seed=4)
     hxn = make_hxn(SimFrames(scan), tiled_server.directory / "detector_ep")
     RE = RunEngine({}, call_returns_result=False)
@@ -80,7 +81,8 @@ def stored(tiled_server, tmp_path_factory):
     cb.close()
     res = results(tiled_server.config, raw_uid=uid)
     assert res.ok, res.reason
-    return {"uid": uid, "stop": stops[-1], "callback_recon": res.start["recon"], "job": cb.submitted[-1]}
+    yield {"uid": uid, "stop": stops[-1], "callback_recon": res.start["recon"], "job": cb.submitted[-1]}
+    mp.undo()
 
 
 def derived_recon(server, stdout: str) -> dict:
