@@ -48,9 +48,15 @@ def assert_option_reached(recon: dict, result_file: str | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def stored(tiled_server, tmp_path_factory):
+def stored(tiled_server):
     """Entry point 'in-process callback', configured by the same options as ``hxn-ptycho listen``:
     a RunEngine scan → raw run in Tiled → callback → queue → mpiexec job → derived run."""
+    with pytest.MonkeyPatch.context() as mp:          # the key of this module's server, for this module only
+        mp.setenv("TILED_API_KEY", tiled_server.api_key)
+        yield _stored(tiled_server)
+
+
+def _stored(tiled_server) -> dict:
     from bluesky import RunEngine
     from bluesky.preprocessors import SupplementalData
 
@@ -61,7 +67,6 @@ def stored(tiled_server, tmp_path_factory):
     from hxn_ptycho.cli import build_parser
     from hxn_ptycho.simulate import simulate_scan
 
-    os.environ["TILED_API_KEY"] = tiled_server.api_key
     scan, _ = simulate_scan(n=64, n_positions=40, seed=4)
     hxn = make_hxn(SimFrames(scan), tiled_server.directory / "detector_ep")
     RE = RunEngine({}, call_returns_result=False)
@@ -222,3 +227,20 @@ def test_prefect_end_of_run(stored, tiled_server, tmp_path):
     assert_option_reached(by_flow[-1])
     print(f"\n[hxn-ptycho] Prefect end to end (server start, serve, run_deployment, 2-rank job, publish): "
           f"{time.monotonic() - t0:.1f} s")
+
+
+def test_demo_uses_the_given_catalog(tiled_server, tmp_path):
+    """``demo --catalog C`` starts no server of its own: its raw and derived runs land in C."""
+    outside = subprocess.run([sys.executable, "-m", "hxn_ptycho.cli", "demo", "--catalog", str(tiled_server.directory),
+                              "--dir", str(tmp_path / "outside")], capture_output=True, text=True, timeout=120,
+                             env=env_for(tiled_server), check=False)
+    assert outside.returncode == 2 and f"--read {tmp_path / 'outside'}" in outside.stderr, outside.stderr
+    before = len(runs(tiled_server.config, "processed"))
+    demo = tiled_server.directory / "demo_ep"
+    done = subprocess.run([sys.executable, "-m", "hxn_ptycho.cli", "demo", "--catalog", str(tiled_server.directory),
+                           "--dir", str(demo), "--points", "30", "--iterations", "3", "--nprocs", "1"],
+                          capture_output=True, text=True, timeout=300, env=env_for(tiled_server), check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"catalog:      {tiled_server.uri}" in done.stdout
+    assert not (demo / "catalog").exists()                   # no second server, no second database
+    assert len(runs(tiled_server.config, "processed")) == before + 1
