@@ -244,3 +244,37 @@ def test_demo_uses_the_given_catalog(tiled_server, tmp_path):
     assert f"catalog:      {tiled_server.uri}" in done.stdout
     assert not (demo / "catalog").exists()                   # no second server, no second database
     assert len(runs(tiled_server.config, "processed")) == before + 1
+
+
+def test_queue_publishes_job_failures_in_one_place(stored, tiled_server, tmp_path):
+    """A job that fails (bad scan file: its outcome names why) and one whose rank dies (no outcome:
+    the end of its log) both become ``fail`` derived runs, published by the queue's runner."""
+    from hxn_ptycho.callbacks.launcher import Job, JobQueue
+    from hxn_ptycho.spec import Execution, Geometry, Source
+
+    work = tiled_server.directory / "fail_ep"
+    work.mkdir()
+    bad = work / "notes.h5"
+    bad.write_text("not hdf5")
+    q = JobQueue(work / "queue")
+    failing = q.submit(Job.of(JobSpec(source=Source(scan_file=str(bad), result_file=str(work / "r1.h5"),
+                                                    raw_uid="raw-fail-1", catalog=str(tiled_server.directory)))))
+    dying = q.submit(Job.of(JobSpec(geometry=Geometry(n_views=40), execution=Execution(ranks=2),
+                                    source=Source(scan_file=stored["job"].scan_file, result_file=str(work / "r2.h5"),
+                                                  raw_uid="raw-fail-2", catalog=str(tiled_server.directory)))))
+    q.env = {"HXN_PTYCHO_TEST_KILL_RANK": "1"}
+    q.start()
+    assert q.wait_idle(180)
+    q.stop()
+    assert {j.id for j in q.jobs("failed")} == {failing.id, dying.id}
+    from tiled.queries import Eq
+    processed = runs(tiled_server.config, "processed")
+    one = list(processed.search(Eq("raw_uid", "raw-fail-1")).values())
+    two = list(processed.search(Eq("raw_uid", "raw-fail-2")).values())
+    assert len(one) == 1 and len(two) == 1
+    assert one[0].metadata["stop"]["exit_status"] == "fail"
+    assert "not a readable HDF5 file" in one[0].metadata["stop"]["reason"]
+    assert one[0].metadata["start"]["recon"]["measured"]["status"] == "fail"
+    assert two[0].metadata["stop"]["exit_status"] == "fail"
+    assert "exited with status" in two[0].metadata["stop"]["reason"]
+    assert not (work / "r1.h5").exists() and not (work / "r2.h5").exists()
