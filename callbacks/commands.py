@@ -93,11 +93,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     from .router import CallbackConfig, PtychoCallback
 
     catalog = args.catalog
-    env = {}
     if catalog:
-        key = resolve_catalog(catalog).resolve_api_key()
-        if key:
-            env["TILED_API_KEY"] = key
+        resolve_catalog(catalog).resolve_api_key()     # a bad catalog or key file is refused now, not per job
     export = ExportConfig(crop=args.crop, energy_kev=args.energy_kev, distance_m=args.distance_m,
                           detectors=tuple(args.detectors), position_fields=tuple(args.positions_from),
                           scaler=args.scaler or None, frame_wait_s=args.frame_wait)
@@ -110,7 +107,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     config = CallbackConfig(work_dir=str(work_dir), catalog=catalog, params=params.to_dict(),
                             nprocs=execution.ranks, mode=execution.mode, gpus=execution.gpus,
                             force_nprocs=execution.force, export=export)
-    jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending, env=env,
+    # the jobs only compute: the key stays with the runner, which publishes their outcomes
+    jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending,
                     gpu_pools=pools).start()
     return jobs, PtychoCallback(config, jobs)
 
@@ -305,11 +303,7 @@ def reconstruct_stored(spec: JobSpec, *, quiet: bool = True) -> tuple[int, dict,
     from hxn_ptycho.job import execute
 
     from .derived import publish_outcome
-    env = {}
-    key = resolve_catalog(spec.source.catalog).resolve_api_key()
-    if key:
-        env["TILED_API_KEY"] = key
-    status, outcome = execute(spec, quiet=quiet, env=env)
+    status, outcome = execute(spec, quiet=quiet)            # the job needs no catalog key: it only computes
     derived_uid = publish_outcome(spec, outcome)
     return status, outcome, derived_uid
 

@@ -231,6 +231,9 @@ class JobQueue:
             log.error("job %s: could not publish its outcome: %s", job.id, exc)
 
     def _run(self, job: Job, slot: int = 0) -> bool:
+        if self.gpu_pools and job.spec_file:      # the spec records the pool this job really runs on
+            job.spec["execution"]["gpus"] = self.gpu_pools[slot].split(",")
+            JobSpec.from_dict(job.spec).write(job.spec_file)
         try:
             argv = self.command(job)
         except HxnPtychoError as exc:             # refused before anything starts (e.g. too many ranks)
