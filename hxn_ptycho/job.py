@@ -52,7 +52,7 @@ def job_argv(scan: str, output: str, params_json: str, *, nprocs: int = 1, mode:
             "--mode", mode]
     for flag, value in (("--png", png), ("--catalog", catalog), ("--raw-uid", raw_uid)):
         if value:
-            argv += [flag, str(value)]
+            argv.append(f"{flag}={value}")      # one word: a value starting with '-' is not read as an option
     if quiet:
         argv.append("--quiet")
     if nprocs > 1:

@@ -127,7 +127,7 @@ def test_job_command_is_an_argument_list():
     argv = job_command(job)
     assert argv[:3] == [mpiexec_path(), "-n", "2"]
     assert argv[3:6] == [sys.executable, "-m", "hxn_ptycho.job"]
-    assert "/d/scan 1.h5" in argv and "u; rm -rf /" in argv
+    assert "/d/scan 1.h5" in argv and "--raw-uid=u; rm -rf /" in argv
     assert json.loads(argv[argv.index("--params") + 1]) == {"iterations": 3}
     assert job_command(Job(scan_file="s", result_file="r"))[0] == sys.executable
 
