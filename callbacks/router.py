@@ -9,8 +9,10 @@ thread does the heavy part: read the frames, write the scan file, submit the job
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,9 +24,9 @@ from hxn_ptycho.errors import HxnPtychoError
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.spec import Execution, Geometry, JobSpec, Source, check_ranks
 
-from .collector import CollectedRun, RunCollector
+from .collector import CollectedRun, PassThroughFiller, RunCollector
 from .derived import PLAN_NAME, PLAN_TYPE
-from .export import ExportConfig, ExportError, export_scan, find_detector
+from .export import ExportConfig, ExportError, export_scan, find_detector, kept_field
 from .launcher import Job, JobQueue, QueueFull
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,23 @@ def is_ptycho_run(start: dict, detectors: tuple[str, ...]) -> bool:
     return find_detector(start, detectors) is not None
 
 
+_SAFE_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
 def run_stem(run: CollectedRun) -> str:
-    sid = run.scan_id if isinstance(run.scan_id, int) else "x"
-    return f"{sid}_{run.uid[:8]}"
+    """``<scan_id>_<uid>``: a file-name stem unique per run and safe whatever the metadata holds.
+
+    The whole uid is kept when it is a plain name (letters, digits, ``_.-``, not starting with
+    ``-`` or ``.``, at most 100 characters); any other uid (``/``, NUL, a leading ``-``, spaces,
+    non-ASCII...) is replaced by ``h~`` + 32 hex digits of its SHA-256, which no plain uid can
+    equal. A scan id that is not an integer in 0..10¹⁸ becomes ``x``.
+    """
+    sid = run.scan_id
+    sid = sid if isinstance(sid, int) and not isinstance(sid, bool) and 0 <= sid < 10**18 else "x"
+    uid = run.uid
+    if not _SAFE_UID.fullmatch(uid):
+        uid = "h~" + hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{sid}_{uid}"
 
 
 class PtychoCallback:
@@ -81,7 +97,7 @@ class PtychoCallback:
         self.work_dir = Path(config.work_dir).resolve()
         (self.work_dir / "scans").mkdir(parents=True, exist_ok=True)
         (self.work_dir / "results").mkdir(parents=True, exist_ok=True)
-        self._router = RunRouter([self._factory])
+        self._router = RunRouter([self._factory], filler_class=PassThroughFiller)  # no per-row work
         self._pending: queue.Queue[CollectedRun | None] = queue.Queue()
         self._busy = threading.Event()
         self.submitted: list[Job] = []
@@ -101,7 +117,7 @@ class PtychoCallback:
         if not is_ptycho_run(start, self.config.export.detectors):
             return [], []
         log.info("ptychography run %s (scan %s) started", start.get("uid"), start.get("scan_id"))
-        return [RunCollector(start, self._pending.put_nowait)], []
+        return [RunCollector(start, self._pending.put_nowait, keep=kept_field(start, self.config.export))], []
 
     # -- on the worker thread ---------------------------------------------------------------
     def _work(self) -> None:
