@@ -62,11 +62,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if exported and exported != server.api_key:
         log.warning("TILED_API_KEY in this shell is not this catalog's key: clients started here will get "
                     "401; export TILED_API_KEY=$(cat %s)", server.key_file)
+    threading.Thread(target=republish_saved, args=(server,), name="hxn-ptycho-republish", daemon=True).start()
     try:
         _wait_for_signal()
     finally:
         server.stop()
     return 0
+
+
+def _for_server(server: EmbeddedServer) -> Any:
+    """Accept saved documents meant for ``server``: its folder, its config file or its URI (or unnamed)."""
+    def accept(header: dict) -> bool:
+        target = header.get("catalog")
+        if not target:
+            return True
+        if target.startswith(("http://", "https://")):
+            return target.rstrip("/") == server.uri
+        p = Path(target).expanduser().resolve()
+        return p in (server.directory, server.directory / "catalog.json")
+    return accept
+
+
+def republish_saved(server: EmbeddedServer) -> tuple[list[str], list[str]]:
+    """``serve`` coming back: send the saved documents of failed publishes found in the folders it
+    reads (to a depth of 3: READ/WORK/results/*.docs.jsonl) that were meant for this catalog."""
+    from .derived import republish_all
+    folders = [r for r in server.readable_folders() if Path(r) != server.directory / "data"]
+    sent, errors = republish_all(folders, server.config, accept=_for_server(server))
+    if sent or errors:
+        log.info("serve: republished %d saved derived run(s)%s", len(sent),
+                 f"; {len(errors)} not sent: {'; '.join(errors)}" if errors else "")
+    return sent, errors
 
 
 # -- listen ---------------------------------------------------------------------------------
@@ -108,8 +134,10 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
                             nprocs=execution.ranks, mode=execution.mode, gpus=execution.gpus,
                             force_nprocs=execution.force, export=export)
     # the jobs only compute: the key stays with the runner, which publishes their outcomes
+    # saved documents of failed publishes (WORK/results/*.docs.jsonl) are sent at start and retried
     jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending,
-                    gpu_pools=pools).start()
+                    gpu_pools=pools, outbox=[Path(work_dir) / "results"],
+                    retry_s=float(getattr(args, "retry_publish", 10.0))).start()
     return jobs, PtychoCallback(config, jobs)
 
 
@@ -445,6 +473,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--topic", default="hxn.bluesky.runengine.documents")
     p.add_argument("--group-id", default="hxn-ptycho")
     p.add_argument("--work-dir", default="hxn_ptycho_work", help="scan files, results, the job queue")
+    p.add_argument("--retry-publish", type=float, default=10.0, metavar="S",
+                   help="seconds between retries of derived runs the catalog could not take (default 10)")
     _add_callback_options(p)
     p.set_defaults(func=_guarded(cmd_listen))
 

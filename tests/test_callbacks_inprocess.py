@@ -247,7 +247,7 @@ def test_unreachable_catalog_is_logged_and_other_runs_go_on(tmp_path, sim, caplo
     assert len(cb.failed) == 1 and "position field 'zpssy'" in cb.failed[0][1]
     assert "could not record the failure in the catalog" in caplog.text
     assert f"cannot reach the Tiled catalog at {dead}" in caplog.text
-    assert len(list((tmp_path / "work" / "results").glob("result_*.h5.fail.docs.jsonl"))) == 1   # kept for republish
+    assert len(list((tmp_path / "work" / "results").glob("result_*.h5.docs.jsonl"))) == 1   # kept for republish (one file per job)
     assert len(cb.submitted) == 1
     assert len(list((tmp_path / "work" / "scans").glob("scan_*.h5"))) == 1
 
