@@ -8,11 +8,12 @@ router puts it on a worker queue). Reading frames happens later, in :mod:`.expor
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from event_model import DocumentRouter
+from event_model import DocumentRouter, Filler
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,16 @@ class CollectedRun:
 class RunCollector(DocumentRouter):
     """Collects one run; calls ``on_complete(CollectedRun)`` at its stop document."""
 
-    def __init__(self, start: dict, on_complete: Callable[[CollectedRun], None]) -> None:
+    def __init__(self, start: dict, on_complete: Callable[[CollectedRun], None],
+                 keep: Callable[[str, dict], bool] | None = None) -> None:
         super().__init__()
         self.run = CollectedRun(start=dict(start))
         self._on_complete = on_complete
         self._streams: dict[str, str] = {}   # descriptor uid -> stream name
+        self._keep = keep                    # (key, data_key) -> keep its column? None: keep all
+        self._kept: dict[tuple[str, str], bool] = {}     # (descriptor uid, key) -> keep (cached)
+        self._next_seq: dict[str, int] = {}  # stream -> the seq_num expected next
+        self._irregular: set[str] = set()    # streams whose seq_nums were not 1, 2, 3, ... in order
 
     # -- documents --------------------------------------------------------------------------
     def start(self, doc: dict) -> None:
@@ -84,15 +90,43 @@ class RunCollector(DocumentRouter):
         self.run.columns.setdefault(name, {})
         self.run.seq_nums.setdefault(name, [])
 
+    # Only the columns the export uses (``keep``: positions, scaler, datum ids) are copied, so an
+    # event page costs time in proportion to its rows × kept columns, not to all its columns.
+    def _keeps(self, descriptor: str, key: str) -> bool:
+        found = self._kept.get((descriptor, key))
+        if found is None:
+            data_key = (self.run.descriptors[descriptor].get("data_keys") or {}).get(key) or {}
+            found = self._kept[(descriptor, key)] = self._keep is None or bool(self._keep(key, data_key))
+        return found
+
+    def _track_seq(self, stream: str, seq_nums: list) -> None:
+        """O(1) per event or page: note a stream whose seq_nums do not run on from the last one.
+
+        A page's first and last seq_num are checked here; :func:`sequence_problems` checks every
+        one at the stop (only for a stream noted here) and again off the RunEngine's thread, at
+        export (:func:`~.export.check_complete`).
+        """
+        if not seq_nums:
+            return
+        first = self._next_seq.get(stream, 1)
+        if seq_nums[0] != first or seq_nums[-1] != first + len(seq_nums) - 1:
+            self._irregular.add(stream)
+        self._next_seq[stream] = first + len(seq_nums)
+
     def event(self, doc: dict) -> None:
-        stream = self._streams.get(doc.get("descriptor"))
+        descriptor = doc.get("descriptor")
+        stream = self._streams.get(descriptor)
         if stream is None:
-            self._problem(f"an event for unknown descriptor {doc.get('descriptor')!r} was ignored")
+            self._problem(f"an event for unknown descriptor {descriptor!r} was ignored")
             return
         cols, seq = self.run.columns[stream], self.run.seq_nums[stream]
         n = len(seq)
-        seq.append(doc.get("seq_num", n + 1))
+        seq_num = doc.get("seq_num", n + 1)
+        self._track_seq(stream, [seq_num])
+        seq.append(seq_num)
         for key, value in doc.get("data", {}).items():
+            if not self._keeps(descriptor, key):
+                continue
             col = cols.get(key)
             if col is None:
                 col = cols[key] = [None] * n          # a key that appears late: pad earlier events
@@ -102,16 +136,21 @@ class RunCollector(DocumentRouter):
                 col.append(None)
 
     def event_page(self, doc: dict) -> None:
-        stream = self._streams.get(doc.get("descriptor"))
+        descriptor = doc.get("descriptor")
+        stream = self._streams.get(descriptor)
         if stream is None:
-            self._problem(f"an event page for unknown descriptor {doc.get('descriptor')!r} was ignored")
+            self._problem(f"an event page for unknown descriptor {descriptor!r} was ignored")
             return
         data = doc.get("data", {})
-        count = len(doc.get("seq_num", []))
+        seq_nums = list(doc.get("seq_num", []))
+        count = len(seq_nums)
         cols, seq = self.run.columns[stream], self.run.seq_nums[stream]
         n = len(seq)
-        seq.extend(doc.get("seq_num", []))
+        self._track_seq(stream, seq_nums)
+        seq.extend(seq_nums)
         for key, values in data.items():
+            if not self._keeps(descriptor, key):
+                continue
             col = cols.get(key)
             if col is None:
                 col = cols[key] = [None] * n
@@ -141,8 +180,71 @@ class RunCollector(DocumentRouter):
 
     def stop(self, doc: dict) -> None:
         self.run.stop = doc
+        self._check_events(doc.get("num_events") or {})
         self._on_complete(self.run)
+
+    def _check_events(self, num_events: dict) -> None:
+        """Lost, duplicated or out-of-order events (``seq_num``, the stop's ``num_events``) → problems.
+
+        O(1) per stream when nothing looked wrong while the events came; a faulty stream is
+        analysed event by event (:func:`sequence_problems`).
+        """
+        for stream, seq in self.run.seq_nums.items():
+            expected = num_events.get(stream) if isinstance(num_events, dict) else None
+            if stream in self._irregular or (expected is not None and expected != len(seq)):
+                for message in sequence_problems(stream, seq, expected):
+                    self._problem(message)
 
     def _problem(self, message: str) -> None:
         log.warning("run %s: %s", self.run.uid, message)
         self.run.problems.append(message)
+
+
+def sequence_problems(stream: str, seq: list, expected: Any = None) -> list[str]:
+    """What is wrong with one stream's ``seq_num`` list (1, 2, ... N expected; N = ``expected`` if given)."""
+    if seq == list(range(1, len(seq) + 1)) and (expected is None or expected == len(seq)):
+        return []
+    counts = Counter(seq)
+    numbers = [s for s in counts if isinstance(s, int)]
+    last = max([*numbers, expected if isinstance(expected, int) else 0])
+    missing = sorted(set(range(1, last + 1)) - set(numbers))
+    twice = sorted(s for s in numbers if counts[s] > 1)
+    out = []
+    if missing:
+        out.append(f"stream '{stream}': {len(missing)} event(s) missing (seq_num {_span(missing)}); "
+                   f"{len(counts)} distinct arrived, the stop document counts {expected}")
+    if twice:
+        out.append(f"stream '{stream}': event(s) seq_num {_span(twice)} arrived more than once")
+    late = next((i for i in range(1, len(seq)) if _before(seq[i], seq[i - 1])), None)
+    if late is not None:
+        out.append(f"stream '{stream}': events out of order (seq_num {seq[late]} arrived after {seq[late - 1]})")
+    if not out:
+        out.append(f"stream '{stream}': {len(seq)} events arrived, the stop document counts {expected}")
+    return out
+
+
+def _span(numbers: list[int], most: int = 10) -> str:
+    shown = ", ".join(str(n) for n in numbers[:most])
+    return shown + (f", ... ({len(numbers)} in all)" if len(numbers) > most else "")
+
+
+def _before(a: Any, b: Any) -> bool:
+    try:
+        return bool(a < b)
+    except TypeError:
+        return False
+
+
+class PassThroughFiller(Filler):
+    """For event_model's ``RunRouter(filler_class=...)``: events and pages pass through untouched.
+
+    The default filler unpacks every event page into events and packs it again to check each
+    datum reference: O(rows × all columns) on the RunEngine's thread (15 s for a 200 000-row page
+    of 104 columns). Frames are read later, in :mod:`.export`, which names a missing datum itself.
+    """
+
+    def event(self, doc: dict) -> dict:
+        return doc
+
+    def event_page(self, doc: dict) -> dict:
+        return doc

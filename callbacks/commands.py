@@ -62,11 +62,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if exported and exported != server.api_key:
         log.warning("TILED_API_KEY in this shell is not this catalog's key: clients started here will get "
                     "401; export TILED_API_KEY=$(cat %s)", server.key_file)
+    threading.Thread(target=republish_saved, args=(server,), name="hxn-ptycho-republish", daemon=True).start()
     try:
         _wait_for_signal()
     finally:
         server.stop()
     return 0
+
+
+def _for_server(server: EmbeddedServer) -> Any:
+    """Accept saved documents meant for ``server``: its folder, its config file or its URI (or unnamed)."""
+    def accept(header: dict) -> bool:
+        target = header.get("catalog")
+        if not target:
+            return True
+        if target.startswith(("http://", "https://")):
+            return target.rstrip("/") == server.uri
+        p = Path(target).expanduser().resolve()
+        return p in (server.directory, server.directory / "catalog.json")
+    return accept
+
+
+def republish_saved(server: EmbeddedServer) -> tuple[list[str], list[str]]:
+    """``serve`` coming back: send the saved documents of failed publishes found in the folders it
+    reads (to a depth of 3: READ/WORK/results/*.docs.jsonl) that were meant for this catalog."""
+    from .derived import republish_all
+    folders = [r for r in server.readable_folders() if Path(r) != server.directory / "data"]
+    sent, errors = republish_all(folders, server.config, accept=_for_server(server))
+    if sent or errors:
+        log.info("serve: republished %d saved derived run(s)%s", len(sent),
+                 f"; {len(errors)} not sent: {'; '.join(errors)}" if errors else "")
+    return sent, errors
 
 
 # -- listen ---------------------------------------------------------------------------------
@@ -93,11 +119,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     from .router import CallbackConfig, PtychoCallback
 
     catalog = args.catalog
-    env = {}
     if catalog:
-        key = resolve_catalog(catalog).resolve_api_key()
-        if key:
-            env["TILED_API_KEY"] = key
+        resolve_catalog(catalog).resolve_api_key()     # a bad catalog or key file is refused now, not per job
     export = ExportConfig(crop=args.crop, energy_kev=args.energy_kev, distance_m=args.distance_m,
                           detectors=tuple(args.detectors), position_fields=tuple(args.positions_from),
                           scaler=args.scaler or None, frame_wait_s=args.frame_wait)
@@ -110,8 +133,11 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     config = CallbackConfig(work_dir=str(work_dir), catalog=catalog, params=params.to_dict(),
                             nprocs=execution.ranks, mode=execution.mode, gpus=execution.gpus,
                             force_nprocs=execution.force, export=export)
-    jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending, env=env,
-                    gpu_pools=pools).start()
+    # the jobs only compute: the key stays with the runner, which publishes their outcomes
+    # saved documents of failed publishes (WORK/results/*.docs.jsonl) are sent at start and retried
+    jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending,
+                    gpu_pools=pools, outbox=[Path(work_dir) / "results"],
+                    retry_s=float(getattr(args, "retry_publish", 10.0))).start()
     return jobs, PtychoCallback(config, jobs)
 
 
@@ -305,11 +331,7 @@ def reconstruct_stored(spec: JobSpec, *, quiet: bool = True) -> tuple[int, dict,
     from hxn_ptycho.job import execute
 
     from .derived import publish_outcome
-    env = {}
-    key = resolve_catalog(spec.source.catalog).resolve_api_key()
-    if key:
-        env["TILED_API_KEY"] = key
-    status, outcome = execute(spec, quiet=quiet, env=env)
+    status, outcome = execute(spec, quiet=quiet)            # the job needs no catalog key: it only computes
     derived_uid = publish_outcome(spec, outcome)
     return status, outcome, derived_uid
 
@@ -451,6 +473,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--topic", default="hxn.bluesky.runengine.documents")
     p.add_argument("--group-id", default="hxn-ptycho")
     p.add_argument("--work-dir", default="hxn_ptycho_work", help="scan files, results, the job queue")
+    p.add_argument("--retry-publish", type=float, default=10.0, metavar="S",
+                   help="seconds between retries of derived runs the catalog could not take (default 10)")
     _add_callback_options(p)
     p.set_defaults(func=_guarded(cmd_listen))
 

@@ -13,8 +13,15 @@ carry the leading event axis Tiled expects), ``probe_power_fraction`` and the fi
 Stream ``iterations``: the per-iteration errors inline, one event per iteration.
 Stop: ``exit_status`` "success", or "fail" with ``reason`` — a failed reconstruction is recorded.
 
-When the catalog cannot take the documents, they are kept as JSON lines beside the result
-(``<result>.docs.jsonl``) so :func:`republish` can send them later; the error says where.
+Exactly once. A job's derived run has a uid fixed by the job (:func:`run_uid`: raw uid + result
+file), and its documents are saved *before* they are sent, as one file per job beside the result
+(``<result>.docs.jsonl``: a header naming the catalog and the uid, then one ``[name, doc]`` a line).
+:func:`send_saved` sends such a file under an exclusive lock and deletes it only once the catalog
+holds the complete run: a run already complete there is not sent again, a half-written one (a
+publisher killed mid-way, a catalog killed mid-publish) is deleted first and sent whole. So a
+publish that failed is simply retried — by the queue runner (periodically), by ``listen`` at
+start-up and by ``serve`` when it comes back (:func:`republish_all`) — and however often it is
+retried, the catalog ends with one run of that uid, success or fail, never both.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,6 +53,9 @@ log = logging.getLogger(__name__)
 PLAN_NAME = "hxn_ptycho_dm"
 PLAN_TYPE = "analysis"
 SIDE_SUFFIX = ".tiled.h5"
+SAVED_SUFFIX = ".docs.jsonl"
+SAVED_HEADER = "hxn_ptycho_saved_run"
+_UID_NAMESPACE = uuid.UUID("6a1c2f1e-7d7b-4a53-9a0e-5f0f3b1c9d21")
 
 Doc = tuple[str, dict]
 
@@ -112,8 +123,9 @@ def _array_key(arr: np.ndarray, external: bool) -> dict:
     return key
 
 
-def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon: dict) -> list[Doc]:
-    """The complete derived run (success) of the result file at ``result_path``."""
+def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon: dict,
+                     uid: str | None = None) -> list[Doc]:
+    """The complete derived run (success) of the result file at ``result_path`` (start uid ``uid``)."""
     from event_model import compose_run
 
     from hxn_ptycho.resultfile import read_result
@@ -125,8 +137,8 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
     if not (recon.get("source") or {}).get("scan_id", recon.get("scan_id")) and "scan_scan_id" in res.attrs:
         extra["scan_id"] = res.attrs["scan_scan_id"]
     side = write_sidecar(result_path, res)
-    bundle = compose_run(metadata=start_metadata(raw_uid, recon, result_file=str(Path(result_path).resolve()),
-                                                 **extra))
+    bundle = compose_run(uid=uid, metadata=start_metadata(raw_uid, recon,
+                                                          result_file=str(Path(result_path).resolve()), **extra))
     docs: list[Doc] = [("start", bundle.start_doc)]
     external = {"object": np.asarray(res.object), "probe": np.asarray(res.probe),
                 "positions_px": np.asarray(res.positions_px, dtype=np.float64)}
@@ -163,52 +175,171 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
     return docs
 
 
-def failure_documents(raw_uid: str | None, recon: dict, reason: str) -> list[Doc]:
+def failure_documents(raw_uid: str | None, recon: dict, reason: str, uid: str | None = None) -> list[Doc]:
     """A derived run that records a failed reconstruction: start, then stop with ``fail`` and the reason."""
     from event_model import compose_run
 
-    bundle = compose_run(metadata=start_metadata(raw_uid, recon))
+    bundle = compose_run(uid=uid, metadata=start_metadata(raw_uid, recon))
     return [("start", bundle.start_doc), ("stop", bundle.compose_stop(exit_status="fail", reason=str(reason)))]
 
 
 def write_documents(catalog: str | os.PathLike | CatalogConfig | None, docs: Iterable[Doc],
                     backup: str | os.PathLike | None = None) -> str:
-    """Send one run's documents to the ``processed`` container; return its uid.
+    """Send one run's documents to the ``processed`` container exactly once; return its uid.
 
-    If that fails and ``backup`` is given, the documents are saved there (JSON lines) first.
+    With ``backup`` the documents are saved there *first* and sent by :func:`send_saved` (the file
+    stays when the send fails, for a later retry, and the error says where); when even the save
+    fails (a full disk) they are sent directly.
     """
-    from bluesky_tiled_plugins import TiledWriter
-
     docs = list(docs)
     uid = docs[0][1]["uid"]
-    try:
-        cfg = resolve_catalog(catalog)
-        writer = TiledWriter(runs(cfg, "processed"), max_array_size=0)
-        for name, doc in docs:
-            writer(name, doc)
-    except Exception as exc:
-        where = ""
-        if backup is not None:
+    if backup is not None:
+        try:
+            save_documents(backup, docs, catalog)
+        except OSError as save_exc:
+            log.error("could not save derived run %s to %s (%s): sending it unsaved", uid, backup, save_exc)
+            saved_note = f"; saving its documents to {backup} failed too ({save_exc})"
+        else:
             try:
-                save_documents(backup, docs)
-                where = f"; its documents are saved in {backup} (send them later with hxn_ptycho.callbacks.derived.republish)"
-            except OSError as save_exc:
-                where = f"; saving its documents to {backup} failed too ({save_exc})"
+                return send_saved(backup, catalog)
+            except SendBusy:
+                return uid                         # another process is sending these very documents
+            except CatalogError as exc:
+                raise CatalogError(f"{exc} (send them later with hxn_ptycho.callbacks.derived.republish; "
+                                   "the queue runner, 'listen' and 'serve' retry them)") from exc
+    else:
+        saved_note = ""
+    try:
+        container = runs(resolve_catalog(catalog), "processed")
+        if run_state(container, uid) == "absent":
+            _send(container, docs)
+    except Exception as exc:
         raise CatalogError(f"could not write derived run {uid} to the catalog {catalog}: "
-                           f"{type(exc).__name__}: {exc}{where}") from exc
+                           f"{type(exc).__name__}: {exc}{saved_note}") from exc
     return uid
 
 
-def save_documents(path: str | os.PathLike, docs: Iterable[Doc]) -> None:
-    atomic_write_text(path, "".join(json.dumps([name, doc]) + "\n" for name, doc in docs))
+def save_documents(path: str | os.PathLike, docs: Iterable[Doc], catalog: Any = None) -> None:
+    """Save one run's documents (atomically) for :func:`send_saved`: a header line, then ``[name, doc]`` lines."""
+    docs = list(docs)
+    where = catalog.uri if isinstance(catalog, CatalogConfig) else (str(catalog) if catalog is not None else None)
+    head = [SAVED_HEADER, {"catalog": where, "uid": docs[0][1]["uid"], "saved": time.time()}]
+    atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in [head, *([n, d] for n, d in docs)]))
+
+
+def read_saved(path: str | os.PathLike) -> tuple[dict, list[Doc]]:
+    """(header, documents) of a saved-documents file (a file without a header, written before, reads too)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    head: dict = {}
+    if rows and rows[0][0] == SAVED_HEADER:
+        head = dict(rows.pop(0)[1])
+    docs = [(str(n), d) for n, d in rows]
+    if not docs or docs[0][0] != "start":
+        raise CatalogError(f"{path} holds no run (its first document is not a start document)")
+    return head, docs
+
+
+def run_state(container: Any, uid: str) -> str:
+    """``"absent"``, ``"complete"`` (it has its stop document) or ``"partial"`` in a runs container."""
+    try:
+        node = container[uid]
+    except KeyError:
+        return "absent"
+    return "complete" if (node.metadata or {}).get("stop") else "partial"
+
+
+class SendBusy(CatalogError):
+    """Another process is sending these saved documents right now."""
+
+
+def send_saved(path: str | os.PathLike, catalog: str | os.PathLike | CatalogConfig | None = None) -> str:
+    """Send a saved-documents file to its catalog exactly once; return the run's uid.
+
+    Under an exclusive ``flock`` of the file (another sender gets :class:`SendBusy`): a run of that
+    uid already complete in the catalog is not sent again; a partial one is deleted, then the
+    whole run is written; the file is deleted only when the catalog holds the complete run.
+    """
+    import fcntl
+
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise SendBusy(f"{path} is gone (sent by another process)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SendBusy(f"{path} is being sent by another process") from None
+        try:
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                raise SendBusy(f"{path} was replaced while waiting")
+        except FileNotFoundError:
+            raise SendBusy(f"{path} is gone (sent by another process)") from None
+        head, docs = read_saved(path)
+        target = catalog if catalog is not None else head.get("catalog")
+        uid = docs[0][1]["uid"]
+        try:
+            container = runs(resolve_catalog(target), "processed")
+            state = run_state(container, uid)
+            if state == "partial":                 # a half-written run (409 on a re-send): delete it first
+                log.warning("derived run %s is half-written in the catalog: deleting it to send it whole", uid)
+                container[uid].delete(recursive=True, external_only=False)
+            if state != "complete":
+                _send(container, docs)
+        except Exception as exc:
+            what = str(exc) if isinstance(exc, CatalogError) else f"{type(exc).__name__}: {exc}"
+            raise CatalogError(f"could not write derived run {uid} to the catalog {target}: {what}; "
+                               f"its documents are saved in {path}") from exc
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            path.unlink()
+        log.info("derived run %s %s catalog %s", uid,
+                 "was already complete in the" if state == "complete" else "written to the", target)
+        return uid
+    finally:
+        os.close(fd)
+
+
+def _send(container: Any, docs: list[Doc]) -> None:
+    from bluesky_tiled_plugins import TiledWriter
+    writer = TiledWriter(container, max_array_size=0)
+    for name, doc in docs:
+        writer(name, doc)
 
 
 def republish(path: str | os.PathLike, catalog: str | os.PathLike | CatalogConfig | None = None) -> str:
-    """Send documents saved by a failed publish to the catalog; return the run's uid."""
-    docs = [tuple(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
-    uid = write_documents(catalog, docs)  # type: ignore[arg-type]
-    Path(path).unlink()
-    return uid
+    """Send documents saved by a failed publish to the catalog (see :func:`send_saved`); return the run's uid."""
+    return send_saved(path, catalog)
+
+
+def saved_files(folders: Iterable[str | os.PathLike], depth: int = 3) -> list[Path]:
+    """The saved-documents files in ``folders`` and their sub-folders down to ``depth`` levels."""
+    out: list[Path] = []
+    for folder in folders:
+        base = Path(folder)
+        for level in range(depth + 1):
+            out += sorted(base.glob("/".join(["*"] * level + ["*" + SAVED_SUFFIX])))
+    return list(dict.fromkeys(out))
+
+
+def republish_all(folders: Iterable[str | os.PathLike], catalog: str | os.PathLike | CatalogConfig | None = None,
+                  *, accept: Any = None, depth: int = 3) -> tuple[list[str], list[str]]:
+    """Send every saved-documents file in ``folders``; return (uids sent or found complete, errors).
+
+    ``accept(header)`` may refuse files meant for another catalog (``serve`` sends only its own).
+    """
+    sent, errors = [], []
+    for path in saved_files(folders, depth):
+        try:
+            if accept is not None and not accept(read_saved(path)[0]):
+                continue
+            sent.append(send_saved(path, catalog))
+            log.info("republished the saved derived run %s (%s)", sent[-1], path)
+        except SendBusy:
+            continue
+        except (CatalogError, OSError, ValueError) as exc:
+            errors.append(f"{path}: {exc}")
+    return sent, errors
 
 
 def publish_result(catalog: str, result_path: str, raw_uid: str | None, recon: dict) -> str:
@@ -256,12 +387,34 @@ def check_readable(spec: JobSpec) -> None:
         f"result there (-o), or restart the server with 'hxn-ptycho serve --dir DIR --read {folder}'")
 
 
-def publish_outcome(spec: JobSpec | dict, outcome: dict | None, *, reason: str | None = None) -> str | None:
+def run_uid(spec: JobSpec | dict) -> str:
+    """The derived run's uid fixed by the job: a UUID-5 of (raw uid, result file).
+
+    Whoever publishes this job's outcome — its runner, a restarted queue, the callback recording
+    a run that never became a job, the listener recovering a run it missed — publishes under this
+    uid, so the catalog can never hold two derived runs of one job.
+    """
+    if isinstance(spec, dict):
+        spec = JobSpec.from_dict(spec)
+    key = json.dumps([spec.source.raw_uid, str(spec.source.result_file)])
+    return str(uuid.uuid5(_UID_NAMESPACE, key))
+
+
+def saved_path(spec: JobSpec) -> Path | None:
+    """The job's one saved-documents file, ``<result>.docs.jsonl`` (success or fail alike)."""
+    return Path(str(spec.source.result_file) + SAVED_SUFFIX) if spec.source.result_file else None
+
+
+def publish_outcome(spec: JobSpec | dict, outcome: dict | None, *, reason: str | None = None,
+                    uid: str | None = None) -> str | None:
     """Publish a job's outcome as its derived run in ``spec.source.catalog``; return the run's uid.
 
     ``outcome`` is the job's outcome record (:func:`hxn_ptycho.job.read_outcome`), or None when the
     job wrote none (it died, or never started): the run is then recorded as failed with ``reason``.
     The start's ``recon`` is ``spec.recon(outcome["measured"])``. Returns None without a catalog.
+    ``uid`` (e.g. :func:`run_uid`) makes the publish idempotent: a run of that uid already complete
+    in the catalog is left as it is. The documents are saved in :func:`saved_path` before they are
+    sent (see :func:`write_documents`), one file per job whatever the outcome.
     """
     from hxn_ptycho.job import failure_outcome
     if isinstance(spec, dict):
@@ -272,15 +425,20 @@ def publish_outcome(spec: JobSpec | dict, outcome: dict | None, *, reason: str |
     if outcome is None:
         outcome = failure_outcome(spec, reason or "the job ended without an outcome record")
     recon = spec.recon(outcome.get("measured"))
+    backup = saved_path(spec)
+    docs = None
+    why = str(outcome.get("reason") or reason or "unknown failure")
     if outcome.get("status") == "success" and outcome.get("result_file"):
-        docs = result_documents(outcome["result_file"], src.raw_uid, recon)
-        backup = str(outcome["result_file"]) + ".docs.jsonl"
+        try:
+            docs = result_documents(outcome["result_file"], src.raw_uid, recon, uid=uid)
+        except Exception as exc:  # noqa: BLE001 - an unreadable result (or no space for its sidecar) is a failure
+            why = f"the job succeeded but its result could not be published: {type(exc).__name__}: {exc}"
+            log.error("raw run %s: %s", src.raw_uid, why)
+    if docs is not None:
         uid = write_documents(src.catalog, docs, backup=backup)
         log.info("derived run %s (raw %s) written to %s", uid, src.raw_uid, src.catalog)
     else:
-        why = str(outcome.get("reason") or reason or "unknown failure")
-        docs = failure_documents(src.raw_uid, recon, why)
-        backup = (str(src.result_file) + ".fail.docs.jsonl") if src.result_file else None
+        docs = failure_documents(src.raw_uid, recon, why, uid=uid)
         uid = write_documents(src.catalog, docs, backup=backup)
         log.info("failed reconstruction of raw run %s recorded as %s: %s", src.raw_uid, uid, why)
     return uid

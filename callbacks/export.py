@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -297,10 +298,44 @@ def crop_frames(frames: np.ndarray, good: np.ndarray, center: tuple[int, int], s
     return frames[:, r0:r0 + size, c0:c0 + size], good[r0:r0 + size, c0:c0 + size]
 
 
+def check_complete(run: CollectedRun) -> None:
+    """Refuse a run whose documents were incomplete: lost, duplicated or out-of-order events
+    (``seq_num`` against the stop's ``num_events``), events of an unknown descriptor... — the
+    collector's ``problems``. Such a run becomes a ``fail`` derived run naming what is missing,
+    never a reconstruction from the wrong set of views."""
+    from .collector import sequence_problems
+
+    problems = list(run.problems)
+    num_events = (run.stop or {}).get("num_events") or {}
+    for stream, seq in run.seq_nums.items():        # every seq_num, here off the RunEngine's thread
+        expected = num_events.get(stream) if isinstance(num_events, dict) else None
+        problems += [p for p in sequence_problems(stream, seq, expected) if p not in problems]
+    if problems:
+        raise ExportError(f"run {run.uid}: its documents are incomplete, so it is not reconstructed: "
+                          + "; ".join(problems))
+
+
+def kept_field(start: dict, cfg: ExportConfig) -> Callable[[str, dict], bool]:
+    """Which event columns the collector keeps for :func:`build_scan`: the position fields, the
+    scaler, the energy motor, the detector's keys and every external key (datum ids)."""
+    fields = start.get("ptycho_position_fields", cfg.position_fields)
+    try:
+        names = {str(f) for f in fields} if not isinstance(fields, str) else set(cfg.position_fields)
+    except TypeError:
+        names = set(cfg.position_fields)
+    names |= {k for k in (cfg.scaler, cfg.energy_motor) if k}
+    det = find_detector(start, cfg.detectors)
+
+    def keep(key: str, data_key: dict) -> bool:
+        return key in names or bool(data_key.get("external")) or (det is not None and key.startswith(det))
+    return keep
+
+
 def build_scan(run: CollectedRun, cfg: ExportConfig, frames: np.ndarray | None = None) -> ScanData:
     """The :class:`~hxn_ptycho.scanfile.ScanData` of a collected run (reads the frames unless given)."""
     from hxn_ptycho.scanfile import ScanData
 
+    check_complete(run)
     eff = effective(run, cfg)
     points = positions_um(run, eff["position_fields"], cfg.stream)
     n_events = points.shape[1]

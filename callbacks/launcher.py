@@ -1,8 +1,15 @@
 """The on-disk job queue and the non-blocking ``mpiexec`` launch (argument lists only).
 
 Jobs are JSON files under ``DIR/pending``, ``DIR/running``, ``DIR/done`` and ``DIR/failed``;
-a job moves between them by atomic rename, so a listener that restarts finds what was pending
-(and re-runs what was running when it died). ``slots`` runner threads (1 by default; with
+a job moves between them by atomic rename, so a listener that restarts finds what was pending.
+A running entry records the job's pid (with the process's start time, so a reused pid is not
+taken for it) and its phase (``started`` → ``ended`` → ``published``). A restarted queue
+(:meth:`JobQueue.start`) *adopts* a job still alive and ours (it waits for it, then publishes its
+outcome); for a dead one it publishes the outcome record the job left, or finds its derived run
+already complete in the catalog, and re-runs it only when there is neither. Every publish uses the
+job's fixed uid (:func:`~.derived.run_uid`), so there is at most one derived run per (raw uid, job).
+Publishes that failed (catalog down) leave their saved documents (``<result>.docs.jsonl``); the
+queue retries them every ``retry_s`` seconds from the ``outbox`` folders, and once at start. ``slots`` runner threads (1 by default; with
 ``gpu_pools`` such as ``["0,1", "2,3"]`` one per pool, each job seeing only its pool's GPUs) take
 the oldest pending job, run it with ``subprocess.Popen`` (never a shell) and wait
 for it — on their own threads, never on the RunEngine's. ``max_pending`` bounds the queue.
@@ -53,6 +60,11 @@ class Job:
     started: float | None = None
     returncode: int | None = None
     reason: str | None = None
+    pid: int | None = None              # the launched process (mpiexec, or the single rank)
+    pid_start: int | None = None        # its start time (/proc/PID/stat, clock ticks): a reused pid is not ours
+    host: str | None = None
+    phase: str | None = None            # started → ended → published
+    published_uid: str | None = None
 
     @classmethod
     def of(cls, spec: JobSpec) -> Job:
@@ -105,8 +117,38 @@ def job_command(job: Job, *, mpiexec: str | None = None) -> list[str]:
 
 
 def _publish(spec: JobSpec, outcome: dict | None, reason: str | None) -> Any:
-    from .derived import publish_outcome
-    return publish_outcome(spec, outcome, reason=reason)
+    from .derived import publish_outcome, run_uid
+    return publish_outcome(spec, outcome, reason=reason, uid=run_uid(spec))
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot, /proc/PID/stat), None if unknown or gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def job_alive(job: Job) -> bool:
+    """Whether the job's recorded process is still running and is that job (same start time, not a zombie)."""
+    import socket
+    if not job.pid or (job.host and job.host != socket.gethostname()):
+        return False
+    try:
+        os.kill(job.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False                          # not ours
+    try:
+        state = Path(f"/proc/{job.pid}/stat").read_text()
+        if state[state.rindex(")") + 2] == "Z":
+            return False
+    except (OSError, ValueError, IndexError):
+        pass
+    started = process_start(job.pid)
+    return job.pid_start is None or started is None or started == job.pid_start
 
 
 class JobQueue:
@@ -116,7 +158,8 @@ class JobQueue:
                  command: Callable[[Job], list[str]] = job_command, env: dict[str, str] | None = None,
                  on_failure: Callable[[Job, str], None] | None = None, timeout_s: float | None = None,
                  gpu_pools: list[str] | None = None,
-                 publish: Callable[[JobSpec, dict | None, str | None], Any] | None = _publish) -> None:
+                 publish: Callable[[JobSpec, dict | None, str | None], Any] | None = _publish,
+                 outbox: list[str | os.PathLike] | None = None, retry_s: float = 10.0) -> None:
         self.directory = Path(directory)
         self.gpu_pools = list(gpu_pools or [])
         self.slots = len(self.gpu_pools) if self.gpu_pools else max(1, int(slots))
@@ -126,6 +169,9 @@ class JobQueue:
         self.on_failure = on_failure
         self.publish = publish
         self.timeout_s = timeout_s
+        self.outbox = [Path(p) for p in (outbox or [])]
+        self.retry_s = float(retry_s)
+        self.republished: list[str] = []        # uids of saved runs this queue sent later
         self._stop = threading.Event()
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -178,21 +224,103 @@ class JobQueue:
 
     def _finish(self, job: Job, running: Path, ok: bool) -> None:
         state = "done" if ok else "failed"
-        atomic_write_text(self.directory / state / running.name, json.dumps(asdict(job), indent=1))
+        try:
+            atomic_write_text(self.directory / state / running.name, json.dumps(asdict(job), indent=1))
+        except OSError as exc:                    # a full disk: move the entry as it is
+            log.error("job %s: cannot write its final queue entry (%s); moved as it was", job.id, exc)
+            os.replace(running, self.directory / state / running.name)
+            return
         running.unlink(missing_ok=True)
 
     # -- runners --------------------------------------------------------------------------
     def start(self) -> JobQueue:
-        """Requeue what a previous process left running, then start the runner threads."""
-        for p in sorted((self.directory / "running").glob("*.json")):
-            log.warning("job queue: requeueing %s, left running by a previous process", p.name)
-            os.replace(p, self.directory / "pending" / p.name)
+        """Recover what a previous process left running (see :meth:`recover`), then start the runners
+        and the republisher of saved documents."""
         self._stop.clear()
+        for p in sorted((self.directory / "running").glob("*.json")):
+            try:
+                self.recover(p)
+            except Exception:  # noqa: BLE001 - one bad entry must not stop the queue
+                log.exception("job queue: could not recover %s; it is requeued", p.name)
+                if p.exists():
+                    os.replace(p, self.directory / "pending" / p.name)
         for i in range(self.slots):
             t = threading.Thread(target=self._runner, args=(i,), name=f"hxn-ptycho-job-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.outbox and self.publish is not None:
+            t = threading.Thread(target=self._republisher, name="hxn-ptycho-republish", daemon=True)
+            t.start()
+            self._threads.append(t)
         return self
+
+    def recover(self, running: Path) -> str:
+        """One job left in ``running/`` by a dead queue: ``"adopted"`` (alive and ours: a thread waits
+        for it and publishes its outcome), ``"published"`` (its outcome, or a derived run already
+        complete in the catalog, closes it) or ``"requeued"`` (neither: it runs again)."""
+        job = Job.from_dict(json.loads(running.read_text()))
+        if job_alive(job):
+            log.warning("job queue: adopting job %s (pid %s), still running from a previous process", job.id, job.pid)
+            t = threading.Thread(target=self._adopt, args=(job, running), name=f"hxn-ptycho-adopt-{job.id}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+            return "adopted"
+        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        if job.phase == "published" or outcome is not None:
+            ok = outcome is not None and outcome.get("status") == "success"
+            if job.phase != "published":
+                log.warning("job queue: job %s ended while no queue watched it; publishing its outcome", job.id)
+                if not ok and job.reason is None:
+                    job.reason = f"the job ended while its listener was down: {outcome and outcome.get('reason')}"
+                self._publish_outcome(job, ok)
+            self._finish(job, running, ok)
+            return "published"
+        if job.phase is not None and self._catalog_has_run(job):
+            log.warning("job queue: job %s died but its derived run is complete in the catalog", job.id)
+            self._finish(job, running, True)
+            return "published"
+        log.warning("job queue: requeueing %s, left running by a previous process (no outcome, no derived run)",
+                    running.name)
+        job.pid = job.pid_start = job.phase = None
+        atomic_write_text(self.directory / "pending" / running.name, json.dumps(asdict(job), indent=1))
+        running.unlink(missing_ok=True)
+        return "requeued"
+
+    def _catalog_has_run(self, job: Job) -> bool:
+        if not job.catalog or self.publish is not _publish:
+            return False
+        try:
+            from .catalog import resolve_catalog, runs
+            from .derived import run_state, run_uid
+            return run_state(runs(resolve_catalog(job.catalog), "processed"), run_uid(job.job_spec)) == "complete"
+        except Exception as exc:  # noqa: BLE001 - catalog down: the job is run again (its publish is idempotent)
+            log.warning("job queue: cannot ask the catalog about job %s (%s)", job.id, exc)
+            return False
+
+    def _adopt(self, job: Job, running: Path) -> None:
+        while job_alive(job):
+            time.sleep(0.5)
+        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        ok = outcome is not None and outcome.get("status") == "success"
+        if not ok:
+            said = f" ({outcome['reason']})" if outcome and outcome.get("reason") else " without an outcome record"
+            job.reason = f"the job (pid {job.pid}, adopted after a restart) ended{said}: " \
+                         f"{log_tail(self.directory / 'logs' / f'{job.id}.log')}"
+        self._end(job, running, ok)
+
+    def _republisher(self) -> None:
+        from .derived import republish_all
+        while True:
+            try:
+                sent, errors = republish_all(self.outbox)
+                self.republished += sent
+                for err in errors:
+                    log.warning("job queue: saved documents not sent yet (retry in %.0f s): %s", self.retry_s, err)
+            except Exception:  # noqa: BLE001 - the retry loop must survive anything
+                log.exception("job queue: republishing saved documents failed")
+            if self._stop.wait(self.retry_s):
+                return
 
     def _runner(self, slot: int = 0) -> None:
         while not self._stop.is_set():
@@ -203,20 +331,34 @@ class JobQueue:
                 continue
             job, running = claimed
             try:
-                ok = self._run(job, slot)
+                ok = self._run(job, slot, running)
             except Exception as exc:              # never let a runner die
                 log.exception("job %s could not be run", job.id)
                 job.reason, ok = f"the job could not be started: {type(exc).__name__}: {exc}", False
             if job.id in self._killed:            # stopped by stop(kill=True): run again at next start
+                job.pid = job.pid_start = job.phase = None
+                self._record(running, job)
                 os.replace(running, self.directory / "pending" / running.name)
                 continue
-            self._publish_outcome(job, ok)
-            if not ok and self.on_failure is not None:
-                try:
-                    self.on_failure(job, job.reason or "unknown failure")
-                except Exception:
-                    log.exception("job %s: recording its failure failed", job.id)
-            self._finish(job, running, ok)
+            self._end(job, running, ok)
+
+    def _end(self, job: Job, running: Path, ok: bool) -> None:
+        job.phase = "ended"
+        self._record(running, job)
+        self._publish_outcome(job, ok)
+        if not ok and self.on_failure is not None:
+            try:
+                self.on_failure(job, job.reason or "unknown failure")
+            except Exception:
+                log.exception("job %s: recording its failure failed", job.id)
+        self._finish(job, running, ok)
+
+    def _record(self, running: Path, job: Job) -> None:
+        """Rewrite the running entry (pid, phase); a full disk only costs the record, not the job."""
+        try:
+            atomic_write_text(running, json.dumps(asdict(job), indent=1))
+        except OSError as exc:
+            log.error("job %s: cannot update its queue entry (%s)", job.id, exc)
 
     def _publish_outcome(self, job: Job, ok: bool) -> None:
         """The job's outcome (or its failure) → the derived run, through the one publisher."""
@@ -226,11 +368,14 @@ class JobQueue:
         if outcome is not None and not ok and outcome.get("status") == "success":
             outcome = None                        # it said success, then died: record the failure
         try:
-            self.publish(job.job_spec, outcome, job.reason)
+            job.published_uid = self.publish(job.job_spec, outcome, job.reason)
         except Exception as exc:  # noqa: BLE001 - a catalog error must not stop the queue
-            log.error("job %s: could not publish its outcome: %s", job.id, exc)
-
-    def _run(self, job: Job, slot: int = 0) -> bool:
+            log.error("job %s: could not publish its outcome (its saved documents are retried): %s", job.id, exc)
+        job.phase = "published"                   # published, or saved for the republisher
+    def _run(self, job: Job, slot: int = 0, running: Path | None = None) -> bool:
+        if self.gpu_pools and job.spec_file:      # the spec records the pool this job really runs on
+            job.spec["execution"]["gpus"] = self.gpu_pools[slot].split(",")
+            JobSpec.from_dict(job.spec).write(job.spec_file)
         try:
             argv = self.command(job)
         except HxnPtychoError as exc:             # refused before anything starts (e.g. too many ranks)
@@ -248,6 +393,10 @@ class JobQueue:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
             self._procs[job.id] = proc
+            import socket
+            job.pid, job.pid_start, job.host, job.phase = proc.pid, process_start(proc.pid), socket.gethostname(), "started"
+            if running is not None:
+                self._record(running, job)
             try:
                 job.returncode = proc.wait(self.timeout_s)
             except subprocess.TimeoutExpired:

@@ -6,11 +6,24 @@ only routes documents into per-run :class:`~.collector.RunCollector` objects (ap
 stop document, puts the collected run on a queue; it catches and logs every exception. A worker
 thread does the heavy part: read the frames, write the scan file, submit the job; a broken run
 (missing frames or positions) is recorded in the catalog as a ``fail`` derived run instead.
+
+The in-flight journal (``WORK/inflight.journal``, one JSON line per event: a run of ours started,
+stopped, was processed) costs one buffered line write per run start and stop on the RunEngine's
+thread. A callback that starts over a journal left by a killed process records every run that had
+started but was never processed as a ``fail`` derived run ("listener restarted mid-run"), under
+the run's fixed uid (:func:`~.derived.run_uid`), so a run missed in a restart still ends in exactly
+one derived run.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
+import time
 import queue
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,9 +35,9 @@ from hxn_ptycho.errors import HxnPtychoError
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.spec import Execution, Geometry, JobSpec, Source, check_ranks
 
-from .collector import CollectedRun, RunCollector
+from .collector import CollectedRun, PassThroughFiller, RunCollector
 from .derived import PLAN_NAME, PLAN_TYPE
-from .export import ExportConfig, ExportError, export_scan, find_detector
+from .export import ExportConfig, ExportError, export_scan, find_detector, kept_field
 from .launcher import Job, JobQueue, QueueFull
 
 log = logging.getLogger(__name__)
@@ -60,9 +73,23 @@ def is_ptycho_run(start: dict, detectors: tuple[str, ...]) -> bool:
     return find_detector(start, detectors) is not None
 
 
+_SAFE_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
 def run_stem(run: CollectedRun) -> str:
-    sid = run.scan_id if isinstance(run.scan_id, int) else "x"
-    return f"{sid}_{run.uid[:8]}"
+    """``<scan_id>_<uid>``: a file-name stem unique per run and safe whatever the metadata holds.
+
+    The whole uid is kept when it is a plain name (letters, digits, ``_.-``, not starting with
+    ``-`` or ``.``, at most 100 characters); any other uid (``/``, NUL, a leading ``-``, spaces,
+    non-ASCII...) is replaced by ``h~`` + 32 hex digits of its SHA-256, which no plain uid can
+    equal. A scan id that is not an integer in 0..10¹⁸ becomes ``x``.
+    """
+    sid = run.scan_id
+    sid = sid if isinstance(sid, int) and not isinstance(sid, bool) and 0 <= sid < 10**18 else "x"
+    uid = run.uid
+    if not _SAFE_UID.fullmatch(uid):
+        uid = "h~" + hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{sid}_{uid}"
 
 
 class PtychoCallback:
@@ -81,13 +108,89 @@ class PtychoCallback:
         self.work_dir = Path(config.work_dir).resolve()
         (self.work_dir / "scans").mkdir(parents=True, exist_ok=True)
         (self.work_dir / "results").mkdir(parents=True, exist_ok=True)
-        self._router = RunRouter([self._factory])
+        self._journal_lock = threading.Lock()
+        self._journal = None
+        self.recovered: list[tuple[str, str]] = []       # (raw uid, reason) of runs a restart missed
+        old = self._rotate_journal()
+        self._router = RunRouter([self._factory], filler_class=PassThroughFiller)  # no per-row work
         self._pending: queue.Queue[CollectedRun | None] = queue.Queue()
         self._busy = threading.Event()
         self.submitted: list[Job] = []
         self.failed: list[tuple[str, str]] = []          # (raw uid, reason)
         self._worker = threading.Thread(target=self._work, name="hxn-ptycho-export", daemon=True)
         self._worker.start()
+        self._recovery = threading.Thread(target=self._recover, args=(old,), name="hxn-ptycho-recover", daemon=True)
+        self._recovery.start()
+
+    # -- the in-flight journal ------------------------------------------------------------------
+    def _rotate_journal(self) -> list[Path]:
+        """Move the journal a previous process left aside (for :meth:`_recover`); open a fresh one."""
+        path = self.work_dir / "inflight.journal"
+        if path.exists():
+            with contextlib.suppress(OSError):
+                os.replace(path, path.with_name(f"inflight.journal.{time.time():.6f}.{os.getpid()}.old"))
+        old = sorted(self.work_dir.glob("inflight.journal.*.old"))
+        try:
+            self._journal = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - kept open for appends
+        except OSError as exc:
+            log.error("hxn-ptycho callback: no in-flight journal (%s): runs missed by a restart will not be "
+                      "recorded", exc)
+        return old
+
+    def _note(self, kind: str, uid: str, **extra: object) -> None:
+        """One journal line (cheap: a buffered write, no fsync; a killed process loses nothing written)."""
+        if self._journal is None:
+            return
+        try:
+            line = json.dumps({"k": kind, "uid": uid, **extra}, default=str) + "\n"
+            with self._journal_lock:
+                self._journal.write(line)
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("hxn-ptycho callback: journal write failed (%s)", exc)
+
+    def _stopped(self, run: CollectedRun) -> None:
+        self._note("stop", run.uid, exit_status=run.exit_status)
+        self._pending.put_nowait(run)
+
+    def _recover(self, journals: list[Path]) -> None:
+        """Record the runs an earlier process journaled as started but never processed."""
+        for path in journals:
+            try:
+                started: dict[str, dict] = {}
+                for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                    try:
+                        e = json.loads(line)
+                    except ValueError:
+                        continue                    # a line cut by the kill
+                    if e.get("k") == "start":
+                        started[e["uid"]] = e
+                    elif e.get("k") == "stop" and e["uid"] in started:
+                        started[e["uid"]]["stop"] = e.get("exit_status")
+                    elif e.get("k") == "done":
+                        started.pop(e["uid"], None)
+                for uid, e in started.items():
+                    if e.get("stop") not in (None, "success"):
+                        continue                    # aborted or failed in the RunEngine: nothing is owed
+                    if e.get("stop") and self._queued(uid):
+                        continue                    # it was submitted just before the kill
+                    why = ("listener restarted mid-run: the run's documents after its start were lost"
+                           if e.get("stop") is None else
+                           "listener restarted after the run ended, before it was exported")
+                    run = CollectedRun(start={"uid": uid, "scan_id": e.get("scan_id")})
+                    self.recovered.append((uid, why))
+                    log.error("run %s (scan %s): %s", uid, e.get("scan_id"), why)
+                    self._fail(run, why)
+                path.unlink()
+            except Exception:  # noqa: BLE001 - recovery must never stop the callback
+                log.exception("hxn-ptycho callback: could not recover the runs of %s", path)
+
+    def _queued(self, raw_uid: str) -> bool:
+        if self.jobs is None:
+            return False
+        for state in ("pending", "running", "done", "failed"):
+            if any(j.raw_uid == raw_uid for j in self.jobs.jobs(state)):
+                return True
+        return False
 
     # -- on the RunEngine's thread: cheap, never raises -------------------------------------
     def __call__(self, name: str, doc: dict) -> None:
@@ -101,7 +204,9 @@ class PtychoCallback:
         if not is_ptycho_run(start, self.config.export.detectors):
             return [], []
         log.info("ptychography run %s (scan %s) started", start.get("uid"), start.get("scan_id"))
-        return [RunCollector(start, self._pending.put_nowait)], []
+        collector = RunCollector(start, self._stopped, keep=kept_field(start, self.config.export))
+        self._note("start", str(start.get("uid")), scan_id=start.get("scan_id"))
+        return [collector], []
 
     # -- on the worker thread ---------------------------------------------------------------
     def _work(self) -> None:
@@ -112,9 +217,11 @@ class PtychoCallback:
             self._busy.set()
             try:
                 self.process(run)
-            except Exception:
+            except Exception as exc:
                 log.exception("hxn-ptycho callback: run %s could not be processed", run.uid)
+                self._fail(run, f"cannot be reconstructed: {type(exc).__name__}: {exc}")
             finally:
+                self._note("done", run.uid)
                 self._pending.task_done()
                 self._busy.clear()
 
@@ -173,14 +280,15 @@ class PtychoCallback:
     def _publish_failure(self, run: CollectedRun, reason: str) -> None:
         if not self.config.catalog:
             return
-        from .derived import publish_outcome
-        publish_outcome(self.job_spec(run), None, reason=reason)
+        from .derived import publish_outcome, run_uid
+        spec = self.job_spec(run)
+        publish_outcome(spec, None, reason=reason, uid=run_uid(spec))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every finished run has been exported and submitted (not until jobs end)."""
         import time
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._pending.unfinished_tasks:
+        while self._pending.unfinished_tasks or self._recovery.is_alive():
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
@@ -189,6 +297,11 @@ class PtychoCallback:
     def close(self) -> None:
         self._pending.put(None)
         self._worker.join(timeout=30)
+        self._recovery.join(timeout=30)
+        if self._journal is not None:
+            with self._journal_lock:
+                self._journal.close()
+                self._journal = None
 
 
 def geometry_provenance(run: CollectedRun, cfg: ExportConfig) -> dict[str, str]:

@@ -106,8 +106,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     params = params_from_namespace(args)
     geometry = Geometry.from_scan_file(args.scan)
     output = args.output or str(Path(args.scan).with_suffix("")) + "_recon.h5"
-    raw_uid = scan_info(args.scan)["attrs"].get("raw_uid")
-    scan_id = scan_info(args.scan)["attrs"].get("scan_id")
+    attrs = scan_info(args.scan)["attrs"]
+    raw_uid, scan_id = attrs.get("raw_uid"), attrs.get("scan_id")
     source = Source(scan_file=os.path.abspath(args.scan), result_file=os.path.abspath(output),
                     raw_uid=str(raw_uid) if raw_uid else None,
                     scan_id=int(scan_id) if scan_id is not None and int(scan_id) >= 0 else None,

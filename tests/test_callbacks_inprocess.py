@@ -247,6 +247,27 @@ def test_unreachable_catalog_is_logged_and_other_runs_go_on(tmp_path, sim, caplo
     assert len(cb.failed) == 1 and "position field 'zpssy'" in cb.failed[0][1]
     assert "could not record the failure in the catalog" in caplog.text
     assert f"cannot reach the Tiled catalog at {dead}" in caplog.text
-    assert len(list((tmp_path / "work" / "results").glob("result_*.h5.fail.docs.jsonl"))) == 1   # kept for republish
+    assert len(list((tmp_path / "work" / "results").glob("result_*.h5.docs.jsonl"))) == 1   # kept for republish (one file per job)
     assert len(cb.submitted) == 1
     assert len(list((tmp_path / "work" / "scans").glob("scan_*.h5"))) == 1
+
+
+def test_too_many_ranks_are_refused_before_any_job(tmp_path, sim):
+    """The callback builds the job spec and checks it: 61 ranks for 60 views is a recorded failure."""
+    run = _stream_run(tmp_path, sim)
+    cb = PtychoCallback(CallbackConfig(work_dir=str(tmp_path / "work"), nprocs=61,
+                                       params={"power_bound": 0.5}, mode="async"), jobs=None)
+    assert cb.process(run) is None
+    assert len(cb.failed) == 1 and "--nprocs 61 is more than the scan's 60 views" in cb.failed[0][1]
+    ok = PtychoCallback(CallbackConfig(work_dir=str(tmp_path / "work2"), nprocs=2, params={"power_bound": 0.5},
+                                       mode="async"), jobs=None)
+    job = ok.process(_stream_run(tmp_path, sim))
+    spec = job.job_spec
+    assert spec.execution.mode == "async" and spec.params.power_bound == 0.5 and spec.geometry.n_views == 60
+    assert spec.geometry.provenance["energy_kev"] == "start metadata 'energy_kev'"
+    assert spec.geometry.provenance["ccd_pixel_um"] == "start metadata 'detector_pixel_um'"
+    cb.close()
+    ok.close()
+    from hxn_ptycho.params import ParamError
+    with pytest.raises(ParamError, match="beta must lie in"):
+        CallbackConfig(params={"beta": 9})

@@ -236,6 +236,9 @@ def test_gpu_pools_one_job_at_a_time_each(tmp_path):
     q.stop()
     seen = sorted(p.read_text() for p in out.iterdir())
     assert len(seen) == 4 and set(seen) <= {"0,1", "2,3"}
+    for job in q.jobs("done"):                    # each job's spec names the pool it really ran on
+        from hxn_ptycho.spec import JobSpec
+        assert ",".join(JobSpec.read(job.spec_file).execution.gpus) == (out / job.id).read_text()
 
 
 def test_killed_jobs_are_requeued_with_all_their_processes(tmp_path):

@@ -193,3 +193,20 @@ def test_readme_options_table_is_the_generated_one():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme.split("<!-- options:begin -->\n", 1)[1].split("<!-- options:end -->", 1)[0]
     assert table == options_markdown()
+
+
+def test_the_job_imports_no_bluesky_tiled_or_prefect(tmp_path, sim_file):
+    """The job only computes: running one imports nothing of the Bluesky layer (a compute node needs
+    only numpy, scipy, h5py, mpi4py)."""
+    from hxn_ptycho.spec import JobSpec
+    spec = JobSpec.from_dict({"params": {"iterations": 2},
+                              "source": {"scan_file": str(sim_file), "result_file": str(tmp_path / "r.h5")}})
+    path = spec.write(tmp_path / "j.spec.json")
+    code = ("import sys; from hxn_ptycho.job import main; rc = main([sys.argv[1], '--quiet']); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('bluesky', 'tiled', 'event_model', 'prefect', 'databroker', 'ophyd', 'zmq') "
+            "or m.startswith('hxn_ptycho.callbacks') or m.startswith('hxn_ptycho.workflows')); "
+            "print('imported:', bad); sys.exit(rc or bool(bad))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "imported: []" in done.stdout, done.stdout + done.stderr
+    assert (tmp_path / "r.h5").exists()

@@ -48,10 +48,15 @@ def assert_option_reached(recon: dict, result_file: str | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def stored(tiled_server, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
+def stored(tiled_server):
     """Entry point 'in-process callback', configured by the same options as ``hxn-ptycho listen``:
     a RunEngine scan → raw run in Tiled → callback → queue → mpiexec job → derived run."""
+    with pytest.MonkeyPatch.context() as mp:          # the key of this module's server, for this module only
+        mp.setenv("TILED_API_KEY", tiled_server.api_key)
+        yield _stored(tiled_server)
+
+
+def _stored(tiled_server) -> dict:
     from bluesky import RunEngine
     from bluesky.preprocessors import SupplementalData
 
@@ -62,7 +67,6 @@ def stored(tiled_server, tmp_path_factory):
     from hxn_ptycho.cli import build_parser
     from hxn_ptycho.simulate import simulate_scan
 
-    mp.setenv("TILED_API_KEY", tiled_server.api_key)             # undone after this module
     scan, _ = simulate_scan(n=64, n_positions=40, seed=4)
     hxn = make_hxn(SimFrames(scan), tiled_server.directory / "detector_ep")
     RE = RunEngine({}, call_returns_result=False)
@@ -81,8 +85,7 @@ def stored(tiled_server, tmp_path_factory):
     cb.close()
     res = results(tiled_server.config, raw_uid=uid)
     assert res.ok, res.reason
-    yield {"uid": uid, "stop": stops[-1], "callback_recon": res.start["recon"], "job": cb.submitted[-1]}
-    mp.undo()
+    return {"uid": uid, "stop": stops[-1], "callback_recon": res.start["recon"], "job": cb.submitted[-1]}
 
 
 def derived_recon(server, stdout: str) -> dict:
@@ -97,9 +100,15 @@ def test_in_process_callback_with_listen_options(stored):
     recon = stored["callback_recon"]
     assert_option_reached(recon)
     assert recon["source"]["raw_uid"] == stored["uid"] and recon["source"]["scan_id"] == SCAN_ID
-    # the job's start-up (launch → first iteration) stays under a second per rank
-    assert recon["measured"]["startup_s"] < 1.0 * recon["measured"]["ranks"], recon["measured"]
-    print(f"\n[hxn-ptycho] job start-up (launch to first iteration), 2 ranks: {recon['measured']['startup_s']:.2f} s")
+    # the job's start-up (launch → first iteration) stays under a second per rank — on a machine
+    # whose cores are shared (a load average above the core count), in proportion to that load
+    from hxn_ptycho.backend import available_cores
+    load = os.getloadavg()[0]
+    share = max(1.0, load / available_cores())
+    startup = recon["measured"]["startup_s"]
+    print(f"\n[hxn-ptycho] job start-up (launch to first iteration), 2 ranks: {startup:.2f} s "
+          f"(load average {load:.1f} on {available_cores()} cores)")
+    assert startup < 1.0 * recon["measured"]["ranks"] * share, recon["measured"]
 
 
 def test_reconstruct_file_with_catalog(stored, tiled_server):
@@ -224,3 +233,54 @@ def test_prefect_end_of_run(stored, tiled_server, tmp_path):
     assert_option_reached(by_flow[-1])
     print(f"\n[hxn-ptycho] Prefect end to end (server start, serve, run_deployment, 2-rank job, publish): "
           f"{time.monotonic() - t0:.1f} s")
+
+
+def test_demo_uses_the_given_catalog(tiled_server, tmp_path):
+    """``demo --catalog C`` starts no server of its own: its raw and derived runs land in C."""
+    outside = subprocess.run([sys.executable, "-m", "hxn_ptycho.cli", "demo", "--catalog", str(tiled_server.directory),
+                              "--dir", str(tmp_path / "outside")], capture_output=True, text=True, timeout=120,
+                             env=env_for(tiled_server), check=False)
+    assert outside.returncode == 2 and f"--read {tmp_path / 'outside'}" in outside.stderr, outside.stderr
+    before = len(runs(tiled_server.config, "processed"))
+    demo = tiled_server.directory / "demo_ep"
+    done = subprocess.run([sys.executable, "-m", "hxn_ptycho.cli", "demo", "--catalog", str(tiled_server.directory),
+                           "--dir", str(demo), "--points", "30", "--iterations", "3", "--nprocs", "1"],
+                          capture_output=True, text=True, timeout=300, env=env_for(tiled_server), check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"catalog:      {tiled_server.uri}" in done.stdout
+    assert not (demo / "catalog").exists()                   # no second server, no second database
+    assert len(runs(tiled_server.config, "processed")) == before + 1
+
+
+def test_queue_publishes_job_failures_in_one_place(stored, tiled_server, tmp_path):
+    """A job that fails (bad scan file: its outcome names why) and one whose rank dies (no outcome:
+    the end of its log) both become ``fail`` derived runs, published by the queue's runner."""
+    from hxn_ptycho.callbacks.launcher import Job, JobQueue
+    from hxn_ptycho.spec import Execution, Geometry, Source
+
+    work = tiled_server.directory / "fail_ep"
+    work.mkdir()
+    bad = work / "notes.h5"
+    bad.write_text("not hdf5")
+    q = JobQueue(work / "queue")
+    failing = q.submit(Job.of(JobSpec(source=Source(scan_file=str(bad), result_file=str(work / "r1.h5"),
+                                                    raw_uid="raw-fail-1", catalog=str(tiled_server.directory)))))
+    dying = q.submit(Job.of(JobSpec(geometry=Geometry(n_views=40), execution=Execution(ranks=2),
+                                    source=Source(scan_file=stored["job"].scan_file, result_file=str(work / "r2.h5"),
+                                                  raw_uid="raw-fail-2", catalog=str(tiled_server.directory)))))
+    q.env = {"HXN_PTYCHO_TEST_KILL_RANK": "1"}
+    q.start()
+    assert q.wait_idle(180)
+    q.stop()
+    assert {j.id for j in q.jobs("failed")} == {failing.id, dying.id}
+    from tiled.queries import Eq
+    processed = runs(tiled_server.config, "processed")
+    one = list(processed.search(Eq("raw_uid", "raw-fail-1")).values())
+    two = list(processed.search(Eq("raw_uid", "raw-fail-2")).values())
+    assert len(one) == 1 and len(two) == 1
+    assert one[0].metadata["stop"]["exit_status"] == "fail"
+    assert "not a readable HDF5 file" in one[0].metadata["stop"]["reason"]
+    assert one[0].metadata["start"]["recon"]["measured"]["status"] == "fail"
+    assert two[0].metadata["stop"]["exit_status"] == "fail"
+    assert "exited with status" in two[0].metadata["stop"]["reason"]
+    assert not (work / "r1.h5").exists() and not (work / "r2.h5").exists()
