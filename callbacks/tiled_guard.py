@@ -126,9 +126,8 @@ def install() -> None:
         raise SystemExit(f"tiled_guard: {ENV_READABLE} is empty; refusing to serve without readable folders")
 
     from fastapi import HTTPException
-
-    import tiled.server.router as router
     from tiled.catalog.adapter import CatalogNodeAdapter
+    from tiled.server import router
 
     missing = [name for name, obj in (("_ensure_uri_within_readable_storage", CatalogNodeAdapter),
                                       ("_put_asset", CatalogNodeAdapter), ("path_from_uri", router))
