@@ -342,6 +342,16 @@ class EmbeddedServer:
                 out += [str(base) + suffix for suffix in _DB_SUFFIXES]
         return out
 
+    def _table_files(self) -> list[str]:
+        """The SQLite/DuckDB file of this server's tabular storage, if it is one (the guard allows only it)."""
+        from .tiled_guard import database_path
+        if self.database:
+            uri = self.tables or _tables_uri(self.database)
+        else:
+            uri = f"sqlite:///{self.directory / 'data' / 'tables.sqlite'}"
+        path = database_path(uri)
+        return [path] if path else []
+
     def command(self) -> list[str]:
         data = self.directory / "data"
         if self.database:
@@ -420,7 +430,7 @@ class EmbeddedServer:
             atomic_write_text(self.log_file, text.replace(self.api_key, "***"), mode=0o600)
 
     def start(self, timeout: float = 60.0) -> EmbeddedServer:
-        from .tiled_guard import ENV_READABLE, ENV_SECRETS
+        from .tiled_guard import ENV_READABLE, ENV_SECRETS, ENV_TABLES
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.directory / "data").mkdir(exist_ok=True, mode=0o700)
         lock_fds = self._acquire_locks()
@@ -430,7 +440,8 @@ class EmbeddedServer:
             self._scrub_log()
             env = dict(os.environ, TILED_SINGLE_USER_API_KEY=self.api_key,
                        **{ENV_READABLE: os.pathsep.join(self.readable_folders()),
-                          ENV_SECRETS: os.pathsep.join(self.secret_files())})
+                          ENV_SECRETS: os.pathsep.join(self.secret_files()),
+                          ENV_TABLES: os.pathsep.join(self._table_files())})
             log_fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.fchmod(log_fd, 0o600)

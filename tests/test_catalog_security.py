@@ -191,16 +191,42 @@ def test_symlink_retargeted_after_registration_is_not_served(guarded):
              what="the guard's refusal in the server log")
 
 
+def test_sql_table_asset_outside_the_server_is_refused(guarded, tmp_path):
+    """tiled does not path-scope sqlite: assets at all; only the server's own tables database passes."""
+    import sqlite3
+
+    import pyarrow as pa
+    from hxn_ptycho.callbacks.catalog import connect
+    from tiled.structures.data_source import Asset, DataSource, Management
+    from tiled.structures.table import TableStructure
+    srv = guarded[0]
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as con:
+        con.execute("create table t (x integer)")
+    cfg = srv.config
+    cfg.api_key = srv.api_key
+    ds = DataSource(structure_family="table", structure=TableStructure.from_schema(pa.schema([("x", pa.int64())])),
+                    mimetype="application/x-tiled-sql-table", management=Management.external,
+                    assets=[Asset(data_uri=f"sqlite:///{other}", is_directory=False, parameter="data_uris")],
+                    parameters={"table_name": "t", "dataset_id": 1})
+    with pytest.raises(Exception, match="403: refusing the asset sqlite:.*only this server's own tabular database"):
+        connect(cfg).new("table", [ds], key="not-ours")
+
+
 def test_check_asset_normalises_paths(tmp_path):
     r = tmp_path / "r"
     (r / "sub").mkdir(parents=True)
     check_asset((r / "sub" / "x.h5").as_uri(), [str(r)])
-    check_asset("sqlite:////anything", [str(r)])                     # not a file: not path-scoped
+    check_asset("postgresql://u@h/db", [str(r)])                      # not a file: not path-scoped
     for uri in (f"file://{r}/sub/../../x", f"file://{r}/../r2/x", f"file://{tmp_path}/r"):
         with pytest.raises(AssetRefused):
             check_asset(uri, [str(r / "sub") if uri.endswith("/r") else str(r)])
     with pytest.raises(AssetRefused, match="catalog's own files"):
         check_asset(f"file://{r}/sub/../key", [str(r)], secrets=[str(r / "key")])
+    check_asset(f"sqlite:///{r}/sub/../t.sqlite", [str(r)], secrets=[str(r / "t.sqlite")], tables=[str(r / "t.sqlite")])
+    for uri in (f"sqlite:///{r}/other.sqlite", f"duckdb:///{r}/t.sqlite/../x", f"sqlite+aiosqlite:///{r}/x"):
+        with pytest.raises(AssetRefused, match="own tabular database"):
+            check_asset(uri, [str(r)], tables=[str(r / "t.sqlite")])
 
 
 def test_redacting_stream_splits_and_urls():
