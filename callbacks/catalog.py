@@ -444,6 +444,31 @@ def read_key_file(path: str | os.PathLike) -> str | None:
     return key or None
 
 
+def _public_uri(database: str) -> str:
+    """A database URI without its password (what may be written to a lock file or a message)."""
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(database.replace("postgresql+asyncpg://", "postgresql://"))
+    if parts.password is None:
+        return urlunsplit(parts)
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc.lower()))
+
+
+def database_lock_path(database: str) -> Path:
+    """This host's lock of a PostgreSQL database (per user, in a 0700 folder of the temp dir)."""
+    import hashlib
+    import tempfile
+    folder = Path(tempfile.gettempdir()) / f"hxn-ptycho-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()
+    if not folder.is_dir() or folder.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise CatalogError(f"the lock folder {folder} is not a private folder of this user; remove it")
+    return folder / f"db-{hashlib.sha256(_public_uri(database).encode()).hexdigest()[:24]}.lock"
+
+
 def _lock_holder(path: Path) -> dict:
     try:
         data = json.loads(path.read_text() or "{}")
@@ -467,7 +492,8 @@ class EmbeddedServer:
 
     ``database`` may instead be a PostgreSQL URI (``postgresql://...``) for a facility-like
     catalog; tabular data then go to ``tables`` (default: the database ``<name>_tables`` on the
-    same PostgreSQL server). The lock then guards the folder only, not the database.
+    same PostgreSQL server). A second server on that database *from this host* is refused as well
+    (a lock per database in a private folder of the temp dir); other hosts are not seen.
     """
 
     def __init__(self, directory: str | os.PathLike, *, port: int | None = None, api_key: str | None = None,
@@ -505,6 +531,16 @@ class EmbeddedServer:
                 out += [str(base) + suffix for suffix in _DB_SUFFIXES]
         return out
 
+    def _table_files(self) -> list[str]:
+        """The SQLite/DuckDB file of this server's tabular storage, if it is one (the guard allows only it)."""
+        from .tiled_guard import database_path
+        if self.database:
+            uri = self.tables or _tables_uri(self.database)
+        else:
+            uri = f"sqlite:///{self.directory / 'data' / 'tables.sqlite'}"
+        path = database_path(uri)
+        return [path] if path else []
+
     def command(self) -> list[str]:
         data = self.directory / "data"
         if self.database:
@@ -525,23 +561,37 @@ class EmbeddedServer:
         return cmd + ["--host", "127.0.0.1", "--port", str(self.port)]
 
     # -- start: lock, secure the folder, keep the key, start Tiled behind the guard -------------
-    def _acquire_lock(self) -> int:
+    def lock_files(self) -> list[Path]:
+        """``DIR/server.lock``, and for PostgreSQL this host's lock of the database too."""
+        return [self.lock_file] + ([database_lock_path(self.database)] if self.database else [])
+
+    def _acquire_locks(self) -> list[int]:
         import fcntl
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        fds: list[int] = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            held = _lock_holder(self.lock_file)
-            raise CatalogInUse(
-                f"the catalog {self.directory} is already served by process {held.get('pid', '?')} at "
-                f"{held.get('uri', '?')} (database {held.get('database', '?')}); use it with "
-                f"--catalog {self.directory}, or stop that server first") from None
-        os.fchmod(fd, 0o600)
-        return fd
+            for path in self.lock_files():
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held = _lock_holder(path)
+                    what = f"the catalog {self.directory}" if path == self.lock_file else \
+                        f"the database {_public_uri(self.database or '')}"
+                    raise CatalogInUse(
+                        f"{what} is already served by process {held.get('pid', '?')} at {held.get('uri', '?')} "
+                        f"(folder {held.get('directory', '?')}); use it with --catalog {held.get('directory', '?')}, "
+                        "or stop that server first") from None
+                os.fchmod(fd, 0o600)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
 
     def _write_lock(self, fd: int, pid: int) -> None:
-        text = json.dumps({"pid": pid, "uri": self.uri, "database": self.database or str(self.directory / "catalog.db"),
+        text = json.dumps({"pid": pid, "uri": self.uri, "directory": str(self.directory),
+                           "database": _public_uri(self.database) if self.database else str(self.directory / "catalog.db"),
                            "started": time.time()}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, text, 0)
@@ -569,27 +619,30 @@ class EmbeddedServer:
             atomic_write_text(self.log_file, text.replace(self.api_key, "***"), mode=0o600)
 
     def start(self, timeout: float = 60.0) -> EmbeddedServer:
-        from .tiled_guard import ENV_READABLE, ENV_SECRETS
+        from .tiled_guard import ENV_READABLE, ENV_SECRETS, ENV_TABLES
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.directory / "data").mkdir(exist_ok=True, mode=0o700)
-        lock_fd = self._acquire_lock()
+        lock_fds = self._acquire_locks()
         try:
             self._secure_folder()
             self._store_key()
             self._scrub_log()
             env = dict(os.environ, TILED_SINGLE_USER_API_KEY=self.api_key,
                        **{ENV_READABLE: os.pathsep.join(self.readable_folders()),
-                          ENV_SECRETS: os.pathsep.join(self.secret_files())})
+                          ENV_SECRETS: os.pathsep.join(self.secret_files()),
+                          ENV_TABLES: os.pathsep.join(self._table_files())})
             log_fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.fchmod(log_fd, 0o600)
                 self.proc = subprocess.Popen(self.command(), stdout=log_fd, stderr=subprocess.STDOUT, env=env,
-                                             start_new_session=True, umask=0o077, pass_fds=(lock_fd,))
+                                             start_new_session=True, umask=0o077, pass_fds=tuple(lock_fds))
             finally:
                 os.close(log_fd)
-            self._write_lock(lock_fd, self.proc.pid)
+            for fd in lock_fds:
+                self._write_lock(fd, self.proc.pid)
         finally:
-            os.close(lock_fd)          # the server process holds the lock now (inherited descriptor)
+            for fd in lock_fds:
+                os.close(fd)           # the server process holds the locks now (inherited descriptors)
         try:
             wait_for_server(self.uri, timeout, self.proc)
             cfg = self.config

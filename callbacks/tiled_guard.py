@@ -16,8 +16,10 @@ does not do (checked against a real server in ``tests/test_catalog_security.py``
    server can read. Here every ``file://`` asset is resolved with ``os.path.realpath`` and must lie
    in a readable folder (``HXN_PTYCHO_READABLE``, resolved the same way) and outside the
    catalog's own secrets (``HXN_PTYCHO_SECRETS``: the key file, the database, the log, the lock).
-   The check runs when an asset is registered (the write is refused with 403), when it is read,
-   and when its bytes are downloaded.
+   A ``sqlite:``/``duckdb:`` asset must be the server's own tabular database
+   (``HXN_PTYCHO_TABLES``): tiled does not path-scope those at all. The check runs when an asset
+   is registered (the write is refused with 403), when it is read, and when its bytes are
+   downloaded.
 
 If the Tiled functions patched here are missing (a Tiled version with another layout), the
 server refuses to start rather than run unguarded.
@@ -33,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 ENV_READABLE = "HXN_PTYCHO_READABLE"
 ENV_SECRETS = "HXN_PTYCHO_SECRETS"
+ENV_TABLES = "HXN_PTYCHO_TABLES"
 ENV_KEY = "TILED_SINGLE_USER_API_KEY"
 _API_KEY_IN_URL = re.compile(r"(api_key=)[^&\s\"']+")
 
@@ -50,15 +53,33 @@ def _within(path: str, root: str) -> bool:
 
 
 def asset_path(uri: str) -> str | None:
-    """The local path of a ``file:`` URI (None for other schemes, which are not path-scoped)."""
+    """The local path of a ``file:`` URI (None for other schemes)."""
     parts = urlsplit(uri)
     if parts.scheme != "file":
         return None
     return unquote(parts.path)
 
 
-def check_asset(uri: str, readable: Iterable[str], secrets: Iterable[str] = ()) -> None:
-    """Raise :class:`AssetRefused` unless the ``file:`` ``uri`` resolves inside ``readable`` and off ``secrets``."""
+def database_path(uri: str) -> str | None:
+    """The file of a ``sqlite:``/``duckdb:`` URI (as tiled.utils.path_from_uri reads it), else None."""
+    parts = urlsplit(uri)
+    if parts.scheme.split("+")[0] not in ("sqlite", "duckdb"):
+        return None
+    return unquote(parts.path[1:])
+
+
+def check_asset(uri: str, readable: Iterable[str], secrets: Iterable[str] = (), tables: Iterable[str] = ()) -> None:
+    """Raise :class:`AssetRefused` unless the ``file:`` ``uri`` resolves inside ``readable`` and off ``secrets``.
+
+    A ``sqlite:``/``duckdb:`` asset must be one of the server's own tabular databases (``tables``);
+    other schemes (PostgreSQL...) are not files and are not checked.
+    """
+    db = database_path(uri)
+    if db is not None:
+        if not any(_real(db) == _real(t) for t in tables):
+            raise AssetRefused(f"refusing the asset {uri}: only this server's own tabular database may be "
+                               "registered as a SQL table")
+        return
     path = asset_path(uri)
     if path is None:
         return
@@ -121,14 +142,13 @@ def install() -> None:
     sys.stdout = RedactingStream(sys.stdout, [key])
     sys.stderr = RedactingStream(sys.stderr, [key])
 
-    readable, secrets = _env_paths(ENV_READABLE), _env_paths(ENV_SECRETS)
+    readable, secrets, tables = _env_paths(ENV_READABLE), _env_paths(ENV_SECRETS), _env_paths(ENV_TABLES)
     if not readable:
         raise SystemExit(f"tiled_guard: {ENV_READABLE} is empty; refusing to serve without readable folders")
 
     from fastapi import HTTPException
-
-    import tiled.server.router as router
     from tiled.catalog.adapter import CatalogNodeAdapter
+    from tiled.server import router
 
     missing = [name for name, obj in (("_ensure_uri_within_readable_storage", CatalogNodeAdapter),
                                       ("_put_asset", CatalogNodeAdapter), ("path_from_uri", router))
@@ -142,21 +162,21 @@ def install() -> None:
 
     def read_check(self, data_uri):  # type: ignore[no-untyped-def]
         try:
-            check_asset(data_uri, readable, secrets)
+            check_asset(data_uri, readable, secrets, tables)
         except AssetRefused as exc:
             raise RuntimeError(str(exc)) from None       # as upstream: the read fails
         return upstream_read_check(self, data_uri)
 
     async def put_asset(self, db, asset):  # type: ignore[no-untyped-def]
         try:
-            check_asset(asset.data_uri, readable, secrets)
+            check_asset(asset.data_uri, readable, secrets, tables)
         except AssetRefused as exc:
             raise HTTPException(status_code=403, detail=str(exc)) from None
         return await upstream_put_asset(self, db, asset)
 
     def path_from_uri(uri):  # type: ignore[no-untyped-def]
         try:
-            check_asset(str(uri), readable, secrets)
+            check_asset(str(uri), readable, secrets, tables)
         except AssetRefused as exc:
             raise HTTPException(status_code=403, detail=str(exc)) from None
         return upstream_path_from_uri(uri)
