@@ -386,10 +386,9 @@ def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | N
                         f"the newest: {skipped[0][1]}")
 
 
-def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
-    """Object, probe modes and the convergence curves in one PNG (written atomically): the same
-    figure as ``hxn-ptycho reconstruct --png``, at the object pixel size recorded in ``recon``."""
-    from hxn_ptycho.plots import summary_png as plot
+def as_result_data(res: DerivedResult) -> Any:
+    """The derived run's arrays as a :class:`hxn_ptycho.resultfile.ResultData` (for the figure), with
+    the scan id, the object pixel size and the probe-mode log found in ``recon``."""
     from hxn_ptycho.resultfile import ResultData
 
     if not res.ok:
@@ -404,10 +403,17 @@ def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
     attrs = {k: v for k in ("probe_modes_log", "final_cost", "pixel_size_m", "lambda_nm", "z_m", "ccd_pixel_um")
              if (v := _find_key(res.recon, k)) is not None}
     attrs["scan_scan_id"] = res.scan_id
-    data = ResultData(object=res.object, probe=res.probe, positions_px=res.positions_px,
+    return ResultData(object=res.object, probe=res.probe, positions_px=res.positions_px,
                       error_data=np.zeros(0) if res.data_error is None else np.asarray(res.data_error, float),
                       error_probe=curves(res.probe_error, res.probe.shape[0]),
                       error_object=curves(res.object_error, res.object.shape[0]),
                       probe_power_fraction=res.probe_power_fraction, params=res.recon, attrs=attrs)
-    plot(data, path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}")
+
+
+def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
+    """Object modes, probe modes and the convergence curves in one PNG (written atomically): the same
+    figure as ``hxn-ptycho reconstruct --png``, at the object pixel size recorded in ``recon``."""
+    from hxn_ptycho.plots import summary_png as plot
+
+    plot(as_result_data(res), path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}")
     return str(path)
