@@ -386,6 +386,26 @@ def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | N
                         f"the newest: {skipped[0][1]}")
 
 
+def wait_for_derived(catalog: Any, raw_uid: str, timeout: float | None = 600.0, poll_s: float = 1.0,
+                     newer_than: float | None = None) -> DerivedResult:
+    """Wait until a finished derived run of ``raw_uid`` is in the catalog and return it (the newest
+    readable one, as :func:`results`); a failed reconstruction is returned too (``res.ok`` False).
+
+    Only runs that have a stop document count, and with ``newer_than`` (a Unix time) only those
+    started after it. Raises :class:`TimeoutError` after ``timeout`` seconds (None: no limit).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        found = [r for r in find_derived_runs(catalog, raw_uid=raw_uid)
+                 if r.metadata.get("stop") and (newer_than is None
+                                                or r.metadata.get("start", {}).get("time", 0.0) >= newer_than)]
+        if found:
+            return results(catalog, raw_uid=raw_uid)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"no finished reconstruction of raw run {raw_uid} in the catalog after {timeout:g} s")
+        time.sleep(poll_s)
+
+
 def as_result_data(res: DerivedResult) -> Any:
     """The derived run's arrays as a :class:`hxn_ptycho.resultfile.ResultData` (for the figure), with
     the scan id, the object pixel size and the probe-mode log found in ``recon``."""
