@@ -42,10 +42,12 @@ def profile_env(tiled_server, tmp_path, monkeypatch):
     return work
 
 
-def test_profile_startup_files_in_order(profile_env):
+def test_profile_startup_files_in_order(profile_env, tiled_server, monkeypatch):
+    monkeypatch.delenv("HXN_PTYCHO_WORK")      # the default: beside the catalog folder, which its server reads
     ns: dict = {"__name__": "__main__"}
     names = run_startup(ns)
     assert names == ["00-base.py", "10-devices.py", "90-ptycho.py"]
+    assert ns["WORK_DIR"] == str(tiled_server.directory / "ptycho_work")
     RE, cb, jobs = ns["RE"], ns["ptycho_callback"], ns["ptycho_jobs"]
     try:
         (uid,) = RE(ns["ptycho_scan"](), scan_id=777)

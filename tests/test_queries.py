@@ -158,3 +158,15 @@ def test_broker_leaves_other_clients_v3(published):
     run = runs(published["folder"], "processed")[published["good"]]
     assert type(run).__name__ == "BlueskyRunV3"
     assert run["primary"]["probe"].read().shape[0] == 1
+
+
+def test_unreachable_catalog_is_one_line(tmp_path):
+    from hxn_ptycho.callbacks.catalog import free_port
+
+    t0 = time.monotonic()
+    proc = _cli("--scan-id", "1", catalog=f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2 and time.monotonic() - t0 < 30
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("hxn-ptycho results: error: cannot reach the Tiled catalog at http://127.0.0.1:")
+    bad = _cli("--scan-id", "1", "--uid", "abcdef", catalog="http://127.0.0.1:1")
+    assert bad.returncode == 2 and "give one of --scan-id N, --raw-uid UID or --uid" in bad.stderr

@@ -1,9 +1,9 @@
 # 90-ptycho.py — reconstruct every ptychography scan: subscribe the hxn-ptycho callback.
 # ruff: noqa: F821  (RE, sd, CATALOG, PROFILE_DIR, ... come from the earlier startup files)
 #
-# Scan files, results and the on-disk job queue go to $HXN_PTYCHO_WORK (default
-# PROFILE_DIR/work); jobs run `mpiexec -n $HXN_PTYCHO_NPROCS python -m hxn_ptycho.job` one at a
-# time and publish their derived runs to the 'processed' container of the same catalog.
+# Scan files, results and the on-disk job queue go to $HXN_PTYCHO_WORK (default: DIR/ptycho_work
+# for a local catalog folder DIR, which its server reads, else PROFILE_DIR/work); jobs run
+# `mpiexec -n $HXN_PTYCHO_NPROCS python -m hxn_ptycho.job` one at a time and publish their derived runs to the 'processed' container of the same catalog.
 # At the facility, prefer `hxn-ptycho listen --zmq ...` in its own process (same callback).
 import atexit
 import os
@@ -18,13 +18,23 @@ from hxn_ptycho.callbacks.router import (
                        job_failure_recorder,
 )
 
+from pathlib import Path as _Path
+
 _key = resolve_catalog(CATALOG).resolve_api_key()
-ptycho_jobs = JobQueue(os.environ.get("HXN_PTYCHO_WORK", str(PROFILE_DIR / "work")) + "/queue",
+# Results must lie where the catalog's server may read them: beside a local catalog folder
+# (`hxn-ptycho serve --dir DIR` serves DIR) by default, else in the profile folder.
+_local = _Path(CATALOG).expanduser() if not str(CATALOG).startswith(("http://", "https://")) else None
+if _local is not None and not _local.is_dir():
+    _local = _local.parent                      # a catalog.json
+WORK_DIR = os.environ.get("HXN_PTYCHO_WORK") or str(
+    (_local / "ptycho_work") if _local is not None and (_local / "catalog.json").exists() else PROFILE_DIR / "work")
+print(f"hxn-ptycho: scan files, results and the job queue in {WORK_DIR}")
+ptycho_jobs = JobQueue(WORK_DIR + "/queue",
                        slots=int(os.environ.get("HXN_PTYCHO_SLOTS", "1")),
                        env={"TILED_API_KEY": _key} if _key else {},
                        on_failure=job_failure_recorder(CATALOG)).start()
 ptycho_callback = PtychoCallback(
-    CallbackConfig(work_dir=os.environ.get("HXN_PTYCHO_WORK", str(PROFILE_DIR / "work")), catalog=CATALOG,
+    CallbackConfig(work_dir=WORK_DIR, catalog=CATALOG,
                    params={"iterations": int(os.environ.get("HXN_PTYCHO_ITERATIONS", "50"))},
                    nprocs=int(os.environ.get("HXN_PTYCHO_NPROCS", "1")),
                    export=ExportConfig(distance_m=DETECTOR_DISTANCE_M)),
