@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -148,12 +149,14 @@ def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     K, L = res.probe.shape[0], res.object.shape[0]
     cols = max(2 * L, K, 3)
     pixel_m = object_pixel_size_m(res, pixel_size_m)
-    fig = plt.figure(figsize=(3.1 * cols, 11.5))
-    grid = fig.add_gridspec(4, cols, height_ratios=[1.0, 0.9, 1.0, 1.0], hspace=0.45, wspace=0.35)
+    fig = plt.figure(figsize=(3.1 * cols, 12.0))
+    grid = fig.add_gridspec(5, cols, height_ratios=[1.0, 0.9, 0.12, 1.0, 1.0], hspace=0.45,   # row 2: room for
+                            wspace=0.35 if pixel_m else 0.6)                                 # the definitions
 
     rows, colsl = _lit_window(res)
     for m in range(L):
@@ -163,7 +166,8 @@ def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None 
         _image(fig, fig.add_subplot(grid[0, 2 * m + 1]), np.abs(obj), f"{name}: amplitude", "gray",
                "amplitude |O|", pixel_m)
 
-    ax = fig.add_subplot(grid[1, : max(cols - 1, 2)])
+    span = max(cols - 1, 2)
+    ax = fig.add_subplot(grid[1, :span])
     it = np.arange(1, res.iterations + 1)
     ax.semilogy(it, res.error_data, color="k", lw=2, label="ε_D data error")
     for k in range(res.error_probe.shape[1]):
@@ -178,19 +182,21 @@ def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None 
                     textcoords="offset points", fontsize=7, color="0.35", rotation=90, va="top",
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 0.5})
     ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("error (log scale)")
     q = quality(res)
     ax.set_title("convergence" + (f" — final data error ε_D = {q:.4g}" if q is not None else ""), fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0.0)
-    ax.text(0.0, -0.28, CURVES_DEFINITION, transform=ax.transAxes, fontsize=7, va="top", color="0.25", wrap=True)
+    ax.text(0.0, -0.27, textwrap.fill(CURVES_DEFINITION, int(span * 3.1 * 15)), transform=ax.transAxes,
+            fontsize=7, va="top", color="0.25")
     ax.grid(True, which="major", alpha=0.3)
 
     for k in range(K):
         p = res.probe[k]
         share = 100 * float(res.probe_power_fraction[k])
-        _image(fig, fig.add_subplot(grid[2, k]), np.abs(p), f"probe mode {k}: {share:.1f} % of the power",
+        _image(fig, fig.add_subplot(grid[3, k]), np.abs(p), f"probe mode {k}: {share:.1f} % of the power",
                "magma", "amplitude |P|", pixel_m, robust=False)
-        _image(fig, fig.add_subplot(grid[3, k]), np.angle(p), f"probe mode {k}: phase", "twilight",
+        _image(fig, fig.add_subplot(grid[4, k]), np.angle(p), f"probe mode {k}: phase", "twilight",
                "phase (rad)", pixel_m, robust=False)
 
     scan = res.attrs.get("scan_scan_id", res.attrs.get("scan_id"))

@@ -104,7 +104,7 @@ def test_convergence_curves_labelled_mode_changes_marked_legend_beside():
     changes = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
     assert [float(line.get_xdata()[0]) for line in changes] == [10.0]     # the 'keeping' line is no change
     assert any("+1 → 3 modes" in t.get_text() for t in ax.texts)
-    assert any("ε_P k, ε_O l: relative change" in t.get_text() for t in ax.texts)
+    assert any("ε_P k, ε_O l: relative change" in t.get_text().replace("\n", " ") for t in ax.texts)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     assert leg.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1   # not over the curves

@@ -53,7 +53,8 @@ def test_profile_startup_files_in_order(profile_env, tiled_server, monkeypatch):
         (uid,) = RE(ns["ptycho_scan"](), scan_id=777)
         res = ns["wait_for_reconstruction"](timeout=180)     # no flush / wait_idle needed first
         assert res.ok, res.reason
-        assert res.raw_uid == uid and res.scan_id == 777 and res.start["recon"]["ranks"] == 2
+        from hxn_ptycho.callbacks.query import key_parameters
+        assert res.raw_uid == uid and res.scan_id == 777 and key_parameters(res.recon)["ranks"] == 2
         assert res.probe.shape == (1, 64, 64)
         with pytest.raises(LookupError, match="not reconstructed"):
             (other,) = RE(_empty_run())
@@ -126,7 +127,7 @@ def test_sessions_keep_scan_id_and_finish_their_jobs(profile_env, tiled_server):
 
 
 def test_leaving_early_hands_the_job_to_the_next_session(profile_env, tiled_server):
-    from hxn_ptycho.callbacks.query import NoResult, results
+    from hxn_ptycho.callbacks.query import NoResult, key_parameters, results
 
     queue = profile_env / "queue"
     env = {"HXN_PTYCHO_EXIT_WAIT": "0.5", "HXN_PTYCHO_ITERATIONS": "150"}
@@ -141,4 +142,4 @@ def test_leaving_early_hands_the_job_to_the_next_session(profile_env, tiled_serv
     second = _session("print('resumed', flush=True)", {"HXN_PTYCHO_ITERATIONS": "5"})
     assert "waiting for 1 reconstruction job(s)" in second.stdout
     res = results(str(tiled_server.directory), raw_uid=uid)
-    assert res.ok and res.start["recon"]["iterations"] == 150
+    assert res.ok and key_parameters(res.recon)["iterations"] == 150
