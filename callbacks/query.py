@@ -178,7 +178,7 @@ def duplicate_scan_ids(catalog: Any, scan_id: int, derived: list[Any] = ()) -> s
     raw = _raw(catalog)
     if raw is not None:
         with catalog_errors(catalog, "searching the raw scans"):
-            uids = [str(k) for k in raw.search(Eq("scan_id", int(scan_id))).keys()]
+            uids = [str(k) for k in raw.search(Eq("scan_id", int(scan_id)))]
     for run in derived:
         u = run.metadata.get("start", {}).get("raw_uid")
         if u and u not in uids:
@@ -348,7 +348,7 @@ def summarize(run: Any, catalog: Any = None, check: bool = True) -> RunSummary:
 
 
 def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | None = None,
-            uid: str | None = None, all: bool = False,  # noqa: A002 - the documented keyword
+            uid: str | None = None, all: bool = False,  # the documented keyword (shadows the builtin here only)
             only_success: bool = False) -> DerivedResult | list[RunSummary]:
     """The newest readable reconstruction of a raw scan: arrays, parameters, status (and reason if it
     failed). ``uid=`` picks one derived run; ``all=True`` lists them all (newest first)."""

@@ -90,7 +90,7 @@ def mode_changes(log_lines: Any, iterations: int) -> list[tuple[int, str]]:
 def mode_changes_from_curves(error_probe: np.ndarray) -> list[tuple[int, str]]:
     """Probe modes added during the run, where no log came with the result: a mode's ε_P curve
     starts (is NaN before) at the iteration after it was added."""
-    out = []
+    out: list[tuple[int, str]] = []
     ep = np.asarray(error_probe, dtype=float)
     if ep.ndim != 2:
         return out

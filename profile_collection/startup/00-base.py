@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bluesky import RunEngine
 from bluesky.preprocessors import SupplementalData
+from bluesky.utils import PersistentDict
 from hxn_ptycho.callbacks.catalog import EmbeddedServer, broker, tiled_writer
 
 logging.getLogger("hxn_ptycho").setLevel(logging.INFO)
@@ -28,8 +29,6 @@ if not CATALOG:
 # redis_url=...), which backs RE.md with a RedisJSONDict (NSLS-II/nslsii, nslsii/__init__.py);
 # without Redis, bluesky's PersistentDict (bluesky.utils, files in a per-user folder) does the same.
 # One session at a time per folder (zict's limit); $HXN_PTYCHO_MD_DIR picks another folder.
-from bluesky.utils import PersistentDict
-
 MD_DIR = Path(os.environ.get("HXN_PTYCHO_MD_DIR", Path.home() / ".config" / "hxn-ptycho" / "md")).expanduser()
 MD_DIR.mkdir(parents=True, exist_ok=True)
 RE = RunEngine(PersistentDict(str(MD_DIR)))

@@ -3,7 +3,8 @@
 #
 # Scan files, results and the on-disk job queue go to $HXN_PTYCHO_WORK (default: DIR/ptycho_work
 # for a local catalog folder DIR, which its server reads, else PROFILE_DIR/work); jobs run
-# `mpiexec -n $HXN_PTYCHO_NPROCS python -m hxn_ptycho.job` one at a time and publish their derived runs to the 'processed' container of the same catalog.
+# `mpiexec -n $HXN_PTYCHO_NPROCS python -m hxn_ptycho.job` one at a time; their derived runs go
+# to the 'processed' container of the same catalog.
 # At the facility, prefer `hxn-ptycho listen --zmq ...` in its own process (same callback).
 import atexit
 import os
