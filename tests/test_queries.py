@@ -5,6 +5,7 @@ scan ids warn; databroker's ``db(plan_name="hxn_ptycho_dm")`` finds derived runs
 is one line with the cause from the server's log."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,9 @@ def test_results_all_lists_reconstructions(published):
     assert "ranks=2" in rows[published["good"]]
     assert "unreadable" in rows[published["far"]] and "unreadable" in rows[published["gone"]]
     assert "0.1" in rows[published["good"]]                               # the final data error
+    as_json = _cli("--scan-id", str(SCAN), "--all", "--json", catalog=published["folder"])
+    table = json.loads(as_json.stdout[as_json.stdout.index("["):])
+    assert [r["uid"] for r in table] == list(rows) and table[2]["parameters"]["iterations"] == 6
     listed = hxn_ptycho.results(published["folder"], scan_id=SCAN, all=True)
     assert [r.uid for r in listed] == list(rows)
     assert listed[2].final_data_error == pytest.approx(0.1) and listed[2].unreadable is None
