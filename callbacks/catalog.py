@@ -347,7 +347,7 @@ def _warn_duplicate_scan_id(raw: Any, scan_id: int) -> list[str]:
     found = raw.search(Eq("scan_id", int(scan_id)))
     if len(found) < 2:
         return []
-    uids = [str(k) for k in found.keys()]
+    uids = [str(k) for k in found]
     log.warning("scan_id %s names %d raw runs (%s); taking the newest, %s — pick one by uid",
                 scan_id, len(uids), ", ".join(uids), uids[-1])
     return uids

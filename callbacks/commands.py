@@ -491,15 +491,19 @@ def add_commands(subparsers: Any) -> None:
     p.set_defaults(func=_guarded(cmd_demo), crop=64)
     p.add_argument("--points", dest="positions", type=int, default=100, help="scan positions")
 
-    p = subparsers.add_parser("results", help="the reconstruction of a stored scan")
-    p.add_argument("--catalog", default=os.environ.get("HXN_PTYCHO_CATALOG"))
+    p = subparsers.add_parser("results", help="the reconstruction(s) of a stored scan",
+                              description="The newest readable reconstruction of a scan (a derived run the "
+                                          "server cannot read is skipped, saying why), one derived run "
+                                          "(--uid), or the list of them (--all).")
+    p.add_argument("--catalog", default=os.environ.get("HXN_PTYCHO_CATALOG"),
+                   help="Tiled URL, config file or embedded server folder (default $HXN_PTYCHO_CATALOG)")
     p.add_argument("--scan-id", type=int, help="the raw scan's scan_id (a duplicate warns, naming the uids)")
     p.add_argument("--raw-uid", help="the raw scan's uid")
     p.add_argument("--uid", help="one derived run (full uid or its first ≥ 5 characters)")
     p.add_argument("--all", action="store_true",
                    help="list every reconstruction of the scan: uid, time, status, data error, key parameters")
-    p.add_argument("--png", help="write a summary figure")
-    p.add_argument("--json", action="store_true", help="also print the start metadata as JSON")
+    p.add_argument("--png", help="write the summary figure of that reconstruction")
+    p.add_argument("--json", action="store_true", help="also print the start metadata (or the list) as JSON")
     p.set_defaults(func=_guarded(cmd_results))
 
 

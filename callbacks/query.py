@@ -178,7 +178,7 @@ def duplicate_scan_ids(catalog: Any, scan_id: int, derived: list[Any] = ()) -> s
     raw = _raw(catalog)
     if raw is not None:
         with catalog_errors(catalog, "searching the raw scans"):
-            uids = [str(k) for k in raw.search(Eq("scan_id", int(scan_id))).keys()]
+            uids = [str(k) for k in raw.search(Eq("scan_id", int(scan_id)))]
     for run in derived:
         u = run.metadata.get("start", {}).get("raw_uid")
         if u and u not in uids:
@@ -348,7 +348,7 @@ def summarize(run: Any, catalog: Any = None, check: bool = True) -> RunSummary:
 
 
 def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | None = None,
-            uid: str | None = None, all: bool = False,  # noqa: A002 - the documented keyword
+            uid: str | None = None, all: bool = False,  # the documented keyword (shadows the builtin here only)
             only_success: bool = False) -> DerivedResult | list[RunSummary]:
     """The newest readable reconstruction of a raw scan: arrays, parameters, status (and reason if it
     failed). ``uid=`` picks one derived run; ``all=True`` lists them all (newest first)."""
@@ -386,10 +386,29 @@ def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | N
                         f"the newest: {skipped[0][1]}")
 
 
-def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
-    """Object, probe modes and the convergence curves in one PNG (written atomically): the same
-    figure as ``hxn-ptycho reconstruct --png``, at the object pixel size recorded in ``recon``."""
-    from hxn_ptycho.plots import summary_png as plot
+def wait_for_derived(catalog: Any, raw_uid: str, timeout: float | None = 600.0, poll_s: float = 1.0,
+                     newer_than: float | None = None) -> DerivedResult:
+    """Wait until a finished derived run of ``raw_uid`` is in the catalog and return it (the newest
+    readable one, as :func:`results`); a failed reconstruction is returned too (``res.ok`` False).
+
+    Only runs that have a stop document count, and with ``newer_than`` (a Unix time) only those
+    started after it. Raises :class:`TimeoutError` after ``timeout`` seconds (None: no limit).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        found = [r for r in find_derived_runs(catalog, raw_uid=raw_uid)
+                 if r.metadata.get("stop") and (newer_than is None
+                                                or r.metadata.get("start", {}).get("time", 0.0) >= newer_than)]
+        if found:
+            return results(catalog, raw_uid=raw_uid)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"no finished reconstruction of raw run {raw_uid} in the catalog after {timeout:g} s")
+        time.sleep(poll_s)
+
+
+def as_result_data(res: DerivedResult) -> Any:
+    """The derived run's arrays as a :class:`hxn_ptycho.resultfile.ResultData` (for the figure), with
+    the scan id, the object pixel size and the probe-mode log found in ``recon``."""
     from hxn_ptycho.resultfile import ResultData
 
     if not res.ok:
@@ -404,10 +423,17 @@ def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
     attrs = {k: v for k in ("probe_modes_log", "final_cost", "pixel_size_m", "lambda_nm", "z_m", "ccd_pixel_um")
              if (v := _find_key(res.recon, k)) is not None}
     attrs["scan_scan_id"] = res.scan_id
-    data = ResultData(object=res.object, probe=res.probe, positions_px=res.positions_px,
+    return ResultData(object=res.object, probe=res.probe, positions_px=res.positions_px,
                       error_data=np.zeros(0) if res.data_error is None else np.asarray(res.data_error, float),
                       error_probe=curves(res.probe_error, res.probe.shape[0]),
                       error_object=curves(res.object_error, res.object.shape[0]),
                       probe_power_fraction=res.probe_power_fraction, params=res.recon, attrs=attrs)
-    plot(data, path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}")
+
+
+def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
+    """Object modes, probe modes and the convergence curves in one PNG (written atomically): the same
+    figure as ``hxn-ptycho reconstruct --png``, at the object pixel size recorded in ``recon``."""
+    from hxn_ptycho.plots import summary_png as plot
+
+    plot(as_result_data(res), path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}")
     return str(path)

@@ -1,11 +1,106 @@
-"""The summary figure of a reconstruction: object phase and amplitude, probe modes, error curves."""
+"""The summary figure of a reconstruction (``reconstruct --png``, ``results --png``, the demo).
+
+Rows: every object mode (phase and amplitude, with a scale bar in nm/µm from the object pixel
+size); the convergence curves (ε_D, ε_P per probe mode, ε_O per object mode, probe-mode changes
+marked, the legend beside the curves, not over them); every probe mode's amplitude (with its share
+of the power) and phase, each with a colour bar and a scale bar. The title names the scan and
+gives the one quality number, the final data error ε_D (see :data:`QUALITY_DEFINITION`).
+"""
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+import textwrap
+from typing import Any
 
 import numpy as np
 
 from .resultfile import ResultData
+
+QUALITY_NAME = "final data error ε_D"
+QUALITY_DEFINITION = ("ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and unmasked pixels, of the model "
+                      "at the last iteration (0 = a perfect fit)")
+CURVES_DEFINITION = ("ε_D: data error, Σ(|F(P·O)| − √I)² / ΣI.   ε_P k, ε_O l: relative change of probe "
+                     "mode k, object mode l in that iteration, ‖X_i − X_(i−1)‖ / ‖X_(i−1)‖.")
+
+
+def quality(res: ResultData) -> float | None:
+    """The figure's quality number: the data error ε_D of the last iteration (see QUALITY_DEFINITION)."""
+    if res.iterations == 0 or not np.isfinite(res.error_data[-1]):
+        return None
+    return float(res.error_data[-1])
+
+
+def object_pixel_size_m(res: ResultData, pixel_size_m: float | None = None) -> float | None:
+    """The object pixel size: given, or from the result's attributes or parameters (``pixel_size_m``,
+    or λ·z / (n·Δ) from ``lambda_nm``, ``z_m``, ``ccd_pixel_um``); None when none of them is there."""
+    if pixel_size_m:
+        return float(pixel_size_m)
+    for source in (res.attrs, res.params):
+        for key in ("pixel_size_m", "scan_pixel_size_m", "object_pixel_size_m"):
+            v = (source or {}).get(key)
+            if v:
+                return float(v)
+    for source in (res.attrs, res.params):
+        source = source or {}
+        lam = source.get("lambda_nm", source.get("scan_lambda_nm"))
+        z = source.get("z_m", source.get("scan_z_m"))
+        pix = source.get("ccd_pixel_um", source.get("scan_ccd_pixel_um"))
+        if lam and z and pix:
+            return float(lam) * 1e-9 * float(z) / (res.probe.shape[-1] * float(pix) * 1e-6)
+    return None
+
+
+def scale_bar_length(width_m: float) -> tuple[float, str]:
+    """A round length (1, 2 or 5 × 10^k m) near a fifth of ``width_m``, and its label in nm or µm."""
+    target = width_m / 5
+    exp = math.floor(math.log10(target))
+    length = min((m * 10.0 ** exp for m in (1, 2, 5, 10)), key=lambda v: abs(math.log(v / target)))
+    if length >= 1e-6:
+        return length, f"{length * 1e6:g} µm"
+    return length, f"{length * 1e9:g} nm"
+
+
+def mode_changes(log_lines: Any, iterations: int) -> list[tuple[int, str]]:
+    """(iteration, label) of each probe-mode change in the result's ``probe_modes_log``."""
+    out = []
+    if isinstance(log_lines, str):
+        try:
+            log_lines = json.loads(log_lines)         # a result file keeps the list as JSON
+        except ValueError:
+            log_lines = [log_lines]
+        if isinstance(log_lines, str):
+            log_lines = [log_lines]
+    for line in log_lines or []:
+        m = re.search(r"iteration (\d+)", str(line))
+        if not m:
+            continue
+        it = min(int(m.group(1)) + 1, max(iterations, 1))     # the change follows that iteration
+        add = re.search(r"adding mode (\d+)", str(line))
+        keep = re.search(r"keeping (\d+) mode", str(line))
+        if add:                                              # the log counts modes from 1
+            out.append((it, f"+1 → {add.group(1)} modes"))
+        elif keep and "<" in str(line):
+            out.append((it, f"−1 → {keep.group(1)} mode(s)"))
+    return out
+
+
+def mode_changes_from_curves(error_probe: np.ndarray) -> list[tuple[int, str]]:
+    """Probe modes added during the run, where no log came with the result: a mode's ε_P curve
+    starts (is NaN before) at the iteration after it was added."""
+    out: list[tuple[int, str]] = []
+    ep = np.asarray(error_probe, dtype=float)
+    if ep.ndim != 2:
+        return out
+    for k in range(1, ep.shape[1]):
+        finite = np.flatnonzero(np.isfinite(ep[:, k]))
+        if finite.size and finite[0] > 0:
+            out.append((int(finite[0]), f"+1 → {k + 1} modes"))
+        elif not finite.size:
+            out.append((ep.shape[0], f"+1 → {k + 1} modes"))
+    return sorted(out)
 
 
 def _lit_window(res: ResultData) -> tuple[slice, slice]:
@@ -19,54 +114,111 @@ def _lit_window(res: ResultData) -> tuple[slice, slice]:
     return slice(r0, max(r1, r0 + 1)), slice(c0, max(c1, c0 + 1))
 
 
-def summary_png(res: ResultData, path: str | os.PathLike, title: str = "") -> None:
-    """Write the summary figure to ``path`` (PNG, written to a temporary name and renamed)."""
+def _image(fig: Any, ax: Any, img: np.ndarray, title: str, cmap: str, unit: str, pixel_m: float | None,
+           robust: bool = True) -> None:
+    lo, hi = np.percentile(img, [1, 99]) if robust else (float(img.min()), float(img.max()))
+    if hi <= lo:
+        hi = lo + 1e-12
+    im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb.set_label(unit, fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    if pixel_m is None:
+        ax.set_xlabel("x (pixels)", fontsize=8)
+        ax.set_ylabel("y (pixels)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        return
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    ax.set_xticks([])
+    ax.set_yticks([])
+    length_m, label = scale_bar_length(img.shape[1] * pixel_m)
+    bar = AnchoredSizeBar(ax.transData, length_m / pixel_m, label, "lower left", pad=0.25, borderpad=0.3,
+                          sep=2, color="white", frameon=True, size_vertical=max(img.shape[0] / 60, 0.5),
+                          fontproperties={"size": 7})
+    bar.patch.set_facecolor("black")
+    bar.patch.set_alpha(0.55)
+    bar.patch.set_edgecolor("none")
+    bar.set_gid("scale bar")
+    ax.add_artist(bar)
+
+
+def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None = None) -> Any:
+    """The summary figure (a matplotlib Figure, not yet saved): see the module docstring."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    k = res.probe.shape[0]
-    cols = max(3, k)
-    fig, axes = plt.subplots(3, cols, figsize=(3.2 * cols, 9.6), squeeze=False)
+    K, L = res.probe.shape[0], res.object.shape[0]
+    cols = max(2 * L, K, 3)
+    pixel_m = object_pixel_size_m(res, pixel_size_m)
+    fig = plt.figure(figsize=(3.1 * cols, 12.0))
+    grid = fig.add_gridspec(5, cols, height_ratios=[1.0, 0.9, 0.12, 1.0, 1.0], hspace=0.45,   # row 2: room for
+                            wspace=0.35 if pixel_m else 0.6)                                 # the definitions
+
     rows, colsl = _lit_window(res)
-    obj = res.object[0][rows, colsl]
-    ax = axes[0]
-    phase = np.angle(obj)
-    lo, hi = np.percentile(phase, [1, 99])
-    im = ax[0].imshow(phase, cmap="viridis", vmin=lo, vmax=hi)
-    ax[0].set_title("object phase (rad)")
-    fig.colorbar(im, ax=ax[0], fraction=0.046)
-    amp = np.abs(obj)
-    lo, hi = np.percentile(amp, [1, 99])
-    im = ax[1].imshow(amp, cmap="gray", vmin=lo, vmax=hi)
-    ax[1].set_title("object amplitude")
-    fig.colorbar(im, ax=ax[1], fraction=0.046)
+    for m in range(L):
+        obj = res.object[m][rows, colsl]
+        name = "object" if L == 1 else f"object mode {m}"
+        _image(fig, fig.add_subplot(grid[0, 2 * m]), np.angle(obj), f"{name}: phase", "viridis", "phase (rad)", pixel_m)
+        _image(fig, fig.add_subplot(grid[0, 2 * m + 1]), np.abs(obj), f"{name}: amplitude", "gray",
+               "amplitude |O|", pixel_m)
+
+    span = max(cols - 1, 2)
+    ax = fig.add_subplot(grid[1, :span])
     it = np.arange(1, res.iterations + 1)
-    ax[2].semilogy(it, res.error_data, label="data error")
-    for m in range(res.error_probe.shape[1]):
-        ax[2].semilogy(it, res.error_probe[:, m], lw=0.8, label=f"ε_P mode {m}")
-    ax[2].semilogy(it, res.error_object[:, 0], lw=0.8, label="ε_O")
-    ax[2].set_xlabel("iteration")
-    ax[2].legend(fontsize=7)
-    ax[2].set_title("convergence")
-    for a in ax[3:]:
-        a.axis("off")
-    for m in range(cols):
-        for row in (1, 2):
-            axes[row][m].axis("off")
-        if m < k:
-            p = res.probe[m]
-            axes[1][m].imshow(np.abs(p), cmap="magma")
-            axes[1][m].set_title(f"probe mode {m}: {100 * res.probe_power_fraction[m]:.1f} %")
-            axes[2][m].imshow(np.angle(p), cmap="twilight")
-            axes[2][m].set_title(f"mode {m} phase")
-    cost = res.attrs.get("final_cost")
-    fig.suptitle(title or f"hxn-ptycho DM: {res.iterations} iterations, {k} probe mode(s)"
-                 + (f", cost {float(cost):.4g}" if cost is not None else ""))
-    fig.tight_layout()
+    ax.semilogy(it, res.error_data, color="k", lw=2, label="ε_D data error")
+    for k in range(res.error_probe.shape[1]):
+        ax.semilogy(it, res.error_probe[:, k], lw=0.9, label=f"ε_P probe mode {k}")
+    for m in range(res.error_object.shape[1]):
+        ax.semilogy(it, res.error_object[:, m], lw=0.9, ls="--", label=f"ε_O object mode {m}")
+    log = res.attrs.get("probe_modes_log")
+    changes = mode_changes(log, res.iterations) if log is not None else mode_changes_from_curves(res.error_probe)
+    for i, (x, label) in enumerate(changes):
+        ax.axvline(x, color="0.5", ls=":", lw=1, label="probe-mode change" if i == 0 else None)
+        ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, color="0.35", rotation=90, va="top",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 0.5})
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("error (log scale)")
+    q = quality(res)
+    ax.set_title("convergence" + (f" — final data error ε_D = {q:.4g}" if q is not None else ""), fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0.0)
+    ax.text(0.0, -0.27, textwrap.fill(CURVES_DEFINITION, int(span * 3.1 * 15)), transform=ax.transAxes,
+            fontsize=7, va="top", color="0.25")
+    ax.grid(True, which="major", alpha=0.3)
+
+    for k in range(K):
+        p = res.probe[k]
+        share = 100 * float(res.probe_power_fraction[k])
+        _image(fig, fig.add_subplot(grid[3, k]), np.abs(p), f"probe mode {k}: {share:.1f} % of the power",
+               "magma", "amplitude |P|", pixel_m, robust=False)
+        _image(fig, fig.add_subplot(grid[4, k]), np.angle(p), f"probe mode {k}: phase", "twilight",
+               "phase (rad)", pixel_m, robust=False)
+
+    scan = res.attrs.get("scan_scan_id", res.attrs.get("scan_id"))
+    head = title or (f"scan {scan}" if scan is not None else "scan (no scan_id)")
+    detail = f"{res.iterations} iterations, {K} probe mode(s), {L} object mode(s)"
+    detail += f", object pixel {pixel_m * 1e9:.3g} nm" if pixel_m else ", object pixel size unknown"
+    fig.suptitle(f"{head} — hxn-ptycho DM: {detail}\n"
+                 + (f"{QUALITY_NAME} = {q:.4g}" if q is not None else "no iterations"), fontsize=11)
+    return fig
+
+
+def summary_png(res: ResultData, path: str | os.PathLike, title: str = "", pixel_size_m: float | None = None,
+                dpi: int = 90) -> None:
+    """Write the summary figure to ``path`` (PNG, written to a temporary name and renamed)."""
+    import matplotlib.pyplot as plt
+
+    fig = summary_figure(res, title, pixel_size_m)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.part.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     os.replace(tmp, path)

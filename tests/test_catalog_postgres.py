@@ -1,7 +1,7 @@
 """The catalog over SQLite (embedded default) and PostgreSQL (facility-like; CI sets
 HXN_PTYCHO_TEST_POSTGRES via .ci/steps/20-postgres.sh): a raw scan written by TiledWriter is
 re-run from the catalog with ``hxn-ptycho reconstruct --scan-id N --catalog ...`` (the real CLI,
-job and derived run), then queried with ``hxn-ptycho results``."""
+job and derived run), then queried with ``hxn-ptycho results`` (``--scan-id``, ``--all``, ``--uid``)."""
 from __future__ import annotations
 
 import os
@@ -61,6 +61,16 @@ def test_reconstruct_stored_scan_and_query(server, tmp_path, monkeypatch):
                        check=False)
     assert q.returncode == 0, q.stderr
     assert "success" in q.stdout and uid in q.stdout
+
+    listed = subprocess.run([sys.executable, "-m", "hxn_ptycho.cli", "results", "--catalog", str(server.directory),
+                             "--scan-id", "321", "--all"], env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = listed.stdout.strip().splitlines()[1:]
+    assert row.startswith(res.uid) and "success" in row and "iterations=4" in row and "ranks=2" in row
+    one = subprocess.run([sys.executable, "-m", "hxn_ptycho.cli", "results", "--catalog", str(server.directory),
+                          "--uid", res.uid[:8]], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert one.returncode == 0 and res.uid in one.stdout, one.stderr
 
     missing = subprocess.run([sys.executable, "-m", "hxn_ptycho.cli", "results", "--catalog",
                               str(server.directory), "--scan-id", "999999"], env=env, capture_output=True,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bluesky import RunEngine
 from bluesky.preprocessors import SupplementalData
+from bluesky.utils import PersistentDict
 from hxn_ptycho.callbacks.catalog import EmbeddedServer, broker, tiled_writer
 
 logging.getLogger("hxn_ptycho").setLevel(logging.INFO)
@@ -23,7 +24,15 @@ if not CATALOG:
     os.environ["HXN_PTYCHO_CATALOG"] = CATALOG
     print(f"hxn-ptycho: local catalog at {_server.uri} ({CATALOG})")
 
-RE = RunEngine({})
+# RE.md (and so scan_id) persists across sessions, as NSLS-II profiles keep it: HXN's own profile
+# (NSLS2/hxn-profile-collection, startup/00-startup.py) calls nslsii.configure_base(...,
+# redis_url=...), which backs RE.md with a RedisJSONDict (NSLS-II/nslsii, nslsii/__init__.py);
+# without Redis, bluesky's PersistentDict (bluesky.utils, files in a per-user folder) does the same.
+# One session at a time per folder (zict's limit); $HXN_PTYCHO_MD_DIR picks another folder.
+MD_DIR = Path(os.environ.get("HXN_PTYCHO_MD_DIR", Path.home() / ".config" / "hxn-ptycho" / "md")).expanduser()
+MD_DIR.mkdir(parents=True, exist_ok=True)
+RE = RunEngine(PersistentDict(str(MD_DIR)))
+print(f"hxn-ptycho: RE.md kept in {MD_DIR} (next scan_id {RE.md.get('scan_id', 0) + 1})")
 sd = SupplementalData()
 RE.preprocessors.append(sd)
 # Raw runs into the catalog's 'raw' container; documents Tiled refuses are kept as JSON lines.
