@@ -117,6 +117,35 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
     return plan
 
 
+def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
+                  sample: int = 2_000_000) -> tuple[float, str]:
+    """The data's units per photon, from the quantum of the counts, agreed over the ranks.
+
+    Counting detectors give intensities k·g (k photons, g units per photon): the smallest
+    positive values are g, and the low values are whole multiples of it. Unquantised data (an
+    integrating detector, a normalised scan) give 1: the power bound then stays in data units.
+    """
+    flat = np.asarray(diffamp, np.float64).reshape(len(diffamp), -1)
+    if mask is not None:
+        flat = flat[:, np.asarray(mask).ravel()]
+    flat = flat.ravel()
+    step = max(1, flat.size // sample)
+    inten = np.square(flat[::step])
+    pos = inten[inten > 0]
+    gain, ok = 1.0, 0.0
+    if pos.size >= 1000:
+        q = float(np.quantile(pos, 0.001))
+        low = pos[pos < 20 * q] / q
+        k = np.round(low)
+        if low.size >= 200 and np.mean(np.abs(low - k) < 0.05) > 0.9:
+            gain, ok = float(np.median(low[k >= 1] / k[k >= 1]) * q), 1.0
+    buf = np.array([gain * ok, ok, 1.0])
+    reducer.allreduce_sum([buf])
+    if buf[1] == buf[2]:            # every rank found the same kind of data
+        return float(buf[0] / buf[1]), "the quantum of the counts"
+    return 1.0, "counts not quantised: data units"
+
+
 def _copy_into(out: np.ndarray, src: np.ndarray) -> np.ndarray:
     out[...] = src
     return out
@@ -224,7 +253,13 @@ class Reconstruction:
                           float(len(self.pos)) * float(np.sum(good))])
         self.reducer.allreduce_sum([local])
         self.total_intensity, self.good_pixels_total = float(local[0]), float(local[1])
-        self.pbound = float(p.power_bound)      # of the relaxed Fourier projection, per pixel
+        # of the relaxed Fourier projection, per pixel: photon units × the detector's units per photon
+        self.gain, how = (float(p.detector_gain), "given") if p.detector_gain else \
+            estimate_gain(scan.diffamp, scan.mask, self.reducer)
+        self.pbound = float(p.power_bound) * self.gain
+        if self.reducer.rank == 0 and p.power_bound and abs(self.gain - 1) > 1e-3:
+            self.log(f"hxn-ptycho: detector gain {self.gain:.4g} per photon ({how}): power bound "
+                     f"{self.pbound:.4g} in the data's units")
         previous = read_result(p.init_from) if p.init_from else None
         self.obj = be.asarray(self._initial_object(previous), self.cdtype)
         self.probe = be.asarray(self._initial_probe(K, previous), self.cdtype)

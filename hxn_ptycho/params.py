@@ -54,6 +54,9 @@ class ReconParams:
     power_bound: float = param(0.25, "relaxed Fourier projection (4): mean squared amplitude deviation per "
                                "pixel left alone (photon counts: 0.25 = Poisson noise); 0 = exact",
                                group="algorithm", min=0.0, kind="float")
+    detector_gain: float | None = param(None, "data units per photon, which scales the power bound (default: "
+                                        "found from the quantum of the counts; 1 when they are not quantised)",
+                                        group="algorithm", min=0.0, min_open=True, kind="float")
     update_rounds: int = param(1, "probe/object update alternations per DM iteration", group="algorithm",
                                min=1, kind="int")
     probe_update_start: int = param(2, "first iteration (0-based) with a probe update", group="algorithm",
