@@ -257,3 +257,12 @@ def test_gain_estimate_from_the_quantum_of_the_counts():
     assert estimate_gain(np.sqrt(counts * 1.0), None, LocalReducer())[0] == pytest.approx(1.0, rel=1e-4)
     smooth = np.sqrt(rng.uniform(0, 30, (20, 32, 32)))              # not quantised: data units
     assert estimate_gain(smooth, None, LocalReducer())[0] == 1.0
+
+
+def test_backends_implement_the_declared_interface():
+    from hxn_ptycho.backend import Backend
+    assert isinstance(NumpyBackend(1), Backend)
+    gpu = pytest.importorskip("hxn_ptycho.gpu")            # the class, without a GPU
+    members = [m for m in Backend.__dict__ if not m.startswith("_") and callable(getattr(Backend, m))]
+    missing = [m for m in members if not callable(getattr(gpu.CupyBackend, m, None))]
+    assert not missing, missing
