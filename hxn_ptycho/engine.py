@@ -236,6 +236,7 @@ class Reconstruction:
         L = p.object_modes
         K = 1 if p.probe_modes == "auto" and p.auto_rule == "gain" else p.initial_probe_modes
         self._err_trace: list[float] = []          # data error of each iteration (for the auto rule)
+        self._prune_at: int | None = None           # iteration of the 'prune' decision
         self._auto_added_at: int | None = None     # iteration at which the newest mode was added
         self.obj_shape = (L, shape[0], shape[1])
         self.workers = be.threads if be.name == "numpy" else 1
@@ -551,7 +552,25 @@ class Reconstruction:
             self._note_modes(f"{share} < {100 * p.auto_threshold:g} %: keeping {K - 1} mode(s)")
         else:
             self._note_modes(f"{share}: keeping {K} mode(s), the ceiling (auto_max_modes)")
+        if p.auto_rule == "prune":       # once the last modes have converged a little
+            self._prune_at = it + p.auto_prune_after
         return True
+
+    def _prune_modes(self, it: int) -> None:
+        """Keep the fewest modes k such that a (k+1)-th lowers the data error by less than auto_prune_gain."""
+        K = self.probe.shape[0]
+        if K < 2:
+            return
+        self.orthogonalize_probe()
+        e = self.prefix_errors()
+        gains = e[:-1] / np.maximum(e[1:], 1e-300) - 1
+        small = np.nonzero(gains < self.params.auto_prune_gain)[0]
+        k = int(small[0]) + 1 if small.size else K
+        text = ", ".join(f"{100 * g:.1f} %" for g in gains)
+        if k < K:
+            self._resize_modes(k)
+        self._note_modes(f"iteration {it}: each further mode lowers the data error by {text}: keeping {k} "
+                         f"mode(s) (a further one must bring {100 * self.params.auto_prune_gain:g} %)")
 
     def _auto_gain_step(self, it: int, probe: np.ndarray, frac: np.ndarray, K: int, share: str) -> bool:
         """Keep the newest mode only if it makes the data error fall clearly faster than before.
@@ -582,6 +601,34 @@ class Reconstruction:
         self._auto_added_at = len(e) - 1
         self._note_modes(f"{share}: adding mode {K + 1}")
         return False
+
+    def prefix_errors(self) -> np.ndarray:
+        """Data error Σ(|Ψ| − √I)²/ΣI of the model with only its k strongest probe modes, k = 1..K.
+
+        The modes left out hand their power to the kept ones (scaled by √(1/Σ kept fractions)), so
+        each error answers: what would k modes explain of these data? One pass, one FFT per mode.
+        """
+        probe = self.be.asnumpy(self.probe)
+        K = probe.shape[0]
+        frac = modes.power_fractions(probe)
+        scale = 1.0 / np.cumsum(frac)
+        acc = [np.zeros(K) for _ in self._workers]
+
+        def batch(w: _Worker, b: slice) -> None:
+            be, B = self.be, b.stop - b.start
+            xp = be.xp
+            f = be.fft2(self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
+            inten = xp.zeros((B,) + f.shape[-2:], f.real.dtype)
+            for k in range(K):
+                inten += (xp.square(f[:, :, k].real) + xp.square(f[:, :, k].imag)).sum(axis=1)
+                diff = xp.sqrt(inten * scale[k]) - self.diffamp[b]
+                if self.mask is not None:
+                    diff *= self.mask
+                acc[self._workers.index(w)][k] += float(xp.sum(xp.square(diff), dtype=xp.float64))
+        self._each(batch)
+        total = np.sum(acc, axis=0)
+        self.reducer.allreduce_sum([total])
+        return total / max(self.total_intensity, 1e-300)
 
     def _note_modes(self, line: str) -> None:
         """Record (in the result) and report (on rank 0) a decision of the 1 % rule."""
@@ -670,6 +717,9 @@ class Reconstruction:
                         self.geom.use_subpixel(False)        # refinement over: windows on the pixel grid
                         if stage_name == "DM":
                             self._each(self._init_psi)
+                if self._prune_at is not None and it >= self._prune_at and not last:
+                    self._prune_modes(it)
+                    self._prune_at = None
                 if stage_name == "DM" and not last:
                     if not settled and (it + 1) % p.auto_interval == 0:
                         settled = self.auto_modes_step(it)
@@ -691,6 +741,8 @@ class Reconstruction:
             raise FloatingPointError("the reconstruction diverged (non-finite data error)")
         if not settled and not interrupted:
             self.auto_modes_step(iters)
+        if self._prune_at is not None and not interrupted:
+            self._prune_modes(iters)
         self.orthogonalize_probe()
         cost, model_err = self.model_cost()
         elapsed = time.perf_counter() - t0
@@ -723,6 +775,9 @@ class Reconstruction:
         if name == "ML":
             if not settled:          # probe_modes=auto decides before ML starts
                 self.auto_modes_step(it)
+            if self._prune_at is not None:
+                self._prune_modes(it)
+                self._prune_at = None
             self.orthogonalize_probe()
             from .ml import MLIteration
             return MLIteration(self)

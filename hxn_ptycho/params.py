@@ -85,9 +85,16 @@ class ReconParams:
                                min=1, kind="int")
     auto_threshold: float = param(0.01, "probe_modes=auto keeps a mode above this power fraction",
                                   group="probe modes", min=0.0, max=1.0, min_open=True, kind="float")
-    auto_rule: str = param("power", "probe_modes=auto: 'gain' keeps a new mode only if the data error falls faster "
-                           "after it than before (starting from 1 mode), 'power' is the paper's 1 % rule alone",
-                           group="probe modes", choices=("gain", "power"), kind="str")
+    auto_rule: str = param("gain", "probe_modes=auto: 'prune' grows by the paper's 1 % rule, then keeps the "
+                           "fewest modes beyond which one more lowers the data error by less than "
+                           "auto_prune_gain; 'power' is the 1 % rule alone; 'gain' keeps a new mode only if "
+                           "the data error falls faster after it than before (from 1 mode)",
+                           group="probe modes", choices=("prune", "power", "gain"), kind="str")
+    auto_prune_gain: float = param(0.05, "probe_modes=auto ('prune'): the relative drop of the data error a "
+                                   "further mode must bring to be kept", group="probe modes", min=0.0,
+                                   kind="float")
+    auto_prune_after: int = param(30, "probe_modes=auto ('prune'): iterations between the last mode added "
+                                  "and the pruning decision", group="probe modes", min=0, kind="int")
     auto_min_gain: float = param(0.3, "probe_modes=auto ('gain'): the error drop in the interval after adding a "
                                  "mode must exceed this many times the drop in the interval before",
                                  group="probe modes", min=0.0, kind="float")
