@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ import numpy as np
 from . import __version__, dm, modes
 from .backend import get_backend
 from .geometry import Geometry
+from .parts import BatchScheduler, ExitWaveStore
 from .params import ParamError, ReconParams, algorithm_stages
 from .resultfile import ResultData, read_result
 from .scanfile import ScanData, positions_px
@@ -146,11 +146,6 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     return 1.0, "counts not quantised: data units"
 
 
-def _copy_into(out: np.ndarray, src: np.ndarray) -> np.ndarray:
-    out[...] = src
-    return out
-
-
 def _median_step(pos: np.ndarray) -> float:
     """Median distance (pixels) from each position to its nearest neighbour."""
     if len(pos) < 2:
@@ -265,13 +260,11 @@ class Reconstruction:
         self.obj = be.asarray(self._initial_object(previous), self.cdtype)
         self.probe = be.asarray(self._initial_probe(K, previous), self.cdtype)
         batch = self.plan.batch_size
-        self.batches = [slice(i, min(i + batch, len(self.pos))) for i in range(0, len(self.pos), batch)]
         self.streaming = self.plan.streaming
-        self.psi = self._exit_wave_store((len(self.pos), L, K, n, n))
-        self.fpsi = self._exit_wave_store((len(self.pos), L, K, n, n))
-        self._workers = [_Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype, self.streaming)
-                         for _ in range(self.workers)]
-        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self.store = ExitWaveStore(be, (len(self.pos), L, K, n, n), self.cdtype, self.streaming)
+        self.scheduler = BatchScheduler(len(self.pos), batch, [
+            _Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype, self.streaming)
+            for _ in range(self.workers)])
         try:
             self._each(self._init_psi)
         except BaseException:
@@ -339,53 +332,37 @@ class Reconstruction:
             probe[:m] = g[:m] * np.sqrt(power / modes.probe_power(g).sum())
         return probe
 
-    # --- exit waves: on the device, or in pinned host memory moved batch by batch ----------------
-    def _exit_wave_store(self, shape: tuple) -> Any:
-        if self.streaming:
-            return self.be.pinned_empty(shape, self.cdtype) if hasattr(self.be, "pinned_empty") \
-                else np.empty(shape, self.cdtype)
-        return self.be.empty(shape, self.cdtype)
+    # --- the parts: exit-wave store and batch scheduler (hxn_ptycho.parts) ----------------------
+    @property
+    def psi(self) -> Any:
+        return self.store.psi
+
+    @property
+    def fpsi(self) -> Any:
+        return self.store.fpsi
+
+    @property
+    def batches(self) -> list[slice]:
+        return self.scheduler.batches
+
+    @property
+    def _workers(self) -> list:
+        return self.scheduler.workers
 
     def _load(self, w: "_Worker", name: str, b: slice) -> Any:
-        """The batch ``b`` of ``self.psi`` or ``self.fpsi``, on the device."""
-        if not self.streaming:
-            return getattr(self, name)[b]
-        buf = getattr(w, name)[:b.stop - b.start]
-        return self.be.to_device(getattr(self, name)[b], buf) if hasattr(self.be, "to_device") \
-            else _copy_into(buf, getattr(self, name)[b])
+        return self.store.load(w, name, b)
 
     def _store(self, w: "_Worker", name: str, b: slice, dev: Any) -> None:
-        """Write a batch loaded with :meth:`_load` back to host memory (nothing to do otherwise)."""
-        if self.streaming:
-            host = getattr(self, name)[b]
-            self.be.to_host(dev, host) if hasattr(self.be, "to_host") else _copy_into(host, dev)
+        self.store.store(w, name, b, dev)
 
-    # --- worker plumbing ------------------------------------------------------------------------
     def _each(self, fn: Callable[[_Worker, slice], None]) -> None:
-        """Run ``fn(worker, batch)`` over all batches, batch i on worker i mod T (static, reproducible)."""
-        def run(w: int) -> None:
-            for b in self.batches[w::self.workers]:
-                fn(self._workers[w], b)
-        if self._pool is None:
-            for w in range(self.workers):
-                run(w)
-        else:
-            for f in [self._pool.submit(run, w) for w in range(self.workers)]:
-                f.result()
+        self.scheduler.each(fn)
 
     def _sum_workers(self, name: str) -> Any:
-        total = getattr(self._workers[0], name)
-        for w in self._workers[1:]:
-            total = total + getattr(w, name)
-        return total
+        return self.scheduler.sum(name)
 
     def _reset(self, *names: str) -> None:
-        for w in self._workers:
-            for name in names:
-                if name == "err":
-                    w.err = 0.0
-                else:
-                    getattr(w, name)[...] = 0
+        self.scheduler.reset(*names)
 
     def _init_psi(self, w: _Worker, b: slice) -> None:
         B = b.stop - b.start
@@ -506,12 +483,7 @@ class Reconstruction:
         L, n = self.obj_shape[0], self.n
         k_old = self.psi.shape[2]
         keep = min(K, k_old)
-        for name in ("psi", "fpsi"):
-            old = getattr(self, name)
-            new = self._exit_wave_store((len(self.pos), L, K, n, n))
-            new[:, :, :keep] = old[:, :, :keep]
-            setattr(self, name, new)
-            del old
+        self.store.resize_modes(K)
         probe = be.asnumpy(self.probe)[:keep]
         if new_mode is not None:
             probe = np.concatenate([probe, new_mode[None]])
@@ -639,9 +611,8 @@ class Reconstruction:
     # --- the run --------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the worker threads (the run is over)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.close()
 
     def model_cost(self) -> tuple[float, float]:
         """Of the current model: mean over frames and good pixels of (|F(P·O)| − √I)², and that sum / ΣI."""

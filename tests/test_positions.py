@@ -101,3 +101,15 @@ def test_bad_position_parameters_are_named():
         ReconParams(position_method="annealing")
     with pytest.raises(ParamError, match="position_max_shift"):
         ReconParams(position_max_shift=0)
+
+
+def test_refine_positions_is_a_switch_on_the_command_line():
+    import argparse
+    from hxn_ptycho.params import add_param_options, params_from_namespace
+    ap = argparse.ArgumentParser()
+    add_param_options(ap)
+    p = params_from_namespace(ap.parse_args(["--refine-positions", "--position-start", "5",
+                                             "--algorithm", "DM:20,ML:10"]))
+    assert p.refine_positions is True and p.position_start == 5 and p.algorithm == "DM:20,ML:10"
+    assert params_from_namespace(ap.parse_args(["--refine-positions", "false"])).refine_positions is False
+    assert params_from_namespace(ap.parse_args([])).refine_positions is False
