@@ -2,6 +2,10 @@
 
     python benchmarks/cpu_bench.py                 # n = 128, 2000 views, 1 and 3 probe modes
     python benchmarks/cpu_bench.py --star 200      # also the Siemens star, 200 iterations, 1 and 3 modes
+    python benchmarks/cpu_bench.py --modes --star-ml DM:40,ML:20 --star-positions 180
+                                                   # DM then ML on the star (against DM alone), and
+                                                   # position refinement on the star with its positions
+                                                   # perturbed (3 px RMS + 2 % scale): gradient and search
 
 Prints, per case: seconds per DM iteration, frames·iterations per second, the seconds of the
 forward + inverse FFTs of the same exit waves alone (same threads), their ratio, and the peak
@@ -75,15 +79,90 @@ def bench_star(iterations: int, modes: int) -> dict:
             "cost": res.attrs["final_cost"], "peak_rss_gb": peak_rss_gb()}
 
 
+def bench_star_ml(algorithm: str) -> list[dict]:
+    """The star with ``algorithm`` (e.g. DM:40,ML:20) and with DM alone for as many iterations."""
+    from hxn_ptycho.datasets import siemens_star
+    from hxn_ptycho.params import algorithm_stages
+    scan = siemens_star(STAR)
+    total = sum(c for _, c in algorithm_stages(ReconParams(algorithm=algorithm)))
+    out = []
+    for alg in (f"DM:{total}", algorithm):
+        t0 = time.perf_counter()
+        res = Reconstruction(scan, ReconParams(algorithm=alg), log=lambda m: None).run()
+        out.append({"algorithm": alg, "seconds": time.perf_counter() - t0, "cost": res.attrs["final_cost"]})
+    return out
+
+
+def perturbed_star(seed: int = 0):
+    """The star with its positions scaled by 1.02 about their centre plus 3 px RMS random errors."""
+    import dataclasses
+    from hxn_ptycho.datasets import siemens_star
+    scan = siemens_star(STAR)
+    rng = np.random.default_rng(seed)
+    c = scan.points.mean(axis=1, keepdims=True)
+    pts = c + (scan.points - c) * 1.02 + rng.standard_normal(scan.points.shape) * 3 / np.sqrt(2)
+    return scan, dataclasses.replace(scan, points=pts)
+
+
+def bench_star_positions(iterations: int) -> list[dict]:
+    """Refined positions against the file's (object pixels = µm here), correlation with the object
+    reconstructed from the file's positions, for both refinement methods."""
+    from hxn_ptycho.metrics import illuminated_region
+    from hxn_ptycho.positions import affine_terms
+    from hxn_ptycho.registration import fourier_shift, register_shift
+    scan, bad = perturbed_star()
+    true = np.stack([scan.points[1], scan.points[0]], axis=1)
+    ref = Reconstruction(scan, ReconParams(iterations=iterations), log=lambda m: None).run()
+
+    def rms(a):
+        d = a - true
+        d = d - d.mean(axis=0)
+        return float(np.sqrt(np.mean(np.sum(d ** 2, axis=1))))
+    out = []
+    for method in ("gradient", "search"):
+        p = ReconParams(iterations=iterations, refine_positions=True, position_method=method, position_start=50,
+                        position_end=int(0.77 * iterations))
+        t0 = time.perf_counter()
+        res = Reconstruction(bad, p, log=lambda m: None).run()
+        secs = time.perf_counter() - t0
+        est = res.positions_refined_px
+        off = np.round((est - true).mean(0) - (ref.positions_px - true).mean(0)).astype(int)
+        a, b = ref.object[0], res.object[0]
+        b2 = np.ones_like(a)
+        src = b[max(off[0], 0):, max(off[1], 0):]
+        r, c = max(-off[0], 0), max(-off[1], 0)
+        h, w = min(a.shape[0] - r, src.shape[0]), min(a.shape[1] - c, src.shape[1])
+        b2[r:r + h, c:c + w] = src[:h, :w]
+        reg = illuminated_region(ref.positions_px, ref.probe, a.shape)
+        b3 = fourier_shift(b2, register_shift(np.where(reg, a, 0), np.where(reg, b2, 0), upsample=20))
+        corr = float(abs(np.vdot(a[reg], b3[reg])) / np.linalg.norm(a[reg]) / np.linalg.norm(b3[reg]))
+        out.append({"method": method, "seconds": secs, "nominal_rms": rms(res.positions_px), "refined_rms": rms(est),
+                    "scale": np.diag(affine_terms(true, est)).tolist(), "correlation": corr,
+                    "cost": res.attrs["final_cost"], "cost_unperturbed": ref.attrs["final_cost"]})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--views", type=int, default=2000)
     ap.add_argument("--iterations", type=int, default=5)
-    ap.add_argument("--modes", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--modes", type=int, nargs="*", default=[1, 3], help="(none: skip the throughput cases)")
     ap.add_argument("--threads", type=int, default=available_cores())
     ap.add_argument("--star", type=int, default=0, help="also time the Siemens star for this many iterations")
+    ap.add_argument("--star-ml", default="", help="the star with this chain (e.g. DM:40,ML:20) against DM alone")
+    ap.add_argument("--star-positions", type=int, default=0,
+                    help="position refinement on the perturbed star for this many iterations")
     args = ap.parse_args()
+    if args.star_ml:
+        for r in bench_star_ml(args.star_ml):
+            print(f"Siemens star {r['algorithm']:<14} {r['seconds']:7.1f} s  cost {r['cost']:.4f}", flush=True)
+    if args.star_positions:
+        for r in bench_star_positions(args.star_positions):
+            print(f"Siemens star positions ({r['method']}, {args.star_positions} it): {r['seconds']:.1f} s, RMS "
+                  f"{r['nominal_rms']:.2f} -> {r['refined_rms']:.2f} px, scale {r['scale'][0]:.4f} "
+                  f"{r['scale'][1]:.4f}, correlation {r['correlation']:.4f}, cost {r['cost']:.4f} "
+                  f"(unperturbed {r['cost_unperturbed']:.4f})", flush=True)
     print(f"# hxn-ptycho CPU benchmark, {available_cores()} cores, threads {args.threads}")
     print("n     views  modes  s/iter   frames*it/s  FFT-only s  ratio  peak RSS GB")
     for m in args.modes:

@@ -14,7 +14,7 @@ Array layouts used everywhere:
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.fft
@@ -23,6 +23,37 @@ from .errors import BadInput
 
 class BackendError(BadInput):
     """The requested backend is not available here (e.g. no CuPy or no GPU)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the engine needs of an array backend; :class:`NumpyBackend` is the reference.
+
+    Arrays and transfers, orthonormal FFTs over the last two axes (in place), the window gather
+    and its adjoint scatter-add. The DM/ML steps are written once in :mod:`hxn_ptycho.dm`
+    against ``xp``; a backend may provide fused versions under the same names (``exit_waves``,
+    ``exit_waves_at``, ``fourier_update``, ``fourier_projection``, ``data_error``,
+    ``object_numerator``, ``probe_sums``, ``reflect``, ``dm_update``), which :mod:`dm` then uses —
+    see :data:`FUSED_STEPS`. Optional: ``pinned_empty``/``to_device``/``to_host`` (streamed exit
+    waves), ``memory_info`` (memory bound), ``fft_work_bytes`` (FFT work area).
+    """
+
+    name: str
+    xp: Any
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any: ...
+    def asnumpy(self, a: Any) -> np.ndarray: ...
+    def empty(self, shape: tuple, dtype: Any) -> Any: ...
+    def zeros(self, shape: tuple, dtype: Any) -> Any: ...
+    def synchronize(self) -> None: ...
+    def fft2(self, a: Any, workers: int = 1) -> Any: ...
+    def ifft2(self, a: Any, workers: int = 1) -> Any: ...
+    def gather(self, obj: Any, pos: Any, n: int, out: Any = None) -> Any: ...
+    def scatter_add(self, acc: Any, pos: Any, src: Any) -> None: ...
+
+
+FUSED_STEPS = ("exit_waves", "exit_waves_at", "fourier_update", "fourier_projection", "data_error",
+               "object_numerator", "probe_sums", "reflect", "dm_update")
 
 
 def available_cores() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ import numpy as np
 from . import __version__, dm, modes
 from .backend import get_backend
 from .geometry import Geometry
+from .parts import BatchScheduler, ExitWaveStore
 from .params import ParamError, ReconParams, algorithm_stages
 from .resultfile import ResultData, read_result
 from .scanfile import ScanData, positions_px
@@ -117,9 +117,33 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
     return plan
 
 
-def _copy_into(out: np.ndarray, src: np.ndarray) -> np.ndarray:
-    out[...] = src
-    return out
+def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
+                  sample: int = 2_000_000) -> tuple[float, str]:
+    """The data's units per photon, from the quantum of the counts, agreed over the ranks.
+
+    Counting detectors give intensities k·g (k photons, g units per photon): the smallest
+    positive values are g, and the low values are whole multiples of it. Unquantised data (an
+    integrating detector, a normalised scan) give 1: the power bound then stays in data units.
+    """
+    flat = np.asarray(diffamp, np.float64).reshape(len(diffamp), -1)
+    if mask is not None:
+        flat = flat[:, np.asarray(mask).ravel()]
+    flat = flat.ravel()
+    step = max(1, flat.size // sample)
+    inten = np.square(flat[::step])
+    pos = inten[inten > 0]
+    gain, ok = 1.0, 0.0
+    if pos.size >= 1000:
+        q = float(np.quantile(pos, 0.001))
+        low = pos[pos < 20 * q] / q
+        k = np.round(low)
+        if low.size >= 200 and np.mean(np.abs(low - k) < 0.05) > 0.9:
+            gain, ok = float(np.median(low[k >= 1] / k[k >= 1]) * q), 1.0
+    buf = np.array([gain * ok, ok, 1.0])
+    reducer.allreduce_sum([buf])
+    if buf[1] == buf[2]:            # every rank found the same kind of data
+        return float(buf[0] / buf[1]), "the quantum of the counts"
+    return 1.0, "counts not quantised: data units"
 
 
 def _median_step(pos: np.ndarray) -> float:
@@ -207,6 +231,7 @@ class Reconstruction:
         L = p.object_modes
         K = 1 if p.probe_modes == "auto" and p.auto_rule == "gain" else p.initial_probe_modes
         self._err_trace: list[float] = []          # data error of each iteration (for the auto rule)
+        self._prune_at: int | None = None           # iteration of the 'prune' decision
         self._auto_added_at: int | None = None     # iteration at which the newest mode was added
         self.obj_shape = (L, shape[0], shape[1])
         self.workers = be.threads if be.name == "numpy" else 1
@@ -224,18 +249,22 @@ class Reconstruction:
                           float(len(self.pos)) * float(np.sum(good))])
         self.reducer.allreduce_sum([local])
         self.total_intensity, self.good_pixels_total = float(local[0]), float(local[1])
-        self.pbound = float(p.power_bound)      # of the relaxed Fourier projection, per pixel
+        # of the relaxed Fourier projection, per pixel: photon units × the detector's units per photon
+        self.gain, how = (float(p.detector_gain), "given") if p.detector_gain else \
+            estimate_gain(scan.diffamp, scan.mask, self.reducer)
+        self.pbound = float(p.power_bound) * self.gain
+        if self.reducer.rank == 0 and p.power_bound and abs(self.gain - 1) > 1e-3:
+            self.log(f"hxn-ptycho: detector gain {self.gain:.4g} per photon ({how}): power bound "
+                     f"{self.pbound:.4g} in the data's units")
         previous = read_result(p.init_from) if p.init_from else None
         self.obj = be.asarray(self._initial_object(previous), self.cdtype)
         self.probe = be.asarray(self._initial_probe(K, previous), self.cdtype)
         batch = self.plan.batch_size
-        self.batches = [slice(i, min(i + batch, len(self.pos))) for i in range(0, len(self.pos), batch)]
         self.streaming = self.plan.streaming
-        self.psi = self._exit_wave_store((len(self.pos), L, K, n, n))
-        self.fpsi = self._exit_wave_store((len(self.pos), L, K, n, n))
-        self._workers = [_Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype, self.streaming)
-                         for _ in range(self.workers)]
-        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self.store = ExitWaveStore(be, (len(self.pos), L, K, n, n), self.cdtype, self.streaming)
+        self.scheduler = BatchScheduler(len(self.pos), batch, [
+            _Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype, self.streaming)
+            for _ in range(self.workers)])
         try:
             self._each(self._init_psi)
         except BaseException:
@@ -303,53 +332,37 @@ class Reconstruction:
             probe[:m] = g[:m] * np.sqrt(power / modes.probe_power(g).sum())
         return probe
 
-    # --- exit waves: on the device, or in pinned host memory moved batch by batch ----------------
-    def _exit_wave_store(self, shape: tuple) -> Any:
-        if self.streaming:
-            return self.be.pinned_empty(shape, self.cdtype) if hasattr(self.be, "pinned_empty") \
-                else np.empty(shape, self.cdtype)
-        return self.be.empty(shape, self.cdtype)
+    # --- the parts: exit-wave store and batch scheduler (hxn_ptycho.parts) ----------------------
+    @property
+    def psi(self) -> Any:
+        return self.store.psi
+
+    @property
+    def fpsi(self) -> Any:
+        return self.store.fpsi
+
+    @property
+    def batches(self) -> list[slice]:
+        return self.scheduler.batches
+
+    @property
+    def _workers(self) -> list:
+        return self.scheduler.workers
 
     def _load(self, w: "_Worker", name: str, b: slice) -> Any:
-        """The batch ``b`` of ``self.psi`` or ``self.fpsi``, on the device."""
-        if not self.streaming:
-            return getattr(self, name)[b]
-        buf = getattr(w, name)[:b.stop - b.start]
-        return self.be.to_device(getattr(self, name)[b], buf) if hasattr(self.be, "to_device") \
-            else _copy_into(buf, getattr(self, name)[b])
+        return self.store.load(w, name, b)
 
     def _store(self, w: "_Worker", name: str, b: slice, dev: Any) -> None:
-        """Write a batch loaded with :meth:`_load` back to host memory (nothing to do otherwise)."""
-        if self.streaming:
-            host = getattr(self, name)[b]
-            self.be.to_host(dev, host) if hasattr(self.be, "to_host") else _copy_into(host, dev)
+        self.store.store(w, name, b, dev)
 
-    # --- worker plumbing ------------------------------------------------------------------------
     def _each(self, fn: Callable[[_Worker, slice], None]) -> None:
-        """Run ``fn(worker, batch)`` over all batches, batch i on worker i mod T (static, reproducible)."""
-        def run(w: int) -> None:
-            for b in self.batches[w::self.workers]:
-                fn(self._workers[w], b)
-        if self._pool is None:
-            for w in range(self.workers):
-                run(w)
-        else:
-            for f in [self._pool.submit(run, w) for w in range(self.workers)]:
-                f.result()
+        self.scheduler.each(fn)
 
     def _sum_workers(self, name: str) -> Any:
-        total = getattr(self._workers[0], name)
-        for w in self._workers[1:]:
-            total = total + getattr(w, name)
-        return total
+        return self.scheduler.sum(name)
 
     def _reset(self, *names: str) -> None:
-        for w in self._workers:
-            for name in names:
-                if name == "err":
-                    w.err = 0.0
-                else:
-                    getattr(w, name)[...] = 0
+        self.scheduler.reset(*names)
 
     def _init_psi(self, w: _Worker, b: slice) -> None:
         B = b.stop - b.start
@@ -470,12 +483,7 @@ class Reconstruction:
         L, n = self.obj_shape[0], self.n
         k_old = self.psi.shape[2]
         keep = min(K, k_old)
-        for name in ("psi", "fpsi"):
-            old = getattr(self, name)
-            new = self._exit_wave_store((len(self.pos), L, K, n, n))
-            new[:, :, :keep] = old[:, :, :keep]
-            setattr(self, name, new)
-            del old
+        self.store.resize_modes(K)
         probe = be.asnumpy(self.probe)[:keep]
         if new_mode is not None:
             probe = np.concatenate([probe, new_mode[None]])
@@ -516,7 +524,25 @@ class Reconstruction:
             self._note_modes(f"{share} < {100 * p.auto_threshold:g} %: keeping {K - 1} mode(s)")
         else:
             self._note_modes(f"{share}: keeping {K} mode(s), the ceiling (auto_max_modes)")
+        if p.auto_rule == "prune":       # once the last modes have converged a little
+            self._prune_at = it + p.auto_prune_after
         return True
+
+    def _prune_modes(self, it: int) -> None:
+        """Keep the fewest modes k such that a (k+1)-th lowers the data error by less than auto_prune_gain."""
+        K = self.probe.shape[0]
+        if K < 2:
+            return
+        self.orthogonalize_probe()
+        e = self.prefix_errors()
+        gains = e[:-1] / np.maximum(e[1:], 1e-300) - 1
+        small = np.nonzero(gains < self.params.auto_prune_gain)[0]
+        k = int(small[0]) + 1 if small.size else K
+        text = ", ".join(f"{100 * g:.1f} %" for g in gains)
+        if k < K:
+            self._resize_modes(k)
+        self._note_modes(f"iteration {it}: each further mode lowers the data error by {text}: keeping {k} "
+                         f"mode(s) (a further one must bring {100 * self.params.auto_prune_gain:g} %)")
 
     def _auto_gain_step(self, it: int, probe: np.ndarray, frac: np.ndarray, K: int, share: str) -> bool:
         """Keep the newest mode only if it makes the data error fall clearly faster than before.
@@ -548,6 +574,34 @@ class Reconstruction:
         self._note_modes(f"{share}: adding mode {K + 1}")
         return False
 
+    def prefix_errors(self) -> np.ndarray:
+        """Data error Σ(|Ψ| − √I)²/ΣI of the model with only its k strongest probe modes, k = 1..K.
+
+        The modes left out hand their power to the kept ones (scaled by √(1/Σ kept fractions)), so
+        each error answers: what would k modes explain of these data? One pass, one FFT per mode.
+        """
+        probe = self.be.asnumpy(self.probe)
+        K = probe.shape[0]
+        frac = modes.power_fractions(probe)
+        scale = 1.0 / np.cumsum(frac)
+        acc = [np.zeros(K) for _ in self._workers]
+
+        def batch(w: _Worker, b: slice) -> None:
+            be, B = self.be, b.stop - b.start
+            xp = be.xp
+            f = be.fft2(self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
+            inten = xp.zeros((B,) + f.shape[-2:], f.real.dtype)
+            for k in range(K):
+                inten += (xp.square(f[:, :, k].real) + xp.square(f[:, :, k].imag)).sum(axis=1)
+                diff = xp.sqrt(inten * scale[k]) - self.diffamp[b]
+                if self.mask is not None:
+                    diff *= self.mask
+                acc[self._workers.index(w)][k] += float(xp.sum(xp.square(diff), dtype=xp.float64))
+        self._each(batch)
+        total = np.sum(acc, axis=0)
+        self.reducer.allreduce_sum([total])
+        return total / max(self.total_intensity, 1e-300)
+
     def _note_modes(self, line: str) -> None:
         """Record (in the result) and report (on rank 0) a decision of the 1 % rule."""
         self.modes_log.append(line)
@@ -557,9 +611,8 @@ class Reconstruction:
     # --- the run --------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the worker threads (the run is over)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.close()
 
     def model_cost(self) -> tuple[float, float]:
         """Of the current model: mean over frames and good pixels of (|F(P·O)| − √I)², and that sum / ΣI."""
@@ -635,6 +688,9 @@ class Reconstruction:
                         self.geom.use_subpixel(False)        # refinement over: windows on the pixel grid
                         if stage_name == "DM":
                             self._each(self._init_psi)
+                if self._prune_at is not None and it >= self._prune_at and not last:
+                    self._prune_modes(it)
+                    self._prune_at = None
                 if stage_name == "DM" and not last:
                     if not settled and (it + 1) % p.auto_interval == 0:
                         settled = self.auto_modes_step(it)
@@ -656,6 +712,8 @@ class Reconstruction:
             raise FloatingPointError("the reconstruction diverged (non-finite data error)")
         if not settled and not interrupted:
             self.auto_modes_step(iters)
+        if self._prune_at is not None and not interrupted:
+            self._prune_modes(iters)
         self.orthogonalize_probe()
         cost, model_err = self.model_cost()
         elapsed = time.perf_counter() - t0
@@ -688,6 +746,9 @@ class Reconstruction:
         if name == "ML":
             if not settled:          # probe_modes=auto decides before ML starts
                 self.auto_modes_step(it)
+            if self._prune_at is not None:
+                self._prune_modes(it)
+                self._prune_at = None
             self.orthogonalize_probe()
             from .ml import MLIteration
             return MLIteration(self)

@@ -55,6 +55,9 @@ class ReconParams:
     power_bound: float = param(0.25, "relaxed Fourier projection (4): mean squared amplitude deviation per "
                                "pixel left alone (photon counts: 0.25 = Poisson noise); 0 = exact",
                                group="algorithm", min=0.0, kind="float")
+    detector_gain: float | None = param(None, "data units per photon, which scales the power bound (default: "
+                                        "found from the quantum of the counts; 1 when they are not quantised)",
+                                        group="algorithm", min=0.0, min_open=True, kind="float")
     update_rounds: int = param(1, "probe/object update alternations per DM iteration", group="algorithm",
                                min=1, kind="int")
     probe_update_start: int = param(2, "first iteration (0-based) with a probe update", group="algorithm",
@@ -83,9 +86,16 @@ class ReconParams:
                                min=1, kind="int")
     auto_threshold: float = param(0.01, "probe_modes=auto keeps a mode above this power fraction",
                                   group="probe modes", min=0.0, max=1.0, min_open=True, kind="float")
-    auto_rule: str = param("power", "probe_modes=auto: 'gain' keeps a new mode only if the data error falls faster "
-                           "after it than before (starting from 1 mode), 'power' is the paper's 1 % rule alone",
-                           group="probe modes", choices=("gain", "power"), kind="str")
+    auto_rule: str = param("gain", "probe_modes=auto: 'prune' grows by the paper's 1 % rule, then keeps the "
+                           "fewest modes beyond which one more lowers the data error by less than "
+                           "auto_prune_gain; 'power' is the 1 % rule alone; 'gain' keeps a new mode only if "
+                           "the data error falls faster after it than before (from 1 mode)",
+                           group="probe modes", choices=("prune", "power", "gain"), kind="str")
+    auto_prune_gain: float = param(0.05, "probe_modes=auto ('prune'): the relative drop of the data error a "
+                                   "further mode must bring to be kept", group="probe modes", min=0.0,
+                                   kind="float")
+    auto_prune_after: int = param(30, "probe_modes=auto ('prune'): iterations between the last mode added "
+                                  "and the pruning decision", group="probe modes", min=0, kind="int")
     auto_min_gain: float = param(0.3, "probe_modes=auto ('gain'): the error drop in the interval after adding a "
                                  "mode must exceed this many times the drop in the interval before",
                                  group="probe modes", min=0.0, kind="float")

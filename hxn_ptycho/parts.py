@@ -1,0 +1,106 @@
+"""The parts a reconstruction is built from, beside :mod:`geometry` (window corners) and the
+initial guesses: the exit-wave store and the batch scheduler. DM (:class:`engine.DMIteration`),
+ML (:class:`ml.MLIteration`) and position refinement (:class:`positions.PositionRefiner`) are
+short iteration objects over the same parts.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _copy_into(out: np.ndarray, src: np.ndarray) -> np.ndarray:
+    out[...] = src
+    return out
+
+
+class ExitWaveStore:
+    """ψ and F(ψ) of this process's views, ``(N, L, K, n, n)``: resident on the device, or in
+    (pinned) host memory and moved batch by batch through each worker's device buffers."""
+
+    def __init__(self, be: Any, shape: tuple, cdtype: Any, streaming: bool) -> None:
+        self.be, self.cdtype, self.streaming = be, cdtype, bool(streaming)
+        self.psi = self._alloc(shape)
+        self.fpsi = self._alloc(shape)
+
+    def _alloc(self, shape: tuple) -> Any:
+        if self.streaming:
+            return self.be.pinned_empty(shape, self.cdtype) if hasattr(self.be, "pinned_empty") \
+                else np.empty(shape, self.cdtype)
+        return self.be.empty(shape, self.cdtype)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.psi.shape)
+
+    def load(self, w: Any, name: str, b: slice) -> Any:
+        """The batch ``b`` of ``psi`` or ``fpsi``, on the device (``w``'s buffer when streamed)."""
+        if not self.streaming:
+            return getattr(self, name)[b]
+        buf = getattr(w, name)[:b.stop - b.start]
+        return self.be.to_device(getattr(self, name)[b], buf) if hasattr(self.be, "to_device") \
+            else _copy_into(buf, getattr(self, name)[b])
+
+    def store(self, w: Any, name: str, b: slice, dev: Any) -> None:
+        """Write a batch loaded with :meth:`load` back to host memory (nothing to do otherwise)."""
+        if self.streaming:
+            host = getattr(self, name)[b]
+            self.be.to_host(dev, host) if hasattr(self.be, "to_host") else _copy_into(host, dev)
+
+    def resize_modes(self, K: int) -> None:
+        """Room for ``K`` probe modes; the first min(K, old) are kept."""
+        N, L, k_old, n, _ = self.shape
+        keep = min(K, k_old)
+        for name in ("psi", "fpsi"):
+            old = getattr(self, name)
+            new = self._alloc((N, L, K, n, n))
+            new[:, :, :keep] = old[:, :, :keep]
+            setattr(self, name, new)
+            del old
+
+
+class BatchScheduler:
+    """Batches of views, split statically over worker threads (batch i on worker i mod T, so results
+    are reproducible), each worker with its own buffers and accumulators."""
+
+    def __init__(self, n_views: int, batch: int, workers: list) -> None:
+        self.batches = [slice(i, min(i + batch, n_views)) for i in range(0, n_views, batch)]
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(len(workers)) if len(workers) > 1 else None
+
+    def each(self, fn: Callable[[Any, slice], None]) -> None:
+        """Run ``fn(worker, batch)`` over all batches."""
+        T = len(self.workers)
+
+        def run(w: int) -> None:
+            for b in self.batches[w::T]:
+                fn(self.workers[w], b)
+        if self._pool is None:
+            for w in range(T):
+                run(w)
+        else:
+            for f in [self._pool.submit(run, w) for w in range(T)]:
+                f.result()
+
+    def sum(self, name: str) -> Any:
+        """The workers' accumulators ``name`` summed in a fixed order."""
+        total = getattr(self.workers[0], name)
+        for w in self.workers[1:]:
+            total = total + getattr(w, name)
+        return total
+
+    def reset(self, *names: str) -> None:
+        for w in self.workers:
+            for name in names:
+                if name == "err":
+                    w.err = 0.0
+                else:
+                    getattr(w, name)[...] = 0
+
+    def close(self) -> None:
+        """Stop the worker threads."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
