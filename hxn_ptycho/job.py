@@ -244,7 +244,8 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
             tmp = None
             if src.png:
                 from .plots import summary_png
-                summary_png(res, src.png)
+                summary_png(res, src.png, title=f"scan {src.scan_id}" if src.scan_id is not None else "",
+                            pixel_size_m=spec.geometry.pixel_size_m or _info.get("pixel_size_m"))
             startup = max(starts) - launched if starts else None
             outcome = {"status": "success", "reason": None, "result_file": str(result.resolve()),
                        "measured": measured_facts(res, spec, comm, startup)}

@@ -122,7 +122,7 @@ def reconstruct_region(path: str, index: int, views: np.ndarray, corners: np.nda
                        backend: Any, progress: bool, log: Callable[[str], None] | None) -> RegionResult:
     """Read and reconstruct one region with no communication; return it with its global offset."""
     scan = region_scan(path, views, corners)
-    res = reconstruct(scan, params, backend=backend, reducer=LocalReducer(), progress=progress, log=log)
+    res = reconstruct(scan, params, backend=backend, reducer=LocalReducer(), progress=progress, log=log, stop=stop)
     offset = corners[views].min(axis=0) - int(res.attrs.get("object_margin_px", params.margin))
     local = res.positions_px.astype(np.int64)
     if not np.array_equal(local + offset, corners[views]):
@@ -310,7 +310,8 @@ def stitch_regions(regions: list[RegionResult], corners: np.ndarray, shape: tupl
 
 # --- the run -------------------------------------------------------------------------------------
 def run_async(path: str, params: ReconParams, comm: Any, progress: bool = False,
-              log: Callable[[str], None] | None = None, overlap: float | None = None) -> ResultData:
+              log: Callable[[str], None] | None = None, overlap: float | None = None,
+              stop: Any = None) -> ResultData:
     """Reconstruct ``path`` as ``comm.size`` regions, one per rank, stitched on rank 0; every rank
     returns the stitched result. ``overlap`` is the region margin in pixels (default half a frame)."""
     from .distributed import rank_backend
