@@ -185,10 +185,16 @@ def runs(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "ra
 
 
 def tiled_writer(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "raw", **kwargs: Any) -> Any:
-    """A ``TiledWriter`` for the raw (or processed) container — subscribe it to the RunEngine."""
+    """A ``TiledWriter`` for the raw (or processed) container — subscribe it to the RunEngine.
+
+    The HXN resource specs get their HDF5 dataset named (``frames.TILED_WRITER_PATCHES``), so the
+    server can serve ``eiger2_image``, ``inenc2_val`` and the SIS channels of a fly2dpd run."""
     from bluesky_tiled_plugins import TiledWriter
 
-    return TiledWriter(runs(spec, which), **kwargs)
+    from .frames import TILED_WRITER_PATCHES
+
+    patches = {**TILED_WRITER_PATCHES, **(kwargs.pop("patches", None) or {})}
+    return TiledWriter(runs(spec, which), patches=patches, **kwargs)
 
 
 def broker(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "raw") -> Any:

@@ -20,7 +20,7 @@ from event_model import RunRouter
 
 from .collector import CollectedRun, RunCollector
 from .derived import PLAN_NAME, PLAN_TYPE
-from .export import ExportConfig, ExportError, export_scan, find_detector
+from .export import ExportConfig, ExportError, export_scan, why_not_ptycho
 from .launcher import Job, JobQueue, QueueFull
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,17 @@ class CallbackConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def is_ptycho_run(start: dict, detectors: tuple[str, ...]) -> bool:
-    """A run is ours if it names a configured detector and is not an analysis (derived) run."""
+def ignore_reason(start: dict, detectors: tuple[str, ...]) -> str | None:
+    """Why a run is not ours (None: it is a ptychography run we reconstruct). Detectors are
+    looked for at the top level and in ``start['scan']['detectors']`` (fly2dpd)."""
     if start.get("plan_type") == PLAN_TYPE or start.get("plan_name") == PLAN_NAME or start.get("raw_uid"):
-        return False
-    return find_detector(start, detectors) is not None
+        return "it is an analysis (derived) run"
+    return why_not_ptycho(start, detectors)
+
+
+def is_ptycho_run(start: dict, detectors: tuple[str, ...]) -> bool:
+    """A run is ours if it names a configured detector, is 2-D and is not an analysis run."""
+    return ignore_reason(start, detectors) is None
 
 
 def run_stem(run: CollectedRun) -> str:
@@ -83,7 +89,9 @@ class PtychoCallback:
                       name, type(exc).__name__, exc)
 
     def _factory(self, name: str, start: dict) -> tuple[list, list]:
-        if not is_ptycho_run(start, self.config.export.detectors):
+        reason = ignore_reason(start, self.config.export.detectors)
+        if reason is not None:
+            log.info("run %s (scan %s) ignored: %s", start.get("uid"), start.get("scan_id"), reason)
             return [], []
         log.info("ptychography run %s (scan %s) started", start.get("uid"), start.get("scan_id"))
         return [RunCollector(start, self._pending.put_nowait)], []
@@ -97,8 +105,9 @@ class PtychoCallback:
             self._busy.set()
             try:
                 self.process(run)
-            except Exception:
+            except Exception as exc:  # noqa: BLE001 - any failure of a run of ours becomes a fail run
                 log.exception("hxn-ptycho callback: run %s could not be processed", run.uid)
+                self._fail(run, f"cannot be reconstructed: {type(exc).__name__}: {exc}")
             finally:
                 self._pending.task_done()
                 self._busy.clear()
@@ -114,6 +123,10 @@ class PtychoCallback:
             scan = export_scan(run, self.config.export, scan_path)
         except ExportError as exc:
             self._fail(run, f"cannot build the scan file: {exc}")
+            return None
+        except Exception as exc:  # noqa: BLE001 - an unexpected error is a failure too, never silent
+            log.exception("run %s: unexpected error while building the scan file", run.uid)
+            self._fail(run, f"cannot build the scan file: {type(exc).__name__}: {exc}")
             return None
         job = Job(scan_file=str(scan_path),
                   result_file=str(self.work_dir / "results" / f"result_{run_stem(run)}.h5"),
