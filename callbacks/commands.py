@@ -235,7 +235,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     server = EmbeddedServer(base / "catalog", port=args.port, readable=(str(base),)).start()
     os.environ["TILED_API_KEY"] = server.api_key
     try:
-        sample, _truth = simulated_scan(args.scan_type, n_positions=args.positions, seed=args.seed)
+        sample, _truth = simulated_scan(args.scan_type, n_positions=args.positions, seed=args.seed,
+                                        probe_modes=args.true_modes)
         hxn = make_hxn(server.directory / "detector")
         RE = RunEngine({}, call_returns_result=False)
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))

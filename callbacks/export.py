@@ -354,7 +354,7 @@ def scaler_values(run: CollectedRun, cfg: ExportConfig, motors: list[str], n: in
     if values is None:
         return None, f"none ({name} not recorded)"
     if values.size != n:
-        if values.size > n and n > 0:
+        if values.size > n > 0:
             values = values[:n]
         else:
             raise ExportError(f"run {run.uid}: scaler {name} has {values.size} values for {n} frames")

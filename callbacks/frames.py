@@ -314,7 +314,7 @@ def iter_frames(source: Source, wait_s: float = 5.0, batch: int = 256) -> Iterat
     for c in source.chunks:
         stop = c.stop
         if stop is None:
-            def length() -> int:
+            def length(c: Chunk = c) -> int:
                 with open_h5(c.file) as f:
                     return int(_dataset(f, c).shape[0])
             stop = _with_wait(length, wait_s)
@@ -399,7 +399,7 @@ def _run_client(catalog: Any, uid: Any) -> Any:
 def _stream_names(run_client: Any) -> list[str]:
     keys = list(run_client.keys())
     if "streams" in keys:                 # older TiledWriter layout: run/streams/<name>
-        return [f"streams/{k}" for k in run_client["streams"].keys()]
+        return [f"streams/{k}" for k in run_client["streams"]]
     return [k for k in keys if k not in ("config",)]
 
 
@@ -420,7 +420,7 @@ def _internal_table(node: Any) -> dict[str, np.ndarray]:
             continue
         try:
             arr = np.asarray(child.read())
-        except Exception:  # noqa: BLE001 - a node that is not an array
+        except Exception:  # noqa: BLE001, S112 - a node that is not an array is not a column
             continue
         if arr.ndim <= 1 or arr.size < 10_000:
             out[k] = arr
@@ -432,7 +432,7 @@ def _is_external_node(child: Any) -> bool:
         sources = child.data_sources()
     except Exception:  # noqa: BLE001 - not an array client
         return False
-    return any(getattr(s, "management", None) is not None and str(getattr(s, "management")).endswith("external")
+    return any(getattr(s, "management", None) is not None and str(s.management).endswith("external")
                for s in sources or [])
 
 

@@ -24,6 +24,8 @@ from .export import ExportConfig, ExportError, export_scan, why_not_ptycho
 from .launcher import Job, JobQueue, QueueFull
 
 log = logging.getLogger(__name__)
+# scan-file attributes the derived run publishes in its recon record (values and their sources)
+EXPORT_RECORD = ("geometry_source", "orientation", "orientation_report", "dropped_frames", "scan_kind", "detector")
 
 
 @dataclass
@@ -105,7 +107,7 @@ class PtychoCallback:
             self._busy.set()
             try:
                 self.process(run)
-            except Exception as exc:  # noqa: BLE001 - any failure of a run of ours becomes a fail run
+            except Exception as exc:
                 log.exception("hxn-ptycho callback: run %s could not be processed", run.uid)
                 self._fail(run, f"cannot be reconstructed: {type(exc).__name__}: {exc}")
             finally:
@@ -124,7 +126,7 @@ class PtychoCallback:
         except ExportError as exc:
             self._fail(run, f"cannot build the scan file: {exc}")
             return None
-        except Exception as exc:  # noqa: BLE001 - an unexpected error is a failure too, never silent
+        except Exception as exc:
             log.exception("run %s: unexpected error while building the scan file", run.uid)
             self._fail(run, f"cannot build the scan file: {type(exc).__name__}: {exc}")
             return None
@@ -133,7 +135,8 @@ class PtychoCallback:
                   params=dict(self.config.params), raw_uid=run.uid, scan_id=run.scan_id,
                   nprocs=self.config.nprocs, catalog=self.config.catalog,
                   recon={"crop": scan.n, "energy_kev": scan.attrs.get("energy_kev"), "distance_m": scan.z_m,
-                         "pixel_um": scan.ccd_pixel_um, "ranks": self.config.nprocs, "gpus": self.config.gpus})
+                         "pixel_um": scan.ccd_pixel_um, "ranks": self.config.nprocs, "gpus": self.config.gpus,
+                         **{k: scan.attrs[k] for k in EXPORT_RECORD if k in scan.attrs}})
         if self.jobs is None:
             self.submitted.append(job)
             return job

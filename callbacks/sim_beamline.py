@@ -147,7 +147,6 @@ class _SimAreaDetector(Device):
         self.fly = False                          # fly2dpd: one datum for every frame
         self.total_points = 1
         self.drop_points: set[int] = set()        # frames "lost" (for failure tests)
-        self.lose_file = False                    # the file vanishes before the export reads it
         self._asset_docs: list[tuple[str, dict]] = []
         self._file: _ADFile | None = None
         self._resource_uid: str | None = None
@@ -530,13 +529,17 @@ def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
 SCAN_TYPES = {"fly2dpd": ("eiger2", fly2dpd), "step": ("eiger1", step_scan), "FlyPlan2D": ("merlin1", flyplan2d)}
 
 
-def simulated_scan(scan_type: str, n_positions: int = 64, seed: int = 1, **kw: Any) -> tuple[SimSample, Any]:
+def simulated_scan(scan_type: str, n_positions: int = 64, seed: int = 1, probe_modes: int = 1,
+                   **kw: Any) -> tuple[SimSample, Any]:
     """(sample, truth) of a simulated scan for ``scan_type`` ('fly2dpd', 'step', 'FlyPlan2D')."""
     from hxn_ptycho.simulate import simulate_scan
 
+    if scan_type not in SCAN_TYPES:
+        raise ValueError(f"unknown scan type {scan_type!r} (known: {', '.join(SCAN_TYPES)})")
     detector, _plan = SCAN_TYPES[scan_type]
     pattern = "spiral" if scan_type == "step" else "raster"
-    scan, truth = simulate_scan(n=64, n_positions=n_positions, seed=seed, pattern=pattern, photons=1e6)
+    scan, truth = simulate_scan(n=64, n_positions=n_positions, seed=seed, pattern=pattern, photons=1e6,
+                                probe_modes=probe_modes)
     return hxn_sample(scan, detector, **kw), truth
 
 

@@ -221,9 +221,9 @@ def test_in_process_scan_to_derived_run(tiled_server, tmp_path, sim, monkeypatch
 
 def test_unreachable_catalog_is_logged_and_other_runs_go_on(tmp_path, sim, caplog):
     """A broken run cannot be recorded (catalog down): a clear log line; the next run is still processed."""
-    from hxn_ptycho.callbacks.catalog import free_port
     from dataclasses import replace
 
+    from hxn_ptycho.callbacks.catalog import free_port
     from hxn_ptycho.callbacks.sim_beamline import hxn_sample, make_hxn, step_scan
 
     hxn = make_hxn(tmp_path / "det")

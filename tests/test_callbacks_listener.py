@@ -78,7 +78,12 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
     from bluesky.preprocessors import SupplementalData
     from bluesky.utils import RunEngineInterrupted
     from hxn_ptycho.callbacks.catalog import tiled_writer
-    from hxn_ptycho.callbacks.sim_beamline import flyplan2d, hxn_sample, make_hxn, step_scan
+    from hxn_ptycho.callbacks.sim_beamline import (
+        flyplan2d,
+        hxn_sample,
+        make_hxn,
+        step_scan,
+    )
     from tiled.queries import Eq
 
     from hxn_ptycho.simulate import simulate_scan

@@ -8,7 +8,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from hxn_ptycho.callbacks import frames as fr
 from hxn_ptycho.callbacks.collector import CollectedRun
 

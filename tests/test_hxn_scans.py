@@ -8,8 +8,6 @@ import math
 
 import numpy as np
 import pytest
-from hxn_sim import run_scan
-
 from hxn_ptycho.callbacks.export import (
     ExportConfig,
     ExportError,
@@ -19,6 +17,8 @@ from hxn_ptycho.callbacks.export import (
     prepare,
 )
 from hxn_ptycho.callbacks.router import ignore_reason
+from hxn_sim import run_scan
+
 from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.metrics import illuminated_region, nrmse
 from hxn_ptycho.params import ReconParams
@@ -71,9 +71,12 @@ def test_reconstruction_matches_the_truth_like_the_direct_scan_file(kind, tmp_pa
     assert via_beamline < 0.1
 
 
-def test_wrong_orientation_or_distance_would_fail_the_quality_check(tmp_path):
-    """The quality check above can fail: a wrong frame symmetry gives a much worse object."""
+def test_wrong_orientation_or_distance_would_fail_the_quality_checks(tmp_path):
+    """The checks above can fail: a wrong frame symmetry gives a much worse object, and the old
+    fixed 0.5 m an object pixel 4.1× too small."""
     run, sample, truth, _hxn = run_scan("step", tmp_path)
+    old = build_scan(run, ExportConfig(crop=64, distance_m=0.5))
+    assert old.pixel_size_m / sample.scan.pixel_size_m == pytest.approx(0.5 / 2.05)
     p = ReconParams(iterations=60, seed=0)
     good = object_nrmse(reconstruct(build_scan(run, CFG), p, log=lambda _m: None), truth)
     wrong = object_nrmse(reconstruct(build_scan(run, ExportConfig(crop=64, orientation="transpose,x+,y-")), p,
@@ -102,7 +105,7 @@ def test_frames_without_beam_are_dropped_with_a_note(tmp_path):
 def test_non_positive_scaler_values_are_patched(tmp_path):
     def setup(hxn, sample):
         hxn.panda_flyer.bad_scaler = {4: 0.0, 5: -3.0}
-    run, sample, _truth, _hxn = run_scan("fly2dpd", tmp_path, n_positions=25, setup=setup)
+    run, _sample, _truth, _hxn = run_scan("fly2dpd", tmp_path, n_positions=25, setup=setup)
     scan = build_scan(run, CFG)
     geo = json.loads(scan.attrs["geometry_source"])
     assert "2 non-positive value(s) replaced" in geo["scaler"]
@@ -141,7 +144,7 @@ def test_selection_of_hxn_runs(caplog, tmp_path):
 
 
 def test_a_missing_detector_file_is_named(tmp_path):
-    run, sample, _truth, hxn = run_scan("step", tmp_path, n_positions=9)
+    run, _sample, _truth, _hxn = run_scan("step", tmp_path, n_positions=9)
     path = json.loads(build_scan(run, CFG).attrs["frame_source"])[0][0]
     import os
     os.remove(path)

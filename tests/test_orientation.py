@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from hxn_sim import run_scan
-
 from hxn_ptycho.callbacks.export import ExportConfig, ExportError, build_scan
 from hxn_ptycho.callbacks.orientation import (
     DETECTOR_ORIENTATION,
@@ -16,6 +14,7 @@ from hxn_ptycho.callbacks.orientation import (
     TWIN,
     Orientation,
 )
+from hxn_sim import run_scan
 
 
 def test_frame_symmetries_are_exact_about_zero_frequency():
@@ -50,7 +49,7 @@ def check_auto(used: Orientation, tmp_path, capsys) -> None:
     position signs, else its mirror-equivalent with those signs (the data cannot tell a mirrored
     sample apart) — by a clear margin over the other 7 classes."""
     from hxn_ptycho.callbacks.orientation import mirror_equivalents
-    run, sample, _truth, _hxn = run_scan("step", tmp_path, n_positions=49, orientation=used)
+    run, _sample, _truth, _hxn = run_scan("step", tmp_path, n_positions=49, orientation=used)
     scan = build_scan(run, ExportConfig(crop=64, orientation="auto"))
     report = json.loads(scan.attrs["orientation_report"])
     with capsys.disabled():
