@@ -499,7 +499,7 @@ def prepare(run: CollectedRun, cfg: ExportConfig) -> Prepared:
     inten = np.fft.ifftshift(inten, axes=(-2, -1))
     mask = np.fft.ifftshift(good)
     src.update(positions=pinfo["positions"], angle=pinfo["angle_source"], scaler=ic_src, center=center_src,
-               frames=f"{key}: {len(source.chunks)} chunk(s) in {len(source.files)} file(s)")
+               frames=f"{key}: {len(source.describe())} frame range(s) in {len(source.files)} file(s)")
     attrs = {"scan_id": int(run.scan_id) if isinstance(run.scan_id, (int, np.integer)) else -1,
              "raw_uid": run.uid, "detector": det, "energy_kev": geo["energy_kev"], "scan_kind": pinfo["kind"],
              "center_row": int(center[0]), "center_col": int(center[1]), "angle_deg": pinfo["angle_deg"],
