@@ -9,11 +9,16 @@ import warnings
 import conftest_bluesky
 import numpy as np
 import pytest
-from hxn_sim import collect, make_re
-
-from hxn_ptycho.callbacks.catalog import CatalogConfig, CatalogError, broker, runs, tiled_writer
+from hxn_ptycho.callbacks.catalog import (
+    CatalogConfig,
+    CatalogError,
+    broker,
+    runs,
+    tiled_writer,
+)
 from hxn_ptycho.callbacks.export import ExportConfig, build_scan
 from hxn_ptycho.callbacks.frames import stored_run
+from hxn_sim import collect, make_re
 
 tiled_server = conftest_bluesky.tiled_server      # the fixture (a real Tiled server process)
 KINDS = ["fly2dpd", "step", "FlyPlan2D"]
@@ -66,7 +71,7 @@ def test_never_create_containers_in_a_catalog_we_did_not_start(tiled_server):
 @pytest.mark.parametrize("kind", KINDS)
 def test_stored_run_reads_the_same_frames_as_the_live_run(written, kind):
     cfg, out = written
-    uid, live, sample = out[kind]
+    uid, live, _sample = out[kind]
     stored = stored_run(cfg, uid)
     a, b = build_scan(live, ExportConfig(crop=64)), build_scan(stored, ExportConfig(crop=64))
     np.testing.assert_array_equal(a.diffamp, b.diffamp)

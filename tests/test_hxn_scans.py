@@ -150,3 +150,23 @@ def test_a_missing_detector_file_is_named(tmp_path):
     os.remove(path)
     with pytest.raises(ExportError, match=f"detector file {path} does not exist"):
         build_scan(run, ExportConfig(crop=64, frame_wait_s=0.3))
+
+
+def test_any_exception_of_one_of_our_runs_becomes_a_failure(tmp_path, monkeypatch):
+    """Not only ExportError: an unexpected error while exporting is recorded with its reason."""
+    from hxn_ptycho.callbacks import router
+    from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
+
+    def boom(*_a, **_k):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(router, "export_scan", boom)
+    failures = []
+    cb = PtychoCallback(CallbackConfig(work_dir=str(tmp_path / "work"), export=CFG), jobs=None,
+                        on_failure=lambda run, reason: failures.append((run.uid, reason)))
+    try:
+        run, _sample, _truth, _hxn = run_scan("step", tmp_path, n_positions=9)
+        cb._pending.put(run)
+        assert cb.flush(30)
+    finally:
+        cb.close()
+    assert failures == [(run.uid, "cannot build the scan file: RuntimeError: disk on fire")]
