@@ -360,24 +360,28 @@ def stored_run(catalog: Any, uid: str | int | None = None) -> CollectedRun:
     for stream in streams:
         node = run_client[stream]
         smd = dict(node.metadata or {})
-        data_keys = dict(smd.get("data_keys") or {})
+        data_keys = {k: dict(v) for k, v in (smd.get("data_keys") or {}).items()}
         desc_uid = f"stored-{stream}"
+        cols: dict[str, list] = {}
+        base = getattr(node, "base", node)            # a composite stream: its parts (tables, arrays)
+        for part, child in base.items():
+            family = str(getattr(child, "structure_family", ""))
+            if family.endswith("table"):
+                table = child.read()
+                for col in table.columns:
+                    if col not in ("seq_num", "time"):
+                        cols[str(col)] = list(np.asarray(table[col]))
+            elif data_keys.get(part, {}).get("external") or _is_external_node(child):
+                _add_stored_source(run, child, part, desc_uid)
+                data_keys[part] = {**data_keys.get(part, {}), "external": "STREAM:"}
+            else:
+                try:
+                    cols[part] = list(np.asarray(child.read()))
+                except Exception:  # noqa: BLE001, S112 - a node that is not an array is not a column
+                    continue
         run.descriptors[desc_uid] = {"uid": desc_uid, "name": stream, "data_keys": data_keys,
                                      "object_keys": dict(smd.get("object_keys") or {}),
                                      "configuration": dict(smd.get("configuration") or {})}
-        cols: dict[str, list] = {}
-        keys = list(node.keys()) if hasattr(node, "keys") else []
-        internal = _internal_table(node)
-        for k in keys:
-            if k in ("internal",):
-                continue
-            dk = data_keys.get(k, {})
-            if dk.get("external") or _is_external_node(node[k]):
-                _add_stored_source(run, node[k], k, desc_uid)
-                data_keys.setdefault(k, {"external": "STREAM:"})
-                data_keys[k] = {**data_keys[k], "external": "STREAM:"}
-        for k, values in internal.items():
-            cols[k] = list(values)
         run.columns[stream] = cols
         n = max((len(v) for v in cols.values()), default=0)
         run.seq_nums[stream] = list(range(1, n + 1))
@@ -401,30 +405,6 @@ def _stream_names(run_client: Any) -> list[str]:
     if "streams" in keys:                 # older TiledWriter layout: run/streams/<name>
         return [f"streams/{k}" for k in run_client["streams"]]
     return [k for k in keys if k not in ("config",)]
-
-
-def _internal_table(node: Any) -> dict[str, np.ndarray]:
-    """Internal (event) columns of a stream: the ``internal`` table, else scalar array nodes."""
-    out: dict[str, np.ndarray] = {}
-    keys = list(node.keys())
-    if "internal" in keys:
-        table = node["internal"].read()
-        for col in table.columns:
-            if col in ("seq_num", "time"):
-                continue
-            out[str(col)] = np.asarray(table[col])
-        return out
-    for k in keys:
-        child = node[k]
-        if _is_external_node(child):
-            continue
-        try:
-            arr = np.asarray(child.read())
-        except Exception:  # noqa: BLE001, S112 - a node that is not an array is not a column
-            continue
-        if arr.ndim <= 1 or arr.size < 10_000:
-            out[k] = arr
-    return out
 
 
 def _is_external_node(child: Any) -> bool:

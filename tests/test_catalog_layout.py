@@ -41,7 +41,7 @@ def written(tiled_server):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for i, kind in enumerate(KINDS):
-            sample, _truth = simulated_scan(kind, n_positions=25, seed=2)
+            sample, _truth = simulated_scan(kind, n_positions=9, seed=2)
             (uid,) = RE(plan_for(kind, hxn, sample), scan_id=900 + i)
             out[kind] = (uid, live[-1], sample)
     return cfg, out
@@ -84,11 +84,11 @@ def test_stored_run_reads_the_same_frames_as_the_live_run(written, kind):
 def test_arrays_of_these_specs_are_served(written):
     cfg, out = written
     fly = runs(cfg, "raw")[out["fly2dpd"][0]]["primary"]
-    assert fly["eiger2_image"].read().shape == (1, 25, 96, 96)
-    assert fly["inenc2_val"].read().shape == (1, 250)
-    assert fly["sclr1_ch4"].read().shape == (1, 25)
+    assert fly["eiger2_image"].read().shape == (1, 9, 96, 96)
+    assert fly["inenc2_val"].read().shape == (1, 90)
+    assert fly["sclr1_ch4"].read().shape == (1, 9)
     step = runs(cfg, "raw")[out["step"][0]]["primary"]
-    assert step["eiger1_image"].read().shape == (25, 1, 96, 96)
+    assert step["eiger1_image"].read().shape == (9, 1, 96, 96)
 
 
 def test_databroker_habits(written):
@@ -98,12 +98,12 @@ def test_databroker_habits(written):
     assert h.start["uid"] == out["FlyPlan2D"][0]
     assert db[901].start["uid"] == out["step"][0]
     table = db[901].table()
-    assert len(table) == 25 and "zpssx" in table and "sclr1_ch4" in table
+    assert len(table) == 9 and "zpssx" in table and "sclr1_ch4" in table
     base = db.get_table(db[901], stream_name="baseline")
     assert "dcm_th" in base and len(base) == 2
     fly = db[900]
-    assert [np.asarray(x).shape for x in fly.data("eiger2_image")] == [(25, 96, 96)]
-    assert [np.asarray(x).shape for x in fly.data("inenc2_val")] == [(250,)]
+    assert [np.asarray(x).shape for x in fly.data("eiger2_image")] == [(9, 96, 96)]
+    assert [np.asarray(x).shape for x in fly.data("inenc2_val")] == [(90,)]
     assert fly.table(fill=True).shape[0] == 1
     with pytest.raises(CatalogError, match=r"h\.data\('eiger2_image'\)"):
         db.get_table(db[901], fields=["eiger1_image", "zpssx"], fill=False)
