@@ -59,10 +59,21 @@ class CatalogConfig:
     uri: str
     api_key_env: str = ENV_API_KEY
     api_key_file: str | None = None
-    raw: str = "raw"
-    processed: str = "processed"
+    raw: str = "raw"                      # a container path: "raw", or nested as at NSLS-II, "hxn/raw"
+    processed: str = "processed"          # e.g. "hxn/processed"
     api_key: str | None = None            # only for in-process use; never written to disk by us
     readable: list[str] | None = None     # folders the server may read (None: not known, e.g. a remote server)
+    create_containers: bool | None = None  # None: only in a catalog we started (an embedded server's)
+
+    def owns(self) -> bool:
+        """May we create missing containers? Only in a catalog we started — an embedded server's
+        folder (its key file beside its log) — unless the config says so explicitly."""
+        if self.create_containers is not None:
+            return bool(self.create_containers)
+        if self.api_key_file:
+            folder = Path(self.api_key_file).parent
+            return (folder / "server.log").exists() or (folder / "catalog.db").exists()
+        return False
 
     def resolve_api_key(self) -> str | None:
         if self.api_key:
@@ -84,6 +95,8 @@ class CatalogConfig:
             data["api_key_file"] = str(self.api_key_file)
         if self.readable is not None:
             data["readable"] = [str(p) for p in self.readable]
+        if self.create_containers is not None:
+            data["create_containers"] = bool(self.create_containers)
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
@@ -108,7 +121,7 @@ def _load_config_file(path: Path) -> CatalogConfig:
         raise CatalogError(f"catalog config {path} is not valid {path.suffix or 'JSON'}: {exc}") from None
     if not isinstance(data, dict) or "uri" not in data:
         raise CatalogError(f"catalog config {path} must be a mapping with at least a 'uri' entry")
-    known = {"uri", "api_key_env", "api_key_file", "raw", "processed", "readable"}
+    known = {"uri", "api_key_env", "api_key_file", "raw", "processed", "readable", "create_containers"}
     unknown = set(data) - known
     if unknown:
         raise CatalogError(f"catalog config {path}: unknown entries {sorted(unknown)} (known: {sorted(known)})")
@@ -167,34 +180,116 @@ def probe_server(uri: str, timeout: float = 10.0) -> None:
         raise CatalogError(f"cannot reach the Tiled catalog at {uri}: {reason}") from None
 
 
+def _parts(path: str) -> list[str]:
+    parts = [p for p in str(path).strip("/").split("/") if p]
+    if not parts:
+        raise CatalogError(f"empty container path {path!r}")
+    return parts
+
+
+def container(client: Any, path: str) -> Any:
+    """The container at ``path`` (``"raw"`` or nested ``"hxn/raw"``), naming what is missing."""
+    node = client
+    walked: list[str] = []
+    for part in _parts(path):
+        keys = list(node.keys())
+        if part not in keys:
+            where = "/".join(walked) or "the catalog root"
+            raise CatalogError(f"the catalog has no container {'/'.join([*walked, part])!r} ({where} holds "
+                               f"{sorted(keys)[:20]}); set 'raw'/'processed' in the catalog config to the "
+                               "containers it has")
+        node = node[part]
+        walked.append(part)
+    return node
+
+
 def ensure_containers(client: Any, names: tuple[str, ...] = ("raw", "processed")) -> None:
-    """Create the run containers (``CatalogOfBlueskyRuns`` spec) where they are missing."""
+    """Create the run containers (``CatalogOfBlueskyRuns`` spec; parents of nested paths such as
+    ``hxn/raw`` as plain containers) where they are missing."""
     from tiled.structures.core import Spec
 
-    existing = set(client.keys())
     for name in names:
-        if name in existing:
-            continue
-        try:
-            client.create_container(key=name, specs=[Spec(RUNS_SPEC, version=RUNS_SPEC_VERSION)])
-        except Exception as exc:  # a concurrent creator may have won the race
-            if name not in set(client.keys()):
-                raise CatalogError(f"cannot create the container {name!r} in the catalog: {exc}") from exc
+        node = client
+        parts = _parts(name)
+        for i, part in enumerate(parts):
+            if part not in set(node.keys()):
+                specs = [Spec(RUNS_SPEC, version=RUNS_SPEC_VERSION)] if i == len(parts) - 1 else []
+                try:
+                    node.create_container(key=part, specs=specs)
+                except Exception as exc:  # a concurrent creator may have won the race
+                    if part not in set(node.keys()):
+                        raise CatalogError(f"cannot create the container {name!r} in the catalog: {exc}") from exc
+            node = node[part]
 
 
 def runs(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "raw") -> Any:
-    """The ``raw`` or ``processed`` container (a ``CatalogOfBlueskyRuns`` client)."""
+    """The ``raw`` or ``processed`` container (a ``CatalogOfBlueskyRuns`` client); nested paths
+    (``hxn/raw``) as NSLS-II's Tiled has them. Missing containers are created only in a catalog
+    we started (:meth:`CatalogConfig.owns`); elsewhere the error names the missing one."""
     cfg = resolve_catalog(spec)
     client = connect(cfg)
-    ensure_containers(client, (cfg.raw, cfg.processed))
-    return client[cfg.raw if which == "raw" else cfg.processed if which == "processed" else which]
+    path = cfg.raw if which == "raw" else cfg.processed if which == "processed" else which
+    if cfg.owns():
+        ensure_containers(client, (cfg.raw, cfg.processed))
+    return container(client, path)
 
 
 def tiled_writer(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "raw", **kwargs: Any) -> Any:
-    """A ``TiledWriter`` for the raw (or processed) container — subscribe it to the RunEngine."""
+    """A ``TiledWriter`` for the raw (or processed) container — subscribe it to the RunEngine.
+
+    The HXN resource specs get their HDF5 dataset named (``frames.TILED_WRITER_PATCHES``), so the
+    server can serve ``eiger2_image``, ``inenc2_val`` and the SIS channels of a fly2dpd run."""
     from bluesky_tiled_plugins import TiledWriter
 
-    return TiledWriter(runs(spec, which), **kwargs)
+    from .frames import TILED_WRITER_PATCHES
+
+    patches = {**TILED_WRITER_PATCHES, **(kwargs.pop("patches", None) or {})}
+    return TiledWriter(runs(spec, which), patches=patches, **kwargs)
+
+
+RETRIEVE_GONE = ("db.reg.retrieve(datum_id) does not exist with a Tiled catalog (there are no datum "
+                 "ids to resolve): read the arrays with h.data('eiger2_image') or "
+                 "db.get_table(h, fields=[...], fill=True), or get the files and frame ranges with "
+                 "hxn_ptycho.callbacks.frames.stored_run(catalog, uid) + frames.describe(run, key)")
+
+
+class RegistryGone(CatalogError, AttributeError):
+    """ptycho_gui's ``db.reg.retrieve`` habit on a Tiled catalog; the message names the replacement."""
+
+
+class _Registry:
+    """``db.reg`` of :func:`broker`: databroker's registry, with ``retrieve`` explaining its replacement."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def retrieve(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise RegistryGone(RETRIEVE_GONE)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _hxn_broker_class() -> Any:
+    from databroker.v1 import Broker
+
+    class HxnBroker(Broker):
+        """databroker's v1 ``Broker`` with clear errors for the habits Tiled cannot serve."""
+
+        @property
+        def reg(self) -> Any:
+            return _Registry(super().reg)
+
+        def get_table(self, headers: Any, stream_name: str = "primary", fields: Any = None, fill: bool = False,
+                      **kwargs: Any) -> Any:
+            try:
+                return super().get_table(headers, stream_name=stream_name, fields=fields, fill=fill, **kwargs)
+            except ValueError as exc:
+                if "externally stored" in str(exc) and not fill:
+                    raise CatalogError(f"{exc} With Tiled, a table of datum ids (ptycho_gui's get_table(..., "
+                                       f"fill=False) + db.reg.retrieve) is not available: {RETRIEVE_GONE}") from None
+                raise
+    return HxnBroker
 
 
 # --- server errors as one line --------------------------------------------------------------
@@ -297,9 +392,9 @@ def catalog_errors(spec: str | os.PathLike | CatalogConfig | None = None, what: 
 # --- databroker v1 -----------------------------------------------------------------------
 
 def _broker_class() -> type:
-    from databroker.v1 import Broker
+    Broker = _hxn_broker_class()
 
-    class CatalogBroker(Broker):
+    class CatalogBroker(Broker):  # type: ignore[valid-type,misc]
         """databroker's v1 ``Broker`` over ``raw`` that also finds the derived runs in ``processed``.
 
         ``db[-1]`` and ``db[scan_id]`` are raw scans (a scan id used by several raw runs warns, naming
@@ -374,13 +469,14 @@ def broker(spec: str | os.PathLike | CatalogConfig | None = None, which: str = "
 
     ``which="raw"`` (default): the raw scans, and ``db(...)`` also finds the derived runs of the
     ``processed`` container, so ``db(plan_name="hxn_ptycho_dm")`` lists the reconstructions.
-    ``which="processed"``: the plain broker over the derived runs only.
+    ``which="processed"``: the plain broker over the derived runs only. ``h.table()``,
+    ``db.get_table(h, stream_name='baseline')`` and ``h.data(field)`` work; ptycho_gui's
+    ``get_table(..., fill=False)`` of external fields and ``db.reg.retrieve`` raise errors naming
+    their replacement.
     """
-    from databroker.v1 import Broker
-
     with catalog_errors(spec, "databroker over the catalog"):
         if which != "raw":
-            return Broker(_own_registry(runs(spec, which)))
+            return _hxn_broker_class()(_own_registry(runs(spec, which)))
         cfg = resolve_catalog(spec)
         return _broker_class()(_own_registry(runs(cfg, "raw")), _own_registry(runs(cfg, "processed")))
 

@@ -122,8 +122,10 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     if catalog:
         resolve_catalog(catalog).resolve_api_key()     # a bad catalog or key file is refused now, not per job
     export = ExportConfig(crop=args.crop, energy_kev=args.energy_kev, distance_m=args.distance_m,
-                          detectors=tuple(args.detectors), position_fields=tuple(args.positions_from),
-                          scaler=args.scaler or None, frame_wait_s=args.frame_wait)
+                          detectors=tuple(args.detectors),
+                          position_fields=tuple(args.positions_from) if args.positions_from else None,
+                          scaler=args.scaler or None, frame_wait_s=args.frame_wait,
+                          orientation=getattr(args, "orientation", None))
     pools = args.gpu_pools or None
     base = dict(base_params or {})
     if pools:
@@ -222,37 +224,14 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 # -- reconstruct a stored run ("run uid U of catalog C") -------------------------------------------
 
-def collected_from_catalog(raw: Any, detectors: tuple[str, ...], position_fields: tuple[str, ...],
-                           scaler: str | None) -> tuple[Any, Any]:
-    """A stored raw run (Tiled client) → (CollectedRun, frames array)."""
-    import numpy as np
-
-    from .collector import CollectedRun
-    from .export import ExportError, find_detector
+def collected_from_catalog(raw: Any, detectors: tuple[str, ...] = (), position_fields: tuple[str, ...] = (),
+                           scaler: str | None = None) -> tuple[Any, Any]:
+    """A stored raw run (Tiled client) → (CollectedRun, None): the run's documents rebuilt from its
+    metadata and data sources (frames are read from the files by ``build_scan``, not downloaded).
+    The extra arguments are accepted for compatibility and unused (the export's defaults decide)."""
+    from .frames import stored_run
     from .query import as_v3
-    raw = as_v3(raw)
-    start, stop = dict(raw.metadata["start"]), dict(raw.metadata.get("stop") or {})
-    if "primary" not in raw:
-        raise ExportError(f"stored run {start.get('uid')} has no 'primary' stream")
-    primary = raw["primary"]
-    data_keys = dict(primary.metadata.get("data_keys", {}))
-    det = find_detector(start, detectors)
-    if det is None:
-        raise ExportError(f"stored run {start.get('uid')} names none of the detectors {list(detectors)}")
-    fields = tuple(start.get("ptycho_position_fields", position_fields))
-    wanted = [k for k in (*fields, scaler) if k and k in primary]
-    columns = {"primary": {k: np.asarray(primary[k].read()).tolist() for k in wanted}}
-    if "baseline" in raw and "dcm_th" in raw["baseline"]:
-        columns["baseline"] = {"dcm_th": np.asarray(raw["baseline"]["dcm_th"].read()).tolist()}
-    frame_keys = [k for k, v in data_keys.items() if k.startswith(det) and len(v.get("shape") or []) >= 2]
-    if not frame_keys:
-        raise ExportError(f"stored run {start.get('uid')}: no image of detector '{det}' in 'primary'")
-    frames = np.asarray(primary[frame_keys[0]].read(), dtype=np.float64)
-    if frames.ndim == 4:                    # (events, frames per point, H, W)
-        frames = frames.sum(axis=1)
-    run = CollectedRun(start=start, stop=stop, descriptors={"stored": {"name": "primary", "data_keys": data_keys}},
-                       columns=columns)
-    return run, frames
+    return stored_run(as_v3(raw)), None
 
 
 def find_stored_run(catalog: Any, *, uid: str | None = None, scan_id: int | None = None) -> Any:
@@ -303,7 +282,7 @@ def stored_run_spec(catalog: Any, *, uid: str | None = None, scan_id: int | None
 
     from .derived import check_readable
     from .export import ExportConfig
-    from .router import geometry_provenance
+    from .router import file_stem
 
     from .catalog import ENV_CATALOG
     catalog = catalog if catalog not in (None, "") else os.environ.get(ENV_CATALOG)
@@ -312,7 +291,7 @@ def stored_run_spec(catalog: Any, *, uid: str | None = None, scan_id: int | None
     raw = find_stored_run(catalog, uid=uid, scan_id=scan_id)
     start = dict(raw.metadata["start"])
     sid = start.get("scan_id")
-    stem = f"{sid if isinstance(sid, int) else 'x'}_{start['uid'][:8]}_{time.strftime('%Y%m%dT%H%M%S')}_{os.urandom(2).hex()}"
+    stem = f"{file_stem(sid, str(start['uid']))}_{time.strftime('%Y%m%dT%H%M%S')}_{os.urandom(2).hex()}"
     result = Path(output) if output else default_result_dir(catalog) / f"result_{stem}.h5"
     result = result.resolve()
     spec = JobSpec(params=params or ReconParams(), execution=execution or Execution(),
@@ -321,8 +300,8 @@ def stored_run_spec(catalog: Any, *, uid: str | None = None, scan_id: int | None
                                  catalog=str(catalog), png=str(Path(png).resolve()) if png else None))
     check_readable(spec)                                # before any work
     export = ExportConfig()
-    run = export_stored_run(raw, export, spec.source.scan_file)
-    spec.geometry = Geometry.from_scan_file(spec.source.scan_file, geometry_provenance(run, export))
+    export_stored_run(raw, export, spec.source.scan_file)
+    spec.geometry = Geometry.from_scan_file(spec.source.scan_file)
     return spec
 
 
@@ -357,11 +336,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from bluesky import RunEngine
     from bluesky.preprocessors import SupplementalData
 
-    from hxn_ptycho.simulate import simulate_scan
-
     from .catalog import tiled_writer
     from .query import results, summary_png
-    from .sim_beamline import SimFrames, fly_scan, make_hxn, step_scan
+    from .sim_beamline import make_hxn, plan_for, simulated_scan
 
     base = Path(args.dir).resolve()
     server: EmbeddedServer | None = None
@@ -384,16 +361,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.catalog = str(server.directory)
         det_root = server.directory / "detector"
     try:
-        scan, _truth = simulate_scan(n=64, n_positions=args.positions, probe_modes=args.true_modes, seed=args.sim_seed)
-        hxn = make_hxn(SimFrames(scan), det_root)
+        sample, _truth = simulated_scan(args.scan_type, n_positions=args.positions, seed=args.sim_seed,
+                                        probe_modes=args.true_modes)
+        hxn = make_hxn(det_root)
         RE = RunEngine({}, call_returns_result=False)
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
         RE.subscribe(tiled_writer(catalog_cfg, "raw", max_array_size=0))
         jobs, cb = build_callback(args, base / "work", base_params={"iterations": 40})
         RE.subscribe(cb)
-        plan = fly_scan if args.fly else step_scan
         t0 = time.monotonic()
-        RE(plan(hxn, scan.points, distance_m=scan.z_m, md={"ptycho_crop": scan.n, "sample": "simulated star"}))
+        RE(plan_for(args.scan_type, hxn, sample, md={"ptycho_crop": sample.scan.n, "sample": "simulated star"}))
         print(f"scan of {args.positions} points done in {time.monotonic() - t0:.1f} s; reconstructing "
               f"({cb.config.params['iterations']} iterations, {args.nprocs} MPI rank(s))...", flush=True)
         cb.flush(60)
@@ -429,10 +406,13 @@ def _add_callback_options(p: argparse.ArgumentParser, *, nprocs: int = 1) -> Non
     p.add_argument("--catalog", default=os.environ.get("HXN_PTYCHO_CATALOG"),
                    help="Tiled URL, config file or embedded server folder (default $HXN_PTYCHO_CATALOG); "
                         "API key from $TILED_API_KEY")
-    p.add_argument("--detectors", nargs="+", default=["merlin1", "merlin2", "eiger1"])
-    p.add_argument("--positions-from", nargs=2, default=["zpssx", "zpssy"], metavar=("X", "Y"),
-                   help="position fields in µm (motors or encoders)")
-    p.add_argument("--scaler", default="sclr1_ch4", help="normalisation field ('' for none)")
+    p.add_argument("--detectors", nargs="+", default=["merlin1", "merlin2", "eiger1", "eiger2", "eiger_mobile"])
+    p.add_argument("--positions-from", nargs=2, default=None, metavar=("X", "Y"),
+                   help="position fields in µm (default: the scan's motors, or its PandA encoders for fly2dpd)")
+    p.add_argument("--scaler", default="auto",
+                   help="normalisation field (default auto: sclr1_ch3 for ss* scans, else sclr1_ch4; '' for none)")
+    p.add_argument("--orientation", default=None,
+                   help="detector orientation, e.g. 'rot90_cw,x-,y-', or 'auto' (default: the detector's own)")
     p.add_argument("--crop", type=int, default=128, help="frame size around the beam centre")
     p.add_argument("--energy-kev", type=float, help="explicit energy (default: from dcm_th in the baseline)")
     p.add_argument("--distance-m", type=float, help="detector distance when the metadata has none")
@@ -483,7 +463,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--sim-seed", type=int, default=1, help="seed of the simulated sample and noise")
     p.add_argument("--true-modes", type=int, default=1, help="probe modes of the simulated beam")
-    p.add_argument("--fly", action="store_true", help="fly-scan-like plan (encoder positions)")
+    p.add_argument("--scan-type", choices=["fly2dpd", "step", "FlyPlan2D"], default="fly2dpd",
+                   help="simulated HXN scan: fly2dpd (eiger2 + PandA + SIS, default), step (eiger1), "
+                        "FlyPlan2D (merlin1)")
     p.add_argument("--png", help="summary figure (default DIR/summary.png)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--serve", action="store_true", help="keep the catalog running afterwards")

@@ -1,60 +1,102 @@
-"""A collected ptychography run → the HXN scan file.
+"""A collected (or stored) HXN run → the scan file, with no beamline options needed.
 
-Positions come from the scan motors (``zpssx``/``zpssy``) or configured encoder fields, frames
-from the detector's area-detector HDF5 files (``resource``/``datum``, spec ``AD_HDF5``) or from
-``stream_resource``/``stream_datum``. Frames are optionally normalised by a scaler
-(``sclr1_ch4``), cropped around the beam centre (configured, or the centre of mass of the mean
-frame), bad pixels are masked, and the zero frequency is moved to pixel [0, 0]. The energy comes
-from an explicit value or from ``dcm_th`` in the baseline via Si(111) Bragg:
-E = 12.39842 / (2·3.1355893·sin θ) keV. Distance and pixel size come from metadata or the
-per-detector table (Merlin 55 µm, Eiger 75 µm).
+The defaults know the beamline (sources in the README's "HXN scans" section):
+
+- **Detector**: the first of ``merlin1, merlin2, eiger1, eiger2, eiger_mobile`` named in
+  ``start['detectors']`` or ``start['scan']['detectors']`` (fly2dpd puts them there,
+  NSLS2/hxn-profile-collection startup/93-scanplan-panda.py ``fly2dpd``).
+- **Frames**: through :mod:`.frames` (the specs ``TPX_HDF5``, ``MERLIN_FLY_STREAM_V2``,
+  ``MERLIN_HDF5_BULK``, ``AD_HDF5``, stream_resource HDF5; ``frame_per_point = N`` is N frames).
+- **Positions**: step scans and ``FlyPlan2D`` record the motors named in ``start['motors']``
+  (µm) in every event (hxntools scans, NSLS-II-HXN/hxnfly fly.py ``dataframe_to_bluesky_data``);
+  ``fly2dpd`` records PandA encoder counts (datums of a ``PANDA`` resource), which are scaled by
+  hxntools' ``motor_table`` (motor_info.py) and averaged over the ``position_supersample``
+  samples of each point (scan_info.py ``get_scan_positions``); ``ss*`` stages, which no encoder
+  reads, take the positions computed from ``scan['scan_input']`` as there. The fast axis is
+  foreshortened by the sample rotation from ``zpsth``/``dsth`` in the baseline: x·|cos θ|
+  (|sin θ| beyond 45°), as NSLS2/holoptycho preprocess.py does with ptycho_gui's angle.
+- **Intensities**: ``sclr1_ch3`` for ``ss*`` scans, else ``sclr1_ch4`` (NSLS2/ptycho_gui
+  HXN_databroker.py ``load_metadata``), also as SIS datums; non-positive values are replaced by
+  the next positive one (its ``array_ensure_positive_elements``); frames are scaled by
+  ic[0]/ic[i] (its ``save_data``). Saturated or flagged pixels (the integer maximum or one
+  below, Eiger's markers) and stuck hot pixels are masked on the *raw* frames, before the
+  normalisation and the beam-centre search. Frames without beam (a total below 1 % of the
+  median, ptycho_gui's "dark frames") are dropped and listed in the scan file.
+- **Geometry**: distance from ``start['scan']['detector_distance']``; else a detector-stage
+  value in the baseline (``detector_distance``); else 2.05 m (what fly2dpd records today),
+  configurable. Energy from ``dcm_th`` (Si(111) Bragg: E = 12.39842 / (2·3.1355893·sin θ) keV).
+  Pixel: Merlin 55 µm, Eiger 75 µm. Every value and where it came from goes into the scan
+  file's ``geometry_source`` attribute (JSON).
+- **Orientation**: a per-detector default (:data:`~.orientation.DETECTOR_ORIENTATION`) or
+  ``orientation="auto"`` (short DM trials, :mod:`.orientation`).
 
 Every problem raises :class:`ExportError` with a message that names it; that message becomes
 the ``reason`` of the derived run that records the failure.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
+
+from hxn_ptycho.errors import HxnPtychoError
+
+from . import frames as fr
+from .collector import CollectedRun
 
 if TYPE_CHECKING:
     from hxn_ptycho.scanfile import ScanData
 
-from .collector import CollectedRun
+log = logging.getLogger(__name__)
 
 HC_KEV_A = 12.39842              # h·c in keV·Å
 HC_KEV_NM = HC_KEV_A / 10        # h·c in keV·nm
 SI111_D_A = 3.1355893            # Si(111) lattice spacing in Å
 PIXEL_UM = {"merlin": 55.0, "eiger": 75.0}
+DETECTORS = ("merlin1", "merlin2", "eiger1", "eiger2", "eiger_mobile")
+DEFAULT_DISTANCE_M = 2.05        # what fly2dpd records (startup/93-scanplan-panda.py)
+# hxntools motor_info.py motor_table: motor -> (PandA field, µm per encoder count)
+MOTOR_TABLE: dict[str, tuple[str, float]] = {
+    "zpssx": ("inenc2_val", -1e-4 * 0.9542), "zpssy": ("inenc3_val", -1.03297e-4),
+    "zpssz": ("inenc4_val", 1e-4), "dssx": ("inenc2_val", -1e-4), "dssy": ("inenc3_val", 1e-4),
+    "dssz": ("inenc4_val", 1e-4 * 1.047), "ssx": ("inenc2_val", 1e-4), "ssy": ("inenc3_val", 1e-4),
+    "ssz": ("inenc4_val", 1e-4), "pt_tomo_ssx": ("inenc2_val", -1e-4), "pt_tomo_ssy": ("inenc4_val", -1e-4)}
+PANDA_SCAN_TYPES = ("2D_FLY_PANDA", "2D_FLY_CONT_PANDA")
+ONE_D_PLANS = {"count", "FlyPlan1D", "1D_FLY_PANDA", "TIME_FLY_PANDA", "fly1dpd", "timescan"}
 
 
-class ExportError(ValueError):
+class ExportError(HxnPtychoError, ValueError):
     """The run cannot become a scan file; the message names the missing or bad item."""
 
 
 @dataclass
 class ExportConfig:
-    """How runs become scan files. Start-document metadata overrides (see :func:`effective`)."""
+    """How runs become scan files. The defaults are the beamline's; start metadata overrides."""
 
-    detectors: tuple[str, ...] = ("merlin1", "merlin2", "eiger1")
-    position_fields: tuple[str, str] = ("zpssx", "zpssy")     # x, y in µm
-    scaler: str | None = "sclr1_ch4"                          # normalisation, if present
+    detectors: tuple[str, ...] = DETECTORS
+    position_fields: tuple[str, str] | None = None            # override: x, y columns in µm
+    scaler: str | None = "auto"                               # 'auto': sclr1_ch3 (ss*) / sclr1_ch4; None: none
     stream: str = "primary"
     energy_kev: float | None = None                           # explicit energy; else dcm_th
     energy_motor: str = "dcm_th"                              # degrees, in the baseline
-    distance_m: float | None = None                           # default when metadata has none
+    distance_m: float | None = None                           # when the run records none (None: 2.05 m)
+    distance_field: str = "detector_distance"                 # a baseline detector-stage value, in m
     pixel_um: dict[str, float] = field(default_factory=lambda: dict(PIXEL_UM))
     crop: int = 128
     center: tuple[int, int] | None = None                     # (row, col); None = from the mean frame
     bad_pixels: tuple[tuple[int, int], ...] = ()
     hot_pixels: bool = True                                   # mask pixels constant and bright in all frames
+    dark_fraction: float = 0.01                               # drop frames below this × the median total
+    foreshortening: bool = True                               # x·|cos θ| from zpsth/dsth
+    orientation: str | dict[str, str] | None = None           # None: per-detector default; 'auto'; or a name
+    motor_table: dict[str, tuple[str, float]] = field(default_factory=lambda: dict(MOTOR_TABLE))
+    path_remap: tuple[tuple[str, str], ...] = fr.DEFAULT_REMAP
     frame_wait_s: float = 5.0                                 # wait this long for frames still being written
 
 
@@ -71,17 +113,64 @@ def bragg_angle_deg(energy_kev: float) -> float:
     return math.degrees(math.asin(HC_KEV_A / (2 * SI111_D_A * float(energy_kev))))
 
 
-# -- which detector, which fields -----------------------------------------------------------
+# -- which run, which detector ------------------------------------------------------------------
 
-def find_detector(start: dict, detectors: tuple[str, ...]) -> str | None:
-    """The configured detector named in the start document (``detectors`` list), if any."""
-    named = start.get("detectors") or []
-    if isinstance(named, str):
-        named = [named]
-    for det in named:
-        if det in detectors:
+def named_detectors(start: dict) -> list[str]:
+    """Detectors of a start document: top level and ``start['scan']['detectors']`` (fly2dpd)."""
+    out: list[str] = []
+    for named in (start.get("detectors"), (start.get("scan") or {}).get("detectors")
+                  if isinstance(start.get("scan"), dict) else None):
+        if isinstance(named, str):
+            named = [named]
+        for d in named or []:
+            if isinstance(d, str) and d not in out:
+                out.append(d)
+    return out
+
+
+def find_detector(start: dict, detectors: tuple[str, ...] = DETECTORS) -> str | None:
+    """The first configured detector named in the start document, if any."""
+    named = named_detectors(start)
+    for det in detectors:
+        if det in named:
             return det
     return None
+
+
+def scan_kind(start: dict) -> str:
+    """'fly2dpd' (PandA fly scan), 'FlyPlan2D' (hxnfly) or 'step' (hxntools/bluesky step scans)."""
+    scan = start.get("scan") if isinstance(start.get("scan"), dict) else {}
+    if start.get("plan_name") == "fly2dpd" or scan.get("type") in PANDA_SCAN_TYPES:
+        return "fly2dpd"
+    if start.get("plan_name") == "FlyPlan2D":
+        return "FlyPlan2D"
+    return "step"
+
+
+def why_not_ptycho(start: dict, detectors: tuple[str, ...] = DETECTORS) -> str | None:
+    """None if the run is a ptychography scan we reconstruct, else the reason it is not."""
+    det = find_detector(start, detectors)
+    if det is None:
+        return f"it names none of the detectors {list(detectors)} (it names {named_detectors(start)})"
+    plan = start.get("plan_name")
+    scan = start.get("scan") if isinstance(start.get("scan"), dict) else {}
+    if plan in ONE_D_PLANS or scan.get("type") in ONE_D_PLANS:
+        return f"plan {plan or scan.get('type')!r} is not a 2-D scan"
+    motors = start.get("motors")
+    if isinstance(motors, list) and len(motors) == 1:
+        return f"it scans one motor ({motors[0]}), not two"
+    return None
+
+
+def scan_motors(start: dict) -> list[str]:
+    motors = start.get("motors")
+    if isinstance(motors, list) and len(motors) >= 2:
+        return [str(m) for m in motors[:2]]
+    scan = start.get("scan") if isinstance(start.get("scan"), dict) else {}
+    try:
+        return [scan["fast_axis"]["motor_name"], scan["slow_axis"]["motor_name"]]
+    except (KeyError, TypeError):
+        return []
 
 
 def frame_key(run: CollectedRun, detector: str, stream: str) -> str:
@@ -89,7 +178,8 @@ def frame_key(run: CollectedRun, detector: str, stream: str) -> str:
     data_keys = run.data_keys(stream)
     if not data_keys:
         raise ExportError(f"run {run.uid} has no '{stream}' stream (no descriptor)")
-    candidates = run.object_keys(stream).get(detector) or [k for k in data_keys if k.startswith(detector)]
+    candidates = list(run.object_keys(stream).get(detector) or [])
+    candidates += [k for k in data_keys if k.startswith(detector) and k not in candidates]
     for key in candidates:
         dk = data_keys.get(key, {})
         if dk.get("external") and len(dk.get("shape") or []) >= 2:
@@ -98,174 +188,241 @@ def frame_key(run: CollectedRun, detector: str, stream: str) -> str:
                       f"(keys: {sorted(data_keys)})")
 
 
-def _baseline_value(run: CollectedRun, key: str) -> Any:
-    values = run.columns.get("baseline", {}).get(key)
-    if values:
-        for v in values:
-            if v is not None:
-                return v
+def baseline_value(run: CollectedRun, key: str) -> Any:
+    for v in run.columns.get("baseline", {}).get(key) or []:
+        if v is not None:
+            return v
     return None
 
 
-def effective(run: CollectedRun, cfg: ExportConfig) -> dict[str, Any]:
-    """Geometry and options for this run: start metadata first, then the config."""
+# -- geometry -----------------------------------------------------------------------------------
+
+def geometry(run: CollectedRun, cfg: ExportConfig, detector: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(values, where each came from) for energy, distance and pixel size."""
     s = run.start
-    det = find_detector(s, cfg.detectors)
-    if det is None:
-        raise ExportError(f"run {run.uid} names none of the detectors {list(cfg.detectors)}")
-    energy = s.get("energy_kev", cfg.energy_kev)
-    if energy is None:
-        theta = _baseline_value(run, cfg.energy_motor)
+    scan = s.get("scan") if isinstance(s.get("scan"), dict) else {}
+    src: dict[str, str] = {}
+    if s.get("energy_kev") is not None:
+        energy, src["energy_kev"] = float(s["energy_kev"]), "start['energy_kev']"
+    elif cfg.energy_kev is not None:
+        energy, src["energy_kev"] = float(cfg.energy_kev), "configuration (energy_kev)"
+    else:
+        theta = baseline_value(run, cfg.energy_motor)
         if theta is None:
             raise ExportError(f"run {run.uid}: no energy — neither 'energy_kev' in the metadata, an explicit "
                               f"energy, nor '{cfg.energy_motor}' in the baseline")
         energy = bragg_energy_kev(theta)
-    distance = s.get("detector_distance_m", cfg.distance_m)
-    if distance is None:
-        raise ExportError(f"run {run.uid}: no detector distance — set 'detector_distance_m' in the metadata "
-                          "or distance_m in the configuration")
-    pixel = s.get("detector_pixel_um")
-    if pixel is None:
-        family = next((f for f in cfg.pixel_um if det.startswith(f)), None)
+        src["energy_kev"] = f"baseline {cfg.energy_motor} = {float(theta):.6g} deg (Si(111) Bragg)"
+    if scan.get("detector_distance") is not None:
+        distance, src["distance_m"] = float(scan["detector_distance"]), "start['scan']['detector_distance']"
+    elif s.get("detector_distance_m") is not None:
+        distance, src["distance_m"] = float(s["detector_distance_m"]), "start['detector_distance_m']"
+    elif baseline_value(run, cfg.distance_field) is not None:
+        distance = float(baseline_value(run, cfg.distance_field))
+        src["distance_m"] = f"baseline {cfg.distance_field}"
+    elif cfg.distance_m is not None:
+        distance, src["distance_m"] = float(cfg.distance_m), "configuration (distance_m)"
+    else:
+        distance, src["distance_m"] = DEFAULT_DISTANCE_M, f"HXN default {DEFAULT_DISTANCE_M} m (the run records none)"
+    if distance <= 0:
+        raise ExportError(f"run {run.uid}: detector distance {distance} m ({src['distance_m']}) is not positive")
+    if s.get("detector_pixel_um") is not None:
+        pixel, src["pixel_um"] = float(s["detector_pixel_um"]), "start['detector_pixel_um']"
+    else:
+        family = next((f for f in cfg.pixel_um if detector.startswith(f)), None)
         if family is None:
-            raise ExportError(f"run {run.uid}: no pixel size for detector '{det}' (table: {cfg.pixel_um})")
-        pixel = cfg.pixel_um[family]
-    center = s.get("ptycho_center", cfg.center)
-    return {"detector": det, "energy_kev": float(energy), "distance_m": float(distance), "pixel_um": float(pixel),
-            "crop": int(s.get("ptycho_crop", cfg.crop)), "center": tuple(center) if center is not None else None,
-            "position_fields": tuple(s.get("ptycho_position_fields", cfg.position_fields)),
-            "bad_pixels": [tuple(p) for p in s.get("ptycho_bad_pixels", cfg.bad_pixels)]}
+            raise ExportError(f"run {run.uid}: no pixel size for detector '{detector}' (table: {cfg.pixel_um})")
+        pixel, src["pixel_um"] = float(cfg.pixel_um[family]), f"{family} pixel table"
+    return {"energy_kev": energy, "distance_m": distance, "pixel_um": pixel}, src
 
 
-def positions_um(run: CollectedRun, fields: tuple[str, str], stream: str) -> np.ndarray:
-    """(2, N) positions in µm from the named columns (row 0 = x)."""
-    cols = run.columns.get(stream, {})
-    out = []
-    for name in fields:
-        values = cols.get(name)
-        if values is None:
-            raise ExportError(f"run {run.uid}: position field '{name}' is not in the '{stream}' stream "
-                              f"(fields: {sorted(cols)})")
-        missing = [i + 1 for i, v in enumerate(values) if v is None]
-        if missing:
-            raise ExportError(f"run {run.uid}: position field '{name}' is missing in {len(missing)} event(s) "
-                              f"(first: event {missing[0]})")
-        out.append(np.asarray(values, dtype=np.float64))
-    pts = np.stack(out)
+# -- positions ----------------------------------------------------------------------------------
+
+def _field_values(run: CollectedRun, name: str, cfg: ExportConfig) -> np.ndarray:
+    cols = run.columns.get(cfg.stream, {})
+    if name not in cols and name not in run.data_keys(cfg.stream):
+        raise ExportError(f"run {run.uid}: position field '{name}' is not in the '{cfg.stream}' stream "
+                          f"(fields: {sorted(cols)})")
+    try:
+        values = fr.column(run, name, cfg.stream, cfg.frame_wait_s, cfg.path_remap)
+    except fr.SourceError as exc:
+        msg = str(exc).replace(f"'{name}' is missing", f"position field '{name}' is missing")
+        raise ExportError(msg) from None
+    if values is None:
+        raise ExportError(f"run {run.uid}: position field '{name}' has no values in the '{cfg.stream}' stream")
+    return values
+
+
+def _scan_input_positions(start: dict, axis: int, npoints: int) -> np.ndarray:
+    """ss* stages: positions computed from scan_input, as hxntools scan_info.get_scan_positions."""
+    si = (start.get("scan") or {}).get("scan_input")
+    if not si or len(si) < 6:
+        raise ExportError("an ss* stage fly scan needs start['scan']['scan_input'] to compute its positions")
+    n1, n2 = int(si[2]), int(si[5])
+    if axis == 0:
+        return np.tile(np.linspace(si[0], si[1], n1 + 1)[:-1], [n2, 1]).reshape(n1 * n2)[:npoints]
+    return np.tile(np.linspace(si[3], si[4], n2 + 1)[:-1], [n1, 1]).T.reshape(n1 * n2)[:npoints]
+
+
+def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """(2, N) positions in µm (row 0 = x, the fast axis) and where they came from."""
+    s = run.start
+    override = s.get("ptycho_position_fields") or cfg.position_fields
+    kind = scan_kind(s)
+    motors = scan_motors(s)
+    info: dict[str, Any] = {"kind": kind, "motors": motors}
+    if override:
+        pts = np.stack([_field_values(run, f, cfg) for f in override[:2]])
+        info["positions"] = f"columns {list(override[:2])}"
+    elif kind == "fly2dpd":
+        if len(motors) < 2:
+            raise ExportError(f"run {run.uid}: fly2dpd run without two motors in start['motors'] or the scan axes")
+        shape = s.get("shape") or (s.get("scan") or {}).get("shape")
+        npoints = int(np.prod(shape)) if shape else None
+        out, used = [], []
+        for axis, motor in enumerate(motors):
+            if motor.startswith("ss"):
+                out.append(_scan_input_positions(s, axis, npoints or 0))
+                used.append(f"{motor}: computed from scan_input")
+                continue
+            if motor not in cfg.motor_table:
+                raise ExportError(f"run {run.uid}: no encoder is known for motor '{motor}' "
+                                  f"(motor table: {sorted(cfg.motor_table)})")
+            enc, scale = cfg.motor_table[motor]
+            raw = _field_values(run, enc, cfg) * scale
+            n = npoints or raw.size
+            if raw.size > n:
+                if raw.size % n:
+                    raise ExportError(f"run {run.uid}: {raw.size} {enc} samples are not a multiple of {n} points")
+                raw = raw.reshape(n, raw.size // n).mean(axis=1)
+            out.append(raw)
+            used.append(f"{motor}: {enc} × {scale:g} µm/count, averaged per point")
+        if len({len(o) for o in out}) != 1:
+            raise ExportError(f"run {run.uid}: x and y have {len(out[0])} and {len(out[1])} positions")
+        pts = np.stack(out)
+        info["positions"] = "; ".join(used)
+    else:
+        if len(motors) < 2:
+            raise ExportError(f"run {run.uid}: no scan motors in start['motors'] (need x and y)")
+        pts = np.stack([_field_values(run, m, cfg) for m in motors])
+        info["positions"] = f"motor columns {motors}"
     if not np.all(np.isfinite(pts)):
-        raise ExportError(f"run {run.uid}: positions {list(fields)} contain NaN or infinite values")
-    return pts
+        raise ExportError(f"run {run.uid}: positions contain NaN or infinite values")
+    angle, angle_src = 0.0, "none (not a zp/ds stage scan)"
+    if cfg.foreshortening and motors:
+        motor_theta = "zpsth" if motors[0].startswith("zp") else "dsth" if motors[0].startswith("d") else None
+        if motor_theta:
+            v = baseline_value(run, motor_theta)
+            if v is not None:
+                angle, angle_src = float(v), f"baseline {motor_theta}"
+            else:
+                angle_src = f"{motor_theta} not in the baseline: 0"
+    if angle:
+        factor = abs(math.cos(math.radians(angle))) if abs(angle) <= 45 else abs(math.sin(math.radians(angle)))
+        pts = pts.copy()
+        pts[0] *= factor
+    info.update(angle_deg=angle, angle_source=angle_src)
+    return pts, info
 
 
-# -- frames ---------------------------------------------------------------------------------
+# -- intensities --------------------------------------------------------------------------------
 
-def _path_from_uri(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.scheme not in ("file", ""):
-        raise ExportError(f"cannot read detector data from {uri!r}: only local files are supported")
-    return unquote(parts.path)
-
-
-def _resource_file(res: dict) -> str:
-    root = res.get("root") or ""
-    path = res.get("resource_path") or ""
-    return os.path.join(root, path) if root and not os.path.isabs(path) else path
-
-
-class FramesNotReady(ExportError):
-    """A detector file or frame is not there (yet): the detector may still be writing it."""
+def ensure_positive(arr: np.ndarray) -> int:
+    """Replace non-positive values by the next positive one (the last ones by the previous),
+    in place, as ptycho_gui's array_ensure_positive_elements; returns how many were replaced."""
+    bad = arr <= 0
+    if not bad.any():
+        return 0
+    good = np.nonzero(~bad)[0]
+    if good.size == 0:
+        raise ExportError("the scaler has no positive value: the beam was off for the whole scan")
+    nxt = np.searchsorted(good, np.arange(arr.size))
+    nxt = np.where(nxt < good.size, good[np.minimum(nxt, good.size - 1)], good[-1])
+    arr[bad] = arr[nxt[bad]]
+    return int(bad.sum())
 
 
-def _open_h5(path: str) -> Any:
-    import h5py
+def scaler_values(run: CollectedRun, cfg: ExportConfig, motors: list[str], n: int) -> tuple[np.ndarray | None, str]:
+    name = run.start.get("ptycho_scaler", cfg.scaler)
+    if not name:
+        return None, "none (configured off)"
+    if name == "auto":
+        name = "sclr1_ch3" if motors and motors[0].startswith("ss") else "sclr1_ch4"
     try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise FramesNotReady(f"cannot open detector file {path}: {exc}") from None
+        values = fr.column(run, name, cfg.stream, cfg.frame_wait_s, cfg.path_remap)
+    except fr.SourceError as exc:
+        raise ExportError(f"scaler {name}: {exc}") from None
+    if values is None:
+        return None, f"none ({name} not recorded)"
+    if values.size != n:
+        if values.size > n > 0:
+            values = values[:n]
+        else:
+            raise ExportError(f"run {run.uid}: scaler {name} has {values.size} values for {n} frames")
+    values = values.astype(np.float64).copy()
+    patched = ensure_positive(values)
+    return values, name + (f" ({patched} non-positive value(s) replaced)" if patched else "")
 
 
-def frames_from_datums(run: CollectedRun, refs: list) -> np.ndarray:
-    """One frame per event from AD_HDF5 resources/datums (``frame_per_point`` frames summed)."""
-    files: dict[str, Any] = {}
-    out = []
-    try:
-        for i, ref in enumerate(refs):
-            if ref is None:
-                raise ExportError(f"run {run.uid}: event {i + 1} has no detector frame")
-            datum = run.datums.get(ref)
-            if datum is None:
-                raise ExportError(f"run {run.uid}: event {i + 1} refers to datum {ref!r} that was never announced")
-            res = run.resources.get(datum.get("resource"))
-            if res is None:
-                raise ExportError(f"run {run.uid}: datum {ref!r} refers to an unknown resource {datum.get('resource')!r}")
-            spec = str(res.get("spec", "")).upper()
-            if not spec.startswith("AD_HDF5") and spec != "HDF5":
-                raise ExportError(f"run {run.uid}: detector resource spec {spec!r} is not supported (AD_HDF5 only)")
-            path = _resource_file(res)
-            if path not in files:
-                files[path] = _open_h5(path)
-            dset = files[path]["/entry/data/data"]
-            fpp = int((res.get("resource_kwargs") or {}).get("frame_per_point", 1))
-            point = int(datum.get("datum_kwargs", {}).get("point_number", i))
-            lo, hi = point * fpp, (point + 1) * fpp
-            if hi > dset.shape[0]:
-                raise FramesNotReady(f"run {run.uid}: frame {point} is missing from {path} "
-                                  f"(the file holds {dset.shape[0] // max(fpp, 1)} points)")
-            out.append(np.asarray(dset[lo:hi], dtype=np.float64).sum(axis=0))
-    finally:
-        for f in files.values():
-            f.close()
-    return np.stack(out)
+# -- frames: statistics on the raw frames, then the crop ------------------------------------------
+
+def saturation_value(dtype: Any) -> float | None:
+    """Values at or above this are saturated/flagged: integer maximum − 1 (Eiger marks defective
+    pixels with the maximum and the one below); None for float data."""
+    dt = np.dtype(dtype)
+    if np.issubdtype(dt, np.integer):
+        return float(np.iinfo(dt).max - 1)
+    return None
 
 
-def frames_from_stream(run: CollectedRun, key: str, n_events: int) -> np.ndarray:
-    """Frames announced by stream_resource/stream_datum documents for ``key``, in index order."""
-    import h5py
-    srs = {uid: sr for uid, sr in run.stream_resources.items() if sr.get("data_key") == key}
-    if not srs:
-        raise ExportError(f"run {run.uid}: no stream_resource for detector key '{key}'")
-    chunks = []
-    for sd in sorted((d for d in run.stream_datums if d.get("stream_resource") in srs),
-                     key=lambda d: d.get("seq_nums", {}).get("start", 0)):
-        sr = srs[sd["stream_resource"]]
-        path = _path_from_uri(sr.get("uri", ""))
-        dataset = (sr.get("parameters") or {}).get("dataset", "/entry/data/data")
-        start, stop = sd["indices"]["start"], sd["indices"]["stop"]
-        try:
-            with h5py.File(path, "r") as f:
-                d = f[dataset]
-                if stop > d.shape[0]:
-                    raise ExportError(f"run {run.uid}: frames {start}..{stop} are missing from {path} "
-                                      f"(it holds {d.shape[0]})")
-                chunks.append(np.asarray(d[start:stop], dtype=np.float64))
-        except (OSError, KeyError) as exc:
-            raise ExportError(f"cannot read detector frames from {path}:{dataset}: {exc}") from None
-    if not chunks:
-        raise ExportError(f"run {run.uid}: no stream_datum for detector key '{key}'")
-    frames = np.concatenate(chunks)
-    if frames.shape[0] != n_events:
-        raise ExportError(f"run {run.uid}: {frames.shape[0]} detector frames for {n_events} positions")
-    return frames
+@dataclass
+class FrameStats:
+    n: int
+    shape: tuple[int, int]
+    mean: np.ndarray
+    good: np.ndarray
+    saturated: int
+    hot: int
 
 
-def load_frames(run: CollectedRun, key: str, stream: str, n_events: int, wait_s: float) -> np.ndarray:
-    data_key = run.data_keys(stream).get(key, {})
-    refs = run.columns.get(stream, {}).get(key)
-    if str(data_key.get("external", "")).startswith("STREAM") or (refs is None and run.stream_resources):
-        return frames_from_stream(run, key, n_events)
-    if refs is None:
-        raise ExportError(f"run {run.uid}: detector key '{key}' has no values in the '{stream}' stream")
-    deadline = time.monotonic() + wait_s
-    while True:                 # only a file or frame still being written is worth waiting for
-        try:
-            return frames_from_datums(run, refs)
-        except FramesNotReady:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.25)
+def raw_statistics(source: fr.Source, cfg: ExportConfig, bad: list[tuple[int, int]]) -> FrameStats:
+    """One pass over the raw frames, batch by batch: the mean frame and the good-pixel mask
+    (saturated/flagged, non-finite, negative, configured and stuck hot pixels masked)."""
+    (shape, dtype) = fr.frame_shape(source, cfg.frame_wait_s)
+    if len(shape) != 2:
+        raise ExportError(f"detector data {source.key} has frames of shape {shape}, expected 2-D")
+    sat = saturation_value(dtype)
+    acc = np.zeros(shape)
+    lo = np.full(shape, np.inf)
+    hi = np.full(shape, -np.inf)
+    flagged = np.zeros(shape, bool)
+    n = 0
+    for batch in fr.iter_frames(source, cfg.frame_wait_s):
+        b = batch.astype(np.float64)
+        if sat is not None:
+            flagged |= np.any(batch >= sat, axis=0)
+        flagged |= ~np.all(np.isfinite(b), axis=0) | np.any(b < 0, axis=0)
+        b = np.where(np.isfinite(b), b, 0.0)
+        acc += b.sum(axis=0)
+        lo = np.minimum(lo, b.min(axis=0))
+        hi = np.maximum(hi, b.max(axis=0))
+        n += b.shape[0]
+    if n == 0:
+        raise ExportError(f"detector data {source.key}: no frames in {source.files}")
+    good = ~flagged
+    for r, c in bad:
+        if 0 <= r < shape[0] and 0 <= c < shape[1]:
+            good[r, c] = False
+    mean = acc / n
+    hot = 0
+    if cfg.hot_pixels and n > 1:
+        med = float(np.median(mean[good])) if good.any() else 0.0
+        stuck = (hi == lo) & (mean > 10 * max(med, 1.0)) & good
+        hot = int(stuck.sum())
+        good &= ~stuck
+    return FrameStats(n=n, shape=tuple(shape), mean=mean, good=good,
+                      saturated=int(flagged.sum()), hot=hot)
 
-
-# -- crop, mask, centre ---------------------------------------------------------------------
 
 def beam_center(mean_frame: np.ndarray, good: np.ndarray) -> tuple[int, int]:
     """Centre of mass of the (masked) mean frame, rounded to whole pixels."""
@@ -277,25 +434,83 @@ def beam_center(mean_frame: np.ndarray, good: np.ndarray) -> tuple[int, int]:
     return round(float((rows * w).sum() / total)), round(float((cols * w).sum() / total))
 
 
-def bad_pixel_mask(frames: np.ndarray, bad: list[tuple[int, int]], hot: bool) -> np.ndarray:
-    """True = good pixel: configured bad pixels, non-finite/negative values and hot pixels masked."""
-    good = np.all(np.isfinite(frames), axis=0) & np.all(frames >= 0, axis=0)
-    for r, c in bad:
-        if 0 <= r < good.shape[0] and 0 <= c < good.shape[1]:
-            good[r, c] = False
-    if hot and frames.shape[0] > 1:
-        mean = frames.mean(axis=0)
-        constant = np.ptp(frames, axis=0) == 0
-        good &= ~(constant & (mean > 10 * max(float(np.median(mean[good])) if good.any() else 0.0, 1.0)))
-    return good
-
-
-def crop_frames(frames: np.ndarray, good: np.ndarray, center: tuple[int, int], size: int) -> tuple[np.ndarray, np.ndarray]:
+def crop_window(shape: tuple[int, int], center: tuple[int, int], size: int) -> tuple[slice, slice]:
     r0, c0 = center[0] - size // 2, center[1] - size // 2
-    h, w = frames.shape[1:]
+    h, w = shape
     if size > min(h, w) or r0 < 0 or c0 < 0 or r0 + size > h or c0 + size > w:
         raise ExportError(f"a {size}×{size} crop around the beam centre {center} does not fit the {h}×{w} detector")
-    return frames[:, r0:r0 + size, c0:c0 + size], good[r0:r0 + size, c0:c0 + size]
+    return slice(r0, r0 + size), slice(c0, c0 + size)
+
+
+# -- the scan -----------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """Everything but the orientation: q-space intensities (zero frequency at [0, 0])."""
+
+    intensity: np.ndarray          # (N, n, n) float64, zero frequency at [0, 0], detector orientation
+    mask: np.ndarray               # (n, n) bool, same layout
+    points: np.ndarray             # (2, N) µm as recorded (after foreshortening)
+    geometry: dict[str, Any]
+    sources: dict[str, Any]
+    attrs: dict[str, Any]
+
+
+def prepare(run: CollectedRun, cfg: ExportConfig) -> Prepared:
+    """Read and pre-process a run's frames; orientation is applied by :func:`build_scan`."""
+    check_complete(run)
+    s = run.start
+    det = find_detector(s, cfg.detectors)
+    if det is None:
+        raise ExportError(f"run {run.uid} names none of the detectors {list(cfg.detectors)}")
+    geo, src = geometry(run, cfg, det)
+    points, pinfo = positions(run, cfg)
+    n_points = points.shape[1]
+    if n_points == 0:
+        raise ExportError(f"run {run.uid} has no positions in the '{cfg.stream}' stream")
+    key = frame_key(run, det, cfg.stream)
+    try:
+        source = fr.describe(run, key, cfg.stream, cfg.path_remap)
+        bad = [tuple(p) for p in s.get("ptycho_bad_pixels", cfg.bad_pixels)]
+        stats = raw_statistics(source, cfg, bad)
+    except fr.SourceError as exc:
+        raise ExportError(str(exc)) from None
+    if stats.n != n_points:
+        raise ExportError(f"run {run.uid}: {stats.n} detector frames in {source.files} for {n_points} positions")
+    ic, ic_src = scaler_values(run, cfg, pinfo["motors"], n_points)
+    crop = int(s.get("ptycho_crop", cfg.crop))
+    center = s.get("ptycho_center", cfg.center)
+    center_src = "configured" if center is not None else "centre of mass of the masked mean raw frame"
+    center = tuple(center) if center is not None else beam_center(stats.mean, stats.good)
+    region = crop_window(stats.shape, center, crop)
+    try:
+        raw = fr.read(source, cfg.frame_wait_s, region=region, dtype=np.float64)
+    except fr.SourceError as exc:
+        raise ExportError(str(exc)) from None
+    good = stats.good[region]
+    raw = np.where(np.isfinite(raw) & good, raw, 0.0)
+    totals = raw.sum(axis=(1, 2))                      # ptycho_gui: a crop without counts is a dark frame
+    dark = np.nonzero(totals <= cfg.dark_fraction * max(float(np.median(totals)), 1e-300))[0]
+    keep = np.setdiff1d(np.arange(n_points), dark)
+    if keep.size == 0:
+        raise ExportError(f"run {run.uid}: every frame is without beam")
+    if ic is not None:
+        raw = raw * (ic[0] / ic)[:, None, None]          # ptycho_gui save_data: img * ic[0] / ic[i]
+    raw = raw[keep]
+    inten = np.where(good, np.maximum(raw, 0.0), 0.0)
+    inten = np.fft.ifftshift(inten, axes=(-2, -1))
+    mask = np.fft.ifftshift(good)
+    src.update(positions=pinfo["positions"], angle=pinfo["angle_source"], scaler=ic_src, center=center_src,
+               frames=f"{key}: {len(source.describe())} frame range(s) in {len(source.files)} file(s)")
+    attrs = {"scan_id": int(run.scan_id) if isinstance(run.scan_id, (int, np.integer)) else -1,
+             "raw_uid": run.uid, "detector": det, "energy_kev": geo["energy_kev"], "scan_kind": pinfo["kind"],
+             "center_row": int(center[0]), "center_col": int(center[1]), "angle_deg": pinfo["angle_deg"],
+             "masked_saturated": stats.saturated, "masked_hot": stats.hot,
+             "dropped_frames": json.dumps([int(i) for i in dark]),
+             "frame_source": json.dumps(source.describe()[:50])}
+    if dark.size:
+        log.info("run %s: %d frame(s) without beam dropped: %s", run.uid, dark.size, dark[:20].tolist())
+    return Prepared(intensity=inten, mask=mask, points=points[:, keep], geometry=geo, sources=src, attrs=attrs)
 
 
 def check_complete(run: CollectedRun) -> None:
@@ -316,15 +531,26 @@ def check_complete(run: CollectedRun) -> None:
 
 
 def kept_field(start: dict, cfg: ExportConfig) -> Callable[[str, dict], bool]:
-    """Which event columns the collector keeps for :func:`build_scan`: the position fields, the
-    scaler, the energy motor, the detector's keys and every external key (datum ids)."""
-    fields = start.get("ptycho_position_fields", cfg.position_fields)
+    """Which event columns the collector keeps for :func:`build_scan`: the position fields or scan
+    motors and their encoders, the scalers, the energy, angle and detector-distance motors of the
+    baseline, the detector's keys and every external key (datum ids) — nothing else is copied."""
+    names: set[str] = set()
+    for fields in (start.get("ptycho_position_fields"), cfg.position_fields):
+        if isinstance(fields, (list, tuple)):
+            names |= {str(f) for f in fields}
     try:
-        names = {str(f) for f in fields} if not isinstance(fields, str) else set(cfg.position_fields)
-    except TypeError:
-        names = set(cfg.position_fields)
-    names |= {k for k in (cfg.scaler, cfg.energy_motor) if k}
-    det = find_detector(start, cfg.detectors)
+        motors = scan_motors(start)
+    except Exception:  # noqa: BLE001 - malformed metadata: the export names it later
+        motors = []
+    names |= set(motors)
+    names |= {cfg.motor_table[m][0] for m in motors if m in cfg.motor_table}
+    scaler = start.get("ptycho_scaler", cfg.scaler)
+    names |= {"sclr1_ch3", "sclr1_ch4"} if scaler == "auto" else {str(scaler)} if scaler else set()
+    names |= {k for k in (cfg.energy_motor, cfg.distance_field, "zpsth", "dsth") if k}
+    try:
+        det = find_detector(start, cfg.detectors)
+    except Exception:  # noqa: BLE001
+        det = None
 
     def keep(key: str, data_key: dict) -> bool:
         return key in names or bool(data_key.get("external")) or (det is not None and key.startswith(det))
@@ -332,38 +558,29 @@ def kept_field(start: dict, cfg: ExportConfig) -> Callable[[str, dict], bool]:
 
 
 def build_scan(run: CollectedRun, cfg: ExportConfig, frames: np.ndarray | None = None) -> ScanData:
-    """The :class:`~hxn_ptycho.scanfile.ScanData` of a collected run (reads the frames unless given)."""
-    from hxn_ptycho.scanfile import ScanData
+    """The :class:`~hxn_ptycho.scanfile.ScanData` of a run (``frames`` is accepted for backward
+    compatibility and must be None: frames are always read through :mod:`.frames`)."""
+    from .orientation import apply_orientation, auto_orientation, orientation_for
 
-    check_complete(run)
-    eff = effective(run, cfg)
-    points = positions_um(run, eff["position_fields"], cfg.stream)
-    n_events = points.shape[1]
-    if n_events == 0:
-        raise ExportError(f"run {run.uid} has no events in the '{cfg.stream}' stream")
-    if frames is None:
-        key = frame_key(run, eff["detector"], cfg.stream)
-        frames = load_frames(run, key, cfg.stream, n_events, cfg.frame_wait_s)
-    if frames.shape[0] != n_events:
-        raise ExportError(f"run {run.uid}: {frames.shape[0]} detector frames for {n_events} positions")
-    if cfg.scaler:
-        norm = run.columns.get(cfg.stream, {}).get(cfg.scaler)
-        if norm is not None and all(v is not None for v in norm):
-            norm = np.asarray(norm, dtype=np.float64)
-            if np.all(norm > 0):
-                frames = frames * (norm.mean() / norm)[:, None, None]
-    good = bad_pixel_mask(frames, eff["bad_pixels"], cfg.hot_pixels)
-    center = eff["center"] or beam_center(frames.mean(axis=0), good)
-    frames, good = crop_frames(frames, good, center, eff["crop"])
-    frames = np.where(good, np.maximum(frames, 0.0), 0.0)
-    diffamp = np.fft.ifftshift(np.sqrt(frames), axes=(-2, -1)).astype(np.float32)
-    mask = np.fft.ifftshift(good)
-    attrs = {"scan_id": int(run.scan_id) if isinstance(run.scan_id, (int, np.integer)) else -1,
-             "raw_uid": run.uid, "detector": eff["detector"], "energy_kev": eff["energy_kev"],
-             "center_row": int(center[0]), "center_col": int(center[1])}
-    return ScanData(diffamp=diffamp, points=points, lambda_nm=HC_KEV_NM / eff["energy_kev"],
-                    z_m=eff["distance_m"], ccd_pixel_um=eff["pixel_um"],
-                    mask=None if mask.all() else mask, attrs=attrs)
+    if frames is not None:
+        raise ExportError("build_scan reads the frames itself (frames=... is no longer supported)")
+    prep = prepare(run, cfg)
+    det = prep.attrs["detector"]
+    wanted = run.start.get("ptycho_orientation", cfg.orientation)
+    if isinstance(wanted, dict):
+        wanted = wanted.get(det)
+    report: dict[str, Any] = {}
+    if wanted == "auto":
+        orient, report = auto_orientation(prep, det)
+        prep.sources["orientation"] = f"auto ({report.get('summary', '')})"
+    else:
+        orient = orientation_for(det, wanted)
+        prep.sources["orientation"] = "configured" if wanted else f"{det} default"
+    scan = apply_orientation(prep, orient)
+    scan.attrs["orientation"] = orient.name
+    if report:
+        scan.attrs["orientation_report"] = json.dumps(report)
+    return scan
 
 
 def export_scan(run: CollectedRun, cfg: ExportConfig, path: str | os.PathLike) -> ScanData:

@@ -26,6 +26,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +38,11 @@ from hxn_ptycho.spec import Execution, Geometry, JobSpec, Source, check_ranks
 
 from .collector import CollectedRun, PassThroughFiller, RunCollector
 from .derived import PLAN_NAME, PLAN_TYPE
-from .export import ExportConfig, ExportError, export_scan, find_detector, kept_field
+from .export import ExportConfig, ExportError, export_scan, kept_field, why_not_ptycho
 from .launcher import Job, JobQueue, QueueFull
 
 log = logging.getLogger(__name__)
+# scan-file attributes the derived run publishes in its recon record (values and their sources)
 
 
 @dataclass
@@ -66,11 +68,17 @@ class CallbackConfig:
         return ex
 
 
-def is_ptycho_run(start: dict, detectors: tuple[str, ...]) -> bool:
-    """A run is ours if it names a configured detector and is not an analysis (derived) run."""
+def ignore_reason(start: dict, detectors: tuple[str, ...]) -> str | None:
+    """Why a run is not ours (None: it is a ptychography run we reconstruct). Detectors are
+    looked for at the top level and in ``start['scan']['detectors']`` (fly2dpd)."""
     if start.get("plan_type") == PLAN_TYPE or start.get("plan_name") == PLAN_NAME or start.get("raw_uid"):
-        return False
-    return find_detector(start, detectors) is not None
+        return "it is an analysis (derived) run"
+    return why_not_ptycho(start, detectors)
+
+
+def is_ptycho_run(start: dict, detectors: tuple[str, ...]) -> bool:
+    """A run is ours if it names a configured detector, is 2-D and is not an analysis run."""
+    return ignore_reason(start, detectors) is None
 
 
 _SAFE_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -84,9 +92,12 @@ def run_stem(run: CollectedRun) -> str:
     non-ASCII...) is replaced by ``h~`` + 32 hex digits of its SHA-256, which no plain uid can
     equal. A scan id that is not an integer in 0..10¹⁸ becomes ``x``.
     """
-    sid = run.scan_id
-    sid = sid if isinstance(sid, int) and not isinstance(sid, bool) and 0 <= sid < 10**18 else "x"
-    uid = run.uid
+    return file_stem(run.scan_id, run.uid)
+
+
+def file_stem(scan_id: Any, uid: str) -> str:
+    """:func:`run_stem` of a scan id and a uid."""
+    sid = scan_id if isinstance(scan_id, int) and not isinstance(scan_id, bool) and 0 <= scan_id < 10**18 else "x"
     if not _SAFE_UID.fullmatch(uid):
         uid = "h~" + hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return f"{sid}_{uid}"
@@ -181,16 +192,14 @@ class PtychoCallback:
                     log.error("run %s (scan %s): %s", uid, e.get("scan_id"), why)
                     self._fail(run, why)
                 path.unlink()
-            except Exception:  # noqa: BLE001 - recovery must never stop the callback
+            except Exception:
                 log.exception("hxn-ptycho callback: could not recover the runs of %s", path)
 
     def _queued(self, raw_uid: str) -> bool:
         if self.jobs is None:
             return False
-        for state in ("pending", "running", "done", "failed"):
-            if any(j.raw_uid == raw_uid for j in self.jobs.jobs(state)):
-                return True
-        return False
+        return any(j.raw_uid == raw_uid for state in ("pending", "running", "done", "failed")
+                   for j in self.jobs.jobs(state))
 
     # -- on the RunEngine's thread: cheap, never raises -------------------------------------
     def __call__(self, name: str, doc: dict) -> None:
@@ -201,7 +210,9 @@ class PtychoCallback:
                       name, type(exc).__name__, exc)
 
     def _factory(self, name: str, start: dict) -> tuple[list, list]:
-        if not is_ptycho_run(start, self.config.export.detectors):
+        reason = ignore_reason(start, self.config.export.detectors)
+        if reason is not None:
+            log.info("run %s (scan %s) ignored: %s", start.get("uid"), start.get("scan_id"), reason)
             return [], []
         log.info("ptychography run %s (scan %s) started", start.get("uid"), start.get("scan_id"))
         collector = RunCollector(start, self._stopped, keep=kept_field(start, self.config.export))
@@ -227,7 +238,7 @@ class PtychoCallback:
 
     def job_spec(self, run: CollectedRun, scan_path: Path | None = None) -> JobSpec:
         """The job spec of ``run``: this callback's parameters and execution, the exported geometry."""
-        geometry = (Geometry.from_scan_file(scan_path, geometry_provenance(run, self.config.export))
+        geometry = (Geometry.from_scan_file(scan_path)
                     if scan_path is not None and scan_path.exists() else Geometry())
         source = Source(scan_file=str(scan_path or ""),
                         result_file=str(self.work_dir / "results" / f"result_{run_stem(run)}.h5"),
@@ -247,6 +258,10 @@ class PtychoCallback:
             export_scan(run, self.config.export, scan_path)
         except ExportError as exc:
             self._fail(run, f"cannot build the scan file: {exc}")
+            return None
+        except Exception as exc:
+            log.exception("run %s: unexpected error while building the scan file", run.uid)
+            self._fail(run, f"cannot build the scan file: {type(exc).__name__}: {exc}")
             return None
         try:
             spec = self.job_spec(run, scan_path)
@@ -302,29 +317,6 @@ class PtychoCallback:
             with self._journal_lock:
                 self._journal.close()
                 self._journal = None
-
-
-def geometry_provenance(run: CollectedRun, cfg: ExportConfig) -> dict[str, str]:
-    """Where each geometry value of an exported run came from (the precedence of ``export.effective``:
-    start metadata first, then the configuration, then the baseline or the detector table)."""
-    s = run.start
-    det = find_detector(s, cfg.detectors) or "?"
-    if "energy_kev" in s:
-        energy = "start metadata 'energy_kev'"
-    elif cfg.energy_kev is not None:
-        energy = "configuration (energy_kev)"
-    else:
-        energy = f"baseline '{cfg.energy_motor}' via Si(111) Bragg"
-    family = next((f for f in cfg.pixel_um if det.startswith(f)), None)
-    center = ("start metadata 'ptycho_center'" if "ptycho_center" in s else
-              "configuration (center)" if cfg.center is not None else "centre of mass of the mean frame")
-    return {"energy_kev": energy, "lambda_nm": "λ = hc / energy",
-            "z_m": "start metadata 'detector_distance_m'" if "detector_distance_m" in s else "configuration (distance_m)",
-            "ccd_pixel_um": ("start metadata 'detector_pixel_um'" if "detector_pixel_um" in s
-                             else f"detector table ({family}: {cfg.pixel_um.get(family or '', '?')} µm)"),
-            "crop": "start metadata 'ptycho_crop'" if "ptycho_crop" in s else "configuration (crop)",
-            "center": center, "orientation": "as recorded (no flip or transpose)",
-            "detector": f"start metadata 'detectors' ({det})"}
 
 
 def job_failure_recorder(catalog: str | None) -> None:

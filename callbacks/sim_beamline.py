@@ -1,22 +1,38 @@
-"""A simulated HXN built from ophyd's simulated devices, and two ptychography plans.
+"""A simulated HXN that speaks the beamline's dialect, and its three ptychography scan types.
 
-- ``zpssx``/``zpssy``: scanning stages (µm, ``SynAxis``); ``zpssx_enc``/``zpssy_enc``: encoders
-- ``merlin1``: a Merlin-like detector whose frames (from a callable of the stage positions) are
-  appended to an area-detector-style HDF5 file (``/entry/data/data``) announced by
-  ``resource`` (spec ``AD_HDF5``) and one ``datum`` per point
-- ``dcm_th`` (degrees, Si(111)) and ``sclr1`` (``sclr1_ch4``) — ``dcm_th`` goes in the baseline
+The devices emit what the real ones emit (sources in NSLS2/hxn-profile-collection and
+NSLS-II-HXN/hxntools, hxnfly):
 
-``step_scan`` moves the stages point by point (``list_scan``); ``fly_scan`` keeps the stages in
-continuous motion and records the encoders with every frame, as a fly scan does.
+- ``eiger1``/``eiger2`` (:class:`SimEiger`): an area-detector HDF5 file per scan with the frames at
+  ``/entry/instrument/detector/data`` (hard link ``/entry/data/data``, frame ids at
+  ``/entry/instrument/NDAttributes/NDArrayUniqueId``); step mode: resource spec ``TPX_HDF5``,
+  ``frame_per_point = 1``, one datum ``{'point_number': i}`` per event; fly mode (fly2dpd):
+  spec ``MERLIN_FLY_STREAM_V2``, ``frame_per_point = N`` and one datum for all N frames
+  (startup/92-eiger2.py ``EigerFileStoreHDF5``). ``describe()`` gives the shape
+  (num_triggers, height, width) as that file's ``describe`` does.
+- ``merlin1`` (:class:`SimMerlin`): ``TPX_HDF5`` per point (hxntools detectors/merlin.py).
+- ``panda1`` + ``sclr1`` behind the ``PandaFlyer`` (:class:`SimPandaFlyer`,
+  startup/93-scanplan-panda.py ``HXNFlyerPanda``): a ``PANDA`` resource with one datum
+  ``{'field': 'INENC2.VAL.Value'}`` per encoder (datasets ``/INENCk.VAL.Value``, int32 counts,
+  ``position_supersample`` samples per point), an ``SIS_HDF51_FLY_STREAM_V1`` resource with
+  ``frame_per_point = N × supersample`` and one datum ``{'column': 'sclr1_chK', 'point_number': 0}``
+  per channel; one event in ``primary`` holding every datum id.
+- the hxnfly flyer (:class:`SimHxnFlyer`, hxnfly fly.py ``dataframe_to_bluesky_data``): one event
+  per point with the motor positions (µm), the scaler channels and the Merlin datum.
+
+The sample is a :class:`SimSample`: a simulated scan (``hxn_ptycho.simulate``) relabelled to the
+beamline geometry (detector pixel, distance). Frames are written in the detector's own
+orientation (the inverse of its documented default, or a chosen one) and positions with its
+signs, so that the export's defaults recover the simulation exactly.
 """
 from __future__ import annotations
 
 import itertools
 import os
-import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,81 +42,165 @@ from ophyd import Device, Signal
 from ophyd.sim import SynAxis
 from ophyd.status import StatusBase
 
-from .export import bragg_angle_deg
+from .export import MOTOR_TABLE, PIXEL_UM, bragg_angle_deg
+from .orientation import DETECTOR_ORIENTATION, Orientation
 
-FrameFunc = Callable[[float, float], np.ndarray]
+DETECTOR_SHAPE = (96, 96)
 
 
-class SimMerlin(Device):
-    """Merlin-like detector: frames from ``frame_func(x_um, y_um)`` into AD-style HDF5 files."""
+def _done() -> StatusBase:
+    st = StatusBase()
+    st.set_finished()
+    return st
+
+
+@dataclass
+class SimSample:
+    """A simulated scan at the beamline geometry; ``frame(i)`` is view i as a detector records it."""
+
+    scan: Any                                   # ScanData in the engine's convention
+    detector: str = "eiger2"
+    orientation: Orientation | None = None      # None: the detector's default
+    shape: tuple[int, int] = DETECTOR_SHAPE
+    center: tuple[int, int] | None = None
+    hot: tuple[tuple[int, int], ...] = ((5, 7),)          # stuck bright pixels
+    flagged: tuple[tuple[int, int], ...] = ((60, 30),)    # pixels at the integer maximum
+    dark: tuple[int, ...] = ()                            # views without beam
+    scaler: float = 1.0e5
+
+    def __post_init__(self) -> None:
+        self.orient = self.orientation or DETECTOR_ORIENTATION.get(self.detector, Orientation())
+        self.center = tuple(self.center) if self.center else (self.shape[0] // 2 + 3, self.shape[1] // 2 - 2)
+        inten = np.asarray(self.scan.diffamp, np.float64) ** 2
+        self._raw = np.fft.fftshift(self.orient.invert_frames(inten), axes=(-2, -1))
+
+    @property
+    def n_views(self) -> int:
+        return int(self.scan.points.shape[1])
+
+    def recorded_points(self) -> np.ndarray:
+        """(2, N) positions in µm as the stages record them (the detector's signs applied)."""
+        return self.scan.points * np.array([[self.orient.sign_x], [self.orient.sign_y]])
+
+    def frame(self, i: int, dtype: Any = np.uint32) -> np.ndarray:
+        n = self._raw.shape[-1]
+        out = np.zeros(self.shape)
+        r0, c0 = self.center[0] - n // 2, self.center[1] - n // 2
+        if i not in self.dark:
+            out[r0:r0 + n, c0:c0 + n] = self._raw[i]
+        info = np.iinfo(dtype)
+        for r, c in self.hot:
+            out[r, c] = min(5e6, info.max - 10)
+        for r, c in self.flagged:
+            out[r, c] = info.max
+        return np.clip(np.rint(out), 0, info.max).astype(dtype)
+
+
+def hxn_sample(scan: Any, detector: str, distance_m: float = 2.05, **kw: Any) -> SimSample:
+    """``scan`` relabelled to ``detector`` at ``distance_m`` (same object pixels, rescaled µm)."""
+    pixel = next(v for k, v in PIXEL_UM.items() if detector.startswith(k))
+    old = scan.pixel_size_m
+    relabelled = replace(scan, z_m=float(distance_m), ccd_pixel_um=float(pixel))
+    relabelled = replace(relabelled, points=scan.points * (relabelled.pixel_size_m / old))
+    return SimSample(relabelled, detector=detector, **kw)
+
+
+class _ADFile:
+    """An area-detector-like HDF5 file written frame by frame (the layout hxntools reads)."""
+
+    def __init__(self, path: str, frame_shape: tuple[int, int], dtype: Any) -> None:
+        import h5py
+        self.path = path
+        with h5py.File(path, "w", libver="latest") as f:
+            d = f.create_dataset("entry/instrument/detector/data", shape=(0, *frame_shape),
+                                 maxshape=(None, *frame_shape), dtype=dtype, chunks=(1, *frame_shape))
+            f["entry/data/data"] = d                      # hard link, as the AD NeXus layout has
+            f.create_dataset("entry/instrument/NDAttributes/NDArrayUniqueId", shape=(0,), maxshape=(None,),
+                             dtype=np.int32)
+
+    def append(self, frames: np.ndarray, ids: list[int]) -> None:
+        import h5py
+        with h5py.File(self.path, "a", libver="latest") as f:
+            d = f["entry/instrument/detector/data"]
+            n = d.shape[0]
+            d.resize(n + len(frames), axis=0)
+            d[n:] = frames
+            u = f["entry/instrument/NDAttributes/NDArrayUniqueId"]
+            u.resize(n + len(ids), axis=0)
+            u[n:] = ids
+
+
+class _SimAreaDetector(Device):
+    """Common part of the simulated Eiger and Merlin (files, resources, datums)."""
 
     image = Cpt(Signal, kind="normal", value="")
+    spec_step = "TPX_HDF5"
+    spec_fly = "TPX_HDF5"
 
-    def __init__(self, *args: Any, frame_func: FrameFunc | None = None, save_path: str | os.PathLike = ".",
-                 stages: tuple[Any, Any] | None = None, frame_shape: tuple[int, int] = (128, 128),
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, save_path: str | os.PathLike = ".", frame_shape: tuple[int, int] = DETECTOR_SHAPE,
+                 dtype: Any = np.uint32, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.frame_func = frame_func
         self.save_path = str(save_path)
-        self.stages = stages
         self.frame_shape = tuple(frame_shape)
-        self.drop_points: set[int] = set()        # points whose frames are "lost" (for failure tests)
+        self.dtype = dtype
+        self.sample: SimSample | None = None
+        self.fly = False                          # fly2dpd: one datum for every frame
+        self.total_points = 1
+        self.drop_points: set[int] = set()        # frames "lost" (for failure tests)
         self._asset_docs: list[tuple[str, dict]] = []
-        self._file: str | None = None
+        self._file: _ADFile | None = None
         self._resource_uid: str | None = None
         self._counter: Iterator[int] | None = None
+        self._point = 0
 
     def stage(self) -> list:
         Path(self.save_path).mkdir(parents=True, exist_ok=True)
-        name = f"{self.name}_{uuid.uuid4().hex[:12]}.h5"
-        self._file = os.path.join(self.save_path, name)
+        name = f"{self.name}_{uuid.uuid4().hex[:12]}_000000.h5"
+        self._file = _ADFile(os.path.join(self.save_path, name), self.frame_shape, self.dtype)
         self._resource_uid = str(uuid.uuid4())
         self._counter = itertools.count()
+        fpp = self.total_points if self.fly else 1
         self._asset_docs.append(("resource", {
-            "uid": self._resource_uid, "spec": "AD_HDF5", "root": self.save_path, "resource_path": name,
-            "resource_kwargs": {"frame_per_point": 1}, "path_semantics": "posix"}))
+            "uid": self._resource_uid, "spec": self.spec_fly if self.fly else self.spec_step,
+            "root": self.save_path, "resource_path": name, "resource_kwargs": {"frame_per_point": fpp},
+            "path_semantics": "posix"}))
         return super().stage()
 
     def unstage(self) -> list:
         self._file = self._resource_uid = self._counter = None
         return super().unstage()
 
-    def _position(self) -> tuple[float, float]:
-        if self.stages is None:
-            return 0.0, 0.0
-        return float(self.stages[0].position), float(self.stages[1].position)
+    def expose(self, indices: list[int]) -> None:
+        """Write the frames of views ``indices`` (the beam on those points)."""
+        keep = [i for i in indices if i not in self.drop_points]
+        if not keep or self.sample is None:
+            return
+        frames = np.stack([self.sample.frame(i, self.dtype) for i in keep])
+        self._file.append(frames, keep)
 
-    def _append_frame(self, frame: np.ndarray) -> None:
-        import h5py
-        with h5py.File(self._file, "a") as f:       # opened per frame: readers never meet an open writer
-            if "entry/data/data" not in f:
-                f.create_dataset("entry/data/data", shape=(0, *frame.shape), maxshape=(None, *frame.shape),
-                                 dtype=np.uint32, chunks=(1, *frame.shape))
-            d = f["entry/data/data"]
-            d.resize(d.shape[0] + 1, axis=0)
-            d[-1] = frame
+    def point_datum(self) -> str:
+        point = next(self._counter)
+        datum_id = f"{self._resource_uid}/{point}"
+        self._asset_docs.append(("datum", {"resource": self._resource_uid, "datum_id": datum_id,
+                                           "datum_kwargs": {"point_number": point}}))
+        return datum_id
 
     def trigger(self) -> StatusBase:
         if self._counter is None:
             raise RuntimeError(f"{self.name} must be staged before it is triggered")
-        point = next(self._counter)
-        if point not in self.drop_points:
-            x, y = self._position()
-            frame = self.frame_func(x, y) if self.frame_func else np.zeros(self.frame_shape)
-            self._append_frame(np.asarray(np.clip(np.rint(frame), 0, 2**32 - 1), dtype=np.uint32))
-        datum_id = f"{self._resource_uid}/{point}"
-        self._asset_docs.append(("datum", {"resource": self._resource_uid, "datum_id": datum_id,
-                                           "datum_kwargs": {"point_number": point}}))
-        self.image.put(datum_id)
-        status = StatusBase()
-        status.set_finished()
-        return status
+        if self.fly:
+            return _done()                        # fly mode: frames come with the flyer's motion
+        self.expose([self._point])
+        self._point += 1
+        self.image.put(self.point_datum())
+        return _done()
 
     def describe(self) -> dict:
         desc = super().describe()
         key = f"{self.name}_image"
-        desc[key].update({"shape": list(self.frame_shape), "dtype": "array", "dtype_numpy": "<u4",
-                          "external": "FILESTORE:"})
+        n = self.total_points if self.fly else 1
+        desc[key].update({"shape": [n, *self.frame_shape], "dtype": "array",
+                          "dtype_numpy": np.dtype(self.dtype).str, "external": "FILESTORE:"})
         return desc
 
     def collect_asset_docs(self) -> Iterator[tuple[str, dict]]:
@@ -108,24 +208,183 @@ class SimMerlin(Device):
         yield from docs
 
 
+class SimEiger(_SimAreaDetector):
+    """Eiger: ``TPX_HDF5`` in step mode, ``MERLIN_FLY_STREAM_V2`` in fly mode (92-eiger2.py)."""
+
+    spec_step = "TPX_HDF5"
+    spec_fly = "MERLIN_FLY_STREAM_V2"
+
+
+class SimMerlin(_SimAreaDetector):
+    """Merlin: ``TPX_HDF5``, one datum per point (hxntools detectors/merlin.py)."""
+
+
 class SimScaler(Device):
-    ch4 = Cpt(Signal, kind="hinted", value=100000.0)
+    """sclr1: channels ``sclr1_ch1`` … ``sclr1_ch8`` (ch3 for ss* scans, ch4 for zp/ds scans)."""
+
+    ch1 = Cpt(Signal, value=1.0e5, kind="normal")
+    ch2 = Cpt(Signal, value=1.0e5, kind="normal")
+    ch3 = Cpt(Signal, value=1.0e5, kind="hinted")
+    ch4 = Cpt(Signal, value=1.0e5, kind="hinted")
 
 
-class Encoder(Signal):
-    """An encoder reading the stage position (with a little noise), as a fly scan records it."""
+# -- fly2dpd: the PandA flyer -------------------------------------------------------------------------
 
-    def __init__(self, *args: Any, axis: SynAxis, noise_um: float = 0.0, seed: int = 0, **kwargs: Any) -> None:
+PANDA_FIELDS = {f"inenc{k}_val": f"INENC{k}.VAL.Value" for k in range(1, 5)}
+SIS_CHANNELS = [f"sclr1_ch{k}" for k in range(1, 9)]
+
+
+class SimPandaFlyer(Device):
+    """``PandaFlyer``: PandA encoders + SIS scaler into HDF5 files, one event of datums."""
+
+    def __init__(self, *args: Any, save_path: str | os.PathLike = ".", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._axis, self._noise = axis, noise_um
-        self._rng = np.random.default_rng(seed)
-        self._lock = threading.Lock()
+        self.save_path = str(save_path)
+        self.detectors: list[_SimAreaDetector] = []
+        self.motors: tuple[str, str] = ("zpssx", "zpssy")
+        self.sample: SimSample | None = None
+        self.position_supersample = 10
+        self.bad_scaler: dict[int, float] = {}    # point -> value (e.g. 0: a glitch to be patched)
+        self._docs: list[tuple[str, dict]] = []
+        self._bulk: dict | None = None
 
-    def get(self, **kwargs: Any) -> float:
-        with self._lock:
-            jitter = self._rng.normal(0, self._noise) if self._noise else 0.0
-        return float(self._axis.position) + jitter
+    def kickoff(self, *, num: int) -> StatusBase:
+        self.frame_per_point = int(num)
+        Path(self.save_path).mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        self._panda_name = f"panda_rbdata_{stamp}_{uuid.uuid4().hex[:8]}.h5"
+        self._sis_name = f"{uuid.uuid4()}.h5"
+        self._panda_res = {"uid": str(uuid.uuid4()), "spec": "PANDA", "root": self.save_path,
+                           "resource_path": self._panda_name, "resource_kwargs": {}, "path_semantics": "posix"}
+        self._sis_res = {"uid": str(uuid.uuid4()), "spec": "SIS_HDF51_FLY_STREAM_V1", "root": "/",
+                         "resource_path": os.path.join(self.save_path, self._sis_name).lstrip("/"),
+                         "resource_kwargs": {"frame_per_point": self.frame_per_point}, "path_semantics": "posix"}
+        self._docs = [("resource", self._panda_res)]
+        self._panda_datums = {}
+        for key, fieldname in PANDA_FIELDS.items():
+            d = {"resource": self._panda_res["uid"], "datum_id": f"{self._panda_res['uid']}/{key}",
+                 "datum_kwargs": {"field": fieldname}}
+            self._docs.append(("datum", d))
+            self._panda_datums[key] = d["datum_id"]
+        self._docs.append(("resource", self._sis_res))
+        return _done()
 
+    def fly(self) -> None:
+        """The motion: every point exposed; encoders sampled ``position_supersample`` times."""
+        import h5py
+        s = self.sample
+        n = s.n_views
+        ss = self.position_supersample
+        pts = s.recorded_points()
+        for det in self.detectors:
+            det.expose(list(range(n)))
+        with h5py.File(os.path.join(self.save_path, self._panda_name), "w") as f:
+            rng = np.random.default_rng(7)
+            enc_for = {}
+            for axis, motor in enumerate(self.motors):
+                enc, scale = MOTOR_TABLE[motor]
+                # the stage moves across each point during the exposure: symmetric samples about it
+                motion = np.linspace(-0.3, 0.3, ss) * np.median(np.abs(np.diff(pts[axis]))) if n > 1 else np.zeros(ss)
+                samples = (pts[axis][:, None] + motion[None, :] + rng.normal(0, 1e-4, (n, ss))) / scale
+                enc_for[enc] = np.rint(samples).astype(np.int32).ravel()
+            for key, fieldname in PANDA_FIELDS.items():
+                f[fieldname] = enc_for.get(key, np.zeros(n * ss, np.int32))
+            f["PCAP.TS_TRIG.Value"] = np.arange(n * ss, dtype=np.float64) * 1e-3
+        with h5py.File(os.path.join(self.save_path, self._sis_name), "w") as f:
+            for name in SIS_CHANNELS:
+                v = np.full(n, s.scaler, np.float32)
+                for i, bad in self.bad_scaler.items():
+                    v[i] = bad
+                f[name] = v
+
+    def complete(self) -> StatusBase:
+        self.fly()
+        now = time.time()
+        data = dict(self._panda_datums)
+        for name in SIS_CHANNELS:
+            d = {"resource": self._sis_res["uid"], "datum_id": f"{self._sis_res['uid']}/{name}",
+                 "datum_kwargs": {"column": name, "point_number": 0}}
+            self._docs.append(("datum", d))
+            data[name] = d["datum_id"]
+        for det in self.detectors:
+            self._docs.extend(det.collect_asset_docs())
+            data[f"{det.name}_image"] = det.point_datum()
+            self._docs.extend(det.collect_asset_docs())
+        self._bulk = {"data": data, "timestamps": {k: now for k in data}, "time": now,
+                      "filled": {k: False for k in data}}
+        return _done()
+
+    def describe_collect(self) -> dict:
+        desc: dict[str, dict] = {}
+        for key in PANDA_FIELDS:
+            desc[key] = {"source": "PANDA", "dtype": "array", "dtype_str": "<i4",
+                         "shape": [self.frame_per_point], "external": "FILESTORE:"}
+        for name in SIS_CHANNELS:
+            desc[name] = {"source": f"XF03IDC-ES-SCLR1:{name}", "dtype": "array",
+                          "shape": [self.frame_per_point // self.position_supersample], "external": "FILESTORE:"}
+        for det in self.detectors:
+            desc.update(det.describe())
+        return {"primary": desc}
+
+    def collect(self) -> Iterator[dict]:
+        yield self._bulk
+
+    def collect_asset_docs(self) -> Iterator[tuple[str, dict]]:
+        docs, self._docs = self._docs, []
+        yield from docs
+
+
+# -- FlyPlan2D: the hxnfly flyer ------------------------------------------------------------------------
+
+class SimHxnFlyer(Device):
+    """hxnfly's flyer: one event per point (motor positions in µm, scaler, Merlin datum)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.detectors: list[_SimAreaDetector] = []
+        self.motors: tuple[str, str] = ("zpssx", "zpssy")
+        self.sample: SimSample | None = None
+        self.drop_motor: str | None = None        # a broken gather: this axis is never recorded
+        self._events: list[dict] = []
+
+    def kickoff(self) -> StatusBase:
+        return _done()
+
+    def complete(self) -> StatusBase:
+        s = self.sample
+        pts = s.recorded_points()
+        t0 = time.time()
+        self._events = []
+        for det in self.detectors:
+            det.expose(list(range(s.n_views)))
+        for i in range(s.n_views):
+            data = {m: float(pts[a, i]) for a, m in enumerate(self.motors) if m != self.drop_motor}
+            data.update({"sclr1_ch3": s.scaler, "sclr1_ch4": s.scaler, "elapsed_time": 1e-2 * i,
+                         "alive": 1.0, "dead": 0.0})
+            for det in self.detectors:
+                data[f"{det.name}_image"] = det.point_datum()
+            ts = t0 + 1e-2 * i
+            self._events.append({"time": ts, "data": data, "timestamps": {k: ts for k in data}})
+        return _done()
+
+    def describe_collect(self) -> dict:
+        desc = {m: {"source": "HW:ppmac_gather", "shape": [], "dtype": "number"}
+                for m in self.motors if m != self.drop_motor}
+        for k in ("elapsed_time", "alive", "dead", "sclr1_ch3", "sclr1_ch4"):
+            desc[k] = {"source": "HW:ppmac_gather", "shape": [], "dtype": "number"}
+        for det in self.detectors:
+            desc.update(det.describe())
+        return {"primary": desc}
+
+    def collect(self) -> Iterator[dict]:
+        yield from self._events
+
+    def collect_asset_docs(self) -> Iterator[tuple[str, dict]]:
+        for det in self.detectors:
+            yield from det.collect_asset_docs()
+
+
+# -- the beamline -------------------------------------------------------------------------------------
 
 @dataclass
 class SimHXN:
@@ -133,104 +392,157 @@ class SimHXN:
 
     zpssx: SynAxis
     zpssy: SynAxis
-    zpssx_enc: Encoder
-    zpssy_enc: Encoder
-    merlin1: SimMerlin
+    zpsth: SynAxis
     dcm_th: SynAxis
     sclr1: SimScaler
+    eiger1: SimEiger
+    eiger2: SimEiger
+    merlin1: SimMerlin
+    panda_flyer: SimPandaFlyer
+    hxn_flyer: SimHxnFlyer
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def baseline(self) -> list:
-        return [self.dcm_th]
+        return [self.dcm_th, self.zpsth]
+
+    def detector(self, name: str) -> _SimAreaDetector:
+        return getattr(self, name)
 
 
-class SimFrames:
-    """Detector frames of a simulated scan (``hxn_ptycho.simulate``): the frame nearest (x, y).
-
-    The scan's (n, n) intensities (zero frequency at [0, 0]) are shifted to the beam centre
-    ``center`` of a ``shape`` detector; ``hot`` pixels read a constant large value.
-    """
-
-    def __init__(self, scan: Any, shape: tuple[int, int] = (96, 96), center: tuple[int, int] | None = None,
-                 hot: tuple[tuple[int, int], ...] = ((5, 7),)) -> None:
-        self.scan = scan
-        self.points = np.asarray(scan.points)
-        n = scan.n
-        self.shape = tuple(shape)
-        self.center = tuple(center) if center is not None else (shape[0] // 2 + 3, shape[1] // 2 - 2)
-        self.r0, self.c0 = self.center[0] - n // 2, self.center[1] - n // 2
-        self.hot = hot
-        self.intensity = np.fft.fftshift(np.asarray(scan.diffamp, dtype=np.float64) ** 2, axes=(-2, -1))
-
-    def __call__(self, x: float, y: float) -> np.ndarray:
-        d = (self.points[0] - x) ** 2 + (self.points[1] - y) ** 2
-        i = int(np.argmin(d))
-        n = self.intensity.shape[-1]
-        frame = np.zeros(self.shape)
-        frame[self.r0:self.r0 + n, self.c0:self.c0 + n] = self.intensity[i]
-        for r, c in self.hot:
-            frame[r, c] = 5e6
-        return frame
-
-
-def make_hxn(frame_func: FrameFunc | None, save_path: str | os.PathLike, energy_kev: float = 12.0,
-             frame_shape: tuple[int, int] = (96, 96), detector: str = "merlin1") -> SimHXN:
-    """Build the simulated devices; ``dcm_th`` is set for ``energy_kev``."""
-    zpssx, zpssy = SynAxis(name="zpssx"), SynAxis(name="zpssy")
-    for axis in (zpssx, zpssy):
+def make_hxn(save_path: str | os.PathLike, energy_kev: float = 12.0,
+             frame_shape: tuple[int, int] = DETECTOR_SHAPE) -> SimHXN:
+    """Build the simulated devices; ``dcm_th`` is set for ``energy_kev``, ``zpsth`` at 0."""
+    zpssx, zpssy, zpsth = SynAxis(name="zpssx"), SynAxis(name="zpssy"), SynAxis(name="zpsth")
+    for axis in (zpssx, zpssy, zpsth):
         axis.delay = 0
-    merlin = SimMerlin(name=detector, frame_func=frame_func, save_path=save_path, stages=(zpssx, zpssy),
-                       frame_shape=frame_shape)
     dcm_th = SynAxis(name="dcm_th")
+    dcm_th.delay = 0
     dcm_th.set(bragg_angle_deg(energy_kev)).wait(5)
-    return SimHXN(zpssx=zpssx, zpssy=zpssy,
-                  zpssx_enc=Encoder(name="zpssx_enc", axis=zpssx, noise_um=0.0),
-                  zpssy_enc=Encoder(name="zpssy_enc", axis=zpssy, noise_um=0.0),
-                  merlin1=merlin, dcm_th=dcm_th, sclr1=SimScaler(name="sclr1"))
+    det_path = Path(save_path)
+    return SimHXN(zpssx=zpssx, zpssy=zpssy, zpsth=zpsth, dcm_th=dcm_th, sclr1=SimScaler(name="sclr1"),
+                  eiger1=SimEiger(name="eiger1", save_path=det_path, frame_shape=frame_shape),
+                  eiger2=SimEiger(name="eiger2", save_path=det_path, frame_shape=frame_shape),
+                  merlin1=SimMerlin(name="merlin1", save_path=det_path, frame_shape=frame_shape),
+                  panda_flyer=SimPandaFlyer(name="PandaFlyer", save_path=det_path),
+                  hxn_flyer=SimHxnFlyer(name="hxn_flyer"))
 
 
-def ptycho_md(detector: SimMerlin, distance_m: float, **extra: Any) -> dict:
-    """Start-document metadata a ptychography scan carries."""
-    return {"detector_distance_m": float(distance_m), "ptycho_detector": detector.name, **extra}
+def _grid_shape(n: int) -> tuple[int, int]:
+    side = int(np.ceil(np.sqrt(n)))
+    return side, int(np.ceil(n / side))
 
 
-def step_scan(hxn: SimHXN, points_um: np.ndarray, *, distance_m: float, read_y: bool = True,
-              md: dict | None = None) -> Iterator:
-    """Step scan through ``points_um`` (2, N): move both stages, expose, read the scaler."""
-    from bluesky import plans as bp
-
-    detectors = [hxn.merlin1, hxn.sclr1]
-    if not read_y:                          # a broken scan: y positions never recorded
-        from bluesky import plan_stubs as bps
-        from bluesky import preprocessors as bpp
-
-        @bpp.stage_decorator(detectors)
-        @bpp.run_decorator(md={"detectors": [d.name for d in detectors], "plan_name": "step_scan",
-                               **ptycho_md(hxn.merlin1, distance_m), **(md or {})})
-        def inner() -> Iterator:
-            for x, y in zip(*points_um):
-                yield from bps.mv(hxn.zpssx, x, hxn.zpssy, y)
-                yield from bps.trigger_and_read([*detectors, hxn.zpssx])
-        return (yield from inner())
-    return (yield from bp.list_scan(detectors, hxn.zpssx, list(points_um[0]), hxn.zpssy, list(points_um[1]),
-                                    md={**ptycho_md(hxn.merlin1, distance_m), **(md or {})}))
-
-
-def fly_scan(hxn: SimHXN, points_um: np.ndarray, *, distance_m: float, md: dict | None = None) -> Iterator:
-    """Fly-scan-like: the stages move continuously; each frame is recorded with the encoders."""
+def fly2dpd(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger2", motors: tuple[str, str] = ("zpssx", "zpssy"),
+            position_supersample: int = 10, dwell: float = 0.01, md: dict | None = None) -> Iterator:
+    """fly2dpd as startup/93-scanplan-panda.py runs it: start metadata in ``md['scan']``, the
+    PandA flyer kicked off for N × supersample samples, one collect."""
     from bluesky import plan_stubs as bps
     from bluesky import preprocessors as bpp
 
-    detectors = [hxn.merlin1, hxn.sclr1]
-    run_md = {"detectors": [d.name for d in detectors], "plan_name": "fly_scan", "num_points": points_um.shape[1],
-              "ptycho_position_fields": ["zpssx_enc", "zpssy_enc"], **ptycho_md(hxn.merlin1, distance_m),
-              **(md or {})}
+    det = hxn.detector(detector)
+    det.sample, det.fly, det.total_points = sample, True, sample.n_views
+    flyer = hxn.panda_flyer
+    flyer.detectors, flyer.motors, flyer.sample = [det], motors, sample
+    flyer.position_supersample = position_supersample
+    pts = sample.recorded_points()
+    num1, num2 = _grid_shape(sample.n_views)
+    scan_input = [float(pts[0].min()), float(pts[0].max()), num1, float(pts[1].min()), float(pts[1].max()), num2]
+    run_md = {"plan_name": "fly2dpd", "motors": list(motors), "motor1": motors[0], "motor2": motors[1],
+              "shape": [num1, num2], "fly_type": "grid",
+              "scan": {"type": "2D_FLY_PANDA", "scan_input": scan_input, "sample_name": "",
+                       "detectors": [detector, "panda1", "sclr1"],
+                       "detector_distance": float(sample.scan.z_m), "dwell": dwell,
+                       "fast_axis": {"motor_name": motors[0], "units": "um"},
+                       "slow_axis": {"motor_name": motors[1], "units": "um"}, "shape": [num1, num2]}}
+    run_md.update(md or {})
 
-    @bpp.stage_decorator(detectors)
+    @bpp.stage_decorator([det])
     @bpp.run_decorator(md=run_md)
     def inner() -> Iterator:
-        for x, y in zip(*points_um):
-            hxn.zpssx.set(x)                  # the "continuous" motion: no wait between frames
-            hxn.zpssy.set(y)
-            yield from bps.trigger_and_read([*detectors, hxn.zpssx_enc, hxn.zpssy_enc])
+        yield from bps.kickoff(flyer, num=sample.n_views * position_supersample, wait=True)
+        yield from bps.trigger(det)
+        yield from bps.complete(flyer, wait=True)
+        yield from bps.collect(flyer)
+    try:
+        return (yield from inner())
+    finally:
+        det.fly = False
+
+
+def flyplan2d(hxn: SimHXN, sample: SimSample, *, detector: str = "merlin1",
+              motors: tuple[str, str] = ("zpssx", "zpssy"), md: dict | None = None) -> Iterator:
+    """hxnfly FlyPlan2D: top-level detectors/motors, plan_args, one event per point."""
+    from bluesky import plan_stubs as bps
+    from bluesky import preprocessors as bpp
+
+    det = hxn.detector(detector)
+    det.sample = sample
+    flyer = hxn.hxn_flyer
+    flyer.detectors, flyer.motors, flyer.sample = [det], motors, sample
+    pts = sample.recorded_points()
+    num1, num2 = _grid_shape(sample.n_views)
+    run_md = {"plan_name": "FlyPlan2D", "plan_type": "FlyPlan2D", "detectors": [detector, "sclr1"],
+              "motors": list(motors), "fast_axis": motors[0], "shape": [num1, num2],
+              "scan_range": [[float(pts[0].min()), float(pts[0].max())], [float(pts[1].min()), float(pts[1].max())]],
+              "plan_args": {"motor1": motors[0], "scan_start1": float(pts[0].min()), "scan_end1": float(pts[0].max()),
+                            "num1": num1, "motor2": motors[1], "scan_start2": float(pts[1].min()),
+                            "scan_end2": float(pts[1].max()), "num2": num2, "exposure_time": 0.01,
+                            "dead_time": 0.005, "fly_type": "soft", "return_speed": 40.0, "max_points": 16384}}
+    run_md.update(md or {})
+
+    @bpp.stage_decorator([det])
+    @bpp.run_decorator(md=run_md)
+    def inner() -> Iterator:
+        yield from bps.kickoff(flyer, wait=True)
+        yield from bps.complete(flyer, wait=True)
+        yield from bps.collect(flyer)
     return (yield from inner())
+
+
+def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
+              motors: tuple[str, str] = ("zpssx", "zpssy"), read_y: bool = True, md: dict | None = None) -> Iterator:
+    """An hxntools/bluesky step scan (``list_scan``): top-level detectors and motors, one event
+    per point with the detector datum, the motor readbacks (µm) and the scaler."""
+    from bluesky import plan_stubs as bps
+    from bluesky import plans as bp
+    from bluesky import preprocessors as bpp
+
+    det = hxn.detector(detector)
+    det.sample, det.fly, det._point = sample, False, 0
+    mx, my = getattr(hxn, motors[0]), getattr(hxn, motors[1])
+    pts = sample.recorded_points()
+    dets = [det, hxn.sclr1]
+    if read_y:
+        return (yield from bp.list_scan(dets, mx, list(pts[0]), my, list(pts[1]), md=md or {}))
+
+    @bpp.stage_decorator(dets)                 # a broken scan: y never recorded
+    @bpp.run_decorator(md={"detectors": [d.name for d in dets], "motors": list(motors), "plan_name": "list_scan",
+                           **(md or {})})
+    def inner() -> Iterator:
+        for x, y in zip(*pts):
+            yield from bps.mv(mx, x, my, y)
+            yield from bps.trigger_and_read([*dets, mx])
+    return (yield from inner())
+
+
+SCAN_TYPES = {"fly2dpd": ("eiger2", fly2dpd), "step": ("eiger1", step_scan), "FlyPlan2D": ("merlin1", flyplan2d)}
+
+
+def simulated_scan(scan_type: str, n_positions: int = 64, seed: int = 1, probe_modes: int = 1,
+                   **kw: Any) -> tuple[SimSample, Any]:
+    """(sample, truth) of a simulated scan for ``scan_type`` ('fly2dpd', 'step', 'FlyPlan2D')."""
+    from hxn_ptycho.simulate import simulate_scan
+
+    if scan_type not in SCAN_TYPES:
+        raise ValueError(f"unknown scan type {scan_type!r} (known: {', '.join(SCAN_TYPES)})")
+    detector, _plan = SCAN_TYPES[scan_type]
+    pattern = "spiral" if scan_type == "step" else "raster"
+    scan, truth = simulate_scan(n=64, n_positions=n_positions, seed=seed, pattern=pattern, photons=1e6,
+                                probe_modes=probe_modes)
+    return hxn_sample(scan, detector, **kw), truth
+
+
+def plan_for(scan_type: str, hxn: SimHXN, sample: SimSample, md: dict | None = None) -> Iterator:
+    detector, plan = SCAN_TYPES[scan_type]
+    return plan(hxn, sample, detector=sample.detector or detector, md=md)

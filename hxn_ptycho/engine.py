@@ -125,7 +125,7 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     positive values are g, and the low values are whole multiples of it. Unquantised data (an
     integrating detector, a normalised scan) give 1: the power bound then stays in data units.
     """
-    flat = np.asarray(diffamp, np.float64).reshape(len(diffamp), -1)
+    flat: np.ndarray = np.asarray(diffamp, np.float64).reshape(len(diffamp), -1)
     if mask is not None:
         flat = flat[:, np.asarray(mask).ravel()]
     flat = flat.ravel()

@@ -70,8 +70,9 @@ class MLIteration:
         self.intensity = be.xp.square(rec.diffamp)
         mean_i = rec.total_intensity / max(rec.good_pixels_total, 1.0)
         self.floor = FLOOR * max(mean_i, 1e-30)
-        self.h_obj = self.h_probe = None
-        self.g_prev = None                  # preconditioned gradient of the previous iteration
+        self.h_obj: Any = None              # conjugate search directions (object, probe)
+        self.h_probe: Any = None
+        self.g_prev: Any = None             # preconditioned gradient of the previous iteration
         self.gg_prev = 0.0
         self.nll_prev = np.inf
         self.alpha_prev = 0.0

@@ -276,7 +276,7 @@ def algorithm_stages(params: "ReconParams") -> list[tuple[str, int]]:
     stages = parse_algorithm(params.algorithm)
     fixed = sum(c for _, c in stages if c is not None)
     if all(c is not None for _, c in stages):
-        return [(a, int(c)) for a, c in stages]
+        return [(a, int(c)) for a, c in stages if c is not None]
     rest = params.iterations - fixed
     if rest < 1:
         raise ParamError(f"algorithm {params.algorithm!r}: the stages with a count take {fixed} iterations, "
@@ -341,7 +341,7 @@ def add_param_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
                    "path": "FILE"}.get(meta.get("kind") or "")
         if meta.get("choices"):
             metavar = "{" + ",".join(meta["choices"]) + "}"
-        flag = {"nargs": "?", "const": True} if meta.get("kind") == "bool" else {}   # --refine-positions
+        flag: dict[str, Any] = {"nargs": "?", "const": True} if meta.get("kind") == "bool" else {}   # a switch
         groups[meta["group"]].add_argument(option_name(f.name), dest=f"param_{f.name}", type=_cli_type(f),
                                            default=None, metavar=metavar or "VALUE",
                                            help="; ".join(bits).replace("%", "%%"), **flag)

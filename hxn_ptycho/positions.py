@@ -44,9 +44,9 @@ def object_gradient(be: Any, obj: Any) -> tuple[Any, Any]:
     out = []
     for axis in (1, 2):
         d = xp.empty_like(obj)
-        sl = [slice(None)] * 3
 
-        def at(s: slice) -> tuple:
+        def at(s: slice, axis: int = axis) -> tuple:
+            sl: list[slice] = [slice(None)] * 3
             sl[axis] = s
             return tuple(sl)
         d[at(slice(1, -1))] = 0.5 * (obj[at(slice(2, None))] - obj[at(slice(None, -2))])

@@ -63,6 +63,8 @@ class Geometry:
     n_views: int | None = None
     pixel_size_m: float | None = None            # object pixel λ·z / (n·Δ)
     provenance: dict[str, str] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)   # the export's notes: dropped frames, masked pixels,
+                                                           # scan kind, orientation trials
 
     @classmethod
     def from_scan_file(cls, path: str | os.PathLike, provenance: dict[str, str] | None = None) -> Geometry:
@@ -77,11 +79,43 @@ class Geometry:
         center = [int(attrs["center_row"]), int(attrs["center_col"])] if "center_row" in attrs else None
         energy = attrs.get("energy_kev")
         prov = {k: f"scan file {Path(path).name}" for k in ("lambda_nm", "z_m", "ccd_pixel_um", "crop")}
+        prov.update(_export_sources(attrs))
         prov.update(provenance or {})
+        notes = {k: _maybe_json(attrs[k]) for k in EXPORT_NOTES if k in attrs}
         return cls(lambda_nm=lam, z_m=z, ccd_pixel_um=pix, energy_kev=None if energy is None else float(energy),
                    crop=n, center=center, orientation=str(attrs.get("orientation", "as recorded")),
                    detector=attrs.get("detector"), n_views=int(info["n_views"]),
-                   pixel_size_m=lam * 1e-9 * z / (n * pix * 1e-6), provenance=prov)
+                   pixel_size_m=lam * 1e-9 * z / (n * pix * 1e-6), provenance=prov, export=notes)
+
+
+EXPORT_NOTES = ("scan_kind", "dropped_frames", "masked_saturated", "masked_hot", "angle_deg",
+                "orientation_report", "frame_source")
+_SOURCE_NAMES = {"distance_m": "z_m", "pixel_um": "ccd_pixel_um"}
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _export_sources(attrs: dict[str, Any]) -> dict[str, str]:
+    """Where the export took each value, from the scan file's ``geometry_source`` attribute (JSON:
+    ``{name: [value, source]}`` or ``{name: source}``), under the spec's names."""
+    raw = _maybe_json(attrs.get("geometry_source"))
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        src = v[1] if isinstance(v, list) and len(v) == 2 else v
+        if src is not None:
+            out[_SOURCE_NAMES.get(str(k), str(k))] = str(src)
+    if "energy_kev" in out:
+        out["lambda_nm"] = "λ = hc / energy"
+    return out
 
 
 @dataclass

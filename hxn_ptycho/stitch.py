@@ -119,7 +119,8 @@ def frame_intensity(scan: ScanData) -> float:
 
 
 def reconstruct_region(path: str, index: int, views: np.ndarray, corners: np.ndarray, params: ReconParams,
-                       backend: Any, progress: bool, log: Callable[[str], None] | None) -> RegionResult:
+                       backend: Any, progress: bool, log: Callable[[str], None] | None,
+                       stop: Any = None) -> RegionResult:
     """Read and reconstruct one region with no communication; return it with its global offset."""
     scan = region_scan(path, views, corners)
     res = reconstruct(scan, params, backend=backend, reducer=LocalReducer(), progress=progress, log=log, stop=stop)
@@ -324,7 +325,7 @@ def run_async(path: str, params: ReconParams, comm: Any, progress: bool = False,
                             OVERLAP_FRACTION * geometry.n if overlap is None else overlap)
     quiet = (lambda msg: None) if comm.rank else log
     mine = reconstruct_region(path, comm.rank, regions[comm.rank], corners, params, rank_backend(params, comm),
-                              progress and comm.rank == 0, quiet)
+                              progress and comm.rank == 0, quiet, stop=stop)
     if comm.size == 1:
         mine.result.attrs.update({"mode": "async", "regions": 1, "region_views": [len(mine.views)]})
         return mine.result

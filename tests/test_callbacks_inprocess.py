@@ -74,14 +74,16 @@ def _stream_run(tmp_path, sim, drop_y_at=None):
     """A run whose frames arrive by stream_resource/stream_datum (event-model compose_run)."""
     import h5py
     from event_model import compose_run
-    from hxn_ptycho.callbacks.sim_beamline import SimFrames
-    frames = SimFrames(sim, shape=(80, 80))
+    from hxn_ptycho.callbacks.orientation import Orientation
+    from hxn_ptycho.callbacks.sim_beamline import SimSample
+    frames = SimSample(sim, detector="eiger1", orientation=Orientation("identity"), shape=(80, 80), flagged=())
     path = tmp_path / "eiger.h5"
-    stack = np.stack([frames(x, y) for x, y in zip(*sim.points)])
+    stack = np.stack([frames.frame(i) for i in range(frames.n_views)])
     with h5py.File(path, "w") as f:
         f["entry/data/data"] = stack
     b = compose_run(metadata={"detectors": ["eiger1"], "scan_id": 5, "detector_distance_m": sim.z_m,
-                              "detector_pixel_um": 55.0, "energy_kev": 12.0, "ptycho_crop": 64})
+                              "detector_pixel_um": 55.0, "energy_kev": 12.0, "ptycho_crop": 64,
+                              "motors": ["zpssx", "zpssy"], "ptycho_orientation": "identity"})
     got = []
     col = RunCollector(b.start_doc, got.append)
     d = b.compose_descriptor(name="primary", data_keys={
@@ -182,11 +184,12 @@ def test_in_process_scan_to_derived_run(tiled_server, tmp_path, sim, monkeypatch
     """RE.subscribe(callback) + TiledWriter: a step scan becomes a derived run via mpiexec -n 2."""
     from hxn_ptycho.callbacks.catalog import tiled_writer
     from hxn_ptycho.callbacks.query import results
-    from hxn_ptycho.callbacks.sim_beamline import SimFrames, make_hxn, step_scan
+    from hxn_ptycho.callbacks.sim_beamline import hxn_sample, make_hxn, step_scan
 
     monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
     data_dir = tiled_server.directory / "detector"
-    hxn = make_hxn(SimFrames(sim), data_dir)
+    hxn = make_hxn(data_dir)
+    sample = hxn_sample(sim, "eiger1")
     RE = make_re(hxn)
     RE.subscribe(tiled_writer(tiled_server.uri, "raw", max_array_size=0))
     jobs = JobQueue(tiled_server.directory / "queue",
@@ -196,7 +199,7 @@ def test_in_process_scan_to_derived_run(tiled_server, tmp_path, sim, monkeypatch
     cb = PtychoCallback(cfg, jobs)
     RE.subscribe(cb)
     t0 = time.perf_counter()
-    RE(step_scan(hxn, sim.points, distance_m=sim.z_m), scan_id=41)
+    RE(step_scan(hxn, sample), scan_id=41)
     scan_time = time.perf_counter() - t0
     raw_uid = cb.submitted[-1].raw_uid if cb.flush(30) and cb.submitted else None
     assert raw_uid, f"no job submitted; failures: {cb.failed}"
@@ -230,18 +233,21 @@ def test_in_process_scan_to_derived_run(tiled_server, tmp_path, sim, monkeypatch
 
 def test_unreachable_catalog_is_logged_and_other_runs_go_on(tmp_path, sim, caplog):
     """A broken run cannot be recorded (catalog down): a clear log line; the next run is still processed."""
-    from hxn_ptycho.callbacks.catalog import free_port
-    from hxn_ptycho.callbacks.sim_beamline import SimFrames, make_hxn, step_scan
+    from dataclasses import replace
 
-    hxn = make_hxn(SimFrames(sim), tmp_path / "det")
+    from hxn_ptycho.callbacks.catalog import free_port
+    from hxn_ptycho.callbacks.sim_beamline import hxn_sample, make_hxn, step_scan
+
+    hxn = make_hxn(tmp_path / "det")
+    sample = hxn_sample(replace(sim, diffamp=sim.diffamp[:10], points=sim.points[:, :10]), "eiger1")
     RE = make_re(hxn)
     dead = f"http://127.0.0.1:{free_port()}"
     cb = PtychoCallback(CallbackConfig(work_dir=str(tmp_path / "work"), catalog=dead,
                                        export=ExportConfig(crop=64)), jobs=None)
     RE.subscribe(cb)
     with caplog.at_level(logging.INFO, logger="hxn_ptycho"):
-        RE(step_scan(hxn, sim.points[:, :10], distance_m=sim.z_m, read_y=False))   # broken: no y
-        RE(step_scan(hxn, sim.points[:, :10], distance_m=sim.z_m))                 # fine
+        RE(step_scan(hxn, sample, read_y=False))   # broken: no y
+        RE(step_scan(hxn, sample))                 # fine
         assert cb.flush(30)
     cb.close()
     assert len(cb.failed) == 1 and "position field 'zpssy'" in cb.failed[0][1]

@@ -85,8 +85,8 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
     from bluesky.utils import RunEngineInterrupted
     from hxn_ptycho.callbacks.catalog import tiled_writer
     from hxn_ptycho.callbacks.sim_beamline import (
-        SimFrames,
-        fly_scan,
+        flyplan2d,
+        hxn_sample,
         make_hxn,
         step_scan,
     )
@@ -102,7 +102,8 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
     publisher = None
     try:
         scan, _ = simulate_scan(n=64, n_positions=30, seed=11)
-        hxn = make_hxn(SimFrames(scan), tiled_server.directory / "detector20")
+        hxn = make_hxn(tiled_server.directory / "detector20")
+        step_sample, fly_sample = hxn_sample(scan, "eiger1"), hxn_sample(scan, "merlin1")
         RE = RunEngine({}, call_returns_result=False)
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
         RE.subscribe(tiled_writer(tiled_server.uri, "raw", max_array_size=0))
@@ -115,11 +116,11 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
             if i == 7:                                # malformed documents in the stream
                 publisher("event", {"descriptor": "nope", "data": None})
                 publisher("start", {"detectors": ["merlin1"]})
-            hxn.merlin1.drop_points = {3, 4} if kind == "frames" else set()
+            hxn.eiger1.drop_points = {3, 4} if kind == "frames" else set()
             if kind == "fly":
-                plan = fly_scan(hxn, scan.points, distance_m=scan.z_m, md=md)
+                plan = flyplan2d(hxn, fly_sample, md=md)
             else:
-                plan = step_scan(hxn, scan.points, distance_m=scan.z_m, read_y=(kind != "pos"), md=md)
+                plan = step_scan(hxn, step_sample, read_y=(kind != "pos"), md=md)
             if kind in ("abort", "fail"):
                 plan = interrupted(plan, 5, "raise" if kind == "fail" else "pause")
             try:
@@ -133,7 +134,7 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
                 unexpected.append((i, exc))
             uids[100 + i] = kind
         assert not unexpected, unexpected
-        hxn.merlin1.drop_points = set()
+        hxn.eiger1.drop_points = set()
 
         good = [sid for sid, k in uids.items() if k in ("ok", "fly")]
         broken = [sid for sid, k in uids.items() if k in ("frames", "pos")]
@@ -160,7 +161,7 @@ def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, mo
             assert len(got) == 1, f"scan {sid} ({uids[sid]}): {len(got)} derived runs"
             stop = got[0]["stop"]
             assert stop["exit_status"] == "fail"
-            want = "is missing from" if uids[sid] == "frames" else "position field 'zpssy'"
+            want = "missing from" if uids[sid] == "frames" else "position field 'zpssy'"
             assert want in stop["reason"], stop["reason"]
         for sid, kind in uids.items():
             if kind in ("abort", "fail"):

@@ -29,17 +29,17 @@ def test_reconstruct_stored_scan_and_query(server, tmp_path, monkeypatch):
     from bluesky.preprocessors import SupplementalData
     from hxn_ptycho.callbacks.catalog import runs, tiled_writer
     from hxn_ptycho.callbacks.query import results
-    from hxn_ptycho.callbacks.sim_beamline import SimFrames, make_hxn, step_scan
+    from hxn_ptycho.callbacks.sim_beamline import hxn_sample, make_hxn, step_scan
 
     from hxn_ptycho.simulate import simulate_scan
 
     monkeypatch.setenv("TILED_API_KEY", server.api_key)
     scan, _ = simulate_scan(n=64, n_positions=40, seed=5)
-    hxn = make_hxn(SimFrames(scan), server.directory / "detector")
+    hxn = make_hxn(server.directory / "detector")
     RE = RunEngine({}, call_returns_result=False)
     RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
     RE.subscribe(tiled_writer(server.config, "raw", max_array_size=0))
-    (uid,) = RE(step_scan(hxn, scan.points, distance_m=scan.z_m, md={"ptycho_crop": 64}), scan_id=321)
+    (uid,) = RE(step_scan(hxn, hxn_sample(scan, "eiger1"), md={"ptycho_crop": 64}), scan_id=321)
     assert runs(server.config, "raw")[321].metadata["start"]["uid"] == uid
 
     out = server.directory / "rerun" / "result_321.h5"

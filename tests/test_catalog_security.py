@@ -112,7 +112,8 @@ def test_catalog_files_are_owner_only(tmp_path, monkeypatch):
     os.chmod(cat, 0o755)
     with EmbeddedServer(cat):
         derived.publish_result(str(cat), str(cat / "results" / "r.h5"), "raw-m2", {})
-        mode = lambda p: stat.S_IMODE(p.stat().st_mode)
+        def mode(p):
+            return stat.S_IMODE(p.stat().st_mode)
         assert mode(cat) == 0o700 and mode(cat / "data") == 0o700
         for f in ("catalog.db", "api_key", "server.log", "server.lock", "data/tables.sqlite"):
             assert mode(cat / f) == 0o600, f"{f} has mode {mode(cat / f):o}"

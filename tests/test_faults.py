@@ -248,4 +248,382 @@ def test_event_page_cost_is_proportional_to_what_is_kept(tmp_path, capsys):
     assert big < 1000 * small                     # 100× the rows: within 10× of linear (was 1280×)
 
 
-# =========================================================================================
+# ================================================================================================
+# Faults of processes: the listener, its jobs, the catalog, the disk — with real processes
+# (a Tiled server, a 0MQ proxy, `hxn-ptycho listen` subprocesses, the jobs they launch). Every case
+# asserts the number of derived runs of each raw run (exactly one) and its status.
+# ================================================================================================
+
+import json
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+from conftest_bluesky import make_result, wait_for
+
+SMALL_POINTS = 12
+LISTEN_OPTS = ["--crop", "32", "--iterations", "2", "--slots", "2", "--frame-wait", "0.5", "--retry-publish", "1"]
+
+
+@pytest.fixture(scope="module")
+def small_sim():
+    from hxn_ptycho.simulate import simulate_scan
+    scan, _truth = simulate_scan(n=32, n_positions=SMALL_POINTS, seed=3, photons=1e6)
+    return scan
+
+
+def record(sim, save_path, scan_id: int = 7, frame_shape=(48, 48)) -> list[tuple[str, dict]]:
+    """The documents of one real RunEngine step scan over the simulated HXN (32² frames in 48²)."""
+    from bluesky import RunEngine
+    from bluesky.preprocessors import SupplementalData
+
+    from hxn_ptycho.callbacks.sim_beamline import SimFrames, make_hxn, step_scan
+
+    hxn = make_hxn(SimFrames(sim), save_path, frame_shape=frame_shape)
+    RE = RunEngine({}, call_returns_result=False)
+    RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
+    docs: list[tuple[str, dict]] = []
+    RE.subscribe(lambda name, doc: docs.append((name, copy.deepcopy(doc))))
+    RE(step_scan(hxn, sim.points, distance_m=sim.z_m, md={"ptycho_crop": 32}), scan_id=scan_id)
+    return docs
+
+
+def renamed(docs: list[tuple[str, dict]], uid: str | None = None, **start_md) -> list[tuple[str, dict]]:
+    """A copy of a run with every uid (start, descriptors, resources, datums, events, stop) new:
+    several copies can be in flight at once. ``uid`` sets the start's uid, ``start_md`` its metadata."""
+    mapping = {}
+    for _name, doc in docs:
+        if "uid" in doc:
+            mapping[doc["uid"]] = str(uuid.uuid4())
+    text = json.dumps(docs)
+    for old, new in mapping.items():
+        text = text.replace(old, new)
+    out = [(n, d) for n, d in json.loads(text)]
+    if uid is not None:
+        old = out[0][1]["uid"]
+        for _, d in out:
+            for k in ("uid", "run_start"):
+                if d.get(k) == old:
+                    d[k] = uid
+    out[0][1].update(start_md)
+    return out
+
+
+def count_derived(catalog, raw_uid: str) -> list[dict]:
+    """The metadata of every derived run of ``raw_uid`` (scanning ``processed``: robust to any uid)."""
+    from hxn_ptycho.callbacks.catalog import runs
+    return [r.metadata for r in runs(catalog, "processed").values() if r.metadata["start"].get("raw_uid") == raw_uid]
+
+
+def one_derived(catalog, raw_uid: str, timeout: float = 90.0, settle: float = 1.0) -> dict:
+    """Wait for the derived run of ``raw_uid`` to be complete; assert it is the only one; return its metadata."""
+    def done():
+        found = count_derived(catalog, raw_uid)
+        return found if found and all(m.get("stop") for m in found) else None
+    wait_for(done, timeout, interval=0.5, what=f"the derived run of {raw_uid!r}")
+    time.sleep(settle)                                    # nothing more arrives later
+    found = count_derived(catalog, raw_uid)
+    assert len(found) == 1, f"{len(found)} derived runs of raw run {raw_uid!r}: {[m['stop'] for m in found]}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    from hxn_ptycho.callbacks.catalog import free_port
+    port_in, port_out = free_port(), free_port()
+    logf = tmp_path_factory.mktemp("proxy") / "proxy.log"
+    exe = Path(sys.executable).with_name("bluesky-0MQ-proxy")
+    proc = subprocess.Popen([str(exe), str(port_in), str(port_out)], stdout=subprocess.DEVNULL,
+                            stderr=open(logf, "wb"))  # noqa: SIM115 - the subprocess owns it
+    time.sleep(0.5)
+    assert proc.poll() is None, logf.read_text()
+    yield port_in, port_out
+    proc.terminate()
+    proc.wait(10)
+
+
+class Listener:
+    """``hxn-ptycho listen`` as a subprocess that a test can kill -9 and start again."""
+
+    def __init__(self, server, port_out: int, work: Path, log: Path, extra=()) -> None:
+        self.server, self.port_out, self.work, self.log, self.extra = server, port_out, work, log, list(extra)
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> Listener:
+        env = dict(os.environ, TILED_API_KEY=self.server.api_key, OMP_NUM_THREADS="1")
+        argv = [sys.executable, "-m", "hxn_ptycho.callbacks.commands", "listen", "--zmq",
+                f"127.0.0.1:{self.port_out}", "--catalog", str(self.server.directory), "--work-dir", str(self.work),
+                *LISTEN_OPTS, *self.extra]
+        self.proc = subprocess.Popen(argv, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+        self.starts += 1
+        n = self.starts
+        wait_for(lambda: self.text().count("listening on") >= n or self.proc.poll() is not None, 60,
+                 what="the listener to start")
+        assert self.proc.poll() is None, self.text()[-3000:]
+        time.sleep(1.2)                   # 0MQ subscriptions settle (slow joiner)
+        return self
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def running_job(self, raw_uid: str, timeout: float = 60.0) -> dict:
+        """The queue's running entry of ``raw_uid`` once its pid is recorded."""
+        def entry():
+            for p in (self.work / "queue" / "running").glob("*.json"):
+                try:
+                    d = json.loads(p.read_text())
+                except ValueError:
+                    continue
+                if d["spec"]["source"].get("raw_uid") == raw_uid and d.get("pid"):
+                    return d
+            return None
+        return wait_for(entry, timeout, interval=0.1, what=f"the job of {raw_uid} to start")
+
+
+@pytest.fixture(scope="module")
+def publisher(proxy):
+    from bluesky.callbacks.zmq import Publisher
+    pub = Publisher(f"127.0.0.1:{proxy[0]}")
+    yield pub
+    pub._context.destroy(linger=0)   # never block on a proxy that is gone
+
+
+@pytest.fixture(scope="module")
+def listener(tiled_server, proxy, tmp_path_factory):
+    work = tiled_server.directory / "faults_work"          # the server reads its own folder
+    lst = Listener(tiled_server, proxy[1], work, tmp_path_factory.mktemp("listener") / "listener.log").start()
+    yield lst
+    lst.stop()
+
+
+@pytest.fixture(scope="module")
+def base_docs(small_sim, tmp_path_factory):
+    return record(small_sim, tmp_path_factory.mktemp("det"))
+
+
+def send(publisher, docs) -> None:
+    for name, doc in docs:
+        publisher(name, doc)
+
+
+# -- the listener killed -------------------------------------------------------------------------
+
+def test_listener_killed_mid_scan_records_the_missed_run(tiled_server, listener, publisher, base_docs):
+    """kill -9 after the start and 4 events: the restarted listener records the run as `fail`
+    (journal); the rest of its documents, arriving after the restart, make nothing; the next run is fine."""
+    docs = renamed(base_docs)
+    raw_uid = docs[0][1]["uid"]
+    events = [i for i, (n, d) in enumerate(docs) if n == "event" and d["seq_num"] == 5]
+    cut = events[0]
+    send(publisher, docs[:cut])
+    journal = listener.work / "inflight.journal"
+    wait_for(lambda: journal.exists() and raw_uid in journal.read_text(), 30, what="the journaled start")
+    listener.kill9()
+    listener.start()
+    send(publisher, docs[cut:])
+    good = renamed(base_docs)
+    send(publisher, good)
+    md = one_derived(tiled_server.config, raw_uid)
+    assert md["stop"]["exit_status"] == "fail"
+    assert "listener restarted mid-run" in md["stop"]["reason"]
+    assert one_derived(tiled_server.config, good[0][1]["uid"])["stop"]["exit_status"] == "success"
+
+
+def test_listener_killed_mid_job_adopts_the_live_job(tiled_server, listener, publisher, base_docs):
+    """kill -9 while the job runs (held stopped meanwhile): the restarted queue adopts it, waits, publishes once."""
+    docs = renamed(base_docs)
+    raw_uid = docs[0][1]["uid"]
+    send(publisher, docs)
+    entry = listener.running_job(raw_uid)
+    os.killpg(entry["pid"], signal.SIGSTOP)                # the job cannot finish while no listener runs
+    try:
+        listener.kill9()
+        listener.start()
+        wait_for(lambda: f"adopting job {entry['id']}" in listener.text(), 30, what="the adoption")
+    finally:
+        os.killpg(entry["pid"], signal.SIGCONT)
+    md = one_derived(tiled_server.config, raw_uid)
+    assert md["stop"]["exit_status"] == "success", md["stop"]
+    assert listener.text().count(f"job {entry['id']}: ") == 1        # launched once, never re-run
+
+
+def test_listener_and_job_killed_reruns_once(tiled_server, listener, publisher, base_docs):
+    """kill -9 the listener and its job: no outcome and no derived run → the job is run again, published once."""
+    docs = renamed(base_docs)
+    raw_uid = docs[0][1]["uid"]
+    send(publisher, docs)
+    entry = listener.running_job(raw_uid)
+    listener.kill9()
+    os.killpg(entry["pid"], signal.SIGKILL)
+    listener.start()
+    md = one_derived(tiled_server.config, raw_uid)
+    assert md["stop"]["exit_status"] == "success", md["stop"]
+    assert f"requeueing {Path(entry['spec_file']).name.replace('.spec.json', '.json')}" in listener.text()
+
+
+def test_job_that_ended_while_the_listener_was_down_is_published_once(tiled_server, listener, publisher,
+                                                                       base_docs):
+    from hxn_ptycho.job import outcome_path
+    docs = renamed(base_docs)
+    raw_uid = docs[0][1]["uid"]
+    send(publisher, docs)
+    entry = listener.running_job(raw_uid)
+    listener.kill9()
+    wait_for(lambda: outcome_path(entry["spec_file"]).exists(), 60, what="the job's outcome record")
+    listener.start()
+    md = one_derived(tiled_server.config, raw_uid)
+    assert md["stop"]["exit_status"] == "success", md["stop"]
+    assert f"job {entry['id']} ended while no queue watched it" in listener.text()
+
+
+# -- the catalog killed -----------------------------------------------------------------------------
+
+def kill9_catalog(server) -> None:
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    server.proc = None
+
+
+def test_catalog_down_at_publish_then_back_is_republished_once(tiled_server, listener, publisher, base_docs):
+    """kill -9 the catalog; a scan's job ends and cannot publish (documents saved); the catalog comes
+    back (same folder, same key): the queue's retry sends them, once."""
+    docs = renamed(base_docs)
+    raw_uid = docs[0][1]["uid"]
+    kill9_catalog(tiled_server)
+    try:
+        send(publisher, docs)
+        saved = wait_for(lambda: list((listener.work / "results").glob(f"*{raw_uid}*.docs.jsonl")), 90,
+                         what="the saved documents of the failed publish")
+        assert len(saved) == 1                               # one file per job, whatever the outcome
+    finally:
+        tiled_server.start()
+    md = one_derived(tiled_server.config, raw_uid)
+    assert md["stop"]["exit_status"] == "success", md["stop"]
+    wait_for(lambda: not saved[0].exists(), 30, what="the saved documents to be removed once sent")
+    assert "republished the saved derived run" in listener.text()
+
+
+def test_catalog_killed_mid_publish_then_a_partial_run_is_replaced(tiled_server, tmp_path):
+    """The documents of a derived run are saved; the start and a descriptor reach the catalog, then it
+    is killed (-9). Back up, the catalog holds a partial run: the republish deletes it and sends the
+    whole run, under the same uid; a second republish changes nothing."""
+    from bluesky_tiled_plugins import TiledWriter
+
+    from hxn_ptycho.callbacks import derived
+    from hxn_ptycho.callbacks.catalog import CatalogError, runs
+    from hxn_ptycho.spec import JobSpec, Source
+
+    result = tiled_server.directory / "partial" / "r.h5"
+    result.parent.mkdir(exist_ok=True)
+    make_result(result)
+    spec = JobSpec(source=Source(scan_file="s.h5", result_file=str(result), raw_uid="raw-partial",
+                                 catalog=str(tiled_server.directory)))
+    uid = derived.run_uid(spec)
+    docs = derived.result_documents(result, "raw-partial", spec.recon(), uid=uid)
+    path = derived.saved_path(spec)
+    derived.save_documents(path, docs, spec.source.catalog)
+    writer = TiledWriter(runs(tiled_server.config, "processed"), max_array_size=0)
+    for name, doc in docs[:2]:
+        writer(name, doc)                                    # half-way...
+    kill9_catalog(tiled_server)                              # ...the catalog dies
+    with pytest.raises(CatalogError, match="saved in"):
+        derived.send_saved(path)
+    assert path.exists()
+    tiled_server.start()
+    assert derived.run_state(runs(tiled_server.config, "processed"), uid) == "partial"
+    os.environ["TILED_API_KEY"] = tiled_server.api_key
+    try:
+        assert derived.send_saved(path) == uid
+    finally:
+        del os.environ["TILED_API_KEY"]
+    assert not path.exists()
+    md = one_derived(tiled_server.config, "raw-partial", settle=0)
+    assert md["stop"]["exit_status"] == "success" and md["start"]["uid"] == uid
+    assert len(list(runs(tiled_server.config, "processed")[uid]["primary"])) > 0
+    derived.save_documents(path, docs, str(tiled_server.directory))  # the same run saved again: nothing changes
+    derived.send_saved(path)
+    assert len(count_derived(tiled_server.config, "raw-partial")) == 1
+
+
+def test_publish_of_one_job_is_success_or_fail_never_both(tiled_server, tmp_path, monkeypatch):
+    """The job's fixed uid: a success published after its failure (or again) is refused by the catalog's
+    content (the first complete run stays), and there is one saved-documents file per job."""
+    from hxn_ptycho.callbacks import derived
+    from hxn_ptycho.spec import JobSpec, Source
+
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    result = tiled_server.directory / "once" / "r.h5"
+    result.parent.mkdir(exist_ok=True)
+    make_result(result)
+    spec = JobSpec(source=Source(scan_file="s.h5", result_file=str(result), raw_uid="raw-once",
+                                 catalog=tiled_server.uri))
+    uid = derived.run_uid(spec)
+    assert derived.publish_outcome(spec, None, reason="rank 1 died", uid=uid) == uid
+    ok = {"status": "success", "result_file": str(result), "measured": {}}
+    assert derived.publish_outcome(spec, ok, uid=uid) == uid
+    assert derived.publish_outcome(spec, None, reason="again", uid=uid) == uid
+    md = one_derived(tiled_server.config, "raw-once", settle=0)
+    assert md["stop"]["exit_status"] == "fail" and md["stop"]["reason"] == "rank 1 died"
+    assert not list(result.parent.glob("*.docs.jsonl"))
+
+
+# -- serve restarted ---------------------------------------------------------------------------------
+
+def _serve(directory: Path, read: Path, log: Path, key: str | None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "TILED_API_KEY"}
+    if key is not None:
+        env["TILED_API_KEY"] = key                         # the shell exported the key, as serve advises
+    before = log.read_text().count("Press Ctrl-C") if log.exists() else 0
+    proc = subprocess.Popen([sys.executable, "-m", "hxn_ptycho.callbacks.commands", "serve", "--dir", str(directory),
+                             "--read", str(read)], stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+    wait_for(lambda: log.read_text().count("Press Ctrl-C") > before or proc.poll() is not None, 60,
+             what="serve to start")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return proc
+
+
+def test_serve_restarted_keeps_its_key_and_republishes_saved_runs(tmp_path, monkeypatch):
+    """A run saved while `serve` was down is sent when it comes back; `serve` started with the key not
+    exported, then restarted in a shell that exported it, keeps the key (no 401 for the client holding it)."""
+    from hxn_ptycho.callbacks import derived
+    from hxn_ptycho.callbacks.catalog import CatalogError, read_key_file
+    from hxn_ptycho.spec import JobSpec, Source
+
+    cat, work, log = tmp_path / "cat", tmp_path / "work", tmp_path / "serve.log"
+    (work / "results").mkdir(parents=True)
+    proc = _serve(cat, work, log, key=None)
+    key = read_key_file(cat / "api_key")
+    monkeypatch.setenv("TILED_API_KEY", key)
+    proc.terminate()
+    assert proc.wait(30) == 0
+    spec = JobSpec(source=Source(scan_file="s.h5", result_file=str(work / "results" / "r.h5"), raw_uid="raw-serve",
+                                 catalog=str(cat)))
+    with pytest.raises(CatalogError, match="saved in"):        # serve is down: saved beside the result
+        derived.publish_outcome(spec, None, reason="the scan broke", uid=derived.run_uid(spec))
+    assert derived.saved_path(spec).exists()
+    proc = _serve(cat, work, log, key=key)              # back, in a shell that exported the key: it sends the run
+    try:
+        assert read_key_file(cat / "api_key") == key          # the same key: a client holding it goes on working
+        md = one_derived(str(cat), "raw-serve")
+        assert md["stop"]["exit_status"] == "fail" and md["stop"]["reason"] == "the scan broke"
+        wait_for(lambda: not derived.saved_path(spec).exists(), 30, what="the saved file to go")
+        assert "republished 1 saved derived run" in log.read_text()
+        assert key not in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
