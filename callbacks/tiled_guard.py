@@ -90,7 +90,7 @@ def check_asset(uri: str, readable: Iterable[str], secrets: Iterable[str] = (), 
     roots = [_real(r) for r in readable]
     if not any(_within(real, r) for r in roots):
         raise AssetRefused(f"refusing the asset {uri}: it resolves to {real}, outside the readable folders "
-                           f"{roots} (add its folder with 'hxn-ptycho serve --read FOLDER')")
+                           f"{roots} (serve the catalog with --read {os.path.dirname(real)})")
 
 
 def _env_paths(name: str) -> list[str]:

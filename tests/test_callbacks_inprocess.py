@@ -216,7 +216,7 @@ def test_in_process_scan_to_derived_run(tiled_server, tmp_path, sim, monkeypatch
     assert recon["measured"]["ranks"] == 2 and recon["measured"]["iterations_done"] == PARAMS["iterations"]
     geo = recon["geometry"]
     assert geo["crop"] == 64 and geo["energy_kev"] > 0 and geo["lambda_nm"] == pytest.approx(1.239842 / geo["energy_kev"])
-    assert "dcm_th" in geo["provenance"]["energy_kev"] and "detector table" in geo["provenance"]["ccd_pixel_um"]
+    assert "dcm_th" in geo["provenance"]["energy_kev"] and "pixel table" in geo["provenance"]["ccd_pixel_um"]
     assert JobSpec.from_dict(recon).to_dict() == {k: v for k, v in recon.items() if k != "measured"}
     assert res.object.ndim == 3 and np.iscomplexobj(res.object)
     assert res.probe.shape == (1, 64, 64)

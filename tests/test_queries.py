@@ -48,8 +48,14 @@ def published(tiled_server, tmp_path_factory):
     outside = tmp_path_factory.mktemp("not_served")
     make_result(inside / "good.h5", iterations=6, scan_id=SCAN)
     good = derived.publish_result(folder, str(inside / "good.h5"), raw1, {"params": {"iterations": 6}, "ranks": 2})
-    make_result(outside / "far.h5", scan_id=SCAN)
-    far = derived.publish_result(folder, str(outside / "far.h5"), raw1, {"params": {"iterations": 5}})
+    # the server refuses to register an asset outside its folders (callbacks/tiled_guard.py), so the
+    # run that cannot be read is one whose file was moved out after it was published, leaving a link
+    make_result(inside / "far.h5", scan_id=SCAN)
+    far = derived.publish_result(folder, str(inside / "far.h5"), raw1, {"params": {"iterations": 5}})
+    side = str(inside / "far.h5") + derived.SIDE_SUFFIX
+    moved = outside / os.path.basename(side)
+    os.replace(side, moved)
+    os.symlink(moved, side)
     make_result(inside / "gone.h5", scan_id=SCAN)
     gone = derived.publish_result(folder, str(inside / "gone.h5"), raw2, {"params": {"iterations": 5}})
     os.unlink(str(inside / "gone.h5") + derived.SIDE_SUFFIX)
