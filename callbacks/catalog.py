@@ -31,7 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ class CatalogConfig:
     api_key_file: str | None = None
     raw: str = "raw"                      # a container path: "raw", or nested as at NSLS-II, "hxn/raw"
     processed: str = "processed"          # e.g. "hxn/processed"
-    api_key: str | None = None            # only for in-process use; never written to disk by us
+    api_key: str | None = field(default=None, repr=False)   # in-process use only; never written, printed or logged
     readable: list[str] | None = None     # folders the server may read (None: not known, e.g. a remote server)
     create_containers: bool | None = None  # None: only in a catalog we started (an embedded server's)
 

@@ -37,10 +37,16 @@ def _setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _wait_for_signal() -> None:
+def _stop_on_signal() -> threading.Event:
+    """An Event set by SIGINT or SIGTERM (install it before starting anything a signal must stop)."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for_signal(stop: threading.Event | None = None) -> None:
+    stop = stop or _stop_on_signal()
     while not stop.is_set():
         stop.wait(0.5)
 
@@ -50,6 +56,7 @@ def _wait_for_signal() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a catalog folder; the key in ``DIR/api_key`` is kept across restarts (see EmbeddedServer)."""
     _setup_logging(args.verbose)
+    stop = _stop_on_signal()         # a SIGTERM during the start-up still stops the server cleanly
     server = EmbeddedServer(args.dir, port=args.port, database=args.database, readable=tuple(args.read or ()))
     server.start()                   # refused (CatalogInUse, exit 2) when another server holds the folder
     cfg_path = server.directory / "catalog.json"
@@ -64,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     "401; export TILED_API_KEY=$(cat %s)", server.key_file)
     threading.Thread(target=republish_saved, args=(server,), name="hxn-ptycho-republish", daemon=True).start()
     try:
-        _wait_for_signal()
+        _wait_for_signal(stop)
     finally:
         server.stop()
     return 0

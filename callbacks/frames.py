@@ -363,6 +363,7 @@ def stored_run(catalog: Any, uid: str | int | None = None) -> CollectedRun:
         data_keys = {k: dict(v) for k, v in (smd.get("data_keys") or {}).items()}
         desc_uid = f"stored-{stream}"
         cols: dict[str, list] = {}
+        n_events = 0                                  # events of the stream, as the catalog holds them
         base = getattr(node, "base", node)            # a composite stream: its parts (tables, arrays)
         for part, child in base.items():
             family = str(getattr(child, "structure_family", ""))
@@ -373,6 +374,8 @@ def stored_run(catalog: Any, uid: str | int | None = None) -> CollectedRun:
                         cols[str(col)] = list(np.asarray(table[col]))
             elif data_keys.get(part, {}).get("external") or _is_external_node(child):
                 _add_stored_source(run, child, part, desc_uid)
+                with contextlib.suppress(Exception):
+                    n_events = max(n_events, int(child.shape[0]))
                 data_keys[part] = {**data_keys.get(part, {}), "external": "STREAM:"}
             else:
                 try:
@@ -383,7 +386,7 @@ def stored_run(catalog: Any, uid: str | int | None = None) -> CollectedRun:
                                      "object_keys": dict(smd.get("object_keys") or {}),
                                      "configuration": dict(smd.get("configuration") or {})}
         run.columns[stream] = cols
-        n = max((len(v) for v in cols.values()), default=0)
+        n = max(max((len(v) for v in cols.values()), default=0), n_events)
         run.seq_nums[stream] = list(range(1, n + 1))
     return run
 

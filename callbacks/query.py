@@ -251,7 +251,8 @@ def _unreadable_cause(key: str, array: Any, resp: Any, catalog: Any) -> str:
     where = paths[0] if paths else "its file"
     if cause and "outside the readable storage" in cause:
         return (f"the server refuses to read {where}: it is outside the folders it may read "
-                f"(serve the catalog with --read {Path(where).parent}, or re-run the scan with -o inside them)")
+                f"(serve the catalog with --read {Path(os.path.realpath(where)).parent}, or re-run the scan "
+                f"with -o inside them)")
     missing = [p for p in paths if p.startswith("/") and not os.path.exists(p)]
     if missing:
         return f"{head}: its file {missing[0]} does not exist (deleted or moved)"

@@ -89,8 +89,8 @@ def check_asset(uri: str, readable: Iterable[str], secrets: Iterable[str] = (), 
             raise AssetRefused(f"refusing the asset {uri}: it resolves to {real}, one of the catalog's own files")
     roots = [_real(r) for r in readable]
     if not any(_within(real, r) for r in roots):
-        raise AssetRefused(f"refusing the asset {uri}: it resolves to {real}, outside the readable folders "
-                           f"{roots} (serve the catalog with --read {os.path.dirname(real)})")
+        raise AssetRefused(f"refusing the asset {uri}: it resolves to {real}, outside the readable storage "
+                           f"({', '.join(roots)}); serve the catalog with --read {os.path.dirname(real)}")
 
 
 def _env_paths(name: str) -> list[str]:

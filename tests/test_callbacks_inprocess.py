@@ -270,7 +270,7 @@ def test_too_many_ranks_are_refused_before_any_job(tmp_path, sim):
     job = ok.process(_stream_run(tmp_path, sim))
     spec = job.job_spec
     assert spec.execution.mode == "async" and spec.params.power_bound == 0.5 and spec.geometry.n_views == 60
-    assert spec.geometry.provenance["energy_kev"] == "start metadata 'energy_kev'"
+    assert spec.geometry.provenance["energy_kev"] == "start['energy_kev']"
     assert spec.geometry.provenance["ccd_pixel_um"] == "start metadata 'detector_pixel_um'"
     cb.close()
     ok.close()

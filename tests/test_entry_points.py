@@ -63,12 +63,12 @@ def _stored(tiled_server) -> dict:
     from hxn_ptycho.callbacks.catalog import tiled_writer
     from hxn_ptycho.callbacks.commands import build_callback
     from hxn_ptycho.callbacks.query import results
-    from hxn_ptycho.callbacks.sim_beamline import SimFrames, make_hxn, step_scan
+    from hxn_ptycho.callbacks.sim_beamline import hxn_sample, make_hxn, step_scan
     from hxn_ptycho.cli import build_parser
     from hxn_ptycho.simulate import simulate_scan
 
     scan, _ = simulate_scan(n=64, n_positions=40, seed=4)
-    hxn = make_hxn(SimFrames(scan), tiled_server.directory / "detector_ep")
+    hxn = make_hxn(tiled_server.directory / "detector_ep")
     RE = RunEngine({}, call_returns_result=False)
     RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
     RE.subscribe(tiled_writer(tiled_server.config, "raw", max_array_size=0))
@@ -78,7 +78,7 @@ def _stored(tiled_server) -> dict:
                                       "--crop", "64", *OPTIONS])
     jobs, cb = build_callback(args, tiled_server.directory / "work_ep")
     RE.subscribe(cb)
-    (uid,) = RE(step_scan(hxn, scan.points, distance_m=scan.z_m, md={"ptycho_crop": 64}), scan_id=SCAN_ID)
+    (uid,) = RE(step_scan(hxn, hxn_sample(scan, "eiger1"), md={"ptycho_crop": 64}), scan_id=SCAN_ID)
     assert cb.flush(60) and cb.submitted, cb.failed
     assert jobs.wait_idle(240), "the job did not finish"
     jobs.stop()

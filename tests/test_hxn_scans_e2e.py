@@ -34,11 +34,12 @@ def check_result(res, sample, truth, capsys, how: str) -> None:
     assert res.ok, res.reason
     from hxn_ptycho.scanfile import read_scan
     recon = res.start["recon"]
-    scan = read_scan(recon["scan_file"])                 # the scan file the job reconstructed
+    scan = read_scan(recon["source"]["scan_file"])       # the scan file the job reconstructed
     pixel = scan.pixel_size_m
     assert abs(pixel / sample.scan.pixel_size_m - 1) < 0.01, (pixel, sample.scan.pixel_size_m)
-    if "pixel_size_m" in recon:
-        assert recon["pixel_size_m"] == pytest.approx(pixel, rel=1e-6)
+    assert recon["geometry"]["pixel_size_m"] == pytest.approx(pixel, rel=1e-6)
+    assert "dcm_th" in recon["geometry"]["provenance"]["energy_kev"]          # the sources reach the run
+    assert recon["geometry"]["orientation"] == sample.orient.name
     geo = json.loads(scan.attrs["geometry_source"])
     assert geo["distance_m"][0] == pytest.approx(2.05)
     assert scan.attrs["orientation"] == sample.orient.name

@@ -156,7 +156,7 @@ def test_server_error_is_one_line_with_its_cause(published):
     assert isinstance(err, CatalogError)
     text = str(err)
     assert "\n" not in text and "500 Internal Server Error" in text
-    assert "Refusing to serve" in text and "far.h5" in text
+    assert "refusing the asset" in text and "outside the readable storage" in text and "far.h5" in text
     # without the server's log at hand (a URL), the correlation ID to look for
     assert "correlation ID" in str(client_error(info.value, run.uri))
 
