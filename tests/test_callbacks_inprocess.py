@@ -271,7 +271,7 @@ def test_too_many_ranks_are_refused_before_any_job(tmp_path, sim):
     spec = job.job_spec
     assert spec.execution.mode == "async" and spec.params.power_bound == 0.5 and spec.geometry.n_views == 60
     assert spec.geometry.provenance["energy_kev"] == "start['energy_kev']"
-    assert spec.geometry.provenance["ccd_pixel_um"] == "start metadata 'detector_pixel_um'"
+    assert spec.geometry.provenance["ccd_pixel_um"] == "start['detector_pixel_um']"
     cb.close()
     ok.close()
     from hxn_ptycho.params import ParamError

@@ -210,3 +210,27 @@ def test_the_job_imports_no_bluesky_tiled_or_prefect(tmp_path, sim_file):
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "imported: []" in done.stdout, done.stdout + done.stderr
     assert (tmp_path / "r.h5").exists()
+
+
+def test_ctrl_c_finishes_the_iteration_and_keeps_the_estimate(tmp_path):
+    """One Ctrl-C (SIGINT) during `reconstruct`: the current iteration ends, the result is written
+    and marked interrupted, and the last line says so; the run did not go on to its 2000 iterations."""
+    import signal
+    import time
+
+    scan = tmp_path / "s.h5"
+    assert run("simulate", str(scan), "--size", "64", "--positions", "100").returncode == 0
+    out = tmp_path / "r.h5"
+    proc = subprocess.Popen([*EXE, "reconstruct", str(scan), "-o", str(out), "--iterations", "2000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while time.monotonic() < deadline and "it/s" not in seen and "s/it" not in seen:
+        seen += proc.stderr.read(64)              # the progress bar: the iterations have started
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    res = read_result(out)
+    assert res.attrs.get("interrupted") is True or res.attrs.get("interrupted") == 1
+    assert 1 <= res.iterations < 2000
+    assert "interrupted" in stdout.strip().splitlines()[-2] + stdout.strip().splitlines()[-1]

@@ -134,7 +134,7 @@ def test_reconstruct_scan_id(stored, tiled_server):
     assert_option_reached(recon)
     # without -o the result goes where the catalog server reads (its folder), not into the cwd
     assert Path(recon["source"]["result_file"]).parent == tiled_server.directory / "results"
-    assert recon["geometry"]["provenance"]["energy_kev"].startswith("baseline 'dcm_th'")
+    assert recon["geometry"]["provenance"]["energy_kev"].startswith("baseline dcm_th")
 
 
 def test_unreadable_result_folder_is_refused_up_front(stored, tiled_server, tmp_path):
