@@ -27,10 +27,8 @@ KINDS = ["fly2dpd", "step", "FlyPlan2D"]
 @pytest.fixture(scope="module")
 def written(tiled_server):
     """The three scan types written by the TiledWriter into nested hxn/raw (and collected live)."""
-    import os
-
     from hxn_ptycho.callbacks.sim_beamline import make_hxn, plan_for, simulated_scan
-    os.environ["TILED_API_KEY"] = tiled_server.api_key
+    # the API key comes from the server's key file (no TILED_API_KEY in the environment)
     cfg = CatalogConfig(uri=tiled_server.uri, api_key_file=str(tiled_server.directory / "api_key"),
                         raw="hxn/raw", processed="hxn/processed")
     hxn = make_hxn(tiled_server.directory / "det_layout")
