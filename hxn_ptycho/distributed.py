@@ -186,12 +186,17 @@ def gather_views(views: slice, reducer: Any) -> list[list[int]]:
 
 
 def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync", progress: bool = False,
-                    log: Callable[[str], None] | None = None) -> tuple[ResultData, dict[str, Any]]:
-    """Reconstruct the scan file ``path`` on the ranks of ``comm``; every rank returns the result."""
+                    log: Callable[[str], None] | None = None,
+                    stop: Any = None) -> tuple[ResultData, dict[str, Any]]:
+    """Reconstruct the scan file ``path`` on the ranks of ``comm``; every rank returns the result.
+
+    ``stop`` (a callable or ``threading.Event``, given on every rank) ends the iterations early:
+    see :func:`hxn_ptycho.engine.reconstruct`; the result is then marked ``attrs["interrupted"]``.
+    """
     info = scan_geometry(path)
     if mode == "async":
         from .stitch import run_async
-        return run_async(path, params, comm, progress=progress, log=log), info
+        return run_async(path, params, comm, progress=progress, log=log, stop=stop), info
     if mode != "sync":
         raise ParamError(f"mode must be 'sync' or 'async', got {mode!r}")
     views = split_views(info["n_views"], comm.size)[comm.rank]
@@ -203,7 +208,7 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
     reducer = rank_reducer(host, backend)
     quiet = (lambda msg: None) if comm.rank else log
     res = reconstruct(scan, params, backend=backend, reducer=reducer,
-                      progress=progress and comm.rank == 0, log=quiet)
+                      progress=progress and comm.rank == 0, log=quiet, stop=stop)
     res.attrs["mode"] = "sync"
     res.attrs["rank_views"] = gather_views(scan.views, host)
     if comm.size > 1:

@@ -118,10 +118,11 @@ def frame_intensity(scan: ScanData) -> float:
 
 
 def reconstruct_region(path: str, index: int, views: np.ndarray, corners: np.ndarray, params: ReconParams,
-                       backend: Any, progress: bool, log: Callable[[str], None] | None) -> RegionResult:
+                       backend: Any, progress: bool, log: Callable[[str], None] | None,
+                       stop: Any = None) -> RegionResult:
     """Read and reconstruct one region with no communication; return it with its global offset."""
     scan = region_scan(path, views, corners)
-    res = reconstruct(scan, params, backend=backend, reducer=LocalReducer(), progress=progress, log=log)
+    res = reconstruct(scan, params, backend=backend, reducer=LocalReducer(), progress=progress, log=log, stop=stop)
     offset = corners[views].min(axis=0) - int(res.attrs.get("object_margin_px", params.margin))
     local = res.positions_px.astype(np.int64)
     if not np.array_equal(local + offset, corners[views]):
@@ -309,9 +310,11 @@ def stitch_regions(regions: list[RegionResult], corners: np.ndarray, shape: tupl
 
 # --- the run -------------------------------------------------------------------------------------
 def run_async(path: str, params: ReconParams, comm: Any, progress: bool = False,
-              log: Callable[[str], None] | None = None, overlap: float | None = None) -> ResultData:
+              log: Callable[[str], None] | None = None, overlap: float | None = None,
+              stop: Any = None) -> ResultData:
     """Reconstruct ``path`` as ``comm.size`` regions, one per rank, stitched on rank 0; every rank
-    returns the stitched result. ``overlap`` is the region margin in pixels (default half a frame)."""
+    returns the stitched result. ``overlap`` is the region margin in pixels (default half a frame);
+    ``stop`` is the engine's stop hook (each region stops on its own, then they are stitched)."""
     from .distributed import rank_backend
     if params.init_from and comm.size > 1:
         raise ParamError("init_from (a warm start) is not supported in async mode with several processes: "
@@ -322,7 +325,7 @@ def run_async(path: str, params: ReconParams, comm: Any, progress: bool = False,
                             OVERLAP_FRACTION * geometry.n if overlap is None else overlap)
     quiet = (lambda msg: None) if comm.rank else log
     mine = reconstruct_region(path, comm.rank, regions[comm.rank], corners, params, rank_backend(params, comm),
-                              progress and comm.rank == 0, quiet)
+                              progress and comm.rank == 0, quiet, stop)
     if comm.size == 1:
         mine.result.attrs.update({"mode": "async", "regions": 1, "region_views": [len(mine.views)]})
         return mine.result

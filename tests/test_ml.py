@@ -69,3 +69,14 @@ def test_stop_ends_after_the_current_iteration(sim1):
     assert res.attrs["interrupted"] is True and res.iterations == 1
     res = reconstruct(scan, ReconParams(iterations=4), stop=threading.Event(), **QUIET)
     assert res.attrs["interrupted"] is False and res.iterations == 4
+
+
+def test_stop_through_the_distributed_entry_point(sim_file):
+    """run_distributed (what the job calls on every rank) passes the stop hook to the engine."""
+    from hxn_ptycho.distributed import LocalComm, run_distributed
+    ev = threading.Event()
+    ev.set()
+    for mode in ("sync", "async"):
+        res, _ = run_distributed(str(sim_file), ReconParams(iterations=30), LocalComm(), mode=mode,
+                                 log=lambda m: None, stop=ev)
+        assert res.attrs["interrupted"] is True and res.iterations == 1, mode
