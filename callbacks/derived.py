@@ -113,6 +113,8 @@ def write_sidecar(result_path: str | os.PathLike, res: Any) -> Path:
         f.create_dataset("object", data=np.asarray(res.object)[None])
         f.create_dataset("probe", data=np.asarray(res.probe)[None])
         f.create_dataset("positions_px", data=np.asarray(res.positions_px, dtype=np.float64)[None])
+        if getattr(res, "positions_refined_px", None) is not None:
+            f.create_dataset("positions_refined_px", data=np.asarray(res.positions_refined_px, np.float64)[None])
     return side
 
 
@@ -142,6 +144,8 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
     docs: list[Doc] = [("start", bundle.start_doc)]
     external = {"object": np.asarray(res.object), "probe": np.asarray(res.probe),
                 "positions_px": np.asarray(res.positions_px, dtype=np.float64)}
+    if getattr(res, "positions_refined_px", None) is not None:       # --refine-positions: beside the nominal
+        external["positions_refined_px"] = np.asarray(res.positions_refined_px, dtype=np.float64)
     inline = {"probe_power_fraction": np.asarray(res.probe_power_fraction, dtype=np.float64),
               "final_probe_error": np.asarray(res.error_probe[-1], dtype=np.float64),
               "final_object_error": np.asarray(res.error_object[-1], dtype=np.float64)}

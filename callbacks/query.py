@@ -54,6 +54,7 @@ class DerivedResult:
     object: np.ndarray | None = None               # (M_O, H, W) complex
     probe: np.ndarray | None = None                # (M_P, n, n) complex
     positions_px: np.ndarray | None = None         # (N, 2)
+    positions_refined_px: np.ndarray | None = None  # (N, 2), with --refine-positions
     probe_power_fraction: np.ndarray | None = None
     final_data_error: float | None = None
     data_error: np.ndarray | None = None           # per iteration
@@ -298,6 +299,8 @@ def load_result(run: Any, catalog: Any = None) -> DerivedResult:
         out.object = _read(p, "object")[0]
         out.probe = _read(p, "probe")[0]
         out.positions_px = _read(p, "positions_px")[0]
+        if "positions_refined_px" in p:
+            out.positions_refined_px = _read(p, "positions_refined_px")[0]
         out.probe_power_fraction = _read(p, "probe_power_fraction")[0]
         out.final_data_error = float(_read(p, "final_data_error")[0])
         if "iterations" in run:

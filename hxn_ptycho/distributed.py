@@ -186,10 +186,12 @@ def gather_views(views: slice, reducer: Any) -> list[list[int]]:
 
 
 def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync", progress: bool = False,
-                    log: Callable[[str], None] | None = None, stop: Any = None) -> tuple[ResultData, dict[str, Any]]:
+                    log: Callable[[str], None] | None = None,
+                    stop: Any = None) -> tuple[ResultData, dict[str, Any]]:
     """Reconstruct the scan file ``path`` on the ranks of ``comm``; every rank returns the result.
 
-    ``stop`` (an Event or a callable) ends the iterations after the current one (Ctrl-C in the job).
+    ``stop`` (a callable or ``threading.Event``, given on every rank) ends the iterations early:
+    see :func:`hxn_ptycho.engine.reconstruct`; the result is then marked ``attrs["interrupted"]``.
     """
     info = scan_geometry(path)
     if mode == "async":

@@ -101,6 +101,9 @@ class Geometry:
         """Object windows ``(B, L, n, n)`` at the (sub-pixel) corners ``pos``; ``tmp`` is scratch."""
         if np.all(pos == np.round(pos)):
             return be.gather(obj, pos.astype(np.int64), self.n, out=out)
+        fused = getattr(be, "gather_subpixel", None)
+        if fused is not None:                  # one kernel (cuda/refine.cu)
+            return fused(obj, pos, self.n, out)
         xp = be.xp
         out[...] = 0
         for corner, w in self._parts(pos):
@@ -125,6 +128,10 @@ class Geometry:
         """The adjoint of :meth:`gather`: ``acc[l, window j] += src[j, l]`` (``src`` may be ``(n, n)``)."""
         if not self.subpixel:
             be.scatter_add(acc, self.corner[b], src)
+            return
+        fused = getattr(be, "scatter_add_subpixel", None)
+        if fused is not None:                  # one kernel (cuda/refine.cu)
+            fused(acc, self.local[b], src)
             return
         xp = be.xp
         for corner, w in self._parts(self.local[b]):

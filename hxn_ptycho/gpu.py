@@ -429,6 +429,48 @@ class CupyBackend:
         else:
             raise ValueError(f"scatter mode must be one of {SCATTER_MODES}, got {mode!r}")
 
+    # --- sub-pixel windows (geometry.py dispatches by these names; cuda/refine.cu) -----------
+    def gather_subpixel(self, obj: Any, pos: Any, n: int, out: Any) -> Any:
+        """Bilinear windows at the (B, 2) float corners ``pos``: one kernel instead of four gathers."""
+        cp = self.xp
+        L, H, W = obj.shape
+        B = len(pos)
+        self._check(obj, out)
+        suf, _ = self._suffix(obj.dtype)
+        if B:
+            dpos = cp.asarray(np.ascontiguousarray(pos, dtype=np.float64))
+            self._k(f"gather_bilinear_{suf}")(_grid(L * n * n, B, self.sm_count), (BLOCK,),
+                                              (obj, np.int32(L), np.int32(H), np.int32(W), dpos,
+                                               np.int32(B), np.int32(n), out))
+        return out
+
+    def scatter_add_subpixel(self, acc: Any, pos: Any, src: Any) -> None:
+        """The adjoint of :meth:`gather_subpixel` (atomics); ``src`` (B, L, n, n), (B, 1, n, n) or (n, n)."""
+        cp = self.xp
+        if acc.ndim == 2:
+            acc = acc[None]
+        L, H, W = acc.shape
+        n, B = src.shape[-1], len(pos)
+        if B == 0:
+            return
+        if src.dtype != acc.dtype:
+            src = src.astype(acc.dtype)
+        src = cp.ascontiguousarray(src)
+        self._check(acc)
+        complex_ = acc.dtype.kind == "c"
+        rdt = acc.real.dtype if complex_ else acc.dtype
+        ncomp = 2 if complex_ else 1
+        if src.ndim == 2:
+            sb = sl = 0
+        else:
+            sb = src.shape[1] * n * n
+            sl = 0 if src.shape[1] == 1 else n * n
+        dpos = cp.asarray(np.ascontiguousarray(pos, dtype=np.float64))
+        self._k(f"scatter_bilinear_{'f32' if rdt == np.float32 else 'f64'}")(
+            _grid(L * n * n * ncomp, B, self.sm_count), (BLOCK,),
+            (acc.view(rdt), np.int32(L), np.int32(H), np.int32(W), dpos, np.int32(B), np.int32(n),
+             src.view(rdt), np.int64(sb), np.int64(sl), np.int32(ncomp)))
+
     # --- fused DM steps (dm.py dispatches by these names) ----------------------------------
     def _mask_arg(self, mask: Any) -> tuple[Any, int]:
         if mask is None:

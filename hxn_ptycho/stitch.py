@@ -314,7 +314,8 @@ def run_async(path: str, params: ReconParams, comm: Any, progress: bool = False,
               log: Callable[[str], None] | None = None, overlap: float | None = None,
               stop: Any = None) -> ResultData:
     """Reconstruct ``path`` as ``comm.size`` regions, one per rank, stitched on rank 0; every rank
-    returns the stitched result. ``overlap`` is the region margin in pixels (default half a frame)."""
+    returns the stitched result. ``overlap`` is the region margin in pixels (default half a frame);
+    ``stop`` is the engine's stop hook (each region stops on its own, then they are stitched)."""
     from .distributed import rank_backend
     if params.init_from and comm.size > 1:
         raise ParamError("init_from (a warm start) is not supported in async mode with several processes: "
@@ -325,7 +326,7 @@ def run_async(path: str, params: ReconParams, comm: Any, progress: bool = False,
                             OVERLAP_FRACTION * geometry.n if overlap is None else overlap)
     quiet = (lambda msg: None) if comm.rank else log
     mine = reconstruct_region(path, comm.rank, regions[comm.rank], corners, params, rank_backend(params, comm),
-                              progress and comm.rank == 0, quiet, stop=stop)
+                              progress and comm.rank == 0, quiet, stop)
     if comm.size == 1:
         mine.result.attrs.update({"mode": "async", "regions": 1, "region_views": [len(mine.views)]})
         return mine.result

@@ -200,3 +200,17 @@ def test_scatter_modes_agree_in_a_reconstruction(be):
         be.scatter_mode = "atomic"
     b = _reconstruct(scan, be, probe_modes=1)
     assert rel(a.object, b.object) <= 1e-4
+
+
+@pytest.mark.parametrize("modes", [1, 3])
+def test_ml_and_position_refinement_match_numpy(be, modes):
+    """DM then ML with position refinement (the bilinear kernels of cuda/refine.cu) on the GPU."""
+    from hxn_ptycho.simulate import simulate_scan
+    scan, _ = simulate_scan(n=64, n_positions=60, probe_modes=modes, photons=1e6, seed=3, position_error_px=1.5)
+    kw = dict(probe_modes=modes, max_memory_gb=8.0, algorithm="DM:14,ML:6", refine_positions=True,
+              position_start=4, position_end=15)
+    cpu = _reconstruct(scan, NumpyBackend(1), **kw)
+    gpu = _reconstruct(scan, be, **kw)
+    assert rel(gpu.object, cpu.object) <= 1e-3
+    assert rel(gpu.probe, cpu.probe) <= 1e-3
+    np.testing.assert_allclose(gpu.positions_refined_px, cpu.positions_refined_px, atol=1e-2)

@@ -557,3 +557,35 @@ def test_ml_and_position_refinement_with_emulated_gpu_backend_match_numpy(ebe, m
     assert _rel(emu.probe, cpu.probe) < 1e-3
     np.testing.assert_allclose(emu.positions_refined_px, cpu.positions_refined_px, atol=1e-3)
     assert np.abs(cpu.positions_refined_px - cpu.positions_px).max() > 1e-3
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+def test_bilinear_gather_and_scatter_match_the_geometry(k, suf, cdt, rdt, tol):
+    """cuda/refine.cu against hxn_ptycho.geometry's four-gather numpy reference (sub-pixel windows)."""
+    from hxn_ptycho.backend import NumpyBackend
+    from hxn_ptycho.geometry import Geometry
+    L, H, W, n, B = 2, 23, 19, 7, 9
+    obj = crandn((L, H, W), cdt)
+    pos = RNG.uniform(0, [H - n - 1, W - n - 1], (B, 2))
+    pos[0] = [0.0, 0.0]
+    pos[1] = [3.0, 2.5]                      # whole along one axis only
+    nb = NumpyBackend(1)
+    geom = Geometry(pos, slice(None), n, (H, W), subpixel=True)
+    want = geom.gather_at(nb, obj, pos, np.empty((B, L, n, n), cdt), np.empty((B, L, n, n), cdt))
+    out = np.full((B, L, n, n), 99, cdt)
+    getattr(k, f"gather_bilinear_{suf}")((2, 3), (32,), obj, L, H, W, np.ascontiguousarray(pos), B, n, out)
+    assert np.abs(out - want).max() <= 10 * tol * np.abs(want).max()
+    src = crandn((B, L, n, n), cdt)
+    acc_want = np.zeros((L, H, W), cdt)
+    geom.scatter_add(nb, acc_want, slice(None), src)
+    acc = np.zeros((L, H, W), cdt)
+    rs = "f32" if rdt == np.float32 else "f64"
+    getattr(k, f"scatter_bilinear_{rs}")((2, 3), (32,), acc.view(rdt), L, H, W, np.ascontiguousarray(pos), B, n,
+                                        src.view(rdt), L * n * n, n * n, 2)
+    assert np.abs(acc - acc_want).max() <= 10 * tol * np.abs(acc_want).max()
+    den = rng_den = RNG.random((n, n)).astype(rdt)
+    d_want = np.zeros((1, H, W), rdt)
+    geom.scatter_add(nb, d_want, slice(None), rng_den)
+    d = np.zeros((1, H, W), rdt)
+    getattr(k, f"scatter_bilinear_{rs}")((2, 3), (32,), d, 1, H, W, np.ascontiguousarray(pos), B, n, den, 0, 0, 1)
+    np.testing.assert_allclose(d, d_want, rtol=10 * tol, atol=10 * tol)

@@ -28,7 +28,7 @@ def test_dm_then_ml_lowers_the_star_cost(star_path):
     assert chained.attrs["algorithm_stages"] == ["DM:30", "ML:10"]
     assert chained.error_data.shape == (40,)
     c_dm, c_ml = dm_only.attrs["final_cost"], chained.attrs["final_cost"]
-    assert c_ml < 0.95 * c_dm, (c_ml, c_dm)             # measured 0.354 vs 0.436 (60 it: 0.333 vs 0.391)
+    assert c_ml < 0.95 * c_dm, (c_ml, c_dm)             # measured 0.380 vs 0.426 (DM:40,ML:20 0.333 vs DM:60 0.391)
     h_dm, p_dm = spokes(dm_only)
     h_ml, p_ml = spokes(chained)
     assert h_ml == h_dm == peer_spoke_harmonic(star_path.parent / "peer_rpie64_object.png")
@@ -69,3 +69,14 @@ def test_stop_ends_after_the_current_iteration(sim1):
     assert res.attrs["interrupted"] is True and res.iterations == 1
     res = reconstruct(scan, ReconParams(iterations=4), stop=threading.Event(), **QUIET)
     assert res.attrs["interrupted"] is False and res.iterations == 4
+
+
+def test_stop_through_the_distributed_entry_point(sim_file):
+    """run_distributed (what the job calls on every rank) passes the stop hook to the engine."""
+    from hxn_ptycho.distributed import LocalComm, run_distributed
+    ev = threading.Event()
+    ev.set()
+    for mode in ("sync", "async"):
+        res, _ = run_distributed(str(sim_file), ReconParams(iterations=30), LocalComm(), mode=mode,
+                                 log=lambda m: None, stop=ev)
+        assert res.attrs["interrupted"] is True and res.iterations == 1, mode
