@@ -29,14 +29,14 @@ def scan_docs(sim, save_path, scan_id: int = 7) -> list[tuple[str, dict]]:
     """The documents of one real RunEngine step scan over the simulated HXN (16 points)."""
     from bluesky import RunEngine
     from bluesky.preprocessors import SupplementalData
-    from hxn_ptycho.callbacks.sim_beamline import SimFrames, make_hxn, step_scan
+    from hxn_ptycho.callbacks.sim_beamline import hxn_sample, make_hxn, step_scan
 
-    hxn = make_hxn(SimFrames(sim), save_path)
+    hxn = make_hxn(save_path)
     RE = RunEngine({}, call_returns_result=False)
     RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
     docs: list[tuple[str, dict]] = []
     RE.subscribe(lambda name, doc: docs.append((name, copy.deepcopy(doc))))
-    RE(step_scan(hxn, sim.points, distance_m=sim.z_m), scan_id=scan_id)
+    RE(step_scan(hxn, hxn_sample(sim, "eiger1"), md={"ptycho_crop": 64}), scan_id=scan_id)
     return docs
 
 
@@ -279,14 +279,16 @@ def record(sim, save_path, scan_id: int = 7, frame_shape=(48, 48)) -> list[tuple
     from bluesky import RunEngine
     from bluesky.preprocessors import SupplementalData
 
-    from hxn_ptycho.callbacks.sim_beamline import SimFrames, make_hxn, step_scan
+    from hxn_ptycho.callbacks.sim_beamline import hxn_sample, make_hxn, step_scan
 
-    hxn = make_hxn(SimFrames(sim), save_path, frame_shape=frame_shape)
+    hxn = make_hxn(save_path, frame_shape=tuple(frame_shape))
     RE = RunEngine({}, call_returns_result=False)
     RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
     docs: list[tuple[str, dict]] = []
     RE.subscribe(lambda name, doc: docs.append((name, copy.deepcopy(doc))))
-    RE(step_scan(hxn, sim.points, distance_m=sim.z_m, md={"ptycho_crop": 32}), scan_id=scan_id)
+    sample = hxn_sample(sim, "eiger1", shape=tuple(frame_shape), hot=((5, 7),),
+                        flagged=((frame_shape[0] - 8, frame_shape[1] // 2),))
+    RE(step_scan(hxn, sample, md={"ptycho_crop": 32}), scan_id=scan_id)
     return docs
 
 
