@@ -261,7 +261,7 @@ import sys  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from conftest_bluesky import wait_for  # noqa: E402
+from conftest_bluesky import make_result, wait_for  # noqa: E402
 
 SMALL_POINTS = 12
 LISTEN_OPTS = ["--crop", "32", "--iterations", "2", "--slots", "2", "--frame-wait", "0.5", "--retry-publish", "1"]
@@ -489,3 +489,141 @@ def test_job_that_ended_while_the_listener_was_down_is_published_once(tiled_serv
     md = one_derived(tiled_server.config, raw_uid)
     assert md["stop"]["exit_status"] == "success", md["stop"]
     assert f"job {entry['id']} ended while no queue watched it" in listener.text()
+
+
+# -- the catalog killed -----------------------------------------------------------------------------
+
+def kill9_catalog(server) -> None:
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    server.proc = None
+
+
+def test_catalog_down_at_publish_then_back_is_republished_once(tiled_server, listener, publisher, base_docs):
+    """kill -9 the catalog; a scan's job ends and cannot publish (documents saved); the catalog comes
+    back (same folder, same key): the queue's retry sends them, once."""
+    docs = renamed(base_docs)
+    raw_uid = docs[0][1]["uid"]
+    kill9_catalog(tiled_server)
+    try:
+        send(publisher, docs)
+        saved = wait_for(lambda: list((listener.work / "results").glob(f"*{raw_uid}*.docs.jsonl")), 90,
+                         what="the saved documents of the failed publish")
+        assert len(saved) == 1                               # one file per job, whatever the outcome
+    finally:
+        tiled_server.start()
+    md = one_derived(tiled_server.config, raw_uid)
+    assert md["stop"]["exit_status"] == "success", md["stop"]
+    wait_for(lambda: not saved[0].exists(), 30, what="the saved documents to be removed once sent")
+    assert "republished the saved derived run" in listener.text()
+
+
+def test_catalog_killed_mid_publish_then_a_partial_run_is_replaced(tiled_server, tmp_path):
+    """The documents of a derived run are saved; the start and a descriptor reach the catalog, then it
+    is killed (-9). Back up, the catalog holds a partial run: the republish deletes it and sends the
+    whole run, under the same uid; a second republish changes nothing."""
+    from bluesky_tiled_plugins import TiledWriter
+
+    from hxn_ptycho.callbacks import derived
+    from hxn_ptycho.callbacks.catalog import CatalogError, runs
+    from hxn_ptycho.spec import JobSpec, Source
+
+    result = tiled_server.directory / "partial" / "r.h5"
+    result.parent.mkdir(exist_ok=True)
+    make_result(result)
+    spec = JobSpec(source=Source(scan_file="s.h5", result_file=str(result), raw_uid="raw-partial",
+                                 catalog=str(tiled_server.directory)))
+    uid = derived.run_uid(spec)
+    docs = derived.result_documents(result, "raw-partial", spec.recon(), uid=uid)
+    path = derived.saved_path(spec)
+    derived.save_documents(path, docs, spec.source.catalog)
+    writer = TiledWriter(runs(tiled_server.config, "processed"), max_array_size=0)
+    for name, doc in docs[:2]:
+        writer(name, doc)                                    # half-way...
+    kill9_catalog(tiled_server)                              # ...the catalog dies
+    with pytest.raises(CatalogError, match="saved in"):
+        derived.send_saved(path)
+    assert path.exists()
+    tiled_server.start()
+    assert derived.run_state(runs(tiled_server.config, "processed"), uid) == "partial"
+    os.environ["TILED_API_KEY"] = tiled_server.api_key
+    try:
+        assert derived.send_saved(path) == uid
+    finally:
+        del os.environ["TILED_API_KEY"]
+    assert not path.exists()
+    md = one_derived(tiled_server.config, "raw-partial", settle=0)
+    assert md["stop"]["exit_status"] == "success" and md["start"]["uid"] == uid
+    assert len(list(runs(tiled_server.config, "processed")[uid]["primary"])) > 0
+    derived.save_documents(path, docs, str(tiled_server.directory))  # the same run saved again: nothing changes
+    derived.send_saved(path)
+    assert len(count_derived(tiled_server.config, "raw-partial")) == 1
+
+
+def test_publish_of_one_job_is_success_or_fail_never_both(tiled_server, tmp_path, monkeypatch):
+    """The job's fixed uid: a success published after its failure (or again) is refused by the catalog's
+    content (the first complete run stays), and there is one saved-documents file per job."""
+    from hxn_ptycho.callbacks import derived
+    from hxn_ptycho.spec import JobSpec, Source
+
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    result = tiled_server.directory / "once" / "r.h5"
+    result.parent.mkdir(exist_ok=True)
+    make_result(result)
+    spec = JobSpec(source=Source(scan_file="s.h5", result_file=str(result), raw_uid="raw-once",
+                                 catalog=tiled_server.uri))
+    uid = derived.run_uid(spec)
+    assert derived.publish_outcome(spec, None, reason="rank 1 died", uid=uid) == uid
+    ok = {"status": "success", "result_file": str(result), "measured": {}}
+    assert derived.publish_outcome(spec, ok, uid=uid) == uid
+    assert derived.publish_outcome(spec, None, reason="again", uid=uid) == uid
+    md = one_derived(tiled_server.config, "raw-once", settle=0)
+    assert md["stop"]["exit_status"] == "fail" and md["stop"]["reason"] == "rank 1 died"
+    assert not list(result.parent.glob("*.docs.jsonl"))
+
+
+# -- serve restarted ---------------------------------------------------------------------------------
+
+def _serve(directory: Path, read: Path, log: Path, key: str | None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "TILED_API_KEY"}
+    if key is not None:
+        env["TILED_API_KEY"] = key                         # the shell exported the key, as serve advises
+    before = log.read_text().count("Press Ctrl-C") if log.exists() else 0
+    proc = subprocess.Popen([sys.executable, "-m", "hxn_ptycho.callbacks.commands", "serve", "--dir", str(directory),
+                             "--read", str(read)], stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+    wait_for(lambda: log.read_text().count("Press Ctrl-C") > before or proc.poll() is not None, 60,
+             what="serve to start")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return proc
+
+
+def test_serve_restarted_keeps_its_key_and_republishes_saved_runs(tmp_path, monkeypatch):
+    """A run saved while `serve` was down is sent when it comes back; `serve` started with the key not
+    exported, then restarted in a shell that exported it, keeps the key (no 401 for the client holding it)."""
+    from hxn_ptycho.callbacks import derived
+    from hxn_ptycho.callbacks.catalog import CatalogError, read_key_file
+    from hxn_ptycho.spec import JobSpec, Source
+
+    cat, work, log = tmp_path / "cat", tmp_path / "work", tmp_path / "serve.log"
+    (work / "results").mkdir(parents=True)
+    proc = _serve(cat, work, log, key=None)
+    key = read_key_file(cat / "api_key")
+    monkeypatch.setenv("TILED_API_KEY", key)
+    proc.terminate()
+    assert proc.wait(30) == 0
+    spec = JobSpec(source=Source(scan_file="s.h5", result_file=str(work / "results" / "r.h5"), raw_uid="raw-serve",
+                                 catalog=str(cat)))
+    with pytest.raises(CatalogError, match="saved in"):        # serve is down: saved beside the result
+        derived.publish_outcome(spec, None, reason="the scan broke", uid=derived.run_uid(spec))
+    assert derived.saved_path(spec).exists()
+    proc = _serve(cat, work, log, key=key)              # back, in a shell that exported the key: it sends the run
+    try:
+        assert read_key_file(cat / "api_key") == key          # the same key: a client holding it goes on working
+        md = one_derived(str(cat), "raw-serve")
+        assert md["stop"]["exit_status"] == "fail" and md["stop"]["reason"] == "the scan broke"
+        wait_for(lambda: not derived.saved_path(spec).exists(), 30, what="the saved file to go")
+        assert "republished 1 saved derived run" in log.read_text()
+        assert key not in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
