@@ -627,3 +627,31 @@ def test_serve_restarted_keeps_its_key_and_republishes_saved_runs(tmp_path, monk
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# -- a burst ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_zmq_burst_of_30_runs_of_100_events(tiled_server, listener, publisher, tmp_path, capsys):
+    """30 runs × 100 events sent back to back through the 0MQ proxy: each raw run gets one `success`
+    derived run from all its 100 views (a lost or duplicated event would make it a `fail`)."""
+    from hxn_ptycho.simulate import simulate_scan
+    sim, _ = simulate_scan(n=32, n_positions=100, seed=4, photons=1e6)
+    base = record(sim, tmp_path / "det", scan_id=300)
+    copies = [renamed(base, scan_id=300 + k) for k in range(30)]
+    n_docs = sum(len(c) for c in copies)
+    t0 = time.monotonic()
+    for docs in copies:
+        send(publisher, docs)
+    sent_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    for docs in copies:
+        md = one_derived(tiled_server.config, docs[0][1]["uid"], timeout=240, settle=0)
+        assert md["stop"]["exit_status"] == "success", md["stop"]
+        assert md["start"]["recon"]["geometry"]["n_views"] == 100            # every view of the scan
+    time.sleep(1.0)
+    for docs in copies:
+        assert len(count_derived(tiled_server.config, docs[0][1]["uid"])) == 1
+    with capsys.disabled():
+        print(f"\n[hxn-ptycho] 0MQ burst: {n_docs} documents (30 runs × 100 events) sent in {sent_s:.2f} s; "
+              f"30/30 success derived runs {time.monotonic() - t0:.0f} s later")
