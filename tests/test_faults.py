@@ -655,3 +655,70 @@ def test_zmq_burst_of_30_runs_of_100_events(tiled_server, listener, publisher, t
     with capsys.disabled():
         print(f"\n[hxn-ptycho] 0MQ burst: {n_docs} documents (30 runs × 100 events) sent in {sent_s:.2f} s; "
               f"30/30 success derived runs {time.monotonic() - t0:.0f} s later")
+
+
+# -- bad metadata -------------------------------------------------------------------------------------
+
+def two_shapes(base, other):
+    """``base`` whose events from seq_num 7 on point at the frames of ``other`` (another frame shape)."""
+    run, oth = renamed(base), renamed(other)
+    uid = run[0][1]["uid"]
+    o_res = [d for n, d in oth if n == "resource"]
+    o_datum = {d["seq_num"]: d["data"] for n, d in oth if n == "event" and "merlin1_image" in d["data"]}
+    extra = []
+    for d in o_res:
+        d["run_start"] = uid
+        extra.append(("resource", d))
+    extra += [(n, d) for n, d in oth if n == "datum"]
+    out = []
+    for n, d in run:
+        if n == "event" and "merlin1_image" in d["data"] and d["seq_num"] >= 7:
+            d["data"]["merlin1_image"] = o_datum[d["seq_num"]]["merlin1_image"]
+        if n == "descriptor" and extra:
+            out.append((n, d))
+            out += extra
+            extra = []
+            continue
+        out.append((n, d))
+    return out
+
+
+def no_dataset(base, folder: Path):
+    """``base`` whose detector file is an HDF5 file without the frames' dataset."""
+    import h5py
+    run = renamed(base)
+    for n, d in run:
+        if n == "resource":
+            folder.mkdir(parents=True, exist_ok=True)
+            with h5py.File(folder / "empty.h5", "w") as f:
+                f.create_dataset("entry/other", data=[1, 2, 3])
+            d["root"], d["resource_path"] = str(folder), "empty.h5"
+    return run
+
+
+def test_bad_metadata_each_ends_in_one_derived_run(tiled_server, listener, publisher, base_docs, small_sim,
+                                                    tmp_path):
+    """Runs with start metadata of the wrong type or size, a NUL in the uid, frames of two shapes, a
+    missing HDF5 dataset, sent through the listener: one derived run each, with the status below."""
+    other = record(small_sim, tmp_path / "det64", frame_shape=(64, 64))
+    # the status each case ends in; a fail's reason starts with what the callback could not do. (Two
+    # frame shapes: the export crops every frame around the beam to 32², so the stack is consistent.)
+    cases = {
+        "energy_kev": (renamed(base_docs, energy_kev="abc"), "fail"),
+        "ptycho_center": (renamed(base_docs, ptycho_center=[5]), "fail"),
+        "nul uid": (renamed(base_docs, uid=f"nul\0{uuid.uuid4()}"), "fail"),
+        "scan_id 1e30": (renamed(base_docs, scan_id=10**30), "fail"),
+        "two shapes": (two_shapes(base_docs, other), "success"),
+        "no dataset": (no_dataset(base_docs, tmp_path / "empty"), "fail"),
+    }
+    for docs, _ in cases.values():
+        send(publisher, docs)
+    for what, (docs, status) in cases.items():
+        md = one_derived(tiled_server.config, docs[0][1]["uid"], settle=0)
+        assert md["stop"]["exit_status"] == status, (what, md["stop"])
+        if status == "fail":
+            assert md["stop"]["reason"].startswith("cannot be reconstructed: "), (what, md["stop"])
+        assert md["start"]["raw_uid"] == docs[0][1]["uid"]
+    time.sleep(1.0)
+    for what, (docs, _) in cases.items():
+        assert len(count_derived(tiled_server.config, docs[0][1]["uid"])) == 1, what
