@@ -722,3 +722,65 @@ def test_bad_metadata_each_ends_in_one_derived_run(tiled_server, listener, publi
     time.sleep(1.0)
     for what, (docs, _) in cases.items():
         assert len(count_derived(tiled_server.config, docs[0][1]["uid"])) == 1, what
+
+
+# -- a full work disk -----------------------------------------------------------------------------------
+
+def _mount_tmpfs(folder: Path, size: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"a small tmpfs cannot be mounted here ({out.stderr.strip() or out.returncode}): "
+                    "the full-disk cases need root (mount -t tmpfs)")
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte; return the filler (delete it to free the disk)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 1 << 10, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_work_disk_at_the_scan_file_the_queue_entry_and_the_result(tiled_server, listener, proxy, publisher,
+                                                                        base_docs, tmp_path):
+    """The listener's scans/, queue/ and results/ are three small tmpfs; each in turn is filled to the
+    last byte before a scan: each scan gets one `fail` derived run (its documents sent unsaved when
+    even they cannot be saved), and the scan after it, with space again, one `success`."""
+    work = tiled_server.directory / "full_work"
+    mounts = [work / "scans", work / "queue", work / "results"]
+    for m in mounts:
+        _mount_tmpfs(m, "4m")
+    listener.stop()                          # one listener on the stream: this one
+    full = Listener(tiled_server, proxy[1], work, tmp_path / "full.log")
+    try:
+        full.start()
+        for folder in mounts:
+            filler = _fill(folder)
+            bad = renamed(base_docs)
+            send(publisher, bad)
+            md = one_derived(tiled_server.config, bad[0][1]["uid"], settle=0)
+            assert md["stop"]["exit_status"] == "fail", (folder.name, md["stop"])
+            assert "No space left on device" in md["stop"]["reason"], (folder.name, md["stop"]["reason"])
+            filler.unlink()
+            good = renamed(base_docs)
+            send(publisher, good)
+            md = one_derived(tiled_server.config, good[0][1]["uid"], settle=0)
+            assert md["stop"]["exit_status"] == "success", (folder.name, md["stop"])
+        time.sleep(1.0)
+        text = full.text()
+        assert "No space left on device" in text
+    finally:
+        full.stop()
+        for m in mounts:
+            subprocess.run(["umount", "-l", str(m)], check=False)
+        listener.start()
