@@ -406,14 +406,35 @@ class JobQueue:
             finally:
                 self._procs.pop(job.id, None)
         outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        if outcome is None and job.spec_file and self._renamed_result(job):
+            # the result is renamed into place only after the final barrier: every rank had finished
+            # its share; the job was killed after that, before rank 0 wrote its outcome record
+            outcome = {"status": "success", "reason": None, "result_file": str(Path(job.result_file).resolve()),
+                       "measured": {"status": "success", "ranks": job.nprocs, "mode": job.spec["execution"]["mode"]}}
+            from hxn_ptycho.job import write_outcome
+            write_outcome(outcome_path(job.spec_file), outcome)
         if job.returncode == 0 and (outcome is None or outcome.get("status") == "success"):
             log.info("job %s finished (scan %s)", job.id, job.scan_id)
+            return True
+        if outcome is not None and outcome.get("status") == "success" and outcome.get("result_file") \
+                and Path(outcome["result_file"]).exists():
+            # the outcome is written only after the final barrier and the rename: every rank had
+            # finished its share, so the result is complete although a process ended badly afterwards
+            log.warning("job %s: a process ended with status %s after the result was complete (%s); "
+                        "the result stands", job.id, job.returncode, log_tail(logfile))
             return True
         if job.reason is None:
             said = f" ({outcome['reason']})" if outcome and outcome.get("reason") else ""
             job.reason = f"the job exited with status {job.returncode}{said}: {log_tail(logfile)}"
         log.error("job %s failed: %s", job.id, job.reason)
         return False
+
+    def _renamed_result(self, job: Job) -> bool:
+        """Whether this run of ``job`` renamed its result into place (the file is newer than its start)."""
+        try:
+            return job.started is not None and os.stat(job.result_file).st_mtime >= job.started - 1.0
+        except OSError:
+            return False
 
     def idle(self) -> bool:
         return not any(any((self.directory / s).glob("*.json")) for s in ("pending", "running"))

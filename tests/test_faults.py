@@ -784,3 +784,89 @@ def test_full_work_disk_at_the_scan_file_the_queue_entry_and_the_result(tiled_se
         for m in mounts:
             subprocess.run(["umount", "-l", str(m)], check=False)
         listener.start()
+
+
+# -- a rank killed near the end ---------------------------------------------------------------------------
+
+def _rank_pids(spec_file: str) -> dict[int, int]:
+    """{rank: pid} of the running ranks of the job started on ``spec_file`` (PMI_RANK in their environment)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if spec_file.encode() not in (d / "cmdline").read_bytes() or b"mpiexec" in (d / "cmdline").read_bytes():
+                continue
+            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"PMI_RANK" in env:
+            out[int(env[b"PMI_RANK"])] = int(d.name)
+    return out
+
+
+def _two_rank_job(server, folder: Path, raw_uid: str, iterations: int):
+    from hxn_ptycho.callbacks.launcher import Job
+    from hxn_ptycho.params import ReconParams
+    from hxn_ptycho.simulate import simulate_scan, write_simulation
+    from hxn_ptycho.spec import Execution, Geometry, JobSpec, Source
+
+    folder.mkdir(exist_ok=True)
+    scan_file = folder / "scan.h5"
+    write_simulation(scan_file, *simulate_scan(n=32, n_positions=40, seed=6))
+    spec = JobSpec(params=ReconParams.from_dict({"iterations": iterations}),
+                   geometry=Geometry.from_scan_file(scan_file), execution=Execution(ranks=2, force=True),
+                   source=Source(scan_file=str(scan_file), result_file=str(folder / "result.h5"), raw_uid=raw_uid,
+                                 catalog=server.uri))
+    return Job.of(spec)
+
+
+@pytest.mark.parametrize("when", ["mid-run", "at the final barrier"])
+def test_rank_killed_before_or_at_the_final_barrier(tiled_server, tmp_path, monkeypatch, when):
+    """A 2-rank job under mpiexec; rank 1 is killed (-9) mid-run, or the moment rank 0's result appears
+    under its temporary name (rank 1 has finished its share and waits in the final barrier).
+    Mid-run: no result is renamed into place and the queue publishes one `fail`. At the barrier,
+    whether rank 1 had reached it decides: a result renamed into place is complete and its one
+    derived run is `success` (even when the job was killed before rank 0 wrote its outcome
+    record), no result means one `fail` — never a complete result with a `fail` run."""
+    from hxn_ptycho.callbacks.launcher import JobQueue
+
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    raw_uid = f"raw-rank-kill-{when}"
+    folder = tiled_server.directory / raw_uid.replace(" ", "-")
+    job = _two_rank_job(tiled_server, folder, raw_uid, 20000 if when == "mid-run" else 20)
+    q = JobQueue(tmp_path / "q").start()
+    try:
+        q.submit(job)
+        deadline = time.monotonic() + 120
+        killed, seen, pids = None, None, {}
+        while time.monotonic() < deadline and killed is None and not q.idle():
+            if 1 not in pids:                               # find the ranks once (scanning /proc is slow)
+                pids = _rank_pids(job.spec_file)
+                seen = time.monotonic() if 1 in pids else None
+                continue
+            if when == "mid-run":
+                ready = time.monotonic() - seen > 1.5
+            else:
+                ready = any(name.endswith(".part") for name in os.listdir(folder))
+            if ready:
+                try:
+                    os.kill(pids[1], signal.SIGKILL)
+                    killed = pids[1]
+                except ProcessLookupError:                  # that one was a passing process: look again
+                    pids = {}
+            time.sleep(0.0005)
+        assert killed, f"rank 1 was not caught {when} ({pids}, idle {q.idle()}, {time.monotonic() - deadline:.1f})"
+        assert q.wait_idle(60)
+    finally:
+        q.stop(kill=True)
+    md = one_derived(tiled_server.config, raw_uid, settle=0)
+    if when == "mid-run":
+        assert not (folder / "result.h5").exists(), "a result was renamed into place although a rank died"
+        assert md["stop"]["exit_status"] == "fail", md["stop"]
+    elif (folder / "result.h5").exists():        # rank 1 had reached the barrier: the result is complete
+        from hxn_ptycho.resultfile import read_result
+        assert read_result(folder / "result.h5").iterations == 20
+        assert md["stop"]["exit_status"] == "success", md["stop"]
+    else:                                          # it had not: rank 0 never renamed its result
+        assert md["stop"]["exit_status"] == "fail", md["stop"]
