@@ -240,7 +240,7 @@ class JobQueue:
         for p in sorted((self.directory / "running").glob("*.json")):
             try:
                 self.recover(p)
-            except Exception:  # noqa: BLE001 - one bad entry must not stop the queue
+            except Exception:                 # one bad entry must not stop the queue
                 log.exception("job queue: could not recover %s; it is requeued", p.name)
                 if p.exists():
                     os.replace(p, self.directory / "pending" / p.name)
@@ -317,7 +317,7 @@ class JobQueue:
                 self.republished += sent
                 for err in errors:
                     log.warning("job queue: saved documents not sent yet (retry in %.0f s): %s", self.retry_s, err)
-            except Exception:  # noqa: BLE001 - the retry loop must survive anything
+            except Exception:                 # the retry loop must survive anything
                 log.exception("job queue: republishing saved documents failed")
             if self._stop.wait(self.retry_s):
                 return

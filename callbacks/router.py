@@ -181,16 +181,14 @@ class PtychoCallback:
                     log.error("run %s (scan %s): %s", uid, e.get("scan_id"), why)
                     self._fail(run, why)
                 path.unlink()
-            except Exception:  # noqa: BLE001 - recovery must never stop the callback
+            except Exception:                 # recovery must never stop the callback
                 log.exception("hxn-ptycho callback: could not recover the runs of %s", path)
 
     def _queued(self, raw_uid: str) -> bool:
         if self.jobs is None:
             return False
-        for state in ("pending", "running", "done", "failed"):
-            if any(j.raw_uid == raw_uid for j in self.jobs.jobs(state)):
-                return True
-        return False
+        states = ("pending", "running", "done", "failed")
+        return any(j.raw_uid == raw_uid for state in states for j in self.jobs.jobs(state))
 
     # -- on the RunEngine's thread: cheap, never raises -------------------------------------
     def __call__(self, name: str, doc: dict) -> None:

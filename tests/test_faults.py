@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
+import os
+import signal
 import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import conftest_bluesky
 import pytest
+from conftest_bluesky import make_result, wait_for
 
 from hxn_ptycho.callbacks.collector import CollectedRun, sequence_problems
 from hxn_ptycho.callbacks.export import ExportConfig
@@ -254,14 +261,6 @@ def test_event_page_cost_is_proportional_to_what_is_kept(tmp_path, capsys):
 # asserts the number of derived runs of each raw run (exactly one) and its status.
 # ================================================================================================
 
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import uuid  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from conftest_bluesky import make_result, wait_for  # noqa: E402
 
 SMALL_POINTS = 12
 LISTEN_OPTS = ["--crop", "32", "--iterations", "2", "--slots", "2", "--frame-wait", "0.5", "--retry-publish", "1"]
@@ -294,7 +293,7 @@ def renamed(docs: list[tuple[str, dict]], uid: str | None = None, **start_md) ->
     """A copy of a run with every uid (start, descriptors, resources, datums, events, stop) new:
     several copies can be in flight at once. ``uid`` sets the start's uid, ``start_md`` its metadata."""
     mapping = {}
-    for name, doc in docs:
+    for _name, doc in docs:
         if "uid" in doc:
             mapping[doc["uid"]] = str(uuid.uuid4())
     text = json.dumps(docs)
@@ -311,10 +310,21 @@ def renamed(docs: list[tuple[str, dict]], uid: str | None = None, **start_md) ->
     return out
 
 
-def count_derived(catalog, raw_uid: str) -> list[dict]:
-    """The metadata of every derived run of ``raw_uid`` (scanning ``processed``: robust to any uid)."""
+def runs_metadata(catalog) -> list[dict]:
+    """The metadata of every run in ``processed``."""
     from hxn_ptycho.callbacks.catalog import runs
-    return [r.metadata for r in runs(catalog, "processed").values() if r.metadata["start"].get("raw_uid") == raw_uid]
+    return [r.metadata for r in runs(catalog, "processed").values()]
+
+
+def count_derived(catalog, raw_uid: str) -> list[dict]:
+    """The metadata of every derived run of ``raw_uid`` (a query; a uid with a NUL by scanning them all)."""
+    if "\0" in raw_uid:
+        return [m for m in runs_metadata(catalog) if m["start"].get("raw_uid") == raw_uid]
+    from tiled.queries import Eq
+
+    from hxn_ptycho.callbacks.catalog import runs
+    found = runs(catalog, "processed").search(Eq("raw_uid", raw_uid))
+    return [r.metadata for r in found.values()]
 
 
 def one_derived(catalog, raw_uid: str, timeout: float = 90.0, settle: float = 1.0) -> dict:
@@ -645,13 +655,18 @@ def test_zmq_burst_of_30_runs_of_100_events(tiled_server, listener, publisher, t
         send(publisher, docs)
     sent_s = time.monotonic() - t0
     t0 = time.monotonic()
-    for docs in copies:
-        md = one_derived(tiled_server.config, docs[0][1]["uid"], timeout=240, settle=0)
+    uids = {docs[0][1]["uid"] for docs in copies}
+
+    def complete():
+        mds = [m for m in runs_metadata(tiled_server.config) if m["start"].get("raw_uid") in uids]
+        return mds if len({m["start"]["raw_uid"] for m in mds if m.get("stop")}) == len(uids) else None
+    wait_for(complete, 300, interval=2.0, what="the 30 derived runs")
+    time.sleep(1.0)
+    mds = complete()
+    assert sorted(m["start"]["raw_uid"] for m in mds) == sorted(uids)          # exactly one each
+    for md in mds:
         assert md["stop"]["exit_status"] == "success", md["stop"]
         assert md["start"]["recon"]["geometry"]["n_views"] == 100            # every view of the scan
-    time.sleep(1.0)
-    for docs in copies:
-        assert len(count_derived(tiled_server.config, docs[0][1]["uid"])) == 1
     with capsys.disabled():
         print(f"\n[hxn-ptycho] 0MQ burst: {n_docs} documents (30 runs × 100 events) sent in {sent_s:.2f} s; "
               f"30/30 success derived runs {time.monotonic() - t0:.0f} s later")
