@@ -172,6 +172,7 @@ class JobQueue:
         self.outbox = [Path(p) for p in (outbox or [])]
         self.retry_s = float(retry_s)
         self.republished: list[str] = []        # uids of saved runs this queue sent later
+        self._republishing = False
         self._stop = threading.Event()
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -248,11 +249,17 @@ class JobQueue:
             t = threading.Thread(target=self._runner, args=(i,), name=f"hxn-ptycho-job-{i}", daemon=True)
             t.start()
             self._threads.append(t)
-        if self.outbox and self.publish is not None:
-            t = threading.Thread(target=self._republisher, name="hxn-ptycho-republish", daemon=True)
-            t.start()
-            self._threads.append(t)
+        if self.outbox:
+            self._start_republisher()
         return self
+
+    def _start_republisher(self) -> None:
+        if self.publish is None or self._republishing or self._stop.is_set():
+            return
+        self._republishing = True
+        t = threading.Thread(target=self._republisher, name="hxn-ptycho-republish", daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def recover(self, running: Path) -> str:
         """One job left in ``running/`` by a dead queue: ``"adopted"`` (alive and ours: a thread waits
@@ -313,13 +320,14 @@ class JobQueue:
         from .derived import republish_all
         while True:
             try:
-                sent, errors = republish_all(self.outbox)
+                sent, errors = republish_all(list(self.outbox))
                 self.republished += sent
                 for err in errors:
                     log.warning("job queue: saved documents not sent yet (retry in %.0f s): %s", self.retry_s, err)
             except Exception:                 # the retry loop must survive anything
                 log.exception("job queue: republishing saved documents failed")
             if self._stop.wait(self.retry_s):
+                self._republishing = False
                 return
 
     def _runner(self, slot: int = 0) -> None:
@@ -371,6 +379,10 @@ class JobQueue:
             job.published_uid = self.publish(job.job_spec, outcome, job.reason)
         except Exception as exc:  # noqa: BLE001 - a catalog error must not stop the queue
             log.error("job %s: could not publish its outcome (its saved documents are retried): %s", job.id, exc)
+            folder = Path(job.result_file).parent
+            if job.result_file and folder not in self.outbox:
+                self.outbox.append(folder)         # retried by the republisher from now on
+                self._start_republisher()
         job.phase = "published"                   # published, or saved for the republisher
     def _run(self, job: Job, slot: int = 0, running: Path | None = None) -> bool:
         if self.gpu_pools and job.spec_file:      # the spec records the pool this job really runs on
