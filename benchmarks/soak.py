@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             if fault == "listener-kill-mid-scan":
                 cut = next(k for k, (n, d) in enumerate(docs) if n == "event" and d["seq_num"] == 5)
                 tf.send(pub, docs[:cut])
-                journal = listener.work / "inflight.journal"
-                wait_for(lambda: journal.exists() and uid in journal.read_text(), 60, what="the journaled start")
+                wait_for(lambda: any(uid in p.read_text() for p in listener.work.glob("inflight.*.journal")), 60,
+                         what="the journaled start")
                 listener.kill9()
                 listener.start()
                 tf.send(pub, docs[cut:])

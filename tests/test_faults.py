@@ -441,8 +441,8 @@ def test_listener_killed_mid_scan_records_the_missed_run(tiled_server, listener,
     events = [i for i, (n, d) in enumerate(docs) if n == "event" and d["seq_num"] == 5]
     cut = events[0]
     send(publisher, docs[:cut])
-    journal = listener.work / "inflight.journal"
-    wait_for(lambda: journal.exists() and raw_uid in journal.read_text(), 30, what="the journaled start")
+    wait_for(lambda: any(raw_uid in p.read_text() for p in listener.work.glob("inflight.*.journal")), 30,
+             what="the journaled start")
     listener.kill9()
     listener.start()
     send(publisher, docs[cut:])
@@ -885,3 +885,26 @@ def test_rank_killed_before_or_at_the_final_barrier(tiled_server, tmp_path, monk
         assert md["stop"]["exit_status"] == "success", md["stop"]
     else:                                          # it had not: rank 0 never renamed its result
         assert md["stop"]["exit_status"] == "fail", md["stop"]
+
+
+def test_journal_of_a_live_callback_is_left_alone_and_a_dead_ones_recovered(tmp_path):
+    """Two callbacks on one work folder: the second does not take the first's in-flight run for
+    missed while the first lives (its journal is locked); once the first is gone, the next one
+    records that run (started, never stopped) as missed, and a run that ended cleanly is not."""
+    from event_model import compose_run
+    work = str(tmp_path / "work")
+    first = PtychoCallback(CallbackConfig(work_dir=work), jobs=None)
+    open_run, done_run = compose_run(metadata={"detectors": ["merlin1"]}), compose_run(metadata={"detectors": ["merlin1"]})
+    first("start", done_run.start_doc)
+    first("stop", done_run.compose_stop(exit_status="abort"))
+    first("start", open_run.start_doc)                 # still in flight
+    assert first.flush(10)
+    second = PtychoCallback(CallbackConfig(work_dir=work), jobs=None)
+    assert second.flush(10) and second.recovered == []
+    first._journal.close()                             # the first process dies (its lock goes with it)
+    third = PtychoCallback(CallbackConfig(work_dir=work), jobs=None)
+    assert third.flush(10)
+    assert [u for u, _ in third.recovered] == [open_run.start_doc["uid"]]
+    assert "listener restarted mid-run" in third.recovered[0][1]
+    for cb in (second, third):
+        cb.close()
