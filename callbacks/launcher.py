@@ -308,7 +308,7 @@ class JobQueue:
     def _adopt(self, job: Job, running: Path) -> None:
         while job_alive(job):
             time.sleep(0.5)
-        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        outcome = self._outcome(job)
         ok = outcome is not None and outcome.get("status") == "success"
         if not ok:
             said = f" ({outcome['reason']})" if outcome and outcome.get("reason") else " without an outcome record"
@@ -417,14 +417,7 @@ class JobQueue:
                 job.reason = f"the job ran past its {self.timeout_s:.0f} s limit and was killed"
             finally:
                 self._procs.pop(job.id, None)
-        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
-        if outcome is None and job.spec_file and self._renamed_result(job):
-            # the result is renamed into place only after the final barrier: every rank had finished
-            # its share; the job was killed after that, before rank 0 wrote its outcome record
-            outcome = {"status": "success", "reason": None, "result_file": str(Path(job.result_file).resolve()),
-                       "measured": {"status": "success", "ranks": job.nprocs, "mode": job.spec["execution"]["mode"]}}
-            from hxn_ptycho.job import write_outcome
-            write_outcome(outcome_path(job.spec_file), outcome)
+        outcome = self._outcome(job)
         if job.returncode == 0 and (outcome is None or outcome.get("status") == "success"):
             log.info("job %s finished (scan %s)", job.id, job.scan_id)
             return True
@@ -440,6 +433,18 @@ class JobQueue:
             job.reason = f"the job exited with status {job.returncode}{said}: {log_tail(logfile)}"
         log.error("job %s failed: %s", job.id, job.reason)
         return False
+
+    def _outcome(self, job: Job) -> dict | None:
+        """The job's outcome record; for a job killed after it renamed its result into place but before
+        rank 0 wrote the record, a success outcome of that result (written, so a restart reads it too):
+        the rename follows the final barrier, so every rank had finished its share."""
+        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        if outcome is None and job.spec_file and self._renamed_result(job):
+            from hxn_ptycho.job import write_outcome
+            outcome = {"status": "success", "reason": None, "result_file": str(Path(job.result_file).resolve()),
+                       "measured": {"status": "success", "ranks": job.nprocs, "mode": job.spec["execution"]["mode"]}}
+            write_outcome(outcome_path(job.spec_file), outcome)
+        return outcome
 
     def _renamed_result(self, job: Job) -> bool:
         """Whether this run of ``job`` renamed its result into place (the file is newer than its start)."""
