@@ -25,6 +25,7 @@ retried, the catalog ends with one run of that uid, success or fail, never both.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -295,8 +296,9 @@ def send_saved(path: str | os.PathLike, catalog: str | os.PathLike | CatalogConf
             what = str(exc) if isinstance(exc, CatalogError) else f"{type(exc).__name__}: {exc}"
             raise CatalogError(f"could not write derived run {uid} to the catalog {target}: {what}; "
                                f"its documents are saved in {path}") from exc
-        if os.fstat(fd).st_ino == os.stat(path).st_ino:
-            path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                path.unlink()
         log.info("derived run %s %s catalog %s", uid,
                  "was already complete in the" if state == "complete" else "written to the", target)
         return uid

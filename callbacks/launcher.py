@@ -172,6 +172,7 @@ class JobQueue:
         self.outbox = [Path(p) for p in (outbox or [])]
         self.retry_s = float(retry_s)
         self.republished: list[str] = []        # uids of saved runs this queue sent later
+        self._republishing = False
         self._stop = threading.Event()
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -240,7 +241,7 @@ class JobQueue:
         for p in sorted((self.directory / "running").glob("*.json")):
             try:
                 self.recover(p)
-            except Exception:
+            except Exception:                 # one bad entry must not stop the queue
                 log.exception("job queue: could not recover %s; it is requeued", p.name)
                 if p.exists():
                     os.replace(p, self.directory / "pending" / p.name)
@@ -248,11 +249,17 @@ class JobQueue:
             t = threading.Thread(target=self._runner, args=(i,), name=f"hxn-ptycho-job-{i}", daemon=True)
             t.start()
             self._threads.append(t)
-        if self.outbox and self.publish is not None:
-            t = threading.Thread(target=self._republisher, name="hxn-ptycho-republish", daemon=True)
-            t.start()
-            self._threads.append(t)
+        if self.outbox:
+            self._start_republisher()
         return self
+
+    def _start_republisher(self) -> None:
+        if self.publish is None or self._republishing or self._stop.is_set():
+            return
+        self._republishing = True
+        t = threading.Thread(target=self._republisher, name="hxn-ptycho-republish", daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def recover(self, running: Path) -> str:
         """One job left in ``running/`` by a dead queue: ``"adopted"`` (alive and ours: a thread waits
@@ -301,7 +308,7 @@ class JobQueue:
     def _adopt(self, job: Job, running: Path) -> None:
         while job_alive(job):
             time.sleep(0.5)
-        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        outcome = self._outcome(job)
         ok = outcome is not None and outcome.get("status") == "success"
         if not ok:
             said = f" ({outcome['reason']})" if outcome and outcome.get("reason") else " without an outcome record"
@@ -313,13 +320,14 @@ class JobQueue:
         from .derived import republish_all
         while True:
             try:
-                sent, errors = republish_all(self.outbox)
+                sent, errors = republish_all(list(self.outbox))
                 self.republished += sent
                 for err in errors:
                     log.warning("job queue: saved documents not sent yet (retry in %.0f s): %s", self.retry_s, err)
-            except Exception:
+            except Exception:                 # the retry loop must survive anything
                 log.exception("job queue: republishing saved documents failed")
             if self._stop.wait(self.retry_s):
+                self._republishing = False
                 return
 
     def _runner(self, slot: int = 0) -> None:
@@ -371,6 +379,10 @@ class JobQueue:
             job.published_uid = self.publish(job.job_spec, outcome, job.reason)
         except Exception as exc:  # noqa: BLE001 - a catalog error must not stop the queue
             log.error("job %s: could not publish its outcome (its saved documents are retried): %s", job.id, exc)
+            folder = Path(job.result_file).parent
+            if job.result_file and folder not in self.outbox:
+                self.outbox.append(folder)         # retried by the republisher from now on
+                self._start_republisher()
         job.phase = "published"                   # published, or saved for the republisher
     def _run(self, job: Job, slot: int = 0, running: Path | None = None) -> bool:
         if self.gpu_pools and job.spec_file:      # the spec records the pool this job really runs on
@@ -405,15 +417,41 @@ class JobQueue:
                 job.reason = f"the job ran past its {self.timeout_s:.0f} s limit and was killed"
             finally:
                 self._procs.pop(job.id, None)
-        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        outcome = self._outcome(job)
         if job.returncode == 0 and (outcome is None or outcome.get("status") == "success"):
             log.info("job %s finished (scan %s)", job.id, job.scan_id)
+            return True
+        if outcome is not None and outcome.get("status") == "success" and outcome.get("result_file") \
+                and Path(outcome["result_file"]).exists():
+            # the outcome is written only after the final barrier and the rename: every rank had
+            # finished its share, so the result is complete although a process ended badly afterwards
+            log.warning("job %s: a process ended with status %s after the result was complete (%s); "
+                        "the result stands", job.id, job.returncode, log_tail(logfile))
             return True
         if job.reason is None:
             said = f" ({outcome['reason']})" if outcome and outcome.get("reason") else ""
             job.reason = f"the job exited with status {job.returncode}{said}: {log_tail(logfile)}"
         log.error("job %s failed: %s", job.id, job.reason)
         return False
+
+    def _outcome(self, job: Job) -> dict | None:
+        """The job's outcome record; for a job killed after it renamed its result into place but before
+        rank 0 wrote the record, a success outcome of that result (written, so a restart reads it too):
+        the rename follows the final barrier, so every rank had finished its share."""
+        outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
+        if outcome is None and job.spec_file and self._renamed_result(job):
+            from hxn_ptycho.job import write_outcome
+            outcome = {"status": "success", "reason": None, "result_file": str(Path(job.result_file).resolve()),
+                       "measured": {"status": "success", "ranks": job.nprocs, "mode": job.spec["execution"]["mode"]}}
+            write_outcome(outcome_path(job.spec_file), outcome)
+        return outcome
+
+    def _renamed_result(self, job: Job) -> bool:
+        """Whether this run of ``job`` renamed its result into place (the file is newer than its start)."""
+        try:
+            return job.started is not None and os.stat(job.result_file).st_mtime >= job.started - 1.0
+        except OSError:
+            return False
 
     def idle(self) -> bool:
         return not any(any((self.directory / s).glob("*.json")) for s in ("pending", "running"))

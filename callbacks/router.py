@@ -7,7 +7,7 @@ stop document, puts the collected run on a queue; it catches and logs every exce
 thread does the heavy part: read the frames, write the scan file, submit the job; a broken run
 (missing frames or positions) is recorded in the catalog as a ``fail`` derived run instead.
 
-The in-flight journal (``WORK/inflight.journal``, one JSON line per event: a run of ours started,
+The in-flight journal (``WORK/inflight.<id>.journal``, one JSON line per event: a run of ours started,
 stopped, was processed) costs one buffered line write per run start and stop on the RunEngine's
 thread. A callback that starts over a journal left by a killed process records every run that had
 started but was never processed as a ``fail`` derived run ("listener restarted mid-run"), under
@@ -16,15 +16,14 @@ one derived run.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import time
 import queue
 import re
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass, field
@@ -121,6 +120,7 @@ class PtychoCallback:
         (self.work_dir / "results").mkdir(parents=True, exist_ok=True)
         self._journal_lock = threading.Lock()
         self._journal = None
+        self.journal_path: Path | None = None
         self.recovered: list[tuple[str, str]] = []       # (raw uid, reason) of runs a restart missed
         old = self._rotate_journal()
         self._router = RunRouter([self._factory], filler_class=PassThroughFiller)  # no per-row work
@@ -135,18 +135,33 @@ class PtychoCallback:
 
     # -- the in-flight journal ------------------------------------------------------------------
     def _rotate_journal(self) -> list[Path]:
-        """Move the journal a previous process left aside (for :meth:`_recover`); open a fresh one."""
-        path = self.work_dir / "inflight.journal"
-        if path.exists():
-            with contextlib.suppress(OSError):
-                os.replace(path, path.with_name(f"inflight.journal.{time.time():.6f}.{os.getpid()}.old"))
-        old = sorted(self.work_dir.glob("inflight.journal.*.old"))
+        """Open this callback's journal (``WORK/inflight.<id>.journal``, held with ``flock`` while it
+        lives) and set aside, for :meth:`_recover`, the journals whose owner is gone (their lock is
+        free): another live callback on the same work folder keeps its own."""
+        import fcntl
+        for path in sorted(self.work_dir.glob("inflight.*.journal")):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.replace(path, path.with_name(path.name + ".old"))       # owner dead: ours to recover
+            except OSError:
+                pass                                                       # alive (locked) or gone
+            finally:
+                os.close(fd)
+        orphans = sorted(self.work_dir.glob("inflight.*.journal.old"))
+        path = self.work_dir / f"inflight.{os.getpid()}-{uuid.uuid4().hex[:8]}.journal"
         try:
-            self._journal = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - kept open for appends
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._journal = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+            self.journal_path = path
         except OSError as exc:
             log.error("hxn-ptycho callback: no in-flight journal (%s): runs missed by a restart will not be "
                       "recorded", exc)
-        return old
+        return orphans
 
     def _note(self, kind: str, uid: str, **extra: object) -> None:
         """One journal line (cheap: a buffered write, no fsync; a killed process loses nothing written)."""
@@ -192,14 +207,14 @@ class PtychoCallback:
                     log.error("run %s (scan %s): %s", uid, e.get("scan_id"), why)
                     self._fail(run, why)
                 path.unlink()
-            except Exception:
+            except Exception:                 # recovery must never stop the callback
                 log.exception("hxn-ptycho callback: could not recover the runs of %s", path)
 
     def _queued(self, raw_uid: str) -> bool:
         if self.jobs is None:
             return False
-        return any(j.raw_uid == raw_uid for state in ("pending", "running", "done", "failed")
-                   for j in self.jobs.jobs(state))
+        states = ("pending", "running", "done", "failed")
+        return any(j.raw_uid == raw_uid for state in states for j in self.jobs.jobs(state))
 
     # -- on the RunEngine's thread: cheap, never raises -------------------------------------
     def __call__(self, name: str, doc: dict) -> None:
@@ -316,7 +331,7 @@ class PtychoCallback:
         if self._journal is not None:
             with self._journal_lock:
                 self._journal.close()
-                self._journal = None
+                self._journal = None          # left for the next start: it recovers any run not processed
 
 
 def job_failure_recorder(catalog: str | None) -> None:

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
+import os
+import signal
 import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import conftest_bluesky
 import pytest
+from conftest_bluesky import make_result, wait_for
+
 from hxn_ptycho.callbacks.collector import CollectedRun, sequence_problems
 from hxn_ptycho.callbacks.export import ExportConfig
 from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback, run_stem
@@ -254,14 +262,6 @@ def test_event_page_cost_is_proportional_to_what_is_kept(tmp_path, capsys):
 # asserts the number of derived runs of each raw run (exactly one) and its status.
 # ================================================================================================
 
-import json
-import os
-import signal
-import sys
-import uuid
-from pathlib import Path
-
-from conftest_bluesky import make_result, wait_for
 
 SMALL_POINTS = 12
 LISTEN_OPTS = ["--crop", "32", "--iterations", "2", "--slots", "2", "--frame-wait", "0.5", "--retry-publish", "1"]
@@ -313,10 +313,21 @@ def renamed(docs: list[tuple[str, dict]], uid: str | None = None, **start_md) ->
     return out
 
 
-def count_derived(catalog, raw_uid: str) -> list[dict]:
-    """The metadata of every derived run of ``raw_uid`` (scanning ``processed``: robust to any uid)."""
+def runs_metadata(catalog) -> list[dict]:
+    """The metadata of every run in ``processed``."""
     from hxn_ptycho.callbacks.catalog import runs
-    return [r.metadata for r in runs(catalog, "processed").values() if r.metadata["start"].get("raw_uid") == raw_uid]
+    return [r.metadata for r in runs(catalog, "processed").values()]
+
+
+def count_derived(catalog, raw_uid: str) -> list[dict]:
+    """The metadata of every derived run of ``raw_uid`` (a query; a uid with a NUL by scanning them all)."""
+    if "\0" in raw_uid:
+        return [m for m in runs_metadata(catalog) if m["start"].get("raw_uid") == raw_uid]
+    from tiled.queries import Eq
+
+    from hxn_ptycho.callbacks.catalog import runs
+    found = runs(catalog, "processed").search(Eq("raw_uid", raw_uid))
+    return [r.metadata for r in found.values()]
 
 
 def one_derived(catalog, raw_uid: str, timeout: float = 90.0, settle: float = 1.0) -> dict:
@@ -433,8 +444,8 @@ def test_listener_killed_mid_scan_records_the_missed_run(tiled_server, listener,
     events = [i for i, (n, d) in enumerate(docs) if n == "event" and d["seq_num"] == 5]
     cut = events[0]
     send(publisher, docs[:cut])
-    journal = listener.work / "inflight.journal"
-    wait_for(lambda: journal.exists() and raw_uid in journal.read_text(), 30, what="the journaled start")
+    wait_for(lambda: any(raw_uid in p.read_text() for p in listener.work.glob("inflight.*.journal")), 30,
+             what="the journaled start")
     listener.kill9()
     listener.start()
     send(publisher, docs[cut:])
@@ -629,3 +640,280 @@ def test_serve_restarted_keeps_its_key_and_republishes_saved_runs(tmp_path, monk
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# -- a burst ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_zmq_burst_of_30_runs_of_100_events(tiled_server, listener, publisher, tmp_path, capsys):
+    """30 runs × 100 events sent back to back through the 0MQ proxy: each raw run gets exactly one
+    derived run, `success` from all its 100 views, or — for a run 0MQ dropped events of — `fail`
+    naming them; never a reconstruction from part of a run."""
+    from hxn_ptycho.simulate import simulate_scan
+    sim, _ = simulate_scan(n=32, n_positions=100, seed=4, photons=1e6)
+    base = record(sim, tmp_path / "det", scan_id=300)
+    copies = [renamed(base, scan_id=300 + k) for k in range(30)]
+    n_docs = sum(len(c) for c in copies)
+    t0 = time.monotonic()
+    for docs in copies:
+        send(publisher, docs)
+    sent_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    uids = {docs[0][1]["uid"] for docs in copies}
+
+    def complete():
+        mds = [m for m in runs_metadata(tiled_server.config) if m["start"].get("raw_uid") in uids]
+        return mds if len({m["start"]["raw_uid"] for m in mds if m.get("stop")}) == len(uids) else None
+    wait_for(complete, 300, interval=2.0, what="the 30 derived runs")
+    time.sleep(1.0)
+    mds = complete()
+    assert sorted(m["start"]["raw_uid"] for m in mds) == sorted(uids)          # exactly one each
+    ok = [md for md in mds if md["stop"]["exit_status"] == "success"]
+    for md in ok:
+        assert md["start"]["recon"]["geometry"]["n_views"] == 100            # every view of the scan
+    for md in mds:                  # 0MQ PUB/SUB drops past its high-water mark (1000) on a loaded
+        if md not in ok:            # machine: such a run must be a fail naming the lost events
+            assert "event(s) missing" in md["stop"]["reason"] or "more than once" in md["stop"]["reason"], \
+                (md["start"]["scan_id"], md["stop"]["reason"])
+    assert len(ok) >= 25, f"only {len(ok)}/30 runs arrived whole"
+    with capsys.disabled():
+        print(f"\n[hxn-ptycho] 0MQ burst: {n_docs} documents (30 runs × 100 events) sent in {sent_s:.2f} s; "
+              f"{len(ok)}/30 success derived runs (the others fail naming lost events) {time.monotonic() - t0:.0f} s later")
+
+
+# -- bad metadata -------------------------------------------------------------------------------------
+
+def two_shapes(base, other):
+    """``base`` whose events from seq_num 7 on point at the frames of ``other`` (another frame shape)."""
+    run, oth = renamed(base), renamed(other)
+    uid = run[0][1]["uid"]
+    o_res = [d for n, d in oth if n == "resource"]
+    o_datum = {d["seq_num"]: d["data"] for n, d in oth if n == "event" and "merlin1_image" in d["data"]}
+    extra = []
+    for d in o_res:
+        d["run_start"] = uid
+        extra.append(("resource", d))
+    extra += [(n, d) for n, d in oth if n == "datum"]
+    out = []
+    for n, d in run:
+        if n == "event" and "merlin1_image" in d["data"] and d["seq_num"] >= 7:
+            d["data"]["merlin1_image"] = o_datum[d["seq_num"]]["merlin1_image"]
+        if n == "descriptor" and extra:
+            out.append((n, d))
+            out += extra
+            extra = []
+            continue
+        out.append((n, d))
+    return out
+
+
+def no_dataset(base, folder: Path):
+    """``base`` whose detector file is an HDF5 file without the frames' dataset."""
+    import h5py
+    run = renamed(base)
+    for n, d in run:
+        if n == "resource":
+            folder.mkdir(parents=True, exist_ok=True)
+            with h5py.File(folder / "empty.h5", "w") as f:
+                f.create_dataset("entry/other", data=[1, 2, 3])
+            d["root"], d["resource_path"] = str(folder), "empty.h5"
+    return run
+
+
+def test_bad_metadata_each_ends_in_one_derived_run(tiled_server, listener, publisher, base_docs, small_sim,
+                                                    tmp_path):
+    """Runs with start metadata of the wrong type or size, a NUL in the uid, frames of two shapes, a
+    missing HDF5 dataset, sent through the listener: one derived run each, with the status below."""
+    other = record(small_sim, tmp_path / "det64", frame_shape=(64, 64))
+    # the status each case ends in; a fail's reason starts with what the callback could not do. (Two
+    # frame shapes: the export crops every frame around the beam to 32², so the stack is consistent.)
+    cases = {
+        "energy_kev": (renamed(base_docs, energy_kev="abc"), "fail"),
+        "ptycho_center": (renamed(base_docs, ptycho_center=[5]), "fail"),
+        "nul uid": (renamed(base_docs, uid=f"nul\0{uuid.uuid4()}"), "fail"),
+        "scan_id 1e30": (renamed(base_docs, scan_id=10**30), "fail"),
+        "two shapes": (two_shapes(base_docs, other), "success"),
+        "no dataset": (no_dataset(base_docs, tmp_path / "empty"), "fail"),
+    }
+    for docs, _ in cases.values():
+        send(publisher, docs)
+    for what, (docs, status) in cases.items():
+        md = one_derived(tiled_server.config, docs[0][1]["uid"], settle=0)
+        assert md["stop"]["exit_status"] == status, (what, md["stop"])
+        if status == "fail":
+            assert md["stop"]["reason"].startswith("cannot be reconstructed: "), (what, md["stop"])
+        assert md["start"]["raw_uid"] == docs[0][1]["uid"]
+    time.sleep(1.0)
+    for what, (docs, _) in cases.items():
+        assert len(count_derived(tiled_server.config, docs[0][1]["uid"])) == 1, what
+
+
+# -- a full work disk -----------------------------------------------------------------------------------
+
+def _mount_tmpfs(folder: Path, size: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"a small tmpfs cannot be mounted here ({out.stderr.strip() or out.returncode}): "
+                    "the full-disk cases need root (mount -t tmpfs)")
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte; return the filler (delete it to free the disk)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 1 << 10, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_work_disk_at_the_scan_file_the_queue_entry_and_the_result(tiled_server, listener, proxy, publisher,
+                                                                        base_docs, tmp_path):
+    """The listener's scans/, queue/ and results/ are three small tmpfs; each in turn is filled to the
+    last byte before a scan: each scan gets one `fail` derived run (its documents sent unsaved when
+    even they cannot be saved), and the scan after it, with space again, one `success`."""
+    work = tiled_server.directory / "full_work"
+    mounts = [work / "scans", work / "queue", work / "results"]
+    for m in mounts:
+        _mount_tmpfs(m, "4m")
+    listener.stop()                          # one listener on the stream: this one
+    full = Listener(tiled_server, proxy[1], work, tmp_path / "full.log")
+    try:
+        full.start()
+        for folder in mounts:
+            filler = _fill(folder)
+            bad = renamed(base_docs)
+            send(publisher, bad)
+            md = one_derived(tiled_server.config, bad[0][1]["uid"], settle=0)
+            assert md["stop"]["exit_status"] == "fail", (folder.name, md["stop"])
+            assert "No space left on device" in md["stop"]["reason"], (folder.name, md["stop"]["reason"])
+            filler.unlink()
+            good = renamed(base_docs)
+            send(publisher, good)
+            md = one_derived(tiled_server.config, good[0][1]["uid"], settle=0)
+            assert md["stop"]["exit_status"] == "success", (folder.name, md["stop"])
+        time.sleep(1.0)
+        text = full.text()
+        assert "No space left on device" in text
+    finally:
+        full.stop()
+        for m in mounts:
+            subprocess.run(["umount", "-l", str(m)], check=False)
+        listener.start()
+
+
+# -- a rank killed near the end ---------------------------------------------------------------------------
+
+def _rank_pids(spec_file: str) -> dict[int, int]:
+    """{rank: pid} of the running ranks of the job started on ``spec_file`` (PMI_RANK in their environment)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if spec_file.encode() not in (d / "cmdline").read_bytes() or b"mpiexec" in (d / "cmdline").read_bytes():
+                continue
+            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"PMI_RANK" in env:
+            out[int(env[b"PMI_RANK"])] = int(d.name)
+    return out
+
+
+def _two_rank_job(server, folder: Path, raw_uid: str, iterations: int):
+    from hxn_ptycho.callbacks.launcher import Job
+    from hxn_ptycho.params import ReconParams
+    from hxn_ptycho.simulate import simulate_scan, write_simulation
+    from hxn_ptycho.spec import Execution, Geometry, JobSpec, Source
+
+    folder.mkdir(exist_ok=True)
+    scan_file = folder / "scan.h5"
+    write_simulation(scan_file, *simulate_scan(n=32, n_positions=40, seed=6))
+    spec = JobSpec(params=ReconParams.from_dict({"iterations": iterations}),
+                   geometry=Geometry.from_scan_file(scan_file), execution=Execution(ranks=2, force=True),
+                   source=Source(scan_file=str(scan_file), result_file=str(folder / "result.h5"), raw_uid=raw_uid,
+                                 catalog=server.uri))
+    return Job.of(spec)
+
+
+@pytest.mark.parametrize("when", ["mid-run", "at the final barrier"])
+def test_rank_killed_before_or_at_the_final_barrier(tiled_server, tmp_path, monkeypatch, when):
+    """A 2-rank job under mpiexec; rank 1 is killed (-9) mid-run, or the moment rank 0's result appears
+    under its temporary name (rank 1 has finished its share and waits in the final barrier).
+    Mid-run: no result is renamed into place and the queue publishes one `fail`. At the barrier,
+    whether rank 1 had reached it decides: a result renamed into place is complete and its one
+    derived run is `success` (even when the job was killed before rank 0 wrote its outcome
+    record), no result means one `fail` — never a complete result with a `fail` run."""
+    from hxn_ptycho.callbacks.launcher import JobQueue
+
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    raw_uid = f"raw-rank-kill-{when}"
+    folder = tiled_server.directory / raw_uid.replace(" ", "-")
+    job = _two_rank_job(tiled_server, folder, raw_uid, 20000 if when == "mid-run" else 20)
+    q = JobQueue(tmp_path / "q").start()
+    try:
+        q.submit(job)
+        deadline = time.monotonic() + 120
+        killed, seen, pids = None, None, {}
+        while time.monotonic() < deadline and killed is None and not q.idle():
+            if 1 not in pids:                               # find the ranks once (scanning /proc is slow)
+                pids = _rank_pids(job.spec_file)
+                seen = time.monotonic() if 1 in pids else None
+                continue
+            if when == "mid-run":
+                ready = time.monotonic() - seen > 1.5
+            else:
+                ready = any(name.endswith(".part") for name in os.listdir(folder))
+            if ready:
+                try:
+                    os.kill(pids[1], signal.SIGKILL)
+                    killed = pids[1]
+                except ProcessLookupError:                  # that one was a passing process: look again
+                    pids = {}
+            time.sleep(0.0005)
+        assert killed, f"rank 1 was not caught {when} ({pids}, idle {q.idle()}, {time.monotonic() - deadline:.1f})"
+        assert q.wait_idle(60)
+    finally:
+        q.stop(kill=True)
+    md = one_derived(tiled_server.config, raw_uid, settle=0)
+    if when == "mid-run":
+        assert not (folder / "result.h5").exists(), "a result was renamed into place although a rank died"
+        assert md["stop"]["exit_status"] == "fail", md["stop"]
+    elif (folder / "result.h5").exists():        # rank 1 had reached the barrier: the result is complete
+        from hxn_ptycho.resultfile import read_result
+        assert read_result(folder / "result.h5").iterations == 20
+        assert md["stop"]["exit_status"] == "success", md["stop"]
+    else:                                          # it had not: rank 0 never renamed its result
+        assert md["stop"]["exit_status"] == "fail", md["stop"]
+
+
+def test_journal_of_a_live_callback_is_left_alone_and_a_dead_ones_recovered(tmp_path):
+    """Two callbacks on one work folder: the second does not take the first's in-flight run for
+    missed while the first lives (its journal is locked); once the first is gone, the next one
+    records that run (started, never stopped) as missed, and a run that ended cleanly is not."""
+    from event_model import compose_run
+    work = str(tmp_path / "work")
+    first = PtychoCallback(CallbackConfig(work_dir=work), jobs=None)
+    open_run, done_run = compose_run(metadata={"detectors": ["merlin1"]}), compose_run(metadata={"detectors": ["merlin1"]})
+    first("start", done_run.start_doc)
+    first("stop", done_run.compose_stop(exit_status="abort"))
+    first("start", open_run.start_doc)                 # still in flight
+    assert first.flush(10)
+    second = PtychoCallback(CallbackConfig(work_dir=work), jobs=None)
+    assert second.flush(10) and second.recovered == []
+    first._journal.close()                             # the first process dies (its lock goes with it)
+    third = PtychoCallback(CallbackConfig(work_dir=work), jobs=None)
+    assert third.flush(10)
+    assert [u for u, _ in third.recovered] == [open_run.start_doc["uid"]]
+    assert "listener restarted mid-run" in third.recovered[0][1]
+    for cb in (second, third):
+        cb.close()
