@@ -389,24 +389,29 @@ class CupyBackend:
                                       np.int32(B), np.int32(n), out))
         return out
 
-    def scatter_add(self, acc: Any, pos: Any, src: Any, mode: str | None = None) -> None:
-        cp = self.xp
-        mode = mode or self.scatter_mode
+    def _scatter_operands(self, acc: Any, pos: Any, src: Any) -> tuple[Any, Any, Any, int] | None:
+        """(acc as (L, H, W), src contiguous in acc's dtype, the real dtype, components per value),
+        or None when there is nothing to scatter: what every scatter kernel needs."""
         if acc.ndim == 2:
             acc = acc[None]
-        L, H, W = acc.shape
-        n = src.shape[-1]
-        B = len(pos)
-        if B == 0:
-            return
+        if len(pos) == 0:
+            return None
         if src.dtype != acc.dtype:
             src = src.astype(acc.dtype)
-        src = cp.ascontiguousarray(src)
+        src = self.xp.ascontiguousarray(src)
         self._check(acc)
         complex_ = acc.dtype.kind == "c"
-        rdt = acc.real.dtype if complex_ else acc.dtype
+        return acc, src, (acc.real.dtype if complex_ else acc.dtype), 2 if complex_ else 1
+
+    def scatter_add(self, acc: Any, pos: Any, src: Any, mode: str | None = None) -> None:
+        mode = mode or self.scatter_mode
+        prepared = self._scatter_operands(acc, pos, src)
+        if prepared is None:
+            return
+        acc, src, rdt, ncomp = prepared
+        L, H, W = acc.shape
+        n, B = src.shape[-1], len(pos)
         rsuf = "f32" if rdt == np.float32 else "f64"
-        ncomp = 2 if complex_ else 1
         if src.ndim == 2:
             sb = sl = 0
         else:
@@ -447,19 +452,12 @@ class CupyBackend:
     def scatter_add_subpixel(self, acc: Any, pos: Any, src: Any) -> None:
         """The adjoint of :meth:`gather_subpixel` (atomics); ``src`` (B, L, n, n), (B, 1, n, n) or (n, n)."""
         cp = self.xp
-        if acc.ndim == 2:
-            acc = acc[None]
+        prepared = self._scatter_operands(acc, pos, src)
+        if prepared is None:
+            return
+        acc, src, rdt, ncomp = prepared
         L, H, W = acc.shape
         n, B = src.shape[-1], len(pos)
-        if B == 0:
-            return
-        if src.dtype != acc.dtype:
-            src = src.astype(acc.dtype)
-        src = cp.ascontiguousarray(src)
-        self._check(acc)
-        complex_ = acc.dtype.kind == "c"
-        rdt = acc.real.dtype if complex_ else acc.dtype
-        ncomp = 2 if complex_ else 1
         if src.ndim == 2:
             sb = sl = 0
         else:
