@@ -231,16 +231,6 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 # -- reconstruct a stored run ("run uid U of catalog C") -------------------------------------------
 
-def collected_from_catalog(raw: Any, detectors: tuple[str, ...] = (), position_fields: tuple[str, ...] = (),
-                           scaler: str | None = None) -> tuple[Any, Any]:
-    """A stored raw run (Tiled client) → (CollectedRun, None): the run's documents rebuilt from its
-    metadata and data sources (frames are read from the files by ``build_scan``, not downloaded).
-    The extra arguments are accepted for compatibility and unused (the export's defaults decide)."""
-    from .frames import stored_run
-    from .query import as_v3
-    return stored_run(as_v3(raw)), None
-
-
 def find_stored_run(catalog: Any, *, uid: str | None = None, scan_id: int | None = None) -> Any:
     """The raw run ``uid`` (or scan ``scan_id``) of the catalog, or a :class:`CommandError` naming it."""
     from .catalog import runs
@@ -257,15 +247,18 @@ def find_stored_run(catalog: Any, *, uid: str | None = None, scan_id: int | None
 
 def export_stored_run(raw: Any, export: Any, scan_path: str | os.PathLike) -> Any:
     """THE one read of a stored run: raw run (Tiled client) → scan file at ``scan_path``; returns the
-    CollectedRun. (Every stored-run path — CLI, Prefect flow — goes through here; the frame source of
-    ``callbacks/frames.py`` replaces its body.)"""
+    CollectedRun. Every stored-run path (CLI, Prefect flow) goes through here: the run's documents
+    are rebuilt from the catalog's metadata and data sources (:func:`.frames.stored_run`) and its
+    frames read from their files by the same export as a live run's, not downloaded."""
     from hxn_ptycho.h5util import FileFormatError
     from hxn_ptycho.scanfile import write_scan
 
     from .export import ExportError, build_scan
+    from .frames import stored_run
+    from .query import as_v3
     try:
-        run, frames = collected_from_catalog(raw, export.detectors, export.position_fields, export.scaler)
-        scan = build_scan(run, export, frames=frames)
+        run = stored_run(as_v3(raw))
+        scan = build_scan(run, export)
         write_scan(scan_path, scan)
     except (ExportError, FileFormatError) as exc:
         raise CommandError(f"cannot build the scan file: {exc}") from None

@@ -557,13 +557,10 @@ def kept_field(start: dict, cfg: ExportConfig) -> Callable[[str, dict], bool]:
     return keep
 
 
-def build_scan(run: CollectedRun, cfg: ExportConfig, frames: np.ndarray | None = None) -> ScanData:
-    """The :class:`~hxn_ptycho.scanfile.ScanData` of a run (``frames`` is accepted for backward
-    compatibility and must be None: frames are always read through :mod:`.frames`)."""
+def build_scan(run: CollectedRun, cfg: ExportConfig) -> ScanData:
+    """The :class:`~hxn_ptycho.scanfile.ScanData` of a run; its frames are read through :mod:`.frames`."""
     from .orientation import apply_orientation, auto_orientation, orientation_for
 
-    if frames is not None:
-        raise ExportError("build_scan reads the frames itself (frames=... is no longer supported)")
     prep = prepare(run, cfg)
     det = prep.attrs["detector"]
     wanted = run.start.get("ptycho_orientation", cfg.orientation)

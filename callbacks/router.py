@@ -332,10 +332,3 @@ class PtychoCallback:
             with self._journal_lock:
                 self._journal.close()
                 self._journal = None          # left for the next start: it recovers any run not processed
-
-
-def job_failure_recorder(catalog: str | None) -> None:
-    """Deprecated: the job queue now publishes every outcome (success or failure) itself through
-    :func:`~.derived.publish_outcome`, so there is no separate failure hook; returns None (no
-    ``on_failure`` hook) so that profiles written before still start. Remove it from callers."""
-    return None

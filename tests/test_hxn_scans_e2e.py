@@ -67,7 +67,6 @@ def test_in_process_three_scan_types_and_a_lost_file(tiled_server, scans, tmp_pa
     from hxn_ptycho.callbacks.router import (
         CallbackConfig,
         PtychoCallback,
-        job_failure_recorder,
     )
     from hxn_ptycho.callbacks.sim_beamline import make_hxn, plan_for
 
@@ -82,8 +81,7 @@ def test_in_process_three_scan_types_and_a_lost_file(tiled_server, scans, tmp_pa
             os.remove(lost.pop())
     RE.subscribe(lose_file)
     work = tiled_server.directory / "e2e_inproc"         # results where the server may read them
-    jobs = JobQueue(work / "queue", env={"TILED_API_KEY": tiled_server.api_key},
-                    on_failure=job_failure_recorder(tiled_server.uri)).start()
+    jobs = JobQueue(work / "queue", env={"TILED_API_KEY": tiled_server.api_key}).start()
     cb = PtychoCallback(CallbackConfig(work_dir=str(work / "work"), catalog=tiled_server.uri,
                                        params={"iterations": ITERATIONS, "probe_modes": 1}, nprocs=1,
                                        export=ExportConfig(crop=64, frame_wait_s=1.0)), jobs)

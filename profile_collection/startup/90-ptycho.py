@@ -16,7 +16,6 @@ from hxn_ptycho.callbacks.query import results  # noqa: F401  (for the user: res
 from hxn_ptycho.callbacks.router import (
                        CallbackConfig,
                        PtychoCallback,
-                       job_failure_recorder,
 )
 
 from pathlib import Path as _Path
@@ -32,8 +31,7 @@ WORK_DIR = os.environ.get("HXN_PTYCHO_WORK") or str(
 print(f"hxn-ptycho: scan files, results and the job queue in {WORK_DIR}")
 ptycho_jobs = JobQueue(WORK_DIR + "/queue",
                        slots=int(os.environ.get("HXN_PTYCHO_SLOTS", "1")),
-                       env={"TILED_API_KEY": _key} if _key else {},
-                       on_failure=job_failure_recorder(CATALOG)).start()
+                       env={"TILED_API_KEY": _key} if _key else {}).start()
 ptycho_callback = PtychoCallback(
     CallbackConfig(work_dir=WORK_DIR, catalog=CATALOG,
                    params={"iterations": int(os.environ.get("HXN_PTYCHO_ITERATIONS", "50"))},
