@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__, dm, modes
+from . import __version__, dm, initial, modes
 from .backend import get_backend
 from .geometry import Geometry
 from .parts import BatchScheduler, ExitWaveStore
@@ -146,15 +146,6 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     return 1.0, "counts not quantised: data units"
 
 
-def _median_step(pos: np.ndarray) -> float:
-    """Median distance (pixels) from each position to its nearest neighbour."""
-    if len(pos) < 2:
-        return 0.0
-    from scipy.spatial import cKDTree
-    d, _ = cKDTree(pos).query(pos, k=2)
-    return float(np.median(d[:, 1]))
-
-
 class _Worker:
     """Buffers and accumulators of one worker thread (one static share of the batches)."""
 
@@ -257,8 +248,10 @@ class Reconstruction:
             self.log(f"hxn-ptycho: detector gain {self.gain:.4g} per photon ({how}): power bound "
                      f"{self.pbound:.4g} in the data's units")
         previous = read_result(p.init_from) if p.init_from else None
-        self.obj = be.asarray(self._initial_object(previous), self.cdtype)
-        self.probe = be.asarray(self._initial_probe(K, previous), self.cdtype)
+        self.obj = be.asarray(initial.initial_object(self.obj_shape, p, previous), self.cdtype)
+        power, mean_amp = initial.mean_frame_power(scan, self.total_intensity, self.reducer)
+        self.probe = be.asarray(initial.initial_probe(scan, p, K, power, mean_amp, self.positions_all, previous),
+                                self.cdtype)
         batch = self.plan.batch_size
         self.streaming = self.plan.streaming
         self.store = ExitWaveStore(be, (len(self.pos), L, K, n, n), self.cdtype, self.streaming)
@@ -270,67 +263,6 @@ class Reconstruction:
         except BaseException:
             self.close()
             raise
-
-    def _initial_object(self, prev: ResultData | None) -> np.ndarray:
-        p = self.params
-        L, H, W = self.obj_shape
-        if prev is not None:
-            if prev.object.shape[1:] != (H, W):
-                raise ParamError(f"init_from {p.init_from}: object shape {prev.object.shape[1:]} differs from this "
-                                 f"scan's {(H, W)} (other positions, margin or pixel size)")
-            obj = np.empty(self.obj_shape, np.complex128)
-            m = min(L, prev.object.shape[0])
-            obj[:m] = prev.object[:m]
-            obj[m:] = 0.1 * prev.object[:1]
-            return obj
-        rng = np.random.default_rng(p.seed)
-        if p.object_init == "random":
-            obj = np.exp(1j * rng.uniform(-np.pi / 4, np.pi / 4, (L, H, W)))
-        else:
-            obj = np.ones((L, H, W), np.complex128)
-        for l in range(1, L):       # weaker, perturbed extra object modes
-            obj[l] = 0.1 * obj[0] * np.exp(1j * rng.uniform(-np.pi, np.pi, (H, W)))
-        return obj
-
-    def _mean_frame_power(self) -> tuple[float, np.ndarray]:
-        """Mean Σ I of a frame (masked pixels filled in proportion) and the mean amplitude, over all ranks."""
-        scan = self.scan
-        mean_amp = np.sum(scan.diffamp, axis=0, dtype=np.float64)
-        buf: list[np.ndarray] = [np.asarray(mean_amp), np.array([float(len(self.pos))])]
-        self.reducer.allreduce_sum(buf)
-        mean_amp = buf[0] / buf[1][0]
-        frac = 1.0 if scan.mask is None else float(scan.mask.mean())
-        return self.total_intensity / scan.n_views / frac, mean_amp
-
-    def _initial_probe(self, K: int, previous: ResultData | None) -> np.ndarray:
-        p, scan, n = self.params, self.scan, self.n
-        power, mean_amp = self._mean_frame_power()
-        if previous is not None:
-            prev = previous.probe
-            if prev.shape[-1] != n:
-                raise ParamError(f"init_from {p.init_from}: probe is {prev.shape[-1]}x{prev.shape[-1]}, "
-                                 f"the scan's frames are {n}x{n}")
-            if prev.shape[0] >= K:
-                return prev[:K]
-            return np.concatenate([prev, modes.diverse_modes(prev[0], K - prev.shape[0], p.extra_mode_power,
-                                                             np.random.default_rng(p.seed))])
-        source = p.probe_init
-        if source == "auto":
-            source = "file" if scan.probe_guess is not None else "amplitude"
-        if source == "file":
-            if scan.probe_guess is None:
-                raise ParamError("probe_init = 'file' but the scan file has no 'probe_guess'")
-            guess = np.asarray(scan.probe_guess, np.complex128)
-            p0 = guess if guess.ndim == 2 else guess[0]
-        else:
-            p0 = modes.probe_from_amplitude(mean_amp, 2.5 * _median_step(self.positions_all))
-        p0 = p0 * np.sqrt(power / max(float(np.vdot(p0, p0).real), 1e-300))
-        probe = modes.initial_probe_modes(p0, K, p.extra_mode_power, p.seed)
-        if source == "file" and np.asarray(scan.probe_guess).ndim == 3:
-            g = np.asarray(scan.probe_guess, np.complex128)
-            m = min(K, g.shape[0])
-            probe[:m] = g[:m] * np.sqrt(power / modes.probe_power(g).sum())
-        return probe
 
     # --- the parts: exit-wave store and batch scheduler (hxn_ptycho.parts) ----------------------
     @property
