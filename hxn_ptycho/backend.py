@@ -66,8 +66,8 @@ class FusedSteps(Protocol):
         """(3) ``out = 2·fphi − fpsi``."""
     def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0) -> Any:
         """(4) the Fourier projection in place, all modes of a view at once, the power bound with pbound > 0."""
-    def dm_update(self, psi: Any, phi: Any, projected: Any, beta: float) -> Any:
-        """(3) ``psi += β·(projected − phi)``."""
+    def dm_update(self, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any:
+        """(3) ``fpsi += β·(projected − fphi)``."""
     def data_error(self, fphi: Any, diffamp: Any, mask: Any) -> Any:
         """(7) Σ_good (|F(P·O)| − √I)² of a batch (a scalar, possibly on the device)."""
     def fourier_update(self, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float) -> Any:

@@ -587,13 +587,13 @@ class CupyBackend:
         self._k(f"reflect_{suf}")(self._flat_grid(out.size), (BLOCK,), (fphi, fpsi, out, np.int64(out.size)))
         return out
 
-    def dm_update(self, psi: Any, phi: Any, projected: Any, beta: float) -> Any:
-        """(3) psi += beta · (projected − phi)."""
-        self._check(psi, phi, projected)
-        suf, rdt = self._suffix(psi.dtype)
-        self._k(f"dm_update_{suf}")(self._flat_grid(psi.size), (BLOCK,),
-                                    (psi, phi, projected, np.int64(psi.size), rdt(beta)))
-        return psi
+    def dm_update(self, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any:
+        """(3) fpsi += beta · (projected − fphi) (in real or Fourier space: F is linear)."""
+        self._check(fpsi, fphi, projected)
+        suf, rdt = self._suffix(fpsi.dtype)
+        self._k(f"dm_update_{suf}")(self._flat_grid(fpsi.size), (BLOCK,),
+                                    (fpsi, fphi, projected, np.int64(fpsi.size), rdt(beta)))
+        return fpsi
 
     def object_numerator(self, psi: Any, probe_conj: Any, out: Any) -> Any:
         """(6) out[b, l] = Σ_k probe_conj[k] · psi[b, l, k]."""
