@@ -17,7 +17,9 @@ ranks give the 1-process result to rounding):
    step on L(α) gives α = −L'(0)/L''(0) (PtyPy's polynomial line search, for the Poisson model).
 
 Four FFTs per view and mode per iteration; the Fourier transforms F(Φ) of pass 1 are kept in the
-exit-wave store for pass 2.
+exit-wave store for pass 2. The per-pixel work of each pass is one step function here
+(:func:`ml_gradient`, :func:`ml_line_search`, the numpy definition); a backend with a fused version
+of the same name (the CuPy one: ``cuda/ml.cu``) runs it in one kernel.
 """
 from __future__ import annotations
 
