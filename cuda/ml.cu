@@ -1,11 +1,11 @@
 // Maximum-likelihood refinement kernels (hxn_ptycho/ml.py is the numpy reference): the data term
 // and gradient weight of pass 1, the line-search sums of pass 2, for the Poisson model
-//   L = sum_good (I_m - I log I_m),  I_m = max(sum_m |F(Phi)|^2, floor),  I = a^2,
+//   L = sum_good (I_m - I log I_m),  I_m = max(sum_m |F(Phi)|^2, imin),  I = a^2,
 // and the amplitude model
-//   L = sum_good (A - a)^2,          A = max(sqrt(sum_m |F(Phi)|^2), sqrt(floor)).
+//   L = sum_good (A - a)^2,          A = max(sqrt(sum_m |F(Phi)|^2), sqrt(imin)).
 // complex64: *_c64 (float2, float), complex128: *_c128 (double2, double).
 // Layouts (C order): waves (B, M, npix) with M = L*K modes of a view, diffamp (B, npix) = sqrt(I),
-// mask (npix) uint8 (1 = good pixel).  model: 0 = Poisson, 1 = amplitude.
+// mask (npix) uint8 (1 = good pixel).  model: 0 = Poisson, 1 = amplitude; imin = the floor of I_m.
 #include "common.cuh"
 
 __device__ __forceinline__ float hxn_log(float x) { return logf(x); }
@@ -21,10 +21,10 @@ __device__ void hxn_ml_gradient(const typename hxn_complex<R>::type* fphi,
                                 typename hxn_complex<R>::type* out,
                                 const R* __restrict__ diffamp,
                                 const unsigned char* __restrict__ mask, int use_mask,
-                                int B, int M, int npix, R floor, int model,
+                                int B, int M, int npix, R imin, int model,
                                 double* __restrict__ cost, double* __restrict__ err) {
     typedef typename hxn_complex<R>::type C;
-    const R amp_floor = hxn_sqrt(floor);
+    const R amp_floor = hxn_sqrt(imin);
     for (int b = blockIdx.y; b < B; b += gridDim.y) {
         const C* f = fphi + (long long)b * M * npix;
         C* o = out + (long long)b * M * npix;
@@ -47,7 +47,7 @@ __device__ void hxn_ml_gradient(const typename hxn_complex<R>::type* fphi,
                 const R d = hxn_sqrt(intensity) - amp;
                 e += (double)(d * d);
                 if (model == 0) {
-                    const R im = hxn_max(intensity, floor);
+                    const R im = hxn_max(intensity, imin);
                     const R meas = amp * amp;
                     c += (double)(im - meas * hxn_log(im));
                     w = (R)1 - meas / im;
@@ -74,7 +74,7 @@ __device__ void hxn_ml_gradient(const typename hxn_complex<R>::type* fphi,
 
 // (ML) pass 2, the line search along the direction: with f0 = F(Phi), f1 = F(A1), f2 = F(A2) the
 // model intensity is I_m(alpha) ~ I_m + alpha c1 + alpha^2 c2 per pixel,
-//   c1 = 2 sum_m Re(f0* f1),  c2 = sum_m |f1|^2 + 2 Re(f0* f2),  I_m = max(sum_m |f0|^2, floor);
+//   c1 = 2 sum_m Re(f0* f1),  c2 = sum_m |f1|^2 + 2 Re(f0* f2),  I_m = max(sum_m |f0|^2, imin);
 //   Poisson:   L'(0) = (1 - I/I_m) c1,  L''(0) = 2 (1 - I/I_m) c2 + I/I_m^2 c1^2;
 //   amplitude: A = sqrt(I_m), A' = c1 / 2A, A'' = c2/A - c1^2 / 4A^3,
 //              L'(0) = 2 (A - a) A',  L''(0) = 2 (A'^2 + (A - a) A'').
@@ -85,7 +85,7 @@ __device__ void hxn_ml_line_search(const typename hxn_complex<R>::type* __restri
                                    const typename hxn_complex<R>::type* __restrict__ f2,
                                    const R* __restrict__ diffamp,
                                    const unsigned char* __restrict__ mask, int use_mask,
-                                   int B, int M, int npix, R floor, int model,
+                                   int B, int M, int npix, R imin, int model,
                                    double* __restrict__ d1, double* __restrict__ d2) {
     typedef typename hxn_complex<R>::type C;
     for (int b = blockIdx.y; b < B; b += gridDim.y) {
@@ -103,7 +103,7 @@ __device__ void hxn_ml_line_search(const typename hxn_complex<R>::type* __restri
                 c2 += hxn_abs2(g) + 2 * (u.x * h.x + u.y * h.y);
             }
             c1 *= 2;
-            i0 = hxn_max(i0, floor);
+            i0 = hxn_max(i0, imin);
             const R amp = a[p];
             if (model == 0) {
                 const R ratio = amp * amp / i0;
@@ -124,19 +124,19 @@ __device__ void hxn_ml_line_search(const typename hxn_complex<R>::type* __restri
 }
 
 #define HXN_ML_KERNELS(SUF, R, C)                                                                   \
-    extern "C" __global__ void ml_gradient_##SUF(const C* fphi, C* out, const R* diffamp,          \
-                                                 const unsigned char* mask, int use_mask, int B,   \
-                                                 int M, int npix, R floor, int model,              \
-                                                 double* cost, double* err) {                      \
-        hxn_ml_gradient<R>(fphi, out, diffamp, mask, use_mask, B, M, npix, floor, model, cost,     \
-                           err);                                                                   \
+    extern "C" __global__ void ml_gradient_##SUF(const C* fphi, C* out, const R* diffamp,           \
+                                                 const unsigned char* mask, int use_mask, int B,    \
+                                                 int M, int npix, R imin, int model,                \
+                                                 double* cost, double* err) {                       \
+        hxn_ml_gradient<R>(fphi, out, diffamp, mask, use_mask, B, M, npix, imin, model, cost,       \
+                           err);                                                                    \
     }                                                                                               \
-    extern "C" __global__ void ml_line_search_##SUF(const C* f0, const C* f1, const C* f2,         \
-                                                    const R* diffamp, const unsigned char* mask,   \
-                                                    int use_mask, int B, int M, int npix, R floor, \
-                                                    int model, double* d1, double* d2) {           \
-        hxn_ml_line_search<R>(f0, f1, f2, diffamp, mask, use_mask, B, M, npix, floor, model, d1,   \
-                              d2);                                                                 \
+    extern "C" __global__ void ml_line_search_##SUF(const C* f0, const C* f1, const C* f2,          \
+                                                    const R* diffamp, const unsigned char* mask,    \
+                                                    int use_mask, int B, int M, int npix, R imin,   \
+                                                    int model, double* d1, double* d2) {            \
+        hxn_ml_line_search<R>(f0, f1, f2, diffamp, mask, use_mask, B, M, npix, imin, model, d1,     \
+                              d2);                                                                  \
     }
 
 HXN_ML_KERNELS(c64, float, float2)
