@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU session runs, in one device call (from the repository root):
 #   bash benchmarks/gpu_session.sh            # results under $OUT (default ./gpu_out)
-# 1. environment (nvidia-smi, CuPy, CUDA), 2. pytest -m gpu (CuPy backend vs numpy, every kernel,
-# whole reconstructions for 1 and 3 modes, batching forced), 3. the benchmark (cases a, b, b192 and
+# 1. environment (nvidia-smi, CuPy, CUDA), 2. pytest -m gpu (CuPy backend vs numpy, every kernel
+# (the DM, ML and position-refinement ones), whole reconstructions for 1 and 3 modes, batching
+# forced, DM+ML with position refinement through the fused ML/position steps), 3. the benchmark (cases a, b, b192 and
 # atomics vs sets). Optional: SANITIZE=1 adds compute-sanitizer memcheck on the kernel tests;
 # QUICK=1 runs the benchmark at small sizes. Needs no network: the package is laid out in a
 # temporary folder (hxn_ptycho/ with cuda/ and callbacks/ in place) instead of pip-installed.

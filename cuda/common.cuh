@@ -63,3 +63,23 @@ __device__ __forceinline__ void hxn_block_sum_add(double v, double* out) {
     if (t == 0) atomicAdd(out, partial[0]);
     __syncthreads();  // partial[] is free again for the next call
 }
+
+// Adds the sums of v[0..N) over the threads of the block to out[0..N) (one atomicAdd per value and
+// block); every thread of the block must call it.
+template <int N>
+__device__ __forceinline__ void hxn_block_sum_add_n(const double* v, double* out) {
+    __shared__ double partial[N][HXN_MAX_BLOCK];
+    const unsigned t = threadIdx.x;
+    for (int i = 0; i < N; ++i) partial[i][t] = v[i];
+    __syncthreads();
+    for (unsigned half = blockDim.x / 2; half > 0; half >>= 1) {
+        if (t < half) {
+            for (int i = 0; i < N; ++i) partial[i][t] += partial[i][t + half];
+        }
+        __syncthreads();
+    }
+    if (t == 0) {
+        for (int i = 0; i < N; ++i) atomicAdd(out + i, partial[i][0]);
+    }
+    __syncthreads();
+}

@@ -30,12 +30,12 @@ class Backend(Protocol):
     """What the engine needs of an array backend; :class:`NumpyBackend` is the reference.
 
     Arrays and transfers, orthonormal FFTs over the last two axes (in place), the window gather
-    and its adjoint scatter-add. The DM/ML steps are written once in :mod:`hxn_ptycho.dm`
-    against ``xp``; a backend may provide fused versions under the same names (``exit_waves``,
-    ``exit_waves_at``, ``fourier_update``, ``fourier_projection``, ``data_error``,
-    ``object_numerator``, ``probe_sums``, ``reflect``, ``dm_update``), which :mod:`dm` then uses —
-    see :data:`FUSED_STEPS`. Optional: ``pinned_empty``/``to_device``/``to_host`` (streamed exit
-    waves), ``memory_info`` (memory bound), ``fft_work_bytes`` (FFT work area).
+    and its adjoint scatter-add. The DM, ML and position-refinement steps are written once in
+    :mod:`hxn_ptycho.dm`, :mod:`hxn_ptycho.ml` and :mod:`hxn_ptycho.positions` against ``xp``
+    (the numpy reference); a backend may provide fused versions under the same names, declared
+    by :class:`FusedSteps`, which those modules then use (``dm._fused``). Optional:
+    ``pinned_empty``/``to_device``/``to_host`` (streamed exit waves), ``memory_info`` (memory
+    bound), ``fft_work_bytes`` (FFT work area), ``exit_waves_at`` (gather and multiply at once).
     """
 
     name: str
@@ -52,8 +52,54 @@ class Backend(Protocol):
     def scatter_add(self, acc: Any, pos: Any, src: Any) -> None: ...
 
 
-FUSED_STEPS = ("exit_waves", "exit_waves_at", "fourier_update", "fourier_projection", "data_error",
-               "object_numerator", "probe_sums", "reflect", "dm_update")
+@runtime_checkable
+class FusedSteps(Protocol):
+    """The optional fused steps, called by name instead of the generic code of the function of the
+    same name (its first argument ``be`` dropped) in ``dm``/``ml``/``positions``, which stays the
+    definition. A backend may provide any subset; :class:`~hxn_ptycho.gpu.CupyBackend` has all
+    (CUDA kernels in ``cuda/fourier.cu``, ``overlap.cu``, ``ml.cu``, ``positions.cu``)."""
+
+    # --- DM (dm.py) ---
+    def exit_waves(self, probe: Any, obj_windows: Any, out: Any) -> Any:
+        """(2) ``out[b, l, k] = obj_windows[b, l] · probe[k]``."""
+    def reflect(self, fphi: Any, fpsi: Any, out: Any) -> Any:
+        """(3) ``out = 2·fphi − fpsi``."""
+    def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0) -> Any:
+        """(4) the Fourier projection in place, all modes of a view at once, the power bound with pbound > 0."""
+    def dm_update(self, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any:
+        """(3) ``fpsi += β·(projected − fphi)``."""
+    def data_error(self, fphi: Any, diffamp: Any, mask: Any) -> Any:
+        """(7) Σ_good (|F(P·O)| − √I)² of a batch (a scalar, possibly on the device)."""
+    def fourier_update(self, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float) -> Any:
+        """(3), (4), (7) in one pass: ``fpsi += β(Π_F(2 fphi − fpsi) − fphi)``; returns the data error of fphi."""
+    def object_numerator(self, psi: Any, probe_conj: Any, out: Any) -> Any:
+        """(6) ``out[b, l] = Σ_k probe_conj[k] · psi[b, l, k]``."""
+    def probe_sums(self, psi: Any, obj_windows: Any, num: Any, den: Any, work: Any) -> None:
+        """(5) ``num += Σ_b,l O* · psi``, ``den += Σ_b,l |O|²`` over a batch."""
+
+    # --- ML (ml.py) ---
+    def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any, floor: float, model: str,
+                    out: Any) -> tuple[float, float]:
+        """ML pass 1: (cost L, data error (7)) of a batch; ``out`` = gradient weight · F(Φ)."""
+    def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any, floor: float,
+                       model: str) -> tuple[float, float]:
+        """ML pass 2: Σ L'(0), Σ L''(0) along the search direction (the Newton step −L'/L'')."""
+
+    # --- position refinement (positions.py) ---
+    def normal_equations(self, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.ndarray, ...]:
+        """Per-view Gauss-Newton sums (A_rr, A_cc, A_rc, b_r, b_c), numpy ``(B,)`` each."""
+    def view_errors(self, fphi: Any, diffamp: Any, mask: Any) -> np.ndarray:
+        """Per-view data error Σ_good (|F(Φ)| − √I)², numpy ``(B,)``."""
+    def object_gradient(self, obj: Any) -> tuple[Any, Any]:
+        """(∂O/∂row, ∂O/∂col) by central differences."""
+
+
+DM_STEPS = ("exit_waves", "reflect", "fourier_projection", "dm_update", "data_error", "fourier_update",
+            "object_numerator", "probe_sums")
+ML_STEPS = ("ml_gradient", "ml_line_search")
+POSITION_STEPS = ("normal_equations", "view_errors", "object_gradient")
+# every name the steps dispatch on (exit_waves_at: NumpyBackend's gather-and-multiply)
+FUSED_STEPS = DM_STEPS + ML_STEPS + POSITION_STEPS + ("exit_waves_at",)
 
 
 def available_cores() -> int:

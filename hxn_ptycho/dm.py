@@ -4,7 +4,7 @@ Equation numbers are those of Dong, Fang, Huang, Yan et al., *High-Performance M
 Ptychography Reconstruction on Distributed GPUs* (NSLS-II HXN), after Thibault & Menzel's
 mixed-state model. Every function works on one batch of views and is written against the array
 module ``be.xp``; a backend that has a fused kernel for a step provides a method of the same name
-(see :mod:`hxn_ptycho.gpu`), which is used instead.
+(declared by :class:`hxn_ptycho.backend.FusedSteps`; see :mod:`hxn_ptycho.gpu`), which is used instead.
 
 Shapes: object ``(L, H, W)``, probe ``(K, n, n)``, exit waves ``(B, L, K, n, n)``, object windows
 ``(B, L, n, n)``, ``diffamp`` ``(B, n, n)`` = √I, ``mask`` ``(n, n)`` (true = good) or None.
@@ -38,6 +38,9 @@ def exit_waves_at(be: Any, obj: Any, pos: Any, probe: Any, windows: Any, out: An
 
 # (3) input of the Fourier projection, in Fourier space: F(2·P·O − ψ) = 2·F(P·O) − F(ψ)
 def reflect(be: Any, fphi: Any, fpsi: Any, out: Any) -> Any:
+    fused = _fused(be, "reflect")
+    if fused is not None:
+        return fused(fphi, fpsi, out)
     xp = be.xp
     xp.subtract(fphi, fpsi, out=out)
     out += fphi

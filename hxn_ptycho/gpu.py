@@ -5,7 +5,11 @@
 ``fourier_projection`` (all modes of a view in one pass, the power bound included),
 ``data_error``, ``exit_waves``, ``dm_update``, ``object_numerator`` and ``probe_numerator``; and
 fused steps the engine may use when present: ``fourier_update`` (data error + reflect +
-projection + DM update in one kernel) and ``fft_exit_waves`` (orthonormal F(P·O), no scaling pass).
+projection + DM update in one kernel) and ``fft_exit_waves`` (orthonormal F(P·O), no scaling pass);
+the ML steps :mod:`hxn_ptycho.ml` dispatches to (``ml_gradient``, ``ml_line_search``;
+``cuda/ml.cu``) and the position steps of :mod:`hxn_ptycho.positions` (``normal_equations``,
+``view_errors``, ``object_gradient``; ``cuda/positions.cu``). The names are declared in
+:class:`hxn_ptycho.backend.FusedSteps`.
 
 - Kernels: every ``cuda/*.cu`` concatenated into one ``cupy.RawModule`` (NVRTC, extern "C"
   names), compiled once per device and CuPy/NVRTC version into CuPy's kernel cache
@@ -40,6 +44,7 @@ BLOCK = 256                 # threads per block of every launch (a power of two 
 MAX_GRID_Y = 65535
 MAX_PLANS = 6               # cuFFT plans kept (a full batch and a last, shorter one, per use)
 SCATTER_MODES = ("atomic", "sets")
+ML_MODELS = {"poisson": 0, "amplitude": 1}     # the ``model`` argument of cuda/ml.cu
 
 _cupy: Any = None
 _cupy_error: str | None = None
@@ -582,13 +587,13 @@ class CupyBackend:
         self._k(f"reflect_{suf}")(self._flat_grid(out.size), (BLOCK,), (fphi, fpsi, out, np.int64(out.size)))
         return out
 
-    def dm_update(self, psi: Any, phi: Any, projected: Any, beta: float) -> Any:
-        """(3) psi += beta · (projected − phi)."""
-        self._check(psi, phi, projected)
-        suf, rdt = self._suffix(psi.dtype)
-        self._k(f"dm_update_{suf}")(self._flat_grid(psi.size), (BLOCK,),
-                                    (psi, phi, projected, np.int64(psi.size), rdt(beta)))
-        return psi
+    def dm_update(self, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any:
+        """(3) fpsi += beta · (projected − fphi) (in real or Fourier space: F is linear)."""
+        self._check(fpsi, fphi, projected)
+        suf, rdt = self._suffix(fpsi.dtype)
+        self._k(f"dm_update_{suf}")(self._flat_grid(fpsi.size), (BLOCK,),
+                                    (fpsi, fphi, projected, np.int64(fpsi.size), rdt(beta)))
+        return fpsi
 
     def object_numerator(self, psi: Any, probe_conj: Any, out: Any) -> Any:
         """(6) out[b, l] = Σ_k probe_conj[k] · psi[b, l, k]."""
@@ -628,6 +633,106 @@ class CupyBackend:
         """(5) num += Σ_{b,l} conj(O_win) · psi[:, :, k] (no atomics contention: one owner per pixel
         and mode, views in a few chunks)."""
         self.probe_sums(psi, obj_windows, num, None)
+
+    # --- fused ML steps (ml.py dispatches by these names; cuda/ml.cu) -----------------------
+    @staticmethod
+    def _model_code(model: str) -> int:
+        try:
+            return ML_MODELS[model]
+        except KeyError:
+            raise ValueError(f"ML noise model must be one of {tuple(ML_MODELS)}, got {model!r}") from None
+
+    def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any, floor: float, model: str,
+                    out: Any) -> tuple[float, float]:
+        """ML pass 1 in one read of F(Φ): (L, data error (7)) of the batch and ``out`` = w·F(Φ)
+        (``out`` may be ``fphi``); the kernel squares ``diffamp`` itself (``intensity`` unused)."""
+        cp = self.xp
+        B, M, npix = self._view_shape(fphi)
+        suf, rdt = self._suffix(fphi.dtype)
+        self._check(fphi, out)
+        if out.shape != fphi.shape or out.dtype != fphi.dtype:
+            raise ValueError("ml_gradient: out must have the shape and dtype of fphi")
+        code = self._model_code(model)
+        m, use = self._mask_arg(mask)
+        sums = cp.zeros((2, B), cp.float64)
+        if B:
+            self._k(f"ml_gradient_{suf}")(
+                _grid(npix, B, self.sm_count), (BLOCK,),
+                (fphi, out, self._amp_arg(diffamp, rdt), m, np.int32(use), np.int32(B), np.int32(M),
+                 np.int32(npix), rdt(floor), np.int32(code), sums[0], sums[1]))
+        nll, err = self.asnumpy(sums.sum(axis=1))
+        return float(nll), float(err)
+
+    def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any, floor: float,
+                       model: str) -> tuple[float, float]:
+        """ML pass 2: Σ_good L'(0), Σ_good L''(0) of the batch from F(Φ), F(A1), F(A2) in one pass."""
+        cp = self.xp
+        B, M, npix = self._view_shape(f0)
+        suf, rdt = self._suffix(f0.dtype)
+        self._check(f0, f1, f2)
+        if not (f1.shape == f2.shape == f0.shape and f1.dtype == f2.dtype == f0.dtype):
+            raise ValueError("ml_line_search: f0, f1, f2 must have one shape and dtype")
+        code = self._model_code(model)
+        m, use = self._mask_arg(mask)
+        sums = cp.zeros((2, B), cp.float64)
+        if B:
+            self._k(f"ml_line_search_{suf}")(
+                _grid(npix, B, self.sm_count), (BLOCK,),
+                (f0, f1, f2, self._amp_arg(diffamp, rdt), m, np.int32(use), np.int32(B), np.int32(M),
+                 np.int32(npix), rdt(floor), np.int32(code), sums[0], sums[1]))
+        d1, d2 = self.asnumpy(sums.sum(axis=1))
+        return float(d1), float(d2)
+
+    # --- fused position-refinement steps (positions.py dispatches by these names; cuda/positions.cu)
+    def normal_equations(self, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.ndarray, ...]:
+        """Per-view Gauss-Newton sums (A_rr, A_cc, A_rc, b_r, b_c), numpy (B,) each, one block
+        reduction per view over object modes and pixels."""
+        cp = self.xp
+        B, L = gr.shape[:2]
+        npix = gr.shape[-1] * gr.shape[-2]
+        suf, rdt = self._suffix(gr.dtype)
+        self._check(gr, gc, q)
+        if not (gc.shape == q.shape == gr.shape and gc.dtype == q.dtype == gr.dtype):
+            raise ValueError("normal_equations: gr, gc, q must have one shape and dtype")
+        out = cp.zeros((B, 5), cp.float64)
+        if B:
+            self._k(f"position_normal_{suf}")(
+                _grid(L * npix, B, self.sm_count), (BLOCK,),
+                (gr, gc, q, cp.ascontiguousarray(cp.asarray(pint, dtype=rdt)), np.int32(B), np.int32(L),
+                 np.int32(npix), out))
+        host = self.asnumpy(out)
+        return tuple(np.ascontiguousarray(host[:, i]) for i in range(5))
+
+    def view_errors(self, fphi: Any, diffamp: Any, mask: Any) -> np.ndarray:
+        """Σ_good (|F(Φ)| − √I)² of each view, numpy (B,); ``diffamp`` (B, n, n) or (1, n, n) for all."""
+        cp = self.xp
+        B, M, npix = self._view_shape(fphi)
+        suf, rdt = self._suffix(fphi.dtype)
+        self._check(fphi)
+        amp = self._amp_arg(diffamp, rdt)
+        if amp.shape[0] not in (1, B) or amp.size != amp.shape[0] * npix:
+            raise ValueError(f"view_errors: diffamp {amp.shape} does not match {B} views of {npix} pixels")
+        m, use = self._mask_arg(mask)
+        err = cp.zeros(B, cp.float64)
+        if B:
+            self._k(f"view_errors_{suf}")(
+                _grid(npix, B, self.sm_count), (BLOCK,),
+                (fphi, amp, np.int64(0 if amp.shape[0] == 1 else npix), m, np.int32(use), np.int32(B),
+                 np.int32(M), np.int32(npix), err))
+        return self.asnumpy(err)
+
+    def object_gradient(self, obj: Any) -> tuple[Any, Any]:
+        """(∂O/∂row, ∂O/∂col) of the object (L, H, W) by central differences, one kernel for both."""
+        cp = self.xp
+        L, H, W = obj.shape
+        if H < 2 or W < 2:
+            raise ValueError(f"object_gradient needs at least 2 x 2 pixels, got {H} x {W}")
+        suf, _ = self._suffix(obj.dtype)
+        obj = cp.ascontiguousarray(obj)
+        drow, dcol = cp.empty_like(obj), cp.empty_like(obj)
+        self._k(f"object_gradient_{suf}")(_grid(H * W, L, self.sm_count), (BLOCK,),
+                                          (obj, np.int32(L), np.int32(H), np.int32(W), drow, dcol))
+        return drow, dcol
 
 
 # --- reducers across MPI ranks (one GPU each) ------------------------------------------------

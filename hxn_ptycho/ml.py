@@ -17,7 +17,9 @@ ranks give the 1-process result to rounding):
    step on L(α) gives α = −L'(0)/L''(0) (PtyPy's polynomial line search, for the Poisson model).
 
 Four FFTs per view and mode per iteration; the Fourier transforms F(Φ) of pass 1 are kept in the
-exit-wave store for pass 2.
+exit-wave store for pass 2. The per-pixel work of each pass is one step function here
+(:func:`ml_gradient`, :func:`ml_line_search`, the numpy definition); a backend with a fused version
+of the same name (the CuPy one: ``cuda/ml.cu``) runs it in one kernel.
 """
 from __future__ import annotations
 
@@ -58,6 +60,57 @@ def amplitude_terms(be: Any, fphi: Any, diffamp: Any, mask: Any, floor: float) -
     return float(xp.sum(xp.square(dev), dtype=xp.float64)), weight, model
 
 
+# (ML) pass 1 of one batch: the data term L, the data error (7) and χ̂ = w·F(Φ) (w the weight above) into out
+def ml_gradient(be: Any, fphi: Any, diffamp: Any, intensity: Any, mask: Any, floor: float, model: str,
+                out: Any) -> tuple[float, float]:
+    """Returns (L, Σ_good (|F(Φ)| − √I)²) of the batch; ``out`` (may be ``fphi``) gets w·F(Φ).
+
+    ``intensity`` = ``diffamp``² (precomputed; a fused kernel squares ``diffamp`` itself).
+    """
+    fused = dm._fused(be, "ml_gradient")
+    if fused is not None:
+        return fused(fphi, diffamp, intensity, mask, floor, model, out)
+    err = float(dm.data_error(be, fphi, diffamp, mask))                          # (7) of this model
+    if model == "poisson":
+        nll, weight, _ = poisson_terms(be, fphi, intensity, mask, floor)
+    else:
+        nll, weight, _ = amplitude_terms(be, fphi, diffamp, mask, floor)
+    be.xp.multiply(fphi, weight[:, None, None], out=out)
+    return nll, err
+
+
+# (ML) pass 2 of one batch: L'(0), L''(0) along Φ(α) = Φ + α·A1 + α²·A2, from f0, f1, f2 = F(Φ), F(A1), F(A2)
+def ml_line_search(be: Any, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any, floor: float,
+                   model: str) -> tuple[float, float]:
+    """Σ_good L'(0) and Σ_good L''(0) of the batch; I_m(α) ≈ I_m + α·c1 + α²·c2 per pixel."""
+    fused = dm._fused(be, "ml_line_search")
+    if fused is not None:
+        return fused(f0, f1, f2, diffamp, intensity, mask, floor, model)
+    xp = be.xp
+    B_, L, K, n = f0.shape[0], f0.shape[1], f0.shape[2], f0.shape[-1]
+    g0 = f0.reshape(B_, L * K, n, n)
+    g1 = f1.reshape(B_, L * K, n, n)
+    g2 = f2.reshape(B_, L * K, n, n)
+    c1 = 2 * (g0.real * g1.real + g0.imag * g1.imag).sum(axis=1)
+    c2 = (g1.real ** 2 + g1.imag ** 2 + 2 * (g0.real * g2.real + g0.imag * g2.imag)).sum(axis=1)
+    i0 = xp.maximum(dm._modulus(be, f0) ** 2, floor)
+    if model == "poisson":     # L = Σ I_m − I log I_m
+        ratio = intensity / i0
+        d1 = (1 - ratio) * c1
+        d2 = 2 * (1 - ratio) * c2 + ratio / i0 * c1 * c1
+    else:                      # L = Σ (√I_m − √I)²: a = √I_m, a' = c1/2a, a'' = c2/a − c1²/4a³
+        a = xp.sqrt(i0)
+        da = c1 / (2 * a)
+        dda = c2 / a - c1 * c1 / (4 * a * i0)
+        dev = a - diffamp
+        d1 = 2 * dev * da
+        d2 = 2 * (da * da + dev * dda)
+    if mask is not None:
+        d1 *= mask
+        d2 *= mask
+    return float(xp.sum(d1, dtype=xp.float64)), float(xp.sum(d2, dtype=xp.float64))
+
+
 class MLIteration:
     """Poisson ML by conjugate gradient over a :class:`~hxn_ptycho.engine.Reconstruction`'s parts."""
 
@@ -87,14 +140,10 @@ class MLIteration:
         fphi[...] = phi
         be.fft2(fphi)
         rec._store(w, "fpsi", b, fphi)
-        w.err += dm.data_error(be, fphi, rec.diffamp[b], rec.mask)                 # (7) of this model
-        if self.model == "poisson":
-            nll, weight, _ = poisson_terms(be, fphi, self.intensity[b], rec.mask, self.floor)
-        else:
-            nll, weight, _ = amplitude_terms(be, fphi, rec.diffamp[b], rec.mask, self.floor)
-        w.nll += nll
         chi = w.work[:B]
-        be.xp.multiply(fphi, weight[:, None, None], out=chi)
+        nll, err = ml_gradient(be, fphi, rec.diffamp[b], self.intensity[b], rec.mask, self.floor, self.model, chi)
+        w.nll += nll
+        w.err += err
         be.ifft2(chi)                                                              # χ = ∂L/∂Φ*
         src = dm.object_numerator(be, chi, rec._probe_conj, w.onum_src[:B])        # Σ_k P_k* χ
         rec.geom.scatter_add(be, w.obj_num, b, src)
@@ -105,7 +154,6 @@ class MLIteration:
     # --- pass 2: the line-search polynomial ------------------------------------------------------
     def _line_batch(self, w: Any, b: slice) -> None:
         rec, be = self.rec, self.rec.be
-        xp = be.xp
         B = b.stop - b.start
         geom = rec.geom
         fphi = rec._load(w, "fpsi", b)
@@ -116,29 +164,10 @@ class MLIteration:
         be.fft2(a1)
         a2 = dm.exit_waves(be, self.h_probe, how, w.work[:B])                      # h_P·h_O
         be.fft2(a2)
-        B_, L, K, n = fphi.shape[0], fphi.shape[1], fphi.shape[2], fphi.shape[-1]
-        f0 = fphi.reshape(B_, L * K, n, n)
-        f1 = a1.reshape(B_, L * K, n, n)
-        f2 = a2.reshape(B_, L * K, n, n)
-        c1 = 2 * (f0.real * f1.real + f0.imag * f1.imag).sum(axis=1)
-        c2 = (f1.real ** 2 + f1.imag ** 2 + 2 * (f0.real * f2.real + f0.imag * f2.imag)).sum(axis=1)
-        i0 = xp.maximum(dm._modulus(be, fphi) ** 2, self.floor)
-        if self.model == "poisson":     # L = Σ I_m − I log I_m
-            ratio = self.intensity[b] / i0
-            d1 = (1 - ratio) * c1
-            d2 = 2 * (1 - ratio) * c2 + ratio / i0 * c1 * c1
-        else:                           # L = Σ (√I_m − √I)²: a = √I_m, a' = c1/2a, a'' = c2/a − c1²/4a³
-            a = xp.sqrt(i0)
-            da = c1 / (2 * a)
-            dda = c2 / a - c1 * c1 / (4 * a * i0)
-            dev = a - rec.diffamp[b]
-            d1 = 2 * dev * da
-            d2 = 2 * (da * da + dev * dda)
-        if rec.mask is not None:
-            d1 *= rec.mask
-            d2 *= rec.mask
-        w.d1 += float(xp.sum(d1, dtype=xp.float64))
-        w.d2 += float(xp.sum(d2, dtype=xp.float64))
+        d1, d2 = ml_line_search(be, fphi, a1, a2, rec.diffamp[b], self.intensity[b], rec.mask, self.floor,
+                                self.model)
+        w.d1 += d1
+        w.d2 += d2
 
     # --- one iteration ----------------------------------------------------------------------------
     def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:

@@ -40,6 +40,9 @@ def smoothed(be: Any, obj: Any, sigma: float) -> Any:
 
 def object_gradient(be: Any, obj: Any) -> tuple[Any, Any]:
     """∂O/∂row and ∂O/∂col by central differences (one-sided at the edges)."""
+    fused = dm._fused(be, "object_gradient")
+    if fused is not None:
+        return fused(obj)
     xp = be.xp
     out = []
     for axis in (1, 2):
@@ -57,13 +60,33 @@ def object_gradient(be: Any, obj: Any) -> tuple[Any, Any]:
 
 
 def view_errors(be: Any, fphi: Any, diffamp: Any, mask: Any) -> np.ndarray:
-    """Σ_good (|F(Φ)| − √I)² of each view of a batch, as numpy ``(B,)``."""
+    """Σ_good (|F(Φ)| − √I)² of each view of a batch, as numpy ``(B,)`` (``diffamp`` may be ``(1, n, n)``)."""
+    fused = dm._fused(be, "view_errors")
+    if fused is not None:
+        return fused(fphi, diffamp, mask)
     xp = be.xp
     diff = dm._modulus(be, fphi)
     diff -= diffamp
     if mask is not None:
         diff *= mask
     return be.asnumpy(xp.sum(xp.square(diff), axis=(1, 2), dtype=xp.float64))
+
+
+# Gauss-Newton normal equations per view: A_ab = Σ Re(∂_a O* ∂_b O)·Σ_k|P_k|², b_a = Σ Re(∂_a O* Σ_k P_k* R_k)
+def normal_equations(be: Any, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.ndarray, ...]:
+    """(A_rr, A_cc, A_rc, b_r, b_c), each numpy ``(B,)``, from the gathered object gradients ``gr``,
+    ``gc`` and ``q`` = Σ_k P_k*·R_k (all ``(B, L, n, n)``) and ``pint`` = Σ_k |P_k|² ``(n, n)``."""
+    fused = dm._fused(be, "normal_equations")
+    if fused is not None:
+        return fused(gr, gc, q, pint)
+    xp = be.xp
+
+    def dot(a: Any, c: Any, weight: Any = None) -> np.ndarray:
+        v = (a.real * c.real + a.imag * c.imag)
+        if weight is not None:
+            v = v * weight
+        return be.asnumpy(v.sum(axis=(1, 2, 3), dtype=xp.float64))
+    return dot(gr, gr, pint), dot(gc, gc, pint), dot(gr, gc, pint), dot(gr, q), dot(gc, q)
 
 
 def fit_affine(nominal: np.ndarray, refined: np.ndarray) -> np.ndarray:
@@ -169,7 +192,6 @@ class PositionRefiner:
 
     def _gradient_batch(self, w: Any, b: slice) -> None:
         rec, be = self.rec, self.rec.be
-        xp = be.xp
         B = b.stop - b.start
         gr, gc, resid, q = (x[:B] for x in self._buffers(w))
         # the model at the estimate itself (bilinear when sub-pixel), whatever windows the engine uses
@@ -185,15 +207,7 @@ class PositionRefiner:
         q = dm.object_numerator(be, resid, self._pconj, q)                       # Σ_k P_k* R_k
         rec.geom.gather_at(be, self._dobj[0], pos, gr, w.tmp[:B])
         rec.geom.gather_at(be, self._dobj[1], pos, gc, w.tmp[:B])
-        pint = self._pint
-
-        def dot(a: Any, c: Any, weight: Any = None) -> np.ndarray:
-            v = (a.real * c.real + a.imag * c.imag)
-            if weight is not None:
-                v = v * weight
-            return be.asnumpy(v.sum(axis=(1, 2, 3), dtype=xp.float64))
-        a_rr, a_cc, a_rc = dot(gr, gr, pint), dot(gc, gc, pint), dot(gr, gc, pint)
-        b_r, b_c = dot(gr, q), dot(gc, q)
+        a_rr, a_cc, a_rc, b_r, b_c = normal_equations(be, gr, gc, q, self._pint)
         lam = 1e-3 * (a_rr + a_cc) + 1e-30
         a_rr, a_cc = a_rr + lam, a_cc + lam
         det = a_rr * a_cc - a_rc * a_rc

@@ -214,3 +214,92 @@ def test_ml_and_position_refinement_match_numpy(be, modes):
     assert rel(gpu.object, cpu.object) <= 1e-3
     assert rel(gpu.probe, cpu.probe) <= 1e-3
     np.testing.assert_allclose(gpu.positions_refined_px, cpu.positions_refined_px, atol=1e-2)
+
+
+# --- the ML and position-refinement kernels (cuda/ml.cu, cuda/positions.cu) ---------------------
+def _ml_data(cdt, B, M, n, masked, spread=(0.3, 1.5)):
+    rdt = np.float32 if cdt == np.complex64 else np.float64
+    f = crandn((B, 1, M, n, n), cdt)
+    f[1, :, :, 2, 3] = 0
+    mod = np.sqrt((np.abs(f.astype(np.complex128)) ** 2).sum(axis=(1, 2)))
+    amp = (mod * RNG.uniform(*spread, mod.shape)).astype(rdt)
+    mask = (RNG.random((n, n)) > 0.1) if masked else None
+    return f, amp, mask, 0.05 * float(np.mean(mod ** 2))
+
+
+@pytest.mark.parametrize("cdt,tol", PREC)
+@pytest.mark.parametrize("M", [1, 3, 10])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("model", ["poisson", "amplitude"])
+def test_ml_steps_match_numpy(be, nb, cdt, tol, M, masked, model):
+    from hxn_ptycho import ml
+    B, n = 9, 40
+    f, amp, mask, floor = _ml_data(cdt, B, M, n, masked)
+    dmask = None if mask is None else be.asarray(mask)
+    want_out = np.empty_like(f)
+    want = ml.ml_gradient(nb, f, amp, amp * amp, mask, floor, model, want_out)
+    df, damp = be.asarray(f), be.asarray(amp)
+    out = be.empty(f.shape, cdt)
+    got = ml.ml_gradient(be, df, damp, damp * damp, dmask, floor, model, out)
+    assert got == pytest.approx(want, rel=100 * tol)
+    assert rel(be.asnumpy(out), want_out) < 50 * tol
+    f1 = (f * (0.5 + 0.1j) + 0.3 * crandn(f.shape, cdt)).astype(cdt)
+    f2 = (0.2 * crandn(f.shape, cdt)).astype(cdt)
+    want = ml.ml_line_search(nb, f, f1, f2, amp, amp * amp, mask, floor, model)
+    got = ml.ml_line_search(be, df, be.asarray(f1), be.asarray(f2), damp, damp * damp, dmask, floor, model)
+    assert got == pytest.approx(want, rel=1000 * tol, abs=1000 * tol * max(map(abs, want)))
+
+
+@pytest.mark.parametrize("cdt,tol", PREC)
+@pytest.mark.parametrize("masked", [False, True])
+def test_position_steps_match_numpy(be, nb, cdt, tol, masked):
+    from hxn_ptycho import positions
+    rdt = np.float32 if cdt == np.complex64 else np.float64
+    B, L, n = 70, 2, 48
+    gr, gc, q = (crandn((B, L, n, n), cdt) for _ in range(3))
+    pint = RNG.random((n, n)).astype(rdt)
+    want = positions.normal_equations(nb, gr, gc, q, pint)
+    got = positions.normal_equations(be, be.asarray(gr), be.asarray(gc), be.asarray(q), be.asarray(pint))
+    for w, g in zip(want, got):
+        assert isinstance(g, np.ndarray) and g.shape == (B,)
+        np.testing.assert_allclose(g, w, rtol=100 * tol, atol=100 * tol * np.abs(w).max())
+    f, amp, mask, _ = _ml_data(cdt, B, 3, n, masked)
+    dmask = None if mask is None else be.asarray(mask)
+    for a in (amp, amp[4][None]):
+        np.testing.assert_allclose(positions.view_errors(be, be.asarray(f), be.asarray(a), dmask),
+                                   positions.view_errors(nb, f, a, mask), rtol=100 * tol)
+    obj = crandn((L, 130, 97), cdt)
+    for w, g in zip(positions.object_gradient(nb, obj), positions.object_gradient(be, be.asarray(obj))):
+        assert rel(be.asnumpy(g), w) < 10 * tol
+
+
+def _counting(calls, name, fn):
+    """``fn`` counting its calls in ``calls[name]``."""
+    def spy(*a, **kw):
+        calls[name] += 1
+        return fn(*a, **kw)
+    return spy
+
+
+@pytest.mark.parametrize("method,model", [("gradient", "amplitude"), ("search", "poisson")])
+def test_ml_and_position_paths_call_the_kernels(be, monkeypatch, method, model):
+    """The engine's ML and position refinement reach CupyBackend's fused steps and match numpy."""
+    from collections import Counter
+
+    from hxn_ptycho.backend import ML_STEPS, POSITION_STEPS
+    from hxn_ptycho.simulate import simulate_scan
+    calls: Counter = Counter()
+    for name in ML_STEPS + POSITION_STEPS:
+        monkeypatch.setattr(be, name, _counting(calls, name, getattr(be, name)), raising=False)
+    scan, _ = simulate_scan(n=64, n_positions=60, probe_modes=2, photons=1e6, seed=4, position_error_px=1.5)
+    kw = dict(probe_modes=2, max_memory_gb=8.0, algorithm="DM:10,ML:6", refine_positions=True, position_start=3,
+              position_end=12, position_method=method, ml_noise_model=model)
+    cpu = _reconstruct(scan, NumpyBackend(1), **kw)
+    gpu = _reconstruct(scan, be, **kw)
+    expected = {"ml_gradient", "ml_line_search", "view_errors"}
+    if method == "gradient":
+        expected |= {"normal_equations", "object_gradient"}
+    assert expected <= {n for n, c in calls.items() if c > 0}, calls
+    assert rel(gpu.object, cpu.object) <= 1e-3
+    assert rel(gpu.probe, cpu.probe) <= 1e-3
+    np.testing.assert_allclose(gpu.positions_refined_px, cpu.positions_refined_px, atol=1e-2)

@@ -538,11 +538,21 @@ def test_gpu_benchmark_pipeline_runs_on_emulated_backend(ebe):
     assert len(ebe._dev_sets(corners, 16)) >= 1
 
 
+def _counting(calls, name, fn):
+    """``fn`` counting its calls in ``calls[name]``."""
+    def spy(*a, **kw):
+        calls[name] += 1
+        return fn(*a, **kw)
+    return spy
+
+
 @pytest.mark.parametrize("modes", [1, 2])
-def test_ml_and_position_refinement_with_emulated_gpu_backend_match_numpy(ebe, modes):
+def test_ml_and_position_refinement_with_emulated_gpu_backend_match_numpy(ebe, modes, monkeypatch):
     """ML after DM and position refinement (sub-pixel windows) run on CupyBackend's host code and
-    kernels exactly as on numpy: they use only the declared backend interface and dm's steps."""
-    from hxn_ptycho.backend import NumpyBackend
+    kernels exactly as on numpy, through its fused ML and position steps (counted)."""
+    from collections import Counter
+
+    from hxn_ptycho.backend import ML_STEPS, POSITION_STEPS, NumpyBackend
     from hxn_ptycho.engine import reconstruct
     from hxn_ptycho.params import ReconParams
     from hxn_ptycho.simulate import simulate_scan
@@ -551,8 +561,12 @@ def test_ml_and_position_refinement_with_emulated_gpu_backend_match_numpy(ebe, m
     params = ReconParams(algorithm="DM:5,ML:3", probe_modes=modes, precision="single", batch_size=5,
                          probe_update_start=1, max_memory_gb=1.0, refine_positions=True, position_start=1,
                          position_end=6)
+    calls: Counter = Counter()
+    for name in ML_STEPS + POSITION_STEPS:
+        monkeypatch.setattr(ebe, name, _counting(calls, name, getattr(ebe, name)), raising=False)
     cpu = reconstruct(scan, params, backend=NumpyBackend(1))
     emu = reconstruct(scan, params, backend=ebe)
+    assert set(ML_STEPS + POSITION_STEPS) <= {n for n, c in calls.items() if c > 0}, calls
     assert _rel(emu.object, cpu.object) < 1e-3
     assert _rel(emu.probe, cpu.probe) < 1e-3
     np.testing.assert_allclose(emu.positions_refined_px, cpu.positions_refined_px, atol=1e-3)
@@ -589,3 +603,230 @@ def test_bilinear_gather_and_scatter_match_the_geometry(k, suf, cdt, rdt, tol):
     d = np.zeros((1, H, W), rdt)
     getattr(k, f"scatter_bilinear_{rs}")((2, 3), (32,), d, 1, H, W, np.ascontiguousarray(pos), B, n, den, 0, 0, 1)
     np.testing.assert_allclose(d, d_want, rtol=10 * tol, atol=10 * tol)
+
+
+# --- ML and position-refinement kernels (cuda/ml.cu, cuda/positions.cu) against ml.py / positions.py ---
+MODELS = [(0, "poisson"), (1, "amplitude")]
+
+
+def _ml_data(cdt, rdt, B, M, n, masked, spread=(0.3, 1.5)):
+    """Fourier waves (B, M, n, n), measured amplitudes around the model's, a mask, a floor that clamps
+    some pixels (one all-zero pixel, one zero-amplitude patch)."""
+    f = crandn((B, M, n, n), cdt)
+    f[1, :, 2, 3] = 0
+    mod = np.sqrt((np.abs(f.astype(np.complex128)) ** 2).sum(axis=1))
+    amp = (mod * RNG.uniform(*spread, mod.shape)).astype(rdt)
+    amp[0, 0, :3] = 0
+    mask = (RNG.random((n, n)) > 0.2) if masked else None
+    floor = 0.05 * float(np.mean(mod ** 2))
+    return f, amp, mask, floor
+
+
+def _u8(mask):
+    return None if mask is None else mask.astype(np.uint8)
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+@pytest.mark.parametrize("M", [1, 3, 10])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("code,model", MODELS)
+def test_ml_gradient_kernel(k, suf, cdt, rdt, tol, M, masked, code, model):
+    """Cost, data error (7) and weight·F(Φ) of every view against ml.poisson_terms / amplitude_terms
+    and dm.data_error (float64 numpy on the same inputs); grid-stride over views (5 > 2) and pixels."""
+    from hxn_ptycho import dm, ml
+    from hxn_ptycho.backend import NumpyBackend
+    nb = NumpyBackend(1)
+    B, n = 5, 12
+    f, amp, mask, floor = _ml_data(cdt, rdt, B, M, n, masked)
+    f64, a64 = f.astype(np.complex128), amp.astype(np.float64)
+    want_cost, want_err, scale, want_out = np.zeros(B), np.zeros(B), np.zeros(B), np.empty_like(f64)
+    floor_r = float(rdt(floor))
+    for b in range(B):
+        v, a = f64[b:b + 1], a64[b:b + 1]
+        if model == "poisson":
+            want_cost[b], weight, mdl = ml.poisson_terms(nb, v, a * a, mask, floor_r)
+            good = np.ones((n, n)) if mask is None else mask
+            scale[b] = float(np.sum((mdl + a * a * np.abs(np.log(mdl))) * good))
+        else:
+            want_cost[b], weight, _ = ml.amplitude_terms(nb, v, a, mask, floor_r)
+            scale[b] = want_cost[b]
+        want_err[b] = dm.data_error(nb, v, a, mask)
+        want_out[b] = v[0] * weight[0][None]
+    assert ((np.abs(f64) ** 2).sum(1) < floor_r).any()         # the floor is hit (I_m, or A = √I_m)
+    kern = getattr(k, f"ml_gradient_{suf}")
+    for in_place in (False, True):
+        out = f.copy() if in_place else np.full_like(f, 7)
+        src = out if in_place else f.copy()
+        cost, err = np.zeros(B), np.zeros(B)
+        kern((2, 2), (32,), src, out, amp, _u8(mask), int(masked), B, M, n * n, floor, code, cost, err)
+        np.testing.assert_allclose(cost, want_cost, rtol=0, atol=tol * 20 * scale.max())
+        np.testing.assert_allclose(err, want_err, rtol=tol * 20)
+        np.testing.assert_allclose(out, want_out, rtol=tol * 20, atol=tol * 20)
+        if masked:       # masked pixels: zero weight, no gradient
+            assert not out[:, :, ~mask].any()
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+@pytest.mark.parametrize("M", [1, 3, 10])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("code,model", MODELS)
+def test_ml_line_search_kernel(k, suf, cdt, rdt, tol, M, masked, code, model):
+    """Σ L'(0), Σ L''(0) of every view against ml.ml_line_search's numpy code (float64, same inputs)."""
+    from hxn_ptycho import ml
+    from hxn_ptycho.backend import NumpyBackend
+    nb = NumpyBackend(1)
+    B, n = 5, 10
+    f0, amp, mask, floor = _ml_data(cdt, rdt, B, M, n, masked, spread=(0.2, 0.7))
+    f1 = (f0 * (0.5 + 0.1j) + 0.3 * crandn(f0.shape, cdt)).astype(cdt)     # a descent-like direction
+    f2 = (0.2 * crandn(f0.shape, cdt)).astype(cdt)
+    floor_r = float(rdt(floor))
+    want = np.zeros((2, B))
+    for b in range(B):
+        g0, g1, g2 = (x[b:b + 1, None].astype(np.complex128) for x in (f0, f1, f2))   # (1, 1, M, n, n)
+        a = amp[b:b + 1].astype(np.float64)
+        want[:, b] = ml.ml_line_search(nb, g0, g1, g2, a, a * a, mask, floor_r, model)
+    d1, d2 = np.zeros(B), np.zeros(B)
+    getattr(k, f"ml_line_search_{suf}")((2, 2), (32,), f0, f1, f2, amp, _u8(mask), int(masked), B, M, n * n,
+                                        floor, code, d1, d2)
+    np.testing.assert_allclose(d1, want[0], rtol=tol * 100, atol=tol * 100 * np.abs(want[0]).max())
+    np.testing.assert_allclose(d2, want[1], rtol=tol * 100, atol=tol * 100 * np.abs(want[1]).max())
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+@pytest.mark.parametrize("L", [1, 2])
+def test_position_normal_kernel(k, suf, cdt, rdt, tol, L):
+    """The per-view Gauss-Newton sums against positions.normal_equations (grid-stride: 7 views, 3 rows)."""
+    from hxn_ptycho import positions
+    from hxn_ptycho.backend import NumpyBackend
+    nb = NumpyBackend(1)
+    B, n = 7, 11
+    gr, gc, q = (crandn((B, L, n, n), cdt) for _ in range(3))
+    pint = RNG.random((n, n)).astype(rdt)
+    want = np.stack(positions.normal_equations(nb, *(x.astype(np.complex128) for x in (gr, gc, q)),
+                                               pint.astype(np.float64)), axis=1)
+    out = np.zeros((B, 5))
+    getattr(k, f"position_normal_{suf}")((2, 3), (32,), gr, gc, q, pint, B, L, n * n, out)
+    np.testing.assert_allclose(out, want, rtol=tol * 20, atol=tol * 20 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+@pytest.mark.parametrize("M", [1, 3, 10])
+@pytest.mark.parametrize("masked", [False, True])
+def test_view_errors_kernel(k, suf, cdt, rdt, tol, M, masked):
+    """Per-view data error against positions.view_errors, one amplitude per view or one for all (stride 0)."""
+    from hxn_ptycho import positions
+    from hxn_ptycho.backend import NumpyBackend
+    nb = NumpyBackend(1)
+    B, n = 6, 9
+    f, amp, mask, _ = _ml_data(cdt, rdt, B, M, n, masked)
+    kern = getattr(k, f"view_errors_{suf}")
+    for a, stride in ((amp, n * n), (amp[2:3], 0)):
+        want = positions.view_errors(nb, f.astype(np.complex128), a.astype(np.float64), mask)
+        err = np.zeros(B)
+        kern((2, 4), (32,), f, np.ascontiguousarray(a), stride, _u8(mask), int(masked), B, M, n * n, err)
+        np.testing.assert_allclose(err, want, rtol=tol * 20)
+
+
+@pytest.mark.parametrize("suf,cdt,rdt,tol", PRECISIONS)
+def test_object_gradient_kernel(k, suf, cdt, rdt, tol):
+    """Central differences (one-sided at the edges) against positions.object_gradient; 3 modes, 2 rows."""
+    from hxn_ptycho import positions
+    from hxn_ptycho.backend import NumpyBackend
+    L, H, W = 3, 13, 9
+    obj = crandn((L, H, W), cdt)
+    want_r, want_c = positions.object_gradient(NumpyBackend(1), obj)
+    dr, dc = np.full_like(obj, 9), np.full_like(obj, 9)
+    getattr(k, f"object_gradient_{suf}")((2, 2), (32,), obj, L, H, W, dr, dc)
+    np.testing.assert_allclose(dr, want_r, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dc, want_c, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("model", ["poisson", "amplitude"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_backend_ml_and_position_steps_match_the_reference(ebe, model, masked):
+    """CupyBackend's wrappers (host code + emulated kernels) equal the numpy reference functions of
+    ml.py and positions.py called with the numpy backend, and those functions dispatch to them."""
+    from hxn_ptycho import ml, positions
+    from hxn_ptycho.backend import NumpyBackend
+    nb = NumpyBackend(1)
+    B, L, K, n = 4, 1, 3, 8
+    f, amp, mask, floor = _ml_data(np.complex64, np.float32, B, L * K, n, masked)
+    f = f.reshape(B, L, K, n, n)
+    out_w, out_g = np.empty_like(f), np.empty_like(f)
+    want = ml.ml_gradient(nb, f, amp, amp * amp, mask, floor, model, out_w)
+    got = ml.ml_gradient(ebe, f, amp, amp * amp, mask, floor, model, out_g)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert _rel(out_g, out_w) < 1e-5
+    f1, f2 = crandn(f.shape, np.complex64), crandn(f.shape, np.complex64)
+    want = ml.ml_line_search(nb, f, f1, f2, amp, amp * amp, mask, floor, model)
+    got = ml.ml_line_search(ebe, f, f1, f2, amp, amp * amp, mask, floor, model)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5 * max(map(abs, want)))
+    with pytest.raises(ValueError, match="noise model"):
+        ebe.ml_gradient(f, amp, None, mask, floor, "gaussian", out_g)
+    want_e = positions.view_errors(nb, f, amp, mask)
+    np.testing.assert_allclose(positions.view_errors(ebe, f, amp, mask), want_e, rtol=1e-5)
+    np.testing.assert_allclose(positions.view_errors(ebe, f, amp[1][None], mask),
+                               positions.view_errors(nb, f, amp[1][None], mask), rtol=1e-5)
+    gr, gc, q = (crandn((B, 2, n, n), np.complex64) for _ in range(3))
+    pint = RNG.random((n, n)).astype(np.float32)
+    for w, g in zip(positions.normal_equations(nb, gr, gc, q, pint), positions.normal_equations(ebe, gr, gc, q, pint)):
+        assert g.shape == (B,)
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+    obj = crandn((2, 15, 12), np.complex64)
+    for w, g in zip(positions.object_gradient(nb, obj), positions.object_gradient(ebe, obj)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_every_declared_fused_step_has_a_reference_and_a_cuda_wrapper(k):
+    """backend.FusedSteps: each name is a function of dm/ml/positions (``be`` first, then the declared
+    arguments), a CupyBackend method taking the declared arguments, and it launches kernels in cuda/."""
+    import inspect
+
+    from hxn_ptycho import backend, dm, ml, positions
+    from hxn_ptycho.gpu import CupyBackend
+    declared = [m for m in backend.FusedSteps.__dict__ if not m.startswith("_")
+                and callable(getattr(backend.FusedSteps, m))]
+    assert set(declared) == set(backend.DM_STEPS + backend.ML_STEPS + backend.POSITION_STEPS)
+    for name in declared:
+        params = list(inspect.signature(getattr(backend.FusedSteps, name)).parameters)[1:]
+        refs = [getattr(mod, name) for mod in (dm, ml, positions) if hasattr(mod, name)]
+        assert len(refs) == 1, name
+        ref = list(inspect.signature(refs[0]).parameters)
+        assert ref[0] == "be" and ref[1:len(params) + 1] == params, (name, ref, params)
+        impl = inspect.signature(getattr(CupyBackend, name)).parameters
+        names = list(impl)[1:]
+        assert names[:len(params)] == params, (name, names)
+        assert all(impl[p].default is not inspect.Parameter.empty for p in names[len(params):]), name
+    for fam in ("ml_gradient", "ml_line_search", "position_normal", "view_errors", "object_gradient"):
+        assert {f"{fam}_c64", f"{fam}_c128"} <= set(k.sigs)
+
+
+@pytest.mark.parametrize("method,model", [("search", "poisson")])
+def test_ml_and_position_code_paths_use_the_cuda_wrappers(ebe, monkeypatch, method, model):
+    """DM, ML and position refinement on CupyBackend's host code call its fused ML and position
+    steps (cuda/ml.cu, cuda/positions.cu) and still give the numpy backend's result (the search
+    method and the Poisson model here; the gradient method and the amplitude model above)."""
+    from collections import Counter
+
+    from hxn_ptycho.backend import ML_STEPS, POSITION_STEPS, NumpyBackend
+    from hxn_ptycho.engine import reconstruct
+    from hxn_ptycho.params import ReconParams
+    from hxn_ptycho.simulate import simulate_scan
+    calls: Counter = Counter()
+    for name in ML_STEPS + POSITION_STEPS:
+        monkeypatch.setattr(ebe, name, _counting(calls, name, getattr(ebe, name)), raising=False)
+    scan, _ = simulate_scan(n=16, n_positions=12, probe_modes=2, photons=1e5, seed=4, position_error_px=1.0,
+                            dead_pixels=0.05)
+    params = ReconParams(algorithm="DM:3,ML:3", probe_modes=2, precision="single", batch_size=5,
+                         probe_update_start=1, max_memory_gb=1.0, refine_positions=True, position_start=1,
+                         position_end=4, position_method=method, ml_noise_model=model)
+    cpu = reconstruct(scan, params, backend=NumpyBackend(1))
+    emu = reconstruct(scan, params, backend=ebe)
+    expected = {"ml_gradient", "ml_line_search", "view_errors"}
+    if method == "gradient":
+        expected |= {"normal_equations", "object_gradient"}
+    assert expected <= {n for n, c in calls.items() if c > 0}, calls
+    assert _rel(emu.object, cpu.object) < 1e-3
+    assert _rel(emu.probe, cpu.probe) < 1e-3
+    np.testing.assert_allclose(emu.positions_refined_px, cpu.positions_refined_px, atol=1e-3)
+    np.testing.assert_allclose(emu.error_data, cpu.error_data, rtol=1e-3)
