@@ -86,11 +86,18 @@ class ReconParams:
                                min=1, kind="int")
     auto_threshold: float = param(0.01, "probe_modes=auto keeps a mode above this power fraction",
                                   group="probe modes", min=0.0, max=1.0, min_open=True, kind="float")
-    auto_rule: str = param("gain", "probe_modes=auto: 'prune' grows by the paper's 1 % rule, then keeps the "
-                           "fewest modes beyond which one more lowers the data error by less than "
-                           "auto_prune_gain; 'power' is the 1 % rule alone; 'gain' keeps a new mode only if "
-                           "the data error falls faster after it than before (from 1 mode)",
-                           group="probe modes", choices=("prune", "power", "gain"), kind="str")
+    auto_rule: str = param("holdout", "probe_modes=auto: 'holdout' grows from 1 mode and keeps a mode only if it "
+                           "predicts detector pixels left out of the fit significantly better; 'power' is the "
+                           "paper's 1 % rule; 'prune' is 'power', then keeps the fewest modes beyond which one "
+                           "more lowers the data error by less than auto_prune_gain; 'gain' keeps a new mode "
+                           "only if the data error falls faster after it than before",
+                           group="probe modes", choices=("holdout", "power", "prune", "gain"), kind="str")
+    auto_holdout: float = param(0.2, "probe_modes=auto ('holdout'): share of the views left out of the "
+                                "fit while the count is decided", group="probe modes", min=0.0, max=0.5,
+                                min_open=True, kind="float")
+    auto_significance: float = param(3.0, "probe_modes=auto ('holdout'): standard errors by which a new mode must "
+                                     "lower the held-out error to be kept", group="probe modes", min=0.0,
+                                     kind="float")
     auto_prune_gain: float = param(0.05, "probe_modes=auto ('prune'): the relative drop of the data error a "
                                    "further mode must bring to be kept", group="probe modes", min=0.0,
                                    kind="float")
