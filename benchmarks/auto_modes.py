@@ -1,6 +1,6 @@
 """probe_modes=auto against the true number of modes, on simulated partially coherent beams.
 
-    python benchmarks/auto_modes.py                       # 1, 2, 3, 5 true modes; 'holdout' vs fixed
+    python benchmarks/auto_modes.py                       # 1, 2, 3, 5 true modes; "trend" vs fixed
     python benchmarks/auto_modes.py --rules holdout power prune gain --photons 1e5 --seeds 4 5
 
 Each scan: 64x64 frames, 120 views on a Fermat spiral, Poisson noise at ``--photons`` counts a
@@ -17,9 +17,9 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from hxn_ptycho.engine import reconstruct  # noqa: E402
-from hxn_ptycho.params import ReconParams  # noqa: E402
-from hxn_ptycho.simulate import simulate_scan  # noqa: E402
+from hxn_ptycho.engine import reconstruct
+from hxn_ptycho.params import ReconParams
+from hxn_ptycho.simulate import simulate_scan
 
 POWERS = {1: None, 2: (0.7, 0.3), 3: (0.6, 0.25, 0.15), 5: (0.45, 0.22, 0.15, 0.1, 0.08)}
 
@@ -27,7 +27,7 @@ POWERS = {1: None, 2: (0.7, 0.3), 3: (0.6, 0.25, 0.15), 5: (0.45, 0.22, 0.15, 0.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", type=int, nargs="+", default=[1, 2, 3, 5], choices=sorted(POWERS))
-    ap.add_argument("--rules", nargs="+", default=["holdout"])
+    ap.add_argument("--rules", nargs="+", default=["trend"])
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--photons", type=float, default=1e6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[4])

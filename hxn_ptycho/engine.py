@@ -262,10 +262,9 @@ class Reconstruction:
         self.scheduler = BatchScheduler(len(self.pos), batch, [
             _Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype, self.streaming)
             for _ in range(self.workers)])
-        self.modes_mgr = ProbeModeManager(self)     # probe_modes=auto may hold views out of the fit
+        self.modes_mgr = ProbeModeManager(self)
         try:
             self._each(self._init_psi)
-            self.modes_mgr.start()
         except BaseException:
             self.close()
             raise
@@ -324,7 +323,7 @@ class Reconstruction:
         else:
             p0 = modes.probe_from_amplitude(mean_amp, 2.5 * _median_step(self.positions_all))
         p0 = p0 * np.sqrt(power / max(float(np.vdot(p0, p0).real), 1e-300))
-        probe = modes.initial_probe_modes(p0, K, ProbeModeManager.extra_power(p), p.seed)
+        probe = modes.initial_probe_modes(p0, K, p.extra_mode_power, p.seed)
         if source == "file" and np.asarray(scan.probe_guess).ndim == 3:
             g = np.asarray(scan.probe_guess, np.complex128)
             m = min(K, g.shape[0])

@@ -7,20 +7,19 @@ result as ``probe_modes_log``) and the state of the automatic mode count.
 
 The automatic rules (``auto_rule``):
 
-- ``holdout`` (default) — cross-validation on detector pixels. A random ``auto_holdout`` share
-  of the good pixels is left out of the fit (the Fourier projection keeps the model's modulus
-  there, as for masked pixels) while the count is decided. Starting from one mode, a mode is
-  added every ``auto_interval`` iterations; once the newest mode's power fraction has settled,
-  the model with the K orthogonalised modes is compared, on the held-out pixels only, with the
-  model without the newest (its power handed to the others). A mode that only fits noise does
-  not predict pixels it was not fitted to, so the newest mode is kept only when it lowers the
-  held-out error significantly (a paired test over frames, ``auto_significance`` standard
-  errors) and carries at least ``auto_threshold`` of the power; otherwise it is dropped and the
-  count is settled. The held-out pixels then rejoin the fit for the remaining iterations.
-- ``power`` — the paper's rule: add a mode while the newest carries ≥ ``auto_threshold``.
-- ``prune`` — ``power``, then keep the fewest modes beyond which one more lowers the (fitted)
+- ``trend`` (default): start from one mode; every ``auto_interval`` iterations add one, *strong*
+  (the k-th mode with ``auto_new_mode_power`` / (k − 1) of the first mode's power), orthogonal to
+  the others. Under DM the share of the intensity a mode carries moves toward what the data ask of
+  it: a mode the data support keeps or gains its share, one they do not support (it fits noise,
+  or duplicates others) loses it. So after one interval of transient, the newest mode is kept
+  only if its power fraction changed by at least ``auto_min_trend`` (default −1 %) over the next
+  interval and it carries ``auto_threshold`` of the power; otherwise it is dropped and the count
+  is settled. A strong start matters: a weak new mode grows so slowly under DM that a true mode
+  cannot be told from a spurious one within a run.
+- ``power``: the paper's rule, add a mode while the newest carries ≥ ``auto_threshold``.
+- ``prune``: ``power``, then keep the fewest modes beyond which one more lowers the (fitted)
   data error by less than ``auto_prune_gain``.
-- ``gain`` — keep a new mode when the data error falls faster after it than before.
+- ``gain``: keep a new mode when the data error falls faster after it than before.
 """
 from __future__ import annotations
 
@@ -33,13 +32,7 @@ from . import modes
 if TYPE_CHECKING:
     from .engine import Reconstruction
 
-# the newest mode's power fraction counts as settled when it changed by less than this share
-# of itself over one interval (or after this many intervals)
-_ENV = __import__("os").environ
-_AUTO_START = int(_ENV.get("H2_START", 3))
-_AUTO_MODE_POWER = float(_ENV.get("H2_POWER", 0.3))
-_WARMUP = int(_ENV.get("H2_WARMUP", 3))
-_GROW = int(_ENV.get("H2_GROW", 2))
+_TRANSIENT = 1      # intervals after a mode is added before its power trend counts
 
 
 class ProbeModeManager:
@@ -55,20 +48,16 @@ class ProbeModeManager:
         self.err_trace: list[float] = []          # data error of each iteration (the 'gain' rule)
         self._prune_at: int | None = None          # iteration of the 'prune' decision
         self._added_at: int | None = None          # iteration at which the newest mode was added
-        self._checks = 0                            # decisions since the newest mode was added
-        self._last_frac: float | None = None        # newest mode's power fraction at the last decision
-        self._last_k: int | None = None             # modes supported at the last decision ('holdout')
-        self.holdout: list[slice] | None = None     # batches of the held-out views while deciding
-        self._all_batches: list[slice] = []
-        self._fit_batches: list[slice] = []
+        self._fr: list[float] = []                  # newest mode's power fraction at each decision ('trend')
+        self._added_check: int | None = None        # the decision that added the newest mode ('trend')
+        if self.auto:
+            self._cache_batches(rec.probe.shape[0])
 
     @staticmethod
     def initial_count(params: Any) -> int:
         """Probe modes at the start: 1 for the rules that grow from one mode."""
-        if params.probe_modes == "auto" and params.auto_rule == "gain":
+        if params.probe_modes == "auto" and params.auto_rule in ("gain", "trend"):
             return 1
-        if params.probe_modes == "auto" and params.auto_rule == "holdout":
-            return min(_AUTO_START, params.auto_max_modes)
         return int(params.initial_probe_modes)
 
     # --- the basis -----------------------------------------------------------------------------
@@ -109,6 +98,7 @@ class ProbeModeManager:
         k_old = rec.store.shape[2]
         keep = min(K, k_old)
         rec.store.resize_modes(K)
+        self._cache_batches(K)
         probe = be.asnumpy(rec.probe)[:keep]
         if new_modes is not None:
             probe = np.concatenate([probe, new_modes])
@@ -127,23 +117,33 @@ class ProbeModeManager:
                     rec.store.store(w, name, b, arr)
             rec.scheduler.each(init_new)
 
+    def _cache_batches(self, K: int) -> None:
+        """CPU: batches as large as fit the cache with K modes (the plan sized them for the ceiling,
+        auto_max_modes, which the GPU keeps: its memory is planned for the largest count)."""
+        rec = self.rec
+        if rec.be.name != "numpy" or rec.params.batch_size:
+            return
+        from .engine import CACHE_BATCH_BYTES
+        view = rec.obj_shape[0] * K * rec.n * rec.n * np.dtype(rec.cdtype).itemsize
+        batch = max(1, min(CACHE_BATCH_BYTES // view, len(rec.geom)))
+        if batch == rec.plan.batch_size:
+            return
+        rec.plan.batch_size = batch
+        N = len(rec.geom)
+        rec.scheduler.batches = [slice(i, min(i + batch, N)) for i in range(0, N, batch)]
+        L, n, K_now = rec.obj_shape[0], rec.n, rec.store.shape[2]
+        for w in rec.scheduler.workers:
+            w.alloc(batch, L, K_now, n, rec.obj_shape, rec.cdtype, rec.rdtype)
+
     def _add_mode(self, it: int, probe: np.ndarray) -> None:
         p, K = self.rec.params, probe.shape[0]
         new = modes.diverse_modes(probe[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
         self.resize(K + 1, new[None])
         self._added_at = len(self.err_trace) - 1
-        self._checks, self._last_frac = 0, None
-
-    @staticmethod
-    def extra_power(params: Any) -> float:
-        """Power of the extra initial modes (relative to the first, the k-th extra divided by k)."""
-        if params.probe_modes == "auto" and params.auto_rule == "holdout":
-            return max(params.extra_mode_power, _AUTO_MODE_POWER)
-        return float(params.extra_mode_power)
 
     def _new_modes(self, probe: np.ndarray, count: int, it: int) -> np.ndarray:
         """``count`` further modes: the next derivative shapes of the first mode, orthogonal to all
-        modes, the j-th with ``extra_power / (K + j)`` of the first mode's power."""
+        modes, the j-th with ``auto_new_mode_power / (K + j)`` of the first mode's power."""
         K = probe.shape[0]
         p = self.rec.params
         cand = modes.diverse_modes(probe[0], K - 1 + count, 1.0, np.random.default_rng(p.seed + it))[K - 1:]
@@ -153,20 +153,18 @@ class ProbeModeManager:
         for j, c in enumerate(cand.astype(np.complex128)):
             for b in base:
                 c = c - np.vdot(b, c) / np.vdot(b, b) * b
-            c *= np.sqrt(p0 * self.extra_power(p) / (K + j) / max(float(np.vdot(c, c).real), 1e-300))
+            c *= np.sqrt(p0 * p.auto_new_mode_power / (K + j) / max(float(np.vdot(c, c).real), 1e-300))
             base.append(c)
             out.append(c)
         return np.asarray(out, probe.dtype)
 
     # --- error of the models with the k strongest modes -------------------------------------------
-    def prefix_errors(self, batches: list[slice] | None = None, per_view: bool = False) -> np.ndarray:
+    def prefix_errors(self) -> np.ndarray:
         """Data error Σ(|Ψ| − √I)² of the model with only its k strongest probe modes, k = 1..K.
 
         The modes left out hand their power to the kept ones (scaled by √(1/Σ kept fractions)), so
         each error answers: what would k modes explain of these data? One pass, one FFT per mode.
-        ``batches`` picks the views (default: those fitted). Returns the sums / ΣI over all ranks,
-        ``(K,)``; or, with ``per_view``, the sums of each of this process's views, ``(views, K)``
-        (zero for views not in ``batches``), not divided.
+        (Not a refit: the kept modes were fitted beside the others, so these errors favour more modes.)
         """
         rec = self.rec
         probe = rec.be.asnumpy(rec.probe)
@@ -185,58 +183,10 @@ class ProbeModeManager:
                 if rec.mask is not None:
                     diff *= rec.mask
                 out[b, k] = be.asnumpy(xp.sum(xp.square(diff), axis=(1, 2), dtype=xp.float64))
-        fitted = rec.scheduler.batches
-        if batches is not None:
-            rec.scheduler.batches = batches
-        try:
-            rec.scheduler.each(batch)
-        finally:
-            rec.scheduler.batches = fitted
-        if per_view:
-            return out
+        rec.scheduler.each(batch)
         total = out.sum(axis=0)
         rec.reducer.allreduce_sum([total])
         return total / max(rec.total_intensity, 1e-300)
-
-    # --- held-out views (the 'holdout' rule) ------------------------------------------------------
-    def _hold_out_views(self) -> None:
-        """Leave a random ``auto_holdout`` share of this process's views out of the fit: the batches
-        the iterations visit are the runs of the other views (at most the plan's batch size)."""
-        rec, p = self.rec, self.rec.params
-        n_views = len(rec.geom)
-        held = np.zeros(n_views, bool)
-        count = int(round(p.auto_holdout * n_views))
-        if count < 2 or n_views - count < 2:
-            return
-        held[np.random.default_rng(p.seed + 7 + rec.reducer.rank).choice(n_views, count, replace=False)] = True
-        size = rec.plan.batch_size
-        self._all_batches = rec.scheduler.batches
-        self._fit_batches = _runs(~held, size)
-        self.holdout = _runs(held, size)
-        rec.scheduler.batches = self._fit_batches
-
-    def _release_views(self) -> None:
-        """The held-out views rejoin the fit (the count is settled); their exit waves start from P·O."""
-        if self.holdout is None:
-            return
-        rec = self.rec
-        rec.scheduler.batches = self.holdout
-        rec.scheduler.each(rec._init_psi)
-        rec.scheduler.batches = self._all_batches
-        self.holdout = None
-
-    def holdout_z(self) -> np.ndarray:
-        """For k = 1..K−1: how much the model with k+1 modes lowers the held-out error against the
-        one with k, in standard errors (the mean drop over views / its standard error, all ranks)."""
-        e = self.prefix_errors(batches=self.holdout, per_view=True)
-        e = e[np.concatenate([np.arange(b.start, b.stop) for b in self.holdout])]
-        d = e[:, :-1] - e[:, 1:]
-        sums = np.concatenate([d.sum(axis=0), np.square(d).sum(axis=0), [float(len(d))]])
-        self.rec.reducer.allreduce_sum([sums])
-        k = d.shape[1]
-        s, s2, m = sums[:k], sums[k:2 * k], max(sums[-1], 1.0)
-        var = np.maximum(s2 / m - (s / m) ** 2, 1e-300)
-        return (s / m) / np.sqrt(var / m)
 
     # --- the decisions -----------------------------------------------------------------------------
     def note(self, line: str) -> None:
@@ -244,11 +194,6 @@ class ProbeModeManager:
         self.log.append(line)
         if self.rec.reducer.rank == 0:
             self.rec.log(f"hxn-ptycho: probe modes: {line}")
-
-    def start(self) -> None:
-        """Before the first iteration: hold views out of the fit ('holdout' rule)."""
-        if self.auto and self.rule == "holdout" and not self.settled:
-            self._hold_out_views()
 
     def after_iteration(self, it: int, err: float, dm: bool, last: bool) -> None:
         """After DM/ML iteration ``it`` (data error ``err``): the auto decisions and orthogonalisation."""
@@ -262,8 +207,6 @@ class ProbeModeManager:
         if dm:
             if not self.settled and (it + 1) % p.auto_interval == 0:
                 self.settled = self.step(it)
-                if self.settled:
-                    self._release_views()
             elif p.orthogonalize_every and (it + 1) % p.orthogonalize_every == 0:
                 self.orthogonalize()
 
@@ -271,7 +214,6 @@ class ProbeModeManager:
         """At the end of the run: the last decision (unless interrupted), orthogonal modes."""
         if interrupted:
             self.settled = True
-            self._release_views()
             self.orthogonalize()
         else:
             self.settle(it)
@@ -281,7 +223,6 @@ class ProbeModeManager:
         if not self.settled:
             self.step(it, final=True)
             self.settled = True
-        self._release_views()
         if self._prune_at is not None:
             self._prune(it)
             self._prune_at = None
@@ -294,8 +235,8 @@ class ProbeModeManager:
         probe = self.rec.be.asnumpy(self.rec.probe)
         frac, K = modes.power_fractions(probe), probe.shape[0]
         share = f"iteration {it}: the newest of {K} modes carries {100 * frac[-1]:.2f} %"
-        if self.rule == "holdout":
-            return self._holdout_step(it, probe, frac, K, share, final)
+        if self.rule == "trend":
+            return self._trend_step(it, probe, frac, K, share, final)
         if self.rule == "gain":
             return self._gain_step(it, probe, frac, K, share, final)
         if frac[-1] >= p.auto_threshold and K < p.auto_max_modes and not final:
@@ -312,47 +253,33 @@ class ProbeModeManager:
             self._prune_at = it + p.auto_prune_after
         return True
 
-    def _holdout_step(self, it: int, probe: np.ndarray, frac: np.ndarray, K: int, share: str,
-                      final: bool) -> bool:
-        """Cross-validated count: the leading modes that each predict the held-out pixels better.
-
-        Mode k+1 is supported when the model with k+1 modes has a lower held-out error than the one
-        with k, by ``auto_significance`` standard errors, and it carries ``auto_threshold`` of the
-        power. The count is the number of leading supported modes, decided once it is the same at
-        two decisions, ``_WARMUP`` intervals after the last change; if every mode is supported, two
-        more are added and the test repeats.
-        """
+    def _trend_step(self, it: int, probe: np.ndarray, frac: np.ndarray, K: int, share: str,
+                    final: bool) -> bool:
+        """Keep the newest mode (added strong) only if its power fraction holds: it changed by at least
+        ``auto_min_trend`` over the last interval, after ``_TRANSIENT`` intervals, and it carries at
+        least ``auto_threshold``. Else drop it: the count is settled."""
         p = self.rec.params
-        self._checks += 1
-        if K > 1:
-            z = self.holdout_z()
-            ok = (z >= p.auto_significance) & (frac[1:] >= p.auto_threshold)
-            k = int(np.argmin(ok)) + 1 if not ok.all() else K
-            test = "held-out error drop of each further mode, in standard errors: " + \
-                   ", ".join(f"{v:.1f}" for v in z)
-        else:
-            k, test = 1, "one mode"
-        line = f"iteration {it}: {K} modes, power {', '.join(f'{100 * f:.1f}' for f in frac)} %; {test}"
-        if final and self._checks <= 2:            # too early to judge: keep what there is
-            self.note(f"{line}: keeping {K} mode(s) (no iterations left to decide)")
-            return True
-        steady = self._checks > _WARMUP and k == self._last_k
-        self._last_k = k
-        if not (steady or final):
-            self.note(f"{line}: {k} supported, waiting")
-            return False
-        if k < K:
-            self.resize(k)
-            self.note(f"{line}: keeping {k} mode(s)")
-            return True
+        self._fr.append(float(frac[-1]))
+        c, t = len(self._fr) - 1, self._added_check
+        if t is not None:
+            if c - t <= _TRANSIENT and not final:
+                self.note(f"{share}: waiting")
+                return False
+            trend = self._fr[c] / max(self._fr[c - 1], 1e-300) - 1 if c > t else -np.inf
+            test = f"its share changed by {100 * trend:+.1f} % in the last interval" if c > t else \
+                "it came at the last decision, untested"
+            if trend < p.auto_min_trend or frac[-1] < p.auto_threshold:
+                self.resize(K - 1)
+                self.note(f"{share}, {test}: keeping {K - 1} mode(s)")
+                return True
+            self.note(f"{share}, {test}: keeping it")
         if K >= p.auto_max_modes or final:
-            self.note(f"{line}: keeping {K} mode(s)" + (" (no iterations left)" if final else
+            self.note(f"{share}: keeping {K} mode(s)" + (" (no iterations left)" if final else
                                                         ", the ceiling (auto_max_modes)"))
             return True
-        add = min(_GROW, p.auto_max_modes - K)
-        self.resize(K + add, self._new_modes(probe, add, it))
-        self._checks, self._last_k = 0, None
-        self.note(f"{line}: all supported, adding mode(s) {', '.join(str(K + 1 + i) for i in range(add))}")
+        self.resize(K + 1, self._new_modes(probe, 1, it))
+        self._added_check = c
+        self.note(f"{share}: adding mode {K + 1}")
         return False
 
     def _prune(self, it: int) -> None:
