@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--photons", type=float, default=1e6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[4])
     ap.add_argument("--positions", type=int, default=120)
+    ap.add_argument("--powers", help="mode powers of one scan instead of POWERS, e.g. 0.52,0.26,0.13,0.06,0.03")
     ap.add_argument("--no-fixed", action="store_true", help="skip the fixed-mode runs")
     ap.add_argument("--log", action="store_true", help="print the decisions of every auto run")
     ap.add_argument("--set", nargs="*", default=[], help="extra parameters, name=value")
@@ -44,10 +45,14 @@ def main() -> None:
         except (ValueError, SyntaxError):
             extra[k] = v
     print(f"{'true':>4} {'seed':>4} {'run':>14} {'found':>5} {'data error':>11} {'seconds':>8}")
+    powers = dict(POWERS)
+    if a.powers:
+        w = tuple(float(x) for x in a.powers.split(","))
+        powers, a.modes = {len(w): w}, [len(w)]
     for seed in a.seeds:
         for K in a.modes:
             scan, _ = simulate_scan(n=64, n_positions=a.positions, probe_modes=K, photons=a.photons, seed=seed,
-                                    mode_powers=POWERS[K])
+                                    mode_powers=powers[K])
             base = ReconParams.from_dict({"iterations": a.iterations, "threads": 1, **extra})
             runs = [(f"auto {r}", base.replace(probe_modes="auto", auto_rule=r)) for r in a.rules]
             if not a.no_fixed:
