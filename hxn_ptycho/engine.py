@@ -23,6 +23,7 @@ from . import __version__, dm, initial, modes
 from .backend import get_backend
 from .geometry import Geometry
 from .parts import BatchScheduler, ExitWaveStore
+from .probemodes import ProbeModeManager
 from .params import ParamError, ReconParams, algorithm_stages
 from .resultfile import ResultData, read_result
 from .scanfile import ScanData, positions_px
@@ -199,7 +200,6 @@ class Reconstruction:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.cdtype = np.complex128 if params.precision == "double" else np.complex64
         self.rdtype = np.float64 if params.precision == "double" else np.float32
-        self.modes_log: list[str] = []
         self._setup()
 
     @property
@@ -220,10 +220,7 @@ class Reconstruction:
             raise ParamError(f"process {self.reducer.rank} holds no views of the scan (more ranks than views?)")
         self.n = n
         L = p.object_modes
-        K = 1 if p.probe_modes == "auto" and p.auto_rule == "gain" else p.initial_probe_modes
-        self._err_trace: list[float] = []          # data error of each iteration (for the auto rule)
-        self._prune_at: int | None = None           # iteration of the 'prune' decision
-        self._auto_added_at: int | None = None     # iteration at which the newest mode was added
+        K = ProbeModeManager.initial_count(p)
         self.obj_shape = (L, shape[0], shape[1])
         self.workers = be.threads if be.name == "numpy" else 1
         max_k = max(p.auto_max_modes, K) if p.probe_modes == "auto" else K
@@ -258,6 +255,7 @@ class Reconstruction:
         self.scheduler = BatchScheduler(len(self.pos), batch, [
             _Worker(be, batch, L, K, n, self.obj_shape, self.cdtype, self.rdtype, self.streaming)
             for _ in range(self.workers)])
+        self.modes_mgr = ProbeModeManager(self)
         try:
             self._each(self._init_psi)
         except BaseException:
@@ -383,162 +381,16 @@ class Reconstruction:
         eps_o = dm.relative_change(self.be, self.obj, obj_old)                       # (7)
         return data_err, eps_p, eps_o
 
-    # --- probe modes -----------------------------------------------------------------------
-    def _mix_modes(self, u: np.ndarray) -> None:
-        """Apply the unitary mode change ``u`` to the exit waves (the model is unchanged).
-
-        Elementwise (K² multiply-adds per view), not a BLAS product: it runs in the worker threads.
-        """
-        be = self.be
-        coef = [[complex(c) for c in row] for row in u]
-        K = len(coef)
-
-        def mix(w: _Worker, b: slice) -> None:
-            for name in ("psi", "fpsi"):
-                arr = self._load(w, name, b)
-                old = arr.copy()
-                for i in range(K):
-                    out = arr[:, :, i]
-                    be.xp.multiply(old[:, :, 0], coef[i][0], out=out)
-                    for k in range(1, K):
-                        out += coef[i][k] * old[:, :, k]
-                self._store(w, name, b, arr)
-        self._each(mix)
+    # --- probe modes (hxn_ptycho.probemodes) ------------------------------------------------
+    @property
+    def modes_log(self) -> list[str]:
+        return self.modes_mgr.log
 
     def orthogonalize_probe(self) -> None:
-        probe, u = modes.orthogonalize(self.be.asnumpy(self.probe))
-        self.probe = self.be.asarray(probe, self.cdtype)
-        self._mix_modes(u)
-
-    def _resize_modes(self, K: int, new_mode: np.ndarray | None = None) -> None:
-        be = self.be
-        L, n = self.obj_shape[0], self.n
-        k_old = self.psi.shape[2]
-        keep = min(K, k_old)
-        self.store.resize_modes(K)
-        probe = be.asnumpy(self.probe)[:keep]
-        if new_mode is not None:
-            probe = np.concatenate([probe, new_mode[None]])
-        self.probe = be.asarray(probe, self.cdtype)
-        for w in self._workers:
-            w.alloc(self.plan.batch_size, L, K, n, self.obj_shape, self.cdtype, self.rdtype)
-        if K > k_old:
-            def init_new(w: _Worker, b: slice) -> None:
-                B = b.stop - b.start
-                ow = self.geom.gather(be, self.obj, b, w.objwin[:B], w.tmp[:B])
-                for name in ("psi", "fpsi"):
-                    arr = self._load(w, name, b)
-                    arr[:, :, k_old:] = ow[:, :, None] * self.probe[None, None, k_old:]
-                    if name == "fpsi":
-                        arr[:, :, k_old:] = be.fft2(arr[:, :, k_old:].copy())
-                    self._store(w, name, b, arr)
-            self._each(init_new)
-
-    def auto_modes_step(self, it: int) -> bool:
-        """The paper's rule: add a probe mode while the newest carries ≥ 1 % of the intensity.
-
-        Returns True once the number of modes is settled.
-        """
-        p = self.params
-        self.orthogonalize_probe()
-        probe = self.be.asnumpy(self.probe)
-        frac, K = modes.power_fractions(probe), probe.shape[0]
-        share = f"iteration {it}: the newest of {K} modes carries {100 * frac[-1]:.2f} %"
-        if p.auto_rule == "gain":
-            return self._auto_gain_step(it, probe, frac, K, share)
-        if frac[-1] >= p.auto_threshold and K < p.auto_max_modes:
-            new = modes.diverse_modes(probe[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
-            self._resize_modes(K + 1, new)
-            self._note_modes(f"{share} >= {100 * p.auto_threshold:g} %: adding mode {K + 1}")
-            return False
-        if frac[-1] < p.auto_threshold and K > 1:
-            self._resize_modes(K - 1)
-            self._note_modes(f"{share} < {100 * p.auto_threshold:g} %: keeping {K - 1} mode(s)")
-        else:
-            self._note_modes(f"{share}: keeping {K} mode(s), the ceiling (auto_max_modes)")
-        if p.auto_rule == "prune":       # once the last modes have converged a little
-            self._prune_at = it + p.auto_prune_after
-        return True
-
-    def _prune_modes(self, it: int) -> None:
-        """Keep the fewest modes k such that a (k+1)-th lowers the data error by less than auto_prune_gain."""
-        K = self.probe.shape[0]
-        if K < 2:
-            return
-        self.orthogonalize_probe()
-        e = self.prefix_errors()
-        gains = e[:-1] / np.maximum(e[1:], 1e-300) - 1
-        small = np.nonzero(gains < self.params.auto_prune_gain)[0]
-        k = int(small[0]) + 1 if small.size else K
-        text = ", ".join(f"{100 * g:.1f} %" for g in gains)
-        if k < K:
-            self._resize_modes(k)
-        self._note_modes(f"iteration {it}: each further mode lowers the data error by {text}: keeping {k} "
-                         f"mode(s) (a further one must bring {100 * self.params.auto_prune_gain:g} %)")
-
-    def _auto_gain_step(self, it: int, probe: np.ndarray, frac: np.ndarray, K: int, share: str) -> bool:
-        """Keep the newest mode only if it makes the data error fall clearly faster than before.
-
-        With Δ = ``auto_interval``: drop_after = e(t_add) − e(t_add + Δ), drop_before =
-        e(t_add − Δ) − e(t_add) over an interval without a change of modes; the mode is kept when
-        drop_after ≥ ``auto_min_gain`` × drop_before (a mode that only fits noise hardly changes the
-        error) and it carries ≥ ``auto_threshold`` of the power.
-        """
-        p, e, iv = self.params, self._err_trace, self.params.auto_interval
-        t = self._auto_added_at
-        if t is not None and K > 1:
-            before = e[t - iv] - e[t] if t - iv >= 0 else np.inf
-            after = e[t] - e[len(e) - 1]
-            if frac[-1] < p.auto_threshold or after < p.auto_min_gain * before:
-                self._resize_modes(K - 1)
-                self._note_modes(f"{share}; error drop {after:.3g} after it vs {before:.3g} before: "
-                                 f"keeping {K - 1} mode(s)")
-                return True
-        if K >= p.auto_max_modes:
-            self._note_modes(f"{share}: keeping {K} mode(s), the ceiling (auto_max_modes)")
-            return True
-        if len(e) < 2 * iv:            # the first interval converges from the initial guess: wait one more
-            self._note_modes(f"{share}: waiting")
-            return False
-        new = modes.diverse_modes(probe[0], K, p.extra_mode_power, np.random.default_rng(p.seed + it))[-1]
-        self._resize_modes(K + 1, new)
-        self._auto_added_at = len(e) - 1
-        self._note_modes(f"{share}: adding mode {K + 1}")
-        return False
+        self.modes_mgr.orthogonalize()
 
     def prefix_errors(self) -> np.ndarray:
-        """Data error Σ(|Ψ| − √I)²/ΣI of the model with only its k strongest probe modes, k = 1..K.
-
-        The modes left out hand their power to the kept ones (scaled by √(1/Σ kept fractions)), so
-        each error answers: what would k modes explain of these data? One pass, one FFT per mode.
-        """
-        probe = self.be.asnumpy(self.probe)
-        K = probe.shape[0]
-        frac = modes.power_fractions(probe)
-        scale = 1.0 / np.cumsum(frac)
-        acc = [np.zeros(K) for _ in self._workers]
-
-        def batch(w: _Worker, b: slice) -> None:
-            be, B = self.be, b.stop - b.start
-            xp = be.xp
-            f = be.fft2(self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
-            inten = xp.zeros((B,) + f.shape[-2:], f.real.dtype)
-            for k in range(K):
-                inten += (xp.square(f[:, :, k].real) + xp.square(f[:, :, k].imag)).sum(axis=1)
-                diff = xp.sqrt(inten * scale[k]) - self.diffamp[b]
-                if self.mask is not None:
-                    diff *= self.mask
-                acc[self._workers.index(w)][k] += float(xp.sum(xp.square(diff), dtype=xp.float64))
-        self._each(batch)
-        total = np.sum(acc, axis=0)
-        self.reducer.allreduce_sum([total])
-        return total / max(self.total_intensity, 1e-300)
-
-    def _note_modes(self, line: str) -> None:
-        """Record (in the result) and report (on rank 0) a decision of the 1 % rule."""
-        self.modes_log.append(line)
-        if self.reducer.rank == 0:
-            self.log(f"hxn-ptycho: probe modes: {line}")
+        return self.modes_mgr.prefix_errors()
 
     # --- the run --------------------------------------------------------------------------
     def close(self) -> None:
@@ -584,7 +436,6 @@ class Reconstruction:
         err_data = np.full(iters, np.nan)
         err_probe: list[np.ndarray] = []
         err_obj = np.full((iters, self.obj_shape[0]), np.nan)
-        settled = p.probe_modes != "auto"
         refiner = None
         if p.refine_positions:
             from .positions import PositionRefiner
@@ -603,12 +454,10 @@ class Reconstruction:
                     raise FloatingPointError(f"the reconstruction diverged (non-finite error at iteration {it - 1})")
                 if schedule[it] != stage_name:
                     stage_name = schedule[it]
-                    stage = self._enter_stage(stage_name, it, settled)
-                    settled = settled or stage_name != "DM"
+                    stage = self._enter_stage(stage_name, it)
                     if bar is not None:
                         bar.set_description(stage_name)
                 d, ep, eo = stage.iterate(it)
-                self._err_trace.append(d)
                 err_data[it], err_obj[it] = d, eo
                 err_probe.append(ep)
                 done = it + 1
@@ -620,14 +469,7 @@ class Reconstruction:
                         self.geom.use_subpixel(False)        # refinement over: windows on the pixel grid
                         if stage_name == "DM":
                             self._each(self._init_psi)
-                if self._prune_at is not None and it >= self._prune_at and not last:
-                    self._prune_modes(it)
-                    self._prune_at = None
-                if stage_name == "DM" and not last:
-                    if not settled and (it + 1) % p.auto_interval == 0:
-                        settled = self.auto_modes_step(it)
-                    elif p.orthogonalize_every and (it + 1) % p.orthogonalize_every == 0:
-                        self.orthogonalize_probe()
+                self.modes_mgr.after_iteration(it, d, stage_name == "DM", last)
                 if bar is not None:
                     bar.set_postfix_str(f"data error {d:.4g}")
                     bar.update(1)
@@ -642,11 +484,7 @@ class Reconstruction:
         err_data, err_obj = err_data[:done], err_obj[:done]
         if not np.isfinite(err_data[-1]):
             raise FloatingPointError("the reconstruction diverged (non-finite data error)")
-        if not settled and not interrupted:
-            self.auto_modes_step(iters)
-        if self._prune_at is not None and not interrupted:
-            self._prune_modes(iters)
-        self.orthogonalize_probe()
+        self.modes_mgr.finish(iters, interrupted)
         cost, model_err = self.model_cost()
         elapsed = time.perf_counter() - t0
         probe = self.be.asnumpy(self.probe)
@@ -673,15 +511,10 @@ class Reconstruction:
                           probe_power_fraction=modes.power_fractions(probe),
                           params=p.to_dict(), attrs=attrs, positions_refined_px=refined)
 
-    def _enter_stage(self, name: str, it: int, settled: bool) -> Any:
+    def _enter_stage(self, name: str, it: int) -> Any:
         """The iteration object of algorithm ``name`` over this reconstruction's parts."""
         if name == "ML":
-            if not settled:          # probe_modes=auto decides before ML starts
-                self.auto_modes_step(it)
-            if self._prune_at is not None:
-                self._prune_modes(it)
-                self._prune_at = None
-            self.orthogonalize_probe()
+            self.modes_mgr.settle(it)    # probe_modes=auto decides before ML starts; orthogonal modes
             from .ml import MLIteration
             return MLIteration(self)
         if it > 0:                   # DM after another algorithm: exit waves from the current model

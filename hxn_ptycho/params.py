@@ -76,7 +76,7 @@ class ReconParams:
                                 "'amplitude' (Gaussian on √I, the variance-stabilised Poisson model)",
                                 group="algorithm", choices=("poisson", "amplitude"), kind="str")
     # -- probe modes ----------------------------------------------------------------------
-    probe_modes: ProbeModes = param(1, "probe modes: an integer, or 'auto' (the paper's 1 % rule)",
+    probe_modes: ProbeModes = param(1, "probe modes: an integer, or 'auto' (found from the data: auto_rule)",
                                     group="probe modes", min=1, kind="int_or_auto")
     object_modes: int = param(1, "object modes (mixed states)", group="probe modes", min=1, kind="int")
     extra_mode_power: float = param(0.1, "power of a new probe mode relative to the first", group="probe modes",
@@ -86,11 +86,18 @@ class ReconParams:
                                min=1, kind="int")
     auto_threshold: float = param(0.01, "probe_modes=auto keeps a mode above this power fraction",
                                   group="probe modes", min=0.0, max=1.0, min_open=True, kind="float")
-    auto_rule: str = param("gain", "probe_modes=auto: 'prune' grows by the paper's 1 % rule, then keeps the "
-                           "fewest modes beyond which one more lowers the data error by less than "
-                           "auto_prune_gain; 'power' is the 1 % rule alone; 'gain' keeps a new mode only if "
-                           "the data error falls faster after it than before (from 1 mode)",
-                           group="probe modes", choices=("prune", "power", "gain"), kind="str")
+    auto_rule: str = param("trend", "probe_modes=auto: 'trend' grows from 1 mode, each new mode strong, and keeps "
+                           "it only if its power share holds (see auto_min_trend); 'power' is the paper's 1 % "
+                           "rule; 'prune' is 'power', then keeps the fewest modes beyond which one more lowers "
+                           "the data error by less than auto_prune_gain; 'gain' keeps a new mode only if the "
+                           "data error falls faster after it than before",
+                           group="probe modes", choices=("trend", "power", "prune", "gain"), kind="str")
+    auto_new_mode_power: float = param(0.3, "probe_modes=auto ('trend'): power of a new k-th mode relative to "
+                                       "the first, divided by k - 1", group="probe modes", min=0.0, max=1.0,
+                                       min_open=True, kind="float")
+    auto_min_trend: float = param(-0.01, "probe_modes=auto ('trend'): the newest mode is kept if its power "
+                                  "fraction changes by at least this share of itself over its second interval",
+                                  group="probe modes", min=-1.0, max=1.0, kind="float")
     auto_prune_gain: float = param(0.05, "probe_modes=auto ('prune'): the relative drop of the data error a "
                                    "further mode must bring to be kept", group="probe modes", min=0.0,
                                    kind="float")
