@@ -6,6 +6,11 @@
                                                    # DM then ML on the star (against DM alone), and
                                                    # position refinement on the star with its positions
                                                    # perturbed (3 px RMS + 2 % scale): gradient and search
+    python benchmarks/cpu_bench.py --modes --overlap 200
+                                                   # DM against PtyPy's: the overlap alternation, the
+                                                   # probe start and the power bound, on the star (1 and
+                                                   # 3 modes; correlation with PtyPy's object) and on
+                                                   # high-count simulations at gains 1, 37.5, 0.02
 
 Prints, per case: seconds per DM iteration, frames·iterations per second, the seconds of the
 forward + inverse FFTs of the same exit waves alone (same threads), their ratio, and the peak
@@ -142,6 +147,93 @@ def bench_star_positions(iterations: int) -> list[dict]:
     return out
 
 
+# settings of the DM comparison with PtyPy (``--overlap``): name -> parameters (None: PtyPy's power bound)
+OVERLAP_SETTINGS: dict[str, dict] = {
+    "single update (default)": {},
+    "alternate <=10, tol 0.05": {"update_rounds": 10, "overlap_converge": 0.05},
+    "probe from iteration 0": {"probe_update_start": 0},
+    "PtyPy power bound": {"ptypy_bound": True},
+    "alternate + PtyPy bound": {"update_rounds": 10, "overlap_converge": 0.05, "ptypy_bound": True},
+}
+
+
+def ptypy_power_bound(scan, relax: float = 0.05) -> float:
+    """PtyPy's DM power bound in data units: 0.25 · fourier_relax_factor² · max_j ΣI_j / pixels."""
+    frame_power = np.sum(np.square(scan.diffamp, dtype=np.float64), axis=(1, 2))
+    return 0.25 * relax ** 2 * float(frame_power.max()) / scan.diffamp[0].size
+
+
+def overlap_params(base: ReconParams, setting: dict, scan) -> ReconParams:
+    setting = dict(setting)
+    if setting.pop("ptypy_bound", False):
+        setting.update(power_bound=ptypy_power_bound(scan), detector_gain=1.0)
+    return base.replace(**setting)
+
+
+def star_correlation(res, peer: dict) -> tuple[float, float]:
+    """|<a, b>| / (|a| |b|) of our object and PtyPy's over our illuminated region, after moving the
+    peer's by the whole-pixel offset of the two frames and registering the rest (sub-pixel):
+    global phase removed (the modulus of the inner product); then of the deviations from the mean
+    (the contrast alone), the phase ramp also removed."""
+    from hxn_ptycho.metrics import illuminated_region, remove_phase_ramp
+    from hxn_ptycho.registration import fourier_shift, register_shift
+    a, b = res.object[0].astype(np.complex128), peer["object"].astype(np.complex128)
+    off = np.round((peer["top_left_px"] - res.positions_px).mean(0)).astype(int)
+    b2 = np.ones_like(a)
+    src = b[max(off[0], 0):, max(off[1], 0):]
+    r, c = max(-off[0], 0), max(-off[1], 0)
+    h, w = min(a.shape[0] - r, src.shape[0]), min(a.shape[1] - c, src.shape[1])
+    b2[r:r + h, c:c + w] = src[:h, :w]
+    reg = illuminated_region(res.positions_px, res.probe, a.shape)
+    b3 = fourier_shift(b2, register_shift(np.where(reg, a, 0), np.where(reg, b2, 0), upsample=20))
+
+    def corr(x: np.ndarray, y: np.ndarray) -> float:
+        return float(abs(np.vdot(x, y)) / np.linalg.norm(x) / np.linalg.norm(y))
+    x, y = a[reg], remove_phase_ramp(b3, a, reg)[reg]
+    return corr(x, b3[reg]), corr(x - x.mean(), y - y.mean())
+
+
+def _run_setting(scan, params: ReconParams) -> tuple[object, float, float]:
+    t0 = time.perf_counter()
+    rec = Reconstruction(scan, params, log=lambda m: None)
+    res = rec.run()
+    rounds = np.array(rec.overlap_rounds, float)
+    return res, time.perf_counter() - t0, float(rounds[rounds > 0].mean()) if (rounds > 0).any() else 0.0
+
+
+def bench_overlap(iterations: int, threads: int, settings: list[str] | None = None,
+                  cases: list[str] | None = None) -> list[dict]:
+    """DM with each of ``OVERLAP_SETTINGS`` on the star (1, 3 modes) and on high-count simulations."""
+    from hxn_ptycho.datasets import siemens_star
+    from hxn_ptycho.metrics import illuminated_region, nrmse
+    names = settings or list(OVERLAP_SETTINGS)
+    out = []
+    want = cases or ["star1", "star3", "sim1", "sim37.5", "sim0.02"]
+    for case in want:
+        if case.startswith("star"):
+            modes = int(case[4:])
+            scan = siemens_star(STAR)
+            peer = dict(np.load(STAR.parent / f"peer_ptypy_dm200_{'1mode' if modes == 1 else '3modes'}.npz"))
+            base = ReconParams(iterations=iterations, probe_modes=modes, threads=threads)
+            for name in names:
+                res, secs, rounds = _run_setting(scan, overlap_params(base, OVERLAP_SETTINGS[name], scan))
+                c, c_ramp = star_correlation(res, peer)
+                out.append({"case": f"star, {modes} mode(s)", "setting": name, "seconds": secs, "rounds": rounds,
+                            "cost": res.attrs["final_cost"], "corr": c, "corr_ramp": c_ramp,
+                            "peer_cost": float(peer["tike_style_gaussian_cost"])})
+        else:
+            gain = float(case[3:])
+            scan, truth = simulate_scan(n=64, n_positions=200, probe_modes=3, photons=1e8, seed=5, gain=gain)
+            base = ReconParams(iterations=iterations, probe_modes=3, threads=threads)
+            for name in names:
+                res, secs, rounds = _run_setting(scan, overlap_params(base, OVERLAP_SETTINGS[name], scan))
+                reg = illuminated_region(res.positions_px, res.probe, res.object.shape[1:])
+                out.append({"case": f"simulation 1e8 photons, gain {gain:g}", "setting": name, "seconds": secs,
+                            "rounds": rounds, "cost": res.attrs["final_cost"] / gain,
+                            "nrmse": nrmse(res.object[0], truth.object, reg)})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=128)
@@ -153,7 +245,18 @@ def main() -> int:
     ap.add_argument("--star-ml", default="", help="the star with this chain (e.g. DM:40,ML:20) against DM alone")
     ap.add_argument("--star-positions", type=int, default=0,
                     help="position refinement on the perturbed star for this many iterations")
+    ap.add_argument("--overlap", type=int, default=0,
+                    help="DM against PtyPy's (overlap alternation, probe start, power bound) for this many iterations")
+    ap.add_argument("--overlap-cases", nargs="*", default=None, help="star1 star3 sim1 sim37.5 sim0.02")
     args = ap.parse_args()
+    if args.overlap:
+        print(f"# DM against PtyPy, {args.overlap} iterations, threads {args.threads}; simulation costs in photon "
+              f"units (cost / gain), object NRMSE against the truth", flush=True)
+        for r in bench_overlap(args.overlap, args.threads, cases=args.overlap_cases):
+            extra = (f"corr with PtyPy {r['corr']:.4f} (contrast {r['corr_ramp']:.4f}), PtyPy cost "
+                     f"{r['peer_cost']:.4f}") if "corr" in r else f"NRMSE {r['nrmse']:.4f}"
+            print(f"{r['case']:<36} {r['setting']:<26} {r['seconds']:7.1f} s  rounds {r['rounds']:4.2f}  "
+                  f"cost {r['cost']:.4f}  {extra}", flush=True)
     if args.star_ml:
         for r in bench_star_ml(args.star_ml):
             print(f"Siemens star {r['algorithm']:<14} {r['seconds']:7.1f} s  cost {r['cost']:.4f}", flush=True)

@@ -209,6 +209,7 @@ class Reconstruction:
         self.cdtype = np.complex128 if params.precision == "double" else np.complex64
         self.rdtype = np.float64 if params.precision == "double" else np.float32
         self.modes_log: list[str] = []
+        self.overlap_rounds: list[int] = []        # probe updates of each DM iteration
         self._setup()
 
     @property
@@ -440,13 +441,19 @@ class Reconstruction:
         self._each(self._fourier_batch)
         data_err = self._reduce_err() / max(self.total_intensity, 1e-300)
         self._update_object()
+        rounds = 0
         if it >= p.probe_update_start:
             for r in range(p.update_rounds):
+                before = self.probe
                 self._update_probe()
+                rounds = r + 1
+                if p.overlap_converge and dm.probe_change(self.be, self.probe, before) < p.overlap_converge:
+                    break
                 if r + 1 < p.update_rounds:
                     self._reset("obj_num", "obj_den")
                     self._each(self._object_sums)
                     self._update_object()
+        self.overlap_rounds.append(rounds)
         eps_p = dm.relative_change(self.be, self.probe, probe_old)                   # (7)
         eps_o = dm.relative_change(self.be, self.obj, obj_old)                       # (7)
         return data_err, eps_p, eps_o
