@@ -28,6 +28,7 @@ import numpy as np
 import scipy.fft
 
 from hxn_ptycho.backend import NumpyBackend, available_cores
+from hxn_ptycho.dm_iteration import DMIteration
 from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.simulate import simulate_scan
@@ -63,10 +64,11 @@ def bench_case(n: int, views: int, modes: int, iterations: int, threads: int) ->
     params = ReconParams(iterations=iterations + 1, probe_modes=modes, probe_update_start=0,
                          orthogonalize_every=0, max_memory_gb=16)
     rec = Reconstruction(scan, params, backend=NumpyBackend(threads), log=lambda m: None)
-    rec.iterate(0)                                   # warm-up (FFT plans, page faults)
+    step = DMIteration(rec)
+    step.iterate(0)                                  # warm-up (FFT plans, page faults)
     t0 = time.perf_counter()
     for it in range(1, iterations + 1):
-        rec.iterate(it)
+        step.iterate(it)
     per_iter = (time.perf_counter() - t0) / iterations
     floor = fft_floor(rec.psi, threads, 3, rec.plan.batch_size)
     return {"n": n, "views": views, "modes": modes, "threads": threads, "s_per_iter": per_iter,

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import __version__, dm, modes
 from .backend import get_backend
+from .dm_iteration import DMIteration
 from .geometry import Geometry
 from .parts import BatchScheduler, ExitWaveStore
 from .params import ParamError, ReconParams, algorithm_stages
@@ -374,89 +375,21 @@ class Reconstruction:
         self._store(w, "psi", b, psi)
         self._store(w, "fpsi", b, fpsi)
 
-    # --- one DM iteration, per batch ----------------------------------------------------------
-    # The DM state is kept in Fourier space (F(ψ)) with ψ beside it: F(P·O) is then the only
-    # forward transform and gives the exact data error of the current model for free.
-    def _fourier_batch(self, w: _Worker, b: slice) -> None:
-        be, B = self.be, b.stop - b.start
-        fpsi, amp = self._load(w, "fpsi", b), self.diffamp[b]
-        phi = self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])   # (2)
-        fphi = be.fft2(phi)                                                       # F(P·O)
-        w.err += dm.fourier_update(be, fpsi, fphi, amp, self.mask, self.pbound,   # (3), (4), (7)
-                                   self.params.beta, w.work[:B])
-        psi = w.psi[:B] if self.streaming else self.psi[b]
-        psi[...] = fpsi
-        be.ifft2(psi)                                                             # ψ for (5), (6), in place
-        self._store(w, "fpsi", b, fpsi)
-        self._store(w, "psi", b, psi)
-        self._object_sums(w, b, psi)
-
-    def _object_sums(self, w: _Worker, b: slice, psi: Any = None) -> None:
-        be, B = self.be, b.stop - b.start
-        psi = self._load(w, "psi", b) if psi is None else psi
-        src = dm.object_numerator(be, psi, self._probe_conj, w.onum_src[:B])          # (6) numerator
-        self.geom.scatter_add(be, w.obj_num, b, src)
-        self.geom.scatter_add(be, w.obj_den, b, self._probe_intensity)                # (6) denominator
-
-    def _probe_batch(self, w: _Worker, b: slice) -> None:
-        be, B = self.be, b.stop - b.start
-        ow = self.geom.gather(be, self.obj, b, w.objwin[:B], w.tmp[:B])
-        dm.probe_sums(be, self._load(w, "psi", b), ow, w.probe_num, w.probe_den, w.work[:B])   # (5)
-
     def _model_error_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
         f = be.fft2(self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
         w.err += dm.data_error(be, f, self.diffamp[b], self.mask)
 
-    # --- updates ---------------------------------------------------------------------------
+    # --- shared by the iterations (DM in hxn_ptycho.dm_iteration, ML in hxn_ptycho.ml) ---------
     def _probe_terms(self) -> None:
         xp = self.be.xp
         self._probe_conj = xp.conj(self.probe)
         self._probe_intensity = (xp.square(self.probe.real) + xp.square(self.probe.imag)).sum(axis=0)
 
-    def _update_object(self) -> None:
-        num, den = self._sum_workers("obj_num"), self._sum_workers("obj_den")
-        self.reducer.allreduce_sum([num, den])
-        self.obj = dm.regularised_ratio(self.be, num, den, self.obj, self.params.object_reg).astype(self.cdtype, copy=False)
-
-    def _update_probe(self) -> None:
-        self._reset("probe_num", "probe_den")
-        self._each(self._probe_batch)
-        num, den = self._sum_workers("probe_num"), self._sum_workers("probe_den")
-        self.reducer.allreduce_sum([num, den])
-        self.probe = dm.regularised_ratio(self.be, num, den[None], self.probe, self.params.probe_reg).astype(self.cdtype, copy=False)
-        self._probe_terms()
-
     def _reduce_err(self) -> float:
         err = np.array([float(sum(float(w.err) for w in self._workers))])
         self.reducer.allreduce_sum([err])
         return float(err[0])
-
-    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
-        """One DM iteration; returns the data error and ε_P, ε_O of equation (7)."""
-        p = self.params
-        obj_old, probe_old = self.obj, self.probe          # the updates make new arrays
-        self._probe_terms()
-        self._reset("obj_num", "obj_den", "err")
-        self._each(self._fourier_batch)
-        data_err = self._reduce_err() / max(self.total_intensity, 1e-300)
-        self._update_object()
-        rounds = 0
-        if it >= p.probe_update_start:
-            for r in range(p.update_rounds):
-                before = self.probe
-                self._update_probe()
-                rounds = r + 1
-                if p.overlap_converge and dm.probe_change(self.be, self.probe, before) < p.overlap_converge:
-                    break
-                if r + 1 < p.update_rounds:
-                    self._reset("obj_num", "obj_den")
-                    self._each(self._object_sums)
-                    self._update_object()
-        self.overlap_rounds.append(rounds)
-        eps_p = dm.relative_change(self.be, self.probe, probe_old)                   # (7)
-        eps_o = dm.relative_change(self.be, self.obj, obj_old)                       # (7)
-        return data_err, eps_p, eps_o
 
     # --- probe modes -----------------------------------------------------------------------
     def _mix_modes(self, u: np.ndarray) -> None:
@@ -762,18 +695,6 @@ class Reconstruction:
         if it > 0:                   # DM after another algorithm: exit waves from the current model
             self._each(self._init_psi)
         return DMIteration(self)
-
-
-class DMIteration:
-    """The Difference Map iteration (equations (2)–(7)) over a reconstruction's parts."""
-
-    name = "DM"
-
-    def __init__(self, rec: Reconstruction) -> None:
-        self.rec = rec
-
-    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
-        return self.rec.iterate(it)
 
 
 def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: Any = None, reducer: Any = None,
