@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import scipy.fft
@@ -149,13 +150,18 @@ def bench_star_positions(iterations: int) -> list[dict]:
     return out
 
 
-# settings of the DM comparison with PtyPy (``--overlap``): name -> parameters (None: PtyPy's power bound)
-OVERLAP_SETTINGS: dict[str, dict] = {
-    "single update (default)": {},
-    "alternate <=10, tol 0.05": {"update_rounds": 10, "overlap_converge": 0.05},
-    "probe from iteration 0": {"probe_update_start": 0},
-    "PtyPy power bound": {"ptypy_bound": True},
-    "alternate + PtyPy bound": {"update_rounds": 10, "overlap_converge": 0.05, "ptypy_bound": True},
+# settings of the DM comparison with PtyPy (``--overlap``): key -> (label, parameters); "ptypy_bound": PtyPy's
+# power bound in data units; PtyPy's alpha = 1 is β = 1 here
+OVERLAP_SETTINGS: dict[str, tuple[str, dict]] = {
+    "single": ("single update (default)", {}),
+    "alt": ("alternate <=10, tol 0.05", {"update_rounds": 10, "overlap_converge": 0.05}),
+    "start0": ("probe from iteration 0", {"probe_update_start": 0}),
+    "bound": ("PtyPy power bound", {"ptypy_bound": True}),
+    "alt+bound": ("alternate + PtyPy bound", {"update_rounds": 10, "overlap_converge": 0.05, "ptypy_bound": True}),
+    "beta1": ("beta 1", {"beta": 1.0}),
+    "beta1+alt": ("beta 1, alternate", {"beta": 1.0, "update_rounds": 10, "overlap_converge": 0.05}),
+    "ptypy": ("beta 1, alternate, PtyPy bound", {"beta": 1.0, "update_rounds": 10, "overlap_converge": 0.05,
+                                                 "ptypy_bound": True}),
 }
 
 
@@ -204,12 +210,13 @@ def _run_setting(scan, params: ReconParams) -> tuple[object, float, float]:
 
 
 def bench_overlap(iterations: int, threads: int, settings: list[str] | None = None,
-                  cases: list[str] | None = None) -> list[dict]:
-    """DM with each of ``OVERLAP_SETTINGS`` on the star (1, 3 modes) and on high-count simulations."""
+                  cases: list[str] | None = None) -> Iterator[dict]:
+    """DM with each of ``OVERLAP_SETTINGS`` on the star (1, 3 modes) and on high-count simulations,
+    one result at a time."""
     from hxn_ptycho.datasets import siemens_star
     from hxn_ptycho.metrics import illuminated_region, nrmse
     names = settings or list(OVERLAP_SETTINGS)
-    out = []
+    runs = [OVERLAP_SETTINGS[k] for k in names]
     want = cases or ["star1", "star3", "sim1", "sim37.5", "sim0.02"]
     for case in want:
         if case.startswith("star"):
@@ -217,23 +224,22 @@ def bench_overlap(iterations: int, threads: int, settings: list[str] | None = No
             scan = siemens_star(STAR)
             peer = dict(np.load(STAR.parent / f"peer_ptypy_dm200_{'1mode' if modes == 1 else '3modes'}.npz"))
             base = ReconParams(iterations=iterations, probe_modes=modes, threads=threads)
-            for name in names:
-                res, secs, rounds = _run_setting(scan, overlap_params(base, OVERLAP_SETTINGS[name], scan))
+            for name, setting in runs:
+                res, secs, rounds = _run_setting(scan, overlap_params(base, setting, scan))
                 c, c_ramp = star_correlation(res, peer)
-                out.append({"case": f"star, {modes} mode(s)", "setting": name, "seconds": secs, "rounds": rounds,
+                yield ({"case": f"star, {modes} mode(s)", "setting": name, "seconds": secs, "rounds": rounds,
                             "cost": res.attrs["final_cost"], "corr": c, "corr_ramp": c_ramp,
                             "peer_cost": float(peer["tike_style_gaussian_cost"])})
         else:
             gain = float(case[3:])
             scan, truth = simulate_scan(n=64, n_positions=200, probe_modes=3, photons=1e8, seed=5, gain=gain)
             base = ReconParams(iterations=iterations, probe_modes=3, threads=threads)
-            for name in names:
-                res, secs, rounds = _run_setting(scan, overlap_params(base, OVERLAP_SETTINGS[name], scan))
+            for name, setting in runs:
+                res, secs, rounds = _run_setting(scan, overlap_params(base, setting, scan))
                 reg = illuminated_region(res.positions_px, res.probe, res.object.shape[1:])
-                out.append({"case": f"simulation 1e8 photons, gain {gain:g}", "setting": name, "seconds": secs,
+                yield ({"case": f"simulation 1e8 photons, gain {gain:g}", "setting": name, "seconds": secs,
                             "rounds": rounds, "cost": res.attrs["final_cost"] / gain,
                             "nrmse": nrmse(res.object[0], truth.object, reg)})
-    return out
 
 
 def main() -> int:
@@ -250,14 +256,15 @@ def main() -> int:
     ap.add_argument("--overlap", type=int, default=0,
                     help="DM against PtyPy's (overlap alternation, probe start, power bound) for this many iterations")
     ap.add_argument("--overlap-cases", nargs="*", default=None, help="star1 star3 sim1 sim37.5 sim0.02")
+    ap.add_argument("--overlap-settings", nargs="*", default=None, help=" ".join(OVERLAP_SETTINGS))
     args = ap.parse_args()
     if args.overlap:
         print(f"# DM against PtyPy, {args.overlap} iterations, threads {args.threads}; simulation costs in photon "
               f"units (cost / gain), object NRMSE against the truth", flush=True)
-        for r in bench_overlap(args.overlap, args.threads, cases=args.overlap_cases):
+        for r in bench_overlap(args.overlap, args.threads, args.overlap_settings, args.overlap_cases):
             extra = (f"corr with PtyPy {r['corr']:.4f} (contrast {r['corr_ramp']:.4f}), PtyPy cost "
                      f"{r['peer_cost']:.4f}") if "corr" in r else f"NRMSE {r['nrmse']:.4f}"
-            print(f"{r['case']:<36} {r['setting']:<26} {r['seconds']:7.1f} s  rounds {r['rounds']:4.2f}  "
+            print(f"{r['case']:<36} {r['setting']:<31} {r['seconds']:7.1f} s  rounds {r['rounds']:4.2f}  "
                   f"cost {r['cost']:.4f}  {extra}", flush=True)
     if args.star_ml:
         for r in bench_star_ml(args.star_ml):
