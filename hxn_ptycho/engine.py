@@ -122,9 +122,10 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
                   sample: int = 2_000_000) -> tuple[float, str]:
     """The data's units per photon, from the quantum of the counts, agreed over the ranks.
 
-    Counting detectors give intensities k·g (k photons, g units per photon): the smallest
-    positive values are g, and the low values are whole multiples of it. Unquantised data (an
-    integrating detector, a normalised scan) give 1: the power bound then stays in data units.
+    Counting detectors give intensities k·g (k photons, g units per photon): the low values are
+    whole multiples of g: so are the steps between the distinct low values, the smallest one g.
+    Unquantised data (an integrating detector, a normalised scan) give 1: the power bound then
+    stays in data units.
     """
     flat: np.ndarray = np.asarray(diffamp, np.float64).reshape(len(diffamp), -1)
     if mask is not None:
@@ -135,11 +136,20 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     pos = inten[inten > 0]
     gain, ok = 1.0, 0.0
     if pos.size >= 1000:
-        q = float(np.quantile(pos, 0.001))
-        low = pos[pos < 20 * q] / q
-        k = np.round(low)
-        if low.size >= 200 and np.mean(np.abs(low - k) < 0.05) > 0.9:
-            gain, ok = float(np.median(low[k >= 1] / k[k >= 1]) * q), 1.0
+        # the lowest distinct values (float rounding merged): at high counts the fewest photons a
+        # pixel sees may be thousands, but neighbouring counts still occur, so the steps between
+        # them are whole multiples of g, the smallest one g itself (or a small multiple)
+        u = np.unique(pos)
+        distinct = u[np.concatenate([[True], np.diff(u) > 1e-4 * u[1:]])][:300]
+        steps = np.diff(distinct)
+        for m in range(1, 9) if steps.size >= 8 else ():
+            q = float(steps.min()) / m
+            k = np.round(steps / q)
+            if np.mean(np.abs(steps / q - k) < 0.05) > 0.9:
+                g = float(np.median(steps / k))
+                span = float(distinct[-1] - distinct[0])           # many quanta: g to rounding
+                gain, ok = span / max(round(span / g), 1), 1.0
+                break
     buf = np.array([gain * ok, ok, 1.0])
     reducer.allreduce_sum([buf])
     if buf[1] == buf[2]:            # every rank found the same kind of data

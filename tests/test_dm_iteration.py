@@ -85,3 +85,16 @@ def test_overlap_loop_counts_and_quality(sim1):
     rounds = out["alt"][1]
     assert rounds[:2] == [0, 0] and min(rounds[2:]) >= 1 and max(rounds) > 1 and np.mean(rounds[2:]) < 2
     assert out["alt"][0] < 0.02 and out["alt"][0] == pytest.approx(out["single"][0], rel=0.1), out
+
+
+def test_gain_estimate_at_high_counts():
+    """At high counts no pixel sees one photon (here the fewest see thousands), but neighbouring
+    counts still occur: the quantum is the smallest step between them. Before, the 0.1 % quantile
+    was taken for the quantum and the data fell back to data units above ~10⁷ photons a frame."""
+    from hxn_ptycho.engine import LocalReducer, estimate_gain
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(rng.uniform(3e3, 3e4, (40, 64, 64))).astype(np.float64)
+    for g in (4.2, 37.5, 0.02):
+        assert estimate_gain(np.sqrt(counts * g).astype(np.float32), None, LocalReducer())[0] == \
+            pytest.approx(g, rel=1e-4)
+    assert estimate_gain(np.sqrt(counts * 1.3 + rng.normal(0, 0.5, counts.shape)), None, LocalReducer())[0] == 1.0
