@@ -160,6 +160,8 @@ OVERLAP_SETTINGS: dict[str, tuple[str, dict]] = {
     "alt+bound": ("alternate + PtyPy bound", {"update_rounds": 10, "overlap_converge": 0.05, "ptypy_bound": True}),
     "beta1": ("beta 1", {"beta": 1.0}),
     "beta1+alt": ("beta 1, alternate", {"beta": 1.0, "update_rounds": 10, "overlap_converge": 0.05}),
+    "alt-tight": ("alternate <=10, tol 0.005", {"update_rounds": 10, "overlap_converge": 0.005}),
+    "beta1+start0": ("beta 1, probe from iteration 0", {"beta": 1.0, "probe_update_start": 0}),
     "ptypy": ("beta 1, alternate, PtyPy bound", {"beta": 1.0, "update_rounds": 10, "overlap_converge": 0.05,
                                                  "ptypy_bound": True}),
 }

@@ -1,4 +1,5 @@
-"""The Difference Map iteration loop, written once for one process or many.
+"""The reconstruction loop, written once for one process or many: the chain of iteration objects
+(DM, :mod:`hxn_ptycho.dm_iteration`; ML, :mod:`hxn_ptycho.ml`) over one Reconstruction's parts.
 
 The loop works on the views this process holds (a rank's slice of the scan). Every sum over
 views — the numerators and denominators of the probe and object updates and the error figures —
