@@ -150,20 +150,22 @@ def bench_star_positions(iterations: int) -> list[dict]:
     return out
 
 
-# settings of the DM comparison with PtyPy (``--overlap``): key -> (label, parameters); "ptypy_bound": PtyPy's
-# power bound in data units; PtyPy's alpha = 1 is β = 1 here
+# settings of the DM comparison with PtyPy (``--overlap``): key -> (label, parameters), each over the
+# baseline β 0.8, one probe/object update, probe from iteration 2; "ptypy_bound": PtyPy's power bound in
+# data units; PtyPy's alpha = 1 is β = 1 here
+OVERLAP_BASE = {"beta": 0.8, "update_rounds": 1, "overlap_converge": 0.0, "probe_update_start": 2}
+ALTERNATE = {"update_rounds": 10, "overlap_converge": 0.05}
 OVERLAP_SETTINGS: dict[str, tuple[str, dict]] = {
-    "single": ("single update (default)", {}),
-    "alt": ("alternate <=10, tol 0.05", {"update_rounds": 10, "overlap_converge": 0.05}),
+    "single": ("beta 0.8, single update", {}),
+    "alt": ("alternate <=10, tol 0.05", ALTERNATE),
+    "alt-tight": ("alternate <=10, tol 0.005", {"update_rounds": 10, "overlap_converge": 0.005}),
     "start0": ("probe from iteration 0", {"probe_update_start": 0}),
     "bound": ("PtyPy power bound", {"ptypy_bound": True}),
-    "alt+bound": ("alternate + PtyPy bound", {"update_rounds": 10, "overlap_converge": 0.05, "ptypy_bound": True}),
+    "alt+bound": ("alternate + PtyPy bound", {**ALTERNATE, "ptypy_bound": True}),
     "beta1": ("beta 1", {"beta": 1.0}),
-    "beta1+alt": ("beta 1, alternate", {"beta": 1.0, "update_rounds": 10, "overlap_converge": 0.05}),
-    "alt-tight": ("alternate <=10, tol 0.005", {"update_rounds": 10, "overlap_converge": 0.005}),
+    "beta1+alt": ("beta 1, alternate", {"beta": 1.0, **ALTERNATE}),
     "beta1+start0": ("beta 1, probe from iteration 0", {"beta": 1.0, "probe_update_start": 0}),
-    "ptypy": ("beta 1, alternate, PtyPy bound", {"beta": 1.0, "update_rounds": 10, "overlap_converge": 0.05,
-                                                 "ptypy_bound": True}),
+    "ptypy": ("beta 1, alternate, PtyPy bound", {"beta": 1.0, **ALTERNATE, "ptypy_bound": True}),
 }
 
 
@@ -174,7 +176,7 @@ def ptypy_power_bound(scan, relax: float = 0.05) -> float:
 
 
 def overlap_params(base: ReconParams, setting: dict, scan) -> ReconParams:
-    setting = dict(setting)
+    setting = {**OVERLAP_BASE, **setting}
     if setting.pop("ptypy_bound", False):
         setting.update(power_bound=ptypy_power_bound(scan), detector_gain=1.0)
     return base.replace(**setting)

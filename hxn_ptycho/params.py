@@ -50,7 +50,7 @@ class ReconParams:
 
     # -- algorithm ------------------------------------------------------------------------
     iterations: int = param(100, "iterations in all", group="algorithm", min=1, kind="int")
-    beta: float = param(0.8, "DM relaxation β of equation (3)", group="algorithm", min=0.0, max=1.5,
+    beta: float = param(1.0, "DM relaxation β of equation (3)", group="algorithm", min=0.0, max=1.5,
                         min_open=True, kind="float")
     power_bound: float = param(0.25, "relaxed Fourier projection (4): mean squared amplitude deviation per "
                                "pixel left alone (photon counts: 0.25 = Poisson noise); 0 = exact",
