@@ -140,8 +140,11 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
         # the lowest distinct values (float rounding merged): at high counts the fewest photons a
         # pixel sees may be thousands, but neighbouring counts still occur, so the steps between
         # them are whole multiples of g, the smallest one g itself (or a small multiple)
-        u = np.unique(pos)
-        distinct = u[np.concatenate([[True], np.diff(u) > 1e-4 * u[1:]])][:300]
+        count = min(pos.size, 20_000)
+        distinct = _distinct(np.sort(np.partition(pos, count - 1)[:count]))
+        if distinct.size < 300:             # few low values (low counts): the values of a subsample
+            distinct = _distinct(np.unique(pos[::max(1, pos.size // 200_000)]))
+        distinct = distinct[:300]
         steps = np.diff(distinct)
         for m in range(1, 9) if steps.size >= 8 else ():
             q = float(steps.min()) / m
@@ -156,6 +159,11 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     if buf[1] == buf[2]:            # every rank found the same kind of data
         return float(buf[0] / buf[1]), "the quantum of the counts"
     return 1.0, "counts not quantised: data units"
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values of sorted ``values``, those within float rounding (10⁻⁴) merged."""
+    return values[np.concatenate([[True], np.diff(values) > 1e-4 * values[1:]])]
 
 
 def _median_step(pos: np.ndarray) -> float:
