@@ -11,6 +11,8 @@
                                                    # probe start and the power bound, on the star (1 and
                                                    # 3 modes; correlation with PtyPy's object) and on
                                                    # high-count simulations at gains 1, 37.5, 0.02
+                                                   # (all: ~30 min; --overlap-cases star1 sim1
+                                                   #  --overlap-settings single alt beta1 ptypy: a few)
 
 Prints, per case: seconds per DM iteration, frames·iterations per second, the seconds of the
 forward + inverse FFTs of the same exit waves alone (same threads), their ratio, and the peak
