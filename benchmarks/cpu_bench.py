@@ -6,6 +6,13 @@
                                                    # DM then ML on the star (against DM alone), and
                                                    # position refinement on the star with its positions
                                                    # perturbed (3 px RMS + 2 % scale): gradient and search
+    python benchmarks/cpu_bench.py --modes --overlap 200
+                                                   # DM against PtyPy's: the overlap alternation, the
+                                                   # probe start and the power bound, on the star (1 and
+                                                   # 3 modes; correlation with PtyPy's object) and on
+                                                   # high-count simulations at gains 1, 37.5, 0.02
+                                                   # (all: ~30 min; --overlap-cases star1 sim1
+                                                   #  --overlap-settings single alt beta1 ptypy: a few)
 
 Prints, per case: seconds per DM iteration, frames·iterations per second, the seconds of the
 forward + inverse FFTs of the same exit waves alone (same threads), their ratio, and the peak
@@ -18,11 +25,13 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import scipy.fft
 
 from hxn_ptycho.backend import NumpyBackend, available_cores
+from hxn_ptycho.dm_iteration import DMIteration
 from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.simulate import simulate_scan
@@ -58,10 +67,11 @@ def bench_case(n: int, views: int, modes: int, iterations: int, threads: int) ->
     params = ReconParams(iterations=iterations + 1, probe_modes=modes, probe_update_start=0,
                          orthogonalize_every=0, max_memory_gb=16)
     rec = Reconstruction(scan, params, backend=NumpyBackend(threads), log=lambda m: None)
-    rec.iterate(0)                                   # warm-up (FFT plans, page faults)
+    step = DMIteration(rec)
+    step.iterate(0)                                  # warm-up (FFT plans, page faults)
     t0 = time.perf_counter()
     for it in range(1, iterations + 1):
-        rec.iterate(it)
+        step.iterate(it)
     per_iter = (time.perf_counter() - t0) / iterations
     floor = fft_floor(rec.psi, threads, 3, rec.plan.batch_size)
     return {"n": n, "views": views, "modes": modes, "threads": threads, "s_per_iter": per_iter,
@@ -142,6 +152,102 @@ def bench_star_positions(iterations: int) -> list[dict]:
     return out
 
 
+# settings of the DM comparison with PtyPy (``--overlap``): key -> (label, parameters), each over the
+# baseline β 0.8, one probe/object update, probe from iteration 2; "ptypy_bound": PtyPy's power bound in
+# data units; PtyPy's alpha = 1 is β = 1 here
+OVERLAP_BASE = {"beta": 0.8, "update_rounds": 1, "overlap_converge": 0.0, "probe_update_start": 2}
+ALTERNATE = {"update_rounds": 10, "overlap_converge": 0.05}
+OVERLAP_SETTINGS: dict[str, tuple[str, dict]] = {
+    "single": ("beta 0.8, single update", {}),
+    "alt": ("alternate <=10, tol 0.05", ALTERNATE),
+    "alt-tight": ("alternate <=10, tol 0.005", {"update_rounds": 10, "overlap_converge": 0.005}),
+    "start0": ("probe from iteration 0", {"probe_update_start": 0}),
+    "bound": ("PtyPy power bound", {"ptypy_bound": True}),
+    "alt+bound": ("alternate + PtyPy bound", {**ALTERNATE, "ptypy_bound": True}),
+    "beta1": ("beta 1", {"beta": 1.0}),
+    "beta1+alt": ("beta 1, alternate", {"beta": 1.0, **ALTERNATE}),
+    "beta1+start0": ("beta 1, probe from iteration 0", {"beta": 1.0, "probe_update_start": 0}),
+    "ptypy": ("beta 1, alternate, PtyPy bound", {"beta": 1.0, **ALTERNATE, "ptypy_bound": True}),
+}
+
+
+def ptypy_power_bound(scan, relax: float = 0.05) -> float:
+    """PtyPy's DM power bound in data units: 0.25 · fourier_relax_factor² · max_j ΣI_j / pixels."""
+    frame_power = np.sum(np.square(scan.diffamp, dtype=np.float64), axis=(1, 2))
+    return 0.25 * relax ** 2 * float(frame_power.max()) / scan.diffamp[0].size
+
+
+def overlap_params(base: ReconParams, setting: dict, scan) -> ReconParams:
+    setting = {**OVERLAP_BASE, **setting}
+    if setting.pop("ptypy_bound", False):
+        setting.update(power_bound=ptypy_power_bound(scan), detector_gain=1.0)
+    return base.replace(**setting)
+
+
+def star_correlation(res, peer: dict) -> tuple[float, float]:
+    """|<a, b>| / (|a| |b|) of our object and PtyPy's over our illuminated region, after moving the
+    peer's by the whole-pixel offset of the two frames and registering the rest (sub-pixel):
+    global phase removed (the modulus of the inner product); then of the deviations from the mean
+    (the contrast alone), the phase ramp also removed."""
+    from hxn_ptycho.metrics import illuminated_region, remove_phase_ramp
+    from hxn_ptycho.registration import fourier_shift, register_shift
+    a, b = res.object[0].astype(np.complex128), peer["object"].astype(np.complex128)
+    off = np.round((peer["top_left_px"] - res.positions_px).mean(0)).astype(int)
+    b2 = np.ones_like(a)
+    src = b[max(off[0], 0):, max(off[1], 0):]
+    r, c = max(-off[0], 0), max(-off[1], 0)
+    h, w = min(a.shape[0] - r, src.shape[0]), min(a.shape[1] - c, src.shape[1])
+    b2[r:r + h, c:c + w] = src[:h, :w]
+    reg = illuminated_region(res.positions_px, res.probe, a.shape)
+    b3 = fourier_shift(b2, register_shift(np.where(reg, a, 0), np.where(reg, b2, 0), upsample=20))
+
+    def corr(x: np.ndarray, y: np.ndarray) -> float:
+        return float(abs(np.vdot(x, y)) / np.linalg.norm(x) / np.linalg.norm(y))
+    x, y = a[reg], remove_phase_ramp(b3, a, reg)[reg]
+    return corr(x, b3[reg]), corr(x - x.mean(), y - y.mean())
+
+
+def _run_setting(scan, params: ReconParams) -> tuple[object, float, float]:
+    t0 = time.perf_counter()
+    rec = Reconstruction(scan, params, log=lambda m: None)
+    res = rec.run()
+    rounds = np.array(rec.overlap_rounds, float)
+    return res, time.perf_counter() - t0, float(rounds[rounds > 0].mean()) if (rounds > 0).any() else 0.0
+
+
+def bench_overlap(iterations: int, threads: int, settings: list[str] | None = None,
+                  cases: list[str] | None = None) -> Iterator[dict]:
+    """DM with each of ``OVERLAP_SETTINGS`` on the star (1, 3 modes) and on high-count simulations,
+    one result at a time."""
+    from hxn_ptycho.datasets import siemens_star
+    from hxn_ptycho.metrics import illuminated_region, nrmse
+    names = settings or list(OVERLAP_SETTINGS)
+    runs = [OVERLAP_SETTINGS[k] for k in names]
+    want = cases or ["star1", "star3", "sim1", "sim37.5", "sim0.02"]
+    for case in want:
+        if case.startswith("star"):
+            modes = int(case[4:])
+            scan = siemens_star(STAR)
+            peer = dict(np.load(STAR.parent / f"peer_ptypy_dm200_{'1mode' if modes == 1 else '3modes'}.npz"))
+            base = ReconParams(iterations=iterations, probe_modes=modes, threads=threads)
+            for name, setting in runs:
+                res, secs, rounds = _run_setting(scan, overlap_params(base, setting, scan))
+                c, c_ramp = star_correlation(res, peer)
+                yield ({"case": f"star, {modes} mode(s)", "setting": name, "seconds": secs, "rounds": rounds,
+                            "cost": res.attrs["final_cost"], "corr": c, "corr_ramp": c_ramp,
+                            "peer_cost": float(peer["tike_style_gaussian_cost"])})
+        else:
+            gain = float(case[3:])
+            scan, truth = simulate_scan(n=64, n_positions=200, probe_modes=3, photons=1e8, seed=5, gain=gain)
+            base = ReconParams(iterations=iterations, probe_modes=3, threads=threads)
+            for name, setting in runs:
+                res, secs, rounds = _run_setting(scan, overlap_params(base, setting, scan))
+                reg = illuminated_region(res.positions_px, res.probe, res.object.shape[1:])
+                yield ({"case": f"simulation 1e8 photons, gain {gain:g}", "setting": name, "seconds": secs,
+                            "rounds": rounds, "cost": res.attrs["final_cost"] / gain,
+                            "nrmse": nrmse(res.object[0], truth.object, reg)})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=128)
@@ -153,7 +259,19 @@ def main() -> int:
     ap.add_argument("--star-ml", default="", help="the star with this chain (e.g. DM:40,ML:20) against DM alone")
     ap.add_argument("--star-positions", type=int, default=0,
                     help="position refinement on the perturbed star for this many iterations")
+    ap.add_argument("--overlap", type=int, default=0,
+                    help="DM against PtyPy's (overlap alternation, probe start, power bound) for this many iterations")
+    ap.add_argument("--overlap-cases", nargs="*", default=None, help="star1 star3 sim1 sim37.5 sim0.02")
+    ap.add_argument("--overlap-settings", nargs="*", default=None, help=" ".join(OVERLAP_SETTINGS))
     args = ap.parse_args()
+    if args.overlap:
+        print(f"# DM against PtyPy, {args.overlap} iterations, threads {args.threads}; simulation costs in photon "
+              f"units (cost / gain), object NRMSE against the truth", flush=True)
+        for r in bench_overlap(args.overlap, args.threads, args.overlap_settings, args.overlap_cases):
+            extra = (f"corr with PtyPy {r['corr']:.4f} (contrast {r['corr_ramp']:.4f}), PtyPy cost "
+                     f"{r['peer_cost']:.4f}") if "corr" in r else f"NRMSE {r['nrmse']:.4f}"
+            print(f"{r['case']:<36} {r['setting']:<31} {r['seconds']:7.1f} s  rounds {r['rounds']:4.2f}  "
+                  f"cost {r['cost']:.4f}  {extra}", flush=True)
     if args.star_ml:
         for r in bench_star_ml(args.star_ml):
             print(f"Siemens star {r['algorithm']:<14} {r['seconds']:7.1f} s  cost {r['cost']:.4f}", flush=True)

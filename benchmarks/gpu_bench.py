@@ -8,7 +8,7 @@ Prints, with the device named:
       modes, 50 iterations: total seconds and peak device memory;
   (c) the ratio of the iteration time to the bare cuFFT time (one forward + one inverse batched
       FFT of the same exit waves, the least any DM iteration must do).
-Each case is timed twice: through the engine (``engine.Reconstruction.iterate``, the code users
+Each case is timed twice: through the engine (``dm_iteration.DMIteration.iterate``, the code users
 run) and as the fused-kernel pipeline below (``fused_iteration``: what the kernels reach when the
 engine uses ``fourier_update``/``fft_exit_waves``). Also: the overlap accumulation with atomics
 versus non-overlapping sets (the paper left that open).
@@ -150,6 +150,7 @@ def fft_floor(be, shape, dtype=np.complex64) -> float:
 
 def engine_case(be, scan, K: int, iters: int, batch: int | None):
     """(seconds per iteration through the engine, total seconds for ``iters``, peak pool bytes)."""
+    from hxn_ptycho.dm_iteration import DMIteration
     from hxn_ptycho.engine import Reconstruction
     from hxn_ptycho.params import ReconParams
     cp = be.xp
@@ -162,9 +163,10 @@ def engine_case(be, scan, K: int, iters: int, batch: int | None):
     rec = Reconstruction(scan, params, backend=be, log=lambda m: print("   ", m))
     be.synchronize()
     t_setup = time.perf_counter() - t0
+    step = DMIteration(rec)
     t1 = time.perf_counter()
     for it in range(iters):
-        rec.iterate(it)
+        step.iterate(it)
         if params.orthogonalize_every and (it + 1) % params.orthogonalize_every == 0 and it + 1 < iters:
             rec.orthogonalize_probe()
     be.synchronize()

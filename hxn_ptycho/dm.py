@@ -179,3 +179,12 @@ def relative_change(be: Any, new: Any, old: Any) -> Any:
     num = xp.sum(xp.square(d.real) + xp.square(d.imag), axis=axes)
     den = xp.sum(xp.square(old.real) + xp.square(old.imag), axis=axes)
     return be.asnumpy(xp.sqrt(num / xp.maximum(den, TINY)))
+
+
+# overlap-loop convergence (Thibault et al. 2009): δ = ‖P_new − P_old‖ / ‖P_new‖, all modes together
+def probe_change(be: Any, new: Any, old: Any) -> float:
+    xp = be.xp
+    d = new - old
+    num = float(xp.sum(xp.square(d.real) + xp.square(d.imag)))
+    den = float(xp.sum(xp.square(new.real) + xp.square(new.imag)))
+    return (num / max(den, TINY)) ** 0.5

@@ -1,4 +1,5 @@
-"""The Difference Map iteration loop, written once for one process or many.
+"""The reconstruction loop, written once for one process or many: the chain of iteration objects
+(DM, :mod:`hxn_ptycho.dm_iteration`; ML, :mod:`hxn_ptycho.ml`) over one Reconstruction's parts.
 
 The loop works on the views this process holds (a rank's slice of the scan). Every sum over
 views — the numerators and denominators of the probe and object updates and the error figures —
@@ -21,6 +22,7 @@ import numpy as np
 
 from . import __version__, dm, initial, modes
 from .backend import get_backend
+from .dm_iteration import DMIteration
 from .geometry import Geometry
 from .parts import BatchScheduler, ExitWaveStore
 from .probemodes import ProbeModeManager
@@ -122,9 +124,10 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
                   sample: int = 2_000_000) -> tuple[float, str]:
     """The data's units per photon, from the quantum of the counts, agreed over the ranks.
 
-    Counting detectors give intensities k·g (k photons, g units per photon): the smallest
-    positive values are g, and the low values are whole multiples of it. Unquantised data (an
-    integrating detector, a normalised scan) give 1: the power bound then stays in data units.
+    Counting detectors give intensities k·g (k photons, g units per photon): the low values are
+    whole multiples of g: so are the steps between the distinct low values, the smallest one g.
+    Unquantised data (an integrating detector, a normalised scan) give 1: the power bound then
+    stays in data units.
     """
     flat: np.ndarray = np.asarray(diffamp, np.float64).reshape(len(diffamp), -1)
     if mask is not None:
@@ -135,16 +138,33 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     pos = inten[inten > 0]
     gain, ok = 1.0, 0.0
     if pos.size >= 1000:
-        q = float(np.quantile(pos, 0.001))
-        low = pos[pos < 20 * q] / q
-        k = np.round(low)
-        if low.size >= 200 and np.mean(np.abs(low - k) < 0.05) > 0.9:
-            gain, ok = float(np.median(low[k >= 1] / k[k >= 1]) * q), 1.0
+        # the lowest distinct values (float rounding merged): at high counts the fewest photons a
+        # pixel sees may be thousands, but neighbouring counts still occur, so the steps between
+        # them are whole multiples of g, the smallest one g itself (or a small multiple)
+        count = min(pos.size, 20_000)
+        distinct = _distinct(np.sort(np.partition(pos, count - 1)[:count]))
+        if distinct.size < 300:             # few low values (low counts): the values of a subsample
+            distinct = _distinct(np.unique(pos[::max(1, pos.size // 200_000)]))
+        distinct = distinct[:300]
+        steps = np.diff(distinct)
+        for m in range(1, 9) if steps.size >= 8 else ():
+            q = float(steps.min()) / m
+            k = np.round(steps / q)
+            if np.mean(np.abs(steps / q - k) < 0.05) > 0.9:
+                g = float(np.median(steps / k))
+                span = float(distinct[-1] - distinct[0])           # many quanta: g to rounding
+                gain, ok = span / max(round(span / g), 1), 1.0
+                break
     buf = np.array([gain * ok, ok, 1.0])
     reducer.allreduce_sum([buf])
     if buf[1] == buf[2]:            # every rank found the same kind of data
         return float(buf[0] / buf[1]), "the quantum of the counts"
     return 1.0, "counts not quantised: data units"
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values of sorted ``values``, those within float rounding (10⁻⁴) merged."""
+    return values[np.concatenate([[True], np.diff(values) > 1e-4 * values[1:]])]
 
 
 class _Worker:
@@ -200,6 +220,7 @@ class Reconstruction:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.cdtype = np.complex128 if params.precision == "double" else np.complex64
         self.rdtype = np.float64 if params.precision == "double" else np.float32
+        self.overlap_rounds: list[int] = []        # probe updates of each DM iteration
         self._setup()
 
     @property
@@ -303,83 +324,21 @@ class Reconstruction:
         self._store(w, "psi", b, psi)
         self._store(w, "fpsi", b, fpsi)
 
-    # --- one DM iteration, per batch ----------------------------------------------------------
-    # The DM state is kept in Fourier space (F(ψ)) with ψ beside it: F(P·O) is then the only
-    # forward transform and gives the exact data error of the current model for free.
-    def _fourier_batch(self, w: _Worker, b: slice) -> None:
-        be, B = self.be, b.stop - b.start
-        fpsi, amp = self._load(w, "fpsi", b), self.diffamp[b]
-        phi = self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])   # (2)
-        fphi = be.fft2(phi)                                                       # F(P·O)
-        w.err += dm.fourier_update(be, fpsi, fphi, amp, self.mask, self.pbound,   # (3), (4), (7)
-                                   self.params.beta, w.work[:B])
-        psi = w.psi[:B] if self.streaming else self.psi[b]
-        psi[...] = fpsi
-        be.ifft2(psi)                                                             # ψ for (5), (6), in place
-        self._store(w, "fpsi", b, fpsi)
-        self._store(w, "psi", b, psi)
-        self._object_sums(w, b, psi)
-
-    def _object_sums(self, w: _Worker, b: slice, psi: Any = None) -> None:
-        be, B = self.be, b.stop - b.start
-        psi = self._load(w, "psi", b) if psi is None else psi
-        src = dm.object_numerator(be, psi, self._probe_conj, w.onum_src[:B])          # (6) numerator
-        self.geom.scatter_add(be, w.obj_num, b, src)
-        self.geom.scatter_add(be, w.obj_den, b, self._probe_intensity)                # (6) denominator
-
-    def _probe_batch(self, w: _Worker, b: slice) -> None:
-        be, B = self.be, b.stop - b.start
-        ow = self.geom.gather(be, self.obj, b, w.objwin[:B], w.tmp[:B])
-        dm.probe_sums(be, self._load(w, "psi", b), ow, w.probe_num, w.probe_den, w.work[:B])   # (5)
-
     def _model_error_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
         f = be.fft2(self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
         w.err += dm.data_error(be, f, self.diffamp[b], self.mask)
 
-    # --- updates ---------------------------------------------------------------------------
+    # --- shared by the iterations (DM in hxn_ptycho.dm_iteration, ML in hxn_ptycho.ml) ---------
     def _probe_terms(self) -> None:
         xp = self.be.xp
         self._probe_conj = xp.conj(self.probe)
         self._probe_intensity = (xp.square(self.probe.real) + xp.square(self.probe.imag)).sum(axis=0)
 
-    def _update_object(self) -> None:
-        num, den = self._sum_workers("obj_num"), self._sum_workers("obj_den")
-        self.reducer.allreduce_sum([num, den])
-        self.obj = dm.regularised_ratio(self.be, num, den, self.obj, self.params.object_reg).astype(self.cdtype, copy=False)
-
-    def _update_probe(self) -> None:
-        self._reset("probe_num", "probe_den")
-        self._each(self._probe_batch)
-        num, den = self._sum_workers("probe_num"), self._sum_workers("probe_den")
-        self.reducer.allreduce_sum([num, den])
-        self.probe = dm.regularised_ratio(self.be, num, den[None], self.probe, self.params.probe_reg).astype(self.cdtype, copy=False)
-        self._probe_terms()
-
     def _reduce_err(self) -> float:
         err = np.array([float(sum(float(w.err) for w in self._workers))])
         self.reducer.allreduce_sum([err])
         return float(err[0])
-
-    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
-        """One DM iteration; returns the data error and ε_P, ε_O of equation (7)."""
-        p = self.params
-        obj_old, probe_old = self.obj, self.probe          # the updates make new arrays
-        self._probe_terms()
-        self._reset("obj_num", "obj_den", "err")
-        self._each(self._fourier_batch)
-        data_err = self._reduce_err() / max(self.total_intensity, 1e-300)
-        self._update_object()
-        if it >= p.probe_update_start:
-            for r in range(p.update_rounds):
-                self._update_probe()
-                if r + 1 < p.update_rounds:
-                    self._reset("obj_num", "obj_den")
-                    self._each(self._object_sums)
-                    self._update_object()
-        eps_p = dm.relative_change(self.be, self.probe, probe_old)                   # (7)
-        eps_o = dm.relative_change(self.be, self.obj, obj_old)                       # (7)
-        return data_err, eps_p, eps_o
 
     # --- probe modes (hxn_ptycho.probemodes) ------------------------------------------------
     @property
@@ -520,18 +479,6 @@ class Reconstruction:
         if it > 0:                   # DM after another algorithm: exit waves from the current model
             self._each(self._init_psi)
         return DMIteration(self)
-
-
-class DMIteration:
-    """The Difference Map iteration (equations (2)–(7)) over a reconstruction's parts."""
-
-    name = "DM"
-
-    def __init__(self, rec: Reconstruction) -> None:
-        self.rec = rec
-
-    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
-        return self.rec.iterate(it)
 
 
 def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: Any = None, reducer: Any = None,

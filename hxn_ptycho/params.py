@@ -50,7 +50,7 @@ class ReconParams:
 
     # -- algorithm ------------------------------------------------------------------------
     iterations: int = param(100, "iterations in all", group="algorithm", min=1, kind="int")
-    beta: float = param(0.8, "DM relaxation β of equation (3)", group="algorithm", min=0.0, max=1.5,
+    beta: float = param(1.0, "DM relaxation β of equation (3)", group="algorithm", min=0.0, max=1.5,
                         min_open=True, kind="float")
     power_bound: float = param(0.25, "relaxed Fourier projection (4): mean squared amplitude deviation per "
                                "pixel left alone (photon counts: 0.25 = Poisson noise); 0 = exact",
@@ -58,8 +58,11 @@ class ReconParams:
     detector_gain: float | None = param(None, "data units per photon, which scales the power bound (default: "
                                         "found from the quantum of the counts; 1 when they are not quantised)",
                                         group="algorithm", min=0.0, min_open=True, kind="float")
-    update_rounds: int = param(1, "probe/object update alternations per DM iteration", group="algorithm",
-                               min=1, kind="int")
+    update_rounds: int = param(1, "most probe/object update alternations per DM iteration (PtyPy's "
+                               "overlap_max_iterations)", group="algorithm", min=1, kind="int")
+    overlap_converge: float = param(0.0, "end the alternations of a DM iteration once the probe's relative "
+                                    "change ‖ΔP‖/‖P‖ falls below this (PtyPy's overlap_converge_factor); "
+                                    "0 = always update_rounds", group="algorithm", min=0.0, kind="float")
     probe_update_start: int = param(2, "first iteration (0-based) with a probe update", group="algorithm",
                                     min=0, kind="int")
     object_reg: float = param(1e-3, "relative regulariser of the object denominator (6)", group="algorithm",

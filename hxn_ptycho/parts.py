@@ -1,5 +1,5 @@
 """The parts a reconstruction is built from, beside :mod:`geometry` (window corners) and the
-initial guesses: the exit-wave store and the batch scheduler. DM (:class:`engine.DMIteration`),
+initial guesses: the exit-wave store and the batch scheduler. DM (:class:`dm_iteration.DMIteration`),
 ML (:class:`ml.MLIteration`) and position refinement (:class:`positions.PositionRefiner`) are
 short iteration objects over the same parts.
 """

@@ -93,6 +93,24 @@ def test_ml_and_position_refinement_equal_one_process(scan, tmp_path):
     assert np.abs(a.positions_refined_px - a.positions_px).max() > 0.01        # they were refined
 
 
+def test_overlap_loop_equals_one_process(scan, tmp_path):
+    """The overlap loop that ends on the probe's relative change: the probe sums go through the
+    reducer, so every rank tests the same probe and stops at the same round — 2 ranks give the
+    1-process result, which differs from the single update's (at this tolerance the loop runs 2
+    or 3 rounds, varying from iteration to iteration)."""
+    params = dict(PARAMS, iterations=12, probe_update_start=0, update_rounds=10, overlap_converge=0.003)
+    ref, single = tmp_path / "ref.h5", tmp_path / "single.h5"
+    assert run_job(1, scan[0], ref, params, launcher=False).returncode == 0
+    assert run_job(1, scan[0], single, dict(params, update_rounds=1), launcher=False).returncode == 0
+    out = tmp_path / "r.h5"
+    done = run_job(2, scan[0], out, params)
+    assert done.returncode == 0, done.stderr
+    a, b, c = read_result(out), read_result(ref), read_result(single)
+    assert rel_diff(a.object, b.object) <= 1e-5 and rel_diff(a.probe, b.probe) <= 1e-5
+    np.testing.assert_allclose(a.error_data, b.error_data, rtol=1e-5)
+    assert rel_diff(b.probe, c.probe) > 1e-4                  # the loop ran more than one round
+
+
 def test_each_rank_reads_only_its_slice(scan, tmp_path):
     out = tmp_path / "r.h5"
     done = run_job(3, scan[0], out, PARAMS)

@@ -1,0 +1,119 @@
+"""The Difference Map iteration, an object over a :class:`~hxn_ptycho.engine.Reconstruction`'s parts.
+
+One iteration on the exit waves of the views this process holds (equation numbers of :mod:`dm`):
+
+1. the Fourier step, one pass over the batches: Φ = P·O (2), its transform and the data error
+   (7), F(ψ) ← F(ψ) + β·(Π_F(2·F(Φ) − F(ψ)) − F(Φ)) (3), (4), ψ = F⁻¹(F(ψ)), and the sums of the
+   object update (6) from the new ψ in the same pass;
+2. the overlap step: the object update (6), then — from iteration ``probe_update_start`` — the
+   probe update (5) and the object update again, in turn, at most ``update_rounds`` probe updates,
+   ending early once the probe's relative change is below ``overlap_converge`` (the overlap loop
+   of Thibault et al., *Ultramicroscopy* 109, 338 (2009), as in PtyPy's DM);
+3. the relative changes ε_P, ε_O of (7).
+
+The state is kept in Fourier space (F(ψ), with ψ beside it): F(P·O) is then the only forward
+transform and gives the exact data error of the current model for free. Every sum over views goes
+through the reconstruction's reducer, so each rank sees the same probe and ends the overlap loop
+at the same round.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import dm
+
+if TYPE_CHECKING:
+    from .engine import Reconstruction
+
+
+class DMIteration:
+    """The Difference Map (equations (2)–(7)) over a reconstruction's parts."""
+
+    name = "DM"
+
+    def __init__(self, rec: Reconstruction) -> None:
+        self.rec = rec
+
+    # --- per batch ------------------------------------------------------------------------------
+    def _fourier_batch(self, w: Any, b: slice) -> None:
+        rec, be, B = self.rec, self.rec.be, b.stop - b.start
+        fpsi, amp = rec._load(w, "fpsi", b), rec.diffamp[b]
+        phi = rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])  # (2)
+        fphi = be.fft2(phi)                                                                      # F(P·O)
+        w.err += dm.fourier_update(be, fpsi, fphi, amp, rec.mask, rec.pbound,                    # (3), (4), (7)
+                                   rec.params.beta, w.work[:B])
+        psi = w.psi[:B] if rec.streaming else rec.psi[b]
+        psi[...] = fpsi
+        be.ifft2(psi)                                                                            # ψ, in place
+        rec._store(w, "fpsi", b, fpsi)
+        rec._store(w, "psi", b, psi)
+        self._object_sums(w, b, psi)
+
+    # (6) Σ_j,k P_k*·ψ_j^(k,l) and Σ_j,k |P_k|², scattered onto the object
+    def _object_sums(self, w: Any, b: slice, psi: Any = None) -> None:
+        rec, be, B = self.rec, self.rec.be, b.stop - b.start
+        psi = rec._load(w, "psi", b) if psi is None else psi
+        src = dm.object_numerator(be, psi, rec._probe_conj, w.onum_src[:B])
+        rec.geom.scatter_add(be, w.obj_num, b, src)
+        rec.geom.scatter_add(be, w.obj_den, b, rec._probe_intensity)
+
+    # (5) Σ_j,l O_l*·ψ_j^(k,l) and Σ_j,l |O_l|²
+    def _probe_sums(self, w: Any, b: slice) -> None:
+        rec, be, B = self.rec, self.rec.be, b.stop - b.start
+        ow = rec.geom.gather(be, rec.obj, b, w.objwin[:B], w.tmp[:B])
+        dm.probe_sums(be, rec._load(w, "psi", b), ow, w.probe_num, w.probe_den, w.work[:B])
+
+    # --- the steps ------------------------------------------------------------------------------
+    # (2)–(4), (7): the DM update of every exit wave; returns Σ(|F(P·O)| − √I)² / ΣI of the model
+    def fourier_step(self) -> float:
+        rec = self.rec
+        rec._probe_terms()
+        rec._reset("obj_num", "obj_den", "err")
+        rec._each(self._fourier_batch)
+        return rec._reduce_err() / max(rec.total_intensity, 1e-300)
+
+    # (6) O_l = (Σ_j,k P_k*·ψ + α·O_l) / (Σ_j,k |P_k|² + α), from the sums already accumulated
+    def update_object(self) -> None:
+        rec = self.rec
+        num, den = rec._sum_workers("obj_num"), rec._sum_workers("obj_den")
+        rec.reducer.allreduce_sum([num, den])
+        rec.obj = dm.regularised_ratio(rec.be, num, den, rec.obj, rec.params.object_reg).astype(rec.cdtype, copy=False)
+
+    # (5) P_k = (Σ_j,l O_l*·ψ + α·P_k) / (Σ_j,l |O_l|² + α)
+    def update_probe(self) -> None:
+        rec = self.rec
+        rec._reset("probe_num", "probe_den")
+        rec._each(self._probe_sums)
+        num, den = rec._sum_workers("probe_num"), rec._sum_workers("probe_den")
+        rec.reducer.allreduce_sum([num, den])
+        rec.probe = dm.regularised_ratio(rec.be, num, den[None], rec.probe, rec.params.probe_reg).astype(
+            rec.cdtype, copy=False)
+        rec._probe_terms()
+
+    # (6), then (5) ⇄ (6) until ‖ΔP‖/‖P‖ < overlap_converge (at most update_rounds probe updates)
+    def overlap_step(self, it: int) -> int:
+        """The object and probe updates of one iteration; returns the number of probe updates."""
+        rec, p = self.rec, self.rec.params
+        self.update_object()
+        if it < p.probe_update_start:
+            return 0
+        for r in range(1, p.update_rounds + 1):
+            before = rec.probe
+            self.update_probe()
+            if r == p.update_rounds or (p.overlap_converge and
+                                        dm.probe_change(rec.be, rec.probe, before) < p.overlap_converge):
+                return r
+            rec._reset("obj_num", "obj_den")
+            rec._each(self._object_sums)
+            self.update_object()
+        return p.update_rounds          # pragma: no cover - the loop returns
+
+    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
+        """One DM iteration; returns the data error and ε_P, ε_O of equation (7)."""
+        rec = self.rec
+        obj_old, probe_old = rec.obj, rec.probe          # the updates make new arrays
+        data_err = self.fourier_step()
+        rec.overlap_rounds.append(self.overlap_step(it))
+        return data_err, dm.relative_change(rec.be, rec.probe, probe_old), dm.relative_change(rec.be, rec.obj, obj_old)
