@@ -32,3 +32,14 @@ def siemens_star(path: str | os.PathLike, margin: float = 0.0) -> ScanData:
     return ScanData(diffamp=np.sqrt(np.maximum(data, 0)).astype(np.float32), points=points,
                     lambda_nm=_LAMBDA_NM, z_m=z_m, ccd_pixel_um=_CCD_UM, probe_guess=probe.astype(np.complex64),
                     attrs={"scan_id": 0, "source": "APS Velociprobe Siemens star (tike test data)"})
+
+
+def perturbed_positions(scan: ScanData, scale: float = 1.02, rms_px: float = 3.0, seed: int = 0) -> ScanData:
+    """``scan`` with its positions scaled by ``scale`` about their centre plus random errors of
+    ``rms_px`` RMS (2-D; µm = object pixels for :func:`siemens_star`): a stage's systematic and
+    random errors, for tests of position refinement."""
+    import dataclasses
+    rng = np.random.default_rng(seed)
+    c = scan.points.mean(axis=1, keepdims=True)
+    pts = c + (scan.points - c) * scale + rng.standard_normal(scan.points.shape) * rms_px / np.sqrt(2)
+    return dataclasses.replace(scan, points=pts)

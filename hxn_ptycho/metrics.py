@@ -60,3 +60,20 @@ def nrmse(recon: np.ndarray, truth: np.ndarray, region: np.ndarray | None = None
     a, t = aligned[region], truth[region]
     c = np.vdot(a, t) / max(np.vdot(a, a).real, 1e-300)
     return float(np.linalg.norm(c * a - t) / np.linalg.norm(t))
+
+
+def shifted_correlation(a: np.ndarray, b: np.ndarray, shift_px: np.ndarray, region: np.ndarray
+                        ) -> tuple[float, np.ndarray]:
+    """|<a, b'>| / (|a| |b'|) over ``region`` and b' itself: ``b`` moved by the whole-pixel part of
+    ``shift_px`` (the offset of its frame from ``a``'s; ones where it has no pixels), then registered
+    on ``a`` sub-pixel and given ``a``'s global phase."""
+    off = np.round(shift_px).astype(int)
+    b2 = np.ones_like(a)
+    src = b[max(off[0], 0):, max(off[1], 0):]
+    r, c = max(-off[0], 0), max(-off[1], 0)
+    h, w = min(a.shape[0] - r, src.shape[0]), min(a.shape[1] - c, src.shape[1])
+    b2[r:r + h, c:c + w] = src[:h, :w]
+    b3 = fourier_shift(b2, register_shift(np.where(region, a, 0), np.where(region, b2, 0), upsample=20))
+    x, y = a[region], b3[region]
+    dot = np.vdot(y, x)
+    return float(abs(dot) / np.linalg.norm(x) / np.linalg.norm(y)), b3 * np.exp(1j * np.angle(dot))

@@ -113,3 +113,26 @@ def test_refine_positions_is_a_switch_on_the_command_line():
     assert p.refine_positions is True and p.position_start == 5 and p.algorithm == "DM:20,ML:10"
     assert params_from_namespace(ap.parse_args(["--refine-positions", "false"])).refine_positions is False
     assert params_from_namespace(ap.parse_args([])).refine_positions is False
+
+
+def test_shifted_correlation_undoes_frame_offset_and_phase():
+    from hxn_ptycho.metrics import shifted_correlation
+    rng = np.random.default_rng(1)
+    a = np.exp(1j * rng.uniform(-1, 1, (60, 70))) * rng.uniform(0.5, 1, (60, 70))
+    b = np.ones_like(a)
+    b[3:, 5:] = a[:-3, :-5] * np.exp(0.7j)             # a's frame offset by (3, 5) px, another global phase
+    region = np.zeros(a.shape, bool)
+    region[10:50, 10:60] = True
+    corr, aligned = shifted_correlation(a, b, np.array([3.0, 5.0]), region)
+    assert corr > 0.999 and np.allclose(aligned[region], a[region], atol=1e-6)
+    other, _ = shifted_correlation(a, np.ones_like(a), np.zeros(2), region)
+    assert other < 0.95
+
+
+def test_perturbed_positions_scale_and_random_errors():
+    from hxn_ptycho.datasets import perturbed_positions
+    scan, _ = simulate_scan(n=32, n_positions=400, probe_modes=1, photons=1e4, seed=1)
+    bad = perturbed_positions(scan, 1.02, 3.0, seed=0)
+    c = scan.points.mean(axis=1, keepdims=True)
+    d = bad.points - (c + (scan.points - c) * 1.02)
+    assert abs(np.sqrt(np.mean(np.sum(d ** 2, axis=0))) - 3.0) < 0.3

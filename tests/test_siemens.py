@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import matplotlib.image as mpimg
 import numpy as np
+import pytest
 
 from hxn_ptycho.datasets import siemens_star
 from hxn_ptycho.engine import reconstruct
@@ -42,50 +43,68 @@ def test_siemens_star_cost_and_spokes(star_path):
     assert spec[harmonic] > 50 * np.median(spec[5:])    # sharp spokes, not noise
 
 
-def _star_correlation(a: np.ndarray, b: np.ndarray, shift_px: np.ndarray, region: np.ndarray) -> float:
-    """|<a, b>| / (|a| |b|) over ``region`` after moving ``b`` by the whole-pixel ``shift_px`` and
-    registering the rest (sub-pixel)."""
-    from hxn_ptycho.registration import fourier_shift, register_shift
-    off = np.round(shift_px).astype(int)
-    b2 = np.ones_like(a)
-    src = b[max(off[0], 0):, max(off[1], 0):]
-    r, c = max(-off[0], 0), max(-off[1], 0)
-    h, w = min(a.shape[0] - r, src.shape[0]), min(a.shape[1] - c, src.shape[1])
-    b2[r:r + h, c:c + w] = src[:h, :w]
-    b3 = fourier_shift(b2, register_shift(np.where(region, a, 0), np.where(region, b2, 0), upsample=20))
-    x, y = a[region], b3[region]
-    return float(abs(np.vdot(x, y)) / np.linalg.norm(x) / np.linalg.norm(y))
+def _rms(d: np.ndarray) -> float:
+    """RMS length of the rows of ``d`` after removing their mean (a global translation is free)."""
+    d = d - d.mean(axis=0)
+    return float(np.sqrt(np.mean(np.sum(d ** 2, axis=1))))
 
 
-def test_star_with_perturbed_positions_is_recovered(star_path):
-    """Positions scaled by 1.02 plus 3 px RMS random errors; refinement from iteration 40.
+def test_star_subset_random_position_errors_are_refined(star_path):
+    """The 114 central views of the star, positions scaled by 1.02 plus 3 px RMS random errors;
+    60 DM iterations, refinement 15–45 (~15 s).
 
-    Measured (150 iterations): object correlation with the file-position reconstruction 0.996
-    (refined); positions 4.07 → 2.13 px RMS from the file's, 1.28 px after removing an affine map
-    — the global scale drifts (see README), so "1 px RMS of the file's positions" is not met.
+    Measured: the non-affine part of the errors 3.01 → 1.41 px RMS (the positions' distance to an
+    affine map of the file's). The raw RMS (3.22 → 3.98 px) is not asserted: on this small patch
+    the global scale drifts (see the slow test and the README).
     """
     import dataclasses
-    from hxn_ptycho.metrics import illuminated_region
+    from hxn_ptycho.datasets import perturbed_positions
     from hxn_ptycho.positions import fit_affine
     scan = siemens_star(star_path)
-    rng = np.random.default_rng(0)
     c = scan.points.mean(axis=1, keepdims=True)
-    bad = dataclasses.replace(scan, points=c + (scan.points - c) * 1.02
-                              + rng.standard_normal(scan.points.shape) * 3 / np.sqrt(2))
+    keep = np.all(np.abs(scan.points - c) < 80, axis=0)
+    sub = dataclasses.replace(scan, diffamp=scan.diffamp[keep], points=scan.points[:, keep])
+    bad = perturbed_positions(sub, 1.02, 3.0, seed=0)
+    true = np.stack([sub.points[1], sub.points[0]], axis=1)
+    res = reconstruct(bad, ReconParams(iterations=60, refine_positions=True, position_start=15, position_end=45),
+                      log=lambda m: None)
+    est, nominal = res.positions_refined_px, res.positions_px
+    before, after = _rms(nominal - fit_affine(true, nominal)), _rms(est - fit_affine(true, est))
+    assert before > 2.5 and after < 2.0, (before, after)
+
+
+@pytest.mark.slow
+def test_star_with_perturbed_positions_is_recovered(star_path):
+    """Positions scaled by 1.02 plus 3 px RMS random errors; DM:80,ML:70, refinement 80–135 (in the
+    ML stage, whose probe is closer to the truth: see the README); ~4 min on 2 shared cores.
+
+    Measured (``benchmarks/star_positions_figure.py``, the same settings): positions 4.07 → 1.58 px RMS
+    from the file's (mean translation removed), 1.03 px after removing an affine map; refined scale
+    (1.010, 1.007) of the file's; object correlation 0.996, cost 0.321 (0.332 from the file's positions). "Within 1 px RMS of the file's
+    positions" is not met: refining the file's own positions with the same settings moves them by
+    1.96 px RMS (scale 0.988, 0.986) — the scale is a weakly observed mode that the probe's errors
+    bias (README).
+    """
+    from hxn_ptycho.datasets import perturbed_positions
+    from hxn_ptycho.metrics import illuminated_region, shifted_correlation
+    from hxn_ptycho.positions import fit_affine
+    scan = siemens_star(star_path)
+    bad = perturbed_positions(scan, 1.02, 3.0, seed=0)
     true = np.stack([scan.points[1], scan.points[0]], axis=1)
-    p = ReconParams(iterations=150)
+    p = ReconParams(algorithm="DM:80,ML:70")
     ref = reconstruct(scan, p, log=lambda m: None)
-    res = reconstruct(bad, p.replace(refine_positions=True, position_start=40, position_end=115),
+    res = reconstruct(bad, p.replace(refine_positions=True, position_start=80, position_end=135),
                       log=lambda m: None)
     plain = reconstruct(bad, p, log=lambda m: None)
     region = illuminated_region(ref.positions_px, ref.probe, ref.object.shape[1:])
     base = (ref.positions_px - true).mean(0)
-    corr = _star_correlation(ref.object[0], res.object[0], (res.positions_refined_px - true).mean(0) - base, region)
-    corr_plain = _star_correlation(ref.object[0], plain.object[0], (plain.positions_px - true).mean(0) - base, region)
+    corr, _ = shifted_correlation(ref.object[0], res.object[0], (res.positions_refined_px - true).mean(0) - base,
+                                  region)
+    corr_plain, _ = shifted_correlation(ref.object[0], plain.object[0], (plain.positions_px - true).mean(0) - base,
+                                        region)
     assert corr >= 0.97 and corr > corr_plain, (corr, corr_plain)
     assert res.attrs["final_cost"] < plain.attrs["final_cost"]
     est = res.positions_refined_px
-    resid = est - fit_affine(true, est)
-    nominal = plain.positions_px - fit_affine(true, plain.positions_px)
-    rms = lambda d: float(np.sqrt(np.mean(np.sum(d ** 2, axis=1))))        # noqa: E731
-    assert rms(resid) < 1.5 and rms(nominal) > 2.5, (rms(resid), rms(nominal))
+    raw, nominal = _rms(est - true), _rms(plain.positions_px - true)
+    resid = _rms(est - fit_affine(true, est))
+    assert raw < 2.0 and resid < 1.5 and nominal > 3.0, (raw, resid, nominal)
