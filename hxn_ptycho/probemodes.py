@@ -23,6 +23,7 @@ The automatic rules (``auto_rule``):
 """
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,7 +40,7 @@ class ProbeModeManager:
     """The probe modes of one reconstruction: their basis, their number, and the auto decisions."""
 
     def __init__(self, rec: Reconstruction) -> None:
-        self.rec = rec
+        self._rec = weakref.ref(rec)     # the reconstruction owns its manager: no reference cycle keeps it alive
         p = rec.params
         self.log: list[str] = []
         self.auto = p.probe_modes == "auto"
@@ -52,6 +53,13 @@ class ProbeModeManager:
         self._added_check: int | None = None        # the decision that added the newest mode ('trend')
         if self.auto:
             self._cache_batches(rec.probe.shape[0])
+
+    @property
+    def rec(self) -> Reconstruction:
+        rec = self._rec()
+        if rec is None:
+            raise RuntimeError("the reconstruction of this probe-mode manager is gone")
+        return rec
 
     @staticmethod
     def initial_count(params: Any) -> int:

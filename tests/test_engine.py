@@ -10,6 +10,7 @@ from hxn_ptycho.engine import MemoryBoundError, Reconstruction, reconstruct
 from hxn_ptycho.metrics import illuminated_region, nrmse
 from hxn_ptycho.params import ParamError, ReconParams
 from hxn_ptycho.resultfile import read_result, write_result
+from hxn_ptycho.simulate import simulate_scan
 
 QUIET = {"log": lambda msg: None}
 ONE_MODE_NRMSE = 0.10       # measured ≈ 0.04–0.06; a wrong update lands above 0.2
@@ -290,3 +291,22 @@ def test_backends_implement_the_declared_interface():
     members = [m for m in Backend.__dict__ if not m.startswith("_") and callable(getattr(Backend, m))]
     missing = [m for m in members if not callable(getattr(gpu.CupyBackend, m, None))]
     assert not missing, missing
+
+
+def test_a_reconstruction_is_freed_without_the_cycle_collector():
+    """Its parts must not keep it alive in a reference cycle: the exit waves are gigabytes, and a
+    queue or benchmark running scans one after the other would hold two at once until gc runs."""
+    import gc
+    import weakref
+    scan, _ = simulate_scan(n=32, n_positions=30, seed=1)
+    gc.disable()
+    try:
+        for p in (ReconParams(iterations=3), ReconParams(algorithm="DM:2,ML:2", probe_modes="auto",
+                                                          refine_positions=True, position_start=1)):
+            rec = Reconstruction(scan, p, **QUIET)
+            ref = weakref.ref(rec)
+            rec.run()
+            del rec
+            assert ref() is None, p
+    finally:
+        gc.enable()
