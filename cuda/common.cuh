@@ -49,21 +49,6 @@ __device__ __forceinline__ decltype(C().x) hxn_abs2(C a) {
     return a.x * a.x + a.y * a.y;
 }
 
-// Adds the sum of `v` over the threads of the block to *out (one atomicAdd per block).
-// Every thread of the block must call it (it holds __syncthreads).
-__device__ __forceinline__ void hxn_block_sum_add(double v, double* out) {
-    __shared__ double partial[HXN_MAX_BLOCK];
-    const unsigned t = threadIdx.x;
-    partial[t] = v;
-    __syncthreads();
-    for (unsigned half = blockDim.x / 2; half > 0; half >>= 1) {
-        if (t < half) partial[t] += partial[t + half];
-        __syncthreads();
-    }
-    if (t == 0) atomicAdd(out, partial[0]);
-    __syncthreads();  // partial[] is free again for the next call
-}
-
 // Adds the sums of v[0..N) over the threads of the block to out[0..N) (one atomicAdd per value and
 // block); every thread of the block must call it.
 template <int N>
@@ -82,4 +67,27 @@ __device__ __forceinline__ void hxn_block_sum_add_n(const double* v, double* out
         for (int i = 0; i < N; ++i) atomicAdd(out + i, partial[i][0]);
     }
     __syncthreads();
+}
+
+// Adds the sum of `v` over the threads of the block to *out (one atomicAdd per block).
+// Every thread of the block must call it (it holds __syncthreads).
+__device__ __forceinline__ void hxn_block_sum_add(double v, double* out) {
+    hxn_block_sum_add_n<1>(&v, out);
+}
+
+// Loads the M modes of pixel p of one view (mode stride npix) into v[0..min(M, HXN_MODE_CACHE))
+// and returns their summed intensity (modes beyond the cache are re-read, not kept).
+template <typename C>
+__device__ __forceinline__ decltype(C().x) hxn_load_modes(const C* __restrict__ src, int M, int npix, int p,
+                                                           C* v) {
+    decltype(C().x) intensity = 0;
+#pragma unroll
+    for (int m = 0; m < HXN_MODE_CACHE; ++m) {
+        if (m < M) {
+            v[m] = src[(long long)m * npix + p];
+            intensity += hxn_abs2(v[m]);
+        }
+    }
+    for (int m = HXN_MODE_CACHE; m < M; ++m) intensity += hxn_abs2(src[(long long)m * npix + p]);
+    return intensity;
 }

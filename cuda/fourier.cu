@@ -29,15 +29,7 @@ __device__ void hxn_fourier_projection(typename hxn_complex<R>::type* __restrict
         R e = 0;
         for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += gridDim.x * blockDim.x) {
             C v[HXN_MODE_CACHE];
-            R intensity = 0;
-#pragma unroll
-            for (int m = 0; m < HXN_MODE_CACHE; ++m) {
-                if (m < M) {
-                    v[m] = w[(long long)m * npix + p];
-                    intensity += hxn_abs2(v[m]);
-                }
-            }
-            for (int m = HXN_MODE_CACHE; m < M; ++m) intensity += hxn_abs2(w[(long long)m * npix + p]);
+            R intensity = hxn_load_modes(w, M, npix, p, v);
             if (use_mask && !mask[p]) {
                 const R g = in_scale * out_scale;
                 if (apply && g != (R)1) {

@@ -32,15 +32,7 @@ __device__ void hxn_ml_gradient(const typename hxn_complex<R>::type* fphi,
         double c = 0, e = 0;
         for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += gridDim.x * blockDim.x) {
             C v[HXN_MODE_CACHE];
-            R intensity = 0;
-#pragma unroll
-            for (int m = 0; m < HXN_MODE_CACHE; ++m) {
-                if (m < M) {
-                    v[m] = f[(long long)m * npix + p];
-                    intensity += hxn_abs2(v[m]);
-                }
-            }
-            for (int m = HXN_MODE_CACHE; m < M; ++m) intensity += hxn_abs2(f[(long long)m * npix + p]);
+            R intensity = hxn_load_modes(f, M, npix, p, v);
             R w = 0;
             if (!use_mask || mask[p]) {
                 const R amp = a[p];
