@@ -642,46 +642,40 @@ class CupyBackend:
         except KeyError:
             raise ValueError(f"ML noise model must be one of {tuple(ML_MODELS)}, got {model!r}") from None
 
+    def _ml_sums(self, kernel: str, waves: tuple, diffamp: Any, mask: Any, floor: float,
+                 model: str) -> tuple[float, float]:
+        """Launch ML kernel ``kernel`` over the batch of ``waves[0]`` (the arrays it takes first) and
+        return its two sums over the batch."""
+        cp = self.xp
+        B, M, npix = self._view_shape(waves[0])
+        suf, rdt = self._suffix(waves[0].dtype)
+        code = self._model_code(model)
+        m, use = self._mask_arg(mask)
+        sums = cp.zeros((2, B), cp.float64)
+        if B:
+            self._k(f"{kernel}_{suf}")(
+                _grid(npix, B, self.sm_count), (BLOCK,),
+                (*waves, self._amp_arg(diffamp, rdt), m, np.int32(use), np.int32(B), np.int32(M),
+                 np.int32(npix), rdt(floor), np.int32(code), sums[0], sums[1]))
+        first, second = self.asnumpy(sums.sum(axis=1))
+        return float(first), float(second)
+
     def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any, floor: float, model: str,
                     out: Any) -> tuple[float, float]:
         """ML pass 1 in one read of F(Φ): (L, data error (7)) of the batch and ``out`` = w·F(Φ)
         (``out`` may be ``fphi``); the kernel squares ``diffamp`` itself (``intensity`` unused)."""
-        cp = self.xp
-        B, M, npix = self._view_shape(fphi)
-        suf, rdt = self._suffix(fphi.dtype)
         self._check(fphi, out)
         if out.shape != fphi.shape or out.dtype != fphi.dtype:
             raise ValueError("ml_gradient: out must have the shape and dtype of fphi")
-        code = self._model_code(model)
-        m, use = self._mask_arg(mask)
-        sums = cp.zeros((2, B), cp.float64)
-        if B:
-            self._k(f"ml_gradient_{suf}")(
-                _grid(npix, B, self.sm_count), (BLOCK,),
-                (fphi, out, self._amp_arg(diffamp, rdt), m, np.int32(use), np.int32(B), np.int32(M),
-                 np.int32(npix), rdt(floor), np.int32(code), sums[0], sums[1]))
-        nll, err = self.asnumpy(sums.sum(axis=1))
-        return float(nll), float(err)
+        return self._ml_sums("ml_gradient", (fphi, out), diffamp, mask, floor, model)
 
     def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any, floor: float,
                        model: str) -> tuple[float, float]:
         """ML pass 2: Σ_good L'(0), Σ_good L''(0) of the batch from F(Φ), F(A1), F(A2) in one pass."""
-        cp = self.xp
-        B, M, npix = self._view_shape(f0)
-        suf, rdt = self._suffix(f0.dtype)
         self._check(f0, f1, f2)
         if not (f1.shape == f2.shape == f0.shape and f1.dtype == f2.dtype == f0.dtype):
             raise ValueError("ml_line_search: f0, f1, f2 must have one shape and dtype")
-        code = self._model_code(model)
-        m, use = self._mask_arg(mask)
-        sums = cp.zeros((2, B), cp.float64)
-        if B:
-            self._k(f"ml_line_search_{suf}")(
-                _grid(npix, B, self.sm_count), (BLOCK,),
-                (f0, f1, f2, self._amp_arg(diffamp, rdt), m, np.int32(use), np.int32(B), np.int32(M),
-                 np.int32(npix), rdt(floor), np.int32(code), sums[0], sums[1]))
-        d1, d2 = self.asnumpy(sums.sum(axis=1))
-        return float(d1), float(d2)
+        return self._ml_sums("ml_line_search", (f0, f1, f2), diffamp, mask, floor, model)
 
     # --- fused position-refinement steps (positions.py dispatches by these names; cuda/positions.cu)
     def normal_equations(self, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.ndarray, ...]:
