@@ -1,6 +1,6 @@
 """Query helpers: the reconstructions of a scan, as arrays and parameters.
 
-``hxn_ptycho.results(catalog, scan_id=N)`` (or ``raw_uid=UID``) returns the newest *readable*
+``hxn_ptycho.callbacks.results(catalog, scan_id=N)`` (or ``raw_uid=UID``) returns the newest *readable*
 derived run of that raw scan as a :class:`DerivedResult` (a failed one too, with its reason and no
 arrays): a run whose external files the server cannot read is skipped with a warning naming the
 cause, and the next newest is taken (``res.skipped`` lists what was skipped). ``uid=U`` picks one

@@ -41,14 +41,14 @@ def test_refined_positions_are_published_beside_the_nominal_ones(tiled_server, m
 
     from hxn_ptycho.resultfile import write_result
 
-    import hxn_ptycho
+    from hxn_ptycho import callbacks as hxn_callbacks
     monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
     result = tiled_server.directory / "results" / "result_refined.h5"
     res = make_result(result, iterations=4, scan_id=8)
     refined = res.positions_px + np.array([[0.25, 0.5], [0.0, 0.75], [1.25, 0.0]])
     write_result(result, dataclasses.replace(res, positions_refined_px=refined))
     uid = derived.publish_result(tiled_server.uri, str(result), "raw-uid-8", {"params": {"iterations": 4}})
-    got = hxn_ptycho.results(tiled_server.uri, uid=uid)
+    got = hxn_callbacks.results(tiled_server.uri, uid=uid)
     np.testing.assert_allclose(got.positions_px, res.positions_px)
     np.testing.assert_allclose(got.positions_refined_px, refined)
 

@@ -17,7 +17,7 @@ from conftest_bluesky import make_result
 from hxn_ptycho.callbacks import derived
 from hxn_ptycho.callbacks.catalog import CatalogError, broker, client_error, runs
 
-import hxn_ptycho
+from hxn_ptycho import callbacks as hxn_callbacks
 
 tiled_server = conftest_bluesky.tiled_server      # the fixture (a real Tiled server process)
 
@@ -70,7 +70,7 @@ def _cli(*args: str, catalog: str) -> subprocess.CompletedProcess:
 
 def test_results_skips_unreadable_runs_quickly(published):
     t0 = time.monotonic()
-    res = hxn_ptycho.results(published["folder"], scan_id=SCAN)
+    res = hxn_callbacks.results(published["folder"], scan_id=SCAN)
     elapsed = time.monotonic() - t0
     assert res.ok and res.uid == published["good"]
     assert res.data_error.shape == (6,)
@@ -112,13 +112,13 @@ def test_results_all_lists_reconstructions(published):
     as_json = _cli("--scan-id", str(SCAN), "--all", "--json", catalog=published["folder"])
     table = json.loads(as_json.stdout[as_json.stdout.index("["):])
     assert [r["uid"] for r in table] == list(rows) and table[2]["parameters"]["iterations"] == 6
-    listed = hxn_ptycho.results(published["folder"], scan_id=SCAN, all=True)
+    listed = hxn_callbacks.results(published["folder"], scan_id=SCAN, all=True)
     assert [r.uid for r in listed] == list(rows)
     assert listed[2].final_data_error == pytest.approx(0.1) and listed[2].unreadable is None
 
 
 def test_uid_picks_one_derived_run(published):
-    res = hxn_ptycho.results(published["folder"], uid=published["good"][:8])
+    res = hxn_callbacks.results(published["folder"], uid=published["good"][:8])
     assert res.uid == published["good"] and res.ok
     proc = _cli("--uid", published["far"], catalog=published["folder"])
     assert proc.returncode == 1
