@@ -129,12 +129,11 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     Unquantised data (an integrating detector, a normalised scan) give 1: the power bound then
     stays in data units.
     """
-    flat: np.ndarray = np.asarray(diffamp, np.float64).reshape(len(diffamp), -1)
-    if mask is not None:
-        flat = flat[:, np.asarray(mask).ravel()]
-    flat = flat.ravel()
-    step = max(1, flat.size // sample)
-    inten = np.square(flat[::step])
+    frames = np.asarray(diffamp).reshape(len(diffamp), -1)
+    per_frame = frames.shape[1] if mask is None else int(np.count_nonzero(mask))
+    frames = frames[::max(1, frames.shape[0] * per_frame // sample)]    # about `sample` values, no full copy
+    flat = frames if mask is None else frames[:, np.asarray(mask).ravel()]
+    inten = np.square(flat.ravel(), dtype=np.float64)
     pos = inten[inten > 0]
     gain, ok = 1.0, 0.0
     if pos.size >= 1000:
