@@ -177,22 +177,13 @@ def star_correlation(res, peer: dict) -> tuple[float, float]:
     peer's by the whole-pixel offset of the two frames and registering the rest (sub-pixel):
     global phase removed (the modulus of the inner product); then of the deviations from the mean
     (the contrast alone), the phase ramp also removed."""
-    from hxn_ptycho.metrics import illuminated_region, remove_phase_ramp
-    from hxn_ptycho.registration import fourier_shift, register_shift
+    from hxn_ptycho.metrics import illuminated_region, remove_phase_ramp, shifted_correlation
     a, b = res.object[0].astype(np.complex128), peer["object"].astype(np.complex128)
-    off = np.round((peer["top_left_px"] - res.positions_px).mean(0)).astype(int)
-    b2 = np.ones_like(a)
-    src = b[max(off[0], 0):, max(off[1], 0):]
-    r, c = max(-off[0], 0), max(-off[1], 0)
-    h, w = min(a.shape[0] - r, src.shape[0]), min(a.shape[1] - c, src.shape[1])
-    b2[r:r + h, c:c + w] = src[:h, :w]
     reg = illuminated_region(res.positions_px, res.probe, a.shape)
-    b3 = fourier_shift(b2, register_shift(np.where(reg, a, 0), np.where(reg, b2, 0), upsample=20))
-
-    def corr(x: np.ndarray, y: np.ndarray) -> float:
-        return float(abs(np.vdot(x, y)) / np.linalg.norm(x) / np.linalg.norm(y))
+    c, b3 = shifted_correlation(a, b, (peer["top_left_px"] - res.positions_px).mean(0), reg)
     x, y = a[reg], remove_phase_ramp(b3, a, reg)[reg]
-    return corr(x, b3[reg]), corr(x - x.mean(), y - y.mean())
+    x, y = x - x.mean(), y - y.mean()
+    return c, float(abs(np.vdot(x, y)) / np.linalg.norm(x) / np.linalg.norm(y))
 
 
 def _run_setting(scan, params: ReconParams) -> tuple[object, float, float]:
