@@ -168,7 +168,7 @@ def engine_case(be, scan, K: int, iters: int, batch: int | None):
     for it in range(iters):
         step.iterate(it)
         if params.orthogonalize_every and (it + 1) % params.orthogonalize_every == 0 and it + 1 < iters:
-            rec.orthogonalize_probe()
+            rec.modes_mgr.orthogonalize()
     be.synchronize()
     t_iter = time.perf_counter() - t1
     peak = pool.total_bytes()

@@ -339,17 +339,6 @@ class Reconstruction:
         self.reducer.allreduce_sum([err])
         return float(err[0])
 
-    # --- probe modes (hxn_ptycho.probemodes) ------------------------------------------------
-    @property
-    def modes_log(self) -> list[str]:
-        return self.modes_mgr.log
-
-    def orthogonalize_probe(self) -> None:
-        self.modes_mgr.orthogonalize()
-
-    def prefix_errors(self) -> np.ndarray:
-        return self.modes_mgr.prefix_errors()
-
     # --- the run --------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the worker threads (the run is over)."""
@@ -452,7 +441,7 @@ class Reconstruction:
             m = min(K, len(e))
             ep[i, :m] = e[:m]
         attrs = {"elapsed_s": elapsed, "final_cost": cost, "final_data_error": model_err,
-                 "probe_modes_log": list(self.modes_log), "probe_modes_used": K, "version": __version__,
+                 "probe_modes_log": list(self.modes_mgr.log), "probe_modes_used": K, "version": __version__,
                  "backend": self.be.name, "processes": self.reducer.size, "workers": self.workers,
                  "algorithm_stages": [f"{a}:{c}" for a, c in self.stages], "interrupted": interrupted,
                  "iterations_done": done, "object_margin_px": self.margin}
