@@ -202,7 +202,10 @@ def test_memory_bound_is_enforced_with_a_clear_message(sim1):
 
 def test_bad_parameters_are_named():
     for kw, word in [({"iterations": 0}, "iterations"), ({"beta": 2.0}, "beta"), ({"probe_modes": "many"}, "probe_modes"),
-                     ({"precision": "half"}, "precision"), ({"object_init": "zeros"}, "object_init")]:
+                     ({"precision": "half"}, "precision"), ({"object_init": "zeros"}, "object_init"),
+                     ({"overlap_converge": -0.1}, "overlap_converge"), ({"update_rounds": 0}, "update_rounds"),
+                     ({"auto_rule": "magic"}, "auto_rule"), ({"auto_new_mode_power": 0.0}, "auto_new_mode_power"),
+                     ({"auto_min_trend": 2.0}, "auto_min_trend")]:
         with pytest.raises(ParamError, match=word):
             ReconParams(**kw)
     with pytest.raises(ParamError, match="unknown"):
