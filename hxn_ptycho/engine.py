@@ -72,6 +72,11 @@ class MemoryPlan:
 CACHE_BATCH_BYTES = 2 * 2**20     # CPU: a batch's exit waves fit in cache
 
 
+def cache_batch(view_bytes: int, n_views: int) -> int:
+    """CPU: the views per batch whose exit waves (``view_bytes`` each) fit in the cache."""
+    return max(1, min(CACHE_BATCH_BYTES // view_bytes, n_views))
+
+
 def default_memory_bound_gb(backend: Any) -> float:
     """Without a user bound: 90 % of the GPU's memory, or 75 % of the host's physical memory."""
     if hasattr(backend, "memory_info"):
@@ -99,7 +104,7 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
         if params.batch_size:
             batch = params.batch_size
         elif backend.name == "numpy":
-            batch = max(1, CACHE_BATCH_BYTES // view_bytes)
+            batch = cache_batch(view_bytes, n_local)
         else:
             free = bound / gb - ((0 if stream else psi) + frames + acc) / gb
             batch = max(1, int(free * 0.5 // (per_view * workers)))

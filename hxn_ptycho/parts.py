@@ -66,9 +66,13 @@ class BatchScheduler:
     are reproducible), each worker with its own buffers and accumulators."""
 
     def __init__(self, n_views: int, batch: int, workers: list) -> None:
-        self.batches = [slice(i, min(i + batch, n_views)) for i in range(0, n_views, batch)]
+        self.rebatch(n_views, batch)
         self.workers = workers
         self._pool = ThreadPoolExecutor(len(workers)) if len(workers) > 1 else None
+
+    def rebatch(self, n_views: int, batch: int) -> None:
+        """Split the views into batches of ``batch`` (the workers' buffers must hold that many)."""
+        self.batches = [slice(i, min(i + batch, n_views)) for i in range(0, n_views, batch)]
 
     def each(self, fn: Callable[[Any, slice], None]) -> None:
         """Run ``fn(worker, batch)`` over all batches."""

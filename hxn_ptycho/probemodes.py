@@ -51,8 +51,10 @@ class ProbeModeManager:
         self._added_at: int | None = None          # iteration at which the newest mode was added
         self._fr: list[float] = []                  # newest mode's power fraction at each decision ('trend')
         self._added_check: int | None = None        # the decision that added the newest mode ('trend')
-        if self.auto:
-            self._cache_batches(rec.probe.shape[0])
+        if self.auto and self._cache_batches(rec.probe.shape[0]):
+            for w in rec.scheduler.workers:
+                w.alloc(rec.plan.batch_size, rec.obj_shape[0], rec.probe.shape[0], rec.n, rec.obj_shape,
+                        rec.cdtype, rec.rdtype)
 
     @property
     def rec(self) -> Reconstruction:
@@ -125,23 +127,20 @@ class ProbeModeManager:
                     rec.store.store(w, name, b, arr)
             rec.scheduler.each(init_new)
 
-    def _cache_batches(self, K: int) -> None:
+    def _cache_batches(self, K: int) -> bool:
         """CPU: batches as large as fit the cache with K modes (the plan sized them for the ceiling,
-        auto_max_modes, which the GPU keeps: its memory is planned for the largest count)."""
+        auto_max_modes, which the GPU keeps: its memory is planned for the largest count). True when
+        the batch size changed (the caller reallocates the workers' buffers)."""
         rec = self.rec
         if rec.be.name != "numpy" or rec.params.batch_size:
-            return
-        from .engine import CACHE_BATCH_BYTES
-        view = rec.obj_shape[0] * K * rec.n * rec.n * np.dtype(rec.cdtype).itemsize
-        batch = max(1, min(CACHE_BATCH_BYTES // view, len(rec.geom)))
+            return False
+        from .engine import cache_batch
+        batch = cache_batch(rec.obj_shape[0] * K * rec.n * rec.n * np.dtype(rec.cdtype).itemsize, len(rec.geom))
         if batch == rec.plan.batch_size:
-            return
+            return False
         rec.plan.batch_size = batch
-        N = len(rec.geom)
-        rec.scheduler.batches = [slice(i, min(i + batch, N)) for i in range(0, N, batch)]
-        L, n, K_now = rec.obj_shape[0], rec.n, rec.store.shape[2]
-        for w in rec.scheduler.workers:
-            w.alloc(batch, L, K_now, n, rec.obj_shape, rec.cdtype, rec.rdtype)
+        rec.scheduler.rebatch(len(rec.geom), batch)
+        return True
 
     def _add_mode(self, it: int, probe: np.ndarray) -> None:
         p, K = self.rec.params, probe.shape[0]
