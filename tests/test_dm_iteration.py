@@ -98,3 +98,9 @@ def test_gain_estimate_at_high_counts():
         assert estimate_gain(np.sqrt(counts * g).astype(np.float32), None, LocalReducer())[0] == \
             pytest.approx(g, rel=1e-4)
     assert estimate_gain(np.sqrt(counts * 1.3 + rng.normal(0, 0.5, counts.shape)), None, LocalReducer())[0] == 1.0
+    # more values than the sample, masked pixels: whole frames are sampled, the mask still applies
+    many = rng.poisson(rng.uniform(3e3, 3e4, (600, 64, 64))).astype(np.float32)
+    mask = np.ones((64, 64), bool)
+    mask[:8] = False
+    many[:, :8] = rng.uniform(1, 50, (600, 8, 64))      # off the quantum: read only if the mask were ignored
+    assert estimate_gain(np.sqrt(many * 37.5), mask, LocalReducer())[0] == pytest.approx(37.5, rel=1e-4)
