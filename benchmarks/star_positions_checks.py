@@ -10,7 +10,13 @@ seed 0), ``DM:80,ML:70`` with refinement at iterations 80–135 (the figure scri
   and against each other — for each ``--threads`` (other rounding of the sums);
 - ``passes``: three passes, each started from the positions the previous one refined (1 thread);
 - ``frozen``: a first pass without refinement, then refinement from iteration 10 with that pass's
-  probe frozen (1 thread).
+  probe frozen (1 thread);
+- ``curvature``: the same refinement, from the perturbed and from the file's own positions, with
+  the file's probe guess given other wavefront curvatures (its far field multiplied by
+  exp(i·Δa·q²), Δa taking its quadratic phase to ``--curvatures`` rad/px²; the guess has
+  0.0535, 0.0572 along rows, columns);
+- ``hold``: a calibrated stage: the positions perturbed by 3 px RMS only (scale 1, seed 0), refined
+  with a free scale and with ``position_hold_scale``, and the file's own positions refined with it.
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.positions import affine_terms, fit_affine
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from star_scale_curvature import far_field_curvature
+
 STAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "siemens-star-small" / "siemens-star-small.npz.bz2"
 QUIET = {"log": lambda m: None}
 
@@ -40,10 +49,21 @@ def against(ref: np.ndarray, est: np.ndarray) -> str:
             f"scale {np.diag(affine_terms(ref, est)).round(4).tolist()})")
 
 
+def with_curvature(probe: np.ndarray, target: float) -> np.ndarray:
+    """``probe`` with the quadratic phase of its far field set to ``target`` (rad/px²) along rows and columns."""
+    n = probe.shape[0]
+    q = np.fft.fftfreq(n) * n
+    qr, qc = np.meshgrid(q, q, indexing="ij")
+    a_r, a_c = far_field_curvature(probe)
+    f = np.fft.fft2(probe) * np.exp(1j * ((target - a_r) * qr ** 2 + (target - a_c) * qc ** 2))
+    return np.fft.ifft2(f).astype(probe.dtype)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checks", nargs="+", default=["agree", "passes", "frozen"])
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--curvatures", type=float, nargs="+", default=[0.045, 0.038])
     ap.add_argument("--star", type=Path, default=STAR)
     args = ap.parse_args()
     scan = siemens_star(args.star)
@@ -69,6 +89,23 @@ def main() -> int:
                                            position_start=10), **QUIET)
         print(f"probe frozen from a first pass, refinement 10-135: vs file {against(file_pos, res.positions_refined_px)}",
               flush=True)
+    if "curvature" in args.checks:
+        for target in args.curvatures:
+            for name, start in (("perturbed", bad), ("file's own", scan)):
+                guess = dataclasses.replace(start, probe_guess=with_curvature(start.probe_guess, target))
+                res = reconstruct(guess, p.replace(threads=args.threads[0]), **QUIET)
+                a_r, a_c = far_field_curvature(res.probe[0])
+                print(f"probe guess at {target:g} rad/px², from the {name} positions: vs file "
+                      f"{against(file_pos, res.positions_refined_px)}, cost {res.attrs['final_cost']:.4f}, "
+                      f"final probe {a_r:.4f}, {a_c:.4f}", flush=True)
+    if "hold" in args.checks:
+        random_only = perturbed_positions(scan, 1.0, 3.0, seed=0)
+        t = args.threads[0]
+        for name, start, hold in (("random errors only", random_only, False), ("random errors only", random_only, True),
+                                  ("the file's own", scan, True)):
+            res = reconstruct(start, p.replace(threads=t, position_hold_scale=hold), **QUIET)
+            print(f"from {name} positions, scale {'held' if hold else 'free'}: vs file "
+                  f"{against(file_pos, res.positions_refined_px)}, cost {res.attrs['final_cost']:.4f}", flush=True)
     return 0
 
 

@@ -13,9 +13,11 @@ Two methods over the same parts (geometry, batches, reducer), chosen by ``positi
 
 After either, the refined corners of all views are summed through the reducer (every rank refines
 only its own views, then all hold all positions), the mean move is removed (a global translation
-is traded with the object), and — with ``position_affine`` — a global affine term (scale,
-rotation, shear) is fitted to nominal → refined; each view's correction beyond it is bounded by
-``position_max_shift``.
+is traded with the object), with ``position_hold_scale`` the stretch of the linear map refined →
+nominal is removed (its rotation stays: the scale of a calibrated stage is kept, since the data
+fix it only weakly — it trades with the probe's wavefront curvature), and — with
+``position_affine`` — a global affine term (scale, rotation, shear) is fitted to nominal → refined;
+each view's correction beyond it is bounded by ``position_max_shift``.
 """
 from __future__ import annotations
 
@@ -105,10 +107,28 @@ def affine_terms(nominal: np.ndarray, refined: np.ndarray) -> np.ndarray:
     return coef[:2].T
 
 
+def rotation_part(linear: np.ndarray) -> np.ndarray:
+    """The rotation of the polar decomposition ``linear`` = R·S (S symmetric: scale and stretch)."""
+    u, _, vt = np.linalg.svd(linear)
+    if np.linalg.det(u @ vt) < 0:          # never a reflection
+        u[:, -1] *= -1
+    return u @ vt
+
+
 def constrain(nominal: np.ndarray, current: np.ndarray, proposed: np.ndarray, max_shift: float,
-              affine: bool) -> np.ndarray:
-    """Remove the mean move, fit the global affine term (if asked) and bound each view's correction."""
+              affine: bool, hold_scale: bool = False) -> np.ndarray:
+    """Remove the mean move, remove the global stretch (if ``hold_scale``), fit the global affine term
+    (if asked) and bound each view's correction."""
     moved = proposed - (proposed - current).mean(axis=0)
+    if hold_scale:
+        # the stage's errors nominal − refined have no stretch as a function of the refined (true)
+        # positions: the linear map refined → nominal, L = R·S, becomes its rotation R, by refined ← S·refined
+        # (fitted this way round: regressed on the nominal, which carry the errors, the map would be
+        # shrunk by var(true) / (var(true) + var(errors)) — 0.5 % on a 64² simulation with 3 px errors)
+        linear = affine_terms(moved, nominal)
+        stretch = rotation_part(linear).T @ linear
+        m = moved.mean(axis=0)
+        moved = m + (moved - m) @ stretch.T
     base = fit_affine(nominal, moved) if affine else nominal
     dev = moved - base
     norm = np.hypot(dev[:, 0], dev[:, 1])
@@ -126,6 +146,7 @@ class PositionRefiner:
         self.step = float(p.position_step)
         self.max_shift = float(p.position_max_shift)
         self.affine = bool(p.position_affine)
+        self.hold_scale = bool(p.position_hold_scale)
         self.count = 0
         self.rescue_every, self.outlier, self.rescued = 10, 3.0, 0
         self.sigma0, self.decay = 2.0, 0.95     # coarse to fine: the gradient of a smoothed object first
@@ -180,7 +201,8 @@ class PositionRefiner:
         rec.reducer.allreduce_sum([full, errs])
         if self.method == "gradient" and self.count % self.rescue_every == self.rescue_every - 1:
             full = self._rescue(full, errs)
-        new = constrain(geom.nominal_all, geom.positions_all, full, self.max_shift, self.affine)
+        new = constrain(geom.nominal_all, geom.positions_all, full, self.max_shift, self.affine,
+                        self.hold_scale)
         hr, hc = geom.limits
         new[:, 0] = np.clip(new[:, 0], 0.0, hr)
         new[:, 1] = np.clip(new[:, 1], 0.0, hc)

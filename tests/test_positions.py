@@ -96,6 +96,51 @@ def test_affine_constraint_bounds_each_correction():
     assert np.allclose(np.diag(affine_terms(nominal, out)), 1.05, atol=0.03)     # the stage's scale error
 
 
+def test_hold_scale_keeps_only_the_rotation_and_each_views_correction():
+    from hxn_ptycho.positions import affine_terms
+    rng = np.random.default_rng(1)
+    nominal = rng.uniform(0, 100, (60, 2))
+    t = np.deg2rad(2.0)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    linear = rot @ np.array([[1.03, 0.01], [0.01, 0.98]])              # rotation · stretch
+    c = nominal.mean(axis=0)
+    noise = rng.normal(0, 0.3, nominal.shape)
+    proposed = c + (nominal - c) @ linear.T + noise + 4.0
+    free = constrain(nominal, nominal, proposed, 8.0, affine=True)
+    held = constrain(nominal, nominal, proposed, 8.0, affine=True, hold_scale=True)
+    assert np.allclose(affine_terms(nominal, free), linear, atol=0.01)
+    from hxn_ptycho.positions import rotation_part
+    kept = affine_terms(held, nominal)                                   # refined → nominal
+    assert np.allclose(kept, rotation_part(affine_terms(free, nominal)), atol=1e-9)   # the stretch removed
+    assert np.allclose(kept.T @ kept, np.eye(2), atol=1e-9) and np.linalg.det(kept) > 0
+    assert np.allclose(kept, rot.T, atol=0.01)                           # the rotation kept
+    # each view's own correction stays: held is free up to one linear map
+    x = np.concatenate([free - free.mean(axis=0), np.ones((len(free), 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(x, held, rcond=None)
+    assert np.allclose(x @ coef, held, atol=1e-9)
+
+
+def test_hold_scale_keeps_a_calibrated_stages_scale():
+    """Random stage errors of 3 px RMS with no linear part (a calibrated stage): refinement that holds
+    the scale recovers the positions and leaves the nominal scale exactly as it was."""
+    import dataclasses
+    exact, truth = simulate_scan(n=64, n_positions=120, probe_modes=1, photons=1e6, seed=11)
+    rng = np.random.default_rng(5)
+    err = rng.standard_normal(truth.positions_px.shape) * 3.0 / np.sqrt(2)
+    err -= fit_affine(truth.positions_px, err)                           # no translation, scale, rotation or shear
+    pixel_um = exact.lambda_nm * 1e-9 * exact.z_m / (exact.n * exact.ccd_pixel_um * 1e-6) * 1e6
+    scan = dataclasses.replace(exact, points=exact.points + np.stack([err[:, 1], err[:, 0]]) * pixel_um)
+    assert 2.5 < position_rms(truth.positions_px + err, truth.positions_px) < 3.5
+    res = reconstruct(scan, REFINE.replace(position_hold_scale=True), **QUIET)
+    est = res.positions_refined_px
+    # measured 0.032 px (seeds 5, 6, 7 of the errors: 0.032, 0.042, 0.039); with a free scale 0.105, 0.107,
+    # 0.155 px (the refined scan 0.3–0.6 % too large)
+    assert position_rms(est, truth.positions_px) < 0.08
+    from hxn_ptycho.positions import affine_terms
+    back = affine_terms(est, res.positions_px)                           # refined → nominal
+    assert np.allclose(back.T @ back, np.eye(2), atol=1e-6), back        # a rotation: no scale change
+
+
 def test_bad_position_parameters_are_named():
     with pytest.raises(ParamError, match="position_method"):
         ReconParams(position_method="annealing")
