@@ -134,8 +134,8 @@ class ReconParams:
     position_affine: bool = param(True, "fit a global affine term (scale, rotation, shear) to the refined "
                                   "positions: the systematic errors of a stage", group="positions", kind="bool")
     position_hold_scale: bool = param(False, "hold the global scale of the nominal positions (a calibrated, "
-                                      "e.g. interferometer, stage): the fitted linear map keeps only its "
-                                      "rotation; each view's own correction stays", group="positions",
+                                      "e.g. interferometer, stage): the linear map refined -> nominal keeps "
+                                      "only its rotation; each view's own correction stays", group="positions",
                                       kind="bool")
     position_method: str = param("gradient", "position refinement: a Gauss-Newton gradient step, or a "
                                  "bounded search", group="positions", choices=("gradient", "search"),
