@@ -21,11 +21,21 @@ does not do (checked against a real server in ``tests/test_catalog_security.py``
    is registered (the write is refused with 403), when it is read, and when its bytes are
    downloaded.
 
+3. **Writers to the SQLite tables wait for the lock instead of failing.** Tiled's embedded SQL
+   storage (``tiled/storage.py``, ``EmbeddedSQLStorage``) pools ADBC connections to
+   ``data/tables.sqlite`` with SQLite's default busy timeout of 0, so two concurrent writes —
+   the RunEngine's raw ``TiledWriter`` appending a stream while our publisher writes a derived
+   run — fail at once with ``database is locked`` (HTTP 500; a node half-created that way then
+   answers the client's retry with 409 and the raw writer raises in the RunEngine's
+   ``close_run``: seen in CI). Here every pooled connection gets ``PRAGMA busy_timeout``
+   (:data:`SQLITE_BUSY_MS`), and the file is put in WAL mode (readers no longer block the writer).
+
 If the Tiled functions patched here are missing (a Tiled version with another layout), the
 server refuses to start rather than run unguarded.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -37,6 +47,7 @@ ENV_READABLE = "HXN_PTYCHO_READABLE"
 ENV_SECRETS = "HXN_PTYCHO_SECRETS"
 ENV_TABLES = "HXN_PTYCHO_TABLES"
 ENV_KEY = "TILED_SINGLE_USER_API_KEY"
+SQLITE_BUSY_MS = 60_000          # how long a write to the SQLite tables waits for the lock
 _API_KEY_IN_URL = re.compile(r"(api_key=)[^&\s\"']+")
 
 
@@ -184,6 +195,53 @@ def install() -> None:
     CatalogNodeAdapter._ensure_uri_within_readable_storage = read_check
     CatalogNodeAdapter._put_asset = put_asset
     router.path_from_uri = path_from_uri
+    _sqlite_writers_wait(tables)
+
+
+def _busy_wait(conn: object) -> object:
+    """``conn`` (an ADBC SQLite connection) with its busy timeout set to :data:`SQLITE_BUSY_MS`."""
+    cur = conn.cursor()  # type: ignore[attr-defined]
+    try:
+        cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_MS)}")
+        cur.fetchall()
+    finally:
+        cur.close()
+    return conn
+
+
+class _WaitingConnection:
+    """Tiled's persistent ADBC connection, whose clones (the pool's connections) wait for the lock."""
+
+    def __init__(self, conn: object) -> None:
+        self._conn = _busy_wait(conn)
+
+    def adbc_clone(self) -> object:
+        return _busy_wait(self._conn.adbc_clone())  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+def _sqlite_writers_wait(tables: Iterable[str]) -> None:
+    """Guard 3: WAL mode for the SQLite tables, and a busy timeout on every connection Tiled pools."""
+    import sqlite3
+
+    from tiled import storage
+    cls = getattr(storage, "EmbeddedSQLStorage", None)
+    if cls is None or not hasattr(cls, "create_adbc_connection"):
+        raise SystemExit("tiled_guard: this Tiled version has no EmbeddedSQLStorage.create_adbc_connection; "
+                         "refusing to serve SQLite tables whose writers fail on a lock")
+    for path in tables:
+        if path.endswith(".sqlite") and os.path.isdir(os.path.dirname(path)):
+            with contextlib.closing(sqlite3.connect(path)) as db:     # persistent: the file stays in WAL mode
+                db.execute("PRAGMA journal_mode=WAL")
+    upstream = cls.create_adbc_connection
+
+    def create_adbc_connection(self):  # type: ignore[no-untyped-def]
+        conn = upstream(self)
+        return _WaitingConnection(conn) if str(self.uri).startswith("sqlite:") else conn
+
+    cls.create_adbc_connection = create_adbc_connection
 
 
 def main(argv: list[str] | None = None) -> int:
