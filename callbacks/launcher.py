@@ -77,31 +77,32 @@ class Job:
 
     @property
     def job_spec(self) -> JobSpec:
+        """The spec, read (and checked) through :class:`~hxn_ptycho.spec.JobSpec`: the one schema."""
         return JobSpec.from_dict(self.spec)
 
     @property
     def scan_file(self) -> str:
-        return str(self.spec["source"]["scan_file"])
+        return str(self.job_spec.source.scan_file)
 
     @property
     def result_file(self) -> str:
-        return str(self.spec["source"]["result_file"])
+        return str(self.job_spec.source.result_file)
 
     @property
     def raw_uid(self) -> str | None:
-        return self.spec["source"].get("raw_uid")
+        return self.job_spec.source.raw_uid
 
     @property
     def scan_id(self) -> Any:
-        return self.spec["source"].get("scan_id")
+        return self.job_spec.source.scan_id
 
     @property
     def nprocs(self) -> int:
-        return int(self.spec["execution"]["ranks"])
+        return int(self.job_spec.execution.ranks)
 
     @property
     def catalog(self) -> str | None:
-        return self.spec["source"].get("catalog")
+        return self.job_spec.source.catalog
 
 
 def mpiexec_path() -> str:
@@ -386,8 +387,10 @@ class JobQueue:
         job.phase = "published"                   # published, or saved for the republisher
     def _run(self, job: Job, slot: int = 0, running: Path | None = None) -> bool:
         if self.gpu_pools and job.spec_file:      # the spec records the pool this job really runs on
-            job.spec["execution"]["gpus"] = self.gpu_pools[slot].split(",")
-            JobSpec.from_dict(job.spec).write(job.spec_file)
+            spec = job.job_spec
+            spec.execution.gpus = self.gpu_pools[slot].split(",")
+            job.spec = spec.to_dict()
+            spec.write(job.spec_file)
         try:
             argv = self.command(job)
         except HxnPtychoError as exc:             # refused before anything starts (e.g. too many ranks)
@@ -442,7 +445,7 @@ class JobQueue:
         if outcome is None and job.spec_file and self._renamed_result(job):
             from hxn_ptycho.job import write_outcome
             outcome = {"status": "success", "reason": None, "result_file": str(Path(job.result_file).resolve()),
-                       "measured": {"status": "success", "ranks": job.nprocs, "mode": job.spec["execution"]["mode"]}}
+                       "measured": {"status": "success", "ranks": job.nprocs, "mode": job.job_spec.execution.mode}}
             write_outcome(outcome_path(job.spec_file), outcome)
         return outcome
 
