@@ -21,21 +21,22 @@ does not do (checked against a real server in ``tests/test_catalog_security.py``
    is registered (the write is refused with 403), when it is read, and when its bytes are
    downloaded.
 
-3. **Writers to the SQLite tables wait for the lock instead of failing.** Tiled's embedded SQL
-   storage (``tiled/storage.py``, ``EmbeddedSQLStorage``) pools ADBC connections to
-   ``data/tables.sqlite`` with SQLite's default busy timeout of 0, so two concurrent writes —
-   the RunEngine's raw ``TiledWriter`` appending a stream while our publisher writes a derived
-   run — fail at once with ``database is locked`` (HTTP 500; a node half-created that way then
-   answers the client's retry with 409 and the raw writer raises in the RunEngine's
-   ``close_run``: seen in CI). Here every pooled connection gets ``PRAGMA busy_timeout``
-   (:data:`SQLITE_BUSY_MS`), and the file is put in WAL mode (readers no longer block the writer).
+3. **Writers to the SQLite tables take turns instead of failing.** Tiled's embedded SQL storage
+   (``tiled/storage.py``, ``EmbeddedSQLStorage``) pools up to 15 ADBC connections to
+   ``data/tables.sqlite``, with SQLite's default busy timeout of 0. Two concurrent writes — the
+   RunEngine's raw ``TiledWriter`` appending a stream while our publisher writes a derived run —
+   then fail with ``database is locked`` (HTTP 500; a node half-created that way answers the
+   client's retry with 409, and the raw writer raises in the RunEngine's ``close_run``: seen in
+   CI). A busy timeout alone does not cure it: tiled's table creation reads, then writes, in one
+   transaction, and SQLite refuses such an upgrade at once when another connection wrote in
+   between. Here the pool holds one connection (requests wait for it, as SQLite would serialise
+   the writers anyway), and it waits :data:`SQLITE_BUSY_MS` for a lock held by any other process.
 
 If the Tiled functions patched here are missing (a Tiled version with another layout), the
 server refuses to start rather than run unguarded.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
@@ -195,7 +196,7 @@ def install() -> None:
     CatalogNodeAdapter._ensure_uri_within_readable_storage = read_check
     CatalogNodeAdapter._put_asset = put_asset
     router.path_from_uri = path_from_uri
-    _sqlite_writers_wait(tables)
+    _sqlite_writers_wait()
 
 
 def _busy_wait(conn: object) -> object:
@@ -222,25 +223,27 @@ class _WaitingConnection:
         return getattr(self._conn, name)
 
 
-def _sqlite_writers_wait(tables: Iterable[str]) -> None:
-    """Guard 3: WAL mode for the SQLite tables, and a busy timeout on every connection Tiled pools."""
-    import sqlite3
-
+def _sqlite_writers_wait() -> None:
+    """Guard 3: one pooled connection to the SQLite tables, with a busy timeout."""
     from tiled import storage
     cls = getattr(storage, "EmbeddedSQLStorage", None)
-    if cls is None or not hasattr(cls, "create_adbc_connection"):
+    if cls is None or not hasattr(cls, "create_adbc_connection") or not hasattr(cls, "__post_init__"):
         raise SystemExit("tiled_guard: this Tiled version has no EmbeddedSQLStorage.create_adbc_connection; "
                          "refusing to serve SQLite tables whose writers fail on a lock")
-    for path in tables:
-        if path.endswith(".sqlite") and os.path.isdir(os.path.dirname(path)):
-            with contextlib.closing(sqlite3.connect(path)) as db:     # persistent: the file stays in WAL mode
-                db.execute("PRAGMA journal_mode=WAL")
     upstream = cls.create_adbc_connection
+    upstream_post_init = cls.__post_init__
+
+    def post_init(self):  # type: ignore[no-untyped-def]
+        upstream_post_init(self)
+        if str(self.uri).startswith("sqlite:"):          # one connection: the writers take turns
+            object.__setattr__(self, "pool_size", 1)
+            object.__setattr__(self, "max_overflow", 0)
 
     def create_adbc_connection(self):  # type: ignore[no-untyped-def]
         conn = upstream(self)
         return _WaitingConnection(conn) if str(self.uri).startswith("sqlite:") else conn
 
+    cls.__post_init__ = post_init
     cls.create_adbc_connection = create_adbc_connection
 
 
