@@ -91,3 +91,18 @@ __device__ __forceinline__ decltype(C().x) hxn_load_modes(const C* __restrict__ 
     for (int m = HXN_MODE_CACHE; m < M; ++m) intensity += hxn_abs2(src[(long long)m * npix + p]);
     return intensity;
 }
+
+// Writes the M modes of pixel p scaled by the real factor s, dst[m] = s * src[m]: the first
+// min(M, HXN_MODE_CACHE) from v (as hxn_load_modes left them), the rest re-read.  dst may be src.
+template <typename C>
+__device__ __forceinline__ void hxn_store_scaled_modes(const C* src, C* dst, int M, int npix, int p,
+                                                       const C* v, decltype(C().x) s) {
+#pragma unroll
+    for (int m = 0; m < HXN_MODE_CACHE; ++m) {
+        if (m < M) dst[(long long)m * npix + p] = hxn_make<C>(v[m].x * s, v[m].y * s);
+    }
+    for (int m = HXN_MODE_CACHE; m < M; ++m) {
+        const C t = src[(long long)m * npix + p];
+        dst[(long long)m * npix + p] = hxn_make<C>(t.x * s, t.y * s);
+    }
+}

@@ -32,12 +32,7 @@ __device__ void hxn_fourier_projection(typename hxn_complex<R>::type* __restrict
             R intensity = hxn_load_modes(w, M, npix, p, v);
             if (use_mask && !mask[p]) {
                 const R g = in_scale * out_scale;
-                if (apply && g != (R)1) {
-                    for (int m = 0; m < M; ++m) {
-                        const C t = w[(long long)m * npix + p];
-                        w[(long long)m * npix + p] = hxn_make<C>(t.x * g, t.y * g);
-                    }
-                }
+                if (apply && g != (R)1) hxn_store_scaled_modes(w, w, M, npix, p, v, g);
                 continue;
             }
             const R mod = in_scale * hxn_sqrt(intensity);
@@ -47,14 +42,7 @@ __device__ void hxn_fourier_projection(typename hxn_complex<R>::type* __restrict
             if (apply) {
                 const R target = amp + d * rx;
                 const R f = target / hxn_max(mod, (R)HXN_TINY) * (in_scale * out_scale);
-#pragma unroll
-                for (int m = 0; m < HXN_MODE_CACHE; ++m) {
-                    if (m < M) w[(long long)m * npix + p] = hxn_make<C>(v[m].x * f, v[m].y * f);
-                }
-                for (int m = HXN_MODE_CACHE; m < M; ++m) {
-                    const C t = w[(long long)m * npix + p];
-                    w[(long long)m * npix + p] = hxn_make<C>(t.x * f, t.y * f);
-                }
+                hxn_store_scaled_modes(w, w, M, npix, p, v, f);
             }
         }
         hxn_block_sum_add((double)e, err + b);

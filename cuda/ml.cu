@@ -50,14 +50,7 @@ __device__ void hxn_ml_gradient(const typename hxn_complex<R>::type* fphi,
                     w = (R)1 - amp / mod;
                 }
             }
-#pragma unroll
-            for (int m = 0; m < HXN_MODE_CACHE; ++m) {
-                if (m < M) o[(long long)m * npix + p] = hxn_make<C>(v[m].x * w, v[m].y * w);
-            }
-            for (int m = HXN_MODE_CACHE; m < M; ++m) {
-                const C t = f[(long long)m * npix + p];
-                o[(long long)m * npix + p] = hxn_make<C>(t.x * w, t.y * w);
-            }
+            hxn_store_scaled_modes(f, o, M, npix, p, v, w);
         }
         hxn_block_sum_add(c, cost + b);
         hxn_block_sum_add(e, err + b);

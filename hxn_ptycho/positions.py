@@ -91,20 +91,22 @@ def normal_equations(be: Any, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.n
     return dot(gr, gr, pint), dot(gc, gc, pint), dot(gr, gc, pint), dot(gr, q), dot(gc, q)
 
 
+def _affine_lstsq(nominal: np.ndarray, refined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The design matrix [nominal − mean, 1] and the least-squares coefficients of refined on it."""
+    x = np.concatenate([nominal - nominal.mean(axis=0), np.ones((len(nominal), 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(x, refined, rcond=None)
+    return x, coef
+
+
 def fit_affine(nominal: np.ndarray, refined: np.ndarray) -> np.ndarray:
     """Least-squares affine map of the nominal corners onto the refined ones, as predicted corners."""
-    c = nominal.mean(axis=0)
-    x = np.concatenate([nominal - c, np.ones((len(nominal), 1))], axis=1)
-    coef, *_ = np.linalg.lstsq(x, refined, rcond=None)
+    x, coef = _affine_lstsq(nominal, refined)
     return x @ coef
 
 
 def affine_terms(nominal: np.ndarray, refined: np.ndarray) -> np.ndarray:
     """The 2×2 linear part of the fitted affine map (identity = no scale, rotation or shear error)."""
-    c = nominal.mean(axis=0)
-    x = np.concatenate([nominal - c, np.ones((len(nominal), 1))], axis=1)
-    coef, *_ = np.linalg.lstsq(x, refined, rcond=None)
-    return coef[:2].T
+    return _affine_lstsq(nominal, refined)[1][:2].T
 
 
 def rotation_part(linear: np.ndarray) -> np.ndarray:

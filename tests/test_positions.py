@@ -146,6 +146,8 @@ def test_bad_position_parameters_are_named():
         ReconParams(position_method="annealing")
     with pytest.raises(ParamError, match="position_max_shift"):
         ReconParams(position_max_shift=0)
+    with pytest.raises(ParamError, match="position_hold_scale must be true or false"):
+        ReconParams(position_hold_scale="maybe")
 
 
 def test_refine_positions_is_a_switch_on_the_command_line():
