@@ -150,28 +150,60 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     return jobs, PtychoCallback(config, jobs)
 
 
+def check_listen_options(args: argparse.Namespace) -> None:
+    """Before accepting any scan: the work folder writable (and readable by the catalog's server),
+    the ranks available on this machine, the catalog reachable with our key — each refusal one line,
+    exit status 2, instead of a ``fail`` record for every scan."""
+    from .session import check_catalog, check_ranks_available, check_server_reads, check_writable, local_catalog_folder
+    work = check_writable(args.work_dir, "work folder (--work-dir)", "give --work-dir a folder you can write")
+    check_ranks_available(int(args.nprocs), bool(getattr(args, "force_nprocs", False)))
+    if args.catalog:
+        check_catalog(args.catalog)
+        check_server_reads(args.catalog, {"work folder (--work-dir)": work}, local_catalog_folder(args.catalog))
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
+    """Listen to a document stream; Ctrl-C stops with one line (status 130), SIGTERM quietly (status 0);
+    a running job is stopped and queued again for the next start."""
+    import asyncio
     _setup_logging(args.verbose)
     if not args.zmq and not args.kafka:
         raise CommandError("give the document stream: --zmq HOST:PORT (0MQ proxy output) or --kafka SERVERS")
+    check_listen_options(args)
     jobs, cb = build_callback(args, args.work_dir)
     dispatcher = make_dispatcher(args)
     dispatcher.subscribe(cb)
+    stopped_by: list[int] = []
 
-    def stop(*_: Any) -> None:
-        log.info("listener stopping")
-        dispatcher.stop()
+    def stop(signum: int, _frame: Any) -> None:
+        if stopped_by:
+            return
+        stopped_by.append(signum)
+        if signum == signal.SIGINT:
+            print(f"hxn-ptycho listen: Ctrl-C: stopping; unfinished jobs stay queued in {Path(jobs.directory).resolve()}",
+                  file=sys.stderr, flush=True)
+        else:
+            log.info("listener stopping")
+        task, loop = getattr(dispatcher, "_task", None), getattr(dispatcher, "loop", None)
+        if task is not None and loop is not None:       # bluesky's 0MQ RemoteDispatcher: end its poll
+            loop.call_soon_threadsafe(task.cancel)
+        else:
+            dispatcher.stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("listening on %s; work folder %s; catalog %s", args.zmq or args.kafka,
              Path(args.work_dir).resolve(), args.catalog or "(none)")
     try:
         dispatcher.start()
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the shutdown below is not interrupted half-way
         cb.flush(60)
-        jobs.stop(kill=False)
+        jobs.stop(kill=bool(stopped_by and stopped_by[0] == signal.SIGINT))
         cb.close()
-    return 0
+    return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
 
 
 # -- results --------------------------------------------------------------------------------
@@ -222,11 +254,11 @@ def cmd_results(args: argparse.Namespace) -> int:
                           "exit_status": res.exit_status, "reason": res.reason, "recon": res.recon,
                           "skipped": res.skipped}, indent=1))
     if args.png:
-        if not res.ok:
+        if not res.ok and not res.interrupted:
             print(f"hxn-ptycho results: no figure, the reconstruction failed: {res.reason}", file=sys.stderr)
             return 1
         print(f"wrote {summary_png(res, args.png)}")
-    return 0 if res.ok else 1
+    return 0 if res.ok or res.interrupted else 1
 
 
 # -- reconstruct a stored run ("run uid U of catalog C") -------------------------------------------

@@ -176,8 +176,21 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
             "object_error": np.asarray(res.error_object, dtype=np.float64).tolist()}
     docs.append(("event_page", iters.compose_event_page(
         data=page, timestamps={k: [now] * n for k in page}, seq_num=list(range(1, n + 1)))))
-    docs.append(("stop", bundle.compose_stop(exit_status="success")))
+    docs.append(("stop", bundle.compose_stop(**stop_status(recon, n))))
     return docs
+
+
+def stop_status(recon: dict, iterations_done: int) -> dict:
+    """The stop document's status: "success" for a complete run; a run stopped early on request
+    (Ctrl-C: ``measured.interrupted``) is "abort" with the iterations done — its data are kept, and
+    :func:`hxn_ptycho.callbacks.query.results` never prefers it to a complete one."""
+    measured = recon.get("measured") or {}
+    if not measured.get("interrupted"):
+        return {"exit_status": "success"}
+    total = (recon.get("params") or {}).get("iterations")
+    return {"exit_status": "abort",
+            "reason": f"interrupted after {measured.get('iterations_done', iterations_done)}"
+                      f"{f' of {total}' if total else ''} iterations (stopped on request; the result so far is kept)"}
 
 
 def failure_documents(raw_uid: str | None, recon: dict, reason: str, uid: str | None = None) -> list[Doc]:

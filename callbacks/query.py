@@ -65,16 +65,25 @@ class DerivedResult:
 
     @property
     def ok(self) -> bool:
+        """A complete reconstruction (every iteration run)."""
         return self.exit_status == "success"
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped early on request: its arrays are there, but not all its iterations were run."""
+        return is_interrupted(self.exit_status, self.recon)
 
     @property
     def time(self) -> float | None:
         return self.start.get("time")
 
     def summary(self) -> str:
-        head = f"derived run {self.uid} of scan {self.scan_id} (raw {self.raw_uid}): {self.exit_status}"
-        if not self.ok:
+        status = "interrupted" if self.interrupted else self.exit_status
+        head = f"derived run {self.uid} of scan {self.scan_id} (raw {self.raw_uid}): {status}"
+        if not self.ok and not self.interrupted:
             return f"{head} — {self.reason}"
+        if self.interrupted:
+            head = f"{head} ({self.reason})"
         return (f"{head}; object {tuple(self.object.shape)}, probe {tuple(self.probe.shape)}, "
                 f"probe power {np.round(self.probe_power_fraction, 3).tolist()}, "
                 f"final data error {self.final_data_error:.4g}")
@@ -94,10 +103,14 @@ class RunSummary:
     final_data_error: float | None = None
     unreadable: str | None = None                      # why the server cannot read it, if it cannot
 
+    interrupted: bool = False                          # stopped early on request (Ctrl-C)
+
     @property
     def status(self) -> str:
         if self.unreadable:
             return "unreadable"
+        if self.interrupted:
+            return "interrupted"
         return self.exit_status or "running"
 
     def line(self) -> str:
@@ -289,7 +302,7 @@ def load_result(run: Any, catalog: Any = None) -> DerivedResult:
     out = DerivedResult(uid=start.get("uid"), raw_uid=start.get("raw_uid"), scan_id=start.get("scan_id"),
                         exit_status=stop.get("exit_status"), reason=stop.get("reason"),
                         recon=dict(start.get("recon", {})), start=start)
-    if out.exit_status != "success":
+    if out.exit_status != "success" and not out.interrupted:
         return out
     with catalog_errors(catalog, f"reading derived run {out.uid}"):
         why = check_readable(run, catalog)
@@ -308,6 +321,16 @@ def load_result(run: Any, catalog: Any = None) -> DerivedResult:
             out.data_error, out.probe_error, out.object_error = (_read(it, k, False) for k in
                                                                  ("data_error", "probe_error", "object_error"))
     return out
+
+
+def is_interrupted(exit_status: str | None, recon: dict) -> bool:
+    """A derived run stopped early on request: stop "abort" and ``recon.measured.interrupted``."""
+    return exit_status == "abort" and bool((recon.get("measured") or {}).get("interrupted"))
+
+
+def _run_interrupted(run: Any) -> bool:
+    md = as_v3(run).metadata
+    return is_interrupted((md.get("stop") or {}).get("exit_status"), dict(md.get("start", {}).get("recon", {})))
 
 
 def _find_key(tree: Any, key: str) -> Any:
@@ -342,7 +365,12 @@ def summarize(run: Any, catalog: Any = None, check: bool = True) -> RunSummary:
     row = RunSummary(uid=start.get("uid"), raw_uid=start.get("raw_uid"), scan_id=start.get("scan_id"),
                      time=start.get("time"), exit_status=stop.get("exit_status"), reason=stop.get("reason"),
                      parameters=key_parameters(dict(start.get("recon", {}))))
-    if row.exit_status == "success":
+    recon = dict(start.get("recon", {}))
+    row.interrupted = is_interrupted(row.exit_status, recon)
+    done = (recon.get("measured") or {}).get("iterations_done")
+    if done is not None and row.parameters.get("iterations") not in (None, done):
+        row.parameters["iterations"] = f"{done}/{row.parameters['iterations']}"   # e.g. 173/2000
+    if row.exit_status == "success" or row.interrupted:
         with catalog_errors(catalog, f"reading derived run {row.uid}"):
             if "primary" in run and "final_data_error" in run["primary"]:
                 row.final_data_error = float(np.asarray(run["primary"]["final_data_error"].read()).ravel()[0])
@@ -371,6 +399,8 @@ def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | N
         return [summarize(run, catalog) for run in found]
     if not found:
         raise NoResult(f"no reconstruction of {_what(scan_id, raw_uid)} in the catalog")
+    # an interrupted run is the answer only when no other one is (newest first within each group)
+    found.sort(key=lambda r: _run_interrupted(r))
     skipped: list[tuple[str, str]] = []
     for run in found:
         try:
@@ -415,7 +445,7 @@ def as_result_data(res: DerivedResult) -> Any:
     the scan id, the object pixel size and the probe-mode log found in ``recon``."""
     from hxn_ptycho.resultfile import ResultData
 
-    if not res.ok:
+    if not res.ok and not res.interrupted:
         raise NoResult(f"derived run {res.uid} failed ({res.reason}); there is nothing to plot")
 
     def curves(values: np.ndarray | None, width: int) -> np.ndarray:
