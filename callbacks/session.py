@@ -110,13 +110,15 @@ def check_catalog(catalog: Any) -> None:
     try:
         for which in ("raw", "processed"):
             runs(catalog, which)
-    except CatalogError as exc:
-        raise SessionRefused(f"the catalog cannot be used: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a 401 or any other refusal, as one line
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        hint = ("; export TILED_API_KEY=$(cat DIR/api_key) for a catalog of 'hxn-ptycho serve --dir DIR'"
-                if "401" in text else "")
-        raise SessionRefused(f"the catalog refuses this session: {type(exc).__name__}: {text}{hint}") from None
+    except Exception as exc:  # noqa: BLE001 - unreachable, a 401 or any other refusal: one line
+        text = (str(exc).splitlines() or [type(exc).__name__])[0]
+        local = local_catalog_folder(catalog)
+        if "401" in text or "API key" in text or "api_key" in text:
+            where = f"$(cat {local / 'api_key'})" if local else "THE_KEY"
+            raise SessionRefused(f"the catalog refuses our API key ({text}): export TILED_API_KEY={where}") from None
+        if isinstance(exc, CatalogError):
+            raise SessionRefused(f"the catalog cannot be used: {text}") from None
+        raise SessionRefused(f"the catalog refuses this session: {type(exc).__name__}: {text}") from None
 
 
 def check_session(catalog: Any, work_dir: Path, detector_dir: Path | None) -> None:
