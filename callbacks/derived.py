@@ -163,7 +163,8 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
                                                                descriptor=primary.descriptor_doc)))
     now = time.time()
     data = {k: v.tolist() for k, v in inline.items()}
-    data["final_data_error"] = float(res.error_data[-1]) if res.iterations else float("nan")
+    final = res.final_data_error                  # the one definition (ResultData.final_data_error)
+    data["final_data_error"] = float("nan") if final is None else final
     docs.append(("event", primary.compose_event(data=data, timestamps={k: now for k in data})))
     it_keys = {"data_error": {"source": PLAN_NAME, "dtype": "number", "shape": []},
                "probe_error": _array_key(np.asarray(res.error_probe[0], dtype=np.float64), False),

@@ -20,17 +20,15 @@ import numpy as np
 from .resultfile import ResultData
 
 QUALITY_NAME = "final data error ε_D"
-QUALITY_DEFINITION = ("ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and unmasked pixels, of the model "
-                      "at the last iteration (0 = a perfect fit)")
+QUALITY_DEFINITION = ("ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and unmasked pixels, of the returned "
+                      "model (0 = a perfect fit)")
 CURVES_DEFINITION = ("ε_D: data error, Σ(|F(P·O)| − √I)² / ΣI.   ε_P k, ε_O l: relative change of probe "
                      "mode k, object mode l in that iteration, ‖X_i − X_(i−1)‖ / ‖X_(i−1)‖.")
 
 
 def quality(res: ResultData) -> float | None:
-    """The figure's quality number: the data error ε_D of the last iteration (see QUALITY_DEFINITION)."""
-    if res.iterations == 0 or not np.isfinite(res.error_data[-1]):
-        return None
-    return float(res.error_data[-1])
+    """The figure's quality number: the result's one final data error (``ResultData.final_data_error``)."""
+    return res.final_data_error
 
 
 def object_pixel_size_m(res: ResultData, pixel_size_m: float | None = None) -> float | None:

@@ -47,6 +47,21 @@ class ResultData:
     def iterations(self) -> int:
         return int(self.error_data.shape[0])
 
+    @property
+    def final_data_error(self) -> float | None:
+        """The one final data error of a result: ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and
+        unmasked pixels, of the *returned* model (after the last update and the final orthogonalisation
+        of the modes): the ``final_data_error`` attribute the engine measures at the end. The curve
+        ``error_data`` holds ε_D of the model at the start of each iteration, so its last point is one
+        update older; it stands in only for a file without the attribute. The job's last line, the
+        outcome record, the derived run, the listing and the figure all give this number."""
+        value = self.attrs.get("final_data_error")
+        if value is not None and np.isfinite(float(value)):
+            return float(value)
+        if self.iterations == 0 or not np.isfinite(self.error_data[-1]):
+            return None
+        return float(self.error_data[-1])
+
     def validate(self, filename: str = "<memory>") -> None:
         o, p = self.object, self.probe
         if o.ndim != 3 or not np.iscomplexobj(o):
