@@ -415,7 +415,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cb.close()
         res = results(catalog_cfg, raw_uid=raw_uid)
         print(res.summary())
-        png = summary_png(res, args.png or base / "summary.png") if res.ok else None
+        png = summary_png(res, args.png or base / "summary.png", truth=_truth.object) if res.ok else None
         job = cb.submitted[-1]
         later = (f"hxn-ptycho serve --dir {server.directory} --read {base}  then  " if server else "") + \
             f"hxn-ptycho results --catalog {args.catalog} --scan-id {res.scan_id}"

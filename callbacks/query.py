@@ -605,10 +605,12 @@ def as_result_data(res: DerivedResult) -> Any:
                       probe_power_fraction=res.probe_power_fraction, params=res.recon, attrs=attrs)
 
 
-def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
+def summary_png(res: DerivedResult, path: str | os.PathLike, truth: Any = None) -> str:
     """Object modes, probe modes and the convergence curves in one PNG (written atomically): the same
-    figure as ``hxn-ptycho reconstruct --png``, at the object pixel size recorded in ``recon``."""
+    figure as ``hxn-ptycho reconstruct --png``, at the object pixel size recorded in ``recon``;
+    ``truth`` (a simulation's known object) beside the result."""
     from hxn_ptycho.plots import summary_png as plot
 
-    plot(as_result_data(res), path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}")
+    status = " (interrupted)" if res.interrupted else ""
+    plot(as_result_data(res), path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}{status}", truth=truth)
     return str(path)

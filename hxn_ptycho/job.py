@@ -263,7 +263,8 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
             if src.png:
                 from .plots import summary_png
                 summary_png(res, src.png, title=f"scan {src.scan_id}" if src.scan_id is not None else "",
-                            pixel_size_m=spec.geometry.pixel_size_m or _info.get("pixel_size_m"))
+                            pixel_size_m=spec.geometry.pixel_size_m or _info.get("pixel_size_m"),
+                            facts=spec.to_dict().get("geometry"))
             startup = max(starts) - launched if starts else None
             outcome = {"status": "success", "reason": None, "result_file": str(result.resolve()),
                        "measured": measured_facts(res, spec, comm, startup)}
