@@ -103,6 +103,9 @@ MOTOR_TABLE = {
 SI111_D_A = 3.1355893
 HC_KEV_A = 12.39842
 N_SCALER = 16  # hxn-profile-collection 22-scalers.py n_scaler_mca
+STEP_FRACTION = 0.38  # scan step / probe diameter
+PROBE_LOBE = 0.45  # side lobe amplitude (breaks the probe's mirror symmetry)
+PROBE_COMA = 0.6  # rad, coma-like cubic phase at a quarter of the window
 EIGER_FLAG_U32 = 2**32 - 1  # Eiger marks dead/flagged pixels with the bit depth's maximum
 MERLIN_HOT = 2**24 - 1  # a stuck pixel of a Merlin in 24-bit mode (fly2dpd: quad_merlin_mode 1)
 
@@ -202,11 +205,11 @@ def _make_probe(n: int, pixel_m: float, wavelength_m: float) -> np.ndarray:
     xr, yr = x * np.cos(th) + y * np.sin(th), -x * np.sin(th) + y * np.cos(th)
     a, b = 0.24 * n, 0.18 * n
     disc = np.exp(-(((xr / a) ** 2 + (yr / b) ** 2) ** 3))
-    lobe = 0.45 * np.exp(-((x - 0.17 * n) ** 2 + (y + 0.12 * n) ** 2) / (2 * (0.05 * n) ** 2))
+    lobe = PROBE_LOBE * np.exp(-((x - 0.17 * n) ** 2 + (y + 0.12 * n) ** 2) / (2 * (0.05 * n) ** 2))
     amp = disc + lobe
     dz = 150e-6
     alpha = min(np.pi * pixel_m**2 / (wavelength_m * dz), 0.03)  # rad per px^2, kept well sampled
-    phase = alpha * (x**2 + y**2) + 0.6 * (x / (0.25 * n)) ** 3 - 0.3 * (x / (0.25 * n)) * (y / (0.25 * n)) ** 2
+    phase = alpha * (x**2 + y**2) + PROBE_COMA * ((x / (0.25 * n)) ** 3 - 0.5 * (x / (0.25 * n)) * (y / (0.25 * n)) ** 2)
     probe = amp * np.exp(1j * phase)
     probe[0, :] = 0
     probe[:, 0] = 0
@@ -369,8 +372,12 @@ def _scaler_values(rng: np.random.Generator, n: int, dwell: float) -> dict[str, 
 
 def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: int = 64,
              photons: float | None = 1e6, seed: int = 0, eiger_signs: str = "holoptycho",
-             motor_order: str = "xy") -> IndepScan:
+             motor_order: str = "xy", step_fraction: float | None = None) -> IndepScan:
     """Simulate one HXN run of ``kind`` into ``out_dir`` (see INDEP_SIM_API.md).
+
+    ``step_fraction`` (an addition to the contract): scan step / probe diameter, default
+    ``STEP_FRACTION`` (0.38: 69-72 % linear overlap, 1-1.6 um spans).  Real HXN fly scans are far
+    denser (holoptycho's example: 20 nm steps); 0.13 gives ~87 % overlap over ~0.5 um.
 
     ``photons=None`` gives the noise-free model (float32 frames, no background); otherwise the
     mean number of photons in a crop, Poisson noise, integer frames.  ``n_positions`` is a target:
@@ -387,6 +394,9 @@ def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: in
         raise ValueError(f"frame_size must be an even number >= 16, not {frame_size!r}")
     if n_positions < 4:
         raise ValueError(f"n_positions must be >= 4, not {n_positions!r}")
+    frac = STEP_FRACTION if step_fraction is None else float(step_fraction)
+    if not 0.02 <= frac <= 0.5:
+        raise ValueError(f"step_fraction must be in [0.02, 0.5] (>= 50 % overlap), not {step_fraction!r}")
     if photons is not None and not photons > 0:
         raise ValueError(f"photons must be positive or None, not {photons!r}")
     out_dir = Path(out_dir)
@@ -400,7 +410,7 @@ def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: in
 
     # --- nominal scan (µm, relative to the motors' start positions) ---
     probe_um = 0.42 * n * p_um  # about the probe's diameter (the 5 %-of-peak contour)
-    step_um = 0.38 * probe_um  # >= 60 % linear overlap
+    step_um = frac * probe_um  # linear overlap 1 - STEP_FRACTION (measured: see the docs)
     start_pos = {su.motors[0]: round(float(rng.uniform(-3, 3)), 3), su.motors[1]: round(float(rng.uniform(-3, 3)), 3)}
     plan: dict[str, Any] = {}
     if kind == "fermat":
@@ -460,6 +470,7 @@ def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: in
         "probe_centre_px": [n // 2, n // 2],
         "noise_free": photons is None,
         "photon_scale": scale,
+        "step_fraction": frac,
         "sources": {
             "engine_signs": ("holoptycho scripts/offline_epie.py + AGENTS.md 'Position signs'" if su.signs == (1, -1)
                              else "ptycho_gui nsls2ptycho/core/ptycho_param.py x_direction=y_direction=-1"),

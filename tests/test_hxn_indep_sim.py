@@ -280,6 +280,23 @@ def test_motor_orders_give_the_same_scan(tmp_path):
     assert np.abs(naive - pb).max() > 0.1
 
 
+def test_dense_scans_keep_the_forward_model(tmp_path):
+    scan = sim.simulate("fly2dpd", tmp_path, photons=None, seed=4, step_fraction=0.13, n_positions=64)
+    frames, pos, ic, _ = _read_scan(scan)
+    n = scan.frame_size
+    cy, cx = scan.notes["crop_centre"]["cy"], scan.notes["crop_centre"]["cx"]
+    gui = _ptycho_gui_patterns(frames, ic, cx, cy, n)
+    keep = np.ones((n, n), bool)
+    fy, fx = scan.notes["flagged_pixels"][0]
+    keep[np.fft.fftshift(np.rot90(np.arange(n * n).reshape(n, n) == (fy - cy + n // 2) * n + (fx - cx + n // 2),
+                                  axes=(1, 0)))] = False
+    assert _rel_err(gui, _model(scan, SIGNS["holoptycho"]), keep) < 1e-5
+    nn = np.median(cKDTree(scan.positions_um).query(scan.positions_um, k=2)[0][:, 1])
+    probe = np.abs(scan.probe_truth) ** 2
+    diameter = 2 * np.sqrt((probe > 0.05 * probe.max()).sum() / np.pi) * scan.pixel_m * 1e6
+    assert 1 - nn / diameter > 0.8
+
+
 def test_the_two_eiger_sign_conventions_give_different_frames(tmp_path):
     a = sim.simulate("fermat", tmp_path / "h", seed=9, photons=None, eiger_signs="holoptycho")
     b = sim.simulate("fermat", tmp_path / "g", seed=9, photons=None, eiger_signs="ptycho_gui")
@@ -321,5 +338,7 @@ def test_bad_input_is_named(tmp_path):
         sim.simulate("fermat", tmp_path, eiger_signs="up")
     with pytest.raises(ValueError, match="motor_order"):
         sim.simulate("fermat", tmp_path, motor_order="xx")
+    with pytest.raises(ValueError, match="step_fraction"):
+        sim.simulate("fermat", tmp_path, step_fraction=0.9)
     with pytest.raises(ValueError, match="frame_size"):
         sim.simulate("fermat", tmp_path, frame_size=63)
