@@ -103,7 +103,7 @@ MOTOR_TABLE = {
 SI111_D_A = 3.1355893
 HC_KEV_A = 12.39842
 N_SCALER = 16  # hxn-profile-collection 22-scalers.py n_scaler_mca
-STEP_FRACTION = 0.38  # scan step / probe diameter
+STEP_FRACTION = 0.13  # scan step / probe diameter: ~87 % overlap, dense as HXN scans are (see simulate)
 PROBE_LOBE = 0.45  # side lobe amplitude (breaks the probe's mirror symmetry)
 PROBE_COMA = 0.6  # rad, coma-like cubic phase at a quarter of the window
 EIGER_FLAG_U32 = 2**32 - 1  # Eiger marks dead/flagged pixels with the bit depth's maximum
@@ -376,10 +376,13 @@ def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: in
     """Simulate one HXN run of ``kind`` into ``out_dir`` (see INDEP_SIM_API.md).
 
     ``step_fraction`` (an addition to the contract): scan step / probe diameter, default
-    ``STEP_FRACTION`` (0.38: 69-72 % linear overlap, 1-1.6 um spans).  Real HXN fly scans are far
-    denser (holoptycho's example: 20 nm steps); 0.13 gives ~87 % overlap over ~0.5 um.
+    ``STEP_FRACTION`` = 0.13 (~87 % linear overlap, spans ~0.5 um at 100 views), dense as HXN scans
+    are (holoptycho's example config: 20 nm steps) and as the engine's default probe guess assumes
+    (RMS radius 2.5 x the median step); 0.38 gives 69-72 % overlap and 1-1.6 um spans, where the
+    engine's default probe guess fails (benchmarks/indep_sim_reconstruct.py).
 
-    ``photons=None`` gives the noise-free model (float32 frames, no background); otherwise the
+    ``photons=None`` gives the noise-free model (float32 frames, no background: the expected counts
+    at 1e6 photons a crop, ``notes['photon_scale']`` times the unit-probe model); otherwise the
     mean number of photons in a crop, Poisson noise, integer frames.  ``n_positions`` is a target:
     grids use the nearest num1 x num2, the fermat spiral the nearest ``dr``.
     """
@@ -444,7 +447,8 @@ def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: in
     scaler = _scaler_values(rng, nfr, dwell)
     ic_name = "sclr1_ch3" if su.motors[1] == "ssy" else "sclr1_ch4"  # ptycho_gui load_metadata
     ic = scaler[ic_name]
-    scale = 1.0 if photons is None else photons / float(intens.sum(axis=(1, 2)).mean())
+    # photon units in both modes (the noise-free model is the expectation at 1e6 photons a crop)
+    scale = (1e6 if photons is None else photons) / float(intens.sum(axis=(1, 2)).mean())
     crops = engine_to_crop(intens) * scale * (ic / ic[0])[:, None, None]
     hw = (int(round(su.frame_hw[0] * n / 64)), int(round(su.frame_hw[1] * n / 64)))
     centre = (int(round(hw[0] * su.centre_frac[0])), int(round(hw[1] * su.centre_frac[1])))
