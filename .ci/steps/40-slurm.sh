@@ -3,10 +3,13 @@
 # - munged, slurmctld and slurmd on this machine, one node with the CPUs it has (2 in CI), one
 #   partition 'debug'; containers have no cgroups: proctrack/linuxproc, task/none (as in Debian's
 #   /usr/share/doc/slurmctld/examples/slurm.conf.simple.gz), select/cons_tres, no accounting.
-# - a side virtual environment whose mpi4py is built against Open MPI (mpicc), for `mpirun -n 2`.
-# Exports HXN_PTYCHO_TEST_SLURM (the partition) and HXN_PTYCHO_TEST_OPENMPI_PYTHON (the side venv's
-# python); the tests that need them skip where they are unset (e.g. on a laptop).
-# Idempotent: a second run finds the packages, the running daemons and the side venv, and only checks.
+#   MpiDefault=pmi2: the PMI the bundled MPICH wheel understands (it refuses PMIx); Open MPI runs
+#   under srun --mpi=pmix.
+# - Open MPI (openmpi-bin): the mpi4py wheel carries an Open MPI build too, chosen with
+#   MPI4PY_LIBMPI=<Open MPI's libmpi.so.40>, so `mpirun -n 2` runs the job with no rebuild.
+# Exports HXN_PTYCHO_TEST_SLURM (the partition) and HXN_PTYCHO_TEST_OPENMPI (Open MPI's libmpi);
+# the tests that need them skip where they are unset (e.g. on a laptop).
+# Idempotent: a second run finds the packages and the running daemons, and only checks.
 _sl_sudo=""
 if [ "$(id -u)" -ne 0 ]; then _sl_sudo="sudo"; fi
 if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
@@ -33,7 +36,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
-MpiDefault=none
+MpiDefault=pmi2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -78,5 +81,10 @@ if ! srun -p debug -n 2 -t 1 true 2>/dev/null; then
     return 1 2>/dev/null || exit 1
 fi
 export HXN_PTYCHO_TEST_SLURM="debug"
+_sl_ompi="$(mpicc.openmpi --showme:libdirs 2>/dev/null | cut -d' ' -f1)"
+if [ -e "$_sl_ompi/libmpi.so" ] && command -v mpirun.openmpi >/dev/null 2>&1; then
+    export HXN_PTYCHO_TEST_OPENMPI="$_sl_ompi/libmpi.so"
+    echo "Open MPI $(mpirun.openmpi --version 2>/dev/null | head -n 1 | awk '{print $NF}'): HXN_PTYCHO_TEST_OPENMPI=$HXN_PTYCHO_TEST_OPENMPI"
+fi
 echo "Slurm $(sinfo -V | cut -d' ' -f2) on $_sl_host ($_sl_cpus CPUs, node $_sl_state): HXN_PTYCHO_TEST_SLURM=$HXN_PTYCHO_TEST_SLURM"
-unset _sl_sudo _sl_host _sl_cpus _sl_conf _sl_changed _sl_i _sl_state
+unset _sl_ompi _sl_sudo _sl_host _sl_cpus _sl_conf _sl_changed _sl_i _sl_state
