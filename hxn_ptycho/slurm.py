@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import BadInput, HxnPtychoError
+from .errors import HxnPtychoError
+from .spec import SpecError
 
 if TYPE_CHECKING:
     from .spec import JobSpec
@@ -74,7 +75,7 @@ class SlurmError(HxnPtychoError):
     """Slurm refused or lost a job, or its commands are missing; the message says which."""
 
 
-class SlurmSettingsError(BadInput):
+class SlurmSettingsError(SpecError):
     """A Slurm setting is malformed; the message names it."""
 
 
