@@ -151,7 +151,8 @@ class SlurmSettings:
 def add_slurm_options(group: Any) -> None:
     """``--slurm-partition``, ``--slurm-account``, ... (one per :class:`SlurmSettings` field)."""
     for f in dataclasses.fields(SlurmSettings):
-        flag = "--slurm-option" if f.name == "sbatch_options" else "--slurm-" + f.name.replace("_", "-")
+        flag = {"sbatch_options": "--slurm-option", "time_limit": "--slurm-time"}.get(
+            f.name, "--slurm-" + f.name.replace("_", "-"))
         kind: Any = {"gpus_per_task": int, "poll_s": float}.get(f.name, str)
         if f.name == "sbatch_options":
             group.add_argument(flag, dest="slurm_sbatch_options", action="append", default=None, metavar="OPT",

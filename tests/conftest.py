@@ -47,6 +47,14 @@ INTEGRATION_MODULES = frozenset({
 })
 
 
+def pytest_configure(config):
+    """``-m integration`` / ``-m "not integration"`` replace the default ``-m "not gpu and not slow"``
+    (the last -m wins): keep gpu and slow tests out unless the expression names them."""
+    expr = config.option.markexpr or ""
+    if "integration" in expr and "slow" not in expr and "gpu" not in expr:
+        config.option.markexpr = f"({expr}) and not gpu and not slow"
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
