@@ -283,22 +283,29 @@ def submit(spec: JobSpec, spec_path: str | os.PathLike, *, name: str, logfile: s
 def wait(job_id: str, *, poll_s: float = 2.0, timeout_s: float | None = None,
          stop: Callable[[], bool] | None = None) -> SlurmState | None:
     """Follow the job until it ends; return its end state. Returns None when ``stop()`` says to stop
-    following (the job goes on). Past ``timeout_s`` the job is cancelled (and its end state returned)."""
-    started = time.monotonic()
+    following (the job goes on). Past ``timeout_s`` of running (time queued does not count) the job is
+    cancelled, and its end state returned with that reason."""
+    started: float | None = None               # the time limit counts running time, not time in Slurm's queue
     unknown_since: float | None = None
+    timed_out: str | None = None
     while True:
         state = job_state(job_id)
         if state is None:                       # not yet visible, or forgotten: give it a little while
             unknown_since = unknown_since or time.monotonic()
             if time.monotonic() - unknown_since > max(30.0, 5 * poll_s):
                 return SlurmState(job_id=str(job_id), state="UNKNOWN",
-                                  reason="neither scontrol nor sacct knows the job")
+                                  reason=timed_out or "neither scontrol nor sacct knows the job")
         elif not state.active:
+            if timed_out:
+                state.reason = timed_out
             return state
         else:
             unknown_since = None
-        if timeout_s is not None and time.monotonic() - started > timeout_s:
-            log.warning("slurm job %s ran past %.0f s: cancelled", job_id, timeout_s)
+            if started is None and state.state == "RUNNING":
+                started = time.monotonic()
+        if timeout_s is not None and started is not None and time.monotonic() - started > timeout_s:
+            timed_out = f"it ran past the {timeout_s:.0f} s limit and was cancelled"
+            log.warning("slurm job %s: %s", job_id, timed_out)
             cancel(job_id)
             stop = None
             timeout_s = None

@@ -229,6 +229,28 @@ def test_queue_kill_cancels_the_slurm_job_and_requeues_it(tmp_path, scan):
     assert not (tmp_path / "r.h5").exists()
 
 
+def test_queue_time_limit_cancels_the_slurm_job(tmp_path, scan):
+    """A Slurm job past the queue's time limit is cancelled (scancel) and recorded as failed, saying so."""
+    from hxn_ptycho.callbacks.launcher import Job, JobQueue
+    from hxn_ptycho.params import ReconParams
+    from hxn_ptycho.spec import Execution, Geometry, JobSpec, Source
+    spec = JobSpec(params=ReconParams(iterations=5000, threads=1), geometry=Geometry.from_scan_file(scan),
+                   execution=Execution(ranks=2, launcher="slurm", slurm={"poll_s": 0.5}),
+                   source=Source(scan_file=str(scan), result_file=str(tmp_path / "r.h5")))
+    failures: list[str] = []
+    q = JobQueue(tmp_path / "q", publish=None, timeout_s=4.0, on_failure=lambda job, reason: failures.append(reason))
+    job = q.submit(Job.of(spec))
+    q.start()
+    assert q.wait_idle(120)
+    q.stop()
+    done = q.jobs("failed")
+    assert [j.id for j in done] == [job.id] and failures, failures
+    assert f"Slurm job {done[0].slurm_job} ended CANCELLED" in failures[0]
+    assert "ran past the 4 s limit and was cancelled" in failures[0]
+    assert scontrol(done[0].slurm_job)["JobState"] == "CANCELLED"
+    assert not (tmp_path / "r.h5").exists()
+
+
 # -- through `hxn-ptycho listen --launcher slurm`, a real Tiled catalog and a 0MQ proxy ---------------
 
 @pytest.mark.slow
