@@ -81,10 +81,10 @@ if ! srun -p debug -n 2 -t 1 true 2>/dev/null; then
     return 1 2>/dev/null || exit 1
 fi
 export HXN_PTYCHO_TEST_SLURM="debug"
+echo "Slurm $(sinfo -V | cut -d' ' -f2) on $_sl_host ($_sl_cpus CPUs, node $_sl_state): HXN_PTYCHO_TEST_SLURM=$HXN_PTYCHO_TEST_SLURM"
 _sl_ompi="$(mpicc.openmpi --showme:libdirs 2>/dev/null | cut -d' ' -f1)"
 if [ -e "$_sl_ompi/libmpi.so" ] && command -v mpirun.openmpi >/dev/null 2>&1; then
     export HXN_PTYCHO_TEST_OPENMPI="$_sl_ompi/libmpi.so"
     echo "Open MPI $(mpirun.openmpi --version 2>/dev/null | head -n 1 | awk '{print $NF}'): HXN_PTYCHO_TEST_OPENMPI=$HXN_PTYCHO_TEST_OPENMPI"
 fi
-echo "Slurm $(sinfo -V | cut -d' ' -f2) on $_sl_host ($_sl_cpus CPUs, node $_sl_state): HXN_PTYCHO_TEST_SLURM=$HXN_PTYCHO_TEST_SLURM"
 unset _sl_ompi _sl_sudo _sl_host _sl_cpus _sl_conf _sl_changed _sl_i _sl_state
