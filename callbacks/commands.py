@@ -139,6 +139,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
         base.setdefault("backend", "auto")
     params = params_from_namespace(args, base)
     execution = execution_from_namespace(args, gpus=pools[0].split(",") if pools else None)
+    if pools and execution.launcher == "slurm":
+        raise CommandError("--gpu-pools is for the local launcher; on Slurm give --slurm-gpus-per-task N")
     config = CallbackConfig(work_dir=str(work_dir), catalog=catalog, params=params.to_dict(),
                             nprocs=execution.ranks, mode=execution.mode, gpus=execution.gpus,
                             force_nprocs=execution.force, launcher=execution.launcher, slurm=execution.slurm,

@@ -125,3 +125,11 @@ def test_beamline_verbs_name_the_missing_extra(tmp_path):
         assert done.returncode == 2, (argv, done.stderr)
         assert f"needs the '{extra}' extra" in done.stderr and f"pip install 'hxn-ptycho[{extra}]'" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_gpu_pools_are_refused_with_the_slurm_launcher(tmp_path, capsys):
+    pytest.importorskip("bluesky")
+    from hxn_ptycho.cli import main
+    assert main(["listen", "--zmq", "127.0.0.1:1", "--work-dir", str(tmp_path), "--launcher", "slurm",
+                 "--gpu-pools", "0,1"]) == 2
+    assert "--gpu-pools is for the local launcher" in capsys.readouterr().err
