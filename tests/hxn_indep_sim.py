@@ -46,7 +46,10 @@ taken from a public source, named where it is used.  Sources (snapshots read on 
 The forward model is written the way ptycho_gui/holoptycho index things: object and patterns
 ``[x, y]`` (axis 0 is x).  With engine signs ``(sx, sy)`` the engine sees the object at
 ``(u, v) = (sx * x, sy * y)`` (stage µm), and its measured intensity for view k is
-``I_k[kx, ky] = |fft2(P[x, y] * O[x - u_k, y - v_k])|**2`` (zero frequency at [0, 0]).  The raw
+``I_k[kx, ky] = |fft2(P[x, y] * O[x - u_k, y - v_k])|**2`` (zero frequency at [0, 0]).  The truth
+is drawn in the stage frame ``[y, x]`` (rows +y, columns +x) and taken to the engine's ``[x, y]``
+explicitly by ``_to_engine`` (a transpose, then a flip of each axis whose sign is negative), so
+``object_truth``/``probe_truth`` need no guessing.  The raw
 frame written to the HDF5 file is the inverse of the beamline tools' preprocessing applied to
 ``I_k``: ``crop = rot90_ccw(fftshift(I_k))`` (ptycho_gui applies ``fftshift(rot90_cw(crop))``),
 scaled by the frame's ion-chamber ratio ``ic[k] / ic[0]``, placed at rows
