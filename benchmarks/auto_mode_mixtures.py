@@ -21,11 +21,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import numpy as np  # noqa: E402
-from mode_mixtures import FAMILIES, HELD_OUT, mixture_scan, spectrum  # noqa: E402
+import numpy as np
+from mode_mixtures import FAMILIES, HELD_OUT, mixture_scan, spectrum
 
-from hxn_ptycho.engine import reconstruct  # noqa: E402
-from hxn_ptycho.params import ReconParams  # noqa: E402
+from hxn_ptycho.engine import reconstruct
+from hxn_ptycho.params import ReconParams
 
 #: (true count, weakest mode's share): one mode, two at 30 % / 10 %, three with the weakest at 3 %
 CASES = ((1, 1.0), (2, 0.3), (2, 0.1), (3, 0.03))
