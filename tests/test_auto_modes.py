@@ -56,7 +56,7 @@ def test_auto_records_its_evidence_in_the_result_and_the_derived_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 18 part 2, open: 'trend' finds 1 mode in this 3-mode mixture "
+@pytest.mark.xfail(strict=True, reason="issue 18 part 2, open: 'trend' finds 5 modes in this 3-mode mixture "
                                        "(docs/auto_modes.md)")
 def test_auto_finds_three_modes_in_the_fly_scan_mixture():
     """Issue 18's fly-scan-like mixture: 64² frames, a raster, 1e6 photons, a zone-plate probe moved
