@@ -399,7 +399,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sample, _truth = simulated_scan(args.scan_type, n_positions=args.positions, seed=args.sim_seed,
                                         probe_modes=args.true_modes)
         hxn = make_hxn(det_root)
-        RE = RunEngine({}, call_returns_result=False)
+        from bluesky.utils import PersistentDict
+        # RE.md (so scan_id) kept in the demo folder: a second demo there continues the numbering
+        RE = RunEngine(PersistentDict(str(base / "md")), call_returns_result=False)
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
         RE.subscribe(tiled_writer(catalog_cfg, "raw", max_array_size=0))
         jobs, cb = build_callback(args, base / "work", base_params={"iterations": 40})

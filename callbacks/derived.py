@@ -356,8 +356,10 @@ def send_saved(path: str | os.PathLike, catalog: str | os.PathLike | CatalogConf
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 path.unlink()
-        log.info("derived run %s %s catalog %s", uid,
-                 "was already complete in the" if state == "complete" else "written to the", target)
+        # one line per publish: the caller (publish_outcome, republish_all) says it was written
+        (log.info if state == "complete" else log.debug)(
+            "derived run %s %s catalog %s", uid, "was already complete in the" if state == "complete" else
+            "written to the", target)
         return uid
     finally:
         os.close(fd)
