@@ -159,7 +159,8 @@ def check_listen_options(args: argparse.Namespace) -> None:
     exit status 2, instead of a ``fail`` record for every scan."""
     from .session import check_catalog, check_ranks_available, check_server_reads, check_writable, local_catalog_folder
     work = check_writable(args.work_dir, "work folder (--work-dir)", "give --work-dir a folder you can write")
-    check_ranks_available(int(args.nprocs), bool(getattr(args, "force_nprocs", False)))
+    if getattr(args, "launcher", "local") != "slurm":     # Slurm ranks run on the cluster's nodes, not here
+        check_ranks_available(int(args.nprocs), bool(getattr(args, "force_nprocs", False)))
     if args.catalog:
         check_catalog(args.catalog)
         check_server_reads(args.catalog, {"work folder (--work-dir)": work}, local_catalog_folder(args.catalog))
