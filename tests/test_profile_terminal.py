@@ -38,6 +38,7 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
 
 def _ipython(tmp: Path, env: dict[str, str]) -> pexpect.spawn:
     child = pexpect.spawn(str(IPYTHON), ["--profile-dir", str(PROFILE), "--no-banner", "--simple-prompt",
+                                         "--HistoryManager.hist_file=:memory:",   # the profile folder stays as it is
                                          "--colors=NoColor"],
                           cwd=str(tmp), env=env, encoding="utf-8", timeout=240, dimensions=(40, 200))
     child.logfile_read = _Tee()
