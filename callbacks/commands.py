@@ -6,6 +6,7 @@ calls :func:`reconstruct_from_catalog`. ``python -m hxn_ptycho.callbacks.command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -132,7 +133,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
                           detectors=tuple(args.detectors),
                           position_fields=tuple(args.positions_from) if args.positions_from else None,
                           scaler=args.scaler or None, frame_wait_s=args.frame_wait,
-                          orientation=getattr(args, "orientation", None))
+                          orientation=getattr(args, "orientation", None),
+                          data_roots=tuple(args.data_roots) if getattr(args, "data_roots", None) else None)
     pools = args.gpu_pools or None
     base = dict(base_params or {})
     if pools:
@@ -146,7 +148,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     # saved documents of failed publishes (WORK/results/*.docs.jsonl) are sent at start and retried
     jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending,
                     gpu_pools=pools, outbox=[Path(work_dir) / "results"],
-                    retry_s=float(getattr(args, "retry_publish", 10.0))).start()
+                    retry_s=float(getattr(args, "retry_publish", 10.0)), catalog=catalog,
+                    timeout_s=getattr(args, "time_limit", None)).start()
     return jobs, PtychoCallback(config, jobs)
 
 
@@ -158,15 +161,33 @@ def cmd_listen(args: argparse.Namespace) -> int:
     dispatcher = make_dispatcher(args)
     dispatcher.subscribe(cb)
 
-    def stop(*_: Any) -> None:
-        log.info("listener stopping")
-        dispatcher.stop()
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: Any) -> None:
+        """SIGTERM as Ctrl-C: stop reading documents, finish what was collected, exit 0."""
+        if stopping.is_set():
+            return
+        stopping.set()
+        log.info("listener stopping (%s)", signal.Signals(signum).name)
+        loop = getattr(dispatcher, "loop", None)       # the 0MQ dispatcher runs an asyncio loop here
+        if loop is not None and loop.is_running():
+            import asyncio
+            for task in asyncio.all_tasks(loop):     # through the loop's self-pipe: it wakes up now
+                loop.call_soon_threadsafe(task.cancel)
+        else:
+            dispatcher.stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("listening on %s; work folder %s; catalog %s", args.zmq or args.kafka,
              Path(args.work_dir).resolve(), args.catalog or "(none)")
     try:
         dispatcher.start()
+    except BaseException as exc:
+        import asyncio
+        if not (stopping.is_set() and isinstance(exc, (asyncio.CancelledError, RuntimeError, KeyboardInterrupt))):
+            raise
+        with contextlib.suppress(Exception):
+            dispatcher.stop()
     finally:
         cb.flush(60)
         jobs.stop(kill=False)
@@ -361,6 +382,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.catalog = str(server.directory)
         det_root = server.directory / "detector"
     try:
+        if args.data_roots is None:            # the simulated detector writes under the demo folder
+            from .trust import data_roots
+            args.data_roots = [*map(str, data_roots()), str(det_root)]
         sample, _truth = simulated_scan(args.scan_type, n_positions=args.positions, seed=args.sim_seed,
                                         probe_modes=args.true_modes)
         hxn = make_hxn(det_root)
@@ -422,6 +446,12 @@ def _add_callback_options(p: argparse.ArgumentParser, *, nprocs: int = 1) -> Non
                    help="GPU pools, e.g. 0,1 2,3: one job at a time on each (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--frame-wait", type=float, default=5.0,
                    help="seconds to wait for detector frames still being written (default 5)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="end a job after S seconds and record it as failed (default: 900 s + 0.05 s per view "
+                        "and iteration)")
+    p.add_argument("--data-roots", nargs="+", default=None, metavar="DIR",
+                   help="read detector files only under these folders (default: /data, /nsls2/data and "
+                        "$HXN_PTYCHO_DATA_ROOTS)")
     p.add_argument("-v", "--verbose", action="store_true")
     add_execution_options(p, nprocs=nprocs)
     add_param_options(p)

@@ -247,8 +247,9 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
                 summary_png(res, src.png, title=f"scan {src.scan_id}" if src.scan_id is not None else "",
                             pixel_size_m=spec.geometry.pixel_size_m or _info.get("pixel_size_m"))
             startup = max(starts) - launched if starts else None
+            from .h5util import file_sha256
             outcome = {"status": "success", "reason": None, "result_file": str(result.resolve()),
-                       "measured": measured_facts(res, spec, comm, startup)}
+                       "result_sha256": file_sha256(result), "measured": measured_facts(res, spec, comm, startup)}
             if outcome_file:
                 write_outcome(outcome_file, outcome)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the job exits non-zero
