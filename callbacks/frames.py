@@ -25,7 +25,9 @@ stream_resource (HDF5)      ``parameters['dataset']``           stream_datum ``i
 BulkMerlin/PandAHandlerHDF5; databroker's AreaDetectorHDF5Handler for ``AD_HDF5``.) A datum with
 ``frame_per_point = N`` is N frames (fly2dpd's single Eiger datum holds the whole scan). Files
 are opened read-only without file locking, first plainly (so HDF5 detects a truncated file, see
-:func:`open_h5`) and as a SWMR reader only while a SWMR writer holds them, and the dataset is refreshed before its length is read. Paths are remapped like the handlers'
+:func:`open_h5`) and as a SWMR reader only while a SWMR writer holds them, and the dataset is
+refreshed before its length is read. Detector files must lie under the data roots
+(:func:`check_paths`, :mod:`.trust`). Paths are remapped like the handlers'
 ``/data`` → ``/nsls2/data/hxn/legacy`` (:data:`DEFAULT_REMAP`, configurable).
 """
 from __future__ import annotations

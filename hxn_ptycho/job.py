@@ -274,7 +274,7 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
 
 
 def execute(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = None,
-            workdir: str | os.PathLike | None = None) -> tuple[int, dict[str, Any]]:
+            workdir: str | os.PathLike | None = None, unset: Sequence[str] = ()) -> tuple[int, dict[str, Any]]:
     """Run the job of ``spec`` to its end, here (one rank) or under ``mpiexec`` (several); return
     (exit status, outcome). The ranks are checked first; the spec and outcome files of an MPI run
     live in ``workdir`` (default: a temporary folder, removed afterwards)."""
@@ -287,7 +287,10 @@ def execute(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = 
         spec_path = spec.write(Path(tmp) / "job.spec.json")
         argv = launch_argv(spec, spec_path, quiet=quiet)
         import subprocess
-        status = subprocess.run(argv, check=False, env=dict(os.environ, **(env or {}))).returncode
+        full = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
+        status = subprocess.run(argv, check=False, env=full).returncode
+        from .h5util import remove_parts
+        remove_parts(spec.source.result_file)              # what a killed rank 0 left half-written
         outcome = read_outcome(outcome_path(spec_path))
     if outcome is None:
         outcome = failure_outcome(spec, f"the job exited with status {status} without an outcome record "
