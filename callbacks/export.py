@@ -398,6 +398,15 @@ class FrameStats:
     hot: int
 
 
+def check_frame_shape(source: fr.Source, shape: tuple[int, ...], batch: np.ndarray, first: int) -> None:
+    """Refuse frames of a second shape (one scan file holds one frame size), naming both shapes."""
+    if tuple(batch.shape[1:]) != tuple(shape):
+        raise ExportError(f"detector data {source.key} has frames of two shapes: "
+                          f"{'×'.join(map(str, shape))} (the first {first}) and "
+                          f"{'×'.join(map(str, batch.shape[1:]))} (from frame {first + 1}), in "
+                          f"{', '.join(source.files)}")
+
+
 def raw_statistics(source: fr.Source, cfg: ExportConfig, bad: list[tuple[int, int]]) -> FrameStats:
     """One pass over the raw frames, batch by batch: the mean frame and the good-pixel mask
     (saturated/flagged, non-finite, negative, configured and stuck hot pixels masked)."""
@@ -411,6 +420,7 @@ def raw_statistics(source: fr.Source, cfg: ExportConfig, bad: list[tuple[int, in
     flagged = np.zeros(shape, bool)
     n = 0
     for batch in fr.iter_frames(source, cfg.frame_wait_s):
+        check_frame_shape(source, shape, batch, n)
         b = batch.astype(np.float64)
         if sat is not None:
             flagged |= np.any(batch >= sat, axis=0)
