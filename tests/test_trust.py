@@ -23,19 +23,11 @@ from pathlib import Path
 import conftest_bluesky
 import pytest
 from conftest_bluesky import make_result, wait_for
-from test_faults import (  # noqa: F401 - fixtures
-    Listener,
-    count_derived,
-    one_derived,
-    proxy,
-    publisher,
-    record,
-    renamed,
-    send,
-    small_sim,
-)
+import test_faults
+from test_faults import Listener, count_derived, one_derived, record, renamed, send
 
 tiled_server = conftest_bluesky.tiled_server
+proxy, publisher, small_sim = test_faults.proxy, test_faults.publisher, test_faults.small_sim   # the fixtures
 
 
 @pytest.fixture(scope="module")
