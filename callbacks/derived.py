@@ -199,9 +199,10 @@ def write_documents(catalog: str | os.PathLike | CatalogConfig | None, docs: Ite
     docs = list(docs)
     uid = docs[0][1]["uid"]
     if backup is not None:
+        from .trust import Untrusted
         try:
             save_documents(backup, docs, catalog)
-        except OSError as save_exc:
+        except (OSError, Untrusted) as save_exc:          # a full disk, or a publish secret not ours
             log.error("could not save derived run %s to %s (%s): sending it unsaved", uid, backup, save_exc)
             saved_note = f"; saving its documents to {backup} failed too ({save_exc})"
         else:

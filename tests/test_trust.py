@@ -452,3 +452,21 @@ def test_rank0_killed_leaves_no_part_file_and_jobs_get_no_api_key(tmp_path, monk
     names = env_dump.read_text().split()
     assert "PATH" in names and "TILED_API_KEY" not in names
     assert stat.S_IMODE((tmp_path / "queue").stat().st_mode) == 0o700
+
+
+def test_cli_reconstruct_of_a_run_it_cannot_export_records_one_fail(tiled_server, docs, monkeypatch):
+    """``hxn-ptycho reconstruct --uid U``: exit status 2 naming the problem, and one ``fail`` derived run."""
+    from hxn_ptycho.callbacks.catalog import tiled_writer
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    bad = renamed(docs, ptycho_position_fields=["zpssx"])
+    writer = tiled_writer(tiled_server.config, "raw", max_array_size=0)
+    for n, d in bad:
+        writer(n, d)
+    uid = bad[0][1]["uid"]
+    done = subprocess.run([sys.executable, "-m", "hxn_ptycho.cli", "reconstruct", "--uid", uid, "--catalog",
+                           str(tiled_server.directory), "--iterations", "2"], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TILED_API_KEY=tiled_server.api_key), check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "must name one x and one y field" in done.stderr and "recorded as the fail derived run" in done.stderr
+    stop = one_derived(tiled_server.config, uid)["stop"]
+    assert stop["exit_status"] == "fail" and "must name one x and one y field" in stop["reason"], stop
