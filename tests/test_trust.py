@@ -395,12 +395,19 @@ def test_stored_run_delivered_twice_at_once_gets_one_derived_run(tiled_server, d
 
 # -- 6 and 10. the job's limits and leftovers; SIGTERM -------------------------------------------------
 
-def test_hung_job_is_ended_at_its_time_limit_and_recorded(tiled_server, proxy, publisher, docs, tmp_path):
-    lst = Listener(tiled_server, proxy[1], tiled_server.directory / "trust_hung", tmp_path / "hung.log",
+def test_hung_job_is_ended_at_its_time_limit_and_recorded(tiled_server, docs, tmp_path):
+    from bluesky.callbacks.zmq import Publisher
+
+    from hxn_ptycho.callbacks.catalog import free_port
+    port_in, port_out = free_port(), free_port()           # a proxy of its own: no other listener hears it
+    relay = subprocess.Popen([str(Path(sys.executable).with_name("bluesky-0MQ-proxy")), str(port_in), str(port_out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pub = Publisher(f"127.0.0.1:{port_in}")
+    lst = Listener(tiled_server, port_out, tiled_server.directory / "trust_hung", tmp_path / "hung.log",
                    extra=["--time-limit", "2", "--iterations", "100000"]).start()
     try:
         run = renamed(docs)
-        send(publisher, run)
+        send(pub, run)
         stop = one_derived(tiled_server.config, run[0][1]["uid"], timeout=120)["stop"]
         assert stop["exit_status"] == "fail"
         assert "the job ran past its time limit of 2 s (set by --time-limit) and was ended" in stop["reason"], stop
@@ -409,6 +416,9 @@ def test_hung_job_is_ended_at_its_time_limit_and_recorded(tiled_server, proxy, p
     finally:
         lst.proc.send_signal(signal.SIGTERM)               # SIGTERM ends listen as Ctrl-C does
         assert lst.proc.wait(60) == 0, lst.text()[-3000:]
+        pub._context.destroy(linger=0)
+        relay.terminate()
+        relay.wait(10)
     assert "Traceback" not in lst.text() and "listener stopping (SIGTERM)" in lst.text()
 
 
