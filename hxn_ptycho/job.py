@@ -285,7 +285,7 @@ def execute(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = 
     check_ranks(spec)
     if spec.execution.launcher == "slurm":                  # sbatch/srun: see hxn_ptycho/slurm.py
         from .slurm import execute_slurm
-        return execute_slurm(spec, quiet=quiet, env=env, workdir=workdir)
+        return execute_slurm(spec, quiet=quiet, env=env, workdir=workdir, unset=unset)
     if spec.execution.ranks <= 1 or launched_by_mpi():      # a launched job never launches another
         return run_spec(spec, None, progress=not quiet, launched_at=time.time())
     with tempfile.TemporaryDirectory(prefix="hxn-ptycho-job-", dir=workdir) as tmp:
