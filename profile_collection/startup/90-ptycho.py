@@ -15,12 +15,16 @@ from hxn_ptycho.callbacks.export import ExportConfig
 from hxn_ptycho.callbacks.launcher import JobQueue
 from hxn_ptycho.callbacks.query import results  # noqa: F401  (for the user: results(CATALOG, scan_id=N))
 from hxn_ptycho.callbacks.session import leave_session
+from hxn_ptycho.callbacks.trust import data_roots
 from hxn_ptycho.callbacks.router import (
                        CallbackConfig,
                        PtychoCallback,
 )
 
 _key = resolve_catalog(CATALOG).resolve_api_key()
+# detector files are read only under the data roots (/data, /nsls2/data, $HXN_PTYCHO_DATA_ROOTS);
+# the simulated detector writes under DETECTOR_DIR (00-base), so that is one of them here
+_data_roots = (*map(str, data_roots()), str(DETECTOR_DIR)) if SIMULATED else None
 print(f"hxn-ptycho: scan files, results and the job queue in {WORK_DIR}")
 ptycho_jobs = JobQueue(WORK_DIR + "/queue",
                        slots=int(os.environ.get("HXN_PTYCHO_SLOTS", "1")),
@@ -29,7 +33,7 @@ ptycho_callback = PtychoCallback(
     CallbackConfig(work_dir=WORK_DIR, catalog=CATALOG,
                    params={"iterations": int(os.environ.get("HXN_PTYCHO_ITERATIONS", "50"))},
                    nprocs=int(os.environ.get("HXN_PTYCHO_NPROCS", "1")),
-                   export=ExportConfig(distance_m=DETECTOR_DISTANCE_M)),
+                   export=ExportConfig(distance_m=DETECTOR_DISTANCE_M, data_roots=_data_roots)),
     ptycho_jobs)
 RE.subscribe(ptycho_callback)
 
