@@ -1,7 +1,8 @@
 """DM's damping at high counts (issue 18, part 1): misfit and object NRMSE of the issue's two
 high-count scans, and the noise-limited guards, for one or more values of ``dm_relax_floor``.
 
-    nice -n 5 python benchmarks/dm_damping.py [--floors 0,0.15] [--cases mix,psf,sim1,sim3]
+    nice -n 5 python benchmarks/dm_damping.py [--floors 0,0.15] [--cases mix,psf,sim1,sim3] [--beta 0.8]
+        [--ptypy-bound]
 
 "misfit" is the result's ``final_cost`` (mean over frames and good pixels of (|F(P·O)| − √I)²,
 photon-noise level 0.25); NRMSE is the object's against the truth over the illuminated region.
@@ -54,10 +55,19 @@ CASES = {
 }
 
 
-def run_case(name: str, floor: float | None) -> dict[str, float]:
+def ptypy_bound(scan: Any, relax: float = 0.05) -> dict[str, float]:
+    """PtyPy's DM power bound (0.25 · fourier_relax_factor² · max_j ΣI_j / pixels) in data units."""
+    power = np.sum(np.square(scan.diffamp, dtype=np.float64), axis=(1, 2))
+    return {"power_bound": 0.25 * relax ** 2 * float(power.max()) / scan.diffamp[0].size, "detector_gain": 1.0}
+
+
+def run_case(name: str, floor: float | None, beta: float = 1.0, ptypy: bool = False) -> dict[str, float]:
     make, kw = CASES[name]
     scan, truth = make()
-    extra = {} if floor is None else {"dm_relax_floor": floor}
+    extra: dict[str, Any] = {} if floor is None else {"dm_relax_floor": floor}
+    extra["beta"] = beta
+    if ptypy:
+        extra.update(ptypy_bound(scan))
     t0 = time.perf_counter()
     res = reconstruct(scan, ReconParams(**kw, **extra), log=lambda m: None)
     dt = time.perf_counter() - t0
@@ -73,12 +83,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--floors", default="default", help="comma-separated dm_relax_floor values ('default')")
     ap.add_argument("--cases", default="mix,psf,sim1,sim3")
+    ap.add_argument("--beta", type=float, default=1.0)
+    ap.add_argument("--ptypy-bound", action="store_true", help="PtyPy's power bound (scales with the counts)")
     a = ap.parse_args()
     floors = [None if f == "default" else float(f) for f in a.floors.split(",")]
     for name in a.cases.split(","):
         for f in floors:
-            r = run_case(name, f)
-            print(f"{name:5s} floor={f!s:8s} misfit {r['misfit']:.4g}  NRMSE {r['nrmse']:.4f}  "
+            r = run_case(name, f, a.beta, a.ptypy_bound)
+            tag = f"{name:5s} floor={f!s:8s} beta={a.beta} {'PtyPy bound ' if a.ptypy_bound else ''}"
+            print(f"{tag}misfit {r['misfit']:.4g}  NRMSE {r['nrmse']:.4f}  "
                   f"mean r last {r['mean_r_last']:.3f} (min {r['mean_r_min']:.3f})  {r['seconds']:.1f} s", flush=True)
 
 

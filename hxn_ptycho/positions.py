@@ -21,6 +21,7 @@ each view's correction beyond it is bounded by ``position_max_shift``.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -190,8 +191,9 @@ class PositionRefiner:
         self.sigma0, self.decay = 2.0, 0.95     # coarse to fine: the gradient of a smoothed object first
         self.moves: list[float] = []        # RMS move of each refinement (pixels)
         self.radius = float(p.position_search_radius)
-        self.coarse_rounds = 3 if self.radius > 0 else 0
-        self.coarse_every = 10              # DM iterations between coarse rounds: the object follows the moves
+        self._dbg = os.environ.get("HXN_DBG", "")
+        self.coarse_rounds = int(os.environ.get("HXN_ROUNDS", "3")) if self.radius > 0 else 0
+        self.coarse_every = int(os.environ.get("HXN_EVERY", "10"))             # DM iterations between coarse rounds: the object follows the moves
         self.coarse_moved: list[int] = []
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}
@@ -246,19 +248,21 @@ class PositionRefiner:
         Then the mean move is removed (a global translation is traded with the object).
         """
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
-        radius = max(3.0, self.radius / 2 ** len(self.coarse_moved))     # later rounds: around the last moves
+        radius = max(3.0, self.radius / float(os.environ.get("HXN_SHRINK", "2")) ** len(self.coarse_moved))     # later rounds: around the last moves
         cur = geom.positions_all.copy()
         N = len(cur)
         step = 2.0 if radius > 4 else 1.0
-        smooth = smoothed(be, rec.obj, 0.5 * step)
         grid, fine = disc_grid(radius, step), disc_grid(1.5, 1.0)
         scratch = self._scratch()
         found, e_found, e_cur = np.zeros_like(cur), np.zeros(N), np.zeros(N)
+        num, den, alpha = self._object_sums()
+        loo: dict[int, Any] = {}
         for j in range(geom.start, geom.stop):
+            loo[j] = obj_j = self._leave_one_out(j, num, den, alpha)
             cand = self._clip(cur[j] + grid)
-            best = cand[int(np.argmin(self._errors_at(j, cand, smooth, scratch)))]
+            best = cand[int(np.argmin(self._errors_at(j, cand, smoothed(be, obj_j, 0.5 * step), scratch)))]
             cand = self._clip(np.concatenate([cur[j][None], best + fine]))
-            e = self._errors_at(j, cand, rec.obj, scratch)
+            e = self._errors_at(j, cand, obj_j, scratch)
             i = int(np.argmin(e))
             found[j], e_found[j], e_cur[j] = cand[i], e[i], e[0]
         rec.reducer.allreduce_sum([found, e_found, e_cur])
@@ -272,7 +276,7 @@ class PositionRefiner:
         for j in outliers:
             if geom.start <= j < geom.stop:
                 cand = self._clip(np.round(pred[j]) + near)
-                e = self._errors_at(j, cand, rec.obj, scratch)
+                e = self._errors_at(j, cand, loo[j], scratch)
                 i = int(np.argmin(e))
                 again[j], e_again[j] = cand[i], e[i]
         e_again[~np.isfinite(e_again)] = 0.0
@@ -281,11 +285,48 @@ class PositionRefiner:
         found[better], e_found[better] = again[better], e_again[better]
         move = e_found < e_cur
         new = np.where(move[:, None], found, cur)
+        if "B" in self._dbg:
+            new = pred.copy()
+            move = np.ones(N, bool)
+        if "C" in self._dbg:
+            new = np.where(move[:, None], found, pred)
+            move = np.ones(N, bool)
         new -= (new - cur).mean(axis=0)
         new = self._clip(new)
         geom.set_positions(new)
         self.coarse_moved.append(int(move.sum()))
         return int(move.sum())
+
+    def _object_sums(self) -> tuple[Any, Any, float]:
+        """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
+        current exit waves, over all views, and its regulariser α."""
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        xp = be.xp
+        num = be.zeros(rec.obj_shape, rec.cdtype)
+        den = be.zeros((1,) + rec.obj_shape[1:], rec.rdtype)
+        pconj = xp.conj(rec.probe)
+        pint = (xp.square(rec.probe.real) + xp.square(rec.probe.imag)).sum(axis=0)
+        for b in rec.batches:
+            psi = be.asarray(rec.psi[b])
+            src = dm.object_numerator(be, psi, pconj, be.empty(psi.shape[:2] + psi.shape[3:], rec.cdtype))
+            geom.scatter_add(be, num, b, src)
+            geom.scatter_add(be, den, b, pint)
+        rec.reducer.allreduce_sum([num, den])
+        self._pconj, self._pint = pconj, pint
+        return num, den, rec.params.object_reg * float(den.max()) + dm.TINY
+
+    def _leave_one_out(self, j: int, num: Any, den: Any, alpha: float) -> Any:
+        """The object update (6) without view ``j``'s own exit wave: a view's current corner is
+        otherwise favoured by the object it painted there itself."""
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        i = j - geom.start
+        b = slice(i, i + 1)
+        psi = be.asarray(rec.psi[b])
+        src = dm.object_numerator(be, psi, self._pconj, be.empty(psi.shape[:2] + psi.shape[3:], rec.cdtype))
+        n_j, d_j = num.copy(), den.copy()
+        geom.scatter_add(be, n_j, b, -src)
+        geom.scatter_add(be, d_j, b, -self._pint)
+        return ((n_j + alpha * rec.obj) / (be.xp.maximum(d_j, 0) + alpha)).astype(rec.cdtype, copy=False)
 
     def errors_at_positions(self, positions: np.ndarray) -> np.ndarray:
         """Each view's data error with the current model at ``positions`` (all views; summed over ranks)."""
