@@ -42,8 +42,9 @@ def object_error(res, truth, positions) -> float:
     return nrmse(crop, truth.object, region)
 
 
-def heavy_scan(seed: int, views: int, worst: float = 28.0):
-    err = heavy_tailed_errors(views, seed=seed, worst_px=worst)
+def heavy_scan(seed: int, views: int, worst: float = 28.0, drift: float = 4.0, jitter: float = 1.5,
+               outliers: float = 0.04):
+    err = heavy_tailed_errors(views, seed=seed, worst_px=worst, drift_px=drift, jitter_px=jitter, outliers=outliers)
     scan, truth = simulate_scan(n=64, n_positions=views, probe_modes=1, photons=1e6, seed=seed,
                                 position_errors=err)
     exact, _ = simulate_scan(n=64, n_positions=views, probe_modes=1, photons=1e6, seed=seed)
@@ -56,8 +57,9 @@ def params(iterations: int, radius: float, refine: bool = True) -> ReconParams:
                        position_search_radius=radius)
 
 
-def run(seed: int, views: int, iterations: int, ways: list[str]) -> dict:
-    scan, exact, truth, err = heavy_scan(seed, views)
+def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 4.0, jitter: float = 1.5,
+        outliers: float = 0.04) -> dict:
+    scan, exact, truth, err = heavy_scan(seed, views, drift=drift, jitter=jitter, outliers=outliers)
     d = np.hypot(*err.T)
     out = {"seed": seed, "err_rms_axis": float(np.sqrt(np.mean(err ** 2))), "err_max": float(d.max())}
     q = lambda m: None  # noqa: E731
@@ -83,9 +85,12 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=100)
     ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--ways", default="true,off,gradient,coarse")
+    ap.add_argument("--drift", type=float, default=4.0, help="RMS per axis of the smooth drift (px)")
+    ap.add_argument("--jitter", type=float, default=1.5, help="scale of the heavy-tailed jitter (px)")
+    ap.add_argument("--outliers", type=float, default=0.04, help="fraction of slipped views (12 px to the worst)")
     a = ap.parse_args()
     for seed in (int(s) for s in a.seeds.split(",")):
-        r = run(seed, a.views, a.iterations, a.ways.split(","))
+        r = run(seed, a.views, a.iterations, a.ways.split(","), a.drift, a.jitter, a.outliers)
         line = f"seed {seed}: errors {r['err_rms_axis']:.2f} px RMS/axis, max {r['err_max']:.1f}"
         for way in a.ways.split(","):
             w = r[way]

@@ -18,10 +18,20 @@ nominal is removed (its rotation stays: the scale of a calibrated stage is kept,
 fix it only weakly — it trades with the probe's wavefront curvature), and — with
 ``position_affine`` — a global affine term (scale, rotation, shear) is fitted to nominal → refined;
 each view's correction beyond it is bounded by ``position_max_shift``.
+
+Before these, with ``position_search_radius`` > 0, a **coarse global stage** (:meth:`PositionRefiner.coarse`,
+three rounds ten DM iterations apart, the radius halved each round): every view is searched on a
+grid over that radius against the object *without its own exit wave* (leave-one-out: the object a
+view painted at its current corner otherwise holds it there), an affine map and the smooth drift
+over the scan order are fitted to the moves found, outliers against them are searched again around
+the prediction, and a view moves only where its data error falls. At the end of refinement a
+**guard** (:meth:`PositionRefiner.guard`) sends back to its nominal corner every view whose data
+error is lower there: refinement never leaves a view where the model fits it worse than not
+refining. Measured (``benchmarks/position_search.py``, docs/position_search.md): heavy-tailed jitter
+and slipped views of up to 27 px are recovered; a smooth drift of 4 px RMS is not.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -191,9 +201,8 @@ class PositionRefiner:
         self.sigma0, self.decay = 2.0, 0.95     # coarse to fine: the gradient of a smoothed object first
         self.moves: list[float] = []        # RMS move of each refinement (pixels)
         self.radius = float(p.position_search_radius)
-        self._dbg = os.environ.get("HXN_DBG", "")
-        self.coarse_rounds = int(os.environ.get("HXN_ROUNDS", "3")) if self.radius > 0 else 0
-        self.coarse_every = int(os.environ.get("HXN_EVERY", "10"))             # DM iterations between coarse rounds: the object follows the moves
+        self.coarse_rounds = 3 if self.radius > 0 else 0
+        self.coarse_every = 10             # DM iterations between coarse rounds: the object follows the moves
         self.coarse_moved: list[int] = []
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}
@@ -248,7 +257,7 @@ class PositionRefiner:
         Then the mean move is removed (a global translation is traded with the object).
         """
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
-        radius = max(3.0, self.radius / float(os.environ.get("HXN_SHRINK", "2")) ** len(self.coarse_moved))     # later rounds: around the last moves
+        radius = max(3.0, self.radius / 2 ** len(self.coarse_moved))     # later rounds: around the last moves
         cur = geom.positions_all.copy()
         N = len(cur)
         step = 2.0 if radius > 4 else 1.0
@@ -285,12 +294,6 @@ class PositionRefiner:
         found[better], e_found[better] = again[better], e_again[better]
         move = e_found < e_cur
         new = np.where(move[:, None], found, cur)
-        if "B" in self._dbg:
-            new = pred.copy()
-            move = np.ones(N, bool)
-        if "C" in self._dbg:
-            new = np.where(move[:, None], found, pred)
-            move = np.ones(N, bool)
         new -= (new - cur).mean(axis=0)
         new = self._clip(new)
         geom.set_positions(new)
