@@ -282,7 +282,7 @@ class PositionRefiner:
         outliers = np.nonzero(off > max(3.0, 3 * mad))[0]
         again, e_again = np.zeros_like(cur), np.full(N, np.inf)
         near = disc_grid(max(3.0, 3 * mad), 1.0)
-        for j in outliers:
+        for j in outliers.tolist():
             if geom.start <= j < geom.stop:
                 cand = self._clip(np.round(pred[j]) + near)
                 e = self._errors_at(j, cand, loo[j], scratch)
@@ -452,7 +452,7 @@ class PositionRefiner:
         geom = rec.geom
         med = float(np.median(errs))
         flagged = np.nonzero(errs > self.outlier * max(med, 1e-300))[0]
-        mine = [j for j in flagged if geom.start <= j < geom.stop]
+        mine = [int(j) for j in flagged if geom.start <= j < geom.stop]
         out = np.zeros_like(full)
         mask_rows = np.zeros(len(full))
         grid = disc_grid(self.max_shift, 1.0)

@@ -22,7 +22,7 @@ from hxn_ptycho.resultfile import read_result, write_result
 from hxn_ptycho.simulate import simulate_scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from dm_damping import psf_scan  # noqa: E402
+from dm_damping import psf_scan
 
 QUIET = {"log": lambda msg: None}
 

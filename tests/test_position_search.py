@@ -19,7 +19,7 @@ from hxn_ptycho.positions import disc_grid, global_prediction
 from hxn_ptycho.simulate import heavy_tailed_errors, simulate_scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from position_search import heavy_scan, object_error, position_rms  # noqa: E402
+from position_search import heavy_scan, object_error, position_rms
 
 QUIET = {"log": lambda msg: None}
 
