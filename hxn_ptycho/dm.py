@@ -157,11 +157,11 @@ def data_error(be: Any, fphi: Any, diffamp: Any, mask: Any) -> Any:
 
 # (3), (4), (7) together: the data error of F(P·O), then ψ's DM update through the projection
 def fourier_update(be: Any, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float,
-                   work: Any, floor: float = 0.0, stats: RelaxSum | None = None) -> Any:
+                   floor: float = 0.0, stats: RelaxSum | None = None, work: Any = None) -> Any:
     """One batch's Fourier step on F(ψ) in place; returns Σ_good (|F(P·O)| − √I)².
 
-    A backend with a fused kernel does it in one pass without the ``work`` buffer. ``floor`` and
-    ``stats``: those of :func:`fourier_projection`.
+    A backend with a fused kernel does it in one pass without the ``work`` buffer (the generic
+    code needs it, shaped like ``fpsi``). ``floor`` and ``stats``: those of :func:`fourier_projection`.
     """
     fused = _fused(be, "fourier_update")
     if fused is not None:

@@ -44,7 +44,7 @@ class DMIteration:
         phi = rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])  # (2)
         fphi = be.fft2(phi)                                                                      # F(P·O)
         w.err += dm.fourier_update(be, fpsi, fphi, amp, rec.mask, rec.pbound,                    # (3), (4), (7)
-                                   rec.params.beta, w.work[:B], rec.params.dm_relax_floor, w.relax)
+                                   rec.params.beta, rec.params.dm_relax_floor, w.relax, w.work[:B])
         psi = w.psi[:B] if rec.streaming else rec.psi[b]
         psi[...] = fpsi
         be.ifft2(psi)                                                                            # ψ, in place

@@ -494,7 +494,7 @@ def test_backend_relaxation_floor_matches_dm(ebe, masked):
     assert _rel(dm.fourier_projection(nb, fphi.copy(), amp, mask, pbound), want) > 1e-3
     want_psi, got_psi = fpsi.copy(), fpsi.copy()
     ws, gs = dm.RelaxSum(), dm.RelaxSum()
-    want_err = dm.fourier_update(nb, want_psi, fphi, amp, mask, pbound, 1.0, np.empty_like(fpsi), floor, ws)
+    want_err = dm.fourier_update(nb, want_psi, fphi, amp, mask, pbound, 1.0, floor, ws, np.empty_like(fpsi))
     err = ebe.fourier_update(got_psi, fphi, amp, mask, pbound, 1.0, floor, gs)
     assert _rel(got_psi, want_psi) < 1e-5
     assert abs(float(err) / float(want_err) - 1) < 1e-5
