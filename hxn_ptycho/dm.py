@@ -63,14 +63,18 @@ def relaxation(xp: Any, per_view_dev: Any, pbound: float, floor: float = 0.0) ->
 
 
 class RelaxSum:
-    """Σ r and the number of views of the relaxed projections of a pass (mean r = DM's damping)."""
+    """Σ r of the relaxed projections of a pass, over ``views`` views, and Σ √(bound/deviation)
+    (capped at 1) without the floor: the mean of that says whether the bound damps DM at all."""
 
     def __init__(self) -> None:
         self.total: Any = 0.0
+        self.raw: Any = 0.0
         self.views = 0
 
-    def add(self, r: Any, views: int) -> None:
-        self.total = self.total + r.sum() if r is not None else self.total
+    def add(self, r: Any, views: int, raw: Any = None) -> None:
+        if r is not None:
+            self.total = self.total + r.sum()
+            self.raw = self.raw + (r if raw is None else raw).sum()
         self.views += views
 
 
@@ -100,7 +104,7 @@ def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any, pbound: f
         per_view = xp.square(dev, out=dev).reshape(B, -1).mean(axis=1)
         renorm = relaxation(xp, per_view, pbound, floor).astype(modulus.dtype)
         if stats is not None:
-            stats.add(renorm, B)
+            stats.add(renorm, B, relaxation(xp, per_view, pbound) if floor > 0 else None)
         if not bool((renorm < 1).any()):
             return waves_f                      # every view within the bound: nothing to do
     elif stats is not None:

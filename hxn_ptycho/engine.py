@@ -232,6 +232,7 @@ class Reconstruction:
         self.cdtype = np.complex128 if params.precision == "double" else np.complex64
         self.rdtype = np.float64 if params.precision == "double" else np.float32
         self.overlap_rounds: list[int] = []        # probe updates of each DM iteration
+        self.refining_positions = False            # no relaxation floor (dm_relax_floor) while true
         self._setup()
 
     @property
@@ -347,12 +348,14 @@ class Reconstruction:
         self._probe_conj = xp.conj(self.probe)
         self._probe_intensity = (xp.square(self.probe.real) + xp.square(self.probe.imag)).sum(axis=0)
 
-    def _reduce_relax(self) -> float:
-        """Mean over all views of the relaxation r of the last DM Fourier step (dm.relaxation)."""
+    def _reduce_relax(self) -> tuple[float, float]:
+        """Means over all views of the relaxation r of the last DM Fourier step (dm.relaxation), with
+        the floor and without it."""
         acc = np.array([float(sum(float(w.relax.total) for w in self._workers)),
+                        float(sum(float(w.relax.raw) for w in self._workers)),
                         float(sum(w.relax.views for w in self._workers))])
         self.reducer.allreduce_sum([acc])
-        return float(acc[0] / acc[1]) if acc[1] else float("nan")
+        return (float(acc[0] / acc[2]), float(acc[1] / acc[2])) if acc[2] else (float("nan"), float("nan"))
 
     def _reduce_err(self) -> float:
         err = np.array([float(sum(float(w.err) for w in self._workers))])
@@ -409,6 +412,7 @@ class Reconstruction:
         if p.refine_positions:
             from .positions import PositionRefiner
             refiner = PositionRefiner(self)
+            self.refining_positions = True
         stage: Any = None
         stage_name = None
         done = 0
@@ -444,8 +448,10 @@ class Reconstruction:
                         self._each(self._init_psi)           # exit waves from the model at the new corners
                     if refiner.due(it):
                         refiner.refine()
-                    if it == refiner.end and refiner.guard() and stage_name == "DM":
-                        self._each(self._init_psi)
+                    if it == refiner.end:
+                        self.refining_positions = False          # DM's relaxation floor from here on
+                        if refiner.guard() and stage_name == "DM":
+                            self._each(self._init_psi)
                     if it >= refiner.end and self.geom.subpixel_windows and not p.position_subpixel_windows:
                         self.geom.use_subpixel(False)        # refinement over: windows on the pixel grid
                         if stage_name == "DM":

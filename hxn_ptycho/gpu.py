@@ -519,7 +519,7 @@ class CupyBackend:
         from . import dm
         relax = dm.relaxation(self.xp, dev_err / npix, pbound, floor).astype(rdt)
         if stats is not None:
-            stats.add(relax, int(relax.shape[0]))
+            stats.add(relax, int(relax.shape[0]), dm.relaxation(self.xp, dev_err / npix, pbound) if floor > 0 else None)
         return relax
 
     def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0, floor: float = 0.0,
