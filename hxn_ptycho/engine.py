@@ -408,6 +408,7 @@ class Reconstruction:
         err_obj = np.full((iters, self.obj_shape[0]), np.nan)
         err_relax = np.full(iters, np.nan)
         relax_warned = False
+        stage_start = 0
         refiner = None
         if p.refine_positions:
             from .positions import PositionRefiner
@@ -428,6 +429,7 @@ class Reconstruction:
                 if schedule[it] != stage_name:
                     stage_name = schedule[it]
                     stage = self._enter_stage(stage_name, it)
+                    stage_start = it
                     if bar is not None:
                         bar.set_description(stage_name)
                 d, ep, eo = stage.iterate(it)
@@ -436,7 +438,9 @@ class Reconstruction:
                 err_relax[it] = getattr(stage, "mean_relax", np.nan)
                 if stage_name == "DM" and self.pbound > 0:
                     logger.debug("iteration %d: data error %.4g, mean relaxation r %.3f", it, d, err_relax[it])
-                    if err_relax[it] < RELAX_WARN and not relax_warned and self.reducer.rank == 0:
+                    # (the floor engages from a stage's second iteration: its first measures the bound)
+                    if (err_relax[it] < RELAX_WARN and it > stage_start and not relax_warned
+                            and self.reducer.rank == 0):
                         relax_warned = True
                         self.log(f"hxn-ptycho: warning: mean relaxation r {err_relax[it]:.3f} < {RELAX_WARN} at "
                                  f"iteration {it}: the power bound is not damping DM (dm_relax_floor "
