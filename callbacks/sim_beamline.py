@@ -21,9 +21,14 @@ NSLS-II-HXN/hxntools, hxnfly):
   per point with the motor positions (µm), the scaler channels and the Merlin datum.
 
 The sample is a :class:`SimSample`: a simulated scan (``hxn_ptycho.simulate``) relabelled to the
-beamline geometry (detector pixel, distance). Frames are written in the detector's own
-orientation (the inverse of its documented default, or a chosen one) and positions with its
-signs, so that the export's defaults recover the simulation exactly.
+beamline geometry (detector pixel, distance), taken as what the beamline's own engine sees: its
+frames are what ptycho_gui/holoptycho feed their engine after their rotation (read in our
+[y, x] indexing: :func:`~.orientation.from_beamline`) and its positions the recorded stage
+positions times their signs. The detector writes the inverse of that rotation, the stages record
+the positions without the signs. The export, deciding the orientation from the data, gets the
+scan back in the stage frame: :meth:`SimSample.stage_scan` and :meth:`SimSample.stage_object`
+are the expected scan and object. The step scan is a spiral whose ``start['motors']`` order is
+chosen (``motor_order``), as bluesky's ``spiral_fermat`` fills it from a set.
 """
 from __future__ import annotations
 
@@ -79,8 +84,25 @@ class SimSample:
         return int(self.scan.points.shape[1])
 
     def recorded_points(self) -> np.ndarray:
-        """(2, N) positions in µm as the stages record them (the detector's signs applied)."""
+        """(2, N) positions in µm as the stages record them (the engine's positions without the
+        beamline's signs: those multiply the recorded positions, and are their own inverse)."""
         return self.scan.points * np.array([[self.orient.sign_x], [self.orient.sign_y]])
+
+    def stage_scan(self) -> Any:
+        """The scan the export should produce: the recorded stage positions, the frames mirrored
+        where a sign is negative (the stage-frame equivalent of :attr:`orient`)."""
+        stage = self.orient.in_stage_frame()
+        inten = stage.apply_frames(self.orient.invert_frames(np.asarray(self.scan.diffamp, np.float64) ** 2))
+        return replace(self.scan, diffamp=np.sqrt(inten).astype(np.float32), points=self.recorded_points())
+
+    def stage_object(self, obj: np.ndarray) -> np.ndarray:
+        """The simulation's object (rows along the engine's y) as it lies on the stage."""
+        out = obj
+        if self.orient.sign_y < 0:
+            out = np.flip(out, -2)
+        if self.orient.sign_x < 0:
+            out = np.flip(out, -1)
+        return np.ascontiguousarray(out)
 
     def frame(self, i: int, dtype: Any = np.uint32) -> np.ndarray:
         n = self._raw.shape[-1]
@@ -501,9 +523,13 @@ def flyplan2d(hxn: SimHXN, sample: SimSample, *, detector: str = "merlin1",
 
 
 def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
-              motors: tuple[str, str] = ("zpssx", "zpssy"), read_y: bool = True, md: dict | None = None) -> Iterator:
-    """An hxntools/bluesky step scan (``list_scan``): top-level detectors and motors, one event
-    per point with the detector datum, the motor readbacks (µm) and the scaler."""
+              motors: tuple[str, str] = ("zpssx", "zpssy"), read_y: bool = True, md: dict | None = None,
+              motor_order: str = "yx") -> Iterator:
+    """A bluesky spiral step scan (as ``spiral_fermat``, run through ``list_scan`` over the simulated
+    positions): top-level detectors, ``plan_args`` ``x_motor``/``y_motor`` (reprs) and
+    ``hints['dimensions']`` x first as bluesky writes them, ``start['motors']`` in ``motor_order``
+    ('xy' or 'yx': bluesky fills it from a set); one event per point with the detector datum, the
+    motor readbacks (µm) and the scaler."""
     from bluesky import plan_stubs as bps
     from bluesky import plans as bp
     from bluesky import preprocessors as bpp
@@ -513,12 +539,16 @@ def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
     mx, my = getattr(hxn, motors[0]), getattr(hxn, motors[1])
     pts = sample.recorded_points()
     dets = [det, hxn.sclr1]
+    ordered = list(motors) if motor_order == "xy" else [motors[1], motors[0]]
+    plan_md = {"plan_name": "spiral_fermat", "motors": ordered,
+               "plan_args": {"detectors": [repr(d) for d in dets], "x_motor": repr(mx), "y_motor": repr(my),
+                             "x_range": float(np.ptp(pts[0])), "y_range": float(np.ptp(pts[1]))},
+               "hints": {"dimensions": [[[motors[0]], "primary"], [[motors[1]], "primary"]]}, **(md or {})}
     if read_y:
-        return (yield from bp.list_scan(dets, mx, list(pts[0]), my, list(pts[1]), md=md or {}))
+        return (yield from bp.list_scan(dets, mx, list(pts[0]), my, list(pts[1]), md=plan_md))
 
     @bpp.stage_decorator(dets)                 # a broken scan: y never recorded
-    @bpp.run_decorator(md={"detectors": [d.name for d in dets], "motors": list(motors), "plan_name": "list_scan",
-                           **(md or {})})
+    @bpp.run_decorator(md={"detectors": [d.name for d in dets], **plan_md})
     def inner() -> Iterator:
         for x, y in zip(*pts):
             yield from bps.mv(mx, x, my, y)
