@@ -248,12 +248,29 @@ def mirror_equivalents(o: Orientation) -> list[Orientation]:
     return out
 
 
+def documented_member(pair: tuple[Orientation, Orientation], default: Orientation) -> Orientation | None:
+    """Of a twin pair {F, rot180∘F} (the same data: the one fits the sample, the other its
+    conjugate, ``|FFT(conj ψ)|² = rot180 |FFT ψ|²``), the member that is the detector's documented
+    frame symmetry with its documented y sign, if either is."""
+    for m in pair:
+        if any(e.frame == default.frame and e.sign_y == default.sign_y for e in [m, *mirror_equivalents(m)]):
+            return m
+    return None
+
+
 def auto_orientation(prep: Prepared, detector: str, views: int = 48, iterations: int = 25,
                      ambiguous_margin: float = AMBIGUOUS_MARGIN, trial_n: int = 64
                      ) -> tuple[Orientation, dict[str, Any]]:
-    """Try the 8 stage-frame symmetries (one member of each of the 8 data-distinguishable classes
-    of the 32 conventions), the detector's documented default first; keep the lowest data error
-    when it wins by ``ambiguous_margin``, else the default, flagged ``ambiguous``."""
+    """Try the 8 stage-frame symmetries (one member of each of the 8 classes of the 32
+    conventions), the detector's documented default first, and decide between the 4 twin pairs.
+
+    A twin pair {F, rot180∘F} describes the same intensities (the second for the conjugate sample
+    and probe), so no data error can tell its members apart — a short trial's preference between
+    them reflects its starting guess, not the data. The pairs are ranked by their lower trial
+    error; the best pair wins when its margin over the next pair is at least ``ambiguous_margin``.
+    Within it, the member whose conventions include the detector's documented symmetry with its
+    documented y sign is kept (ptycho_gui and holoptycho agree on y −1; they differ on x, and
+    that difference — the parity — is what the data decide). Undecided: the default, flagged."""
     import time
 
     t0 = time.perf_counter()
@@ -266,27 +283,36 @@ def auto_orientation(prep: Prepared, detector: str, views: int = 48, iterations:
         o = Orientation(frame, 1, 1)
         trials[o.name] = o
         errors[o.name] = trial_error(prep, o, idx, iterations, trial_n=trial_n)
-    ranked = sorted(errors, key=lambda k: errors[k])
-    best, runner = trials[ranked[0]], ranked[1]
-    floor = max(errors[best.name], 1e-300)
-    margin = (errors[runner] - floor) / floor
+    pairs: list[tuple[Orientation, Orientation]] = []
+    for o in trials.values():
+        if not any(o in p for p in pairs):
+            pairs.append((o, trials[Orientation(TWIN[o.frame], 1, 1).name]))
+    pair_error = {p: min(errors[p[0].name], errors[p[1].name]) for p in pairs}
+    ranked = sorted(pairs, key=lambda p: pair_error[p])
+    best, runner = ranked[0], ranked[1]
+    floor = max(pair_error[best], 1e-300)
+    margin = (pair_error[runner] - floor) / floor
     ambiguous = bool(margin < ambiguous_margin)
-    chosen = first if ambiguous else best
-    twin = Orientation(TWIN[best.frame], 1, 1).name
+    documented = documented_member(best, default)
+    if ambiguous:
+        chosen, twin_by = first, "-"
+    elif documented is not None:
+        chosen, twin_by = documented, f"the documented symmetry and y sign of {detector} ({default.name})"
+    else:
+        chosen = min(best, key=lambda o: errors[o.name])
+        twin_by = "the lower trial error (neither member is documented for this detector: check the sample's phase sign)"
     cost = time.perf_counter() - t0
-    as_default_signs = next((m for m in [best, *mirror_equivalents(best)]
-                             if (m.sign_x, m.sign_y) == (default.sign_x, default.sign_y)), best)
-    report = {"errors": {k: round(errors[k], 6) for k in ranked}, "views": int(idx.size),
-              "iterations": iterations, "trial_n": trial_n, "cost_s": round(cost, 3),
+    runner_name = min(runner, key=lambda o: errors[o.name]).name
+    report = {"errors": {k: round(errors[k], 6) for k in sorted(errors, key=lambda k: errors[k])},
+              "views": int(idx.size), "iterations": iterations, "trial_n": trial_n, "cost_s": round(cost, 3),
               "first_candidate": f"{first.name} (the {detector} default {default.name})",
-              "best": best.name, "runner_up": runner,
-              "runner_up_is": "twin (conjugate)" if runner == twin else "distinct", "margin": round(margin, 4),
+              "best_pair": [o.name for o in best], "runner_up": runner_name, "margin": round(margin, 4),
               "ambiguous_below": ambiguous_margin, "ambiguous": ambiguous, "chosen": chosen.name,
               "decided_by": "the detector default (the data did not decide)" if ambiguous else "the data",
-              "with_detector_signs": as_default_signs.name,
-              "mirror_equivalents": [m.name for m in mirror_equivalents(best)]}
-    report["summary"] = (f"{chosen.name}, margin {margin:.1%} of {best.name} over {runner}, {cost:.1f} s"
-                         + ("; AMBIGUOUS: the detector default is used" if ambiguous else ""))
+              "twin_resolved_by": twin_by,
+              "mirror_equivalents": [m.name for m in mirror_equivalents(chosen)]}
+    report["summary"] = (f"{chosen.name}, margin {margin:.1%} of the pair {'/'.join(report['best_pair'])} over "
+                         f"{runner_name}, {cost:.1f} s" + ("; AMBIGUOUS: the detector default is used" if ambiguous else ""))
     if ambiguous:
         log.warning("orientation of a %s scan not decided by the data (margin %.1f%% < %.0f%%): "
                     "reconstructed with the detector default %s; trials: %s", detector, 100 * margin,
