@@ -21,14 +21,15 @@ NSLS-II-HXN/hxntools, hxnfly):
   per point with the motor positions (µm), the scaler channels and the Merlin datum.
 
 The sample is a :class:`SimSample`: a simulated scan (``hxn_ptycho.simulate``) relabelled to the
-beamline geometry (detector pixel, distance), taken as what the beamline's own engine sees: its
-frames are what ptycho_gui/holoptycho feed their engine after their rotation (read in our
-[y, x] indexing: :func:`~.orientation.from_beamline`) and its positions the recorded stage
-positions times their signs. The detector writes the inverse of that rotation, the stages record
-the positions without the signs. The export, deciding the orientation from the data, gets the
-scan back in the stage frame: :meth:`SimSample.stage_scan` and :meth:`SimSample.stage_object`
-are the expected scan and object. The step scan is a spiral whose ``start['motors']`` order is
-chosen (``motor_order``), as bluesky's ``spiral_fermat`` fills it from a set.
+beamline geometry (detector pixel, distance), taken as the sample on the stage: its positions are
+what the stages record, its frames what the export must give back (the stage frame, rows +y,
+columns +x). The detector writes them as the beamline records them: the inverse of the
+detector's documented convention in its stage-frame form (:meth:`~.orientation.Orientation.in_stage_frame`),
+so that ptycho_gui/holoptycho — their rotation (our ``flipud``, :func:`~.orientation.from_beamline`)
+and their signs on the recorded positions — see a consistent scan (of the mirrored sample where a
+sign is negative). The export decides the symmetry from the data. The step scan is a spiral whose
+``start['motors']`` order is chosen (``motor_order``), as bluesky's ``spiral_fermat`` fills it from
+a set, with ``plan_args`` x_motor/y_motor and ``hints['dimensions']`` as bluesky writes them.
 """
 from __future__ import annotations
 
@@ -77,32 +78,25 @@ class SimSample:
         self.orient = self.orientation or DETECTOR_ORIENTATION.get(self.detector, Orientation())
         self.center = tuple(self.center) if self.center else (self.shape[0] // 2 + 3, self.shape[1] // 2 - 2)
         inten = np.asarray(self.scan.diffamp, np.float64) ** 2
-        self._raw = np.fft.fftshift(self.orient.invert_frames(inten), axes=(-2, -1))
+        self._raw = np.fft.fftshift(self.orient.in_stage_frame().invert_frames(inten), axes=(-2, -1))
 
     @property
     def n_views(self) -> int:
         return int(self.scan.points.shape[1])
 
     def recorded_points(self) -> np.ndarray:
-        """(2, N) positions in µm as the stages record them (the engine's positions without the
-        beamline's signs: those multiply the recorded positions, and are their own inverse)."""
-        return self.scan.points * np.array([[self.orient.sign_x], [self.orient.sign_y]])
+        """(2, N) positions in µm as the stages record them (the beamline's engines multiply them
+        by the detector's signs; this project uses them as they are)."""
+        return np.array(self.scan.points, dtype=np.float64)
 
     def stage_scan(self) -> Any:
-        """The scan the export should produce: the recorded stage positions, the frames mirrored
-        where a sign is negative (the stage-frame equivalent of :attr:`orient`)."""
-        stage = self.orient.in_stage_frame()
-        inten = stage.apply_frames(self.orient.invert_frames(np.asarray(self.scan.diffamp, np.float64) ** 2))
-        return replace(self.scan, diffamp=np.sqrt(inten).astype(np.float32), points=self.recorded_points())
+        """The scan the export should give back: the simulation itself (recorded positions, frames
+        in the stage frame)."""
+        return self.scan
 
     def stage_object(self, obj: np.ndarray) -> np.ndarray:
-        """The simulation's object (rows along the engine's y) as it lies on the stage."""
-        out = obj
-        if self.orient.sign_y < 0:
-            out = np.flip(out, -2)
-        if self.orient.sign_x < 0:
-            out = np.flip(out, -1)
-        return np.ascontiguousarray(out)
+        """The simulation's object as it lies on the stage: the simulation's own."""
+        return obj
 
     def frame(self, i: int, dtype: Any = np.uint32) -> np.ndarray:
         n = self._raw.shape[-1]
