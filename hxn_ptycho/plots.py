@@ -121,7 +121,7 @@ def stage_extent(res: ResultData, rows: slice, cols: slice) -> list[float] | Non
     import json
     frame = res.attrs.get("frame")
     try:
-        fr = json.loads(frame) if isinstance(frame, str) else frame
+        fr: Any = json.loads(frame) if isinstance(frame, str) else frame
         x0, y0 = (float(v) for v in fr["origin_um"])
         p = float(fr["pixel_um"])
     except (TypeError, ValueError, KeyError):
