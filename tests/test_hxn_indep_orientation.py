@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+import conftest_bluesky
 import hxn_indep_sim as ind
 import numpy as np
 import pytest
@@ -119,6 +120,8 @@ def test_fermat_axes_come_from_the_plan_not_start_motors(tmp_path):
 
 # -- the whole chain: documents → callback → scan file → job → derived run --------------------------
 
+tiled_server = conftest_bluesky.tiled_server      # the fixture (a real Tiled server process)
+
 ITERATIONS = 60
 
 
@@ -185,7 +188,7 @@ def check_derived(res, sim: ind.IndepScan, expected: str, capsys, how: str) -> N
 
 
 @pytest.mark.slow
-def test_indep_scans_through_the_callback_and_the_zmq_listener(tmp_path, monkeypatch, capsys):
+def test_indep_scans_through_the_callback_and_the_zmq_listener(tiled_server, tmp_path, monkeypatch, capsys):
     """Every case through the callback the listener uses (in process), the last one also through
     ``hxn-ptycho listen`` over a real 0MQ proxy: ``success`` derived runs in the stage frame."""
     import subprocess
@@ -193,7 +196,6 @@ def test_indep_scans_through_the_callback_and_the_zmq_listener(tmp_path, monkeyp
     import time
     from pathlib import Path
 
-    import conftest_bluesky
     from conftest_bluesky import wait_for
 
     from hxn_ptycho.callbacks.catalog import free_port, tiled_writer
@@ -201,60 +203,60 @@ def test_indep_scans_through_the_callback_and_the_zmq_listener(tmp_path, monkeyp
     from hxn_ptycho.callbacks.query import results
     from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
 
-    with conftest_bluesky.serve(tmp_path / "tiled") as server:
-        monkeypatch.setenv("TILED_API_KEY", server.api_key)
-        sims = {i: ind.simulate(k, server.directory / f"sim{i}", n_positions=64, frame_size=64, eiger_signs=s,
-                                motor_order=o, seed=20 + i) for i, (k, s, o, _e) in enumerate(CASES)}
-        writer = tiled_writer(server.uri, "raw", max_array_size=0)
-        work = server.directory / "indep_inproc"
-        jobs = JobQueue(work / "queue", env={"TILED_API_KEY": server.api_key}).start()
-        cb = PtychoCallback(CallbackConfig(work_dir=str(work / "work"), catalog=server.uri,
-                                           params={"iterations": ITERATIONS, "probe_modes": 1}, nprocs=1,
-                                           export=ExportConfig(crop=64, frame_wait_s=1.0)), jobs)
-        try:
-            for i in sims:
-                def both(name, doc):
-                    writer(name, doc)
-                    cb(name, doc)
-                ind.emit(sims[i], both)
-            assert cb.flush(300)
-            assert jobs.wait_idle(600), "the jobs did not finish"
-            for i, sim in sims.items():
-                uid = sim.documents[0][1]["uid"]
-                check_derived(results(server.uri, raw_uid=uid), sim, CASES[i][3], capsys, "in process")
-        finally:
-            jobs.stop()
-            cb.close()
-
-        from bluesky.callbacks.zmq import Publisher
-        from test_callbacks_listener import start_listener
-        port_in, port_out = free_port(), free_port()
-        exe = Path(sys.executable).with_name("bluesky-0MQ-proxy")
-        proxy = subprocess.Popen([str(exe), str(port_in), str(port_out)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        listener = start_listener(server, port_out, server.directory / "indep_listen", tmp_path / "listen.log",
-                                  extra=("--iterations", str(ITERATIONS)))
-        publisher = None
-        try:
-            sim = ind.simulate("fermat", server.directory / "sim_listen", n_positions=64, frame_size=64,
-                               eiger_signs="ptycho_gui", motor_order="yx", seed=40)
-            publisher = Publisher(f"127.0.0.1:{port_in}")
-            time.sleep(1.0)
-            ind.emit(sim, lambda name, doc: (writer(name, doc), publisher(name, doc)))
+    server = tiled_server
+    monkeypatch.setenv("TILED_API_KEY", server.api_key)
+    sims = {i: ind.simulate(k, server.directory / f"sim{i}", n_positions=64, frame_size=64, eiger_signs=s,
+                            motor_order=o, seed=20 + i) for i, (k, s, o, _e) in enumerate(CASES)}
+    writer = tiled_writer(server.uri, "raw", max_array_size=0)
+    work = server.directory / "indep_inproc"
+    jobs = JobQueue(work / "queue", env={"TILED_API_KEY": server.api_key}).start()
+    cb = PtychoCallback(CallbackConfig(work_dir=str(work / "work"), catalog=server.uri,
+                                       params={"iterations": ITERATIONS, "probe_modes": 1}, nprocs=1,
+                                       export=ExportConfig(crop=64, frame_wait_s=1.0)), jobs)
+    try:
+        for i in sims:
+            def both(name, doc):
+                writer(name, doc)
+                cb(name, doc)
+            ind.emit(sims[i], both)
+        assert cb.flush(300)
+        assert jobs.wait_idle(600), "the jobs did not finish"
+        for i, sim in sims.items():
             uid = sim.documents[0][1]["uid"]
+            check_derived(results(server.uri, raw_uid=uid), sim, CASES[i][3], capsys, "in process")
+    finally:
+        jobs.stop()
+        cb.close()
 
-            def done():
-                try:
-                    return bool(results(server.uri, raw_uid=uid).exit_status)
-                except Exception:  # noqa: BLE001 - not there yet
-                    return False
-            wait_for(done, 600, interval=2.0, what="the derived run of the listener")
-            check_derived(results(server.uri, raw_uid=uid), sim, "fliplr,x+,y+", capsys, "listen (0MQ)")
-        finally:
-            if publisher is not None:
-                publisher._context.destroy(linger=0)
-            listener.terminate()
-            listener.wait(60)
-            proxy.terminate()
-            proxy.wait(10)
+    from bluesky.callbacks.zmq import Publisher
+    from test_callbacks_listener import start_listener
+    port_in, port_out = free_port(), free_port()
+    exe = Path(sys.executable).with_name("bluesky-0MQ-proxy")
+    proxy = subprocess.Popen([str(exe), str(port_in), str(port_out)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    listener = start_listener(server, port_out, server.directory / "indep_listen", tmp_path / "listen.log",
+                              extra=("--iterations", str(ITERATIONS)))
+    publisher = None
+    try:
+        sim = ind.simulate("fermat", server.directory / "sim_listen", n_positions=64, frame_size=64,
+                           eiger_signs="ptycho_gui", motor_order="yx", seed=40)
+        publisher = Publisher(f"127.0.0.1:{port_in}")
+        time.sleep(1.0)
+        ind.emit(sim, lambda name, doc: (writer(name, doc), publisher(name, doc)))
+        uid = sim.documents[0][1]["uid"]
+
+        def done():
+            try:
+                return bool(results(server.uri, raw_uid=uid).exit_status)
+            except Exception:  # noqa: BLE001 - not there yet
+                return False
+        wait_for(done, 600, interval=2.0, what="the derived run of the listener")
+        check_derived(results(server.uri, raw_uid=uid), sim, "fliplr,x+,y+", capsys, "listen (0MQ)")
+    finally:
+        if publisher is not None:
+            publisher._context.destroy(linger=0)
+        listener.terminate()
+        listener.wait(60)
+        proxy.terminate()
+        proxy.wait(10)
