@@ -167,7 +167,7 @@ def reference_error(sim: ind.IndepScan, mask: np.ndarray | None) -> float:
 def check_derived(res, sim: ind.IndepScan, expected: str, capsys, how: str) -> None:
     assert res.ok, res.reason
     recon = res.start["recon"]
-    frame = recon["frame"]
+    frame = res.start["frame"]
     assert frame["rows"] == "+y" and frame["cols"] == "+x" and frame["stage_frame"]
     assert recon["geometry"]["orientation"] == expected
     pos = np.asarray(res.positions_px)

@@ -44,7 +44,7 @@ def check_result(res, sample, truth, capsys, how: str) -> None:
     geo = json.loads(scan.attrs["geometry_source"])
     assert geo["distance_m"][0] == pytest.approx(2.05)
     assert scan.attrs["orientation"] == stage and geo["orientation"].startswith("auto (")
-    assert recon["frame"]["rows"] == "+y" and recon["frame"]["cols"] == "+x" and recon["frame"]["stage_frame"]
+    assert res.start["frame"]["rows"] == "+y" and res.start["frame"]["cols"] == "+x" and res.start["frame"]["stage_frame"]
     got = object_nrmse(res.object, res.positions_px, res.probe, truth)
     direct = reconstruct(sample.scan, ReconParams(iterations=ITERATIONS, probe_modes=1), log=lambda _m: None)
     ref = object_nrmse(direct.object, direct.positions_px, direct.probe, truth)
