@@ -148,3 +148,23 @@ def test_mirror_equivalents():
     names = {m.name for m in mirror_equivalents(Orientation("rot90_cw", -1, -1))}
     # measured: these three fit a scan recorded with rot90_cw,x-,y- within 20 % (the rest ≥ 15×)
     assert names == {"antitranspose,x-,y+", "transpose,x+,y-", "rot90_ccw,x+,y+"}
+
+
+def test_summary_figure_axes_are_stage_microns(tmp_path):
+    """The object panels are drawn in µm of the stage's x and y from the result's frame (rows +y
+    downwards as HXN's 2-D maps, columns +x); without a frame they stay in pixels."""
+    from conftest_bluesky import make_result
+
+    from hxn_ptycho.plots import _lit_window, summary_figure
+    res = make_result(tmp_path / "r.h5")
+    res.attrs["frame"] = json.dumps({"rows": "+y", "cols": "+x", "origin_um": [10.0, -5.0], "pixel_um": 0.01})
+    fig = summary_figure(res, pixel_size_m=1e-8)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "x (µm)" and ax.get_ylabel() == "y (µm)"
+    rows, cols = _lit_window(res)
+    x0, x1, y1, y0 = ax.images[0].get_extent()
+    assert x0 == pytest.approx(10.0 + (cols.start - 0.5) * 0.01) and x1 > x0
+    assert y0 == pytest.approx(-5.0 + (rows.start - 0.5) * 0.01) and y1 > y0       # first row at the top
+    del res.attrs["frame"]
+    ax = summary_figure(res, pixel_size_m=1e-8).axes[0]
+    assert "µm" not in ax.get_xlabel()
