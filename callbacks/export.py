@@ -621,7 +621,7 @@ def build_scan(run: CollectedRun, cfg: ExportConfig) -> ScanData:
     """The :class:`~hxn_ptycho.scanfile.ScanData` of a run, in the stage frame; its frames are read
     through :mod:`.frames` and their symmetry is decided by the data unless one is forced
     (:mod:`.orientation`)."""
-    from .orientation import apply_orientation, auto_orientation, orientation_for
+    from .orientation import apply_orientation, decide, orientation_for
 
     prep = prepare(run, cfg)
     det = prep.attrs["detector"]
@@ -629,13 +629,17 @@ def build_scan(run: CollectedRun, cfg: ExportConfig) -> ScanData:
     if isinstance(wanted, dict):
         wanted = wanted.get(det)
     report: dict[str, Any] = {}
+    probe = None
     if wanted in (None, "", "auto"):
-        orient, report = auto_orientation(prep, det)
+        decision = decide(prep, det)
+        orient, report, probe = decision.orientation, decision.report, decision.probe
         prep.sources["orientation"] = f"auto ({report.get('summary', '')})"
     else:
         orient = orientation_for(det, wanted)
         prep.sources["orientation"] = f"{det} default (no trials)" if wanted == "default" else "configured"
     scan = apply_orientation(prep, orient)
+    if probe is not None and probe.shape == (scan.n, scan.n):
+        scan.probe_guess = probe.astype(np.complex64)      # the trials' probe: the right side of focus
     scan.attrs["orientation"] = orient.in_stage_frame().name
     scan.attrs["orientation_as"] = orient.name
     if report:

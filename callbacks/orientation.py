@@ -213,10 +213,11 @@ def _low_q(a: np.ndarray, n: int) -> np.ndarray:
     return a[..., idx[:, None], idx[None, :]]
 
 
-def trial_error(prep: Prepared, orient: Orientation, views: np.ndarray, iterations: int, seed: int = 0,
-                trial_n: int = 32) -> float:
-    """Final data error of a short single-mode DM run on ``views`` with ``orient``, on the central
-    ``trial_n`` × ``trial_n`` frequencies (a coarser object pixel: 4× cheaper for 64-pixel frames)."""
+def trial(prep: Prepared, orient: Orientation, views: np.ndarray, iterations: int, seed: int = 0,
+          trial_n: int = 32) -> tuple[float, np.ndarray]:
+    """(final data error, probe) of a short single-mode DM run on ``views`` with ``orient``, on the
+    central ``trial_n`` × ``trial_n`` frequencies (a coarser object pixel: 4× cheaper for 64-pixel
+    frames); the probe is brought back to the full crop (zero-padded in q: same field of view)."""
     from dataclasses import replace
 
     from hxn_ptycho.engine import reconstruct
@@ -230,7 +231,20 @@ def trial_error(prep: Prepared, orient: Orientation, views: np.ndarray, iteratio
     scan = apply_orientation(sub, orient)
     res = reconstruct(scan, ReconParams(iterations=iterations, probe_modes=1, seed=seed, threads=1),
                       log=lambda _msg: None)
-    return float(res.error_data[-1])
+    probe = np.asarray(res.probe[0], np.complex128)
+    if probe.shape[-1] != n:
+        q = np.fft.fft2(np.fft.ifftshift(probe))
+        full = np.zeros((n, n), complex)
+        idx = np.r_[0:m // 2, -(m // 2):0]
+        full[idx[:, None], idx[None, :]] = q
+        probe = np.fft.fftshift(np.fft.ifft2(full))
+    return float(res.error_data[-1]), probe
+
+
+def trial_error(prep: Prepared, orient: Orientation, views: np.ndarray, iterations: int, seed: int = 0,
+                trial_n: int = 32) -> float:
+    """Final data error of :func:`trial`."""
+    return trial(prep, orient, views, iterations, seed, trial_n)[0]
 
 
 def mirror_equivalents(o: Orientation) -> list[Orientation]:
@@ -261,6 +275,23 @@ def documented_member(pair: tuple[Orientation, Orientation], default: Orientatio
 def auto_orientation(prep: Prepared, detector: str, views: int = 48, iterations: int = 25,
                      ambiguous_margin: float = AMBIGUOUS_MARGIN, trial_n: int = 64
                      ) -> tuple[Orientation, dict[str, Any]]:
+    """(chosen, report) of :func:`decide`."""
+    d = decide(prep, detector, views, iterations, ambiguous_margin, trial_n)
+    return d.orientation, d.report
+
+
+@dataclass
+class Decision:
+    """The orientation decided, its report (JSON-able) and a starting probe for the engine (None
+    when the data did not decide)."""
+
+    orientation: Orientation
+    report: dict[str, Any]
+    probe: np.ndarray | None = None
+
+
+def decide(prep: Prepared, detector: str, views: int = 48, iterations: int = 25,
+           ambiguous_margin: float = AMBIGUOUS_MARGIN, trial_n: int = 64) -> Decision:
     """Try the 8 stage-frame symmetries (one member of each of the 8 classes of the 32
     conventions), the detector's documented default first, and decide between the 4 twin pairs.
 
@@ -279,10 +310,11 @@ def auto_orientation(prep: Prepared, detector: str, views: int = 48, iterations:
     idx = _subset(prep.points, min(views, prep.points.shape[1]))
     errors: dict[str, float] = {}
     trials: dict[str, Orientation] = {}
+    probes: dict[str, np.ndarray] = {}
     for frame in [first.frame] + [f for f in FRAME_OPS if f != first.frame]:
         o = Orientation(frame, 1, 1)
         trials[o.name] = o
-        errors[o.name] = trial_error(prep, o, idx, iterations, trial_n=trial_n)
+        errors[o.name], probes[o.name] = trial(prep, o, idx, iterations, trial_n=trial_n)
     pairs: list[tuple[Orientation, Orientation]] = []
     for o in trials.values():
         if not any(o in p for p in pairs):
@@ -301,6 +333,16 @@ def auto_orientation(prep: Prepared, detector: str, views: int = 48, iterations:
     else:
         chosen = min(best, key=lambda o: errors[o.name])
         twin_by = "the lower trial error (neither member is documented for this detector: check the sample's phase sign)"
+    # the starting probe: the better trial of the chosen pair — its twin's conjugated (the twin fits
+    # the conjugate probe): the engine's own start has a defocus of one sign, and the sample may sit
+    # on either side of the focus
+    probe, probe_from = None, "none (the engine's own start)"
+    if not ambiguous:
+        twin = Orientation(TWIN[chosen.frame], 1, 1)
+        if errors[twin.name] < errors[chosen.name]:
+            probe, probe_from = np.conj(probes[twin.name]), f"the {twin.name} trial, conjugated"
+        else:
+            probe, probe_from = probes[chosen.name], f"the {chosen.name} trial"
     cost = time.perf_counter() - t0
     runner_name = min(runner, key=lambda o: errors[o.name]).name
     report = {"errors": {k: round(errors[k], 6) for k in sorted(errors, key=lambda k: errors[k])},
@@ -309,7 +351,7 @@ def auto_orientation(prep: Prepared, detector: str, views: int = 48, iterations:
               "best_pair": [o.name for o in best], "runner_up": runner_name, "margin": round(margin, 4),
               "ambiguous_below": ambiguous_margin, "ambiguous": ambiguous, "chosen": chosen.name,
               "decided_by": "the detector default (the data did not decide)" if ambiguous else "the data",
-              "twin_resolved_by": twin_by,
+              "twin_resolved_by": twin_by, "probe_guess": probe_from,
               "mirror_equivalents": [m.name for m in mirror_equivalents(chosen)]}
     report["summary"] = (f"{chosen.name}, margin {margin:.1%} of the pair {'/'.join(report['best_pair'])} over "
                          f"{runner_name}, {cost:.1f} s" + ("; AMBIGUOUS: the detector default is used" if ambiguous else ""))
@@ -319,4 +361,4 @@ def auto_orientation(prep: Prepared, detector: str, views: int = 48, iterations:
                     100 * ambiguous_margin, default.name, report["errors"])
     else:
         log.info("orientation auto for %s: %s", detector, report["summary"])
-    return chosen, report
+    return Decision(chosen, report, probe)

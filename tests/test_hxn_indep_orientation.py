@@ -118,6 +118,21 @@ def test_fermat_axes_come_from_the_plan_not_start_motors(tmp_path):
     np.testing.assert_array_equal(pts["xy"], pts["yx"])
 
 
+@pytest.mark.xfail(strict=True, reason="the beam centre (centre of mass of the mean frame, rounded) is one pixel off "
+                   "the zero frequency for these probes (coma): object NRMSE 0.12 instead of 0.076 (fly2dpd, seed 20)")
+def test_the_beam_centre_is_the_zero_frequency(tmp_path):
+    """Known limit, outside the orientation: the export's beam centre against the true zero frequency
+    (the sim writes ptycho_gui's rot90_ccw of the fftshifted pattern: zero at crop row cy-1, col cx)."""
+    from hxn_ptycho.callbacks.export import prepare
+    off = []
+    for kind in ("fly2dpd", "FlyPlan2D"):
+        sim = ind.simulate(kind, tmp_path / kind, n_positions=64, frame_size=64, seed=20)
+        prep = prepare(collected(sim), cfg(sim))
+        c = sim.notes["crop_centre"]
+        off.append((prep.attrs["center_row"] - (c["row"] - 1), prep.attrs["center_col"] - c["col"]))
+    assert off == [(0, 0), (0, 0)], off
+
+
 # -- the whole chain: documents → callback → scan file → job → derived run --------------------------
 
 tiled_server = conftest_bluesky.tiled_server      # the fixture (a real Tiled server process)
@@ -149,17 +164,29 @@ def object_error(obj: np.ndarray, positions_px: np.ndarray, probe: np.ndarray, f
     return nrmse(obj[0], stage_truth_on(obj[0], frame, sim), region)
 
 
-def reference_error(sim: ind.IndepScan, mask: np.ndarray | None) -> float:
-    """What the engine reaches on correctly prepared frames of the same scan (the stage-frame model
-    with the same photon scale and Poisson noise), with the same parameters."""
+def centre_offset(exported: np.ndarray, model: np.ndarray) -> tuple[int, int]:
+    """The whole-pixel q shift between the exported frames and the model (a beam centre found one
+    pixel off): the roll of the model's mean frame that best matches the exported one."""
+    a, b = exported.mean(axis=0), model.mean(axis=0)
+    shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+    return min(shifts, key=lambda d: float(np.sum((np.roll(b, d, (0, 1)) - a) ** 2)))
+
+
+def reference_error(sim: ind.IndepScan, exported: ScanData) -> float:
+    """What the engine reaches on correctly prepared frames of the same scan — the stage-frame model
+    with the same photon scale and Poisson noise, the true positions — cropped about the same beam
+    centre as the export (the centre estimate is not what this test is about: see
+    test_the_beam_centre_is_the_zero_frequency), with the same parameters, mask and starting probe."""
     from hxn_ptycho.engine import reconstruct
     from hxn_ptycho.params import ReconParams
     rng = np.random.default_rng(11)
-    inten = rng.poisson(stage_model(sim) * sim.notes["photon_scale"]).astype(np.float64)
+    model = stage_model(sim) * sim.notes["photon_scale"]
+    model = np.roll(model, centre_offset(exported.diffamp.astype(np.float64) ** 2, model), (-2, -1))
+    inten = rng.poisson(model).astype(np.float64)
     lam_nm = 12.39842 / 10 / sim.energy_kev
     scan = ScanData(diffamp=np.sqrt(inten).astype(np.float32), points=sim.positions_um.T.copy(),
-                    lambda_nm=lam_nm, z_m=sim.distance_m, ccd_pixel_um=sim.detector_pixel_m * 1e6, mask=mask,
-                    attrs={"frame": json.dumps({"positions": "stage"})})
+                    lambda_nm=lam_nm, z_m=sim.distance_m, ccd_pixel_um=sim.detector_pixel_m * 1e6, mask=exported.mask,
+                    probe_guess=exported.probe_guess, attrs={"frame": json.dumps({"positions": "stage"})})
     res = reconstruct(scan, ReconParams(iterations=ITERATIONS, probe_modes=1), log=lambda _m: None)
     return object_error(res.object, res.positions_px, res.probe, json.loads(res.attrs["frame"]), sim)
 
@@ -179,12 +206,15 @@ def check_derived(res, sim: ind.IndepScan, expected: str, capsys, how: str) -> N
                                atol=0.51)
     got = object_error(res.object, pos, res.probe, frame, sim)
     from hxn_ptycho.scanfile import read_scan
-    ref = reference_error(sim, read_scan(recon["source"]["scan_file"]).mask)
+    exported = read_scan(recon["source"]["scan_file"])
+    assert exported.probe_guess is not None           # the trials' probe, on the right side of focus
+    ref = reference_error(sim, exported)
     with capsys.disabled():
         print(f"\n[hxn-ptycho] {how} indep {sim.kind}/{sim.detector} signs {sim.eiger_signs} motors "
               f"{sim.motor_order}: derived-run object NRMSE {got:.4f} (stage frame, no rotation); "
               f"correctly prepared frames {ref:.4f}")
     assert got <= 1.5 * ref
+    assert got < 0.2              # measured 0.08-0.12 (60 iterations); a wrong symmetry: >= 0.3
 
 
 @pytest.mark.slow
