@@ -166,6 +166,7 @@ def measured_facts(res: Any, spec: JobSpec, comm: Any, startup_s: float | None) 
     err = np.asarray(res.error_data, dtype=float)
     return {"status": "success", "elapsed_s": attrs.get("elapsed_s"), "startup_s": startup_s,
             "iterations_done": int(np.isfinite(err).sum()), "probe_modes_used": attrs.get("probe_modes_used"),
+            "probe_modes_auto": attrs.get("probe_modes_auto"),
             "final_data_error": attrs.get("final_data_error"), "final_cost": attrs.get("final_cost"),
             "interrupted": bool(attrs.get("interrupted", False)), "host": socket.gethostname(),
             "versions": versions(), "backend": attrs.get("backend", spec.params.backend), "ranks": comm.size,
@@ -274,12 +275,16 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
 
 def execute(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = None,
             workdir: str | os.PathLike | None = None) -> tuple[int, dict[str, Any]]:
-    """Run the job of ``spec`` to its end, here (one rank) or under ``mpiexec`` (several); return
+    """Run the job of ``spec`` to its end, here (one rank), under ``mpiexec`` (several) or on Slurm
+    (``execution.launcher == "slurm"``: :func:`~hxn_ptycho.slurm.execute_slurm`); return
     (exit status, outcome). The ranks are checked first; the spec and outcome files of an MPI run
     live in ``workdir`` (default: a temporary folder, removed afterwards)."""
     from .distributed import launched_by_mpi
     from .spec import check_ranks
     check_ranks(spec)
+    if spec.execution.launcher == "slurm":                  # sbatch/srun: see hxn_ptycho/slurm.py
+        from .slurm import execute_slurm
+        return execute_slurm(spec, quiet=quiet, env=env, workdir=workdir)
     if spec.execution.ranks <= 1 or launched_by_mpi():      # a launched job never launches another
         return run_spec(spec, None, progress=not quiet, launched_at=time.time())
     with tempfile.TemporaryDirectory(prefix="hxn-ptycho-job-", dir=workdir) as tmp:

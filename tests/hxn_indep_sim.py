@@ -46,7 +46,10 @@ taken from a public source, named where it is used.  Sources (snapshots read on 
 The forward model is written the way ptycho_gui/holoptycho index things: object and patterns
 ``[x, y]`` (axis 0 is x).  With engine signs ``(sx, sy)`` the engine sees the object at
 ``(u, v) = (sx * x, sy * y)`` (stage µm), and its measured intensity for view k is
-``I_k[kx, ky] = |fft2(P[x, y] * O[x - u_k, y - v_k])|**2`` (zero frequency at [0, 0]).  The raw
+``I_k[kx, ky] = |fft2(P[x, y] * O[x - u_k, y - v_k])|**2`` (zero frequency at [0, 0]).  The truth
+is drawn in the stage frame ``[y, x]`` (rows +y, columns +x) and taken to the engine's ``[x, y]``
+explicitly by ``_to_engine`` (a transpose, then a flip of each axis whose sign is negative), so
+``object_truth``/``probe_truth`` need no guessing.  The raw
 frame written to the HDF5 file is the inverse of the beamline tools' preprocessing applied to
 ``I_k``: ``crop = rot90_ccw(fftshift(I_k))`` (ptycho_gui applies ``fftshift(rot90_cw(crop))``),
 scaled by the frame's ion-chamber ratio ``ic[k] / ic[0]``, placed at rows
@@ -103,6 +106,9 @@ MOTOR_TABLE = {
 SI111_D_A = 3.1355893
 HC_KEV_A = 12.39842
 N_SCALER = 16  # hxn-profile-collection 22-scalers.py n_scaler_mca
+STEP_FRACTION = 0.13  # scan step / probe diameter: ~87 % overlap, dense as HXN scans are (see simulate)
+PROBE_LOBE = 0.45  # side lobe amplitude (breaks the probe's mirror symmetry)
+PROBE_COMA = 0.6  # rad, coma-like cubic phase at a quarter of the window
 EIGER_FLAG_U32 = 2**32 - 1  # Eiger marks dead/flagged pixels with the bit depth's maximum
 MERLIN_HOT = 2**24 - 1  # a stuck pixel of a Merlin in 24-bit mode (fly2dpd: quad_merlin_mode 1)
 
@@ -202,11 +208,11 @@ def _make_probe(n: int, pixel_m: float, wavelength_m: float) -> np.ndarray:
     xr, yr = x * np.cos(th) + y * np.sin(th), -x * np.sin(th) + y * np.cos(th)
     a, b = 0.24 * n, 0.18 * n
     disc = np.exp(-(((xr / a) ** 2 + (yr / b) ** 2) ** 3))
-    lobe = 0.45 * np.exp(-((x - 0.17 * n) ** 2 + (y + 0.12 * n) ** 2) / (2 * (0.05 * n) ** 2))
+    lobe = PROBE_LOBE * np.exp(-((x - 0.17 * n) ** 2 + (y + 0.12 * n) ** 2) / (2 * (0.05 * n) ** 2))
     amp = disc + lobe
     dz = 150e-6
     alpha = min(np.pi * pixel_m**2 / (wavelength_m * dz), 0.03)  # rad per px^2, kept well sampled
-    phase = alpha * (x**2 + y**2) + 0.6 * (x / (0.25 * n)) ** 3 - 0.3 * (x / (0.25 * n)) * (y / (0.25 * n)) ** 2
+    phase = alpha * (x**2 + y**2) + PROBE_COMA * ((x / (0.25 * n)) ** 3 - 0.5 * (x / (0.25 * n)) * (y / (0.25 * n)) ** 2)
     probe = amp * np.exp(1j * phase)
     probe[0, :] = 0
     probe[:, 0] = 0
@@ -369,10 +375,17 @@ def _scaler_values(rng: np.random.Generator, n: int, dwell: float) -> dict[str, 
 
 def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: int = 64,
              photons: float | None = 1e6, seed: int = 0, eiger_signs: str = "holoptycho",
-             motor_order: str = "xy") -> IndepScan:
+             motor_order: str = "xy", step_fraction: float | None = None) -> IndepScan:
     """Simulate one HXN run of ``kind`` into ``out_dir`` (see INDEP_SIM_API.md).
 
-    ``photons=None`` gives the noise-free model (float32 frames, no background); otherwise the
+    ``step_fraction`` (an addition to the contract): scan step / probe diameter, default
+    ``STEP_FRACTION`` = 0.13 (~87 % linear overlap, spans ~0.5 um at 100 views), dense as HXN scans
+    are (holoptycho's example config: 20 nm steps) and as the engine's default probe guess assumes
+    (RMS radius 2.5 x the median step); 0.38 gives 69-72 % overlap and 1-1.6 um spans, where the
+    engine's default probe guess fails (benchmarks/indep_sim_reconstruct.py).
+
+    ``photons=None`` gives the noise-free model (float32 frames, no background: the expected counts
+    at 1e6 photons a crop, ``notes['photon_scale']`` times the unit-probe model); otherwise the
     mean number of photons in a crop, Poisson noise, integer frames.  ``n_positions`` is a target:
     grids use the nearest num1 x num2, the fermat spiral the nearest ``dr``.
     """
@@ -387,6 +400,9 @@ def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: in
         raise ValueError(f"frame_size must be an even number >= 16, not {frame_size!r}")
     if n_positions < 4:
         raise ValueError(f"n_positions must be >= 4, not {n_positions!r}")
+    frac = STEP_FRACTION if step_fraction is None else float(step_fraction)
+    if not 0.02 <= frac <= 0.5:
+        raise ValueError(f"step_fraction must be in [0.02, 0.5] (>= 50 % overlap), not {step_fraction!r}")
     if photons is not None and not photons > 0:
         raise ValueError(f"photons must be positive or None, not {photons!r}")
     out_dir = Path(out_dir)
@@ -400,7 +416,7 @@ def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: in
 
     # --- nominal scan (µm, relative to the motors' start positions) ---
     probe_um = 0.42 * n * p_um  # about the probe's diameter (the 5 %-of-peak contour)
-    step_um = 0.38 * probe_um  # >= 60 % linear overlap
+    step_um = frac * probe_um  # linear overlap 1 - STEP_FRACTION (measured: see the docs)
     start_pos = {su.motors[0]: round(float(rng.uniform(-3, 3)), 3), su.motors[1]: round(float(rng.uniform(-3, 3)), 3)}
     plan: dict[str, Any] = {}
     if kind == "fermat":
@@ -434,7 +450,8 @@ def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: in
     scaler = _scaler_values(rng, nfr, dwell)
     ic_name = "sclr1_ch3" if su.motors[1] == "ssy" else "sclr1_ch4"  # ptycho_gui load_metadata
     ic = scaler[ic_name]
-    scale = 1.0 if photons is None else photons / float(intens.sum(axis=(1, 2)).mean())
+    # photon units in both modes (the noise-free model is the expectation at 1e6 photons a crop)
+    scale = (1e6 if photons is None else photons) / float(intens.sum(axis=(1, 2)).mean())
     crops = engine_to_crop(intens) * scale * (ic / ic[0])[:, None, None]
     hw = (int(round(su.frame_hw[0] * n / 64)), int(round(su.frame_hw[1] * n / 64)))
     centre = (int(round(hw[0] * su.centre_frac[0])), int(round(hw[1] * su.centre_frac[1])))
@@ -460,6 +477,7 @@ def simulate(kind: str, out_dir: Path, *, n_positions: int = 100, frame_size: in
         "probe_centre_px": [n // 2, n // 2],
         "noise_free": photons is None,
         "photon_scale": scale,
+        "step_fraction": frac,
         "sources": {
             "engine_signs": ("holoptycho scripts/offline_epie.py + AGENTS.md 'Position signs'" if su.signs == (1, -1)
                              else "ptycho_gui nsls2ptycho/core/ptycho_param.py x_direction=y_direction=-1"),
