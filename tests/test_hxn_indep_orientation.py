@@ -69,7 +69,7 @@ def test_export_gives_the_scan_in_the_stage_frame(kind, signs, order, expected, 
     symmetry and y sign), the frames are the stage-frame model of the truth within Poisson noise
     (a wrong symmetry is ~10³× off), the positions are the recorded stage positions (x, y from the
     plan whatever the order of start['motors']), and the scan file says it is in the stage frame."""
-    sim = ind.simulate(kind, tmp_path, n_positions=49, frame_size=32, eiger_signs=signs, motor_order=order, seed=5)
+    sim = ind.simulate(kind, tmp_path, n_positions=49, frame_size=64, eiger_signs=signs, motor_order=order, seed=5)
     scan = build_scan(collected(sim), cfg(sim))
     report = json.loads(scan.attrs["orientation_report"])
     with capsys.disabled():
@@ -81,6 +81,12 @@ def test_export_gives_the_scan_in_the_stage_frame(kind, signs, order, expected, 
     good = scan.mask if scan.mask is not None else np.ones(want.shape[1:], bool)
     assert (~good).sum() <= 1                                                     # the flagged pixel
     got = scan.diffamp.astype(np.float64) ** 2
+    shift = centre_offset(got, want)          # the beam centre may be a pixel off (see the xfail below)
+    assert max(abs(shift[0]), abs(shift[1])) <= 1
+    want = np.roll(want, shift, (-2, -1))
+    h = sim.frame_size // 2
+    good = good.copy()
+    good[h, :] = good[:, h] = False           # the Nyquist row/column: from outside the written crop
     chi2 = float(np.mean(((got - want) ** 2 / (want + 1.0))[:, good]))
     assert chi2 < 1.5, chi2                                                        # Poisson: about 1
     assert json.loads(scan.attrs["frame"])["rows"] == "+y"
@@ -95,7 +101,7 @@ def test_the_detector_default_alone_is_right_for_its_documented_convention(tmp_p
         sim = ind.simulate(kind, tmp_path / kind, n_positions=30, frame_size=32, photons=None,
                            eiger_signs=signs, seed=6)
         scan = build_scan(collected(sim), cfg(sim, orientation="default"))
-        want = stage_model(sim)
+        want = stage_model(sim) * sim.notes["photon_scale"]      # noise-free: the expected counts
         good = scan.mask.copy() if scan.mask is not None else np.ones(want.shape[1:], bool)
         h = sim.frame_size // 2      # the Nyquist row and column: an even crop's flip brings them from
         good[h, :] = good[:, h] = False      # outside the crop (zero here), the model has them
@@ -122,11 +128,12 @@ def test_fermat_axes_come_from_the_plan_not_start_motors(tmp_path):
                    "the zero frequency for these probes (coma): object NRMSE 0.12 instead of 0.076 (fly2dpd, seed 20)")
 def test_the_beam_centre_is_the_zero_frequency(tmp_path):
     """Known limit, outside the orientation: the export's beam centre against the true zero frequency
-    (the sim writes ptycho_gui's rot90_ccw of the fftshifted pattern: zero at crop row cy-1, col cx)."""
+    (the sim writes ptycho_gui's rot90_ccw of the fftshifted pattern: zero at crop row cy-1, col cx).
+    Measured with the simulator as merged (its probe with coma): one column off for both."""
     from hxn_ptycho.callbacks.export import prepare
     off = []
-    for kind in ("fly2dpd", "FlyPlan2D"):
-        sim = ind.simulate(kind, tmp_path / kind, n_positions=64, frame_size=64, seed=20)
+    for kind in ("fly2dpd", "fermat"):
+        sim = ind.simulate(kind, tmp_path / kind, n_positions=49, frame_size=64, seed=5)
         prep = prepare(collected(sim), cfg(sim))
         c = sim.notes["crop_centre"]
         off.append((prep.attrs["center_row"] - (c["row"] - 1), prep.attrs["center_col"] - c["col"]))
