@@ -179,3 +179,33 @@ def test_summary_figure_axes_are_stage_microns(tmp_path):
     del res.attrs["frame"]
     ax = summary_figure(res, pixel_size_m=1e-8).axes[0]
     assert "µm" not in ax.get_xlabel()
+
+
+def test_a_ptycho_gui_scan_file_is_read_in_our_indexing(tmp_path):
+    """ptycho_gui's save_data writes [x, y]-indexed patterns ("nz*nx*ny") and the raw stage positions,
+    its engine negating x and y (ptycho_param.py). A file holding a scan consistent that way is read
+    back as the same scan in our [y, x] indexing and the stage frame; our own files are left as they are."""
+    import h5py
+
+    from hxn_ptycho.scanfile import read_scan, read_scan_views, write_scan
+    from hxn_ptycho.simulate import simulate_scan
+    scan, _truth = simulate_scan(n=16, n_positions=9, seed=2, photons=None)
+    ours = scan.diffamp.astype(np.float64)                   # consistent with points p (stage frame)
+    # their engine: positions -p; in our indexing the consistent frames are then rot180(ours);
+    # their file holds those frames [x, y]-indexed, i.e. transposed
+    theirs = np.swapaxes(FRAME_OPS["rot180"](ours), -1, -2)
+    path = tmp_path / "scan_7.h5"
+    with h5py.File(path, "w") as f:
+        f["diffamp"] = theirs
+        f["points"] = scan.points
+        for k, v in (("z_m", scan.z_m), ("lambda_nm", scan.lambda_nm), ("ccd_pixel_um", scan.ccd_pixel_um),
+                     ("x_pixel_m", scan.pixel_size_m), ("y_pixel_m", scan.pixel_size_m), ("dr_x", 0.1),
+                     ("dr_y", 0.1), ("x_range", 1.0), ("y_range", 1.0), ("angle", 0.0)):
+            f[k] = v
+    got = read_scan(path)
+    np.testing.assert_allclose(got.diffamp, ours, rtol=1e-6)
+    np.testing.assert_array_equal(got.points, scan.points)
+    assert json.loads(got.attrs["frame"])["rows"] == "+y"
+    np.testing.assert_allclose(read_scan_views(path, np.array([4, 1])).diffamp, ours[[4, 1]], rtol=1e-6)
+    write_scan(tmp_path / "own.h5", scan)                       # ours: no conversion
+    np.testing.assert_array_equal(read_scan(tmp_path / "own.h5").diffamp, scan.diffamp)
