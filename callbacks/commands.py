@@ -542,7 +542,9 @@ def _add_callback_options(p: argparse.ArgumentParser, *, nprocs: int = 1) -> Non
     p.add_argument("--scaler", default="auto",
                    help="normalisation field (default auto: sclr1_ch3 for ss* scans, else sclr1_ch4; '' for none)")
     p.add_argument("--orientation", default=None,
-                   help="detector orientation, e.g. 'rot90_cw,x-,y-', or 'auto' (default: the detector's own)")
+                   help="detector frame symmetry: 'auto' (the default: decided by the data, the detector's "
+                        "documented convention first), 'default' (that convention, no trials), or one forced, "
+                        "e.g. 'flipud,x+,y-' ([y, x] indexing) or 'beamline:rot90_cw,x+,y-' (as ptycho_gui names it)")
     p.add_argument("--crop", type=int, default=128, help="frame size around the beam centre")
     p.add_argument("--energy-kev", type=float, help="explicit energy (default: from dcm_th in the baseline)")
     p.add_argument("--distance-m", type=float, help="detector distance when the metadata has none")

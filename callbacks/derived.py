@@ -6,7 +6,9 @@ died or could not start), and it writes the success or the failure.
 
 Start: ``plan_name`` "hxn_ptycho_dm", ``plan_type`` "analysis", ``raw_uid``, the raw ``scan_id``,
 ``recon`` (the job spec unchanged — ``params``, ``geometry``, ``execution``, ``source`` — plus the
-job's measured facts in ``recon["measured"]``), ``versions`` and ``host``.
+job's measured facts in ``recon["measured"]``), ``versions`` and ``host``; on success ``frame``:
+where the object lies — ``rows`` "+y", ``cols`` "+x", ``origin_um`` the stage (x, y) of object pixel
+[0, 0], ``pixel_um``, ``stage_frame`` (true when the scan file holds the recorded stage positions).
 Stream ``primary`` (one event): ``object``, ``probe`` and ``positions_px`` as external HDF5
 (``StreamResource``/``StreamDatum`` into a sidecar file beside the result file, whose datasets
 carry the leading event axis Tiled expects), ``probe_power_fraction`` and the final errors inline.
@@ -181,6 +183,9 @@ def _result_documents(res: Any, result_path: str | os.PathLike, raw_uid: str | N
     recon = dict(recon or {})
     recon.setdefault("params", res.params)
     extra: dict[str, Any] = {}
+    frame = res.attrs.get("frame")
+    if frame:       # where the object lies: rows +y, columns +x, origin in µm (hxn_ptycho.engine.result_frame)
+        extra["frame"] = json.loads(frame) if isinstance(frame, str) else frame
     if not (recon.get("source") or {}).get("scan_id", recon.get("scan_id")) and "scan_scan_id" in res.attrs:
         extra["scan_id"] = res.attrs["scan_scan_id"]
     side = write_sidecar(result_path, res)

@@ -7,8 +7,10 @@ The defaults know the beamline (sources in the README's "HXN scans" section):
   NSLS2/hxn-profile-collection startup/93-scanplan-panda.py ``fly2dpd``).
 - **Frames**: through :mod:`.frames` (the specs ``TPX_HDF5``, ``MERLIN_FLY_STREAM_V2``,
   ``MERLIN_HDF5_BULK``, ``AD_HDF5``, stream_resource HDF5; ``frame_per_point = N`` is N frames).
-- **Positions**: step scans and ``FlyPlan2D`` record the motors named in ``start['motors']``
-  (µm) in every event (hxntools scans, NSLS-II-HXN/hxnfly fly.py ``dataframe_to_bluesky_data``);
+- **Positions**: which motor is x and which y comes from what the plan states
+  (:func:`scan_axes`: ``plan_args`` x_motor/y_motor or motor1/motor2, fly2dpd's scan axes,
+  ``hints['dimensions']``), never from the order of ``start['motors']``. Step scans and
+  ``FlyPlan2D`` record those motors (µm) in every event (hxntools scans, NSLS-II-HXN/hxnfly fly.py ``dataframe_to_bluesky_data``);
   ``fly2dpd`` records PandA encoder counts (datums of a ``PANDA`` resource), which are scaled by
   hxntools' ``motor_table`` (motor_info.py) and averaged over the ``position_supersample``
   samples of each point (scan_info.py ``get_scan_positions``); ``ss*`` stages, which no encoder
@@ -27,8 +29,10 @@ The defaults know the beamline (sources in the README's "HXN scans" section):
   configurable. Energy from ``dcm_th`` (Si(111) Bragg: E = 12.39842 / (2·3.1355893·sin θ) keV).
   Pixel: Merlin 55 µm, Eiger 75 µm. Every value and where it came from goes into the scan
   file's ``geometry_source`` attribute (JSON).
-- **Orientation**: a per-detector default (:data:`~.orientation.DETECTOR_ORIENTATION`) or
-  ``orientation="auto"`` (short DM trials, :mod:`.orientation`).
+- **Orientation**: decided by the data (short DM trials on a subset, the detector's documented
+  default :data:`~.orientation.DETECTOR_ORIENTATION` first; an undecided margin keeps the default
+  and is flagged), or forced by name; the scan file is in the stage frame (recorded positions,
+  frames through the mirror-equivalent symmetry), :mod:`.orientation`.
 
 Every problem raises :class:`ExportError` with a message that names it; that message becomes
 the ``reason`` of the derived run that records the failure.
@@ -94,7 +98,7 @@ class ExportConfig:
     hot_pixels: bool = True                                   # mask pixels constant and bright in all frames
     dark_fraction: float = 0.01                               # drop frames below this × the median total
     foreshortening: bool = True                               # x·|cos θ| from zpsth/dsth
-    orientation: str | dict[str, str] | None = None           # None: per-detector default; 'auto'; or a name
+    orientation: str | dict[str, str] | None = None           # None/'auto': decided by the data; 'default'; a name
     motor_table: dict[str, tuple[str, float]] = field(default_factory=lambda: dict(MOTOR_TABLE))
     path_remap: tuple[tuple[str, str], ...] = fr.DEFAULT_REMAP
     frame_wait_s: float = 5.0                                 # wait this long for frames still being written
@@ -163,15 +167,70 @@ def why_not_ptycho(start: dict, detectors: tuple[str, ...] = DETECTORS) -> str |
     return None
 
 
-def scan_motors(start: dict) -> list[str]:
-    motors = start.get("motors")
-    if isinstance(motors, list) and len(motors) >= 2:
-        return [str(m) for m in motors[:2]]
+def _motor_name(value: Any) -> str | None:
+    """A motor as a plan states it: a name, or the ``repr`` bluesky puts in ``plan_args``
+    (``EpicsMotor(prefix='…', name='zpssx', …)``) → ``'zpssx'``."""
+    import re
+    if not isinstance(value, str) or not value.strip():
+        return None
+    m = re.search(r"\bname=['\"]([^'\"]+)['\"]", value)
+    if m:
+        return m.group(1)
+    return value.strip() if re.fullmatch(r"[A-Za-z_][\w.]*", value.strip()) else None
+
+
+def scan_axes(start: dict) -> tuple[list[str], str]:
+    """([x motor, y motor], where that was read) from what the plan states, never from the order of
+    ``start['motors']`` (bluesky's ``spiral_fermat`` fills it from a set, so it changes from one
+    process to the next):
+
+    1. ``plan_args['x_motor']``/``['y_motor']`` (bluesky spiral/fermat plans write their reprs);
+    2. fly2dpd's ``scan['fast_axis']``/``['slow_axis']['motor_name']`` (hxn-profile-collection
+       93-scanplan-panda.py: fast = x);
+    3. ``plan_args['motor1']``/``['motor2']`` (hxnfly bs.py FlyPlan2D; ptycho_gui
+       HXN_databroker.py ``load_metadata`` takes scan_start1/scan_end1 as x);
+    4. ``hints['dimensions']`` with two entries, in the plan's order (x first for the spirals);
+    5. ``plan_args['args']`` of grid scans, first motor x (ptycho_gui ``load_metadata``);
+    6. else the two motor names, if one ends in ``x`` and the other in ``y``.
+    """
+    pa = start.get("plan_args") if isinstance(start.get("plan_args"), dict) else {}
     scan = start.get("scan") if isinstance(start.get("scan"), dict) else {}
+    x, y = _motor_name(pa.get("x_motor")), _motor_name(pa.get("y_motor"))
+    if x and y:
+        return [x, y], "plan_args x_motor/y_motor"
     try:
-        return [scan["fast_axis"]["motor_name"], scan["slow_axis"]["motor_name"]]
+        return [str(scan["fast_axis"]["motor_name"]), str(scan["slow_axis"]["motor_name"])], \
+            "scan fast_axis/slow_axis"
     except (KeyError, TypeError):
-        return []
+        pass
+    x, y = _motor_name(pa.get("motor1")), _motor_name(pa.get("motor2"))
+    if x and y:
+        return [x, y], "plan_args motor1/motor2"
+    dims = (start.get("hints") or {}).get("dimensions") if isinstance(start.get("hints"), dict) else None
+    if isinstance(dims, list) and len(dims) == 2:
+        try:
+            names = [str(d[0][0]) for d in dims]
+            return names, "hints['dimensions']"
+        except (IndexError, TypeError, KeyError):
+            pass
+    args = pa.get("args")
+    if isinstance(args, list):
+        motors = [n for n in (_motor_name(a) for a in args if isinstance(a, str)) if n]
+        if len(motors) >= 2:
+            return motors[:2], "plan_args args (first motor x)"
+    motors = start.get("motors")
+    if isinstance(motors, list) and len(motors) == 2:
+        names = [str(m) for m in motors]
+        xs = [m for m in names if m.lower().endswith("x")]
+        ys = [m for m in names if m.lower().endswith("y")]
+        if len(xs) == 1 and len(ys) == 1:
+            return [xs[0], ys[0]], "motor names (…x, …y)"
+    return [], "nothing in the plan says which motor is x"
+
+
+def scan_motors(start: dict) -> list[str]:
+    """[x motor, y motor] (see :func:`scan_axes`), or [] if the plan does not say."""
+    return scan_axes(start)[0]
 
 
 def frame_key(run: CollectedRun, detector: str, stream: str) -> str:
@@ -281,7 +340,7 @@ def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[st
     override = s.get("ptycho_position_fields") or cfg.position_fields
     kind = scan_kind(s)
     motors = scan_motors(s)
-    info: dict[str, Any] = {"kind": kind, "motors": motors}
+    info: dict[str, Any] = {"kind": kind, "motors": motors, "axes": scan_axes(s)[1]}
     if override:
         where = "ptycho_position_fields" if s.get("ptycho_position_fields") else "the position fields"
         fields = check_position_fields(run, list(override) if isinstance(override, tuple) else override, where)
@@ -289,7 +348,7 @@ def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[st
         info["positions"] = f"columns {list(fields)}"
     elif kind == "fly2dpd":
         if len(motors) < 2:
-            raise ExportError(f"run {run.uid}: fly2dpd run without two motors in start['motors'] or the scan axes")
+            raise ExportError(f"run {run.uid}: fly2dpd run without its scan axes (scan fast_axis/slow_axis)")
         shape = s.get("shape") or (s.get("scan") or {}).get("shape")
         npoints = int(np.prod(shape)) if shape else None
         out, used = [], []
@@ -313,12 +372,13 @@ def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[st
         if len({len(o) for o in out}) != 1:
             raise ExportError(f"run {run.uid}: x and y have {len(out[0])} and {len(out[1])} positions")
         pts = np.stack(out)
-        info["positions"] = "; ".join(used)
+        info["positions"] = "; ".join(used) + f" (x, y from {info['axes']})"
     else:
         if len(motors) < 2:
-            raise ExportError(f"run {run.uid}: no scan motors in start['motors'] (need x and y)")
+            raise ExportError(f"run {run.uid}: cannot tell the x and y motors: no plan_args x_motor/y_motor, "
+                              f"scan axes or hints['dimensions'] (start['motors'] = {s.get('motors')})")
         pts = np.stack([_field_values(run, m, cfg) for m in motors])
-        info["positions"] = f"motor columns {motors}"
+        info["positions"] = f"motor columns x = {motors[0]}, y = {motors[1]} (from {info['axes']})"
     if not np.all(np.isfinite(pts)):
         raise ExportError(f"run {run.uid}: positions contain NaN or infinite values")
     angle, angle_src = 0.0, "none (not a zp/ds stage scan)"
@@ -591,8 +651,10 @@ def kept_field(start: dict, cfg: ExportConfig) -> Callable[[str, dict], bool]:
 
 
 def build_scan(run: CollectedRun, cfg: ExportConfig) -> ScanData:
-    """The :class:`~hxn_ptycho.scanfile.ScanData` of a run; its frames are read through :mod:`.frames`."""
-    from .orientation import apply_orientation, auto_orientation, orientation_for
+    """The :class:`~hxn_ptycho.scanfile.ScanData` of a run, in the stage frame; its frames are read
+    through :mod:`.frames` and their symmetry is decided by the data unless one is forced
+    (:mod:`.orientation`)."""
+    from .orientation import apply_orientation, decide, orientation_for
 
     prep = prepare(run, cfg)
     det = prep.attrs["detector"]
@@ -600,14 +662,19 @@ def build_scan(run: CollectedRun, cfg: ExportConfig) -> ScanData:
     if isinstance(wanted, dict):
         wanted = wanted.get(det)
     report: dict[str, Any] = {}
-    if wanted == "auto":
-        orient, report = auto_orientation(prep, det)
+    probe = None
+    if wanted in (None, "", "auto"):
+        decision = decide(prep, det)
+        orient, report, probe = decision.orientation, decision.report, decision.probe
         prep.sources["orientation"] = f"auto ({report.get('summary', '')})"
     else:
         orient = orientation_for(det, wanted)
-        prep.sources["orientation"] = "configured" if wanted else f"{det} default"
+        prep.sources["orientation"] = f"{det} default (no trials)" if wanted == "default" else "configured"
     scan = apply_orientation(prep, orient)
-    scan.attrs["orientation"] = orient.name
+    if probe is not None and probe.shape == (scan.n, scan.n):
+        scan.probe_guess = probe.astype(np.complex64)      # the trials' probe: the right side of focus
+    scan.attrs["orientation"] = orient.in_stage_frame().name
+    scan.attrs["orientation_as"] = orient.name
     if report:
         scan.attrs["orientation_report"] = json.dumps(report)
     return scan

@@ -1,31 +1,35 @@
-"""Detector orientation: which of the 8 frame symmetries, and which position signs, map a
-detector's frames and a scan's recorded positions onto the engine's convention.
+"""Detector orientation: which of the 8 frame symmetries maps a detector's frames onto the
+engine's convention, decided by the data; results in the stage's x/y frame.
 
-The engine's convention (``hxn_ptycho.simulate``/``scanfile.positions_px``): frame rows follow
-``points[1]`` (y), columns follow ``points[0]`` (x), zero frequency at [0, 0]. A detector
-convention is a frame symmetry — one of the 8 elements of the square's symmetry group, named
-as NSLS2/holoptycho orientation.py names them — applied to each crop in *q* space (about the zero
-frequency, so no half-pixel shift), and the signs of x and y.
+**Indexing.** This project indexes the object and every pattern ``[row, col] = [y, x]``
+(``hxn_ptycho.scanfile.positions_px``: rows follow ``points[1]`` = y, columns ``points[0]`` = x;
+zero frequency at [0, 0]). The beamline's tools index them ``[x, y]`` (axis 0 is x):
+NSLS2/ptycho_gui ``nsls2ptycho/core/HXN_databroker.py`` ``save_data`` allocates the patterns
+``np.zeros((num_frame, n, nn)) # nz*nx*ny`` with ``n`` "the x dimension of the ROI window";
+NSLS2/holoptycho ``scripts/offline_epie.py`` puts x on the object's axis 0
+(``rr, cc = px_x + 32, px_y + 32`` ... ``obj[a:b, c:d]`` with ``a = rr[i]``). So a symmetry
+``S`` they apply to the raw crop is, in our indexing, ``transpose ∘ S``: their ``rot90_cw``
+(ptycho_gui ``np.rot90(tmptmp, axes=(1, 0))``; holoptycho ``dp_orient_iterative`` default
+``rot90_cw``, AGENTS.md "Iterative engine conventions") is our ``flipud`` (:func:`from_beamline`).
 
-Defaults (:data:`DETECTOR_ORIENTATION`), from the beamline's code:
+**Signs and the stage frame.** The beamline's engines multiply the recorded positions by
+``x_direction``/``y_direction`` (ptycho_gui ``ptycho_param.py``: −1, −1; holoptycho's Eiger
+iterative engine: x +1, y −1, AGENTS.md "Position signs"). Flipping the sign of x is the same as
+mirroring the frames along q_x *and* the sample along x, so every convention (symmetry, signs)
+has exactly one mirror-equivalent with signs (+, +) — :meth:`Orientation.in_stage_frame` — and
+with it the engine reconstructs the sample as it lies on the stage: the scan file keeps the
+recorded stage positions, and object, probe and ``positions_px`` come back with rows along +y
+and columns along +x (as HXN's own 2-D maps, hxn-profile-collection ``53-viewer2d.py``).
 
-- Merlin: ptycho_gui rotates each crop clockwise (``np.rot90(crop, axes=(1, 0))``,
-  NSLS2/ptycho_gui HXN_databroker.py ``save_data``) and uses x, y signs −1 (ptycho_param.py
-  ``x_direction = y_direction = -1``).
-- Eiger: the same clockwise rotation on the engine's input (holoptycho ``dp_orient_iterative``
-  default ``rot90_cw``; frames replayed from files need no ``detector_orientation``) with
-  holoptycho's validated Eiger signs x +1, y −1.
-
-``orientation="auto"`` runs short DM trials on a compact subset of views and keeps the lowest
-data error; the report gives every error, the margin over the runner-up, and says "ambiguous"
-below 5 %. What data can decide: flipping the sign of x (or y) is the same as mirroring the
-frames *and* the sample, so the 32 conventions (8 symmetries × 4 sign pairs) fall into 8
-classes of 4 *mirror-equivalent* ones that describe the same intensities for a mirrored sample
-(their short-trial errors differ by artefacts only — which one "wins" changes with the trial
-resolution). Each class has exactly one member per sign pair, so auto tries the 8 symmetries
-with the detector's documented position signs (the motor/encoder convention, which data cannot
-give) and reports the mirror-equivalents. The twin rot180∘T (conjugate sample, same signs) is a
-different class here: the trials separate it by a large margin (tests/test_orientation.py).
+**Decided by the data** (:func:`decide`): the 8 stage-frame symmetries fall into 8 classes the
+data tell apart (the consistent one has a far lower data error after a short DM run). The
+default (``orientation=None`` / ``"auto"``) runs 8 short trials on a compact subset of views,
+the detector's documented default (:data:`DETECTOR_ORIENTATION`) first, and keeps the lowest
+data error when its margin over the runner-up is at least :data:`AMBIGUOUS_MARGIN`; below it the
+scan is reconstructed with the default and flagged (logged and recorded in the scan file's
+``orientation_report``), never silently guessed. A name forces one convention
+(``"flipud,x+,y-"`` in this project's indexing, or ``"beamline:rot90_cw,x+,y-"`` as ptycho_gui and
+holoptycho name it); ``"default"`` takes the detector's documented default without trials.
 """
 from __future__ import annotations
 
@@ -65,6 +69,11 @@ FRAME_OPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "rot90_cw": lambda a: _t(_flip(a, -2)),          # np.rot90(a, axes=(1, 0)) = flipud(a).T
     "rot90_ccw": lambda a: _flip(_t(a), -2),         # np.rot90(a) = flipud(a.T)
 }
+def _which(a: np.ndarray, b: np.ndarray) -> str:
+    """The name of the symmetry that maps ``a`` (a labelled square) to ``b``."""
+    return next(f for f, op in FRAME_OPS.items() if np.array_equal(op(a), b))
+
+
 INVERSE = {"rot90_cw": "rot90_ccw", "rot90_ccw": "rot90_cw"}
 TWIN = {"identity": "rot180", "rot180": "identity", "flipud": "fliplr", "fliplr": "flipud",
         "transpose": "antitranspose", "antitranspose": "transpose", "rot90_cw": "rot90_ccw",
@@ -92,9 +101,14 @@ class Orientation:
 
     @classmethod
     def parse(cls, text: str) -> Orientation:
-        """``"rot90_cw,x-,y-"`` (signs optional, default +)."""
+        """``"flipud,x-,y-"`` (signs optional, default +), in this project's [y, x] indexing; with the
+        prefix ``beamline:`` the symmetry is named as ptycho_gui/holoptycho name it ([x, y] indexing)."""
         from .export import ExportError
-        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        text = str(text).strip()
+        beamline = text.startswith("beamline:")
+        if beamline:
+            text = text[len("beamline:"):]
+        parts = [p.strip() for p in text.split(",") if p.strip()]
         if not parts:
             raise ExportError("an empty orientation was given")
         frame, sx, sy = parts[0], 1, 1
@@ -105,7 +119,23 @@ class Orientation:
                 sy = 1 if p.endswith("+") else -1
             else:
                 raise ExportError(f"orientation {text!r}: {p!r} is not x+, x-, y+ or y-")
+        if beamline:
+            if frame not in FRAME_OPS:
+                raise ExportError(f"unknown frame orientation {frame!r} (known: {', '.join(FRAME_OPS)})")
+            return from_beamline(frame, sx, sy)
         return cls(frame, sx, sy)
+
+    def in_stage_frame(self) -> Orientation:
+        """The mirror-equivalent convention with signs (+, +): the frames mirrored along q_x where x
+        is negated and along q_y where y is, so the recorded stage positions are used as they are
+        and the sample comes back as it lies on the stage (rows +y, columns +x)."""
+        a = np.arange(16.0).reshape(4, 4)
+        b = FRAME_OPS[self.frame](a)
+        if self.sign_x < 0:
+            b = _flip(b, -1)
+        if self.sign_y < 0:
+            b = _flip(b, -2)
+        return Orientation(_which(a, b), 1, 1)
 
     def apply_frames(self, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(FRAME_OPS[self.frame](a))
@@ -115,37 +145,57 @@ class Orientation:
         return np.ascontiguousarray(FRAME_OPS[INVERSE.get(self.frame, self.frame)](a))
 
 
-DETECTOR_ORIENTATION: dict[str, Orientation] = {
-    "merlin1": Orientation("rot90_cw", -1, -1), "merlin2": Orientation("rot90_cw", -1, -1),
-    "eiger1": Orientation("rot90_cw", 1, -1), "eiger2": Orientation("rot90_cw", 1, -1),
-    "eiger_mobile": Orientation("rot90_cw", 1, -1),
+# The beamline's documented conventions, as they name them ([x, y] indexing) and in ours.
+BEAMLINE_DEFAULTS: dict[str, tuple[str, int, int, str]] = {
+    "merlin": ("rot90_cw", -1, -1, "ptycho_gui HXN_databroker.py save_data np.rot90(crop, axes=(1, 0)); "
+                                   "ptycho_param.py x_direction = y_direction = -1"),
+    "eiger": ("rot90_cw", 1, -1, "holoptycho dp_orient_iterative default rot90_cw; AGENTS.md 'Position signs': "
+                                 "x_direction_iterative +1, y_direction -1"),
 }
+
+
+def from_beamline(frame: str, sign_x: int = 1, sign_y: int = 1) -> Orientation:
+    """A convention as ptycho_gui/holoptycho state it (their symmetry ``frame`` on the raw crop, read
+    as an [x, y]-indexed pattern) → this project's [y, x] indexing: ``transpose ∘ frame``."""
+    a = np.arange(16.0).reshape(4, 4)
+    return Orientation(_which(a, _t(FRAME_OPS[frame](a))), sign_x, sign_y)
+
+
+DETECTOR_ORIENTATION: dict[str, Orientation] = {
+    det: from_beamline(*BEAMLINE_DEFAULTS[det.rstrip("0123456789").split("_")[0]][:3])
+    for det in ("merlin1", "merlin2", "eiger1", "eiger2", "eiger_mobile")}
+#: below this relative margin of the best trial over the runner-up the data do not decide
+AMBIGUOUS_MARGIN = 0.5
 
 
 def orientation_for(detector: str, wanted: str | Orientation | None = None) -> Orientation:
     """The orientation asked for (name or object), else the detector's documented default."""
     if isinstance(wanted, Orientation):
         return wanted
-    if wanted:
+    if wanted and wanted not in ("default", "auto"):
         return Orientation.parse(wanted)
     return DETECTOR_ORIENTATION.get(detector, Orientation())
 
 
+STAGE_FRAME = {"rows": "+y", "cols": "+x", "positions": "the recorded stage positions (µm), signs not applied"}
+
+
 def apply_orientation(prep: Prepared, orient: Orientation) -> ScanData:
-    """The scan in the engine's convention."""
+    """The scan in the engine's convention and the stage frame: frames through ``orient``'s
+    stage-frame equivalent, positions as recorded."""
     from hxn_ptycho.scanfile import ScanData
 
-    inten = orient.apply_frames(prep.intensity)
-    mask = orient.apply_frames(prep.mask)
-    points = prep.points * np.array([[orient.sign_x], [orient.sign_y]], dtype=np.float64)
+    stage = orient.in_stage_frame()
+    inten = stage.apply_frames(prep.intensity)
+    mask = stage.apply_frames(prep.mask)
     geo = prep.geometry
     sources = {**prep.sources, "orientation_value": orient.name}
-    attrs = {**prep.attrs, "geometry_source": json.dumps(
+    attrs = {**prep.attrs, "frame": json.dumps(STAGE_FRAME), "geometry_source": json.dumps(
         {"energy_kev": [geo["energy_kev"], sources.get("energy_kev")],
          "distance_m": [geo["distance_m"], sources.get("distance_m")],
          "pixel_um": [geo["pixel_um"], sources.get("pixel_um")],
          **{k: v for k, v in sources.items() if k not in ("energy_kev", "distance_m", "pixel_um")}})}
-    return ScanData(diffamp=np.sqrt(inten).astype(np.float32), points=points,
+    return ScanData(diffamp=np.sqrt(inten).astype(np.float32), points=np.array(prep.points, dtype=np.float64),
                     lambda_nm=(12.39842 / 10) / geo["energy_kev"], z_m=geo["distance_m"],
                     ccd_pixel_um=geo["pixel_um"], mask=None if mask.all() else mask, attrs=attrs)
 
@@ -163,10 +213,11 @@ def _low_q(a: np.ndarray, n: int) -> np.ndarray:
     return a[..., idx[:, None], idx[None, :]]
 
 
-def trial_error(prep: Prepared, orient: Orientation, views: np.ndarray, iterations: int, seed: int = 0,
-                trial_n: int = 32) -> float:
-    """Final data error of a short single-mode DM run on ``views`` with ``orient``, on the central
-    ``trial_n`` × ``trial_n`` frequencies (a coarser object pixel: 4× cheaper for 64-pixel frames)."""
+def trial(prep: Prepared, orient: Orientation, views: np.ndarray, iterations: int, seed: int = 0,
+          trial_n: int = 32) -> tuple[float, np.ndarray]:
+    """(final data error, probe) of a short single-mode DM run on ``views`` with ``orient``, on the
+    central ``trial_n`` × ``trial_n`` frequencies (a coarser object pixel: 4× cheaper for 64-pixel
+    frames); the probe is brought back to the full crop (zero-padded in q: same field of view)."""
     from dataclasses import replace
 
     from hxn_ptycho.engine import reconstruct
@@ -180,7 +231,20 @@ def trial_error(prep: Prepared, orient: Orientation, views: np.ndarray, iteratio
     scan = apply_orientation(sub, orient)
     res = reconstruct(scan, ReconParams(iterations=iterations, probe_modes=1, seed=seed, threads=1),
                       log=lambda _msg: None)
-    return float(res.error_data[-1])
+    probe = np.asarray(res.probe[0], np.complex128)
+    if probe.shape[-1] != n:
+        q = np.fft.fft2(np.fft.ifftshift(probe))
+        full = np.zeros((n, n), complex)
+        idx = np.r_[0:m // 2, -(m // 2):0]
+        full[idx[:, None], idx[None, :]] = q
+        probe = np.fft.fftshift(np.fft.ifft2(full))
+    return float(res.error_data[-1]), probe
+
+
+def trial_error(prep: Prepared, orient: Orientation, views: np.ndarray, iterations: int, seed: int = 0,
+                trial_n: int = 32) -> float:
+    """Final data error of :func:`trial`."""
+    return trial(prep, orient, views, iterations, seed, trial_n)[0]
 
 
 def mirror_equivalents(o: Orientation) -> list[Orientation]:
@@ -194,35 +258,107 @@ def mirror_equivalents(o: Orientation) -> list[Orientation]:
             b = _flip(b, -1)
         if fy < 0:
             b = _flip(b, -2)
-        frame = next(f for f, op in FRAME_OPS.items() if np.array_equal(op(a), b))
-        out.append(Orientation(frame, o.sign_x * fx, o.sign_y * fy))
+        out.append(Orientation(_which(a, b), o.sign_x * fx, o.sign_y * fy))
     return out
 
 
+def documented_member(pair: tuple[Orientation, Orientation], default: Orientation) -> Orientation | None:
+    """Of a twin pair {F, rot180∘F} (the same data: the one fits the sample, the other its
+    conjugate, ``|FFT(conj ψ)|² = rot180 |FFT ψ|²``), the member that is the detector's documented
+    frame symmetry with its documented y sign, if either is."""
+    for m in pair:
+        if any(e.frame == default.frame and e.sign_y == default.sign_y for e in [m, *mirror_equivalents(m)]):
+            return m
+    return None
+
+
 def auto_orientation(prep: Prepared, detector: str, views: int = 48, iterations: int = 25,
-                     ambiguous_margin: float = 0.05, trial_n: int = 64) -> tuple[Orientation, dict[str, Any]]:
-    """Try the 8 frame symmetries with the detector's position signs (one member of each of the
-    8 data-distinguishable classes of the 32 conventions); keep the lowest data error."""
+                     ambiguous_margin: float = AMBIGUOUS_MARGIN, trial_n: int = 64
+                     ) -> tuple[Orientation, dict[str, Any]]:
+    """(chosen, report) of :func:`decide`."""
+    d = decide(prep, detector, views, iterations, ambiguous_margin, trial_n)
+    return d.orientation, d.report
+
+
+@dataclass
+class Decision:
+    """The orientation decided, its report (JSON-able) and a starting probe for the engine (None
+    when the data did not decide)."""
+
+    orientation: Orientation
+    report: dict[str, Any]
+    probe: np.ndarray | None = None
+
+
+def decide(prep: Prepared, detector: str, views: int = 48, iterations: int = 25,
+           ambiguous_margin: float = AMBIGUOUS_MARGIN, trial_n: int = 64) -> Decision:
+    """Try the 8 stage-frame symmetries (one member of each of the 8 classes of the 32
+    conventions), the detector's documented default first, and decide between the 4 twin pairs.
+
+    A twin pair {F, rot180∘F} describes the same intensities (the second for the conjugate sample
+    and probe), so no data error can tell its members apart — a short trial's preference between
+    them reflects its starting guess, not the data. The pairs are ranked by their lower trial
+    error; the best pair wins when its margin over the next pair is at least ``ambiguous_margin``.
+    Within it, the member whose conventions include the detector's documented symmetry with its
+    documented y sign is kept (ptycho_gui and holoptycho agree on y −1; they differ on x, and
+    that difference — the parity — is what the data decide). Undecided: the default, flagged."""
+    import time
+
+    t0 = time.perf_counter()
     default = DETECTOR_ORIENTATION.get(detector, Orientation())
+    first = default.in_stage_frame()
     idx = _subset(prep.points, min(views, prep.points.shape[1]))
     errors: dict[str, float] = {}
     trials: dict[str, Orientation] = {}
-    for frame in FRAME_OPS:
-        o = Orientation(frame, default.sign_x, default.sign_y)
+    probes: dict[str, np.ndarray] = {}
+    for frame in [first.frame] + [f for f in FRAME_OPS if f != first.frame]:
+        o = Orientation(frame, 1, 1)
         trials[o.name] = o
-        errors[o.name] = trial_error(prep, o, idx, iterations, trial_n=trial_n)
-    ranked = sorted(errors, key=errors.get)
-    chosen, runner = trials[ranked[0]], ranked[1]
-    floor = max(errors[chosen.name], 1e-300)
-    margin = (errors[runner] - floor) / floor
-    twin = Orientation(TWIN[chosen.frame], chosen.sign_x, chosen.sign_y).name
-    report = {"errors": {k: round(errors[k], 6) for k in ranked}, "views": int(idx.size),
-              "iterations": iterations, "chosen": chosen.name, "runner_up": runner,
-              "runner_up_is": "twin (conjugate)" if runner == twin else "distinct", "margin": round(margin, 4),
-              "position_signs": f"the {detector} default ({default.name.split(',', 1)[1]})",
+        errors[o.name], probes[o.name] = trial(prep, o, idx, iterations, trial_n=trial_n)
+    pairs: list[tuple[Orientation, Orientation]] = []
+    for o in trials.values():
+        if not any(o in p for p in pairs):
+            pairs.append((o, trials[Orientation(TWIN[o.frame], 1, 1).name]))
+    pair_error = {p: min(errors[p[0].name], errors[p[1].name]) for p in pairs}
+    ranked = sorted(pairs, key=lambda p: pair_error[p])
+    best, runner = ranked[0], ranked[1]
+    floor = max(pair_error[best], 1e-300)
+    margin = (pair_error[runner] - floor) / floor
+    ambiguous = bool(margin < ambiguous_margin)
+    documented = documented_member(best, default)
+    if ambiguous:
+        chosen, twin_by = first, "-"
+    elif documented is not None:
+        chosen, twin_by = documented, f"the documented symmetry and y sign of {detector} ({default.name})"
+    else:
+        chosen = min(best, key=lambda o: errors[o.name])
+        twin_by = "the lower trial error (neither member is documented for this detector: check the sample's phase sign)"
+    # the starting probe: the better trial of the chosen pair — its twin's conjugated (the twin fits
+    # the conjugate probe): the engine's own start has a defocus of one sign, and the sample may sit
+    # on either side of the focus
+    probe, probe_from = None, "none (the engine's own start)"
+    if not ambiguous:
+        twin = Orientation(TWIN[chosen.frame], 1, 1)
+        if errors[twin.name] < errors[chosen.name]:
+            probe, probe_from = np.conj(probes[twin.name]), f"the {twin.name} trial, conjugated"
+        else:
+            probe, probe_from = probes[chosen.name], f"the {chosen.name} trial"
+    cost = time.perf_counter() - t0
+    runner_name = min(runner, key=lambda o: errors[o.name]).name
+    report = {"errors": {k: round(errors[k], 6) for k in sorted(errors, key=lambda k: errors[k])},
+              "views": int(idx.size), "iterations": iterations, "trial_n": trial_n, "cost_s": round(cost, 3),
+              "first_candidate": f"{first.name} (the {detector} default {default.name})",
+              "best_pair": [o.name for o in best], "runner_up": runner_name, "margin": round(margin, 4),
+              "ambiguous_below": ambiguous_margin, "ambiguous": ambiguous, "chosen": chosen.name,
+              "decided_by": "the detector default (the data did not decide)" if ambiguous else "the data",
+              "twin_resolved_by": twin_by, "probe_guess": probe_from,
               "mirror_equivalents": [m.name for m in mirror_equivalents(chosen)]}
-    report["ambiguous"] = bool(margin < ambiguous_margin)
-    report["summary"] = (f"{chosen.name}, margin {margin:.1%} over {runner}"
-                         + ("; AMBIGUOUS" if report["ambiguous"] else ""))
-    log.info("orientation auto for %s: %s", detector, report["summary"])
-    return chosen, report
+    report["summary"] = (f"{chosen.name}, margin {margin:.1%} of the pair {'/'.join(report['best_pair'])} over "
+                         f"{runner_name}, {cost:.1f} s" + ("; AMBIGUOUS: the detector default is used" if ambiguous else ""))
+    if ambiguous:
+        log.warning("orientation of a %s scan not decided by the data (margin %.1f%% < %.0f%%): "
+                    "reconstructed with the detector default %s; trials: %s", detector, 100 * margin,
+                    100 * ambiguous_margin, default.name, report["errors"])
+    else:
+        log.info("orientation auto for %s: %s", detector, report["summary"])
+    return Decision(chosen, report, probe)

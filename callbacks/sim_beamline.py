@@ -21,9 +21,15 @@ NSLS-II-HXN/hxntools, hxnfly):
   per point with the motor positions (µm), the scaler channels and the Merlin datum.
 
 The sample is a :class:`SimSample`: a simulated scan (``hxn_ptycho.simulate``) relabelled to the
-beamline geometry (detector pixel, distance). Frames are written in the detector's own
-orientation (the inverse of its documented default, or a chosen one) and positions with its
-signs, so that the export's defaults recover the simulation exactly.
+beamline geometry (detector pixel, distance), taken as the sample on the stage: its positions are
+what the stages record, its frames what the export must give back (the stage frame, rows +y,
+columns +x). The detector writes them as the beamline records them: the inverse of the
+detector's documented convention in its stage-frame form (:meth:`~.orientation.Orientation.in_stage_frame`),
+so that ptycho_gui/holoptycho — their rotation (our ``flipud``, :func:`~.orientation.from_beamline`)
+and their signs on the recorded positions — see a consistent scan (of the mirrored sample where a
+sign is negative). The export decides the symmetry from the data. The step scan is a spiral whose
+``start['motors']`` order is chosen (``motor_order``), as bluesky's ``spiral_fermat`` fills it from
+a set, with ``plan_args`` x_motor/y_motor and ``hints['dimensions']`` as bluesky writes them.
 """
 from __future__ import annotations
 
@@ -73,15 +79,25 @@ class SimSample:
         self.orient = self.orientation or DETECTOR_ORIENTATION.get(self.detector, Orientation())
         self.center = tuple(self.center) if self.center else (self.shape[0] // 2 + 3, self.shape[1] // 2 - 2)
         inten = np.asarray(self.scan.diffamp, np.float64) ** 2
-        self._raw = np.fft.fftshift(self.orient.invert_frames(inten), axes=(-2, -1))
+        self._raw = np.fft.fftshift(self.orient.in_stage_frame().invert_frames(inten), axes=(-2, -1))
 
     @property
     def n_views(self) -> int:
         return int(self.scan.points.shape[1])
 
     def recorded_points(self) -> np.ndarray:
-        """(2, N) positions in µm as the stages record them (the detector's signs applied)."""
-        return self.scan.points * np.array([[self.orient.sign_x], [self.orient.sign_y]])
+        """(2, N) positions in µm as the stages record them (the beamline's engines multiply them
+        by the detector's signs; this project uses them as they are)."""
+        return np.array(self.scan.points, dtype=np.float64)
+
+    def stage_scan(self) -> Any:
+        """The scan the export should give back: the simulation itself (recorded positions, frames
+        in the stage frame)."""
+        return self.scan
+
+    def stage_object(self, obj: np.ndarray) -> np.ndarray:
+        """The simulation's object as it lies on the stage: the simulation's own."""
+        return obj
 
     def frame(self, i: int, dtype: Any = np.uint32) -> np.ndarray:
         n = self._raw.shape[-1]
@@ -506,9 +522,13 @@ def flyplan2d(hxn: SimHXN, sample: SimSample, *, detector: str = "merlin1",
 
 
 def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
-              motors: tuple[str, str] = ("zpssx", "zpssy"), read_y: bool = True, md: dict | None = None) -> Iterator:
-    """An hxntools/bluesky step scan (``list_scan``): top-level detectors and motors, one event
-    per point with the detector datum, the motor readbacks (µm) and the scaler."""
+              motors: tuple[str, str] = ("zpssx", "zpssy"), read_y: bool = True, md: dict | None = None,
+              motor_order: str = "yx") -> Iterator:
+    """A bluesky spiral step scan (as ``spiral_fermat``, run through ``list_scan`` over the simulated
+    positions): top-level detectors, ``plan_args`` ``x_motor``/``y_motor`` (reprs) and
+    ``hints['dimensions']`` x first as bluesky writes them, ``start['motors']`` in ``motor_order``
+    ('xy' or 'yx': bluesky fills it from a set); one event per point with the detector datum, the
+    motor readbacks (µm) and the scaler."""
     from bluesky import plan_stubs as bps
     from bluesky import plans as bp
     from bluesky import preprocessors as bpp
@@ -518,12 +538,16 @@ def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
     mx, my = getattr(hxn, motors[0]), getattr(hxn, motors[1])
     pts = sample.recorded_points()
     dets = [det, hxn.sclr1]
+    ordered = list(motors) if motor_order == "xy" else [motors[1], motors[0]]
+    plan_md = {"plan_name": "spiral_fermat", "motors": ordered,
+               "plan_args": {"detectors": [repr(d) for d in dets], "x_motor": repr(mx), "y_motor": repr(my),
+                             "x_range": float(np.ptp(pts[0])), "y_range": float(np.ptp(pts[1]))},
+               "hints": {"dimensions": [[[motors[0]], "primary"], [[motors[1]], "primary"]]}, **(md or {})}
     if read_y:
-        return (yield from bp.list_scan(dets, mx, list(pts[0]), my, list(pts[1]), md=md or {}))
+        return (yield from bp.list_scan(dets, mx, list(pts[0]), my, list(pts[1]), md=plan_md))
 
     @bpp.stage_decorator(dets)                 # a broken scan: y never recorded
-    @bpp.run_decorator(md={"detectors": [d.name for d in dets], "motors": list(motors), "plan_name": "list_scan",
-                           **(md or {})})
+    @bpp.run_decorator(md={"detectors": [d.name for d in dets], **plan_md})
     def inner() -> Iterator:
         for x, y in zip(*pts):
             yield from bps.mv(mx, x, my, y)

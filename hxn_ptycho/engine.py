@@ -12,6 +12,8 @@ reproducible); the GPU backend uses one worker and large batches.
 """
 from __future__ import annotations
 
+import json
+
 import os
 import sys
 import time
@@ -501,6 +503,7 @@ class Reconstruction:
             from .positions import affine_terms
             attrs["position_affine_matrix"] = affine_terms(self.geom.nominal_all, refined).tolist()
         attrs.update({f"scan_{k}": v for k, v in self.scan.attrs.items()})
+        attrs["frame"] = json.dumps(result_frame(self.scan, self.margin))
         return ResultData(object=self.be.asnumpy(self.obj), probe=probe,
                           positions_px=self.positions_all.astype(np.float64),
                           error_data=err_data, error_probe=ep, error_object=err_obj, error_relax=err_relax,
@@ -516,6 +519,25 @@ class Reconstruction:
         if it > 0:                   # DM after another algorithm: exit waves from the current model
             self._each(self._init_psi)
         return DMIteration(self)
+
+
+def result_frame(scan: ScanData, margin: int) -> dict[str, Any]:
+    """Where the object lies: rows along +y (``points[1]``), columns along +x (``points[0]``), and the
+    (x, y) in µm of object pixel [0, 0] — the beam (probe pixel n/2) sits on each view's position,
+    window corners from :func:`~hxn_ptycho.scanfile.positions_px`. In the stage frame when the scan
+    file holds the recorded stage positions (its ``frame`` attribute, written by the export)."""
+    pix_um = scan.pixel_size_m * 1e6
+    x0 = float(scan.points[0].min()) - (margin + scan.n // 2) * pix_um
+    y0 = float(scan.points[1].min()) - (margin + scan.n // 2) * pix_um
+    declared = scan.attrs.get("frame")
+    positions = "the scan file's points (their frame is not stated)"
+    if declared:
+        try:
+            positions = str(json.loads(declared).get("positions", positions))
+        except (TypeError, ValueError, AttributeError):
+            pass
+    return {"rows": "+y", "cols": "+x", "origin_um": [x0, y0], "pixel_um": pix_um, "positions": positions,
+            "stage_frame": bool(declared)}
 
 
 def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: Any = None, reducer: Any = None,

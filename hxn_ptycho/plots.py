@@ -167,16 +167,38 @@ def _lit_window(res: ResultData) -> tuple[slice, slice]:
     return slice(r0, max(r1, r0 + 1)), slice(c0, max(c1, c0 + 1))
 
 
+def stage_extent(res: ResultData, rows: slice, cols: slice) -> list[float] | None:
+    """imshow extent [x left, x right, y of the last row, y of the first row] in µm of the stage's
+    x and y for object rows/cols (the result's ``frame``: rows +y, columns +x), as HXN's 2-D maps
+    (hxn-profile-collection 53-viewer2d.py ``extent=[x_start, x_end, y_end, y_start]``)."""
+    import json
+    frame = res.attrs.get("frame")
+    try:
+        fr: Any = json.loads(frame) if isinstance(frame, str) else frame
+        x0, y0 = (float(v) for v in fr["origin_um"])
+        p = float(fr["pixel_um"])
+    except (TypeError, ValueError, KeyError):
+        return None
+    r0, r1, _ = rows.indices(res.object.shape[-2])
+    c0, c1, _ = cols.indices(res.object.shape[-1])
+    return [x0 + (c0 - 0.5) * p, x0 + (c1 - 0.5) * p, y0 + (r1 - 0.5) * p, y0 + (r0 - 0.5) * p]
+
+
 def _image(fig: Any, ax: Any, img: np.ndarray, title: str, cmap: str, unit: str, pixel_m: float | None,
-           robust: bool = True) -> None:
+           robust: bool = True, extent: list[float] | None = None) -> None:
     lo, hi = np.percentile(img, [1, 99]) if robust else (float(img.min()), float(img.max()))
     if hi <= lo:
         hi = lo + 1e-12
-    im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest", extent=extent)
     ax.set_title(title, fontsize=9)
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     cb.set_label(unit, fontsize=8)
     cb.ax.tick_params(labelsize=7)
+    if extent is not None:
+        ax.set_xlabel("x (µm)", fontsize=8)
+        ax.set_ylabel("y (µm)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        return
     if pixel_m is None:
         ax.set_xlabel("x (pixels)", fontsize=8)
         ax.set_ylabel("y (pixels)", fontsize=8)
@@ -216,20 +238,23 @@ def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None 
                             wspace=0.35 if pixel_m else 0.6)                            # the definitions
 
     rows, colsl = _lit_window(res)
+    extent = stage_extent(res, rows, colsl)
     for m in range(L):
         obj = res.object[m][rows, colsl]
         name = "object" if L == 1 else f"object mode {m}"
-        _image(fig, fig.add_subplot(grid[0, 2 * m]), np.angle(obj), f"{name}: phase", "viridis", "phase (rad)", pixel_m)
+        _image(fig, fig.add_subplot(grid[0, 2 * m]), np.angle(obj), f"{name}: phase", "viridis", "phase (rad)", pixel_m,
+               extent=extent)
         _image(fig, fig.add_subplot(grid[0, 2 * m + 1]), np.abs(obj), f"{name}: amplitude", "gray",
-               "amplitude |O|", pixel_m)
+               "amplitude |O|", pixel_m, extent=extent)
     if truth is not None:
         t = np.asarray(truth)
         t = t[0] if t.ndim == 3 else t
-        t = t[rows, colsl] if t.shape == res.object.shape[1:] else t
+        same = t.shape == res.object.shape[1:]
+        t = t[rows, colsl] if same else t
         _image(fig, fig.add_subplot(grid[0, 2 * L]), np.angle(t), "known truth: phase", "viridis", "phase (rad)",
-               pixel_m)
+               pixel_m, extent=extent if same else None)
         _image(fig, fig.add_subplot(grid[0, 2 * L + 1]), np.abs(t), "known truth: amplitude", "gray",
-               "amplitude |O|", pixel_m)
+               "amplitude |O|", pixel_m, extent=extent if same else None)
 
     span = max(cols - 1, 2)
     ax = fig.add_subplot(grid[1, :span])

@@ -9,6 +9,13 @@ Fields (HXN names and units):
 - attributes such as ``scan_id`` and ``raw_uid``
 
 The object pixel size is λ·z / (n·Δ). Each MPI rank may read only its own slice of frames.
+
+Indexing: patterns and the object are ``[row, col] = [y, x]``. A scan file written by NSLS2/ptycho_gui
+(``nsls2ptycho/core/HXN_databroker.py`` ``save_data``: datasets ``x_pixel_m``, ``dr_x``, ... and
+``diffamp`` "nz*nx*ny", i.e. ``[x, y]``-indexed, with the raw stage positions in ``points`` and the
+signs ``x_direction = y_direction = -1`` of ``ptycho_param.py`` left to its engine) is read with
+that indexing undone and those signs folded into the frames (:func:`from_ptycho_gui`), so it
+reconstructs in the stage frame like the files this project writes (attribute ``frame``).
 """
 from __future__ import annotations
 
@@ -22,6 +29,23 @@ import numpy as np
 from .h5util import FileFormatError, atomic_h5, open_h5, require, require_finite, require_shape, scalar
 
 KIND = "scan"
+#: datasets only a ptycho_gui scan file has (HXN_databroker.py save_data)
+PTYCHO_GUI_FIELDS = ("x_pixel_m", "y_pixel_m", "dr_x", "x_depth_field_m")
+PTYCHO_GUI_FRAME = {"rows": "+y", "cols": "+x", "positions": "the recorded stage positions (µm)",
+                    "converted": "ptycho_gui scan file: [x, y] indexing undone (transpose) and its default "
+                                 "x_direction = y_direction = -1 (ptycho_param.py) folded into the frames"}
+
+
+def is_ptycho_gui(f: h5py.File) -> bool:
+    """A scan file written by ptycho_gui (its own datasets, no ``frame`` attribute of ours)."""
+    return "frame" not in f.attrs and any(k in f for k in PTYCHO_GUI_FIELDS)
+
+
+def from_ptycho_gui(diffamp: np.ndarray) -> np.ndarray:
+    """ptycho_gui's ``[x, y]``-indexed patterns (zero frequency at [0, 0]) → ours, in the stage frame:
+    the transpose (its axis 0 is x) then q → −q along both axes (its engine negates x and y)."""
+    t = np.swapaxes(diffamp, -1, -2)
+    return np.ascontiguousarray(np.roll(np.flip(t, (-2, -1)), (1, 1), (-2, -1)))
 
 
 @dataclass
@@ -126,6 +150,11 @@ def _read_fields(f: h5py.File, path: str | os.PathLike, info: dict[str, Any], di
     """The scan's scalar and small fields around frames already read; validated."""
     mask = np.asarray(require(f, "mask", KIND)[()], dtype=bool) if "mask" in f else None
     probe_guess = np.asarray(f["probe_guess"][()]) if "probe_guess" in f else None
+    if is_ptycho_gui(f):
+        import json
+        diffamp = from_ptycho_gui(diffamp)
+        mask = None if mask is None else from_ptycho_gui(mask)
+        info = {**info, "attrs": {**info["attrs"], "frame": json.dumps(PTYCHO_GUI_FRAME)}}
     scan = ScanData(
         diffamp=diffamp, points=points,
         lambda_nm=scalar(f, "lambda_nm", KIND), z_m=scalar(f, "z_m", KIND),

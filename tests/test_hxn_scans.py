@@ -27,16 +27,18 @@ KINDS = ["fly2dpd", "step", "FlyPlan2D"]
 CFG = ExportConfig(crop=64)          # the crop is the reconstruction's size, not a beamline option
 
 
-def object_nrmse(res, truth) -> float:
+def object_nrmse(res, truth, sample=None) -> float:
+    """NRMSE against the truth; with ``sample``, the truth as it lies on the stage (the export's frame)."""
     region = illuminated_region(res.positions_px, res.probe, res.object.shape[1:])
-    return nrmse(res.object[0], truth.object, region)
+    obj = truth.object if sample is None else sample.stage_object(truth.object)
+    return nrmse(res.object[0], obj, region)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_recovers_the_simulated_scan(kind, tmp_path):
     run, sample, _truth, _hxn = run_scan(kind, tmp_path)
     scan = build_scan(run, CFG)
-    ref = sample.scan
+    ref = sample.stage_scan()          # recorded stage positions, frames in the stage frame
     assert scan.diffamp.shape == ref.diffamp.shape
     good = scan.mask
     assert good is not None and (~good).sum() == 1          # the flagged pixel (the hot one is outside the crop)
@@ -50,7 +52,11 @@ def test_export_recovers_the_simulated_scan(kind, tmp_path):
     else:
         assert geo["distance_m"][1].startswith("HXN default 2.05 m")
     assert geo["energy_kev"][0] == pytest.approx(12.0) and "dcm_th" in geo["energy_kev"][1]
-    assert scan.attrs["detector"] == sample.detector and scan.attrs["orientation"] == sample.orient.name
+    assert scan.attrs["detector"] == sample.detector
+    assert scan.attrs["orientation"] == sample.orient.in_stage_frame().name      # decided by the data
+    report = json.loads(scan.attrs["orientation_report"])
+    assert report["decided_by"] == "the data" and report["margin"] > 1.0
+    assert json.loads(scan.attrs["frame"])["rows"] == "+y"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -60,7 +66,7 @@ def test_reconstruction_matches_the_truth_like_the_direct_scan_file(kind, tmp_pa
     run, sample, truth, _hxn = run_scan(kind, tmp_path)
     scan = build_scan(run, CFG)
     p = ReconParams(iterations=60, seed=0)
-    via_beamline = object_nrmse(reconstruct(scan, p, log=lambda _m: None), truth)
+    via_beamline = object_nrmse(reconstruct(scan, p, log=lambda _m: None), truth, sample)   # stage frame
     direct = object_nrmse(reconstruct(sample.scan, p, log=lambda _m: None), truth)
     with capsys.disabled():
         print(f"\n[hxn-ptycho] {kind}: object NRMSE via the beamline documents {via_beamline:.4f}, "
@@ -78,9 +84,9 @@ def test_wrong_orientation_or_distance_would_fail_the_quality_checks(tmp_path):
     old = build_scan(run, ExportConfig(crop=64, distance_m=0.5))
     assert old.pixel_size_m / sample.scan.pixel_size_m == pytest.approx(0.5 / 2.05)
     p = ReconParams(iterations=60, seed=0)
-    good = object_nrmse(reconstruct(build_scan(run, CFG), p, log=lambda _m: None), truth)
+    good = object_nrmse(reconstruct(build_scan(run, CFG), p, log=lambda _m: None), truth, sample)
     wrong = object_nrmse(reconstruct(build_scan(run, ExportConfig(crop=64, orientation="transpose,x+,y-")), p,
-                                     log=lambda _m: None), truth)
+                                     log=lambda _m: None), truth, sample)
     assert wrong > 3 * good
 
 
@@ -99,7 +105,7 @@ def test_frames_without_beam_are_dropped_with_a_note(tmp_path):
     run, sample, _truth, _hxn = run_scan("step", tmp_path, n_positions=25, dark=(3, 7))
     scan = build_scan(run, CFG)
     assert scan.n_views == 23 and json.loads(scan.attrs["dropped_frames"]) == [3, 7]
-    np.testing.assert_allclose(scan.points, np.delete(sample.scan.points, [3, 7], axis=1))
+    np.testing.assert_allclose(scan.points, np.delete(sample.recorded_points(), [3, 7], axis=1))
 
 
 def test_non_positive_scaler_values_are_patched(tmp_path):
@@ -119,8 +125,9 @@ def test_foreshortening_from_zpsth(tmp_path):
         hxn.zpsth.set(30.0).wait(5)
     run, sample, _truth, _hxn = run_scan("FlyPlan2D", tmp_path, n_positions=16, setup=setup)
     scan = build_scan(run, CFG)
-    np.testing.assert_allclose(scan.points[0], sample.scan.points[0] * math.cos(math.radians(30)), rtol=1e-9)
-    np.testing.assert_allclose(scan.points[1], sample.scan.points[1])
+    rec = sample.recorded_points()
+    np.testing.assert_allclose(scan.points[0], rec[0] * math.cos(math.radians(30)), rtol=1e-9)
+    np.testing.assert_allclose(scan.points[1], rec[1])
     assert scan.attrs["angle_deg"] == 30.0
 
 

@@ -39,10 +39,12 @@ def check_result(res, sample, truth, capsys, how: str) -> None:
     assert abs(pixel / sample.scan.pixel_size_m - 1) < 0.01, (pixel, sample.scan.pixel_size_m)
     assert recon["geometry"]["pixel_size_m"] == pytest.approx(pixel, rel=1e-6)
     assert "dcm_th" in recon["geometry"]["provenance"]["energy_kev"]          # the sources reach the run
-    assert recon["geometry"]["orientation"] == sample.orient.name
+    stage = sample.orient.in_stage_frame().name       # decided by the data, in the stage frame
+    assert recon["geometry"]["orientation"] == stage
     geo = json.loads(scan.attrs["geometry_source"])
     assert geo["distance_m"][0] == pytest.approx(2.05)
-    assert scan.attrs["orientation"] == sample.orient.name
+    assert scan.attrs["orientation"] == stage and geo["orientation"].startswith("auto (")
+    assert res.start["frame"]["rows"] == "+y" and res.start["frame"]["cols"] == "+x" and res.start["frame"]["stage_frame"]
     got = object_nrmse(res.object, res.positions_px, res.probe, truth)
     direct = reconstruct(sample.scan, ReconParams(iterations=ITERATIONS, probe_modes=1), log=lambda _m: None)
     ref = object_nrmse(direct.object, direct.positions_px, direct.probe, truth)
