@@ -338,7 +338,8 @@ class ReconSession:
                             newest_view=self.n_views - 1, canvas_grown=self.canvas_grown)
         rec = self.rec
         pos[self.order] = rec.geom.positions_all
-        return Snapshot(object=rec.be.asnumpy(rec.obj), probe=rec.be.asnumpy(rec.probe), views=self.n_views,
+        return Snapshot(object=np.array(rec.be.asnumpy(rec.obj)), probe=np.array(rec.be.asnumpy(rec.probe)),
+                        views=self.n_views,
                         iteration=self.iteration, data_error=self.errors[-1] if self.errors else float("nan"),
                         positions_px=pos, newest_view=self.n_views - 1, canvas_grown=self.canvas_grown)
 

@@ -1,0 +1,101 @@
+"""The growing scan file (SWMR) and the long-lived job that follows it (hxn_ptycho.live)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from hxn_ptycho.engine import reconstruct
+from hxn_ptycho.errors import BadInput
+from hxn_ptycho.job import run_spec
+from hxn_ptycho.live import FollowError, FollowOptions, follow_distributed, read_preview
+from hxn_ptycho.params import ReconParams
+from hxn_ptycho.distributed import LocalComm
+from hxn_ptycho.resultfile import read_result
+from hxn_ptycho.scanfile import GrowingScanReader, GrowingScanWriter, read_scan
+from hxn_ptycho.session import header_of
+from hxn_ptycho.spec import Execution, JobSpec, Source
+
+QUIET = {"log": lambda msg: None}
+
+
+def extent(scan):
+    p = scan.points
+    return (float(p[0].min()), float(p[0].max()), float(p[1].min()), float(p[1].max()))
+
+
+def feed(path, scan, chunk, pause_s, complete=True):
+    """The measuring side: append the scan in chunks (flushed), then mark it complete."""
+    w = GrowingScanWriter(path, header_of(scan), extent_um=extent(scan), decisions={"crop": scan.n})
+    for c in range(0, scan.n_views, chunk):
+        w.append(scan.diffamp[c:c + chunk], scan.points[:, c:c + chunk])
+        time.sleep(pause_s)
+    if complete:
+        w.mark_complete()
+    else:
+        w.close()
+
+
+def test_growing_file_reads_only_whole_views_and_ends_as_a_scan_file(sim1, tmp_path):
+    scan, _ = sim1
+    path = tmp_path / "scan_g.h5"
+    w = GrowingScanWriter(path, header_of(scan), extent_um=extent(scan), decisions={"crop": 64, "gain": 1.0})
+    w.append(scan.diffamp[:50], scan.points[:, :50])
+    r = GrowingScanReader(path)
+    assert r.refresh() == (50, False)
+    with pytest.raises(ValueError, match="not all written"):
+        r.frames(40, 60)
+    w.append(scan.diffamp[50:], scan.points[:, 50:])
+    assert r.refresh() == (120, False)
+    assert np.array_equal(r.frames(100, 120), scan.diffamp[100:120])
+    w.mark_complete()
+    assert r.refresh() == (120, True)
+    assert r.header().attrs["decision_crop"] == 64
+    r.close()
+    back = read_scan(path)
+    assert np.array_equal(back.diffamp, scan.diffamp) and np.array_equal(back.points, scan.points)
+    with pytest.raises(FileExistsError):
+        GrowingScanWriter(path, header_of(scan))
+    bad = GrowingScanWriter(tmp_path / "b.h5", header_of(scan))
+    with pytest.raises(BadInput, match="a chunk needs frames"):
+        bad.append(scan.diffamp[:3], scan.points[:, :2])
+    bad.close()
+
+
+def test_the_follow_job_previews_and_finishes_as_offline_from_the_live_state(sim1, tmp_path):
+    scan, _ = sim1
+    path, result = tmp_path / "scan_live.h5", tmp_path / "recon_live.h5"
+    params = ReconParams(iterations=10, threads=1)
+    writer = threading.Thread(target=feed, args=(path, scan, 20, 0.6))
+    writer.start()
+    spec = JobSpec(params=params, execution=Execution(ranks=1),
+                   source=Source(scan_file=str(path), result_file=str(result)))
+    try:
+        status, outcome = run_spec(spec, tmp_path / "o.json", progress=False, follow=True)
+    finally:
+        writer.join()
+    assert status == 0, outcome
+    live = outcome["measured"]["live"]
+    assert live["views"] == 120 and live["live_iterations"] > 0
+    assert live["previews"] >= 2 and live["max_preview_gap_s"] < 3.0
+    assert live["final_latency_s"] > 0
+    prev = read_preview(tmp_path / "recon_live.preview.h5")
+    assert prev["views"] > 0 and prev["object_phase"].ndim == 2 and np.isfinite(prev["data_error"])
+    res = read_result(result)
+    offline = reconstruct(read_scan(path), ReconParams(iterations=10, threads=1,
+                                                       init_from=str(tmp_path / "recon_live.live_state.h5")), **QUIET)
+    assert np.array_equal(res.object, offline.object) and np.array_equal(res.error_data, offline.error_data)
+
+
+def test_a_scan_file_that_stops_growing_fails_by_name(sim1, tmp_path):
+    scan, _ = sim1
+    path = tmp_path / "scan_stall.h5"
+    feed(path, scan, 60, 0.0, complete=False)
+    with pytest.raises(FollowError, match="has not grown"):
+        follow_distributed(str(path), ReconParams(iterations=2, threads=1), LocalComm(),
+                           options=FollowOptions(stall_s=0.5))
+    with pytest.raises(FollowError, match="did not appear"):
+        follow_distributed(str(tmp_path / "never.h5"), ReconParams(iterations=2, threads=1), LocalComm(),
+                           options=FollowOptions(appear_s=0.3))
