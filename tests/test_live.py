@@ -1,15 +1,19 @@
 """The growing scan file (SWMR) and the long-lived job that follows it (hxn_ptycho.live)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.errors import BadInput
-from hxn_ptycho.job import run_spec
+from hxn_ptycho.job import job_argv, run_spec
 from hxn_ptycho.live import FollowError, FollowOptions, follow_distributed, read_preview
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.distributed import LocalComm
@@ -99,3 +103,31 @@ def test_a_scan_file_that_stops_growing_fails_by_name(sim1, tmp_path):
     with pytest.raises(FollowError, match="did not appear"):
         follow_distributed(str(tmp_path / "never.h5"), ReconParams(iterations=2, threads=1), LocalComm(),
                            options=FollowOptions(appear_s=0.3))
+
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
+def test_two_ranks_follow_and_finish_as_one_process_from_the_live_state(sim1, tmp_path):
+    """Real processes: chunks dealt to 2 ranks (each reads its own frames); the final result equals a
+    1-process offline run from the saved live state to rounding (the sums run in another order)."""
+    scan, _ = sim1
+    path, result = tmp_path / "scan_mpi.h5", tmp_path / "recon_mpi.h5"
+    params = ReconParams(iterations=10, threads=1, precision="double")
+    spec = JobSpec(params=params, execution=Execution(ranks=2),
+                   source=Source(scan_file=str(path), result_file=str(result)))
+    spec_path = spec.write(tmp_path / "mpi.spec.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_", "MPI_"))}
+    job = subprocess.Popen(job_argv(spec_path, nprocs=2, quiet=True, follow=True), env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    feed(path, scan, 25, 0.5)             # chunks of 25: dealt 13/12, then 12/13, ...
+    out, _ = job.communicate(timeout=180)
+    assert job.returncode == 0, out
+    res = read_result(result)
+    assert res.attrs["processes"] == 2
+    ref = reconstruct(read_scan(path), ReconParams(iterations=10, threads=1, precision="double",
+                                                   init_from=str(tmp_path / "recon_mpi.live_state.h5")), **QUIET)
+    assert np.linalg.norm(res.object - ref.object) / np.linalg.norm(ref.object) <= 1e-6
+    np.testing.assert_allclose(res.error_data, ref.error_data, rtol=1e-6)
+    assert np.array_equal(res.positions_px, ref.positions_px)
