@@ -181,6 +181,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     ``--all`` the list of them); server errors and unreadable runs are one line, never a traceback."""
     from .query import TABLE_HEAD, NoResult, results, summary_png
 
+    if getattr(args, "live", False):
+        return _results_live(args)
     chosen = [n for n, v in (("--scan-id", args.scan_id), ("--raw-uid", args.raw_uid), ("--uid", args.uid))
               if v is not None]
     if len(chosen) != 1:
@@ -227,6 +229,36 @@ def cmd_results(args: argparse.Namespace) -> int:
             return 1
         print(f"wrote {summary_png(res, args.png)}")
     return 0 if res.ok else 1
+
+
+def _results_live(args: argparse.Namespace) -> int:
+    """``hxn-ptycho results --live --raw-uid UID``: the live preview of a scan (callbacks/live.py)."""
+    from .live import live_preview
+    if args.raw_uid is None:
+        raise CommandError("--live needs --raw-uid UID (the raw run whose live preview to show)")
+    prev = live_preview(args.catalog, raw_uid=args.raw_uid)
+    if prev is None:
+        print(f"hxn-ptycho results: no live preview of raw_uid={args.raw_uid} in the catalog", file=sys.stderr)
+        return 1
+    age = time.time() - float(prev.get("written_at") or time.time())
+    print(f"live preview of {args.raw_uid}: {int(prev.get('views') or 0)} views, iteration "
+          f"{int(prev.get('iteration') or 0)}, data error {float(prev.get('data_error') or float('nan')):.4g}, "
+          f"written {age:.1f} s ago")
+    if args.json:
+        print(json.dumps({k: v for k, v in prev.items() if not hasattr(v, "shape")}, indent=1, default=str))
+    if args.png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+        axes[0].imshow(prev["object_phase"], cmap="gray")
+        axes[0].set_title(f"object phase, {int(prev.get('views') or 0)} views")
+        axes[1].imshow(prev["probe_amplitude"][0], cmap="magma")
+        axes[1].set_title("probe amplitude")
+        fig.savefig(args.png, dpi=80)
+        plt.close(fig)
+        print(f"wrote {args.png}")
+    return 0
 
 
 # -- reconstruct a stored run ("run uid U of catalog C") -------------------------------------------
@@ -486,6 +518,8 @@ def add_commands(subparsers: Any) -> None:
                    help="list every reconstruction of the scan: uid, time, status, data error, key parameters")
     p.add_argument("--png", help="write the summary figure of that reconstruction")
     p.add_argument("--json", action="store_true", help="also print the start metadata (or the list) as JSON")
+    p.add_argument("--live", action="store_true", help="the live preview of a scan being reconstructed "
+                   "(with --raw-uid): views, iteration, data error, age; --png draws it")
     p.set_defaults(func=_guarded(cmd_results))
 
 
