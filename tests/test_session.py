@@ -112,3 +112,25 @@ def test_live_final_is_as_good_as_a_cold_offline_run(sim1, sim3, modes):
     d_cold, d_live = float(cold.attrs["final_data_error"]), float(live.attrs["final_data_error"])
     assert d_live <= 1.02 * d_cold, (d_live, d_cold)
     assert e_live <= 1.05 * e_cold, (e_live, e_cold)
+
+
+@pytest.mark.gpu
+def test_session_on_the_gpu_equals_offline_from_the_live_state(sim1, tmp_path):
+    """CuPy backend (benchmarks/gpu_session.sh): the grown exit-wave store, canvas and batches on the
+    device; the final result equals an offline GPU run from the saved live state (to the rounding of
+    the atomic scatter-adds)."""
+    from hxn_ptycho.gpu import gpu_available
+    ok, why = gpu_available()
+    if not ok:
+        pytest.skip(f"no GPU: {why}")
+    scan, _ = sim1
+    p = ReconParams(iterations=8, backend="cupy", precision="double")
+    inner = Extent((float(np.quantile(scan.points[0], 0.2)), float(scan.points[0].max())),
+                   (float(scan.points[1].min()), float(scan.points[1].max())))
+    s = live_session(scan, p, chunk=40, per_chunk=3, extent=inner)
+    assert s.canvas_grown >= 1
+    state = tmp_path / "state.h5"
+    live = s.finish(state_path=state)
+    off = reconstruct(scan, ReconParams(iterations=8, backend="cupy", precision="double", init_from=str(state)),
+                      **QUIET)
+    assert np.linalg.norm(live.object - off.object) / np.linalg.norm(off.object) < 1e-9
