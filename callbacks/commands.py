@@ -139,9 +139,12 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
         base.setdefault("backend", "auto")
     params = params_from_namespace(args, base)
     execution = execution_from_namespace(args, gpus=pools[0].split(",") if pools else None)
+    if pools and execution.launcher == "slurm":
+        raise CommandError("--gpu-pools is for the local launcher; on Slurm give --slurm-gpus-per-task N")
     config = CallbackConfig(work_dir=str(work_dir), catalog=catalog, params=params.to_dict(),
                             nprocs=execution.ranks, mode=execution.mode, gpus=execution.gpus,
-                            force_nprocs=execution.force, export=export)
+                            force_nprocs=execution.force, launcher=execution.launcher, slurm=execution.slurm,
+                            export=export)
     # the jobs only compute: the key stays with the runner, which publishes their outcomes
     # saved documents of failed publishes (WORK/results/*.docs.jsonl) are sent at start and retried
     jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending,

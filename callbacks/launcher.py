@@ -65,6 +65,7 @@ class Job:
     host: str | None = None
     phase: str | None = None            # started → ended → published
     published_uid: str | None = None
+    slurm_job: str | None = None        # the Slurm job id (execution.launcher "slurm": callbacks/slurm.py)
 
     @classmethod
     def of(cls, spec: JobSpec) -> Job:
@@ -179,6 +180,7 @@ class JobQueue:
         self._threads: list[threading.Thread] = []
         self._procs: dict[str, subprocess.Popen] = {}
         self._killed: set[str] = set()          # jobs ended by stop(kill=True), to be requeued
+        self._slurm: dict[str, str] = {}        # job id → Slurm job id, while followed (callbacks/slurm.py)
         for state in STATES:
             (self.directory / state).mkdir(parents=True, exist_ok=True)
         (self.directory / "logs").mkdir(exist_ok=True)
@@ -267,6 +269,9 @@ class JobQueue:
         for it and publishes its outcome), ``"published"`` (its outcome, or a derived run already
         complete in the catalog, closes it) or ``"requeued"`` (neither: it runs again)."""
         job = Job.from_dict(json.loads(running.read_text()))
+        if job.job_spec.execution.launcher == "slurm":       # adopted by its Slurm job id: callbacks/slurm.py
+            from .slurm import recover_slurm_job
+            return recover_slurm_job(self, job, running)
         if job_alive(job):
             log.warning("job queue: adopting job %s (pid %s), still running from a previous process", job.id, job.pid)
             t = threading.Thread(target=self._adopt, args=(job, running), name=f"hxn-ptycho-adopt-{job.id}",
@@ -344,6 +349,8 @@ class JobQueue:
             except Exception as exc:              # never let a runner die
                 log.exception("job %s could not be run", job.id)
                 job.reason, ok = f"the job could not be started: {type(exc).__name__}: {exc}", False
+            if ok is None:                        # a Slurm job no longer followed: it goes on, the next start adopts it
+                continue
             if job.id in self._killed:            # stopped by stop(kill=True): run again at next start
                 job.pid = job.pid_start = job.phase = None
                 self._record(running, job)
@@ -385,7 +392,10 @@ class JobQueue:
                 self.outbox.append(folder)         # retried by the republisher from now on
                 self._start_republisher()
         job.phase = "published"                   # published, or saved for the republisher
-    def _run(self, job: Job, slot: int = 0, running: Path | None = None) -> bool:
+    def _run(self, job: Job, slot: int = 0, running: Path | None = None) -> bool | None:
+        if job.job_spec.execution.launcher == "slurm" and running is not None:   # sbatch/srun: callbacks/slurm.py
+            from .slurm import run_slurm_job
+            return run_slurm_job(self, job, running)
         if self.gpu_pools and job.spec_file:      # the spec records the pool this job really runs on
             spec = job.job_spec
             spec.execution.gpus = self.gpu_pools[slot].split(",")
@@ -468,7 +478,11 @@ class JobQueue:
         return True
 
     def stop(self, kill: bool = False) -> None:
-        """Stop taking jobs; with ``kill``, terminate running ones (they are requeued at next start)."""
+        """Stop taking jobs; with ``kill``, terminate running ones (they are requeued at next start).
+        Slurm jobs: without ``kill`` they go on (the next start adopts them); with it, ``scancel``."""
+        if kill and self._slurm:
+            from .slurm import cancel_slurm_jobs
+            cancel_slurm_jobs(self)
         self._stop.set()
         with self._wake:
             self._wake.notify_all()

@@ -55,6 +55,8 @@ class CallbackConfig:
     mode: str = "sync"                          # MPI scheme: sync or async
     gpus: list[str] = field(default_factory=list)   # the GPU ids of a job's pool
     force_nprocs: bool = False
+    launcher: str = "local"                     # or "slurm" (sbatch/srun; settings in ``slurm``)
+    slurm: dict = field(default_factory=dict)   # hxn_ptycho.slurm.SlurmSettings as a dict
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
@@ -62,7 +64,8 @@ class CallbackConfig:
         self.execution()
 
     def execution(self) -> Execution:
-        ex = Execution(ranks=int(self.nprocs), mode=self.mode, gpus=list(self.gpus), force=self.force_nprocs)
+        ex = Execution(ranks=int(self.nprocs), mode=self.mode, gpus=list(self.gpus), force=self.force_nprocs,
+                       launcher=self.launcher, slurm=dict(self.slurm))
         ex.validate()
         return ex
 

@@ -144,10 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the verbs of the Bluesky layer (``[beamline]`` extra; see hxn_ptycho/extras.py)
+BEAMLINE_VERBS = ("serve", "listen", "demo", "results")
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """Refuse up front, naming the extra, a command that this install cannot run."""
+    from .extras import require
+    if args.verb in BEAMLINE_VERBS:
+        require("beamline", f"hxn-ptycho {args.verb}")
+    elif args.verb == "reconstruct":
+        if getattr(args, "catalog", None) or getattr(args, "scan_id", None) is not None or getattr(args, "uid", None):
+            require("beamline", "hxn-ptycho reconstruct --catalog/--scan-id/--uid")
+        if getattr(args, "png", None):
+            require("plots", "hxn-ptycho reconstruct --png")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_extras(args)
         return int(args.func(args) or 0)
     except HxnPtychoError as exc:                # the one error root: its exit status, one line
         print(f"hxn-ptycho {args.verb}: error: {exc}", file=sys.stderr)

@@ -43,6 +43,18 @@ def launched_by_mpi() -> bool:
     return False
 
 
+def launcher_size() -> int | None:
+    """How many processes the launcher says it started (its PMI, or srun's step), None if it does not say."""
+    names = ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE"]
+    if "SLURM_PROCID" in os.environ:              # a task of srun: the step's task count
+        names.append("SLURM_STEP_NUM_TASKS")
+    for var in names:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 class LocalComm:
     """The communicator of a process that was not started by an MPI launcher."""
 
@@ -76,6 +88,13 @@ class MPIComm:
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        started = launcher_size()
+        if started is not None and started != self.size:
+            raise RuntimeError(
+                f"the launcher started {started} processes but MPI sees a world of {self.size}: this MPI library "
+                f"({MPI.Get_library_version().splitlines()[0].strip()}) does not speak the launcher's PMI; "
+                "under srun the bundled MPICH needs --mpi=pmi2 (--slurm-mpi pmi2) and Open MPI --mpi=pmix "
+                "(see docs/slurm.md)")
         try:
             self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
         except Exception:  # noqa: BLE001 - a facility MPI without MPI-3 shared split

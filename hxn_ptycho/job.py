@@ -284,12 +284,16 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
 
 def execute(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = None,
             workdir: str | os.PathLike | None = None) -> tuple[int, dict[str, Any]]:
-    """Run the job of ``spec`` to its end, here (one rank) or under ``mpiexec`` (several); return
+    """Run the job of ``spec`` to its end, here (one rank), under ``mpiexec`` (several) or on Slurm
+    (``execution.launcher == "slurm"``: :func:`~hxn_ptycho.slurm.execute_slurm`); return
     (exit status, outcome). The ranks are checked first; the spec and outcome files of an MPI run
     live in ``workdir`` (default: a temporary folder, removed afterwards)."""
     from .distributed import launched_by_mpi
     from .spec import check_ranks
     check_ranks(spec)
+    if spec.execution.launcher == "slurm":                  # sbatch/srun: see hxn_ptycho/slurm.py
+        from .slurm import execute_slurm
+        return execute_slurm(spec, quiet=quiet, env=env, workdir=workdir)
     if spec.execution.ranks <= 1 or launched_by_mpi():      # a launched job never launches another
         return run_spec(spec, None, progress=not quiet, launched_at=time.time())
     with tempfile.TemporaryDirectory(prefix="hxn-ptycho-job-", dir=workdir) as tmp:

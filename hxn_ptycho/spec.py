@@ -126,12 +126,20 @@ class Execution:
     mode: str = "sync"
     gpus: list[str] = field(default_factory=list)   # GPU ids visible to the job (CUDA_VISIBLE_DEVICES)
     force: bool = False                              # allow more than MAX_RANKS_PER_CORE ranks per core
+    launcher: str = "local"                          # "local" (mpiexec here) or "slurm" (sbatch/srun)
+    slurm: dict[str, Any] = field(default_factory=dict)   # SlurmSettings (hxn_ptycho/slurm.py) as a dict
 
     def validate(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
             raise SpecError(f"ranks (--nprocs) must be a positive integer, got {self.ranks!r}")
         if self.mode not in MODES:
             raise SpecError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        from .slurm import LAUNCHERS, SlurmSettings
+        if self.launcher not in LAUNCHERS:
+            raise SpecError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if not isinstance(self.slurm, dict):
+            raise SpecError(f"execution.slurm must be an object of Slurm settings, got {self.slurm!r}")
+        SlurmSettings.from_dict(self.slurm)
 
 
 @dataclass
@@ -238,7 +246,7 @@ def check_ranks(spec: JobSpec, *, cores: int | None = None) -> None:
     if n_views is not None and ranks > n_views:
         raise SpecError(f"--nprocs {ranks} is more than the scan's {n_views} views: use at most {n_views} ranks")
     cores = cores or available_cores()
-    if ranks > MAX_RANKS_PER_CORE * cores and not spec.execution.force:
+    if ranks > MAX_RANKS_PER_CORE * cores and not spec.execution.force and spec.execution.launcher == "local":
         raise SpecError(f"--nprocs {ranks} is more than {MAX_RANKS_PER_CORE} ranks per core on this machine "
                         f"({cores} cores): use at most {MAX_RANKS_PER_CORE * cores}, or --force-nprocs to insist")
     if spec.execution.mode == "async" and ranks > 1 and spec.params.init_from:
@@ -270,17 +278,33 @@ def add_execution_options(parser: argparse.ArgumentParser, *, nprocs: int = 1) -
                    help="MPI scheme: sync (Allreduce every iteration, default) or async (regions stitched)")
     g.add_argument("--force-nprocs", action="store_true",
                    help=f"allow more than {MAX_RANKS_PER_CORE} ranks per core")
+    from .slurm import LAUNCHERS, add_slurm_options
+    g.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local: mpiexec on this machine (default); slurm: sbatch, ranks started by srun "
+                        "(see docs/slurm.md)")
+    add_slurm_options(g)
 
 
 def execution_from_namespace(args: argparse.Namespace, gpus: list[str] | None = None) -> Execution:
+    from .slurm import settings_from_namespace
+    slurm = settings_from_namespace(args)
+    launcher = getattr(args, "launcher", "local") or "local"
+    if slurm and launcher != "slurm":
+        raise SpecError("the --slurm-* options need --launcher slurm")
     ex = Execution(ranks=int(getattr(args, "nprocs", 1) or 1), mode=getattr(args, "mode", "sync") or "sync",
-                   gpus=list(gpus or []), force=bool(getattr(args, "force_nprocs", False)))
+                   gpus=list(gpus or []), force=bool(getattr(args, "force_nprocs", False)),
+                   launcher=launcher, slurm=slurm)
     ex.validate()
     return ex
 
 
 EXECUTION_OPTIONS = {"nprocs": "ranks", "ranks": "ranks", "mode": "mode", "gpus": "gpus",
-                     "force_nprocs": "force", "force": "force"}
+                     "force_nprocs": "force", "force": "force", "launcher": "launcher", "slurm": "slurm"}
+
+
+def _slurm_fields() -> set[str]:
+    from .slurm import SlurmSettings
+    return {f.name for f in dataclasses.fields(SlurmSettings)}
 
 
 def parts_from_options(options: dict[str, Any], base: dict[str, Any] | None = None,
@@ -299,13 +323,15 @@ def parts_from_options(options: dict[str, Any], base: dict[str, Any] | None = No
             params[k] = value
         elif k in EXECUTION_OPTIONS:
             ex[EXECUTION_OPTIONS[k]] = value
+        elif k.startswith("slurm_") and k[len("slurm_"):] in _slurm_fields():
+            ex.setdefault("slurm", {})[k[len("slurm_"):]] = value
         elif k in extra:
             rest[k] = value
         else:
             unknown.append(key)
     if unknown:
         raise SpecError(f"unknown option(s): {', '.join(sorted(unknown))} (options are the ReconParams fields, "
-                        f"nprocs, mode, force_nprocs{''.join(', ' + e for e in extra)})")
+                        f"nprocs, mode, force_nprocs, launcher, slurm_*{''.join(', ' + e for e in extra)})")
     try:
         recon = ReconParams.from_dict(params)
     except ParamError as exc:

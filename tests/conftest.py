@@ -35,3 +35,27 @@ def star_path():
     if not STAR.exists():
         pytest.skip(f"the shared Siemens star is not at {STAR}")
     return STAR
+
+
+#: The integration tests: modules that start servers or services (Tiled, 0MQ, Prefect, PostgreSQL,
+#: Slurm, a fresh virtual environment). Marked here, in one place, so that each group runs on its
+#: own: ``pytest -m integration`` or ``pytest -m "not integration"`` (the unit tests).
+INTEGRATION_MODULES = frozenset({
+    "test_callbacks_inprocess", "test_callbacks_listener", "test_catalog_concurrency", "test_catalog_derived",
+    "test_catalog_layout", "test_catalog_postgres", "test_catalog_security", "test_entry_points", "test_faults",
+    "test_hxn_scans_e2e", "test_profile_collection", "test_queries", "test_slurm", "test_compute_install",
+})
+
+
+def pytest_configure(config):
+    """``-m integration`` / ``-m "not integration"`` replace the default ``-m "not gpu and not slow"``
+    (the last -m wins): keep gpu and slow tests out unless the expression names them."""
+    expr = config.option.markexpr or ""
+    if "integration" in expr and "slow" not in expr and "gpu" not in expr:
+        config.option.markexpr = f"({expr}) and not gpu and not slow"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
