@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .engine import _stop_requested
 from .errors import HxnPtychoError
 from .params import ReconParams
 from .resultfile import ResultData
@@ -191,7 +192,11 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
             now = time.time()
             if comm.rank == 0 and ready > len(readable_at):
                 readable_at += [now] * (ready - len(readable_at))
-            ready, complete = _agree(comm, (ready, complete))
+            halt = comm.rank == 0 and _stop_requested(stop)
+            ready, complete, halt = _agree(comm, (ready, complete, halt))
+            if halt and session.ready():     # Ctrl-C: finish with the views so far (marked interrupted)
+                log.warning("hxn-ptycho: stop requested while following %s: finishing with %d views", path, in_model)
+                break
             if complete and complete_seen is None:
                 complete_seen = now
             if ready > in_model:

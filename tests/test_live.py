@@ -131,3 +131,15 @@ def test_two_ranks_follow_and_finish_as_one_process_from_the_live_state(sim1, tm
     assert np.linalg.norm(res.object - ref.object) / np.linalg.norm(ref.object) <= 1e-6
     np.testing.assert_allclose(res.error_data, ref.error_data, rtol=1e-6)
     assert np.array_equal(res.positions_px, ref.positions_px)
+
+
+def test_a_stop_request_finishes_with_the_views_so_far(sim1, tmp_path):
+    scan, _ = sim1
+    path = tmp_path / "scan_stop.h5"
+    feed(path, scan, 60, 0.0, complete=False)
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    res, info = follow_distributed(str(path), ReconParams(iterations=5, threads=1), LocalComm(), stop=stop,
+                                   options=FollowOptions(stall_s=60))
+    assert info["live"]["views"] == 60 and res.positions_px.shape == (60, 2)
+    assert res.attrs["interrupted"] is True

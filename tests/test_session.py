@@ -46,15 +46,18 @@ def test_one_chunk_is_the_offline_reconstruction(sim1):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
-def test_live_then_final_equals_offline_from_the_live_state(sim1, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"refine_positions": True, "algorithm": "DM:6,ML:2"}, {"probe_modes": "auto"}],
+                         ids=["DM", "positions+ML", "auto-modes"])
+def test_live_then_final_equals_offline_from_the_live_state(sim1, tmp_path, extra):
+    """The final phase is the offline schedule (position refinement, ML, automatic modes) from the live state."""
     scan, _ = sim1
-    p = ReconParams(iterations=8, threads=1)
+    p = ReconParams(iterations=8, threads=1, **extra)
     s = live_session(scan, p, chunk=40, per_chunk=3)
     assert s.iteration == 9 and s.snapshot().views == 120
     state = tmp_path / "live_state.h5"
     live = s.finish(state_path=state)
-    offline = reconstruct(scan, ReconParams(iterations=8, threads=1, init_from=str(state)), **QUIET)
-    for name in ("object", "probe", "error_data", "positions_px"):
+    offline = reconstruct(scan, ReconParams(iterations=8, threads=1, init_from=str(state), **extra), **QUIET)
+    for name in ("object", "probe", "error_data", "positions_px", "positions_refined_px"):
         assert np.array_equal(getattr(live, name), getattr(offline, name)), name
     assert live.attrs["live_iterations"] == 9
 
