@@ -250,18 +250,16 @@ def _results_live(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in prev.items() if not hasattr(v, "shape")}, indent=1, default=str))
     if args.png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-        axes[0].imshow(prev["object_phase"], cmap="gray")
-        axes[0].set_title(f"object phase, {int(prev.get('views') or 0)} views")
-        axes[1].imshow(prev["probe_amplitude"][0], cmap="magma")
-        axes[1].set_title("probe amplitude")
-        fig.savefig(args.png, dpi=80)
-        plt.close(fig)
-        print(f"wrote {args.png}")
+        from .live import write_png
+        print(f"wrote {write_png(prev, args.png)}")
     return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``hxn-ptycho watch --catalog C``: the live preview on a second screen (callbacks/live.py)."""
+    from .live import watch
+    return watch(args.catalog, raw_uid=args.raw_uid, png=args.png, interval_s=args.interval,
+                 idle_exit_s=args.idle_exit)
 
 
 # -- reconstruct a stored run ("run uid U of catalog C") -------------------------------------------
@@ -524,6 +522,17 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--live", action="store_true", help="the live preview of a scan being reconstructed "
                    "(with --raw-uid): views, iteration, data error, age; --png draws it")
     p.set_defaults(func=_guarded(cmd_results))
+
+    p = subparsers.add_parser("watch", help="the live preview of a scan being reconstructed (a window, or --png)",
+                              description="Redraw the live preview (object phase, probe, views, data error) "
+                                          "of a scan whenever it changes: in a window, or a PNG replaced in place.")
+    p.add_argument("--catalog", default=os.environ.get("HXN_PTYCHO_CATALOG"),
+                   help="Tiled URL, config file or embedded server folder (default $HXN_PTYCHO_CATALOG)")
+    p.add_argument("--raw-uid", help="the raw scan's uid (default: the newest live preview)")
+    p.add_argument("--png", help="write this PNG (replaced in place) instead of opening a window")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at the catalog")
+    p.add_argument("--idle-exit", type=float, help="end after this many seconds without a new preview")
+    p.set_defaults(func=_guarded(cmd_watch))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -151,3 +151,81 @@ def live_preview(catalog: Any = None, *, raw_uid: str) -> dict[str, Any] | None:
         if name in node:
             out[name] = node[name].read()
     return out
+
+
+def newest_live(catalog: Any = None) -> str | None:
+    """The raw uid of the most recently published live preview, or None (the keys are listed: the
+    runs container's searches see only runs)."""
+    processed = _Processed(catalog)
+    best: tuple[float, str] | None = None
+    for key in list(processed.container):
+        if not str(key).startswith("live-"):
+            continue
+        node = processed.get(str(key))
+        if node is None:
+            continue
+        at = float(node.metadata.get("published_at") or 0.0)
+        if best is None or at > best[0]:
+            best = (at, str(node.metadata.get("raw_uid")))
+    return None if best is None else best[1]
+
+
+def draw(prev: dict[str, Any], fig: Any = None) -> Any:
+    """The preview as a figure: object phase, probe amplitude, the data error and the views so far."""
+    import matplotlib.pyplot as plt
+    if fig is None:
+        fig = plt.figure(figsize=(9, 4))
+    fig.clf()
+    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    a.imshow(prev["object_phase"], cmap="gray")
+    a.set_title(f"object phase: {int(prev.get('views') or 0)} views")
+    b.imshow(prev["probe_amplitude"][0], cmap="magma")
+    err = prev.get("data_error")
+    b.set_title(f"probe: iteration {int(prev.get('iteration') or 0)}, data error "
+                f"{float(err) if err is not None else float('nan'):.3g}")
+    for ax in (a, b):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+def write_png(prev: dict[str, Any], path: str | os.PathLike) -> Path:
+    """The preview figure, replaced in place (temporary name, then rename)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hxn_ptycho.h5util import atomic_path
+    fig = draw(prev)
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def watch(catalog: Any = None, *, raw_uid: str | None = None, png: str | os.PathLike | None = None,
+          interval_s: float = 1.0, idle_exit_s: float | None = None, say: Any = print) -> int:
+    """Follow the live preview of ``raw_uid`` (default: the newest one): redraw a window, or replace
+    the PNG ``png``, whenever it changes; end after ``idle_exit_s`` without a change (None: never)."""
+    uid = raw_uid or newest_live(catalog)
+    if uid is None:
+        say("hxn-ptycho watch: no live preview in the catalog yet")
+        return 1
+    fig = None
+    last: float | None = None
+    changed = time.monotonic()
+    while True:
+        prev = live_preview(catalog, raw_uid=uid)
+        stamp = None if prev is None else prev.get("written_at")
+        if prev is not None and stamp != last:
+            last, changed = stamp, time.monotonic()
+            if png is not None:
+                write_png(prev, png)
+            else:
+                import matplotlib.pyplot as plt
+                fig = draw(prev, fig)
+                plt.pause(0.01)
+            say(f"{uid}: {int(prev.get('views') or 0)} views, iteration {int(prev.get('iteration') or 0)}")
+        if idle_exit_s is not None and time.monotonic() - changed > idle_exit_s:
+            return 0
+        time.sleep(interval_s)

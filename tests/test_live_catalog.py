@@ -57,3 +57,8 @@ def test_previews_reach_the_live_node_latest_wins(tiled_server, tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "400 views" in out.stdout
+    assert cb_live.newest_live(cat) == "raw-abc"
+    png = tmp_path / "live.png"
+    said: list[str] = []
+    assert cb_live.watch(cat, png=png, interval_s=0.1, idle_exit_s=0.5, say=said.append) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and said == ["raw-abc: 400 views, iteration 40"]
