@@ -143,3 +143,32 @@ def test_a_stop_request_finishes_with_the_views_so_far(sim1, tmp_path):
                                    options=FollowOptions(stall_s=60))
     assert info["live"]["views"] == 120 and res.positions_px.shape == (120, 2)     # written, never completed
     assert res.attrs["interrupted"] is True
+
+
+def test_a_live_job_killed_mid_scan_leaves_the_file_to_the_post_stop_job(sim1, tmp_path):
+    """Real processes: SIGKILL the following job mid-scan; the scan still completes, no result is
+    left half-written, and the offline job on the complete file (the post-stop path) succeeds.
+    (The callback's side of this fault — exactly one derived run — is not built yet: docs/live.md.)"""
+    scan, _ = sim1
+    path, result = tmp_path / "scan_kill.h5", tmp_path / "recon_kill.h5"
+    spec = JobSpec(params=ReconParams(iterations=6, threads=1), execution=Execution(ranks=1),
+                   source=Source(scan_file=str(path), result_file=str(result)))
+    spec_path = spec.write(tmp_path / "kill.spec.json")
+    job = subprocess.Popen(job_argv(spec_path, quiet=True, follow=True), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    w = GrowingScanWriter(path, header_of(scan), extent_um=extent(scan))
+    w.append(scan.diffamp[:60], scan.points[:, :60])
+    preview = tmp_path / "recon_kill.preview.h5"
+    deadline = time.time() + 60
+    while not preview.exists() and time.time() < deadline:      # the job is iterating on the first views
+        time.sleep(0.1)
+    assert preview.exists()
+    job.kill()
+    job.wait(timeout=30)
+    w.append(scan.diffamp[60:], scan.points[:, 60:])
+    w.mark_complete()
+    assert not result.exists() and not list(tmp_path.glob(".recon_kill.h5.*"))
+    done = subprocess.run([sys.executable, "-m", "hxn_ptycho.job", str(spec_path), "--quiet"], timeout=180,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert read_result(result).positions_px.shape == (120, 2)
