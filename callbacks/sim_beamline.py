@@ -501,9 +501,12 @@ def flyplan2d(hxn: SimHXN, sample: SimSample, *, detector: str = "merlin1",
 
 
 def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
-              motors: tuple[str, str] = ("zpssx", "zpssy"), read_y: bool = True, md: dict | None = None) -> Iterator:
+              motors: tuple[str, str] = ("zpssx", "zpssy"), read_y: bool = True, md: dict | None = None,
+              dwell_s: float = 0.0) -> Iterator:
     """An hxntools/bluesky step scan (``list_scan``): top-level detectors and motors, one event
-    per point with the detector datum, the motor readbacks (µm) and the scaler."""
+    per point with the detector datum, the motor readbacks (µm) and the scaler. Each frame is in
+    the detector's file (closed after every point: readable mid-scan) before its event;
+    ``dwell_s`` > 0 waits that long at each point, so a demo scan takes as long as a real one."""
     from bluesky import plan_stubs as bps
     from bluesky import plans as bp
     from bluesky import preprocessors as bpp
@@ -513,8 +516,13 @@ def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
     mx, my = getattr(hxn, motors[0]), getattr(hxn, motors[1])
     pts = sample.recorded_points()
     dets = [det, hxn.sclr1]
+    per_step = None
+    if dwell_s > 0:
+        def per_step(detectors: Any, step: Any, pos_cache: Any) -> Iterator:
+            yield from bps.one_nd_step(detectors, step, pos_cache)
+            yield from bps.sleep(dwell_s)
     if read_y:
-        return (yield from bp.list_scan(dets, mx, list(pts[0]), my, list(pts[1]), md=md or {}))
+        return (yield from bp.list_scan(dets, mx, list(pts[0]), my, list(pts[1]), per_step=per_step, md=md or {}))
 
     @bpp.stage_decorator(dets)                 # a broken scan: y never recorded
     @bpp.run_decorator(md={"detectors": [d.name for d in dets], "motors": list(motors), "plan_name": "list_scan",
