@@ -455,6 +455,9 @@ class Reconstruction:
                  "backend": self.be.name, "processes": self.reducer.size, "workers": self.workers,
                  "algorithm_stages": [f"{a}:{c}" for a, c in self.stages], "interrupted": interrupted,
                  "iterations_done": done, "object_margin_px": self.margin}
+        auto = self.modes_mgr.record()
+        if auto is not None:
+            attrs["probe_modes_auto"] = auto      # the evidence of probe_modes=auto (shares, trends, actions)
         refined = None
         if refiner is not None:
             refined = self.geom.positions_all.copy()

@@ -168,6 +168,7 @@ def measured_facts(res: Any, spec: JobSpec, comm: Any, startup_s: float | None) 
     err = np.asarray(res.error_data, dtype=float)
     return {"status": "success", "elapsed_s": attrs.get("elapsed_s"), "startup_s": startup_s,
             "iterations_done": int(np.isfinite(err).sum()), "probe_modes_used": attrs.get("probe_modes_used"),
+            "probe_modes_auto": attrs.get("probe_modes_auto"),
             "final_data_error": attrs.get("final_data_error"), "final_cost": attrs.get("final_cost"),
             "interrupted": bool(attrs.get("interrupted", False)), "host": socket.gethostname(),
             "versions": versions(), "backend": attrs.get("backend", spec.params.backend), "ranks": comm.size,

@@ -51,6 +51,7 @@ class ProbeModeManager:
         self._added_at: int | None = None          # iteration at which the newest mode was added
         self._fr: list[float] = []                  # newest mode's power fraction at each decision ('trend')
         self._added_check: int | None = None        # the decision that added the newest mode ('trend')
+        self.evidence: list[dict[str, Any]] = []    # each auto decision: shares, trend, action (see record)
         if self.auto and self._cache_batches(rec.probe.shape[0]):
             for w in rec.scheduler.workers:
                 w.alloc(rec.plan.batch_size, rec.obj_shape[0], rec.probe.shape[0], rec.n, rec.obj_shape,
@@ -201,6 +202,17 @@ class ProbeModeManager:
         self.log.append(line)
         if self.rec.reducer.rank == 0:
             self.rec.log(f"hxn-ptycho: probe modes: {line}")
+        if self.evidence:
+            self.evidence[-1].setdefault("actions", []).append(line.rsplit(": ", 1)[-1])
+
+    def record(self) -> dict[str, Any] | None:
+        """The evidence of ``probe_modes="auto"`` for the result and the derived run (None when the
+        count was fixed): the rule, the count found, and per decision the iteration, the data error,
+        each mode's power share, the newest mode's share change over the last interval ('trend')
+        and the actions taken."""
+        if not self.auto:
+            return None
+        return {"rule": self.rule, "found": int(self.rec.probe.shape[0]), "decisions": list(self.evidence)}
 
     def after_iteration(self, it: int, err: float, dm: bool, last: bool) -> None:
         """After DM/ML iteration ``it`` (data error ``err``): the auto decisions and orthogonalisation."""
@@ -242,6 +254,8 @@ class ProbeModeManager:
         probe = self.rec.be.asnumpy(self.rec.probe)
         frac, K = modes.power_fractions(probe), probe.shape[0]
         share = f"iteration {it}: the newest of {K} modes carries {100 * frac[-1]:.2f} %"
+        self.evidence.append({"iteration": int(it), "modes": int(K), "shares": [round(float(f), 5) for f in frac],
+                              "data_error": float(self.err_trace[-1]) if self.err_trace else None})
         if self.rule == "trend":
             return self._trend_step(it, probe, frac, K, share, final)
         if self.rule == "gain":
@@ -275,6 +289,8 @@ class ProbeModeManager:
             trend = self._fr[c] / max(self._fr[c - 1], 1e-300) - 1 if c > t else -np.inf
             test = f"its share changed by {100 * trend:+.1f} % in the last interval" if c > t else \
                 "it came at the last decision, untested"
+            if c > t:
+                self.evidence[-1]["trend"] = round(float(trend), 5)
             if trend < p.auto_min_trend or frac[-1] < p.auto_threshold:
                 self.resize(K - 1)
                 self.note(f"{share}, {test}: keeping {K - 1} mode(s)")

@@ -1,0 +1,209 @@
+"""Partially coherent probe mixtures written independently of ``hxn_ptycho.simulate``.
+
+The project's simulator makes its extra modes from the first mode's derivatives — the very shapes
+``probe_modes=auto`` starts its new modes from — so a rule tuned on it can pass without meeting a
+mode shape it did not expect. These families make the modes by other physics; each gives K
+orthonormal mode shapes, to which a chosen power spectrum is given, so the true count is exact:
+
+- ``shifted``: a lens focus shifted in 2-D by up to ~3 px (a vibrating or drifting beam);
+  the orthonormal basis of the shifted copies (their eigenmodes).
+- ``defocus``: the same pupil seen at K defocus distances (a chromatic spread along the axis).
+- ``random``: random band-limited pupil fields on the lens aperture (no physical model at all).
+- ``gsm``: the coherent modes of a Gaussian Schell-model source, partially coherent along x
+  (Hermite–Gaussian pupil weightings, Starikov & Wolf 1982), imaged by a lens; the powers are
+  then the GSM's geometric spectrum λ_m ∝ q^m truncated to K modes.
+- ``fly``: issue 18's fly-scan-like mixture — a zone-plate probe moved continuously along the
+  raster's fast axis during the exposure; its three strongest eigenmodes, 68/24/8 % by default.
+- ``zernike`` (held out: looked at once, after the rule was fixed): pupil aberration modes,
+  Zernike polynomials (tilt, astigmatism, coma) on an annular zone-plate pupil.
+
+The object is also independent: an amplitude of random disks and a phase of filtered noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hxn_ptycho.scanfile import ScanData
+
+FAMILIES = ("shifted", "defocus", "random", "gsm", "fly")
+HELD_OUT = "zernike"
+ENERGY_KEV, DISTANCE_M, CCD_PIXEL_UM = 10.0, 0.6, 75.0
+
+
+def _pupil_grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    k = np.fft.fftfreq(n) * n
+    return np.meshgrid(k, k, indexing="ij")
+
+
+def _to_sample(pupil: np.ndarray) -> np.ndarray:
+    """Far-field pupil (zero frequency at [0, 0]) to the probe on the sample (centred)."""
+    return np.fft.fftshift(np.fft.ifft2(pupil))
+
+
+def _lens(n: int, radius: float, stop: float, defocus: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pupil of a lens (annular if ``stop`` > 0) with a defocus phase; and the grid (ky, kx)."""
+    ky, kx = _pupil_grid(n)
+    kr = np.hypot(ky, kx)
+    pupil = ((kr <= radius) & (kr >= stop * radius)).astype(np.complex128)
+    pupil *= np.exp(1j * np.pi * defocus * (kr / radius) ** 2 * 6)
+    return pupil, ky, kx
+
+
+def _shift(img: np.ndarray, dr: float, dc: float) -> np.ndarray:
+    kr = np.fft.fftfreq(img.shape[0])[:, None]
+    kc = np.fft.fftfreq(img.shape[1])[None, :]
+    return np.fft.ifft2(np.fft.fft2(img) * np.exp(-2j * np.pi * (kr * dr + kc * dc)))
+
+
+def _eigenmodes(fields: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal eigenmodes of the mixture Σ w_j |f_j⟩⟨f_j| and their power shares, strongest first."""
+    m = fields.reshape(fields.shape[0], -1)
+    w = np.ones(len(m)) if weights is None else np.asarray(weights, float)
+    a = m * np.sqrt(w / w.sum())[:, None]
+    u, s, vh = np.linalg.svd(a, full_matrices=False)
+    modes = vh.reshape((-1,) + fields.shape[1:])
+    modes /= np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
+    return modes, s ** 2 / np.sum(s ** 2)
+
+
+def _gram_schmidt(fields: np.ndarray) -> np.ndarray:
+    out: list[np.ndarray] = []
+    for f in fields.astype(np.complex128):
+        for b in out:
+            f = f - np.vdot(b, f) * b
+        out.append(f / np.sqrt(np.vdot(f, f).real))
+    return np.asarray(out)
+
+
+def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """K orthonormal mode shapes of ``family`` (strongest first) and, where the family has one, its
+    own power spectrum (else None: the caller chooses the powers)."""
+    if family == "shifted":
+        pupil, _, _ = _lens(n, n / 7, 0.0, 0.8)
+        p = _to_sample(pupil)
+        ang = rng.uniform(0, 2 * np.pi, 24)
+        rad = 3.0 * np.sqrt(rng.uniform(0, 1, 24))
+        copies = np.stack([_shift(p, r * np.sin(a), r * np.cos(a)) for r, a in zip(rad, ang)])
+        return _eigenmodes(copies)[0][:K], None
+    if family == "defocus":
+        fields = np.stack([_to_sample(_lens(n, n / 6, 0.3, d)[0]) for d in np.linspace(0.3, 1.5, max(K, 2))])
+        return _gram_schmidt(fields)[:K], None
+    if family == "random":
+        pupil, ky, kx = _lens(n, n / 6, 0.0, 0.6)
+        out = [_to_sample(pupil)]
+        for _ in range(K - 1):
+            noise = rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))
+            smooth = np.fft.ifft2(np.fft.fft2(noise) * np.exp(-(np.hypot(*_pupil_grid(n)) / 3.0) ** 2))
+            out.append(_to_sample(pupil * smooth))
+        return _gram_schmidt(np.stack(out)), None
+    if family == "gsm":
+        # GSM source partially coherent along x: coherent modes HG_m(x) (Starikov & Wolf 1982), each
+        # filling the lens pupil with that weighting; powers geometric in m (set by the caller's q).
+        pupil, ky, kx = _lens(n, n / 6, 0.0, 0.7)
+        s = n / 12
+        fields = []
+        for m in range(K):
+            herm = np.polynomial.hermite.hermval(kx / s, [0] * m + [1])
+            fields.append(_to_sample(pupil * herm * np.exp(-(kx / s) ** 2 / 2 - (ky / (2 * s)) ** 2 / 2)))
+        return _gram_schmidt(np.stack(fields)), None
+    if family == "fly":
+        # zone plate (annular pupil, central stop) moved along the fast axis (columns) during the exposure
+        pupil, _, _ = _lens(n, n / 6, 0.45, 0.5)
+        p = _to_sample(pupil)
+        copies = np.stack([_shift(p, 0.0, s) for s in np.linspace(-2.5, 2.5, 41)])
+        modes, _ = _eigenmodes(copies)
+        return modes[:K], None
+    if family == HELD_OUT:
+        pupil, ky, kx = _lens(n, n / 6, 0.35, 0.6)
+        rho, th = np.hypot(ky, kx) / (n / 6), np.arctan2(ky, kx)
+        zern = [np.ones_like(rho), rho * np.cos(th), rho ** 2 * np.cos(2 * th), (3 * rho ** 3 - 2 * rho) * np.sin(th),
+                rho * np.sin(th)]
+        fields = np.stack([_to_sample(pupil * z * np.exp(1j * 0.7 * rho ** 2 * np.cos(2 * th))) for z in zern[:K]])
+        return _gram_schmidt(fields), None
+    raise ValueError(f"unknown mixture family {family!r}")
+
+
+def spectrum(K: int, weakest: float, family: str = "") -> np.ndarray:
+    """K power shares summing to 1, decreasing, the weakest ``weakest``: geometric (a GSM's spectrum
+    truncated) for every family; one mode: [1]."""
+    if K == 1:
+        return np.ones(1)
+    if K == 2:
+        return np.array([1 - weakest, weakest])
+    # geometric q^m, m = 0..K-1, with q^(K-1)/Σq^m = weakest (bisection on q in (0, 1])
+    lo, hi = 1e-6, 1.0
+    for _ in range(100):
+        q = (lo + hi) / 2
+        w = q ** np.arange(K)
+        if w[-1] / w.sum() < weakest:
+            lo = q
+        else:
+            hi = q
+    w = q ** np.arange(K)
+    return w / w.sum()
+
+
+@dataclass
+class Mixture:
+    family: str
+    shares: np.ndarray           # true power share of each mode (sum 1)
+    probe: np.ndarray            # (K, n, n) the true modes, scaled to the photon count
+    object: np.ndarray
+
+
+def _object(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    H, W = shape
+    y, x = np.mgrid[:H, :W]
+    amp = np.full(shape, 0.9)
+    for _ in range(int(H * W / 150)):
+        cy, cx, r = rng.uniform(0, H), rng.uniform(0, W), rng.uniform(1.5, 6)
+        amp -= 0.25 * ((y - cy) ** 2 + (x - cx) ** 2 < r * r)
+    amp = np.clip(amp, 0.3, 1.0)
+    noise = rng.standard_normal(shape)
+    ky, kx = np.fft.fftfreq(H)[:, None], np.fft.fftfreq(W)[None, :]
+    phase = np.fft.ifft2(np.fft.fft2(noise) * np.exp(-(ky ** 2 + kx ** 2) / (2 * 0.04 ** 2))).real
+    phase *= 1.2 / max(float(np.ptp(phase)), 1e-12)
+    return amp * np.exp(1j * phase)
+
+
+def mixture_scan(family: str, shares: np.ndarray | tuple[float, ...], photons: float, seed: int = 0, n: int = 64,
+                 n_positions: int = 100, pattern: str | None = None, step: float = 8.0) -> tuple[ScanData, Mixture]:
+    """A scan of the mixture ``family`` with the mode ``shares`` at ``photons`` counts a frame (Poisson).
+
+    Positions: a jittered raster for ``fly`` (its fast axis along the columns), a Fermat spiral
+    otherwise (``pattern`` 'raster' or 'spiral' to choose).
+    """
+    rng = np.random.default_rng(seed)
+    w = np.asarray(shares, float)
+    w = w / w.sum()
+    shapes, _ = mode_shapes(family, len(w), n, np.random.default_rng(seed + 7919))
+    pattern = pattern or ("raster" if family == "fly" else "spiral")
+    if pattern == "raster":
+        side = int(np.ceil(np.sqrt(n_positions)))
+        r, c = np.divmod(np.arange(n_positions), side)
+        pos = np.stack([r, c], 1) * step + rng.uniform(-0.1 * step, 0.1 * step, (n_positions, 2))
+    else:
+        i = np.arange(n_positions)
+        rr = step * np.sqrt(i) * 0.57
+        golden = np.pi * (3 - np.sqrt(5))
+        pos = np.stack([rr * np.sin(i * golden), rr * np.cos(i * golden)], 1)
+    pos -= pos.min(axis=0)
+    corners = np.round(pos).astype(int) + 4
+    H, W = int(corners[:, 0].max()) + n + 4, int(corners[:, 1].max()) + n + 4
+    obj = _object((H, W), rng)
+    probe = shapes * np.sqrt(w)[:, None, None]
+    probe *= np.sqrt(photons / (np.sum(np.abs(probe) ** 2) * np.mean(np.abs(obj) ** 2)))
+    frames = np.empty((n_positions, n, n))
+    for j, (r0, c0) in enumerate(corners):
+        frames[j] = np.sum(np.abs(np.fft.fft2(probe * obj[r0:r0 + n, c0:c0 + n], norm="ortho")) ** 2, axis=0)
+    frames = rng.poisson(frames).astype(np.float64)
+    lam = 1.2398419843320026 / ENERGY_KEV
+    pixel_m = lam * 1e-9 * DISTANCE_M / (n * CCD_PIXEL_UM * 1e-6)
+    points = np.stack([corners[:, 1], corners[:, 0]]).astype(float) * pixel_m * 1e6
+    scan = ScanData(diffamp=np.sqrt(frames).astype(np.float32), points=points, lambda_nm=lam, z_m=DISTANCE_M,
+                    ccd_pixel_um=CCD_PIXEL_UM, mask=None,
+                    attrs={"scan_id": int(seed), "simulated": True, "photons": float(photons),
+                           "probe_modes_true": len(w), "mixture": family})
+    return scan, Mixture(family, w, probe, obj)
