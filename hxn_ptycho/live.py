@@ -32,6 +32,7 @@ import numpy as np
 
 from .engine import _stop_requested
 from .errors import HxnPtychoError
+from .h5util import FileFormatError
 from .params import ReconParams
 from .resultfile import ResultData
 from .scanfile import GrowingScanReader
@@ -166,11 +167,17 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
         opt.preview_path = opt.preview_path or preview_path_for(result_file)
         opt.state_path = opt.state_path or state_path_for(result_file)
     started = time.time()
-    while not Path(path).exists():
-        if time.time() - started > opt.appear_s:
-            raise FollowError(f"the growing scan file {path} did not appear within {opt.appear_s:.0f} s")
-        time.sleep(opt.poll_s)
-    reader = GrowingScanReader(path)
+    reader: GrowingScanReader | None = None
+    while reader is None:
+        try:
+            reader = GrowingScanReader(path) if Path(path).exists() else None
+        except FileFormatError:
+            if time.time() - started > opt.appear_s:     # there, but not a growing scan file: say why
+                raise
+        if reader is None:
+            if time.time() - started > opt.appear_s:
+                raise FollowError(f"the growing scan file {path} did not appear within {opt.appear_s:.0f} s")
+            time.sleep(opt.poll_s)
     backend = rank_backend(params, comm)
     host = MPIReducer(comm) if comm.size > 1 else LocalReducer()
     reducer = rank_reducer(host, backend)

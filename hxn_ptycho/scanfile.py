@@ -214,7 +214,9 @@ class GrowingScanWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             raise FileExistsError(f"{KIND} file {self.path} exists: a growing scan file is never overwritten")
-        f = h5py.File(self.path, "w", libver="latest")
+        # made under a temporary name and renamed once SWMR is on: a reader never sees it half-made
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+        f = h5py.File(tmp, "w", libver="latest")
         try:
             f.create_dataset("diffamp", shape=(0, n, n), maxshape=(None, n, n), dtype=np.float32, chunks=(1, n, n))
             f.create_dataset("points", shape=(2, 0), maxshape=(2, None), dtype=np.float64, chunks=(2, 1024))
@@ -234,9 +236,10 @@ class GrowingScanWriter:
             for k, v in (decisions or {}).items():
                 f.attrs[f"decision_{k}"] = v
             f.swmr_mode = True
+            os.replace(tmp, self.path)
         except BaseException:
             f.close()
-            self.path.unlink()
+            tmp.unlink(missing_ok=True)
             raise
         self.f = f
         self.n = n

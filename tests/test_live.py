@@ -172,3 +172,10 @@ def test_a_live_job_killed_mid_scan_leaves_the_file_to_the_post_stop_job(sim1, t
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert read_result(result).positions_px.shape == (120, 2)
+
+
+def test_following_an_ordinary_scan_file_is_refused_by_name(sim_file):
+    """A finished scan file (no n_written/complete) is not a growing one: refused, naming the field."""
+    with pytest.raises(BadInput, match="missing field 'n_written'"):
+        follow_distributed(str(sim_file), ReconParams(iterations=2, threads=1), LocalComm(),
+                           options=FollowOptions(appear_s=0.3))
