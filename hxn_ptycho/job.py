@@ -228,6 +228,9 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
         extra: dict[str, Any] = {"stop": stop} if _accepts_stop() else {}
         with sigint_stops(stop) if extra else contextlib.nullcontext():
             if follow:              # a growing scan file: the live session (hxn_ptycho.live)
+                if spec.execution.mode != "sync":
+                    raise SpecError(f"--follow runs the synchronous scheme; mode {spec.execution.mode!r} cannot "
+                                    "follow a growing scan file")
                 from .live import follow_distributed
                 res, _info = follow_distributed(src.scan_file, spec.params, comm, result_file=src.result_file,
                                                 progress=progress, **extra)

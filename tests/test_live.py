@@ -179,3 +179,10 @@ def test_following_an_ordinary_scan_file_is_refused_by_name(sim_file):
     with pytest.raises(BadInput, match="missing field 'n_written'"):
         follow_distributed(str(sim_file), ReconParams(iterations=2, threads=1), LocalComm(),
                            options=FollowOptions(appear_s=0.3))
+
+
+def test_follow_refuses_the_async_scheme(tmp_path):
+    spec = JobSpec(execution=Execution(mode="async"),
+                   source=Source(scan_file=str(tmp_path / "s.h5"), result_file=str(tmp_path / "r.h5")))
+    status, outcome = run_spec(spec, None, progress=False, follow=True)
+    assert status == 2 and "cannot follow a growing scan file" in outcome["reason"]
