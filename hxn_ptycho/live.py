@@ -41,6 +41,9 @@ from .session import Extent, ReconSession, Snapshot
 log = logging.getLogger(__name__)
 
 
+LOG_CAP = 300          # previews kept in the outcome's log (the first fifth and the last four fifths)
+
+
 class FollowError(HxnPtychoError):
     """The growing scan file did not appear, or stopped growing before it was marked complete."""
 
@@ -247,7 +250,8 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
                       "first_preview_latency_s": (plog[0]["written_at"] - first_at) if plog else None,
                       "largest_lag_s": max(lags) if lags else None,
                       "max_preview_gap_s": float(gaps.max()) if gaps.size else None,
-                      "preview_log": plog, "first_readable_at": first_at,
+                      "preview_log": plog if len(plog) <= LOG_CAP else plog[:LOG_CAP // 5] + plog[-LOG_CAP * 4 // 5:],
+                      "first_readable_at": first_at,
                       "readable_256_at": readable_at[min(256, len(readable_at)) - 1] if readable_at else None})
     info = {"path": path, "n_views": in_model, "pixel_size_m": header.lambda_nm * 1e-9 * header.z_m /
             (header.n * header.ccd_pixel_um * 1e-6), "live": facts}

@@ -85,6 +85,9 @@ def test_the_follow_job_previews_and_finishes_as_offline_from_the_live_state(sim
     assert live["views"] == 120 and live["live_iterations"] > 0
     assert live["previews"] >= 1 and live["previews_dropped"] >= 0      # (rates and gaps: benchmarks/live.py)
     assert live["final_latency_s"] > 0
+    recon = spec.recon(outcome["measured"])         # what the derived run's start document carries
+    assert recon["measured"]["live"]["previews"] == live["previews"]
+    assert recon["measured"]["live"]["first_preview_latency_s"] is not None
     prev = read_preview(tmp_path / "recon_live.preview.h5")
     assert prev["views"] > 0 and prev["object_phase"].ndim == 2 and np.isfinite(prev["data_error"])
     res = read_result(result)
