@@ -106,28 +106,35 @@ def hxn_sample(scan: Any, detector: str, distance_m: float = 2.05, **kw: Any) ->
 
 
 class _ADFile:
-    """An area-detector-like HDF5 file written frame by frame (the layout hxntools reads)."""
+    """An area-detector-like HDF5 file written frame by frame (the layout hxntools reads), open for
+    the whole scan in SWMR mode and flushed after every append, as the AD HDF5 plugin's SWMR mode
+    does: readers (hxntools' handlers open with ``swmr=True``) see each frame as soon as it is in."""
 
     def __init__(self, path: str, frame_shape: tuple[int, int], dtype: Any) -> None:
         import h5py
         self.path = path
-        with h5py.File(path, "w", libver="latest") as f:
-            d = f.create_dataset("entry/instrument/detector/data", shape=(0, *frame_shape),
-                                 maxshape=(None, *frame_shape), dtype=dtype, chunks=(1, *frame_shape))
-            f["entry/data/data"] = d                      # hard link, as the AD NeXus layout has
-            f.create_dataset("entry/instrument/NDAttributes/NDArrayUniqueId", shape=(0,), maxshape=(None,),
-                             dtype=np.int32)
+        f = self.f = h5py.File(path, "w", libver="latest", locking=False)   # the flags of the readers (frames.open_h5)
+        d = f.create_dataset("entry/instrument/detector/data", shape=(0, *frame_shape),
+                             maxshape=(None, *frame_shape), dtype=dtype, chunks=(1, *frame_shape))
+        f["entry/data/data"] = d                          # hard link, as the AD NeXus layout has
+        f.create_dataset("entry/instrument/NDAttributes/NDArrayUniqueId", shape=(0,), maxshape=(None,),
+                         dtype=np.int32)
+        f.swmr_mode = True
 
     def append(self, frames: np.ndarray, ids: list[int]) -> None:
-        import h5py
-        with h5py.File(self.path, "a", libver="latest") as f:
-            d = f["entry/instrument/detector/data"]
-            n = d.shape[0]
-            d.resize(n + len(frames), axis=0)
-            d[n:] = frames
-            u = f["entry/instrument/NDAttributes/NDArrayUniqueId"]
-            u.resize(n + len(ids), axis=0)
-            u[n:] = ids
+        d = self.f["entry/instrument/detector/data"]
+        n = d.shape[0]
+        d.resize(n + len(frames), axis=0)
+        d[n:] = frames
+        u = self.f["entry/instrument/NDAttributes/NDArrayUniqueId"]
+        u.resize(n + len(ids), axis=0)
+        u[n:] = ids
+        d.flush()
+        u.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
 
 
 class _SimAreaDetector(Device):
@@ -167,6 +174,8 @@ class _SimAreaDetector(Device):
         return super().stage()
 
     def unstage(self) -> list:
+        if self._file is not None:
+            self._file.close()
         self._file = self._resource_uid = self._counter = None
         return super().unstage()
 

@@ -12,6 +12,7 @@ The object pixel size is λ·z / (n·Δ). Each MPI rank may read only its own sl
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -233,8 +234,8 @@ class GrowingScanWriter:
                 f.attrs[k] = v
             if extent_um is not None:
                 f.create_dataset("extent_um", data=np.asarray(extent_um, np.float64))
-            for k, v in (decisions or {}).items():
-                f.attrs[f"decision_{k}"] = v
+            for k, v in (decisions or {}).items():      # scalars as they are, anything else as JSON text
+                f.attrs[f"decision_{k}"] = v if isinstance(v, (int, float, str)) else json.dumps(v)
             f.swmr_mode = True
             os.replace(tmp, self.path)
         except BaseException:

@@ -25,7 +25,7 @@ def test_step_scan_frames_are_readable_at_their_event_and_each_point_dwells(tmp_
         if name == "event" and "eiger1_image" in doc["data"] and files:
             path = next(iter(files.values()))
             path = path if path.startswith("/") else str(tmp_path / "detector" / path)
-            with h5py.File(path, "r") as f:              # a reader during the scan
+            with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as f:   # as hxntools reads, mid-scan
                 readable.append((doc["seq_num"], f["entry/instrument/detector/data"].shape[0]))
     RE.subscribe(on_doc)
     with warnings.catch_warnings():
@@ -33,3 +33,44 @@ def test_step_scan_frames_are_readable_at_their_event_and_each_point_dwells(tmp_
         RE(step_scan(hxn, sample, dwell_s=0.01))
     assert sleeps == [0.01] * 6
     assert readable == [(i, i) for i in range(1, 7)], readable
+
+
+def test_live_feed_grows_the_scan_file_during_a_step_scan_equal_to_the_post_stop_export(tmp_path):
+    """RunEngine + simulated step scan + LiveFeed: the growing scan file gets views before the stop,
+    is complete after it, equals the post-stop export of the same run dataset by dataset, and the
+    live job started on it succeeds."""
+    import json
+
+    import numpy as np
+    from hxn_sim import collect
+
+    from hxn_ptycho.callbacks.export import ExportConfig, build_scan
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+    from hxn_ptycho.job import read_outcome
+
+    sample, _ = simulated_scan("step", n_positions=48, seed=4)
+    hxn = make_hxn(tmp_path / "detector")
+    RE = make_re(hxn)
+    got = collect(RE)
+    cfg = ExportConfig(crop=64)
+    feed = LiveFeed(LiveFeedConfig(work_dir=str(tmp_path / "work"), params={"iterations": 6, "threads": 1},
+                                   export=cfg, first_chunk=16, chunk=8))
+    RE.subscribe(feed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        RE(step_scan(hxn, sample, dwell_s=0.05))
+    feed.wait(300)
+    (live,) = feed.runs.values()
+    assert live.gave_up is None
+    assert 16 <= live.appended_during_scan < 48          # views were in the file before the stop
+    post = build_scan(got[0], cfg)                        # the post-stop export of the same run
+    with h5py.File(live.scan_path, "r") as f:
+        assert f["complete"][0] == 1 and f["n_written"][0] == 48
+        assert np.array_equal(f["diffamp"][()], post.diffamp) and np.array_equal(f["points"][()], post.points)
+        assert np.array_equal(f["mask"][()], post.mask)
+        for k in ("lambda_nm", "z_m", "ccd_pixel_um"):
+            assert f[k][()] == getattr(post, k)
+        assert json.loads(f.attrs["decision_center"]) == [post.attrs["center_row"], post.attrs["center_col"]]
+    outcome = read_outcome(live.result_path.with_name(live.result_path.name[:-3] + ".outcome.json"))
+    assert outcome is not None and outcome["status"] == "success", outcome
+    assert outcome["measured"]["live"]["views"] == 48
