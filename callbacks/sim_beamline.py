@@ -514,7 +514,7 @@ def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
               dwell_s: float = 0.0) -> Iterator:
     """An hxntools/bluesky step scan (``list_scan``): top-level detectors and motors, one event
     per point with the detector datum, the motor readbacks (µm) and the scaler. Each frame is in
-    the detector's file (closed after every point: readable mid-scan) before its event;
+    the detector's file (SWMR, flushed after every point: readable mid-scan) before its event;
     ``dwell_s`` > 0 waits that long at each point, so a demo scan takes as long as a real one."""
     from bluesky import plan_stubs as bps
     from bluesky import plans as bp
