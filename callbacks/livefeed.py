@@ -77,12 +77,13 @@ class _LiveRun:
         self.stem = file_stem(self.run.scan_id, self.run.uid)
         folder = Path(cfg.work_dir) / "live"
         self.scan_path = folder / f"scan_{self.stem}.h5"
-        self.result_path = folder / f"recon_{self.stem}.h5"
+        self.result_path = Path(cfg.work_dir) / "results" / f"result_{self.stem}_live.h5"
         self.writer: Any = None
         self.written = 0
         self.export_cfg: ExportConfig | None = None
         self.mask: np.ndarray | None = None
         self.job: subprocess.Popen | None = None
+        self.spec: JobSpec | None = None
         self.publisher: Any = None
         self.stopped = False
         self.gave_up: str | None = None
@@ -123,7 +124,9 @@ class _LiveRun:
             if self.writer is not None:
                 self.writer.close()
         finally:
-            if self.job is not None:             # the job ends at the file's completion (or its stall rule)
+            if self.gave_up and self.job is not None and self.job.poll() is None:
+                self.job.terminate()              # its file will never be complete: the post-stop path takes over
+            if self.job is not None:             # the job ends at the file's completion
                 try:
                     self.job.wait(timeout=3600)
                 except subprocess.TimeoutExpired:
@@ -168,8 +171,10 @@ class _LiveRun:
                                      result_file=str(self.result_path.resolve()), raw_uid=self.run.uid,
                                      scan_id=self.run.scan_id if isinstance(self.run.scan_id, int) else None,
                                      catalog=self.cfg.catalog))
-        spec_path = spec.write(self.result_path.with_name(f"recon_{self.stem}.spec.json"))
-        log_path = self.result_path.with_name(f"recon_{self.stem}.log")
+        self.spec = spec
+        self.result_path.parent.mkdir(parents=True, exist_ok=True)
+        spec_path = spec.write(self.result_path.with_name(f"result_{self.stem}_live.spec.json"))
+        log_path = self.result_path.with_name(f"result_{self.stem}_live.log")
         with open(log_path, "ab") as out:
             self.job = subprocess.Popen(job_argv(spec_path, nprocs=self.cfg.nprocs, quiet=True, follow=True),
                                         stdout=out, stderr=subprocess.STDOUT)
@@ -181,6 +186,10 @@ class _LiveRun:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+
+    @property
+    def outcome_path(self) -> Path:
+        return self.result_path.with_name(f"result_{self.stem}_live.outcome.json")
 
 
 class LiveFeed:
@@ -209,6 +218,27 @@ class LiveFeed:
         live = _LiveRun(self.config, collector)
         self.runs[str(start.get("uid"))] = live
         return [collector, live.poke], []
+
+    def took_over(self, raw_uid: str, timeout: float = 3600.0) -> bool:
+        """At the stop (the PtychoCallback's worker thread): wait for the live job of ``raw_uid``; if
+        it succeeded, publish its outcome as the run's one derived run (the job's fixed uid) and say
+        so; if it failed, was killed or never started, return False: the post-stop path takes over."""
+        live = self.runs.get(raw_uid)
+        if live is None:
+            return False
+        live.join(timeout)
+        from hxn_ptycho.job import read_outcome
+        outcome = read_outcome(live.outcome_path) if live.spec is not None else None
+        if live.spec is None or outcome is None or outcome.get("status") != "success":
+            why = live.gave_up or (outcome or {}).get("reason") or "the live job ended without an outcome"
+            log.warning("run %s: the live reconstruction did not finish (%s): the post-stop path takes over",
+                        raw_uid, why)
+            return False
+        if live.spec.source.catalog:
+            from .derived import publish_outcome, run_uid
+            publish_outcome(live.spec, outcome, uid=run_uid(live.spec))
+        log.info("run %s: the live reconstruction is the result (%s)", raw_uid, outcome.get("result_file"))
+        return True
 
     def wait(self, timeout: float = 600.0) -> None:
         """Wait for every feed to finish (tests, the demo)."""

@@ -74,3 +74,47 @@ def test_live_feed_grows_the_scan_file_during_a_step_scan_equal_to_the_post_stop
     outcome = read_outcome(live.result_path.with_name(live.result_path.name[:-3] + ".outcome.json"))
     assert outcome is not None and outcome["status"] == "success", outcome
     assert outcome["measured"]["live"]["views"] == 48
+
+
+def _scan_with_callbacks(tmp_path, kill_at: int | None = None):
+    from hxn_ptycho.callbacks.export import ExportConfig
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+    from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
+
+    sample, _ = simulated_scan("step", n_positions=40, seed=5)
+    hxn = make_hxn(tmp_path / "detector")
+    RE = make_re(hxn)
+    export = ExportConfig(crop=64)
+    work = str(tmp_path / "work")
+    cb = PtychoCallback(CallbackConfig(work_dir=work, params={"iterations": 4, "threads": 1}, export=export))
+    feed = LiveFeed(LiveFeedConfig(work_dir=work, params={"iterations": 4, "threads": 1}, export=export,
+                                   first_chunk=12, chunk=8))
+    cb.live = feed
+    RE.subscribe(cb)
+    RE.subscribe(feed)
+    if kill_at is not None:                 # the live job dies mid-scan (a real process, SIGKILL)
+        def killer(name, doc):
+            if name == "event" and doc["seq_num"] == kill_at:
+                live = next(iter(feed.runs.values()))
+                if live.job is not None:
+                    live.job.kill()
+        RE.subscribe(killer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        RE(step_scan(hxn, sample, dwell_s=0.05))
+    assert cb.flush(timeout=300)
+    return cb, feed
+
+
+def test_the_live_job_is_the_result_and_the_post_stop_path_does_not_run(tmp_path):
+    cb, feed = _scan_with_callbacks(tmp_path)
+    (live,) = feed.runs.values()
+    assert live.result_path.exists()
+    assert cb.submitted == [] and cb.failed == []          # one result: the live one
+
+
+def test_a_live_job_killed_mid_scan_hands_the_run_to_the_post_stop_path(tmp_path):
+    cb, feed = _scan_with_callbacks(tmp_path, kill_at=30)
+    (live,) = feed.runs.values()
+    assert not live.result_path.exists()
+    assert len(cb.submitted) == 1 and cb.failed == []      # exactly one job: the post-stop path's

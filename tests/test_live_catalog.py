@@ -62,3 +62,42 @@ def test_previews_reach_the_live_node_latest_wins(tiled_server, tmp_path):
     said: list[str] = []
     assert cb_live.watch(cat, png=png, interval_s=0.1, idle_exit_s=0.5, say=said.append) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and said == ["raw-abc: 400 views, iteration 40"]
+
+
+@pytest.mark.slow          # a Tiled server start and a RunEngine scan: about a minute on the loaded machine
+def test_a_live_run_gives_exactly_one_derived_run_with_its_live_figures(tiled_server):
+    import warnings
+
+    from hxn_sim import make_re
+    from tiled.queries import Eq
+
+    from hxn_ptycho.callbacks.export import ExportConfig
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+    from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
+    from hxn_ptycho.callbacks.sim_beamline import make_hxn, simulated_scan, step_scan
+
+    cat = tiled_server.config
+    work = str(tiled_server.directory)                    # a folder the server may read
+    sample, _ = simulated_scan("step", n_positions=40, seed=6)
+    hxn = make_hxn(tiled_server.directory / "detector")
+    RE = make_re(hxn)
+    export = ExportConfig(crop=64)
+    cb = PtychoCallback(CallbackConfig(work_dir=work, catalog=cat, params={"iterations": 4, "threads": 1},
+                                       export=export))
+    feed = LiveFeed(LiveFeedConfig(work_dir=work, catalog=cat, params={"iterations": 4, "threads": 1},
+                                   export=export, first_chunk=12, chunk=8))
+    cb.live = feed
+    RE.subscribe(cb)
+    RE.subscribe(feed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        RE(step_scan(hxn, sample, dwell_s=0.05))
+    assert cb.flush(timeout=300)
+    (uid,) = feed.runs
+    assert cb.submitted == []
+    processed = runs(cat, "processed")
+    derived = list(processed.search(Eq("raw_uid", uid)).values())
+    assert len(derived) == 1
+    live = derived[0].metadata["start"]["recon"]["measured"]["live"]
+    assert live["views"] == 40 and live["final_latency_s"] is not None
+    assert hxn_callbacks.live_preview(cat, raw_uid=uid) is not None
