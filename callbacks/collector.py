@@ -200,7 +200,8 @@ class RunCollector(DocumentRouter):
         self.run.problems.append(message)
 
 
-def sequence_problems(stream: str, seq: list, expected: Any = None) -> list[str]:
+def sequence_problems(stream: str, seq: list, expected: Any = None,
+                      counted_by: str = "the stop document counts") -> list[str]:
     """What is wrong with one stream's ``seq_num`` list (1, 2, ... N expected; N = ``expected`` if given)."""
     if seq == list(range(1, len(seq) + 1)) and (expected is None or expected == len(seq)):
         return []
@@ -212,14 +213,14 @@ def sequence_problems(stream: str, seq: list, expected: Any = None) -> list[str]
     out = []
     if missing:
         out.append(f"stream '{stream}': {len(missing)} event(s) missing (seq_num {_span(missing)}); "
-                   f"{len(counts)} distinct arrived, the stop document counts {expected}")
+                   f"{len(counts)} distinct arrived, {counted_by} {expected}")
     if twice:
         out.append(f"stream '{stream}': event(s) seq_num {_span(twice)} arrived more than once")
     late = next((i for i in range(1, len(seq)) if _before(seq[i], seq[i - 1])), None)
     if late is not None:
         out.append(f"stream '{stream}': events out of order (seq_num {seq[late]} arrived after {seq[late - 1]})")
     if not out:
-        out.append(f"stream '{stream}': {len(seq)} events arrived, the stop document counts {expected}")
+        out.append(f"stream '{stream}': {len(seq)} events arrived, {counted_by} {expected}")
     return out
 
 

@@ -6,6 +6,7 @@ calls :func:`reconstruct_from_catalog`. ``python -m hxn_ptycho.callbacks.command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -132,7 +133,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
                           detectors=tuple(args.detectors),
                           position_fields=tuple(args.positions_from) if args.positions_from else None,
                           scaler=args.scaler or None, frame_wait_s=args.frame_wait,
-                          orientation=getattr(args, "orientation", None))
+                          orientation=getattr(args, "orientation", None),
+                          data_roots=tuple(args.data_roots) if getattr(args, "data_roots", None) else None)
     pools = args.gpu_pools or None
     base = dict(base_params or {})
     if pools:
@@ -149,7 +151,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     # saved documents of failed publishes (WORK/results/*.docs.jsonl) are sent at start and retried
     jobs = JobQueue(Path(work_dir) / "queue", slots=args.slots, max_pending=args.max_pending,
                     gpu_pools=pools, outbox=[Path(work_dir) / "results"],
-                    retry_s=float(getattr(args, "retry_publish", 10.0))).start()
+                    retry_s=float(getattr(args, "retry_publish", 10.0)), catalog=catalog,
+                    timeout_s=getattr(args, "time_limit", None)).start()
     return jobs, PtychoCallback(config, jobs)
 
 
@@ -161,15 +164,33 @@ def cmd_listen(args: argparse.Namespace) -> int:
     dispatcher = make_dispatcher(args)
     dispatcher.subscribe(cb)
 
-    def stop(*_: Any) -> None:
-        log.info("listener stopping")
-        dispatcher.stop()
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: Any) -> None:
+        """SIGTERM as Ctrl-C: stop reading documents, finish what was collected, exit 0."""
+        if stopping.is_set():
+            return
+        stopping.set()
+        log.info("listener stopping (%s)", signal.Signals(signum).name)
+        loop = getattr(dispatcher, "loop", None)       # the 0MQ dispatcher runs an asyncio loop here
+        if loop is not None and loop.is_running():
+            import asyncio
+            for task in asyncio.all_tasks(loop):     # through the loop's self-pipe: it wakes up now
+                loop.call_soon_threadsafe(task.cancel)
+        else:
+            dispatcher.stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("listening on %s; work folder %s; catalog %s", args.zmq or args.kafka,
              Path(args.work_dir).resolve(), args.catalog or "(none)")
     try:
         dispatcher.start()
+    except BaseException as exc:
+        import asyncio
+        if not (stopping.is_set() and isinstance(exc, (asyncio.CancelledError, RuntimeError, KeyboardInterrupt))):
+            raise
+        with contextlib.suppress(Exception):
+            dispatcher.stop()
     finally:
         cb.flush(60)
         jobs.stop(kill=False)
@@ -306,45 +327,117 @@ def default_result_dir(catalog: Any) -> Path:
     return Path.cwd()
 
 
-def stored_run_spec(catalog: Any, *, uid: str | None = None, scan_id: int | None = None,
-                    params: ReconParams | None = None, execution: Execution | None = None,
-                    output: str | os.PathLike | None = None, png: str | None = None) -> JobSpec:
-    """Read run ``uid`` (or scan ``scan_id``) of ``catalog``, write its scan file, and return the
-    job spec — refused up front when the catalog server could not read the result."""
-    from hxn_ptycho.spec import Geometry, Source
+def _stored_source(catalog: Any, *, uid: str | None, scan_id: int | None, params: ReconParams | None,
+                   execution: Execution | None, output: str | os.PathLike | None, png: str | None,
+                   stable: bool = False) -> tuple[Any, JobSpec]:
+    """(raw run, job spec without geometry) of run ``uid`` (or scan ``scan_id``) of ``catalog``.
 
-    from .derived import check_readable
-    from .export import ExportConfig
-    from .router import file_stem
+    ``stable`` names the result after the run alone (``result_<scan>_<uid>.h5``): every delivery of
+    the same run gets the same result file, hence the same derived-run uid (:func:`.derived.run_uid`);
+    otherwise the name carries the time, so a deliberate re-run is a new reconstruction."""
+    from hxn_ptycho.spec import Source
 
     from .catalog import ENV_CATALOG
+    from .router import file_stem, int_scan_id
     catalog = catalog if catalog not in (None, "") else os.environ.get(ENV_CATALOG)
     if not catalog:
         raise CommandError(f"no catalog given: pass the catalog or set {ENV_CATALOG}")
     raw = find_stored_run(catalog, uid=uid, scan_id=scan_id)
     start = dict(raw.metadata["start"])
     sid = start.get("scan_id")
-    stem = f"{file_stem(sid, str(start['uid']))}_{time.strftime('%Y%m%dT%H%M%S')}_{os.urandom(2).hex()}"
+    stem = file_stem(sid, str(start["uid"]))
+    if not stable:
+        stem = f"{stem}_{time.strftime('%Y%m%dT%H%M%S')}_{os.urandom(2).hex()}"
     result = Path(output) if output else default_result_dir(catalog) / f"result_{stem}.h5"
     result = result.resolve()
     spec = JobSpec(params=params or ReconParams(), execution=execution or Execution(),
                    source=Source(scan_file=str(result.with_name(result.stem + "_scan.h5")), result_file=str(result),
-                                 raw_uid=start["uid"], scan_id=sid if isinstance(sid, int) else None,
+                                 raw_uid=start["uid"], scan_id=int_scan_id(sid),
                                  catalog=str(catalog), png=str(Path(png).resolve()) if png else None))
+    return raw, spec
+
+
+def _export_into(raw: Any, spec: JobSpec) -> JobSpec:
+    """Refuse an unreadable result folder, write the scan file, take its geometry into ``spec``."""
+    from hxn_ptycho.spec import Geometry
+
+    from .derived import check_readable
+    from .export import ExportConfig
     check_readable(spec)                                # before any work
-    export = ExportConfig()
-    export_stored_run(raw, export, spec.source.scan_file)
+    export_stored_run(raw, ExportConfig(), spec.source.scan_file)
     spec.geometry = Geometry.from_scan_file(spec.source.scan_file)
     return spec
 
 
-def reconstruct_stored(spec: JobSpec, *, quiet: bool = True) -> tuple[int, dict, str | None]:
-    """Run the job of a stored run's spec and publish its outcome; (exit status, outcome, derived uid)."""
+def stored_run_spec(catalog: Any, *, uid: str | None = None, scan_id: int | None = None,
+                    params: ReconParams | None = None, execution: Execution | None = None,
+                    output: str | os.PathLike | None = None, png: str | None = None) -> JobSpec:
+    """Read run ``uid`` (or scan ``scan_id``) of ``catalog``, write its scan file, and return the
+    job spec — refused up front when the catalog server could not read the result."""
+    raw, spec = _stored_source(catalog, uid=uid, scan_id=scan_id, params=params, execution=execution,
+                               output=output, png=png)
+    return _export_into(raw, spec)
+
+
+def reconstruct_stored_once(catalog: Any, uid: str, *, params: ReconParams | None = None,
+                            execution: Execution | None = None, output: str | os.PathLike | None = None,
+                            png: str | None = None, refuse: str | None = None,
+                            quiet: bool = True) -> tuple[int, dict, str | None]:
+    """Run ``uid`` of ``catalog`` → exactly one derived run, however often it is delivered (the
+    Prefect end-of-run flow; Kafka and Prefect both redeliver): (exit status, outcome, derived uid).
+
+    The result file is named after the run (:func:`_stored_source` ``stable``), so every delivery
+    publishes under the same uid; deliveries are serialised by an exclusive lock on
+    ``<result>.lock``; a run already complete in the catalog is returned as it is, not recomputed.
+    A run that cannot be exported (or ``refuse``, a reason not to run it) is recorded as ``fail``.
+    """
+    import fcntl
+
+    from hxn_ptycho.job import failure_outcome
+
+    from .catalog import runs
+    from .derived import publish_outcome, run_state, run_uid
+    raw, spec = _stored_source(catalog, uid=uid, scan_id=None, params=params, execution=execution,
+                               output=output, png=png, stable=True)
+    derived = run_uid(spec)
+    lock_path = Path(spec.source.result_file + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:               # a second delivery waits here for the first
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        processed = runs(resolve_catalog(spec.source.catalog), "processed")
+        if run_state(processed, derived) == "complete":
+            stop = dict(processed[derived].metadata.get("stop") or {})
+            ok = stop.get("exit_status") == "success"
+            log.info("raw run %s: its derived run %s is already complete (%s): not run again", uid, derived,
+                     stop.get("exit_status"))
+            outcome = {"status": "success" if ok else "fail", "reason": stop.get("reason"),
+                       "result_file": spec.source.result_file if ok else None, "measured": {}}
+            return (0 if ok else 1), outcome, derived
+        reason = refuse
+        if reason is None:
+            try:
+                _export_into(raw, spec)
+            except HxnPtychoError as exc:
+                reason = f"cannot be reconstructed: {exc}"
+            except Exception as exc:
+                log.exception("raw run %s: unexpected error while building the scan file", uid)
+                reason = f"cannot build the scan file: {type(exc).__name__}: {exc}"
+        if reason is not None:
+            outcome = failure_outcome(spec, reason)
+            return 1, outcome, publish_outcome(spec, outcome, uid=derived)
+        status, outcome, published = reconstruct_stored(spec, quiet=quiet, uid=derived)
+        return status, outcome, published
+
+
+def reconstruct_stored(spec: JobSpec, *, quiet: bool = True, uid: str | None = None) -> tuple[int, dict, str | None]:
+    """Run the job of a stored run's spec and publish its outcome (under ``uid`` if given);
+    (exit status, outcome, derived uid)."""
     from hxn_ptycho.job import execute
 
     from .derived import publish_outcome
-    status, outcome = execute(spec, quiet=quiet)            # the job needs no catalog key: it only computes
-    derived_uid = publish_outcome(spec, outcome)
+    from .trust import JOB_ENV_DROPPED
+    status, outcome = execute(spec, quiet=quiet, unset=JOB_ENV_DROPPED)   # the job only computes: no catalog key
+    derived_uid = publish_outcome(spec, outcome, uid=uid)
     return status, outcome, derived_uid
 
 
@@ -352,9 +445,18 @@ def reconstruct_from_catalog(args: argparse.Namespace) -> int:
     """``hxn-ptycho reconstruct --scan-id N | --uid U --catalog C``: the stored run → job → derived run."""
     from hxn_ptycho.job import final_line
 
+    from .derived import UnreadableResult, publish_outcome, run_uid
+
     _setup_logging(False)
-    spec = stored_run_spec(args.catalog, uid=args.uid, scan_id=args.scan_id, params=params_from_namespace(args),
-                           execution=execution_from_namespace(args), output=args.output, png=args.png)
+    raw, spec = _stored_source(args.catalog, uid=args.uid, scan_id=args.scan_id, params=params_from_namespace(args),
+                               execution=execution_from_namespace(args), output=args.output, png=args.png)
+    try:
+        _export_into(raw, spec)
+    except UnreadableResult:
+        raise                                        # refused before any work: nothing to record
+    except HxnPtychoError as exc:                    # the run cannot be exported: recorded as fail, then said
+        derived = publish_outcome(spec, None, reason=f"cannot be reconstructed: {exc}", uid=run_uid(spec))
+        raise CommandError(f"{exc} (recorded as the fail derived run {derived})") from None
     status, outcome, derived_uid = reconstruct_stored(spec, quiet=bool(getattr(args, "quiet", False)))
     print(f"derived run {derived_uid} of raw run {spec.source.raw_uid} in {args.catalog}")
     print(final_line(outcome), flush=True)
@@ -394,6 +496,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.catalog = str(server.directory)
         det_root = server.directory / "detector"
     try:
+        if args.data_roots is None:            # the simulated detector writes under the demo folder
+            from .trust import data_roots
+            args.data_roots = [*map(str, data_roots()), str(det_root)]
         sample, _truth = simulated_scan(args.scan_type, n_positions=args.positions, seed=args.sim_seed,
                                         probe_modes=args.true_modes)
         hxn = make_hxn(det_root)
@@ -455,6 +560,12 @@ def _add_callback_options(p: argparse.ArgumentParser, *, nprocs: int = 1) -> Non
                    help="GPU pools, e.g. 0,1 2,3: one job at a time on each (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--frame-wait", type=float, default=5.0,
                    help="seconds to wait for detector frames still being written (default 5)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="end a job after S seconds and record it as failed (default: 900 s + 0.05 s per view "
+                        "and iteration)")
+    p.add_argument("--data-roots", nargs="+", default=None, metavar="DIR",
+                   help="read detector files only under these folders (default: /data, /nsls2/data and "
+                        "$HXN_PTYCHO_DATA_ROOTS)")
     p.add_argument("-v", "--verbose", action="store_true")
     add_execution_options(p, nprocs=nprocs)
     add_param_options(p)

@@ -199,9 +199,10 @@ def write_documents(catalog: str | os.PathLike | CatalogConfig | None, docs: Ite
     docs = list(docs)
     uid = docs[0][1]["uid"]
     if backup is not None:
+        from .trust import Untrusted
         try:
             save_documents(backup, docs, catalog)
-        except OSError as save_exc:
+        except (OSError, Untrusted) as save_exc:          # a full disk, or a publish secret not ours
             log.error("could not save derived run %s to %s (%s): sending it unsaved", uid, backup, save_exc)
             saved_note = f"; saving its documents to {backup} failed too ({save_exc})"
         else:
@@ -226,18 +227,35 @@ def write_documents(catalog: str | os.PathLike | CatalogConfig | None, docs: Ite
 
 def save_documents(path: str | os.PathLike, docs: Iterable[Doc], catalog: Any = None) -> None:
     """Save one run's documents (atomically) for :func:`send_saved`: a header line, then ``[name, doc]`` lines."""
+    from .trust import sign
     docs = list(docs)
     where = catalog.uri if isinstance(catalog, CatalogConfig) else (str(catalog) if catalog is not None else None)
-    head = [SAVED_HEADER, {"catalog": where, "uid": docs[0][1]["uid"], "saved": time.time()}]
-    atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in [head, *([n, d] for n, d in docs)]))
+    head = {"catalog": where, "uid": docs[0][1]["uid"], "saved": time.time()}
+    lines = "".join(json.dumps([n, d]) + "\n" for n, d in docs)
+    head["hmac"] = sign(_signed_text(head, lines), Path(path).parent)   # see trust.py: only ours are sent
+    atomic_write_text(path, json.dumps([SAVED_HEADER, head]) + "\n" + lines)
+
+
+def _signed_text(head: dict, lines: str) -> str:
+    """What a saved file's HMAC covers: its header (without the HMAC) and every document line."""
+    return json.dumps({k: v for k, v in head.items() if k != "hmac"}, sort_keys=True) + "\n" + lines
 
 
 def read_saved(path: str | os.PathLike) -> tuple[dict, list[Doc]]:
-    """(header, documents) of a saved-documents file (a file without a header, written before, reads too)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    head: dict = {}
-    if rows and rows[0][0] == SAVED_HEADER:
-        head = dict(rows.pop(0)[1])
+    """(header, documents) of a saved-documents file, refused (:class:`~.trust.Untrusted`) unless it
+    carries our signature (:func:`~.trust.verify_saved`)."""
+    from .trust import Untrusted, verify_saved
+    text = Path(path).read_text()
+    first, _, lines = text.partition("\n")
+    try:
+        row = json.loads(first)
+        if not (isinstance(row, list) and len(row) == 2 and row[0] == SAVED_HEADER and isinstance(row[1], dict)):
+            raise ValueError("no header")
+    except ValueError:
+        raise Untrusted(f"refusing saved documents {path}: no hxn-ptycho header (not written by hxn-ptycho)") from None
+    head = dict(row[1])
+    verify_saved(path, _signed_text(head, lines), head.get("hmac"))
+    rows = [json.loads(line) for line in lines.splitlines() if line.strip()]
     docs = [(str(n), d) for n, d in rows]
     if not docs or docs[0][0] != "start":
         raise CatalogError(f"{path} holds no run (its first document is not a start document)")
@@ -334,6 +352,7 @@ def republish_all(folders: Iterable[str | os.PathLike], catalog: str | os.PathLi
 
     ``accept(header)`` may refuse files meant for another catalog (``serve`` sends only its own).
     """
+    from .trust import Untrusted
     sent, errors = [], []
     for path in saved_files(folders, depth):
         try:
@@ -343,6 +362,9 @@ def republish_all(folders: Iterable[str | os.PathLike], catalog: str | os.PathLi
             log.info("republished the saved derived run %s (%s)", sent[-1], path)
         except SendBusy:
             continue
+        except Untrusted as exc:                   # planted or changed: never sent, and said so
+            log.error("%s", exc)
+            errors.append(f"{path}: {exc}")
         except (CatalogError, OSError, ValueError) as exc:
             errors.append(f"{path}: {exc}")
     return sent, errors
@@ -434,9 +456,14 @@ def publish_outcome(spec: JobSpec | dict, outcome: dict | None, *, reason: str |
     backup = saved_path(spec)
     docs = None
     why = str(outcome.get("reason") or reason or "unknown failure")
-    if outcome.get("status") == "success" and outcome.get("result_file"):
+    if outcome.get("status") == "success":
+        from .trust import Untrusted, check_result
         try:
+            check_result(src.result_file, outcome)      # this job's result, as the job wrote it
             docs = result_documents(outcome["result_file"], src.raw_uid, recon, uid=uid)
+        except Untrusted as exc:
+            why = f"the job's result is not published: {exc}"
+            log.error("raw run %s: %s", src.raw_uid, why)
         except Exception as exc:  # noqa: BLE001 - an unreadable result (or no space for its sidecar) is a failure
             why = f"the job succeeded but its result could not be published: {type(exc).__name__}: {exc}"
             log.error("raw run %s: %s", src.raw_uid, why)

@@ -98,6 +98,7 @@ class ExportConfig:
     motor_table: dict[str, tuple[str, float]] = field(default_factory=lambda: dict(MOTOR_TABLE))
     path_remap: tuple[tuple[str, str], ...] = fr.DEFAULT_REMAP
     frame_wait_s: float = 5.0                                 # wait this long for frames still being written
+    data_roots: tuple[str, ...] | None = None                 # detector files only from here (None: trust.py's)
 
 
 def bragg_energy_kev(theta_deg: float) -> float:
@@ -244,7 +245,7 @@ def _field_values(run: CollectedRun, name: str, cfg: ExportConfig) -> np.ndarray
         raise ExportError(f"run {run.uid}: position field '{name}' is not in the '{cfg.stream}' stream "
                           f"(fields: {sorted(cols)})")
     try:
-        values = fr.column(run, name, cfg.stream, cfg.frame_wait_s, cfg.path_remap)
+        values = fr.column(run, name, cfg.stream, cfg.frame_wait_s, cfg.path_remap, cfg.data_roots)
     except fr.SourceError as exc:
         msg = str(exc).replace(f"'{name}' is missing", f"position field '{name}' is missing")
         raise ExportError(msg) from None
@@ -264,6 +265,16 @@ def _scan_input_positions(start: dict, axis: int, npoints: int) -> np.ndarray:
     return np.tile(np.linspace(si[3], si[4], n2 + 1)[:-1], [n1, 1]).T.reshape(n1 * n2)[:npoints]
 
 
+def check_position_fields(run: CollectedRun, fields: Any, where: str) -> tuple[str, str]:
+    """The (x, y) field names of a position-field list, or an :class:`ExportError` naming what is wrong:
+    the list must name exactly one x and one y field, two different names (never guessed from one)."""
+    ok = isinstance(fields, (list, tuple)) and len(fields) == 2 and all(isinstance(f, str) and f for f in fields)
+    if not ok or fields[0] == fields[1]:
+        raise ExportError(f"run {run.uid}: {where} {fields!r} must name one x and one y field "
+                          "(two different position columns, x first)")
+    return str(fields[0]), str(fields[1])
+
+
 def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[str, Any]]:
     """(2, N) positions in µm (row 0 = x, the fast axis) and where they came from."""
     s = run.start
@@ -272,8 +283,10 @@ def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[st
     motors = scan_motors(s)
     info: dict[str, Any] = {"kind": kind, "motors": motors}
     if override:
-        pts = np.stack([_field_values(run, f, cfg) for f in override[:2]])
-        info["positions"] = f"columns {list(override[:2])}"
+        where = "ptycho_position_fields" if s.get("ptycho_position_fields") else "the position fields"
+        fields = check_position_fields(run, list(override) if isinstance(override, tuple) else override, where)
+        pts = np.stack([_field_values(run, f, cfg) for f in fields])
+        info["positions"] = f"columns {list(fields)}"
     elif kind == "fly2dpd":
         if len(motors) < 2:
             raise ExportError(f"run {run.uid}: fly2dpd run without two motors in start['motors'] or the scan axes")
@@ -349,7 +362,7 @@ def scaler_values(run: CollectedRun, cfg: ExportConfig, motors: list[str], n: in
     if name == "auto":
         name = "sclr1_ch3" if motors and motors[0].startswith("ss") else "sclr1_ch4"
     try:
-        values = fr.column(run, name, cfg.stream, cfg.frame_wait_s, cfg.path_remap)
+        values = fr.column(run, name, cfg.stream, cfg.frame_wait_s, cfg.path_remap, cfg.data_roots)
     except fr.SourceError as exc:
         raise ExportError(f"scaler {name}: {exc}") from None
     if values is None:
@@ -385,6 +398,15 @@ class FrameStats:
     hot: int
 
 
+def check_frame_shape(source: fr.Source, shape: tuple[int, ...], batch: np.ndarray, first: int) -> None:
+    """Refuse frames of a second shape (one scan file holds one frame size), naming both shapes."""
+    if tuple(batch.shape[1:]) != tuple(shape):
+        raise ExportError(f"detector data {source.key} has frames of two shapes: "
+                          f"{'×'.join(map(str, shape))} (the first {first}) and "
+                          f"{'×'.join(map(str, batch.shape[1:]))} (from frame {first + 1}), in "
+                          f"{', '.join(source.files)}")
+
+
 def raw_statistics(source: fr.Source, cfg: ExportConfig, bad: list[tuple[int, int]]) -> FrameStats:
     """One pass over the raw frames, batch by batch: the mean frame and the good-pixel mask
     (saturated/flagged, non-finite, negative, configured and stuck hot pixels masked)."""
@@ -398,6 +420,7 @@ def raw_statistics(source: fr.Source, cfg: ExportConfig, bad: list[tuple[int, in
     flagged = np.zeros(shape, bool)
     n = 0
     for batch in fr.iter_frames(source, cfg.frame_wait_s):
+        check_frame_shape(source, shape, batch, n)
         b = batch.astype(np.float64)
         if sat is not None:
             flagged |= np.any(batch >= sat, axis=0)
@@ -470,7 +493,7 @@ def prepare(run: CollectedRun, cfg: ExportConfig) -> Prepared:
         raise ExportError(f"run {run.uid} has no positions in the '{cfg.stream}' stream")
     key = frame_key(run, det, cfg.stream)
     try:
-        source = fr.describe(run, key, cfg.stream, cfg.path_remap)
+        source = fr.describe(run, key, cfg.stream, cfg.path_remap, cfg.data_roots)
         bad = [tuple(p) for p in s.get("ptycho_bad_pixels", cfg.bad_pixels)]
         stats = raw_statistics(source, cfg, bad)
     except fr.SourceError as exc:
@@ -513,7 +536,13 @@ def prepare(run: CollectedRun, cfg: ExportConfig) -> Prepared:
     return Prepared(intensity=inten, mask=mask, points=points[:, keep], geometry=geo, sources=src, attrs=attrs)
 
 
-def check_complete(run: CollectedRun) -> None:
+def planned_points(run: CollectedRun) -> int | None:
+    """The number of points the plan announced (``start['num_points']``), None if it gave none."""
+    n = run.start.get("num_points")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_complete(run: CollectedRun, cfg_stream: str = "primary") -> None:
     """Refuse a run whose documents were incomplete: lost, duplicated or out-of-order events
     (``seq_num`` against the stop's ``num_events``), events of an unknown descriptor... — the
     collector's ``problems``. Such a run becomes a ``fail`` derived run naming what is missing,
@@ -524,7 +553,11 @@ def check_complete(run: CollectedRun) -> None:
     num_events = (run.stop or {}).get("num_events") or {}
     for stream, seq in run.seq_nums.items():        # every seq_num, here off the RunEngine's thread
         expected = num_events.get(stream) if isinstance(num_events, dict) else None
-        problems += [p for p in sequence_problems(stream, seq, expected) if p not in problems]
+        counted_by = "the stop document counts"
+        if expected is None and stream == cfg_stream and scan_kind(run.start) == "step":
+            expected = planned_points(run)          # no count in the stop: the step plan's, for a lost tail
+            counted_by = "no num_events in the stop; the start's num_points is"
+        problems += [p for p in sequence_problems(stream, seq, expected, counted_by) if p not in problems]
     if problems:
         raise ExportError(f"run {run.uid}: its documents are incomplete, so it is not reconstructed: "
                           + "; ".join(problems))

@@ -24,9 +24,10 @@ stream_resource (HDF5)      ``parameters['dataset']``           stream_datum ``i
 ``handlers/rasmi2.py`` BulkMerlinStream/SISHDF5Handler, ``handlers/bulkdata.py``
 BulkMerlin/PandAHandlerHDF5; databroker's AreaDetectorHDF5Handler for ``AD_HDF5``.) A datum with
 ``frame_per_point = N`` is N frames (fly2dpd's single Eiger datum holds the whole scan). Files
-are opened as those handlers do: ``h5py.File(path, 'r', libver='latest', swmr=True,
-locking=False)`` (falling back to a plain read-only open for files not written in SWMR mode),
-and the dataset is refreshed before its length is read. Paths are remapped like the handlers'
+are opened read-only without file locking, first plainly (so HDF5 detects a truncated file, see
+:func:`open_h5`) and as a SWMR reader only while a SWMR writer holds them, and the dataset is
+refreshed before its length is read. Detector files must lie under the data roots
+(:func:`check_paths`, :mod:`.trust`). Paths are remapped like the handlers'
 ``/data`` → ``/nsls2/data/hxn/legacy`` (:data:`DEFAULT_REMAP`, configurable).
 """
 from __future__ import annotations
@@ -197,9 +198,29 @@ def _stream_chunks(run: CollectedRun, key: str, remap: tuple[tuple[str, str], ..
     return chunks
 
 
+class PathRefused(SourceError):
+    """A document names a detector file outside the data roots (or its resource's root)."""
+
+
+def check_paths(run: CollectedRun, source: Source, remap: tuple[tuple[str, str], ...],
+                roots: tuple[str, ...] | None) -> Source:
+    """Refuse (:class:`PathRefused`, naming the file) a source whose files lie outside the data roots
+    (:func:`.trust.refuse_data_file`): a document cannot make us read what it likes."""
+    from .trust import data_roots, refuse_data_file
+    allowed = data_roots(roots)
+    own = {remap_path(resource_file(r), remap): remap_path(str(r["root"]), remap)
+           for r in run.resources.values() if r.get("root")}
+    for path in source.files:
+        why = refuse_data_file(path, allowed, own.get(path))
+        if why is not None:
+            raise PathRefused(f"run {run.uid}: '{source.key}': {why}")
+    return source
+
+
 def describe(run: CollectedRun, key: str, stream: str = "primary",
-             remap: tuple[tuple[str, str], ...] = DEFAULT_REMAP) -> Source:
-    """The :class:`Source` of external data key ``key`` in ``stream`` (datums or stream datums)."""
+             remap: tuple[tuple[str, str], ...] = DEFAULT_REMAP, roots: tuple[str, ...] | None = None) -> Source:
+    """The :class:`Source` of external data key ``key`` in ``stream`` (datums or stream datums), its
+    files checked against the data ``roots`` (None: the defaults, see :func:`.trust.data_roots`)."""
     data_key = run.data_keys(stream).get(key)
     if data_key is None:
         raise SourceError(f"run {run.uid}: no data key '{key}' in the '{stream}' stream "
@@ -208,10 +229,11 @@ def describe(run: CollectedRun, key: str, stream: str = "primary",
     external = str(data_key.get("external", ""))
     if external.upper().startswith("STREAM") or (refs is None and any(
             sr.get("data_key") == key for sr in run.stream_resources.values())):
-        return Source(key, _stream_chunks(run, key, remap))
+        return check_paths(run, Source(key, _stream_chunks(run, key, remap)), remap, roots)
     if refs is None:
         raise SourceError(f"run {run.uid}: '{key}' has no values in the '{stream}' stream")
-    return Source(key, [_datum_chunk(run, ref, i, key, remap) for i, ref in enumerate(refs)])
+    return check_paths(run, Source(key, [_datum_chunk(run, ref, i, key, remap) for i, ref in enumerate(refs)]),
+                       remap, roots)
 
 
 def is_external(run: CollectedRun, key: str, stream: str = "primary") -> bool:
@@ -220,18 +242,33 @@ def is_external(run: CollectedRun, key: str, stream: str = "primary") -> bool:
 
 # -- reading: Source → arrays (one reader, one waiting rule) -------------------------------------
 
+class Truncated(NotReady):
+    """A detector file is shorter than its HDF5 superblock says: damaged, or still being copied."""
+
+
 @contextlib.contextmanager
 def open_h5(path: str) -> Iterator[Any]:
-    """Open as hxntools' handlers do (SWMR read, no file locking); NotReady if it is not there."""
+    """Open a detector file read-only, without file locking (as hxntools' handlers), so that damage shows.
+
+    A plain open first: HDF5 then checks the file's length against its superblock, so a truncated
+    file is :class:`Truncated` (waited for like any file not ready — a copy may still be running —
+    then a failure naming it), never frames of zeros. Only a file that a writer holds open in SWMR
+    mode ("already open for write") is opened as a SWMR reader, as the live handlers do.
+    """
     import h5py
     if not os.path.exists(path):
         raise NotReady(f"detector file {path} does not exist")
     try:
-        f = h5py.File(path, "r", libver="latest", swmr=True, locking=False)
-    except (OSError, ValueError):
-        try:
-            f = h5py.File(path, "r", locking=False)
-        except OSError as exc:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        text = str(exc)
+        if "truncated file" in text:
+            size = os.path.getsize(path)
+            raise Truncated(f"detector file {path} is truncated: it holds {size} bytes, fewer than its HDF5 "
+                            f"header records ({text.rpartition('(')[2].rstrip(')')})") from None
+        try:                                   # held open by a SWMR writer: read it as the live handlers do
+            f = h5py.File(path, "r", libver="latest", swmr=True, locking=False)
+        except (OSError, ValueError):
             raise NotReady(f"cannot open detector file {path}: {exc}") from None
     try:
         yield f
@@ -325,13 +362,14 @@ def iter_frames(source: Source, wait_s: float = 5.0, batch: int = 256) -> Iterat
 # -- a run's column: internal values or external data ---------------------------------------------
 
 def column(run: CollectedRun, key: str, stream: str = "primary", wait_s: float = 5.0,
-           remap: tuple[tuple[str, str], ...] = DEFAULT_REMAP) -> np.ndarray | None:
+           remap: tuple[tuple[str, str], ...] = DEFAULT_REMAP,
+           roots: tuple[str, ...] | None = None) -> np.ndarray | None:
     """The values of ``key`` in ``stream`` as one flat float array (external data resolved and
     concatenated, e.g. PandA encoder or SIS scaler datums); None if the stream has no such key."""
     if key not in run.data_keys(stream) and key not in run.columns.get(stream, {}):
         return None
     if is_external(run, key, stream):
-        return read(describe(run, key, stream, remap), wait_s).astype(np.float64).ravel()
+        return read(describe(run, key, stream, remap, roots), wait_s).astype(np.float64).ravel()
     values = run.columns.get(stream, {}).get(key)
     if values is None:
         return None

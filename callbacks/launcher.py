@@ -22,6 +22,7 @@ is recorded as failed with the end of its log as the reason, so no failure is si
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -161,8 +162,11 @@ class JobQueue:
                  on_failure: Callable[[Job, str], None] | None = None, timeout_s: float | None = None,
                  gpu_pools: list[str] | None = None,
                  publish: Callable[[JobSpec, dict | None, str | None], Any] | None = _publish,
-                 outbox: list[str | os.PathLike] | None = None, retry_s: float = 10.0) -> None:
-        self.directory = Path(directory)
+                 outbox: list[str | os.PathLike] | None = None, retry_s: float = 10.0,
+                 catalog: Any = None) -> None:
+        from .trust import private_dir
+        self.directory = private_dir(directory)
+        self.catalog = catalog                  # saved documents are sent only to this catalog (if given)
         self.gpu_pools = list(gpu_pools or [])
         self.slots = len(self.gpu_pools) if self.gpu_pools else max(1, int(slots))
         self.max_pending = int(max_pending)
@@ -312,11 +316,19 @@ class JobQueue:
             return False
 
     def _adopt(self, job: Job, running: Path) -> None:
+        from .trust import job_time_limit
+        limit = job_time_limit(job.job_spec, self.timeout_s)
         while job_alive(job):
+            if job.started is not None and time.time() - job.started > limit and job.pid:
+                import signal
+                log.error("job %s (pid %s, adopted) ran past its time limit of %.0f s: ending it", job.id, job.pid, limit)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(job.pid, signal.SIGKILL)
+                job.reason = f"the job ran past its time limit of {limit:.0f} s and was ended"
             time.sleep(0.5)
         outcome = self._outcome(job)
         ok = outcome is not None and outcome.get("status") == "success"
-        if not ok:
+        if not ok and job.reason is None:
             said = f" ({outcome['reason']})" if outcome and outcome.get("reason") else " without an outcome record"
             job.reason = f"the job (pid {job.pid}, adopted after a restart) ended{said}: " \
                          f"{log_tail(self.directory / 'logs' / f'{job.id}.log')}"
@@ -326,7 +338,7 @@ class JobQueue:
         from .derived import republish_all
         while True:
             try:
-                sent, errors = republish_all(list(self.outbox))
+                sent, errors = republish_all(list(self.outbox), accept=self._ours)
                 self.republished += sent
                 for err in errors:
                     log.warning("job queue: saved documents not sent yet (retry in %.0f s): %s", self.retry_s, err)
@@ -335,6 +347,14 @@ class JobQueue:
             if self._stop.wait(self.retry_s):
                 self._republishing = False
                 return
+
+    def _ours(self, header: dict) -> bool:
+        from .trust import same_catalog
+        if self.catalog is None or same_catalog(header.get("catalog"), self.catalog):
+            return True
+        log.error("job queue: saved documents for the catalog %r are not sent (this queue publishes to %r)",
+                  header.get("catalog"), self.catalog)
+        return False
 
     def _runner(self, slot: int = 0) -> None:
         while not self._stop.is_set():
@@ -378,6 +398,10 @@ class JobQueue:
 
     def _publish_outcome(self, job: Job, ok: bool) -> None:
         """The job's outcome (or its failure) → the derived run, through the one publisher."""
+        from hxn_ptycho.h5util import remove_parts
+        if job.spec_file:                         # what a killed rank 0 left half-written
+            for part in remove_parts(job.result_file):
+                log.warning("job %s: removed %s, left by a process that was killed", job.id, part)
         if self.publish is None or not job.catalog:
             return
         outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
@@ -408,7 +432,8 @@ class JobQueue:
             log.error("job %s %s", job.id, job.reason)
             return False
         logfile = self.directory / "logs" / f"{job.id}.log"
-        env = dict(os.environ, **self.env)
+        from .trust import job_env, job_time_limit
+        env = job_env(self.env)                   # no catalog key: the job only computes
         if self.gpu_pools:                        # one job at a time on each pool of GPUs
             env["CUDA_VISIBLE_DEVICES"] = self.gpu_pools[slot]
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -423,11 +448,16 @@ class JobQueue:
             if running is not None:
                 self._record(running, job)
             try:
-                job.returncode = proc.wait(self.timeout_s)
+                limit = job_time_limit(job.job_spec, self.timeout_s)
+                job.returncode = proc.wait(limit)
             except subprocess.TimeoutExpired:
                 kill_job(proc)
                 job.returncode = proc.wait()
-                job.reason = f"the job ran past its {self.timeout_s:.0f} s limit and was killed"
+                spec = job.job_spec
+                how = ("set by --time-limit" if self.timeout_s is not None else
+                       f"the default for {spec.geometry.n_views or 'an unknown number of'} views × "
+                       f"{spec.params.iterations} iterations; set it with --time-limit")
+                job.reason = f"the job ran past its time limit of {limit:.0f} s ({how}) and was ended"
             finally:
                 self._procs.pop(job.id, None)
         outcome = self._outcome(job)
@@ -454,7 +484,9 @@ class JobQueue:
         outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
         if outcome is None and job.spec_file and self._renamed_result(job):
             from hxn_ptycho.job import write_outcome
+            from hxn_ptycho.h5util import file_sha256
             outcome = {"status": "success", "reason": None, "result_file": str(Path(job.result_file).resolve()),
+                       "result_sha256": file_sha256(job.result_file),
                        "measured": {"status": "success", "ranks": job.nprocs, "mode": job.job_spec.execution.mode}}
             write_outcome(outcome_path(job.spec_file), outcome)
         return outcome

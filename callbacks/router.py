@@ -97,6 +97,18 @@ def run_stem(run: CollectedRun) -> str:
     return file_stem(run.scan_id, run.uid)
 
 
+@dataclass
+class LostStart:
+    """A stop document whose run's start the callback never saw."""
+
+    stop: dict
+
+
+def int_scan_id(scan_id: Any) -> int | None:
+    """A scan id as recorded in a job spec: an integer (never a bool), else None."""
+    return scan_id if isinstance(scan_id, int) and not isinstance(scan_id, bool) else None
+
+
 def file_stem(scan_id: Any, uid: str) -> str:
     """:func:`run_stem` of a scan id and a uid."""
     sid = scan_id if isinstance(scan_id, int) and not isinstance(scan_id, bool) and 0 <= scan_id < 10**18 else "x"
@@ -118,16 +130,18 @@ class PtychoCallback:
         self.config = config
         self.jobs = jobs
         self.on_failure = on_failure or self._publish_failure
-        self.work_dir = Path(config.work_dir).resolve()
-        (self.work_dir / "scans").mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "results").mkdir(parents=True, exist_ok=True)
+        from .trust import private_dir
+        self.work_dir = private_dir(Path(config.work_dir).resolve())     # 0700: every frame and result
+        private_dir(self.work_dir / "scans")
+        private_dir(self.work_dir / "results")
+        self._starts: dict[str, None] = {}               # uids of the starts seen (bounded), for lost starts
         self._journal_lock = threading.Lock()
         self._journal = None
         self.journal_path: Path | None = None
         self.recovered: list[tuple[str, str]] = []       # (raw uid, reason) of runs a restart missed
         old = self._rotate_journal()
         self._router = RunRouter([self._factory], filler_class=PassThroughFiller)  # no per-row work
-        self._pending: queue.Queue[CollectedRun | None] = queue.Queue()
+        self._pending: queue.Queue[CollectedRun | LostStart | None] = queue.Queue()
         self._busy = threading.Event()
         self.submitted: list[Job] = []
         self.failed: list[tuple[str, str]] = []          # (raw uid, reason)
@@ -223,6 +237,13 @@ class PtychoCallback:
     # -- on the RunEngine's thread: cheap, never raises -------------------------------------
     def __call__(self, name: str, doc: dict) -> None:
         try:
+            if name == "start":
+                self._starts[str(doc.get("uid"))] = None
+                if len(self._starts) > 100_000:
+                    del self._starts[next(iter(self._starts))]
+            elif name == "stop" and str(doc.get("run_start")) not in self._starts:
+                self._pending.put_nowait(LostStart(dict(doc)))     # found from the catalog, off this thread
+                return
             self._router(name, doc)
         except Exception as exc:  # noqa: BLE001 - nothing may raise into the RunEngine
             log.error("hxn-ptycho callback: ignored a malformed %r document (%s: %s)",
@@ -244,6 +265,15 @@ class PtychoCallback:
             run = self._pending.get()
             if run is None:
                 break
+            if isinstance(run, LostStart):
+                try:
+                    self.lost_start(run.stop)
+                except Exception:
+                    log.exception("hxn-ptycho callback: the stop of run %s (start lost) could not be handled",
+                                  run.stop.get("run_start"))
+                finally:
+                    self._pending.task_done()
+                continue
             self._busy.set()
             try:
                 self.process(run)
@@ -261,13 +291,17 @@ class PtychoCallback:
                     if scan_path is not None and scan_path.exists() else Geometry())
         source = Source(scan_file=str(scan_path or ""),
                         result_file=str(self.work_dir / "results" / f"result_{run_stem(run)}.h5"),
-                        raw_uid=run.uid, scan_id=run.scan_id if isinstance(run.scan_id, int) else None,
+                        raw_uid=run.uid, scan_id=int_scan_id(run.scan_id),
                         catalog=self.config.catalog)
         return JobSpec(params=ReconParams.from_dict(dict(self.config.params)), geometry=geometry,
                        execution=self.config.execution(), source=source)
 
     def process(self, run: CollectedRun) -> Job | None:
         """Export a finished run and submit its job (or record why it cannot be reconstructed)."""
+        if run.stop is not None and "exit_status" not in run.stop:
+            self._fail(run, "not reconstructed: its stop document has no exit_status, so how the scan ended "
+                            "is unknown")
+            return None
         if run.exit_status != "success":
             log.info("run %s (scan %s) ended with exit_status %r: nothing launched",
                      run.uid, run.scan_id, run.exit_status)
@@ -304,6 +338,44 @@ class PtychoCallback:
             return None
         self.submitted.append(job)
         return job
+
+    def lost_start(self, stop: dict) -> None:
+        """A stop whose start never reached us (a lost document, or a listener started mid-run): the
+        run is looked up in the catalog by the stop's ``run_start`` and, if it is a ptychography run,
+        recorded as ``fail`` under its fixed uid (so a later recovery cannot add a second run)."""
+        uid = str(stop.get("run_start"))
+        start = self._catalog_start(uid)
+        if start is None:
+            log.error("run %s: its stop arrived without its start document and the catalog has no such run: "
+                      "it cannot be told whether it was a ptychography run, so nothing is recorded", uid)
+            return
+        if ignore_reason(start, self.config.export.detectors) is not None:
+            return
+        run = CollectedRun(start=start)
+        run.stop = stop
+        self._fail(run, "not reconstructed: its start document never reached the callback (lost, or the "
+                        "listener started mid-run); reconstruct it from the catalog with "
+                        f"'hxn-ptycho reconstruct --uid {uid}'")
+
+    def _catalog_start(self, uid: str, wait_s: float = 10.0) -> dict | None:
+        """The start document of raw run ``uid`` from the configured catalog (waited for briefly: the
+        run may still be being written), or None."""
+        import time
+        if not self.config.catalog:
+            return None
+        from .catalog import resolve_catalog, runs
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return dict(runs(resolve_catalog(self.config.catalog), "raw")[uid].metadata["start"])
+            except KeyError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - a catalog error: said, not raised
+                log.error("run %s: cannot look it up in the catalog: %s", uid, exc)
+                return None
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.5)
 
     def _fail(self, run: CollectedRun, reason: str) -> None:
         log.error("run %s (scan %s): %s", run.uid, run.scan_id, reason)

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 from hxn_ptycho.errors import HxnPtychoError
 from hxn_ptycho.slurm import SlurmSettings, SlurmState, cancel, failure_reason, find_job, job_state, submit, wait
 
+from .trust import JOB_ENV_DROPPED, job_time_limit
+
 if TYPE_CHECKING:
     from .launcher import Job, JobQueue
 
@@ -50,7 +52,8 @@ def run_slurm_job(queue: JobQueue, job: Job, running: Path) -> bool | None:
         job.started, job.phase = time.time(), "submitting"
         queue._record(running, job)
         job.slurm_job = submit(spec, job.spec_file, name=slurm_name(job),
-                               logfile=queue.directory / "logs" / f"{job.id}.log", env=queue.env)
+                               logfile=queue.directory / "logs" / f"{job.id}.log", env=queue.env,
+                               unset=JOB_ENV_DROPPED)
     except HxnPtychoError as exc:
         job.reason = f"not started: {exc}"
         log.error("job %s %s", job.id, job.reason)
@@ -66,7 +69,7 @@ def _follow(queue: JobQueue, job: Job) -> bool | None:
     queue._slurm[job.id] = job.slurm_job
     try:
         settings = SlurmSettings.from_dict(job.job_spec.execution.slurm)
-        state = wait(job.slurm_job, poll_s=settings.poll_s, timeout_s=queue.timeout_s,
+        state = wait(job.slurm_job, poll_s=settings.poll_s, timeout_s=job_time_limit(job.job_spec, queue.timeout_s),
                      stop=lambda: queue._stop.is_set() and job.id not in queue._killed)
     finally:
         queue._slurm.pop(job.id, None)

@@ -33,6 +33,28 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
         raise
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of a file's bytes (read in 1 MiB blocks)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_parts(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` (or a job's rank 0) left beside ``path`` when the
+    process writing them was killed (``.NAME.*.part``); return what was removed."""
+    path = Path(path)
+    gone = []
+    for part in path.parent.glob(f".{path.name}.*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+            gone.append(part)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
     """Open a temporary HDF5 file beside ``path``; rename it into place only on success."""

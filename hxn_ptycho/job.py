@@ -258,8 +258,9 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
                 summary_png(res, src.png, title=f"scan {src.scan_id}" if src.scan_id is not None else "",
                             pixel_size_m=spec.geometry.pixel_size_m or _info.get("pixel_size_m"))
             startup = max(starts) - launched if starts else None
+            from .h5util import file_sha256
             outcome = {"status": "success", "reason": None, "result_file": str(result.resolve()),
-                       "measured": measured_facts(res, spec, comm, startup)}
+                       "result_sha256": file_sha256(result), "measured": measured_facts(res, spec, comm, startup)}
             if "live" in _info:     # of the live phase: previews, lags, the final latency after the stop
                 live = dict(_info["live"], final_latency_s=time.time() - _info["live"]["complete_seen_at"])
                 outcome["measured"]["live"] = live
@@ -287,7 +288,7 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
 
 
 def execute(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = None,
-            workdir: str | os.PathLike | None = None) -> tuple[int, dict[str, Any]]:
+            workdir: str | os.PathLike | None = None, unset: Sequence[str] = ()) -> tuple[int, dict[str, Any]]:
     """Run the job of ``spec`` to its end, here (one rank), under ``mpiexec`` (several) or on Slurm
     (``execution.launcher == "slurm"``: :func:`~hxn_ptycho.slurm.execute_slurm`); return
     (exit status, outcome). The ranks are checked first; the spec and outcome files of an MPI run
@@ -297,14 +298,17 @@ def execute(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = 
     check_ranks(spec)
     if spec.execution.launcher == "slurm":                  # sbatch/srun: see hxn_ptycho/slurm.py
         from .slurm import execute_slurm
-        return execute_slurm(spec, quiet=quiet, env=env, workdir=workdir)
+        return execute_slurm(spec, quiet=quiet, env=env, workdir=workdir, unset=unset)
     if spec.execution.ranks <= 1 or launched_by_mpi():      # a launched job never launches another
         return run_spec(spec, None, progress=not quiet, launched_at=time.time())
     with tempfile.TemporaryDirectory(prefix="hxn-ptycho-job-", dir=workdir) as tmp:
         spec_path = spec.write(Path(tmp) / "job.spec.json")
         argv = launch_argv(spec, spec_path, quiet=quiet)
         import subprocess
-        status = subprocess.run(argv, check=False, env=dict(os.environ, **(env or {}))).returncode
+        full = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
+        status = subprocess.run(argv, check=False, env=full).returncode
+        from .h5util import remove_parts
+        remove_parts(spec.source.result_file)              # what a killed rank 0 left half-written
         outcome = read_outcome(outcome_path(spec_path))
     if outcome is None:
         outcome = failure_outcome(spec, f"the job exited with status {status} without an outcome record "

@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import HxnPtychoError
@@ -256,8 +257,9 @@ def cancel(job_id: str) -> None:
 
 
 def submit(spec: JobSpec, spec_path: str | os.PathLike, *, name: str, logfile: str | os.PathLike,
-           env: dict[str, str] | None = None, quiet: bool = True) -> str:
-    """Submit the job of ``spec`` (written at ``spec_path``) with ``sbatch``; return Slurm's job id."""
+           env: dict[str, str] | None = None, quiet: bool = True, unset: Sequence[str] = ()) -> str:
+    """Submit the job of ``spec`` (written at ``spec_path``) with ``sbatch``; return Slurm's job id.
+    ``unset`` names variables the job must not inherit (sbatch exports the caller's environment)."""
     from .job import job_argv
     settings = SlurmSettings.from_dict(spec.execution.slurm)
     folder = Path(spec_path).resolve().parent
@@ -267,7 +269,7 @@ def submit(spec: JobSpec, spec_path: str | os.PathLike, *, name: str, logfile: s
     command = job_argv(spec_path, nprocs=1, quiet=quiet, launched_at=time.time())   # one rank's argv; srun starts K
     argv = settings.sbatch_argv(name=name, ntasks=spec.execution.ranks, output=logfile, chdir=folder,
                                 script=script, command=command)
-    run_env = dict(os.environ, **(env or {}))
+    run_env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
     run_env.setdefault("OMP_NUM_THREADS", "1")
     log.info("slurm: %s", " ".join(argv))
     done = subprocess.run(argv, capture_output=True, text=True, env=run_env, timeout=120, check=False,
@@ -330,7 +332,7 @@ def tail(path: str | os.PathLike, chars: int = 600) -> str:
 
 
 def execute_slurm(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = None,
-                  workdir: str | os.PathLike | None = None) -> tuple[int, dict[str, Any]]:
+                  workdir: str | os.PathLike | None = None, unset: Sequence[str] = ()) -> tuple[int, dict[str, Any]]:
     """``hxn-ptycho reconstruct --launcher slurm``: submit, follow to the end, return (status, outcome).
 
     The spec, the batch script and the Slurm log live in a temporary folder beside the result (a
@@ -343,7 +345,7 @@ def execute_slurm(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | N
         spec_path = spec.write(Path(tmp) / "job.spec.json")
         logfile = Path(tmp) / "slurm.log"
         job_id = submit(spec, spec_path, name=f"hxn-ptycho-{Path(tmp).name.rsplit('-', 1)[-1]}",
-                        logfile=logfile, env=env, quiet=quiet)
+                        logfile=logfile, env=env, quiet=quiet, unset=unset)
         print(f"submitted Slurm job {job_id} ({spec.execution.ranks} task(s))", file=sys.stderr, flush=True)
         try:
             state = wait(job_id, poll_s=settings.poll_s)

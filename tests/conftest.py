@@ -1,6 +1,8 @@
 """Shared fixtures: small simulated scans (made once per session) and the shared data folder."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ from hxn_ptycho.simulate import simulate_scan, write_simulation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STAR = SHARED / "data" / "siemens-star-small" / "siemens-star-small.npz.bz2"
+# the simulated beamline writes its detector files in temporary folders: let the tests (and the
+# listeners they start) read them as data roots (callbacks/trust.py; /data and /nsls2/data are default)
+os.environ.setdefault("HXN_PTYCHO_DATA_ROOTS", os.pathsep.join([tempfile.gettempdir(), str(SHARED)]))
 
 
 @pytest.fixture(scope="session")

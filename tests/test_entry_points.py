@@ -221,6 +221,11 @@ def test_prefect_end_of_run(stored, tiled_server, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr + logs
         state = json.loads(done.stdout.strip().splitlines()[-1])
         assert state["state"] == "COMPLETED", (state, logs[-3000:])
+        # the same stop document delivered again (Kafka and Prefect both redeliver): found complete
+        again = subprocess.run([sys.executable, "-c", TRIGGER, json.dumps(stored["stop"])], env=env,
+                               capture_output=True, text=True, timeout=400, check=False)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert json.loads(again.stdout.strip().splitlines()[-1])["state"] == "COMPLETED"
     finally:
         if served is not None:
             _stop(served)
@@ -228,7 +233,7 @@ def test_prefect_end_of_run(stored, tiled_server, tmp_path):
     found = [r.metadata["start"] for r in runs(tiled_server.config, "processed").values()
              if r.metadata["start"].get("raw_uid") == stored["uid"] and r.metadata["start"]["time"] > started]
     by_flow = [s["recon"] for s in found]
-    assert len(by_flow) == 1, [s["recon"]["source"]["result_file"] for s in found]
+    assert len(by_flow) == 1, [s["recon"]["source"]["result_file"] for s in found]   # one for both deliveries
     assert Path(by_flow[0]["source"]["result_file"]).parent == tiled_server.directory / "results"
     assert_option_reached(by_flow[-1])
     print(f"\n[hxn-ptycho] Prefect end to end (server start, serve, run_deployment, 2-rank job, publish): "

@@ -35,23 +35,26 @@ def stored_run_start(uid: str, catalog: str | None) -> dict:
 
 
 @flow(name="hxn-ptycho-reconstruct", log_prints=True)
-def reconstruct(uid: str, catalog: str | None = None, **options: Any) -> dict:
+def reconstruct(uid: str, catalog: str | None = None, refuse: str | None = None, **options: Any) -> dict:
     """Reconstruct run ``uid`` of ``catalog`` and publish its derived run; returns what happened.
 
-    Raises (the flow run fails) when the reconstruction failed — the failure is recorded in the
-    catalog as a ``fail`` derived run first.
+    Exactly once: however often the run is delivered, it gets one derived run, under the uid the
+    listener's :func:`~hxn_ptycho.callbacks.derived.run_uid` gives its result file (named after the
+    run); a delivery finding that run complete returns it without running again
+    (:func:`~hxn_ptycho.callbacks.commands.reconstruct_stored_once`). A run that cannot be exported
+    (or ``refuse``, a reason not to run it) is recorded as a ``fail`` derived run. Raises (the flow
+    run fails) when the reconstruction failed — after recording the failure in the catalog.
     """
-    from hxn_ptycho.callbacks.commands import reconstruct_stored, stored_run_spec
+    from hxn_ptycho.callbacks.commands import reconstruct_stored_once
     from hxn_ptycho.job import final_line
     from hxn_ptycho.spec import parts_from_options
 
     logger = get_run_logger()
     params, execution, rest = parts_from_options(dict(options), extra=("output", "png"))
-    spec = stored_run_spec(catalog, uid=uid, params=params, execution=execution, output=rest.get("output"),
-                           png=rest.get("png"))
-    logger.info("reconstructing raw run %s (scan %s): %d rank(s), mode %s", uid, spec.source.scan_id,
-                execution.ranks, execution.mode)
-    status, outcome, derived_uid = reconstruct_stored(spec)
+    logger.info("reconstructing raw run %s: %d rank(s), mode %s", uid, execution.ranks, execution.mode)
+    status, outcome, derived_uid = reconstruct_stored_once(catalog, uid, params=params, execution=execution,
+                                                           output=rest.get("output"), png=rest.get("png"),
+                                                           refuse=refuse)
     logger.info("%s; derived run %s", final_line(outcome), derived_uid)
     if status != 0:
         raise RuntimeError(f"the reconstruction of run {uid} failed: {outcome.get('reason')} "
@@ -63,17 +66,21 @@ def reconstruct(uid: str, catalog: str | None = None, **options: Any) -> dict:
 @flow(name="end-of-run-workflow", log_prints=True)
 def end_of_run_workflow(stop_doc: dict, catalog: str | None = None, **options: Any) -> dict | None:
     """NSLS-II's end-of-run entry: reconstruct ``stop_doc["run_start"]`` if it is a ptychography run
-    that ended in success; ``options`` as for :func:`reconstruct`."""
+    that ended in success (a stop without ``exit_status`` is recorded as ``fail`` naming that);
+    ``options`` as for :func:`reconstruct`."""
     from hxn_ptycho.callbacks.export import ExportConfig
     from hxn_ptycho.callbacks.router import is_ptycho_run
 
     logger = get_run_logger()
     uid = stop_doc["run_start"]
-    if stop_doc.get("exit_status", "success") != "success":
-        logger.info("run %s ended with exit_status %r: not reconstructed", uid, stop_doc.get("exit_status"))
+    status = stop_doc.get("exit_status")
+    if status is not None and status != "success":
+        logger.info("run %s ended with exit_status %r: not reconstructed", uid, status)
         return None
     start = stored_run_start(uid, catalog)["start"]
     if not is_ptycho_run(start, ExportConfig().detectors):
         logger.info("run %s (scan %s) is not a ptychography run: not reconstructed", uid, start.get("scan_id"))
         return None
-    return reconstruct(uid, catalog, **options)
+    refuse = None if status is not None else \
+        "not reconstructed: its stop document has no exit_status, so how the scan ended is unknown"
+    return reconstruct(uid, catalog, refuse=refuse, **options)
