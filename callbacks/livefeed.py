@@ -60,11 +60,14 @@ class LiveFeedConfig:
 
 
 def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:
-    """The run as it was after its first ``n`` events of ``stream`` (copied; the RunEngine goes on)."""
+    """The run as it was after its first ``n`` events of ``stream`` (copied; the RunEngine goes on),
+    as if it had stopped there: its stop counts ``n`` events, so the export's completeness check
+    (lost or out-of-order events) applies to the views so far."""
     cols = {s: {k: list(v[:n]) if s == stream else list(v) for k, v in c.items()} for s, c in run.columns.items()}
     seq = {s: list(v[:n]) if s == stream else list(v) for s, v in run.seq_nums.items()}
     return dataclasses.replace(run, columns=cols, seq_nums=seq, descriptors=dict(run.descriptors),
-                               resources=dict(run.resources), datums=dict(run.datums), stop=None,
+                               resources=dict(run.resources), datums=dict(run.datums),
+                               stop={"exit_status": "success", "num_events": {stream: n}},
                                problems=list(run.problems))
 
 
