@@ -156,25 +156,45 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     return jobs, PtychoCallback(config, jobs)
 
 
+def check_listen_options(args: argparse.Namespace) -> None:
+    """Before accepting any scan: the work folder writable (and readable by the catalog's server),
+    the ranks available on this machine, the catalog reachable with our key — each refusal one line,
+    exit status 2, instead of a ``fail`` record for every scan."""
+    from .session import check_catalog, check_ranks_available, check_server_reads, check_writable, local_catalog_folder
+    work = check_writable(args.work_dir, "work folder (--work-dir)", "give --work-dir a folder you can write")
+    if getattr(args, "launcher", "local") != "slurm":     # Slurm ranks run on the cluster's nodes, not here
+        check_ranks_available(int(args.nprocs), bool(getattr(args, "force_nprocs", False)))
+    if args.catalog:
+        check_catalog(args.catalog)
+        check_server_reads(args.catalog, {"work folder (--work-dir)": work}, local_catalog_folder(args.catalog))
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
+    """Listen to a document stream; Ctrl-C stops with one line (status 130), SIGTERM quietly (status 0);
+    a running job is stopped and queued again for the next start."""
+    import asyncio
     _setup_logging(args.verbose)
     if not args.zmq and not args.kafka:
         raise CommandError("give the document stream: --zmq HOST:PORT (0MQ proxy output) or --kafka SERVERS")
+    check_listen_options(args)
     jobs, cb = build_callback(args, args.work_dir)
     dispatcher = make_dispatcher(args)
     dispatcher.subscribe(cb)
-
-    stopping = threading.Event()
+    stopped_by: list[int] = []
 
     def stop(signum: int, _frame: Any) -> None:
-        """SIGTERM as Ctrl-C: stop reading documents, finish what was collected, exit 0."""
-        if stopping.is_set():
+        """Stop reading documents, finish exporting what was collected. Ctrl-C: one line, a running job
+        queued again, status 130; SIGTERM (a service manager): the running job finishes, status 0."""
+        if stopped_by:
             return
-        stopping.set()
-        log.info("listener stopping (%s)", signal.Signals(signum).name)
+        stopped_by.append(signum)
+        if signum == signal.SIGINT:
+            print(f"hxn-ptycho listen: Ctrl-C: stopping; unfinished jobs stay queued in {Path(jobs.directory).resolve()}",
+                  file=sys.stderr, flush=True)
+        else:
+            log.info("listener stopping (%s)", signal.Signals(signum).name)
         loop = getattr(dispatcher, "loop", None)       # the 0MQ dispatcher runs an asyncio loop here
         if loop is not None and loop.is_running():
-            import asyncio
             for task in asyncio.all_tasks(loop):     # through the loop's self-pipe: it wakes up now
                 loop.call_soon_threadsafe(task.cancel)
         else:
@@ -186,16 +206,16 @@ def cmd_listen(args: argparse.Namespace) -> int:
     try:
         dispatcher.start()
     except BaseException as exc:
-        import asyncio
-        if not (stopping.is_set() and isinstance(exc, (asyncio.CancelledError, RuntimeError, KeyboardInterrupt))):
+        if not (stopped_by and isinstance(exc, (asyncio.CancelledError, RuntimeError, KeyboardInterrupt))):
             raise
         with contextlib.suppress(Exception):
             dispatcher.stop()
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the shutdown below is not interrupted half-way
         cb.flush(60)
-        jobs.stop(kill=False)
+        jobs.stop(kill=bool(stopped_by and stopped_by[0] == signal.SIGINT))
         cb.close()
-    return 0
+    return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
 
 
 # -- results --------------------------------------------------------------------------------
@@ -248,11 +268,11 @@ def cmd_results(args: argparse.Namespace) -> int:
                           "exit_status": res.exit_status, "reason": res.reason, "recon": res.recon,
                           "skipped": res.skipped}, indent=1))
     if args.png:
-        if not res.ok:
+        if not res.ok and not res.interrupted:
             print(f"hxn-ptycho results: no figure, the reconstruction failed: {res.reason}", file=sys.stderr)
             return 1
         print(f"wrote {summary_png(res, args.png)}")
-    return 0 if res.ok else 1
+    return 0 if res.ok or res.interrupted else 1
 
 
 def _results_live(args: argparse.Namespace) -> int:
@@ -502,7 +522,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sample, _truth = simulated_scan(args.scan_type, n_positions=args.positions, seed=args.sim_seed,
                                         probe_modes=args.true_modes)
         hxn = make_hxn(det_root)
-        RE = RunEngine({}, call_returns_result=False)
+        from bluesky.utils import PersistentDict
+        # RE.md (so scan_id) kept in the demo folder: a second demo there continues the numbering
+        RE = RunEngine(PersistentDict(str(base / "md")), call_returns_result=False)
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
         RE.subscribe(tiled_writer(catalog_cfg, "raw", max_array_size=0))
         jobs, cb = build_callback(args, base / "work", base_params={"iterations": 40})
@@ -521,7 +543,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cb.close()
         res = results(catalog_cfg, raw_uid=raw_uid)
         print(res.summary())
-        png = summary_png(res, args.png or base / "summary.png") if res.ok else None
+        png = summary_png(res, args.png or base / "summary.png", truth=_truth.object) if res.ok else None
         job = cb.submitted[-1]
         later = (f"hxn-ptycho serve --dir {server.directory} --read {base}  then  " if server else "") + \
             f"hxn-ptycho results --catalog {args.catalog} --scan-id {res.scan_id}"

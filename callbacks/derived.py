@@ -106,17 +106,55 @@ def _scan_file_id(path: str) -> Any:
 
 
 def write_sidecar(result_path: str | os.PathLike, res: Any) -> Path:
-    """``<result>.tiled.h5`` with ``object``, ``probe``, ``positions_px`` (each with a leading axis of 1)."""
+    """``<result>.tiled.h5`` with ``object``, ``probe``, ``positions_px`` (each with a leading axis of 1,
+    as Tiled's stream datums want): HDF5 *virtual* datasets that map onto the result file's own — a
+    few hundred bytes, written without reading or copying the arrays (``res`` gives only their
+    shapes and types: a :class:`ResultData` or :class:`ResultLayout`)."""
+    import h5py
+
     from hxn_ptycho.h5util import atomic_h5
 
+    result = Path(result_path).resolve()
     side = Path(str(result_path) + SIDE_SUFFIX).resolve()
+    keys = ["object", "probe", "positions_px"]
+    if getattr(res, "positions_refined_px", None) is not None:
+        keys.append("positions_refined_px")
     with atomic_h5(side) as f:
-        f.create_dataset("object", data=np.asarray(res.object)[None])
-        f.create_dataset("probe", data=np.asarray(res.probe)[None])
-        f.create_dataset("positions_px", data=np.asarray(res.positions_px, dtype=np.float64)[None])
-        if getattr(res, "positions_refined_px", None) is not None:
-            f.create_dataset("positions_refined_px", data=np.asarray(res.positions_refined_px, np.float64)[None])
+        for key in keys:
+            arr = getattr(res, key)
+            shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+            layout = h5py.VirtualLayout(shape=(1, *shape), dtype=dtype)
+            layout[0] = h5py.VirtualSource(str(result), key, shape=shape, dtype=dtype)
+            f.create_virtual_dataset(key, layout)
     return side
+
+
+class ResultLayout:
+    """What publishing needs of a result file, read without its large arrays: the shapes and types
+    of ``object``, ``probe``, positions (h5py datasets, not read), the small arrays (errors, probe
+    power) and the attributes — the job validated the file when it wrote it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import json as _json
+
+        from hxn_ptycho.h5util import open_h5, require
+        from hxn_ptycho.resultfile import KIND, ResultData, _jsonable
+        self._file = open_h5(path, KIND)
+        f = self._file
+        self.object, self.probe = require(f, "object", KIND), require(f, "probe", KIND)
+        self.positions_px = require(f, "positions_px", KIND)
+        self.positions_refined_px = f.get("positions_refined_px", None)
+        self.error_data = np.asarray(require(f, "error/data", KIND)[()], dtype=np.float64)
+        self.error_probe = np.asarray(require(f, "error/probe", KIND)[()], dtype=np.float64)
+        self.error_object = np.asarray(require(f, "error/object", KIND)[()], dtype=np.float64)
+        self.probe_power_fraction = np.asarray(require(f, "probe_power_fraction", KIND)[()], dtype=np.float64)
+        self.attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
+        self.params = _json.loads(self.attrs.pop("params", "{}") or "{}")
+        self.iterations = int(self.error_data.shape[0])
+        self.final_data_error = ResultData.final_data_error.fget(self)    # the one definition
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _array_key(arr: np.ndarray, external: bool) -> dict:
@@ -129,11 +167,17 @@ def _array_key(arr: np.ndarray, external: bool) -> dict:
 def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon: dict,
                      uid: str | None = None) -> list[Doc]:
     """The complete derived run (success) of the result file at ``result_path`` (start uid ``uid``)."""
+    res = ResultLayout(result_path)                 # shapes and small arrays only: no re-read, no copy
+    try:
+        return _result_documents(res, result_path, raw_uid, recon, uid)
+    finally:
+        res.close()
+
+
+def _result_documents(res: Any, result_path: str | os.PathLike, raw_uid: str | None, recon: dict,
+                      uid: str | None) -> list[Doc]:
     from event_model import compose_run
 
-    from hxn_ptycho.resultfile import read_result
-
-    res = read_result(result_path)
     recon = dict(recon or {})
     recon.setdefault("params", res.params)
     extra: dict[str, Any] = {}
@@ -143,10 +187,9 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
     bundle = compose_run(uid=uid, metadata=start_metadata(raw_uid, recon,
                                                           result_file=str(Path(result_path).resolve()), **extra))
     docs: list[Doc] = [("start", bundle.start_doc)]
-    external = {"object": np.asarray(res.object), "probe": np.asarray(res.probe),
-                "positions_px": np.asarray(res.positions_px, dtype=np.float64)}
+    external = {"object": res.object, "probe": res.probe, "positions_px": res.positions_px}   # h5py: not read
     if getattr(res, "positions_refined_px", None) is not None:       # --refine-positions: beside the nominal
-        external["positions_refined_px"] = np.asarray(res.positions_refined_px, dtype=np.float64)
+        external["positions_refined_px"] = res.positions_refined_px
     inline = {"probe_power_fraction": np.asarray(res.probe_power_fraction, dtype=np.float64),
               "final_probe_error": np.asarray(res.error_probe[-1], dtype=np.float64),
               "final_object_error": np.asarray(res.error_object[-1], dtype=np.float64)}
@@ -163,7 +206,8 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
                                                                descriptor=primary.descriptor_doc)))
     now = time.time()
     data = {k: v.tolist() for k, v in inline.items()}
-    data["final_data_error"] = float(res.error_data[-1]) if res.iterations else float("nan")
+    final = res.final_data_error                  # the one definition (ResultData.final_data_error)
+    data["final_data_error"] = float("nan") if final is None else final
     docs.append(("event", primary.compose_event(data=data, timestamps={k: now for k in data})))
     it_keys = {"data_error": {"source": PLAN_NAME, "dtype": "number", "shape": []},
                "probe_error": _array_key(np.asarray(res.error_probe[0], dtype=np.float64), False),
@@ -176,8 +220,21 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
             "object_error": np.asarray(res.error_object, dtype=np.float64).tolist()}
     docs.append(("event_page", iters.compose_event_page(
         data=page, timestamps={k: [now] * n for k in page}, seq_num=list(range(1, n + 1)))))
-    docs.append(("stop", bundle.compose_stop(exit_status="success")))
+    docs.append(("stop", bundle.compose_stop(**stop_status(recon, n))))
     return docs
+
+
+def stop_status(recon: dict, iterations_done: int) -> dict:
+    """The stop document's status: "success" for a complete run; a run stopped early on request
+    (Ctrl-C: ``measured.interrupted``) is "abort" with the iterations done — its data are kept, and
+    :func:`hxn_ptycho.callbacks.query.results` never prefers it to a complete one."""
+    measured = recon.get("measured") or {}
+    if not measured.get("interrupted"):
+        return {"exit_status": "success"}
+    total = (recon.get("params") or {}).get("iterations")
+    return {"exit_status": "abort",
+            "reason": f"interrupted after {measured.get('iterations_done', iterations_done)}"
+                      f"{f' of {total}' if total else ''} iterations (stopped on request; the result so far is kept)"}
 
 
 def failure_documents(raw_uid: str | None, recon: dict, reason: str, uid: str | None = None) -> list[Doc]:
@@ -317,8 +374,10 @@ def send_saved(path: str | os.PathLike, catalog: str | os.PathLike | CatalogConf
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 path.unlink()
-        log.info("derived run %s %s catalog %s", uid,
-                 "was already complete in the" if state == "complete" else "written to the", target)
+        # one line per publish: the caller (publish_outcome, republish_all) says it was written
+        (log.info if state == "complete" else log.debug)(
+            "derived run %s %s catalog %s", uid, "was already complete in the" if state == "complete" else
+            "written to the", target)
         return uid
     finally:
         os.close(fd)

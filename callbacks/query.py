@@ -65,16 +65,25 @@ class DerivedResult:
 
     @property
     def ok(self) -> bool:
+        """A complete reconstruction (every iteration run)."""
         return self.exit_status == "success"
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped early on request: its arrays are there, but not all its iterations were run."""
+        return is_interrupted(self.exit_status, self.recon)
 
     @property
     def time(self) -> float | None:
         return self.start.get("time")
 
     def summary(self) -> str:
-        head = f"derived run {self.uid} of scan {self.scan_id} (raw {self.raw_uid}): {self.exit_status}"
-        if not self.ok:
+        status = "interrupted" if self.interrupted else self.exit_status
+        head = f"derived run {self.uid} of scan {self.scan_id} (raw {self.raw_uid}): {status}"
+        if not self.ok and not self.interrupted:
             return f"{head} — {self.reason}"
+        if self.interrupted:
+            head = f"{head} ({self.reason})"
         return (f"{head}; object {tuple(self.object.shape)}, probe {tuple(self.probe.shape)}, "
                 f"probe power {np.round(self.probe_power_fraction, 3).tolist()}, "
                 f"final data error {self.final_data_error:.4g}")
@@ -94,10 +103,14 @@ class RunSummary:
     final_data_error: float | None = None
     unreadable: str | None = None                      # why the server cannot read it, if it cannot
 
+    interrupted: bool = False                          # stopped early on request (Ctrl-C)
+
     @property
     def status(self) -> str:
         if self.unreadable:
             return "unreadable"
+        if self.interrupted:
+            return "interrupted"
         return self.exit_status or "running"
 
     def line(self) -> str:
@@ -113,18 +126,90 @@ TABLE_HEAD = f"{'uid':<36}  {'time':<19}  {'status':<10}  {'data error':>10}  pa
 
 # --- finding runs -------------------------------------------------------------------------
 
+_CLIENTS: dict[tuple[str, str], Any] = {}
+
+
+class QuickArray:
+    """A minimal read-only client for Tiled's ``array`` structure family: ``shape``, ``dtype``,
+    ``read()`` (one request for the raw bytes) and ``data_sources()``. Tiled's own ``ArrayClient``
+    imports dask at import time (seconds on a loaded machine); a query needs none of it."""
+
+    def __init__(self, context: Any, *, item: dict, structure_clients: Any = None, structure: Any = None,
+                 include_data_sources: bool = False, **_: Any) -> None:
+        self.context, self.item = context, item
+        struct = item["attributes"]["structure"]
+        self.shape = tuple(struct["shape"])
+        dt = struct["data_type"]
+        order = {"little": "<", "big": ">"}.get(dt.get("endianness"), "|")
+        self.dtype = np.dtype(f"{order}{dt['kind']}{dt['itemsize']}")
+        self.uri = item["links"]["self"]
+
+    @property
+    def metadata(self) -> dict:
+        return dict(self.item["attributes"].get("metadata") or {})
+
+    def read(self) -> np.ndarray:
+        resp = self.context.http_client.get(self.item["links"]["full"], headers={"Accept": "application/octet-stream"})
+        resp.raise_for_status()
+        return np.frombuffer(resp.content, dtype=self.dtype).reshape(self.shape).copy()
+
+    def data_sources(self) -> list[Any]:
+        from types import SimpleNamespace
+        resp = self.context.http_client.get(self.item["links"]["self"], params={"include_data_sources": True})
+        resp.raise_for_status()
+        sources = resp.json()["data"]["attributes"].get("data_sources") or []
+        return [SimpleNamespace(assets=[SimpleNamespace(data_uri=a["data_uri"]) for a in ds.get("assets", [])])
+                for ds in sources]
+
+
+def _plain_structure_clients() -> Any:
+    """Tiled's own clients for each structure family, without the spec-named ones of
+    ``bluesky_tiled_plugins`` (BlueskyRun, …): importing those pulls in dask, xarray, pandas and
+    numba — seconds — and a query needs only metadata, searches and arrays."""
+    from tiled.client.container import DEFAULT_STRUCTURE_CLIENT_DISPATCH
+    from tiled.utils import OneShotCachedMap
+    base = DEFAULT_STRUCTURE_CLIENT_DISPATCH["numpy"]
+    families = ("container", "composite", "array", "table", "sparse", "awkward", "xarray_dataset")
+    clients = {k: (lambda k=k: base[k]) for k in families if k in base}
+    clients["array"] = lambda: QuickArray
+    return OneShotCachedMap(clients)
+
+
+def query_container(catalog: Any, which: str) -> Any:
+    """The ``raw`` or ``processed`` container for reading: one connection per catalog and process,
+    plain Tiled clients (see :func:`_plain_structure_clients`), nothing created — a query is quick."""
+    from tiled.client import from_uri
+
+    from .catalog import CatalogError, container, probe_server, resolve_catalog
+    cfg = resolve_catalog(catalog)
+    key = (cfg.uri, cfg.raw if which == "raw" else cfg.processed)
+    if key not in _CLIENTS:
+        root = _CLIENTS.get((cfg.uri, ""))
+        if root is None:
+            probe_server(cfg.uri)                   # an unreachable catalog: one line now, no client retries
+            try:
+                root = from_uri(cfg.uri, structure_clients=_plain_structure_clients(), api_key=cfg.resolve_api_key(),
+                                remember_me=False, timeout=30)
+            except CatalogError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused key, ...: one line naming the catalog
+                raise CatalogError(f"cannot reach the Tiled catalog at {cfg.uri}: {type(exc).__name__}: "
+                                   f"{(str(exc).splitlines() or [''])[0]}") from None
+            _CLIENTS[(cfg.uri, "")] = root
+        _CLIENTS[key] = container(root, key[1])
+    return _CLIENTS[key]
+
+
 def _processed(catalog: Any) -> Any:
     if hasattr(catalog, "search"):
         return catalog
-    from .catalog import runs
-    return runs(catalog, "processed")
+    return query_container(catalog, "processed")
 
 
 def _raw(catalog: Any) -> Any | None:
     if hasattr(catalog, "search"):
         return None                       # a bare processed client: its raw container is unknown here
-    from .catalog import runs
-    return runs(catalog, "raw")
+    return query_container(catalog, "raw")
 
 
 def find_derived_runs(catalog: Any, *, scan_id: int | None = None, raw_uid: str | None = None,
@@ -135,8 +220,9 @@ def find_derived_runs(catalog: Any, *, scan_id: int | None = None, raw_uid: str 
     if (scan_id is None) == (raw_uid is None):
         raise NoResult("give exactly one of scan_id= or raw_uid=")
     with catalog_errors(catalog, "searching the derived runs"):
-        found = _processed(catalog).search(Eq("plan_name", PLAN_NAME))
-        found = found.search(Eq("raw_uid", raw_uid)) if raw_uid is not None else found.search(Eq("scan_id", int(scan_id)))
+        found = _processed(catalog).search(Eq("start.plan_name", PLAN_NAME))
+        found = found.search(Eq("start.raw_uid", raw_uid)) if raw_uid is not None else found.search(
+            Eq("start.scan_id", int(scan_id)))
         if only_success:
             found = found.search(Eq("stop.exit_status", "success"))
         runs = list(found.values())
@@ -156,10 +242,19 @@ def find_derived(catalog: Any, *, scan_id: int | None = None, raw_uid: str | Non
 def derived_run(catalog: Any, uid: str) -> Any:
     """The derived run ``uid`` (full or partial, ≥ 5 characters) of the ``processed`` container."""
     with catalog_errors(catalog, f"looking up derived run {uid}"):
+        processed = _processed(catalog)
         try:
-            run = _processed(catalog)[uid]
+            run = processed[uid]
         except (KeyError, ValueError) as exc:
-            raise NoResult(f"no derived run {uid} in the catalog ({exc})") from None
+            run = None
+            if len(uid) >= 5:                       # a partial uid (a plain Tiled container has no such lookup)
+                from tiled.queries import Like
+                hits = list(processed.search(Like("start.uid", f"{uid}%")).items())
+                if len(hits) > 1:
+                    raise NoResult(f"{uid} is the start of {len(hits)} derived runs' uids: give more of it") from None
+                run = hits[0][1] if hits else None
+            if run is None:
+                raise NoResult(f"no derived run {uid} in the catalog ({exc})") from None
     if run.metadata.get("start", {}).get("plan_name") != PLAN_NAME:
         raise NoResult(f"run {uid} is not a reconstruction (plan_name "
                        f"{run.metadata.get('start', {}).get('plan_name')!r}, not {PLAN_NAME!r})")
@@ -179,7 +274,7 @@ def duplicate_scan_ids(catalog: Any, scan_id: int, derived: list[Any] = ()) -> s
     raw = _raw(catalog)
     if raw is not None:
         with catalog_errors(catalog, "searching the raw scans"):
-            uids = [str(k) for k in raw.search(Eq("scan_id", int(scan_id)))]
+            uids = [str(k) for k in raw.search(Eq("start.scan_id", int(scan_id)))]
     for run in derived:
         u = run.metadata.get("start", {}).get("raw_uid")
         if u and u not in uids:
@@ -289,25 +384,92 @@ def load_result(run: Any, catalog: Any = None) -> DerivedResult:
     out = DerivedResult(uid=start.get("uid"), raw_uid=start.get("raw_uid"), scan_id=start.get("scan_id"),
                         exit_status=stop.get("exit_status"), reason=stop.get("reason"),
                         recon=dict(start.get("recon", {})), start=start)
-    if out.exit_status != "success":
+    if out.exit_status != "success" and not out.interrupted:
         return out
     with catalog_errors(catalog, f"reading derived run {out.uid}"):
-        why = check_readable(run, catalog)
-        if why:
-            raise UnreadableRun(f"derived run {out.uid} of scan {out.scan_id} cannot be read: {why}")
-        p = run["primary"]
-        out.object = _read(p, "object")[0]
-        out.probe = _read(p, "probe")[0]
-        out.positions_px = _read(p, "positions_px")[0]
-        if "positions_refined_px" in p:
-            out.positions_refined_px = _read(p, "positions_refined_px")[0]
-        out.probe_power_fraction = _read(p, "probe_power_fraction")[0]
-        out.final_data_error = float(_read(p, "final_data_error")[0])
-        if "iterations" in run:
-            it = run["iterations"]
-            out.data_error, out.probe_error, out.object_error = (_read(it, k, False) for k in
-                                                                 ("data_error", "probe_error", "object_error"))
+        if not isinstance(run, (QuickRun, QuickArray)) and not _is_plain(run):
+            why = check_readable(run, catalog)       # a client of bluesky_tiled_plugins: ask first
+            if why:
+                raise UnreadableRun(f"derived run {out.uid} of scan {out.scan_id} cannot be read: {why}")
+            reader: Any = _ClientReader(run)
+        else:
+            reader = QuickRun(run, catalog, out)
+        out.object = reader.read("primary", "object")[0]
+        out.probe = reader.read("primary", "probe")[0]
+        out.positions_px = reader.read("primary", "positions_px")[0]
+        refine = _find_key(out.recon.get("params") or {}, "refine_positions")
+        refined = reader.read("primary", "positions_refined_px", required=False) if refine in (None, True) else None
+        out.positions_refined_px = None if refined is None else refined[0]
+        out.probe_power_fraction = reader.read("primary", "probe_power_fraction")[0]
+        out.final_data_error = float(reader.read("primary", "final_data_error")[0])
+        out.data_error, out.probe_error, out.object_error = (reader.read("iterations", k, required=False)
+                                                             for k in ("data_error", "probe_error", "object_error"))
     return out
+
+
+def _is_plain(run: Any) -> bool:
+    return type(run).__module__.startswith("tiled.")
+
+
+class _ClientReader:
+    """Reads through the run's own (bluesky_tiled_plugins) client."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def read(self, stream: str, key: str, required: bool = True) -> np.ndarray | None:
+        if stream not in self.run:
+            if required:
+                raise NoResult(f"derived run {self.run.uri}: no stream '{stream}'")
+            return None
+        return _read(self.run[stream], key, required)
+
+
+_EXTERNAL_KEYS = {"object", "probe", "positions_px", "positions_refined_px", "probe_error", "object_error"}
+
+
+class QuickRun:
+    """Reads a derived run's arrays with two requests each (the node, its bytes), addressed by path —
+    a composite stream's own lookup costs two searches per key. A file the server cannot read is
+    found by that one read (no retries) and explained as :func:`check_readable` does."""
+
+    def __init__(self, run: Any, catalog: Any, out: DerivedResult) -> None:
+        self.run, self.catalog, self.out = run, catalog, out
+        self.base = run.item["links"]["self"].rstrip("/")
+
+    def _node(self, stream: str, key: str) -> QuickArray | None:
+        http = self.run.context.http_client
+        direct, internal = f"{self.base}/{stream}/{key}", f"{self.base}/{stream}/internal/{key}"
+        for path in ((direct, internal) if key in _EXTERNAL_KEYS else (internal, direct)):
+            resp = http.get(path)
+            if resp.status_code == 404:
+                continue
+            resp.raise_for_status()
+            return QuickArray(self.run.context, item=resp.json()["data"])
+        return None
+
+    def read(self, stream: str, key: str, required: bool = True) -> np.ndarray | None:
+        node = self._node(stream, key)
+        if node is None:
+            if required:
+                raise NoResult(f"derived run {self.out.uid}: stream '{stream}' has no '{key}'")
+            return None
+        resp = node.context.http_client.get(node.item["links"]["full"],
+                                            headers={"Accept": "application/octet-stream", "Connection": "close"})
+        if resp.status_code >= 400:
+            why = _unreadable_cause(key, node, resp, self.catalog)
+            raise UnreadableRun(f"derived run {self.out.uid} of scan {self.out.scan_id} cannot be read: {why}")
+        return np.frombuffer(resp.content, dtype=node.dtype).reshape(node.shape).copy()
+
+
+def is_interrupted(exit_status: str | None, recon: dict) -> bool:
+    """A derived run stopped early on request: stop "abort" and ``recon.measured.interrupted``."""
+    return exit_status == "abort" and bool((recon.get("measured") or {}).get("interrupted"))
+
+
+def _run_interrupted(run: Any) -> bool:
+    md = as_v3(run).metadata
+    return is_interrupted((md.get("stop") or {}).get("exit_status"), dict(md.get("start", {}).get("recon", {})))
 
 
 def _find_key(tree: Any, key: str) -> Any:
@@ -342,7 +504,12 @@ def summarize(run: Any, catalog: Any = None, check: bool = True) -> RunSummary:
     row = RunSummary(uid=start.get("uid"), raw_uid=start.get("raw_uid"), scan_id=start.get("scan_id"),
                      time=start.get("time"), exit_status=stop.get("exit_status"), reason=stop.get("reason"),
                      parameters=key_parameters(dict(start.get("recon", {}))))
-    if row.exit_status == "success":
+    recon = dict(start.get("recon", {}))
+    row.interrupted = is_interrupted(row.exit_status, recon)
+    done = (recon.get("measured") or {}).get("iterations_done")
+    if done is not None and row.parameters.get("iterations") not in (None, done):
+        row.parameters["iterations"] = f"{done}/{row.parameters['iterations']}"   # e.g. 173/2000
+    if row.exit_status == "success" or row.interrupted:
         with catalog_errors(catalog, f"reading derived run {row.uid}"):
             if "primary" in run and "final_data_error" in run["primary"]:
                 row.final_data_error = float(np.asarray(run["primary"]["final_data_error"].read()).ravel()[0])
@@ -371,6 +538,8 @@ def results(catalog: Any = None, *, scan_id: int | None = None, raw_uid: str | N
         return [summarize(run, catalog) for run in found]
     if not found:
         raise NoResult(f"no reconstruction of {_what(scan_id, raw_uid)} in the catalog")
+    # an interrupted run is the answer only when no other one is (newest first within each group)
+    found.sort(key=lambda r: _run_interrupted(r))
     skipped: list[tuple[str, str]] = []
     for run in found:
         try:
@@ -415,7 +584,7 @@ def as_result_data(res: DerivedResult) -> Any:
     the scan id, the object pixel size and the probe-mode log found in ``recon``."""
     from hxn_ptycho.resultfile import ResultData
 
-    if not res.ok:
+    if not res.ok and not res.interrupted:
         raise NoResult(f"derived run {res.uid} failed ({res.reason}); there is nothing to plot")
 
     def curves(values: np.ndarray | None, width: int) -> np.ndarray:
@@ -427,6 +596,8 @@ def as_result_data(res: DerivedResult) -> Any:
     attrs = {k: v for k in ("probe_modes_log", "final_cost", "pixel_size_m", "lambda_nm", "z_m", "ccd_pixel_um")
              if (v := _find_key(res.recon, k)) is not None}
     attrs["scan_scan_id"] = res.scan_id
+    if res.final_data_error is not None:
+        attrs["final_data_error"] = res.final_data_error       # the derived run's one number, in the title
     return ResultData(object=res.object, probe=res.probe, positions_px=res.positions_px,
                       error_data=np.zeros(0) if res.data_error is None else np.asarray(res.data_error, float),
                       error_probe=curves(res.probe_error, res.probe.shape[0]),
@@ -434,10 +605,12 @@ def as_result_data(res: DerivedResult) -> Any:
                       probe_power_fraction=res.probe_power_fraction, params=res.recon, attrs=attrs)
 
 
-def summary_png(res: DerivedResult, path: str | os.PathLike) -> str:
+def summary_png(res: DerivedResult, path: str | os.PathLike, truth: Any = None) -> str:
     """Object modes, probe modes and the convergence curves in one PNG (written atomically): the same
-    figure as ``hxn-ptycho reconstruct --png``, at the object pixel size recorded in ``recon``."""
+    figure as ``hxn-ptycho reconstruct --png``, at the object pixel size recorded in ``recon``;
+    ``truth`` (a simulation's known object) beside the result."""
     from hxn_ptycho.plots import summary_png as plot
 
-    plot(as_result_data(res), path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}")
+    status = " (interrupted)" if res.interrupted else ""
+    plot(as_result_data(res), path, title=f"scan {res.scan_id} — derived run {res.uid[:8]}{status}", truth=truth)
     return str(path)

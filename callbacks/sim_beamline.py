@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import warnings
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -469,7 +470,11 @@ def fly2dpd(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger2", motors:
     @bpp.stage_decorator([det])
     @bpp.run_decorator(md=run_md)
     def inner() -> Iterator:
-        yield from bps.kickoff(flyer, num=sample.n_views * position_supersample, wait=True)
+        # kickoff(flyer, num=...) as hxn-profile-collection's fly2dpd calls it; bluesky warns once per
+        # process that Msg kwargs may be deprecated — not news to a simulated scan's user
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"About to call kickoff\(\) with args", category=UserWarning)
+            yield from bps.kickoff(flyer, num=sample.n_views * position_supersample, wait=True)
         yield from bps.trigger(det)
         yield from bps.complete(flyer, wait=True)
         yield from bps.collect(flyer)

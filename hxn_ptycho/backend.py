@@ -64,13 +64,16 @@ class FusedSteps(Protocol):
         """(2) ``out[b, l, k] = obj_windows[b, l] · probe[k]``."""
     def reflect(self, fphi: Any, fpsi: Any, out: Any) -> Any:
         """(3) ``out = 2·fphi − fpsi``."""
-    def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0) -> Any:
-        """(4) the Fourier projection in place, all modes of a view at once, the power bound with pbound > 0."""
+    def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0, floor: float = 0.0,
+                           stats: Any = None) -> Any:
+        """(4) the Fourier projection in place, all modes of a view at once, the power bound with pbound > 0
+        (r ≥ ``floor``, Σ r into ``stats``: ``dm.relaxation``, ``dm.RelaxSum``)."""
     def dm_update(self, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any:
         """(3) ``fpsi += β·(projected − fphi)``."""
     def data_error(self, fphi: Any, diffamp: Any, mask: Any) -> Any:
         """(7) Σ_good (|F(P·O)| − √I)² of a batch (a scalar, possibly on the device)."""
-    def fourier_update(self, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float) -> Any:
+    def fourier_update(self, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float,
+                       floor: float = 0.0, stats: Any = None) -> Any:
         """(3), (4), (7) in one pass: ``fpsi += β(Π_F(2 fphi − fpsi) − fphi)``; returns the data error of fphi."""
     def object_numerator(self, psi: Any, probe_conj: Any, out: Any) -> Any:
         """(6) ``out[b, l] = Σ_k probe_conj[k] · psi[b, l, k]``."""

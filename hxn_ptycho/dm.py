@@ -47,18 +47,52 @@ def reflect(be: Any, fphi: Any, fpsi: Any, out: Any) -> Any:
     return out
 
 
+# (4) the power bound's relaxation of each view: r = max(r_min, √(pbound / dev)) above the bound, 1 within it
+def relaxation(xp: Any, per_view_dev: Any, pbound: float, floor: float = 0.0) -> Any:
+    """Per-view factor r of the relaxed projection from the mean squared modulus deviation ``dev``.
+
+    With β = 1, DM then computes ψ ← (1 − r)·DM(ψ) + r·P·O: RAAR with β_RAAR = 1 − r (Luke,
+    *Inverse Problems* 21, 37 (2005)), so r is DM's only damping. √(pbound/dev) alone falls as the
+    counts rise on data with model errors (dev grows with the counts, the photon-noise bound does
+    not); the floor r ≥ ``floor`` keeps the damping independent of the count level.
+    """
+    r = xp.sqrt(pbound / xp.maximum(per_view_dev, TINY))
+    if floor > 0:
+        r = xp.maximum(r, floor)
+    return xp.where(per_view_dev > pbound, r, 1.0)
+
+
+class RelaxSum:
+    """Σ r of the relaxed projections of a pass, over ``views`` views, and Σ √(bound/deviation)
+    (capped at 1) without the floor: the mean of that says whether the bound damps DM at all."""
+
+    def __init__(self) -> None:
+        self.total: Any = 0.0
+        self.raw: Any = 0.0
+        self.views = 0
+
+    def add(self, r: Any, views: int, raw: Any = None) -> None:
+        if r is not None:
+            self.total = self.total + r.sum()
+            self.raw = self.raw + (r if raw is None else raw).sum()
+        self.views += views
+
+
 # (4) Π_F: Ψ ← √I · Ψ / (Σ_kl |Ψ^(k,l)|²)^½ on good pixels; masked pixels keep the model's modulus
-def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0) -> Any:
+def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0,
+                       floor: float = 0.0, stats: RelaxSum | None = None) -> Any:
     """In place on the Fourier-space waves ``(B, L, K, n, n)`` of a batch.
 
     ``pbound`` > 0 relaxes the projection for noisy data (PtyPy's power bound): a view whose
     mean squared modulus deviation is below ``pbound`` is left as it is, one above it is moved
     only onto the sphere of radius √pbound around the data, i.e. the target modulus is
-    √I + r·(|Ψ| − √I) with r = √(pbound / deviation) — factor r + (1 − r)·√I/|Ψ|.
+    √I + r·(|Ψ| − √I) with r = √(pbound / deviation) — factor r + (1 − r)·√I/|Ψ| — but never
+    less than ``floor`` (:func:`relaxation`). ``stats`` collects Σ r over the views (r = 0
+    without the bound: the exact projection).
     """
     fused = _fused(be, "fourier_projection")
     if fused is not None:
-        return fused(waves_f, diffamp, mask, pbound)
+        return fused(waves_f, diffamp, mask, pbound, floor, stats)
     xp = be.xp
     B, n = waves_f.shape[0], waves_f.shape[-1]
     modulus = _modulus(be, waves_f)
@@ -68,10 +102,13 @@ def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any, pbound: f
         if mask is not None:
             dev *= mask
         per_view = xp.square(dev, out=dev).reshape(B, -1).mean(axis=1)
-        outside = per_view > pbound
-        if not bool(outside.any()):
+        renorm = relaxation(xp, per_view, pbound, floor).astype(modulus.dtype)
+        if stats is not None:
+            stats.add(renorm, B, relaxation(xp, per_view, pbound) if floor > 0 else None)
+        if not bool((renorm < 1).any()):
             return waves_f                      # every view within the bound: nothing to do
-        renorm = xp.where(outside, xp.sqrt(pbound / xp.maximum(per_view, TINY)), 1.0).astype(modulus.dtype)
+    elif stats is not None:
+        stats.add(None, B)
     factor = xp.maximum(modulus, TINY, out=modulus)
     xp.divide(diffamp, factor, out=factor)
     if renorm is not None:
@@ -124,17 +161,18 @@ def data_error(be: Any, fphi: Any, diffamp: Any, mask: Any) -> Any:
 
 # (3), (4), (7) together: the data error of F(P·O), then ψ's DM update through the projection
 def fourier_update(be: Any, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float,
-                   work: Any) -> Any:
+                   floor: float = 0.0, stats: RelaxSum | None = None, work: Any = None) -> Any:
     """One batch's Fourier step on F(ψ) in place; returns Σ_good (|F(P·O)| − √I)².
 
-    A backend with a fused kernel does it in one pass without the ``work`` buffer.
+    A backend with a fused kernel does it in one pass without the ``work`` buffer (the generic
+    code needs it, shaped like ``fpsi``). ``floor`` and ``stats``: those of :func:`fourier_projection`.
     """
     fused = _fused(be, "fourier_update")
     if fused is not None:
-        return fused(fpsi, fphi, diffamp, mask, pbound, beta)
+        return fused(fpsi, fphi, diffamp, mask, pbound, beta, floor, stats)
     err = data_error(be, fphi, diffamp, mask)                   # (7)
     work = reflect(be, fphi, fpsi, work)                        # F(2·P·O − ψ)
-    work = fourier_projection(be, work, diffamp, mask, pbound)  # (4)
+    work = fourier_projection(be, work, diffamp, mask, pbound, floor, stats)  # (4)
     dm_update(be, fpsi, fphi, work, beta)                       # (3)
     return err
 

@@ -35,6 +35,8 @@ class DMIteration:
 
     def __init__(self, rec: Reconstruction) -> None:
         self.rec = rec
+        self.mean_relax = float("nan")      # mean r of the last Fourier step (dm.relaxation): DM's damping
+        self.undamped = float("inf")        # its mean without the floor
 
     # --- per batch ------------------------------------------------------------------------------
     def _fourier_batch(self, w: Any, b: slice) -> None:
@@ -43,7 +45,7 @@ class DMIteration:
         phi = rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])  # (2)
         fphi = be.fft2(phi)                                                                      # F(P·O)
         w.err += dm.fourier_update(be, fpsi, fphi, amp, rec.mask, rec.pbound,                    # (3), (4), (7)
-                                   rec.params.beta, w.work[:B])
+                                   rec.params.beta, self.floor_now, w.relax, w.work[:B])
         psi = w.psi[:B] if rec.streaming else rec.psi[b]
         psi[...] = fpsi
         be.ifft2(psi)                                                                            # ψ, in place
@@ -71,7 +73,17 @@ class DMIteration:
         rec = self.rec
         rec._probe_terms()
         rec._reset("obj_num", "obj_den", "err")
+        for w in rec._workers:
+            w.relax = dm.RelaxSum()
+        # the floor holds while the bound does not damp DM as a whole (mean √(bound/deviation) below
+        # it, as at high counts with model errors): then a view far outside the bound is a count
+        # level, not a view the model cannot yet fit (a misplaced one), which stays undamped
+        # while positions are refined the misfit is the positions' (DM must show it, undamped)
+        floor = 0.0 if rec.refining_positions else rec.params.dm_relax_floor
+        self.floor_now = floor if self.undamped < floor else 0.0
         rec._each(self._fourier_batch)
+        self.mean_relax, raw = rec._reduce_relax()
+        self.undamped = raw if self.floor_now > 0 else self.mean_relax
         return rec._reduce_err() / max(rec.total_intensity, 1e-300)
 
     # (6) O_l = (Σ_j,k P_k*·ψ + α·O_l) / (Σ_j,k |P_k|² + α), from the sums already accumulated

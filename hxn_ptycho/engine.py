@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import logging
+
 import numpy as np
 
 from . import __version__, dm, initial, modes
@@ -29,6 +31,10 @@ from .probemodes import ProbeModeManager
 from .params import ParamError, ReconParams, algorithm_stages
 from .resultfile import ResultData, read_result
 from .scanfile import ScanData, positions_px
+
+
+logger = logging.getLogger(__name__)
+RELAX_WARN = 0.05       # a mean relaxation r below this: the power bound is not damping DM
 
 
 class LocalReducer:
@@ -195,6 +201,7 @@ class _Worker:
         self.probe_num = be.zeros((K, n, n), cdtype)
         self.probe_den = be.zeros((n, n), rdtype)
         self.err = 0.0
+        self.relax = dm.RelaxSum()                            # Σ r of the relaxed projections of a DM pass
         self.nll = self.d1 = self.d2 = 0.0                   # sums of the ML passes
 
 
@@ -225,6 +232,7 @@ class Reconstruction:
         self.cdtype = np.complex128 if params.precision == "double" else np.complex64
         self.rdtype = np.float64 if params.precision == "double" else np.float32
         self.overlap_rounds: list[int] = []        # probe updates of each DM iteration
+        self.refining_positions = False            # no relaxation floor (dm_relax_floor) while true
         self._setup()
 
     @property
@@ -242,7 +250,8 @@ class Reconstruction:
         scan, p, be = self.scan, self.params, self.be
         n = scan.n
         # refined windows may move outwards: room for the largest correction and a bilinear pixel
-        self.margin = p.margin + (int(np.ceil(p.position_max_shift)) + 1 if p.refine_positions else 0)
+        reach = max(p.position_max_shift, p.position_search_radius)
+        self.margin = p.margin + (int(np.ceil(reach)) + 1 if p.refine_positions else 0)
         pos_all, shape = self._layout(scan, self.margin)
         self.positions_all = pos_all
         self.geom = Geometry(pos_all, scan.views, n, shape, subpixel=p.refine_positions)
@@ -344,6 +353,15 @@ class Reconstruction:
         self._probe_conj = xp.conj(self.probe)
         self._probe_intensity = (xp.square(self.probe.real) + xp.square(self.probe.imag)).sum(axis=0)
 
+    def _reduce_relax(self) -> tuple[float, float]:
+        """Means over all views of the relaxation r of the last DM Fourier step (dm.relaxation), with
+        the floor and without it."""
+        acc = np.array([float(sum(float(w.relax.total) for w in self._workers)),
+                        float(sum(float(w.relax.raw) for w in self._workers)),
+                        float(sum(w.relax.views for w in self._workers))])
+        self.reducer.allreduce_sum([acc])
+        return (float(acc[0] / acc[2]), float(acc[1] / acc[2])) if acc[2] else (float("nan"), float("nan"))
+
     def _reduce_err(self) -> float:
         err = np.array([float(sum(float(w.err) for w in self._workers))])
         self.reducer.allreduce_sum([err])
@@ -393,10 +411,14 @@ class Reconstruction:
         err_data = np.full(iters, np.nan)
         err_probe: list[np.ndarray] = []
         err_obj = np.full((iters, self.obj_shape[0]), np.nan)
+        err_relax = np.full(iters, np.nan)
+        relax_warned = False
+        stage_start = 0
         refiner = None
         if p.refine_positions:
             from .positions import PositionRefiner
             refiner = PositionRefiner(self)
+            self.refining_positions = True
         stage: Any = None
         stage_name = None
         done = 0
@@ -412,16 +434,33 @@ class Reconstruction:
                 if schedule[it] != stage_name:
                     stage_name = schedule[it]
                     stage = self._enter_stage(stage_name, it)
+                    stage_start = it
                     if bar is not None:
                         bar.set_description(stage_name)
                 d, ep, eo = stage.iterate(it)
                 err_data[it], err_obj[it] = d, eo
                 err_probe.append(ep)
+                err_relax[it] = getattr(stage, "mean_relax", np.nan)
+                if stage_name == "DM" and self.pbound > 0:
+                    logger.debug("iteration %d: data error %.4g, mean relaxation r %.3f", it, d, err_relax[it])
+                    # (the floor engages from a stage's second iteration: its first measures the bound)
+                    if (err_relax[it] < RELAX_WARN and it > stage_start and not relax_warned
+                            and self.reducer.rank == 0):
+                        relax_warned = True
+                        self.log(f"hxn-ptycho: warning: mean relaxation r {err_relax[it]:.3f} < {RELAX_WARN} at "
+                                 f"iteration {it}: the power bound is not damping DM (dm_relax_floor "
+                                 f"{p.dm_relax_floor}; docs/dm_damping.md)")
                 done = it + 1
                 last = it + 1 == iters
                 if refiner is not None and not last:
+                    if refiner.coarse_due(it) and refiner.coarse() and stage_name == "DM":
+                        self._each(self._init_psi)           # exit waves from the model at the new corners
                     if refiner.due(it):
                         refiner.refine()
+                    if it == refiner.end:
+                        self.refining_positions = False          # DM's relaxation floor from here on
+                        if refiner.guard() and stage_name == "DM":
+                            self._each(self._init_psi)
                     if it >= refiner.end and self.geom.subpixel_windows and not p.position_subpixel_windows:
                         self.geom.use_subpixel(False)        # refinement over: windows on the pixel grid
                         if stage_name == "DM":
@@ -438,7 +477,7 @@ class Reconstruction:
                 bar.close()
         if interrupted and self.reducer.rank == 0:
             self.log(f"hxn-ptycho: stopped on request after iteration {done} of {iters}")
-        err_data, err_obj = err_data[:done], err_obj[:done]
+        err_data, err_obj, err_relax = err_data[:done], err_obj[:done], err_relax[:done]
         if not np.isfinite(err_data[-1]):
             raise FloatingPointError("the reconstruction diverged (non-finite data error)")
         self.modes_mgr.finish(iters, interrupted)
@@ -462,12 +501,14 @@ class Reconstruction:
         if refiner is not None:
             refined = self.geom.positions_all.copy()
             attrs["position_refinements"] = refiner.count
+            attrs["position_coarse_moved"] = list(refiner.coarse_moved)
+            attrs["position_reverted"] = refiner.reverted
             from .positions import affine_terms
             attrs["position_affine_matrix"] = affine_terms(self.geom.nominal_all, refined).tolist()
         attrs.update({f"scan_{k}": v for k, v in self.scan.attrs.items()})
         return ResultData(object=self.be.asnumpy(self.obj), probe=probe,
                           positions_px=self.positions_all.astype(np.float64),
-                          error_data=err_data, error_probe=ep, error_object=err_obj,
+                          error_data=err_data, error_probe=ep, error_object=err_obj, error_relax=err_relax,
                           probe_power_fraction=modes.power_fractions(probe),
                           params=p.to_dict(), attrs=attrs, positions_refined_px=refined)
 

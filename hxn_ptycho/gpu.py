@@ -513,20 +513,28 @@ class CupyBackend:
     def _dummy_real(self, rdt: Any) -> Any:
         return self.xp.zeros(1, rdt)
 
-    def _relax(self, dev_err: Any, npix: int, pbound: float, rdt: Any) -> Any:
-        """Per-view factor of the power bound (dm.fourier_projection): √(pbound / mean dev²) above it, else 1."""
-        cp = self.xp
-        per_view = dev_err / npix
-        return cp.where(per_view > pbound, cp.sqrt(pbound / cp.maximum(per_view, 1e-30)), 1.0).astype(rdt)
+    def _relax(self, dev_err: Any, npix: int, pbound: float, floor: float, stats: Any, rdt: Any) -> Any:
+        """Per-view factor of the power bound, ``dm.relaxation`` of the mean squared deviation (one
+        definition for both backends); its sum goes to ``stats`` (a ``dm.RelaxSum``) when given."""
+        from . import dm
+        relax = dm.relaxation(self.xp, dev_err / npix, pbound, floor).astype(rdt)
+        if stats is not None:
+            stats.add(relax, int(relax.shape[0]), dm.relaxation(self.xp, dev_err / npix, pbound) if floor > 0 else None)
+        return relax
 
-    def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0) -> Any:
+    def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0, floor: float = 0.0,
+                           stats: Any = None) -> Any:
         """(4) in place on orthonormal Fourier-space waves (B, ..., n, n), all modes of a view in one
-        pass; with ``pbound`` > 0 the relaxed projection (a first pass measures each view's deviation)."""
+        pass; with ``pbound`` > 0 the relaxed projection (a first pass measures each view's deviation),
+        r never below ``floor``."""
         if pbound > 0:
             _, rdt = self._suffix(waves_f.dtype)
             dev = self._fourier(waves_f, diffamp, mask, 0)
-            self._fourier(waves_f, diffamp, mask, 1, self._relax(dev, self._view_shape(waves_f)[2], pbound, rdt))
+            self._fourier(waves_f, diffamp, mask, 1,
+                          self._relax(dev, self._view_shape(waves_f)[2], pbound, floor, stats, rdt))
         else:
+            if stats is not None:
+                stats.add(None, int(waves_f.shape[0]))
             self._fourier(waves_f, diffamp, mask, 1)
         return waves_f
 
@@ -534,9 +542,10 @@ class CupyBackend:
         """(7) Σ_good (|F(P·O)| − √I)² of orthonormal Fourier-space waves (a device scalar)."""
         return self._fourier(fphi, diffamp, mask, 0).sum()
 
-    def fourier_update(self, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float) -> Any:
+    def fourier_update(self, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float,
+                       floor: float = 0.0, stats: Any = None) -> Any:
         """data_error + reflect + fourier_projection + dm_update of dm.py in one kernel (two with the
-        power bound), never storing the reflected waves:
+        power bound, whose r is never below ``floor``), never storing the reflected waves:
         ``fpsi += β (Π_F(2 fphi − fpsi) − fphi)``; returns Σ_good (|fphi| − √I)² (device scalar)."""
         cp = self.xp
         B, M, npix = self._view_shape(fpsi)
@@ -553,7 +562,9 @@ class CupyBackend:
             dev = cp.zeros(B, cp.float64)
             self._k(f"reflect_error_{suf}")(grid, (BLOCK,), (fpsi, fphi, amp, m, np.int32(use), np.int32(B),
                                                             np.int32(M), np.int32(npix), dev))
-            relax = self._relax(dev, npix, pbound, rdt)
+            relax = self._relax(dev, npix, pbound, floor, stats, rdt)
+        elif stats is not None:
+            stats.add(None, B)
         self._k(f"fourier_update_{suf}")(grid, (BLOCK,), (fpsi, fphi, amp, m, np.int32(use), np.int32(B), np.int32(M),
                                                          np.int32(npix), relax, np.int32(pbound > 0), rdt(beta), err))
         return err.sum()

@@ -175,6 +175,24 @@ def measured_facts(res: Any, spec: JobSpec, comm: Any, startup_s: float | None) 
             "mode": spec.execution.mode}
 
 
+STOP_FILE_ENV = "HXN_PTYCHO_STOP_FILE"
+
+
+def _stop_hook(stop: threading.Event) -> Any:
+    """The engine's stop hook: Ctrl-C in this process (``stop``), or the launcher's stop file
+    (``$HXN_PTYCHO_STOP_FILE``: how ``execute`` asks the ranks of an MPI job, which it keeps out of
+    the terminal's reach, to stop after the current iteration). Every rank agrees through the reducer."""
+    path = os.environ.get(STOP_FILE_ENV)
+    if not path:
+        return stop
+    return lambda: stop.is_set() or os.path.exists(path)
+
+
+def interrupted(outcome: dict[str, Any]) -> bool:
+    """A complete result of a run stopped early on request (Ctrl-C): kept, but not all its iterations."""
+    return outcome.get("status") == "success" and bool((outcome.get("measured") or {}).get("interrupted"))
+
+
 def _accepts_stop() -> bool:
     """Whether the engine offers the stop hook (a ``stop`` keyword of ``run_distributed``)."""
     from .distributed import run_distributed
@@ -225,7 +243,7 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
     try:
         _test_hooks(comm.rank)
         from .distributed import run_distributed
-        extra: dict[str, Any] = {"stop": stop} if _accepts_stop() else {}
+        extra: dict[str, Any] = {"stop": _stop_hook(stop)} if _accepts_stop() else {}
         with sigint_stops(stop) if extra else contextlib.nullcontext():
             if follow:              # a growing scan file: the live session (hxn_ptycho.live)
                 if spec.execution.mode != "sync":
@@ -256,7 +274,8 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
             if src.png:
                 from .plots import summary_png
                 summary_png(res, src.png, title=f"scan {src.scan_id}" if src.scan_id is not None else "",
-                            pixel_size_m=spec.geometry.pixel_size_m or _info.get("pixel_size_m"))
+                            pixel_size_m=spec.geometry.pixel_size_m or _info.get("pixel_size_m"),
+                            facts=spec.to_dict().get("geometry"))
             startup = max(starts) - launched if starts else None
             from .h5util import file_sha256
             outcome = {"status": "success", "reason": None, "result_file": str(result.resolve()),
@@ -276,7 +295,10 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
         if os.environ.get("HXN_PTYCHO_DEBUG"):
             traceback.print_exc()
     if not status:
-        return 0, outcome
+        # interrupted on request: the result is kept and the process says so with 130 — except as one
+        # of several MPI ranks, which end 0 so that the MPI launcher ends cleanly (execute() and the
+        # outcome record say "interrupted")
+        return (130 if comm.size == 1 and interrupted(outcome) else 0), outcome
     print(f"hxn-ptycho job failed: {message}", file=sys.stderr, flush=True)
     outcome = failure_outcome(spec, message, exit_code=status)
     if comm.rank == 0 and outcome_file:
@@ -304,18 +326,50 @@ def execute(spec: JobSpec, *, quiet: bool = False, env: dict[str, str] | None = 
     with tempfile.TemporaryDirectory(prefix="hxn-ptycho-job-", dir=workdir) as tmp:
         spec_path = spec.write(Path(tmp) / "job.spec.json")
         argv = launch_argv(spec, spec_path, quiet=quiet)
-        import subprocess
+        stop_file = Path(tmp) / "stop"
         full = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
-        status = subprocess.run(argv, check=False, env=full).returncode
+        status = _run_ranks(argv, {**full, STOP_FILE_ENV: str(stop_file)}, stop_file)
         from .h5util import remove_parts
         remove_parts(spec.source.result_file)              # what a killed rank 0 left half-written
         outcome = read_outcome(outcome_path(spec_path))
     if outcome is None:
         outcome = failure_outcome(spec, f"the job exited with status {status} without an outcome record "
-                                        "(a rank died; see the messages above)", exit_code=status)
+                                        "(a rank died; see the messages above)" if status != 130 else
+                                        "interrupted (Ctrl-C twice): no result", exit_code=status)
     if status == 0 and outcome.get("status") != "success":
         status = 1
+    if status == 0 and interrupted(outcome):
+        status = 130                                    # as one process: interrupted, result kept
     return status, outcome
+
+
+def _run_ranks(argv: list[str], env: dict[str, str], stop_file: Path) -> int:
+    """Run ``mpiexec`` in a session of its own, out of the terminal's reach: Ctrl-C here writes the
+    stop file (every rank stops after the current iteration and the result is kept); a second Ctrl-C
+    kills the job's session (no result). MPICH never sees a SIGINT, so it prints no assertions."""
+    import subprocess
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    presses = 0
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            stop_file.touch()
+            print("\nhxn-ptycho: stopping after the current iteration (Ctrl-C again to abort)", file=sys.stderr,
+                  flush=True)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            print("hxn-ptycho: aborted", file=sys.stderr, flush=True)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, handler) if main else None
+    try:
+        rc = proc.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    return 130 if presses > 1 else rc
 
 
 def final_line(outcome: dict[str, Any]) -> str:

@@ -55,6 +55,11 @@ class ReconParams:
     power_bound: float = param(0.25, "relaxed Fourier projection (4): mean squared amplitude deviation per "
                                "pixel left alone (photon counts: 0.25 = Poisson noise); 0 = exact",
                                group="algorithm", min=0.0, kind="float")
+    dm_relax_floor: float = param(0.15, "least relaxation r of a view outside the power bound (DM's damping: ψ ← "
+                                  "(1 − r)·DM(ψ) + r·P·O with β = 1) while the bound does not damp DM as a whole "
+                                  "(mean √(bound/deviation) below it: high counts with model errors) and positions "
+                                  "are not being refined; 0 = none (docs/dm_damping.md)", group="algorithm",
+                                  min=0.0, max=0.5, kind="float")
     detector_gain: float | None = param(None, "data units per photon, which scales the power bound (default: "
                                         "found from the quantum of the counts; 1 when they are not quantised)",
                                         group="algorithm", min=0.0, min_open=True, kind="float")
@@ -128,6 +133,12 @@ class ReconParams:
                                    kind="int")
     position_max_shift: float = param(8.0, "largest correction (pixels) of a view beyond the global affine "
                                       "term", group="positions", min=0.0, min_open=True, kind="float")
+    position_search_radius: float = param(0.0, "radius (pixels) of the coarse global stage of position refinement, "
+                                          "before the gradient steps: a grid search of every view, an affine map and "
+                                          "the smooth drift fitted to the moves, outliers searched again; 0 = none. "
+                                          "Use about the largest stage error (and position_max_shift at least as "
+                                          "large; docs/position_search.md)", group="positions", min=0.0,
+                                          kind="float")
     position_step: float = param(1.0, "largest move (pixels) of a view in one refinement (gradient) or the "
                                  "first search step (search)", group="positions", min=0.0, min_open=True,
                                  kind="float")

@@ -20,17 +20,15 @@ import numpy as np
 from .resultfile import ResultData
 
 QUALITY_NAME = "final data error ε_D"
-QUALITY_DEFINITION = ("ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and unmasked pixels, of the model "
-                      "at the last iteration (0 = a perfect fit)")
+QUALITY_DEFINITION = ("ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and unmasked pixels, of the returned "
+                      "model (0 = a perfect fit)")
 CURVES_DEFINITION = ("ε_D: data error, Σ(|F(P·O)| − √I)² / ΣI.   ε_P k, ε_O l: relative change of probe "
                      "mode k, object mode l in that iteration, ‖X_i − X_(i−1)‖ / ‖X_(i−1)‖.")
 
 
 def quality(res: ResultData) -> float | None:
-    """The figure's quality number: the data error ε_D of the last iteration (see QUALITY_DEFINITION)."""
-    if res.iterations == 0 or not np.isfinite(res.error_data[-1]):
-        return None
-    return float(res.error_data[-1])
+    """The figure's quality number: the result's one final data error (``ResultData.final_data_error``)."""
+    return res.final_data_error
 
 
 def object_pixel_size_m(res: ResultData, pixel_size_m: float | None = None) -> float | None:
@@ -103,6 +101,61 @@ def mode_changes_from_curves(error_probe: np.ndarray) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+def _nested(tree: Any, key: str) -> Any:
+    """The first value of ``key`` in nested dicts (breadth first), or None."""
+    level = [tree]
+    while level:
+        nxt: list[Any] = []
+        for d in level:
+            if isinstance(d, dict):
+                if d.get(key) is not None and not isinstance(d[key], dict):
+                    return d[key]
+                nxt.extend(v for v in d.values() if isinstance(v, dict))
+        level = nxt
+    return None
+
+
+def scan_facts(res: ResultData, facts: dict | None = None) -> dict[str, Any]:
+    """What the title block says about the scan: detector, energy, distance, views, object pixel and
+    the algorithm chain — from ``facts`` (a job's geometry), the result's parameters (a derived run's
+    whole ``recon``) and attributes (the scan file's, prefixed ``scan_``)."""
+    sources = [facts or {}, res.params or {}, res.attrs or {}]
+
+    def find(*keys: str) -> Any:
+        for src in sources:
+            for k in keys:
+                v = _nested(src, k)
+                if v is None and isinstance(src, dict):
+                    v = src.get(f"scan_{k}")
+                if v not in (None, ""):
+                    return v
+        return None
+    return {"detector": find("detector"), "energy_kev": find("energy_kev"), "z_m": find("z_m"),
+            "views": int(res.positions_px.shape[0]) if res.positions_px.size else find("n_views"),
+            "stages": algorithm_stages(res, find("algorithm_stages"), find("algorithm"))}
+
+
+def algorithm_stages(res: ResultData, stages: Any = None, chain: Any = None) -> list[tuple[str, int]]:
+    """[(name, iterations)] of the run: the engine's ``algorithm_stages`` ("DM:150", "ML:50"), else
+    the ``algorithm`` parameter with the rest of the iterations given to a stage without a count."""
+    if isinstance(stages, str):
+        try:
+            stages = json.loads(stages)
+        except ValueError:
+            stages = [stages]
+    out: list[tuple[str, int]] = []
+    for item in stages or []:
+        name, _, count = str(item).partition(":")
+        out.append((name.strip(), int(count) if count.strip().isdigit() else 0))
+    if out:
+        return out
+    parts = [c.strip() for c in str(chain or "DM").split(",") if c.strip()]
+    counted = [(n.partition(":")[0], int(n.partition(":")[2]) if n.partition(":")[2].isdigit() else None)
+               for n in parts]
+    rest = max(res.iterations - sum(c for _, c in counted if c), 0)
+    return [(n, c if c is not None else rest) for n, c in counted]
+
+
 def _lit_window(res: ResultData) -> tuple[slice, slice]:
     """Rows and columns of the object covered by the scan (the unlit border only distracts)."""
     n = res.probe.shape[-1]
@@ -144,19 +197,23 @@ def _image(fig: Any, ax: Any, img: np.ndarray, title: str, cmap: str, unit: str,
     ax.add_artist(bar)
 
 
-def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None = None) -> Any:
-    """The summary figure (a matplotlib Figure, not yet saved): see the module docstring."""
+def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None = None,
+                   facts: dict | None = None, truth: np.ndarray | None = None) -> Any:
+    """The summary figure (a matplotlib Figure, not yet saved): see the module docstring. ``facts``
+    (e.g. a job's geometry) feeds the title block; ``truth`` (a simulation's known object, in the
+    result's object frame) is drawn beside the result."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     K, L = res.probe.shape[0], res.object.shape[0]
-    cols = max(2 * L, K, 3)
+    T = 0 if truth is None else 1
+    cols = max(2 * (L + T), 2 * K, 3)             # probe amplitude and phase side by side: no empty half
     pixel_m = object_pixel_size_m(res, pixel_size_m)
-    fig = plt.figure(figsize=(3.1 * cols, 12.0))
-    grid = fig.add_gridspec(5, cols, height_ratios=[1.0, 0.9, 0.12, 1.0, 1.0], hspace=0.45,   # row 2: room for
-                            wspace=0.35 if pixel_m else 0.6)                                 # the definitions
+    fig = plt.figure(figsize=(3.1 * cols, 10.0))
+    grid = fig.add_gridspec(4, cols, height_ratios=[1.0, 0.9, 0.12, 1.0], hspace=0.45,   # row 2: room for
+                            wspace=0.35 if pixel_m else 0.6)                            # the definitions
 
     rows, colsl = _lit_window(res)
     for m in range(L):
@@ -165,15 +222,34 @@ def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None 
         _image(fig, fig.add_subplot(grid[0, 2 * m]), np.angle(obj), f"{name}: phase", "viridis", "phase (rad)", pixel_m)
         _image(fig, fig.add_subplot(grid[0, 2 * m + 1]), np.abs(obj), f"{name}: amplitude", "gray",
                "amplitude |O|", pixel_m)
+    if truth is not None:
+        t = np.asarray(truth)
+        t = t[0] if t.ndim == 3 else t
+        t = t[rows, colsl] if t.shape == res.object.shape[1:] else t
+        _image(fig, fig.add_subplot(grid[0, 2 * L]), np.angle(t), "known truth: phase", "viridis", "phase (rad)",
+               pixel_m)
+        _image(fig, fig.add_subplot(grid[0, 2 * L + 1]), np.abs(t), "known truth: amplitude", "gray",
+               "amplitude |O|", pixel_m)
 
     span = max(cols - 1, 2)
     ax = fig.add_subplot(grid[1, :span])
     it = np.arange(1, res.iterations + 1)
     ax.semilogy(it, res.error_data, color="k", lw=2, label="ε_D data error")
+    def positive(v: np.ndarray) -> np.ndarray:     # no update (ε = 0, e.g. the probe before it starts):
+        v = np.asarray(v, dtype=float)               # not drawn, instead of a plunge to the axis
+        return np.where(v > 0, v, np.nan)
     for k in range(res.error_probe.shape[1]):
-        ax.semilogy(it, res.error_probe[:, k], lw=0.9, label=f"ε_P probe mode {k}")
+        ax.semilogy(it, positive(res.error_probe[:, k]), lw=0.9, label=f"ε_P probe mode {k}")
     for m in range(res.error_object.shape[1]):
-        ax.semilogy(it, res.error_object[:, m], lw=0.9, ls="--", label=f"ε_O object mode {m}")
+        ax.semilogy(it, positive(res.error_object[:, m]), lw=0.9, ls="--", label=f"ε_O object mode {m}")
+    info = scan_facts(res, facts)
+    stages = info["stages"]
+    at = 0
+    for i, ((name, count), (nxt, _)) in enumerate(zip(stages, stages[1:])):
+        at += count
+        ax.axvline(at + 0.5, color="tab:red", ls="--", lw=1.2, label="algorithm switch" if i == 0 else None)
+        ax.annotate(f"{name} → {nxt}", (at + 0.5, 0.02), xycoords=("data", "axes fraction"), xytext=(3, 2),
+                    textcoords="offset points", fontsize=8, color="tab:red")
     log = res.attrs.get("probe_modes_log")
     changes = mode_changes(log, res.iterations) if log is not None else mode_changes_from_curves(res.error_probe)
     for i, (x, label) in enumerate(changes):
@@ -194,26 +270,35 @@ def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None 
     for k in range(K):
         p = res.probe[k]
         share = 100 * float(res.probe_power_fraction[k])
-        _image(fig, fig.add_subplot(grid[3, k]), np.abs(p), f"probe mode {k}: {share:.1f} % of the power",
+        _image(fig, fig.add_subplot(grid[3, 2 * k]), np.abs(p), f"probe mode {k}: {share:.1f} % of the power",
                "magma", "amplitude |P|", pixel_m, robust=False)
-        _image(fig, fig.add_subplot(grid[4, k]), np.angle(p), f"probe mode {k}: phase", "twilight",
+        _image(fig, fig.add_subplot(grid[3, 2 * k + 1]), np.angle(p), f"probe mode {k}: phase", "twilight",
                "phase (rad)", pixel_m, robust=False)
 
     scan = res.attrs.get("scan_scan_id", res.attrs.get("scan_id"))
     head = title or (f"scan {scan}" if scan is not None else "scan (no scan_id)")
+    chain = " → ".join(f"{n}:{c}" for n, c in stages) if stages else "DM"
     detail = f"{res.iterations} iterations, {K} probe mode(s), {L} object mode(s)"
     detail += f", object pixel {pixel_m * 1e9:.3g} nm" if pixel_m else ", object pixel size unknown"
-    fig.suptitle(f"{head} — hxn-ptycho DM: {detail}\n"
+
+    def num(v: Any, fmt: str) -> str:
+        try:
+            return format(float(v), fmt)
+        except (TypeError, ValueError):
+            return "?"
+    scan_line = (f"detector {info['detector'] or '?'} · energy {num(info['energy_kev'], '.4g')} keV · "
+                 f"distance {num(info['z_m'], '.4g')} m · {info['views'] if info['views'] is not None else '?'} views")
+    fig.suptitle(f"{head} — hxn-ptycho {chain}: {detail}\n{scan_line}\n"
                  + (f"{QUALITY_NAME} = {q:.4g}" if q is not None else "no iterations"), fontsize=11)
     return fig
 
 
 def summary_png(res: ResultData, path: str | os.PathLike, title: str = "", pixel_size_m: float | None = None,
-                dpi: int = 90) -> None:
+                dpi: int = 90, facts: dict | None = None, truth: np.ndarray | None = None) -> None:
     """Write the summary figure to ``path`` (PNG, written to a temporary name and renamed)."""
     import matplotlib.pyplot as plt
 
-    fig = summary_figure(res, title, pixel_size_m)
+    fig = summary_figure(res, title, pixel_size_m, facts=facts, truth=truth)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.part.png"

@@ -18,6 +18,17 @@ nominal is removed (its rotation stays: the scale of a calibrated stage is kept,
 fix it only weakly — it trades with the probe's wavefront curvature), and — with
 ``position_affine`` — a global affine term (scale, rotation, shear) is fitted to nominal → refined;
 each view's correction beyond it is bounded by ``position_max_shift``.
+
+Before these, with ``position_search_radius`` > 0, a **coarse global stage** (:meth:`PositionRefiner.coarse`,
+three rounds ten DM iterations apart, the radius halved each round): every view is searched on a
+grid over that radius against the object *without its own exit wave* (leave-one-out: the object a
+view painted at its current corner otherwise holds it there), an affine map and the smooth drift
+over the scan order are fitted to the moves found, outliers against them are searched again around
+the prediction, and a view moves only where its data error falls. At the end of refinement a
+**guard** (:meth:`PositionRefiner.guard`) sends back to its nominal corner every view whose data
+error is lower there: refinement never leaves a view where the model fits it worse than not
+refining. Measured (``benchmarks/position_search.py``, docs/position_search.md): heavy-tailed jitter
+and slipped views of up to 27 px are recovered; a smooth drift of 4 px RMS is not.
 """
 from __future__ import annotations
 
@@ -91,6 +102,42 @@ def normal_equations(be: Any, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.n
     return dot(gr, gr, pint), dot(gc, gc, pint), dot(gr, gc, pint), dot(gr, q), dot(gc, q)
 
 
+def disc_grid(radius: float, step: float) -> np.ndarray:
+    """Offsets (row, col) on a square grid of ``step`` pixels inside the disc of ``radius``, (0, 0) first."""
+    k = int(np.floor(radius / step))
+    g = np.arange(-k, k + 1) * step
+    off = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1).reshape(-1, 2)
+    off = off[np.hypot(off[:, 0], off[:, 1]) <= radius + 1e-9]
+    return off[np.argsort(np.hypot(off[:, 0], off[:, 1]), kind="stable")]
+
+
+def global_prediction(current: np.ndarray, found: np.ndarray, good: np.ndarray, window: int = 7) -> np.ndarray:
+    """Where each view should be from the global terms of ``found`` − ``current``: an affine map fitted
+    to the ``good`` views (trimmed: moves more than 3 median deviations from the fit refitted without),
+    plus the smooth drift over the scan (time) order, the running median of the views' residuals."""
+    use = good.copy()
+    if use.sum() < 6:
+        return current.copy()
+    for _ in range(3):
+        x, coef = _affine_lstsq(current[use], found[use])
+        xa = np.concatenate([current - current[use].mean(axis=0), np.ones((len(current), 1))], axis=1)
+        pred = xa @ coef
+        resid = np.hypot(*(found - pred).T)
+        mad = float(np.median(resid[use])) + 0.5
+        keep = good & (resid <= 3 * mad)
+        if keep.sum() < 6 or np.array_equal(keep, use):
+            break
+        use = keep
+    res = np.where(use[:, None], found - pred, np.nan)
+    drift = np.zeros_like(res)
+    h = window // 2
+    for j in range(len(res)):
+        part = res[max(0, j - h):j + h + 1]
+        part = part[np.isfinite(part[:, 0])]
+        drift[j] = np.median(part, axis=0) if len(part) else 0.0
+    return pred + drift
+
+
 def _affine_lstsq(nominal: np.ndarray, refined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The design matrix [nominal − mean, 1] and the least-squares coefficients of refined on it."""
     x = np.concatenate([nominal - nominal.mean(axis=0), np.ones((len(nominal), 1))], axis=1)
@@ -146,13 +193,18 @@ class PositionRefiner:
         p = rec.params
         self.method = p.position_method
         self.step = float(p.position_step)
-        self.max_shift = float(p.position_max_shift)
+        self.max_shift = max(float(p.position_max_shift), float(p.position_search_radius))
         self.affine = bool(p.position_affine)
         self.hold_scale = bool(p.position_hold_scale)
         self.count = 0
         self.rescue_every, self.outlier, self.rescued = 10, 3.0, 0
         self.sigma0, self.decay = 2.0, 0.95     # coarse to fine: the gradient of a smoothed object first
         self.moves: list[float] = []        # RMS move of each refinement (pixels)
+        self.radius = float(p.position_search_radius)
+        self.coarse_rounds = 3 if self.radius > 0 else 0
+        self.coarse_every = 10             # DM iterations between coarse rounds: the object follows the moves
+        self.coarse_moved: list[int] = []
+        self.reverted = 0
         self._bufs: dict[int, tuple] = {}
 
     @property
@@ -161,10 +213,21 @@ class PositionRefiner:
         p = self.rec.params
         return p.position_end or max(p.position_start, int(0.8 * self.rec.iterations) - 1)
 
+    @property
+    def gradient_start(self) -> int:
+        """The first iteration of the gradient (or search) stage: after the coarse rounds."""
+        return self.rec.params.position_start + self.coarse_rounds * self.coarse_every
+
+    def coarse_due(self, it: int) -> bool:
+        p = self.rec.params
+        k = it - p.position_start
+        return (p.refine_positions and self.coarse_rounds > 0 and 0 <= k < self.coarse_rounds * self.coarse_every
+                and k % self.coarse_every == 0 and it <= self.end)
+
     def due(self, it: int) -> bool:
         p = self.rec.params
-        return (p.refine_positions and p.position_start <= it <= self.end
-                and (it - p.position_start) % p.position_interval == 0)
+        return (p.refine_positions and self.gradient_start <= it <= self.end
+                and (it - self.gradient_start) % p.position_interval == 0)
 
     def _buffers(self, w: Any) -> tuple:
         rec = self.rec
@@ -178,6 +241,120 @@ class PositionRefiner:
                     be.empty((B, L, K, n, n), rec.cdtype), be.empty((B, L, n, n), rec.cdtype))
             self._bufs[key] = bufs
         return bufs
+
+    # --- the coarse global stage -------------------------------------------------------------------
+    def coarse(self) -> int:
+        """One round of the coarse global stage; returns the number of views moved.
+
+        1. every view: the data error on a grid (2 px steps, on the object smoothed by 1 px: the
+           basin of a shift is as wide as the object's features) over the disc of
+           ``position_search_radius`` around its corner, then the best pixel around the best node;
+        2. the global terms of the moves found: an affine map (trimmed fit) and the smooth drift over
+           the scan order (:func:`global_prediction`);
+        3. outliers — views whose move disagrees with the global terms by more than 3 median
+           deviations — are searched again, pixel by pixel around the prediction;
+        4. a view moves only where its data error falls (on the unsmoothed object).
+        Then the mean move is removed (a global translation is traded with the object).
+        """
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        radius = max(3.0, self.radius / 2 ** len(self.coarse_moved))     # later rounds: around the last moves
+        cur = geom.positions_all.copy()
+        N = len(cur)
+        step = 2.0 if radius > 4 else 1.0
+        grid, fine = disc_grid(radius, step), disc_grid(1.5, 1.0)
+        scratch = self._scratch()
+        found, e_found, e_cur = np.zeros_like(cur), np.zeros(N), np.zeros(N)
+        num, den, alpha = self._object_sums()
+        loo: dict[int, Any] = {}
+        for j in range(geom.start, geom.stop):
+            loo[j] = obj_j = self._leave_one_out(j, num, den, alpha)
+            cand = self._clip(cur[j] + grid)
+            best = cand[int(np.argmin(self._errors_at(j, cand, smoothed(be, obj_j, 0.5 * step), scratch)))]
+            cand = self._clip(np.concatenate([cur[j][None], best + fine]))
+            e = self._errors_at(j, cand, obj_j, scratch)
+            i = int(np.argmin(e))
+            found[j], e_found[j], e_cur[j] = cand[i], e[i], e[0]
+        rec.reducer.allreduce_sum([found, e_found, e_cur])
+        improved = e_found < 0.9 * e_cur
+        pred = global_prediction(cur, found, improved)
+        off = np.hypot(*(found - pred).T)
+        mad = float(np.median(off[improved])) if improved.any() else 0.0
+        outliers = np.nonzero(off > max(3.0, 3 * mad))[0]
+        again, e_again = np.zeros_like(cur), np.full(N, np.inf)
+        near = disc_grid(max(3.0, 3 * mad), 1.0)
+        for j in outliers.tolist():
+            if geom.start <= j < geom.stop:
+                cand = self._clip(np.round(pred[j]) + near)
+                e = self._errors_at(j, cand, loo[j], scratch)
+                i = int(np.argmin(e))
+                again[j], e_again[j] = cand[i], e[i]
+        e_again[~np.isfinite(e_again)] = 0.0
+        rec.reducer.allreduce_sum([again, e_again])
+        better = np.isin(np.arange(N), outliers) & (e_again < e_found) & (e_again > 0)
+        found[better], e_found[better] = again[better], e_again[better]
+        move = e_found < e_cur
+        new = np.where(move[:, None], found, cur)
+        new -= (new - cur).mean(axis=0)
+        new = self._clip(new)
+        geom.set_positions(new)
+        self.coarse_moved.append(int(move.sum()))
+        return int(move.sum())
+
+    def _object_sums(self) -> tuple[Any, Any, float]:
+        """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
+        current exit waves, over all views, and its regulariser α."""
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        xp = be.xp
+        num = be.zeros(rec.obj_shape, rec.cdtype)
+        den = be.zeros((1,) + rec.obj_shape[1:], rec.rdtype)
+        pconj = xp.conj(rec.probe)
+        pint = (xp.square(rec.probe.real) + xp.square(rec.probe.imag)).sum(axis=0)
+        for b in rec.batches:
+            psi = be.asarray(rec.psi[b])
+            src = dm.object_numerator(be, psi, pconj, be.empty(psi.shape[:2] + psi.shape[3:], rec.cdtype))
+            geom.scatter_add(be, num, b, src)
+            geom.scatter_add(be, den, b, pint)
+        rec.reducer.allreduce_sum([num, den])
+        self._pconj, self._pint = pconj, pint
+        return num, den, rec.params.object_reg * float(den.max()) + dm.TINY
+
+    def _leave_one_out(self, j: int, num: Any, den: Any, alpha: float) -> Any:
+        """The object update (6) without view ``j``'s own exit wave: a view's current corner is
+        otherwise favoured by the object it painted there itself."""
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        i = j - geom.start
+        b = slice(i, i + 1)
+        psi = be.asarray(rec.psi[b])
+        src = dm.object_numerator(be, psi, self._pconj, be.empty(psi.shape[:2] + psi.shape[3:], rec.cdtype))
+        n_j, d_j = num.copy(), den.copy()
+        geom.scatter_add(be, n_j, b, -src)
+        geom.scatter_add(be, d_j, b, -self._pint)
+        return ((n_j + alpha * rec.obj) / (be.xp.maximum(d_j, 0) + alpha)).astype(rec.cdtype, copy=False)
+
+    def errors_at_positions(self, positions: np.ndarray) -> np.ndarray:
+        """Each view's data error with the current model at ``positions`` (all views; summed over ranks)."""
+        rec, geom = self.rec, self.rec.geom
+        scratch = self._scratch()
+        out = np.zeros(len(positions))
+        for j in range(geom.start, geom.stop):
+            out[j] = self._errors_at(j, self._clip(positions[j][None]), rec.obj, scratch)[0]
+        rec.reducer.allreduce_sum([out])
+        return out
+
+    def guard(self) -> int:
+        """Refinement must not make the data error worse than not refining: each view whose data
+        error with the current model is lower at its nominal corner (moved by the mean refinement
+        shift, traded with the object) than at its refined one goes back; returns how many."""
+        geom = self.rec.geom
+        cur = geom.positions_all.copy()
+        shift = np.median(cur - geom.nominal_all, axis=0)
+        back = self._clip(geom.nominal_all + shift)
+        worse = self.errors_at_positions(back) < self.errors_at_positions(cur)
+        if worse.any():
+            cur[worse] = back[worse]
+            geom.set_positions(cur)
+        self.reverted = int(worse.sum())
+        return self.reverted
 
     # --- one refinement ------------------------------------------------------------------------
     def refine(self) -> float:
@@ -242,37 +419,47 @@ class PositionRefiner:
         d *= np.minimum(1.0, self.step / np.maximum(norm, 1e-12))[:, None]
         self._new[b] = pos + np.where(np.isfinite(d), d, 0.0)
 
+    def _scratch(self) -> tuple:
+        rec, be = self.rec, self.rec.be
+        L, K, n = rec.obj_shape[0], rec.probe.shape[0], rec.n
+        chunk = max(1, rec.plan.batch_size)
+        return (be.empty((chunk, L, n, n), rec.cdtype), be.empty((chunk, L, n, n), rec.cdtype),
+                be.empty((chunk, L, K, n, n), rec.cdtype))
+
+    def _errors_at(self, j: int, cand: np.ndarray, obj: Any, scratch: tuple) -> np.ndarray:
+        """Data error Σ(|F(P·O(r + c))| − √I_j)² of view ``j`` (global index, held here) at each corner ``c``."""
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        win, tmp, waves = scratch
+        chunk = win.shape[0]
+        amp = rec.diffamp[j - geom.start]
+        e = np.empty(len(cand))
+        for i in range(0, len(cand), chunk):
+            c = cand[i:i + chunk]
+            m = len(c)
+            ow = geom.gather_at(be, obj, c, win[:m], tmp[:m])
+            f = be.fft2(dm.exit_waves(be, rec.probe, ow, waves[:m]))
+            e[i:i + m] = view_errors(be, f, amp[None], rec.mask)
+        return e
+
+    def _clip(self, cand: np.ndarray) -> np.ndarray:
+        hr, hc = self.rec.geom.limits
+        return np.stack([np.clip(cand[:, 0], 0, hr), np.clip(cand[:, 1], 0, hc)], axis=1)
+
     def _rescue(self, full: np.ndarray, errs: np.ndarray) -> np.ndarray:
         """Views caught in a wrong local minimum (data error far above the median, as a gradient step
         cannot leave them): a bounded grid search over ``position_max_shift`` around them."""
-        rec, be = self.rec, self.rec.be
+        rec = self.rec
         geom = rec.geom
         med = float(np.median(errs))
         flagged = np.nonzero(errs > self.outlier * max(med, 1e-300))[0]
-        mine = [j for j in flagged if geom.start <= j < geom.stop]
+        mine = [int(j) for j in flagged if geom.start <= j < geom.stop]
         out = np.zeros_like(full)
         mask_rows = np.zeros(len(full))
-        r = int(np.ceil(self.max_shift))
-        grid = np.array([(a, c) for a in range(-r, r + 1) for c in range(-r, r + 1) if a * a + c * c <= r * r],
-                        np.float64)
-        hr, hc = geom.limits
-        L, K, n = rec.obj_shape[0], rec.probe.shape[0], rec.n
-        chunk = max(1, rec.plan.batch_size)
-        win = be.empty((chunk, L, n, n), rec.cdtype)
-        tmp = be.empty((chunk, L, n, n), rec.cdtype)
-        waves = be.empty((chunk, L, K, n, n), rec.cdtype)
+        grid = disc_grid(self.max_shift, 1.0)
+        scratch = self._scratch()
         for j in mine:
-            cand = full[j] + grid
-            cand[:, 0] = np.clip(cand[:, 0], 0, hr)
-            cand[:, 1] = np.clip(cand[:, 1], 0, hc)
-            amp = rec.diffamp[j - geom.start]
-            e = np.empty(len(cand))
-            for i in range(0, len(cand), chunk):
-                c = cand[i:i + chunk]
-                m = len(c)
-                ow = geom.gather_at(be, rec.obj, c, win[:m], tmp[:m])
-                f = be.fft2(dm.exit_waves(be, rec.probe, ow, waves[:m]))
-                e[i:i + m] = view_errors(be, f, amp[None], rec.mask)
+            cand = self._clip(full[j] + grid)
+            e = self._errors_at(j, cand, rec.obj, scratch)
             best = int(np.argmin(e))
             if e[best] < 0.7 * errs[j]:
                 out[j] = cand[best]

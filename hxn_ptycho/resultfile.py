@@ -8,6 +8,8 @@ Fields:
 - ``positions_refined_px`` float64 (N, 2), optional: the corners after position refinement
   (sub-pixel; absent when positions were not refined, and in files written before it existed)
 - ``error/data`` (iterations,), ``error/probe`` (iterations, M_P), ``error/object`` (iterations, M_O)
+- ``error/relax`` (iterations,), optional: the mean relaxation r of each DM iteration's Fourier step
+  (DM's damping, ``dm.relaxation``; NaN for other algorithms; absent in older files)
 - ``probe_power_fraction`` (M_P,)
 - attributes: ``params`` (JSON of :class:`~hxn_ptycho.params.ReconParams`), ``version``,
   ``elapsed_s``, ``final_cost``, ``final_data_error``, ``probe_modes_log`` and the scan's own
@@ -42,10 +44,26 @@ class ResultData:
     params: dict[str, Any] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
     positions_refined_px: np.ndarray | None = None     # (N, 2) float64, after position refinement
+    error_relax: np.ndarray | None = None   # (iterations,) mean relaxation r of DM (NaN elsewhere); optional
 
     @property
     def iterations(self) -> int:
         return int(self.error_data.shape[0])
+
+    @property
+    def final_data_error(self) -> float | None:
+        """The one final data error of a result: ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and
+        unmasked pixels, of the *returned* model (after the last update and the final orthogonalisation
+        of the modes): the ``final_data_error`` attribute the engine measures at the end. The curve
+        ``error_data`` holds ε_D of the model at the start of each iteration, so its last point is one
+        update older; it stands in only for a file without the attribute. The job's last line, the
+        outcome record, the derived run, the listing and the figure all give this number."""
+        value = self.attrs.get("final_data_error")
+        if value is not None and np.isfinite(float(value)):
+            return float(value)
+        if self.iterations == 0 or not np.isfinite(self.error_data[-1]):
+            return None
+        return float(self.error_data[-1])
 
     def validate(self, filename: str = "<memory>") -> None:
         o, p = self.object, self.probe
@@ -61,6 +79,8 @@ class ResultData:
         require_shape(self.error_data.shape, (it,), "error/data", KIND, filename)
         require_shape(self.error_probe.shape, (it, p.shape[0]), "error/probe", KIND, filename)
         require_shape(self.error_object.shape, (it, o.shape[0]), "error/object", KIND, filename)
+        if self.error_relax is not None:
+            require_shape(self.error_relax.shape, (it,), "error/relax", KIND, filename)
         require_shape(self.probe_power_fraction.shape, (p.shape[0],), "probe_power_fraction", KIND, filename)
         for name, arr in (("object", o), ("probe", p), ("positions_px", self.positions_px)):
             require_finite(arr, name, KIND, filename)
@@ -96,6 +116,8 @@ def write_result(path: str | os.PathLike, res: ResultData) -> None:
         g.create_dataset("data", data=np.asarray(res.error_data, dtype=np.float64))
         g.create_dataset("probe", data=np.asarray(res.error_probe, dtype=np.float64))
         g.create_dataset("object", data=np.asarray(res.error_object, dtype=np.float64))
+        if res.error_relax is not None:
+            g.create_dataset("relax", data=np.asarray(res.error_relax, dtype=np.float64))
         f.create_dataset("probe_power_fraction", data=np.asarray(res.probe_power_fraction, dtype=np.float64))
         f.attrs["params"] = json.dumps(res.params, sort_keys=True)
         f.attrs["version"] = __version__
@@ -112,6 +134,7 @@ def read_result(path: str | os.PathLike) -> ResultData:
                   ("object", "probe", "positions_px", "error/data", "error/probe", "error/object",
                    "probe_power_fraction")}
         refined = np.asarray(f["positions_refined_px"][()], dtype=np.float64) if "positions_refined_px" in f else None
+        relax = np.asarray(f["error/relax"][()], dtype=np.float64) if "error/relax" in f else None
         attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
     try:
         params = json.loads(attrs.pop("params", "{}"))
@@ -123,6 +146,6 @@ def read_result(path: str | os.PathLike) -> ResultData:
         error_data=np.asarray(arrays["error/data"]), error_probe=np.asarray(arrays["error/probe"]),
         error_object=np.asarray(arrays["error/object"]),
         probe_power_fraction=np.asarray(arrays["probe_power_fraction"]), params=params, attrs=attrs,
-        positions_refined_px=refined)
+        positions_refined_px=refined, error_relax=relax)
     res.validate(str(path))
     return res

@@ -89,6 +89,28 @@ def _shift(img: np.ndarray, dr: float, dc: float) -> np.ndarray:
     return np.fft.ifft2(np.fft.fft2(img) * np.exp(-2j * np.pi * (kr * dr + kc * dc)))
 
 
+def heavy_tailed_errors(count: int, seed: int = 0, drift_px: float = 4.0, jitter_px: float = 1.5,
+                        worst_px: float = 30.0, outliers: float = 0.04) -> np.ndarray:
+    """(count, 2) stage errors in pixels like a real nanoprobe scan's: a smooth drift over the scan
+    (time) order, ``drift_px`` RMS per axis, plus per-view jitter with heavy (Student t, 2 degrees of
+    freedom) tails of scale ``jitter_px``, and a fraction ``outliers`` of views thrown 12 px to
+    ``worst_px`` away (a stage that slipped); no error larger than ``worst_px``."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0.0, 1.0, count)[:, None]
+    drift = np.zeros((count, 2))
+    for k in (1, 2, 3):
+        drift += rng.standard_normal((1, 2)) / k * np.sin(np.pi * k * t + rng.uniform(0, 2 * np.pi, (1, 2)))
+    drift *= drift_px / max(float(np.sqrt(np.mean(drift ** 2))), 1e-12)
+    jitter = rng.standard_t(2.0, (count, 2)) * jitter_px
+    err = drift + jitter
+    bad = rng.choice(count, max(1, int(round(outliers * count))), replace=False)
+    angle = rng.uniform(0, 2 * np.pi, len(bad))
+    dist = np.concatenate([[worst_px * 0.95], rng.uniform(12.0, worst_px, len(bad) - 1)])
+    err[bad] = np.stack([np.sin(angle), np.cos(angle)], axis=1) * dist[:, None]
+    norm = np.hypot(err[:, 0], err[:, 1])
+    return err * np.minimum(1.0, worst_px / np.maximum(norm, 1e-12))[:, None]
+
+
 @dataclass
 class Truth:
     object: np.ndarray          # (H, W) complex, in the engine's object frame (margin included)
@@ -100,7 +122,8 @@ def simulate_scan(n: int = 64, n_positions: int = 100, probe_modes: int = 1, pho
                   seed: int = 0, pattern: str = "spiral", overlap_step: float | None = None,
                   dead_pixels: float = 0.0, phase_range: float = 1.0, blur_px: float = 3.0,
                   margin: int = 4, position_error_px: float = 0.0, scale_error: float = 0.0,
-                  gain: float = 1.0, mode_powers: tuple[float, ...] | None = None) -> tuple[ScanData, Truth]:
+                  gain: float = 1.0, mode_powers: tuple[float, ...] | None = None,
+                  position_errors: np.ndarray | None = None) -> tuple[ScanData, Truth]:
     """A synthetic scan and its truth.
 
     ``probe_modes`` K > 1 blurs each exposure over ``blur_px`` pixels along the scan's fast axis
@@ -111,7 +134,8 @@ def simulate_scan(n: int = 64, n_positions: int = 100, probe_modes: int = 1, pho
     Stage errors: the file's positions are the true ones scaled by ``1 + scale_error`` about
     their centre plus random errors of ``position_error_px`` pixels RMS (of the 2-D distance); the
     truth keeps the true ones. ``gain`` multiplies the counts after the Poisson noise (a detector
-    reading in units other than photons).
+    reading in units other than photons). ``position_errors`` (N, 2) pixels (row, col), e.g. from
+    :func:`heavy_tailed_errors`, are added to the file's positions as well.
     """
     rng = np.random.default_rng(seed)
     probe1 = zone_plate_probe(n)
@@ -166,6 +190,11 @@ def simulate_scan(n: int = 64, n_positions: int = 100, probe_modes: int = 1, pho
         centre = nominal.mean(axis=0)
         err = rng.standard_normal(nominal.shape) * position_error_px / np.sqrt(2)
         nominal = centre + (nominal - centre) * (1 + scale_error) + err
+    if position_errors is not None:
+        errors = np.asarray(position_errors, np.float64)
+        if errors.shape != nominal.shape:
+            raise ValueError(f"position_errors must be {nominal.shape}, got {errors.shape}")
+        nominal = nominal + errors
     points = np.stack([nominal[:, 1], nominal[:, 0]]) * pixel_m * 1e6
     scan = ScanData(diffamp=np.sqrt(frames).astype(np.float32), points=points, lambda_nm=lam, z_m=DISTANCE_M,
                     ccd_pixel_um=CCD_PIXEL_UM, mask=mask,

@@ -466,6 +466,42 @@ def test_backend_fourier_steps_match_dm(ebe, relaxed, masked):
     assert _rel(out, np.fft.fft2(win[:, :, None] * probe[None, None], norm="ortho")) < 1e-5
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_backend_relaxation_floor_matches_dm(ebe, masked):
+    """The floor of the power bound's relaxation (dm_relax_floor) and the mean r reported: the CUDA
+    path (gpu.py's relaxation + the fourier_projection/fourier_update kernels) against dm.py, with
+    views far outside the bound (√(bound/dev) ≪ floor), some just outside and one inside."""
+    from hxn_ptycho import dm
+    from hxn_ptycho.backend import NumpyBackend
+    nb = NumpyBackend(1)
+    B, L, K, n = 4, 1, 3, 8
+    fpsi, fphi = crandn((B, L, K, n, n), np.complex64), crandn((B, L, K, n, n), np.complex64)
+    amp = np.abs(RNG.standard_normal((B, n, n)) * 2).astype(np.float32)
+    mask = (RNG.random((n, n)) > 0.2) if masked else None
+    dev = np.mean((np.sqrt((np.abs(fphi) ** 2).sum(axis=(1, 2))) - amp) ** 2, axis=(1, 2))
+    pbound = float(np.sort(dev)[1]) * 0.999               # views 2, 3 outside the bound at the edge, 0 inside
+    fphi[3] *= 30                                           # view 3 far outside: the floor binds
+    floor = 0.15
+    want_stats, got_stats = dm.RelaxSum(), dm.RelaxSum()
+    want = dm.fourier_projection(nb, fphi.copy(), amp, mask, pbound, floor, want_stats)
+    got = fphi.copy()
+    ebe.fourier_projection(got, amp, mask, pbound, floor, got_stats)
+    assert _rel(got, want) < 1e-5
+    assert got_stats.views == want_stats.views == B
+    assert abs(float(got_stats.total) - float(want_stats.total)) < 1e-5
+    np.testing.assert_allclose(dm.relaxation(np, np.array([1e6, 2.0, 0.5]), 1.0, floor), [floor, np.sqrt(0.5), 1.0])
+    # the floor changed the far view (without it r = √(bound/dev) ≪ 0.15)
+    assert _rel(dm.fourier_projection(nb, fphi.copy(), amp, mask, pbound), want) > 1e-3
+    want_psi, got_psi = fpsi.copy(), fpsi.copy()
+    ws, gs = dm.RelaxSum(), dm.RelaxSum()
+    want_err = dm.fourier_update(nb, want_psi, fphi, amp, mask, pbound, 1.0, floor, ws, np.empty_like(fpsi))
+    err = ebe.fourier_update(got_psi, fphi, amp, mask, pbound, 1.0, floor, gs)
+    assert _rel(got_psi, want_psi) < 1e-5
+    assert abs(float(err) / float(want_err) - 1) < 1e-5
+    assert gs.views == ws.views == B and abs(float(gs.total) - float(ws.total)) < 1e-5
+    assert float(ws.total) / B < 1.0                        # some views relaxed
+
+
 @pytest.mark.parametrize("mode", ["atomic", "sets"])
 def test_backend_window_steps_match_numpy(ebe, mode):
     from hxn_ptycho import dm

@@ -155,3 +155,27 @@ def test_mode_changes_from_curves_without_a_log():
     (ax,) = _titled(fig, r"^convergence")
     changes = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
     assert [float(line.get_xdata()[0]) for line in changes] == [10.0]
+
+
+def test_title_block_stage_switch_truth_and_no_plunge():
+    """The title block names detector, energy, distance, views and the algorithm chain; a DM → ML
+    switch is marked; ε of an iteration without an update is not drawn (no plunge to the axis); the
+    known truth is drawn beside the result; the probe's amplitude and phase share one row."""
+    res = _result(K=1, L=1)
+    res.error_probe[:, 0] = np.geomspace(0.05, 0.001, ITERS)
+    res.error_probe[:2] = 0.0                           # no probe update in the first two iterations
+    res.attrs["algorithm_stages"] = ["DM:20", "ML:10"]
+    facts = {"detector": "eiger2", "energy_kev": 12.0, "z_m": 2.05}
+    fig = summary_figure(res, facts=facts, truth=res.object[0])
+    title = fig._suptitle.get_text()
+    assert "DM:20 → ML:10" in title and "detector eiger2" in title and "energy 12 keV" in title
+    assert "distance 2.05 m" in title and f"{res.positions_px.shape[0]} views" in title
+    (conv,) = _titled(fig, "convergence")
+    switches = [ln for ln in conv.get_lines() if ln.get_label() == "algorithm switch"]
+    assert len(switches) == 1 and switches[0].get_xdata()[0] == 20.5
+    probe_line = [ln for ln in conv.get_lines() if ln.get_label() == "ε_P probe mode 0"][0]
+    assert np.isnan(probe_line.get_ydata()[:2]).all() and np.isfinite(probe_line.get_ydata()[2:]).all()
+    assert _titled(fig, "known truth: phase") and _titled(fig, "known truth: amplitude")
+    (amp,) = _titled(fig, r"probe mode 0: .*% of the power")
+    (ph,) = _titled(fig, "probe mode 0: phase")
+    assert amp.get_subplotspec().rowspan == ph.get_subplotspec().rowspan

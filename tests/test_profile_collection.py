@@ -113,7 +113,7 @@ def test_sessions_keep_scan_id_and_finish_their_jobs(profile_env, tiled_server):
     uid = _uid(first)
     scan_id = int(first.stdout.split(uid)[1].split()[0])
     # leaving the session waited for the job: the derived run is there once the process has ended
-    assert "waiting for 1 reconstruction job(s) before leaving" in first.stdout
+    assert "waiting for 1 reconstruction(s) before leaving" in first.stdout
     assert "every reconstruction of this session is finished" in first.stdout
     res = results(str(tiled_server.directory), raw_uid=uid)
     assert res.ok and res.scan_id == scan_id
@@ -133,13 +133,13 @@ def test_leaving_early_hands_the_job_to_the_next_session(profile_env, tiled_serv
     env = {"HXN_PTYCHO_EXIT_WAIT": "0.5", "HXN_PTYCHO_ITERATIONS": "150"}
     first = _session("(uid,) = RE(ptycho_scan()); print('UID', uid, flush=True)", env)
     uid = _uid(first)
-    assert "(at most 0.5 s)" in first.stdout
+    assert "at most 0.5 s" in first.stdout
     assert f"1 reconstruction job(s) not finished; they stay queued in {queue}" in first.stdout
     assert len(list((queue / "pending").glob("*.json"))) == 1 and not list((queue / "running").glob("*.json"))
     with pytest.raises(NoResult):
         results(str(tiled_server.directory), raw_uid=uid)
     # the next session's queue runs it; leaving that session waits for it
     second = _session("print('resumed', flush=True)", {"HXN_PTYCHO_ITERATIONS": "5"})
-    assert "waiting for 1 reconstruction job(s)" in second.stdout
+    assert "waiting for 1 reconstruction(s)" in second.stdout
     res = results(str(tiled_server.directory), raw_uid=uid)
     assert res.ok and key_parameters(res.recon)["iterations"] == 150

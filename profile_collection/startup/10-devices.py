@@ -27,7 +27,7 @@ if SIMULATED:
     _sim_seed = int(os.environ.get("HXN_PTYCHO_SIM_SEED", "1"))
     sim_sample, _sim_truth = simulated_scan(SIM_SCAN_TYPE, n_positions=_sim_points, seed=_sim_seed)
     sim_scan = sim_sample.scan
-    hxn = make_hxn(PROFILE_DIR / "detector")
+    hxn = make_hxn(DETECTOR_DIR)               # a folder the catalog server reads (00-base)
     zpssx, zpssy, zpsth, dcm_th, sclr1 = hxn.zpssx, hxn.zpssy, hxn.zpsth, hxn.dcm_th, hxn.sclr1
     eiger1, eiger2, merlin1 = hxn.eiger1, hxn.eiger2, hxn.merlin1
     _samples = {SIM_SCAN_TYPE: sim_sample}
