@@ -30,7 +30,7 @@ export HXN_PTYCHO_KERNEL_CACHE="${HXN_PTYCHO_KERNEL_CACHE:-$OUT/.kernel_cache}"
 
 echo "== pytest -m gpu"
 timeout 300 "$PY" -P -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider \
-    --junitxml="$OUT/pytest_gpu.xml" tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
+    --junitxml="$OUT/pytest_gpu.xml" tests/test_gpu.py tests/test_session.py 2>&1 | tee "$OUT/pytest_gpu.log"
 rc_tests=${PIPESTATUS[0]}
 
 if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then

@@ -225,6 +225,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     ``--all`` the list of them); server errors and unreadable runs are one line, never a traceback."""
     from .query import TABLE_HEAD, NoResult, results, summary_png
 
+    if getattr(args, "live", False):
+        return _results_live(args)
     chosen = [n for n, v in (("--scan-id", args.scan_id), ("--raw-uid", args.raw_uid), ("--uid", args.uid))
               if v is not None]
     if len(chosen) != 1:
@@ -271,6 +273,34 @@ def cmd_results(args: argparse.Namespace) -> int:
             return 1
         print(f"wrote {summary_png(res, args.png)}")
     return 0 if res.ok or res.interrupted else 1
+
+
+def _results_live(args: argparse.Namespace) -> int:
+    """``hxn-ptycho results --live --raw-uid UID``: the live preview of a scan (callbacks/live.py)."""
+    from .live import live_preview
+    if args.raw_uid is None:
+        raise CommandError("--live needs --raw-uid UID (the raw run whose live preview to show)")
+    prev = live_preview(args.catalog, raw_uid=args.raw_uid)
+    if prev is None:
+        print(f"hxn-ptycho results: no live preview of raw_uid={args.raw_uid} in the catalog", file=sys.stderr)
+        return 1
+    age = time.time() - float(prev.get("written_at") or time.time())
+    print(f"live preview of {args.raw_uid}: {int(prev.get('views') or 0)} views, iteration "
+          f"{int(prev.get('iteration') or 0)}, data error {float(prev.get('data_error') or float('nan')):.4g}, "
+          f"written {age:.1f} s ago")
+    if args.json:
+        print(json.dumps({k: v for k, v in prev.items() if not hasattr(v, "shape")}, indent=1, default=str))
+    if args.png:
+        from .live import write_png
+        print(f"wrote {write_png(prev, args.png)}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``hxn-ptycho watch --catalog C``: the live preview on a second screen (callbacks/live.py)."""
+    from .live import watch
+    return watch(args.catalog, raw_uid=args.raw_uid, png=args.png, interval_s=args.interval,
+                 idle_exit_s=args.idle_exit)
 
 
 # -- reconstruct a stored run ("run uid U of catalog C") -------------------------------------------
@@ -624,7 +654,20 @@ def add_commands(subparsers: Any) -> None:
                    help="list every reconstruction of the scan: uid, time, status, data error, key parameters")
     p.add_argument("--png", help="write the summary figure of that reconstruction")
     p.add_argument("--json", action="store_true", help="also print the start metadata (or the list) as JSON")
+    p.add_argument("--live", action="store_true", help="the live preview of a scan being reconstructed "
+                   "(with --raw-uid): views, iteration, data error, age; --png draws it")
     p.set_defaults(func=_guarded(cmd_results))
+
+    p = subparsers.add_parser("watch", help="the live preview of a scan being reconstructed (a window, or --png)",
+                              description="Redraw the live preview (object phase, probe, views, data error) "
+                                          "of a scan whenever it changes: in a window, or a PNG replaced in place.")
+    p.add_argument("--catalog", default=os.environ.get("HXN_PTYCHO_CATALOG"),
+                   help="Tiled URL, config file or embedded server folder (default $HXN_PTYCHO_CATALOG)")
+    p.add_argument("--raw-uid", help="the raw scan's uid (default: the newest live preview)")
+    p.add_argument("--png", help="write this PNG (replaced in place) instead of opening a window")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at the catalog")
+    p.add_argument("--idle-exit", type=float, help="end after this many seconds without a new preview")
+    p.set_defaults(func=_guarded(cmd_watch))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -123,28 +123,35 @@ def hxn_sample(scan: Any, detector: str, distance_m: float = 2.05, **kw: Any) ->
 
 
 class _ADFile:
-    """An area-detector-like HDF5 file written frame by frame (the layout hxntools reads)."""
+    """An area-detector-like HDF5 file written frame by frame (the layout hxntools reads), open for
+    the whole scan in SWMR mode and flushed after every append, as the AD HDF5 plugin's SWMR mode
+    does: readers (hxntools' handlers open with ``swmr=True``) see each frame as soon as it is in."""
 
     def __init__(self, path: str, frame_shape: tuple[int, int], dtype: Any) -> None:
         import h5py
         self.path = path
-        with h5py.File(path, "w", libver="latest") as f:
-            d = f.create_dataset("entry/instrument/detector/data", shape=(0, *frame_shape),
-                                 maxshape=(None, *frame_shape), dtype=dtype, chunks=(1, *frame_shape))
-            f["entry/data/data"] = d                      # hard link, as the AD NeXus layout has
-            f.create_dataset("entry/instrument/NDAttributes/NDArrayUniqueId", shape=(0,), maxshape=(None,),
-                             dtype=np.int32)
+        f = self.f = h5py.File(path, "w", libver="latest", locking=False)   # the flags of the readers (frames.open_h5)
+        d = f.create_dataset("entry/instrument/detector/data", shape=(0, *frame_shape),
+                             maxshape=(None, *frame_shape), dtype=dtype, chunks=(1, *frame_shape))
+        f["entry/data/data"] = d                          # hard link, as the AD NeXus layout has
+        f.create_dataset("entry/instrument/NDAttributes/NDArrayUniqueId", shape=(0,), maxshape=(None,),
+                         dtype=np.int32)
+        f.swmr_mode = True
 
     def append(self, frames: np.ndarray, ids: list[int]) -> None:
-        import h5py
-        with h5py.File(self.path, "a", libver="latest") as f:
-            d = f["entry/instrument/detector/data"]
-            n = d.shape[0]
-            d.resize(n + len(frames), axis=0)
-            d[n:] = frames
-            u = f["entry/instrument/NDAttributes/NDArrayUniqueId"]
-            u.resize(n + len(ids), axis=0)
-            u[n:] = ids
+        d = self.f["entry/instrument/detector/data"]
+        n = d.shape[0]
+        d.resize(n + len(frames), axis=0)
+        d[n:] = frames
+        u = self.f["entry/instrument/NDAttributes/NDArrayUniqueId"]
+        u.resize(n + len(ids), axis=0)
+        u[n:] = ids
+        d.flush()
+        u.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
 
 
 class _SimAreaDetector(Device):
@@ -184,6 +191,8 @@ class _SimAreaDetector(Device):
         return super().stage()
 
     def unstage(self) -> list:
+        if self._file is not None:
+            self._file.close()
         self._file = self._resource_uid = self._counter = None
         return super().unstage()
 
@@ -523,12 +532,14 @@ def flyplan2d(hxn: SimHXN, sample: SimSample, *, detector: str = "merlin1",
 
 def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
               motors: tuple[str, str] = ("zpssx", "zpssy"), read_y: bool = True, md: dict | None = None,
-              motor_order: str = "yx") -> Iterator:
+              motor_order: str = "yx", dwell_s: float = 0.0) -> Iterator:
     """A bluesky spiral step scan (as ``spiral_fermat``, run through ``list_scan`` over the simulated
     positions): top-level detectors, ``plan_args`` ``x_motor``/``y_motor`` (reprs) and
     ``hints['dimensions']`` x first as bluesky writes them, ``start['motors']`` in ``motor_order``
     ('xy' or 'yx': bluesky fills it from a set); one event per point with the detector datum, the
-    motor readbacks (µm) and the scaler."""
+    motor readbacks (µm) and the scaler. Each frame is in the detector's file (SWMR, flushed after
+    every point: readable mid-scan) before its event; ``dwell_s`` > 0 waits that long at each point,
+    so a demo scan takes as long as a real one."""
     from bluesky import plan_stubs as bps
     from bluesky import plans as bp
     from bluesky import preprocessors as bpp
@@ -543,8 +554,13 @@ def step_scan(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger1",
                "plan_args": {"detectors": [repr(d) for d in dets], "x_motor": repr(mx), "y_motor": repr(my),
                              "x_range": float(np.ptp(pts[0])), "y_range": float(np.ptp(pts[1]))},
                "hints": {"dimensions": [[[motors[0]], "primary"], [[motors[1]], "primary"]]}, **(md or {})}
+    per_step = None
+    if dwell_s > 0:
+        def per_step(detectors: Any, step: Any, pos_cache: Any) -> Iterator:
+            yield from bps.one_nd_step(detectors, step, pos_cache)
+            yield from bps.sleep(dwell_s)
     if read_y:
-        return (yield from bp.list_scan(dets, mx, list(pts[0]), my, list(pts[1]), md=plan_md))
+        return (yield from bp.list_scan(dets, mx, list(pts[0]), my, list(pts[1]), per_step=per_step, md=plan_md))
 
     @bpp.stage_decorator(dets)                 # a broken scan: y never recorded
     @bpp.run_decorator(md={"detectors": [d.name for d in dets], **plan_md})

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: the verbs of the Bluesky layer (``[beamline]`` extra; see hxn_ptycho/extras.py)
-BEAMLINE_VERBS = ("serve", "listen", "demo", "results")
+BEAMLINE_VERBS = ("serve", "listen", "demo", "results", "watch")
 
 
 def check_extras(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .backend import available_cores, get_backend
-from .engine import LocalReducer, reconstruct
+from .engine import LocalReducer
 from .params import ParamError, ReconParams
 from .resultfile import ResultData
 from .scanfile import read_scan, scan_info
@@ -218,16 +218,24 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
         return run_async(path, params, comm, progress=progress, log=log, stop=stop), info
     if mode != "sync":
         raise ParamError(f"mode must be 'sync' or 'async', got {mode!r}")
-    views = split_views(info["n_views"], comm.size)[comm.rank]
-    scan = read_scan(path, views=views)
-    info.update(lambda_nm=scan.lambda_nm, z_m=scan.z_m, ccd_pixel_um=scan.ccd_pixel_um,
-                pixel_size_m=scan.pixel_size_m)
+    split_views(info["n_views"], comm.size)                 # more ranks than views: refused by name
     backend = rank_backend(params, comm)
     host = MPIReducer(comm) if comm.size > 1 else LocalReducer()
     reducer = rank_reducer(host, backend)
     quiet = (lambda msg: None) if comm.rank else log
-    res = reconstruct(scan, params, backend=backend, reducer=reducer,
-                      progress=progress and comm.rank == 0, log=quiet, stop=stop)
+    # the offline job is a session fed every view at once (hxn_ptycho.session): one engine, not two
+    from .session import ReconSession, header_of
+    header = header_of(read_scan(path, views=slice(0, 1)))
+    session = ReconSession(header, params, backend=backend, reducer=reducer, log=quiet, stop=stop,
+                           progress=progress and comm.rank == 0)
+    try:
+        scan = read_scan(path, views=session.share(info["n_views"]))     # this rank's frames only
+        session.append_views(scan.points, scan.diffamp)
+        res = session.finish()
+    finally:
+        session.close()
+    info.update(lambda_nm=scan.lambda_nm, z_m=scan.z_m, ccd_pixel_um=scan.ccd_pixel_um,
+                pixel_size_m=scan.pixel_size_m)
     res.attrs["mode"] = "sync"
     res.attrs["rank_views"] = gather_views(scan.views, host)
     if comm.size > 1:

@@ -243,13 +243,18 @@ class Reconstruction:
         return self.geom.corner
 
     # --- set-up ------------------------------------------------------------------------------
+    def _layout(self, scan: ScanData, margin: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """Window corners of every view and the object shape; a live session
+        (:mod:`hxn_ptycho.session`) lays them on a canvas sized from the scan's extent instead."""
+        return positions_px(scan.points, scan.pixel_size_m, scan.n, margin)
+
     def _setup(self) -> None:
         scan, p, be = self.scan, self.params, self.be
         n = scan.n
         # refined windows may move outwards: room for the largest correction and a bilinear pixel
         reach = max(p.position_max_shift, p.position_search_radius)
         self.margin = p.margin + (int(np.ceil(reach)) + 1 if p.refine_positions else 0)
-        pos_all, shape = positions_px(scan.points, scan.pixel_size_m, n, self.margin)
+        pos_all, shape = self._layout(scan, self.margin)
         self.positions_all = pos_all
         self.geom = Geometry(pos_all, scan.views, n, shape, subpixel=p.refine_positions)
         if len(self.geom) == 0:

@@ -68,9 +68,9 @@ def outcome_path(spec_path: str | os.PathLike) -> Path:
 
 
 def job_argv(spec_path: str | os.PathLike, *, nprocs: int = 1, quiet: bool = False,
-             mpiexec: str | None = None, launched_at: float | None = None) -> list[str]:
+             mpiexec: str | None = None, launched_at: float | None = None, follow: bool = False) -> list[str]:
     """The job's argument list (never a shell string): ``[mpiexec -n K] python -m hxn_ptycho.job SPEC.json``."""
-    argv = [sys.executable, "-m", "hxn_ptycho.job", str(spec_path)]
+    argv = [sys.executable, "-m", "hxn_ptycho.job", str(spec_path)] + (["--follow"] if follow else [])
     if quiet:
         argv.append("--quiet")
     if launched_at is not None:
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outcome", help="outcome record to write (default: beside the spec, X.outcome.json)")
     p.add_argument("--launched-at", type=float, help="epoch seconds of the launch (to measure the start-up)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--follow", action="store_true", help="the scan file is growing (a scan being measured): "
+                   "reconstruct while it grows, write previews, finish when it is complete (hxn_ptycho.live)")
     return p
 
 
@@ -218,7 +220,7 @@ def sigint_stops(stop: threading.Event) -> Any:
 
 
 def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, progress: bool = True,
-             launched_at: float | None = None) -> tuple[int, dict[str, Any]]:
+             launched_at: float | None = None, follow: bool = False) -> tuple[int, dict[str, Any]]:
     """Run the job in this process (one rank of it); returns (exit status, outcome).
 
     Rank 0 writes the result (renamed into place after the final barrier) and the outcome record.
@@ -243,8 +245,16 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
         from .distributed import run_distributed
         extra: dict[str, Any] = {"stop": _stop_hook(stop)} if _accepts_stop() else {}
         with sigint_stops(stop) if extra else contextlib.nullcontext():
-            res, _info = run_distributed(src.scan_file, spec.params, comm, mode=spec.execution.mode,
-                                         progress=progress, **extra)
+            if follow:              # a growing scan file: the live session (hxn_ptycho.live)
+                if spec.execution.mode != "sync":
+                    raise SpecError(f"--follow runs the synchronous scheme; mode {spec.execution.mode!r} cannot "
+                                    "follow a growing scan file")
+                from .live import follow_distributed
+                res, _info = follow_distributed(src.scan_file, spec.params, comm, result_file=src.result_file,
+                                                progress=progress, **extra)
+            else:
+                res, _info = run_distributed(src.scan_file, spec.params, comm, mode=spec.execution.mode,
+                                             progress=progress, **extra)
         first_iteration = time.time() - float(res.attrs.get("elapsed_s") or 0.0)
         starts = comm.gather(first_iteration)
         comm.barrier()              # every rank finished its share before rank 0 writes anything
@@ -270,6 +280,9 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
             from .h5util import file_sha256
             outcome = {"status": "success", "reason": None, "result_file": str(result.resolve()),
                        "result_sha256": file_sha256(result), "measured": measured_facts(res, spec, comm, startup)}
+            if "live" in _info:     # of the live phase: previews, lags, the final latency after the stop
+                live = dict(_info["live"], final_latency_s=time.time() - _info["live"]["complete_seen_at"])
+                outcome["measured"]["live"] = live
             if outcome_file:
                 write_outcome(outcome_file, outcome)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the job exits non-zero
@@ -380,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HxnPtychoError as exc:
         print(f"hxn-ptycho job failed: {exc}", file=sys.stderr, flush=True)
         return exc.exit_status
-    return run_spec(spec, outcome, progress=not args.quiet, launched_at=args.launched_at)[0]
+    return run_spec(spec, outcome, progress=not args.quiet, launched_at=args.launched_at, follow=args.follow)[0]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ reconstructs in the stage frame like the files this project writes (attribute ``
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,3 +215,157 @@ def positions_px(points: np.ndarray, pixel_size_m: float, n: int, margin: int) -
     pos = np.stack([np.round(rows), np.round(cols)], axis=1) + margin
     shape = (int(pos[:, 0].max()) + n + margin, int(pos[:, 1].max()) + n + margin)
     return pos.astype(np.float64), shape
+
+
+# --- the growing scan file (a scan being measured) ------------------------------------------------
+# Written under SWMR (single writer, multiple readers) while the scan runs: ``diffamp`` and ``points``
+# grow along their view axis, ``n_written`` (1,) says how many views are whole (frames and positions
+# flushed), ``complete`` (1,) turns 1 at the stop. Datasets only (SWMR cannot add attributes or
+# objects once started); decisions made once from the first chunks (crop, centre, orientation,
+# gain) are attributes written before SWMR starts. Once complete and closed the file reads as an
+# ordinary scan file (read_scan), the two bookkeeping datasets aside.
+
+GROWING_FIELDS = ("n_written", "complete")
+
+
+class GrowingScanWriter:
+    """Create a growing scan file and append chunks to it; :meth:`mark_complete` at the stop.
+
+    ``header`` gives the geometry (``lambda_nm``, ``z_m``, ``ccd_pixel_um``, ``mask``,
+    ``probe_guess``, ``attrs``) and the frame size (its ``diffamp`` may hold no frames);
+    ``extent_um`` (x_min, x_max, y_min, y_max), the scan area the start document announces, sizes
+    the live reconstruction's canvas; ``decisions`` are recorded as attributes (``decision_<k>``).
+    """
+
+    def __init__(self, path: str | os.PathLike, header: ScanData, *, extent_um: tuple[float, float, float, float]
+                 | None = None, decisions: dict[str, Any] | None = None) -> None:
+        n = header.n
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            raise FileExistsError(f"{KIND} file {self.path} exists: a growing scan file is never overwritten")
+        # made under a temporary name and renamed once SWMR is on: a reader never sees it half-made
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+        f = h5py.File(tmp, "w", libver="latest")
+        try:
+            f.create_dataset("diffamp", shape=(0, n, n), maxshape=(None, n, n), dtype=np.float32, chunks=(1, n, n))
+            f.create_dataset("points", shape=(2, 0), maxshape=(2, None), dtype=np.float64, chunks=(2, 1024))
+            f["lambda_nm"] = float(header.lambda_nm)
+            f["z_m"] = float(header.z_m)
+            f["ccd_pixel_um"] = float(header.ccd_pixel_um)
+            if header.mask is not None:
+                f.create_dataset("mask", data=np.asarray(header.mask, dtype=bool))
+            if header.probe_guess is not None:
+                f.create_dataset("probe_guess", data=np.asarray(header.probe_guess))
+            f.create_dataset("n_written", data=np.zeros(1, np.int64))
+            f.create_dataset("complete", data=np.zeros(1, np.int8))
+            for k, v in header.attrs.items():
+                f.attrs[k] = v
+            if extent_um is not None:
+                f.create_dataset("extent_um", data=np.asarray(extent_um, np.float64))
+            for k, v in (decisions or {}).items():      # scalars as they are, anything else as JSON text
+                f.attrs[f"decision_{k}"] = v if isinstance(v, (int, float, str)) else json.dumps(v)
+            f.swmr_mode = True
+            os.replace(tmp, self.path)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        self.f = f
+        self.n = n
+        self.written = 0
+
+    def append(self, frames: np.ndarray, points: np.ndarray) -> int:
+        """Append ``frames`` (m, n, n) sqrt-intensity and their ``points`` (2, m) µm; flushed; returns the count."""
+        frames = np.asarray(frames, np.float32)
+        points = np.asarray(points, np.float64)
+        m = frames.shape[0]
+        if frames.shape[1:] != (self.n, self.n) or points.shape != (2, m):
+            raise FileFormatError(f"{KIND} file {self.path}: a chunk needs frames (m, {self.n}, {self.n}) and points "
+                                  f"(2, m), got {frames.shape} and {points.shape}")
+        if not (np.all(np.isfinite(frames)) and np.all(np.isfinite(points))) or (m and frames.min() < 0):
+            raise FileFormatError(f"{KIND} file {self.path}: a chunk has non-finite or negative values")
+        if self.f["complete"][0]:
+            raise FileFormatError(f"{KIND} file {self.path} is complete: no view can be appended")
+        a, b = self.written, self.written + m
+        d, p = self.f["diffamp"], self.f["points"]
+        d.resize(b, axis=0)
+        p.resize(b, axis=1)
+        d[a:b] = frames
+        p[:, a:b] = points
+        d.flush()
+        p.flush()
+        self.f["n_written"][0] = b          # only now are the views whole
+        self.f["n_written"].flush()
+        self.written = b
+        return b
+
+    def mark_complete(self) -> None:
+        """The scan stopped: no view follows. Closes the file."""
+        self.f["complete"][0] = 1
+        self.f["complete"].flush()
+        self.close()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+class GrowingScanReader:
+    """Follow a growing scan file: :meth:`refresh` the view count, read only whole views."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileFormatError(f"{KIND} file not found: {self.path}")
+        try:
+            self.f = h5py.File(self.path, "r", libver="latest", swmr=True)
+        except OSError as exc:
+            raise FileFormatError(f"{KIND} file {self.path} is not a readable growing scan file ({exc})") from None
+        for name in ("diffamp", "points") + GROWING_FIELDS:
+            require(self.f, name, KIND)
+        self.ready, self.complete = 0, False
+
+    def header(self) -> ScanData:
+        """The geometry and attributes, no frames."""
+        f = self.f
+        n = int(f["diffamp"].shape[-1])
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        return ScanData(diffamp=np.zeros((0, n, n), np.float32), points=np.zeros((2, 0)),
+                        lambda_nm=scalar(f, "lambda_nm", KIND), z_m=scalar(f, "z_m", KIND),
+                        ccd_pixel_um=scalar(f, "ccd_pixel_um", KIND),
+                        mask=np.asarray(f["mask"][()], bool) if "mask" in f else None,
+                        probe_guess=np.asarray(f["probe_guess"][()]) if "probe_guess" in f else None, attrs=attrs)
+
+    def extent_um(self) -> tuple[float, float, float, float] | None:
+        if "extent_um" not in self.f:
+            return None
+        e = np.asarray(self.f["extent_um"][()], np.float64).ravel()
+        if e.shape != (4,) or not np.all(np.isfinite(e)):
+            raise FileFormatError(f"{KIND} file {self.path}: field 'extent_um' must be 4 finite numbers "
+                                  "(x_min, x_max, y_min, y_max)")
+        return float(e[0]), float(e[1]), float(e[2]), float(e[3])
+
+    def refresh(self) -> tuple[int, bool]:
+        """(whole views, complete), as flushed by the writer."""
+        for name in GROWING_FIELDS:
+            self.f[name].refresh()
+        complete = bool(self.f["complete"][0])
+        self.ready = int(self.f["n_written"][0])
+        self.complete = complete
+        return self.ready, complete
+
+    def points(self, a: int, b: int) -> np.ndarray:
+        if b > self.ready:
+            raise ValueError(f"views {a}..{b} are not all written yet ({self.ready} are)")
+        self.f["points"].refresh()
+        return np.asarray(self.f["points"][:, a:b], np.float64)
+
+    def frames(self, a: int, b: int) -> np.ndarray:
+        if b > self.ready:
+            raise ValueError(f"views {a}..{b} are not all written yet ({self.ready} are)")
+        self.f["diffamp"].refresh()
+        return np.asarray(self.f["diffamp"][a:b], np.float32)
+
+    def close(self) -> None:
+        self.f.close()

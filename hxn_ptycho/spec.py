@@ -34,7 +34,8 @@ MAX_RANKS_PER_CORE = 4
 #: the fixed keys of ``recon["measured"]`` (the job's measured facts); absent facts are None
 MEASURED_KEYS = ("status", "elapsed_s", "startup_s", "iterations_done", "probe_modes_used", "final_data_error",
                  "final_cost", "interrupted", "host", "versions", "backend", "ranks", "mode",
-                 "probe_modes_auto")     # probe_modes=auto's evidence: per decision each mode's share, the trend
+                 "probe_modes_auto",     # probe_modes=auto's evidence: per decision each mode's share, the trend
+                 "live")                 # a job that followed a growing scan file: previews, lags, final latency
 
 
 class SpecError(BadInput):

@@ -1,0 +1,231 @@
+"""Live previews in the catalog: one ``live`` node per raw run in the processed container.
+
+The live job (``python -m hxn_ptycho.job SPEC --follow``, :mod:`hxn_ptycho.live`) publishes
+nothing: it replaces its preview file (``<result>.preview.h5``) at most once a second. A
+:class:`LivePublisher` (a daemon thread of the callback or launcher process, never the RunEngine's
+thread) notices a newer preview file and writes it to the node ``processed["live-<raw_uid>"]``:
+arrays ``object_amplitude``, ``object_phase``, ``probe_amplitude``, ``probe_phase`` and the metadata
+``live`` (views, iteration, data error, when the newest included view became readable, when the
+preview was written), latest-wins (a preview not yet sent is replaced by a newer one; the arrays are
+overwritten in place). The node is not a run: it has no ``start`` document and no ``plan_name``, so
+the queries for derived runs never see it, and there is still exactly one derived run per raw run.
+
+NSLS2/holoptycho keeps its previews at ``hxn/processed/holoptycho/{run_uid}/live``; here the node
+sits beside the derived runs under a fixed key, so a reader finds it from the raw uid alone.
+
+Read it with :func:`live_preview` (``hxn_ptycho.callbacks.live_preview(catalog, raw_uid=...)``) or
+``hxn-ptycho results --live --raw-uid UID``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .catalog import CatalogError, connect, resolve_catalog, runs
+
+log = logging.getLogger(__name__)
+
+ARRAYS = ("object_amplitude", "object_phase", "probe_amplitude", "probe_phase")
+META_KEYS = ("views", "iteration", "data_error", "newest_readable_at", "written_at", "taken_at")
+
+
+def live_key(raw_uid: str) -> str:
+    return f"live-{raw_uid}"
+
+
+class _Processed:
+    """The processed container, and its nodes looked up by path from the root (the runs client's
+    ``[]`` searches partial run uids, which a live node has none of)."""
+
+    def __init__(self, catalog: Any) -> None:
+        cfg = resolve_catalog(catalog)
+        self.container = runs(cfg, "processed")
+        self.root = connect(cfg)
+        self.path = cfg.processed
+
+    def get(self, key: str) -> Any:
+        try:
+            return self.root[f"{self.path.strip('/')}/{key}"]
+        except KeyError:
+            return None
+
+
+def _live_node(processed: _Processed, key: str, meta: dict[str, Any]) -> Any:
+    """The live node ``key``, created where missing."""
+    node = processed.get(key)
+    if node is not None:
+        return node
+    try:
+        return processed.container.create_container(key=key, metadata=meta)
+    except Exception:                   # created meanwhile by another publisher: take it
+        node = processed.get(key)
+        if node is None:
+            raise
+        return node
+
+
+def publish_preview(processed: "_Processed", raw_uid: str, preview: dict[str, Any]) -> None:
+    """Write (or replace) the live node of ``raw_uid`` from a preview dict (:func:`hxn_ptycho.live.read_preview`)."""
+    key = live_key(raw_uid)
+    meta = {"raw_uid": raw_uid, "kind": "live preview",
+            "live": {k: (float(preview[k]) if k in preview else None) for k in META_KEYS},
+            "published_at": time.time()}
+    node = _live_node(processed, key, meta)
+    for name in ARRAYS:
+        arr = np.ascontiguousarray(preview[name], dtype=np.float32)
+        if name in node and tuple(node[name].shape) == arr.shape:
+            node[name].write(arr)                        # latest wins: overwritten in place
+        else:
+            if name in node:                             # the canvas grew: a new array
+                node[name].delete(external_only=False)
+            node.write_array(arr, key=name)
+    node.update_metadata(metadata=meta)                  # last: the numbers describe arrays already there
+
+
+class LivePublisher:
+    """Follow a job's preview file and publish each newer one to the catalog (latest-wins, ≤ 1/``interval_s``)."""
+
+    def __init__(self, catalog: Any, raw_uid: str, preview_path: str | os.PathLike, interval_s: float = 1.0,
+                 poll_s: float = 0.2) -> None:
+        self.catalog, self.raw_uid = catalog, raw_uid
+        self.path = Path(preview_path)
+        self.interval, self.poll = float(interval_s), float(poll_s)
+        self.published: list[dict[str, float]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"hxn-ptycho-live-{raw_uid[:8]}", daemon=True)
+
+    def start(self) -> "LivePublisher":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from hxn_ptycho.live import read_preview
+        processed = None
+        seen = 0.0
+        last = 0.0
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                mtime = self.path.stat().st_mtime if self.path.exists() else 0.0
+                if mtime > seen and (stopping or time.time() - last >= self.interval):
+                    preview = read_preview(self.path)       # the newest: earlier ones were replaced
+                    seen = mtime
+                    if processed is None:
+                        processed = _Processed(self.catalog)
+                    publish_preview(processed, self.raw_uid, preview)
+                    last = time.time()
+                    self.published.append({"published_at": last, "views": float(preview.get("views", 0)),
+                                           "written_at": float(preview.get("written_at", 0.0))})
+            except (OSError, CatalogError, KeyError) as exc:
+                self.errors += 1
+                log.warning("live preview of %s not published: %s", self.raw_uid, exc)
+            except Exception as exc:  # noqa: BLE001 - a preview never stops the publisher or the scan
+                self.errors += 1
+                log.warning("live preview of %s not published: %s: %s", self.raw_uid, type(exc).__name__, exc)
+            if stopping:
+                return
+            self._stop.wait(self.poll)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Publish the newest preview once more if it changed, then end the thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+def live_preview(catalog: Any = None, *, raw_uid: str) -> dict[str, Any] | None:
+    """The live preview of the raw run ``raw_uid``: arrays and numbers, or None if there is none."""
+    node = _Processed(catalog).get(live_key(raw_uid))
+    if node is None:
+        return None
+    out: dict[str, Any] = dict(node.metadata.get("live") or {})
+    out["published_at"] = node.metadata.get("published_at")
+    for name in ARRAYS:
+        if name in node:
+            out[name] = node[name].read()
+    return out
+
+
+def newest_live(catalog: Any = None) -> str | None:
+    """The raw uid of the most recently published live preview, or None (the keys are listed: the
+    runs container's searches see only runs)."""
+    processed = _Processed(catalog)
+    best: tuple[float, str] | None = None
+    for key in list(processed.container):
+        if not str(key).startswith("live-"):
+            continue
+        node = processed.get(str(key))
+        if node is None:
+            continue
+        at = float(node.metadata.get("published_at") or 0.0)
+        if best is None or at > best[0]:
+            best = (at, str(node.metadata.get("raw_uid")))
+    return None if best is None else best[1]
+
+
+def draw(prev: dict[str, Any], fig: Any = None) -> Any:
+    """The preview as a figure: object phase, probe amplitude, the data error and the views so far."""
+    import matplotlib.pyplot as plt
+    if fig is None:
+        fig = plt.figure(figsize=(9, 4))
+    fig.clf()
+    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    a.imshow(prev["object_phase"], cmap="gray")
+    a.set_title(f"object phase: {int(prev.get('views') or 0)} views")
+    b.imshow(prev["probe_amplitude"][0], cmap="magma")
+    err = prev.get("data_error")
+    b.set_title(f"probe: iteration {int(prev.get('iteration') or 0)}, data error "
+                f"{float(err) if err is not None else float('nan'):.3g}")
+    for ax in (a, b):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+def write_png(prev: dict[str, Any], path: str | os.PathLike) -> Path:
+    """The preview figure, replaced in place (temporary name, then rename)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hxn_ptycho.h5util import atomic_path
+    fig = draw(prev)
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def watch(catalog: Any = None, *, raw_uid: str | None = None, png: str | os.PathLike | None = None,
+          interval_s: float = 1.0, idle_exit_s: float | None = None, say: Any = print) -> int:
+    """Follow the live preview of ``raw_uid`` (default: the newest one): redraw a window, or replace
+    the PNG ``png``, whenever it changes; end after ``idle_exit_s`` without a change (None: never)."""
+    uid = raw_uid or newest_live(catalog)
+    if uid is None:
+        say("hxn-ptycho watch: no live preview in the catalog yet")
+        return 1
+    fig = None
+    last: float | None = None
+    changed = time.monotonic()
+    while True:
+        prev = live_preview(catalog, raw_uid=uid)
+        stamp = None if prev is None else prev.get("written_at")
+        if prev is not None and stamp != last:
+            last, changed = stamp, time.monotonic()
+            if png is not None:
+                write_png(prev, png)
+            else:
+                import matplotlib.pyplot as plt
+                fig = draw(prev, fig)
+                plt.pause(0.01)
+            say(f"{uid}: {int(prev.get('views') or 0)} views, iteration {int(prev.get('iteration') or 0)}")
+        if idle_exit_s is not None and time.monotonic() - changed > idle_exit_s:
+            return 0
+        time.sleep(interval_s)

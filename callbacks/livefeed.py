@@ -1,0 +1,250 @@
+"""Step scans reconstructed while they run: the callback side of the growing scan file.
+
+A :class:`LiveFeed` is subscribed beside the :class:`~.router.PtychoCallback` (``RE.subscribe``).
+For a ptychography *step* scan (one event per point; each frame is in the detector's HDF5 file
+before its event — hxntools' ``TPX_HDF5`` step mode, the simulated ``step_scan``) it:
+
+- on the RunEngine's thread, only routes documents into a :class:`~.collector.RunCollector`
+  (appends) and wakes its worker — never blocks, never raises;
+- on its worker thread, once ``first_chunk`` events are in, exports them with the one export
+  (:func:`.export.build_scan`), fixes the decisions of that first export (beam centre,
+  orientation, mask) and records them in a growing scan file
+  (:class:`hxn_ptycho.scanfile.GrowingScanWriter`), starts the live job
+  (``python -m hxn_ptycho.job SPEC --follow``) and a :class:`~.live.LivePublisher` for the run's
+  ``live`` node; then every ``chunk`` events it exports again with the decisions fixed and appends
+  the new views; at the stop it appends the rest and marks the file complete.
+
+Nothing wrong is ever written: if a later export disagrees with what is already in the file (a
+frame without beam dropped, a pixel newly masked), the feed stops appending and leaves the file
+incomplete (the live job then fails by its stall rule); the post-stop path of the
+:class:`~.router.PtychoCallback` is unaffected and still publishes the run's one derived run.
+
+NOT YET: the live job is launched directly (not through the job queue), and its result is not the
+published derived run (see docs/live.md). Each export re-reads the frames so far (quadratic in the
+views over a scan: fine for demos, to be replaced by an incremental export).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from event_model import RunRouter
+
+from hxn_ptycho.params import ReconParams
+from hxn_ptycho.spec import Execution, JobSpec, Source
+
+from .collector import CollectedRun, RunCollector
+from .export import ExportConfig, build_scan, kept_field, scan_kind
+from .router import file_stem, ignore_reason
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LiveFeedConfig:
+    work_dir: str = "hxn_ptycho_work"
+    catalog: str | None = None                  # where the previews go (None: preview files only)
+    params: dict = field(default_factory=dict)  # ReconParams fields of the live job
+    nprocs: int = 1
+    export: ExportConfig = field(default_factory=ExportConfig)
+    first_chunk: int = 256                      # events before the first export (decisions made here)
+    chunk: int = 32                             # events between later exports
+    launch: bool = True                         # start the live job (False: the growing file only)
+
+
+def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:
+    """The run as it was after its first ``n`` events of ``stream`` (copied; the RunEngine goes on),
+    as if it had stopped there: its stop counts ``n`` events, so the export's completeness check
+    (lost or out-of-order events) applies to the views so far."""
+    cols = {s: {k: list(v[:n]) if s == stream else list(v) for k, v in c.items()} for s, c in run.columns.items()}
+    seq = {s: list(v[:n]) if s == stream else list(v) for s, v in run.seq_nums.items()}
+    return dataclasses.replace(run, columns=cols, seq_nums=seq, descriptors=dict(run.descriptors),
+                               resources=dict(run.resources), datums=dict(run.datums),
+                               stop={"exit_status": "success", "num_events": {stream: n}},
+                               problems=list(run.problems))
+
+
+class _LiveRun:
+    """One step scan's feed: a worker thread exporting chunks into the growing scan file."""
+
+    def __init__(self, cfg: LiveFeedConfig, collector: RunCollector) -> None:
+        self.cfg, self.collector = cfg, collector
+        self.run = collector.run
+        self.stem = file_stem(self.run.scan_id, self.run.uid)
+        folder = Path(cfg.work_dir) / "live"
+        self.scan_path = folder / f"scan_{self.stem}.h5"
+        self.result_path = Path(cfg.work_dir) / "results" / f"result_{self.stem}_live.h5"
+        self.writer: Any = None
+        self.written = 0
+        self.export_cfg: ExportConfig | None = None
+        self.mask: np.ndarray | None = None
+        self.job: subprocess.Popen | None = None
+        self.spec: JobSpec | None = None
+        self.publisher: Any = None
+        self.stopped = False
+        self.gave_up: str | None = None
+        self.appended_during_scan = 0             # views appended before the stop document
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._work, name=f"hxn-ptycho-livefeed-{self.stem}", daemon=True)
+        self._thread.start()
+
+    # -- RunEngine thread: cheap ----------------------------------------------------------------
+    def poke(self, name: str, doc: dict) -> None:
+        if name == "stop":
+            self.stopped = True
+        self._wake.set()
+
+    # -- worker thread ------------------------------------------------------------------------------
+    def _events(self) -> int:
+        return len(self.run.seq_nums.get(self.cfg.export.stream, []))
+
+    def _work(self) -> None:
+        try:
+            while True:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                stopped = self.stopped
+                n = self._events()
+                need = self.cfg.first_chunk if self.writer is None else self.written + self.cfg.chunk
+                if n and (n >= need or stopped) and not self.gave_up:
+                    self._export(n)
+                if stopped and self._events() == n:
+                    break
+            if self.writer is not None and not self.gave_up:
+                self.writer.mark_complete()
+            elif self.writer is not None:
+                self.writer.close()
+        except Exception as exc:  # noqa: BLE001 - a live feed never disturbs the scan or the post-stop path
+            self.gave_up = f"{type(exc).__name__}: {exc}"
+            log.warning("live feed of run %s stopped: %s", self.run.uid, self.gave_up)
+            if self.writer is not None:
+                self.writer.close()
+        finally:
+            if self.gave_up and self.job is not None and self.job.poll() is None:
+                self.job.terminate()              # its file will never be complete: the post-stop path takes over
+            if self.job is not None:             # the job ends at the file's completion
+                try:
+                    self.job.wait(timeout=3600)
+                except subprocess.TimeoutExpired:
+                    log.warning("live job of run %s still running after an hour", self.run.uid)
+            if self.publisher is not None:
+                self.publisher.stop()
+
+    def _export(self, n: int) -> None:
+        from hxn_ptycho.scanfile import GrowingScanWriter
+        from hxn_ptycho.session import header_of
+        snap = _snapshot(self.run, n, self.cfg.export.stream)
+        scan = build_scan(snap, self.export_cfg or self.cfg.export)
+        if self.writer is None:                 # the decisions of the first chunk, fixed from now on
+            self.export_cfg = dataclasses.replace(self.cfg.export, center=(int(scan.attrs["center_row"]),
+                                                                           int(scan.attrs["center_col"])),
+                                                  orientation=str(scan.attrs["orientation"]))
+            self.mask = None if scan.mask is None else np.array(scan.mask)
+            decisions = {"center": [int(scan.attrs["center_row"]), int(scan.attrs["center_col"])],
+                         "orientation": str(scan.attrs["orientation"]), "crop": int(scan.n),
+                         "first_chunk_views": int(scan.n_views)}
+            self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=decisions)
+            self._start_job()
+        else:
+            same_mask = (self.mask is None and scan.mask is None) or (
+                self.mask is not None and scan.mask is not None and np.array_equal(self.mask, scan.mask))
+            if not same_mask or scan.n_views < self.written:
+                self.gave_up = "a later export changed the mask or dropped a frame already written"
+                log.warning("live feed of run %s stopped: %s", self.run.uid, self.gave_up)
+                return
+        new = slice(self.written, scan.n_views)
+        if new.stop > new.start:
+            self.written = self.writer.append(scan.diffamp[new], scan.points[:, new])
+            if not self.stopped:
+                self.appended_during_scan = self.written
+
+    def _start_job(self) -> None:
+        if not self.cfg.launch:
+            return
+        from hxn_ptycho.job import job_argv
+        spec = JobSpec(params=ReconParams.from_dict(dict(self.cfg.params)), execution=Execution(ranks=self.cfg.nprocs),
+                       source=Source(scan_file=str(self.scan_path.resolve()),
+                                     result_file=str(self.result_path.resolve()), raw_uid=self.run.uid,
+                                     scan_id=self.run.scan_id if isinstance(self.run.scan_id, int) else None,
+                                     catalog=self.cfg.catalog))
+        self.spec = spec
+        self.result_path.parent.mkdir(parents=True, exist_ok=True)
+        spec_path = spec.write(self.result_path.with_name(f"result_{self.stem}_live.spec.json"))
+        log_path = self.result_path.with_name(f"result_{self.stem}_live.log")
+        with open(log_path, "ab") as out:
+            self.job = subprocess.Popen(job_argv(spec_path, nprocs=self.cfg.nprocs, quiet=True, follow=True),
+                                        stdout=out, stderr=subprocess.STDOUT)
+        if self.cfg.catalog is not None:
+            from hxn_ptycho.live import preview_path_for
+
+            from .live import LivePublisher
+            self.publisher = LivePublisher(self.cfg.catalog, self.run.uid, preview_path_for(self.result_path)).start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def outcome_path(self) -> Path:
+        return self.result_path.with_name(f"result_{self.stem}_live.outcome.json")
+
+
+class LiveFeed:
+    """Subscribe to the RunEngine beside the PtychoCallback: live growing scan files for step scans."""
+
+    def __init__(self, config: LiveFeedConfig | None = None) -> None:
+        self.config = config or LiveFeedConfig()
+        self.runs: dict[str, _LiveRun] = {}
+        self._router = RunRouter([self._factory])
+        self.seconds = 0.0          # time spent on the RunEngine's thread (the cost per document)
+        self.documents = 0
+
+    def __call__(self, name: str, doc: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._router(name, doc)
+        except Exception as exc:  # noqa: BLE001 - nothing may raise into the RunEngine
+            log.error("hxn-ptycho live feed: ignored a malformed %r document (%s: %s)", name, type(exc).__name__, exc)
+        self.seconds += time.perf_counter() - t0
+        self.documents += 1
+
+    def _factory(self, name: str, start: dict) -> tuple[list, list]:
+        if ignore_reason(start, self.config.export.detectors) is not None or scan_kind(start) != "step":
+            return [], []
+        collector = RunCollector(start, lambda run: None, keep=kept_field(start, self.config.export))
+        live = _LiveRun(self.config, collector)
+        self.runs[str(start.get("uid"))] = live
+        return [collector, live.poke], []
+
+    def took_over(self, raw_uid: str, timeout: float = 3600.0) -> bool:
+        """At the stop (the PtychoCallback's worker thread): wait for the live job of ``raw_uid``; if
+        it succeeded, publish its outcome as the run's one derived run (the job's fixed uid) and say
+        so; if it failed, was killed or never started, return False: the post-stop path takes over."""
+        live = self.runs.get(raw_uid)
+        if live is None:
+            return False
+        live.join(timeout)
+        from hxn_ptycho.job import read_outcome
+        outcome = read_outcome(live.outcome_path) if live.spec is not None else None
+        if live.spec is None or outcome is None or outcome.get("status") != "success":
+            why = live.gave_up or (outcome or {}).get("reason") or "the live job ended without an outcome"
+            log.warning("run %s: the live reconstruction did not finish (%s): the post-stop path takes over",
+                        raw_uid, why)
+            return False
+        if live.spec.source.catalog:
+            from .derived import publish_outcome, run_uid
+            publish_outcome(live.spec, outcome, uid=run_uid(live.spec))
+        log.info("run %s: the live reconstruction is the result (%s)", raw_uid, outcome.get("result_file"))
+        return True
+
+    def wait(self, timeout: float = 600.0) -> None:
+        """Wait for every feed to finish (tests, the demo)."""
+        deadline = time.monotonic() + timeout
+        for live in list(self.runs.values()):
+            live.join(max(0.0, deadline - time.monotonic()))

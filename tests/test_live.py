@@ -1,0 +1,191 @@
+"""The growing scan file (SWMR) and the long-lived job that follows it (hxn_ptycho.live)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hxn_ptycho.engine import reconstruct
+from hxn_ptycho.errors import BadInput
+from hxn_ptycho.job import job_argv, run_spec
+from hxn_ptycho.live import FollowError, FollowOptions, follow_distributed, read_preview
+from hxn_ptycho.params import ReconParams
+from hxn_ptycho.distributed import LocalComm
+from hxn_ptycho.resultfile import read_result
+from hxn_ptycho.scanfile import GrowingScanReader, GrowingScanWriter, read_scan
+from hxn_ptycho.session import header_of
+from hxn_ptycho.spec import Execution, JobSpec, Source
+
+QUIET = {"log": lambda msg: None}
+
+
+def extent(scan):
+    p = scan.points
+    return (float(p[0].min()), float(p[0].max()), float(p[1].min()), float(p[1].max()))
+
+
+def feed(path, scan, chunk, pause_s, complete=True):
+    """The measuring side: append the scan in chunks (flushed), then mark it complete."""
+    w = GrowingScanWriter(path, header_of(scan), extent_um=extent(scan), decisions={"crop": scan.n})
+    for c in range(0, scan.n_views, chunk):
+        w.append(scan.diffamp[c:c + chunk], scan.points[:, c:c + chunk])
+        time.sleep(pause_s)
+    if complete:
+        w.mark_complete()
+    else:
+        w.close()
+
+
+def test_growing_file_reads_only_whole_views_and_ends_as_a_scan_file(sim1, tmp_path):
+    scan, _ = sim1
+    path = tmp_path / "scan_g.h5"
+    w = GrowingScanWriter(path, header_of(scan), extent_um=extent(scan), decisions={"crop": 64, "gain": 1.0})
+    w.append(scan.diffamp[:50], scan.points[:, :50])
+    r = GrowingScanReader(path)
+    assert r.refresh() == (50, False)
+    with pytest.raises(ValueError, match="not all written"):
+        r.frames(40, 60)
+    w.append(scan.diffamp[50:], scan.points[:, 50:])
+    assert r.refresh() == (120, False)
+    assert np.array_equal(r.frames(100, 120), scan.diffamp[100:120])
+    w.mark_complete()
+    assert r.refresh() == (120, True)
+    assert r.header().attrs["decision_crop"] == 64
+    r.close()
+    back = read_scan(path)
+    assert np.array_equal(back.diffamp, scan.diffamp) and np.array_equal(back.points, scan.points)
+    with pytest.raises(FileExistsError):
+        GrowingScanWriter(path, header_of(scan))
+    bad = GrowingScanWriter(tmp_path / "b.h5", header_of(scan))
+    with pytest.raises(BadInput, match="a chunk needs frames"):
+        bad.append(scan.diffamp[:3], scan.points[:, :2])
+    bad.close()
+
+
+def test_the_follow_job_previews_and_finishes_as_offline_from_the_live_state(sim1, tmp_path):
+    scan, _ = sim1
+    path, result = tmp_path / "scan_live.h5", tmp_path / "recon_live.h5"
+    params = ReconParams(iterations=10, threads=1)
+    writer = threading.Thread(target=feed, args=(path, scan, 20, 0.6))
+    writer.start()
+    spec = JobSpec(params=params, execution=Execution(ranks=1),
+                   source=Source(scan_file=str(path), result_file=str(result)))
+    try:
+        status, outcome = run_spec(spec, tmp_path / "o.json", progress=False, follow=True)
+    finally:
+        writer.join()
+    assert status == 0, outcome
+    live = outcome["measured"]["live"]
+    assert live["views"] == 120 and live["live_iterations"] > 0
+    assert live["previews"] >= 1 and live["previews_dropped"] >= 0      # (rates and gaps: benchmarks/live.py)
+    assert live["final_latency_s"] > 0
+    recon = spec.recon(outcome["measured"])         # what the derived run's start document carries
+    assert recon["measured"]["live"]["previews"] == live["previews"]
+    assert recon["measured"]["live"]["first_preview_latency_s"] is not None
+    prev = read_preview(tmp_path / "recon_live.preview.h5")
+    assert prev["views"] > 0 and prev["object_phase"].ndim == 2 and np.isfinite(prev["data_error"])
+    res = read_result(result)
+    offline = reconstruct(read_scan(path), ReconParams(iterations=10, threads=1,
+                                                       init_from=str(tmp_path / "recon_live.live_state.h5")), **QUIET)
+    assert np.array_equal(res.object, offline.object) and np.array_equal(res.error_data, offline.error_data)
+
+
+def test_a_scan_file_that_stops_growing_fails_by_name(sim1, tmp_path):
+    scan, _ = sim1
+    path = tmp_path / "scan_stall.h5"
+    feed(path, scan, 60, 0.0, complete=False)
+    with pytest.raises(FollowError, match="has not grown"):
+        follow_distributed(str(path), ReconParams(iterations=2, threads=1), LocalComm(),
+                           options=FollowOptions(stall_s=0.5))
+    with pytest.raises(FollowError, match="did not appear"):
+        follow_distributed(str(tmp_path / "never.h5"), ReconParams(iterations=2, threads=1), LocalComm(),
+                           options=FollowOptions(appear_s=0.3))
+
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
+def test_two_ranks_follow_and_finish_as_one_process_from_the_live_state(sim1, tmp_path):
+    """Real processes: chunks dealt to 2 ranks (each reads its own frames); the final result equals a
+    1-process offline run from the saved live state to rounding (the sums run in another order)."""
+    scan, _ = sim1
+    path, result = tmp_path / "scan_mpi.h5", tmp_path / "recon_mpi.h5"
+    params = ReconParams(iterations=10, threads=1, precision="double")
+    spec = JobSpec(params=params, execution=Execution(ranks=2),
+                   source=Source(scan_file=str(path), result_file=str(result)))
+    spec_path = spec.write(tmp_path / "mpi.spec.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_", "MPI_"))}
+    job = subprocess.Popen(job_argv(spec_path, nprocs=2, quiet=True, follow=True), env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    feed(path, scan, 25, 0.5)             # chunks of 25: dealt 13/12, then 12/13, ...
+    out, _ = job.communicate(timeout=180)
+    assert job.returncode == 0, out
+    res = read_result(result)
+    assert res.attrs["processes"] == 2
+    ref = reconstruct(read_scan(path), ReconParams(iterations=10, threads=1, precision="double",
+                                                   init_from=str(tmp_path / "recon_mpi.live_state.h5")), **QUIET)
+    assert np.linalg.norm(res.object - ref.object) / np.linalg.norm(ref.object) <= 1e-6
+    np.testing.assert_allclose(res.error_data, ref.error_data, rtol=1e-6)
+    assert np.array_equal(res.positions_px, ref.positions_px)
+
+
+def test_a_stop_request_finishes_with_the_views_so_far(sim1, tmp_path):
+    scan, _ = sim1
+    path = tmp_path / "scan_stop.h5"
+    feed(path, scan, 60, 0.0, complete=False)
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    res, info = follow_distributed(str(path), ReconParams(iterations=5, threads=1), LocalComm(), stop=stop,
+                                   options=FollowOptions(stall_s=60))
+    assert info["live"]["views"] == 120 and res.positions_px.shape == (120, 2)     # written, never completed
+    assert res.attrs["interrupted"] is True
+
+
+def test_a_live_job_killed_mid_scan_leaves_the_file_to_the_post_stop_job(sim1, tmp_path):
+    """Real processes: SIGKILL the following job mid-scan; the scan still completes, no result is
+    left half-written, and the offline job on the complete file (the post-stop path) succeeds.
+    (The callback's side of this fault — exactly one derived run — is not built yet: docs/live.md.)"""
+    scan, _ = sim1
+    path, result = tmp_path / "scan_kill.h5", tmp_path / "recon_kill.h5"
+    spec = JobSpec(params=ReconParams(iterations=6, threads=1), execution=Execution(ranks=1),
+                   source=Source(scan_file=str(path), result_file=str(result)))
+    spec_path = spec.write(tmp_path / "kill.spec.json")
+    job = subprocess.Popen(job_argv(spec_path, quiet=True, follow=True), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    w = GrowingScanWriter(path, header_of(scan), extent_um=extent(scan))
+    w.append(scan.diffamp[:60], scan.points[:, :60])
+    preview = tmp_path / "recon_kill.preview.h5"
+    deadline = time.time() + 60
+    while not preview.exists() and time.time() < deadline:      # the job is iterating on the first views
+        time.sleep(0.1)
+    assert preview.exists()
+    job.kill()
+    job.wait(timeout=30)
+    w.append(scan.diffamp[60:], scan.points[:, 60:])
+    w.mark_complete()
+    assert not result.exists() and not list(tmp_path.glob(".recon_kill.h5.*"))
+    done = subprocess.run([sys.executable, "-m", "hxn_ptycho.job", str(spec_path), "--quiet"], timeout=180,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert read_result(result).positions_px.shape == (120, 2)
+
+
+def test_following_an_ordinary_scan_file_is_refused_by_name(sim_file):
+    """A finished scan file (no n_written/complete) is not a growing one: refused, naming the field."""
+    with pytest.raises(BadInput, match="missing field 'n_written'"):
+        follow_distributed(str(sim_file), ReconParams(iterations=2, threads=1), LocalComm(),
+                           options=FollowOptions(appear_s=0.3))
+
+
+def test_follow_refuses_the_async_scheme(tmp_path):
+    spec = JobSpec(execution=Execution(mode="async"),
+                   source=Source(scan_file=str(tmp_path / "s.h5"), result_file=str(tmp_path / "r.h5")))
+    status, outcome = run_spec(spec, None, progress=False, follow=True)
+    assert status == 2 and "cannot follow a growing scan file" in outcome["reason"]

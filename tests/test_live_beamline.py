@@ -1,0 +1,120 @@
+"""The simulated beamline's step scan as a live source: every frame is in the detector file (and
+readable) when its event is emitted; a dwell time per point."""
+from __future__ import annotations
+
+import warnings
+
+import h5py
+from hxn_sim import make_re
+
+from hxn_ptycho.callbacks.sim_beamline import make_hxn, simulated_scan, step_scan
+
+
+def test_step_scan_frames_are_readable_at_their_event_and_each_point_dwells(tmp_path):
+    sample, _ = simulated_scan("step", n_positions=6, seed=3)
+    hxn = make_hxn(tmp_path / "detector")
+    RE = make_re(hxn)
+    sleeps: list[float] = []
+    RE.msg_hook = lambda msg: sleeps.append(msg.args[0]) if msg.command == "sleep" else None
+    files: dict[str, str] = {}
+    readable: list[tuple[int, int]] = []
+
+    def on_doc(name, doc):
+        if name == "resource":
+            files[doc["uid"]] = doc["resource_path"] if "resource_path" in doc else doc.get("uri", "")
+        if name == "event" and "eiger1_image" in doc["data"] and files:
+            path = next(iter(files.values()))
+            path = path if path.startswith("/") else str(tmp_path / "detector" / path)
+            with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as f:   # as hxntools reads, mid-scan
+                readable.append((doc["seq_num"], f["entry/instrument/detector/data"].shape[0]))
+    RE.subscribe(on_doc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        RE(step_scan(hxn, sample, dwell_s=0.01))
+    assert sleeps == [0.01] * 6
+    assert readable == [(i, i) for i in range(1, 7)], readable
+
+
+def test_live_feed_grows_the_scan_file_during_a_step_scan_equal_to_the_post_stop_export(tmp_path):
+    """RunEngine + simulated step scan + LiveFeed: the growing scan file gets views before the stop,
+    is complete after it, equals the post-stop export of the same run dataset by dataset, and the
+    live job started on it succeeds."""
+    import json
+
+    import numpy as np
+    from hxn_sim import collect
+
+    from hxn_ptycho.callbacks.export import ExportConfig, build_scan
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+    from hxn_ptycho.job import read_outcome
+
+    sample, _ = simulated_scan("step", n_positions=48, seed=4)
+    hxn = make_hxn(tmp_path / "detector")
+    RE = make_re(hxn)
+    got = collect(RE)
+    cfg = ExportConfig(crop=64)
+    feed = LiveFeed(LiveFeedConfig(work_dir=str(tmp_path / "work"), params={"iterations": 6, "threads": 1},
+                                   export=cfg, first_chunk=16, chunk=8))
+    RE.subscribe(feed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        RE(step_scan(hxn, sample, dwell_s=0.05))
+    feed.wait(300)
+    (live,) = feed.runs.values()
+    assert live.gave_up is None
+    assert 16 <= live.appended_during_scan < 48          # views were in the file before the stop
+    post = build_scan(got[0], cfg)                        # the post-stop export of the same run
+    with h5py.File(live.scan_path, "r") as f:
+        assert f["complete"][0] == 1 and f["n_written"][0] == 48
+        assert np.array_equal(f["diffamp"][()], post.diffamp) and np.array_equal(f["points"][()], post.points)
+        assert np.array_equal(f["mask"][()], post.mask)
+        for k in ("lambda_nm", "z_m", "ccd_pixel_um"):
+            assert f[k][()] == getattr(post, k)
+        assert json.loads(f.attrs["decision_center"]) == [post.attrs["center_row"], post.attrs["center_col"]]
+    outcome = read_outcome(live.result_path.with_name(live.result_path.name[:-3] + ".outcome.json"))
+    assert outcome is not None and outcome["status"] == "success", outcome
+    assert outcome["measured"]["live"]["views"] == 48
+
+
+def _scan_with_callbacks(tmp_path, kill_at: int | None = None):
+    from hxn_ptycho.callbacks.export import ExportConfig
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+    from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
+
+    sample, _ = simulated_scan("step", n_positions=40, seed=5)
+    hxn = make_hxn(tmp_path / "detector")
+    RE = make_re(hxn)
+    export = ExportConfig(crop=64)
+    work = str(tmp_path / "work")
+    cb = PtychoCallback(CallbackConfig(work_dir=work, params={"iterations": 4, "threads": 1}, export=export))
+    feed = LiveFeed(LiveFeedConfig(work_dir=work, params={"iterations": 4, "threads": 1}, export=export,
+                                   first_chunk=12, chunk=8))
+    cb.live = feed
+    RE.subscribe(cb)
+    RE.subscribe(feed)
+    if kill_at is not None:                 # the live job dies mid-scan (a real process, SIGKILL)
+        def killer(name, doc):
+            if name == "event" and doc["seq_num"] == kill_at:
+                live = next(iter(feed.runs.values()))
+                if live.job is not None:
+                    live.job.kill()
+        RE.subscribe(killer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        RE(step_scan(hxn, sample, dwell_s=0.05))
+    assert cb.flush(timeout=300)
+    return cb, feed
+
+
+def test_the_live_job_is_the_result_and_the_post_stop_path_does_not_run(tmp_path):
+    cb, feed = _scan_with_callbacks(tmp_path)
+    (live,) = feed.runs.values()
+    assert live.result_path.exists()
+    assert cb.submitted == [] and cb.failed == []          # one result: the live one
+
+
+def test_a_live_job_killed_mid_scan_hands_the_run_to_the_post_stop_path(tmp_path):
+    cb, feed = _scan_with_callbacks(tmp_path, kill_at=30)
+    (live,) = feed.runs.values()
+    assert not live.result_path.exists()
+    assert len(cb.submitted) == 1 and cb.failed == []      # exactly one job: the post-stop path's

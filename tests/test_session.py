@@ -1,0 +1,139 @@
+"""The reconstruction as a session (hxn_ptycho.session): the offline run is one append; live chunks
+then the final phase equal an offline run started from the saved live state; the canvas grows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hxn_ptycho.distributed import split_views
+from hxn_ptycho.engine import reconstruct
+from hxn_ptycho.metrics import illuminated_region, nrmse
+from hxn_ptycho.params import ReconParams
+from hxn_ptycho.session import CanvasError, Extent, ReconSession, deal, header_of
+
+QUIET = {"log": lambda msg: None}
+
+
+def live_session(scan, params, chunk, per_chunk, extent=None, **kw):
+    s = ReconSession(header_of(scan), params, extent=extent or Extent.of_points(scan.points), **QUIET, **kw)
+    for c in range(0, scan.n_views, chunk):
+        s.append_views(scan.points[:, c:c + chunk], scan.diffamp[c:c + chunk])
+        s.iterate(per_chunk)
+    return s
+
+
+def test_deal_from_empty_is_the_offline_split_and_stays_even():
+    for size in (1, 2, 3, 5):
+        for n in (size, 7, 120):
+            give = deal([0] * size, n)
+            assert give == [s.stop - s.start for s in split_views(n, size)]
+    counts = [0, 0, 0]
+    for m in (1, 1, 5, 2, 40, 3):
+        give = deal(counts, m)
+        assert sum(give) == m and min(give) >= 0
+        counts = [c + g for c, g in zip(counts, give)]
+        assert max(counts) - min(counts) <= 1, counts
+
+
+def test_one_chunk_is_the_offline_reconstruction(sim1):
+    scan, _ = sim1
+    p = ReconParams(iterations=8, threads=1)
+    a = reconstruct(scan, p, **QUIET)
+    s = ReconSession(header_of(scan), p, **QUIET)
+    s.append_views(scan.points, scan.diffamp)
+    b = s.finish()
+    for name in ("object", "probe", "error_data", "positions_px"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("extra", [{}, {"refine_positions": True, "algorithm": "DM:6,ML:2"}, {"probe_modes": "auto"}],
+                         ids=["DM", "positions+ML", "auto-modes"])
+def test_live_then_final_equals_offline_from_the_live_state(sim1, tmp_path, extra):
+    """The final phase is the offline schedule (position refinement, ML, automatic modes) from the live state."""
+    scan, _ = sim1
+    p = ReconParams(iterations=8, threads=1, **extra)
+    s = live_session(scan, p, chunk=40, per_chunk=3)
+    assert s.iteration == 9 and s.snapshot().views == 120
+    state = tmp_path / "live_state.h5"
+    live = s.finish(state_path=state)
+    offline = reconstruct(scan, ReconParams(iterations=8, threads=1, init_from=str(state), **extra), **QUIET)
+    for name in ("object", "probe", "error_data", "positions_px", "positions_refined_px"):
+        assert np.array_equal(getattr(live, name), getattr(offline, name)), name
+    assert live.attrs["live_iterations"] == 9
+
+
+def test_new_views_start_as_probe_times_object(sim1):
+    scan, _ = sim1
+    s = live_session(scan.__class__(**{**scan.__dict__, "diffamp": scan.diffamp[:60],
+                                      "points": scan.points[:, :60]}),
+                     ReconParams(iterations=5, threads=1), chunk=60, per_chunk=4,
+                     extent=Extent.of_points(scan.points))
+    s.append_views(scan.points[:, 60:90], scan.diffamp[60:90])
+    rec = s.rec
+    obj, probe = rec.be.asnumpy(rec.obj), rec.be.asnumpy(rec.probe)
+    n = scan.n
+    for j in (60, 75, 89):
+        r, c = rec.geom.corner[j]
+        expect = probe[:, :, :] * obj[0, r:r + n, c:c + n]
+        assert np.allclose(rec.psi[j, 0], expect, rtol=1e-5, atol=1e-6 * np.abs(expect).max())
+    assert len(rec.diffamp) == 90 and rec.store.shape[0] == 90 and rec.batches[-1].stop == 90
+
+
+def test_a_view_outside_the_extent_grows_the_canvas_or_is_refused(sim1):
+    scan, _ = sim1
+    p = ReconParams(iterations=4, threads=1)
+    inner = Extent((float(np.quantile(scan.points[0], 0.3)), float(scan.points[0].max())),
+                   (float(scan.points[1].min()), float(np.quantile(scan.points[1], 0.7))))
+    s = ReconSession(header_of(scan), p, extent=inner, **QUIET)
+    s.append_views(scan.points[:, :60], scan.diffamp[:60])
+    s.iterate(2)
+    s.append_views(scan.points[:, 60:], scan.diffamp[60:])
+    s.iterate(2)
+    assert s.canvas_grown >= 1
+    pos = s.rec.geom.positions_all
+    H, W = s.rec.obj_shape[1:]
+    assert pos.min() >= s.margin and pos[:, 0].max() + scan.n + s.margin <= H and pos[:, 1].max() + scan.n + s.margin <= W
+    # the canvas is exactly what an offline run lays out for these views (the extent grew to theirs)
+    off = reconstruct(scan, ReconParams(iterations=1, threads=1), **QUIET)
+    assert (H, W) == off.object.shape[1:]
+    res = s.finish()
+    assert np.array_equal(res.positions_px, off.positions_px)
+    refuse = ReconSession(header_of(scan), p, extent=inner, grow=False, **QUIET)
+    with pytest.raises(CanvasError, match=r"view \d+ at x="):
+        refuse.append_views(scan.points, scan.diffamp)
+        refuse.iterate(1)
+
+
+@pytest.mark.parametrize("modes", [1, 3])
+def test_live_final_is_as_good_as_a_cold_offline_run(sim1, sim3, modes):
+    scan, truth = sim1 if modes == 1 else sim3
+    p = ReconParams(iterations=40, probe_modes=modes, threads=1)
+    cold = reconstruct(scan, p, **QUIET)
+    live = live_session(scan, p, chunk=30, per_chunk=5).finish()
+    region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
+    e_cold, e_live = nrmse(cold.object[0], truth.object, region), nrmse(live.object[0], truth.object, region)
+    d_cold, d_live = float(cold.attrs["final_data_error"]), float(live.attrs["final_data_error"])
+    assert d_live <= 1.02 * d_cold, (d_live, d_cold)
+    assert e_live <= 1.05 * e_cold, (e_live, e_cold)
+
+
+@pytest.mark.gpu
+def test_session_on_the_gpu_equals_offline_from_the_live_state(sim1, tmp_path):
+    """CuPy backend (benchmarks/gpu_session.sh): the grown exit-wave store, canvas and batches on the
+    device; the final result equals an offline GPU run from the saved live state (to the rounding of
+    the atomic scatter-adds)."""
+    from hxn_ptycho.gpu import gpu_available
+    ok, why = gpu_available()
+    if not ok:
+        pytest.skip(f"no GPU: {why}")
+    scan, _ = sim1
+    p = ReconParams(iterations=8, backend="cupy", precision="double")
+    inner = Extent((float(np.quantile(scan.points[0], 0.2)), float(scan.points[0].max())),
+                   (float(scan.points[1].min()), float(scan.points[1].max())))
+    s = live_session(scan, p, chunk=40, per_chunk=3, extent=inner)
+    assert s.canvas_grown >= 1
+    state = tmp_path / "state.h5"
+    live = s.finish(state_path=state)
+    off = reconstruct(scan, ReconParams(iterations=8, backend="cupy", precision="double", init_from=str(state)),
+                      **QUIET)
+    assert np.linalg.norm(live.object - off.object) / np.linalg.norm(off.object) < 1e-9
