@@ -17,7 +17,6 @@ count, the count found, the found shares, and the seconds; with ``--log``, every
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import numpy as np
 from mode_mixtures import FAMILIES, HELD_OUT, mixture_scan, spectrum
 
 from hxn_ptycho.engine import reconstruct
-from hxn_ptycho.params import ReconParams
+from hxn_ptycho.params import ReconParams, parse_assignments
 
 #: (true count, weakest mode's share): one mode, two at 30 % / 10 %, three with the weakest at 3 %
 CASES = ((1, 1.0), (2, 0.3), (2, 0.1), (3, 0.03))
@@ -48,13 +47,7 @@ def main() -> None:
     ap.add_argument("--fixed", action="store_true", help="fixed counts 1..4 and their error gains (see above)")
     ap.add_argument("--set", nargs="*", default=[], help="extra parameters, name=value")
     a = ap.parse_args()
-    extra = {}
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        try:
-            extra[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            extra[k] = v
+    extra = parse_assignments(a.set)
     cases = [(int(c.split(":")[0]), float(c.split(":")[1])) for c in a.cases] if a.cases else list(CASES)
     families = [HELD_OUT] if a.held_out else a.families
     if not a.fixed:

@@ -11,14 +11,13 @@ each further mode weaker). Prints, per scan and rule: the modes found, the final
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from hxn_ptycho.engine import reconstruct
-from hxn_ptycho.params import ReconParams
+from hxn_ptycho.params import ReconParams, parse_assignments
 from hxn_ptycho.simulate import simulate_scan
 
 POWERS = {1: None, 2: (0.7, 0.3), 3: (0.6, 0.25, 0.15), 5: (0.45, 0.22, 0.15, 0.1, 0.08)}
@@ -37,13 +36,7 @@ def main() -> None:
     ap.add_argument("--log", action="store_true", help="print the decisions of every auto run")
     ap.add_argument("--set", nargs="*", default=[], help="extra parameters, name=value")
     a = ap.parse_args()
-    extra = {}
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        try:
-            extra[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            extra[k] = v
+    extra = parse_assignments(a.set)
     print(f"{'true':>4} {'seed':>4} {'run':>14} {'found':>5} {'data error':>11} {'seconds':>8}")
     powers = dict(POWERS)
     if a.powers:

@@ -17,29 +17,9 @@ import time
 import numpy as np
 
 from hxn_ptycho.engine import reconstruct
-from hxn_ptycho.metrics import illuminated_region, nrmse
+from hxn_ptycho.metrics import object_error, position_rms
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.simulate import heavy_tailed_errors, simulate_scan
-
-
-def position_rms(est: np.ndarray, truth: np.ndarray) -> float:
-    d = est - truth
-    d = d - d.mean(axis=0)
-    return float(np.sqrt(np.mean(np.sum(d ** 2, axis=1))))
-
-
-def object_error(res, truth, positions) -> float:
-    """Object NRMSE in the truth's frame (shifted by the mean position offset, then registered)."""
-    off = np.round((positions - truth.positions_px).mean(axis=0)).astype(int)
-    H, W = truth.object.shape
-    crop = np.ones((H, W), complex)
-    o = res.object[0]
-    src = o[max(off[0], 0):, max(off[1], 0):]
-    r, c = max(-off[0], 0), max(-off[1], 0)
-    h, w = min(H - r, src.shape[0]), min(W - c, src.shape[1])
-    crop[r:r + h, c:c + w] = src[:h, :w]
-    region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
-    return nrmse(crop, truth.object, region)
 
 
 def heavy_scan(seed: int, views: int, worst: float = 28.0, drift: float = 4.0, jitter: float = 1.5,

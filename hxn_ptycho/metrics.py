@@ -7,6 +7,8 @@ the well-illuminated region.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .registration import fourier_shift, register_shift
@@ -77,3 +79,26 @@ def shifted_correlation(a: np.ndarray, b: np.ndarray, shift_px: np.ndarray, regi
     x, y = a[region], b3[region]
     dot = np.vdot(y, x)
     return float(abs(dot) / np.linalg.norm(x) / np.linalg.norm(y)), b3 * np.exp(1j * np.angle(dot))
+
+
+def position_rms(est: np.ndarray, truth: np.ndarray) -> float:
+    """RMS distance (px) of positions ``est`` from ``truth`` (both (n, 2)) after removing the mean
+    offset (a global shift is traded with the object)."""
+    d = np.asarray(est, float) - np.asarray(truth, float)
+    d = d - d.mean(axis=0)
+    return float(np.sqrt(np.mean(np.sum(d ** 2, axis=1))))
+
+
+def object_error(res: Any, truth: Any, positions: np.ndarray) -> float:
+    """Object NRMSE of a reconstruction ``res`` (``.object``) in a simulation's frame ``truth``
+    (``.object``, ``.probe``, ``.positions_px``): shifted by the mean position offset, then
+    registered over the truth's illuminated region."""
+    off = np.round((np.asarray(positions) - truth.positions_px).mean(axis=0)).astype(int)
+    H, W = truth.object.shape
+    crop = np.ones((H, W), complex)
+    src = res.object[0][max(off[0], 0):, max(off[1], 0):]
+    r, c = max(-off[0], 0), max(-off[1], 0)
+    h, w = min(H - r, src.shape[0]), min(W - c, src.shape[1])
+    crop[r:r + h, c:c + w] = src[:h, :w]
+    region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
+    return nrmse(crop, truth.object, region)

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 from .errors import BadInput
@@ -402,3 +402,19 @@ def options_markdown() -> str:
         text = meta["help"].replace("|", "\\|")
         rows.append(f"| `{option_name(f.name)}` | {meta['group']} | {default} | {allowed} | {text} |")
     return "\n".join(rows) + "\n"
+
+
+def parse_assignments(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["name=value", ...]`` (a benchmark's ``--set``) → {name: value}, each value a Python
+    literal where it parses as one, else the string."""
+    import ast
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise ParamError(f"{kv!r} is not name=value")
+        k, v = kv.split("=", 1)
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out

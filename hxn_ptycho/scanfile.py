@@ -107,6 +107,19 @@ class ScanData:
             require_finite(pg, "probe_guess", KIND, filename)
 
 
+def _write_header(f: h5py.File, scan: ScanData) -> None:
+    """Everything of a scan file but its frames and positions: geometry, mask, probe guess, attributes."""
+    f["lambda_nm"] = float(scan.lambda_nm)
+    f["z_m"] = float(scan.z_m)
+    f["ccd_pixel_um"] = float(scan.ccd_pixel_um)
+    if scan.mask is not None:
+        f.create_dataset("mask", data=np.asarray(scan.mask, dtype=bool))
+    if scan.probe_guess is not None:
+        f.create_dataset("probe_guess", data=np.asarray(scan.probe_guess))
+    for k, v in scan.attrs.items():
+        f.attrs[k] = v
+
+
 def write_scan(path: str | os.PathLike, scan: ScanData, extras: dict[str, np.ndarray] | None = None) -> None:
     """Validate and write a scan file atomically (temporary name, then rename).
 
@@ -116,15 +129,7 @@ def write_scan(path: str | os.PathLike, scan: ScanData, extras: dict[str, np.nda
     with atomic_h5(path) as f:
         f.create_dataset("diffamp", data=np.asarray(scan.diffamp, dtype=np.float32), chunks=(1,) + scan.diffamp.shape[1:])
         f.create_dataset("points", data=np.asarray(scan.points, dtype=np.float64))
-        f["lambda_nm"] = float(scan.lambda_nm)
-        f["z_m"] = float(scan.z_m)
-        f["ccd_pixel_um"] = float(scan.ccd_pixel_um)
-        if scan.mask is not None:
-            f.create_dataset("mask", data=np.asarray(scan.mask, dtype=bool))
-        if scan.probe_guess is not None:
-            f.create_dataset("probe_guess", data=np.asarray(scan.probe_guess))
-        for k, v in scan.attrs.items():
-            f.attrs[k] = v
+        _write_header(f, scan)
         for k, v in (extras or {}).items():
             f.create_dataset(k, data=np.asarray(v))
 
@@ -250,17 +255,9 @@ class GrowingScanWriter:
         try:
             f.create_dataset("diffamp", shape=(0, n, n), maxshape=(None, n, n), dtype=np.float32, chunks=(1, n, n))
             f.create_dataset("points", shape=(2, 0), maxshape=(2, None), dtype=np.float64, chunks=(2, 1024))
-            f["lambda_nm"] = float(header.lambda_nm)
-            f["z_m"] = float(header.z_m)
-            f["ccd_pixel_um"] = float(header.ccd_pixel_um)
-            if header.mask is not None:
-                f.create_dataset("mask", data=np.asarray(header.mask, dtype=bool))
-            if header.probe_guess is not None:
-                f.create_dataset("probe_guess", data=np.asarray(header.probe_guess))
+            _write_header(f, header)
             f.create_dataset("n_written", data=np.zeros(1, np.int64))
             f.create_dataset("complete", data=np.zeros(1, np.int8))
-            for k, v in header.attrs.items():
-                f.attrs[k] = v
             if extent_um is not None:
                 f.create_dataset("extent_um", data=np.asarray(extent_um, np.float64))
             for k, v in (decisions or {}).items():      # scalars as they are, anything else as JSON text

@@ -14,12 +14,13 @@ import pytest
 
 from hxn_ptycho import positions
 from hxn_ptycho.engine import reconstruct
+from hxn_ptycho.metrics import object_error, position_rms
 from hxn_ptycho.params import ParamError, ReconParams
 from hxn_ptycho.positions import disc_grid, global_prediction
 from hxn_ptycho.simulate import heavy_tailed_errors, simulate_scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from position_search import heavy_scan, object_error, position_rms
+from position_search import heavy_scan
 
 QUIET = {"log": lambda msg: None}
 

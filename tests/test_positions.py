@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hxn_ptycho.engine import reconstruct
-from hxn_ptycho.metrics import illuminated_region, nrmse
+from hxn_ptycho.metrics import object_error, position_rms
 from hxn_ptycho.params import ParamError, ReconParams
 from hxn_ptycho.positions import constrain, fit_affine
 from hxn_ptycho.resultfile import read_result, write_result
@@ -13,27 +13,6 @@ from hxn_ptycho.simulate import simulate_scan
 
 QUIET = {"log": lambda msg: None}
 REFINE = ReconParams(iterations=180, refine_positions=True, position_start=30, position_end=119)
-
-
-def position_rms(est: np.ndarray, truth: np.ndarray) -> float:
-    """RMS distance after removing the mean offset (a global shift is traded with the object)."""
-    d = est - truth
-    d = d - d.mean(axis=0)
-    return float(np.sqrt(np.mean(np.sum(d ** 2, axis=1))))
-
-
-def object_error(res, truth, positions) -> float:
-    """Object NRMSE in the truth's frame (shifted by the mean position offset, then registered)."""
-    off = np.round((positions - truth.positions_px).mean(axis=0)).astype(int)
-    H, W = truth.object.shape
-    crop = np.ones((H, W), complex)
-    o = res.object[0]
-    src = o[max(off[0], 0):, max(off[1], 0):]
-    r, c = max(-off[0], 0), max(-off[1], 0)
-    h, w = min(H - r, src.shape[0]), min(W - c, src.shape[1])
-    crop[r:r + h, c:c + w] = src[:h, :w]
-    region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
-    return nrmse(crop, truth.object, region)
 
 
 @pytest.fixture(scope="module")
