@@ -596,6 +596,8 @@ def as_result_data(res: DerivedResult) -> Any:
     attrs = {k: v for k in ("probe_modes_log", "final_cost", "pixel_size_m", "lambda_nm", "z_m", "ccd_pixel_um")
              if (v := _find_key(res.recon, k)) is not None}
     attrs["scan_scan_id"] = res.scan_id
+    if res.start.get("frame") is not None:
+        attrs["frame"] = res.start["frame"]                    # the stage frame: the figure's axes in µm of x, y
     if res.final_data_error is not None:
         attrs["final_data_error"] = res.final_data_error       # the derived run's one number, in the title
     return ResultData(object=res.object, probe=res.probe, positions_px=res.positions_px,

@@ -147,6 +147,25 @@ def test_results_figure_uses_recon_geometry():
     assert mode_changes(data.attrs["probe_modes_log"], ITERS)[0][0] == 10
 
 
+
+def test_results_figure_axes_from_the_derived_runs_frame():
+    """``results --png`` and the demo draw a derived run: the stage frame the start document
+    carries (``start['frame']``) puts the object panels in µm of x and y, as the job's own figure."""
+    from hxn_ptycho.callbacks.query import DerivedResult, as_result_data
+
+    r = _result(pixel_size_m=None)
+    frame = {"rows": "+y", "cols": "+x", "origin_um": [3.0, -2.0], "pixel_um": 0.012}
+    d = DerivedResult(uid="0123456789", raw_uid="raw", scan_id=42, exit_status="success", reason=None,
+                      recon={"params": {"iterations": ITERS}, "geometry": {"pixel_size_m": 12e-9}},
+                      start={"frame": frame},
+                      object=r.object, probe=r.probe, positions_px=r.positions_px,
+                      probe_power_fraction=r.probe_power_fraction, final_data_error=float(r.error_data[-1]),
+                      data_error=r.error_data, probe_error=r.error_probe, object_error=r.error_object)
+    ax = summary_figure(as_result_data(d)).axes[0]
+    assert ax.get_xlabel() == "x (µm)" and ax.get_ylabel() == "y (µm)"
+    x0, x1, _, _ = ax.images[0].get_extent()
+    assert 3.0 - 0.012 < x0 < x1
+
 def test_mode_changes_from_curves_without_a_log():
     """A derived run has no mode log; the ε_P curve of an added mode starts after its addition."""
     res = _result(K=3)
