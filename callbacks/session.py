@@ -28,6 +28,7 @@ from hxn_ptycho.errors import BadInput
 log = logging.getLogger(__name__)
 
 DEFAULT_EXIT_WAIT_S = 300.0
+EXPORT_WAIT_S = 120.0      # leaving waits this long at least for the last scan's export (with its orientation trials)
 
 
 class SessionRefused(BadInput):
@@ -165,6 +166,8 @@ def leave_session(callback: Any, jobs: Any, limit_s: float | None = None, *, out
                   clock: Callable[[], float] = time.monotonic, tick_s: float = 1.0) -> int:
     """Wait (at most ``limit_s``, default ``$HXN_PTYCHO_EXIT_WAIT`` or 300 s) for this session's
     reconstructions, saying what it waits for, with a countdown; returns how many are left queued.
+    The last scan's export (its scan file and queued job) is awaited even past that limit, up to
+    ``EXPORT_WAIT_S``: a scan not yet exported would otherwise be lost, not queued.
 
     Ctrl-C stops the wait at once: a running job is stopped and queued again, and every unfinished
     job runs when the queue next starts (this profile, or ``hxn-ptycho listen`` with the same work
@@ -181,9 +184,9 @@ def leave_session(callback: Any, jobs: Any, limit_s: float | None = None, *, out
         print(("\r\x1b[K" if tty else "") + text, file=out, flush=True)
 
     try:
-        if not callback.flush(0):               # the last scan's file and job first (seconds)
-            say("hxn-ptycho: exporting the last scan before leaving ...")
-            callback.flush(max(deadline - clock(), 1.0))
+        if not callback.flush(0):               # the last scan's file and job first (seconds, whatever the limit:
+            say("hxn-ptycho: exporting the last scan before leaving ...")   # a scan left unexported is lost)
+            callback.flush(max(deadline - clock(), EXPORT_WAIT_S))
         if _unfinished(jobs):
             say(f"hxn-ptycho: waiting for {_unfinished(jobs)} reconstruction(s) before leaving "
                 f"({_describe(jobs)}), at most {limit_s:g} s; Ctrl-C leaves them queued in {jobs.directory}")

@@ -64,7 +64,7 @@ def test_profile_startup_files_in_order(profile_env, tiled_server, monkeypatch):
         h = db[-1]
         assert h.start["uid"] == other
         assert db[777].start["uid"] == uid and db[777].stop["exit_status"] == "success"
-        found = list(db(plan_name="list_scan", scan_id=777))
+        found = list(db(plan_name="spiral_fermat", scan_id=777))   # the simulated step scan is a fermat spiral
         assert [hh.start["uid"] for hh in found] == [uid]
         derived = list(db(plan_name="hxn_ptycho_dm", raw_uid=uid))           # the README's query
         assert [hh.start["uid"] for hh in derived] == [res.uid]

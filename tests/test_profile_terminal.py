@@ -36,11 +36,18 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def _terminal_signals() -> None:
+    """The child starts with SIGINT as a terminal gives it (a test run in the background inherits
+    SIG_IGN, and Python then installs no KeyboardInterrupt handler: Ctrl-C would be lost)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _ipython(tmp: Path, env: dict[str, str]) -> pexpect.spawn:
     child = pexpect.spawn(str(IPYTHON), ["--profile-dir", str(PROFILE), "--no-banner", "--simple-prompt",
                                          "--HistoryManager.hist_file=:memory:",   # the profile folder stays as it is
                                          "--colors=NoColor"],
-                          cwd=str(tmp), env=env, encoding="utf-8", timeout=240, dimensions=(40, 200))
+                          cwd=str(tmp), env=env, encoding="utf-8", timeout=240, dimensions=(40, 200),
+                          preexec_fn=_terminal_signals)
     child.logfile_read = _Tee()
     return child
 

@@ -159,19 +159,22 @@ def test_cancelled_while_pending_names_the_state(scan, blocker):
     assert not out.exists()
 
 
-def test_one_gpu_per_rank_under_srun_and_mpirun():
-    """Each rank's GPU comes from its launcher's node-local rank (SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK, MPICH's)."""
-    code = ("import os; from hxn_ptycho.distributed import world; from hxn_ptycho.gpu import select_device; "
-            "c = world(); print(c.rank, select_device(c.rank, visible=2))")
+def test_one_gpu_per_rank_under_srun_and_mpirun(tmp_path):
+    """Each rank's GPU comes from its launcher's node-local rank (SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK, MPICH's).
+    Each rank writes "rank device" to a file of its own (the launchers' stdout forwarding may split lines)."""
+    code = ("import os, sys; from hxn_ptycho.distributed import world; from hxn_ptycho.gpu import select_device; "
+            "c = world(); open(os.path.join(sys.argv[1], f'rank{c.rank}'), 'w').write(f'{c.rank} {select_device(c.rank, visible=2)}')")
     runs = {"srun": ["srun", "-p", PARTITION, "-n", "2", sys.executable, "-c", code],
             "mpiexec": [str(MPIEXEC), "-n", "2", sys.executable, "-c", code]}
     if OPENMPI and shutil.which("mpirun.openmpi"):
         runs["mpirun"] = ["mpirun.openmpi", "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x",
                           f"MPI4PY_LIBMPI={OPENMPI}", sys.executable, "-c", code]
     for name, argv in runs.items():
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=clean_env())
+        out = tmp_path / name
+        out.mkdir()
+        done = subprocess.run([*argv, str(out)], capture_output=True, text=True, timeout=120, env=clean_env())
         assert done.returncode == 0, (name, done.stderr)
-        pairs = sorted(tuple(map(int, ln.split())) for ln in done.stdout.split("\n") if ln.strip())
+        pairs = sorted(tuple(map(int, f.read_text().split())) for f in out.iterdir())
         assert pairs == [(0, 0), (1, 1)], (name, pairs)
 
 
