@@ -130,6 +130,7 @@ def test_profile_in_a_terminal_with_the_readmes_catalog(tmp_path):
         _stop_serve(server)
 
 
+@pytest.mark.slow   # ~10 s each (pytest -m slow); the same session.check_* refusals run through listen in test_listen_options
 def test_profile_refuses_at_start_a_folder_the_server_cannot_read(tmp_path):
     """A work folder the README's server cannot read: one line at start-up with the command that fixes
     it, exit status 2 — not a 403 in the middle of a scan."""
@@ -147,6 +148,7 @@ def test_profile_refuses_at_start_a_folder_the_server_cannot_read(tmp_path):
         _stop_serve(server)
 
 
+@pytest.mark.slow   # ~10 s each (pytest -m slow); the same session.check_* refusals run through listen in test_listen_options
 def test_profile_refuses_too_many_ranks_and_a_catalog_not_started(tmp_path):
     (tmp_path / "catalog").mkdir()                   # `serve` not started yet: a folder with no catalog.json
     child = _ipython(tmp_path, _env(tmp_path, HXN_PTYCHO_CATALOG="./catalog"))
