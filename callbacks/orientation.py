@@ -353,12 +353,13 @@ def decide(prep: Prepared, detector: str, views: int = 48, iterations: int = 25,
               "decided_by": "the detector default (the data did not decide)" if ambiguous else "the data",
               "twin_resolved_by": twin_by, "probe_guess": probe_from,
               "mirror_equivalents": [m.name for m in mirror_equivalents(chosen)]}
+    # the summary (recorded in geometry_source) holds no timing: two exports of one run give one scan file
     report["summary"] = (f"{chosen.name}, margin {margin:.1%} of the pair {'/'.join(report['best_pair'])} over "
-                         f"{runner_name}, {cost:.1f} s" + ("; AMBIGUOUS: the detector default is used" if ambiguous else ""))
+                         f"{runner_name}" + ("; AMBIGUOUS: the detector default is used" if ambiguous else ""))
     if ambiguous:
         log.warning("orientation of a %s scan not decided by the data (margin %.1f%% < %.0f%%): "
                     "reconstructed with the detector default %s; trials: %s", detector, 100 * margin,
                     100 * ambiguous_margin, default.name, report["errors"])
     else:
-        log.info("orientation auto for %s: %s", detector, report["summary"])
+        log.info("orientation auto for %s: %s, %.1f s", detector, report["summary"], cost)
     return Decision(chosen, report, probe)

@@ -73,7 +73,7 @@ def test_export_gives_the_scan_in_the_stage_frame(kind, signs, order, expected, 
     scan = build_scan(collected(sim), cfg(sim))
     report = json.loads(scan.attrs["orientation_report"])
     with capsys.disabled():
-        print(f"\n[hxn-ptycho] indep {kind}/{sim.detector} signs {signs} motors {order}: {report['summary']}")
+        print(f"\n[hxn-ptycho] indep {kind}/{sim.detector} signs {signs} motors {order}: {report['summary']}, {report['cost_s']:.1f} s")
     assert scan.attrs["orientation"] == expected and report["decided_by"] == "the data"
     assert report["margin"] > 2.0
     np.testing.assert_allclose(scan.points, sim.positions_um.T, atol=2e-3)       # µm; encoder counts
