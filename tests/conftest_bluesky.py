@@ -48,3 +48,14 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stop_zmq_stack(publisher, listener, proxy) -> None:
+    """Tear down a 0MQ test set-up: the RunEngine's publisher (if made), the ``listen`` process and
+    the ``bluesky-0MQ-proxy`` process."""
+    if publisher is not None:
+        publisher._context.destroy(linger=0)
+    listener.terminate()
+    listener.wait(60)
+    proxy.terminate()
+    proxy.wait(10)

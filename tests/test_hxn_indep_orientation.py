@@ -233,7 +233,7 @@ def test_indep_scans_through_the_callback_and_the_zmq_listener(tiled_server, tmp
     import time
     from pathlib import Path
 
-    from conftest_bluesky import wait_for
+    from conftest_bluesky import stop_zmq_stack, wait_for
 
     from hxn_ptycho.callbacks.catalog import free_port, tiled_writer
     from hxn_ptycho.callbacks.launcher import JobQueue
@@ -291,9 +291,4 @@ def test_indep_scans_through_the_callback_and_the_zmq_listener(tiled_server, tmp
         wait_for(done, 600, interval=2.0, what="the derived run of the listener")
         check_derived(results(server.uri, raw_uid=uid), sim, "fliplr,x+,y+", capsys, "listen (0MQ)")
     finally:
-        if publisher is not None:
-            publisher._context.destroy(linger=0)
-        listener.terminate()
-        listener.wait(60)
-        proxy.terminate()
-        proxy.wait(10)
+        stop_zmq_stack(publisher, listener, proxy)

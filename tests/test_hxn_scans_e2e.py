@@ -13,7 +13,7 @@ from pathlib import Path
 
 import conftest_bluesky
 import pytest
-from conftest_bluesky import wait_for
+from conftest_bluesky import stop_zmq_stack, wait_for
 from hxn_sim import make_re
 
 from hxn_ptycho.engine import reconstruct
@@ -157,9 +157,4 @@ def test_three_scan_types_through_the_zmq_listener(tiled_server, scans, tmp_path
         for kind in KINDS:
             check_result(results(tiled_server.uri, raw_uid=uids[kind]), *scans[kind], capsys, "listen (0MQ)")
     finally:
-        if publisher is not None:
-            publisher._context.destroy(linger=0)
-        listener.terminate()
-        listener.wait(60)
-        proxy.terminate()
-        proxy.wait(10)
+        stop_zmq_stack(publisher, listener, proxy)

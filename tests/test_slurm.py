@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_bluesky import wait_for
+from conftest_bluesky import stop_zmq_stack, wait_for
 
 from hxn_ptycho.resultfile import read_result
 from hxn_ptycho.simulate import simulate_scan, write_simulation
@@ -350,10 +350,5 @@ def test_listener_on_slurm_one_derived_run_each(tmp_path, blocker, monkeypatch):
         for job in (job203, job204):
             assert scontrol(job)["JobState"] == "COMPLETED"
     finally:
-        if publisher is not None:
-            publisher._context.destroy(linger=0)
-        listener.terminate()
-        listener.wait(60)
-        proxy.terminate()
-        proxy.wait(10)
+        stop_zmq_stack(publisher, listener, proxy)
         server.stop()
