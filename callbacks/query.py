@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from hxn_ptycho.errors import HxnPtychoError
+from hxn_ptycho.spec import find_key
 
 from .catalog import catalog_errors, server_log, server_log_cause
 
@@ -397,7 +398,7 @@ def load_result(run: Any, catalog: Any = None) -> DerivedResult:
         out.object = reader.read("primary", "object")[0]
         out.probe = reader.read("primary", "probe")[0]
         out.positions_px = reader.read("primary", "positions_px")[0]
-        refine = _find_key(out.recon.get("params") or {}, "refine_positions")
+        refine = find_key(out.recon.get("params") or {}, "refine_positions")
         refined = reader.read("primary", "positions_refined_px", required=False) if refine in (None, True) else None
         out.positions_refined_px = None if refined is None else refined[0]
         out.probe_power_fraction = reader.read("primary", "probe_power_fraction")[0]
@@ -472,25 +473,12 @@ def _run_interrupted(run: Any) -> bool:
     return is_interrupted((md.get("stop") or {}).get("exit_status"), dict(md.get("start", {}).get("recon", {})))
 
 
-def _find_key(tree: Any, key: str) -> Any:
-    """The first value of ``key`` in nested dicts (breadth first), or None."""
-    level = [tree]
-    while level:
-        nxt = []
-        for d in level:
-            if isinstance(d, dict):
-                if key in d and not isinstance(d[key], dict):
-                    return d[key]
-                nxt.extend(v for v in d.values() if isinstance(v, dict))
-        level = nxt
-    return None
-
 
 def key_parameters(recon: dict) -> dict:
     """The parameters that tell reconstructions of one scan apart, wherever ``recon`` nests them."""
     out = {}
     for k in KEY_PARAMETERS:
-        v = _find_key(recon, k)
+        v = find_key(recon, k)
         if v is not None:
             out[k] = v
     return out
@@ -594,7 +582,7 @@ def as_result_data(res: DerivedResult) -> Any:
 
     iters = 0 if res.data_error is None else len(res.data_error)
     attrs = {k: v for k in ("probe_modes_log", "final_cost", "pixel_size_m", "lambda_nm", "z_m", "ccd_pixel_um")
-             if (v := _find_key(res.recon, k)) is not None}
+             if (v := find_key(res.recon, k)) is not None}
     attrs["scan_scan_id"] = res.scan_id
     if res.start.get("frame") is not None:
         attrs["frame"] = res.start["frame"]                    # the stage frame: the figure's axes in µm of x, y

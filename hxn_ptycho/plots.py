@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .resultfile import ResultData
+from .spec import find_key
 
 QUALITY_NAME = "final data error ε_D"
 QUALITY_DEFINITION = ("ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and unmasked pixels, of the returned "
@@ -101,19 +102,6 @@ def mode_changes_from_curves(error_probe: np.ndarray) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def _nested(tree: Any, key: str) -> Any:
-    """The first value of ``key`` in nested dicts (breadth first), or None."""
-    level = [tree]
-    while level:
-        nxt: list[Any] = []
-        for d in level:
-            if isinstance(d, dict):
-                if d.get(key) is not None and not isinstance(d[key], dict):
-                    return d[key]
-                nxt.extend(v for v in d.values() if isinstance(v, dict))
-        level = nxt
-    return None
-
 
 def scan_facts(res: ResultData, facts: dict | None = None) -> dict[str, Any]:
     """What the title block says about the scan: detector, energy, distance, views, object pixel and
@@ -124,7 +112,7 @@ def scan_facts(res: ResultData, facts: dict | None = None) -> dict[str, Any]:
     def find(*keys: str) -> Any:
         for src in sources:
             for k in keys:
-                v = _nested(src, k)
+                v = find_key(src, k)
                 if v is None and isinstance(src, dict):
                     v = src.get(f"scan_{k}")
                 if v not in (None, ""):

@@ -95,6 +95,21 @@ EXPORT_NOTES = ("scan_kind", "dropped_frames", "masked_saturated", "masked_hot",
 _SOURCE_NAMES = {"distance_m": "z_m", "pixel_um": "ccd_pixel_um"}
 
 
+def find_key(tree: Any, key: str) -> Any:
+    """The first non-None value of ``key`` in nested dicts (breadth first: a job spec or a derived
+    run's ``recon``, wherever it nests the key), or None."""
+    level = [tree]
+    while level:
+        nxt: list[Any] = []
+        for d in level:
+            if isinstance(d, dict):
+                if d.get(key) is not None and not isinstance(d[key], dict):
+                    return d[key]
+                nxt.extend(v for v in d.values() if isinstance(v, dict))
+        level = nxt
+    return None
+
+
 def _maybe_json(value: Any) -> Any:
     if isinstance(value, str) and value[:1] in "[{":
         try:
