@@ -381,6 +381,16 @@ def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[st
         info["positions"] = f"motor columns x = {motors[0]}, y = {motors[1]} (from {info['axes']})"
     if not np.all(np.isfinite(pts)):
         raise ExportError(f"run {run.uid}: positions contain NaN or infinite values")
+    angle, angle_src, factor = foreshortening(run, cfg, motors)
+    if angle:
+        pts = pts.copy()
+        pts[0] *= factor
+    info.update(angle_deg=angle, angle_source=angle_src)
+    return pts, info
+
+
+def foreshortening(run: CollectedRun, cfg: ExportConfig, motors: list[str]) -> tuple[float, str, float]:
+    """(rotation angle in degrees, where it came from, the fast axis' factor |cos θ| or |sin θ| beyond 45°)."""
     angle, angle_src = 0.0, "none (not a zp/ds stage scan)"
     if cfg.foreshortening and motors:
         motor_theta = "zpsth" if motors[0].startswith("zp") else "dsth" if motors[0].startswith("d") else None
@@ -390,12 +400,8 @@ def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[st
                 angle, angle_src = float(v), f"baseline {motor_theta}"
             else:
                 angle_src = f"{motor_theta} not in the baseline: 0"
-    if angle:
-        factor = abs(math.cos(math.radians(angle))) if abs(angle) <= 45 else abs(math.sin(math.radians(angle)))
-        pts = pts.copy()
-        pts[0] *= factor
-    info.update(angle_deg=angle, angle_source=angle_src)
-    return pts, info
+    factor = abs(math.cos(math.radians(angle))) if abs(angle) <= 45 else abs(math.sin(math.radians(angle)))
+    return angle, angle_src, factor
 
 
 # -- intensities --------------------------------------------------------------------------------
