@@ -256,7 +256,7 @@ class Pairer:
 
     @property
     def undecided(self) -> int:
-        return max(self.newest_frame, self.newest_position) + 1 - self.next_id
+        return max(0, max(self.newest_frame, self.newest_position) + 1 - self.next_id)
 
 
 # -- receivers ------------------------------------------------------------------------------------
