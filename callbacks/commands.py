@@ -177,9 +177,22 @@ def cmd_listen(args: argparse.Namespace) -> int:
     if not args.zmq and not args.kafka:
         raise CommandError("give the document stream: --zmq HOST:PORT (0MQ proxy output) or --kafka SERVERS")
     check_listen_options(args)
+    from .stream import stream_config_from
+    streams = stream_config_from(args)
+    if streams is not None:
+        from hxn_ptycho.extras import require
+        require("stream", "hxn-ptycho listen --eiger-stream")
     jobs, cb = build_callback(args, args.work_dir)
     dispatcher = make_dispatcher(args)
     dispatcher.subscribe(cb)
+    feed = None
+    if streams is not None:            # fly2dpd live from the detector's streams; the callback asks it at the stop
+        from .stream import StreamFeed, StreamFeedConfig
+        c = cb.config
+        feed = StreamFeed(StreamFeedConfig(work_dir=c.work_dir, catalog=c.catalog, params=dict(c.params),
+                                           nprocs=c.nprocs, export=c.export, stream=streams)).start()
+        dispatcher.subscribe(feed)
+        cb.live = feed
     stopped_by: list[int] = []
 
     def stop(signum: int, _frame: Any) -> None:
@@ -213,6 +226,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the shutdown below is not interrupted half-way
         cb.flush(60)
+        if feed is not None:
+            feed.close()
         jobs.stop(kill=bool(stopped_by and stopped_by[0] == signal.SIGINT))
         cb.close()
     return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
@@ -624,6 +639,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--retry-publish", type=float, default=10.0, metavar="S",
                    help="seconds between retries of derived runs the catalog could not take (default 10)")
     _add_callback_options(p)
+    from .stream import add_stream_options
+    add_stream_options(p)
     p.set_defaults(func=_guarded(cmd_listen))
 
     p = subparsers.add_parser("demo", help="simulated scan → RunEngine → callback → reconstruction → catalog")

@@ -93,6 +93,40 @@ class StreamConfig:
     status_interval_s: float = 0.5
 
 
+# -- the command line: declared once, for listen (and the profile's StreamConfig) ------------------------
+
+def add_stream_options(parser: Any) -> None:
+    """``--eiger-stream``/``--panda-stream`` and the few settings of :class:`StreamConfig` a beamline changes."""
+    g = parser.add_argument_group("detector streams (live fly scans: fly2dpd from the Eiger and PandA 0MQ streams)")
+    g.add_argument("--eiger-stream", metavar="TCP", help=f"the Eiger stream's fan-out proxy, e.g. {HXN_EIGER_STREAM} "
+                   "(CurveZMQ: set SERVER_PUBLIC_KEY, CLIENT_PUBLIC_KEY, CLIENT_SECRET_KEY)")
+    g.add_argument("--panda-stream", metavar="TCP", help=f"the PandA's 0MQ stream, e.g. {HXN_PANDA_STREAM}")
+    g.add_argument("--stream-roi", type=int, nargs=4, metavar=("ROW0", "COL0", "ROWS", "COLS"),
+                   help="the window of the (orientation-corrected) full frame the Eiger's HDF5 file holds")
+    g.add_argument("--stream-orientation", default=StreamConfig.detector_orientation,
+                   choices=["fliplr", "flipud", "rot180", "identity"],
+                   help="raw → global frame before the ROI (default fliplr, holoptycho's live setting)")
+    g.add_argument("--stream-samples-per-frame", type=int, default=StreamConfig.samples_per_frame,
+                   help="PandA samples averaged per frame (fly2dpd's position_supersample; default 10)")
+    g.add_argument("--stream-scaler-channel", help="PandA channel carrying the ion chamber (default: none)")
+
+
+def stream_config_from(args: Any) -> StreamConfig | None:
+    """The :class:`StreamConfig` of the options, or None without ``--eiger-stream``/``--panda-stream``;
+    one without the other is refused by name."""
+    eiger, panda = getattr(args, "eiger_stream", None), getattr(args, "panda_stream", None)
+    if not eiger and not panda:
+        return None
+    if not eiger or not panda:
+        raise StreamError("give both --eiger-stream and --panda-stream: frames are paired with positions by frame id")
+    for name, url in (("--eiger-stream", eiger), ("--panda-stream", panda)):
+        if not str(url).startswith(("tcp://", "ipc://", "inproc://")):
+            raise StreamError(f"{name} {url!r}: expected a 0MQ address such as tcp://HOST:PORT")
+    return StreamConfig(eiger=eiger, panda=panda, roi=tuple(args.stream_roi) if args.stream_roi else None,
+                        detector_orientation=args.stream_orientation,
+                        samples_per_frame=int(args.stream_samples_per_frame), scaler_channel=args.stream_scaler_channel)
+
+
 # -- raw → the file's frame -------------------------------------------------------------------------
 
 def to_file_frame(image: np.ndarray, orientation: str, roi: tuple[int, int, int, int] | None) -> np.ndarray:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from hxn_ptycho.errors import HxnPtychoError
+from hxn_ptycho.errors import BadInput
 
 #: the Eiger's ``encoding`` names → the codec used
 ENCODINGS = {"bs32-lz4<": "bslz4", "bs16-lz4<": "bslz4", "bs8-lz4<": "bslz4", "lz4<": "lz4", "raw": "raw"}
@@ -40,7 +40,7 @@ TYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "float32":
 BSLZ4_HEADER = struct.Struct(">QI")      # uncompressed bytes, block bytes (big-endian)
 
 
-class StreamError(HxnPtychoError, ValueError):
+class StreamError(BadInput):
     """A stream message that cannot be read or placed; the message names it."""
 
 
