@@ -419,7 +419,7 @@ class StreamRun:
         if msg.kind == "end":
             self.eiger_ended = True
         elif msg.kind == "frame":
-            full = decode_eiger(msg.parts).image if msg.image is None else msg.image
+            full = decode_eiger(msg.parts, msg).image if msg.image is None else msg.image
             self.pairer.add_frame(int(msg.frame), to_file_frame(full, self.scfg.detector_orientation, self.scfg.roi),
                                   arrived)
 
