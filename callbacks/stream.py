@@ -542,7 +542,6 @@ class StreamRun:
             self.scan_path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=self.decisions,
                                             extent_um=None if extent is None else tuple(sorted(extent[:2])) + tuple(sorted(extent[2:])))
-            self._start_job()
         elif scan.mask is not None and not np.array_equal(scan.mask, self.writer.f["mask"][()]) \
                 if "mask" in self.writer.f else scan.mask is not None:
             raise ExportError("a later chunk changed the mask")
@@ -553,6 +552,8 @@ class StreamRun:
             self.readable_at += [now] * len(ids)
             if self.stopped_at is None:
                 self.appended_during_scan = len(self.written_ids)
+        if first:
+            self._start_job()                   # on a file that already holds the first chunk
 
     def _finish(self) -> None:
         if self.writer is not None and not self.gave_up:
