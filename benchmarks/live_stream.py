@@ -32,7 +32,7 @@ import numpy as np
 
 
 def run_once(views: int, rate: float, drop: float, *, iterations: int = 10, launch: bool = True, chunk: int = 64,
-             seed: int = 7) -> dict:
+             seed: int = 7, nice: int = 10) -> dict:
     from bluesky import RunEngine
     from bluesky.preprocessors import SupplementalData
 
@@ -51,12 +51,14 @@ def run_once(views: int, rate: float, drop: float, *, iterations: int = 10, laun
         hxn = make_hxn(d / "detector")
         RE = RunEngine({}, call_returns_result=False)
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
-        sims = SimStreams(SimStreamConfig(rate=rate, drop=drop, duplicate=drop, reorder=drop, seed=seed))
+        sims = SimStreams(SimStreamConfig(rate=rate, drop=drop, duplicate=drop, reorder=drop, seed=seed,
+                                          process=True))         # the detector sends from its own process
         cfg = ExportConfig(crop=64, data_roots=(str(d),), orientation="default")
         scfg = StreamConfig(eiger=sims.eiger_address, panda=sims.panda_address, roi=sims.roi(hxn.eiger2.frame_shape),
                             scaler_channel=sims.cfg.scaler_channel, first_chunk=min(256, views), chunk=chunk)
+        # the live job shares this machine's cores with the receiver: it yields to it (at HXN it runs elsewhere)
         feed = StreamFeed(StreamFeedConfig(work_dir=str(d / "work"), export=cfg, stream=scfg, launch=launch,
-                                           params={"iterations": iterations, "threads": 1})).start()
+                                           params={"iterations": iterations, "threads": 1}, job_nice=nice)).start()
         RE.subscribe(feed)
         stop_at: list[float] = []
         RE.subscribe(lambda name, doc: stop_at.append(time.time()), "stop")
@@ -85,11 +87,17 @@ def run_once(views: int, rate: float, drop: float, *, iterations: int = 10, laun
     lags = [q["written_at"] - q["newest_readable_at"] for q in plog]
     last_sent = np.nanmax(np.asarray(sent.sent_at)) if sent_ids else float("nan")
     status = run.status()
+    sent_at = np.asarray(sent.sent_at)
+    rl = np.array([t - sent_at[i] for i, t in zip(run.written_ids, run.readable_at)])   # frame sent → view in the file
     return {
         "source": "stream", "views": views, "rate": rate, "drop": drop, "frame": "96x96 file frame (full raw "
         f"{96 + sum(sims.cfg.margin[0::2])}x{96 + sum(sims.cfg.margin[1::2])}, {sims.cfg.encoding}), 64x64 after the crop",
         "views_received": len(written), "views_dropped_by_receiver": len(sent_ids - written),
         "injected_drops": len(sent.dropped), "missing_ids_match_injected": run.pairer.missing == sent.dropped,
+        "receiver_lag_first_s": float(rl[min(255, rl.size - 1)]) if rl.size else None,
+        "receiver_lag_last_s": float(rl[-1]) if rl.size else None,
+        "receiver_lag_max_s": float(rl.max()) if rl.size else None,
+        "receiver_lag_p50_s": float(np.median(rl)) if rl.size else None,
         "first_preview_s": first, "previews": len(plog), "lag_first_s": lags[0] if lags else None,
         "lag_last_s": lags[-1] if lags else None,
         "scan_file_equal": bool(facts.get("equal")), "received_views_equal": facts.get("received_views_equal"),
@@ -101,7 +109,8 @@ def run_once(views: int, rate: float, drop: float, *, iterations: int = 10, laun
         "appended_during_scan": run.appended_during_scan,
         "receiver_blocked_s": status["receiver_blocked_s"], "duplicates_dropped": status["duplicates_dropped"],
         "late_refused": status["late_refused"], "live_status": (outcome or {}).get("status"),
-        "scan_s": (stop_at[0] - t0) if stop_at else None, "simulate_s": t_sim,
+        "scan_s": (stop_at[0] - t0) if stop_at else None, "simulate_s": t_sim, "live_job_nice": nice,
+        "max_undecided_views": run.max_undecided, "falling_behind_reported": run.max_undecided > scfg.behind_views,
         "load_before": load0, "load_after": os.getloadavg(),
     }
 
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop", type=float, default=0.0, help="fraction of frame ids never sent (as many duplicated and late)")
     ap.add_argument("--iterations", type=int, default=10, help="the live job's final schedule")
     ap.add_argument("--no-job", action="store_true", help="the receiver and the file only (no live job)")
+    ap.add_argument("--nice", type=int, default=10, help="niceness of the live job (it shares the receiver's cores)")
     ap.add_argument("--sweep", type=float, nargs="*", help="rates to try without the live job: where it saturates")
     ap.add_argument("--json", action="store_true")
     args, _ = ap.parse_known_args(argv)
@@ -120,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         for rate in args.sweep:
             r = run_once(args.views, rate, args.drop, launch=False)
             keep = ("rate", "views", "views_received", "views_dropped_by_receiver", "emitter_rate_achieved",
-                    "emitter_behind_s", "file_complete_after_last_frame_s", "receiver_blocked_s", "load_before")
+                    "emitter_behind_s", "receiver_lag_p50_s", "receiver_lag_max_s", "receiver_lag_last_s",
+                    "max_undecided_views", "receiver_blocked_s", "load_before")
             print(json.dumps({k: r[k] for k in keep}), flush=True)
         return 0
-    out = run_once(args.views, args.rate, args.drop, iterations=args.iterations, launch=not args.no_job)
+    out = run_once(args.views, args.rate, args.drop, iterations=args.iterations, launch=not args.no_job, nice=args.nice)
     print(json.dumps(out) if args.json else "\n".join(f"{k:34s} {v}" for k, v in out.items()))
     return 0
 

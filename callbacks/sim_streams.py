@@ -51,6 +51,7 @@ class SimStreamConfig:
     seed: int = 0
     subscribers_wait_s: float = 5.0
     sndhwm: int = 100000
+    process: bool = False                         # send from a forked process (a beamline's own CPU), not this one
 
 
 @dataclass
@@ -72,12 +73,16 @@ class SimStreams:
     def __init__(self, config: SimStreamConfig | None = None) -> None:
         import zmq
         self.cfg = config or SimStreamConfig()
-        self.ctx = zmq.Context.instance()
-        self.eiger_sock = self._bind(self.cfg.eiger)
-        self.panda_sock = self._bind(self.cfg.panda)
         self.series = 0
         self.emitted: list[Emitted] = []
         self._subscribed: list[Any] = []
+        if self.cfg.process:                      # fixed ports, bound by each scan's sending process
+            self._addresses = (_free_address(self.cfg.eiger), _free_address(self.cfg.panda))
+            self.eiger_sock = self.panda_sock = None
+            return
+        self.ctx = zmq.Context.instance()
+        self.eiger_sock = self._bind(self.cfg.eiger)
+        self.panda_sock = self._bind(self.cfg.panda)
 
     def _bind(self, address: str) -> Any:
         import zmq
@@ -90,12 +95,12 @@ class SimStreams:
     @property
     def eiger_address(self) -> str:
         import zmq
-        return self.eiger_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        return self._addresses[0] if self.cfg.process else self.eiger_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
     @property
     def panda_address(self) -> str:
         import zmq
-        return self.panda_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        return self._addresses[1] if self.cfg.process else self.panda_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
     def roi(self, frame_shape: tuple[int, int]) -> tuple[int, int, int, int]:
         """The file's window in the global full frame: what the receiver's ``roi`` must be."""
@@ -128,10 +133,18 @@ class SimStreams:
              samples_per_frame: int) -> Emitted:
         """Send frames 0…n−1 (``frame(i)``: the file's frame of view i) and the PandA samples
         (``channels``: name → n × samples_per_frame values), interleaved as they would be measured."""
+        self.series += 1
+        if self.cfg.process:
+            out = _in_child(self, n, frame, channels, samples_per_frame)
+            self.emitted.append(out)
+            return out
+        self.wait_for_subscribers()
+        return self._send(self.series, n, frame, channels, samples_per_frame)
+
+    def _send(self, series: int, n: int, frame: Callable[[int], np.ndarray], channels: dict[str, np.ndarray],
+              samples_per_frame: int) -> Emitted:
         import zmq
         cfg = self.cfg
-        self.series += 1
-        series = self.series
         rng = np.random.default_rng(cfg.seed + series)
         ids = np.arange(n)
         k_drop, k_dup, k_re = (int(round(f * n)) for f in (cfg.drop, cfg.duplicate, cfg.reorder))
@@ -196,14 +209,59 @@ class SimStreams:
         out.behind_s = max(0.0, out.elapsed_s - n / cfg.rate)
         es.send_multipart([json.dumps({"htype": "dseries_end-1.0", "series": series}).encode()])
         ps.send_json({"msg_type": "stop", "emitted_frames": msg_no})
-        self.emitted.append(out)
+        if not cfg.process:
+            self.emitted.append(out)
         log.info("simulated streams: series %d, %d frames in %.2f s (%d dropped, %d duplicated, %d late)",
                  series, n, out.elapsed_s, len(dropped), len(duplicated), len(reordered))
         return out
 
     def close(self) -> None:
-        self.eiger_sock.close()
-        self.panda_sock.close()
+        if self.eiger_sock is not None:
+            self.eiger_sock.close()
+            self.panda_sock.close()
+
+
+def _free_address(address: str) -> str:
+    """``tcp://HOST:*`` → ``tcp://HOST:PORT`` with a port free now (for a sending process to bind)."""
+    import socket
+    if not address.startswith("tcp://") or not address.endswith(":*"):
+        return address
+    host = address[len("tcp://"):-2]
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+def _in_child(streams: SimStreams, n: int, frame: Callable[[int], np.ndarray], channels: dict[str, np.ndarray],
+              samples_per_frame: int) -> Emitted:
+    """One scan sent by a forked process (it inherits ``frame`` and the samples) on the fixed addresses."""
+    import multiprocessing
+    import pickle
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        import zmq
+        streams.ctx = zmq.Context()               # never the parent's context in a forked process
+        streams.eiger_sock = streams._bind(streams._addresses[0])
+        streams.panda_sock = streams._bind(streams._addresses[1])
+        streams._subscribed = []
+        streams.wait_for_subscribers()
+        out = streams._send(streams.series, n, frame, channels, samples_per_frame)
+        streams.eiger_sock.close(2000)
+        streams.panda_sock.close(2000)
+        streams.ctx.term()
+        send.send_bytes(pickle.dumps(out))
+    proc = ctx.Process(target=child, name="sim-streams-sender", daemon=True)
+    proc.start()
+    send.close()
+    try:
+        data = recv.recv_bytes()
+    except EOFError:
+        raise RuntimeError(f"the simulated streams' sending process ended without a report (exit {proc.exitcode})") from None
+    finally:
+        proc.join(30)
+    return pickle.loads(data)
 
 
 def emit_scan(flyer: Any, then: Callable[[], Any]) -> Any:
@@ -227,7 +285,6 @@ def emit_scan(flyer: Any, then: Callable[[], Any]) -> Any:
 
     def work() -> None:
         try:
-            streams.wait_for_subscribers()
             streams.emit(sample.n_views, lambda i: sample.frame(i, det.dtype), channels, ss)
             then()
             st.set_finished()

@@ -368,6 +368,7 @@ class StreamFeedConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     launch: bool = True                         # start the live job (False: the growing file only)
+    job_nice: int = 0                           # niceness of the live job where it shares this machine's cores
 
 
 class StreamRun:
@@ -411,6 +412,7 @@ class StreamRun:
         self.comparison: dict[str, Any] | None = None
         self.readable_at: list[float] = []
         self.blocked_s = 0.0
+        self.max_undecided = 0
         self._status_at = 0.0
 
     # -- messages (the feed's thread) ----------------------------------------------------------
@@ -575,8 +577,10 @@ class StreamRun:
         self.result_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path = spec.write(self.result_path.with_name(f"result_{self.stem}_live.spec.json"))
         with open(self.result_path.with_name(f"result_{self.stem}_live.log"), "ab") as out:
+            nice = int(self.fcfg.job_nice)
             self.job = subprocess.Popen(job_argv(spec_path, nprocs=self.fcfg.nprocs, quiet=True, follow=True),
-                                        stdout=out, stderr=subprocess.STDOUT)
+                                        stdout=out, stderr=subprocess.STDOUT,
+                                        preexec_fn=(lambda: os.nice(nice)) if nice else None)
         if self.fcfg.catalog is not None:
             from hxn_ptycho.live import preview_path_for
 
@@ -595,6 +599,7 @@ class StreamRun:
     def status(self, now: float | None = None) -> dict[str, Any]:
         p = self.pairer
         behind = p.undecided + len(self.pending)
+        self.max_undecided = max(self.max_undecided, behind)
         return {"series": self.series, "frames_received": p.received, "views_written": len(self.written_ids),
                 "missing_ids": len(p.missing), "duplicates_dropped": p.duplicates, "late_refused": p.late,
                 "beyond_points_refused": p.beyond, "undecided_views": behind,
@@ -679,6 +684,12 @@ class StreamFeed:
         if not s.eiger or not s.panda:
             raise StreamError("the stream feed needs both --eiger-stream and --panda-stream (e.g. "
                               f"{HXN_EIGER_STREAM} and {HXN_PANDA_STREAM})")
+        # what the first chunk needs, imported now: not while the first frames queue up
+        import hxn_ptycho.job
+        import hxn_ptycho.scanfile
+        import hxn_ptycho.session  # noqa: F401
+
+        from . import orientation  # noqa: F401
         self.eiger_rx = Receiver(s.eiger, "eiger", s, multipart=True).start()
         self.panda_rx = Receiver(s.panda, "panda", s, multipart=False).start()
         self.receivers = [self.eiger_rx, self.panda_rx]
