@@ -232,3 +232,64 @@ def test_listen_stream_options_are_declared_once_and_checked(tmp_path):
         stream_config_from(ap.parse_args(["--eiger-stream", HXN_EIGER_STREAM]))
     with pytest.raises(StreamError, match="expected a 0MQ address"):
         stream_config_from(ap.parse_args(["--eiger-stream", "host:5559", "--panda-stream", HXN_PANDA_STREAM]))
+
+
+def test_the_post_stop_job_carries_the_failed_live_paths_difference(tmp_path):
+    """A live path that failed leaves ``<result>.live_facts.json``; the post-stop job's outcome (so the
+    derived run's ``recon["measured"]["live"]``) holds it."""
+    from hxn_ptycho.job import live_facts_path, main, outcome_path, read_outcome
+    from hxn_ptycho.params import ReconParams
+    from hxn_ptycho.scanfile import write_scan
+    from hxn_ptycho.simulate import simulate_scan
+    from hxn_ptycho.spec import JobSpec, Source
+
+    scan, _ = simulate_scan(n=32, n_positions=16, seed=2)
+    write_scan(tmp_path / "scan.h5", scan)
+    result = tmp_path / "results" / "result_1_x.h5"
+    spec = JobSpec(params=ReconParams(iterations=2, threads=1),
+                   source=Source(scan_file=str(tmp_path / "scan.h5"), result_file=str(result)))
+    spec_path = spec.write(tmp_path / "job.spec.json")
+    facts = {"stream": {"equal": False, "differences": ["diffamp: 3 frame(s) differ, first [4, 9, 17]"]},
+             "used": "post-stop export"}
+    result.parent.mkdir(parents=True)
+    live_facts_path(result).write_text(json.dumps(facts))
+    assert main([str(spec_path), "--quiet"]) == 0
+    outcome = read_outcome(outcome_path(spec_path))
+    assert outcome["status"] == "success" and outcome["measured"]["live"] == facts
+    assert spec.recon(outcome["measured"])["measured"]["live"]["stream"]["differences"] == facts["stream"]["differences"]
+
+
+def test_a_fly2dpd_live_from_the_streams_is_the_runs_one_result(tmp_path):
+    """PtychoCallback + StreamFeed (cb.live): the live job on the stream's file is the result, the
+    post-stop path does not run, and the outcome records the stream's figures and the comparison."""
+    from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
+    from hxn_ptycho.job import read_outcome
+
+    sample, _ = simulated_scan("fly2dpd", n_positions=100, seed=6)
+    hxn = make_hxn(tmp_path / "detector")
+    RE = make_re(hxn)
+    sims = SimStreams(SimStreamConfig(rate=500))
+    export = ExportConfig(crop=64, data_roots=(str(tmp_path),), orientation="default")
+    work = str(tmp_path / "work")
+    params = {"iterations": 4, "threads": 1}
+    cb = PtychoCallback(CallbackConfig(work_dir=work, params=params, export=export))
+    feed = StreamFeed(StreamFeedConfig(work_dir=work, params=params, export=export, stream=StreamConfig(
+        eiger=sims.eiger_address, panda=sims.panda_address, roi=sims.roi(hxn.eiger2.frame_shape),
+        scaler_channel=sims.cfg.scaler_channel, first_chunk=32, chunk=16))).start()
+    cb.live = feed
+    RE.subscribe(cb)
+    RE.subscribe(feed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            RE(fly2dpd(hxn, sample, streams=sims))
+        assert cb.flush(timeout=300)
+    finally:
+        feed.close()
+        sims.close()
+    (run,) = feed.runs.values()
+    assert cb.submitted == [] and cb.failed == []              # one result: the live one
+    outcome = read_outcome(run.outcome_path)
+    assert outcome["status"] == "success"
+    live = outcome["measured"]["live"]
+    assert live["views"] == 100 and live["stream"]["equal"] and live["stream"]["missing_ids"] == 0
