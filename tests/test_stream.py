@@ -293,3 +293,33 @@ def test_a_fly2dpd_live_from_the_streams_is_the_runs_one_result(tmp_path):
     assert outcome["status"] == "success"
     live = outcome["measured"]["live"]
     assert live["views"] == 100 and live["stream"]["equal"] and live["stream"]["missing_ids"] == 0
+
+
+def test_a_receiver_that_falls_behind_says_so_in_the_preview(tmp_path):
+    """Frames without their positions pile up: the receiver's status says it is behind, and the live
+    job's preview (so the catalog's live node) carries it instead of a silent skip."""
+    from hxn_ptycho.callbacks.collector import RunCollector
+    from hxn_ptycho.callbacks.stream import StreamRun
+    from hxn_ptycho.live import read_preview, receiver_status, write_preview
+    from hxn_ptycho.session import Snapshot
+
+    start = {"uid": "u-behind", "time": 0.0, "scan_id": 1, "plan_name": "fly2dpd", "motors": ["zpssx", "zpssy"],
+             "scan": {"type": "2D_FLY_PANDA", "detectors": ["eiger2", "panda1"], "shape": [20, 10],
+                      "fast_axis": {"motor_name": "zpssx"}, "slow_axis": {"motor_name": "zpssy"}}}
+    run = StreamRun(StreamFeedConfig(work_dir=str(tmp_path), stream=StreamConfig(behind_views=50), launch=False),
+                    RunCollector(start, lambda r: None))
+    run.scan_path.parent.mkdir(parents=True)
+    for i in range(40):
+        run.pairer.add_frame(i, np.zeros((4, 4), np.uint32), 0.0)
+    run.write_status(1.0)
+    assert receiver_status(run.status_path)["falling_behind"] is False
+    for i in range(40, 120):                     # the PandA stream is silent: 120 views undecided
+        run.pairer.add_frame(i, np.zeros((4, 4), np.uint32), 0.0)
+    run.write_status(2.0)
+    status = receiver_status(run.status_path)
+    assert status["falling_behind"] is True and status["undecided_views"] == 120
+    snap = Snapshot(object=np.ones((1, 8, 8), complex), probe=np.ones((1, 4, 4), complex), views=0, iteration=0,
+                    data_error=float("nan"), positions_px=np.zeros((0, 2)), newest_view=-1)
+    write_preview(tmp_path / "p.h5", snap, 0.0, status)
+    prev = read_preview(tmp_path / "p.h5")
+    assert prev["receiver_falling_behind"] and prev["receiver_undecided_views"] == 120
