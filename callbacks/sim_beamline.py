@@ -275,6 +275,7 @@ class SimPandaFlyer(Device):
         self._bulk: dict | None = None
         self.streams: Any = None                  # a sim_streams.SimStreams: the scan also goes out on the streams
         self._recorded: tuple[dict, dict] | None = None
+        self.frames_written = False
 
     def kickoff(self, *, num: int) -> StatusBase:
         self.frame_per_point = int(num)
@@ -296,6 +297,7 @@ class SimPandaFlyer(Device):
             self._panda_datums[key] = d["datum_id"]
         self._docs.append(("resource", self._sis_res))
         self._recorded = None
+        self.frames_written = False
         return _done()
 
     def recorded(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -328,8 +330,9 @@ class SimPandaFlyer(Device):
         import h5py
         n = self.sample.n_views
         ss = self.position_supersample
-        for det in self.detectors:
-            det.expose(list(range(n)))
+        if not self.frames_written:               # (the streams' sender may have written them during the scan)
+            for det in self.detectors:
+                det.expose(list(range(n)))
         enc_for, sis = self.recorded()
         with h5py.File(os.path.join(self.save_path, self._panda_name), "w") as f:
             for key, fieldname in PANDA_FIELDS.items():

@@ -283,9 +283,26 @@ def emit_scan(flyer: Any, then: Callable[[], Any]) -> Any:
     if streams.cfg.scaler_channel:
         channels[streams.cfg.scaler_channel] = np.repeat(sis["sclr1_ch4"].astype(np.float64), ss)
 
+    def files_during_scan() -> None:
+        """With a sending process: the detector's file is written here meanwhile, at the scan's pace
+        (as the Eiger's file writer does), not all at once after the last frame."""
+        n, step = sample.n_views, 256
+        t0 = time.perf_counter()
+        for c in range(0, n, step):
+            time.sleep(max(0.0, t0 + min(n, c + step) / streams.cfg.rate - time.perf_counter()))
+            for d in flyer.detectors:
+                d.expose(list(range(c, min(n, c + step))))
+        flyer.frames_written = True
+
     def work() -> None:
         try:
+            writer = None
+            if streams.cfg.process:
+                writer = threading.Thread(target=files_during_scan, name="sim-detector-file", daemon=True)
+                writer.start()
             streams.emit(sample.n_views, lambda i: sample.frame(i, det.dtype), channels, ss)
+            if writer is not None:
+                writer.join()
             then()
             st.set_finished()
         except Exception as exc:  # noqa: BLE001 - the status carries the failure to the RunEngine

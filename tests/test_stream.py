@@ -128,12 +128,13 @@ def test_a_message_later_than_the_reorder_window_is_refused_not_shifted():
 
 # -- the simulated fly2dpd, live from its streams ---------------------------------------------------------
 
-def _live_fly2dpd(tmp_path, n: int, *, drop: float = 0.0, orientation: str | None = None, seed: int = 3):
+def _live_fly2dpd(tmp_path, n: int, *, drop: float = 0.0, orientation: str | None = None, seed: int = 3,
+                  process: bool = False):
     sample, _ = simulated_scan("fly2dpd", n_positions=n, seed=seed)
     hxn = make_hxn(tmp_path / "detector")
     RE = make_re(hxn)
     got = collect(RE)
-    sims = SimStreams(SimStreamConfig(rate=2000, drop=drop, duplicate=drop, reorder=drop, seed=seed))
+    sims = SimStreams(SimStreamConfig(rate=2000, drop=drop, duplicate=drop, reorder=drop, seed=seed, process=process))
     cfg = ExportConfig(crop=64, data_roots=(str(tmp_path),), orientation=orientation)
     scfg = StreamConfig(eiger=sims.eiger_address, panda=sims.panda_address, roi=sims.roi(hxn.eiger2.frame_shape),
                         scaler_channel=sims.cfg.scaler_channel, first_chunk=64, chunk=32, reorder_window=64)
@@ -182,7 +183,8 @@ def test_the_live_scan_file_from_the_streams_equals_the_post_stop_export_bit_for
 
 def test_lost_duplicated_and_late_stream_messages_miss_exactly_the_lost_views(tmp_path, caplog):
     caplog.set_level(logging.ERROR, logger="hxn_ptycho.callbacks.stream")
-    feed, run, facts, _collected, _cfg, sent = _live_fly2dpd(tmp_path, 289, drop=0.01, orientation="default", seed=5)
+    feed, run, facts, _collected, _cfg, sent = _live_fly2dpd(tmp_path, 289, drop=0.01, orientation="default", seed=5,
+                                                                process=True)     # sent by another process
     assert len(sent.dropped) == 3 and sent.duplicated and sent.reordered
     assert run.pairer.missing == sent.dropped                      # exactly the lost ids, nothing shifted
     assert run.written_ids == sorted(set(range(289)) - set(sent.dropped))
