@@ -32,7 +32,7 @@ import numpy as np
 
 
 def run_once(views: int, rate: float, drop: float, *, iterations: int = 10, launch: bool = True, chunk: int = 64,
-             seed: int = 7, nice: int = 10) -> dict:
+             seed: int = 7, nice: int = 10, orientation: str = "default") -> dict:
     from bluesky import RunEngine
     from bluesky.preprocessors import SupplementalData
 
@@ -53,7 +53,7 @@ def run_once(views: int, rate: float, drop: float, *, iterations: int = 10, laun
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
         sims = SimStreams(SimStreamConfig(rate=rate, drop=drop, duplicate=drop, reorder=drop, seed=seed,
                                           process=True))         # the detector sends from its own process
-        cfg = ExportConfig(crop=64, data_roots=(str(d),), orientation="default")
+        cfg = ExportConfig(crop=64, data_roots=(str(d),), orientation=orientation)
         scfg = StreamConfig(eiger=sims.eiger_address, panda=sims.panda_address, roi=sims.roi(hxn.eiger2.frame_shape),
                             scaler_channel=sims.cfg.scaler_channel, first_chunk=min(256, views), chunk=chunk)
         # the live job shares this machine's cores with the receiver: it yields to it (at HXN it runs elsewhere)
@@ -110,6 +110,7 @@ def run_once(views: int, rate: float, drop: float, *, iterations: int = 10, laun
         "receiver_blocked_s": status["receiver_blocked_s"], "duplicates_dropped": status["duplicates_dropped"],
         "late_refused": status["late_refused"], "live_status": (outcome or {}).get("status"),
         "scan_s": (stop_at[0] - t0) if stop_at else None, "simulate_s": t_sim, "live_job_nice": nice,
+        "orientation": orientation, "decisions": run.decisions,
         "max_undecided_views": run.max_undecided, "falling_behind_reported": run.max_undecided > scfg.behind_views,
         "load_before": load0, "load_after": os.getloadavg(),
     }
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=10, help="the live job's final schedule")
     ap.add_argument("--no-job", action="store_true", help="the receiver and the file only (no live job)")
     ap.add_argument("--nice", type=int, default=10, help="niceness of the live job (it shares the receiver's cores)")
+    ap.add_argument("--orientation", default="default", help="the export's orientation: 'default' (the detector's) "
+                    "or 'auto' (decided by DM trials on the first chunk, in its own thread)")
     ap.add_argument("--sweep", type=float, nargs="*", help="rates to try without the live job: where it saturates")
     ap.add_argument("--json", action="store_true")
     args, _ = ap.parse_known_args(argv)
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                     "max_undecided_views", "receiver_blocked_s", "load_before")
             print(json.dumps({k: r[k] for k in keep}), flush=True)
         return 0
-    out = run_once(args.views, args.rate, args.drop, iterations=args.iterations, launch=not args.no_job, nice=args.nice)
+    out = run_once(args.views, args.rate, args.drop, iterations=args.iterations, launch=not args.no_job, nice=args.nice,
+                   orientation=args.orientation)
     print(json.dumps(out) if args.json else "\n".join(f"{k:34s} {v}" for k, v in out.items()))
     return 0
 

@@ -414,6 +414,8 @@ class StreamRun:
         self.blocked_s = 0.0
         self.max_undecided = 0
         self._status_at = 0.0
+        self._deciding: threading.Thread | None = None
+        self._decide_error: BaseException | None = None
 
     # -- messages (the feed's thread) ----------------------------------------------------------
     def eiger(self, msg: Any, arrived: float) -> None:
@@ -444,6 +446,18 @@ class StreamRun:
             return
         try:
             self.pending += self.pairer.pop_ready(final)
+            if self.writer is None and self._deciding is None and self.pending and \
+                    (len(self.pending) >= self.scfg.first_chunk or final):
+                self._deciding = threading.Thread(target=self._decide_in_thread, args=(list(self.pending),),
+                                                  name=f"hxn-ptycho-stream-decide-{self.stem}", daemon=True)
+                self._deciding.start()
+            if self._deciding is not None and self.writer is None:
+                if final:
+                    self._deciding.join()
+                if self._deciding.is_alive():
+                    return self._status(now, final)
+                if self._decide_error is not None:
+                    raise self._decide_error
             need = self.scfg.first_chunk if self.writer is None else self.scfg.chunk
             if self.pending and (len(self.pending) >= need or final):
                 views, self.pending = self.pending, []
@@ -457,6 +471,9 @@ class StreamRun:
             if self.writer is not None:
                 self.writer.close()
             self._end_job()
+        self._status(now, final)
+
+    def _status(self, now: float, final: bool) -> None:
         if now - self._status_at >= self.scfg.status_interval_s or final:
             self._status_at = now
             self.write_status(now)
@@ -486,34 +503,56 @@ class StreamRun:
             ensure_positive(ic)
         return pts, ic
 
-    def _append(self, views: list[View]) -> None:
-        from hxn_ptycho.scanfile import GrowingScanWriter
-        from hxn_ptycho.session import header_of
-
-        from .orientation import apply_orientation, decide, orientation_for
+    def _decide(self, views: list[View]) -> None:
+        """The decisions of the first chunk (its own thread: the receiver goes on pairing meanwhile):
+        masks, beam centre, crop, geometry, ic[0], the median total for dark frames, the orientation."""
+        from .orientation import decide, orientation_for
         if len(self.motors) < 2 or self.detector is None:
             raise ExportError(f"run {self.uid}: no detector or no two scan axes in its start document")
         frames = np.stack([v.frame for v in views])
         pts, ic = self._positions(views)
-        first = self.writer is None
-        if first:
-            acc = StatsAccumulator(frames.shape[1:], frames.dtype)
-            acc.add(frames)
-            bad = [tuple(p) for p in self.run.start.get("ptycho_bad_pixels", self.cfg.bad_pixels)]
-            stats = acc.result(self.cfg, bad)
-            center = self.run.start.get("ptycho_center", self.cfg.center)
-            center = tuple(center) if center is not None else beam_center(stats.mean, stats.good)
-            crop = int(self.run.start.get("ptycho_crop", self.cfg.crop))
-            self.region = crop_window(stats.shape, center, crop)
-            self.good = stats.good[self.region]
-            self.ic0 = float(ic[0]) if ic is not None else None
-            self.median = None
-            self.stats, self.center = stats, center
-            self.geo, self.geo_src = geometry(self.run, self.cfg, self.detector)
+        acc = StatsAccumulator(frames.shape[1:], frames.dtype)
+        acc.add(frames)
+        bad = [tuple(p) for p in self.run.start.get("ptycho_bad_pixels", self.cfg.bad_pixels)]
+        stats = acc.result(self.cfg, bad)
+        center = self.run.start.get("ptycho_center", self.cfg.center)
+        center = tuple(center) if center is not None else beam_center(stats.mean, stats.good)
+        crop = int(self.run.start.get("ptycho_crop", self.cfg.crop))
+        self.region = crop_window(stats.shape, center, crop)
+        self.good = stats.good[self.region]
+        self.ic0 = float(ic[0]) if ic is not None else None
+        self.stats, self.center = stats, center
+        self.geo, self.geo_src = geometry(self.run, self.cfg, self.detector)
         raw = frames[(slice(None), *self.region)].astype(np.float64)
-        inten, mask, keep, dark, med = finish_frames(raw, self.good, ic, self.ic0, self.cfg.dark_fraction, self.median)
-        if self.median is None:
-            self.median = med
+        inten, mask, keep, _dark, self.median = finish_frames(raw, self.good, ic, self.ic0, self.cfg.dark_fraction)
+        wanted = self.run.start.get("ptycho_orientation", self.cfg.orientation)
+        if isinstance(wanted, dict):
+            wanted = wanted.get(self.detector)
+        if wanted in (None, "", "auto"):
+            prep = Prepared(intensity=inten, mask=mask, points=pts[:, keep], geometry=self.geo, sources={}, attrs={})
+            self.orient = decide(prep, self.detector).orientation
+        else:
+            self.orient = orientation_for(self.detector, wanted)
+        self.decisions = {"center": [int(center[0]), int(center[1])], "orientation": self.orient.name, "crop": crop,
+                          "first_chunk_views": len(views), "source": "streams", "eiger_series": self.series,
+                          "dark_median_total": self.median, "ic0": self.ic0}
+
+    def _decide_in_thread(self, views: list[View]) -> None:
+        try:
+            self._decide(views)
+        except Exception as exc:  # noqa: BLE001 - handed to the worker, which gives up naming it
+            self._decide_error = exc
+
+    def _append(self, views: list[View]) -> None:
+        from hxn_ptycho.scanfile import GrowingScanWriter
+        from hxn_ptycho.session import header_of
+
+        from .orientation import apply_orientation
+        frames = np.stack([v.frame for v in views])
+        pts, ic = self._positions(views)
+        first = self.writer is None
+        raw = frames[(slice(None), *self.region)].astype(np.float64)
+        inten, mask, keep, dark, _ = finish_frames(raw, self.good, ic, self.ic0, self.cfg.dark_fraction, self.median)
         ids = [views[i].id for i in keep]
         angle, angle_src, _ = foreshortening(self.run, self.cfg, self.motors)
         attrs = {"scan_id": int(self.run.scan_id) if isinstance(self.run.scan_id, (int, np.integer)) else -1,
@@ -524,19 +563,10 @@ class StreamRun:
         prep = Prepared(intensity=inten, mask=mask, points=pts[:, keep], geometry=self.geo,
                         sources={**self.geo_src, "angle": angle_src, "positions": "PandA stream",
                                  "frames": "Eiger stream"}, attrs=attrs)
-        if first:
-            wanted = self.run.start.get("ptycho_orientation", self.cfg.orientation)
-            if isinstance(wanted, dict):
-                wanted = wanted.get(self.detector)
-            self.orient = decide(prep, self.detector).orientation if wanted in (None, "", "auto") \
-                else orientation_for(self.detector, wanted)
         scan = apply_orientation(prep, self.orient)
         scan.attrs["orientation"] = self.orient.in_stage_frame().name
         scan.attrs["orientation_as"] = self.orient.name
         if first:
-            self.decisions = {"center": [int(self.center[0]), int(self.center[1])], "orientation": self.orient.name,
-                              "crop": int(scan.n), "first_chunk_views": len(views), "source": "streams",
-                              "eiger_series": self.series, "dark_median_total": self.median, "ic0": self.ic0}
             si = (self.run.start.get("scan") or {}).get("scan_input")
             extent = (si[0], si[1], si[3], si[4]) if isinstance(si, list) and len(si) >= 6 else None
             if extent is not None and angle:
@@ -544,9 +574,6 @@ class StreamRun:
             self.scan_path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=self.decisions,
                                             extent_um=None if extent is None else tuple(sorted(extent[:2])) + tuple(sorted(extent[2:])))
-        elif scan.mask is not None and not np.array_equal(scan.mask, self.writer.f["mask"][()]) \
-                if "mask" in self.writer.f else scan.mask is not None:
-            raise ExportError("a later chunk changed the mask")
         if scan.n_views:
             self.writer.append(scan.diffamp, scan.points)
             self.written_ids += ids
