@@ -635,8 +635,7 @@ class StreamRun:
                 "at": now or time.time()}
 
     def write_status(self, now: float) -> None:
-        if not self.scan_path.parent.exists():
-            return
+        self.status_path.parent.mkdir(parents=True, exist_ok=True)    # before the file: behind while deciding too
         tmp = self.status_path.with_name(self.status_path.name + ".part")
         tmp.write_text(json.dumps(self.status(now)))
         os.replace(tmp, self.status_path)

@@ -310,7 +310,6 @@ def test_a_receiver_that_falls_behind_says_so_in_the_preview(tmp_path):
                       "fast_axis": {"motor_name": "zpssx"}, "slow_axis": {"motor_name": "zpssy"}}}
     run = StreamRun(StreamFeedConfig(work_dir=str(tmp_path), stream=StreamConfig(behind_views=50), launch=False),
                     RunCollector(start, lambda r: None))
-    run.scan_path.parent.mkdir(parents=True)
     for i in range(40):
         run.pairer.add_frame(i, np.zeros((4, 4), np.uint32), 0.0)
     run.write_status(1.0)
