@@ -149,6 +149,12 @@ def through_callback(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--source" in argv and argv[argv.index("--source") + 1:][:1] == ["stream"]:   # issue 20: benchmarks/live_stream.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import live_stream
+        i = argv.index("--source")
+        return live_stream.main(argv[:i] + argv[i + 2:])
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--views", type=int, default=2000)
     ap.add_argument("--n", type=int, default=64)

@@ -177,9 +177,22 @@ def cmd_listen(args: argparse.Namespace) -> int:
     if not args.zmq and not args.kafka:
         raise CommandError("give the document stream: --zmq HOST:PORT (0MQ proxy output) or --kafka SERVERS")
     check_listen_options(args)
+    from .stream import stream_config_from
+    streams = stream_config_from(args)
+    if streams is not None:
+        from hxn_ptycho.extras import require
+        require("stream", "hxn-ptycho listen --eiger-stream")
     jobs, cb = build_callback(args, args.work_dir)
     dispatcher = make_dispatcher(args)
     dispatcher.subscribe(cb)
+    feed = None
+    if streams is not None:            # fly2dpd live from the detector's streams; the callback asks it at the stop
+        from .stream import StreamFeed, StreamFeedConfig
+        c = cb.config
+        feed = StreamFeed(StreamFeedConfig(work_dir=c.work_dir, catalog=c.catalog, params=dict(c.params),
+                                           nprocs=c.nprocs, export=c.export, stream=streams)).start()
+        dispatcher.subscribe(feed)
+        cb.live = feed
     stopped_by: list[int] = []
 
     def stop(signum: int, _frame: Any) -> None:
@@ -213,6 +226,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the shutdown below is not interrupted half-way
         cb.flush(60)
+        if feed is not None:
+            feed.close()
         jobs.stop(kill=bool(stopped_by and stopped_by[0] == signal.SIGINT))
         cb.close()
     return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
@@ -529,14 +544,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         RE.subscribe(tiled_writer(catalog_cfg, "raw", max_array_size=0))
         jobs, cb = build_callback(args, base / "work", base_params={"iterations": 40})
         RE.subscribe(cb)
+        md = {"ptycho_crop": sample.scan.n, "sample": "simulated star"}
+        feed = sims = None
+        if getattr(args, "streams", False):    # fly2dpd live from the simulated Eiger and PandA streams
+            if args.scan_type != "fly2dpd":
+                raise CommandError("--streams is for --scan-type fly2dpd (the detector streams of a fly scan)")
+            from .sim_beamline import fly2dpd
+            from .sim_streams import SimStreamConfig, SimStreams
+            from .stream import StreamConfig, StreamFeed, StreamFeedConfig
+            sims = SimStreams(SimStreamConfig(rate=args.stream_rate))
+            c = cb.config
+            feed = StreamFeed(StreamFeedConfig(
+                work_dir=c.work_dir, catalog=c.catalog, params=dict(c.params), nprocs=c.nprocs, export=c.export,
+                stream=StreamConfig(eiger=sims.eiger_address, panda=sims.panda_address,
+                                    roi=sims.roi(hxn.eiger2.frame_shape), scaler_channel=sims.cfg.scaler_channel,
+                                    first_chunk=min(256, max(16, args.positions // 4)), chunk=16))).start()
+            RE.subscribe(feed)
+            cb.live = feed
         t0 = time.monotonic()
-        RE(plan_for(args.scan_type, hxn, sample, md={"ptycho_crop": sample.scan.n, "sample": "simulated star"}))
+        RE(fly2dpd(hxn, sample, md=md, streams=sims) if sims is not None else plan_for(args.scan_type, hxn, sample, md=md))
         print(f"scan of {args.positions} points done in {time.monotonic() - t0:.1f} s; reconstructing "
               f"({cb.config.params['iterations']} iterations, {args.nprocs} MPI rank(s))...", flush=True)
-        cb.flush(60)
-        if not cb.submitted:
+        cb.flush(args.timeout if feed is not None else 60)
+        if feed is not None:
+            feed.close()
+            sims.close()
+            live_uid = next(iter(feed.runs), None)
+            facts = feed.runs[live_uid].comparison if live_uid else None
+            keys = ("views_written", "missing_ids", "equal", "differences")
+            print(f"live from the streams: {json.dumps({k: (facts or {}).get(k) for k in keys})}")
+        if not cb.submitted and not (feed is not None and feed.runs):
             raise CommandError(f"no job was submitted: {cb.failed}")
-        raw_uid = cb.submitted[-1].raw_uid
+        raw_uid = cb.submitted[-1].raw_uid if cb.submitted else next(iter(feed.runs))
         if not jobs.wait_idle(args.timeout):
             raise CommandError(f"the reconstruction did not finish within {args.timeout} s; see {base / 'work/queue/logs'}")
         jobs.stop()
@@ -544,13 +583,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         res = results(catalog_cfg, raw_uid=raw_uid)
         print(res.summary())
         png = summary_png(res, args.png or base / "summary.png", truth=_truth.object) if res.ok else None
-        job = cb.submitted[-1]
         later = (f"hxn-ptycho serve --dir {server.directory} --read {base}  then  " if server else "") + \
             f"hxn-ptycho results --catalog {args.catalog} --scan-id {res.scan_id}"
+        if cb.submitted:
+            job = cb.submitted[-1]
+            files = (f"scan file:    {job.scan_file}\nresult file:  {job.result_file}\n"
+                     f"job log:      {base / 'work' / 'queue' / 'logs' / (job.id + '.log')}\n")
+        else:                                  # the live job from the streams is the result
+            live = feed.runs[raw_uid]
+            files = f"scan file:    {live.scan_path} (live, from the streams)\nresult file:  {live.result_path}\n"
         print(f"\ncatalog:      {catalog_cfg.uri} (raw scan {res.scan_id}: {raw_uid}; derived run {res.uid})\n"
-              f"scan file:    {job.scan_file}\nresult file:  {job.result_file}\n"
-              f"summary PNG:  {png}\njob log:      {base / 'work' / 'queue' / 'logs' / (job.id + '.log')}\n"
-              f"query later:  {later}")
+              f"{files}summary PNG:  {png}\nquery later:  {later}")
         if args.serve and server is not None:
             print(f"serving {server.uri}; Ctrl-C to stop", flush=True)
             _wait_for_signal()
@@ -624,6 +667,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--retry-publish", type=float, default=10.0, metavar="S",
                    help="seconds between retries of derived runs the catalog could not take (default 10)")
     _add_callback_options(p)
+    from .stream import add_stream_options
+    add_stream_options(p)
     p.set_defaults(func=_guarded(cmd_listen))
 
     p = subparsers.add_parser("demo", help="simulated scan → RunEngine → callback → reconstruction → catalog")
@@ -640,6 +685,9 @@ def add_commands(subparsers: Any) -> None:
     _add_callback_options(p, nprocs=2)
     p.set_defaults(func=_guarded(cmd_demo), crop=64)
     p.add_argument("--points", dest="positions", type=int, default=100, help="scan positions")
+    p.add_argument("--streams", action="store_true", help="fly2dpd live: the simulated Eiger and PandA also send "
+                   "their 0MQ streams, which the stream feed reconstructs while the scan runs (docs/streams.md)")
+    p.add_argument("--stream-rate", type=float, default=200.0, help="frames a second on the streams (default 200)")
 
     p = subparsers.add_parser("results", help="the reconstruction(s) of a stored scan",
                               description="The newest readable reconstruction of a scan (a derived run the "

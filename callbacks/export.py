@@ -381,6 +381,16 @@ def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[st
         info["positions"] = f"motor columns x = {motors[0]}, y = {motors[1]} (from {info['axes']})"
     if not np.all(np.isfinite(pts)):
         raise ExportError(f"run {run.uid}: positions contain NaN or infinite values")
+    angle, angle_src, factor = foreshortening(run, cfg, motors)
+    if angle:
+        pts = pts.copy()
+        pts[0] *= factor
+    info.update(angle_deg=angle, angle_source=angle_src)
+    return pts, info
+
+
+def foreshortening(run: CollectedRun, cfg: ExportConfig, motors: list[str]) -> tuple[float, str, float]:
+    """(rotation angle in degrees, where it came from, the fast axis' factor |cos θ| or |sin θ| beyond 45°)."""
     angle, angle_src = 0.0, "none (not a zp/ds stage scan)"
     if cfg.foreshortening and motors:
         motor_theta = "zpsth" if motors[0].startswith("zp") else "dsth" if motors[0].startswith("d") else None
@@ -390,12 +400,8 @@ def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[st
                 angle, angle_src = float(v), f"baseline {motor_theta}"
             else:
                 angle_src = f"{motor_theta} not in the baseline: 0"
-    if angle:
-        factor = abs(math.cos(math.radians(angle))) if abs(angle) <= 45 else abs(math.sin(math.radians(angle)))
-        pts = pts.copy()
-        pts[0] *= factor
-    info.update(angle_deg=angle, angle_source=angle_src)
-    return pts, info
+    factor = abs(math.cos(math.radians(angle))) if abs(angle) <= 45 else abs(math.sin(math.radians(angle)))
+    return angle, angle_src, factor
 
 
 # -- intensities --------------------------------------------------------------------------------
@@ -467,44 +473,59 @@ def check_frame_shape(source: fr.Source, shape: tuple[int, ...], batch: np.ndarr
                           f"{', '.join(source.files)}")
 
 
+class StatsAccumulator:
+    """The raw-frame statistics of :func:`raw_statistics`, batch by batch (files or a stream alike)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.shape = tuple(shape)
+        self.sat = saturation_value(dtype)
+        self.acc = np.zeros(shape)
+        self.lo = np.full(shape, np.inf)
+        self.hi = np.full(shape, -np.inf)
+        self.flagged = np.zeros(shape, bool)
+        self.n = 0
+
+    def add(self, batch: np.ndarray) -> None:
+        b = batch.astype(np.float64)
+        if self.sat is not None:
+            self.flagged |= np.any(batch >= self.sat, axis=0)
+        self.flagged |= ~np.all(np.isfinite(b), axis=0) | np.any(b < 0, axis=0)
+        b = np.where(np.isfinite(b), b, 0.0)
+        self.acc += b.sum(axis=0)
+        self.lo = np.minimum(self.lo, b.min(axis=0))
+        self.hi = np.maximum(self.hi, b.max(axis=0))
+        self.n += b.shape[0]
+
+    def result(self, cfg: ExportConfig, bad: list[tuple[int, int]]) -> FrameStats:
+        shape = self.shape
+        good = ~self.flagged
+        for r, c in bad:
+            if 0 <= r < shape[0] and 0 <= c < shape[1]:
+                good[r, c] = False
+        mean = self.acc / self.n
+        hot = 0
+        if cfg.hot_pixels and self.n > 1:
+            med = float(np.median(mean[good])) if good.any() else 0.0
+            stuck = (self.hi == self.lo) & (mean > 10 * max(med, 1.0)) & good
+            hot = int(stuck.sum())
+            good &= ~stuck
+        return FrameStats(n=self.n, shape=(int(shape[0]), int(shape[1])), mean=mean, good=good,
+                          saturated=int(self.flagged.sum()), hot=hot)
+
+
 def raw_statistics(source: fr.Source, cfg: ExportConfig, bad: list[tuple[int, int]]) -> FrameStats:
     """One pass over the raw frames, batch by batch: the mean frame and the good-pixel mask
     (saturated/flagged, non-finite, negative, configured and stuck hot pixels masked)."""
     (shape, dtype) = fr.frame_shape(source, cfg.frame_wait_s)
     if len(shape) != 2:
         raise ExportError(f"detector data {source.key} has frames of shape {shape}, expected 2-D")
-    sat = saturation_value(dtype)
-    acc = np.zeros(shape)
-    lo = np.full(shape, np.inf)
-    hi = np.full(shape, -np.inf)
-    flagged = np.zeros(shape, bool)
-    n = 0
+    acc = StatsAccumulator(shape, dtype)
     for batch in fr.iter_frames(source, cfg.frame_wait_s):
-        check_frame_shape(source, shape, batch, n)
-        b = batch.astype(np.float64)
-        if sat is not None:
-            flagged |= np.any(batch >= sat, axis=0)
-        flagged |= ~np.all(np.isfinite(b), axis=0) | np.any(b < 0, axis=0)
-        b = np.where(np.isfinite(b), b, 0.0)
-        acc += b.sum(axis=0)
-        lo = np.minimum(lo, b.min(axis=0))
-        hi = np.maximum(hi, b.max(axis=0))
-        n += b.shape[0]
-    if n == 0:
+        check_frame_shape(source, shape, batch, acc.n)
+        acc.add(batch)
+    if acc.n == 0:
         raise ExportError(f"detector data {source.key}: no frames in {source.files}")
-    good = ~flagged
-    for r, c in bad:
-        if 0 <= r < shape[0] and 0 <= c < shape[1]:
-            good[r, c] = False
-    mean = acc / n
-    hot = 0
-    if cfg.hot_pixels and n > 1:
-        med = float(np.median(mean[good])) if good.any() else 0.0
-        stuck = (hi == lo) & (mean > 10 * max(med, 1.0)) & good
-        hot = int(stuck.sum())
-        good &= ~stuck
-    return FrameStats(n=n, shape=tuple(shape), mean=mean, good=good,
-                      saturated=int(flagged.sum()), hot=hot)
+    return acc.result(cfg, bad)
 
 
 def beam_center(mean_frame: np.ndarray, good: np.ndarray) -> tuple[int, int]:
@@ -539,6 +560,27 @@ class Prepared:
     attrs: dict[str, Any]
 
 
+def finish_frames(raw: np.ndarray, good: np.ndarray, ic: np.ndarray | None, ic0: float | None,
+                  dark_fraction: float, median_total: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Cropped raw frames (N, n, n) float64 → (intensity with the zero frequency at [0, 0], mask, kept
+    indices, dark indices, the median total used). Frames whose masked total is at most
+    ``dark_fraction`` × the median total (of these frames, or ``median_total``) are without beam
+    (ptycho_gui's dark frames); the rest are scaled by ic0 / ic[i] (ptycho_gui ``save_data``). The one
+    computation of the export and of a stream's chunks (:mod:`.stream`)."""
+    raw = np.where(np.isfinite(raw) & good, raw, 0.0)
+    totals = raw.sum(axis=(1, 2))                      # ptycho_gui: a crop without counts is a dark frame
+    med = float(np.median(totals)) if median_total is None else float(median_total)
+    dark = np.nonzero(totals <= dark_fraction * max(med, 1e-300))[0]
+    keep = np.setdiff1d(np.arange(raw.shape[0]), dark)
+    if ic is not None and ic0 is not None:
+        raw = raw * (ic0 / ic)[:, None, None]            # ptycho_gui save_data: img * ic[0] / ic[i]
+    raw = raw[keep]
+    inten = np.where(good, np.maximum(raw, 0.0), 0.0)
+    inten = np.fft.ifftshift(inten, axes=(-2, -1))
+    return inten, np.fft.ifftshift(good), keep, dark, med
+
+
 def prepare(run: CollectedRun, cfg: ExportConfig) -> Prepared:
     """Read and pre-process a run's frames; orientation is applied by :func:`build_scan`."""
     check_complete(run)
@@ -571,18 +613,9 @@ def prepare(run: CollectedRun, cfg: ExportConfig) -> Prepared:
     except fr.SourceError as exc:
         raise ExportError(str(exc)) from None
     good = stats.good[region]
-    raw = np.where(np.isfinite(raw) & good, raw, 0.0)
-    totals = raw.sum(axis=(1, 2))                      # ptycho_gui: a crop without counts is a dark frame
-    dark = np.nonzero(totals <= cfg.dark_fraction * max(float(np.median(totals)), 1e-300))[0]
-    keep = np.setdiff1d(np.arange(n_points), dark)
+    inten, mask, keep, dark, _ = finish_frames(raw, good, ic, None if ic is None else float(ic[0]), cfg.dark_fraction)
     if keep.size == 0:
         raise ExportError(f"run {run.uid}: every frame is without beam")
-    if ic is not None:
-        raw = raw * (ic[0] / ic)[:, None, None]          # ptycho_gui save_data: img * ic[0] / ic[i]
-    raw = raw[keep]
-    inten = np.where(good, np.maximum(raw, 0.0), 0.0)
-    inten = np.fft.ifftshift(inten, axes=(-2, -1))
-    mask = np.fft.ifftshift(good)
     src.update(positions=pinfo["positions"], angle=pinfo["angle_source"], scaler=ic_src, center=center_src,
                frames=f"{key}: {len(source.describe())} frame range(s) in {len(source.files)} file(s)")
     attrs = {"scan_id": int(run.scan_id) if isinstance(run.scan_id, (int, np.integer)) else -1,

@@ -273,6 +273,9 @@ class SimPandaFlyer(Device):
         self.bad_scaler: dict[int, float] = {}    # point -> value (e.g. 0: a glitch to be patched)
         self._docs: list[tuple[str, dict]] = []
         self._bulk: dict | None = None
+        self.streams: Any = None                  # a sim_streams.SimStreams: the scan also goes out on the streams
+        self._recorded: tuple[dict, dict] | None = None
+        self.frames_written = False
 
     def kickoff(self, *, num: int) -> StatusBase:
         self.frame_per_point = int(num)
@@ -293,18 +296,18 @@ class SimPandaFlyer(Device):
             self._docs.append(("datum", d))
             self._panda_datums[key] = d["datum_id"]
         self._docs.append(("resource", self._sis_res))
+        self._recorded = None
+        self.frames_written = False
         return _done()
 
-    def fly(self) -> None:
-        """The motion: every point exposed; encoders sampled ``position_supersample`` times."""
-        import h5py
-        s = self.sample
-        n = s.n_views
-        ss = self.position_supersample
-        pts = s.recorded_points()
-        for det in self.detectors:
-            det.expose(list(range(n)))
-        with h5py.File(os.path.join(self.save_path, self._panda_name), "w") as f:
+    def recorded(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(encoder field → int32 samples, SIS channel → float32 values per point) of the motion,
+        computed once: the files and the streams carry the same values."""
+        if self._recorded is None:
+            s = self.sample
+            n = s.n_views
+            ss = self.position_supersample
+            pts = s.recorded_points()
             rng = np.random.default_rng(7)
             enc_for = {}
             for axis, motor in enumerate(self.motors):
@@ -313,17 +316,39 @@ class SimPandaFlyer(Device):
                 motion = np.linspace(-0.3, 0.3, ss) * np.median(np.abs(np.diff(pts[axis]))) if n > 1 else np.zeros(ss)
                 samples = (pts[axis][:, None] + motion[None, :] + rng.normal(0, 1e-4, (n, ss))) / scale
                 enc_for[enc] = np.rint(samples).astype(np.int32).ravel()
-            for key, fieldname in PANDA_FIELDS.items():
-                f[fieldname] = enc_for.get(key, np.zeros(n * ss, np.int32))
-            f["PCAP.TS_TRIG.Value"] = np.arange(n * ss, dtype=np.float64) * 1e-3
-        with h5py.File(os.path.join(self.save_path, self._sis_name), "w") as f:
+            sis = {}
             for name in SIS_CHANNELS:
                 v = np.full(n, s.scaler, np.float32)
                 for i, bad in self.bad_scaler.items():
                     v[i] = bad
+                sis[name] = v
+            self._recorded = (enc_for, sis)
+        return self._recorded
+
+    def fly(self) -> None:
+        """The motion: every point exposed; encoders sampled ``position_supersample`` times."""
+        import h5py
+        n = self.sample.n_views
+        ss = self.position_supersample
+        if not self.frames_written:               # (the streams' sender may have written them during the scan)
+            for det in self.detectors:
+                det.expose(list(range(n)))
+        enc_for, sis = self.recorded()
+        with h5py.File(os.path.join(self.save_path, self._panda_name), "w") as f:
+            for key, fieldname in PANDA_FIELDS.items():
+                f[fieldname] = enc_for.get(key, np.zeros(n * ss, np.int32))
+            f["PCAP.TS_TRIG.Value"] = np.arange(n * ss, dtype=np.float64) * 1e-3
+        with h5py.File(os.path.join(self.save_path, self._sis_name), "w") as f:
+            for name, v in sis.items():
                 f[name] = v
 
     def complete(self) -> StatusBase:
+        if self.streams is not None:              # the motion goes out on the streams first (a thread)
+            from .sim_streams import emit_scan
+            return emit_scan(self, self._complete)
+        return self._complete()
+
+    def _complete(self) -> StatusBase:
         self.fly()
         now = time.time()
         data = dict(self._panda_datums)
@@ -460,9 +485,11 @@ def _grid_shape(n: int) -> tuple[int, int]:
 
 
 def fly2dpd(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger2", motors: tuple[str, str] = ("zpssx", "zpssy"),
-            position_supersample: int = 10, dwell: float = 0.01, md: dict | None = None) -> Iterator:
+            position_supersample: int = 10, dwell: float = 0.01, md: dict | None = None,
+            streams: Any = None) -> Iterator:
     """fly2dpd as startup/93-scanplan-panda.py runs it: start metadata in ``md['scan']``, the
-    PandA flyer kicked off for N × supersample samples, one collect."""
+    PandA flyer kicked off for N × supersample samples, one collect. ``streams``
+    (:class:`.sim_streams.SimStreams`): the motion also goes out on the Eiger and PandA streams."""
     from bluesky import plan_stubs as bps
     from bluesky import preprocessors as bpp
 
@@ -471,6 +498,7 @@ def fly2dpd(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger2", motors:
     flyer = hxn.panda_flyer
     flyer.detectors, flyer.motors, flyer.sample = [det], motors, sample
     flyer.position_supersample = position_supersample
+    flyer.streams = streams
     pts = sample.recorded_points()
     num1, num2 = _grid_shape(sample.n_views)
     scan_input = [float(pts[0].min()), float(pts[0].max()), num1, float(pts[1].min()), float(pts[1].max()), num2]

@@ -8,6 +8,7 @@ tqdm, mpi4py, mpich) — what every rank on a compute node needs. The rest comes
   it includes ``[plots]``;
 - ``[plots]``: matplotlib, for summary figures (``--png``); only rank 0 draws, and only when asked;
 - ``[prefect]``: the Prefect flows (``hxn_ptycho.workflows``);
+- ``[stream]``: the Eiger stream's decompression (bitshuffle, lz4) for ``listen --eiger-stream``;
 - ``[gpu]`` / ``[gpu-cuda13]``: CuPy.
 
 Checked with :func:`importlib.util.find_spec` (nothing is imported by the check).
@@ -24,6 +25,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
                  "yaml", "matplotlib"),
     "plots": ("matplotlib",),
     "prefect": ("prefect",),
+    "stream": ("bitshuffle", "lz4"),
     "gpu": ("cupy",),
 }
 

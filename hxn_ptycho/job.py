@@ -155,6 +155,13 @@ def read_outcome(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def live_facts_path(result_file: str | os.PathLike) -> Path:
+    """Where a live path that failed leaves its facts for the post-stop job's ``measured["live"]``:
+    ``<result>.live_facts.json`` (written by ``callbacks/stream.py`` before the post-stop job)."""
+    p = Path(result_file)
+    return p.with_name(p.name.removesuffix(".h5") + ".live_facts.json")
+
+
 def failure_outcome(spec: JobSpec, reason: str, **measured: Any) -> dict[str, Any]:
     """The outcome of a job that failed (or could not start) with ``reason``."""
     facts = {"status": "fail", "host": socket.gethostname(), "ranks": spec.execution.ranks,
@@ -280,6 +287,12 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
             from .h5util import file_sha256
             outcome = {"status": "success", "reason": None, "result_file": str(result.resolve()),
                        "result_sha256": file_sha256(result), "measured": measured_facts(res, spec, comm, startup)}
+            facts = live_facts_path(result)
+            if "live" not in _info and facts.exists():   # a live path that failed (callbacks/stream.py): why
+                try:
+                    outcome["measured"]["live"] = json.loads(facts.read_text())
+                except (OSError, ValueError) as exc:
+                    log.warning("live facts %s not read (%s)", facts, exc)
             if "live" in _info:     # of the live phase: previews, lags, the final latency after the stop
                 live = dict(_info["live"], final_latency_s=time.time() - _info["live"]["complete_seen_at"])
                 outcome["measured"]["live"] = live

@@ -21,6 +21,7 @@ on the scan's size.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -69,8 +70,20 @@ def state_path_for(result_file: str | Path) -> Path:
     return p.with_name(p.name.removesuffix(".h5") + ".live_state.h5")
 
 
-def write_preview(path: Path, snap: Snapshot, newest_readable_at: float) -> float:
-    """Write one preview file atomically; returns its time."""
+def receiver_status(path: Path | None) -> dict[str, Any]:
+    """A stream receiver's status beside the growing scan file (``<scan>.receiver.json``, written by
+    ``callbacks/stream.py``): its numbers and flags, for the preview's metadata; {} if none."""
+    if path is None:
+        return {}
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, bool))} if isinstance(d, dict) else {}
+
+
+def write_preview(path: Path, snap: Snapshot, newest_readable_at: float, extra: dict[str, Any] | None = None) -> float:
+    """Write one preview file atomically (``extra``: a stream receiver's status, as ``receiver_<key>``); returns its time."""
     from .h5util import atomic_h5
     obj, probe = snap.object[0], snap.probe
     with atomic_h5(path) as f:
@@ -84,6 +97,8 @@ def write_preview(path: Path, snap: Snapshot, newest_readable_at: float) -> floa
                      ("newest_readable_at", newest_readable_at), ("written_at", written),
                      ("taken_at", snap.taken_at)):
             f.attrs[k] = v
+        for k, v in (extra or {}).items():
+            f.attrs[f"receiver_{k}"] = v
     return written
 
 
@@ -105,9 +120,10 @@ class PreviewWriter:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._done = False
-        self.log: list[dict[str, float]] = []      # one entry per preview written
+        self.log: list[dict[str, Any]] = []        # one entry per preview written
         self.dropped = 0
         self.last_written = 0.0
+        self.status_path: Path | None = None       # a stream receiver's status file, if any
         self._thread = threading.Thread(target=self._run, name="hxn-ptycho-preview", daemon=True)
         self._thread.start()
 
@@ -137,13 +153,15 @@ class PreviewWriter:
                             item, self._slot = self._slot, None
                 snap, readable = item
                 try:
-                    written = write_preview(self.path, snap, readable)
+                    extra = receiver_status(self.status_path)
+                    written = write_preview(self.path, snap, readable, extra)
                 except OSError as exc:              # a preview is never worth failing the job
                     log.warning("hxn-ptycho: preview not written (%s)", exc)
                     continue
                 self.last_written = written
                 self.log.append({"written_at": written, "views": snap.views, "iteration": snap.iteration,
-                                 "data_error": snap.data_error, "newest_readable_at": readable})
+                                 "data_error": snap.data_error, "newest_readable_at": readable,
+                                 **({"receiver_falling_behind": extra["falling_behind"]} if "falling_behind" in extra else {})})
             if self._done and self._slot is None:
                 return
 
@@ -192,6 +210,8 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
                            progress=progress and comm.rank == 0)
     previews = PreviewWriter(opt.preview_path, opt.preview_interval_s) \
         if comm.rank == 0 and opt.preview_path is not None else None
+    if previews is not None:
+        previews.status_path = Path(f"{path}.receiver.json")
     readable_at: list[float] = []               # rank 0: when each view was first seen whole
     in_model = 0
     last_growth = time.time()

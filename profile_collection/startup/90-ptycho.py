@@ -37,6 +37,20 @@ ptycho_callback = PtychoCallback(
     ptycho_jobs)
 RE.subscribe(ptycho_callback)
 
+# fly2dpd live from the detector's own streams (docs/streams.md): opt in with both addresses, at HXN
+# HXN_PTYCHO_EIGER_STREAM=tcp://xf03idc-eiger2-ioc.nsls2.bnl.local:5559 and
+# HXN_PTYCHO_PANDA_STREAM=tcp://xf03idc-eiger2-ioc.nsls2.bnl.local:6666 (options: StreamConfig)
+if os.environ.get("HXN_PTYCHO_EIGER_STREAM") or os.environ.get("HXN_PTYCHO_PANDA_STREAM"):
+    from hxn_ptycho.callbacks.stream import StreamConfig, StreamFeed, StreamFeedConfig
+    _c = ptycho_callback.config
+    ptycho_streams = StreamFeed(StreamFeedConfig(
+        work_dir=_c.work_dir, catalog=_c.catalog, params=dict(_c.params), nprocs=_c.nprocs, export=_c.export,
+        stream=StreamConfig(eiger=os.environ.get("HXN_PTYCHO_EIGER_STREAM"),
+                            panda=os.environ.get("HXN_PTYCHO_PANDA_STREAM")))).start()
+    RE.subscribe(ptycho_streams)
+    ptycho_callback.live = ptycho_streams
+    atexit.register(ptycho_streams.close)
+
 _last_start = {}
 RE.subscribe(lambda name, doc: _last_start.update(uid=doc["uid"], time=doc["time"]), "start")
 
