@@ -8,6 +8,7 @@ The measurements of docs/auto_modes.md ("Session 17: held-out views and the resi
     python benchmarks/auto_mode_cv.py fixed fly:1e6:3:0.08 --its 300 --counts 2 3 4
     python benchmarks/auto_mode_cv.py pixels --its 100 fly:1e6:3:0.08 fly:1e6:1:1
     python benchmarks/auto_mode_cv.py score fly:1e6:3:0.08
+    python benchmarks/auto_mode_cv.py start fly:1e6:3:0.08 --its 100
 
 A case is ``family:photons:true count:weakest share`` (``fly:1e6:3:0.08`` is issue 18's fly mixture,
 68/24/8 %). Each scan: 64² frames, 100 views, seed 1, as benchmarks/auto_mode_mixtures.py.
@@ -22,6 +23,10 @@ only fits noise cannot predict views it never saw.
 of views: the object stays fully determined and only photon noise is held out. The engine's mask is
 one per scan, so this runs the DM Fourier step of :mod:`hxn_ptycho.dm` (same steps, same power
 bound) with each frame's own mask here (:class:`FrameMaskedDM`).
+
+``start``: DM with the true count of modes for ``--its`` iterations on all views, from the true
+object and modes, and from the default start with the extra modes at 0.1 (the default), 0.5 and 1.0
+of the first mode's power (``extra_mode_power``): the spectrum and the data error each reaches.
 
 ``score``: after 20 DM iterations with one mode, the top eigenvalue and eigenvector of the residual
 operator A = Σ_j O_j* F⁻¹ diag(√I_j/|F(P·O_j)| − 1) F O_j (the first-order gain of one more
@@ -274,15 +279,38 @@ def score(a: argparse.Namespace) -> None:
         rec.close()
 
 
+def start(a: argparse.Namespace) -> None:
+    from hxn_ptycho import modes
+    for case in a.cases:
+        scan, mix, K = case_scan(case)
+        for name, emp in (("the truth", None), ("default start", 0.1), ("extra modes at 0.5", 0.5),
+                          ("extra modes at 1.0", 1.0)):
+            rec = Reconstruction(scan, ReconParams(iterations=a.its, probe_modes=K, threads=1,
+                                                   extra_mode_power=emp or 0.1), log=lambda m: None)
+            if emp is None:
+                rec.obj = mix.object[None].astype(rec.cdtype)
+                rec.probe = mix.probe.astype(rec.cdtype)
+                rec._each(rec._init_psi)
+            it_dm = DMIteration(rec)
+            for it in range(a.its):
+                err = it_dm.iterate(it if emp else it + a.its)[0]
+                if (it + 1) % 10 == 0:
+                    rec.modes_mgr.orthogonalize()
+            rec.modes_mgr.orthogonalize()
+            print(f"{case:>18} from {name:>20}: data error {err:.6f}, spectrum "
+                  f"{'/'.join(f'{100 * x:.1f}' for x in modes.power_fractions(rec.probe))} %", flush=True)
+            rec.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("fixed", "pixels", "score"))
+    ap.add_argument("what", choices=("fixed", "pixels", "score", "start"))
     ap.add_argument("cases", nargs="+", help="family:photons:true count:weakest share")
     ap.add_argument("--its", type=int, default=100, help="DM iterations of each fit")
     ap.add_argument("--ml", type=int, default=0, help="Poisson ML iterations after DM")
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 2, 3, 4])
     a = ap.parse_args()
-    {"fixed": fixed, "pixels": pixels, "score": score}[a.what](a)
+    {"fixed": fixed, "pixels": pixels, "score": score, "start": start}[a.what](a)
 
 
 if __name__ == "__main__":
