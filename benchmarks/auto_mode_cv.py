@@ -25,7 +25,8 @@ one per scan, so this runs the DM Fourier step of :mod:`hxn_ptycho.dm` (same ste
 bound) with each frame's own mask here (:class:`FrameMaskedDM`).
 
 ``start``: DM with the true count of modes for ``--its`` iterations on all views, from the true
-object and modes, and from the default start with the extra modes at 0.1 (the default), 0.5 and 1.0
+object and modes, from the true modes with the default (flat) object, from the true object with the
+default modes, and from the default start with the extra modes at 0.1 (the default), 0.5 and 1.0
 of the first mode's power (``extra_mode_power``): the spectrum and the data error each reaches.
 
 ``score``: after 20 DM iterations with one mode, the top eigenvalue and eigenvector of the residual
@@ -283,13 +284,18 @@ def start(a: argparse.Namespace) -> None:
     from hxn_ptycho import modes
     for case in a.cases:
         scan, mix, K = case_scan(case)
-        for name, emp in (("the truth", None), ("default start", 0.1), ("extra modes at 0.5", 0.5),
-                          ("extra modes at 1.0", 1.0)):
+        for name, emp in (("the truth", None), ("true modes, flat object", None),
+                          ("true object, default modes", None), ("default start", 0.1),
+                          ("extra modes at 0.5", 0.5), ("extra modes at 1.0", 1.0)):
             rec = Reconstruction(scan, ReconParams(iterations=a.its, probe_modes=K, threads=1,
                                                    extra_mode_power=emp or 0.1), log=lambda m: None)
-            if emp is None:
+            if "true object" in name or name == "the truth":
+                power = float(np.sum(np.abs(mix.probe) ** 2) / np.sum(np.abs(rec.probe) ** 2))
                 rec.obj = mix.object[None].astype(rec.cdtype)
+                rec.probe = (rec.probe * np.sqrt(power)).astype(rec.cdtype)
+            if "true modes" in name or name == "the truth":
                 rec.probe = mix.probe.astype(rec.cdtype)
+            if emp is None:
                 rec._each(rec._init_psi)
             it_dm = DMIteration(rec)
             for it in range(a.its):
@@ -297,7 +303,7 @@ def start(a: argparse.Namespace) -> None:
                 if (it + 1) % 10 == 0:
                     rec.modes_mgr.orthogonalize()
             rec.modes_mgr.orthogonalize()
-            print(f"{case:>18} from {name:>20}: data error {err:.6f}, spectrum "
+            print(f"{case:>18} from {name:>26}: data error {err:.6f}, spectrum "
                   f"{'/'.join(f'{100 * x:.1f}' for x in modes.power_fractions(rec.probe))} %", flush=True)
             rec.close()
 
