@@ -64,3 +64,52 @@ def test_auto_finds_three_modes_in_the_fly_scan_mixture():
     scan, _ = mixture_scan("fly", (0.68, 0.24, 0.08), 1e6, seed=1)
     res = reconstruct(scan, ReconParams(iterations=110, probe_modes="auto", threads=1), **QUIET)
     assert res.probe.shape[0] == 3, res.attrs["probe_modes_log"]
+
+
+def _cv_benchmark():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import auto_mode_cv
+    return auto_mode_cv
+
+
+def test_the_cv_benchmarks_frame_masked_dm_is_the_engines_dm():
+    """benchmarks/auto_mode_cv.py ('pixels', docs/auto_modes.md, session 17) reruns DM's Fourier step
+    with a mask per frame, which the engine lacks; with every pixel fitted it must be the engine's DM
+    (power bound included), else its held-out-pixel measurements say nothing about our DM."""
+    from hxn_ptycho.dm_iteration import DMIteration
+    from hxn_ptycho.engine import Reconstruction
+    cv = _cv_benchmark()
+    scan, _ = mixture_scan("gsm", spectrum(2, 0.3), 1e5, seed=3, n=32, n_positions=30, step=4.0)
+    p = ReconParams(iterations=6, probe_modes=2, threads=1, precision="double")
+    out = []
+    for cls in (DMIteration, cv.FrameMaskedDM):
+        rec = Reconstruction(scan, p, **QUIET)
+        rec.frame_mask = np.ones(scan.diffamp.shape, bool)
+        it = cls(rec)
+        errs = [it.iterate(i)[0] for i in range(6)]
+        out.append((rec.obj.copy(), rec.probe.copy(), errs))
+        rec.close()
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(out[1][2], out[0][2], rtol=1e-9)
+
+
+def test_the_cv_benchmarks_held_out_views_and_errors():
+    """Held out: one view in eight, all interior; their errors are the engine's data error of those
+    views (all views held out: the model's whole cost), and the fit never touches them."""
+    from hxn_ptycho.engine import Reconstruction
+    cv = _cv_benchmark()
+    scan, _ = mixture_scan("shifted", (1.0,), 1e5, seed=2, n=32, n_positions=64, step=4.0)
+    rec = Reconstruction(scan, ReconParams(iterations=1, threads=1, precision="double"), **QUIET)
+    held = cv.holdout_views(rec.geom.positions_all)
+    assert held.sum() == 64 // 8
+    rel = (rec.geom.positions_all - rec.geom.positions_all.min(0)) / np.ptp(rec.geom.positions_all, axis=0)
+    assert np.all((rel[held] >= 0.1) & (rel[held] <= 0.9))
+    cost = rec.model_cost()[1] * rec.total_intensity
+    assert cv.heldout_errors(rec, np.ones(len(held), bool)).sum() == pytest.approx(cost, rel=1e-9)
+    cv.use_views(rec, ~held)
+    assert sum(b.stop - b.start for b in rec.scheduler.batches) == (~held).sum()
+    assert not any(held[b].any() for b in rec.scheduler.batches)
+    rec.close()
