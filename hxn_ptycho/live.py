@@ -196,6 +196,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
     in_model = 0
     last_growth = time.time()
     complete_seen: float | None = None
+    halted = False
     try:
         while True:
             ready, complete = reader.refresh() if comm.rank == 0 else (0, False)
@@ -206,6 +207,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
             ready, complete, halt = _agree(comm, (ready, complete, halt))
             if halt and session.ready():     # Ctrl-C: finish with the views so far (marked interrupted)
                 log.warning("hxn-ptycho: stop requested while following %s: finishing with %d views", path, in_model)
+                halted = True
                 break
             if complete and complete_seen is None:
                 complete_seen = now
@@ -233,6 +235,8 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
         if complete_seen is None:
             complete_seen = time.time()
         res = session.finish(state_path=opt.state_path)
+        if halted:                          # the scan file was never complete: so is this result
+            res.attrs["interrupted"] = True
     finally:
         session.close()
         reader.close()
