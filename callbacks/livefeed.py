@@ -71,6 +71,137 @@ def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:
                                problems=list(run.problems))
 
 
+def _sub_source(source: Any, a: int, b: int, wait_s: float) -> Any:
+    """Frames ``a:b`` of ``source`` (its chunks cut to that range; open-ended chunks measured)."""
+    from . import frames as fr
+    out, at = [], 0
+    for c in source.chunks:
+        stop = c.stop
+        if stop is None:
+            def length(c: Any = c) -> int:
+                with fr.open_h5(c.file) as f:
+                    return int(fr._dataset(f, c).shape[0])
+            stop = fr._with_wait(length, wait_s)
+        size = stop - c.start
+        lo, hi = max(a, at), min(b, at + size)
+        if lo < hi:
+            out.append(fr.Chunk(c.file, c.dataset, c.start + lo - at, c.start + hi - at, c.spec))
+        at += size
+        if at >= b:
+            break
+    if at < b:
+        raise fr.NotReady(f"{source.key}: frames {at}..{b - 1} are not described yet")
+    return fr.Source(source.key, out)
+
+
+class _Incremental:
+    """The export of a growing run, chunk by chunk, reading only the new frames.
+
+    It repeats :func:`.export.prepare` per frame, so the views it appends are exactly those of the
+    post-stop export of the whole run: one pass over each new raw frame feeds the running
+    statistics of :func:`.export.raw_statistics` (sum, minimum, maximum, flagged pixels), from which
+    the mask is made as there; the crop of the same frames (in memory, not read again) is
+    normalised by the scaler (ic[0]/ic), dark frames are found against the median crop total of
+    every frame so far, and the fixed orientation is applied. What the whole scan decides (the
+    mask, which frames are dark) is re-checked at every chunk: if it changes what is already
+    written, :meth:`chunk` raises :class:`_Diverged` (the feed then stops; the post-stop path
+    publishes the run).
+    """
+
+    def __init__(self, cfg: ExportConfig, first: Any) -> None:
+        self.cfg = cfg
+        self.first = first                       # the first chunk's ScanData (attributes, decisions)
+        self.det = str(first.attrs["detector"])
+        self.center = (int(first.attrs["center_row"]), int(first.attrs["center_col"]))
+        self.read = 0                            # raw frames read so far
+        self.totals: list[float] = []            # crop total of every raw frame read (before the scaler)
+        self.kept: list[int] = []                # raw indices written, in order
+        self.acc: np.ndarray | None = None
+        self.lo = self.hi = self.flagged = None
+        self.sat: float | None = None
+        self.mask: np.ndarray | None = None      # the written mask (engine layout)
+        self.seconds = 0.0                        # reading and processing (for the measurements)
+
+    def _stats(self, raw: np.ndarray) -> None:
+        from .export import saturation_value
+        if self.acc is None:
+            shape = raw.shape[1:]
+            self.acc, self.lo, self.hi = np.zeros(shape), np.full(shape, np.inf), np.full(shape, -np.inf)
+            self.flagged = np.zeros(shape, bool)
+            self.sat = saturation_value(raw.dtype)
+        b = raw.astype(np.float64)
+        if self.sat is not None:
+            self.flagged |= np.any(raw >= self.sat, axis=0)
+        self.flagged |= ~np.all(np.isfinite(b), axis=0) | np.any(b < 0, axis=0)
+        b = np.where(np.isfinite(b), b, 0.0)
+        self.acc += b.sum(axis=0)
+        self.lo = np.minimum(self.lo, b.min(axis=0))
+        self.hi = np.maximum(self.hi, b.max(axis=0))
+
+    def _good(self, run: CollectedRun) -> np.ndarray:
+        """The good-pixel mask of the raw frames so far, as :func:`.export.raw_statistics` makes it."""
+        assert self.acc is not None and self.flagged is not None
+        good = ~self.flagged
+        shape = good.shape
+        for r, c in [tuple(p) for p in run.start.get("ptycho_bad_pixels", self.cfg.bad_pixels)]:
+            if 0 <= r < shape[0] and 0 <= c < shape[1]:
+                good[r, c] = False
+        mean = self.acc / self.read
+        if self.cfg.hot_pixels and self.read > 1:
+            med = float(np.median(mean[good])) if good.any() else 0.0
+            good &= ~((self.hi == self.lo) & (mean > 10 * max(med, 1.0)) & good)
+        return good
+
+    def chunk(self, snap: CollectedRun, n: int) -> Any:
+        """The new views of the first ``n`` events (a ScanData of them; empty if none are new)."""
+        from . import frames as fr
+        from .export import Prepared, check_complete, crop_window, frame_key, geometry, positions, scaler_values
+        from .orientation import apply_orientation, orientation_for
+        t0 = time.perf_counter()
+        check_complete(snap)
+        cfg = self.cfg
+        key = frame_key(snap, self.det, cfg.stream)
+        source = fr.describe(snap, key, cfg.stream, cfg.path_remap, cfg.data_roots)
+        raw = fr.read(_sub_source(source, self.read, n, cfg.frame_wait_s), cfg.frame_wait_s)
+        if raw.ndim != 3 or raw.shape[0] != n - self.read:
+            raise _Diverged(f"{key}: {raw.shape[0]} frames read for events {self.read + 1}..{n}")
+        a = self.read
+        self._stats(raw)
+        self.read = n
+        good_raw = self._good(snap)
+        region = crop_window(good_raw.shape, self.center, int(self.first.n))
+        good = good_raw[region]
+        mask = np.fft.ifftshift(good)
+        if self.mask is None:
+            self.mask = mask
+        elif not np.array_equal(mask, self.mask):
+            raise _Diverged("a later chunk changed the mask (a pixel newly saturated, flagged or stuck)")
+        crop = raw[(slice(None),) + region].astype(np.float64)
+        crop = np.where(np.isfinite(crop) & good, crop, 0.0)
+        self.totals += [float(t) for t in crop.sum(axis=(1, 2))]
+        totals = np.asarray(self.totals)
+        dark = totals <= cfg.dark_fraction * max(float(np.median(totals)), 1e-300)
+        if dark[self.kept].any():
+            raise _Diverged("a frame already written is without beam against the median of the frames so far")
+        points, pinfo = positions(snap, cfg)
+        ic, _ = scaler_values(snap, cfg, pinfo["motors"], n)
+        if ic is not None:
+            crop = crop * (ic[0] / ic[a:n])[:, None, None]
+        new = [i for i in range(a, n) if not dark[i]]
+        crop = crop[[i - a for i in new]]
+        inten = np.fft.ifftshift(np.where(good, np.maximum(crop, 0.0), 0.0), axes=(-2, -1))
+        geo, src = geometry(snap, cfg, self.det)
+        prep = Prepared(intensity=inten, mask=mask, points=points[:, new], geometry=geo, sources=src, attrs={})
+        scan = apply_orientation(prep, orientation_for(self.det, self.cfg.orientation))
+        self.kept += new
+        self.seconds += time.perf_counter() - t0
+        return scan
+
+
+class _Diverged(RuntimeError):
+    """A later chunk disagrees with what is already written."""
+
+
 class _LiveRun:
     """One step scan's feed: a worker thread exporting chunks into the growing scan file."""
 
@@ -91,6 +222,8 @@ class _LiveRun:
         self.stopped = False
         self.gave_up: str | None = None
         self.appended_during_scan = 0             # views appended before the stop document
+        self.incremental: _Incremental | None = None
+        self.export_s: list[tuple[int, float]] = []   # (events, seconds) of each export
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._work, name=f"hxn-ptycho-livefeed-{self.stem}", daemon=True)
         self._thread.start()
@@ -112,7 +245,7 @@ class _LiveRun:
                 self._wake.clear()
                 stopped = self.stopped
                 n = self._events()
-                need = self.cfg.first_chunk if self.writer is None else self.written + self.cfg.chunk
+                need = self.cfg.first_chunk if self.incremental is None else self.incremental.read + self.cfg.chunk
                 if n and (n >= need or stopped) and not self.gave_up:
                     self._export(n)
                 if stopped and self._events() == n:
@@ -138,11 +271,17 @@ class _LiveRun:
                 self.publisher.stop()
 
     def _export(self, n: int) -> None:
+        """Append the views of events ``written_events..n``: the first time, the one export of the
+        first chunk (its decisions fixed from now on); then only the new frames are read
+        (:class:`_Incremental`)."""
         from hxn_ptycho.scanfile import GrowingScanWriter
         from hxn_ptycho.session import header_of
+        if self.incremental is not None and n <= self.incremental.read:
+            return
+        t0 = time.perf_counter()
         snap = _snapshot(self.run, n, self.cfg.export.stream)
-        scan = build_scan(snap, self.export_cfg or self.cfg.export)
         if self.writer is None:                 # the decisions of the first chunk, fixed from now on
+            scan = build_scan(snap, self.cfg.export)
             self.export_cfg = dataclasses.replace(self.cfg.export, center=(int(scan.attrs["center_row"]),
                                                                            int(scan.attrs["center_col"])),
                                                   orientation=str(scan.attrs["orientation"]))
@@ -150,20 +289,24 @@ class _LiveRun:
             decisions = {"center": [int(scan.attrs["center_row"]), int(scan.attrs["center_col"])],
                          "orientation": str(scan.attrs["orientation"]), "crop": int(scan.n),
                          "first_chunk_views": int(scan.n_views)}
+            self.incremental = _Incremental(self.export_cfg, scan)
+            new = self.incremental.chunk(snap, n)      # the same views, through the incremental path
+            if not (np.array_equal(new.diffamp, scan.diffamp) and np.array_equal(new.points, scan.points)):
+                raise _Diverged("the incremental export of the first chunk differs from its one export")
             self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=decisions)
             self._start_job()
         else:
-            same_mask = (self.mask is None and scan.mask is None) or (
-                self.mask is not None and scan.mask is not None and np.array_equal(self.mask, scan.mask))
-            if not same_mask or scan.n_views < self.written:
-                self.gave_up = "a later export changed the mask or dropped a frame already written"
+            try:
+                new = self.incremental.chunk(snap, n)
+            except _Diverged as exc:
+                self.gave_up = str(exc)
                 log.warning("live feed of run %s stopped: %s", self.run.uid, self.gave_up)
                 return
-        new = slice(self.written, scan.n_views)
-        if new.stop > new.start:
-            self.written = self.writer.append(scan.diffamp[new], scan.points[:, new])
+        if new.n_views:
+            self.written = self.writer.append(new.diffamp, new.points)
             if not self.stopped:
                 self.appended_during_scan = self.written
+        self.export_s.append((n, time.perf_counter() - t0))
 
     def _start_job(self) -> None:
         if not self.cfg.launch:
