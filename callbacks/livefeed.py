@@ -40,7 +40,7 @@ from event_model import RunRouter
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.spec import Execution, JobSpec, Source
 
-from .collector import CollectedRun, RunCollector
+from .collector import CollectedRun, PassThroughFiller, RunCollector
 from .export import ExportConfig, build_scan, kept_field, scan_kind
 from .router import file_stem, ignore_reason
 
@@ -344,7 +344,7 @@ class LiveFeed:
     def __init__(self, config: LiveFeedConfig | None = None) -> None:
         self.config = config or LiveFeedConfig()
         self.runs: dict[str, _LiveRun] = {}
-        self._router = RunRouter([self._factory])
+        self._router = RunRouter([self._factory], filler_class=PassThroughFiller)   # no per-row work
         self.seconds = 0.0          # time spent on the RunEngine's thread (the cost per document)
         self.documents = 0
 
