@@ -156,6 +156,21 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     return jobs, PtychoCallback(config, jobs)
 
 
+def build_live_feed(args: argparse.Namespace, cb: Any) -> Any:
+    """With ``--live``: the :class:`~.livefeed.LiveFeed` beside the callback ``cb`` (its work folder,
+    catalog, parameters, ranks and export), made the callback's ``live`` (a live job that succeeds is
+    the run's one derived run; otherwise the post-stop path runs). None without ``--live``."""
+    if not getattr(args, "live", False):
+        return None
+    from .livefeed import LiveFeed, LiveFeedConfig
+    c = cb.config
+    feed = LiveFeed(LiveFeedConfig(work_dir=str(c.work_dir), catalog=c.catalog, params=dict(c.params),
+                                   nprocs=c.nprocs, export=c.export, first_chunk=args.live_first_chunk,
+                                   chunk=args.live_chunk))
+    cb.live = feed
+    return feed
+
+
 def check_listen_options(args: argparse.Namespace) -> None:
     """Before accepting any scan: the work folder writable (and readable by the catalog's server),
     the ranks available on this machine, the catalog reachable with our key — each refusal one line,
@@ -180,6 +195,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
     jobs, cb = build_callback(args, args.work_dir)
     dispatcher = make_dispatcher(args)
     dispatcher.subscribe(cb)
+    feed = build_live_feed(args, cb)
+    if feed is not None:                # step scans reconstructed while they run (docs/live.md)
+        dispatcher.subscribe(feed)
     stopped_by: list[int] = []
 
     def stop(signum: int, _frame: Any) -> None:
@@ -529,14 +547,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         RE.subscribe(tiled_writer(catalog_cfg, "raw", max_array_size=0))
         jobs, cb = build_callback(args, base / "work", base_params={"iterations": 40})
         RE.subscribe(cb)
+        md = {"ptycho_crop": sample.scan.n, "sample": "simulated star"}
+        plan = plan_for(args.scan_type, hxn, sample, md=md)
+        feed = build_live_feed(args, cb)
+        figure = None
+        if feed is not None:                 # reconstructed while it runs: previews, a live figure
+            if args.scan_type != "step":
+                raise CommandError("--live follows step scans (one event per point): give --scan-type step")
+            from .live import LiveFigure
+            from .sim_beamline import step_scan
+            RE.subscribe(feed)
+            live_png = Path(args.live_png or base / "live.png")
+            figure = LiveFigure(feed, png=live_png, say=lambda line: print(line, flush=True))
+            RE.subscribe(figure)
+            plan = step_scan(hxn, sample, md=md, dwell_s=args.dwell)
+            print(f"live: previews drawn to {live_png} (replaced in place) while the scan runs"
+                  + (f"; hxn-ptycho watch --catalog {args.catalog} shows them in a window" if args.catalog else ""),
+                  flush=True)
         t0 = time.monotonic()
-        RE(plan_for(args.scan_type, hxn, sample, md={"ptycho_crop": sample.scan.n, "sample": "simulated star"}))
+        RE(plan)
         print(f"scan of {args.positions} points done in {time.monotonic() - t0:.1f} s; reconstructing "
               f"({cb.config.params['iterations']} iterations, {args.nprocs} MPI rank(s))...", flush=True)
-        cb.flush(60)
-        if not cb.submitted:
+        cb.flush(args.timeout if feed is not None else 60)
+        live_run = next(iter(feed.runs.values()), None) if feed is not None else None
+        if figure is not None:
+            figure.close()
+        took = live_run is not None and live_run.run.uid in feed.took
+        if not cb.submitted and not took:
             raise CommandError(f"no job was submitted: {cb.failed}")
-        raw_uid = cb.submitted[-1].raw_uid
+        raw_uid = live_run.run.uid if took else cb.submitted[-1].raw_uid
         if not jobs.wait_idle(args.timeout):
             raise CommandError(f"the reconstruction did not finish within {args.timeout} s; see {base / 'work/queue/logs'}")
         jobs.stop()
@@ -544,13 +583,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         res = results(catalog_cfg, raw_uid=raw_uid)
         print(res.summary())
         png = summary_png(res, args.png or base / "summary.png", truth=_truth.object) if res.ok else None
-        job = cb.submitted[-1]
         later = (f"hxn-ptycho serve --dir {server.directory} --read {base}  then  " if server else "") + \
             f"hxn-ptycho results --catalog {args.catalog} --scan-id {res.scan_id}"
+        if took:
+            assert live_run is not None
+            files = (f"scan file:    {live_run.scan_path} (grown while the scan ran)\n"
+                     f"result file:  {live_run.result_path} (the live job's)\nlive figure:  {live_png}\n"
+                     f"job log:      {live_run.result_path.with_name(live_run.result_path.name[:-3] + '.log')}")
+        else:
+            job = cb.submitted[-1]
+            files = (f"scan file:    {job.scan_file}\nresult file:  {job.result_file}\n"
+                     f"job log:      {base / 'work' / 'queue' / 'logs' / (job.id + '.log')}")
         print(f"\ncatalog:      {catalog_cfg.uri} (raw scan {res.scan_id}: {raw_uid}; derived run {res.uid})\n"
-              f"scan file:    {job.scan_file}\nresult file:  {job.result_file}\n"
-              f"summary PNG:  {png}\njob log:      {base / 'work' / 'queue' / 'logs' / (job.id + '.log')}\n"
-              f"query later:  {later}")
+              f"{files}\nsummary PNG:  {png}\nquery later:  {later}")
         if args.serve and server is not None:
             print(f"serving {server.uri}; Ctrl-C to stop", flush=True)
             _wait_for_signal()
@@ -590,6 +635,12 @@ def _add_callback_options(p: argparse.ArgumentParser, *, nprocs: int = 1) -> Non
     p.add_argument("--data-roots", nargs="+", default=None, metavar="DIR",
                    help="read detector files only under these folders (default: /data, /nsls2/data and "
                         "$HXN_PTYCHO_DATA_ROOTS)")
+    p.add_argument("--live", action="store_true",
+                   help="reconstruct step scans while they run: a live job per scan follows a growing scan file "
+                        "and publishes previews; its result is the run's derived run (docs/live.md)")
+    p.add_argument("--live-first-chunk", type=int, default=256, metavar="N",
+                   help="--live: events before the first export, whose decisions (centre, orientation) are kept")
+    p.add_argument("--live-chunk", type=int, default=32, metavar="N", help="--live: events between later exports")
     p.add_argument("-v", "--verbose", action="store_true")
     add_execution_options(p, nprocs=nprocs)
     add_param_options(p)
@@ -640,6 +691,8 @@ def add_commands(subparsers: Any) -> None:
     _add_callback_options(p, nprocs=2)
     p.set_defaults(func=_guarded(cmd_demo), crop=64)
     p.add_argument("--points", dest="positions", type=int, default=100, help="scan positions")
+    p.add_argument("--dwell", type=float, default=0.05, help="--live: seconds at each point of the step scan")
+    p.add_argument("--live-png", help="--live: the live figure, replaced in place (default DIR/live.png)")
 
     p = subparsers.add_parser("results", help="the reconstruction(s) of a stored scan",
                               description="The newest readable reconstruction of a scan (a derived run the "

@@ -121,6 +121,7 @@ class _Incremental:
         self.sat: float | None = None
         self.mask: np.ndarray | None = None      # the written mask (engine layout)
         self.seconds = 0.0                        # reading and processing (for the measurements)
+        self.frames_read = 0                      # raw frames read (each once)
 
     def _stats(self, raw: np.ndarray) -> None:
         from .export import saturation_value
@@ -163,6 +164,7 @@ class _Incremental:
         key = frame_key(snap, self.det, cfg.stream)
         source = fr.describe(snap, key, cfg.stream, cfg.path_remap, cfg.data_roots)
         raw = fr.read(_sub_source(source, self.read, n, cfg.frame_wait_s), cfg.frame_wait_s)
+        self.frames_read += int(raw.shape[0]) if raw.ndim == 3 else 0
         if raw.ndim != 3 or raw.shape[0] != n - self.read:
             raise _Diverged(f"{key}: {raw.shape[0]} frames read for events {self.read + 1}..{n}")
         a = self.read
@@ -347,6 +349,7 @@ class LiveFeed:
         self._router = RunRouter([self._factory], filler_class=PassThroughFiller)   # no per-row work
         self.seconds = 0.0          # time spent on the RunEngine's thread (the cost per document)
         self.documents = 0
+        self.took: set[str] = set()    # raw uids whose live job became the derived run
 
     def __call__(self, name: str, doc: dict) -> None:
         t0 = time.perf_counter()
@@ -384,6 +387,7 @@ class LiveFeed:
             from .derived import publish_outcome, run_uid
             publish_outcome(live.spec, outcome, uid=run_uid(live.spec))
         log.info("run %s: the live reconstruction is the result (%s)", raw_uid, outcome.get("result_file"))
+        self.took.add(raw_uid)
         return True
 
     def wait(self, timeout: float = 600.0) -> None:

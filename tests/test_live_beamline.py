@@ -63,6 +63,7 @@ def test_live_feed_grows_the_scan_file_during_a_step_scan_equal_to_the_post_stop
     (live,) = feed.runs.values()
     assert live.gave_up is None
     assert 16 <= live.appended_during_scan < 48          # views were in the file before the stop
+    assert len(live.export_s) >= 3 and live.incremental.frames_read == 48   # incremental: each frame read once
     post = build_scan(got[0], cfg)                        # the post-stop export of the same run
     with h5py.File(live.scan_path, "r") as f:
         assert f["complete"][0] == 1 and f["n_written"][0] == 48

@@ -37,6 +37,32 @@ ptycho_callback = PtychoCallback(
     ptycho_jobs)
 RE.subscribe(ptycho_callback)
 
+# Reconstruct step scans while they run (HXN_PTYCHO_LIVE=1; docs/live.md): a live job per scan follows
+# a growing scan file; its result is the run's derived run (the post-stop path takes over if it fails).
+# The live figure (object phase, probe, the views so far, the data error) follows its previews: a
+# window with an interactive matplotlib backend, else WORK_DIR/live.png ($HXN_PTYCHO_LIVE_PNG).
+ptycho_live = ptycho_live_figure = None
+if os.environ.get("HXN_PTYCHO_LIVE", "0") not in ("", "0", "no", "false"):
+    from hxn_ptycho.callbacks.live import LiveFigure
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+
+    _c = ptycho_callback.config
+    ptycho_live = LiveFeed(LiveFeedConfig(work_dir=str(ptycho_callback.work_dir), catalog=_c.catalog,
+                                          params=dict(_c.params), nprocs=_c.nprocs, export=_c.export,
+                                          first_chunk=int(os.environ.get("HXN_PTYCHO_LIVE_FIRST", "256")),
+                                          chunk=int(os.environ.get("HXN_PTYCHO_LIVE_CHUNK", "32"))))
+    ptycho_callback.live = ptycho_live
+    RE.subscribe(ptycho_live)
+    import matplotlib
+
+    _png = os.environ.get("HXN_PTYCHO_LIVE_PNG") or (
+        None if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template")
+        else WORK_DIR + "/live.png")
+    ptycho_live_figure = LiveFigure(ptycho_live, png=_png)
+    RE.subscribe(ptycho_live_figure)
+    print("hxn-ptycho: step scans are reconstructed while they run; the live figure "
+          + (f"is {_png}" if _png else "opens in a window"))
+
 _last_start = {}
 RE.subscribe(lambda name, doc: _last_start.update(uid=doc["uid"], time=doc["time"]), "start")
 
@@ -62,7 +88,8 @@ def wait_for_reconstruction(uid=None, timeout=600.0):
         raise TimeoutError(f"the callback did not export run {uid} within {timeout:g} s")
     job = next((j for j in reversed(ptycho_callback.submitted) if j.raw_uid == uid), None)
     failed = next((why for u, why in reversed(ptycho_callback.failed) if u == uid), None)
-    if job is None and failed is None:
+    took = ptycho_live is not None and uid in ptycho_live.took      # reconstructed while it ran
+    if job is None and failed is None and not took:
         raise LookupError(f"run {uid} is not reconstructed: not a ptychography run, or it did not succeed")
     left = None if timeout is None else max(timeout - (time.monotonic() - t0), 1.0)
     try:
