@@ -243,6 +243,9 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
         if previews is not None:
             previews.close()
     facts: dict[str, Any] = {"views": in_model, "live_iterations": session.iteration,
+                             "live_credit": session.live_credit,
+                             "resumed_at_iteration": int(res.attrs.get("first_iteration", 0)),
+                             "final_phase_s": float(res.attrs.get("elapsed_s") or 0.0),
                              "complete_seen_at": complete_seen, "finished_at": time.time(),
                              "canvas_grown": session.canvas_grown}
     if previews is not None:

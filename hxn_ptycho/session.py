@@ -88,7 +88,7 @@ class Snapshot:
 
 def resume_at(params: ReconParams, live_iterations: float) -> int:
     """The schedule's iteration at which the final phase starts after ``live_iterations`` live DM
-    iterations (counted per view: :attr:`ReconSession.live_credit`).
+    iterations.
 
     The live iterations stand for the schedule's head: the final phase runs what remains, but at
     least its last ``live_final_share`` (so every view, the newest too, gets that many iterations
@@ -186,8 +186,8 @@ class ReconSession:
 
     @property
     def live_credit(self) -> float:
-        """The live iterations as the schedule counts them: the mean over the views of the live
-        iterations each one took part in (a view appended late counts only the ones after it)."""
+        """The mean over the views of the live iterations each one took part in (a view appended late
+        counts only the ones after it): reported beside the live iterations (``measured["live"]``)."""
         n = sum(m for m, _ in self._joined)
         return float(sum(m * (self.iteration - at) for m, at in self._joined)) / n if n else 0.0
 
@@ -396,7 +396,7 @@ class ReconSession:
             params=self.params.to_dict(), attrs={"live_state": True, "live_views": snap.views,
                                                  "live_iterations": snap.iteration,
                                                  "live_credit": self.live_credit,
-                                                 "resume_iteration": resume_at(self.params, self.live_credit)}))
+                                                 "resume_iteration": resume_at(self.params, snap.iteration)}))
 
     # --- the final phase ----------------------------------------------------------------------------
     def _restart_from_live(self) -> None:
@@ -425,7 +425,7 @@ class ReconSession:
         rec.overlap_rounds = []
         rec.modes_mgr = ProbeModeManager(rec)
         rec._each(rec._init_psi)
-        rec.first_iteration = resume_at(p, self.live_credit)
+        rec.first_iteration = resume_at(p, self.iteration)
 
     def finish(self, state_path: Any = None) -> ResultData:
         """The offline schedule (``params.algorithm``) from the live state, from the iteration
