@@ -286,7 +286,9 @@ def report_callback(args: argparse.Namespace) -> int:
            "scan_file_views_equal": r["views_equal"],
            "data_error_ratio": float(de_live) / float(de_off) if de_live and de_off else None,
            "nrmse_ratio": r["e_live"] / r["e_off"], "nrmse_live": r["e_live"], "nrmse_post": r["e_off"],
-           "live_iterations": live.get("live_iterations"), "event_cost_us": r["event_cost_us"],
+           "live_iterations": live.get("live_iterations"), "live_credit": live.get("live_credit"),
+           "resumed_at_iteration": live.get("resumed_at_iteration"), "final_phase_s": live.get("final_phase_s"),
+           "final_latency_s": live.get("final_latency_s"), "event_cost_us": r["event_cost_us"],
            "exports": len(r["export_s"]), "export_s_first_last": [r["export_s"][0][1], r["export_s"][-1][1]]
            if r["export_s"] else None, "feed_gave_up": r["gave_up"],
            "load_before": load0, "load_after": os.getloadavg()[0]}

@@ -11,17 +11,22 @@ before its event — hxntools' ``TPX_HDF5`` step mode, the simulated ``step_scan
   orientation, mask) and records them in a growing scan file
   (:class:`hxn_ptycho.scanfile.GrowingScanWriter`), starts the live job
   (``python -m hxn_ptycho.job SPEC --follow``) and a :class:`~.live.LivePublisher` for the run's
-  ``live`` node; then every ``chunk`` events it exports again with the decisions fixed and appends
-  the new views; at the stop it appends the rest and marks the file complete.
+  ``live`` node; then every ``chunk`` events it exports only the new frames
+  (:class:`_Incremental`: each frame is read once; the mask and the dark frames are re-checked
+  against the running statistics of the whole scan so far) and appends the new views; at the stop
+  it appends the rest and marks the file complete.
 
-Nothing wrong is ever written: if a later export disagrees with what is already in the file (a
+Nothing wrong is ever written: if a later chunk disagrees with what is already in the file (a
 frame without beam dropped, a pixel newly masked), the feed stops appending and leaves the file
-incomplete (the live job then fails by its stall rule); the post-stop path of the
-:class:`~.router.PtychoCallback` is unaffected and still publishes the run's one derived run.
+incomplete (the live job is then terminated); the post-stop path of the
+:class:`~.router.PtychoCallback` (whose ``live`` is this feed) then runs as without it, so there is
+still exactly one derived run.
 
-NOT YET: the live job is launched directly (not through the job queue), and its result is not the
-published derived run (see docs/live.md). Each export re-reads the frames so far (quadratic in the
-views over a scan: fine for demos, to be replaced by an incremental export).
+The live job is launched here, not through the :class:`~.launcher.JobQueue`: it must start at the
+first chunk, not behind the queue's pending post-stop jobs, and it would hold a queue slot (one by
+default) for the whole scan. It uses the same :class:`~hxn_ptycho.spec.JobSpec`, the same argument
+list (:func:`hxn_ptycho.job.job_argv`, ``mpiexec`` ranks) and the same outcome record and publisher
+(:func:`.derived.publish_outcome` under the job's fixed uid) as a queued job (docs/live.md).
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ class LiveFeedConfig:
     first_chunk: int = 256                      # events before the first export (decisions made here)
     chunk: int = 32                             # events between later exports
     launch: bool = True                         # start the live job (False: the growing file only)
+    first_export_process: bool = True           # the first export (orientation trials) in a child process
 
 
 def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:
@@ -242,6 +248,7 @@ class _LiveRun:
 
     def _work(self) -> None:
         try:
+            self._start_job()          # now: its start-up overlaps the first chunk (it waits for the file)
             while True:
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -262,7 +269,7 @@ class _LiveRun:
             if self.writer is not None:
                 self.writer.close()
         finally:
-            if self.gave_up and self.job is not None and self.job.poll() is None:
+            if (self.gave_up or self.writer is None) and self.job is not None and self.job.poll() is None:
                 self.job.terminate()              # its file will never be complete: the post-stop path takes over
             if self.job is not None:             # the job ends at the file's completion
                 try:
@@ -283,7 +290,7 @@ class _LiveRun:
         t0 = time.perf_counter()
         snap = _snapshot(self.run, n, self.cfg.export.stream)
         if self.writer is None:                 # the decisions of the first chunk, fixed from now on
-            scan = build_scan(snap, self.cfg.export)
+            scan = self._first_export(snap)
             self.export_cfg = dataclasses.replace(self.cfg.export, center=(int(scan.attrs["center_row"]),
                                                                            int(scan.attrs["center_col"])),
                                                   orientation=str(scan.attrs["orientation"]))
@@ -296,7 +303,6 @@ class _LiveRun:
             if not (np.array_equal(new.diffamp, scan.diffamp) and np.array_equal(new.points, scan.points)):
                 raise _Diverged("the incremental export of the first chunk differs from its one export")
             self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=decisions)
-            self._start_job()
         else:
             try:
                 new = self.incremental.chunk(snap, n)
@@ -309,6 +315,23 @@ class _LiveRun:
             if not self.stopped:
                 self.appended_during_scan = self.written
         self.export_s.append((n, time.perf_counter() - t0))
+
+    def _first_export(self, snap: CollectedRun) -> Any:
+        """The first chunk's export (orientation trials: seconds of Python), in a child process when
+        ``first_export_process``: there it holds no GIL of the RunEngine's process."""
+        if not self.cfg.first_export_process:
+            return build_scan(snap, self.cfg.export)
+        import multiprocessing
+        import pickle
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        try:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return pool.submit(build_scan, snap, self.cfg.export).result()
+        except (BrokenProcessPool, pickle.PicklingError, OSError) as exc:
+            log.warning("live feed of run %s: the first export runs in this process (%s: %s)", self.run.uid,
+                        type(exc).__name__, exc)
+            return build_scan(snap, self.cfg.export)
 
     def _start_job(self) -> None:
         if not self.cfg.launch:

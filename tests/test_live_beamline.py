@@ -54,11 +54,12 @@ def test_live_feed_grows_the_scan_file_during_a_step_scan_equal_to_the_post_stop
     got = collect(RE)
     cfg = ExportConfig(crop=64)
     feed = LiveFeed(LiveFeedConfig(work_dir=str(tmp_path / "work"), params={"iterations": 6, "threads": 1},
-                                   export=cfg, first_chunk=16, chunk=8))
+                                   export=cfg, first_chunk=16, chunk=8,
+                                   first_export_process=False))    # (a child's start-up outlasts this short scan)
     RE.subscribe(feed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        RE(step_scan(hxn, sample, dwell_s=0.05))
+        RE(step_scan(hxn, sample, dwell_s=0.12))
     feed.wait(300)
     (live,) = feed.runs.values()
     assert live.gave_up is None
@@ -119,3 +120,25 @@ def test_a_live_job_killed_mid_scan_hands_the_run_to_the_post_stop_path(tmp_path
     (live,) = feed.runs.values()
     assert not live.result_path.exists()
     assert len(cb.submitted) == 1 and cb.failed == []      # exactly one job: the post-stop path's
+
+
+def test_listen_live_puts_a_live_feed_beside_the_callback_with_its_settings(tmp_path):
+    """``listen --live`` (and ``demo --live``): the feed takes the callback's work folder, catalog,
+    parameters, ranks and export, and becomes the callback's ``live`` (the post-stop path stands by)."""
+    from hxn_ptycho.callbacks.commands import build_live_feed
+    from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
+    from hxn_ptycho.cli import build_parser
+
+    args = build_parser().parse_args(["listen", "--zmq", "127.0.0.1:1", "--live", "--live-chunk", "8",
+                                      "--live-first-chunk", "40", "--work-dir", str(tmp_path)])
+    cb = PtychoCallback(CallbackConfig(work_dir=str(tmp_path), params={"iterations": 7}, nprocs=2))
+    try:
+        feed = build_live_feed(args, cb)
+        assert cb.live is feed
+        c = feed.config
+        assert (c.first_chunk, c.chunk, c.nprocs, c.params["iterations"]) == (40, 8, 2, 7)
+        assert c.export is cb.config.export and c.work_dir == str(cb.config.work_dir)
+        off = build_parser().parse_args(["listen", "--zmq", "127.0.0.1:1", "--work-dir", str(tmp_path)])
+        assert build_live_feed(off, cb) is None              # opt-in
+    finally:
+        cb.close()
