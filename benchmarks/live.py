@@ -90,8 +90,8 @@ def through_callback(args: argparse.Namespace) -> dict:
     from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
     from hxn_ptycho.callbacks.sim_beamline import make_hxn, simulated_scan, step_scan
 
-    sample, truth = simulated_scan("step", n_positions=args.views, seed=7)
-    params = {"iterations": args.iterations, "threads": args.threads}
+    sample, truth = simulated_scan("step", n_positions=args.views, seed=7, probe_modes=args.probe_modes)
+    params = {"iterations": args.iterations, "threads": args.threads, "probe_modes": args.probe_modes}
     with tempfile.TemporaryDirectory(prefix="hxn-live-bench-") as tmp:
         d = Path(tmp)
         hxn = make_hxn(d / "detector")
@@ -277,6 +277,7 @@ def report_callback(args: argparse.Namespace) -> int:
     de_off = (r["off_out"].get("measured") or {}).get("final_data_error")
     out = {"path": "RunEngine + LiveFeed + live job; post-stop: export + offline job",
            "views": args.views, "n": args.n, "rate": args.rate, "iterations": args.iterations, "ranks": args.ranks,
+           "probe_modes": args.probe_modes,
            "status_live": r["live_out"].get("status"), "status_post": r["off_out"].get("status"),
            "first_preview_s": first, "previews": len(plog),
            "max_preview_gap_s": float(np.diff(during).max()) if len(during) > 1 else None,
