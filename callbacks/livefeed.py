@@ -159,6 +159,20 @@ class _Incremental:
             good &= ~((self.hi == self.lo) & (mean > 10 * max(med, 1.0)) & good)
         return good
 
+    def _new_frames(self, snap: CollectedRun, key: str, n: int) -> Any:
+        """Where the frames of events ``read..n`` are: their datums only (one chunk per event, files
+        checked against the data roots), or — for stream datums or whole-dataset resources — the
+        whole source cut to that range."""
+        from . import frames as fr
+        cfg = self.cfg
+        refs = snap.columns.get(cfg.stream, {}).get(key)
+        if refs is not None and len(refs) >= n:
+            chunks = [fr._datum_chunk(snap, refs[i], i, key, cfg.path_remap) for i in range(self.read, n)]
+            if all(c.stop is not None for c in chunks):
+                return fr.check_paths(snap, fr.Source(key, chunks), cfg.path_remap, cfg.data_roots)
+        source = fr.describe(snap, key, cfg.stream, cfg.path_remap, cfg.data_roots)
+        return _sub_source(source, self.read, n, cfg.frame_wait_s)
+
     def chunk(self, snap: CollectedRun, n: int) -> Any:
         """The new views of the first ``n`` events (a ScanData of them; empty if none are new)."""
         from . import frames as fr
@@ -168,8 +182,7 @@ class _Incremental:
         check_complete(snap)
         cfg = self.cfg
         key = frame_key(snap, self.det, cfg.stream)
-        source = fr.describe(snap, key, cfg.stream, cfg.path_remap, cfg.data_roots)
-        raw = fr.read(_sub_source(source, self.read, n, cfg.frame_wait_s), cfg.frame_wait_s)
+        raw = fr.read(self._new_frames(snap, key, n), cfg.frame_wait_s)
         self.frames_read += int(raw.shape[0]) if raw.ndim == 3 else 0
         if raw.ndim != 3 or raw.shape[0] != n - self.read:
             raise _Diverged(f"{key}: {raw.shape[0]} frames read for events {self.read + 1}..{n}")
