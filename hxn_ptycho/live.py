@@ -9,8 +9,10 @@ refreshes the file and tells every rank how many views are whole and whether the
 session iterates (DM). Rank 0 hands a snapshot at most once a ``preview_interval_s`` to a
 latest-wins writer thread (a newer snapshot replaces one not yet written; the engine never waits
 for the disk). Once the file is complete and every view is in, :meth:`ReconSession.finish` runs the
-offline schedule from the live state (saved first as ``<result>.live_state.h5``) and the job writes
-the result exactly as an offline job does.
+rest of the offline schedule from the live state (saved first as ``<result>.live_state.h5``): the
+live iterations count as its first iterations, at least its last ``live_final_share`` runs on the
+complete scan (:func:`hxn_ptycho.session.resume_at`); then the job writes the result exactly as an
+offline job does.
 
 The preview file (``<result>.preview.h5``, replaced atomically) holds the object's amplitude and
 phase (first object mode), the probe modes' amplitude and phase, and the attributes ``views``,
