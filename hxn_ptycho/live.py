@@ -229,9 +229,10 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
                 raise FollowError(f"the scan file {path} has not grown for {opt.stall_s:.0f} s and is not "
                                   f"complete ({in_model} views)")
             if session.ready():
-                session.iterate(opt.iterations_per_round)
-                if previews is not None and previews.due():
-                    previews.submit(session.snapshot(), readable_at[in_model - 1])
+                for _ in range(opt.iterations_per_round):    # a preview may go out after any iteration
+                    session.iterate(1)
+                    if previews is not None and previews.due():
+                        previews.submit(session.snapshot(), readable_at[in_model - 1])
             else:
                 time.sleep(opt.poll_s)
         if complete_seen is None:
