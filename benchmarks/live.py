@@ -10,9 +10,16 @@ process, ``--ranks`` MPI ranks) follows it; at the stop the file is marked compl
 post-stop path: the offline job (``python -m hxn_ptycho.job SPEC``) on the same, complete file.
 
 By default the scan runs through the RunEngine (the simulated beamline's step scan, a dwell of
-1/``--rate`` per point) and the :class:`hxn_ptycho.callbacks.livefeed.LiveFeed`; the post-stop
-path is then the export of the collected run and the offline job. ``--direct`` instead writes a
-simulated scan straight into the growing file (no RunEngine, no callback).
+1/``--rate`` per point) with the :class:`~hxn_ptycho.callbacks.router.PtychoCallback` (its
+``live`` the feed, so the live job is the result) and the
+:class:`hxn_ptycho.callbacks.livefeed.LiveFeed` (chunks of ``--chunk`` events); the post-stop
+path is then the export of the collected run and the offline job. ``event_cost_us`` gives, per
+event document of that one run, the callback alone and the callback plus the feed (median, 90th
+and 99th percentile, largest) and the RunEngine's time per point beyond the dwell.
+``scan_file_views_equal`` compares the frames, positions, mask and geometry; ``scan_file_equal``
+every dataset and attribute (``differing_datasets``/``differing_attrs`` name the rest).
+``--direct`` instead writes a simulated scan straight into the growing file (no RunEngine, no
+callback).
 
 One JSON line: ``first_preview_s`` (the first preview with at least the first 256 views, after they
 were readable), ``previews``, ``max_preview_gap_s`` (while frames arrive), ``lag_first_s`` /
