@@ -32,7 +32,7 @@ from .catalog import CatalogError, connect, resolve_catalog, runs
 log = logging.getLogger(__name__)
 
 ARRAYS = ("object_amplitude", "object_phase", "probe_amplitude", "probe_phase")
-META_KEYS = ("views", "iteration", "data_error", "newest_readable_at", "written_at", "taken_at")
+META_KEYS = ("views", "iteration", "data_error", "newest_readable_at", "written_at", "taken_at", "final")
 
 
 def live_key(raw_uid: str) -> str:

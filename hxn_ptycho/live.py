@@ -71,8 +71,8 @@ def state_path_for(result_file: str | Path) -> Path:
     return p.with_name(p.name.removesuffix(".h5") + ".live_state.h5")
 
 
-def write_preview(path: Path, snap: Snapshot, newest_readable_at: float) -> float:
-    """Write one preview file atomically; returns its time."""
+def write_preview(path: Path, snap: Snapshot, newest_readable_at: float, final: bool = False) -> float:
+    """Write one preview file atomically; returns its time. ``final``: the finished result's."""
     from .h5util import atomic_h5
     obj, probe = snap.object[0], snap.probe
     with atomic_h5(path) as f:
@@ -84,7 +84,7 @@ def write_preview(path: Path, snap: Snapshot, newest_readable_at: float) -> floa
         written = time.time()
         for k, v in (("views", snap.views), ("iteration", snap.iteration), ("data_error", snap.data_error),
                      ("newest_readable_at", newest_readable_at), ("written_at", written),
-                     ("taken_at", snap.taken_at)):
+                     ("taken_at", snap.taken_at), ("final", int(final))):
             f.attrs[k] = v
     return written
 
@@ -103,11 +103,12 @@ class PreviewWriter:
 
     def __init__(self, path: Path, interval_s: float = 1.0) -> None:
         self.path, self.interval = path, float(interval_s)
-        self._slot: tuple[Snapshot, float] | None = None
+        self._slot: tuple[Snapshot, float, bool] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._done = False
-        self.log: list[dict[str, float]] = []      # one entry per preview written
+        self.log: list[dict[str, float]] = []      # one entry per live preview written
+        self.final: dict[str, float] | None = None  # the finished result's preview
         self.dropped = 0
         self.last_written = 0.0
         self._thread = threading.Thread(target=self._run, name="hxn-ptycho-preview", daemon=True)
@@ -117,11 +118,11 @@ class PreviewWriter:
         """Whether a snapshot is worth taking now (the last one went out at least an interval ago)."""
         return time.time() - self.last_written >= self.interval and self._slot is None
 
-    def submit(self, snap: Snapshot, newest_readable_at: float) -> None:
+    def submit(self, snap: Snapshot, newest_readable_at: float, final: bool = False) -> None:
         with self._lock:
             if self._slot is not None:
                 self.dropped += 1
-            self._slot = (snap, newest_readable_at)
+            self._slot = (snap, newest_readable_at, final)
         self._wake.set()
 
     def _run(self) -> None:
@@ -137,15 +138,19 @@ class PreviewWriter:
                     with self._lock:                  # a newer snapshot came in meanwhile: it wins
                         if self._slot is not None:
                             item, self._slot = self._slot, None
-                snap, readable = item
+                snap, readable, final = item
                 try:
-                    written = write_preview(self.path, snap, readable)
+                    written = write_preview(self.path, snap, readable, final)
                 except OSError as exc:              # a preview is never worth failing the job
                     log.warning("hxn-ptycho: preview not written (%s)", exc)
                     continue
                 self.last_written = written
-                self.log.append({"written_at": written, "views": snap.views, "iteration": snap.iteration,
-                                 "data_error": snap.data_error, "newest_readable_at": readable})
+                entry = {"written_at": written, "views": snap.views, "iteration": snap.iteration,
+                         "data_error": snap.data_error, "newest_readable_at": readable}
+                if final:
+                    self.final = entry          # the finished result's preview: not a live one
+                else:
+                    self.log.append(entry)
             if self._done and self._slot is None:
                 return
 
@@ -240,6 +245,12 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
         res = session.finish(state_path=opt.state_path)
         if halted:                          # the scan file was never complete: so is this result
             res.attrs["interrupted"] = True
+        if previews is not None and in_model:    # the last preview is the finished result
+            previews.submit(Snapshot(object=res.object, probe=res.probe, views=in_model,
+                                     iteration=session.iteration + len(res.error_data),
+                                     data_error=float(res.attrs.get("final_data_error", float("nan"))),
+                                     positions_px=res.positions_px, newest_view=in_model - 1),
+                            readable_at[in_model - 1] if readable_at else time.time(), final=True)
     finally:
         session.close()
         reader.close()
@@ -257,6 +268,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
         gaps = np.diff([p["written_at"] for p in plog])
         first_at = readable_at[0] if readable_at else started
         facts.update({"previews": len(plog), "previews_dropped": previews.dropped,
+                      "final_preview": previews.final,
                       "first_preview_latency_s": (plog[0]["written_at"] - first_at) if plog else None,
                       "largest_lag_s": max(lags) if lags else None,
                       "max_preview_gap_s": float(gaps.max()) if gaps.size else None,
