@@ -23,7 +23,7 @@ def _snap(views: int, it: int, err: float, shape=(80, 90)) -> Snapshot:
                     newest_view=views - 1)
 
 
-def _wait(cond, timeout=10.0):
+def _wait(cond, timeout=60.0):
     t0 = time.monotonic()
     while not cond():
         assert time.monotonic() - t0 < timeout
