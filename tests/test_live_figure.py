@@ -45,12 +45,12 @@ def test_the_live_figure_draws_each_new_preview_to_a_png_off_the_runengine_threa
         _wait(lambda: png.stat().st_mtime_ns != first)
         for _ in range(1000):                     # the RunEngine's documents: nothing to do with a PNG
             fig("event", {})
-        assert fig.seconds < 0.05
+        assert fig.seconds < 0.2                  # (a check per document; 1000 documents)
         a = fig._artists
         assert a["views"].get_offsets().shape == (60, 2)               # the views so far over the scan area
         assert list(a["error"].get_xdata()) == [4, 8] and list(a["error"].get_ydata()) == [0.2, 0.1]
         assert np.allclose(a["phase"].get_array(), np.angle(_snap(60, 8, 0.1).object[0]), atol=1e-6)
-        assert lines[-1].startswith("live: 60 views, iteration 8")
+        _wait(lambda: lines[-1].startswith("live: 60 views, iteration 8"))     # said after the PNG is out
     finally:
         fig.close()
 
