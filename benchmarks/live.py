@@ -10,9 +10,16 @@ process, ``--ranks`` MPI ranks) follows it; at the stop the file is marked compl
 post-stop path: the offline job (``python -m hxn_ptycho.job SPEC``) on the same, complete file.
 
 By default the scan runs through the RunEngine (the simulated beamline's step scan, a dwell of
-1/``--rate`` per point) and the :class:`hxn_ptycho.callbacks.livefeed.LiveFeed`; the post-stop
-path is then the export of the collected run and the offline job. ``--direct`` instead writes a
-simulated scan straight into the growing file (no RunEngine, no callback).
+1/``--rate`` per point) with the :class:`~hxn_ptycho.callbacks.router.PtychoCallback` (its
+``live`` the feed, so the live job is the result) and the
+:class:`hxn_ptycho.callbacks.livefeed.LiveFeed` (chunks of ``--chunk`` events); the post-stop
+path is then the export of the collected run and the offline job. ``event_cost_us`` gives, per
+event document of that one run, the callback alone and the callback plus the feed (median, 90th
+and 99th percentile, largest) and the RunEngine's time per point beyond the dwell.
+``scan_file_views_equal`` compares the frames, positions, mask and geometry; ``scan_file_equal``
+every dataset and attribute (``differing_datasets``/``differing_attrs`` name the rest).
+``--direct`` instead writes a simulated scan straight into the growing file (no RunEngine, no
+callback).
 
 One JSON line: ``first_preview_s`` (the first preview with at least the first 256 views, after they
 were readable), ``previews``, ``max_preview_gap_s`` (while frames arrive), ``lag_first_s`` /
@@ -90,8 +97,8 @@ def through_callback(args: argparse.Namespace) -> dict:
     from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
     from hxn_ptycho.callbacks.sim_beamline import make_hxn, simulated_scan, step_scan
 
-    sample, truth = simulated_scan("step", n_positions=args.views, seed=7)
-    params = {"iterations": args.iterations, "threads": args.threads}
+    sample, truth = simulated_scan("step", n_positions=args.views, seed=7, probe_modes=args.probe_modes)
+    params = {"iterations": args.iterations, "threads": args.threads, "probe_modes": args.probe_modes}
     with tempfile.TemporaryDirectory(prefix="hxn-live-bench-") as tmp:
         d = Path(tmp)
         hxn = make_hxn(d / "detector")
@@ -102,15 +109,23 @@ def through_callback(args: argparse.Namespace) -> dict:
         cfg = ExportConfig(crop=args.n)
         feed = LiveFeed(LiveFeedConfig(work_dir=str(d / "work"), params=params, export=cfg, nprocs=args.ranks,
                                        first_chunk=min(256, args.views), chunk=args.chunk))
-        times: list[float] = []
+        from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
+        cb = PtychoCallback(CallbackConfig(work_dir=str(d / "work"), params=params, export=cfg, nprocs=args.ranks))
+        cb.live = feed                       # the live job is the result: the callback's post-stop path stands by
+        t_cb: list[float] = []
+        t_feed: list[float] = []
         events: list[float] = []
         stop_at: list[float] = []
 
-        def timed(name: str, doc: dict) -> None:
+        def timed(name: str, doc: dict) -> None:     # today's callback alone, then the feed: one run
             t = time.perf_counter()
+            cb(name, doc)
+            t1 = time.perf_counter()
             feed(name, doc)
-            times.append(time.perf_counter() - t)
+            t2 = time.perf_counter()
             if name == "event":
+                t_cb.append(t1 - t)
+                t_feed.append(t2 - t1)
                 events.append(time.time())
             if name == "stop":
                 stop_at.append(time.time())
@@ -121,6 +136,8 @@ def through_callback(args: argparse.Namespace) -> dict:
             RE(step_scan(hxn, sample, dwell_s=1.0 / args.rate))
         t_stop = stop_at[0]
         feed.wait(3600)
+        cb.flush(600)
+        cb.close()
         (live,) = feed.runs.values()
         out_path = live.result_path.with_name(live.result_path.name[:-3] + ".outcome.json")
         t_live_done = out_path.stat().st_mtime if out_path.exists() else float("nan")
@@ -143,9 +160,26 @@ def through_callback(args: argparse.Namespace) -> dict:
         e_off = nrmse(read_result(off_res).object[0], truth.object, region)
     return {"live_out": live_out, "off_out": off_out, "readable": events, "t_start": t_start, "t_stop": t_stop,
             "t_live_done": t_live_done, "t_post": t_post, "equal": not ds and not at, "datasets_equal": not ds,
-            "differing_attrs": at, "e_live": e_live, "e_off": e_off,
-            "event_cost_us": {"median": 1e6 * float(np.median(times)), "p90": 1e6 * float(np.percentile(times, 90)),
-                              "max": 1e6 * float(np.max(times))}, "gave_up": live.gave_up}
+            "differing_attrs": at, "differing_datasets": ds,
+            "views_equal": not set(ds) & {"diffamp", "points", "mask", "lambda_nm", "z_m", "ccd_pixel_um"},
+            "e_live": e_live, "e_off": e_off,
+            "event_cost_us": {"callback": _stats_us(t_cb), "callback+feed": _stats_us(np.add(t_cb, t_feed)),
+                              "feed": _stats_us(t_feed),
+                              "event_interval_excess_ms": _excess_ms(events, 1.0 / args.rate)},
+            "export_s": live.export_s, "gave_up": live.gave_up}
+
+
+def _stats_us(t: "list[float] | np.ndarray") -> dict:
+    t = np.asarray(t) * 1e6
+    return {"median": float(np.median(t)), "p90": float(np.percentile(t, 90)), "p99": float(np.percentile(t, 99)),
+            "max": float(t.max())} if t.size else {}
+
+
+def _excess_ms(events: list[float], dwell: float) -> dict:
+    """The RunEngine's time per point beyond the dwell (every callback and the GIL's other holders)."""
+    gaps = (np.diff(events) - dwell) * 1e3
+    return {"median": float(np.median(gaps)), "p90": float(np.percentile(gaps, 90)), "max": float(gaps.max())} \
+        if gaps.size else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,15 +290,22 @@ def report_callback(args: argparse.Namespace) -> int:
     de_off = (r["off_out"].get("measured") or {}).get("final_data_error")
     out = {"path": "RunEngine + LiveFeed + live job; post-stop: export + offline job",
            "views": args.views, "n": args.n, "rate": args.rate, "iterations": args.iterations, "ranks": args.ranks,
+           "probe_modes": args.probe_modes,
            "status_live": r["live_out"].get("status"), "status_post": r["off_out"].get("status"),
            "first_preview_s": first, "previews": len(plog),
            "max_preview_gap_s": float(np.diff(during).max()) if len(during) > 1 else None,
            "lag_first_s": lags[0] if lags else None, "lag_last_s": lags[-1] if lags else None,
            "scan_s": r["t_stop"] - r["t_start"], "final_after_stop_s": r["t_live_done"] - r["t_stop"],
            "post_stop_path_s": r["t_post"], "scan_file_equal": r["equal"], "scan_file_datasets_equal": r["datasets_equal"],
-           "differing_attrs": r["differing_attrs"],
+           "differing_attrs": r["differing_attrs"], "differing_datasets": r["differing_datasets"],
+           "scan_file_views_equal": r["views_equal"],
            "data_error_ratio": float(de_live) / float(de_off) if de_live and de_off else None,
-           "nrmse_ratio": r["e_live"] / r["e_off"], "event_cost_us": r["event_cost_us"], "feed_gave_up": r["gave_up"],
+           "nrmse_ratio": r["e_live"] / r["e_off"], "nrmse_live": r["e_live"], "nrmse_post": r["e_off"],
+           "live_iterations": live.get("live_iterations"), "live_credit": live.get("live_credit"),
+           "resumed_at_iteration": live.get("resumed_at_iteration"), "final_phase_s": live.get("final_phase_s"),
+           "final_latency_s": live.get("final_latency_s"), "event_cost_us": r["event_cost_us"],
+           "exports": len(r["export_s"]), "export_s_first_last": [r["export_s"][0][1], r["export_s"][-1][1]]
+           if r["export_s"] else None, "feed_gave_up": r["gave_up"],
            "load_before": load0, "load_after": os.getloadavg()[0]}
     print(json.dumps(out) if args.json else "\n".join(f"{k:28s} {v}" for k, v in out.items()))
     return 0

@@ -156,6 +156,21 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     return jobs, PtychoCallback(config, jobs)
 
 
+def build_live_feed(args: argparse.Namespace, cb: Any) -> Any:
+    """With ``--live``: the :class:`~.livefeed.LiveFeed` beside the callback ``cb`` (its work folder,
+    catalog, parameters, ranks and export), made the callback's ``live`` (a live job that succeeds is
+    the run's one derived run; otherwise the post-stop path runs). None without ``--live``."""
+    if not getattr(args, "live", False):
+        return None
+    from .livefeed import LiveFeed, LiveFeedConfig
+    c = cb.config
+    feed = LiveFeed(LiveFeedConfig(work_dir=str(c.work_dir), catalog=c.catalog, params=dict(c.params),
+                                   nprocs=c.nprocs, export=c.export, first_chunk=args.live_first_chunk,
+                                   chunk=args.live_chunk))
+    cb.live = feed
+    return feed
+
+
 def check_listen_options(args: argparse.Namespace) -> None:
     """Before accepting any scan: the work folder writable (and readable by the catalog's server),
     the ranks available on this machine, the catalog reachable with our key — each refusal one line,
@@ -185,14 +200,19 @@ def cmd_listen(args: argparse.Namespace) -> int:
     jobs, cb = build_callback(args, args.work_dir)
     dispatcher = make_dispatcher(args)
     dispatcher.subscribe(cb)
-    feed = None
-    if streams is not None:            # fly2dpd live from the detector's streams; the callback asks it at the stop
+    feeds: list[Any] = []
+    feed = build_live_feed(args, cb)
+    if feed is not None:                # step scans reconstructed while they run (docs/live.md)
+        dispatcher.subscribe(feed)
+        feeds.append(feed)
+    if streams is not None:            # fly2dpd live from the detector's streams (docs/streams.md)
         from .stream import StreamFeed, StreamFeedConfig
         c = cb.config
         feed = StreamFeed(StreamFeedConfig(work_dir=c.work_dir, catalog=c.catalog, params=dict(c.params),
                                            nprocs=c.nprocs, export=c.export, stream=streams)).start()
         dispatcher.subscribe(feed)
-        cb.live = feed
+        feeds.append(feed)
+    cb.live = feeds or None            # the callback asks each at the stop
     stopped_by: list[int] = []
 
     def stop(signum: int, _frame: Any) -> None:
@@ -226,8 +246,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the shutdown below is not interrupted half-way
         cb.flush(60)
-        if feed is not None:
-            feed.close()
+        for feed in feeds:
+            if hasattr(feed, "close"):     # the stream feed's receivers
+                feed.close()
         jobs.stop(kill=bool(stopped_by and stopped_by[0] == signal.SIGINT))
         cb.close()
     return 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
@@ -545,7 +566,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         jobs, cb = build_callback(args, base / "work", base_params={"iterations": 40})
         RE.subscribe(cb)
         md = {"ptycho_crop": sample.scan.n, "sample": "simulated star"}
-        feed = sims = None
+        plan = plan_for(args.scan_type, hxn, sample, md=md)
+        feed: Any = None
+        sims = figure = live_png = None
+        if getattr(args, "streams", False) and getattr(args, "live", False):
+            raise CommandError("give --live (a step scan followed through its documents) or --streams (a fly2dpd "
+                               "followed through the detector streams), not both")
         if getattr(args, "streams", False):    # fly2dpd live from the simulated Eiger and PandA streams
             if args.scan_type != "fly2dpd":
                 raise CommandError("--streams is for --scan-type fly2dpd (the detector streams of a fly scan)")
@@ -561,21 +587,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                     first_chunk=min(256, max(16, args.positions // 4)), chunk=16))).start()
             RE.subscribe(feed)
             cb.live = feed
+            plan = fly2dpd(hxn, sample, md=md, streams=sims)
+        elif (feed := build_live_feed(args, cb)) is not None:   # reconstructed while it runs: previews, a live figure
+            if args.scan_type != "step":
+                raise CommandError("--live follows step scans (one event per point): give --scan-type step")
+            from .live import LiveFigure
+            from .sim_beamline import step_scan
+            RE.subscribe(feed)
+            live_png = Path(args.live_png or base / "live.png")
+            figure = LiveFigure(feed, png=live_png, say=lambda line: print(line, flush=True))
+            RE.subscribe(figure)
+            plan = step_scan(hxn, sample, md=md, dwell_s=args.dwell)
+            print(f"live: previews drawn to {live_png} (replaced in place) while the scan runs"
+                  + (f"; hxn-ptycho watch --catalog {args.catalog} shows them in a window" if args.catalog else ""),
+                  flush=True)
         t0 = time.monotonic()
-        RE(fly2dpd(hxn, sample, md=md, streams=sims) if sims is not None else plan_for(args.scan_type, hxn, sample, md=md))
+        RE(plan)
         print(f"scan of {args.positions} points done in {time.monotonic() - t0:.1f} s; reconstructing "
               f"({cb.config.params['iterations']} iterations, {args.nprocs} MPI rank(s))...", flush=True)
         cb.flush(args.timeout if feed is not None else 60)
-        if feed is not None:
+        live_scan = live_result = None          # the live job's files where it is the result
+        if sims is not None:
             feed.close()
             sims.close()
             live_uid = next(iter(feed.runs), None)
             facts = feed.runs[live_uid].comparison if live_uid else None
             keys = ("views_written", "missing_ids", "equal", "differences")
             print(f"live from the streams: {json.dumps({k: (facts or {}).get(k) for k in keys})}")
-        if not cb.submitted and not (feed is not None and feed.runs):
-            raise CommandError(f"no job was submitted: {cb.failed}")
-        raw_uid = cb.submitted[-1].raw_uid if cb.submitted else next(iter(feed.runs))
+            if not cb.submitted and live_uid is not None:
+                raw_uid = live_uid
+                live_scan = f"{feed.runs[live_uid].scan_path} (live, from the streams)"
+                live_result = str(feed.runs[live_uid].result_path)
+        elif feed is not None:
+            live_run = next(iter(feed.runs.values()), None)
+            if figure is not None:
+                figure.close()
+            if live_run is not None and live_run.run.uid in feed.took:
+                raw_uid = live_run.run.uid
+                live_scan = f"{live_run.scan_path} (grown while the scan ran)"
+                live_result = f"{live_run.result_path} (the live job's)"
+        if live_scan is None:
+            if not cb.submitted:
+                raise CommandError(f"no job was submitted: {cb.failed}")
+            raw_uid = cb.submitted[-1].raw_uid
         if not jobs.wait_idle(args.timeout):
             raise CommandError(f"the reconstruction did not finish within {args.timeout} s; see {base / 'work/queue/logs'}")
         jobs.stop()
@@ -585,13 +639,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         png = summary_png(res, args.png or base / "summary.png", truth=_truth.object) if res.ok else None
         later = (f"hxn-ptycho serve --dir {server.directory} --read {base}  then  " if server else "") + \
             f"hxn-ptycho results --catalog {args.catalog} --scan-id {res.scan_id}"
-        if cb.submitted:
+        if live_scan is not None:               # the live job is the result
+            files = (f"scan file:    {live_scan}\nresult file:  {live_result}\n"
+                     + (f"live figure:  {live_png}\n" if live_png else ""))
+        else:
             job = cb.submitted[-1]
             files = (f"scan file:    {job.scan_file}\nresult file:  {job.result_file}\n"
                      f"job log:      {base / 'work' / 'queue' / 'logs' / (job.id + '.log')}\n")
-        else:                                  # the live job from the streams is the result
-            live = feed.runs[raw_uid]
-            files = f"scan file:    {live.scan_path} (live, from the streams)\nresult file:  {live.result_path}\n"
         print(f"\ncatalog:      {catalog_cfg.uri} (raw scan {res.scan_id}: {raw_uid}; derived run {res.uid})\n"
               f"{files}summary PNG:  {png}\nquery later:  {later}")
         if args.serve and server is not None:
@@ -633,6 +687,12 @@ def _add_callback_options(p: argparse.ArgumentParser, *, nprocs: int = 1) -> Non
     p.add_argument("--data-roots", nargs="+", default=None, metavar="DIR",
                    help="read detector files only under these folders (default: /data, /nsls2/data and "
                         "$HXN_PTYCHO_DATA_ROOTS)")
+    p.add_argument("--live", action="store_true",
+                   help="reconstruct step scans while they run: a live job per scan follows a growing scan file "
+                        "and publishes previews; its result is the run's derived run (docs/live.md)")
+    p.add_argument("--live-first-chunk", type=int, default=256, metavar="N",
+                   help="--live: events before the first export, whose decisions (centre, orientation) are kept")
+    p.add_argument("--live-chunk", type=int, default=32, metavar="N", help="--live: events between later exports")
     p.add_argument("-v", "--verbose", action="store_true")
     add_execution_options(p, nprocs=nprocs)
     add_param_options(p)
@@ -688,6 +748,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--streams", action="store_true", help="fly2dpd live: the simulated Eiger and PandA also send "
                    "their 0MQ streams, which the stream feed reconstructs while the scan runs (docs/streams.md)")
     p.add_argument("--stream-rate", type=float, default=200.0, help="frames a second on the streams (default 200)")
+    p.add_argument("--dwell", type=float, default=0.05, help="--live: seconds at each point of the step scan")
+    p.add_argument("--live-png", help="--live: the live figure, replaced in place (default DIR/live.png)")
 
     p = subparsers.add_parser("results", help="the reconstruction(s) of a stored scan",
                               description="The newest readable reconstruction of a scan (a derived run the "

@@ -32,7 +32,7 @@ from .catalog import CatalogError, connect, resolve_catalog, runs
 log = logging.getLogger(__name__)
 
 ARRAYS = ("object_amplitude", "object_phase", "probe_amplitude", "probe_phase")
-META_KEYS = ("views", "iteration", "data_error", "newest_readable_at", "written_at", "taken_at",
+META_KEYS = ("views", "iteration", "data_error", "newest_readable_at", "written_at", "taken_at", "final",
              "receiver_falling_behind", "receiver_undecided_views", "receiver_missing_ids")   # the stream receiver's
 
 
@@ -188,6 +188,163 @@ def draw(prev: dict[str, Any], fig: Any = None) -> Any:
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
+
+
+class LiveFigure:
+    """A figure that follows the live reconstruction while ``RE(...)`` runs: ``RE.subscribe(LiveFigure(feed))``.
+
+    Four panels: the object phase, the probe (first mode's amplitude), the views so far over the
+    scan area (their window centres on the object canvas), and the data error of every preview so
+    far. A reader thread looks for a newer preview file (the live job's ``<result>.preview.h5`` of
+    the run the :class:`~.livefeed.LiveFeed` follows, or ``preview_path``) at most once an
+    ``interval_s`` and loads it — never the RunEngine's thread. With ``png``, that thread also draws
+    the figure (Agg) and replaces the PNG in place: the RunEngine does nothing. Without it (a
+    window), the RunEngine's callback only moves the newest loaded preview into the artists
+    (``set_data``) and asks for a redraw (``draw_idle``), which the GUI's event loop — bluesky's
+    during-task on the main thread — performs; a document that finds nothing new costs one check.
+    """
+
+    def __init__(self, feed: Any = None, *, preview_path: str | os.PathLike | None = None,
+                 png: str | os.PathLike | None = None, interval_s: float = 1.0, say: Any = None) -> None:
+        self.feed, self.fixed = feed, (Path(preview_path) if preview_path is not None else None)
+        self.png = None if png is None else Path(png)
+        self.interval, self.say = float(interval_s), say
+        self.history: list[tuple[int, float]] = []     # (iteration, data error) of every preview shown
+        self.shown = 0                                  # previews drawn
+        self.seconds = 0.0                              # spent on the RunEngine's thread
+        self.raw_uid: str | None = None
+        self.fig: Any = None
+        self._artists: dict[str, Any] = {}
+        self._slot: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._seen = 0.0
+        self._thread = threading.Thread(target=self._read, name="hxn-ptycho-live-figure", daemon=True)
+        self._thread.start()
+
+    # -- the RunEngine's thread: cheap -----------------------------------------------------------
+    def __call__(self, name: str, doc: dict) -> None:
+        t0 = time.perf_counter()
+        if name == "start":
+            self.raw_uid = str(doc.get("uid"))
+            with self._lock:
+                self._slot, self._seen = None, 0.0
+            self.history = []
+        if self._slot is not None and self.png is None:
+            with self._lock:
+                prev, self._slot = self._slot, None
+            if prev is not None:
+                try:
+                    self.update(prev)
+                    self.fig.canvas.draw_idle()
+                except Exception as exc:  # noqa: BLE001 - a figure never disturbs the scan
+                    log.warning("live figure not updated: %s: %s", type(exc).__name__, exc)
+        self.seconds += time.perf_counter() - t0
+
+    # -- the reader thread -----------------------------------------------------------------------------
+    def _path(self) -> Path | None:
+        if self.fixed is not None:
+            return self.fixed
+        if self.feed is None or self.raw_uid is None:
+            return None
+        live = self.feed.runs.get(self.raw_uid)
+        if live is None:
+            return None
+        from hxn_ptycho.live import preview_path_for
+        return preview_path_for(live.result_path)
+
+    def _read(self) -> None:
+        from hxn_ptycho.live import read_preview
+        while not self._stop.wait(self.interval):
+            self.poll(read_preview)
+
+    def poll(self, read: Any = None) -> bool:
+        """Load the preview if it is newer than the last (the reader thread calls this); True if so."""
+        if read is None:
+            from hxn_ptycho.live import read_preview as read
+        path = self._path()
+        try:
+            mtime = path.stat().st_mtime if path is not None else 0.0
+            if mtime <= self._seen:
+                return False
+            prev = read(path)
+        except (OSError, KeyError) as exc:
+            log.debug("live figure: preview not read (%s)", exc)
+            return False
+        self._seen = mtime
+        if self.png is not None:
+            try:
+                self.update(prev)
+                from hxn_ptycho.h5util import atomic_path
+                with atomic_path(self.png) as tmp:
+                    self.fig.savefig(tmp, dpi=72, format="png")
+            except Exception as exc:  # noqa: BLE001
+                log.warning("live figure not written: %s: %s", type(exc).__name__, exc)
+                return False
+        else:
+            with self._lock:
+                self._slot = prev
+        if self.say is not None:
+            self.say(f"live: {int(prev.get('views') or 0)} views, iteration {int(prev.get('iteration') or 0)}, "
+                     f"data error {float(prev.get('data_error', float('nan'))):.4g}")
+        return True
+
+    # -- drawing -----------------------------------------------------------------------------------------
+    def _figure(self) -> Any:
+        if self.png is not None:
+            from matplotlib.figure import Figure
+            return Figure(figsize=(10, 7))
+        import matplotlib.pyplot as plt
+        return plt.figure("hxn-ptycho live", figsize=(10, 7))
+
+    def update(self, prev: dict[str, Any]) -> None:
+        """Move a preview into the figure (created on first use)."""
+        phase, amp = np.asarray(prev["object_phase"]), np.asarray(prev["probe_amplitude"])[0]
+        pos = np.asarray(prev.get("positions_px", np.zeros((0, 2))), dtype=np.float64).reshape(-1, 2)
+        n = amp.shape[-1]
+        it, err = int(prev.get("iteration") or 0), float(prev.get("data_error", float("nan")))
+        if np.isfinite(err) and (not self.history or self.history[-1][0] != it):
+            self.history.append((it, err))
+        a = self._artists
+        if self.fig is None or a.get("shape") != phase.shape:
+            if self.fig is None:
+                self.fig = self._figure()
+            self.fig.clf()
+            ax = self.fig.subplots(2, 2)
+            a.clear()
+            a["shape"] = phase.shape
+            a["phase"] = ax[0, 0].imshow(phase, cmap="gray")
+            a["probe"] = ax[0, 1].imshow(amp, cmap="magma")
+            ax[1, 0].set_xlim(0, phase.shape[1])
+            ax[1, 0].set_ylim(phase.shape[0], 0)
+            ax[1, 0].set_aspect("equal")
+            a["views"] = ax[1, 0].scatter([], [], s=4, c="tab:blue")
+            ax[1, 0].set_title("views so far over the scan area")
+            (a["error"],) = ax[1, 1].semilogy([], [], "o-", ms=3)
+            ax[1, 1].set_xlabel("iteration")
+            ax[1, 1].set_title("data error")
+            a["axes"] = ax
+            for x in (ax[0, 0], ax[0, 1]):
+                x.set_xticks([])
+                x.set_yticks([])
+        ax = a["axes"]
+        a["phase"].set_data(phase)
+        a["phase"].set_clim(float(phase.min()), float(phase.max()))
+        a["probe"].set_data(amp)
+        a["probe"].set_clim(0.0, float(amp.max()) or 1.0)
+        a["views"].set_offsets(pos[:, ::-1] + n / 2 if pos.size else np.zeros((0, 2)))
+        if self.history:
+            xs, ys = zip(*self.history)
+            a["error"].set_data(xs, ys)
+            ax[1, 1].relim()
+            ax[1, 1].autoscale_view()
+        ax[0, 0].set_title(f"object phase: {int(prev.get('views') or 0)} views")
+        ax[0, 1].set_title(f"probe: iteration {it}")
+        self.shown += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def write_png(prev: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -11,17 +11,22 @@ before its event — hxntools' ``TPX_HDF5`` step mode, the simulated ``step_scan
   orientation, mask) and records them in a growing scan file
   (:class:`hxn_ptycho.scanfile.GrowingScanWriter`), starts the live job
   (``python -m hxn_ptycho.job SPEC --follow``) and a :class:`~.live.LivePublisher` for the run's
-  ``live`` node; then every ``chunk`` events it exports again with the decisions fixed and appends
-  the new views; at the stop it appends the rest and marks the file complete.
+  ``live`` node; then every ``chunk`` events it exports only the new frames
+  (:class:`_Incremental`: each frame is read once; the mask and the dark frames are re-checked
+  against the running statistics of the whole scan so far) and appends the new views; at the stop
+  it appends the rest and marks the file complete.
 
-Nothing wrong is ever written: if a later export disagrees with what is already in the file (a
+Nothing wrong is ever written: if a later chunk disagrees with what is already in the file (a
 frame without beam dropped, a pixel newly masked), the feed stops appending and leaves the file
-incomplete (the live job then fails by its stall rule); the post-stop path of the
-:class:`~.router.PtychoCallback` is unaffected and still publishes the run's one derived run.
+incomplete (the live job is then terminated); the post-stop path of the
+:class:`~.router.PtychoCallback` (whose ``live`` is this feed) then runs as without it, so there is
+still exactly one derived run.
 
-NOT YET: the live job is launched directly (not through the job queue), and its result is not the
-published derived run (see docs/live.md). Each export re-reads the frames so far (quadratic in the
-views over a scan: fine for demos, to be replaced by an incremental export).
+The live job is launched here, not through the :class:`~.launcher.JobQueue`: it must start at the
+first chunk, not behind the queue's pending post-stop jobs, and it would hold a queue slot (one by
+default) for the whole scan. It uses the same :class:`~hxn_ptycho.spec.JobSpec`, the same argument
+list (:func:`hxn_ptycho.job.job_argv`, ``mpiexec`` ranks) and the same outcome record and publisher
+(:func:`.derived.publish_outcome` under the job's fixed uid) as a queued job (docs/live.md).
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from event_model import RunRouter
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.spec import Execution, JobSpec, Source
 
-from .collector import CollectedRun, RunCollector
+from .collector import CollectedRun, PassThroughFiller, RunCollector
 from .export import ExportConfig, build_scan, kept_field, scan_kind
 from .router import file_stem, ignore_reason
 
@@ -57,6 +62,7 @@ class LiveFeedConfig:
     first_chunk: int = 256                      # events before the first export (decisions made here)
     chunk: int = 32                             # events between later exports
     launch: bool = True                         # start the live job (False: the growing file only)
+    first_export_process: bool = True           # the first export (orientation trials) in a child process
 
 
 def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:
@@ -69,6 +75,152 @@ def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:
                                resources=dict(run.resources), datums=dict(run.datums),
                                stop={"exit_status": "success", "num_events": {stream: n}},
                                problems=list(run.problems))
+
+
+def _sub_source(source: Any, a: int, b: int, wait_s: float) -> Any:
+    """Frames ``a:b`` of ``source`` (its chunks cut to that range; open-ended chunks measured)."""
+    from . import frames as fr
+    out, at = [], 0
+    for c in source.chunks:
+        stop = c.stop
+        if stop is None:
+            def length(c: Any = c) -> int:
+                with fr.open_h5(c.file) as f:
+                    return int(fr._dataset(f, c).shape[0])
+            stop = fr._with_wait(length, wait_s)
+        size = stop - c.start
+        lo, hi = max(a, at), min(b, at + size)
+        if lo < hi:
+            out.append(fr.Chunk(c.file, c.dataset, c.start + lo - at, c.start + hi - at, c.spec))
+        at += size
+        if at >= b:
+            break
+    if at < b:
+        raise fr.NotReady(f"{source.key}: frames {at}..{b - 1} are not described yet")
+    return fr.Source(source.key, out)
+
+
+class _Incremental:
+    """The export of a growing run, chunk by chunk, reading only the new frames.
+
+    It repeats :func:`.export.prepare` per frame, so the views it appends are exactly those of the
+    post-stop export of the whole run: one pass over each new raw frame feeds the running
+    statistics of :func:`.export.raw_statistics` (sum, minimum, maximum, flagged pixels), from which
+    the mask is made as there; the crop of the same frames (in memory, not read again) is
+    normalised by the scaler (ic[0]/ic), dark frames are found against the median crop total of
+    every frame so far, and the fixed orientation is applied. What the whole scan decides (the
+    mask, which frames are dark) is re-checked at every chunk: if it changes what is already
+    written, :meth:`chunk` raises :class:`_Diverged` (the feed then stops; the post-stop path
+    publishes the run).
+    """
+
+    def __init__(self, cfg: ExportConfig, first: Any) -> None:
+        self.cfg = cfg
+        self.first = first                       # the first chunk's ScanData (attributes, decisions)
+        self.det = str(first.attrs["detector"])
+        self.center = (int(first.attrs["center_row"]), int(first.attrs["center_col"]))
+        self.read = 0                            # raw frames read so far
+        self.totals: list[float] = []            # crop total of every raw frame read (before the scaler)
+        self.kept: list[int] = []                # raw indices written, in order
+        self.acc: np.ndarray | None = None
+        self.lo = self.hi = self.flagged = None
+        self.sat: float | None = None
+        self.mask: np.ndarray | None = None      # the written mask (engine layout)
+        self.seconds = 0.0                        # reading and processing (for the measurements)
+        self.frames_read = 0                      # raw frames read (each once)
+
+    def _stats(self, raw: np.ndarray) -> None:
+        from .export import saturation_value
+        if self.acc is None:
+            shape = raw.shape[1:]
+            self.acc, self.lo, self.hi = np.zeros(shape), np.full(shape, np.inf), np.full(shape, -np.inf)
+            self.flagged = np.zeros(shape, bool)
+            self.sat = saturation_value(raw.dtype)
+        b = raw.astype(np.float64)
+        if self.sat is not None:
+            self.flagged |= np.any(raw >= self.sat, axis=0)
+        self.flagged |= ~np.all(np.isfinite(b), axis=0) | np.any(b < 0, axis=0)
+        b = np.where(np.isfinite(b), b, 0.0)
+        self.acc += b.sum(axis=0)
+        self.lo = np.minimum(self.lo, b.min(axis=0))
+        self.hi = np.maximum(self.hi, b.max(axis=0))
+
+    def _good(self, run: CollectedRun) -> np.ndarray:
+        """The good-pixel mask of the raw frames so far, as :func:`.export.raw_statistics` makes it."""
+        assert self.acc is not None and self.flagged is not None
+        good = ~self.flagged
+        shape = good.shape
+        for r, c in [tuple(p) for p in run.start.get("ptycho_bad_pixels", self.cfg.bad_pixels)]:
+            if 0 <= r < shape[0] and 0 <= c < shape[1]:
+                good[r, c] = False
+        mean = self.acc / self.read
+        if self.cfg.hot_pixels and self.read > 1:
+            med = float(np.median(mean[good])) if good.any() else 0.0
+            good &= ~((self.hi == self.lo) & (mean > 10 * max(med, 1.0)) & good)
+        return good
+
+    def _new_frames(self, snap: CollectedRun, key: str, n: int) -> Any:
+        """Where the frames of events ``read..n`` are: their datums only (one chunk per event, files
+        checked against the data roots), or — for stream datums or whole-dataset resources — the
+        whole source cut to that range."""
+        from . import frames as fr
+        cfg = self.cfg
+        refs = snap.columns.get(cfg.stream, {}).get(key)
+        if refs is not None and len(refs) >= n:
+            chunks = [fr._datum_chunk(snap, refs[i], i, key, cfg.path_remap) for i in range(self.read, n)]
+            if all(c.stop is not None for c in chunks):
+                return fr.check_paths(snap, fr.Source(key, chunks), cfg.path_remap, cfg.data_roots)
+        source = fr.describe(snap, key, cfg.stream, cfg.path_remap, cfg.data_roots)
+        return _sub_source(source, self.read, n, cfg.frame_wait_s)
+
+    def chunk(self, snap: CollectedRun, n: int) -> Any:
+        """The new views of the first ``n`` events (a ScanData of them; empty if none are new)."""
+        from . import frames as fr
+        from .export import Prepared, check_complete, crop_window, frame_key, geometry, positions, scaler_values
+        from .orientation import apply_orientation, orientation_for
+        t0 = time.perf_counter()
+        check_complete(snap)
+        cfg = self.cfg
+        key = frame_key(snap, self.det, cfg.stream)
+        raw = fr.read(self._new_frames(snap, key, n), cfg.frame_wait_s)
+        self.frames_read += int(raw.shape[0]) if raw.ndim == 3 else 0
+        if raw.ndim != 3 or raw.shape[0] != n - self.read:
+            raise _Diverged(f"{key}: {raw.shape[0]} frames read for events {self.read + 1}..{n}")
+        a = self.read
+        self._stats(raw)
+        self.read = n
+        good_raw = self._good(snap)
+        region = crop_window(good_raw.shape, self.center, int(self.first.n))
+        good = good_raw[region]
+        mask = np.fft.ifftshift(good)
+        if self.mask is None:
+            self.mask = mask
+        elif not np.array_equal(mask, self.mask):
+            raise _Diverged("a later chunk changed the mask (a pixel newly saturated, flagged or stuck)")
+        crop = raw[(slice(None),) + region].astype(np.float64)
+        crop = np.where(np.isfinite(crop) & good, crop, 0.0)
+        self.totals += [float(t) for t in crop.sum(axis=(1, 2))]
+        totals = np.asarray(self.totals)
+        dark = totals <= cfg.dark_fraction * max(float(np.median(totals)), 1e-300)
+        if dark[self.kept].any():
+            raise _Diverged("a frame already written is without beam against the median of the frames so far")
+        points, pinfo = positions(snap, cfg)
+        ic, _ = scaler_values(snap, cfg, pinfo["motors"], n)
+        if ic is not None:
+            crop = crop * (ic[0] / ic[a:n])[:, None, None]
+        new = [i for i in range(a, n) if not dark[i]]
+        crop = crop[[i - a for i in new]]
+        inten = np.fft.ifftshift(np.where(good, np.maximum(crop, 0.0), 0.0), axes=(-2, -1))
+        geo, src = geometry(snap, cfg, self.det)
+        prep = Prepared(intensity=inten, mask=mask, points=points[:, new], geometry=geo, sources=src, attrs={})
+        scan = apply_orientation(prep, orientation_for(self.det, self.cfg.orientation))
+        self.kept += new
+        self.seconds += time.perf_counter() - t0
+        return scan
+
+
+class _Diverged(RuntimeError):
+    """A later chunk disagrees with what is already written."""
 
 
 class _LiveRun:
@@ -91,6 +243,8 @@ class _LiveRun:
         self.stopped = False
         self.gave_up: str | None = None
         self.appended_during_scan = 0             # views appended before the stop document
+        self.incremental: _Incremental | None = None
+        self.export_s: list[tuple[int, float]] = []   # (events, seconds) of each export
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._work, name=f"hxn-ptycho-livefeed-{self.stem}", daemon=True)
         self._thread.start()
@@ -107,12 +261,13 @@ class _LiveRun:
 
     def _work(self) -> None:
         try:
+            self._start_job()          # now: its start-up overlaps the first chunk (it waits for the file)
             while True:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 stopped = self.stopped
                 n = self._events()
-                need = self.cfg.first_chunk if self.writer is None else self.written + self.cfg.chunk
+                need = self.cfg.first_chunk if self.incremental is None else self.incremental.read + self.cfg.chunk
                 if n and (n >= need or stopped) and not self.gave_up:
                     self._export(n)
                 if stopped and self._events() == n:
@@ -127,7 +282,7 @@ class _LiveRun:
             if self.writer is not None:
                 self.writer.close()
         finally:
-            if self.gave_up and self.job is not None and self.job.poll() is None:
+            if (self.gave_up or self.writer is None) and self.job is not None and self.job.poll() is None:
                 self.job.terminate()              # its file will never be complete: the post-stop path takes over
             if self.job is not None:             # the job ends at the file's completion
                 try:
@@ -138,11 +293,17 @@ class _LiveRun:
                 self.publisher.stop()
 
     def _export(self, n: int) -> None:
+        """Append the views of events ``written_events..n``: the first time, the one export of the
+        first chunk (its decisions fixed from now on); then only the new frames are read
+        (:class:`_Incremental`)."""
         from hxn_ptycho.scanfile import GrowingScanWriter
         from hxn_ptycho.session import header_of
+        if self.incremental is not None and n <= self.incremental.read:
+            return
+        t0 = time.perf_counter()
         snap = _snapshot(self.run, n, self.cfg.export.stream)
-        scan = build_scan(snap, self.export_cfg or self.cfg.export)
         if self.writer is None:                 # the decisions of the first chunk, fixed from now on
+            scan = self._first_export(snap)
             self.export_cfg = dataclasses.replace(self.cfg.export, center=(int(scan.attrs["center_row"]),
                                                                            int(scan.attrs["center_col"])),
                                                   orientation=str(scan.attrs["orientation"]))
@@ -150,20 +311,40 @@ class _LiveRun:
             decisions = {"center": [int(scan.attrs["center_row"]), int(scan.attrs["center_col"])],
                          "orientation": str(scan.attrs["orientation"]), "crop": int(scan.n),
                          "first_chunk_views": int(scan.n_views)}
+            self.incremental = _Incremental(self.export_cfg, scan)
+            new = self.incremental.chunk(snap, n)      # the same views, through the incremental path
+            if not (np.array_equal(new.diffamp, scan.diffamp) and np.array_equal(new.points, scan.points)):
+                raise _Diverged("the incremental export of the first chunk differs from its one export")
             self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=decisions)
-            self._start_job()
         else:
-            same_mask = (self.mask is None and scan.mask is None) or (
-                self.mask is not None and scan.mask is not None and np.array_equal(self.mask, scan.mask))
-            if not same_mask or scan.n_views < self.written:
-                self.gave_up = "a later export changed the mask or dropped a frame already written"
+            try:
+                new = self.incremental.chunk(snap, n)
+            except _Diverged as exc:
+                self.gave_up = str(exc)
                 log.warning("live feed of run %s stopped: %s", self.run.uid, self.gave_up)
                 return
-        new = slice(self.written, scan.n_views)
-        if new.stop > new.start:
-            self.written = self.writer.append(scan.diffamp[new], scan.points[:, new])
+        if new.n_views:
+            self.written = self.writer.append(new.diffamp, new.points)
             if not self.stopped:
                 self.appended_during_scan = self.written
+        self.export_s.append((n, time.perf_counter() - t0))
+
+    def _first_export(self, snap: CollectedRun) -> Any:
+        """The first chunk's export (orientation trials: seconds of Python), in a child process when
+        ``first_export_process``: there it holds no GIL of the RunEngine's process."""
+        if not self.cfg.first_export_process:
+            return build_scan(snap, self.cfg.export)
+        import multiprocessing
+        import pickle
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        try:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return pool.submit(build_scan, snap, self.cfg.export).result()
+        except (BrokenProcessPool, pickle.PicklingError, OSError) as exc:
+            log.warning("live feed of run %s: the first export runs in this process (%s: %s)", self.run.uid,
+                        type(exc).__name__, exc)
+            return build_scan(snap, self.cfg.export)
 
     def _start_job(self) -> None:
         if not self.cfg.launch:
@@ -201,9 +382,10 @@ class LiveFeed:
     def __init__(self, config: LiveFeedConfig | None = None) -> None:
         self.config = config or LiveFeedConfig()
         self.runs: dict[str, _LiveRun] = {}
-        self._router = RunRouter([self._factory])
+        self._router = RunRouter([self._factory], filler_class=PassThroughFiller)   # no per-row work
         self.seconds = 0.0          # time spent on the RunEngine's thread (the cost per document)
         self.documents = 0
+        self.took: set[str] = set()    # raw uids whose live job became the derived run
 
     def __call__(self, name: str, doc: dict) -> None:
         t0 = time.perf_counter()
@@ -241,6 +423,7 @@ class LiveFeed:
             from .derived import publish_outcome, run_uid
             publish_outcome(live.spec, outcome, uid=run_uid(live.spec))
         log.info("run %s: the live reconstruction is the result (%s)", raw_uid, outcome.get("result_file"))
+        self.took.add(raw_uid)
         return True
 
     def wait(self, timeout: float = 600.0) -> None:

@@ -145,7 +145,9 @@ class PtychoCallback:
         self._busy = threading.Event()
         self.submitted: list[Job] = []
         self.failed: list[tuple[str, str]] = []          # (raw uid, reason)
-        self.live: Any = None       # a callbacks.livefeed.LiveFeed whose live job, if it succeeds, is the result
+        # live feeds (callbacks.livefeed.LiveFeed for step scans, callbacks.stream.StreamFeed for fly scans
+        # from the detector streams): one or a list; a feed whose live job succeeded publishes the result
+        self.live: Any = None
         self._worker = threading.Thread(target=self._work, name="hxn-ptycho-export", daemon=True)
         self._worker.start()
         self._recovery = threading.Thread(target=self._recover, args=(old,), name="hxn-ptycho-recover", daemon=True)
@@ -306,7 +308,8 @@ class PtychoCallback:
             log.info("run %s (scan %s) ended with exit_status %r: nothing launched",
                      run.uid, run.scan_id, run.exit_status)
             return None
-        if self.live is not None and self.live.took_over(run.uid):      # reconstructed while it ran
+        feeds = self.live if isinstance(self.live, (list, tuple)) else [self.live] if self.live is not None else []
+        if any(feed.took_over(run.uid) for feed in feeds):      # reconstructed while it ran
             return None
         scan_path = self.work_dir / "scans" / f"scan_{run_stem(run)}.h5"
         try:

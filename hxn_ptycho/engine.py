@@ -235,6 +235,7 @@ class Reconstruction:
         self.rdtype = np.float64 if params.precision == "double" else np.float32
         self.overlap_rounds: list[int] = []        # probe updates of each DM iteration
         self.refining_positions = False            # no relaxation floor (dm_relax_floor) while true
+        self.first_iteration = 0                   # the schedule starts here (a live state resumes it)
         self._setup()
 
     @property
@@ -286,6 +287,8 @@ class Reconstruction:
             self.log(f"hxn-ptycho: detector gain {self.gain:.4g} per photon ({how}): power bound "
                      f"{self.pbound:.4g} in the data's units")
         previous = read_result(p.init_from) if p.init_from else None
+        if previous is not None and previous.attrs.get("live_state"):    # hxn_ptycho.session.resume_at
+            self.first_iteration = int(previous.attrs.get("resume_iteration", 0))
         self.obj = be.asarray(initial.initial_object(self.obj_shape, p, previous), self.cdtype)
         power, mean_amp = initial.mean_frame_power(scan, self.total_intensity, self.reducer)
         self.probe = be.asarray(initial.initial_probe(scan, p, K, power, mean_amp, self.positions_all, previous),
@@ -416,22 +419,23 @@ class Reconstruction:
         err_relax = np.full(iters, np.nan)
         relax_warned = False
         stage_start = 0
+        start = min(max(0, int(self.first_iteration)), iters - 1)   # > 0: resumed from a live state
+        done = start
         refiner = None
         if p.refine_positions:
             from .positions import PositionRefiner
             refiner = PositionRefiner(self)
-            self.refining_positions = True
+            self.refining_positions = start <= refiner.end
         stage: Any = None
         stage_name = None
-        done = 0
         interrupted = False
         bar = None
         if self.progress:
             from tqdm import tqdm
-            bar = tqdm(total=iters, desc=schedule[0], unit="it", file=sys.stderr)
+            bar = tqdm(total=iters - start, desc=schedule[start], unit="it", file=sys.stderr)
         try:
-            for it in range(iters):
-                if it and not np.isfinite(err_data[it - 1]):
+            for it in range(start, iters):
+                if it > start and not np.isfinite(err_data[it - 1]):
                     raise FloatingPointError(f"the reconstruction diverged (non-finite error at iteration {it - 1})")
                 if schedule[it] != stage_name:
                     stage_name = schedule[it]
@@ -479,7 +483,7 @@ class Reconstruction:
                 bar.close()
         if interrupted and self.reducer.rank == 0:
             self.log(f"hxn-ptycho: stopped on request after iteration {done} of {iters}")
-        err_data, err_obj, err_relax = err_data[:done], err_obj[:done], err_relax[:done]
+        err_data, err_obj, err_relax = err_data[start:done], err_obj[start:done], err_relax[start:done]
         if not np.isfinite(err_data[-1]):
             raise FloatingPointError("the reconstruction diverged (non-finite data error)")
         self.modes_mgr.finish(iters, interrupted)
@@ -487,8 +491,8 @@ class Reconstruction:
         elapsed = time.perf_counter() - t0
         probe = self.be.asnumpy(self.probe)
         K = probe.shape[0]
-        ep = np.full((done, K), np.nan)
-        for i, e in enumerate(err_probe[:done]):
+        ep = np.full((done - start, K), np.nan)
+        for i, e in enumerate(err_probe[:done - start]):
             m = min(K, len(e))
             ep[i, :m] = e[:m]
         attrs = {"elapsed_s": elapsed, "final_cost": cost, "final_data_error": model_err,
@@ -496,6 +500,8 @@ class Reconstruction:
                  "backend": self.be.name, "processes": self.reducer.size, "workers": self.workers,
                  "algorithm_stages": [f"{a}:{c}" for a, c in self.stages], "interrupted": interrupted,
                  "iterations_done": done, "object_margin_px": self.margin}
+        if start:
+            attrs["first_iteration"] = start        # resumed: iterations before it were the live phase's
         auto = self.modes_mgr.record()
         if auto is not None:
             attrs["probe_modes_auto"] = auto      # the evidence of probe_modes=auto (shares, trends, actions)

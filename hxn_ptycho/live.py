@@ -9,8 +9,10 @@ refreshes the file and tells every rank how many views are whole and whether the
 session iterates (DM). Rank 0 hands a snapshot at most once a ``preview_interval_s`` to a
 latest-wins writer thread (a newer snapshot replaces one not yet written; the engine never waits
 for the disk). Once the file is complete and every view is in, :meth:`ReconSession.finish` runs the
-offline schedule from the live state (saved first as ``<result>.live_state.h5``) and the job writes
-the result exactly as an offline job does.
+rest of the offline schedule from the live state (saved first as ``<result>.live_state.h5``): the
+live iterations count as its first iterations, at least its last ``live_final_share`` runs on the
+complete scan (:func:`hxn_ptycho.session.resume_at`); then the job writes the result exactly as an
+offline job does.
 
 The preview file (``<result>.preview.h5``, replaced atomically) holds the object's amplitude and
 phase (first object mode), the probe modes' amplitude and phase, and the attributes ``views``,
@@ -82,8 +84,10 @@ def receiver_status(path: Path | None) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, bool))} if isinstance(d, dict) else {}
 
 
-def write_preview(path: Path, snap: Snapshot, newest_readable_at: float, extra: dict[str, Any] | None = None) -> float:
-    """Write one preview file atomically (``extra``: a stream receiver's status, as ``receiver_<key>``); returns its time."""
+def write_preview(path: Path, snap: Snapshot, newest_readable_at: float, extra: dict[str, Any] | None = None,
+                  final: bool = False) -> float:
+    """Write one preview file atomically (``extra``: a stream receiver's status, as ``receiver_<key>``;
+    ``final``: the finished result's); returns its time."""
     from .h5util import atomic_h5
     obj, probe = snap.object[0], snap.probe
     with atomic_h5(path) as f:
@@ -95,7 +99,7 @@ def write_preview(path: Path, snap: Snapshot, newest_readable_at: float, extra: 
         written = time.time()
         for k, v in (("views", snap.views), ("iteration", snap.iteration), ("data_error", snap.data_error),
                      ("newest_readable_at", newest_readable_at), ("written_at", written),
-                     ("taken_at", snap.taken_at)):
+                     ("taken_at", snap.taken_at), ("final", int(final))):
             f.attrs[k] = v
         for k, v in (extra or {}).items():
             f.attrs[f"receiver_{k}"] = v
@@ -116,11 +120,12 @@ class PreviewWriter:
 
     def __init__(self, path: Path, interval_s: float = 1.0) -> None:
         self.path, self.interval = path, float(interval_s)
-        self._slot: tuple[Snapshot, float] | None = None
+        self._slot: tuple[Snapshot, float, bool] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._done = False
-        self.log: list[dict[str, Any]] = []        # one entry per preview written
+        self.log: list[dict[str, Any]] = []        # one entry per live preview written
+        self.final: dict[str, Any] | None = None    # the finished result's preview
         self.dropped = 0
         self.last_written = 0.0
         self.status_path: Path | None = None       # a stream receiver's status file, if any
@@ -131,11 +136,11 @@ class PreviewWriter:
         """Whether a snapshot is worth taking now (the last one went out at least an interval ago)."""
         return time.time() - self.last_written >= self.interval and self._slot is None
 
-    def submit(self, snap: Snapshot, newest_readable_at: float) -> None:
+    def submit(self, snap: Snapshot, newest_readable_at: float, final: bool = False) -> None:
         with self._lock:
             if self._slot is not None:
                 self.dropped += 1
-            self._slot = (snap, newest_readable_at)
+            self._slot = (snap, newest_readable_at, final)
         self._wake.set()
 
     def _run(self) -> None:
@@ -151,17 +156,21 @@ class PreviewWriter:
                     with self._lock:                  # a newer snapshot came in meanwhile: it wins
                         if self._slot is not None:
                             item, self._slot = self._slot, None
-                snap, readable = item
+                snap, readable, final = item
                 try:
                     extra = receiver_status(self.status_path)
-                    written = write_preview(self.path, snap, readable, extra)
+                    written = write_preview(self.path, snap, readable, extra, final)
                 except OSError as exc:              # a preview is never worth failing the job
                     log.warning("hxn-ptycho: preview not written (%s)", exc)
                     continue
                 self.last_written = written
-                self.log.append({"written_at": written, "views": snap.views, "iteration": snap.iteration,
-                                 "data_error": snap.data_error, "newest_readable_at": readable,
-                                 **({"receiver_falling_behind": extra["falling_behind"]} if "falling_behind" in extra else {})})
+                entry = {"written_at": written, "views": snap.views, "iteration": snap.iteration,
+                         "data_error": snap.data_error, "newest_readable_at": readable,
+                         **({"receiver_falling_behind": extra["falling_behind"]} if "falling_behind" in extra else {})}
+                if final:
+                    self.final = entry          # the finished result's preview: not a live one
+                else:
+                    self.log.append(entry)
             if self._done and self._slot is None:
                 return
 
@@ -216,6 +225,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
     in_model = 0
     last_growth = time.time()
     complete_seen: float | None = None
+    halted = False
     try:
         while True:
             ready, complete = reader.refresh() if comm.rank == 0 else (0, False)
@@ -226,6 +236,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
             ready, complete, halt = _agree(comm, (ready, complete, halt))
             if halt and session.ready():     # Ctrl-C: finish with the views so far (marked interrupted)
                 log.warning("hxn-ptycho: stop requested while following %s: finishing with %d views", path, in_model)
+                halted = True
                 break
             if complete and complete_seen is None:
                 complete_seen = now
@@ -245,20 +256,32 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
                 raise FollowError(f"the scan file {path} has not grown for {opt.stall_s:.0f} s and is not "
                                   f"complete ({in_model} views)")
             if session.ready():
-                session.iterate(opt.iterations_per_round)
-                if previews is not None and previews.due():
-                    previews.submit(session.snapshot(), readable_at[in_model - 1])
+                for _ in range(opt.iterations_per_round):    # a preview may go out after any iteration
+                    session.iterate(1)
+                    if previews is not None and previews.due():
+                        previews.submit(session.snapshot(), readable_at[in_model - 1])
             else:
                 time.sleep(opt.poll_s)
         if complete_seen is None:
             complete_seen = time.time()
         res = session.finish(state_path=opt.state_path)
+        if halted:                          # the scan file was never complete: so is this result
+            res.attrs["interrupted"] = True
+        if previews is not None and in_model:    # the last preview is the finished result
+            previews.submit(Snapshot(object=res.object, probe=res.probe, views=in_model,
+                                     iteration=session.iteration + len(res.error_data),
+                                     data_error=float(res.attrs.get("final_data_error", float("nan"))),
+                                     positions_px=res.positions_px, newest_view=in_model - 1),
+                            readable_at[in_model - 1] if readable_at else time.time(), final=True)
     finally:
         session.close()
         reader.close()
         if previews is not None:
             previews.close()
     facts: dict[str, Any] = {"views": in_model, "live_iterations": session.iteration,
+                             "live_credit": session.live_credit,
+                             "resumed_at_iteration": int(res.attrs.get("first_iteration", 0)),
+                             "final_phase_s": float(res.attrs.get("elapsed_s") or 0.0),
                              "complete_seen_at": complete_seen, "finished_at": time.time(),
                              "canvas_grown": session.canvas_grown}
     if previews is not None:
@@ -267,6 +290,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
         gaps = np.diff([p["written_at"] for p in plog])
         first_at = readable_at[0] if readable_at else started
         facts.update({"previews": len(plog), "previews_dropped": previews.dropped,
+                      "final_preview": previews.final,
                       "first_preview_latency_s": (plog[0]["written_at"] - first_at) if plog else None,
                       "largest_lag_s": max(lags) if lags else None,
                       "max_preview_gap_s": float(gaps.max()) if gaps.size else None,

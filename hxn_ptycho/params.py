@@ -117,6 +117,11 @@ class ReconParams:
     orthogonalize_every: int = param(10, "orthogonalise probe modes (and exit waves) every k iterations; "
                                      "0 = only at the end", group="probe modes", min=0, kind="int")
     # -- initial guess --------------------------------------------------------------------
+    live_final_share: float = param(0.1, "a live job (--follow): the share of the schedule, its last iterations, "
+                                    "that the final phase runs after the stop at least; the live iterations "
+                                    "stand for the ones before (1 = the whole schedule from the live state; "
+                                    "docs/live.md)", group="algorithm", min=0.0, max=1.0, min_open=True,
+                                    kind="float")
     object_init: str = param("ones", "initial object", group="initial guess", choices=("ones", "random"),
                              kind="str")
     probe_init: str = param("auto", "initial probe: scan file guess if any, else from the mean amplitude",

@@ -25,8 +25,12 @@ views; here the arrays grow with the views, bounded only by memory):
   rank 1's, ...); results are returned in the scan file's order.
 - **The final phase** (:meth:`ReconSession.finish` after live iterations) restarts the exit waves
   from the live object and probe (ψ = P·O), re-measures the data's power and gain over every view
-  and re-plans the batches as an offline run would; so the final result equals an offline run of
-  the complete scan file started (``init_from``) from the saved live state (:meth:`save_state`).
+  and re-plans the batches as an offline run would, then runs the schedule from the iteration
+  :func:`resume_at` gives: the live iterations count as the schedule's head, the final phase runs
+  the rest, at least the last ``live_final_share`` of it, and every ML iteration and the position
+  refinement. So the final result equals an offline run of the complete scan file started
+  (``init_from``) from the saved live state (:meth:`save_state`), which records that iteration
+  (``resume_iteration``) and which the engine resumes at.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from .dm_iteration import DMIteration
 from .engine import LocalReducer, Reconstruction, estimate_gain, plan_memory
 from .errors import BadInput
 from .geometry import Geometry
-from .params import ReconParams
+from .params import ReconParams, algorithm_stages
 from .parts import ExitWaveStore
 from .probemodes import ProbeModeManager
 from .resultfile import ResultData, write_result
@@ -80,6 +84,31 @@ class Snapshot:
     newest_view: int                    # highest scan-file index in the model (-1 before the first)
     canvas_grown: int = 0
     taken_at: float = field(default_factory=time.time)
+
+
+def resume_at(params: ReconParams, live_iterations: float) -> int:
+    """The schedule's iteration at which the final phase starts after ``live_iterations`` live DM
+    iterations.
+
+    The live iterations stand for the schedule's head: the final phase runs what remains, but at
+    least its last ``live_final_share`` (so every view, the newest too, gets that many iterations
+    on the complete scan), and never skips what the live phase does not do: a stage other than
+    DM (ML) and position refinement (the final phase then starts at ``position_start``). An
+    offline run of the complete scan file from the saved live state starts at the same iteration
+    (the state file's ``resume_iteration``; :class:`hxn_ptycho.engine.Reconstruction`).
+    """
+    stages = algorithm_stages(params)
+    total = sum(c for _, c in stages)
+    tail = max(1, int(np.ceil(params.live_final_share * total - 1e-9)))
+    head = 0
+    for name, count in stages:                # the leading DM stages: what the live phase does
+        if name != "DM":
+            break
+        head += count
+    at = min(int(np.floor(live_iterations + 1e-9)), total - tail, head)
+    if params.refine_positions:
+        at = min(at, params.position_start)
+    return max(0, at)
 
 
 def deal(counts: list[int], m: int) -> list[int]:
@@ -134,6 +163,7 @@ class ReconSession:
         self.points = np.zeros((2, 0))                        # every view's position (µm), scan-file order
         self.rank_views: list[list[int]] = [[] for _ in range(self.size)]   # scan-file indices per rank
         self._frames: list[np.ndarray] = []                  # this rank's frames, in its order
+        self._joined: list[tuple[int, int]] = []             # (views appended, live iteration then)
         self.rec: _LiveReconstruction | None = None
         self.iteration = 0
         self.errors: list[float] = []
@@ -153,6 +183,13 @@ class ReconSession:
         give = deal([len(v) for v in self.rank_views], m)
         start = int(sum(give[:self.rank]))
         return slice(start, start + give[self.rank])
+
+    @property
+    def live_credit(self) -> float:
+        """The mean over the views of the live iterations each one took part in (a view appended late
+        counts only the ones after it): reported beside the live iterations (``measured["live"]``)."""
+        n = sum(m for m, _ in self._joined)
+        return float(sum(m * (self.iteration - at) for m, at in self._joined)) / n if n else 0.0
 
     @property
     def order(self) -> np.ndarray:
@@ -184,6 +221,8 @@ class ReconSession:
             self.rank_views[r].extend(range(at, at + g))
             at += g
         self.points = np.concatenate([self.points, points], axis=1)
+        if m:
+            self._joined.append((m, self.iteration))
         if frames.shape[0]:
             self._frames.append(frames)
         if self.extent is None:
@@ -344,7 +383,8 @@ class ReconSession:
                         positions_px=pos, newest_view=self.n_views - 1, canvas_grown=self.canvas_grown)
 
     def save_state(self, path: Any) -> None:
-        """The live object and probe as a result file (an ``init_from`` for an offline run)."""
+        """The live object and probe as a result file (an ``init_from`` for an offline run, which then
+        resumes the schedule at its ``resume_iteration``: :func:`resume_at`)."""
         snap = self.snapshot()
         it = len(self.errors)
         K, L = snap.probe.shape[0], snap.object.shape[0]
@@ -354,7 +394,9 @@ class ReconSession:
             error_data=np.asarray(self.errors, np.float64), error_probe=np.full((it, K), np.nan),
             error_object=np.full((it, L), np.nan), probe_power_fraction=modes.power_fractions(snap.probe),
             params=self.params.to_dict(), attrs={"live_state": True, "live_views": snap.views,
-                                                 "live_iterations": snap.iteration}))
+                                                 "live_iterations": snap.iteration,
+                                                 "live_credit": self.live_credit,
+                                                 "resume_iteration": resume_at(self.params, snap.iteration)}))
 
     # --- the final phase ----------------------------------------------------------------------------
     def _restart_from_live(self) -> None:
@@ -383,9 +425,12 @@ class ReconSession:
         rec.overlap_rounds = []
         rec.modes_mgr = ProbeModeManager(rec)
         rec._each(rec._init_psi)
+        rec.first_iteration = resume_at(p, self.iteration)
 
     def finish(self, state_path: Any = None) -> ResultData:
-        """The offline schedule (``params.algorithm``) from the live state; the result in scan-file order.
+        """The offline schedule (``params.algorithm``) from the live state, from the iteration
+        :func:`resume_at` gives (the live iterations stand for the ones before); the result in
+        scan-file order.
 
         With no live iterations and one chunk this is exactly the offline reconstruction.
         ``state_path``: where to save the live state first (see :meth:`save_state`).

@@ -90,7 +90,10 @@ def test_the_follow_job_previews_and_finishes_as_offline_from_the_live_state(sim
     assert recon["measured"]["live"]["first_preview_latency_s"] is not None
     prev = read_preview(tmp_path / "recon_live.preview.h5")
     assert prev["views"] > 0 and prev["object_phase"].ndim == 2 and np.isfinite(prev["data_error"])
+    assert prev["final"] == 1 and prev["views"] == 120     # the last preview is the finished result
+    assert live["final_preview"]["views"] == 120 and all(p["views"] <= 120 for p in live["preview_log"])
     res = read_result(result)
+    assert np.array_equal(prev["object_phase"], np.angle(res.object[0]).astype(np.float32))
     offline = reconstruct(read_scan(path), ReconParams(iterations=10, threads=1,
                                                        init_from=str(tmp_path / "recon_live.live_state.h5")), **QUIET)
     assert np.array_equal(res.object, offline.object) and np.array_equal(res.error_data, offline.error_data)

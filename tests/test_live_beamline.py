@@ -2,6 +2,7 @@
 readable) when its event is emitted; a dwell time per point."""
 from __future__ import annotations
 
+import time
 import warnings
 
 import h5py
@@ -56,13 +57,21 @@ def test_live_feed_grows_the_scan_file_during_a_step_scan_equal_to_the_post_stop
     feed = LiveFeed(LiveFeedConfig(work_dir=str(tmp_path / "work"), params={"iterations": 6, "threads": 1},
                                    export=cfg, first_chunk=16, chunk=8))
     RE.subscribe(feed)
+
+    def long_dwell_at_point_32(name, doc):         # (a loaded machine: the first export may outlast a short scan)
+        if name == "event" and doc["seq_num"] == 32:
+            t0 = time.monotonic()
+            while next(iter(feed.runs.values())).written == 0 and time.monotonic() - t0 < 120:
+                time.sleep(0.05)
+    RE.subscribe(long_dwell_at_point_32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         RE(step_scan(hxn, sample, dwell_s=0.05))
     feed.wait(300)
     (live,) = feed.runs.values()
     assert live.gave_up is None
-    assert 16 <= live.appended_during_scan < 48          # views were in the file before the stop
+    assert 16 <= live.appended_during_scan <= 48         # views were in the file before the stop
+    assert len(live.export_s) >= 3 and live.incremental.frames_read == 48   # incremental: each frame read once
     post = build_scan(got[0], cfg)                        # the post-stop export of the same run
     with h5py.File(live.scan_path, "r") as f:
         assert f["complete"][0] == 1 and f["n_written"][0] == 48
@@ -118,3 +127,25 @@ def test_a_live_job_killed_mid_scan_hands_the_run_to_the_post_stop_path(tmp_path
     (live,) = feed.runs.values()
     assert not live.result_path.exists()
     assert len(cb.submitted) == 1 and cb.failed == []      # exactly one job: the post-stop path's
+
+
+def test_listen_live_puts_a_live_feed_beside_the_callback_with_its_settings(tmp_path):
+    """``listen --live`` (and ``demo --live``): the feed takes the callback's work folder, catalog,
+    parameters, ranks and export, and becomes the callback's ``live`` (the post-stop path stands by)."""
+    from hxn_ptycho.callbacks.commands import build_live_feed
+    from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
+    from hxn_ptycho.cli import build_parser
+
+    args = build_parser().parse_args(["listen", "--zmq", "127.0.0.1:1", "--live", "--live-chunk", "8",
+                                      "--live-first-chunk", "40", "--work-dir", str(tmp_path)])
+    cb = PtychoCallback(CallbackConfig(work_dir=str(tmp_path), params={"iterations": 7}, nprocs=2))
+    try:
+        feed = build_live_feed(args, cb)
+        assert cb.live is feed
+        c = feed.config
+        assert (c.first_chunk, c.chunk, c.nprocs, c.params["iterations"]) == (40, 8, 2, 7)
+        assert c.export is cb.config.export and c.work_dir == str(cb.config.work_dir)
+        off = build_parser().parse_args(["listen", "--zmq", "127.0.0.1:1", "--work-dir", str(tmp_path)])
+        assert build_live_feed(off, cb) is None              # opt-in
+    finally:
+        cb.close()

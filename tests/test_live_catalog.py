@@ -101,3 +101,16 @@ def test_a_live_run_gives_exactly_one_derived_run_with_its_live_figures(tiled_se
     live = derived[0].metadata["start"]["recon"]["measured"]["live"]
     assert live["views"] == 40 and live["final_latency_s"] is not None
     assert hxn_callbacks.live_preview(cat, raw_uid=uid) is not None
+
+
+@pytest.mark.slow
+def test_the_demo_reconstructs_a_step_scan_while_it_runs(tmp_path):
+    """``hxn-ptycho demo --scan-type step --live``: live lines and a live figure while the scan runs;
+    the one derived run is the live job's, with its live figures."""
+    hxn = os.path.join(os.path.dirname(sys.executable), "hxn-ptycho")
+    done = subprocess.run([hxn, "demo", "--dir", str(tmp_path / "demo"), "--scan-type", "step", "--live",
+                           "--points", "90", "--dwell", "0.08", "--live-first-chunk", "24", "--live-chunk", "12",
+                           "--iterations", "6", "--nprocs", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "live: " in done.stdout and "views, iteration" in done.stdout
+    assert "(grown while the scan ran)" in done.stdout and (tmp_path / "demo" / "live.png").exists()

@@ -77,6 +77,35 @@ def test_profile_startup_files_in_order(profile_env, tiled_server, monkeypatch):
         cb.close()
 
 
+@pytest.mark.slow
+def test_profile_reconstructs_a_step_scan_while_it_runs_with_a_live_figure(profile_env, tiled_server, monkeypatch):
+    """HXN_PTYCHO_LIVE=1: the live feed and the live figure (a PNG with the Agg backend) are subscribed;
+    the scan's one derived run is the live job's, with its live figures; the PNG was drawn during the scan."""
+    for k, v in {"HXN_PTYCHO_LIVE": "1", "HXN_PTYCHO_SIM_POINTS": "60", "HXN_PTYCHO_SIM_DWELL": "0.08",
+                 "HXN_PTYCHO_LIVE_FIRST": "20", "HXN_PTYCHO_LIVE_CHUNK": "10", "HXN_PTYCHO_NPROCS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    import matplotlib
+    matplotlib.use("Agg")
+    ns: dict = {"__name__": "__main__"}
+    run_startup(ns)
+    RE, cb, jobs, feed, fig = (ns[k] for k in ("RE", "ptycho_callback", "ptycho_jobs", "ptycho_live",
+                                                "ptycho_live_figure"))
+    try:
+        (uid,) = RE(ns["ptycho_scan"]())
+        res = ns["wait_for_reconstruction"](timeout=240)
+        assert res.ok, res.reason
+        assert uid in feed.took and not cb.submitted            # the live job is the result: no post-stop job
+        live = res.recon["measured"]["live"]
+        assert live["views"] == 60 and live["previews"] >= 1
+        assert fig.shown >= 1 and Path(ns["WORK_DIR"], "live.png").exists()
+        assert fig.seconds < 0.5                                # the RunEngine's share of the figure
+    finally:
+        atexit.unregister(ns["_leave_session"])
+        fig.close()
+        jobs.stop()
+        cb.close()
+
+
 def _empty_run():
     import bluesky.plan_stubs as bps
     yield from bps.open_run()

@@ -10,6 +10,7 @@ from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.metrics import illuminated_region, nrmse
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.session import CanvasError, Extent, ReconSession, deal, header_of
+from hxn_ptycho.simulate import simulate_scan
 
 QUIET = {"log": lambda msg: None}
 
@@ -106,15 +107,42 @@ def test_a_view_outside_the_extent_grows_the_canvas_or_is_refused(sim1):
 
 @pytest.mark.parametrize("modes", [1, 3])
 def test_live_final_is_as_good_as_a_cold_offline_run(sim1, sim3, modes):
+    """The default schedule (100 iterations); the live phase keeps up with the scan (25 iterations a
+    chunk: the beamline's case, acquisition slower than reconstruction), so the final phase runs
+    only the part of the schedule the live iterations do not stand for — and is as good as a cold
+    offline run."""
     scan, truth = sim1 if modes == 1 else sim3
-    p = ReconParams(iterations=40, probe_modes=modes, threads=1)
+    p = ReconParams(probe_modes=modes, threads=1)
+    assert p.iterations == 100 and p.live_final_share == 0.1
     cold = reconstruct(scan, p, **QUIET)
-    live = live_session(scan, p, chunk=30, per_chunk=5).finish()
+    s = live_session(scan, p, chunk=30, per_chunk=25)
+    assert s.iteration >= 100 and s.live_credit > 60
+    live = s.finish()
+    assert live.attrs["first_iteration"] == 90 and len(live.error_data) == 10     # the tail only
     region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
     e_cold, e_live = nrmse(cold.object[0], truth.object, region), nrmse(live.object[0], truth.object, region)
     d_cold, d_live = float(cold.attrs["final_data_error"]), float(live.attrs["final_data_error"])
     assert d_live <= 1.02 * d_cold, (d_live, d_cold)
     assert e_live <= 1.05 * e_cold, (e_live, e_cold)
+
+
+def test_the_final_phase_resumes_the_schedule_after_the_live_iterations():
+    """resume_at: the live iterations count, but the tail, ML and refinement are kept."""
+    from hxn_ptycho.session import resume_at
+    p = ReconParams(iterations=100)
+    assert resume_at(p, 0) == 0 and resume_at(p, 37.9) == 37 and resume_at(p, 500) == 90
+    assert resume_at(ReconParams(iterations=100, live_final_share=0.25), 500) == 75
+    assert resume_at(ReconParams(iterations=100, live_final_share=1.0), 500) == 0
+    assert resume_at(ReconParams(iterations=300, algorithm="DM:200,ML:100"), 500) == 200    # every ML iteration
+    assert resume_at(ReconParams(iterations=100, refine_positions=True), 500) == 10         # all of the refinement
+    s = ReconSession(header_of(simulate_scan(n=32, n_positions=20, seed=1)[0]), ReconParams(iterations=10, threads=1),
+                     **QUIET)
+    sc, _ = simulate_scan(n=32, n_positions=20, seed=1)
+    s.append_views(sc.points[:, :10], sc.diffamp[:10])
+    s.iterate(4)
+    s.append_views(sc.points[:, 10:], sc.diffamp[10:])
+    s.iterate(2)
+    assert s.iteration == 6 and s.live_credit == pytest.approx((10 * 6 + 10 * 2) / 20)
 
 
 @pytest.mark.gpu

@@ -38,6 +38,10 @@ if SIMULATED:
         if kind not in _samples:
             _samples[kind] = simulated_scan(kind, n_positions=_sim_points, seed=_sim_seed)[0]
         sample = _samples[kind]
+        dwell = float(os.environ.get("HXN_PTYCHO_SIM_DWELL", "0"))     # seconds at each step-scan point
+        if kind == "step" and dwell > 0:
+            from hxn_ptycho.callbacks.sim_beamline import step_scan
+            return (yield from step_scan(hxn, sample, md={"ptycho_crop": sample.scan.n, **md}, dwell_s=dwell))
         return (yield from plan_for(kind, hxn, sample, md={"ptycho_crop": sample.scan.n, **md}))
 else:
     import yaml

@@ -40,6 +40,7 @@ RE.subscribe(ptycho_callback)
 # fly2dpd live from the detector's own streams (docs/streams.md): opt in with both addresses, at HXN
 # HXN_PTYCHO_EIGER_STREAM=tcp://xf03idc-eiger2-ioc.nsls2.bnl.local:5559 and
 # HXN_PTYCHO_PANDA_STREAM=tcp://xf03idc-eiger2-ioc.nsls2.bnl.local:6666 (options: StreamConfig)
+ptycho_streams = None
 if os.environ.get("HXN_PTYCHO_EIGER_STREAM") or os.environ.get("HXN_PTYCHO_PANDA_STREAM"):
     from hxn_ptycho.callbacks.stream import StreamConfig, StreamFeed, StreamFeedConfig
     _c = ptycho_callback.config
@@ -50,6 +51,32 @@ if os.environ.get("HXN_PTYCHO_EIGER_STREAM") or os.environ.get("HXN_PTYCHO_PANDA
     RE.subscribe(ptycho_streams)
     ptycho_callback.live = ptycho_streams
     atexit.register(ptycho_streams.close)
+
+# Reconstruct step scans while they run (HXN_PTYCHO_LIVE=1; docs/live.md): a live job per scan follows
+# a growing scan file; its result is the run's derived run (the post-stop path takes over if it fails).
+# The live figure (object phase, probe, the views so far, the data error) follows its previews: a
+# window with an interactive matplotlib backend, else WORK_DIR/live.png ($HXN_PTYCHO_LIVE_PNG).
+ptycho_live = ptycho_live_figure = None
+if os.environ.get("HXN_PTYCHO_LIVE", "0") not in ("", "0", "no", "false"):
+    from hxn_ptycho.callbacks.live import LiveFigure
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+
+    _c = ptycho_callback.config
+    ptycho_live = LiveFeed(LiveFeedConfig(work_dir=str(ptycho_callback.work_dir), catalog=_c.catalog,
+                                          params=dict(_c.params), nprocs=_c.nprocs, export=_c.export,
+                                          first_chunk=int(os.environ.get("HXN_PTYCHO_LIVE_FIRST", "256")),
+                                          chunk=int(os.environ.get("HXN_PTYCHO_LIVE_CHUNK", "32"))))
+    ptycho_callback.live = [f for f in (ptycho_live, ptycho_streams) if f is not None]
+    RE.subscribe(ptycho_live)
+    import matplotlib
+
+    _png = os.environ.get("HXN_PTYCHO_LIVE_PNG") or (
+        None if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template")
+        else WORK_DIR + "/live.png")
+    ptycho_live_figure = LiveFigure(ptycho_live, png=_png)
+    RE.subscribe(ptycho_live_figure)
+    print("hxn-ptycho: step scans are reconstructed while they run; the live figure "
+          + (f"is {_png}" if _png else "opens in a window"))
 
 _last_start = {}
 RE.subscribe(lambda name, doc: _last_start.update(uid=doc["uid"], time=doc["time"]), "start")
@@ -76,7 +103,8 @@ def wait_for_reconstruction(uid=None, timeout=600.0):
         raise TimeoutError(f"the callback did not export run {uid} within {timeout:g} s")
     job = next((j for j in reversed(ptycho_callback.submitted) if j.raw_uid == uid), None)
     failed = next((why for u, why in reversed(ptycho_callback.failed) if u == uid), None)
-    if job is None and failed is None:
+    took = ptycho_live is not None and uid in ptycho_live.took      # reconstructed while it ran
+    if job is None and failed is None and not took:
         raise LookupError(f"run {uid} is not reconstructed: not a ptychography run, or it did not succeed")
     left = None if timeout is None else max(timeout - (time.monotonic() - t0), 1.0)
     try:
