@@ -161,8 +161,10 @@ class Backend(ABC):
 
 # every method of the contract (abstract in Backend)
 CONTRACT = tuple(sorted(Backend.__abstractmethods__))
-PASSES = ("fourier_pass", "object_pass", "probe_pass", "error_pass", "ml_gradient", "ml_line_search",
-          "normal_equations", "view_errors", "object_gradient")
+DM_PASSES = ("fourier_pass", "object_pass", "probe_pass", "error_pass")
+ML_STEPS = ("ml_gradient", "ml_line_search")                             # the ML passes' sums
+POSITION_STEPS = ("normal_equations", "view_errors", "object_gradient")  # the position-refinement sums
+PASSES = DM_PASSES + ML_STEPS + POSITION_STEPS
 
 
 def check_backend(be: Any) -> Any:
@@ -178,10 +180,12 @@ def check_backend(be: Any) -> Any:
             continue
         want = list(inspect.signature(getattr(Backend, name)).parameters)[1:]
         try:
-            have = list(inspect.signature(getattr(be, name)).parameters)
+            params = inspect.signature(getattr(be, name)).parameters
         except (TypeError, ValueError):     # pragma: no cover - builtins
             continue
-        if have[:len(want)] != want and not any(p in ("args", "kwargs") for p in have):
+        have = list(params)
+        wrapped = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values())   # (*args, **kw)
+        if have[:len(want)] != want and not wrapped:
             wrong.append(f"{name}({', '.join(have)}) instead of ({', '.join(want)})")
     if missing or wrong:
         raise BackendError(f"backend {getattr(be, 'name', type(be).__name__)!r} does not implement the backend "
