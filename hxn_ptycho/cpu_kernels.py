@@ -39,7 +39,14 @@ except ImportError as exc:  # pragma: no cover - numba is a core dependency
 logger = logging.getLogger(__name__)
 TINY = 1e-30
 
-_jit = numba.njit(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
+# reassoc: the sums over pixels (the error, the deviations) vectorise; contract: fused multiply-adds.
+# Both change rounding only (no NaN/Inf assumptions: a diverging run still shows as non-finite).
+_FAST = {"reassoc", "contract", "nsz"}
+_jit = numba.njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", boundscheck=False)
+
+# The loops run over rows: the innermost loop is along a row of n pixels, indexed from 0 through
+# row views (so numba emits no negative-index wrap-around and LLVM vectorises it); modes are looped
+# outside it, with per-row scratch.
 
 
 # (2) out[b, l, k] = O_l(window b) · P_k
@@ -50,10 +57,13 @@ def exit_waves_k(obj, pos, probe, out):  # type: ignore[no-untyped-def]
         r0 = pos[b, 0]
         c0 = pos[b, 1]
         for l in range(L):
-            for k in range(K):
-                for i in range(n):
+            for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    prow = probe[k, i]
+                    dst = out[b, l, k, i]
                     for j in range(m):
-                        out[b, l, k, i, j] = obj[l, r0 + i, c0 + j] * probe[k, i, j]
+                        dst[j] = orow[j] * prow[j]
 
 
 # (2) from gathered (sub-pixel) windows: out[b, l, k] = W[b, l] · P_k
@@ -62,29 +72,67 @@ def exit_waves_win_k(win, probe, out):  # type: ignore[no-untyped-def]
     B, L, K, n, m = out.shape
     for b in range(B):
         for l in range(L):
-            for k in range(K):
-                for i in range(n):
+            for i in range(n):
+                wrow = win[b, l, i]
+                for k in range(K):
+                    prow = probe[k, i]
+                    dst = out[b, l, k, i]
                     for j in range(m):
-                        out[b, l, k, i, j] = win[b, l, i, j] * probe[k, i, j]
+                        dst[j] = wrow[j] * prow[j]
 
 
 # (7) Σ_good (|F(Φ)| − √I)², modes summed incoherently; fphi (B, M, n, n)
 @_jit
 def data_error_k(fphi, amp, mask, use_mask):  # type: ignore[no-untyped-def]
     B, M, n, m = fphi.shape
+    sp = np.empty(m, amp.dtype)
     err = 0.0
     for b in range(B):
         for i in range(n):
-            for j in range(m):
-                if use_mask and not mask[i, j]:
-                    continue
-                s = fphi[b, 0, i, j].real * fphi[b, 0, i, j].real + fphi[b, 0, i, j].imag * fphi[b, 0, i, j].imag
-                for q in range(1, M):
-                    f = fphi[b, q, i, j]
-                    s += f.real * f.real + f.imag * f.imag
-                d = np.sqrt(s) - amp[b, i, j]
-                err += d * d
+            _row_intensity(fphi, b, i, sp)
+            arow = amp[b, i]
+            e = sp[0] * 0
+            if use_mask:
+                mrow = mask[i]
+                for j in range(m):
+                    d = np.sqrt(sp[j]) - arow[j]
+                    e += d * d * mrow[j]
+            else:
+                for j in range(m):
+                    d = np.sqrt(sp[j]) - arow[j]
+                    e += d * d
+            err += e
     return err
+
+
+@_jit
+def _row_intensity(f, b, i, out):  # type: ignore[no-untyped-def]
+    """out[j] = Σ_q |f[b, q, i, j]|²."""
+    M = f.shape[1]
+    row = f[b, 0, i]
+    for j in range(out.shape[0]):
+        out[j] = row[j].real * row[j].real + row[j].imag * row[j].imag
+    for q in range(1, M):
+        row = f[b, q, i]
+        for j in range(out.shape[0]):
+            out[j] += row[j].real * row[j].real + row[j].imag * row[j].imag
+
+
+@_jit
+def _row_reflected(fphi, fpsi, b, i, out):  # type: ignore[no-untyped-def]
+    """out[j] = Σ_q |2 fphi − fpsi|² at [b, q, i, j] (the modulus² of the reflected waves)."""
+    M = fphi.shape[1]
+    for q in range(M):
+        f = fphi[b, q, i]
+        p = fpsi[b, q, i]
+        if q == 0:
+            for j in range(out.shape[0]):
+                x = f[j] + f[j] - p[j]
+                out[j] = x.real * x.real + x.imag * x.imag
+        else:
+            for j in range(out.shape[0]):
+                x = f[j] + f[j] - p[j]
+                out[j] += x.real * x.real + x.imag * x.imag
 
 
 # (3), (4), (7): F(ψ) ← F(ψ) + β(Π_F(2F(Φ) − F(ψ)) − F(Φ)) in place, F(ψ) also into psi_out; returns (7)
@@ -95,6 +143,10 @@ def fourier_update_k(fpsi, fphi, amp, mask, use_mask, pbound, beta, floor, tiny,
     ``floor``, ``tiny``, ``one`` in the arrays' real precision; ``relax``, ``raw`` (B,) of that
     precision get each view's r (dm.relaxation) with and without the floor (1 without the bound)."""
     B, M, n, m = fpsi.shape
+    sp = np.empty(m, amp.dtype)          # Σ_q |F(Φ)|² of a row
+    sr = np.empty(m, amp.dtype)          # Σ_q |2F(Φ) − F(ψ)|² of a row
+    fac = np.empty(m, amp.dtype)
+    zero = one - one
     err = 0.0
     npix = n * m
     for b in range(B):
@@ -102,22 +154,19 @@ def fourier_update_k(fpsi, fphi, amp, mask, use_mask, pbound, beta, floor, tiny,
         if pbound > 0:              # first sweep: the deviation of the reflected waves and (7)
             dev = 0.0
             for i in range(n):
+                _row_intensity(fphi, b, i, sp)
+                _row_reflected(fphi, fpsi, b, i, sr)
+                arow = amp[b, i]
+                e = zero
+                dv = zero
                 for j in range(m):
-                    if use_mask and not mask[i, j]:
-                        continue
-                    sp = fphi[b, 0, i, j].real * fphi[b, 0, i, j].real + fphi[b, 0, i, j].imag * fphi[b, 0, i, j].imag
-                    x = fphi[b, 0, i, j] + fphi[b, 0, i, j] - fpsi[b, 0, i, j]
-                    sr = x.real * x.real + x.imag * x.imag
-                    for q in range(1, M):
-                        f = fphi[b, q, i, j]
-                        sp += f.real * f.real + f.imag * f.imag
-                        x = f + f - fpsi[b, q, i, j]
-                        sr += x.real * x.real + x.imag * x.imag
-                    a = amp[b, i, j]
-                    d = np.sqrt(sp) - a
-                    err += d * d
-                    d = np.sqrt(sr) - a
-                    dev += d * d
+                    good = one if not use_mask else (one if mask[i, j] else zero)
+                    d = np.sqrt(sp[j]) - arow[j]
+                    e += d * d * good
+                    d = np.sqrt(sr[j]) - arow[j]
+                    dv += d * d * good
+                err += e
+                dev += dv
             dev = dev / npix
             if dev > pbound:
                 rr = np.sqrt(pbound / max(dev, 1e-30))
@@ -130,33 +179,37 @@ def fourier_update_k(fpsi, fphi, amp, mask, use_mask, pbound, beta, floor, tiny,
                 relax[b] = one
                 raw[b] = one
         for i in range(n):          # the update (and (7) here without the bound)
-            for j in range(m):
-                good = not use_mask or mask[i, j]
-                sp = fphi[b, 0, i, j].real * fphi[b, 0, i, j].real + fphi[b, 0, i, j].imag * fphi[b, 0, i, j].imag
-                x = fphi[b, 0, i, j] + fphi[b, 0, i, j] - fpsi[b, 0, i, j]
-                sr = x.real * x.real + x.imag * x.imag
-                for q in range(1, M):
-                    f = fphi[b, q, i, j]
-                    sp += f.real * f.real + f.imag * f.imag
-                    x = f + f - fpsi[b, q, i, j]
-                    sr += x.real * x.real + x.imag * x.imag
-                a = amp[b, i, j]
-                if good:
-                    if pbound <= 0:
-                        d = np.sqrt(sp) - a
-                        err += d * d
-                    factor = a / max(np.sqrt(sr), tiny)
-                    if pbound > 0:
-                        factor = factor * (one - r) + r
+            arow = amp[b, i]
+            _row_reflected(fphi, fpsi, b, i, sr)
+            if pbound <= 0:
+                _row_intensity(fphi, b, i, sp)
+                e = zero
+                if use_mask:
+                    for j in range(m):
+                        d = np.sqrt(sp[j]) - arow[j]
+                        e += d * d * (one if mask[i, j] else zero)
                 else:
-                    factor = one
-                for q in range(M):
-                    f = fphi[b, q, i, j]
-                    p = fpsi[b, q, i, j]
-                    x = f + f - p
-                    v = p + beta * (factor * x - f)
-                    fpsi[b, q, i, j] = v
-                    psi_out[b, q, i, j] = v
+                    for j in range(m):
+                        d = np.sqrt(sp[j]) - arow[j]
+                        e += d * d
+                err += e
+                for j in range(m):
+                    fac[j] = arow[j] / max(np.sqrt(sr[j]), tiny)
+            else:
+                for j in range(m):
+                    fac[j] = (arow[j] / max(np.sqrt(sr[j]), tiny)) * (one - r) + r
+            if use_mask:
+                for j in range(m):
+                    if not mask[i, j]:
+                        fac[j] = one
+            for q in range(M):
+                f = fphi[b, q, i]
+                p = fpsi[b, q, i]
+                o = psi_out[b, q, i]
+                for j in range(m):
+                    v = p[j] + beta * (fac[j] * (f[j] + f[j] - p[j]) - f[j])
+                    p[j] = v
+                    o[j] = v
     return err
 
 
@@ -169,14 +222,17 @@ def object_sums_k(psi, pconj, pint, pos, num, den):  # type: ignore[no-untyped-d
         c0 = pos[b, 1]
         for l in range(L):
             for i in range(n):
-                for j in range(m):
-                    s = pconj[0, i, j] * psi[b, l, 0, i, j]
-                    for k in range(1, K):
-                        s += pconj[k, i, j] * psi[b, l, k, i, j]
-                    num[l, r0 + i, c0 + j] += s
+                dst = num[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    pc = pconj[k, i]
+                    src = psi[b, l, k, i]
+                    for j in range(m):
+                        dst[j] += pc[j] * src[j]
         for i in range(n):
+            dst = den[0, r0 + i, c0:c0 + m]
+            src = pint[i]
             for j in range(m):
-                den[0, r0 + i, c0 + j] += pint[i, j]
+                dst[j] += src[j]
 
 
 # (6) the numerator alone, per view (sub-pixel windows: the bilinear scatter follows)
@@ -186,11 +242,16 @@ def object_numerator_k(psi, pconj, out):  # type: ignore[no-untyped-def]
     for b in range(B):
         for l in range(L):
             for i in range(n):
+                dst = out[b, l, i]
+                pc = pconj[0, i]
+                src = psi[b, l, 0, i]
                 for j in range(m):
-                    s = pconj[0, i, j] * psi[b, l, 0, i, j]
-                    for k in range(1, K):
-                        s += pconj[k, i, j] * psi[b, l, k, i, j]
-                    out[b, l, i, j] = s
+                    dst[j] = pc[j] * src[j]
+                for k in range(1, K):
+                    pc = pconj[k, i]
+                    src = psi[b, l, k, i]
+                    for j in range(m):
+                        dst[j] += pc[j] * src[j]
 
 
 # (5) num[k] += Σ_b,l O_l*(window b)·ψ[b, l, k], den += Σ_b,l |O_l(window b)|²
@@ -202,12 +263,15 @@ def probe_sums_k(psi, obj, pos, num, den):  # type: ignore[no-untyped-def]
         c0 = pos[b, 1]
         for l in range(L):
             for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                drow = den[i]
                 for j in range(m):
-                    o = obj[l, r0 + i, c0 + j]
-                    den[i, j] += o.real * o.real + o.imag * o.imag
-                    oc = o.conjugate()
-                    for k in range(K):
-                        num[k, i, j] += oc * psi[b, l, k, i, j]
+                    drow[j] += orow[j].real * orow[j].real + orow[j].imag * orow[j].imag
+                for k in range(K):
+                    dst = num[k, i]
+                    src = psi[b, l, k, i]
+                    for j in range(m):
+                        dst[j] += orow[j].conjugate() * src[j]
 
 
 # (5) from gathered (sub-pixel) windows
@@ -217,12 +281,15 @@ def probe_sums_win_k(psi, win, num, den):  # type: ignore[no-untyped-def]
     for b in range(B):
         for l in range(L):
             for i in range(n):
+                orow = win[b, l, i]
+                drow = den[i]
                 for j in range(m):
-                    o = win[b, l, i, j]
-                    den[i, j] += o.real * o.real + o.imag * o.imag
-                    oc = o.conjugate()
-                    for k in range(K):
-                        num[k, i, j] += oc * psi[b, l, k, i, j]
+                    drow[j] += orow[j].real * orow[j].real + orow[j].imag * orow[j].imag
+                for k in range(K):
+                    dst = num[k, i]
+                    src = psi[b, l, k, i]
+                    for j in range(m):
+                        dst[j] += orow[j].conjugate() * src[j]
 
 
 KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, fourier_update_k, object_sums_k, object_numerator_k,

@@ -85,24 +85,29 @@ def test_numba_passes_equal_the_numpy_reference(cdt, tol, modes, masked, bound, 
 
 
 @pytest.mark.parametrize("modes,extra", [(1, {}), (3, {"power_bound": 1.0, "object_modes": 2}),
-                                         (2, {"algorithm": "DM:4,ML:3"}),
+                                         (2, {"algorithm": "DM:3,ML:3"}),
                                          (1, {"refine_positions": True, "position_start": 1, "position_end": 5,
                                               "position_subpixel_windows": True})])
 def test_numba_reconstruction_equals_numpy(modes, extra):
-    """Whole reconstructions with 2 worker threads: the same object, probe and errors to float tolerance."""
+    """Whole reconstructions with 2 worker threads: the same object, probe and errors to float
+    tolerance — in double precision, where DM's growth of rounding differences over the iterations
+    (about 8× an iteration on this small scan, equally for two numpy runs that round differently)
+    stays far below the tolerance; and in single precision over two iterations."""
     from hxn_ptycho.engine import reconstruct
     from hxn_ptycho.params import ReconParams
     from hxn_ptycho.simulate import simulate_scan
     scan, _ = simulate_scan(n=32, n_positions=30, probe_modes=modes, photons=1e5, seed=2, dead_pixels=0.05,
                             position_error_px=0.7 if extra.get("refine_positions") else 0.0)
-    params = ReconParams(iterations=6, probe_modes=modes, probe_update_start=1, **extra)
-    ref = reconstruct(scan, params, backend=NumpyBackend(2), log=lambda m: None)
-    got = reconstruct(scan, params, backend=NumbaBackend(2), log=lambda m: None)
-    assert got.attrs["backend"] == "numba" and ref.attrs["backend"] == "numpy"
-    assert rel(got.object, ref.object) < 2e-4
-    assert rel(got.probe, ref.probe) < 2e-4
-    np.testing.assert_allclose(got.error_data, ref.error_data, rtol=2e-4)
-    assert abs(got.attrs["final_cost"] / ref.attrs["final_cost"] - 1) < 2e-4
+    for precision, its, tol in (("double", 6, 1e-9), ("single", 2, 1e-4)):
+        params = ReconParams(iterations=its, probe_modes=modes, probe_update_start=1, precision=precision,
+                             **({**extra, "algorithm": "DM:1,ML:1"} if "algorithm" in extra and its == 2 else extra))
+        ref = reconstruct(scan, params, backend=NumpyBackend(2), log=lambda m: None)
+        got = reconstruct(scan, params, backend=NumbaBackend(2), log=lambda m: None)
+        assert got.attrs["backend"] == "numba" and ref.attrs["backend"] == "numpy"
+        assert rel(got.object, ref.object) < tol, (precision, rel(got.object, ref.object))
+        assert rel(got.probe, ref.probe) < tol, (precision, rel(got.probe, ref.probe))
+        np.testing.assert_allclose(got.error_data, ref.error_data, rtol=tol)
+        assert abs(got.attrs["final_cost"] / ref.attrs["final_cost"] - 1) < tol
 
 
 def test_a_numba_kernel_that_drops_the_update_is_caught(monkeypatch):
