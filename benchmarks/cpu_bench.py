@@ -75,8 +75,10 @@ def fft_floor(rec: Reconstruction) -> float:
 
     def one(w, b: slice) -> None:
         be.ifft2(be.fft2(rec.psi[b]))
+    be.synchronize()
     t0 = time.perf_counter()
     rec._each(one)
+    be.synchronize()
     return time.perf_counter() - t0
 
 
@@ -99,6 +101,7 @@ def _case_child(path: str, modes: int, iterations: int, threads: int, backend: s
     for it in range(1, iterations + 1):
         t0 = time.perf_counter()
         step.iterate(it)
+        be.synchronize()
         iters.append(time.perf_counter() - t0)
         floors.append(fft_floor(rec))
         loads.append(_load())
@@ -296,7 +299,8 @@ def main() -> int:
                     help="DM against PtyPy's (overlap alternation, probe start, power bound) for this many iterations")
     ap.add_argument("--overlap-cases", nargs="*", default=None, help="star1 star3 sim1 sim37.5 sim0.02")
     ap.add_argument("--overlap-settings", nargs="*", default=None, help=" ".join(OVERLAP_SETTINGS))
-    ap.add_argument("--backend", default="numba", help="numba (the fused kernels) or numpy (the reference)")
+    ap.add_argument("--backend", default="numba",
+                    help="numba (the fused kernels), numpy (the reference) or cupy (the contract on a GPU)")
     ap.add_argument("--json", action="store_true", help="one JSON line per throughput case")
     ap.add_argument("--_case", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
