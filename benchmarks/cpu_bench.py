@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import scipy.fft
 
-from hxn_ptycho.backend import NumpyBackend, available_cores
+from hxn_ptycho.backend import available_cores
 from hxn_ptycho.dm_iteration import DMIteration
 from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams

@@ -61,7 +61,7 @@ def test_a_backend_without_a_pass_cannot_start(missing):
 
 def test_wrong_parameters_are_refused():
     class Odd(NumpyBackend):
-        def probe_pass(self, psi, obj, corners, num, den, buf, windows=None):     # noqa: D102 - misnamed
+        def probe_pass(self, psi, obj, corners, num, den, buf, windows=None):
             return super().probe_pass(psi, obj, corners, num, den, buf, windows)
     with pytest.raises(BackendError, match="probe_pass"):
         check_backend(Odd(1))
