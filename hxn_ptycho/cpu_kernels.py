@@ -51,7 +51,7 @@ _jit = numba.njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", b
 
 # (2) out[b, l, k] = O_l(window b) · P_k
 @_jit
-def exit_waves_k(obj, pos, probe, out):  # type: ignore[no-untyped-def]
+def exit_waves_k(obj, pos, probe, out):
     B, L, K, n, m = out.shape
     for b in range(B):
         r0 = pos[b, 0]
@@ -68,7 +68,7 @@ def exit_waves_k(obj, pos, probe, out):  # type: ignore[no-untyped-def]
 
 # (2) from gathered (sub-pixel) windows: out[b, l, k] = W[b, l] · P_k
 @_jit
-def exit_waves_win_k(win, probe, out):  # type: ignore[no-untyped-def]
+def exit_waves_win_k(win, probe, out):
     B, L, K, n, m = out.shape
     for b in range(B):
         for l in range(L):
@@ -83,7 +83,7 @@ def exit_waves_win_k(win, probe, out):  # type: ignore[no-untyped-def]
 
 # (7) Σ_good (|F(Φ)| − √I)², modes summed incoherently; fphi (B, M, n, n)
 @_jit
-def data_error_k(fphi, amp, mask, use_mask):  # type: ignore[no-untyped-def]
+def data_error_k(fphi, amp, mask, use_mask):
     B, M, n, m = fphi.shape
     sp = np.empty(m, amp.dtype)
     err = 0.0
@@ -106,7 +106,7 @@ def data_error_k(fphi, amp, mask, use_mask):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def _row_intensity(f, b, i, out):  # type: ignore[no-untyped-def]
+def _row_intensity(f, b, i, out):
     """out[j] = Σ_q |f[b, q, i, j]|²."""
     M = f.shape[1]
     row = f[b, 0, i]
@@ -119,7 +119,7 @@ def _row_intensity(f, b, i, out):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def _row_reflected(fphi, fpsi, b, i, out):  # type: ignore[no-untyped-def]
+def _row_reflected(fphi, fpsi, b, i, out):
     """out[j] = Σ_q |2 fphi − fpsi|² at [b, q, i, j] (the modulus² of the reflected waves)."""
     M = fphi.shape[1]
     for q in range(M):
@@ -138,7 +138,7 @@ def _row_reflected(fphi, fpsi, b, i, out):  # type: ignore[no-untyped-def]
 # (3), (4), (7): F(ψ) ← F(ψ) + β(Π_F(2F(Φ) − F(ψ)) − F(Φ)) in place, F(ψ) also into psi_out; returns (7)
 @_jit
 def fourier_update_k(fpsi, fphi, amp, mask, use_mask, pbound, beta, floor, tiny, one, psi_out,
-                     relax, raw):  # type: ignore[no-untyped-def]
+                     relax, raw):
     """``fpsi``, ``fphi``, ``psi_out`` (B, M, n, n); ``amp`` (B, n, n); ``pbound``, ``beta``,
     ``floor``, ``tiny``, ``one`` in the arrays' real precision; ``relax``, ``raw`` (B,) of that
     precision get each view's r (dm.relaxation) with and without the floor (1 without the bound)."""
@@ -215,7 +215,7 @@ def fourier_update_k(fpsi, fphi, amp, mask, use_mask, pbound, beta, floor, tiny,
 
 # (6) num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|²
 @_jit
-def object_sums_k(psi, pconj, pint, pos, num, den):  # type: ignore[no-untyped-def]
+def object_sums_k(psi, pconj, pint, pos, num, den):
     B, L, K, n, m = psi.shape
     for b in range(B):
         r0 = pos[b, 0]
@@ -237,7 +237,7 @@ def object_sums_k(psi, pconj, pint, pos, num, den):  # type: ignore[no-untyped-d
 
 # (6) the numerator alone, per view (sub-pixel windows: the bilinear scatter follows)
 @_jit
-def object_numerator_k(psi, pconj, out):  # type: ignore[no-untyped-def]
+def object_numerator_k(psi, pconj, out):
     B, L, K, n, m = psi.shape
     for b in range(B):
         for l in range(L):
@@ -256,7 +256,7 @@ def object_numerator_k(psi, pconj, out):  # type: ignore[no-untyped-def]
 
 # (5) num[k] += Σ_b,l O_l*(window b)·ψ[b, l, k], den += Σ_b,l |O_l(window b)|²
 @_jit
-def probe_sums_k(psi, obj, pos, num, den):  # type: ignore[no-untyped-def]
+def probe_sums_k(psi, obj, pos, num, den):
     B, L, K, n, m = psi.shape
     for b in range(B):
         r0 = pos[b, 0]
@@ -276,7 +276,7 @@ def probe_sums_k(psi, obj, pos, num, den):  # type: ignore[no-untyped-def]
 
 # (5) from gathered (sub-pixel) windows
 @_jit
-def probe_sums_win_k(psi, win, num, den):  # type: ignore[no-untyped-def]
+def probe_sums_win_k(psi, win, num, den):
     B, L, K, n, m = psi.shape
     for b in range(B):
         for l in range(L):

@@ -175,6 +175,14 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     return 1.0, "counts not quantised: data units"
 
 
+def _sum_intensity(diffamp: np.ndarray, good: np.ndarray, chunk: int = 64) -> float:
+    """Σ √I² over the good pixels, ``chunk`` frames at a time (no float64 copy of all the data)."""
+    total = 0.0
+    for i in range(0, len(diffamp), chunk):
+        total += float(np.sum(np.square(diffamp[i:i + chunk], dtype=np.float64) * good))
+    return total
+
+
 def _distinct(values: np.ndarray) -> np.ndarray:
     """The distinct values of sorted ``values``, those within float rounding (10⁻⁴) merged."""
     return values[np.concatenate([[True], np.diff(values) > 1e-4 * values[1:]])]
@@ -275,8 +283,7 @@ class Reconstruction:
         self.diffamp = be.asarray(scan.diffamp, self.rdtype)
         self.mask = None if scan.mask is None or scan.mask.all() else be.asarray(scan.mask, bool)
         good = np.ones((n, n), bool) if scan.mask is None else scan.mask
-        local = np.array([float(np.sum(np.square(scan.diffamp, dtype=np.float64) * good)),
-                          float(len(self.pos)) * float(np.sum(good))])
+        local = np.array([_sum_intensity(scan.diffamp, good), float(len(self.pos)) * float(np.sum(good))])
         self.reducer.allreduce_sum([local])
         self.total_intensity, self.good_pixels_total = float(local[0]), float(local[1])
         # of the relaxed Fourier projection, per pixel: photon units × the detector's units per photon
