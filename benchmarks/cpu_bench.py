@@ -1,6 +1,9 @@
 """CPU benchmark of the DM engine: throughput, ratio to an FFT-only floor, peak memory, Siemens star.
 
-    python benchmarks/cpu_bench.py                 # n = 128, 2000 views, 1 and 3 probe modes
+    python benchmarks/cpu_bench.py --iterations 5 --threads 2 --json
+                                                   # n = 128, 2000 views, 1 and 3 probe modes: one
+                                                   # JSON line per case (the issue's proof fields)
+    python benchmarks/cpu_bench.py --backend numpy # the numpy reference instead of the numba kernels
     python benchmarks/cpu_bench.py --star 200      # also the Siemens star, 200 iterations, 1 and 3 modes
     python benchmarks/cpu_bench.py --modes --star-ml DM:40,ML:20 --star-positions 180
                                                    # DM then ML on the star (against DM alone), and
@@ -14,23 +17,31 @@
                                                    # (all: ~30 min; --overlap-cases star1 sim1
                                                    #  --overlap-settings single alt beta1 ptypy: a few)
 
-Prints, per case: seconds per DM iteration, frames·iterations per second, the seconds of the
-forward + inverse FFTs of the same exit waves alone (same threads), their ratio, and the peak
-resident memory of the process.
+Each throughput case runs in a fresh process (its peak resident memory is the case's own) on a
+scan written once to a temporary file (so the simulation's memory is not counted): a warm-up
+iteration, then ``--iterations`` DM iterations each followed by the **FFT floor** — one forward +
+inverse orthonormal FFT of every exit wave, in place, in the engine's batches on the engine's
+worker threads — interleaved, so that both see the same load. Per case: seconds per iteration,
+frames·iterations per second, the floor, their ratio (summed over the pairs), the peak resident
+memory (``ru_maxrss``), and what DM must hold: the exit waves ψ (one copy) and the data √I
+(GiB), with the load average.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import scipy.fft
 
-from hxn_ptycho.backend import NumpyBackend, available_cores
+from hxn_ptycho.backend import available_cores
 from hxn_ptycho.dm_iteration import DMIteration
 from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
@@ -40,43 +51,88 @@ STAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "siemens-star-s
 
 
 def peak_rss_gb() -> float:
+    """The process's peak resident memory (GiB): VmHWM of its own address space — unlike
+    ``ru_maxrss``, which keeps the high-water mark of the parent it was forked from."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:     # pragma: no cover - not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def fft_floor(psi: np.ndarray, threads: int, repeats: int, batch: int) -> float:
-    """Seconds of one forward + inverse orthonormal FFT of all exit waves, in place: the faster of
-    the whole array at once and cache-sized batches (the engine's batch size), ``threads`` workers."""
-    work = psi.copy()
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        work = scipy.fft.fft2(work, norm="ortho", overwrite_x=True, workers=threads)
-        work = scipy.fft.ifft2(work, norm="ortho", overwrite_x=True, workers=threads)
-        best = min(best, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for i in range(0, len(work), batch):
-            part = work[i:i + batch]
-            part[...] = scipy.fft.fft2(part, norm="ortho", overwrite_x=True, workers=threads)
-            part[...] = scipy.fft.ifft2(part, norm="ortho", overwrite_x=True, workers=threads)
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _load() -> float:
+    return os.getloadavg()[0]
 
 
-def bench_case(n: int, views: int, modes: int, iterations: int, threads: int) -> dict:
-    scan, _ = simulate_scan(n=n, n_positions=views, probe_modes=1, photons=1e6, seed=3, overlap_step=n / 10)
-    params = ReconParams(iterations=iterations + 1, probe_modes=modes, probe_update_start=0,
-                         orthogonalize_every=0, max_memory_gb=16)
-    rec = Reconstruction(scan, params, backend=NumpyBackend(threads), log=lambda m: None)
-    step = DMIteration(rec)
-    step.iterate(0)                                  # warm-up (FFT plans, page faults)
+def fft_floor(rec: Reconstruction) -> float:
+    """Seconds of one forward + inverse orthonormal FFT of all exit waves ψ, in place, in the engine's
+    batches on its worker threads (``rec._each``): the transforms an iteration cannot avoid."""
+    be = rec.be
+
+    def one(w, b: slice) -> None:
+        be.ifft2(be.fft2(rec.psi[b]))
+    be.synchronize()
     t0 = time.perf_counter()
+    rec._each(one)
+    be.synchronize()
+    return time.perf_counter() - t0
+
+
+def _case_child(path: str, modes: int, iterations: int, threads: int, backend: str) -> dict:
+    """One throughput case in this (fresh) process: DM iterations and the FFT floor, interleaved."""
+    from hxn_ptycho.backend import get_backend
+    from hxn_ptycho.scanfile import read_scan
+    base_rss = peak_rss_gb()
+    t0 = time.perf_counter()
+    be = get_backend(backend, threads)
+    start_s = time.perf_counter() - t0
+    scan = read_scan(path)
+    params = ReconParams(iterations=iterations + 1, probe_modes=modes, probe_update_start=0,
+                         orthogonalize_every=0, max_memory_gb=16, backend=backend, threads=threads)
+    rec = Reconstruction(scan, params, backend=be, log=lambda m: None)
+    step = DMIteration(rec)
+    step.iterate(0)                                  # warm-up (FFT plans, kernels, page faults)
+    fft_floor(rec)
+    iters, floors, loads = [], [], []
     for it in range(1, iterations + 1):
+        t0 = time.perf_counter()
         step.iterate(it)
-    per_iter = (time.perf_counter() - t0) / iterations
-    floor = fft_floor(rec.psi, threads, 3, rec.plan.batch_size)
-    return {"n": n, "views": views, "modes": modes, "threads": threads, "s_per_iter": per_iter,
-            "frames_iter_per_s": views / per_iter, "fft_s": floor, "ratio": per_iter / floor,
-            "peak_rss_gb": peak_rss_gb()}
+        be.synchronize()
+        iters.append(time.perf_counter() - t0)
+        floors.append(fft_floor(rec))
+        loads.append(_load())
+    rec.close()
+    views = scan.n_views
+    n = scan.n
+    L = rec.obj_shape[0]
+    per_iter = float(np.mean(iters))
+    return {"backend": be.name, "n": n, "views": views, "probe_modes": modes, "threads": threads,
+            "s_per_iter": per_iter, "frames_iterations_per_s": views / per_iter,
+            "fft_floor_s": float(np.mean(floors)), "ratio_to_fft_floor": float(np.sum(iters) / np.sum(floors)),
+            "ratio_min": float(min(iters) / min(floors)),
+            "peak_rss_gb": peak_rss_gb(), "exit_waves_gb": views * L * modes * n * n * 8 / 2**30,
+            "data_gb": scan.diffamp.nbytes / 2**30, "stored_exit_waves_gb": 2 * views * L * modes * n * n * 8 / 2**30,
+            "baseline_rss_gb": base_rss, "backend_start_s": start_s, "load_avg_1min": float(np.mean(loads))}
+
+
+def bench_case(n: int, views: int, modes: int, iterations: int, threads: int, backend: str = "numba",
+               scan_path: str | None = None) -> dict:
+    """One case in a fresh process (the peak memory is the case's own); the scan is simulated and
+    written to ``scan_path`` (a temporary file by default) first."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = scan_path or os.path.join(tmp, f"sim_{n}_{views}.h5")
+        if not os.path.exists(path):
+            from hxn_ptycho.scanfile import write_scan
+            scan, _ = simulate_scan(n=n, n_positions=views, probe_modes=1, photons=1e6, seed=3, overlap_step=n / 10)
+            write_scan(path, scan)
+            del scan
+        out = subprocess.run([sys.executable, __file__, "--_case", json.dumps(
+            {"path": path, "modes": modes, "iterations": iterations, "threads": threads, "backend": backend})],
+            check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_star(iterations: int, modes: int) -> dict:
@@ -242,7 +298,15 @@ def main() -> int:
                     help="DM against PtyPy's (overlap alternation, probe start, power bound) for this many iterations")
     ap.add_argument("--overlap-cases", nargs="*", default=None, help="star1 star3 sim1 sim37.5 sim0.02")
     ap.add_argument("--overlap-settings", nargs="*", default=None, help=" ".join(OVERLAP_SETTINGS))
+    ap.add_argument("--backend", default="numba",
+                    help="numba (the fused kernels), numpy (the reference) or cupy (the contract on a GPU)")
+    ap.add_argument("--json", action="store_true", help="one JSON line per throughput case")
+    ap.add_argument("--_case", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._case:
+        c = json.loads(args._case)
+        print(json.dumps(_case_child(c["path"], c["modes"], c["iterations"], c["threads"], c["backend"])))
+        return 0
     if args.overlap:
         print(f"# DM against PtyPy, {args.overlap} iterations, threads {args.threads}; simulation costs in photon "
               f"units (cost / gain), object NRMSE against the truth", flush=True)
@@ -260,12 +324,20 @@ def main() -> int:
                   f"{r['nominal_rms']:.2f} -> {r['refined_rms']:.2f} px, scale {r['scale'][0]:.4f} "
                   f"{r['scale'][1]:.4f}, correlation {r['correlation']:.4f}, cost {r['cost']:.4f} "
                   f"(unperturbed {r['cost_unperturbed']:.4f})", flush=True)
-    print(f"# hxn-ptycho CPU benchmark, {available_cores()} cores, threads {args.threads}")
-    print("n     views  modes  s/iter   frames*it/s  FFT-only s  ratio  peak RSS GB")
-    for m in args.modes:
-        r = bench_case(args.n, args.views, m, args.iterations, args.threads)
-        print(f"{r['n']:<5} {r['views']:<6} {r['modes']:<6} {r['s_per_iter']:<8.3f} {r['frames_iter_per_s']:<12.0f} "
-              f"{r['fft_s']:<11.3f} {r['ratio']:<6.2f} {r['peak_rss_gb']:.2f}", flush=True)
+    if not args.json:
+        print(f"# hxn-ptycho CPU benchmark, {available_cores()} cores, threads {args.threads}, backend {args.backend}")
+        print("n     views  modes  s/iter   frames*it/s  FFT-only s  ratio  peak RSS GB  exit waves GB  data GB  load")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "scan.h5")
+        for m in args.modes:
+            r = bench_case(args.n, args.views, m, args.iterations, args.threads, args.backend, path)
+            if args.json:
+                print(json.dumps(r), flush=True)
+            else:
+                print(f"{r['n']:<5} {r['views']:<6} {r['probe_modes']:<6} {r['s_per_iter']:<8.3f} "
+                      f"{r['frames_iterations_per_s']:<12.0f} {r['fft_floor_s']:<11.3f} {r['ratio_to_fft_floor']:<6.2f} "
+                      f"{r['peak_rss_gb']:<12.2f} {r['exit_waves_gb']:<14.2f} {r['data_gb']:<8.2f} "
+                      f"{r['load_avg_1min']:.1f}", flush=True)
     if args.star:
         if not STAR.exists():
             print(f"Siemens star not found at {STAR}", file=sys.stderr)

@@ -4,7 +4,8 @@
 # 1. environment (nvidia-smi, CuPy, CUDA), 2. pytest -m gpu (CuPy backend vs numpy, every kernel
 # (the DM, ML and position-refinement ones), whole reconstructions for 1 and 3 modes, batching
 # forced, DM+ML with position refinement through the fused ML/position steps), 3. the benchmark (cases a, b, b192 and
-# atomics vs sets). Optional: SANITIZE=1 adds compute-sanitizer memcheck on the kernel tests;
+# atomics vs sets), 4. the engine's DM iteration through the backend contract (CupyBackend's passes)
+# against its FFT floor, 1 and 3 modes (benchmarks/cpu_bench.py --backend cupy --json). Optional: SANITIZE=1 adds compute-sanitizer memcheck on the kernel tests;
 # QUICK=1 runs the benchmark at small sizes. Needs no network: the package is laid out in a
 # temporary folder (hxn_ptycho/ with cuda/ and callbacks/ in place) instead of pip-installed.
 set -uo pipefail
@@ -44,6 +45,13 @@ timeout "${BENCH_TIMEOUT:-420}" "$PY" -P benchmarks/gpu_bench.py ${QUICK:+--quic
     | tee "$OUT/bench.txt"
 rc_bench=${PIPESTATUS[0]}
 
-echo "== done: pytest rc=$rc_tests, benchmark rc=$rc_bench (results in $OUT)"
+echo "== the backend contract on the GPU: the engine's DM iteration (CupyBackend's passes) and its FFT floor"
+# cpu_bench's cases with --backend cupy: n = 128, 2000 views, 1 and 3 modes; one JSON line each
+# (frames_iterations_per_s, ratio_to_fft_floor; peak_rss_gb is the host's)
+timeout "${CONTRACT_TIMEOUT:-300}" "$PY" -P benchmarks/cpu_bench.py --backend cupy --iterations 5 --json \
+    ${QUICK:+--views 300} 2>&1 | tee "$OUT/contract.jsonl"
+rc_contract=${PIPESTATUS[0]}
+
+echo "== done: pytest rc=$rc_tests, benchmark rc=$rc_bench, contract rc=$rc_contract (results in $OUT)"
 rm -rf "$SITE"
-[ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ]
+[ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ] && [ "$rc_contract" = 0 ]

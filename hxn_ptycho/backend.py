@@ -1,20 +1,38 @@
-"""The array backend: the array module ``xp`` (numpy or cupy), FFTs, and the window gather/scatter.
+"""The array backend: a typed contract of whole batch passes, and the numpy reference.
 
-The engine (``engine.py``) and the DM steps (``dm.py``) are written once against a
-:class:`Backend`. :class:`NumpyBackend` runs on the CPU with ``scipy.fft`` (threads split over
-views); :mod:`hxn_ptycho.gpu` provides the CuPy backend with our CUDA kernels.
+The engine (``engine.py``), the DM iteration (``dm_iteration.py``), ML (``ml.py``) and position
+refinement (``positions.py``) call a :class:`Backend` by its methods only: arrays and transfers,
+FFTs, windows, and the **passes** — the work on one batch of views that a backend may fuse into as
+few sweeps over memory as it can:
+
+- :meth:`Backend.fourier_pass`: exit waves (2), their transform, the data error (7), the modulus
+  step and DM update (3), (4), and ψ back in real space;
+- :meth:`Backend.object_pass`, :meth:`Backend.probe_pass`: the sums of the object (6) and probe (5)
+  updates; :meth:`Backend.error_pass`: the data error of the model (7);
+- :meth:`Backend.ml_gradient`, :meth:`Backend.ml_line_search`: the two ML passes' sums;
+- :meth:`Backend.normal_equations`, :meth:`Backend.view_errors`, :meth:`Backend.object_gradient`:
+  the position-refinement sums.
+
+Every method is abstract: a backend that lacks one cannot be made (``TypeError`` at start-up), and
+:func:`check_backend` names what a duck-typed object lacks. There is no dispatch by attribute name
+and no fallback: :class:`NumpyBackend` is the reference, written with the step functions of
+:mod:`hxn_ptycho.dm`, :mod:`hxn_ptycho.ml` and :mod:`hxn_ptycho.positions` (the equations);
+:class:`hxn_ptycho.cpu_kernels.NumbaBackend` fuses the DM passes on the CPU, and
+:class:`hxn_ptycho.gpu.CupyBackend` runs them with the CUDA kernels of ``cuda/``.
 
 Array layouts used everywhere:
 
 - object ``(L, H, W)``, probe ``(K, n, n)``, complex
 - exit waves of a batch ``(B, L, K, n, n)``, complex, C-contiguous
 - ``diffamp`` of a batch ``(B, n, n)`` float, ``mask`` ``(n, n)`` bool (true = good) or None
-- window corners ``pos`` ``(B, 2)`` int64 (row, col)
+- window corners ``pos`` ``(B, 2)`` int64 (row, col); sub-pixel corners ``(B, 2)`` float64
 """
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Any, Protocol, runtime_checkable
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.fft
@@ -22,87 +40,157 @@ from .errors import BadInput
 
 
 class BackendError(BadInput):
-    """The requested backend is not available here (e.g. no CuPy or no GPU)."""
+    """The requested backend is not available here (e.g. no CuPy or no GPU), or it lacks a pass."""
 
 
-@runtime_checkable
-class Backend(Protocol):
+class BatchBuffers(Protocol):
+    """A worker's scratch for one batch (``engine._Worker``): exit waves ``phi``, ``work`` (B, L, K, n, n),
+    windows ``objwin``, ``tmp``, ``onum_src`` (B, L, n, n); the passes slice the first B views."""
+
+    phi: Any
+    work: Any
+    objwin: Any
+    tmp: Any
+    onum_src: Any
+
+
+class Backend(ABC):
     """What the engine needs of an array backend; :class:`NumpyBackend` is the reference.
 
-    Arrays and transfers, orthonormal FFTs over the last two axes (in place), the window gather
-    and its adjoint scatter-add. The DM, ML and position-refinement steps are written once in
-    :mod:`hxn_ptycho.dm`, :mod:`hxn_ptycho.ml` and :mod:`hxn_ptycho.positions` against ``xp``
-    (the numpy reference); a backend may provide fused versions under the same names, declared
-    by :class:`FusedSteps`, which those modules then use (``dm._fused``). Optional:
-    ``pinned_empty``/``to_device``/``to_host`` (streamed exit waves), ``memory_info`` (memory
-    bound), ``fft_work_bytes`` (FFT work area), ``exit_waves_at`` (gather and multiply at once).
+    ``workers``: the threads the engine splits the batches over (the CPU's; 1 on a GPU, which
+    takes large batches); ``cache_batches``: batches sized to the CPU cache (else to the memory
+    bound); ``on_host``: the arrays are host memory (no staging through pinned buffers).
     """
 
-    name: str
-    xp: Any
+    name: str = ""
+    xp: Any = None
+    workers: int = 1
+    cache_batches: bool = False
+    on_host: bool = False
 
+    # --- arrays and transfers -------------------------------------------------------------
+    @abstractmethod
     def asarray(self, a: Any, dtype: Any = None) -> Any: ...
+    @abstractmethod
     def asnumpy(self, a: Any) -> np.ndarray: ...
+    @abstractmethod
     def empty(self, shape: tuple, dtype: Any) -> Any: ...
+    @abstractmethod
     def zeros(self, shape: tuple, dtype: Any) -> Any: ...
+    @abstractmethod
     def synchronize(self) -> None: ...
+    @abstractmethod
+    def pinned_empty(self, shape: tuple, dtype: Any) -> np.ndarray:
+        """A host array for exit waves streamed batch by batch (page-locked on a GPU)."""
+    @abstractmethod
+    def to_device(self, host: np.ndarray, out: Any) -> Any: ...
+    @abstractmethod
+    def to_host(self, dev: Any, out: np.ndarray) -> np.ndarray: ...
+    @abstractmethod
+    def memory_info(self) -> tuple[int, int] | None:
+        """(free, total) bytes of the device's memory, or None for host memory."""
+    @abstractmethod
+    def fft_work_bytes(self, batch: int, modes: int, n: int, dtype: Any = np.complex64) -> int:
+        """Bytes of FFT work area a batch needs beyond its arrays."""
+
+    # --- FFTs (orthonormal, over the last two axes, in place: ``a`` is transformed and returned) --
+    @abstractmethod
     def fft2(self, a: Any, workers: int = 1) -> Any: ...
+    @abstractmethod
     def ifft2(self, a: Any, workers: int = 1) -> Any: ...
-    def gather(self, obj: Any, pos: Any, n: int, out: Any = None) -> Any: ...
-    def scatter_add(self, acc: Any, pos: Any, src: Any) -> None: ...
 
+    # --- windows ----------------------------------------------------------------------------
+    @abstractmethod
+    def gather(self, obj: Any, pos: Any, n: int, out: Any = None) -> Any:
+        """``out[b, l] = obj[l, r_b:r_b+n, c_b:c_b+n]``."""
+    @abstractmethod
+    def scatter_add(self, acc: Any, pos: Any, src: Any) -> None:
+        """``acc[l, window b] += src[b, l]`` (``src`` may be ``(n, n)``: the same at every view)."""
+    @abstractmethod
+    def gather_subpixel(self, obj: Any, pos: Any, n: int, out: Any, tmp: Any = None) -> Any:
+        """Bilinear windows at the float corners ``pos`` (``geometry.bilinear_gather``)."""
+    @abstractmethod
+    def scatter_add_subpixel(self, acc: Any, pos: Any, src: Any) -> None:
+        """The adjoint of :meth:`gather_subpixel` (``geometry.bilinear_scatter``)."""
 
-@runtime_checkable
-class FusedSteps(Protocol):
-    """The optional fused steps, called by name instead of the generic code of the function of the
-    same name (its first argument ``be`` dropped) in ``dm``/``ml``/``positions``, which stays the
-    definition. A backend may provide any subset; :class:`~hxn_ptycho.gpu.CupyBackend` has all
-    (CUDA kernels in ``cuda/fourier.cu``, ``overlap.cu``, ``ml.cu``, ``positions.cu``)."""
+    # --- DM passes (dm.py: the equations) ----------------------------------------------------
+    @abstractmethod
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, fpsi: Any, psi: Any, diffamp: Any, mask: Any,
+                     pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
+                     windows: Any = None) -> Any:
+        """The Fourier step of one batch: Φ = P·O at ``pos`` (2) — from ``windows`` (B, L, n, n)
+        instead when given (sub-pixel) —, F(Φ), ``fpsi += β(Π_F(2F(Φ) − fpsi) − F(Φ))`` (3), (4) in
+        place, ``psi`` = F⁻¹(fpsi); returns Σ_good (|F(Φ)| − √I)² (7). ``floor``, ``stats``: those
+        of ``dm.fourier_projection``."""
+    @abstractmethod
+    def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
+                    buf: BatchBuffers, subpixel: bool = False) -> None:
+        """(6) ``obj_num[l, window b] += Σ_k P_k*·ψ[b, l, k]``, ``obj_den[0, window b] += Σ_k |P_k|²``
+        (``pos`` float corners with ``subpixel``)."""
+    @abstractmethod
+    def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
+                   windows: Any = None) -> None:
+        """(5) ``num[k] += Σ_b,l O_l*(window b)·ψ[b, l, k]``, ``den += Σ_b,l |O_l(window b)|²``
+        (the windows from ``windows`` when given)."""
+    @abstractmethod
+    def error_pass(self, obj: Any, pos: Any, probe: Any, diffamp: Any, mask: Any, buf: BatchBuffers,
+                   windows: Any = None) -> Any:
+        """(7) Σ_good (|F(P·O)| − √I)² of the model over one batch."""
 
-    # --- DM (dm.py) ---
-    def exit_waves(self, probe: Any, obj_windows: Any, out: Any) -> Any:
-        """(2) ``out[b, l, k] = obj_windows[b, l] · probe[k]``."""
-    def reflect(self, fphi: Any, fpsi: Any, out: Any) -> Any:
-        """(3) ``out = 2·fphi − fpsi``."""
-    def fourier_projection(self, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0, floor: float = 0.0,
-                           stats: Any = None) -> Any:
-        """(4) the Fourier projection in place, all modes of a view at once, the power bound with pbound > 0
-        (r ≥ ``floor``, Σ r into ``stats``: ``dm.relaxation``, ``dm.RelaxSum``)."""
-    def dm_update(self, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any:
-        """(3) ``fpsi += β·(projected − fphi)``."""
-    def data_error(self, fphi: Any, diffamp: Any, mask: Any) -> Any:
-        """(7) Σ_good (|F(P·O)| − √I)² of a batch (a scalar, possibly on the device)."""
-    def fourier_update(self, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float,
-                       floor: float = 0.0, stats: Any = None) -> Any:
-        """(3), (4), (7) in one pass: ``fpsi += β(Π_F(2 fphi − fpsi) − fphi)``; returns the data error of fphi."""
-    def object_numerator(self, psi: Any, probe_conj: Any, out: Any) -> Any:
-        """(6) ``out[b, l] = Σ_k probe_conj[k] · psi[b, l, k]``."""
-    def probe_sums(self, psi: Any, obj_windows: Any, num: Any, den: Any, work: Any) -> None:
-        """(5) ``num += Σ_b,l O* · psi``, ``den += Σ_b,l |O|²`` over a batch."""
-
-    # --- ML (ml.py) ---
+    # --- ML passes (ml.py) --------------------------------------------------------------------
+    @abstractmethod
     def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any, floor: float, model: str,
                     out: Any) -> tuple[float, float]:
         """ML pass 1: (cost L, data error (7)) of a batch; ``out`` = gradient weight · F(Φ)."""
+    @abstractmethod
     def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any, floor: float,
                        model: str) -> tuple[float, float]:
         """ML pass 2: Σ L'(0), Σ L''(0) along the search direction (the Newton step −L'/L'')."""
 
-    # --- position refinement (positions.py) ---
+    # --- position-refinement sums (positions.py) ------------------------------------------------
+    @abstractmethod
     def normal_equations(self, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.ndarray, ...]:
         """Per-view Gauss-Newton sums (A_rr, A_cc, A_rc, b_r, b_c), numpy ``(B,)`` each."""
+    @abstractmethod
     def view_errors(self, fphi: Any, diffamp: Any, mask: Any) -> np.ndarray:
         """Per-view data error Σ_good (|F(Φ)| − √I)², numpy ``(B,)``."""
+    @abstractmethod
     def object_gradient(self, obj: Any) -> tuple[Any, Any]:
         """(∂O/∂row, ∂O/∂col) by central differences."""
 
 
-DM_STEPS = ("exit_waves", "reflect", "fourier_projection", "dm_update", "data_error", "fourier_update",
-            "object_numerator", "probe_sums")
-ML_STEPS = ("ml_gradient", "ml_line_search")
-POSITION_STEPS = ("normal_equations", "view_errors", "object_gradient")
-# every name the steps dispatch on (exit_waves_at: NumpyBackend's gather-and-multiply)
-FUSED_STEPS = DM_STEPS + ML_STEPS + POSITION_STEPS + ("exit_waves_at",)
+# every method of the contract (abstract in Backend)
+CONTRACT = tuple(sorted(Backend.__abstractmethods__))
+DM_PASSES = ("fourier_pass", "object_pass", "probe_pass", "error_pass")
+ML_STEPS = ("ml_gradient", "ml_line_search")                             # the ML passes' sums
+POSITION_STEPS = ("normal_equations", "view_errors", "object_gradient")  # the position-refinement sums
+PASSES = DM_PASSES + ML_STEPS + POSITION_STEPS
+
+
+def check_backend(be: Any) -> Any:
+    """``be`` if it has every method of :class:`Backend` with the contract's parameters; else a
+    :class:`BackendError` naming what is missing (a backend is checked when a reconstruction starts)."""
+    missing, wrong = [], []
+    for name in CONTRACT:
+        fn = getattr(type(be), name, None)
+        if fn is None or getattr(fn, "__isabstractmethod__", False):
+            fn = be.__dict__.get(name) if hasattr(be, "__dict__") else None
+        if fn is None or not callable(fn) or getattr(fn, "__isabstractmethod__", False):
+            missing.append(name)
+            continue
+        want = list(inspect.signature(getattr(Backend, name)).parameters)[1:]
+        try:
+            params = inspect.signature(getattr(be, name)).parameters
+        except (TypeError, ValueError):     # pragma: no cover - builtins
+            continue
+        have = list(params)
+        wrapped = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values())   # (*args, **kw)
+        if have[:len(want)] != want and not wrapped:
+            wrong.append(f"{name}({', '.join(have)}) instead of ({', '.join(want)})")
+    if missing or wrong:
+        raise BackendError(f"backend {getattr(be, 'name', type(be).__name__)!r} does not implement the backend "
+                           f"contract: " + "; ".join(([f"missing {', '.join(missing)}"] if missing else []) + wrong))
+    return be
 
 
 def available_cores() -> int:
@@ -119,14 +207,17 @@ def _in_place(a: np.ndarray, out: np.ndarray) -> np.ndarray:
     return a
 
 
-class NumpyBackend:
-    """CPU backend: numpy arrays, ``scipy.fft`` and views split across ``threads`` workers."""
+class HostBackend(Backend, ABC):
+    """What every CPU backend shares: numpy arrays in host memory, ``scipy.fft``, views split across
+    ``threads`` workers. The passes stay abstract: each CPU backend states its own."""
 
-    name = "numpy"
     xp = np
+    cache_batches = True
+    on_host = True
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = max(1, int(threads or available_cores()))
+        self.workers = self.threads
 
     # --- arrays ---------------------------------------------------------------------------
     def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
@@ -144,7 +235,24 @@ class NumpyBackend:
     def synchronize(self) -> None:
         pass
 
-    # --- FFTs (orthonormal, over the last two axes, in place: ``a`` is transformed and returned) --
+    def pinned_empty(self, shape: tuple, dtype: Any) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    def to_device(self, host: np.ndarray, out: Any) -> Any:
+        out[...] = host
+        return out
+
+    def to_host(self, dev: Any, out: np.ndarray) -> np.ndarray:
+        out[...] = dev
+        return out
+
+    def memory_info(self) -> tuple[int, int] | None:
+        return None
+
+    def fft_work_bytes(self, batch: int, modes: int, n: int, dtype: Any = np.complex64) -> int:
+        return 0
+
+    # --- FFTs --------------------------------------------------------------------------------
     def fft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
         return _in_place(a, scipy.fft.fft2(a, norm="ortho", overwrite_x=True, workers=workers))
 
@@ -158,14 +266,6 @@ class NumpyBackend:
             out = np.empty((len(pos), obj.shape[0], n, n), dtype=obj.dtype)
         for b, (r, c) in enumerate(pos):
             out[b] = obj[:, r:r + n, c:c + n]
-        return out
-
-    def exit_waves_at(self, obj: np.ndarray, pos: np.ndarray, probe: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """(2) ``out[b, l, k] = obj[l, window b] · probe[k]``, straight from the object (no gathered copy)."""
-        n = probe.shape[-1]
-        pr = probe[None]
-        for b, (r, c) in enumerate(pos):
-            np.multiply(obj[:, None, r:r + n, c:c + n], pr, out=out[b])
         return out
 
     def scatter_add(self, acc: np.ndarray, pos: np.ndarray, src: np.ndarray) -> None:
@@ -182,22 +282,112 @@ class NumpyBackend:
             for b, (r, c) in enumerate(pos):
                 acc[:, r:r + n, c:c + n] += src[b]
 
+    def gather_subpixel(self, obj: Any, pos: Any, n: int, out: Any, tmp: Any = None) -> Any:
+        from .geometry import bilinear_gather
+        return bilinear_gather(self, obj, pos, n, out, tmp)
 
-def get_backend(name: str = "numpy", threads: int | None = None, device: int | None = None) -> Any:
-    """The backend called ``name``: "numpy", "cupy" (GPU; clear error without one) or "auto"."""
+    def scatter_add_subpixel(self, acc: Any, pos: Any, src: Any) -> None:
+        from .geometry import bilinear_scatter
+        bilinear_scatter(self, acc, pos, src)
+
+    # --- ML and position sums: the numpy definitions (no CPU kernels of their own) ------------
+    def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any, floor: float, model: str,
+                    out: Any) -> tuple[float, float]:
+        from . import ml
+        return ml.ml_gradient(self, fphi, diffamp, intensity, mask, floor, model, out)
+
+    def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any, floor: float,
+                       model: str) -> tuple[float, float]:
+        from . import ml
+        return ml.ml_line_search(self, f0, f1, f2, diffamp, intensity, mask, floor, model)
+
+    def normal_equations(self, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.ndarray, ...]:
+        from . import positions
+        return positions.normal_equations(self, gr, gc, q, pint)
+
+    def view_errors(self, fphi: Any, diffamp: Any, mask: Any) -> np.ndarray:
+        from . import positions
+        return positions.view_errors(self, fphi, diffamp, mask)
+
+    def object_gradient(self, obj: Any) -> tuple[Any, Any]:
+        from . import positions
+        return positions.object_gradient(self, obj)
+
+
+class NumpyBackend(HostBackend):
+    """The reference: the DM passes as the step functions of :mod:`hxn_ptycho.dm`, one numpy
+    expression per equation (several sweeps over each batch, temporaries of a batch)."""
+
+    name = "numpy"
+
+    def exit_waves_at(self, obj: np.ndarray, pos: np.ndarray, probe: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """(2) ``out[b, l, k] = obj[l, window b] · probe[k]``, straight from the object (no gathered copy)."""
+        n = probe.shape[-1]
+        pr = probe[None]
+        for b, (r, c) in enumerate(pos):
+            np.multiply(obj[:, None, r:r + n, c:c + n], pr, out=out[b])
+        return out
+
+    def _phi(self, obj: Any, pos: Any, probe: Any, buf: BatchBuffers, B: int, windows: Any) -> Any:
+        from . import dm
+        if windows is None:
+            return self.exit_waves_at(obj, pos, probe, buf.phi[:B])
+        return dm.exit_waves(self, probe, windows, buf.phi[:B])
+
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, fpsi: Any, psi: Any, diffamp: Any, mask: Any,
+                     pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
+                     windows: Any = None) -> Any:
+        from . import dm
+        B = len(fpsi)
+        fphi = self.fft2(self._phi(obj, pos, probe, buf, B, windows))                  # F(P·O)
+        err = dm.fourier_update(self, fpsi, fphi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
+        psi[...] = fpsi
+        self.ifft2(psi)                                                                  # ψ
+        return err
+
+    def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
+                    buf: BatchBuffers, subpixel: bool = False) -> None:
+        from . import dm
+        src = dm.object_numerator(self, psi, probe_conj, buf.onum_src[:len(psi)])
+        scatter = self.scatter_add_subpixel if subpixel else self.scatter_add
+        scatter(obj_num, pos, src)
+        scatter(obj_den, pos, probe_intensity)
+
+    def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
+                   windows: Any = None) -> None:
+        from . import dm
+        B = len(psi)
+        ow = self.gather(obj, pos, psi.shape[-1], out=buf.objwin[:B]) if windows is None else windows
+        dm.probe_sums(self, psi, ow, num, den, buf.phi[:B])
+
+    def error_pass(self, obj: Any, pos: Any, probe: Any, diffamp: Any, mask: Any, buf: BatchBuffers,
+                   windows: Any = None) -> Any:
+        from . import dm
+        return dm.data_error(self, self.fft2(self._phi(obj, pos, probe, buf, len(diffamp), windows)), diffamp, mask)
+
+
+BACKENDS = ("numba", "numpy", "cupy", "auto")
+
+
+def get_backend(name: str = "numba", threads: int | None = None, device: int | None = None) -> Backend:
+    """The backend called ``name``: "numba" (the fused CPU kernels), "numpy" (the reference),
+    "cupy" (GPU; clear error without one) or "auto" (the GPU when one is visible, else numba)."""
     if name == "numpy":
         return NumpyBackend(threads)
+    if name == "numba":
+        from .cpu_kernels import NumbaBackend
+        return NumbaBackend(threads)
     if name in ("cupy", "auto"):
         try:
             from .gpu import CupyBackend, gpu_available
         except ImportError as exc:  # pragma: no cover - depends on the machine
             if name == "auto":
-                return NumpyBackend(threads)
+                return get_backend("numba", threads)
             raise BackendError(f"backend 'cupy' needs CuPy and a CUDA GPU: {exc}") from None
         ok, why = gpu_available()
         if ok:
             return CupyBackend(device=device)
         if name == "auto":
-            return NumpyBackend(threads)
+            return get_backend("numba", threads)
         raise BackendError(f"backend 'cupy' is not available here: {why}")
-    raise BackendError(f"unknown backend {name!r} (choose numpy, cupy or auto)")
+    raise BackendError(f"unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")

@@ -184,7 +184,7 @@ def rank_backend(params: ReconParams, comm: Any) -> Any:
 
 def rank_reducer(host: Any, backend: Any) -> Any:
     """The engine's reducer: ``host`` (MPI Allreduce) on the CPU; on a GPU, NCCL or pinned staging."""
-    if host.size <= 1 or backend.name == "numpy":
+    if host.size <= 1 or backend.on_host:
         return host
     from .gpu import make_reducer
     return make_reducer(host, backend)

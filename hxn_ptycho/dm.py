@@ -3,8 +3,9 @@
 Equation numbers are those of Dong, Fang, Huang, Yan et al., *High-Performance Multi-Mode
 Ptychography Reconstruction on Distributed GPUs* (NSLS-II HXN), after Thibault & Menzel's
 mixed-state model. Every function works on one batch of views and is written against the array
-module ``be.xp``; a backend that has a fused kernel for a step provides a method of the same name
-(declared by :class:`hxn_ptycho.backend.FusedSteps`; see :mod:`hxn_ptycho.gpu`), which is used instead.
+module ``be.xp``: these are the definitions, which :class:`hxn_ptycho.backend.NumpyBackend` runs
+as they are; the other backends fuse them into whole batch passes (:class:`hxn_ptycho.backend.Backend`)
+and are tested against them.
 
 Shapes: object ``(L, H, W)``, probe ``(K, n, n)``, exit waves ``(B, L, K, n, n)``, object windows
 ``(B, L, n, n)``, ``diffamp`` ``(B, n, n)`` = √I, ``mask`` ``(n, n)`` (true = good) or None.
@@ -16,31 +17,13 @@ from typing import Any
 TINY = 1e-30
 
 
-def _fused(be: Any, name: str) -> Any:
-    return getattr(be, name, None)
-
-
 # (2) ψ_j^(k,l) = P_k · O_l(r − r_j)
 def exit_waves(be: Any, probe: Any, obj_windows: Any, out: Any) -> Any:
-    fused = _fused(be, "exit_waves")
-    if fused is not None:
-        return fused(probe, obj_windows, out)
     return be.xp.multiply(obj_windows[:, :, None], probe[None, None], out=out)
-
-
-# (2) from the object itself: gather the windows, then multiply (a backend may do both at once)
-def exit_waves_at(be: Any, obj: Any, pos: Any, probe: Any, windows: Any, out: Any) -> Any:
-    fused = _fused(be, "exit_waves_at")
-    if fused is not None:
-        return fused(obj, pos, probe, out)
-    return exit_waves(be, probe, be.gather(obj, pos, probe.shape[-1], out=windows), out)
 
 
 # (3) input of the Fourier projection, in Fourier space: F(2·P·O − ψ) = 2·F(P·O) − F(ψ)
 def reflect(be: Any, fphi: Any, fpsi: Any, out: Any) -> Any:
-    fused = _fused(be, "reflect")
-    if fused is not None:
-        return fused(fphi, fpsi, out)
     xp = be.xp
     xp.subtract(fphi, fpsi, out=out)
     out += fphi
@@ -90,9 +73,6 @@ def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any, pbound: f
     less than ``floor`` (:func:`relaxation`). ``stats`` collects Σ r over the views (r = 0
     without the bound: the exact projection).
     """
-    fused = _fused(be, "fourier_projection")
-    if fused is not None:
-        return fused(waves_f, diffamp, mask, pbound, floor, stats)
     xp = be.xp
     B, n = waves_f.shape[0], waves_f.shape[-1]
     modulus = _modulus(be, waves_f)
@@ -137,9 +117,6 @@ def _modulus(be: Any, waves_f: Any) -> Any:
 
 # (3) ψ ← ψ + β · (Π_F(2·P·O − ψ) − P·O), here on the Fourier transforms (F is linear)
 def dm_update(be: Any, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any:
-    fused = _fused(be, "dm_update")
-    if fused is not None:
-        return fused(fpsi, fphi, projected, beta)
     projected -= fphi
     projected *= beta
     fpsi += projected
@@ -148,9 +125,6 @@ def dm_update(be: Any, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any
 
 # (7) data error of the model: Σ_good (|F(P·O)| − √I)², modes summed incoherently
 def data_error(be: Any, fphi: Any, diffamp: Any, mask: Any) -> Any:
-    fused = _fused(be, "data_error")
-    if fused is not None:
-        return fused(fphi, diffamp, mask)
     xp = be.xp
     diff = _modulus(be, fphi)
     diff -= diffamp
@@ -164,12 +138,8 @@ def fourier_update(be: Any, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pboun
                    floor: float = 0.0, stats: RelaxSum | None = None, work: Any = None) -> Any:
     """One batch's Fourier step on F(ψ) in place; returns Σ_good (|F(P·O)| − √I)².
 
-    A backend with a fused kernel does it in one pass without the ``work`` buffer (the generic
-    code needs it, shaped like ``fpsi``). ``floor`` and ``stats``: those of :func:`fourier_projection`.
+    ``work`` is scratch shaped like ``fpsi``. ``floor`` and ``stats``: those of :func:`fourier_projection`.
     """
-    fused = _fused(be, "fourier_update")
-    if fused is not None:
-        return fused(fpsi, fphi, diffamp, mask, pbound, beta, floor, stats)
     err = data_error(be, fphi, diffamp, mask)                   # (7)
     work = reflect(be, fphi, fpsi, work)                        # F(2·P·O − ψ)
     work = fourier_projection(be, work, diffamp, mask, pbound, floor, stats)  # (4)
@@ -179,9 +149,6 @@ def fourier_update(be: Any, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pboun
 
 # (6) numerator of the object update: Σ_k P_k* · ψ^(k,l), per view and object mode
 def object_numerator(be: Any, psi: Any, probe_conj: Any, out: Any) -> Any:
-    fused = _fused(be, "object_numerator")
-    if fused is not None:
-        return fused(psi, probe_conj, out)
     xp = be.xp
     xp.multiply(psi[:, :, 0], probe_conj[0], out=out)
     for k in range(1, psi.shape[2]):
@@ -192,9 +159,6 @@ def object_numerator(be: Any, psi: Any, probe_conj: Any, out: Any) -> Any:
 # (5) numerator and denominator of the probe update: Σ_j,l O_l* · ψ^(k,l) and Σ_j,l |O_l|²
 def probe_sums(be: Any, psi: Any, obj_windows: Any, num: Any, den: Any, work: Any) -> None:
     """Adds the batch's sums to ``num`` (K, n, n) and ``den`` (n, n); ``obj_windows`` is scratch."""
-    fused = _fused(be, "probe_sums")
-    if fused is not None:
-        return fused(psi, obj_windows, num, den, work)
     xp = be.xp
     ow = obj_windows
     den += (xp.square(ow.real) + xp.square(ow.imag)).sum(axis=(0, 1))

@@ -39,33 +39,37 @@ class DMIteration:
         self.undamped = float("inf")        # its mean without the floor
 
     # --- per batch ------------------------------------------------------------------------------
+    def _windows(self, w: Any, b: slice) -> tuple[Any, Any]:
+        """(corners, object windows) of batch ``b`` for a pass: the windows are gathered here only
+        when sub-pixel (bilinear); on the pixel grid the pass reads the object itself."""
+        rec, B = self.rec, b.stop - b.start
+        pos, sub = rec.geom.pass_positions(b)
+        return pos, (rec.geom.gather(rec.be, rec.obj, b, w.objwin[:B], w.tmp[:B]) if sub else None)
+
+    # (2)–(4), (7) then (6): one batch's Fourier pass, then its object sums from the new ψ
     def _fourier_batch(self, w: Any, b: slice) -> None:
         rec, be, B = self.rec, self.rec.be, b.stop - b.start
-        fpsi, amp = rec._load(w, "fpsi", b), rec.diffamp[b]
-        phi = rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])  # (2)
-        fphi = be.fft2(phi)                                                                      # F(P·O)
-        w.err += dm.fourier_update(be, fpsi, fphi, amp, rec.mask, rec.pbound,                    # (3), (4), (7)
-                                   rec.params.beta, self.floor_now, w.relax, w.work[:B])
+        fpsi = rec._load(w, "fpsi", b)
         psi = w.psi[:B] if rec.streaming else rec.psi[b]
-        psi[...] = fpsi
-        be.ifft2(psi)                                                                            # ψ, in place
+        pos, windows = self._windows(w, b)
+        w.err += be.fourier_pass(rec.obj, pos, rec.probe, fpsi, psi, rec.diffamp[b], rec.mask, rec.pbound,
+                                 rec.params.beta, self.floor_now, w.relax, w, windows)
         rec._store(w, "fpsi", b, fpsi)
         rec._store(w, "psi", b, psi)
         self._object_sums(w, b, psi)
 
     # (6) Σ_j,k P_k*·ψ_j^(k,l) and Σ_j,k |P_k|², scattered onto the object
     def _object_sums(self, w: Any, b: slice, psi: Any = None) -> None:
-        rec, be, B = self.rec, self.rec.be, b.stop - b.start
+        rec = self.rec
         psi = rec._load(w, "psi", b) if psi is None else psi
-        src = dm.object_numerator(be, psi, rec._probe_conj, w.onum_src[:B])
-        rec.geom.scatter_add(be, w.obj_num, b, src)
-        rec.geom.scatter_add(be, w.obj_den, b, rec._probe_intensity)
+        pos, sub = rec.geom.pass_positions(b)
+        rec.be.object_pass(psi, rec._probe_conj, rec._probe_intensity, pos, w.obj_num, w.obj_den, w, sub)
 
     # (5) Σ_j,l O_l*·ψ_j^(k,l) and Σ_j,l |O_l|²
     def _probe_sums(self, w: Any, b: slice) -> None:
-        rec, be, B = self.rec, self.rec.be, b.stop - b.start
-        ow = rec.geom.gather(be, rec.obj, b, w.objwin[:B], w.tmp[:B])
-        dm.probe_sums(be, rec._load(w, "psi", b), ow, w.probe_num, w.probe_den, w.work[:B])
+        rec = self.rec
+        pos, windows = self._windows(w, b)
+        rec.be.probe_pass(rec._load(w, "psi", b), rec.obj, pos, w.probe_num, w.probe_den, w, windows)
 
     # --- the steps ------------------------------------------------------------------------------
     # (2)–(4), (7): the DM update of every exit wave; returns Σ(|F(P·O)| − √I)² / ΣI of the model

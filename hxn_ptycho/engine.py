@@ -25,7 +25,7 @@ import logging
 import numpy as np
 
 from . import __version__, dm, initial, modes
-from .backend import get_backend
+from .backend import check_backend, get_backend
 from .dm_iteration import DMIteration
 from .geometry import Geometry
 from .parts import BatchScheduler, ExitWaveStore
@@ -87,8 +87,9 @@ def cache_batch(view_bytes: int, n_views: int) -> int:
 
 def default_memory_bound_gb(backend: Any) -> float:
     """Without a user bound: 90 % of the GPU's memory, or 75 % of the host's physical memory."""
-    if hasattr(backend, "memory_info"):
-        return 0.9 * backend.memory_info()[1] / 2**30
+    info = backend.memory_info()
+    if info is not None:
+        return 0.9 * info[1] / 2**30
     try:
         return 0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -111,19 +112,19 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
         per_view = (6 if stream else 4) * view_bytes + obj_shape[0] * n * n * itemsize
         if params.batch_size:
             batch = params.batch_size
-        elif backend.name == "numpy":
+        elif backend.cache_batches:
             batch = cache_batch(view_bytes, n_local)
         else:
             free = bound / gb - ((0 if stream else psi) + frames + acc) / gb
             batch = max(1, int(free * 0.5 // (per_view * workers)))
         batch = max(1, min(batch, n_local))
         cdtype = np.complex128 if params.precision == "double" else np.complex64
-        fft_work = float(getattr(backend, "fft_work_bytes", lambda b, m, n, dtype: 0)(batch, m, n, cdtype)) * gb
+        fft_work = float(backend.fft_work_bytes(batch, m, n, cdtype)) * gb
         return MemoryPlan(batch, psi, frames, workers * batch * per_view * gb, acc, fft_work, stream)
 
     stream = params.exit_waves_on_host
     plan = make(bool(stream))
-    if stream is None and plan.total_gb > bound and backend.name != "numpy":
+    if stream is None and plan.total_gb > bound and not backend.on_host:
         plan = make(True)           # the scan does not fit on the GPU: keep the exit waves on the host
     if plan.total_gb > bound:
         raise MemoryBoundError(
@@ -172,6 +173,14 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     if buf[1] == buf[2]:            # every rank found the same kind of data
         return float(buf[0] / buf[1]), "the quantum of the counts"
     return 1.0, "counts not quantised: data units"
+
+
+def _sum_intensity(diffamp: np.ndarray, good: np.ndarray, chunk: int = 64) -> float:
+    """Σ √I² over the good pixels, ``chunk`` frames at a time (no float64 copy of all the data)."""
+    total = 0.0
+    for i in range(0, len(diffamp), chunk):
+        total += float(np.sum(np.square(diffamp[i:i + chunk], dtype=np.float64) * good))
+    return total
 
 
 def _distinct(values: np.ndarray) -> np.ndarray:
@@ -228,7 +237,7 @@ class Reconstruction:
         self.stop = stop
         self.scan, self.params = scan, params
         self.reducer = reducer or LocalReducer()
-        self.be = backend or get_backend(params.backend, params.threads)
+        self.be = check_backend(backend or get_backend(params.backend, params.threads))
         self.progress = progress and self.reducer.rank == 0
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.cdtype = np.complex128 if params.precision == "double" else np.complex64
@@ -264,7 +273,7 @@ class Reconstruction:
         L = p.object_modes
         K = ProbeModeManager.initial_count(p)
         self.obj_shape = (L, shape[0], shape[1])
-        self.workers = be.threads if be.name == "numpy" else 1
+        self.workers = be.workers
         max_k = max(p.auto_max_modes, K) if p.probe_modes == "auto" else K
         self.plan = plan_memory(len(self.pos), n, L * K, self.obj_shape, p, be, self.workers, L * max_k)
         if self.reducer.rank == 0:
@@ -275,8 +284,7 @@ class Reconstruction:
         self.diffamp = be.asarray(scan.diffamp, self.rdtype)
         self.mask = None if scan.mask is None or scan.mask.all() else be.asarray(scan.mask, bool)
         good = np.ones((n, n), bool) if scan.mask is None else scan.mask
-        local = np.array([float(np.sum(np.square(scan.diffamp, dtype=np.float64) * good)),
-                          float(len(self.pos)) * float(np.sum(good))])
+        local = np.array([_sum_intensity(scan.diffamp, good), float(len(self.pos)) * float(np.sum(good))])
         self.reducer.allreduce_sum([local])
         self.total_intensity, self.good_pixels_total = float(local[0]), float(local[1])
         # of the relaxed Fourier projection, per pixel: photon units × the detector's units per photon
@@ -349,8 +357,9 @@ class Reconstruction:
 
     def _model_error_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start
-        f = be.fft2(self.geom.exit_waves(be, self.obj, b, self.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
-        w.err += dm.data_error(be, f, self.diffamp[b], self.mask)
+        pos, sub = self.geom.pass_positions(b)
+        windows = self.geom.gather(be, self.obj, b, w.objwin[:B], w.tmp[:B]) if sub else None
+        w.err += be.error_pass(self.obj, pos, self.probe, self.diffamp[b], self.mask, w, windows)     # (7)
 
     # --- shared by the iterations (DM in hxn_ptycho.dm_iteration, ML in hxn_ptycho.ml) ---------
     def _probe_terms(self) -> None:

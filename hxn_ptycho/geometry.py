@@ -88,29 +88,11 @@ class Geometry:
         return self.stop - self.start
 
     # --- windows through the backend -------------------------------------------------------------
-    @staticmethod
-    def _parts(pos: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(integer corners, weights) of the four gathers of bilinear windows at ``pos``, skipping zero weights."""
-        corner = np.floor(pos).astype(np.int64)
-        f = pos - corner
-        fr, fc = f[:, 0], f[:, 1]
-        weights = ((1 - fr) * (1 - fc), (1 - fr) * fc, fr * (1 - fc), fr * fc)
-        return [(corner + np.array(off), w) for off, w in zip(_OFFSETS, weights) if np.any(w != 0)]
-
     def gather_at(self, be: Any, obj: Any, pos: np.ndarray, out: Any, tmp: Any) -> Any:
         """Object windows ``(B, L, n, n)`` at the (sub-pixel) corners ``pos``; ``tmp`` is scratch."""
         if np.all(pos == np.round(pos)):
             return be.gather(obj, pos.astype(np.int64), self.n, out=out)
-        fused = getattr(be, "gather_subpixel", None)
-        if fused is not None:                  # one kernel (cuda/refine.cu)
-            return fused(obj, pos, self.n, out)
-        xp = be.xp
-        out[...] = 0
-        for corner, w in self._parts(pos):
-            win = be.gather(obj, corner, self.n, out=tmp)
-            win *= xp.asarray(w.astype(win.real.dtype))[:, None, None, None]
-            out += win
-        return out
+        return be.gather_subpixel(obj, pos, self.n, out, tmp)
 
     def gather(self, be: Any, obj: Any, b: slice, out: Any, tmp: Any) -> Any:
         """Object windows ``(B, L, n, n)`` of batch ``b`` (``tmp`` is scratch of the same shape)."""
@@ -121,22 +103,50 @@ class Geometry:
     def exit_waves(self, be: Any, obj: Any, b: slice, probe: Any, windows: Any, out: Any, tmp: Any) -> Any:
         """(2) ψ = P_k · O_l(r + r_j) for batch ``b``; ``windows`` receives the object windows when sub-pixel."""
         if not self.subpixel:
-            return dm.exit_waves_at(be, obj, self.corner[b], probe, windows, out)
+            return dm.exit_waves(be, probe, be.gather(obj, self.corner[b], self.n, out=windows), out)
         return dm.exit_waves(be, probe, self.gather(be, obj, b, windows, tmp), out)
 
     def scatter_add(self, be: Any, acc: Any, b: slice, src: Any) -> None:
         """The adjoint of :meth:`gather`: ``acc[l, window j] += src[j, l]`` (``src`` may be ``(n, n)``)."""
         if not self.subpixel:
             be.scatter_add(acc, self.corner[b], src)
-            return
-        fused = getattr(be, "scatter_add_subpixel", None)
-        if fused is not None:                  # one kernel (cuda/refine.cu)
-            fused(acc, self.local[b], src)
-            return
-        xp = be.xp
-        for corner, w in self._parts(self.local[b]):
-            wd = xp.asarray(w.astype(src.real.dtype))
-            if src.ndim == 2:
-                be.scatter_add(acc, corner, wd[:, None, None, None] * src[None, None])
-            else:
-                be.scatter_add(acc, corner, wd[:, None, None, None] * src)
+        else:
+            be.scatter_add_subpixel(acc, self.local[b], src)
+
+    def pass_positions(self, b: slice) -> tuple[np.ndarray, bool]:
+        """The corners of batch ``b`` for a backend pass and whether they are sub-pixel (float)."""
+        return (self.local[b], True) if self.subpixel else (self.corner[b], False)
+
+
+# --- the bilinear windows, the numpy definition (Backend.gather_subpixel / scatter_add_subpixel) ----
+def _parts(pos: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(integer corners, weights) of the four gathers of bilinear windows at ``pos``, skipping zero weights."""
+    corner = np.floor(pos).astype(np.int64)
+    f = pos - corner
+    fr, fc = f[:, 0], f[:, 1]
+    weights = ((1 - fr) * (1 - fc), (1 - fr) * fc, fr * (1 - fc), fr * fc)
+    return [(corner + np.array(off), w) for off, w in zip(_OFFSETS, weights) if np.any(w != 0)]
+
+
+# O(r + p) = Σ_ab w_ab · O(r + i + (a, b)): four integer gathers, weighted per view
+def bilinear_gather(be: Any, obj: Any, pos: np.ndarray, n: int, out: Any, tmp: Any) -> Any:
+    xp = be.xp
+    if tmp is None:
+        tmp = be.empty(out.shape, out.dtype)
+    out[...] = 0
+    for corner, w in _parts(np.asarray(pos, np.float64)):
+        win = be.gather(obj, corner, n, out=tmp)
+        win *= xp.asarray(w.astype(win.real.dtype))[:, None, None, None]
+        out += win
+    return out
+
+
+# the adjoint: splat with the same weights
+def bilinear_scatter(be: Any, acc: Any, pos: np.ndarray, src: Any) -> None:
+    xp = be.xp
+    for corner, w in _parts(np.asarray(pos, np.float64)):
+        wd = xp.asarray(w.astype(src.real.dtype))
+        if src.ndim == 2:
+            be.scatter_add(acc, corner, wd[:, None, None, None] * src[None, None])
+        else:
+            be.scatter_add(acc, corner, wd[:, None, None, None] * src)

@@ -1,15 +1,13 @@
 """The CuPy backend: the engine's steps on one GPU, with our CUDA C kernels from ``cuda/*.cu``.
 
-:class:`CupyBackend` implements the :mod:`hxn_ptycho.backend` contract on the device (``xp`` is
-``cupy``) and adds the fused steps :mod:`hxn_ptycho.dm` dispatches to by name:
-``fourier_projection`` (all modes of a view in one pass, the power bound included),
-``data_error``, ``exit_waves``, ``dm_update``, ``object_numerator`` and ``probe_numerator``; and
-fused steps the engine may use when present: ``fourier_update`` (data error + reflect +
-projection + DM update in one kernel) and ``fft_exit_waves`` (orthonormal F(P·O), no scaling pass);
-the ML steps :mod:`hxn_ptycho.ml` dispatches to (``ml_gradient``, ``ml_line_search``;
-``cuda/ml.cu``) and the position steps of :mod:`hxn_ptycho.positions` (``normal_equations``,
-``view_errors``, ``object_gradient``; ``cuda/positions.cu``). The names are declared in
-:class:`hxn_ptycho.backend.FusedSteps`.
+:class:`CupyBackend` implements the :class:`hxn_ptycho.backend.Backend` contract on the device
+(``xp`` is ``cupy``): its passes are built from the kernel wrappers below — the Fourier pass is
+``fft_exit_waves`` (gather, P·O with the 1/n of the orthonormal FFT folded in, raw cuFFT),
+``fourier_update`` (data error + reflect + projection + DM update in one kernel, two with the power
+bound) and an out-of-place inverse cuFFT from F(ψ) into ψ; the object pass ``object_numerator`` and
+a scatter-add; the probe pass ``gather`` and ``probe_sums``; the ML passes ``cuda/ml.cu``; the
+position sums ``cuda/positions.cu``. The element wrappers (``fourier_projection``, ``exit_waves``,
+``reflect``, ``dm_update``, ...) are tested one by one against :mod:`hxn_ptycho.dm`.
 
 - Kernels: every ``cuda/*.cu`` concatenated into one ``cupy.RawModule`` (NVRTC, extern "C"
   names), compiled once per device and CuPy/NVRTC version into CuPy's kernel cache
@@ -37,7 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .backend import BackendError
+from .backend import Backend, BackendError, BatchBuffers
 from .cuda import kernel_dir
 
 BLOCK = 256                 # threads per block of every launch (a power of two <= HXN_MAX_BLOCK)
@@ -210,11 +208,14 @@ def _grid(per: int, views: int, sm: int) -> tuple[int, int]:
     return gx, gy
 
 
-class CupyBackend:
+class CupyBackend(Backend):
     """One GPU: CuPy arrays, cuFFT plans reused, our CUDA kernels for the DM steps."""
 
     name = "cupy"
     threads = 1
+    workers = 1                 # one worker, large batches
+    cache_batches = False
+    on_host = False
 
     def __init__(self, device: int | None = None, scatter: str | None = None) -> None:
         ok, why = gpu_available()
@@ -439,8 +440,8 @@ class CupyBackend:
         else:
             raise ValueError(f"scatter mode must be one of {SCATTER_MODES}, got {mode!r}")
 
-    # --- sub-pixel windows (geometry.py dispatches by these names; cuda/refine.cu) -----------
-    def gather_subpixel(self, obj: Any, pos: Any, n: int, out: Any) -> Any:
+    # --- sub-pixel windows (cuda/refine.cu) ---------------------------------------------------
+    def gather_subpixel(self, obj: Any, pos: Any, n: int, out: Any, tmp: Any = None) -> Any:
         """Bilinear windows at the (B, 2) float corners ``pos``: one kernel instead of four gathers."""
         cp = self.xp
         L, H, W = obj.shape
@@ -474,7 +475,55 @@ class CupyBackend:
             (acc.view(rdt), np.int32(L), np.int32(H), np.int32(W), dpos, np.int32(B), np.int32(n),
              src.view(rdt), np.int64(sb), np.int64(sl), np.int32(ncomp)))
 
-    # --- fused DM steps (dm.py dispatches by these names) ----------------------------------
+    # --- the DM passes of the contract, from the kernel wrappers below --------------------------
+    def _windows(self, obj: Any, pos: Any, n: int, buf: BatchBuffers, B: int, windows: Any) -> Any:
+        return self.gather(obj, pos, n, out=buf.objwin[:B]) if windows is None else windows
+
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, fpsi: Any, psi: Any, diffamp: Any, mask: Any,
+                     pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
+                     windows: Any = None) -> Any:
+        """gather + P·O + raw cuFFT (2); one ``fourier_update`` kernel (3), (4), (7); F⁻¹ out of place into ψ."""
+        B = len(fpsi)
+        if B == 0:
+            return 0.0
+        n = probe.shape[-1]
+        fphi = self.fft_exit_waves(probe, self._windows(obj, pos, n, buf, B, windows), buf.phi[:B])
+        err = self.fourier_update(fpsi, fphi, diffamp, mask, pbound, beta, floor, stats)
+        self.raw_ifft2(fpsi, out=psi)
+        psi *= psi.real.dtype.type(1.0 / math.sqrt(psi.shape[-1] * psi.shape[-2]))
+        return err
+
+    def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
+                    buf: BatchBuffers, subpixel: bool = False) -> None:
+        """``object_numerator`` kernel, then the scatter-add kernels (bilinear with ``subpixel``)."""
+        B = len(psi)
+        if B == 0:
+            return
+        src = self.object_numerator(psi, probe_conj, buf.onum_src[:B])
+        if subpixel:
+            self.scatter_add_subpixel(obj_num, pos, src)
+            self.scatter_add_subpixel(obj_den, pos, probe_intensity)
+        else:
+            self.scatter_add(obj_num, pos, src)
+            self.scatter_add(obj_den, pos, probe_intensity)
+
+    def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
+                   windows: Any = None) -> None:
+        """``gather`` and the ``probe_sums`` kernel (one owner per pixel and mode, views in chunks)."""
+        B = len(psi)
+        if B:
+            self.probe_sums(psi, self._windows(obj, pos, psi.shape[-1], buf, B, windows), num, den)
+
+    def error_pass(self, obj: Any, pos: Any, probe: Any, diffamp: Any, mask: Any, buf: BatchBuffers,
+                   windows: Any = None) -> Any:
+        """gather + P·O + raw cuFFT, then the Fourier kernel's error sum (7)."""
+        B = len(diffamp)
+        if B == 0:
+            return 0.0
+        fphi = self.fft_exit_waves(probe, self._windows(obj, pos, probe.shape[-1], buf, B, windows), buf.phi[:B])
+        return self.data_error(fphi, diffamp, mask)
+
+    # --- the element kernels (tested against dm.py one by one) --------------------------------
     def _mask_arg(self, mask: Any) -> tuple[Any, int]:
         if mask is None:
             return self._dummy_u8, 0
@@ -645,7 +694,7 @@ class CupyBackend:
         and mode, views in a few chunks)."""
         self.probe_sums(psi, obj_windows, num, None)
 
-    # --- fused ML steps (ml.py dispatches by these names; cuda/ml.cu) -----------------------
+    # --- the ML passes of the contract (cuda/ml.cu) ----------------------------------------------
     @staticmethod
     def _model_code(model: str) -> int:
         try:
@@ -688,7 +737,7 @@ class CupyBackend:
             raise ValueError("ml_line_search: f0, f1, f2 must have one shape and dtype")
         return self._ml_sums("ml_line_search", (f0, f1, f2), diffamp, mask, floor, model)
 
-    # --- fused position-refinement steps (positions.py dispatches by these names; cuda/positions.cu)
+    # --- the position-refinement sums of the contract (cuda/positions.cu) ------------------------
     def normal_equations(self, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.ndarray, ...]:
         """Per-view Gauss-Newton sums (A_rr, A_cc, A_rc, b_r, b_c), numpy (B,) each, one block
         reduction per view over object modes and pixels."""

@@ -67,9 +67,6 @@ def ml_gradient(be: Any, fphi: Any, diffamp: Any, intensity: Any, mask: Any, flo
 
     ``intensity`` = ``diffamp``² (precomputed; a fused kernel squares ``diffamp`` itself).
     """
-    fused = dm._fused(be, "ml_gradient")
-    if fused is not None:
-        return fused(fphi, diffamp, intensity, mask, floor, model, out)
     err = float(dm.data_error(be, fphi, diffamp, mask))                          # (7) of this model
     if model == "poisson":
         nll, weight, _ = poisson_terms(be, fphi, intensity, mask, floor)
@@ -83,9 +80,6 @@ def ml_gradient(be: Any, fphi: Any, diffamp: Any, intensity: Any, mask: Any, flo
 def ml_line_search(be: Any, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any, floor: float,
                    model: str) -> tuple[float, float]:
     """Σ_good L'(0) and Σ_good L''(0) of the batch; I_m(α) ≈ I_m + α·c1 + α²·c2 per pixel."""
-    fused = dm._fused(be, "ml_line_search")
-    if fused is not None:
-        return fused(f0, f1, f2, diffamp, intensity, mask, floor, model)
     xp = be.xp
     B_, L, K, n = f0.shape[0], f0.shape[1], f0.shape[2], f0.shape[-1]
     g0 = f0.reshape(B_, L * K, n, n)
@@ -141,15 +135,14 @@ class MLIteration:
         be.fft2(fphi)
         rec._store(w, "fpsi", b, fphi)
         chi = w.work[:B]
-        nll, err = ml_gradient(be, fphi, rec.diffamp[b], self.intensity[b], rec.mask, self.floor, self.model, chi)
+        nll, err = be.ml_gradient(fphi, rec.diffamp[b], self.intensity[b], rec.mask, self.floor, self.model, chi)
         w.nll += nll
         w.err += err
         be.ifft2(chi)                                                              # χ = ∂L/∂Φ*
-        src = dm.object_numerator(be, chi, rec._probe_conj, w.onum_src[:B])        # Σ_k P_k* χ
-        rec.geom.scatter_add(be, w.obj_num, b, src)
-        rec.geom.scatter_add(be, w.obj_den, b, rec._probe_intensity)
-        ow = rec.geom.gather(be, rec.obj, b, w.objwin[:B], w.tmp[:B])
-        dm.probe_sums(be, chi, ow, w.probe_num, w.probe_den, w.phi[:B])           # Σ_j,l O_l* χ, Σ|O|²
+        pos, sub = rec.geom.pass_positions(b)
+        be.object_pass(chi, rec._probe_conj, rec._probe_intensity, pos, w.obj_num, w.obj_den, w, sub)  # Σ_k P_k* χ
+        windows = rec.geom.gather(be, rec.obj, b, w.objwin[:B], w.tmp[:B]) if sub else None
+        be.probe_pass(chi, rec.obj, pos, w.probe_num, w.probe_den, w, windows)    # Σ_j,l O_l* χ, Σ|O|²
 
     # --- pass 2: the line-search polynomial ------------------------------------------------------
     def _line_batch(self, w: Any, b: slice) -> None:
@@ -164,8 +157,8 @@ class MLIteration:
         be.fft2(a1)
         a2 = dm.exit_waves(be, self.h_probe, how, w.work[:B])                      # h_P·h_O
         be.fft2(a2)
-        d1, d2 = ml_line_search(be, fphi, a1, a2, rec.diffamp[b], self.intensity[b], rec.mask, self.floor,
-                                self.model)
+        d1, d2 = be.ml_line_search(fphi, a1, a2, rec.diffamp[b], self.intensity[b], rec.mask, self.floor,
+                                   self.model)
         w.d1 += d1
         w.d2 += d2
 

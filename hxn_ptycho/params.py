@@ -175,8 +175,9 @@ class ReconParams:
     # -- execution ------------------------------------------------------------------------
     threads: int | None = param(None, "FFT threads per rank (default: cores / ranks)", group="execution",
                                 min=1, kind="int")
-    backend: str = param("numpy", "array backend ('auto' = GPU when one is visible)", group="execution",
-                         choices=("numpy", "cupy", "auto"), kind="str")
+    backend: str = param("numba", "array backend: numba (fused CPU kernels), numpy (the reference), cupy "
+                         "(GPU), auto (the GPU when one is visible, else numba)", group="execution",
+                         choices=("numba", "numpy", "cupy", "auto"), kind="str")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -8,12 +8,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import numpy as np
-
-
-def _copy_into(out: np.ndarray, src: np.ndarray) -> np.ndarray:
-    out[...] = src
-    return out
 
 
 class ExitWaveStore:
@@ -27,8 +21,7 @@ class ExitWaveStore:
 
     def _alloc(self, shape: tuple) -> Any:
         if self.streaming:
-            return self.be.pinned_empty(shape, self.cdtype) if hasattr(self.be, "pinned_empty") \
-                else np.empty(shape, self.cdtype)
+            return self.be.pinned_empty(shape, self.cdtype)
         return self.be.empty(shape, self.cdtype)
 
     @property
@@ -40,14 +33,13 @@ class ExitWaveStore:
         if not self.streaming:
             return getattr(self, name)[b]
         buf = getattr(w, name)[:b.stop - b.start]
-        return self.be.to_device(getattr(self, name)[b], buf) if hasattr(self.be, "to_device") \
-            else _copy_into(buf, getattr(self, name)[b])
+        return self.be.to_device(getattr(self, name)[b], buf)
 
     def store(self, w: Any, name: str, b: slice, dev: Any) -> None:
         """Write a batch loaded with :meth:`load` back to host memory (nothing to do otherwise)."""
         if self.streaming:
             host = getattr(self, name)[b]
-            self.be.to_host(dev, host) if hasattr(self.be, "to_host") else _copy_into(host, dev)
+            self.be.to_host(dev, host)
 
     def resize_modes(self, K: int) -> None:
         """Room for ``K`` probe modes; the first min(K, old) are kept."""

@@ -53,9 +53,6 @@ def smoothed(be: Any, obj: Any, sigma: float) -> Any:
 
 def object_gradient(be: Any, obj: Any) -> tuple[Any, Any]:
     """∂O/∂row and ∂O/∂col by central differences (one-sided at the edges)."""
-    fused = dm._fused(be, "object_gradient")
-    if fused is not None:
-        return fused(obj)
     xp = be.xp
     out = []
     for axis in (1, 2):
@@ -74,9 +71,6 @@ def object_gradient(be: Any, obj: Any) -> tuple[Any, Any]:
 
 def view_errors(be: Any, fphi: Any, diffamp: Any, mask: Any) -> np.ndarray:
     """Σ_good (|F(Φ)| − √I)² of each view of a batch, as numpy ``(B,)`` (``diffamp`` may be ``(1, n, n)``)."""
-    fused = dm._fused(be, "view_errors")
-    if fused is not None:
-        return fused(fphi, diffamp, mask)
     xp = be.xp
     diff = dm._modulus(be, fphi)
     diff -= diffamp
@@ -89,9 +83,6 @@ def view_errors(be: Any, fphi: Any, diffamp: Any, mask: Any) -> np.ndarray:
 def normal_equations(be: Any, gr: Any, gc: Any, q: Any, pint: Any) -> tuple[np.ndarray, ...]:
     """(A_rr, A_cc, A_rc, b_r, b_c), each numpy ``(B,)``, from the gathered object gradients ``gr``,
     ``gc`` and ``q`` = Σ_k P_k*·R_k (all ``(B, L, n, n)``) and ``pint`` = Σ_k |P_k|² ``(n, n)``."""
-    fused = dm._fused(be, "normal_equations")
-    if fused is not None:
-        return fused(gr, gc, q, pint)
     xp = be.xp
 
     def dot(a: Any, c: Any, weight: Any = None) -> np.ndarray:
@@ -366,7 +357,7 @@ class PositionRefiner:
         if self.method == "gradient":
             xp = rec.be.xp
             sigma = self.sigma0 * self.decay ** self.count
-            self._dobj = object_gradient(rec.be, smoothed(rec.be, rec.obj, sigma))
+            self._dobj = rec.be.object_gradient(smoothed(rec.be, rec.obj, sigma))
             self._pint = (xp.square(rec.probe.real) + xp.square(rec.probe.imag)).sum(axis=0)
             self._pconj = xp.conj(rec.probe)
             rec._each(self._gradient_batch)
@@ -401,14 +392,14 @@ class PositionRefiner:
         phi = dm.exit_waves(be, rec.probe, win, w.phi[:B])
         resid[...] = phi
         be.fft2(resid)
-        self._err[b] = view_errors(be, resid, rec.diffamp[b], rec.mask)
+        self._err[b] = be.view_errors(resid, rec.diffamp[b], rec.mask)
         dm.fourier_projection(be, resid, rec.diffamp[b], rec.mask, 0.0)          # (4), exact
         be.ifft2(resid)
         resid -= phi                                                             # R = Π_F(Φ) − Φ
         q = dm.object_numerator(be, resid, self._pconj, q)                       # Σ_k P_k* R_k
         rec.geom.gather_at(be, self._dobj[0], pos, gr, w.tmp[:B])
         rec.geom.gather_at(be, self._dobj[1], pos, gc, w.tmp[:B])
-        a_rr, a_cc, a_rc, b_r, b_c = normal_equations(be, gr, gc, q, self._pint)
+        a_rr, a_cc, a_rc, b_r, b_c = be.normal_equations(gr, gc, q, self._pint)
         lam = 1e-3 * (a_rr + a_cc) + 1e-30
         a_rr, a_cc = a_rr + lam, a_cc + lam
         det = a_rr * a_cc - a_rc * a_rc
@@ -438,7 +429,7 @@ class PositionRefiner:
             m = len(c)
             ow = geom.gather_at(be, obj, c, win[:m], tmp[:m])
             f = be.fft2(dm.exit_waves(be, rec.probe, ow, waves[:m]))
-            e[i:i + m] = view_errors(be, f, amp[None], rec.mask)
+            e[i:i + m] = be.view_errors(f, amp[None], rec.mask)
         return e
 
     def _clip(self, cand: np.ndarray) -> np.ndarray:
@@ -482,7 +473,7 @@ class PositionRefiner:
             pos = np.stack([np.clip(pos[:, 0], 0, hr), np.clip(pos[:, 1], 0, hc)], axis=1)
             win = rec.geom.gather_at(be, rec.obj, pos, w.objwin[:B], w.tmp[:B])
             f = be.fft2(dm.exit_waves(be, rec.probe, win, w.phi[:B]))
-            return view_errors(be, f, rec.diffamp[b], rec.mask)
+            return be.view_errors(f, rec.diffamp[b], rec.mask)
         e0 = error_at(pos0)
         best = pos0.copy()
         for axis in (0, 1):

@@ -133,7 +133,7 @@ class ProbeModeManager:
         auto_max_modes, which the GPU keeps: its memory is planned for the largest count). True when
         the batch size changed (the caller reallocates the workers' buffers)."""
         rec = self.rec
-        if rec.be.name != "numpy" or rec.params.batch_size:
+        if not rec.be.cache_batches or rec.params.batch_size:
             return False
         from .engine import cache_batch
         batch = cache_batch(rec.obj_shape[0] * K * rec.n * rec.n * np.dtype(rec.cdtype).itemsize, len(rec.geom))

@@ -39,7 +39,7 @@ def test_compute_only_install_runs_a_two_rank_job(tmp_path):
     listed = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], capture_output=True, text=True,
                             check=True).stdout
     names = {d["name"].lower() for d in json.loads(listed)}
-    assert {"numpy", "scipy", "h5py", "mpi4py", "mpich", "hxn-ptycho"} <= names
+    assert {"numpy", "scipy", "numba", "h5py", "mpi4py", "mpich", "hxn-ptycho"} <= names
     unwanted = names & {"bluesky", "tiled", "prefect", "matplotlib", "ophyd", "databroker", "event-model", "pyzmq"}
     assert not unwanted, f"the compute install pulled in {sorted(unwanted)}"
     env = {k: v for k, v in os.environ.items()

@@ -303,3 +303,12 @@ def test_ml_and_position_paths_call_the_kernels(be, monkeypatch, method, model):
     assert rel(gpu.object, cpu.object) <= 1e-3
     assert rel(gpu.probe, cpu.probe) <= 1e-3
     np.testing.assert_allclose(gpu.positions_refined_px, cpu.positions_refined_px, atol=1e-2)
+
+
+@pytest.mark.parametrize("cdt,tol", [(np.complex64, 2e-5), (np.complex128, 1e-11)])
+@pytest.mark.parametrize("modes,masked,bound,subpixel", [(1, False, False, False), (3, True, True, False),
+                                                         (2, True, False, True)])
+def test_contract_passes_match_numpy(be, nb, cdt, tol, modes, masked, bound, subpixel):
+    """CupyBackend's passes of the backend contract on the GPU against the numpy reference's."""
+    from contract_cases import check_passes_match
+    check_passes_match(be, nb, cdt, modes, masked, bound, subpixel, tol)

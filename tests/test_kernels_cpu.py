@@ -348,7 +348,7 @@ def test_cupy_backend_without_gpu_fails_clearly():
     assert why and ("CuPy" in why)
     with pytest.raises(BackendError, match="backend 'cupy' is not available here: .*CuPy"):
         get_backend("cupy")
-    assert get_backend("auto", threads=1).name == "numpy"
+    assert get_backend("auto", threads=1).name == "numba"
 
 
 def test_kernel_source_is_one_translation_unit(k, tmp_path):
@@ -524,12 +524,12 @@ def test_backend_window_steps_match_numpy(ebe, mode):
     np.testing.assert_allclose(den, want_den, rtol=1e-5)
     probe, psi = crandn((K, n, n), np.complex64), crandn((B, L, K, n, n), np.complex64)
     out = np.empty((B, L, K, n, n), np.complex64)
-    np.testing.assert_allclose(dm.exit_waves(ebe, probe, win, out), win[:, :, None] * probe[None, None], rtol=1e-5)
+    np.testing.assert_allclose(ebe.exit_waves(probe, win, out), win[:, :, None] * probe[None, None], rtol=1e-5)
     onum = np.empty((B, L, n, n), np.complex64)
-    assert _rel(dm.object_numerator(ebe, psi, np.conj(probe), onum), (psi * np.conj(probe)).sum(2)) < 1e-5
+    assert _rel(ebe.object_numerator(psi, np.conj(probe), onum), (psi * np.conj(probe)).sum(2)) < 1e-5
     num, num_w = np.zeros((K, n, n), np.complex64), np.zeros((K, n, n), np.complex64)
     den, den_w = np.zeros((n, n), np.float32), np.zeros((n, n), np.float32)
-    dm.probe_sums(ebe, psi, win.copy(), num, den, None)
+    ebe.probe_sums(psi, win.copy(), num, den, None)
     dm.probe_sums(nb, psi, win.copy(), num_w, den_w, np.empty_like(psi))   # it conjugates the windows in place
     assert _rel(num, num_w) < 1e-5
     np.testing.assert_allclose(den, den_w, rtol=1e-5)
@@ -813,28 +813,27 @@ def test_backend_ml_and_position_steps_match_the_reference(ebe, model, masked):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
-def test_every_declared_fused_step_has_a_reference_and_a_cuda_wrapper(k):
-    """backend.FusedSteps: each name is a function of dm/ml/positions (``be`` first, then the declared
-    arguments), a CupyBackend method taking the declared arguments, and it launches kernels in cuda/."""
+def test_the_cuda_wrappers_of_the_ml_and_position_sums_launch_kernels_that_exist(k):
+    """The contract's ML passes and position sums are CupyBackend methods with the contract's
+    parameters, and the kernels they launch are in cuda/."""
     import inspect
 
-    from hxn_ptycho import backend, dm, ml, positions
+    from hxn_ptycho.backend import ML_STEPS, POSITION_STEPS, Backend
     from hxn_ptycho.gpu import CupyBackend
-    declared = [m for m in backend.FusedSteps.__dict__ if not m.startswith("_")
-                and callable(getattr(backend.FusedSteps, m))]
-    assert set(declared) == set(backend.DM_STEPS + backend.ML_STEPS + backend.POSITION_STEPS)
-    for name in declared:
-        params = list(inspect.signature(getattr(backend.FusedSteps, name)).parameters)[1:]
-        refs = [getattr(mod, name) for mod in (dm, ml, positions) if hasattr(mod, name)]
-        assert len(refs) == 1, name
-        ref = list(inspect.signature(refs[0]).parameters)
-        assert ref[0] == "be" and ref[1:len(params) + 1] == params, (name, ref, params)
-        impl = inspect.signature(getattr(CupyBackend, name)).parameters
-        names = list(impl)[1:]
-        assert names[:len(params)] == params, (name, names)
-        assert all(impl[p].default is not inspect.Parameter.empty for p in names[len(params):]), name
+    for name in ML_STEPS + POSITION_STEPS:
+        want = list(inspect.signature(getattr(Backend, name)).parameters)
+        assert list(inspect.signature(getattr(CupyBackend, name)).parameters)[:len(want)] == want, name
     for fam in ("ml_gradient", "ml_line_search", "position_normal", "view_errors", "object_gradient"):
         assert {f"{fam}_c64", f"{fam}_c128"} <= set(k.sigs)
+
+
+@pytest.mark.parametrize("modes,masked,bound,subpixel", [(1, False, False, False), (3, True, True, False),
+                                                         (2, True, False, True)])
+def test_emulated_cupy_passes_match_the_numpy_reference(ebe, modes, masked, bound, subpixel):
+    """CupyBackend's passes of the contract (host code + emulated cuda/ kernels) against NumpyBackend's."""
+    from hxn_ptycho.backend import NumpyBackend
+    from contract_cases import check_passes_match
+    check_passes_match(ebe, NumpyBackend(1), np.complex64, modes, masked, bound, subpixel, tol=2e-5)
 
 
 @pytest.mark.parametrize("method,model", [("search", "poisson")])

@@ -1,0 +1,414 @@
+"""Fused CPU kernels (numba) for the DM passes of :class:`hxn_ptycho.backend.Backend`.
+
+Each pass of the numpy reference (:class:`~hxn_ptycho.backend.NumpyBackend`, the step functions of
+:mod:`hxn_ptycho.dm`) sweeps a batch several times and makes temporaries of it; here each is one
+loop nest over the batch, in the precision of the arrays (complex64 and float32 throughout for
+single precision: the constants are passed in that precision, so nothing is promoted):
+
+- :func:`exit_waves_k`: (2) Φ = P·O straight from the object at the window corners;
+- :func:`fourier_update_k`: (7) the data error of F(Φ), (3), (4) the reflection, the modulus step
+  with the power bound's relaxation and the DM update of F(ψ), and the copy of F(ψ) that the
+  inverse FFT turns into ψ — one sweep without the power bound, two with it (the first measures
+  each view's deviation);
+- :func:`object_sums_k`: (6) Σ_k P_k*·ψ and Σ_k |P_k|² scattered onto the object;
+- :func:`probe_sums_k`: (5) Σ O*·ψ and Σ |O|² from the object windows read in place.
+
+The FFTs stay ``scipy.fft`` (pocketfft). Threads: the engine splits the batches of views
+statically over ``threads`` workers, each with its own accumulators (``parts.BatchScheduler``);
+the kernels release the GIL (``nogil``), so the workers run them in parallel — the threads go
+across views, and the sums need neither atomics nor locks and add up in a fixed order.
+Compiled code is cached on disk (``cache=True``, numba's cache beside this file or under
+``NUMBA_CACHE_DIR``): the first run on a machine compiles (measured in docs/performance.md),
+later processes load it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from .backend import BatchBuffers, HostBackend
+
+try:
+    import numba
+except ImportError as exc:  # pragma: no cover - numba is a core dependency
+    raise ImportError(f"the numba backend needs numba (pip install numba): {exc}") from None
+
+logger = logging.getLogger(__name__)
+TINY = 1e-30
+
+# reassoc: the sums over pixels (the error, the deviations) vectorise; contract: fused multiply-adds.
+# Both change rounding only (no NaN/Inf assumptions: a diverging run still shows as non-finite).
+_FAST = {"reassoc", "contract", "nsz"}
+_jit = numba.njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", boundscheck=False)
+
+# The loops run over rows: the innermost loop is along a row of n pixels, indexed from 0 through
+# row views (so numba emits no negative-index wrap-around and LLVM vectorises it); modes are looped
+# outside it, with per-row scratch.
+
+
+# (2) out[b, l, k] = O_l(window b) · P_k
+@_jit
+def exit_waves_k(obj, pos, probe, out):
+    B, L, K, n, m = out.shape
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for l in range(L):
+            for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    prow = probe[k, i]
+                    dst = out[b, l, k, i]
+                    for j in range(m):
+                        dst[j] = orow[j] * prow[j]
+
+
+# (2) from gathered (sub-pixel) windows: out[b, l, k] = W[b, l] · P_k
+@_jit
+def exit_waves_win_k(win, probe, out):
+    B, L, K, n, m = out.shape
+    for b in range(B):
+        for l in range(L):
+            for i in range(n):
+                wrow = win[b, l, i]
+                for k in range(K):
+                    prow = probe[k, i]
+                    dst = out[b, l, k, i]
+                    for j in range(m):
+                        dst[j] = wrow[j] * prow[j]
+
+
+# (7) Σ_good (|F(Φ)| − √I)², modes summed incoherently; fphi (B, M, n, n)
+@_jit
+def data_error_k(fphi, amp, mask, use_mask):
+    B, M, n, m = fphi.shape
+    sp = np.empty(m, amp.dtype)
+    err = 0.0
+    for b in range(B):
+        for i in range(n):
+            _row_intensity(fphi, b, i, sp)
+            arow = amp[b, i]
+            e = sp[0] * 0
+            if use_mask:
+                mrow = mask[i]
+                for j in range(m):
+                    d = np.sqrt(sp[j]) - arow[j]
+                    e += d * d * mrow[j]
+            else:
+                for j in range(m):
+                    d = np.sqrt(sp[j]) - arow[j]
+                    e += d * d
+            err += e
+    return err
+
+
+@_jit
+def _row_intensity(f, b, i, out):
+    """out[j] = Σ_q |f[b, q, i, j]|²."""
+    M = f.shape[1]
+    row = f[b, 0, i]
+    for j in range(out.shape[0]):
+        out[j] = row[j].real * row[j].real + row[j].imag * row[j].imag
+    for q in range(1, M):
+        row = f[b, q, i]
+        for j in range(out.shape[0]):
+            out[j] += row[j].real * row[j].real + row[j].imag * row[j].imag
+
+
+@_jit
+def _row_reflected(fphi, fpsi, b, i, out):
+    """out[j] = Σ_q |2 fphi − fpsi|² at [b, q, i, j] (the modulus² of the reflected waves)."""
+    M = fphi.shape[1]
+    for q in range(M):
+        f = fphi[b, q, i]
+        p = fpsi[b, q, i]
+        if q == 0:
+            for j in range(out.shape[0]):
+                x = f[j] + f[j] - p[j]
+                out[j] = x.real * x.real + x.imag * x.imag
+        else:
+            for j in range(out.shape[0]):
+                x = f[j] + f[j] - p[j]
+                out[j] += x.real * x.real + x.imag * x.imag
+
+
+# (3), (4), (7): F(ψ) ← F(ψ) + β(Π_F(2F(Φ) − F(ψ)) − F(Φ)) in place, F(ψ) also into psi_out; returns (7)
+@_jit
+def fourier_update_k(fpsi, fphi, amp, mask, use_mask, pbound, beta, floor, tiny, one, psi_out,
+                     relax, raw):
+    """``fpsi``, ``fphi``, ``psi_out`` (B, M, n, n); ``amp`` (B, n, n); ``pbound``, ``beta``,
+    ``floor``, ``tiny``, ``one`` in the arrays' real precision; ``relax``, ``raw`` (B,) of that
+    precision get each view's r (dm.relaxation) with and without the floor (1 without the bound)."""
+    B, M, n, m = fpsi.shape
+    sp = np.empty(m, amp.dtype)          # Σ_q |F(Φ)|² of a row
+    sr = np.empty(m, amp.dtype)          # Σ_q |2F(Φ) − F(ψ)|² of a row
+    fac = np.empty(m, amp.dtype)
+    zero = one - one
+    err = 0.0
+    npix = n * m
+    for b in range(B):
+        r = one
+        if pbound > 0:              # first sweep: the deviation of the reflected waves and (7)
+            dev = 0.0
+            for i in range(n):
+                _row_intensity(fphi, b, i, sp)
+                _row_reflected(fphi, fpsi, b, i, sr)
+                arow = amp[b, i]
+                e = zero
+                dv = zero
+                for j in range(m):
+                    good = one if not use_mask else (one if mask[i, j] else zero)
+                    d = np.sqrt(sp[j]) - arow[j]
+                    e += d * d * good
+                    d = np.sqrt(sr[j]) - arow[j]
+                    dv += d * d * good
+                err += e
+                dev += dv
+            dev = dev / npix
+            if dev > pbound:
+                rr = np.sqrt(pbound / max(dev, 1e-30))
+                raw[b] = rr
+                if floor > 0 and rr < floor:
+                    rr = floor
+                relax[b] = rr
+                r = relax[b]            # in the arrays' precision, as the reference's
+            else:
+                relax[b] = one
+                raw[b] = one
+        for i in range(n):          # the update (and (7) here without the bound)
+            arow = amp[b, i]
+            _row_reflected(fphi, fpsi, b, i, sr)
+            if pbound <= 0:
+                _row_intensity(fphi, b, i, sp)
+                e = zero
+                if use_mask:
+                    for j in range(m):
+                        d = np.sqrt(sp[j]) - arow[j]
+                        e += d * d * (one if mask[i, j] else zero)
+                else:
+                    for j in range(m):
+                        d = np.sqrt(sp[j]) - arow[j]
+                        e += d * d
+                err += e
+                for j in range(m):
+                    fac[j] = arow[j] / max(np.sqrt(sr[j]), tiny)
+            else:
+                for j in range(m):
+                    fac[j] = (arow[j] / max(np.sqrt(sr[j]), tiny)) * (one - r) + r
+            if use_mask:
+                for j in range(m):
+                    if not mask[i, j]:
+                        fac[j] = one
+            for q in range(M):
+                f = fphi[b, q, i]
+                p = fpsi[b, q, i]
+                o = psi_out[b, q, i]
+                for j in range(m):
+                    v = p[j] + beta * (fac[j] * (f[j] + f[j] - p[j]) - f[j])
+                    p[j] = v
+                    o[j] = v
+    return err
+
+
+# (6) num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|²
+@_jit
+def object_sums_k(psi, pconj, pint, pos, num, den):
+    B, L, K, n, m = psi.shape
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for l in range(L):
+            for i in range(n):
+                dst = num[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    pc = pconj[k, i]
+                    src = psi[b, l, k, i]
+                    for j in range(m):
+                        dst[j] += pc[j] * src[j]
+        for i in range(n):
+            dst = den[0, r0 + i, c0:c0 + m]
+            src = pint[i]
+            for j in range(m):
+                dst[j] += src[j]
+
+
+# (6) the numerator alone, per view (sub-pixel windows: the bilinear scatter follows)
+@_jit
+def object_numerator_k(psi, pconj, out):
+    B, L, K, n, m = psi.shape
+    for b in range(B):
+        for l in range(L):
+            for i in range(n):
+                dst = out[b, l, i]
+                pc = pconj[0, i]
+                src = psi[b, l, 0, i]
+                for j in range(m):
+                    dst[j] = pc[j] * src[j]
+                for k in range(1, K):
+                    pc = pconj[k, i]
+                    src = psi[b, l, k, i]
+                    for j in range(m):
+                        dst[j] += pc[j] * src[j]
+
+
+# (5) num[k] += Σ_b,l O_l*(window b)·ψ[b, l, k], den += Σ_b,l |O_l(window b)|²
+@_jit
+def probe_sums_k(psi, obj, pos, num, den):
+    B, L, K, n, m = psi.shape
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for l in range(L):
+            for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                drow = den[i]
+                for j in range(m):
+                    drow[j] += orow[j].real * orow[j].real + orow[j].imag * orow[j].imag
+                for k in range(K):
+                    dst = num[k, i]
+                    src = psi[b, l, k, i]
+                    for j in range(m):
+                        dst[j] += orow[j].conjugate() * src[j]
+
+
+# (5) from gathered (sub-pixel) windows
+@_jit
+def probe_sums_win_k(psi, win, num, den):
+    B, L, K, n, m = psi.shape
+    for b in range(B):
+        for l in range(L):
+            for i in range(n):
+                orow = win[b, l, i]
+                drow = den[i]
+                for j in range(m):
+                    drow[j] += orow[j].real * orow[j].real + orow[j].imag * orow[j].imag
+                for k in range(K):
+                    dst = num[k, i]
+                    src = psi[b, l, k, i]
+                    for j in range(m):
+                        dst[j] += orow[j].conjugate() * src[j]
+
+
+KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, fourier_update_k, object_sums_k, object_numerator_k,
+           probe_sums_k, probe_sums_win_k)
+
+
+def _views(a: np.ndarray) -> np.ndarray:
+    """``(B, L, K, n, n)`` as ``(B, L·K, n, n)`` (a view: the arrays are C-contiguous)."""
+    return a.reshape(a.shape[0], -1, a.shape[-2], a.shape[-1])
+
+
+class NumbaBackend(HostBackend):
+    """CPU backend with the DM passes fused (numba); FFTs by ``scipy.fft``; ML and position sums are
+    the numpy definitions (:class:`~hxn_ptycho.backend.HostBackend`'s)."""
+
+    name = "numba"
+
+    def __init__(self, threads: int | None = None) -> None:
+        super().__init__(threads)
+        self._mask_cache: tuple[Any, np.ndarray] | None = None
+
+    def _mask(self, mask: Any, n: int, m: int) -> tuple[np.ndarray, bool]:
+        if mask is None:
+            return np.ones((1, 1), np.bool_), False
+        cached = self._mask_cache
+        if cached is None or cached[0] is not mask:
+            cached = self._mask_cache = (mask, np.ascontiguousarray(mask, dtype=np.bool_))
+        return cached[1], True
+
+    @staticmethod
+    def _pos(pos: Any) -> np.ndarray:
+        return np.ascontiguousarray(pos, dtype=np.int64)
+
+    def _phi(self, obj: Any, pos: Any, probe: Any, out: Any, windows: Any) -> Any:
+        if windows is None:
+            exit_waves_k(obj, self._pos(pos), probe, out)
+        else:
+            exit_waves_win_k(windows, probe, out)
+        return out
+
+    def exit_waves(self, obj: Any, pos: Any, probe: Any, out: Any, windows: Any = None) -> Any:
+        """(2) of a batch into ``out`` (B, L, K, n, n)."""
+        return self._phi(obj, pos, probe, out, windows)
+
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, fpsi: Any, psi: Any, diffamp: Any, mask: Any,
+                     pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
+                     windows: Any = None) -> Any:
+        B = len(fpsi)
+        if B == 0:
+            return 0.0
+        fphi = self.fft2(self._phi(obj, pos, probe, buf.phi[:B], windows))                # F(P·O)
+        rdt = fpsi.real.dtype.type
+        m, use = self._mask(mask, fpsi.shape[-2], fpsi.shape[-1])
+        relax = np.ones(B, rdt)
+        raw = np.ones(B, rdt)
+        err = fourier_update_k(_views(fpsi), _views(fphi), diffamp, m, use, rdt(pbound), rdt(beta), rdt(floor),
+                               rdt(TINY), rdt(1), _views(psi), relax, raw)                # (3), (4), (7)
+        if stats is not None:
+            if pbound > 0:
+                stats.add(relax, B, raw if floor > 0 else None)
+            else:
+                stats.add(None, B)
+        self.ifft2(psi)                                                                  # ψ
+        return err
+
+    def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
+                    buf: BatchBuffers, subpixel: bool = False) -> None:
+        if len(psi) == 0:
+            return
+        pconj = np.ascontiguousarray(probe_conj, dtype=psi.dtype)
+        pint = np.ascontiguousarray(probe_intensity, dtype=obj_den.dtype)
+        if subpixel:
+            src = buf.onum_src[:len(psi)]
+            object_numerator_k(psi, pconj, src)
+            self.scatter_add_subpixel(obj_num, pos, src)
+            self.scatter_add_subpixel(obj_den, pos, pint)
+        else:
+            object_sums_k(psi, pconj, pint, self._pos(pos), obj_num, obj_den)
+
+    def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
+                   windows: Any = None) -> None:
+        if len(psi) == 0:
+            return
+        if windows is None:
+            probe_sums_k(psi, obj, self._pos(pos), num, den)
+        else:
+            probe_sums_win_k(psi, windows, num, den)
+
+    def error_pass(self, obj: Any, pos: Any, probe: Any, diffamp: Any, mask: Any, buf: BatchBuffers,
+                   windows: Any = None) -> Any:
+        B = len(diffamp)
+        if B == 0:
+            return 0.0
+        fphi = self.fft2(self._phi(obj, pos, probe, buf.phi[:B], windows))
+        m, use = self._mask(mask, fphi.shape[-2], fphi.shape[-1])
+        return data_error_k(_views(fphi), diffamp, m, use)
+
+    def warm_up(self, cdtype: Any = np.complex64) -> float:
+        """Compile (first run) or load (cached) every kernel for ``cdtype``; returns the seconds."""
+        t0 = time.perf_counter()
+        cdt = np.dtype(cdtype)
+        rdt = np.float32 if cdt == np.complex64 else np.float64
+        n, B, L, K = 4, 1, 1, 1
+        obj = np.ones((L, n + 1, n + 1), cdt)
+        pos = np.zeros((B, 2), np.int64)
+        probe = np.ones((K, n, n), cdt)
+        waves = np.ones((B, L, K, n, n), cdt)
+        win = np.ones((B, L, n, n), cdt)
+        amp = np.ones((B, n, n), rdt)
+        m = np.ones((n, n), np.bool_)
+        exit_waves_k(obj, pos, probe, waves)
+        exit_waves_win_k(win, probe, waves)
+        data_error_k(_views(waves), amp, m, True)
+        fourier_update_k(_views(waves), _views(waves.copy()), amp, m, True, rdt(0), rdt(1), rdt(0), rdt(TINY),
+                         rdt(1), _views(waves.copy()), np.ones(B, rdt), np.ones(B, rdt))
+        object_sums_k(waves, probe, np.ones((n, n), rdt), pos, np.zeros_like(obj), np.zeros((1, n + 1, n + 1), rdt))
+        object_numerator_k(waves, probe, win)
+        probe_sums_k(waves, obj, pos, np.zeros_like(probe), np.zeros((n, n), rdt))
+        probe_sums_win_k(waves, win, np.zeros_like(probe), np.zeros((n, n), rdt))
+        secs = time.perf_counter() - t0
+        logger.debug("numba kernels for %s ready in %.3f s", cdt, secs)
+        return secs
