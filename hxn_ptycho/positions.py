@@ -204,6 +204,9 @@ class PositionRefiner:
         self.coarse_rounds = 3 if self.radius > 0 else 0
         self.coarse_every = 10             # DM iterations between coarse rounds: the object follows the moves
         self.coarse_moved: list[int] = []
+        self.grow_rounds = {0}
+        self.late_grow, self._late = True, False
+        self.local_radius = 10.0
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}
 
@@ -218,8 +221,17 @@ class PositionRefiner:
         """The first iteration of the gradient (or search) stage: after the coarse rounds."""
         return self.rec.params.position_start + self.coarse_rounds * self.coarse_every
 
+    @property
+    def late_grow_at(self) -> int:
+        """The iteration of the second growth (with the probe the gradient stage has refined): half-way
+        through the gradient stage."""
+        return self.gradient_start + max(0, self.end - self.gradient_start) // 2
+
     def coarse_due(self, it: int) -> bool:
         p = self.rec.params
+        if p.refine_positions and self.radius > 0 and self.late_grow and it == self.late_grow_at:
+            self._late = True
+            return True
         k = it - p.position_start
         return (p.refine_positions and self.coarse_rounds > 0 and 0 <= k < self.coarse_rounds * self.coarse_every
                 and k % self.coarse_every == 0 and it <= self.end)
@@ -257,6 +269,11 @@ class PositionRefiner:
         Then the mean move is removed (a global translation is traded with the object).
         """
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        if self._late:
+            self._late = False
+            return self.grow(late=True) if rec.reducer.size == 1 else 0
+        if len(self.coarse_moved) in self.grow_rounds and rec.reducer.size == 1:
+            return self.grow()
         radius = max(3.0, self.radius / 2 ** len(self.coarse_moved))     # later rounds: around the last moves
         cur = geom.positions_all.copy()
         N = len(cur)
@@ -299,6 +316,34 @@ class PositionRefiner:
         geom.set_positions(new)
         self.coarse_moved.append(int(move.sum()))
         return int(move.sum())
+
+    def grow(self, late: bool = False) -> int:
+        """The first coarse round: the object grown in scan order, each view registered against the
+        views before it (:mod:`hxn_ptycho.position_search`); the model's object becomes the grown one."""
+        from .position_search import Grower, grow
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        obj = be.asnumpy(rec.obj)
+        probe = be.asnumpy(rec.probe)
+        cur = geom.positions_all.copy()
+        pint = np.sum(np.abs(probe) ** 2, axis=0)
+        corners = np.clip(np.round(cur).astype(np.int64), 0, None)
+        n = rec.n
+        level = np.mean([np.sum(obj[:, r:r + n, c:c + n] * pint, axis=(1, 2)) for r, c in corners], axis=0)
+        start = np.broadcast_to((level / pint.sum())[:, None, None], obj.shape)
+        amps = be.asnumpy(rec.diffamp)
+        mask = None if rec.mask is None else be.asnumpy(rec.mask)
+        g = Grower(start, probe, amps, mask)
+        new, rep = grow(g, cur, self.radius, local_radius=self.local_radius)
+        new -= (new - cur).mean(axis=0)
+        if late:
+            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=True)
+            self.hold_scale = True          # from here on: the probe's curvature must follow, not the scale
+        geom.set_positions(self._clip(new))
+        rec.obj = be.asarray(g.obj, rec.cdtype)
+        self.grow_report = rep
+        self.coarse_moved.append(rep.moved)
+        rec.log(f"hxn-ptycho: positions grown in scan order: {rep.moved} views moved, {rep.wide} searched wide")
+        return max(1, rep.moved)
 
     def _object_sums(self) -> tuple[Any, Any, float]:
         """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
