@@ -204,8 +204,9 @@ class PositionRefiner:
         self.coarse_rounds = 3 if self.radius > 0 else 0
         self.coarse_every = 10             # DM iterations between coarse rounds: the object follows the moves
         self.coarse_moved: list[int] = []
-        self.grow_rounds = {0}
-        self.late_grow, self._late = True, False
+        grows = bool(p.position_grow) and self.radius > 0
+        self.grow_rounds = {0} if grows else set()          # coarse rounds that grow the object in scan order
+        self.late_grow, self._late, self.late_fracs = grows, False, (0.5,)
         self.local_radius = 10.0
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}
@@ -222,14 +223,15 @@ class PositionRefiner:
         return self.rec.params.position_start + self.coarse_rounds * self.coarse_every
 
     @property
-    def late_grow_at(self) -> int:
-        """The iteration of the second growth (with the probe the gradient stage has refined): half-way
-        through the gradient stage."""
-        return self.gradient_start + max(0, self.end - self.gradient_start) // 2
+    def late_grow_at(self) -> list[int]:
+        """The iterations of the later growths (with the probe the gradient stage has refined): at
+        ``late_fracs`` of the gradient stage."""
+        span = max(0, self.end - self.gradient_start)
+        return [self.gradient_start + int(f * span) for f in self.late_fracs]
 
     def coarse_due(self, it: int) -> bool:
         p = self.rec.params
-        if p.refine_positions and self.radius > 0 and self.late_grow and it == self.late_grow_at:
+        if p.refine_positions and self.radius > 0 and self.late_grow and it in self.late_grow_at:
             self._late = True
             return True
         k = it - p.position_start
