@@ -103,7 +103,8 @@ def test_growth_in_scan_order_recovers_a_drift_with_a_known_probe():
     (position_search.grow), with the true probe: a smooth drift plus heavy-tailed jitter and slipped
     views (≥ 6 px RMS a axis, the worst 28 px) come back to within 1.5 px for ≥ 90 % of the views
     (measured 98 %, 0.75 px 2-D RMS; 4 % of the nominal ones; about 6 s of CPU, 100 views of
-    64², the drift model of benchmarks/position_search.py, seed 1). Most nominal positions are further off: a broken registration (or none) fails."""
+    64², the drift model of benchmarks/position_search.py, seed 1). Most nominal positions are
+    further off: a broken registration (or none) fails."""
     from hxn_ptycho.position_search import Grower, grow
     scan, _, truth, err = heavy_scan(1, 100)
     assert np.sqrt(np.mean(err ** 2)) >= 6.0 and np.hypot(*err.T).max() >= 25
