@@ -20,15 +20,19 @@ fix it only weakly — it trades with the probe's wavefront curvature), and — 
 each view's correction beyond it is bounded by ``position_max_shift``.
 
 Before these, with ``position_search_radius`` > 0, a **coarse global stage** (:meth:`PositionRefiner.coarse`,
-three rounds ten DM iterations apart, the radius halved each round): every view is searched on a
-grid over that radius against the object *without its own exit wave* (leave-one-out: the object a
-view painted at its current corner otherwise holds it there), an affine map and the smooth drift
-over the scan order are fitted to the moves found, outliers against them are searched again around
-the prediction, and a view moves only where its data error falls. At the end of refinement a
-**guard** (:meth:`PositionRefiner.guard`) sends back to its nominal corner every view whose data
-error is lower there: refinement never leaves a view where the model fits it worse than not
-refining. Measured (``benchmarks/position_search.py``, docs/position_search.md): heavy-tailed jitter
-and slipped views of up to 27 px are recovered; a smooth drift of 4 px RMS is not.
+three rounds ten DM iterations apart). With ``position_grow`` (the default) its first round grows the
+object in scan order (:mod:`hxn_ptycho.position_search`): each view registered against the object of
+the views recorded before it, around the drift predicted from them, outliers searched over the whole
+radius — a smooth drift is visible only that way. The other rounds search every view on a grid over
+the radius (halved each round) against the object *without its own exit wave* (leave-one-out: the
+object a view painted at its current corner otherwise holds it there), fit an affine map and the
+smooth drift over the scan order to the moves found, search the outliers again around the
+prediction, and move a view only where its data error falls. Half-way through the gradient stage the
+object is grown once more, with the probe the gradient stage has refined, and the nominal scale is
+held from there (the scale trades with the probe's curvature). At the end of refinement a **guard**
+(:meth:`PositionRefiner.guard`) sends back to its nominal corner every view whose data error is lower
+there: refinement never leaves a view where the model fits it worse than not refining. Measured in
+docs/position_search.md (``benchmarks/position_search.py``).
 """
 from __future__ import annotations
 
@@ -320,8 +324,12 @@ class PositionRefiner:
         return int(move.sum())
 
     def grow(self, late: bool = False) -> int:
-        """The first coarse round: the object grown in scan order, each view registered against the
-        views before it (:mod:`hxn_ptycho.position_search`); the model's object becomes the grown one."""
+        """A growth round: the object grown in scan order from a flat start at the current object's
+        probe-weighted mean level, each view registered against the views before it
+        (:mod:`hxn_ptycho.position_search`); the model's object becomes the grown one. ``late`` (with
+        the refined probe): the stretch of the grown corners against the nominal ones is removed and
+        the nominal scale held for the rest of refinement. Returns the views moved (at least 1, so
+        the engine renews the exit waves)."""
         from .position_search import Grower, grow
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
         obj = be.asnumpy(rec.obj)
