@@ -212,6 +212,7 @@ class PositionRefiner:
         self.grow_rounds = {0} if grows else set()          # coarse rounds that grow the object in scan order
         self.late_grow, self._late, self.late_fracs = grows, False, (0.5,)
         self.local_radius = 10.0
+        self.grow_errors: list[tuple[float, float]] = []   # (current, grown) data error of each growth
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}
 
@@ -344,6 +345,14 @@ class PositionRefiner:
         mask = None if rec.mask is None else be.asnumpy(rec.mask)
         g = Grower(start, probe, amps, mask)
         new, rep = grow(g, cur, self.radius, local_radius=self.local_radius)
+        # checked: the grown model must fit the data better than the current one, or nothing changes
+        e_now = sum(g.misfit(j, g.clip(cur[j][None]), obj)[0] for j in range(len(cur)))
+        e_grown = sum(g.misfit(j, g.clip(new[j][None]))[0] for j in range(len(cur)))
+        self.grow_errors.append((float(e_now), float(e_grown)))
+        if not e_grown < e_now:
+            rec.log(f"hxn-ptycho: positions grown in scan order fit worse ({e_grown:.4g} vs {e_now:.4g}): not kept")
+            self.coarse_moved.append(0)
+            return 0
         new -= (new - cur).mean(axis=0)
         if late:
             new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=True)
