@@ -160,6 +160,21 @@ def affine_terms(nominal: np.ndarray, refined: np.ndarray) -> np.ndarray:
     return _affine_lstsq(nominal, refined)[1][:2].T
 
 
+def robust_linear(nominal: np.ndarray, refined: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """:func:`affine_terms` fitted without the views whose residual exceeds 3 median residuals (slipped
+    views and the jitter's tail would otherwise bias the scale)."""
+    use = np.ones(len(nominal), bool)
+    for _ in range(rounds):
+        x, coef = _affine_lstsq(nominal[use], refined[use])
+        xa = np.concatenate([nominal - nominal[use].mean(axis=0), np.ones((len(nominal), 1))], axis=1)
+        resid = np.hypot(*(refined - xa @ coef).T)
+        keep = resid <= 3 * float(np.median(resid)) + 1e-9
+        if keep.sum() < 6 or np.array_equal(keep, use):
+            break
+        use = keep
+    return coef[:2].T
+
+
 def rotation_part(linear: np.ndarray) -> np.ndarray:
     """The rotation of the polar decomposition ``linear`` = R·S (S symmetric: scale and stretch)."""
     u, _, vt = np.linalg.svd(linear)
@@ -169,16 +184,16 @@ def rotation_part(linear: np.ndarray) -> np.ndarray:
 
 
 def constrain(nominal: np.ndarray, current: np.ndarray, proposed: np.ndarray, max_shift: float,
-              affine: bool, hold_scale: bool = False) -> np.ndarray:
-    """Remove the mean move, remove the global stretch (if ``hold_scale``), fit the global affine term
-    (if asked) and bound each view's correction."""
+              affine: bool, hold_scale: bool = False, robust: bool = False) -> np.ndarray:
+    """Remove the mean move, remove the global stretch (if ``hold_scale``; fitted without outliers if
+    ``robust``), fit the global affine term (if asked) and bound each view's correction."""
     moved = proposed - (proposed - current).mean(axis=0)
     if hold_scale:
         # the stage's errors nominal − refined have no stretch as a function of the refined (true)
         # positions: the linear map refined → nominal, L = R·S, becomes its rotation R, by refined ← S·refined
         # (fitted this way round: regressed on the nominal, which carry the errors, the map would be
         # shrunk by var(true) / (var(true) + var(errors)) — 0.7 % on a 64² simulation with 3 px errors)
-        linear = affine_terms(moved, nominal)
+        linear = robust_linear(moved, nominal) if robust else affine_terms(moved, nominal)
         stretch = rotation_part(linear).T @ linear
         m = moved.mean(axis=0)
         moved = m + (moved - m) @ stretch.T
@@ -212,6 +227,8 @@ class PositionRefiner:
         self.grow_rounds = {0} if grows else set()          # coarse rounds that grow the object in scan order
         self.late_grow, self._late, self.late_fracs = grows, False, (0.5,)
         self.local_radius = 10.0
+        self.hold_after_grow = True         # the nominal scale held after the second growth,
+        self.robust_scale = False           # fitted without the slipped views from then on
         self.grow_errors: list[tuple[float, float]] = []   # (current, grown) data error of each growth
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}
@@ -355,8 +372,9 @@ class PositionRefiner:
             return 0
         new -= (new - cur).mean(axis=0)
         if late:
-            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=True)
-            self.hold_scale = True          # from here on: the probe's curvature must follow, not the scale
+            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=True, robust=True)
+            self.robust_scale = True
+            self.hold_scale = self.hold_scale or self.hold_after_grow    # the probe's curvature must follow
         geom.set_positions(self._clip(new))
         rec.obj = be.asarray(g.obj, rec.cdtype)
         self.grow_report = rep
@@ -445,7 +463,7 @@ class PositionRefiner:
         if self.method == "gradient" and self.count % self.rescue_every == self.rescue_every - 1:
             full = self._rescue(full, errs)
         new = constrain(geom.nominal_all, geom.positions_all, full, self.max_shift, self.affine,
-                        self.hold_scale)
+                        self.hold_scale, self.robust_scale)
         hr, hc = geom.limits
         new[:, 0] = np.clip(new[:, 0], 0.0, hr)
         new[:, 1] = np.clip(new[:, 1], 0.0, hc)
