@@ -144,6 +144,11 @@ class ReconParams:
                                           "Use about the largest stage error (and position_max_shift at least as "
                                           "large; docs/position_search.md)", group="positions", min=0.0,
                                           kind="float")
+    position_grow: bool = param(True, "in the coarse stage (position_search_radius > 0), register the views in "
+                                "scan order against the object grown from the views before them (a smooth drift "
+                                "plus jitter: first, and again half-way through the gradient stage with the "
+                                "refined probe, the nominal scale held from there); needs one process",
+                                group="positions", kind="bool")
     position_step: float = param(1.0, "largest move (pixels) of a view in one refinement (gradient) or the "
                                  "first search step (search)", group="positions", min=0.0, min_open=True,
                                  kind="float")

@@ -20,15 +20,19 @@ fix it only weakly — it trades with the probe's wavefront curvature), and — 
 each view's correction beyond it is bounded by ``position_max_shift``.
 
 Before these, with ``position_search_radius`` > 0, a **coarse global stage** (:meth:`PositionRefiner.coarse`,
-three rounds ten DM iterations apart, the radius halved each round): every view is searched on a
-grid over that radius against the object *without its own exit wave* (leave-one-out: the object a
-view painted at its current corner otherwise holds it there), an affine map and the smooth drift
-over the scan order are fitted to the moves found, outliers against them are searched again around
-the prediction, and a view moves only where its data error falls. At the end of refinement a
-**guard** (:meth:`PositionRefiner.guard`) sends back to its nominal corner every view whose data
-error is lower there: refinement never leaves a view where the model fits it worse than not
-refining. Measured (``benchmarks/position_search.py``, docs/position_search.md): heavy-tailed jitter
-and slipped views of up to 27 px are recovered; a smooth drift of 4 px RMS is not.
+three rounds ten DM iterations apart). With ``position_grow`` (the default) its first round grows the
+object in scan order (:mod:`hxn_ptycho.position_search`): each view registered against the object of
+the views recorded before it, around the drift predicted from them, outliers searched over the whole
+radius — a smooth drift is visible only that way. The other rounds search every view on a grid over
+the radius (halved each round) against the object *without its own exit wave* (leave-one-out: the
+object a view painted at its current corner otherwise holds it there), fit an affine map and the
+smooth drift over the scan order to the moves found, search the outliers again around the
+prediction, and move a view only where its data error falls. Half-way through the gradient stage the
+object is grown once more, with the probe the gradient stage has refined, and the nominal scale is
+held from there (the scale trades with the probe's curvature). At the end of refinement a **guard**
+(:meth:`PositionRefiner.guard`) sends back to its nominal corner every view whose data error is lower
+there: refinement never leaves a view where the model fits it worse than not refining. Measured in
+docs/position_search.md (``benchmarks/position_search.py``).
 """
 from __future__ import annotations
 
@@ -147,6 +151,21 @@ def affine_terms(nominal: np.ndarray, refined: np.ndarray) -> np.ndarray:
     return _affine_lstsq(nominal, refined)[1][:2].T
 
 
+def robust_linear(nominal: np.ndarray, refined: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """:func:`affine_terms` fitted without the views whose residual exceeds 3 median residuals (slipped
+    views and the jitter's tail would otherwise bias the scale)."""
+    use = np.ones(len(nominal), bool)
+    for _ in range(rounds):
+        x, coef = _affine_lstsq(nominal[use], refined[use])
+        xa = np.concatenate([nominal - nominal[use].mean(axis=0), np.ones((len(nominal), 1))], axis=1)
+        resid = np.hypot(*(refined - xa @ coef).T)
+        keep = resid <= 3 * float(np.median(resid)) + 1e-9
+        if keep.sum() < 6 or np.array_equal(keep, use):
+            break
+        use = keep
+    return coef[:2].T
+
+
 def rotation_part(linear: np.ndarray) -> np.ndarray:
     """The rotation of the polar decomposition ``linear`` = R·S (S symmetric: scale and stretch)."""
     u, _, vt = np.linalg.svd(linear)
@@ -156,16 +175,16 @@ def rotation_part(linear: np.ndarray) -> np.ndarray:
 
 
 def constrain(nominal: np.ndarray, current: np.ndarray, proposed: np.ndarray, max_shift: float,
-              affine: bool, hold_scale: bool = False) -> np.ndarray:
-    """Remove the mean move, remove the global stretch (if ``hold_scale``), fit the global affine term
-    (if asked) and bound each view's correction."""
+              affine: bool, hold_scale: bool = False, robust: bool = False) -> np.ndarray:
+    """Remove the mean move, remove the global stretch (if ``hold_scale``; fitted without outliers if
+    ``robust``), fit the global affine term (if asked) and bound each view's correction."""
     moved = proposed - (proposed - current).mean(axis=0)
     if hold_scale:
         # the stage's errors nominal − refined have no stretch as a function of the refined (true)
         # positions: the linear map refined → nominal, L = R·S, becomes its rotation R, by refined ← S·refined
         # (fitted this way round: regressed on the nominal, which carry the errors, the map would be
         # shrunk by var(true) / (var(true) + var(errors)) — 0.7 % on a 64² simulation with 3 px errors)
-        linear = affine_terms(moved, nominal)
+        linear = robust_linear(moved, nominal) if robust else affine_terms(moved, nominal)
         stretch = rotation_part(linear).T @ linear
         m = moved.mean(axis=0)
         moved = m + (moved - m) @ stretch.T
@@ -195,6 +214,13 @@ class PositionRefiner:
         self.coarse_rounds = 3 if self.radius > 0 else 0
         self.coarse_every = 10             # DM iterations between coarse rounds: the object follows the moves
         self.coarse_moved: list[int] = []
+        grows = bool(p.position_grow) and self.radius > 0
+        self.grow_rounds = {0} if grows else set()          # coarse rounds that grow the object in scan order
+        self.late_grow, self._late, self.late_fracs = grows, False, (0.5,)
+        self.local_radius = 10.0
+        self.hold_after_grow = True         # the nominal scale held after the second growth,
+        self.robust_scale = False           # fitted without the slipped views from then on
+        self.grow_errors: list[tuple[float, float]] = []   # (current, grown) data error of each growth
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}
 
@@ -209,8 +235,18 @@ class PositionRefiner:
         """The first iteration of the gradient (or search) stage: after the coarse rounds."""
         return self.rec.params.position_start + self.coarse_rounds * self.coarse_every
 
+    @property
+    def late_grow_at(self) -> list[int]:
+        """The iterations of the later growths (with the probe the gradient stage has refined): at
+        ``late_fracs`` of the gradient stage."""
+        span = max(0, self.end - self.gradient_start)
+        return [self.gradient_start + int(f * span) for f in self.late_fracs]
+
     def coarse_due(self, it: int) -> bool:
         p = self.rec.params
+        if p.refine_positions and self.radius > 0 and self.late_grow and it in self.late_grow_at:
+            self._late = True
+            return True
         k = it - p.position_start
         return (p.refine_positions and self.coarse_rounds > 0 and 0 <= k < self.coarse_rounds * self.coarse_every
                 and k % self.coarse_every == 0 and it <= self.end)
@@ -248,6 +284,11 @@ class PositionRefiner:
         Then the mean move is removed (a global translation is traded with the object).
         """
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        if self._late:
+            self._late = False
+            return self.grow(late=True) if rec.reducer.size == 1 else 0
+        if len(self.coarse_moved) in self.grow_rounds and rec.reducer.size == 1:
+            return self.grow()
         radius = max(3.0, self.radius / 2 ** len(self.coarse_moved))     # later rounds: around the last moves
         cur = geom.positions_all.copy()
         N = len(cur)
@@ -290,6 +331,47 @@ class PositionRefiner:
         geom.set_positions(new)
         self.coarse_moved.append(int(move.sum()))
         return int(move.sum())
+
+    def grow(self, late: bool = False) -> int:
+        """A growth round: the object grown in scan order from a flat start at the current object's
+        probe-weighted mean level, each view registered against the views before it
+        (:mod:`hxn_ptycho.position_search`); the model's object becomes the grown one. ``late`` (with
+        the refined probe): the stretch of the grown corners against the nominal ones is removed and
+        the nominal scale held for the rest of refinement. Returns the views moved (at least 1, so
+        the engine renews the exit waves)."""
+        from .position_search import Grower, grow
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        obj = be.asnumpy(rec.obj)
+        probe = be.asnumpy(rec.probe)
+        cur = geom.positions_all.copy()
+        pint = np.sum(np.abs(probe) ** 2, axis=0)
+        corners = np.clip(np.round(cur).astype(np.int64), 0, None)
+        n = rec.n
+        level = np.mean([np.sum(obj[:, r:r + n, c:c + n] * pint, axis=(1, 2)) for r, c in corners], axis=0)
+        start = np.broadcast_to((level / pint.sum())[:, None, None], obj.shape)
+        amps = be.asnumpy(rec.diffamp)
+        mask = None if rec.mask is None else be.asnumpy(rec.mask)
+        g = Grower(start, probe, amps, mask)
+        new, rep = grow(g, cur, self.radius, local_radius=self.local_radius)
+        # checked: the grown model must fit the data better than the current one, or nothing changes
+        e_now = sum(g.misfit(j, g.clip(cur[j][None]), obj)[0] for j in range(len(cur)))
+        e_grown = sum(g.misfit(j, g.clip(new[j][None]))[0] for j in range(len(cur)))
+        self.grow_errors.append((float(e_now), float(e_grown)))
+        if not e_grown < e_now:
+            rec.log(f"hxn-ptycho: positions grown in scan order fit worse ({e_grown:.4g} vs {e_now:.4g}): not kept")
+            self.coarse_moved.append(0)
+            return 0
+        new -= (new - cur).mean(axis=0)
+        if late:
+            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=True, robust=True)
+            self.robust_scale = True
+            self.hold_scale = self.hold_scale or self.hold_after_grow    # the probe's curvature must follow
+        geom.set_positions(self._clip(new))
+        rec.obj = be.asarray(g.obj, rec.cdtype)
+        self.grow_report = rep
+        self.coarse_moved.append(rep.moved)
+        rec.log(f"hxn-ptycho: positions grown in scan order: {rep.moved} views moved, {rep.wide} searched wide")
+        return max(1, rep.moved)
 
     def _object_sums(self) -> tuple[Any, Any, float]:
         """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
@@ -372,7 +454,7 @@ class PositionRefiner:
         if self.method == "gradient" and self.count % self.rescue_every == self.rescue_every - 1:
             full = self._rescue(full, errs)
         new = constrain(geom.nominal_all, geom.positions_all, full, self.max_shift, self.affine,
-                        self.hold_scale)
+                        self.hold_scale, self.robust_scale)
         hr, hc = geom.limits
         new[:, 0] = np.clip(new[:, 0], 0.0, hr)
         new[:, 1] = np.clip(new[:, 1], 0.0, hc)
