@@ -61,9 +61,11 @@ __device__ void hxn_ml_gradient(const typename hxn_complex<R>::type* fphi,
 // model intensity is I_m(alpha) ~ I_m + alpha c1 + alpha^2 c2 per pixel,
 //   c1 = 2 sum_m Re(f0* f1),  c2 = sum_m |f1|^2 + 2 Re(f0* f2),  I_m = max(sum_m |f0|^2, imin);
 //   Poisson:   L'(0) = (1 - I/I_m) c1,  L''(0) = 2 (1 - I/I_m) c2 + I/I_m^2 c1^2;
-//   amplitude: A = sqrt(I_m), A' = c1 / 2A, A'' = c2/A - c1^2 / 4A^3,
-//              L'(0) = 2 (A - a) A',  L''(0) = 2 (A'^2 + (A - a) A'').
+//   amplitude: A = sqrt(I_m), A' = c1 / 2A,
+//              L'(0) = 2 (A - a) A',  L''(0) ~ 2 A'^2 (Gauss-Newton: the exact curvature's term
+//              2 (A - a) A'' is unbounded below where A << a and made the sum negative, ML stalled).
 // d1[b] += sum_good L'(0), d2[b] += sum_good L''(0); both (B) double, zeroed by the caller.
+// The amplitude model does not read f2.
 template <typename R>
 __device__ void hxn_ml_line_search(const typename hxn_complex<R>::type* __restrict__ f0,
                                    const typename hxn_complex<R>::type* __restrict__ f1,
@@ -82,10 +84,13 @@ __device__ void hxn_ml_line_search(const typename hxn_complex<R>::type* __restri
             R i0 = 0, c1 = 0, c2 = 0;
             for (int m = 0; m < M; ++m) {
                 const long long q = off + (long long)m * npix + p;
-                const C u = f0[q], g = f1[q], h = f2[q];
+                const C u = f0[q], g = f1[q];
                 i0 += hxn_abs2(u);
                 c1 += u.x * g.x + u.y * g.y;
-                c2 += hxn_abs2(g) + 2 * (u.x * h.x + u.y * h.y);
+                if (model == 0) {          // f2 is read by the Poisson curvature only
+                    const C h = f2[q];
+                    c2 += hxn_abs2(g) + 2 * (u.x * h.x + u.y * h.y);
+                }
             }
             c1 *= 2;
             i0 = hxn_max(i0, imin);
@@ -97,10 +102,8 @@ __device__ void hxn_ml_line_search(const typename hxn_complex<R>::type* __restri
             } else {
                 const R A = hxn_sqrt(i0);
                 const R dA = c1 / (2 * A);
-                const R ddA = c2 / A - c1 * c1 / (4 * A * i0);
-                const R dev = A - amp;
-                s1 += (double)(2 * dev * dA);
-                s2 += (double)(2 * (dA * dA + dev * ddA));
+                s1 += (double)(2 * (A - amp) * dA);
+                s2 += (double)(2 * dA * dA);
             }
         }
         hxn_block_sum_add(s1, d1 + b);

@@ -14,20 +14,26 @@ ranks give the 1-process result to rounding):
    direction is Polak–Ribière conjugate (reset when the likelihood rose or the angle is poor);
 2. the line search: along (h_O, h_P) the exit wave is exactly Φ(α) = Φ + α·A1 + α²·A2 with
    A1 = P·h_O + h_P·O and A2 = h_P·h_O, so I_m(α) ≈ I_m + α·c1 + α²·c2 per pixel and one Newton
-   step on L(α) gives α = −L'(0)/L''(0) (PtyPy's polynomial line search, for the Poisson model).
+   step on L(α) gives α = −L'(0)/L''(0) (PtyPy's polynomial line search, for the Poisson model);
+   the amplitude model takes the Gauss–Newton curvature L'' ≈ 2Σ a'² (a = |F(Φ(α))|), which is
+   never negative (the exact one is, after a short DM, and ML then stalled) and needs no F(A2).
+   A step that cannot be taken along a descent direction restarts the direction at the gradient.
 
-Four FFTs per view and mode per iteration; the Fourier transforms F(Φ) of pass 1 are kept in the
-exit-wave store for pass 2. The per-pixel work of each pass is one step function here
+Four FFTs per view and mode per iteration (three for the amplitude model); the Fourier transforms
+F(Φ) of pass 1 are kept in the exit-wave store for pass 2. The per-pixel work of each pass is one step function here
 (:func:`ml_gradient`, :func:`ml_line_search`, the numpy definition); a backend with a fused version
 of the same name (the CuPy one: ``cuda/ml.cu``) runs it in one kernel.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from . import dm
+
+log = logging.getLogger(__name__)
 
 FLOOR = 1e-6          # of the mean measured intensity per pixel: I_m is kept above it
 
@@ -79,30 +85,50 @@ def ml_gradient(be: Any, fphi: Any, diffamp: Any, intensity: Any, mask: Any, flo
 # (ML) pass 2 of one batch: L'(0), L''(0) along Φ(α) = Φ + α·A1 + α²·A2, from f0, f1, f2 = F(Φ), F(A1), F(A2)
 def ml_line_search(be: Any, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any, floor: float,
                    model: str) -> tuple[float, float]:
-    """Σ_good L'(0) and Σ_good L''(0) of the batch; I_m(α) ≈ I_m + α·c1 + α²·c2 per pixel."""
+    """Σ_good L'(0) and Σ_good L''(0) of the batch; I_m(α) ≈ I_m + α·c1 + α²·c2 per pixel.
+
+    The amplitude model's curvature is the Gauss–Newton one, 2Σ a'² (a = √I_m along the line): the
+    exact 2Σ (a'² + (a − √I)·a'') has the term (a − √I)·a'', which goes to −∞ where the model is far
+    below the data (|Ψ| − √I is a cone at Ψ = 0), and after a short DM its sum is negative — the
+    Newton step then has no minimum and ML stalled (issue 18's fly-scan case). 2Σ a'² ≥ 0, and > 0
+    wherever L'(0) ≠ 0; the overshoot test of :meth:`MLIteration.iterate` backs off a step too long.
+    """
     xp = be.xp
     B_, L, K, n = f0.shape[0], f0.shape[1], f0.shape[2], f0.shape[-1]
     g0 = f0.reshape(B_, L * K, n, n)
     g1 = f1.reshape(B_, L * K, n, n)
     g2 = f2.reshape(B_, L * K, n, n)
     c1 = 2 * (g0.real * g1.real + g0.imag * g1.imag).sum(axis=1)
-    c2 = (g1.real ** 2 + g1.imag ** 2 + 2 * (g0.real * g2.real + g0.imag * g2.imag)).sum(axis=1)
     i0 = xp.maximum(dm._modulus(be, f0) ** 2, floor)
     if model == "poisson":     # L = Σ I_m − I log I_m
+        c2 = (g1.real ** 2 + g1.imag ** 2 + 2 * (g0.real * g2.real + g0.imag * g2.imag)).sum(axis=1)
         ratio = intensity / i0
         d1 = (1 - ratio) * c1
         d2 = 2 * (1 - ratio) * c2 + ratio / i0 * c1 * c1
-    else:                      # L = Σ (√I_m − √I)²: a = √I_m, a' = c1/2a, a'' = c2/a − c1²/4a³
+    else:                      # L = Σ (√I_m − √I)²: a = √I_m, a' = c1/2a; Gauss–Newton L'' ≈ 2a'²
         a = xp.sqrt(i0)
         da = c1 / (2 * a)
-        dda = c2 / a - c1 * c1 / (4 * a * i0)
-        dev = a - diffamp
-        d1 = 2 * dev * da
-        d2 = 2 * (da * da + dev * dda)
+        d1 = 2 * (a - diffamp) * da
+        d2 = 2 * da * da
     if mask is not None:
         d1 *= mask
         d2 *= mask
     return float(xp.sum(d1, dtype=xp.float64)), float(xp.sum(d2, dtype=xp.float64))
+
+
+# (ML) the step along h: α = −L'(0)/L''(0), one Newton step on L(α) (Thibault & Guizar-Sicairos 2012)
+def ml_step(d1: float, d2: float, alpha_last: float) -> float:
+    """α ≥ 0 from the summed slope ``d1`` and curvature ``d2``; 0 when ``d1`` ≥ 0 (no descent).
+
+    Where the curvature is not positive along a descent direction the quadratic model has no
+    minimum: the step is the last positive step ``alpha_last`` (halved back by the overshoot test of
+    the next iteration if L rose) or, without one, 0 (the caller restarts along the gradient).
+    """
+    if not d1 < 0:
+        return 0.0
+    if d2 > 0:
+        return -d1 / d2
+    return alpha_last if alpha_last > 0 and np.isfinite(alpha_last) else 0.0
 
 
 class MLIteration:
@@ -123,7 +149,9 @@ class MLIteration:
         self.gg_prev = 0.0
         self.nll_prev = np.inf
         self.alpha_prev = 0.0
+        self.alpha_last = 0.0               # the last positive step (ml_step's fallback)
         self.resets = 0
+        self.stalls = 0                     # iterations that took no step (the direction was reset)
 
     # --- pass 1: likelihood and gradient ----------------------------------------------------------
     def _gradient_batch(self, w: Any, b: slice) -> None:
@@ -155,8 +183,11 @@ class MLIteration:
         a1 = dm.exit_waves(be, rec.probe, how, w.phi[:B])                          # P·h_O
         a1 += ow[:, :, None] * self.h_probe[None, None]                            # + h_P·O
         be.fft2(a1)
-        a2 = dm.exit_waves(be, self.h_probe, how, w.work[:B])                      # h_P·h_O
-        be.fft2(a2)
+        if self.model == "poisson":
+            a2 = dm.exit_waves(be, self.h_probe, how, w.work[:B])                  # h_P·h_O
+            be.fft2(a2)
+        else:                   # the amplitude model's Gauss–Newton curvature does not use F(A2)
+            a2 = a1
         d1, d2 = be.ml_line_search(fphi, a1, a2, rec.diffamp[b], self.intensity[b], rec.mask, self.floor,
                                    self.model)
         w.d1 += d1
@@ -220,14 +251,19 @@ class MLIteration:
         curv = np.array([sum(w.d1 for w in rec._workers), sum(w.d2 for w in rec._workers)])
         rec.reducer.allreduce_sum([curv])
         d1, d2 = float(curv[0]), float(curv[1])
-        if d1 >= 0:             # not a descent direction: restart along the gradient next time
-            alpha = 0.0
+        alpha = ml_step(d1, d2, self.alpha_last)
+        if alpha == 0.0:        # no step along h: restart along the gradient next time (never stall)
+            if d1 < 0:
+                log.warning("ML iteration %d: curvature %.3g along a descent direction (slope %.3g) gives no "
+                            "step; restarting along the gradient", it, d2, d1)
             self.h_obj = None
-        else:
-            alpha = -d1 / d2 if d2 > 0 else 0.0
-        rec.obj = (rec.obj + alpha * self.h_obj).astype(rec.cdtype, copy=False) if alpha else rec.obj
-        rec.probe = (rec.probe + alpha * self.h_probe).astype(rec.cdtype, copy=False) if alpha else rec.probe
+            self.stalls += 1
+        if alpha:
+            rec.obj = (rec.obj + alpha * self.h_obj).astype(rec.cdtype, copy=False)
+            rec.probe = (rec.probe + alpha * self.h_probe).astype(rec.cdtype, copy=False)
         self.alpha_prev = alpha
+        if alpha > 0:
+            self.alpha_last = alpha
         self.nll_prev = nll
         self.last_nll = nll
         return data_err, dm.relative_change(be, rec.probe, probe_old), dm.relative_change(be, rec.obj, obj_old)

@@ -836,11 +836,11 @@ def test_emulated_cupy_passes_match_the_numpy_reference(ebe, modes, masked, boun
     check_passes_match(ebe, NumpyBackend(1), np.complex64, modes, masked, bound, subpixel, tol=2e-5)
 
 
-@pytest.mark.parametrize("method,model", [("search", "poisson")])
+@pytest.mark.parametrize("method,model", [("search", "poisson"), ("gradient", "amplitude")])
 def test_ml_and_position_code_paths_use_the_cuda_wrappers(ebe, monkeypatch, method, model):
     """DM, ML and position refinement on CupyBackend's host code call its fused ML and position
     steps (cuda/ml.cu, cuda/positions.cu) and still give the numpy backend's result (the search
-    method and the Poisson model here; the gradient method and the amplitude model above)."""
+    method with the Poisson model, the gradient method with the amplitude model, which skips F(A2))."""
     from collections import Counter
 
     from hxn_ptycho.backend import ML_STEPS, POSITION_STEPS, NumpyBackend
