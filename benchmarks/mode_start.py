@@ -108,7 +108,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.orders:
         ORDERS[:] = [(int(o.split(",")[0]), int(o.split(",")[1])) for o in a.orders]
-        modes.diverse_modes = derivative_modes(ORDERS)  # type: ignore[assignment]
+        modes.diverse_modes = derivative_modes(ORDERS)
     sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     for case in a.cases:
         run(case, a.its, a.start, a.at, a.extra, sets)
