@@ -113,3 +113,26 @@ def test_the_cv_benchmarks_held_out_views_and_errors():
     assert sum(b.stop - b.start for b in rec.scheduler.batches) == (~held).sum()
     assert not any(held[b].any() for b in rec.scheduler.batches)
     rec.close()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 18 part 2, open: from the default start DM's 3-mode fit of the fly "
+                   "68/24/8 mixture ends 10 % above the fit from the true modes (docs/auto_modes.md, "
+                   "'Session 17: the fixed-count fit')")
+def test_fixed_three_mode_fit_of_the_fly_mixture_reaches_the_fit_from_the_truth():
+    """100 DM iterations with the true count (3) from the library's start must end within 3 % of the
+    data error DM reaches in the same iterations from the true object and modes (measured: 0.001269
+    against 0.001157, spectrum 87.5/8.4/4.1 % against 68.4/23.8/7.8 %)."""
+    from hxn_ptycho.engine import Reconstruction
+    scan, mix = mixture_scan("fly", np.array([0.68, 0.24, 0.08]), 1e6, seed=1)
+    errors = []
+    for truth in (True, False):
+        rec = Reconstruction(scan, ReconParams(iterations=100, probe_modes=3, threads=1), log=lambda m: None)
+        if truth:
+            rec.obj = mix.object[None].astype(rec.cdtype)
+            rec.probe = mix.probe.astype(rec.cdtype)
+            rec._each(rec._init_psi)
+        errors.append(float(rec.run().attrs["final_data_error"]))
+        rec.close()
+    assert errors[0] < 0.00120, errors            # the target is reachable: the true modes stay there
+    assert errors[1] < 1.03 * errors[0], errors
