@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-RES = 1e-8          # metres per object pixel through PtyPy's geometry (any value: PtyPy works in metres)
 
 
 def _star_path() -> Path:
@@ -54,49 +53,19 @@ def _star_path() -> Path:
 def ptypy_child(npz: str, modes: int, iterations: int, out: str) -> None:
     from ptypy import utils as u
     from ptypy.core import Ptycho
-    from ptypy.core.data import PtyScan
-    from ptypy.experiment import register
+    from ptypy_star import register_star_scan, star_data_params
     from ptypy.utils import parallel
 
     d = np.load(npz)
     frames, positions_rc, probe = d["frames"], d["positions_rc"], d["probe"]
-    centred = np.fft.fftshift(frames, axes=(-2, -1)).astype(np.float32)     # PtyPy's frames: zero frequency centred
     n = frames.shape[-1]
-
-    @register()
-    class StarScan(PtyScan):
-        """
-        Defaults:
-
-        [name]
-        default = StarScan
-        type = str
-        help =
-        """
-
-        def __init__(self, pars=None, **kwargs):  # type: ignore[no-untyped-def]
-            p = self.DEFAULT.copy(depth=99)
-            p.update(pars)
-            super().__init__(p, **kwargs)
-
-        def load_positions(self):  # type: ignore[no-untyped-def]
-            return positions_rc * RES
-
-        def load_weight(self):  # type: ignore[no-untyped-def]
-            return np.ones((n, n))
-
-        def load(self, indices):  # type: ignore[no-untyped-def]
-            return {i: centred[i] for i in indices}, {}, {}
-
-    lam, dist = 1e-10, 1.0
+    register_star_scan(frames, positions_rc)
     p = u.Param()
     p.verbose_level = "critical"
     p.io = u.Param(home=tempfile.mkdtemp(prefix="ptypy_dm_"), rfile=None, autosave=u.Param(active=False),
                    autoplot=u.Param(active=False), interaction=u.Param(active=False))
     p.scans = u.Param(star=u.Param(name="Full"))
-    p.scans.star.data = u.Param(name="StarScan", shape=n, num_frames=len(frames), energy=1.23984193 / (lam * 1e9),
-                                distance=dist, psize=lam * dist / (n * RES), auto_center=False,
-                                center=(n // 2, n // 2), orientation=None)
+    p.scans.star.data = star_data_params(u, frames)
     diversity = u.Param(noise=(0.5, 1.0), power=0.1) if modes > 1 else None
     p.scans.star.illumination = u.Param(model=probe.astype(np.complex128), photons=float(frames.sum((1, 2)).mean()),
                                         aperture=None, propagation=None, diversity=diversity)

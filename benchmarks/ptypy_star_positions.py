@@ -28,9 +28,9 @@ import numpy as np
 from hxn_ptycho.datasets import perturbed_positions, siemens_star
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ptypy_star import RES
 from star_positions_checks import STAR, against
 
-RES = 1e-8          # metres per object pixel, through the geometry below (any value: PtyPy works in metres)
 
 
 def run_ptypy(frames: np.ndarray, positions_rc: np.ndarray, probe: np.ndarray, args: argparse.Namespace,
@@ -39,46 +39,14 @@ def run_ptypy(frames: np.ndarray, positions_rc: np.ndarray, probe: np.ndarray, a
     in object pixels, the cost and the seconds."""
     from ptypy import utils as u
     from ptypy.core import Ptycho
-    from ptypy.core.data import PtyScan
-    from ptypy.experiment import register
-
-    centred = np.fft.fftshift(frames, axes=(-2, -1)).astype(np.float32)     # PtyPy's frames: zero frequency at the centre
-    n = frames.shape[-1]
-
-    @register()
-    class StarScan(PtyScan):
-        """
-        Defaults:
-
-        [name]
-        default = StarScan
-        type = str
-        help =
-        """
-
-        def __init__(self, pars=None, **kwargs):
-            p = self.DEFAULT.copy(depth=99)
-            p.update(pars)
-            super().__init__(p, **kwargs)
-
-        def load_positions(self):
-            return positions_rc * RES
-
-        def load_weight(self):
-            return np.ones((n, n))
-
-        def load(self, indices):
-            return {i: centred[i] for i in indices}, {}, {}
-
-    lam, dist = 1e-10, 1.0
+    from ptypy_star import register_star_scan, star_data_params
+    register_star_scan(frames, positions_rc)
     p = u.Param()
     p.verbose_level = "critical"
     p.io = u.Param(home="/tmp/ptypy_star/", rfile=None, autosave=u.Param(active=False),
                    autoplot=u.Param(active=False), interaction=u.Param(active=False))
     p.scans = u.Param(star=u.Param(name="Full"))
-    p.scans.star.data = u.Param(name="StarScan", shape=n, num_frames=len(frames), energy=1.23984193 / (lam * 1e9),
-                                distance=dist, psize=lam * dist / (n * RES), auto_center=False,
-                                center=(n // 2, n // 2), orientation=None)
+    p.scans.star.data = star_data_params(u, frames)
     p.scans.star.illumination = u.Param(model=probe.astype(np.complex128), photons=float(frames.sum((1, 2)).mean()),
                                         aperture=None, propagation=None, diversity=None)
     p.scans.star.coherence = u.Param(num_probe_modes=1, num_object_modes=1)
