@@ -64,6 +64,9 @@ class CatalogConfig:
     api_key: str | None = field(default=None, repr=False)   # in-process use only; never written, printed or logged
     readable: list[str] | None = None     # folders the server may read (None: not known, e.g. a remote server)
     create_containers: bool | None = None  # None: only in a catalog we started (an embedded server's)
+    # the server streams writes to subscribers (a Tiled streaming cache): writers close each node's
+    # stream; None: not known (a remote server), so they do. An embedded server has no cache: False.
+    streaming: bool | None = None
 
     def owns(self) -> bool:
         """May we create missing containers? Only in a catalog we started — an embedded server's
@@ -97,6 +100,8 @@ class CatalogConfig:
             data["readable"] = [str(p) for p in self.readable]
         if self.create_containers is not None:
             data["create_containers"] = bool(self.create_containers)
+        if self.streaming is not None:
+            data["streaming"] = bool(self.streaming)
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
@@ -121,7 +126,7 @@ def _load_config_file(path: Path) -> CatalogConfig:
         raise CatalogError(f"catalog config {path} is not valid {path.suffix or 'JSON'}: {exc}") from None
     if not isinstance(data, dict) or "uri" not in data:
         raise CatalogError(f"catalog config {path} must be a mapping with at least a 'uri' entry")
-    known = {"uri", "api_key_env", "api_key_file", "raw", "processed", "readable", "create_containers"}
+    known = {"uri", "api_key_env", "api_key_file", "raw", "processed", "readable", "create_containers", "streaming"}
     unknown = set(data) - known
     if unknown:
         raise CatalogError(f"catalog config {path}: unknown entries {sorted(unknown)} (known: {sorted(known)})")
@@ -152,14 +157,17 @@ def resolve_catalog(spec: str | os.PathLike | CatalogConfig | None = None) -> Ca
     raise CatalogError(f"catalog {spec!r} is neither an http(s) URL nor an existing config file")
 
 
-def connect(spec: str | os.PathLike | CatalogConfig | None = None, *, timeout: float = 30.0) -> Any:
-    """A Tiled client for the catalog root, with a clear error when it is unreachable."""
+def connect(spec: str | os.PathLike | CatalogConfig | None = None, *, timeout: float = 30.0,
+            structure_clients: Any = None) -> Any:
+    """A Tiled client for the catalog root, with a clear error when it is unreachable
+    (``structure_clients``: Tiled's, e.g. plain ones without the bluesky classes)."""
     from tiled.client import from_uri
 
     cfg = resolve_catalog(spec)
     probe_server(cfg.uri, timeout=min(timeout, 10.0))
+    extra = {} if structure_clients is None else {"structure_clients": structure_clients}
     try:
-        return from_uri(cfg.uri, api_key=cfg.resolve_api_key(), remember_me=False, timeout=timeout)
+        return from_uri(cfg.uri, api_key=cfg.resolve_api_key(), remember_me=False, timeout=timeout, **extra)
     except Exception as exc:
         raise CatalogError(f"cannot reach the Tiled catalog at {cfg.uri}: {type(exc).__name__}: {exc}") from exc
 
@@ -613,7 +621,7 @@ class EmbeddedServer:
     @property
     def config(self) -> CatalogConfig:
         return CatalogConfig(uri=self.uri, api_key_file=str(self.key_file), api_key=self.api_key,
-                             readable=[str(self.directory), *self.readable])
+                             readable=[str(self.directory), *self.readable], streaming=False)
 
     def readable_folders(self) -> list[str]:
         """What the server may read: the catalog folder (less :meth:`secret_files`), its data, ``readable``."""
