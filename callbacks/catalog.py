@@ -64,19 +64,28 @@ class CatalogConfig:
     api_key: str | None = field(default=None, repr=False)   # in-process use only; never written, printed or logged
     readable: list[str] | None = None     # folders the server may read (None: not known, e.g. a remote server)
     create_containers: bool | None = None  # None: only in a catalog we started (an embedded server's)
-    # the server streams writes to subscribers (a Tiled streaming cache): writers close each node's
-    # stream; None: not known (a remote server), so they do. An embedded server has no cache: False.
-    streaming: bool | None = None
+    streaming: bool | None = None         # the server streams writes to subscribers; None: see streams()
 
     def owns(self) -> bool:
         """May we create missing containers? Only in a catalog we started — an embedded server's
         folder (its key file beside its log) — unless the config says so explicitly."""
         if self.create_containers is not None:
             return bool(self.create_containers)
+        return self.embedded()
+
+    def embedded(self) -> bool:
+        """An embedded server's catalog (``hxn-ptycho serve``): its key file beside its log or database."""
         if self.api_key_file:
             folder = Path(self.api_key_file).parent
             return (folder / "server.log").exists() or (folder / "catalog.db").exists()
         return False
+
+    def streams(self) -> bool:
+        """Does the server stream writes to subscribers (a Tiled streaming cache), so that a writer
+        must close each node's stream? As configured (``streaming``); else not for a catalog we
+        started (``tiled serve catalog`` without ``--cache`` has none, tiled/commandline/_serve.py),
+        and yes for any other (not known: closed, as bluesky's TiledWriter does)."""
+        return self.streaming if self.streaming is not None else not self.embedded()
 
     def resolve_api_key(self) -> str | None:
         if self.api_key:
@@ -621,7 +630,7 @@ class EmbeddedServer:
     @property
     def config(self) -> CatalogConfig:
         return CatalogConfig(uri=self.uri, api_key_file=str(self.key_file), api_key=self.api_key,
-                             readable=[str(self.directory), *self.readable], streaming=False)
+                             readable=[str(self.directory), *self.readable])
 
     def readable_folders(self) -> list[str]:
         """What the server may read: the catalog folder (less :meth:`secret_files`), its data, ``readable``."""

@@ -9,11 +9,20 @@ Start: ``plan_name`` "hxn_ptycho_dm", ``plan_type`` "analysis", ``raw_uid``, the
 job's measured facts in ``recon["measured"]``), ``versions`` and ``host``; on success ``frame``:
 where the object lies — ``rows`` "+y", ``cols`` "+x", ``origin_um`` the stage (x, y) of object pixel
 [0, 0], ``pixel_um``, ``stage_frame`` (true when the scan file holds the recorded stage positions).
-Stream ``primary`` (one event): ``object``, ``probe`` and ``positions_px`` as external HDF5
-(``StreamResource``/``StreamDatum`` into a sidecar file beside the result file, whose datasets
-carry the leading event axis Tiled expects), ``probe_power_fraction`` and the final errors inline.
-Stream ``iterations``: the per-iteration errors inline, one event per iteration.
+Stream ``primary`` (one event): ``object``, ``probe``, ``positions_px`` (and ``positions_refined_px``),
+``probe_power_fraction``, ``final_probe_error`` and ``final_object_error`` as external HDF5
+(``StreamResource``/``StreamDatum`` into a sidecar file beside the result file whose *virtual*
+datasets map onto the result file's and carry the leading event axis Tiled expects), and the one
+number ``final_data_error`` inline. Stream ``iterations`` (one event per iteration): ``data_error``
+inline, ``probe_error`` and ``object_error`` external, served from the result file itself.
 Stop: ``exit_status`` "success", or "fail" with ``reason`` — a failed reconstruction is recorded.
+
+The publisher writes what the job wrote, once: it reads the result's attributes and its
+per-iteration data error, never its arrays (the catalog serves them from the job's file, which
+must therefore stay where the server can read it and must not change after publishing); it does
+not hash the result again when the file still has the fingerprint the job recorded
+(:func:`~.trust.check_result`); and it sends each node of the run once (:mod:`.runwriter`: 17
+requests instead of bluesky's ``TiledWriter``'s 49, docs/quick-answers.md).
 
 Exactly once. A job's derived run has a uid fixed by the job (:func:`run_uid`: raw uid + result
 file), and its documents are saved *before* they are sent, as one file per job beside the result
@@ -349,12 +358,15 @@ def read_saved(path: str | os.PathLike) -> tuple[dict, list[Doc]]:
 
 
 def run_state(container: Any, uid: str) -> str:
-    """``"absent"``, ``"complete"`` (it has its stop document) or ``"partial"`` in a runs container."""
-    try:
-        node = container[uid]
-    except KeyError:
+    """``"absent"``, ``"complete"`` (it has its stop document) or ``"partial"`` in a runs container
+    (any Tiled client of it). One request, without the Tiled client's retries: a catalog that is
+    down is known at once, and the publish saved for later."""
+    from tiled.client.utils import handle_error
+    resp = container.context.http_client.get(f"{container.uri.rstrip('/')}/{uid}")
+    if resp.status_code == 404:
         return "absent"
-    return "complete" if (node.metadata or {}).get("stop") else "partial"
+    metadata = handle_error(resp).json()["data"]["attributes"].get("metadata") or {}
+    return "complete" if metadata.get("stop") else "partial"
 
 
 class SendBusy(CatalogError):
@@ -465,7 +477,7 @@ def _send(cfg: CatalogConfig, container: Any, docs: list[Doc]) -> None:
     ``TiledWriter`` for documents it does not handle (saved by an older version)."""
     from .runwriter import Unsupported, write_run
     try:
-        write_run(container, docs, close_streams=cfg.streaming is not False)
+        write_run(container, docs, close_streams=cfg.streams())
         return
     except Unsupported as why:
         log.info("derived run %s: written by TiledWriter (%s)", docs[0][1]["uid"], why)

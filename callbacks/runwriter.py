@@ -16,7 +16,7 @@ StreamResource data key; the stop document in the run's metadata):
 - each stream's events: the table's ``POST`` and one ``PATCH`` with all rows;
 - the stop: one ``PATCH`` of the run's metadata;
 - each node's stream is closed (``DELETE /stream/close``) only where the server may have subscribers
-  (a streaming cache); an embedded server has none (``CatalogConfig.streaming`` is false).
+  (a streaming cache); an embedded server has none (``CatalogConfig.streams``).
 
 17 requests for a derived run of the embedded catalog instead of 49. An external array's structure is
 the HDF5 dataset's shape — the events along the first axis, then the data key's shape, as the
