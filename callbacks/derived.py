@@ -37,6 +37,7 @@ retried, the catalog ends with one run of that uid, success or fail, never both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ PLAN_TYPE = "analysis"
 SIDE_SUFFIX = ".tiled.h5"
 SAVED_SUFFIX = ".docs.jsonl"
 SAVED_HEADER = "hxn_ptycho_saved_run"
+PUBLISH_WORKERS = 4          # requests of one step of a publish sent side by side (runwriter.write_run)
 _UID_NAMESPACE = uuid.UUID("6a1c2f1e-7d7b-4a53-9a0e-5f0f3b1c9d21")
 
 Doc = tuple[str, dict]
@@ -91,10 +93,16 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    """The package versions, looked up once per process (11 metadata lookups: tens of ms)."""
+    return tuple(versions().items())
+
+
 def start_metadata(raw_uid: str | None, recon: dict, **extra: Any) -> dict:
     recon = jsonable(dict(recon or {}))
     md = {"plan_name": PLAN_NAME, "plan_type": PLAN_TYPE, "raw_uid": raw_uid,
-          "recon": recon, "versions": versions(), "host": socket.gethostname()}
+          "recon": recon, "versions": dict(_versions()), "host": socket.gethostname()}
     source = recon.get("source") or {}
     scan_id = source.get("scan_id", recon.get("scan_id"))
     scan_file = source.get("scan_file", recon.get("scan_file"))
@@ -477,7 +485,7 @@ def _send(cfg: CatalogConfig, container: Any, docs: list[Doc]) -> None:
     ``TiledWriter`` for documents it does not handle (saved by an older version)."""
     from .runwriter import Unsupported, write_run
     try:
-        write_run(container, docs, close_streams=cfg.streams())
+        write_run(container, docs, close_streams=cfg.streams(), workers=PUBLISH_WORKERS)
         return
     except Unsupported as why:
         log.info("derived run %s: written by TiledWriter (%s)", docs[0][1]["uid"], why)

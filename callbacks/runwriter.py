@@ -18,7 +18,9 @@ StreamResource data key; the stop document in the run's metadata):
 - each node's stream is closed (``DELETE /stream/close``) only where the server may have subscribers
   (a streaming cache); an embedded server has none (``CatalogConfig.streams``).
 
-17 requests for a derived run of the embedded catalog instead of 49. An external array's structure is
+17 requests for a derived run of the embedded catalog instead of 49 (18 with refined positions), in
+five steps: the requests of one step go side by side (``workers``; the publisher uses 4), which
+about halves the time on a loaded server. An external array's structure is
 the HDF5 dataset's shape — the events along the first axis, then the data key's shape, as the
 publisher writes them (``derived.write_sidecar``); unlike ``TiledWriter``'s consolidator a data key of
 shape ``[1]`` keeps its axis. No retries: a request that fails leaves a partial run, which the
@@ -30,8 +32,11 @@ mimetypes, templated files) raises :class:`Unsupported`; the publisher then uses
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -228,13 +233,15 @@ class _Http:
         self.base = container.uri                                   # .../api/v1/metadata/<processed>
         self.ancestors = list(container.path_parts)
         self.count = 0
+        self.lock = threading.Lock()
 
     def url(self, route: str, *parts: str) -> str:
         return "/".join([self.base.replace("/metadata/", f"/{route}/", 1), *parts])
 
     def send(self, method: str, url: str, **kwargs: Any) -> Any:
         from tiled.client.utils import handle_error
-        self.count += 1
+        with self.lock:
+            self.count += 1
         return handle_error(self.http.request(method, url, **kwargs))
 
     def create(self, parts: list[str], key: str, family: str, *, metadata: dict, specs: list[dict],
@@ -245,10 +252,14 @@ class _Http:
                   content=_dump(body), headers={"Content-Type": "application/json"})
 
 
-def write_run(container: Any, docs: list[tuple[str, dict]], *, close_streams: bool = True) -> int:
+def write_run(container: Any, docs: list[tuple[str, dict]], *, close_streams: bool = True, workers: int = 1) -> int:
     """Write one run's documents into ``container`` (a Tiled client of a ``CatalogOfBlueskyRuns``
     container); return the number of requests sent. :class:`Unsupported` before any request for
-    documents this writer does not handle."""
+    documents this writer does not handle.
+
+    In order: the run; its streams; each stream's arrays and tables; the stop (so a run with a
+    stop document is complete); the streams closed. ``workers`` > 1 sends the requests of one step
+    side by side (one connection each)."""
     plan = plan_run(docs)
     http = _Http(container)
     start = dict(plan.start)
@@ -256,33 +267,53 @@ def write_run(container: Any, docs: list[tuple[str, dict]], *, close_streams: bo
     if access_tags or start.get("tiled_specs"):
         raise Unsupported("access tags or extra specs in the start document")
     uid = plan.uid
-    http.create([], uid, "container", metadata={"start": _truncate(start)}, specs=[RUN_SPEC])
-    opened = [[uid]]
+    streams: list[Callable[[], None]] = []
+    children: list[Callable[[], None]] = []
+    opened: list[list[str]] = []
     for sname, stream in plan.streams.items():
         meta = {k: v for k, v in stream.descriptor.items() if k not in ("name", "object_keys", "run_start")}
-        http.create([uid], sname, "container", metadata=_truncate(meta), specs=STREAM_SPECS)
+        streams.append(functools.partial(http.create, [uid], sname, "container", metadata=_truncate(meta),
+                                         specs=STREAM_SPECS))
         keys = stream.descriptor.get("data_keys", {})
         for key, ext in stream.external.items():
-            http.create([uid, sname], key, "array", metadata={}, specs=[], sources=[_array_source(ext, keys[key])],
-                        register=True)
+            children.append(functools.partial(http.create, [uid, sname], key, "array", metadata={}, specs=[],
+                                              sources=[_array_source(ext, keys[key])], register=True))
             opened.append([uid, sname, key])
         if stream.rows:
-            structure, body = _table(stream.rows)
-            columns = {k: v for k, v in keys.items() if k in structure.columns}
-            source = {"structure_family": "table", "structure": asdict(structure), "mimetype": SQL_TABLE,
-                      "parameters": {}, "assets": [], "management": "writable", "properties": {}}
-            http.create([uid, sname], "internal", "table", metadata=_truncate(columns), specs=[], sources=[source])
-            http.send("PATCH", http.url("table/partition", uid, sname, "internal"), params={"partition": 0},
-                      content=body, headers={"Content-Type": ARROW_FILE})
+            children.append(functools.partial(_write_table, http, [uid, sname], stream.rows, keys))
             opened.append([uid, sname, "internal"])
         opened.append([uid, sname])
+    steps: list[list[Callable[[], None]]] = [
+        [functools.partial(http.create, [], uid, "container", metadata={"start": _truncate(start)}, specs=[RUN_SPEC])],
+        streams, children]
     if plan.stop is not None:
         patch = [{"op": "add", "path": "/stop", "value": _truncate(plan.stop)}]
-        http.send("PATCH", http.url("metadata", uid), params={"drop_revision": True},
-                  content=_dump({"content-type": "application/json-patch+json", "metadata": patch,
-                                 "specs": None, "access_tags": None}),
-                  headers={"Content-Type": "application/json"})
-    if close_streams:
-        for parts in opened[1:] + opened[:1]:               # the run last, as TiledWriter does
-            http.send("DELETE", http.url("stream/close", *parts))
+        steps.append([functools.partial(
+            http.send, "PATCH", http.url("metadata", uid), params={"drop_revision": True},
+            content=_dump({"content-type": "application/json-patch+json", "metadata": patch, "specs": None,
+                           "access_tags": None}), headers={"Content-Type": "application/json"})])
+    if close_streams:                                       # the run last, as TiledWriter does
+        steps += [[functools.partial(http.send, "DELETE", http.url("stream/close", *parts)) for parts in opened],
+                  [functools.partial(http.send, "DELETE", http.url("stream/close", uid))]]
+    if workers <= 1:
+        for step in steps:
+            for call in step:
+                call()
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for step in steps:
+                for future in [pool.submit(call) for call in step]:
+                    future.result()                         # the first error ends the run (a partial run)
     return http.count
+
+
+def _write_table(http: _Http, parts: list[str], rows: list[dict], keys: dict) -> None:
+    """A stream's ``internal`` table: created with its schema, then all rows in one append."""
+    structure, body = _table(rows)
+    columns = {k: v for k, v in keys.items() if k in structure.columns}
+    source = {"structure_family": "table", "structure": asdict(structure), "mimetype": SQL_TABLE,
+              "parameters": {}, "assets": [], "management": "writable", "properties": {}}
+    http.create(parts, "internal", "table", metadata=_truncate(columns), specs=[], sources=[source])
+    http.send("PATCH", http.url("table/partition", *parts, "internal"), params={"partition": 0},
+              content=body, headers={"Content-Type": ARROW_FILE})
