@@ -207,7 +207,7 @@ def _array_key(arr: Any, external: bool, shape: tuple[int, ...] | None = None) -
 def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon: dict,
                      uid: str | None = None) -> list[Doc]:
     """The complete derived run (success) of the result file at ``result_path`` (start uid ``uid``)."""
-    res = ResultLayout(result_path)                 # shapes and small arrays only: no re-read, no copy
+    res = ResultLayout(result_path)                 # attributes, shapes and the data-error curve: no array read
     try:
         return _result_documents(res, result_path, raw_uid, recon, uid)
     finally:

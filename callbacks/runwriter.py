@@ -83,12 +83,6 @@ class RunPlan:
     def uid(self) -> str:
         return str(self.start["uid"])
 
-    def requests(self, close_streams: bool = False) -> int:
-        """How many requests :func:`write_run` sends for this run."""
-        nodes = 1 + sum(1 + len(s.external) + (1 if s.rows else 0) for s in self.streams.values())
-        sends = 1 + sum(1 + len(s.external) + (2 if s.rows else 0) for s in self.streams.values())
-        return sends + (1 if self.stop is not None else 0) + (nodes if close_streams else 0)
-
 
 def plan_run(docs: list[tuple[str, dict]]) -> RunPlan:
     """Sort one run's documents; :class:`Unsupported` for anything this writer does not write."""
@@ -108,8 +102,9 @@ def plan_run(docs: list[tuple[str, dict]]) -> RunPlan:
             stream = _stream_of(by_uid, doc)
             stream.rows += _rows(doc) if name == "event_page" else [_row(doc)]
         elif name == "stream_resource":
-            if doc.get("mimetype") != HDF5 or (doc.get("parameters") or {}).get("template"):
-                raise Unsupported(f"stream resource of {doc.get('mimetype')!r} (only single HDF5 files)")
+            params = doc.get("parameters") or {}
+            if doc.get("mimetype") != HDF5 or params.get("template") or not params.get("dataset"):
+                raise Unsupported(f"stream resource of {doc.get('mimetype')!r} (only one HDF5 dataset of one file)")
             resources[doc["uid"]] = doc
         elif name == "stream_datum":
             stream = _stream_of(by_uid, doc)
