@@ -8,7 +8,8 @@ One embedded Tiled catalog (``EmbeddedServer``) in a temporary folder; one resul
 100-view scan (64², 20 iterations) in its folder. Each measurement runs in a fresh process that
 imports the package from the tree being measured (``hxn_ptycho`` from ``TREE/hxn_ptycho`` and
 ``hxn_ptycho.callbacks`` from ``TREE/callbacks``, as the editable install maps them). Prints the
-machine's load average: on a shared machine the figures scatter with it.
+machine's load average: on a shared machine the figures scatter with it — ``publish_cpu_s`` (the
+CPU seconds of the publishing process and of the server during the second publish) much less so.
 """
 from __future__ import annotations
 
@@ -43,23 +44,55 @@ sys.exit(main(sys.argv[1:]))
 """
 
 PUBLISH = BOOT + r"""
-import json, time
+import json, os, time, httpx
 t0 = time.perf_counter()
-from hxn_ptycho.callbacks.derived import result_documents, write_documents
+from hxn_ptycho.callbacks.derived import publish_outcome, result_documents, write_documents
 from hxn_ptycho.callbacks.query import results
 t1 = time.perf_counter()
 catalog, result, raw_uid, scan_id = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 recon = {"params": {"iterations": 20}, "source": {"scan_id": scan_id}, "measured": {"iterations_done": 20}}
-times = []
+sent = []
+_send = httpx.Client.send
+httpx.Client.send = lambda self, request, *a, **k: sent.append(request.method) or _send(self, request, *a, **k)
+def server_cpu():                       # the server's CPU seconds (user + system), from /proc
+    try:
+        fields = open(f"/proc/{os.environ['HXN_QUICK_SERVER_PID']}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (KeyError, OSError):
+        return float("nan")
+times, requests, cpu = [], [], []
 for _ in range(2):                      # the first publish of a process pays the lazy imports
-    t = time.perf_counter()
+    sent.clear()
+    t, c, s = time.perf_counter(), time.process_time(), server_cpu()
     write_documents(catalog, result_documents(result, raw_uid, recon))
     times.append(time.perf_counter() - t)
+    requests.append(len(sent))
+    cpu.append(time.process_time() - c + server_cpu() - s)
+# the whole publish as the queue runner does it: the job's outcome checked (its digest), the
+# documents saved beside the result, sent exactly once, the saved file removed
+from hxn_ptycho import h5util
+from hxn_ptycho.callbacks.derived import run_uid
+from hxn_ptycho.spec import JobSpec, Source
+if hasattr(h5util, "file_sha256_fingerprint"):     # what this tree's job writes into its outcome
+    digest, stat = h5util.file_sha256_fingerprint(result)
+    outcome = {"result_sha256": digest, "result_stat": stat}
+elif hasattr(h5util, "file_sha256"):
+    outcome = {"result_sha256": h5util.file_sha256(result)}
+else:                                              # a tree before outcomes carried a digest
+    outcome = {}
+spec = JobSpec(source=Source(scan_file="scan.h5", result_file=result, raw_uid=raw_uid + "-outcome",
+                             scan_id=scan_id, catalog=catalog))
+outcome.update(status="success", reason=None, result_file=result, measured={"iterations_done": 20})
+t = time.perf_counter()
+publish_outcome(spec, outcome, uid=run_uid(spec))
+outcome_s = time.perf_counter() - t
 t = time.perf_counter()
 res = results(catalog, raw_uid=raw_uid)
 read = time.perf_counter() - t
 assert res.ok and res.object is not None
-print(json.dumps({"import_s": t1 - t0, "publish_first_s": times[0], "publish_s": times[1], "read_back_s": read,
+print(json.dumps({"import_s": t1 - t0, "publish_first_s": times[0], "publish_s": times[1],
+                  "publish_outcome_s": outcome_s, "requests": requests[1], "publish_cpu_s": cpu[1],
+                  "read_back_s": read,
                   "file": __import__("hxn_ptycho.callbacks.derived").callbacks.derived.__file__}))
 """
 
@@ -81,6 +114,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--other", help="another tree to measure interleaved with this one (e.g. /work/main)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true", help="also print the medians as one JSON line")
     args = ap.parse_args()
     from hxn_ptycho.callbacks.catalog import EmbeddedServer
 
@@ -89,7 +123,7 @@ def main() -> int:
         trees["other: " + args.other] = str(Path(args.other).resolve())
     tmp = Path(tempfile.mkdtemp(prefix="hxn-quick-"))
     server = EmbeddedServer(tmp / "catalog").start()
-    env = {**os.environ, "TILED_API_KEY": server.api_key}
+    env = {**os.environ, "TILED_API_KEY": server.api_key, "HXN_QUICK_SERVER_PID": str(server.proc.pid)}
     try:
         result, views = make_result(server.directory)
         print(f"catalog {server.uri}; a {views}-view result ({result.stat().st_size / 1e6:.1f} MB); "
@@ -117,7 +151,10 @@ def main() -> int:
                     if k != "file":
                         figures[name].setdefault(k, []).append(float(v))
         print(f"load average after: {os.getloadavg()[0]:.1f}  (2 shared cores: the figures scatter with the load)")
-        keys = ("cli_results_s", "import_s", "publish_first_s", "publish_s", "read_back_s")
+        if args.json:
+            print(json.dumps({name: {k: statistics.median(v) for k, v in f.items()} for name, f in figures.items()}))
+        keys = ("cli_results_s", "import_s", "publish_first_s", "publish_s", "publish_outcome_s", "requests",
+                "publish_cpu_s", "read_back_s")
         print(f"{'tree':<28}" + "".join(f"{k:>17}" for k in keys) + "   (median [min–max] of the rounds, s)")
         for name, f in figures.items():
             cells = "".join(f"{statistics.median(f[k]):>8.2f} [{min(f[k]):.1f}–{max(f[k]):.1f}]".rjust(17)

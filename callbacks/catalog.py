@@ -64,16 +64,28 @@ class CatalogConfig:
     api_key: str | None = field(default=None, repr=False)   # in-process use only; never written, printed or logged
     readable: list[str] | None = None     # folders the server may read (None: not known, e.g. a remote server)
     create_containers: bool | None = None  # None: only in a catalog we started (an embedded server's)
+    streaming: bool | None = None         # the server streams writes to subscribers; None: see streams()
 
     def owns(self) -> bool:
         """May we create missing containers? Only in a catalog we started — an embedded server's
         folder (its key file beside its log) — unless the config says so explicitly."""
         if self.create_containers is not None:
             return bool(self.create_containers)
+        return self.embedded()
+
+    def embedded(self) -> bool:
+        """An embedded server's catalog (``hxn-ptycho serve``): its key file beside its log or database."""
         if self.api_key_file:
             folder = Path(self.api_key_file).parent
             return (folder / "server.log").exists() or (folder / "catalog.db").exists()
         return False
+
+    def streams(self) -> bool:
+        """Does the server stream writes to subscribers (a Tiled streaming cache), so that a writer
+        must close each node's stream? As configured (``streaming``); else not for a catalog we
+        started (``tiled serve catalog`` without ``--cache`` has none, tiled/commandline/_serve.py),
+        and yes for any other (not known: closed, as bluesky's TiledWriter does)."""
+        return self.streaming if self.streaming is not None else not self.embedded()
 
     def resolve_api_key(self) -> str | None:
         if self.api_key:
@@ -97,6 +109,8 @@ class CatalogConfig:
             data["readable"] = [str(p) for p in self.readable]
         if self.create_containers is not None:
             data["create_containers"] = bool(self.create_containers)
+        if self.streaming is not None:
+            data["streaming"] = bool(self.streaming)
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
@@ -121,7 +135,7 @@ def _load_config_file(path: Path) -> CatalogConfig:
         raise CatalogError(f"catalog config {path} is not valid {path.suffix or 'JSON'}: {exc}") from None
     if not isinstance(data, dict) or "uri" not in data:
         raise CatalogError(f"catalog config {path} must be a mapping with at least a 'uri' entry")
-    known = {"uri", "api_key_env", "api_key_file", "raw", "processed", "readable", "create_containers"}
+    known = {"uri", "api_key_env", "api_key_file", "raw", "processed", "readable", "create_containers", "streaming"}
     unknown = set(data) - known
     if unknown:
         raise CatalogError(f"catalog config {path}: unknown entries {sorted(unknown)} (known: {sorted(known)})")
@@ -152,14 +166,17 @@ def resolve_catalog(spec: str | os.PathLike | CatalogConfig | None = None) -> Ca
     raise CatalogError(f"catalog {spec!r} is neither an http(s) URL nor an existing config file")
 
 
-def connect(spec: str | os.PathLike | CatalogConfig | None = None, *, timeout: float = 30.0) -> Any:
-    """A Tiled client for the catalog root, with a clear error when it is unreachable."""
+def connect(spec: str | os.PathLike | CatalogConfig | None = None, *, timeout: float = 30.0,
+            structure_clients: Any = None) -> Any:
+    """A Tiled client for the catalog root, with a clear error when it is unreachable
+    (``structure_clients``: Tiled's, e.g. plain ones without the bluesky classes)."""
     from tiled.client import from_uri
 
     cfg = resolve_catalog(spec)
     probe_server(cfg.uri, timeout=min(timeout, 10.0))
+    extra = {} if structure_clients is None else {"structure_clients": structure_clients}
     try:
-        return from_uri(cfg.uri, api_key=cfg.resolve_api_key(), remember_me=False, timeout=timeout)
+        return from_uri(cfg.uri, api_key=cfg.resolve_api_key(), remember_me=False, timeout=timeout, **extra)
     except Exception as exc:
         raise CatalogError(f"cannot reach the Tiled catalog at {cfg.uri}: {type(exc).__name__}: {exc}") from exc
 

@@ -9,11 +9,20 @@ Start: ``plan_name`` "hxn_ptycho_dm", ``plan_type`` "analysis", ``raw_uid``, the
 job's measured facts in ``recon["measured"]``), ``versions`` and ``host``; on success ``frame``:
 where the object lies — ``rows`` "+y", ``cols`` "+x", ``origin_um`` the stage (x, y) of object pixel
 [0, 0], ``pixel_um``, ``stage_frame`` (true when the scan file holds the recorded stage positions).
-Stream ``primary`` (one event): ``object``, ``probe`` and ``positions_px`` as external HDF5
-(``StreamResource``/``StreamDatum`` into a sidecar file beside the result file, whose datasets
-carry the leading event axis Tiled expects), ``probe_power_fraction`` and the final errors inline.
-Stream ``iterations``: the per-iteration errors inline, one event per iteration.
+Stream ``primary`` (one event): ``object``, ``probe``, ``positions_px`` (and ``positions_refined_px``),
+``probe_power_fraction``, ``final_probe_error`` and ``final_object_error`` as external HDF5
+(``StreamResource``/``StreamDatum`` into a sidecar file beside the result file whose *virtual*
+datasets map onto the result file's and carry the leading event axis Tiled expects), and the one
+number ``final_data_error`` inline. Stream ``iterations`` (one event per iteration): ``data_error``
+inline, ``probe_error`` and ``object_error`` external, served from the result file itself.
 Stop: ``exit_status`` "success", or "fail" with ``reason`` — a failed reconstruction is recorded.
+
+The publisher writes what the job wrote, once: it reads the result's attributes and its
+per-iteration data error, never its arrays (the catalog serves them from the job's file, which
+must therefore stay where the server can read it and must not change after publishing); it does
+not hash the result again when the file still has the fingerprint the job recorded
+(:func:`~.trust.check_result`); and it sends each node of the run once (:mod:`.runwriter`: 17
+requests instead of bluesky's ``TiledWriter``'s 49, docs/quick-answers.md).
 
 Exactly once. A job's derived run has a uid fixed by the job (:func:`run_uid`: raw uid + result
 file), and its documents are saved *before* they are sent, as one file per job beside the result
@@ -28,6 +37,7 @@ retried, the catalog ends with one run of that uid, success or fail, never both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -58,6 +68,7 @@ PLAN_TYPE = "analysis"
 SIDE_SUFFIX = ".tiled.h5"
 SAVED_SUFFIX = ".docs.jsonl"
 SAVED_HEADER = "hxn_ptycho_saved_run"
+PUBLISH_WORKERS = 4          # requests of one step of a publish sent side by side (runwriter.write_run)
 _UID_NAMESPACE = uuid.UUID("6a1c2f1e-7d7b-4a53-9a0e-5f0f3b1c9d21")
 
 Doc = tuple[str, dict]
@@ -82,10 +93,16 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    """The package versions, looked up once per process (11 metadata lookups: tens of ms)."""
+    return tuple(versions().items())
+
+
 def start_metadata(raw_uid: str | None, recon: dict, **extra: Any) -> dict:
     recon = jsonable(dict(recon or {}))
     md = {"plan_name": PLAN_NAME, "plan_type": PLAN_TYPE, "raw_uid": raw_uid,
-          "recon": recon, "versions": versions(), "host": socket.gethostname()}
+          "recon": recon, "versions": dict(_versions()), "host": socket.gethostname()}
     source = recon.get("source") or {}
     scan_id = source.get("scan_id", recon.get("scan_id"))
     scan_file = source.get("scan_file", recon.get("scan_file"))
@@ -108,33 +125,54 @@ def _scan_file_id(path: str) -> Any:
 
 
 def write_sidecar(result_path: str | os.PathLike, res: Any) -> Path:
-    """``<result>.tiled.h5`` with ``object``, ``probe``, ``positions_px`` (each with a leading axis of 1,
-    as Tiled's stream datums want): HDF5 *virtual* datasets that map onto the result file's own — a
-    few hundred bytes, written without reading or copying the arrays (``res`` gives only their
-    shapes and types: a :class:`ResultData` or :class:`ResultLayout`)."""
+    """``<result>.tiled.h5``: what the ``primary`` stream serves, each with the leading event axis of 1
+    that Tiled's stream datums want — ``object``, ``probe``, ``positions_px`` (and
+    ``positions_refined_px``), ``probe_power_fraction`` and the last row of ``error/probe`` and
+    ``error/object`` as ``final_probe_error``/``final_object_error``. All are HDF5 *virtual*
+    datasets mapping onto the result file's own: a few kB whatever the scan size, written without
+    reading or copying the arrays (``res`` gives only their shapes and types: a :class:`ResultData`
+    or :class:`ResultLayout`)."""
     import h5py
 
     from hxn_ptycho.h5util import atomic_h5
 
     result = Path(result_path).resolve()
     side = Path(str(result_path) + SIDE_SUFFIX).resolve()
-    keys = ["object", "probe", "positions_px"]
-    if getattr(res, "positions_refined_px", None) is not None:
-        keys.append("positions_refined_px")
     with atomic_h5(side) as f:
-        for key in keys:
-            arr = getattr(res, key)
+        for key, name, row in _sidecar_keys(res):
+            arr = getattr(res, name)
             shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
-            layout = h5py.VirtualLayout(shape=(1, *shape), dtype=dtype)
-            layout[0] = h5py.VirtualSource(str(result), key, shape=shape, dtype=dtype)
-            f.create_virtual_dataset(key, layout)
+            source = h5py.VirtualSource(str(result), _DATASETS.get(name, name), shape=shape, dtype=dtype)
+            if row is None:
+                layout = h5py.VirtualLayout(shape=(1, *shape), dtype=dtype)
+                layout[0] = source
+            else:                                   # the last row of a curve (NaN when there is none)
+                layout = h5py.VirtualLayout(shape=(1, *shape[1:]), dtype=dtype)
+                if shape[0]:
+                    layout[0] = source[shape[0] - 1]
+            f.create_virtual_dataset(key, layout, fillvalue=np.nan if dtype.kind == "f" else None)
     return side
 
 
+# the result file's dataset of each field (hxn_ptycho/resultfile.py)
+_DATASETS = {"error_data": "error/data", "error_probe": "error/probe", "error_object": "error/object"}
+
+
+def _sidecar_keys(res: Any) -> list[tuple[str, str, str | None]]:
+    """(data key, field of ``res``, "last" for the last row of a curve) of the sidecar's datasets."""
+    keys: list[tuple[str, str, str | None]] = [("object", "object", None), ("probe", "probe", None),
+                                                ("positions_px", "positions_px", None)]
+    if getattr(res, "positions_refined_px", None) is not None:       # --refine-positions: beside the nominal
+        keys.append(("positions_refined_px", "positions_refined_px", None))
+    return keys + [("probe_power_fraction", "probe_power_fraction", None),
+                   ("final_probe_error", "error_probe", "last"), ("final_object_error", "error_object", "last")]
+
+
 class ResultLayout:
-    """What publishing needs of a result file, read without its large arrays: the shapes and types
-    of ``object``, ``probe``, positions (h5py datasets, not read), the small arrays (errors, probe
-    power) and the attributes — the job validated the file when it wrote it."""
+    """What publishing needs of a result file, read without its arrays: the attributes, the
+    per-iteration data error (one number per iteration, the ``iterations`` stream's table), and the
+    shapes and types of everything else (h5py datasets, not read) — the job validated the file when
+    it wrote it, and the catalog serves the arrays from the file itself."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         import json as _json
@@ -147,9 +185,8 @@ class ResultLayout:
         self.positions_px = require(f, "positions_px", KIND)
         self.positions_refined_px = f.get("positions_refined_px", None)
         self.error_data = np.asarray(require(f, "error/data", KIND)[()], dtype=np.float64)
-        self.error_probe = np.asarray(require(f, "error/probe", KIND)[()], dtype=np.float64)
-        self.error_object = np.asarray(require(f, "error/object", KIND)[()], dtype=np.float64)
-        self.probe_power_fraction = np.asarray(require(f, "probe_power_fraction", KIND)[()], dtype=np.float64)
+        self.error_probe, self.error_object = require(f, "error/probe", KIND), require(f, "error/object", KIND)
+        self.probe_power_fraction = require(f, "probe_power_fraction", KIND)
         self.attrs = {k: _jsonable(v) for k, v in f.attrs.items()}
         self.params = _json.loads(self.attrs.pop("params", "{}") or "{}")
         self.iterations = int(self.error_data.shape[0])
@@ -159,8 +196,9 @@ class ResultLayout:
         self._file.close()
 
 
-def _array_key(arr: np.ndarray, external: bool) -> dict:
-    key = {"source": PLAN_NAME, "dtype": "array", "shape": list(arr.shape), "dtype_numpy": arr.dtype.str}
+def _array_key(arr: Any, external: bool, shape: tuple[int, ...] | None = None) -> dict:
+    shape = tuple(arr.shape) if shape is None else shape
+    key = {"source": PLAN_NAME, "dtype": "array", "shape": list(shape), "dtype_numpy": np.dtype(arr.dtype).str}
     if external:
         key["external"] = "STREAM:"
     return key
@@ -169,7 +207,7 @@ def _array_key(arr: np.ndarray, external: bool) -> dict:
 def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon: dict,
                      uid: str | None = None) -> list[Doc]:
     """The complete derived run (success) of the result file at ``result_path`` (start uid ``uid``)."""
-    res = ResultLayout(result_path)                 # shapes and small arrays only: no re-read, no copy
+    res = ResultLayout(result_path)                 # attributes, shapes and the data-error curve: no array read
     try:
         return _result_documents(res, result_path, raw_uid, recon, uid)
     finally:
@@ -178,6 +216,9 @@ def result_documents(result_path: str | os.PathLike, raw_uid: str | None, recon:
 
 def _result_documents(res: Any, result_path: str | os.PathLike, raw_uid: str | None, recon: dict,
                       uid: str | None) -> list[Doc]:
+    """The documents: every array is external — ``primary``'s in the sidecar (virtual datasets onto the
+    result file), ``iterations``' per-mode curves in the result file itself — and only the numbers
+    travel inline (``final_data_error``; the per-iteration ``data_error``)."""
     from event_model import compose_run
 
     recon = dict(recon or {})
@@ -188,44 +229,46 @@ def _result_documents(res: Any, result_path: str | os.PathLike, raw_uid: str | N
         extra["frame"] = json.loads(frame) if isinstance(frame, str) else frame
     if not (recon.get("source") or {}).get("scan_id", recon.get("scan_id")) and "scan_scan_id" in res.attrs:
         extra["scan_id"] = res.attrs["scan_scan_id"]
+    result = Path(result_path).resolve()
     side = write_sidecar(result_path, res)
-    bundle = compose_run(uid=uid, metadata=start_metadata(raw_uid, recon,
-                                                          result_file=str(Path(result_path).resolve()), **extra))
+    bundle = compose_run(uid=uid, metadata=start_metadata(raw_uid, recon, result_file=str(result), **extra))
     docs: list[Doc] = [("start", bundle.start_doc)]
-    external = {"object": res.object, "probe": res.probe, "positions_px": res.positions_px}   # h5py: not read
-    if getattr(res, "positions_refined_px", None) is not None:       # --refine-positions: beside the nominal
-        external["positions_refined_px"] = res.positions_refined_px
-    inline = {"probe_power_fraction": np.asarray(res.probe_power_fraction, dtype=np.float64),
-              "final_probe_error": np.asarray(res.error_probe[-1], dtype=np.float64),
-              "final_object_error": np.asarray(res.error_object[-1], dtype=np.float64)}
-    data_keys = {k: _array_key(v, True) for k, v in external.items()}
-    data_keys.update({k: _array_key(v, False) for k, v in inline.items()})
-    data_keys["final_data_error"] = {"source": PLAN_NAME, "dtype": "number", "shape": []}
+    number = {"source": PLAN_NAME, "dtype": "number", "shape": [], "dtype_numpy": "<f8"}
+    sidecar = _sidecar_keys(res)
+    data_keys = {key: _array_key(getattr(res, name), True, None if row is None else tuple(getattr(res, name).shape[1:]))
+                 for key, name, row in sidecar}
+    data_keys["final_data_error"] = dict(number)
     primary = bundle.compose_descriptor(name="primary", data_keys=data_keys)
     docs.append(("descriptor", primary.descriptor_doc))
-    for key in external:
-        sres = bundle.compose_stream_resource(mimetype="application/x-hdf5", uri=side.as_uri(), data_key=key,
-                                              parameters={"dataset": f"/{key}", "chunk_shape": [1]})
-        docs.append(("stream_resource", sres.stream_resource_doc))
-        docs.append(("stream_datum", sres.compose_stream_datum(indices={"start": 0, "stop": 1},
-                                                               descriptor=primary.descriptor_doc)))
+    docs += _external(bundle, primary, side, [(key, f"/{key}") for key, _name, _row in sidecar], 1)
     now = time.time()
-    data = {k: v.tolist() for k, v in inline.items()}
     final = res.final_data_error                  # the one definition (ResultData.final_data_error)
-    data["final_data_error"] = float("nan") if final is None else final
+    data = {"final_data_error": float("nan") if final is None else final}
     docs.append(("event", primary.compose_event(data=data, timestamps={k: now for k in data})))
-    it_keys = {"data_error": {"source": PLAN_NAME, "dtype": "number", "shape": []},
-               "probe_error": _array_key(np.asarray(res.error_probe[0], dtype=np.float64), False),
-               "object_error": _array_key(np.asarray(res.error_object[0], dtype=np.float64), False)}
-    iters = bundle.compose_descriptor(name="iterations", data_keys=it_keys)
-    docs.append(("descriptor", iters.descriptor_doc))
     n = res.iterations
-    page = {"data_error": [float(x) for x in res.error_data],
-            "probe_error": np.asarray(res.error_probe, dtype=np.float64).tolist(),
-            "object_error": np.asarray(res.error_object, dtype=np.float64).tolist()}
-    docs.append(("event_page", iters.compose_event_page(
-        data=page, timestamps={k: [now] * n for k in page}, seq_num=list(range(1, n + 1)))))
+    if n:
+        it_keys = {"data_error": dict(number),
+                   "probe_error": _array_key(res.error_probe, True, tuple(res.error_probe.shape[1:])),
+                   "object_error": _array_key(res.error_object, True, tuple(res.error_object.shape[1:]))}
+        iters = bundle.compose_descriptor(name="iterations", data_keys=it_keys)
+        docs.append(("descriptor", iters.descriptor_doc))
+        docs += _external(bundle, iters, result, [("probe_error", "/error/probe"), ("object_error", "/error/object")], n)
+        page = {"data_error": [float(x) for x in res.error_data]}
+        docs.append(("event_page", iters.compose_event_page(
+            data=page, timestamps={k: [now] * n for k in page}, seq_num=list(range(1, n + 1)))))
     docs.append(("stop", bundle.compose_stop(**stop_status(recon, n))))
+    return docs
+
+
+def _external(bundle: Any, stream: Any, path: Path, keys: list[tuple[str, str]], rows: int) -> list[Doc]:
+    """StreamResource + StreamDatum of each (data key, HDF5 dataset) of ``path``: ``rows`` events."""
+    docs: list[Doc] = []
+    for key, dataset in keys:
+        sres = bundle.compose_stream_resource(mimetype="application/x-hdf5", uri=path.as_uri(), data_key=key,
+                                              parameters={"dataset": dataset, "chunk_shape": [rows]})
+        docs.append(("stream_resource", sres.stream_resource_doc))
+        docs.append(("stream_datum", sres.compose_stream_datum(indices={"start": 0, "stop": rows},
+                                                               descriptor=stream.descriptor_doc)))
     return docs
 
 
@@ -278,9 +321,7 @@ def write_documents(catalog: str | os.PathLike | CatalogConfig | None, docs: Ite
     else:
         saved_note = ""
     try:
-        container = runs(resolve_catalog(catalog), "processed")
-        if run_state(container, uid) == "absent":
-            _send(container, docs)
+        _deliver(resolve_catalog(catalog), docs, replace_partial=False)
     except Exception as exc:
         raise CatalogError(f"could not write derived run {uid} to the catalog {catalog}: "
                            f"{type(exc).__name__}: {exc}{saved_note}") from exc
@@ -325,12 +366,15 @@ def read_saved(path: str | os.PathLike) -> tuple[dict, list[Doc]]:
 
 
 def run_state(container: Any, uid: str) -> str:
-    """``"absent"``, ``"complete"`` (it has its stop document) or ``"partial"`` in a runs container."""
-    try:
-        node = container[uid]
-    except KeyError:
+    """``"absent"``, ``"complete"`` (it has its stop document) or ``"partial"`` in a runs container
+    (any Tiled client of it). One request, without the Tiled client's retries: a catalog that is
+    down is known at once, and the publish saved for later."""
+    from tiled.client.utils import handle_error
+    resp = container.context.http_client.get(f"{container.uri.rstrip('/')}/{uid}")
+    if resp.status_code == 404:
         return "absent"
-    return "complete" if (node.metadata or {}).get("stop") else "partial"
+    metadata = handle_error(resp).json()["data"]["attributes"].get("metadata") or {}
+    return "complete" if metadata.get("stop") else "partial"
 
 
 class SendBusy(CatalogError):
@@ -365,13 +409,7 @@ def send_saved(path: str | os.PathLike, catalog: str | os.PathLike | CatalogConf
         target = catalog if catalog is not None else head.get("catalog")
         uid = docs[0][1]["uid"]
         try:
-            container = runs(resolve_catalog(target), "processed")
-            state = run_state(container, uid)
-            if state == "partial":                 # a half-written run (409 on a re-send): delete it first
-                log.warning("derived run %s is half-written in the catalog: deleting it to send it whole", uid)
-                container[uid].delete(recursive=True, external_only=False)
-            if state != "complete":
-                _send(container, docs)
+            state = _deliver(resolve_catalog(target), docs, replace_partial=True)
         except Exception as exc:
             what = str(exc) if isinstance(exc, CatalogError) else f"{type(exc).__name__}: {exc}"
             raise CatalogError(f"could not write derived run {uid} to the catalog {target}: {what}; "
@@ -388,9 +426,71 @@ def send_saved(path: str | os.PathLike, catalog: str | os.PathLike | CatalogConf
         os.close(fd)
 
 
-def _send(container: Any, docs: list[Doc]) -> None:
+def _deliver(cfg: CatalogConfig, docs: list[Doc], *, replace_partial: bool) -> str:
+    """Send one run unless the catalog has it; return the state found (``absent``, ``partial``, ``complete``).
+
+    A partial run is deleted and sent whole when ``replace_partial`` (else left: a plain
+    :func:`write_documents` without saved documents does not delete). The connection is kept for the
+    process (:func:`_processed`); a request that finds it broken (a restarted server) is tried once
+    more on a new one — the state is read again first, so nothing is sent twice.
+    """
+    import httpx
+
+    uid = docs[0][1]["uid"]
+    sent = False
+    for attempt in (0, 1):
+        container = _processed(cfg, fresh=attempt > 0)
+        try:
+            state = run_state(container, uid)
+            replace = state == "partial" and (replace_partial or sent)   # ours, if the first try began it
+            if replace:                                 # a half-written run (409 on a re-send): delete it first
+                log.warning("derived run %s is half-written in the catalog: deleting it to send it whole", uid)
+                container[uid].delete(recursive=True, external_only=False)
+            if state == "absent" or replace:
+                sent = True
+                _send(cfg, container, docs)
+            return state
+        except httpx.TransportError:
+            _PROCESSED.pop(_processed_key(cfg), None)
+            if attempt:
+                raise
+            log.debug("the catalog connection to %s broke: trying once more on a new one", cfg.uri)
+    raise AssertionError("unreachable")
+
+
+_PROCESSED: dict[tuple, Any] = {}
+
+
+def _processed_key(cfg: CatalogConfig) -> tuple:
+    return cfg.uri, cfg.processed, cfg.resolve_api_key()
+
+
+def _processed(cfg: CatalogConfig, fresh: bool = False) -> Any:
+    """The ``processed`` container, as a plain Tiled client (no bluesky_tiled_plugins classes: their
+    import takes seconds), one connection per catalog and process — a queue runner publishes every
+    run through it. Missing containers are created as :func:`~.catalog.runs` does."""
+    from .catalog import connect, container, ensure_containers
+    from .query import _plain_structure_clients
+    key = _processed_key(cfg)
+    if fresh or key not in _PROCESSED:
+        client = connect(cfg, structure_clients=_plain_structure_clients())
+        if cfg.owns():
+            ensure_containers(client, (cfg.raw, cfg.processed))
+        _PROCESSED[key] = container(client, cfg.processed)
+    return _PROCESSED[key]
+
+
+def _send(cfg: CatalogConfig, container: Any, docs: list[Doc]) -> None:
+    """Write one run: our own writer (:mod:`.runwriter`, a request per node), or bluesky's
+    ``TiledWriter`` for documents it does not handle (saved by an older version)."""
+    from .runwriter import Unsupported, write_run
+    try:
+        write_run(container, docs, close_streams=cfg.streams(), workers=PUBLISH_WORKERS)
+        return
+    except Unsupported as why:
+        log.info("derived run %s: written by TiledWriter (%s)", docs[0][1]["uid"], why)
     from bluesky_tiled_plugins import TiledWriter
-    writer = TiledWriter(container, max_array_size=0)
+    writer = TiledWriter(runs(cfg, "processed"), max_array_size=0)
     for name, doc in docs:
         writer(name, doc)
 

@@ -484,9 +484,10 @@ class JobQueue:
         outcome = read_outcome(outcome_path(job.spec_file)) if job.spec_file else None
         if outcome is None and job.spec_file and self._renamed_result(job):
             from hxn_ptycho.job import write_outcome
-            from hxn_ptycho.h5util import file_sha256
+            from hxn_ptycho.h5util import file_sha256_fingerprint
+            digest, stat = file_sha256_fingerprint(job.result_file)
             outcome = {"status": "success", "reason": None, "result_file": str(Path(job.result_file).resolve()),
-                       "result_sha256": file_sha256(job.result_file),
+                       "result_sha256": digest, "result_stat": stat,
                        "measured": {"status": "success", "ranks": job.nprocs, "mode": job.job_spec.execution.mode}}
             write_outcome(outcome_path(job.spec_file), outcome)
         return outcome

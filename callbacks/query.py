@@ -426,7 +426,9 @@ class _ClientReader:
         return _read(self.run[stream], key, required)
 
 
-_EXTERNAL_KEYS = {"object", "probe", "positions_px", "positions_refined_px", "probe_error", "object_error"}
+# arrays addressed directly (external, or zarr in runs written by TiledWriter); the rest are table columns
+_EXTERNAL_KEYS = {"object", "probe", "positions_px", "positions_refined_px", "probe_power_fraction",
+                  "final_probe_error", "final_object_error", "probe_error", "object_error"}
 
 
 class QuickRun:

@@ -178,8 +178,14 @@ def refuse_data_file(path: str, roots: tuple[Path, ...], own_root: str | None = 
 def check_result(result_file: str | os.PathLike | None, outcome: dict) -> None:
     """Refuse (:class:`Untrusted`) a success outcome whose result is not this job's result file as
     the job wrote it: the outcome must name ``result_file`` and give its SHA-256, and the file must
-    still have it."""
-    from hxn_ptycho.h5util import file_sha256
+    still have it.
+
+    Hashed once: the job records the file's fingerprint (inode, size, modification and status-change
+    times, :func:`~hxn_ptycho.h5util.file_fingerprint`) taken before it hashed the file; a file that
+    still has that fingerprint has not been written or replaced since, so its digest is the job's and
+    it is not read again. Any other file (replaced, rewritten, or an outcome without a fingerprint) is
+    hashed and compared as before."""
+    from hxn_ptycho.h5util import file_fingerprint, file_sha256
     named = outcome.get("result_file")
     if result_file is None or not named:
         raise Untrusted("the outcome record names no result file")
@@ -188,7 +194,10 @@ def check_result(result_file: str | os.PathLike | None, outcome: dict) -> None:
     want = outcome.get("result_sha256")
     if not isinstance(want, str) or not want:
         raise Untrusted(f"the outcome record gives no digest of {named}")
+    stat = outcome.get("result_stat")
     try:
+        if isinstance(stat, dict) and stat and file_fingerprint(named) == stat:
+            return                                  # unchanged since the job hashed it
         got = file_sha256(named)
     except OSError as exc:
         raise Untrusted(f"cannot read the result {named}: {exc}") from None

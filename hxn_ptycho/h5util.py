@@ -43,6 +43,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def file_fingerprint(path: str | os.PathLike) -> dict[str, int]:
+    """What changes whenever a file's bytes do: its inode, size, and modification and status-change
+    times in ns (the status-change time cannot be set back by a user; a replacement is a new inode)."""
+    st = os.stat(path)
+    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def file_sha256_fingerprint(path: str | os.PathLike) -> tuple[str, dict[str, int] | None]:
+    """(SHA-256, fingerprint) of a file: the fingerprint (:func:`file_fingerprint`) taken before the
+    file is read, None when the file changed while it was read. Whoever later finds the same
+    fingerprint knows the digest without reading the file again (the publisher: hashed once)."""
+    before = file_fingerprint(path)
+    digest = file_sha256(path)
+    return digest, before if file_fingerprint(path) == before else None
+
+
 def remove_parts(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files :func:`atomic_path` (or a job's rank 0) left beside ``path`` when the
     process writing them was killed (``.NAME.*.part``); return what was removed."""

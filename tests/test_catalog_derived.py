@@ -92,3 +92,62 @@ def test_unreachable_catalog_saves_documents_and_republishes(tiled_server, tmp_p
     backup = str(result) + ".docs.jsonl"
     uid = derived.republish(backup, tiled_server.uri)
     assert runs(tiled_server.uri, "processed")[uid].metadata["stop"]["exit_status"] == "success"
+
+
+def _record_requests(monkeypatch) -> list[tuple[str, str]]:
+    import httpx
+    sent: list[tuple[str, str]] = []
+    real = httpx.Client.send
+
+    def send(self, request, *args, **kwargs):
+        sent.append((request.method, request.url.path))
+        return real(self, request, *args, **kwargs)
+    monkeypatch.setattr(httpx.Client, "send", send)
+    return sent
+
+
+def test_a_derived_run_is_sent_once_node_by_node(tiled_server, monkeypatch):
+    """One request per node (bluesky's TiledWriter: 49 for this run), nothing copied into the catalog
+    (every array is served from the job's files), and the streams closed only where the server may
+    have subscribers (a URL: not known; the embedded server's folder: none)."""
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    folder = str(tiled_server.directory)
+    result = tiled_server.directory / "results" / "few.h5"
+    res = make_result(result, iterations=4)
+    derived.write_documents(folder, derived.result_documents(result, "raw-warm", {}))   # the connection is kept
+    data_before = sorted(p.name for p in (tiled_server.directory / "data").rglob("*"))
+    sent = _record_requests(monkeypatch)
+    uid = derived.write_documents(folder, derived.result_documents(result, "raw-few", {}))
+    assert len(sent) <= 17, sent
+    assert not [p for _, p in sent if "/stream/close/" in p]
+    assert sorted(p.name for p in (tiled_server.directory / "data").rglob("*")) == data_before   # no copy
+    run = runs(folder, "processed")[uid]
+    np.testing.assert_array_equal(run["primary"]["probe_power_fraction"].read(), res.probe_power_fraction[None])
+    np.testing.assert_array_equal(run["primary"]["final_probe_error"].read(), res.error_probe[-1:])
+    np.testing.assert_array_equal(run["iterations"]["object_error"].read(), res.error_object)
+    sources = run["iterations"]["object_error"].data_sources()
+    assert [a.data_uri for a in sources[0].assets] == [result.resolve().as_uri()]       # the job's own file
+    sent.clear()
+    derived.write_documents(tiled_server.uri, derived.result_documents(result, "raw-url", {}))
+    closed = [p for _, p in sent if "/stream/close/" in p]
+    assert len(closed) == 13 and closed[-1].endswith(closed[0].split("/")[-3]), closed    # every node, the run last
+
+
+def test_documents_of_an_older_layout_are_still_written(tiled_server, monkeypatch):
+    """Saved documents of an older version (arrays inline in the events) go through TiledWriter."""
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    result = tiled_server.directory / "results" / "older.h5"
+    make_result(result, iterations=3)
+    docs = derived.result_documents(result, "raw-older", {})
+    for name, doc in docs:
+        if name == "descriptor" and doc["name"] == "primary":
+            doc["data_keys"]["inline_modes"] = {"source": "test", "dtype": "array", "shape": [2], "dtype_numpy": "<f8"}
+        if name == "event":
+            doc["data"]["inline_modes"], doc["timestamps"]["inline_modes"] = [0.75, 0.25], doc["time"]
+    from hxn_ptycho.callbacks.runwriter import Unsupported, plan_run
+    with pytest.raises(Unsupported, match="arrays"):
+        plan_run(docs)
+    uid = derived.write_documents(str(tiled_server.directory), docs)
+    run = runs(str(tiled_server.directory), "processed")[uid]
+    np.testing.assert_array_equal(run["primary"]["inline_modes"].read(), [[0.75, 0.25]])
+    assert run.metadata["stop"]["exit_status"] == "success"

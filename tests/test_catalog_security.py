@@ -117,7 +117,10 @@ def test_catalog_files_are_owner_only(tmp_path, monkeypatch):
         assert mode(cat) == 0o700 and mode(cat / "data") == 0o700
         for f in ("catalog.db", "api_key", "server.log", "server.lock", "data/tables.sqlite"):
             assert mode(cat / f) == 0o600, f"{f} has mode {mode(cat / f):o}"
-        # everything the server itself created (umask 077): nothing readable by group or others
+        # everything the server itself created (umask 077): nothing readable by group or others — a
+        # derived run's arrays are served from the job's files, so an array is written here for the check
+        from hxn_ptycho.callbacks.catalog import connect
+        connect(str(cat)).write_array(np.arange(6.0), key="umask_check")
         made_by_server = list((cat / "data").rglob("*"))
         assert len(made_by_server) > 3
         loose = [f"{p} {mode(p):o}" for p in made_by_server if mode(p) & 0o077]

@@ -321,6 +321,36 @@ def test_a_result_or_outcome_swapped_after_the_job_is_not_published(tiled_server
     assert stop["exit_status"] == "fail" and f"not this job's result {b.source.result_file}" in stop["reason"], stop
 
 
+def test_the_result_is_hashed_once_and_rewritten_results_are_still_refused(tmp_path, monkeypatch):
+    """The publisher does not read a result the job hashed (its fingerprint still matches); a result
+    rewritten in place (same size, same name) or swapped afterwards is hashed again and refused."""
+    from hxn_ptycho import h5util
+    from hxn_ptycho.callbacks.trust import Untrusted, check_result
+    path = tmp_path / "r.h5"
+    make_result(path, iterations=4)
+    digest, stat_ = h5util.file_sha256_fingerprint(path)
+    assert stat_ is not None and digest == h5util.file_sha256(path)
+    outcome = {"status": "success", "result_file": str(path), "result_sha256": digest, "result_stat": stat_}
+    reads = []
+    real = h5util.file_sha256
+    monkeypatch.setattr(h5util, "file_sha256", lambda p: reads.append(p) or real(p))
+    check_result(path, outcome)
+    assert reads == []                                     # hashed once: by the job
+    check_result(path, {k: v for k, v in outcome.items() if k != "result_stat"})
+    assert len(reads) == 1                                 # an outcome without a fingerprint: hashed, accepted
+    time.sleep(0.05)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    with open(path, "r+b") as f:                           # in place: same inode, same size
+        f.write(data)
+    with pytest.raises(Untrusted, match="changed after the job wrote it"):
+        check_result(path, outcome)
+    assert len(reads) == 2
+    make_result(path, iterations=4)                         # swapped for an equal file: new inode, same bytes
+    check_result(path, outcome)                             # hashed, and its digest is the job's
+    assert len(reads) == 3
+
+
 # -- 8. runs with no record ----------------------------------------------------------------------
 
 def test_lost_start_stop_without_status_and_bool_scan_id_are_each_recorded_once(tiled_server, trust_listener,
