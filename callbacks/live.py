@@ -171,6 +171,13 @@ def newest_live(catalog: Any = None) -> str | None:
     return None if best is None else best[1]
 
 
+def phase_limits(phase: np.ndarray) -> tuple[float, float]:
+    """Colour limits of an object phase: its 1st and 99th percentiles, so the few wild pixels at the
+    canvas's unlit edge do not wash out the sample (as the summary figure scales it)."""
+    lo, hi = np.percentile(phase, [1, 99]) if phase.size else (0.0, 1.0)
+    return float(lo), float(hi) if hi > lo else float(lo) + 1e-6
+
+
 def draw(prev: dict[str, Any], fig: Any = None) -> Any:
     """The preview as a figure: object phase, probe amplitude, the data error and the views so far."""
     import matplotlib.pyplot as plt
@@ -178,7 +185,7 @@ def draw(prev: dict[str, Any], fig: Any = None) -> Any:
         fig = plt.figure(figsize=(9, 4))
     fig.clf()
     a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    a.imshow(prev["object_phase"], cmap="gray")
+    a.imshow(prev["object_phase"], cmap="gray", clim=phase_limits(np.asarray(prev["object_phase"])))
     a.set_title(f"object phase: {int(prev.get('views') or 0)} views")
     b.imshow(prev["probe_amplitude"][0], cmap="magma")
     err = prev.get("data_error")
@@ -329,7 +336,7 @@ class LiveFigure:
                 x.set_yticks([])
         ax = a["axes"]
         a["phase"].set_data(phase)
-        a["phase"].set_clim(float(phase.min()), float(phase.max()))
+        a["phase"].set_clim(*phase_limits(phase))
         a["probe"].set_data(amp)
         a["probe"].set_clim(0.0, float(amp.max()) or 1.0)
         a["views"].set_offsets(pos[:, ::-1] + n / 2 if pos.size else np.zeros((0, 2)))
