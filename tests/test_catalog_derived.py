@@ -151,3 +151,60 @@ def test_documents_of_an_older_layout_are_still_written(tiled_server, monkeypatc
     run = runs(str(tiled_server.directory), "processed")[uid]
     np.testing.assert_array_equal(run["primary"]["inline_modes"].read(), [[0.75, 0.25]])
     assert run.metadata["stop"]["exit_status"] == "success"
+
+
+def _tree(node, path=""):
+    """Every node below ``node``: path → (structure family, spec names, metadata, value)."""
+    out = {}
+    for key in node:
+        child = node[key]
+        here = f"{path}/{key}"
+        family = str(child.structure_family).split(".")[-1]
+        value = None
+        if family == "array":
+            value = np.asarray(child.read())
+        elif family == "table":
+            value = child.read().drop(columns=["time"] + [c for c in child.read().columns if c.startswith("ts_")])
+        out[here] = (family, sorted(s.name for s in child.specs), dict(child.metadata), value)
+        if family == "container":
+            out.update(_tree(child, here))
+    return out
+
+
+def test_our_run_writer_gives_the_layout_tiledwriter_gives(tiled_server, monkeypatch):
+    """The same derived-run documents through our writer (callbacks/runwriter.py) and through
+    bluesky's TiledWriter: the same nodes, structure families, specs, metadata and values (read as
+    a user reads them), apart from the one documented difference (a [1]-shaped data key keeps its axis)."""
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    from bluesky_tiled_plugins import TiledWriter
+    folder = str(tiled_server.directory)
+    result = tiled_server.directory / "results" / "layout.h5"
+    make_result(result, iterations=4)
+    docs = derived.result_documents(result, "raw-layout", {})
+    uid = derived.write_documents(folder, docs)
+    ours = runs(folder, "processed")[uid]
+    theirs_container = runs(folder, "raw")
+    tw = TiledWriter(theirs_container)
+    for name, doc in docs:
+        tw(name, doc)
+    theirs = theirs_container[uid]
+    a, b = _tree(ours), _tree(theirs)
+    assert sorted(a) == sorted(b)
+    assert {k: v[:2] for k, v in a.items()} == {k: v[:2] for k, v in b.items()}
+    assert dict(ours.metadata)["start"] == dict(theirs.metadata)["start"]
+    assert dict(ours.metadata)["stop"] == dict(theirs.metadata)["stop"]
+    assert sum(isinstance(v[3], np.ndarray) for v in a.values()) >= 5      # the run's arrays were compared
+    for key in a:
+        assert a[key][2] == b[key][2], key                                 # descriptors, array metadata
+        va, vb = a[key][3], b[key][3]
+        if va is None:
+            continue
+        if isinstance(va, np.ndarray):
+            if va.shape != vb.shape:            # the documented difference: ours keeps a [1] axis
+                assert va.shape[-1:] == (1,) and va.shape[:-1] == vb.shape, (key, va.shape, vb.shape)
+                va = va[..., 0]
+            np.testing.assert_array_equal(va, vb, err_msg=key)
+        else:
+            assert sorted(va.columns) == sorted(vb.columns), key
+            for c in va.columns:
+                np.testing.assert_array_equal(va[c].to_numpy(), vb[c].to_numpy(), err_msg=f"{key}:{c}")
