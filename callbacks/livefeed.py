@@ -16,6 +16,12 @@ before its event — hxntools' ``TPX_HDF5`` step mode, the simulated ``step_scan
   against the running statistics of the whole scan so far) and appends the new views; at the stop
   it appends the rest and marks the file complete.
 
+A *fly2dpd* that sends StreamResource/StreamDatum documents during the scan (bluesky's
+``collect_while_completing``; the simulated ``fly2dpd(stream_datum_every_s=...)``) is followed the
+same way: the collector counts its points from the StreamDatums, a snapshot cuts them at n points,
+and the same reader and export read the partial documents. A fly2dpd that sends none before its
+stop is left to the post-stop path.
+
 Nothing wrong is ever written: if a later chunk disagrees with what is already in the file (a
 frame without beam dropped, a pixel newly masked), the feed stops appending and leaves the file
 incomplete (the live job is then terminated); the post-stop path of the
