@@ -100,3 +100,32 @@ def test_a_fly2dpd_followed_from_its_documents_is_the_runs_one_result(tmp_path):
     (live,) = feed.runs.values()
     assert live.result_path.exists() and live.run.uid in feed.took
     assert cb.submitted == [] and cb.failed == []          # one result: the live one
+
+
+def test_a_fly2dpd_with_only_its_bulk_documents_is_left_to_the_post_stop_path(tmp_path):
+    """The fly2dpd the beamline runs today (everything at the end): the live feed writes nothing and
+    the post-stop path makes the run's one derived run."""
+    from hxn_ptycho.callbacks.export import ExportConfig
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+    from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
+
+    sample, _ = simulated_scan("fly2dpd", n_positions=36, seed=6)
+    hxn = make_hxn(tmp_path / "detector")
+    RE = make_re(hxn)
+    export = ExportConfig(crop=64, data_roots=(str(tmp_path),), orientation="default")
+    work = str(tmp_path / "work")
+    params = {"iterations": 2, "threads": 1}
+    feed = LiveFeed(LiveFeedConfig(work_dir=work, params=params, export=export, first_chunk=12, chunk=8))
+    cb = PtychoCallback(CallbackConfig(work_dir=work, params=params, export=export))
+    cb.live = feed
+    RE.subscribe(cb)
+    RE.subscribe(feed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        RE(fly2dpd(hxn, sample, md={"ptycho_crop": 64}))
+    assert cb.flush(timeout=300)
+    feed.wait(60)
+    (live,) = feed.runs.values()
+    assert live.writer is None and "without StreamResource" in (live.gave_up or "")
+    assert not live.scan_path.exists() and not live.result_path.exists()
+    assert len(cb.submitted) == 1 and cb.failed == []      # exactly one job: the post-stop path's
