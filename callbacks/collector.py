@@ -75,6 +75,8 @@ class RunCollector(DocumentRouter):
         self._kept: dict[tuple[str, str], bool] = {}     # (descriptor uid, key) -> keep (cached)
         self._next_seq: dict[str, int] = {}  # stream -> the seq_num expected next
         self._irregular: set[str] = set()    # streams whose seq_nums were not 1, 2, 3, ... in order
+        self._stream_only: dict[str, list[str]] = {}        # descriptor uid -> its keys, if all are STREAM:
+        self._covered: dict[str, dict[str, int]] = {}       # descriptor uid -> data key -> seq stop covered
 
     # -- documents --------------------------------------------------------------------------
     def start(self, doc: dict) -> None:
@@ -177,6 +179,37 @@ class RunCollector(DocumentRouter):
 
     def stream_datum(self, doc: dict) -> None:
         self.run.stream_datums.append(doc)
+        self._count_stream_points(doc)
+
+    def _count_stream_points(self, doc: dict) -> None:
+        """A stream with no events of its own (every data key of its descriptor ``external: 'STREAM:'``,
+        as a flyer under bluesky's ``collect_while_completing`` writes it): its points are the
+        StreamDatums' ``seq_nums``. A point counts (in ``seq_nums``, as an event would) once every
+        data key of the descriptor has a StreamDatum covering it, so that a reader of the run so far
+        finds frames, positions and scaler for each counted point. O(keys) per StreamDatum."""
+        descriptor = doc.get("descriptor")
+        stream = self._streams.get(descriptor)
+        if stream is None:
+            return
+        keys = self._stream_only.get(descriptor)
+        if keys is None:
+            data_keys = self.run.descriptors[descriptor].get("data_keys") or {}
+            external = [k for k, dk in data_keys.items() if str(dk.get("external", "")).upper().startswith("STREAM")]
+            keys = self._stream_only[descriptor] = external if len(external) == len(data_keys) else []
+        if not keys:
+            return                                   # events carry this stream's points
+        sr = self.run.stream_resources.get(doc.get("stream_resource")) or {}
+        seq = doc.get("seq_nums") or {}
+        covered = self._covered.setdefault(descriptor, {})
+        key = sr.get("data_key")
+        covered[key] = max(covered.get(key, 1), int(seq.get("stop", 1) or 1))
+        upto = min(covered.get(k, 1) for k in keys)  # exclusive
+        points = self.run.seq_nums[stream]
+        first = points[-1] + 1 if points else 1
+        if upto > first:
+            new = list(range(first, upto))
+            self._track_seq(stream, new)
+            points.extend(new)
 
     def stop(self, doc: dict) -> None:
         self.run.stop = doc

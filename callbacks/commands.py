@@ -589,15 +589,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
             cb.live = feed
             plan = fly2dpd(hxn, sample, md=md, streams=sims)
         elif (feed := build_live_feed(args, cb)) is not None:   # reconstructed while it runs: previews, a live figure
-            if args.scan_type != "step":
-                raise CommandError("--live follows step scans (one event per point): give --scan-type step")
+            if args.scan_type not in ("step", "fly2dpd"):
+                raise CommandError("--live follows step scans (one event per point) and fly2dpd scans (StreamDatums "
+                                   "during the scan): give --scan-type step or fly2dpd")
             from .live import LiveFigure
-            from .sim_beamline import step_scan
+            from .sim_beamline import fly2dpd, step_scan
             RE.subscribe(feed)
             live_png = Path(args.live_png or base / "live.png")
             figure = LiveFigure(feed, png=live_png, say=lambda line: print(line, flush=True))
             RE.subscribe(figure)
-            plan = step_scan(hxn, sample, md=md, dwell_s=args.dwell)
+            if args.scan_type == "fly2dpd":     # StreamResource/StreamDatum every second (collect_while_completing)
+                plan = fly2dpd(hxn, sample, md=md, stream_datum_every_s=args.stream_datum_every,
+                               dwell_s=args.dwell)
+            else:
+                plan = step_scan(hxn, sample, md=md, dwell_s=args.dwell)
             print(f"live: previews drawn to {live_png} (replaced in place) while the scan runs"
                   + (f"; hxn-ptycho watch --catalog {args.catalog} shows them in a window" if args.catalog else ""),
                   flush=True)
@@ -688,7 +693,8 @@ def _add_callback_options(p: argparse.ArgumentParser, *, nprocs: int = 1) -> Non
                    help="read detector files only under these folders (default: /data, /nsls2/data and "
                         "$HXN_PTYCHO_DATA_ROOTS)")
     p.add_argument("--live", action="store_true",
-                   help="reconstruct step scans while they run: a live job per scan follows a growing scan file "
+                   help="reconstruct step scans (and fly2dpd scans that send StreamDatums) while they run: a live "
+                        "job per scan follows a growing scan file "
                         "and publishes previews; its result is the run's derived run (docs/live.md)")
     p.add_argument("--live-first-chunk", type=int, default=256, metavar="N",
                    help="--live: events before the first export, whose decisions (centre, orientation) are kept")
@@ -748,7 +754,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--streams", action="store_true", help="fly2dpd live: the simulated Eiger and PandA also send "
                    "their 0MQ streams, which the stream feed reconstructs while the scan runs (docs/streams.md)")
     p.add_argument("--stream-rate", type=float, default=200.0, help="frames a second on the streams (default 200)")
-    p.add_argument("--dwell", type=float, default=0.05, help="--live: seconds at each point of the step scan")
+    p.add_argument("--dwell", type=float, default=0.05, help="--live: seconds at each point of the scan")
+    p.add_argument("--stream-datum-every", type=float, default=1.0, metavar="S",
+                   help="--live --scan-type fly2dpd: seconds between the flyer's StreamDatum documents (default 1)")
     p.add_argument("--live-png", help="--live: the live figure, replaced in place (default DIR/live.png)")
 
     p = subparsers.add_parser("results", help="the reconstruction(s) of a stored scan",

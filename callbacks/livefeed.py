@@ -16,6 +16,12 @@ before its event — hxntools' ``TPX_HDF5`` step mode, the simulated ``step_scan
   against the running statistics of the whole scan so far) and appends the new views; at the stop
   it appends the rest and marks the file complete.
 
+A *fly2dpd* that sends StreamResource/StreamDatum documents during the scan (bluesky's
+``collect_while_completing``; the simulated ``fly2dpd(stream_datum_every_s=...)``) is followed the
+same way: the collector counts its points from the StreamDatums, a snapshot cuts them at n points,
+and the same reader and export read the partial documents. A fly2dpd that sends none before its
+stop is left to the post-stop path.
+
 Nothing wrong is ever written: if a later chunk disagrees with what is already in the file (a
 frame without beam dropped, a pixel newly masked), the feed stops appending and leaves the file
 incomplete (the live job is then terminated); the post-stop path of the
@@ -73,8 +79,31 @@ def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:
     seq = {s: list(v[:n]) if s == stream else list(v) for s, v in run.seq_nums.items()}
     return dataclasses.replace(run, columns=cols, seq_nums=seq, descriptors=dict(run.descriptors),
                                resources=dict(run.resources), datums=dict(run.datums),
+                               stream_resources=dict(run.stream_resources),
+                               stream_datums=_stream_datums_upto(run, n, stream),
                                stop={"exit_status": "success", "num_events": {stream: n}},
                                problems=list(run.problems))
+
+
+def _stream_datums_upto(run: CollectedRun, n: int, stream: str) -> list[dict]:
+    """The StreamDatums of ``stream`` cut to its first ``n`` points (``seq_nums`` 1..n; a datum
+    across the cut is clipped, its ``indices`` with it); those of other streams as they are."""
+    names = {uid: d.get("name") for uid, d in run.descriptors.items()}
+    out = []
+    for sd in list(run.stream_datums):
+        seq = sd.get("seq_nums") or {}
+        if names.get(sd.get("descriptor")) != stream or not seq.get("stop"):
+            out.append(sd)
+            continue
+        first, stop = int(seq.get("start", 1)), int(seq["stop"])
+        if first > n:
+            continue
+        if stop > n + 1:
+            ind = dict(sd.get("indices") or {})
+            ind["stop"] = int(ind.get("start", 0)) + (n + 1 - first)
+            sd = {**sd, "seq_nums": {"start": first, "stop": n + 1}, "indices": ind}
+        out.append(sd)
+    return out
 
 
 def _sub_source(source: Any, a: int, b: int, wait_s: float) -> Any:
@@ -230,6 +259,7 @@ class _LiveRun:
         self.cfg, self.collector = cfg, collector
         self.run = collector.run
         self.stem = file_stem(self.run.scan_id, self.run.uid)
+        self.fly = scan_kind(self.run.start) == "fly2dpd"   # followed from its StreamDatums, if it sends any
         folder = Path(cfg.work_dir) / "live"
         self.scan_path = folder / f"scan_{self.stem}.h5"
         self.result_path = Path(cfg.work_dir) / "results" / f"result_{self.stem}_live.h5"
@@ -268,6 +298,13 @@ class _LiveRun:
                 stopped = self.stopped
                 n = self._events()
                 need = self.cfg.first_chunk if self.incremental is None else self.incremental.read + self.cfg.chunk
+                if self.fly and not self.run.stream_resources:
+                    if stopped:                   # fly2dpd's bulk documents at the end: nothing to follow
+                        self.gave_up = "a fly2dpd without StreamResource/StreamDatum during the scan"
+                        log.info("live feed of run %s: %s (the post-stop path exports it)", self.run.uid,
+                                 self.gave_up)
+                        break
+                    continue
                 if n and (n >= need or stopped) and not self.gave_up:
                     self._export(n)
                 if stopped and self._events() == n:
@@ -397,7 +434,8 @@ class LiveFeed:
         self.documents += 1
 
     def _factory(self, name: str, start: dict) -> tuple[list, list]:
-        if ignore_reason(start, self.config.export.detectors) is not None or scan_kind(start) != "step":
+        if ignore_reason(start, self.config.export.detectors) is not None or \
+                scan_kind(start) not in ("step", "fly2dpd"):
             return [], []
         collector = RunCollector(start, lambda run: None, keep=kept_field(start, self.config.export))
         live = _LiveRun(self.config, collector)

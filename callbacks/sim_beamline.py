@@ -385,6 +385,157 @@ class SimPandaFlyer(Device):
         yield from docs
 
 
+class _SwmrColumns:
+    """An HDF5 file of 1-D datasets grown point by point in SWMR mode and flushed after every append
+    (the PandA's and SIS scaler's files of a fly2dpd followed live): a reader sees each point's
+    values as soon as they are in."""
+
+    def __init__(self, path: str, columns: dict[str, Any]) -> None:
+        import h5py
+        self.path = path
+        self.f = h5py.File(path, "w", libver="latest", locking=False)
+        for name, dtype in columns.items():
+            self.f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+        self.f.swmr_mode = True
+
+    def append(self, values: dict[str, np.ndarray]) -> None:
+        for name, v in values.items():
+            d = self.f[name]
+            n = d.shape[0]
+            d.resize(n + len(v), axis=0)
+            d[n:] = v
+            d.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+            self.f = None
+
+
+class SimPandaStreamFlyer(Device):
+    """The PandA flyer of a fly2dpd that goes out *during* the scan (``fly2dpd(stream_datum_every_s=...)``),
+    as an ophyd-async flyer does under bluesky's ``collect_while_completing`` (bluesky
+    plan_stubs.py: ``complete_all`` without waiting, then ``collect`` every ``flush_period`` until the
+    motion is done, and once more after it): it writes bluesky's ``WritesStreamAssets`` protocol —
+    ``describe_collect`` (every key ``external: 'STREAM:'``), ``get_index`` (the points whose frame,
+    encoder samples and scaler values are all flushed) and ``collect_asset_docs`` (one StreamResource
+    per data key at the first collect, then one StreamDatum per key for the points flushed since the
+    last collect). No events: the RunEngine counts the points from the StreamDatums' ``seq_nums``.
+
+    The frames go to the detector's file (:class:`_ADFile`, SWMR, flushed per frame), the encoder
+    samples (``position_supersample`` a point, int32 counts, datasets ``/INENCk.VAL.Value`` as the
+    PandA writes them) and the SIS channels (one value a point) to SWMR files flushed per point, so
+    that what a StreamDatum names is readable when it is emitted. Same values as
+    :class:`SimPandaFlyer` (:meth:`SimPandaFlyer.recorded`)."""
+
+    def __init__(self, *args: Any, save_path: str | os.PathLike = ".", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_path = str(save_path)
+        self.detectors: list[_SimAreaDetector] = []
+        self.motors: tuple[str, str] = ("zpssx", "zpssy")
+        self.sample: SimSample | None = None
+        self.position_supersample = 10
+        self.bad_scaler: dict[int, float] = {}
+        self.dwell_s = 0.0                        # seconds per point of the motion
+        self._recorded: tuple[dict, dict] | None = None
+        self._index = 0                           # points flushed (frames, positions, scaler)
+        self._emitted = 0                         # points named by StreamDatums so far
+        self._resources: dict[str, dict] = {}     # data key -> its StreamResource
+        self._sent_resources = False
+        self._thread: Any = None
+        self._status: StatusBase | None = None
+
+    recorded = SimPandaFlyer.recorded
+
+    def describe_collect(self) -> dict:
+        desc: dict[str, dict] = {}
+        for key in PANDA_FIELDS:
+            desc[key] = {"source": "PANDA", "dtype": "array", "dtype_numpy": "<i4",
+                         "shape": [self.position_supersample], "external": "STREAM:"}
+        for name in SIS_CHANNELS:
+            desc[name] = {"source": f"XF03IDC-ES-SCLR1:{name}", "dtype": "number", "dtype_numpy": "<f4",
+                          "shape": [], "external": "STREAM:"}
+        for det in self.detectors:
+            desc[f"{det.name}_image"] = {"source": det.name, "dtype": "array",
+                                         "dtype_numpy": np.dtype(det.dtype).str, "shape": list(det.frame_shape),
+                                         "external": "STREAM:"}
+        return desc
+
+    def kickoff(self, *, num: int) -> StatusBase:
+        import threading
+        self.frame_per_point = int(num)
+        Path(self.save_path).mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        panda_path = os.path.join(self.save_path, f"panda_rbdata_{stamp}_{uuid.uuid4().hex[:8]}.h5")
+        sis_path = os.path.join(self.save_path, f"{uuid.uuid4()}.h5")
+        self._panda = _SwmrColumns(panda_path, {**{f: np.int32 for f in PANDA_FIELDS.values()},
+                                                "PCAP.TS_TRIG.Value": np.float64})
+        self._sis = _SwmrColumns(sis_path, {name: np.float32 for name in SIS_CHANNELS})
+        ss = self.position_supersample
+
+        def resource(key: str, path: str, dataset: str, multiplier: int = 1) -> dict:
+            return {"uid": str(uuid.uuid4()), "data_key": key, "mimetype": "application/x-hdf5",
+                    "uri": Path(path).resolve().as_uri(),
+                    "parameters": {"dataset": dataset, "multiplier": multiplier}}
+        self._resources = {key: resource(key, panda_path, "/" + field, ss) for key, field in PANDA_FIELDS.items()}
+        self._resources.update({name: resource(name, sis_path, "/" + name) for name in SIS_CHANNELS})
+        for det in self.detectors:
+            det._asset_docs = []                  # its step-mode Resource is not this scan's document
+            self._resources[f"{det.name}_image"] = resource(f"{det.name}_image", det._file.path,
+                                                            "/entry/instrument/detector/data")
+        self._index = self._emitted = 0
+        self._sent_resources = False
+        self._recorded = None
+        self._status = StatusBase()
+        self._thread = threading.Thread(target=self._move, name="sim-panda-motion", daemon=True)
+        self._thread.start()
+        return _done()
+
+    def _move(self) -> None:
+        """The motion: point by point, the frame, the encoder samples and the scaler flushed, then
+        the point counted (:meth:`get_index`)."""
+        assert self._status is not None
+        try:
+            n, ss = self.sample.n_views, self.position_supersample
+            enc_for, sis = self.recorded()
+            t0 = time.monotonic()
+            for i in range(n):
+                if self.dwell_s > 0:
+                    time.sleep(max(0.0, t0 + (i + 1) * self.dwell_s - time.monotonic()))
+                for det in self.detectors:
+                    det.expose([i])
+                self._panda.append({**{f: enc_for.get(k, np.zeros(n * ss, np.int32))[i * ss:(i + 1) * ss]
+                                       for k, f in PANDA_FIELDS.items()},
+                                    "PCAP.TS_TRIG.Value": (np.arange(i * ss, (i + 1) * ss) * 1e-3)})
+                self._sis.append({name: v[i:i + 1] for name, v in sis.items()})
+                self._index = i + 1
+            self._panda.close()
+            self._sis.close()
+            self._status.set_finished()
+        except Exception as exc:  # noqa: BLE001 - the plan's complete fails with it
+            self._status.set_exception(exc)
+
+    def complete(self) -> StatusBase:
+        assert self._status is not None
+        return self._status
+
+    def get_index(self) -> int:
+        return self._index
+
+    def collect_asset_docs(self, index: int | None = None) -> Iterator[tuple[str, dict]]:
+        n = self._index if index is None else min(int(index), self._index)
+        if not self._sent_resources:
+            self._sent_resources = True
+            for doc in self._resources.values():
+                yield "stream_resource", dict(doc)
+        if n > self._emitted:
+            for doc in self._resources.values():
+                yield "stream_datum", {"uid": f"{doc['uid']}/{self._emitted}", "stream_resource": doc["uid"],
+                                       "descriptor": "", "indices": {"start": self._emitted, "stop": n},
+                                       "seq_nums": {"start": 0, "stop": 0}}
+            self._emitted = n
+
+
 # -- FlyPlan2D: the hxnfly flyer ------------------------------------------------------------------------
 
 class SimHxnFlyer(Device):
@@ -451,6 +602,7 @@ class SimHXN:
     merlin1: SimMerlin
     panda_flyer: SimPandaFlyer
     hxn_flyer: SimHxnFlyer
+    panda_stream_flyer: SimPandaStreamFlyer | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -476,7 +628,8 @@ def make_hxn(save_path: str | os.PathLike, energy_kev: float = 12.0,
                   eiger2=SimEiger(name="eiger2", save_path=det_path, frame_shape=frame_shape),
                   merlin1=SimMerlin(name="merlin1", save_path=det_path, frame_shape=frame_shape),
                   panda_flyer=SimPandaFlyer(name="PandaFlyer", save_path=det_path),
-                  hxn_flyer=SimHxnFlyer(name="hxn_flyer"))
+                  hxn_flyer=SimHxnFlyer(name="hxn_flyer"),
+                  panda_stream_flyer=SimPandaStreamFlyer(name="PandaFlyer", save_path=det_path))
 
 
 def _grid_shape(n: int) -> tuple[int, int]:
@@ -486,16 +639,30 @@ def _grid_shape(n: int) -> tuple[int, int]:
 
 def fly2dpd(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger2", motors: tuple[str, str] = ("zpssx", "zpssy"),
             position_supersample: int = 10, dwell: float = 0.01, md: dict | None = None,
-            streams: Any = None) -> Iterator:
+            streams: Any = None, stream_datum_every_s: float | None = None, dwell_s: float = 0.0) -> Iterator:
     """fly2dpd as startup/93-scanplan-panda.py runs it: start metadata in ``md['scan']``, the
     PandA flyer kicked off for N × supersample samples, one collect. ``streams``
-    (:class:`.sim_streams.SimStreams`): the motion also goes out on the Eiger and PandA streams."""
+    (:class:`.sim_streams.SimStreams`): the motion also goes out on the Eiger and PandA streams.
+
+    ``stream_datum_every_s`` (seconds): the scan followed live from its documents — the flyer is
+    :class:`SimPandaStreamFlyer` and the plan is ``declare_stream``, ``kickoff``, then bluesky's
+    ``collect_while_completing(flush_period=stream_datum_every_s)``: StreamResources at the first
+    collect, StreamDatums for the points flushed about every ``stream_datum_every_s`` while the
+    motion runs, no events. ``dwell_s`` > 0: the motion takes that long per point (a demo scan as
+    long as a real one)."""
     from bluesky import plan_stubs as bps
     from bluesky import preprocessors as bpp
 
     det = hxn.detector(detector)
     det.sample, det.fly, det.total_points = sample, True, sample.n_views
-    flyer = hxn.panda_flyer
+    if stream_datum_every_s is not None:
+        if stream_datum_every_s <= 0:
+            raise ValueError(f"stream_datum_every_s must be > 0 (got {stream_datum_every_s})")
+        if streams is not None:
+            raise ValueError("give streams (the detector streams) or stream_datum_every_s (the documents), not both")
+        if hxn.panda_stream_flyer is None:
+            raise ValueError("this simulated HXN has no PandA stream flyer (make it with make_hxn)")
+    flyer: Any = hxn.panda_flyer if stream_datum_every_s is None else hxn.panda_stream_flyer
     flyer.detectors, flyer.motors, flyer.sample = [det], motors, sample
     flyer.position_supersample = position_supersample
     flyer.streams = streams
@@ -511,6 +678,19 @@ def fly2dpd(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger2", motors:
                        "slow_axis": {"motor_name": motors[1], "units": "um"}, "shape": [num1, num2]}}
     run_md.update(md or {})
 
+    if stream_datum_every_s is not None:
+        flyer.dwell_s = float(dwell_s)
+
+    @bpp.stage_decorator([det])
+    @bpp.run_decorator(md=run_md)
+    def live() -> Iterator:
+        yield from bps.declare_stream(flyer, name="primary", collect=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"About to call kickoff\(\) with args", category=UserWarning)
+            yield from bps.kickoff(flyer, num=sample.n_views * position_supersample, wait=True)
+        yield from bps.collect_while_completing([flyer], [flyer], flush_period=stream_datum_every_s,
+                                                stream_name="primary")
+
     @bpp.stage_decorator([det])
     @bpp.run_decorator(md=run_md)
     def inner() -> Iterator:
@@ -523,7 +703,7 @@ def fly2dpd(hxn: SimHXN, sample: SimSample, *, detector: str = "eiger2", motors:
         yield from bps.complete(flyer, wait=True)
         yield from bps.collect(flyer)
     try:
-        return (yield from inner())
+        return (yield from (inner() if stream_datum_every_s is None else live()))
     finally:
         det.fly = False
 
