@@ -11,6 +11,8 @@ defaults otherwise) with the true count of modes on a mixture of tests/mode_mixt
     python benchmarks/mode_start.py fly:1e6:3:0.08 --orders 0,1 0,2 --set extra_mode_power=0.3
     python benchmarks/mode_start.py fly:1e6:3:0.08 --start reseed --at 20 --set extra_mode_power=0.3
     python benchmarks/mode_start.py fly:1e6:3:0.08 --start over --extra 3 --at 60 --set extra_mode_power=0.3
+    python benchmarks/mode_start.py fly:1e6:3:0.08 --scan-kind fly2dpd        # the library's motion start
+    python benchmarks/mode_start.py gsm:1e6:3:0.03 --set "probe_modes_init='motion'"
 
 Starts: ``default`` (the library's); ``truth`` (the true object and modes); ``reseed`` (one mode
 until ``--at``, then the extra modes made from the derivatives of the mode fitted so far);
@@ -59,8 +61,10 @@ def derivative_modes(orders: list[tuple[int, int]]) -> Any:
     return make
 
 
-def run(case: str, its: int, start: str, at: int, extra: int, sets: dict[str, Any]) -> None:
+def run(case: str, its: int, start: str, at: int, extra: int, sets: dict[str, Any], scan_kind: str | None) -> None:
     scan, mix, K = case_scan(case)
+    if scan_kind:
+        scan.attrs["scan_kind"] = scan_kind     # what an exported fly scan's file says (probe_modes_init auto)
     t0 = time.perf_counter()
     p = ReconParams(iterations=its, probe_modes=K, threads=1, **sets)
     rec = Reconstruction(scan, p, log=lambda m: None)
@@ -91,7 +95,8 @@ def run(case: str, its: int, start: str, at: int, extra: int, sets: dict[str, An
     res = rec.run()
     sp = modes.power_fractions(np.asarray(res.probe))
     shapes = f" orders {ORDERS}" if ORDERS else ""
-    print(f"{case} start {start}{shapes} {sets}: data error {res.attrs['final_data_error']:.6f}, spectrum "
+    kind = f" scan_kind {scan_kind}" if scan_kind else ""
+    print(f"{case} start {start}{shapes}{kind} {sets}: data error {res.attrs['final_data_error']:.6f}, spectrum "
           f"{'/'.join(f'{100 * x:.1f}' for x in sp)} % ({time.perf_counter() - t0:.0f} s)", flush=True)
     rec.close()
 
@@ -104,6 +109,7 @@ def main() -> None:
     ap.add_argument("--at", type=int, default=20, help="iteration of the reseed / truncation")
     ap.add_argument("--extra", type=int, default=3, help="'over': modes beyond the count until --at")
     ap.add_argument("--orders", nargs="+", default=None, help="derivative orders row,col of the extra modes")
+    ap.add_argument("--scan-kind", default=None, help="the scan file's scan_kind attribute (e.g. fly2dpd)")
     ap.add_argument("--set", action="append", default=[], help="a parameter, key=value")
     a = ap.parse_args()
     if a.orders:
@@ -111,7 +117,7 @@ def main() -> None:
         modes.diverse_modes = derivative_modes(ORDERS)
     sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     for case in a.cases:
-        run(case, a.its, a.start, a.at, a.extra, sets)
+        run(case, a.its, a.start, a.at, a.extra, sets, a.scan_kind)
 
 
 if __name__ == "__main__":

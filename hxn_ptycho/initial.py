@@ -7,10 +7,15 @@ so a new algorithm or a front end can make the same start without a reconstructi
 - The object: ones (or random phases, ``object_init``), extra object modes weaker and perturbed
   (Thibault & Menzel's mixed states need them distinct), or a previous result (``init_from``).
 - The probe: the scan file's guess, or one made from the mean diffraction amplitude, scaled so
-  that Σ|P|² equals the mean frame power; extra modes with diversity at ``extra_mode_power``.
+  that Σ|P|² equals the mean frame power; extra modes with diversity at ``extra_mode_power``, or,
+  for a fly scan (``probe_modes_init``), the first mode's successive derivatives along the scan's
+  motion at ``motion_mode_power``: a probe that moves by s during the exposure is the incoherent
+  mixture ∫ P(r − s u) ds, whose coherent modes are, to first order in s, P and its derivatives
+  u·∇P, (u·∇)²P, … along the motion u (docs/auto_modes.md, "Session 17: the motion start").
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -19,6 +24,13 @@ from . import modes
 from .params import ParamError, ReconParams
 from .resultfile import ResultData
 from .scanfile import ScanData
+
+log = logging.getLogger(__name__)
+
+# ``scan_kind`` values of a scan file (callbacks/export.py ``scan_kind``) whose views are exposed
+# while the stage moves: PandA fly scans (hxn-profile-collection 93-scanplan-panda.py ``fly2dpd``)
+# and hxnfly's ``FlyPlan2D``. Step scans stop at each point.
+FLY_SCAN_KINDS = ("fly2dpd", "FlyPlan2D")
 
 
 def median_step(pos: np.ndarray) -> float:
@@ -51,6 +63,73 @@ def initial_object(obj_shape: tuple[int, int, int], params: ReconParams,
     for l in range(1, L):       # weaker, perturbed extra object modes
         obj[l] = 0.1 * obj[0] * np.exp(1j * rng.uniform(-np.pi, np.pi, (H, W)))
     return obj
+
+
+def motion_direction(positions: np.ndarray) -> np.ndarray | None:
+    """The unit direction (row, col) of the stage's motion between consecutive views, in the pixel
+    frame the probe is reconstructed in (``positions`` are the views' window corners in acquisition
+    order, as ``positions_px`` gives them), or None with fewer than two distinct positions.
+
+    The principal axis of the consecutive steps' unit vectors (a sign-free average: a snake scan's
+    alternate lines and a raster's fly-back along the line count alike; the rare steps to the
+    next line weigh one each)."""
+    d = np.diff(np.asarray(positions, np.float64), axis=0)
+    length = np.hypot(d[:, 0], d[:, 1])
+    d = d[length > 0] / length[length > 0, None]
+    if len(d) == 0:
+        return None
+    w, v = np.linalg.eigh(d.T @ d)
+    u = v[:, int(np.argmax(w))]
+    return u * (1.0 if u[int(np.argmax(np.abs(u)))] > 0 else -1.0)
+
+
+def directional_derivative(p: np.ndarray, u: np.ndarray, order: int) -> np.ndarray:
+    """(u·∇)^order p of a periodic image, u = (row, col) a unit vector, through the Fourier transform."""
+    kr = 2j * np.pi * np.fft.fftfreq(p.shape[0])[:, None]
+    kc = 2j * np.pi * np.fft.fftfreq(p.shape[1])[None, :]
+    return np.fft.ifft2(np.fft.fft2(p) * (u[0] * kr + u[1] * kc) ** order)
+
+
+def motion_modes(p0: np.ndarray, count: int, u: np.ndarray, power: float) -> np.ndarray:
+    """``count`` modes after ``p0``: its derivatives of order 1, 2, … along ``u``, orthonormalised
+    (Gram–Schmidt against ``p0`` and each other), the k-th with ``power / k`` of ``p0``'s power."""
+    p0 = np.asarray(p0, np.complex128)
+    p0_power = float(np.vdot(p0, p0).real)
+    base, out = [p0 / np.sqrt(p0_power)], []
+    for k in range(1, count + 1):
+        c = directional_derivative(p0, u, k)
+        for b in base:
+            c = c - np.vdot(b, c) * b
+        norm = float(np.linalg.norm(c))
+        if norm <= 1e-12 * np.sqrt(p0_power):
+            raise ParamError(f"probe_modes_init motion: the first mode has no component along the motion "
+                             f"{u.tolist()} of derivative order {k} (a flat probe)")
+        base.append(c / norm)
+        out.append(c / norm * np.sqrt(p0_power * power / k))
+    return np.asarray(out)
+
+
+def probe_modes_init(scan: ScanData, params: ReconParams) -> str:
+    """'motion' or 'default': what ``probe_modes_init`` means for this scan ('auto': 'motion' where
+    the scan file's ``scan_kind`` is a fly scan)."""
+    choice = params.probe_modes_init
+    if choice == "auto":
+        choice = "motion" if scan.attrs.get("scan_kind") in FLY_SCAN_KINDS else "default"
+    return choice
+
+
+def initial_modes(p0: np.ndarray, K: int, scan: ScanData, params: ReconParams, positions: np.ndarray) -> np.ndarray:
+    """``K`` modes from the first, ``p0``: the extra ones per ``probe_modes_init``; total power kept."""
+    if K == 1 or probe_modes_init(scan, params) == "default":
+        return modes.initial_probe_modes(p0, K, params.extra_mode_power, params.seed)
+    u = motion_direction(positions)
+    if u is None:
+        raise ParamError("probe_modes_init motion: the scan has no two distinct positions, so no motion direction")
+    log.info("probe modes %d..%d: derivatives of the first along the motion (row, col) = (%.3f, %.3f), "
+             "scan_kind %s, first at %g of its power", 2, K, u[0], u[1], scan.attrs.get("scan_kind"),
+             params.motion_mode_power)
+    probe = np.concatenate([np.asarray(p0, np.complex128)[None], motion_modes(p0, K - 1, u, params.motion_mode_power)])
+    return probe * np.sqrt(modes.probe_power(probe[:1]).sum() / modes.probe_power(probe).sum())
 
 
 def mean_frame_power(scan: ScanData, total_intensity: float, reducer: Any) -> tuple[float, np.ndarray]:
@@ -94,7 +173,7 @@ def initial_probe(scan: ScanData, params: ReconParams, K: int, power: float, mea
     else:
         p0 = modes.probe_from_amplitude(mean_amp, 2.5 * median_step(positions))
     p0 = p0 * np.sqrt(power / max(float(np.vdot(p0, p0).real), 1e-300))
-    probe = modes.initial_probe_modes(p0, K, params.extra_mode_power, params.seed)
+    probe = initial_modes(p0, K, scan, params, positions)
     if source == "file" and np.asarray(scan.probe_guess).ndim == 3:
         g = np.asarray(scan.probe_guess, np.complex128)
         m = min(K, g.shape[0])

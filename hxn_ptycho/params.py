@@ -126,6 +126,16 @@ class ReconParams:
                              kind="str")
     probe_init: str = param("auto", "initial probe: scan file guess if any, else from the mean amplitude",
                             group="initial guess", choices=("auto", "file", "amplitude"), kind="str")
+    probe_modes_init: str = param("auto", "shapes of the extra probe modes: 'motion' = successive derivatives of "
+                                  "the first mode along the scan's motion in the probe's pixel frame (the modes a "
+                                  "probe moving during the exposure adds; direction from the positions' order), "
+                                  "'default' = derivatives along rows and columns, 'auto' = 'motion' where the "
+                                  "scan file says it is a fly scan (attribute scan_kind), else 'default' "
+                                  "(docs/auto_modes.md)", group="initial guess",
+                                  choices=("auto", "motion", "default"), kind="str")
+    motion_mode_power: float = param(0.3, "probe_modes_init motion: power of the first derivative mode relative "
+                                     "to the first mode (the k-th at this / k)", group="initial guess",
+                                     min=0.0, max=1.0, min_open=True, kind="float")
     init_from: str | None = param(None, "a previous result file to start from (warm start)",
                                   group="initial guess", kind="path")
     seed: int = param(0, "random seed (initial guesses)", group="initial guess", kind="int")
