@@ -32,6 +32,7 @@ class CollectedRun:
     stream_resources: dict[str, dict] = field(default_factory=dict)     # uid -> stream_resource
     stream_datums: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)                   # malformed documents seen
+    points_from_stream_datums: set[str] = field(default_factory=set)    # streams counted by their StreamDatums
 
     @property
     def uid(self) -> str:
@@ -206,6 +207,7 @@ class RunCollector(DocumentRouter):
         upto = min(covered.get(k, 1) for k in keys)  # exclusive
         points = self.run.seq_nums[stream]
         first = points[-1] + 1 if points else 1
+        self.run.points_from_stream_datums.add(stream)
         if upto > first:
             new = list(range(first, upto))
             self._track_seq(stream, new)

@@ -363,8 +363,8 @@ def positions(run: CollectedRun, cfg: ExportConfig) -> tuple[np.ndarray, dict[st
             enc, scale = cfg.motor_table[motor]
             raw = _field_values(run, enc, cfg) * scale
             n = npoints or raw.size
-            if str(run.data_keys(cfg.stream).get(enc, {}).get("external", "")).upper().startswith("STREAM"):
-                n = len(run.seq_nums.get(cfg.stream, [])) or n   # StreamDatums: the points so far
+            if cfg.stream in run.points_from_stream_datums:   # no events of its own (collector.py): the points so far
+                n = len(run.seq_nums.get(cfg.stream, [])) or n
             if raw.size > n:
                 if raw.size % n:
                     raise ExportError(f"run {run.uid}: {raw.size} {enc} samples are not a multiple of {n} points")
