@@ -290,17 +290,34 @@ def write_run(container: Any, docs: list[tuple[str, dict]], *, close_streams: bo
     if close_streams:                                       # the run last, as TiledWriter does
         steps += [[functools.partial(http.send, "DELETE", http.url("stream/close", *parts)) for parts in opened],
                   [functools.partial(http.send, "DELETE", http.url("stream/close", uid))]]
-    if workers <= 1:
-        for step in steps:
-            for call in step:
-                call()
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for step in steps:
-                for future in [pool.submit(call) for call in step]:
-                    future.result()                         # the first error ends the run (a partial run)
+    _send_steps(steps, workers)
     return http.count
+
+
+def _send_steps(steps: list[list[Callable[[], Any]]], workers: int) -> None:
+    """Each step's requests side by side on ``workers`` threads, one step after the other; the first
+    error ends the run (a partial run). Where no thread can be started — a publish from an ``atexit``
+    handler, after ``concurrent.futures`` has shut down (the profile leaving a session) — the rest
+    go one at a time."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+    pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    pools = [pool] if pool is not None else []
+    try:
+        for step in steps:
+            futures: list[Future] = []
+            for call in step:
+                if pool is not None:
+                    try:
+                        futures.append(pool.submit(call))
+                        continue
+                    except RuntimeError:                # "cannot schedule new futures after interpreter shutdown"
+                        pool = None
+                call()
+            for future in futures:
+                future.result()
+    finally:
+        for p in pools:
+            p.shutdown(wait=True)
 
 
 def _write_table(http: _Http, parts: list[str], rows: list[dict], keys: dict) -> None:
