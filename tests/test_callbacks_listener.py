@@ -78,6 +78,7 @@ def start_listener(server, port_out, work, log_path, extra=()):
     return proc
 
 
+@pytest.mark.slow     # ~20-35 s; the same path runs in the default suite's shorter tests
 def test_twenty_scans_through_zmq_listener(tiled_server, zmq_proxy, tmp_path, monkeypatch):
     from bluesky import RunEngine
     from bluesky.callbacks.zmq import Publisher

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from hxn_ptycho.callbacks.catalog import EmbeddedServer
 
@@ -76,3 +77,23 @@ def test_reconstruct_stored_scan_and_query(server, tmp_path, monkeypatch):
                               str(server.directory), "--scan-id", "999999"], env=env, capture_output=True,
                              text=True, timeout=120, check=False)
     assert missing.returncode == 1 and "no reconstruction of scan_id=999999" in missing.stderr
+
+
+def test_derived_runs_published_side_by_side_all_land(server, monkeypatch):
+    """A derived run's arrays all live in the job's one file; Tiled inserts a file's asset row when it
+    first sees it, so two of its arrays registered at once both insert it and PostgreSQL refuses one
+    (a 500 on ``/register``, seen in CI). The publisher registers a file's first array alone: here
+    five derived runs, each sent with 8 requests side by side, all land whole."""
+    from conftest_bluesky import make_result
+    from hxn_ptycho.callbacks import derived
+    from hxn_ptycho.callbacks.catalog import runs
+
+    monkeypatch.setenv("TILED_API_KEY", server.api_key)
+    monkeypatch.setattr(derived, "PUBLISH_WORKERS", 8)
+    folder = str(server.directory)
+    for i in range(5):
+        result = server.directory / "side" / f"r{i}.h5"
+        res = make_result(result, iterations=3)
+        uid = derived.write_documents(folder, derived.result_documents(result, f"raw-side-{i}", {}))
+        run = runs(folder, "processed")[uid]
+        np.testing.assert_array_equal(run["iterations"]["object_error"].read(), res.error_object)

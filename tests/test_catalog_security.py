@@ -61,6 +61,7 @@ def publish_one(catalog: str, result: Path, raw_uid: str) -> str:
     return uid
 
 
+@pytest.mark.slow     # ~20-35 s; the same path runs in the default suite's shorter tests
 def test_key_kept_across_serve_restarts_exported_or_not(tmp_path, monkeypatch):
     """Restart ``serve`` with the key exported and without: a client holding the first key publishes after each."""
     cat, log_path = tmp_path / "cat", tmp_path / "serve.out"

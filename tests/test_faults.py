@@ -237,6 +237,7 @@ def _page_cost(tmp_path, n: int, unused: int, pages: int) -> float:
     return cost / pages
 
 
+@pytest.mark.slow     # ~20-35 s; the same path runs in the default suite's shorter tests
 def test_event_page_cost_is_proportional_to_what_is_kept(tmp_path, capsys):
     """200 000 rows × (4 kept + 100 unused columns) against 2 000 rows × 4 kept: no cost for unused columns.
 
