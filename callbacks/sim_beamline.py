@@ -260,8 +260,10 @@ PANDA_FIELDS = {f"inenc{k}_val": f"INENC{k}.VAL.Value" for k in range(1, 5)}
 SIS_CHANNELS = [f"sclr1_ch{k}" for k in range(1, 9)]
 
 
-class SimPandaFlyer(Device):
-    """``PandaFlyer``: PandA encoders + SIS scaler into HDF5 files, one event of datums."""
+class _SimPandaBase(Device):
+    """What both PandA flyers share: the detectors, motors and sample they are given by the plan,
+    the files' names and the recorded motion (:meth:`recorded`: the same values in the files and on
+    the streams, whichever flyer runs the scan)."""
 
     def __init__(self, *args: Any, save_path: str | os.PathLike = ".", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -271,34 +273,17 @@ class SimPandaFlyer(Device):
         self.sample: SimSample | None = None
         self.position_supersample = 10
         self.bad_scaler: dict[int, float] = {}    # point -> value (e.g. 0: a glitch to be patched)
-        self._docs: list[tuple[str, dict]] = []
-        self._bulk: dict | None = None
         self.streams: Any = None                  # a sim_streams.SimStreams: the scan also goes out on the streams
         self._recorded: tuple[dict, dict] | None = None
-        self.frames_written = False
 
-    def kickoff(self, *, num: int) -> StatusBase:
+    def _start_files(self, num: int) -> tuple[str, str]:
+        """At kickoff (``num`` encoder samples): the save folder made, the recorded motion reset; the
+        new (PandA, SIS) file names, as the beamline names them."""
         self.frame_per_point = int(num)
         Path(self.save_path).mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d_%H%M%S")
-        self._panda_name = f"panda_rbdata_{stamp}_{uuid.uuid4().hex[:8]}.h5"
-        self._sis_name = f"{uuid.uuid4()}.h5"
-        self._panda_res = {"uid": str(uuid.uuid4()), "spec": "PANDA", "root": self.save_path,
-                           "resource_path": self._panda_name, "resource_kwargs": {}, "path_semantics": "posix"}
-        self._sis_res = {"uid": str(uuid.uuid4()), "spec": "SIS_HDF51_FLY_STREAM_V1", "root": "/",
-                         "resource_path": os.path.join(self.save_path, self._sis_name).lstrip("/"),
-                         "resource_kwargs": {"frame_per_point": self.frame_per_point}, "path_semantics": "posix"}
-        self._docs = [("resource", self._panda_res)]
-        self._panda_datums = {}
-        for key, fieldname in PANDA_FIELDS.items():
-            d = {"resource": self._panda_res["uid"], "datum_id": f"{self._panda_res['uid']}/{key}",
-                 "datum_kwargs": {"field": fieldname}}
-            self._docs.append(("datum", d))
-            self._panda_datums[key] = d["datum_id"]
-        self._docs.append(("resource", self._sis_res))
         self._recorded = None
-        self.frames_written = False
-        return _done()
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        return f"panda_rbdata_{stamp}_{uuid.uuid4().hex[:8]}.h5", f"{uuid.uuid4()}.h5"
 
     def recorded(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(encoder field → int32 samples, SIS channel → float32 values per point) of the motion,
@@ -324,6 +309,34 @@ class SimPandaFlyer(Device):
                 sis[name] = v
             self._recorded = (enc_for, sis)
         return self._recorded
+
+
+class SimPandaFlyer(_SimPandaBase):
+    """``PandaFlyer``: PandA encoders + SIS scaler into HDF5 files, one event of datums."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._docs: list[tuple[str, dict]] = []
+        self._bulk: dict | None = None
+        self.frames_written = False
+
+    def kickoff(self, *, num: int) -> StatusBase:
+        self._panda_name, self._sis_name = self._start_files(num)
+        self._panda_res = {"uid": str(uuid.uuid4()), "spec": "PANDA", "root": self.save_path,
+                           "resource_path": self._panda_name, "resource_kwargs": {}, "path_semantics": "posix"}
+        self._sis_res = {"uid": str(uuid.uuid4()), "spec": "SIS_HDF51_FLY_STREAM_V1", "root": "/",
+                         "resource_path": os.path.join(self.save_path, self._sis_name).lstrip("/"),
+                         "resource_kwargs": {"frame_per_point": self.frame_per_point}, "path_semantics": "posix"}
+        self._docs = [("resource", self._panda_res)]
+        self._panda_datums = {}
+        for key, fieldname in PANDA_FIELDS.items():
+            d = {"resource": self._panda_res["uid"], "datum_id": f"{self._panda_res['uid']}/{key}",
+                 "datum_kwargs": {"field": fieldname}}
+            self._docs.append(("datum", d))
+            self._panda_datums[key] = d["datum_id"]
+        self._docs.append(("resource", self._sis_res))
+        self.frames_written = False
+        return _done()
 
     def fly(self) -> None:
         """The motion: every point exposed; encoders sampled ``position_supersample`` times."""
@@ -412,7 +425,7 @@ class _SwmrColumns:
             self.f = None
 
 
-class SimPandaStreamFlyer(Device):
+class SimPandaStreamFlyer(_SimPandaBase):
     """The PandA flyer of a fly2dpd that goes out *during* the scan (``fly2dpd(stream_datum_every_s=...)``),
     as an ophyd-async flyer does under bluesky's ``collect_while_completing`` (bluesky
     plan_stubs.py: ``complete_all`` without waiting, then ``collect`` every ``flush_period`` until the
@@ -428,24 +441,15 @@ class SimPandaStreamFlyer(Device):
     that what a StreamDatum names is readable when it is emitted. Same values as
     :class:`SimPandaFlyer` (:meth:`SimPandaFlyer.recorded`)."""
 
-    def __init__(self, *args: Any, save_path: str | os.PathLike = ".", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.save_path = str(save_path)
-        self.detectors: list[_SimAreaDetector] = []
-        self.motors: tuple[str, str] = ("zpssx", "zpssy")
-        self.sample: SimSample | None = None
-        self.position_supersample = 10
-        self.bad_scaler: dict[int, float] = {}
         self.dwell_s = 0.0                        # seconds per point of the motion
-        self._recorded: tuple[dict, dict] | None = None
         self._index = 0                           # points flushed (frames, positions, scaler)
         self._emitted = 0                         # points named by StreamDatums so far
         self._resources: dict[str, dict] = {}     # data key -> its StreamResource
         self._sent_resources = False
         self._thread: Any = None
         self._status: StatusBase | None = None
-
-    recorded = SimPandaFlyer.recorded
 
     def describe_collect(self) -> dict:
         desc: dict[str, dict] = {}
@@ -463,11 +467,7 @@ class SimPandaStreamFlyer(Device):
 
     def kickoff(self, *, num: int) -> StatusBase:
         import threading
-        self.frame_per_point = int(num)
-        Path(self.save_path).mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d_%H%M%S")
-        panda_path = os.path.join(self.save_path, f"panda_rbdata_{stamp}_{uuid.uuid4().hex[:8]}.h5")
-        sis_path = os.path.join(self.save_path, f"{uuid.uuid4()}.h5")
+        panda_path, sis_path = (os.path.join(self.save_path, name) for name in self._start_files(num))
         self._panda = _SwmrColumns(panda_path, {**{f: np.int32 for f in PANDA_FIELDS.values()},
                                                 "PCAP.TS_TRIG.Value": np.float64})
         self._sis = _SwmrColumns(sis_path, {name: np.float32 for name in SIS_CHANNELS})
@@ -485,7 +485,6 @@ class SimPandaStreamFlyer(Device):
                                                             "/entry/instrument/detector/data")
         self._index = self._emitted = 0
         self._sent_resources = False
-        self._recorded = None
         self._status = StatusBase()
         self._thread = threading.Thread(target=self._move, name="sim-panda-motion", daemon=True)
         self._thread.start()
