@@ -111,7 +111,7 @@ def through_callback(args: argparse.Namespace) -> dict:
                                        first_chunk=min(256, args.views), chunk=args.chunk))
         from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
         cb = PtychoCallback(CallbackConfig(work_dir=str(d / "work"), params=params, export=cfg, nprocs=args.ranks))
-        cb.live = feed                       # the live job is the result: the callback's post-stop path stands by
+        cb.live.append(feed)                 # the live job is the result: the callback's post-stop path stands by
         t_cb: list[float] = []
         t_feed: list[float] = []
         events: list[float] = []

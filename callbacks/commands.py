@@ -158,8 +158,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
 
 def build_live_feed(args: argparse.Namespace, cb: Any) -> Any:
     """With ``--live``: the :class:`~.livefeed.LiveFeed` beside the callback ``cb`` (its work folder,
-    catalog, parameters, ranks and export), made the callback's ``live`` (a live job that succeeds is
-    the run's one derived run; otherwise the post-stop path runs). None without ``--live``."""
+    catalog, parameters, ranks and export), added to the callback's ``live`` feeds (a live job that
+    succeeds is the run's one derived run; otherwise the post-stop path runs). None without ``--live``."""
     if not getattr(args, "live", False):
         return None
     from .livefeed import LiveFeed, LiveFeedConfig
@@ -167,7 +167,7 @@ def build_live_feed(args: argparse.Namespace, cb: Any) -> Any:
     feed = LiveFeed(LiveFeedConfig(work_dir=str(c.work_dir), catalog=c.catalog, params=dict(c.params),
                                    nprocs=c.nprocs, export=c.export, first_chunk=args.live_first_chunk,
                                    chunk=args.live_chunk))
-    cb.live = feed
+    cb.live.append(feed)
     return feed
 
 
@@ -200,19 +200,16 @@ def cmd_listen(args: argparse.Namespace) -> int:
     jobs, cb = build_callback(args, args.work_dir)
     dispatcher = make_dispatcher(args)
     dispatcher.subscribe(cb)
-    feeds: list[Any] = []
-    feed = build_live_feed(args, cb)
+    feed = build_live_feed(args, cb)    # the callback asks each of cb.live at the stop
     if feed is not None:                # step scans reconstructed while they run (docs/live.md)
         dispatcher.subscribe(feed)
-        feeds.append(feed)
     if streams is not None:            # fly2dpd live from the detector's streams (docs/streams.md)
         from .stream import StreamFeed, StreamFeedConfig
         c = cb.config
         feed = StreamFeed(StreamFeedConfig(work_dir=c.work_dir, catalog=c.catalog, params=dict(c.params),
                                            nprocs=c.nprocs, export=c.export, stream=streams)).start()
         dispatcher.subscribe(feed)
-        feeds.append(feed)
-    cb.live = feeds or None            # the callback asks each at the stop
+        cb.live.append(feed)
     stopped_by: list[int] = []
 
     def stop(signum: int, _frame: Any) -> None:
@@ -246,7 +243,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the shutdown below is not interrupted half-way
         cb.flush(60)
-        for feed in feeds:
+        for feed in cb.live:
             if hasattr(feed, "close"):     # the stream feed's receivers
                 feed.close()
         jobs.stop(kill=bool(stopped_by and stopped_by[0] == signal.SIGINT))
@@ -521,9 +518,24 @@ def reconstruct_from_catalog(args: argparse.Namespace) -> int:
 
 # -- demo -----------------------------------------------------------------------------------
 
+def check_demo_options(args: argparse.Namespace) -> None:
+    """Before any catalog, job queue or scan: ``--live`` and ``--streams`` each follow one kind of scan,
+    and not together (a :class:`CommandError`, exit status 2)."""
+    streams, live = bool(getattr(args, "streams", False)), bool(getattr(args, "live", False))
+    if streams and live:
+        raise CommandError("give --live (a step scan followed through its documents) or --streams (a fly2dpd "
+                           "followed through the detector streams), not both")
+    if streams and args.scan_type != "fly2dpd":
+        raise CommandError("--streams is for --scan-type fly2dpd (the detector streams of a fly scan)")
+    if live and args.scan_type not in ("step", "fly2dpd"):
+        raise CommandError("--live follows step scans (one event per point) and fly2dpd scans (StreamDatums "
+                           "during the scan): give --scan-type step or fly2dpd")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded catalog + simulated HXN + RunEngine + callback → a derived run and a summary PNG."""
     _setup_logging(args.verbose)
+    check_demo_options(args)
     from bluesky import RunEngine
     from bluesky.preprocessors import SupplementalData
 
@@ -569,12 +581,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         plan = plan_for(args.scan_type, hxn, sample, md=md)
         feed: Any = None
         sims = figure = live_png = None
-        if getattr(args, "streams", False) and getattr(args, "live", False):
-            raise CommandError("give --live (a step scan followed through its documents) or --streams (a fly2dpd "
-                               "followed through the detector streams), not both")
         if getattr(args, "streams", False):    # fly2dpd live from the simulated Eiger and PandA streams
-            if args.scan_type != "fly2dpd":
-                raise CommandError("--streams is for --scan-type fly2dpd (the detector streams of a fly scan)")
             from .sim_beamline import fly2dpd
             from .sim_streams import SimStreamConfig, SimStreams
             from .stream import StreamConfig, StreamFeed, StreamFeedConfig
@@ -586,12 +593,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                     roi=sims.roi(hxn.eiger2.frame_shape), scaler_channel=sims.cfg.scaler_channel,
                                     first_chunk=min(256, max(16, args.positions // 4)), chunk=16))).start()
             RE.subscribe(feed)
-            cb.live = feed
+            cb.live.append(feed)
             plan = fly2dpd(hxn, sample, md=md, streams=sims)
         elif (feed := build_live_feed(args, cb)) is not None:   # reconstructed while it runs: previews, a live figure
-            if args.scan_type not in ("step", "fly2dpd"):
-                raise CommandError("--live follows step scans (one event per point) and fly2dpd scans (StreamDatums "
-                                   "during the scan): give --scan-type step or fly2dpd")
             from .live import LiveFigure
             from .sim_beamline import fly2dpd, step_scan
             RE.subscribe(feed)

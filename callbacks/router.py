@@ -25,7 +25,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +117,13 @@ def file_stem(scan_id: Any, uid: str) -> str:
     return f"{sid}_{uid}"
 
 
+class TakesOver(Protocol):
+    """A live feed (:class:`~.livefeed.LiveFeed`, :class:`~.stream.StreamFeed`): at a run's stop it
+    says whether its live reconstruction is the run's result (then the post-stop path does not run)."""
+
+    def took_over(self, raw_uid: str, timeout: float = 3600.0) -> bool: ...
+
+
 class PtychoCallback:
     """Subscribe to a RunEngine or a RemoteDispatcher: ``RE.subscribe(PtychoCallback(cfg, jobs))``.
 
@@ -146,8 +153,8 @@ class PtychoCallback:
         self.submitted: list[Job] = []
         self.failed: list[tuple[str, str]] = []          # (raw uid, reason)
         # live feeds (callbacks.livefeed.LiveFeed for step scans, callbacks.stream.StreamFeed for fly scans
-        # from the detector streams): one or a list; a feed whose live job succeeded publishes the result
-        self.live: Any = None
+        # from the detector streams), each asked at the stop: a feed whose live job succeeded publishes the result
+        self.live: list[TakesOver] = []
         self._worker = threading.Thread(target=self._work, name="hxn-ptycho-export", daemon=True)
         self._worker.start()
         self._recovery = threading.Thread(target=self._recover, args=(old,), name="hxn-ptycho-recover", daemon=True)
@@ -308,8 +315,7 @@ class PtychoCallback:
             log.info("run %s (scan %s) ended with exit_status %r: nothing launched",
                      run.uid, run.scan_id, run.exit_status)
             return None
-        feeds = self.live if isinstance(self.live, (list, tuple)) else [self.live] if self.live is not None else []
-        if any(feed.took_over(run.uid) for feed in feeds):      # reconstructed while it ran
+        if any(feed.took_over(run.uid) for feed in self.live):  # reconstructed while it ran
             return None
         scan_path = self.work_dir / "scans" / f"scan_{run_stem(run)}.h5"
         try:

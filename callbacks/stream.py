@@ -688,7 +688,7 @@ def compare_with_export(live_path: str | os.PathLike, post: Any, written_ids: li
 class StreamFeed:
     """Subscribe to the documents (RunEngine or a listener's dispatcher): fly2dpd runs live from the streams.
 
-    Give the :class:`~.router.PtychoCallback` the feed (``cb.live = feed``): at the stop it asks
+    Give the :class:`~.router.PtychoCallback` the feed (``cb.live.append(feed)``): at the stop it asks
     :meth:`took_over`. :meth:`start` connects the receivers; :meth:`close` ends them.
     """
 

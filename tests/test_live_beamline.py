@@ -98,7 +98,7 @@ def _scan_with_callbacks(tmp_path, kill_at: int | None = None):
     cb = PtychoCallback(CallbackConfig(work_dir=work, params={"iterations": 4, "threads": 1}, export=export))
     feed = LiveFeed(LiveFeedConfig(work_dir=work, params={"iterations": 4, "threads": 1}, export=export,
                                    first_chunk=12, chunk=8))
-    cb.live = feed
+    cb.live.append(feed)
     RE.subscribe(cb)
     RE.subscribe(feed)
     if kill_at is not None:                 # the live job dies mid-scan (a real process, SIGKILL)
@@ -141,7 +141,7 @@ def test_listen_live_puts_a_live_feed_beside_the_callback_with_its_settings(tmp_
     cb = PtychoCallback(CallbackConfig(work_dir=str(tmp_path), params={"iterations": 7}, nprocs=2))
     try:
         feed = build_live_feed(args, cb)
-        assert cb.live is feed
+        assert cb.live == [feed]
         c = feed.config
         assert (c.first_chunk, c.chunk, c.nprocs, c.params["iterations"]) == (40, 8, 2, 7)
         assert c.export is cb.config.export and c.work_dir == str(cb.config.work_dir)

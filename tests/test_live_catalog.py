@@ -86,7 +86,7 @@ def test_a_live_run_gives_exactly_one_derived_run_with_its_live_figures(tiled_se
                                        export=export))
     feed = LiveFeed(LiveFeedConfig(work_dir=work, catalog=cat, params={"iterations": 4, "threads": 1},
                                    export=export, first_chunk=12, chunk=8))
-    cb.live = feed
+    cb.live.append(feed)
     RE.subscribe(cb)
     RE.subscribe(feed)
     with warnings.catch_warnings():

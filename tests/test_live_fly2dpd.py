@@ -32,7 +32,7 @@ def _run(tmp_path, with_callback: bool = False):
     cb = None
     if with_callback:
         cb = PtychoCallback(CallbackConfig(work_dir=work, params=params, export=export))
-        cb.live = feed
+        cb.live.append(feed)
         RE.subscribe(cb)
     RE.subscribe(feed)
     docs: list[tuple[str, dict, int]] = []       # (name, doc, frames readable in the detector file then)
@@ -117,7 +117,7 @@ def test_a_fly2dpd_with_only_its_bulk_documents_is_left_to_the_post_stop_path(tm
     params = {"iterations": 2, "threads": 1}
     feed = LiveFeed(LiveFeedConfig(work_dir=work, params=params, export=export, first_chunk=12, chunk=8))
     cb = PtychoCallback(CallbackConfig(work_dir=work, params=params, export=export))
-    cb.live = feed
+    cb.live.append(feed)
     RE.subscribe(cb)
     RE.subscribe(feed)
     with warnings.catch_warnings():

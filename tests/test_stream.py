@@ -278,7 +278,7 @@ def test_a_fly2dpd_live_from_the_streams_is_the_runs_one_result(tmp_path):
     feed = StreamFeed(StreamFeedConfig(work_dir=work, params=params, export=export, stream=StreamConfig(
         eiger=sims.eiger_address, panda=sims.panda_address, roi=sims.roi(hxn.eiger2.frame_shape),
         scaler_channel=sims.cfg.scaler_channel, first_chunk=32, chunk=16))).start()
-    cb.live = feed
+    cb.live.append(feed)
     RE.subscribe(cb)
     RE.subscribe(feed)
     try:
@@ -324,6 +324,33 @@ def test_a_receiver_that_falls_behind_says_so_in_the_preview(tmp_path):
     write_preview(tmp_path / "p.h5", snap, 0.0, status)
     prev = read_preview(tmp_path / "p.h5")
     assert prev["receiver_falling_behind"] and prev["receiver_undecided_views"] == 120
+
+
+# -- hxn-ptycho demo --streams: what it refuses, before any catalog or scan ----------------------------
+
+def _demo_refused(tmp_path, capsys, *options: str) -> str:
+    """Run ``hxn-ptycho demo --dir DIR OPTIONS`` in this process: refused with exit status 2 and one line,
+    before anything is made (no demo folder: no catalog server, job queue or scan)."""
+    from hxn_ptycho.cli import main
+    demo = tmp_path / "demo"
+    rc = main(["demo", "--dir", str(demo), *options])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not demo.exists(), sorted(p.name for p in demo.iterdir())
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hxn-ptycho demo: error: "), err
+    return lines[0]
+
+
+def test_demo_refuses_live_with_streams(tmp_path, capsys):
+    line = _demo_refused(tmp_path, capsys, "--live", "--streams")
+    assert "give --live" in line and "or --streams" in line and "not both" in line
+
+
+@pytest.mark.parametrize("scan_type", ["step", "FlyPlan2D"])
+def test_demo_refuses_streams_for_a_scan_other_than_fly2dpd(tmp_path, capsys, scan_type):
+    line = _demo_refused(tmp_path, capsys, "--streams", "--scan-type", scan_type)
+    assert "--streams is for --scan-type fly2dpd" in line
 
 
 @pytest.mark.slow

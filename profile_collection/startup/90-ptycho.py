@@ -49,7 +49,7 @@ if os.environ.get("HXN_PTYCHO_EIGER_STREAM") or os.environ.get("HXN_PTYCHO_PANDA
         stream=StreamConfig(eiger=os.environ.get("HXN_PTYCHO_EIGER_STREAM"),
                             panda=os.environ.get("HXN_PTYCHO_PANDA_STREAM")))).start()
     RE.subscribe(ptycho_streams)
-    ptycho_callback.live = ptycho_streams
+    ptycho_callback.live.append(ptycho_streams)
     atexit.register(ptycho_streams.close)
 
 # Reconstruct step scans while they run (HXN_PTYCHO_LIVE=1; docs/live.md): a live job per scan follows
@@ -66,7 +66,7 @@ if os.environ.get("HXN_PTYCHO_LIVE", "0") not in ("", "0", "no", "false"):
                                           params=dict(_c.params), nprocs=_c.nprocs, export=_c.export,
                                           first_chunk=int(os.environ.get("HXN_PTYCHO_LIVE_FIRST", "256")),
                                           chunk=int(os.environ.get("HXN_PTYCHO_LIVE_CHUNK", "32"))))
-    ptycho_callback.live = [f for f in (ptycho_live, ptycho_streams) if f is not None]
+    ptycho_callback.live.insert(0, ptycho_live)     # asked first at the stop, as by hxn-ptycho listen
     RE.subscribe(ptycho_live)
     import matplotlib
 
