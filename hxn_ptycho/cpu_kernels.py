@@ -43,10 +43,46 @@ TINY = 1e-30
 # Both change rounding only (no NaN/Inf assumptions: a diverging run still shows as non-finite).
 _FAST = {"reassoc", "contract", "nsz"}
 _jit = numba.njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", boundscheck=False)
+# The per-row helpers shared by several kernels are inlined into each in numba's IR: as plain njit
+# calls they cost a call a row (exit_waves_k 1.25 × slower; inlined: equal, docs/performance.md).
+_inline = numba.njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", boundscheck=False,
+                     inline="always")
 
 # The loops run over rows: the innermost loop is along a row of n pixels, indexed from 0 through
 # row views (so numba emits no negative-index wrap-around and LLVM vectorises it); modes are looped
-# outside it, with per-row scratch.
+# outside it, with per-row scratch. The kernels on the object (windows at the integer corners
+# ``pos``) and on gathered sub-pixel windows share the row helpers below.
+
+
+@_inline
+def _window_row(a, pos, b, l, i, m):
+    """a[l, pos[b, 0] + i, pos[b, 1]:pos[b, 1] + m]: row i of view b's window of object mode l."""
+    c0 = pos[b, 1]
+    return a[l, pos[b, 0] + i, c0:c0 + m]
+
+
+@_inline
+def _exit_wave_row(orow, probe, out, b, l, i):
+    """(2) on row i: out[b, l, k, i] = orow · P_k[i] for every probe mode k."""
+    for k in range(out.shape[2]):
+        prow = probe[k, i]
+        dst = out[b, l, k, i]
+        for j in range(dst.shape[0]):
+            dst[j] = orow[j] * prow[j]
+
+
+@_inline
+def _probe_sums_row(orow, psi, b, l, i, num, den):
+    """(5) on row i: den[i] += |orow|², num[k, i] += orow*·ψ[b, l, k, i] for every probe mode k."""
+    m = orow.shape[0]
+    drow = den[i]
+    for j in range(m):
+        drow[j] += orow[j].real * orow[j].real + orow[j].imag * orow[j].imag
+    for k in range(psi.shape[2]):
+        dst = num[k, i]
+        src = psi[b, l, k, i]
+        for j in range(m):
+            dst[j] += orow[j].conjugate() * src[j]
 
 
 # (2) out[b, l, k] = O_l(window b) · P_k
@@ -54,16 +90,9 @@ _jit = numba.njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", b
 def exit_waves_k(obj, pos, probe, out):
     B, L, K, n, m = out.shape
     for b in range(B):
-        r0 = pos[b, 0]
-        c0 = pos[b, 1]
         for l in range(L):
             for i in range(n):
-                orow = obj[l, r0 + i, c0:c0 + m]
-                for k in range(K):
-                    prow = probe[k, i]
-                    dst = out[b, l, k, i]
-                    for j in range(m):
-                        dst[j] = orow[j] * prow[j]
+                _exit_wave_row(_window_row(obj, pos, b, l, i, m), probe, out, b, l, i)
 
 
 # (2) from gathered (sub-pixel) windows: out[b, l, k] = W[b, l] · P_k
@@ -73,12 +102,7 @@ def exit_waves_win_k(win, probe, out):
     for b in range(B):
         for l in range(L):
             for i in range(n):
-                wrow = win[b, l, i]
-                for k in range(K):
-                    prow = probe[k, i]
-                    dst = out[b, l, k, i]
-                    for j in range(m):
-                        dst[j] = wrow[j] * prow[j]
+                _exit_wave_row(win[b, l, i], probe, out, b, l, i)
 
 
 # (7) Σ_good (|F(Φ)| − √I)², modes summed incoherently; fphi (B, M, n, n)
@@ -259,19 +283,9 @@ def object_numerator_k(psi, pconj, out):
 def probe_sums_k(psi, obj, pos, num, den):
     B, L, K, n, m = psi.shape
     for b in range(B):
-        r0 = pos[b, 0]
-        c0 = pos[b, 1]
         for l in range(L):
             for i in range(n):
-                orow = obj[l, r0 + i, c0:c0 + m]
-                drow = den[i]
-                for j in range(m):
-                    drow[j] += orow[j].real * orow[j].real + orow[j].imag * orow[j].imag
-                for k in range(K):
-                    dst = num[k, i]
-                    src = psi[b, l, k, i]
-                    for j in range(m):
-                        dst[j] += orow[j].conjugate() * src[j]
+                _probe_sums_row(_window_row(obj, pos, b, l, i, m), psi, b, l, i, num, den)
 
 
 # (5) from gathered (sub-pixel) windows
@@ -281,15 +295,7 @@ def probe_sums_win_k(psi, win, num, den):
     for b in range(B):
         for l in range(L):
             for i in range(n):
-                orow = win[b, l, i]
-                drow = den[i]
-                for j in range(m):
-                    drow[j] += orow[j].real * orow[j].real + orow[j].imag * orow[j].imag
-                for k in range(K):
-                    dst = num[k, i]
-                    src = psi[b, l, k, i]
-                    for j in range(m):
-                        dst[j] += orow[j].conjugate() * src[j]
+                _probe_sums_row(win[b, l, i], psi, b, l, i, num, den)
 
 
 KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, fourier_update_k, object_sums_k, object_numerator_k,
