@@ -326,7 +326,7 @@ def test_a_receiver_that_falls_behind_says_so_in_the_preview(tmp_path):
     assert prev["receiver_falling_behind"] and prev["receiver_undecided_views"] == 120
 
 
-# -- hxn-ptycho demo --streams: what it refuses, before any catalog or scan ----------------------------
+# -- hxn-ptycho demo --streams / --live: what it refuses, before any catalog or scan ------------------
 
 def _demo_refused(tmp_path, capsys, *options: str) -> str:
     """Run ``hxn-ptycho demo --dir DIR OPTIONS`` in this process: refused with exit status 2 and one line,
@@ -351,6 +351,11 @@ def test_demo_refuses_live_with_streams(tmp_path, capsys):
 def test_demo_refuses_streams_for_a_scan_other_than_fly2dpd(tmp_path, capsys, scan_type):
     line = _demo_refused(tmp_path, capsys, "--streams", "--scan-type", scan_type)
     assert "--streams is for --scan-type fly2dpd" in line
+
+
+def test_demo_refuses_live_for_a_flyplan2d(tmp_path, capsys):
+    line = _demo_refused(tmp_path, capsys, "--live", "--scan-type", "FlyPlan2D")
+    assert "--live follows step scans" in line and "give --scan-type step or fly2dpd" in line
 
 
 @pytest.mark.slow
