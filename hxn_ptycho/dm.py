@@ -147,6 +147,26 @@ def fourier_update(be: Any, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pboun
     return err
 
 
+# (3), (4), (7) with ψ in real space (the engine's state): ψ ← ψ + β·(F⁻¹Π_F(F(2·P·O − ψ)) − P·O)
+def dm_step(be: Any, psi: Any, phi: Any, diffamp: Any, mask: Any, pbound: float, beta: float,
+            floor: float = 0.0, stats: RelaxSum | None = None, work: Any = None) -> Any:
+    """One batch's DM update of ψ in place from Φ = P·O; returns Σ_good (|F(2·P·O − ψ)| − √I)², the
+    data error of the reflected wave that the projection sees (PtyPy's Fourier error).
+
+    The same update as :func:`fourier_update` on F(ψ) (F is linear), with one full-size state
+    instead of two: ψ alone is kept, so an iteration still costs one forward and one inverse FFT,
+    but the model's own error F(P·O) is not transformed (``error_pass`` measures it when needed).
+    ``work`` is scratch shaped like ``psi``; ``floor`` and ``stats``: those of :func:`fourier_projection`.
+    """
+    work = reflect(be, phi, psi, work)                          # 2·P·O − ψ
+    be.fft2(work)
+    err = data_error(be, work, diffamp, mask)                   # (7) of the reflected wave
+    work = fourier_projection(be, work, diffamp, mask, pbound, floor, stats)  # (4)
+    be.ifft2(work)
+    dm_update(be, psi, phi, work, beta)                         # (3)
+    return err
+
+
 # (6) numerator of the object update: Σ_k P_k* · ψ^(k,l), per view and object mode
 def object_numerator(be: Any, psi: Any, probe_conj: Any, out: Any) -> Any:
     xp = be.xp

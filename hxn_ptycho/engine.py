@@ -103,13 +103,13 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
     m = max_modes or modes_total
     view_bytes = m * n * n * itemsize
     gb = 1 / 2**30
-    psi = 2 * n_local * view_bytes * gb          # ψ and its Fourier transform
+    psi = n_local * view_bytes * gb              # ψ alone (dm.dm_step keeps no F(ψ))
     frames = n_local * n * n * itemsize / 2 * gb
     acc = workers * (obj_shape[0] * obj_shape[1] * obj_shape[2] * itemsize * 1.5 + 2 * m * n * n * itemsize) * gb
     bound = params.max_memory_gb or default_memory_bound_gb(backend)
 
     def make(stream: bool) -> MemoryPlan:
-        per_view = (6 if stream else 4) * view_bytes + obj_shape[0] * n * n * itemsize
+        per_view = (5 if stream else 4) * view_bytes + obj_shape[0] * n * n * itemsize
         if params.batch_size:
             batch = params.batch_size
         elif backend.cache_batches:
@@ -201,7 +201,6 @@ class _Worker:
         be = self.be
         if self.streaming:            # device copies of one batch of the host-resident exit waves
             self.psi = be.empty((batch, L, K, n, n), cdtype)
-            self.fpsi = be.empty((batch, L, K, n, n), cdtype)
         self.phi = be.empty((batch, L, K, n, n), cdtype)
         self.work = be.empty((batch, L, K, n, n), cdtype)
         self.objwin = be.empty((batch, L, n, n), cdtype)
@@ -320,10 +319,6 @@ class Reconstruction:
         return self.store.psi
 
     @property
-    def fpsi(self) -> Any:
-        return self.store.fpsi
-
-    @property
     def batches(self) -> list[slice]:
         return self.scheduler.batches
 
@@ -348,12 +343,9 @@ class Reconstruction:
 
     def _init_psi(self, w: _Worker, b: slice) -> None:
         B = b.stop - b.start
-        psi, fpsi = self._load(w, "psi", b), self._load(w, "fpsi", b)
-        self.geom.exit_waves(self.be, self.obj, b, self.probe, w.objwin[:B], psi, w.tmp[:B])
-        fpsi[...] = psi
-        self.be.fft2(fpsi)
+        psi = self._load(w, "psi", b)
+        self.geom.exit_waves(self.be, self.obj, b, self.probe, w.objwin[:B], psi, w.tmp[:B])   # ψ = P·O (2)
         self._store(w, "psi", b, psi)
-        self._store(w, "fpsi", b, fpsi)
 
     def _model_error_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start

@@ -479,18 +479,20 @@ class CupyBackend(Backend):
     def _windows(self, obj: Any, pos: Any, n: int, buf: BatchBuffers, B: int, windows: Any) -> Any:
         return self.gather(obj, pos, n, out=buf.objwin[:B]) if windows is None else windows
 
-    def fourier_pass(self, obj: Any, pos: Any, probe: Any, fpsi: Any, psi: Any, diffamp: Any, mask: Any,
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
                      windows: Any = None) -> Any:
-        """gather + P·O + raw cuFFT (2); one ``fourier_update`` kernel (3), (4), (7); F⁻¹ out of place into ψ."""
-        B = len(fpsi)
+        """``dm.dm_step`` from the kernels: gather + P·O (2), ``reflect`` 2Φ − ψ (3), cuFFT, the
+        Fourier kernel's error (7) and projection (4), inverse cuFFT, ``dm_update`` of ψ (3)."""
+        B = len(psi)
         if B == 0:
             return 0.0
         n = probe.shape[-1]
-        fphi = self.fft_exit_waves(probe, self._windows(obj, pos, n, buf, B, windows), buf.phi[:B])
-        err = self.fourier_update(fpsi, fphi, diffamp, mask, pbound, beta, floor, stats)
-        self.raw_ifft2(fpsi, out=psi)
-        psi *= psi.real.dtype.type(1.0 / math.sqrt(psi.shape[-1] * psi.shape[-2]))
+        phi = self.exit_waves(probe, self._windows(obj, pos, n, buf, B, windows), buf.phi[:B])
+        work = self.fft2(self.reflect(phi, psi, buf.work[:B]))
+        err = self.data_error(work, diffamp, mask)
+        self.fourier_projection(work, diffamp, mask, pbound, floor, stats)
+        self.dm_update(psi, phi, self.ifft2(work), beta)
         return err
 
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
