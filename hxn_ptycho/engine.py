@@ -146,9 +146,11 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     frames = np.asarray(diffamp).reshape(len(diffamp), -1)
     per_frame = frames.shape[1] if mask is None else int(np.count_nonzero(mask))
     frames = frames[::max(1, frames.shape[0] * per_frame // sample)]    # about `sample` values, no full copy
-    flat = frames if mask is None else frames[:, np.asarray(mask).ravel()]
-    inten = np.square(flat.ravel(), dtype=np.float64)
-    pos = inten[inten > 0]
+    flat = (frames if mask is None else frames[:, np.asarray(mask).ravel()]).ravel()
+    nonzero = flat > 0
+    nonzero |= flat < 0                 # √I ≠ 0 ⇔ I > 0 (NaN excluded, as I > 0 does)
+    pos = np.square(flat[nonzero], dtype=np.float64)    # the positive intensities, no float64 copy of the rest
+    del flat, nonzero
     gain, ok = 1.0, 0.0
     if pos.size >= 1000:
         # the lowest distinct values (float rounding merged): at high counts the fewest photons a
