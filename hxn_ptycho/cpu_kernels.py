@@ -6,12 +6,14 @@ loop nest over the batch, in the precision of the arrays (complex64 and float32 
 single precision: the constants are passed in that precision, so nothing is promoted):
 
 - :func:`exit_waves_k`: (2) Φ = P·O straight from the object at the window corners;
-- :func:`reflect_k`: (2), (3) Φ = P·O and the reflected wave 2Φ − ψ in one sweep from the object;
+- :func:`reflect_at_k`: (2), (3) the reflected wave 2Φ − ψ, Φ = P·O formed from the object at the
+  window corners (not stored; ``reflect_win_k`` stores it from sub-pixel windows);
 - :func:`project_k`: after its FFT, (7) the data error of the reflected wave and (4) the modulus
   step with the power bound's relaxation — one sweep without the power bound, two with it (the
   first measures each view's deviation);
-- :func:`dm_update_k`: after the inverse FFT, (3) ψ ← ψ + β(F⁻¹Π_F(…) − Φ) in real space (ψ is the
-  only full-size state: no F(ψ) is kept);
+- :func:`dm_update_at_k`: after the inverse FFT, (3) ψ ← ψ + β(F⁻¹Π_F(…) − Φ) in real space, Φ
+  formed again from the object (``dm_update_k`` from a stored Φ); ψ is the only full-size state:
+  no F(ψ) is kept;
 - :func:`object_sums_k`: (6) Σ_k P_k*·ψ and Σ_k |P_k|² scattered onto the object;
 - :func:`probe_sums_k`: (5) Σ O*·ψ and Σ |O|² from the object windows read in place.
 
@@ -120,9 +122,10 @@ def _row_intensity(f, b, i, out):
             out[j] += row[j].real * row[j].real + row[j].imag * row[j].imag
 
 
-# (2), (3) Φ = O_l(window b)·P_k into phi and the reflected wave 2Φ − ψ into out, in one sweep
+# (3) the reflected wave 2Φ − ψ alone, Φ = O_l(window b)·P_k formed on the fly (not stored:
+# dm_update_at_k forms it again, which costs less than writing and reading it back)
 @_jit
-def reflect_k(obj, pos, probe, psi, phi, out):
+def reflect_at_k(obj, pos, probe, psi, out):
     B, L, K, n, m = out.shape
     for b in range(B):
         r0 = pos[b, 0]
@@ -132,16 +135,32 @@ def reflect_k(obj, pos, probe, psi, phi, out):
                 orow = obj[l, r0 + i, c0:c0 + m]
                 for k in range(K):
                     prow = probe[k, i]
-                    f = phi[b, l, k, i]
                     p = psi[b, l, k, i]
                     dst = out[b, l, k, i]
                     for j in range(m):
                         v = orow[j] * prow[j]
-                        f[j] = v
                         dst[j] = v + v - p[j]
 
 
-# (2), (3) from gathered (sub-pixel) windows
+# (3) ψ ← ψ + β·(F⁻¹Π_F(F(2Φ − ψ)) − Φ), Φ = O_l(window b)·P_k formed again from the object
+@_jit
+def dm_update_at_k(psi, obj, pos, probe, proj, beta):
+    B, L, K, n, m = psi.shape
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for l in range(L):
+            for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    prow = probe[k, i]
+                    p = psi[b, l, k, i]
+                    x = proj[b, l, k, i]
+                    for j in range(m):
+                        p[j] = p[j] + beta * (x[j] - orow[j] * prow[j])
+
+
+# (2), (3) from gathered (sub-pixel) windows: Φ = W[b, l]·P_k into phi, 2Φ − ψ into out
 @_jit
 def reflect_win_k(win, probe, psi, phi, out):
     B, L, K, n, m = out.shape
@@ -326,8 +345,8 @@ def probe_sums_win_k(psi, win, num, den):
                         dst[j] += orow[j].conjugate() * src[j]
 
 
-KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, reflect_k, reflect_win_k, project_k, dm_update_k,
-           object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k)
+KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, reflect_at_k, reflect_win_k, project_k,
+           dm_update_k, dm_update_at_k, object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k)
 
 
 def _views(a: np.ndarray) -> np.ndarray:
@@ -375,10 +394,11 @@ class NumbaBackend(HostBackend):
         if B == 0:
             return 0.0
         phi, work = buf.phi[:B], buf.work[:B]
-        if windows is None:
-            reflect_k(obj, self._pos(pos), probe, psi, phi, work)                         # Φ, 2Φ − ψ
+        ipos = self._pos(pos) if windows is None else None
+        if ipos is not None:
+            reflect_at_k(obj, ipos, probe, psi, work)                                     # 2Φ − ψ
         else:
-            reflect_win_k(windows, probe, psi, phi, work)
+            reflect_win_k(windows, probe, psi, phi, work)                                 # Φ, 2Φ − ψ
         self.fft2(work)
         rdt = psi.real.dtype.type
         m, use = self._mask(mask, psi.shape[-2], psi.shape[-1])
@@ -392,7 +412,10 @@ class NumbaBackend(HostBackend):
             else:
                 stats.add(None, B)
         self.ifft2(work)
-        dm_update_k(_views(psi), _views(phi), _views(work), rdt(beta))                   # (3)
+        if ipos is not None:
+            dm_update_at_k(psi, obj, ipos, probe, work, rdt(beta))                        # (3)
+        else:
+            dm_update_k(_views(psi), _views(phi), _views(work), rdt(beta))
         return err
 
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
@@ -443,10 +466,11 @@ class NumbaBackend(HostBackend):
         exit_waves_k(obj, pos, probe, waves)
         exit_waves_win_k(win, probe, waves)
         data_error_k(_views(waves), amp, m, True)
-        reflect_k(obj, pos, probe, waves.copy(), waves.copy(), waves)
         reflect_win_k(win, probe, waves.copy(), waves.copy(), waves)
         project_k(_views(waves), amp, m, True, rdt(0), rdt(0), rdt(TINY), rdt(1), np.ones(B, rdt), np.ones(B, rdt))
         dm_update_k(_views(waves), _views(waves.copy()), _views(waves.copy()), rdt(1))
+        reflect_at_k(obj, pos, probe, waves.copy(), waves)
+        dm_update_at_k(waves, obj, pos, probe, waves.copy(), rdt(1))
         object_sums_k(waves, probe, np.ones((n, n), rdt), pos, np.zeros_like(obj), np.zeros((1, n + 1, n + 1), rdt))
         object_numerator_k(waves, probe, win)
         probe_sums_k(waves, obj, pos, np.zeros_like(probe), np.zeros((n, n), rdt))
