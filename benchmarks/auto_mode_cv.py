@@ -141,20 +141,17 @@ class FrameMaskedDM(DMIteration):
 
     def _fourier_batch(self, w: Any, b: slice) -> None:
         rec, be, B = self.rec, self.rec.be, b.stop - b.start
-        fpsi, amp, good = rec._load(w, "fpsi", b), rec.diffamp[b], rec.frame_mask[b]
-        fphi = be.fft2(rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
-        w.err += dm.data_error(be, fphi, amp, good)                                    # (7)
-        work = dm.reflect(be, fphi, fpsi, w.work[:B])                                  # F(2·P·O − ψ)
+        psi, amp, good = rec._load(w, "psi", b), rec.diffamp[b], rec.frame_mask[b]
+        phi = rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])   # (2)
+        work = be.fft2(dm.reflect(be, phi, psi, w.work[:B]))                         # F(2·P·O − ψ)
+        w.err += dm.data_error(be, work, amp, good)                                    # (7)
         modulus = dm._modulus(be, work)
         dev = np.square((modulus - amp) * good).reshape(B, -1).sum(axis=1) / good.reshape(B, -1).sum(axis=1)
         r = dm.relaxation(np, dev, rec.pbound, self.floor_now).astype(modulus.dtype)  # (4), bound and floor
         w.relax.add(r, B, dm.relaxation(np, dev, rec.pbound) if self.floor_now > 0 else None)
         factor = amp / np.maximum(modulus, dm.TINY) * (1 - r)[:, None, None] + r[:, None, None]
         work *= np.where(good, factor, 1.0)[:, None, None]
-        dm.dm_update(be, fpsi, fphi, work, rec.params.beta)                            # (3)
-        psi = rec.psi[b]
-        psi[...] = fpsi
-        be.ifft2(psi)
+        dm.dm_update(be, psi, phi, be.ifft2(work), rec.params.beta)                   # (3)
         self._object_sums(w, b, psi)
 
 

@@ -9,8 +9,9 @@ Prints, with the device named:
   (c) the ratio of the iteration time to the bare cuFFT time (one forward + one inverse batched
       FFT of the same exit waves, the least any DM iteration must do).
 Each case is timed twice: through the engine (``dm_iteration.DMIteration.iterate``, the code users
-run) and as the fused-kernel pipeline below (``fused_iteration``: what the kernels reach when the
-engine uses ``fourier_update``/``fft_exit_waves``). Also: the overlap accumulation with atomics
+run; since session 18 its state is ψ alone, ``dm.dm_step``) and as the fused-kernel pipeline
+below (``fused_iteration``: F(ψ) kept beside ψ, the one-kernel ``fourier_update`` — faster, at
+twice the exit waves' memory). Also: the overlap accumulation with atomics
 versus non-overlapping sets (the paper left that open).
 Targets on one H100: (a) ≤ 4 ms/iteration, (b) ≤ 3 s, (c) ≤ 2.
 """

@@ -5,8 +5,8 @@ refinement (``positions.py``) call a :class:`Backend` by its methods only: array
 FFTs, windows, and the **passes** — the work on one batch of views that a backend may fuse into as
 few sweeps over memory as it can:
 
-- :meth:`Backend.fourier_pass`: exit waves (2), their transform, the data error (7), the modulus
-  step and DM update (3), (4), and ψ back in real space;
+- :meth:`Backend.fourier_pass`: exit waves (2), the reflected wave's transform, its data error (7),
+  the modulus step (4), the inverse transform and the DM update of ψ (3) in real space;
 - :meth:`Backend.object_pass`, :meth:`Backend.probe_pass`: the sums of the object (6) and probe (5)
   updates; :meth:`Backend.error_pass`: the data error of the model (7);
 - :meth:`Backend.ml_gradient`, :meth:`Backend.ml_line_search`: the two ML passes' sums;
@@ -115,13 +115,14 @@ class Backend(ABC):
 
     # --- DM passes (dm.py: the equations) ----------------------------------------------------
     @abstractmethod
-    def fourier_pass(self, obj: Any, pos: Any, probe: Any, fpsi: Any, psi: Any, diffamp: Any, mask: Any,
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
                      windows: Any = None) -> Any:
-        """The Fourier step of one batch: Φ = P·O at ``pos`` (2) — from ``windows`` (B, L, n, n)
-        instead when given (sub-pixel) —, F(Φ), ``fpsi += β(Π_F(2F(Φ) − fpsi) − F(Φ))`` (3), (4) in
-        place, ``psi`` = F⁻¹(fpsi); returns Σ_good (|F(Φ)| − √I)² (7). ``floor``, ``stats``: those
-        of ``dm.fourier_projection``."""
+        """The Fourier step of one batch (``dm.dm_step``): Φ = P·O at ``pos`` (2) — from ``windows``
+        (B, L, n, n) instead when given (sub-pixel) —, F(2Φ − ψ), its projection Π_F (4) and
+        ``psi += β(F⁻¹Π_F(F(2Φ − ψ)) − Φ)`` (3) in place, with ``buf.phi``, ``buf.work`` as the only
+        scratch; returns Σ_good (|F(2Φ − ψ)| − √I)² (7) of the reflected wave. ``floor``, ``stats``:
+        those of ``dm.fourier_projection``."""
     @abstractmethod
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
                     buf: BatchBuffers, subpixel: bool = False) -> None:
@@ -334,16 +335,13 @@ class NumpyBackend(HostBackend):
             return self.exit_waves_at(obj, pos, probe, buf.phi[:B])
         return dm.exit_waves(self, probe, windows, buf.phi[:B])
 
-    def fourier_pass(self, obj: Any, pos: Any, probe: Any, fpsi: Any, psi: Any, diffamp: Any, mask: Any,
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
                      windows: Any = None) -> Any:
         from . import dm
-        B = len(fpsi)
-        fphi = self.fft2(self._phi(obj, pos, probe, buf, B, windows))                  # F(P·O)
-        err = dm.fourier_update(self, fpsi, fphi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
-        psi[...] = fpsi
-        self.ifft2(psi)                                                                  # ψ
-        return err
+        B = len(psi)
+        phi = self._phi(obj, pos, probe, buf, B, windows)                                # P·O
+        return dm.dm_step(self, psi, phi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
 
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
                     buf: BatchBuffers, subpixel: bool = False) -> None:

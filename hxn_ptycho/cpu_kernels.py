@@ -6,10 +6,14 @@ loop nest over the batch, in the precision of the arrays (complex64 and float32 
 single precision: the constants are passed in that precision, so nothing is promoted):
 
 - :func:`exit_waves_k`: (2) Φ = P·O straight from the object at the window corners;
-- :func:`fourier_update_k`: (7) the data error of F(Φ), (3), (4) the reflection, the modulus step
-  with the power bound's relaxation and the DM update of F(ψ), and the copy of F(ψ) that the
-  inverse FFT turns into ψ — one sweep without the power bound, two with it (the first measures
-  each view's deviation);
+- :func:`reflect_at_k`: (2), (3) the reflected wave 2Φ − ψ, Φ = P·O formed from the object at the
+  window corners (not stored; ``reflect_win_k`` stores it from sub-pixel windows);
+- :func:`project_k`: after its FFT, (7) the data error of the reflected wave and (4) the modulus
+  step with the power bound's relaxation — one sweep without the power bound, two with it (the
+  first measures each view's deviation);
+- :func:`dm_update_at_k`: after the inverse FFT, (3) ψ ← ψ + β(F⁻¹Π_F(…) − Φ) in real space, Φ
+  formed again from the object (``dm_update_k`` from a stored Φ); ψ is the only full-size state:
+  no F(ψ) is kept;
 - :func:`object_sums_k`: (6) Σ_k P_k*·ψ and Σ_k |P_k|² scattered onto the object;
 - :func:`probe_sums_k`: (5) Σ O*·ψ and Σ |O|² from the object windows read in place.
 
@@ -142,55 +146,94 @@ def _row_intensity(f, b, i, out):
             out[j] += row[j].real * row[j].real + row[j].imag * row[j].imag
 
 
+# (3) the reflected wave 2Φ − ψ alone, Φ = O_l(window b)·P_k formed on the fly (not stored:
+# dm_update_at_k forms it again, which costs less than writing and reading it back)
 @_jit
-def _row_reflected(fphi, fpsi, b, i, out):
-    """out[j] = Σ_q |2 fphi − fpsi|² at [b, q, i, j] (the modulus² of the reflected waves)."""
-    M = fphi.shape[1]
-    for q in range(M):
-        f = fphi[b, q, i]
-        p = fpsi[b, q, i]
-        if q == 0:
-            for j in range(out.shape[0]):
-                x = f[j] + f[j] - p[j]
-                out[j] = x.real * x.real + x.imag * x.imag
-        else:
-            for j in range(out.shape[0]):
-                x = f[j] + f[j] - p[j]
-                out[j] += x.real * x.real + x.imag * x.imag
+def reflect_at_k(obj, pos, probe, psi, out):
+    B, L, K, n, m = out.shape
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for l in range(L):
+            for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    prow = probe[k, i]
+                    p = psi[b, l, k, i]
+                    dst = out[b, l, k, i]
+                    for j in range(m):
+                        v = orow[j] * prow[j]
+                        dst[j] = v + v - p[j]
 
 
-# (3), (4), (7): F(ψ) ← F(ψ) + β(Π_F(2F(Φ) − F(ψ)) − F(Φ)) in place, F(ψ) also into psi_out; returns (7)
+# (3) ψ ← ψ + β·(F⁻¹Π_F(F(2Φ − ψ)) − Φ), Φ = O_l(window b)·P_k formed again from the object
 @_jit
-def fourier_update_k(fpsi, fphi, amp, mask, use_mask, pbound, beta, floor, tiny, one, psi_out,
-                     relax, raw):
-    """``fpsi``, ``fphi``, ``psi_out`` (B, M, n, n); ``amp`` (B, n, n); ``pbound``, ``beta``,
-    ``floor``, ``tiny``, ``one`` in the arrays' real precision; ``relax``, ``raw`` (B,) of that
-    precision get each view's r (dm.relaxation) with and without the floor (1 without the bound)."""
-    B, M, n, m = fpsi.shape
-    sp = np.empty(m, amp.dtype)          # Σ_q |F(Φ)|² of a row
-    sr = np.empty(m, amp.dtype)          # Σ_q |2F(Φ) − F(ψ)|² of a row
+def dm_update_at_k(psi, obj, pos, probe, proj, beta):
+    B, L, K, n, m = psi.shape
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for l in range(L):
+            for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    prow = probe[k, i]
+                    p = psi[b, l, k, i]
+                    x = proj[b, l, k, i]
+                    for j in range(m):
+                        p[j] = p[j] + beta * (x[j] - orow[j] * prow[j])
+
+
+# (2), (3) from gathered (sub-pixel) windows: Φ = W[b, l]·P_k into phi, 2Φ − ψ into out
+@_jit
+def reflect_win_k(win, probe, psi, phi, out):
+    B, L, K, n, m = out.shape
+    for b in range(B):
+        for l in range(L):
+            for i in range(n):
+                wrow = win[b, l, i]
+                for k in range(K):
+                    prow = probe[k, i]
+                    f = phi[b, l, k, i]
+                    p = psi[b, l, k, i]
+                    dst = out[b, l, k, i]
+                    for j in range(m):
+                        v = wrow[j] * prow[j]
+                        f[j] = v
+                        dst[j] = v + v - p[j]
+
+
+# (4), (7): Π_F in place on the reflected waves F(2Φ − ψ) (the power bound's relaxation r per view);
+# returns Σ_good (|F(2Φ − ψ)| − √I)²
+@_jit
+def project_k(w, amp, mask, use_mask, pbound, floor, tiny, one, relax, raw):
+    """``w`` (B, M, n, n) Fourier-space reflected waves; ``amp`` (B, n, n); ``pbound``, ``floor``,
+    ``tiny``, ``one`` in the arrays' real precision; ``relax``, ``raw`` (B,) of that precision get each
+    view's r (dm.relaxation) with and without the floor (1 without the bound)."""
+    B, M, n, m = w.shape
+    sr = np.empty(m, amp.dtype)          # Σ_q |w|² of a row
     fac = np.empty(m, amp.dtype)
     zero = one - one
     err = 0.0
     npix = n * m
     for b in range(B):
-        r = one
-        if pbound > 0:              # first sweep: the deviation of the reflected waves and (7)
+        r = zero
+        if pbound > 0:              # first sweep: the deviation of the view (its error (7) too)
             dev = 0.0
             for i in range(n):
-                _row_intensity(fphi, b, i, sp)
-                _row_reflected(fphi, fpsi, b, i, sr)
+                _row_intensity(w, b, i, sr)
                 arow = amp[b, i]
                 e = zero
-                dv = zero
-                for j in range(m):
-                    good = one if not use_mask else (one if mask[i, j] else zero)
-                    d = np.sqrt(sp[j]) - arow[j]
-                    e += d * d * good
-                    d = np.sqrt(sr[j]) - arow[j]
-                    dv += d * d * good
-                err += e
-                dev += dv
+                if use_mask:
+                    for j in range(m):
+                        d = np.sqrt(sr[j]) - arow[j]
+                        e += d * d * (one if mask[i, j] else zero)
+                else:
+                    for j in range(m):
+                        d = np.sqrt(sr[j]) - arow[j]
+                        e += d * d
+                dev += e
+            err += dev
             dev = dev / npix
             if dev > pbound:
                 rr = np.sqrt(pbound / max(dev, 1e-30))
@@ -202,19 +245,19 @@ def fourier_update_k(fpsi, fphi, amp, mask, use_mask, pbound, beta, floor, tiny,
             else:
                 relax[b] = one
                 raw[b] = one
-        for i in range(n):          # the update (and (7) here without the bound)
+                continue                # within the bound: the view stays as it is
+        for i in range(n):          # the projection (and (7) here without the bound)
             arow = amp[b, i]
-            _row_reflected(fphi, fpsi, b, i, sr)
+            _row_intensity(w, b, i, sr)
             if pbound <= 0:
-                _row_intensity(fphi, b, i, sp)
                 e = zero
                 if use_mask:
                     for j in range(m):
-                        d = np.sqrt(sp[j]) - arow[j]
+                        d = np.sqrt(sr[j]) - arow[j]
                         e += d * d * (one if mask[i, j] else zero)
                 else:
                     for j in range(m):
-                        d = np.sqrt(sp[j]) - arow[j]
+                        d = np.sqrt(sr[j]) - arow[j]
                         e += d * d
                 err += e
                 for j in range(m):
@@ -227,14 +270,24 @@ def fourier_update_k(fpsi, fphi, amp, mask, use_mask, pbound, beta, floor, tiny,
                     if not mask[i, j]:
                         fac[j] = one
             for q in range(M):
-                f = fphi[b, q, i]
-                p = fpsi[b, q, i]
-                o = psi_out[b, q, i]
+                row = w[b, q, i]
                 for j in range(m):
-                    v = p[j] + beta * (fac[j] * (f[j] + f[j] - p[j]) - f[j])
-                    p[j] = v
-                    o[j] = v
+                    row[j] = row[j] * fac[j]
     return err
+
+
+# (3) ψ ← ψ + β·(F⁻¹Π_F(F(2Φ − ψ)) − Φ), in real space
+@_jit
+def dm_update_k(psi, phi, proj, beta):
+    B, M, n, m = psi.shape
+    for b in range(B):
+        for q in range(M):
+            for i in range(n):
+                p = psi[b, q, i]
+                f = phi[b, q, i]
+                x = proj[b, q, i]
+                for j in range(m):
+                    p[j] = p[j] + beta * (x[j] - f[j])
 
 
 # (6) num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|²
@@ -298,8 +351,8 @@ def probe_sums_win_k(psi, win, num, den):
                 _probe_sums_row(win[b, l, i], psi, b, l, i, num, den)
 
 
-KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, fourier_update_k, object_sums_k, object_numerator_k,
-           probe_sums_k, probe_sums_win_k)
+KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, reflect_at_k, reflect_win_k, project_k,
+           dm_update_k, dm_update_at_k, object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k)
 
 
 def _views(a: np.ndarray) -> np.ndarray:
@@ -340,25 +393,35 @@ class NumbaBackend(HostBackend):
         """(2) of a batch into ``out`` (B, L, K, n, n)."""
         return self._phi(obj, pos, probe, out, windows)
 
-    def fourier_pass(self, obj: Any, pos: Any, probe: Any, fpsi: Any, psi: Any, diffamp: Any, mask: Any,
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
                      windows: Any = None) -> Any:
-        B = len(fpsi)
+        B = len(psi)
         if B == 0:
             return 0.0
-        fphi = self.fft2(self._phi(obj, pos, probe, buf.phi[:B], windows))                # F(P·O)
-        rdt = fpsi.real.dtype.type
-        m, use = self._mask(mask, fpsi.shape[-2], fpsi.shape[-1])
+        phi, work = buf.phi[:B], buf.work[:B]
+        ipos = self._pos(pos) if windows is None else None
+        if ipos is not None:
+            reflect_at_k(obj, ipos, probe, psi, work)                                     # 2Φ − ψ
+        else:
+            reflect_win_k(windows, probe, psi, phi, work)                                 # Φ, 2Φ − ψ
+        self.fft2(work)
+        rdt = psi.real.dtype.type
+        m, use = self._mask(mask, psi.shape[-2], psi.shape[-1])
         relax = np.ones(B, rdt)
         raw = np.ones(B, rdt)
-        err = fourier_update_k(_views(fpsi), _views(fphi), diffamp, m, use, rdt(pbound), rdt(beta), rdt(floor),
-                               rdt(TINY), rdt(1), _views(psi), relax, raw)                # (3), (4), (7)
+        err = project_k(_views(work), diffamp, m, use, rdt(pbound), rdt(floor), rdt(TINY), rdt(1), relax,
+                        raw)                                                             # (4), (7)
         if stats is not None:
             if pbound > 0:
                 stats.add(relax, B, raw if floor > 0 else None)
             else:
                 stats.add(None, B)
-        self.ifft2(psi)                                                                  # ψ
+        self.ifft2(work)
+        if ipos is not None:
+            dm_update_at_k(psi, obj, ipos, probe, work, rdt(beta))                        # (3)
+        else:
+            dm_update_k(_views(psi), _views(phi), _views(work), rdt(beta))
         return err
 
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
@@ -409,8 +472,11 @@ class NumbaBackend(HostBackend):
         exit_waves_k(obj, pos, probe, waves)
         exit_waves_win_k(win, probe, waves)
         data_error_k(_views(waves), amp, m, True)
-        fourier_update_k(_views(waves), _views(waves.copy()), amp, m, True, rdt(0), rdt(1), rdt(0), rdt(TINY),
-                         rdt(1), _views(waves.copy()), np.ones(B, rdt), np.ones(B, rdt))
+        reflect_win_k(win, probe, waves.copy(), waves.copy(), waves)
+        project_k(_views(waves), amp, m, True, rdt(0), rdt(0), rdt(TINY), rdt(1), np.ones(B, rdt), np.ones(B, rdt))
+        dm_update_k(_views(waves), _views(waves.copy()), _views(waves.copy()), rdt(1))
+        reflect_at_k(obj, pos, probe, waves.copy(), waves)
+        dm_update_at_k(waves, obj, pos, probe, waves.copy(), rdt(1))
         object_sums_k(waves, probe, np.ones((n, n), rdt), pos, np.zeros_like(obj), np.zeros((1, n + 1, n + 1), rdt))
         object_numerator_k(waves, probe, win)
         probe_sums_k(waves, obj, pos, np.zeros_like(probe), np.zeros((n, n), rdt))

@@ -22,7 +22,7 @@ def exit_waves(be: Any, probe: Any, obj_windows: Any, out: Any) -> Any:
     return be.xp.multiply(obj_windows[:, :, None], probe[None, None], out=out)
 
 
-# (3) input of the Fourier projection, in Fourier space: F(2·P·O − ψ) = 2·F(P·O) − F(ψ)
+# (3) input of the Fourier projection: 2·P·O − ψ (in real space, dm_step; or on the transforms, F is linear)
 def reflect(be: Any, fphi: Any, fpsi: Any, out: Any) -> Any:
     xp = be.xp
     xp.subtract(fphi, fpsi, out=out)
@@ -115,7 +115,7 @@ def _modulus(be: Any, waves_f: Any) -> Any:
     return xp.sqrt(intensity, out=intensity)
 
 
-# (3) ψ ← ψ + β · (Π_F(2·P·O − ψ) − P·O), here on the Fourier transforms (F is linear)
+# (3) ψ ← ψ + β · (Π_F(2·P·O − ψ) − P·O), in real space (dm_step) or on the transforms (F is linear)
 def dm_update(be: Any, fpsi: Any, fphi: Any, projected: Any, beta: float) -> Any:
     projected -= fphi
     projected *= beta
@@ -136,7 +136,8 @@ def data_error(be: Any, fphi: Any, diffamp: Any, mask: Any) -> Any:
 # (3), (4), (7) together: the data error of F(P·O), then ψ's DM update through the projection
 def fourier_update(be: Any, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pbound: float, beta: float,
                    floor: float = 0.0, stats: RelaxSum | None = None, work: Any = None) -> Any:
-    """One batch's Fourier step on F(ψ) in place; returns Σ_good (|F(P·O)| − √I)².
+    """One batch's Fourier step on F(ψ) in place; returns Σ_good (|F(P·O)| − √I)². The form the CUDA
+    kernel ``fourier_update`` implements (tested against this); the engine runs :func:`dm_step`.
 
     ``work`` is scratch shaped like ``fpsi``. ``floor`` and ``stats``: those of :func:`fourier_projection`.
     """
@@ -144,6 +145,26 @@ def fourier_update(be: Any, fpsi: Any, fphi: Any, diffamp: Any, mask: Any, pboun
     work = reflect(be, fphi, fpsi, work)                        # F(2·P·O − ψ)
     work = fourier_projection(be, work, diffamp, mask, pbound, floor, stats)  # (4)
     dm_update(be, fpsi, fphi, work, beta)                       # (3)
+    return err
+
+
+# (3), (4), (7) with ψ in real space (the engine's state): ψ ← ψ + β·(F⁻¹Π_F(F(2·P·O − ψ)) − P·O)
+def dm_step(be: Any, psi: Any, phi: Any, diffamp: Any, mask: Any, pbound: float, beta: float,
+            floor: float = 0.0, stats: RelaxSum | None = None, work: Any = None) -> Any:
+    """One batch's DM update of ψ in place from Φ = P·O; returns Σ_good (|F(2·P·O − ψ)| − √I)², the
+    data error of the reflected wave that the projection sees (PtyPy's Fourier error).
+
+    The same update as :func:`fourier_update` on F(ψ) (F is linear), with one full-size state
+    instead of two: ψ alone is kept, so an iteration still costs one forward and one inverse FFT,
+    but the model's own error F(P·O) is not transformed (``error_pass`` measures it when needed).
+    ``work`` is scratch shaped like ``psi``; ``floor`` and ``stats``: those of :func:`fourier_projection`.
+    """
+    work = reflect(be, phi, psi, work)                          # 2·P·O − ψ
+    be.fft2(work)
+    err = data_error(be, work, diffamp, mask)                   # (7) of the reflected wave
+    work = fourier_projection(be, work, diffamp, mask, pbound, floor, stats)  # (4)
+    be.ifft2(work)
+    dm_update(be, psi, phi, work, beta)                         # (3)
     return err
 
 

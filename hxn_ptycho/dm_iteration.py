@@ -2,17 +2,20 @@
 
 One iteration on the exit waves of the views this process holds (equation numbers of :mod:`dm`):
 
-1. the Fourier step, one pass over the batches: Φ = P·O (2), its transform and the data error
-   (7), F(ψ) ← F(ψ) + β·(Π_F(2·F(Φ) − F(ψ)) − F(Φ)) (3), (4), ψ = F⁻¹(F(ψ)), and the sums of the
-   object update (6) from the new ψ in the same pass;
+1. the Fourier step, one pass over the batches: Φ = P·O (2), the transform of the reflected wave
+   2Φ − ψ and its data error (7), ψ ← ψ + β·(F⁻¹Π_F(F(2Φ − ψ)) − Φ) (3), (4) (``dm.dm_step``), and
+   the sums of the object update (6) from the new ψ in the same pass;
 2. the overlap step: the object update (6), then — from iteration ``probe_update_start`` — the
    probe update (5) and the object update again, in turn, at most ``update_rounds`` probe updates,
    ending early once the probe's relative change is below ``overlap_converge`` (the overlap loop
    of Thibault et al., *Ultramicroscopy* 109, 338 (2009), as in PtyPy's DM);
 3. the relative changes ε_P, ε_O of (7).
 
-The state is kept in Fourier space (F(ψ), with ψ beside it): F(P·O) is then the only forward
-transform and gives the exact data error of the current model for free. Every sum over views goes
+The state is ψ alone, in real space (PtyPy's DM): one forward and one inverse FFT an iteration and
+one full-size array — keeping F(ψ) beside it, as this engine did before, gave the model's own
+error F(P·O) for free but doubled the memory. The error of an iteration is therefore that of the
+reflected wave the projection sees (it tends to the model's as ψ → P·O); the final error of the
+model is measured once at the end (``error_pass``). Every sum over views goes
 through the reconstruction's reducer, so each rank sees the same probe and ends the overlap loop
 at the same round.
 """
@@ -48,13 +51,11 @@ class DMIteration:
 
     # (2)–(4), (7) then (6): one batch's Fourier pass, then its object sums from the new ψ
     def _fourier_batch(self, w: Any, b: slice) -> None:
-        rec, be, B = self.rec, self.rec.be, b.stop - b.start
-        fpsi = rec._load(w, "fpsi", b)
-        psi = w.psi[:B] if rec.streaming else rec.psi[b]
+        rec, be = self.rec, self.rec.be
+        psi = rec._load(w, "psi", b)
         pos, windows = self._windows(w, b)
-        w.err += be.fourier_pass(rec.obj, pos, rec.probe, fpsi, psi, rec.diffamp[b], rec.mask, rec.pbound,
+        w.err += be.fourier_pass(rec.obj, pos, rec.probe, psi, rec.diffamp[b], rec.mask, rec.pbound,
                                  rec.params.beta, self.floor_now, w.relax, w, windows)
-        rec._store(w, "fpsi", b, fpsi)
         rec._store(w, "psi", b, psi)
         self._object_sums(w, b, psi)
 
@@ -72,7 +73,7 @@ class DMIteration:
         rec.be.probe_pass(rec._load(w, "psi", b), rec.obj, pos, w.probe_num, w.probe_den, w, windows)
 
     # --- the steps ------------------------------------------------------------------------------
-    # (2)–(4), (7): the DM update of every exit wave; returns Σ(|F(P·O)| − √I)² / ΣI of the model
+    # (2)–(4), (7): the DM update of every exit wave; returns Σ(|F(2·P·O − ψ)| − √I)² / ΣI
     def fourier_step(self) -> float:
         rec = self.rec
         rec._probe_terms()

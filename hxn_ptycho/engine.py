@@ -103,13 +103,13 @@ def plan_memory(n_local: int, n: int, modes_total: int, obj_shape: tuple[int, in
     m = max_modes or modes_total
     view_bytes = m * n * n * itemsize
     gb = 1 / 2**30
-    psi = 2 * n_local * view_bytes * gb          # ψ and its Fourier transform
+    psi = n_local * view_bytes * gb              # ψ alone (dm.dm_step keeps no F(ψ))
     frames = n_local * n * n * itemsize / 2 * gb
     acc = workers * (obj_shape[0] * obj_shape[1] * obj_shape[2] * itemsize * 1.5 + 2 * m * n * n * itemsize) * gb
     bound = params.max_memory_gb or default_memory_bound_gb(backend)
 
     def make(stream: bool) -> MemoryPlan:
-        per_view = (6 if stream else 4) * view_bytes + obj_shape[0] * n * n * itemsize
+        per_view = (5 if stream else 4) * view_bytes + obj_shape[0] * n * n * itemsize
         if params.batch_size:
             batch = params.batch_size
         elif backend.cache_batches:
@@ -146,9 +146,11 @@ def estimate_gain(diffamp: np.ndarray, mask: np.ndarray | None, reducer: Any,
     frames = np.asarray(diffamp).reshape(len(diffamp), -1)
     per_frame = frames.shape[1] if mask is None else int(np.count_nonzero(mask))
     frames = frames[::max(1, frames.shape[0] * per_frame // sample)]    # about `sample` values, no full copy
-    flat = frames if mask is None else frames[:, np.asarray(mask).ravel()]
-    inten = np.square(flat.ravel(), dtype=np.float64)
-    pos = inten[inten > 0]
+    flat = (frames if mask is None else frames[:, np.asarray(mask).ravel()]).ravel()
+    nonzero = flat > 0
+    nonzero |= flat < 0                 # √I ≠ 0 ⇔ I > 0 (NaN excluded, as I > 0 does)
+    pos = np.square(flat[nonzero], dtype=np.float64)    # the positive intensities, no float64 copy of the rest
+    del flat, nonzero
     gain, ok = 1.0, 0.0
     if pos.size >= 1000:
         # the lowest distinct values (float rounding merged): at high counts the fewest photons a
@@ -201,7 +203,6 @@ class _Worker:
         be = self.be
         if self.streaming:            # device copies of one batch of the host-resident exit waves
             self.psi = be.empty((batch, L, K, n, n), cdtype)
-            self.fpsi = be.empty((batch, L, K, n, n), cdtype)
         self.phi = be.empty((batch, L, K, n, n), cdtype)
         self.work = be.empty((batch, L, K, n, n), cdtype)
         self.objwin = be.empty((batch, L, n, n), cdtype)
@@ -320,10 +321,6 @@ class Reconstruction:
         return self.store.psi
 
     @property
-    def fpsi(self) -> Any:
-        return self.store.fpsi
-
-    @property
     def batches(self) -> list[slice]:
         return self.scheduler.batches
 
@@ -348,12 +345,9 @@ class Reconstruction:
 
     def _init_psi(self, w: _Worker, b: slice) -> None:
         B = b.stop - b.start
-        psi, fpsi = self._load(w, "psi", b), self._load(w, "fpsi", b)
-        self.geom.exit_waves(self.be, self.obj, b, self.probe, w.objwin[:B], psi, w.tmp[:B])
-        fpsi[...] = psi
-        self.be.fft2(fpsi)
+        psi = self._load(w, "psi", b)
+        self.geom.exit_waves(self.be, self.obj, b, self.probe, w.objwin[:B], psi, w.tmp[:B])   # ψ = P·O (2)
         self._store(w, "psi", b, psi)
-        self._store(w, "fpsi", b, fpsi)
 
     def _model_error_batch(self, w: _Worker, b: slice) -> None:
         be, B = self.be, b.stop - b.start

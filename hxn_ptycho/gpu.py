@@ -479,18 +479,32 @@ class CupyBackend(Backend):
     def _windows(self, obj: Any, pos: Any, n: int, buf: BatchBuffers, B: int, windows: Any) -> Any:
         return self.gather(obj, pos, n, out=buf.objwin[:B]) if windows is None else windows
 
-    def fourier_pass(self, obj: Any, pos: Any, probe: Any, fpsi: Any, psi: Any, diffamp: Any, mask: Any,
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
                      windows: Any = None) -> Any:
-        """gather + P·O + raw cuFFT (2); one ``fourier_update`` kernel (3), (4), (7); F⁻¹ out of place into ψ."""
-        B = len(fpsi)
+        """``dm.dm_step`` from the kernels: gather + P·O (2), ``reflect`` 2Φ − ψ (3), a raw cuFFT, the
+        Fourier kernel's error (7) and projection (4) in one launch (two with the power bound: the
+        first measures each view's deviation) with the FFTs' 1/n folded into it, a raw inverse
+        cuFFT, ``dm_update`` of ψ (3)."""
+        B = len(psi)
         if B == 0:
             return 0.0
-        n = probe.shape[-1]
-        fphi = self.fft_exit_waves(probe, self._windows(obj, pos, n, buf, B, windows), buf.phi[:B])
-        err = self.fourier_update(fpsi, fphi, diffamp, mask, pbound, beta, floor, stats)
-        self.raw_ifft2(fpsi, out=psi)
-        psi *= psi.real.dtype.type(1.0 / math.sqrt(psi.shape[-1] * psi.shape[-2]))
+        n0, n1 = probe.shape[-2:]
+        scale = 1.0 / math.sqrt(n0 * n1)
+        phi = self.exit_waves(probe, self._windows(obj, pos, n0, buf, B, windows), buf.phi[:B])
+        work = self._raw_fft(self.reflect(phi, psi, buf.work[:B]), self._cufft.CUFFT_FORWARD)   # n·F(2Φ − ψ)
+        relax = None
+        if pbound > 0:
+            dev = self._fourier(work, diffamp, mask, 0, None, scale, 1.0)
+            relax = self._relax(dev, n0 * n1, pbound, floor, stats, self._suffix(work.dtype)[1])
+            err = dev.sum()
+            self._fourier(work, diffamp, mask, 1, relax, scale, scale)
+        else:
+            if stats is not None:
+                stats.add(None, B)
+            err = self._fourier(work, diffamp, mask, 1, None, scale, scale).sum()
+        self._raw_fft(work, self._cufft.CUFFT_INVERSE)                                        # F⁻¹Π_F(…)
+        self.dm_update(psi, phi, work, beta)
         return err
 
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,

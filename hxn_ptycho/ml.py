@@ -158,10 +158,10 @@ class MLIteration:
         rec, be = self.rec, self.rec.be
         B = b.stop - b.start
         phi = rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B])   # (2)
-        fphi = rec._load(w, "fpsi", b)
+        fphi = rec._load(w, "psi", b)
         fphi[...] = phi
         be.fft2(fphi)
-        rec._store(w, "fpsi", b, fphi)
+        rec._store(w, "psi", b, fphi)
         chi = w.work[:B]
         nll, err = be.ml_gradient(fphi, rec.diffamp[b], self.intensity[b], rec.mask, self.floor, self.model, chi)
         w.nll += nll
@@ -177,7 +177,7 @@ class MLIteration:
         rec, be = self.rec, self.rec.be
         B = b.stop - b.start
         geom = rec.geom
-        fphi = rec._load(w, "fpsi", b)
+        fphi = rec._load(w, "psi", b)
         ow = geom.gather(be, rec.obj, b, w.objwin[:B], w.tmp[:B])
         how = geom.gather(be, self.h_obj, b, w.onum_src[:B], w.tmp[:B])
         a1 = dm.exit_waves(be, rec.probe, how, w.phi[:B])                          # P·h_O

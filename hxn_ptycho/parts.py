@@ -11,13 +11,15 @@ from typing import Any, Callable
 
 
 class ExitWaveStore:
-    """ψ and F(ψ) of this process's views, ``(N, L, K, n, n)``: resident on the device, or in
-    (pinned) host memory and moved batch by batch through each worker's device buffers."""
+    """ψ of this process's views, ``(N, L, K, n, n)`` — the only full-size state of DM (no F(ψ) is
+    kept: ``dm.dm_step``); ML keeps F(Φ) there between its two passes. Resident on the device, or in
+    (pinned) host memory and moved batch by batch through each worker's device buffer."""
+
+    NAMES = ("psi",)
 
     def __init__(self, be: Any, shape: tuple, cdtype: Any, streaming: bool) -> None:
         self.be, self.cdtype, self.streaming = be, cdtype, bool(streaming)
         self.psi = self._alloc(shape)
-        self.fpsi = self._alloc(shape)
 
     def _alloc(self, shape: tuple) -> Any:
         if self.streaming:
@@ -29,7 +31,7 @@ class ExitWaveStore:
         return tuple(self.psi.shape)
 
     def load(self, w: Any, name: str, b: slice) -> Any:
-        """The batch ``b`` of ``psi`` or ``fpsi``, on the device (``w``'s buffer when streamed)."""
+        """The batch ``b`` of ``psi``, on the device (``w``'s buffer when streamed)."""
         if not self.streaming:
             return getattr(self, name)[b]
         buf = getattr(w, name)[:b.stop - b.start]
@@ -45,7 +47,7 @@ class ExitWaveStore:
         """Room for ``K`` probe modes; the first min(K, old) are kept."""
         N, L, k_old, n, _ = self.shape
         keep = min(K, k_old)
-        for name in ("psi", "fpsi"):
+        for name in self.NAMES:
             old = getattr(self, name)
             new = self._alloc((N, L, K, n, n))
             new[:, :, :keep] = old[:, :, :keep]

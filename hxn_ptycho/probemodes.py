@@ -83,7 +83,7 @@ class ProbeModeManager:
         K = len(coef)
 
         def mix(w: Any, b: slice) -> None:
-            for name in ("psi", "fpsi"):
+            for name in rec.store.NAMES:
                 arr = rec.store.load(w, name, b)
                 old = arr.copy()
                 for i in range(K):
@@ -120,12 +120,9 @@ class ProbeModeManager:
             def init_new(w: Any, b: slice) -> None:
                 B = b.stop - b.start
                 ow = rec.geom.gather(be, rec.obj, b, w.objwin[:B], w.tmp[:B])
-                for name in ("psi", "fpsi"):
-                    arr = rec.store.load(w, name, b)
-                    arr[:, :, k_old:] = ow[:, :, None] * rec.probe[None, None, k_old:]
-                    if name == "fpsi":
-                        arr[:, :, k_old:] = be.fft2(arr[:, :, k_old:].copy())
-                    rec.store.store(w, name, b, arr)
+                arr = rec.store.load(w, "psi", b)
+                arr[:, :, k_old:] = ow[:, :, None] * rec.probe[None, None, k_old:]
+                rec.store.store(w, "psi", b, arr)
             rec.scheduler.each(init_new)
 
     def _cache_batches(self, K: int) -> bool:

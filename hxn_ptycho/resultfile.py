@@ -55,8 +55,9 @@ class ResultData:
         """The one final data error of a result: ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and
         unmasked pixels, of the *returned* model (after the last update and the final orthogonalisation
         of the modes): the ``final_data_error`` attribute the engine measures at the end. The curve
-        ``error_data`` holds ε_D of the model at the start of each iteration, so its last point is one
-        update older; it stands in only for a file without the attribute. The job's last line, the
+        ``error_data`` holds, for DM, ε_D of the reflected wave F(2·P·O − ψ) that each iteration's
+        projection sees (PtyPy's Fourier error; for ML that of the model), so its last point is one
+        update older and not the model's own; it stands in only for a file without the attribute. The job's last line, the
         outcome record, the derived run, the listing and the figure all give this number."""
         value = self.attrs.get("final_data_error")
         if value is not None and np.isfinite(float(value)):

@@ -338,7 +338,6 @@ class ReconSession:
         old = rec.store
         store = ExitWaveStore(be, (N,) + old.shape[1:], rec.cdtype, old.streaming)
         store.psi[:old_local] = old.psi
-        store.fpsi[:old_local] = old.fpsi
         rec.store = store
         del old
         batch = rec.plan.batch_size

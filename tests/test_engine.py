@@ -38,7 +38,10 @@ def test_single_mode_recovers_the_object(sim1, one_mode):
     scan, truth = sim1
     err = object_nrmse(one_mode, truth)
     assert err < ONE_MODE_NRMSE, err
-    assert one_mode.error_data[-1] < 0.2 * one_mode.error_data[0]
+    # the model's error fell 5-fold: at iteration 0 ψ = P·O, so the curve's first point is the model's
+    # own; later points are the reflected wave's (dm.dm_step), the model's is measured at the end
+    assert one_mode.attrs["final_data_error"] < 0.2 * one_mode.error_data[0]
+    assert one_mode.error_data[-1] < 0.5 * one_mode.error_data[0]
     assert one_mode.attrs["final_data_error"] < 0.01
 
 
