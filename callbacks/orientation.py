@@ -238,7 +238,8 @@ def trial(prep: Prepared, orient: Orientation, views: np.ndarray, iterations: in
         idx = np.r_[0:m // 2, -(m // 2):0]
         full[idx[:, None], idx[None, :]] = q
         probe = np.fft.fftshift(np.fft.ifft2(full))
-    return float(res.error_data[-1]), probe
+    err = res.final_data_error                  # the model's own error (DM's curve is the reflected wave's)
+    return float(err if err is not None else np.inf), probe
 
 
 def trial_error(prep: Prepared, orient: Orientation, views: np.ndarray, iterations: int, seed: int = 0,

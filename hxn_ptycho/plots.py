@@ -247,7 +247,7 @@ def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None 
     span = max(cols - 1, 2)
     ax = fig.add_subplot(grid[1, :span])
     it = np.arange(1, res.iterations + 1)
-    ax.semilogy(it, res.error_data, color="k", lw=2, label="ε_D data error")
+    ax.semilogy(it, res.error_data, color="k", lw=2, label="ε_D data error (DM: of F(2P·O − ψ))")
     def positive(v: np.ndarray) -> np.ndarray:     # no update (ε = 0, e.g. the probe before it starts):
         v = np.asarray(v, dtype=float)               # not drawn, instead of a plunge to the axis
         return np.where(v > 0, v, np.nan)
@@ -255,6 +255,9 @@ def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None 
         ax.semilogy(it, positive(res.error_probe[:, k]), lw=0.9, label=f"ε_P probe mode {k}")
     for m in range(res.error_object.shape[1]):
         ax.semilogy(it, positive(res.error_object[:, m]), lw=0.9, ls="--", label=f"ε_O object mode {m}")
+    final = res.final_data_error if hasattr(res, "final_data_error") else None
+    if final is not None and res.iterations:          # the returned model's own error: the reported number
+        ax.semilogy([it[-1]], [final], "o", color="k", ms=6, label=f"final ε_D of the model {final:.3g}")
     info = scan_facts(res, facts)
     stages = info["stages"]
     at = 0

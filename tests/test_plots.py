@@ -97,10 +97,12 @@ def test_convergence_curves_labelled_mode_changes_marked_legend_beside():
     assert ax.get_xlabel() == "iteration" and ax.get_yscale() == "log"
     leg = ax.get_legend()
     labels = [t.get_text() for t in leg.get_texts()]
-    assert labels[0] == "ε_D data error"
+    assert labels[0].startswith("ε_D data error")
     assert [f"ε_P probe mode {k}" for k in range(3)] == labels[1:4]
     assert [f"ε_O object mode {m}" for m in range(2)] == labels[4:6]
     assert "probe-mode change" in labels
+    final = res.final_data_error                       # the model's own error, the reported number, marked
+    assert final is not None and f"final ε_D of the model {final:.3g}" in labels
     changes = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
     assert [float(line.get_xdata()[0]) for line in changes] == [10.0]     # the 'keeping' line is no change
     assert any("+1 → 3 modes" in t.get_text() for t in ax.texts)
