@@ -166,7 +166,7 @@ def through_callback(args: argparse.Namespace) -> dict:
             "event_cost_us": {"callback": _stats_us(t_cb), "callback+feed": _stats_us(np.add(t_cb, t_feed)),
                               "feed": _stats_us(t_feed),
                               "event_interval_excess_ms": _excess_ms(events, 1.0 / args.rate)},
-            "export_s": live.export_s, "gave_up": live.gave_up}
+            "export_s": live.export_s, "gave_up": live.gave_up, "feed_marks": dict(live.marks)}
 
 
 def _stats_us(t: "list[float] | np.ndarray") -> dict:
@@ -275,6 +275,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def breakdown(r: dict, live: dict, t256: float) -> dict:
+    """Where the time goes: the first preview's path (seconds after the 256th view was readable:
+    the feed's first export in its child, the incremental export, the file, the job's first views,
+    first iteration, first preview) and the final's (seconds after the stop document: the job sees
+    the file complete, the final phase, the job's end, the outcome). ``warm`` gives what the start
+    document's warm-ups cost (paid during the scan)."""
+    fm, jm = r.get("feed_marks") or {}, live.get("timeline") or {}
+    plog = live.get("preview_log") or []
+
+    def rel(t: float | None, t0: float) -> float | None:
+        return None if t is None or not np.isfinite(t0) else round(float(t) - t0, 3)
+    t_stop = r["t_stop"]
+    return {
+        "first": {"export_from": rel(fm.get("first_export_from"), t256),
+                  "export_to": rel(fm.get("first_export_to"), t256),
+                  "incremental_to": rel(fm.get("first_incremental_to"), t256),
+                  "written": rel(fm.get("first_views_written_at"), t256),
+                  "job_views_in": rel(jm.get("first_views_in_at"), t256),
+                  "job_first_iteration": rel(jm.get("first_iteration_at"), t256),
+                  "first_preview": rel(plog[0]["written_at"], t256) if plog else None},
+        "warm": {"job_started_after_start_doc": rel(jm.get("job_started_at"), fm.get("start_document_at", np.nan)),
+                 "job_warm_up": jm.get("warm_up_s"), "child_warm": fm.get("child_warm_s")},
+        "final": {"complete_seen": rel(live.get("complete_seen_at"), t_stop),
+                  "phase_from": rel(jm.get("final_phase_from"), t_stop),
+                  "phase_to": rel(jm.get("final_phase_to"), t_stop),
+                  "job_done": rel(live.get("finished_at"), t_stop),
+                  "outcome": rel(r["t_live_done"], t_stop),
+                  "final_phase_cpu": jm.get("final_phase_cpu_s")},
+        "job_cpu_s_to_first_iteration": jm.get("cpu_s_to_first_iteration")}
+
+
 def report_callback(args: argparse.Namespace) -> int:
     load0 = os.getloadavg()[0]
     r = through_callback(args)
@@ -306,6 +337,7 @@ def report_callback(args: argparse.Namespace) -> int:
            "final_latency_s": live.get("final_latency_s"), "event_cost_us": r["event_cost_us"],
            "exports": len(r["export_s"]), "export_s_first_last": [r["export_s"][0][1], r["export_s"][-1][1]]
            if r["export_s"] else None, "feed_gave_up": r["gave_up"],
+           "breakdown_s": breakdown(r, live, t256),
            "load_before": load0, "load_after": os.getloadavg()[0]}
     print(json.dumps(out) if args.json else "\n".join(f"{k:28s} {v}" for k, v in out.items()))
     return 0
