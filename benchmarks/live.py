@@ -288,7 +288,9 @@ def breakdown(r: dict, live: dict, t256: float) -> dict:
         return None if t is None or not np.isfinite(t0) else round(float(t) - t0, 3)
     t_stop = r["t_stop"]
     return {
-        "first": {"export_from": rel(fm.get("first_export_from"), t256),
+        "first": {"decision_from": rel(fm.get("decision_from"), t256),
+                  "decision_to": rel(fm.get("decision_to"), t256), "decided_early": fm.get("decided_early"),
+                  "export_from": rel(fm.get("first_export_from"), t256),
                   "export_to": rel(fm.get("first_export_to"), t256),
                   "incremental_to": rel(fm.get("first_incremental_to"), t256),
                   "written": rel(fm.get("first_views_written_at"), t256),
@@ -296,7 +298,8 @@ def breakdown(r: dict, live: dict, t256: float) -> dict:
                   "job_first_iteration": rel(jm.get("first_iteration_at"), t256),
                   "first_preview": rel(plog[0]["written_at"], t256) if plog else None},
         "warm": {"job_started_after_start_doc": rel(jm.get("job_started_at"), fm.get("start_document_at", np.nan)),
-                 "job_warm_up": jm.get("warm_up_s"), "child_warm": fm.get("child_warm_s")},
+                 "job_warm_up": jm.get("warm_up_s"), "child_warm": fm.get("child_warm_s"),
+                 "child_warm_done_after_start_doc": rel(fm.get("child_warm_at"), fm.get("start_document_at", np.nan))},
         "final": {"complete_seen": rel(live.get("complete_seen_at"), t_stop),
                   "phase_from": rel(jm.get("final_phase_from"), t_stop),
                   "phase_to": rel(jm.get("final_phase_to"), t_stop),

@@ -365,9 +365,15 @@ class _LiveRun:
         try:
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
             self._warm = self._pool.submit(warm_child, self.cfg.export)
+            self._warm.add_done_callback(self._warmed)
         except OSError as exc:
             log.warning("live feed of run %s: no child for the first export (%s)", self.run.uid, exc)
             self._pool = None
+
+    def _warmed(self, fut: Any) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.marks["child_warm_s"] = float(fut.result())
+            self.marks["child_warm_at"] = time.time()
 
     def _decide_early(self, n: int) -> None:
         """Once ``decide_views`` events are in (fewer than the first chunk), decide the orientation on
@@ -452,8 +458,6 @@ class _LiveRun:
         try:
             if self._pool is None:
                 raise OSError("no child process")
-            if self._warm is not None and self._warm.done() and self._warm.exception() is None:
-                self.marks["child_warm_s"] = float(self._warm.result())
             early = self._taken_decision()
             scan = self._pool.submit(build_scan, snap, self.cfg.export, early[0] if early else None).result()
             if early is not None and early[1] != (int(scan.attrs["center_row"]), int(scan.attrs["center_col"])):

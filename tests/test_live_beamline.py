@@ -188,6 +188,8 @@ def test_the_orientation_is_decided_on_the_first_views_recorded_and_taken_by_the
     (live,) = feed.runs.values()
     assert live.gave_up is None
     assert live.marks.get("decided_early") == 1.0 and "decision_from" in live.marks
+    assert live.marks.get("child_warm_s", 0) > 0        # the child was started and warmed at the start document
+    assert live.marks["start_document_at"] < live.marks["decision_from"] < live.marks["first_export_from"]
     with h5py.File(live.scan_path, "r") as f:
         report = json.loads(f.attrs["orientation_report"])
         assert 12 <= report["decided_on_views"] < 24             # decided on the first views, not the chunk
