@@ -106,7 +106,7 @@ def through_callback(args: argparse.Namespace) -> dict:
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
         got: list = []
         RE.subscribe(RunRouter([lambda name, start: ([RunCollector(start, got.append)], [])]))
-        cfg = ExportConfig(crop=args.n)
+        cfg = ExportConfig(crop=args.n, data_roots=(str(d),))
         feed = LiveFeed(LiveFeedConfig(work_dir=str(d / "work"), params=params, export=cfg, nprocs=args.ranks,
                                        first_chunk=min(256, args.views), chunk=args.chunk))
         from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
