@@ -290,6 +290,7 @@ def breakdown(r: dict, live: dict, t256: float) -> dict:
     return {
         "first": {"decision_from": rel(fm.get("decision_from"), t256),
                   "decision_to": rel(fm.get("decision_to"), t256), "decided_early": fm.get("decided_early"),
+                  "incremental_ahead": fm.get("first_incremental_ahead"),
                   "export_from": rel(fm.get("first_export_from"), t256),
                   "export_to": rel(fm.get("first_export_to"), t256),
                   "incremental_to": rel(fm.get("first_incremental_to"), t256),

@@ -693,9 +693,10 @@ def wants_decision(run: CollectedRun, cfg: ExportConfig, detector: str) -> bool:
     return wanted in (None, "", "auto")
 
 
-def decide_orientation(run: CollectedRun, cfg: ExportConfig) -> tuple[Any, tuple[int, int]] | None:
-    """The orientation decision on the views of ``run`` so far and the beam centre it was made
-    with (``(decision, (row, col))``); None where a convention is forced (nothing to decide).
+def decide_orientation(run: CollectedRun, cfg: ExportConfig) -> tuple[Any, tuple[int, int], str, int] | None:
+    """The orientation decision on the views of ``run`` so far, the beam centre it was made with,
+    the detector and the crop (``(decision, (row, col), detector, crop)``); None where a
+    convention is forced (nothing to decide).
 
     The live feed calls this once, on its first views, before its first chunk is in; the first
     chunk's export then takes the decision (:func:`build_scan` ``decision=``) instead of making it."""
@@ -706,7 +707,7 @@ def decide_orientation(run: CollectedRun, cfg: ExportConfig) -> tuple[Any, tuple
         return None
     d = decide(prep, det)
     d.report["decided_on_views"] = int(prep.points.shape[1])
-    return d, (int(prep.attrs["center_row"]), int(prep.attrs["center_col"]))
+    return d, (int(prep.attrs["center_row"]), int(prep.attrs["center_col"])), str(det), int(prep.intensity.shape[-1])
 
 
 def build_scan(run: CollectedRun, cfg: ExportConfig, decision: Any = None) -> ScanData:

@@ -266,6 +266,19 @@ def warm_child(cfg: ExportConfig) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class _First:
+    """What :class:`_Incremental` takes from the first chunk's export: detector, beam centre, crop."""
+
+    attrs: dict
+    n: int
+
+
+def _fixed(cfg: ExportConfig, center: tuple[int, int], orientation: str) -> ExportConfig:
+    """The export's configuration with the first chunk's decisions fixed."""
+    return dataclasses.replace(cfg, center=(int(center[0]), int(center[1])), orientation=orientation)
+
+
 class _Diverged(RuntimeError):
     """A later chunk disagrees with what is already written."""
 
@@ -414,11 +427,10 @@ class _LiveRun:
         snap = _snapshot(self.run, n, self.cfg.export.stream)
         if self.writer is None:                 # the decisions of the first chunk, fixed from now on
             self.marks["first_export_from"] = time.time()
-            scan = self._first_export(snap)
+            scan, ahead = self._first_export(snap, n)
             self.marks["first_export_to"] = time.time()
-            self.export_cfg = dataclasses.replace(self.cfg.export, center=(int(scan.attrs["center_row"]),
-                                                                           int(scan.attrs["center_col"])),
-                                                  orientation=str(scan.attrs["orientation"]))
+            self.export_cfg = _fixed(self.cfg.export, (int(scan.attrs["center_row"]), int(scan.attrs["center_col"])),
+                                     str(scan.attrs["orientation"]))
             self.mask = None if scan.mask is None else np.array(scan.mask)
             decisions = {"center": [int(scan.attrs["center_row"]), int(scan.attrs["center_col"])],
                          "orientation": str(scan.attrs["orientation"]), "crop": int(scan.n),
@@ -426,8 +438,12 @@ class _LiveRun:
             if "orientation_report" in scan.attrs:     # decided by the data: on how many of the first views
                 rep = json.loads(str(scan.attrs["orientation_report"]))
                 decisions["orientation_decided_on_views"] = int(rep.get("decided_on_views", scan.n_views))
-            self.incremental = _Incremental(self.export_cfg, scan)
-            new = self.incremental.chunk(snap, n)      # the same views, through the incremental path
+            if ahead is not None and ahead[0].cfg == self.export_cfg:   # made beside the one export, same decisions
+                self.incremental, new = ahead
+                self.marks["first_incremental_ahead"] = 1.0
+            else:
+                self.incremental = _Incremental(self.export_cfg, scan)
+                new = self.incremental.chunk(snap, n)      # the same views, through the incremental path
             if not (np.array_equal(new.diffamp, scan.diffamp) and np.array_equal(new.points, scan.points)):
                 raise _Diverged("the incremental export of the first chunk differs from its one export")
             self.marks["first_incremental_to"] = time.time()
@@ -446,11 +462,28 @@ class _LiveRun:
                 self.appended_during_scan = self.written
         self.export_s.append((n, time.perf_counter() - t0))
 
-    def _first_export(self, snap: CollectedRun) -> Any:
+    def _ahead(self, early: Any, snap: CollectedRun, n: int) -> Any:
+        """The first chunk's incremental export with the early decisions (beam centre, orientation),
+        made here while the child makes the one export; (incremental, views) or None."""
+        if early is None:
+            return None
+        d, center, det, crop = early
+        first = _First(attrs={"detector": det, "center_row": center[0], "center_col": center[1]}, n=crop)
+        inc = _Incremental(_fixed(self.cfg.export, center, d.orientation.in_stage_frame().name), first)
+        try:
+            return inc, inc.chunk(snap, n)
+        except Exception as exc:  # noqa: BLE001 - made again after the one export, which then says why
+            log.debug("live feed of run %s: the first chunk's incremental export waits for the one export (%s)",
+                      self.run.uid, exc)
+            return None
+
+    def _first_export(self, snap: CollectedRun, n: int) -> tuple[Any, Any]:
         """The first chunk's export (orientation trials: seconds of Python), in a child process when
-        ``first_export_process``: there it holds no GIL of the RunEngine's process."""
+        ``first_export_process``: there it holds no GIL of the RunEngine's process. With the
+        orientation decided early, the incremental export of the same views is made here meanwhile
+        (the second member: (incremental, views), or None)."""
         if not self.cfg.first_export_process:
-            return build_scan(snap, self.cfg.export)
+            return build_scan(snap, self.cfg.export), None
         import pickle
         from concurrent.futures.process import BrokenProcessPool
         if self._pool is None:
@@ -459,7 +492,9 @@ class _LiveRun:
             if self._pool is None:
                 raise OSError("no child process")
             early = self._taken_decision()
-            scan = self._pool.submit(build_scan, snap, self.cfg.export, early[0] if early else None).result()
+            fut = self._pool.submit(build_scan, snap, self.cfg.export, early[0] if early else None)
+            ahead = self._ahead(early, snap, n)
+            scan = fut.result()
             if early is not None and early[1] != (int(scan.attrs["center_row"]), int(scan.attrs["center_col"])):
                 log.info("live feed of run %s: the beam centre of the first chunk %s is not the early "
                          "decision's %s: the first chunk decides the orientation", self.run.uid,
@@ -468,12 +503,12 @@ class _LiveRun:
             self.marks["decided_early"] = float(early is not None and "decided_on_views" in
                                                 str(scan.attrs.get("orientation_report", "")))
             self._end_child()
-            return scan
+            return scan, ahead
         except (BrokenProcessPool, pickle.PicklingError, OSError) as exc:
             log.warning("live feed of run %s: the first export runs in this process (%s: %s)", self.run.uid,
                         type(exc).__name__, exc)
             self._end_child()
-            return build_scan(snap, self.cfg.export)
+            return build_scan(snap, self.cfg.export), None
 
     def _start_job(self) -> None:
         if not self.cfg.launch:

@@ -188,6 +188,7 @@ def test_the_orientation_is_decided_on_the_first_views_recorded_and_taken_by_the
     (live,) = feed.runs.values()
     assert live.gave_up is None
     assert live.marks.get("decided_early") == 1.0 and "decision_from" in live.marks
+    assert live.marks.get("first_incremental_ahead") == 1.0   # made beside the child's export, and equal to it
     assert live.marks.get("child_warm_s", 0) > 0        # the child was started and warmed at the start document
     assert live.marks["start_document_at"] < live.marks["decision_from"] < live.marks["first_export_from"]
     with h5py.File(live.scan_path, "r") as f:
