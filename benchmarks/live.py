@@ -329,7 +329,10 @@ def report_callback(args: argparse.Namespace) -> int:
            "status_live": r["live_out"].get("status"), "status_post": r["off_out"].get("status"),
            "first_preview_s": first, "previews": len(plog),
            "max_preview_gap_s": float(np.diff(during).max()) if len(during) > 1 else None,
+           "preview_gap_s_p50_p90": [float(np.percentile(np.diff(during), q)) for q in (50, 90)]
+           if len(during) > 1 else None,
            "lag_first_s": lags[0] if lags else None, "lag_last_s": lags[-1] if lags else None,
+           "lag_s_by_fifth": [float(np.median(part)) for part in np.array_split(lags, 5)] if len(lags) >= 5 else None,
            "scan_s": r["t_stop"] - r["t_start"], "final_after_stop_s": r["t_live_done"] - r["t_stop"],
            "post_stop_path_s": r["t_post"], "scan_file_equal": r["equal"], "scan_file_datasets_equal": r["datasets_equal"],
            "differing_attrs": r["differing_attrs"], "differing_datasets": r["differing_datasets"],
