@@ -275,6 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _gap_at(plog: list, t_start: float, t_stop: float) -> dict | None:
+    """Where the largest gap between previews during the scan fell: seconds into the scan, the
+    views and iterations of the previews on either side."""
+    during = [q for q in plog if q["written_at"] <= t_stop]
+    if len(during) < 2:
+        return None
+    i = int(np.argmax(np.diff([q["written_at"] for q in during])))
+    a, b = during[i], during[i + 1]
+    return {"at_s": round(a["written_at"] - t_start, 2), "views": [a["views"], b["views"]],
+            "iterations": [a["iteration"], b["iteration"]]}
+
+
 def breakdown(r: dict, live: dict, t256: float) -> dict:
     """Where the time goes: the first preview's path (seconds after the 256th view was readable:
     the feed's first export in its child, the incremental export, the file, the job's first views,
@@ -331,6 +343,7 @@ def report_callback(args: argparse.Namespace) -> int:
            "max_preview_gap_s": float(np.diff(during).max()) if len(during) > 1 else None,
            "preview_gap_s_p50_p90": [float(np.percentile(np.diff(during), q)) for q in (50, 90)]
            if len(during) > 1 else None,
+           "max_preview_gap_at": _gap_at(plog, r["t_start"], r["t_stop"]),
            "lag_first_s": lags[0] if lags else None, "lag_last_s": lags[-1] if lags else None,
            "lag_s_by_fifth": [float(np.median(part)) for part in np.array_split(lags, 5)] if len(lags) >= 5 else None,
            "scan_s": r["t_stop"] - r["t_start"], "final_after_stop_s": r["t_live_done"] - r["t_stop"],
