@@ -70,8 +70,9 @@ class LiveFeedConfig:
     chunk: int = 32                             # events between later exports
     launch: bool = True                         # start the live job (False: the growing file only)
     first_export_process: bool = True           # the first export (orientation trials) in a child process
-    decide_views: int = 128                     # events before the orientation is decided (in that child,
-                                                # while the first chunk is measured); 0: on the first chunk
+    decide_views: int | None = None             # events before the orientation is decided (in that child,
+                                                # while the first chunk is measured); 0: on the first chunk;
+                                                # None: half the first chunk where that is >= 48 views
 
 
 def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:
@@ -391,7 +392,9 @@ class _LiveRun:
     def _decide_early(self, n: int) -> None:
         """Once ``decide_views`` events are in (fewer than the first chunk), decide the orientation on
         them in the warm child, while the first chunk is still being measured (docs/live.md)."""
-        at = min(self.cfg.decide_views, self.cfg.first_chunk)
+        at = self.cfg.decide_views
+        if at is None:
+            at = self.cfg.first_chunk // 2 if self.cfg.first_chunk // 2 >= 48 else 0
         if self._decision is not None or self._pool is None or at <= 0 or at >= self.cfg.first_chunk or n < at:
             return
         self.marks["decision_from"] = time.time()
