@@ -106,7 +106,7 @@ def through_callback(args: argparse.Namespace) -> dict:
         RE.preprocessors.append(SupplementalData(baseline=hxn.baseline))
         got: list = []
         RE.subscribe(RunRouter([lambda name, start: ([RunCollector(start, got.append)], [])]))
-        cfg = ExportConfig(crop=args.n)
+        cfg = ExportConfig(crop=args.n, data_roots=(str(d),))
         feed = LiveFeed(LiveFeedConfig(work_dir=str(d / "work"), params=params, export=cfg, nprocs=args.ranks,
                                        first_chunk=min(256, args.views), chunk=args.chunk))
         from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
@@ -166,7 +166,7 @@ def through_callback(args: argparse.Namespace) -> dict:
             "event_cost_us": {"callback": _stats_us(t_cb), "callback+feed": _stats_us(np.add(t_cb, t_feed)),
                               "feed": _stats_us(t_feed),
                               "event_interval_excess_ms": _excess_ms(events, 1.0 / args.rate)},
-            "export_s": live.export_s, "gave_up": live.gave_up}
+            "export_s": live.export_s, "gave_up": live.gave_up, "feed_marks": dict(live.marks)}
 
 
 def _stats_us(t: "list[float] | np.ndarray") -> dict:
@@ -275,6 +275,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _gap_at(plog: list, t_start: float, t_stop: float) -> dict | None:
+    """Where the largest gap between previews during the scan fell: seconds into the scan, the
+    views and iterations of the previews on either side."""
+    during = [q for q in plog if q["written_at"] <= t_stop]
+    if len(during) < 2:
+        return None
+    i = int(np.argmax(np.diff([q["written_at"] for q in during])))
+    a, b = during[i], during[i + 1]
+    return {"at_s": round(a["written_at"] - t_start, 2), "views": [a["views"], b["views"]],
+            "iterations": [a["iteration"], b["iteration"]]}
+
+
+def breakdown(r: dict, live: dict, t256: float) -> dict:
+    """Where the time goes: the first preview's path (seconds after the 256th view was readable:
+    the feed's first export in its child, the incremental export, the file, the job's first views,
+    first iteration, first preview) and the final's (seconds after the stop document: the job sees
+    the file complete, the final phase, the job's end, the outcome). ``warm`` gives what the start
+    document's warm-ups cost (paid during the scan)."""
+    fm, jm = r.get("feed_marks") or {}, live.get("timeline") or {}
+    plog = live.get("preview_log") or []
+
+    def rel(t: float | None, t0: float) -> float | None:
+        return None if t is None or not np.isfinite(t0) else round(float(t) - t0, 3)
+    t_stop = r["t_stop"]
+    return {
+        "first": {"decision_from": rel(fm.get("decision_from"), t256),
+                  "decision_to": rel(fm.get("decision_to"), t256), "decided_early": fm.get("decided_early"),
+                  "incremental_ahead": fm.get("first_incremental_ahead"),
+                  "export_from": rel(fm.get("first_export_from"), t256),
+                  "export_to": rel(fm.get("first_export_to"), t256),
+                  "incremental_to": rel(fm.get("first_incremental_to"), t256),
+                  "written": rel(fm.get("first_views_written_at"), t256),
+                  "job_views_in": rel(jm.get("first_views_in_at"), t256),
+                  "job_first_iteration": rel(jm.get("first_iteration_at"), t256),
+                  "first_preview": rel(plog[0]["written_at"], t256) if plog else None},
+        "warm": {"job_started_after_start_doc": rel(jm.get("job_started_at"), fm.get("start_document_at", np.nan)),
+                 "job_warm_up": jm.get("warm_up_s"), "child_warm": fm.get("child_warm_s"),
+                 "child_warm_done_after_start_doc": rel(fm.get("child_warm_at"), fm.get("start_document_at", np.nan))},
+        "final": {"complete_seen": rel(live.get("complete_seen_at"), t_stop),
+                  "phase_from": rel(jm.get("final_phase_from"), t_stop),
+                  "phase_to": rel(jm.get("final_phase_to"), t_stop),
+                  "job_done": rel(live.get("finished_at"), t_stop),
+                  "outcome": rel(r["t_live_done"], t_stop),
+                  "final_phase_cpu": jm.get("final_phase_cpu_s")},
+        "job_cpu_s_to_first_iteration": jm.get("cpu_s_to_first_iteration")}
+
+
 def report_callback(args: argparse.Namespace) -> int:
     load0 = os.getloadavg()[0]
     r = through_callback(args)
@@ -294,7 +341,11 @@ def report_callback(args: argparse.Namespace) -> int:
            "status_live": r["live_out"].get("status"), "status_post": r["off_out"].get("status"),
            "first_preview_s": first, "previews": len(plog),
            "max_preview_gap_s": float(np.diff(during).max()) if len(during) > 1 else None,
+           "preview_gap_s_p50_p90": [float(np.percentile(np.diff(during), q)) for q in (50, 90)]
+           if len(during) > 1 else None,
+           "max_preview_gap_at": _gap_at(plog, r["t_start"], r["t_stop"]),
            "lag_first_s": lags[0] if lags else None, "lag_last_s": lags[-1] if lags else None,
+           "lag_s_by_fifth": [float(np.median(part)) for part in np.array_split(lags, 5)] if len(lags) >= 5 else None,
            "scan_s": r["t_stop"] - r["t_start"], "final_after_stop_s": r["t_live_done"] - r["t_stop"],
            "post_stop_path_s": r["t_post"], "scan_file_equal": r["equal"], "scan_file_datasets_equal": r["datasets_equal"],
            "differing_attrs": r["differing_attrs"], "differing_datasets": r["differing_datasets"],
@@ -306,6 +357,7 @@ def report_callback(args: argparse.Namespace) -> int:
            "final_latency_s": live.get("final_latency_s"), "event_cost_us": r["event_cost_us"],
            "exports": len(r["export_s"]), "export_s_first_last": [r["export_s"][0][1], r["export_s"][-1][1]]
            if r["export_s"] else None, "feed_gave_up": r["gave_up"],
+           "breakdown_s": breakdown(r, live, t256),
            "load_before": load0, "load_after": os.getloadavg()[0]}
     print(json.dumps(out) if args.json else "\n".join(f"{k:28s} {v}" for k, v in out.items()))
     return 0

@@ -685,10 +685,36 @@ def kept_field(start: dict, cfg: ExportConfig) -> Callable[[str, dict], bool]:
     return keep
 
 
-def build_scan(run: CollectedRun, cfg: ExportConfig) -> ScanData:
+def wants_decision(run: CollectedRun, cfg: ExportConfig, detector: str) -> bool:
+    """Whether the export of ``run`` decides the orientation by the data (no convention forced)."""
+    wanted = run.start.get("ptycho_orientation", cfg.orientation)
+    if isinstance(wanted, dict):
+        wanted = wanted.get(detector)
+    return wanted in (None, "", "auto")
+
+
+def decide_orientation(run: CollectedRun, cfg: ExportConfig) -> tuple[Any, tuple[int, int], str, int] | None:
+    """The orientation decision on the views of ``run`` so far, the beam centre it was made with,
+    the detector and the crop (``(decision, (row, col), detector, crop)``); None where a
+    convention is forced (nothing to decide).
+
+    The live feed calls this once, on its first views, before its first chunk is in; the first
+    chunk's export then takes the decision (:func:`build_scan` ``decision=``) instead of making it."""
+    from .orientation import decide
+    prep = prepare(run, cfg)
+    det = prep.attrs["detector"]
+    if not wants_decision(run, cfg, det):
+        return None
+    d = decide(prep, det)
+    d.report["decided_on_views"] = int(prep.points.shape[1])
+    return d, (int(prep.attrs["center_row"]), int(prep.attrs["center_col"])), str(det), int(prep.intensity.shape[-1])
+
+
+def build_scan(run: CollectedRun, cfg: ExportConfig, decision: Any = None) -> ScanData:
     """The :class:`~hxn_ptycho.scanfile.ScanData` of a run, in the stage frame; its frames are read
     through :mod:`.frames` and their symmetry is decided by the data unless one is forced
-    (:mod:`.orientation`)."""
+    (:mod:`.orientation`). ``decision``: an orientation decision already made on this run's first
+    views (:func:`decide_orientation`), taken instead of deciding again."""
     from .orientation import apply_orientation, decide, orientation_for
 
     prep = prepare(run, cfg)
@@ -699,7 +725,8 @@ def build_scan(run: CollectedRun, cfg: ExportConfig) -> ScanData:
     report: dict[str, Any] = {}
     probe = None
     if wanted in (None, "", "auto"):
-        decision = decide(prep, det)
+        if decision is None:
+            decision = decide(prep, det)
         orient, report, probe = decision.orientation, decision.report, decision.probe
         prep.sources["orientation"] = f"auto ({report.get('summary', '')})"
     else:

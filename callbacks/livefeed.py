@@ -37,6 +37,7 @@ list (:func:`hxn_ptycho.job.job_argv`, ``mpiexec`` ranks) and the same outcome r
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import subprocess
 import threading
@@ -52,7 +53,7 @@ from hxn_ptycho.params import ReconParams
 from hxn_ptycho.spec import Execution, JobSpec, Source
 
 from .collector import CollectedRun, PassThroughFiller, RunCollector
-from .export import ExportConfig, build_scan, kept_field, scan_kind
+from .export import ExportConfig, build_scan, decide_orientation, kept_field, scan_kind
 from .router import file_stem, ignore_reason
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class LiveFeedConfig:
     chunk: int = 32                             # events between later exports
     launch: bool = True                         # start the live job (False: the growing file only)
     first_export_process: bool = True           # the first export (orientation trials) in a child process
+    decide_views: int | None = None             # events before the orientation is decided (in that child,
+                                                # while the first chunk is measured); 0: on the first chunk;
+                                                # None: half the first chunk where that is >= 48 views
 
 
 def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:
@@ -248,6 +252,34 @@ class _Incremental:
         return scan
 
 
+def warm_child(cfg: ExportConfig) -> float:
+    """Run in the first export's child process at the start document: its imports and the trials'
+    compiled kernels are paid while the first chunk is measured, not after it; returns the seconds."""
+    t0 = time.perf_counter()
+    from hxn_ptycho.backend import get_backend
+    from hxn_ptycho.params import ReconParams
+
+    from . import frames, orientation  # noqa: F401 - imported for their cost
+    p = ReconParams()                                   # the orientation trials' parameters (threads 1)
+    be = get_backend(p.backend, 1)
+    if hasattr(be, "warm_up"):
+        be.warm_up(np.complex128 if p.precision == "double" else np.complex64)
+    return time.perf_counter() - t0
+
+
+@dataclass
+class _First:
+    """What :class:`_Incremental` takes from the first chunk's export: detector, beam centre, crop."""
+
+    attrs: dict
+    n: int
+
+
+def _fixed(cfg: ExportConfig, center: tuple[int, int], orientation: str) -> ExportConfig:
+    """The export's configuration with the first chunk's decisions fixed."""
+    return dataclasses.replace(cfg, center=(int(center[0]), int(center[1])), orientation=orientation)
+
+
 class _Diverged(RuntimeError):
     """A later chunk disagrees with what is already written."""
 
@@ -275,6 +307,10 @@ class _LiveRun:
         self.appended_during_scan = 0             # views appended before the stop document
         self.incremental: _Incremental | None = None
         self.export_s: list[tuple[int, float]] = []   # (events, seconds) of each export
+        self.marks: dict[str, float] = {}            # when each step of the first chunk's path happened
+        self._pool: Any = None                       # the first export's child process, started early
+        self._warm: Any = None
+        self._decision: Any = None                   # the orientation decided on the first views (a future)
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._work, name=f"hxn-ptycho-livefeed-{self.stem}", daemon=True)
         self._thread.start()
@@ -291,7 +327,9 @@ class _LiveRun:
 
     def _work(self) -> None:
         try:
+            self.marks["start_document_at"] = time.time()
             self._start_job()          # now: its start-up overlaps the first chunk (it waits for the file)
+            self._start_child()        # and so do the first export's child's imports and kernels
             while True:
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -305,6 +343,8 @@ class _LiveRun:
                                  self.gave_up)
                         break
                     continue
+                if self.incremental is None and not stopped:
+                    self._decide_early(n)
                 if n and (n >= need or stopped) and not self.gave_up:
                     self._export(n)
                 if stopped and self._events() == n:
@@ -328,6 +368,55 @@ class _LiveRun:
                     log.warning("live job of run %s still running after an hour", self.run.uid)
             if self.publisher is not None:
                 self.publisher.stop()
+            self._end_child()
+
+    def _start_child(self) -> None:
+        """The spawned child of the first export, started now and warmed (:func:`warm_child`)."""
+        if not self.cfg.first_export_process or self.fly:
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        try:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._warm = self._pool.submit(warm_child, self.cfg.export)
+            self._warm.add_done_callback(self._warmed)
+        except OSError as exc:
+            log.warning("live feed of run %s: no child for the first export (%s)", self.run.uid, exc)
+            self._pool = None
+
+    def _warmed(self, fut: Any) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.marks["child_warm_s"] = float(fut.result())
+            self.marks["child_warm_at"] = time.time()
+
+    def _decide_early(self, n: int) -> None:
+        """Once ``decide_views`` events are in (fewer than the first chunk), decide the orientation on
+        them in the warm child, while the first chunk is still being measured (docs/live.md)."""
+        at = self.cfg.decide_views
+        if at is None:
+            at = self.cfg.first_chunk // 2 if self.cfg.first_chunk // 2 >= 48 else 0
+        if self._decision is not None or self._pool is None or at <= 0 or at >= self.cfg.first_chunk or n < at:
+            return
+        self.marks["decision_from"] = time.time()
+        self._decision = self._pool.submit(decide_orientation, _snapshot(self.run, n, self.cfg.export.stream),
+                                           self.cfg.export)
+        self._decision.add_done_callback(lambda _f: self.marks.setdefault("decision_to", time.time()))
+
+    def _taken_decision(self) -> Any:
+        """The early decision and its beam centre, or None (none made, nothing to decide, or it failed)."""
+        if self._decision is None:
+            return None
+        try:
+            return self._decision.result()
+        except Exception as exc:  # noqa: BLE001 - the first chunk's export decides instead
+            log.warning("live feed of run %s: the early orientation decision failed (%s: %s); the first chunk "
+                        "decides", self.run.uid, type(exc).__name__, exc)
+            return None
+
+    def _end_child(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def _export(self, n: int) -> None:
         """Append the views of events ``written_events..n``: the first time, the one export of the
@@ -340,18 +429,27 @@ class _LiveRun:
         t0 = time.perf_counter()
         snap = _snapshot(self.run, n, self.cfg.export.stream)
         if self.writer is None:                 # the decisions of the first chunk, fixed from now on
-            scan = self._first_export(snap)
-            self.export_cfg = dataclasses.replace(self.cfg.export, center=(int(scan.attrs["center_row"]),
-                                                                           int(scan.attrs["center_col"])),
-                                                  orientation=str(scan.attrs["orientation"]))
+            self.marks["first_export_from"] = time.time()
+            scan, ahead = self._first_export(snap, n)
+            self.marks["first_export_to"] = time.time()
+            self.export_cfg = _fixed(self.cfg.export, (int(scan.attrs["center_row"]), int(scan.attrs["center_col"])),
+                                     str(scan.attrs["orientation"]))
             self.mask = None if scan.mask is None else np.array(scan.mask)
             decisions = {"center": [int(scan.attrs["center_row"]), int(scan.attrs["center_col"])],
                          "orientation": str(scan.attrs["orientation"]), "crop": int(scan.n),
                          "first_chunk_views": int(scan.n_views)}
-            self.incremental = _Incremental(self.export_cfg, scan)
-            new = self.incremental.chunk(snap, n)      # the same views, through the incremental path
+            if "orientation_report" in scan.attrs:     # decided by the data: on how many of the first views
+                rep = json.loads(str(scan.attrs["orientation_report"]))
+                decisions["orientation_decided_on_views"] = int(rep.get("decided_on_views", scan.n_views))
+            if ahead is not None and ahead[0].cfg == self.export_cfg:   # made beside the one export, same decisions
+                self.incremental, new = ahead
+                self.marks["first_incremental_ahead"] = 1.0
+            else:
+                self.incremental = _Incremental(self.export_cfg, scan)
+                new = self.incremental.chunk(snap, n)      # the same views, through the incremental path
             if not (np.array_equal(new.diffamp, scan.diffamp) and np.array_equal(new.points, scan.points)):
                 raise _Diverged("the incremental export of the first chunk differs from its one export")
+            self.marks["first_incremental_to"] = time.time()
             self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=decisions)
         else:
             try:
@@ -362,26 +460,58 @@ class _LiveRun:
                 return
         if new.n_views:
             self.written = self.writer.append(new.diffamp, new.points)
+            self.marks.setdefault("first_views_written_at", time.time())
             if not self.stopped:
                 self.appended_during_scan = self.written
         self.export_s.append((n, time.perf_counter() - t0))
 
-    def _first_export(self, snap: CollectedRun) -> Any:
-        """The first chunk's export (orientation trials: seconds of Python), in a child process when
-        ``first_export_process``: there it holds no GIL of the RunEngine's process."""
-        if not self.cfg.first_export_process:
-            return build_scan(snap, self.cfg.export)
-        import multiprocessing
-        import pickle
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
+    def _ahead(self, early: Any, snap: CollectedRun, n: int) -> Any:
+        """The first chunk's incremental export with the early decisions (beam centre, orientation),
+        made here while the child makes the one export; (incremental, views) or None."""
+        if early is None:
+            return None
+        d, center, det, crop = early
+        first = _First(attrs={"detector": det, "center_row": center[0], "center_col": center[1]}, n=crop)
+        inc = _Incremental(_fixed(self.cfg.export, center, d.orientation.in_stage_frame().name), first)
         try:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                return pool.submit(build_scan, snap, self.cfg.export).result()
+            return inc, inc.chunk(snap, n)
+        except Exception as exc:  # noqa: BLE001 - made again after the one export, which then says why
+            log.debug("live feed of run %s: the first chunk's incremental export waits for the one export (%s)",
+                      self.run.uid, exc)
+            return None
+
+    def _first_export(self, snap: CollectedRun, n: int) -> tuple[Any, Any]:
+        """The first chunk's export (orientation trials: seconds of Python), in a child process when
+        ``first_export_process``: there it holds no GIL of the RunEngine's process. With the
+        orientation decided early, the incremental export of the same views is made here meanwhile
+        (the second member: (incremental, views), or None)."""
+        if not self.cfg.first_export_process:
+            return build_scan(snap, self.cfg.export), None
+        import pickle
+        from concurrent.futures.process import BrokenProcessPool
+        if self._pool is None:
+            self._start_child()
+        try:
+            if self._pool is None:
+                raise OSError("no child process")
+            early = self._taken_decision()
+            fut = self._pool.submit(build_scan, snap, self.cfg.export, early[0] if early else None)
+            ahead = self._ahead(early, snap, n)
+            scan = fut.result()
+            if early is not None and early[1] != (int(scan.attrs["center_row"]), int(scan.attrs["center_col"])):
+                log.info("live feed of run %s: the beam centre of the first chunk %s is not the early "
+                         "decision's %s: the first chunk decides the orientation", self.run.uid,
+                         (scan.attrs["center_row"], scan.attrs["center_col"]), early[1])
+                scan = self._pool.submit(build_scan, snap, self.cfg.export).result()
+            self.marks["decided_early"] = float(early is not None and "decided_on_views" in
+                                                str(scan.attrs.get("orientation_report", "")))
+            self._end_child()
+            return scan, ahead
         except (BrokenProcessPool, pickle.PicklingError, OSError) as exc:
             log.warning("live feed of run %s: the first export runs in this process (%s: %s)", self.run.uid,
                         type(exc).__name__, exc)
-            return build_scan(snap, self.cfg.export)
+            self._end_child()
+            return build_scan(snap, self.cfg.export), None
 
     def _start_job(self) -> None:
         if not self.cfg.launch:

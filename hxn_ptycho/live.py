@@ -53,7 +53,7 @@ class FollowError(HxnPtychoError):
 
 @dataclass
 class FollowOptions:
-    iterations_per_round: int = 2           # DM iterations between refreshes of the file
+    iterations_per_round: int = 1           # DM iterations between refreshes of the file
     poll_s: float = 0.1                     # sleep when there is nothing to do
     preview_interval_s: float = 1.0         # at most one preview a second
     appear_s: float = 120.0                 # the file must appear within this
@@ -123,6 +123,7 @@ class PreviewWriter:
         self._slot: tuple[Snapshot, float, bool] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._hurry = threading.Event()            # the final preview, or close: cut the interval's wait short
         self._done = False
         self.log: list[dict[str, Any]] = []        # one entry per live preview written
         self.final: dict[str, Any] | None = None    # the finished result's preview
@@ -141,6 +142,8 @@ class PreviewWriter:
             if self._slot is not None:
                 self.dropped += 1
             self._slot = (snap, newest_readable_at, final)
+        if final:
+            self._hurry.set()
         self._wake.set()
 
     def _run(self) -> None:
@@ -151,8 +154,8 @@ class PreviewWriter:
                 item, self._slot = self._slot, None
             if item is not None:
                 wait = self.last_written + self.interval - time.time()
-                if wait > 0 and not self._done:
-                    time.sleep(wait)
+                if wait > 0 and not self._done and not item[2]:     # the final preview waits for nothing
+                    self._hurry.wait(wait)
                     with self._lock:                  # a newer snapshot came in meanwhile: it wins
                         if self._slot is not None:
                             item, self._slot = self._slot, None
@@ -177,8 +180,23 @@ class PreviewWriter:
     def close(self) -> None:
         """Write what is pending, then stop the thread."""
         self._done = True
+        self._hurry.set()
         self._wake.set()
         self._thread.join(timeout=30)
+
+
+def warm_up(backend: Any, params: ReconParams) -> float:
+    """Load the backend's compiled kernels and the FFT for ``params``' precision (a follow job does
+    this while it waits for the scan's first views); returns the seconds."""
+    t0 = time.perf_counter()
+    cdtype = np.complex128 if params.precision == "double" else np.complex64
+    try:
+        if hasattr(backend, "warm_up"):
+            backend.warm_up(cdtype)
+        backend.fft2(backend.asarray(np.ones((1, 8, 8)), cdtype))
+    except Exception as exc:  # noqa: BLE001 - a warm-up is never worth failing the job: the first iteration pays
+        log.debug("hxn-ptycho: warm-up skipped (%s: %s)", type(exc).__name__, exc)
+    return time.perf_counter() - t0
 
 
 def _agree(comm: Any, value: Any) -> Any:
@@ -197,6 +215,12 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
         opt.preview_path = opt.preview_path or preview_path_for(result_file)
         opt.state_path = opt.state_path or state_path_for(result_file)
     started = time.time()
+    # paid while the scan's first views arrive, not after them: the backend, its compiled kernels, the FFT
+    backend = rank_backend(params, comm)
+    warmed: dict[str, float] = {}
+    warming = threading.Thread(target=lambda: warmed.update(warm_up_s=warm_up(backend, params)),
+                               name="hxn-ptycho-warm-up", daemon=True)
+    warming.start()                  # beside the wait: views that come first are not held up by it
     reader: GrowingScanReader | None = None
     while reader is None:
         try:
@@ -208,7 +232,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
             if time.time() - started > opt.appear_s:
                 raise FollowError(f"the growing scan file {path} did not appear within {opt.appear_s:.0f} s")
             time.sleep(opt.poll_s)
-    backend = rank_backend(params, comm)
+    appeared = time.time()
     host = MPIReducer(comm) if comm.size > 1 else LocalReducer()
     reducer = rank_reducer(host, backend)
     quiet = (lambda msg: None) if comm.rank else log_fn
@@ -222,6 +246,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
     if previews is not None:
         previews.status_path = Path(f"{path}.receiver.json")
     readable_at: list[float] = []               # rank 0: when each view was first seen whole
+    marks: dict[str, float] = {"job_started_at": started, "file_appeared_at": appeared}
     in_model = 0
     last_growth = time.time()
     complete_seen: float | None = None
@@ -250,6 +275,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
                 frames = reader.frames(in_model + mine.start, in_model + mine.stop)
                 session.append_views(pts, frames)
                 in_model = ready
+                marks.setdefault("first_views_in_at", time.time())
             if complete and in_model == ready:
                 break
             if not complete and time.time() - last_growth > opt.stall_s:
@@ -258,13 +284,19 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
             if session.ready():
                 for _ in range(opt.iterations_per_round):    # a preview may go out after any iteration
                     session.iterate(1)
+                    if "first_iteration_at" not in marks:
+                        marks["first_iteration_at"], marks["cpu_s_to_first_iteration"] = time.time(), time.process_time()
                     if previews is not None and previews.due():
                         previews.submit(session.snapshot(), readable_at[in_model - 1])
             else:
                 time.sleep(opt.poll_s)
         if complete_seen is None:
             complete_seen = time.time()
+        warming.join()
+        marks.update(warmed)
+        marks["final_phase_from"], cpu0 = time.time(), time.process_time()
         res = session.finish(state_path=opt.state_path)
+        marks["final_phase_to"], marks["final_phase_cpu_s"] = time.time(), time.process_time() - cpu0
         if halted:                          # the scan file was never complete: so is this result
             res.attrs["interrupted"] = True
         if previews is not None and in_model:    # the last preview is the finished result
@@ -283,7 +315,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
                              "resumed_at_iteration": int(res.attrs.get("first_iteration", 0)),
                              "final_phase_s": float(res.attrs.get("elapsed_s") or 0.0),
                              "complete_seen_at": complete_seen, "finished_at": time.time(),
-                             "canvas_grown": session.canvas_grown}
+                             "canvas_grown": session.canvas_grown, "timeline": marks}
     if previews is not None:
         plog = previews.log
         lags = [p["written_at"] - p["newest_readable_at"] for p in plog]

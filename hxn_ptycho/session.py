@@ -162,7 +162,8 @@ class ReconSession:
         self._log, self.stop, self.progress = log, stop, progress
         self.points = np.zeros((2, 0))                        # every view's position (µm), scan-file order
         self.rank_views: list[list[int]] = [[] for _ in range(self.size)]   # scan-file indices per rank
-        self._frames: list[np.ndarray] = []                  # this rank's frames, in its order
+        self._fbuf = np.zeros((0, self.n, self.n), np.float32)   # this rank's frames, in its order: the
+        self._fcount = 0                                         # first _fcount rows (room to grow in place)
         self._joined: list[tuple[int, int]] = []             # (views appended, live iteration then)
         self.rec: _LiveReconstruction | None = None
         self.iteration = 0
@@ -224,16 +225,20 @@ class ReconSession:
         if m:
             self._joined.append((m, self.iteration))
         if frames.shape[0]:
-            self._frames.append(frames)
+            need = self._fcount + frames.shape[0]
+            if need > len(self._fbuf):          # grown by an eighth at a time: a chunk is not a copy of all
+                buf = np.empty((_room(need, self._fcount),) + self._fbuf.shape[1:], np.float32)
+                buf[:self._fcount] = self._fbuf[:self._fcount]
+                self._fbuf = buf
+            self._fbuf[self._fcount:need] = frames
+            self._fcount = need
         if self.extent is None:
             self.extent = Extent.of_points(points)
         if self.rec is not None:
             self._extend(len(self._frames_local()) - frames.shape[0])
 
     def _frames_local(self) -> np.ndarray:
-        if len(self._frames) > 1:
-            self._frames = [np.concatenate(self._frames)]
-        return self._frames[0] if self._frames else np.zeros((0, self.n, self.n), np.float32)
+        return self._fbuf[:self._fcount]
 
     # --- the canvas ----------------------------------------------------------------------------
     def _pixel_size_m(self) -> float:
@@ -335,11 +340,7 @@ class ReconSession:
         rec.total_intensity += float(add[0])
         rec.good_pixels_total += float(add[1])
         N = len(frames)
-        old = rec.store
-        store = ExitWaveStore(be, (N,) + old.shape[1:], rec.cdtype, old.streaming)
-        store.psi[:old_local] = old.psi
-        rec.store = store
-        del old
+        rec.store = _grown_store(rec.store, N, old_local, be, rec.cdtype)
         batch = rec.plan.batch_size
         rec.scheduler.rebatch(N, batch)
         w0 = rec.scheduler.workers[0]
@@ -458,6 +459,30 @@ class ReconSession:
     def close(self) -> None:
         if self.rec is not None:
             self.rec.close()
+
+
+def _room(need: int, have: int) -> int:
+    """Rows to allocate for ``need`` where ``have`` are in use: exactly ``need`` the first time (an
+    offline run appends every view at once), else an eighth more, so that appending a chunk copies
+    the rows so far only once every eighth of growth, not at every chunk."""
+    return need if have == 0 else need + need // 8
+
+
+def _grown_store(old: ExitWaveStore, N: int, old_local: int, be: Any, cdtype: Any) -> ExitWaveStore:
+    """The exit-wave store for ``N`` views holding the first ``old_local`` of ``old``: ``old`` itself
+    where its allocation has room (its arrays become longer views of it), else a new one with room
+    to grow (:func:`_room`)."""
+    room = getattr(old, "_room", None)
+    if room is not None and old.psi is room[1] and room[0].shape[0] >= N:
+        old.psi = room[0][:N]
+        old._room = (room[0], old.psi)                          # type: ignore[attr-defined]
+        return old
+    store = ExitWaveStore(be, (_room(N, old_local),) + old.shape[1:], cdtype, old.streaming)
+    store.psi[:old_local] = old.psi[:old_local]
+    base_psi = store.psi
+    store.psi = base_psi[:N]
+    store._room = (base_psi, store.psi)                          # type: ignore[attr-defined]
+    return store
 
 
 def header_of(scan: ScanData) -> ScanData:

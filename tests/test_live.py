@@ -85,6 +85,10 @@ def test_the_follow_job_previews_and_finishes_as_offline_from_the_live_state(sim
     assert live["views"] == 120 and live["live_iterations"] > 0
     assert live["previews"] >= 1 and live["previews_dropped"] >= 0      # (rates and gaps: benchmarks/live.py)
     assert live["final_latency_s"] > 0
+    marks = live["timeline"]                        # the job warmed its kernels beside the wait for the file
+    assert marks["warm_up_s"] > 0 and marks["job_started_at"] <= marks["file_appeared_at"]
+    assert marks["file_appeared_at"] <= marks["first_views_in_at"] <= marks["first_iteration_at"]
+    assert marks["first_iteration_at"] < marks["final_phase_from"] <= marks["final_phase_to"]
     recon = spec.recon(outcome["measured"])         # what the derived run's start document carries
     assert recon["measured"]["live"]["previews"] == live["previews"]
     assert recon["measured"]["live"]["first_preview_latency_s"] is not None
@@ -192,3 +196,28 @@ def test_follow_refuses_the_async_scheme(tmp_path):
                    source=Source(scan_file=str(tmp_path / "s.h5"), result_file=str(tmp_path / "r.h5")))
     status, outcome = run_spec(spec, None, progress=False, follow=True)
     assert status == 2 and "cannot follow a growing scan file" in outcome["reason"]
+
+
+def test_the_final_preview_is_written_at_once_not_after_the_interval(tmp_path):
+    """A live preview waits for the interval since the last one; the finished result's preview does
+    not (it replaces a live one still waiting), so the job's end is not held up by the interval."""
+    from hxn_ptycho.live import PreviewWriter
+    from hxn_ptycho.session import Snapshot
+
+    def snap(views, it):
+        return Snapshot(object=np.ones((1, 8, 8), np.complex64), probe=np.ones((1, 4, 4), np.complex64),
+                        views=views, iteration=it, data_error=0.1, positions_px=np.zeros((views, 2)),
+                        newest_view=views - 1)
+    w = PreviewWriter(tmp_path / "p.preview.h5", interval_s=600.0)
+    w.submit(snap(3, 1), 1.0)                         # the first: written at once
+    t0 = time.monotonic()
+    while not w.log and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    assert len(w.log) == 1
+    w.submit(snap(5, 2), 2.0)                         # a live one: held for the interval (600 s)
+    w.submit(snap(6, 3), 3.0, final=True)             # the final: now
+    w.close()                                         # (joins for at most 30 s)
+    assert not w._thread.is_alive()
+    assert w.final is not None and w.final["views"] == 6 and len(w.log) == 1
+    prev = read_preview(tmp_path / "p.preview.h5")
+    assert prev["final"] == 1 and prev["views"] == 6

@@ -149,3 +149,54 @@ def test_listen_live_puts_a_live_feed_beside_the_callback_with_its_settings(tmp_
         assert build_live_feed(off, cb) is None              # opt-in
     finally:
         cb.close()
+
+
+def test_the_orientation_is_decided_on_the_first_views_recorded_and_taken_by_the_first_chunk(tmp_path):
+    """The feed decides the orientation once, on its first ``decide_views`` events (in its warm
+    child, before the first chunk is in); the first chunk's export takes that decision instead of
+    deciding again, the file records it (and on how many views), and its views equal the post-stop
+    export of the same run with that orientation."""
+    import dataclasses
+    import json
+
+    import numpy as np
+    from hxn_sim import collect
+
+    from hxn_ptycho.callbacks.export import ExportConfig, build_scan
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+
+    sample, _ = simulated_scan("step", n_positions=40, seed=4)
+    hxn = make_hxn(tmp_path / "detector")
+    RE = make_re(hxn)
+    got = collect(RE)
+    cfg = ExportConfig(crop=64)
+    feed = LiveFeed(LiveFeedConfig(work_dir=str(tmp_path / "work"), params={"iterations": 4, "threads": 1},
+                                   export=cfg, first_chunk=24, chunk=8, decide_views=12, launch=False))
+    RE.subscribe(feed)
+
+    def slow_until_decided(name, doc):       # (a loaded machine: let the decision start before the first chunk)
+        if name == "event" and doc["seq_num"] == 20:
+            live = next(iter(feed.runs.values()))
+            t0 = time.monotonic()
+            while live._decision is None and time.monotonic() - t0 < 120:
+                time.sleep(0.05)
+    RE.subscribe(slow_until_decided)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        RE(step_scan(hxn, sample, dwell_s=0.02))
+    feed.wait(300)
+    (live,) = feed.runs.values()
+    assert live.gave_up is None
+    assert live.marks.get("decided_early") == 1.0 and "decision_from" in live.marks
+    assert live.marks.get("first_incremental_ahead") == 1.0   # made beside the child's export, and equal to it
+    assert live.marks.get("child_warm_s", 0) > 0        # the child was started and warmed at the start document
+    assert live.marks["start_document_at"] < live.marks["decision_from"] < live.marks["first_export_from"]
+    with h5py.File(live.scan_path, "r") as f:
+        report = json.loads(f.attrs["orientation_report"])
+        assert 12 <= report["decided_on_views"] < 24             # decided on the first views, not the chunk
+        assert f.attrs["decision_orientation_decided_on_views"] == report["decided_on_views"]
+        orientation = str(f.attrs["decision_orientation"])
+        assert orientation == report["chosen"]                   # the decision the first chunk took
+        post = build_scan(got[0], dataclasses.replace(cfg, orientation=orientation))
+        assert f["complete"][0] == 1 and f["n_written"][0] == 40
+        assert np.array_equal(f["diffamp"][()], post.diffamp) and np.array_equal(f["points"][()], post.points)

@@ -165,3 +165,25 @@ def test_session_on_the_gpu_equals_offline_from_the_live_state(sim1, tmp_path):
     off = reconstruct(scan, ReconParams(iterations=8, backend="cupy", precision="double", init_from=str(state)),
                       **QUIET)
     assert np.linalg.norm(live.object - off.object) / np.linalg.norm(off.object) < 1e-9
+
+
+def test_a_chunk_appended_within_the_room_copies_no_frames_or_exit_waves(sim1):
+    """Frames and exit waves grow by an eighth at a time: a chunk that fits the room is written in
+    place (no copy of the views so far); the model is still that of the views appended."""
+    scan, _ = sim1
+    s = ReconSession(header_of(scan), ReconParams(iterations=10, threads=1), extent=Extent.of_points(scan.points),
+                     **QUIET)
+    s.append_views(scan.points[:, :60], scan.diffamp[:60])
+    s.iterate(1)
+    s.append_views(scan.points[:, 60:65], scan.diffamp[60:65])      # beyond the first (exact) allocation
+    psi, frames = s.rec.store.psi, s._frames_local()
+    s.append_views(scan.points[:, 65:70], scan.diffamp[65:70])      # within the room (65 + 65 // 8 = 73)
+    assert np.shares_memory(s.rec.store.psi, psi) and np.shares_memory(s._frames_local(), frames)
+    assert s.rec.store.psi.shape[0] == 70 and s.rec.diffamp.shape[0] == 70
+    assert np.array_equal(s._frames_local(), scan.diffamp[:70])
+    s.iterate(1)
+    s.append_views(scan.points[:, 70:], scan.diffamp[70:])          # beyond the room: a new allocation
+    assert not np.shares_memory(s.rec.store.psi, psi) and s.rec.store.psi.shape[0] == scan.n_views
+    assert np.array_equal(s._frames_local(), scan.diffamp)
+    s.iterate(1)
+    assert np.isfinite(s.errors[-1])
