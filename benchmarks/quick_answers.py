@@ -10,6 +10,9 @@ imports the package from the tree being measured (``hxn_ptycho`` from ``TREE/hxn
 ``hxn_ptycho.callbacks`` from ``TREE/callbacks``, as the editable install maps them). Prints the
 machine's load average: on a shared machine the figures scatter with it — ``publish_cpu_s`` (the
 CPU seconds of the publishing process and of the server during the second publish) much less so.
+The second publish is also printed part by part: building the documents, sending them, the CPU of
+the client and of the server, the requests' times. Both trees publish to this tree's server
+(``benchmarks/publish_server.py`` compares servers).
 """
 from __future__ import annotations
 

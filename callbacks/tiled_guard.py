@@ -43,6 +43,9 @@ does not do (checked against a real server in ``tests/test_catalog_security.py``
    (:data:`LOCAL_FILE_SYSTEMS`, read from ``/proc/self/mountinfo``): SQLite's WAL needs shared
    memory that network file systems (NFS, CIFS, Lustre, GPFS...) do not give, so a catalog there
    keeps its rollback journal.
+5. **FastAPI's dependants are built once** (speed): with Tiled's dependency override FastAPI
+   rebuilds every sub-dependency's dependant at every request; the one built for the same
+   arguments is reused (:func:`_dependants_once`).
 
 If the Tiled functions patched here are missing (a Tiled version with another layout), the
 server refuses to start rather than run unguarded.
