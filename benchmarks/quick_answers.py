@@ -10,6 +10,9 @@ imports the package from the tree being measured (``hxn_ptycho`` from ``TREE/hxn
 ``hxn_ptycho.callbacks`` from ``TREE/callbacks``, as the editable install maps them). Prints the
 machine's load average: on a shared machine the figures scatter with it — ``publish_cpu_s`` (the
 CPU seconds of the publishing process and of the server during the second publish) much less so.
+The second publish is also printed part by part: building the documents, sending them, the CPU of
+the client and of the server, the requests' times. Both trees publish to this tree's server
+(``benchmarks/publish_server.py`` compares servers).
 """
 from __future__ import annotations
 
@@ -51,23 +54,39 @@ from hxn_ptycho.callbacks.query import results
 t1 = time.perf_counter()
 catalog, result, raw_uid, scan_id = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 recon = {"params": {"iterations": 20}, "source": {"scan_id": scan_id}, "measured": {"iterations_done": 20}}
-sent = []
+sent = []                               # (method, seconds) of each request
 _send = httpx.Client.send
-httpx.Client.send = lambda self, request, *a, **k: sent.append(request.method) or _send(self, request, *a, **k)
+def send(self, request, *a, **k):
+    t = time.perf_counter()
+    try:
+        return _send(self, request, *a, **k)
+    finally:
+        sent.append((request.method, time.perf_counter() - t))
+httpx.Client.send = send
 def server_cpu():                       # the server's CPU seconds (user + system), from /proc
     try:
         fields = open(f"/proc/{os.environ['HXN_QUICK_SERVER_PID']}/stat").read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (KeyError, OSError):
         return float("nan")
-times, requests, cpu = [], [], []
+times, requests, cpu, parts = [], [], [], {}
 for _ in range(2):                      # the first publish of a process pays the lazy imports
     sent.clear()
     t, c, s = time.perf_counter(), time.process_time(), server_cpu()
-    write_documents(catalog, result_documents(result, raw_uid, recon))
+    docs = result_documents(result, raw_uid, recon)
+    t_docs, c_docs = time.perf_counter(), time.process_time()
+    write_documents(catalog, docs)
     times.append(time.perf_counter() - t)
     requests.append(len(sent))
-    cpu.append(time.process_time() - c + server_cpu() - s)
+    s_cpu = server_cpu() - s
+    cpu.append(time.process_time() - c + s_cpu)
+    # the breakdown: building the documents (sidecar included), sending them (the requests), the CPU
+    # seconds of each side, and the sum of the requests' times as the client saw them (side by side
+    # requests overlap, so it may exceed send_s)
+    parts = {"docs_s": t_docs - t, "send_s": time.perf_counter() - t_docs, "docs_cpu_s": c_docs - c,
+             "send_client_cpu_s": time.process_time() - c_docs, "server_cpu_s": s_cpu,
+             "requests_sum_s": sum(d for _, d in sent),
+             "request_max_s": max((d for _, d in sent), default=float("nan"))}
 # the whole publish as the queue runner does it: the job's outcome checked (its digest), the
 # documents saved beside the result, sent exactly once, the saved file removed
 from hxn_ptycho import h5util
@@ -92,7 +111,7 @@ read = time.perf_counter() - t
 assert res.ok and res.object is not None
 print(json.dumps({"import_s": t1 - t0, "publish_first_s": times[0], "publish_s": times[1],
                   "publish_outcome_s": outcome_s, "requests": requests[1], "publish_cpu_s": cpu[1],
-                  "read_back_s": read,
+                  **parts, "read_back_s": read,
                   "file": __import__("hxn_ptycho.callbacks.derived").callbacks.derived.__file__}))
 """
 
@@ -159,6 +178,13 @@ def main() -> int:
         for name, f in figures.items():
             cells = "".join(f"{statistics.median(f[k]):>8.2f} [{min(f[k]):.1f}–{max(f[k]):.1f}]".rjust(17)
                             if f.get(k) else f"{'-':>17}" for k in keys)
+            print(f"{name:<28}{cells}")
+        keys = ("docs_s", "docs_cpu_s", "send_s", "send_client_cpu_s", "server_cpu_s", "requests_sum_s",
+                "request_max_s")
+        print(f"\nthe second publish, part by part:\n{'tree':<28}" + "".join(f"{k:>19}" for k in keys))
+        for name, f in figures.items():
+            cells = "".join(f"{statistics.median(f[k]):>10.3f} [{min(f[k]):.2f}–{max(f[k]):.2f}]".rjust(19)
+                            if f.get(k) else f"{'-':>19}" for k in keys)
             print(f"{name:<28}{cells}")
     finally:
         server.stop()

@@ -21,8 +21,8 @@ The publisher writes what the job wrote, once: it reads the result's attributes 
 per-iteration data error, never its arrays (the catalog serves them from the job's file, which
 must therefore stay where the server can read it and must not change after publishing); it does
 not hash the result again when the file still has the fingerprint the job recorded
-(:func:`~.trust.check_result`); and it sends each node of the run once (:mod:`.runwriter`: 17
-requests instead of bluesky's ``TiledWriter``'s 49, docs/quick-answers.md).
+(:func:`~.trust.check_result`); and it sends each node of the run once (:mod:`.runwriter`: 16
+requests instead of bluesky's ``TiledWriter``'s 49 and a ``GET`` of the run's state, docs/quick-answers.md).
 
 Exactly once. A job's derived run has a uid fixed by the job (:func:`run_uid`: raw uid + result
 file), and its documents are saved *before* they are sent, as one file per job beside the result
@@ -430,17 +430,28 @@ def _deliver(cfg: CatalogConfig, docs: list[Doc], *, replace_partial: bool) -> s
     """Send one run unless the catalog has it; return the state found (``absent``, ``partial``, ``complete``).
 
     A partial run is deleted and sent whole when ``replace_partial`` (else left: a plain
-    :func:`write_documents` without saved documents does not delete). The connection is kept for the
-    process (:func:`_processed`); a request that finds it broken (a restarted server) is tried once
-    more on a new one — the state is read again first, so nothing is sent twice.
+    :func:`write_documents` without saved documents does not delete). The run's ``POST`` is the first
+    request and tells whether the catalog has it (:class:`~.runwriter.RunExists`, 409): only then is
+    its state read. The connection is kept for the process (:func:`_processed`); a request that finds
+    it broken (a restarted server) is tried once more on a new one — the state is read first then,
+    so nothing is sent twice.
     """
     import httpx
+
+    from .runwriter import RunExists
 
     uid = docs[0][1]["uid"]
     sent = False
     for attempt in (0, 1):
         container = _processed(cfg, fresh=attempt > 0)
         try:
+            if attempt == 0:                # the usual case, a new run: its POST is the check (no GET)
+                try:
+                    sent = True
+                    _send(cfg, container, docs)
+                    return "absent"
+                except RunExists:
+                    sent = False            # nothing of ours was sent: look at what the catalog has
             state = run_state(container, uid)
             replace = state == "partial" and (replace_partial or sent)   # ours, if the first try began it
             if replace:                                 # a half-written run (409 on a re-send): delete it first
@@ -483,12 +494,14 @@ def _processed(cfg: CatalogConfig, fresh: bool = False) -> Any:
 def _send(cfg: CatalogConfig, container: Any, docs: list[Doc]) -> None:
     """Write one run: our own writer (:mod:`.runwriter`, a request per node), or bluesky's
     ``TiledWriter`` for documents it does not handle (saved by an older version)."""
-    from .runwriter import Unsupported, write_run
+    from .runwriter import RunExists, Unsupported, write_run
     try:
         write_run(container, docs, close_streams=cfg.streams(), workers=PUBLISH_WORKERS)
         return
     except Unsupported as why:
         log.info("derived run %s: written by TiledWriter (%s)", docs[0][1]["uid"], why)
+    if run_state(container, docs[0][1]["uid"]) != "absent":      # as write_run's first POST would say
+        raise RunExists(f"the catalog already holds a run {docs[0][1]['uid']}")
     from bluesky_tiled_plugins import TiledWriter
     writer = TiledWriter(runs(cfg, "processed"), max_array_size=0)
     for name, doc in docs:

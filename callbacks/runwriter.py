@@ -18,9 +18,11 @@ StreamResource data key; the stop document in the run's metadata):
 - each node's stream is closed (``DELETE /stream/close``) only where the server may have subscribers
   (a streaming cache); an embedded server has none (``CatalogConfig.streams``).
 
-17 requests for a derived run of the embedded catalog instead of 49 (18 with refined positions), in
-six steps (the first array of each file registered before the others, so its asset row is inserted
-once): the requests of one step go side by side (``workers``; the publisher uses 4), which
+16 requests for a derived run of the embedded catalog instead of 49 and a ``GET`` of its state (17
+with refined positions): the run's ``POST`` comes first and answers 409 when the catalog has the run
+(:class:`RunExists`, nothing else sent). Six steps (the first array of each file registered before
+the others, so its asset row is inserted once): the requests of one step go side by side
+(``workers``; the publisher uses 4), which
 about halves the time on a loaded server. An external array's structure is
 the HDF5 dataset's shape — the events along the first axis, then the data key's shape, as the
 publisher writes them (``derived.write_sidecar``); unlike ``TiledWriter``'s consolidator a data key of
@@ -56,6 +58,10 @@ SCALAR_TYPES = {"number", "integer", "boolean", "string"}
 
 class Unsupported(ValueError):
     """Documents this writer does not write (the publisher then uses bluesky's TiledWriter)."""
+
+
+class RunExists(Exception):
+    """The catalog already holds a run of this uid: its ``POST`` answered 409, and nothing else was sent."""
 
 
 @dataclass
@@ -251,7 +257,8 @@ class _Http:
 def write_run(container: Any, docs: list[tuple[str, dict]], *, close_streams: bool = True, workers: int = 1) -> int:
     """Write one run's documents into ``container`` (a Tiled client of a ``CatalogOfBlueskyRuns``
     container); return the number of requests sent. :class:`Unsupported` before any request for
-    documents this writer does not handle.
+    documents this writer does not handle; :class:`RunExists` when the run's ``POST`` finds a run
+    of that uid (nothing else is sent: the caller decides whether it is complete).
 
     In order: the run; its streams; each stream's arrays and tables; the stop (so a run with a
     stop document is complete); the streams closed. ``workers`` > 1 sends the requests of one step
@@ -298,7 +305,14 @@ def write_run(container: Any, docs: list[tuple[str, dict]], *, close_streams: bo
     if close_streams:                                       # the run last, as TiledWriter does
         steps += [[functools.partial(http.send, "DELETE", http.url("stream/close", *parts)) for parts in opened],
                   [functools.partial(http.send, "DELETE", http.url("stream/close", uid))]]
-    _send_steps(steps, workers)
+    import httpx
+    try:                        # the run's POST also says whether the catalog has it (no GET before)
+        steps[0][0]()
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 409:
+            raise RunExists(f"the catalog already holds a run {uid}") from None
+        raise
+    _send_steps(steps[1:], workers)
     return http.count
 
 

@@ -32,6 +32,21 @@ does not do (checked against a real server in ``tests/test_catalog_security.py``
    between. Here the pool holds one connection (requests wait for it, as SQLite would serialise
    the writers anyway), and it waits :data:`SQLITE_BUSY_MS` for a lock held by any other process.
 
+4. **The SQLite files keep a write-ahead log where that is safe.** Tiled means its SQLite catalog
+   to run in WAL mode (``tiled/catalog/core.py``, ``initialize_database``), but its
+   ``PRAGMA journal_mode=WAL`` runs inside a transaction, where SQLite ignores it: the catalog
+   stays in rollback-journal mode, and every write request commits with four syncs (the journal
+   twice, the database, the folder), an unlink and a copy of every page it changes — most of a
+   derived run's publish on a slow disk (docs/quick-answers.md). Here each new connection to
+   ``catalog.db`` or the tables' SQLite file switches it to WAL with ``synchronous=FULL`` (one sync
+   per commit, the log; as durable as before) — only where the file lies on a local file system
+   (:data:`LOCAL_FILE_SYSTEMS`, read from ``/proc/self/mountinfo``): SQLite's WAL needs shared
+   memory that network file systems (NFS, CIFS, Lustre, GPFS...) do not give, so a catalog there
+   keeps its rollback journal.
+5. **FastAPI's dependants are built once** (speed): with Tiled's dependency override FastAPI
+   rebuilds every sub-dependency's dependant at every request; the one built for the same
+   arguments is reused (:func:`_dependants_once`).
+
 If the Tiled functions patched here are missing (a Tiled version with another layout), the
 server refuses to start rather than run unguarded.
 """
@@ -197,6 +212,128 @@ def install() -> None:
     CatalogNodeAdapter._put_asset = put_asset
     router.path_from_uri = path_from_uri
     _sqlite_writers_wait()
+    _catalog_wal()
+    _dependants_once()
+
+
+# file systems on which SQLite's write-ahead log is safe (one host, shared memory): guard 4
+LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "zfs", "bcachefs",
+                                "tmpfs", "overlay"})
+_MOUNT_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def file_system_type(path: str, mountinfo: str | None = None) -> str | None:
+    """The type of the file system that holds ``path`` (its deepest mount point in
+    ``/proc/self/mountinfo``, or the text ``mountinfo``); None where it cannot be told."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo") as f:
+                mountinfo = f.read()
+        except OSError:
+            return None
+    real, best, kind = _real(path), None, None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        mount = _MOUNT_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+        if _within(real, mount) and (best is None or len(mount) >= len(best)):
+            best, kind = mount, right.split()[0]
+    return kind
+
+
+def wal_is_safe(path: str) -> bool:
+    """Whether the SQLite file ``path`` may keep a write-ahead log: it lies on a local file system."""
+    return file_system_type(path) in LOCAL_FILE_SYSTEMS
+
+
+def _sqlite_wal(cur: object, path: str | None) -> None:
+    """Switch the SQLite database of cursor ``cur`` (file ``path``; no transaction open) to WAL,
+    ``synchronous=FULL``, where :func:`wal_is_safe`; a switch that cannot be made now (another
+    connection holds the file) is left to the next connection."""
+    if not path or path == ":memory:" or not wal_is_safe(path):
+        return
+    try:
+        for pragma in ("journal_mode = WAL", "synchronous = FULL"):
+            cur.execute(f"PRAGMA {pragma}")  # type: ignore[attr-defined]
+            cur.fetchall()  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - a busy file: rollback journal until the next connection
+        print(f"tiled_guard: {path} stays in rollback-journal mode for now ({exc})", file=sys.stderr)
+
+
+def _file_wal(path: str | None) -> None:
+    """Switch the SQLite file ``path`` to WAL (a setting kept in the file) before a connection that
+    cannot switch it opens it: ADBC's connections are always inside a transaction."""
+    if not path or path == ":memory:" or not wal_is_safe(path):
+        return
+    import sqlite3
+    conn = sqlite3.connect(path, timeout=SQLITE_BUSY_MS / 1000, isolation_level=None)
+    try:
+        _sqlite_wal(conn.cursor(), path)
+    finally:
+        conn.close()
+
+
+def _catalog_wal() -> None:
+    """Guard 4 for the catalog database: each new SQLite connection of Tiled's pool (after Tiled's
+    own ``PRAGMA foreign_keys``) switches its file to WAL where :func:`wal_is_safe`."""
+    from tiled.server import connection_pool
+    upstream = getattr(connection_pool, "_set_sqlite_pragma", None)
+    if upstream is None:
+        raise SystemExit("tiled_guard: this Tiled version has no connection_pool._set_sqlite_pragma; "
+                         "refusing to serve a SQLite catalog without a known journal mode")
+
+    def set_sqlite_pragma(conn, record):  # type: ignore[no-untyped-def]
+        upstream(conn, record)
+        cur = conn.cursor()
+        try:
+            cur.execute("PRAGMA database_list")
+            path = next((row[2] for row in cur.fetchall() if row[1] == "main"), None)
+            _sqlite_wal(cur, path)
+        finally:
+            cur.close()
+
+    connection_pool._set_sqlite_pragma = set_sqlite_pragma
+
+
+def _dependants_once() -> None:
+    """Guard 5 (speed): the dependants of a request built once, not at every request.
+
+    Tiled overrides one FastAPI dependency (``get_settings``). With any override set, FastAPI's
+    ``solve_dependencies`` builds the dependant of *every* sub-dependency again at every request
+    (``get_dependant(path=, call=, name=, parent_oauth_scopes=, scope=)``, which inspects each
+    callable's signature, its string annotations evaluated): about half of the server's CPU time
+    for a small request (docs/quick-answers.md). Those arguments determine the dependant, so the one
+    built for them is kept and reused, as FastAPI reuses its dependants when nothing is overridden.
+    Only calls of exactly that form are remembered (the dependants a route is built from, which
+    FastAPI changes afterwards, are never shared), and only callables that can be hashed."""
+    from fastapi.dependencies import utils
+    upstream = getattr(utils, "get_dependant", None)
+    if upstream is None or getattr(upstream, "hxn_ptycho_cache", None) is not None:
+        return                                  # another FastAPI layout, or already installed
+    form = {"path", "call", "name", "parent_oauth_scopes", "scope"}
+    cache: dict[tuple, object] = {}
+
+    def get_dependant(**kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.keys() != form:
+            return upstream(**kwargs)
+        scopes = kwargs["parent_oauth_scopes"]
+        key = (kwargs["path"], kwargs["call"], kwargs["name"], None if scopes is None else tuple(scopes),
+               kwargs["scope"])
+        try:
+            return cache[key]
+        except KeyError:
+            pass
+        except TypeError:                       # a callable that cannot be hashed
+            return upstream(**kwargs)
+        dependant = upstream(**kwargs)
+        if len(cache) < 4096:                   # routes x dependencies: a few hundred
+            cache[key] = dependant
+        return dependant
+
+    get_dependant.hxn_ptycho_cache = cache  # type: ignore[attr-defined]
+    utils.get_dependant = get_dependant
 
 
 def _busy_wait(conn: object) -> object:
@@ -240,8 +377,11 @@ def _sqlite_writers_wait() -> None:
             object.__setattr__(self, "max_overflow", 0)
 
     def create_adbc_connection(self):  # type: ignore[no-untyped-def]
+        sqlite = str(self.uri).startswith("sqlite:")
+        if sqlite:
+            _file_wal(database_path(str(self.uri)))          # guard 4
         conn = upstream(self)
-        return _WaitingConnection(conn) if str(self.uri).startswith("sqlite:") else conn
+        return _WaitingConnection(conn) if sqlite else conn
 
     cls.__post_init__ = post_init
     cls.create_adbc_connection = create_adbc_connection

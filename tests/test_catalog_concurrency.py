@@ -4,7 +4,8 @@ derived-run publisher write tables at the same time. Without the guard's busy ti
 (``database is locked``): the server answers 500, and a node half-created that way answers the
 client's retry with 409 (seen in CI, raised by the raw TiledWriter inside the RunEngine's
 ``close_run``). A busy timeout alone is not enough: table creation reads, then writes, in one
-transaction, which SQLite refuses at once when another connection wrote in between."""
+transaction, which SQLite refuses at once when another connection wrote in between. The same
+writers with the files in WAL mode (guard 4, a local disk)."""
 from __future__ import annotations
 
 import threading
@@ -45,5 +46,11 @@ def test_concurrent_table_writers_wait_for_the_sqlite_lock(tmp_path):
                 assert len(client[f"writer{w}"][f"t{t}"].read()) == 50 * APPENDS
         log = server.log_file.read_text(errors="replace")
         assert "database is locked" not in log, log[-3000:]
+        # guard 4: on this local disk both SQLite files keep a write-ahead log (one sync per commit)
+        import sqlite3
+        for db in (server.directory / "catalog.db", server.directory / "data" / "tables.sqlite"):
+            with sqlite3.connect(db) as conn:
+                assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal", db
+        assert "stays in rollback-journal mode" not in log, log[-3000:]
     finally:
         server.stop()

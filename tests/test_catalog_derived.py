@@ -107,7 +107,7 @@ def _record_requests(monkeypatch) -> list[tuple[str, str]]:
 
 
 def test_a_derived_run_is_sent_once_node_by_node(tiled_server, monkeypatch):
-    """One request per node (bluesky's TiledWriter: 49 for this run), nothing copied into the catalog
+    """One request per node (bluesky's TiledWriter: 49 for this run; 16 here), nothing copied into the catalog
     (every array is served from the job's files), and the streams closed only where the server may
     have subscribers (a URL: not known; the embedded server's folder: none)."""
     monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
@@ -117,8 +117,13 @@ def test_a_derived_run_is_sent_once_node_by_node(tiled_server, monkeypatch):
     derived.write_documents(folder, derived.result_documents(result, "raw-warm", {}))   # the connection is kept
     data_before = sorted(p.name for p in (tiled_server.directory / "data").rglob("*"))
     sent = _record_requests(monkeypatch)
-    uid = derived.write_documents(folder, derived.result_documents(result, "raw-few", {}))
-    assert len(sent) <= 17, sent
+    docs = derived.result_documents(result, "raw-few", {})
+    uid = derived.write_documents(folder, docs)
+    routes = sorted(f"{m} {p.split('/api/v1/')[1].split('/')[0]}" for m, p in sent)
+    # the run, 2 streams, 2 tables; 8 arrays; 2 table rows; the stop — and no GET of the run's state
+    assert routes == sorted(["POST metadata"] * 5 + ["POST register"] * 8 + ["PATCH table"] * 2
+                            + ["PATCH metadata"]), sent
+    assert sent[0] == ("POST", "/api/v1/metadata/processed") and sent[-1][0] == "PATCH", sent   # run first, stop last
     assert not [p for _, p in sent if "/stream/close/" in p]
     assert sorted(p.name for p in (tiled_server.directory / "data").rglob("*")) == data_before   # no copy
     run = runs(folder, "processed")[uid]
@@ -127,6 +132,11 @@ def test_a_derived_run_is_sent_once_node_by_node(tiled_server, monkeypatch):
     np.testing.assert_array_equal(run["iterations"]["object_error"].read(), res.error_object)
     sources = run["iterations"]["object_error"].data_sources()
     assert [a.data_uri for a in sources[0].assets] == [result.resolve().as_uri()]       # the job's own file
+    sent.clear()                # the same run again: its POST answers 409, its state is read, nothing sent
+    assert derived.write_documents(folder, docs) == uid
+    assert [(m, p.split("/api/v1/")[1]) for m, p in sent] == [("POST", "metadata/processed"),
+                                                              ("GET", f"metadata/processed/{uid}")], sent
+    assert len(runs(folder, "processed")[uid]["primary"]) == len(run["primary"])
     sent.clear()
     derived.write_documents(tiled_server.uri, derived.result_documents(result, "raw-url", {}))
     closed = [p for _, p in sent if "/stream/close/" in p]
