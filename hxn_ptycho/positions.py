@@ -225,7 +225,7 @@ class PositionRefiner:
         self.robust_scale = False           # fitted without the slipped views from then on
         self.grow_errors: list[tuple[float, float]] = []   # (current, grown) data error of each growth
         self.probe_defocus = grows and bool(p.position_probe_defocus)
-        self.defocus_views = 24             # views (scan order) grown to score each probe of the family
+        self.defocus_views = 48             # views (scan order) grown to score each probe of the family
         self.defocus_chosen: float | None = None     # the family's coefficient taken (None: the probe kept)
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}

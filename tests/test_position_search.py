@@ -154,3 +154,41 @@ def test_drift_not_recovered_without_growth(refine, grow):
     test above asserts: it discriminates."""
     err, nrmse_ref, *_ = _drift(1, refine, grow)
     assert err > 0.5 and nrmse_ref > 1.2 * 0.0144, (err, nrmse_ref)
+
+
+def test_growth_misfit_tells_the_probe_defocus():
+    """position_probe_defocus's criterion: the data error of the first views grown in scan order
+    (drift + jitter + slipped views, seed 2) with the mean-amplitude probe at the simulator's
+    defocus (c = 36, correlation 0.98 with the true probe) is lower than with the engine's range
+    (c = 0) and with the twin (c = -36); at the nominal corners the three are not told apart
+    (docs/position_search.md). A broken family or a broken growth fails. About 10 s of CPU."""
+    from hxn_ptycho.position_search import defocus_family, growth_misfit
+    scan, _, truth, err = heavy_scan(2, 100)
+    pad = 32
+    nominal = truth.positions_px + pad + err
+    shape = (1, truth.object.shape[0] + 2 * pad, truth.object.shape[1] + 2 * pad)
+    amps = scan.diffamp.astype(np.float64)
+    power = float(np.mean(np.sum(amps ** 2, axis=(1, 2))))
+    fam = defocus_family(np.sqrt(np.mean(amps ** 2, axis=0)), power, np.array([36.0, 0.0, -36.0]))
+    t = np.asarray(truth.probe).reshape(-1, 64, 64)[0]
+    corr = np.abs(np.fft.ifft2(np.fft.fft2(fam[0]) * np.conj(np.fft.fft2(t)))).max() / (
+        np.linalg.norm(fam[0]) * np.linalg.norm(t))
+    assert corr > 0.95
+    e = [growth_misfit(p[None], np.ones(1), shape, amps, None, nominal, 32.0, 10.0, 24) for p in fam]
+    assert e[0] < 0.9 * min(e[1], e[2]), e
+
+
+@pytest.mark.slow
+def test_probe_defocus_brings_drift_seed_2_within_a_pixel():
+    """Seed 2 of the drift model (7.14 px RMS a axis, the worst 26.6 px), which the growth alone
+    leaves at 11.7 px: with the probe's defocus chosen by the growth (position_probe_defocus)
+    measured 0.81 px. The issue's target (≤ 0.5 px, object within 1.2× the true run) is NOT met
+    (object 0.123 against 0.0144; docs/position_search.md): this asserts what is, and fails
+    without the option (test_drift_not_recovered_without_growth's figures)."""
+    scan, _, truth, err = heavy_scan(2, 100)
+    p = ReconParams(iterations=150, refine_positions=True, position_start=20, position_end=105,
+                    position_max_shift=32.0, position_search_radius=32.0, position_probe_defocus=True)
+    res = reconstruct(scan, p, **QUIET)
+    rms = position_rms(res.positions_refined_px, truth.positions_px)
+    assert res.attrs["position_probe_defocus"] is not None
+    assert rms < 1.2, rms
