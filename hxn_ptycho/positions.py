@@ -369,6 +369,8 @@ class PositionRefiner:
         self.grow_errors.append((float(e_now), float(e_grown)))
         if not e_grown < e_now:
             rec.log(f"hxn-ptycho: positions grown in scan order fit worse ({e_grown:.4g} vs {e_now:.4g}): not kept")
+            if probe is not old_probe:                  # the probe of the family goes with the growth
+                self.defocus_chosen, self.hold_after_grow = None, True
             self.coarse_moved.append(0)
             return 0
         new -= (new - cur).mean(axis=0)
@@ -425,6 +427,9 @@ class PositionRefiner:
         if not tried[best] < e_current:
             return probe
         self.defocus_chosen = best
+        # a probe of the right defocus: the late growth's scale is the data's, not held to the nominal
+        # one (held, seed 2 ended at 0.81 px and 8.6x the true run's object error)
+        self.hold_after_grow = False
         out = probe.copy()
         out[0] = defocus_family(mean_amp, power, np.array([best]))[0]
         return out
