@@ -19,6 +19,10 @@ taken), each new view registered against the object of the views before it:
 4. the object follows: ePIE updates (Maiden & Rodenburg 2009, probe fixed) over the new views,
    then one sweep over all views so far.
 
+A growth is as good as its probe. :func:`defocus_family` and :func:`growth_misfit` choose the
+first probe's far-field defocus by the data error of the first views grown with each member
+(``position_probe_defocus``): at the nominal corners the misfit cannot tell the defocus, grown it can.
+
 It needs every view's frame in one process (with MPI ranks it is skipped). Written for numpy;
 the object and probe are moved to the host for it.
 """
