@@ -161,7 +161,7 @@ def test_growth_misfit_tells_the_probe_defocus():
     (drift + jitter + slipped views, seed 2) with the mean-amplitude probe at the simulator's
     defocus (c = 36, correlation 0.98 with the true probe) is lower than with the engine's range
     (c = 0) and with the twin (c = -36); at the nominal corners the three are not told apart
-    (docs/position_search.md). A broken family or a broken growth fails. About 10 s of CPU."""
+    (docs/position_search.md). A broken family or a broken growth fails. About 7 s of CPU."""
     from hxn_ptycho.position_search import defocus_family, growth_misfit
     scan, _, truth, err = heavy_scan(2, 100)
     pad = 32
