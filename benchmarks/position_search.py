@@ -2,8 +2,10 @@
 
 Scans simulated with :func:`hxn_ptycho.simulate.heavy_tailed_errors` (a smooth drift plus heavy-tailed
 jitter and slipped views: ≥ 6 px RMS, the worst ≥ 25 px) on several objects (seeds), reconstructed
-four ways: from the true positions, from the nominal ones without refinement, with the gradient
-refinement alone (``position_search_radius=0``) and with the coarse global stage first.
+several ways: from the true positions (``true``), from the nominal ones without refinement (``off``),
+with the gradient refinement alone (``gradient``), with the coarse global stage first without and
+with the growth in scan order (``coarse_nogrow``, ``coarse``) and with the probe's defocus chosen by
+the growth before it (``defocus``, ``position_probe_defocus``).
 
     nice -n 5 python benchmarks/position_search.py [--seeds 1,2,3] [--views 100] [--iterations 150]
 
@@ -32,10 +34,11 @@ def heavy_scan(seed: int, views: int, worst: float = 28.0, drift: float = 4.0, j
     return scan, exact, truth, err
 
 
-def params(iterations: int, radius: float, refine: bool = True, grow: bool = True) -> ReconParams:
+def params(iterations: int, radius: float, refine: bool = True, grow: bool = True,
+           defocus: bool = False) -> ReconParams:
     return ReconParams(iterations=iterations, refine_positions=refine, position_start=20,
                        position_end=int(0.7 * iterations), position_max_shift=32.0,
-                       position_search_radius=radius, position_grow=grow)
+                       position_search_radius=radius, position_grow=grow, position_probe_defocus=defocus)
 
 
 def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 4.0, jitter: float = 2.0,
@@ -53,11 +56,14 @@ def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 
             res = reconstruct(scan, params(iterations, 0, refine=False), log=q)
             pos = res.positions_px
         else:
-            res = reconstruct(scan, params(iterations, 0.0 if way == "gradient" else 32.0, grow=way == "coarse"), log=q)
+            res = reconstruct(scan, params(iterations, 0.0 if way == "gradient" else 32.0,
+                                           grow=way in ("coarse", "defocus"), defocus=way == "defocus"), log=q)
             pos = res.positions_refined_px
         out[way] = {"pos_rms": round(position_rms(pos, truth.positions_px), 3),
                     "nrmse": round(object_error(res, truth, pos), 4),
                     "cost": round(float(res.attrs["final_cost"]), 4), "s": round(time.perf_counter() - t0, 1)}
+        if "position_probe_defocus" in res.attrs:
+            out[way]["defocus"] = res.attrs["position_probe_defocus"]
     return out
 
 

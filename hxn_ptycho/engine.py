@@ -513,6 +513,8 @@ class Reconstruction:
             refined = self.geom.positions_all.copy()
             attrs["position_refinements"] = refiner.count
             attrs["position_coarse_moved"] = list(refiner.coarse_moved)
+            if refiner.probe_defocus:
+                attrs["position_probe_defocus"] = refiner.defocus_chosen
             attrs["position_reverted"] = refiner.reverted
             from .positions import affine_terms
             attrs["position_affine_matrix"] = affine_terms(self.geom.nominal_all, refined).tolist()

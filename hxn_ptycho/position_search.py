@@ -19,6 +19,10 @@ taken), each new view registered against the object of the views before it:
 4. the object follows: ePIE updates (Maiden & Rodenburg 2009, probe fixed) over the new views,
    then one sweep over all views so far.
 
+A growth is as good as its probe. :func:`defocus_family` and :func:`growth_misfit` choose the
+first probe's far-field defocus by the data error of the first views grown with each member
+(``position_probe_defocus``): at the nominal corners the misfit cannot tell the defocus, grown it can.
+
 It needs every view's frame in one process (with MPI ranks it is skipped). Written for numpy;
 the object and probe are moved to the host for it.
 """
@@ -183,3 +187,31 @@ def grow(g: Grower, nominal: np.ndarray, radius: float, local_radius: float = 6.
     rep.moved = int(np.sum(np.any(np.abs(pos - nominal) >= 0.5, axis=1)))
     rep.corrections = corr
     return pos, rep
+
+
+def defocus_family(mean_amp: np.ndarray, power: float, coefficients: np.ndarray) -> np.ndarray:
+    """Probes (C, n, n) whose far field is the mean measured amplitude with a defocus phase
+    π·c·k² (k in units of the Nyquist frequency, as :func:`hxn_ptycho.modes.probe_from_amplitude`),
+    one per coefficient ``c``, each of total power ``power``. Both signs: a scan fixes the sign the
+    data's positions agree with."""
+    n = mean_amp.shape[-1]
+    k = np.fft.fftfreq(n) * 2
+    k2 = k[:, None] ** 2 + k[None, :] ** 2
+    out = np.empty((len(coefficients), n, n), np.complex128)
+    for i, c in enumerate(coefficients):
+        p = np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * np.pi * c * k2)))
+        out[i] = p * np.sqrt(power / max(float(np.vdot(p, p).real), 1e-300))
+    return out
+
+
+def growth_misfit(probe: np.ndarray, level: np.ndarray, shape: tuple[int, ...], amps: np.ndarray,
+                  mask: np.ndarray | None, nominal: np.ndarray, radius: float, local_radius: float,
+                  views: int) -> float:
+    """The data error of the first ``views`` views (scan order) after growing them with ``probe``
+    (K, n, n) from a flat object at ``level`` (L,): how well that probe explains the data once each
+    view is registered against the views before it — low for a probe close to the true one, where
+    a misfit at the nominal corners does not discriminate (docs/position_search.md)."""
+    m = min(views, len(nominal))
+    g = Grower(np.broadcast_to(level[:, None, None], shape), probe, amps[:m], mask)
+    found, _ = grow(g, nominal[:m], radius, local_radius=local_radius)
+    return float(sum(g.misfit(j, g.clip(found[j][None]))[0] for j in range(m)))

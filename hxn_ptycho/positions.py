@@ -36,11 +36,14 @@ docs/position_search.md (``benchmarks/position_search.py``).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from . import dm
+
+logger = logging.getLogger(__name__)
 
 
 def smoothed(be: Any, obj: Any, sigma: float) -> Any:
@@ -221,6 +224,9 @@ class PositionRefiner:
         self.hold_after_grow = True         # the nominal scale held after the second growth,
         self.robust_scale = False           # fitted without the slipped views from then on
         self.grow_errors: list[tuple[float, float]] = []   # (current, grown) data error of each growth
+        self.probe_defocus = grows and bool(p.position_probe_defocus)
+        self.defocus_views = 48             # views (scan order) grown to score each probe of the family
+        self.defocus_chosen: float | None = None     # the family's coefficient taken (None: the probe kept)
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}
 
@@ -351,14 +357,20 @@ class PositionRefiner:
         start = np.broadcast_to((level / pint.sum())[:, None, None], obj.shape)
         amps = be.asnumpy(rec.diffamp)
         mask = None if rec.mask is None else be.asnumpy(rec.mask)
+        old_probe = probe
+        if self.probe_defocus and not late and not self.grow_errors:
+            probe = self._choose_defocus(probe, level / pint.sum(), obj.shape, amps, mask, cur)
         g = Grower(start, probe, amps, mask)
         new, rep = grow(g, cur, self.radius, local_radius=self.local_radius)
         # checked: the grown model must fit the data better than the current one, or nothing changes
-        e_now = sum(g.misfit(j, g.clip(cur[j][None]), obj)[0] for j in range(len(cur)))
+        g_now = g if probe is old_probe else Grower(obj[:, :1, :1], old_probe, amps, mask)
+        e_now = sum(g_now.misfit(j, g.clip(cur[j][None]), obj)[0] for j in range(len(cur)))
         e_grown = sum(g.misfit(j, g.clip(new[j][None]))[0] for j in range(len(cur)))
         self.grow_errors.append((float(e_now), float(e_grown)))
         if not e_grown < e_now:
             rec.log(f"hxn-ptycho: positions grown in scan order fit worse ({e_grown:.4g} vs {e_now:.4g}): not kept")
+            if probe is not old_probe:                  # the probe of the family goes with the growth
+                self.defocus_chosen, self.hold_after_grow = None, True
             self.coarse_moved.append(0)
             return 0
         new -= (new - cur).mean(axis=0)
@@ -368,10 +380,59 @@ class PositionRefiner:
             self.hold_scale = self.hold_scale or self.hold_after_grow    # the probe's curvature must follow
         geom.set_positions(self._clip(new))
         rec.obj = be.asarray(g.obj, rec.cdtype)
+        if probe is not old_probe:
+            rec.probe = be.asarray(probe, rec.cdtype)
         self.grow_report = rep
         self.coarse_moved.append(rep.moved)
         rec.log(f"hxn-ptycho: positions grown in scan order: {rep.moved} views moved, {rep.wide} searched wide")
         return max(1, rep.moved)
+
+    def _choose_defocus(self, probe: np.ndarray, level: np.ndarray, shape: tuple[int, ...], amps: np.ndarray,
+                        mask: np.ndarray | None, cur: np.ndarray) -> np.ndarray:
+        """The probe (K, n, n) whose first mode fits the first ``defocus_views`` views best once they
+        are grown in scan order: the current one or a member of the defocus family
+        (:func:`~hxn_ptycho.position_search.defocus_family`: the mean measured amplitude with a
+        defocus phase π·c·k², c over ±n in steps of n/8, then halved twice around the best). A
+        probe at the nominal corners cannot be judged by its misfit there (the position errors
+        dominate it); grown, the views are registered and the probe's error shows."""
+        from .position_search import defocus_family, growth_misfit
+        rec = self.rec
+        n = rec.n
+        good = np.ones(amps.shape[1:], bool) if mask is None else mask
+        mean_amp = np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good
+        power = float(np.sum(np.abs(probe[0]) ** 2))
+
+        def score(p0: np.ndarray) -> float:
+            cand = probe.copy()
+            cand[0] = p0
+            return growth_misfit(cand, level, shape, amps, mask, cur, self.radius, self.local_radius,
+                                 self.defocus_views)
+        tried: dict[float, float] = {}
+
+        def scan(cs: np.ndarray) -> None:
+            cs = np.array([c for c in cs if float(c) not in tried])
+            for c, p0 in zip(cs, defocus_family(mean_amp, power, cs)):
+                tried[float(c)] = score(p0)
+        step = n / 8
+        scan(np.arange(-n, n + step / 2, step))
+        for _ in range(2):
+            best = min(tried, key=tried.__getitem__)
+            step /= 2
+            scan(np.array([best - step, best + step]))
+        best = min(tried, key=tried.__getitem__)
+        e_current = score(probe[0])
+        logger.debug("probe defocus scores: %s", {c: round(e, 4) for c, e in sorted(tried.items())})
+        rec.log(f"hxn-ptycho: probe defocus: c = {best:.1f} fits {tried[best]:.4g} against {e_current:.4g} "
+                f"for the current probe ({self.defocus_views} views grown)")
+        if not tried[best] < e_current:
+            return probe
+        self.defocus_chosen = best
+        # a probe of the right defocus: the late growth's scale is the data's, not held to the nominal
+        # one (held, seed 2 ended at 0.81 px and 8.6x the true run's object error)
+        self.hold_after_grow = False
+        out = probe.copy()
+        out[0] = defocus_family(mean_amp, power, np.array([best]))[0]
+        return out
 
     def _object_sums(self) -> tuple[Any, Any, float]:
         """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
