@@ -68,6 +68,11 @@ class Backend(ABC):
     cache_batches: bool = False
     on_host: bool = False
 
+    def warm_up(self, cdtype: Any = np.complex64) -> float:
+        """Load or compile what the first iteration would (kernels, FFT plans) for ``cdtype``; returns
+        the seconds. Nothing to load for a backend without compiled kernels."""
+        return 0.0
+
     # --- arrays and transfers -------------------------------------------------------------
     @abstractmethod
     def asarray(self, a: Any, dtype: Any = None) -> Any: ...

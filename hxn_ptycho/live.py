@@ -191,8 +191,7 @@ def warm_up(backend: Any, params: ReconParams) -> float:
     t0 = time.perf_counter()
     cdtype = np.complex128 if params.precision == "double" else np.complex64
     try:
-        if hasattr(backend, "warm_up"):
-            backend.warm_up(cdtype)
+        backend.warm_up(cdtype)
         backend.fft2(backend.asarray(np.ones((1, 8, 8)), cdtype))
     except Exception as exc:  # noqa: BLE001 - a warm-up is never worth failing the job: the first iteration pays
         log.debug("hxn-ptycho: warm-up skipped (%s: %s)", type(exc).__name__, exc)
