@@ -597,6 +597,15 @@ class LiveFeed:
         self.runs[str(start.get("uid"))] = live
         return [collector, live.poke], []
 
+    def live_file(self, raw_uid: str) -> Path | None:
+        """The live scan file of ``raw_uid`` (made at its first chunk, with the decisions of its first
+        views), or None: the post-stop export of the run takes its recorded decisions
+        (:func:`.export.export_scan` ``live_file=``), so both files are equal."""
+        live = self.runs.get(raw_uid)
+        if live is None or live.writer is None or not live.scan_path.exists():
+            return None
+        return live.scan_path
+
     def took_over(self, raw_uid: str, timeout: float = 3600.0) -> bool:
         """At the stop (the PtychoCallback's worker thread): wait for the live job of ``raw_uid``; if
         it succeeded, publish its outcome as the run's one derived run (the job's fixed uid) and say
