@@ -259,3 +259,14 @@ def test_the_live_scan_file_equals_the_post_stop_export_of_the_same_run_in_every
     export_scan(got[0], cfg, post, live_file=live.scan_path)      # the post-stop path of the same run
     diff = _all_differing(live.scan_path, post)
     assert diff == [], "\n".join(diff)
+    # a live file whose recorded beam centre is not the export's: its decision is not taken
+    import json
+    import shutil
+    other = tmp_path / "other_live.h5"
+    shutil.copy(live.scan_path, other)
+    with h5py.File(other, "r+") as f:
+        f.attrs["decision_center"] = json.dumps([int(f.attrs["center_row"]) + 3, int(f.attrs["center_col"])])
+    export_scan(got[0], cfg, tmp_path / "post2.h5", live_file=other)
+    with h5py.File(tmp_path / "post2.h5", "r") as f:
+        assert "decided_on_views" not in json.loads(f.attrs["orientation_report"])   # decided on all frames
+        assert not [k for k in f.attrs if k.startswith("decision_")] and "complete" not in f
