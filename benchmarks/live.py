@@ -17,7 +17,11 @@ path is then the export of the collected run and the offline job. ``event_cost_u
 event document of that one run, the callback alone and the callback plus the feed (median, 90th
 and 99th percentile, largest) and the RunEngine's time per point beyond the dwell.
 ``scan_file_views_equal`` compares the frames, positions, mask and geometry; ``scan_file_equal``
-every dataset and attribute (``differing_datasets``/``differing_attrs`` name the rest).
+every dataset and attribute, both ways (``differing_datasets``/``differing_attrs`` name the rest), of
+the live file and the post-stop export of the same run as the callback makes it (taking the live
+file's recorded orientation decision: :func:`hxn_ptycho.callbacks.export.export_scan`
+``live_file=``); ``post_stop_path_s`` times the post-stop path of a run without a live file (the
+export decides on all frames).
 ``--direct`` instead writes a simulated scan straight into the growing file (no RunEngine, no
 callback).
 
@@ -26,7 +30,8 @@ were readable), ``previews``, ``max_preview_gap_s`` (while frames arrive), ``lag
 ``lag_last_s`` (preview written − newest view in it readable, first and last preview),
 ``final_after_stop_s`` (stop → outcome record of the live job), ``post_stop_path_s`` (launch of
 the offline job → its outcome record), ``scan_file_equal`` (every dataset and attribute of the
-one-shot scan file ``write_scan`` writes equals the growing file's), ``data_error_ratio`` and
+one-shot scan file ``write_scan`` writes, with a complete growing file's bookkeeping, equals the
+growing file's, both ways), ``data_error_ratio`` and
 ``nrmse_ratio`` (live final over post-stop; NRMSE of the object to the simulated truth), the load
 average. On a shared machine the times mean little when the load is high.
 """
@@ -64,24 +69,27 @@ def wait_for(path: Path, timeout: float) -> float:
 
 
 def files_equal(one_shot: Path, growing: Path) -> bool:
-    """Every dataset and attribute of ``one_shot`` is in ``growing``, equal."""
-    with h5py.File(one_shot, "r") as a, h5py.File(growing, "r") as b:
-        names: list[str] = []
-        a.visit(names.append)
-        for k in names:
-            if k not in b or not np.array_equal(a[k][()], b[k][()]):
-                return False
-        return all(k in b.attrs and np.array_equal(a.attrs[k], b.attrs[k]) for k in a.attrs)
+    """The two files hold the same datasets and attributes (the root's and each object's), equal."""
+    ds, at = differing(one_shot, growing)
+    return not ds and not at
 
 
 def differing(one_shot: Path, growing: Path) -> tuple[list[str], list[str]]:
-    """(datasets, attributes) of ``one_shot`` missing from ``growing`` or different there."""
+    """(datasets, attributes) in either file, missing from the other or different there; strict,
+    both ways: the root's attributes as ``name``, an object's as ``object@name``."""
+    ds: set[str] = set()
+    at: set[str] = set()
     with h5py.File(one_shot, "r") as a, h5py.File(growing, "r") as b:
-        names: list[str] = []
-        a.visit(names.append)
-        ds = [k for k in names if isinstance(a[k], h5py.Dataset) and (k not in b or not np.array_equal(a[k][()], b[k][()]))]
-        at = [k for k in a.attrs if k not in b.attrs or not np.array_equal(a.attrs[k], b.attrs[k])]
-        return ds, at
+        for x, y in ((a, b), (b, a)):
+            names: list[str] = []
+            x.visit(names.append)
+            for k in names:
+                if isinstance(x[k], h5py.Dataset) and (k not in y or not np.array_equal(x[k][()], y[k][()])):
+                    ds.add(k)
+                at |= {f"{k}@{m}" for m in x[k].attrs
+                       if k not in y or m not in y[k].attrs or not np.array_equal(x[k].attrs[m], y[k].attrs[m])}
+            at |= {m for m in x.attrs if m not in y.attrs or not np.array_equal(x.attrs[m], y.attrs[m])}
+    return sorted(ds), sorted(at)
 
 
 def through_callback(args: argparse.Namespace) -> dict:
@@ -93,7 +101,7 @@ def through_callback(args: argparse.Namespace) -> dict:
     from event_model import RunRouter
 
     from hxn_ptycho.callbacks.collector import RunCollector
-    from hxn_ptycho.callbacks.export import ExportConfig, build_scan
+    from hxn_ptycho.callbacks.export import ExportConfig, build_scan, export_scan
     from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
     from hxn_ptycho.callbacks.sim_beamline import make_hxn, simulated_scan, step_scan
 
@@ -153,7 +161,9 @@ def through_callback(args: argparse.Namespace) -> dict:
         subprocess.run(job_argv(off_path, nprocs=args.ranks, quiet=True), check=False)
         t_post = wait_for(outcome_path(off_path), 3600) - t0
         off_out = read_outcome(outcome_path(off_path)) or {}
-        ds, at = differing(one_shot, live.scan_path)
+        same_run = d / "scan_post_of_live.h5"     # the post-stop export of this run as the callback makes it
+        export_scan(got[0], cfg, same_run, live_file=live.scan_path)   # (the live file's decision taken)
+        ds, at = differing(same_run, live.scan_path)
         region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
         e_live = nrmse(read_result(live.result_path).object[0], truth.object, region) \
             if live.result_path.exists() else float("nan")
@@ -240,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         t_post = wait_for(outcome_path(off_path), 3600) - t0
         off_out = read_outcome(outcome_path(off_path)) or {}
         one_shot = d / "scan_oneshot.h5"
-        write_scan(one_shot, scan)
+        write_scan(one_shot, scan, {"n_written": np.array([scan.n_views], np.int64), "complete": np.ones(1, np.int8),
+                                    "extent_um": np.array([p[0].min(), p[0].max(), p[1].min(), p[1].max()])})
         equal = files_equal(one_shot, live_scan)
         region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
         e_live = nrmse(read_result(live_res).object[0], truth.object, region)

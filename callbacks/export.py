@@ -45,6 +45,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -710,6 +711,62 @@ def decide_orientation(run: CollectedRun, cfg: ExportConfig) -> tuple[Any, tuple
     return d, (int(prep.attrs["center_row"]), int(prep.attrs["center_col"])), str(det), int(prep.intensity.shape[-1])
 
 
+def recorded_decision(scan_file: str | os.PathLike) -> Any:
+    """The orientation decision a live scan file records (the live feed's, made on the run's first
+    views: its ``orientation_as``, ``orientation_report`` and ``probe_guess``), as a
+    :class:`.orientation.Decision`; None where the file records none (a convention was forced, or
+    no file). The post-stop export of the same run takes it (:func:`export_scan` ``live_file=``), so
+    both files are equal in every dataset and attribute (docs/live.md)."""
+    import h5py
+
+    from .orientation import Decision, Orientation
+    path = Path(scan_file)
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as f:
+            if "orientation_report" not in f.attrs or "orientation_as" not in f.attrs:
+                return None
+            report = json.loads(str(f.attrs["orientation_report"]))
+            orient = Orientation.parse(str(f.attrs["orientation_as"]))
+            probe = np.asarray(f["probe_guess"][()]) if "probe_guess" in f else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"live scan file {path}: its orientation decision cannot be read ({exc})") from None
+    return Decision(orient, report, probe)
+
+
+def _as_live_file(scan: ScanData, live_file: str | os.PathLike) -> dict[str, np.ndarray] | None:
+    """Where the live file's recorded decisions (``decision_*``: beam centre, orientation, crop)
+    are those of ``scan``, the post-stop export of the same run: record them in ``scan`` too and
+    return the growing file's bookkeeping as it stands for a complete file of ``scan``'s views
+    (``n_written``, ``complete``; extra datasets of :func:`~hxn_ptycho.scanfile.write_scan`), so
+    the two files are equal in every dataset and attribute. None where they are not (a beam
+    centre or crop of its own: the export then decides the orientation on all its frames)."""
+    import h5py
+
+    path = Path(live_file)
+    if not path.exists():
+        return {}
+    with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as f:
+        recorded = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()
+                    if k.startswith("decision_")}
+        growing = {k: np.asarray(f[k][()]) for k in ("n_written", "complete") if k in f}
+    own = {"decision_center": json.dumps([int(scan.attrs["center_row"]), int(scan.attrs["center_col"])]),
+           "decision_orientation": str(scan.attrs["orientation"]), "decision_crop": int(scan.n)}
+    mismatch = [k for k, v in own.items() if k in recorded and recorded[k] != v]
+    if mismatch:
+        log.info("run %s: the live file %s records %s unlike the post-stop export: it decides again", scan.attrs.get(
+            "raw_uid"), path, ", ".join(f"{k}={recorded[k]!r} (here {own[k]!r})" for k in mismatch))
+        return None
+    scan.attrs.update(recorded)
+    out: dict[str, np.ndarray] = {}
+    if "n_written" in growing:
+        out["n_written"] = np.array([scan.n_views], dtype=growing["n_written"].dtype)
+    if "complete" in growing:
+        out["complete"] = np.ones(1, dtype=growing["complete"].dtype)
+    return out
+
+
 def build_scan(run: CollectedRun, cfg: ExportConfig, decision: Any = None) -> ScanData:
     """The :class:`~hxn_ptycho.scanfile.ScanData` of a run, in the stage frame; its frames are read
     through :mod:`.frames` and their symmetry is decided by the data unless one is forced
@@ -742,14 +799,24 @@ def build_scan(run: CollectedRun, cfg: ExportConfig, decision: Any = None) -> Sc
     return scan
 
 
-def export_scan(run: CollectedRun, cfg: ExportConfig, path: str | os.PathLike) -> ScanData:
-    """Build and atomically write the scan file of ``run``; return its data."""
+def export_scan(run: CollectedRun, cfg: ExportConfig, path: str | os.PathLike,
+                live_file: str | os.PathLike | None = None) -> ScanData:
+    """Build and atomically write the scan file of ``run``; return its data. ``live_file``: the
+    run's live scan file, if one was grown; the orientation decision it records (made on the first
+    views) is taken instead of deciding again on all frames (:func:`recorded_decision`)."""
     from hxn_ptycho.h5util import FileFormatError
     from hxn_ptycho.scanfile import write_scan
 
-    scan = build_scan(run, cfg)
+    extras = None
+    if live_file is None:
+        scan = build_scan(run, cfg)
+    else:
+        scan = build_scan(run, cfg, recorded_decision(live_file))
+        extras = _as_live_file(scan, live_file)
+        if extras is None:              # the recorded decisions are not this export's: decided again
+            scan = build_scan(run, cfg)
     try:
-        write_scan(path, scan)
+        write_scan(path, scan, extras)
     except FileFormatError as exc:
         raise ExportError(str(exc)) from None
     return scan

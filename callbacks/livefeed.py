@@ -206,6 +206,25 @@ class _Incremental:
         source = fr.describe(snap, key, cfg.stream, cfg.path_remap, cfg.data_roots)
         return _sub_source(source, self.read, n, cfg.frame_wait_s)
 
+    def final_attrs(self, snap: CollectedRun, header: dict[str, Any]) -> dict[str, Any]:
+        """The attributes of the whole run that the header (``header``: the first chunk's export)
+        records for its first chunk only, as the post-stop export of the whole run makes them
+        (:func:`.export.prepare`): where the frames are (``frame_source`` and the ``frames`` entry
+        of ``geometry_source``) and which were dropped (``dropped_frames``)."""
+        from . import frames as fr
+        from .export import frame_key
+        cfg = self.cfg
+        key = frame_key(snap, self.det, cfg.stream)
+        source = fr.describe(snap, key, cfg.stream, cfg.path_remap, cfg.data_roots)
+        ranges = source.describe()
+        out: dict[str, Any] = {"frame_source": json.dumps(ranges[:50]),
+                               "dropped_frames": json.dumps(sorted(set(range(self.read)) - set(self.kept)))}
+        if "geometry_source" in header:
+            geo = json.loads(str(header["geometry_source"]))
+            geo["frames"] = f"{key}: {len(ranges)} frame range(s) in {len(source.files)} file(s)"
+            out["geometry_source"] = json.dumps(geo)
+        return out
+
     def chunk(self, snap: CollectedRun, n: int) -> Any:
         """The new views of the first ``n`` events (a ScanData of them; empty if none are new)."""
         from . import frames as fr
@@ -306,6 +325,7 @@ class _LiveRun:
         self.gave_up: str | None = None
         self.appended_during_scan = 0             # views appended before the stop document
         self.incremental: _Incremental | None = None
+        self.header_attrs: dict[str, Any] | None = None   # the first chunk's attributes (the file's header)
         self.export_s: list[tuple[int, float]] = []   # (events, seconds) of each export
         self.marks: dict[str, float] = {}            # when each step of the first chunk's path happened
         self._pool: Any = None                       # the first export's child process, started early
@@ -350,7 +370,11 @@ class _LiveRun:
                 if stopped and self._events() == n:
                     break
             if self.writer is not None and not self.gave_up:
-                self.writer.mark_complete()
+                final = None            # the whole run's provenance, as the post-stop export records it
+                if self.incremental is not None and self.header_attrs is not None:
+                    final = self.incremental.final_attrs(_snapshot(self.run, self.incremental.read,
+                                                                   self.cfg.export.stream), self.header_attrs)
+                self.writer.mark_complete(final)
             elif self.writer is not None:
                 self.writer.close()
         except Exception as exc:  # noqa: BLE001 - a live feed never disturbs the scan or the post-stop path
@@ -450,6 +474,7 @@ class _LiveRun:
             if not (np.array_equal(new.diffamp, scan.diffamp) and np.array_equal(new.points, scan.points)):
                 raise _Diverged("the incremental export of the first chunk differs from its one export")
             self.marks["first_incremental_to"] = time.time()
+            self.header_attrs = dict(scan.attrs)
             self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=decisions)
         else:
             try:
@@ -571,6 +596,15 @@ class LiveFeed:
         live = _LiveRun(self.config, collector)
         self.runs[str(start.get("uid"))] = live
         return [collector, live.poke], []
+
+    def live_file(self, raw_uid: str) -> Path | None:
+        """The live scan file of ``raw_uid`` (made at its first chunk, with the decisions of its first
+        views), or None: the post-stop export of the run takes its recorded decisions
+        (:func:`.export.export_scan` ``live_file=``), so both files are equal."""
+        live = self.runs.get(raw_uid)
+        if live is None or live.writer is None or not live.scan_path.exists():
+            return None
+        return live.scan_path
 
     def took_over(self, raw_uid: str, timeout: float = 3600.0) -> bool:
         """At the stop (the PtychoCallback's worker thread): wait for the live job of ``raw_uid``; if

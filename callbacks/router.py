@@ -319,7 +319,10 @@ class PtychoCallback:
             return None
         scan_path = self.work_dir / "scans" / f"scan_{run_stem(run)}.h5"
         try:
-            export_scan(run, self.config.export, scan_path)
+            # a live feed's file of this run records the orientation decided on its first views: taken
+            live_files = [f(run.uid) for f in (getattr(feed, "live_file", None) for feed in self.live) if f]
+            export_scan(run, self.config.export, scan_path,
+                        live_file=next((p for p in live_files if p is not None), None))
         except ExportError as exc:
             self._fail(run, f"cannot build the scan file: {exc}")
             return None

@@ -297,8 +297,18 @@ class GrowingScanWriter:
         self.written = b
         return b
 
-    def mark_complete(self) -> None:
-        """The scan stopped: no view follows. Closes the file."""
+    def mark_complete(self, attrs: dict[str, Any] | None = None) -> None:
+        """The scan stopped: no view follows. Closes the file. ``attrs``: new values of attributes
+        the header already has that describe the whole scan rather than its first chunk (where the
+        frames are, which were dropped), written before the file is marked complete; SWMR creates
+        no attribute, so an unknown name is an error."""
+        for k, v in (attrs or {}).items():
+            if k not in self.f.attrs:
+                raise FileFormatError(f"{KIND} file {self.path}: attribute {k!r} is not in its header (a growing "
+                                      "file's attributes are made when it is created)")
+            if not np.array_equal(self.f.attrs[k], v):
+                self.f.attrs[k] = v
+        self.f.flush()
         self.f["complete"][0] = 1
         self.f["complete"].flush()
         self.close()

@@ -200,3 +200,73 @@ def test_the_orientation_is_decided_on_the_first_views_recorded_and_taken_by_the
         post = build_scan(got[0], dataclasses.replace(cfg, orientation=orientation))
         assert f["complete"][0] == 1 and f["n_written"][0] == 40
         assert np.array_equal(f["diffamp"][()], post.diffamp) and np.array_equal(f["points"][()], post.points)
+
+
+def _all_differing(a_path, b_path) -> list[str]:
+    """Every dataset and attribute (root and per dataset) in either file, missing from the other or
+    different there; the names of those that differ."""
+    import numpy as np
+
+    out: list[str] = []
+    with h5py.File(a_path, "r") as a, h5py.File(b_path, "r") as b:
+        for x, y, side in ((a, b, "live"), (b, a, "post")):
+            names: list[str] = []
+            x.visit(names.append)
+            for k in names:
+                if isinstance(x[k], h5py.Dataset) and (k not in y or not np.array_equal(x[k][()], y[k][()])):
+                    out.append(f"{side}:{k}")
+                for at in x[k].attrs:
+                    if k not in y or at not in y[k].attrs or not np.array_equal(x[k].attrs[at], y[k].attrs[at]):
+                        out.append(f"{side}:{k}@{at}")
+            out += [f"{side}:@{at}" for at in x.attrs
+                    if at not in y.attrs or not np.array_equal(x.attrs[at], y.attrs[at])]
+    return sorted(set(out))
+
+
+def test_the_live_scan_file_equals_the_post_stop_export_of_the_same_run_in_every_dataset_and_attribute(tmp_path):
+    """Issue 19's proof: the live feed decides the orientation on its first views; the post-stop
+    export of the same run takes that recorded decision (:func:`~hxn_ptycho.callbacks.export.
+    recorded_decision`), so the scan file it writes equals the live file in every dataset and
+    attribute, both ways (the growing file's bookkeeping included)."""
+    from hxn_sim import collect
+
+    from hxn_ptycho.callbacks.export import ExportConfig, export_scan
+    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+
+    sample, _ = simulated_scan("step", n_positions=40, seed=4)
+    hxn = make_hxn(tmp_path / "detector")
+    RE = make_re(hxn)
+    got = collect(RE)
+    cfg = ExportConfig(crop=64)
+    feed = LiveFeed(LiveFeedConfig(work_dir=str(tmp_path / "work"), params={"iterations": 4, "threads": 1},
+                                   export=cfg, first_chunk=24, chunk=8, decide_views=12, launch=False))
+    RE.subscribe(feed)
+
+    def slow_until_decided(name, doc):       # (a loaded machine: let the decision start before the first chunk)
+        if name == "event" and doc["seq_num"] == 20:
+            live = next(iter(feed.runs.values()))
+            t0 = time.monotonic()
+            while live._decision is None and time.monotonic() - t0 < 120:
+                time.sleep(0.05)
+    RE.subscribe(slow_until_decided)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        RE(step_scan(hxn, sample, dwell_s=0.02))
+    feed.wait(300)
+    (live,) = feed.runs.values()
+    assert live.gave_up is None and live.marks.get("decided_early") == 1.0
+    post = tmp_path / "post.h5"
+    export_scan(got[0], cfg, post, live_file=live.scan_path)      # the post-stop path of the same run
+    diff = _all_differing(live.scan_path, post)
+    assert diff == [], "\n".join(diff)
+    # a live file whose recorded beam centre is not the export's: its decision is not taken
+    import json
+    import shutil
+    other = tmp_path / "other_live.h5"
+    shutil.copy(live.scan_path, other)
+    with h5py.File(other, "r+") as f:
+        f.attrs["decision_center"] = json.dumps([int(f.attrs["center_row"]) + 3, int(f.attrs["center_col"])])
+    export_scan(got[0], cfg, tmp_path / "post2.h5", live_file=other)
+    with h5py.File(tmp_path / "post2.h5", "r") as f:
+        assert "decided_on_views" not in json.loads(f.attrs["orientation_report"])   # decided on all frames
+        assert not [k for k in f.attrs if k.startswith("decision_")] and "complete" not in f
