@@ -151,18 +151,13 @@ def test_listen_live_puts_a_live_feed_beside_the_callback_with_its_settings(tmp_
         cb.close()
 
 
-def test_the_orientation_is_decided_on_the_first_views_recorded_and_taken_by_the_first_chunk(tmp_path):
-    """The feed decides the orientation once, on its first ``decide_views`` events (in its warm
-    child, before the first chunk is in); the first chunk's export takes that decision instead of
-    deciding again, the file records it (and on how many views), and its views equal the post-stop
-    export of the same run with that orientation."""
-    import dataclasses
-    import json
-
-    import numpy as np
+def _step_scan_decided_early(tmp_path):
+    """A 40-point simulated step scan through the RunEngine and a live feed (no job launched) that
+    decides the orientation on the first 12 views, the first chunk at 24: the run's documents, the
+    export config and the feed's live run."""
     from hxn_sim import collect
 
-    from hxn_ptycho.callbacks.export import ExportConfig, build_scan
+    from hxn_ptycho.callbacks.export import ExportConfig
     from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
 
     sample, _ = simulated_scan("step", n_positions=40, seed=4)
@@ -186,6 +181,22 @@ def test_the_orientation_is_decided_on_the_first_views_recorded_and_taken_by_the
         RE(step_scan(hxn, sample, dwell_s=0.02))
     feed.wait(300)
     (live,) = feed.runs.values()
+    return got, cfg, live
+
+
+def test_the_orientation_is_decided_on_the_first_views_recorded_and_taken_by_the_first_chunk(tmp_path):
+    """The feed decides the orientation once, on its first ``decide_views`` events (in its warm
+    child, before the first chunk is in); the first chunk's export takes that decision instead of
+    deciding again, the file records it (and on how many views), and its views equal the post-stop
+    export of the same run with that orientation."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from hxn_ptycho.callbacks.export import build_scan
+
+    got, cfg, live = _step_scan_decided_early(tmp_path)
     assert live.gave_up is None
     assert live.marks.get("decided_early") == 1.0 and "decision_from" in live.marks
     assert live.marks.get("first_incremental_ahead") == 1.0   # made beside the child's export, and equal to it
@@ -228,32 +239,10 @@ def test_the_live_scan_file_equals_the_post_stop_export_of_the_same_run_in_every
     export of the same run takes that recorded decision (:func:`~hxn_ptycho.callbacks.export.
     recorded_decision`), so the scan file it writes equals the live file in every dataset and
     attribute, both ways (the growing file's bookkeeping included)."""
-    from hxn_sim import collect
 
-    from hxn_ptycho.callbacks.export import ExportConfig, export_scan
-    from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
+    from hxn_ptycho.callbacks.export import export_scan
 
-    sample, _ = simulated_scan("step", n_positions=40, seed=4)
-    hxn = make_hxn(tmp_path / "detector")
-    RE = make_re(hxn)
-    got = collect(RE)
-    cfg = ExportConfig(crop=64)
-    feed = LiveFeed(LiveFeedConfig(work_dir=str(tmp_path / "work"), params={"iterations": 4, "threads": 1},
-                                   export=cfg, first_chunk=24, chunk=8, decide_views=12, launch=False))
-    RE.subscribe(feed)
-
-    def slow_until_decided(name, doc):       # (a loaded machine: let the decision start before the first chunk)
-        if name == "event" and doc["seq_num"] == 20:
-            live = next(iter(feed.runs.values()))
-            t0 = time.monotonic()
-            while live._decision is None and time.monotonic() - t0 < 120:
-                time.sleep(0.05)
-    RE.subscribe(slow_until_decided)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        RE(step_scan(hxn, sample, dwell_s=0.02))
-    feed.wait(300)
-    (live,) = feed.runs.values()
+    got, cfg, live = _step_scan_decided_early(tmp_path)
     assert live.gave_up is None and live.marks.get("decided_early") == 1.0
     post = tmp_path / "post.h5"
     export_scan(got[0], cfg, post, live_file=live.scan_path)      # the post-stop path of the same run
