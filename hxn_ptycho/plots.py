@@ -23,7 +23,8 @@ from .spec import find_key
 QUALITY_NAME = "final data error ε_D"
 QUALITY_DEFINITION = ("ε_D = Σ (|F(P·O)| − √I)² / Σ I over all views and unmasked pixels, of the returned "
                       "model (0 = a perfect fit)")
-CURVES_DEFINITION = ("ε_D: data error, Σ(|F(P·O)| − √I)² / ΣI.   ε_P k, ε_O l: relative change of probe "
+CURVES_DEFINITION = ("ε_D: data error, Σ(|F(Ψ)| − √I)² / ΣI, Ψ = 2P·O − ψ in a DM iteration (what its projection "
+                     "sees), P·O in ML and for the final model (●).   ε_P k, ε_O l: relative change of probe "
                      "mode k, object mode l in that iteration, ‖X_i − X_(i−1)‖ / ‖X_(i−1)‖.")
 
 
