@@ -52,29 +52,29 @@ from hxn_ptycho.simulate import simulate_scan
 STAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "siemens-star-small" / "siemens-star-small.npz.bz2"
 
 
-def peak_rss_gb() -> float:
-    """The process's peak resident memory (GiB): VmHWM of its own address space — unlike
-    ``ru_maxrss``, which keeps the high-water mark of the parent it was forked from."""
+def _proc_status_gb(field: str) -> float | None:
+    """A memory line of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in GiB; None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**20
     except OSError:     # pragma: no cover - not Linux
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return None
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident memory (GiB): VmHWM of its own address space — unlike
+    ``ru_maxrss``, which keeps the high-water mark of the parent it was forked from."""
+    peak = _proc_status_gb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def current_rss_gb() -> float:
     """The process's resident memory now (VmRSS, GiB)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:     # pragma: no cover - not Linux
-        pass
-    return float("nan")
+    now = _proc_status_gb("VmRSS")
+    return now if now is not None else float("nan")
 
 
 def _load() -> float:

@@ -11,6 +11,17 @@ from hxn_sim import make_re
 from hxn_ptycho.callbacks.sim_beamline import make_hxn, simulated_scan, step_scan
 
 
+def _hold_at(seq_num, ready, timeout=120.0):
+    """A RunEngine subscriber that holds the scan at event ``seq_num`` until ``ready()`` (or
+    ``timeout`` s): what a loaded machine needs for a short simulated scan to meet a live step."""
+    def hold(name, doc):
+        if name == "event" and doc["seq_num"] == seq_num:
+            t0 = time.monotonic()
+            while not ready() and time.monotonic() - t0 < timeout:
+                time.sleep(0.05)
+    return hold
+
+
 def test_step_scan_frames_are_readable_at_their_event_and_each_point_dwells(tmp_path):
     sample, _ = simulated_scan("step", n_positions=6, seed=3)
     hxn = make_hxn(tmp_path / "detector")
@@ -58,12 +69,8 @@ def test_live_feed_grows_the_scan_file_during_a_step_scan_equal_to_the_post_stop
                                    export=cfg, first_chunk=16, chunk=8))
     RE.subscribe(feed)
 
-    def long_dwell_at_point_32(name, doc):         # (a loaded machine: the first export may outlast a short scan)
-        if name == "event" and doc["seq_num"] == 32:
-            t0 = time.monotonic()
-            while next(iter(feed.runs.values())).written == 0 and time.monotonic() - t0 < 120:
-                time.sleep(0.05)
-    RE.subscribe(long_dwell_at_point_32)
+    # (a loaded machine: the first export may outlast a short scan)
+    RE.subscribe(_hold_at(32, lambda: next(iter(feed.runs.values())).written > 0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         RE(step_scan(hxn, sample, dwell_s=0.05))
@@ -169,13 +176,8 @@ def _step_scan_decided_early(tmp_path):
                                    export=cfg, first_chunk=24, chunk=8, decide_views=12, launch=False))
     RE.subscribe(feed)
 
-    def slow_until_decided(name, doc):       # (a loaded machine: let the decision start before the first chunk)
-        if name == "event" and doc["seq_num"] == 20:
-            live = next(iter(feed.runs.values()))
-            t0 = time.monotonic()
-            while live._decision is None and time.monotonic() - t0 < 120:
-                time.sleep(0.05)
-    RE.subscribe(slow_until_decided)
+    # (a loaded machine: let the decision start before the first chunk)
+    RE.subscribe(_hold_at(20, lambda: next(iter(feed.runs.values()))._decision is not None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         RE(step_scan(hxn, sample, dwell_s=0.02))
