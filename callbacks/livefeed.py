@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 from event_model import RunRouter
 
+from hxn_ptycho.errors import BadInput
 from hxn_ptycho.params import ReconParams
 from hxn_ptycho.spec import Execution, JobSpec, Source
 
@@ -73,6 +74,14 @@ class LiveFeedConfig:
     decide_views: int | None = None             # events before the orientation is decided (in that child,
                                                 # while the first chunk is measured); 0: on the first chunk;
                                                 # None: half the first chunk where that is >= 48 views
+
+    def __post_init__(self) -> None:
+        for name in ("first_chunk", "chunk", "nprocs"):
+            if int(getattr(self, name)) < 1:
+                raise BadInput(f"LiveFeedConfig.{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.decide_views is not None and int(self.decide_views) < 0:
+            raise BadInput(f"LiveFeedConfig.decide_views must be None, 0 (decide on the first chunk) or a number of "
+                           f"events, got {self.decide_views!r}")
 
 
 def _snapshot(run: CollectedRun, n: int, stream: str) -> CollectedRun:

@@ -6,6 +6,7 @@ import time
 import warnings
 
 import h5py
+import pytest
 from hxn_sim import make_re
 
 from hxn_ptycho.callbacks.sim_beamline import make_hxn, simulated_scan, step_scan
@@ -261,3 +262,14 @@ def test_the_live_scan_file_equals_the_post_stop_export_of_the_same_run_in_every
     with h5py.File(tmp_path / "post2.h5", "r") as f:
         assert "decided_on_views" not in json.loads(f.attrs["orientation_report"])   # decided on all frames
         assert not [k for k in f.attrs if k.startswith("decision_")] and "complete" not in f
+
+
+@pytest.mark.parametrize("bad, named", [({"decide_views": -1}, "decide_views"), ({"first_chunk": 0}, "first_chunk"),
+                                        ({"chunk": 0}, "chunk"), ({"nprocs": 0}, "nprocs")])
+def test_a_live_feed_config_out_of_range_is_refused_by_name(bad, named):
+    from hxn_ptycho.callbacks.livefeed import LiveFeedConfig
+    from hxn_ptycho.errors import BadInput
+
+    with pytest.raises(BadInput, match=rf"LiveFeedConfig\.{named} must be"):
+        LiveFeedConfig(**bad)
+    LiveFeedConfig(decide_views=0)                      # 0: decide on the whole first chunk
