@@ -747,10 +747,12 @@ def _as_live_file(scan: ScanData, live_file: str | os.PathLike) -> dict[str, np.
     path = Path(live_file)
     if not path.exists():
         return {}
+    from hxn_ptycho.scanfile import FINAL_ATTRS, final_attr_datasets
     with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as f:
         recorded = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()
                     if k.startswith("decision_")}
         growing = {k: np.asarray(f[k][()]) for k in ("n_written", "complete") if k in f}
+        final = list(f[FINAL_ATTRS]) if FINAL_ATTRS in f else []
     own = {"decision_center": json.dumps([int(scan.attrs["center_row"]), int(scan.attrs["center_col"])]),
            "decision_orientation": str(scan.attrs["orientation"]), "decision_crop": int(scan.n)}
     mismatch = [k for k, v in own.items() if k in recorded and recorded[k] != v]
@@ -764,6 +766,8 @@ def _as_live_file(scan: ScanData, live_file: str | os.PathLike) -> dict[str, np.
         out["n_written"] = np.array([scan.n_views], dtype=growing["n_written"].dtype)
     if "complete" in growing:
         out["complete"] = np.ones(1, dtype=growing["complete"].dtype)
+    # the attributes the live file writes at the stop into datasets (SWMR: hxn_ptycho/scanfile.py)
+    out.update(final_attr_datasets({k: str(scan.attrs[k]) for k in final if k in scan.attrs}))
     return out
 
 
@@ -815,8 +819,13 @@ def export_scan(run: CollectedRun, cfg: ExportConfig, path: str | os.PathLike,
         extras = _as_live_file(scan, live_file)
         if extras is None:              # the recorded decisions are not this export's: decided again
             scan = build_scan(run, cfg)
-    try:
-        write_scan(path, scan, extras)
+    from dataclasses import replace
+
+    from hxn_ptycho.scanfile import FINAL_ATTRS
+    final = {k.split("/", 1)[1] for k in extras or {} if k.startswith(FINAL_ATTRS + "/")}
+    try:                                # those attributes as the live file holds them: in datasets
+        write_scan(path, replace(scan, attrs={k: v for k, v in scan.attrs.items() if k not in final})
+                   if final else scan, extras)
     except FileFormatError as exc:
         raise ExportError(str(exc)) from None
     return scan

@@ -142,6 +142,11 @@ def _sub_source(source: Any, a: int, b: int, wait_s: float) -> Any:
     return fr.Source(source.key, out)
 
 
+# the attributes of the first chunk's export that describe the whole run only at the stop
+# (_Incremental.final_attrs): the growing file writes them then, into datasets (SWMR; scanfile.py)
+FINAL_ATTR_NAMES = ("frame_source", "dropped_frames", "geometry_source")
+
+
 class _Incremental:
     """The export of a growing run, chunk by chunk, reading only the new frames.
 
@@ -484,7 +489,8 @@ class _LiveRun:
                 raise _Diverged("the incremental export of the first chunk differs from its one export")
             self.marks["first_incremental_to"] = time.time()
             self.header_attrs = dict(scan.attrs)
-            self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=decisions)
+            self.writer = GrowingScanWriter(self.scan_path, header_of(scan), decisions=decisions,
+                                            final_attrs=[k for k in FINAL_ATTR_NAMES if k in scan.attrs])
         else:
             try:
                 new = self.incremental.chunk(snap, n)

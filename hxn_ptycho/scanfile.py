@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import h5py
@@ -148,8 +148,34 @@ def scan_info(path: str | os.PathLike) -> dict[str, Any]:
                 f"{KIND} file {path}: 'diffamp' has {d.shape[0]} frames but 'points' has {p.shape[1]} positions")
         if d.shape[0] == 0:
             raise FileFormatError(f"{KIND} file {path}: the scan has no views (empty 'diffamp')")
-        return {"n_views": int(d.shape[0]), "n": int(d.shape[1]),
-                "attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}}
+        return {"n_views": int(d.shape[0]), "n": int(d.shape[1]), "attrs": file_attrs(f)}
+
+
+def file_attrs(f: h5py.File) -> dict[str, Any]:
+    """A scan file's attributes: the root's, and those a growing file gives its final value only at
+    the stop (``final_attrs/<name>``, UTF-8 text in a dataset; see :class:`GrowingScanWriter`), once
+    written (an empty one is not known yet)."""
+    attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    group = f.get(FINAL_ATTRS)
+    if isinstance(group, h5py.Group):
+        for k, d in group.items():
+            if isinstance(d, h5py.Dataset) and d.shape and d.shape[0]:
+                attrs[k] = bytes(np.asarray(d[()], np.uint8)).decode("utf-8")
+    return attrs
+
+
+def final_attr_datasets(values: dict[str, str]) -> dict[str, np.ndarray]:
+    """``values`` (attribute name → text) as the datasets a growing file writes them to at the stop
+    (``final_attrs/<name>``): the extra datasets of :func:`write_scan` that make a one-shot file of
+    the same scan equal to a complete growing one."""
+    return {f"{FINAL_ATTRS}/{k}": np.frombuffer(_text(k, v).encode("utf-8"), np.uint8).copy() for k, v in values.items()}
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise FileFormatError(f"{KIND}: the final value of attribute {name!r} must be text (JSON), got "
+                              f"{type(value).__name__}")
+    return value
 
 
 def _read_fields(f: h5py.File, path: str | os.PathLike, info: dict[str, Any], diffamp: np.ndarray,
@@ -227,10 +253,16 @@ def positions_px(points: np.ndarray, pixel_size_m: float, n: int, margin: int) -
 # grow along their view axis, ``n_written`` (1,) says how many views are whole (frames and positions
 # flushed), ``complete`` (1,) turns 1 at the stop. Datasets only (SWMR cannot add attributes or
 # objects once started); decisions made once from the first chunks (crop, centre, orientation,
-# gain) are attributes written before SWMR starts. Once complete and closed the file reads as an
-# ordinary scan file (read_scan), the two bookkeeping datasets aside.
+# gain) are attributes written before SWMR starts. Attributes whose value describes the whole scan
+# and is known only at the stop (where the frames are, which were dropped: ``final_attrs``) are not
+# root attributes of a growing file: the HDF5 SWMR writer may append to and write datasets, not
+# create or change attributes, while readers have the file open. Each is an empty extendible byte
+# dataset ``final_attrs/<name>`` made with the file and written in place at the stop, before
+# ``complete`` (file_attrs reads it back as the attribute). Once complete and closed the file reads
+# as an ordinary scan file (read_scan), the bookkeeping datasets aside.
 
 GROWING_FIELDS = ("n_written", "complete")
+FINAL_ATTRS = "final_attrs"
 
 
 class GrowingScanWriter:
@@ -239,11 +271,15 @@ class GrowingScanWriter:
     ``header`` gives the geometry (``lambda_nm``, ``z_m``, ``ccd_pixel_um``, ``mask``,
     ``probe_guess``, ``attrs``) and the frame size (its ``diffamp`` may hold no frames);
     ``extent_um`` (x_min, x_max, y_min, y_max), the scan area the start document announces, sizes
-    the live reconstruction's canvas; ``decisions`` are recorded as attributes (``decision_<k>``).
+    the live reconstruction's canvas; ``decisions`` are recorded as attributes (``decision_<k>``);
+    ``final_attrs`` names the header's attributes whose value is known only at the stop: they are
+    left out of the root's attributes and written at the stop into ``final_attrs/<name>`` (text),
+    which SWMR allows while the file is read (see the comment above).
     """
 
     def __init__(self, path: str | os.PathLike, header: ScanData, *, extent_um: tuple[float, float, float, float]
-                 | None = None, decisions: dict[str, Any] | None = None) -> None:
+                 | None = None, decisions: dict[str, Any] | None = None,
+                 final_attrs: tuple[str, ...] | list[str] = ()) -> None:
         n = header.n
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +291,11 @@ class GrowingScanWriter:
         try:
             f.create_dataset("diffamp", shape=(0, n, n), maxshape=(None, n, n), dtype=np.float32, chunks=(1, n, n))
             f.create_dataset("points", shape=(2, 0), maxshape=(2, None), dtype=np.float64, chunks=(2, 1024))
-            _write_header(f, header)
+            self.final_attrs = tuple(final_attrs)
+            _write_header(f, replace(header, attrs={k: v for k, v in header.attrs.items()
+                                                    if k not in self.final_attrs}))
+            for k in self.final_attrs:           # written in place at the stop (mark_complete)
+                f.create_dataset(f"{FINAL_ATTRS}/{k}", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(4096,))
             f.create_dataset("n_written", data=np.zeros(1, np.int64))
             f.create_dataset("complete", data=np.zeros(1, np.int8))
             if extent_um is not None:
@@ -298,16 +338,19 @@ class GrowingScanWriter:
         return b
 
     def mark_complete(self, attrs: dict[str, Any] | None = None) -> None:
-        """The scan stopped: no view follows. Closes the file. ``attrs``: new values of attributes
-        the header already has that describe the whole scan rather than its first chunk (where the
-        frames are, which were dropped), written before the file is marked complete; SWMR creates
-        no attribute, so an unknown name is an error."""
+        """The scan stopped: no view follows. Closes the file. ``attrs``: the whole scan's values
+        (text) of the attributes named ``final_attrs`` at creation (where the frames are, which were
+        dropped), written into their datasets before the file is marked complete — data writes, which
+        SWMR allows; no attribute is created or changed. A name not declared then is an error."""
         for k, v in (attrs or {}).items():
-            if k not in self.f.attrs:
-                raise FileFormatError(f"{KIND} file {self.path}: attribute {k!r} is not in its header (a growing "
-                                      "file's attributes are made when it is created)")
-            if not np.array_equal(self.f.attrs[k], v):
-                self.f.attrs[k] = v
+            if k not in self.final_attrs:
+                raise FileFormatError(f"{KIND} file {self.path}: attribute {k!r} was not declared final when the "
+                                      "file was made (a growing file's attributes are made then)")
+            data = np.frombuffer(_text(k, v).encode("utf-8"), np.uint8)
+            d = self.f[f"{FINAL_ATTRS}/{k}"]
+            d.resize(data.shape[0], axis=0)
+            d[:] = data
+            d.flush()
         self.f.flush()
         self.f["complete"][0] = 1
         self.f["complete"].flush()
@@ -337,7 +380,10 @@ class GrowingScanReader:
         """The geometry and attributes, no frames."""
         f = self.f
         n = int(f["diffamp"].shape[-1])
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        if FINAL_ATTRS in f:
+            for d in f[FINAL_ATTRS].values():
+                d.refresh()
+        attrs = file_attrs(f)
         return ScanData(diffamp=np.zeros((0, n, n), np.float32), points=np.zeros((2, 0)),
                         lambda_nm=scalar(f, "lambda_nm", KIND), z_m=scalar(f, "z_m", KIND),
                         ccd_pixel_um=scalar(f, "ccd_pixel_um", KIND),

@@ -221,3 +221,35 @@ def test_the_final_preview_is_written_at_once_not_after_the_interval(tmp_path):
     assert w.final is not None and w.final["views"] == 6 and len(w.log) == 1
     prev = read_preview(tmp_path / "p.preview.h5")
     assert prev["final"] == 1 and prev["views"] == 6
+
+
+def test_the_stop_writes_only_what_swmr_allows_and_the_final_attributes_read_back(sim1, tmp_path):
+    """At the stop a growing file writes the whole scan's values of the attributes declared final
+    (where the frames are, which were dropped) into their datasets — data writes, which SWMR allows
+    while a reader has the file open — and creates or changes no attribute; readers see them as
+    attributes once written (GrowingScanReader.header, read_scan)."""
+    import h5py
+    scan, _ = sim1
+    path = tmp_path / "scan_g.h5"
+    header = header_of(scan)
+    header.attrs.update({"frame_source": '["first chunk"]', "dropped_frames": "[]", "detector": "merlin1"})
+    w = GrowingScanWriter(path, header, decisions={"crop": 64}, final_attrs=("frame_source", "dropped_frames"))
+    w.append(scan.diffamp[:30], scan.points[:, :30])
+    r = GrowingScanReader(path)                          # a SWMR reader, open across the stop
+    assert r.refresh() == (30, False)
+    assert "frame_source" not in r.header().attrs and r.header().attrs["detector"] == "merlin1"
+    before = {k: r.f.attrs[k] for k in r.f.attrs}
+    assert "frame_source" not in before and "dropped_frames" not in before
+    with pytest.raises(BadInput, match="was not declared final"):
+        w.mark_complete({"detector": "eiger2"})
+    w.append(scan.diffamp[30:], scan.points[:, 30:])
+    w.mark_complete({"frame_source": '["the whole run"]', "dropped_frames": "[3, 7]"})
+    assert r.refresh() == (120, True)
+    seen = r.header().attrs
+    assert seen["frame_source"] == '["the whole run"]' and seen["dropped_frames"] == "[3, 7]"
+    r.close()
+    with h5py.File(path, "r") as f:
+        after = {k: f.attrs[k] for k in f.attrs}
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+    back = read_scan(path)
+    assert back.attrs["frame_source"] == '["the whole run"]' and back.attrs["dropped_frames"] == "[3, 7]"
