@@ -312,6 +312,7 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
     facts: dict[str, Any] = {"views": in_model, "live_iterations": session.iteration,
                              "live_credit": session.live_credit,
                              "resumed_at_iteration": int(res.attrs.get("first_iteration", 0)),
+                             "final_from_live_state": bool(res.attrs.get("final_from_live_state", False)),
                              "final_phase_s": float(res.attrs.get("elapsed_s") or 0.0),
                              "complete_seen_at": complete_seen, "finished_at": time.time(),
                              "canvas_grown": session.canvas_grown, "timeline": marks}

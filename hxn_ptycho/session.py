@@ -111,6 +111,20 @@ def resume_at(params: ReconParams, live_iterations: float) -> int:
     return max(0, at)
 
 
+def takes_live_state(params: ReconParams, live_iterations: float, live_credit: float) -> bool:
+    """Whether the final phase starts from the live state (resuming the schedule at
+    :func:`resume_at`) or, like a cold offline run, from the initial guess.
+
+    The live state is taken when the live phase kept up: the mean view took part in at least the
+    live iterations the final phase skips (``live_credit >= resume_at(...)``). When it fell behind
+    (views arrived faster than it iterated, so it appended big chunks late and ran few live
+    iterations on them) the live state is a worse start than the initial guess — measured, even the
+    whole schedule from it left the object 3–9 % further from the truth than a cold run with 3
+    probe modes (docs/live.md) — so the final phase is then the cold offline run itself.
+    """
+    return live_iterations > 0 and live_credit + 1e-9 >= resume_at(params, live_iterations)
+
+
 def deal(counts: list[int], m: int) -> list[int]:
     """How many of ``m`` new views each rank takes so that its total follows the even split.
 
@@ -436,8 +450,17 @@ class ReconSession:
         ``state_path``: where to save the live state first (see :meth:`save_state`).
         """
         live = self.rec is not None and self.iteration > 0
-        if state_path is not None and live and self.rank == 0:
+        from_live = live and takes_live_state(self.params, self.iteration, self.live_credit)
+        if state_path is not None and from_live and self.rank == 0:
             self.save_state(state_path)
+        if live and not from_live:            # fell behind: the final phase is the cold offline run
+            if self.rank == 0 and self._log is not None:
+                self._log(f"hxn-ptycho: the live phase fell behind ({self.iteration} live iterations, "
+                          f"{self.live_credit:.1f} per view): the final phase starts from the initial guess")
+            assert self.rec is not None
+            self.rec.close()
+            self.rec, self._dm = None, None
+            self._shift = np.zeros(2, np.int64)     # laid out anew for every view, as one chunk would be
         if self.rec is None:
             self._build()
         elif live:
@@ -453,7 +476,8 @@ class ReconSession:
             ref = np.empty_like(res.positions_refined_px)
             ref[order] = res.positions_refined_px
             res.positions_refined_px = ref
-        res.attrs.update({"live_iterations": self.iteration, "live_canvas_grown": self.canvas_grown})
+        res.attrs.update({"live_iterations": self.iteration, "live_canvas_grown": self.canvas_grown,
+                          "final_from_live_state": bool(from_live)})
         return res
 
     def close(self) -> None:

@@ -253,3 +253,72 @@ def test_the_stop_writes_only_what_swmr_allows_and_the_final_attributes_read_bac
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
     back = read_scan(path)
     assert back.attrs["frame_source"] == '["the whole run"]' and back.attrs["dropped_frames"] == "[3, 7]"
+
+
+def _wait_preview(path, iteration, job, timeout=300.0):
+    """Until the live job's preview shows ``iteration`` live iterations (the job is still running)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert job.poll() is None, job.communicate()[0]
+        try:
+            if path.exists() and read_preview(path)["iteration"] >= iteration:
+                return
+        except (OSError, KeyError):
+            pass                              # being replaced
+        time.sleep(0.05)
+    raise TimeoutError(f"no preview with {iteration} iterations within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
+@pytest.mark.parametrize("regime", ["fell-behind", "kept-up"])
+@pytest.mark.parametrize("modes,ranks", [(1, 1), (1, 2), (3, 1), (3, 2)])
+def test_the_live_job_is_as_good_as_a_cold_offline_run(sim1, sim3, tmp_path, modes, ranks, regime):
+    """Real processes (``--follow``, ``ranks`` MPI ranks), the default schedule (100 iterations), against
+    a cold offline run: data error ≤ 1.02×, object NRMSE to the simulated truth ≤ 1.05×.
+    fell-behind: the job iterates on the first 30 views, then the other views arrive at once with the
+    stop (views faster than it iterates): the final phase is the cold offline run. kept-up: half the
+    views, ≥ 100 live iterations, the other half, ≥ 160 in all before the stop (the mean view in ≥ 90):
+    the final phase is the schedule's last 10 % from the live state. With 1 rank the result is
+    bit-identical to ``reconstruct`` of the complete file (cold, or from the saved live state)."""
+    from hxn_ptycho.metrics import illuminated_region, nrmse
+    scan, truth = sim1 if modes == 1 else sim3
+    params = ReconParams(probe_modes=modes, threads=1)
+    path, result = tmp_path / "scan.h5", tmp_path / "recon.h5"
+    spec = JobSpec(params=params, execution=Execution(ranks=ranks),
+                   source=Source(scan_file=str(path), result_file=str(result)))
+    spec_path = spec.write(tmp_path / "live.spec.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_", "MPI_"))}
+    job = subprocess.Popen(job_argv(spec_path, nprocs=ranks, quiet=True, follow=True), env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    preview = tmp_path / "recon.preview.h5"
+    w = GrowingScanWriter(path, header_of(scan), extent_um=extent(scan))
+    try:
+        half = 30 if regime == "fell-behind" else scan.n_views // 2
+        w.append(scan.diffamp[:half], scan.points[:, :half])
+        _wait_preview(preview, 1 if regime == "fell-behind" else 100, job)
+        w.append(scan.diffamp[half:], scan.points[:, half:])
+        if regime == "kept-up":
+            _wait_preview(preview, 160, job)
+        w.mark_complete()
+        out, _ = job.communicate(timeout=600)
+    finally:
+        w.close()
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out
+    res = read_result(result)
+    assert res.attrs["final_from_live_state"] is (regime == "kept-up"), res.attrs["live_iterations"]
+    cold = reconstruct(scan, params, **QUIET)
+    region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
+    d = float(res.attrs["final_data_error"]) / float(cold.attrs["final_data_error"])
+    e = nrmse(res.object[0], truth.object, region) / nrmse(cold.object[0], truth.object, region)
+    print(f"\nlive quality: {modes} mode(s), {ranks} rank(s), {regime}: {res.attrs['live_iterations']} live "
+          f"iterations, resumed at {res.attrs.get('first_iteration', 0)}; data error {d:.3f}x, NRMSE {e:.3f}x cold")
+    assert d <= 1.02 and e <= 1.05, (d, e)
+    if ranks == 1:
+        state = tmp_path / "recon.live_state.h5"
+        assert state.exists() is (regime == "kept-up")
+        ref = reconstruct(read_scan(path), ReconParams(probe_modes=modes, threads=1,
+                                                        init_from=str(state) if state.exists() else None), **QUIET)
+        assert np.array_equal(res.object, ref.object) and np.array_equal(res.probe, ref.probe)
