@@ -5,7 +5,11 @@
 # (the DM, ML and position-refinement ones), whole reconstructions for 1 and 3 modes, batching
 # forced, DM+ML with position refinement through the fused ML/position steps), 3. the benchmark (cases a, b, b192 and
 # atomics vs sets), 4. the engine's DM iteration through the backend contract (CupyBackend's passes)
-# against its FFT floor, 1 and 3 modes (benchmarks/cpu_bench.py --backend cupy --json). Optional: SANITIZE=1 adds compute-sanitizer memcheck on the kernel tests;
+# against its FFT floor, 1 and 3 modes (benchmarks/cpu_bench.py --backend cupy --json), 5. the live job on the GPU
+# (issue 19: benchmarks/live.py --direct --backend cupy --json: a growing scan file of 2000 64² views at
+# 50 a second followed by the live job, then the post-stop job on the same file; one JSON line with
+# first_preview_s, previews, max_preview_gap_s, lag_first_s/lag_last_s, final_after_stop_s, post_stop_path_s,
+# scan_file_equal, data_error_ratio, nrmse_ratio). Optional: SANITIZE=1 adds compute-sanitizer memcheck on the kernel tests;
 # QUICK=1 runs the benchmark at small sizes. Needs no network: the package is laid out in a
 # temporary folder (hxn_ptycho/ with cuda/ and callbacks/ in place) instead of pip-installed.
 set -uo pipefail
@@ -52,6 +56,13 @@ timeout "${CONTRACT_TIMEOUT:-300}" "$PY" -P benchmarks/cpu_bench.py --backend cu
     ${QUICK:+--views 300} 2>&1 | tee "$OUT/contract.jsonl"
 rc_contract=${PIPESTATUS[0]}
 
-echo "== done: pytest rc=$rc_tests, benchmark rc=$rc_bench, contract rc=$rc_contract (results in $OUT)"
+echo "== the live job on the GPU (issue 19): growing scan file, live job and post-stop job with backend cupy"
+# --direct: the feeder writes the growing file (no RunEngine: bluesky is not needed on the device); the
+# jobs are real processes (python -m hxn_ptycho.job, found through PYTHONPATH above), one rank
+timeout "${LIVE_TIMEOUT:-300}" "$PY" -P benchmarks/live.py --direct --backend cupy --json \
+    ${QUICK:+--views 400 --iterations 30} 2>&1 | tee "$OUT/live.jsonl"
+rc_live=${PIPESTATUS[0]}
+
+echo "== done: pytest rc=$rc_tests, benchmark rc=$rc_bench, contract rc=$rc_contract, live rc=$rc_live (results in $OUT)"
 rm -rf "$SITE"
-[ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ] && [ "$rc_contract" = 0 ]
+[ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ] && [ "$rc_contract" = 0 ] && [ "$rc_live" = 0 ]

@@ -106,7 +106,8 @@ def through_callback(args: argparse.Namespace) -> dict:
     from hxn_ptycho.callbacks.sim_beamline import make_hxn, simulated_scan, step_scan
 
     sample, truth = simulated_scan("step", n_positions=args.views, seed=7, probe_modes=args.probe_modes)
-    params = {"iterations": args.iterations, "threads": args.threads, "probe_modes": args.probe_modes}
+    params = {"iterations": args.iterations, "threads": args.threads, "probe_modes": args.probe_modes,
+              **({"backend": args.backend} if args.backend else {})}
     with tempfile.TemporaryDirectory(prefix="hxn-live-bench-") as tmp:
         d = Path(tmp)
         hxn = make_hxn(d / "detector")
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-modes", type=int, default=1)
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--backend", default=None, help="the jobs' backend (default: ReconParams's; cupy: the GPU "
+                    "case of benchmarks/gpu_session.sh)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--direct", action="store_true", help="feed the growing file directly (no RunEngine, no "
                     "callback); default: the simulated beamline's step scan through the RunEngine and the LiveFeed")
@@ -215,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.direct:
         return report_callback(args)
     scan, truth = simulate_scan(n=args.n, n_positions=args.views, probe_modes=args.probe_modes, seed=7)
-    params = ReconParams(iterations=args.iterations, probe_modes=args.probe_modes, threads=args.threads)
+    params = ReconParams(iterations=args.iterations, probe_modes=args.probe_modes, threads=args.threads,
+                         **({"backend": args.backend} if args.backend else {}))
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="hxn-live-bench-") as tmp:
         d = Path(tmp)
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     lags = [q["written_at"] - q["newest_readable_at"] for q in plog]
     out = {
         "views": args.views, "n": args.n, "rate": args.rate, "iterations": args.iterations, "ranks": args.ranks,
+        "backend": params.backend,
         "status_live": live_out.get("status"), "status_post": off_out.get("status"),
         "first_preview_s": first, "previews": len(plog),
         "max_preview_gap_s": float(np.diff(during).max()) if len(during) > 1 else None,
@@ -348,6 +353,7 @@ def report_callback(args: argparse.Namespace) -> int:
     de_off = (r["off_out"].get("measured") or {}).get("final_data_error")
     out = {"path": "RunEngine + LiveFeed + live job; post-stop: export + offline job",
            "views": args.views, "n": args.n, "rate": args.rate, "iterations": args.iterations, "ranks": args.ranks,
+           "backend": args.backend or ReconParams().backend,
            "probe_modes": args.probe_modes,
            "status_live": r["live_out"].get("status"), "status_post": r["off_out"].get("status"),
            "first_preview_s": first, "previews": len(plog),

@@ -166,7 +166,7 @@ def build_live_feed(args: argparse.Namespace, cb: Any) -> Any:
     c = cb.config
     feed = LiveFeed(LiveFeedConfig(work_dir=str(c.work_dir), catalog=c.catalog, params=dict(c.params),
                                    nprocs=c.nprocs, export=c.export, first_chunk=args.live_first_chunk,
-                                   chunk=args.live_chunk))
+                                   chunk=args.live_chunk, queue=cb.jobs))
     cb.live.append(feed)
     return feed
 

@@ -14,6 +14,14 @@ queue retries them every ``retry_s`` seconds from the ``outbox`` folders, and on
 the oldest pending job, run it with ``subprocess.Popen`` (never a shell) and wait
 for it — on their own threads, never on the RunEngine's. ``max_pending`` bounds the queue.
 
+A *live* job (``Job.follow``: ``python -m hxn_ptycho.job SPEC --follow``, the long-lived job of a scan
+being measured, :mod:`hxn_ptycho.live`) goes through the same queue, spec, argument list and runner
+(:meth:`JobQueue._run`), but is started at once by :meth:`JobQueue.start_now` on a thread of its own
+— at the start document, never behind pending post-stop jobs, and holding no slot for the whole
+scan. Its outcome is not published by the queue: the callback publishes it at the stop if it
+succeeded (:meth:`~.livefeed.LiveFeed.took_over`), else its post-stop path runs, so a run still has
+exactly one derived run. A restarted queue does not run a live job again (its feed is gone).
+
 A job is a :class:`~hxn_ptycho.spec.JobSpec`; the runner writes it as ``DIR/specs/<job>.spec.json``
 and starts ``[mpiexec -n K] python -m hxn_ptycho.job SPEC.json`` (ranks checked first). The job only
 computes; when it ends the runner reads its outcome record and publishes it — success or failure —
@@ -67,6 +75,7 @@ class Job:
     phase: str | None = None            # started → ended → published
     published_uid: str | None = None
     slurm_job: str | None = None        # the Slurm job id (execution.launcher "slurm": callbacks/slurm.py)
+    follow: bool = False                # a live job (--follow): started at once, published by the callback
 
     @classmethod
     def of(cls, spec: JobSpec) -> Job:
@@ -116,7 +125,7 @@ def job_command(job: Job, *, mpiexec: str | None = None) -> list[str]:
     """The job's argument list: ``[mpiexec, -n, K,] python -m hxn_ptycho.job SPEC.json`` (ranks checked)."""
     if not job.spec_file:
         raise ValueError(f"job {job.id} has no spec file (submit it to a JobQueue first)")
-    return launch_argv(job.job_spec, job.spec_file, quiet=True, mpiexec=mpiexec)
+    return launch_argv(job.job_spec, job.spec_file, quiet=True, mpiexec=mpiexec, follow=job.follow)
 
 
 def _publish(spec: JobSpec, outcome: dict | None, reason: str | None) -> Any:
@@ -184,6 +193,7 @@ class JobQueue:
         self._threads: list[threading.Thread] = []
         self._procs: dict[str, subprocess.Popen] = {}
         self._killed: set[str] = set()          # jobs ended by stop(kill=True), to be requeued
+        self._cancelled: dict[str, int] = {}    # live jobs to end (signal), asked before or after their start
         self._slurm: dict[str, str] = {}        # job id → Slurm job id, while followed (callbacks/slurm.py)
         for state in STATES:
             (self.directory / state).mkdir(parents=True, exist_ok=True)
@@ -215,6 +225,35 @@ class JobQueue:
             self._wake.notify_all()
         log.info("queued job %s for scan %s (%s)", job.id, job.scan_id, job.scan_file)
         return job
+
+    def start_now(self, job: Job, spec_file: str | os.PathLike | None = None) -> LiveJob:
+        """Start the live job ``job`` (``job.follow``) at once on a thread of its own, through the same
+        runner as a queued job (:meth:`_run`: argument list, environment, log, pid record, time limit,
+        outcome); it takes no slot and waits behind no pending job. ``spec_file``: where its spec is
+        written (default ``DIR/specs/``); its outcome record lies beside it. Not published here (see
+        the module's docstring). Returns a handle that polls, ends and waits for it."""
+        if not job.follow:
+            raise ValueError(f"job {job.id}: start_now is for a live job (follow); queue the others with submit")
+        path = Path(spec_file) if spec_file is not None else \
+            self.directory / "specs" / f"{job.created:017.6f}-{job.id}.spec.json"
+        JobSpec.from_dict(job.spec).write(path)
+        job.spec_file = str(path)
+        running = self._path("running", job)
+        atomic_write_text(running, json.dumps(asdict(job), indent=1))
+        handle = LiveJob(self, job)
+        handle._thread = threading.Thread(target=self._run_live, args=(job, running), daemon=True,
+                                          name=f"hxn-ptycho-live-job-{job.id}")
+        handle._thread.start()
+        log.info("started live job %s for scan %s (%s)", job.id, job.scan_id, job.scan_file)
+        return handle
+
+    def _run_live(self, job: Job, running: Path) -> None:
+        try:
+            ok = self._run(job, None, running)
+        except Exception as exc:              # never let a runner die
+            log.exception("live job %s could not be run", job.id)
+            job.reason, ok = f"the job could not be started: {type(exc).__name__}: {exc}", False
+        self._end(job, running, bool(ok))
 
     def _claim(self) -> tuple[Job, Path] | None:
         for p in sorted((self.directory / "pending").glob("*.json")):
@@ -273,6 +312,15 @@ class JobQueue:
         for it and publishes its outcome), ``"published"`` (its outcome, or a derived run already
         complete in the catalog, closes it) or ``"requeued"`` (neither: it runs again)."""
         job = Job.from_dict(json.loads(running.read_text()))
+        if job.follow:                        # its feed (and the scan) are gone: never run again
+            if job_alive(job) and job.pid:
+                import signal
+                log.warning("job queue: ending live job %s (pid %s): its feed is gone", job.id, job.pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(job.pid, signal.SIGKILL)
+            job.reason = job.reason or "a live job left running by a previous process (its feed is gone)"
+            self._finish(job, running, False)
+            return "ended"
         if job.job_spec.execution.launcher == "slurm":       # adopted by its Slurm job id: callbacks/slurm.py
             from .slurm import recover_slurm_job
             return recover_slurm_job(self, job, running)
@@ -381,6 +429,12 @@ class JobQueue:
     def _end(self, job: Job, running: Path, ok: bool) -> None:
         job.phase = "ended"
         self._record(running, job)
+        if job.follow:                            # the callback publishes it, or its post-stop path runs
+            from hxn_ptycho.h5util import remove_parts
+            for part in remove_parts(job.result_file):
+                log.warning("live job %s: removed %s, left by a process that was killed", job.id, part)
+            self._finish(job, running, ok)
+            return
         self._publish_outcome(job, ok)
         if not ok and self.on_failure is not None:
             try:
@@ -416,11 +470,11 @@ class JobQueue:
                 self.outbox.append(folder)         # retried by the republisher from now on
                 self._start_republisher()
         job.phase = "published"                   # published, or saved for the republisher
-    def _run(self, job: Job, slot: int = 0, running: Path | None = None) -> bool | None:
+    def _run(self, job: Job, slot: int | None = 0, running: Path | None = None) -> bool | None:
         if job.job_spec.execution.launcher == "slurm" and running is not None:   # sbatch/srun: callbacks/slurm.py
             from .slurm import run_slurm_job
             return run_slurm_job(self, job, running)
-        if self.gpu_pools and job.spec_file:      # the spec records the pool this job really runs on
+        if self.gpu_pools and job.spec_file and slot is not None:   # the spec records the pool it really runs on
             spec = job.job_spec
             spec.execution.gpus = self.gpu_pools[slot].split(",")
             job.spec = spec.to_dict()
@@ -434,8 +488,11 @@ class JobQueue:
         logfile = self.directory / "logs" / f"{job.id}.log"
         from .trust import job_env, job_time_limit
         env = job_env(self.env)                   # no catalog key: the job only computes
-        if self.gpu_pools:                        # one job at a time on each pool of GPUs
+        if self.gpu_pools and slot is not None:   # one job at a time on each pool of GPUs
             env["CUDA_VISIBLE_DEVICES"] = self.gpu_pools[slot]
+        if job.id in self._cancelled:             # a live job ended before it started
+            job.reason = "ended before it started"
+            return False
         env.setdefault("OMP_NUM_THREADS", "1")
         log.info("job %s: %s", job.id, " ".join(argv))
         job.started = time.time()
@@ -443,6 +500,9 @@ class JobQueue:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
             self._procs[job.id] = proc
+            if job.id in self._cancelled:         # asked to end while it was being started
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, self._cancelled[job.id])
             import socket
             job.pid, job.pid_start, job.host, job.phase = proc.pid, process_start(proc.pid), socket.gethostname(), "started"
             if running is not None:
@@ -526,6 +586,47 @@ class JobQueue:
         for t in self._threads:
             t.join(timeout=None if not kill else 10)
         self._threads.clear()
+
+
+class LiveJob:
+    """A live job started by :meth:`JobQueue.start_now`: ``poll``, ``terminate``, ``kill`` and ``wait``
+    as on a ``Popen`` (signals go to the job's process group: mpiexec and its ranks)."""
+
+    def __init__(self, queue: JobQueue, job: Job) -> None:
+        self.queue, self.job = queue, job
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.job.pid
+
+    def poll(self) -> int | None:
+        """None while it runs (or is being started and published), else its exit status (-1: none)."""
+        if self._thread is not None and self._thread.is_alive():
+            return None
+        return self.job.returncode if self.job.returncode is not None else -1
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise subprocess.TimeoutExpired(f"live job {self.job.id}", timeout or 0.0)
+        return self.job.returncode if self.job.returncode is not None else -1
+
+    def terminate(self) -> None:
+        import signal
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        import signal
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        self.queue._cancelled[self.job.id] = sig
+        proc = self.queue._procs.get(self.job.id)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
 
 
 def kill_job(proc: subprocess.Popen) -> None:

@@ -28,11 +28,14 @@ incomplete (the live job is then terminated); the post-stop path of the
 :class:`~.router.PtychoCallback` (whose ``live`` is this feed) then runs as without it, so there is
 still exactly one derived run.
 
-The live job is launched here, not through the :class:`~.launcher.JobQueue`: it must start at the
-first chunk, not behind the queue's pending post-stop jobs, and it would hold a queue slot (one by
-default) for the whole scan. It uses the same :class:`~hxn_ptycho.spec.JobSpec`, the same argument
-list (:func:`hxn_ptycho.job.job_argv`, ``mpiexec`` ranks) and the same outcome record and publisher
-(:func:`.derived.publish_outcome` under the job's fixed uid) as a queued job (docs/live.md).
+The live job goes through the :class:`~.launcher.JobQueue` of the post-stop jobs (the callback's,
+``LiveFeedConfig.queue``; else one in ``WORK/queue``): the same :class:`~.launcher.Job` record and
+:class:`~hxn_ptycho.spec.JobSpec`, the same runner and argument list
+(:func:`~.launcher.job_command`, ``mpiexec`` ranks checked, ``--follow``), log, pid record and time
+limit, the same outcome record and publisher (:func:`.derived.publish_outcome` under the job's
+fixed uid, at the stop: :meth:`LiveFeed.took_over`). It is started at the start document by
+:meth:`~.launcher.JobQueue.start_now` — on its own thread, not behind pending post-stop jobs and
+holding no slot for the whole scan (docs/live.md).
 """
 from __future__ import annotations
 
@@ -74,6 +77,8 @@ class LiveFeedConfig:
     decide_views: int | None = None             # events before the orientation is decided (in that child,
                                                 # while the first chunk is measured); 0: on the first chunk;
                                                 # None: half the first chunk where that is >= 48 views
+    queue: Any = None                           # the JobQueue the live job is started through (the
+                                                # callback's; None: one in WORK/queue)
 
     def __post_init__(self) -> None:
         for name in ("first_chunk", "chunk", "nprocs"):
@@ -332,7 +337,7 @@ class _LiveRun:
         self.written = 0
         self.export_cfg: ExportConfig | None = None
         self.mask: np.ndarray | None = None
-        self.job: subprocess.Popen | None = None
+        self.job: Any = None                      # the live job (launcher.LiveJob: poll, terminate, wait)
         self.spec: JobSpec | None = None
         self.publisher: Any = None
         self.stopped = False
@@ -556,7 +561,7 @@ class _LiveRun:
     def _start_job(self) -> None:
         if not self.cfg.launch:
             return
-        from hxn_ptycho.job import job_argv
+        from .launcher import Job, JobQueue
         spec = JobSpec(params=ReconParams.from_dict(dict(self.cfg.params)), execution=Execution(ranks=self.cfg.nprocs),
                        source=Source(scan_file=str(self.scan_path.resolve()),
                                      result_file=str(self.result_path.resolve()), raw_uid=self.run.uid,
@@ -564,11 +569,9 @@ class _LiveRun:
                                      catalog=self.cfg.catalog))
         self.spec = spec
         self.result_path.parent.mkdir(parents=True, exist_ok=True)
-        spec_path = spec.write(self.result_path.with_name(f"result_{self.stem}_live.spec.json"))
-        log_path = self.result_path.with_name(f"result_{self.stem}_live.log")
-        with open(log_path, "ab") as out:
-            self.job = subprocess.Popen(job_argv(spec_path, nprocs=self.cfg.nprocs, quiet=True, follow=True),
-                                        stdout=out, stderr=subprocess.STDOUT)
+        queue = self.cfg.queue if self.cfg.queue is not None else JobQueue(Path(self.cfg.work_dir) / "queue")
+        self.job = queue.start_now(Job(spec=spec.to_dict(), follow=True),
+                                   spec_file=self.result_path.with_name(f"result_{self.stem}_live.spec.json"))
         if self.cfg.catalog is not None:
             from hxn_ptycho.live import preview_path_for
 

@@ -241,7 +241,8 @@ class PtychoCallback:
         if self.jobs is None:
             return False
         states = ("pending", "running", "done", "failed")
-        return any(j.raw_uid == raw_uid for state in states for j in self.jobs.jobs(state))
+        return any(j.raw_uid == raw_uid and not j.follow          # a live job is not the post-stop path's
+                   for state in states for j in self.jobs.jobs(state))
 
     # -- on the RunEngine's thread: cheap, never raises -------------------------------------
     def __call__(self, name: str, doc: dict) -> None:

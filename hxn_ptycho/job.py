@@ -81,11 +81,13 @@ def job_argv(spec_path: str | os.PathLike, *, nprocs: int = 1, quiet: bool = Fal
 
 
 def launch_argv(spec: JobSpec, spec_path: str | os.PathLike, *, quiet: bool = True,
-                mpiexec: str | None = None) -> list[str]:
-    """Check the spec (ranks vs views and cores) and return its argument list; nothing is started here."""
+                mpiexec: str | None = None, follow: bool = False) -> list[str]:
+    """Check the spec (ranks vs views and cores) and return its argument list; nothing is started here.
+    ``follow``: the long-lived job of a scan being measured (``--follow``, :mod:`hxn_ptycho.live`)."""
     from .spec import check_ranks
     check_ranks(spec)
-    return job_argv(spec_path, nprocs=spec.execution.ranks, quiet=quiet, mpiexec=mpiexec, launched_at=time.time())
+    return job_argv(spec_path, nprocs=spec.execution.ranks, quiet=quiet, mpiexec=mpiexec, launched_at=time.time(),
+                    follow=follow)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,7 +65,7 @@ if os.environ.get("HXN_PTYCHO_LIVE", "0") not in ("", "0", "no", "false"):
     ptycho_live = LiveFeed(LiveFeedConfig(work_dir=str(ptycho_callback.work_dir), catalog=_c.catalog,
                                           params=dict(_c.params), nprocs=_c.nprocs, export=_c.export,
                                           first_chunk=int(os.environ.get("HXN_PTYCHO_LIVE_FIRST", "256")),
-                                          chunk=int(os.environ.get("HXN_PTYCHO_LIVE_CHUNK", "32"))))
+                                          chunk=int(os.environ.get("HXN_PTYCHO_LIVE_CHUNK", "32")), queue=ptycho_jobs))
     ptycho_callback.live.insert(0, ptycho_live)     # asked first at the stop, as by hxn-ptycho listen
     RE.subscribe(ptycho_live)
     import matplotlib
