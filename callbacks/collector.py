@@ -126,7 +126,6 @@ class RunCollector(DocumentRouter):
         n = len(seq)
         seq_num = doc.get("seq_num", n + 1)
         self._track_seq(stream, [seq_num])
-        seq.append(seq_num)
         for key, value in doc.get("data", {}).items():
             if not self._keeps(descriptor, key):
                 continue
@@ -137,6 +136,9 @@ class RunCollector(DocumentRouter):
         for key, col in cols.items():                 # a key missing from this event: None
             if len(col) == n:
                 col.append(None)
+        # counted last: a reader on another thread (the live feed) that sees n events finds their
+        # n rows in every column (it once saw the count before the row: "frames ... not described yet")
+        seq.append(seq_num)
 
     def event_page(self, doc: dict) -> None:
         descriptor = doc.get("descriptor")
@@ -150,7 +152,6 @@ class RunCollector(DocumentRouter):
         cols, seq = self.run.columns[stream], self.run.seq_nums[stream]
         n = len(seq)
         self._track_seq(stream, seq_nums)
-        seq.extend(seq_nums)
         for key, values in data.items():
             if not self._keeps(descriptor, key):
                 continue
@@ -161,6 +162,7 @@ class RunCollector(DocumentRouter):
         for key, col in cols.items():
             if len(col) < n + count:
                 col.extend([None] * (n + count - len(col)))
+        seq.extend(seq_nums)                          # counted last (see event)
 
     def resource(self, doc: dict) -> None:
         self.run.resources[doc.get("uid")] = doc
