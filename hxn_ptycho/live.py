@@ -11,8 +11,9 @@ latest-wins writer thread (a newer snapshot replaces one not yet written; the en
 for the disk). Once the file is complete and every view is in, :meth:`ReconSession.finish` runs the
 rest of the offline schedule from the live state (saved first as ``<result>.live_state.h5``): the
 live iterations count as its first iterations, at least its last ``live_final_share`` runs on the
-complete scan (:func:`hxn_ptycho.session.resume_at`); then the job writes the result exactly as an
-offline job does.
+complete scan (:func:`hxn_ptycho.session.resume_at`) — or, when the live phase fell behind, the cold
+offline run (:func:`hxn_ptycho.session.takes_live_state`); then the job writes the result exactly as
+an offline job does.
 
 The preview file (``<result>.preview.h5``, replaced atomically) holds the object's amplitude and
 phase (first object mode), the probe modes' amplitude and phase, and the attributes ``views``,

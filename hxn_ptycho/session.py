@@ -30,7 +30,10 @@ views; here the arrays grow with the views, bounded only by memory):
   the rest, at least the last ``live_final_share`` of it, and every ML iteration and the position
   refinement. So the final result equals an offline run of the complete scan file started
   (``init_from``) from the saved live state (:meth:`save_state`), which records that iteration
-  (``resume_iteration``) and which the engine resumes at.
+  (``resume_iteration``) and which the engine resumes at. That is when the live phase kept up
+  (:func:`takes_live_state`); when it fell behind (views arrived faster than it iterated) the live
+  state is a worse start than the initial guess, and the final phase is the cold offline run of
+  every view (no state saved; ``attrs["final_from_live_state"]`` says which).
 """
 from __future__ import annotations
 
