@@ -203,6 +203,36 @@ def _agree(comm: Any, value: Any) -> Any:
     return comm.bcast(value) if comm.size > 1 else value
 
 
+def _final_as_offline(session: ReconSession, path: str, params: ReconParams, comm: Any, state_path: Path,
+                      log_fn: Callable[[str], None] | None, stop: Any) -> ResultData:
+    """The final phase on several ranks: the offline job itself (:func:`~hxn_ptycho.distributed.run_distributed`)
+    on the complete file, from the saved live state (or cold, when the live phase fell behind:
+    :func:`~hxn_ptycho.session.takes_live_state`). The live deal gave each rank a share of every
+    chunk; the offline split gives each a contiguous range, so the sums run in another order: re-read
+    the offline share instead, and the result is bit-identical to ``hxn-ptycho reconstruct
+    --init-from <state>`` with the same ranks (with one rank :meth:`ReconSession.finish` already is)."""
+    import dataclasses
+
+    from .distributed import run_distributed
+    from .session import takes_live_state
+    live_its, credit = session.iteration, session.live_credit
+    from_live = live_its > 0 and takes_live_state(params, live_its, credit)
+    if from_live and comm.rank == 0:
+        session.save_state(state_path)
+    canvas_grown = session.canvas_grown
+    session.close()
+    session.rec = None                   # its memory goes before the offline set-up takes its own
+    comm.barrier()                       # the state is on disk before any rank reads it
+    if not from_live and comm.rank == 0 and log_fn is not None and live_its:
+        log_fn(f"hxn-ptycho: the live phase fell behind ({live_its} live iterations, {credit:.1f} per view): "
+               "the final phase starts from the initial guess")
+    final = dataclasses.replace(params, init_from=str(state_path) if from_live else params.init_from)
+    res, _info = run_distributed(path, final, comm, log=log_fn, stop=stop)
+    res.attrs.update({"live_iterations": live_its, "live_canvas_grown": canvas_grown,
+                      "final_from_live_state": bool(from_live)})
+    return res
+
+
 def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file: str | None = None,
                        options: FollowOptions | None = None, progress: bool = False,
                        log_fn: Callable[[str], None] | None = None,
@@ -295,7 +325,11 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
         warming.join()
         marks.update(warmed)
         marks["final_phase_from"], cpu0 = time.time(), time.process_time()
-        res = session.finish(state_path=opt.state_path)
+        if comm.size > 1 and not halted and opt.state_path is not None:
+            reader.close()
+            res = _final_as_offline(session, path, params, comm, opt.state_path, quiet, stop)
+        else:
+            res = session.finish(state_path=opt.state_path)
         marks["final_phase_to"], marks["final_phase_cpu_s"] = time.time(), time.process_time() - cpu0
         if halted:                          # the scan file was never complete: so is this result
             res.attrs["interrupted"] = True

@@ -131,7 +131,15 @@ def test_two_ranks_follow_and_finish_as_one_process_from_the_live_state(sim1, tm
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_", "MPI_"))}
     job = subprocess.Popen(job_argv(spec_path, nprocs=2, quiet=True, follow=True), env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    feed(path, scan, 25, 0.5)             # chunks of 25: dealt 13/12, then 12/13, ...
+    w = GrowingScanWriter(path, header_of(scan), extent_um=extent(scan))
+    try:                                  # chunks of 25: dealt 13/12, then 12/13, ...; each in >= 12 live
+        for c in range(0, scan.n_views, 25):          # iterations (kept up, on a loaded machine too)
+            w.append(scan.diffamp[c:c + 25], scan.points[:, c:c + 25])
+            seen = _wait_preview(tmp_path / "recon_mpi.preview.h5", 0, job, views=min(c + 25, scan.n_views))
+            _wait_preview(tmp_path / "recon_mpi.preview.h5", seen + 12, job)
+        w.mark_complete()
+    finally:
+        w.close()
     out, _ = job.communicate(timeout=180)
     assert job.returncode == 0, out
     res = read_result(result)
@@ -255,18 +263,20 @@ def test_the_stop_writes_only_what_swmr_allows_and_the_final_attributes_read_bac
     assert back.attrs["frame_source"] == '["the whole run"]' and back.attrs["dropped_frames"] == "[3, 7]"
 
 
-def _wait_preview(path, iteration, job, timeout=300.0):
-    """Until the live job's preview shows ``iteration`` live iterations (the job is still running)."""
+def _wait_preview(path, iteration, job, views=0, timeout=300.0):
+    """Until the live job's preview shows ``iteration`` live iterations on at least ``views`` views (the
+    job still running); returns its iteration."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         assert job.poll() is None, job.communicate()[0]
         try:
-            if path.exists() and read_preview(path)["iteration"] >= iteration:
-                return
+            prev = read_preview(path) if path.exists() else None
         except (OSError, KeyError):
-            pass                              # being replaced
+            prev = None                       # being replaced
+        if prev is not None and prev["iteration"] >= iteration and prev["views"] >= views:
+            return int(prev["iteration"])
         time.sleep(0.05)
-    raise TimeoutError(f"no preview with {iteration} iterations within {timeout} s")
+    raise TimeoutError(f"no preview with {iteration} iterations on {views} views within {timeout} s")
 
 
 @pytest.mark.slow
@@ -278,9 +288,9 @@ def test_the_live_job_is_as_good_as_a_cold_offline_run(sim1, sim3, tmp_path, mod
     a cold offline run: data error ≤ 1.02×, object NRMSE to the simulated truth ≤ 1.05×.
     fell-behind: the job iterates on the first 30 views, then the other views arrive at once with the
     stop (views faster than it iterates): the final phase is the cold offline run. kept-up: half the
-    views, ≥ 100 live iterations, the other half, ≥ 160 in all before the stop (the mean view in ≥ 90):
-    the final phase is the schedule's last 10 % from the live state. With 1 rank the result is
-    bit-identical to ``reconstruct`` of the complete file (cold, or from the saved live state)."""
+    views, ≥ 100 live iterations, the other half, ≥ 100 more before the stop (the mean view in ≥ 100):
+    the final phase is the schedule's last 10 % from the live state. The result is bit-identical to the
+    offline job of the complete file with the same ranks (cold, or from the saved live state)."""
     from hxn_ptycho.metrics import illuminated_region, nrmse
     scan, truth = sim1 if modes == 1 else sim3
     params = ReconParams(probe_modes=modes, threads=1)
@@ -298,8 +308,8 @@ def test_the_live_job_is_as_good_as_a_cold_offline_run(sim1, sim3, tmp_path, mod
         w.append(scan.diffamp[:half], scan.points[:, :half])
         _wait_preview(preview, 1 if regime == "fell-behind" else 100, job)
         w.append(scan.diffamp[half:], scan.points[:, half:])
-        if regime == "kept-up":
-            _wait_preview(preview, 160, job)
+        if regime == "kept-up":                # the second half in >= 100 live iterations too
+            _wait_preview(preview, _wait_preview(preview, 0, job, views=scan.n_views) + 100, job)
         w.mark_complete()
         out, _ = job.communicate(timeout=600)
     finally:
@@ -316,9 +326,17 @@ def test_the_live_job_is_as_good_as_a_cold_offline_run(sim1, sim3, tmp_path, mod
     print(f"\nlive quality: {modes} mode(s), {ranks} rank(s), {regime}: {res.attrs['live_iterations']} live "
           f"iterations, resumed at {res.attrs.get('first_iteration', 0)}; data error {d:.3f}x, NRMSE {e:.3f}x cold")
     assert d <= 1.02 and e <= 1.05, (d, e)
-    if ranks == 1:
-        state = tmp_path / "recon.live_state.h5"
-        assert state.exists() is (regime == "kept-up")
-        ref = reconstruct(read_scan(path), ReconParams(probe_modes=modes, threads=1,
-                                                        init_from=str(state) if state.exists() else None), **QUIET)
-        assert np.array_equal(res.object, ref.object) and np.array_equal(res.probe, ref.probe)
+    # the final result is the offline job of the complete file with the same ranks and threads, from the
+    # saved live state (kept up) or cold (fell behind): bit-identical (several ranks: live._final_as_offline)
+    state = tmp_path / "recon.live_state.h5"
+    assert state.exists() is (regime == "kept-up")
+    off_spec = JobSpec(params=ReconParams(probe_modes=modes, threads=1, init_from=str(state) if state.exists() else None),
+                       execution=Execution(ranks=ranks),
+                       source=Source(scan_file=str(path), result_file=str(tmp_path / "offline.h5")))
+    off_path = off_spec.write(tmp_path / "offline.spec.json")
+    done = subprocess.run(job_argv(off_path, nprocs=ranks, quiet=True), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    off = read_result(tmp_path / "offline.h5")
+    for name in ("object", "probe", "error_data", "positions_px"):
+        assert np.array_equal(getattr(res, name), getattr(off, name)), name
