@@ -146,11 +146,14 @@ def test_listen_live_puts_a_live_feed_beside_the_callback_with_its_settings(tmp_
 
     args = build_parser().parse_args(["listen", "--zmq", "127.0.0.1:1", "--live", "--live-chunk", "8",
                                       "--live-first-chunk", "40", "--work-dir", str(tmp_path)])
-    cb = PtychoCallback(CallbackConfig(work_dir=str(tmp_path), params={"iterations": 7}, nprocs=2))
+    from hxn_ptycho.callbacks.launcher import JobQueue
+    queue = JobQueue(tmp_path / "queue")
+    cb = PtychoCallback(CallbackConfig(work_dir=str(tmp_path), params={"iterations": 7}, nprocs=2), queue)
     try:
         feed = build_live_feed(args, cb)
         assert cb.live == [feed]
         c = feed.config
+        assert c.queue is queue                              # the live job goes through the callback's queue
         assert (c.first_chunk, c.chunk, c.nprocs, c.params["iterations"]) == (40, 8, 2, 7)
         assert c.export is cb.config.export and c.work_dir == str(cb.config.work_dir)
         off = build_parser().parse_args(["listen", "--zmq", "127.0.0.1:1", "--work-dir", str(tmp_path)])
