@@ -207,7 +207,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
         from .stream import StreamFeed, StreamFeedConfig
         c = cb.config
         feed = StreamFeed(StreamFeedConfig(work_dir=c.work_dir, catalog=c.catalog, params=dict(c.params),
-                                           nprocs=c.nprocs, export=c.export, stream=streams)).start()
+                                           nprocs=c.nprocs, export=c.export, stream=streams,
+                                           queue=cb.jobs)).start()
         dispatcher.subscribe(feed)
         cb.live.append(feed)
     stopped_by: list[int] = []
@@ -591,7 +592,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 work_dir=c.work_dir, catalog=c.catalog, params=dict(c.params), nprocs=c.nprocs, export=c.export,
                 stream=StreamConfig(eiger=sims.eiger_address, panda=sims.panda_address,
                                     roi=sims.roi(hxn.eiger2.frame_shape), scaler_channel=sims.cfg.scaler_channel,
-                                    first_chunk=min(256, max(16, args.positions // 4)), chunk=16))).start()
+                                    first_chunk=min(256, max(16, args.positions // 4)), chunk=16),
+                queue=cb.jobs)).start()
             RE.subscribe(feed)
             cb.live.append(feed)
             plan = fly2dpd(hxn, sample, md=md, streams=sims)

@@ -21,6 +21,10 @@ being measured, :mod:`hxn_ptycho.live`) goes through the same queue, spec, argum
 scan. Its outcome is not published by the queue: the callback publishes it at the stop if it
 succeeded (:meth:`~.livefeed.LiveFeed.took_over`), else its post-stop path runs, so a run still has
 exactly one derived run. A restarted queue does not run a live job again (its feed is gone).
+A job's ``Job.nice`` (the detector-stream receiver's live job, which shares the receiver's cores:
+:mod:`.stream`) is added to its process's niceness by the runner before the program runs
+(:func:`lower_priority`, ``preexec_fn``), so ``mpiexec`` and its ranks inherit it; a launcher that
+does not start the process here (Slurm) refuses such a job by name (:func:`nice_refused`).
 
 A job is a :class:`~hxn_ptycho.spec.JobSpec`; the runner writes it as ``DIR/specs/<job>.spec.json``
 and starts ``[mpiexec -n K] python -m hxn_ptycho.job SPEC.json`` (ranks checked first). The job only
@@ -76,6 +80,8 @@ class Job:
     published_uid: str | None = None
     slurm_job: str | None = None        # the Slurm job id (execution.launcher "slurm": callbacks/slurm.py)
     follow: bool = False                # a live job (--follow): started at once, published by the callback
+    nice: int = 0                       # added to the listener's niceness in the job's process before it
+                                        # runs (mpiexec and its ranks inherit it); local launcher only
 
     @classmethod
     def of(cls, spec: JobSpec) -> Job:
@@ -126,6 +132,29 @@ def job_command(job: Job, *, mpiexec: str | None = None) -> list[str]:
     if not job.spec_file:
         raise ValueError(f"job {job.id} has no spec file (submit it to a JobQueue first)")
     return launch_argv(job.job_spec, job.spec_file, quiet=True, mpiexec=mpiexec, follow=job.follow)
+
+
+def nice_refused(job: Job) -> str | None:
+    """Why the launcher cannot give ``job`` its niceness (None: it can). The niceness is applied to the
+    process this machine starts, so only by the local launcher; a negative one would need privileges."""
+    if not job.nice:
+        return None
+    if isinstance(job.nice, bool) or not isinstance(job.nice, int) or job.nice < 0:
+        return (f"niceness {job.nice!r} is not a whole number >= 0 (the launcher only lowers a job's CPU "
+                "priority)")
+    if job.job_spec.execution.launcher != "local":
+        return (f"niceness {job.nice} is applied only by the local launcher (a process on this machine's "
+                f"cores); the {job.job_spec.execution.launcher} launcher does not apply it: give niceness 0 "
+                "or launcher 'local'")
+    return None
+
+
+def lower_priority(nice: int) -> Callable[[], None]:
+    """The ``preexec_fn`` that adds ``nice`` to the niceness of the job's process before it runs its
+    program: ``mpiexec`` and every rank it starts inherit it (never a shell, never ``nice`` by name)."""
+    def apply() -> None:
+        os.nice(nice)
+    return apply
 
 
 def _publish(spec: JobSpec, outcome: dict | None, reason: str | None) -> Any:
@@ -471,6 +500,11 @@ class JobQueue:
                 self._start_republisher()
         job.phase = "published"                   # published, or saved for the republisher
     def _run(self, job: Job, slot: int | None = 0, running: Path | None = None) -> bool | None:
+        refused = nice_refused(job)
+        if refused:
+            job.reason = f"not started: {refused}"
+            log.error("job %s %s", job.id, job.reason)
+            return False
         if job.job_spec.execution.launcher == "slurm" and running is not None:   # sbatch/srun: callbacks/slurm.py
             from .slurm import run_slurm_job
             return run_slurm_job(self, job, running)
@@ -498,7 +532,8 @@ class JobQueue:
         job.started = time.time()
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=lower_priority(job.nice) if job.nice else None)
             self._procs[job.id] = proc
             if job.id in self._cancelled:         # asked to end while it was being started
                 with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -38,6 +38,11 @@ addresses and measurements: docs/streams.md.
   the geometry. Equal: the live job's result is the run's derived run. Different: an ERROR names the
   difference, the live job is stopped, the post-stop path runs as always, and the difference goes
   into its ``recon["measured"]["live"]`` (``<result>.live_facts.json`` beside its result).
+- **The live job** goes through the callback's :class:`~.launcher.JobQueue` (``StreamFeedConfig.queue``;
+  else one in ``WORK/queue``) as the document-driven live job does (:mod:`.livefeed`): a
+  :class:`~.launcher.Job` with ``follow`` started at the first chunk by
+  :meth:`~.launcher.JobQueue.start_now`, with ``Job.nice = StreamFeedConfig.job_nice`` applied by the
+  queue's local launcher (it shares the receiver's cores; the Slurm launcher refuses a niceness).
 """
 from __future__ import annotations
 
@@ -369,6 +374,9 @@ class StreamFeedConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     launch: bool = True                         # start the live job (False: the growing file only)
     job_nice: int = 0                           # niceness of the live job where it shares this machine's cores
+                                                # (Job.nice: applied by the queue's launcher, local only)
+    queue: Any = None                           # the JobQueue the live job is started through (the
+                                                # callback's; None: one in WORK/queue)
 
 
 class StreamRun:
@@ -406,7 +414,7 @@ class StreamRun:
         self.written_ids: list[int] = []
         self.appended_during_scan = 0
         self.gave_up: str | None = None
-        self.job: subprocess.Popen | None = None
+        self.job: Any = None                      # the live job (launcher.LiveJob: poll, terminate, wait)
         self.spec: Any = None
         self.publisher: Any = None
         self.comparison: dict[str, Any] | None = None
@@ -593,21 +601,19 @@ class StreamRun:
     def _start_job(self) -> None:
         if not self.fcfg.launch:
             return
-        from hxn_ptycho.job import job_argv
         from hxn_ptycho.params import ReconParams
         from hxn_ptycho.spec import Execution, JobSpec, Source
+
+        from .launcher import Job, JobQueue
         spec = JobSpec(params=ReconParams.from_dict(dict(self.fcfg.params)), execution=Execution(ranks=self.fcfg.nprocs),
                        source=Source(scan_file=str(self.scan_path.resolve()), result_file=str(self.result_path.resolve()),
                                      raw_uid=self.uid, scan_id=self.run.scan_id if isinstance(self.run.scan_id, int) else None,
                                      catalog=self.fcfg.catalog))
         self.spec = spec
         self.result_path.parent.mkdir(parents=True, exist_ok=True)
-        spec_path = spec.write(self.result_path.with_name(f"result_{self.stem}_live.spec.json"))
-        with open(self.result_path.with_name(f"result_{self.stem}_live.log"), "ab") as out:
-            nice = int(self.fcfg.job_nice)
-            self.job = subprocess.Popen(job_argv(spec_path, nprocs=self.fcfg.nprocs, quiet=True, follow=True),
-                                        stdout=out, stderr=subprocess.STDOUT,
-                                        preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        queue = self.fcfg.queue if self.fcfg.queue is not None else JobQueue(Path(self.fcfg.work_dir) / "queue")
+        self.job = queue.start_now(Job(spec=spec.to_dict(), follow=True, nice=int(self.fcfg.job_nice)),
+                                   spec_file=self.result_path.with_name(f"result_{self.stem}_live.spec.json"))
         if self.fcfg.catalog is not None:
             from hxn_ptycho.live import preview_path_for
 
@@ -903,7 +909,7 @@ class StreamFeed:
         outcome = read_outcome(run.outcome_path)
         if outcome is None or outcome.get("status") != "success":
             log.warning("run %s: the live job did not succeed (%s): the post-stop path takes over", raw_uid,
-                        (outcome or {}).get("reason"))
+                        (outcome or {}).get("reason") or getattr(getattr(run.job, "job", None), "reason", None))
             self._leave_facts(run, facts)
             return False
         live = dict((outcome.get("measured") or {}).get("live") or {})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -18,6 +19,7 @@ from hxn_ptycho.callbacks.sim_streams import SimStreamConfig, SimStreams
 from hxn_ptycho.callbacks.stream import Pairer, StreamConfig, StreamFeed, StreamFeedConfig, to_file_frame
 from hxn_ptycho.callbacks.streamwire import (StreamError, compress, decode_eiger, decode_panda, encoding_header,
                                              panda_data)
+from hxn_ptycho.spec import JobSpec, Source
 
 
 # -- the wire formats -----------------------------------------------------------------------------
@@ -274,10 +276,12 @@ def test_a_fly2dpd_live_from_the_streams_is_the_runs_one_result(tmp_path):
     export = ExportConfig(crop=64, data_roots=(str(tmp_path),), orientation="default")
     work = str(tmp_path / "work")
     params = {"iterations": 4, "threads": 1}
-    cb = PtychoCallback(CallbackConfig(work_dir=work, params=params, export=export))
+    from hxn_ptycho.callbacks.launcher import JobQueue
+    jobs = JobQueue(tmp_path / "queue").start()
+    cb = PtychoCallback(CallbackConfig(work_dir=work, params=params, export=export), jobs)
     feed = StreamFeed(StreamFeedConfig(work_dir=work, params=params, export=export, stream=StreamConfig(
         eiger=sims.eiger_address, panda=sims.panda_address, roi=sims.roi(hxn.eiger2.frame_shape),
-        scaler_channel=sims.cfg.scaler_channel, first_chunk=32, chunk=16))).start()
+        scaler_channel=sims.cfg.scaler_channel, first_chunk=32, chunk=16), queue=cb.jobs, job_nice=3)).start()
     cb.live.append(feed)
     RE.subscribe(cb)
     RE.subscribe(feed)
@@ -289,12 +293,88 @@ def test_a_fly2dpd_live_from_the_streams_is_the_runs_one_result(tmp_path):
     finally:
         feed.close()
         sims.close()
+        jobs.stop()
     (run,) = feed.runs.values()
     assert cb.submitted == [] and cb.failed == []              # one result: the live one
+    (job,) = jobs.jobs("done")                                 # the live job was the queue's, niced
+    assert job.follow and job.nice == 3 and job.id == run.job.job.id and not jobs.jobs("failed")
     outcome = read_outcome(run.outcome_path)
     assert outcome["status"] == "success"
     live = outcome["measured"]["live"]
     assert live["views"] == 100 and live["stream"]["equal"] and live["stream"]["missing_ids"] == 0
+
+
+def _fly_start(uid: str) -> dict:
+    return {"uid": uid, "time": 0.0, "scan_id": 1, "plan_name": "fly2dpd", "motors": ["zpssx", "zpssy"],
+            "scan": {"type": "2D_FLY_PANDA", "detectors": ["eiger2", "panda1"], "shape": [20, 10],
+                     "fast_axis": {"motor_name": "zpssx"}, "slow_axis": {"motor_name": "zpssy"}}}
+
+
+def test_the_stream_receivers_live_job_is_a_queue_job_run_at_its_niceness(tmp_path):
+    """The receiver's live job goes through the callback's queue (one Job record, spec, runner and
+    argument list with --follow, started at once beside a busy slot) and runs at the listener's
+    niceness + job_nice, read back from the running process; ended, it fails and nothing is published."""
+    import os
+    import sys
+    import time
+
+    from hxn_ptycho.callbacks.collector import RunCollector
+    from hxn_ptycho.callbacks.launcher import Job, JobQueue, LiveJob, job_command
+    from hxn_ptycho.callbacks.stream import StreamRun
+    from hxn_ptycho.job import outcome_path
+
+    argvs: list[list[str]] = []
+
+    def command(job: Job) -> list[str]:
+        argvs.append(job_command(job))         # the one argument list (ranks checked, --follow)
+        return [sys.executable, "-c", "import time; time.sleep(60)"]     # stands for the job's process
+
+    published: list = []
+    q = JobQueue(tmp_path / "q", command=command, publish=lambda *a: published.append(a)).start()
+    try:
+        busy = q.submit(Job(spec=JobSpec(source=Source(scan_file=str(tmp_path / "a.h5"),
+                                                       result_file=str(tmp_path / "r_a.h5"))).to_dict()))
+        deadline = time.monotonic() + 20
+        while busy.id not in q._procs:          # the only slot is taken
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        run = StreamRun(StreamFeedConfig(work_dir=str(tmp_path / "work"), job_nice=7, queue=q),
+                        RunCollector(_fly_start("u-nice"), lambda r: None))
+        run._start_job()
+        assert isinstance(run.job, LiveJob) and run.job.job.follow and run.job.job.nice == 7
+        while run.job.pid is None or run.job.job.id not in q._procs:
+            assert time.monotonic() < deadline and run.job.poll() is None, run.job.job.reason
+            time.sleep(0.02)
+        want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+        assert os.getpriority(os.PRIO_PROCESS, run.job.pid) == want
+        stat = Path(f"/proc/{run.job.pid}/stat").read_text()
+        assert int(stat[stat.rindex(")") + 2:].split()[16]) == want          # field 19: nice
+        (entry,) = [j for j in q.jobs("running") if j.follow]
+        assert entry.id == run.job.job.id and entry.nice == 7 and entry.pid == run.job.pid
+        assert "--follow" in argvs[-1] and outcome_path(entry.spec_file) == run.outcome_path
+        run._end_job()                          # the feed gave up: SIGTERM to its process group
+        assert run.job.wait(20) != 0
+        assert [j.id for j in q.jobs("failed")] == [entry.id] and published == []
+    finally:
+        q.stop(kill=True)
+
+
+def test_a_niceness_the_launcher_cannot_apply_is_refused_by_name(tmp_path):
+    """A niceness on a Slurm job (not a process of this machine) or below 0: not started, the reason says why."""
+    from hxn_ptycho.callbacks.launcher import Job, JobQueue
+    from hxn_ptycho.spec import Execution
+
+    ran = tmp_path / "ran"
+    q = JobQueue(tmp_path / "q", command=lambda job: ["touch", str(ran)], publish=None)
+    src = Source(scan_file=str(tmp_path / "s.h5"), result_file=str(tmp_path / "r.h5"))
+    slurm = q.start_now(Job(spec=JobSpec(execution=Execution(launcher="slurm"), source=src).to_dict(),
+                            follow=True, nice=5))
+    below = q.start_now(Job(spec=JobSpec(source=src).to_dict(), follow=True, nice=-3))
+    slurm.wait(20), below.wait(20)
+    assert "niceness 5 is applied only by the local launcher" in slurm.job.reason
+    assert "the slurm launcher does not apply it" in slurm.job.reason and slurm.job.slurm_job is None
+    assert "niceness -3 is not a whole number >= 0" in below.job.reason
+    assert not ran.exists() and len(q.jobs("failed")) == 2
 
 
 def test_a_receiver_that_falls_behind_says_so_in_the_preview(tmp_path):

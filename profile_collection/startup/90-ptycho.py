@@ -47,7 +47,7 @@ if os.environ.get("HXN_PTYCHO_EIGER_STREAM") or os.environ.get("HXN_PTYCHO_PANDA
     ptycho_streams = StreamFeed(StreamFeedConfig(
         work_dir=_c.work_dir, catalog=_c.catalog, params=dict(_c.params), nprocs=_c.nprocs, export=_c.export,
         stream=StreamConfig(eiger=os.environ.get("HXN_PTYCHO_EIGER_STREAM"),
-                            panda=os.environ.get("HXN_PTYCHO_PANDA_STREAM")))).start()
+                            panda=os.environ.get("HXN_PTYCHO_PANDA_STREAM")), queue=ptycho_jobs)).start()
     RE.subscribe(ptycho_streams)
     ptycho_callback.live.append(ptycho_streams)
     atexit.register(ptycho_streams.close)
