@@ -313,7 +313,8 @@ def _fly_start(uid: str) -> dict:
 def test_the_stream_receivers_live_job_is_a_queue_job_run_at_its_niceness(tmp_path):
     """The receiver's live job goes through the callback's queue (one Job record, spec, runner and
     argument list with --follow, started at once beside a busy slot) and runs at the listener's
-    niceness + job_nice, read back from the running process; ended, it fails and nothing is published."""
+    niceness + job_nice, read back from the running process; ended, it fails, nothing is published and
+    at the stop the post-stop path takes over (its facts left for the post-stop job)."""
     import os
     import sys
     import time
@@ -338,8 +339,8 @@ def test_the_stream_receivers_live_job_is_a_queue_job_run_at_its_niceness(tmp_pa
         while busy.id not in q._procs:          # the only slot is taken
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        run = StreamRun(StreamFeedConfig(work_dir=str(tmp_path / "work"), job_nice=7, queue=q),
-                        RunCollector(_fly_start("u-nice"), lambda r: None))
+        fcfg = StreamFeedConfig(work_dir=str(tmp_path / "work"), job_nice=7, queue=q)
+        run = StreamRun(fcfg, RunCollector(_fly_start("u-nice"), lambda r: None))
         run._start_job()
         assert isinstance(run.job, LiveJob) and run.job.job.follow and run.job.job.nice == 7
         while run.job.pid is None or run.job.job.id not in q._procs:
@@ -355,6 +356,13 @@ def test_the_stream_receivers_live_job_is_a_queue_job_run_at_its_niceness(tmp_pa
         run._end_job()                          # the feed gave up: SIGTERM to its process group
         assert run.job.wait(20) != 0
         assert [j.id for j in q.jobs("failed")] == [entry.id] and published == []
+        feed = StreamFeed(fcfg)                 # at the stop: a live file equal to the export, but the job
+        feed.runs[run.uid] = run                # ended without an outcome -> the post-stop path takes over
+        run.comparison = {"equal": True, "differences": []}
+        run.done.set()
+        assert feed.took_over(run.uid, timeout=20) is False
+        facts = json.loads((tmp_path / "work" / "results" / "result_1_u-nice.live_facts.json").read_text())
+        assert facts == {"stream": run.comparison, "used": "post-stop export"}
     finally:
         q.stop(kill=True)
 
