@@ -530,7 +530,7 @@ class _LiveRun:
         ``first_export_process``: there it holds no GIL of the RunEngine's process. With the
         orientation decided early, the incremental export of the same views is made here meanwhile
         (the second member: (incremental, views), or None)."""
-        if not self.cfg.first_export_process:
+        if not self.cfg.first_export_process or self.fly:   # no child by design (see _start_child)
             return build_scan(snap, self.cfg.export), None
         import pickle
         from concurrent.futures.process import BrokenProcessPool
