@@ -37,6 +37,7 @@ docs/position_search.md (``benchmarks/position_search.py``).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -227,6 +228,8 @@ class PositionRefiner:
         self.probe_defocus = grows and bool(p.position_probe_defocus)
         self.defocus_views = 48             # views (scan order) grown to score each probe of the family
         self.defocus_chosen: float | None = None     # the family's coefficient taken (None: the probe kept)
+        self.defocus_scores: dict[str, Any] = {}    # the growth misfits of the choice (attrs)
+        self.defocus_seconds = 0.0
         self.reverted = 0
         self._bufs: dict[int, tuple] = {}
 
@@ -359,7 +362,9 @@ class PositionRefiner:
         mask = None if rec.mask is None else be.asnumpy(rec.mask)
         old_probe = probe
         if self.probe_defocus and not late and not self.grow_errors:
+            t0 = time.perf_counter()
             probe = self._choose_defocus(probe, level / pint.sum(), obj.shape, amps, mask, cur)
+            self.defocus_seconds = time.perf_counter() - t0
         g = Grower(start, probe, amps, mask)
         new, rep = grow(g, cur, self.radius, local_radius=self.local_radius)
         # checked: the grown model must fit the data better than the current one, or nothing changes
@@ -389,42 +394,56 @@ class PositionRefiner:
 
     def _choose_defocus(self, probe: np.ndarray, level: np.ndarray, shape: tuple[int, ...], amps: np.ndarray,
                         mask: np.ndarray | None, cur: np.ndarray) -> np.ndarray:
-        """The probe (K, n, n) whose first mode fits the first ``defocus_views`` views best once they
-        are grown in scan order: the current one or a member of the defocus family
+        """The probe (K, n, n) whose first mode fits the first views best once they are grown in scan
+        order: the current one or a member of the defocus family
         (:func:`~hxn_ptycho.position_search.defocus_family`: the mean measured amplitude with a
-        defocus phase π·c·k², c over ±n in steps of n/8, then halved twice around the best). A
-        probe at the nominal corners cannot be judged by its misfit there (the position errors
-        dominate it); grown, the views are registered and the probe's error shows."""
+        defocus phase π·c·k²). A probe at the nominal corners cannot be judged by its misfit there
+        (the position errors dominate it); grown, the views are registered and the probe's error shows.
+
+        Coarse to fine, to be cheap enough to run whenever the coarse stage does:
+        1. c over ±n in steps of n/4 and the current probe, each scored on the first
+           ``defocus_views // 2`` views; if the current probe fits better than every member, it is
+           kept (a probe that already fits costs these 10 short growths);
+        2. around the best member, c − n/8, c, c + n/8 on ``defocus_views`` views, then ±n/16 and
+           ±n/32 around the best, and the current probe on as many views: the best is taken if it
+           fits better than the current probe."""
         from .position_search import defocus_family, growth_misfit
         rec = self.rec
         n = rec.n
         good = np.ones(amps.shape[1:], bool) if mask is None else mask
         mean_amp = np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good
         power = float(np.sum(np.abs(probe[0]) ** 2))
+        few, many = max(8, self.defocus_views // 2), self.defocus_views
 
-        def score(p0: np.ndarray) -> float:
+        def score(p0: np.ndarray, views: int) -> float:
             cand = probe.copy()
             cand[0] = p0
-            return growth_misfit(cand, level, shape, amps, mask, cur, self.radius, self.local_radius,
-                                 self.defocus_views)
-        tried: dict[float, float] = {}
+            return growth_misfit(cand, level, shape, amps, mask, cur, self.radius, self.local_radius, views)
+        tried: dict[int, dict[float, float]] = {few: {}, many: {}}
 
-        def scan(cs: np.ndarray) -> None:
-            cs = np.array([c for c in cs if float(c) not in tried])
+        def scan(cs: np.ndarray, views: int) -> float:
+            cs = np.array([c for c in cs if float(c) not in tried[views]])
             for c, p0 in zip(cs, defocus_family(mean_amp, power, cs)):
-                tried[float(c)] = score(p0)
+                tried[views][float(c)] = score(p0, views)
+            return min(tried[views], key=tried[views].__getitem__)
+        best = scan(np.arange(-n, n + n / 8, n / 4), few)
+        e_few = score(probe[0], few)
+        self.defocus_scores = {"coarse": dict(tried[few]), "current_coarse": e_few}
+        if not tried[few][best] < e_few:
+            rec.log(f"hxn-ptycho: probe defocus: the current probe fits {e_few:.4g}, better than every c "
+                    f"(best c = {best:.0f}: {tried[few][best]:.4g}; {few} views grown): kept")
+            return probe
         step = n / 8
-        scan(np.arange(-n, n + step / 2, step))
+        best = scan(np.array([best - step, best, best + step]), many)
         for _ in range(2):
-            best = min(tried, key=tried.__getitem__)
             step /= 2
-            scan(np.array([best - step, best + step]))
-        best = min(tried, key=tried.__getitem__)
-        e_current = score(probe[0])
-        logger.debug("probe defocus scores: %s", {c: round(e, 4) for c, e in sorted(tried.items())})
-        rec.log(f"hxn-ptycho: probe defocus: c = {best:.1f} fits {tried[best]:.4g} against {e_current:.4g} "
-                f"for the current probe ({self.defocus_views} views grown)")
-        if not tried[best] < e_current:
+            best = scan(np.array([best - step, best + step]), many)
+        e_current = score(probe[0], many)
+        self.defocus_scores.update(fine=dict(tried[many]), current=e_current)
+        logger.debug("probe defocus scores: %s", self.defocus_scores)
+        rec.log(f"hxn-ptycho: probe defocus: c = {best:.1f} fits {tried[many][best]:.4g} against {e_current:.4g} "
+                f"for the current probe ({many} views grown)")
+        if not tried[many][best] < e_current:
             return probe
         self.defocus_chosen = best
         # a probe of the right defocus: the late growth's scale is the data's, not held to the nominal

@@ -198,3 +198,44 @@ def test_probe_defocus_recovers_the_drift_seeds_the_growth_alone_misses(seed):
     e_ideal = object_error(ideal, truth, ideal.positions_px)
     assert res.attrs["position_probe_defocus"] is not None
     assert err_px <= 0.5 and nrmse_ref <= 1.2 * e_ideal, (err_px, nrmse_ref, e_ideal)
+
+
+def _choice_inputs(seed: int):
+    scan, _, truth, err = heavy_scan(seed, 100)
+    pad = 32
+    nominal = truth.positions_px + pad + err
+    shape = (1, truth.object.shape[0] + 2 * pad, truth.object.shape[1] + 2 * pad)
+    amps = scan.diffamp.astype(np.float64)
+    return truth, nominal, shape, amps
+
+
+def _chooser(views: int = 48):
+    """A stand-in for the refiner's state that PositionRefiner._choose_defocus reads and writes."""
+    from types import SimpleNamespace
+    rec = SimpleNamespace(n=64, log=lambda msg: None)
+    return SimpleNamespace(rec=rec, radius=32.0, local_radius=10.0, defocus_views=views, defocus_chosen=None,
+                           hold_after_grow=True, defocus_scores={})
+
+
+def test_defocus_choice_keeps_a_probe_that_fits_after_the_coarse_pass(monkeypatch):
+    """The coarse-to-fine defocus choice (on by default with the coarse stage) costs only its coarse
+    pass (nine members and the current probe, 24 views each) when the current probe already fits:
+    handed the true probe (drift + jitter + slipped views, seed 2), it keeps it after exactly 10
+    growths. A choice that always takes a member, or that scores every member on 48 views, fails.
+    About 5 s of CPU."""
+    from hxn_ptycho import position_search
+    truth, nominal, shape, amps = _choice_inputs(2)
+    calls: list[int] = []
+    real = position_search.growth_misfit
+
+    def counted(*a, **k):
+        calls.append(a[-1])
+        return real(*a, **k)
+    monkeypatch.setattr(position_search, "growth_misfit", counted)
+    me = _chooser()
+    probe = np.asarray(truth.probe, complex)
+    level = np.sqrt(np.mean(np.sum(amps ** 2, axis=(1, 2))) / np.sum(np.abs(probe) ** 2))    # Parseval
+    out = positions.PositionRefiner._choose_defocus(me, probe, np.array([level]), shape, amps, None, nominal)
+    assert out is probe and me.defocus_chosen is None and me.hold_after_grow
+    assert calls == [24] * 10, calls
+    assert me.defocus_scores["current_coarse"] < min(me.defocus_scores["coarse"].values())
