@@ -224,6 +224,8 @@ class PositionRefiner:
         self.local_radius = 10.0
         self.hold_after_grow = True         # the nominal scale held after the second growth,
         self.robust_scale = False           # fitted without the slipped views from then on
+        self.stretch_tolerance = 0.03       # a late growth stretched less than this against the nominal
+        self.late_stretch = float("nan")    # layout keeps the data's scale (a drift's linear part)
         self.grow_errors: list[tuple[float, float]] = []   # (current, grown) data error of each growth
         self.probe_defocus = grows and bool(p.position_probe_defocus)
         self.defocus_views = 48             # views (scan order) grown to score each probe of the family
@@ -380,9 +382,19 @@ class PositionRefiner:
             return 0
         new -= (new - cur).mean(axis=0)
         if late:
-            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=True, robust=True)
+            linear = robust_linear(new, geom.nominal_all)
+            self.late_stretch = float(np.max(np.abs(np.linalg.eigvalsh(
+                0.5 * ((s := rotation_part(linear).T @ linear) + s.T)) - 1.0)))
+            if self.hold_after_grow and self.late_stretch <= self.stretch_tolerance:
+                # a stretch a stage's drift can make (its linear part): the data's, kept (held to the
+                # nominal scale, an astigmatic zone plate's scan ended at 1.48x the true run's object error)
+                self.hold_after_grow = False
+            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=self.hold_after_grow,
+                            robust=True)
             self.robust_scale = True
             self.hold_scale = self.hold_scale or self.hold_after_grow    # the probe's curvature must follow
+            rec.log(f"hxn-ptycho: the late growth's stretch against the nominal layout: {self.late_stretch:.3%}; "
+                    f"nominal scale {'held' if self.hold_after_grow else 'not held'} from here")
         geom.set_positions(self._clip(new))
         rec.obj = be.asarray(g.obj, rec.cdtype)
         if probe is not old_probe:
@@ -394,63 +406,70 @@ class PositionRefiner:
 
     def _choose_defocus(self, probe: np.ndarray, level: np.ndarray, shape: tuple[int, ...], amps: np.ndarray,
                         mask: np.ndarray | None, cur: np.ndarray) -> np.ndarray:
-        """The probe (K, n, n) whose first mode fits the first views best once they are grown in scan
-        order: the current one or a member of the defocus family
+        """The probe (K, n, n) whose first mode fits the first ``defocus_views`` views best once they
+        are grown in scan order: the current one or a member of the defocus family
         (:func:`~hxn_ptycho.position_search.defocus_family`: the mean measured amplitude with a
         defocus phase π·c·k²). A probe at the nominal corners cannot be judged by its misfit there
         (the position errors dominate it); grown, the views are registered and the probe's error shows.
 
-        Coarse to fine, to be cheap enough to run whenever the coarse stage does:
-        1. c over ±n in steps of n/4 and the current probe, each scored on the first
-           ``defocus_views // 2`` views; if the current probe fits better than every member, it is
-           kept (a probe that already fits costs these 10 short growths);
-        2. around the best member, c − n/8, c, c + n/8 on ``defocus_views`` views, then ±n/16 and
-           ±n/32 around the best, and the current probe on as many views: the best is taken if it
-           fits better than the current probe."""
-        from .position_search import defocus_family, growth_misfit
+        Cheap enough to run whenever the coarse stage does (docs/position_search.md, session 19):
+        the growths that score the probes run at half resolution (the central n/2 of the far field,
+        :func:`~hxn_ptycho.position_search.half_resolution`; a member c becomes c/4 there), and
+        coarse to fine — c over ±n in steps of n/4 and the current probe; the current probe is kept
+        if it fits better than every member (10 growths), else ±n/8, ±n/16 and ±n/32 around the
+        best member (6 more), which is taken if it fits better than the current probe."""
+        from .position_search import defocus_family, growth_misfit, half_resolution
         rec = self.rec
         n = rec.n
-        good = np.ones(amps.shape[1:], bool) if mask is None else mask
-        mean_amp = np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good
-        power = float(np.sum(np.abs(probe[0]) ** 2))
-        few, many = max(8, self.defocus_views // 2), self.defocus_views
+        f = 2 if n >= 32 and n % 4 == 0 else 1
+        amps_s, mask_s, probe_s, cur_s, shape_s = half_resolution(amps, mask, probe, cur, shape, f)
+        m = amps_s.shape[-1]
+        good = np.ones((m, m), bool) if mask_s is None else mask_s
+        mean_amp = np.sqrt(np.mean(np.square(amps_s, dtype=np.float64), axis=0)) * good
+        # every candidate at the power the data ask of a flat object at ``level`` (Parseval)
+        energy = float(np.mean(np.sum(np.square(amps_s, dtype=np.float64) * good, axis=(1, 2))))
+        probe_s *= np.sqrt(energy / max(float(np.sum(np.abs(level) ** 2)), 1e-300)
+                           / max(float(np.sum(np.abs(probe_s) ** 2)), 1e-300))
+        power_s = float(np.sum(np.abs(probe_s[0]) ** 2))
+        views = self.defocus_views
 
-        def score(p0: np.ndarray, views: int) -> float:
-            cand = probe.copy()
+        def score(p0: np.ndarray) -> float:
+            cand = probe_s.copy()
             cand[0] = p0
-            return growth_misfit(cand, level, shape, amps, mask, cur, self.radius, self.local_radius, views)
-        tried: dict[int, dict[float, float]] = {few: {}, many: {}}
+            return growth_misfit(cand, level, shape_s, amps_s, mask_s, cur_s, self.radius / f,
+                                 self.local_radius / f, views)
+        tried: dict[float, float] = {}
 
-        def scan(cs: np.ndarray, views: int) -> float:
-            cs = np.array([c for c in cs if float(c) not in tried[views]])
-            for c, p0 in zip(cs, defocus_family(mean_amp, power, cs)):
-                tried[views][float(c)] = score(p0, views)
-            return min(tried[views], key=tried[views].__getitem__)
-        best = scan(np.arange(-n, n + n / 8, n / 4), few)
-        e_few = score(probe[0], few)
-        self.defocus_scores = {"coarse": dict(tried[few]), "current_coarse": e_few}
-        if not tried[few][best] < e_few:
-            rec.log(f"hxn-ptycho: probe defocus: the current probe fits {e_few:.4g}, better than every c "
-                    f"(best c = {best:.0f}: {tried[few][best]:.4g}; {few} views grown): kept")
+        def scan(cs: np.ndarray) -> float:
+            cs = np.array([c for c in cs if float(c) not in tried])
+            for c, p0 in zip(cs, defocus_family(mean_amp, power_s, cs / f ** 2)):
+                tried[float(c)] = score(p0)
+            return min(tried, key=tried.__getitem__)
+        best = scan(np.arange(-n, n + n / 8, n / 4))
+        e_current = score(probe_s[0])
+        self.defocus_scores = {"coarse": dict(tried), "current": e_current}
+        if not tried[best] < e_current:
+            rec.log(f"hxn-ptycho: probe defocus: the current probe fits {e_current:.4g}, better than every c "
+                    f"(best c = {best:.0f}: {tried[best]:.4g}; {views} views grown at 1/{f} resolution): kept")
             return probe
         step = n / 8
-        best = scan(np.array([best - step, best, best + step]), many)
-        for _ in range(2):
+        for _ in range(3):
+            best = scan(np.array([best - step, best + step]))
             step /= 2
-            best = scan(np.array([best - step, best + step]), many)
-        e_current = score(probe[0], many)
-        self.defocus_scores.update(fine=dict(tried[many]), current=e_current)
+        self.defocus_scores["all"] = dict(tried)
         logger.debug("probe defocus scores: %s", self.defocus_scores)
-        rec.log(f"hxn-ptycho: probe defocus: c = {best:.1f} fits {tried[many][best]:.4g} against {e_current:.4g} "
-                f"for the current probe ({many} views grown)")
-        if not tried[many][best] < e_current:
+        rec.log(f"hxn-ptycho: probe defocus: c = {best:.1f} fits {tried[best]:.4g} against {e_current:.4g} "
+                f"for the current probe ({views} views grown at 1/{f} resolution)")
+        if not tried[best] < e_current:
             return probe
         self.defocus_chosen = best
         # a probe of the right defocus: the late growth's scale is the data's, not held to the nominal
         # one (held, seed 2 ended at 0.81 px and 8.6x the true run's object error)
         self.hold_after_grow = False
+        good_full = np.ones(amps.shape[1:], bool) if mask is None else mask
+        mean_full = np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good_full
         out = probe.copy()
-        out[0] = defocus_family(mean_amp, power, np.array([best]))[0]
+        out[0] = defocus_family(mean_full, float(np.sum(np.abs(probe[0]) ** 2)), np.array([best]))[0]
         return out
 
     def _object_sums(self) -> tuple[Any, Any, float]:
