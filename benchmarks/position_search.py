@@ -97,6 +97,7 @@ def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 
             out[way]["defocus_s"] = res.attrs.get("position_probe_defocus_seconds")
         if "position_reverted" in res.attrs:
             out[way]["reverted"] = res.attrs["position_reverted"]
+            out[way]["rescued"] = res.attrs.get("position_rescued_at_end")
     return out
 
 

@@ -224,8 +224,6 @@ class PositionRefiner:
         self.local_radius = 10.0
         self.hold_after_grow = True         # the nominal scale held after the second growth,
         self.robust_scale = False           # fitted without the slipped views from then on
-        self.stretch_tolerance = 0.03       # a late growth stretched less than this against the nominal
-        self.late_stretch = float("nan")    # layout keeps the data's scale (a drift's linear part)
         self.grow_errors: list[tuple[float, float]] = []   # (current, grown) data error of each growth
         self.probe_defocus = grows and bool(p.position_probe_defocus)
         self.defocus_views = 48             # views (scan order) grown to score each probe of the family
@@ -233,6 +231,7 @@ class PositionRefiner:
         self.defocus_scores: dict[str, Any] = {}    # the growth misfits of the choice (attrs)
         self.defocus_seconds = 0.0
         self.reverted = 0
+        self.rescued_at_end = 0             # outliers found again by the guard (coarse stage only)
         self._bufs: dict[int, tuple] = {}
 
     @property
@@ -382,19 +381,9 @@ class PositionRefiner:
             return 0
         new -= (new - cur).mean(axis=0)
         if late:
-            linear = robust_linear(new, geom.nominal_all)
-            self.late_stretch = float(np.max(np.abs(np.linalg.eigvalsh(
-                0.5 * ((s := rotation_part(linear).T @ linear) + s.T)) - 1.0)))
-            if self.hold_after_grow and self.late_stretch <= self.stretch_tolerance:
-                # a stretch a stage's drift can make (its linear part): the data's, kept (held to the
-                # nominal scale, an astigmatic zone plate's scan ended at 1.48x the true run's object error)
-                self.hold_after_grow = False
-            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=self.hold_after_grow,
-                            robust=True)
+            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=True, robust=True)
             self.robust_scale = True
             self.hold_scale = self.hold_scale or self.hold_after_grow    # the probe's curvature must follow
-            rec.log(f"hxn-ptycho: the late growth's stretch against the nominal layout: {self.late_stretch:.3%}; "
-                    f"nominal scale {'held' if self.hold_after_grow else 'not held'} from here")
         geom.set_positions(self._clip(new))
         rec.obj = be.asarray(g.obj, rec.cdtype)
         if probe is not old_probe:
@@ -418,14 +407,14 @@ class PositionRefiner:
         coarse to fine — c over ±n in steps of n/4 and the current probe; the current probe is kept
         if it fits better than every member (10 growths), else ±n/8, ±n/16 and ±n/32 around the
         best member (6 more), which is taken if it fits better than the current probe."""
-        from .position_search import defocus_family, growth_misfit, half_resolution
+        from .position_search import defocus_family, growth_misfit, half_resolution, pupil_amplitude
         rec = self.rec
         n = rec.n
         f = 2 if n >= 32 and n % 4 == 0 else 1
         amps_s, mask_s, probe_s, cur_s, shape_s = half_resolution(amps, mask, probe, cur, shape, f)
         m = amps_s.shape[-1]
         good = np.ones((m, m), bool) if mask_s is None else mask_s
-        mean_amp = np.sqrt(np.mean(np.square(amps_s, dtype=np.float64), axis=0)) * good
+        mean_amp = pupil_amplitude(np.sqrt(np.mean(np.square(amps_s, dtype=np.float64), axis=0)) * good)
         # every candidate at the power the data ask of a flat object at ``level`` (Parseval)
         energy = float(np.mean(np.sum(np.square(amps_s, dtype=np.float64) * good, axis=(1, 2))))
         probe_s *= np.sqrt(energy / max(float(np.sum(np.abs(level) ** 2)), 1e-300)
@@ -467,7 +456,7 @@ class PositionRefiner:
         # one (held, seed 2 ended at 0.81 px and 8.6x the true run's object error)
         self.hold_after_grow = False
         good_full = np.ones(amps.shape[1:], bool) if mask is None else mask
-        mean_full = np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good_full
+        mean_full = pupil_amplitude(np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good_full)
         out = probe.copy()
         out[0] = defocus_family(mean_full, float(np.sum(np.abs(probe[0]) ** 2)), np.array([best]))[0]
         return out
@@ -490,9 +479,10 @@ class PositionRefiner:
         self._pconj, self._pint = pconj, pint
         return num, den, rec.params.object_reg * float(den.max()) + dm.TINY
 
-    def _leave_one_out(self, j: int, num: Any, den: Any, alpha: float) -> Any:
+    def _leave_one_out(self, j: int, num: Any, den: Any, alpha: float, fill: Any = None) -> Any:
         """The object update (6) without view ``j``'s own exit wave: a view's current corner is
-        otherwise favoured by the object it painted there itself."""
+        otherwise favoured by the object it painted there itself. Where no other view illuminates,
+        the current object — or ``fill`` (e.g. the object's mean level: no evidence there)."""
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
         i = j - geom.start
         b = slice(i, i + 1)
@@ -501,7 +491,8 @@ class PositionRefiner:
         n_j, d_j = num.copy(), den.copy()
         geom.scatter_add(be, n_j, b, -src)
         geom.scatter_add(be, d_j, b, -self._pint)
-        return ((n_j + alpha * rec.obj) / (be.xp.maximum(d_j, 0) + alpha)).astype(rec.cdtype, copy=False)
+        prior = rec.obj if fill is None else fill
+        return ((n_j + alpha * prior) / (be.xp.maximum(d_j, 0) + alpha)).astype(rec.cdtype, copy=False)
 
     def errors_at_positions(self, positions: np.ndarray) -> np.ndarray:
         """Each view's data error with the current model at ``positions`` (all views; summed over ranks)."""
@@ -516,17 +507,79 @@ class PositionRefiner:
     def guard(self) -> int:
         """Refinement must not make the data error worse than not refining: each view whose data
         error with the current model is lower at its nominal corner (moved by the mean refinement
-        shift, traded with the object) than at its refined one goes back; returns how many."""
+        shift, traded with the object) than at its refined one goes back; returns how many.
+
+        With the coarse stage (``position_search_radius`` > 0) each view is judged against the
+        object *without its own exit wave* (:meth:`_leave_one_out`, the mean level where no other
+        view illuminates): a view left at a wrong corner has painted the object there itself and
+        fits it. Views whose error so judged is far above the others' (relative to the frame's
+        energy) are searched again over ``position_max_shift`` around the drift of their neighbours
+        in scan order (:meth:`_rescue_outliers`) before the comparison."""
         geom = self.rec.geom
         cur = geom.positions_all.copy()
         shift = np.median(cur - geom.nominal_all, axis=0)
         back = self._clip(geom.nominal_all + shift)
-        worse = self.errors_at_positions(back) < self.errors_at_positions(cur)
+        if self.radius > 0:
+            e_cur, e_back, cur = self._rescue_outliers(cur, back)
+            geom.set_positions(cur)
+        else:
+            e_back, e_cur = self.errors_at_positions(back), self.errors_at_positions(cur)
+        worse = e_back < e_cur
         if worse.any():
             cur[worse] = back[worse]
             geom.set_positions(cur)
         self.reverted = int(worse.sum())
-        return self.reverted
+        return self.reverted + self.rescued_at_end
+
+    def _rescue_outliers(self, cur: np.ndarray, back: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each view's data error at ``cur`` and at ``back`` against the object without its own exit
+        wave, and the corners with the outliers searched again: a view whose error at ``cur``
+        relative to its frame's energy exceeds 3x the median moves to the best corner of a grid
+        (2 px on the smoothed object, then 1 px) over ``position_max_shift`` around its nominal
+        corner plus the median correction of the 9 views around it in scan order, if its error
+        there is below 0.7x the lower of the two."""
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        N = len(cur)
+        num, den, alpha = self._object_sums()
+        illum = den[0] > 0.1 * float(den.max())
+        level = rec.obj[:, illum].mean(axis=1)[:, None, None]
+        scratch = self._scratch()
+        e_cur, e_back, energy = np.zeros(N), np.zeros(N), np.zeros(N)
+        for j in range(geom.start, geom.stop):
+            obj_j = self._leave_one_out(j, num, den, alpha, fill=level)
+            e_cur[j], e_back[j] = self._errors_at(j, self._clip(np.stack([cur[j], back[j]])), obj_j, scratch)
+            amp = rec.diffamp[j - geom.start]
+            energy[j] = float(be.asnumpy(be.xp.sum(be.xp.square(amp if rec.mask is None else amp * rec.mask),
+                                                   dtype=be.xp.float64)))
+        rec.reducer.allreduce_sum([e_cur, e_back, energy])
+        rel = e_cur / np.maximum(energy, 1e-300)
+        flagged = np.nonzero(rel > 3.0 * float(np.median(rel)))[0]
+        corr = cur - geom.nominal_all
+        typical = np.ones(N, bool)
+        typical[flagged] = False
+        found, e_found = np.zeros_like(cur), np.zeros(N)
+        coarse, fine = disc_grid(self.max_shift, 2.0), disc_grid(1.5, 1.0)
+        for j in flagged.tolist():
+            if not geom.start <= j < geom.stop:
+                continue
+            near = [k for k in range(max(0, j - 4), min(N, j + 5)) if typical[k]]
+            pred = geom.nominal_all[j] + (np.median(corr[near], axis=0) if near else 0.0)
+            obj_j = self._leave_one_out(j, num, den, alpha, fill=level)
+            cand = self._clip(np.round(pred) + coarse)
+            best = cand[int(np.argmin(self._errors_at(j, cand, smoothed(be, obj_j, 1.0), scratch)))]
+            cand = self._clip(best + fine)
+            e = self._errors_at(j, cand, obj_j, scratch)
+            i = int(np.argmin(e))
+            found[j], e_found[j] = cand[i], e[i]
+        rec.reducer.allreduce_sum([found, e_found])
+        moved = np.isin(np.arange(N), flagged) & (e_found > 0) & (e_found < 0.7 * np.minimum(e_cur, e_back))
+        cur = cur.copy()
+        cur[moved], e_cur[moved] = found[moved], e_found[moved]
+        self.rescued_at_end = int(moved.sum())
+        if len(flagged):
+            rec.log(f"hxn-ptycho: guard: {len(flagged)} views fit their refined corners badly without their own "
+                    f"exit waves; {self.rescued_at_end} found again")
+        return e_cur, e_back, cur
 
     # --- one refinement ------------------------------------------------------------------------
     def refine(self) -> float:
