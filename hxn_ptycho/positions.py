@@ -224,6 +224,8 @@ class PositionRefiner:
         self.local_radius = 10.0
         self.hold_after_grow = True         # the nominal scale held after the second growth,
         self.robust_scale = False           # fitted without the slipped views from then on
+        self.anisotropy_limit = 0.03        # the late growth's two scales differing more: the nominal scale held
+        self.late_stretch: list[float] = []
         self.grow_errors: list[tuple[float, float]] = []   # (current, grown) data error of each growth
         self.probe_defocus = grows and bool(p.position_probe_defocus)
         self.defocus_views = 48             # views (scan order) grown to score each probe of the family
@@ -381,7 +383,21 @@ class PositionRefiner:
             return 0
         new -= (new - cur).mean(axis=0)
         if late:
-            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=True, robust=True)
+            linear = robust_linear(new, geom.nominal_all)
+            stretch = rotation_part(linear).T @ linear
+            scales = np.linalg.eigvalsh(0.5 * (stretch + stretch.T))
+            self.late_stretch = [float(v) for v in scales]
+            if not self.hold_after_grow and float(scales[-1] - scales[0]) > self.anisotropy_limit:
+                # the scales along two axes differ more than a stage's: the probe has an astigmatism
+                # the defocus family lacks, and it trades with them (an astigmatic zone plate: 1.3 %
+                # and 7.6 %, 1.6 px) — the nominal scale is held
+                self.hold_after_grow = True
+            # the grown stretch is kept where the probe's defocus was chosen (the data's scale: with the
+            # nominal one imposed here the gradient stage did not regain it on a probe of c = 16)
+            new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=self.hold_after_grow,
+                            robust=True)
+            rec.log(f"hxn-ptycho: the late growth's scales against the nominal layout: "
+                    f"{scales[0]:.4f}, {scales[1]:.4f}; the nominal scale {'held' if self.hold_after_grow else 'not held'}")
             self.robust_scale = True
             self.hold_scale = self.hold_scale or self.hold_after_grow    # the probe's curvature must follow
         geom.set_positions(self._clip(new))
