@@ -201,22 +201,17 @@ def pupil_amplitude(mean_amp: np.ndarray, support: float = 0.3) -> np.ndarray:
     return np.where(amp >= support * float(amp.max()), amp, 0.0)
 
 
-def defocus_family(mean_amp: np.ndarray, power: float, coefficients: np.ndarray,
-                   astigmatism: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def defocus_family(mean_amp: np.ndarray, power: float, coefficients: np.ndarray) -> np.ndarray:
     """Probes (C, n, n) whose far field is the mean measured amplitude with a defocus phase
     π·c·k² (k in units of the Nyquist frequency, as :func:`hxn_ptycho.modes.probe_from_amplitude`),
-    one per coefficient ``c``, plus an astigmatism π·(a₀·(k_c² − k_r²) + a₄₅·2·k_r·k_c) for
-    ``astigmatism`` = (a₀, a₄₅), each of total power ``power``. Both signs: a scan fixes the sign the
+    one per coefficient ``c``, each of total power ``power``. Both signs: a scan fixes the sign the
     data's positions agree with."""
     n = mean_amp.shape[-1]
     k = np.fft.fftfreq(n) * 2
-    kr, kc = k[:, None], k[None, :]
-    k2 = kr ** 2 + kc ** 2
-    a0, a45 = astigmatism
-    astig = a0 * (kc ** 2 - kr ** 2) + a45 * 2 * kr * kc
+    k2 = k[:, None] ** 2 + k[None, :] ** 2
     out = np.empty((len(coefficients), n, n), np.complex128)
     for i, c in enumerate(coefficients):
-        p = np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * np.pi * (c * k2 + astig))))
+        p = np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * np.pi * c * k2)))
         out[i] = p * np.sqrt(power / max(float(np.vdot(p, p).real), 1e-300))
     return out
 

@@ -224,13 +224,10 @@ class PositionRefiner:
         self.local_radius = 10.0
         self.hold_after_grow = True         # the nominal scale held after the second growth,
         self.robust_scale = False           # fitted without the slipped views from then on
-        self.anisotropy_limit = 0.03        # the late growth's two scales differing more: the nominal scale held
-        self.late_stretch: list[float] = []
         self.grow_errors: list[tuple[float, float]] = []   # (current, grown) data error of each growth
         self.probe_defocus = grows and bool(p.position_probe_defocus)
         self.defocus_views = 48             # views (scan order) grown to score each probe of the family
         self.defocus_chosen: float | None = None     # the family's coefficient taken (None: the probe kept)
-        self.astigmatism_chosen: tuple[float, float] | None = None
         self.defocus_scores: dict[str, Any] = {}    # the growth misfits of the choice (attrs)
         self.defocus_seconds = 0.0
         self.reverted = 0
@@ -384,20 +381,7 @@ class PositionRefiner:
             return 0
         new -= (new - cur).mean(axis=0)
         if late:
-            linear = robust_linear(new, geom.nominal_all)
-            stretch = rotation_part(linear).T @ linear
-            scales = np.linalg.eigvalsh(0.5 * (stretch + stretch.T))
-            self.late_stretch = [float(v) for v in scales]
-            if not self.hold_after_grow and float(scales[-1] - scales[0]) > self.anisotropy_limit:
-                # the scales along two axes differ more than a stage's: the probe has an astigmatism
-                # the defocus family lacks, and it trades with them (an astigmatic zone plate: 1.3 %
-                # and 7.6 %, 1.6 px) — the nominal scale is held
-                self.hold_after_grow = True
-            # the grown stretch is removed here in any case (kept, drift seeds 2 and 3 ended with 1-3 %
-            # of stretch and shear, 0.8 px); where the defocus was chosen the gradient stage regains the data's
             new = constrain(geom.nominal_all, cur, new, self.max_shift, False, hold_scale=True, robust=True)
-            rec.log(f"hxn-ptycho: the late growth's scales against the nominal layout: "
-                    f"{scales[0]:.4f}, {scales[1]:.4f}; the nominal scale {'held' if self.hold_after_grow else 'not held'}")
             self.robust_scale = True
             self.hold_scale = self.hold_scale or self.hold_after_grow    # the probe's curvature must follow
         geom.set_positions(self._clip(new))
@@ -443,52 +427,38 @@ class PositionRefiner:
             cand[0] = p0
             return growth_misfit(cand, level, shape_s, amps_s, mask_s, cur_s, self.radius / f,
                                  self.local_radius / f, views)
-        tried: dict[tuple[float, float, float], float] = {}
+        tried: dict[float, float] = {}
 
-        def member(key: tuple[float, float, float], amp: np.ndarray, power: float, scale: float) -> np.ndarray:
-            return defocus_family(amp, power, np.array([key[0] * scale]), (key[1] * scale, key[2] * scale))[0]
-
-        def scan(keys: list[tuple[float, float, float]]) -> tuple[float, float, float]:
-            for key in keys:
-                if key not in tried:
-                    tried[key] = score(member(key, mean_amp, power_s, 1.0 / f ** 2))
+        def scan(cs: np.ndarray) -> float:
+            cs = np.array([c for c in cs if float(c) not in tried])
+            for c, p0 in zip(cs, defocus_family(mean_amp, power_s, cs / f ** 2)):
+                tried[float(c)] = score(p0)
             return min(tried, key=tried.__getitem__)
-        best = scan([(float(c), 0.0, 0.0) for c in np.arange(-n, n + n / 8, n / 4)])
+        best = scan(np.arange(-n, n + n / 8, n / 4))
         e_current = score(probe_s[0])
-        self.defocus_scores = {"coarse": {k[0]: v for k, v in tried.items()}, "current": e_current}
+        self.defocus_scores = {"coarse": dict(tried), "current": e_current}
         if not tried[best] < e_current:
             rec.log(f"hxn-ptycho: probe defocus: the current probe fits {e_current:.4g}, better than every c "
-                    f"(best c = {best[0]:.0f}: {tried[best]:.4g}; {views} views grown at 1/{f} resolution): kept")
+                    f"(best c = {best:.0f}: {tried[best]:.4g}; {views} views grown at 1/{f} resolution): kept")
             return probe
         step = n / 8
-        for _ in range(3):                                      # the defocus, to n/32
-            c, a0, a45 = best
-            best = scan([(c - step, a0, a45), (c + step, a0, a45)])
+        for _ in range(3):
+            best = scan(np.array([best - step, best + step]))
             step /= 2
-        for axis in (1, 2):                                     # then each astigmatism, n/16 to n/64
-            step = n / 16
-            for _ in range(3):
-                lo, hi = list(best), list(best)
-                lo[axis] -= step
-                hi[axis] += step
-                best = scan([(lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2])])
-                step /= 2
-        self.defocus_scores["all"] = {str(k): v for k, v in tried.items()}
+        self.defocus_scores["all"] = dict(tried)
         logger.debug("probe defocus scores: %s", self.defocus_scores)
-        rec.log(f"hxn-ptycho: probe defocus: c = {best[0]:.1f}, astigmatism {best[1]:.1f}, {best[2]:.1f} fits "
-                f"{tried[best]:.4g} against {e_current:.4g} for the current probe ({views} views grown at "
-                f"1/{f} resolution, {len(tried) + 1} growths)")
+        rec.log(f"hxn-ptycho: probe defocus: c = {best:.1f} fits {tried[best]:.4g} against {e_current:.4g} "
+                f"for the current probe ({views} views grown at 1/{f} resolution)")
         if not tried[best] < e_current:
             return probe
-        self.defocus_chosen = best[0]
-        self.astigmatism_chosen = (best[1], best[2])
+        self.defocus_chosen = best
         # a probe of the right defocus: the late growth's scale is the data's, not held to the nominal
         # one (held, seed 2 ended at 0.81 px and 8.6x the true run's object error)
         self.hold_after_grow = False
         good_full = np.ones(amps.shape[1:], bool) if mask is None else mask
         mean_full = pupil_amplitude(np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good_full)
         out = probe.copy()
-        out[0] = member(best, mean_full, float(np.sum(np.abs(probe[0]) ** 2)), 1.0)
+        out[0] = defocus_family(mean_full, float(np.sum(np.abs(probe[0]) ** 2)), np.array([best]))[0]
         return out
 
     def _object_sums(self) -> tuple[Any, Any, float]:

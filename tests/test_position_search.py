@@ -245,4 +245,4 @@ def test_defocus_choice_is_cheap_and_finds_the_defocus(monkeypatch):
     me = _chooser()
     out = positions.PositionRefiner._choose_defocus(me, flat, level, shape, amps, None, nominal)
     assert me.defocus_chosen is not None and abs(me.defocus_chosen - 36) <= 4, me.defocus_scores
-    assert not me.hold_after_grow and out is not flat and len(calls) == 28
+    assert not me.hold_after_grow and out is not flat and len(calls) == 16
