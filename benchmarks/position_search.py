@@ -8,6 +8,10 @@ with the growth in scan order (``coarse_nogrow``, ``coarse``) and with the probe
 the growth before it (``defocus``, ``position_probe_defocus``).
 
     nice -n 5 python benchmarks/position_search.py [--seeds 1,2,3] [--views 100] [--iterations 150]
+    nice -n 5 python benchmarks/position_search.py --family defocus --seeds 1 --ways true,off,default
+
+(``--family``: another probe and object, a tests/mode_mixtures.py family's first mode on its own
+object; ``default``: ``--refine-positions`` with the radius, every other option at its default.)
 
 Prints the position error (RMS after removing the mean offset) and the object NRMSE of each.
 """
