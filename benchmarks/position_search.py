@@ -8,6 +8,10 @@ with the growth in scan order (``coarse_nogrow``, ``coarse``) and with the probe
 the growth before it (``defocus``, ``position_probe_defocus``).
 
     nice -n 5 python benchmarks/position_search.py [--seeds 1,2,3] [--views 100] [--iterations 150]
+    nice -n 5 python benchmarks/position_search.py --family defocus --seeds 1 --ways true,off,default
+
+(``--family``: another probe and object, a tests/mode_mixtures.py family's first mode on its own
+object; ``default``: ``--refine-positions`` with the radius, every other option at its default.)
 
 Prints the position error (RMS after removing the mean offset) and the object NRMSE of each.
 """
@@ -34,6 +38,27 @@ def heavy_scan(seed: int, views: int, worst: float = 28.0, drift: float = 4.0, j
     return scan, exact, truth, err
 
 
+def mixture_heavy_scan(family: str, seed: int, views: int, worst: float = 28.0, drift: float = 4.0,
+                       jitter: float = 2.0, outliers: float = 0.05):
+    """As :func:`heavy_scan` with another probe and object: the first mode of ``family`` from
+    tests/mode_mixtures.py (e.g. ``defocus``: an annular lens at a quarter of the simulator's
+    defocus; ``zernike``: an annular zone plate with astigmatism) on its independent object (disks
+    of amplitude, a phase of filtered noise), one mode, 10⁶ photons a frame, a Fermat spiral."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    from hxn_ptycho.simulate import Truth
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from mode_mixtures import mixture_scan
+    err = heavy_tailed_errors(views, seed=seed, worst_px=worst, drift_px=drift, jitter_px=jitter, outliers=outliers)
+    exact, mix = mixture_scan(family, (1.0,), 1e6, seed=seed, n_positions=views)
+    pixel_um = exact.lambda_nm * 1e-3 * exact.z_m / (exact.n * exact.ccd_pixel_um * 1e-6)
+    corners = np.round(exact.points[::-1].T / pixel_um).astype(float)
+    scan = dataclasses.replace(exact, points=exact.points + err[:, ::-1].T * pixel_um)
+    return scan, exact, Truth(object=mix.object, probe=mix.probe, positions_px=corners), err
+
+
 def params(iterations: int, radius: float, refine: bool = True, grow: bool = True,
            defocus: bool = False) -> ReconParams:
     return ReconParams(iterations=iterations, refine_positions=refine, position_start=20,
@@ -42,10 +67,14 @@ def params(iterations: int, radius: float, refine: bool = True, grow: bool = Tru
 
 
 def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 4.0, jitter: float = 2.0,
-        outliers: float = 0.05) -> dict:
-    scan, exact, truth, err = heavy_scan(seed, views, drift=drift, jitter=jitter, outliers=outliers)
+        outliers: float = 0.05, family: str = "sim") -> dict:
+    if family == "sim":
+        scan, exact, truth, err = heavy_scan(seed, views, drift=drift, jitter=jitter, outliers=outliers)
+    else:
+        scan, exact, truth, err = mixture_heavy_scan(family, seed, views, drift=drift, jitter=jitter,
+                                                     outliers=outliers)
     d = np.hypot(*err.T)
-    out = {"seed": seed, "err_rms_axis": round(float(np.sqrt(np.mean(err ** 2))), 2), "err_max": round(float(d.max()), 1)}
+    out = {"family": family, "seed": seed, "err_rms_axis": round(float(np.sqrt(np.mean(err ** 2))), 2), "err_max": round(float(d.max()), 1)}
     q = lambda m: None  # noqa: E731
     for way in ways:
         t0 = time.perf_counter()
@@ -55,6 +84,11 @@ def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 
         elif way == "off":
             res = reconstruct(scan, params(iterations, 0, refine=False), log=q)
             pos = res.positions_px
+        elif way == "default":          # --refine-positions with the radius, every other option as it is
+            res = reconstruct(scan, params(iterations, 0, refine=True).replace(position_search_radius=32.0,
+                              position_grow=ReconParams.position_grow,
+                              position_probe_defocus=ReconParams.position_probe_defocus), log=q)
+            pos = res.positions_refined_px
         else:
             res = reconstruct(scan, params(iterations, 0.0 if way == "gradient" else 32.0,
                                            grow=way in ("coarse", "defocus"), defocus=way == "defocus"), log=q)
@@ -64,6 +98,10 @@ def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 
                     "cost": round(float(res.attrs["final_cost"]), 4), "s": round(time.perf_counter() - t0, 1)}
         if "position_probe_defocus" in res.attrs:
             out[way]["defocus"] = res.attrs["position_probe_defocus"]
+            out[way]["defocus_s"] = res.attrs.get("position_probe_defocus_seconds")
+        if "position_reverted" in res.attrs:
+            out[way]["reverted"] = res.attrs["position_reverted"]
+            out[way]["rescued"] = res.attrs.get("position_rescued_at_end")
     return out
 
 
@@ -75,10 +113,12 @@ def main() -> None:
     ap.add_argument("--ways", default="true,off,gradient,coarse_nogrow,coarse")
     ap.add_argument("--drift", type=float, default=4.0, help="RMS per axis of the smooth drift (px)")
     ap.add_argument("--jitter", type=float, default=2.0, help="scale of the heavy-tailed jitter (px)")
+    ap.add_argument("--family", default="sim", help="'sim' (the simulator's zone plate and star) or a "
+                    "tests/mode_mixtures.py family's first mode on its own object (defocus, zernike, shifted)")
     ap.add_argument("--outliers", type=float, default=0.05, help="fraction of slipped views (12 px to the worst)")
     a = ap.parse_args()
     for seed in (int(s) for s in a.seeds.split(",")):
-        r = run(seed, a.views, a.iterations, a.ways.split(","), a.drift, a.jitter, a.outliers)
+        r = run(seed, a.views, a.iterations, a.ways.split(","), a.drift, a.jitter, a.outliers, a.family)
         r.update(drift=a.drift, jitter=a.jitter, outliers=a.outliers, views=a.views, iterations=a.iterations)
         print(json.dumps(r, default=lambda v: round(float(v), 4)), flush=True)
 

@@ -515,7 +515,9 @@ class Reconstruction:
             attrs["position_coarse_moved"] = list(refiner.coarse_moved)
             if refiner.probe_defocus:
                 attrs["position_probe_defocus"] = refiner.defocus_chosen
+                attrs["position_probe_defocus_seconds"] = round(refiner.defocus_seconds, 2)
             attrs["position_reverted"] = refiner.reverted
+            attrs["position_rescued_at_end"] = refiner.rescued_at_end
             from .positions import affine_terms
             attrs["position_affine_matrix"] = affine_terms(self.geom.nominal_all, refined).tolist()
         attrs.update({f"scan_{k}": v for k, v in self.scan.attrs.items()})

@@ -159,12 +159,13 @@ class ReconParams:
                                 "plus jitter: first, and again half-way through the gradient stage with the "
                                 "refined probe, the nominal scale held from there); needs one process",
                                 group="positions", kind="bool")
-    position_probe_defocus: bool = param(False, "with position_grow: before the first growth, choose the probe's "
-                                         "far-field defocus (the mean measured amplitude with a defocus phase of "
-                                         "either sign) by the data error of the first views grown with it; the "
-                                         "current probe is kept unless a defocus fits better; "
-                                         "where one is taken the grown scale is kept (not held to the "
-                                         "nominal one). About doubles the run (docs/position_search.md)", group="positions", kind="bool")
+    position_probe_defocus: bool = param(True, "with position_grow: before the first growth, choose the probe's "
+                                         "far-field defocus (the frames' mean amplitude cut to the pupil, with a "
+                                         "defocus phase of either sign) by the data error of the first 48 views "
+                                         "grown with it at half resolution, coarse to fine (10-16 short growths); "
+                                         "the current probe is kept unless a defocus fits better; where one is "
+                                         "taken the grown scale is kept (not held to the nominal one) "
+                                         "(docs/position_search.md)", group="positions", kind="bool")
     position_step: float = param(1.0, "largest move (pixels) of a view in one refinement (gradient) or the "
                                  "first search step (search)", group="positions", min=0.0, min_open=True,
                                  kind="float")

@@ -37,6 +37,7 @@ docs/position_search.md (``benchmarks/position_search.py``).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -227,7 +228,10 @@ class PositionRefiner:
         self.probe_defocus = grows and bool(p.position_probe_defocus)
         self.defocus_views = 48             # views (scan order) grown to score each probe of the family
         self.defocus_chosen: float | None = None     # the family's coefficient taken (None: the probe kept)
+        self.defocus_scores: dict[str, Any] = {}    # the growth misfits of the choice (attrs)
+        self.defocus_seconds = 0.0
         self.reverted = 0
+        self.rescued_at_end = 0             # outliers found again by the guard (coarse stage only)
         self._bufs: dict[int, tuple] = {}
 
     @property
@@ -359,7 +363,9 @@ class PositionRefiner:
         mask = None if rec.mask is None else be.asnumpy(rec.mask)
         old_probe = probe
         if self.probe_defocus and not late and not self.grow_errors:
+            t0 = time.perf_counter()
             probe = self._choose_defocus(probe, level / pint.sum(), obj.shape, amps, mask, cur)
+            self.defocus_seconds = time.perf_counter() - t0
         g = Grower(start, probe, amps, mask)
         new, rep = grow(g, cur, self.radius, local_radius=self.local_radius)
         # checked: the grown model must fit the data better than the current one, or nothing changes
@@ -392,46 +398,67 @@ class PositionRefiner:
         """The probe (K, n, n) whose first mode fits the first ``defocus_views`` views best once they
         are grown in scan order: the current one or a member of the defocus family
         (:func:`~hxn_ptycho.position_search.defocus_family`: the mean measured amplitude with a
-        defocus phase π·c·k², c over ±n in steps of n/8, then halved twice around the best). A
-        probe at the nominal corners cannot be judged by its misfit there (the position errors
-        dominate it); grown, the views are registered and the probe's error shows."""
-        from .position_search import defocus_family, growth_misfit
+        defocus phase π·c·k²). A probe at the nominal corners cannot be judged by its misfit there
+        (the position errors dominate it); grown, the views are registered and the probe's error shows.
+
+        Cheap enough to run whenever the coarse stage does (docs/position_search.md, session 19):
+        the growths that score the probes run at half resolution (the central n/2 of the far field,
+        :func:`~hxn_ptycho.position_search.half_resolution`; a member c becomes c/4 there), and
+        coarse to fine — c over ±n in steps of n/4 and the current probe; the current probe is kept
+        if it fits better than every member (10 growths), else ±n/8, ±n/16 and ±n/32 around the
+        best member (6 more), which is taken if it fits better than the current probe."""
+        from .position_search import defocus_family, growth_misfit, half_resolution, pupil_amplitude
         rec = self.rec
         n = rec.n
-        good = np.ones(amps.shape[1:], bool) if mask is None else mask
-        mean_amp = np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good
-        power = float(np.sum(np.abs(probe[0]) ** 2))
+        f = 2 if n >= 32 and n % 4 == 0 else 1
+        amps_s, mask_s, probe_s, cur_s, shape_s = half_resolution(amps, mask, probe, cur, shape, f)
+        m = amps_s.shape[-1]
+        good = np.ones((m, m), bool) if mask_s is None else mask_s
+        mean_amp = pupil_amplitude(np.sqrt(np.mean(np.square(amps_s, dtype=np.float64), axis=0)) * good)
+        # every candidate at the power the data ask of a flat object at ``level`` (Parseval)
+        energy = float(np.mean(np.sum(np.square(amps_s, dtype=np.float64) * good, axis=(1, 2))))
+        probe_s *= np.sqrt(energy / max(float(np.sum(np.abs(level) ** 2)), 1e-300)
+                           / max(float(np.sum(np.abs(probe_s) ** 2)), 1e-300))
+        power_s = float(np.sum(np.abs(probe_s[0]) ** 2))
+        views = self.defocus_views
 
         def score(p0: np.ndarray) -> float:
-            cand = probe.copy()
+            cand = probe_s.copy()
             cand[0] = p0
-            return growth_misfit(cand, level, shape, amps, mask, cur, self.radius, self.local_radius,
-                                 self.defocus_views)
+            return growth_misfit(cand, level, shape_s, amps_s, mask_s, cur_s, self.radius / f,
+                                 self.local_radius / f, views)
         tried: dict[float, float] = {}
 
-        def scan(cs: np.ndarray) -> None:
+        def scan(cs: np.ndarray) -> float:
             cs = np.array([c for c in cs if float(c) not in tried])
-            for c, p0 in zip(cs, defocus_family(mean_amp, power, cs)):
+            for c, p0 in zip(cs, defocus_family(mean_amp, power_s, cs / f ** 2)):
                 tried[float(c)] = score(p0)
+            return min(tried, key=tried.__getitem__)
+        best = scan(np.arange(-n, n + n / 8, n / 4))
+        e_current = score(probe_s[0])
+        self.defocus_scores = {"coarse": dict(tried), "current": e_current}
+        if not tried[best] < e_current:
+            rec.log(f"hxn-ptycho: probe defocus: the current probe fits {e_current:.4g}, better than every c "
+                    f"(best c = {best:.0f}: {tried[best]:.4g}; {views} views grown at 1/{f} resolution): kept")
+            return probe
         step = n / 8
-        scan(np.arange(-n, n + step / 2, step))
-        for _ in range(2):
-            best = min(tried, key=tried.__getitem__)
+        for _ in range(3):
+            best = scan(np.array([best - step, best + step]))
             step /= 2
-            scan(np.array([best - step, best + step]))
-        best = min(tried, key=tried.__getitem__)
-        e_current = score(probe[0])
-        logger.debug("probe defocus scores: %s", {c: round(e, 4) for c, e in sorted(tried.items())})
+        self.defocus_scores["all"] = dict(tried)
+        logger.debug("probe defocus scores: %s", self.defocus_scores)
         rec.log(f"hxn-ptycho: probe defocus: c = {best:.1f} fits {tried[best]:.4g} against {e_current:.4g} "
-                f"for the current probe ({self.defocus_views} views grown)")
+                f"for the current probe ({views} views grown at 1/{f} resolution)")
         if not tried[best] < e_current:
             return probe
         self.defocus_chosen = best
         # a probe of the right defocus: the late growth's scale is the data's, not held to the nominal
         # one (held, seed 2 ended at 0.81 px and 8.6x the true run's object error)
         self.hold_after_grow = False
+        good_full = np.ones(amps.shape[1:], bool) if mask is None else mask
+        mean_full = pupil_amplitude(np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good_full)
         out = probe.copy()
-        out[0] = defocus_family(mean_amp, power, np.array([best]))[0]
+        out[0] = defocus_family(mean_full, float(np.sum(np.abs(probe[0]) ** 2)), np.array([best]))[0]
         return out
 
     def _object_sums(self) -> tuple[Any, Any, float]:
@@ -452,9 +479,10 @@ class PositionRefiner:
         self._pconj, self._pint = pconj, pint
         return num, den, rec.params.object_reg * float(den.max()) + dm.TINY
 
-    def _leave_one_out(self, j: int, num: Any, den: Any, alpha: float) -> Any:
+    def _leave_one_out(self, j: int, num: Any, den: Any, alpha: float, fill: Any = None) -> Any:
         """The object update (6) without view ``j``'s own exit wave: a view's current corner is
-        otherwise favoured by the object it painted there itself."""
+        otherwise favoured by the object it painted there itself. Where no other view illuminates,
+        the current object — or ``fill`` (e.g. the object's mean level: no evidence there)."""
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
         i = j - geom.start
         b = slice(i, i + 1)
@@ -463,7 +491,8 @@ class PositionRefiner:
         n_j, d_j = num.copy(), den.copy()
         geom.scatter_add(be, n_j, b, -src)
         geom.scatter_add(be, d_j, b, -self._pint)
-        return ((n_j + alpha * rec.obj) / (be.xp.maximum(d_j, 0) + alpha)).astype(rec.cdtype, copy=False)
+        prior = rec.obj if fill is None else fill
+        return ((n_j + alpha * prior) / (be.xp.maximum(d_j, 0) + alpha)).astype(rec.cdtype, copy=False)
 
     def errors_at_positions(self, positions: np.ndarray) -> np.ndarray:
         """Each view's data error with the current model at ``positions`` (all views; summed over ranks)."""
@@ -478,17 +507,79 @@ class PositionRefiner:
     def guard(self) -> int:
         """Refinement must not make the data error worse than not refining: each view whose data
         error with the current model is lower at its nominal corner (moved by the mean refinement
-        shift, traded with the object) than at its refined one goes back; returns how many."""
+        shift, traded with the object) than at its refined one goes back; returns how many.
+
+        With the coarse stage (``position_search_radius`` > 0) each view is judged against the
+        object *without its own exit wave* (:meth:`_leave_one_out`, the mean level where no other
+        view illuminates): a view left at a wrong corner has painted the object there itself and
+        fits it. Views whose error so judged is far above the others' (relative to the frame's
+        energy) are searched again over ``position_max_shift`` around the drift of their neighbours
+        in scan order (:meth:`_rescue_outliers`) before the comparison."""
         geom = self.rec.geom
         cur = geom.positions_all.copy()
         shift = np.median(cur - geom.nominal_all, axis=0)
         back = self._clip(geom.nominal_all + shift)
-        worse = self.errors_at_positions(back) < self.errors_at_positions(cur)
+        if self.radius > 0:
+            e_cur, e_back, cur = self._rescue_outliers(cur, back)
+            geom.set_positions(cur)
+        else:
+            e_back, e_cur = self.errors_at_positions(back), self.errors_at_positions(cur)
+        worse = e_back < e_cur
         if worse.any():
             cur[worse] = back[worse]
             geom.set_positions(cur)
         self.reverted = int(worse.sum())
-        return self.reverted
+        return self.reverted + self.rescued_at_end
+
+    def _rescue_outliers(self, cur: np.ndarray, back: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each view's data error at ``cur`` and at ``back`` against the object without its own exit
+        wave, and the corners with the outliers searched again: a view whose error at ``cur``
+        relative to its frame's energy exceeds 3x the median moves to the best corner of a grid
+        (2 px on the smoothed object, then 1 px) over ``position_max_shift`` around its nominal
+        corner plus the median correction of the 9 views around it in scan order, if its error
+        there is below 0.7x the lower of the two."""
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        N = len(cur)
+        num, den, alpha = self._object_sums()
+        illum = den[0] > 0.1 * float(den.max())
+        level = rec.obj[:, illum].mean(axis=1)[:, None, None]
+        scratch = self._scratch()
+        e_cur, e_back, energy = np.zeros(N), np.zeros(N), np.zeros(N)
+        for j in range(geom.start, geom.stop):
+            obj_j = self._leave_one_out(j, num, den, alpha, fill=level)
+            e_cur[j], e_back[j] = self._errors_at(j, self._clip(np.stack([cur[j], back[j]])), obj_j, scratch)
+            amp = rec.diffamp[j - geom.start]
+            energy[j] = float(be.asnumpy(be.xp.sum(be.xp.square(amp if rec.mask is None else amp * rec.mask),
+                                                   dtype=be.xp.float64)))
+        rec.reducer.allreduce_sum([e_cur, e_back, energy])
+        rel = e_cur / np.maximum(energy, 1e-300)
+        flagged = np.nonzero(rel > 3.0 * float(np.median(rel)))[0]
+        corr = cur - geom.nominal_all
+        typical = np.ones(N, bool)
+        typical[flagged] = False
+        found, e_found = np.zeros_like(cur), np.zeros(N)
+        coarse, fine = disc_grid(self.max_shift, 2.0), disc_grid(1.5, 1.0)
+        for j in flagged.tolist():
+            if not geom.start <= j < geom.stop:
+                continue
+            near = [k for k in range(max(0, j - 4), min(N, j + 5)) if typical[k]]
+            pred = geom.nominal_all[j] + (np.median(corr[near], axis=0) if near else 0.0)
+            obj_j = self._leave_one_out(j, num, den, alpha, fill=level)
+            cand = self._clip(np.round(pred) + coarse)
+            best = cand[int(np.argmin(self._errors_at(j, cand, smoothed(be, obj_j, 1.0), scratch)))]
+            cand = self._clip(best + fine)
+            e = self._errors_at(j, cand, obj_j, scratch)
+            i = int(np.argmin(e))
+            found[j], e_found[j] = cand[i], e[i]
+        rec.reducer.allreduce_sum([found, e_found])
+        moved = np.isin(np.arange(N), flagged) & (e_found > 0) & (e_found < 0.7 * np.minimum(e_cur, e_back))
+        cur = cur.copy()
+        cur[moved], e_cur[moved] = found[moved], e_found[moved]
+        self.rescued_at_end = int(moved.sum())
+        if len(flagged):
+            rec.log(f"hxn-ptycho: guard: {len(flagged)} views fit their refined corners badly without their own "
+                    f"exit waves; {self.rescued_at_end} found again")
+        return e_cur, e_back, cur
 
     # --- one refinement ------------------------------------------------------------------------
     def refine(self) -> float:
