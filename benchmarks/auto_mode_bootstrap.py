@@ -3,6 +3,7 @@ tests/mode_mixtures.py (issue 18, part 2; docs/auto_modes.md, "Session 19").
 
     python benchmarks/auto_mode_bootstrap.py fly:1e6:3:0.08 gsm:1e6:3:0.03 shifted:1e6:2:0.1
     python benchmarks/auto_mode_bootstrap.py fly:1e6:1:1 --its 60 --alpha-z 2
+    python benchmarks/auto_mode_bootstrap.py --summarise results.jsonl [alpha_z]   # the rules' counts
 
 A case is ``family:photons:true count:weakest share`` (``fly:1e6:3:0.08`` is issue 18's fly mixture,
 68/24/8 %); 64² frames, 100 views, seed 1, as benchmarks/auto_mode_mixtures.py. A ``fly`` scan
@@ -42,7 +43,7 @@ from mode_mixtures import mixture_scan, spectrum
 
 from hxn_ptycho import dm, modes
 from hxn_ptycho.engine import Reconstruction
-from hxn_ptycho.params import ReconParams
+from hxn_ptycho.params import ReconParams, parse_assignments
 from hxn_ptycho.scanfile import ScanData
 
 QUIET = {"log": lambda m: None}
@@ -125,13 +126,14 @@ def residual_mode(rec: Reconstruction, power: float, steps: int = 20) -> np.ndar
 
 ALGORITHM: str | None = None     # --algorithm: e.g. DM:100,ML:50 (with ML_NOISE) instead of --its DM iterations
 ML_NOISE = "amplitude"
+EXTRA: dict[str, Any] = {}       # --set name=value: any further parameter of every fit
 
 
 def fit(scan: ScanData, K: int, its: int, start: tuple[np.ndarray, np.ndarray] | None = None
         ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A fixed-count fit: final error, per-view errors, model intensity, power shares, object, probe."""
     extra: dict[str, Any] = {"algorithm": ALGORITHM, "ml_noise_model": ML_NOISE} if ALGORITHM else {"iterations": its}
-    rec = Reconstruction(scan, ReconParams(probe_modes=K, threads=1, **extra), **QUIET)
+    rec = Reconstruction(scan, ReconParams.from_dict({"threads": 1, **EXTRA, **extra, "probe_modes": K}), **QUIET)
     try:
         if start is not None:
             rec.obj = rec.be.asarray(start[0], rec.cdtype)
@@ -164,7 +166,45 @@ def null_scan(scan: ScanData, model: np.ndarray, seed: int) -> ScanData:
                     z_m=scan.z_m, ccd_pixel_um=scan.ccd_pixel_um, mask=scan.mask, attrs=dict(scan.attrs))
 
 
+RULES = ("error", "share", "both")
+
+
+def decide(steps: list[dict[str, Any]], rule: str, alpha_z: float) -> int | None:
+    """The count a rule gives from a case's recorded steps (None: the steps end before it stops).
+
+    'error': keep mode K + 1 while the real error gain beats the null's by ``alpha_z`` standard errors;
+    'share': while its share in the real K + 1 fit exceeds its share in the null's K + 1 fit (the null's
+    share hardly varies between Poisson draws: 0.02–0.03 points over 3 draws, so no margin);
+    'both': while both hold."""
+    for st in sorted(steps, key=lambda x: x["K"]):
+        ok_err = st["z"] > alpha_z
+        ok_share = st["share_new"] > st["null_share_new"]
+        keep = ok_err if rule == "error" else ok_share if rule == "share" else (ok_err and ok_share)
+        if not keep:
+            return int(st["K"])
+    return None
+
+
+def summarise(path: str, alpha_z: float) -> None:
+    """One line per recorded case: the true count and the count of each rule (✓ right, ✗ wrong)."""
+    print(f"{'case':>20} {'true':>4} " + " ".join(f"{r:>6}" for r in RULES))
+    right = dict.fromkeys(RULES, 0)
+    n = 0
+    for line in open(path):
+        r = json.loads(line)
+        found = {rule: decide(r["steps"], rule, alpha_z) for rule in RULES}
+        n += 1
+        for rule in RULES:
+            right[rule] += found[rule] == r["true"]
+        print(f"{r['case']:>20} {r['true']:>4} " + " ".join(
+            f"{'?' if found[x] is None else found[x]:>5}{'✓' if found[x] == r['true'] else '✗'}" for x in RULES))
+    print(f"right of {n}: " + ", ".join(f"{x} {right[x]}" for x in RULES))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--summarise"]:
+        summarise(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 2.0)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cases", nargs="+")
     ap.add_argument("--its", type=int, default=100)
@@ -177,10 +217,12 @@ def main() -> None:
     ap.add_argument("--null-draws", type=int, default=1, help="null data sets per step (>= 3: a z for the share too)")
     ap.add_argument("--algorithm", help="e.g. DM:100,ML:50 instead of --its DM iterations")
     ap.add_argument("--ml-noise", default="amplitude")
+    ap.add_argument("--set", nargs="*", default=[], help="extra parameters of every fit, name=value")
     ap.add_argument("--json", help="append each case's record to this file (JSON lines)")
     a = ap.parse_args()
     global ALGORITHM, ML_NOISE
     ALGORITHM, ML_NOISE = a.algorithm, a.ml_noise
+    EXTRA.update(parse_assignments(a.set))
     for text in a.cases:
         t0 = time.perf_counter()
         scan, K_true = case_scan(text, a.seed)
@@ -228,7 +270,8 @@ def main() -> None:
         print(f"{text}: true {K_true}, found {found} {'ok' if found == K_true else 'WRONG'}  ({dt:.0f} s)", flush=True)
         if a.json:
             with open(a.json, "a") as fh:
-                fh.write(json.dumps({"case": text, "its": a.its, "start": a.start, "alpha_z": a.alpha_z,
+                fh.write(json.dumps({"case": text, "its": a.its, "set": a.set,
+                                     "algorithm": a.algorithm, "start": a.start, "alpha_z": a.alpha_z,
                                      "true": K_true, "found": found, "seconds": round(dt, 1), "steps": steps}) + "\n")
 
 
