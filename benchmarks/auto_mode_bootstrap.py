@@ -190,8 +190,9 @@ def summarise(path: str, alpha_z: float) -> None:
     print(f"{'case':>20} {'true':>4} " + " ".join(f"{r:>6}" for r in RULES))
     right = dict.fromkeys(RULES, 0)
     n = 0
-    for line in open(path):
-        r = json.loads(line)
+    with open(path) as fh:
+        records = [json.loads(line) for line in fh]
+    for r in records:
         found = {rule: decide(r["steps"], rule, alpha_z) for rule in RULES}
         n += 1
         for rule in RULES:
