@@ -169,8 +169,9 @@ def null_scan(scan: ScanData, model: np.ndarray, seed: int) -> ScanData:
 RULES = ("error", "share", "both")
 
 
-def decide(steps: list[dict[str, Any]], rule: str, alpha_z: float) -> int | None:
-    """The count a rule gives from a case's recorded steps (None: the steps end before it stops).
+def decide(steps: list[dict[str, Any]], rule: str, alpha_z: float) -> tuple[int, bool]:
+    """The count a rule gives from a case's recorded steps, and whether it stopped within them (False:
+    it kept every mode measured, so the count is at least the one given).
 
     'error': keep mode K + 1 while the real error gain beats the null's by ``alpha_z`` standard errors;
     'share': while its share in the real K + 1 fit exceeds its share in the null's K + 1 fit (the null's
@@ -181,8 +182,8 @@ def decide(steps: list[dict[str, Any]], rule: str, alpha_z: float) -> int | None
         ok_share = st["share_new"] > st["null_share_new"]
         keep = ok_err if rule == "error" else ok_share if rule == "share" else (ok_err and ok_share)
         if not keep:
-            return int(st["K"])
-    return None
+            return int(st["K"]), True
+    return int(max(st["K"] for st in steps)) + 1, False
 
 
 def summarise(path: str, alpha_z: float) -> None:
@@ -195,10 +196,11 @@ def summarise(path: str, alpha_z: float) -> None:
     for r in records:
         found = {rule: decide(r["steps"], rule, alpha_z) for rule in RULES}
         n += 1
+        ok = {x: found[x][1] and found[x][0] == r["true"] for x in RULES}
         for rule in RULES:
-            right[rule] += found[rule] == r["true"]
+            right[rule] += ok[rule]
         print(f"{r['case']:>20} {r['true']:>4} " + " ".join(
-            f"{'?' if found[x] is None else found[x]:>5}{'✓' if found[x] == r['true'] else '✗'}" for x in RULES))
+            f"{('' if found[x][1] else '≥') + str(found[x][0]):>5}{'✓' if ok[x] else '✗'}" for x in RULES))
     print(f"right of {n}: " + ", ".join(f"{x} {right[x]}" for x in RULES))
 
 
