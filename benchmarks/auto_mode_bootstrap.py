@@ -23,7 +23,8 @@ real and the null K + 1 fits is printed too (the share variant of the same test)
 
 ``--start residual``: the K + 1 fits start from the K fit (object and modes) plus one mode seeded
 from the top eigenvector of the residual operator (session 17's A, benchmarks/auto_mode_cv.py
-``score``) at ``--seed-power`` of the first mode's power, instead of the library's fresh start.
+``score``, inside the probe's pupil, Lanczos) at ``--seed-power`` of the first mode's power, instead of
+the library's fresh start.
 """
 from __future__ import annotations
 
@@ -81,47 +82,49 @@ def per_view(rec: Reconstruction) -> tuple[np.ndarray, np.ndarray]:
 
 
 def residual_mode(rec: Reconstruction, power: float, steps: int = 20) -> np.ndarray:
-    """The top eigenvector of A = Σ_j O_j* F⁻¹ diag(√I_j/|F(P·O_j)| − 1) F O_j on the complement of
-    the current modes (the first-order gain of one more incoherent mode), scaled to ``power`` of the
-    first mode's power (power iteration on A shifted to be positive, ``steps`` steps)."""
+    """The top eigenvector of A = Σ_j O_j* F⁻¹ diag(√I_j/|F(P·O_j)| − 1) F O_j (the first-order gain of
+    one more incoherent mode) on the complement of the current modes and inside the probe's pupil (the
+    far-field support of the first mode: > 1 % of its peak; session 17's 'pupil' variant, the whole
+    window's top vector being dark-field noise), by Lanczos (``steps``, benchmarks/auto_mode_cv.py),
+    scaled to ``power`` of the first mode's power."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from auto_mode_cv import lanczos_top
     probe = rec.be.asnumpy(rec.probe).astype(np.complex128)
     K, n = probe.shape[0], rec.n
-    basis = probe.reshape(K, -1)
-    q, _ = np.linalg.qr(basis.T)
+    q, _ = np.linalg.qr(probe.reshape(K, -1).T)
+    far = np.abs(np.fft.fft2(probe[0], norm="ortho")) ** 2
+    pupil = far > 0.01 * far.max()
 
-    def project(v: np.ndarray) -> np.ndarray:
-        f = v.ravel()
-        return (f - q @ (q.conj().T @ f)).reshape(n, n)
+    def project(x: np.ndarray) -> np.ndarray:
+        x = np.fft.ifft2(np.fft.fft2(x.reshape(n, n), norm="ortho") * pupil, norm="ortho").ravel()
+        return x - q @ (q.conj().T @ x)
 
-    ratio: list[tuple[slice, np.ndarray, np.ndarray]] = []
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
 
     def prep(w: Any, b: slice) -> None:
         be, B = rec.be, b.stop - b.start
         f = be.fft2(rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
-        amp = np.maximum(be.asnumpy(dm._modulus(be, f)), 1e-6)
-        r = be.asnumpy(rec.diffamp[b]) / amp - 1.0
+        r = be.asnumpy(rec.diffamp[b]) / np.maximum(be.asnumpy(dm._modulus(be, f)), 1.0) - 1.0
         if rec.mask is not None:
             r *= be.asnumpy(rec.mask)
         wins = be.asnumpy(be.gather(rec.obj, rec.geom.corner[b], n, out=w.objwin[:B]))[:, 0].astype(np.complex128)
-        ratio.append((b, r, wins))
+        parts.append((r, wins))
     rec.scheduler.each(prep)
 
-    def apply(v: np.ndarray) -> np.ndarray:
+    def apply(x: np.ndarray) -> np.ndarray:
+        v = x.reshape(n, n)
         out = np.zeros((n, n), np.complex128)
-        for _, r, wins in ratio:
-            x = np.fft.ifft2(r * np.fft.fft2(wins * v[None], norm="ortho"), norm="ortho")
-            out += np.sum(wins.conj() * x, axis=0)
-        return out
+        for r, wins in parts:
+            out += np.sum(wins.conj() * np.fft.ifft2(r * np.fft.fft2(wins * v[None], norm="ortho"), norm="ortho"),
+                          axis=0)
+        return out.ravel()
 
     rng = np.random.default_rng(0)
-    v = project(rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n)))
-    # the spectrum of A is bounded below by -Σ|O|² (r ≥ −1): shift by it so the top eigenvalue dominates
-    shift = max(float(np.max(np.sum(np.abs(w) ** 2, axis=0))) for _, _, w in ratio) * len(ratio)
-    for _ in range(steps):
-        v = project(apply(v) + shift * v)
-        v /= np.linalg.norm(v)
+    _, v = lanczos_top(lambda x: project(apply(project(x))), project(rng.standard_normal(n * n) + 0j), steps)
+    v = project(v)
+    v /= np.linalg.norm(v)
     p0 = float(np.vdot(probe[0], probe[0]).real)
-    return (v * np.sqrt(power * p0)).astype(probe.dtype)
+    return (v.reshape(n, n) * np.sqrt(power * p0)).astype(rec.be.asnumpy(rec.probe).dtype)
 
 
 ALGORITHM: str | None = None     # --algorithm: e.g. DM:100,ML:50 (with ML_NOISE) instead of --its DM iterations
