@@ -21,6 +21,10 @@ when the real gain exceeds the null's by ``--alpha-z`` standard errors (Welch: t
 the mean of d0 over √(var d/N + var d0/N)); else the count is K. The share of the new mode in the
 real and the null K + 1 fits is printed too (the share variant of the same test).
 
+``--over``: over-complete, then reduce — one ``--max-modes`` fit of the real data; for K = 1, 2, …
+Poisson data from its K strongest modes and its object, fitted by the same over-complete procedure;
+the count is the first K whose (K + 1)-th share is no larger on the real data than on that null.
+
 ``--start residual``: the K + 1 fits continue the K fit (object and modes) with one more mode seeded
 from the top eigenvector of the residual operator (session 17's A, benchmarks/auto_mode_cv.py
 ``score``, inside the probe's pupil, Lanczos) at ``--seed-power`` of the first mode's power, instead of
@@ -208,6 +212,45 @@ def summarise(path: str, alpha_z: float) -> None:
     print(f"right of {n}: " + ", ".join(f"{x} {right[x]}" for x in RULES))
 
 
+def overcomplete(text: str, a: argparse.Namespace) -> None:
+    """Over-complete, then reduce: one fit with ``--max-modes`` modes of the real data (spectrum s); for
+    K = 1, 2, …: Poisson data from that fit's K strongest modes (the rest's power given to them) and
+    its object, fitted by the same over-complete procedure (spectrum s0); the count is the first K whose
+    (K + 1)-th share is no larger on the real data than on this K-mode null."""
+    t0 = time.perf_counter()
+    scan, K_true = case_scan(text, a.seed)
+    M = a.max_modes
+    real = fit(scan, M, a.its)
+    s = real[3]
+    found, rows = None, []
+    for K in range(1, M):
+        probe = real[5][:K] * np.sqrt(1.0 / float(np.sum(s[:K])))
+        rec = Reconstruction(scan, ReconParams(iterations=1, probe_modes=K, threads=1), **QUIET)
+        try:
+            rec.obj = rec.be.asarray(real[4], rec.cdtype)
+            rec.probe = rec.be.asarray(probe, rec.cdtype)
+            model = per_view(rec)[1]
+        finally:
+            rec.close()
+        s0 = fit(null_scan(scan, model, seed=2000 + K), M, a.its)[3]
+        rows.append({"K": K, "share": float(s[K]), "null_share": float(s0[K]),
+                     "null_spectrum": [round(float(x), 4) for x in s0]})
+        print(f"  {text} K {K}: real {'/'.join(f'{100 * x:.2f}' for x in s)}  null {'/'.join(f'{100 * x:.2f}' for x in s0)}"
+              f"  mode {K + 1}: {100 * s[K]:.2f} vs {100 * s0[K]:.2f} %", flush=True)
+        if s[K] <= s0[K] and found is None:
+            found = K
+            if not a.full:
+                break
+    found = found or M
+    dt = time.perf_counter() - t0
+    print(f"{text}: true {K_true}, found {found} {'ok' if found == K_true else 'WRONG'}  ({dt:.0f} s)", flush=True)
+    if a.json:
+        with open(a.json, "a") as fh:
+            fh.write(json.dumps({"case": text, "mode": "over", "its": a.its, "max_modes": M, "true": K_true,
+                                 "found": found, "seconds": round(dt, 1), "spectrum": [float(x) for x in s],
+                                 "steps": rows}) + "\n")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--summarise"]:
         summarise(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 2.0)
@@ -225,12 +268,16 @@ def main() -> None:
     ap.add_argument("--algorithm", help="e.g. DM:100,ML:50 instead of --its DM iterations")
     ap.add_argument("--ml-noise", default="amplitude")
     ap.add_argument("--set", nargs="*", default=[], help="extra parameters of every fit, name=value")
+    ap.add_argument("--over", action="store_true", help="over-complete, then reduce (see overcomplete)")
     ap.add_argument("--json", help="append each case's record to this file (JSON lines)")
     a = ap.parse_args()
     global ALGORITHM, ML_NOISE
     ALGORITHM, ML_NOISE = a.algorithm, a.ml_noise
     EXTRA.update(parse_assignments(a.set))
     for text in a.cases:
+        if a.over:
+            overcomplete(text, a)
+            continue
         t0 = time.perf_counter()
         scan, K_true = case_scan(text, a.seed)
         fits: dict[int, Any] = {1: fit(scan, 1, a.its)}
