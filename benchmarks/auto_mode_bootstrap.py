@@ -268,6 +268,8 @@ def main() -> None:
     ap.add_argument("--algorithm", help="e.g. DM:100,ML:50 instead of --its DM iterations")
     ap.add_argument("--ml-noise", default="amplitude")
     ap.add_argument("--set", nargs="*", default=[], help="extra parameters of every fit, name=value")
+    ap.add_argument("--judge", action="store_true", help="every step up to the true count, then stop (enough to "
+                    "tell whether each rule is right: the cheapest grid run)")
     ap.add_argument("--over", action="store_true", help="over-complete, then reduce (see overcomplete)")
     ap.add_argument("--json", help="append each case's record to this file (JSON lines)")
     a = ap.parse_args()
@@ -283,7 +285,8 @@ def main() -> None:
         fits: dict[int, Any] = {1: fit(scan, 1, a.its)}
         found, steps = None, []
         K = 1
-        while K < a.max_modes:
+        limit = K_true + 1 if a.judge else a.max_modes
+        while K < limit:
             if a.start == "residual":
                 # the chain: the K + 1 fit continues the K fit with one residual-seeded mode; its reference
                 # is the K fit continued as long, so the gain is the mode's, not the extra iterations'
@@ -332,7 +335,7 @@ def main() -> None:
                 if not a.full or K >= K_true + 1:
                     break
             K += 1
-        found = found or a.max_modes
+        found = found or limit
         dt = time.perf_counter() - t0
         print(f"{text}: true {K_true}, found {found} {'ok' if found == K_true else 'WRONG'}  ({dt:.0f} s)", flush=True)
         if a.json:
