@@ -136,3 +136,27 @@ def test_fixed_three_mode_fit_of_the_fly_mixture_reaches_the_fit_from_the_truth(
         rec.close()
     assert errors[0] < 0.00120, errors            # the target is reachable: the true modes stay there
     assert errors[1] < 1.03 * errors[0], errors
+
+
+def test_the_bootstrap_benchmarks_per_view_errors_and_null_data():
+    """benchmarks/auto_mode_bootstrap.py (docs/auto_modes.md, session 19): its per-view errors sum to the
+    engine's normalised data error of the same model, and its null data are Poisson draws whose mean is
+    that model's intensity (the null must be the fitted model, or the test it calibrates says nothing)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import auto_mode_bootstrap as boot
+
+    from hxn_ptycho.engine import Reconstruction
+    scan, _ = mixture_scan("gsm", spectrum(2, 0.3), 1e5, seed=3, n=32, n_positions=30, step=4.0)
+    rec = Reconstruction(scan, ReconParams(iterations=4, probe_modes=2, threads=1, precision="double"), **QUIET)
+    rec._run()
+    err, model = boot.per_view(rec)
+    assert err.sum() == pytest.approx(rec.model_cost()[1], rel=1e-9)
+    rec.close()
+    null = boot.null_scan(scan, model, seed=5)
+    counts = null.diffamp.astype(float) ** 2
+    assert np.allclose(counts, np.round(counts), atol=1e-3)                    # photon counts
+    assert np.sum(counts) == pytest.approx(np.sum(model), rel=0.01)           # mean: the model's intensity
+    assert not np.allclose(counts, model, rtol=0.05)                           # with Poisson noise
+    assert null.points is scan.points and null.attrs == scan.attrs
