@@ -201,17 +201,22 @@ def pupil_amplitude(mean_amp: np.ndarray, support: float = 0.3) -> np.ndarray:
     return np.where(amp >= support * float(amp.max()), amp, 0.0)
 
 
-def defocus_family(mean_amp: np.ndarray, power: float, coefficients: np.ndarray) -> np.ndarray:
+def defocus_family(mean_amp: np.ndarray, power: float, coefficients: np.ndarray,
+                   astigmatism: np.ndarray | None = None) -> np.ndarray:
     """Probes (C, n, n) whose far field is the mean measured amplitude with a defocus phase
     π·c·k² (k in units of the Nyquist frequency, as :func:`hxn_ptycho.modes.probe_from_amplitude`),
     one per coefficient ``c``, each of total power ``power``. Both signs: a scan fixes the sign the
-    data's positions agree with."""
+    data's positions agree with. ``astigmatism`` (C,): an astigmatism a along the detector's axes,
+    the phase π·((c − a)·k_row² + (c + a)·k_col²) — a defocus c − a along the rows, c + a along
+    the columns."""
     n = mean_amp.shape[-1]
     k = np.fft.fftfreq(n) * 2
-    k2 = k[:, None] ** 2 + k[None, :] ** 2
+    k2r, k2c = k[:, None] ** 2, k[None, :] ** 2
+    astig = np.zeros(len(coefficients)) if astigmatism is None else np.asarray(astigmatism, np.float64)
     out = np.empty((len(coefficients), n, n), np.complex128)
-    for i, c in enumerate(coefficients):
-        p = np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * np.pi * c * k2)))
+    for i, (c, a) in enumerate(zip(coefficients, astig)):
+        phase = np.pi * ((c - a) * k2r + (c + a) * k2c)
+        p = np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * phase)))
         out[i] = p * np.sqrt(power / max(float(np.vdot(p, p).real), 1e-300))
     return out
 
@@ -239,12 +244,13 @@ def half_resolution(amps: np.ndarray, mask: np.ndarray | None, probe: np.ndarray
 
 def growth_misfit(probe: np.ndarray, level: np.ndarray, shape: tuple[int, ...], amps: np.ndarray,
                   mask: np.ndarray | None, nominal: np.ndarray, radius: float, local_radius: float,
-                  views: int) -> float:
+                  views: int, first: int = 0) -> float:
     """The data error of the first ``views`` views (scan order) after growing them with ``probe``
     (K, n, n) from a flat object at ``level`` (L,): how well that probe explains the data once each
     view is registered against the views before it — low for a probe close to the true one, where
-    a misfit at the nominal corners does not discriminate (docs/position_search.md)."""
-    m = min(views, len(nominal))
-    g = Grower(np.broadcast_to(level[:, None, None], shape), probe, amps[:m], mask)
-    found, _ = grow(g, nominal[:m], radius, local_radius=local_radius)
+    a misfit at the nominal corners does not discriminate (docs/position_search.md). ``first``: the
+    views from that one on (another set of views to confirm a choice on)."""
+    m = min(views, len(nominal) - first)
+    g = Grower(np.broadcast_to(level[:, None, None], shape), probe, amps[first:first + m], mask)
+    found, _ = grow(g, nominal[first:first + m], radius, local_radius=local_radius)
     return float(sum(g.misfit(j, g.clip(found[j][None]))[0] for j in range(m)))
