@@ -244,13 +244,12 @@ def half_resolution(amps: np.ndarray, mask: np.ndarray | None, probe: np.ndarray
 
 def growth_misfit(probe: np.ndarray, level: np.ndarray, shape: tuple[int, ...], amps: np.ndarray,
                   mask: np.ndarray | None, nominal: np.ndarray, radius: float, local_radius: float,
-                  views: int, first: int = 0) -> float:
+                  views: int) -> float:
     """The data error of the first ``views`` views (scan order) after growing them with ``probe``
     (K, n, n) from a flat object at ``level`` (L,): how well that probe explains the data once each
     view is registered against the views before it — low for a probe close to the true one, where
-    a misfit at the nominal corners does not discriminate (docs/position_search.md). ``first``: the
-    views from that one on (another set of views to confirm a choice on)."""
-    m = min(views, len(nominal) - first)
-    g = Grower(np.broadcast_to(level[:, None, None], shape), probe, amps[first:first + m], mask)
-    found, _ = grow(g, nominal[first:first + m], radius, local_radius=local_radius)
+    a misfit at the nominal corners does not discriminate (docs/position_search.md)."""
+    m = min(views, len(nominal))
+    g = Grower(np.broadcast_to(level[:, None, None], shape), probe, amps[:m], mask)
+    found, _ = grow(g, nominal[:m], radius, local_radius=local_radius)
     return float(sum(g.misfit(j, g.clip(found[j][None]))[0] for j in range(m)))

@@ -45,6 +45,8 @@ import numpy as np
 from . import dm
 
 logger = logging.getLogger(__name__)
+# an astigmatic member must fit the grown views at most this much of the defocus alone's misfit
+ASTIGMATISM_GAIN = 0.8
 
 
 def smoothed(be: Any, obj: Any, sigma: float) -> Any:
@@ -426,11 +428,11 @@ class PositionRefiner:
         power_s = float(np.sum(np.abs(probe_s[0]) ** 2))
         views = self.defocus_views
 
-        def score(p0: np.ndarray, first: int = 0) -> float:
+        def score(p0: np.ndarray) -> float:
             cand = probe_s.copy()
             cand[0] = p0
             return growth_misfit(cand, level, shape_s, amps_s, mask_s, cur_s, self.radius / f,
-                                 self.local_radius / f, views, first)
+                                 self.local_radius / f, views)
         tried: dict[float, float] = {}
 
         def scan(cs: np.ndarray) -> float:
@@ -457,7 +459,7 @@ class PositionRefiner:
             return probe
         astig = 0.0
         if self.probe_astigmatism:
-            best, astig = self._choose_astigmatism(best, tried[best], mean_amp, power_s, score, f, len(cur))
+            best, astig = self._choose_astigmatism(best, tried[best], mean_amp, power_s, score, f)
         self.defocus_chosen = best
         self.defocus_astigmatism = astig
         # a probe of the right defocus: the late growth's scale is the data's, not held to the nominal
@@ -471,16 +473,16 @@ class PositionRefiner:
         return out
 
     def _choose_astigmatism(self, c: float, e_c: float, mean_amp: np.ndarray, power_s: float,
-                            score: Callable[..., float], f: int, views_all: int) -> tuple[float, float]:
+                            score: Callable[..., float], f: int) -> tuple[float, float]:
         """The astigmatism a along the detector's axes (a defocus c − a along the rows, c + a along
         the columns) that, with the defocus ``c`` just chosen (growth misfit ``e_c``), fits the
         grown views best: a coordinate search in the two axes' defocus, steps n/8, n/16, n/32, each
-        axis ±step in turn (12 growths). Without it an astigmatic probe trades with an uneven scale
-        of the layout (docs/position_search.md, "Session 19, astigmatism"). The growth misfit of one
-        set of views varies by 10–30 % between neighbouring members, so the member found is taken
-        only if it also fits the *next* ``defocus_views`` views (scan order) better than ``c`` does
-        (2 more growths; with fewer than half as many next views, none is taken). Returns the
-        mean defocus (c_row + c_col)/2 and a; (c, 0) where none is taken."""
+        axis ±step in turn (at most 12 growths). Without it an astigmatic probe trades with an uneven
+        scale of the layout (docs/position_search.md, "Session 19, astigmatism"). The growth misfit
+        varies by up to 20 % between neighbouring members of no better fit (the simulator's zone
+        plate, drift seed 3), so the member found is taken only if it fits at most
+        ``ASTIGMATISM_GAIN`` of ``e_c`` (the astigmatic zone plate: 0.73). Returns the mean defocus
+        (c_row + c_col)/2 and a; (c, 0) where none is taken."""
         from .position_search import defocus_family
         rec = self.rec
         n = rec.n
@@ -502,25 +504,13 @@ class PositionRefiner:
                 best = min(tried, key=tried.__getitem__)
             step /= 2
         self.defocus_scores["astigmatism"] = {f"{r:g},{q:g}": e for (r, q), e in tried.items()}
-        if best == (c, c):
-            rec.log(f"hxn-ptycho: probe astigmatism: none fits better than c = {c:.1f}")
-            return c, 0.0
-        first = self.defocus_views
-        if views_all - first < first // 2:
-            rec.log("hxn-ptycho: probe astigmatism: too few views to confirm it on: none")
-            return c, 0.0
-        e_best2 = score(at(*best), first)
-        e_c2 = score(at(c, c), first)
-        self.defocus_scores["astigmatism_confirm"] = {"defocus": e_c2, "astigmatic": e_best2}
-        a = (best[1] - best[0]) / 2
-        if not e_best2 < e_c2:
-            rec.log(f"hxn-ptycho: probe astigmatism: rows {best[0]:.1f}, columns {best[1]:.1f} fit the first "
-                    f"views {tried[best]:.4g} against {e_c:.4g}, but not the next ones ({e_best2:.4g} against "
-                    f"{e_c2:.4g}): none")
+        if not tried[best] <= ASTIGMATISM_GAIN * e_c:
+            rec.log(f"hxn-ptycho: probe astigmatism: the best, rows {best[0]:.1f} and columns {best[1]:.1f}, "
+                    f"fits {tried[best]:.4g} against {e_c:.4g} for c = {c:.1f}: none")
             return c, 0.0
         rec.log(f"hxn-ptycho: probe astigmatism: rows {best[0]:.1f}, columns {best[1]:.1f} fit {tried[best]:.4g} "
-                f"and {e_best2:.4g} against {e_c:.4g} and {e_c2:.4g} for c = {c:.1f}: taken")
-        return (best[0] + best[1]) / 2, a
+                f"against {e_c:.4g} for c = {c:.1f}: taken")
+        return (best[0] + best[1]) / 2, (best[1] - best[0]) / 2
 
     def _object_sums(self) -> tuple[Any, Any, float]:
         """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
