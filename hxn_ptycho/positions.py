@@ -412,7 +412,8 @@ class PositionRefiner:
         :func:`~hxn_ptycho.position_search.half_resolution`; a member c becomes c/4 there), and
         coarse to fine — c over ±n in steps of n/4 and the current probe; the current probe is kept
         if it fits better than every member (10 growths), else ±n/8, ±n/16 and ±n/32 around the
-        best member (6 more), which is taken if it fits better than the current probe."""
+        best member (6 more), which is taken if it fits better than the current probe. Then an
+        astigmatism along the detector's axes (:meth:`_choose_astigmatism`, at most 12 more)."""
         from .position_search import defocus_family, growth_misfit, half_resolution, pupil_amplitude
         rec = self.rec
         n = rec.n
