@@ -84,10 +84,15 @@ def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 
         elif way == "off":
             res = reconstruct(scan, params(iterations, 0, refine=False), log=q)
             pos = res.positions_px
-        elif way == "default":          # --refine-positions with the radius, every other option as it is
-            res = reconstruct(scan, params(iterations, 0, refine=True).replace(position_search_radius=32.0,
-                              position_grow=ReconParams.position_grow,
-                              position_probe_defocus=ReconParams.position_probe_defocus), log=q)
+        elif way in ("default", "default_noastig"):   # --refine-positions with the radius, other options as they are
+            from hxn_ptycho.positions import PositionRefiner
+            PositionRefiner.probe_astigmatism = way == "default"
+            try:
+                res = reconstruct(scan, params(iterations, 0, refine=True).replace(
+                    position_search_radius=32.0, position_grow=ReconParams.position_grow,
+                    position_probe_defocus=ReconParams.position_probe_defocus), log=q)
+            finally:
+                PositionRefiner.probe_astigmatism = True
             pos = res.positions_refined_px
         else:
             res = reconstruct(scan, params(iterations, 0.0 if way == "gradient" else 32.0,
@@ -98,7 +103,12 @@ def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 
                     "cost": round(float(res.attrs["final_cost"]), 4), "s": round(time.perf_counter() - t0, 1)}
         if "position_probe_defocus" in res.attrs:
             out[way]["defocus"] = res.attrs["position_probe_defocus"]
+            out[way]["astigmatism"] = res.attrs.get("position_probe_astigmatism")
             out[way]["defocus_s"] = res.attrs.get("position_probe_defocus_seconds")
+            pos_c = pos - pos.mean(axis=0)
+            tru_c = truth.positions_px - truth.positions_px.mean(axis=0)
+            out[way]["scale_rows_cols"] = [round(float(np.sum(pos_c[:, i] * tru_c[:, i]) / np.sum(tru_c[:, i] ** 2)), 4)
+                                           for i in (0, 1)]
         if "position_reverted" in res.attrs:
             out[way]["reverted"] = res.attrs["position_reverted"]
             out[way]["rescued"] = res.attrs.get("position_rescued_at_end")

@@ -515,6 +515,7 @@ class Reconstruction:
             attrs["position_coarse_moved"] = list(refiner.coarse_moved)
             if refiner.probe_defocus:
                 attrs["position_probe_defocus"] = refiner.defocus_chosen
+                attrs["position_probe_astigmatism"] = refiner.defocus_astigmatism
                 attrs["position_probe_defocus_seconds"] = round(refiner.defocus_seconds, 2)
             attrs["position_reverted"] = refiner.reverted
             attrs["position_rescued_at_end"] = refiner.rescued_at_end

@@ -201,17 +201,22 @@ def pupil_amplitude(mean_amp: np.ndarray, support: float = 0.3) -> np.ndarray:
     return np.where(amp >= support * float(amp.max()), amp, 0.0)
 
 
-def defocus_family(mean_amp: np.ndarray, power: float, coefficients: np.ndarray) -> np.ndarray:
+def defocus_family(mean_amp: np.ndarray, power: float, coefficients: np.ndarray,
+                   astigmatism: np.ndarray | None = None) -> np.ndarray:
     """Probes (C, n, n) whose far field is the mean measured amplitude with a defocus phase
     π·c·k² (k in units of the Nyquist frequency, as :func:`hxn_ptycho.modes.probe_from_amplitude`),
     one per coefficient ``c``, each of total power ``power``. Both signs: a scan fixes the sign the
-    data's positions agree with."""
+    data's positions agree with. ``astigmatism`` (C,): an astigmatism a along the detector's axes,
+    the phase π·((c − a)·k_row² + (c + a)·k_col²) — a defocus c − a along the rows, c + a along
+    the columns."""
     n = mean_amp.shape[-1]
     k = np.fft.fftfreq(n) * 2
-    k2 = k[:, None] ** 2 + k[None, :] ** 2
+    k2r, k2c = k[:, None] ** 2, k[None, :] ** 2
+    astig = np.zeros(len(coefficients)) if astigmatism is None else np.asarray(astigmatism, np.float64)
     out = np.empty((len(coefficients), n, n), np.complex128)
-    for i, c in enumerate(coefficients):
-        p = np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * np.pi * c * k2)))
+    for i, (c, a) in enumerate(zip(coefficients, astig)):
+        phase = np.pi * ((c - a) * k2r + (c + a) * k2c)
+        p = np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * phase)))
         out[i] = p * np.sqrt(power / max(float(np.vdot(p, p).real), 1e-300))
     return out
 

@@ -38,13 +38,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from . import dm
 
 logger = logging.getLogger(__name__)
+# an astigmatic member must fit the grown views at most this much of the defocus alone's misfit
+ASTIGMATISM_GAIN = 0.8
 
 
 def smoothed(be: Any, obj: Any, sigma: float) -> Any:
@@ -201,6 +203,8 @@ def constrain(nominal: np.ndarray, current: np.ndarray, proposed: np.ndarray, ma
 
 class PositionRefiner:
     """Refines the positions of a :class:`~hxn_ptycho.engine.Reconstruction`'s views in place."""
+    probe_astigmatism: bool = True    # after the defocus, a search along the detector's two axes
+
 
     def __init__(self, rec: Any) -> None:
         self.rec = rec
@@ -229,6 +233,7 @@ class PositionRefiner:
         self.defocus_views = 48             # views (scan order) grown to score each probe of the family
         self.defocus_chosen: float | None = None     # the family's coefficient taken (None: the probe kept)
         self.defocus_scores: dict[str, Any] = {}    # the growth misfits of the choice (attrs)
+        self.defocus_astigmatism = 0.0              # the astigmatism taken (0: none)
         self.defocus_seconds = 0.0
         self.reverted = 0
         self.rescued_at_end = 0             # outliers found again by the guard (coarse stage only)
@@ -377,6 +382,7 @@ class PositionRefiner:
             rec.log(f"hxn-ptycho: positions grown in scan order fit worse ({e_grown:.4g} vs {e_now:.4g}): not kept")
             if probe is not old_probe:                  # the probe of the family goes with the growth
                 self.defocus_chosen, self.hold_after_grow = None, True
+                self.defocus_astigmatism = 0.0
             self.coarse_moved.append(0)
             return 0
         new -= (new - cur).mean(axis=0)
@@ -406,7 +412,8 @@ class PositionRefiner:
         :func:`~hxn_ptycho.position_search.half_resolution`; a member c becomes c/4 there), and
         coarse to fine — c over ±n in steps of n/4 and the current probe; the current probe is kept
         if it fits better than every member (10 growths), else ±n/8, ±n/16 and ±n/32 around the
-        best member (6 more), which is taken if it fits better than the current probe."""
+        best member (6 more), which is taken if it fits better than the current probe. Then an
+        astigmatism along the detector's axes (:meth:`_choose_astigmatism`, at most 12 more)."""
         from .position_search import defocus_family, growth_misfit, half_resolution, pupil_amplitude
         rec = self.rec
         n = rec.n
@@ -451,15 +458,60 @@ class PositionRefiner:
                 f"for the current probe ({views} views grown at 1/{f} resolution)")
         if not tried[best] < e_current:
             return probe
+        astig = 0.0
+        if self.probe_astigmatism:
+            best, astig = self._choose_astigmatism(best, tried[best], mean_amp, power_s, score, f)
         self.defocus_chosen = best
+        self.defocus_astigmatism = astig
         # a probe of the right defocus: the late growth's scale is the data's, not held to the nominal
         # one (held, seed 2 ended at 0.81 px and 8.6x the true run's object error)
         self.hold_after_grow = False
         good_full = np.ones(amps.shape[1:], bool) if mask is None else mask
         mean_full = pupil_amplitude(np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good_full)
         out = probe.copy()
-        out[0] = defocus_family(mean_full, float(np.sum(np.abs(probe[0]) ** 2)), np.array([best]))[0]
+        out[0] = defocus_family(mean_full, float(np.sum(np.abs(probe[0]) ** 2)), np.array([best]),
+                                np.array([astig]))[0]
         return out
+
+    def _choose_astigmatism(self, c: float, e_c: float, mean_amp: np.ndarray, power_s: float,
+                            score: Callable[..., float], f: int) -> tuple[float, float]:
+        """The astigmatism a along the detector's axes (a defocus c − a along the rows, c + a along
+        the columns) that, with the defocus ``c`` just chosen (growth misfit ``e_c``), fits the
+        grown views best: a coordinate search in the two axes' defocus, steps n/8, n/16, n/32, each
+        axis ±step in turn (at most 12 growths). Without it an astigmatic probe trades with an uneven
+        scale of the layout (docs/position_search.md, "Session 19, astigmatism"). The growth misfit
+        varies by up to 20 % between neighbouring members of no better fit (the simulator's zone
+        plate, drift seed 3), so the member found is taken only if it fits at most
+        ``ASTIGMATISM_GAIN`` of ``e_c`` (the astigmatic zone plate: 0.73). Returns the mean defocus
+        (c_row + c_col)/2 and a; (c, 0) where none is taken."""
+        from .position_search import defocus_family
+        rec = self.rec
+        n = rec.n
+        tried: dict[tuple[float, float], float] = {(c, c): e_c}
+
+        def at(cr: float, cc: float) -> np.ndarray:
+            return defocus_family(mean_amp, power_s, np.array([(cr + cc) / 2 / f ** 2]),
+                                  np.array([(cc - cr) / 2 / f ** 2]))[0]
+        best = (c, c)
+        step = n / 8
+        for _ in range(3):
+            for axis in (0, 1):
+                for sign in (-1.0, 1.0):
+                    cand = list(best)
+                    cand[axis] += sign * step
+                    key = (float(cand[0]), float(cand[1]))
+                    if key not in tried:
+                        tried[key] = score(at(*key))
+                best = min(tried, key=tried.__getitem__)
+            step /= 2
+        self.defocus_scores["astigmatism"] = {f"{r:g},{q:g}": e for (r, q), e in tried.items()}
+        if not tried[best] <= ASTIGMATISM_GAIN * e_c:
+            rec.log(f"hxn-ptycho: probe astigmatism: the best, rows {best[0]:.1f} and columns {best[1]:.1f}, "
+                    f"fits {tried[best]:.4g} against {e_c:.4g} for c = {c:.1f}: none")
+            return c, 0.0
+        rec.log(f"hxn-ptycho: probe astigmatism: rows {best[0]:.1f}, columns {best[1]:.1f} fit {tried[best]:.4g} "
+                f"against {e_c:.4g} for c = {c:.1f}: taken")
+        return (best[0] + best[1]) / 2, (best[1] - best[0]) / 2
 
     def _object_sums(self) -> tuple[Any, Any, float]:
         """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
