@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -52,6 +53,18 @@ class BatchBuffers(Protocol):
     objwin: Any
     tmp: Any
     onum_src: Any
+
+
+@dataclass
+class ObjectSums:
+    """The accumulators of the object update (6) that :meth:`Backend.fourier_pass` may fill from the
+    new ψ in the same sweep: ``num[l, window b] += Σ_k probe_conj[k]·ψ[b, l, k]``,
+    ``den[0, window b] += probe_intensity`` (what :meth:`Backend.object_pass` adds)."""
+
+    probe_conj: Any
+    probe_intensity: Any
+    num: Any
+    den: Any
 
 
 class Backend(ABC):
@@ -122,12 +135,14 @@ class Backend(ABC):
     @abstractmethod
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
         """The Fourier step of one batch (``dm.dm_step``): Φ = P·O at ``pos`` (2) — from ``windows``
         (B, L, n, n) instead when given (sub-pixel) —, F(2Φ − ψ), its projection Π_F (4) and
         ``psi += β(F⁻¹Π_F(F(2Φ − ψ)) − Φ)`` (3) in place, with ``buf.phi``, ``buf.work`` as the only
         scratch; returns Σ_good (|F(2Φ − ψ)| − √I)² (7) of the reflected wave. ``floor``, ``stats``:
-        those of ``dm.fourier_projection``."""
+        those of ``dm.fourier_projection``. With ``sums``, also the object sums (6) of the new ψ —
+        exactly what :meth:`object_pass` would add at the same corners (sub-pixel when ``windows``
+        is given) —, which a backend may fuse into the update's sweep."""
     @abstractmethod
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
                     buf: BatchBuffers, subpixel: bool = False) -> None:
@@ -342,11 +357,15 @@ class NumpyBackend(HostBackend):
 
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
         from . import dm
         B = len(psi)
         phi = self._phi(obj, pos, probe, buf, B, windows)                                # P·O
-        return dm.dm_step(self, psi, phi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
+        err = dm.dm_step(self, psi, phi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
+        if sums is not None:                                                             # (6)
+            self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf,
+                             windows is not None)
+        return err
 
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
                     buf: BatchBuffers, subpixel: bool = False) -> None:
