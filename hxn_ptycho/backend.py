@@ -76,6 +76,7 @@ class Backend(ABC):
     """
 
     name: str = ""
+    fft_library: str = ""       # what fft2/ifft2 run: "pocketfft" (scipy.fft), "fftw" (HXN_PTYCHO_FFT), "cufft"
     xp: Any = None
     workers: int = 1
     cache_batches: bool = False
@@ -221,6 +222,64 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+FFT_ENV = "HXN_PTYCHO_FFT"      # "fftw": the CPU backends' FFTs by FFTW (pyfftw); else scipy.fft (pocketfft)
+
+
+class FFTWTransforms:
+    """Orthonormal 2-D FFTs over the last two axes, in place, by FFTW through ``pyfftw`` (optional: not
+    a dependency; FFTW is GPL-licensed). One plan per thread, shape, strides, dtype, direction,
+    alignment and thread count, made once with ``FFTW_MEASURE`` on a scratch array (planning is
+    serialised: FFTW's planner is not thread-safe) and run on the caller's array; FFTW leaves the
+    transform unnormalised, so the result is scaled by 1/√(n₀n₁) on its real view."""
+
+    def __init__(self) -> None:
+        try:
+            import pyfftw
+        except ImportError as exc:
+            raise BackendError(f"{FFT_ENV}=fftw needs pyfftw (pip install pyfftw): {exc}") from None
+        import threading
+        self._pyfftw = pyfftw
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def _plan(self, a: np.ndarray, forward: bool, workers: int) -> Any:
+        plans = getattr(self._local, "plans", None)
+        if plans is None:
+            plans = self._local.plans = {}
+        aligned = a.ctypes.data % self._pyfftw.simd_alignment == 0
+        key = (a.shape, a.strides, a.dtype.str, forward, aligned, workers)
+        plan = plans.get(key)
+        if plan is None:
+            with self._lock:
+                tmp = self._pyfftw.empty_aligned(a.shape, a.dtype)
+                flags = ("FFTW_MEASURE", "FFTW_DESTROY_INPUT") + (() if aligned else ("FFTW_UNALIGNED",))
+                plan = self._pyfftw.FFTW(tmp, tmp, axes=(-2, -1), direction="FFTW_FORWARD" if forward
+                                         else "FFTW_BACKWARD", flags=flags, threads=max(1, workers))
+            plans[key] = plan
+        return plan
+
+    def __call__(self, a: np.ndarray, forward: bool, workers: int = 1) -> np.ndarray:
+        if not a.flags.c_contiguous or a.dtype not in (np.complex64, np.complex128):
+            f = scipy.fft.fft2 if forward else scipy.fft.ifft2
+            return _in_place(a, f(a, norm="ortho", overwrite_x=True, workers=workers))
+        plan = self._plan(a, forward, workers)
+        plan.update_arrays(a, a)
+        plan.execute()
+        real = a.view(a.real.dtype)
+        real *= real.dtype.type(1.0 / np.sqrt(a.shape[-1] * a.shape[-2]))
+        return a
+
+
+def _fft_transforms() -> FFTWTransforms | None:
+    """The FFTW transforms when ``HXN_PTYCHO_FFT=fftw``; None: ``scipy.fft``."""
+    choice = os.environ.get(FFT_ENV, "").strip().lower()
+    if choice in ("", "pocketfft", "scipy"):
+        return None
+    if choice == "fftw":
+        return FFTWTransforms()
+    raise BackendError(f"{FFT_ENV}={choice!r}: choose fftw or pocketfft")
+
+
 def _in_place(a: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``a`` holding ``out`` (scipy transforms contiguous complex input in place; copy otherwise)."""
     if out.__array_interface__["data"][0] != a.__array_interface__["data"][0]:
@@ -239,6 +298,8 @@ class HostBackend(Backend, ABC):
     def __init__(self, threads: int | None = None) -> None:
         self.threads = max(1, int(threads or available_cores()))
         self.workers = self.threads
+        self._fftw = _fft_transforms()
+        self.fft_library = "fftw" if self._fftw is not None else "pocketfft"
 
     # --- arrays ---------------------------------------------------------------------------
     def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
@@ -275,9 +336,13 @@ class HostBackend(Backend, ABC):
 
     # --- FFTs --------------------------------------------------------------------------------
     def fft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
+        if self._fftw is not None:
+            return self._fftw(a, True, workers)
         return _in_place(a, scipy.fft.fft2(a, norm="ortho", overwrite_x=True, workers=workers))
 
     def ifft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
+        if self._fftw is not None:
+            return self._fftw(a, False, workers)
         return _in_place(a, scipy.fft.ifft2(a, norm="ortho", overwrite_x=True, workers=workers))
 
     # --- windows ----------------------------------------------------------------------------

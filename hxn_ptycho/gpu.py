@@ -212,6 +212,7 @@ class CupyBackend(Backend):
     """One GPU: CuPy arrays, cuFFT plans reused, our CUDA kernels for the DM steps."""
 
     name = "cupy"
+    fft_library = "cufft"
     threads = 1
     workers = 1                 # one worker, large batches
     cache_batches = False
