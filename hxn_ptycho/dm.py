@@ -191,7 +191,8 @@ def probe_sums(be: Any, psi: Any, obj_windows: Any, num: Any, den: Any, work: An
 # (5), (6) the regularised ratio: X ← (num + α·X_old) / (den + α), α = reg · max(den)
 def regularised_ratio(be: Any, num: Any, den: Any, old: Any, reg: float) -> Any:
     """Written as α·X_old + num, times 1/(den + α): one new array, and a real reciprocal instead of a
-    complex division (the same values: numpy divides a complex by a real through that reciprocal)."""
+    complex division (bit for bit the same values: numpy's complex division by a number with a zero
+    imaginary part multiplies by that same reciprocal)."""
     xp = be.xp
     alpha = reg * float(den.max()) + TINY
     out = xp.multiply(old, alpha)
