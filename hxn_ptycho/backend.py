@@ -228,9 +228,14 @@ FFT_ENV = "HXN_PTYCHO_FFT"      # "fftw": the CPU backends' FFTs by FFTW (pyfftw
 class FFTWTransforms:
     """Orthonormal 2-D FFTs over the last two axes, in place, by FFTW through ``pyfftw`` (optional: not
     a dependency; FFTW is GPL-licensed). One plan per thread, shape, strides, dtype, direction,
-    alignment and thread count, made once with ``FFTW_MEASURE`` on a scratch array (planning is
-    serialised: FFTW's planner is not thread-safe) and run on the caller's array; FFTW leaves the
-    transform unnormalised, so the result is scaled by 1/√(n₀n₁) on its real view."""
+    alignment and thread count, made once with ``FFTW_ESTIMATE`` (the plan follows from the shape
+    alone, not from timings, so runs are reproducible; ``FFTW_MEASURE`` was no faster here) on a
+    scratch array (planning is serialised: FFTW's planner is not thread-safe) and run on the caller's
+    array; FFTW leaves the transform unnormalised, so the result is scaled by 1/√(n₀n₁) on its real
+    view. Arrays not aligned to FFTW's SIMD width get an unaligned plan (correct, about 2 × slower):
+    the host backends allocate aligned arrays when FFTW is in use (:meth:`HostBackend.empty`)."""
+
+    ALIGN = 64
 
     def __init__(self) -> None:
         try:
@@ -252,7 +257,7 @@ class FFTWTransforms:
         if plan is None:
             with self._lock:
                 tmp = self._pyfftw.empty_aligned(a.shape, a.dtype)
-                flags = ("FFTW_MEASURE", "FFTW_DESTROY_INPUT") + (() if aligned else ("FFTW_UNALIGNED",))
+                flags = ("FFTW_ESTIMATE", "FFTW_DESTROY_INPUT") + (() if aligned else ("FFTW_UNALIGNED",))
                 plan = self._pyfftw.FFTW(tmp, tmp, axes=(-2, -1), direction="FFTW_FORWARD" if forward
                                          else "FFTW_BACKWARD", flags=flags, threads=max(1, workers))
             plans[key] = plan
@@ -278,6 +283,15 @@ def _fft_transforms() -> FFTWTransforms | None:
     if choice == "fftw":
         return FFTWTransforms()
     raise BackendError(f"{FFT_ENV}={choice!r}: choose fftw or pocketfft")
+
+
+def _aligned_empty(shape: tuple, dtype: Any, align: int) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose data start at a multiple of ``align`` bytes."""
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dt).reshape(shape)
 
 
 def _in_place(a: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -309,7 +323,10 @@ class HostBackend(Backend, ABC):
         return np.asarray(a)
 
     def empty(self, shape: tuple, dtype: Any) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
+        """With FFTW: aligned to :attr:`FFTWTransforms.ALIGN` bytes (its SIMD plans need it)."""
+        if self._fftw is None:
+            return np.empty(shape, dtype=dtype)
+        return _aligned_empty(shape, dtype, FFTWTransforms.ALIGN)
 
     def zeros(self, shape: tuple, dtype: Any) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
@@ -318,7 +335,7 @@ class HostBackend(Backend, ABC):
         pass
 
     def pinned_empty(self, shape: tuple, dtype: Any) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
+        return self.empty(shape, dtype)
 
     def to_device(self, host: np.ndarray, out: Any) -> Any:
         out[...] = host

@@ -150,6 +150,7 @@ def test_fftw_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
     monkeypatch.setenv("HXN_PTYCHO_FFT", "fftw")
     be = NumbaBackend(2)
     assert be.fft_library == "fftw"
+    assert all(be.empty(s, cdt).ctypes.data % 64 == 0 for s in ((3, 5, 7), (1000,), (2, 1, 1, 16, 16)))
     rng = np.random.default_rng(1)
     errors = []
 
