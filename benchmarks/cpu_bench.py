@@ -125,7 +125,7 @@ def _case_child(path: str, modes: int, iterations: int, threads: int, backend: s
     n = scan.n
     L = rec.obj_shape[0]
     per_iter = float(np.mean(iters))
-    return {"backend": be.name, "n": n, "views": views, "probe_modes": modes, "threads": threads,
+    return {"backend": be.name, "fft_library": be.fft_library, "n": n, "views": views, "probe_modes": modes, "threads": threads,
             "s_per_iter": per_iter, "frames_iterations_per_s": views / per_iter,
             "fft_floor_s": float(np.mean(floors)), "ratio_to_fft_floor": float(np.sum(iters) / np.sum(floors)),
             "ratio_min": float(min(iters) / min(floors)),

@@ -14,7 +14,9 @@ probe from iteration 2, overlap loop 0.05 / 10, inertia 1e-9 / 1e-4, Fourier rel
 file's probe guess scaled to the data, extra modes with diversity noise (0.5, 1.0) and power 0.1).
 Ours runs in this process with ``--threads`` worker threads (the numba backend), first with its
 defaults (what a user gets), then with PtyPy's settings (``benchmarks/cpu_bench.py``'s "ptypy"
-setting: β 1, overlap loop 0.05 / 10, PtyPy's power bound). The cases alternate — PtyPy 1 mode, ours
+setting: β 1, overlap loop 0.05 / 10, PtyPy's power bound); its FFTs are ``scipy.fft``'s unless
+``HXN_PTYCHO_FFT=fftw`` is set (FFTW through pyfftw: ``pip install -e ".[fftw]"``), which each
+result names (``fft_library``). The cases alternate — PtyPy 1 mode, ours
 1 mode, PtyPy 3 modes, ours 3 modes, repeated ``--repeats`` times — so that all see the same load.
 
 Each figure is the wall time of the whole reconstruction inside the process (PtyPy's
@@ -129,6 +131,7 @@ def run_ours(scan, modes: int, iterations: int, threads: int, ptypy_settings: bo
     # the cost of the model at each iteration: error_data is Σ(|F(P·O)| − √I)² / ΣI of that iteration's model
     costs = np.asarray(res.error_data) * rec.total_intensity / rec.good_pixels_total
     return {"seconds": seconds, "cost": float(res.attrs["final_cost"]), "backend": res.attrs["backend"],
+            "fft_library": rec.be.fft_library,
             "costs": costs.tolist()}
 
 

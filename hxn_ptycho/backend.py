@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,6 +55,18 @@ class BatchBuffers(Protocol):
     onum_src: Any
 
 
+@dataclass
+class ObjectSums:
+    """The accumulators of the object update (6) that :meth:`Backend.fourier_pass` may fill from the
+    new ψ in the same sweep: ``num[l, window b] += Σ_k probe_conj[k]·ψ[b, l, k]``,
+    ``den[0, window b] += probe_intensity`` (what :meth:`Backend.object_pass` adds)."""
+
+    probe_conj: Any
+    probe_intensity: Any
+    num: Any
+    den: Any
+
+
 class Backend(ABC):
     """What the engine needs of an array backend; :class:`NumpyBackend` is the reference.
 
@@ -63,6 +76,7 @@ class Backend(ABC):
     """
 
     name: str = ""
+    fft_library: str = ""       # what fft2/ifft2 run: "pocketfft" (scipy.fft), "fftw" (HXN_PTYCHO_FFT), "cufft"
     xp: Any = None
     workers: int = 1
     cache_batches: bool = False
@@ -122,12 +136,14 @@ class Backend(ABC):
     @abstractmethod
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
         """The Fourier step of one batch (``dm.dm_step``): Φ = P·O at ``pos`` (2) — from ``windows``
         (B, L, n, n) instead when given (sub-pixel) —, F(2Φ − ψ), its projection Π_F (4) and
         ``psi += β(F⁻¹Π_F(F(2Φ − ψ)) − Φ)`` (3) in place, with ``buf.phi``, ``buf.work`` as the only
         scratch; returns Σ_good (|F(2Φ − ψ)| − √I)² (7) of the reflected wave. ``floor``, ``stats``:
-        those of ``dm.fourier_projection``."""
+        those of ``dm.fourier_projection``. With ``sums``, also the object sums (6) of the new ψ —
+        exactly what :meth:`object_pass` would add at the same corners (sub-pixel when ``windows``
+        is given) —, which a backend may fuse into the update's sweep."""
     @abstractmethod
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
                     buf: BatchBuffers, subpixel: bool = False) -> None:
@@ -206,6 +222,78 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+FFT_ENV = "HXN_PTYCHO_FFT"      # "fftw": the CPU backends' FFTs by FFTW (pyfftw); else scipy.fft (pocketfft)
+
+
+class FFTWTransforms:
+    """Orthonormal 2-D FFTs over the last two axes, in place, by FFTW through ``pyfftw`` (optional: not
+    a dependency; FFTW is GPL-licensed). One plan per thread, shape, strides, dtype, direction,
+    alignment and thread count, made once with ``FFTW_ESTIMATE`` (the plan follows from the shape
+    alone, not from timings, so runs are reproducible; ``FFTW_MEASURE`` was no faster here) on a
+    scratch array (planning is serialised: FFTW's planner is not thread-safe) and run on the caller's
+    array; FFTW leaves the transform unnormalised, so the result is scaled by 1/√(n₀n₁) on its real
+    view. Arrays not aligned to FFTW's SIMD width get an unaligned plan (correct, about 2 × slower):
+    the host backends allocate aligned arrays when FFTW is in use (:meth:`HostBackend.empty`)."""
+
+    ALIGN = 64
+
+    def __init__(self) -> None:
+        try:
+            import pyfftw
+        except ImportError as exc:
+            raise BackendError(f"{FFT_ENV}=fftw needs pyfftw (pip install pyfftw): {exc}") from None
+        import threading
+        self._pyfftw = pyfftw
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def _plan(self, a: np.ndarray, forward: bool, workers: int) -> Any:
+        plans = getattr(self._local, "plans", None)
+        if plans is None:
+            plans = self._local.plans = {}
+        aligned = a.ctypes.data % self._pyfftw.simd_alignment == 0
+        key = (a.shape, a.strides, a.dtype.str, forward, aligned, workers)
+        plan = plans.get(key)
+        if plan is None:
+            with self._lock:
+                tmp = self._pyfftw.empty_aligned(a.shape, a.dtype)
+                flags = ("FFTW_ESTIMATE", "FFTW_DESTROY_INPUT") + (() if aligned else ("FFTW_UNALIGNED",))
+                plan = self._pyfftw.FFTW(tmp, tmp, axes=(-2, -1), direction="FFTW_FORWARD" if forward
+                                         else "FFTW_BACKWARD", flags=flags, threads=max(1, workers))
+            plans[key] = plan
+        return plan
+
+    def __call__(self, a: np.ndarray, forward: bool, workers: int = 1) -> np.ndarray:
+        if not a.flags.c_contiguous or a.dtype not in (np.complex64, np.complex128):
+            f = scipy.fft.fft2 if forward else scipy.fft.ifft2
+            return _in_place(a, f(a, norm="ortho", overwrite_x=True, workers=workers))
+        plan = self._plan(a, forward, workers)
+        plan.update_arrays(a, a)
+        plan.execute()
+        real = a.view(a.real.dtype)
+        real *= real.dtype.type(1.0 / np.sqrt(a.shape[-1] * a.shape[-2]))
+        return a
+
+
+def _fft_transforms() -> FFTWTransforms | None:
+    """The FFTW transforms when ``HXN_PTYCHO_FFT=fftw``; None: ``scipy.fft``."""
+    choice = os.environ.get(FFT_ENV, "").strip().lower()
+    if choice in ("", "pocketfft", "scipy"):
+        return None
+    if choice == "fftw":
+        return FFTWTransforms()
+    raise BackendError(f"{FFT_ENV}={choice!r}: choose fftw or pocketfft")
+
+
+def _aligned_empty(shape: tuple, dtype: Any, align: int) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose data start at a multiple of ``align`` bytes."""
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dt).reshape(shape)
+
+
 def _in_place(a: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``a`` holding ``out`` (scipy transforms contiguous complex input in place; copy otherwise)."""
     if out.__array_interface__["data"][0] != a.__array_interface__["data"][0]:
@@ -224,6 +312,8 @@ class HostBackend(Backend, ABC):
     def __init__(self, threads: int | None = None) -> None:
         self.threads = max(1, int(threads or available_cores()))
         self.workers = self.threads
+        self._fftw = _fft_transforms()
+        self.fft_library = "fftw" if self._fftw is not None else "pocketfft"
 
     # --- arrays ---------------------------------------------------------------------------
     def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
@@ -233,7 +323,10 @@ class HostBackend(Backend, ABC):
         return np.asarray(a)
 
     def empty(self, shape: tuple, dtype: Any) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
+        """With FFTW: aligned to :attr:`FFTWTransforms.ALIGN` bytes (its SIMD plans need it)."""
+        if self._fftw is None:
+            return np.empty(shape, dtype=dtype)
+        return _aligned_empty(shape, dtype, FFTWTransforms.ALIGN)
 
     def zeros(self, shape: tuple, dtype: Any) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
@@ -242,7 +335,7 @@ class HostBackend(Backend, ABC):
         pass
 
     def pinned_empty(self, shape: tuple, dtype: Any) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
+        return self.empty(shape, dtype)
 
     def to_device(self, host: np.ndarray, out: Any) -> Any:
         out[...] = host
@@ -260,9 +353,13 @@ class HostBackend(Backend, ABC):
 
     # --- FFTs --------------------------------------------------------------------------------
     def fft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
+        if self._fftw is not None:
+            return self._fftw(a, True, workers)
         return _in_place(a, scipy.fft.fft2(a, norm="ortho", overwrite_x=True, workers=workers))
 
     def ifft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
+        if self._fftw is not None:
+            return self._fftw(a, False, workers)
         return _in_place(a, scipy.fft.ifft2(a, norm="ortho", overwrite_x=True, workers=workers))
 
     # --- windows ----------------------------------------------------------------------------
@@ -342,11 +439,15 @@ class NumpyBackend(HostBackend):
 
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
         from . import dm
         B = len(psi)
         phi = self._phi(obj, pos, probe, buf, B, windows)                                # P·O
-        return dm.dm_step(self, psi, phi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
+        err = dm.dm_step(self, psi, phi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
+        if sums is not None:                                                             # (6)
+            self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf,
+                             windows is not None)
+        return err
 
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
                     buf: BatchBuffers, subpixel: bool = False) -> None:

@@ -10,7 +10,7 @@ single precision: the constants are passed in that precision, so nothing is prom
   window corners (not stored; ``reflect_win_k`` stores it from sub-pixel windows);
 - :func:`project_k`: after its FFT, (7) the data error of the reflected wave and (4) the modulus
   step with the power bound's relaxation — one sweep without the power bound, two with it (the
-  first measures each view's deviation);
+  first measures each view's deviation and keeps its modulus |w| for the second);
 - :func:`dm_update_at_k`: after the inverse FFT, (3) ψ ← ψ + β(F⁻¹Π_F(…) − Φ) in real space, Φ
   formed again from the object (``dm_update_k`` from a stored Φ); ψ is the only full-size state:
   no F(ψ) is kept;
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import BatchBuffers, HostBackend
+from .backend import BatchBuffers, HostBackend, ObjectSums
 
 try:
     import numba
@@ -184,6 +184,36 @@ def dm_update_at_k(psi, obj, pos, probe, proj, beta):
                         p[j] = p[j] + beta * (x[j] - orow[j] * prow[j])
 
 
+# (3) then (6) in the same sweep: ψ ← ψ + β·(F⁻¹Π_F(…) − Φ) as dm_update_at_k, and the new ψ's object
+# sums num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|² as object_sums_k (the
+# same additions in the same order as the two kernels run one after the other; to rounding, as the
+# compiler may fuse the multiply-adds differently)
+@_jit
+def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, pconj, pint, num, den):
+    B, L, K, n, m = psi.shape
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for l in range(L):
+            for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                dst = num[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    prow = probe[k, i]
+                    pc = pconj[k, i]
+                    p = psi[b, l, k, i]
+                    x = proj[b, l, k, i]
+                    for j in range(m):
+                        v = p[j] + beta * (x[j] - orow[j] * prow[j])
+                        p[j] = v
+                        dst[j] += pc[j] * v
+        for i in range(n):
+            drow = den[0, r0 + i, c0:c0 + m]
+            src = pint[i]
+            for j in range(m):
+                drow[j] += src[j]
+
+
 # (2), (3) from gathered (sub-pixel) windows: Φ = W[b, l]·P_k into phi, 2Φ − ψ into out
 @_jit
 def reflect_win_k(win, probe, psi, phi, out):
@@ -213,24 +243,30 @@ def project_k(w, amp, mask, use_mask, pbound, floor, tiny, one, relax, raw):
     B, M, n, m = w.shape
     sr = np.empty(m, amp.dtype)          # Σ_q |w|² of a row
     fac = np.empty(m, amp.dtype)
+    mod = np.empty((n, m), amp.dtype)    # with the bound: |w| of the view, from the first sweep to the second
     zero = one - one
     err = 0.0
     npix = n * m
     for b in range(B):
         r = zero
-        if pbound > 0:              # first sweep: the deviation of the view (its error (7) too)
+        if pbound > 0:              # first sweep: |w| and the deviation of the view (its error (7) too)
             dev = 0.0
             for i in range(n):
                 _row_intensity(w, b, i, sr)
                 arow = amp[b, i]
+                mrow = mod[i]
                 e = zero
                 if use_mask:
                     for j in range(m):
-                        d = np.sqrt(sr[j]) - arow[j]
+                        s = np.sqrt(sr[j])
+                        mrow[j] = s
+                        d = s - arow[j]
                         e += d * d * (one if mask[i, j] else zero)
                 else:
                     for j in range(m):
-                        d = np.sqrt(sr[j]) - arow[j]
+                        s = np.sqrt(sr[j])
+                        mrow[j] = s
+                        d = s - arow[j]
                         e += d * d
                 dev += e
             err += dev
@@ -248,8 +284,8 @@ def project_k(w, amp, mask, use_mask, pbound, floor, tiny, one, relax, raw):
                 continue                # within the bound: the view stays as it is
         for i in range(n):          # the projection (and (7) here without the bound)
             arow = amp[b, i]
-            _row_intensity(w, b, i, sr)
             if pbound <= 0:
+                _row_intensity(w, b, i, sr)
                 e = zero
                 if use_mask:
                     for j in range(m):
@@ -263,8 +299,9 @@ def project_k(w, amp, mask, use_mask, pbound, floor, tiny, one, relax, raw):
                 for j in range(m):
                     fac[j] = arow[j] / max(np.sqrt(sr[j]), tiny)
             else:
+                mrow = mod[i]
                 for j in range(m):
-                    fac[j] = (arow[j] / max(np.sqrt(sr[j]), tiny)) * (one - r) + r
+                    fac[j] = (arow[j] / max(mrow[j], tiny)) * (one - r) + r
             if use_mask:
                 for j in range(m):
                     if not mask[i, j]:
@@ -352,7 +389,7 @@ def probe_sums_win_k(psi, win, num, den):
 
 
 KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, reflect_at_k, reflect_win_k, project_k,
-           dm_update_k, dm_update_at_k, object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k)
+           dm_update_k, dm_update_at_k, dm_update_sums_at_k, object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k)
 
 
 def _views(a: np.ndarray) -> np.ndarray:
@@ -395,7 +432,7 @@ class NumbaBackend(HostBackend):
 
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
         B = len(psi)
         if B == 0:
             return 0.0
@@ -418,18 +455,32 @@ class NumbaBackend(HostBackend):
             else:
                 stats.add(None, B)
         self.ifft2(work)
+        if ipos is not None and sums is not None:                                         # (3), (6)
+            dm_update_sums_at_k(psi, obj, ipos, probe, work, rdt(beta), self._pconj(sums.probe_conj, psi),
+                                self._pint(sums.probe_intensity, sums.den), sums.num, sums.den)
+            return err
         if ipos is not None:
             dm_update_at_k(psi, obj, ipos, probe, work, rdt(beta))                        # (3)
         else:
             dm_update_k(_views(psi), _views(phi), _views(work), rdt(beta))
+        if sums is not None:                                                              # (6), sub-pixel
+            self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf, True)
         return err
+
+    @staticmethod
+    def _pconj(probe_conj: Any, psi: Any) -> np.ndarray:
+        return np.ascontiguousarray(probe_conj, dtype=psi.dtype)
+
+    @staticmethod
+    def _pint(probe_intensity: Any, den: Any) -> np.ndarray:
+        return np.ascontiguousarray(probe_intensity, dtype=den.dtype)
 
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
                     buf: BatchBuffers, subpixel: bool = False) -> None:
         if len(psi) == 0:
             return
-        pconj = np.ascontiguousarray(probe_conj, dtype=psi.dtype)
-        pint = np.ascontiguousarray(probe_intensity, dtype=obj_den.dtype)
+        pconj = self._pconj(probe_conj, psi)
+        pint = self._pint(probe_intensity, obj_den)
         if subpixel:
             src = buf.onum_src[:len(psi)]
             object_numerator_k(psi, pconj, src)
@@ -477,6 +528,8 @@ class NumbaBackend(HostBackend):
         dm_update_k(_views(waves), _views(waves.copy()), _views(waves.copy()), rdt(1))
         reflect_at_k(obj, pos, probe, waves.copy(), waves)
         dm_update_at_k(waves, obj, pos, probe, waves.copy(), rdt(1))
+        dm_update_sums_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), probe, np.ones((n, n), rdt),
+                            np.zeros_like(obj), np.zeros((1, n + 1, n + 1), rdt))
         object_sums_k(waves, probe, np.ones((n, n), rdt), pos, np.zeros_like(obj), np.zeros((1, n + 1, n + 1), rdt))
         object_numerator_k(waves, probe, win)
         probe_sums_k(waves, obj, pos, np.zeros_like(probe), np.zeros((n, n), rdt))

@@ -190,18 +190,33 @@ def probe_sums(be: Any, psi: Any, obj_windows: Any, num: Any, den: Any, work: An
 
 # (5), (6) the regularised ratio: X ← (num + α·X_old) / (den + α), α = reg · max(den)
 def regularised_ratio(be: Any, num: Any, den: Any, old: Any, reg: float) -> Any:
+    """Written as α·X_old + num, times 1/(den + α): one new array, and a real reciprocal instead of a
+    complex division (bit for bit the same values: numpy's complex division by a number with a zero
+    imaginary part multiplies by that same reciprocal)."""
+    xp = be.xp
     alpha = reg * float(den.max()) + TINY
-    return (num + alpha * old) / (den + alpha)
+    out = xp.multiply(old, alpha)
+    out += num
+    out *= xp.reciprocal(den + alpha)
+    return out
 
 
 # (7) relative change ε = ‖X_new − X_old‖ / ‖X_old‖, per mode
 def relative_change(be: Any, new: Any, old: Any) -> Any:
     xp = be.xp
     axes = tuple(range(1, new.ndim))
-    d = new - old
-    num = xp.sum(xp.square(d.real) + xp.square(d.imag), axis=axes)
-    den = xp.sum(xp.square(old.real) + xp.square(old.imag), axis=axes)
+    d = xp.subtract(new, old)
+    num = xp.sum(_sq_parts(xp, d, out=True), axis=axes)     # |z|² = re² + im², over the real view
+    den = xp.sum(_sq_parts(xp, old), axis=axes)
     return be.asnumpy(xp.sqrt(num / xp.maximum(den, TINY)))
+
+
+def _sq_parts(xp: Any, z: Any, out: bool = False) -> Any:
+    """re² and im² of a C-contiguous complex array, side by side: shape (..., 2·last) of reals
+    (summed over the last axis: Σ|z|²), in place when ``out``."""
+    z = xp.ascontiguousarray(z)
+    r = z.view(z.real.dtype)
+    return xp.square(r, out=r) if out else xp.square(r)
 
 
 # overlap-loop convergence (Thibault et al. 2009): δ = ‖P_new − P_old‖ / ‖P_new‖, all modes together

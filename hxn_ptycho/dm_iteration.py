@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import dm
+from .backend import ObjectSums
 
 if TYPE_CHECKING:
     from .engine import Reconstruction
@@ -49,15 +50,16 @@ class DMIteration:
         pos, sub = rec.geom.pass_positions(b)
         return pos, (rec.geom.gather(rec.be, rec.obj, b, w.objwin[:B], w.tmp[:B]) if sub else None)
 
-    # (2)–(4), (7) then (6): one batch's Fourier pass, then its object sums from the new ψ
+    # (2)–(4), (7) then (6): one batch's Fourier pass with its object sums from the new ψ (one sweep
+    # on the numba backend)
     def _fourier_batch(self, w: Any, b: slice) -> None:
         rec, be = self.rec, self.rec.be
         psi = rec._load(w, "psi", b)
         pos, windows = self._windows(w, b)
+        sums = ObjectSums(rec._probe_conj, rec._probe_intensity, w.obj_num, w.obj_den)     # (6) of the new ψ
         w.err += be.fourier_pass(rec.obj, pos, rec.probe, psi, rec.diffamp[b], rec.mask, rec.pbound,
-                                 rec.params.beta, self.floor_now, w.relax, w, windows)
+                                 rec.params.beta, self.floor_now, w.relax, w, windows, sums)
         rec._store(w, "psi", b, psi)
-        self._object_sums(w, b, psi)
 
     # (6) Σ_j,k P_k*·ψ_j^(k,l) and Σ_j,k |P_k|², scattered onto the object
     def _object_sums(self, w: Any, b: slice, psi: Any = None) -> None:

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .backend import Backend, BackendError, BatchBuffers
+from .backend import Backend, BackendError, BatchBuffers, ObjectSums
 from .cuda import kernel_dir
 
 BLOCK = 256                 # threads per block of every launch (a power of two <= HXN_MAX_BLOCK)
@@ -212,6 +212,7 @@ class CupyBackend(Backend):
     """One GPU: CuPy arrays, cuFFT plans reused, our CUDA kernels for the DM steps."""
 
     name = "cupy"
+    fft_library = "cufft"
     threads = 1
     workers = 1                 # one worker, large batches
     cache_batches = False
@@ -481,7 +482,7 @@ class CupyBackend(Backend):
 
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
         """``dm.dm_step`` from the kernels: gather + P·O (2), ``reflect`` 2Φ − ψ (3), a raw cuFFT, the
         Fourier kernel's error (7) and projection (4) in one launch (two with the power bound: the
         first measures each view's deviation) with the FFTs' 1/n folded into it, a raw inverse
@@ -505,6 +506,9 @@ class CupyBackend(Backend):
             err = self._fourier(work, diffamp, mask, 1, None, scale, scale).sum()
         self._raw_fft(work, self._cufft.CUFFT_INVERSE)                                        # F⁻¹Π_F(…)
         self.dm_update(psi, phi, work, beta)
+        if sums is not None:                                                                  # (6)
+            self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf,
+                             windows is not None)
         return err
 
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,

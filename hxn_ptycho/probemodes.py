@@ -99,7 +99,8 @@ class ProbeModeManager:
         rec = self.rec
         probe, u = modes.orthogonalize(rec.be.asnumpy(rec.probe))
         rec.probe = rec.be.asarray(probe, rec.cdtype)
-        self.mix(u)
+        if not np.array_equal(u, np.eye(len(u))):      # one mode: U = 1, the exit waves stay as they are
+            self.mix(u)
 
     def resize(self, K: int, new_modes: np.ndarray | None = None) -> None:
         """Keep the first ``min(K, current)`` modes, append ``new_modes``; new exit waves are P·O."""

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from hxn_ptycho import dm
+from hxn_ptycho.backend import ObjectSums
 
 
 def crandn(rng, shape, dtype):
@@ -70,6 +71,12 @@ def check_passes_match(be, ref, cdt, modes: int, masked: bool, bound: bool, subp
         pconj = b.xp.conj(p)
         pint = (b.xp.abs(p) ** 2).sum(axis=0).astype(rdt)
         b.object_pass(psi, pconj, pint, pos, onum, oden, bufs, subpixel)
+        # the same Fourier pass with the object sums (6) of the new ψ in it (fused on the numba backend)
+        psi_f = b.asarray(psi0.copy())
+        sums = ObjectSums(pconj, pint, b.zeros((L, H, W), cdt), b.zeros((1, H, W), rdt))
+        windows_f = b.gather_subpixel(o, pos, n, bufs.objwin, bufs.tmp) if subpixel else None
+        err_f = b.fourier_pass(o, pos, p, psi_f, b.asarray(amp), None if mask is None else b.asarray(mask),
+                               pbound, 0.9, floor, None, bufs, windows_f, sums)
         if subpixel:
             windows = b.gather_subpixel(o, pos, n, bufs.objwin, bufs.tmp)
         pnum, pden = b.zeros((K, n, n), cdt), b.zeros((n, n), rdt)
@@ -79,12 +86,18 @@ def check_passes_match(be, ref, cdt, modes: int, masked: bool, bound: bool, subp
         merr = b.error_pass(o, pos, p, b.asarray(amp), None if mask is None else b.asarray(mask), bufs, windows)
         out[name] = dict(err=float(err), psi=b.asnumpy(psi), onum=b.asnumpy(onum),
                          oden=b.asnumpy(oden), pnum=b.asnumpy(pnum), pden=b.asnumpy(pden), merr=float(merr),
-                         relax=float(stats.total), raw=float(stats.raw), views=stats.views)
+                         relax=float(stats.total), raw=float(stats.raw), views=stats.views,
+                         err_f=float(err_f), psi_f=b.asnumpy(psi_f), onum_f=b.asnumpy(sums.num),
+                         oden_f=b.asnumpy(sums.den))
     r, g = out["ref"], out["be"]
     assert abs(g["err"] / r["err"] - 1) < tol, (g["err"], r["err"])
     assert abs(g["merr"] / r["merr"] - 1) < tol, (g["merr"], r["merr"])
     for key in ("psi", "onum", "oden", "pnum", "pden"):
         assert rel(g[key], r[key]) < tol, (key, rel(g[key], r[key]))
+    for key in ("psi", "onum", "oden"):     # the pass with its object sums: those of the two passes
+        assert rel(g[key + "_f"], r[key]) < tol, (key, rel(g[key + "_f"], r[key]))
+        assert rel(r[key + "_f"], r[key]) < tol, (key, rel(r[key + "_f"], r[key]))
+    assert abs(g["err_f"] / r["err"] - 1) < tol and abs(r["err_f"] / r["err"] - 1) < tol
     assert g["views"] == r["views"] == B
     assert abs(g["relax"] - r["relax"]) < 1e-5 * B and abs(g["raw"] - r["raw"]) < 1e-5 * B
     if bound:       # the case relaxes some views (r < 1) and leaves others: both branches are compared

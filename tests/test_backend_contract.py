@@ -129,3 +129,56 @@ def test_numba_is_the_default_cpu_backend_and_warm_start_is_quick():
     assert isinstance(be, NumbaBackend) and be.workers == 1
     be.warm_up()
     assert be.warm_up() < 0.5           # loaded: a second warm-up costs nothing
+
+
+# --- HXN_PTYCHO_FFT=fftw: the CPU backends' FFTs by FFTW (optional pyfftw) ---------------------------
+def test_an_unknown_fft_library_is_refused(monkeypatch):
+    monkeypatch.setenv("HXN_PTYCHO_FFT", "fastest")
+    with pytest.raises(BackendError, match="HXN_PTYCHO_FFT"):
+        NumbaBackend(1)
+    monkeypatch.setenv("HXN_PTYCHO_FFT", "pocketfft")
+    assert NumbaBackend(1).fft_library == NumpyBackend(1).fft_library == "pocketfft"
+
+
+@pytest.mark.parametrize("cdt,tol", [(np.complex64, 1e-6), (np.complex128, 1e-14)])
+def test_fftw_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
+    """Orthonormal, in place, on aligned and misaligned batches, from two threads at once."""
+    pytest.importorskip("pyfftw")
+    import threading
+
+    import scipy.fft
+    monkeypatch.setenv("HXN_PTYCHO_FFT", "fftw")
+    be = NumbaBackend(2)
+    assert be.fft_library == "fftw"
+    assert all(be.empty(s, cdt).ctypes.data % 64 == 0 for s in ((3, 5, 7), (1000,), (2, 1, 1, 16, 16)))
+    rng = np.random.default_rng(1)
+    errors = []
+
+    def check(shape):
+        a = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(cdt)
+        ref = scipy.fft.fft2(a, norm="ortho")
+        for offset in (0, 1):                       # an element off: not SIMD-aligned
+            buf = np.empty(a.size + offset, cdt)
+            b = buf[offset:].reshape(shape)
+            b[...] = a
+            assert be.fft2(b) is b
+            errors.append(rel(b, ref))
+            assert be.ifft2(b) is b
+            errors.append(rel(b, a))
+    threads = [threading.Thread(target=check, args=(s,)) for s in ((6, 1, 2, 32, 32), (3, 2, 1, 17, 20))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 8 and max(errors) < tol, errors
+
+
+@pytest.mark.parametrize("modes,masked,bound,subpixel", [(1, False, False, False), (3, True, True, False),
+                                                         (2, False, False, True)])
+def test_numba_passes_with_fftw_equal_the_numpy_reference(monkeypatch, modes, masked, bound, subpixel):
+    pytest.importorskip("pyfftw")
+    monkeypatch.setenv("HXN_PTYCHO_FFT", "fftw")
+    fast = NumbaBackend(1)
+    monkeypatch.delenv("HXN_PTYCHO_FFT")
+    check_passes_match(fast, NumpyBackend(1), np.complex64, modes, masked, bound, subpixel, 2e-5)
+    check_passes_match(fast, NumpyBackend(1), np.complex128, modes, masked, bound, subpixel, 1e-11)

@@ -104,3 +104,22 @@ def test_gain_estimate_at_high_counts():
     mask[:8] = False
     many[:, :8] = rng.uniform(1, 50, (600, 8, 64))      # off the quantum: read only if the mask were ignored
     assert estimate_gain(np.sqrt(many * 37.5), mask, LocalReducer())[0] == pytest.approx(37.5, rel=1e-4)
+
+
+@pytest.mark.parametrize("cdt,rdt", [(np.complex64, np.float32), (np.complex128, np.float64)])
+def test_regularised_ratio_is_the_plain_formula(cdt, rdt):
+    """(5), (6) through a real reciprocal (dm.regularised_ratio) give (num + α·old) / (den + α) bit for bit,
+    and the relative change its definition to rounding."""
+    from hxn_ptycho import dm
+    from hxn_ptycho.backend import NumpyBackend
+    be = NumpyBackend(1)
+    rng = np.random.default_rng(4)
+    shape = (2, 40, 41)
+    num = ((rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) * 30).astype(cdt)
+    old = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(cdt)
+    den = (np.abs(rng.standard_normal((1,) + shape[1:])) * 30).astype(rdt)
+    alpha = 1e-3 * float(den.max()) + dm.TINY
+    new = dm.regularised_ratio(be, num, den, old, 1e-3)
+    assert new.dtype == cdt and np.array_equal(new, (num + alpha * old) / (den + alpha))
+    want = np.sqrt((np.abs(new - old) ** 2).sum(axis=(1, 2)) / (np.abs(old) ** 2).sum(axis=(1, 2)))
+    np.testing.assert_allclose(dm.relative_change(be, new, old), want, rtol=1e-5)
