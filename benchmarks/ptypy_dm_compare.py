@@ -16,7 +16,8 @@ Ours runs in this process with ``--threads`` worker threads (the numba backend),
 defaults (what a user gets), then with PtyPy's settings (``benchmarks/cpu_bench.py``'s "ptypy"
 setting: β 1, overlap loop 0.05 / 10, PtyPy's power bound); its FFTs are ``scipy.fft``'s unless
 ``HXN_PTYCHO_FFT=fftw`` is set (FFTW through pyfftw: ``pip install -e ".[fftw]"``), which each
-result names (``fft_library``). The cases alternate — PtyPy 1 mode, ours
+result names (``fft_library``); PtyPy then runs on FFTW too (its ``ffttype``; ``--ptypy-ffttype``
+overrides), so both sides use the same FFT library. The cases alternate — PtyPy 1 mode, ours
 1 mode, PtyPy 3 modes, ours 3 modes, repeated ``--repeats`` times — so that all see the same load.
 
 Each figure is the wall time of the whole reconstruction inside the process (PtyPy's
@@ -52,7 +53,7 @@ def _star_path() -> Path:
 
 
 # --- PtyPy's side: runs under mpiexec in the PtyPy environment (no hxn_ptycho import) ----------------
-def ptypy_child(npz: str, modes: int, iterations: int, out: str) -> None:
+def ptypy_child(npz: str, modes: int, iterations: int, out: str, ffttype: str = "scipy") -> None:
     from ptypy import utils as u
     from ptypy.core import Ptycho
     from ptypy_star import register_star_scan, star_data_params
@@ -72,6 +73,7 @@ def ptypy_child(npz: str, modes: int, iterations: int, out: str) -> None:
     p.scans.star.illumination = u.Param(model=probe.astype(np.complex128), photons=float(frames.sum((1, 2)).mean()),
                                         aperture=None, propagation=None, diversity=diversity)
     p.scans.star.coherence = u.Param(num_probe_modes=modes, num_object_modes=1)
+    p.scans.star.ffttype = ffttype      # PtyPy's own FFT choice: scipy (its default) or fftw (pyfftw)
     p.engines = u.Param(e0=u.Param(name="DM", numiter=iterations, alpha=1, probe_update_start=2,
                                    overlap_converge_factor=0.05, overlap_max_iterations=10, probe_inertia=1e-9,
                                    object_inertia=1e-4, fourier_relax_factor=0.05, obj_smooth_std=None,
@@ -104,14 +106,14 @@ def ptypy_child(npz: str, modes: int, iterations: int, out: str) -> None:
 
 
 # --- our side ----------------------------------------------------------------------------------
-def run_ptypy(python: str, ranks: int, npz: str, modes: int, iterations: int) -> dict:
+def run_ptypy(python: str, ranks: int, npz: str, modes: int, iterations: int, ffttype: str = "scipy") -> dict:
     mpiexec = str(Path(python).parent / "mpiexec")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ptypy.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         env.pop("PYTHONPATH", None)
         subprocess.run([mpiexec, "-n", str(ranks), python, __file__, "--_ptypy", npz, str(modes), str(iterations),
-                        out], check=True, env=env, stdout=subprocess.DEVNULL)
+                        out, ffttype], check=True, env=env, stdout=subprocess.DEVNULL)
         with open(out) as fh:
             return json.load(fh)
 
@@ -147,14 +149,18 @@ def main() -> int:
     ap.add_argument("--to-cost", action=argparse.BooleanOptionalAction, default=True,
                     help="also time ours for as many iterations as it needs to reach PtyPy's final cost")
     ap.add_argument("--star", type=Path, default=_star_path())
-    ap.add_argument("--_ptypy", nargs=4, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ptypy-ffttype", choices=("scipy", "fftw"), default=None,
+                    help="PtyPy's FFT library (default: fftw when HXN_PTYCHO_FFT=fftw, so both sides use the same, "
+                         "else scipy); fftw needs pyfftw in PtyPy's environment")
+    ap.add_argument("--_ptypy", nargs=5, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._ptypy:
-        npz, modes, iterations, out = args._ptypy
-        ptypy_child(npz, int(modes), int(iterations), out)
+        npz, modes, iterations, out, ffttype = args._ptypy
+        ptypy_child(npz, int(modes), int(iterations), out, ffttype)
         return 0
     if not args.ptypy_python:
         ap.error("--ptypy-python is required (PtyPy is not a dependency: see the module docstring)")
+    ffttype = args.ptypy_ffttype or ("fftw" if os.environ.get("HXN_PTYCHO_FFT", "").lower() == "fftw" else "scipy")
     from hxn_ptycho.datasets import siemens_star
     scan = siemens_star(args.star)
     print(f"# PtyPy DM ({args.ranks} MPI ranks) against hxn-ptycho DM ({args.threads} threads), Siemens star, "
@@ -171,10 +177,12 @@ def main() -> int:
                 for name, settings in runs:
                     load0 = os.getloadavg()[0]
                     if settings is None:
-                        r = run_ptypy(args.ptypy_python, args.ranks, npz, modes, args.iterations)
+                        r = run_ptypy(args.ptypy_python, args.ranks, npz, modes, args.iterations, ffttype)
                         ptypy_s, ptypy_cost = r["seconds"], r["cost"]
                     else:
                         r = run_ours(scan, modes, args.iterations, args.threads, settings)
+                    if settings is None:
+                        r["fft_library"] = ffttype
                     r.update({"impl": name, "probe_modes": modes, "iterations": args.iterations, "repeat": rep,
                               "load_avg_1min": (load0 + os.getloadavg()[0]) / 2})
                     costs = r.pop("costs", None)
