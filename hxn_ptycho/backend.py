@@ -225,6 +225,24 @@ def available_cores() -> int:
 FFT_ENV = "HXN_PTYCHO_FFT"      # "fftw": the CPU backends' FFTs by FFTW (pyfftw); else scipy.fft (pocketfft)
 
 
+def _import_pyfftw() -> Any:
+    """``import pyfftw`` without the dask interface it offers: ``pyfftw.interfaces`` imports
+    ``dask.array`` where dask is installed (the Tiled stack brings it), 0.66 s of a rank's start-up
+    for an interface the engine never uses. A ``None`` in ``sys.modules`` makes that optional import
+    fail as if dask were absent (pyfftw catches it); the entry is removed again, so a later
+    ``import dask.array`` works as usual."""
+    import sys
+    blocked = "dask.array" not in sys.modules
+    if blocked:
+        sys.modules["dask.array"] = None  # type: ignore[assignment]
+    try:
+        import pyfftw
+    finally:
+        if blocked and sys.modules.get("dask.array", 0) is None:
+            del sys.modules["dask.array"]
+    return pyfftw
+
+
 class FFTWTransforms:
     """Orthonormal 2-D FFTs over the last two axes, in place, by FFTW through ``pyfftw`` (optional: not
     a dependency; FFTW is GPL-licensed). One plan per thread, shape, strides, dtype, direction,
@@ -239,7 +257,7 @@ class FFTWTransforms:
 
     def __init__(self) -> None:
         try:
-            import pyfftw
+            pyfftw = _import_pyfftw()
         except ImportError as exc:
             raise BackendError(f"{FFT_ENV}=fftw needs pyfftw (pip install pyfftw): {exc}") from None
         import threading

@@ -182,3 +182,15 @@ def test_numba_passes_with_fftw_equal_the_numpy_reference(monkeypatch, modes, ma
     monkeypatch.delenv("HXN_PTYCHO_FFT")
     check_passes_match(fast, NumpyBackend(1), np.complex64, modes, masked, bound, subpixel, 2e-5)
     check_passes_match(fast, NumpyBackend(1), np.complex128, modes, masked, bound, subpixel, 1e-11)
+
+
+def test_fftw_start_up_does_not_import_dask_and_leaves_it_importable():
+    """pyfftw's optional dask interface (0.66 s where dask is installed) is kept out of a rank's start."""
+    pytest.importorskip("pyfftw")
+    pytest.importorskip("dask")
+    import subprocess
+    import sys
+    code = ("import sys; from hxn_ptycho.backend import FFTWTransforms; FFTWTransforms(); "
+            "print('dask.array' in sys.modules); import dask.array; print(dask.array.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "dask.array"], out
