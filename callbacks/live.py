@@ -394,3 +394,31 @@ def watch(catalog: Any = None, *, raw_uid: str | None = None, png: str | os.Path
         if idle_exit_s is not None and time.monotonic() - changed > idle_exit_s:
             return 0
         time.sleep(interval_s)
+
+
+def start_live_job(*, params: dict, nprocs: int, catalog: Any, work_dir: str | os.PathLike, queue: Any,
+                   scan_path: Path, result_path: Path, raw_uid: str, scan_id: Any,
+                   nice: int = 0) -> tuple[Any, Any, LivePublisher | None]:
+    """Start the live job of a scan being measured (the document feed, :mod:`.livefeed`, and the
+    detector-stream receiver, :mod:`.stream`): its :class:`~hxn_ptycho.spec.JobSpec` on the growing
+    ``scan_path``, started at once through ``queue`` (the callback's :class:`~.launcher.JobQueue`;
+    None: one in ``WORK/queue``) by :meth:`~.launcher.JobQueue.start_now` with the spec beside
+    ``result_path`` (``X.h5`` → ``X.spec.json``, its outcome ``X.outcome.json``), and, with a catalog,
+    the :class:`LivePublisher` of its previews. Returns (spec, live job handle, publisher or None)."""
+    from hxn_ptycho.params import ReconParams
+    from hxn_ptycho.spec import Execution, JobSpec, Source
+
+    from .launcher import Job, JobQueue
+    spec = JobSpec(params=ReconParams.from_dict(dict(params)), execution=Execution(ranks=nprocs),
+                   source=Source(scan_file=str(Path(scan_path).resolve()), result_file=str(Path(result_path).resolve()),
+                                 raw_uid=raw_uid, scan_id=scan_id if isinstance(scan_id, int) else None,
+                                 catalog=catalog))
+    Path(result_path).parent.mkdir(parents=True, exist_ok=True)
+    queue = queue if queue is not None else JobQueue(Path(work_dir) / "queue")
+    job = queue.start_now(Job(spec=spec.to_dict(), follow=True, nice=int(nice)),
+                          spec_file=Path(result_path).with_suffix(".spec.json"))
+    publisher = None
+    if catalog is not None:
+        from hxn_ptycho.live import preview_path_for
+        publisher = LivePublisher(catalog, raw_uid, preview_path_for(Path(result_path))).start()
+    return spec, job, publisher

@@ -53,8 +53,7 @@ import numpy as np
 from event_model import RunRouter
 
 from hxn_ptycho.errors import BadInput
-from hxn_ptycho.params import ReconParams
-from hxn_ptycho.spec import Execution, JobSpec, Source
+from hxn_ptycho.spec import JobSpec
 
 from .collector import CollectedRun, PassThroughFiller, RunCollector
 from .export import ExportConfig, build_scan, decide_orientation, kept_field, scan_kind
@@ -561,22 +560,11 @@ class _LiveRun:
     def _start_job(self) -> None:
         if not self.cfg.launch:
             return
-        from .launcher import Job, JobQueue
-        spec = JobSpec(params=ReconParams.from_dict(dict(self.cfg.params)), execution=Execution(ranks=self.cfg.nprocs),
-                       source=Source(scan_file=str(self.scan_path.resolve()),
-                                     result_file=str(self.result_path.resolve()), raw_uid=self.run.uid,
-                                     scan_id=self.run.scan_id if isinstance(self.run.scan_id, int) else None,
-                                     catalog=self.cfg.catalog))
-        self.spec = spec
-        self.result_path.parent.mkdir(parents=True, exist_ok=True)
-        queue = self.cfg.queue if self.cfg.queue is not None else JobQueue(Path(self.cfg.work_dir) / "queue")
-        self.job = queue.start_now(Job(spec=spec.to_dict(), follow=True),
-                                   spec_file=self.result_path.with_name(f"result_{self.stem}_live.spec.json"))
-        if self.cfg.catalog is not None:
-            from hxn_ptycho.live import preview_path_for
-
-            from .live import LivePublisher
-            self.publisher = LivePublisher(self.cfg.catalog, self.run.uid, preview_path_for(self.result_path)).start()
+        from .live import start_live_job
+        self.spec, self.job, self.publisher = start_live_job(
+            params=self.cfg.params, nprocs=self.cfg.nprocs, catalog=self.cfg.catalog, work_dir=self.cfg.work_dir,
+            queue=self.cfg.queue, scan_path=self.scan_path, result_path=self.result_path, raw_uid=self.run.uid,
+            scan_id=self.run.scan_id)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

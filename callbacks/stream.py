@@ -601,24 +601,11 @@ class StreamRun:
     def _start_job(self) -> None:
         if not self.fcfg.launch:
             return
-        from hxn_ptycho.params import ReconParams
-        from hxn_ptycho.spec import Execution, JobSpec, Source
-
-        from .launcher import Job, JobQueue
-        spec = JobSpec(params=ReconParams.from_dict(dict(self.fcfg.params)), execution=Execution(ranks=self.fcfg.nprocs),
-                       source=Source(scan_file=str(self.scan_path.resolve()), result_file=str(self.result_path.resolve()),
-                                     raw_uid=self.uid, scan_id=self.run.scan_id if isinstance(self.run.scan_id, int) else None,
-                                     catalog=self.fcfg.catalog))
-        self.spec = spec
-        self.result_path.parent.mkdir(parents=True, exist_ok=True)
-        queue = self.fcfg.queue if self.fcfg.queue is not None else JobQueue(Path(self.fcfg.work_dir) / "queue")
-        self.job = queue.start_now(Job(spec=spec.to_dict(), follow=True, nice=int(self.fcfg.job_nice)),
-                                   spec_file=self.result_path.with_name(f"result_{self.stem}_live.spec.json"))
-        if self.fcfg.catalog is not None:
-            from hxn_ptycho.live import preview_path_for
-
-            from .live import LivePublisher
-            self.publisher = LivePublisher(self.fcfg.catalog, self.uid, preview_path_for(self.result_path)).start()
+        from .live import start_live_job
+        self.spec, self.job, self.publisher = start_live_job(
+            params=self.fcfg.params, nprocs=self.fcfg.nprocs, catalog=self.fcfg.catalog, work_dir=self.fcfg.work_dir,
+            queue=self.fcfg.queue, scan_path=self.scan_path, result_path=self.result_path, raw_uid=self.uid,
+            scan_id=self.run.scan_id, nice=self.fcfg.job_nice)
 
     def _end_job(self) -> None:
         if self.job is not None and self.job.poll() is None:
