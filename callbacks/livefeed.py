@@ -294,13 +294,12 @@ def warm_child(cfg: ExportConfig) -> float:
     compiled kernels are paid while the first chunk is measured, not after it; returns the seconds."""
     t0 = time.perf_counter()
     from hxn_ptycho.backend import get_backend
+    from hxn_ptycho.live import warm_up
     from hxn_ptycho.params import ReconParams
 
     from . import frames, orientation  # noqa: F401 - imported for their cost
     p = ReconParams()                                   # the orientation trials' parameters (threads 1)
-    be = get_backend(p.backend, 1)
-    if hasattr(be, "warm_up"):
-        be.warm_up(np.complex128 if p.precision == "double" else np.complex64)
+    warm_up(get_backend(p.backend, 1), p)
     return time.perf_counter() - t0
 
 

@@ -214,18 +214,14 @@ def _final_as_offline(session: ReconSession, path: str, params: ReconParams, com
     import dataclasses
 
     from .distributed import run_distributed
-    from .session import takes_live_state
-    live_its, credit = session.iteration, session.live_credit
-    from_live = live_its > 0 and takes_live_state(params, live_its, credit)
+    live_its = session.iteration
+    from_live = session.final_from_live_state()
     if from_live and comm.rank == 0:
         session.save_state(state_path)
     canvas_grown = session.canvas_grown
     session.close()
     session.rec = None                   # its memory goes before the offline set-up takes its own
     comm.barrier()                       # the state is on disk before any rank reads it
-    if not from_live and comm.rank == 0 and log_fn is not None and live_its:
-        log_fn(f"hxn-ptycho: the live phase fell behind ({live_its} live iterations, {credit:.1f} per view): "
-               "the final phase starts from the initial guess")
     final = dataclasses.replace(params, init_from=str(state_path) if from_live else params.init_from)
     res, _info = run_distributed(path, final, comm, log=log_fn, stop=stop)
     res.attrs.update({"live_iterations": live_its, "live_canvas_grown": canvas_grown,

@@ -19,7 +19,17 @@ class ExitWaveStore:
 
     def __init__(self, be: Any, shape: tuple, cdtype: Any, streaming: bool) -> None:
         self.be, self.cdtype, self.streaming = be, cdtype, bool(streaming)
-        self.psi = self._alloc(shape)
+        self.base = self._alloc(shape)          # the allocation; ψ is its first rows (room to grow)
+        self.psi = self.base
+
+    def grow(self, n_views: int, rows: int) -> None:
+        """Hold ``n_views`` views, keeping the ψ of those held now: a longer view of the allocation
+        where it has room, else a new allocation of ``rows`` (≥ ``n_views``) rows with them copied."""
+        if self.base.shape[0] < n_views:
+            base = self._alloc((rows,) + self.shape[1:])
+            base[:self.psi.shape[0]] = self.psi
+            self.base = base
+        self.psi = self.base[:n_views]
 
     def _alloc(self, shape: tuple) -> Any:
         if self.streaming:

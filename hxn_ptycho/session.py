@@ -49,7 +49,6 @@ from .engine import LocalReducer, Reconstruction, estimate_gain, plan_memory
 from .errors import BadInput
 from .geometry import Geometry
 from .params import ReconParams, algorithm_stages
-from .parts import ExitWaveStore
 from .probemodes import ProbeModeManager
 from .resultfile import ResultData, write_result
 from .scanfile import ScanData
@@ -357,7 +356,7 @@ class ReconSession:
         rec.total_intensity += float(add[0])
         rec.good_pixels_total += float(add[1])
         N = len(frames)
-        rec.store = _grown_store(rec.store, N, old_local, be, rec.cdtype)
+        rec.store.grow(N, _room(N, old_local))                   # in place where it has room
         batch = rec.plan.batch_size
         rec.scheduler.rebatch(N, batch)
         w0 = rec.scheduler.workers[0]
@@ -444,6 +443,16 @@ class ReconSession:
         rec._each(rec._init_psi)
         rec.first_iteration = resume_at(p, self.iteration)
 
+    def final_from_live_state(self) -> bool:
+        """Whether the final phase starts from this live state (:func:`takes_live_state`); where the
+        live phase fell behind, rank 0 says so (the final phase is then the cold offline run)."""
+        live = self.rec is not None and self.iteration > 0
+        from_live = live and takes_live_state(self.params, self.iteration, self.live_credit)
+        if live and not from_live and self.rank == 0 and self._log is not None:
+            self._log(f"hxn-ptycho: the live phase fell behind ({self.iteration} live iterations, "
+                      f"{self.live_credit:.1f} per view): the final phase starts from the initial guess")
+        return from_live
+
     def finish(self, state_path: Any = None) -> ResultData:
         """The offline schedule (``params.algorithm``) from the live state, from the iteration
         :func:`resume_at` gives (the live iterations stand for the ones before); the result in
@@ -453,13 +462,10 @@ class ReconSession:
         ``state_path``: where to save the live state first (see :meth:`save_state`).
         """
         live = self.rec is not None and self.iteration > 0
-        from_live = live and takes_live_state(self.params, self.iteration, self.live_credit)
+        from_live = self.final_from_live_state()
         if state_path is not None and from_live and self.rank == 0:
             self.save_state(state_path)
         if live and not from_live:            # fell behind: the final phase is the cold offline run
-            if self.rank == 0 and self._log is not None:
-                self._log(f"hxn-ptycho: the live phase fell behind ({self.iteration} live iterations, "
-                          f"{self.live_credit:.1f} per view): the final phase starts from the initial guess")
             assert self.rec is not None
             self.rec.close()
             self.rec, self._dm = None, None
@@ -493,23 +499,6 @@ def _room(need: int, have: int) -> int:
     offline run appends every view at once), else an eighth more, so that appending a chunk copies
     the rows so far only once every eighth of growth, not at every chunk."""
     return need if have == 0 else need + need // 8
-
-
-def _grown_store(old: ExitWaveStore, N: int, old_local: int, be: Any, cdtype: Any) -> ExitWaveStore:
-    """The exit-wave store for ``N`` views holding the first ``old_local`` of ``old``: ``old`` itself
-    where its allocation has room (its arrays become longer views of it), else a new one with room
-    to grow (:func:`_room`)."""
-    room = getattr(old, "_room", None)
-    if room is not None and old.psi is room[1] and room[0].shape[0] >= N:
-        old.psi = room[0][:N]
-        old._room = (room[0], old.psi)                          # type: ignore[attr-defined]
-        return old
-    store = ExitWaveStore(be, (_room(N, old_local),) + old.shape[1:], cdtype, old.streaming)
-    store.psi[:old_local] = old.psi[:old_local]
-    base_psi = store.psi
-    store.psi = base_psi[:N]
-    store._room = (base_psi, store.psi)                          # type: ignore[attr-defined]
-    return store
 
 
 def header_of(scan: ScanData) -> ScanData:
