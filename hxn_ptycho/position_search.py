@@ -201,6 +201,12 @@ def pupil_amplitude(mean_amp: np.ndarray, support: float = 0.3) -> np.ndarray:
     return np.where(amp >= support * float(amp.max()), amp, 0.0)
 
 
+def mean_pupil(amps: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """:func:`pupil_amplitude` of the frames' root-mean-square amplitude (masked pixels zero)."""
+    good = np.ones(amps.shape[1:], bool) if mask is None else mask
+    return pupil_amplitude(np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good)
+
+
 def defocus_family(mean_amp: np.ndarray, power: float, coefficients: np.ndarray,
                    astigmatism: np.ndarray | None = None) -> np.ndarray:
     """Probes (C, n, n) whose far field is the mean measured amplitude with a defocus phase

@@ -205,7 +205,6 @@ class PositionRefiner:
     """Refines the positions of a :class:`~hxn_ptycho.engine.Reconstruction`'s views in place."""
     probe_astigmatism: bool = True    # after the defocus, a search along the detector's two axes
 
-
     def __init__(self, rec: Any) -> None:
         self.rec = rec
         p = rec.params
@@ -414,14 +413,14 @@ class PositionRefiner:
         if it fits better than every member (10 growths), else ±n/8, ±n/16 and ±n/32 around the
         best member (6 more), which is taken if it fits better than the current probe. Then an
         astigmatism along the detector's axes (:meth:`_choose_astigmatism`, at most 12 more)."""
-        from .position_search import defocus_family, growth_misfit, half_resolution, pupil_amplitude
+        from .position_search import defocus_family, growth_misfit, half_resolution, mean_pupil
         rec = self.rec
         n = rec.n
         f = 2 if n >= 32 and n % 4 == 0 else 1
         amps_s, mask_s, probe_s, cur_s, shape_s = half_resolution(amps, mask, probe, cur, shape, f)
         m = amps_s.shape[-1]
         good = np.ones((m, m), bool) if mask_s is None else mask_s
-        mean_amp = pupil_amplitude(np.sqrt(np.mean(np.square(amps_s, dtype=np.float64), axis=0)) * good)
+        mean_amp = mean_pupil(amps_s, mask_s)
         # every candidate at the power the data ask of a flat object at ``level`` (Parseval)
         energy = float(np.mean(np.sum(np.square(amps_s, dtype=np.float64) * good, axis=(1, 2))))
         probe_s *= np.sqrt(energy / max(float(np.sum(np.abs(level) ** 2)), 1e-300)
@@ -466,10 +465,8 @@ class PositionRefiner:
         # a probe of the right defocus: the late growth's scale is the data's, not held to the nominal
         # one (held, seed 2 ended at 0.81 px and 8.6x the true run's object error)
         self.hold_after_grow = False
-        good_full = np.ones(amps.shape[1:], bool) if mask is None else mask
-        mean_full = pupil_amplitude(np.sqrt(np.mean(np.square(amps, dtype=np.float64), axis=0)) * good_full)
         out = probe.copy()
-        out[0] = defocus_family(mean_full, float(np.sum(np.abs(probe[0]) ** 2)), np.array([best]),
+        out[0] = defocus_family(mean_pupil(amps, mask), float(np.sum(np.abs(probe[0]) ** 2)), np.array([best]),
                                 np.array([astig]))[0]
         return out
 
