@@ -46,9 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from hxn_ptycho.h5util import h5_differences
 from hxn_ptycho.job import job_argv, outcome_path, read_outcome
 from hxn_ptycho.metrics import illuminated_region, nrmse
 from hxn_ptycho.params import ReconParams
@@ -70,26 +70,8 @@ def wait_for(path: Path, timeout: float) -> float:
 
 def files_equal(one_shot: Path, growing: Path) -> bool:
     """The two files hold the same datasets and attributes (the root's and each object's), equal."""
-    ds, at = differing(one_shot, growing)
+    ds, at = h5_differences(one_shot, growing)
     return not ds and not at
-
-
-def differing(one_shot: Path, growing: Path) -> tuple[list[str], list[str]]:
-    """(datasets, attributes) in either file, missing from the other or different there; strict,
-    both ways: the root's attributes as ``name``, an object's as ``object@name``."""
-    ds: set[str] = set()
-    at: set[str] = set()
-    with h5py.File(one_shot, "r") as a, h5py.File(growing, "r") as b:
-        for x, y in ((a, b), (b, a)):
-            names: list[str] = []
-            x.visit(names.append)
-            for k in names:
-                if isinstance(x[k], h5py.Dataset) and (k not in y or not np.array_equal(x[k][()], y[k][()])):
-                    ds.add(k)
-                at |= {f"{k}@{m}" for m in x[k].attrs
-                       if k not in y or m not in y[k].attrs or not np.array_equal(x[k].attrs[m], y[k].attrs[m])}
-            at |= {m for m in x.attrs if m not in y.attrs or not np.array_equal(x.attrs[m], y.attrs[m])}
-    return sorted(ds), sorted(at)
 
 
 def through_callback(args: argparse.Namespace) -> dict:
@@ -164,7 +146,7 @@ def through_callback(args: argparse.Namespace) -> dict:
         off_out = read_outcome(outcome_path(off_path)) or {}
         same_run = d / "scan_post_of_live.h5"     # the post-stop export of this run as the callback makes it
         export_scan(got[0], cfg, same_run, live_file=live.scan_path)   # (the live file's decision taken)
-        ds, at = differing(same_run, live.scan_path)
+        ds, at = h5_differences(same_run, live.scan_path)
         region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
         e_live = nrmse(read_result(live.result_path).object[0], truth.object, region) \
             if live.result_path.exists() else float("nan")

@@ -121,3 +121,22 @@ def scalar(f: h5py.File, name: str, kind: str, positive: bool = True) -> float:
     if not np.isfinite(value) or (positive and value <= 0):
         raise FileFormatError(f"{kind} file {f.filename}: field '{name}' = {value} must be a positive finite number")
     return value
+
+
+def h5_differences(a_path: str | os.PathLike, b_path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(datasets, attributes) in either HDF5 file that are missing from the other or differ there,
+    compared strictly, both ways: a dataset by its path, the root's attributes by name, another
+    object's as ``path@name`` (e.g. a live scan file against the post-stop export of its run)."""
+    ds: set[str] = set()
+    at: set[str] = set()
+    with h5py.File(a_path, "r") as a, h5py.File(b_path, "r") as b:
+        for x, y in ((a, b), (b, a)):
+            names: list[str] = []
+            x.visit(names.append)
+            for k in names:
+                if isinstance(x[k], h5py.Dataset) and (k not in y or not np.array_equal(x[k][()], y[k][()])):
+                    ds.add(k)
+                at |= {f"{k}@{m}" for m in x[k].attrs
+                       if k not in y or m not in y[k].attrs or not np.array_equal(x[k].attrs[m], y[k].attrs[m])}
+            at |= {m for m in x.attrs if m not in y.attrs or not np.array_equal(x.attrs[m], y.attrs[m])}
+    return sorted(ds), sorted(at)

@@ -144,3 +144,26 @@ def test_result_with_a_missing_field_names_it(tmp_path):
         del f["error/object"]
     with pytest.raises(FileFormatError, match="missing field 'error/object'"):
         read_result(tmp_path / "r.h5")
+
+
+def test_h5_differences_is_strict_both_ways(tmp_path):
+    """A dataset or attribute in either file only, or different, is named: root attributes by name,
+    an object's as path@name."""
+    import h5py
+
+    from hxn_ptycho.h5util import h5_differences
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for p in (a, b):
+        with h5py.File(p, "w") as f:
+            f["x"] = np.arange(3)
+            f["g/y"] = np.ones(2)
+            f.attrs["k"] = 1
+            f["x"].attrs["u"] = "m"
+    assert h5_differences(a, b) == ([], [])
+    with h5py.File(b, "r+") as f:
+        f["g/y"][1] = 2.0                 # a value
+        f["only_b"] = np.zeros(1)         # a dataset the first file lacks
+        f.attrs["extra"] = 2              # a root attribute the first file lacks
+        f["x"].attrs["u"] = "n"           # an object's attribute
+    assert h5_differences(a, b) == (["g/y", "only_b"], ["extra", "x@u"])
+    assert h5_differences(b, a) == (["g/y", "only_b"], ["extra", "x@u"])
