@@ -342,11 +342,13 @@ class GrowingScanWriter:
         (text) of the attributes named ``final_attrs`` at creation (where the frames are, which were
         dropped), written into their datasets before the file is marked complete — data writes, which
         SWMR allows; no attribute is created or changed. A name not declared then is an error."""
-        for k, v in (attrs or {}).items():
+        encoded: dict[str, np.ndarray] = {}
+        for k, v in (attrs or {}).items():           # all checked before any is written
             if k not in self.final_attrs:
                 raise FileFormatError(f"{KIND} file {self.path}: attribute {k!r} was not declared final when the "
                                       "file was made (a growing file's attributes are made then)")
-            data = np.frombuffer(_text(k, v).encode("utf-8"), np.uint8)
+            encoded[k] = np.frombuffer(_text(k, v).encode("utf-8"), np.uint8)
+        for k, data in encoded.items():
             d = self.f[f"{FINAL_ATTRS}/{k}"]
             d.resize(data.shape[0], axis=0)
             d[:] = data

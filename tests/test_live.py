@@ -250,6 +250,9 @@ def test_the_stop_writes_only_what_swmr_allows_and_the_final_attributes_read_bac
     assert "frame_source" not in before and "dropped_frames" not in before
     with pytest.raises(BadInput, match="was not declared final"):
         w.mark_complete({"detector": "eiger2"})
+    with pytest.raises(BadInput, match="'dropped_frames' must be text"):     # nothing of it written
+        w.mark_complete({"frame_source": '["x"]', "dropped_frames": [3, 7]})
+    assert r.f["final_attrs/frame_source"].shape == (0,) and r.refresh() == (30, False)
     w.append(scan.diffamp[30:], scan.points[:, 30:])
     w.mark_complete({"frame_source": '["the whole run"]', "dropped_frames": "[3, 7]"})
     assert r.refresh() == (120, True)
