@@ -338,8 +338,8 @@ class Reconstruction:
     def _each(self, fn: Callable[[_Worker, slice], None]) -> None:
         self.scheduler.each(fn)
 
-    def _sum_workers(self, name: str) -> Any:
-        return self.scheduler.sum(name)
+    def _sum_workers(self, name: str, fresh: bool = False) -> Any:
+        return self.scheduler.sum(name, fresh)
 
     def _reset(self, *names: str) -> None:
         self.scheduler.reset(*names)
