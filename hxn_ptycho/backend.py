@@ -92,6 +92,7 @@ class Backend(ABC):
         need for ``cdtype`` and give back what loading left resident (the numba backend's kernels
         and LLVM's start-up pages: issue 24's peak memory). Nothing for a backend without
         compiled kernels."""
+        return None
 
     # --- arrays and transfers -------------------------------------------------------------
     @abstractmethod
