@@ -237,6 +237,16 @@ class PositionRefiner:
         self.reverted = 0
         self.rescued_at_end = 0             # outliers found again by the guard (coarse stage only)
         self._bufs: dict[int, tuple] = {}
+        self.scale_search = self.radius > 0          # the global scale chosen by re-fits after refinement
+        self.scale_iterations = 15                   # DM iterations of each candidate's re-fit
+        self.scale_steps = (0.01, 0.005, 0.0025)     # of the coordinate descent in (rows, cols)
+        self.scale_max_refits = 40                   # candidates tried at most
+        self.scale_gain = 0.02                       # a scale is taken if its re-fit fits ≤ 98 % of the current's
+        self.scale_on_grid = True                    # scored on the pixel grid (as the windows are after refinement)
+        self.scale_refits = 0
+        self.scale_chosen: tuple[float, float] | None = None
+        self.scale_scores: dict[str, float] = {}
+        self.scale_seconds = 0.0
 
     @property
     def end(self) -> int:
@@ -509,6 +519,103 @@ class PositionRefiner:
         rec.log(f"hxn-ptycho: probe astigmatism: rows {best[0]:.1f}, columns {best[1]:.1f} fit {tried[best]:.4g} "
                 f"against {e_c:.4g} for c = {c:.1f}: taken")
         return (best[0] + best[1]) / 2, (best[1] - best[0]) / 2
+
+    # --- the global scale -------------------------------------------------------------------------
+    def choose_scale(self, it: int) -> bool:
+        """The layout's global scale along rows and columns, chosen by the data error of short re-fits.
+
+        The gradient stage can leave the layout 1-2.5 % too large or small while the probe's curvature
+        follows it (docs/position_search.md, session 20). The data fix the scale: reconstructed from
+        the true positions scaled by 1 %, the annular lens and the astigmatic zone plate fit 13-31 %
+        worse. But not from the current model: its object and probe hold the current scale (warm
+        re-fits, even with the object resampled to the candidate's scale, preferred a layout further
+        off). So each candidate scale (rows, cols) of the current corners about their centre is
+        scored by the model error after ``scale_iterations`` DM iterations (object and probe updated)
+        from the engine's flat object at the current object's level and the current probe, the
+        windows on the pixel grid as after refinement (corners snapped as the engine snaps them;
+        scales that snap to the same corners are one candidate); coordinate descent, steps
+        ``scale_steps``. A candidate is taken only if its re-fit fits at most ``1 - scale_gain`` of
+        the current scale's own re-fit; then its corners and re-fitted model replace the current
+        ones, otherwise nothing changes (the exit waves restart from the model either way). Returns
+        whether the corners moved."""
+        from .dm_iteration import DMIteration
+        from .initial import initial_object
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        t0 = time.perf_counter()
+        sub = geom.subpixel_windows
+        if self.scale_on_grid:
+            geom.use_subpixel(False)       # bilinear windows blur by each view's fraction: scored on the grid
+        cur = geom.positions_all.copy()
+        n = rec.n
+        c = cur.mean(axis=0)
+        obj0, probe0 = rec.obj, rec.probe
+        rounds = len(rec.overlap_rounds)
+        probe_h = be.asnumpy(probe0)
+        pint = np.sum(np.abs(probe_h) ** 2, axis=0)
+        obj_h = be.asnumpy(obj0)
+        acc = np.array([sum(complex(np.sum(obj_h[0, r:r + n, q:q + n] * pint)) for r, q in geom.corner), len(geom)],
+                       np.complex128)
+        rec.reducer.allreduce_sum([acc])
+        level = acc[0] / max(acc[1].real, 1.0) / float(pint.sum())
+        flat = be.asarray(initial_object(rec.obj_shape, rec.params) * level, rec.cdtype)
+
+        def layout(s: tuple[float, float]) -> np.ndarray:
+            pos = c + (cur - c) * np.array(s)
+            if self.scale_on_grid:       # snapped as the engine snaps: the common sub-pixel offset first
+                pos -= np.angle(np.mean(np.exp(2j * np.pi * pos), axis=0)) / (2 * np.pi)
+            return self._clip(pos)
+        tried: dict[tuple[float, float], tuple[float, Any, Any]] = {}
+        seen: dict[bytes, tuple[float, Any, Any]] = {}     # by the windows' corners: scales that snap alike
+        self.scale_refits = 0
+
+        def refit(s: tuple[float, float]) -> None:
+            if s in tried:
+                return
+            geom.set_positions(layout(s))
+            pos = geom.positions_all
+            corners = (pos if geom.subpixel_windows else np.round(pos)).tobytes()     # the same on every rank
+            if corners not in seen:
+                rec.obj, rec.probe = flat, probe0
+                rec._each(rec._init_psi)
+                stage = DMIteration(rec)
+                for _ in range(self.scale_iterations):
+                    stage.iterate(it)
+                seen[corners] = (rec.model_cost()[0], rec.obj, rec.probe)
+                self.scale_refits += 1
+            tried[s] = seen[corners]
+        one = (1.0, 1.0)
+        refit(one)
+        best = one
+        for step in self.scale_steps:
+            while len(tried) < self.scale_max_refits:
+                for axis in (0, 1):
+                    for sign in (-1.0, 1.0):
+                        cand = list(best)
+                        cand[axis] = round(cand[axis] + sign * step, 6)
+                        refit((cand[0], cand[1]))
+                new = min(tried, key=lambda k: tried[k][0])      # ties: the first tried (nearest the current)
+                if new == best:
+                    break
+                best = new
+        e_one, e_best = tried[one][0], tried[best][0]
+        taken = best != one and e_best <= (1.0 - self.scale_gain) * e_one
+        geom.subpixel_windows = sub
+        if taken:
+            geom.set_positions(layout(best))
+            rec.obj, rec.probe = tried[best][1], tried[best][2]
+        else:
+            geom.set_positions(cur)
+            rec.obj, rec.probe = obj0, probe0
+        rec._each(rec._init_psi)
+        del rec.overlap_rounds[rounds:]
+        self.scale_chosen = best if taken else one
+        self.scale_scores = {f"{r:g},{q:g}": v[0] for (r, q), v in tried.items()}
+        self.scale_seconds = time.perf_counter() - t0
+        logger.debug("layout scale re-fits: %s", self.scale_scores)
+        rec.log(f"hxn-ptycho: layout scale: the best, rows {best[0]:.4f} and columns {best[1]:.4f}, fits {e_best:.5g} "
+                f"against {e_one:.5g} at the current scale ({self.scale_refits} re-fits of {self.scale_iterations} "
+                f"DM iterations, {self.scale_seconds:.1f} s): {'taken' if taken else 'kept the current'}")
+        return taken
 
     def _object_sums(self) -> tuple[Any, Any, float]:
         """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
