@@ -27,11 +27,11 @@ import numpy as np
 from scipy.ndimage import affine_transform
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from position_search import heavy_scan, mixture_heavy_scan  # noqa: E402
+from position_search import heavy_scan, mixture_heavy_scan
 
-from hxn_ptycho.engine import reconstruct  # noqa: E402
-from hxn_ptycho.metrics import illuminated_region, nrmse, object_error, position_rms  # noqa: E402
-from hxn_ptycho.params import ReconParams  # noqa: E402
+from hxn_ptycho.engine import reconstruct
+from hxn_ptycho.metrics import illuminated_region, nrmse, object_error, position_rms
+from hxn_ptycho.params import ReconParams
 
 
 def scaled(scan, s_rows: float, s_cols: float):
