@@ -31,8 +31,11 @@ prediction, and move a view only where its data error falls. Half-way through th
 object is grown once more, with the probe the gradient stage has refined, and the nominal scale is
 held from there (the scale trades with the probe's curvature). At the end of refinement a **guard**
 (:meth:`PositionRefiner.guard`) sends back to its nominal corner every view whose data error is lower
-there: refinement never leaves a view where the model fits it worse than not refining. Measured in
-docs/position_search.md (``benchmarks/position_search.py``).
+there: refinement never leaves a view where the model fits it worse than not refining. Then, with the
+coarse stage, the **layout's global scale** along rows and columns is chosen by the data error of
+short re-fits from a flat object (:meth:`PositionRefiner.choose_scale`): the gradient stage can
+leave the whole layout 1-2.5 % too large or small. Measured in docs/position_search.md
+(``benchmarks/position_search.py``, ``benchmarks/position_scale.py``).
 """
 from __future__ import annotations
 
