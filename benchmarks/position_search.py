@@ -109,6 +109,9 @@ def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 
             tru_c = truth.positions_px - truth.positions_px.mean(axis=0)
             out[way]["scale_rows_cols"] = [round(float(np.sum(pos_c[:, i] * tru_c[:, i]) / np.sum(tru_c[:, i] ** 2)), 4)
                                            for i in (0, 1)]
+        if "position_scale" in res.attrs:
+            out[way]["scale"] = res.attrs["position_scale"]
+            out[way]["scale_s"] = res.attrs["position_scale_seconds"]
         if "position_reverted" in res.attrs:
             out[way]["reverted"] = res.attrs["position_reverted"]
             out[way]["rescued"] = res.attrs.get("position_rescued_at_end")

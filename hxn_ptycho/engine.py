@@ -475,6 +475,8 @@ class Reconstruction:
                         self.geom.use_subpixel(False)        # refinement over: windows on the pixel grid
                         if stage_name == "DM":
                             self._each(self._init_psi)
+                    if refiner.scale_search and it == refiner.end and stage_name == "DM":
+                        refiner.choose_scale(it)                  # re-initialises the exit waves
                 self.modes_mgr.after_iteration(it, d, stage_name == "DM", last)
                 if bar is not None:
                     bar.set_postfix_str(f"data error {d:.4g}")
@@ -518,6 +520,9 @@ class Reconstruction:
                 attrs["position_probe_defocus"] = refiner.defocus_chosen
                 attrs["position_probe_astigmatism"] = refiner.defocus_astigmatism
                 attrs["position_probe_defocus_seconds"] = round(refiner.defocus_seconds, 2)
+            if refiner.scale_chosen is not None:
+                attrs["position_scale"] = list(refiner.scale_chosen)
+                attrs["position_scale_seconds"] = round(refiner.scale_seconds, 2)
             attrs["position_reverted"] = refiner.reverted
             attrs["position_rescued_at_end"] = refiner.rescued_at_end
             from .positions import affine_terms

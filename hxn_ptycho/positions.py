@@ -31,8 +31,11 @@ prediction, and move a view only where its data error falls. Half-way through th
 object is grown once more, with the probe the gradient stage has refined, and the nominal scale is
 held from there (the scale trades with the probe's curvature). At the end of refinement a **guard**
 (:meth:`PositionRefiner.guard`) sends back to its nominal corner every view whose data error is lower
-there: refinement never leaves a view where the model fits it worse than not refining. Measured in
-docs/position_search.md (``benchmarks/position_search.py``).
+there: refinement never leaves a view where the model fits it worse than not refining. Then, with the
+coarse stage, the **layout's global scale** along rows and columns is chosen by the data error of
+short re-fits from a flat object (:meth:`PositionRefiner.choose_scale`): the gradient stage can
+leave the whole layout 1-2.5 % too large or small. Measured in docs/position_search.md
+(``benchmarks/position_search.py``, ``benchmarks/position_scale.py``).
 """
 from __future__ import annotations
 
@@ -237,6 +240,18 @@ class PositionRefiner:
         self.reverted = 0
         self.rescued_at_end = 0             # outliers found again by the guard (coarse stage only)
         self._bufs: dict[int, tuple] = {}
+        self.scale_search = self.radius > 0          # the global scale chosen by re-fits after refinement
+        self.scale_iterations = 15                   # DM iterations of each candidate's re-fit
+        self.scale_range = 0.05                      # candidates within ±5 % of the current scale
+        self.scale_finest_px = 0.5                   # the coordinate descent's finest step, at the outermost views
+        self.scale_max_refits = 40                   # candidates tried at most
+        self.scale_gain = 0.02                       # a scale is taken if its re-fit fits ≤ 98 % of the current's
+        self.scale_on_grid = True                    # scored on the pixel grid (as the windows are after refinement)
+        self.scale_refits = 0
+        self.scale_shear = False                     # the off-diagonal terms of the linear map too (2x the re-fits)
+        self.scale_chosen: tuple[float, ...] | None = None
+        self.scale_scores: dict[str, float] = {}
+        self.scale_seconds = 0.0
 
     @property
     def end(self) -> int:
@@ -509,6 +524,112 @@ class PositionRefiner:
         rec.log(f"hxn-ptycho: probe astigmatism: rows {best[0]:.1f}, columns {best[1]:.1f} fit {tried[best]:.4g} "
                 f"against {e_c:.4g} for c = {c:.1f}: taken")
         return (best[0] + best[1]) / 2, (best[1] - best[0]) / 2
+
+    # --- the global scale -------------------------------------------------------------------------
+    def choose_scale(self, it: int) -> bool:
+        """The layout's global linear map (scale along rows and columns; with ``scale_shear`` the
+        off-diagonal terms too), chosen after refinement by the data error of short re-fits.
+
+        The gradient stage can leave the layout 1-2.5 % too large or small (docs/position_search.md,
+        session 20). The data fix the scale: reconstructed from the true positions scaled by 1 %, the
+        annular lens and the astigmatic zone plate fit 13-31 % worse. Not from the current model,
+        though: its object and probe hold the current scale (re-fits from it, even with the object
+        resampled to each candidate's scale, preferred a layout further off). So each candidate
+        map of the current corners about their centre is scored by the model error after
+        ``scale_iterations`` DM iterations (object and probe updated) from the engine's first object
+        at the current object's level and the current probe, with the windows on the pixel grid as
+        after refinement (the corners snapped as the engine snaps them; maps that snap to the same
+        corners are one candidate). Coordinate descent: steps that move the outermost views by 1 px
+        (or 1 % of the extent, where more) halved down to ``scale_finest_px``, within
+        ``scale_range`` of the identity. The best map is taken only if its re-fit's error is at most
+        ``1 - scale_gain`` of the current layout's own re-fit; then its corners and re-fitted model
+        replace the current ones, otherwise the model stays (the exit waves restart from it either
+        way). Returns whether the corners moved."""
+        from .dm_iteration import DMIteration
+        from .initial import initial_object
+        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        t0 = time.perf_counter()
+        sub = geom.subpixel_windows
+        if self.scale_on_grid:
+            geom.use_subpixel(False)       # bilinear windows blur by each view's fraction: scored on the grid
+        cur = geom.positions_all.copy()
+        n = rec.n
+        c = cur.mean(axis=0)
+        obj0, probe0 = rec.obj, rec.probe
+        rounds = len(rec.overlap_rounds)
+        probe_h = be.asnumpy(probe0)
+        pint = np.sum(np.abs(probe_h) ** 2, axis=0)
+        obj_h = be.asnumpy(obj0)
+        acc = np.array([sum(complex(np.sum(obj_h[0, r:r + n, q:q + n] * pint)) for r, q in geom.corner), len(geom)],
+                       np.complex128)
+        rec.reducer.allreduce_sum([acc])
+        level = acc[0] / max(acc[1].real, 1.0) / float(pint.sum())
+        flat = be.asarray(initial_object(rec.obj_shape, rec.params) * level, rec.cdtype)
+
+        def layout(m: tuple[float, ...]) -> np.ndarray:
+            pos = c + (cur - c) @ np.reshape(m, (2, 2)).T
+            if self.scale_on_grid:       # snapped as the engine snaps: the common sub-pixel offset first
+                pos -= np.angle(np.mean(np.exp(2j * np.pi * pos), axis=0)) / (2 * np.pi)
+            return self._clip(pos)
+        tried: dict[tuple[float, ...], tuple[float, Any, Any]] = {}
+        seen: dict[bytes, tuple[float, Any, Any]] = {}     # by the windows' corners: scales that snap alike
+        self.scale_refits = 0
+
+        def refit(s: tuple[float, ...]) -> None:
+            if s in tried:
+                return
+            geom.set_positions(layout(s))
+            pos = geom.positions_all
+            corners = (pos if geom.subpixel_windows else np.round(pos)).tobytes()     # the same on every rank
+            if corners not in seen:
+                rec.obj, rec.probe = flat, probe0
+                rec._each(rec._init_psi)
+                stage = DMIteration(rec)
+                for _ in range(self.scale_iterations):
+                    stage.iterate(it)
+                seen[corners] = (rec.model_cost()[0], rec.obj, rec.probe)
+                self.scale_refits += 1
+            tried[s] = seen[corners]
+        one: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)          # the linear map (row-major) of the corners about their centre
+        refit(one)
+        best = one
+        # steps as moves of the outermost views: from 1 px (or 1 % where that is more) down to 0.5 px
+        ext = np.maximum(np.abs(cur - c).max(axis=0), 1.0)
+        edge = [max(1.0, 0.01 * float(ext.max()))]
+        while edge[-1] / 2 >= self.scale_finest_px:
+            edge.append(edge[-1] / 2)
+        for step in edge:
+            while len(tried) < self.scale_max_refits:
+                for k in ((0, 3, 1, 2) if self.scale_shear else (0, 3)):
+                    for sign in (-1.0, 1.0):
+                        cand = list(best)
+                        cand[k] = round(cand[k] + sign * step / float(ext[k % 2]), 6)
+                        if abs(cand[k] - one[k]) > self.scale_range:
+                            continue
+                        refit(tuple(cand))
+                new = min(tried, key=lambda k: tried[k][0])      # ties: the first tried (nearest the current)
+                if new == best:
+                    break
+                best = new
+        e_one, e_best = tried[one][0], tried[best][0]
+        taken = best != one and e_best <= (1.0 - self.scale_gain) * e_one
+        geom.subpixel_windows = sub
+        if taken:
+            geom.set_positions(layout(best))
+            rec.obj, rec.probe = tried[best][1], tried[best][2]
+        else:
+            geom.set_positions(cur)
+            rec.obj, rec.probe = obj0, probe0
+        rec._each(rec._init_psi)
+        del rec.overlap_rounds[rounds:]
+        self.scale_chosen = best if taken else one
+        self.scale_scores = {",".join(f"{v:g}" for v in k): e[0] for k, e in tried.items()}
+        self.scale_seconds = time.perf_counter() - t0
+        logger.debug("layout scale re-fits: %s", self.scale_scores)
+        rec.log(f"hxn-ptycho: layout scale: the best linear map {np.round(best, 4).tolist()} fits {e_best:.5g} "
+                f"against {e_one:.5g} at the current scale ({self.scale_refits} re-fits of {self.scale_iterations} "
+                f"DM iterations, {self.scale_seconds:.1f} s): {'taken' if taken else 'kept the current'}")
+        return taken
 
     def _object_sums(self) -> tuple[Any, Any, float]:
         """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
