@@ -272,7 +272,17 @@ def main() -> None:
                     "tell whether each rule is right: the cheapest grid run)")
     ap.add_argument("--over", action="store_true", help="over-complete, then reduce (see overcomplete)")
     ap.add_argument("--json", help="append each case's record to this file (JSON lines)")
+    ap.add_argument("--ml-cap", type=float, default=1.0, help="ML: MLIteration.mode_precondition_cap of every fit "
+                    "(docs/auto_modes.md, 'Session 20')")
     a = ap.parse_args()
+    if a.ml_cap > 1:
+        from hxn_ptycho import ml
+        init = ml.MLIteration.__init__
+
+        def ml_init(self: Any, rec: Any) -> None:
+            init(self, rec)
+            self.mode_precondition_cap = a.ml_cap
+        ml.MLIteration.__init__ = ml_init       # type: ignore[method-assign]
     global ALGORITHM, ML_NOISE
     ALGORITHM, ML_NOISE = a.algorithm, a.ml_noise
     EXTRA.update(parse_assignments(a.set))
@@ -341,7 +351,7 @@ def main() -> None:
         if a.json:
             with open(a.json, "a") as fh:
                 fh.write(json.dumps({"case": text, "its": a.its, "set": a.set,
-                                     "algorithm": a.algorithm, "start": a.start, "alpha_z": a.alpha_z,
+                                     "algorithm": a.algorithm, "start": a.start, "alpha_z": a.alpha_z, "ml_cap": a.ml_cap,
                                      "true": K_true, "found": found, "seconds": round(dt, 1), "steps": steps}) + "\n")
 
 

@@ -152,6 +152,10 @@ class MLIteration:
         self.alpha_last = 0.0               # the last positive step (ml_step's fallback)
         self.resets = 0
         self.stalls = 0                     # iterations that took no step (the direction was reset)
+        # > 1: mode k's probe gradient × min(cap, P_1/P_k) (its power P_k), the density matrix's own
+        # gradient step rather than the modes' (weak modes move as fast as strong ones). An experiment
+        # of benchmarks/mode_fit.py (docs/auto_modes.md, "Session 20"); 1, off, is the engine's.
+        self.mode_precondition_cap = 1.0
 
     # --- pass 1: likelihood and gradient ----------------------------------------------------------
     def _gradient_batch(self, w: Any, b: slice) -> None:
@@ -216,6 +220,10 @@ class MLIteration:
         a_p = rec.params.probe_reg * float(d_probe.max()) + dm.TINY
         pg_obj = g_obj / (d_obj + a_o)
         pg_probe = g_probe / (d_probe[None] + a_p)
+        if self.mode_precondition_cap > 1 and pg_probe.shape[0] > 1:
+            power = be.asnumpy(xp.sum(xp.square(xp.abs(rec.probe)), axis=(1, 2))).astype(np.float64)
+            f = np.minimum(self.mode_precondition_cap, power.max() / np.maximum(power, 1e-300))
+            pg_probe = pg_probe * be.asarray(f.astype(pg_probe.real.dtype))[:, None, None]
         if not np.isfinite(nll):
             raise FloatingPointError("ML: non-finite likelihood")
         gg = float(xp.sum(g_obj.real * pg_obj.real + g_obj.imag * pg_obj.imag)) + \
