@@ -94,6 +94,8 @@ class _Timers:
     def add(self, name: str, dt: float) -> None:
         with self.lock:
             self.total[name] += dt
+            if name.startswith("batch"):
+                self.total[f"thread {threading.get_ident()} {name}"] += dt
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         def timed(*a: Any, **k: Any) -> Any:
@@ -171,6 +173,8 @@ def _profile(args: argparse.Namespace) -> list[dict]:
            "fourier_python_ms": round(1e3 * (t.get("batch_fourier_batch", 0) - fourier_inner), 1),
            "probe_batches_ms": round(1e3 * t.get("batch_probe_sums", 0), 1),
            "probe_python_ms": round(1e3 * (t.get("batch_probe_sums", 0) - t.get("probe_sums_k", 0)), 1),
+           "per_worker_fourier_ms": sorted(round(1e3 * v, 1) for k, v in t.items()
+                                           if k.startswith("thread") and k.endswith("batch_fourier_batch")),
            "fourier_step_wall_ms": round(1e3 * t.get("step_fourier_step", 0), 1),
            "update_probe_wall_ms": round(1e3 * t.get("step_update_probe", 0), 1),
            "update_object_wall_ms": round(1e3 * t.get("step_update_object", 0), 1),
