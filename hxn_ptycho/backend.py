@@ -315,6 +315,7 @@ def _pocketfft_c2c() -> Any:
 
 
 _C2C = _pocketfft_c2c()
+_C2C_TYPES = (np.dtype(np.complex64), np.dtype(np.complex128))     # native byte order (others: scipy.fft)
 
 
 def _fft_transforms() -> FFTWTransforms | None:
@@ -397,14 +398,14 @@ class HostBackend(Backend, ABC):
     def fft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
         if self._fftw is not None:
             return self._fftw(a, True, workers)
-        if _C2C is not None and a.dtype.kind == "c" and a.flags.c_contiguous and a.ndim >= 2:
+        if _C2C is not None and a.dtype in _C2C_TYPES and a.flags.c_contiguous and a.ndim >= 2:
             return _C2C(a, (-2, -1), True, 1, a, workers)        # orthonormal, in place
         return _in_place(a, scipy.fft.fft2(a, norm="ortho", overwrite_x=True, workers=workers))
 
     def ifft2(self, a: np.ndarray, workers: int = 1) -> np.ndarray:
         if self._fftw is not None:
             return self._fftw(a, False, workers)
-        if _C2C is not None and a.dtype.kind == "c" and a.flags.c_contiguous and a.ndim >= 2:
+        if _C2C is not None and a.dtype in _C2C_TYPES and a.flags.c_contiguous and a.ndim >= 2:
             return _C2C(a, (-2, -1), False, 1, a, workers)
         return _in_place(a, scipy.fft.ifft2(a, norm="ortho", overwrite_x=True, workers=workers))
 

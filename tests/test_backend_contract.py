@@ -163,6 +163,8 @@ def test_default_transforms_are_scipy_fft_bit_for_bit_in_place(monkeypatch, cdt)
         c = a[:, :, :, :, ::2]                        # a strided view: scipy.fft, result written back
         want = scipy.fft.fft2(c, norm="ortho")
         assert be.fft2(c) is c and np.array_equal(c, want)
+        swapped = a.astype(a.dtype.newbyteorder())    # not native: scipy.fft too
+        assert np.allclose(be.fft2(swapped), scipy.fft.fft2(a, norm="ortho"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cdt,tol", [(np.complex64, 1e-6), (np.complex128, 1e-14)])
