@@ -87,6 +87,13 @@ class Backend(ABC):
         the seconds. Nothing to load for a backend without compiled kernels."""
         return 0.0
 
+    def prepare(self, cdtype: Any = np.complex64) -> None:
+        """Called by a reconstruction before it allocates its arrays: load what its passes will
+        need for ``cdtype`` and give back what loading left resident (the numba backend's kernels
+        and LLVM's start-up pages: issue 24's peak memory). Nothing for a backend without
+        compiled kernels."""
+        return None
+
     # --- arrays and transfers -------------------------------------------------------------
     @abstractmethod
     def asarray(self, a: Any, dtype: Any = None) -> Any: ...

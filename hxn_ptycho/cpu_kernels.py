@@ -37,10 +37,29 @@ from .backend import BatchBuffers, HostBackend, ObjectSums
 
 try:
     import numba
+    import numba.core.entrypoints as _numba_entrypoints
 except ImportError as exc:  # pragma: no cover - numba is a core dependency
     raise ImportError(f"the numba backend needs numba (pip install numba): {exc}") from None
 
+from . import residency
+
 logger = logging.getLogger(__name__)
+
+
+def _skip_numba_extensions() -> bool:
+    """Keep numba from importing the third-party extensions it finds installed (entry points
+    ``numba_extensions``: here awkward and sparse, which the Tiled stack brings) when the first
+    kernel is loaded: these kernels use none of their types, and the imports cost 45–53 MiB of
+    resident memory and 0.3 s of a rank's start. A process that already loaded them keeps them;
+    a later ``import awkward`` still registers its own numba support when it is used. Returns
+    whether the extensions were skipped here."""
+    if getattr(_numba_entrypoints, "_already_initialized", True):
+        return False
+    _numba_entrypoints._already_initialized = True
+    return True
+
+
+_skip_numba_extensions()
 TINY = 1e-30
 
 # reassoc: the sums over pixels (the error, the deviations) vectorise; contract: fused multiply-adds.
@@ -397,6 +416,9 @@ def _views(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1, a.shape[-2], a.shape[-1])
 
 
+_PREPARED: set[str] = set()      # the precisions whose kernels this process has loaded (prepare)
+
+
 class NumbaBackend(HostBackend):
     """CPU backend with the DM passes fused (numba); FFTs by ``scipy.fft``; ML and position sums are
     the numpy definitions (:class:`~hxn_ptycho.backend.HostBackend`'s)."""
@@ -506,6 +528,23 @@ class NumbaBackend(HostBackend):
         fphi = self.fft2(self._phi(obj, pos, probe, buf.phi[:B], windows))
         m, use = self._mask(mask, fphi.shape[-2], fphi.shape[-1])
         return data_error_k(_views(fphi), diffamp, m, use)
+
+    def prepare(self, cdtype: Any = np.complex64) -> None:
+        """Before a reconstruction allocates its arrays: load every kernel for ``cdtype`` from the
+        cache (compiled on a machine's first run), then give back what loading left resident —
+        the heap it freed and LLVM's start-up code pages (:mod:`hxn_ptycho.residency`): the
+        loaded kernels never call into LLVM again. All thirteen are loaded (1–2 MiB more than
+        the few of a plain DM run) so that no later pass, ML or sub-pixel, loads one and touches
+        LLVM's code again. Once per precision and process."""
+        key = np.dtype(cdtype).str
+        if key in _PREPARED:
+            return
+        secs = self.warm_up(cdtype)
+        trimmed = residency.trim_heap()
+        released = residency.release_library_code()
+        _PREPARED.add(key)
+        logger.debug("numba kernels for %s loaded in %.3f s; heap trimmed: %s; %.0f MiB of LLVM's code "
+                     "pages released", key, secs, trimmed, released / 2**20)
 
     def warm_up(self, cdtype: Any = np.complex64) -> float:
         """Compile (first run) or load (cached) every kernel for ``cdtype``; returns the seconds."""

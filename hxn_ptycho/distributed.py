@@ -231,6 +231,9 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
     try:
         scan = read_scan(path, views=session.share(info["n_views"]))     # this rank's frames only
         session.append_views(scan.points, scan.diffamp)
+        # the session holds its own copy of the frames: the ones read are freed before the exit waves
+        # are allocated (else the rank holds the data twice at its peak: issue 24)
+        scan.diffamp = np.empty((0,) + scan.diffamp.shape[1:], np.float32)     # (a view would keep them)
         res = session.finish()
     finally:
         session.close()

@@ -189,26 +189,42 @@ def probe_sums(be: Any, psi: Any, obj_windows: Any, num: Any, den: Any, work: An
 
 
 # (5), (6) the regularised ratio: X ← (num + α·X_old) / (den + α), α = reg · max(den)
-def regularised_ratio(be: Any, num: Any, den: Any, old: Any, reg: float) -> Any:
+def regularised_ratio(be: Any, num: Any, den: Any, old: Any, reg: float, consume: bool = False,
+                      rows: int = 64) -> Any:
     """Written as α·X_old + num, times 1/(den + α): one new array, and a real reciprocal instead of a
     complex division (bit for bit the same values: numpy's complex division by a number with a zero
-    imaginary part multiplies by that same reciprocal)."""
+    imaginary part multiplies by that same reciprocal).
+
+    ``consume``: ``num`` and ``den`` are the caller's to overwrite (fresh sums): the result is
+    written into ``num`` — num + α·X_old (the same sum: addition commutes) formed ``rows`` rows
+    at a time, 1/(den + α) in ``den`` — with no temporary of the object's size (issue 24)."""
     xp = be.xp
     alpha = reg * float(den.max()) + TINY
-    out = xp.multiply(old, alpha)
-    out += num
-    out *= xp.reciprocal(den + alpha)
-    return out
+    if not consume:
+        out = xp.multiply(old, alpha)
+        out += num
+        out *= xp.reciprocal(den + alpha)
+        return out
+    for r in range(0, num.shape[-2], rows):
+        num[..., r:r + rows, :] += xp.multiply(old[..., r:r + rows, :], alpha)
+    den += alpha
+    num *= xp.reciprocal(den, out=den)
+    return num
 
 
 # (7) relative change ε = ‖X_new − X_old‖ / ‖X_old‖, per mode
-def relative_change(be: Any, new: Any, old: Any) -> Any:
+def relative_change(be: Any, new: Any, old: Any, rows: int = 64) -> Any:
+    """Per mode (axis 0), in the arrays' real precision; the sums are taken ``rows`` rows at a time
+    (added in float64): no temporary of the object's size (issue 24)."""
     xp = be.xp
     axes = tuple(range(1, new.ndim))
-    d = xp.subtract(new, old)
-    num = xp.sum(_sq_parts(xp, d, out=True), axis=axes)     # |z|² = re² + im², over the real view
-    den = xp.sum(_sq_parts(xp, old), axis=axes)
-    return be.asnumpy(xp.sqrt(num / xp.maximum(den, TINY)))
+    num = xp.zeros(new.shape[0], xp.float64)
+    den = xp.zeros(new.shape[0], xp.float64)
+    for r in range(0, new.shape[-2], rows):
+        rn, ro = new[..., r:r + rows, :], old[..., r:r + rows, :]
+        num += xp.sum(_sq_parts(xp, xp.subtract(rn, ro), out=True), axis=axes)   # |z|² = re² + im², real view
+        den += xp.sum(_sq_parts(xp, ro), axis=axes)
+    return be.asnumpy(xp.sqrt(num / xp.maximum(den, TINY))).astype(new.real.dtype, copy=False)
 
 
 def _sq_parts(xp: Any, z: Any, out: bool = False) -> Any:

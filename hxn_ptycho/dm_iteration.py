@@ -96,19 +96,20 @@ class DMIteration:
     # (6) O_l = (Σ_j,k P_k*·ψ + α·O_l) / (Σ_j,k |P_k|² + α), from the sums already accumulated
     def update_object(self) -> None:
         rec = self.rec
-        num, den = rec._sum_workers("obj_num"), rec._sum_workers("obj_den")
+        num, den = rec._sum_workers("obj_num", fresh=True), rec._sum_workers("obj_den", fresh=True)
         rec.reducer.allreduce_sum([num, den])
-        rec.obj = dm.regularised_ratio(rec.be, num, den, rec.obj, rec.params.object_reg).astype(rec.cdtype, copy=False)
+        rec.obj = dm.regularised_ratio(rec.be, num, den, rec.obj, rec.params.object_reg,
+                                       consume=True).astype(rec.cdtype, copy=False)
 
     # (5) P_k = (Σ_j,l O_l*·ψ + α·P_k) / (Σ_j,l |O_l|² + α)
     def update_probe(self) -> None:
         rec = self.rec
         rec._reset("probe_num", "probe_den")
         rec._each(self._probe_sums)
-        num, den = rec._sum_workers("probe_num"), rec._sum_workers("probe_den")
+        num, den = rec._sum_workers("probe_num", fresh=True), rec._sum_workers("probe_den", fresh=True)
         rec.reducer.allreduce_sum([num, den])
-        rec.probe = dm.regularised_ratio(rec.be, num, den[None], rec.probe, rec.params.probe_reg).astype(
-            rec.cdtype, copy=False)
+        rec.probe = dm.regularised_ratio(rec.be, num, den[None], rec.probe, rec.params.probe_reg,
+                                         consume=True).astype(rec.cdtype, copy=False)
         rec._probe_terms()
 
     # (6), then (5) ⇄ (6) until ‖ΔP‖/‖P‖ < overlap_converge (at most update_rounds probe updates)

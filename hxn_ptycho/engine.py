@@ -261,6 +261,7 @@ class Reconstruction:
 
     def _setup(self) -> None:
         scan, p, be = self.scan, self.params, self.be
+        be.prepare(self.cdtype)     # kernels loaded before ψ is allocated; their loading's leftovers given back
         n = scan.n
         # refined windows may move outwards: room for the largest correction and a bilinear pixel
         reach = max(p.position_max_shift, p.position_search_radius)
@@ -337,8 +338,8 @@ class Reconstruction:
     def _each(self, fn: Callable[[_Worker, slice], None]) -> None:
         self.scheduler.each(fn)
 
-    def _sum_workers(self, name: str) -> Any:
-        return self.scheduler.sum(name)
+    def _sum_workers(self, name: str, fresh: bool = False) -> Any:
+        return self.scheduler.sum(name, fresh)
 
     def _reset(self, *names: str) -> None:
         self.scheduler.reset(*names)

@@ -92,11 +92,20 @@ class BatchScheduler:
             for f in [self._pool.submit(run, w) for w in range(T)]:
                 f.result()
 
-    def sum(self, name: str) -> Any:
-        """The workers' accumulators ``name`` summed in a fixed order."""
+    def sum(self, name: str, fresh: bool = False) -> Any:
+        """The workers' accumulators ``name`` summed in a fixed order; ``fresh``: always a new array
+        (one worker's own accumulator is copied), for a caller that overwrites it."""
         total = getattr(self.workers[0], name)
-        for w in self.workers[1:]:
-            total = total + getattr(w, name)
+        if fresh and len(self.workers) == 1:
+            return total.copy()
+        for i, w in enumerate(self.workers[1:]):
+            total = total + getattr(w, name) if i == 0 else self._add(total, getattr(w, name))
+        return total
+
+    @staticmethod
+    def _add(total: Any, more: Any) -> Any:
+        """``total`` + ``more`` into ``total`` (a sum this scheduler made: its own to overwrite)."""
+        total += more
         return total
 
     def reset(self, *names: str) -> None:
