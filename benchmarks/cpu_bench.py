@@ -26,7 +26,9 @@ frames·iterations per second, the floor, their ratio (summed over the pairs), t
 memory (VmHWM), and what DM must hold: the exit waves ψ (one copy) and the data √I (GiB), with
 ``peak_target_gb`` = 1.5 × their sum, ``stored_exit_waves_gb`` (what the engine keeps: ψ alone),
 ``rss_before_reconstruction_gb`` (interpreter, libraries, compiled kernels and the data read) and the
-load average.
+load average. ``cpu_s_per_iter``, ``fft_floor_cpu_s`` and ``cpu_ratio_to_fft_floor`` are the same
+in process CPU time (all threads): steadier than wall time where other jobs take the cores (it
+leaves out the time a thread waits for a core, not the cost of sharing caches and memory).
 """
 from __future__ import annotations
 
@@ -112,13 +114,17 @@ def _case_child(path: str, modes: int, iterations: int, threads: int, backend: s
     step = DMIteration(rec)
     step.iterate(0)                                  # warm-up (FFT plans, kernels, page faults)
     fft_floor(rec)
-    iters, floors, loads = [], [], []
+    iters, floors, loads, cpu_iters, cpu_floors = [], [], [], [], []
     for it in range(1, iterations + 1):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         step.iterate(it)
         be.synchronize()
         iters.append(time.perf_counter() - t0)
+        c1 = time.process_time()
         floors.append(fft_floor(rec))
+        cpu_floors.append(time.process_time() - c1)
+        cpu_iters.append(c1 - c0)
         loads.append(_load())
     rec.close()
     views = scan.n_views
@@ -129,6 +135,8 @@ def _case_child(path: str, modes: int, iterations: int, threads: int, backend: s
             "s_per_iter": per_iter, "frames_iterations_per_s": views / per_iter,
             "fft_floor_s": float(np.mean(floors)), "ratio_to_fft_floor": float(np.sum(iters) / np.sum(floors)),
             "ratio_min": float(min(iters) / min(floors)),
+            "cpu_s_per_iter": float(np.mean(cpu_iters)), "fft_floor_cpu_s": float(np.mean(cpu_floors)),
+            "cpu_ratio_to_fft_floor": float(np.sum(cpu_iters) / np.sum(cpu_floors)),
             "peak_rss_gb": peak_rss_gb(), "exit_waves_gb": views * L * modes * n * n * 8 / 2**30,
             "data_gb": scan.diffamp.nbytes / 2**30, "stored_exit_waves_gb": stored,
             "peak_target_gb": 1.5 * (views * L * modes * n * n * 8 + scan.diffamp.nbytes) / 2**30,

@@ -26,7 +26,10 @@ and ``run``), without the interpreter's start, and the cost ``mean over frames a
 (|F(P·O)| − √I)²`` (orthonormal FFT, modes summed incoherently) of the final model, PtyPy's summed
 over its ranks. The 1-minute load average is printed with each. With ``--to-cost`` (default) ours is
 also run, and timed, for as many iterations as it needs to reach PtyPy's final cost (the first
-iteration whose model's cost is at most PtyPy's): the time to an equal cost.
+iteration whose model's cost is at most PtyPy's): the time to an equal cost. ``--baseline-python
+PY`` (repeatable) also runs ours with another environment's code — e.g. ``/work/venv/bin/python``,
+whose ``hxn_ptycho`` is the main branch's checkout — right after ours, each in a fresh process, so a
+change is measured against the code before it in the same interleaved run.
 """
 from __future__ import annotations
 
@@ -137,6 +140,20 @@ def run_ours(scan, modes: int, iterations: int, threads: int, ptypy_settings: bo
             "costs": costs.tolist()}
 
 
+def run_ours_in(python: str, star: Path, modes: int, iterations: int, threads: int) -> dict:
+    """:func:`run_ours` (defaults) in a fresh process of another environment's Python — e.g. the main
+    branch's checkout — timed the same way inside that process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ours.json")
+        env = dict(os.environ)
+        if python != sys.executable and os.environ.get("BASELINE_NUMBA_CACHE_DIR"):   # keep its numba cache apart
+            env["NUMBA_CACHE_DIR"] = os.environ["BASELINE_NUMBA_CACHE_DIR"]
+        subprocess.run([python, __file__, "--_ours", str(star), str(modes), str(iterations), str(threads), out],
+                       check=True, stdout=subprocess.DEVNULL, env=env)
+        with open(out) as fh:
+            return json.load(fh)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ptypy-python", default="", help="the Python of the environment PtyPy is installed in")
@@ -152,8 +169,21 @@ def main() -> int:
     ap.add_argument("--ptypy-ffttype", choices=("scipy", "fftw"), default=None,
                     help="PtyPy's FFT library (default: fftw when HXN_PTYCHO_FFT=fftw, so both sides use the same, "
                          "else scipy); fftw needs pyfftw in PtyPy's environment")
+    ap.add_argument("--baseline-python", action="append", default=[],
+                    help="also run ours (defaults) with this Python's hxn_ptycho, e.g. another checkout's venv, "
+                         "after ours; then ours runs in a fresh process too (both pay the kernels' loading)")
     ap.add_argument("--_ptypy", nargs=5, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_ours", nargs=5, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._ours:
+        from hxn_ptycho.datasets import siemens_star
+        star, modes, iterations, threads, out = args._ours
+        r = run_ours(siemens_star(star), int(modes), int(iterations), int(threads), False)
+        import hxn_ptycho
+        r["code"] = str(Path(hxn_ptycho.__file__).resolve().parents[1])
+        with open(out, "w") as fh:
+            json.dump(r, fh)
+        return 0
     if args._ptypy:
         npz, modes, iterations, out, ffttype = args._ptypy
         ptypy_child(npz, int(modes), int(iterations), out, ffttype)
@@ -171,14 +201,19 @@ def main() -> int:
                  positions_rc=np.stack([scan.points[1], scan.points[0]], axis=1), probe=scan.probe_guess)
         for rep in range(args.repeats):
             for modes in args.modes:
-                runs = [("ptypy", None)] + [("hxn-ptycho", False)] + ([] if args.no_ptypy_settings else
-                                                                     [("hxn-ptycho, PtyPy's settings", True)])
+                runs: list = [("ptypy", None)] + [("hxn-ptycho", False)] + ([] if args.no_ptypy_settings else
+                                                                           [("hxn-ptycho, PtyPy's settings", True)])
+                if args.baseline_python:
+                    runs[1] = ("hxn-ptycho", sys.executable)
+                    runs[2:2] = [(f"hxn-ptycho ({py})", py) for py in args.baseline_python]
                 ptypy_s, ptypy_cost = None, 0.0
                 for name, settings in runs:
                     load0 = os.getloadavg()[0]
                     if settings is None:
                         r = run_ptypy(args.ptypy_python, args.ranks, npz, modes, args.iterations, ffttype)
                         ptypy_s, ptypy_cost = r["seconds"], r["cost"]
+                    elif isinstance(settings, str):
+                        r = run_ours_in(settings, args.star, modes, args.iterations, args.threads)
                     else:
                         r = run_ours(scan, modes, args.iterations, args.threads, settings)
                     if settings is None:
@@ -186,11 +221,13 @@ def main() -> int:
                     r.update({"impl": name, "probe_modes": modes, "iterations": args.iterations, "repeat": rep,
                               "load_avg_1min": (load0 + os.getloadavg()[0]) / 2})
                     costs = r.pop("costs", None)
+                    if isinstance(settings, str):
+                        settings = False
                     if settings is not None and ptypy_s:
                         r["ptypy_over_ours"] = ptypy_s / r["seconds"]
                         # the iterations ours needs to reach PtyPy's final cost, and that run timed on its own
-                        below = np.nonzero(np.asarray(costs) <= ptypy_cost)[0]
-                        if len(below) and args.to_cost:
+                        below = np.nonzero(np.asarray(costs if costs is not None else []) <= ptypy_cost)[0]
+                        if len(below) and args.to_cost and costs is not None:
                             k = int(below[0]) + 1
                             t = run_ours(scan, modes, k, args.threads, settings)
                             r.update({"iterations_to_ptypy_cost": k, "seconds_to_ptypy_cost": t["seconds"],

@@ -140,6 +140,33 @@ def test_an_unknown_fft_library_is_refused(monkeypatch):
     assert NumbaBackend(1).fft_library == NumpyBackend(1).fft_library == "pocketfft"
 
 
+@pytest.mark.parametrize("cdt", [np.complex64, np.complex128])
+def test_default_transforms_are_scipy_fft_bit_for_bit_in_place(monkeypatch, cdt):
+    """The default FFTs call scipy's pocketfft directly (without scipy.fft's dispatch): the same
+    values as ``scipy.fft.fft2``/``ifft2(norm="ortho")`` to the bit, in place on contiguous batches;
+    a non-contiguous array still goes through ``scipy.fft``."""
+    import scipy.fft
+
+    from hxn_ptycho import backend as bk
+    monkeypatch.delenv("HXN_PTYCHO_FFT", raising=False)
+    assert bk._C2C is not None                        # the direct call is in use with this scipy
+    rng = np.random.default_rng(4)
+    for be in (NumbaBackend(1), NumpyBackend(1)):
+        assert be.fft_library == "pocketfft"
+        a = (rng.standard_normal((3, 2, 1, 16, 20)) + 1j * rng.standard_normal((3, 2, 1, 16, 20))).astype(cdt)
+        b = a.copy()
+        assert be.fft2(b) is b and b.dtype == cdt
+        assert np.array_equal(b, scipy.fft.fft2(a, norm="ortho"))
+        f = b.copy()
+        assert be.ifft2(b) is b
+        assert np.array_equal(b, scipy.fft.ifft2(f, norm="ortho"))
+        c = a[:, :, :, :, ::2]                        # a strided view: scipy.fft, result written back
+        want = scipy.fft.fft2(c, norm="ortho")
+        assert be.fft2(c) is c and np.array_equal(c, want)
+        swapped = a.astype(a.dtype.newbyteorder())    # not native: scipy.fft too
+        assert np.allclose(be.fft2(swapped), scipy.fft.fft2(a, norm="ortho"), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cdt,tol", [(np.complex64, 1e-6), (np.complex128, 1e-14)])
 def test_fftw_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
     """Orthonormal, in place, on aligned and misaligned batches, from two threads at once."""
