@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from position_search import heavy_scan, mixture_heavy_scan
 
 from hxn_ptycho.engine import reconstruct
-from hxn_ptycho.metrics import illuminated_region, nrmse, object_error, position_rms
+from hxn_ptycho.metrics import illuminated_region, nrmse, object_error, object_in_truth_frame, position_rms
 from hxn_ptycho.params import ReconParams
 
 
@@ -46,18 +46,6 @@ def layout_scale(pos: np.ndarray, truth: np.ndarray) -> list[float]:
     """Least-squares scale of ``pos`` against ``truth`` along rows and columns (both centred)."""
     a, b = pos - pos.mean(axis=0), truth - truth.mean(axis=0)
     return [float(np.sum(a[:, i] * b[:, i]) / np.sum(b[:, i] ** 2)) for i in (0, 1)]
-
-
-def object_in_truth_frame(res, truth, positions: np.ndarray) -> np.ndarray:
-    """The reconstruction's first object layer cropped into the truth's frame (as metrics.object_error)."""
-    off = np.round((np.asarray(positions) - truth.positions_px).mean(axis=0)).astype(int)
-    H, W = truth.object.shape
-    crop = np.ones((H, W), complex)
-    src = res.object[0][max(off[0], 0):, max(off[1], 0):]
-    r, c = max(-off[0], 0), max(-off[1], 0)
-    h, w = min(H - r, src.shape[0]), min(W - c, src.shape[1])
-    crop[r:r + h, c:c + w] = src[:h, :w]
-    return crop
 
 
 def nrmse_scaled(crop: np.ndarray, truth, s: tuple[float, float]) -> float:

@@ -89,10 +89,10 @@ def position_rms(est: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.sum(d ** 2, axis=1))))
 
 
-def object_error(res: Any, truth: Any, positions: np.ndarray) -> float:
-    """Object NRMSE of a reconstruction ``res`` (``.object``) in a simulation's frame ``truth``
-    (``.object``, ``.probe``, ``.positions_px``): shifted by the mean position offset, then
-    registered over the truth's illuminated region."""
+def object_in_truth_frame(res: Any, truth: Any, positions: np.ndarray) -> np.ndarray:
+    """The first object layer of a reconstruction ``res`` (``.object``) cropped into a simulation's
+    frame ``truth`` (``.object``, ``.positions_px``), shifted by the mean position offset (ones
+    where the reconstruction does not reach)."""
     off = np.round((np.asarray(positions) - truth.positions_px).mean(axis=0)).astype(int)
     H, W = truth.object.shape
     crop = np.ones((H, W), complex)
@@ -100,5 +100,13 @@ def object_error(res: Any, truth: Any, positions: np.ndarray) -> float:
     r, c = max(-off[0], 0), max(-off[1], 0)
     h, w = min(H - r, src.shape[0]), min(W - c, src.shape[1])
     crop[r:r + h, c:c + w] = src[:h, :w]
+    return crop
+
+
+def object_error(res: Any, truth: Any, positions: np.ndarray) -> float:
+    """Object NRMSE of a reconstruction ``res`` (``.object``) in a simulation's frame ``truth``
+    (``.object``, ``.probe``, ``.positions_px``): shifted by the mean position offset, then
+    registered over the truth's illuminated region."""
+    crop = object_in_truth_frame(res, truth, positions)
     region = illuminated_region(truth.positions_px, truth.probe, truth.object.shape)
     return nrmse(crop, truth.object, region)
