@@ -663,7 +663,8 @@ class PositionRefiner:
         self.scale_chosen = best if taken else one
         self.scale_scores = {",".join(f"{v:g}" for v in k): e[0] for k, e in tried.items()}
         if self.scale_judged is not None:
-            rec.log(f"hxn-ptycho: layout scale: second search (the defocus choice's probe) {np.round(self.scale_second_map, 4).tolist()}; "
+            second_map = np.round(self.scale_second_map or (), 4).tolist()
+            rec.log(f"hxn-ptycho: layout scale: second search (the defocus choice's probe) {second_map}; "
                     f"long re-fits from the first probe: {self.scale_judged[0]:.5g} (first) against {self.scale_judged[1]:.5g}")
         self.scale_seconds = time.perf_counter() - t0
         logger.debug("layout scale re-fits: %s", self.scale_scores)

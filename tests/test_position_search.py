@@ -202,10 +202,10 @@ def test_probe_defocus_recovers_the_drift_seeds_the_growth_alone_misses(seed):
     assert err_px <= 0.5 and nrmse_ref <= 1.2 * e_ideal, (err_px, nrmse_ref, e_ideal)
 
 
-def _true_run_nrmse(family: str) -> float:
+def _true_run_nrmse(family: str, seed: int = 1) -> float:
     """The object NRMSE of the reconstruction from the true positions (refinement off, 150 iterations)."""
     from position_search import mixture_heavy_scan
-    _, exact, truth, _ = mixture_heavy_scan(family, 1, 100)
+    _, exact, truth, _ = mixture_heavy_scan(family, seed, 100)
     res = reconstruct(exact, ReconParams(iterations=150), **QUIET)
     return object_error(res, truth, res.positions_px)
 
@@ -240,6 +240,44 @@ def test_another_probe_and_object_recovered_with_the_layout_scale(scale, monkeyp
         assert res.attrs["position_scale"][0] > 1.005, res.attrs["position_scale"]
         assert nrmse <= 1.2 * true_nrmse, (nrmse, true_nrmse)
     else:
+        assert nrmse > 2 * true_nrmse, (nrmse, true_nrmse)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second", [True, False], ids=["second-search", "no-second-search"])
+def test_annular_lens_seed_2_recovered_with_the_second_layout_search(second, monkeypatch):
+    """The annular lens ('defocus' family, as above) with drift seed 2: the gradient stage leaves
+    the layout 1.8 % small along the rows and sheared (linear map [[0.982, -0.010], [-0.006,
+    0.994]] against the truth) and the refined probe holds that map, so the first search (from the
+    current probe) takes only columns 1.0117: 0.555 px, object 0.052 against the true run's 0.0167
+    (3.1x). The second search (from the defocus choice's isotropic probe, with the off-diagonal
+    terms, steps down to 0.25 px) finds [[1.0175, 0.0058], [0.0058, 1.0175]], which the long re-fits
+    from the engine's first probe prefer (0.264 against 0.293): 0.257 px, object 0.0169 (1.01x;
+    measured, docs/position_search.md "session 20, second draw"). ``no-second-search`` asserts the
+    object misses without it. About 45 s each."""
+    from position_search import mixture_heavy_scan
+    if not second:
+        init = positions.PositionRefiner.__init__
+
+        def without_second(self, rec):
+            init(self, rec)
+            self.scale_second = False
+        monkeypatch.setattr(positions.PositionRefiner, "__init__", without_second)
+    scan, _, truth, err = mixture_heavy_scan("defocus", 2, 100)
+    assert np.sqrt(np.mean(err ** 2)) >= 6.0 and np.hypot(*err.T).max() >= 25
+    p = ReconParams(iterations=150, refine_positions=True, position_start=20, position_end=105,
+                    position_max_shift=32.0, position_search_radius=32.0)
+    res = reconstruct(scan, p, **QUIET)
+    err_px = position_rms(res.positions_refined_px, truth.positions_px)
+    nrmse = object_error(res, truth, res.positions_refined_px)
+    true_nrmse = _true_run_nrmse("defocus", 2)
+    if second:
+        judged = res.attrs["position_scale_judged"]
+        assert judged[1] <= 0.98 * judged[0], judged
+        assert err_px <= 0.5, err_px
+        assert nrmse <= 1.2 * true_nrmse, (nrmse, true_nrmse)
+    else:
+        assert "position_scale_judged" not in res.attrs
         assert nrmse > 2 * true_nrmse, (nrmse, true_nrmse)
 
 
