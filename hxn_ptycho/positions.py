@@ -559,7 +559,18 @@ class PositionRefiner:
         ``scale_range`` of the identity. The best map is taken only if its re-fit's error is at most
         ``1 - scale_gain`` of the current layout's own re-fit; then its corners and re-fitted model
         replace the current ones, otherwise the model stays (the exit waves restart from it either
-        way). Returns whether the corners moved."""
+        way).
+
+        The refined probe holds the layout's linear map (its quadratic phase follows it), so that
+        search can prefer the current map (the annular lens, drift seed 2: rows 1.8 % small and a
+        shear kept). Where the defocus choice took a member of its family (an isotropic probe that
+        never saw the refined layout; ``scale_second``), a second search from that probe, with the
+        off-diagonal terms and steps down to ``scale_second_finest_px``, proposes another map; where
+        it snaps to other corners than the first search's result, both are judged by
+        ``scale_judge_iterations`` DM iterations from the engine's first probe and the flat object
+        (as a reconstruction starts, biased by neither probe), and the second map is taken if it
+        fits at most ``1 - scale_gain`` of the first's, with that long re-fit's model
+        (docs/position_search.md, "session 20, second draw"). Returns whether the corners moved."""
         from .dm_iteration import DMIteration
         from .initial import initial_object
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
