@@ -410,6 +410,7 @@ class PositionRefiner:
             rec.log(f"hxn-ptycho: positions grown in scan order fit worse ({e_grown:.4g} vs {e_now:.4g}): not kept")
             if probe is not old_probe:                  # the probe of the family goes with the growth
                 self.defocus_chosen, self.hold_after_grow = None, True
+                self._family_probe = None               # nor is the second scale search's probe taken
                 self.defocus_astigmatism = 0.0
             self.coarse_moved.append(0)
             return 0
