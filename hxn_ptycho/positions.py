@@ -258,6 +258,8 @@ class PositionRefiner:
         self.scale_second_finest_px = 0.25
         self.scale_second_max_refits = 80
         self.scale_judge_iterations = 150
+        self.scale_restart = True                    # a fresh start (first probe, flat object) at the final corners, where it fits better
+        self.scale_restarted: tuple[float, float] | None = None
         self.scale_judged_model = True               # the second map's model: its long re-fit (else 15 from the current probe)
         self._first_probe = np.array(rec.be.asnumpy(rec.probe), copy=True)
         self._family_probe: np.ndarray | None = None
@@ -671,6 +673,21 @@ class PositionRefiner:
             geom.set_positions(cur)
             rec.obj, rec.probe = obj0, probe0
         rec._each(rec._init_psi)
+        self.scale_restarted = None
+        if self.scale_restart and not (taken and self.scale_judged is not None and best == self.scale_second_map):
+            # the model at the final corners against a fresh start there (the first probe, the flat object)
+            e_model = rec.model_cost()[0]
+            obj1, probe1 = rec.obj, rec.probe
+            rec.obj, rec.probe = flat, be.asarray(self._first_probe, rec.cdtype)
+            rec._each(rec._init_psi)
+            stage = DMIteration(rec)
+            for _ in range(self.scale_judge_iterations):
+                stage.iterate(it)
+            e_fresh = rec.model_cost()[0]
+            self.scale_restarted = (float(e_model), float(e_fresh))
+            if not e_fresh <= (1.0 - self.scale_gain) * e_model:
+                rec.obj, rec.probe = obj1, probe1
+            rec._each(rec._init_psi)
         del rec.overlap_rounds[rounds:]
         self.scale_chosen = best if taken else one
         self.scale_scores = {",".join(f"{v:g}" for v in k): e[0] for k, e in tried.items()}
