@@ -573,7 +573,14 @@ class PositionRefiner:
         ``scale_judge_iterations`` DM iterations from the engine's first probe and the flat object
         (as a reconstruction starts, biased by neither probe), and the second map is taken if it
         fits at most ``1 - scale_gain`` of the first's, with that long re-fit's model
-        (docs/position_search.md, "session 20, second draw"). Returns whether the corners moved."""
+        (docs/position_search.md, "session 20, second draw").
+
+        Then (``scale_restart``, unless the judge's long re-fit is already the model) the model at
+        the final corners is compared with a fresh start there — ``scale_judge_iterations`` DM
+        iterations from the engine's first probe and the flat object — and replaced by it where its
+        data error is at most ``1 - scale_gain`` of the model's: the refined layout can be right
+        while the model refined along with it is not (the annular lens, seed 5: 1.28x, from
+        scratch at the same corners 1.00x). Returns whether the corners moved."""
         from .dm_iteration import DMIteration
         from .initial import initial_object
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
