@@ -219,8 +219,8 @@ def test_another_probe_and_object_recovered_with_the_layout_scale(scale, monkeyp
     default with the coarse stage: the defocus choice takes c = 18; one slipped view left 34 px off
     by the coarse stage is found again by the guard (judging each view without its own exit wave);
     the layout scale's choice then takes rows 1.01 (the gradient stage left the layout 1.5 % small
-    along the rows): 0.265 px and object NRMSE 0.0188 against the true-position run's 0.0167
-    (1.13x; measured). Without the scale's choice (``scale-search`` off) 0.433 px and 0.056 (3.3x):
+    along the rows): 0.22 px and object NRMSE 0.0169 against the true-position run's 0.0167
+    (1.01x, with the fresh start at the final corners; 0.0189 before it; measured). Without the scale's choice (``scale-search`` off) 0.433 px and 0.056 (3.3x):
     that case asserts the object misses, so the test tells the choice matters
     (docs/position_search.md, session 20). About 40 s each."""
     from position_search import mixture_heavy_scan
@@ -323,8 +323,8 @@ def test_astigmatic_probe_recovered_with_the_astigmatism_search_and_the_layout_s
     at its default with the coarse stage: the defocus choice then the astigmatism search take rows
     30, columns 36 (true 30.4 and 34.4); the gradient stage leaves the layout 2.4 % small along the
     rows and 1 % large along the columns (0.60 px, object 0.060: 3.1x the true-position run), and
-    the layout scale's choice takes rows 1.023, columns 0.989: 0.127 px, NRMSE 0.0199 against the
-    true run's 0.0194 (1.03x; measured). With the defocus alone 1.63 px and 0.110
+    the layout scale's choice takes rows 1.023, columns 0.989: 0.127 px, NRMSE 0.0175 against the
+    true run's 0.0194 (0.90x with the fresh start at the final corners, 1.03x before; measured). With the defocus alone 1.63 px and 0.110
     (docs/position_search.md, "Session 19, astigmatism" and session 20). About 40 s."""
     from position_search import mixture_heavy_scan
     scan, _, truth, err = mixture_heavy_scan("zernike", 1, 100)
