@@ -221,7 +221,8 @@ def test_another_probe_and_object_recovered_with_the_layout_scale(scale, monkeyp
     the layout scale's choice then takes rows 1.01 (the gradient stage left the layout 1.5 % small
     along the rows): 0.22 px and object NRMSE 0.0169 against the true-position run's 0.0167
     (1.01x, with the fresh start at the final corners; 0.0189 before it; measured). Without the
-    scale's choice (``scale-search`` off) 0.433 px and 0.056 (3.3x): that case asserts the object misses, so the test tells the choice matters
+    scale's choice (``scale-search`` off) 0.433 px and 0.056 (3.3x): that case asserts the object
+    misses, so the test tells the choice matters
     (docs/position_search.md, session 20). About 40 s each."""
     from position_search import mixture_heavy_scan
     monkeypatch.setattr(positions.PositionRefiner, "choose_scale",
