@@ -112,6 +112,11 @@ def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 
         if "position_scale" in res.attrs:
             out[way]["scale"] = res.attrs["position_scale"]
             out[way]["scale_s"] = res.attrs["position_scale_seconds"]
+        if "position_scale_restarted" in res.attrs:   # (the model's, a fresh start's) error at the final corners
+            out[way]["restarted"] = res.attrs["position_scale_restarted"]
+        if "position_scale_judged" in res.attrs:      # the second search's map and the long re-fits' (first, second)
+            out[way]["scale_second"] = res.attrs["position_scale_second"]
+            out[way]["scale_judged"] = res.attrs["position_scale_judged"]
         if "position_reverted" in res.attrs:
             out[way]["reverted"] = res.attrs["position_reverted"]
             out[way]["rescued"] = res.attrs.get("position_rescued_at_end")

@@ -523,6 +523,11 @@ class Reconstruction:
             if refiner.scale_chosen is not None:
                 attrs["position_scale"] = list(refiner.scale_chosen)
                 attrs["position_scale_seconds"] = round(refiner.scale_seconds, 2)
+                if refiner.scale_restarted is not None:   # (the model's, a fresh start's) data error at the final corners
+                    attrs["position_scale_restarted"] = list(refiner.scale_restarted)
+                if refiner.scale_judged is not None:      # the second search's map and the long re-fits judging it
+                    attrs["position_scale_second"] = list(refiner.scale_second_map or ())
+                    attrs["position_scale_judged"] = list(refiner.scale_judged)
             attrs["position_reverted"] = refiner.reverted
             attrs["position_rescued_at_end"] = refiner.rescued_at_end
             from .positions import affine_terms

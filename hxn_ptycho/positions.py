@@ -249,6 +249,22 @@ class PositionRefiner:
         self.scale_on_grid = True                    # scored on the pixel grid (as the windows are after refinement)
         self.scale_refits = 0
         self.scale_shear = False                     # the off-diagonal terms of the linear map too (2x the re-fits)
+        # a second search, with the isotropic probe of the defocus choice, the off-diagonal terms and
+        # steps down to 0.25 px: the refined probe holds the layout's linear map (its quadratic phase
+        # follows it), so the first search can prefer the current map (docs/position_search.md,
+        # "session 20, second draw"); its map is taken only if a long re-fit from the engine's
+        # first probe (unbiased by either) fits it better than the first search's result
+        self.scale_second = True
+        self.scale_second_finest_px = 0.25
+        self.scale_second_max_refits = 80
+        self.scale_judge_iterations = 150
+        self.scale_restart = True                    # a fresh start (first probe, flat object) at the final corners, where it fits better
+        self.scale_restarted: tuple[float, float] | None = None
+        self.scale_judged_model = True               # the second map's model: its long re-fit (else 15 from the current probe)
+        self._first_probe = np.array(rec.be.asnumpy(rec.probe), copy=True)
+        self._family_probe: np.ndarray | None = None
+        self.scale_second_map: tuple[float, ...] | None = None
+        self.scale_judged: tuple[float, float] | None = None
         self.scale_chosen: tuple[float, ...] | None = None
         self.scale_scores: dict[str, float] = {}
         self.scale_seconds = 0.0
@@ -396,6 +412,7 @@ class PositionRefiner:
             rec.log(f"hxn-ptycho: positions grown in scan order fit worse ({e_grown:.4g} vs {e_now:.4g}): not kept")
             if probe is not old_probe:                  # the probe of the family goes with the growth
                 self.defocus_chosen, self.hold_after_grow = None, True
+                self._family_probe = None               # nor is the second scale search's probe taken
                 self.defocus_astigmatism = 0.0
             self.coarse_moved.append(0)
             return 0
@@ -483,6 +500,7 @@ class PositionRefiner:
         out = probe.copy()
         out[0] = defocus_family(mean_pupil(amps, mask), float(np.sum(np.abs(probe[0]) ** 2)), np.array([best]),
                                 np.array([astig]))[0]
+        self._family_probe = out.copy()
         return out
 
     def _choose_astigmatism(self, c: float, e_c: float, mean_amp: np.ndarray, power_s: float,
@@ -544,7 +562,25 @@ class PositionRefiner:
         ``scale_range`` of the identity. The best map is taken only if its re-fit's error is at most
         ``1 - scale_gain`` of the current layout's own re-fit; then its corners and re-fitted model
         replace the current ones, otherwise the model stays (the exit waves restart from it either
-        way). Returns whether the corners moved."""
+        way).
+
+        The refined probe holds the layout's linear map (its quadratic phase follows it), so that
+        search can prefer the current map (the annular lens, drift seed 2: rows 1.8 % small and a
+        shear kept). Where the defocus choice took a member of its family (an isotropic probe that
+        never saw the refined layout; ``scale_second``), a second search from that probe, with the
+        off-diagonal terms and steps down to ``scale_second_finest_px``, proposes another map; where
+        it snaps to other corners than the first search's result, both are judged by
+        ``scale_judge_iterations`` DM iterations from the engine's first probe and the flat object
+        (as a reconstruction starts, biased by neither probe), and the second map is taken if it
+        fits at most ``1 - scale_gain`` of the first's, with that long re-fit's model
+        (docs/position_search.md, "session 20, second draw").
+
+        Then (``scale_restart``, unless the judge's long re-fit is already the model) the model at
+        the final corners is compared with a fresh start there — ``scale_judge_iterations`` DM
+        iterations from the engine's first probe and the flat object — and replaced by it where its
+        data error is at most ``1 - scale_gain`` of the model's: the refined layout can be right
+        while the model refined along with it is not (the annular lens, seed 5: 1.28x, from
+        scratch at the same corners 1.00x). Returns whether the corners moved."""
         from .dm_iteration import DMIteration
         from .initial import initial_object
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
@@ -571,48 +607,71 @@ class PositionRefiner:
             if self.scale_on_grid:       # snapped as the engine snaps: the common sub-pixel offset first
                 pos -= np.angle(np.mean(np.exp(2j * np.pi * pos), axis=0)) / (2 * np.pi)
             return self._clip(pos)
-        tried: dict[tuple[float, ...], tuple[float, Any, Any]] = {}
-        seen: dict[bytes, tuple[float, Any, Any]] = {}     # by the windows' corners: scales that snap alike
         self.scale_refits = 0
 
-        def refit(s: tuple[float, ...]) -> None:
-            if s in tried:
-                return
+        def fitted(s: tuple[float, ...], probe: Any, iterations: int, seen: dict) -> tuple[float, Any, Any]:
             geom.set_positions(layout(s))
             pos = geom.positions_all
             corners = (pos if geom.subpixel_windows else np.round(pos)).tobytes()     # the same on every rank
             if corners not in seen:
-                rec.obj, rec.probe = flat, probe0
+                rec.obj, rec.probe = flat, probe
                 rec._each(rec._init_psi)
                 stage = DMIteration(rec)
-                for _ in range(self.scale_iterations):
+                for _ in range(iterations):
                     stage.iterate(it)
                 seen[corners] = (rec.model_cost()[0], rec.obj, rec.probe)
                 self.scale_refits += 1
-            tried[s] = seen[corners]
+            return seen[corners]
         one: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)          # the linear map (row-major) of the corners about their centre
-        refit(one)
-        best = one
-        # steps as moves of the outermost views: from 1 px (or 1 % where that is more) down to 0.5 px
         ext = np.maximum(np.abs(cur - c).max(axis=0), 1.0)
-        edge = [max(1.0, 0.01 * float(ext.max()))]
-        while edge[-1] / 2 >= self.scale_finest_px:
-            edge.append(edge[-1] / 2)
-        for step in edge:
-            while len(tried) < self.scale_max_refits:
-                for k in ((0, 3, 1, 2) if self.scale_shear else (0, 3)):
-                    for sign in (-1.0, 1.0):
-                        cand = list(best)
-                        cand[k] = round(cand[k] + sign * step / float(ext[k % 2]), 6)
-                        if abs(cand[k] - one[k]) > self.scale_range:
-                            continue
-                        refit(tuple(cand))
-                new = min(tried, key=lambda k: tried[k][0])      # ties: the first tried (nearest the current)
-                if new == best:
-                    break
-                best = new
+
+        def search(probe: Any, shear: bool, finest: float, max_refits: int) -> tuple[tuple[float, ...], dict]:
+            tried: dict[tuple[float, ...], tuple[float, Any, Any]] = {}
+            seen: dict[bytes, tuple[float, Any, Any]] = {}     # by the windows' corners: scales that snap alike
+
+            def refit(s: tuple[float, ...]) -> None:
+                if s not in tried:
+                    tried[s] = fitted(s, probe, self.scale_iterations, seen)
+            refit(one)
+            best = one
+            # steps as moves of the outermost views: from 1 px (or 1 % where that is more) down to ``finest``
+            edge = [max(1.0, 0.01 * float(ext.max()))]
+            while edge[-1] / 2 >= finest:
+                edge.append(edge[-1] / 2)
+            for step in edge:
+                while len(tried) < max_refits:
+                    for k in ((0, 3, 1, 2) if shear else (0, 3)):
+                        for sign in (-1.0, 1.0):
+                            cand = list(best)
+                            cand[k] = round(cand[k] + sign * step / float(ext[k % 2]), 6)
+                            if abs(cand[k] - one[k]) > self.scale_range:
+                                continue
+                            refit(tuple(cand))
+                    new = min(tried, key=lambda k: tried[k][0])      # ties: the first tried (nearest the current)
+                    if new == best:
+                        break
+                    best = new
+            return best, tried
+        best, tried = search(probe0, self.scale_shear, self.scale_finest_px, self.scale_max_refits)
         e_one, e_best = tried[one][0], tried[best][0]
         taken = best != one and e_best <= (1.0 - self.scale_gain) * e_one
+        self.scale_second_map, self.scale_judged = None, None
+        if self.scale_second and self._family_probe is not None:
+            fam = be.asarray(self._family_probe, rec.cdtype)
+            second, _ = search(fam, True, self.scale_second_finest_px, self.scale_second_max_refits)
+            self.scale_second_map = second
+            first = best if taken else one
+            if np.round(layout(second)).tobytes() != np.round(layout(first)).tobytes():
+                # judged by long re-fits from the engine's first probe, as a reconstruction would start
+                p1 = be.asarray(self._first_probe, rec.cdtype)
+                e_first = fitted(first, p1, self.scale_judge_iterations, {})[0]
+                judged = fitted(second, p1, self.scale_judge_iterations, {})
+                e_second = judged[0]
+                self.scale_judged = (float(e_first), float(e_second))
+                if e_second <= (1.0 - self.scale_gain) * e_first:
+                    best, taken = second, True
+                    tried[second] = judged if self.scale_judged_model else fitted(second, probe0, self.scale_iterations, {})
+                    e_best = tried[second][0]
         geom.subpixel_windows = sub
         if taken:
             geom.set_positions(layout(best))
@@ -621,9 +680,28 @@ class PositionRefiner:
             geom.set_positions(cur)
             rec.obj, rec.probe = obj0, probe0
         rec._each(rec._init_psi)
+        self.scale_restarted = None
+        if self.scale_restart and not (taken and self.scale_judged is not None and best == self.scale_second_map):
+            # the model at the final corners against a fresh start there (the first probe, the flat object)
+            e_model = rec.model_cost()[0]
+            obj1, probe1 = rec.obj, rec.probe
+            rec.obj, rec.probe = flat, be.asarray(self._first_probe, rec.cdtype)
+            rec._each(rec._init_psi)
+            stage = DMIteration(rec)
+            for _ in range(self.scale_judge_iterations):
+                stage.iterate(it)
+            e_fresh = rec.model_cost()[0]
+            self.scale_restarted = (float(e_model), float(e_fresh))
+            if not e_fresh <= (1.0 - self.scale_gain) * e_model:
+                rec.obj, rec.probe = obj1, probe1
+            rec._each(rec._init_psi)
         del rec.overlap_rounds[rounds:]
         self.scale_chosen = best if taken else one
         self.scale_scores = {",".join(f"{v:g}" for v in k): e[0] for k, e in tried.items()}
+        if self.scale_judged is not None:
+            second_map = np.round(self.scale_second_map or (), 4).tolist()
+            rec.log(f"hxn-ptycho: layout scale: second search (the defocus choice's probe) {second_map}; "
+                    f"long re-fits from the first probe: {self.scale_judged[0]:.5g} (first) against {self.scale_judged[1]:.5g}")
         self.scale_seconds = time.perf_counter() - t0
         logger.debug("layout scale re-fits: %s", self.scale_scores)
         rec.log(f"hxn-ptycho: layout scale: the best linear map {np.round(best, 4).tolist()} fits {e_best:.5g} "
