@@ -125,7 +125,8 @@ def write_result(path: str | os.PathLike, res: ResultData) -> None:
         for k, v in res.attrs.items():
             if k in ("params", "version"):
                 continue
-            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+            # HDF5 attributes hold no None, dict or list: those as JSON text ('null' for None: no value)
+            f.attrs[k] = json.dumps(v) if v is None or isinstance(v, (dict, list, tuple)) else v
 
 
 def read_result(path: str | os.PathLike) -> ResultData:

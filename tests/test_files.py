@@ -1,6 +1,7 @@
 """Scan and result files: round trips, validation that names the bad field, atomic writes."""
 from __future__ import annotations
 
+import json
 import os
 
 import h5py
@@ -122,6 +123,17 @@ def test_result_round_trip(tmp_path):
     np.testing.assert_array_equal(back.error_probe, res.error_probe)
     assert back.params == {"iterations": 4} and back.attrs["elapsed_s"] == 1.5
     assert "version" in back.attrs and back.iterations == 4
+
+
+def test_a_result_attribute_without_a_value_is_written(tmp_path):
+    # the position search records None where its defocus choice kept the current probe; HDF5 has
+    # no None, and writing it failed the whole job after the last iteration
+    res = small_result()
+    res.attrs.update(position_probe_defocus=None, position_scale=[1.0, 0.0, 0.0, 1.0])
+    write_result(tmp_path / "r.h5", res)
+    back = read_result(tmp_path / "r.h5")
+    assert json.loads(back.attrs["position_probe_defocus"]) is None
+    assert json.loads(back.attrs["position_scale"]) == [1.0, 0.0, 0.0, 1.0]
 
 
 @pytest.mark.parametrize("field, value, words", [
