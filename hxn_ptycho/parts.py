@@ -95,17 +95,12 @@ class BatchScheduler:
     def sum(self, name: str, fresh: bool = False) -> Any:
         """The workers' accumulators ``name`` summed in a fixed order; ``fresh``: always a new array
         (one worker's own accumulator is copied), for a caller that overwrites it."""
-        total = getattr(self.workers[0], name)
-        if fresh and len(self.workers) == 1:
-            return total.copy()
-        for i, w in enumerate(self.workers[1:]):
-            total = total + getattr(w, name) if i == 0 else self._add(total, getattr(w, name))
-        return total
-
-    @staticmethod
-    def _add(total: Any, more: Any) -> Any:
-        """``total`` + ``more`` into ``total`` (a sum this scheduler made: its own to overwrite)."""
-        total += more
+        first, *rest = (getattr(w, name) for w in self.workers)
+        if not rest:
+            return first.copy() if fresh else first
+        total = first + rest[0]             # a new array, this scheduler's own: the rest added in place
+        for more in rest[1:]:
+            total += more
         return total
 
     def reset(self, *names: str) -> None:

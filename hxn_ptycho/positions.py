@@ -246,7 +246,6 @@ class PositionRefiner:
         self.scale_finest_px = 0.5                   # the coordinate descent's finest step, at the outermost views
         self.scale_max_refits = 40                   # candidates tried at most
         self.scale_gain = 0.02                       # a scale is taken if its re-fit fits ≤ 98 % of the current's
-        self.scale_on_grid = True                    # scored on the pixel grid (as the windows are after refinement)
         self.scale_refits = 0
         self.scale_shear = False                     # the off-diagonal terms of the linear map too (2x the re-fits)
         # a second search, with the isotropic probe of the defocus choice, the off-diagonal terms and
@@ -260,7 +259,6 @@ class PositionRefiner:
         self.scale_judge_iterations = 150
         self.scale_restart = True                    # a fresh start (first probe, flat object) at the final corners, where it fits better
         self.scale_restarted: tuple[float, float] | None = None
-        self.scale_judged_model = True               # the second map's model: its long re-fit (else 15 from the current probe)
         self._first_probe = np.array(rec.be.asnumpy(rec.probe), copy=True)
         self._family_probe: np.ndarray | None = None
         self.scale_second_map: tuple[float, ...] | None = None
@@ -586,8 +584,7 @@ class PositionRefiner:
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
         t0 = time.perf_counter()
         sub = geom.subpixel_windows
-        if self.scale_on_grid:
-            geom.use_subpixel(False)       # bilinear windows blur by each view's fraction: scored on the grid
+        geom.use_subpixel(False)       # bilinear windows blur by each view's fraction: scored on the grid
         cur = geom.positions_all.copy()
         n = rec.n
         c = cur.mean(axis=0)
@@ -604,22 +601,25 @@ class PositionRefiner:
 
         def layout(m: tuple[float, ...]) -> np.ndarray:
             pos = c + (cur - c) @ np.reshape(m, (2, 2)).T
-            if self.scale_on_grid:       # snapped as the engine snaps: the common sub-pixel offset first
-                pos -= np.angle(np.mean(np.exp(2j * np.pi * pos), axis=0)) / (2 * np.pi)
+            # snapped as the engine snaps: the common sub-pixel offset first
+            pos -= np.angle(np.mean(np.exp(2j * np.pi * pos), axis=0)) / (2 * np.pi)
             return self._clip(pos)
         self.scale_refits = 0
 
+        def refit_here(probe: Any, iterations: int) -> tuple[float, Any, Any]:
+            # DM from the flat object and ``probe`` at the current corners: (model error, object, probe)
+            rec.obj, rec.probe = flat, probe
+            rec._each(rec._init_psi)
+            stage = DMIteration(rec)
+            for _ in range(iterations):
+                stage.iterate(it)
+            return rec.model_cost()[0], rec.obj, rec.probe
+
         def fitted(s: tuple[float, ...], probe: Any, iterations: int, seen: dict) -> tuple[float, Any, Any]:
             geom.set_positions(layout(s))
-            pos = geom.positions_all
-            corners = (pos if geom.subpixel_windows else np.round(pos)).tobytes()     # the same on every rank
+            corners = np.round(geom.positions_all).tobytes()     # on the grid; the same on every rank
             if corners not in seen:
-                rec.obj, rec.probe = flat, probe
-                rec._each(rec._init_psi)
-                stage = DMIteration(rec)
-                for _ in range(iterations):
-                    stage.iterate(it)
-                seen[corners] = (rec.model_cost()[0], rec.obj, rec.probe)
+                seen[corners] = refit_here(probe, iterations)
                 self.scale_refits += 1
             return seen[corners]
         one: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)          # the linear map (row-major) of the corners about their centre
@@ -670,8 +670,8 @@ class PositionRefiner:
                 self.scale_judged = (float(e_first), float(e_second))
                 if e_second <= (1.0 - self.scale_gain) * e_first:
                     best, taken = second, True
-                    tried[second] = judged if self.scale_judged_model else fitted(second, probe0, self.scale_iterations, {})
-                    e_best = tried[second][0]
+                    tried[second] = judged          # the model: that long re-fit (15 from the current probe did worse)
+                    e_best = judged[0]
         geom.subpixel_windows = sub
         if taken:
             geom.set_positions(layout(best))
@@ -685,12 +685,7 @@ class PositionRefiner:
             # the model at the final corners against a fresh start there (the first probe, the flat object)
             e_model = rec.model_cost()[0]
             obj1, probe1 = rec.obj, rec.probe
-            rec.obj, rec.probe = flat, be.asarray(self._first_probe, rec.cdtype)
-            rec._each(rec._init_psi)
-            stage = DMIteration(rec)
-            for _ in range(self.scale_judge_iterations):
-                stage.iterate(it)
-            e_fresh = rec.model_cost()[0]
+            e_fresh = refit_here(be.asarray(self._first_probe, rec.cdtype), self.scale_judge_iterations)[0]
             self.scale_restarted = (float(e_model), float(e_fresh))
             if not e_fresh <= (1.0 - self.scale_gain) * e_model:
                 rec.obj, rec.probe = obj1, probe1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -210,6 +211,29 @@ def _true_run_nrmse(family: str, seed: int = 1) -> float:
     return object_error(res, truth, res.positions_px)
 
 
+def _heavy_mixture_run(family: str, seed: int, monkeypatch: Any = None, **refiner: Any) -> tuple:
+    """A mixture family's probe and object with the drift model's heavy-tailed errors (seed), every
+    option at its default with the coarse stage (radius and max shift 32, refinement 20-105 of 150
+    iterations); ``refiner``: PositionRefiner attributes set after its construction. Returns the
+    result, its positions' RMS error (px), its object NRMSE and the true-position run's."""
+    from position_search import mixture_heavy_scan
+    if refiner:
+        init = positions.PositionRefiner.__init__
+
+        def with_settings(self, rec):
+            init(self, rec)
+            for k, v in refiner.items():
+                setattr(self, k, v)
+        monkeypatch.setattr(positions.PositionRefiner, "__init__", with_settings)
+    scan, _, truth, err = mixture_heavy_scan(family, seed, 100)
+    assert np.sqrt(np.mean(err ** 2)) >= 6.0 and np.hypot(*err.T).max() >= 25
+    p = ReconParams(iterations=150, refine_positions=True, position_start=20, position_end=105,
+                    position_max_shift=32.0, position_search_radius=32.0)
+    res = reconstruct(scan, p, **QUIET)
+    return (res, position_rms(res.positions_refined_px, truth.positions_px),
+            object_error(res, truth, res.positions_refined_px), _true_run_nrmse(family, seed))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", [True, False], ids=["scale-search", "no-scale-search"])
 def test_another_probe_and_object_recovered_with_the_layout_scale(scale, monkeypatch):
@@ -224,17 +248,9 @@ def test_another_probe_and_object_recovered_with_the_layout_scale(scale, monkeyp
     scale's choice (``scale-search`` off) 0.433 px and 0.056 (3.3x): that case asserts the object
     misses, so the test tells the choice matters
     (docs/position_search.md, session 20). About 40 s each."""
-    from position_search import mixture_heavy_scan
     monkeypatch.setattr(positions.PositionRefiner, "choose_scale",
                         positions.PositionRefiner.choose_scale if scale else lambda self, it: False)
-    scan, _, truth, err = mixture_heavy_scan("defocus", 1, 100)
-    assert np.sqrt(np.mean(err ** 2)) >= 6.0 and np.hypot(*err.T).max() >= 25
-    p = ReconParams(iterations=150, refine_positions=True, position_start=20, position_end=105,
-                    position_max_shift=32.0, position_search_radius=32.0)
-    res = reconstruct(scan, p, **QUIET)
-    err_px = position_rms(res.positions_refined_px, truth.positions_px)
-    nrmse = object_error(res, truth, res.positions_refined_px)
-    true_nrmse = _true_run_nrmse("defocus")
+    res, err_px, nrmse, true_nrmse = _heavy_mixture_run("defocus", 1)
     assert res.attrs["position_rescued_at_end"] >= 1
     assert err_px <= 0.5, err_px
     if scale:
@@ -256,22 +272,8 @@ def test_annular_lens_seed_2_recovered_with_the_second_layout_search(second, mon
     from the engine's first probe prefer (0.264 against 0.293): 0.257 px, object 0.0169 (1.01x;
     measured, docs/position_search.md "session 20, second draw"). ``no-second-search`` asserts the
     object misses without it. About 45 s each."""
-    from position_search import mixture_heavy_scan
-    if not second:
-        init = positions.PositionRefiner.__init__
-
-        def without_second(self, rec):
-            init(self, rec)
-            self.scale_second = False
-        monkeypatch.setattr(positions.PositionRefiner, "__init__", without_second)
-    scan, _, truth, err = mixture_heavy_scan("defocus", 2, 100)
-    assert np.sqrt(np.mean(err ** 2)) >= 6.0 and np.hypot(*err.T).max() >= 25
-    p = ReconParams(iterations=150, refine_positions=True, position_start=20, position_end=105,
-                    position_max_shift=32.0, position_search_radius=32.0)
-    res = reconstruct(scan, p, **QUIET)
-    err_px = position_rms(res.positions_refined_px, truth.positions_px)
-    nrmse = object_error(res, truth, res.positions_refined_px)
-    true_nrmse = _true_run_nrmse("defocus", 2)
+    res, err_px, nrmse, true_nrmse = _heavy_mixture_run("defocus", 2, monkeypatch,
+                                                        **({} if second else {"scale_second": False}))
     if second:
         judged = res.attrs["position_scale_judged"]
         assert judged[1] <= 0.98 * judged[0], judged
@@ -291,22 +293,8 @@ def test_astigmatic_plate_seed_2_met_by_the_fresh_start_at_the_final_corners(res
     from the engine's first probe, ``scale_restart``) fits 0.268 against the model's 0.424 and is
     taken: 0.226 px, object 0.0172 (0.89x; measured, docs/position_search.md "session 20, second
     draw"). ``no-fresh-start`` asserts the object misses without it. About 40 s each."""
-    from position_search import mixture_heavy_scan
-    if not restart:
-        init = positions.PositionRefiner.__init__
-
-        def without_restart(self, rec):
-            init(self, rec)
-            self.scale_restart = False
-        monkeypatch.setattr(positions.PositionRefiner, "__init__", without_restart)
-    scan, _, truth, err = mixture_heavy_scan("zernike", 2, 100)
-    assert np.sqrt(np.mean(err ** 2)) >= 6.0 and np.hypot(*err.T).max() >= 25
-    p = ReconParams(iterations=150, refine_positions=True, position_start=20, position_end=105,
-                    position_max_shift=32.0, position_search_radius=32.0)
-    res = reconstruct(scan, p, **QUIET)
-    err_px = position_rms(res.positions_refined_px, truth.positions_px)
-    nrmse = object_error(res, truth, res.positions_refined_px)
-    true_nrmse = _true_run_nrmse("zernike", 2)
+    res, err_px, nrmse, true_nrmse = _heavy_mixture_run("zernike", 2, monkeypatch,
+                                                        **({} if restart else {"scale_restart": False}))
     assert err_px <= 0.5, err_px
     if restart:
         e_model, e_fresh = res.attrs["position_scale_restarted"]
@@ -327,17 +315,9 @@ def test_astigmatic_probe_recovered_with_the_astigmatism_search_and_the_layout_s
     the layout scale's choice takes rows 1.023, columns 0.989: 0.127 px, NRMSE 0.0175 against the
     true run's 0.0194 (0.90x with the fresh start at the final corners, 1.03x before; measured). With the defocus alone 1.63 px and 0.110
     (docs/position_search.md, "Session 19, astigmatism" and session 20). About 40 s."""
-    from position_search import mixture_heavy_scan
-    scan, _, truth, err = mixture_heavy_scan("zernike", 1, 100)
-    assert np.sqrt(np.mean(err ** 2)) >= 6.0 and np.hypot(*err.T).max() >= 25
-    p = ReconParams(iterations=150, refine_positions=True, position_start=20, position_end=105,
-                    position_max_shift=32.0, position_search_radius=32.0)
-    res = reconstruct(scan, p, **QUIET)
+    res, err_px, nrmse, true_nrmse = _heavy_mixture_run("zernike", 1)
     assert res.attrs["position_probe_astigmatism"] > 0, res.attrs["position_probe_astigmatism"]
-    err_px = position_rms(res.positions_refined_px, truth.positions_px)
     assert err_px <= 0.5, err_px
-    nrmse = object_error(res, truth, res.positions_refined_px)
-    true_nrmse = _true_run_nrmse("zernike")
     assert nrmse <= 1.2 * true_nrmse, (nrmse, true_nrmse)
 
 
