@@ -341,7 +341,7 @@ def test_annular_lens_seed_4_met_by_the_pixel_check(check, monkeypatch):
         assert len(res.attrs["position_pixel_moved"]) >= 1
         assert nrmse <= 1.2 * true_nrmse, (nrmse, true_nrmse)
     else:
-        assert "position_pixel_judged" not in res.attrs
+        assert "position_pixel_moved" not in res.attrs
         assert nrmse > 1.2 * true_nrmse, (nrmse, true_nrmse)
 
 
