@@ -735,7 +735,7 @@ class PositionRefiner:
         at the moved corners, taken where its data error is at most ``1 - scale_gain`` of the
         current model's, which that fresh start's model then replaces; up to ``pixel_rounds``
         rounds while proposals are taken."""
-        rec, be, geom = self.rec, self.rec.be, self.rec.geom
+        rec, geom = self.rec, self.rec.geom
         t0 = time.perf_counter()
         N = len(geom.positions_all)
         near = np.array([(0, 0)] + [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)], float)

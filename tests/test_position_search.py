@@ -386,7 +386,7 @@ def test_pixel_check_moves_views_snapped_to_a_neighbouring_pixel_back():
             if ambiguous is not None:        # half the views proposed: the judge must refuse them
                 refiner.pixel_ambiguous = ambiguous
 
-            def fresh():
+            def fresh(rec=rec, flat=flat, first=first):
                 rec.obj, rec.probe = flat.copy(), first.copy()
                 rec._each(rec._init_psi)
                 fit = DMIteration(rec)
@@ -435,8 +435,6 @@ def test_layout_scale_choice_undoes_a_scaled_layout_and_keeps_the_true_one():
             geom.use_subpixel(False)
             rec._each(rec._init_psi)
             refiner = positions.PositionRefiner(rec)
-            if ambiguous is not None:        # half the views proposed: the judge must refuse them
-                refiner.pixel_ambiguous = ambiguous
             moved = refiner.choose_scale(40)
             m = refiner.scale_chosen
             assert moved == expect, refiner.scale_scores
