@@ -34,7 +34,9 @@ held from there (the scale trades with the probe's curvature). At the end of ref
 there: refinement never leaves a view where the model fits it worse than not refining. Then, with the
 coarse stage, the **layout's global scale** along rows and columns is chosen by the data error of
 short re-fits from a flat object (:meth:`PositionRefiner.choose_scale`): the gradient stage can
-leave the whole layout 1-2.5 % too large or small. Measured in docs/position_search.md
+leave the whole layout 1-2.5 % too large or small; last, **each view's pixel** is checked
+(:meth:`PositionRefiner.check_pixels`): a view whose refined position lies near the rounding boundary
+can snap to the neighbouring pixel and be painted in there. Measured in docs/position_search.md
 (``benchmarks/position_search.py``, ``benchmarks/position_scale.py``).
 """
 from __future__ import annotations
@@ -587,7 +589,8 @@ class PositionRefiner:
         iterations from the engine's first probe and the flat object — and replaced by it where its
         data error is at most ``1 - scale_gain`` of the model's: the refined layout can be right
         while the model refined along with it is not (the annular lens, seed 5: 1.28x, from
-        scratch at the same corners 1.00x). Returns whether the corners moved."""
+        scratch at the same corners 1.00x). Last (``pixel_check``) each view's pixel,
+        :meth:`check_pixels`. Returns whether the layout's map was taken."""
         from .dm_iteration import DMIteration
         from .initial import initial_object
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
