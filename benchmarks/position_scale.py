@@ -10,7 +10,10 @@ scored the same way (its layout's least-squares scale against the truth and the 
 the scale taken out).
 
     nice -n 5 python benchmarks/position_scale.py --family zernike --scales 1,1.01,1.02,0.99 \
-        --aniso 1.02:1,1:1.02 [--refined]
+        --aniso 1.02:1,1:1.02 [--refined [--pixel-check off]]
+    nice -n 5 python benchmarks/position_scale.py --family defocus --seed 4 --scales 1 --refined
+
+(``--scales 1``: the true-position run, the reference of the refined run's object error.)
 
 One JSON line per run.
 """
@@ -88,6 +91,8 @@ def main() -> None:
     ap.add_argument("--scales", default="1,1.01,1.02", help="isotropic scales of the true layout")
     ap.add_argument("--aniso", default="", help="rows:cols pairs, comma separated")
     ap.add_argument("--refined", action="store_true", help="also the default refinement from the nominal")
+    ap.add_argument("--pixel-check", default="on", choices=("on", "off"),
+                    help="with --refined: PositionRefiner.check_pixels after the layout's choice (on by default)")
     a = ap.parse_args()
     if a.family == "sim":
         scan, exact, truth, err = heavy_scan(a.seed, a.views)
@@ -112,7 +117,12 @@ def main() -> None:
         t0 = time.perf_counter()
         p = ReconParams(iterations=a.iterations, refine_positions=True, position_start=20,
                         position_end=int(0.7 * a.iterations), position_max_shift=32.0, position_search_radius=32.0)
-        res = reconstruct(scan, p, log=q)
+        from hxn_ptycho.positions import PositionRefiner
+        PositionRefiner.pixel_check = a.pixel_check == "on"
+        try:
+            res = reconstruct(scan, p, log=q)
+        finally:
+            PositionRefiner.pixel_check = True
         pos = res.positions_refined_px
         s = layout_scale(pos, truth.positions_px)
         crop = object_in_truth_frame(res, truth, pos)
@@ -124,8 +134,10 @@ def main() -> None:
                           "data_error": float(res.attrs["final_data_error"]),
                           "nrmse": round(object_error(res, truth, pos), 4),
                           "nrmse_unscaled": round(nrmse_scaled(crop, truth, tuple(s)), 4),
-                          "fit": fit, "nrmse_fit": round(e_fit, 4),
-                          "s": round(time.perf_counter() - t0, 1)}), flush=True)
+                          "fit": fit, "nrmse_fit": round(e_fit, 4), "pixel_check": a.pixel_check,
+                          **{k[9:]: v for k, v in res.attrs.items()
+                             if k.startswith(("position_scale", "position_pixel", "position_probe"))},
+                          "s": round(time.perf_counter() - t0, 1)}, default=lambda v: round(float(v), 5)), flush=True)
 
 
 if __name__ == "__main__":

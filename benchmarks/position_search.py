@@ -117,6 +117,10 @@ def run(seed: int, views: int, iterations: int, ways: list[str], drift: float = 
         if "position_scale_judged" in res.attrs:      # the second search's map and the long re-fits' (first, second)
             out[way]["scale_second"] = res.attrs["position_scale_second"]
             out[way]["scale_judged"] = res.attrs["position_scale_judged"]
+        if "position_pixel_judged" in res.attrs:      # the pixel check: (model, fresh start moved, proposed) each round
+            out[way]["pixel_judged"] = res.attrs["position_pixel_judged"]
+            out[way]["pixel_moved"] = res.attrs["position_pixel_moved"]
+            out[way]["pixel_s"] = res.attrs["position_pixel_seconds"]
         if "position_reverted" in res.attrs:
             out[way]["reverted"] = res.attrs["position_reverted"]
             out[way]["rescued"] = res.attrs.get("position_rescued_at_end")

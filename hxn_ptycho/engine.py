@@ -528,6 +528,10 @@ class Reconstruction:
                 if refiner.scale_judged is not None:      # the second search's map and the long re-fits judging it
                     attrs["position_scale_second"] = list(refiner.scale_second_map or ())
                     attrs["position_scale_judged"] = list(refiner.scale_judged)
+                if refiner.pixel_check:        # each view's pixel: the views moved, (model, fresh start moved, proposed) a round
+                    attrs["position_pixel_moved"] = list(refiner.pixel_moved)
+                    attrs["position_pixel_judged"] = [list(j) for j in refiner.pixel_judged]
+                    attrs["position_pixel_seconds"] = round(refiner.pixel_seconds, 2)
             attrs["position_reverted"] = refiner.reverted
             attrs["position_rescued_at_end"] = refiner.rescued_at_end
             from .positions import affine_terms

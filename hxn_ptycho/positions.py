@@ -34,7 +34,9 @@ held from there (the scale trades with the probe's curvature). At the end of ref
 there: refinement never leaves a view where the model fits it worse than not refining. Then, with the
 coarse stage, the **layout's global scale** along rows and columns is chosen by the data error of
 short re-fits from a flat object (:meth:`PositionRefiner.choose_scale`): the gradient stage can
-leave the whole layout 1-2.5 % too large or small. Measured in docs/position_search.md
+leave the whole layout 1-2.5 % too large or small; last, **each view's pixel** is checked
+(:meth:`PositionRefiner.check_pixels`): a view whose refined position lies near the rounding boundary
+can snap to the neighbouring pixel and be painted in there. Measured in docs/position_search.md
 (``benchmarks/position_search.py``, ``benchmarks/position_scale.py``).
 """
 from __future__ import annotations
@@ -207,6 +209,7 @@ def constrain(nominal: np.ndarray, current: np.ndarray, proposed: np.ndarray, ma
 class PositionRefiner:
     """Refines the positions of a :class:`~hxn_ptycho.engine.Reconstruction`'s views in place."""
     probe_astigmatism: bool = True    # after the defocus, a search along the detector's two axes
+    pixel_check: bool = True          # after the layout's choice, each view's pixel checked (check_pixels)
 
     def __init__(self, rec: Any) -> None:
         self.rec = rec
@@ -266,6 +269,14 @@ class PositionRefiner:
         self.scale_chosen: tuple[float, ...] | None = None
         self.scale_scores: dict[str, float] = {}
         self.scale_seconds = 0.0
+        # then a check of each view's pixel (the windows are on the grid from here): a view whose
+        # refined position lies near the rounding boundary can snap to the neighbouring pixel, and
+        # the model painted there holds it (docs/position_search.md, "Session 21")
+        self.pixel_ambiguous = 0.25      # proposed: a 1-px move costs < this fraction of the median view's
+        self.pixel_rounds = 3            # proposals judged (a fresh start each) at most
+        self.pixel_moved: list[int] = []                 # views moved to a neighbouring pixel
+        self.pixel_judged: list[tuple[float, float, int]] = []   # (model, fresh start moved, views proposed)
+        self.pixel_seconds = 0.0
 
     @property
     def end(self) -> int:
@@ -578,7 +589,8 @@ class PositionRefiner:
         iterations from the engine's first probe and the flat object — and replaced by it where its
         data error is at most ``1 - scale_gain`` of the model's: the refined layout can be right
         while the model refined along with it is not (the annular lens, seed 5: 1.28x, from
-        scratch at the same corners 1.00x). Returns whether the corners moved."""
+        scratch at the same corners 1.00x). Last (``pixel_check``) each view's pixel,
+        :meth:`check_pixels`. Returns whether the layout's map was taken."""
         from .dm_iteration import DMIteration
         from .initial import initial_object
         rec, be, geom = self.rec, self.rec.be, self.rec.geom
@@ -690,6 +702,10 @@ class PositionRefiner:
             if not e_fresh <= (1.0 - self.scale_gain) * e_model:
                 rec.obj, rec.probe = obj1, probe1
             rec._each(rec._init_psi)
+        self.pixel_moved, self.pixel_judged = [], []
+        if self.pixel_check:
+            self.check_pixels(lambda: refit_here(be.asarray(self._first_probe, rec.cdtype),
+                                                 self.scale_judge_iterations))
         del rec.overlap_rounds[rounds:]
         self.scale_chosen = best if taken else one
         self.scale_scores = {",".join(f"{v:g}" for v in k): e[0] for k, e in tried.items()}
@@ -703,6 +719,63 @@ class PositionRefiner:
                 f"against {e_one:.5g} at the current scale ({self.scale_refits} re-fits of {self.scale_iterations} "
                 f"DM iterations, {self.scale_seconds:.1f} s): {'taken' if taken else 'kept the current'}")
         return taken
+
+    def check_pixels(self, fresh_start: Callable[[], tuple[float, Any, Any]]) -> int:
+        """Each view's pixel, after the layout's choice (windows on the grid): returns the views moved.
+
+        The refined layout is right to a few tenths of a pixel, but a view whose position lies
+        near the rounding boundary can snap to the neighbouring pixel, and the model refined or
+        started afresh there paints it in (the annular lens, drift seed 4: three views 1 px off,
+        their refined positions 0.50-0.60 px from the truth; from scratch at those corners the
+        object is 1.26x the true-position run's, the data error +5 %; docs/position_search.md,
+        "Session 21"). Each view's data error against the object without its own exit wave
+        (:meth:`_leave_one_out`) at its pixel and the 8 around it: moving a well-placed view
+        1 px costs 1.4-4x its error (median about 2.4x), the wrongly snapped views' best neighbour
+        0.93-1.32x — the co-adapted model still favours them where they are, so no neighbour need
+        fit better. A view whose best neighbour costs less than ``pixel_ambiguous`` of the median
+        view's cost (ratio - 1) is proposed there; the proposals are judged together by
+        ``fresh_start`` (the fresh start of :meth:`choose_scale`: the first probe, the flat object)
+        at the moved corners, taken where its data error is at most ``1 - scale_gain`` of the
+        current model's, which that fresh start's model then replaces; up to ``pixel_rounds``
+        rounds while proposals are taken."""
+        rec, geom = self.rec, self.rec.geom
+        t0 = time.perf_counter()
+        N = len(geom.positions_all)
+        near = np.array([(0, 0)] + [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)], float)
+        for _ in range(self.pixel_rounds):
+            cur = geom.positions_all.copy()
+            corner = np.round(cur)                     # the windows' corners (on the grid)
+            num, den, alpha = self._object_sums()      # from the exit waves P·O of the model
+            illum = den[0] > 0.1 * float(den.max())
+            level = rec.obj[:, illum].mean(axis=1)[:, None, None]
+            scratch = self._scratch()
+            errs = np.zeros((N, len(near)))
+            for j in range(geom.start, geom.stop):
+                obj_j = self._leave_one_out(j, num, den, alpha, fill=level)
+                errs[j] = self._errors_at(j, self._clip(corner[j] + near), obj_j, scratch)
+            rec.reducer.allreduce_sum([errs])
+            cost = errs[:, 1:].min(axis=1) / np.maximum(errs[:, 0], 1e-300) - 1.0   # the cheapest 1-px move
+            proposed = np.nonzero(cost < self.pixel_ambiguous * float(np.median(cost)))[0]
+            if not len(proposed):
+                break
+            new = cur.copy()
+            new[proposed] = self._clip(corner[proposed] + near[1 + np.argmin(errs[proposed, 1:], axis=1)])
+            e_model, obj1, probe1 = rec.model_cost()[0], rec.obj, rec.probe
+            geom.set_positions(new)
+            e_new = fresh_start()[0]
+            self.pixel_judged.append((float(e_model), float(e_new), int(len(proposed))))
+            taken = e_new <= (1.0 - self.scale_gain) * e_model
+            rec.log(f"hxn-ptycho: pixel check: views {proposed.tolist()} proposed on a neighbouring pixel; a fresh "
+                    f"start there fits {e_new:.5g} against the model's {e_model:.5g}: {'taken' if taken else 'kept'}")
+            if not taken:
+                geom.set_positions(cur)
+                rec.obj, rec.probe = obj1, probe1
+                rec._each(rec._init_psi)
+                break
+            self.pixel_moved += proposed.tolist()
+            rec._each(rec._init_psi)
+        self.pixel_seconds = time.perf_counter() - t0
+        return len(self.pixel_moved)
 
     def _object_sums(self) -> tuple[Any, Any, float]:
         """The numerator Σ_j P*·ψ_j and denominator Σ_j |P|² of the object update (6) from the
