@@ -209,6 +209,8 @@ class PositionRefiner:
     probe_astigmatism: bool = True    # after the defocus, a search along the detector's two axes
 
     def __init__(self, rec: Any) -> None:
+        if rec.geom.order is not None:      # views addressed by their scan index j (rows = j - start)
+            raise ValueError("position refinement needs ψ's rows in the views' given order (Reconstruction._view_order)")
         self.rec = rec
         p = rec.params
         self.method = p.position_method
