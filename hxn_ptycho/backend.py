@@ -143,14 +143,17 @@ class Backend(ABC):
     @abstractmethod
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None, rows: Any = None) -> Any:
         """The Fourier step of one batch (``dm.dm_step``): Φ = P·O at ``pos`` (2) — from ``windows``
         (B, L, n, n) instead when given (sub-pixel) —, F(2Φ − ψ), its projection Π_F (4) and
         ``psi += β(F⁻¹Π_F(F(2Φ − ψ)) − Φ)`` (3) in place, with ``buf.phi``, ``buf.work`` as the only
         scratch; returns Σ_good (|F(2Φ − ψ)| − √I)² (7) of the reflected wave. ``floor``, ``stats``:
         those of ``dm.fourier_projection``. With ``sums``, also the object sums (6) of the new ψ —
         exactly what :meth:`object_pass` would add at the same corners (sub-pixel when ``windows``
-        is given) —, which a backend may fuse into the update's sweep."""
+        is given) —, which a backend may fuse into the update's sweep. ``rows`` (B,) int64: the
+        batch's frames are ``diffamp[rows]`` (``diffamp`` then holds every view's, in another order
+        than ψ's rows: :meth:`hxn_ptycho.engine.Reconstruction.frames`), read where they lie;
+        None: ``diffamp`` is the batch's (B, n, n)."""
     @abstractmethod
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
                     buf: BatchBuffers, subpixel: bool = False) -> None:
@@ -570,9 +573,11 @@ class NumpyBackend(HostBackend):
 
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None, rows: Any = None) -> Any:
         from . import dm
         B = len(psi)
+        if rows is not None:
+            diffamp = diffamp[rows]
         phi = self._phi(obj, pos, probe, buf, B, windows)                                # P·O
         err = dm.dm_step(self, psi, phi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
         if sums is not None:                                                             # (6)

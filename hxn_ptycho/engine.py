@@ -359,6 +359,12 @@ class Reconstruction:
             buf = w.amp = self.be.empty((max(B, self.plan.batch_size),) + self.diffamp.shape[1:], self.diffamp.dtype)
         return np.take(self.diffamp, rows[b], axis=0, out=buf[:B], mode="clip")   # (unbuffered)
 
+    def batch_frames(self, b: slice) -> tuple[Any, Any]:
+        """(frames, rows) for :meth:`Backend.fourier_pass`: the batch's frames, or all frames and the
+        indices of the batch's in them (read where they lie, no gathered copy)."""
+        rows = self.geom.order
+        return (self.diffamp[b], None) if rows is None else (self.diffamp, rows[b])
+
     def frames_in_rows(self) -> Any:
         """All of ``diffamp`` in the rows' order (a copy when the order is not the given one)."""
         rows = self.geom.order
