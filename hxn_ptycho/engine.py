@@ -342,6 +342,18 @@ class Reconstruction:
         self.geom = Geometry(g.nominal_all, slice(g.start, g.stop), self.n, g.shape,
                              subpixel=self.params.refine_positions, order=order)
 
+    def use_given_order(self) -> None:
+        """ψ's rows in the views' given order from now on, ψ moved with them (exact: for code that
+        addresses a view's row by its index, as the experiments of ``benchmarks/auto_mode_*.py`` do)."""
+        g = self.geom
+        if g.order is None:
+            return
+        psi = self.store.psi
+        psi[g.order] = psi.copy()           # row r holds view order[r]: it goes to row order[r]
+        self.geom = Geometry(g.nominal_all, slice(g.start, g.stop), self.n, g.shape,
+                             subpixel=self.params.refine_positions)
+        self.geom.set_positions(g.positions_all)
+
     @property
     def rows(self) -> np.ndarray | None:
         """The index in ``diffamp`` (the views as given) of each row of ψ; None: the same order."""

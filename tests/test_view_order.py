@@ -114,3 +114,27 @@ def test_live_session_keeps_the_rows_of_the_views_held_and_reorders_for_the_fina
     offline.close()
     assert np.array_equal(res.positions_px, offline.positions_all)
     s.close()
+
+
+def test_use_given_order_moves_psi_with_the_rows(sim1):
+    """``use_given_order`` (for code that indexes views by their row, benchmarks/auto_mode_*.py) moves
+    ψ with the rows: DM continued from there is DM in the given order throughout, to rounding."""
+    from hxn_ptycho.dm_iteration import DMIteration
+    scan, _ = sim1
+    p = ReconParams(iterations=6, threads=2, precision="double")
+    given = Reconstruction(scan, p, spatial_order=False, **QUIET)
+    moved = Reconstruction(scan, p, **QUIET)
+    assert moved.geom.order is not None
+    dg, dm_ = DMIteration(given), DMIteration(moved)
+    for it in range(3):
+        dg.iterate(it)
+        dm_.iterate(it)
+    moved.use_given_order()
+    assert moved.geom.order is None and np.array_equal(moved.geom.corner, given.geom.corner)
+    assert _rel(moved.psi, given.psi) < 1e-9
+    for it in range(3, 6):
+        dg.iterate(it)
+        dm_.iterate(it)
+    assert _rel(moved.obj, given.obj) < 1e-9 and _rel(moved.probe, given.probe) < 1e-9
+    given.close()
+    moved.close()
