@@ -69,6 +69,7 @@ def case_scan(text: str, seed: int) -> tuple[ScanData, int]:
 def per_view(rec: Reconstruction) -> tuple[np.ndarray, np.ndarray]:
     """Per view: Σ(|F(P·O)| − √I)² / ΣI (sums to the engine's normalised data error), and the model
     intensity |F(P·O)|² summed over the modes (the mean of the null's Poisson draw)."""
+    rec.use_given_order()               # rows = views: the arrays below are indexed by the batches
     N = rec.diffamp.shape[0]
     err = np.zeros(N)
     model = np.zeros(rec.diffamp.shape)
@@ -94,6 +95,7 @@ def residual_mode(rec: Reconstruction, power: float, steps: int = 20) -> np.ndar
     scaled to ``power`` of the first mode's power."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from auto_mode_cv import lanczos_top
+    rec.use_given_order()               # rows = views: the frames are indexed by the batches
     probe = rec.be.asnumpy(rec.probe).astype(np.complex128)
     K, n = probe.shape[0], rec.n
     q, _ = np.linalg.qr(probe.reshape(K, -1).T)

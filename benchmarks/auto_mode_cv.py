@@ -85,7 +85,9 @@ def runs(take: np.ndarray, size: int) -> list[slice]:
 
 
 def use_views(rec: Reconstruction, take: np.ndarray) -> None:
-    """Every pass over the views that follows covers the views ``take`` only."""
+    """Every pass over the views that follows covers the views ``take`` only (ψ's rows in the given
+    order: this module indexes views, frames and masks by the batches)."""
+    rec.use_given_order()
     rec.scheduler.batches = runs(take, rec.plan.batch_size)
 
 
@@ -138,6 +140,10 @@ class FrameMaskedDM(DMIteration):
     """DM whose Fourier step uses a mask per frame (``rec.frame_mask``, True = fitted): equations
     (3), (4), (7) of :mod:`hxn_ptycho.dm` with the frame's own good pixels (numpy only; the power
     bound's deviation is the mean over the frame's good pixels, its relaxation floor as DM's)."""
+
+    def __init__(self, rec: Any) -> None:
+        rec.use_given_order()           # rows = views: the frames and their masks are indexed by the batches
+        super().__init__(rec)
 
     def _fourier_batch(self, w: Any, b: slice) -> None:
         rec, be, B = self.rec, self.rec.be, b.stop - b.start

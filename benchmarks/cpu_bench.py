@@ -97,7 +97,7 @@ def fft_floor(rec: Reconstruction) -> float:
     return time.perf_counter() - t0
 
 
-def _case_child(path: str, modes: int, iterations: int, threads: int, backend: str) -> dict:
+def _case_child(path: str, modes: int, iterations: int, threads: int, backend: str, spatial: bool = True) -> dict:
     """One throughput case in this (fresh) process: DM iterations and the FFT floor, interleaved."""
     from hxn_ptycho.backend import get_backend
     from hxn_ptycho.scanfile import read_scan
@@ -109,7 +109,7 @@ def _case_child(path: str, modes: int, iterations: int, threads: int, backend: s
     params = ReconParams(iterations=iterations + 1, probe_modes=modes, probe_update_start=0,
                          orthogonalize_every=0, max_memory_gb=16, backend=backend, threads=threads)
     libs_rss = current_rss_gb()                      # interpreter, libraries and the data read
-    rec = Reconstruction(scan, params, backend=be, log=lambda m: None)
+    rec = Reconstruction(scan, params, backend=be, log=lambda m: None, spatial_order=spatial)
     stored = rec.store.psi.nbytes / 2**30            # the full-size state the engine keeps
     step = DMIteration(rec)
     step.iterate(0)                                  # warm-up (FFT plans, kernels, page faults)
@@ -131,7 +131,9 @@ def _case_child(path: str, modes: int, iterations: int, threads: int, backend: s
     n = scan.n
     L = rec.obj_shape[0]
     per_iter = float(np.mean(iters))
-    return {"backend": be.name, "fft_library": be.fft_library, "n": n, "views": views, "probe_modes": modes, "threads": threads,
+    return {"backend": be.name, "fft_library": be.fft_library,
+            "view_order": "given" if rec.geom.order is None else "spatial",
+            "n": n, "views": views, "probe_modes": modes, "threads": threads,
             "s_per_iter": per_iter, "frames_iterations_per_s": views / per_iter,
             "fft_floor_s": float(np.mean(floors)), "ratio_to_fft_floor": float(np.sum(iters) / np.sum(floors)),
             "ratio_min": float(min(iters) / min(floors)),
@@ -145,7 +147,7 @@ def _case_child(path: str, modes: int, iterations: int, threads: int, backend: s
 
 
 def bench_case(n: int, views: int, modes: int, iterations: int, threads: int, backend: str = "numba",
-               scan_path: str | None = None) -> dict:
+               scan_path: str | None = None, spatial: bool = True) -> dict:
     """One case in a fresh process (the peak memory is the case's own); the scan is simulated and
     written to ``scan_path`` (a temporary file by default) first."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +158,8 @@ def bench_case(n: int, views: int, modes: int, iterations: int, threads: int, ba
             write_scan(path, scan)
             del scan
         out = subprocess.run([sys.executable, __file__, "--_case", json.dumps(
-            {"path": path, "modes": modes, "iterations": iterations, "threads": threads, "backend": backend})],
+            {"path": path, "modes": modes, "iterations": iterations, "threads": threads, "backend": backend,
+             "spatial": spatial})],
             check=True, capture_output=True, text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -327,11 +330,14 @@ def main() -> int:
     ap.add_argument("--backend", default="numba",
                     help="numba (the fused kernels), numpy (the reference) or cupy (the contract on a GPU)")
     ap.add_argument("--json", action="store_true", help="one JSON line per throughput case")
+    ap.add_argument("--given-order", action="store_true",
+                    help="the exit waves in the scan's view order, not the spatial one (Reconstruction spatial_order)")
     ap.add_argument("--_case", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._case:
         c = json.loads(args._case)
-        print(json.dumps(_case_child(c["path"], c["modes"], c["iterations"], c["threads"], c["backend"])))
+        print(json.dumps(_case_child(c["path"], c["modes"], c["iterations"], c["threads"], c["backend"],
+                                     c.get("spatial", True))))
         return 0
     if args.overlap:
         print(f"# DM against PtyPy, {args.overlap} iterations, threads {args.threads}; simulation costs in photon "
@@ -356,7 +362,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "scan.h5")
         for m in args.modes:
-            r = bench_case(args.n, args.views, m, args.iterations, args.threads, args.backend, path)
+            r = bench_case(args.n, args.views, m, args.iterations, args.threads, args.backend, path,
+                           not args.given_order)
             if args.json:
                 print(json.dumps(r), flush=True)
             else:

@@ -76,7 +76,7 @@ class Backend(ABC):
     """
 
     name: str = ""
-    fft_library: str = ""       # what fft2/ifft2 run: "pocketfft" (scipy.fft), "fftw" (HXN_PTYCHO_FFT), "cufft"
+    fft_library: str = ""       # what fft2/ifft2 run: "pocketfft" (scipy.fft), "fftw", "mkl" (HXN_PTYCHO_FFT), "cufft"
     xp: Any = None
     workers: int = 1
     cache_batches: bool = False
@@ -143,14 +143,17 @@ class Backend(ABC):
     @abstractmethod
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None, rows: Any = None) -> Any:
         """The Fourier step of one batch (``dm.dm_step``): Φ = P·O at ``pos`` (2) — from ``windows``
         (B, L, n, n) instead when given (sub-pixel) —, F(2Φ − ψ), its projection Π_F (4) and
         ``psi += β(F⁻¹Π_F(F(2Φ − ψ)) − Φ)`` (3) in place, with ``buf.phi``, ``buf.work`` as the only
         scratch; returns Σ_good (|F(2Φ − ψ)| − √I)² (7) of the reflected wave. ``floor``, ``stats``:
         those of ``dm.fourier_projection``. With ``sums``, also the object sums (6) of the new ψ —
         exactly what :meth:`object_pass` would add at the same corners (sub-pixel when ``windows``
-        is given) —, which a backend may fuse into the update's sweep."""
+        is given) —, which a backend may fuse into the update's sweep. ``rows`` (B,) int64: the
+        batch's frames are ``diffamp[rows]`` (``diffamp`` then holds every view's, in another order
+        than ψ's rows: :meth:`hxn_ptycho.engine.Reconstruction.frames`), read where they lie;
+        None: ``diffamp`` is the batch's (B, n, n)."""
     @abstractmethod
     def object_pass(self, psi: Any, probe_conj: Any, probe_intensity: Any, pos: Any, obj_num: Any, obj_den: Any,
                     buf: BatchBuffers, subpixel: bool = False) -> None:
@@ -229,7 +232,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-FFT_ENV = "HXN_PTYCHO_FFT"      # "fftw": the CPU backends' FFTs by FFTW (pyfftw); else scipy.fft (pocketfft)
+FFT_ENV = "HXN_PTYCHO_FFT"      # "fftw": FFTW (pyfftw), "mkl": Intel MKL (mkl_fft); else scipy.fft (pocketfft)
 
 
 def _import_pyfftw() -> Any:
@@ -300,6 +303,80 @@ class FFTWTransforms:
         return a
 
 
+class MKLTransforms:
+    """Orthonormal 2-D FFTs over the last two axes, in place, by Intel MKL's DFTI through ``mkl_fft``
+    (optional, ``pip install -e ".[mkl]"``: mkl_fft is BSD-licensed, MKL itself under Intel's
+    Simplified Software License — permissive, unlike FFTW's GPL — but a 1 GB install, hence not a
+    dependency). Each 2-D slice ``a[..., :, :]`` is one call of ``mkl_fft``'s ``_direct_fftnd`` on
+    that slice in place (its descriptors are cached per thread by mkl_fft), with the forward scale
+    1/√(n₀n₁), which DFTI applies in both directions (orthonormal). ``mkl_fft.fft2(a, axes=...)``
+    runs the same slice loop with more Python around it, and with ``norm="ortho"`` scales by the
+    whole array's size rather than the transformed axes' (mkl_fft 2.3), so it is not used.
+
+    Threads: MKL would start its own threads (OpenMP) inside every call, on the cores the engine's
+    workers already use — each worker thread runs its own batches. So the FFT domain is set to one
+    thread when the transforms are made (``MKL_Domain_Set_Num_Threads(1, MKL_DOMAIN_FFT)``, the
+    call mkl-service's ``domain_set_num_threads`` makes; the BLAS and other domains are left alone),
+    and a call asking for ``workers`` > 1 sets that many for its own thread only
+    (``MKL_Set_Num_Threads_Local``) and restores it after."""
+
+    ALIGN = 64          # MKL's recommended alignment (the host backends allocate so with it)
+    MKL_DOMAIN_FFT = 2  # mkl_service.h
+
+    def __init__(self) -> None:
+        try:
+            from mkl_fft._pydfti import _direct_fftnd
+        except ImportError as exc:
+            raise BackendError(f"{FFT_ENV}=mkl needs mkl_fft (pip install mkl_fft): {exc}") from None
+        self._direct = _direct_fftnd
+        self._rt = _mkl_runtime()
+        self._rt.MKL_Domain_Set_Num_Threads(1, self.MKL_DOMAIN_FFT)
+
+    @property
+    def fft_threads(self) -> int:
+        """The threads MKL may use inside one FFT call of this thread (1 unless a call asks for more)."""
+        return int(self._rt.MKL_Domain_Get_Max_Threads(self.MKL_DOMAIN_FFT))
+
+    def __call__(self, a: np.ndarray, forward: bool, workers: int = 1) -> np.ndarray:
+        if not a.flags.c_contiguous or a.dtype not in (np.complex64, np.complex128) or a.ndim < 2:
+            f = scipy.fft.fft2 if forward else scipy.fft.ifft2
+            return _in_place(a, f(a, norm="ortho", overwrite_x=True, workers=workers))
+        n0, n1 = a.shape[-2:]
+        fsc = 1.0 / float(np.sqrt(n0 * n1))
+        direction = 1 if forward else -1
+        direct = self._direct
+        before = self._rt.MKL_Set_Num_Threads_Local(int(workers)) if workers > 1 else None
+        try:
+            if a.ndim == 2:
+                direct(a, direction=direction, fsc=fsc, out=a)
+            else:
+                for s in a.reshape(-1, n0, n1):
+                    direct(s, direction=direction, fsc=fsc, out=s)
+        finally:
+            if before is not None:
+                self._rt.MKL_Set_Num_Threads_Local(before)
+        return a
+
+
+def _mkl_runtime() -> Any:
+    """MKL's single dynamic library (``libmkl_rt``), the one ``mkl_fft`` is linked with and has loaded."""
+    import ctypes
+    from mkl_fft import _pydfti
+    errors = []
+    for name in ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so", "mkl_rt.2.dll", "mkl_rt.dll", "libmkl_rt.dylib"):
+        try:
+            rt = ctypes.CDLL(name)
+        except OSError as exc:
+            errors.append(str(exc))
+            continue
+        for fn in ("MKL_Domain_Set_Num_Threads", "MKL_Domain_Get_Max_Threads", "MKL_Set_Num_Threads_Local"):
+            getattr(rt, fn).restype = ctypes.c_int
+            getattr(rt, fn).argtypes = [ctypes.c_int] * (2 if fn == "MKL_Domain_Set_Num_Threads" else 1)
+        return rt
+    raise BackendError(f"{FFT_ENV}=mkl: MKL's runtime library (libmkl_rt) beside {_pydfti.__file__} "
+                       f"could not be loaded: {'; '.join(errors)}")
+
+
 def _pocketfft_c2c() -> Any:
     """``scipy.fft``'s own in-place pocketfft call, ``c2c(a, axes, forward, inorm, out, workers)``, or
     None. ``scipy.fft.fft2`` costs about 13 µs a call before it reaches this function (argument
@@ -325,14 +402,16 @@ _C2C = _pocketfft_c2c()
 _C2C_TYPES = (np.dtype(np.complex64), np.dtype(np.complex128))     # native byte order (others: scipy.fft)
 
 
-def _fft_transforms() -> FFTWTransforms | None:
-    """The FFTW transforms when ``HXN_PTYCHO_FFT=fftw``; None: ``scipy.fft``."""
+def _fft_transforms() -> FFTWTransforms | MKLTransforms | None:
+    """The FFTW transforms when ``HXN_PTYCHO_FFT=fftw``, MKL's with ``mkl``; None: ``scipy.fft``."""
     choice = os.environ.get(FFT_ENV, "").strip().lower()
     if choice in ("", "pocketfft", "scipy"):
         return None
     if choice == "fftw":
         return FFTWTransforms()
-    raise BackendError(f"{FFT_ENV}={choice!r}: choose fftw or pocketfft")
+    if choice == "mkl":
+        return MKLTransforms()
+    raise BackendError(f"{FFT_ENV}={choice!r}: choose fftw, mkl or pocketfft")
 
 
 def _aligned_empty(shape: tuple, dtype: Any, align: int) -> np.ndarray:
@@ -363,7 +442,8 @@ class HostBackend(Backend, ABC):
         self.threads = max(1, int(threads or available_cores()))
         self.workers = self.threads
         self._fftw = _fft_transforms()
-        self.fft_library = "fftw" if self._fftw is not None else "pocketfft"
+        self.fft_library = ("pocketfft" if self._fftw is None else
+                            "mkl" if isinstance(self._fftw, MKLTransforms) else "fftw")
 
     # --- arrays ---------------------------------------------------------------------------
     def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
@@ -373,10 +453,10 @@ class HostBackend(Backend, ABC):
         return np.asarray(a)
 
     def empty(self, shape: tuple, dtype: Any) -> np.ndarray:
-        """With FFTW: aligned to :attr:`FFTWTransforms.ALIGN` bytes (its SIMD plans need it)."""
+        """With FFTW or MKL: aligned to their ``ALIGN`` bytes (FFTW's SIMD plans need it)."""
         if self._fftw is None:
             return np.empty(shape, dtype=dtype)
-        return _aligned_empty(shape, dtype, FFTWTransforms.ALIGN)
+        return _aligned_empty(shape, dtype, self._fftw.ALIGN)
 
     def zeros(self, shape: tuple, dtype: Any) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
@@ -493,9 +573,11 @@ class NumpyBackend(HostBackend):
 
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None, rows: Any = None) -> Any:
         from . import dm
         B = len(psi)
+        if rows is not None:
+            diffamp = diffamp[rows]
         phi = self._phi(obj, pos, probe, buf, B, windows)                                # P·O
         err = dm.dm_step(self, psi, phi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
         if sums is not None:                                                             # (6)

@@ -255,8 +255,9 @@ def reflect_win_k(win, probe, psi, phi, out):
 # (4), (7): Π_F in place on the reflected waves F(2Φ − ψ) (the power bound's relaxation r per view);
 # returns Σ_good (|F(2Φ − ψ)| − √I)²
 @_jit
-def project_k(w, amp, mask, use_mask, pbound, floor, tiny, one, relax, raw):
-    """``w`` (B, M, n, n) Fourier-space reflected waves; ``amp`` (B, n, n); ``pbound``, ``floor``,
+def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one, relax, raw):
+    """``w`` (B, M, n, n) Fourier-space reflected waves; view b's frame ``amp[rows[b]]`` (``rows``
+    (B,) int64: the frames read where they lie, not gathered); ``pbound``, ``floor``,
     ``tiny``, ``one`` in the arrays' real precision; ``relax``, ``raw`` (B,) of that precision get each
     view's r (dm.relaxation) with and without the floor (1 without the bound)."""
     B, M, n, m = w.shape
@@ -272,7 +273,7 @@ def project_k(w, amp, mask, use_mask, pbound, floor, tiny, one, relax, raw):
             dev = 0.0
             for i in range(n):
                 _row_intensity(w, b, i, sr)
-                arow = amp[b, i]
+                arow = amp[rows[b], i]
                 mrow = mod[i]
                 e = zero
                 if use_mask:
@@ -302,7 +303,7 @@ def project_k(w, amp, mask, use_mask, pbound, floor, tiny, one, relax, raw):
                 raw[b] = one
                 continue                # within the bound: the view stays as it is
         for i in range(n):          # the projection (and (7) here without the bound)
-            arow = amp[b, i]
+            arow = amp[rows[b], i]
             if pbound <= 0:
                 _row_intensity(w, b, i, sr)
                 e = zero
@@ -428,6 +429,7 @@ class NumbaBackend(HostBackend):
     def __init__(self, threads: int | None = None) -> None:
         super().__init__(threads)
         self._mask_cache: tuple[Any, np.ndarray] | None = None
+        self._iota = np.arange(64, dtype=np.int64)      # the frames' indices of a batch given its frames
 
     def _mask(self, mask: Any, n: int, m: int) -> tuple[np.ndarray, bool]:
         if mask is None:
@@ -436,6 +438,14 @@ class NumbaBackend(HostBackend):
         if cached is None or cached[0] is not mask:
             cached = self._mask_cache = (mask, np.ascontiguousarray(mask, dtype=np.bool_))
         return cached[1], True
+
+    def _rows(self, rows: Any, B: int) -> np.ndarray:
+        """The frames' indices of a batch: ``rows``, or 0..B−1 (the frames are the batch's)."""
+        if rows is not None:
+            return np.ascontiguousarray(rows, dtype=np.int64)
+        if len(self._iota) < B:
+            self._iota = np.arange(max(B, 64), dtype=np.int64)
+        return self._iota[:B]
 
     @staticmethod
     def _pos(pos: Any) -> np.ndarray:
@@ -454,7 +464,7 @@ class NumbaBackend(HostBackend):
 
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None, rows: Any = None) -> Any:
         B = len(psi)
         if B == 0:
             return 0.0
@@ -469,8 +479,8 @@ class NumbaBackend(HostBackend):
         m, use = self._mask(mask, psi.shape[-2], psi.shape[-1])
         relax = np.ones(B, rdt)
         raw = np.ones(B, rdt)
-        err = project_k(_views(work), diffamp, m, use, rdt(pbound), rdt(floor), rdt(TINY), rdt(1), relax,
-                        raw)                                                             # (4), (7)
+        err = project_k(_views(work), diffamp, self._rows(rows, B), m, use, rdt(pbound), rdt(floor), rdt(TINY),
+                        rdt(1), relax, raw)                                              # (4), (7)
         if stats is not None:
             if pbound > 0:
                 stats.add(relax, B, raw if floor > 0 else None)
@@ -563,7 +573,8 @@ class NumbaBackend(HostBackend):
         exit_waves_win_k(win, probe, waves)
         data_error_k(_views(waves), amp, m, True)
         reflect_win_k(win, probe, waves.copy(), waves.copy(), waves)
-        project_k(_views(waves), amp, m, True, rdt(0), rdt(0), rdt(TINY), rdt(1), np.ones(B, rdt), np.ones(B, rdt))
+        project_k(_views(waves), amp, np.zeros(B, np.int64), m, True, rdt(0), rdt(0), rdt(TINY), rdt(1),
+                  np.ones(B, rdt), np.ones(B, rdt))
         dm_update_k(_views(waves), _views(waves.copy()), _views(waves.copy()), rdt(1))
         reflect_at_k(obj, pos, probe, waves.copy(), waves)
         dm_update_at_k(waves, obj, pos, probe, waves.copy(), rdt(1))

@@ -57,8 +57,9 @@ class DMIteration:
         psi = rec._load(w, "psi", b)
         pos, windows = self._windows(w, b)
         sums = ObjectSums(rec._probe_conj, rec._probe_intensity, w.obj_num, w.obj_den)     # (6) of the new ψ
-        w.err += be.fourier_pass(rec.obj, pos, rec.probe, psi, rec.diffamp[b], rec.mask, rec.pbound,
-                                 rec.params.beta, self.floor_now, w.relax, w, windows, sums)
+        amp, rows = rec.batch_frames(b)
+        w.err += be.fourier_pass(rec.obj, pos, rec.probe, psi, amp, rec.mask, rec.pbound,
+                                 rec.params.beta, self.floor_now, w.relax, w, windows, sums, rows)
         rec._store(w, "psi", b, psi)
 
     # (6) Σ_j,k P_k*·ψ_j^(k,l) and Σ_j,k |P_k|², scattered onto the object

@@ -27,7 +27,7 @@ import numpy as np
 from . import __version__, dm, initial, modes
 from .backend import check_backend, get_backend
 from .dm_iteration import DMIteration
-from .geometry import Geometry
+from .geometry import Geometry, spatial_order
 from .parts import BatchScheduler, ExitWaveStore
 from .probemodes import ProbeModeManager
 from .params import ParamError, ReconParams, algorithm_stages
@@ -230,8 +230,10 @@ class Reconstruction:
     """One multi-mode DM reconstruction of the views this process holds."""
 
     def __init__(self, scan: ScanData, params: ReconParams, *, backend: Any = None, reducer: Any = None,
-                 progress: bool = False, log: Callable[[str], None] | None = None, stop: Any = None) -> None:
+                 progress: bool = False, log: Callable[[str], None] | None = None, stop: Any = None,
+                 spatial_order: bool = True) -> None:
         params.validate()
+        self.spatial_order = bool(spatial_order)   # ψ's rows in the views' spatial order (_view_order)
         scan.validate()
         self.stages = algorithm_stages(params)
         self.iterations = sum(c for _, c in self.stages)
@@ -268,10 +270,12 @@ class Reconstruction:
         self.margin = p.margin + (int(np.ceil(reach)) + 1 if p.refine_positions else 0)
         pos_all, shape = self._layout(scan, self.margin)
         self.positions_all = pos_all
-        self.geom = Geometry(pos_all, scan.views, n, shape, subpixel=p.refine_positions)
+        self.n = n
+        start, stop, _ = scan.views.indices(len(pos_all))
+        self.geom = Geometry(pos_all, scan.views, n, shape, subpixel=p.refine_positions,
+                             order=self._view_order(pos_all[start:stop]))
         if len(self.geom) == 0:
             raise ParamError(f"process {self.reducer.rank} holds no views of the scan (more ranks than views?)")
-        self.n = n
         L = p.object_modes
         K = ProbeModeManager.initial_count(p)
         self.obj_shape = (L, shape[0], shape[1])
@@ -316,6 +320,68 @@ class Reconstruction:
             self.close()
             raise
 
+    # --- the views' order ----------------------------------------------------------------------
+    def _view_order(self, local: np.ndarray) -> np.ndarray | None:
+        """The row of ψ (and of every batch) of each of this process's views (``local``: their corners
+        in the given order): :func:`geometry.spatial_order` in bands of n/4 rows, so that the object,
+        numerator and denominator windows of consecutive views stay in the CPU's cache (−14 µs a view
+        of 128², docs/performance.md, session 21). None (the given order) on a GPU (no such cache
+        effect; its batches are large), with ``spatial_order=False``, and while positions are refined
+        (:mod:`hxn_ptycho.positions` addresses views by their index in the scan)."""
+        if not self.spatial_order or self.params.refine_positions or not self.be.cache_batches:
+            return None
+        return spatial_order(local, max(1, self.n // 4))
+
+    def _reorder_views(self) -> None:
+        """Lay the rows out again in :meth:`_view_order` of the current corners (after a live
+        session's appends, before ψ is started again from the model: the rows' contents are lost)."""
+        g = self.geom
+        order = self._view_order(g.positions_all[g.start:g.stop])
+        if order is None and g.order is None:
+            return
+        self.geom = Geometry(g.nominal_all, slice(g.start, g.stop), self.n, g.shape,
+                             subpixel=self.params.refine_positions, order=order)
+
+    def use_given_order(self) -> None:
+        """ψ's rows in the views' given order from now on, ψ moved with them (exact: for code that
+        addresses a view's row by its index, as the experiments of ``benchmarks/auto_mode_*.py`` do)."""
+        g = self.geom
+        if g.order is None:
+            return
+        psi = self.store.psi
+        psi[g.order] = psi.copy()           # row r holds view order[r]: it goes to row order[r]
+        self.geom = Geometry(g.nominal_all, slice(g.start, g.stop), self.n, g.shape,
+                             subpixel=self.params.refine_positions)
+        self.geom.set_positions(g.positions_all)
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        """The index in ``diffamp`` (the views as given) of each row of ψ; None: the same order."""
+        return self.geom.order
+
+    def frames(self, w: Any, b: slice) -> Any:
+        """√I of the views at rows ``b`` (``diffamp`` is kept in the given order, not copied: in
+        the spatial order the batch's frames are gathered into the worker's buffer)."""
+        rows = self.geom.order
+        if rows is None:
+            return self.diffamp[b]
+        B = b.stop - b.start
+        buf = getattr(w, "amp", None)
+        if buf is None or len(buf) < B:
+            buf = w.amp = self.be.empty((max(B, self.plan.batch_size),) + self.diffamp.shape[1:], self.diffamp.dtype)
+        return np.take(self.diffamp, rows[b], axis=0, out=buf[:B], mode="clip")   # (unbuffered)
+
+    def batch_frames(self, b: slice) -> tuple[Any, Any]:
+        """(frames, rows) for :meth:`Backend.fourier_pass`: the batch's frames, or all frames and the
+        indices of the batch's in them (read where they lie, no gathered copy)."""
+        rows = self.geom.order
+        return (self.diffamp[b], None) if rows is None else (self.diffamp, rows[b])
+
+    def frames_in_rows(self) -> Any:
+        """All of ``diffamp`` in the rows' order (a copy when the order is not the given one)."""
+        rows = self.geom.order
+        return self.diffamp if rows is None else np.take(self.diffamp, rows, axis=0)
+
     # --- the parts: exit-wave store and batch scheduler (hxn_ptycho.parts) ----------------------
     @property
     def psi(self) -> Any:
@@ -354,7 +420,7 @@ class Reconstruction:
         be, B = self.be, b.stop - b.start
         pos, sub = self.geom.pass_positions(b)
         windows = self.geom.gather(be, self.obj, b, w.objwin[:B], w.tmp[:B]) if sub else None
-        w.err += be.error_pass(self.obj, pos, self.probe, self.diffamp[b], self.mask, w, windows)     # (7)
+        w.err += be.error_pass(self.obj, pos, self.probe, self.frames(w, b), self.mask, w, windows)     # (7)
 
     # --- shared by the iterations (DM in hxn_ptycho.dm_iteration, ML in hxn_ptycho.ml) ---------
     def _probe_terms(self) -> None:
@@ -575,13 +641,16 @@ def result_frame(scan: ScanData, margin: int) -> dict[str, Any]:
 
 
 def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: Any = None, reducer: Any = None,
-                progress: bool = False, log: Callable[[str], None] | None = None, stop: Any = None) -> ResultData:
+                progress: bool = False, log: Callable[[str], None] | None = None, stop: Any = None,
+                spatial_order: bool = True) -> ResultData:
     """Reconstruct ``scan`` (this process's views of it) with the chain of ``params.algorithm``.
 
     ``stop`` (a callable returning true, or a ``threading.Event``) is checked after every
     iteration: when set, the loop ends after the current iteration and the result is marked
     ``attrs["interrupted"] = True`` (with the iterations done so far). Under MPI every rank
-    passes its own; any rank asking stops them all.
+    passes its own; any rank asking stops them all. ``spatial_order``: hold the exit waves in the
+    views' spatial order (faster on a CPU; the result is that of the given order to float rounding,
+    every per-view output in the given order: :meth:`Reconstruction._view_order`).
     """
     return Reconstruction(scan, params or ReconParams(), backend=backend, reducer=reducer, progress=progress,
-                          log=log, stop=stop).run()
+                          log=log, stop=stop, spatial_order=spatial_order).run()

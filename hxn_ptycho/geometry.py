@@ -23,17 +23,48 @@ from . import dm
 _OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
+def spatial_order(corners: np.ndarray, band: int) -> np.ndarray:
+    """An order of views in which consecutive windows overlap: bands of ``band`` rows of corners,
+    top to bottom, each walked along its columns, left to right and right to left in turn
+    (serpentine). ``order[r]`` is the index in ``corners`` of the view at row ``r``; ties keep
+    their given order (a stable sort), so the order is the same on every rank and every run.
+
+    Used for the rows of the exit waves (:class:`Geometry`'s ``order``): on a Fermat spiral
+    consecutive views are 137.5° apart, so each view's object, numerator and denominator windows
+    come from L3 or memory; in this order most of them are still in cache from the view before
+    (docs/performance.md, session 20 and 21)."""
+    c = np.asarray(corners, np.float64).reshape(-1, 2)
+    if len(c) == 0:
+        return np.zeros(0, np.int64)
+    rows = np.floor((c[:, 0] - c[:, 0].min()) / max(int(band), 1)).astype(np.int64)
+    cols = np.where(rows % 2 == 0, c[:, 1], -c[:, 1])
+    return np.lexsort((cols, rows)).astype(np.int64)
+
+
 class Geometry:
-    """Window corners (row, col) of the views of this process, inside an object of ``shape``."""
+    """Window corners (row, col) of the views of this process, inside an object of ``shape``.
+
+    ``positions_all`` (every view of every rank) is always in the caller's view order; this
+    process's views are ``views`` of it. ``order`` (optional): the row of the engine's per-view
+    arrays (ψ, batches) of each of this process's views — ``order[r]`` is the local view at row r
+    (:func:`spatial_order`) — so :attr:`corner`, :attr:`local` and every method taking a batch
+    ``b`` (a slice of rows) follow the rows; None: the rows are the views in the given order."""
 
     def __init__(self, positions_all: np.ndarray, views: slice, n: int, shape: tuple[int, int],
-                 subpixel: bool = False) -> None:
+                 subpixel: bool = False, order: np.ndarray | None = None) -> None:
         self.n = int(n)
         self.subpixel_windows = bool(subpixel)
         self.shape = (int(shape[0]), int(shape[1]))
         self.nominal_all = np.asarray(positions_all, np.float64).copy()   # never changed
         start, stop, _ = views.indices(len(self.nominal_all))
         self.start, self.stop = start, stop
+        self.order: np.ndarray | None = None
+        if order is not None:
+            order = np.asarray(order, np.int64)
+            if order.shape != (stop - start,) or not np.array_equal(np.sort(order), np.arange(stop - start)):
+                raise ValueError(f"order must be a permutation of the {stop - start} local views")
+            if np.any(order != np.arange(len(order))):
+                self.order = order
         self.set_positions(self.nominal_all)
 
     # --- positions ----------------------------------------------------------------------------
@@ -53,6 +84,9 @@ class Geometry:
             pos[:, 1] = np.clip(pos[:, 1], lo, hc)
         self.positions_all = pos
         local = pos[self.start:self.stop]
+        if self.order is not None:
+            local = local[self.order]
+        self._local = local
         if self.subpixel_windows:
             self.corner = np.floor(local).astype(np.int64)
             self.subpixel = bool(np.any(local != self.corner))
@@ -82,7 +116,8 @@ class Geometry:
 
     @property
     def local(self) -> np.ndarray:
-        return self.positions_all[self.start:self.stop]
+        """This process's corners (float), in the rows' order."""
+        return self._local
 
     def __len__(self) -> int:
         return self.stop - self.start

@@ -482,7 +482,7 @@ class CupyBackend(Backend):
 
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
-                     windows: Any = None, sums: ObjectSums | None = None) -> Any:
+                     windows: Any = None, sums: ObjectSums | None = None, rows: Any = None) -> Any:
         """``dm.dm_step`` from the kernels: gather + P·O (2), ``reflect`` 2Φ − ψ (3), a raw cuFFT, the
         Fourier kernel's error (7) and projection (4) in one launch (two with the power bound: the
         first measures each view's deviation) with the FFTs' 1/n folded into it, a raw inverse
@@ -490,6 +490,8 @@ class CupyBackend(Backend):
         B = len(psi)
         if B == 0:
             return 0.0
+        if rows is not None:
+            diffamp = diffamp[self.xp.asarray(rows)]
         n0, n1 = probe.shape[-2:]
         scale = 1.0 / math.sqrt(n0 * n1)
         phi = self.exit_waves(probe, self._windows(obj, pos, n0, buf, B, windows), buf.phi[:B])

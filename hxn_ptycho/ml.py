@@ -140,7 +140,8 @@ class MLIteration:
         self.rec = rec
         be = rec.be
         self.model = rec.params.ml_noise_model
-        self.intensity = be.xp.square(rec.diffamp)
+        amp = rec.frames_in_rows()                  # √I in ψ's rows (a copy when they are reordered)
+        self.intensity = be.xp.square(amp) if amp is rec.diffamp else be.xp.square(amp, out=amp)
         mean_i = rec.total_intensity / max(rec.good_pixels_total, 1.0)
         self.floor = FLOOR * max(mean_i, 1e-30)
         self.h_obj: Any = None              # conjugate search directions (object, probe)
@@ -167,7 +168,7 @@ class MLIteration:
         be.fft2(fphi)
         rec._store(w, "psi", b, fphi)
         chi = w.work[:B]
-        nll, err = be.ml_gradient(fphi, rec.diffamp[b], self.intensity[b], rec.mask, self.floor, self.model, chi)
+        nll, err = be.ml_gradient(fphi, rec.frames(w, b), self.intensity[b], rec.mask, self.floor, self.model, chi)
         w.nll += nll
         w.err += err
         be.ifft2(chi)                                                              # χ = ∂L/∂Φ*
@@ -192,7 +193,7 @@ class MLIteration:
             be.fft2(a2)
         else:                   # the amplitude model's Gauss–Newton curvature does not use F(A2)
             a2 = a1
-        d1, d2 = be.ml_line_search(fphi, a1, a2, rec.diffamp[b], self.intensity[b], rec.mask, self.floor,
+        d1, d2 = be.ml_line_search(fphi, a1, a2, rec.frames(w, b), self.intensity[b], rec.mask, self.floor,
                                    self.model)
         w.d1 += d1
         w.d2 += d2

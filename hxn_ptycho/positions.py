@@ -212,6 +212,8 @@ class PositionRefiner:
     pixel_check: bool = True          # after the layout's choice, each view's pixel checked (check_pixels)
 
     def __init__(self, rec: Any) -> None:
+        if rec.geom.order is not None:      # views addressed by their scan index j (rows = j - start)
+            raise ValueError("position refinement needs ψ's rows in the views' given order (Reconstruction._view_order)")
         self.rec = rec
         p = rec.params
         self.method = p.position_method

@@ -183,9 +183,10 @@ class ProbeModeManager:
             xp = be.xp
             f = be.fft2(rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
             inten = xp.zeros((B,) + f.shape[-2:], f.real.dtype)
+            amp = rec.frames(w, b)
             for k in range(K):
                 inten += (xp.square(f[:, :, k].real) + xp.square(f[:, :, k].imag)).sum(axis=1)
-                diff = xp.sqrt(inten * scale[k]) - rec.diffamp[b]
+                diff = xp.sqrt(inten * scale[k]) - amp
                 if rec.mask is not None:
                     diff *= rec.mask
                 out[b, k] = be.asnumpy(xp.sum(xp.square(diff), axis=(1, 2), dtype=xp.float64))

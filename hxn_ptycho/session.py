@@ -345,7 +345,10 @@ class ReconSession:
         assert self._shape is not None
         pos = self._corners()
         rec.positions_all = pos
-        rec.geom = Geometry(pos, self._local_slice(), self.n, self._shape, subpixel=rec.params.refine_positions)
+        old = rec.geom.order                # the rows held keep their views; the new ones follow in order
+        order = None if old is None else np.concatenate([old, np.arange(len(old), len(self._frames_local()))])
+        rec.geom = Geometry(pos, self._local_slice(), self.n, self._shape, subpixel=rec.params.refine_positions,
+                            order=order)
         frames = self._frames_local()
         new = frames[old_local:]
         rec.diffamp = be.asarray(frames, rec.rdtype)
@@ -440,6 +443,7 @@ class ReconSession:
         rec.scheduler.rebatch(len(frames), plan.batch_size)
         rec.overlap_rounds = []
         rec.modes_mgr = ProbeModeManager(rec)
+        rec._reorder_views()                # every view in the spatial order, as an offline run lays them
         rec._each(rec._init_psi)
         rec.first_iteration = resume_at(p, self.iteration)
 

@@ -47,6 +47,10 @@ def check_passes_match(be, ref, cdt, modes: int, masked: bool, bound: bool, subp
     amp = (np.abs(np.fft.fft2(obj[0, :n, :n] * probe[0], norm="ortho"))[None] *
            rng.uniform(0.3, 3.0, (B, 1, 1))).astype(rdt)
     mask = (rng.random((n, n)) > 0.15) if masked else None
+    # the same frames among others, in another order: the fused pass below reads them by ``rows``
+    rows = rng.permutation(B + 3)[:B].astype(np.int64)
+    amp_all = (rng.uniform(0.5, 2.0, (B + 3, n, n)) * amp.max()).astype(rdt)
+    amp_all[rows] = amp
     pbound = floor = 0.0
     if bound:       # a bound at the median deviation of the reflected waves (dm.fourier_projection's), a
         # floor that binds for the farthest view only: views inside, relaxed, and at the floor
@@ -71,12 +75,13 @@ def check_passes_match(be, ref, cdt, modes: int, masked: bool, bound: bool, subp
         pconj = b.xp.conj(p)
         pint = (b.xp.abs(p) ** 2).sum(axis=0).astype(rdt)
         b.object_pass(psi, pconj, pint, pos, onum, oden, bufs, subpixel)
-        # the same Fourier pass with the object sums (6) of the new ψ in it (fused on the numba backend)
+        # the same Fourier pass with the object sums (6) of the new ψ in it (fused on the numba
+        # backend), its frames read at ``rows`` of all frames
         psi_f = b.asarray(psi0.copy())
         sums = ObjectSums(pconj, pint, b.zeros((L, H, W), cdt), b.zeros((1, H, W), rdt))
         windows_f = b.gather_subpixel(o, pos, n, bufs.objwin, bufs.tmp) if subpixel else None
-        err_f = b.fourier_pass(o, pos, p, psi_f, b.asarray(amp), None if mask is None else b.asarray(mask),
-                               pbound, 0.9, floor, None, bufs, windows_f, sums)
+        err_f = b.fourier_pass(o, pos, p, psi_f, b.asarray(amp_all), None if mask is None else b.asarray(mask),
+                               pbound, 0.9, floor, None, bufs, windows_f, sums, rows)
         if subpixel:
             windows = b.gather_subpixel(o, pos, n, bufs.objwin, bufs.tmp)
         pnum, pden = b.zeros((K, n, n), cdt), b.zeros((n, n), rdt)

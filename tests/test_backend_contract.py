@@ -221,3 +221,73 @@ def test_fftw_start_up_does_not_import_dask_and_leaves_it_importable():
             "print('dask.array' in sys.modules); import dask.array; print(dask.array.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "dask.array"], out
+
+
+# --- HXN_PTYCHO_FFT=mkl: the CPU backends' FFTs by Intel MKL (optional mkl_fft) -----------------------
+@pytest.mark.parametrize("cdt,tol", [(np.complex64, 1e-6), (np.complex128, 1e-14)])
+def test_mkl_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
+    """Orthonormal over the last two axes (not the batch's), in place, on aligned and misaligned
+    batches, 2-D to 5-D, from two threads at once; MKL starts no threads of its own in a call."""
+    pytest.importorskip("mkl_fft")
+    import threading
+
+    import scipy.fft
+    monkeypatch.setenv("HXN_PTYCHO_FFT", "mkl")
+    be = NumbaBackend(2)
+    assert be.fft_library == "mkl" and NumpyBackend(1).fft_library == "mkl"
+    assert be._fftw.fft_threads == 1
+    assert all(be.empty(s, cdt).ctypes.data % 64 == 0 for s in ((3, 5, 7), (1000,), (2, 1, 1, 16, 16)))
+    rng = np.random.default_rng(1)
+    errors, threads_seen = [], []
+
+    def check(shape):
+        a = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(cdt)
+        ref = scipy.fft.fft2(a, norm="ortho")
+        for offset in (0, 1):                       # an element off: not 64-byte aligned
+            buf = np.empty(a.size + offset, cdt)
+            b = buf[offset:].reshape(shape)
+            b[...] = a
+            assert be.fft2(b) is b
+            errors.append(rel(b, ref))
+            assert be.ifft2(b) is b
+            errors.append(rel(b, a))
+            threads_seen.append(be._fftw.fft_threads)
+    threads = [threading.Thread(target=check, args=(s,)) for s in ((6, 1, 2, 32, 32), (3, 2, 1, 17, 20), (24, 40))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 12 and max(errors) < tol, errors
+    assert threads_seen == [1] * 6
+    c = (rng.standard_normal((4, 16, 32)) + 1j * rng.standard_normal((4, 16, 32))).astype(cdt)[:, :, ::2]
+    want = scipy.fft.fft2(c, norm="ortho")                   # a strided view: scipy.fft, written back
+    assert be.fft2(c) is c and rel(c, want) < tol
+    d = (rng.standard_normal((5, 16, 16)) + 1j * rng.standard_normal((5, 16, 16))).astype(cdt)
+    e = d.copy()
+    be.fft2(e, workers=2)                                    # more threads for one call only
+    assert rel(e, scipy.fft.fft2(d, norm="ortho")) < tol and be._fftw.fft_threads == 1
+
+
+@pytest.mark.parametrize("modes,masked,bound,subpixel", [(1, False, False, False), (3, True, True, False),
+                                                         (2, False, False, True)])
+def test_numba_passes_with_mkl_equal_the_numpy_reference(monkeypatch, modes, masked, bound, subpixel):
+    pytest.importorskip("mkl_fft")
+    monkeypatch.setenv("HXN_PTYCHO_FFT", "mkl")
+    fast = NumbaBackend(1)
+    monkeypatch.delenv("HXN_PTYCHO_FFT")
+    check_passes_match(fast, NumpyBackend(1), np.complex64, modes, masked, bound, subpixel, 2e-5)
+    check_passes_match(fast, NumpyBackend(1), np.complex128, modes, masked, bound, subpixel, 1e-11)
+
+
+def test_mkl_without_mkl_fft_is_a_clear_error(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_mkl(name, *args, **kw):
+        if name.startswith("mkl_fft"):
+            raise ImportError("No module named 'mkl_fft'")
+        return real(name, *args, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_mkl)
+    monkeypatch.setenv("HXN_PTYCHO_FFT", "mkl")
+    with pytest.raises(BackendError, match="mkl_fft"):
+        NumbaBackend(1)
