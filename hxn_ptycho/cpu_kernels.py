@@ -255,12 +255,17 @@ def reflect_win_k(win, probe, psi, phi, out):
 # (4), (7): Π_F in place on the reflected waves F(2Φ − ψ) (the power bound's relaxation r per view);
 # returns Σ_good (|F(2Φ − ψ)| − √I)²
 @_jit
-def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one, relax, raw):
+def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one):
     """``w`` (B, M, n, n) Fourier-space reflected waves; view b's frame ``amp[rows[b]]`` (``rows``
     (B,) int64: the frames read where they lie, not gathered); ``pbound``, ``floor``,
-    ``tiny``, ``one`` in the arrays' real precision; ``relax``, ``raw`` (B,) of that precision get each
-    view's r (dm.relaxation) with and without the floor (1 without the bound)."""
+    ``tiny``, ``one`` in the arrays' real precision. Returns (the error (7), Σ_b r_b, Σ_b r_b without
+    the floor): each view's r (dm.relaxation) in the arrays' precision, 1 within the bound; the sums
+    in float64 (0, 0 without the bound: ``dm.RelaxSum.add_sums``)."""
     B, M, n, m = w.shape
+    relax = np.empty(B, amp.dtype)
+    raw = np.empty(B, amp.dtype)
+    sum_relax = 0.0
+    sum_raw = 0.0
     sr = np.empty(m, amp.dtype)          # Σ_q |w|² of a row
     fac = np.empty(m, amp.dtype)
     mod = np.empty((n, m), amp.dtype)    # with the bound: |w| of the view, from the first sweep to the second
@@ -298,9 +303,11 @@ def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one, relax, raw
                     rr = floor
                 relax[b] = rr
                 r = relax[b]            # in the arrays' precision, as the reference's
+                sum_relax += r
+                sum_raw += raw[b]
             else:
-                relax[b] = one
-                raw[b] = one
+                sum_relax += 1.0
+                sum_raw += 1.0
                 continue                # within the bound: the view stays as it is
         for i in range(n):          # the projection (and (7) here without the bound)
             arow = amp[rows[b], i]
@@ -330,7 +337,7 @@ def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one, relax, raw
                 row = w[b, q, i]
                 for j in range(m):
                     row[j] = row[j] * fac[j]
-    return err
+    return err, sum_relax, sum_raw
 
 
 # (3) ψ ← ψ + β·(F⁻¹Π_F(F(2Φ − ψ)) − Φ), in real space
@@ -430,10 +437,12 @@ class NumbaBackend(HostBackend):
         super().__init__(threads)
         self._mask_cache: tuple[Any, np.ndarray] | None = None
         self._iota = np.arange(64, dtype=np.int64)      # the frames' indices of a batch given its frames
+        self._const_cache: dict[tuple, tuple] = {}
+        self._no_mask = np.ones((1, 1), np.bool_)
 
     def _mask(self, mask: Any, n: int, m: int) -> tuple[np.ndarray, bool]:
         if mask is None:
-            return np.ones((1, 1), np.bool_), False
+            return self._no_mask, False
         cached = self._mask_cache
         if cached is None or cached[0] is not mask:
             cached = self._mask_cache = (mask, np.ascontiguousarray(mask, dtype=np.bool_))
@@ -462,39 +471,45 @@ class NumbaBackend(HostBackend):
         """(2) of a batch into ``out`` (B, L, K, n, n)."""
         return self._phi(obj, pos, probe, out, windows)
 
+    def _consts(self, dtype: Any, pbound: float, floor: float, beta: float) -> tuple:
+        """(pbound, floor, tiny, one, beta) in the real precision of ``dtype``: made once per setting,
+        not per batch (numpy scalars cost a call each, and a batch's Python time counts: issue 24)."""
+        key = (dtype, pbound, floor, beta)
+        c = self._const_cache.get(key)
+        if c is None:
+            rdt = np.dtype(dtype).type(0).real.dtype.type
+            c = self._const_cache[key] = (rdt(pbound), rdt(floor), rdt(TINY), rdt(1), rdt(beta))
+        return c
+
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
                      windows: Any = None, sums: ObjectSums | None = None, rows: Any = None) -> Any:
         B = len(psi)
         if B == 0:
             return 0.0
-        phi, work = buf.phi[:B], buf.work[:B]
-        ipos = self._pos(pos) if windows is None else None
-        if ipos is not None:
+        work = buf.work[:B]
+        cpb, cfl, ctiny, cone, cbeta = self._consts(psi.dtype, pbound, floor, beta)
+        if windows is None:
+            ipos = self._pos(pos)
             reflect_at_k(obj, ipos, probe, psi, work)                                     # 2Φ − ψ
         else:
+            phi = buf.phi[:B]
             reflect_win_k(windows, probe, psi, phi, work)                                 # Φ, 2Φ − ψ
         self.fft2(work)
-        rdt = psi.real.dtype.type
         m, use = self._mask(mask, psi.shape[-2], psi.shape[-1])
-        relax = np.ones(B, rdt)
-        raw = np.ones(B, rdt)
-        err = project_k(_views(work), diffamp, self._rows(rows, B), m, use, rdt(pbound), rdt(floor), rdt(TINY),
-                        rdt(1), relax, raw)                                              # (4), (7)
+        err, sum_r, sum_raw = project_k(_views(work), diffamp, self._rows(rows, B), m, use, cpb, cfl, ctiny,
+                                        cone)                                             # (4), (7)
         if stats is not None:
-            if pbound > 0:
-                stats.add(relax, B, raw if floor > 0 else None)
-            else:
-                stats.add(None, B)
+            stats.add_sums(sum_r, sum_raw, B) if pbound > 0 else stats.add(None, B)
         self.ifft2(work)
-        if ipos is not None and sums is not None:                                         # (3), (6)
-            dm_update_sums_at_k(psi, obj, ipos, probe, work, rdt(beta), self._pconj(sums.probe_conj, psi),
-                                self._pint(sums.probe_intensity, sums.den), sums.num, sums.den)
+        if windows is None:
+            if sums is not None:                                                          # (3), (6)
+                dm_update_sums_at_k(psi, obj, ipos, probe, work, cbeta, self._pconj(sums.probe_conj, psi),
+                                    self._pint(sums.probe_intensity, sums.den), sums.num, sums.den)
+            else:
+                dm_update_at_k(psi, obj, ipos, probe, work, cbeta)                        # (3)
             return err
-        if ipos is not None:
-            dm_update_at_k(psi, obj, ipos, probe, work, rdt(beta))                        # (3)
-        else:
-            dm_update_k(_views(psi), _views(phi), _views(work), rdt(beta))
+        dm_update_k(_views(psi), _views(phi), _views(work), cbeta)
         if sums is not None:                                                              # (6), sub-pixel
             self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf, True)
         return err
@@ -573,8 +588,7 @@ class NumbaBackend(HostBackend):
         exit_waves_win_k(win, probe, waves)
         data_error_k(_views(waves), amp, m, True)
         reflect_win_k(win, probe, waves.copy(), waves.copy(), waves)
-        project_k(_views(waves), amp, np.zeros(B, np.int64), m, True, rdt(0), rdt(0), rdt(TINY), rdt(1),
-                  np.ones(B, rdt), np.ones(B, rdt))
+        project_k(_views(waves), amp, np.zeros(B, np.int64), m, True, rdt(0), rdt(0), rdt(TINY), rdt(1))
         dm_update_k(_views(waves), _views(waves.copy()), _views(waves.copy()), rdt(1))
         reflect_at_k(obj, pos, probe, waves.copy(), waves)
         dm_update_at_k(waves, obj, pos, probe, waves.copy(), rdt(1))

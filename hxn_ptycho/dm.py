@@ -60,6 +60,12 @@ class RelaxSum:
             self.raw = self.raw + (r if raw is None else raw).sum()
         self.views += views
 
+    def add_sums(self, total: float, raw: float, views: int) -> None:
+        """Σ r and Σ r without the floor of ``views`` relaxed views, already summed (a fused pass's)."""
+        self.total = self.total + total
+        self.raw = self.raw + raw
+        self.views += views
+
 
 # (4) Π_F: Ψ ← √I · Ψ / (Σ_kl |Ψ^(k,l)|²)^½ on good pixels; masked pixels keep the model's modulus
 def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0,
