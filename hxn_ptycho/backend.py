@@ -33,7 +33,7 @@ import inspect
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import scipy.fft
@@ -159,6 +159,14 @@ class Backend(ABC):
                     buf: BatchBuffers, subpixel: bool = False) -> None:
         """(6) ``obj_num[l, window b] += Σ_k P_k*·ψ[b, l, k]``, ``obj_den[0, window b] += Σ_k |P_k|²``
         (``pos`` float corners with ``subpixel``)."""
+    @abstractmethod
+    def object_update(self, nums: Sequence[Any], dens: Sequence[Any], old: Any, reg: float,
+                      split: Callable[[Callable[[int, int], None]], None] | None = None) -> tuple[Any, np.ndarray]:
+        """(6) O = (Σ nums + α·O_old) / (Σ dens + α), α = reg·max(Σ dens), from the workers'
+        accumulators ``nums`` (L, H, W), ``dens`` (1, H, W) summed in their order, and ε_O of (7)
+        against ``old`` per mode: ``dm.object_update``. Returns (the new object, a new array; ε_O,
+        numpy (L,)); the accumulators are left zero. ``split(fn)`` runs ``fn(part, parts)`` for every
+        part on the engine's workers (a backend may share the object's rows out so)."""
     @abstractmethod
     def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
                    windows: Any = None) -> None:
@@ -592,6 +600,11 @@ class NumpyBackend(HostBackend):
         scatter = self.scatter_add_subpixel if subpixel else self.scatter_add
         scatter(obj_num, pos, src)
         scatter(obj_den, pos, probe_intensity)
+
+    def object_update(self, nums: Sequence[Any], dens: Sequence[Any], old: Any, reg: float,
+                      split: Callable[[Callable[[int, int], None]], None] | None = None) -> tuple[Any, np.ndarray]:
+        from . import dm
+        return dm.object_update(self, nums, dens, old, reg)
 
     def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
                    windows: Any = None) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -415,8 +415,74 @@ def probe_sums_win_k(psi, win, num, den):
                 _probe_sums_row(win[b, l, i], psi, b, l, i, num, den)
 
 
+# (6) α's scale: the largest Σ_w den_w over rows r0:r1 (the workers' denominators added in their order)
+@_jit
+def den_max_k(dens, r0, r1):
+    W = dens[0].shape[2]
+    s = np.empty(W, dens[0].dtype)
+    top = dens[0][0, r0, 0] * 0
+    for r in range(r0, r1):
+        first = dens[0][0, r]
+        for j in range(W):
+            s[j] = first[j]
+        for t in range(1, len(dens)):
+            row = dens[t][0, r]
+            for j in range(W):
+                s[j] += row[j]
+        for j in range(W):
+            if s[j] > top or s[j] != s[j]:       # NaN wins (a diverged run stays visible)
+                top = s[j]
+    return top
+
+
+# (6) O = (Σ_w num_w + α·O_old) · 1/(Σ_w den_w + α) over rows r0:r1, the accumulators zeroed as they
+# are read, and the sums of ε_O (7): change[l] += (Σ|O − O_old|², Σ|O_old|²) — dm.object_update in one sweep
+@_jit
+def object_update_k(nums, dens, old, alpha, one, out, change, r0, r1):
+    L, H, W = old.shape
+    T = len(nums)
+    inv = np.empty(W, dens[0].dtype)
+    acc = np.empty(W, old.dtype)
+    for r in range(r0, r1):
+        first = dens[0][0, r]
+        for j in range(W):
+            inv[j] = first[j]
+            first[j] = 0
+        for t in range(1, T):
+            row = dens[t][0, r]
+            for j in range(W):
+                inv[j] += row[j]
+                row[j] = 0
+        for j in range(W):
+            inv[j] = one / (inv[j] + alpha)
+        for l in range(L):
+            first = nums[0][l, r]
+            for j in range(W):
+                acc[j] = first[j]
+                first[j] = 0
+            for t in range(1, T):
+                row = nums[t][l, r]
+                for j in range(W):
+                    acc[j] += row[j]
+                    row[j] = 0
+            orow = old[l, r]
+            dst = out[l, r]
+            dn = 0.0
+            do = 0.0
+            for j in range(W):
+                o = orow[j]
+                v = (acc[j] + o * alpha) * inv[j]
+                dst[j] = v
+                d = v - o
+                dn += d.real * d.real + d.imag * d.imag
+                do += o.real * o.real + o.imag * o.imag
+            change[l, 0] += dn
+            change[l, 1] += do
+
+
 KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, reflect_at_k, reflect_win_k, project_k,
-           dm_update_k, dm_update_at_k, dm_update_sums_at_k, object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k)
+           dm_update_k, dm_update_at_k, dm_update_sums_at_k, object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k,
+           den_max_k, object_update_k)
 
 
 def _views(a: np.ndarray) -> np.ndarray:
@@ -536,6 +602,33 @@ class NumbaBackend(HostBackend):
         else:
             object_sums_k(psi, pconj, pint, self._pos(pos), obj_num, obj_den)
 
+    def object_update(self, nums: Sequence[Any], dens: Sequence[Any], old: Any, reg: float,
+                      split: Callable[[Callable[[int, int], None]], None] | None = None) -> tuple[Any, np.ndarray]:
+        """``dm.object_update`` in two sweeps over the object's rows, each shared out by ``split``:
+        the largest denominator (α), then the ratio, ε_O's sums and the accumulators zeroed — in place
+        of the reference's serial sums, ratio, change and reset (~8 ms an iteration on one thread at
+        2000 views of 128²; docs/performance.md)."""
+        nums, dens = tuple(nums), tuple(dens)
+        H = old.shape[1]
+        run = split or (lambda fn: fn(0, 1))
+        tops: dict[int, float] = {}
+
+        def top(part: int, parts: int) -> None:
+            tops[part] = den_max_k(dens, H * part // parts, H * (part + 1) // parts)
+        run(top)
+        rdt = dens[0].dtype.type
+        alpha = rdt(reg * float(np.max([tops[p] for p in sorted(tops)])) + TINY)
+        new = self.empty(old.shape, old.dtype)
+        changes: dict[int, np.ndarray] = {}
+
+        def ratio(part: int, parts: int) -> None:
+            ch = changes[part] = np.zeros((old.shape[0], 2))
+            object_update_k(nums, dens, old, alpha, rdt(1), new, ch, H * part // parts, H * (part + 1) // parts)
+        run(ratio)
+        ch = sum(changes[p] for p in sorted(changes))
+        eps = np.sqrt(ch[:, 0] / np.maximum(ch[:, 1], TINY)).astype(dens[0].dtype, copy=False)
+        return new, eps
+
     def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
                    windows: Any = None) -> None:
         if len(psi) == 0:
@@ -598,6 +691,11 @@ class NumbaBackend(HostBackend):
         object_numerator_k(waves, probe, win)
         probe_sums_k(waves, obj, pos, np.zeros_like(probe), np.zeros((n, n), rdt))
         probe_sums_win_k(waves, win, np.zeros_like(probe), np.zeros((n, n), rdt))
+        for T in sorted({1, self.workers}):         # the object update over the engine's workers' sums
+            dens = tuple(np.zeros((1, n + 1, n + 1), rdt) for _ in range(T))
+            nums = tuple(np.zeros_like(obj) for _ in range(T))
+            den_max_k(dens, 0, n + 1)
+            object_update_k(nums, dens, obj, rdt(1), rdt(1), np.empty_like(obj), np.zeros((L, 2)), 0, n + 1)
         secs = time.perf_counter() - t0
         logger.debug("numba kernels for %s ready in %.3f s", cdt, secs)
         return secs

@@ -218,6 +218,24 @@ def regularised_ratio(be: Any, num: Any, den: Any, old: Any, reg: float, consume
     return num
 
 
+# (6) with the workers' sums: O = (Σ_w num_w + α·O_old) / (Σ_w den_w + α), and ε_O of (7)
+def object_update(be: Any, nums: Any, dens: Any, old: Any, reg: float) -> tuple[Any, Any]:
+    """The object update from the workers' accumulators ``nums`` (L, H, W) and ``dens`` (1, H, W),
+    summed in their order (:meth:`hxn_ptycho.parts.BatchScheduler.sum`): the new object (a new array,
+    :func:`regularised_ratio`) and its relative change from ``old`` per mode (:func:`relative_change`).
+    The accumulators are left zero (the next pass adds to them)."""
+    def total(parts: Any) -> Any:                 # a new array: first + second (+= the rest)
+        out = parts[0] + parts[1] if len(parts) > 1 else parts[0].copy()
+        for more in parts[2:]:
+            out += more
+        return out
+    num, den = total(nums), total(dens)
+    new = regularised_ratio(be, num, den, old, reg, consume=True)
+    for a in (*nums, *dens):
+        a[...] = 0
+    return new, relative_change(be, new, old)
+
+
 # (7) relative change ε = ‖X_new − X_old‖ / ‖X_old‖, per mode
 def relative_change(be: Any, new: Any, old: Any, rows: int = 64) -> Any:
     """Per mode (axis 0), in the arrays' real precision; the sums are taken ``rows`` rows at a time

@@ -41,6 +41,8 @@ class DMIteration:
         self.rec = rec
         self.mean_relax = float("nan")      # mean r of the last Fourier step (dm.relaxation): DM's damping
         self.undamped = float("inf")        # its mean without the floor
+        self.sums_zero = False              # the workers' object sums were left zero by the last update
+        self.object_change: Any = None      # ε_O of the last update against the object before it
 
     # --- per batch ------------------------------------------------------------------------------
     def _windows(self, w: Any, b: slice) -> tuple[Any, Any]:
@@ -80,7 +82,8 @@ class DMIteration:
     def fourier_step(self) -> float:
         rec = self.rec
         rec._probe_terms()
-        rec._reset("obj_num", "obj_den", "err")
+        rec._reset(*(("err",) if self.sums_zero else ("obj_num", "obj_den", "err")))
+        self.sums_zero = False
         for w in rec._workers:
             w.relax = dm.RelaxSum()
         # the floor holds while the bound does not damp DM as a whole (mean √(bound/deviation) below
@@ -97,6 +100,14 @@ class DMIteration:
     # (6) O_l = (Σ_j,k P_k*·ψ + α·O_l) / (Σ_j,k |P_k|² + α), from the sums already accumulated
     def update_object(self) -> None:
         rec = self.rec
+        if rec.reducer.size == 1:           # the backend's update from the workers' sums, shared out by rows
+            ws = rec._workers
+            new, self.object_change = rec.be.object_update([w.obj_num for w in ws], [w.obj_den for w in ws],
+                                                           rec.obj, rec.params.object_reg, rec.scheduler.split)
+            rec.obj = new.astype(rec.cdtype, copy=False)
+            self.sums_zero = True
+            return
+        self.object_change = None
         num, den = rec._sum_workers("obj_num", fresh=True), rec._sum_workers("obj_den", fresh=True)
         rec.reducer.allreduce_sum([num, den])
         rec.obj = dm.regularised_ratio(rec.be, num, den, rec.obj, rec.params.object_reg,
@@ -126,7 +137,9 @@ class DMIteration:
             if r == p.update_rounds or (p.overlap_converge and
                                         dm.probe_change(rec.be, rec.probe, before) < p.overlap_converge):
                 return r
-            rec._reset("obj_num", "obj_den")
+            if not self.sums_zero:
+                rec._reset("obj_num", "obj_den")
+            self.sums_zero = False
             rec._each(self._object_sums)
             self.update_object()
         return p.update_rounds          # pragma: no cover - the loop returns
@@ -136,5 +149,9 @@ class DMIteration:
         rec = self.rec
         obj_old, probe_old = rec.obj, rec.probe          # the updates make new arrays
         data_err = self.fourier_step()
-        rec.overlap_rounds.append(self.overlap_step(it))
-        return data_err, dm.relative_change(rec.be, rec.probe, probe_old), dm.relative_change(rec.be, rec.obj, obj_old)
+        rounds = self.overlap_step(it)
+        rec.overlap_rounds.append(rounds)
+        # ε_O from the update's own sweep where the object was updated once (else measured here)
+        eo = (self.object_change if rounds <= 1 and self.object_change is not None
+              else dm.relative_change(rec.be, rec.obj, obj_old))
+        return data_err, dm.relative_change(rec.be, rec.probe, probe_old), eo
