@@ -163,7 +163,7 @@ def _profile(args: argparse.Namespace) -> list[dict]:
     it_n = args.iterations
     t = {k: v / it_n for k, v in timers.total.items()}
     kernels = {k: round(1e3 * v, 2) for k, v in t.items() if k in names or k in ("fft2", "ifft2")}
-    fourier_inner = sum(t.get(k, 0.0) for k in ("reflect_at_k", "project_k", "dm_update_sums_at_k", "fft2", "ifft2"))
+    fourier_inner = sum(t.get(k, 0.0) for k in ("reflect_at_k", "project_k", "dm_update_sums_at_k", "dm_update_num_at_k", "fft2", "ifft2"))
     res = {"what": "passes", "scan": "star" if args.star else "simulated spiral", "n": scan.n, "views": scan.n_views,
            "probe_modes": args.modes,
            "threads": args.threads, "batch": rec.plan.batch_size,

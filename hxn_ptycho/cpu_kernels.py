@@ -233,6 +233,56 @@ def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, pconj, pint, num, den)
                 drow[j] += src[j]
 
 
+# (3) then the numerator of (6) alone in the same sweep: dm_update_sums_at_k without the denominator,
+# which object_update then forms from the probe and the corners (den_band_k)
+@_jit
+def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, pconj, num):
+    B, L, K, n, m = psi.shape
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for l in range(L):
+            for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                dst = num[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    prow = probe[k, i]
+                    pc = pconj[k, i]
+                    p = psi[b, l, k, i]
+                    x = proj[b, l, k, i]
+                    for j in range(m):
+                        v = p[j] + beta * (x[j] - orow[j] * prow[j])
+                        p[j] = v
+                        dst[j] += pc[j] * v
+
+
+# (6) the denominator Σ_j Σ_k |P_k|²(window j) on rows r0:r1 of den (zeroed first), every view's
+# window rows in that band added in the views' order; returns the band's largest value (α's scale)
+@_jit
+def den_band_k(pint, pos, den, r0, r1):
+    n, m = pint.shape
+    W = den.shape[2]
+    for r in range(r0, r1):
+        row = den[0, r]
+        for j in range(W):
+            row[j] = 0
+    for b in range(pos.shape[0]):
+        y0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for r in range(max(y0, r0), min(y0 + n, r1)):
+            src = pint[r - y0]
+            dst = den[0, r, c0:c0 + m]
+            for j in range(m):
+                dst[j] += src[j]
+    top = pint[0, 0] * 0
+    for r in range(r0, r1):
+        row = den[0, r]
+        for j in range(W):
+            if row[j] > top or row[j] != row[j]:
+                top = row[j]
+    return top
+
+
 # (2), (3) from gathered (sub-pixel) windows: Φ = W[b, l]·P_k into phi, 2Φ − ψ into out
 @_jit
 def reflect_win_k(win, probe, psi, phi, out):
@@ -448,7 +498,7 @@ def object_update_k(nums, dens, old, alpha, one, out, change, r0, r1):
         for j in range(W):
             inv[j] = first[j]
             first[j] = 0
-        for t in range(1, T):
+        for t in range(1, len(dens)):
             row = dens[t][0, r]
             for j in range(W):
                 inv[j] += row[j]
@@ -482,7 +532,7 @@ def object_update_k(nums, dens, old, alpha, one, out, change, r0, r1):
 
 KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, reflect_at_k, reflect_win_k, project_k,
            dm_update_k, dm_update_at_k, dm_update_sums_at_k, object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k,
-           den_max_k, object_update_k)
+           dm_update_num_at_k, den_band_k, den_max_k, object_update_k)
 
 
 def _views(a: np.ndarray) -> np.ndarray:
@@ -569,7 +619,9 @@ class NumbaBackend(HostBackend):
             stats.add_sums(sum_r, sum_raw, B) if pbound > 0 else stats.add(None, B)
         self.ifft2(work)
         if windows is None:
-            if sums is not None:                                                          # (3), (6)
+            if sums is not None and sums.den is None:                                     # (3), (6)'s numerator
+                dm_update_num_at_k(psi, obj, ipos, probe, work, cbeta, self._pconj(sums.probe_conj, psi), sums.num)
+            elif sums is not None:                                                        # (3), (6)
                 dm_update_sums_at_k(psi, obj, ipos, probe, work, cbeta, self._pconj(sums.probe_conj, psi),
                                     self._pint(sums.probe_intensity, sums.den), sums.num, sums.den)
             else:
@@ -577,7 +629,12 @@ class NumbaBackend(HostBackend):
             return err
         dm_update_k(_views(psi), _views(phi), _views(work), cbeta)
         if sums is not None:                                                              # (6), sub-pixel
-            self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf, True)
+            if sums.den is None:
+                src = buf.onum_src[:B]
+                object_numerator_k(psi, self._pconj(sums.probe_conj, psi), src)
+                self.scatter_add_subpixel(sums.num, pos, src)
+            else:
+                self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf, True)
         return err
 
     @staticmethod
@@ -602,19 +659,32 @@ class NumbaBackend(HostBackend):
         else:
             object_sums_k(psi, pconj, pint, self._pos(pos), obj_num, obj_den)
 
-    def object_update(self, nums: Sequence[Any], dens: Sequence[Any], old: Any, reg: float,
-                      split: Callable[[Callable[[int, int], None]], None] | None = None) -> tuple[Any, np.ndarray]:
+    def object_update(self, nums: Sequence[Any], dens: Sequence[Any] | None, old: Any, reg: float,
+                      split: Callable[[Callable[[int, int], None]], None] | None = None,
+                      den_at: tuple[Any, Any] | None = None) -> tuple[Any, np.ndarray]:
         """``dm.object_update`` in two sweeps over the object's rows, each shared out by ``split``:
-        the largest denominator (α), then the ratio, ε_O's sums and the accumulators zeroed — in place
-        of the reference's serial sums, ratio, change and reset (~8 ms an iteration on one thread at
-        2000 views of 128²; docs/performance.md)."""
-        nums, dens = tuple(nums), tuple(dens)
+        the largest denominator (α) — with ``den_at`` the denominator itself, each part its band of
+        rows from every view (``den_band_k``: in cache, where the Fourier pass's scatter of it went to
+        L3) —, then the ratio, ε_O's sums and the accumulators zeroed: in place of the reference's
+        serial sums, ratio, change and reset (docs/performance.md, session 21's second pass)."""
         H = old.shape[1]
         run = split or (lambda fn: fn(0, 1))
         tops: dict[int, float] = {}
+        if den_at is not None:
+            pint, corners = den_at
+            den = self.empty((1,) + old.shape[1:], old.real.dtype)
+            pint, corners = self._pint(pint, den), self._pos(corners)
+            dens = (den,)
 
-        def top(part: int, parts: int) -> None:
-            tops[part] = den_max_k(dens, H * part // parts, H * (part + 1) // parts)
+            def top(part: int, parts: int) -> None:
+                tops[part] = den_band_k(pint, corners, den, H * part // parts, H * (part + 1) // parts)
+        else:
+            assert dens is not None
+            dens = tuple(dens)
+
+            def top(part: int, parts: int) -> None:
+                tops[part] = den_max_k(dens, H * part // parts, H * (part + 1) // parts)
+        nums = tuple(nums)
         run(top)
         rdt = dens[0].dtype.type
         alpha = rdt(reg * float(np.max([tops[p] for p in sorted(tops)])) + TINY)
@@ -696,6 +766,9 @@ class NumbaBackend(HostBackend):
             nums = tuple(np.zeros_like(obj) for _ in range(T))
             den_max_k(dens, 0, n + 1)
             object_update_k(nums, dens, obj, rdt(1), rdt(1), np.empty_like(obj), np.zeros((L, 2)), 0, n + 1)
+            object_update_k(nums, dens[:1], obj, rdt(1), rdt(1), np.empty_like(obj), np.zeros((L, 2)), 0, n + 1)
+        den_band_k(np.ones((n, n), rdt), pos, np.zeros((1, n + 1, n + 1), rdt), 0, n + 1)
+        dm_update_num_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), probe, np.zeros_like(obj))
         secs = time.perf_counter() - t0
         logger.debug("numba kernels for %s ready in %.3f s", cdt, secs)
         return secs

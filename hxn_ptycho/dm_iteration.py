@@ -41,7 +41,9 @@ class DMIteration:
         self.rec = rec
         self.mean_relax = float("nan")      # mean r of the last Fourier step (dm.relaxation): DM's damping
         self.undamped = float("inf")        # its mean without the floor
-        self.sums_zero = False              # the workers' object sums were left zero by the last update
+        self.nums_zero = False              # the workers' object numerators were left zero by the last update
+        self.dens_zero = False              # and their denominators
+        self.den_apart = False              # this Fourier pass leaves (6)'s denominator to object_update
         self.object_change: Any = None      # ε_O of the last update against the object before it
 
     # --- per batch ------------------------------------------------------------------------------
@@ -58,7 +60,8 @@ class DMIteration:
         rec, be = self.rec, self.rec.be
         psi = rec._load(w, "psi", b)
         pos, windows = self._windows(w, b)
-        sums = ObjectSums(rec._probe_conj, rec._probe_intensity, w.obj_num, w.obj_den)     # (6) of the new ψ
+        sums = ObjectSums(rec._probe_conj, rec._probe_intensity, w.obj_num,               # (6) of the new ψ
+                          None if self.den_apart else w.obj_den)
         amp, rows = rec.batch_frames(b)
         w.err += be.fourier_pass(rec.obj, pos, rec.probe, psi, amp, rec.mask, rec.pbound,
                                  rec.params.beta, self.floor_now, w.relax, w, windows, sums, rows)
@@ -82,8 +85,13 @@ class DMIteration:
     def fourier_step(self) -> float:
         rec = self.rec
         rec._probe_terms()
-        rec._reset(*(("err",) if self.sums_zero else ("obj_num", "obj_den", "err")))
-        self.sums_zero = False
+        # one process, a CPU backend, windows on the pixel grid: the object update forms (6)'s
+        # denominator from the probe and the corners, by rows in cache (Backend.object_update den_at)
+        self.den_apart = rec.reducer.size == 1 and rec.be.cache_batches and not rec.geom.subpixel
+        rec._reset("err", *(() if self.nums_zero else ("obj_num",)),
+                   *(() if self.dens_zero or self.den_apart else ("obj_den",)))
+        self.nums_zero = False                                    # the pass adds to them
+        self.dens_zero = self.dens_zero and self.den_apart          # (untouched by the pass when apart)
         for w in rec._workers:
             w.relax = dm.RelaxSum()
         # the floor holds while the bound does not damp DM as a whole (mean √(bound/deviation) below
@@ -102,10 +110,14 @@ class DMIteration:
         rec = self.rec
         if rec.reducer.size == 1:           # the backend's update from the workers' sums, shared out by rows
             ws = rec._workers
-            new, self.object_change = rec.be.object_update([w.obj_num for w in ws], [w.obj_den for w in ws],
-                                                           rec.obj, rec.params.object_reg, rec.scheduler.split)
+            den_at = (rec._probe_intensity, rec.geom.corner) if self.den_apart else None
+            new, self.object_change = rec.be.object_update([w.obj_num for w in ws],
+                                                           None if den_at else [w.obj_den for w in ws],
+                                                           rec.obj, rec.params.object_reg, rec.scheduler.split,
+                                                           den_at)
             rec.obj = new.astype(rec.cdtype, copy=False)
-            self.sums_zero = True
+            self.nums_zero = True
+            self.dens_zero = self.dens_zero or den_at is None
             return
         self.object_change = None
         num, den = rec._sum_workers("obj_num", fresh=True), rec._sum_workers("obj_den", fresh=True)
@@ -137,9 +149,8 @@ class DMIteration:
             if r == p.update_rounds or (p.overlap_converge and
                                         dm.probe_change(rec.be, rec.probe, before) < p.overlap_converge):
                 return r
-            if not self.sums_zero:
-                rec._reset("obj_num", "obj_den")
-            self.sums_zero = False
+            rec._reset(*(() if self.nums_zero else ("obj_num",)), *(() if self.dens_zero else ("obj_den",)))
+            self.nums_zero = self.dens_zero = False
             rec._each(self._object_sums)
             self.update_object()
         return p.update_rounds          # pragma: no cover - the loop returns
