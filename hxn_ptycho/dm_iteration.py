@@ -57,14 +57,13 @@ class DMIteration:
     # (2)–(4), (7) then (6): one batch's Fourier pass with its object sums from the new ψ (one sweep
     # on the numba backend)
     def _fourier_batch(self, w: Any, b: slice) -> None:
-        rec, be = self.rec, self.rec.be
+        rec = self.rec
         psi = rec._load(w, "psi", b)
         pos, windows = self._windows(w, b)
-        sums = ObjectSums(rec._probe_conj, rec._probe_intensity, w.obj_num,               # (6) of the new ψ
-                          None if self.den_apart else w.obj_den)
         amp, rows = rec.batch_frames(b)
-        w.err += be.fourier_pass(rec.obj, pos, rec.probe, psi, amp, rec.mask, rec.pbound,
-                                 rec.params.beta, self.floor_now, w.relax, w, windows, sums, rows)
+        obj, probe, mask, pbound, beta, floor = self._pass_args        # (fourier_step's: the same every batch)
+        w.err += rec.be.fourier_pass(obj, pos, probe, psi, amp, mask, pbound, beta, floor, w.relax, w, windows,
+                                     w.dm_sums, rows)
         rec._store(w, "psi", b, psi)
 
     # (6) Σ_j,k P_k*·ψ_j^(k,l) and Σ_j,k |P_k|², scattered onto the object
@@ -90,6 +89,9 @@ class DMIteration:
         self.den_apart = rec.reducer.size == 1 and rec.be.cache_batches and not rec.geom.subpixel
         rec._reset("err", *(() if self.nums_zero else ("obj_num",)),
                    *(() if self.dens_zero or self.den_apart else ("obj_den",)))
+        for w in rec._workers:                                      # (6) of the new ψ, each worker's sums
+            w.dm_sums = ObjectSums(rec._probe_conj, rec._probe_intensity, w.obj_num,
+                                   None if self.den_apart else w.obj_den)
         self.nums_zero = False                                    # the pass adds to them
         self.dens_zero = self.dens_zero and self.den_apart          # (untouched by the pass when apart)
         for w in rec._workers:
@@ -100,6 +102,7 @@ class DMIteration:
         # while positions are refined the misfit is the positions' (DM must show it, undamped)
         floor = 0.0 if rec.refining_positions else rec.params.dm_relax_floor
         self.floor_now = floor if self.undamped < floor else 0.0
+        self._pass_args = (rec.obj, rec.probe, rec.mask, rec.pbound, rec.params.beta, self.floor_now)
         rec._each(self._fourier_batch)
         self.mean_relax, raw = rec._reduce_relax()
         self.undamped = raw if self.floor_now > 0 else self.mean_relax
