@@ -695,7 +695,9 @@ class NumbaBackend(HostBackend):
             ch = changes[part] = np.zeros((old.shape[0], 2))
             object_update_k(nums, dens, old, alpha, rdt(1), new, ch, H * part // parts, H * (part + 1) // parts)
         run(ratio)
-        ch = sum(changes[p] for p in sorted(changes))
+        ch = np.zeros((old.shape[0], 2))
+        for p in sorted(changes):               # the parts' sums in a fixed order
+            ch += changes[p]
         eps = np.sqrt(ch[:, 0] / np.maximum(ch[:, 1], TINY)).astype(dens[0].dtype, copy=False)
         return new, eps
 
