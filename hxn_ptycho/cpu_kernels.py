@@ -256,30 +256,36 @@ def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, pconj, num):
                         dst[j] += pc[j] * v
 
 
-# (6) the denominator Σ_j Σ_k |P_k|²(window j) on rows r0:r1 of den (zeroed first), every view's
-# window rows in that band added in the views' order; returns the band's largest value (α's scale)
+# (6) the denominator Σ_j Σ_k |P_k|²(window j) on rows r0:r1 of den, every view's window rows in
+# that band added in the views' order, a few rows at a time (they stay in L1 while every view adds to
+# them); returns the band's largest value (α's scale)
 @_jit
 def den_band_k(pint, pos, den, r0, r1):
     n, m = pint.shape
     W = den.shape[2]
-    for r in range(r0, r1):
-        row = den[0, r]
-        for j in range(W):
-            row[j] = 0
-    for b in range(pos.shape[0]):
-        y0 = pos[b, 0]
-        c0 = pos[b, 1]
-        for r in range(max(y0, r0), min(y0 + n, r1)):
-            src = pint[r - y0]
-            dst = den[0, r, c0:c0 + m]
-            for j in range(m):
-                dst[j] += src[j]
     top = pint[0, 0] * 0
-    for r in range(r0, r1):
-        row = den[0, r]
-        for j in range(W):
-            if row[j] > top or row[j] != row[j]:
-                top = row[j]
+    step = 8
+    for s0 in range(r0, r1, step):
+        s1 = min(s0 + step, r1)
+        for r in range(s0, s1):
+            row = den[0, r]
+            for j in range(W):
+                row[j] = 0
+        for b in range(pos.shape[0]):
+            y0 = pos[b, 0]
+            if y0 >= s1 or y0 + n <= s0:
+                continue
+            c0 = pos[b, 1]
+            for r in range(max(y0, s0), min(y0 + n, s1)):
+                src = pint[r - y0]
+                dst = den[0, r, c0:c0 + m]
+                for j in range(m):
+                    dst[j] += src[j]
+        for r in range(s0, s1):
+            row = den[0, r]
+            for j in range(W):
+                if row[j] > top or row[j] != row[j]:
+                    top = row[j]
     return top
 
 
