@@ -162,6 +162,7 @@ class DMIteration:
         """One DM iteration; returns the data error and ε_P, ε_O of equation (7)."""
         rec = self.rec
         obj_old, probe_old = rec.obj, rec.probe          # the updates make new arrays
+        self.object_change = None
         data_err = self.fourier_step()
         rounds = self.overlap_step(it)
         rec.overlap_rounds.append(rounds)
