@@ -163,7 +163,7 @@ def _profile(args: argparse.Namespace) -> list[dict]:
     it_n = args.iterations
     t = {k: v / it_n for k, v in timers.total.items()}
     kernels = {k: round(1e3 * v, 2) for k, v in t.items() if k in names or k in ("fft2", "ifft2")}
-    fourier_inner = sum(t.get(k, 0.0) for k in ("reflect_at_k", "project_k", "dm_update_sums_at_k", "fft2", "ifft2"))
+    fourier_inner = sum(t.get(k, 0.0) for k in ("reflect_at_k", "project_k", "dm_update_sums_at_k", "dm_update_num_at_k", "fft2", "ifft2"))
     res = {"what": "passes", "scan": "star" if args.star else "simulated spiral", "n": scan.n, "views": scan.n_views,
            "probe_modes": args.modes,
            "threads": args.threads, "batch": rec.plan.batch_size,
@@ -203,14 +203,12 @@ def _cache_resident(rec: Any, repeat: int) -> dict:
     oden = np.zeros((1,) + rec.obj.shape[1:], rdt)
     pnum = np.zeros_like(rec.probe)
     pden = np.zeros(rec.probe.shape[1:], rdt)
-    relax, raw = np.ones(B, rdt), np.ones(B, rdt)
     pb = rdt(rec.pbound)
     iota = np.arange(len(amp), dtype=np.int64)
     calls = {
         "reflect_at_k": lambda: ck.reflect_at_k(rec.obj, pos, rec.probe, psi, work),
         "fft2": lambda: be.fft2(work),
-        "project_k": lambda: ck.project_k(ck._views(work), amp, iota, m1, False, pb, rdt(0), rdt(ck.TINY), rdt(1),
-                                          relax, raw),
+        "project_k": lambda: ck.project_k(ck._views(work), amp, iota, m1, False, pb, rdt(0), rdt(ck.TINY), rdt(1)),
         "ifft2": lambda: be.ifft2(work),
         "dm_update_sums_at_k": lambda: ck.dm_update_sums_at_k(psi, rec.obj, pos, rec.probe, work, rdt(1), pconj, pint,
                                                               onum, oden),

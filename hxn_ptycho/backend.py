@@ -33,7 +33,7 @@ import inspect
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import scipy.fft
@@ -59,7 +59,8 @@ class BatchBuffers(Protocol):
 class ObjectSums:
     """The accumulators of the object update (6) that :meth:`Backend.fourier_pass` may fill from the
     new ψ in the same sweep: ``num[l, window b] += Σ_k probe_conj[k]·ψ[b, l, k]``,
-    ``den[0, window b] += probe_intensity`` (what :meth:`Backend.object_pass` adds)."""
+    ``den[0, window b] += probe_intensity`` (what :meth:`Backend.object_pass` adds); ``den`` None:
+    the numerator alone (:meth:`Backend.object_update` forms the denominator, ``den_at``)."""
 
     probe_conj: Any
     probe_intensity: Any
@@ -159,6 +160,18 @@ class Backend(ABC):
                     buf: BatchBuffers, subpixel: bool = False) -> None:
         """(6) ``obj_num[l, window b] += Σ_k P_k*·ψ[b, l, k]``, ``obj_den[0, window b] += Σ_k |P_k|²``
         (``pos`` float corners with ``subpixel``)."""
+    @abstractmethod
+    def object_update(self, nums: Sequence[Any], dens: Sequence[Any] | None, old: Any, reg: float,
+                      split: Callable[[Callable[[int, int], None]], None] | None = None,
+                      den_at: tuple[Any, Any] | None = None) -> tuple[Any, np.ndarray]:
+        """(6) O = (Σ nums + α·O_old) / (Σ dens + α), α = reg·max(Σ dens), from the workers'
+        accumulators ``nums`` (L, H, W), ``dens`` (1, H, W) summed in their order, and ε_O of (7)
+        against ``old`` per mode: ``dm.object_update``. Returns (the new object, a new array; ε_O,
+        numpy (L,)); the accumulators are left zero. ``split(fn)`` runs ``fn(part, parts)`` for every
+        part on the engine's workers (a backend may share the object's rows out so). ``den_at`` =
+        (probe intensity (n, n), corners (N, 2) of every view): the denominator is Σ_j of the
+        probe intensity at the corners, formed here (``dens`` unused: the Fourier pass was given
+        ``ObjectSums.den`` None)."""
     @abstractmethod
     def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
                    windows: Any = None) -> None:
@@ -580,7 +593,10 @@ class NumpyBackend(HostBackend):
             diffamp = diffamp[rows]
         phi = self._phi(obj, pos, probe, buf, B, windows)                                # P·O
         err = dm.dm_step(self, psi, phi, diffamp, mask, pbound, beta, floor, stats, buf.work[:B])
-        if sums is not None:                                                             # (6)
+        if sums is not None and sums.den is None:                                        # (6)'s numerator
+            src = dm.object_numerator(self, psi, sums.probe_conj, buf.onum_src[:B])
+            (self.scatter_add_subpixel if windows is not None else self.scatter_add)(sums.num, pos, src)
+        elif sums is not None:                                                           # (6)
             self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf,
                              windows is not None)
         return err
@@ -592,6 +608,12 @@ class NumpyBackend(HostBackend):
         scatter = self.scatter_add_subpixel if subpixel else self.scatter_add
         scatter(obj_num, pos, src)
         scatter(obj_den, pos, probe_intensity)
+
+    def object_update(self, nums: Sequence[Any], dens: Sequence[Any] | None, old: Any, reg: float,
+                      split: Callable[[Callable[[int, int], None]], None] | None = None,
+                      den_at: tuple[Any, Any] | None = None) -> tuple[Any, np.ndarray]:
+        from . import dm
+        return dm.object_update(self, nums, dens, old, reg, den_at)
 
     def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
                    windows: Any = None) -> None:

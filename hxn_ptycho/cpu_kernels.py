@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -233,6 +233,62 @@ def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, pconj, pint, num, den)
                 drow[j] += src[j]
 
 
+# (3) then the numerator of (6) alone in the same sweep: dm_update_sums_at_k without the denominator,
+# which object_update then forms from the probe and the corners (den_band_k)
+@_jit
+def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, pconj, num):
+    B, L, K, n, m = psi.shape
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for l in range(L):
+            for i in range(n):
+                orow = obj[l, r0 + i, c0:c0 + m]
+                dst = num[l, r0 + i, c0:c0 + m]
+                for k in range(K):
+                    prow = probe[k, i]
+                    pc = pconj[k, i]
+                    p = psi[b, l, k, i]
+                    x = proj[b, l, k, i]
+                    for j in range(m):
+                        v = p[j] + beta * (x[j] - orow[j] * prow[j])
+                        p[j] = v
+                        dst[j] += pc[j] * v
+
+
+# (6) the denominator Σ_j Σ_k |P_k|²(window j) on rows r0:r1 of den, every view's window rows in
+# that band added in the views' order, a few rows at a time (they stay in L1 while every view adds to
+# them); returns the band's largest value (α's scale)
+@_jit
+def den_band_k(pint, pos, den, r0, r1):
+    n, m = pint.shape
+    W = den.shape[2]
+    top = pint[0, 0] * 0
+    step = 8
+    for s0 in range(r0, r1, step):
+        s1 = min(s0 + step, r1)
+        for r in range(s0, s1):
+            row = den[0, r]
+            for j in range(W):
+                row[j] = 0
+        for b in range(pos.shape[0]):
+            y0 = pos[b, 0]
+            if y0 >= s1 or y0 + n <= s0:
+                continue
+            c0 = pos[b, 1]
+            for r in range(max(y0, s0), min(y0 + n, s1)):
+                src = pint[r - y0]
+                dst = den[0, r, c0:c0 + m]
+                for j in range(m):
+                    dst[j] += src[j]
+        for r in range(s0, s1):
+            row = den[0, r]
+            for j in range(W):
+                if row[j] > top or row[j] != row[j]:
+                    top = row[j]
+    return top
+
+
 # (2), (3) from gathered (sub-pixel) windows: Φ = W[b, l]·P_k into phi, 2Φ − ψ into out
 @_jit
 def reflect_win_k(win, probe, psi, phi, out):
@@ -255,12 +311,17 @@ def reflect_win_k(win, probe, psi, phi, out):
 # (4), (7): Π_F in place on the reflected waves F(2Φ − ψ) (the power bound's relaxation r per view);
 # returns Σ_good (|F(2Φ − ψ)| − √I)²
 @_jit
-def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one, relax, raw):
+def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one):
     """``w`` (B, M, n, n) Fourier-space reflected waves; view b's frame ``amp[rows[b]]`` (``rows``
     (B,) int64: the frames read where they lie, not gathered); ``pbound``, ``floor``,
-    ``tiny``, ``one`` in the arrays' real precision; ``relax``, ``raw`` (B,) of that precision get each
-    view's r (dm.relaxation) with and without the floor (1 without the bound)."""
+    ``tiny``, ``one`` in the arrays' real precision. Returns (the error (7), Σ_b r_b, Σ_b r_b without
+    the floor): each view's r (dm.relaxation) in the arrays' precision, 1 within the bound; the sums
+    in float64 (0, 0 without the bound: ``dm.RelaxSum.add_sums``)."""
     B, M, n, m = w.shape
+    relax = np.empty(B, amp.dtype)
+    raw = np.empty(B, amp.dtype)
+    sum_relax = 0.0
+    sum_raw = 0.0
     sr = np.empty(m, amp.dtype)          # Σ_q |w|² of a row
     fac = np.empty(m, amp.dtype)
     mod = np.empty((n, m), amp.dtype)    # with the bound: |w| of the view, from the first sweep to the second
@@ -298,9 +359,11 @@ def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one, relax, raw
                     rr = floor
                 relax[b] = rr
                 r = relax[b]            # in the arrays' precision, as the reference's
+                sum_relax += r
+                sum_raw += raw[b]
             else:
-                relax[b] = one
-                raw[b] = one
+                sum_relax += 1.0
+                sum_raw += 1.0
                 continue                # within the bound: the view stays as it is
         for i in range(n):          # the projection (and (7) here without the bound)
             arow = amp[rows[b], i]
@@ -330,7 +393,7 @@ def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one, relax, raw
                 row = w[b, q, i]
                 for j in range(m):
                     row[j] = row[j] * fac[j]
-    return err
+    return err, sum_relax, sum_raw
 
 
 # (3) ψ ← ψ + β·(F⁻¹Π_F(F(2Φ − ψ)) − Φ), in real space
@@ -408,8 +471,74 @@ def probe_sums_win_k(psi, win, num, den):
                 _probe_sums_row(win[b, l, i], psi, b, l, i, num, den)
 
 
+# (6) α's scale: the largest Σ_w den_w over rows r0:r1 (the workers' denominators added in their order)
+@_jit
+def den_max_k(dens, r0, r1):
+    W = dens[0].shape[2]
+    s = np.empty(W, dens[0].dtype)
+    top = dens[0][0, r0, 0] * 0
+    for r in range(r0, r1):
+        first = dens[0][0, r]
+        for j in range(W):
+            s[j] = first[j]
+        for t in range(1, len(dens)):
+            row = dens[t][0, r]
+            for j in range(W):
+                s[j] += row[j]
+        for j in range(W):
+            if s[j] > top or s[j] != s[j]:       # NaN wins (a diverged run stays visible)
+                top = s[j]
+    return top
+
+
+# (6) O = (Σ_w num_w + α·O_old) · 1/(Σ_w den_w + α) over rows r0:r1, the accumulators zeroed as they
+# are read, and the sums of ε_O (7): change[l] += (Σ|O − O_old|², Σ|O_old|²) — dm.object_update in one sweep
+@_jit
+def object_update_k(nums, dens, old, alpha, one, out, change, r0, r1):
+    L, H, W = old.shape
+    T = len(nums)
+    inv = np.empty(W, dens[0].dtype)
+    acc = np.empty(W, old.dtype)
+    for r in range(r0, r1):
+        first = dens[0][0, r]
+        for j in range(W):
+            inv[j] = first[j]
+            first[j] = 0
+        for t in range(1, len(dens)):
+            row = dens[t][0, r]
+            for j in range(W):
+                inv[j] += row[j]
+                row[j] = 0
+        for j in range(W):
+            inv[j] = one / (inv[j] + alpha)
+        for l in range(L):
+            first = nums[0][l, r]
+            for j in range(W):
+                acc[j] = first[j]
+                first[j] = 0
+            for t in range(1, T):
+                row = nums[t][l, r]
+                for j in range(W):
+                    acc[j] += row[j]
+                    row[j] = 0
+            orow = old[l, r]
+            dst = out[l, r]
+            dn = 0.0
+            do = 0.0
+            for j in range(W):
+                o = orow[j]
+                v = (acc[j] + o * alpha) * inv[j]
+                dst[j] = v
+                d = v - o
+                dn += d.real * d.real + d.imag * d.imag
+                do += o.real * o.real + o.imag * o.imag
+            change[l, 0] += dn
+            change[l, 1] += do
+
+
 KERNELS = (exit_waves_k, exit_waves_win_k, data_error_k, reflect_at_k, reflect_win_k, project_k,
-           dm_update_k, dm_update_at_k, dm_update_sums_at_k, object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k)
+           dm_update_k, dm_update_at_k, dm_update_sums_at_k, object_sums_k, object_numerator_k, probe_sums_k, probe_sums_win_k,
+           dm_update_num_at_k, den_band_k, den_max_k, object_update_k)
 
 
 def _views(a: np.ndarray) -> np.ndarray:
@@ -430,10 +559,12 @@ class NumbaBackend(HostBackend):
         super().__init__(threads)
         self._mask_cache: tuple[Any, np.ndarray] | None = None
         self._iota = np.arange(64, dtype=np.int64)      # the frames' indices of a batch given its frames
+        self._const_cache: dict[tuple, tuple] = {}
+        self._no_mask = np.ones((1, 1), np.bool_)
 
     def _mask(self, mask: Any, n: int, m: int) -> tuple[np.ndarray, bool]:
         if mask is None:
-            return np.ones((1, 1), np.bool_), False
+            return self._no_mask, False
         cached = self._mask_cache
         if cached is None or cached[0] is not mask:
             cached = self._mask_cache = (mask, np.ascontiguousarray(mask, dtype=np.bool_))
@@ -462,41 +593,54 @@ class NumbaBackend(HostBackend):
         """(2) of a batch into ``out`` (B, L, K, n, n)."""
         return self._phi(obj, pos, probe, out, windows)
 
+    def _consts(self, dtype: Any, pbound: float, floor: float, beta: float) -> tuple:
+        """(pbound, floor, tiny, one, beta) in the real precision of ``dtype``: made once per setting,
+        not per batch (numpy scalars cost a call each, and a batch's Python time counts: issue 24)."""
+        key = (dtype, pbound, floor, beta)
+        c = self._const_cache.get(key)
+        if c is None:
+            rdt = np.dtype(dtype).type(0).real.dtype.type
+            c = self._const_cache[key] = (rdt(pbound), rdt(floor), rdt(TINY), rdt(1), rdt(beta))
+        return c
+
     def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      pbound: float, beta: float, floor: float, stats: Any, buf: BatchBuffers,
                      windows: Any = None, sums: ObjectSums | None = None, rows: Any = None) -> Any:
         B = len(psi)
         if B == 0:
             return 0.0
-        phi, work = buf.phi[:B], buf.work[:B]
-        ipos = self._pos(pos) if windows is None else None
-        if ipos is not None:
+        work = buf.work[:B]
+        cpb, cfl, ctiny, cone, cbeta = self._consts(psi.dtype, pbound, floor, beta)
+        if windows is None:
+            ipos = self._pos(pos)
             reflect_at_k(obj, ipos, probe, psi, work)                                     # 2Φ − ψ
         else:
+            phi = buf.phi[:B]
             reflect_win_k(windows, probe, psi, phi, work)                                 # Φ, 2Φ − ψ
         self.fft2(work)
-        rdt = psi.real.dtype.type
         m, use = self._mask(mask, psi.shape[-2], psi.shape[-1])
-        relax = np.ones(B, rdt)
-        raw = np.ones(B, rdt)
-        err = project_k(_views(work), diffamp, self._rows(rows, B), m, use, rdt(pbound), rdt(floor), rdt(TINY),
-                        rdt(1), relax, raw)                                              # (4), (7)
+        err, sum_r, sum_raw = project_k(_views(work), diffamp, self._rows(rows, B), m, use, cpb, cfl, ctiny,
+                                        cone)                                             # (4), (7)
         if stats is not None:
-            if pbound > 0:
-                stats.add(relax, B, raw if floor > 0 else None)
-            else:
-                stats.add(None, B)
+            stats.add_sums(sum_r, sum_raw, B) if pbound > 0 else stats.add(None, B)
         self.ifft2(work)
-        if ipos is not None and sums is not None:                                         # (3), (6)
-            dm_update_sums_at_k(psi, obj, ipos, probe, work, rdt(beta), self._pconj(sums.probe_conj, psi),
-                                self._pint(sums.probe_intensity, sums.den), sums.num, sums.den)
+        if windows is None:
+            if sums is not None and sums.den is None:                                     # (3), (6)'s numerator
+                dm_update_num_at_k(psi, obj, ipos, probe, work, cbeta, self._pconj(sums.probe_conj, psi), sums.num)
+            elif sums is not None:                                                        # (3), (6)
+                dm_update_sums_at_k(psi, obj, ipos, probe, work, cbeta, self._pconj(sums.probe_conj, psi),
+                                    self._pint(sums.probe_intensity, sums.den), sums.num, sums.den)
+            else:
+                dm_update_at_k(psi, obj, ipos, probe, work, cbeta)                        # (3)
             return err
-        if ipos is not None:
-            dm_update_at_k(psi, obj, ipos, probe, work, rdt(beta))                        # (3)
-        else:
-            dm_update_k(_views(psi), _views(phi), _views(work), rdt(beta))
+        dm_update_k(_views(psi), _views(phi), _views(work), cbeta)
         if sums is not None:                                                              # (6), sub-pixel
-            self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf, True)
+            if sums.den is None:
+                src = buf.onum_src[:B]
+                object_numerator_k(psi, self._pconj(sums.probe_conj, psi), src)
+                self.scatter_add_subpixel(sums.num, pos, src)
+            else:
+                self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf, True)
         return err
 
     @staticmethod
@@ -520,6 +664,48 @@ class NumbaBackend(HostBackend):
             self.scatter_add_subpixel(obj_den, pos, pint)
         else:
             object_sums_k(psi, pconj, pint, self._pos(pos), obj_num, obj_den)
+
+    def object_update(self, nums: Sequence[Any], dens: Sequence[Any] | None, old: Any, reg: float,
+                      split: Callable[[Callable[[int, int], None]], None] | None = None,
+                      den_at: tuple[Any, Any] | None = None) -> tuple[Any, np.ndarray]:
+        """``dm.object_update`` in two sweeps over the object's rows, each shared out by ``split``:
+        the largest denominator (α) — with ``den_at`` the denominator itself, each part its band of
+        rows from every view (``den_band_k``: in cache, where the Fourier pass's scatter of it went to
+        L3) —, then the ratio, ε_O's sums and the accumulators zeroed: in place of the reference's
+        serial sums, ratio, change and reset (docs/performance.md, session 21's second pass)."""
+        H = old.shape[1]
+        run = split or (lambda fn: fn(0, 1))
+        tops: dict[int, float] = {}
+        if den_at is not None:
+            pint, corners = den_at
+            den = self.empty((1,) + old.shape[1:], old.real.dtype)
+            pint, corners = self._pint(pint, den), self._pos(corners)
+            dens = (den,)
+
+            def top(part: int, parts: int) -> None:
+                tops[part] = den_band_k(pint, corners, den, H * part // parts, H * (part + 1) // parts)
+        else:
+            assert dens is not None
+            dens = tuple(dens)
+
+            def top(part: int, parts: int) -> None:
+                tops[part] = den_max_k(dens, H * part // parts, H * (part + 1) // parts)
+        nums = tuple(nums)
+        run(top)
+        rdt = dens[0].dtype.type
+        alpha = rdt(reg * float(np.max([tops[p] for p in sorted(tops)])) + TINY)
+        new = self.empty(old.shape, old.dtype)
+        changes: dict[int, np.ndarray] = {}
+
+        def ratio(part: int, parts: int) -> None:
+            ch = changes[part] = np.zeros((old.shape[0], 2))
+            object_update_k(nums, dens, old, alpha, rdt(1), new, ch, H * part // parts, H * (part + 1) // parts)
+        run(ratio)
+        ch = np.zeros((old.shape[0], 2))
+        for p in sorted(changes):               # the parts' sums in a fixed order
+            ch += changes[p]
+        eps = np.sqrt(ch[:, 0] / np.maximum(ch[:, 1], TINY)).astype(dens[0].dtype, copy=False)
+        return new, eps
 
     def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
                    windows: Any = None) -> None:
@@ -573,8 +759,7 @@ class NumbaBackend(HostBackend):
         exit_waves_win_k(win, probe, waves)
         data_error_k(_views(waves), amp, m, True)
         reflect_win_k(win, probe, waves.copy(), waves.copy(), waves)
-        project_k(_views(waves), amp, np.zeros(B, np.int64), m, True, rdt(0), rdt(0), rdt(TINY), rdt(1),
-                  np.ones(B, rdt), np.ones(B, rdt))
+        project_k(_views(waves), amp, np.zeros(B, np.int64), m, True, rdt(0), rdt(0), rdt(TINY), rdt(1))
         dm_update_k(_views(waves), _views(waves.copy()), _views(waves.copy()), rdt(1))
         reflect_at_k(obj, pos, probe, waves.copy(), waves)
         dm_update_at_k(waves, obj, pos, probe, waves.copy(), rdt(1))
@@ -584,6 +769,14 @@ class NumbaBackend(HostBackend):
         object_numerator_k(waves, probe, win)
         probe_sums_k(waves, obj, pos, np.zeros_like(probe), np.zeros((n, n), rdt))
         probe_sums_win_k(waves, win, np.zeros_like(probe), np.zeros((n, n), rdt))
+        for T in sorted({1, self.workers}):         # the object update over the engine's workers' sums
+            dens = tuple(np.zeros((1, n + 1, n + 1), rdt) for _ in range(T))
+            nums = tuple(np.zeros_like(obj) for _ in range(T))
+            den_max_k(dens, 0, n + 1)
+            object_update_k(nums, dens, obj, rdt(1), rdt(1), np.empty_like(obj), np.zeros((L, 2)), 0, n + 1)
+            object_update_k(nums, dens[:1], obj, rdt(1), rdt(1), np.empty_like(obj), np.zeros((L, 2)), 0, n + 1)
+        den_band_k(np.ones((n, n), rdt), pos, np.zeros((1, n + 1, n + 1), rdt), 0, n + 1)
+        dm_update_num_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), probe, np.zeros_like(obj))
         secs = time.perf_counter() - t0
         logger.debug("numba kernels for %s ready in %.3f s", cdt, secs)
         return secs

@@ -60,6 +60,12 @@ class RelaxSum:
             self.raw = self.raw + (r if raw is None else raw).sum()
         self.views += views
 
+    def add_sums(self, total: float, raw: float, views: int) -> None:
+        """Σ r and Σ r without the floor of ``views`` relaxed views, already summed (a fused pass's)."""
+        self.total = self.total + total
+        self.raw = self.raw + raw
+        self.views += views
+
 
 # (4) Π_F: Ψ ← √I · Ψ / (Σ_kl |Ψ^(k,l)|²)^½ on good pixels; masked pixels keep the model's modulus
 def fourier_projection(be: Any, waves_f: Any, diffamp: Any, mask: Any, pbound: float = 0.0,
@@ -210,6 +216,31 @@ def regularised_ratio(be: Any, num: Any, den: Any, old: Any, reg: float, consume
     den += alpha
     num *= xp.reciprocal(den, out=den)
     return num
+
+
+# (6) with the workers' sums: O = (Σ_w num_w + α·O_old) / (Σ_w den_w + α), and ε_O of (7)
+def object_update(be: Any, nums: Any, dens: Any, old: Any, reg: float, den_at: Any = None) -> tuple[Any, Any]:
+    """The object update from the workers' accumulators ``nums`` (L, H, W) and ``dens`` (1, H, W),
+    summed in their order (:meth:`hxn_ptycho.parts.BatchScheduler.sum`): the new object (a new array,
+    :func:`regularised_ratio`) and its relative change from ``old`` per mode (:func:`relative_change`).
+    The accumulators are left zero (the next pass adds to them). ``den_at`` = (probe intensity,
+    corners of every view): the denominator Σ_j Σ_k |P_k|²(window j) is formed from them instead
+    (``dens`` unused), the views added in their order."""
+    def total(parts: Any) -> Any:                 # a new array: first + second (+= the rest)
+        out = parts[0] + parts[1] if len(parts) > 1 else parts[0].copy()
+        for more in parts[2:]:
+            out += more
+        return out
+    num = total(nums)
+    if den_at is None:
+        den = total(dens)
+    else:
+        den = be.zeros((1,) + tuple(old.shape[1:]), old.real.dtype)
+        be.scatter_add(den, den_at[1], den_at[0])
+    new = regularised_ratio(be, num, den, old, reg, consume=True)
+    for a in (*nums, *(dens if den_at is None else ())):
+        a[...] = 0
+    return new, relative_change(be, new, old)
 
 
 # (7) relative change ε = ‖X_new − X_old‖ / ‖X_old‖, per mode

@@ -41,6 +41,10 @@ class DMIteration:
         self.rec = rec
         self.mean_relax = float("nan")      # mean r of the last Fourier step (dm.relaxation): DM's damping
         self.undamped = float("inf")        # its mean without the floor
+        self.nums_zero = False              # the workers' object numerators were left zero by the last update
+        self.dens_zero = False              # and their denominators
+        self.den_apart = False              # this Fourier pass leaves (6)'s denominator to object_update
+        self.object_change: Any = None      # ε_O of the last update against the object before it
 
     # --- per batch ------------------------------------------------------------------------------
     def _windows(self, w: Any, b: slice) -> tuple[Any, Any]:
@@ -53,13 +57,13 @@ class DMIteration:
     # (2)–(4), (7) then (6): one batch's Fourier pass with its object sums from the new ψ (one sweep
     # on the numba backend)
     def _fourier_batch(self, w: Any, b: slice) -> None:
-        rec, be = self.rec, self.rec.be
+        rec = self.rec
         psi = rec._load(w, "psi", b)
         pos, windows = self._windows(w, b)
-        sums = ObjectSums(rec._probe_conj, rec._probe_intensity, w.obj_num, w.obj_den)     # (6) of the new ψ
         amp, rows = rec.batch_frames(b)
-        w.err += be.fourier_pass(rec.obj, pos, rec.probe, psi, amp, rec.mask, rec.pbound,
-                                 rec.params.beta, self.floor_now, w.relax, w, windows, sums, rows)
+        obj, probe, mask, pbound, beta, floor = self._pass_args        # (fourier_step's: the same every batch)
+        w.err += rec.be.fourier_pass(obj, pos, probe, psi, amp, mask, pbound, beta, floor, w.relax, w, windows,
+                                     w.dm_sums, rows)
         rec._store(w, "psi", b, psi)
 
     # (6) Σ_j,k P_k*·ψ_j^(k,l) and Σ_j,k |P_k|², scattered onto the object
@@ -80,7 +84,16 @@ class DMIteration:
     def fourier_step(self) -> float:
         rec = self.rec
         rec._probe_terms()
-        rec._reset("obj_num", "obj_den", "err")
+        # one process, a CPU backend, windows on the pixel grid: the object update forms (6)'s
+        # denominator from the probe and the corners, by rows in cache (Backend.object_update den_at)
+        self.den_apart = rec.reducer.size == 1 and rec.be.cache_batches and not rec.geom.subpixel
+        rec._reset("err", *(() if self.nums_zero else ("obj_num",)),
+                   *(() if self.dens_zero or self.den_apart else ("obj_den",)))
+        for w in rec._workers:                                      # (6) of the new ψ, each worker's sums
+            w.dm_sums = ObjectSums(rec._probe_conj, rec._probe_intensity, w.obj_num,
+                                   None if self.den_apart else w.obj_den)
+        self.nums_zero = False                                    # the pass adds to them
+        self.dens_zero = self.dens_zero and self.den_apart          # (untouched by the pass when apart)
         for w in rec._workers:
             w.relax = dm.RelaxSum()
         # the floor holds while the bound does not damp DM as a whole (mean √(bound/deviation) below
@@ -89,6 +102,7 @@ class DMIteration:
         # while positions are refined the misfit is the positions' (DM must show it, undamped)
         floor = 0.0 if rec.refining_positions else rec.params.dm_relax_floor
         self.floor_now = floor if self.undamped < floor else 0.0
+        self._pass_args = (rec.obj, rec.probe, rec.mask, rec.pbound, rec.params.beta, self.floor_now)
         rec._each(self._fourier_batch)
         self.mean_relax, raw = rec._reduce_relax()
         self.undamped = raw if self.floor_now > 0 else self.mean_relax
@@ -97,6 +111,18 @@ class DMIteration:
     # (6) O_l = (Σ_j,k P_k*·ψ + α·O_l) / (Σ_j,k |P_k|² + α), from the sums already accumulated
     def update_object(self) -> None:
         rec = self.rec
+        if rec.reducer.size == 1:           # the backend's update from the workers' sums, shared out by rows
+            ws = rec._workers
+            den_at = (rec._probe_intensity, rec.geom.corner) if self.den_apart else None
+            new, self.object_change = rec.be.object_update([w.obj_num for w in ws],
+                                                           None if den_at else [w.obj_den for w in ws],
+                                                           rec.obj, rec.params.object_reg, rec.scheduler.split,
+                                                           den_at)
+            rec.obj = new.astype(rec.cdtype, copy=False)
+            self.nums_zero = True
+            self.dens_zero = self.dens_zero or den_at is None
+            return
+        self.object_change = None
         num, den = rec._sum_workers("obj_num", fresh=True), rec._sum_workers("obj_den", fresh=True)
         rec.reducer.allreduce_sum([num, den])
         rec.obj = dm.regularised_ratio(rec.be, num, den, rec.obj, rec.params.object_reg,
@@ -126,7 +152,8 @@ class DMIteration:
             if r == p.update_rounds or (p.overlap_converge and
                                         dm.probe_change(rec.be, rec.probe, before) < p.overlap_converge):
                 return r
-            rec._reset("obj_num", "obj_den")
+            rec._reset(*(() if self.nums_zero else ("obj_num",)), *(() if self.dens_zero else ("obj_den",)))
+            self.nums_zero = self.dens_zero = False
             rec._each(self._object_sums)
             self.update_object()
         return p.update_rounds          # pragma: no cover - the loop returns
@@ -135,6 +162,11 @@ class DMIteration:
         """One DM iteration; returns the data error and ε_P, ε_O of equation (7)."""
         rec = self.rec
         obj_old, probe_old = rec.obj, rec.probe          # the updates make new arrays
+        self.object_change = None
         data_err = self.fourier_step()
-        rec.overlap_rounds.append(self.overlap_step(it))
-        return data_err, dm.relative_change(rec.be, rec.probe, probe_old), dm.relative_change(rec.be, rec.obj, obj_old)
+        rounds = self.overlap_step(it)
+        rec.overlap_rounds.append(rounds)
+        # ε_O from the update's own sweep where the object was updated once (else measured here)
+        eo = (self.object_change if rounds <= 1 and self.object_change is not None
+              else dm.relative_change(rec.be, rec.obj, obj_old))
+        return data_err, dm.relative_change(rec.be, rec.probe, probe_old), eo

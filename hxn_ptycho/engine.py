@@ -214,6 +214,7 @@ class _Worker:
         self.probe_den = be.zeros((n, n), rdtype)
         self.err = 0.0
         self.relax = dm.RelaxSum()                            # Σ r of the relaxed projections of a DM pass
+        self.dm_sums: Any = None                              # the object sums (6) the DM Fourier pass fills
         self.nll = self.d1 = self.d2 = 0.0                   # sums of the ML passes
 
 

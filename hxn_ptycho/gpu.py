@@ -31,7 +31,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -526,6 +526,13 @@ class CupyBackend(Backend):
         else:
             self.scatter_add(obj_num, pos, src)
             self.scatter_add(obj_den, pos, probe_intensity)
+
+    def object_update(self, nums: Sequence[Any], dens: Sequence[Any] | None, old: Any, reg: float,
+                      split: Callable[[Callable[[int, int], None]], None] | None = None,
+                      den_at: tuple[Any, Any] | None = None) -> tuple[Any, np.ndarray]:
+        """The numpy reference's array expressions, on the GPU (one worker: nothing to share out)."""
+        from . import dm
+        return dm.object_update(self, nums, dens, old, reg, den_at)
 
     def probe_pass(self, psi: Any, obj: Any, pos: Any, num: Any, den: Any, buf: BatchBuffers,
                    windows: Any = None) -> None:

@@ -92,6 +92,16 @@ class BatchScheduler:
             for f in [self._pool.submit(run, w) for w in range(T)]:
                 f.result()
 
+    def split(self, fn: Callable[[int, int], None]) -> None:
+        """Run ``fn(part, parts)`` for every part, one part a worker thread (work shared by rows)."""
+        T = len(self.workers)
+        if self._pool is None:
+            for i in range(T):
+                fn(i, T)
+        else:
+            for f in [self._pool.submit(fn, i, T) for i in range(T)]:
+                f.result()
+
     def sum(self, name: str, fresh: bool = False) -> Any:
         """The workers' accumulators ``name`` summed in a fixed order; ``fresh``: always a new array
         (one worker's own accumulator is copied), for a caller that overwrites it."""

@@ -291,3 +291,39 @@ def test_mkl_without_mkl_fft_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HXN_PTYCHO_FFT", "mkl")
     with pytest.raises(BackendError, match="mkl_fft"):
         NumbaBackend(1)
+
+
+@pytest.mark.parametrize("cdt,tol", [(np.complex64, 1e-5), (np.complex128, 1e-12)])
+@pytest.mark.parametrize("workers,parts", [(1, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("apart", [False, True])
+def test_numba_object_update_equals_the_reference(cdt, tol, workers, parts, apart):
+    """Backend.object_update (6)+(7): the numba sweeps shared out by rows equal dm.object_update — the
+    object, ε_O, the accumulators left zero — from the workers' denominators or (``den_at``) from the
+    probe intensity at the corners; a broken α (the regulariser dropped) is caught."""
+    from hxn_ptycho import dm
+    from hxn_ptycho.parts import BatchScheduler
+    rng = np.random.default_rng(7)
+    rdt = np.float32 if cdt == np.complex64 else np.float64
+    L, H, W, n, N = 2, 41, 37, 8, 30
+    corners = np.stack([rng.integers(0, H - n, N), rng.integers(0, W - n, N)], axis=1).astype(np.int64)
+    pint = rng.random((n, n)).astype(rdt)
+    old = (rng.standard_normal((L, H, W)) + 1j * rng.standard_normal((L, H, W))).astype(cdt)
+    nums0 = [(rng.standard_normal((L, H, W)) + 1j * rng.standard_normal((L, H, W))).astype(cdt) for _ in range(workers)]
+    dens0 = [np.zeros((1, H, W), rdt) for _ in range(workers)]
+    for i, (r, c) in enumerate(corners):
+        dens0[i % workers][0, r:r + n, c:c + n] += pint
+    split = BatchScheduler(1, 1, [object()] * parts).split
+    nb, ref = NumbaBackend(parts), NumpyBackend(1)
+    out = {}
+    for name, be in (("numba", nb), ("numpy", ref)):
+        nums, dens = [a.copy() for a in nums0], [a.copy() for a in dens0]
+        new, eps = be.object_update(nums, None if apart else dens, old, 1e-3, split if name == "numba" else None,
+                                    (pint, corners) if apart else None)
+        assert new.dtype == cdt and eps.shape == (L,)
+        assert all(not a.any() for a in nums) and (apart or all(not a.any() for a in dens))
+        out[name] = (new, eps)
+    assert rel(out["numba"][0], out["numpy"][0]) < tol
+    np.testing.assert_allclose(out["numba"][1], out["numpy"][1], rtol=tol)
+    want = dm.regularised_ratio(ref, sum(nums0), sum(dens0), old, 1e-3)
+    assert rel(out["numba"][0], want) < tol                       # from the sums, however they were formed
+    assert rel(dm.regularised_ratio(ref, sum(nums0), sum(dens0), old, 0.0), want) > 10 * tol
