@@ -344,6 +344,21 @@ class MKLTransforms:
         self._direct = _direct_fftnd
         self._rt = _mkl_runtime()
         self._rt.MKL_Domain_Set_Num_Threads(1, self.MKL_DOMAIN_FFT)
+        self._check()
+
+    def _check(self) -> None:
+        """``_direct_fftnd`` is mkl_fft's private function: refuse it, naming the problem, unless it gives
+        ``scipy.fft.fft2``'s orthonormal transform and its inverse, in place, on a small batch here."""
+        a = (np.arange(24.0) + 1j * np.arange(24.0)[::-1]).reshape(2, 3, 4).astype(np.complex64)
+        want = scipy.fft.fft2(a, norm="ortho")
+        try:
+            got = self(a.copy(), True)
+            back = self(got.copy(), False)
+        except Exception as exc:            # another mkl_fft's signature
+            raise BackendError(f"{FFT_ENV}=mkl: this mkl_fft's transforms could not be called: {exc}") from None
+        if not (np.allclose(got, want, atol=1e-5) and np.allclose(back, a, atol=1e-5)):
+            raise BackendError(f"{FFT_ENV}=mkl: this mkl_fft's transforms differ from scipy.fft's orthonormal "
+                               "FFT; use HXN_PTYCHO_FFT=pocketfft")
 
     @property
     def fft_threads(self) -> int:

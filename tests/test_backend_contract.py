@@ -293,6 +293,37 @@ def test_mkl_without_mkl_fft_is_a_clear_error(monkeypatch):
         NumbaBackend(1)
 
 
+def test_mkl_transforms_that_differ_from_scipy_are_refused():
+    """mkl_fft's ``_direct_fftnd`` is private: a version whose transform is not scipy's orthonormal one
+    (here: unscaled) or takes other arguments is refused at start-up, naming the problem."""
+    import scipy.fft
+
+    from hxn_ptycho.backend import MKLTransforms
+
+    class Runtime:                                  # MKL's thread calls, not needed by the check
+        def MKL_Set_Num_Threads_Local(self, n):
+            return 1
+
+    def unscaled(a, direction, fsc, out):           # the transform without the 1/sqrt(n0 n1)
+        out[...] = scipy.fft.fft2(a) if direction == 1 else scipy.fft.ifft2(a) * a.size
+        return out
+
+    def orthonormal(a, direction, fsc, out):
+        out[...] = (scipy.fft.fft2 if direction == 1 else scipy.fft.ifft2)(a, norm="ortho")
+        return out
+
+    t = MKLTransforms.__new__(MKLTransforms)
+    t._rt = Runtime()
+    t._direct = orthonormal
+    t._check()                                      # the right transform passes
+    t._direct = unscaled
+    with pytest.raises(BackendError, match="differ from scipy.fft"):
+        t._check()
+    t._direct = lambda a, direction: a              # another signature
+    with pytest.raises(BackendError, match="could not be called"):
+        t._check()
+
+
 @pytest.mark.parametrize("cdt,tol", [(np.complex64, 1e-5), (np.complex128, 1e-12)])
 @pytest.mark.parametrize("workers,parts", [(1, 1), (2, 2), (3, 2)])
 @pytest.mark.parametrize("apart", [False, True])
