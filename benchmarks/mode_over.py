@@ -1,0 +1,153 @@
+"""Over-complete fits of the probe's density matrix (issue 18, part 2; docs/auto_modes.md, "Session 21").
+
+Each case is fitted with M modes (M ≥ 2 × the largest true count, so the fit has no rank-K ridge on
+its way, session 20's path), from the default start, with a schedule whose probe step moves every
+eigenvalue of the density matrix ρ = Σ P_k P_k† at the same rate (``--ml-cap``: ML's probe gradient of
+mode k × min(cap, P_1/P_k), ``MLIteration.mode_precondition_cap``). It prints the fitted spectrum (all M
+shares), c_K = Tr(Π_K ρ_true)/Tr(ρ_true) for the K strongest fitted modes and c_M for all of them, the
+data error of the M-mode fit, and — the session 20 criterion — the data error of its K strongest modes
+(with its object) refitted as a K-mode model for ``--cut`` ML iterations, against the fit from the
+truth with the same schedule (``--truth``).
+
+    python benchmarks/mode_over.py fly:1e6:3:0.08 gsm:1e6:3:0.03 --modes 6 --alg DM:20,ML:480 --ml-cap 10
+    python benchmarks/mode_over.py fly:1e6:1:1 --modes 6 --alg DM:20,ML:480 --ml-cap 10 --set extra_mode_power=1
+    python benchmarks/mode_over.py fly:1e6:3:0.08 --truth --modes 6        # the truth + M − K weak extra modes
+
+A case is ``family:photons:true count:weakest share`` as in benchmarks/auto_mode_cv.py (64² frames,
+100 views, seed 1). ``--json F`` appends one line a case.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import numpy as np
+from auto_mode_cv import case_scan
+
+from hxn_ptycho import ml, modes
+from hxn_ptycho.engine import Reconstruction
+from hxn_ptycho.params import ReconParams
+
+
+def captured(probe: np.ndarray, true_probe: np.ndarray) -> float:
+    """Tr(Π ρ_true) / Tr(ρ_true): the share of the true modes' power inside the span of ``probe``."""
+    q, _ = np.linalg.qr(probe.reshape(len(probe), -1).T.astype(np.complex128))
+    t = true_probe.reshape(len(true_probe), -1).T
+    return float(np.sum(np.abs(q.conj().T @ t) ** 2) / np.sum(np.abs(t) ** 2))
+
+
+def its_of(alg: str) -> int:
+    return sum(int(s.split(":")[1]) for s in alg.split(","))
+
+
+def set_cap(cap: float) -> None:
+    init = ml.MLIteration.__init__
+    if getattr(init, "_capped", False):
+        init = init._orig      # type: ignore[attr-defined]
+
+    def ml_init(self: Any, rec: Any) -> None:
+        init(self, rec)
+        self.mode_precondition_cap = cap
+    ml_init._capped = True     # type: ignore[attr-defined]
+    ml_init._orig = init       # type: ignore[attr-defined]
+    ml.MLIteration.__init__ = ml_init       # type: ignore[method-assign]
+
+
+def fit(scan: Any, M: int, alg: str, sets: dict[str, Any], obj: np.ndarray | None = None,
+        probe: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """An M-mode fit (from the default start, or from ``obj``/``probe``): object, orthogonal modes
+    sorted by power, data error."""
+    p = ReconParams(iterations=its_of(alg), probe_modes=M, threads=1, algorithm=alg, **sets)
+    rec = Reconstruction(scan, p, log=lambda m: None)
+    if obj is not None and probe is not None:
+        rec.obj = obj.astype(rec.cdtype)
+        rec.probe = probe.astype(rec.cdtype)
+        rec._each(rec._init_psi)
+    res = rec.run()
+    rec.close()
+    return np.asarray(res.object), modes.orthogonalize(np.asarray(res.probe))[0], float(res.attrs["final_data_error"])
+
+
+def truth_start(mix: Any, M: int, extra: float) -> np.ndarray:
+    """The true modes and M − K weak extra ones (derivatives of the first, orthogonal to all true
+    modes, the k-th at extra/k of the first's power), total power kept."""
+    K = len(mix.probe)
+    if M == K:
+        return mix.probe.copy()
+    ex = modes.diverse_modes(mix.probe[0], M - K, extra, np.random.default_rng(0)).astype(np.complex128)
+    t = mix.probe.reshape(K, -1).astype(np.complex128)
+    q, _ = np.linalg.qr(t.T)
+    f = ex.reshape(M - K, -1)
+    f = f - (f @ q.conj()) @ q.T
+    p0 = float(np.vdot(t[0], t[0]).real)
+    f = f / np.linalg.norm(f, axis=1, keepdims=True) * np.sqrt(p0 * extra / np.arange(1, M - K + 1))[:, None]
+    pr = np.concatenate([t, f]).reshape(M, *mix.probe.shape[1:])
+    return pr * np.sqrt(float(np.sum(np.abs(t) ** 2)) / float(np.sum(np.abs(pr) ** 2)))
+
+
+def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool) -> dict[str, Any]:
+    scan, mix, K = case_scan(case)
+    t0 = time.perf_counter()
+    if truth:
+        obj, pr, err = fit(scan, M, alg, sets, mix.object[None], truth_start(mix, M, sets.get("extra_mode_power", 0.1)))
+    else:
+        obj, pr, err = fit(scan, M, alg, sets)
+    shares = modes.power_fractions(pr)
+    rec = {"case": case, "K": K, "M": M, "alg": alg, "sets": sets, "start": "truth" if truth else "default",
+           "cap": ml_cap, "error_M": err, "shares": [round(float(s), 5) for s in shares],
+           "c_K": captured(pr[:K], mix.probe), "c_M": captured(pr, mix.probe),
+           "true_shares": [round(float(s), 4) for s in mix.shares]}
+    if cut and M > K:
+        cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
+        _, prk, errk = fit(scan, K, f"ML:{cut}", cut_sets, obj, pr[:K])
+        rec.update(error_cut=errk, shares_cut=[round(float(s), 5) for s in modes.power_fractions(prk)],
+                   c_cut=captured(prk, mix.probe))
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    rec["load"] = os.getloadavg()[0]
+    sh = "/".join(f"{100 * s:.1f}" for s in shares)
+    line = (f"{case} {rec['start']} M={M} {alg} cap {ml_cap} {sets}: error_M {err:.6f}, shares {sh}, "
+            f"c_K {rec['c_K']:.3f}, c_M {rec['c_M']:.3f}")
+    if "error_cut" in rec:
+        line += (f"; cut to K={K} + ML {cut}: {rec['error_cut']:.6f} "
+                 f"{'/'.join(f'{100 * s:.1f}' for s in rec['shares_cut'])} c {rec['c_cut']:.3f}")
+    print(line + f" ({rec['seconds']:.0f} s, load {rec['load']:.1f})", flush=True)
+    return rec
+
+
+ml_cap = 1.0
+
+
+def main() -> None:
+    global ml_cap
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases", nargs="+")
+    ap.add_argument("--modes", type=int, default=6, help="M, the over-complete count")
+    ap.add_argument("--alg", default="DM:20,ML:480")
+    ap.add_argument("--ml-cap", type=float, default=10.0)
+    ap.add_argument("--cut", type=int, default=50, help="ML iterations of the K-mode refit after the cut (0: none)")
+    ap.add_argument("--truth", action="store_true", help="start from the true object and modes (+ M − K extra)")
+    ap.add_argument("--set", action="append", default=[], help="a parameter, key=value")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
+    ml_cap = a.ml_cap
+    set_cap(a.ml_cap)
+    for case in a.cases:
+        r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth)
+        if a.json:
+            with open(a.json, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
