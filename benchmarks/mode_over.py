@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np
+from auto_mode_bootstrap import per_view
 from auto_mode_cv import case_scan
 
 from hxn_ptycho import ml, modes
@@ -95,7 +96,25 @@ def truth_start(mix: Any, M: int, extra: float) -> np.ndarray:
     return pr * np.sqrt(float(np.sum(np.abs(t) ** 2)) / float(np.sum(np.abs(pr) ** 2)))
 
 
-def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool) -> dict[str, Any]:
+def view_errors(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Of each view j: Σ(|F(P·O_j)| − √I_j)² (unnormalised), and the Poisson deviance
+    2 Σ (λ − I + I log(I/λ)) of the data I under the model's intensity λ (good pixels)."""
+    rec = Reconstruction(scan, ReconParams(iterations=1, probe_modes=len(probe), threads=1), log=lambda m: None)
+    rec.obj = obj.astype(rec.cdtype)
+    rec.probe = probe.astype(rec.cdtype)
+    err, lam = per_view(rec)
+    err = err * rec.total_intensity
+    inten = np.square(np.asarray(rec.be.asnumpy(rec.diffamp), np.float64))
+    lam = np.maximum(lam, 1e-9)
+    dev = 2 * (lam - inten + np.where(inten > 0, inten * np.log(np.maximum(inten, 1e-300) / lam), 0.0))
+    if rec.mask is not None:
+        dev = dev * np.asarray(rec.be.asnumpy(rec.mask), bool)
+    rec.close()
+    return err, dev.reshape(len(dev), -1).sum(axis=1)
+
+
+def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
+             chain: bool = False) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
     if truth:
@@ -112,6 +131,20 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         _, prk, errk = fit(scan, K, f"ML:{cut}", cut_sets, obj, pr[:K])
         rec.update(error_cut=errk, shares_cut=[round(float(s), 5) for s in modes.power_fractions(prk)],
                    c_cut=captured(prk, mix.probe))
+    if chain:
+        # e_k: the k strongest modes and the object refitted as a k-mode model, k = 1 .. M
+        cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
+        errs, views, devs = [], [], []
+        for k in range(1, M + 1):
+            o_k, p_k, e_k = fit(scan, k, f"ML:{cut}", cut_sets, obj, pr[:k])
+            errs.append(e_k)
+            ve, vd = view_errors(scan, o_k, p_k)
+            views.append(ve)
+            devs.append(vd)
+        rec["chain"] = errs
+        rec["total_intensity"] = float(np.sum(views[0]) / errs[0])
+        rec["view_gain"] = [[float(x) for x in views[k] - views[k + 1]] for k in range(M - 1)]
+        rec["view_dev_gain"] = [[float(x) for x in devs[k] - devs[k + 1]] for k in range(M - 1)]
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     rec["load"] = os.getloadavg()[0]
     sh = "/".join(f"{100 * s:.1f}" for s in shares)
@@ -137,13 +170,14 @@ def main() -> None:
     ap.add_argument("--cut", type=int, default=50, help="ML iterations of the K-mode refit after the cut (0: none)")
     ap.add_argument("--truth", action="store_true", help="start from the true object and modes (+ M − K extra)")
     ap.add_argument("--set", action="append", default=[], help="a parameter, key=value")
+    ap.add_argument("--chain", action="store_true", help="refit the k strongest modes for every k (the errors e_k)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     ml_cap = a.ml_cap
     set_cap(a.ml_cap)
     for case in a.cases:
-        r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth)
+        r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain)
         if a.json:
             with open(a.json, "a") as fh:
                 fh.write(json.dumps(r) + "\n")
