@@ -160,6 +160,29 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
 ml_cap = 1.0
 
 
+def poisson_gauss_newton() -> None:
+    """ML Poisson: the line search's curvature Σ (I/I_m²)·c1² (Gauss–Newton, never negative; the exact
+    one stalls with the per-mode step, docs/auto_modes.md session 20), as benchmarks/mode_fit.py."""
+    ls = ml.ml_line_search
+
+    def gn_line_search(be: Any, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any,
+                       floor: float, model: str) -> tuple[float, float]:
+        if model != "poisson":
+            return ls(be, f0, f1, f2, diffamp, intensity, mask, floor, model)
+        xp = be.xp
+        B_, n = f0.shape[0], f0.shape[-1]
+        g0, g1 = f0.reshape(B_, -1, n, n), f1.reshape(B_, -1, n, n)
+        c1 = 2 * (g0.real * g1.real + g0.imag * g1.imag).sum(axis=1)
+        i0 = xp.maximum(ml.dm._modulus(be, f0) ** 2, floor)
+        d1 = (1 - intensity / i0) * c1
+        d2 = intensity / i0 / i0 * c1 * c1
+        if mask is not None:
+            d1 *= mask
+            d2 *= mask
+        return float(xp.sum(d1, dtype=xp.float64)), float(xp.sum(d2, dtype=xp.float64))
+    ml.ml_line_search = gn_line_search
+
+
 def main() -> None:
     global ml_cap
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -171,11 +194,15 @@ def main() -> None:
     ap.add_argument("--truth", action="store_true", help="start from the true object and modes (+ M − K extra)")
     ap.add_argument("--set", action="append", default=[], help="a parameter, key=value")
     ap.add_argument("--chain", action="store_true", help="refit the k strongest modes for every k (the errors e_k)")
+    ap.add_argument("--poisson-gn", action="store_true", help="with --set ml_noise_model='poisson': "
+                    "the Gauss–Newton line-search curvature")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     ml_cap = a.ml_cap
     set_cap(a.ml_cap)
+    if a.poisson_gn:
+        poisson_gauss_newton()
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain)
         if a.json:
