@@ -12,6 +12,9 @@ truth with the same schedule (``--truth``).
     python benchmarks/mode_over.py fly:1e6:3:0.08 gsm:1e6:3:0.03 --modes 6 --alg DM:20,ML:480 --ml-cap 10
     python benchmarks/mode_over.py fly:1e6:1:1 --modes 6 --alg DM:20,ML:480 --ml-cap 10 --set extra_mode_power=1
     python benchmarks/mode_over.py fly:1e6:3:0.08 --truth --modes 6        # the truth + M − K weak extra modes
+    python benchmarks/mode_over.py fly:1e6:3:0.08 --chain --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
+        --set extra_mode_power=0.3 --json F                                # the count's chain of cuts
+    python benchmarks/mode_over.py --summarise docs/auto_modes_s21.jsonl   # the counts of the records
 
 A case is ``family:photons:true count:weakest share`` as in benchmarks/auto_mode_cv.py (64² frames,
 100 views, seed 1). ``--json F`` appends one line a case.
@@ -96,9 +99,10 @@ def truth_start(mix: Any, M: int, extra: float) -> np.ndarray:
     return pr * np.sqrt(float(np.sum(np.abs(t) ** 2)) / float(np.sum(np.abs(pr) ** 2)))
 
 
-def view_errors(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Of each view j: Σ(|F(P·O_j)| − √I_j)² (unnormalised), and the Poisson deviance
-    2 Σ (λ − I + I log(I/λ)) of the data I under the model's intensity λ (good pixels)."""
+def view_errors(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of each view j: Σ(|F(P·O_j)| − √I_j)² (unnormalised), the Poisson deviance
+    2 Σ (λ − I + I log(I/λ)) of the data I under the model's intensity λ, and the Anscombe error
+    Σ(√(λ + 3/8) − √(I + 3/8))² (variance ≈ 1/4 a pixel at any count; good pixels)."""
     rec = Reconstruction(scan, ReconParams(iterations=1, probe_modes=len(probe), threads=1), log=lambda m: None)
     rec.obj = obj.astype(rec.cdtype)
     rec.probe = probe.astype(rec.cdtype)
@@ -107,10 +111,12 @@ def view_errors(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarr
     inten = np.square(np.asarray(rec.be.asnumpy(rec.diffamp), np.float64))
     lam = np.maximum(lam, 1e-9)
     dev = 2 * (lam - inten + np.where(inten > 0, inten * np.log(np.maximum(inten, 1e-300) / lam), 0.0))
+    ans = np.square(np.sqrt(lam + 0.375) - np.sqrt(inten + 0.375))
     if rec.mask is not None:
         dev = dev * np.asarray(rec.be.asnumpy(rec.mask), bool)
+        ans = ans * np.asarray(rec.be.asnumpy(rec.mask), bool)
     rec.close()
-    return err, dev.reshape(len(dev), -1).sum(axis=1)
+    return err, dev.reshape(len(dev), -1).sum(axis=1), ans.reshape(len(ans), -1).sum(axis=1)
 
 
 def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
@@ -134,17 +140,19 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
     if chain:
         # e_k: the k strongest modes and the object refitted as a k-mode model, k = 1 .. M
         cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
-        errs, views, devs = [], [], []
+        errs, views, devs, anss = [], [], [], []
         for k in range(1, M + 1):
             o_k, p_k, e_k = fit(scan, k, f"ML:{cut}", cut_sets, obj, pr[:k])
             errs.append(e_k)
-            ve, vd = view_errors(scan, o_k, p_k)
+            ve, vd, va = view_errors(scan, o_k, p_k)
             views.append(ve)
             devs.append(vd)
+            anss.append(va)
         rec["chain"] = errs
         rec["total_intensity"] = float(np.sum(views[0]) / errs[0])
         rec["view_gain"] = [[float(x) for x in views[k] - views[k + 1]] for k in range(M - 1)]
         rec["view_dev_gain"] = [[float(x) for x in devs[k] - devs[k + 1]] for k in range(M - 1)]
+        rec["view_anscombe_gain"] = [[float(x) for x in anss[k] - anss[k + 1]] for k in range(M - 1)]
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     rec["load"] = os.getloadavg()[0]
     sh = "/".join(f"{100 * s:.1f}" for s in shares)
@@ -158,6 +166,35 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
 
 
 ml_cap = 1.0
+
+
+def chain_count(view_gain: list[list[float]], z_min: float = 2.0) -> tuple[int, list[float]]:
+    """The count read from a chain: the first k whose step k → k + 1 has a paired statistic
+    z = mean(d)/(sd(d)/√N) of the per-view gains d no larger than ``z_min``; and every step's z."""
+    zs = []
+    for row in view_gain:
+        d = np.asarray(row, np.float64)
+        sd = float(d.std(ddof=1))
+        zs.append(float(d.mean() / (sd / np.sqrt(len(d)))) if sd > 0 else 0.0)
+    found = next((k + 1 for k, z in enumerate(zs) if z <= z_min), len(zs) + 1)
+    return found, zs
+
+
+def summarise(path: str) -> None:
+    """The chain's count for every record of ``path`` that has one (docs/auto_modes_s21.jsonl)."""
+    right = total = 0
+    with open(path) as fh:
+        lines = fh.readlines()
+    for line in lines:
+        r = json.loads(line)
+        if "view_gain" not in r:
+            continue
+        found, zs = chain_count(r["view_gain"])
+        total += 1
+        right += found == r["K"]
+        print(f"{r.get('run', ''):20s} {r['case']:20s} true {r['K']} found {found} "
+              f"{'ok' if found == r['K'] else 'WRONG'}  z {', '.join(f'{z:.1f}' for z in zs)}")
+    print(f"right: {right} of {total}")
 
 
 def poisson_gauss_newton() -> None:
@@ -186,7 +223,7 @@ def poisson_gauss_newton() -> None:
 def main() -> None:
     global ml_cap
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cases", nargs="+")
+    ap.add_argument("cases", nargs="*")
     ap.add_argument("--modes", type=int, default=6, help="M, the over-complete count")
     ap.add_argument("--alg", default="DM:20,ML:480")
     ap.add_argument("--ml-cap", type=float, default=10.0)
@@ -197,7 +234,11 @@ def main() -> None:
     ap.add_argument("--poisson-gn", action="store_true", help="with --set ml_noise_model='poisson': "
                     "the Gauss–Newton line-search curvature")
     ap.add_argument("--json", default="")
+    ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
     a = ap.parse_args()
+    if a.summarise:
+        summarise(a.summarise)
+        return
     sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     ml_cap = a.ml_cap
     set_cap(a.ml_cap)
