@@ -119,8 +119,30 @@ def view_errors(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarr
     return err, dev.reshape(len(dev), -1).sum(axis=1), ans.reshape(len(ans), -1).sum(axis=1)
 
 
+def null_gain(scan: Any, obj: np.ndarray, probe: np.ndarray, M: int, alg: str, cut: int,
+              sets: dict[str, Any], seed: int) -> np.ndarray:
+    """The step k → k + 1 (k = len(probe)) of the chain on null data: Poisson draws from the k-mode model
+    (``obj``, ``probe``), fitted by the same M-mode schedule and cut to k and k + 1 modes; per-view gains
+    of the amplitude error (what the real step's gains are compared with)."""
+    from auto_mode_bootstrap import null_scan
+    k = len(probe)
+    r = Reconstruction(scan, ReconParams(iterations=1, probe_modes=k, threads=1), log=lambda m: None)
+    r.obj = obj.astype(r.cdtype)
+    r.probe = probe.astype(r.cdtype)
+    model = per_view(r)[1]
+    r.close()
+    null = null_scan(scan, model, seed)
+    o0, p0, _ = fit(null, M, alg, sets)
+    cut_sets = {key: v for key, v in sets.items() if key != "extra_mode_power"}
+    e = []
+    for j in (k, k + 1):
+        o_j, p_j, _ = fit(null, j, f"ML:{cut}", cut_sets, o0, p0[:j])
+        e.append(view_errors(null, o_j, p_j)[0])
+    return np.asarray(e[0] - e[1])
+
+
 def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
-             chain: bool = False) -> dict[str, Any]:
+             chain: bool = False, null: bool = False) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
     if truth:
@@ -140,9 +162,10 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
     if chain:
         # e_k: the k strongest modes and the object refitted as a k-mode model, k = 1 .. M
         cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
-        errs, views, devs, anss = [], [], [], []
+        errs, views, devs, anss, models = [], [], [], [], []
         for k in range(1, M + 1):
             o_k, p_k, e_k = fit(scan, k, f"ML:{cut}", cut_sets, obj, pr[:k])
+            models.append((o_k, p_k))
             errs.append(e_k)
             ve, vd, va = view_errors(scan, o_k, p_k)
             views.append(ve)
@@ -153,6 +176,21 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         rec["view_gain"] = [[float(x) for x in views[k] - views[k + 1]] for k in range(M - 1)]
         rec["view_dev_gain"] = [[float(x) for x in devs[k] - devs[k + 1]] for k in range(M - 1)]
         rec["view_anscombe_gain"] = [[float(x) for x in anss[k] - anss[k + 1]] for k in range(M - 1)]
+        if null:
+            # the calibrated chain: keep mode k + 1 while the real step's per-view gains exceed the null's
+            # (Poisson data from the k-mode cut, the same fit and cut), Welch z > 2
+            steps = []
+            for k in range(1, M):
+                d = views[k - 1] - views[k]
+                d0 = null_gain(scan, models[k - 1][0], models[k - 1][1], M, alg, cut, sets, seed=3000 + k)
+                z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
+                steps.append({"k": k, "gain": float(d.sum()), "null_gain": float(d0.sum()), "z": z,
+                              "view_null_gain": [float(f"{x:.3g}") for x in d0]})
+                print(f"  {case} step {k} -> {k + 1}: gain {d.sum():.0f}, null {d0.sum():.0f}, z {z:.1f}", flush=True)
+                if z <= 2:
+                    break
+            rec["null_steps"] = steps
+            rec["found_null"] = steps[-1]["k"] if steps[-1]["z"] <= 2 else M
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     rec["load"] = os.getloadavg()[0]
     sh = "/".join(f"{100 * s:.1f}" for s in shares)
@@ -234,6 +272,8 @@ def main() -> None:
     ap.add_argument("--poisson-gn", action="store_true", help="with --set ml_noise_model='poisson': "
                     "the Gauss–Newton line-search curvature")
     ap.add_argument("--json", default="")
+    ap.add_argument("--null", action="store_true", help="the chain against a parametric-bootstrap null of each "
+                    "step (one more M-mode fit a step)")
     ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
     a = ap.parse_args()
     if a.summarise:
@@ -245,7 +285,7 @@ def main() -> None:
     if a.poisson_gn:
         poisson_gauss_newton()
     for case in a.cases:
-        r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain)
+        r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null, a.null)
         if a.json:
             with open(a.json, "a") as fh:
                 fh.write(json.dumps(r) + "\n")
