@@ -1,0 +1,297 @@
+"""Over-complete fits of the probe's density matrix (issue 18, part 2; docs/auto_modes.md, "Session 21").
+
+Each case is fitted with M modes (M ≥ 2 × the largest true count, so the fit has no rank-K ridge on
+its way, session 20's path), from the default start, with a schedule whose probe step moves every
+eigenvalue of the density matrix ρ = Σ P_k P_k† at the same rate (``--ml-cap``: ML's probe gradient of
+mode k × min(cap, P_1/P_k), ``MLIteration.mode_precondition_cap``). It prints the fitted spectrum (all M
+shares), c_K = Tr(Π_K ρ_true)/Tr(ρ_true) for the K strongest fitted modes and c_M for all of them, the
+data error of the M-mode fit, and — the session 20 criterion — the data error of its K strongest modes
+(with its object) refitted as a K-mode model for ``--cut`` ML iterations, against the fit from the
+truth with the same schedule (``--truth``).
+
+    python benchmarks/mode_over.py fly:1e6:3:0.08 gsm:1e6:3:0.03 --modes 6 --alg DM:20,ML:480 --ml-cap 10
+    python benchmarks/mode_over.py fly:1e6:1:1 --modes 6 --alg DM:20,ML:480 --ml-cap 10 --set extra_mode_power=1
+    python benchmarks/mode_over.py fly:1e6:3:0.08 --truth --modes 6        # the truth + M − K weak extra modes
+    python benchmarks/mode_over.py fly:1e6:3:0.08 --chain --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
+        --set extra_mode_power=0.3 --json F                                # the count's chain of cuts
+    python benchmarks/mode_over.py --summarise docs/auto_modes_s21.jsonl   # the counts of the records
+
+A case is ``family:photons:true count:weakest share`` as in benchmarks/auto_mode_cv.py (64² frames,
+100 views, seed 1). ``--json F`` appends one line a case.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import numpy as np
+from auto_mode_bootstrap import per_view
+from auto_mode_cv import case_scan
+
+from hxn_ptycho import ml, modes
+from hxn_ptycho.engine import Reconstruction
+from hxn_ptycho.params import ReconParams
+
+
+def captured(probe: np.ndarray, true_probe: np.ndarray) -> float:
+    """Tr(Π ρ_true) / Tr(ρ_true): the share of the true modes' power inside the span of ``probe``."""
+    q, _ = np.linalg.qr(probe.reshape(len(probe), -1).T.astype(np.complex128))
+    t = true_probe.reshape(len(true_probe), -1).T
+    return float(np.sum(np.abs(q.conj().T @ t) ** 2) / np.sum(np.abs(t) ** 2))
+
+
+def its_of(alg: str) -> int:
+    return sum(int(s.split(":")[1]) for s in alg.split(","))
+
+
+def set_cap(cap: float) -> None:
+    init = ml.MLIteration.__init__
+    if getattr(init, "_capped", False):
+        init = init._orig      # type: ignore[attr-defined]
+
+    def ml_init(self: Any, rec: Any) -> None:
+        init(self, rec)
+        self.mode_precondition_cap = cap
+    ml_init._capped = True     # type: ignore[attr-defined]
+    ml_init._orig = init       # type: ignore[attr-defined]
+    ml.MLIteration.__init__ = ml_init       # type: ignore[method-assign]
+
+
+def fit(scan: Any, M: int, alg: str, sets: dict[str, Any], obj: np.ndarray | None = None,
+        probe: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """An M-mode fit (from the default start, or from ``obj``/``probe``): object, orthogonal modes
+    sorted by power, data error."""
+    p = ReconParams(iterations=its_of(alg), probe_modes=M, threads=1, algorithm=alg, **sets)
+    rec = Reconstruction(scan, p, log=lambda m: None)
+    if obj is not None and probe is not None:
+        rec.obj = obj.astype(rec.cdtype)
+        rec.probe = probe.astype(rec.cdtype)
+        rec._each(rec._init_psi)
+    res = rec.run()
+    rec.close()
+    return np.asarray(res.object), modes.orthogonalize(np.asarray(res.probe))[0], float(res.attrs["final_data_error"])
+
+
+def truth_start(mix: Any, M: int, extra: float) -> np.ndarray:
+    """The true modes and M − K weak extra ones (derivatives of the first, orthogonal to all true
+    modes, the k-th at extra/k of the first's power), total power kept."""
+    K = len(mix.probe)
+    if M == K:
+        return mix.probe.copy()
+    ex = modes.diverse_modes(mix.probe[0], M - K, extra, np.random.default_rng(0)).astype(np.complex128)
+    t = mix.probe.reshape(K, -1).astype(np.complex128)
+    q, _ = np.linalg.qr(t.T)
+    f = ex.reshape(M - K, -1)
+    f = f - (f @ q.conj()) @ q.T
+    p0 = float(np.vdot(t[0], t[0]).real)
+    f = f / np.linalg.norm(f, axis=1, keepdims=True) * np.sqrt(p0 * extra / np.arange(1, M - K + 1))[:, None]
+    pr = np.concatenate([t, f]).reshape(M, *mix.probe.shape[1:])
+    return pr * np.sqrt(float(np.sum(np.abs(t) ** 2)) / float(np.sum(np.abs(pr) ** 2)))
+
+
+def view_errors(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of each view j: Σ(|F(P·O_j)| − √I_j)² (unnormalised), the Poisson deviance
+    2 Σ (λ − I + I log(I/λ)) of the data I under the model's intensity λ, and the Anscombe error
+    Σ(√(λ + 3/8) − √(I + 3/8))² (variance ≈ 1/4 a pixel at any count; good pixels)."""
+    rec = Reconstruction(scan, ReconParams(iterations=1, probe_modes=len(probe), threads=1), log=lambda m: None)
+    rec.obj = obj.astype(rec.cdtype)
+    rec.probe = probe.astype(rec.cdtype)
+    err, lam = per_view(rec)
+    err = err * rec.total_intensity
+    inten = np.square(np.asarray(rec.be.asnumpy(rec.diffamp), np.float64))
+    lam = np.maximum(lam, 1e-9)
+    dev = 2 * (lam - inten + np.where(inten > 0, inten * np.log(np.maximum(inten, 1e-300) / lam), 0.0))
+    ans = np.square(np.sqrt(lam + 0.375) - np.sqrt(inten + 0.375))
+    if rec.mask is not None:
+        dev = dev * np.asarray(rec.be.asnumpy(rec.mask), bool)
+        ans = ans * np.asarray(rec.be.asnumpy(rec.mask), bool)
+    rec.close()
+    return err, dev.reshape(len(dev), -1).sum(axis=1), ans.reshape(len(ans), -1).sum(axis=1)
+
+
+def null_gain(scan: Any, obj: np.ndarray, probe: np.ndarray, M: int, alg: str, cut: int,
+              sets: dict[str, Any], seed: int) -> np.ndarray:
+    """The step k → k + 1 (k = len(probe)) of the chain on null data: Poisson draws from the k-mode model
+    (``obj``, ``probe``), fitted by the same M-mode schedule and cut to k and k + 1 modes; per-view gains
+    of the amplitude error (what the real step's gains are compared with)."""
+    from auto_mode_bootstrap import null_scan
+    k = len(probe)
+    r = Reconstruction(scan, ReconParams(iterations=1, probe_modes=k, threads=1), log=lambda m: None)
+    r.obj = obj.astype(r.cdtype)
+    r.probe = probe.astype(r.cdtype)
+    model = per_view(r)[1]
+    r.close()
+    null = null_scan(scan, model, seed)
+    o0, p0, _ = fit(null, M, alg, sets)
+    cut_sets = {key: v for key, v in sets.items() if key != "extra_mode_power"}
+    e = []
+    for j in (k, k + 1):
+        o_j, p_j, _ = fit(null, j, f"ML:{cut}", cut_sets, o0, p0[:j])
+        e.append(view_errors(null, o_j, p_j)[0])
+    return np.asarray(e[0] - e[1])
+
+
+def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
+             chain: bool = False, null: bool = False) -> dict[str, Any]:
+    scan, mix, K = case_scan(case)
+    t0 = time.perf_counter()
+    if truth:
+        obj, pr, err = fit(scan, M, alg, sets, mix.object[None], truth_start(mix, M, sets.get("extra_mode_power", 0.1)))
+    else:
+        obj, pr, err = fit(scan, M, alg, sets)
+    shares = modes.power_fractions(pr)
+    rec = {"case": case, "K": K, "M": M, "alg": alg, "sets": sets, "start": "truth" if truth else "default",
+           "cap": ml_cap, "error_M": err, "shares": [round(float(s), 5) for s in shares],
+           "c_K": captured(pr[:K], mix.probe), "c_M": captured(pr, mix.probe),
+           "true_shares": [round(float(s), 4) for s in mix.shares]}
+    if cut and M > K:
+        cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
+        _, prk, errk = fit(scan, K, f"ML:{cut}", cut_sets, obj, pr[:K])
+        rec.update(error_cut=errk, shares_cut=[round(float(s), 5) for s in modes.power_fractions(prk)],
+                   c_cut=captured(prk, mix.probe))
+    if chain:
+        # e_k: the k strongest modes and the object refitted as a k-mode model, k = 1 .. M
+        cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
+        errs, views, devs, anss, models = [], [], [], [], []
+        for k in range(1, M + 1):
+            o_k, p_k, e_k = fit(scan, k, f"ML:{cut}", cut_sets, obj, pr[:k])
+            models.append((o_k, p_k))
+            errs.append(e_k)
+            ve, vd, va = view_errors(scan, o_k, p_k)
+            views.append(ve)
+            devs.append(vd)
+            anss.append(va)
+        rec["chain"] = errs
+        rec["total_intensity"] = float(np.sum(views[0]) / errs[0])
+        rec["view_gain"] = [[float(x) for x in views[k] - views[k + 1]] for k in range(M - 1)]
+        rec["view_dev_gain"] = [[float(x) for x in devs[k] - devs[k + 1]] for k in range(M - 1)]
+        rec["view_anscombe_gain"] = [[float(x) for x in anss[k] - anss[k + 1]] for k in range(M - 1)]
+        if null:
+            # the calibrated chain: keep mode k + 1 while the real step's per-view gains exceed the null's
+            # (Poisson data from the k-mode cut, the same fit and cut), Welch z > 2
+            steps = []
+            for k in range(1, M):
+                d = views[k - 1] - views[k]
+                d0 = null_gain(scan, models[k - 1][0], models[k - 1][1], M, alg, cut, sets, seed=3000 + k)
+                z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
+                steps.append({"k": k, "gain": float(d.sum()), "null_gain": float(d0.sum()), "z": z,
+                              "view_null_gain": [float(f"{x:.3g}") for x in d0]})
+                print(f"  {case} step {k} -> {k + 1}: gain {d.sum():.0f}, null {d0.sum():.0f}, z {z:.1f}", flush=True)
+                if z <= 2:
+                    break
+            rec["null_steps"] = steps
+            rec["found_null"] = steps[-1]["k"] if steps[-1]["z"] <= 2 else M
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    rec["load"] = os.getloadavg()[0]
+    sh = "/".join(f"{100 * s:.1f}" for s in shares)
+    line = (f"{case} {rec['start']} M={M} {alg} cap {ml_cap} {sets}: error_M {err:.6f}, shares {sh}, "
+            f"c_K {rec['c_K']:.3f}, c_M {rec['c_M']:.3f}")
+    if "error_cut" in rec:
+        line += (f"; cut to K={K} + ML {cut}: {rec['error_cut']:.6f} "
+                 f"{'/'.join(f'{100 * s:.1f}' for s in rec['shares_cut'])} c {rec['c_cut']:.3f}")
+    print(line + f" ({rec['seconds']:.0f} s, load {rec['load']:.1f})", flush=True)
+    return rec
+
+
+ml_cap = 1.0
+
+
+def chain_count(view_gain: list[list[float]], z_min: float = 2.0) -> tuple[int, list[float]]:
+    """The count read from a chain: the first k whose step k → k + 1 has a paired statistic
+    z = mean(d)/(sd(d)/√N) of the per-view gains d no larger than ``z_min``; and every step's z."""
+    zs = []
+    for row in view_gain:
+        d = np.asarray(row, np.float64)
+        sd = float(d.std(ddof=1))
+        zs.append(float(d.mean() / (sd / np.sqrt(len(d)))) if sd > 0 else 0.0)
+    found = next((k + 1 for k, z in enumerate(zs) if z <= z_min), len(zs) + 1)
+    return found, zs
+
+
+def summarise(path: str) -> None:
+    """The chain's count for every record of ``path`` that has one (docs/auto_modes_s21.jsonl)."""
+    seen: dict[str, bool] = {}
+    with open(path) as fh:
+        lines = fh.readlines()
+    for line in lines:
+        r = json.loads(line)
+        if "view_gain" not in r or r.get("sets", {}).get("ml_noise_model") == "poisson":
+            continue
+        found, zs = chain_count(r["view_gain"])
+        seen.setdefault(r["case"], found == r["K"])
+        print(f"{r.get('run', ''):20s} {r['case']:20s} true {r['K']} found {found} "
+              f"{'ok' if found == r['K'] else 'WRONG'}  z {', '.join(f'{z:.1f}' for z in zs)}")
+    grid = {c: ok for c, ok in seen.items() if not c.startswith("zernike")}
+    held = {c: ok for c, ok in seen.items() if c.startswith("zernike")}
+    print(f"right (distinct cells, amplitude fits): grid {sum(grid.values())} of {len(grid)}, "
+          f"held-out {sum(held.values())} of {len(held)}")
+
+
+def poisson_gauss_newton() -> None:
+    """ML Poisson: the line search's curvature Σ (I/I_m²)·c1² (Gauss–Newton, never negative; the exact
+    one stalls with the per-mode step, docs/auto_modes.md session 20), as benchmarks/mode_fit.py."""
+    ls = ml.ml_line_search
+
+    def gn_line_search(be: Any, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any,
+                       floor: float, model: str) -> tuple[float, float]:
+        if model != "poisson":
+            return ls(be, f0, f1, f2, diffamp, intensity, mask, floor, model)
+        xp = be.xp
+        B_, n = f0.shape[0], f0.shape[-1]
+        g0, g1 = f0.reshape(B_, -1, n, n), f1.reshape(B_, -1, n, n)
+        c1 = 2 * (g0.real * g1.real + g0.imag * g1.imag).sum(axis=1)
+        i0 = xp.maximum(ml.dm._modulus(be, f0) ** 2, floor)
+        d1 = (1 - intensity / i0) * c1
+        d2 = intensity / i0 / i0 * c1 * c1
+        if mask is not None:
+            d1 *= mask
+            d2 *= mask
+        return float(xp.sum(d1, dtype=xp.float64)), float(xp.sum(d2, dtype=xp.float64))
+    ml.ml_line_search = gn_line_search
+
+
+def main() -> None:
+    global ml_cap
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases", nargs="*")
+    ap.add_argument("--modes", type=int, default=6, help="M, the over-complete count")
+    ap.add_argument("--alg", default="DM:20,ML:480")
+    ap.add_argument("--ml-cap", type=float, default=10.0)
+    ap.add_argument("--cut", type=int, default=50, help="ML iterations of the K-mode refit after the cut (0: none)")
+    ap.add_argument("--truth", action="store_true", help="start from the true object and modes (+ M − K extra)")
+    ap.add_argument("--set", action="append", default=[], help="a parameter, key=value")
+    ap.add_argument("--chain", action="store_true", help="refit the k strongest modes for every k (the errors e_k)")
+    ap.add_argument("--poisson-gn", action="store_true", help="with --set ml_noise_model='poisson': "
+                    "the Gauss–Newton line-search curvature")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--null", action="store_true", help="the chain against a parametric-bootstrap null of each "
+                    "step (one more M-mode fit a step)")
+    ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
+    a = ap.parse_args()
+    if a.summarise:
+        summarise(a.summarise)
+        return
+    sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
+    ml_cap = a.ml_cap
+    set_cap(a.ml_cap)
+    if a.poisson_gn:
+        poisson_gauss_newton()
+    for case in a.cases:
+        r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null, a.null)
+        if a.json:
+            with open(a.json, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
