@@ -37,17 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import numpy as np
 from auto_mode_bootstrap import per_view
 from auto_mode_cv import case_scan
+from mode_fit import captured
 
 from hxn_ptycho import ml, modes
 from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
-
-
-def captured(probe: np.ndarray, true_probe: np.ndarray) -> float:
-    """Tr(Π ρ_true) / Tr(ρ_true): the share of the true modes' power inside the span of ``probe``."""
-    q, _ = np.linalg.qr(probe.reshape(len(probe), -1).T.astype(np.complex128))
-    t = true_probe.reshape(len(true_probe), -1).T
-    return float(np.sum(np.abs(q.conj().T @ t) ** 2) / np.sum(np.abs(t) ** 2))
 
 
 def its_of(alg: str) -> int:

@@ -200,11 +200,15 @@ def test_fftw_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
     assert len(errors) == 8 and max(errors) < tol, errors
 
 
+@pytest.mark.parametrize("library,module", [("fftw", "pyfftw"), ("mkl", "mkl_fft")])
 @pytest.mark.parametrize("modes,masked,bound,subpixel", [(1, False, False, False), (3, True, True, False),
                                                          (2, False, False, True)])
-def test_numba_passes_with_fftw_equal_the_numpy_reference(monkeypatch, modes, masked, bound, subpixel):
-    pytest.importorskip("pyfftw")
-    monkeypatch.setenv("HXN_PTYCHO_FFT", "fftw")
+def test_numba_passes_with_another_fft_library_equal_the_numpy_reference(monkeypatch, library, module, modes,
+                                                                          masked, bound, subpixel):
+    """Every numba pass with FFTW's or MKL's transforms (optional; skipped without them) equals the
+    numpy reference on scipy.fft."""
+    pytest.importorskip(module)
+    monkeypatch.setenv("HXN_PTYCHO_FFT", library)
     fast = NumbaBackend(1)
     monkeypatch.delenv("HXN_PTYCHO_FFT")
     check_passes_match(fast, NumpyBackend(1), np.complex64, modes, masked, bound, subpixel, 2e-5)
@@ -266,17 +270,6 @@ def test_mkl_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
     e = d.copy()
     be.fft2(e, workers=2)                                    # more threads for one call only
     assert rel(e, scipy.fft.fft2(d, norm="ortho")) < tol and be._fftw.fft_threads == 1
-
-
-@pytest.mark.parametrize("modes,masked,bound,subpixel", [(1, False, False, False), (3, True, True, False),
-                                                         (2, False, False, True)])
-def test_numba_passes_with_mkl_equal_the_numpy_reference(monkeypatch, modes, masked, bound, subpixel):
-    pytest.importorskip("mkl_fft")
-    monkeypatch.setenv("HXN_PTYCHO_FFT", "mkl")
-    fast = NumbaBackend(1)
-    monkeypatch.delenv("HXN_PTYCHO_FFT")
-    check_passes_match(fast, NumpyBackend(1), np.complex64, modes, masked, bound, subpixel, 2e-5)
-    check_passes_match(fast, NumpyBackend(1), np.complex128, modes, masked, bound, subpixel, 1e-11)
 
 
 def test_mkl_without_mkl_fft_is_a_clear_error(monkeypatch):
