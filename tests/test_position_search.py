@@ -270,8 +270,12 @@ def test_annular_lens_seed_2_recovered_with_the_second_layout_search(second, mon
     (3.1x). The second search (from the defocus choice's isotropic probe, with the off-diagonal
     terms, steps down to 0.25 px) finds [[1.0175, 0.0058], [0.0058, 1.0175]], which the long re-fits
     from the engine's first probe prefer (0.264 against 0.293): 0.257 px, object 0.0169 (1.01x;
-    measured, docs/position_search.md "session 20, second draw"). ``no-second-search`` asserts the
-    object misses without it. About 45 s each."""
+    measured, docs/position_search.md "session 20, second draw"). ``no-second-search`` asserted
+    until session 21 that the object misses without it (3.1x); since the object update is shared
+    out by rows (session 21: other rounding of the same sums), the first search alone takes rows
+    1.023 and columns 1.012 there and the fresh start and the pixel check finish it (0.256 px,
+    0.0164 against 0.0167, measured), so that case now asserts the criterion is met without the
+    second search as well — seed 2 no longer shows that the second search is needed. About 45 s each."""
     res, err_px, nrmse, true_nrmse = _heavy_mixture_run("defocus", 2, monkeypatch,
                                                         **({} if second else {"scale_second": False}))
     if second:
@@ -281,7 +285,8 @@ def test_annular_lens_seed_2_recovered_with_the_second_layout_search(second, mon
         assert nrmse <= 1.2 * true_nrmse, (nrmse, true_nrmse)
     else:
         assert "position_scale_judged" not in res.attrs
-        assert nrmse > 2 * true_nrmse, (nrmse, true_nrmse)
+        assert err_px <= 0.5, err_px
+        assert nrmse <= 1.2 * true_nrmse, (nrmse, true_nrmse)
 
 
 @pytest.mark.slow
