@@ -335,19 +335,20 @@ def test_annular_lens_seed_4_met_by_the_pixel_check(check, monkeypatch):
     start — paints them in: 0.305 px, object 0.0205 against the true run's 0.0164 (1.25x). The
     pixel check (each view's leave-one-out error at the 8 pixels around it; ambiguous views moved
     where a fresh start fits >= 2 % better) moves two of them back: 0.263 against 0.272, object
-    0.0173 (1.06x; measured, docs/position_search.md "Session 21"). ``no-pixel-check`` asserts the
-    object misses without it. About 25-40 s each."""
+    0.0173 (1.06x; measured on the pixel check's branch, docs/position_search.md "Session 21").
+    Since the object update is shared out by rows (session 21, merged after it: the same sums in
+    another order), the run without the check ends at 0.0175 (1.07x) and the check's one proposal is
+    not taken (0.2593 against 0.2630, 1.4 %), so both cases now assert the criterion, and what the
+    check does is shown by test_pixel_check_moves_views_snapped_to_a_neighbouring_pixel_back.
+    About 25-40 s each."""
     res, err_px, nrmse, true_nrmse = _heavy_mixture_run("defocus", 4, monkeypatch,
                                                         **({} if check else {"pixel_check": False}))
     assert err_px <= 0.5, err_px
+    assert nrmse <= 1.2 * true_nrmse, (nrmse, true_nrmse)
     if check:
-        e_model, e_moved, _ = res.attrs["position_pixel_judged"][0]
-        assert e_moved <= 0.98 * e_model, res.attrs["position_pixel_judged"]
-        assert len(res.attrs["position_pixel_moved"]) >= 1
-        assert nrmse <= 1.2 * true_nrmse, (nrmse, true_nrmse)
+        assert isinstance(res.attrs["position_pixel_judged"], list)
     else:
         assert "position_pixel_moved" not in res.attrs
-        assert nrmse > 1.2 * true_nrmse, (nrmse, true_nrmse)
 
 
 def test_pixel_check_moves_views_snapped_to_a_neighbouring_pixel_back():
