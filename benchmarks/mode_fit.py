@@ -54,6 +54,30 @@ def captured(probe: np.ndarray, true_probe: np.ndarray) -> float:
     t = true_probe.reshape(len(true_probe), -1).T
     return float(np.sum(np.abs(q.conj().T @ t) ** 2) / np.sum(np.abs(t) ** 2))
 
+def poisson_gauss_newton() -> None:
+    """ML Poisson: the line search's curvature Σ (I/I_m²)·c1² (Gauss–Newton, never negative; the exact
+    one stalls with the per-mode step, docs/auto_modes.md session 20)."""
+    from hxn_ptycho import ml
+    ls = ml.ml_line_search
+
+    def gn_line_search(be: Any, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any,
+                       floor: float, model: str) -> tuple[float, float]:
+        if model != "poisson":
+            return ls(be, f0, f1, f2, diffamp, intensity, mask, floor, model)
+        xp = be.xp
+        B_, n = f0.shape[0], f0.shape[-1]
+        g0, g1 = f0.reshape(B_, -1, n, n), f1.reshape(B_, -1, n, n)
+        c1 = 2 * (g0.real * g1.real + g0.imag * g1.imag).sum(axis=1)
+        i0 = xp.maximum(ml.dm._modulus(be, f0) ** 2, floor)
+        d1 = (1 - intensity / i0) * c1
+        d2 = intensity / i0 / i0 * c1 * c1
+        if mask is not None:
+            d1 *= mask
+            d2 *= mask
+        return float(xp.sum(d1, dtype=xp.float64)), float(xp.sum(d2, dtype=xp.float64))
+    ml.ml_line_search = gn_line_search
+
+
 
 def spectrum_text(probe: np.ndarray) -> str:
     return "/".join(f"{100 * x:.1f}" for x in modes.power_fractions(modes.orthogonalize(probe)[0]))
@@ -227,26 +251,7 @@ def main() -> None:
             self.mode_precondition_cap = a.ml_cap or 1.0
         ml.MLIteration.__init__ = ml_init       # type: ignore[method-assign]
     if a.poisson_gn:
-        from hxn_ptycho import ml
-        ls = ml.ml_line_search
-
-        def gn_line_search(be: Any, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any,
-                           floor: float, model: str) -> tuple[float, float]:
-            if model != "poisson":
-                return ls(be, f0, f1, f2, diffamp, intensity, mask, floor, model)
-            # the Gauss–Newton curvature of the Poisson term: Σ (I/I_m²)·c1², never negative
-            xp = be.xp
-            B_, n = f0.shape[0], f0.shape[-1]
-            g0, g1 = f0.reshape(B_, -1, n, n), f1.reshape(B_, -1, n, n)
-            c1 = 2 * (g0.real * g1.real + g0.imag * g1.imag).sum(axis=1)
-            i0 = xp.maximum(ml.dm._modulus(be, f0) ** 2, floor)
-            d1 = (1 - intensity / i0) * c1
-            d2 = intensity / i0 / i0 * c1 * c1
-            if mask is not None:
-                d1 *= mask
-                d2 *= mask
-            return float(xp.sum(d1, dtype=xp.float64)), float(xp.sum(d2, dtype=xp.float64))
-        ml.ml_line_search = gn_line_search
+        poisson_gauss_newton()
     if a.ml_orth:
         from hxn_ptycho import ml
         iterate = ml.MLIteration.iterate

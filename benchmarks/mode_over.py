@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import numpy as np
 from auto_mode_bootstrap import per_view
 from auto_mode_cv import case_scan
-from mode_fit import captured
+from mode_fit import captured, poisson_gauss_newton
 
 from hxn_ptycho import ml, modes
 from hxn_ptycho.engine import Reconstruction
@@ -229,29 +229,6 @@ def summarise(path: str) -> None:
     held = {c: ok for c, ok in seen.items() if c.startswith("zernike")}
     print(f"right (distinct cells, amplitude fits): grid {sum(grid.values())} of {len(grid)}, "
           f"held-out {sum(held.values())} of {len(held)}")
-
-
-def poisson_gauss_newton() -> None:
-    """ML Poisson: the line search's curvature Σ (I/I_m²)·c1² (Gauss–Newton, never negative; the exact
-    one stalls with the per-mode step, docs/auto_modes.md session 20), as benchmarks/mode_fit.py."""
-    ls = ml.ml_line_search
-
-    def gn_line_search(be: Any, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any, mask: Any,
-                       floor: float, model: str) -> tuple[float, float]:
-        if model != "poisson":
-            return ls(be, f0, f1, f2, diffamp, intensity, mask, floor, model)
-        xp = be.xp
-        B_, n = f0.shape[0], f0.shape[-1]
-        g0, g1 = f0.reshape(B_, -1, n, n), f1.reshape(B_, -1, n, n)
-        c1 = 2 * (g0.real * g1.real + g0.imag * g1.imag).sum(axis=1)
-        i0 = xp.maximum(ml.dm._modulus(be, f0) ** 2, floor)
-        d1 = (1 - intensity / i0) * c1
-        d2 = intensity / i0 / i0 * c1 * c1
-        if mask is not None:
-            d1 *= mask
-            d2 *= mask
-        return float(xp.sum(d1, dtype=xp.float64)), float(xp.sum(d2, dtype=xp.float64))
-    ml.ml_line_search = gn_line_search
 
 
 def main() -> None:
