@@ -205,12 +205,13 @@ def _cache_resident(rec: Any, repeat: int) -> dict:
     pden = np.zeros(rec.probe.shape[1:], rdt)
     pb = rdt(rec.pbound)
     iota = np.arange(len(amp), dtype=np.int64)
+    relax = np.zeros(len(amp), rdt)
     calls = {
         "reflect_at_k": lambda: ck.reflect_at_k(rec.obj, pos, rec.probe, psi, work),
         "fft2": lambda: be.fft2(work),
-        "project_k": lambda: ck.project_k(ck._views(work), amp, iota, m1, False, pb, rdt(0), rdt(ck.TINY), rdt(1)),
+        "project_k": lambda: ck.project_k(ck._views(work), amp, iota, m1, False, pb, rdt(0), rdt(ck.TINY), rdt(1), relax),
         "ifft2": lambda: be.ifft2(work),
-        "dm_update_sums_at_k": lambda: ck.dm_update_sums_at_k(psi, rec.obj, pos, rec.probe, work, rdt(1), pconj, pint,
+        "dm_update_sums_at_k": lambda: ck.dm_update_sums_at_k(psi, rec.obj, pos, rec.probe, work, rdt(1), relax, rdt(1), pconj, pint,
                                                               onum, oden),
         "probe_sums_k": lambda: ck.probe_sums_k(psi, rec.obj, pos, pnum, pden),
         "copy_batch": lambda: np.copyto(work, psi),

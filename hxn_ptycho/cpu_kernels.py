@@ -8,12 +8,13 @@ single precision: the constants are passed in that precision, so nothing is prom
 - :func:`exit_waves_k`: (2) Φ = P·O straight from the object at the window corners;
 - :func:`reflect_at_k`: (2), (3) the reflected wave 2Φ − ψ, Φ = P·O formed from the object at the
   window corners (not stored; ``reflect_win_k`` stores it from sub-pixel windows);
-- :func:`project_k`: after its FFT, (7) the data error of the reflected wave and (4) the modulus
-  step with the power bound's relaxation — one sweep without the power bound, two with it (the
-  first measures each view's deviation and keeps its modulus |w| for the second);
-- :func:`dm_update_at_k`: after the inverse FFT, (3) ψ ← ψ + β(F⁻¹Π_F(…) − Φ) in real space, Φ
-  formed again from the object (``dm_update_k`` from a stored Φ); ψ is the only full-size state:
-  no F(ψ) is kept;
+- :func:`project_k`: after its FFT, (7) the data error of the reflected wave and (4) the exact modulus
+  projection, in one sweep, with each view's relaxation r of the power bound kept aside (the
+  relaxed projection the reference applies in Fourier space is mixed in real space by the update:
+  F⁻¹ is linear, and 2Φ − ψ is what the update forms anyway);
+- :func:`dm_update_at_k`: after the inverse FFT, (3) ψ ← ψ + β((1 − r)F⁻¹Π_F(…) + r(2Φ − ψ) − Φ) in
+  real space, Φ formed again from the object (``dm_update_k`` from a stored Φ); ψ is the only
+  full-size state: no F(ψ) is kept;
 - :func:`object_sums_k`: (6) Σ_k P_k*·ψ and Σ_k |P_k|² scattered onto the object;
 - :func:`probe_sums_k`: (5) Σ O*·ψ and Σ |O|² from the object windows read in place.
 
@@ -185,13 +186,28 @@ def reflect_at_k(obj, pos, probe, psi, out):
                         dst[j] = v + v - p[j]
 
 
-# (3) ψ ← ψ + β·(F⁻¹Π_F(F(2Φ − ψ)) − Φ), Φ = O_l(window b)·P_k formed again from the object
+@_inline
+def _dm_coefficients(r, beta, one):
+    """(3) with (4)'s relaxation r: ψ + β·((1 − r)·F⁻¹Π_F + r·(2Φ − ψ) − Φ) = a₁ψ + a₂F⁻¹Π_F + a₃Φ."""
+    return one - beta * r, beta * (one - r), beta * (r + r - one)
+
+
+@_inline
+def _dm_value(p, x, f, a1, a2, a3):
+    """a₁ψ + a₂x + a₃Φ on one pixel, by real and imaginary parts (real × complex products as complex
+    ones would multiply by a zero imaginary part too)."""
+    return complex(a1 * p.real + a2 * x.real + a3 * f.real, a1 * p.imag + a2 * x.imag + a3 * f.imag)
+
+
+# (3) ψ ← ψ + β·((1 − r)·F⁻¹Π_F(F(2Φ − ψ)) + r·(2Φ − ψ) − Φ), Φ = O_l(window b)·P_k formed again from
+# the object (r: project_k's relax; 2Φ − ψ from Φ and the old ψ in registers)
 @_jit
-def dm_update_at_k(psi, obj, pos, probe, proj, beta):
+def dm_update_at_k(psi, obj, pos, probe, proj, beta, relax, one):
     B, L, K, n, m = psi.shape
     for b in range(B):
         r0 = pos[b, 0]
         c0 = pos[b, 1]
+        a1, a2, a3 = _dm_coefficients(relax[b], beta, one)
         for l in range(L):
             for i in range(n):
                 orow = obj[l, r0 + i, c0:c0 + m]
@@ -200,19 +216,20 @@ def dm_update_at_k(psi, obj, pos, probe, proj, beta):
                     p = psi[b, l, k, i]
                     x = proj[b, l, k, i]
                     for j in range(m):
-                        p[j] = p[j] + beta * (x[j] - orow[j] * prow[j])
+                        p[j] = _dm_value(p[j], x[j], orow[j] * prow[j], a1, a2, a3)
 
 
-# (3) then (6) in the same sweep: ψ ← ψ + β·(F⁻¹Π_F(…) − Φ) as dm_update_at_k, and the new ψ's object
-# sums num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|² as object_sums_k (the
-# same additions in the same order as the two kernels run one after the other; to rounding, as the
+# (3) then (6) in the same sweep: ψ updated as dm_update_at_k, and the new ψ's object sums
+# num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|² as object_sums_k (the same
+# additions in the same order as the two kernels run one after the other; to rounding, as the
 # compiler may fuse the multiply-adds differently)
 @_jit
-def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, pconj, pint, num, den):
+def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, relax, one, pconj, pint, num, den):
     B, L, K, n, m = psi.shape
     for b in range(B):
         r0 = pos[b, 0]
         c0 = pos[b, 1]
+        a1, a2, a3 = _dm_coefficients(relax[b], beta, one)
         for l in range(L):
             for i in range(n):
                 orow = obj[l, r0 + i, c0:c0 + m]
@@ -223,7 +240,7 @@ def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, pconj, pint, num, den)
                     p = psi[b, l, k, i]
                     x = proj[b, l, k, i]
                     for j in range(m):
-                        v = p[j] + beta * (x[j] - orow[j] * prow[j])
+                        v = _dm_value(p[j], x[j], orow[j] * prow[j], a1, a2, a3)
                         p[j] = v
                         dst[j] += pc[j] * v
         for i in range(n):
@@ -236,11 +253,12 @@ def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, pconj, pint, num, den)
 # (3) then the numerator of (6) alone in the same sweep: dm_update_sums_at_k without the denominator,
 # which object_update then forms from the probe and the corners (den_band_k)
 @_jit
-def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, pconj, num):
+def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, relax, one, pconj, num):
     B, L, K, n, m = psi.shape
     for b in range(B):
         r0 = pos[b, 0]
         c0 = pos[b, 1]
+        a1, a2, a3 = _dm_coefficients(relax[b], beta, one)
         for l in range(L):
             for i in range(n):
                 orow = obj[l, r0 + i, c0:c0 + m]
@@ -251,7 +269,7 @@ def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, pconj, num):
                     p = psi[b, l, k, i]
                     x = proj[b, l, k, i]
                     for j in range(m):
-                        v = p[j] + beta * (x[j] - orow[j] * prow[j])
+                        v = _dm_value(p[j], x[j], orow[j] * prow[j], a1, a2, a3)
                         p[j] = v
                         dst[j] += pc[j] * v
 
@@ -308,106 +326,86 @@ def reflect_win_k(win, probe, psi, phi, out):
                         dst[j] = v + v - p[j]
 
 
-# (4), (7): Π_F in place on the reflected waves F(2Φ − ψ) (the power bound's relaxation r per view);
+# (4), (7): Π_F in place on the reflected waves, w ← √I·w/|w| (w where masked), in one sweep; the power
+# bound's relaxation r of each view into ``relax`` (the update takes (1 − r)·F⁻¹Π_F + r·(2Φ − ψ));
 # returns Σ_good (|F(2Φ − ψ)| − √I)²
 @_jit
-def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one):
+def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one, relax):
     """``w`` (B, M, n, n) Fourier-space reflected waves; view b's frame ``amp[rows[b]]`` (``rows``
     (B,) int64: the frames read where they lie, not gathered); ``pbound``, ``floor``,
-    ``tiny``, ``one`` in the arrays' real precision. Returns (the error (7), Σ_b r_b, Σ_b r_b without
-    the floor): each view's r (dm.relaxation) in the arrays' precision, 1 within the bound; the sums
-    in float64 (0, 0 without the bound: ``dm.RelaxSum.add_sums``)."""
+    ``tiny``, ``one`` in the arrays' real precision. Writes the exact projection Π_F into ``w`` and
+    each view's r (dm.relaxation, in the arrays' precision) into ``relax`` (B,): 1 within the bound,
+    0 without a bound. The relaxed projection of the reference, F(2Φ − ψ)·((√I/|w|)(1 − r) + r), is
+    by the linearity of F⁻¹ the mix (1 − r)·F⁻¹Π_F + r·(2Φ − ψ) that the update kernels form in real
+    space (``_dm_coefficients``): one sweep here where the relaxed projection needs two (the view's
+    deviation decides r only once the view has been read). Returns (the error (7), Σ_b r_b, Σ_b r_b
+    without the floor); the sums in float64 (0, 0 without the bound: ``dm.RelaxSum.add_sums``)."""
     B, M, n, m = w.shape
-    relax = np.empty(B, amp.dtype)
     raw = np.empty(B, amp.dtype)
     sum_relax = 0.0
     sum_raw = 0.0
     sr = np.empty(m, amp.dtype)          # Σ_q |w|² of a row
     fac = np.empty(m, amp.dtype)
-    mod = np.empty((n, m), amp.dtype)    # with the bound: |w| of the view, from the first sweep to the second
     zero = one - one
     err = 0.0
     npix = n * m
     for b in range(B):
-        r = zero
-        if pbound > 0:              # first sweep: |w| and the deviation of the view (its error (7) too)
-            dev = 0.0
-            for i in range(n):
-                _row_intensity(w, b, i, sr)
-                arow = amp[rows[b], i]
-                mrow = mod[i]
-                e = zero
-                if use_mask:
-                    for j in range(m):
-                        s = np.sqrt(sr[j])
-                        mrow[j] = s
-                        d = s - arow[j]
-                        e += d * d * (one if mask[i, j] else zero)
-                else:
-                    for j in range(m):
-                        s = np.sqrt(sr[j])
-                        mrow[j] = s
-                        d = s - arow[j]
-                        e += d * d
-                dev += e
-            err += dev
-            dev = dev / npix
-            if dev > pbound:
-                rr = np.sqrt(pbound / max(dev, 1e-30))
-                raw[b] = rr
-                if floor > 0 and rr < floor:
-                    rr = floor
-                relax[b] = rr
-                r = relax[b]            # in the arrays' precision, as the reference's
-                sum_relax += r
-                sum_raw += raw[b]
-            else:
-                sum_relax += 1.0
-                sum_raw += 1.0
-                continue                # within the bound: the view stays as it is
-        for i in range(n):          # the projection (and (7) here without the bound)
+        dev = 0.0
+        for i in range(n):
+            _row_intensity(w, b, i, sr)
             arow = amp[rows[b], i]
-            if pbound <= 0:
-                _row_intensity(w, b, i, sr)
-                e = zero
-                if use_mask:
-                    for j in range(m):
-                        d = np.sqrt(sr[j]) - arow[j]
-                        e += d * d * (one if mask[i, j] else zero)
-                else:
-                    for j in range(m):
-                        d = np.sqrt(sr[j]) - arow[j]
-                        e += d * d
-                err += e
-                for j in range(m):
-                    fac[j] = arow[j] / max(np.sqrt(sr[j]), tiny)
-            else:
-                mrow = mod[i]
-                for j in range(m):
-                    fac[j] = (arow[j] / max(mrow[j], tiny)) * (one - r) + r
+            e = zero
             if use_mask:
+                mrow = mask[i]
                 for j in range(m):
-                    if not mask[i, j]:
-                        fac[j] = one
+                    s = np.sqrt(sr[j])
+                    d = s - arow[j]
+                    e += d * d * (one if mrow[j] else zero)
+                    fac[j] = arow[j] / max(s, tiny) if mrow[j] else one
+            else:
+                for j in range(m):
+                    s = np.sqrt(sr[j])
+                    d = s - arow[j]
+                    e += d * d
+                    fac[j] = arow[j] / max(s, tiny)
+            dev += e
             for q in range(M):
                 row = w[b, q, i]
                 for j in range(m):
                     row[j] = row[j] * fac[j]
+        err += dev
+        if pbound <= 0:
+            relax[b] = zero         # the exact projection
+            continue
+        dev = dev / npix
+        if dev > pbound:
+            rr = np.sqrt(pbound / max(dev, 1e-30))
+            raw[b] = rr
+            if floor > 0 and rr < floor:
+                rr = floor
+            relax[b] = rr           # in the arrays' precision, as the reference's
+            sum_relax += relax[b]
+            sum_raw += raw[b]
+        else:
+            relax[b] = one          # within the bound: the view stays as it is (2Φ − ψ)
+            sum_relax += 1.0
+            sum_raw += 1.0
     return err, sum_relax, sum_raw
 
 
-# (3) ψ ← ψ + β·(F⁻¹Π_F(F(2Φ − ψ)) − Φ), in real space
+# (3) ψ ← ψ + β·((1 − r)·F⁻¹Π_F(F(2Φ − ψ)) + r·(2Φ − ψ) − Φ), in real space (r: project_k's relax)
 @_jit
-def dm_update_k(psi, phi, proj, beta):
+def dm_update_k(psi, phi, proj, beta, relax, one):
     B, M, n, m = psi.shape
     for b in range(B):
+        a1, a2, a3 = _dm_coefficients(relax[b], beta, one)
         for q in range(M):
             for i in range(n):
                 p = psi[b, q, i]
                 f = phi[b, q, i]
                 x = proj[b, q, i]
                 for j in range(m):
-                    p[j] = p[j] + beta * (x[j] - f[j])
+                    p[j] = _dm_value(p[j], x[j], f[j], a1, a2, a3)
 
 
 # (6) num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|²
@@ -619,21 +617,23 @@ class NumbaBackend(HostBackend):
             reflect_win_k(windows, probe, psi, phi, work)                                 # Φ, 2Φ − ψ
         self.fft2(work)
         m, use = self._mask(mask, psi.shape[-2], psi.shape[-1])
+        relax = np.empty(B, cone.dtype)                                                  # r of each view
         err, sum_r, sum_raw = project_k(_views(work), diffamp, self._rows(rows, B), m, use, cpb, cfl, ctiny,
-                                        cone)                                             # (4), (7)
+                                        cone, relax)                                      # (4), (7)
         if stats is not None:
             stats.add_sums(sum_r, sum_raw, B) if pbound > 0 else stats.add(None, B)
         self.ifft2(work)
         if windows is None:
             if sums is not None and sums.den is None:                                     # (3), (6)'s numerator
-                dm_update_num_at_k(psi, obj, ipos, probe, work, cbeta, self._pconj(sums.probe_conj, psi), sums.num)
+                dm_update_num_at_k(psi, obj, ipos, probe, work, cbeta, relax, cone,
+                                   self._pconj(sums.probe_conj, psi), sums.num)
             elif sums is not None:                                                        # (3), (6)
-                dm_update_sums_at_k(psi, obj, ipos, probe, work, cbeta, self._pconj(sums.probe_conj, psi),
+                dm_update_sums_at_k(psi, obj, ipos, probe, work, cbeta, relax, cone, self._pconj(sums.probe_conj, psi),
                                     self._pint(sums.probe_intensity, sums.den), sums.num, sums.den)
             else:
-                dm_update_at_k(psi, obj, ipos, probe, work, cbeta)                        # (3)
+                dm_update_at_k(psi, obj, ipos, probe, work, cbeta, relax, cone)           # (3)
             return err
-        dm_update_k(_views(psi), _views(phi), _views(work), cbeta)
+        dm_update_k(_views(psi), _views(phi), _views(work), cbeta, relax, cone)
         if sums is not None:                                                              # (6), sub-pixel
             if sums.den is None:
                 src = buf.onum_src[:B]
@@ -759,11 +759,12 @@ class NumbaBackend(HostBackend):
         exit_waves_win_k(win, probe, waves)
         data_error_k(_views(waves), amp, m, True)
         reflect_win_k(win, probe, waves.copy(), waves.copy(), waves)
-        project_k(_views(waves), amp, np.zeros(B, np.int64), m, True, rdt(0), rdt(0), rdt(TINY), rdt(1))
-        dm_update_k(_views(waves), _views(waves.copy()), _views(waves.copy()), rdt(1))
+        relax = np.zeros(B, rdt)
+        project_k(_views(waves), amp, np.zeros(B, np.int64), m, True, rdt(0), rdt(0), rdt(TINY), rdt(1), relax)
+        dm_update_k(_views(waves), _views(waves.copy()), _views(waves.copy()), rdt(1), relax, rdt(1))
         reflect_at_k(obj, pos, probe, waves.copy(), waves)
-        dm_update_at_k(waves, obj, pos, probe, waves.copy(), rdt(1))
-        dm_update_sums_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), probe, np.ones((n, n), rdt),
+        dm_update_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), relax, rdt(1))
+        dm_update_sums_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), relax, rdt(1), probe, np.ones((n, n), rdt),
                             np.zeros_like(obj), np.zeros((1, n + 1, n + 1), rdt))
         object_sums_k(waves, probe, np.ones((n, n), rdt), pos, np.zeros_like(obj), np.zeros((1, n + 1, n + 1), rdt))
         object_numerator_k(waves, probe, win)
@@ -776,7 +777,7 @@ class NumbaBackend(HostBackend):
             object_update_k(nums, dens, obj, rdt(1), rdt(1), np.empty_like(obj), np.zeros((L, 2)), 0, n + 1)
             object_update_k(nums, dens[:1], obj, rdt(1), rdt(1), np.empty_like(obj), np.zeros((L, 2)), 0, n + 1)
         den_band_k(np.ones((n, n), rdt), pos, np.zeros((1, n + 1, n + 1), rdt), 0, n + 1)
-        dm_update_num_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), probe, np.zeros_like(obj))
+        dm_update_num_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), relax, rdt(1), probe, np.zeros_like(obj))
         secs = time.perf_counter() - t0
         logger.debug("numba kernels for %s ready in %.3f s", cdt, secs)
         return secs

@@ -82,6 +82,15 @@ def check_passes_match(be, ref, cdt, modes: int, masked: bool, bound: bool, subp
         windows_f = b.gather_subpixel(o, pos, n, bufs.objwin, bufs.tmp) if subpixel else None
         err_f = b.fourier_pass(o, pos, p, psi_f, b.asarray(amp_all), None if mask is None else b.asarray(mask),
                                pbound, 0.9, floor, None, bufs, windows_f, sums, rows)
+        # and with the numerator of (6) alone (ObjectSums.den None: the object update forms the
+        # denominator — what the engine asks of the CPU backends, cache_batches, on one process)
+        psi_n, sums_n, err_n = psi_f, sums, err_f
+        if be.cache_batches:
+            psi_n = b.asarray(psi0.copy())
+            sums_n = ObjectSums(pconj, pint, b.zeros((L, H, W), cdt), None)
+            windows_n = b.gather_subpixel(o, pos, n, bufs.objwin, bufs.tmp) if subpixel else None
+            err_n = b.fourier_pass(o, pos, p, psi_n, b.asarray(amp_all), None if mask is None else b.asarray(mask),
+                                   pbound, 0.9, floor, None, bufs, windows_n, sums_n, rows)
         if subpixel:
             windows = b.gather_subpixel(o, pos, n, bufs.objwin, bufs.tmp)
         pnum, pden = b.zeros((K, n, n), cdt), b.zeros((n, n), rdt)
@@ -93,7 +102,8 @@ def check_passes_match(be, ref, cdt, modes: int, masked: bool, bound: bool, subp
                          oden=b.asnumpy(oden), pnum=b.asnumpy(pnum), pden=b.asnumpy(pden), merr=float(merr),
                          relax=float(stats.total), raw=float(stats.raw), views=stats.views,
                          err_f=float(err_f), psi_f=b.asnumpy(psi_f), onum_f=b.asnumpy(sums.num),
-                         oden_f=b.asnumpy(sums.den))
+                         oden_f=b.asnumpy(sums.den), err_n=float(err_n), psi_n=b.asnumpy(psi_n),
+                         onum_n=b.asnumpy(sums_n.num))
     r, g = out["ref"], out["be"]
     assert abs(g["err"] / r["err"] - 1) < tol, (g["err"], r["err"])
     assert abs(g["merr"] / r["merr"] - 1) < tol, (g["merr"], r["merr"])
@@ -102,7 +112,10 @@ def check_passes_match(be, ref, cdt, modes: int, masked: bool, bound: bool, subp
     for key in ("psi", "onum", "oden"):     # the pass with its object sums: those of the two passes
         assert rel(g[key + "_f"], r[key]) < tol, (key, rel(g[key + "_f"], r[key]))
         assert rel(r[key + "_f"], r[key]) < tol, (key, rel(r[key + "_f"], r[key]))
+    for key in ("psi", "onum"):             # the pass with the numerator alone
+        assert rel(g[key + "_n"], r[key]) < tol, (key, rel(g[key + "_n"], r[key]))
     assert abs(g["err_f"] / r["err"] - 1) < tol and abs(r["err_f"] / r["err"] - 1) < tol
+    assert abs(g["err_n"] / r["err"] - 1) < tol
     assert g["views"] == r["views"] == B
     assert abs(g["relax"] - r["relax"]) < 1e-5 * B and abs(g["raw"] - r["raw"]) < 1e-5 * B
     if bound:       # the case relaxes some views (r < 1) and leaves others: both branches are compared

@@ -115,8 +115,8 @@ def test_a_numba_kernel_that_drops_the_update_is_caught(monkeypatch):
     from hxn_ptycho import cpu_kernels
     real = cpu_kernels.dm_update_at_k
 
-    def no_update(psi, obj, pos, probe, proj, beta):
-        return real(psi, obj, pos, probe, proj, beta * 0)
+    def no_update(psi, obj, pos, probe, proj, beta, relax, one):
+        return real(psi, obj, pos, probe, proj, beta * 0, relax, one)
     monkeypatch.setattr(cpu_kernels, "dm_update_at_k", no_update)
     with pytest.raises(AssertionError):
         check_passes_match(NumbaBackend(1), NumpyBackend(1), np.complex64, 1, False, False, False, 2e-5)
