@@ -197,7 +197,6 @@ def _cache_resident(rec: Any, repeat: int) -> dict:
     amp = rec.diffamp[b]
     m1 = np.ones((1, 1), np.bool_)
     rdt = psi.real.dtype.type
-    pconj = np.ascontiguousarray(np.conj(rec.probe))
     pint = np.ascontiguousarray((np.abs(rec.probe) ** 2).sum(0), rdt)
     onum = np.zeros_like(rec.obj)
     oden = np.zeros((1,) + rec.obj.shape[1:], rdt)
@@ -211,7 +210,7 @@ def _cache_resident(rec: Any, repeat: int) -> dict:
         "fft2": lambda: be.fft2(work),
         "project_k": lambda: ck.project_k(ck._views(work), amp, iota, m1, False, pb, rdt(0), rdt(ck.TINY), rdt(1), relax),
         "ifft2": lambda: be.ifft2(work),
-        "dm_update_sums_at_k": lambda: ck.dm_update_sums_at_k(psi, rec.obj, pos, rec.probe, work, rdt(1), relax, rdt(1), pconj, pint,
+        "dm_update_sums_at_k": lambda: ck.dm_update_sums_at_k(psi, rec.obj, pos, rec.probe, work, rdt(1), relax, rdt(1), pint,
                                                               onum, oden),
         "probe_sums_k": lambda: ck.probe_sums_k(psi, rec.obj, pos, pnum, pden),
         "copy_batch": lambda: np.copyto(work, psi),

@@ -222,9 +222,10 @@ def dm_update_at_k(psi, obj, pos, probe, proj, beta, relax, one):
 # (3) then (6) in the same sweep: ψ updated as dm_update_at_k, and the new ψ's object sums
 # num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|² as object_sums_k (the same
 # additions in the same order as the two kernels run one after the other; to rounding, as the
-# compiler may fuse the multiply-adds differently)
+# compiler may fuse the multiply-adds differently). P_k* is formed from the probe row in hand (not
+# read from a stored conj(P): one stream less, the same values)
 @_jit
-def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, relax, one, pconj, pint, num, den):
+def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, relax, one, pint, num, den):
     B, L, K, n, m = psi.shape
     for b in range(B):
         r0 = pos[b, 0]
@@ -236,13 +237,13 @@ def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, relax, one, pconj, pin
                 dst = num[l, r0 + i, c0:c0 + m]
                 for k in range(K):
                     prow = probe[k, i]
-                    pc = pconj[k, i]
                     p = psi[b, l, k, i]
                     x = proj[b, l, k, i]
                     for j in range(m):
-                        v = _dm_value(p[j], x[j], orow[j] * prow[j], a1, a2, a3)
+                        q = prow[j]
+                        v = _dm_value(p[j], x[j], orow[j] * q, a1, a2, a3)
                         p[j] = v
-                        dst[j] += pc[j] * v
+                        dst[j] += q.conjugate() * v
         for i in range(n):
             drow = den[0, r0 + i, c0:c0 + m]
             src = pint[i]
@@ -253,7 +254,7 @@ def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, relax, one, pconj, pin
 # (3) then the numerator of (6) alone in the same sweep: dm_update_sums_at_k without the denominator,
 # which object_update then forms from the probe and the corners (den_band_k)
 @_jit
-def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, relax, one, pconj, num):
+def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, relax, one, num):
     B, L, K, n, m = psi.shape
     for b in range(B):
         r0 = pos[b, 0]
@@ -265,13 +266,13 @@ def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, relax, one, pconj, num)
                 dst = num[l, r0 + i, c0:c0 + m]
                 for k in range(K):
                     prow = probe[k, i]
-                    pc = pconj[k, i]
                     p = psi[b, l, k, i]
                     x = proj[b, l, k, i]
                     for j in range(m):
-                        v = _dm_value(p[j], x[j], orow[j] * prow[j], a1, a2, a3)
+                        q = prow[j]
+                        v = _dm_value(p[j], x[j], orow[j] * q, a1, a2, a3)
                         p[j] = v
-                        dst[j] += pc[j] * v
+                        dst[j] += q.conjugate() * v
 
 
 # (6) the denominator Σ_j Σ_k |P_k|²(window j) on rows r0:r1 of den, every view's window rows in
@@ -625,10 +626,9 @@ class NumbaBackend(HostBackend):
         self.ifft2(work)
         if windows is None:
             if sums is not None and sums.den is None:                                     # (3), (6)'s numerator
-                dm_update_num_at_k(psi, obj, ipos, probe, work, cbeta, relax, cone,
-                                   self._pconj(sums.probe_conj, psi), sums.num)
+                dm_update_num_at_k(psi, obj, ipos, probe, work, cbeta, relax, cone, sums.num)
             elif sums is not None:                                                        # (3), (6)
-                dm_update_sums_at_k(psi, obj, ipos, probe, work, cbeta, relax, cone, self._pconj(sums.probe_conj, psi),
+                dm_update_sums_at_k(psi, obj, ipos, probe, work, cbeta, relax, cone,
                                     self._pint(sums.probe_intensity, sums.den), sums.num, sums.den)
             else:
                 dm_update_at_k(psi, obj, ipos, probe, work, cbeta, relax, cone)           # (3)
@@ -764,7 +764,7 @@ class NumbaBackend(HostBackend):
         dm_update_k(_views(waves), _views(waves.copy()), _views(waves.copy()), rdt(1), relax, rdt(1))
         reflect_at_k(obj, pos, probe, waves.copy(), waves)
         dm_update_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), relax, rdt(1))
-        dm_update_sums_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), relax, rdt(1), probe, np.ones((n, n), rdt),
+        dm_update_sums_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), relax, rdt(1), np.ones((n, n), rdt),
                             np.zeros_like(obj), np.zeros((1, n + 1, n + 1), rdt))
         object_sums_k(waves, probe, np.ones((n, n), rdt), pos, np.zeros_like(obj), np.zeros((1, n + 1, n + 1), rdt))
         object_numerator_k(waves, probe, win)
@@ -777,7 +777,7 @@ class NumbaBackend(HostBackend):
             object_update_k(nums, dens, obj, rdt(1), rdt(1), np.empty_like(obj), np.zeros((L, 2)), 0, n + 1)
             object_update_k(nums, dens[:1], obj, rdt(1), rdt(1), np.empty_like(obj), np.zeros((L, 2)), 0, n + 1)
         den_band_k(np.ones((n, n), rdt), pos, np.zeros((1, n + 1, n + 1), rdt), 0, n + 1)
-        dm_update_num_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), relax, rdt(1), probe, np.zeros_like(obj))
+        dm_update_num_at_k(waves, obj, pos, probe, waves.copy(), rdt(1), relax, rdt(1), np.zeros_like(obj))
         secs = time.perf_counter() - t0
         logger.debug("numba kernels for %s ready in %.3f s", cdt, secs)
         return secs
