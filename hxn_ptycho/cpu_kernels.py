@@ -353,9 +353,30 @@ def project_k(w, amp, rows, mask, use_mask, pbound, floor, tiny, one, relax):
     for b in range(B):
         dev = 0.0
         for i in range(n):
-            _row_intensity(w, b, i, sr)
             arow = amp[rows[b], i]
             e = zero
+            if M == 1:              # one mode: each pixel read and written once, in one loop
+                row = w[b, 0, i]
+                if use_mask:
+                    mrow = mask[i]
+                    for j in range(m):
+                        x = row[j]
+                        s = np.sqrt(x.real * x.real + x.imag * x.imag)
+                        d = s - arow[j]
+                        e += d * d * (one if mrow[j] else zero)
+                        f = arow[j] / max(s, tiny) if mrow[j] else one
+                        row[j] = complex(x.real * f, x.imag * f)
+                else:
+                    for j in range(m):
+                        x = row[j]
+                        s = np.sqrt(x.real * x.real + x.imag * x.imag)
+                        d = s - arow[j]
+                        e += d * d
+                        f = arow[j] / max(s, tiny)
+                        row[j] = complex(x.real * f, x.imag * f)
+                dev += e
+                continue
+            _row_intensity(w, b, i, sr)
             if use_mask:
                 mrow = mask[i]
                 for j in range(m):
