@@ -100,6 +100,14 @@ def _probe_sums_row(orow, psi, b, l, i, num, den):
     """(5) on row i: den[i] += |orow|², num[k, i] += orow*·ψ[b, l, k, i] for every probe mode k."""
     m = orow.shape[0]
     drow = den[i]
+    if psi.shape[2] == 1:           # one probe mode: both sums in one loop (each object pixel loaded once)
+        dst = num[0, i]
+        src = psi[b, l, 0, i]
+        for j in range(m):
+            o = orow[j]
+            drow[j] += o.real * o.real + o.imag * o.imag
+            dst[j] += o.conjugate() * src[j]
+        return
     for j in range(m):
         drow[j] += orow[j].real * orow[j].real + orow[j].imag * orow[j].imag
     for k in range(psi.shape[2]):
