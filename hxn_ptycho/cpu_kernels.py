@@ -185,6 +185,14 @@ def reflect_at_k(obj, pos, probe, psi, out):
         for l in range(L):
             for i in range(n):
                 orow = obj[l, r0 + i, c0:c0 + m]
+                if K == 1:          # one probe mode: the row without the mode loop (~2 % faster)
+                    prow = probe[0, i]
+                    p = psi[b, l, 0, i]
+                    dst = out[b, l, 0, i]
+                    for j in range(m):
+                        v = orow[j] * prow[j]
+                        dst[j] = v + v - p[j]
+                    continue
                 for k in range(K):
                     prow = probe[k, i]
                     p = psi[b, l, k, i]
@@ -272,6 +280,16 @@ def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, relax, one, num):
             for i in range(n):
                 orow = obj[l, r0 + i, c0:c0 + m]
                 dst = num[l, r0 + i, c0:c0 + m]
+                if K == 1:          # one probe mode: the row without the mode loop (~3 % faster)
+                    prow = probe[0, i]
+                    p = psi[b, l, 0, i]
+                    x = proj[b, l, 0, i]
+                    for j in range(m):
+                        q = prow[j]
+                        v = _dm_value(p[j], x[j], orow[j] * q, a1, a2, a3)
+                        p[j] = v
+                        dst[j] += q.conjugate() * v
+                    continue
                 for k in range(K):
                     prow = probe[k, i]
                     p = psi[b, l, k, i]
