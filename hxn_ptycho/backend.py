@@ -442,6 +442,9 @@ def _fft_transforms() -> FFTWTransforms | MKLTransforms | None:
     raise BackendError(f"{FFT_ENV}={choice!r}: choose fftw, mkl or pocketfft")
 
 
+ALIGN = 64          # bytes: the host backends' arrays start on a cache line (HostBackend.empty)
+
+
 def _aligned_empty(shape: tuple, dtype: Any, align: int) -> np.ndarray:
     """``np.empty(shape, dtype)`` whose data start at a multiple of ``align`` bytes."""
     dt = np.dtype(dtype)
@@ -481,13 +484,15 @@ class HostBackend(Backend, ABC):
         return np.asarray(a)
 
     def empty(self, shape: tuple, dtype: Any) -> np.ndarray:
-        """With FFTW or MKL: aligned to their ``ALIGN`` bytes (FFTW's SIMD plans need it)."""
-        if self._fftw is None:
-            return np.empty(shape, dtype=dtype)
-        return _aligned_empty(shape, dtype, self._fftw.ALIGN)
+        """Aligned to ``ALIGN`` bytes (a cache line; FFTW's SIMD plans and MKL need it too): numpy's
+        own large arrays start 16 bytes into a line, so that every AVX-512 load of the kernels'
+        rows would straddle two lines."""
+        return _aligned_empty(shape, dtype, ALIGN)
 
     def zeros(self, shape: tuple, dtype: Any) -> np.ndarray:
-        return np.zeros(shape, dtype=dtype)
+        out = self.empty(shape, dtype)
+        out.fill(0)
+        return out
 
     def synchronize(self) -> None:
         pass

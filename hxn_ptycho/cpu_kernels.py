@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .backend import BatchBuffers, HostBackend, ObjectSums
+from .backend import ALIGN, BatchBuffers, HostBackend, ObjectSums
 
 try:
     import numba
@@ -604,6 +604,7 @@ class NumbaBackend(HostBackend):
     def __init__(self, threads: int | None = None) -> None:
         super().__init__(threads)
         self._mask_cache: tuple[Any, np.ndarray] | None = None
+        self._probe_cache: tuple[Any, np.ndarray] | None = None
         self._iota = np.arange(64, dtype=np.int64)      # the frames' indices of a batch given its frames
         self._const_cache: dict[tuple, tuple] = {}
         self._no_mask = np.ones((1, 1), np.bool_)
@@ -656,6 +657,7 @@ class NumbaBackend(HostBackend):
         if B == 0:
             return 0.0
         work = buf.work[:B]
+        probe = self._aligned(probe)
         cpb, cfl, ctiny, cone, cbeta = self._consts(psi.dtype, pbound, floor, beta)
         if windows is None:
             ipos = self._pos(pos)
@@ -689,6 +691,20 @@ class NumbaBackend(HostBackend):
             else:
                 self.object_pass(psi, sums.probe_conj, sums.probe_intensity, pos, sums.num, sums.den, buf, True)
         return err
+
+    def _aligned(self, probe: np.ndarray) -> np.ndarray:
+        """``probe`` in an array starting on a cache line (every view's rows read it: the kernels'
+        loads stay within a line), copied once per probe (the engine makes a new one per update)."""
+        cached = self._probe_cache
+        if cached is not None and cached[0] is probe:
+            return cached[1]
+        if probe.ctypes.data % ALIGN == 0 and probe.flags.c_contiguous:
+            out = probe
+        else:
+            out = self.empty(probe.shape, probe.dtype)
+            out[...] = probe
+        self._probe_cache = (probe, out)
+        return out
 
     @staticmethod
     def _pconj(probe_conj: Any, psi: Any) -> np.ndarray:

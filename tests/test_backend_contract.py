@@ -351,3 +351,24 @@ def test_numba_object_update_equals_the_reference(cdt, tol, workers, parts, apar
     want = dm.regularised_ratio(ref, sum(nums0), sum(dens0), old, 1e-3)
     assert rel(out["numba"][0], want) < tol                       # from the sums, however they were formed
     assert rel(dm.regularised_ratio(ref, sum(nums0), sum(dens0), old, 0.0), want) > 10 * tol
+
+
+@pytest.mark.parametrize("backend", [NumpyBackend, NumbaBackend])
+def test_host_arrays_start_on_a_cache_line(backend):
+    """The CPU backends' arrays (ψ, the batch buffers, the accumulators) start on a 64-byte line (numpy's
+    own large arrays start 16 bytes into one: every AVX-512 row load of the kernels would straddle
+    two lines), and the fused pass reads the probe from such a copy, whatever array it is given."""
+    from hxn_ptycho.backend import ALIGN
+    be = backend(1)
+    for shape, dtype in (((2000, 1, 1, 32, 32), np.complex64), ((3, 7), np.float32), ((5,), np.complex128)):
+        a, z = be.empty(shape, dtype), be.zeros(shape, dtype)
+        for x in (a, z):
+            assert x.ctypes.data % ALIGN == 0 and x.shape == shape and x.dtype == dtype and x.flags.c_contiguous
+        assert not z.any()
+    if backend is NumbaBackend:
+        raw = np.empty(16 * 16 + 2, np.complex64)
+        probe = raw[2:].reshape(1, 16, 16) if raw[2:].ctypes.data % ALIGN else raw[1:-1].reshape(1, 16, 16)
+        probe[...] = np.arange(probe.size).reshape(probe.shape)
+        assert probe.ctypes.data % ALIGN != 0
+        got = be._aligned(probe)
+        assert got.ctypes.data % ALIGN == 0 and np.array_equal(got, probe) and be._aligned(probe) is got
