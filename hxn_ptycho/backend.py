@@ -445,11 +445,12 @@ def _fft_transforms() -> FFTWTransforms | MKLTransforms | None:
 ALIGN = 64          # bytes: the host backends' arrays start on a cache line (HostBackend.empty)
 
 
-def _aligned_empty(shape: tuple, dtype: Any, align: int) -> np.ndarray:
-    """``np.empty(shape, dtype)`` whose data start at a multiple of ``align`` bytes."""
+def _aligned_empty(shape: tuple, dtype: Any, align: int, zero: bool = False) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose data start at a multiple of ``align`` bytes (``zero``: as
+    ``np.zeros``, whose pages stay untouched, not resident, until written)."""
     dt = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
+    raw = (np.zeros if zero else np.empty)(nbytes + align, np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start:start + nbytes].view(dt).reshape(shape)
 
@@ -475,6 +476,7 @@ class HostBackend(Backend, ABC):
         self._fftw = _fft_transforms()
         self.fft_library = ("pocketfft" if self._fftw is None else
                             "mkl" if isinstance(self._fftw, MKLTransforms) else "fftw")
+        self._align = ALIGN if self._fftw is None else max(ALIGN, self._fftw.ALIGN)
 
     # --- arrays ---------------------------------------------------------------------------
     def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
@@ -487,12 +489,10 @@ class HostBackend(Backend, ABC):
         """Aligned to ``ALIGN`` bytes (a cache line; FFTW's SIMD plans and MKL need it too): numpy's
         own large arrays start 16 bytes into a line, so that every AVX-512 load of the kernels'
         rows would straddle two lines."""
-        return _aligned_empty(shape, dtype, ALIGN)
+        return _aligned_empty(shape, dtype, self._align)
 
     def zeros(self, shape: tuple, dtype: Any) -> np.ndarray:
-        out = self.empty(shape, dtype)
-        out.fill(0)
-        return out
+        return _aligned_empty(shape, dtype, self._align, zero=True)
 
     def synchronize(self) -> None:
         pass
