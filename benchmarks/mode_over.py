@@ -44,6 +44,16 @@ from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
 
 
+ML_STAGES: list[Any] = []      # every ML stage run (its checked-step counters: backtracks, reverts)
+
+
+def ml_counts(first: int) -> dict[str, int]:
+    """The Poisson step's rejected trials and abandoned directions of the ML stages from ``first`` on."""
+    st = ML_STAGES[first:]
+    return {"backtracks": sum(getattr(m, "backtracks", 0) for m in st),
+            "reverts": sum(getattr(m, "reverts", 0) for m in st), "resets": sum(m.resets for m in st)}
+
+
 def its_of(alg: str) -> int:
     return sum(int(s.split(":")[1]) for s in alg.split(","))
 
@@ -56,6 +66,7 @@ def set_cap(cap: float) -> None:
     def ml_init(self: Any, rec: Any) -> None:
         init(self, rec)
         self.mode_precondition_cap = cap
+        ML_STAGES.append(self)
     ml_init._capped = True     # type: ignore[attr-defined]
     ml_init._orig = init       # type: ignore[attr-defined]
     ml.MLIteration.__init__ = ml_init       # type: ignore[method-assign]
@@ -139,15 +150,17 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
              chain: bool = False, null: bool = False) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
+    n0 = len(ML_STAGES)
     if truth:
         obj, pr, err = fit(scan, M, alg, sets, mix.object[None], truth_start(mix, M, sets.get("extra_mode_power", 0.1)))
     else:
         obj, pr, err = fit(scan, M, alg, sets)
+    n1 = len(ML_STAGES)
     shares = modes.power_fractions(pr)
     rec = {"case": case, "K": K, "M": M, "alg": alg, "sets": sets, "start": "truth" if truth else "default",
            "cap": ml_cap, "error_M": err, "shares": [round(float(s), 5) for s in shares],
            "c_K": captured(pr[:K], mix.probe), "c_M": captured(pr, mix.probe),
-           "true_shares": [round(float(s), 4) for s in mix.shares]}
+           "true_shares": [round(float(s), 4) for s in mix.shares], "ml_fit": ml_counts(n0)}
     if cut and M > K:
         cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
         _, prk, errk = fit(scan, K, f"ML:{cut}", cut_sets, obj, pr[:K])
@@ -166,6 +179,9 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
             devs.append(vd)
             anss.append(va)
         rec["chain"] = errs
+        rec["dev_chain"] = [float(np.sum(d)) for d in devs]
+        rec["chain_shares"] = [[round(float(x), 5) for x in modes.power_fractions(m[1])] for m in models]
+        rec["ml_chain"] = ml_counts(n1)
         rec["total_intensity"] = float(np.sum(views[0]) / errs[0])
         rec["view_gain"] = [[float(x) for x in views[k] - views[k + 1]] for k in range(M - 1)]
         rec["view_dev_gain"] = [[float(x) for x in devs[k] - devs[k + 1]] for k in range(M - 1)]
