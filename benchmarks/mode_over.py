@@ -228,23 +228,52 @@ def chain_count(view_gain: list[list[float]], z_min: float = 2.0) -> tuple[int, 
     return found, zs
 
 
-def summarise(path: str) -> None:
-    """The chain's count for every record of ``path`` that has one (docs/auto_modes_s21.jsonl)."""
+def summarise(path: str, poisson: bool = False) -> None:
+    """The chain's count for every record of ``path`` that has one (docs/auto_modes_s21.jsonl): the
+    amplitude fits by their amplitude gains; with ``poisson`` the Poisson fits by their deviance gains
+    (docs/auto_modes_s22_poisson.jsonl)."""
     seen: dict[str, bool] = {}
     with open(path) as fh:
         lines = fh.readlines()
     for line in lines:
         r = json.loads(line)
-        if "view_gain" not in r or r.get("sets", {}).get("ml_noise_model") == "poisson":
+        if "view_gain" not in r or (r.get("sets", {}).get("ml_noise_model") == "poisson") != poisson:
             continue
-        found, zs = chain_count(r["view_gain"])
+        found, zs = chain_count(r["view_dev_gain" if poisson else "view_gain"])
         seen.setdefault(r["case"], found == r["K"])
         print(f"{r.get('run', ''):20s} {r['case']:20s} true {r['K']} found {found} "
               f"{'ok' if found == r['K'] else 'WRONG'}  z {', '.join(f'{z:.1f}' for z in zs)}")
     grid = {c: ok for c, ok in seen.items() if not c.startswith("zernike")}
     held = {c: ok for c, ok in seen.items() if c.startswith("zernike")}
-    print(f"right (distinct cells, amplitude fits): grid {sum(grid.values())} of {len(grid)}, "
+    print(f"right (distinct cells, {'Poisson fits, deviance' if poisson else 'amplitude fits'}): grid {sum(grid.values())} of {len(grid)}, "
           f"held-out {sum(held.values())} of {len(held)}")
+
+
+def compare(amp_path: str, poisson_path: str) -> None:
+    """Each cell of ``poisson_path`` (Poisson fits) against the last amplitude fit of the same cell in
+    ``amp_path`` with the deviance chain: c_K, the K-cut's spectrum, the deviance gain of every step
+    k → k + 1 (Σ over views) with its paired z, and the count read from the deviance (z > 2)."""
+    def load(path: str, poisson: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with open(path) as fh:
+            for line in fh:
+                r = json.loads(line)
+                if "view_dev_gain" in r and (r.get("sets", {}).get("ml_noise_model") == "poisson") == poisson:
+                    out[r["case"]] = r
+        return out
+    amp, poi = load(amp_path, False), load(poisson_path, True)
+    for case, rp in poi.items():
+        for name, r in (("amplitude", amp.get(case)), ("poisson", rp)):
+            if r is None:
+                print(f"{case:18s} {name:9s} (no record)")
+                continue
+            found, zs = chain_count(r["view_dev_gain"])
+            gains = [sum(g) for g in r["view_dev_gain"]]
+            cut = "/".join(f"{100 * x:.1f}" for x in r.get("shares_cut", [1.0]))
+            full = "/".join(f"{100 * x:.1f}" for x in r["shares"])
+            print(f"{case:18s} {name:9s} c_K {r['c_K']:.3f} cut {cut:16s} M {full:28s} dev gains "
+                  f"{', '.join(f'{g:.0f} ({z:.1f})' for g, z in zip(gains, zs))}  found {found} "
+                  f"{'ok' if found == r['K'] else 'WRONG'}")
 
 
 def main() -> None:
@@ -264,9 +293,16 @@ def main() -> None:
     ap.add_argument("--null", action="store_true", help="the chain against a parametric-bootstrap null of each "
                     "step (one more M-mode fit a step)")
     ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
+    ap.add_argument("--compare", nargs=2, default=None, metavar=("AMPLITUDE", "POISSON"),
+                    help="two records files: each Poisson cell against the same cell's amplitude fit")
+    ap.add_argument("--poisson", action="store_true", help="with --summarise: the Poisson fits' records, "
+                    "counted by their deviance gains")
     a = ap.parse_args()
+    if a.compare:
+        compare(*a.compare)
+        return
     if a.summarise:
-        summarise(a.summarise)
+        summarise(a.summarise, a.poisson)
         return
     sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     ml_cap = a.ml_cap
