@@ -27,8 +27,8 @@ ranks give the 1-process result to rounding):
    test, not an error. So the accepted likelihoods fall strictly and the fit cannot diverge, whatever
    the curvature (the exact one may be negative; a first step is then :data:`TRIAL_STEP` of the
    model's norm over the direction's) and with any per-mode scaling of the probe gradient. A rejected
-   trial costs one pass 1 (an iteration); the last iteration of the stage only judges, so the stage
-   ends on an accepted point. The amplitude model keeps its step (an overshoot halves the step back
+   trial costs one pass 1 (an iteration); the stage's last step is judged by one more pass 1 at its
+   end, so the stage ends on an accepted point. The amplitude model keeps its step (an overshoot halves the step back
    and restarts; its results are unchanged).
 
 Four FFTs per view and mode per iteration (three for the amplitude model); the Fourier transforms
@@ -175,7 +175,7 @@ class MLIteration:
         self.backtracks = 0                 # trials rejected (each cost one pass 1)
         self.reverts = 0                    # directions abandoned after MAX_BACKTRACKS
         self.accepted_nll: list[float] = [] # L at every accepted point (Poisson): strictly falling
-        self.stage_end: int | None = None   # the last iteration of this ML stage (it only judges)
+        self.stage_end: int | None = None   # the last iteration of this ML stage (its step judged at once)
         # > 1: mode k's probe gradient × min(cap, P_1/P_k) (its power P_k), the density matrix's own
         # gradient step rather than the modes' (weak modes move as fast as strong ones). An experiment
         # of benchmarks/mode_fit.py (docs/auto_modes.md, "Session 20"); 1, off, is the engine's.
@@ -222,10 +222,9 @@ class MLIteration:
         w.d2 += d2
 
     # --- one iteration ----------------------------------------------------------------------------
-    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
-        rec, be = self.rec, self.rec.be
-        xp = be.xp
-        obj_old, probe_old = rec.obj, rec.probe
+    def _pass_one(self) -> tuple[float, float, Any, Any, Any, Any]:
+        """Pass 1 over every view, summed over workers and ranks: (L, data error, g_O, Σ|P|², g_P, Σ|O|²)."""
+        rec = self.rec
         rec._probe_terms()
         for w in rec._workers:
             w.nll = w.d1 = w.d2 = 0.0
@@ -238,7 +237,13 @@ class MLIteration:
         rec.reducer.allreduce_sum([d_obj, d_probe])
         rec.reducer.allreduce_sum([scal])
         nll, err = float(scal[0]), float(scal[1])
-        data_err = err / max(rec.total_intensity, 1e-300)
+        return nll, err / max(rec.total_intensity, 1e-300), g_obj, d_obj, g_probe, d_probe
+
+    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
+        rec, be = self.rec, self.rec.be
+        xp = be.xp
+        obj_old, probe_old = rec.obj, rec.probe
+        nll, data_err, g_obj, d_obj, g_probe, d_probe = self._pass_one()
         # preconditioned gradient (the DM denominators, regularised like the DM updates)
         a_o = rec.params.object_reg * float(d_obj.max()) + dm.TINY
         a_p = rec.params.probe_reg * float(d_probe.max()) + dm.TINY
@@ -252,10 +257,11 @@ class MLIteration:
             if self.stage_end is None:
                 self.stage_end = self._stage_end(it)
             judged = self._judge_trial(nll, it)
-            if judged is not None or it >= self.stage_end:     # a new trial, the start, or the stage's end
-                self.last_nll = nll
-                err_now = data_err if judged is None else judged
-                return err_now, dm.relative_change(be, rec.probe, probe_old), dm.relative_change(be, rec.obj, obj_old)
+            self.last_nll = nll
+            if judged is not None:          # a shorter trial, or back at the last accepted point
+                if it >= self.stage_end:
+                    judged = self._close_stage(it, judged)
+                return judged, dm.relative_change(be, rec.probe, probe_old), dm.relative_change(be, rec.obj, obj_old)
         if not np.isfinite(nll):
             raise FloatingPointError("ML: non-finite likelihood")
         gg = float(xp.sum(g_obj.real * pg_obj.real + g_obj.imag * pg_obj.imag)) + \
@@ -313,6 +319,8 @@ class MLIteration:
             self.alpha_last = alpha
         self.nll_prev = nll
         self.last_nll = nll
+        if self.backtrack and self.stage_end is not None and it >= self.stage_end:
+            data_err = self._close_stage(it, data_err)
         return data_err, dm.relative_change(be, rec.probe, probe_old), dm.relative_change(be, rec.obj, obj_old)
 
     # --- the Poisson model's checked step ---------------------------------------------------------
@@ -330,6 +338,16 @@ class MLIteration:
         x2 = float(xp.sum(xp.square(xp.abs(self.rec.obj)))) + float(xp.sum(xp.square(xp.abs(self.rec.probe))))
         h2 = float(xp.sum(xp.square(xp.abs(self.h_obj)))) + float(xp.sum(xp.square(xp.abs(self.h_probe))))
         return TRIAL_STEP * float(np.sqrt(x2 / h2)) if h2 > 0 and np.isfinite(h2) else 0.0
+
+    def _close_stage(self, it: int, err: float) -> float:
+        """At the stage's last iteration: judge the pending trial now (one more pass 1 a try) so that the
+        stage ends on an accepted point; returns that point's data error."""
+        while self.trial is not None:
+            nll, data_err = self._pass_one()[:2]
+            judged = self._judge_trial(nll, it)
+            self.last_nll = nll
+            err = data_err if judged is None else judged
+        return err
 
     # (ML, Poisson) Armijo backtracking: keep x + αh if L(x + αh) ≤ L(x) + c·α·L'(0), else shorten α (N&W 3.1)
     def _judge_trial(self, nll: float, it: int) -> float | None:
@@ -359,12 +377,11 @@ class MLIteration:
             return None
         self.backtracks += 1
         t["tries"] += 1
-        if t["tries"] > MAX_BACKTRACKS or it >= (self.stage_end if self.stage_end is not None else it):
+        if t["tries"] > MAX_BACKTRACKS:
             # back to the last accepted point; the next direction starts along its gradient
-            if t["tries"] > MAX_BACKTRACKS:
-                self.reverts += 1
-                log.debug("ML iteration %d: no decrease along the direction after %d shorter steps; back to "
-                          "the last accepted point", it, MAX_BACKTRACKS)
+            self.reverts += 1
+            log.debug("ML iteration %d: no decrease along the direction after %d shorter steps; back to the "
+                      "last accepted point", it, MAX_BACKTRACKS)
             rec.obj, rec.probe = t["obj"], t["probe"]
             self.trial = None
             self.h_obj = self.h_probe = None
