@@ -15,6 +15,9 @@ truth with the same schedule (``--truth``).
     python benchmarks/mode_over.py fly:1e6:3:0.08 --chain --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
         --set extra_mode_power=0.3 --json F                                # the count's chain of cuts
     python benchmarks/mode_over.py --summarise docs/auto_modes_s21.jsonl   # the counts of the records
+    python benchmarks/mode_over.py fly:1e5:3:0.08 --chain --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
+        --set extra_mode_power=0.3 --set ml_noise_model="'poisson'" --json F   # Poisson fits (session 22)
+    python benchmarks/mode_over.py --compare docs/auto_modes_s21.jsonl docs/auto_modes_s22_poisson.jsonl
 
 A case is ``family:photons:true count:weakest share`` as in benchmarks/auto_mode_cv.py (64² frames,
 100 views, seed 1). ``--json F`` appends one line a case.
@@ -249,6 +252,20 @@ def summarise(path: str, poisson: bool = False) -> None:
           f"held-out {sum(held.values())} of {len(held)}")
 
 
+def trace_spectrum(every: int) -> None:
+    """Print the fitted spectrum, L and the data error every ``every`` ML iterations (stdout)."""
+    iterate = ml.MLIteration.iterate
+
+    def traced(self: Any, it: int) -> Any:
+        out = iterate(self, it)
+        if it % every == 0:
+            sh = modes.power_fractions(modes.orthogonalize(np.asarray(self.rec.be.asnumpy(self.rec.probe)))[0])
+            print(f"  ML iteration {it}: L {self.last_nll:.1f}, data error {out[0]:.6f}, rejected trials "
+                  f"{getattr(self, 'backtracks', 0)}, spectrum {'/'.join(f'{100 * x:.1f}' for x in sh)}", flush=True)
+        return out
+    ml.MLIteration.iterate = traced     # type: ignore[method-assign]
+
+
 def compare(amp_path: str, poisson_path: str) -> None:
     """Each cell of ``poisson_path`` (Poisson fits) against the last amplitude fit of the same cell in
     ``amp_path`` with the deviance chain: c_K, the K-cut's spectrum, the deviance gain of every step
@@ -290,6 +307,7 @@ def main() -> None:
     ap.add_argument("--poisson-gn", action="store_true", help="with --set ml_noise_model='poisson': "
                     "the Gauss–Newton line-search curvature")
     ap.add_argument("--json", default="")
+    ap.add_argument("--trace", type=int, default=0, help="print the spectrum every N ML iterations")
     ap.add_argument("--null", action="store_true", help="the chain against a parametric-bootstrap null of each "
                     "step (one more M-mode fit a step)")
     ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
@@ -309,6 +327,8 @@ def main() -> None:
     set_cap(a.ml_cap)
     if a.poisson_gn:
         poisson_gauss_newton()
+    if a.trace:
+        trace_spectrum(a.trace)
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null, a.null)
         if a.json:

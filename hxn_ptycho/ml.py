@@ -28,8 +28,10 @@ ranks give the 1-process result to rounding):
    the curvature (the exact one may be negative; a first step is then :data:`TRIAL_STEP` of the
    model's norm over the direction's) and with any per-mode scaling of the probe gradient. A rejected
    trial costs one pass 1 (an iteration); the stage's last step is judged by one more pass 1 at its
-   end, so the stage ends on an accepted point. The amplitude model keeps its step (an overshoot halves the step back
-   and restarts; its results are unchanged).
+   end, so the stage ends on an accepted point (an interrupted run may end on an unjudged one). Position
+   refinement inside an ML stage changes L between iterations without changing the model: a trial is
+   then judged against the L of the old positions. The amplitude model keeps its step (an overshoot
+   halves the step back and restarts; its results are unchanged). docs/auto_modes.md, "Session 22".
 
 Four FFTs per view and mode per iteration (three for the amplitude model); the Fourier transforms
 F(Φ) of pass 1 are kept in the exit-wave store for pass 2. The per-pixel work of each pass is one step function here
