@@ -15,6 +15,9 @@ truth with the same schedule (``--truth``).
     python benchmarks/mode_over.py fly:1e6:3:0.08 --chain --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
         --set extra_mode_power=0.3 --json F                                # the count's chain of cuts
     python benchmarks/mode_over.py --summarise docs/auto_modes_s21.jsonl   # the counts of the records
+    python benchmarks/mode_over.py fly:1e5:3:0.08 --chain --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
+        --set extra_mode_power=0.3 --set ml_noise_model="'poisson'" --json F   # Poisson fits (session 22)
+    python benchmarks/mode_over.py --compare docs/auto_modes_s21.jsonl docs/auto_modes_s22_poisson.jsonl
 
 A case is ``family:photons:true count:weakest share`` as in benchmarks/auto_mode_cv.py (64² frames,
 100 views, seed 1). ``--json F`` appends one line a case.
@@ -44,6 +47,16 @@ from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
 
 
+ML_STAGES: list[Any] = []      # every ML stage run (its checked-step counters: backtracks, reverts)
+
+
+def ml_counts(first: int) -> dict[str, int]:
+    """The Poisson step's rejected trials and abandoned directions of the ML stages from ``first`` on."""
+    st = ML_STAGES[first:]
+    return {"backtracks": sum(getattr(m, "backtracks", 0) for m in st),
+            "reverts": sum(getattr(m, "reverts", 0) for m in st), "resets": sum(m.resets for m in st)}
+
+
 def its_of(alg: str) -> int:
     return sum(int(s.split(":")[1]) for s in alg.split(","))
 
@@ -56,6 +69,7 @@ def set_cap(cap: float) -> None:
     def ml_init(self: Any, rec: Any) -> None:
         init(self, rec)
         self.mode_precondition_cap = cap
+        ML_STAGES.append(self)
     ml_init._capped = True     # type: ignore[attr-defined]
     ml_init._orig = init       # type: ignore[attr-defined]
     ml.MLIteration.__init__ = ml_init       # type: ignore[method-assign]
@@ -139,15 +153,17 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
              chain: bool = False, null: bool = False) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
+    n0 = len(ML_STAGES)
     if truth:
         obj, pr, err = fit(scan, M, alg, sets, mix.object[None], truth_start(mix, M, sets.get("extra_mode_power", 0.1)))
     else:
         obj, pr, err = fit(scan, M, alg, sets)
+    n1 = len(ML_STAGES)
     shares = modes.power_fractions(pr)
     rec = {"case": case, "K": K, "M": M, "alg": alg, "sets": sets, "start": "truth" if truth else "default",
            "cap": ml_cap, "error_M": err, "shares": [round(float(s), 5) for s in shares],
            "c_K": captured(pr[:K], mix.probe), "c_M": captured(pr, mix.probe),
-           "true_shares": [round(float(s), 4) for s in mix.shares]}
+           "true_shares": [round(float(s), 4) for s in mix.shares], "ml_fit": ml_counts(n0)}
     if cut and M > K:
         cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
         _, prk, errk = fit(scan, K, f"ML:{cut}", cut_sets, obj, pr[:K])
@@ -166,6 +182,9 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
             devs.append(vd)
             anss.append(va)
         rec["chain"] = errs
+        rec["dev_chain"] = [float(np.sum(d)) for d in devs]
+        rec["chain_shares"] = [[round(float(x), 5) for x in modes.power_fractions(m[1])] for m in models]
+        rec["ml_chain"] = ml_counts(n1)
         rec["total_intensity"] = float(np.sum(views[0]) / errs[0])
         rec["view_gain"] = [[float(x) for x in views[k] - views[k + 1]] for k in range(M - 1)]
         rec["view_dev_gain"] = [[float(x) for x in devs[k] - devs[k + 1]] for k in range(M - 1)]
@@ -212,23 +231,66 @@ def chain_count(view_gain: list[list[float]], z_min: float = 2.0) -> tuple[int, 
     return found, zs
 
 
-def summarise(path: str) -> None:
-    """The chain's count for every record of ``path`` that has one (docs/auto_modes_s21.jsonl)."""
+def summarise(path: str, poisson: bool = False) -> None:
+    """The chain's count for every record of ``path`` that has one (docs/auto_modes_s21.jsonl): the
+    amplitude fits by their amplitude gains; with ``poisson`` the Poisson fits by their deviance gains
+    (docs/auto_modes_s22_poisson.jsonl)."""
     seen: dict[str, bool] = {}
     with open(path) as fh:
         lines = fh.readlines()
     for line in lines:
         r = json.loads(line)
-        if "view_gain" not in r or r.get("sets", {}).get("ml_noise_model") == "poisson":
+        if "view_gain" not in r or (r.get("sets", {}).get("ml_noise_model") == "poisson") != poisson:
             continue
-        found, zs = chain_count(r["view_gain"])
+        found, zs = chain_count(r["view_dev_gain" if poisson else "view_gain"])
         seen.setdefault(r["case"], found == r["K"])
         print(f"{r.get('run', ''):20s} {r['case']:20s} true {r['K']} found {found} "
               f"{'ok' if found == r['K'] else 'WRONG'}  z {', '.join(f'{z:.1f}' for z in zs)}")
     grid = {c: ok for c, ok in seen.items() if not c.startswith("zernike")}
     held = {c: ok for c, ok in seen.items() if c.startswith("zernike")}
-    print(f"right (distinct cells, amplitude fits): grid {sum(grid.values())} of {len(grid)}, "
+    print(f"right (distinct cells, {'Poisson fits, deviance' if poisson else 'amplitude fits'}): grid {sum(grid.values())} of {len(grid)}, "
           f"held-out {sum(held.values())} of {len(held)}")
+
+
+def trace_spectrum(every: int) -> None:
+    """Print the fitted spectrum, L and the data error every ``every`` ML iterations (stdout)."""
+    iterate = ml.MLIteration.iterate
+
+    def traced(self: Any, it: int) -> Any:
+        out = iterate(self, it)
+        if it % every == 0:
+            sh = modes.power_fractions(modes.orthogonalize(np.asarray(self.rec.be.asnumpy(self.rec.probe)))[0])
+            print(f"  ML iteration {it}: L {self.last_nll:.1f}, data error {out[0]:.6f}, rejected trials "
+                  f"{getattr(self, 'backtracks', 0)}, spectrum {'/'.join(f'{100 * x:.1f}' for x in sh)}", flush=True)
+        return out
+    ml.MLIteration.iterate = traced     # type: ignore[method-assign]
+
+
+def compare(amp_path: str, poisson_path: str) -> None:
+    """Each cell of ``poisson_path`` (Poisson fits) against the last amplitude fit of the same cell in
+    ``amp_path`` with the deviance chain: c_K, the K-cut's spectrum, the deviance gain of every step
+    k → k + 1 (Σ over views) with its paired z, and the count read from the deviance (z > 2)."""
+    def load(path: str, poisson: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with open(path) as fh:
+            for line in fh:
+                r = json.loads(line)
+                if "view_dev_gain" in r and (r.get("sets", {}).get("ml_noise_model") == "poisson") == poisson:
+                    out[r["case"]] = r
+        return out
+    amp, poi = load(amp_path, False), load(poisson_path, True)
+    for case, rp in poi.items():
+        for name, r in (("amplitude", amp.get(case)), ("poisson", rp)):
+            if r is None:
+                print(f"{case:18s} {name:9s} (no record)")
+                continue
+            found, zs = chain_count(r["view_dev_gain"])
+            gains = [sum(g) for g in r["view_dev_gain"]]
+            cut = "/".join(f"{100 * x:.1f}" for x in r.get("shares_cut", [1.0]))
+            full = "/".join(f"{100 * x:.1f}" for x in r["shares"])
+            print(f"{case:18s} {name:9s} c_K {r['c_K']:.3f} cut {cut:16s} M {full:28s} dev gains "
+                  f"{', '.join(f'{g:.0f} ({z:.1f})' for g, z in zip(gains, zs))}  found {found} "
+                  f"{'ok' if found == r['K'] else 'WRONG'}")
 
 
 def main() -> None:
@@ -245,18 +307,28 @@ def main() -> None:
     ap.add_argument("--poisson-gn", action="store_true", help="with --set ml_noise_model='poisson': "
                     "the Gauss–Newton line-search curvature")
     ap.add_argument("--json", default="")
+    ap.add_argument("--trace", type=int, default=0, help="print the spectrum every N ML iterations")
     ap.add_argument("--null", action="store_true", help="the chain against a parametric-bootstrap null of each "
                     "step (one more M-mode fit a step)")
     ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
+    ap.add_argument("--compare", nargs=2, default=None, metavar=("AMPLITUDE", "POISSON"),
+                    help="two records files: each Poisson cell against the same cell's amplitude fit")
+    ap.add_argument("--poisson", action="store_true", help="with --summarise: the Poisson fits' records, "
+                    "counted by their deviance gains")
     a = ap.parse_args()
+    if a.compare:
+        compare(*a.compare)
+        return
     if a.summarise:
-        summarise(a.summarise)
+        summarise(a.summarise, a.poisson)
         return
     sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     ml_cap = a.ml_cap
     set_cap(a.ml_cap)
     if a.poisson_gn:
         poisson_gauss_newton()
+    if a.trace:
+        trace_spectrum(a.trace)
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null, a.null)
         if a.json:

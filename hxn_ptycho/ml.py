@@ -18,6 +18,20 @@ ranks give the 1-process result to rounding):
    the amplitude model takes the Gauss–Newton curvature L'' ≈ 2Σ a'² (a = |F(Φ(α))|), which is
    never negative (the exact one is, after a short DM, and ML then stalled) and needs no F(A2).
    A step that cannot be taken along a descent direction restarts the direction at the gradient.
+3. the Poisson model's step is *checked* (:meth:`MLIteration._judge_trial`): the next iteration's pass 1
+   evaluates L at the trial point anyway, and the step is kept only if L fell by the Armijo amount
+   (L(α) ≤ L(0) + c·α·L'(0), c = 10⁻⁴, Nocedal & Wright, *Numerical Optimization*, 3.1); otherwise the
+   model goes back to the last accepted point plus a shorter step (the minimum of the quadratic through
+   L(0), L'(0), L(α), kept within [0.1, 0.5]·α) and is judged again, or after :data:`MAX_BACKTRACKS`
+   tries returns to that point and restarts along the gradient. A non-finite L at a trial is a failed
+   test, not an error. So the accepted likelihoods fall strictly and the fit cannot diverge, whatever
+   the curvature (the exact one may be negative; a first step is then :data:`TRIAL_STEP` of the
+   model's norm over the direction's) and with any per-mode scaling of the probe gradient. A rejected
+   trial costs one pass 1 (an iteration); the stage's last step is judged by one more pass 1 at its
+   end, so the stage ends on an accepted point (an interrupted run may end on an unjudged one). Position
+   refinement inside an ML stage changes L between iterations without changing the model: a trial is
+   then judged against the L of the old positions. The amplitude model keeps its step (an overshoot
+   halves the step back and restarts; its results are unchanged). docs/auto_modes.md, "Session 22".
 
 Four FFTs per view and mode per iteration (three for the amplitude model); the Fourier transforms
 F(Φ) of pass 1 are kept in the exit-wave store for pass 2. The per-pixel work of each pass is one step function here
@@ -36,6 +50,9 @@ from . import dm
 log = logging.getLogger(__name__)
 
 FLOOR = 1e-6          # of the mean measured intensity per pixel: I_m is kept above it
+ARMIJO = 1e-4         # the Poisson step is kept when L(α) ≤ L(0) + ARMIJO·α·L'(0)
+MAX_BACKTRACKS = 8    # shorter trials along one direction before going back to its start
+TRIAL_STEP = 0.05     # without a usable curvature: the first trial step, ‖(O, P)‖/‖h‖ × this
 
 
 # (ML) the data term: Σ_good (I_m − I log I_m) and the weight (1 − I/I_m) of ∂L/∂Ψ* = (1 − I/I_m)·Ψ
@@ -153,6 +170,14 @@ class MLIteration:
         self.alpha_last = 0.0               # the last positive step (ml_step's fallback)
         self.resets = 0
         self.stalls = 0                     # iterations that took no step (the direction was reset)
+        # the Poisson model's checked step (_judge_trial): a trial is (obj, probe) at the last accepted
+        # point, its L, L'(0) along h, data error, the step α, the tries, and the trial's own (obj, probe)
+        self.backtrack = self.model == "poisson"
+        self.trial: dict[str, Any] | None = None
+        self.backtracks = 0                 # trials rejected (each cost one pass 1)
+        self.reverts = 0                    # directions abandoned after MAX_BACKTRACKS
+        self.accepted_nll: list[float] = [] # L at every accepted point (Poisson): strictly falling
+        self.stage_end: int | None = None   # the last iteration of this ML stage (its step judged at once)
         # > 1: mode k's probe gradient × min(cap, P_1/P_k) (its power P_k), the density matrix's own
         # gradient step rather than the modes' (weak modes move as fast as strong ones). An experiment
         # of benchmarks/mode_fit.py (docs/auto_modes.md, "Session 20"); 1, off, is the engine's.
@@ -199,10 +224,9 @@ class MLIteration:
         w.d2 += d2
 
     # --- one iteration ----------------------------------------------------------------------------
-    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
-        rec, be = self.rec, self.rec.be
-        xp = be.xp
-        obj_old, probe_old = rec.obj, rec.probe
+    def _pass_one(self) -> tuple[float, float, Any, Any, Any, Any]:
+        """Pass 1 over every view, summed over workers and ranks: (L, data error, g_O, Σ|P|², g_P, Σ|O|²)."""
+        rec = self.rec
         rec._probe_terms()
         for w in rec._workers:
             w.nll = w.d1 = w.d2 = 0.0
@@ -215,7 +239,13 @@ class MLIteration:
         rec.reducer.allreduce_sum([d_obj, d_probe])
         rec.reducer.allreduce_sum([scal])
         nll, err = float(scal[0]), float(scal[1])
-        data_err = err / max(rec.total_intensity, 1e-300)
+        return nll, err / max(rec.total_intensity, 1e-300), g_obj, d_obj, g_probe, d_probe
+
+    def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
+        rec, be = self.rec, self.rec.be
+        xp = be.xp
+        obj_old, probe_old = rec.obj, rec.probe
+        nll, data_err, g_obj, d_obj, g_probe, d_probe = self._pass_one()
         # preconditioned gradient (the DM denominators, regularised like the DM updates)
         a_o = rec.params.object_reg * float(d_obj.max()) + dm.TINY
         a_p = rec.params.probe_reg * float(d_probe.max()) + dm.TINY
@@ -225,6 +255,15 @@ class MLIteration:
             power = be.asnumpy(xp.sum(xp.square(xp.abs(rec.probe)), axis=(1, 2))).astype(np.float64)
             f = np.minimum(self.mode_precondition_cap, power.max() / np.maximum(power, 1e-300))
             pg_probe = pg_probe * be.asarray(f.astype(pg_probe.real.dtype))[:, None, None]
+        if self.backtrack:
+            if self.stage_end is None:
+                self.stage_end = self._stage_end(it)
+            judged = self._judge_trial(nll, it)
+            self.last_nll = nll
+            if judged is not None:          # a shorter trial, or back at the last accepted point
+                if it >= self.stage_end:
+                    judged = self._close_stage(it, judged)
+                return judged, dm.relative_change(be, rec.probe, probe_old), dm.relative_change(be, rec.obj, obj_old)
         if not np.isfinite(nll):
             raise FloatingPointError("ML: non-finite likelihood")
         gg = float(xp.sum(g_obj.real * pg_obj.real + g_obj.imag * pg_obj.imag)) + \
@@ -261,18 +300,102 @@ class MLIteration:
         rec.reducer.allreduce_sum([curv])
         d1, d2 = float(curv[0]), float(curv[1])
         alpha = ml_step(d1, d2, self.alpha_last)
+        if self.backtrack and alpha == 0.0 and d1 < 0:      # no usable curvature yet: a trial the check shortens
+            alpha = self._first_step()
         if alpha == 0.0:        # no step along h: restart along the gradient next time (never stall)
             if d1 < 0:
                 log.warning("ML iteration %d: curvature %.3g along a descent direction (slope %.3g) gives no "
                             "step; restarting along the gradient", it, d2, d1)
             self.h_obj = None
             self.stalls += 1
+        if alpha and self.backtrack:
+            self.trial = {"obj": rec.obj, "probe": rec.probe, "nll": nll, "d1": d1, "err": data_err,
+                          "alpha": alpha, "tries": 0}
         if alpha:
             rec.obj = (rec.obj + alpha * self.h_obj).astype(rec.cdtype, copy=False)
             rec.probe = (rec.probe + alpha * self.h_probe).astype(rec.cdtype, copy=False)
+        if alpha and self.trial is not None:
+            self.trial["obj_t"], self.trial["probe_t"] = rec.obj, rec.probe
         self.alpha_prev = alpha
-        if alpha > 0:
+        if alpha > 0 and not self.backtrack:     # (Poisson: set when the trial is accepted)
             self.alpha_last = alpha
         self.nll_prev = nll
         self.last_nll = nll
+        if self.backtrack and self.stage_end is not None and it >= self.stage_end:
+            data_err = self._close_stage(it, data_err)
         return data_err, dm.relative_change(be, rec.probe, probe_old), dm.relative_change(be, rec.obj, obj_old)
+
+    # --- the Poisson model's checked step ---------------------------------------------------------
+    def _stage_end(self, it: int) -> int:
+        """The last iteration of the ML stage that iteration ``it`` belongs to."""
+        schedule = self.rec._stage_at()
+        end = it
+        while end + 1 < len(schedule) and schedule[end + 1] == "ML":
+            end += 1
+        return end
+
+    def _first_step(self) -> float:
+        """A trial step without a usable curvature: ``TRIAL_STEP`` × ‖(O, P)‖/‖(h_O, h_P)‖."""
+        xp = self.rec.be.xp
+        x2 = float(xp.sum(xp.square(xp.abs(self.rec.obj)))) + float(xp.sum(xp.square(xp.abs(self.rec.probe))))
+        h2 = float(xp.sum(xp.square(xp.abs(self.h_obj)))) + float(xp.sum(xp.square(xp.abs(self.h_probe))))
+        return TRIAL_STEP * float(np.sqrt(x2 / h2)) if h2 > 0 and np.isfinite(h2) else 0.0
+
+    def _close_stage(self, it: int, err: float) -> float:
+        """At the stage's last iteration: judge the pending trial now (one more pass 1 a try) so that the
+        stage ends on an accepted point; returns that point's data error."""
+        while self.trial is not None:
+            nll, data_err = self._pass_one()[:2]
+            judged = self._judge_trial(nll, it)
+            self.last_nll = nll
+            err = data_err if judged is None else judged
+        return err
+
+    # (ML, Poisson) Armijo backtracking: keep x + αh if L(x + αh) ≤ L(x) + c·α·L'(0), else shorten α (N&W 3.1)
+    def _judge_trial(self, nll: float, it: int) -> float | None:
+        """Judge the pending trial with its likelihood ``nll`` (pass 1 at the trial point).
+
+        Returns ``None`` when the iteration goes on from the current point (the trial accepted, or
+        none pending); otherwise the model was moved (a shorter trial, or back to the last accepted
+        point) and the return is the data error of that accepted point, the iteration's report.
+        """
+        rec = self.rec
+        t = self.trial
+        if t is None:
+            if not self.accepted_nll and np.isfinite(nll):
+                self.accepted_nll.append(nll)                  # the stage's start
+            return None
+        if rec.obj is not t["obj_t"] or rec.probe is not t["probe_t"]:
+            # the model was changed between iterations (modes pruned or orthogonalised): start afresh from it
+            self.trial = None
+            self.h_obj = self.h_probe = None
+            self.nll_prev = np.inf
+            return None
+        alpha, nll0, d1 = t["alpha"], t["nll"], t["d1"]
+        if np.isfinite(nll) and nll <= nll0 + ARMIJO * alpha * d1:
+            self.trial = None
+            self.alpha_last = alpha
+            self.accepted_nll.append(nll)
+            return None
+        self.backtracks += 1
+        t["tries"] += 1
+        if t["tries"] > MAX_BACKTRACKS:
+            # back to the last accepted point; the next direction starts along its gradient
+            self.reverts += 1
+            log.debug("ML iteration %d: no decrease along the direction after %d shorter steps; back to the "
+                      "last accepted point", it, MAX_BACKTRACKS)
+            rec.obj, rec.probe = t["obj"], t["probe"]
+            self.trial = None
+            self.h_obj = self.h_probe = None
+            self.nll_prev = np.inf
+            return float(t["err"])
+        if np.isfinite(nll):     # the minimum of the quadratic through L(0), L'(0), L(α), within [0.1, 0.5]·α
+            q = -d1 * alpha / (2.0 * (nll - nll0 - d1 * alpha))
+            q = min(0.5, max(0.1, q)) if np.isfinite(q) else 0.1
+        else:
+            q = 0.1
+        t["alpha"] = alpha * q
+        rec.obj = (t["obj"] + t["alpha"] * self.h_obj).astype(rec.cdtype, copy=False)
+        rec.probe = (t["probe"] + t["alpha"] * self.h_probe).astype(rec.cdtype, copy=False)
+        t["obj_t"], t["probe_t"] = rec.obj, rec.probe
+        return float(t["err"])
