@@ -335,6 +335,78 @@ def summarise(path: str) -> None:
           f"held-out {sum(held.values())} of {len(held)}")
 
 
+COLUMNS = (("1:1", "true 1: 100 %"), ("2:0.3", "true 2: 70/30 %"), ("2:0.1", "true 2: 90/10 %"),
+           ("3:0.03", "true 3: 81/16/3 %"), ("3:0.08", "true 3: 68/24/8 %"))
+
+
+def trend_grid(doc: str) -> dict[tuple[str, str, str], str]:
+    """`trend`'s counts of the first grid table of docs/auto_modes.md: (family, photons, column) → text."""
+    out: dict[tuple[str, str, str], str] = {}
+    with open(doc) as fh:
+        for line in fh:
+            if out and not line.startswith("|"):
+                break
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 7 and cells[1].startswith("1e+0"):
+                fam = cells[0].split(" ")[0]
+                for (key, _), text in zip(COLUMNS, cells[2:]):
+                    if text:
+                        out[(fam, f"{float(cells[1]):.0e}".replace("+0", ""), key)] = text.replace("*", "")
+    return out
+
+
+def holdout_summary(path: str, s21: str, doc: str) -> None:
+    """Session 22: the held-out chain's count (``found_ho``, recomputed from the per-view gains) of every
+    record of ``path`` that has one, then the grid table with session 21's chain (``s21``) and `trend`."""
+    recs: dict[str, dict[str, Any]] = {}
+    with open(path) as fh:
+        for line in fh:
+            r = json.loads(line)
+            if "ho_view_gain" in r:
+                recs.setdefault(r["case"], r)
+    old: dict[str, int] = {}
+    if s21 and os.path.exists(s21):
+        with open(s21) as fh:
+            for line in fh:
+                r = json.loads(line)
+                if "view_gain" in r and r.get("sets", {}).get("ml_noise_model") != "poisson":
+                    old.setdefault(r["case"], chain_count(r["view_gain"])[0])
+    trend = trend_grid(doc) if doc and os.path.exists(doc) else {}
+    cells: dict[tuple[str, str, str], tuple[int, int]] = {}
+    for case, r in recs.items():
+        found, zs = chain_count(r["ho_view_gain"])
+        dev = chain_count(r["ho_view_dev_gain"])[0]
+        fam, ph, k, weak = case.split(":")
+        cells[(fam, ph, f"{k}:{weak}")] = (found, r["K"])
+        print(f"{r.get('run', ''):16s} {case:20s} true {r['K']} found {found} {'ok' if found == r['K'] else 'WRONG'}"
+              f"  z {', '.join(f'{z:.1f}' for z in zs)}  (deviance {dev}; s21 chain {old.get(case, '-')}; "
+              f"c_K {r['c_K']:.3f}; {r['seconds']:.0f} s, load {r['load']:.1f})")
+    print("\n| family | photons | " + " | ".join(c for _, c in COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
+    tally: dict[str, list[int]] = {}
+    for fam in sorted({f for f, _, _ in cells}, key=lambda f: (f.startswith("kb"), f)):
+        for ph in ("1e5", "1e6", "1e8"):
+            row = []
+            for key, _ in COLUMNS:
+                if (fam, ph, key) not in cells:
+                    row.append("")
+                    continue
+                found, K = cells[(fam, ph, key)]
+                t = tally.setdefault(f"{'held-out' if fam.startswith('kb') else 'grid'} {ph}", [0, 0, 0, 0])
+                t[0] += found == K
+                t[1] += 1
+                ok21 = old.get(f"{fam}:{ph}:{key}")
+                t[2] += ok21 == K
+                tr = trend.get((fam, ph, key), "")
+                t[3] += tr.strip() == str(K)
+                txt = f"**{found}**" if found == K else f"{found} ✗"
+                extra = [f"s21 {ok21}" if ok21 is not None else "", f"trend {tr.split(' ')[0]}" if tr else ""]
+                row.append(txt + (f" ({', '.join(e for e in extra if e)})" if any(extra) else ""))
+            if any(row):
+                print(f"| {fam} | {ph} | " + " | ".join(row) + " |")
+    for name, (ok, n, ok21, okt) in sorted(tally.items()):
+        print(f"{name}: right {ok} of {n} (session 21's chain {ok21}, trend {okt} of the same cells)")
+
+
 def main() -> None:
     global ml_cap
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -358,6 +430,11 @@ def main() -> None:
     ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
     a = ap.parse_args()
     if a.summarise:
+        with open(a.summarise) as fh:
+            if any("ho_view_gain" in line for line in fh):
+                root = Path(__file__).resolve().parents[1] / "docs"
+                holdout_summary(a.summarise, str(root / "auto_modes_s21.jsonl"), str(root / "auto_modes.md"))
+                return
         summarise(a.summarise)
         return
     sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
