@@ -372,15 +372,18 @@ def holdout_summary(path: str, s21: str, doc: str) -> None:
                 if "view_gain" in r and r.get("sets", {}).get("ml_noise_model") != "poisson":
                     old.setdefault(r["case"], chain_count(r["view_gain"])[0])
     trend = trend_grid(doc) if doc and os.path.exists(doc) else {}
-    cells: dict[tuple[str, str, str], tuple[int, int]] = {}
+    cells: dict[tuple[str, str, str], tuple[int, int, int | None]] = {}
     for case, r in recs.items():
         found, zs = chain_count(r["ho_view_gain"])
         dev = chain_count(r["ho_view_dev_gain"])[0]
+        # the in-sample chain of the same fits (session 21's rule on the kept pixels; the check records
+        # predate it and scored all pixels of the filled scan: not comparable, left out)
+        ins = chain_count(r["view_gain"])[0] if r.get("run") != "check" else None
         fam, ph, k, weak = case.split(":")
-        cells[(fam, ph, f"{k}:{weak}")] = (found, r["K"])
+        cells[(fam, ph, f"{k}:{weak}")] = (found, r["K"], ins)
         print(f"{r.get('run', ''):16s} {case:20s} true {r['K']} found {found} {'ok' if found == r['K'] else 'WRONG'}"
-              f"  z {', '.join(f'{z:.1f}' for z in zs)}  (deviance {dev}; s21 chain {old.get(case, '-')}; "
-              f"c_K {r['c_K']:.3f}; {r['seconds']:.0f} s, load {r['load']:.1f})")
+              f"  z {', '.join(f'{z:.1f}' for z in zs)}  (deviance {dev}; in-sample {ins}; s21 chain "
+              f"{old.get(case, '-')}; c_K {r['c_K']:.3f}; {r['seconds']:.0f} s, load {r['load']:.1f})")
     print("\n| family | photons | " + " | ".join(c for _, c in COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
     tally: dict[str, list[int]] = {}
     for fam in sorted({f for f, _, _ in cells}, key=lambda f: (f.startswith("kb"), f)):
@@ -390,21 +393,25 @@ def holdout_summary(path: str, s21: str, doc: str) -> None:
                 if (fam, ph, key) not in cells:
                     row.append("")
                     continue
-                found, K = cells[(fam, ph, key)]
-                t = tally.setdefault(f"{'held-out' if fam.startswith('kb') else 'grid'} {ph}", [0, 0, 0, 0])
+                found, K, ins = cells[(fam, ph, key)]
+                t = tally.setdefault(f"{'held-out' if fam.startswith('kb') else 'grid'} {ph}", [0, 0, 0, 0, 0, 0])
                 t[0] += found == K
                 t[1] += 1
                 ok21 = old.get(f"{fam}:{ph}:{key}")
                 t[2] += ok21 == K
                 tr = trend.get((fam, ph, key), "")
                 t[3] += tr.strip() == str(K)
+                t[4] += ins == K
+                t[5] += ins is not None
                 txt = f"**{found}**" if found == K else f"{found} ✗"
-                extra = [f"s21 {ok21}" if ok21 is not None else "", f"trend {tr.split(' ')[0]}" if tr else ""]
+                extra = [f"in {ins}" if ins is not None else "", f"s21 {ok21}" if ok21 is not None else "",
+                         f"trend {tr.split(' ')[0]}" if tr else ""]
                 row.append(txt + (f" ({', '.join(e for e in extra if e)})" if any(extra) else ""))
             if any(row):
                 print(f"| {fam} | {ph} | " + " | ".join(row) + " |")
-    for name, (ok, n, ok21, okt) in sorted(tally.items()):
-        print(f"{name}: right {ok} of {n} (session 21's chain {ok21}, trend {okt} of the same cells)")
+    for name, (ok, n, ok21, okt, okin, nin) in sorted(tally.items()):
+        print(f"{name}: right {ok} of {n} (in-sample chain of the same fits {okin} of {nin}; session 21's "
+              f"chain {ok21}, trend {okt} of the same cells)")
 
 
 def main() -> None:
