@@ -15,6 +15,10 @@ truth with the same schedule (``--truth``).
     python benchmarks/mode_over.py fly:1e6:3:0.08 --chain --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
         --set extra_mode_power=0.3 --json F                                # the count's chain of cuts
     python benchmarks/mode_over.py --summarise docs/auto_modes_s21.jsonl   # the counts of the records
+    python benchmarks/mode_over.py fly:1e6:2:0.1 --holdout 0.15 --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
+        --set extra_mode_power=0.3 --json F    # session 22: every fit on 85 % of each frame's pixels,
+                                               # the chain scored on the 15 % held out (FrameMaskBackend)
+    python benchmarks/mode_over.py --summarise docs/auto_modes_s22.jsonl   # its counts and grid table
 
 A case is ``family:photons:true count:weakest share`` as in benchmarks/auto_mode_cv.py (64² frames,
 100 views, seed 1). ``--json F`` appends one line a case.
