@@ -18,6 +18,10 @@ truth with the same schedule (``--truth``).
     python benchmarks/mode_over.py fly:1e5:3:0.08 --chain --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
         --set extra_mode_power=0.3 --set ml_noise_model="'poisson'" --json F   # Poisson fits (session 22)
     python benchmarks/mode_over.py --compare docs/auto_modes_s21.jsonl docs/auto_modes_s22_poisson.jsonl
+    python benchmarks/mode_over.py fly:1e6:2:0.1 --holdout 0.15 --modes 6 --alg DM:20,ML:480 --ml-cap 10 \
+        --set extra_mode_power=0.3 --json F    # session 22: every fit on 85 % of each frame's pixels,
+                                               # the chain scored on the 15 % held out (FrameMaskBackend)
+    python benchmarks/mode_over.py --summarise docs/auto_modes_s22.jsonl   # its counts and grid table
 
 A case is ``family:photons:true count:weakest share`` as in benchmarks/auto_mode_cv.py (64² frames,
 100 views, seed 1). ``--json F`` appends one line a case.
@@ -43,6 +47,7 @@ from auto_mode_cv import case_scan
 from mode_fit import captured, poisson_gauss_newton
 
 from hxn_ptycho import ml, modes
+from hxn_ptycho.backend import NumpyBackend
 from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
 
@@ -75,12 +80,77 @@ def set_cap(cap: float) -> None:
     ml.MLIteration.__init__ = ml_init       # type: ignore[method-assign]
 
 
+class FrameMaskBackend(NumpyBackend):
+    """The numpy backend with one mask per frame: ``keep`` (views, n, n), True = fitted, in the views'
+    given order. Every step that takes the scan's mask (DM's Fourier pass, equations (3), (4), (7);
+    ML's gradient and line search; the error pass) gets the kept pixels of the batch's frames instead,
+    so a held-out pixel is left unconstrained exactly as a masked pixel is (:func:`dm.fourier_projection`
+    keeps the model's modulus there; ML's weight is 0 there). The batch is found from the frames'
+    place in ``base`` (the reconstruction's ``diffamp``; the numpy backend keeps the views' given order,
+    so a batch's frames are a slice of it)."""
+
+    def __init__(self, keep: np.ndarray, threads: int = 1) -> None:
+        super().__init__(threads)
+        self.keep = np.asarray(keep, bool)
+        self.base: np.ndarray | None = None
+
+    def _mask(self, diffamp: Any, rows: Any = None) -> np.ndarray:
+        if self.base is None:
+            raise RuntimeError("FrameMaskBackend: base (the reconstruction's diffamp) not set")
+        if rows is not None:
+            return self.keep[np.asarray(rows)]
+        base = self.base
+        off, rem = divmod(diffamp.__array_interface__["data"][0] - base.__array_interface__["data"][0],
+                          base.strides[0])
+        if rem or off < 0 or off + len(diffamp) > len(base) or diffamp.strides != base.strides:
+            raise RuntimeError("FrameMaskBackend: the frames are not a slice of the reconstruction's diffamp")
+        return self.keep[off:off + len(diffamp)]
+
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,  # type: ignore[override]
+                     *args: Any, **kw: Any) -> Any:
+        rows = kw.get("rows", args[7] if len(args) > 7 else None)
+        return super().fourier_pass(obj, pos, probe, psi, diffamp, self._mask(diffamp, rows), *args, **kw)
+
+    def error_pass(self, obj: Any, pos: Any, probe: Any, diffamp: Any, mask: Any,  # type: ignore[override]
+                   *args: Any, **kw: Any) -> Any:
+        return super().error_pass(obj, pos, probe, diffamp, self._mask(diffamp), *args, **kw)
+
+    def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any,  # type: ignore[override]
+                    *args: Any, **kw: Any) -> tuple[float, float]:
+        return super().ml_gradient(fphi, diffamp, intensity, self._mask(diffamp), *args, **kw)
+
+    def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any,  # type: ignore[override]
+                       mask: Any, *args: Any, **kw: Any) -> tuple[float, float]:
+        return super().ml_line_search(f0, f1, f2, diffamp, intensity, self._mask(diffamp), *args, **kw)
+
+
+def holdout_split(scan: Any, frac: float, seed: int = 22) -> tuple[Any, np.ndarray]:
+    """``frac`` of every frame's pixels held out (a fixed random mask a frame, ``seed``): the mask of the
+    kept pixels (views, n, n), and a copy of the scan whose held-out pixels carry no data — each is
+    replaced by the mean √I of its pixel over the frames that keep it, so that nothing the fit reads
+    (the initial probe's mean amplitude, the intensity total) sees a held-out count."""
+    from dataclasses import replace
+    amp = np.asarray(scan.diffamp, np.float64)
+    keep = np.random.default_rng(seed).uniform(size=amp.shape) >= frac
+    fill = np.sum(amp * keep, axis=0) / np.maximum(keep.sum(axis=0), 1)
+    masked = np.where(keep, amp, fill[None]).astype(scan.diffamp.dtype)
+    return replace(scan, diffamp=masked), keep
+
+
 def fit(scan: Any, M: int, alg: str, sets: dict[str, Any], obj: np.ndarray | None = None,
-        probe: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        probe: np.ndarray | None = None, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """An M-mode fit (from the default start, or from ``obj``/``probe``): object, orthogonal modes
-    sorted by power, data error."""
+    sorted by power, data error. ``keep`` (views, n, n): fit only those pixels of each frame
+    (:class:`FrameMaskBackend`; the others are unconstrained, as masked pixels; the numpy backend)."""
     p = ReconParams(iterations=its_of(alg), probe_modes=M, threads=1, algorithm=alg, **sets)
-    rec = Reconstruction(scan, p, log=lambda m: None)
+    if keep is None:
+        rec = Reconstruction(scan, p, log=lambda m: None)
+    else:
+        be = FrameMaskBackend(keep)
+        rec = Reconstruction(scan, p, backend=be, log=lambda m: None, spatial_order=False)
+        if rec.geom.order is not None:
+            raise RuntimeError("FrameMaskBackend needs the views in their given order")
+        be.base = rec.diffamp
     if obj is not None and probe is not None:
         rec.obj = obj.astype(rec.cdtype)
         rec.probe = probe.astype(rec.cdtype)
@@ -107,10 +177,12 @@ def truth_start(mix: Any, M: int, extra: float) -> np.ndarray:
     return pr * np.sqrt(float(np.sum(np.abs(t) ** 2)) / float(np.sum(np.abs(pr) ** 2)))
 
 
-def view_errors(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def view_errors(scan: Any, obj: np.ndarray, probe: np.ndarray,
+                pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Of each view j: Σ(|F(P·O_j)| − √I_j)² (unnormalised), the Poisson deviance
     2 Σ (λ − I + I log(I/λ)) of the data I under the model's intensity λ, and the Anscombe error
-    Σ(√(λ + 3/8) − √(I + 3/8))² (variance ≈ 1/4 a pixel at any count; good pixels)."""
+    Σ(√(λ + 3/8) − √(I + 3/8))² (variance ≈ 1/4 a pixel at any count; good pixels). ``pixels``
+    (views, n, n): sum over those pixels of each frame only (the held-out ones)."""
     rec = Reconstruction(scan, ReconParams(iterations=1, probe_modes=len(probe), threads=1), log=lambda m: None)
     rec.obj = obj.astype(rec.cdtype)
     rec.probe = probe.astype(rec.cdtype)
@@ -123,6 +195,12 @@ def view_errors(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarr
     if rec.mask is not None:
         dev = dev * np.asarray(rec.be.asnumpy(rec.mask), bool)
         ans = ans * np.asarray(rec.be.asnumpy(rec.mask), bool)
+    if pixels is not None:
+        amp = np.square(np.sqrt(lam) - np.sqrt(inten)) * pixels
+        if rec.mask is not None:
+            amp = amp * np.asarray(rec.be.asnumpy(rec.mask), bool)
+        err = amp.reshape(len(amp), -1).sum(axis=1)
+        dev, ans = dev * pixels, ans * pixels
     rec.close()
     return err, dev.reshape(len(dev), -1).sum(axis=1), ans.reshape(len(ans), -1).sum(axis=1)
 
@@ -150,14 +228,21 @@ def null_gain(scan: Any, obj: np.ndarray, probe: np.ndarray, M: int, alg: str, c
 
 
 def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
-             chain: bool = False, null: bool = False) -> dict[str, Any]:
+             chain: bool = False, null: bool = False, holdout: float = 0.0) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
     n0 = len(ML_STAGES)
+    keep = None
+    if holdout:
+        # every fit below sees the kept pixels only; the chain is scored on the held-out ones (``scan``)
+        full = scan
+        scan, keep = holdout_split(full, holdout)
+        sets = {**sets, "detector_gain": 1.0}     # the simulation's photon units (no estimate from the data)
     if truth:
-        obj, pr, err = fit(scan, M, alg, sets, mix.object[None], truth_start(mix, M, sets.get("extra_mode_power", 0.1)))
+        obj, pr, err = fit(scan, M, alg, sets, mix.object[None], truth_start(mix, M, sets.get("extra_mode_power", 0.1)),
+                           keep=keep)
     else:
-        obj, pr, err = fit(scan, M, alg, sets)
+        obj, pr, err = fit(scan, M, alg, sets, keep=keep)
     n1 = len(ML_STAGES)
     shares = modes.power_fractions(pr)
     rec = {"case": case, "K": K, "M": M, "alg": alg, "sets": sets, "start": "truth" if truth else "default",
@@ -166,21 +251,25 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
            "true_shares": [round(float(s), 4) for s in mix.shares], "ml_fit": ml_counts(n0)}
     if cut and M > K:
         cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
-        _, prk, errk = fit(scan, K, f"ML:{cut}", cut_sets, obj, pr[:K])
+        _, prk, errk = fit(scan, K, f"ML:{cut}", cut_sets, obj, pr[:K], keep=keep)
         rec.update(error_cut=errk, shares_cut=[round(float(s), 5) for s in modes.power_fractions(prk)],
                    c_cut=captured(prk, mix.probe))
     if chain:
         # e_k: the k strongest modes and the object refitted as a k-mode model, k = 1 .. M
         cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
         errs, views, devs, anss, models = [], [], [], [], []
+        held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for k in range(1, M + 1):
-            o_k, p_k, e_k = fit(scan, k, f"ML:{cut}", cut_sets, obj, pr[:k])
+            o_k, p_k, e_k = fit(scan, k, f"ML:{cut}", cut_sets, obj, pr[:k], keep=keep)
             models.append((o_k, p_k))
             errs.append(e_k)
-            ve, vd, va = view_errors(scan, o_k, p_k)
+            # in-sample: the kept pixels only, when some are held out
+            ve, vd, va = view_errors(scan, o_k, p_k) if keep is None else view_errors(full, o_k, p_k, keep)
             views.append(ve)
             devs.append(vd)
             anss.append(va)
+            if keep is not None:
+                held.append(view_errors(full, o_k, p_k, ~keep))
         rec["chain"] = errs
         rec["dev_chain"] = [float(np.sum(d)) for d in devs]
         rec["chain_shares"] = [[round(float(x), 5) for x in modes.power_fractions(m[1])] for m in models]
@@ -189,6 +278,25 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         rec["view_gain"] = [[float(x) for x in views[k] - views[k + 1]] for k in range(M - 1)]
         rec["view_dev_gain"] = [[float(x) for x in devs[k] - devs[k + 1]] for k in range(M - 1)]
         rec["view_anscombe_gain"] = [[float(x) for x in anss[k] - anss[k + 1]] for k in range(M - 1)]
+        if keep is not None:
+            # the held-out pixels' scores of each refit k (amplitude error, Poisson deviance, Anscombe)
+            # and their per-view gains k → k + 1; the count: the deviance's chain (z > 2, chain_count)
+            rec["holdout"] = holdout
+            rec["ho_sums"] = {name: [float(h[i].sum()) for h in held]
+                              for i, name in enumerate(("amplitude", "deviance", "anscombe"))}
+            for i, name in enumerate(("ho_view_gain", "ho_view_dev_gain", "ho_view_anscombe_gain")):
+                rec[name] = [[float(f"{x:.6g}") for x in held[k][i] - held[k + 1][i]] for k in range(M - 1)]
+            # the rule (session 22, fixed after the check cells): the held-out amplitude error — the fits'
+            # own loss — paired z > 2; the deviance's chain (the rule declared first) kept as a variant
+            rec["found_ho"], zs = chain_count(rec["ho_view_gain"])
+            rec["ho_z"] = [round(z, 2) for z in zs]
+            rec["found_ho_dev"], zd = chain_count(rec["ho_view_dev_gain"])
+            rec["ho_dev_z"] = [round(z, 2) for z in zd]
+            d = rec["ho_sums"]["amplitude"]
+            rec["found_ho_sum"] = next((k + 1 for k in range(M - 1) if d[k + 1] >= d[k]), M)
+            print(f"  {case} held-out ({holdout:.2f}) amplitude errors {', '.join(f'{x:.1f}' for x in d)}; z "
+                  f"{', '.join(f'{z:.1f}' for z in zs)}: found {rec['found_ho']} (sum rule {rec['found_ho_sum']}, "
+                  f"deviance {rec['found_ho_dev']}), true {K}", flush=True)
         if null:
             # the calibrated chain: keep mode k + 1 while the real step's per-view gains exceed the null's
             # (Poisson data from the k-mode cut, the same fit and cut), Welch z > 2
@@ -293,6 +401,85 @@ def compare(amp_path: str, poisson_path: str) -> None:
                   f"{'ok' if found == r['K'] else 'WRONG'}")
 
 
+COLUMNS = (("1:1", "true 1: 100 %"), ("2:0.3", "true 2: 70/30 %"), ("2:0.1", "true 2: 90/10 %"),
+           ("3:0.03", "true 3: 81/16/3 %"), ("3:0.08", "true 3: 68/24/8 %"))
+
+
+def trend_grid(doc: str) -> dict[tuple[str, str, str], str]:
+    """`trend`'s counts of the first grid table of docs/auto_modes.md: (family, photons, column) → text."""
+    out: dict[tuple[str, str, str], str] = {}
+    with open(doc) as fh:
+        for line in fh:
+            if out and not line.startswith("|"):
+                break
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 7 and cells[1].startswith("1e+0"):
+                fam = cells[0].split(" ")[0]
+                for (key, _), text in zip(COLUMNS, cells[2:]):
+                    if text:
+                        out[(fam, f"{float(cells[1]):.0e}".replace("+0", ""), key)] = text.replace("*", "")
+    return out
+
+
+def holdout_summary(path: str, s21: str, doc: str) -> None:
+    """Session 22: the held-out chain's count (``found_ho``, recomputed from the per-view gains) of every
+    record of ``path`` that has one, then the grid table with session 21's chain (``s21``) and `trend`."""
+    recs: dict[str, dict[str, Any]] = {}
+    with open(path) as fh:
+        for line in fh:
+            r = json.loads(line)
+            if "ho_view_gain" in r:
+                recs.setdefault(r["case"], r)
+    old: dict[str, int] = {}
+    if s21 and os.path.exists(s21):
+        with open(s21) as fh:
+            for line in fh:
+                r = json.loads(line)
+                if "view_gain" in r and r.get("sets", {}).get("ml_noise_model") != "poisson":
+                    old.setdefault(r["case"], chain_count(r["view_gain"])[0])
+    trend = trend_grid(doc) if doc and os.path.exists(doc) else {}
+    cells: dict[tuple[str, str, str], tuple[int, int, int | None]] = {}
+    for case, r in recs.items():
+        found, zs = chain_count(r["ho_view_gain"])
+        dev = chain_count(r["ho_view_dev_gain"])[0]
+        # the in-sample chain of the same fits (session 21's rule on the kept pixels; the check records
+        # predate it and scored all pixels of the filled scan: not comparable, left out)
+        ins = chain_count(r["view_gain"])[0] if r.get("run") != "check" else None
+        fam, ph, k, weak = case.split(":")
+        cells[(fam, ph, f"{k}:{weak}")] = (found, r["K"], ins)
+        print(f"{r.get('run', ''):16s} {case:20s} true {r['K']} found {found} {'ok' if found == r['K'] else 'WRONG'}"
+              f"  z {', '.join(f'{z:.1f}' for z in zs)}  (deviance {dev}; in-sample {ins}; s21 chain "
+              f"{old.get(case, '-')}; c_K {r['c_K']:.3f}; {r['seconds']:.0f} s, load {r['load']:.1f})")
+    print("\n| family | photons | " + " | ".join(c for _, c in COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
+    tally: dict[str, list[int]] = {}
+    for fam in sorted({f for f, _, _ in cells}, key=lambda f: (f.startswith("kb"), f)):
+        for ph in ("1e5", "1e6", "1e8"):
+            row = []
+            for key, _ in COLUMNS:
+                if (fam, ph, key) not in cells:
+                    row.append("")
+                    continue
+                found, K, ins = cells[(fam, ph, key)]
+                t = tally.setdefault(f"{'held-out' if fam.startswith('kb') else 'grid'} {ph}", [0, 0, 0, 0, 0, 0])
+                t[0] += found == K
+                t[1] += 1
+                ok21 = old.get(f"{fam}:{ph}:{key}")
+                t[2] += ok21 == K
+                tr = trend.get((fam, ph, key), "")
+                t[3] += tr.strip() == str(K)
+                t[4] += ins == K
+                t[5] += ins is not None
+                txt = f"**{found}**" if found == K else f"{found} ✗"
+                extra = [f"in {ins}" if ins is not None else "", f"s21 {ok21}" if ok21 is not None else "",
+                         f"trend {tr.split(' ')[0]}" if tr else ""]
+                row.append(txt + (f" ({', '.join(e for e in extra if e)})" if any(extra) else ""))
+            if any(row):
+                print(f"| {fam} | {ph} | " + " | ".join(row) + " |")
+    for name, (ok, n, ok21, okt, okin, nin) in sorted(tally.items()):
+        print(f"{name}: right {ok} of {n} (in-sample chain of the same fits {okin} of {nin}; session 21's "
+              f"chain {ok21}, trend {okt} of the same cells)")
+
+
 def main() -> None:
     global ml_cap
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -310,6 +497,10 @@ def main() -> None:
     ap.add_argument("--trace", type=int, default=0, help="print the spectrum every N ML iterations")
     ap.add_argument("--null", action="store_true", help="the chain against a parametric-bootstrap null of each "
                     "step (one more M-mode fit a step)")
+    ap.add_argument("--holdout", type=float, default=0.0, help="hold this fraction of every frame's pixels "
+                    "out of every fit (a fixed random mask a frame) and read the count from the chain's Poisson "
+                    "deviance on them (implies --chain; session 22)")
+    ap.add_argument("--run", default="", help="a label stored in each record (field run)")
     ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
     ap.add_argument("--compare", nargs=2, default=None, metavar=("AMPLITUDE", "POISSON"),
                     help="two records files: each Poisson cell against the same cell's amplitude fit")
@@ -320,6 +511,11 @@ def main() -> None:
         compare(*a.compare)
         return
     if a.summarise:
+        with open(a.summarise) as fh:
+            if any("ho_view_gain" in line for line in fh):
+                root = Path(__file__).resolve().parents[1] / "docs"
+                holdout_summary(a.summarise, str(root / "auto_modes_s21.jsonl"), str(root / "auto_modes.md"))
+                return
         summarise(a.summarise, a.poisson)
         return
     sets = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
@@ -330,7 +526,10 @@ def main() -> None:
     if a.trace:
         trace_spectrum(a.trace)
     for case in a.cases:
-        r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null, a.null)
+        r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
+                     a.holdout)
+        if a.run:
+            r["run"] = a.run
         if a.json:
             with open(a.json, "a") as fh:
                 fh.write(json.dumps(r) + "\n")

@@ -16,6 +16,13 @@ orthonormal mode shapes, to which a chosen power spectrum is given, so the true 
   raster's fast axis during the exposure; its three strongest eigenmodes, 68/24/8 % by default.
 - ``zernike`` (held out: looked at once, after the rule was fixed): pupil aberration modes,
   Zernike polynomials (tilt, astigmatism, coma) on an annular zone-plate pupil.
+- ``kbslit`` (session 22's held-out family, written before its rule's grid was run and run once at the
+  end): a Kirkpatrick–Baez mirror pair (a rectangular pupil, smooth random figure errors of each mirror)
+  lit by a uniform incoherent source behind slits of different widths in x and y. By van Cittert–Zernike
+  the mutual intensity across the pupil is sinc-shaped along each axis (not Gaussian: not the GSM's
+  Hermite–Gaussian modes); the coherent modes are products u_m(k_x)·v_n(k_y) of the 1-D eigenvectors
+  of those sinc kernels on the mirrors' apertures (prolate-spheroidal-like), ordered by the products of
+  their eigenvalues.
 
 The object is also independent: an amplitude of random disks and a phase of filtered noise.
 """
@@ -29,6 +36,7 @@ from hxn_ptycho.scanfile import ScanData
 
 FAMILIES = ("shifted", "defocus", "random", "gsm", "fly")
 HELD_OUT = "zernike"
+HELD_OUT_S22 = "kbslit"      # session 22's held-out family (docs/auto_modes.md, "Session 22")
 ENERGY_KEV, DISTANCE_M, CCD_PIXEL_UM = 10.0, 0.6, 75.0
 
 
@@ -122,6 +130,27 @@ def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[
                 rho * np.sin(th)]
         fields = np.stack([_to_sample(pupil * z * np.exp(1j * 0.7 * rho ** 2 * np.cos(2 * th))) for z in zern[:K]])
         return _gram_schmidt(fields), None
+    if family == HELD_OUT_S22:
+        # KB pair: apertures |k_x| ≤ n/6, |k_y| ≤ n/8; source slits give pupil coherence widths c_x, c_y
+        # (mutual intensity sinc((k1 − k2)/c) along each axis); each mirror adds a smooth random figure error
+        k = np.fft.fftfreq(n) * n
+        axes = []
+        for half, coh in ((n / 6, n / 6 * 0.7), (n / 8, n / 8 * 1.2)):
+            inside = np.abs(k) <= half
+            kk = k[inside]
+            vals, vecs = np.linalg.eigh(np.sinc((kk[:, None] - kk[None, :]) / coh))
+            order = np.argsort(vals)[::-1]
+            full = np.zeros((n, len(kk)), np.complex128)
+            full[inside] = vecs[:, order]
+            c = rng.standard_normal(4)
+            t = k / half
+            figure = 0.8 * (c[0] * t ** 2 + 0.5 * c[1] * t ** 3 + 0.3 * c[2] * np.cos(np.pi * t) + 0.3 * c[3] * t ** 4)
+            axes.append((vals[order], full * np.exp(1j * figure)[:, None]))
+        (ax, ux), (ay, uy) = axes
+        pairs = sorted(((ax[i] * ay[j], i, j) for i in range(4) for j in range(4)), reverse=True)[:K]
+        fields = np.stack([_to_sample(uy[:, j][:, None] * ux[:, i][None, :]) for _, i, j in pairs])
+        fields /= np.sqrt(np.sum(np.abs(fields) ** 2, axis=(1, 2)))[:, None, None]
+        return fields, None
     raise ValueError(f"unknown mixture family {family!r}")
 
 

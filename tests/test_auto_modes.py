@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from mode_mixtures import FAMILIES, HELD_OUT, mixture_scan, mode_shapes, spectrum
+from mode_mixtures import FAMILIES, HELD_OUT, HELD_OUT_S22, mixture_scan, mode_shapes, spectrum
 
 from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.params import ReconParams
@@ -17,7 +17,7 @@ from hxn_ptycho.params import ReconParams
 QUIET = {"log": lambda m: None}
 
 
-@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT,))
+@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22))
 def test_mixture_families_have_exactly_the_modes_asked(family):
     """Each family gives K orthonormal shapes (so the true count is exact) and the asked spectrum."""
     shapes, _ = mode_shapes(family, 3, 32, np.random.default_rng(3))
@@ -228,3 +228,61 @@ def test_an_over_complete_fit_holds_the_true_subspace_where_the_fixed_count_fit_
     assert c_fixed < 0.95, c_fixed                 # the case is one the fixed-count fit gets wrong
     assert c_over > 0.985, (c_over, c_fixed)
     assert err < 0.00109, err                      # within 1.7 % of the fit from the truth (0.001072)
+
+
+def test_held_out_pixels_never_reach_the_fit():
+    """docs/auto_modes.md, "Session 22": ``mode_over.fit(..., keep=...)`` fits the kept pixels of each
+    frame only (``FrameMaskBackend``). Scrambling the held-out pixels' counts (a permutation among them,
+    so the intensity total is unchanged) leaves DM + ML's fit unchanged to rounding; without the masks
+    the same scramble changes it (so the comparison can fail)."""
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mode_over
+
+    scan, mix = mixture_scan("gsm", spectrum(2, 0.3), 1e5, seed=2, n=32, n_positions=16, step=4.0)
+    masked, keep = mode_over.holdout_split(scan, 0.15)
+    assert 0.12 < 1 - keep.mean() < 0.18
+    held = np.asarray(masked.diffamp, np.float64)
+    np.testing.assert_array_equal(held[keep], np.asarray(scan.diffamp, np.float64)[keep])
+    amp = np.asarray(scan.diffamp).copy()
+    amp[~keep] = np.random.default_rng(1).permutation(amp[~keep])
+    scrambled = replace(scan, diffamp=amp)
+    assert np.abs(amp - scan.diffamp).max() > 1
+    start = (mix.object[None], mix.probe * 0.9 + 0.1 * np.roll(mix.probe, 1, axis=-1))
+    sets = {"detector_gain": 1.0}
+    runs = [mode_over.fit(s, 2, "DM:4,ML:4", sets, *start, keep=keep) for s in (scan, scrambled)]
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=0, atol=1e-6 * np.abs(runs[0][1]).max())
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=0, atol=1e-6)
+    free = [mode_over.fit(s, 2, "DM:4,ML:4", sets, *start) for s in (scan, scrambled)]
+    assert np.abs(free[0][1] - free[1][1]).max() > 1e-3 * np.abs(free[0][1]).max()
+
+
+@pytest.mark.slow
+def test_the_held_out_amplitude_chain_keeps_the_true_count_where_the_held_out_deviance_over_counts(monkeypatch):
+    """docs/auto_modes.md, "Session 22": fly 90/10 at 1e6 (100 views), session 21's over-complete fit
+    (6 modes, DM 20 + ML 480, per-mode step cap 10, extras at 0.3) and its chain of refits, all on 85 %
+    of every frame's pixels. Scored on the 15 % held out in the fits' own loss (the amplitude error), the
+    chain keeps the true 2 modes (measured z of steps 1→2, 2→3: 10.0, −1.7); scored there by the Poisson
+    deviance it keeps spurious modes (measured 5: the amplitude fit's intensities are biased low at low
+    counts and a spurious mode's fill-in corrects it), which is why the rule scores the amplitude error."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mode_over
+
+    from hxn_ptycho import ml
+    init = ml.MLIteration.__init__
+
+    def with_cap(self, rec):
+        init(self, rec)
+        self.mode_precondition_cap = 10.0
+    monkeypatch.setattr(ml.MLIteration, "__init__", with_cap)
+    rec = mode_over.run_case("fly:1e6:2:0.1", 6, "DM:20,ML:480", 50, {"extra_mode_power": 0.3}, False,
+                             chain=True, holdout=0.15)
+    found, zs = mode_over.chain_count(rec["ho_view_gain"])
+    assert found == 2, zs
+    assert zs[0] > 5 and zs[1] < 1, zs
+    by_deviance, zd = mode_over.chain_count(rec["ho_view_dev_gain"])
+    assert by_deviance > 3, zd
