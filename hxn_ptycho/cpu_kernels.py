@@ -174,6 +174,14 @@ def _row_intensity(f, b, i, out):
             out[j] += row[j].real * row[j].real + row[j].imag * row[j].imag
 
 
+@_inline
+def _reflect_row(orow, prow, p, dst, m):
+    """dst = 2Φ − ψ on one row, Φ = orow·prow."""
+    for j in range(m):
+        v = orow[j] * prow[j]
+        dst[j] = v + v - p[j]
+
+
 # (3) the reflected wave 2Φ − ψ alone, Φ = O_l(window b)·P_k formed on the fly (not stored:
 # dm_update_at_k forms it again, which costs less than writing and reading it back)
 @_jit
@@ -186,20 +194,10 @@ def reflect_at_k(obj, pos, probe, psi, out):
             for i in range(n):
                 orow = obj[l, r0 + i, c0:c0 + m]
                 if K == 1:          # one probe mode: the row without the mode loop (~2 % faster)
-                    prow = probe[0, i]
-                    p = psi[b, l, 0, i]
-                    dst = out[b, l, 0, i]
-                    for j in range(m):
-                        v = orow[j] * prow[j]
-                        dst[j] = v + v - p[j]
+                    _reflect_row(orow, probe[0, i], psi[b, l, 0, i], out[b, l, 0, i], m)
                     continue
                 for k in range(K):
-                    prow = probe[k, i]
-                    p = psi[b, l, k, i]
-                    dst = out[b, l, k, i]
-                    for j in range(m):
-                        v = orow[j] * prow[j]
-                        dst[j] = v + v - p[j]
+                    _reflect_row(orow, probe[k, i], psi[b, l, k, i], out[b, l, k, i], m)
 
 
 @_inline
@@ -213,6 +211,17 @@ def _dm_value(p, x, f, a1, a2, a3):
     """a₁ψ + a₂x + a₃Φ on one pixel, by real and imaginary parts (real × complex products as complex
     ones would multiply by a zero imaginary part too)."""
     return complex(a1 * p.real + a2 * x.real + a3 * f.real, a1 * p.imag + a2 * x.imag + a3 * f.imag)
+
+
+@_inline
+def _update_num_row(orow, prow, p, x, dst, m, a1, a2, a3):
+    """(3) on one row, ψ ← a₁ψ + a₂x + a₃Φ (Φ = orow·prow), then (6)'s numerator dst += P*·ψ; P* is
+    formed from the probe row in hand (not read from a stored conj(P): one stream less, the same values)."""
+    for j in range(m):
+        q = prow[j]
+        v = _dm_value(p[j], x[j], orow[j] * q, a1, a2, a3)
+        p[j] = v
+        dst[j] += q.conjugate() * v
 
 
 # (3) ψ ← ψ + β·((1 − r)·F⁻¹Π_F(F(2Φ − ψ)) + r·(2Φ − ψ) − Φ), Φ = O_l(window b)·P_k formed again from
@@ -238,8 +247,7 @@ def dm_update_at_k(psi, obj, pos, probe, proj, beta, relax, one):
 # (3) then (6) in the same sweep: ψ updated as dm_update_at_k, and the new ψ's object sums
 # num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|² as object_sums_k (the same
 # additions in the same order as the two kernels run one after the other; to rounding, as the
-# compiler may fuse the multiply-adds differently). P_k* is formed from the probe row in hand (not
-# read from a stored conj(P): one stream less, the same values)
+# compiler may fuse the multiply-adds differently; the rows are _update_num_row's)
 @_jit
 def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, relax, one, pint, num, den):
     B, L, K, n, m = psi.shape
@@ -252,14 +260,7 @@ def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, relax, one, pint, num,
                 orow = obj[l, r0 + i, c0:c0 + m]
                 dst = num[l, r0 + i, c0:c0 + m]
                 for k in range(K):
-                    prow = probe[k, i]
-                    p = psi[b, l, k, i]
-                    x = proj[b, l, k, i]
-                    for j in range(m):
-                        q = prow[j]
-                        v = _dm_value(p[j], x[j], orow[j] * q, a1, a2, a3)
-                        p[j] = v
-                        dst[j] += q.conjugate() * v
+                    _update_num_row(orow, probe[k, i], psi[b, l, k, i], proj[b, l, k, i], dst, m, a1, a2, a3)
         for i in range(n):
             drow = den[0, r0 + i, c0:c0 + m]
             src = pint[i]
@@ -281,24 +282,10 @@ def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, relax, one, num):
                 orow = obj[l, r0 + i, c0:c0 + m]
                 dst = num[l, r0 + i, c0:c0 + m]
                 if K == 1:          # one probe mode: the row without the mode loop (~3 % faster)
-                    prow = probe[0, i]
-                    p = psi[b, l, 0, i]
-                    x = proj[b, l, 0, i]
-                    for j in range(m):
-                        q = prow[j]
-                        v = _dm_value(p[j], x[j], orow[j] * q, a1, a2, a3)
-                        p[j] = v
-                        dst[j] += q.conjugate() * v
+                    _update_num_row(orow, probe[0, i], psi[b, l, 0, i], proj[b, l, 0, i], dst, m, a1, a2, a3)
                     continue
                 for k in range(K):
-                    prow = probe[k, i]
-                    p = psi[b, l, k, i]
-                    x = proj[b, l, k, i]
-                    for j in range(m):
-                        q = prow[j]
-                        v = _dm_value(p[j], x[j], orow[j] * q, a1, a2, a3)
-                        p[j] = v
-                        dst[j] += q.conjugate() * v
+                    _update_num_row(orow, probe[k, i], psi[b, l, k, i], proj[b, l, k, i], dst, m, a1, a2, a3)
 
 
 # (6) the denominator Σ_j Σ_k |P_k|²(window j) on rows r0:r1 of den, every view's window rows in

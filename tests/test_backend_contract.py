@@ -167,24 +167,24 @@ def test_default_transforms_are_scipy_fft_bit_for_bit_in_place(monkeypatch, cdt)
         assert np.allclose(be.fft2(swapped), scipy.fft.fft2(a, norm="ortho"), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cdt,tol", [(np.complex64, 1e-6), (np.complex128, 1e-14)])
-def test_fftw_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
-    """Orthonormal, in place, on aligned and misaligned batches, from two threads at once."""
-    pytest.importorskip("pyfftw")
+def _in_place_round_trips(be, cdt, shapes) -> tuple[list[float], list]:
+    """fft2 then ifft2 in place on a random batch of each shape, 64-byte aligned and one element off,
+    each shape on its own thread at once: the relative errors against scipy.fft (forward, then back to
+    the batch) and the transforms' own thread count seen after each call (None where they keep none).
+    The backend's own arrays are checked to start on a 64-byte line first."""
     import threading
 
     import scipy.fft
-    monkeypatch.setenv("HXN_PTYCHO_FFT", "fftw")
-    be = NumbaBackend(2)
-    assert be.fft_library == "fftw"
     assert all(be.empty(s, cdt).ctypes.data % 64 == 0 for s in ((3, 5, 7), (1000,), (2, 1, 1, 16, 16)))
     rng = np.random.default_rng(1)
-    errors = []
+    batches = {s: (rng.standard_normal(s) + 1j * rng.standard_normal(s)).astype(cdt) for s in shapes}
+    errors: list[float] = []
+    threads_seen: list = []
 
     def check(shape):
-        a = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(cdt)
+        a = batches[shape]
         ref = scipy.fft.fft2(a, norm="ortho")
-        for offset in (0, 1):                       # an element off: not SIMD-aligned
+        for offset in (0, 1):                       # an element off: not 64-byte aligned
             buf = np.empty(a.size + offset, cdt)
             b = buf[offset:].reshape(shape)
             b[...] = a
@@ -192,11 +192,23 @@ def test_fftw_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
             errors.append(rel(b, ref))
             assert be.ifft2(b) is b
             errors.append(rel(b, a))
-    threads = [threading.Thread(target=check, args=(s,)) for s in ((6, 1, 2, 32, 32), (3, 2, 1, 17, 20))]
+            threads_seen.append(getattr(be._fftw, "fft_threads", None))
+    threads = [threading.Thread(target=check, args=(s,)) for s in shapes]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return errors, threads_seen
+
+
+@pytest.mark.parametrize("cdt,tol", [(np.complex64, 1e-6), (np.complex128, 1e-14)])
+def test_fftw_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
+    """Orthonormal, in place, on aligned and misaligned batches, from two threads at once."""
+    pytest.importorskip("pyfftw")
+    monkeypatch.setenv("HXN_PTYCHO_FFT", "fftw")
+    be = NumbaBackend(2)
+    assert be.fft_library == "fftw"
+    errors, _ = _in_place_round_trips(be, cdt, ((6, 1, 2, 32, 32), (3, 2, 1, 17, 20)))
     assert len(errors) == 8 and max(errors) < tol, errors
 
 
@@ -233,36 +245,15 @@ def test_mkl_transforms_equal_scipy_in_place(monkeypatch, cdt, tol):
     """Orthonormal over the last two axes (not the batch's), in place, on aligned and misaligned
     batches, 2-D to 5-D, from two threads at once; MKL starts no threads of its own in a call."""
     pytest.importorskip("mkl_fft")
-    import threading
-
     import scipy.fft
     monkeypatch.setenv("HXN_PTYCHO_FFT", "mkl")
     be = NumbaBackend(2)
     assert be.fft_library == "mkl" and NumpyBackend(1).fft_library == "mkl"
     assert be._fftw.fft_threads == 1
-    assert all(be.empty(s, cdt).ctypes.data % 64 == 0 for s in ((3, 5, 7), (1000,), (2, 1, 1, 16, 16)))
-    rng = np.random.default_rng(1)
-    errors, threads_seen = [], []
-
-    def check(shape):
-        a = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(cdt)
-        ref = scipy.fft.fft2(a, norm="ortho")
-        for offset in (0, 1):                       # an element off: not 64-byte aligned
-            buf = np.empty(a.size + offset, cdt)
-            b = buf[offset:].reshape(shape)
-            b[...] = a
-            assert be.fft2(b) is b
-            errors.append(rel(b, ref))
-            assert be.ifft2(b) is b
-            errors.append(rel(b, a))
-            threads_seen.append(be._fftw.fft_threads)
-    threads = [threading.Thread(target=check, args=(s,)) for s in ((6, 1, 2, 32, 32), (3, 2, 1, 17, 20), (24, 40))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors, threads_seen = _in_place_round_trips(be, cdt, ((6, 1, 2, 32, 32), (3, 2, 1, 17, 20), (24, 40)))
     assert len(errors) == 12 and max(errors) < tol, errors
     assert threads_seen == [1] * 6
+    rng = np.random.default_rng(2)
     c = (rng.standard_normal((4, 16, 32)) + 1j * rng.standard_normal((4, 16, 32))).astype(cdt)[:, :, ::2]
     want = scipy.fft.fft2(c, norm="ortho")                   # a strided view: scipy.fft, written back
     assert be.fft2(c) is c and rel(c, want) < tol
