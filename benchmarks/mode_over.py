@@ -480,7 +480,7 @@ def holdout_summary(path: str, s21: str, doc: str) -> None:
               f"chain {ok21}, trend {okt} of the same cells)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     global ml_cap
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cases", nargs="*")
@@ -498,15 +498,17 @@ def main() -> None:
     ap.add_argument("--null", action="store_true", help="the chain against a parametric-bootstrap null of each "
                     "step (one more M-mode fit a step)")
     ap.add_argument("--holdout", type=float, default=0.0, help="hold this fraction of every frame's pixels "
-                    "out of every fit (a fixed random mask a frame) and read the count from the chain's Poisson "
-                    "deviance on them (implies --chain; session 22)")
+                    "out of every fit (a fixed random mask a frame) and read the count from the chain's amplitude "
+                    "error on them (implies --chain; session 22)")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
     ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
     ap.add_argument("--compare", nargs=2, default=None, metavar=("AMPLITUDE", "POISSON"),
                     help="two records files: each Poisson cell against the same cell's amplitude fit")
     ap.add_argument("--poisson", action="store_true", help="with --summarise: the Poisson fits' records, "
                     "counted by their deviance gains")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if not 0.0 <= a.holdout < 1.0:
+        ap.error(f"--holdout {a.holdout}: the fraction of each frame's pixels held out must be in [0, 1)")
     if a.compare:
         compare(*a.compare)
         return

@@ -286,3 +286,17 @@ def test_the_held_out_amplitude_chain_keeps_the_true_count_where_the_held_out_de
     assert zs[0] > 5 and zs[1] < 1, zs
     by_deviance, zd = mode_over.chain_count(rec["ho_view_dev_gain"])
     assert by_deviance > 3, zd
+
+
+@pytest.mark.parametrize("frac", ["1.0", "-0.1", "1.5"])
+def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
+    """`benchmarks/mode_over.py --holdout F` holds F of every frame's pixels out of the fits: F ≥ 1 would
+    leave nothing to fit and F < 0 is meaningless, so both are refused by name before any fit runs."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mode_over
+    with pytest.raises(SystemExit) as exc:
+        mode_over.main(["fly:1e6:1:1", "--holdout", frac])
+    assert exc.value.code == 2
+    assert f"--holdout {float(frac)}" in capsys.readouterr().err
