@@ -244,32 +244,10 @@ def dm_update_at_k(psi, obj, pos, probe, proj, beta, relax, one):
                         p[j] = _dm_value(p[j], x[j], orow[j] * prow[j], a1, a2, a3)
 
 
-# (3) then (6) in the same sweep: ψ updated as dm_update_at_k, and the new ψ's object sums
-# num[l, window b] += Σ_k P_k*·ψ[b, l, k], den[0, window b] += Σ_k |P_k|² as object_sums_k (the same
-# additions in the same order as the two kernels run one after the other; to rounding, as the
-# compiler may fuse the multiply-adds differently; the rows are _update_num_row's)
-@_jit
-def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, relax, one, pint, num, den):
-    B, L, K, n, m = psi.shape
-    for b in range(B):
-        r0 = pos[b, 0]
-        c0 = pos[b, 1]
-        a1, a2, a3 = _dm_coefficients(relax[b], beta, one)
-        for l in range(L):
-            for i in range(n):
-                orow = obj[l, r0 + i, c0:c0 + m]
-                dst = num[l, r0 + i, c0:c0 + m]
-                for k in range(K):
-                    _update_num_row(orow, probe[k, i], psi[b, l, k, i], proj[b, l, k, i], dst, m, a1, a2, a3)
-        for i in range(n):
-            drow = den[0, r0 + i, c0:c0 + m]
-            src = pint[i]
-            for j in range(m):
-                drow[j] += src[j]
-
-
-# (3) then the numerator of (6) alone in the same sweep: dm_update_sums_at_k without the denominator,
-# which object_update then forms from the probe and the corners (den_band_k)
+# (3) then the numerator of (6) in the same sweep: ψ ← ψ + β·(…) as dm_update_at_k, and the new ψ's
+# num[l, window b] += Σ_k P_k*·ψ[b, l, k] (the additions object_sums_k makes, in its order; to rounding,
+# as the compiler may fuse the multiply-adds differently). On one process object_update then forms the
+# denominator from the probe and the corners (den_band_k); else dm_update_sums_at_k adds it per view
 @_jit
 def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, relax, one, num):
     B, L, K, n, m = psi.shape
@@ -286,6 +264,22 @@ def dm_update_num_at_k(psi, obj, pos, probe, proj, beta, relax, one, num):
                     continue
                 for k in range(K):
                     _update_num_row(orow, probe[k, i], psi[b, l, k, i], proj[b, l, k, i], dst, m, a1, a2, a3)
+
+
+# (3) then (6) in the same sweep: dm_update_num_at_k, then the views' den[0, window b] += Σ_k |P_k|²
+# (den apart from num, so each array's additions keep object_sums_k's order)
+@_jit
+def dm_update_sums_at_k(psi, obj, pos, probe, proj, beta, relax, one, pint, num, den):
+    dm_update_num_at_k(psi, obj, pos, probe, proj, beta, relax, one, num)
+    B, n, m = psi.shape[0], psi.shape[3], psi.shape[4]
+    for b in range(B):
+        r0 = pos[b, 0]
+        c0 = pos[b, 1]
+        for i in range(n):
+            drow = den[0, r0 + i, c0:c0 + m]
+            src = pint[i]
+            for j in range(m):
+                drow[j] += src[j]
 
 
 # (6) the denominator Σ_j Σ_k |P_k|²(window j) on rows r0:r1 of den, every view's window rows in
