@@ -300,3 +300,40 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
         mode_over.main(["fly:1e6:1:1", "--holdout", frac])
     assert exc.value.code == 2
     assert f"--holdout {float(frac)}" in capsys.readouterr().err
+
+
+def test_the_phase_starts_share_the_default_start_and_the_default_is_kept_unless_beaten_on_held_out_pixels():
+    """docs/auto_modes.md, "Session 23": ``mode_over.phase_start(rec, 1)`` is the engine's default start bit
+    for bit (so a cell where the default start is chosen is session 22's fit), another factor keeps the
+    start's far-field amplitude and power and changes only the pupil's quadratic phase; ``choose_start``
+    keeps the default unless another start's per-view held-out gains over it have paired z > 2, and then
+    takes the lowest summed held-out error among those."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mode_over
+
+    from hxn_ptycho.engine import Reconstruction
+
+    scan, _ = mixture_scan("defocus", spectrum(2, 0.3), 1e5, seed=2, n=32, n_positions=16, step=4.0)
+    p = ReconParams(iterations=1, probe_modes=4, threads=1, extra_mode_power=0.3, detector_gain=1.0)
+    rec = Reconstruction(scan, p, log=lambda m: None)
+    default = np.asarray(rec.probe)
+    np.testing.assert_array_equal(mode_over.phase_start(rec, 1.0).astype(rec.cdtype), default)
+    half = mode_over.phase_start(rec, 0.5)
+    rec.close()
+    far = [np.abs(np.fft.fft2(np.fft.ifftshift(q[0]))) for q in (default, half)]
+    np.testing.assert_allclose(far[1], far[0], rtol=1e-4, atol=1e-4 * far[0].max())
+    assert abs(np.sum(np.abs(half) ** 2) / np.sum(np.abs(default) ** 2) - 1) < 1e-5
+    assert np.abs(half[0] - default[0]).max() > 0.1 * np.abs(default[0]).max()
+
+    rng = np.random.default_rng(0)
+    base = 100 + rng.normal(0, 1, 50)
+    noise = base + rng.normal(0, 1, 50)                 # no better than the default: z ≈ 0
+    better = base - 1 + rng.normal(0, 0.5, 50)          # better in every view: z ≫ 2
+    best = base - 2 + rng.normal(0, 0.5, 50)
+    assert mode_over.choose_start({1.0: base, 0.5: noise})[0] == 1.0
+    chosen, zs = mode_over.choose_start({1.0: base, 0.5: noise, 0.25: better, -1.0: best})
+    assert chosen == -1.0 and zs[0.25] > 2 and zs[1.0] == 0.0
+    # a lower sum that is not significant against the default is not chosen
+    assert mode_over.choose_start({1.0: base, 0.5: base - 0.01 + rng.normal(0, 1, 50)})[0] == 1.0
