@@ -337,3 +337,37 @@ def test_the_phase_starts_share_the_default_start_and_the_default_is_kept_unless
     assert chosen == -1.0 and zs[0.25] > 2 and zs[1.0] == 0.0
     # a lower sum that is not significant against the default is not chosen
     assert mode_over.choose_start({1.0: base, 0.5: base - 0.01 + rng.normal(0, 1, 50)})[0] == 1.0
+
+
+@pytest.mark.slow
+def test_the_held_out_pixels_choose_a_start_that_reaches_the_defocus_subspace_where_the_default_does_not(monkeypatch):
+    """docs/auto_modes.md, "Session 23": defocus 70/30 at 1e6 (100 views), session 22's over-complete fit
+    (6 modes, extras at 0.3, per-mode step cap 10, 85 % of each frame's pixels) screened for 100 iterations
+    (DM:20,ML:80) from the default start and from its pupil phase ×0.5, ×0.25, ×−1. The default's fit misses
+    the true subspace (measured c_K 0.11) and the ×0.5 start's reaches it (0.99); the held-out amplitude
+    error chooses ×0.5 (measured z 25.7 over the default; sums 151069 against 25025)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from auto_mode_cv import case_scan
+
+    import mode_over
+
+    from hxn_ptycho import ml
+    init = ml.MLIteration.__init__
+
+    def with_cap(self, rec):
+        init(self, rec)
+        self.mode_precondition_cap = 10.0
+    monkeypatch.setattr(ml.MLIteration, "__init__", with_cap)
+    scan, mix, K = case_scan("defocus:1e6:2:0.3")
+    masked, keep = mode_over.holdout_split(scan, 0.15)
+    sets = {"extra_mode_power": 0.3, "detector_gain": 1.0}
+    ho, c_K = {}, {}
+    for f in (1.0, 0.5, 0.25, -1.0):
+        obj, probe, _ = mode_over.fit(masked, 6, "DM:20,ML:80", sets, keep=keep, phase=f)
+        ho[f] = mode_over.view_errors(scan, obj, probe, ~keep)[0]
+        c_K[f] = mode_over.captured(probe[:K], mix.probe)
+    chosen, zs = mode_over.choose_start(ho)
+    assert c_K[1.0] < 0.3 and c_K[0.5] > 0.95
+    assert chosen == 0.5 and zs[0.5] > 10
