@@ -23,6 +23,22 @@ orthonormal mode shapes, to which a chosen power spectrum is given, so the true 
   Hermite–Gaussian modes); the coherent modes are products u_m(k_x)·v_n(k_y) of the 1-D eigenvectors
   of those sinc kernels on the mirrors' apertures (prolate-spheroidal-like), ordered by the products of
   their eigenvalues.
+- ``mll`` (session 23's held-out family, written by a helper who ran no reconstruction on it): HXN's
+  crossed multilayer Laue lenses — two 1-D lenses, one per axis, on their own stages (hxn-profile-collection
+  startup/13-mll.py: ``hmll``/``vmll`` each with its own z, an order-sorting aperture ``mllosa`` and a
+  beamstop ``mllbs``), so the pupil is a product of two 1-D apertures of different widths, each with
+  its own defocus (the two foci differ: astigmatism), a diffraction efficiency falling from the inner
+  to the outer (thinnest) layers of the off-axis half and a smooth random zone-placement (figure)
+  error; the detector ROI centred on the bright field. The source is the undulator's image in the
+  secondary source aperture, whose gaps are set per axis (startup/12-endstation.py: ``ssa2`` ``hgap``
+  and ``vgap``): horizontally a wide Gaussian cut by the slit to a near flat top, vertically a narrow
+  Gaussian; plus a sinusoidal vibration of the optics along an oblique direction (its positions
+  arcsine-distributed). The mutual intensity is a weighted sum over those source points (not a
+  Gaussian Schell kernel, not a slit's sinc; the oblique vibration couples x and y, so the modes are
+  not exact products of 1-D modes: the 2nd and 3rd are ~4 % off one); the coherent modes are its
+  eigenmodes (the SVD over the source points; their own shares are ~69/19/8/3 %).
+  ptycho_gui (core/ptycho_param.py) records energy, z_m and ccd_pixel_um and models partial coherence by
+  one Gaussian kernel (``pc_sigma``); this family is meant to be unlike that too.
 
 The object is also independent: an amplitude of random disks and a phase of filtered noise.
 """
@@ -37,6 +53,7 @@ from hxn_ptycho.scanfile import ScanData
 FAMILIES = ("shifted", "defocus", "random", "gsm", "fly")
 HELD_OUT = "zernike"
 HELD_OUT_S22 = "kbslit"      # session 22's held-out family (docs/auto_modes.md, "Session 22")
+HELD_OUT_S23 = "mll"         # session 23's held-out family (crossed MLLs, SSA source, vibration)
 ENERGY_KEV, DISTANCE_M, CCD_PIXEL_UM = 10.0, 0.6, 75.0
 
 
@@ -63,6 +80,20 @@ def _shift(img: np.ndarray, dr: float, dc: float) -> np.ndarray:
     kr = np.fft.fftfreq(img.shape[0])[:, None]
     kc = np.fft.fftfreq(img.shape[1])[None, :]
     return np.fft.ifft2(np.fft.fft2(img) * np.exp(-2j * np.pi * (kr * dr + kc * dc)))
+
+
+def _mll_axis(n: int, half: float, defocus: float, rng: np.random.Generator) -> np.ndarray:
+    """1-D pupil of one MLL (an off-axis half; the detector ROI centred on its bright field) on the
+    frequency grid: aperture |k| ≤ ``half``; an efficiency falling by 25–35 % from the inner edge (t = −1,
+    nearest the optical axis) to the outer, thinnest layers (t = +1); a smooth random zone-placement error
+    (≲ 1 rad); the axis's own defocus (``_lens``'s convention, 6π·defocus·t²)."""
+    k = np.fft.fftfreq(n) * n
+    t = k / half
+    eff = 1 - (0.25 + 0.1 * rng.uniform()) * (t + 1) / 2
+    c = rng.standard_normal(4)
+    figure = 0.5 * (c[0] * t ** 3 + 0.6 * c[1] * t ** 4) + 0.3 * c[2] * np.sin(np.pi * (2.5 * t + c[3]))
+    field = np.sqrt(np.clip(eff, 0, None)) * np.exp(1j * (figure + 6 * np.pi * defocus * t ** 2))
+    return np.where(np.abs(t) <= 1, field, 0)
 
 
 def _eigenmodes(fields: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +182,34 @@ def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[
         fields = np.stack([_to_sample(uy[:, j][:, None] * ux[:, i][None, :]) for _, i, j in pairs])
         fields /= np.sqrt(np.sum(np.abs(fields) ** 2, axis=(1, 2)))[:, None, None]
         return fields, None
+    if family == HELD_OUT_S23:
+        # crossed MLLs: horizontal half-aperture n/7, vertical n/9; the sample 35 % further (in NA²-scaled
+        # units) from the vertical lens's focus than from the horizontal's (focal mismatch)
+        hx, hy, dx = n / 7, n / 9, 0.4
+        px = _mll_axis(n, hx, dx, rng)
+        py = _mll_axis(n, hy, dx * (hy / hx) ** 2 * 1.35, rng)
+        pupil = py[:, None] * px[None, :]
+        # source points in probe-plane pixels at n = 64 (scaled with n): SSA-cut Gaussians per axis
+        # (σ 2.0 cut at ±1.6 along x: near flat; σ 0.6 cut at ±1.5 along y) plus a sinusoidal vibration
+        # of amplitude 1.0 along a random oblique angle, sampled at 12 equally spaced times (arcsine)
+        theta = rng.uniform(np.pi / 9, 4 * np.pi / 9)
+        gx, gy = np.linspace(-1.6, 1.6, 11), np.linspace(-1.5, 1.5, 7)
+        vib = 1.0 * np.sin(2 * np.pi * (np.arange(12) + 0.5) / 12)
+        sx = (gx[:, None, None] + np.cos(theta) * vib[None, None, :]) * n / 64
+        sy = (gy[None, :, None] + np.sin(theta) * vib[None, None, :]) * n / 64
+        sx, sy = np.broadcast_arrays(sx, sy)
+        w = np.broadcast_to(np.exp(-gx ** 2 / 8)[:, None, None] * np.exp(-gy ** 2 / 0.72)[None, :, None], sx.shape)
+        ky, kx = _pupil_grid(n)
+        inside = np.abs(pupil) > 0
+        # each source point: the pupil with that point's tilt; eigenmodes of Σ w |f⟩⟨f| on the aperture
+        tilt = np.exp(-2j * np.pi * (sy.reshape(-1, 1) * ky[inside] + sx.reshape(-1, 1) * kx[inside]) / n)
+        a = pupil[inside] * tilt * np.sqrt(w.reshape(-1, 1) / w.sum())
+        vh = np.linalg.svd(a, full_matrices=False)[2]
+        fields = np.zeros((K, n, n), np.complex128)
+        fields[:, inside] = vh[:K]
+        modes = np.stack([_to_sample(f) for f in fields])
+        modes /= np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
+        return modes, None
     raise ValueError(f"unknown mixture family {family!r}")
 
 

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from mode_mixtures import FAMILIES, HELD_OUT, HELD_OUT_S22, mixture_scan, mode_shapes, spectrum
+from mode_mixtures import FAMILIES, HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, mixture_scan, mode_shapes, spectrum
 
 from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.params import ReconParams
@@ -17,7 +17,7 @@ from hxn_ptycho.params import ReconParams
 QUIET = {"log": lambda m: None}
 
 
-@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22))
+@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22, HELD_OUT_S23))
 def test_mixture_families_have_exactly_the_modes_asked(family):
     """Each family gives K orthonormal shapes (so the true count is exact) and the asked spectrum."""
     shapes, _ = mode_shapes(family, 3, 32, np.random.default_rng(3))
@@ -31,6 +31,35 @@ def test_mixture_families_have_exactly_the_modes_asked(family):
     p = np.sum(np.abs(mix.probe) ** 2, axis=(1, 2))
     np.testing.assert_allclose(p / p.sum(), w, rtol=1e-9)
 
+
+def _rms_width(intensity: np.ndarray) -> tuple[float, float]:
+    """RMS width (rows, columns) of an intensity about its centroid, in pixels."""
+    i = intensity / intensity.sum()
+    y, x = np.mgrid[:i.shape[0], :i.shape[1]]
+    cy, cx = float(np.sum(i * y)), float(np.sum(i * x))
+    return float(np.sqrt(np.sum(i * (y - cy) ** 2))), float(np.sqrt(np.sum(i * (x - cx) ** 2)))
+
+
+def test_session23_mll_family_is_well_formed_for_one_to_three_modes():
+    """Session 23's held-out family on 64² frames: for K = 1, 2, 3 orthonormal modes, the same first modes
+    whatever K (so the true count is exact), the asked shares; a probe as wide as the other lens
+    families' (RMS of |P|², not a point nor a frame-filling field) with little power at the frame's border;
+    and crossed-lens astigmatism plus the per-axis source make it wider along one axis."""
+    full, _ = mode_shapes(HELD_OUT_S23, 3, 64, np.random.default_rng(11))
+    for K in (1, 2, 3):
+        shapes, own = mode_shapes(HELD_OUT_S23, K, 64, np.random.default_rng(11))
+        flat = shapes.reshape(K, -1)
+        assert own is None and shapes.shape == (K, 64, 64)
+        np.testing.assert_allclose(flat.conj() @ flat.T, np.eye(K), atol=1e-12)
+        np.testing.assert_allclose(shapes, full[:K], atol=1e-12)
+        w = spectrum(K, 0.08)
+        _, mix = mixture_scan(HELD_OUT_S23, w, 1e6, seed=1, n_positions=16)
+        p = np.sum(np.abs(mix.probe) ** 2, axis=(1, 2))
+        np.testing.assert_allclose(p / p.sum(), w, rtol=1e-9)
+        total = np.sum(np.abs(mix.probe) ** 2, axis=0)
+        ry, rx = _rms_width(total)
+        assert 7 < rx < 14 and 7 < ry < 14 and abs(ry - rx) > 0.5, (K, ry, rx)
+        assert 1 - total[4:-4, 4:-4].sum() / total.sum() < 0.03
 
 def test_auto_records_its_evidence_in_the_result_and_the_derived_run(tmp_path):
     """Each decision's mode shares, the newest mode's trend and the action are in the result
