@@ -336,6 +336,8 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
               flush=True)
         obj, pr, err = fits[chosen]
         old = load_records(reuse).get(case)
+        if old is not None and old.get("cut", 50) != cut:
+            old = None              # another refit length: nothing to reuse
         if screen and (chosen != 1.0 or old is None):
             # screened: the chosen start's fit with the full schedule, from its start (not continued)
             obj, pr, err = fit(scan, M, alg, sets, keep=keep, phase=chosen)
@@ -354,7 +356,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
                    screen=screen)
         if screen and chosen == 1.0 and old is not None:
             rec.update({k: old[k] for k in ("shares", "c_K", "c_M") if k in old}, fit_from=os.path.basename(reuse))
-        if chosen == 1.0 and old is not None and old["error_M"] == err and old.get("cut", cut) == cut:
+        if chosen == 1.0 and old is not None and old["error_M"] == err:
             # the default start won: its fit is the earlier record's, bit for bit (error_M equal), so its
             # chain is that record's (not rerun)
             rec.update({k: old[k] for k in REUSED if k in old}, chain_from=os.path.basename(reuse))
@@ -687,6 +689,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if not 0.0 <= a.holdout < 1.0:
         ap.error(f"--holdout {a.holdout}: the fraction of each frame's pixels held out must be in [0, 1)")
+    if a.starts and (a.truth or not a.holdout):
+        ap.error("--starts: the starts are chosen on held-out pixels (needs --holdout), not with --truth")
     if a.compare:
         compare(*a.compare)
         return
