@@ -631,18 +631,19 @@ def starts_summary(path: str, s22: str) -> None:
                     row.append("")
                     continue
                 found, K, chosen, was, cK = cells[(fam, ph, key)]
-                t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", [0, 0, 0])
+                t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", [0, 0, 0, 0])
                 t[0] += found == K
                 t[1] += 1
                 t[2] += was == K
+                t[3] += was is not None
                 txt = f"**{found}**" if found == K else f"{found} ✗"
                 note = [f"start ×{chosen:g}, c_K {cK:.2f}" if chosen != 1.0 else "", f"s22 {was}" if was is not None else ""]
                 row.append(txt + (f" ({', '.join(n for n in note if n)})" if any(note) else ""))
             if any(row):
                 print(f"| {fam} | {ph} | " + " | ".join(row) + " |")
     tot = [0, 0, 0]
-    for name, (ok, n, ok22) in sorted(tally.items()):
-        print(f"{name}: right {ok} of {n} (session 22: {ok22})")
+    for name, (ok, n, ok22, n22) in sorted(tally.items()):
+        print(f"{name}: right {ok} of {n}" + (f" (session 22: {ok22} of {n22})" if n22 else ""))
         if name.startswith("grid"):
             tot = [tot[0] + ok, tot[1] + n, tot[2] + ok22]
     print(f"grid: right {tot[0]} of {tot[1]} (session 22: {tot[2]})")
