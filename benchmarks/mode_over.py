@@ -41,6 +41,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import mode_mixtures
 import numpy as np
 from auto_mode_bootstrap import per_view
 from auto_mode_cv import case_scan
@@ -137,11 +138,44 @@ def holdout_split(scan: Any, frac: float, seed: int = 22) -> tuple[Any, np.ndarr
     return replace(scan, diffamp=masked), keep
 
 
+def pupil_phase_probe(mean_amp: np.ndarray, c: float) -> np.ndarray:
+    """The probe whose far field is ``mean_amp`` with the quadratic pupil phase π·c·k² (k in units of the
+    Nyquist frequency): :func:`hxn_ptycho.modes.probe_from_amplitude`'s probe for a given c."""
+    n = mean_amp.shape[-1]
+    k = np.fft.fftfreq(n) * 2
+    k2 = k[:, None] ** 2 + k[None, :] ** 2
+    return np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * np.pi * c * k2), norm="ortho"))
+
+
+def default_phase(mean_amp: np.ndarray, target_rms: float) -> float:
+    """The c of the default start (:func:`hxn_ptycho.modes.probe_from_amplitude`'s search: the RMS radius
+    closest to ``target_rms``, c on 129 points of [0, n/2])."""
+    n = mean_amp.shape[-1]
+    return float(min(np.linspace(0, n / 2, 129),
+                     key=lambda c: abs(modes.rms_radius(pupil_phase_probe(mean_amp, c)) - target_rms)))
+
+
+def phase_start(rec: Any, factor: float) -> np.ndarray:
+    """Session 23's start ``factor``: the default start (the mean measured far-field amplitude, the total
+    power, the extra modes from :func:`hxn_ptycho.modes.initial_probe_modes` with the same seed) with the
+    default's quadratic pupil phase c₀ scaled by ``factor`` (1: the default start itself, checked)."""
+    from hxn_ptycho import initial
+    p = rec.params
+    power, mean_amp = initial.mean_frame_power(rec.scan, rec.total_intensity, rec.reducer)
+    c0 = default_phase(mean_amp, 2.5 * initial.median_step(rec.positions_all))
+    p0 = pupil_phase_probe(mean_amp, factor * c0)
+    p0 = p0 * np.sqrt(power / max(float(np.vdot(p0, p0).real), 1e-300))
+    return modes.initial_probe_modes(p0, p.probe_modes, p.extra_mode_power, p.seed)
+
+
 def fit(scan: Any, M: int, alg: str, sets: dict[str, Any], obj: np.ndarray | None = None,
-        probe: np.ndarray | None = None, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        probe: np.ndarray | None = None, keep: np.ndarray | None = None,
+        phase: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """An M-mode fit (from the default start, or from ``obj``/``probe``): object, orthogonal modes
     sorted by power, data error. ``keep`` (views, n, n): fit only those pixels of each frame
-    (:class:`FrameMaskBackend`; the others are unconstrained, as masked pixels; the numpy backend)."""
+    (:class:`FrameMaskBackend`; the others are unconstrained, as masked pixels; the numpy backend).
+    ``phase``: the default start with its quadratic pupil phase scaled by this factor (:func:`phase_start`;
+    None or 1: the default start, untouched)."""
     p = ReconParams(iterations=its_of(alg), probe_modes=M, threads=1, algorithm=alg, **sets)
     if keep is None:
         rec = Reconstruction(scan, p, log=lambda m: None)
@@ -154,6 +188,9 @@ def fit(scan: Any, M: int, alg: str, sets: dict[str, Any], obj: np.ndarray | Non
     if obj is not None and probe is not None:
         rec.obj = obj.astype(rec.cdtype)
         rec.probe = probe.astype(rec.cdtype)
+        rec._each(rec._init_psi)
+    elif phase is not None and phase != 1:
+        rec.probe = phase_start(rec, phase).astype(rec.cdtype)
         rec._each(rec._init_psi)
     res = rec.run()
     rec.close()
@@ -227,8 +264,42 @@ def null_gain(scan: Any, obj: np.ndarray, probe: np.ndarray, M: int, alg: str, c
     return np.asarray(e[0] - e[1])
 
 
+def choose_start(ho: dict[float, np.ndarray], z_min: float = 2.0) -> tuple[float, dict[float, float]]:
+    """Session 23's choice among the M-mode fits from several starts (``ho``: factor → the fit's per-view
+    held-out amplitude errors; factor 1 is the default start): the start with the lowest summed held-out
+    error among those whose per-view gains over the default's have a paired z > ``z_min`` (the chain's
+    significance level); the default when none has. Also each start's z against the default."""
+    base = ho[1.0]
+    zs = {}
+    for f, e in ho.items():
+        d = np.asarray(base, np.float64) - np.asarray(e, np.float64)
+        sd = float(d.std(ddof=1))
+        zs[f] = float(d.mean() / (sd / np.sqrt(len(d)))) if sd > 0 else 0.0
+    better = [f for f in ho if f != 1.0 and zs[f] > z_min]
+    return (min(better, key=lambda f: float(np.sum(ho[f]))) if better else 1.0), zs
+
+
+REUSED = ("cut", "error_cut", "shares_cut", "c_cut", "chain", "dev_chain", "chain_shares", "ml_chain",
+          "total_intensity", "view_gain", "view_dev_gain", "view_anscombe_gain", "holdout", "ho_sums",
+          "ho_view_gain", "ho_view_dev_gain", "ho_view_anscombe_gain", "found_ho", "ho_z", "found_ho_dev",
+          "ho_dev_z", "found_ho_sum")
+
+
+def load_records(path: str) -> dict[str, dict[str, Any]]:
+    """The first held-out record of each case in ``path`` (none if the file is absent)."""
+    out: dict[str, dict[str, Any]] = {}
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            for line in fh:
+                r = json.loads(line)
+                if "ho_view_gain" in r:
+                    out.setdefault(r["case"], r)
+    return out
+
+
 def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
-             chain: bool = False, null: bool = False, holdout: float = 0.0) -> dict[str, Any]:
+             chain: bool = False, null: bool = False, holdout: float = 0.0,
+             starts: list[float] | None = None, reuse: str = "", screen: str = "") -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
     n0 = len(ML_STAGES)
@@ -238,9 +309,40 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         full = scan
         scan, keep = holdout_split(full, holdout)
         sets = {**sets, "detector_gain": 1.0}     # the simulation's photon units (no estimate from the data)
+    start_recs: list[dict[str, Any]] = []
+    chosen = 1.0
     if truth:
         obj, pr, err = fit(scan, M, alg, sets, mix.object[None], truth_start(mix, M, sets.get("extra_mode_power", 0.1)),
                            keep=keep)
+    elif starts:
+        # session 23: the M-mode fit from every start; the one chosen by the held-out pixels goes on
+        if keep is None or 1.0 not in starts:
+            raise SystemExit("--starts needs --holdout and the default start (1) among the starts")
+        fits, ho = {}, {}
+        for f in starts:
+            ts = time.perf_counter()
+            fits[f] = fit(scan, M, screen or alg, sets, keep=keep, phase=f)
+            ho[f] = view_errors(full, fits[f][0], fits[f][1], ~keep)[0]
+            start_recs.append({"factor": f, "error_M": fits[f][2], "ho_M": float(np.sum(ho[f])),
+                               "shares": [round(float(s), 5) for s in modes.power_fractions(fits[f][1])],
+                               "c_K": captured(fits[f][1][:K], mix.probe), "c_M": captured(fits[f][1], mix.probe),
+                               "ho_view_M": [float(f"{x:.6g}") for x in ho[f]],
+                               "seconds": round(time.perf_counter() - ts, 1)})
+        chosen, zs = choose_start(ho)
+        for s in start_recs:
+            s["z_vs_default"] = round(zs[s["factor"]], 2)
+        print(f"  {case} starts " + ", ".join(f"{s['factor']:g}: held-out {s['ho_M']:.1f} (z {s['z_vs_default']:.1f}, "
+                                              f"c_K {s['c_K']:.3f})" for s in start_recs) + f": chosen {chosen:g}",
+              flush=True)
+        obj, pr, err = fits[chosen]
+        old = load_records(reuse).get(case)
+        if old is not None and old.get("cut", 50) != cut:
+            old = None              # another refit length: nothing to reuse
+        if screen and (chosen != 1.0 or old is None):
+            # screened: the chosen start's fit with the full schedule, from its start (not continued)
+            obj, pr, err = fit(scan, M, alg, sets, keep=keep, phase=chosen)
+        elif screen:
+            err = old["error_M"]       # the default start's full fit is the earlier record's (not rerun)
     else:
         obj, pr, err = fit(scan, M, alg, sets, keep=keep)
     n1 = len(ML_STAGES)
@@ -249,6 +351,26 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
            "cap": ml_cap, "error_M": err, "shares": [round(float(s), 5) for s in shares],
            "c_K": captured(pr[:K], mix.probe), "c_M": captured(pr, mix.probe),
            "true_shares": [round(float(s), 4) for s in mix.shares], "ml_fit": ml_counts(n0)}
+    if starts:
+        rec.update(starts=start_recs, start_chosen=chosen, start=f"phase x{chosen:g}" if chosen != 1.0 else "default",
+                   screen=screen)
+        if screen and chosen == 1.0 and old is not None:
+            rec.update({k: old[k] for k in ("shares", "c_K", "c_M") if k in old}, fit_from=os.path.basename(reuse))
+        if chosen == 1.0 and old is not None and old["error_M"] == err:
+            # the default start won: its fit is the earlier record's, bit for bit (error_M equal), so its
+            # chain is that record's (not rerun)
+            rec.update({k: old[k] for k in REUSED if k in old}, chain_from=os.path.basename(reuse))
+            # the count read as the rule reads it (session 22's check records stored the deviance's there)
+            found, zs = chain_count(old["ho_view_gain"])
+            rec.update(found_ho=found, ho_z=[round(z, 2) for z in zs])
+            chain = null = False
+            cut = 0
+            print(f"  {case} default start chosen: its fit equals {reuse}'s (error_M {err:.9g}); chain reused: "
+                  f"found {rec['found_ho']}, true {K}", flush=True)
+        elif chosen == 1.0 and old is not None:
+            print(f"  {case} default start chosen but its error_M {err!r} differs from {reuse}'s {old['error_M']!r}: "
+                  "chain rerun", flush=True)
+            rec["reuse_mismatch"] = old["error_M"]
     if cut and M > K:
         cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
         _, prk, errk = fit(scan, K, f"ML:{cut}", cut_sets, obj, pr[:K], keep=keep)
@@ -271,6 +393,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
             if keep is not None:
                 held.append(view_errors(full, o_k, p_k, ~keep))
         rec["chain"] = errs
+        rec["cut"] = cut
         rec["dev_chain"] = [float(np.sum(d)) for d in devs]
         rec["chain_shares"] = [[round(float(x), 5) for x in modes.power_fractions(m[1])] for m in models]
         rec["ml_chain"] = ml_counts(n1)
@@ -480,6 +603,56 @@ def holdout_summary(path: str, s21: str, doc: str) -> None:
               f"chain {ok21}, trend {okt} of the same cells)")
 
 
+def starts_summary(path: str, s22: str) -> None:
+    """Session 23: each cell's starts (screened held-out error, z against the default, c_K), the start
+    chosen, the chain's count (recomputed from the per-view held-out gains: the chosen start's chain, or
+    session 22's record where the default was chosen) against session 22's count, then the grid table."""
+    recs = load_records(path)
+    old = load_records(s22)
+    cells: dict[tuple[str, str, str], tuple[int, int, float, int | None, float]] = {}
+    for case, r in recs.items():
+        found, zs = chain_count(r["ho_view_gain"])
+        was = chain_count(old[case]["ho_view_gain"])[0] if case in old else None
+        st = ", ".join(f"{s['factor']:g}: {s['ho_M']:.0f} z {s['z_vs_default']:.1f} c_K {s['c_K']:.2f}"
+                       for s in r.get("starts", []))
+        fam, ph, k, weak = case.split(":")
+        cells[(fam, ph, f"{k}:{weak}")] = (found, r["K"], r.get("start_chosen", 1.0), was, r["c_K"])
+        print(f"{r.get('run', ''):14s} {case:18s} true {r['K']} found {found} {'ok' if found == r['K'] else 'WRONG'}"
+              f" (s22 {was}) chosen {r.get('start_chosen', 1.0):g} c_K {r['c_K']:.3f}  z {', '.join(f'{z:.1f}' for z in zs)}"
+              f"  [{st}] {r['seconds']:.0f} s, load {r['load']:.1f}")
+    print("\n| family | photons | " + " | ".join(c for _, c in COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
+    tally: dict[str, list[int]] = {}
+    held = {HELD_FAMILY_S22, HELD_FAMILY_S23}
+    for fam in sorted({f for f, _, _ in cells}, key=lambda f: (f in held, f)):
+        for ph in ("1e5", "1e6", "1e8"):
+            row = []
+            for key, _ in COLUMNS:
+                if (fam, ph, key) not in cells:
+                    row.append("")
+                    continue
+                found, K, chosen, was, cK = cells[(fam, ph, key)]
+                t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", [0, 0, 0, 0])
+                t[0] += found == K
+                t[1] += 1
+                t[2] += was == K
+                t[3] += was is not None
+                txt = f"**{found}**" if found == K else f"{found} ✗"
+                note = [f"start ×{chosen:g}, c_K {cK:.2f}" if chosen != 1.0 else "", f"s22 {was}" if was is not None else ""]
+                row.append(txt + (f" ({', '.join(n for n in note if n)})" if any(note) else ""))
+            if any(row):
+                print(f"| {fam} | {ph} | " + " | ".join(row) + " |")
+    tot = [0, 0, 0]
+    for name, (ok, n, ok22, n22) in sorted(tally.items()):
+        print(f"{name}: right {ok} of {n}" + (f" (session 22: {ok22} of {n22})" if n22 else ""))
+        if name.startswith("grid"):
+            tot = [tot[0] + ok, tot[1] + n, tot[2] + ok22]
+    print(f"grid: right {tot[0]} of {tot[1]} (session 22: {tot[2]})")
+
+
+HELD_FAMILY_S22 = mode_mixtures.HELD_OUT_S22
+HELD_FAMILY_S23 = getattr(mode_mixtures, "HELD_OUT_S23", "")     # session 23's held-out family, when there
+
+
 def main(argv: list[str] | None = None) -> None:
     global ml_cap
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -500,6 +673,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--holdout", type=float, default=0.0, help="hold this fraction of every frame's pixels "
                     "out of every fit (a fixed random mask a frame) and read the count from the chain's amplitude "
                     "error on them (implies --chain; session 22)")
+    ap.add_argument("--starts", default="", help="session 23: comma-separated factors of the default start's "
+                    "quadratic pupil phase (1 = the default start, required), e.g. 1,0.5,-1; the M-mode fit is run "
+                    "from each and the one with the lowest held-out amplitude error among those better than the "
+                    "default's by paired z > 2 goes on (the default if none); needs --holdout")
+    ap.add_argument("--screen", default="", help="with --starts: the schedule each start is screened with "
+                    "(e.g. DM:20,ML:80); the chosen start is then fitted with --alg from its start")
+    ap.add_argument("--reuse", default="", help="with --starts: a records file whose chain is copied (not rerun) "
+                    "where the default start is chosen and its fit's error_M equals the record's")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
     ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
     ap.add_argument("--compare", nargs=2, default=None, metavar=("AMPLITUDE", "POISSON"),
@@ -509,12 +690,19 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if not 0.0 <= a.holdout < 1.0:
         ap.error(f"--holdout {a.holdout}: the fraction of each frame's pixels held out must be in [0, 1)")
+    if a.starts and (a.truth or not a.holdout):
+        ap.error("--starts: the starts are chosen on held-out pixels (needs --holdout), not with --truth")
     if a.compare:
         compare(*a.compare)
         return
     if a.summarise:
         with open(a.summarise) as fh:
-            if any("ho_view_gain" in line for line in fh):
+            text = fh.read()
+            root = Path(__file__).resolve().parents[1] / "docs"
+            if '"start_chosen"' in text:
+                starts_summary(a.summarise, str(root / "auto_modes_s22.jsonl"))
+                return
+            if "ho_view_gain" in text:
                 root = Path(__file__).resolve().parents[1] / "docs"
                 holdout_summary(a.summarise, str(root / "auto_modes_s21.jsonl"), str(root / "auto_modes.md"))
                 return
@@ -529,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
         trace_spectrum(a.trace)
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
-                     a.holdout)
+                     a.holdout, [float(x) for x in a.starts.split(",")] if a.starts else None, a.reuse, a.screen)
         if a.run:
             r["run"] = a.run
         if a.json:

@@ -329,3 +329,74 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
         mode_over.main(["fly:1e6:1:1", "--holdout", frac])
     assert exc.value.code == 2
     assert f"--holdout {float(frac)}" in capsys.readouterr().err
+
+
+def test_the_phase_starts_share_the_default_start_and_the_default_is_kept_unless_beaten_on_held_out_pixels():
+    """docs/auto_modes.md, "Session 23": ``mode_over.phase_start(rec, 1)`` is the engine's default start bit
+    for bit (so a cell where the default start is chosen is session 22's fit), another factor keeps the
+    start's far-field amplitude and power and changes only the pupil's quadratic phase; ``choose_start``
+    keeps the default unless another start's per-view held-out gains over it have paired z > 2, and then
+    takes the lowest summed held-out error among those."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mode_over
+
+    from hxn_ptycho.engine import Reconstruction
+
+    scan, _ = mixture_scan("defocus", spectrum(2, 0.3), 1e5, seed=2, n=32, n_positions=16, step=4.0)
+    p = ReconParams(iterations=1, probe_modes=4, threads=1, extra_mode_power=0.3, detector_gain=1.0)
+    rec = Reconstruction(scan, p, log=lambda m: None)
+    default = np.asarray(rec.probe)
+    np.testing.assert_array_equal(mode_over.phase_start(rec, 1.0).astype(rec.cdtype), default)
+    half = mode_over.phase_start(rec, 0.5)
+    rec.close()
+    far = [np.abs(np.fft.fft2(np.fft.ifftshift(q[0]))) for q in (default, half)]
+    np.testing.assert_allclose(far[1], far[0], rtol=1e-4, atol=1e-4 * far[0].max())
+    assert abs(np.sum(np.abs(half) ** 2) / np.sum(np.abs(default) ** 2) - 1) < 1e-5
+    assert np.abs(half[0] - default[0]).max() > 0.1 * np.abs(default[0]).max()
+
+    rng = np.random.default_rng(0)
+    base = 100 + rng.normal(0, 1, 50)
+    noise = base + rng.normal(0, 1, 50)                 # no better than the default: z ≈ 0
+    better = base - 1 + rng.normal(0, 0.5, 50)          # better in every view: z ≫ 2
+    best = base - 2 + rng.normal(0, 0.5, 50)
+    assert mode_over.choose_start({1.0: base, 0.5: noise})[0] == 1.0
+    chosen, zs = mode_over.choose_start({1.0: base, 0.5: noise, 0.25: better, -1.0: best})
+    assert chosen == -1.0 and zs[0.25] > 2 and zs[1.0] == 0.0
+    # a lower sum that is not significant against the default is not chosen
+    assert mode_over.choose_start({1.0: base, 0.5: base - 0.01 + rng.normal(0, 1, 50)})[0] == 1.0
+
+
+@pytest.mark.slow
+def test_the_held_out_pixels_choose_a_start_that_reaches_the_defocus_subspace_where_the_default_does_not(monkeypatch):
+    """docs/auto_modes.md, "Session 23": defocus 70/30 at 1e6 (100 views), session 22's over-complete fit
+    (6 modes, extras at 0.3, per-mode step cap 10, 85 % of each frame's pixels) screened for 100 iterations
+    (DM:20,ML:80) from the default start and from its pupil phase ×0.5, ×0.25, ×−1. The default's fit misses
+    the true subspace (measured c_K 0.11) and the ×0.5 start's reaches it (0.99); the held-out amplitude
+    error chooses ×0.5 (measured z 25.7 over the default; sums 151069 against 25025)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from auto_mode_cv import case_scan
+
+    import mode_over
+
+    from hxn_ptycho import ml
+    init = ml.MLIteration.__init__
+
+    def with_cap(self, rec):
+        init(self, rec)
+        self.mode_precondition_cap = 10.0
+    monkeypatch.setattr(ml.MLIteration, "__init__", with_cap)
+    scan, mix, K = case_scan("defocus:1e6:2:0.3")
+    masked, keep = mode_over.holdout_split(scan, 0.15)
+    sets = {"extra_mode_power": 0.3, "detector_gain": 1.0}
+    ho, c_K = {}, {}
+    for f in (1.0, 0.5, 0.25, -1.0):
+        obj, probe, _ = mode_over.fit(masked, 6, "DM:20,ML:80", sets, keep=keep, phase=f)
+        ho[f] = mode_over.view_errors(scan, obj, probe, ~keep)[0]
+        c_K[f] = mode_over.captured(probe[:K], mix.probe)
+    chosen, zs = mode_over.choose_start(ho)
+    assert c_K[1.0] < 0.3 and c_K[0.5] > 0.95
+    assert chosen == 0.5 and zs[0.5] > 10
