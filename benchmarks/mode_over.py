@@ -34,6 +34,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -544,6 +545,26 @@ def trend_grid(doc: str) -> dict[tuple[str, str, str], str]:
     return out
 
 
+def mark(found: int, K: int, notes: list[str]) -> str:
+    """A grid cell's text: the count found (bold where it is the true ``K``, ✗ where not), then the
+    non-empty ``notes`` in brackets."""
+    txt = f"**{found}**" if found == K else f"{found} ✗"
+    return txt + (f" ({', '.join(n for n in notes if n)})" if any(notes) else "")
+
+
+def grid_table(cells: dict[tuple[str, str, str], Any], held: Callable[[str], bool],
+               text: Callable[[str, str, str, Any], str]) -> None:
+    """Print the family × photons table of ``cells`` ((family, photons, column key) → a record), one
+    column per :data:`COLUMNS`, the held-out families last; ``text(family, photons, key, cell)`` gives
+    a cell's text."""
+    print("\n| family | photons | " + " | ".join(c for _, c in COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
+    for fam in sorted({f for f, _, _ in cells}, key=lambda f: (held(f), f)):
+        for ph in ("1e5", "1e6", "1e8"):
+            row = [text(fam, ph, key, cells[(fam, ph, key)]) if (fam, ph, key) in cells else "" for key, _ in COLUMNS]
+            if any(row):
+                print(f"| {fam} | {ph} | " + " | ".join(row) + " |")
+
+
 def holdout_summary(path: str, s21: str, doc: str) -> None:
     """Session 22: the held-out chain's count (``found_ho``, recomputed from the per-view gains) of every
     record of ``path`` that has one, then the grid table with session 21's chain (``s21``) and `trend`."""
@@ -573,31 +594,18 @@ def holdout_summary(path: str, s21: str, doc: str) -> None:
         print(f"{r.get('run', ''):16s} {case:20s} true {r['K']} found {found} {'ok' if found == r['K'] else 'WRONG'}"
               f"  z {', '.join(f'{z:.1f}' for z in zs)}  (deviance {dev}; in-sample {ins}; s21 chain "
               f"{old.get(case, '-')}; c_K {r['c_K']:.3f}; {r['seconds']:.0f} s, load {r['load']:.1f})")
-    print("\n| family | photons | " + " | ".join(c for _, c in COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
     tally: dict[str, list[int]] = {}
-    for fam in sorted({f for f, _, _ in cells}, key=lambda f: (f.startswith("kb"), f)):
-        for ph in ("1e5", "1e6", "1e8"):
-            row = []
-            for key, _ in COLUMNS:
-                if (fam, ph, key) not in cells:
-                    row.append("")
-                    continue
-                found, K, ins = cells[(fam, ph, key)]
-                t = tally.setdefault(f"{'held-out' if fam.startswith('kb') else 'grid'} {ph}", [0, 0, 0, 0, 0, 0])
-                t[0] += found == K
-                t[1] += 1
-                ok21 = old.get(f"{fam}:{ph}:{key}")
-                t[2] += ok21 == K
-                tr = trend.get((fam, ph, key), "")
-                t[3] += tr.strip() == str(K)
-                t[4] += ins == K
-                t[5] += ins is not None
-                txt = f"**{found}**" if found == K else f"{found} ✗"
-                extra = [f"in {ins}" if ins is not None else "", f"s21 {ok21}" if ok21 is not None else "",
-                         f"trend {tr.split(' ')[0]}" if tr else ""]
-                row.append(txt + (f" ({', '.join(e for e in extra if e)})" if any(extra) else ""))
-            if any(row):
-                print(f"| {fam} | {ph} | " + " | ".join(row) + " |")
+
+    def text(fam: str, ph: str, key: str, cell: tuple[int, int, int | None]) -> str:
+        found, K, ins = cell
+        t = tally.setdefault(f"{'held-out' if fam.startswith('kb') else 'grid'} {ph}", [0, 0, 0, 0, 0, 0])
+        ok21 = old.get(f"{fam}:{ph}:{key}")
+        tr = trend.get((fam, ph, key), "")
+        for i, v in enumerate((found == K, 1, ok21 == K, tr.strip() == str(K), ins == K, ins is not None)):
+            t[i] += v
+        return mark(found, K, [f"in {ins}" if ins is not None else "", f"s21 {ok21}" if ok21 is not None else "",
+                               f"trend {tr.split(' ')[0]}" if tr else ""])
+    grid_table(cells, lambda f: f.startswith("kb"), text)
     for name, (ok, n, ok21, okt, okin, nin) in sorted(tally.items()):
         print(f"{name}: right {ok} of {n} (in-sample chain of the same fits {okin} of {nin}; session 21's "
               f"chain {ok21}, trend {okt} of the same cells)")
@@ -620,27 +628,17 @@ def starts_summary(path: str, s22: str) -> None:
         print(f"{r.get('run', ''):14s} {case:18s} true {r['K']} found {found} {'ok' if found == r['K'] else 'WRONG'}"
               f" (s22 {was}) chosen {r.get('start_chosen', 1.0):g} c_K {r['c_K']:.3f}  z {', '.join(f'{z:.1f}' for z in zs)}"
               f"  [{st}] {r['seconds']:.0f} s, load {r['load']:.1f}")
-    print("\n| family | photons | " + " | ".join(c for _, c in COLUMNS) + " |\n|---|---|" + "---|" * len(COLUMNS))
     tally: dict[str, list[int]] = {}
     held = {HELD_FAMILY_S22, HELD_FAMILY_S23}
-    for fam in sorted({f for f, _, _ in cells}, key=lambda f: (f in held, f)):
-        for ph in ("1e5", "1e6", "1e8"):
-            row = []
-            for key, _ in COLUMNS:
-                if (fam, ph, key) not in cells:
-                    row.append("")
-                    continue
-                found, K, chosen, was, cK = cells[(fam, ph, key)]
-                t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", [0, 0, 0, 0])
-                t[0] += found == K
-                t[1] += 1
-                t[2] += was == K
-                t[3] += was is not None
-                txt = f"**{found}**" if found == K else f"{found} ✗"
-                note = [f"start ×{chosen:g}, c_K {cK:.2f}" if chosen != 1.0 else "", f"s22 {was}" if was is not None else ""]
-                row.append(txt + (f" ({', '.join(n for n in note if n)})" if any(note) else ""))
-            if any(row):
-                print(f"| {fam} | {ph} | " + " | ".join(row) + " |")
+
+    def text(fam: str, ph: str, key: str, cell: tuple[int, int, float, int | None, float]) -> str:
+        found, K, chosen, was, cK = cell
+        t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", [0, 0, 0, 0])
+        for i, v in enumerate((found == K, 1, was == K, was is not None)):
+            t[i] += v
+        return mark(found, K, [f"start ×{chosen:g}, c_K {cK:.2f}" if chosen != 1.0 else "",
+                               f"s22 {was}" if was is not None else ""])
+    grid_table(cells, lambda f: f in held, text)
     tot = [0, 0, 0]
     for name, (ok, n, ok22, n22) in sorted(tally.items()):
         print(f"{name}: right {ok} of {n}" + (f" (session 22: {ok22} of {n22})" if n22 else ""))

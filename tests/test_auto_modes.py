@@ -17,6 +17,26 @@ from hxn_ptycho.params import ReconParams
 QUIET = {"log": lambda m: None}
 
 
+def _benchmarks_on_path() -> None:
+    """benchmarks/ importable (mode_over, auto_mode_cv, ...)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def _set_ml_cap(monkeypatch, cap: float):
+    """Every ML iteration made from here on scales each weak mode's step up to ``cap`` (the
+    over-complete fit's option); returns the original ``MLIteration.__init__``."""
+    from hxn_ptycho import ml
+    init = ml.MLIteration.__init__
+
+    def with_cap(self, rec):
+        init(self, rec)
+        self.mode_precondition_cap = cap
+    monkeypatch.setattr(ml.MLIteration, "__init__", with_cap)
+    return init
+
+
 @pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22, HELD_OUT_S23))
 def test_mixture_families_have_exactly_the_modes_asked(family):
     """Each family gives K orthonormal shapes (so the true count is exact) and the asked spectrum."""
@@ -96,9 +116,7 @@ def test_auto_finds_three_modes_in_the_fly_scan_mixture():
 
 
 def _cv_benchmark():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    _benchmarks_on_path()
     import auto_mode_cv
     return auto_mode_cv
 
@@ -171,9 +189,7 @@ def test_the_bootstrap_benchmarks_per_view_errors_and_null_data():
     """benchmarks/auto_mode_bootstrap.py (docs/auto_modes.md, session 19): its per-view errors sum to the
     engine's normalised data error of the same model, and its null data are Poisson draws whose mean is
     that model's intensity (the null must be the fitted model, or the test it calibrates says nothing)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    _benchmarks_on_path()
     import auto_mode_bootstrap as boot
 
     from hxn_ptycho.engine import Reconstruction
@@ -194,12 +210,7 @@ def test_the_bootstrap_benchmarks_per_view_errors_and_null_data():
 def _ml_fit(scan, K, its, cap, monkeypatch):
     from hxn_ptycho import ml
     from hxn_ptycho.engine import Reconstruction
-    init = ml.MLIteration.__init__
-
-    def with_cap(self, rec):
-        init(self, rec)
-        self.mode_precondition_cap = cap
-    monkeypatch.setattr(ml.MLIteration, "__init__", with_cap)
+    init = _set_ml_cap(monkeypatch, cap)
     rec = Reconstruction(scan, ReconParams(iterations=its, probe_modes=K, threads=1,
                                            algorithm=f"DM:20,ML:{its - 20}"), **QUIET)
     try:
@@ -233,24 +244,16 @@ def test_an_over_complete_fit_holds_the_true_subspace_where_the_fixed_count_fit_
     the truth); one fit with 6 modes (DM 20 + ML 480, per-mode step cap 10, extras at 0.3), cut to its 2
     strongest modes and refitted 50 ML iterations, holds the true subspace (measured c 0.995, data error
     0.001071 against 0.001072 from the truth with the same schedule)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    _benchmarks_on_path()
     import mode_over
 
-    from hxn_ptycho import ml
     from hxn_ptycho.engine import Reconstruction
     scan, mix = mixture_scan("random", spectrum(2, 0.1), 1e6, seed=1)
     rec = Reconstruction(scan, ReconParams(iterations=100, probe_modes=2, threads=1), **QUIET)
     fixed = rec.run()
     rec.close()
     c_fixed = mode_over.captured(np.asarray(fixed.probe), mix.probe)
-    init = ml.MLIteration.__init__
-
-    def with_cap(self, rec):
-        init(self, rec)
-        self.mode_precondition_cap = 10.0
-    monkeypatch.setattr(ml.MLIteration, "__init__", with_cap)
+    _set_ml_cap(monkeypatch, 10.0)
     obj, probe, _ = mode_over.fit(scan, 6, "DM:20,ML:480", {"extra_mode_power": 0.3})
     _, cut, err = mode_over.fit(scan, 2, "ML:50", {}, obj, probe[:2])
     c_over = mode_over.captured(cut, mix.probe)
@@ -296,18 +299,10 @@ def test_the_held_out_amplitude_chain_keeps_the_true_count_where_the_held_out_de
     chain keeps the true 2 modes (measured z of steps 1→2, 2→3: 10.0, −1.7); scored there by the Poisson
     deviance it keeps spurious modes (measured 5: the amplitude fit's intensities are biased low at low
     counts and a spurious mode's fill-in corrects it), which is why the rule scores the amplitude error."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    _benchmarks_on_path()
     import mode_over
 
-    from hxn_ptycho import ml
-    init = ml.MLIteration.__init__
-
-    def with_cap(self, rec):
-        init(self, rec)
-        self.mode_precondition_cap = 10.0
-    monkeypatch.setattr(ml.MLIteration, "__init__", with_cap)
+    _set_ml_cap(monkeypatch, 10.0)
     rec = mode_over.run_case("fly:1e6:2:0.1", 6, "DM:20,ML:480", 50, {"extra_mode_power": 0.3}, False,
                              chain=True, holdout=0.15)
     found, zs = mode_over.chain_count(rec["ho_view_gain"])
@@ -321,9 +316,7 @@ def test_the_held_out_amplitude_chain_keeps_the_true_count_where_the_held_out_de
 def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     """`benchmarks/mode_over.py --holdout F` holds F of every frame's pixels out of the fits: F ≥ 1 would
     leave nothing to fit and F < 0 is meaningless, so both are refused by name before any fit runs."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    _benchmarks_on_path()
     import mode_over
     with pytest.raises(SystemExit) as exc:
         mode_over.main(["fly:1e6:1:1", "--holdout", frac])
@@ -337,9 +330,7 @@ def test_the_phase_starts_share_the_default_start_and_the_default_is_kept_unless
     start's far-field amplitude and power and changes only the pupil's quadratic phase; ``choose_start``
     keeps the default unless another start's per-view held-out gains over it have paired z > 2, and then
     takes the lowest summed held-out error among those."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    _benchmarks_on_path()
     import mode_over
 
     from hxn_ptycho.engine import Reconstruction
@@ -375,20 +366,12 @@ def test_the_held_out_pixels_choose_a_start_that_reaches_the_defocus_subspace_wh
     (DM:20,ML:80) from the default start and from its pupil phase ×0.5, ×0.25, ×−1. The default's fit misses
     the true subspace (measured c_K 0.11) and the ×0.5 start's reaches it (0.99); the held-out amplitude
     error chooses ×0.5 (measured z 25.7 over the default; sums 151069 against 25025)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    _benchmarks_on_path()
     from auto_mode_cv import case_scan
 
     import mode_over
 
-    from hxn_ptycho import ml
-    init = ml.MLIteration.__init__
-
-    def with_cap(self, rec):
-        init(self, rec)
-        self.mode_precondition_cap = 10.0
-    monkeypatch.setattr(ml.MLIteration, "__init__", with_cap)
+    _set_ml_cap(monkeypatch, 10.0)
     scan, mix, K = case_scan("defocus:1e6:2:0.3")
     masked, keep = mode_over.holdout_split(scan, 0.15)
     sets = {"extra_mode_power": 0.3, "detector_gain": 1.0}
