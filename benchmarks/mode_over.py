@@ -139,23 +139,6 @@ def holdout_split(scan: Any, frac: float, seed: int = 22) -> tuple[Any, np.ndarr
     return replace(scan, diffamp=masked), keep
 
 
-def pupil_phase_probe(mean_amp: np.ndarray, c: float) -> np.ndarray:
-    """The probe whose far field is ``mean_amp`` with the quadratic pupil phase π·c·k² (k in units of the
-    Nyquist frequency): :func:`hxn_ptycho.modes.probe_from_amplitude`'s probe for a given c."""
-    n = mean_amp.shape[-1]
-    k = np.fft.fftfreq(n) * 2
-    k2 = k[:, None] ** 2 + k[None, :] ** 2
-    return np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * np.pi * c * k2), norm="ortho"))
-
-
-def default_phase(mean_amp: np.ndarray, target_rms: float) -> float:
-    """The c of the default start (:func:`hxn_ptycho.modes.probe_from_amplitude`'s search: the RMS radius
-    closest to ``target_rms``, c on 129 points of [0, n/2])."""
-    n = mean_amp.shape[-1]
-    return float(min(np.linspace(0, n / 2, 129),
-                     key=lambda c: abs(modes.rms_radius(pupil_phase_probe(mean_amp, c)) - target_rms)))
-
-
 def phase_start(rec: Any, factor: float) -> np.ndarray:
     """Session 23's start ``factor``: the default start (the mean measured far-field amplitude, the total
     power, the extra modes from :func:`hxn_ptycho.modes.initial_probe_modes` with the same seed) with the
@@ -163,8 +146,8 @@ def phase_start(rec: Any, factor: float) -> np.ndarray:
     from hxn_ptycho import initial
     p = rec.params
     power, mean_amp = initial.mean_frame_power(rec.scan, rec.total_intensity, rec.reducer)
-    c0 = default_phase(mean_amp, 2.5 * initial.median_step(rec.positions_all))
-    p0 = pupil_phase_probe(mean_amp, factor * c0)
+    c0 = modes.defocus_for_size(mean_amp, 2.5 * initial.median_step(rec.positions_all))
+    p0 = modes.pupil_phase_probe(mean_amp, factor * c0)
     p0 = p0 * np.sqrt(power / max(float(np.vdot(p0, p0).real), 1e-300))
     return modes.initial_probe_modes(p0, p.probe_modes, p.extra_mode_power, p.seed)
 
@@ -318,7 +301,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
     elif starts:
         # session 23: the M-mode fit from every start; the one chosen by the held-out pixels goes on
         if keep is None or 1.0 not in starts:
-            raise SystemExit("--starts needs --holdout and the default start (1) among the starts")
+            raise ValueError("starts need held-out pixels and the default start (1) among them")
         fits, ho = {}, {}
         for f in starts:
             ts = time.perf_counter()
@@ -648,7 +631,7 @@ def starts_summary(path: str, s22: str) -> None:
 
 
 HELD_FAMILY_S22 = mode_mixtures.HELD_OUT_S22
-HELD_FAMILY_S23 = getattr(mode_mixtures, "HELD_OUT_S23", "")     # session 23's held-out family, when there
+HELD_FAMILY_S23 = mode_mixtures.HELD_OUT_S23
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -690,6 +673,17 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--holdout {a.holdout}: the fraction of each frame's pixels held out must be in [0, 1)")
     if a.starts and (a.truth or not a.holdout):
         ap.error("--starts: the starts are chosen on held-out pixels (needs --holdout), not with --truth")
+    starts = None
+    if a.starts:
+        try:
+            starts = [float(x) for x in a.starts.split(",")]
+        except ValueError:
+            ap.error(f"--starts {a.starts!r}: comma-separated numbers (factors of the default start's pupil phase)")
+        if 1.0 not in starts:
+            ap.error(f"--starts {a.starts!r}: the default start (1) must be among the starts")
+    for opt, val in (("--screen", a.screen), ("--reuse", a.reuse)):
+        if val and not starts:
+            ap.error(f"{opt} applies to --starts only")
     if a.compare:
         compare(*a.compare)
         return
@@ -715,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
         trace_spectrum(a.trace)
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
-                     a.holdout, [float(x) for x in a.starts.split(",")] if a.starts else None, a.reuse, a.screen)
+                     a.holdout, starts, a.reuse, a.screen)
         if a.run:
             r["run"] = a.run
         if a.json:

@@ -64,6 +64,23 @@ def rms_radius(probe: np.ndarray) -> float:
     return float(np.sqrt((inten * ((y - cy) ** 2 + (x - cx) ** 2)).sum()))
 
 
+def pupil_phase_probe(mean_amp: np.ndarray, c: float) -> np.ndarray:
+    """The probe whose far field is ``mean_amp`` (zero frequency at [0, 0]) with the quadratic (defocus)
+    pupil phase π·c·k², k in units of the Nyquist frequency (c = 0: the focus)."""
+    n = mean_amp.shape[-1]
+    k = np.fft.fftfreq(n) * 2
+    k2 = k[:, None] ** 2 + k[None, :] ** 2
+    return np.fft.fftshift(np.fft.ifft2(np.asarray(mean_amp, np.float64) * np.exp(1j * np.pi * c * k2), norm="ortho"))
+
+
+def defocus_for_size(mean_amp: np.ndarray, target_rms: float) -> float:
+    """The c of :func:`pupil_phase_probe` whose probe's RMS radius is closest to ``target_rms`` pixels
+    (c on 129 points of [0, n/2])."""
+    n = mean_amp.shape[-1]
+    return float(min(np.linspace(0, n / 2, 129),
+                     key=lambda c: abs(rms_radius(pupil_phase_probe(mean_amp, c)) - target_rms)))
+
+
 def probe_from_amplitude(mean_amp: np.ndarray, target_rms: float | None = None) -> np.ndarray:
     """A probe whose far field has the mean measured amplitude (zero frequency at [0, 0]).
 
@@ -72,18 +89,7 @@ def probe_from_amplitude(mean_amp: np.ndarray, target_rms: float | None = None) 
     (the engine asks for 2.5 × the median step between neighbouring positions, i.e. the
     overlap the scan was planned for).
     """
-    n = mean_amp.shape[-1]
-    k = np.fft.fftfreq(n) * 2
-    k2 = k[:, None] ** 2 + k[None, :] ** 2
-    amp = np.asarray(mean_amp, np.float64)
-
-    def make(c: float) -> np.ndarray:
-        return np.fft.fftshift(np.fft.ifft2(amp * np.exp(1j * np.pi * c * k2), norm="ortho"))
-
-    if not target_rms:
-        return make(0.0)
-    best = min(np.linspace(0, n / 2, 129), key=lambda c: abs(rms_radius(make(c)) - target_rms))
-    return make(best)
+    return pupil_phase_probe(mean_amp, defocus_for_size(mean_amp, target_rms) if target_rms else 0.0)
 
 
 def orthogonalize(probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

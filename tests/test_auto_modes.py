@@ -324,6 +324,25 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     assert f"--holdout {float(frac)}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--holdout", "0.15", "--starts", "1,half"], "comma-separated numbers"),
+    (["--holdout", "0.15", "--starts", "0.5,-1"], "the default start (1) must be among"),
+    (["--starts", "1,0.5"], "needs --holdout"),
+    (["--holdout", "0.15", "--screen", "DM:20,ML:80"], "--screen applies to --starts only"),
+    (["--holdout", "0.15", "--reuse", "x.jsonl"], "--reuse applies to --starts only"),
+])
+def test_mode_over_refuses_bad_starts_by_name(args, named, capsys):
+    """``--starts`` takes numbers with the default start (1) among them and needs held-out pixels;
+    ``--screen`` and ``--reuse`` mean something only with it: each mistake is refused by name before
+    any fit runs."""
+    _benchmarks_on_path()
+    import mode_over
+    with pytest.raises(SystemExit) as exc:
+        mode_over.main(["fly:1e6:1:1", *args])
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err
+
+
 def test_the_phase_starts_share_the_default_start_and_the_default_is_kept_unless_beaten_on_held_out_pixels():
     """docs/auto_modes.md, "Session 23": ``mode_over.phase_start(rec, 1)`` is the engine's default start bit
     for bit (so a cell where the default start is chosen is session 22's fit), another factor keeps the
