@@ -645,9 +645,9 @@ def compare_with_export(live_path: str | os.PathLike, post: Any, written_ids: li
     """Every frame, position and the geometry of the live file against the post-stop export ``post``
     (a ScanData). ``equal`` only if everything is bit for bit the same; else ``differences`` names
     each, with the first differing view ids."""
-    import h5py
+    from hxn_ptycho.h5util import read_h5
     diffs: list[str] = []
-    with h5py.File(live_path, "r") as f:
+    with read_h5(live_path) as f:
         d, p = f["diffamp"][()], f["points"][()]
         if d.shape != post.diffamp.shape:
             diffs.append(f"diffamp: {d.shape[0]} views live against {post.diffamp.shape[0]} in the export")

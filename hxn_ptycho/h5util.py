@@ -79,13 +79,24 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
             yield f
 
 
+def read_h5(path: str | os.PathLike, **kwargs) -> h5py.File:
+    """Open one of our HDF5 files for reading, without HDF5's file lock.
+
+    Our files are written under a temporary name and renamed into place whole (:func:`atomic_h5`), or
+    grown by a SWMR writer, so a reader never needs the lock. Taking it fails at random: a process
+    forked (a job's ``mpiexec``, any subprocess) while a writer held a file open inherits the writer's
+    exclusive ``flock`` until it closes its descriptors, and a reader that asks for the lock then gets
+    EAGAIN ("unable to lock file, errno = 11") although the file is whole."""
+    return h5py.File(path, "r", locking=False, **kwargs)
+
+
 def open_h5(path: str | os.PathLike, kind: str) -> h5py.File:
     """Open an HDF5 file for reading, with an error that names the file and what it should be."""
     path = Path(path)
     if not path.exists():
         raise FileFormatError(f"{kind} file not found: {path}")
     try:
-        return h5py.File(path, "r")
+        return read_h5(path)
     except OSError as exc:
         raise FileFormatError(f"{kind} file {path} is not a readable HDF5 file ({exc})") from None
 
@@ -129,7 +140,7 @@ def h5_differences(a_path: str | os.PathLike, b_path: str | os.PathLike) -> tupl
     object's as ``path@name`` (e.g. a live scan file against the post-stop export of its run)."""
     ds: set[str] = set()
     at: set[str] = set()
-    with h5py.File(a_path, "r") as a, h5py.File(b_path, "r") as b:
+    with read_h5(a_path) as a, read_h5(b_path) as b:
         for x, y in ((a, b), (b, a)):
             names: list[str] = []
             x.visit(names.append)

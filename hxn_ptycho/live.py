@@ -109,8 +109,8 @@ def write_preview(path: Path, snap: Snapshot, newest_readable_at: float, extra: 
 
 def read_preview(path: str | Path) -> dict[str, Any]:
     """A preview file as a dict of arrays and attributes."""
-    import h5py
-    with h5py.File(path, "r") as f:
+    from .h5util import read_h5
+    with read_h5(path) as f:
         out: dict[str, Any] = {k: f[k][()] for k in f}
         out.update({k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()})
     return out

@@ -28,7 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .h5util import FileFormatError, atomic_h5, open_h5, require, require_finite, require_shape, scalar
+from .h5util import FileFormatError, atomic_h5, open_h5, read_h5, require, require_finite, require_shape, scalar
 
 KIND = "scan"
 #: datasets only a ptycho_gui scan file has (HXN_databroker.py save_data)
@@ -371,7 +371,7 @@ class GrowingScanReader:
         if not self.path.exists():
             raise FileFormatError(f"{KIND} file not found: {self.path}")
         try:
-            self.f = h5py.File(self.path, "r", libver="latest", swmr=True)
+            self.f = read_h5(self.path, libver="latest", swmr=True)
         except OSError as exc:
             raise FileFormatError(f"{KIND} file {self.path} is not a readable growing scan file ({exc})") from None
         for name in ("diffamp", "points") + GROWING_FIELDS:

@@ -210,8 +210,8 @@ def write_simulation(path: str | os.PathLike, scan: ScanData, truth: Truth) -> N
 
 
 def read_truth(path: str | os.PathLike) -> Truth:
-    import h5py
-    with h5py.File(path, "r") as f:
+    from .h5util import read_h5
+    with read_h5(path) as f:
         if "truth" not in f:
             raise KeyError(f"{path} holds no simulation truth")
         return Truth(object=f["truth/object"][()], probe=f["truth/probe"][()],

@@ -179,3 +179,25 @@ def test_h5_differences_is_strict_both_ways(tmp_path):
         f["x"].attrs["u"] = "n"           # an object's attribute
     assert h5_differences(a, b) == (["g/y", "only_b"], ["extra", "x@u"])
     assert h5_differences(b, a) == (["g/y", "only_b"], ["extra", "x@u"])
+
+
+def test_a_whole_file_is_read_while_a_forked_process_holds_the_writers_lock(tmp_path):
+    """CI once lost a scan this way: a job's ``mpiexec`` forked while the scan file was being written
+    inherited the writer's exclusive HDF5 lock, and the reader got "unable to lock file, errno = 11"
+    for a file already whole and renamed into place. Our readers take no lock (h5util.read_h5)."""
+    import subprocess
+    from hxn_ptycho.h5util import open_h5
+    path = tmp_path / "whole.h5"
+    f = h5py.File(path, "w")                      # takes the exclusive lock
+    f["x"] = np.arange(3)
+    f.flush()
+    child = subprocess.Popen(["sleep", "30"], close_fds=False)   # inherits the locked descriptor
+    try:
+        f.close()                                 # the writer is done; the child still holds the lock
+        with pytest.raises(OSError, match="lock"):
+            h5py.File(path, "r")                  # what the readers did before: the lock is still held
+        with open_h5(path, "scan") as g:
+            assert list(g["x"][()]) == [0, 1, 2]
+    finally:
+        child.kill()
+        child.wait()
