@@ -283,7 +283,8 @@ def load_records(path: str) -> dict[str, dict[str, Any]]:
 
 def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
              chain: bool = False, null: bool = False, holdout: float = 0.0,
-             starts: list[float] | None = None, reuse: str = "", screen: str = "") -> dict[str, Any]:
+             starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
+             phase_from: str = "") -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
     n0 = len(ML_STAGES)
@@ -327,6 +328,14 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
             obj, pr, err = fit(scan, M, alg, sets, keep=keep, phase=chosen)
         elif screen:
             err = old["error_M"]       # the default start's full fit is the earlier record's (not rerun)
+    elif phase_from:
+        # session 24: the start the records of ``phase_from`` chose (session 23's rule, deterministic),
+        # fitted with the full schedule; its error_M is checked against the record's
+        prior = load_records(phase_from).get(case)
+        if prior is None:
+            raise ValueError(f"--phase-from {phase_from}: no held-out record of {case}")
+        chosen = float(prior.get("start_chosen", 1.0))
+        obj, pr, err = fit(scan, M, alg, sets, keep=keep, phase=chosen)
     else:
         obj, pr, err = fit(scan, M, alg, sets, keep=keep)
     n1 = len(ML_STAGES)
@@ -355,6 +364,21 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
             print(f"  {case} default start chosen but its error_M {err!r} differs from {reuse}'s {old['error_M']!r}: "
                   "chain rerun", flush=True)
             rec["reuse_mismatch"] = old["error_M"]
+    if phase_from:
+        rec.update(start_chosen=chosen, start=f"phase x{chosen:g}" if chosen != 1.0 else "default",
+                   phase_from=os.path.basename(phase_from), error_M_prior=prior["error_M"],
+                   prior_found_ho=chain_count(prior["ho_view_gain"])[0])
+        print(f"  {case} start x{chosen:g} from {phase_from}: error_M {err!r} "
+              f"{'equals' if err == prior['error_M'] else 'DIFFERS from'} the record's", flush=True)
+    if span:
+        if keep is None:
+            raise ValueError("--span needs held-out pixels (--holdout)")
+        rec.update(span_chain(full, obj, pr, keep, mix.probe, K))
+        chain = null = False
+        cut = 0
+        print(f"  {case} span: held-out errors {', '.join(f'{x:.1f}' for x in rec['span_ho_sums'])}; z "
+              f"{', '.join(f'{z:.1f}' for z in rec['span_z'])}: found {rec['found_span']}, true {K} "
+              f"(inits {'/'.join(rec['span_init'])})", flush=True)
     if cut and M > K:
         cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
         _, prk, errk = fit(scan, K, f"ML:{cut}", cut_sets, obj, pr[:K], keep=keep)
@@ -432,6 +456,24 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
 
 
 ml_cap = 1.0
+
+
+def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
+               K: int) -> dict[str, Any]:
+    """Session 24's count (benchmarks/mode_span.py): rank-k models fitted inside the span of the M-mode
+    fit (object fixed, kept pixels), the chain read from their held-out amplitude errors (z > 2)."""
+    from mode_span import far_fields, span_models, span_probe
+    t0 = time.perf_counter()
+    psi, amp, mask = far_fields(full, obj, pr)
+    sm = span_models(psi, amp, keep, mask)
+    gains = [sm["ho_view"][k] - sm["ho_view"][k + 1] for k in range(len(pr) - 1)]
+    found, zs = chain_count([list(g) for g in gains])
+    return {"found_span": found, "span_z": [round(z, 2) for z in zs],
+            "span_ho_sums": [float(h.sum()) for h in sm["ho_view"]], "span_kept": sm["kept_loss"],
+            "span_view_gain": [[float(f"{x:.6g}") for x in g] for g in gains],
+            "span_spectra": sm["spectra"], "span_fits": sm["fits"], "span_init": sm["init"],
+            "span_c": [captured(span_probe(A, pr), truth) for A in sm["A"]],
+            "span_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def chain_count(view_gain: list[list[float]], z_min: float = 2.0) -> tuple[int, list[float]]:
@@ -662,6 +704,11 @@ def main(argv: list[str] | None = None) -> None:
                     "(e.g. DM:20,ML:80); the chosen start is then fitted with --alg from its start")
     ap.add_argument("--reuse", default="", help="with --starts: a records file whose chain is copied (not rerun) "
                     "where the default start is chosen and its fit's error_M equals the record's")
+    ap.add_argument("--span", action="store_true", help="session 24: the count from rank-k models fitted "
+                    "inside the span of the M-mode fit (object fixed; benchmarks/mode_span.py) instead of the "
+                    "chain of refits; needs --holdout")
+    ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
+                    "(session 23's, with start_chosen) chose for the case; its error_M is checked against it")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
     ap.add_argument("--summarise", default="", help="a records file: print each chain's count, run nothing")
     ap.add_argument("--compare", nargs=2, default=None, metavar=("AMPLITUDE", "POISSON"),
@@ -681,6 +728,10 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--starts {a.starts!r}: comma-separated numbers (factors of the default start's pupil phase)")
         if 1.0 not in starts:
             ap.error(f"--starts {a.starts!r}: the default start (1) must be among the starts")
+    if a.span and not a.holdout:
+        ap.error("--span: the count is read on held-out pixels (needs --holdout)")
+    if a.phase_from and (starts or a.truth or not a.holdout):
+        ap.error("--phase-from: the start is the records' (not with --starts or --truth; needs --holdout)")
     for opt, val in (("--screen", a.screen), ("--reuse", a.reuse)):
         if val and not starts:
             ap.error(f"{opt} applies to --starts only")
@@ -709,7 +760,7 @@ def main(argv: list[str] | None = None) -> None:
         trace_spectrum(a.trace)
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
-                     a.holdout, starts, a.reuse, a.screen)
+                     a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from)
         if a.run:
             r["run"] = a.run
         if a.json:
