@@ -39,6 +39,27 @@ orthonormal mode shapes, to which a chosen power spectrum is given, so the true 
   eigenmodes (the SVD over the source points; their own shares are ~69/19/8/3 %).
   ptycho_gui (core/ptycho_param.py) records energy, z_m and ccd_pixel_um and models partial coherence by
   one Gaussian kernel (``pc_sigma``); this family is meant to be unlike that too.
+- ``fzp`` (session 24's held-out family, written by a helper who ran no reconstruction on it): a Fresnel
+  zone plate lit through HXN's Si(111) double-crystal monochromator and its secondary source aperture.
+  Hardware as hxn-profile-collection describes it: startup/15-zp.py (the zone plate ``zp`` on its own z
+  stages, its beam stop ``zpbs`` (the central stop) and order-sorting aperture ``zposa``: together they pass
+  the first order only, an annular pupil), startup/10-optics.py (the DCM, ``dcm``; its energy pseudo-motor
+  ``monoe`` uses Si(111)'s d = 3.1355893 Å), startup/71-energy.py (the energy change: undulator harmonic
+  3–9, mirror stripe, mono angle; it sets the SSA2 gaps per axis) and startup/12-endstation.py (``ssa2``
+  ``hgap``/``vgap``). Physics: a ZP's focal length is ∝ E, so a slice at E(1 + ε) reaches the sample
+  defocused by a pupil phase π·N·ε·ρ² (N = D/4Δr zones, ρ = r/R); the slices' weights are the two-crystal
+  Si(111) reflectivity, the Darwin curve squared (total reflection over ΔE/E ≈ 1.33e-4, steep
+  (|y| − √(y²−1))⁴ wings: a flat top, not a Gaussian). N = 7000 (an assumed large, high-resolution ZP, e.g.
+  ⌀ 420 µm with 15 nm outer zones; not read from the profile collection) puts it near the monochromaticity
+  limit N ≈ E/ΔE, so the chromatic spread is a mode of its own. The pupil: central stop 42 % of the radius,
+  an efficiency falling 30 % towards the thinnest outer zones, a smooth random radial zone-placement (ring)
+  error; the sample 0.35 (``_lens``'s units) out of focus. The source behind a nearly closed SSA2 (as for
+  coherent imaging): a slit-limited uniform line along x, a narrow undulator Gaussian along y; each source
+  point tilts the pupil. On the pupil the mutual intensity is the product of a radial kernel in (ρ₁², ρ₂²)
+  (the chromatic one, in no other family) and a translation kernel in k₁ − k₂ (the source's); the coherent
+  modes are its eigenmodes (J over the energy × source points, on the aperture): at 64² the fundamental, a
+  rotationally symmetric "breathing" chromatic mode (∝ (ρ² − ⟨ρ²⟩)·P₀ on the pupil: the focus's Laplacian), the
+  x-lateral mode, then the y one (own shares ~91/5/3/1 %).
 
 The object is also independent: an amplitude of random disks and a phase of filtered noise.
 """
@@ -54,6 +75,7 @@ FAMILIES = ("shifted", "defocus", "random", "gsm", "fly")
 HELD_OUT = "zernike"
 HELD_OUT_S22 = "kbslit"      # session 22's held-out family (docs/auto_modes.md, "Session 22")
 HELD_OUT_S23 = "mll"         # session 23's held-out family (crossed MLLs, SSA source, vibration)
+HELD_OUT_S24 = "fzp"         # session 24's held-out family (polychromatic zone plate, DCM band, SSA source)
 ENERGY_KEV, DISTANCE_M, CCD_PIXEL_UM = 10.0, 0.6, 75.0
 
 
@@ -207,6 +229,38 @@ def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[
         vh = np.linalg.svd(a, full_matrices=False)[2]
         fields = np.zeros((K, n, n), np.complex128)
         fields[:, inside] = vh[:K]
+        modes = np.stack([_to_sample(f) for f in fields])
+        modes /= np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
+        return modes, None
+    if family == HELD_OUT_S24:
+        # Fresnel zone plate, annular first-order pupil (central stop + OSA), radius n/6, sample 0.35 out of focus
+        ky, kx = _pupil_grid(n)
+        rho = np.hypot(ky, kx) / (n / 6)
+        inside = (rho <= 1) & (rho >= 0.42)
+        r = rho[inside]
+        c = rng.standard_normal(3)
+        ring = 0.35 * c[0] * (6 * r ** 4 - 6 * r ** 2 + 1) + 0.25 * c[1] * np.sin(np.pi * (3 * r + c[2]))
+        eff = 1 - 0.3 * (r - 0.42) / 0.58
+        pupil = np.sqrt(eff) * np.exp(1j * (ring + 6 * np.pi * 0.35 * r ** 2))
+        # energy slices ε = y·ΔE/E/2 over |y| ≤ 3; weight: Si(111) Darwin curve, squared for two crystals;
+        # chromatic defocus π·N·ε·ρ² with N = 7000 zones
+        y = np.linspace(-3, 3, 25)
+        darwin = np.where(np.abs(y) <= 1, 1.0, (np.abs(y) - np.sqrt(np.clip(y ** 2 - 1, 0, None))) ** 2)
+        w_e = darwin ** 2
+        chrom = np.exp(1j * np.pi * 7000 * (y * 1.33e-4 / 2)[:, None] * r[None, :] ** 2)
+        # source points in probe-plane pixels at n = 64 (scaled with n): uniform over ±0.45 along x (SSA2's
+        # hgap), Gaussian σ 0.2 along y (sampled to ±3σ)
+        gx = np.linspace(-0.45, 0.45, 5) * n / 64
+        ty = np.linspace(-3, 3, 7)
+        gy, w_y = 0.2 * ty * n / 64, np.exp(-ty ** 2 / 2)
+        tilt = np.exp(-2j * np.pi * (gy[:, None, None] * ky[inside] + gx[None, :, None] * kx[inside]) / n)
+        a = pupil * chrom[:, None, None, :] * tilt[None]
+        w = w_e[:, None, None] * w_y[None, :, None] * np.ones(len(gx))[None, None, :]
+        a = a.reshape(-1, len(r)) * np.sqrt(w.reshape(-1, 1) / w.sum())
+        # the mutual intensity on the aperture, J(k1, k2) = Σ w f(k1) f*(k2); its eigenvectors, strongest first
+        vecs = np.linalg.eigh(a.T @ a.conj())[1][:, ::-1]
+        fields = np.zeros((K, n, n), np.complex128)
+        fields[:, inside] = vecs[:, :K].T
         modes = np.stack([_to_sample(f) for f in fields])
         modes /= np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
         return modes, None

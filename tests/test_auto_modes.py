@@ -9,7 +9,8 @@ import json
 
 import numpy as np
 import pytest
-from mode_mixtures import FAMILIES, HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, mixture_scan, mode_shapes, spectrum
+from mode_mixtures import (FAMILIES, HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, mixture_scan, mode_shapes,
+                           spectrum)
 
 from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.params import ReconParams
@@ -37,7 +38,7 @@ def _set_ml_cap(monkeypatch, cap: float):
     return init
 
 
-@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22, HELD_OUT_S23))
+@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24))
 def test_mixture_families_have_exactly_the_modes_asked(family):
     """Each family gives K orthonormal shapes (so the true count is exact) and the asked spectrum."""
     shapes, _ = mode_shapes(family, 3, 32, np.random.default_rng(3))
@@ -80,6 +81,33 @@ def test_session23_mll_family_is_well_formed_for_one_to_three_modes():
         ry, rx = _rms_width(total)
         assert 7 < rx < 14 and 7 < ry < 14 and abs(ry - rx) > 0.5, (K, ry, rx)
         assert 1 - total[4:-4, 4:-4].sum() / total.sum() < 0.03
+
+
+def test_session24_fzp_family_is_well_formed_for_one_to_three_modes():
+    """Session 24's held-out family (a zone plate lit by the DCM's band through SSA2) on 64² frames: for
+    K = 1, 2, 3 orthonormal modes, the same first modes whatever K, the asked shares, a probe as wide as
+    the other lens families' with little power at the frame's border; and its own signature: the second
+    mode is the chromatic one, rotationally symmetric (round) and wider than the first, the third the
+    source's lateral mode along x (SSA2's line), wider along x."""
+    full, _ = mode_shapes(HELD_OUT_S24, 3, 64, np.random.default_rng(11))
+    for K in (1, 2, 3):
+        shapes, own = mode_shapes(HELD_OUT_S24, K, 64, np.random.default_rng(11))
+        flat = shapes.reshape(K, -1)
+        assert own is None and shapes.shape == (K, 64, 64)
+        np.testing.assert_allclose(flat.conj() @ flat.T, np.eye(K), atol=1e-12)
+        np.testing.assert_allclose(shapes, full[:K], atol=1e-12)
+        w = spectrum(K, 0.08)
+        _, mix = mixture_scan(HELD_OUT_S24, w, 1e6, seed=1, n_positions=16)
+        p = np.sum(np.abs(mix.probe) ** 2, axis=(1, 2))
+        np.testing.assert_allclose(p / p.sum(), w, rtol=1e-9)
+        total = np.sum(np.abs(mix.probe) ** 2, axis=0)
+        ry, rx = _rms_width(total)
+        assert 7 < rx < 14 and 7 < ry < 14, (K, ry, rx)
+        assert 1 - total[4:-4, 4:-4].sum() / total.sum() < 0.03
+    (r0, _), (ry1, rx1), (ry2, rx2) = (_rms_width(np.abs(m) ** 2) for m in full)
+    assert abs(ry1 - rx1) < 0.3 and ry1 > r0 + 1, (r0, ry1, rx1)
+    assert rx2 > ry2 + 2, (ry2, rx2)
+
 
 def test_auto_records_its_evidence_in_the_result_and_the_derived_run(tmp_path):
     """Each decision's mode shares, the newest mode's trend and the action are in the result
