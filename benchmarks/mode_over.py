@@ -284,7 +284,7 @@ def load_records(path: str) -> dict[str, dict[str, Any]]:
 def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
              chain: bool = False, null: bool = False, holdout: float = 0.0,
              starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
-             phase_from: str = "") -> dict[str, Any]:
+             phase_from: str = "", span_refit: bool = False) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
     n0 = len(ML_STAGES)
@@ -374,8 +374,14 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         if keep is None:
             raise ValueError("--span needs held-out pixels (--holdout)")
         rec.update(span_chain(full, obj, pr, keep, mix.probe, K))
-        chain = null = False
-        cut = 0
+        if span_refit:
+            rec.update(span_refit_chain(scan, full, obj, pr, keep, mix.probe, cut, sets))
+            print(f"  {case} span + refits of {cut}: held-out errors "
+                  f"{', '.join(f'{x:.1f}' for x in rec['spanref_ho_sums'])}; z "
+                  f"{', '.join(f'{z:.1f}' for z in rec['spanref_z'])}: found {rec['found_spanref']}, true {K}", flush=True)
+        else:
+            chain = null = False     # the span count alone (with --span-refit session 23's chain runs beside it)
+            cut = 0
         print(f"  {case} span: held-out errors {', '.join(f'{x:.1f}' for x in rec['span_ho_sums'])}; z "
               f"{', '.join(f'{z:.1f}' for z in rec['span_z'])}: found {rec['found_span']}, true {K} "
               f"(inits {'/'.join(rec['span_init'])})", flush=True)
@@ -458,6 +464,31 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
 ml_cap = 1.0
 
 
+SPAN_MODELS: list[np.ndarray] = []     # the last span_chain's k-mode models (real-space modes), k = 1 … M
+
+
+def span_refit_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
+                     cut: int, sets: dict[str, Any]) -> dict[str, Any]:
+    """Session 24's rule: each k-mode span model (:func:`span_chain`, its modes) and the M-mode fit's object
+    refitted together for ``cut`` ML iterations on the kept pixels (session 23's refit, from the span's
+    k-mode model instead of the k strongest fitted modes); the chain read from their held-out amplitude
+    errors (z > 2)."""
+    t0 = time.perf_counter()
+    cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
+    held, shares, cs = [], [], []
+    for p_k in SPAN_MODELS:
+        o_k, q_k, _ = fit(scan, len(p_k), f"ML:{cut}", cut_sets, obj, p_k, keep=keep)
+        held.append(view_errors(full, o_k, q_k, ~keep)[0])
+        shares.append([round(float(x), 5) for x in modes.power_fractions(q_k)])
+        cs.append(captured(q_k, truth))
+    gains = [held[k] - held[k + 1] for k in range(len(held) - 1)]
+    found, zs = chain_count([list(g) for g in gains])
+    return {"found_spanref": found, "spanref_z": [round(z, 2) for z in zs], "spanref_cut": cut,
+            "spanref_ho_sums": [float(h.sum()) for h in held], "spanref_shares": shares, "spanref_c": cs,
+            "spanref_view_gain": [[float(f"{x:.6g}") for x in g] for g in gains],
+            "spanref_seconds": round(time.perf_counter() - t0, 1)}
+
+
 def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
                K: int) -> dict[str, Any]:
     """Session 24's count (benchmarks/mode_span.py): rank-k models fitted inside the span of the M-mode
@@ -466,6 +497,8 @@ def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, tru
     t0 = time.perf_counter()
     psi, amp, mask = far_fields(full, obj, pr)
     sm = span_models(psi, amp, keep, mask)
+    SPAN_MODELS.clear()
+    SPAN_MODELS.extend(span_probe(A, pr) for A in sm["A"])
     gains = [sm["ho_view"][k] - sm["ho_view"][k + 1] for k in range(len(pr) - 1)]
     found, zs = chain_count([list(g) for g in gains])
     return {"found_span": found, "span_z": [round(z, 2) for z in zs],
@@ -672,8 +705,50 @@ def starts_summary(path: str, s22: str) -> None:
     print(f"grid: right {tot[0]} of {tot[1]} (session 22: {tot[2]})")
 
 
+def span_summary(path: str) -> None:
+    """Session 24: each cell's count from the span models (``found_span``, recomputed from the per-view
+    held-out gains) against session 23's chain of refits on the same fit (``prior_found_ho``; for a cell
+    fitted from its own starts, the chain's count where the record has one), then the grid table."""
+    recs: dict[str, dict[str, Any]] = {}
+    with open(path) as fh:
+        for line in fh:
+            r = json.loads(line)
+            if "span_view_gain" in r:
+                recs.setdefault(r["case"], r)
+    cells: dict[tuple[str, str, str], tuple[int, int, int | None, float]] = {}
+    for case, r in recs.items():
+        found, zs = chain_count(r["span_view_gain"])
+        was = r.get("prior_found_ho")
+        K = r["K"]
+        cK = r["span_c"][K - 1]
+        fam, ph, k, weak = case.split(":")
+        cells[(fam, ph, f"{k}:{weak}")] = (found, K, was, cK)
+        check = "" if "error_M_prior" not in r else ("" if r["error_M"] == r["error_M_prior"] else " FIT DIFFERS")
+        print(f"{r.get('run', ''):14s} {case:18s} true {K} found {found} {'ok' if found == K else 'WRONG'} (s23 {was})"
+              f" start x{r.get('start_chosen', 1.0):g} c_K(span) {cK:.3f}  z {', '.join(f'{z:.1f}' for z in zs)}"
+              f"  spectrum@K {'/'.join(f'{100 * x:.1f}' for x in r['span_spectra'][K - 1])}"
+              f"  {r['span_seconds']:.0f}+{r['seconds'] - r['span_seconds']:.0f} s, load {r['load']:.1f}{check}")
+    tally: dict[str, list[int]] = {}
+    held = {HELD_FAMILY_S22, HELD_FAMILY_S23, HELD_FAMILY_S24}
+
+    def text(fam: str, ph: str, key: str, cell: tuple[int, int, int | None, float]) -> str:
+        found, K, was, cK = cell
+        t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", [0, 0, 0, 0])
+        for i, v in enumerate((found == K, 1, was == K, was is not None)):
+            t[i] += v
+        return mark(found, K, [f"s23 {was}" if was is not None else ""])
+    grid_table(cells, lambda f: f in held, text)
+    tot = [0, 0, 0]
+    for name, (ok, n, ok23, n23) in sorted(tally.items()):
+        print(f"{name}: right {ok} of {n}" + (f" (session 23's chain on the same fits: {ok23} of {n23})" if n23 else ""))
+        if name.startswith("grid"):
+            tot = [tot[0] + ok, tot[1] + n, tot[2] + ok23]
+    print(f"grid: right {tot[0]} of {tot[1]} (session 23: {tot[2]})")
+
+
 HELD_FAMILY_S22 = mode_mixtures.HELD_OUT_S22
 HELD_FAMILY_S23 = mode_mixtures.HELD_OUT_S23
+HELD_FAMILY_S24 = mode_mixtures.HELD_OUT_S24
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -707,6 +782,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--span", action="store_true", help="session 24: the count from rank-k models fitted "
                     "inside the span of the M-mode fit (object fixed; benchmarks/mode_span.py) instead of the "
                     "chain of refits; needs --holdout")
+    ap.add_argument("--span-refit", action="store_true", help="session 24's rule: with --span, also refit each "
+                    "k-mode span model with the object for --cut ML iterations and read the chain from those")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
                     "(session 23's, with start_chosen) chose for the case; its error_M is checked against it")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
@@ -730,6 +807,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--starts {a.starts!r}: the default start (1) must be among the starts")
     if a.span and not a.holdout:
         ap.error("--span: the count is read on held-out pixels (needs --holdout)")
+    if a.span_refit and not a.span:
+        ap.error("--span-refit refits the span models: it needs --span")
     if a.phase_from and (starts or a.truth or not a.holdout):
         ap.error("--phase-from: the start is the records' (not with --starts or --truth; needs --holdout)")
     for opt, val in (("--screen", a.screen), ("--reuse", a.reuse)):
@@ -742,6 +821,9 @@ def main(argv: list[str] | None = None) -> None:
         with open(a.summarise) as fh:
             text = fh.read()
             root = Path(__file__).resolve().parents[1] / "docs"
+            if '"span_view_gain"' in text:
+                span_summary(a.summarise)
+                return
             if '"start_chosen"' in text:
                 starts_summary(a.summarise, str(root / "auto_modes_s22.jsonl"))
                 return
@@ -760,7 +842,7 @@ def main(argv: list[str] | None = None) -> None:
         trace_spectrum(a.trace)
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
-                     a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from)
+                     a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit)
         if a.run:
             r["run"] = a.run
         if a.json:
