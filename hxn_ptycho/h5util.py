@@ -75,7 +75,7 @@ def remove_parts(path: str | os.PathLike) -> list[Path]:
 def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
     """Open a temporary HDF5 file beside ``path``; rename it into place only on success."""
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", locking=False) as f:   # the flags of the readers (read_h5): one process may hold both
             yield f
 
 

@@ -287,7 +287,7 @@ class GrowingScanWriter:
             raise FileExistsError(f"{KIND} file {self.path} exists: a growing scan file is never overwritten")
         # made under a temporary name and renamed once SWMR is on: a reader never sees it half-made
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
-        f = h5py.File(tmp, "w", libver="latest")
+        f = h5py.File(tmp, "w", libver="latest", locking=False)   # the flags of the readers (h5util.read_h5)
         try:
             f.create_dataset("diffamp", shape=(0, n, n), maxshape=(None, n, n), dtype=np.float32, chunks=(1, n, n))
             f.create_dataset("points", shape=(2, 0), maxshape=(2, None), dtype=np.float64, chunks=(2, 1024))

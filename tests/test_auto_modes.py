@@ -477,7 +477,7 @@ def test_the_span_models_find_a_weak_mode_split_over_two_fitted_modes():
     import mode_span
 
     rng = np.random.default_rng(5)
-    V, M, n = 60, 4, 16
+    V, M, n = 30, 4, 16
     basis = (rng.normal(size=(V, M, n, n)) + 1j * rng.normal(size=(V, M, n, n))) * 10
     true = np.zeros((M, 2), complex)
     true[0, 0] = 1.0

@@ -350,6 +350,10 @@ def test_the_stream_receivers_live_job_is_a_queue_job_run_at_its_niceness(tmp_pa
         assert os.getpriority(os.PRIO_PROCESS, run.job.pid) == want
         stat = Path(f"/proc/{run.job.pid}/stat").read_text()
         assert int(stat[stat.rindex(")") + 2:].split()[16]) == want          # field 19: nice
+        # the queue writes the running record's pid just after it starts the process: wait for it
+        while not [j for j in q.jobs("running") if j.follow and j.pid is not None]:
+            assert time.monotonic() < deadline, q.jobs("running")
+            time.sleep(0.02)
         (entry,) = [j for j in q.jobs("running") if j.follow]
         assert entry.id == run.job.job.id and entry.nice == 7 and entry.pid == run.job.pid
         assert "--follow" in argvs[-1] and outcome_path(entry.spec_file) == run.outcome_path
