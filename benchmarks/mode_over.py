@@ -706,44 +706,47 @@ def starts_summary(path: str, s22: str) -> None:
 
 
 def span_summary(path: str) -> None:
-    """Session 24: each cell's count from the span models (``found_span``, recomputed from the per-view
-    held-out gains) against session 23's chain of refits on the same fit (``prior_found_ho``; for a cell
-    fitted from its own starts, the chain's count where the record has one), then the grid table."""
+    """Session 24: each cell's count by the rule (``found_spanref``: the span models refitted, recomputed
+    from the per-view held-out gains) against session 23's chain on the same fit (``found_ho``, the k
+    strongest fitted modes refitted), the span models alone (``found_span``) and session 23's record
+    (``prior_found_ho``, its own fit), then the grid table and the tallies."""
     recs: dict[str, dict[str, Any]] = {}
     with open(path) as fh:
         for line in fh:
             r = json.loads(line)
-            if "span_view_gain" in r:
+            if "spanref_view_gain" in r:
                 recs.setdefault(r["case"], r)
-    cells: dict[tuple[str, str, str], tuple[int, int, int | None, float]] = {}
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     for case, r in recs.items():
-        found, zs = chain_count(r["span_view_gain"])
-        was = r.get("prior_found_ho")
         K = r["K"]
-        cK = r["span_c"][K - 1]
+        c = {"rule": chain_count(r["spanref_view_gain"])[0], "K": K, "s23 chain": chain_count(r["ho_view_gain"])[0],
+             "span alone": chain_count(r["span_view_gain"])[0], "s23 record": r.get("prior_found_ho")}
+        zs = chain_count(r["spanref_view_gain"])[1]
         fam, ph, k, weak = case.split(":")
-        cells[(fam, ph, f"{k}:{weak}")] = (found, K, was, cK)
-        check = "" if "error_M_prior" not in r else ("" if r["error_M"] == r["error_M_prior"] else " FIT DIFFERS")
-        print(f"{r.get('run', ''):14s} {case:18s} true {K} found {found} {'ok' if found == K else 'WRONG'} (s23 {was})"
-              f" start x{r.get('start_chosen', 1.0):g} c_K(span) {cK:.3f}  z {', '.join(f'{z:.1f}' for z in zs)}"
-              f"  spectrum@K {'/'.join(f'{100 * x:.1f}' for x in r['span_spectra'][K - 1])}"
-              f"  {r['span_seconds']:.0f}+{r['seconds'] - r['span_seconds']:.0f} s, load {r['load']:.1f}{check}")
-    tally: dict[str, list[int]] = {}
+        cells[(fam, ph, f"{k}:{weak}")] = c
+        print(f"{r.get('run', ''):12s} {case:17s} true {K} found {c['rule']} {'ok' if c['rule'] == K else 'WRONG':5s} "
+              f"(s23 chain {c['s23 chain']}, span alone {c['span alone']}, s23 record {c['s23 record']}) "
+              f"start x{r.get('start_chosen', 1.0):g} c_K {r['c_K']:.3f}, refit c_K {r['spanref_c'][K - 1]:.3f}  "
+              f"z {', '.join(f'{z:.1f}' for z in zs)}  {r['seconds']:.0f} s, load {r['load']:.1f}")
+    tally: dict[str, dict[str, int]] = {}
     held = {HELD_FAMILY_S22, HELD_FAMILY_S23, HELD_FAMILY_S24}
+    names = ("rule", "s23 chain", "span alone", "s23 record")
 
-    def text(fam: str, ph: str, key: str, cell: tuple[int, int, int | None, float]) -> str:
-        found, K, was, cK = cell
-        t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", [0, 0, 0, 0])
-        for i, v in enumerate((found == K, 1, was == K, was is not None)):
-            t[i] += v
-        return mark(found, K, [f"s23 {was}" if was is not None else ""])
+    def text(fam: str, ph: str, key: str, c: dict[str, Any]) -> str:
+        t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", dict.fromkeys(("n",) + names, 0))
+        t["n"] += 1
+        for name in names:
+            t[name] += c[name] == c["K"]
+        return mark(c["rule"], c["K"], [f"s23 chain {c['s23 chain']}" if c["s23 chain"] != c["rule"] else ""])
     grid_table(cells, lambda f: f in held, text)
-    tot = [0, 0, 0]
-    for name, (ok, n, ok23, n23) in sorted(tally.items()):
-        print(f"{name}: right {ok} of {n}" + (f" (session 23's chain on the same fits: {ok23} of {n23})" if n23 else ""))
+    tot = dict.fromkeys(("n",) + names, 0)
+    for name, t in sorted(tally.items()):
+        print(f"{name}: right {t['rule']} of {t['n']} (session 23's chain on the same fits {t['s23 chain']}, the span "
+              f"models alone {t['span alone']}, session 23's record {t['s23 record']})")
         if name.startswith("grid"):
-            tot = [tot[0] + ok, tot[1] + n, tot[2] + ok23]
-    print(f"grid: right {tot[0]} of {tot[1]} (session 23: {tot[2]})")
+            tot = {k: tot[k] + t[k] for k in tot}
+    print(f"grid: right {tot['rule']} of {tot['n']} (session 23's chain on the same fits {tot['s23 chain']}, the span "
+          f"models alone {tot['span alone']}, session 23's record {tot['s23 record']})")
 
 
 HELD_FAMILY_S22 = mode_mixtures.HELD_OUT_S22
@@ -821,7 +824,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(a.summarise) as fh:
             text = fh.read()
             root = Path(__file__).resolve().parents[1] / "docs"
-            if '"span_view_gain"' in text:
+            if '"spanref_view_gain"' in text:
                 span_summary(a.summarise)
                 return
             if '"start_chosen"' in text:
