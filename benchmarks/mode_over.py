@@ -269,14 +269,15 @@ REUSED = ("cut", "error_cut", "shares_cut", "c_cut", "chain", "dev_chain", "chai
           "ho_dev_z", "found_ho_sum")
 
 
-def load_records(path: str) -> dict[str, dict[str, Any]]:
-    """The first held-out record of each case in ``path`` (none if the file is absent)."""
+def load_records(path: str, field: str = "ho_view_gain") -> dict[str, dict[str, Any]]:
+    """The first record of each case in ``path`` that has ``field`` (default: a held-out chain's; none if
+    the file is absent)."""
     out: dict[str, dict[str, Any]] = {}
     if path and os.path.exists(path):
         with open(path) as fh:
             for line in fh:
                 r = json.loads(line)
-                if "ho_view_gain" in r:
+                if field in r:
                     out.setdefault(r["case"], r)
     return out
 
@@ -626,12 +627,7 @@ def grid_table(cells: dict[tuple[str, str, str], Any], held: Callable[[str], boo
 def holdout_summary(path: str, s21: str, doc: str) -> None:
     """Session 22: the held-out chain's count (``found_ho``, recomputed from the per-view gains) of every
     record of ``path`` that has one, then the grid table with session 21's chain (``s21``) and `trend`."""
-    recs: dict[str, dict[str, Any]] = {}
-    with open(path) as fh:
-        for line in fh:
-            r = json.loads(line)
-            if "ho_view_gain" in r:
-                recs.setdefault(r["case"], r)
+    recs = load_records(path)
     old: dict[str, int] = {}
     if s21 and os.path.exists(s21):
         with open(s21) as fh:
@@ -710,12 +706,7 @@ def span_summary(path: str) -> None:
     from the per-view held-out gains) against session 23's chain on the same fit (``found_ho``, the k
     strongest fitted modes refitted), the span models alone (``found_span``) and session 23's record
     (``prior_found_ho``, its own fit), then the grid table and the tallies."""
-    recs: dict[str, dict[str, Any]] = {}
-    with open(path) as fh:
-        for line in fh:
-            r = json.loads(line)
-            if "spanref_view_gain" in r:
-                recs.setdefault(r["case"], r)
+    recs = load_records(path, "spanref_view_gain")
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     for case, r in recs.items():
         K = r["K"]
@@ -783,8 +774,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reuse", default="", help="with --starts: a records file whose chain is copied (not rerun) "
                     "where the default start is chosen and its fit's error_M equals the record's")
     ap.add_argument("--span", action="store_true", help="session 24: the count from rank-k models fitted "
-                    "inside the span of the M-mode fit (object fixed; benchmarks/mode_span.py) instead of the "
-                    "chain of refits; needs --holdout")
+                    "inside the span of the M-mode fit (object fixed; benchmarks/mode_span.py), instead of the "
+                    "chain of refits (beside it with --span-refit); needs --holdout")
     ap.add_argument("--span-refit", action="store_true", help="session 24's rule: with --span, also refit each "
                     "k-mode span model with the object for --cut ML iterations and read the chain from those")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "

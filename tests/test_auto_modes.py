@@ -61,26 +61,37 @@ def _rms_width(intensity: np.ndarray) -> tuple[float, float]:
     return float(np.sqrt(np.sum(i * (y - cy) ** 2))), float(np.sqrt(np.sum(i * (x - cx) ** 2)))
 
 
-def test_session23_mll_family_is_well_formed_for_one_to_three_modes():
-    """Session 23's held-out family on 64² frames: for K = 1, 2, 3 orthonormal modes, the same first modes
-    whatever K (so the true count is exact), the asked shares; a probe as wide as the other lens
-    families' (RMS of |P|², not a point nor a frame-filling field) with little power at the frame's border;
-    and crossed-lens astigmatism plus the per-axis source make it wider along one axis."""
-    full, _ = mode_shapes(HELD_OUT_S23, 3, 64, np.random.default_rng(11))
+def _held_out_family_widths(family: str) -> list[tuple[float, float]]:
+    """A held-out family on 64² frames, K = 1, 2, 3: orthonormal modes, the same first modes whatever K
+    (so the true count is exact), the asked shares, a probe as wide as the other lens families' (RMS of
+    |P|² 7–14 px) with under 3 % of its power at the frame's border; the RMS widths (rows, columns)."""
+    full, _ = mode_shapes(family, 3, 64, np.random.default_rng(11))
+    widths = []
     for K in (1, 2, 3):
-        shapes, own = mode_shapes(HELD_OUT_S23, K, 64, np.random.default_rng(11))
+        shapes, own = mode_shapes(family, K, 64, np.random.default_rng(11))
         flat = shapes.reshape(K, -1)
         assert own is None and shapes.shape == (K, 64, 64)
         np.testing.assert_allclose(flat.conj() @ flat.T, np.eye(K), atol=1e-12)
         np.testing.assert_allclose(shapes, full[:K], atol=1e-12)
         w = spectrum(K, 0.08)
-        _, mix = mixture_scan(HELD_OUT_S23, w, 1e6, seed=1, n_positions=16)
+        _, mix = mixture_scan(family, w, 1e6, seed=1, n_positions=16)
         p = np.sum(np.abs(mix.probe) ** 2, axis=(1, 2))
         np.testing.assert_allclose(p / p.sum(), w, rtol=1e-9)
         total = np.sum(np.abs(mix.probe) ** 2, axis=0)
         ry, rx = _rms_width(total)
-        assert 7 < rx < 14 and 7 < ry < 14 and abs(ry - rx) > 0.5, (K, ry, rx)
+        assert 7 < rx < 14 and 7 < ry < 14, (family, K, ry, rx)
         assert 1 - total[4:-4, 4:-4].sum() / total.sum() < 0.03
+        widths.append((ry, rx))
+    return widths
+
+
+def test_session23_mll_family_is_well_formed_for_one_to_three_modes():
+    """Session 23's held-out family on 64² frames: for K = 1, 2, 3 orthonormal modes, the same first modes
+    whatever K (so the true count is exact), the asked shares; a probe as wide as the other lens
+    families' (RMS of |P|², not a point nor a frame-filling field) with little power at the frame's border;
+    and crossed-lens astigmatism plus the per-axis source make it wider along one axis."""
+    for K, (ry, rx) in enumerate(_held_out_family_widths(HELD_OUT_S23), start=1):
+        assert abs(ry - rx) > 0.5, (K, ry, rx)
 
 
 def test_session24_fzp_family_is_well_formed_for_one_to_three_modes():
@@ -89,21 +100,8 @@ def test_session24_fzp_family_is_well_formed_for_one_to_three_modes():
     the other lens families' with little power at the frame's border; and its own signature: the second
     mode is the chromatic one, rotationally symmetric (round) and wider than the first, the third the
     source's lateral mode along x (SSA2's line), wider along x."""
+    _held_out_family_widths(HELD_OUT_S24)
     full, _ = mode_shapes(HELD_OUT_S24, 3, 64, np.random.default_rng(11))
-    for K in (1, 2, 3):
-        shapes, own = mode_shapes(HELD_OUT_S24, K, 64, np.random.default_rng(11))
-        flat = shapes.reshape(K, -1)
-        assert own is None and shapes.shape == (K, 64, 64)
-        np.testing.assert_allclose(flat.conj() @ flat.T, np.eye(K), atol=1e-12)
-        np.testing.assert_allclose(shapes, full[:K], atol=1e-12)
-        w = spectrum(K, 0.08)
-        _, mix = mixture_scan(HELD_OUT_S24, w, 1e6, seed=1, n_positions=16)
-        p = np.sum(np.abs(mix.probe) ** 2, axis=(1, 2))
-        np.testing.assert_allclose(p / p.sum(), w, rtol=1e-9)
-        total = np.sum(np.abs(mix.probe) ** 2, axis=0)
-        ry, rx = _rms_width(total)
-        assert 7 < rx < 14 and 7 < ry < 14, (K, ry, rx)
-        assert 1 - total[4:-4, 4:-4].sum() / total.sum() < 0.03
     (r0, _), (ry1, rx1), (ry2, rx2) = (_rms_width(np.abs(m) ** 2) for m in full)
     assert abs(ry1 - rx1) < 0.3 and ry1 > r0 + 1, (r0, ry1, rx1)
     assert rx2 > ry2 + 2, (ry2, rx2)
@@ -358,11 +356,15 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     (["--starts", "1,0.5"], "needs --holdout"),
     (["--holdout", "0.15", "--screen", "DM:20,ML:80"], "--screen applies to --starts only"),
     (["--holdout", "0.15", "--reuse", "x.jsonl"], "--reuse applies to --starts only"),
+    (["--span"], "needs --holdout"),
+    (["--holdout", "0.15", "--span-refit"], "it needs --span"),
+    (["--holdout", "0.15", "--starts", "1,0.5", "--phase-from", "x.jsonl"], "not with --starts"),
 ])
 def test_mode_over_refuses_bad_starts_by_name(args, named, capsys):
     """``--starts`` takes numbers with the default start (1) among them and needs held-out pixels;
-    ``--screen`` and ``--reuse`` mean something only with it: each mistake is refused by name before
-    any fit runs."""
+    ``--screen`` and ``--reuse`` mean something only with it; session 24's ``--span`` needs held-out
+    pixels, ``--span-refit`` needs ``--span``, ``--phase-from`` replaces ``--starts``: each mistake is
+    refused by name before any fit runs."""
     _benchmarks_on_path()
     import mode_over
     with pytest.raises(SystemExit) as exc:
