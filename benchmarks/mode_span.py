@@ -11,8 +11,8 @@ k-mode model inside their span is a coefficient matrix A (M × k),
     I_j(A) = Σ_l |Σ_m A_ml Ψ_mj|² = Σ_mm' (A A†)_mm' Ψ_mj Ψ*_m'j     (ρ = A A†, rank k, in the fitted basis)
 
 and is fitted by the same loss as every fit, the amplitude error Σ(√I_j(A) − √I_j)² on the kept pixels
-(L-BFGS on A, from the k strongest fitted modes and from the (k − 1)-model plus the next fitted mode;
-the lower kept-pixel loss is kept, nothing held out is read). The count is session 22's chain on these
+(L-BFGS on A, from the k strongest fitted modes and from the (k − 1)-model plus the fitted mode least
+inside it; the lower kept-pixel loss is kept, nothing held out is read). The count is session 22's chain on these
 models: keep mode k + 1 while the per-view gains of the held-out amplitude error have paired z > 2.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def span_models(psi: np.ndarray, amp: np.ndarray, keep: np.ndarray, mask: np.nda
     for k in range(1, M + 1):
         tries = [("cut", eye[:, :k])]
         if prev is not None:
-            # the (k − 1)-model and the strongest fitted mode outside its span
+            # the (k − 1)-model and the fitted mode least inside its span (of equals, the strongest)
             q, _ = np.linalg.qr(prev)
             resid = eye - q @ (q.conj().T @ eye)
             j = int(np.argmax(np.linalg.norm(resid, axis=0)))
