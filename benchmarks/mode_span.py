@@ -12,8 +12,10 @@ k-mode model inside their span is a coefficient matrix A (M × k),
 
 and is fitted by the same loss as every fit, the amplitude error Σ(√I_j(A) − √I_j)² on the kept pixels
 (L-BFGS on A, from the k strongest fitted modes and from the (k − 1)-model plus the fitted mode least
-inside it; the lower kept-pixel loss is kept, nothing held out is read). The count is session 22's chain on these
-models: keep mode k + 1 while the per-view gains of the held-out amplitude error have paired z > 2.
+inside it; the lower kept-pixel loss is kept, nothing held out is read). Read alone (session 22's chain
+on these models: keep mode k + 1 while the per-view gains of the held-out amplitude error have paired
+z > 2) they over-count, the object being the M-mode fit's; session 24's rule refits each with the object
+(``mode_over.span_refit_chain``, ``--span --span-refit``). Results: docs/auto_modes.md, "Session 24".
 """
 from __future__ import annotations
 
