@@ -40,7 +40,9 @@ def test_a_live_job_starts_at_once_through_the_queue_and_the_queue_does_not_publ
         _until(lambda: any(j.id == busy.id for j in q.jobs("running")) and busy.id in q._procs)
         live = q.start_now(Job(spec=_spec(tmp_path, "c").to_dict(), follow=True),
                            spec_file=tmp_path / "result_c_live.spec.json")
-        _until(lambda: live.pid is not None)
+        # the pid is the process's at once, the running record's just after (the queue writes it then)
+        _until(lambda: live.pid is not None and any(j.id == live.job.id and j.pid is not None
+                                                    for j in q.jobs("running")))
         assert live.poll() is None and [j.id for j in q.jobs("pending")] == [waiting.id]
         assert "--follow" in argvs[-1] and "--follow" not in argvs[0]
         assert argvs[-1][argvs[-1].index("hxn_ptycho.job") + 1] == str(tmp_path / "result_c_live.spec.json")
