@@ -285,7 +285,7 @@ def load_records(path: str, field: str = "ho_view_gain") -> dict[str, dict[str, 
 def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
              chain: bool = False, null: bool = False, holdout: float = 0.0,
              starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
-             phase_from: str = "", span_refit: bool = False) -> dict[str, Any]:
+             phase_from: str = "", span_refit: bool = False, converge: float = 0.0) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
     n0 = len(ML_STAGES)
@@ -398,6 +398,9 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for k in range(1, M + 1):
             o_k, p_k, e_k = fit(scan, k, f"ML:{cut}", cut_sets, obj, pr[:k], keep=keep)
+            if converge:
+                o_k, p_k, e_k, done = refit_to_convergence(scan, k, cut, cut_sets, o_k, p_k, e_k, keep, converge)
+                rec.setdefault("converge_blocks", []).append(done)
             models.append((o_k, p_k))
             errs.append(e_k)
             # in-sample: the kept pixels only, when some are held out
@@ -409,6 +412,8 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
                 held.append(view_errors(full, o_k, p_k, ~keep))
         rec["chain"] = errs
         rec["cut"] = cut
+        if converge:
+            rec["converge"] = converge
         rec["dev_chain"] = [float(np.sum(d)) for d in devs]
         rec["chain_shares"] = [[round(float(x), 5) for x in modes.power_fractions(m[1])] for m in models]
         rec["ml_chain"] = ml_counts(n1)
@@ -463,6 +468,27 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
 
 
 ml_cap = 1.0
+
+
+CONVERGE_CAP = 10          # blocks of --cut ML iterations at most (500 with --cut 50)
+
+
+def refit_to_convergence(scan: Any, k: int, cut: int, cut_sets: dict[str, Any], obj: np.ndarray, probe: np.ndarray,
+                         err: float, keep: np.ndarray | None, tol: float) -> tuple[np.ndarray, np.ndarray, float, dict[str, Any]]:
+    """Session 24's diagnostic: a k-mode refit continued in blocks of ``cut`` ML iterations until its
+    kept-pixel data error falls by less than ``tol`` (relative) over a block, at most
+    :data:`CONVERGE_CAP` blocks in all (the first, already run, included): the chain's models compared at
+    a checked common convergence rather than after a fixed schedule."""
+    blocks, rel = 1, float("nan")
+    while blocks < CONVERGE_CAP:
+        o2, p2, e2 = fit(scan, k, f"ML:{cut}", cut_sets, obj, probe, keep=keep)
+        blocks += 1
+        rel = (err - e2) / err
+        if e2 <= err:
+            obj, probe, err = o2, p2, e2
+        if rel < tol:
+            break
+    return obj, probe, err, {"blocks": blocks, "last_rel": rel, "converged": bool(rel < tol)}
 
 
 SPAN_MODELS: list[np.ndarray] = []     # the last span_chain's k-mode models (real-space modes), k = 1 … M
@@ -778,6 +804,9 @@ def main(argv: list[str] | None = None) -> None:
                     "chain of refits (beside it with --span-refit); needs --holdout")
     ap.add_argument("--span-refit", action="store_true", help="session 24's rule: with --span, also refit each "
                     "k-mode span model with the object for --cut ML iterations and read the chain from those")
+    ap.add_argument("--converge", type=float, default=0.0, help="session 24's diagnostic: continue each refit "
+                    "of the chain in blocks of --cut ML iterations until its kept-pixel error falls by less than "
+                    "this fraction over a block (at most 10 blocks)")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
                     "(session 23's, with start_chosen) chose for the case; its error_M is checked against it")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
@@ -801,6 +830,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--starts {a.starts!r}: the default start (1) must be among the starts")
     if a.span and not a.holdout:
         ap.error("--span: the count is read on held-out pixels (needs --holdout)")
+    if a.converge < 0 or (a.converge and a.span):
+        ap.error("--converge: a positive fraction, for the chain of refits (not with --span)")
     if a.span_refit and not a.span:
         ap.error("--span-refit refits the span models: it needs --span")
     if a.phase_from and (starts or a.truth or not a.holdout):
@@ -836,7 +867,7 @@ def main(argv: list[str] | None = None) -> None:
         trace_spectrum(a.trace)
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
-                     a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit)
+                     a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit, a.converge)
         if a.run:
             r["run"] = a.run
         if a.json:

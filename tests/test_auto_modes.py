@@ -496,3 +496,26 @@ def test_the_span_models_find_a_weak_mode_split_over_two_fitted_modes():
     found, zs = mode_over.chain_count([list(g) for g in gains])
     assert found == 2, zs
     assert all(f["converged"] for f in out["fits"]), out["fits"]
+
+
+def test_the_refits_continue_until_their_kept_pixel_error_stops_falling(monkeypatch):
+    """``mode_over.refit_to_convergence`` (session 24's diagnostic, ``--converge``): a refit goes on in
+    blocks until one block lowers its kept-pixel error by less than the tolerance (relative), never
+    past the cap, and keeps the lowest error it reached (a block that raises it is not taken)."""
+    _benchmarks_on_path()
+    import mode_over
+
+    errors = iter([90.0, 85.0, 84.999, 1e9])            # the blocks after the first (error 100)
+    calls = []
+
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None):
+        calls.append(alg)
+        e = next(errors)
+        return obj + 1, probe, e
+    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    o, _, e, done = mode_over.refit_to_convergence(None, 2, 50, {}, np.zeros(1), np.zeros(1), 100.0, None, 1e-4)
+    assert calls == ["ML:50"] * 3 and e == 84.999 and o[0] == 3 and done["converged"] and done["blocks"] == 4
+    errors = iter([100.0 - i for i in range(1, 20)])     # never converges: stops at the cap
+    calls.clear()
+    _, _, e, done = mode_over.refit_to_convergence(None, 2, 50, {}, np.zeros(1), np.zeros(1), 100.0, None, 1e-4)
+    assert len(calls) == mode_over.CONVERGE_CAP - 1 and not done["converged"] and e == 100.0 - len(calls)
