@@ -488,7 +488,9 @@ def refit_to_convergence(scan: Any, k: int, cut: int, cut_sets: dict[str, Any], 
             obj, probe, err = o2, p2, e2
         if rel < tol:
             break
-    return obj, probe, err, {"blocks": blocks, "last_rel": rel, "converged": bool(rel < tol)}
+    # converged: the last block lowered the error by less than tol; a block that raised it ended the refit
+    return obj, probe, err, {"blocks": blocks, "last_rel": rel, "converged": bool(0 <= rel < tol),
+                             "rose": bool(rel < 0)}
 
 
 SPAN_MODELS: list[np.ndarray] = []     # the last span_chain's k-mode models (real-space modes), k = 1 … M

@@ -515,6 +515,9 @@ def test_the_refits_continue_until_their_kept_pixel_error_stops_falling(monkeypa
     monkeypatch.setattr(mode_over, "fit", fake_fit)
     o, _, e, done = mode_over.refit_to_convergence(None, 2, 50, {}, np.zeros(1), np.zeros(1), 100.0, None, 1e-4)
     assert calls == ["ML:50"] * 3 and e == 84.999 and o[0] == 3 and done["converged"] and done["blocks"] == 4
+    errors = iter([90.0, 95.0])                          # a block that raises the error ends the refit
+    _, _, e, done = mode_over.refit_to_convergence(None, 2, 50, {}, np.zeros(1), np.zeros(1), 100.0, None, 1e-4)
+    assert e == 90.0 and done["rose"] and not done["converged"] and done["blocks"] == 3
     errors = iter([100.0 - i for i in range(1, 20)])     # never converges: stops at the cap
     calls.clear()
     _, _, e, done = mode_over.refit_to_convergence(None, 2, 50, {}, np.zeros(1), np.zeros(1), 100.0, None, 1e-4)
