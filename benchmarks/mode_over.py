@@ -374,9 +374,10 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
     if span:
         if keep is None:
             raise ValueError("--span needs held-out pixels (--holdout)")
-        rec.update(span_chain(full, obj, pr, keep, mix.probe, K))
+        span_rec, span_modes = span_chain(full, obj, pr, keep, mix.probe)
+        rec.update(span_rec)
         if span_refit:
-            rec.update(span_refit_chain(scan, full, obj, pr, keep, mix.probe, cut, sets))
+            rec.update(span_refit_chain(scan, full, obj, span_modes, keep, mix.probe, cut, sets))
             print(f"  {case} span + refits of {cut}: held-out errors "
                   f"{', '.join(f'{x:.1f}' for x in rec['spanref_ho_sums'])}; z "
                   f"{', '.join(f'{z:.1f}' for z in rec['spanref_z'])}: found {rec['found_spanref']}, true {K}", flush=True)
@@ -493,19 +494,16 @@ def refit_to_convergence(scan: Any, k: int, cut: int, cut_sets: dict[str, Any], 
                              "rose": bool(rel < 0)}
 
 
-SPAN_MODELS: list[np.ndarray] = []     # the last span_chain's k-mode models (real-space modes), k = 1 … M
-
-
-def span_refit_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
-                     cut: int, sets: dict[str, Any]) -> dict[str, Any]:
-    """Session 24's rule: each k-mode span model (:func:`span_chain`, its modes) and the M-mode fit's object
+def span_refit_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.ndarray], keep: np.ndarray,
+                     truth: np.ndarray, cut: int, sets: dict[str, Any]) -> dict[str, Any]:
+    """Session 24's rule: each k-mode span model (``span_modes``, from :func:`span_chain`) and the M-mode fit's object
     refitted together for ``cut`` ML iterations on the kept pixels (session 23's refit, from the span's
     k-mode model instead of the k strongest fitted modes); the chain read from their held-out amplitude
     errors (z > 2)."""
     t0 = time.perf_counter()
     cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
     held, shares, cs = [], [], []
-    for p_k in SPAN_MODELS:
+    for p_k in span_modes:
         o_k, q_k, _ = fit(scan, len(p_k), f"ML:{cut}", cut_sets, obj, p_k, keep=keep)
         held.append(view_errors(full, o_k, q_k, ~keep)[0])
         shares.append([round(float(x), 5) for x in modes.power_fractions(q_k)])
@@ -518,24 +516,24 @@ def span_refit_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep
             "spanref_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
-               K: int) -> dict[str, Any]:
+def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray,
+               truth: np.ndarray) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Session 24's count (benchmarks/mode_span.py): rank-k models fitted inside the span of the M-mode
-    fit (object fixed, kept pixels), the chain read from their held-out amplitude errors (z > 2)."""
+    fit (object fixed, kept pixels), the chain read from their held-out amplitude errors (z > 2); the
+    record and the models' modes in real space, k = 1 … M."""
     from mode_span import far_fields, span_models, span_probe
     t0 = time.perf_counter()
     psi, amp, mask = far_fields(full, obj, pr)
     sm = span_models(psi, amp, keep, mask)
-    SPAN_MODELS.clear()
-    SPAN_MODELS.extend(span_probe(A, pr) for A in sm["A"])
+    models = [span_probe(A, pr) for A in sm["A"]]
     gains = [sm["ho_view"][k] - sm["ho_view"][k + 1] for k in range(len(pr) - 1)]
     found, zs = chain_count([list(g) for g in gains])
     return {"found_span": found, "span_z": [round(z, 2) for z in zs],
             "span_ho_sums": [float(h.sum()) for h in sm["ho_view"]], "span_kept": sm["kept_loss"],
             "span_view_gain": [[float(f"{x:.6g}") for x in g] for g in gains],
             "span_spectra": sm["spectra"], "span_fits": sm["fits"], "span_init": sm["init"],
-            "span_c": [captured(span_probe(A, pr), truth) for A in sm["A"]],
-            "span_seconds": round(time.perf_counter() - t0, 1)}
+            "span_c": [captured(m, truth) for m in models],
+            "span_seconds": round(time.perf_counter() - t0, 1)}, models
 
 
 def chain_count(view_gain: list[list[float]], z_min: float = 2.0) -> tuple[int, list[float]]:
