@@ -377,7 +377,10 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         span_rec, span_modes = span_chain(full, obj, pr, keep, mix.probe)
         rec.update(span_rec)
         if span_refit:
-            rec.update(span_refit_chain(scan, full, obj, span_modes, keep, mix.probe, cut, sets))
+            rec.update(span_refit_chain(scan, full, obj, span_modes, keep, mix.probe, cut, sets, converge))
+            if converge:
+                chain = null = False      # session 25's rule alone (session 23's chain on the same fits: the s24 records)
+                cut = 0
             print(f"  {case} span + refits of {cut}: held-out errors "
                   f"{', '.join(f'{x:.1f}' for x in rec['spanref_ho_sums'])}; z "
                   f"{', '.join(f'{z:.1f}' for z in rec['spanref_z'])}: found {rec['found_spanref']}, true {K}", flush=True)
@@ -495,25 +498,36 @@ def refit_to_convergence(scan: Any, k: int, cut: int, cut_sets: dict[str, Any], 
 
 
 def span_refit_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.ndarray], keep: np.ndarray,
-                     truth: np.ndarray, cut: int, sets: dict[str, Any]) -> dict[str, Any]:
+                     truth: np.ndarray, cut: int, sets: dict[str, Any], converge: float = 0.0) -> dict[str, Any]:
     """Session 24's rule: each k-mode span model (``span_modes``, from :func:`span_chain`) and the M-mode fit's object
     refitted together for ``cut`` ML iterations on the kept pixels (session 23's refit, from the span's
     k-mode model instead of the k strongest fitted modes); the chain read from their held-out amplitude
-    errors (z > 2)."""
+    errors (z > 2). Session 25's rule, with ``converge``: each refit continued until its kept-pixel error
+    stops falling (:func:`refit_to_convergence`), and the chain stopped at its first step with z ≤ 2 (the
+    count :func:`chain_count` reads from the whole chain is that step's k, so the models above it are not
+    fitted)."""
     t0 = time.perf_counter()
     cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
-    held, shares, cs = [], [], []
+    held, shares, cs, blocks = [], [], [], []
     for p_k in span_modes:
-        o_k, q_k, _ = fit(scan, len(p_k), f"ML:{cut}", cut_sets, obj, p_k, keep=keep)
+        o_k, q_k, e_k = fit(scan, len(p_k), f"ML:{cut}", cut_sets, obj, p_k, keep=keep)
+        if converge:
+            o_k, q_k, e_k, done = refit_to_convergence(scan, len(p_k), cut, cut_sets, o_k, q_k, e_k, keep, converge)
+            blocks.append(done)
         held.append(view_errors(full, o_k, q_k, ~keep)[0])
         shares.append([round(float(x), 5) for x in modes.power_fractions(q_k)])
         cs.append(captured(q_k, truth))
+        if converge and len(held) > 1 and chain_count([list(held[-2] - held[-1])])[0] == 1:
+            break
     gains = [held[k] - held[k + 1] for k in range(len(held) - 1)]
     found, zs = chain_count([list(g) for g in gains])
-    return {"found_spanref": found, "spanref_z": [round(z, 2) for z in zs], "spanref_cut": cut,
-            "spanref_ho_sums": [float(h.sum()) for h in held], "spanref_shares": shares, "spanref_c": cs,
-            "spanref_view_gain": [[float(f"{x:.6g}") for x in g] for g in gains],
-            "spanref_seconds": round(time.perf_counter() - t0, 1)}
+    out = {"found_spanref": found, "spanref_z": [round(z, 2) for z in zs], "spanref_cut": cut,
+           "spanref_ho_sums": [float(h.sum()) for h in held], "spanref_shares": shares, "spanref_c": cs,
+           "spanref_view_gain": [[float(f"{x:.6g}") for x in g] for g in gains],
+           "spanref_seconds": round(time.perf_counter() - t0, 1)}
+    if converge:
+        out.update(spanref_converge=converge, spanref_blocks=blocks)
+    return out
 
 
 def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray,
@@ -806,7 +820,8 @@ def main(argv: list[str] | None = None) -> None:
                     "k-mode span model with the object for --cut ML iterations and read the chain from those")
     ap.add_argument("--converge", type=float, default=0.0, help="session 24's diagnostic: continue each refit "
                     "of the chain in blocks of --cut ML iterations until its kept-pixel error falls by less than "
-                    "this fraction over a block (at most 10 blocks)")
+                    "this fraction over a block (at most 10 blocks); with --span --span-refit, session 25's rule: the span "
+                    "models' refits so continued, the chain stopped at its first step with z <= 2")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
                     "(session 23's, with start_chosen) chose for the case; its error_M is checked against it")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
@@ -830,8 +845,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--starts {a.starts!r}: the default start (1) must be among the starts")
     if a.span and not a.holdout:
         ap.error("--span: the count is read on held-out pixels (needs --holdout)")
-    if a.converge < 0 or (a.converge and a.span):
-        ap.error("--converge: a positive fraction, for the chain of refits (not with --span)")
+    if a.converge < 0 or (a.converge and a.span and not a.span_refit):
+        ap.error("--converge: a positive fraction, for the chain of refits or, with --span, --span-refit's refits")
     if a.span_refit and not a.span:
         ap.error("--span-refit refits the span models: it needs --span")
     if a.phase_from and (starts or a.truth or not a.holdout):

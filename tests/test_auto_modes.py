@@ -358,6 +358,8 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     (["--holdout", "0.15", "--reuse", "x.jsonl"], "--reuse applies to --starts only"),
     (["--span"], "needs --holdout"),
     (["--holdout", "0.15", "--span-refit"], "it needs --span"),
+    (["--holdout", "0.15", "--span", "--converge", "1e-4"], "--span-refit's refits"),
+    (["--converge", "-1"], "a positive fraction"),
     (["--holdout", "0.15", "--starts", "1,0.5", "--phase-from", "x.jsonl"], "not with --starts"),
 ])
 def test_mode_over_refuses_bad_starts_by_name(args, named, capsys):
@@ -496,6 +498,43 @@ def test_the_span_models_find_a_weak_mode_split_over_two_fitted_modes():
     found, zs = mode_over.chain_count([list(g) for g in gains])
     assert found == 2, zs
     assert all(f["converged"] for f in out["fits"]), out["fits"]
+
+
+def test_session25s_chain_refits_the_span_models_to_convergence_and_stops_at_its_first_weak_step(monkeypatch):
+    """``mode_over.span_refit_chain`` with ``converge`` (session 25's rule): every span model's refit is
+    continued until its error stops falling, and the chain stops at its first step with z <= 2 — the
+    models above it are never fitted, and the count is the one :func:`chain_count` reads from the steps."""
+    _benchmarks_on_path()
+    import mode_over
+
+    rng = np.random.default_rng(0)
+    # held-out errors per view of the k-mode models: 1 → 2 a clear gain, 2 → 3 none, 3 → 4 a gain again
+    base = 100 + rng.normal(0, 1, 40)
+    held = {1: base + 10, 2: base + rng.normal(0, 0.5, 40), 3: base + rng.normal(0, 0.5, 40), 4: base - 10}
+    fitted, converged = [], []
+
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None):
+        fitted.append(k)
+        return obj, probe, 1.0
+
+    def fake_converge(scan, k, cut, sets, obj, probe, err, keep, tol):
+        converged.append((k, tol))
+        return obj, probe, err, {"blocks": 2, "converged": True}
+    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    monkeypatch.setattr(mode_over, "refit_to_convergence", fake_converge)
+    monkeypatch.setattr(mode_over, "view_errors", lambda full, o, p, mask: (held[len(p)],))
+    monkeypatch.setattr(mode_over, "captured", lambda p, t: 1.0)
+    span_modes = [np.ones((k, 2, 2), complex) for k in range(1, 7)]
+    keep = np.ones(1, bool)
+    rec = mode_over.span_refit_chain(None, None, np.ones(1), span_modes, keep, None, 50, {}, converge=1e-4)
+    assert fitted == [1, 2, 3] and converged == [(1, 1e-4), (2, 1e-4), (3, 1e-4)]
+    assert rec["found_spanref"] == 2 and len(rec["spanref_z"]) == 2 and rec["spanref_z"][0] > 2 >= rec["spanref_z"][1]
+    assert rec["spanref_converge"] == 1e-4 and len(rec["spanref_blocks"]) == 3
+    # without ``converge`` (session 24's rule) the whole chain is fitted and read: the same first weak step
+    fitted.clear()
+    held.update({5: base - 20, 6: base - 30})
+    rec = mode_over.span_refit_chain(None, None, np.ones(1), span_modes, keep, None, 50, {})
+    assert fitted == [1, 2, 3, 4, 5, 6] and rec["found_spanref"] == 2 and len(rec["spanref_z"]) == 5
 
 
 def test_the_refits_continue_until_their_kept_pixel_error_stops_falling(monkeypatch):
