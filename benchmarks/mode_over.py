@@ -35,6 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -154,12 +155,13 @@ def phase_start(rec: Any, factor: float) -> np.ndarray:
 
 def fit(scan: Any, M: int, alg: str, sets: dict[str, Any], obj: np.ndarray | None = None,
         probe: np.ndarray | None = None, keep: np.ndarray | None = None,
-        phase: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        phase: float | None = None, until: StopWhenFlat | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """An M-mode fit (from the default start, or from ``obj``/``probe``): object, orthogonal modes
     sorted by power, data error. ``keep`` (views, n, n): fit only those pixels of each frame
     (:class:`FrameMaskBackend`; the others are unconstrained, as masked pixels; the numpy backend).
     ``phase``: the default start with its quadratic pupil phase scaled by this factor (:func:`phase_start`;
-    None or 1: the default start, untouched)."""
+    None or 1: the default start, untouched). ``until``: the run stops when its error is flat
+    (:class:`StopWhenFlat`, which keeps the errors it saw)."""
     p = ReconParams(iterations=its_of(alg), probe_modes=M, threads=1, algorithm=alg, **sets)
     if keep is None:
         rec = Reconstruction(scan, p, log=lambda m: None)
@@ -176,9 +178,37 @@ def fit(scan: Any, M: int, alg: str, sets: dict[str, Any], obj: np.ndarray | Non
     elif phase is not None and phase != 1:
         rec.probe = phase_start(rec, phase).astype(rec.cdtype)
         rec._each(rec._init_psi)
+    if until is not None:
+        until.attach(rec)
     res = rec.run()
     rec.close()
     return np.asarray(res.object), modes.orthogonalize(np.asarray(res.probe))[0], float(res.attrs["final_data_error"])
+
+
+@dataclass
+class StopWhenFlat:
+    """Stops a run once its data error fell by less than ``tol`` (relative) over the last ``window``
+    iterations: one ML run, never restarted, so its conjugate directions and step lengths carry on (session
+    25; session 24's blocks of ``--converge`` restarted them, and a restart can raise the error). ``errors``:
+    the run's error at every iteration; ``flat``: whether it stopped so (else it ran its schedule out)."""
+    tol: float
+    window: int
+    errors: list[float] = field(default_factory=list)
+    flat: bool = False
+
+    def attach(self, rec: Any) -> None:
+        after = rec.modes_mgr.after_iteration
+
+        def record(it: int, err: float, dm: bool, last: bool) -> None:
+            self.errors.append(float(err))
+            after(it, err, dm, last)
+        rec.modes_mgr.after_iteration = record
+        rec.stop = self
+
+    def __call__(self) -> bool:
+        e = self.errors
+        self.flat = len(e) > self.window and e[-1 - self.window] - e[-1] < self.tol * e[-1 - self.window]
+        return self.flat
 
 
 def truth_start(mix: Any, M: int, extra: float) -> np.ndarray:
@@ -502,18 +532,22 @@ def span_refit_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.
     """Session 24's rule: each k-mode span model (``span_modes``, from :func:`span_chain`) and the M-mode fit's object
     refitted together for ``cut`` ML iterations on the kept pixels (session 23's refit, from the span's
     k-mode model instead of the k strongest fitted modes); the chain read from their held-out amplitude
-    errors (z > 2). Session 25's rule, with ``converge``: each refit continued until its kept-pixel error
-    stops falling (:func:`refit_to_convergence`), and the chain stopped at its first step with z ≤ 2 (the
+    errors (z > 2). Session 25's rule, with ``converge``: each refit one ML run of up to
+    :data:`CONVERGE_CAP` × ``cut`` iterations that stops when ``cut`` iterations lower its kept-pixel error by
+    less than ``converge`` (:class:`StopWhenFlat`), and the chain stopped at its first step with z ≤ 2 (the
     count :func:`chain_count` reads from the whole chain is that step's k, so the models above it are not
     fitted)."""
     t0 = time.perf_counter()
     cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
     held, shares, cs, blocks = [], [], [], []
     for p_k in span_modes:
-        o_k, q_k, e_k = fit(scan, len(p_k), f"ML:{cut}", cut_sets, obj, p_k, keep=keep)
         if converge:
-            o_k, q_k, e_k, done = refit_to_convergence(scan, len(p_k), cut, cut_sets, o_k, q_k, e_k, keep, converge)
-            blocks.append(done)
+            # one ML run of up to CONVERGE_CAP × cut iterations, stopped when a window of cut lowers it < converge
+            until = StopWhenFlat(converge, cut)
+            o_k, q_k, _ = fit(scan, len(p_k), f"ML:{CONVERGE_CAP * cut}", cut_sets, obj, p_k, keep=keep, until=until)
+            blocks.append({"iterations": len(until.errors), "flat": until.flat, "error": until.errors[-1]})
+        else:
+            o_k, q_k, _ = fit(scan, len(p_k), f"ML:{cut}", cut_sets, obj, p_k, keep=keep)
         held.append(view_errors(full, o_k, q_k, ~keep)[0])
         shares.append([round(float(x), 5) for x in modes.power_fractions(q_k)])
         cs.append(captured(q_k, truth))
@@ -820,8 +854,9 @@ def main(argv: list[str] | None = None) -> None:
                     "k-mode span model with the object for --cut ML iterations and read the chain from those")
     ap.add_argument("--converge", type=float, default=0.0, help="session 24's diagnostic: continue each refit "
                     "of the chain in blocks of --cut ML iterations until its kept-pixel error falls by less than "
-                    "this fraction over a block (at most 10 blocks); with --span --span-refit, session 25's rule: the span "
-                    "models' refits so continued, the chain stopped at its first step with z <= 2")
+                    "this fraction over a block (at most 10 blocks); with --span --span-refit, session 25's rule: each span "
+                    "model's refit one ML run of up to 10 x --cut iterations, stopped when --cut iterations lower its "
+                    "error by less than this fraction, and the chain stopped at its first step with z <= 2")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
                     "(session 23's, with start_chosen) chose for the case; its error_M is checked against it")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")

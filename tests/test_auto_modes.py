@@ -511,30 +511,58 @@ def test_session25s_chain_refits_the_span_models_to_convergence_and_stops_at_its
     # held-out errors per view of the k-mode models: 1 → 2 a clear gain, 2 → 3 none, 3 → 4 a gain again
     base = 100 + rng.normal(0, 1, 40)
     held = {1: base + 10, 2: base + rng.normal(0, 0.5, 40), 3: base + rng.normal(0, 0.5, 40), 4: base - 10}
-    fitted, converged = [], []
+    fitted, runs = [], []
 
-    def fake_fit(scan, k, alg, sets, obj, probe, keep=None):
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
         fitted.append(k)
+        runs.append((alg, until and (until.tol, until.window)))
+        if until is not None:
+            until.errors += [3.0, 2.0, 1.0]
         return obj, probe, 1.0
-
-    def fake_converge(scan, k, cut, sets, obj, probe, err, keep, tol):
-        converged.append((k, tol))
-        return obj, probe, err, {"blocks": 2, "converged": True}
     monkeypatch.setattr(mode_over, "fit", fake_fit)
-    monkeypatch.setattr(mode_over, "refit_to_convergence", fake_converge)
     monkeypatch.setattr(mode_over, "view_errors", lambda full, o, p, mask: (held[len(p)],))
     monkeypatch.setattr(mode_over, "captured", lambda p, t: 1.0)
     span_modes = [np.ones((k, 2, 2), complex) for k in range(1, 7)]
     keep = np.ones(1, bool)
     rec = mode_over.span_refit_chain(None, None, np.ones(1), span_modes, keep, None, 50, {}, converge=1e-4)
-    assert fitted == [1, 2, 3] and converged == [(1, 1e-4), (2, 1e-4), (3, 1e-4)]
+    # one run a model of up to 10 windows of 50 iterations, stopped when a window lowers it by < 1e-4
+    assert fitted == [1, 2, 3] and runs == [("ML:500", (1e-4, 50))] * 3
     assert rec["found_spanref"] == 2 and len(rec["spanref_z"]) == 2 and rec["spanref_z"][0] > 2 >= rec["spanref_z"][1]
-    assert rec["spanref_converge"] == 1e-4 and len(rec["spanref_blocks"]) == 3
+    assert rec["spanref_converge"] == 1e-4 and [b["iterations"] for b in rec["spanref_blocks"]] == [3] * 3
     # without ``converge`` (session 24's rule) the whole chain is fitted and read: the same first weak step
     fitted.clear()
+    runs.clear()
     held.update({5: base - 20, 6: base - 30})
     rec = mode_over.span_refit_chain(None, None, np.ones(1), span_modes, keep, None, 50, {})
     assert fitted == [1, 2, 3, 4, 5, 6] and rec["found_spanref"] == 2 and len(rec["spanref_z"]) == 5
+    assert runs == [("ML:50", None)] * 6
+
+
+def test_a_run_stops_when_a_window_of_iterations_lowers_its_error_by_less_than_the_tolerance():
+    """``mode_over.StopWhenFlat`` (session 25's refits): asked to stop only once more than a window of
+    iterations has run, and then exactly when the last window lowered the error by less than ``tol``."""
+    _benchmarks_on_path()
+    import mode_over
+
+    class Modes:
+        def after_iteration(self, it, err, dm, last):
+            self.last = err
+
+    class Rec:
+        modes_mgr = Modes()
+        stop = None
+    rec = Rec()
+    until = mode_over.StopWhenFlat(0.01, 3)
+    until.attach(rec)
+    assert rec.stop is until
+    asked = []
+    for it, e in enumerate([100.0, 90, 80, 70, 69.5, 69.2, 69.0, 68.5]):
+        rec.modes_mgr.after_iteration(it, e, False, False)
+        asked.append(rec.stop())
+    # never before a whole window; 70 → 69.0 (iterations 3..6) and 69.5 → 68.5 (4..7): 1.4 % each, not flat
+    assert asked == [False] * 8 and rec.modes_mgr.last == 68.5 and until.errors[-1] == 68.5
+    rec.modes_mgr.after_iteration(8, 68.6, False, False)     # 69.2 → 68.6: 0.87 % < 1 %
+    assert rec.stop() and until.flat
 
 
 def test_the_refits_continue_until_their_kept_pixel_error_stops_falling(monkeypatch):
