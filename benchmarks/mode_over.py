@@ -794,7 +794,7 @@ def span_summary(path: str) -> None:
               f"start x{r.get('start_chosen', 1.0):g} c_K {r['c_K']:.3f}, refit c_K {r['spanref_c'][K - 1]:.3f}  "
               f"z {', '.join(f'{z:.1f}' for z in zs)}  {r['seconds']:.0f} s, load {r['load']:.1f}")
     tally: dict[str, dict[str, int]] = {}
-    held = {HELD_FAMILY_S22, HELD_FAMILY_S23, HELD_FAMILY_S24}
+    held = {HELD_FAMILY_S22, HELD_FAMILY_S23, HELD_FAMILY_S24, HELD_FAMILY_S25}
     names = ("rule", "s23 chain", "span alone", "s23 record")
 
     def text(fam: str, ph: str, key: str, c: dict[str, Any]) -> str:
@@ -817,6 +817,7 @@ def span_summary(path: str) -> None:
 HELD_FAMILY_S22 = mode_mixtures.HELD_OUT_S22
 HELD_FAMILY_S23 = mode_mixtures.HELD_OUT_S23
 HELD_FAMILY_S24 = mode_mixtures.HELD_OUT_S24
+HELD_FAMILY_S25 = mode_mixtures.HELD_OUT_S25
 
 
 def main(argv: list[str] | None = None) -> None:

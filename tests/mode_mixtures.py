@@ -60,6 +60,28 @@ orthonormal mode shapes, to which a chosen power spectrum is given, so the true 
   modes are its eigenmodes (J over the energy × source points, on the aperture): at 64² the fundamental, a
   rotationally symmetric "breathing" chromatic mode (∝ (ρ² − ⟨ρ²⟩)·P₀ on the pupil: the focus's Laplacian), the
   x-lateral mode, then the y one (own shares ~91/5/3/1 %).
+- ``osa`` (session 25's held-out family, written by a helper who ran no reconstruction on it): a zone plate
+  whose order-sorting aperture vibrates across the converging first-order cone during each exposure, clipping
+  the pupil's rim by a changing crescent while the focus stays put. Hardware as hxn-profile-collection
+  describes it: startup/15-zp.py (the OSA ``zposa`` rides on its own open-loop attocube ANC350 stack
+  (``zposax/y/z``), apart from the zone plate's MCS stages ``zp`` and the fine sample stage ``zpssx/y/z``
+  "closed on cap sensors/interferometer"), startup/23-interferometers.py (the interferometer channels watch the
+  sample stage and the ZP (``int_zpssx``…, ``int_zpx1``…, ``int_zpz``), none the OSA) and startup/93-scanplan-panda.py
+  (``fly2dpd``: the PPMAC moves zpssx/zpssy on the fly while the PandA's pulse2 gates each frame for
+  exposure_time − dead_time, the Zebra copying the triggers to the detectors; a Merlin needs ≥ 5 ms dead time, so
+  a frame lasts ms or more: many periods of a ~kHz mount resonance). So the lens–sample distance and the focus are held, but the OSA is
+  not: it sits a distance d before the focus where the cone nearly fills its hole (to block the zero order in the
+  central stop's shadow), and a displacement δ of the OSA moves its shadow on the pupil by δ·f/d (≈ 20×), so a
+  ~1 µm resonance sweeps the shadow's edge over a quarter of the lens radius. Model: the annular pupil of
+  ``fzp`` (central stop 42 %, efficiency falling 30 % outwards, a smooth random ring error, the sample 0.35 out
+  of focus) times the OSA's shadow, a disk of the lens's radius with an edge blurred over 0.08 R (its Fresnel
+  width √(λd)·f/d), centred at a static misalignment (0.08 R, random direction) plus an elliptical orbit (one
+  resonance, 0.24 R and 0.16 R along a random axis, a random 30–60° phase lag between them) sampled at 48
+  equal times. No source extent, no focus motion, no energy spread: unlike every other family the coherent
+  fields differ only by a hard-ish amplitude obstruction of the pupil's rim. The modes are the eigenmodes of
+  the mutual intensity over the orbit (the SVD over its times, on the aperture): the mean clipped lens, then
+  rim modes (≳ 90 % of their pupil power at ρ > 0.8, against ~27 % for the first): the crescent's changes
+  along the orbit (own shares ~93.5/4.8/0.8–1.3/0.4 %).
 
 The object is also independent: an amplitude of random disks and a phase of filtered noise.
 """
@@ -76,6 +98,7 @@ HELD_OUT = "zernike"
 HELD_OUT_S22 = "kbslit"      # session 22's held-out family (docs/auto_modes.md, "Session 22")
 HELD_OUT_S23 = "mll"         # session 23's held-out family (crossed MLLs, SSA source, vibration)
 HELD_OUT_S24 = "fzp"         # session 24's held-out family (polychromatic zone plate, DCM band, SSA source)
+HELD_OUT_S25 = "osa"         # session 25's held-out family (zone plate, its OSA vibrating across the cone's rim)
 ENERGY_KEV, DISTANCE_M, CCD_PIXEL_UM = 10.0, 0.6, 75.0
 
 
@@ -261,6 +284,34 @@ def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[
         vecs = np.linalg.eigh(a.T @ a.conj())[1][:, ::-1]
         fields = np.zeros((K, n, n), np.complex128)
         fields[:, inside] = vecs[:, :K].T
+        modes = np.stack([_to_sample(f) for f in fields])
+        modes /= np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
+        return modes, None
+    if family == HELD_OUT_S25:
+        # the zone plate's pupil as in ``fzp``: annular (central stop 42 %), radius n/6, sample 0.35 out of focus
+        ky, kx = _pupil_grid(n)
+        R = n / 6
+        rho = np.hypot(ky, kx) / R
+        inside = (rho <= 1) & (rho >= 0.42)
+        r = rho[inside]
+        c = rng.standard_normal(3)
+        ring = 0.35 * c[0] * (6 * r ** 4 - 6 * r ** 2 + 1) + 0.25 * c[1] * np.sin(np.pi * (3 * r + c[2]))
+        eff = 1 - 0.3 * (r - 0.42) / 0.58
+        pupil = np.sqrt(eff) * np.exp(1j * (ring + 6 * np.pi * 0.35 * r ** 2))
+        # the OSA's shadow on the pupil (units of R): a disk of radius 1, edge blurred over 0.08, centred at a
+        # static offset 0.08 plus an elliptical orbit (0.24, 0.16 along a random axis, phase lag 30–60°)
+        # sampled at 48 equal times of one period
+        axis, off_dir, lag = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi), rng.uniform(np.pi / 6, np.pi / 3)
+        t = 2 * np.pi * (np.arange(48) + 0.5) / 48
+        u, v = 0.24 * np.cos(t), 0.16 * np.cos(t + lag)
+        cx = 0.08 * np.cos(off_dir) + u * np.cos(axis) - v * np.sin(axis)
+        cy = 0.08 * np.sin(off_dir) + u * np.sin(axis) + v * np.cos(axis)
+        dist = np.hypot(ky[inside][None] / R - cy[:, None], kx[inside][None] / R - cx[:, None])
+        shadow = 0.5 * (1 - np.tanh((dist - 1.0) / 0.08))
+        # the fields at each time (equal weights); the mutual intensity's eigenmodes on the aperture (SVD)
+        vh = np.linalg.svd(pupil[None] * shadow / np.sqrt(len(t)), full_matrices=False)[2]
+        fields = np.zeros((K, n, n), np.complex128)
+        fields[:, inside] = vh[:K]
         modes = np.stack([_to_sample(f) for f in fields])
         modes /= np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
         return modes, None

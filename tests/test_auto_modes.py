@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-from mode_mixtures import (FAMILIES, HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, mixture_scan, mode_shapes,
-                           spectrum)
+from mode_mixtures import (FAMILIES, HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, HELD_OUT_S25, mixture_scan,
+                           mode_shapes, spectrum)
 
 from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.params import ReconParams
@@ -38,7 +38,7 @@ def _set_ml_cap(monkeypatch, cap: float):
     return init
 
 
-@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24))
+@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, HELD_OUT_S25))
 def test_mixture_families_have_exactly_the_modes_asked(family):
     """Each family gives K orthonormal shapes (so the true count is exact) and the asked spectrum."""
     shapes, _ = mode_shapes(family, 3, 32, np.random.default_rng(3))
@@ -105,6 +105,23 @@ def test_session24_fzp_family_is_well_formed_for_one_to_three_modes():
     (r0, _), (ry1, rx1), (ry2, rx2) = (_rms_width(np.abs(m) ** 2) for m in full)
     assert abs(ry1 - rx1) < 0.3 and ry1 > r0 + 1, (r0, ry1, rx1)
     assert rx2 > ry2 + 2, (ry2, rx2)
+
+
+def test_session25_osa_family_is_well_formed_for_one_to_three_modes():
+    """Session 25's held-out family (a zone plate whose order-sorting aperture vibrates across the cone's rim)
+    on 64² frames: for K = 1, 2, 3 orthonormal modes, the same first modes whatever K, the asked shares, a
+    probe as wide as the other lens families' with little power at the frame's border; and its own signature:
+    only the rim of the pupil changes (the OSA's shadow edge sweeps it; the focus does not move), so the
+    second and third modes hold most of their pupil power at ρ > 0.8 of the lens radius, the first does not,
+    and no mode has power outside the lens."""
+    _held_out_family_widths(HELD_OUT_S25)
+    full, _ = mode_shapes(HELD_OUT_S25, 3, 64, np.random.default_rng(11))
+    k = np.fft.fftfreq(64) * 64
+    rho = np.hypot(*np.meshgrid(k, k, indexing="ij")) / (64 / 6)
+    pupils = np.abs(np.fft.fft2(np.fft.ifftshift(full, axes=(1, 2)))) ** 2
+    rim = [float(p[rho > 0.8].sum() / p.sum()) for p in pupils]
+    assert rim[0] < 0.4 and rim[1] > 0.85 and rim[2] > 0.85, rim
+    assert all(float(p[rho > 1 + 1e-9].sum() / p.sum()) < 1e-12 for p in pupils)
 
 
 def test_auto_records_its_evidence_in_the_result_and_the_derived_run(tmp_path):
