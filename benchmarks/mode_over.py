@@ -315,7 +315,8 @@ def load_records(path: str, field: str = "ho_view_gain") -> dict[str, dict[str, 
 def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth: bool,
              chain: bool = False, null: bool = False, holdout: float = 0.0,
              starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
-             phase_from: str = "", span_refit: bool = False, converge: float = 0.0) -> dict[str, Any]:
+             phase_from: str = "", span_refit: bool = False, converge: float = 0.0,
+             forward: int = 0) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
     n0 = len(ML_STAGES)
@@ -401,6 +402,16 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
                    prior_found_ho=chain_count(prior["ho_view_gain"])[0])
         print(f"  {case} start x{chosen:g} from {phase_from}: error_M {err!r} "
               f"{'equals' if err == prior['error_M'] else 'DIFFERS from'} the record's", flush=True)
+    if forward:
+        if keep is None:
+            raise ValueError("--forward needs held-out pixels (--holdout)")
+        rec.update(forward_chain(scan, full, obj, pr, keep, mix.probe, forward, sets,
+                                 StopWhenFlat(converge or 1e-4, cut or 50)))
+        chain = null = False      # session 25's rule alone (session 23's chain on the same fits: the s24 records)
+        cut = 0
+        ab = ", ".join(f"{s_['ho_a']:.1f}/{s_['ho_b']:.1f}" for s_ in rec["fwd_steps"])
+        print(f"  {case} forward steps of {forward}: held-out A/B {ab}; z "
+              f"{', '.join(f'{z:.1f}' for z in rec['fwd_z'])}: found {rec['found_fwd']}, true {K}", flush=True)
     if span:
         if keep is None:
             raise ValueError("--span needs held-out pixels (--holdout)")
@@ -562,6 +573,53 @@ def span_refit_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.
     if converge:
         out.update(spanref_converge=converge, spanref_blocks=blocks)
     return out
+
+
+def next_direction(probe: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """The M-mode fit's mode least inside the span of ``probe``'s modes, less its part in that span (its
+    power kept): the candidate k + 1-th mode of :func:`forward_chain`."""
+    q, _ = np.linalg.qr(probe.reshape(len(probe), -1).T.astype(np.complex128))
+    f = fitted.reshape(len(fitted), -1).T.astype(np.complex128)
+    resid = f - q @ (q.conj().T @ f)
+    j = int(np.argmax(np.sum(np.abs(resid) ** 2, axis=0)))
+    return resid[:, j].reshape(fitted.shape[1:])
+
+
+def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
+                  arm: int, sets: dict[str, Any], first: StopWhenFlat) -> dict[str, Any]:
+    """Session 25's rule: the count by forward steps, each a paired comparison of two arms from one state.
+    The 1-mode state: the M-mode fit's object and strongest mode refitted until flat (``first``). A step
+    k → k + 1 runs, from the k-mode state, arm A (the k modes) and arm B (the k modes and the M-mode fit's
+    mode least inside their span, :func:`next_direction`) for ``arm`` ML iterations each on the kept pixels;
+    the step is taken where B's held-out amplitude errors beat A's by paired z > 2 (:func:`chain_count`),
+    and B is the next state; the count is k at the first step not taken. Both arms start from the same
+    object and get the same iterations, so what B gains over A on held-out pixels is its extra mode's, not
+    a longer or a differently started refit's (sessions 23–24: refits from the M-mode fit's object, which
+    holds every fitted mode's compensation, decide the count by how far they got)."""
+    t0 = time.perf_counter()
+    cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
+    o, p, _ = fit(scan, 1, f"ML:{CONVERGE_CAP * first.window}", cut_sets, obj, pr[:1], keep=keep, until=first)
+    steps: list[dict[str, Any]] = []
+    gains: list[list[float]] = []
+    found = len(pr)
+    for k in range(1, len(pr)):
+        o_a, p_a, e_a = fit(scan, k, f"ML:{arm}", cut_sets, o, p, keep=keep)
+        o_b, p_b, e_b = fit(scan, k + 1, f"ML:{arm}", cut_sets, o, np.concatenate([p, next_direction(p, pr)[None]]),
+                            keep=keep)
+        h_a, h_b = view_errors(full, o_a, p_a, ~keep)[0], view_errors(full, o_b, p_b, ~keep)[0]
+        gains.append([float(f"{x:.6g}") for x in h_a - h_b])
+        z = chain_count([gains[-1]])[1][0]
+        steps.append({"k": k, "ho_a": float(h_a.sum()), "ho_b": float(h_b.sum()), "z": round(z, 2),
+                      "error_a": e_a, "error_b": e_b, "shares_b": [round(float(x), 5) for x in modes.power_fractions(p_b)],
+                      "c_a": captured(p_a, truth), "c_b": captured(p_b, truth)})
+        if z <= 2:
+            found = k
+            break
+        o, p = o_b, p_b
+    return {"found_fwd": found, "fwd_z": [s["z"] for s in steps], "fwd_arm": arm, "fwd_steps": steps,
+            "fwd_view_gain": gains, "fwd_first": {"iterations": len(first.errors), "flat": first.flat,
+                                                  "tol": first.tol, "window": first.window},
+            "fwd_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray,
@@ -814,6 +872,65 @@ def span_summary(path: str) -> None:
           f"models alone {tot['span alone']}, session 23's record {tot['s23 record']})")
 
 
+def converge_summary(path: str, s24: str) -> None:
+    """Session 25: each cell's count by the rule (``found_spanref`` of ``--span --span-refit --converge``,
+    recomputed from the per-view held-out gains) against session 24's rule and session 23's chain on the
+    same fit (``s24``'s record where its error_M is equal: the same fit bit for bit) and session 23's
+    record (``prior_found_ho``), then the grid table and the tallies."""
+    recs, old = load_records(path, "spanref_converge"), load_records(s24, "spanref_view_gain")
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for case, r in recs.items():
+        K, o = r["K"], old.get(case)
+        same = o is not None and o["error_M"] == r["error_M"]
+        c = {"rule": chain_count(r["spanref_view_gain"])[0], "K": K,
+             "s24 rule": chain_count(o["spanref_view_gain"])[0] if same else None,
+             "s23 chain": chain_count(o["ho_view_gain"])[0] if same else None, "s23 record": r.get("prior_found_ho")}
+        zs = chain_count(r["spanref_view_gain"])[1]
+        fam, ph, k, weak = case.split(":")
+        cells[(fam, ph, f"{k}:{weak}")] = c
+        # one run a model (its iterations; + where it ran to the cap) or, the first check, blocks of 50
+        its = "/".join(f"{b['iterations']}{'' if b['flat'] else '+'}" if "iterations" in b else
+                       f"{b['blocks']}x{r['spanref_cut']}{'*' if b['rose'] else ''}" for b in r["spanref_blocks"])
+        print(f"{r.get('run', ''):12s} {case:17s} true {K} found {c['rule']} {'ok' if c['rule'] == K else 'WRONG':5s} "
+              f"(same fit: s24 rule {c['s24 rule']}, s23 chain {c['s23 chain']}; s23 record {c['s23 record']}) "
+              f"z {', '.join(f'{z:.1f}' for z in zs)}  iterations {its}  {r['seconds']:.0f} s, load {r['load']:.1f}")
+    tally: dict[str, dict[str, int]] = {}
+    held = {HELD_FAMILY_S22, HELD_FAMILY_S23, HELD_FAMILY_S24, HELD_FAMILY_S25}
+    names = ("rule", "s24 rule", "s23 chain", "s23 record")
+
+    def text(fam: str, ph: str, key: str, c: dict[str, Any]) -> str:
+        t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", dict.fromkeys(("n",) + names, 0))
+        t["n"] += 1
+        for name in names:
+            t[name] += c[name] == c["K"]
+        return mark(c["rule"], c["K"], [f"{name} {c[name]}" for name in names[1:3]
+                                        if c[name] is not None and c[name] != c["rule"]])
+    grid_table(cells, lambda f: f in held, text)
+    tot = dict.fromkeys(("n",) + names, 0)
+    for name, t in sorted(tally.items()):
+        print(f"{name}: right {t['rule']} of {t['n']} (on the same fits: session 24's rule {t['s24 rule']}, session "
+              f"23's chain {t['s23 chain']}; session 23's record {t['s23 record']})")
+        if name.startswith("grid"):
+            tot = {k: tot[k] + t[k] for k in tot}
+    print(f"grid: right {tot['rule']} of {tot['n']} (on the same fits: session 24's rule {tot['s24 rule']}, session "
+          f"23's chain {tot['s23 chain']}; session 23's record {tot['s23 record']})")
+
+
+def forward_summary(path: str) -> None:
+    """Session 25's forward steps (``--forward``): every record of ``path`` (a case may be there with
+    several arm lengths), its steps' held-out errors of arms A and B, their z, the count, and the share
+    of the true modes' power inside each step's B (``c``)."""
+    with open(path) as fh:
+        recs = [json.loads(line) for line in fh if '"fwd_steps"' in line]
+    for r in recs:
+        found, zs = chain_count(r["fwd_view_gain"])
+        steps = ", ".join(f"{s['k']}->{s['k'] + 1} {s['ho_a']:.0f}/{s['ho_b']:.0f} z {z:.1f} c {s['c_b']:.3f}"
+                          for s, z in zip(r["fwd_steps"], zs))
+        print(f"{r.get('run', ''):12s} {r['case']:17s} arms of {r['fwd_arm']:5d}: true {r['K']} found {found} "
+              f"{'ok' if found == r['K'] else 'WRONG':5s} first state {r['fwd_first']['iterations']} it.  "
+              f"{steps}  ({r['seconds']:.0f} s, load {r['load']:.1f})")
+
+
 HELD_FAMILY_S22 = mode_mixtures.HELD_OUT_S22
 HELD_FAMILY_S23 = mode_mixtures.HELD_OUT_S23
 HELD_FAMILY_S24 = mode_mixtures.HELD_OUT_S24
@@ -858,6 +975,10 @@ def main(argv: list[str] | None = None) -> None:
                     "this fraction over a block (at most 10 blocks); with --span --span-refit, session 25's rule: each span "
                     "model's refit one ML run of up to 10 x --cut iterations, stopped when --cut iterations lower its "
                     "error by less than this fraction, and the chain stopped at its first step with z <= 2")
+    ap.add_argument("--forward", type=int, default=0, help="session 25's rule: the count by forward steps k -> "
+                    "k + 1, each two arms of this many ML iterations from one state (the k modes; the k modes and "
+                    "the fit's mode least inside their span), read on held-out pixels (needs --holdout; the 1-mode "
+                    "state refitted until --converge (default 1e-4) over --cut iterations)")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
                     "(session 23's, with start_chosen) chose for the case; its error_M is checked against it")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
@@ -883,6 +1004,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--span: the count is read on held-out pixels (needs --holdout)")
     if a.converge < 0 or (a.converge and a.span and not a.span_refit):
         ap.error("--converge: a positive fraction, for the chain of refits or, with --span, --span-refit's refits")
+    if a.forward < 0 or (a.forward and (not a.holdout or a.span)):
+        ap.error("--forward: a positive number of ML iterations an arm, on held-out pixels (needs --holdout; "
+                 "not with --span)")
     if a.span_refit and not a.span:
         ap.error("--span-refit refits the span models: it needs --span")
     if a.phase_from and (starts or a.truth or not a.holdout):
@@ -897,6 +1021,12 @@ def main(argv: list[str] | None = None) -> None:
         with open(a.summarise) as fh:
             text = fh.read()
             root = Path(__file__).resolve().parents[1] / "docs"
+            if '"fwd_steps"' in text:
+                forward_summary(a.summarise)
+                return
+            if '"spanref_converge"' in text:
+                converge_summary(a.summarise, str(root / "auto_modes_s24.jsonl"))
+                return
             if '"spanref_view_gain"' in text:
                 span_summary(a.summarise)
                 return
@@ -918,7 +1048,8 @@ def main(argv: list[str] | None = None) -> None:
         trace_spectrum(a.trace)
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
-                     a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit, a.converge)
+                     a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit, a.converge,
+                     a.forward)
         if a.run:
             r["run"] = a.run
         if a.json:

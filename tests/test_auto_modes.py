@@ -377,6 +377,8 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     (["--holdout", "0.15", "--span-refit"], "it needs --span"),
     (["--holdout", "0.15", "--span", "--converge", "1e-4"], "--span-refit's refits"),
     (["--converge", "-1"], "a positive fraction"),
+    (["--forward", "200"], "--forward: a positive number"),
+    (["--holdout", "0.15", "--span", "--forward", "200"], "not with --span"),
     (["--holdout", "0.15", "--starts", "1,0.5", "--phase-from", "x.jsonl"], "not with --starts"),
 ])
 def test_mode_over_refuses_bad_starts_by_name(args, named, capsys):
@@ -553,6 +555,55 @@ def test_session25s_chain_refits_the_span_models_to_convergence_and_stops_at_its
     rec = mode_over.span_refit_chain(None, None, np.ones(1), span_modes, keep, None, 50, {})
     assert fitted == [1, 2, 3, 4, 5, 6] and rec["found_spanref"] == 2 and len(rec["spanref_z"]) == 5
     assert runs == [("ML:50", None)] * 6
+
+
+def test_session25s_forward_steps_compare_two_arms_from_one_state_and_stop_at_the_first_weak_step(monkeypatch):
+    """``mode_over.forward_chain`` (session 25's forward steps): the 1-mode state is the M-mode fit's object
+    and strongest mode refitted until flat; each step k → k + 1 runs arm A (the k modes) and arm B (the k
+    modes and :func:`next_direction`'s mode) from the same object for the same iterations; B is the next
+    state where it wins on held-out pixels (z > 2); the count is k at the first step not taken."""
+    _benchmarks_on_path()
+    import mode_over
+
+    rng = np.random.default_rng(1)
+    fitted = np.linalg.qr(rng.standard_normal((16, 4)) + 1j * rng.standard_normal((16, 4)))[0].T.reshape(4, 4, 4)
+    fitted *= np.array([3.0, 2.0, 1.0, 0.5])[:, None, None]
+    base = 100 + rng.normal(0, 1, 30)
+    held = {1: base + 10, 2: base + rng.normal(0, 0.3, 30), 3: base + rng.normal(0, 0.3, 30)}
+    calls = []
+
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
+        calls.append((k, alg, float(obj[0]), until is not None))
+        if until is not None:
+            until.errors += [2.0, 1.0]
+        # the state after a fit: the object's first entry counts the fits (A and B start from the same one)
+        return obj + len(calls), probe, 1.0
+    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    monkeypatch.setattr(mode_over, "view_errors", lambda full, o, p, mask: (held[len(p)],))
+    monkeypatch.setattr(mode_over, "captured", lambda p, t: 1.0)
+    rec = mode_over.forward_chain(None, None, np.zeros(1), fitted, np.ones(1, bool), None, 200, {},
+                                  mode_over.StopWhenFlat(1e-4, 50))
+    # the first state (until flat), then A and B of step 1 from state 1, A and B of step 2 from B's state
+    assert [(k, alg, until) for k, alg, _, until in calls] == [(1, "ML:500", True), (1, "ML:200", False),
+                                                               (2, "ML:200", False), (2, "ML:200", False),
+                                                               (3, "ML:200", False)]
+    assert calls[1][2] == calls[2][2] == 1 and calls[3][2] == calls[4][2] == 1 + 3
+    assert rec["found_fwd"] == 2 and rec["fwd_z"][0] > 2 >= rec["fwd_z"][1] and rec["fwd_first"]["iterations"] == 2
+
+
+def test_the_next_direction_is_the_fitted_mode_least_inside_the_span_less_its_part_in_it():
+    """``mode_over.next_direction``: orthogonal to the modes it extends, and the fitted mode whose power
+    outside their span is largest (here the third: the first two are in the span, the fourth is weak)."""
+    _benchmarks_on_path()
+    import mode_over
+
+    rng = np.random.default_rng(2)
+    q = np.linalg.qr(rng.standard_normal((16, 4)) + 1j * rng.standard_normal((16, 4)))[0].T
+    fitted = (q * np.array([3.0, 2.0, 1.0, 0.5])[:, None]).reshape(4, 4, 4)
+    probe = np.stack([fitted[0] + 0.5 * fitted[1], fitted[1]])
+    d = mode_over.next_direction(probe, fitted)
+    assert np.allclose(d, fitted[2])
+    assert abs(np.vdot(probe[0], d)) < 1e-12 and abs(np.vdot(probe[1], d)) < 1e-12
 
 
 def test_a_run_stops_when_a_window_of_iterations_lowers_its_error_by_less_than_the_tolerance():
