@@ -190,11 +190,14 @@ class StopWhenFlat:
     """Stops a run once its data error fell by less than ``tol`` (relative) over the last ``window``
     iterations: one ML run, never restarted, so its conjugate directions and step lengths carry on (session
     25; session 24's blocks of ``--converge`` restarted them, and a restart can raise the error). ``errors``:
-    the run's error at every iteration; ``flat``: whether it stopped so (else it ran its schedule out)."""
+    the run's error at every iteration; ``flat``: whether it stopped so (else it ran its schedule out);
+    ``snapshots``: the model (object, modes) after each iteration count in ``snapshots_at``."""
     tol: float
     window: int
     errors: list[float] = field(default_factory=list)
     flat: bool = False
+    snapshots_at: tuple[int, ...] = ()
+    snapshots: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def attach(self, rec: Any) -> None:
         after = rec.modes_mgr.after_iteration
@@ -202,6 +205,8 @@ class StopWhenFlat:
         def record(it: int, err: float, dm: bool, last: bool) -> None:
             self.errors.append(float(err))
             after(it, err, dm, last)
+            if len(self.errors) in self.snapshots_at:
+                self.snapshots.append((np.array(rec.be.asnumpy(rec.obj)), np.array(rec.be.asnumpy(rec.probe))))
         rec.modes_mgr.after_iteration = record
         rec.stop = self
 
@@ -316,7 +321,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
              chain: bool = False, null: bool = False, holdout: float = 0.0,
              starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
              phase_from: str = "", span_refit: bool = False, converge: float = 0.0,
-             forward: int = 0) -> dict[str, Any]:
+             forward: int = 0, fixed_object: bool = False, curve: tuple[int, ...] = ()) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     t0 = time.perf_counter()
     n0 = len(ML_STAGES)
@@ -406,7 +411,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         if keep is None:
             raise ValueError("--forward needs held-out pixels (--holdout)")
         rec.update(forward_chain(scan, full, obj, pr, keep, mix.probe, forward, sets,
-                                 StopWhenFlat(converge or 1e-4, cut or 50)))
+                                 StopWhenFlat(converge or 1e-4, cut or 50), fixed_object, curve))
         chain = null = False      # session 25's rule alone (session 23's chain on the same fits: the s24 records)
         cut = 0
         ab = ", ".join(f"{s_['ho_a']:.1f}/{s_['ho_b']:.1f}" for s_ in rec["fwd_steps"])
@@ -586,7 +591,8 @@ def next_direction(probe: np.ndarray, fitted: np.ndarray) -> np.ndarray:
 
 
 def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
-                  arm: int, sets: dict[str, Any], first: StopWhenFlat) -> dict[str, Any]:
+                  arm: int, sets: dict[str, Any], first: StopWhenFlat, fixed_object: bool = False,
+                  curve: tuple[int, ...] = ()) -> dict[str, Any]:
     """Session 25's rule: the count by forward steps, each a paired comparison of two arms from one state.
     The 1-mode state: the M-mode fit's object and strongest mode refitted until flat (``first``). A step
     k → k + 1 runs, from the k-mode state, arm A (the k modes) and arm B (the k modes and the M-mode fit's
@@ -595,28 +601,46 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
     and B is the next state; the count is k at the first step not taken. Both arms start from the same
     object and get the same iterations, so what B gains over A on held-out pixels is its extra mode's, not
     a longer or a differently started refit's (sessions 23–24: refits from the M-mode fit's object, which
-    holds every fitted mode's compensation, decide the count by how far they got)."""
+    holds every fitted mode's compensation, decide the count by how far they got). ``fixed_object``: the
+    arms refit the probe modes only (the state's object held: its step scaled to ~0 by a huge object
+    regulariser), and a step taken refits B's modes with the object until flat for the next state (a
+    variant: an extra mode cannot speed the object's convergence then). ``curve``: iteration counts at which
+    both arms' held-out errors are also read (a diagnostic: each step's z against the arms' length)."""
     t0 = time.perf_counter()
     cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
+    arm_sets = {**cut_sets, "object_reg": 1e12} if fixed_object else cut_sets
     o, p, _ = fit(scan, 1, f"ML:{CONVERGE_CAP * first.window}", cut_sets, obj, pr[:1], keep=keep, until=first)
     steps: list[dict[str, Any]] = []
     gains: list[list[float]] = []
     found = len(pr)
     for k in range(1, len(pr)):
-        o_a, p_a, e_a = fit(scan, k, f"ML:{arm}", cut_sets, o, p, keep=keep)
-        o_b, p_b, e_b = fit(scan, k + 1, f"ML:{arm}", cut_sets, o, np.concatenate([p, next_direction(p, pr)[None]]),
-                            keep=keep)
+        ua, ub = (StopWhenFlat(-np.inf, arm, snapshots_at=curve) for _ in range(2))
+        o_a, p_a, e_a = fit(scan, k, f"ML:{arm}", arm_sets, o, p, keep=keep, until=ua)
+        o_b, p_b, e_b = fit(scan, k + 1, f"ML:{arm}", arm_sets, o, np.concatenate([p, next_direction(p, pr)[None]]),
+                            keep=keep, until=ub)
         h_a, h_b = view_errors(full, o_a, p_a, ~keep)[0], view_errors(full, o_b, p_b, ~keep)[0]
         gains.append([float(f"{x:.6g}") for x in h_a - h_b])
         z = chain_count([gains[-1]])[1][0]
         steps.append({"k": k, "ho_a": float(h_a.sum()), "ho_b": float(h_b.sum()), "z": round(z, 2),
                       "error_a": e_a, "error_b": e_b, "shares_b": [round(float(x), 5) for x in modes.power_fractions(p_b)],
                       "c_a": captured(p_a, truth), "c_b": captured(p_b, truth)})
+        if curve:
+            pts = []
+            for n_it, (oa, pa), (ob, pb) in zip(curve, ua.snapshots, ub.snapshots):
+                ha, hb = view_errors(full, oa, pa, ~keep)[0], view_errors(full, ob, pb, ~keep)[0]
+                pts.append({"iterations": n_it, "ho_a": float(ha.sum()), "ho_b": float(hb.sum()),
+                            "z": round(chain_count([list(ha - hb)])[1][0], 2), "c_b": captured(pb, truth)})
+            steps[-1]["curve"] = pts
         if z <= 2:
             found = k
             break
         o, p = o_b, p_b
+        if fixed_object:
+            until = StopWhenFlat(first.tol, first.window)
+            o, p, _ = fit(scan, k + 1, f"ML:{CONVERGE_CAP * first.window}", cut_sets, o, p, keep=keep, until=until)
+            steps[-1]["state_iterations"] = len(until.errors)
     return {"found_fwd": found, "fwd_z": [s["z"] for s in steps], "fwd_arm": arm, "fwd_steps": steps,
+            "fwd_fixed_object": fixed_object,
             "fwd_view_gain": gains, "fwd_first": {"iterations": len(first.errors), "flat": first.flat,
                                                   "tol": first.tol, "window": first.window},
             "fwd_seconds": round(time.perf_counter() - t0, 1)}
@@ -979,6 +1003,10 @@ def main(argv: list[str] | None = None) -> None:
                     "k + 1, each two arms of this many ML iterations from one state (the k modes; the k modes and "
                     "the fit's mode least inside their span), read on held-out pixels (needs --holdout; the 1-mode "
                     "state refitted until --converge (default 1e-4) over --cut iterations)")
+    ap.add_argument("--curve", default="", help="with --forward: comma-separated iteration counts at which each "
+                    "step's arms are also read on held-out pixels (a diagnostic of z against the arms' length)")
+    ap.add_argument("--fixed-object", action="store_true", help="with --forward: the arms refit the probe "
+                    "modes only (the state's object held), a step taken refits object and modes until flat")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
                     "(session 23's, with start_chosen) chose for the case; its error_M is checked against it")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
@@ -1007,6 +1035,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.forward < 0 or (a.forward and (not a.holdout or a.span)):
         ap.error("--forward: a positive number of ML iterations an arm, on held-out pixels (needs --holdout; "
                  "not with --span)")
+    try:
+        curve = tuple(int(x) for x in a.curve.split(",")) if a.curve else ()
+    except ValueError:
+        ap.error(f"--curve {a.curve!r}: comma-separated iteration counts")
+    if curve and (not a.forward or max(curve) > a.forward or min(curve) < 1):
+        ap.error(f"--curve {a.curve!r}: iteration counts within --forward's arms (needs --forward)")
+    if a.fixed_object and not a.forward:
+        ap.error("--fixed-object applies to --forward only")
     if a.span_refit and not a.span:
         ap.error("--span-refit refits the span models: it needs --span")
     if a.phase_from and (starts or a.truth or not a.holdout):
@@ -1049,7 +1085,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
                      a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit, a.converge,
-                     a.forward)
+                     a.forward, a.fixed_object, curve)
         if a.run:
             r["run"] = a.run
         if a.json:

@@ -379,6 +379,7 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     (["--converge", "-1"], "a positive fraction"),
     (["--forward", "200"], "--forward: a positive number"),
     (["--holdout", "0.15", "--span", "--forward", "200"], "not with --span"),
+    (["--holdout", "0.15", "--fixed-object"], "--fixed-object applies to --forward only"),
     (["--holdout", "0.15", "--starts", "1,0.5", "--phase-from", "x.jsonl"], "not with --starts"),
 ])
 def test_mode_over_refuses_bad_starts_by_name(args, named, capsys):
@@ -573,7 +574,7 @@ def test_session25s_forward_steps_compare_two_arms_from_one_state_and_stop_at_th
     calls = []
 
     def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
-        calls.append((k, alg, float(obj[0]), until is not None))
+        calls.append((k, alg, float(obj[0]), until is not None and until.tol > -np.inf))
         if until is not None:
             until.errors += [2.0, 1.0]
         # the state after a fit: the object's first entry counts the fits (A and B start from the same one)
@@ -589,6 +590,18 @@ def test_session25s_forward_steps_compare_two_arms_from_one_state_and_stop_at_th
                                                                (3, "ML:200", False)]
     assert calls[1][2] == calls[2][2] == 1 and calls[3][2] == calls[4][2] == 1 + 3
     assert rec["found_fwd"] == 2 and rec["fwd_z"][0] > 2 >= rec["fwd_z"][1] and rec["fwd_first"]["iterations"] == 2
+    # the variant with the object held in the arms: they refit the modes only, and a step taken is refitted
+    # with the object until flat before the next step
+    calls.clear()
+    sets_seen = []
+    monkeypatch.setattr(mode_over, "fit", lambda *a, **kw: (sets_seen.append(a[3]), fake_fit(*a, **kw))[1])
+    rec = mode_over.forward_chain(None, None, np.zeros(1), fitted, np.ones(1, bool), None, 200, {"x": 1},
+                                  mode_over.StopWhenFlat(1e-4, 50), fixed_object=True)
+    assert [(k, alg, until) for k, alg, _, until in calls] == [(1, "ML:500", True), (1, "ML:200", False),
+                                                               (2, "ML:200", False), (2, "ML:500", True),
+                                                               (2, "ML:200", False), (3, "ML:200", False)]
+    assert [st.get("object_reg") for st in sets_seen] == [None, 1e12, 1e12, None, 1e12, 1e12]
+    assert rec["found_fwd"] == 2 and rec["fwd_fixed_object"] and rec["fwd_steps"][0]["state_iterations"] == 2
 
 
 def test_the_next_direction_is_the_fitted_mode_least_inside_the_span_less_its_part_in_it():
