@@ -875,25 +875,33 @@ def span_summary(path: str) -> None:
               f"(s23 chain {c['s23 chain']}, span alone {c['span alone']}, s23 record {c['s23 record']}) "
               f"start x{r.get('start_chosen', 1.0):g} c_K {r['c_K']:.3f}, refit c_K {r['spanref_c'][K - 1]:.3f}  "
               f"z {', '.join(f'{z:.1f}' for z in zs)}  {r['seconds']:.0f} s, load {r['load']:.1f}")
+    tallied_grid(cells, ("rule", "s23 chain", "span alone", "s23 record"),
+                 lambda c: [f"s23 chain {c['s23 chain']}" if c["s23 chain"] != c["rule"] else ""],
+                 lambda t: f"session 23's chain on the same fits {t['s23 chain']}, the span models alone "
+                           f"{t['span alone']}, session 23's record {t['s23 record']}")
+
+
+def tallied_grid(cells: dict[tuple[str, str, str], dict[str, Any]], names: tuple[str, ...],
+                 note: Callable[[dict[str, Any]], list[str]], legend: Callable[[dict[str, int]], str]) -> None:
+    """The grid table of ``cells`` (each the counts of ``names``, the first the rule's, and the true ``K``;
+    ``note(cell)``: the bracket of its text) and each group's tally: how many cells each name gets right
+    (``legend(tally)``: the bracket of its line); the held-out families apart, the grid's total last."""
     tally: dict[str, dict[str, int]] = {}
     held = {HELD_FAMILY_S22, HELD_FAMILY_S23, HELD_FAMILY_S24, HELD_FAMILY_S25}
-    names = ("rule", "s23 chain", "span alone", "s23 record")
 
     def text(fam: str, ph: str, key: str, c: dict[str, Any]) -> str:
         t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", dict.fromkeys(("n",) + names, 0))
         t["n"] += 1
         for name in names:
             t[name] += c[name] == c["K"]
-        return mark(c["rule"], c["K"], [f"s23 chain {c['s23 chain']}" if c["s23 chain"] != c["rule"] else ""])
+        return mark(c[names[0]], c["K"], note(c))
     grid_table(cells, lambda f: f in held, text)
     tot = dict.fromkeys(("n",) + names, 0)
     for name, t in sorted(tally.items()):
-        print(f"{name}: right {t['rule']} of {t['n']} (session 23's chain on the same fits {t['s23 chain']}, the span "
-              f"models alone {t['span alone']}, session 23's record {t['s23 record']})")
+        print(f"{name}: right {t[names[0]]} of {t['n']} ({legend(t)})")
         if name.startswith("grid"):
             tot = {k: tot[k] + t[k] for k in tot}
-    print(f"grid: right {tot['rule']} of {tot['n']} (session 23's chain on the same fits {tot['s23 chain']}, the span "
-          f"models alone {tot['span alone']}, session 23's record {tot['s23 record']})")
+    print(f"grid: right {tot[names[0]]} of {tot['n']} ({legend(tot)})")
 
 
 def converge_summary(path: str, s24: str) -> None:
@@ -918,26 +926,11 @@ def converge_summary(path: str, s24: str) -> None:
         print(f"{r.get('run', ''):12s} {case:17s} true {K} found {c['rule']} {'ok' if c['rule'] == K else 'WRONG':5s} "
               f"(same fit: s24 rule {c['s24 rule']}, s23 chain {c['s23 chain']}; s23 record {c['s23 record']}) "
               f"z {', '.join(f'{z:.1f}' for z in zs)}  iterations {its}  {r['seconds']:.0f} s, load {r['load']:.1f}")
-    tally: dict[str, dict[str, int]] = {}
-    held = {HELD_FAMILY_S22, HELD_FAMILY_S23, HELD_FAMILY_S24, HELD_FAMILY_S25}
     names = ("rule", "s24 rule", "s23 chain", "s23 record")
-
-    def text(fam: str, ph: str, key: str, c: dict[str, Any]) -> str:
-        t = tally.setdefault(f"{'held-out ' + fam if fam in held else 'grid'} {ph}", dict.fromkeys(("n",) + names, 0))
-        t["n"] += 1
-        for name in names:
-            t[name] += c[name] == c["K"]
-        return mark(c["rule"], c["K"], [f"{name} {c[name]}" for name in names[1:3]
-                                        if c[name] is not None and c[name] != c["rule"]])
-    grid_table(cells, lambda f: f in held, text)
-    tot = dict.fromkeys(("n",) + names, 0)
-    for name, t in sorted(tally.items()):
-        print(f"{name}: right {t['rule']} of {t['n']} (on the same fits: session 24's rule {t['s24 rule']}, session "
-              f"23's chain {t['s23 chain']}; session 23's record {t['s23 record']})")
-        if name.startswith("grid"):
-            tot = {k: tot[k] + t[k] for k in tot}
-    print(f"grid: right {tot['rule']} of {tot['n']} (on the same fits: session 24's rule {tot['s24 rule']}, session "
-          f"23's chain {tot['s23 chain']}; session 23's record {tot['s23 record']})")
+    tallied_grid(cells, names, lambda c: [f"{name} {c[name]}" for name in names[1:3]
+                                          if c[name] is not None and c[name] != c["rule"]],
+                 lambda t: f"on the same fits: session 24's rule {t['s24 rule']}, session 23's chain "
+                           f"{t['s23 chain']}; session 23's record {t['s23 record']}")
 
 
 def forward_summary(path: str) -> None:
@@ -950,9 +943,14 @@ def forward_summary(path: str) -> None:
         found, zs = chain_count(r["fwd_view_gain"])
         steps = ", ".join(f"{s['k']}->{s['k'] + 1} {s['ho_a']:.0f}/{s['ho_b']:.0f} z {z:.1f} c {s['c_b']:.3f}"
                           for s, z in zip(r["fwd_steps"], zs))
-        print(f"{r.get('run', ''):12s} {r['case']:17s} arms of {r['fwd_arm']:5d}: true {r['K']} found {found} "
+        held = " (arms: modes only)" if r.get("fwd_fixed_object") else ""
+        print(f"{r.get('run', ''):14s} {r['case']:17s} arms of {r['fwd_arm']:5d}{held}: true {r['K']} found {found} "
               f"{'ok' if found == r['K'] else 'WRONG':5s} first state {r['fwd_first']['iterations']} it.  "
               f"{steps}  ({r['seconds']:.0f} s, load {r['load']:.1f})")
+        for s in r["fwd_steps"]:
+            if "curve" in s:
+                print(f"{'':33s}step {s['k']}->{s['k'] + 1}, z after N iterations of both arms: "
+                      + ", ".join(f"N {p['iterations']}: {p['z']:.1f}" for p in s["curve"]))
 
 
 HELD_FAMILY_S22 = mode_mixtures.HELD_OUT_S22

@@ -161,6 +161,29 @@ def _gram_schmidt(fields: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
+def _zone_plate_pupil(n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """A zone plate's first-order pupil (``fzp``, ``osa``): annular (central stop 42 % of the radius n/6),
+    an efficiency falling 30 % towards the outer zones, a smooth random radial zone-placement error, the
+    sample 0.35 out of focus. Returns the pupil grid (ky, kx), the aperture's mask, ρ on it and the pupil
+    on it (three normal draws from ``rng``)."""
+    ky, kx = _pupil_grid(n)
+    rho = np.hypot(ky, kx) / (n / 6)
+    inside = (rho <= 1) & (rho >= 0.42)
+    r = rho[inside]
+    c = rng.standard_normal(3)
+    ring = 0.35 * c[0] * (6 * r ** 4 - 6 * r ** 2 + 1) + 0.25 * c[1] * np.sin(np.pi * (3 * r + c[2]))
+    eff = 1 - 0.3 * (r - 0.42) / 0.58
+    return ky, kx, inside, r, np.sqrt(eff) * np.exp(1j * (ring + 6 * np.pi * 0.35 * r ** 2))
+
+
+def _aperture_modes(vecs: np.ndarray, inside: np.ndarray, n: int) -> np.ndarray:
+    """Modes given on the aperture's pixels (K, pixels inside) as unit-norm probes at the sample (K, n, n)."""
+    fields = np.zeros((len(vecs), n, n), np.complex128)
+    fields[:, inside] = vecs
+    modes = np.stack([_to_sample(f) for f in fields])
+    return modes / np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
+
+
 def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
     """K orthonormal mode shapes of ``family`` (strongest first) and, where the family has one, its
     own power spectrum (else None: the caller chooses the powers)."""
@@ -250,21 +273,10 @@ def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[
         tilt = np.exp(-2j * np.pi * (sy.reshape(-1, 1) * ky[inside] + sx.reshape(-1, 1) * kx[inside]) / n)
         a = pupil[inside] * tilt * np.sqrt(w.reshape(-1, 1) / w.sum())
         vh = np.linalg.svd(a, full_matrices=False)[2]
-        fields = np.zeros((K, n, n), np.complex128)
-        fields[:, inside] = vh[:K]
-        modes = np.stack([_to_sample(f) for f in fields])
-        modes /= np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
-        return modes, None
+        return _aperture_modes(vh[:K], inside, n), None
     if family == HELD_OUT_S24:
         # Fresnel zone plate, annular first-order pupil (central stop + OSA), radius n/6, sample 0.35 out of focus
-        ky, kx = _pupil_grid(n)
-        rho = np.hypot(ky, kx) / (n / 6)
-        inside = (rho <= 1) & (rho >= 0.42)
-        r = rho[inside]
-        c = rng.standard_normal(3)
-        ring = 0.35 * c[0] * (6 * r ** 4 - 6 * r ** 2 + 1) + 0.25 * c[1] * np.sin(np.pi * (3 * r + c[2]))
-        eff = 1 - 0.3 * (r - 0.42) / 0.58
-        pupil = np.sqrt(eff) * np.exp(1j * (ring + 6 * np.pi * 0.35 * r ** 2))
+        ky, kx, inside, r, pupil = _zone_plate_pupil(n, rng)
         # energy slices ε = y·ΔE/E/2 over |y| ≤ 3; weight: Si(111) Darwin curve, squared for two crystals;
         # chromatic defocus π·N·ε·ρ² with N = 7000 zones
         y = np.linspace(-3, 3, 25)
@@ -282,22 +294,11 @@ def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[
         a = a.reshape(-1, len(r)) * np.sqrt(w.reshape(-1, 1) / w.sum())
         # the mutual intensity on the aperture, J(k1, k2) = Σ w f(k1) f*(k2); its eigenvectors, strongest first
         vecs = np.linalg.eigh(a.T @ a.conj())[1][:, ::-1]
-        fields = np.zeros((K, n, n), np.complex128)
-        fields[:, inside] = vecs[:, :K].T
-        modes = np.stack([_to_sample(f) for f in fields])
-        modes /= np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
-        return modes, None
+        return _aperture_modes(vecs[:, :K].T, inside, n), None
     if family == HELD_OUT_S25:
         # the zone plate's pupil as in ``fzp``: annular (central stop 42 %), radius n/6, sample 0.35 out of focus
-        ky, kx = _pupil_grid(n)
+        ky, kx, inside, r, pupil = _zone_plate_pupil(n, rng)
         R = n / 6
-        rho = np.hypot(ky, kx) / R
-        inside = (rho <= 1) & (rho >= 0.42)
-        r = rho[inside]
-        c = rng.standard_normal(3)
-        ring = 0.35 * c[0] * (6 * r ** 4 - 6 * r ** 2 + 1) + 0.25 * c[1] * np.sin(np.pi * (3 * r + c[2]))
-        eff = 1 - 0.3 * (r - 0.42) / 0.58
-        pupil = np.sqrt(eff) * np.exp(1j * (ring + 6 * np.pi * 0.35 * r ** 2))
         # the OSA's shadow on the pupil (units of R): a disk of radius 1, edge blurred over 0.08, centred at a
         # static offset 0.08 plus an elliptical orbit (0.24, 0.16 along a random axis, phase lag 30–60°)
         # sampled at 48 equal times of one period
@@ -310,11 +311,7 @@ def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[
         shadow = 0.5 * (1 - np.tanh((dist - 1.0) / 0.08))
         # the fields at each time (equal weights); the mutual intensity's eigenmodes on the aperture (SVD)
         vh = np.linalg.svd(pupil[None] * shadow / np.sqrt(len(t)), full_matrices=False)[2]
-        fields = np.zeros((K, n, n), np.complex128)
-        fields[:, inside] = vh[:K]
-        modes = np.stack([_to_sample(f) for f in fields])
-        modes /= np.sqrt(np.sum(np.abs(modes) ** 2, axis=(1, 2)))[:, None, None]
-        return modes, None
+        return _aperture_modes(vh[:K], inside, n), None
     raise ValueError(f"unknown mixture family {family!r}")
 
 
