@@ -321,8 +321,19 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
              chain: bool = False, null: bool = False, holdout: float = 0.0,
              starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
              phase_from: str = "", span_refit: bool = False, converge: float = 0.0,
-             forward: int = 0, fixed_object: bool = False, curve: tuple[int, ...] = ()) -> dict[str, Any]:
+             forward: int = 0, fixed_object: bool = False, curve: tuple[int, ...] = (),
+             oracle: int = 0) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
+    if oracle:
+        full, (held, keep) = scan, holdout_split(scan, holdout)
+        rec = {"case": case, "K": K, "holdout": holdout, "sets": sets, "cap": ml_cap,
+               **oracle_steps(held, full, mix, keep, {**sets, "detector_gain": 1.0}, oracle, curve),
+               "load": os.getloadavg()[0]}
+        for s_ in rec["oracle_steps"]:
+            print(f"  {case} from the truth, step {s_['k']} -> {s_['k'] + 1}: "
+                  + ", ".join(f"N {p['iterations']}: {p['ho_a']:.1f}/{p['ho_b']:.1f} z {p['z']:.1f}" for p in s_["curve"]),
+                  flush=True)
+        return rec
     t0 = time.perf_counter()
     n0 = len(ML_STAGES)
     keep = None
@@ -646,6 +657,39 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
             "fwd_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def oracle_steps(scan: Any, full: Any, mix: Any, keep: np.ndarray, sets: dict[str, Any], arm: int,
+                 curve: tuple[int, ...], spurious: float = 0.02) -> dict[str, Any]:
+    """Session 25's diagnostic: the forward steps' two arms started from the truth — is the weakest true
+    mode's step, and a spurious mode's, decided right by held-out pixels when the compared fits start at
+    the answer? Step K − 1 → K: arm A the true object and the K − 1 strongest true modes, arm B all K;
+    step K → K + 1: A all K, B those and a spurious mode (the first mode's derivative along x, orthogonal
+    to the true modes, at ``spurious`` of the power). Each arm ``arm`` ML iterations on the kept pixels,
+    read at ``curve``'s iteration counts too."""
+    t0 = time.perf_counter()
+    cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
+    true = mix.probe
+    K = len(true)
+    d = np.gradient(true[0], axis=1)
+    q, _ = np.linalg.qr(true.reshape(K, -1).T)
+    d = d.ravel() - q @ (q.conj().T @ d.ravel())
+    d = (d * np.sqrt(spurious * np.sum(np.abs(true) ** 2) / np.sum(np.abs(d) ** 2))).reshape(true.shape[1:])
+    pairs = ([(K - 1, true[:K - 1], true)] if K > 1 else []) + [(K, true, np.concatenate([true, d[None]]))]
+    steps = []
+    for k, pa, pb in pairs:
+        ua, ub = (StopWhenFlat(-np.inf, arm, snapshots_at=curve + (arm,)) for _ in range(2))
+        fit(scan, k, f"ML:{arm}", cut_sets, mix.object[None], pa, keep=keep, until=ua)
+        fit(scan, k + 1, f"ML:{arm}", cut_sets, mix.object[None], pb, keep=keep, until=ub)
+        pts = []
+        for n_it, (oa, qa), (ob, qb) in zip(curve + (arm,), ua.snapshots, ub.snapshots):
+            ha, hb = view_errors(full, oa, qa, ~keep)[0], view_errors(full, ob, qb, ~keep)[0]
+            pts.append({"iterations": n_it, "ho_a": float(ha.sum()), "ho_b": float(hb.sum()),
+                        "z": round(chain_count([list(ha - hb)])[1][0], 2), "c_b": captured(qb, true)})
+        steps.append({"k": k, "curve": pts, "error_a": ua.errors[-1], "error_b": ub.errors[-1]})
+    start = [view_errors(full, mix.object[None], pb, ~keep)[0].sum() for _, _, pb in pairs]
+    return {"oracle_steps": steps, "oracle_arm": arm, "oracle_spurious": spurious,
+            "oracle_start_ho": [float(x) for x in start], "oracle_seconds": round(time.perf_counter() - t0, 1)}
+
+
 def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray,
                truth: np.ndarray) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Session 24's count (benchmarks/mode_span.py): rank-k models fitted inside the span of the M-mode
@@ -953,6 +997,18 @@ def forward_summary(path: str) -> None:
                       + ", ".join(f"N {p['iterations']}: {p['z']:.1f}" for p in s["curve"]))
 
 
+def oracle_summary(path: str) -> None:
+    """Session 25's diagnostic (``--oracle``): each record's two steps from the truth, the held-out errors
+    of arms A/B and z at each iteration count read."""
+    with open(path) as fh:
+        recs = [json.loads(line) for line in fh if '"oracle_steps"' in line]
+    for r in recs:
+        for st in r["oracle_steps"]:
+            kind = "the weakest true mode" if st["k"] < r["K"] else "a spurious mode"
+            print(f"{r.get('run', ''):12s} {r['case']:17s} from the truth, step {st['k']}->{st['k'] + 1} ({kind}): "
+                  + ", ".join(f"N {p['iterations']}: {p['ho_a']:.0f}/{p['ho_b']:.0f} z {p['z']:.1f}" for p in st["curve"]))
+
+
 HELD_FAMILY_S22 = mode_mixtures.HELD_OUT_S22
 HELD_FAMILY_S23 = mode_mixtures.HELD_OUT_S23
 HELD_FAMILY_S24 = mode_mixtures.HELD_OUT_S24
@@ -1001,6 +1057,9 @@ def main(argv: list[str] | None = None) -> None:
                     "k + 1, each two arms of this many ML iterations from one state (the k modes; the k modes and "
                     "the fit's mode least inside their span), read on held-out pixels (needs --holdout; the 1-mode "
                     "state refitted until --converge (default 1e-4) over --cut iterations)")
+    ap.add_argument("--oracle", type=int, default=0, help="session 25's diagnostic: the steps K-1 -> K and "
+                    "K -> K+1 (a spurious mode) as two arms of this many ML iterations from the truth, read on "
+                    "held-out pixels (needs --holdout; --curve too)")
     ap.add_argument("--curve", default="", help="with --forward: comma-separated iteration counts at which each "
                     "step's arms are also read on held-out pixels (a diagnostic of z against the arms' length)")
     ap.add_argument("--fixed-object", action="store_true", help="with --forward: the arms refit the probe "
@@ -1037,8 +1096,12 @@ def main(argv: list[str] | None = None) -> None:
         curve = tuple(int(x) for x in a.curve.split(",")) if a.curve else ()
     except ValueError:
         ap.error(f"--curve {a.curve!r}: comma-separated iteration counts")
-    if curve and (not a.forward or max(curve) > a.forward or min(curve) < 1):
-        ap.error(f"--curve {a.curve!r}: iteration counts within --forward's arms (needs --forward)")
+    arms = a.forward or a.oracle
+    if curve and (not arms or max(curve) > arms or min(curve) < 1):
+        ap.error(f"--curve {a.curve!r}: iteration counts within the arms (needs --forward or --oracle)")
+    if a.oracle < 0 or (a.oracle and (not a.holdout or a.forward or a.span)):
+        ap.error("--oracle: a positive number of ML iterations an arm, on held-out pixels (needs --holdout; "
+                 "not with --forward or --span)")
     if a.fixed_object and not a.forward:
         ap.error("--fixed-object applies to --forward only")
     if a.span_refit and not a.span:
@@ -1055,6 +1118,9 @@ def main(argv: list[str] | None = None) -> None:
         with open(a.summarise) as fh:
             text = fh.read()
             root = Path(__file__).resolve().parents[1] / "docs"
+            if '"oracle_steps"' in text:
+                oracle_summary(a.summarise)
+                return
             if '"fwd_steps"' in text:
                 forward_summary(a.summarise)
                 return
@@ -1083,7 +1149,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
                      a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit, a.converge,
-                     a.forward, a.fixed_object, curve)
+                     a.forward, a.fixed_object, curve, a.oracle)
         if a.run:
             r["run"] = a.run
         if a.json:

@@ -380,6 +380,8 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     (["--forward", "200"], "--forward: a positive number"),
     (["--holdout", "0.15", "--span", "--forward", "200"], "not with --span"),
     (["--holdout", "0.15", "--fixed-object"], "--fixed-object applies to --forward only"),
+    (["--oracle", "100"], "--oracle: a positive number"),
+    (["--holdout", "0.15", "--forward", "100", "--curve", "200"], "within the arms"),
     (["--holdout", "0.15", "--starts", "1,0.5", "--phase-from", "x.jsonl"], "not with --starts"),
 ])
 def test_mode_over_refuses_bad_starts_by_name(args, named, capsys):
@@ -602,6 +604,36 @@ def test_session25s_forward_steps_compare_two_arms_from_one_state_and_stop_at_th
                                                                (2, "ML:200", False), (3, "ML:200", False)]
     assert [st.get("object_reg") for st in sets_seen] == [None, 1e12, 1e12, None, 1e12, 1e12]
     assert rec["found_fwd"] == 2 and rec["fwd_fixed_object"] and rec["fwd_steps"][0]["state_iterations"] == 2
+
+
+def test_the_oracle_steps_start_both_arms_from_the_truth_and_add_a_spurious_mode_orthogonal_to_it(monkeypatch):
+    """``mode_over.oracle_steps`` (session 25's diagnostic): step K − 1 → K compares the true object with
+    the K − 1 strongest true modes against all K; step K → K + 1 all K against them plus a spurious mode
+    orthogonal to every true mode at the asked share of the power; both arms of a step start from the true
+    object and run the same iterations."""
+    _benchmarks_on_path()
+    import mode_over
+
+    scan, mix = mixture_scan("gsm", spectrum(3, 0.03), 1e6, seed=1, n_positions=9)
+    arms = []
+
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
+        arms.append((k, alg, obj, probe))
+        until.errors.append(1.0)
+        until.snapshots += [(obj, probe)] * len(until.snapshots_at)
+        return obj, probe, 1.0
+    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    monkeypatch.setattr(mode_over, "view_errors", lambda full, o, p, mask: (np.arange(5.0) + len(p) ** 2,))
+    rec = mode_over.oracle_steps(scan, scan, mix, np.ones(1, bool), {}, 30, (10,), spurious=0.02)
+    assert [(k, alg, len(p)) for k, alg, _, p in arms] == [(2, "ML:30", 2), (3, "ML:30", 3), (3, "ML:30", 3),
+                                                           (4, "ML:30", 4)]
+    assert all(np.array_equal(o, mix.object[None]) for _, _, o, _ in arms)
+    assert np.array_equal(arms[1][3], mix.probe) and np.array_equal(arms[3][3][:3], mix.probe)
+    extra = arms[3][3][3]
+    total = np.sum(np.abs(mix.probe) ** 2)
+    assert abs(np.sum(np.abs(extra) ** 2) / total - 0.02) < 1e-9
+    assert max(abs(np.vdot(m, extra)) for m in mix.probe) < 1e-9 * total
+    assert [[p["iterations"] for p in st["curve"]] for st in rec["oracle_steps"]] == [[10, 30], [10, 30]]
 
 
 def test_the_next_direction_is_the_fitted_mode_least_inside_the_span_less_its_part_in_it():
