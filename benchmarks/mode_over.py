@@ -325,9 +325,9 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
              oracle: int = 0) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     if oracle:
-        full, (held, keep) = scan, holdout_split(scan, holdout)
+        kept_scan, kept = holdout_split(scan, holdout)
         rec = {"case": case, "K": K, "holdout": holdout, "sets": sets, "cap": ml_cap,
-               **oracle_steps(held, full, mix, keep, {**sets, "detector_gain": 1.0}, oracle, curve),
+               **oracle_steps(kept_scan, scan, mix, kept, {**sets, "detector_gain": 1.0}, oracle, curve),
                "load": os.getloadavg()[0]}
         for s_ in rec["oracle_steps"]:
             print(f"  {case} from the truth, step {s_['k']} -> {s_['k'] + 1}: "
@@ -957,10 +957,10 @@ def converge_summary(path: str, s24: str) -> None:
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     for case, r in recs.items():
         K, o = r["K"], old.get(case)
-        same = o is not None and o["error_M"] == r["error_M"]
+        same = o if o is not None and o["error_M"] == r["error_M"] else None     # the same fit, bit for bit
         c = {"rule": chain_count(r["spanref_view_gain"])[0], "K": K,
-             "s24 rule": chain_count(o["spanref_view_gain"])[0] if same else None,
-             "s23 chain": chain_count(o["ho_view_gain"])[0] if same else None, "s23 record": r.get("prior_found_ho")}
+             "s24 rule": chain_count(same["spanref_view_gain"])[0] if same else None,
+             "s23 chain": chain_count(same["ho_view_gain"])[0] if same else None, "s23 record": r.get("prior_found_ho")}
         zs = chain_count(r["spanref_view_gain"])[1]
         fam, ph, k, weak = case.split(":")
         cells[(fam, ph, f"{k}:{weak}")] = c
