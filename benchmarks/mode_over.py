@@ -132,12 +132,16 @@ def holdout_split(scan: Any, frac: float, seed: int = 22) -> tuple[Any, np.ndarr
     kept pixels (views, n, n), and a copy of the scan whose held-out pixels carry no data — each is
     replaced by the mean √I of its pixel over the frames that keep it, so that nothing the fit reads
     (the initial probe's mean amplitude, the intensity total) sees a held-out count."""
+    keep = np.random.default_rng(seed).uniform(size=scan.diffamp.shape) >= frac
+    return kept_only(scan, keep), keep
+
+
+def kept_only(scan: Any, keep: np.ndarray) -> Any:
+    """A copy of ``scan`` whose pixels outside ``keep`` carry no data (:func:`holdout_split`)."""
     from dataclasses import replace
     amp = np.asarray(scan.diffamp, np.float64)
-    keep = np.random.default_rng(seed).uniform(size=amp.shape) >= frac
     fill = np.sum(amp * keep, axis=0) / np.maximum(keep.sum(axis=0), 1)
-    masked = np.where(keep, amp, fill[None]).astype(scan.diffamp.dtype)
-    return replace(scan, diffamp=masked), keep
+    return replace(scan, diffamp=np.where(keep, amp, fill[None]).astype(scan.diffamp.dtype))
 
 
 def phase_start(rec: Any, factor: float) -> np.ndarray:
@@ -422,7 +426,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         if keep is None:
             raise ValueError("--forward needs held-out pixels (--holdout)")
         rec.update(forward_chain(scan, full, obj, pr, keep, mix.probe, forward, sets,
-                                 StopWhenFlat(converge or 1e-4, cut or 50), fixed_object, curve))
+                                 StopWhenFlat(converge or 1e-4, cut or 50), fixed_object, curve, null))
         chain = null = False      # session 25's rule alone (session 23's chain on the same fits: the s24 records)
         cut = 0
         ab = ", ".join(f"{s_['ho_a']:.1f}/{s_['ho_b']:.1f}" for s_ in rec["fwd_steps"])
@@ -601,9 +605,29 @@ def next_direction(probe: np.ndarray, fitted: np.ndarray) -> np.ndarray:
     return resid[:, j].reshape(fitted.shape[1:])
 
 
+def null_arms(full: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray, extra: np.ndarray, arm: int,
+              sets: dict[str, Any], seed: int) -> np.ndarray:
+    """A forward step's two arms on null data: a Poisson draw from the model (``obj``, ``probe``: the step's
+    state), arm A its k modes, arm B those and ``extra`` (spurious there by construction), ``arm`` ML
+    iterations each on the kept pixels from the state; the per-view gains A − B of the kept pixels' error."""
+    from auto_mode_bootstrap import null_scan
+    r = Reconstruction(full, ReconParams(iterations=1, probe_modes=len(probe), threads=1), log=lambda m: None)
+    r.obj = obj.astype(r.cdtype)
+    r.probe = probe.astype(r.cdtype)
+    model = per_view(r)[1]
+    r.close()
+    null = null_scan(full, model, seed)
+    kept = kept_only(null, keep)
+    e = []
+    for p in (probe, np.concatenate([probe, extra[None]])):
+        o_j, p_j, _ = fit(kept, len(p), f"ML:{arm}", sets, obj, p, keep=keep, until=StopWhenFlat(-np.inf, arm))
+        e.append(view_errors(null, o_j, p_j, keep)[0])
+    return np.asarray(e[0] - e[1])
+
+
 def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
                   arm: int, sets: dict[str, Any], first: StopWhenFlat, fixed_object: bool = False,
-                  curve: tuple[int, ...] = ()) -> dict[str, Any]:
+                  curve: tuple[int, ...] = (), bootstrap: bool = False) -> dict[str, Any]:
     """Session 25's rule: the count by forward steps, each a paired comparison of two arms from one state.
     The 1-mode state: the M-mode fit's object and strongest mode refitted until flat (``first``). A step
     k → k + 1 runs, from the k-mode state, arm A (the k modes) and arm B (the k modes and the M-mode fit's
@@ -616,7 +640,10 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
     arms refit the probe modes only (the state's object held: its step scaled to ~0 by a huge object
     regulariser), and a step taken refits B's modes with the object until flat for the next state (a
     variant: an extra mode cannot speed the object's convergence then). ``curve``: iteration counts at which
-    both arms' held-out errors are also read (a diagnostic: each step's z against the arms' length)."""
+    both arms' held-out errors are also read (a diagnostic: each step's z against the arms' length).
+    ``bootstrap``: a step is taken where its per-view gains on the **kept** pixels beat those of the same
+    two arms run on a Poisson draw from the k-mode state's model (:func:`null_arms`: there the extra mode
+    is spurious by construction) by Welch z > 2, not on held-out pixels (which are still read)."""
     t0 = time.perf_counter()
     cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
     arm_sets = {**cut_sets, "object_reg": 1e12} if fixed_object else cut_sets
@@ -632,9 +659,17 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
         h_a, h_b = view_errors(full, o_a, p_a, ~keep)[0], view_errors(full, o_b, p_b, ~keep)[0]
         gains.append([float(f"{x:.6g}") for x in h_a - h_b])
         z = chain_count([gains[-1]])[1][0]
+        if bootstrap:
+            d = view_errors(full, o_a, p_a, keep)[0] - view_errors(full, o_b, p_b, keep)[0]
+            d0 = null_arms(full, keep, o, p, next_direction(p, pr), arm, arm_sets, seed=2500 + k)
+            z_ho = z
+            z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
         steps.append({"k": k, "ho_a": float(h_a.sum()), "ho_b": float(h_b.sum()), "z": round(z, 2),
                       "error_a": e_a, "error_b": e_b, "shares_b": [round(float(x), 5) for x in modes.power_fractions(p_b)],
                       "c_a": captured(p_a, truth), "c_b": captured(p_b, truth)})
+        if bootstrap:
+            steps[-1].update(z_holdout=round(z_ho, 2), kept_gain=float(d.sum()), null_gain=float(d0.sum()),
+                             view_kept_gain=[float(f"{x:.6g}") for x in d], view_null_gain=[float(f"{x:.6g}") for x in d0])
         if curve:
             pts = []
             for n_it, (oa, pa), (ob, pb) in zip(curve, ua.snapshots, ub.snapshots):
@@ -651,7 +686,7 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
             o, p, _ = fit(scan, k + 1, f"ML:{CONVERGE_CAP * first.window}", cut_sets, o, p, keep=keep, until=until)
             steps[-1]["state_iterations"] = len(until.errors)
     return {"found_fwd": found, "fwd_z": [s["z"] for s in steps], "fwd_arm": arm, "fwd_steps": steps,
-            "fwd_fixed_object": fixed_object,
+            "fwd_fixed_object": fixed_object, "fwd_bootstrap": bootstrap,
             "fwd_view_gain": gains, "fwd_first": {"iterations": len(first.errors), "flat": first.flat,
                                                   "tol": first.tol, "window": first.window},
             "fwd_seconds": round(time.perf_counter() - t0, 1)}
@@ -1033,7 +1068,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--trace", type=int, default=0, help="print the spectrum every N ML iterations")
     ap.add_argument("--null", action="store_true", help="the chain against a parametric-bootstrap null of each "
-                    "step (one more M-mode fit a step)")
+                    "step (one more M-mode fit a step); with --forward, each step decided by its kept-pixel gains "
+                    "against the same two arms on a Poisson draw from the step's state (null_arms)")
     ap.add_argument("--holdout", type=float, default=0.0, help="hold this fraction of every frame's pixels "
                     "out of every fit (a fixed random mask a frame) and read the count from the chain's amplitude "
                     "error on them (implies --chain; session 22)")
