@@ -606,6 +606,44 @@ def test_session25s_forward_steps_compare_two_arms_from_one_state_and_stop_at_th
     assert rec["found_fwd"] == 2 and rec["fwd_fixed_object"] and rec["fwd_steps"][0]["state_iterations"] == 2
 
 
+def test_session25s_forward_steps_with_a_null_are_decided_by_kept_pixel_gains_against_null_arms(monkeypatch):
+    """``mode_over.forward_chain(..., bootstrap=True)``: a step is taken where its per-view kept-pixel gains
+    beat the null arms' (the same two arms on a Poisson draw from the step's state, ``null_arms``) by Welch
+    z > 2 — even where the held-out pixels see nothing (recorded as ``z_holdout``) — and the chain stops
+    at the first step that does not."""
+    _benchmarks_on_path()
+    import mode_over
+
+    rng = np.random.default_rng(4)
+    fitted = np.linalg.qr(rng.standard_normal((16, 4)) + 1j * rng.standard_normal((16, 4)))[0].T.reshape(4, 4, 4)
+    n = 40
+    kept = {1: 100 + rng.normal(0, 1, n)}
+    kept[2] = kept[1] - 5 + rng.normal(0, 1, n)        # the 2nd mode: a clear kept-pixel gain (~5 a view)
+    kept[3] = kept[2] - 1 + rng.normal(0, 1, n)        # the 3rd: the gain a spurious mode gets (~1 a view)
+    held_flat = 50 + rng.normal(0, 1, n)               # held-out pixels: no step is seen there
+    nulls = []
+
+    def fake_null(full, keep, obj, probe, extra, arm, sets, seed):
+        nulls.append((len(probe), arm, extra.shape))
+        return 1 + np.random.default_rng(seed).normal(0, 1, n)
+
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
+        if until is not None:
+            until.errors.append(1.0)
+        return obj, probe, 1.0
+    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    monkeypatch.setattr(mode_over, "null_arms", fake_null)
+    monkeypatch.setattr(mode_over, "view_errors",
+                        lambda full, o, p, mask: (kept[len(p)] if mask.all() else held_flat + 1e-3 * len(p),))
+    monkeypatch.setattr(mode_over, "captured", lambda p, t: 1.0)
+    rec = mode_over.forward_chain(None, None, np.zeros(1), fitted, np.ones((n, 2, 2), bool), None, 300, {},
+                                  mode_over.StopWhenFlat(1e-4, 50), bootstrap=True)
+    assert rec["found_fwd"] == 2 and rec["fwd_bootstrap"] and nulls == [(1, 300, (4, 4)), (2, 300, (4, 4))]
+    first, second = rec["fwd_steps"]
+    assert first["z"] > 2 >= first["z_holdout"] and second["z"] <= 2
+    assert first["kept_gain"] > 4 * n and abs(second["kept_gain"] - second["null_gain"]) < 0.5 * n
+
+
 def test_the_oracle_steps_start_both_arms_from_the_truth_and_add_a_spurious_mode_orthogonal_to_it(monkeypatch):
     """``mode_over.oracle_steps`` (session 25's diagnostic): step K − 1 → K compares the true object with
     the K − 1 strongest true modes against all K; step K → K + 1 all K against them plus a spurious mode
