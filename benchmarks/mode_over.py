@@ -442,7 +442,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
             if converge:
                 chain = null = False      # session 25's rule alone (session 23's chain on the same fits: the s24 records)
                 cut = 0
-            print(f"  {case} span + refits of {cut}: held-out errors "
+            print(f"  {case} span + refits of {rec['spanref_cut']}: held-out errors "
                   f"{', '.join(f'{x:.1f}' for x in rec['spanref_ho_sums'])}; z "
                   f"{', '.join(f'{z:.1f}' for z in rec['spanref_z'])}: found {rec['found_spanref']}, true {K}", flush=True)
         else:
