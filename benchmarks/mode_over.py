@@ -1159,27 +1159,21 @@ def main(argv: list[str] | None = None) -> None:
         compare(*a.compare)
         return
     if a.summarise:
-        with open(a.summarise) as fh:
+        # the records' kind, by a field only it has (newest first), chooses the summary
+        docs, path = Path(__file__).resolve().parents[1] / "docs", a.summarise
+        kinds: list[tuple[str, Callable[[], None]]] = [
+            ('"oracle_steps"', lambda: oracle_summary(path)),
+            ('"fwd_steps"', lambda: forward_summary(path)),
+            ('"spanref_converge"', lambda: converge_summary(path, str(docs / "auto_modes_s24.jsonl"))),
+            ('"spanref_view_gain"', lambda: span_summary(path)),
+            ('"start_chosen"', lambda: starts_summary(path, str(docs / "auto_modes_s22.jsonl"))),
+            ("ho_view_gain", lambda: holdout_summary(path, str(docs / "auto_modes_s21.jsonl"),
+                                                     str(docs / "auto_modes.md")))]
+        with open(path) as fh:
             text = fh.read()
-            root = Path(__file__).resolve().parents[1] / "docs"
-            if '"oracle_steps"' in text:
-                oracle_summary(a.summarise)
-                return
-            if '"fwd_steps"' in text:
-                forward_summary(a.summarise)
-                return
-            if '"spanref_converge"' in text:
-                converge_summary(a.summarise, str(root / "auto_modes_s24.jsonl"))
-                return
-            if '"spanref_view_gain"' in text:
-                span_summary(a.summarise)
-                return
-            if '"start_chosen"' in text:
-                starts_summary(a.summarise, str(root / "auto_modes_s22.jsonl"))
-                return
-            if "ho_view_gain" in text:
-                root = Path(__file__).resolve().parents[1] / "docs"
-                holdout_summary(a.summarise, str(root / "auto_modes_s21.jsonl"), str(root / "auto_modes.md"))
+        for marker, show in kinds:
+            if marker in text:
+                show()
                 return
         summarise(a.summarise, a.poisson)
         return
