@@ -222,6 +222,7 @@ class JobQueue:
         self._threads: list[threading.Thread] = []
         self._procs: dict[str, subprocess.Popen] = {}
         self._killed: set[str] = set()          # jobs ended by stop(kill=True), to be requeued
+        self._killing = False                   # stop(kill=True) called: a job being started is not started
         self._cancelled: dict[str, int] = {}    # live jobs to end (signal), asked before or after their start
         self._slurm: dict[str, str] = {}        # job id → Slurm job id, while followed (callbacks/slurm.py)
         for state in STATES:
@@ -527,6 +528,9 @@ class JobQueue:
         if job.id in self._cancelled:             # a live job ended before it started
             job.reason = "ended before it started"
             return False
+        if self._killing and slot is not None:    # stop(kill=True) came while it was being claimed: requeued
+            self._killed.add(job.id)
+            return False
         env.setdefault("OMP_NUM_THREADS", "1")
         log.info("job %s: %s", job.id, " ".join(argv))
         job.started = time.time()
@@ -535,6 +539,10 @@ class JobQueue:
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=lower_priority(job.nice) if job.nice else None)
             self._procs[job.id] = proc
+            if self._killing and slot is not None and job.id not in self._killed:
+                # stop(kill=True) came between the check above and this registration: it ends here
+                self._killed.add(job.id)
+                kill_job(proc)
             if job.id in self._cancelled:         # asked to end while it was being started
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, self._cancelled[job.id])
@@ -611,6 +619,7 @@ class JobQueue:
         if kill and self._slurm:
             from .slurm import cancel_slurm_jobs
             cancel_slurm_jobs(self)
+        self._killing = self._killing or kill     # before the loop below: a job registered after it kills itself
         self._stop.set()
         with self._wake:
             self._wake.notify_all()

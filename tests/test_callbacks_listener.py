@@ -243,6 +243,37 @@ def test_gpu_pools_one_job_at_a_time_each(tmp_path):
         assert ",".join(JobSpec.read(job.spec_file).execution.gpus) == (out / job.id).read_text()
 
 
+def test_a_job_being_started_when_the_queue_is_killed_is_requeued_not_run(tmp_path):
+    """stop(kill=True) arriving after a runner has claimed a job but before its process is registered
+    (leaving a session early, tests/test_profile_collection.py): the job is not started, and it goes back
+    to pending — not run to its end or failed while the queue stops."""
+    import threading
+
+    from hxn_ptycho.callbacks.launcher import JobQueue
+
+    marker = tmp_path / "ran"
+    claimed, stopped = threading.Event(), threading.Event()
+    failures = []
+
+    def command(job):                 # called by the runner after the claim, before the process starts
+        claimed.set()
+        stopped.wait(10)
+        return [sys.executable, "-c", f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')"]
+    q = JobQueue(tmp_path / "q", command=command, on_failure=lambda job, reason: failures.append(reason))
+    job = q.submit(job_of("a", "b"))
+    q.start()
+    assert claimed.wait(30)
+    stopper = threading.Thread(target=q.stop, kwargs={"kill": True})
+    stopper.start()
+    wait_for(lambda: q._stop.is_set(), 10, what="the stop")
+    stopped.set()
+    stopper.join(30)
+    assert not marker.exists() and not failures
+    pending = [p.name for p in (tmp_path / "q" / "pending").glob("*.json")]
+    assert len(pending) == 1 and pending[0].endswith(f"-{job.id}.json"), pending
+    assert not any(any((tmp_path / "q" / s).glob("*.json")) for s in ("running", "done", "failed"))
+
+
 def test_killed_jobs_are_requeued_with_all_their_processes(tmp_path):
     """stop(kill=True) ends the whole process group of a running job and puts the job back."""
     from hxn_ptycho.callbacks.launcher import JobQueue

@@ -163,7 +163,7 @@ def test_leaving_early_hands_the_job_to_the_next_session(profile_env, tiled_serv
     first = _session("(uid,) = RE(ptycho_scan()); print('UID', uid, flush=True)", env)
     uid = _uid(first)
     assert "at most 0.5 s" in first.stdout
-    assert f"1 reconstruction job(s) not finished; they stay queued in {queue}" in first.stdout
+    assert f"1 reconstruction job(s) not finished; they stay queued in {queue}" in first.stdout, first.stdout
     assert len(list((queue / "pending").glob("*.json"))) == 1 and not list((queue / "running").glob("*.json"))
     with pytest.raises(NoResult):
         results(str(tiled_server.directory), raw_uid=uid)
