@@ -314,6 +314,7 @@ class JobQueue:
         """Recover what a previous process left running (see :meth:`recover`), then start the runners
         and the republisher of saved documents."""
         self._stop.clear()
+        self._killing = False                    # a queue started again runs its jobs
         for p in sorted((self.directory / "running").glob("*.json")):
             try:
                 self.recover(p)
@@ -450,6 +451,7 @@ class JobQueue:
             if ok is None:                        # a Slurm job no longer followed: it goes on, the next start adopts it
                 continue
             if job.id in self._killed:            # stopped by stop(kill=True): run again at next start
+                self._killed.discard(job.id)      # (once: a queue started again runs it to its end)
                 job.pid = job.pid_start = job.phase = None
                 self._record(running, job)
                 os.replace(running, self.directory / "pending" / running.name)

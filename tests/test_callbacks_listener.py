@@ -272,6 +272,11 @@ def test_a_job_being_started_when_the_queue_is_killed_is_requeued_not_run(tmp_pa
     pending = [p.name for p in (tmp_path / "q" / "pending").glob("*.json")]
     assert len(pending) == 1 and pending[0].endswith(f"-{job.id}.json"), pending
     assert not any(any((tmp_path / "q" / s).glob("*.json")) for s in ("running", "done", "failed"))
+    # the same queue started again runs it to its end (once)
+    q.start()
+    wait_for(lambda: any((tmp_path / "q" / "done").glob("*.json")), 30, what="the requeued job done")
+    q.stop()
+    assert marker.exists() and not failures and not any((tmp_path / "q" / "pending").glob("*.json"))
 
 
 def test_killed_jobs_are_requeued_with_all_their_processes(tmp_path):
