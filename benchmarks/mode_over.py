@@ -272,12 +272,7 @@ def null_gain(scan: Any, obj: np.ndarray, probe: np.ndarray, M: int, alg: str, c
     of the amplitude error (what the real step's gains are compared with)."""
     from auto_mode_bootstrap import null_scan
     k = len(probe)
-    r = Reconstruction(scan, ReconParams(iterations=1, probe_modes=k, threads=1), log=lambda m: None)
-    r.obj = obj.astype(r.cdtype)
-    r.probe = probe.astype(r.cdtype)
-    model = per_view(r)[1]
-    r.close()
-    null = null_scan(scan, model, seed)
+    null = null_scan(scan, model_intensity(scan, obj, probe)[0], seed)
     o0, p0, _ = fit(null, M, alg, sets)
     cut_sets = {key: v for key, v in sets.items() if key != "extra_mode_power"}
     e = []
@@ -326,7 +321,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
              starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
              phase_from: str = "", span_refit: bool = False, converge: float = 0.0,
              forward: int = 0, fixed_object: bool = False, curve: tuple[int, ...] = (),
-             oracle: int = 0) -> dict[str, Any]:
+             oracle: int = 0, null_own: bool = False) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     if oracle:
         kept_scan, kept = holdout_split(scan, holdout)
@@ -426,7 +421,9 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         if keep is None:
             raise ValueError("--forward needs held-out pixels (--holdout)")
         rec.update(forward_chain(scan, full, obj, pr, keep, mix.probe, forward, sets,
-                                 StopWhenFlat(converge or 1e-4, cut or 50), fixed_object, curve, null))
+                                 StopWhenFlat(converge or 1e-4, cut or 50), fixed_object, curve, null,
+                                 null_fit=(lambda nl: fit(kept_only(nl, keep), M, alg, sets, keep=keep, phase=chosen)[1])
+                                 if null_own else None))
         chain = null = False      # session 25's rule alone (session 23's chain on the same fits: the s24 records)
         cut = 0
         ab = ", ".join(f"{s_['ho_a']:.1f}/{s_['ho_b']:.1f}" for s_ in rec["fwd_steps"])
@@ -605,19 +602,30 @@ def next_direction(probe: np.ndarray, fitted: np.ndarray) -> np.ndarray:
     return resid[:, j].reshape(fitted.shape[1:])
 
 
-def null_arms(full: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray, extra: np.ndarray, arm: int,
-              sets: dict[str, Any], seed: int) -> np.ndarray:
-    """A forward step's two arms on null data: a Poisson draw from the model (``obj``, ``probe``: the step's
-    state), arm A its k modes, arm B those and ``extra`` (spurious there by construction), ``arm`` ML
-    iterations each on the kept pixels from the state; the per-view gains A − B of the kept pixels' error."""
-    from auto_mode_bootstrap import null_scan
-    r = Reconstruction(full, ReconParams(iterations=1, probe_modes=len(probe), threads=1), log=lambda m: None)
+def model_intensity(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Σ_k |F(P_k · O_j)|² of every view j and the data's √I as the engine reads them (the views' given
+    order): the model's intensity and the measured amplitude it is compared with."""
+    r = Reconstruction(scan, ReconParams(iterations=1, probe_modes=len(probe), threads=1), log=lambda m: None)
     r.obj = obj.astype(r.cdtype)
     r.probe = probe.astype(r.cdtype)
     model = per_view(r)[1]
+    amp = np.asarray(r.be.asnumpy(r.diffamp), np.float64)
     r.close()
-    null = null_scan(full, model, seed)
+    return model, amp
+
+
+def null_arms(full: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray,
+              extra: np.ndarray | Callable[[Any], np.ndarray], arm: int,
+              sets: dict[str, Any], seed: int) -> np.ndarray:
+    """A forward step's two arms on null data: a Poisson draw from the model (``obj``, ``probe``: the step's
+    state), arm A its k modes, arm B those and ``extra`` (spurious there by construction; a callable: the
+    mode it gives for the null scan, read from it as the real step's was from the real data), ``arm`` ML
+    iterations each on the kept pixels from the state; the per-view gains A − B of the kept pixels' error."""
+    from auto_mode_bootstrap import null_scan
+    null = null_scan(full, model_intensity(full, obj, probe)[0], seed)
     kept = kept_only(null, keep)
+    if callable(extra):
+        extra = extra(null)
     e = []
     for p in (probe, np.concatenate([probe, extra[None]])):
         o_j, p_j, _ = fit(kept, len(p), f"ML:{arm}", sets, obj, p, keep=keep, until=StopWhenFlat(-np.inf, arm))
@@ -627,7 +635,8 @@ def null_arms(full: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray, e
 
 def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
                   arm: int, sets: dict[str, Any], first: StopWhenFlat, fixed_object: bool = False,
-                  curve: tuple[int, ...] = (), bootstrap: bool = False) -> dict[str, Any]:
+                  curve: tuple[int, ...] = (), bootstrap: bool = False,
+                  null_fit: Callable[[Any], np.ndarray] | None = None) -> dict[str, Any]:
     """Session 25's rule: the count by forward steps, each a paired comparison of two arms from one state.
     The 1-mode state: the M-mode fit's object and strongest mode refitted until flat (``first``). A step
     k → k + 1 runs, from the k-mode state, arm A (the k modes) and arm B (the k modes and the M-mode fit's
@@ -643,7 +652,10 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
     both arms' held-out errors are also read (a diagnostic: each step's z against the arms' length).
     ``bootstrap``: a step is taken where its per-view gains on the **kept** pixels beat those of the same
     two arms run on a Poisson draw from the k-mode state's model (:func:`null_arms`: there the extra mode
-    is spurious by construction) by Welch z > 2, not on held-out pixels (which are still read)."""
+    is spurious by construction) by Welch z > 2, not on held-out pixels (which are still read).
+    ``null_fit`` (session 26, with ``bootstrap``): the null arm B's extra mode is read from the null scan as
+    the real one is from the real scan — :func:`next_direction` of the M-mode fit that ``null_fit`` makes of
+    the null scan (the same schedule and start), not of the real data's M-mode fit (session 25)."""
     t0 = time.perf_counter()
     cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
     arm_sets = {**cut_sets, "object_reg": 1e12} if fixed_object else cut_sets
@@ -653,15 +665,19 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
     found = len(pr)
     for k in range(1, len(pr)):
         ua, ub = (StopWhenFlat(-np.inf, arm, snapshots_at=curve) for _ in range(2))
+        extra = next_direction(p, pr)
         o_a, p_a, e_a = fit(scan, k, f"ML:{arm}", arm_sets, o, p, keep=keep, until=ua)
-        o_b, p_b, e_b = fit(scan, k + 1, f"ML:{arm}", arm_sets, o, np.concatenate([p, next_direction(p, pr)[None]]),
+        o_b, p_b, e_b = fit(scan, k + 1, f"ML:{arm}", arm_sets, o, np.concatenate([p, extra[None]]),
                             keep=keep, until=ub)
         h_a, h_b = view_errors(full, o_a, p_a, ~keep)[0], view_errors(full, o_b, p_b, ~keep)[0]
         gains.append([float(f"{x:.6g}") for x in h_a - h_b])
         z = chain_count([gains[-1]])[1][0]
         if bootstrap:
             d = view_errors(full, o_a, p_a, keep)[0] - view_errors(full, o_b, p_b, keep)[0]
-            d0 = null_arms(full, keep, o, p, next_direction(p, pr), arm, arm_sets, seed=2500 + k)
+            null_extra: np.ndarray | Callable[[Any], np.ndarray] = extra
+            if null_fit is not None:
+                null_extra = lambda null, p=p: next_direction(p, null_fit(null))  # noqa: E731
+            d0 = null_arms(full, keep, o, p, null_extra, arm, arm_sets, seed=2500 + k)
             z_ho = z
             z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
         steps.append({"k": k, "ho_a": float(h_a.sum()), "ho_b": float(h_b.sum()), "z": round(z, 2),
@@ -686,7 +702,7 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
             o, p, _ = fit(scan, k + 1, f"ML:{CONVERGE_CAP * first.window}", cut_sets, o, p, keep=keep, until=until)
             steps[-1]["state_iterations"] = len(until.errors)
     return {"found_fwd": found, "fwd_z": [s["z"] for s in steps], "fwd_arm": arm, "fwd_steps": steps,
-            "fwd_fixed_object": fixed_object, "fwd_bootstrap": bootstrap,
+            "fwd_fixed_object": fixed_object, "fwd_bootstrap": bootstrap, "fwd_null_fit": null_fit is not None,
             "fwd_view_gain": gains, "fwd_first": {"iterations": len(first.errors), "flat": first.flat,
                                                   "tol": first.tol, "window": first.window},
             "fwd_seconds": round(time.perf_counter() - t0, 1)}
@@ -1108,6 +1124,9 @@ def main(argv: list[str] | None = None) -> None:
                     "step's arms are also read on held-out pixels (a diagnostic of z against the arms' length)")
     ap.add_argument("--fixed-object", action="store_true", help="with --forward: the arms refit the probe "
                     "modes only (the state's object held), a step taken refits object and modes until flat")
+    ap.add_argument("--null-own", action="store_true", help="with --forward --null (session 26): the null arm "
+                    "B's extra mode from the null scan's own M-mode fit (same schedule and start), as the real "
+                    "arm B's is from the real scan's")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
                     "(session 23's, with start_chosen) chose for the case; its error_M is checked against it")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
@@ -1146,6 +1165,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.oracle < 0 or (a.oracle and (not a.holdout or a.forward or a.span)):
         ap.error("--oracle: a positive number of ML iterations an arm, on held-out pixels (needs --holdout; "
                  "not with --forward or --span)")
+    if a.null_own and not (a.forward and a.null):
+        ap.error("--null-own applies to --forward --null only")
     if a.fixed_object and not a.forward:
         ap.error("--fixed-object applies to --forward only")
     if a.span_refit and not a.span:
@@ -1187,7 +1208,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
                      a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit, a.converge,
-                     a.forward, a.fixed_object, curve, a.oracle)
+                     a.forward, a.fixed_object, curve, a.oracle, a.null_own)
         if a.run:
             r["run"] = a.run
         if a.json:

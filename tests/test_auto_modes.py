@@ -380,6 +380,7 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     (["--forward", "200"], "--forward: a positive number"),
     (["--holdout", "0.15", "--span", "--forward", "200"], "not with --span"),
     (["--holdout", "0.15", "--fixed-object"], "--fixed-object applies to --forward only"),
+    (["--holdout", "0.15", "--forward", "100", "--null-own"], "--null-own applies to --forward --null only"),
     (["--oracle", "100"], "--oracle: a positive number"),
     (["--holdout", "0.15", "--forward", "100", "--curve", "200"], "within the arms"),
     (["--holdout", "0.15", "--starts", "1,0.5", "--phase-from", "x.jsonl"], "not with --starts"),
@@ -642,6 +643,46 @@ def test_session25s_forward_steps_with_a_null_are_decided_by_kept_pixel_gains_ag
     first, second = rec["fwd_steps"]
     assert first["z"] > 2 >= first["z_holdout"] and second["z"] <= 2
     assert first["kept_gain"] > 4 * n and abs(second["kept_gain"] - second["null_gain"]) < 0.5 * n
+
+
+def test_session26s_null_arms_read_their_extra_mode_from_the_null_scans_own_fit(monkeypatch):
+    """``forward_chain(..., bootstrap=True, null_fit=f)``: the null arm B's extra mode is read from the null
+    scan as the real arm B's is from the real data — :func:`next_direction` of ``f(null scan)`` (the null's
+    own M-mode fit), not of the real data's M-mode fit — and the real arm B still gets the real fit's."""
+    _benchmarks_on_path()
+    import mode_over
+
+    rng = np.random.default_rng(5)
+    basis = np.linalg.qr(rng.standard_normal((16, 8)) + 1j * rng.standard_normal((16, 8)))[0].T.reshape(8, 4, 4)
+    real_fit, null_fit_modes = basis[:4], np.concatenate([basis[:1], basis[4:7]])
+    n = 30
+    arms_b, null_calls, extras = [], [], []
+
+    def fake_null(full, keep, obj, probe, extra, arm, sets, seed):
+        assert callable(extra)
+        extras.append(extra("the null scan"))
+        return np.random.default_rng(seed).normal(0, 1, n)
+
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
+        if until is not None:
+            until.errors.append(1.0)
+        if len(probe) == 2:
+            arms_b.append(probe[1])
+        return obj, probe, 1.0
+
+    def null_fit(scan):
+        null_calls.append(scan)
+        return null_fit_modes
+    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    monkeypatch.setattr(mode_over, "null_arms", fake_null)
+    monkeypatch.setattr(mode_over, "view_errors", lambda full, o, p, mask: (100 - 0.01 * len(p) + 0 * np.arange(n),))
+    monkeypatch.setattr(mode_over, "captured", lambda p, t: 1.0)
+    rec = mode_over.forward_chain(None, None, np.zeros(1), real_fit, np.ones((n, 2, 2), bool), None, 300, {},
+                                  mode_over.StopWhenFlat(1e-4, 50), bootstrap=True, null_fit=null_fit)
+    assert rec["fwd_null_fit"] and rec["found_fwd"] == 1 and null_calls == ["the null scan"]
+    np.testing.assert_allclose(extras[0], mode_over.next_direction(real_fit[:1], null_fit_modes))
+    np.testing.assert_allclose(arms_b[0], mode_over.next_direction(real_fit[:1], real_fit))
+    assert abs(np.vdot(extras[0], arms_b[0])) < 1e-9       # the two fits' directions differ: each its own
 
 
 def test_the_oracle_steps_start_both_arms_from_the_truth_and_add_a_spurious_mode_orthogonal_to_it(monkeypatch):
