@@ -321,7 +321,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
              starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
              phase_from: str = "", span_refit: bool = False, converge: float = 0.0,
              forward: int = 0, fixed_object: bool = False, curve: tuple[int, ...] = (),
-             oracle: int = 0, null_own: bool = False) -> dict[str, Any]:
+             oracle: int = 0, null_own: bool = False, null_draws: int = 1) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     if oracle:
         kept_scan, kept = holdout_split(scan, holdout)
@@ -423,7 +423,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         rec.update(forward_chain(scan, full, obj, pr, keep, mix.probe, forward, sets,
                                  StopWhenFlat(converge or 1e-4, cut or 50), fixed_object, curve, null,
                                  null_fit=(lambda nl: fit(kept_only(nl, keep), M, alg, sets, keep=keep, phase=chosen)[1])
-                                 if null_own else None))
+                                 if null_own else None, null_draws=null_draws))
         chain = null = False      # session 25's rule alone (session 23's chain on the same fits: the s24 records)
         cut = 0
         ab = ", ".join(f"{s_['ho_a']:.1f}/{s_['ho_b']:.1f}" for s_ in rec["fwd_steps"])
@@ -636,7 +636,7 @@ def null_arms(full: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray,
 def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
                   arm: int, sets: dict[str, Any], first: StopWhenFlat, fixed_object: bool = False,
                   curve: tuple[int, ...] = (), bootstrap: bool = False,
-                  null_fit: Callable[[Any], np.ndarray] | None = None) -> dict[str, Any]:
+                  null_fit: Callable[[Any], np.ndarray] | None = None, null_draws: int = 1) -> dict[str, Any]:
     """Session 25's rule: the count by forward steps, each a paired comparison of two arms from one state.
     The 1-mode state: the M-mode fit's object and strongest mode refitted until flat (``first``). A step
     k → k + 1 runs, from the k-mode state, arm A (the k modes) and arm B (the k modes and the M-mode fit's
@@ -655,7 +655,9 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
     is spurious by construction) by Welch z > 2, not on held-out pixels (which are still read).
     ``null_fit`` (session 26, with ``bootstrap``): the null arm B's extra mode is read from the null scan as
     the real one is from the real scan — :func:`next_direction` of the M-mode fit that ``null_fit`` makes of
-    the null scan (the same schedule and start), not of the real data's M-mode fit (session 25)."""
+    the null scan (the same schedule and start), not of the real data's M-mode fit (session 25).
+    ``null_draws``: that many Poisson draws a step (seeds 100 apart), their per-view gains pooled (the
+    null's gain: their totals' mean; each draw's total is recorded)."""
     t0 = time.perf_counter()
     cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
     arm_sets = {**cut_sets, "object_reg": 1e12} if fixed_object else cut_sets
@@ -677,14 +679,17 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
             null_extra: np.ndarray | Callable[[Any], np.ndarray] = extra
             if null_fit is not None:
                 null_extra = lambda null, p=p: next_direction(p, null_fit(null))  # noqa: E731
-            d0 = null_arms(full, keep, o, p, null_extra, arm, arm_sets, seed=2500 + k)
+            draws = [null_arms(full, keep, o, p, null_extra, arm, arm_sets, seed=2500 + k + 100 * i)
+                     for i in range(null_draws)]
+            d0 = np.concatenate(draws)
             z_ho = z
             z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
         steps.append({"k": k, "ho_a": float(h_a.sum()), "ho_b": float(h_b.sum()), "z": round(z, 2),
                       "error_a": e_a, "error_b": e_b, "shares_b": [round(float(x), 5) for x in modes.power_fractions(p_b)],
                       "c_a": captured(p_a, truth), "c_b": captured(p_b, truth)})
         if bootstrap:
-            steps[-1].update(z_holdout=round(z_ho, 2), kept_gain=float(d.sum()), null_gain=float(d0.sum()),
+            steps[-1].update(z_holdout=round(z_ho, 2), kept_gain=float(d.sum()), null_gain=float(d0.sum()) / null_draws,
+                             null_draw_gains=[float(x.sum()) for x in draws],
                              view_kept_gain=[float(f"{x:.6g}") for x in d], view_null_gain=[float(f"{x:.6g}") for x in d0])
         if curve:
             pts = []
@@ -1127,6 +1132,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--null-own", action="store_true", help="with --forward --null (session 26): the null arm "
                     "B's extra mode from the null scan's own M-mode fit (same schedule and start), as the real "
                     "arm B's is from the real scan's")
+    ap.add_argument("--null-draws", type=int, default=1, help="with --forward --null: Poisson draws a step, "
+                    "their per-view gains pooled (session 26)")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
                     "(session 23's, with start_chosen) chose for the case; its error_M is checked against it")
     ap.add_argument("--run", default="", help="a label stored in each record (field run)")
@@ -1167,6 +1174,8 @@ def main(argv: list[str] | None = None) -> None:
                  "not with --forward or --span)")
     if a.null_own and not (a.forward and a.null):
         ap.error("--null-own applies to --forward --null only")
+    if a.null_draws < 1 or (a.null_draws != 1 and not (a.forward and a.null)):
+        ap.error(f"--null-draws {a.null_draws}: a positive number of draws, with --forward --null only")
     if a.fixed_object and not a.forward:
         ap.error("--fixed-object applies to --forward only")
     if a.span_refit and not a.span:
@@ -1208,7 +1217,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
                      a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit, a.converge,
-                     a.forward, a.fixed_object, curve, a.oracle, a.null_own)
+                     a.forward, a.fixed_object, curve, a.oracle, a.null_own, a.null_draws)
         if a.run:
             r["run"] = a.run
         if a.json:

@@ -685,6 +685,43 @@ def test_session26s_null_arms_read_their_extra_mode_from_the_null_scans_own_fit(
     assert abs(np.vdot(extras[0], arms_b[0])) < 1e-9       # the two fits' directions differ: each its own
 
 
+def test_session26s_null_of_several_draws_pools_their_per_view_gains_and_records_each_total(monkeypatch):
+    """``forward_chain(..., bootstrap=True, null_draws=3)``: each step's null is three Poisson draws (distinct
+    seeds), their per-view gains pooled into the Welch z; the step's null gain is their totals' mean, and
+    each draw's total is recorded. A real gain inside the draws' spread is not taken."""
+    _benchmarks_on_path()
+    import mode_over
+
+    rng = np.random.default_rng(6)
+    fitted = np.linalg.qr(rng.standard_normal((16, 3)) + 1j * rng.standard_normal((16, 3)))[0].T.reshape(3, 4, 4)
+    n = 30
+    seeds = []
+    level = {0: 0.2, 100: 2.0, 200: 3.8}                # the draws' per-view null gains differ draw to draw
+
+    def fake_null(full, keep, obj, probe, extra, arm, sets, seed):
+        seeds.append(seed)
+        return level[(seed - 2501) // 100 * 100] + np.random.default_rng(seed).normal(0, 0.3, n)
+
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
+        if until is not None:
+            until.errors.append(1.0)
+        return obj, probe, 1.0
+    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    monkeypatch.setattr(mode_over, "null_arms", fake_null)
+    real = 100 - 2.2 * np.random.default_rng(7).normal(1, 0.1, n)     # a gain of ~2.2 a view: far above draw 1's
+    monkeypatch.setattr(mode_over, "view_errors", lambda full, o, p, mask: (100 + 0 * real if len(p) == 1 else real,))
+    monkeypatch.setattr(mode_over, "captured", lambda p, t: 1.0)
+    rec = mode_over.forward_chain(None, None, np.zeros(1), fitted, np.ones((n, 2, 2), bool), None, 300, {},
+                                  mode_over.StopWhenFlat(1e-4, 50), bootstrap=True, null_draws=3)
+    step = rec["fwd_steps"][0]
+    assert seeds == [2501, 2601, 2701] and len(step["view_null_gain"]) == 3 * n
+    np.testing.assert_allclose(step["null_gain"], np.mean(step["null_draw_gains"]))
+    assert step["null_draw_gains"][0] < 0.3 * n < 1.5 * n < step["null_draw_gains"][1] < step["null_draw_gains"][2]
+    assert rec["found_fwd"] == 1 and step["z"] <= 2       # against draw 1 alone it would have been taken
+    one = (step["kept_gain"] / n - level[0]) / np.sqrt(np.var(real, ddof=1) / n + 0.09 / n)
+    assert one > 2
+
+
 def test_the_oracle_steps_start_both_arms_from_the_truth_and_add_a_spurious_mode_orthogonal_to_it(monkeypatch):
     """``mode_over.oracle_steps`` (session 25's diagnostic): step K − 1 → K compares the true object with
     the K − 1 strongest true modes against all K; step K → K + 1 all K against them plus a spurious mode
