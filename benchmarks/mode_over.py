@@ -1047,9 +1047,12 @@ def forward_summary(path: str) -> None:
         if r.get("fwd_bootstrap"):
             # decided by the kept pixels' gains against the null arms' (their z), not the held-out z below
             found = next((s["k"] for s in r["fwd_steps"] if s["z"] <= 2), len(r["fwd_steps"]) + 1)
-            held = " (kept pixels against a null: " + ", ".join(
-                f"{s['k']}->{s['k'] + 1} gain {s['kept_gain']:.0f}, null {s['null_gain']:.0f}, z {s['z']:.1f}, "
-                f"held-out z {s['z_holdout']:.1f}" for s in r["fwd_steps"]) + ")"
+            own = ", the null's own fit's mode" if r.get("fwd_null_fit") else ""
+            held = f" (kept pixels against a null{own}: " + ", ".join(
+                f"{s['k']}->{s['k'] + 1} gain {s['kept_gain']:.0f}, null {s['null_gain']:.0f}"
+                + (" [draws " + "/".join(f"{g:.0f}" for g in s["null_draw_gains"]) + "]"
+                   if len(s.get("null_draw_gains", ())) > 1 else "")
+                + f", z {s['z']:.1f}, held-out z {s['z_holdout']:.1f}" for s in r["fwd_steps"]) + ")"
         print(f"{r.get('run', ''):14s} {r['case']:17s} arms of {r['fwd_arm']:5d}{held}: true {r['K']} found {found} "
               f"{'ok' if found == r['K'] else 'WRONG':5s} first state {r['fwd_first']['iterations']} it.  "
               f"{steps}  ({r['seconds']:.0f} s, load {r['load']:.1f})")
