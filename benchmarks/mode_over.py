@@ -321,7 +321,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
              starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
              phase_from: str = "", span_refit: bool = False, converge: float = 0.0,
              forward: int = 0, fixed_object: bool = False, curve: tuple[int, ...] = (),
-             oracle: int = 0, null_own: bool = False, null_draws: int = 1) -> dict[str, Any]:
+             oracle: int = 0, null_own: bool = False, null_draws: int = 1, span_null: int = 0) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     if oracle:
         kept_scan, kept = holdout_split(scan, holdout)
@@ -417,13 +417,15 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
                    prior_found_ho=chain_count(prior["ho_view_gain"])[0])
         print(f"  {case} start x{chosen:g} from {phase_from}: error_M {err!r} "
               f"{'equals' if err == prior['error_M'] else 'DIFFERS from'} the record's", flush=True)
+    def null_fit(nl: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The M-mode fit of a null scan, as the real one was fitted (same schedule, start, kept pixels)."""
+        return fit(kept_only(nl, keep), M, alg, sets, keep=keep, phase=chosen)[:2]
     if forward:
         if keep is None:
             raise ValueError("--forward needs held-out pixels (--holdout)")
         rec.update(forward_chain(scan, full, obj, pr, keep, mix.probe, forward, sets,
                                  StopWhenFlat(converge or 1e-4, cut or 50), fixed_object, curve, null,
-                                 null_fit=(lambda nl: fit(kept_only(nl, keep), M, alg, sets, keep=keep, phase=chosen)[1])
-                                 if null_own else None, null_draws=null_draws))
+                                 null_fit=null_fit if null_own else None, null_draws=null_draws))
         chain = null = False      # session 25's rule alone (session 23's chain on the same fits: the s24 records)
         cut = 0
         ab = ", ".join(f"{s_['ho_a']:.1f}/{s_['ho_b']:.1f}" for s_ in rec["fwd_steps"])
@@ -434,7 +436,13 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
             raise ValueError("--span needs held-out pixels (--holdout)")
         span_rec, span_modes = span_chain(full, obj, pr, keep, mix.probe)
         rec.update(span_rec)
-        if span_refit:
+        if span_null:
+            rec.update(span_null_chain(scan, full, obj, span_modes, keep, mix.probe, span_null, sets, null_fit))
+            chain = null = False
+            cut = 0
+            print(f"  {case} span + refits of {span_null} against the null pipeline: z "
+                  f"{', '.join(f'{z:.1f}' for z in rec['spannull_z'])}: found {rec['found_spannull']}, true {K}", flush=True)
+        elif span_refit:
             rec.update(span_refit_chain(scan, full, obj, span_modes, keep, mix.probe, cut, sets, converge))
             if converge:
                 chain = null = False      # session 25's rule alone (session 23's chain on the same fits: the s24 records)
@@ -592,6 +600,56 @@ def span_refit_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.
     return out
 
 
+def span_null_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.ndarray], keep: np.ndarray,
+                    truth: np.ndarray, arm: int, sets: dict[str, Any],
+                    null_fit: Callable[[Any], tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Session 26's rule: each k-mode span model refitted with the M-mode fit's object for ``arm`` ML
+    iterations on the kept pixels (R_k, session 24's refit); the step k → k + 1 is taken where the per-view
+    kept-pixel gains of R_k + 1 over R_k beat, by Welch z > 2, those of the same pipeline run on a Poisson
+    draw from R_k's model (the k-mode model the data are tested against): the null's own M-mode fit
+    (``null_fit``, from the same start and schedule), its span models k and k + 1, each refitted as R is.
+    So the null's models are as far from converged as the real ones, and its k + 1-th mode is read from its
+    own data — session 25's null started converged (its arms from the null's truth), and session 26's
+    forward chain tested a k-mode state that was not the best k-mode model (gsm 10⁶ 81/16/3's 3 % mode
+    split over its 3rd and 4th modes). The chain stops at its first step not taken (the held-out z of
+    each step is recorded beside it)."""
+    from auto_mode_bootstrap import null_scan
+    t0 = time.perf_counter()
+    cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
+
+    def refit(sc: Any, o: np.ndarray, p_k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        o_k, q_k, _ = fit(sc, len(p_k), f"ML:{arm}", cut_sets, o, p_k, keep=keep, until=StopWhenFlat(-np.inf, arm))
+        return o_k, q_k
+
+    models = [refit(scan, obj, span_modes[0])]
+    steps: list[dict[str, Any]] = []
+    found = len(span_modes)
+    for k in range(1, len(span_modes)):
+        models.append(refit(scan, obj, span_modes[k]))
+        (o_a, p_a), (o_b, p_b) = models[k - 1], models[k]
+        d = view_errors(full, o_a, p_a, keep)[0] - view_errors(full, o_b, p_b, keep)[0]
+        z_ho = chain_count([list(view_errors(full, o_a, p_a, ~keep)[0] - view_errors(full, o_b, p_b, ~keep)[0])])[1][0]
+        null = null_scan(full, model_intensity(full, o_a, p_a)[0], 2600 + k)
+        kept = kept_only(null, keep)
+        o_n, p_n = null_fit(null)
+        null_span = span_chain(null, o_n, p_n, keep, truth)[1]
+        (o_na, p_na), (o_nb, p_nb) = refit(kept, o_n, null_span[k - 1]), refit(kept, o_n, null_span[k])
+        d0 = view_errors(null, o_na, p_na, keep)[0] - view_errors(null, o_nb, p_nb, keep)[0]
+        z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
+        steps.append({"k": k, "z": round(z, 2), "z_holdout": round(z_ho, 2), "kept_gain": float(d.sum()),
+                      "null_gain": float(d0.sum()), "shares_b": [round(float(x), 5) for x in modes.power_fractions(p_b)],
+                      "c_a": captured(p_a, truth), "c_b": captured(p_b, truth),
+                      "null_shares_M": [round(float(x), 5) for x in modes.power_fractions(p_n)],
+                      "view_kept_gain": [float(f"{x:.6g}") for x in d], "view_null_gain": [float(f"{x:.6g}") for x in d0]})
+        print(f"    step {k} -> {k + 1}: kept gain {d.sum():.0f}, null {d0.sum():.0f}, z {z:.1f} "
+              f"(held-out z {z_ho:.1f}), c {steps[-1]['c_b']:.3f}", flush=True)
+        if z <= 2:
+            found = k
+            break
+    return {"found_spannull": found, "spannull_z": [s["z"] for s in steps], "spannull_arm": arm,
+            "spannull_steps": steps, "spannull_seconds": round(time.perf_counter() - t0, 1)}
+
+
 def next_direction(probe: np.ndarray, fitted: np.ndarray) -> np.ndarray:
     """The M-mode fit's mode least inside the span of ``probe``'s modes, less its part in that span (its
     power kept): the candidate k + 1-th mode of :func:`forward_chain`."""
@@ -636,7 +694,8 @@ def null_arms(full: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray,
 def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray, truth: np.ndarray,
                   arm: int, sets: dict[str, Any], first: StopWhenFlat, fixed_object: bool = False,
                   curve: tuple[int, ...] = (), bootstrap: bool = False,
-                  null_fit: Callable[[Any], np.ndarray] | None = None, null_draws: int = 1) -> dict[str, Any]:
+                  null_fit: Callable[[Any], tuple[np.ndarray, np.ndarray]] | None = None,
+                  null_draws: int = 1) -> dict[str, Any]:
     """Session 25's rule: the count by forward steps, each a paired comparison of two arms from one state.
     The 1-mode state: the M-mode fit's object and strongest mode refitted until flat (``first``). A step
     k → k + 1 runs, from the k-mode state, arm A (the k modes) and arm B (the k modes and the M-mode fit's
@@ -654,7 +713,7 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
     two arms run on a Poisson draw from the k-mode state's model (:func:`null_arms`: there the extra mode
     is spurious by construction) by Welch z > 2, not on held-out pixels (which are still read).
     ``null_fit`` (session 26, with ``bootstrap``): the null arm B's extra mode is read from the null scan as
-    the real one is from the real scan — :func:`next_direction` of the M-mode fit that ``null_fit`` makes of
+    the real one is from the real scan — :func:`next_direction` of the M-mode fit (object, modes) that ``null_fit`` makes of
     the null scan (the same schedule and start), not of the real data's M-mode fit (session 25).
     ``null_draws``: that many Poisson draws a step (seeds 100 apart), their per-view gains pooled (the
     null's gain: their totals' mean; each draw's total is recorded)."""
@@ -678,7 +737,7 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
             d = view_errors(full, o_a, p_a, keep)[0] - view_errors(full, o_b, p_b, keep)[0]
             null_extra: np.ndarray | Callable[[Any], np.ndarray] = extra
             if null_fit is not None:
-                null_extra = lambda null, p=p: next_direction(p, null_fit(null))  # noqa: E731
+                null_extra = lambda null, p=p: next_direction(p, null_fit(null)[1])  # noqa: E731
             draws = [null_arms(full, keep, o, p, null_extra, arm, arm_sets, seed=2500 + k + 100 * i)
                      for i in range(null_draws)]
             d0 = np.concatenate(draws)
@@ -1135,6 +1194,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--null-own", action="store_true", help="with --forward --null (session 26): the null arm "
                     "B's extra mode from the null scan's own M-mode fit (same schedule and start), as the real "
                     "arm B's is from the real scan's")
+    ap.add_argument("--span-null", type=int, default=0, help="session 26's rule: with --span, each span model "
+                    "refitted this many ML iterations, each step decided by its kept-pixel gains against the same "
+                    "pipeline (M-mode fit, span models, refits) run on a Poisson draw from the step's k-mode model")
     ap.add_argument("--null-draws", type=int, default=1, help="with --forward --null: Poisson draws a step, "
                     "their per-view gains pooled (session 26)")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
@@ -1181,6 +1243,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--null-draws {a.null_draws}: a positive number of draws, with --forward --null only")
     if a.fixed_object and not a.forward:
         ap.error("--fixed-object applies to --forward only")
+    if a.span_null < 0 or (a.span_null and (not a.span or a.span_refit)):
+        ap.error(f"--span-null {a.span_null}: a positive number of ML iterations a refit, with --span "
+                 "(not with --span-refit)")
     if a.span_refit and not a.span:
         ap.error("--span-refit refits the span models: it needs --span")
     if a.phase_from and (starts or a.truth or not a.holdout):
@@ -1220,7 +1285,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
                      a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit, a.converge,
-                     a.forward, a.fixed_object, curve, a.oracle, a.null_own, a.null_draws)
+                     a.forward, a.fixed_object, curve, a.oracle, a.null_own, a.null_draws, a.span_null)
         if a.run:
             r["run"] = a.run
         if a.json:

@@ -381,6 +381,9 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     (["--holdout", "0.15", "--span", "--forward", "200"], "not with --span"),
     (["--holdout", "0.15", "--fixed-object"], "--fixed-object applies to --forward only"),
     (["--holdout", "0.15", "--forward", "100", "--null-own"], "--null-own applies to --forward --null only"),
+    (["--holdout", "0.15", "--forward", "100", "--null-draws", "2"], "--null-draws 2"),
+    (["--holdout", "0.15", "--span-null", "100"], "--span-null 100"),
+    (["--holdout", "0.15", "--span", "--span-refit", "--span-null", "100"], "not with --span-refit"),
     (["--oracle", "100"], "--oracle: a positive number"),
     (["--holdout", "0.15", "--forward", "100", "--curve", "200"], "within the arms"),
     (["--holdout", "0.15", "--starts", "1,0.5", "--phase-from", "x.jsonl"], "not with --starts"),
@@ -672,7 +675,7 @@ def test_session26s_null_arms_read_their_extra_mode_from_the_null_scans_own_fit(
 
     def null_fit(scan):
         null_calls.append(scan)
-        return null_fit_modes
+        return np.zeros(1), null_fit_modes
     monkeypatch.setattr(mode_over, "fit", fake_fit)
     monkeypatch.setattr(mode_over, "null_arms", fake_null)
     monkeypatch.setattr(mode_over, "view_errors", lambda full, o, p, mask: (100 - 0.01 * len(p) + 0 * np.arange(n),))
@@ -720,6 +723,55 @@ def test_session26s_null_of_several_draws_pools_their_per_view_gains_and_records
     assert rec["found_fwd"] == 1 and step["z"] <= 2       # against draw 1 alone it would have been taken
     one = (step["kept_gain"] / n - level[0]) / np.sqrt(np.var(real, ddof=1) / n + 0.09 / n)
     assert one > 2
+
+
+def test_session26s_span_null_chain_runs_the_same_pipeline_on_a_draw_from_each_steps_k_mode_model(monkeypatch):
+    """``mode_over.span_null_chain``: R_k (the k-mode span model refitted with the fit's object) against
+    R_k + 1 on the kept pixels; the null of step k is a Poisson draw from R_k's model, fitted by the null's
+    own M-mode fit (``null_fit``), its own span models k and k + 1, each refitted as R is; a step is taken
+    where the real per-view gains beat the null's by Welch z > 2, and the chain stops at the first that
+    does not (there a real gain no larger than the null pipeline's)."""
+    _benchmarks_on_path()
+    import auto_mode_bootstrap
+    import mode_over
+
+    n = 30
+    rng = np.random.default_rng(8)
+    span = [np.full((k, 2, 2), 1.0 + 0j) for k in (1, 2, 3, 4)]          # the real fit's span models, k = 1 … 4
+    null_span = [np.full((k, 2, 2), 2.0 + 0j) for k in (1, 2, 3, 4)]     # the null fit's: told apart by value
+    kept_err = {("real", 1): 100.0, ("real", 2): 90.0, ("real", 3): 89.0, ("null", 1): 50.0, ("null", 2): 49.0,
+                ("null", 3): 47.5}
+    drawn, fitted, refits = [], [], []
+
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
+        refits.append((scan, k, alg))
+        return obj, probe, 1.0
+
+    def fake_view_errors(full, o, p, pixels):
+        kind = "real" if full == "full" else "null"
+        base = kept_err[(kind, len(p))] if pixels.all() else 10.0
+        return (base + rng.normal(0, 0.1, n),)
+    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    monkeypatch.setattr(mode_over, "view_errors", fake_view_errors)
+    monkeypatch.setattr(mode_over, "model_intensity", lambda full, o, p: (("model of", len(p)), None))
+    monkeypatch.setattr(auto_mode_bootstrap, "null_scan", lambda full, model, seed: drawn.append(model) or "null")
+    monkeypatch.setattr(mode_over, "kept_only", lambda sc, keep: "kept " + sc)
+    monkeypatch.setattr(mode_over, "span_chain", lambda sc, o, p, keep, truth: ({}, null_span))
+    monkeypatch.setattr(mode_over, "captured", lambda p, t: 1.0)
+
+    def null_fit(sc):
+        fitted.append(sc)
+        return np.zeros(1), np.zeros((6, 2, 2))
+    rec = mode_over.span_null_chain("scan", "full", np.zeros(1), span, np.ones((n, 2, 2), bool), None, 200, {},
+                                    null_fit)
+    assert rec["found_spannull"] == 2 and rec["spannull_arm"] == 200
+    first, second = rec["spannull_steps"]
+    assert first["z"] > 2 >= second["z"]                      # gains 10 vs 1, then 1 vs 1.5 a view
+    assert drawn == [("model of", 1), ("model of", 2)] and fitted == ["null", "null"]
+    # the real span models refitted on the real kept scan, the null's own on the null's kept scan, 200 each
+    assert [r for r in refits if r[0] == "scan"] == [("scan", 1, "ML:200"), ("scan", 2, "ML:200"), ("scan", 3, "ML:200")]
+    assert [r for r in refits if r[0] != "scan"] == [("kept null", 1, "ML:200"), ("kept null", 2, "ML:200"),
+                                                     ("kept null", 2, "ML:200"), ("kept null", 3, "ML:200")]
 
 
 def test_the_oracle_steps_start_both_arms_from_the_truth_and_add_a_spurious_mode_orthogonal_to_it(monkeypatch):
