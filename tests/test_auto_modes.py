@@ -610,6 +610,13 @@ def test_session25s_forward_steps_compare_two_arms_from_one_state_and_stop_at_th
     assert rec["found_fwd"] == 2 and rec["fwd_fixed_object"] and rec["fwd_steps"][0]["state_iterations"] == 2
 
 
+def _fit_stays(scan, k, alg, sets, obj, probe, keep=None, until=None):
+    """A stand-in for ``mode_over.fit`` that leaves the model where it starts (one flat error recorded)."""
+    if until is not None:
+        until.errors.append(1.0)
+    return obj, probe, 1.0
+
+
 def test_session25s_forward_steps_with_a_null_are_decided_by_kept_pixel_gains_against_null_arms(monkeypatch):
     """``mode_over.forward_chain(..., bootstrap=True)``: a step is taken where its per-view kept-pixel gains
     beat the null arms' (the same two arms on a Poisson draw from the step's state, ``null_arms``) by Welch
@@ -631,11 +638,7 @@ def test_session25s_forward_steps_with_a_null_are_decided_by_kept_pixel_gains_ag
         nulls.append((len(probe), arm, extra.shape))
         return 1 + np.random.default_rng(seed).normal(0, 1, n)
 
-    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
-        if until is not None:
-            until.errors.append(1.0)
-        return obj, probe, 1.0
-    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    monkeypatch.setattr(mode_over, "fit", _fit_stays)
     monkeypatch.setattr(mode_over, "null_arms", fake_null)
     monkeypatch.setattr(mode_over, "view_errors",
                         lambda full, o, p, mask: (kept[len(p)] if mask.all() else held_flat + 1e-3 * len(p),))
@@ -705,11 +708,7 @@ def test_session26s_null_of_several_draws_pools_their_per_view_gains_and_records
         seeds.append(seed)
         return level[(seed - 2501) // 100 * 100] + np.random.default_rng(seed).normal(0, 0.3, n)
 
-    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
-        if until is not None:
-            until.errors.append(1.0)
-        return obj, probe, 1.0
-    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    monkeypatch.setattr(mode_over, "fit", _fit_stays)
     monkeypatch.setattr(mode_over, "null_arms", fake_null)
     real = 100 - 2.2 * np.random.default_rng(7).normal(1, 0.1, n)     # a gain of ~2.2 a view: far above draw 1's
     monkeypatch.setattr(mode_over, "view_errors", lambda full, o, p, mask: (100 + 0 * real if len(p) == 1 else real,))
