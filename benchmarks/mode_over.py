@@ -1121,6 +1121,22 @@ def forward_summary(path: str) -> None:
                       + ", ".join(f"N {p['iterations']}: {p['z']:.1f}" for p in s["curve"]))
 
 
+def span_null_summary(path: str) -> None:
+    """Session 26's span models against the null pipeline (``--span --span-null N``): each record's steps,
+    their kept-pixel gains against the null's, z (held-out z beside it), the count, c of R_k + 1, and the
+    shares of the null's own M-mode fit (a draw from a k-mode model)."""
+    with open(path) as fh:
+        recs = [json.loads(line) for line in fh if '"spannull_steps"' in line]
+    for r in recs:
+        found = r["found_spannull"]
+        print(f"{r.get('run', ''):20s} {r['case']:17s} refits of {r['spannull_arm']:5d}: true {r['K']} found {found} "
+              f"{'ok' if found == r['K'] else 'WRONG':5s} ({r['seconds']:.0f} s, load {r['load']:.1f})")
+        for s in r["spannull_steps"]:
+            print(f"{'':26s}{s['k']}->{s['k'] + 1} kept gain {s['kept_gain']:7.0f}, null {s['null_gain']:6.0f}, "
+                  f"z {s['z']:5.1f} (held-out z {s['z_holdout']:5.1f}), c {s['c_b']:.4f}; the null's M-mode "
+                  f"shares {'/'.join(f'{100 * x:.1f}' for x in s['null_shares_M'])}")
+
+
 def oracle_summary(path: str) -> None:
     """Session 25's diagnostic (``--oracle``): each record's two steps from the truth, the held-out errors
     of arms A/B and z at each iteration count read."""
@@ -1260,6 +1276,7 @@ def main(argv: list[str] | None = None) -> None:
         # the records' kind, by a field only it has (newest first), chooses the summary
         docs, path = Path(__file__).resolve().parents[1] / "docs", a.summarise
         kinds: list[tuple[str, Callable[[], None]]] = [
+            ('"spannull_steps"', lambda: span_null_summary(path)),
             ('"oracle_steps"', lambda: oracle_summary(path)),
             ('"fwd_steps"', lambda: forward_summary(path)),
             ('"spanref_converge"', lambda: converge_summary(path, str(docs / "auto_modes_s24.jsonl"))),

@@ -869,3 +869,20 @@ def test_the_refits_continue_until_their_kept_pixel_error_stops_falling(monkeypa
     calls.clear()
     _, _, e, done = mode_over.refit_to_convergence(None, 2, 50, {}, np.zeros(1), np.zeros(1), 100.0, None, 1e-4)
     assert len(calls) == mode_over.CONVERGE_CAP - 1 and not done["converged"] and e == 100.0 - len(calls)
+
+
+def test_the_span_null_records_are_summarised_with_their_count_and_each_steps_gains(tmp_path, capsys):
+    """``mode_over.py --summarise F`` picks the span-null summary for ``--span-null`` records (by their
+    field) and prints each step's kept-pixel gain against the null's, its z, and the count against the truth."""
+    _benchmarks_on_path()
+    import mode_over
+
+    step = {"kept_gain": 591.3, "null_gain": -85.8, "z": 13.85, "z_holdout": 8.56, "c_b": 0.9854,
+            "null_shares_M": [0.8, 0.1, 0.05, 0.03, 0.01, 0.01]}
+    rec = {"case": "gsm:1e6:3:0.03", "K": 3, "run": "t", "seconds": 10.0, "load": 1.0, "spannull_arm": 200,
+           "found_spannull": 2, "spannull_steps": [{**step, "k": 1}, {**step, "k": 2, "z": 1.5}]}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    mode_over.main(["--summarise", str(path)])
+    out = capsys.readouterr().out
+    assert "true 3 found 2 WRONG" in out and "2->3 kept gain     591, null    -86, z   1.5" in out
