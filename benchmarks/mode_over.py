@@ -321,7 +321,8 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
              starts: list[float] | None = None, reuse: str = "", screen: str = "", span: bool = False,
              phase_from: str = "", span_refit: bool = False, converge: float = 0.0,
              forward: int = 0, fixed_object: bool = False, curve: tuple[int, ...] = (),
-             oracle: int = 0, null_own: bool = False, null_draws: int = 1, span_null: int = 0) -> dict[str, Any]:
+             oracle: int = 0, null_own: bool = False, null_draws: int = 1, span_null: int = 0,
+             null_from_truth: bool = False) -> dict[str, Any]:
     scan, mix, K = case_scan(case)
     if oracle:
         kept_scan, kept = holdout_split(scan, holdout)
@@ -437,7 +438,8 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
         span_rec, span_modes = span_chain(full, obj, pr, keep, mix.probe)
         rec.update(span_rec)
         if span_null:
-            rec.update(span_null_chain(scan, full, obj, span_modes, keep, mix.probe, span_null, sets, null_fit))
+            rec.update(span_null_chain(scan, full, obj, span_modes, keep, mix.probe, span_null, sets, null_fit,
+                                       null_from_truth))
             chain = null = False
             cut = 0
             print(f"  {case} span + refits of {span_null} against the null pipeline: z "
@@ -602,7 +604,7 @@ def span_refit_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.
 
 def span_null_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.ndarray], keep: np.ndarray,
                     truth: np.ndarray, arm: int, sets: dict[str, Any],
-                    null_fit: Callable[[Any], tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+                    null_fit: Callable[[Any], tuple[np.ndarray, np.ndarray]], from_truth: bool = False) -> dict[str, Any]:
     """Session 26's rule: each k-mode span model refitted with the M-mode fit's object for ``arm`` ML
     iterations on the kept pixels (R_k, session 24's refit); the step k → k + 1 is taken where the per-view
     kept-pixel gains of R_k + 1 over R_k beat, by Welch z > 2, those of the same pipeline run on a Poisson
@@ -612,7 +614,8 @@ def span_null_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.n
     own data — session 25's null started converged (its arms from the null's truth), and session 26's
     forward chain tested a k-mode state that was not the best k-mode model (gsm 10⁶ 81/16/3's 3 % mode
     split over its 3rd and 4th modes). The chain stops at its first step not taken (the held-out z of
-    each step is recorded beside it)."""
+    each step is recorded beside it). ``from_truth``: the null's two refits start from its truth instead
+    (R_k, and R_k plus :func:`spurious_mode` at 2 % of the power, as ``--oracle``), no null M-mode fit."""
     from auto_mode_bootstrap import null_scan
     t0 = time.perf_counter()
     cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
@@ -631,9 +634,13 @@ def span_null_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.n
         z_ho = chain_count([list(view_errors(full, o_a, p_a, ~keep)[0] - view_errors(full, o_b, p_b, ~keep)[0])])[1][0]
         null = null_scan(full, model_intensity(full, o_a, p_a)[0], 2600 + k)
         kept = kept_only(null, keep)
-        o_n, p_n = null_fit(null)
-        null_span = span_chain(null, o_n, p_n, keep, truth)[1]
-        (o_na, p_na), (o_nb, p_nb) = refit(kept, o_n, null_span[k - 1]), refit(kept, o_n, null_span[k])
+        if from_truth:
+            p_n = np.concatenate([p_a, spurious_mode(p_a, 0.02)[None]])
+            (o_na, p_na), (o_nb, p_nb) = refit(kept, o_a, p_a), refit(kept, o_a, p_n)
+        else:
+            o_n, p_n = null_fit(null)
+            null_span = span_chain(null, o_n, p_n, keep, truth)[1]
+            (o_na, p_na), (o_nb, p_nb) = refit(kept, o_n, null_span[k - 1]), refit(kept, o_n, null_span[k])
         d0 = view_errors(null, o_na, p_na, keep)[0] - view_errors(null, o_nb, p_nb, keep)[0]
         z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
         steps.append({"k": k, "z": round(z, 2), "z_holdout": round(z_ho, 2), "kept_gain": float(d.sum()),
@@ -647,6 +654,7 @@ def span_null_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.n
             found = k
             break
     return {"found_spannull": found, "spannull_z": [s["z"] for s in steps], "spannull_arm": arm,
+            "spannull_from_truth": from_truth,
             "spannull_steps": steps, "spannull_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -772,6 +780,16 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
             "fwd_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def spurious_mode(probe: np.ndarray, share: float) -> np.ndarray:
+    """A mode that is not in ``probe``: the first mode's derivative along x, less its part in the modes'
+    span, at ``share`` of their total power (session 25's oracle steps; session 26's null from the truth)."""
+    K = len(probe)
+    d = np.gradient(probe[0], axis=1)
+    q, _ = np.linalg.qr(probe.reshape(K, -1).T)
+    d = d.ravel() - q @ (q.conj().T @ d.ravel())
+    return (d * np.sqrt(share * np.sum(np.abs(probe) ** 2) / np.sum(np.abs(d) ** 2))).reshape(probe.shape[1:])
+
+
 def oracle_steps(scan: Any, full: Any, mix: Any, keep: np.ndarray, sets: dict[str, Any], arm: int,
                  curve: tuple[int, ...], spurious: float = 0.02) -> dict[str, Any]:
     """Session 25's diagnostic: the forward steps' two arms started from the truth — is the weakest true
@@ -784,10 +802,7 @@ def oracle_steps(scan: Any, full: Any, mix: Any, keep: np.ndarray, sets: dict[st
     cut_sets = {k: v for k, v in sets.items() if k != "extra_mode_power"}
     true = mix.probe
     K = len(true)
-    d = np.gradient(true[0], axis=1)
-    q, _ = np.linalg.qr(true.reshape(K, -1).T)
-    d = d.ravel() - q @ (q.conj().T @ d.ravel())
-    d = (d * np.sqrt(spurious * np.sum(np.abs(true) ** 2) / np.sum(np.abs(d) ** 2))).reshape(true.shape[1:])
+    d = spurious_mode(true, spurious)
     pairs = ([(K - 1, true[:K - 1], true)] if K > 1 else []) + [(K, true, np.concatenate([true, d[None]]))]
     steps = []
     for k, pa, pb in pairs:
@@ -1129,12 +1144,13 @@ def span_null_summary(path: str) -> None:
         recs = [json.loads(line) for line in fh if '"spannull_steps"' in line]
     for r in recs:
         found = r["found_spannull"]
-        print(f"{r.get('run', ''):20s} {r['case']:17s} refits of {r['spannull_arm']:5d}: true {r['K']} found {found} "
+        start = " (null from its truth)" if r.get("spannull_from_truth") else ""
+        print(f"{r.get('run', ''):20s} {r['case']:17s} refits of {r['spannull_arm']:5d}{start}: true {r['K']} found {found} "
               f"{'ok' if found == r['K'] else 'WRONG':5s} ({r['seconds']:.0f} s, load {r['load']:.1f})")
         for s in r["spannull_steps"]:
             print(f"{'':26s}{s['k']}->{s['k'] + 1} kept gain {s['kept_gain']:7.0f}, null {s['null_gain']:6.0f}, "
-                  f"z {s['z']:5.1f} (held-out z {s['z_holdout']:5.1f}), c {s['c_b']:.4f}; the null's M-mode "
-                  f"shares {'/'.join(f'{100 * x:.1f}' for x in s['null_shares_M'])}")
+                  f"z {s['z']:5.1f} (held-out z {s['z_holdout']:5.1f}), c {s['c_b']:.4f}"
+                  + ("" if start else f"; the null's M-mode shares {'/'.join(f'{100 * x:.1f}' for x in s['null_shares_M'])}"))
 
 
 def oracle_summary(path: str) -> None:
@@ -1213,6 +1229,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--span-null", type=int, default=0, help="session 26's rule: with --span, each span model "
                     "refitted this many ML iterations, each step decided by its kept-pixel gains against the same "
                     "pipeline (M-mode fit, span models, refits) run on a Poisson draw from the step's k-mode model")
+    ap.add_argument("--null-from-truth", action="store_true", help="with --span-null: the null's refits start "
+                    "from its truth (the step's k-mode model, and it plus a spurious mode at 2 %%), no null M-mode fit")
     ap.add_argument("--null-draws", type=int, default=1, help="with --forward --null: Poisson draws a step, "
                     "their per-view gains pooled (session 26)")
     ap.add_argument("--phase-from", default="", help="session 24: fit from the start that this records file "
@@ -1262,6 +1280,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.span_null < 0 or (a.span_null and (not a.span or a.span_refit)):
         ap.error(f"--span-null {a.span_null}: a positive number of ML iterations a refit, with --span "
                  "(not with --span-refit)")
+    if a.null_from_truth and not a.span_null:
+        ap.error("--null-from-truth applies to --span-null only")
     if a.span_refit and not a.span:
         ap.error("--span-refit refits the span models: it needs --span")
     if a.phase_from and (starts or a.truth or not a.holdout):
@@ -1302,7 +1322,8 @@ def main(argv: list[str] | None = None) -> None:
     for case in a.cases:
         r = run_case(case, a.modes, a.alg, a.cut, sets, a.truth, a.chain or a.null or bool(a.holdout), a.null,
                      a.holdout, starts, a.reuse, a.screen, a.span, a.phase_from, a.span_refit, a.converge,
-                     a.forward, a.fixed_object, curve, a.oracle, a.null_own, a.null_draws, a.span_null)
+                     a.forward, a.fixed_object, curve, a.oracle, a.null_own, a.null_draws, a.span_null,
+                     a.null_from_truth)
         if a.run:
             r["run"] = a.run
         if a.json:

@@ -384,6 +384,7 @@ def test_mode_over_refuses_a_held_out_fraction_outside_0_1(frac, capsys):
     (["--holdout", "0.15", "--forward", "100", "--null-draws", "2"], "--null-draws 2"),
     (["--holdout", "0.15", "--span-null", "100"], "--span-null 100"),
     (["--holdout", "0.15", "--span", "--span-refit", "--span-null", "100"], "not with --span-refit"),
+    (["--holdout", "0.15", "--span", "--null-from-truth"], "--null-from-truth applies to --span-null only"),
     (["--oracle", "100"], "--oracle: a positive number"),
     (["--holdout", "0.15", "--forward", "100", "--curve", "200"], "within the arms"),
     (["--holdout", "0.15", "--starts", "1,0.5", "--phase-from", "x.jsonl"], "not with --starts"),
@@ -869,6 +870,45 @@ def test_the_refits_continue_until_their_kept_pixel_error_stops_falling(monkeypa
     calls.clear()
     _, _, e, done = mode_over.refit_to_convergence(None, 2, 50, {}, np.zeros(1), np.zeros(1), 100.0, None, 1e-4)
     assert len(calls) == mode_over.CONVERGE_CAP - 1 and not done["converged"] and e == 100.0 - len(calls)
+
+
+def test_session26s_span_null_from_the_truth_refits_the_steps_model_and_it_plus_a_spurious_mode(monkeypatch):
+    """``span_null_chain(..., from_truth=True)``: the null of step k needs no null M-mode fit; its two
+    refits start from the draw's truth, R_k itself and R_k plus ``spurious_mode`` (outside R_k's span,
+    2 % of its power), on the null's kept pixels."""
+    _benchmarks_on_path()
+    import auto_mode_bootstrap
+    import mode_over
+
+    n = 20
+    rng = np.random.default_rng(9)
+    span = [np.linalg.qr(rng.standard_normal((16, k)) + 1j * rng.standard_normal((16, k)))[0].T.reshape(k, 4, 4)
+            for k in (1, 2, 3)]
+    starts = []
+
+    def fake_fit(scan, k, alg, sets, obj, probe, keep=None, until=None):
+        starts.append((scan, probe))
+        return obj, probe, 1.0
+    monkeypatch.setattr(mode_over, "fit", fake_fit)
+    # the real step gains nothing, the null's spurious mode ~0.9 a view: the step is not taken
+    monkeypatch.setattr(mode_over, "view_errors", lambda full, o, p, pixels: (
+        100.0 + 0.01 * np.arange(n) if full == "full" else 100.0 - len(p) + 0.01 * np.arange(n) * len(p),))
+    monkeypatch.setattr(mode_over, "model_intensity", lambda full, o, p: (None, None))
+    monkeypatch.setattr(auto_mode_bootstrap, "null_scan", lambda full, model, seed: "null")
+    monkeypatch.setattr(mode_over, "kept_only", lambda sc, keep: "kept " + sc)
+    monkeypatch.setattr(mode_over, "captured", lambda p, t: 1.0)
+
+    def no_null_fit(sc):
+        raise AssertionError("the null from its truth has no M-mode fit")
+    rec = mode_over.span_null_chain("scan", "full", np.zeros(1), span, np.ones((n, 2, 2), bool), None, 2000, {},
+                                    no_null_fit, from_truth=True)
+    assert rec["spannull_from_truth"] and rec["found_spannull"] == 1
+    null_starts = [p for sc, p in starts if sc == "kept null"]
+    assert len(null_starts) == 2 and np.array_equal(null_starts[0], span[0])    # R_1 (the fake refit keeps it)
+    extra = null_starts[1][1]
+    assert null_starts[1].shape[0] == 2 and np.array_equal(null_starts[1][0], span[0][0])
+    assert abs(np.vdot(span[0][0], extra)) < 1e-9                              # outside R_1's span
+    np.testing.assert_allclose(np.sum(np.abs(extra) ** 2), 0.02 * np.sum(np.abs(span[0]) ** 2))
 
 
 def test_the_span_null_records_are_summarised_with_their_count_and_each_steps_gains(tmp_path, capsys):
