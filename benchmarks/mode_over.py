@@ -420,6 +420,8 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
               f"{'equals' if err == prior['error_M'] else 'DIFFERS from'} the record's", flush=True)
     def null_fit(nl: Any) -> tuple[np.ndarray, np.ndarray]:
         """The M-mode fit of a null scan, as the real one was fitted (same schedule, start, kept pixels)."""
+        if keep is None:
+            raise ValueError("a null scan's M-mode fit needs held-out pixels (--holdout)")
         return fit(kept_only(nl, keep), M, alg, sets, keep=keep, phase=chosen)[:2]
     if forward:
         if keep is None:
