@@ -521,7 +521,7 @@ def run_case(case: str, M: int, alg: str, cut: int, sets: dict[str, Any], truth:
             for k in range(1, M):
                 d = views[k - 1] - views[k]
                 d0 = null_gain(scan, models[k - 1][0], models[k - 1][1], M, alg, cut, sets, seed=3000 + k)
-                z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
+                z = welch_z(d, d0)
                 steps.append({"k": k, "gain": float(d.sum()), "null_gain": float(d0.sum()), "z": z,
                               "view_null_gain": [float(f"{x:.3g}") for x in d0]})
                 print(f"  {case} step {k} -> {k + 1}: gain {d.sum():.0f}, null {d0.sum():.0f}, z {z:.1f}", flush=True)
@@ -644,7 +644,7 @@ def span_null_chain(scan: Any, full: Any, obj: np.ndarray, span_modes: list[np.n
             null_span = span_chain(null, o_n, p_n, keep, truth)[1]
             (o_na, p_na), (o_nb, p_nb) = refit(kept, o_n, null_span[k - 1]), refit(kept, o_n, null_span[k])
         d0 = view_errors(null, o_na, p_na, keep)[0] - view_errors(null, o_nb, p_nb, keep)[0]
-        z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
+        z = welch_z(d, d0)
         steps.append({"k": k, "z": round(z, 2), "z_holdout": round(z_ho, 2), "kept_gain": float(d.sum()),
                       "null_gain": float(d0.sum()), "shares_b": [round(float(x), 5) for x in modes.power_fractions(p_b)],
                       "c_a": captured(p_a, truth), "c_b": captured(p_b, truth),
@@ -752,7 +752,7 @@ def forward_chain(scan: Any, full: Any, obj: np.ndarray, pr: np.ndarray, keep: n
                      for i in range(null_draws)]
             d0 = np.concatenate(draws)
             z_ho = z
-            z = float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
+            z = welch_z(d, d0)
         steps.append({"k": k, "ho_a": float(h_a.sum()), "ho_b": float(h_b.sum()), "z": round(z, 2),
                       "error_a": e_a, "error_b": e_b, "shares_b": [round(float(x), 5) for x in modes.power_fractions(p_b)],
                       "c_a": captured(p_a, truth), "c_b": captured(p_b, truth)})
@@ -840,6 +840,11 @@ def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray,
             "span_spectra": sm["spectra"], "span_fits": sm["fits"], "span_init": sm["init"],
             "span_c": [captured(m, truth) for m in models],
             "span_seconds": round(time.perf_counter() - t0, 1)}, models
+
+
+def welch_z(d: np.ndarray, d0: np.ndarray) -> float:
+    """Welch's z of the mean per-view gain ``d`` over the null's ``d0`` (the nulls' decision statistic)."""
+    return float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
 
 
 def chain_count(view_gain: list[list[float]], z_min: float = 2.0) -> tuple[int, list[float]]:
