@@ -4,6 +4,11 @@
     python benchmarks/auto_mode_mixtures.py --families fly --photons 1e6 --log
     python benchmarks/auto_mode_mixtures.py --held-out                       # the held-out family (once)
     python benchmarks/auto_mode_mixtures.py --fixed --families fly --photons 1e6 --cases 1:1 3:0.08
+    python benchmarks/auto_mode_mixtures.py --families gsm --photons 1e6 --cases 3:0.03 \
+        --set auto_rule=heldout detector_gain=1 iterations=100 --json F    # the library's held-out count
+
+``--json F`` appends one record a scan (the count found, the true count, ``probe_modes_auto``'s evidence,
+the seconds and the load); ``--summarise F`` prints the grid table of such records.
 
 ``--fixed``: instead of ``auto``, each count 1..4 fixed for 100 iterations; prints the final data
 errors and the fall from K to K + 1 in units of one mode's AIC penalty (its 2n² real parameters at
@@ -17,6 +22,7 @@ count, the count found, the found shares, and the seconds; with ``--log``, every
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -26,13 +32,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np
-from mode_mixtures import FAMILIES, HELD_OUT, mixture_scan, spectrum
+from mode_mixtures import (FAMILIES, HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, HELD_OUT_S25, mixture_scan,
+                           spectrum)
 
 from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.params import ReconParams, parse_assignments
 
 #: (true count, weakest mode's share): one mode, two at 30 % / 10 %, three with the weakest at 3 %
 CASES = ((1, 1.0), (2, 0.3), (2, 0.1), (3, 0.03))
+HELD_OUTS = (HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, HELD_OUT_S25)
 
 
 def main() -> None:
@@ -46,7 +54,12 @@ def main() -> None:
     ap.add_argument("--log", action="store_true", help="print the decisions of every run")
     ap.add_argument("--fixed", action="store_true", help="fixed counts 1..4 and their error gains (see above)")
     ap.add_argument("--set", nargs="*", default=[], help="extra parameters, name=value")
+    ap.add_argument("--json", help="append one record a scan to this file")
+    ap.add_argument("--summarise", metavar="F", help="print the grid table of the records in F and stop")
     a = ap.parse_args()
+    if a.summarise:
+        summarise(a.summarise)
+        return
     extra = parse_assignments(a.set)
     cases = [(int(c.split(":")[0]), float(c.split(":")[1])) for c in a.cases] if a.cases else list(CASES)
     families = [HELD_OUT] if a.held_out else a.families
@@ -80,11 +93,55 @@ def main() -> None:
                 print(f"{fam:>8} {ph:>7.0e} {'/'.join(f'{100 * s:.0f}' for s in shares):>16} {found:>5}"
                       f"{' ' if found == K else '!'}{'/'.join(f'{100 * s:.1f}' for s in res.probe_power_fraction):>23}"
                       f" {dt:>6.1f}", flush=True)
+                if a.json:
+                    rec = {"family": fam, "photons": ph, "K": K, "weakest": weak,
+                           "shares": [round(float(x), 4) for x in shares], "found": found, "sets": a.set,
+                           "seed": a.seed, "views": a.positions, "evidence": res.attrs.get("probe_modes_auto"),
+                           "seconds": round(dt, 1), "load": os.getloadavg()[0]}
+                    with open(a.json, "a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
                 if a.log:
                     for line in res.attrs["probe_modes_log"]:
                         print("        " + line)
     if not a.fixed:
         print(f"right: {right} of {total}")
+
+
+COLUMNS = ((1, 1.0), (2, 0.3), (2, 0.1), (3, 0.03), (3, 0.08))
+
+
+def summarise(path: str) -> None:
+    """The grid of the records in ``path``: a row a family and photon count, a column a mixture, the
+    count found (**bold**: right; ✗: wrong), and the tallies per photon count and in all."""
+    recs: dict[tuple[str, float, int, float], dict] = {}
+    with open(path) as fh:
+        for line in fh:
+            r = json.loads(line)
+            recs[(r["family"], float(r["photons"]), int(r["K"]), float(r["weakest"]))] = r
+    heads = {(1, 1.0): "true 1: 100 %", (2, 0.3): "true 2: 70/30 %", (2, 0.1): "true 2: 90/10 %",
+             (3, 0.03): "true 3: 81/16/3 %", (3, 0.08): "true 3: 68/24/8 %"}
+    print("| family | photons | " + " | ".join(heads[c] for c in COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(COLUMNS))
+    tally: dict[str, list[int]] = {}
+    for fam, ph in sorted({(k[0], k[1]) for k in recs}):
+        cells = []
+        for K, w in COLUMNS:
+            r = recs.get((fam, ph, K, w))
+            if r is None:
+                cells.append("")
+                continue
+            ok = r["found"] == r["K"]
+            t = tally.setdefault(f"{fam} {ph:.0e}" if fam in HELD_OUTS else f"grid {ph:.0e}", [0, 0])
+            t[0] += ok
+            t[1] += 1
+            cells.append(f"**{r['found']}**" if ok else f"{r['found']} ✗")
+        print(f"| {fam}{' (held out)' if fam in HELD_OUTS else ''} | {ph:.0e} | " + " | ".join(cells) + " |")
+    grid = [0, 0]
+    for name, (ok, n) in sorted(tally.items()):
+        print(f"{name}: right {ok} of {n}")
+        if name.startswith("grid"):
+            grid = [grid[0] + ok, grid[1] + n]
+    print(f"grid: right {grid[0]} of {grid[1]}")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ from auto_mode_bootstrap import per_view
 from auto_mode_cv import case_scan
 from mode_fit import captured, poisson_gauss_newton
 
-from hxn_ptycho import ml, modes
-from hxn_ptycho.backend import NumpyBackend
+from hxn_ptycho import ml, mode_count, modes
+from hxn_ptycho.mode_count import (FrameMaskBackend, chain_count, choose_start, holdout_split,  # noqa: F401
+                                     kept_only, phase_start)
 from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
 
@@ -83,110 +84,16 @@ def set_cap(cap: float) -> None:
     ml.MLIteration.__init__ = ml_init       # type: ignore[method-assign]
 
 
-class FrameMaskBackend(NumpyBackend):
-    """The numpy backend with one mask per frame: ``keep`` (views, n, n), True = fitted, in the views'
-    given order. Every step that takes the scan's mask (DM's Fourier pass, equations (3), (4), (7);
-    ML's gradient and line search; the error pass) gets the kept pixels of the batch's frames instead,
-    so a held-out pixel is left unconstrained exactly as a masked pixel is (:func:`dm.fourier_projection`
-    keeps the model's modulus there; ML's weight is 0 there). The batch is found from the frames'
-    place in ``base`` (the reconstruction's ``diffamp``; the numpy backend keeps the views' given order,
-    so a batch's frames are a slice of it)."""
-
-    def __init__(self, keep: np.ndarray, threads: int = 1) -> None:
-        super().__init__(threads)
-        self.keep = np.asarray(keep, bool)
-        self.base: np.ndarray | None = None
-
-    def _mask(self, diffamp: Any, rows: Any = None) -> np.ndarray:
-        if self.base is None:
-            raise RuntimeError("FrameMaskBackend: base (the reconstruction's diffamp) not set")
-        if rows is not None:
-            return self.keep[np.asarray(rows)]
-        base = self.base
-        off, rem = divmod(diffamp.__array_interface__["data"][0] - base.__array_interface__["data"][0],
-                          base.strides[0])
-        if rem or off < 0 or off + len(diffamp) > len(base) or diffamp.strides != base.strides:
-            raise RuntimeError("FrameMaskBackend: the frames are not a slice of the reconstruction's diffamp")
-        return self.keep[off:off + len(diffamp)]
-
-    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,  # type: ignore[override]
-                     *args: Any, **kw: Any) -> Any:
-        rows = kw.get("rows", args[7] if len(args) > 7 else None)
-        return super().fourier_pass(obj, pos, probe, psi, diffamp, self._mask(diffamp, rows), *args, **kw)
-
-    def error_pass(self, obj: Any, pos: Any, probe: Any, diffamp: Any, mask: Any,  # type: ignore[override]
-                   *args: Any, **kw: Any) -> Any:
-        return super().error_pass(obj, pos, probe, diffamp, self._mask(diffamp), *args, **kw)
-
-    def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any,  # type: ignore[override]
-                    *args: Any, **kw: Any) -> tuple[float, float]:
-        return super().ml_gradient(fphi, diffamp, intensity, self._mask(diffamp), *args, **kw)
-
-    def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any,  # type: ignore[override]
-                       mask: Any, *args: Any, **kw: Any) -> tuple[float, float]:
-        return super().ml_line_search(f0, f1, f2, diffamp, intensity, self._mask(diffamp), *args, **kw)
-
-
-def holdout_split(scan: Any, frac: float, seed: int = 22) -> tuple[Any, np.ndarray]:
-    """``frac`` of every frame's pixels held out (a fixed random mask a frame, ``seed``): the mask of the
-    kept pixels (views, n, n), and a copy of the scan whose held-out pixels carry no data — each is
-    replaced by the mean √I of its pixel over the frames that keep it, so that nothing the fit reads
-    (the initial probe's mean amplitude, the intensity total) sees a held-out count."""
-    keep = np.random.default_rng(seed).uniform(size=scan.diffamp.shape) >= frac
-    return kept_only(scan, keep), keep
-
-
-def kept_only(scan: Any, keep: np.ndarray) -> Any:
-    """A copy of ``scan`` whose pixels outside ``keep`` carry no data (:func:`holdout_split`)."""
-    from dataclasses import replace
-    amp = np.asarray(scan.diffamp, np.float64)
-    fill = np.sum(amp * keep, axis=0) / np.maximum(keep.sum(axis=0), 1)
-    return replace(scan, diffamp=np.where(keep, amp, fill[None]).astype(scan.diffamp.dtype))
-
-
-def phase_start(rec: Any, factor: float) -> np.ndarray:
-    """Session 23's start ``factor``: the default start (the mean measured far-field amplitude, the total
-    power, the extra modes from :func:`hxn_ptycho.modes.initial_probe_modes` with the same seed) with the
-    default's quadratic pupil phase c₀ scaled by ``factor`` (1: the default start itself, checked)."""
-    from hxn_ptycho import initial
-    p = rec.params
-    power, mean_amp = initial.mean_frame_power(rec.scan, rec.total_intensity, rec.reducer)
-    c0 = modes.defocus_for_size(mean_amp, 2.5 * initial.median_step(rec.positions_all))
-    p0 = modes.pupil_phase_probe(mean_amp, factor * c0)
-    p0 = p0 * np.sqrt(power / max(float(np.vdot(p0, p0).real), 1e-300))
-    return modes.initial_probe_modes(p0, p.probe_modes, p.extra_mode_power, p.seed)
-
-
 def fit(scan: Any, M: int, alg: str, sets: dict[str, Any], obj: np.ndarray | None = None,
         probe: np.ndarray | None = None, keep: np.ndarray | None = None,
         phase: float | None = None, until: StopWhenFlat | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """An M-mode fit (from the default start, or from ``obj``/``probe``): object, orthogonal modes
-    sorted by power, data error. ``keep`` (views, n, n): fit only those pixels of each frame
-    (:class:`FrameMaskBackend`; the others are unconstrained, as masked pixels; the numpy backend).
-    ``phase``: the default start with its quadratic pupil phase scaled by this factor (:func:`phase_start`;
-    None or 1: the default start, untouched). ``until``: the run stops when its error is flat
+    sorted by power, data error — :func:`hxn_ptycho.mode_count.fit` (``keep``: only those pixels of each
+    frame are fitted; ``phase``: the default start's pupil phase scaled) with ``sets``, one thread, and ML's
+    per-mode cap of ``--ml-cap`` (:func:`set_cap`). ``until``: the run stops when its error is flat
     (:class:`StopWhenFlat`, which keeps the errors it saw)."""
     p = ReconParams(iterations=its_of(alg), probe_modes=M, threads=1, algorithm=alg, **sets)
-    if keep is None:
-        rec = Reconstruction(scan, p, log=lambda m: None)
-    else:
-        be = FrameMaskBackend(keep)
-        rec = Reconstruction(scan, p, backend=be, log=lambda m: None, spatial_order=False)
-        if rec.geom.order is not None:
-            raise RuntimeError("FrameMaskBackend needs the views in their given order")
-        be.base = rec.diffamp
-    if obj is not None and probe is not None:
-        rec.obj = obj.astype(rec.cdtype)
-        rec.probe = probe.astype(rec.cdtype)
-        rec._each(rec._init_psi)
-    elif phase is not None and phase != 1:
-        rec.probe = phase_start(rec, phase).astype(rec.cdtype)
-        rec._each(rec._init_psi)
-    if until is not None:
-        until.attach(rec)
-    res = rec.run()
-    rec.close()
-    return np.asarray(res.object), modes.orthogonalize(np.asarray(res.probe))[0], float(res.attrs["final_data_error"])
+    return mode_count.fit(scan, p, keep, obj, probe, phase, attach=until.attach if until is not None else None)
 
 
 @dataclass
@@ -280,21 +187,6 @@ def null_gain(scan: Any, obj: np.ndarray, probe: np.ndarray, M: int, alg: str, c
         o_j, p_j, _ = fit(null, j, f"ML:{cut}", cut_sets, o0, p0[:j])
         e.append(view_errors(null, o_j, p_j)[0])
     return np.asarray(e[0] - e[1])
-
-
-def choose_start(ho: dict[float, np.ndarray], z_min: float = 2.0) -> tuple[float, dict[float, float]]:
-    """Session 23's choice among the M-mode fits from several starts (``ho``: factor → the fit's per-view
-    held-out amplitude errors; factor 1 is the default start): the start with the lowest summed held-out
-    error among those whose per-view gains over the default's have a paired z > ``z_min`` (the chain's
-    significance level); the default when none has. Also each start's z against the default."""
-    base = ho[1.0]
-    zs = {}
-    for f, e in ho.items():
-        d = np.asarray(base, np.float64) - np.asarray(e, np.float64)
-        sd = float(d.std(ddof=1))
-        zs[f] = float(d.mean() / (sd / np.sqrt(len(d)))) if sd > 0 else 0.0
-    better = [f for f in ho if f != 1.0 and zs[f] > z_min]
-    return (min(better, key=lambda f: float(np.sum(ho[f]))) if better else 1.0), zs
 
 
 REUSED = ("cut", "error_cut", "shares_cut", "c_cut", "chain", "dev_chain", "chain_shares", "ml_chain",
@@ -845,18 +737,6 @@ def span_chain(full: Any, obj: np.ndarray, pr: np.ndarray, keep: np.ndarray,
 def welch_z(d: np.ndarray, d0: np.ndarray) -> float:
     """Welch's z of the mean per-view gain ``d`` over the null's ``d0`` (the nulls' decision statistic)."""
     return float((d.mean() - d0.mean()) / np.sqrt(d.var(ddof=1) / len(d) + d0.var(ddof=1) / len(d0)))
-
-
-def chain_count(view_gain: list[list[float]], z_min: float = 2.0) -> tuple[int, list[float]]:
-    """The count read from a chain: the first k whose step k → k + 1 has a paired statistic
-    z = mean(d)/(sd(d)/√N) of the per-view gains d no larger than ``z_min``; and every step's z."""
-    zs = []
-    for row in view_gain:
-        d = np.asarray(row, np.float64)
-        sd = float(d.std(ddof=1))
-        zs.append(float(d.mean() / (sd / np.sqrt(len(d)))) if sd > 0 else 0.0)
-    found = next((k + 1 for k, z in enumerate(zs) if z <= z_min), len(zs) + 1)
-    return found, zs
 
 
 def summarise(path: str, poisson: bool = False) -> None:

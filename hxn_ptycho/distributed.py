@@ -22,6 +22,7 @@ import numpy as np
 
 from .backend import available_cores, get_backend
 from .engine import LocalReducer
+from .errors import HxnPtychoError
 from .params import ParamError, ReconParams
 from .resultfile import ResultData
 from .scanfile import read_scan, scan_info
@@ -204,6 +205,27 @@ def gather_views(views: slice, reducer: Any) -> list[list[int]]:
     return table.astype(int).tolist()
 
 
+def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str], None] | None = None
+                   ) -> tuple[ReconParams, dict[str, Any]]:
+    """``probe_modes=auto`` with ``auto_rule='heldout'``: rank 0 reads the whole scan and counts its modes
+    (:mod:`hxn_ptycho.mode_count`); every rank gets the params with that count and the evidence. A count
+    that fails fails every rank with rank 0's reason (none waits in the broadcast)."""
+    from dataclasses import replace
+
+    from .mode_count import count_modes
+    out: tuple[str, Any] = ("", None)
+    if comm.rank == 0:
+        try:
+            out = ("ok", count_modes(read_scan(path), params, log_fn=log))
+        except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here as it was
+            comm.bcast(("error", f"{type(exc).__name__}: {exc}"))
+            raise
+    out = comm.bcast(out)
+    if out[0] == "error":
+        raise HxnPtychoError(f"the held-out probe-mode count failed on rank 0: {out[1]}")
+    return replace(params, probe_modes=int(out[1]["found"])), out[1]
+
+
 def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync", progress: bool = False,
                     log: Callable[[str], None] | None = None,
                     stop: Any = None) -> tuple[ResultData, dict[str, Any]]:
@@ -213,9 +235,16 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
     see :func:`hxn_ptycho.engine.reconstruct`; the result is then marked ``attrs["interrupted"]``.
     """
     info = scan_geometry(path)
+    from .mode_count import wants_count
+    evidence = None
+    if wants_count(params):
+        params, evidence = count_on_rank0(path, params, comm, log)
     if mode == "async":
         from .stitch import run_async
-        return run_async(path, params, comm, progress=progress, log=log, stop=stop), info
+        res = run_async(path, params, comm, progress=progress, log=log, stop=stop)
+        if evidence is not None:
+            res.attrs["probe_modes_auto"] = evidence
+        return res, info
     if mode != "sync":
         raise ParamError(f"mode must be 'sync' or 'async', got {mode!r}")
     split_views(info["n_views"], comm.size)                 # more ranks than views: refused by name
@@ -240,6 +269,8 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
     info.update(lambda_nm=scan.lambda_nm, z_m=scan.z_m, ccd_pixel_um=scan.ccd_pixel_um,
                 pixel_size_m=scan.pixel_size_m)
     res.attrs["mode"] = "sync"
+    if evidence is not None:
+        res.attrs["probe_modes_auto"] = evidence
     res.attrs["rank_views"] = gather_views(scan.views, host)
     if comm.size > 1:
         res.attrs["communication_s"] = getattr(reducer, "seconds", float("nan"))

@@ -240,6 +240,7 @@ class Reconstruction:
         self.iterations = sum(c for _, c in self.stages)
         self.stop = stop
         self.scan, self.params = scan, params
+        self.ml_mode_cap = 1.0          # ML's per-mode probe-gradient scaling (hxn_ptycho.mode_count's fits)
         self.reducer = reducer or LocalReducer()
         self.be = check_backend(backend or get_backend(params.backend, params.threads))
         self.progress = progress and self.reducer.rank == 0
@@ -653,5 +654,17 @@ def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: A
     views' spatial order (faster on a CPU; the result is that of the given order to float rounding,
     every per-view output in the given order: :meth:`Reconstruction._view_order`).
     """
-    return Reconstruction(scan, params or ReconParams(), backend=backend, reducer=reducer, progress=progress,
-                          log=log, stop=stop, spatial_order=spatial_order).run()
+    params = params or ReconParams()
+    evidence = None
+    from .mode_count import counted_params, wants_count
+    if wants_count(params):
+        # probe_modes=auto, auto_rule='heldout': the count of the whole scan first (hxn_ptycho.mode_count)
+        if reducer is not None and getattr(reducer, "size", 1) > 1:
+            raise ParamError("auto_rule='heldout' counts the modes of the whole scan in one process: run it "
+                             "through the job (rank 0 counts), not engine.reconstruct on each rank's views")
+        params, evidence = counted_params(scan, params, log_fn=log)
+    res = Reconstruction(scan, params, backend=backend, reducer=reducer, progress=progress,
+                         log=log, stop=stop, spatial_order=spatial_order).run()
+    if evidence is not None:
+        res.attrs["probe_modes_auto"] = evidence
+    return res

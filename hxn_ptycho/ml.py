@@ -179,9 +179,10 @@ class MLIteration:
         self.accepted_nll: list[float] = [] # L at every accepted point (Poisson): strictly falling
         self.stage_end: int | None = None   # the last iteration of this ML stage (its step judged at once)
         # > 1: mode k's probe gradient × min(cap, P_1/P_k) (its power P_k), the density matrix's own
-        # gradient step rather than the modes' (weak modes move as fast as strong ones). An experiment
-        # of benchmarks/mode_fit.py (docs/auto_modes.md, "Session 20"); 1, off, is the engine's.
-        self.mode_precondition_cap = 1.0
+        # gradient step rather than the modes' (weak modes move as fast as strong ones): the held-out
+        # count's over-complete fits (hxn_ptycho.mode_count; docs/auto_modes.md, "Session 20"); 1, off,
+        # is the engine's default (``Reconstruction.ml_mode_cap``).
+        self.mode_precondition_cap = float(getattr(rec, "ml_mode_cap", 1.0))
 
     # --- pass 1: likelihood and gradient ----------------------------------------------------------
     def _gradient_batch(self, w: Any, b: slice) -> None:

@@ -98,8 +98,10 @@ class ReconParams:
                            "it only if its power share holds (see auto_min_trend); 'power' is the paper's 1 % "
                            "rule; 'prune' is 'power', then keeps the fewest modes beyond which one more lowers "
                            "the data error by less than auto_prune_gain; 'gain' keeps a new mode only if the "
-                           "data error falls faster after it than before",
-                           group="probe modes", choices=("trend", "power", "prune", "gain"), kind="str")
+                           "data error falls faster after it than before; 'heldout' counts the modes before "
+                           "the reconstruction from 15 % of each frame's pixels that no fit sees (minutes on a "
+                           "CPU; docs/auto_modes.md)",
+                           group="probe modes", choices=("trend", "power", "prune", "gain", "heldout"), kind="str")
     auto_new_mode_power: float = param(0.3, "probe_modes=auto ('trend'): power of a new k-th mode relative to "
                                        "the first, divided by k - 1", group="probe modes", min=0.0, max=1.0,
                                        min_open=True, kind="float")

@@ -20,6 +20,8 @@ The automatic rules (``auto_rule``):
 - ``prune``: ``power``, then keep the fewest modes beyond which one more lowers the (fitted)
   data error by less than ``auto_prune_gain``.
 - ``gain``: keep a new mode when the data error falls faster after it than before.
+- ``heldout``: not this manager's: the count is found before the reconstruction, from pixels no fit
+  sees (:mod:`hxn_ptycho.mode_count`), and the reconstruction runs with that fixed count.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import modes
+from .params import ParamError
 
 if TYPE_CHECKING:
     from .engine import Reconstruction
@@ -44,6 +47,10 @@ class ProbeModeManager:
         p = rec.params
         self.log: list[str] = []
         self.auto = p.probe_modes == "auto"
+        if self.auto and p.auto_rule == "heldout":
+            raise ParamError("auto_rule='heldout' counts the probe modes of the whole scan before the "
+                             "reconstruction (engine.reconstruct, the job): a reconstruction fed views as they "
+                             "arrive (a live session) cannot; give probe_modes a number or use auto_rule='trend'")
         self.rule = p.auto_rule
         self.settled = not self.auto
         self.err_trace: list[float] = []          # data error of each iteration (the 'gain' rule)

@@ -1,0 +1,289 @@
+"""``probe_modes="auto"`` with ``auto_rule="heldout"``: the probe-mode count read from detector pixels
+that no fit ever sees (issue 18, part 2; docs/auto_modes.md, sessions 22 and 23).
+
+The count runs *before* the reconstruction, on the whole scan, and the reconstruction then runs with the
+count found (``engine.reconstruct``; the job's rank 0 under MPI, :func:`hxn_ptycho.distributed.run_distributed`):
+
+1. **Held-out pixels.** A fixed random 15 % of every frame's pixels (:func:`holdout_split`) are left out of
+   every fit below: the fits treat them as masked pixels (:class:`FrameMaskBackend`).
+2. **The start.** An over-complete fit (M = 6 modes: no rank-K ridge on its way, session 20) is screened
+   from four starts — the default start and its quadratic pupil phase scaled by 0.5, 0.25 and −1
+   (:func:`phase_start`: the data's mean amplitude fixes neither the defocus's size nor its sign). A start
+   replaces the default only if its per-view held-out error beats the default's with paired z > 2
+   (:func:`choose_start`). The chosen start's M-mode fit then runs the full schedule.
+3. **The chain.** Its k strongest modes (k = 1 … M) with its object are refitted as k-mode models (ML, 50
+   iterations, kept pixels), and mode k + 1 is kept while the per-view gains of the held-out amplitude
+   error — the fits' own loss on data they never saw — have a paired z above 2 (:func:`chain_count`).
+
+One knob is principled (the significance level z = 2); the others are the measured schedule of
+docs/auto_modes.md. On the 63 cells of its grid the rule finds the true count on 46 (``trend``: 19), and on
+three held-out families 3, 4 and 5 of 6 cells (README, "probe_modes=auto"). Its cost is several
+over-complete fits on the numpy backend (the per-frame mask is in no compiled kernel): about a minute or
+two for 100 views of 64² pixels.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from . import dm, modes
+from .backend import NumpyBackend
+from .params import ParamError, ReconParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeldOutCount:
+    """The held-out count's schedule (docs/auto_modes.md, sessions 22–23; the defaults are the measured rule)."""
+    holdout: float = 0.15                   # share of every frame's pixels no fit sees
+    seed: int = 22                          # of the held-out pixels' draw
+    fit_modes: int = 6                      # M, the over-complete fit (at most ``auto_max_modes``)
+    schedule: str = "DM:20,ML:480"          # the chosen start's M-mode fit
+    screen: str = "DM:20,ML:80"             # each start's screening fit
+    starts: tuple[float, ...] = (1.0, 0.5, 0.25, -1.0)   # factors of the default start's pupil phase
+    refit: int = 50                         # ML iterations of each k-mode refit of the chain
+    z_min: float = 2.0                      # the chain's (and the start choice's) significance level
+    mode_cap: float = 10.0                  # ML's per-mode gradient scaling (MLIteration.mode_precondition_cap)
+    extra_mode_power: float = 0.3           # the over-complete start's extra modes
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout < 1:
+            raise ParamError(f"held-out share must be in (0, 1), got {self.holdout}")
+        if 1.0 not in self.starts:
+            raise ParamError("the held-out count's starts must include the default start (1)")
+        if self.refit < 1 or self.fit_modes < 2:
+            raise ParamError("the held-out count needs refits of ≥ 1 iteration and an over-complete fit of ≥ 2 modes")
+
+
+class FrameMaskBackend(NumpyBackend):
+    """The numpy backend with one mask per frame: ``keep`` (views, n, n), True = fitted, in the views'
+    given order. Every step that takes the scan's mask (DM's Fourier pass, ML's gradient and line search,
+    the error pass) gets the kept pixels of the batch's frames instead, so a held-out pixel is left
+    unconstrained exactly as a masked pixel is. The batch is found from the frames' place in ``base`` (the
+    reconstruction's ``diffamp``; with ``spatial_order=False`` a batch's frames are a slice of it)."""
+
+    def __init__(self, keep: np.ndarray, threads: int = 1) -> None:
+        super().__init__(threads)
+        self.keep = np.asarray(keep, bool)
+        self.base: np.ndarray | None = None
+
+    def _mask(self, diffamp: Any, rows: Any = None) -> np.ndarray:
+        if self.base is None:
+            raise RuntimeError("FrameMaskBackend: base (the reconstruction's diffamp) not set")
+        if rows is not None:
+            return self.keep[np.asarray(rows)]
+        base = self.base
+        off, rem = divmod(diffamp.__array_interface__["data"][0] - base.__array_interface__["data"][0],
+                          base.strides[0])
+        if rem or off < 0 or off + len(diffamp) > len(base) or diffamp.strides != base.strides:
+            raise RuntimeError("FrameMaskBackend: the frames are not a slice of the reconstruction's diffamp")
+        return self.keep[off:off + len(diffamp)]
+
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,  # type: ignore[override]
+                     *args: Any, **kw: Any) -> Any:
+        rows = kw.get("rows", args[7] if len(args) > 7 else None)
+        return super().fourier_pass(obj, pos, probe, psi, diffamp, self._mask(diffamp, rows), *args, **kw)
+
+    def error_pass(self, obj: Any, pos: Any, probe: Any, diffamp: Any, mask: Any,  # type: ignore[override]
+                   *args: Any, **kw: Any) -> Any:
+        return super().error_pass(obj, pos, probe, diffamp, self._mask(diffamp), *args, **kw)
+
+    def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any,  # type: ignore[override]
+                    *args: Any, **kw: Any) -> tuple[float, float]:
+        return super().ml_gradient(fphi, diffamp, intensity, self._mask(diffamp), *args, **kw)
+
+    def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any,  # type: ignore[override]
+                       mask: Any, *args: Any, **kw: Any) -> tuple[float, float]:
+        return super().ml_line_search(f0, f1, f2, diffamp, intensity, self._mask(diffamp), *args, **kw)
+
+
+def holdout_split(scan: Any, frac: float, seed: int = 22) -> tuple[Any, np.ndarray]:
+    """``frac`` of every frame's pixels held out (a fixed random mask a frame, ``seed``): a copy of the
+    scan whose held-out pixels carry no data, and the mask of the kept pixels (views, n, n)."""
+    keep = np.random.default_rng(seed).uniform(size=scan.diffamp.shape) >= frac
+    return kept_only(scan, keep), keep
+
+
+def kept_only(scan: Any, keep: np.ndarray) -> Any:
+    """A copy of ``scan`` whose pixels outside ``keep`` carry no data: each is replaced by the mean √I of
+    its pixel over the frames that keep it, so that nothing a fit reads (the initial probe's mean
+    amplitude, the intensity total) sees a held-out count. The raw scan is not modified."""
+    amp = np.asarray(scan.diffamp, np.float64)
+    fill = np.sum(amp * keep, axis=0) / np.maximum(keep.sum(axis=0), 1)
+    return replace(scan, diffamp=np.where(keep, amp, fill[None]).astype(scan.diffamp.dtype))
+
+
+def phase_start(rec: Any, factor: float) -> np.ndarray:
+    """The default start (the mean measured far-field amplitude, the total power, the extra modes of
+    :func:`modes.initial_probe_modes` with the same seed) with its quadratic pupil phase c₀ scaled by
+    ``factor``."""
+    from . import initial
+    p = rec.params
+    power, mean_amp = initial.mean_frame_power(rec.scan, rec.total_intensity, rec.reducer)
+    c0 = modes.defocus_for_size(mean_amp, 2.5 * initial.median_step(rec.positions_all))
+    p0 = modes.pupil_phase_probe(mean_amp, factor * c0)
+    p0 = p0 * np.sqrt(power / max(float(np.vdot(p0, p0).real), 1e-300))
+    return modes.initial_probe_modes(p0, p.probe_modes, p.extra_mode_power, p.seed)
+
+
+def fit(scan: Any, params: ReconParams, keep: np.ndarray | None = None, obj: np.ndarray | None = None,
+        probe: np.ndarray | None = None, phase: float | None = None, mode_cap: float = 1.0,
+        attach: Callable[[Any], None] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """One fit with ``params`` (its ``probe_modes`` an integer): object, orthogonal modes sorted by power,
+    data error. ``keep`` (views, n, n): only those pixels of each frame are fitted (:class:`FrameMaskBackend`).
+    From ``obj``/``probe`` when given, else from the default start with its pupil phase scaled by ``phase``
+    (:func:`phase_start`; None or 1: the engine's own start). ``attach(rec)`` runs before the iterations."""
+    from .engine import Reconstruction
+    if keep is None:
+        rec = Reconstruction(scan, params, log=lambda m: None)
+    else:
+        be = FrameMaskBackend(keep, params.threads or 1)
+        rec = Reconstruction(scan, params, backend=be, log=lambda m: None, spatial_order=False)
+        if rec.geom.order is not None:
+            rec.close()
+            raise RuntimeError("FrameMaskBackend needs the views in their given order")
+        be.base = rec.diffamp
+    try:
+        rec.ml_mode_cap = mode_cap
+        if obj is not None and probe is not None:
+            rec.obj = obj.astype(rec.cdtype)
+            rec.probe = probe.astype(rec.cdtype)
+            rec._each(rec._init_psi)
+        elif phase is not None and phase != 1:
+            rec.probe = phase_start(rec, phase).astype(rec.cdtype)
+            rec._each(rec._init_psi)
+        if attach is not None:
+            attach(rec)
+        res = rec.run()
+    finally:
+        rec.close()
+    return (np.asarray(res.object), modes.orthogonalize(np.asarray(res.probe))[0],
+            float(res.attrs["final_data_error"]))
+
+
+def model_amplitude(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """|F(P·O_j)| summed incoherently over the modes for every view j (the views' given order), the
+    measured √I it is compared with, and the scan's mask (None: every pixel good)."""
+    from .engine import Reconstruction
+    rec = Reconstruction(scan, ReconParams(iterations=1, probe_modes=len(probe), threads=1),
+                         log=lambda m: None, spatial_order=False)
+    try:
+        rec.obj = obj.astype(rec.cdtype)
+        rec.probe = probe.astype(rec.cdtype)
+        out = np.zeros(rec.diffamp.shape)
+
+        def batch(w: Any, b: slice) -> None:
+            be, B = rec.be, b.stop - b.start
+            f = be.fft2(rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B], w.tmp[:B]))
+            out[b] = be.asnumpy(dm._modulus(be, f))
+        rec.scheduler.each(batch)
+        mask = None if rec.mask is None else np.asarray(rec.be.asnumpy(rec.mask), bool)
+        return out, np.asarray(rec.be.asnumpy(rec.diffamp), np.float64), mask
+    finally:
+        rec.close()
+
+
+def held_out_errors(scan: Any, obj: np.ndarray, probe: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Σ(|F(P·O_j)| − √I_j)² of each view j over ``pixels`` (views, n, n) of its frame (and the scan's
+    good pixels): the fits' own loss on the pixels given."""
+    amp, data, mask = model_amplitude(scan, obj, probe)
+    sq = np.square(amp - data) * pixels
+    if mask is not None:
+        sq = sq * mask
+    return sq.reshape(len(sq), -1).sum(axis=1)
+
+
+def paired_z(d: Any) -> float:
+    """z = mean(d) / (sd(d)/√N) of per-view gains ``d`` (0 when they do not vary)."""
+    d = np.asarray(d, np.float64)
+    sd = float(d.std(ddof=1))
+    return float(d.mean() / (sd / np.sqrt(len(d)))) if sd > 0 else 0.0
+
+
+def chain_count(view_gain: list[Any], z_min: float = 2.0) -> tuple[int, list[float]]:
+    """The count read from a chain: the first k whose step k → k + 1 has per-view gains with a paired z
+    no larger than ``z_min`` (:func:`paired_z`); and every step's z."""
+    zs = [paired_z(row) for row in view_gain]
+    return next((k + 1 for k, z in enumerate(zs) if z <= z_min), len(zs) + 1), zs
+
+
+def choose_start(ho: dict[float, np.ndarray], z_min: float = 2.0) -> tuple[float, dict[float, float]]:
+    """The start among several (``ho``: factor → its fit's per-view held-out errors; 1 is the default):
+    the lowest summed held-out error among those whose per-view gains over the default's have a paired
+    z > ``z_min``; the default when none has. Also each start's z against the default."""
+    base = np.asarray(ho[1.0], np.float64)
+    zs = {f: paired_z(base - np.asarray(e, np.float64)) for f, e in ho.items()}
+    better = [f for f in ho if f != 1.0 and zs[f] > z_min]
+    return (min(better, key=lambda f: float(np.sum(ho[f]))) if better else 1.0), zs
+
+
+def _its(alg: str) -> int:
+    return sum(int(part.split(":")[1]) for part in alg.split(","))
+
+
+def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
+                log_fn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The held-out count of ``scan`` (the whole scan, in this process) under the user's ``params``:
+    the evidence as stored in the result (``probe_modes_auto``): the rule, the count found, each start's
+    held-out error and z, the chosen start, the M-mode fit's shares, and per k-mode refit its held-out
+    error and each step's z."""
+    how = how or HeldOutCount()
+    say = log_fn or log.info
+    t0 = time.perf_counter()
+    M = max(2, min(how.fit_modes, int(params.auto_max_modes)))
+    if len(scan.diffamp) < 3:
+        raise ParamError("auto_rule='heldout' needs at least 3 views to judge a mode on")
+    kept, keep = holdout_split(scan, how.holdout, how.seed)
+    base = replace(params, probe_modes=M, extra_mode_power=how.extra_mode_power, refine_positions=False,
+                   backend="numpy", init_from=None)
+
+    def sched(alg: str, k: int = M) -> ReconParams:
+        return replace(base, probe_modes=k, algorithm=alg, iterations=_its(alg))
+
+    starts, ho, fits = [], {}, {}
+    for f in how.starts:
+        ts = time.perf_counter()
+        fits[f] = fit(kept, sched(how.screen), keep, phase=f, mode_cap=how.mode_cap)
+        ho[f] = held_out_errors(scan, fits[f][0], fits[f][1], ~keep)
+        starts.append({"factor": f, "held_out_error": float(np.sum(ho[f])),
+                       "seconds": round(time.perf_counter() - ts, 1)})
+    chosen, zs = choose_start(ho, how.z_min)
+    for s in starts:
+        s["z_vs_default"] = round(zs[s["factor"]], 2)
+    say(f"hxn-ptycho: held-out count: start x{chosen:g} chosen ("
+        + ", ".join(f"x{s['factor']:g} {s['held_out_error']:.4g} z {s['z_vs_default']:.1f}" for s in starts) + ")")
+    obj, pr, err = fit(kept, sched(how.schedule), keep, phase=chosen, mode_cap=how.mode_cap)
+    refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
+    held, chain = [], []
+    for k in range(1, M + 1):
+        o_k, p_k, e_k = fit(kept, replace(refit, probe_modes=k), keep, obj, pr[:k], mode_cap=how.mode_cap)
+        held.append(held_out_errors(scan, o_k, p_k, ~keep))
+        chain.append({"modes": k, "data_error": e_k, "held_out_error": float(np.sum(held[-1])),
+                      "shares": [round(float(s), 5) for s in modes.power_fractions(p_k)]})
+    found, steps = chain_count([held[k] - held[k + 1] for k in range(M - 1)], how.z_min)
+    for k, z in enumerate(steps):
+        chain[k + 1]["z"] = round(z, 2)
+    say(f"hxn-ptycho: held-out count: {found} probe mode(s) (steps' z "
+        + ", ".join(f"{z:.1f}" for z in steps) + f"; {time.perf_counter() - t0:.0f} s)")
+    return {"rule": "heldout", "found": found, "z_min": how.z_min, "holdout": how.holdout, "fit_modes": M,
+            "starts": starts, "start_chosen": chosen, "fit_error": err,
+            "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def wants_count(params: ReconParams) -> bool:
+    """Whether ``params`` ask for the held-out count before the reconstruction."""
+    return params.probe_modes == "auto" and params.auto_rule == "heldout"
+
+
+def counted_params(scan: Any, params: ReconParams, log_fn: Callable[[str], None] | None = None
+                   ) -> tuple[ReconParams, dict[str, Any]]:
+    """``params`` with ``probe_modes`` the held-out count of ``scan``, and the count's evidence."""
+    evidence = count_modes(scan, params, log_fn=log_fn)
+    return replace(params, probe_modes=int(evidence["found"])), evidence
