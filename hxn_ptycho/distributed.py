@@ -217,7 +217,7 @@ def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str
     if comm.rank == 0:
         try:
             out = ("ok", count_modes(read_scan(path), params, log_fn=log))
-        except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here as it was
+        except Exception as exc:       # told to every rank, then raised here as it was
             comm.bcast(("error", f"{type(exc).__name__}: {exc}"))
             raise
     out = comm.bcast(out)

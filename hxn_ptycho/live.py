@@ -37,7 +37,7 @@ import numpy as np
 from .engine import _stop_requested
 from .errors import HxnPtychoError
 from .h5util import FileFormatError
-from .params import ReconParams
+from .params import ParamError, ReconParams
 from .resultfile import ResultData
 from .scanfile import GrowingScanReader
 from .session import Extent, ReconSession, Snapshot
@@ -236,6 +236,11 @@ def follow_distributed(path: str, params: ReconParams, comm: Any, *, result_file
     """Follow the growing scan file ``path`` to its completion on the ranks of ``comm``; every rank
     returns the final result (see the module's docstring) and facts about the live phase."""
     from .distributed import LocalReducer, MPIReducer, rank_backend, rank_reducer
+    from .mode_count import wants_count
+    if wants_count(params):
+        raise ParamError("probe_modes=auto with auto_rule='heldout' counts the modes of the finished scan "
+                         "before reconstructing it, so it cannot follow a growing scan: follow it with a "
+                         "number of probe modes (or auto_rule='trend'), or reconstruct the finished scan")
     opt = options or FollowOptions()
     if result_file is not None:
         opt.preview_path = opt.preview_path or preview_path_for(result_file)

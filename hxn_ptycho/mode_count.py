@@ -61,6 +61,9 @@ class HeldOutCount:
             raise ParamError("the held-out count needs refits of ≥ 1 iteration and an over-complete fit of ≥ 2 modes")
 
 
+RULE = HeldOutCount()      # the rule of record (docs/auto_modes.md); count_modes' default
+
+
 class FrameMaskBackend(NumpyBackend):
     """The numpy backend with one mask per frame: ``keep`` (views, n, n), True = fitted, in the views'
     given order. Every step that takes the scan's mask (DM's Fourier pass, ML's gradient and line search,
@@ -85,20 +88,20 @@ class FrameMaskBackend(NumpyBackend):
             raise RuntimeError("FrameMaskBackend: the frames are not a slice of the reconstruction's diffamp")
         return self.keep[off:off + len(diffamp)]
 
-    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,  # type: ignore[override]
+    def fourier_pass(self, obj: Any, pos: Any, probe: Any, psi: Any, diffamp: Any, mask: Any,
                      *args: Any, **kw: Any) -> Any:
         rows = kw.get("rows", args[7] if len(args) > 7 else None)
         return super().fourier_pass(obj, pos, probe, psi, diffamp, self._mask(diffamp, rows), *args, **kw)
 
-    def error_pass(self, obj: Any, pos: Any, probe: Any, diffamp: Any, mask: Any,  # type: ignore[override]
+    def error_pass(self, obj: Any, pos: Any, probe: Any, diffamp: Any, mask: Any,
                    *args: Any, **kw: Any) -> Any:
         return super().error_pass(obj, pos, probe, diffamp, self._mask(diffamp), *args, **kw)
 
-    def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any,  # type: ignore[override]
+    def ml_gradient(self, fphi: Any, diffamp: Any, intensity: Any, mask: Any,
                     *args: Any, **kw: Any) -> tuple[float, float]:
         return super().ml_gradient(fphi, diffamp, intensity, self._mask(diffamp), *args, **kw)
 
-    def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any,  # type: ignore[override]
+    def ml_line_search(self, f0: Any, f1: Any, f2: Any, diffamp: Any, intensity: Any,
                        mask: Any, *args: Any, **kw: Any) -> tuple[float, float]:
         return super().ml_line_search(f0, f1, f2, diffamp, intensity, self._mask(diffamp), *args, **kw)
 
@@ -233,7 +236,7 @@ def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
     the evidence as stored in the result (``probe_modes_auto``): the rule, the count found, each start's
     held-out error and z, the chosen start, the M-mode fit's shares, and per k-mode refit its held-out
     error and each step's z."""
-    how = how or HeldOutCount()
+    how = how or RULE
     say = log_fn or log.info
     t0 = time.perf_counter()
     M = max(2, min(how.fit_modes, int(params.auto_max_modes)))

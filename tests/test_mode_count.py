@@ -1,0 +1,140 @@
+"""``probe_modes=auto`` with ``auto_rule='heldout'`` (hxn_ptycho/mode_count.py; issue 18, part 2).
+
+The rule's grid and held-out families are in docs/auto_modes.md ("Session 27") and the README; here: the
+count and its evidence end to end on a cheap schedule, the job's path, the refusals, and (slow) the rule of
+record on the issue's own mixture and a check cell.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mode_mixtures import mixture_scan, spectrum
+
+from hxn_ptycho import mode_count
+from hxn_ptycho.engine import Reconstruction, reconstruct
+from hxn_ptycho.params import ParamError, ReconParams
+
+QUIET = {"log": lambda m: None}
+HELD = {"probe_modes": "auto", "auto_rule": "heldout", "detector_gain": 1.0, "threads": 1}
+#: a cheaper schedule than the rule of record (M = 4, shorter fits, two starts): right on 64² frames
+CHEAP = mode_count.HeldOutCount(fit_modes=4, schedule="DM:20,ML:200", screen="DM:10,ML:30", starts=(1.0, -1.0),
+                                refit=50)
+
+
+def test_the_held_out_count_keeps_a_true_second_mode_and_stops_at_it(monkeypatch):
+    """A 70/30 two-mode fly mixture at 10⁶ photons: the step 1 → 2 is kept (z > 2) and the step 2 → 3 is
+    not (z ≤ 2), through ``engine.reconstruct``, which then runs with the count found and stores the
+    evidence. A chain that kept every mode (4), or none (1), or a result that ignored the count, fails."""
+    monkeypatch.setattr(mode_count, "RULE", CHEAP)
+    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1)
+    raw = scan.diffamp.copy()
+    res = reconstruct(scan, ReconParams(iterations=10, **HELD), **QUIET)
+    ev = res.attrs["probe_modes_auto"]
+    assert ev["rule"] == "heldout" and ev["found"] == 2 == res.probe.shape[0], ev
+    z = [c.get("z") for c in ev["chain"]]
+    assert z[1] > 2 >= z[2], z
+    assert [c["modes"] for c in ev["chain"]] == [1, 2, 3, 4] and ev["fit_modes"] == 4
+    # each refit's held-out error, and the start choice's evidence
+    assert ev["chain"][1]["held_out_error"] < ev["chain"][0]["held_out_error"]
+    assert {s["factor"] for s in ev["starts"]} == {1.0, -1.0} and ev["start_chosen"] in (1.0, -1.0)
+    assert abs(sum(ev["fit_shares"]) - 1) < 1e-3 and len(ev["fit_shares"]) == 4
+    np.testing.assert_array_equal(scan.diffamp, raw)          # the raw frames are never modified
+    json.dumps(ev)                                             # stored as JSON in the result and the derived run
+
+
+def test_held_out_pixels_are_what_no_fit_sees():
+    """The kept-only copy carries no held-out count (each replaced by its pixel's mean over the frames
+    that keep it), and the split is the same every time (its seed)."""
+    scan, _ = mixture_scan("gsm", spectrum(2, 0.3), 1e6, seed=1, n_positions=20)
+    kept, keep = mode_count.holdout_split(scan, 0.15)
+    kept2, keep2 = mode_count.holdout_split(scan, 0.15)
+    np.testing.assert_array_equal(keep, keep2)
+    assert 0.13 < 1 - keep.mean() < 0.17
+    np.testing.assert_array_equal(kept.diffamp[keep], scan.diffamp[keep])
+    fill = (scan.diffamp * keep).sum(axis=0) / keep.sum(axis=0)
+    v, i, j = np.nonzero(~keep)
+    np.testing.assert_allclose(kept.diffamp[v, i, j], fill[i, j], rtol=1e-6)
+
+
+def test_chain_and_start_choice_read_their_significance_level():
+    rng = np.random.default_rng(0)
+    strong, none = 5 + rng.normal(0, 1, 80), rng.normal(0, 1, 80)
+    assert mode_count.chain_count([strong, strong, none, strong])[0] == 3     # the first step not above z
+    assert mode_count.chain_count([strong, strong])[0] == 3                    # every step kept: M
+    assert mode_count.chain_count([none, strong])[0] == 1
+    base = 100 + rng.normal(0, 1, 80)
+    def off(x: float) -> np.ndarray:
+        return base + x + rng.normal(0, 1, 80)
+    assert mode_count.choose_start({1.0: base, -1.0: off(1)})[0] == 1.0         # worse: the default stays
+    assert mode_count.choose_start({1.0: base, -1.0: off(-0.05)})[0] == 1.0     # no better beyond noise
+    chosen, zs = mode_count.choose_start({1.0: base, -1.0: off(-3), 0.5: off(-1)})
+    assert chosen == -1.0 and zs[-1.0] > zs[0.5] > 2 and zs[1.0] == 0    # the lowest of those beyond z
+
+
+def test_the_held_out_count_is_refused_where_the_whole_scan_is_not_at_hand():
+    """A reconstruction fed views (a live session) cannot run it, nor engine.reconstruct on one rank's views;
+    the rule is a declared choice of auto_rule, and a bad held-out schedule is refused by name."""
+    scan, _ = mixture_scan("gsm", spectrum(1, 1.0), 1e6, seed=1, n_positions=12)
+    with pytest.raises(ParamError, match="heldout"):
+        Reconstruction(scan, ReconParams(iterations=2, **HELD), **QUIET)
+
+    class TwoRanks:
+        size, rank = 2, 0
+    with pytest.raises(ParamError, match="whole scan"):
+        reconstruct(scan, ReconParams(iterations=2, **HELD), reducer=TwoRanks(), **QUIET)
+    from hxn_ptycho.distributed import LocalComm
+    from hxn_ptycho.live import follow_distributed
+    with pytest.raises(ParamError, match="cannot follow a growing scan"):     # refused before any wait
+        follow_distributed("/nonexistent/scan.h5", ReconParams(iterations=2, **HELD), LocalComm())
+    with pytest.raises(ParamError, match="auto_rule"):
+        ReconParams(auto_rule="held-out")
+    with pytest.raises(ParamError, match="default start"):
+        mode_count.HeldOutCount(starts=(0.5, -1.0))
+    with pytest.raises(ParamError, match="held-out share"):
+        mode_count.HeldOutCount(holdout=1.0)
+
+
+def test_the_job_counts_on_rank_0_and_writes_the_evidence_to_the_result(tmp_path, monkeypatch):
+    """The offline job (``run_distributed``): the count of the whole scan file, the reconstruction with it,
+    the evidence in the result file. A count that fails fails the job with its reason."""
+    from hxn_ptycho.distributed import LocalComm, count_on_rank0, run_distributed
+    from hxn_ptycho.errors import HxnPtychoError
+    from hxn_ptycho.resultfile import read_result, write_result
+    from hxn_ptycho.scanfile import write_scan
+    monkeypatch.setattr(mode_count, "RULE", CHEAP)
+    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1)
+    write_scan(tmp_path / "scan.h5", scan)
+    res, _ = run_distributed(str(tmp_path / "scan.h5"), ReconParams(iterations=5, **HELD), LocalComm(), **QUIET)
+    ev = res.attrs["probe_modes_auto"]
+    assert ev["rule"] == "heldout" and ev["found"] == res.probe.shape[0] == 2
+    write_result(tmp_path / "r.h5", res)
+    back = read_result(tmp_path / "r.h5").attrs["probe_modes_auto"]
+    assert (json.loads(back) if isinstance(back, str) else back)["found"] == 2
+
+    def broken(*a, **k):
+        raise RuntimeError("no count today")
+    monkeypatch.setattr(mode_count, "count_modes", broken)
+    with pytest.raises(RuntimeError, match="no count today"):           # rank 0: raised as it was
+        run_distributed(str(tmp_path / "scan.h5"), ReconParams(iterations=5, **HELD), LocalComm(), **QUIET)
+
+    class OtherRank:                    # another rank hears rank 0's failure in the broadcast, never waits
+        rank, size = 1, 2
+
+        def bcast(self, obj):
+            return ("error", "RuntimeError: no count today")
+    with pytest.raises(HxnPtychoError, match="failed on rank 0: RuntimeError: no count today"):
+        count_on_rank0(str(tmp_path / "scan.h5"), ReconParams(iterations=5, **HELD), OtherRank())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shares,K", [((0.68, 0.24, 0.08), 3), ((1.0,), 1)], ids=["issue-68-24-8", "one-mode"])
+def test_the_rule_of_record_counts_the_issues_fly_mixture(shares, K):
+    """Issue 18's fly-scan-like mixture (64² frames, a raster, 10⁶ photons, 68/24/8 %), which ``trend``
+    counts as 5 (its strict xfail in test_auto_modes.py), and the one-mode fly scan: the held-out count
+    with the rule of record (docs/auto_modes.md: z of the steps 24.7, 19.6, 0.6 on the first) — ~90 s each."""
+    scan, _ = mixture_scan("fly", np.array(shares), 1e6, seed=1)
+    res = reconstruct(scan, ReconParams(iterations=20, **HELD), **QUIET)
+    ev = res.attrs["probe_modes_auto"]
+    assert ev["found"] == K == res.probe.shape[0], [c.get("z") for c in ev["chain"]]
