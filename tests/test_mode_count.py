@@ -103,15 +103,18 @@ def test_the_job_counts_on_rank_0_and_writes_the_evidence_to_the_result(tmp_path
     from hxn_ptycho.errors import HxnPtychoError
     from hxn_ptycho.resultfile import read_result, write_result
     from hxn_ptycho.scanfile import write_scan
-    monkeypatch.setattr(mode_count, "RULE", CHEAP)
-    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1)
+    # the plumbing only (the count itself: the test above): a token schedule on a small scan
+    monkeypatch.setattr(mode_count, "RULE", mode_count.HeldOutCount(
+        fit_modes=3, schedule="DM:4,ML:6", screen="DM:2,ML:2", starts=(1.0,), refit=4))
+    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1, n=32, n_positions=30)
     write_scan(tmp_path / "scan.h5", scan)
-    res, _ = run_distributed(str(tmp_path / "scan.h5"), ReconParams(iterations=5, **HELD), LocalComm(), **QUIET)
+    res, _ = run_distributed(str(tmp_path / "scan.h5"), ReconParams(iterations=3, **HELD), LocalComm(), **QUIET)
     ev = res.attrs["probe_modes_auto"]
-    assert ev["rule"] == "heldout" and ev["found"] == res.probe.shape[0] == 2
+    assert ev["rule"] == "heldout" and ev["found"] == res.probe.shape[0] and ev["fit_modes"] == 3
+    assert len(ev["chain"]) == 3 and ev["starts"][0]["factor"] == 1.0
     write_result(tmp_path / "r.h5", res)
     back = read_result(tmp_path / "r.h5").attrs["probe_modes_auto"]
-    assert (json.loads(back) if isinstance(back, str) else back)["found"] == 2
+    assert (json.loads(back) if isinstance(back, str) else back) == json.loads(json.dumps(ev))
 
     def broken(*a, **k):
         raise RuntimeError("no count today")
