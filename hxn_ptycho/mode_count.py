@@ -230,12 +230,28 @@ def _its(alg: str) -> int:
     return sum(int(part.split(":")[1]) for part in alg.split(","))
 
 
+@dataclass
+class CountedModel:
+    """The held-out count's model of the count found (its k-mode refit: object, orthogonal modes), for
+    the reconstruction to start from; duck-types the ``object``/``probe``/``attrs`` of a result that
+    ``init_from`` reads (:func:`hxn_ptycho.initial.initial_probe`)."""
+    object: np.ndarray
+    probe: np.ndarray
+    attrs: dict[str, Any]
+
+
 def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
                 log_fn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The held-out count of ``scan`` (the whole scan, in this process) under the user's ``params``:
     the evidence as stored in the result (``probe_modes_auto``): the rule, the count found, each start's
     held-out error and z, the chosen start, the M-mode fit's shares, and per k-mode refit its held-out
     error and each step's z."""
+    return count_and_model(scan, params, how, log_fn)[0]
+
+
+def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
+                    log_fn: Callable[[str], None] | None = None) -> tuple[dict[str, Any], CountedModel]:
+    """:func:`count_modes` and the model of the count found (:class:`CountedModel`)."""
     how = how or RULE
     say = log_fn or log.info
     t0 = time.perf_counter()
@@ -263,9 +279,10 @@ def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
         + ", ".join(f"x{s['factor']:g} {s['held_out_error']:.4g} z {s['z_vs_default']:.1f}" for s in starts) + ")")
     obj, pr, err = fit(kept, sched(how.schedule), keep, phase=chosen, mode_cap=how.mode_cap)
     refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
-    held, chain = [], []
+    held, chain, models = [], [], []
     for k in range(1, M + 1):
         o_k, p_k, e_k = fit(kept, replace(refit, probe_modes=k), keep, obj, pr[:k], mode_cap=how.mode_cap)
+        models.append((o_k, p_k))
         held.append(held_out_errors(scan, o_k, p_k, ~keep))
         chain.append({"modes": k, "data_error": e_k, "held_out_error": float(np.sum(held[-1])),
                       "shares": [round(float(s), 5) for s in modes.power_fractions(p_k)]})
@@ -274,10 +291,12 @@ def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
         chain[k + 1]["z"] = round(z, 2)
     say(f"hxn-ptycho: held-out count: {found} probe mode(s) (steps' z "
         + ", ".join(f"{z:.1f}" for z in steps) + f"; {time.perf_counter() - t0:.0f} s)")
-    return {"rule": "heldout", "found": found, "z_min": how.z_min, "holdout": how.holdout, "fit_modes": M,
-            "starts": starts, "start_chosen": chosen, "fit_error": err,
-            "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    evidence = {"rule": "heldout", "found": found, "z_min": how.z_min, "holdout": how.holdout, "fit_modes": M,
+                "starts": starts, "start_chosen": chosen, "fit_error": err,
+                "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,
+                "seconds": round(time.perf_counter() - t0, 1)}
+    o_f, p_f = models[found - 1]
+    return evidence, CountedModel(o_f, p_f, {})
 
 
 def wants_count(params: ReconParams) -> bool:
@@ -286,7 +305,10 @@ def wants_count(params: ReconParams) -> bool:
 
 
 def counted_params(scan: Any, params: ReconParams, log_fn: Callable[[str], None] | None = None
-                   ) -> tuple[ReconParams, dict[str, Any]]:
-    """``params`` with ``probe_modes`` the held-out count of ``scan``, and the count's evidence."""
-    evidence = count_modes(scan, params, log_fn=log_fn)
-    return replace(params, probe_modes=int(evidence["found"])), evidence
+                   ) -> tuple[ReconParams, dict[str, Any], CountedModel | None]:
+    """``params`` with ``probe_modes`` the held-out count of ``scan``, the count's evidence, and its model
+    of that count for the reconstruction to start from (None where the user gave ``init_from``: their
+    warm start wins)."""
+    evidence, model = count_and_model(scan, params, log_fn=log_fn)
+    return (replace(params, probe_modes=int(evidence["found"])), evidence,
+            None if params.init_from else model)
