@@ -14,6 +14,9 @@ count found (``engine.reconstruct``; the job's rank 0 under MPI, :func:`hxn_ptyc
 3. **The chain.** Its k strongest modes (k = 1 … M) with its object are refitted as k-mode models (ML, 50
    iterations, kept pixels), and mode k + 1 is kept while the per-view gains of the held-out amplitude
    error — the fits' own loss on data they never saw — have a paired z above 2 (:func:`chain_count`).
+4. **The reconstruction** then runs with the count found, started from the chain's model of that count
+   (:class:`CountedModel`: the over-complete fit's modes reach the true mode subspace where a K-mode fit
+   from the engine's start does not, session 21), unless the user gave a warm start (``init_from``).
 
 One knob is principled (the significance level z = 2); the others are the measured schedule of
 docs/auto_modes.md. On the 63 cells of its grid the rule finds the true count on 46 (``trend``: 19), and on
