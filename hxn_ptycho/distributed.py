@@ -205,8 +205,8 @@ def gather_views(views: slice, reducer: Any) -> list[list[int]]:
     return table.astype(int).tolist()
 
 
-def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str], None] | None = None
-                   ) -> tuple[ReconParams, dict[str, Any], Any]:
+def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str], None] | None = None,
+                   stop: Any = None) -> tuple[ReconParams, dict[str, Any], Any]:
     """``probe_modes=auto`` with ``auto_rule='heldout'``: rank 0 reads the whole scan and counts its modes
     (:mod:`hxn_ptycho.mode_count`); every rank gets the params with that count, the evidence and the
     count's model to start from (None under a user's ``init_from``). A count that fails fails every rank
@@ -215,7 +215,8 @@ def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str
     out: tuple[str, Any] = ("", None)
     if comm.rank == 0:
         try:
-            out = ("ok", counted_params(read_scan(path), params, log_fn=log))
+            say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))    # as the engine's own log
+            out = ("ok", counted_params(read_scan(path), params, log_fn=say, stop=stop))
         except Exception as exc:       # told to every rank, then raised here as it was
             comm.bcast(("error", f"{type(exc).__name__}: {exc}"))
             raise
@@ -237,7 +238,7 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
     from .mode_count import wants_count
     evidence = start = None
     if wants_count(params):
-        params, evidence, start = count_on_rank0(path, params, comm, log)
+        params, evidence, start = count_on_rank0(path, params, comm, log, stop)
     if mode == "async":                 # (its regions start from their own guesses, not the count's model)
         from .stitch import run_async
         res = run_async(path, params, comm, progress=progress, log=log, stop=stop)

@@ -667,7 +667,8 @@ def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: A
         if reducer is not None and getattr(reducer, "size", 1) > 1:
             raise ParamError("auto_rule='heldout' counts the modes of the whole scan in one process: run it "
                              "through the job (rank 0 counts), not engine.reconstruct on each rank's views")
-        params, evidence, start = counted_params(scan, params, log_fn=log)
+        params, evidence, start = counted_params(
+            scan, params, log_fn=log or (lambda msg: print(msg, file=sys.stderr, flush=True)), stop=stop)
     res = Reconstruction(scan, params, backend=backend, reducer=reducer, progress=progress,
                          log=log, stop=stop, spatial_order=spatial_order, start_model=start).run()
     if evidence is not None:

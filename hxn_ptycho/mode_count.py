@@ -36,6 +36,7 @@ import numpy as np
 
 from . import dm, modes
 from .backend import NumpyBackend
+from .errors import HxnPtychoError
 from .params import ParamError, ReconParams
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class HeldOutCount:
 
 
 RULE = HeldOutCount()      # the rule of record (docs/auto_modes.md); count_modes' default
+
+
+class CountInterrupted(HxnPtychoError):
+    """The held-out count was stopped on request (Ctrl-C) before it found a count: nothing reconstructed."""
+
+    exit_status = 130
 
 
 class FrameMaskBackend(NumpyBackend):
@@ -140,17 +147,18 @@ def phase_start(rec: Any, factor: float) -> np.ndarray:
 
 def fit(scan: Any, params: ReconParams, keep: np.ndarray | None = None, obj: np.ndarray | None = None,
         probe: np.ndarray | None = None, phase: float | None = None, mode_cap: float = 1.0,
-        attach: Callable[[Any], None] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        attach: Callable[[Any], None] | None = None, stop: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
     """One fit with ``params`` (its ``probe_modes`` an integer): object, orthogonal modes sorted by power,
     data error. ``keep`` (views, n, n): only those pixels of each frame are fitted (:class:`FrameMaskBackend`).
     From ``obj``/``probe`` when given, else from the default start with its pupil phase scaled by ``phase``
-    (:func:`phase_start`; None or 1: the engine's own start). ``attach(rec)`` runs before the iterations."""
+    (:func:`phase_start`; None or 1: the engine's own start). ``attach(rec)`` runs before the iterations;
+    ``stop`` (as the engine's) ends the fit early and raises :class:`CountInterrupted`."""
     from .engine import Reconstruction
     if keep is None:
-        rec = Reconstruction(scan, params, log=lambda m: None)
+        rec = Reconstruction(scan, params, log=lambda m: None, stop=stop)
     else:
         be = FrameMaskBackend(keep, params.threads or 1)
-        rec = Reconstruction(scan, params, backend=be, log=lambda m: None, spatial_order=False)
+        rec = Reconstruction(scan, params, backend=be, log=lambda m: None, spatial_order=False, stop=stop)
         if rec.geom.order is not None:
             rec.close()
             raise RuntimeError("FrameMaskBackend needs the views in their given order")
@@ -169,6 +177,9 @@ def fit(scan: Any, params: ReconParams, keep: np.ndarray | None = None, obj: np.
         res = rec.run()
     finally:
         rec.close()
+    if res.attrs.get("interrupted"):
+        raise CountInterrupted("the held-out probe-mode count was stopped (Ctrl-C) before it found a count: "
+                               "nothing was reconstructed")
     return (np.asarray(res.object), modes.orthogonalize(np.asarray(res.probe))[0],
             float(res.attrs["final_data_error"]))
 
@@ -244,23 +255,28 @@ class CountedModel:
 
 
 def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
-                log_fn: Callable[[str], None] | None = None) -> dict[str, Any]:
+                log_fn: Callable[[str], None] | None = None, stop: Any = None) -> dict[str, Any]:
     """The held-out count of ``scan`` (the whole scan, in this process) under the user's ``params``:
     the evidence as stored in the result (``probe_modes_auto``): the rule, the count found, each start's
     held-out error and z, the chosen start, the M-mode fit's shares, and per k-mode refit its held-out
     error and each step's z."""
-    return count_and_model(scan, params, how, log_fn)[0]
+    return count_and_model(scan, params, how, log_fn, stop)[0]
 
 
 def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
-                    log_fn: Callable[[str], None] | None = None) -> tuple[dict[str, Any], CountedModel]:
-    """:func:`count_modes` and the model of the count found (:class:`CountedModel`)."""
+                    log_fn: Callable[[str], None] | None = None, stop: Any = None
+                    ) -> tuple[dict[str, Any], CountedModel]:
+    """:func:`count_modes` and the model of the count found (:class:`CountedModel`); ``stop`` (as the
+    engine's: a callable or an Event) ends it with :class:`CountInterrupted`."""
     how = how or RULE
     say = log_fn or log.info
     t0 = time.perf_counter()
     M = max(2, min(how.fit_modes, int(params.auto_max_modes)))
     if len(scan.diffamp) < 3:
         raise ParamError("auto_rule='heldout' needs at least 3 views to judge a mode on")
+    say(f"hxn-ptycho: counting the probe modes on {100 * how.holdout:.0f} % of the pixels held out of every fit "
+        f"(auto_rule=heldout): {len(how.starts)} starts screened ({how.screen}), one {M}-mode fit ({how.schedule}), "
+        f"{M} refits (ML:{how.refit}), on the numpy backend")
     kept, keep = holdout_split(scan, how.holdout, how.seed)
     base = replace(params, probe_modes=M, extra_mode_power=how.extra_mode_power, refine_positions=False,
                    backend="numpy", init_from=None)
@@ -271,7 +287,7 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
     starts, ho, fits = [], {}, {}
     for f in how.starts:
         ts = time.perf_counter()
-        fits[f] = fit(kept, sched(how.screen), keep, phase=f, mode_cap=how.mode_cap)
+        fits[f] = fit(kept, sched(how.screen), keep, phase=f, mode_cap=how.mode_cap, stop=stop)
         ho[f] = held_out_errors(scan, fits[f][0], fits[f][1], ~keep)
         starts.append({"factor": f, "held_out_error": float(np.sum(ho[f])),
                        "seconds": round(time.perf_counter() - ts, 1)})
@@ -280,11 +296,14 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
         s["z_vs_default"] = round(zs[s["factor"]], 2)
     say(f"hxn-ptycho: held-out count: start x{chosen:g} chosen ("
         + ", ".join(f"x{s['factor']:g} {s['held_out_error']:.4g} z {s['z_vs_default']:.1f}" for s in starts) + ")")
-    obj, pr, err = fit(kept, sched(how.schedule), keep, phase=chosen, mode_cap=how.mode_cap)
+    obj, pr, err = fit(kept, sched(how.schedule), keep, phase=chosen, mode_cap=how.mode_cap, stop=stop)
+    say(f"hxn-ptycho: held-out count: the {M}-mode fit's shares "
+        + "/".join(f"{100 * s:.1f}" for s in modes.power_fractions(pr)) + " %; refitting its k strongest modes")
     refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
     held, chain, models = [], [], []
     for k in range(1, M + 1):
-        o_k, p_k, e_k = fit(kept, replace(refit, probe_modes=k), keep, obj, pr[:k], mode_cap=how.mode_cap)
+        o_k, p_k, e_k = fit(kept, replace(refit, probe_modes=k), keep, obj, pr[:k], mode_cap=how.mode_cap,
+                            stop=stop)
         models.append((o_k, p_k))
         held.append(held_out_errors(scan, o_k, p_k, ~keep))
         chain.append({"modes": k, "data_error": e_k, "held_out_error": float(np.sum(held[-1])),
@@ -307,11 +326,11 @@ def wants_count(params: ReconParams) -> bool:
     return params.probe_modes == "auto" and params.auto_rule == "heldout"
 
 
-def counted_params(scan: Any, params: ReconParams, log_fn: Callable[[str], None] | None = None
-                   ) -> tuple[ReconParams, dict[str, Any], CountedModel | None]:
+def counted_params(scan: Any, params: ReconParams, log_fn: Callable[[str], None] | None = None,
+                   stop: Any = None) -> tuple[ReconParams, dict[str, Any], CountedModel | None]:
     """``params`` with ``probe_modes`` the held-out count of ``scan``, the count's evidence, and its model
     of that count for the reconstruction to start from (None where the user gave ``init_from``: their
     warm start wins)."""
-    evidence, model = count_and_model(scan, params, log_fn=log_fn)
+    evidence, model = count_and_model(scan, params, log_fn=log_fn, stop=stop)
     return (replace(params, probe_modes=int(evidence["found"])), evidence,
             None if params.init_from else model)

@@ -148,3 +148,38 @@ def test_the_rule_of_record_counts_the_issues_fly_mixture(shares, K):
     res = reconstruct(scan, ReconParams(iterations=20, **HELD), **QUIET)
     ev = res.attrs["probe_modes_auto"]
     assert ev["found"] == K == res.probe.shape[0], [c.get("z") for c in ev["chain"]]
+
+
+def test_the_final_line_and_the_startup_tell_the_count_apart_from_the_reconstruction():
+    """The job's last line names the count's seconds beside the reconstruction's, and the first iteration
+    (for the startup figure) is dated before neither: a trend evidence, stored or as JSON, counts 0 s."""
+    from hxn_ptycho.job import count_seconds, final_line
+    heldout = {"rule": "heldout", "found": 2, "seconds": 82.04}
+    facts = {"final_data_error": 0.00114, "final_cost": 0.28, "elapsed_s": 1.8, "iterations_done": 50, "ranks": 1,
+             "probe_modes_auto": heldout}
+    line = final_line({"status": "success", "measured": facts, "result_file": "r.h5"})
+    assert "time 1.8 s after 82.0 s counting 2 probe mode(s) (50 iterations" in line, line
+    assert count_seconds({"probe_modes_auto": json.dumps(heldout)}) == 82.04
+    assert count_seconds({"probe_modes_auto": {"rule": "trend", "found": 3, "decisions": []}}) == 0.0
+    assert count_seconds({}) == 0.0
+    assert "counting" not in final_line({"status": "success", "measured": {**facts, "probe_modes_auto": None}})
+
+
+def test_a_stop_request_ends_the_count_with_its_own_error_and_no_result():
+    """Ctrl-C (the engine's ``stop``) during the count: the fit under way stops at its next iteration and the
+    count ends with CountInterrupted (exit status 130), not after minutes of fits, and nothing is
+    reconstructed."""
+    import threading
+    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1, n=32, n_positions=30)
+    calls = []
+
+    def stop() -> bool:                 # asked once an iteration: true from the 5th on (the first screen)
+        calls.append(1)
+        return len(calls) >= 5
+    with pytest.raises(mode_count.CountInterrupted, match="stopped") as info:
+        reconstruct(scan, ReconParams(iterations=3, **HELD), stop=stop, **QUIET)
+    assert info.value.exit_status == 130 and len(calls) == 5
+    done = threading.Event()
+    done.set()
+    with pytest.raises(mode_count.CountInterrupted):
+        mode_count.count_modes(scan, ReconParams(**HELD), CHEAP, log_fn=lambda m: None, stop=done)
