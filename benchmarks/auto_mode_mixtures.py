@@ -56,9 +56,10 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="extra parameters, name=value")
     ap.add_argument("--json", help="append one record a scan to this file")
     ap.add_argument("--summarise", metavar="F", help="print the grid table of the records in F and stop")
+    ap.add_argument("--against", metavar="F", help="with --summarise: benchmarks/mode_over.py records to compare")
     a = ap.parse_args()
     if a.summarise:
-        summarise(a.summarise)
+        summarise(a.summarise, a.against)
         return
     extra = parse_assignments(a.set)
     cases = [(int(c.split(":")[0]), float(c.split(":")[1])) for c in a.cases] if a.cases else list(CASES)
@@ -110,14 +111,29 @@ def main() -> None:
 COLUMNS = ((1, 1.0), (2, 0.3), (2, 0.1), (3, 0.03), (3, 0.08))
 
 
-def summarise(path: str) -> None:
+def case_key(family: str, photons: float, K: int, weakest: float) -> str:
+    """A cell as benchmarks/mode_over.py names it (``family:photons:K:weakest``, e.g. ``fly:1e6:3:0.08``)."""
+    return f"{family}:{f'{photons:.0e}'.replace('e+0', 'e')}:{K}:{weakest:g}"
+
+
+def summarise(path: str, against: str | None = None) -> None:
     """The grid of the records in ``path``: a row a family and photon count, a column a mixture, the
-    count found (**bold**: right; ✗: wrong), and the tallies per photon count and in all."""
+    count found (**bold**: right; ✗: wrong), and the tallies per photon count and in all. ``against``:
+    benchmarks/mode_over.py records (session 24's) whose held-out chain (``found_ho``) is shown in
+    brackets where it differs, and tallied."""
     recs: dict[tuple[str, float, int, float], dict] = {}
     with open(path) as fh:
         for line in fh:
             r = json.loads(line)
             recs[(r["family"], float(r["photons"]), int(r["K"]), float(r["weakest"]))] = r
+    other: dict[str, int] = {}
+    if against:
+        with open(against) as fh:
+            for line in fh:
+                o = json.loads(line)
+                if "found_ho" in o and o.get("run") in (None, "grid", "s24-check", "heldout-fzp"):
+                    other.setdefault(o["case"], int(o["found_ho"]))
+    same = [0, 0, 0]         # cells compared, equal, right in ``against``
     heads = {(1, 1.0): "true 1: 100 %", (2, 0.3): "true 2: 70/30 %", (2, 0.1): "true 2: 90/10 %",
              (3, 0.03): "true 3: 81/16/3 %", (3, 0.08): "true 3: 68/24/8 %"}
     print("| family | photons | " + " | ".join(heads[c] for c in COLUMNS) + " |")
@@ -134,7 +150,13 @@ def summarise(path: str) -> None:
             t = tally.setdefault(f"{fam} {ph:.0e}" if fam in HELD_OUTS else f"grid {ph:.0e}", [0, 0])
             t[0] += ok
             t[1] += 1
-            cells.append(f"**{r['found']}**" if ok else f"{r['found']} ✗")
+            o = other.get(case_key(fam, ph, K, w))
+            note = f" (s24 {o})" if o is not None and o != r["found"] else ""
+            if o is not None and fam not in HELD_OUTS:
+                same[0] += 1
+                same[1] += o == r["found"]
+                same[2] += o == r["K"]
+            cells.append((f"**{r['found']}**" if ok else f"{r['found']} ✗") + note)
         print(f"| {fam}{' (held out)' if fam in HELD_OUTS else ''} | {ph:.0e} | " + " | ".join(cells) + " |")
     grid = [0, 0]
     for name, (ok, n) in sorted(tally.items()):
@@ -142,6 +164,9 @@ def summarise(path: str) -> None:
         if name.startswith("grid"):
             grid = [grid[0] + ok, grid[1] + n]
     print(f"grid: right {grid[0]} of {grid[1]}")
+    if against:
+        print(f"against {against}: {same[0]} grid cells compared, the same count on {same[1]}; "
+              f"right there {same[2]}")
 
 
 if __name__ == "__main__":

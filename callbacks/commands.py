@@ -140,6 +140,12 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     if pools:
         base.setdefault("backend", "auto")
     params = params_from_namespace(args, base)
+    following = (getattr(args, "live", False) or getattr(args, "streams", False)
+                 or getattr(args, "eiger_stream", None) or getattr(args, "panda_stream", None))
+    if following and params.probe_modes == "auto" and params.auto_rule == "heldout":
+        raise CommandError("--probe-modes auto --auto-rule heldout counts the modes of the finished scan before "
+                           "reconstructing it, so it cannot follow scans as they run (--live, --streams, "
+                           "--eiger-stream): give --probe-modes N or --auto-rule trend, or drop the live option")
     execution = execution_from_namespace(args, gpus=pools[0].split(",") if pools else None)
     if pools and execution.launcher == "slurm":
         raise CommandError("--gpu-pools is for the local launcher; on Slurm give --slurm-gpus-per-task N")

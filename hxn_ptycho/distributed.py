@@ -205,25 +205,25 @@ def gather_views(views: slice, reducer: Any) -> list[list[int]]:
     return table.astype(int).tolist()
 
 
-def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str], None] | None = None
-                   ) -> tuple[ReconParams, dict[str, Any]]:
+def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str], None] | None = None,
+                   stop: Any = None) -> tuple[ReconParams, dict[str, Any], Any]:
     """``probe_modes=auto`` with ``auto_rule='heldout'``: rank 0 reads the whole scan and counts its modes
-    (:mod:`hxn_ptycho.mode_count`); every rank gets the params with that count and the evidence. A count
-    that fails fails every rank with rank 0's reason (none waits in the broadcast)."""
-    from dataclasses import replace
-
-    from .mode_count import count_modes
+    (:mod:`hxn_ptycho.mode_count`); every rank gets the params with that count, the evidence and the
+    count's model to start from (None under a user's ``init_from``). A count that fails fails every rank
+    with rank 0's reason (none waits in the broadcast)."""
+    from .mode_count import counted_params
     out: tuple[str, Any] = ("", None)
     if comm.rank == 0:
         try:
-            out = ("ok", count_modes(read_scan(path), params, log_fn=log))
+            say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))    # as the engine's own log
+            out = ("ok", counted_params(read_scan(path), params, log_fn=say, stop=stop))
         except Exception as exc:       # told to every rank, then raised here as it was
             comm.bcast(("error", f"{type(exc).__name__}: {exc}"))
             raise
     out = comm.bcast(out)
     if out[0] == "error":
         raise HxnPtychoError(f"the held-out probe-mode count failed on rank 0: {out[1]}")
-    return replace(params, probe_modes=int(out[1]["found"])), out[1]
+    return out[1]
 
 
 def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync", progress: bool = False,
@@ -236,10 +236,10 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
     """
     info = scan_geometry(path)
     from .mode_count import wants_count
-    evidence = None
+    evidence = start = None
     if wants_count(params):
-        params, evidence = count_on_rank0(path, params, comm, log)
-    if mode == "async":
+        params, evidence, start = count_on_rank0(path, params, comm, log, stop)
+    if mode == "async":                 # (its regions start from their own guesses, not the count's model)
         from .stitch import run_async
         res = run_async(path, params, comm, progress=progress, log=log, stop=stop)
         if evidence is not None:
@@ -256,7 +256,7 @@ def run_distributed(path: str, params: ReconParams, comm: Any, mode: str = "sync
     from .session import ReconSession, header_of
     header = header_of(read_scan(path, views=slice(0, 1)))
     session = ReconSession(header, params, backend=backend, reducer=reducer, log=quiet, stop=stop,
-                           progress=progress and comm.rank == 0)
+                           progress=progress and comm.rank == 0, start=start)
     try:
         scan = read_scan(path, views=session.share(info["n_views"]))     # this rank's frames only
         session.append_views(scan.points, scan.diffamp)

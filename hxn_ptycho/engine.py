@@ -232,7 +232,7 @@ class Reconstruction:
 
     def __init__(self, scan: ScanData, params: ReconParams, *, backend: Any = None, reducer: Any = None,
                  progress: bool = False, log: Callable[[str], None] | None = None, stop: Any = None,
-                 spatial_order: bool = True) -> None:
+                 spatial_order: bool = True, start_model: Any = None) -> None:
         params.validate()
         self.spatial_order = bool(spatial_order)   # ψ's rows in the views' spatial order (_view_order)
         scan.validate()
@@ -250,6 +250,7 @@ class Reconstruction:
         self.overlap_rounds: list[int] = []        # probe updates of each DM iteration
         self.refining_positions = False            # no relaxation floor (dm_relax_floor) while true
         self.first_iteration = 0                   # the schedule starts here (a live state resumes it)
+        self.start_model = start_model             # a model to start from, once (the held-out count's)
         self._setup()
 
     @property
@@ -302,7 +303,11 @@ class Reconstruction:
         if self.reducer.rank == 0 and p.power_bound and abs(self.gain - 1) > 1e-3:
             self.log(f"hxn-ptycho: detector gain {self.gain:.4g} per photon ({how}): power bound "
                      f"{self.pbound:.4g} in the data's units")
-        previous = read_result(p.init_from) if p.init_from else None
+        # the model to start from: ``start_model`` (the held-out count's model, hxn_ptycho.mode_count), else a
+        # previous result file (init_from), else the starting guesses of hxn_ptycho.initial
+        previous = self.start_model if self.start_model is not None else \
+            read_result(p.init_from) if p.init_from else None
+        self.start_model = None
         if previous is not None and previous.attrs.get("live_state"):    # hxn_ptycho.session.resume_at
             self.first_iteration = int(previous.attrs.get("resume_iteration", 0))
         self.obj = be.asarray(initial.initial_object(self.obj_shape, p, previous), self.cdtype)
@@ -655,16 +660,17 @@ def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: A
     every per-view output in the given order: :meth:`Reconstruction._view_order`).
     """
     params = params or ReconParams()
-    evidence = None
+    evidence = start = None
     from .mode_count import counted_params, wants_count
     if wants_count(params):
         # probe_modes=auto, auto_rule='heldout': the count of the whole scan first (hxn_ptycho.mode_count)
         if reducer is not None and getattr(reducer, "size", 1) > 1:
             raise ParamError("auto_rule='heldout' counts the modes of the whole scan in one process: run it "
                              "through the job (rank 0 counts), not engine.reconstruct on each rank's views")
-        params, evidence = counted_params(scan, params, log_fn=log)
+        params, evidence, start = counted_params(
+            scan, params, log_fn=log or (lambda msg: print(msg, file=sys.stderr, flush=True)), stop=stop)
     res = Reconstruction(scan, params, backend=backend, reducer=reducer, progress=progress,
-                         log=log, stop=stop, spatial_order=spatial_order).run()
+                         log=log, stop=stop, spatial_order=spatial_order, start_model=start).run()
     if evidence is not None:
         res.attrs["probe_modes_auto"] = evidence
     return res

@@ -264,7 +264,8 @@ def run_spec(spec: JobSpec, outcome_file: str | os.PathLike | None = None, *, pr
             else:
                 res, _info = run_distributed(src.scan_file, spec.params, comm, mode=spec.execution.mode,
                                              progress=progress, **extra)
-        first_iteration = time.time() - float(res.attrs.get("elapsed_s") or 0.0)
+        # the first iteration: before the reconstruction's time, and before a held-out probe-mode count's
+        first_iteration = time.time() - float(res.attrs.get("elapsed_s") or 0.0) - count_seconds(res.attrs)
         starts = comm.gather(first_iteration)
         comm.barrier()              # every rank finished its share before rank 0 writes anything
         if comm.rank == 0:
@@ -389,6 +390,15 @@ def _run_ranks(argv: list[str], env: dict[str, str], stop_file: Path) -> int:
     return 130 if presses > 1 else rc
 
 
+def count_seconds(facts: dict[str, Any]) -> float:
+    """Seconds the held-out probe-mode count took before the reconstruction (``auto_rule='heldout'``), else 0."""
+    auto = facts.get("probe_modes_auto")
+    if isinstance(auto, str):
+        with contextlib.suppress(ValueError):
+            auto = json.loads(auto)
+    return float(auto.get("seconds") or 0.0) if isinstance(auto, dict) and auto.get("rule") == "heldout" else 0.0
+
+
 def final_line(outcome: dict[str, Any]) -> str:
     """The one line a reconstruction ends with: final data error, cost, time (or why it failed)."""
     m = outcome.get("measured") or {}
@@ -398,8 +408,10 @@ def final_line(outcome: dict[str, Any]) -> str:
     def num(v: Any, fmt: str) -> str:
         return "?" if v is None else format(float(v), fmt)
     note = ", interrupted" if m.get("interrupted") else ""
+    counted = count_seconds(m)
+    count = f" after {counted:.1f} s counting {m['probe_modes_auto'].get('found')} probe mode(s)" if counted else ""
     return (f"final data error {num(m.get('final_data_error'), '.4g')}, cost {num(m.get('final_cost'), '.4g')}, "
-            f"time {num(m.get('elapsed_s'), '.1f')} s ({m.get('iterations_done')} iterations, "
+            f"time {num(m.get('elapsed_s'), '.1f')} s{count} ({m.get('iterations_done')} iterations, "
             f"{m.get('ranks')} rank(s){note}) -> {outcome.get('result_file')}")
 
 

@@ -14,6 +14,9 @@ count found (``engine.reconstruct``; the job's rank 0 under MPI, :func:`hxn_ptyc
 3. **The chain.** Its k strongest modes (k = 1 … M) with its object are refitted as k-mode models (ML, 50
    iterations, kept pixels), and mode k + 1 is kept while the per-view gains of the held-out amplitude
    error — the fits' own loss on data they never saw — have a paired z above 2 (:func:`chain_count`).
+4. **The reconstruction** then runs with the count found, started from the chain's model of that count
+   (:class:`CountedModel`: the over-complete fit's modes reach the true mode subspace where a K-mode fit
+   from the engine's start does not, session 21), unless the user gave a warm start (``init_from``).
 
 One knob is principled (the significance level z = 2); the others are the measured schedule of
 docs/auto_modes.md. On the 63 cells of its grid the rule finds the true count on 46 (``trend``: 19), and on
@@ -33,6 +36,7 @@ import numpy as np
 
 from . import dm, modes
 from .backend import NumpyBackend
+from .errors import HxnPtychoError
 from .params import ParamError, ReconParams
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,12 @@ class HeldOutCount:
 
 
 RULE = HeldOutCount()      # the rule of record (docs/auto_modes.md); count_modes' default
+
+
+class CountInterrupted(HxnPtychoError):
+    """The held-out count was stopped on request (Ctrl-C) before it found a count: nothing reconstructed."""
+
+    exit_status = 130
 
 
 class FrameMaskBackend(NumpyBackend):
@@ -137,17 +147,18 @@ def phase_start(rec: Any, factor: float) -> np.ndarray:
 
 def fit(scan: Any, params: ReconParams, keep: np.ndarray | None = None, obj: np.ndarray | None = None,
         probe: np.ndarray | None = None, phase: float | None = None, mode_cap: float = 1.0,
-        attach: Callable[[Any], None] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        attach: Callable[[Any], None] | None = None, stop: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
     """One fit with ``params`` (its ``probe_modes`` an integer): object, orthogonal modes sorted by power,
     data error. ``keep`` (views, n, n): only those pixels of each frame are fitted (:class:`FrameMaskBackend`).
     From ``obj``/``probe`` when given, else from the default start with its pupil phase scaled by ``phase``
-    (:func:`phase_start`; None or 1: the engine's own start). ``attach(rec)`` runs before the iterations."""
+    (:func:`phase_start`; None or 1: the engine's own start). ``attach(rec)`` runs before the iterations;
+    ``stop`` (as the engine's) ends the fit early and raises :class:`CountInterrupted`."""
     from .engine import Reconstruction
     if keep is None:
-        rec = Reconstruction(scan, params, log=lambda m: None)
+        rec = Reconstruction(scan, params, log=lambda m: None, stop=stop)
     else:
         be = FrameMaskBackend(keep, params.threads or 1)
-        rec = Reconstruction(scan, params, backend=be, log=lambda m: None, spatial_order=False)
+        rec = Reconstruction(scan, params, backend=be, log=lambda m: None, spatial_order=False, stop=stop)
         if rec.geom.order is not None:
             rec.close()
             raise RuntimeError("FrameMaskBackend needs the views in their given order")
@@ -166,6 +177,9 @@ def fit(scan: Any, params: ReconParams, keep: np.ndarray | None = None, obj: np.
         res = rec.run()
     finally:
         rec.close()
+    if res.attrs.get("interrupted"):
+        raise CountInterrupted("the held-out probe-mode count was stopped (Ctrl-C) before it found a count: "
+                               "nothing was reconstructed")
     return (np.asarray(res.object), modes.orthogonalize(np.asarray(res.probe))[0],
             float(res.attrs["final_data_error"]))
 
@@ -230,18 +244,39 @@ def _its(alg: str) -> int:
     return sum(int(part.split(":")[1]) for part in alg.split(","))
 
 
+@dataclass
+class CountedModel:
+    """The held-out count's model of the count found (its k-mode refit: object, orthogonal modes), for
+    the reconstruction to start from; duck-types the ``object``/``probe``/``attrs`` of a result that
+    ``init_from`` reads (:func:`hxn_ptycho.initial.initial_probe`)."""
+    object: np.ndarray
+    probe: np.ndarray
+    attrs: dict[str, Any]
+
+
 def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
-                log_fn: Callable[[str], None] | None = None) -> dict[str, Any]:
+                log_fn: Callable[[str], None] | None = None, stop: Any = None) -> dict[str, Any]:
     """The held-out count of ``scan`` (the whole scan, in this process) under the user's ``params``:
     the evidence as stored in the result (``probe_modes_auto``): the rule, the count found, each start's
     held-out error and z, the chosen start, the M-mode fit's shares, and per k-mode refit its held-out
     error and each step's z."""
+    return count_and_model(scan, params, how, log_fn, stop)[0]
+
+
+def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
+                    log_fn: Callable[[str], None] | None = None, stop: Any = None
+                    ) -> tuple[dict[str, Any], CountedModel]:
+    """:func:`count_modes` and the model of the count found (:class:`CountedModel`); ``stop`` (as the
+    engine's: a callable or an Event) ends it with :class:`CountInterrupted`."""
     how = how or RULE
     say = log_fn or log.info
     t0 = time.perf_counter()
     M = max(2, min(how.fit_modes, int(params.auto_max_modes)))
     if len(scan.diffamp) < 3:
         raise ParamError("auto_rule='heldout' needs at least 3 views to judge a mode on")
+    say(f"hxn-ptycho: counting the probe modes on {100 * how.holdout:.0f} % of the pixels held out of every fit "
+        f"(auto_rule=heldout): {len(how.starts)} starts screened ({how.screen}), one {M}-mode fit ({how.schedule}), "
+        f"{M} refits (ML:{how.refit}), on the numpy backend")
     kept, keep = holdout_split(scan, how.holdout, how.seed)
     base = replace(params, probe_modes=M, extra_mode_power=how.extra_mode_power, refine_positions=False,
                    backend="numpy", init_from=None)
@@ -252,7 +287,7 @@ def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
     starts, ho, fits = [], {}, {}
     for f in how.starts:
         ts = time.perf_counter()
-        fits[f] = fit(kept, sched(how.screen), keep, phase=f, mode_cap=how.mode_cap)
+        fits[f] = fit(kept, sched(how.screen), keep, phase=f, mode_cap=how.mode_cap, stop=stop)
         ho[f] = held_out_errors(scan, fits[f][0], fits[f][1], ~keep)
         starts.append({"factor": f, "held_out_error": float(np.sum(ho[f])),
                        "seconds": round(time.perf_counter() - ts, 1)})
@@ -261,11 +296,15 @@ def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
         s["z_vs_default"] = round(zs[s["factor"]], 2)
     say(f"hxn-ptycho: held-out count: start x{chosen:g} chosen ("
         + ", ".join(f"x{s['factor']:g} {s['held_out_error']:.4g} z {s['z_vs_default']:.1f}" for s in starts) + ")")
-    obj, pr, err = fit(kept, sched(how.schedule), keep, phase=chosen, mode_cap=how.mode_cap)
+    obj, pr, err = fit(kept, sched(how.schedule), keep, phase=chosen, mode_cap=how.mode_cap, stop=stop)
+    say(f"hxn-ptycho: held-out count: the {M}-mode fit's shares "
+        + "/".join(f"{100 * s:.1f}" for s in modes.power_fractions(pr)) + " %; refitting its k strongest modes")
     refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
-    held, chain = [], []
+    held, chain, models = [], [], []
     for k in range(1, M + 1):
-        o_k, p_k, e_k = fit(kept, replace(refit, probe_modes=k), keep, obj, pr[:k], mode_cap=how.mode_cap)
+        o_k, p_k, e_k = fit(kept, replace(refit, probe_modes=k), keep, obj, pr[:k], mode_cap=how.mode_cap,
+                            stop=stop)
+        models.append((o_k, p_k))
         held.append(held_out_errors(scan, o_k, p_k, ~keep))
         chain.append({"modes": k, "data_error": e_k, "held_out_error": float(np.sum(held[-1])),
                       "shares": [round(float(s), 5) for s in modes.power_fractions(p_k)]})
@@ -274,10 +313,12 @@ def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
         chain[k + 1]["z"] = round(z, 2)
     say(f"hxn-ptycho: held-out count: {found} probe mode(s) (steps' z "
         + ", ".join(f"{z:.1f}" for z in steps) + f"; {time.perf_counter() - t0:.0f} s)")
-    return {"rule": "heldout", "found": found, "z_min": how.z_min, "holdout": how.holdout, "fit_modes": M,
-            "starts": starts, "start_chosen": chosen, "fit_error": err,
-            "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    evidence = {"rule": "heldout", "found": found, "z_min": how.z_min, "holdout": how.holdout, "fit_modes": M,
+                "starts": starts, "start_chosen": chosen, "fit_error": err,
+                "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,
+                "seconds": round(time.perf_counter() - t0, 1)}
+    o_f, p_f = models[found - 1]
+    return evidence, CountedModel(o_f, p_f, {})
 
 
 def wants_count(params: ReconParams) -> bool:
@@ -285,8 +326,11 @@ def wants_count(params: ReconParams) -> bool:
     return params.probe_modes == "auto" and params.auto_rule == "heldout"
 
 
-def counted_params(scan: Any, params: ReconParams, log_fn: Callable[[str], None] | None = None
-                   ) -> tuple[ReconParams, dict[str, Any]]:
-    """``params`` with ``probe_modes`` the held-out count of ``scan``, and the count's evidence."""
-    evidence = count_modes(scan, params, log_fn=log_fn)
-    return replace(params, probe_modes=int(evidence["found"])), evidence
+def counted_params(scan: Any, params: ReconParams, log_fn: Callable[[str], None] | None = None,
+                   stop: Any = None) -> tuple[ReconParams, dict[str, Any], CountedModel | None]:
+    """``params`` with ``probe_modes`` the held-out count of ``scan``, the count's evidence, and its model
+    of that count for the reconstruction to start from (None where the user gave ``init_from``: their
+    warm start wins)."""
+    evidence, model = count_and_model(scan, params, log_fn=log_fn, stop=stop)
+    return (replace(params, probe_modes=int(evidence["found"])), evidence,
+            None if params.init_from else model)

@@ -167,9 +167,11 @@ class ReconSession:
 
     def __init__(self, header: ScanData, params: ReconParams, *, extent: Extent | None = None,
                  backend: Any = None, reducer: Any = None, grow: bool = True,
-                 log: Callable[[str], None] | None = None, stop: Any = None, progress: bool = False) -> None:
+                 log: Callable[[str], None] | None = None, stop: Any = None, progress: bool = False,
+                 start: Any = None) -> None:
         params.validate()
         self.header, self.params = header, params
+        self.start = start          # a model to start from (the held-out count's): the engine's ``start_model``
         self.n = int(header.diffamp.shape[-1])
         self.extent = extent
         self.backend, self.reducer = backend, reducer or LocalReducer()
@@ -324,6 +326,8 @@ class ReconSession:
                               "progress": self.progress}
         if self._log is not None:
             kw["log"] = self._log
+        if self.start is not None:
+            kw["start_model"] = self.start
         self.rec = _LiveReconstruction(self, self._scan(), self.params, **kw)
         return self.rec
 

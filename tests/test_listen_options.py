@@ -58,6 +58,13 @@ def test_listen_refuses_a_wrong_key(tmp_path, tiled_server):
     _one_line_refusal(done, "refuses")
 
 
+def test_listen_refuses_a_held_out_count_for_scans_followed_as_they_run(tmp_path):
+    """auto_rule=heldout counts the modes of the finished scan: with --live (or the detector streams) every
+    scan would fail, so it is refused once, before any scan."""
+    _one_line_refusal(_listen("--work-dir", str(tmp_path / "w"), "--live", "--probe-modes", "auto",
+                              "--auto-rule", "heldout"), "--auto-rule heldout", "cannot follow scans as they run")
+
+
 def test_listen_stops_on_ctrl_c_with_one_line(tmp_path):
     proc = subprocess.Popen([HXN, "listen", "--zmq", "127.0.0.1:1", "--work-dir", str(tmp_path / "w")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -41,6 +41,13 @@ def test_the_held_out_count_keeps_a_true_second_mode_and_stops_at_it(monkeypatch
     assert {s["factor"] for s in ev["starts"]} == {1.0, -1.0} and ev["start_chosen"] in (1.0, -1.0)
     assert abs(sum(ev["fit_shares"]) - 1) < 1e-3 and len(ev["fit_shares"]) == 4
     np.testing.assert_array_equal(scan.diffamp, raw)          # the raw frames are never modified
+    # the reconstruction starts from the count's 2-mode model: below what the engine's own start reaches
+    # in the same iterations, and nearer the true 70/30 split
+    fixed = reconstruct(scan, ReconParams(iterations=10, probe_modes=2, detector_gain=1.0, threads=1), **QUIET)
+    err, err_fixed = res.attrs["final_data_error"], fixed.attrs["final_data_error"]
+    assert err < 0.9 * err_fixed, (err, err_fixed)
+    share, share_fixed = float(res.probe_power_fraction[1]), float(fixed.probe_power_fraction[1])
+    assert abs(share - 0.3) < abs(share_fixed - 0.3), (share, share_fixed, err, err_fixed)
     json.dumps(ev)                                             # stored as JSON in the result and the derived run
 
 
@@ -118,7 +125,7 @@ def test_the_job_counts_on_rank_0_and_writes_the_evidence_to_the_result(tmp_path
 
     def broken(*a, **k):
         raise RuntimeError("no count today")
-    monkeypatch.setattr(mode_count, "count_modes", broken)
+    monkeypatch.setattr(mode_count, "count_and_model", broken)
     with pytest.raises(RuntimeError, match="no count today"):           # rank 0: raised as it was
         run_distributed(str(tmp_path / "scan.h5"), ReconParams(iterations=5, **HELD), LocalComm(), **QUIET)
 
@@ -141,3 +148,38 @@ def test_the_rule_of_record_counts_the_issues_fly_mixture(shares, K):
     res = reconstruct(scan, ReconParams(iterations=20, **HELD), **QUIET)
     ev = res.attrs["probe_modes_auto"]
     assert ev["found"] == K == res.probe.shape[0], [c.get("z") for c in ev["chain"]]
+
+
+def test_the_final_line_and_the_startup_tell_the_count_apart_from_the_reconstruction():
+    """The job's last line names the count's seconds beside the reconstruction's, and the first iteration
+    (for the startup figure) is dated before neither: a trend evidence, stored or as JSON, counts 0 s."""
+    from hxn_ptycho.job import count_seconds, final_line
+    heldout = {"rule": "heldout", "found": 2, "seconds": 82.04}
+    facts = {"final_data_error": 0.00114, "final_cost": 0.28, "elapsed_s": 1.8, "iterations_done": 50, "ranks": 1,
+             "probe_modes_auto": heldout}
+    line = final_line({"status": "success", "measured": facts, "result_file": "r.h5"})
+    assert "time 1.8 s after 82.0 s counting 2 probe mode(s) (50 iterations" in line, line
+    assert count_seconds({"probe_modes_auto": json.dumps(heldout)}) == 82.04
+    assert count_seconds({"probe_modes_auto": {"rule": "trend", "found": 3, "decisions": []}}) == 0.0
+    assert count_seconds({}) == 0.0
+    assert "counting" not in final_line({"status": "success", "measured": {**facts, "probe_modes_auto": None}})
+
+
+def test_a_stop_request_ends_the_count_with_its_own_error_and_no_result():
+    """Ctrl-C (the engine's ``stop``) during the count: the fit under way stops at its next iteration and the
+    count ends with CountInterrupted (exit status 130), not after minutes of fits, and nothing is
+    reconstructed."""
+    import threading
+    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1, n=32, n_positions=30)
+    calls = []
+
+    def stop() -> bool:                 # asked once an iteration: true from the 5th on (the first screen)
+        calls.append(1)
+        return len(calls) >= 5
+    with pytest.raises(mode_count.CountInterrupted, match="stopped") as info:
+        reconstruct(scan, ReconParams(iterations=3, **HELD), stop=stop, **QUIET)
+    assert info.value.exit_status == 130 and len(calls) == 5
+    done = threading.Event()
+    done.set()
+    with pytest.raises(mode_count.CountInterrupted):
+        mode_count.count_modes(scan, ReconParams(**HELD), CHEAP, log_fn=lambda m: None, stop=done)
