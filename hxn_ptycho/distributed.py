@@ -56,6 +56,9 @@ def launcher_size() -> int | None:
     return None
 
 
+BCAST_IDLE_TAG = 2718      # the point-to-point messages of MPIComm.bcast_idle
+
+
 class LocalComm:
     """The communicator of a process that was not started by an MPI launcher."""
 
@@ -70,6 +73,9 @@ class LocalComm:
         pass
 
     def bcast(self, obj: Any) -> Any:
+        return obj
+
+    def bcast_idle(self, obj: Any) -> Any:
         return obj
 
     def gather(self, obj: Any) -> list[Any]:
@@ -113,6 +119,18 @@ class MPIComm:
 
     def bcast(self, obj: Any) -> Any:
         return self.comm.bcast(obj, root=0)
+
+    def bcast_idle(self, obj: Any, poll_s: float = 0.2) -> Any:
+        """Rank 0's ``obj`` on every rank, after a long wait: the other ranks poll for it with a sleep
+        rather than spin in a collective (MPI implementations busy-wait there), so while rank 0 works
+        alone (the held-out count) they leave the node's cores to it."""
+        if self.rank == 0:
+            for r in range(1, self.size):
+                self.comm.send(obj, dest=r, tag=BCAST_IDLE_TAG)
+            return obj
+        while not self.comm.iprobe(source=0, tag=BCAST_IDLE_TAG):
+            time.sleep(poll_s)
+        return self.comm.recv(source=0, tag=BCAST_IDLE_TAG)
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (pickled; for the end of a run, not the iterations)."""
@@ -218,9 +236,9 @@ def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str
             say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))    # as the engine's own log
             out = ("ok", counted_params(read_scan(path), params, log_fn=say, stop=stop))
         except Exception as exc:       # told to every rank, then raised here as it was
-            comm.bcast(("error", f"{type(exc).__name__}: {exc}"))
+            comm.bcast_idle(("error", f"{type(exc).__name__}: {exc}"))
             raise
-    out = comm.bcast(out)
+    out = comm.bcast_idle(out)
     if out[0] == "error":
         raise HxnPtychoError(f"the held-out probe-mode count failed on rank 0: {out[1]}")
     return out[1]

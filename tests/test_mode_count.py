@@ -132,7 +132,7 @@ def test_the_job_counts_on_rank_0_and_writes_the_evidence_to_the_result(tmp_path
     class OtherRank:                    # another rank hears rank 0's failure in the broadcast, never waits
         rank, size = 1, 2
 
-        def bcast(self, obj):
+        def bcast_idle(self, obj):
             return ("error", "RuntimeError: no count today")
     with pytest.raises(HxnPtychoError, match="failed on rank 0: RuntimeError: no count today"):
         count_on_rank0(str(tmp_path / "scan.h5"), ReconParams(iterations=5, **HELD), OtherRank())
