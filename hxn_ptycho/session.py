@@ -326,8 +326,8 @@ class ReconSession:
                               "progress": self.progress}
         if self._log is not None:
             kw["log"] = self._log
-        if self.start is not None:
-            kw["start_model"] = self.start
+        if self.start is not None:          # once: a later rebuild (a grown canvas) starts from the live model
+            kw["start_model"], self.start = self.start, None
         self.rec = _LiveReconstruction(self, self._scan(), self.params, **kw)
         return self.rec
 
