@@ -87,6 +87,22 @@ def mode_changes(log_lines: Any, iterations: int) -> list[tuple[int, str]]:
     return out
 
 
+def count_note(attrs: dict) -> str:
+    """How ``probe_modes=auto`` with ``auto_rule='heldout'`` found the count (its steps' z on held-out
+    pixels up to the one that stopped it), for the figure's title; '' for any other count."""
+    auto = attrs.get("probe_modes_auto")
+    if isinstance(auto, str):
+        try:
+            auto = json.loads(auto)
+        except ValueError:
+            return ""
+    if not isinstance(auto, dict) or auto.get("rule") != "heldout":
+        return ""
+    zs = [c["z"] for c in auto.get("chain", []) if "z" in c][:int(auto.get("found", 0))]   # up to the deciding step
+    return (" (counted on held-out pixels, steps' z " + ", ".join(f"{z:.1f}" for z in zs)
+            + f" against {auto.get('z_min', 2):g})")
+
+
 def mode_changes_from_curves(error_probe: np.ndarray) -> list[tuple[int, str]]:
     """Probe modes added during the run, where no log came with the result: a mode's ε_P curve
     starts (is NaN before) at the iteration after it was added."""
@@ -295,7 +311,7 @@ def summary_figure(res: ResultData, title: str = "", pixel_size_m: float | None 
     scan = res.attrs.get("scan_scan_id", res.attrs.get("scan_id"))
     head = title or (f"scan {scan}" if scan is not None else "scan (no scan_id)")
     chain = " → ".join(f"{n}:{c}" for n, c in stages) if stages else "DM"
-    detail = f"{res.iterations} iterations, {K} probe mode(s), {L} object mode(s)"
+    detail = f"{res.iterations} iterations, {K} probe mode(s){count_note(res.attrs)}, {L} object mode(s)"
     detail += f", object pixel {pixel_m * 1e9:.3g} nm" if pixel_m else ", object pixel size unknown"
 
     def num(v: Any, fmt: str) -> str:

@@ -183,3 +183,12 @@ def test_a_stop_request_ends_the_count_with_its_own_error_and_no_result():
     done.set()
     with pytest.raises(mode_count.CountInterrupted):
         mode_count.count_modes(scan, ReconParams(**HELD), CHEAP, log_fn=lambda m: None, stop=done)
+
+
+def test_the_summary_figure_says_how_the_count_was_found():
+    from hxn_ptycho.plots import count_note
+    ev = {"rule": "heldout", "found": 2, "z_min": 2.0, "chain": [{"modes": 1}, {"modes": 2, "z": 24.28},
+                                                                   {"modes": 3, "z": -0.16}, {"modes": 4, "z": 6.8}]}
+    assert count_note({"probe_modes_auto": ev}) == " (counted on held-out pixels, steps' z 24.3, -0.2 against 2)"
+    assert count_note({"probe_modes_auto": json.dumps(ev)}) == count_note({"probe_modes_auto": ev})
+    assert count_note({"probe_modes_auto": {"rule": "trend", "found": 2}}) == count_note({}) == ""
