@@ -66,8 +66,7 @@ def ml_counts(first: int) -> dict[str, int]:
             "reverts": sum(getattr(m, "reverts", 0) for m in st), "resets": sum(m.resets for m in st)}
 
 
-def its_of(alg: str) -> int:
-    return sum(int(s.split(":")[1]) for s in alg.split(","))
+its_of = mode_count.schedule_iterations
 
 
 def set_cap(cap: float) -> None:

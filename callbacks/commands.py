@@ -142,7 +142,8 @@ def build_callback(args: argparse.Namespace, work_dir: str | os.PathLike,
     params = params_from_namespace(args, base)
     following = (getattr(args, "live", False) or getattr(args, "streams", False)
                  or getattr(args, "eiger_stream", None) or getattr(args, "panda_stream", None))
-    if following and params.probe_modes == "auto" and params.auto_rule == "heldout":
+    from hxn_ptycho.mode_count import wants_count
+    if following and wants_count(params):
         raise CommandError("--probe-modes auto --auto-rule heldout counts the modes of the finished scan before "
                            "reconstructing it, so it cannot follow scans as they run (--live, --streams, "
                            "--eiger-stream): give --probe-modes N or --auto-rule trend, or drop the live option")

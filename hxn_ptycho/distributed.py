@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .backend import available_cores, get_backend
-from .engine import LocalReducer
+from .engine import LocalReducer, stderr_log
 from .errors import HxnPtychoError
 from .params import ParamError, ReconParams
 from .resultfile import ResultData
@@ -233,8 +233,7 @@ def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str
     out: tuple[str, Any] = ("", None)
     if comm.rank == 0:
         try:
-            say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))    # as the engine's own log
-            out = ("ok", counted_params(read_scan(path), params, log_fn=say, stop=stop))
+            out = ("ok", counted_params(read_scan(path), params, log_fn=log or stderr_log, stop=stop))
         except Exception as exc:       # told to every rank, then raised here as it was
             comm.bcast_idle(("error", f"{type(exc).__name__}: {exc}"))
             raise

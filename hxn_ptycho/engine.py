@@ -218,6 +218,11 @@ class _Worker:
         self.nll = self.d1 = self.d2 = 0.0                   # sums of the ML passes
 
 
+def stderr_log(msg: str) -> None:
+    """The engine's log when none is given: one line on stderr."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _stop_requested(stop: Any) -> bool:
     """``stop`` is None, a callable returning true to stop, or an object with ``is_set()`` (an Event)."""
     if stop is None:
@@ -244,7 +249,7 @@ class Reconstruction:
         self.reducer = reducer or LocalReducer()
         self.be = check_backend(backend or get_backend(params.backend, params.threads))
         self.progress = progress and self.reducer.rank == 0
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or stderr_log
         self.cdtype = np.complex128 if params.precision == "double" else np.complex64
         self.rdtype = np.float64 if params.precision == "double" else np.float32
         self.overlap_rounds: list[int] = []        # probe updates of each DM iteration
@@ -668,7 +673,7 @@ def reconstruct(scan: ScanData, params: ReconParams | None = None, *, backend: A
             raise ParamError("auto_rule='heldout' counts the modes of the whole scan in one process: run it "
                              "through the job (rank 0 counts), not engine.reconstruct on each rank's views")
         params, evidence, start = counted_params(
-            scan, params, log_fn=log or (lambda msg: print(msg, file=sys.stderr, flush=True)), stop=stop)
+            scan, params, log_fn=log or stderr_log, stop=stop)
     res = Reconstruction(scan, params, backend=backend, reducer=reducer, progress=progress,
                          log=log, stop=stop, spatial_order=spatial_order, start_model=start).run()
     if evidence is not None:

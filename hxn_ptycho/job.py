@@ -392,11 +392,9 @@ def _run_ranks(argv: list[str], env: dict[str, str], stop_file: Path) -> int:
 
 def count_seconds(facts: dict[str, Any]) -> float:
     """Seconds the held-out probe-mode count took before the reconstruction (``auto_rule='heldout'``), else 0."""
-    auto = facts.get("probe_modes_auto")
-    if isinstance(auto, str):
-        with contextlib.suppress(ValueError):
-            auto = json.loads(auto)
-    return float(auto.get("seconds") or 0.0) if isinstance(auto, dict) and auto.get("rule") == "heldout" else 0.0
+    from .mode_count import heldout_evidence
+    ev = heldout_evidence(facts)
+    return float(ev.get("seconds") or 0.0) if ev else 0.0
 
 
 def final_line(outcome: dict[str, Any]) -> str:
@@ -408,8 +406,9 @@ def final_line(outcome: dict[str, Any]) -> str:
     def num(v: Any, fmt: str) -> str:
         return "?" if v is None else format(float(v), fmt)
     note = ", interrupted" if m.get("interrupted") else ""
-    counted = count_seconds(m)
-    count = f" after {counted:.1f} s counting {m['probe_modes_auto'].get('found')} probe mode(s)" if counted else ""
+    from .mode_count import heldout_evidence
+    ev = heldout_evidence(m)
+    count = f" after {count_seconds(m):.1f} s counting {ev.get('found')} probe mode(s)" if ev else ""
     return (f"final data error {num(m.get('final_data_error'), '.4g')}, cost {num(m.get('final_cost'), '.4g')}, "
             f"time {num(m.get('elapsed_s'), '.1f')} s{count} ({m.get('iterations_done')} iterations, "
             f"{m.get('ranks')} rank(s){note}) -> {outcome.get('result_file')}")

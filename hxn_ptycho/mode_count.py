@@ -19,17 +19,18 @@ count found (``engine.reconstruct``; the job's rank 0 under MPI, :func:`hxn_ptyc
    from the engine's start does not, session 21), unless the user gave a warm start (``init_from``).
 
 One knob is principled (the significance level z = 2); the others are the measured schedule of
-docs/auto_modes.md. On the 63 cells of its grid the rule finds the true count on 46 (``trend``: 19), and on
-three held-out families 3, 4 and 5 of 6 cells (README, "probe_modes=auto"). Its cost is several
-over-complete fits on the numpy backend (the per-frame mask is in no compiled kernel): about a minute or
-two for 100 views of 64² pixels.
+docs/auto_modes.md. On the 63 cells of its grid the rule finds the true count on 47 (``trend``: 19), and on
+four held-out families 3, 4, 4 and 5 of 6 cells (README, "probe_modes=auto"; docs/auto_modes.md, "Session
+27"). Its cost is several over-complete fits on the numpy backend (the per-frame mask is in no compiled
+kernel): one to two minutes for 100 views of 64² pixels.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ import numpy as np
 from . import dm, modes
 from .backend import NumpyBackend
 from .errors import HxnPtychoError
-from .params import ParamError, ReconParams
+from .params import ParamError, ReconParams, parse_algorithm
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class HeldOutCount:
             raise ParamError("the held-out count needs refits of ≥ 1 iteration and an over-complete fit of ≥ 2 modes")
 
 
-RULE = HeldOutCount()      # the rule of record (docs/auto_modes.md); count_modes' default
+RULE = HeldOutCount()      # the rule of record (docs/auto_modes.md); count_and_model's default
 
 
 class CountInterrupted(HxnPtychoError):
@@ -240,8 +241,9 @@ def choose_start(ho: dict[float, np.ndarray], z_min: float = 2.0) -> tuple[float
     return (min(better, key=lambda f: float(np.sum(ho[f]))) if better else 1.0), zs
 
 
-def _its(alg: str) -> int:
-    return sum(int(part.split(":")[1]) for part in alg.split(","))
+def schedule_iterations(alg: str) -> int:
+    """Iterations of a schedule whose every stage has its count (``"DM:20,ML:480"`` → 500)."""
+    return sum(int(c or 0) for _, c in parse_algorithm(alg))
 
 
 @dataclass
@@ -251,23 +253,17 @@ class CountedModel:
     ``init_from`` reads (:func:`hxn_ptycho.initial.initial_probe`)."""
     object: np.ndarray
     probe: np.ndarray
-    attrs: dict[str, Any]
-
-
-def count_modes(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
-                log_fn: Callable[[str], None] | None = None, stop: Any = None) -> dict[str, Any]:
-    """The held-out count of ``scan`` (the whole scan, in this process) under the user's ``params``:
-    the evidence as stored in the result (``probe_modes_auto``): the rule, the count found, each start's
-    held-out error and z, the chosen start, the M-mode fit's shares, and per k-mode refit its held-out
-    error and each step's z."""
-    return count_and_model(scan, params, how, log_fn, stop)[0]
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
                     log_fn: Callable[[str], None] | None = None, stop: Any = None
                     ) -> tuple[dict[str, Any], CountedModel]:
-    """:func:`count_modes` and the model of the count found (:class:`CountedModel`); ``stop`` (as the
-    engine's: a callable or an Event) ends it with :class:`CountInterrupted`."""
+    """The held-out count of ``scan`` (the whole scan, in this process) under the user's ``params``: the
+    evidence as stored in the result (``probe_modes_auto``: the rule, the count found, each start's held-out
+    error and z, the chosen start, the M-mode fit's shares, per k-mode refit its held-out error and each
+    step's z), and the model of the count found (:class:`CountedModel`). ``stop`` (as the engine's: a
+    callable or an Event) ends it with :class:`CountInterrupted`."""
     how = how or RULE
     say = log_fn or log.info
     t0 = time.perf_counter()
@@ -282,7 +278,7 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
                    backend="numpy", init_from=None)
 
     def sched(alg: str, k: int = M) -> ReconParams:
-        return replace(base, probe_modes=k, algorithm=alg, iterations=_its(alg))
+        return replace(base, probe_modes=k, algorithm=alg, iterations=schedule_iterations(alg))
 
     starts, ho, fits = [], {}, {}
     for f in how.starts:
@@ -317,8 +313,19 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
                 "starts": starts, "start_chosen": chosen, "fit_error": err,
                 "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,
                 "seconds": round(time.perf_counter() - t0, 1)}
-    o_f, p_f = models[found - 1]
-    return evidence, CountedModel(o_f, p_f, {})
+    return evidence, CountedModel(*models[found - 1])
+
+
+def heldout_evidence(facts: dict[str, Any]) -> dict[str, Any] | None:
+    """The held-out count's evidence in a result's attributes or a job's measured facts (stored as it is,
+    or as JSON in a result file); None for any other count."""
+    auto = facts.get("probe_modes_auto")
+    if isinstance(auto, str):
+        try:
+            auto = json.loads(auto)
+        except ValueError:
+            return None
+    return auto if isinstance(auto, dict) and auto.get("rule") == "heldout" else None
 
 
 def wants_count(params: ReconParams) -> bool:

@@ -90,13 +90,9 @@ def mode_changes(log_lines: Any, iterations: int) -> list[tuple[int, str]]:
 def count_note(attrs: dict) -> str:
     """How ``probe_modes=auto`` with ``auto_rule='heldout'`` found the count (its steps' z on held-out
     pixels up to the one that stopped it), for the figure's title; '' for any other count."""
-    auto = attrs.get("probe_modes_auto")
-    if isinstance(auto, str):
-        try:
-            auto = json.loads(auto)
-        except ValueError:
-            return ""
-    if not isinstance(auto, dict) or auto.get("rule") != "heldout":
+    from .mode_count import heldout_evidence
+    auto = heldout_evidence(attrs)
+    if auto is None:
         return ""
     zs = [c["z"] for c in auto.get("chain", []) if "z" in c][:int(auto.get("found", 0))]   # up to the deciding step
     return (" (counted on held-out pixels, steps' z " + ", ".join(f"{z:.1f}" for z in zs)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import modes
+from .mode_count import wants_count
 from .params import ParamError
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class ProbeModeManager:
         p = rec.params
         self.log: list[str] = []
         self.auto = p.probe_modes == "auto"
-        if self.auto and p.auto_rule == "heldout":
+        if wants_count(p):
             raise ParamError("auto_rule='heldout' counts the probe modes of the whole scan before the "
                              "reconstruction (engine.reconstruct, the job): a reconstruction fed views as they "
                              "arrive (a live session) cannot; give probe_modes a number or use auto_rule='trend'")

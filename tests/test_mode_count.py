@@ -182,7 +182,7 @@ def test_a_stop_request_ends_the_count_with_its_own_error_and_no_result():
     done = threading.Event()
     done.set()
     with pytest.raises(mode_count.CountInterrupted):
-        mode_count.count_modes(scan, ReconParams(**HELD), CHEAP, log_fn=lambda m: None, stop=done)
+        mode_count.count_and_model(scan, ReconParams(**HELD), CHEAP, log_fn=lambda m: None, stop=done)
 
 
 def test_the_summary_figure_says_how_the_count_was_found():
