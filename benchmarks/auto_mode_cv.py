@@ -108,12 +108,12 @@ def heldout_errors(rec: Reconstruction, held: np.ndarray) -> np.ndarray:
     return out[held]
 
 
-def case_scan(text: str) -> tuple[Any, Any, int]:
+def case_scan(text: str, views: int = 100) -> tuple[Any, Any, int]:
     fam, ph, k, weak = text.split(":")
     K = int(k)
     shares = np.array([0.68, 0.24, 0.08]) if (fam == "fly" and K == 3 and float(weak) == 0.08) \
         else spectrum(K, float(weak))
-    scan, mix = mixture_scan(fam, shares, float(ph), seed=1)
+    scan, mix = mixture_scan(fam, shares, float(ph), seed=1, n_positions=views)
     return scan, mix, K
 
 

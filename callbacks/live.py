@@ -396,6 +396,18 @@ def watch(catalog: Any = None, *, raw_uid: str | None = None, png: str | os.Path
         time.sleep(interval_s)
 
 
+def not_followed(params: dict) -> str | None:
+    """Why no live job is started for a scan reconstructed with ``params`` (None: one is): the held-out
+    probe-mode count (``auto_rule='heldout'``) needs the finished scan, so such a scan's growing file is
+    still written and its reconstruction is the post-stop job's."""
+    from hxn_ptycho.mode_count import wants_count
+    from hxn_ptycho.params import ReconParams
+    if wants_count(ReconParams.from_dict(dict(params))):
+        return ("auto_rule='heldout' counts the probe modes of the finished scan: no live job, the scan is "
+                "reconstructed at its stop")
+    return None
+
+
 def start_live_job(*, params: dict, nprocs: int, catalog: Any, work_dir: str | os.PathLike, queue: Any,
                    scan_path: Path, result_path: Path, raw_uid: str, scan_id: Any,
                    nice: int = 0) -> tuple[Any, Any, LivePublisher | None]:

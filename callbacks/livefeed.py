@@ -340,6 +340,7 @@ class _LiveRun:
         self.publisher: Any = None
         self.stopped = False
         self.gave_up: str | None = None
+        self.not_followed: str | None = None      # why no live job was started (live.not_followed)
         self.appended_during_scan = 0             # views appended before the stop document
         self.incremental: _Incremental | None = None
         self.header_attrs: dict[str, Any] | None = None   # the first chunk's attributes (the file's header)
@@ -559,7 +560,11 @@ class _LiveRun:
     def _start_job(self) -> None:
         if not self.cfg.launch:
             return
-        from .live import start_live_job
+        from .live import not_followed, start_live_job
+        self.not_followed = not_followed(self.cfg.params)
+        if self.not_followed is not None:
+            log.info("run %s: %s", self.run.uid, self.not_followed)
+            return
         self.spec, self.job, self.publisher = start_live_job(
             params=self.cfg.params, nprocs=self.cfg.nprocs, catalog=self.cfg.catalog, work_dir=self.cfg.work_dir,
             queue=self.cfg.queue, scan_path=self.scan_path, result_path=self.result_path, raw_uid=self.run.uid,
@@ -622,6 +627,9 @@ class LiveFeed:
         from hxn_ptycho.job import read_outcome
         outcome = read_outcome(live.outcome_path) if live.spec is not None else None
         if live.spec is None or outcome is None or outcome.get("status") != "success":
+            if live.not_followed is not None:
+                log.info("run %s: reconstructed at the stop (%s)", raw_uid, live.not_followed)
+                return False
             why = live.gave_up or (outcome or {}).get("reason") or "the live job ended without an outcome"
             log.warning("run %s: the live reconstruction did not finish (%s): the post-stop path takes over",
                         raw_uid, why)

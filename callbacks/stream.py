@@ -414,6 +414,7 @@ class StreamRun:
         self.written_ids: list[int] = []
         self.appended_during_scan = 0
         self.gave_up: str | None = None
+        self.not_followed: str | None = None      # why no live job was started (live.not_followed)
         self.job: Any = None                      # the live job (launcher.LiveJob: poll, terminate, wait)
         self.spec: Any = None
         self.publisher: Any = None
@@ -601,7 +602,11 @@ class StreamRun:
     def _start_job(self) -> None:
         if not self.fcfg.launch:
             return
-        from .live import start_live_job
+        from .live import not_followed, start_live_job
+        self.not_followed = not_followed(self.fcfg.params)
+        if self.not_followed is not None:
+            log.info("run %s: %s", self.uid, self.not_followed)
+            return
         self.spec, self.job, self.publisher = start_live_job(
             params=self.fcfg.params, nprocs=self.fcfg.nprocs, catalog=self.fcfg.catalog, work_dir=self.fcfg.work_dir,
             queue=self.fcfg.queue, scan_path=self.scan_path, result_path=self.result_path, raw_uid=self.uid,
@@ -886,6 +891,8 @@ class StreamFeed:
             self._leave_facts(run, facts)
             return False
         if run.job is None or run.spec is None:
+            if run.not_followed is not None:
+                log.info("run %s: reconstructed at the stop (%s)", raw_uid, run.not_followed)
             self._leave_facts(run, facts)
             return False
         try:

@@ -313,6 +313,9 @@ class Reconstruction:
         previous = self.start_model if self.start_model is not None else \
             read_result(p.init_from) if p.init_from else None
         self.start_model = None
+        placed = getattr(previous, "placed", None)
+        if placed is not None and getattr(previous, "origin", None) is not None:   # on another canvas of this scan
+            previous = placed(self.obj_shape, self.canvas_origin(), initial.initial_object(self.obj_shape, p))
         if previous is not None and previous.attrs.get("live_state"):    # hxn_ptycho.session.resume_at
             self.first_iteration = int(previous.attrs.get("resume_iteration", 0))
         self.obj = be.asarray(initial.initial_object(self.obj_shape, p, previous), self.cdtype)
@@ -331,6 +334,15 @@ class Reconstruction:
         except BaseException:
             self.close()
             raise
+
+    def canvas_origin(self) -> np.ndarray:
+        """Where the object canvas's pixel (0, 0) lies in the scan's own frame, in object pixels (row, col):
+        the positions (µm) over the pixel size less the window corners, averaged over the views. Any canvas
+        of the same scan (another margin, a subset of its views, a live session's extent) differs from this
+        one by the difference of their origins (:meth:`hxn_ptycho.mode_count.CountedModel.placed`)."""
+        pts = np.asarray(self.scan.points, np.float64)
+        px = np.stack([pts[1], pts[0]], axis=1) * 1e-6 / self.scan.pixel_size_m
+        return np.asarray((px - self.positions_all).mean(axis=0))
 
     # --- the views' order ----------------------------------------------------------------------
     def _view_order(self, local: np.ndarray) -> np.ndarray | None:

@@ -56,12 +56,15 @@ class HeldOutCount:
     z_min: float = 2.0                      # the chain's (and the start choice's) significance level
     mode_cap: float = 10.0                  # ML's per-mode gradient scaling (MLIteration.mode_precondition_cap)
     extra_mode_power: float = 0.3           # the over-complete start's extra modes
+    max_views: int = 100                    # a larger scan is counted on this many views nearest its centre
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1:
             raise ParamError(f"held-out share must be in (0, 1), got {self.holdout}")
         if 1.0 not in self.starts:
             raise ParamError("the held-out count's starts must include the default start (1)")
+        if self.max_views < 3:
+            raise ParamError(f"the held-out count needs at least 3 views to judge a mode on, got max_views {self.max_views}")
         if self.refit < 1 or self.fit_modes < 2:
             raise ParamError("the held-out count needs refits of ≥ 1 iteration and an over-complete fit of ≥ 2 modes")
 
@@ -246,14 +249,47 @@ def schedule_iterations(alg: str) -> int:
     return sum(int(c or 0) for _, c in parse_algorithm(alg))
 
 
+def central_views(points: np.ndarray, most: int) -> np.ndarray | None:
+    """The ``most`` views nearest the centre of the positions' extent (``points`` (2, N)), in their given
+    order; None when the scan has no more views than that."""
+    pts = np.asarray(points, np.float64)
+    if pts.shape[1] <= most:
+        return None
+    centre = (pts.min(axis=1) + pts.max(axis=1)) / 2
+    dist = np.hypot(*(pts - centre[:, None]))
+    return np.sort(np.argsort(dist, kind="stable")[:most])
+
+
+def views_of(scan: Any, views: np.ndarray) -> Any:
+    """A scan of ``views`` (indices into the whole scan) alone: their frames and positions (copies)."""
+    return replace(scan, diffamp=np.asarray(scan.diffamp)[views], points=np.asarray(scan.points)[:, views],
+                   views=slice(None))
+
+
 @dataclass
 class CountedModel:
     """The held-out count's model of the count found (its k-mode refit: object, orthogonal modes), for
     the reconstruction to start from; duck-types the ``object``/``probe``/``attrs`` of a result that
-    ``init_from`` reads (:func:`hxn_ptycho.initial.initial_probe`)."""
+    ``init_from`` reads (:func:`hxn_ptycho.initial.initial_probe`). ``origin``: where its object's pixel
+    (0, 0) lies (:meth:`hxn_ptycho.engine.Reconstruction.canvas_origin` of the fit's canvas), so that the
+    engine lays it on its own canvas (:meth:`placed`): another margin, or the whole scan when the count
+    saw part of it."""
     object: np.ndarray
     probe: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
+    origin: np.ndarray | None = None
+
+    def placed(self, shape: tuple[int, int, int], origin: np.ndarray, fill: np.ndarray) -> "CountedModel":
+        """This model with its object laid on a canvas of ``shape`` (L, H, W) whose pixel (0, 0) lies at
+        ``origin``: ``fill`` (that canvas's own start) wherever this object does not reach."""
+        assert self.origin is not None
+        r, c = np.round(np.asarray(self.origin, np.float64) - np.asarray(origin, np.float64)).astype(int)
+        out = np.array(fill, np.complex128)
+        L, (h, w) = min(shape[0], self.object.shape[0]), self.object.shape[1:]
+        r0, c0, r1, c1 = max(r, 0), max(c, 0), min(r + h, shape[1]), min(c + w, shape[2])
+        if r1 > r0 and c1 > c0:
+            out[:L, r0:r1, c0:c1] = self.object[:L, r0 - r:r1 - r, c0 - c:c1 - c]
+        return CountedModel(out, self.probe, dict(self.attrs))
 
 
 def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
@@ -268,11 +304,18 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
     say = log_fn or log.info
     t0 = time.perf_counter()
     M = max(2, min(how.fit_modes, int(params.auto_max_modes)))
-    if len(scan.diffamp) < 3:
+    total = len(scan.diffamp)
+    if total < 3:
         raise ParamError("auto_rule='heldout' needs at least 3 views to judge a mode on")
+    if total != scan.n_views:
+        raise ParamError(f"auto_rule='heldout' counts on the whole scan: this one holds {total} of its {scan.n_views} views")
+    views = central_views(scan.points, how.max_views)
+    if views is not None:       # the rule's measured regime (scans of 100 views), and a bounded cost
+        scan = views_of(scan, views)
+    where = "every view" if views is None else f"the {len(views)} views nearest the scan's centre (of {total})"
     say(f"hxn-ptycho: counting the probe modes on {100 * how.holdout:.0f} % of the pixels held out of every fit "
-        f"(auto_rule=heldout): {len(how.starts)} starts screened ({how.screen}), one {M}-mode fit ({how.schedule}), "
-        f"{M} refits (ML:{how.refit}), on the numpy backend")
+        f"(auto_rule=heldout), on {where}: {len(how.starts)} starts screened ({how.screen}), one {M}-mode fit "
+        f"({how.schedule}), {M} refits (ML:{how.refit}), on the numpy backend")
     kept, keep = holdout_split(scan, how.holdout, how.seed)
     base = replace(params, probe_modes=M, extra_mode_power=how.extra_mode_power, refine_positions=False,
                    backend="numpy", init_from=None)
@@ -296,10 +339,10 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
     say(f"hxn-ptycho: held-out count: the {M}-mode fit's shares "
         + "/".join(f"{100 * s:.1f}" for s in modes.power_fractions(pr)) + " %; refitting its k strongest modes")
     refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
-    held, chain, models = [], [], []
+    held, chain, models, origin = [], [], [], []
     for k in range(1, M + 1):
         o_k, p_k, e_k = fit(kept, replace(refit, probe_modes=k), keep, obj, pr[:k], mode_cap=how.mode_cap,
-                            stop=stop)
+                            attach=lambda rec: origin.append(rec.canvas_origin()), stop=stop)
         models.append((o_k, p_k))
         held.append(held_out_errors(scan, o_k, p_k, ~keep))
         chain.append({"modes": k, "data_error": e_k, "held_out_error": float(np.sum(held[-1])),
@@ -310,10 +353,11 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
     say(f"hxn-ptycho: held-out count: {found} probe mode(s) (steps' z "
         + ", ".join(f"{z:.1f}" for z in steps) + f"; {time.perf_counter() - t0:.0f} s)")
     evidence = {"rule": "heldout", "found": found, "z_min": how.z_min, "holdout": how.holdout, "fit_modes": M,
+                "views_counted": len(scan.diffamp), "views_total": total,
                 "starts": starts, "start_chosen": chosen, "fit_error": err,
                 "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,
                 "seconds": round(time.perf_counter() - t0, 1)}
-    return evidence, CountedModel(*models[found - 1])
+    return evidence, CountedModel(*models[found - 1], origin=origin[found - 1])
 
 
 def heldout_evidence(facts: dict[str, Any]) -> dict[str, Any] | None:

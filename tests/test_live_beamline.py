@@ -93,7 +93,7 @@ def test_live_feed_grows_the_scan_file_during_a_step_scan_equal_to_the_post_stop
     assert outcome["measured"]["live"]["views"] == 48
 
 
-def _scan_with_callbacks(tmp_path, kill_at: int | None = None):
+def _scan_with_callbacks(tmp_path, kill_at: int | None = None, live_params: dict | None = None):
     from hxn_ptycho.callbacks.export import ExportConfig
     from hxn_ptycho.callbacks.livefeed import LiveFeed, LiveFeedConfig
     from hxn_ptycho.callbacks.router import CallbackConfig, PtychoCallback
@@ -104,8 +104,8 @@ def _scan_with_callbacks(tmp_path, kill_at: int | None = None):
     export = ExportConfig(crop=64)
     work = str(tmp_path / "work")
     cb = PtychoCallback(CallbackConfig(work_dir=work, params={"iterations": 4, "threads": 1}, export=export))
-    feed = LiveFeed(LiveFeedConfig(work_dir=work, params={"iterations": 4, "threads": 1}, export=export,
-                                   first_chunk=12, chunk=8))
+    feed = LiveFeed(LiveFeedConfig(work_dir=work, params=live_params or {"iterations": 4, "threads": 1},
+                                   export=export, first_chunk=12, chunk=8))
     cb.live.append(feed)
     RE.subscribe(cb)
     RE.subscribe(feed)
@@ -135,6 +135,18 @@ def test_a_live_job_killed_mid_scan_hands_the_run_to_the_post_stop_path(tmp_path
     (live,) = feed.runs.values()
     assert not live.result_path.exists()
     assert len(cb.submitted) == 1 and cb.failed == []      # exactly one job: the post-stop path's
+
+
+def test_a_held_out_count_is_not_followed_live_and_the_post_stop_path_reconstructs_the_scan(tmp_path):
+    """The profile's live feed with ``auto_rule='heldout'`` (set in the session, where no start-up check sees
+    it): the growing file is written, no live job is started (the count needs the finished scan), and the
+    post-stop path reconstructs the run — one job, no failure."""
+    cb, feed = _scan_with_callbacks(tmp_path, live_params={"iterations": 4, "threads": 1, "probe_modes": "auto",
+                                                           "auto_rule": "heldout"})
+    (live,) = feed.runs.values()
+    assert live.job is None and live.spec is None and "finished scan" in live.not_followed
+    assert live.writer is not None and live.scan_path.exists() and not live.result_path.exists()
+    assert len(cb.submitted) == 1 and cb.failed == []
 
 
 def test_listen_live_puts_a_live_feed_beside_the_callback_with_its_settings(tmp_path):

@@ -7,6 +7,7 @@ record on the issue's own mixture and a check cell.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -112,12 +113,15 @@ def test_the_job_counts_on_rank_0_and_writes_the_evidence_to_the_result(tmp_path
     from hxn_ptycho.scanfile import write_scan
     # the plumbing only (the count itself: the test above): a token schedule on a small scan
     monkeypatch.setattr(mode_count, "RULE", mode_count.HeldOutCount(
-        fit_modes=3, schedule="DM:4,ML:6", screen="DM:2,ML:2", starts=(1.0,), refit=4))
+        fit_modes=3, schedule="DM:4,ML:6", screen="DM:2,ML:2", starts=(1.0,), refit=4, max_views=20))
     scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1, n=32, n_positions=30)
     write_scan(tmp_path / "scan.h5", scan)
-    res, _ = run_distributed(str(tmp_path / "scan.h5"), ReconParams(iterations=3, **HELD), LocalComm(), **QUIET)
+    # positions refined after it: the job's canvas is larger than the count's, which saw 20 of the 30 views
+    res, _ = run_distributed(str(tmp_path / "scan.h5"), ReconParams(iterations=3, refine_positions=True,
+                                                                    position_start=1, **HELD), LocalComm(), **QUIET)
     ev = res.attrs["probe_modes_auto"]
     assert ev["rule"] == "heldout" and ev["found"] == res.probe.shape[0] and ev["fit_modes"] == 3
+    assert (ev["views_counted"], ev["views_total"]) == (20, 30)
     assert len(ev["chain"]) == 3 and ev["starts"][0]["factor"] == 1.0
     write_result(tmp_path / "r.h5", res)
     back = read_result(tmp_path / "r.h5").attrs["probe_modes_auto"]
@@ -192,3 +196,59 @@ def test_the_summary_figure_says_how_the_count_was_found():
     assert count_note({"probe_modes_auto": ev}) == " (counted on held-out pixels, steps' z 24.3, -0.2 against 2)"
     assert count_note({"probe_modes_auto": json.dumps(ev)}) == count_note({"probe_modes_auto": ev})
     assert count_note({"probe_modes_auto": {"rule": "trend", "found": 2}}) == count_note({}) == ""
+
+
+def test_a_model_from_part_of_the_scan_is_laid_on_the_whole_scans_canvas():
+    """The count's model lives on its own canvas (part of the scan's views, no room for position refinement);
+    the engine lays it on its own canvas by their origins: every view's window of the whole canvas holds what
+    that view's window of the count's canvas held. Without the origins' difference (laid at the corner) the
+    windows do not match."""
+    from hxn_ptycho.initial import initial_object
+    scan, _ = mixture_scan("gsm", spectrum(1, 1.0), 1e6, seed=3, n=32, n_positions=60)
+    views = mode_count.central_views(scan.points, 25)
+    assert len(views) == 25 and np.all(np.diff(views) > 0)
+    d = np.hypot(*(scan.points - ((scan.points.min(1) + scan.points.max(1)) / 2)[:, None]))
+    assert d[views].max() <= np.delete(d, views).min()                    # the 25 nearest the centre
+    assert mode_count.central_views(scan.points, 60) is None
+    part = Reconstruction(mode_count.views_of(scan, views), ReconParams(iterations=1, threads=1), **QUIET)
+    whole = Reconstruction(scan, ReconParams(iterations=1, threads=1, refine_positions=True), **QUIET)
+    assert whole.margin > part.margin
+    rng = np.random.default_rng(0)
+    obj = rng.normal(size=part.obj_shape) + 1j * rng.normal(size=part.obj_shape)
+    model = mode_count.CountedModel(obj, np.ones((1, 32, 32)), origin=part.canvas_origin())
+    fill = initial_object(whole.obj_shape, whole.params)
+    laid = model.placed(whole.obj_shape, whole.canvas_origin(), fill).object
+    assert laid.shape == whole.obj_shape
+
+    def windows(o: np.ndarray, corners: np.ndarray) -> np.ndarray:
+        return np.array([o[0, r:r + 32, c:c + 32] for r, c in np.round(corners).astype(int)])
+    same = [np.array_equal(a, b) for a, b in zip(windows(obj, part.positions_all),
+                                                 windows(laid, whole.positions_all[views]))]
+    assert np.mean(same) > 0.9, np.mean(same)               # a view may round one pixel the other way
+    corner = mode_count.CountedModel(obj, model.probe, origin=whole.canvas_origin()).placed(
+        whole.obj_shape, whole.canvas_origin(), fill).object
+    assert not any(np.array_equal(a, b) for a, b in zip(windows(obj, part.positions_all),
+                                                        windows(corner, whole.positions_all[views])))
+    np.testing.assert_array_equal(laid[:, 0, 0], fill[:, 0, 0])            # the whole canvas's own start beyond
+    part.close()
+    whole.close()
+
+
+def test_a_large_scan_is_counted_on_its_central_views_and_positions_may_be_refined_after(monkeypatch):
+    """A scan of more views than the rule was measured on (100; here a cheap rule of 60) is counted on the
+    views nearest its centre, says so in its evidence, and the reconstruction of the whole scan — with its
+    positions refined, on a larger canvas than the count's — starts from the count's model laid on its
+    canvas: below the engine's own start after the same iterations. (Before, a refined reconstruction
+    refused the count's model: 'object shape … differs'.)"""
+    monkeypatch.setattr(mode_count, "RULE", replace(CHEAP, max_views=60))
+    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=2, n_positions=120)
+    refine = {"refine_positions": True, "position_start": 5}
+    res = reconstruct(scan, ReconParams(iterations=10, **HELD, **refine), **QUIET)
+    ev = res.attrs["probe_modes_auto"]
+    assert (ev["views_counted"], ev["views_total"], ev["found"]) == (60, 120, 2), ev
+    assert res.object.shape[1:] == Reconstruction(scan, ReconParams(iterations=1, threads=1, **refine),
+                                                   **QUIET).obj_shape[1:]
+    fixed = reconstruct(scan, ReconParams(iterations=10, probe_modes=2, detector_gain=1.0, threads=1, **refine),
+                        **QUIET)
+    assert res.attrs["final_data_error"] < 0.9 * fixed.attrs["final_data_error"], \
+        (res.attrs["final_data_error"], fixed.attrs["final_data_error"])
