@@ -29,6 +29,9 @@ print(f"hxn-ptycho: scan files, results and the job queue in {WORK_DIR}")
 ptycho_jobs = JobQueue(WORK_DIR + "/queue",
                        slots=int(os.environ.get("HXN_PTYCHO_SLOTS", "1")),
                        env={"TILED_API_KEY": _key} if _key else {}).start()
+# The jobs' parameters: one dict, shared with the live feeds below, so that a change in the session, e.g.
+# ptycho_callback.config.params.update(probe_modes="auto", auto_rule="heldout"), holds for every later scan
+# (a held-out count needs the finished scan: no live job then, the scan is reconstructed at its stop).
 ptycho_callback = PtychoCallback(
     CallbackConfig(work_dir=WORK_DIR, catalog=CATALOG,
                    params={"iterations": int(os.environ.get("HXN_PTYCHO_ITERATIONS", "50"))},
@@ -45,7 +48,7 @@ if os.environ.get("HXN_PTYCHO_EIGER_STREAM") or os.environ.get("HXN_PTYCHO_PANDA
     from hxn_ptycho.callbacks.stream import StreamConfig, StreamFeed, StreamFeedConfig
     _c = ptycho_callback.config
     ptycho_streams = StreamFeed(StreamFeedConfig(
-        work_dir=_c.work_dir, catalog=_c.catalog, params=dict(_c.params), nprocs=_c.nprocs, export=_c.export,
+        work_dir=_c.work_dir, catalog=_c.catalog, params=_c.params, nprocs=_c.nprocs, export=_c.export,
         stream=StreamConfig(eiger=os.environ.get("HXN_PTYCHO_EIGER_STREAM"),
                             panda=os.environ.get("HXN_PTYCHO_PANDA_STREAM")), queue=ptycho_jobs)).start()
     RE.subscribe(ptycho_streams)
@@ -63,7 +66,7 @@ if os.environ.get("HXN_PTYCHO_LIVE", "0") not in ("", "0", "no", "false"):
 
     _c = ptycho_callback.config
     ptycho_live = LiveFeed(LiveFeedConfig(work_dir=str(ptycho_callback.work_dir), catalog=_c.catalog,
-                                          params=dict(_c.params), nprocs=_c.nprocs, export=_c.export,
+                                          params=_c.params, nprocs=_c.nprocs, export=_c.export,
                                           first_chunk=int(os.environ.get("HXN_PTYCHO_LIVE_FIRST", "256")),
                                           chunk=int(os.environ.get("HXN_PTYCHO_LIVE_CHUNK", "32")), queue=ptycho_jobs))
     ptycho_callback.live.insert(0, ptycho_live)     # asked first at the stop, as by hxn-ptycho listen
