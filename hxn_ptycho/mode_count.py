@@ -1,8 +1,10 @@
 """``probe_modes="auto"`` with ``auto_rule="heldout"``: the probe-mode count read from detector pixels
 that no fit ever sees (issue 18, part 2; docs/auto_modes.md, sessions 22 and 23).
 
-The count runs *before* the reconstruction, on the whole scan, and the reconstruction then runs with the
-count found (``engine.reconstruct``; the job's rank 0 under MPI, :func:`hxn_ptycho.distributed.run_distributed`):
+The count runs *before* the reconstruction, on the whole scan (a scan of more than ``max_views`` = 100 views on
+its 100 views nearest the centre, :func:`central_views`: the regime the rule was measured in, and a cost that no
+longer grows with the views), and the reconstruction then runs with the count found (``engine.reconstruct``; the
+job's rank 0 under MPI, :func:`hxn_ptycho.distributed.run_distributed`):
 
 1. **Held-out pixels.** A fixed random 15 % of every frame's pixels (:func:`holdout_split`) are left out of
    every fit below: the fits treat them as masked pixels (:class:`FrameMaskBackend`).
@@ -16,13 +18,15 @@ count found (``engine.reconstruct``; the job's rank 0 under MPI, :func:`hxn_ptyc
    error — the fits' own loss on data they never saw — have a paired z above 2 (:func:`chain_count`).
 4. **The reconstruction** then runs with the count found, started from the chain's model of that count
    (:class:`CountedModel`: the over-complete fit's modes reach the true mode subspace where a K-mode fit
-   from the engine's start does not, session 21), unless the user gave a warm start (``init_from``).
+   from the engine's start does not, session 21), laid on the reconstruction's own canvas (:meth:`CountedModel.placed`:
+   the whole scan's views, room for position refinement), unless the user gave a warm start (``init_from``).
 
 One knob is principled (the significance level z = 2); the others are the measured schedule of
 docs/auto_modes.md. On the 63 cells of its grid the rule finds the true count on 47 (``trend``: 19), and on
 four held-out families 3, 4, 4 and 5 of 6 cells (README, "probe_modes=auto"; docs/auto_modes.md, "Session
 27"). Its cost is several over-complete fits on the numpy backend (the per-frame mask is in no compiled
-kernel): one to two minutes for 100 views of 64² pixels.
+kernel): one to two minutes for 100 views of 64² pixels (docs/auto_modes.md, "Session 28": 89–110 s on the central
+100 of 400 views, 336–401 s on all 400).
 """
 from __future__ import annotations
 
