@@ -225,15 +225,15 @@ def gather_views(views: slice, reducer: Any) -> list[list[int]]:
 
 def count_on_rank0(path: str, params: ReconParams, comm: Any, log: Callable[[str], None] | None = None,
                    stop: Any = None) -> tuple[ReconParams, dict[str, Any], Any]:
-    """``probe_modes=auto`` with ``auto_rule='heldout'``: rank 0 reads the whole scan and counts its modes
-    (:mod:`hxn_ptycho.mode_count`); every rank gets the params with that count, the evidence and the
-    count's model to start from (None under a user's ``init_from``). A count that fails fails every rank
-    with rank 0's reason (none waits in the broadcast)."""
-    from .mode_count import counted_params
+    """``probe_modes=auto`` with ``auto_rule='heldout'``: rank 0 reads what the count needs of the scan (its
+    central views, :func:`hxn_ptycho.mode_count.read_for_count`) and counts its modes; every rank gets the
+    params with that count, the evidence and the count's model to start from (None under a user's
+    ``init_from``). A count that fails fails every rank with rank 0's reason (none waits in the broadcast)."""
+    from .mode_count import counted_params, read_for_count
     out: tuple[str, Any] = ("", None)
     if comm.rank == 0:
         try:
-            out = ("ok", counted_params(read_scan(path), params, log_fn=log or stderr_log, stop=stop))
+            out = ("ok", counted_params(read_for_count(path), params, log_fn=log or stderr_log, stop=stop))
         except Exception as exc:       # told to every rank, then raised here as it was
             comm.bcast_idle(("error", f"{type(exc).__name__}: {exc}"))
             raise

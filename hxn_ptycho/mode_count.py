@@ -270,6 +270,19 @@ def views_of(scan: Any, views: np.ndarray) -> Any:
                    views=slice(None))
 
 
+def read_for_count(path: str, how: HeldOutCount | None = None) -> Any:
+    """What the held-out count reads of the scan file ``path``: the frames of its ``max_views`` central views
+    only (:func:`central_views`; every view when it has no more), the whole scan's view count in
+    ``attrs['views_total']`` (the job's rank 0: a scan of thousands of frames is not read whole for it)."""
+    from .scanfile import read_points, read_scan, read_scan_views
+    how = how or RULE
+    points = read_points(path)
+    views = central_views(points, how.max_views)
+    scan = read_scan(path) if views is None else read_scan_views(path, views)
+    scan.attrs["views_total"] = points.shape[1]
+    return scan
+
+
 @dataclass
 class CountedModel:
     """The held-out count's model of the count found (its k-mode refit: object, orthogonal modes), for
@@ -308,15 +321,17 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
     say = log_fn or log.info
     t0 = time.perf_counter()
     M = max(2, min(how.fit_modes, int(params.auto_max_modes)))
-    total = len(scan.diffamp)
-    if total < 3:
+    total = int(scan.attrs.get("views_total", len(scan.diffamp)))      # (read_for_count: the central views read)
+    if len(scan.diffamp) < 3:
         raise ParamError("auto_rule='heldout' needs at least 3 views to judge a mode on")
-    if total != scan.n_views:
-        raise ParamError(f"auto_rule='heldout' counts on the whole scan: this one holds {total} of its {scan.n_views} views")
+    if len(scan.diffamp) != scan.n_views:
+        raise ParamError(f"auto_rule='heldout' counts on the whole scan: this one holds {len(scan.diffamp)} of its "
+                         f"{scan.n_views} views")
     views = central_views(scan.points, how.max_views)
     if views is not None:       # the rule's measured regime (scans of 100 views), and a bounded cost
         scan = views_of(scan, views)
-    where = "every view" if views is None else f"the {len(views)} views nearest the scan's centre (of {total})"
+    counted = len(scan.diffamp)
+    where = "every view" if counted == total else f"the {counted} views nearest the scan's centre (of {total})"
     say(f"hxn-ptycho: counting the probe modes on {100 * how.holdout:.0f} % of the pixels held out of every fit "
         f"(auto_rule=heldout), on {where}: {len(how.starts)} starts screened ({how.screen}), one {M}-mode fit "
         f"({how.schedule}), {M} refits (ML:{how.refit}), on the numpy backend")

@@ -209,6 +209,13 @@ def read_scan(path: str | os.PathLike, views: slice = slice(None)) -> ScanData:
         return _read_fields(f, path, info, diffamp, points, slice(start, stop))
 
 
+def read_points(path: str | os.PathLike) -> np.ndarray:
+    """The positions (2, N) µm of every view of a scan file, without its frames."""
+    scan_info(path)                         # the file's shape checked as read_scan checks it
+    with open_h5(path, KIND) as f:
+        return np.asarray(f["points"][()], dtype=np.float64)
+
+
 def read_scan_views(path: str | os.PathLike, indices: np.ndarray) -> ScanData:
     """Read only the frames ``indices`` (any order, no repeats) as a scan of its own.
 

@@ -122,6 +122,11 @@ def test_the_job_counts_on_rank_0_and_writes_the_evidence_to_the_result(tmp_path
     ev = res.attrs["probe_modes_auto"]
     assert ev["rule"] == "heldout" and ev["found"] == res.probe.shape[0] and ev["fit_modes"] == 3
     assert (ev["views_counted"], ev["views_total"]) == (20, 30)
+    part = mode_count.read_for_count(str(tmp_path / "scan.h5"))    # rank 0 reads the counted frames only
+    views = mode_count.central_views(scan.points, 20)
+    assert part.attrs["views_total"] == 30 and part.n_views == len(part.diffamp) == 20
+    np.testing.assert_array_equal(part.diffamp, scan.diffamp[views].astype(np.float32))
+    np.testing.assert_array_equal(part.points, scan.points[:, views])
     assert len(ev["chain"]) == 3 and ev["starts"][0]["factor"] == 1.0
     write_result(tmp_path / "r.h5", res)
     back = read_result(tmp_path / "r.h5").attrs["probe_modes_auto"]
