@@ -15,7 +15,9 @@ from hxn_ptycho.callbacks.catalog import EmbeddedServer
 POSTGRES = os.environ.get("HXN_PTYCHO_TEST_POSTGRES")
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# SQLite, the embedded default, is slow-marked here: its rerun by scan id and its queries run in the default suite
+# through tests/test_entry_points.py (test_reconstruct_scan_id, test_reconstruct_file_with_catalog) and the profile's tests
+@pytest.fixture(scope="module", params=[pytest.param("sqlite", marks=pytest.mark.slow), "postgresql"])
 def server(request, tmp_path_factory):
     if request.param == "postgresql" and not POSTGRES:
         pytest.skip("HXN_PTYCHO_TEST_POSTGRES is not set (CI sets it in .ci/steps/20-postgres.sh)")

@@ -582,7 +582,8 @@ def _counting(calls, name, fn):
     return spy
 
 
-@pytest.mark.parametrize("modes", [1, 2])
+# one mode is slow-marked: the two-mode case takes every path it takes (and the mode loops)
+@pytest.mark.parametrize("modes", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_ml_and_position_refinement_with_emulated_gpu_backend_match_numpy(ebe, modes, monkeypatch):
     """ML after DM and position refinement (sub-pixel windows) run on CupyBackend's host code and
     kernels exactly as on numpy, through its fused ML and position steps (counted)."""

@@ -240,17 +240,17 @@ def test_a_model_from_part_of_the_scan_is_laid_on_the_whole_scans_canvas():
 
 
 def test_a_large_scan_is_counted_on_its_central_views_and_positions_may_be_refined_after(monkeypatch):
-    """A scan of more views than the rule was measured on (100; here a cheap rule of 60) is counted on the
+    """A scan of more views than the rule was measured on (100; here a cheap rule of 45) is counted on the
     views nearest its centre, says so in its evidence, and the reconstruction of the whole scan — with its
     positions refined, on a larger canvas than the count's — starts from the count's model laid on its
     canvas: below the engine's own start after the same iterations. (Before, a refined reconstruction
     refused the count's model: 'object shape … differs'.)"""
-    monkeypatch.setattr(mode_count, "RULE", replace(CHEAP, max_views=60))
-    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=2, n_positions=120)
+    monkeypatch.setattr(mode_count, "RULE", replace(CHEAP, max_views=45))
+    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=2, n_positions=90)
     refine = {"refine_positions": True, "position_start": 5}
     res = reconstruct(scan, ReconParams(iterations=10, **HELD, **refine), **QUIET)
     ev = res.attrs["probe_modes_auto"]
-    assert (ev["views_counted"], ev["views_total"], ev["found"]) == (60, 120, 2), ev
+    assert (ev["views_counted"], ev["views_total"], ev["found"]) == (45, 90, 2), ev
     assert res.object.shape[1:] == Reconstruction(scan, ReconParams(iterations=1, threads=1, **refine),
                                                    **QUIET).obj_shape[1:]
     fixed = reconstruct(scan, ReconParams(iterations=10, probe_modes=2, detector_gain=1.0, threads=1, **refine),

@@ -155,6 +155,7 @@ def test_sessions_keep_scan_id_and_finish_their_jobs(profile_env, tiled_server):
     assert "waiting for" not in second.stdout                # nothing to wait for
 
 
+@pytest.mark.slow   # the same hand-over as a user lives it runs by default: test_profile_terminal.py's Ctrl-C leaving test
 def test_leaving_early_hands_the_job_to_the_next_session(profile_env, tiled_server):
     from hxn_ptycho.callbacks.query import NoResult, key_parameters, results
 
