@@ -99,8 +99,8 @@ class ReconParams:
                            "rule; 'prune' is 'power', then keeps the fewest modes beyond which one more lowers "
                            "the data error by less than auto_prune_gain; 'gain' keeps a new mode only if the "
                            "data error falls faster after it than before; 'heldout' counts the modes before "
-                           "the reconstruction from 15 % of each frame's pixels that no fit sees (minutes on a "
-                           "CPU; docs/auto_modes.md)",
+                           "the reconstruction from 15 % of each frame's pixels that no fit sees, on at most "
+                           "the 100 views nearest the scan's centre (minutes on a CPU; docs/auto_modes.md)",
                            group="probe modes", choices=("trend", "power", "prune", "gain", "heldout"), kind="str")
     auto_new_mode_power: float = param(0.3, "probe_modes=auto ('trend'): power of a new k-th mode relative to "
                                        "the first, divided by k - 1", group="probe modes", min=0.0, max=1.0,
