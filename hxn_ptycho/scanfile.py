@@ -134,15 +134,20 @@ def write_scan(path: str | os.PathLike, scan: ScanData, extras: dict[str, np.nda
             f.create_dataset(k, data=np.asarray(v))
 
 
+def _points(f: h5py.File, path: str | os.PathLike) -> h5py.Dataset:
+    p = require(f, "points", KIND)
+    if p.ndim != 2 or p.shape[0] != 2:
+        raise FileFormatError(f"{KIND} file {path}: field 'points' has shape {p.shape}, expected (2, N)")
+    return p
+
+
 def scan_info(path: str | os.PathLike) -> dict[str, Any]:
     """Shape and geometry of a scan file without reading its frames."""
     with open_h5(path, KIND) as f:
         d = require(f, "diffamp", KIND)
         if d.ndim != 3 or d.shape[1] != d.shape[2]:
             raise FileFormatError(f"{KIND} file {path}: field 'diffamp' has shape {d.shape}, expected (N, n, n)")
-        p = require(f, "points", KIND)
-        if p.ndim != 2 or p.shape[0] != 2:
-            raise FileFormatError(f"{KIND} file {path}: field 'points' has shape {p.shape}, expected (2, N)")
+        p = _points(f, path)
         if p.shape[1] != d.shape[0]:
             raise FileFormatError(
                 f"{KIND} file {path}: 'diffamp' has {d.shape[0]} frames but 'points' has {p.shape[1]} positions")
@@ -210,10 +215,10 @@ def read_scan(path: str | os.PathLike, views: slice = slice(None)) -> ScanData:
 
 
 def read_points(path: str | os.PathLike) -> np.ndarray:
-    """The positions (2, N) µm of every view of a scan file, without its frames."""
-    scan_info(path)                         # the file's shape checked as read_scan checks it
+    """The positions (2, N) µm of every view of a scan file, without its frames (the file's shape is
+    checked by the read of the frames that follows, :func:`read_scan_views`)."""
     with open_h5(path, KIND) as f:
-        return np.asarray(f["points"][()], dtype=np.float64)
+        return np.asarray(_points(f, path)[()], dtype=np.float64)
 
 
 def read_scan_views(path: str | os.PathLike, indices: np.ndarray) -> ScanData:

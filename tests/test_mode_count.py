@@ -132,6 +132,16 @@ def test_the_job_counts_on_rank_0_and_writes_the_evidence_to_the_result(tmp_path
     assert part.attrs["views_total"] == 30 and part.n_views == len(part.diffamp) == 20
     np.testing.assert_array_equal(part.diffamp, scan.diffamp[views].astype(np.float32))
     np.testing.assert_array_equal(part.points, scan.points[:, views])
+    import h5py
+
+    from hxn_ptycho.h5util import FileFormatError
+    for name, data in (("no_points.h5", None), ("flat_points.h5", np.zeros(30))):
+        with h5py.File(tmp_path / name, "w") as f:                  # bad files: refused by name, nothing counted
+            f["diffamp"] = np.ones((30, 8, 8), np.float32)
+            if data is not None:
+                f["points"] = data
+        with pytest.raises(FileFormatError, match="missing field 'points'" if data is None else r"'points' has shape"):
+            mode_count.read_for_count(str(tmp_path / name))
     assert len(ev["chain"]) == 3 and ev["starts"][0]["factor"] == 1.0
     write_result(tmp_path / "r.h5", res)
     back = read_result(tmp_path / "r.h5").attrs["probe_modes_auto"]
