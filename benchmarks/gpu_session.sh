@@ -34,13 +34,13 @@ export HXN_PTYCHO_KERNEL_CACHE="${HXN_PTYCHO_KERNEL_CACHE:-$OUT/.kernel_cache}"
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== pytest -m gpu"
-timeout 300 "$PY" -P -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider \
+timeout 300 "$PY" -P -m pytest -o addopts= -m gpu -q -rs --durations=10 -p no:cacheprovider \
     --junitxml="$OUT/pytest_gpu.xml" tests/test_gpu.py tests/test_session.py 2>&1 | tee "$OUT/pytest_gpu.log"
 rc_tests=${PIPESTATUS[0]}
 
 if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer memcheck (kernel tests)"
-    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -P -m pytest -m gpu -q -x \
+    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -P -m pytest -o addopts= -m gpu -q -x \
         -p no:cacheprovider -k "not reconstruction" tests/test_gpu.py 2>&1 | tail -40 | tee "$OUT/sanitizer.log"
 fi
 
