@@ -32,7 +32,7 @@ from .parts import BatchScheduler, ExitWaveStore
 from .probemodes import ProbeModeManager
 from .params import ParamError, ReconParams, algorithm_stages
 from .resultfile import ResultData, read_result
-from .scanfile import ScanData, positions_px
+from .scanfile import ScanData, canvas_origin, positions_px
 
 
 logger = logging.getLogger(__name__)
@@ -313,12 +313,11 @@ class Reconstruction:
         previous = self.start_model if self.start_model is not None else \
             read_result(p.init_from) if p.init_from else None
         self.start_model = None
-        placed = getattr(previous, "placed", None)
-        if placed is not None and getattr(previous, "origin", None) is not None:   # on another canvas of this scan
-            previous = placed(self.obj_shape, self.canvas_origin(), initial.initial_object(self.obj_shape, p))
         if previous is not None and previous.attrs.get("live_state"):    # hxn_ptycho.session.resume_at
             self.first_iteration = int(previous.attrs.get("resume_iteration", 0))
-        self.obj = be.asarray(initial.initial_object(self.obj_shape, p, previous), self.cdtype)
+        # laid on this canvas by where each one's pixel (0, 0) lies, where the previous model says so
+        self.obj = be.asarray(initial.initial_object(self.obj_shape, p, previous, self.canvas_origin(),
+                                                     scan.pixel_size_m * 1e6), self.cdtype)
         power, mean_amp = initial.mean_frame_power(scan, self.total_intensity, self.reducer)
         self.probe = be.asarray(initial.initial_probe(scan, p, K, power, mean_amp, self.positions_all, previous),
                                 self.cdtype)
@@ -337,12 +336,12 @@ class Reconstruction:
 
     def canvas_origin(self) -> np.ndarray:
         """Where the object canvas's pixel (0, 0) lies in the scan's own frame, in object pixels (row, col):
-        the positions (µm) over the pixel size less the window corners, averaged over the views. Any canvas
-        of the same scan (another margin, a subset of its views, a live session's extent) differs from this
-        one by the difference of their origins (:meth:`hxn_ptycho.mode_count.CountedModel.placed`)."""
-        pts = np.asarray(self.scan.points, np.float64)
-        px = np.stack([pts[1], pts[0]], axis=1) * 1e-6 / self.scan.pixel_size_m
-        return np.asarray((px - self.positions_all).mean(axis=0))
+        a view at px (its position over the pixel size) has its window's corner at round(px − origin)
+        (:func:`hxn_ptycho.scanfile.canvas_origin`; a live session's canvas from the scan's extent, grown as
+        views arrive, answers for itself). Any canvas of the same scan (another margin, a subset of its views,
+        a live session's) differs from this one by the difference of their origins
+        (:func:`hxn_ptycho.initial.lay_object`), and the result's ``frame`` is this origin in µm."""
+        return canvas_origin(self.scan.points, self.scan.pixel_size_m, self.margin)
 
     # --- the views' order ----------------------------------------------------------------------
     def _view_order(self, local: np.ndarray) -> np.ndarray | None:
@@ -627,7 +626,7 @@ class Reconstruction:
             from .positions import affine_terms
             attrs["position_affine_matrix"] = affine_terms(self.geom.nominal_all, refined).tolist()
         attrs.update({f"scan_{k}": v for k, v in self.scan.attrs.items()})
-        attrs["frame"] = json.dumps(result_frame(self.scan, self.margin))
+        attrs["frame"] = json.dumps(result_frame(self.scan, self.canvas_origin()))
         return ResultData(object=self.be.asnumpy(self.obj), probe=probe,
                           positions_px=self.positions_all.astype(np.float64),
                           error_data=err_data, error_probe=ep, error_object=err_obj, error_relax=err_relax,
@@ -645,14 +644,14 @@ class Reconstruction:
         return DMIteration(self)
 
 
-def result_frame(scan: ScanData, margin: int) -> dict[str, Any]:
+def result_frame(scan: ScanData, origin: np.ndarray) -> dict[str, Any]:
     """Where the object lies: rows along +y (``points[1]``), columns along +x (``points[0]``), and the
-    (x, y) in µm of object pixel [0, 0] — the beam (probe pixel n/2) sits on each view's position,
-    window corners from :func:`~hxn_ptycho.scanfile.positions_px`. In the stage frame when the scan
-    file holds the recorded stage positions (its ``frame`` attribute, written by the export)."""
+    (x, y) in µm of object pixel [0, 0] — the beam (probe pixel n/2) sits on each view's position, the
+    window corners laid from the canvas's ``origin`` (:meth:`Reconstruction.canvas_origin`). In the stage
+    frame when the scan file holds the recorded stage positions (its ``frame`` attribute, written by the
+    export)."""
     pix_um = scan.pixel_size_m * 1e6
-    x0 = float(scan.points[0].min()) - (margin + scan.n // 2) * pix_um
-    y0 = float(scan.points[1].min()) - (margin + scan.n // 2) * pix_um
+    y0, x0 = ((float(o) - scan.n // 2) * pix_um for o in origin)
     declared = scan.attrs.get("frame")
     positions = "the scan file's points (their frame is not stated)"
     if declared:

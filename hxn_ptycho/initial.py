@@ -66,18 +66,51 @@ def median_step(pos: np.ndarray) -> float:
     return float(np.median(nearest_distances(pos)))
 
 
-def initial_object(obj_shape: tuple[int, int, int], params: ReconParams,
-                   previous: ResultData | None = None) -> np.ndarray:
-    """The object modes ``(L, H, W)`` to start from (complex128)."""
+def lay_object(obj: np.ndarray, its_origin: Any, origin: Any, fill: np.ndarray) -> np.ndarray:
+    """``obj`` (L', h, w), whose pixel (0, 0) lies at ``its_origin``, laid on a copy of ``fill`` (L, H, W),
+    a canvas whose pixel (0, 0) lies at ``origin`` (both in object pixels (row, col) of one scan frame:
+    :meth:`hxn_ptycho.engine.Reconstruction.canvas_origin`): its first min(L, L') modes, shifted by the
+    origins' difference rounded to whole pixels; ``fill`` wherever it does not reach."""
+    r, c = np.round(np.asarray(its_origin, np.float64) - np.asarray(origin, np.float64)).astype(int)
+    out = np.array(fill, np.complex128)
+    L, (h, w) = min(out.shape[0], obj.shape[0]), obj.shape[1:]
+    r0, c0, r1, c1 = max(r, 0), max(c, 0), min(r + h, out.shape[1]), min(c + w, out.shape[2])
+    if r1 > r0 and c1 > c0:
+        out[:L, r0:r1, c0:c1] = obj[:L, r0 - r:r1 - r, c0 - c:c1 - c]
+    return out
+
+
+def _check_pixel(params: ReconParams, theirs: float | None, ours: float | None, size: int) -> None:
+    """A previous object laid on this canvas must have its pixel size, to a pixel across the canvas."""
+    if theirs is None or ours is None or abs(theirs - ours) * size <= 0.5 * ours:
+        return
+    raise ParamError(f"init_from {params.init_from}: its object's pixel is {theirs:.6g} µm, this scan's "
+                     f"{ours:.6g} µm (another energy, distance or frame size): laid on this canvas it would "
+                     f"be off by more than half a pixel at {size} pixels")
+
+
+def initial_object(obj_shape: tuple[int, int, int], params: ReconParams, previous: Any = None,
+                   origin: Any = None, pixel_um: float | None = None) -> np.ndarray:
+    """The object modes ``(L, H, W)`` to start from (complex128): the fresh start of ``params``, or
+    ``previous``'s object (a :class:`~hxn_ptycho.resultfile.ResultData` of ``init_from``, or the held-out
+    count's :class:`~hxn_ptycho.mode_count.CountedModel`). Where both it and this canvas know where their
+    pixel (0, 0) lies (``previous.origin``, ``origin``), it is laid on this canvas by their difference
+    (:func:`lay_object`: another margin, refined positions, a part of the scan's views), this canvas's own
+    start beyond it; else it must have this canvas's shape."""
     L, H, W = obj_shape
     if previous is not None:
-        if previous.object.shape[1:] != (H, W):
-            raise ParamError(f"init_from {params.init_from}: object shape {previous.object.shape[1:]} differs "
-                             f"from this scan's {(H, W)} (other positions, margin or pixel size)")
+        prev, its = previous.object, getattr(previous, "origin", None)
+        if its is not None and origin is not None:
+            _check_pixel(params, getattr(previous, "pixel_um", None), pixel_um, max(H, W))
+            prev = lay_object(prev, its, origin, initial_object(obj_shape, params))
+        elif prev.shape[1:] != (H, W):
+            raise ParamError(f"init_from {params.init_from}: object shape {prev.shape[1:]} differs "
+                             f"from this scan's {(H, W)} (other positions, margin or pixel size), and the "
+                             f"file does not say where its object lies (no 'frame' attribute)")
         obj = np.empty(obj_shape, np.complex128)
-        m = min(L, previous.object.shape[0])
-        obj[:m] = previous.object[:m]
-        obj[m:] = 0.1 * previous.object[:1]
+        m = min(L, prev.shape[0])
+        obj[:m] = prev[:m]
+        obj[m:] = 0.1 * prev[:1]
         return obj
     rng = np.random.default_rng(params.seed)
     if params.object_init == "random":

@@ -18,8 +18,9 @@ job's rank 0 under MPI, :func:`hxn_ptycho.distributed.run_distributed`):
    error — the fits' own loss on data they never saw — have a paired z above 2 (:func:`chain_count`).
 4. **The reconstruction** then runs with the count found, started from the chain's model of that count
    (:class:`CountedModel`: the over-complete fit's modes reach the true mode subspace where a K-mode fit
-   from the engine's start does not, session 21), laid on the reconstruction's own canvas (:meth:`CountedModel.placed`:
-   the whole scan's views, room for position refinement), unless the user gave a warm start (``init_from``).
+   from the engine's start does not, session 21), laid on the reconstruction's own canvas
+   (:func:`hxn_ptycho.initial.lay_object`: the whole scan's views, room for position refinement), unless the
+   user gave a warm start (``init_from``).
 
 One knob is principled (the significance level z = 2); the others are the measured schedule of
 docs/auto_modes.md. On the 63 cells of its grid the rule finds the true count on 47 (``trend``: 19), and on
@@ -289,24 +290,12 @@ class CountedModel:
     the reconstruction to start from; duck-types the ``object``/``probe``/``attrs`` of a result that
     ``init_from`` reads (:func:`hxn_ptycho.initial.initial_probe`). ``origin``: where its object's pixel
     (0, 0) lies (:meth:`hxn_ptycho.engine.Reconstruction.canvas_origin` of the fit's canvas), so that the
-    engine lays it on its own canvas (:meth:`placed`): another margin, or the whole scan when the count
-    saw part of it."""
+    engine lays it on its own canvas (:func:`hxn_ptycho.initial.lay_object`): another margin, or the whole
+    scan when the count saw part of it."""
     object: np.ndarray
     probe: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
     origin: np.ndarray | None = None
-
-    def placed(self, shape: tuple[int, int, int], origin: np.ndarray, fill: np.ndarray) -> "CountedModel":
-        """This model with its object laid on a canvas of ``shape`` (L, H, W) whose pixel (0, 0) lies at
-        ``origin``: ``fill`` (that canvas's own start) wherever this object does not reach."""
-        assert self.origin is not None
-        r, c = np.round(np.asarray(self.origin, np.float64) - np.asarray(origin, np.float64)).astype(int)
-        out = np.array(fill, np.complex128)
-        L, (h, w) = min(shape[0], self.object.shape[0]), self.object.shape[1:]
-        r0, c0, r1, c1 = max(r, 0), max(c, 0), min(r + h, shape[1]), min(c + w, shape[2])
-        if r1 > r0 and c1 > c0:
-            out[:L, r0:r1, c0:c1] = self.object[:L, r0 - r:r1 - r, c0 - c:c1 - c]
-        return CountedModel(out, self.probe, dict(self.attrs))
 
 
 def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = None,

@@ -138,8 +138,9 @@ class ReconParams:
     motion_mode_power: float = param(0.3, "probe_modes_init motion: power of the first derivative mode relative "
                                      "to the first mode (the k-th at this / k)", group="initial guess",
                                      min=0.0, max=1.0, min_open=True, kind="float")
-    init_from: str | None = param(None, "a previous result file to start from (warm start)",
-                                  group="initial guess", kind="path")
+    init_from: str | None = param(None, "a previous result file to start from (warm start), laid on this "
+                                  "canvas by where its object lies (its 'frame'): another margin or refined "
+                                  "positions may follow", group="initial guess", kind="path")
     seed: int = param(0, "random seed (initial guesses)", group="initial guess", kind="int")
     # -- positions ------------------------------------------------------------------------
     refine_positions: bool = param(False, "refine every view's position (sub-pixel) during the reconstruction",

@@ -13,7 +13,9 @@ Fields:
 - ``probe_power_fraction`` (M_P,)
 - attributes: ``params`` (JSON of :class:`~hxn_ptycho.params.ReconParams`), ``version``,
   ``elapsed_s``, ``final_cost``, ``final_data_error``, ``probe_modes_log`` and the scan's own
-  attributes (``scan_id``, ``raw_uid``, ...) prefixed with ``scan_``.
+  attributes (``scan_id``, ``raw_uid``, ...) prefixed with ``scan_``; ``frame`` (JSON: where the object
+  lies, :func:`hxn_ptycho.engine.result_frame`), by which a warm start lays the object on its own canvas
+  (:attr:`ResultData.origin`).
 """
 from __future__ import annotations
 
@@ -65,6 +67,37 @@ class ResultData:
         if self.iterations == 0 or not np.isfinite(self.error_data[-1]):
             return None
         return float(self.error_data[-1])
+
+    @property
+    def pixel_um(self) -> float | None:
+        """The object's pixel size (µm) of the ``frame`` attribute; None for a file without it."""
+        frame = self._frame()
+        return None if frame is None else float(frame["pixel_um"])
+
+    @property
+    def origin(self) -> np.ndarray | None:
+        """Where the object's pixel (0, 0) lies in its scan's frame, in object pixels (row, col), in the
+        window-corner convention of :meth:`hxn_ptycho.engine.Reconstruction.canvas_origin` (a view at the
+        position p, in object pixels, has its window's corner at p − origin): the ``frame`` attribute's
+        origin (:func:`hxn_ptycho.engine.result_frame`: that pixel's own (x, y), the beam at the window's
+        pixel n/2) plus n/2. None for a file without the attribute (older files, a live state): it is laid
+        on a canvas of its own shape only."""
+        frame = self._frame()
+        if frame is None:
+            return None
+        x0, y0 = (float(v) for v in frame["origin_um"])
+        half = self.probe.shape[-1] // 2
+        return np.array([y0 / float(frame["pixel_um"]) + half, x0 / float(frame["pixel_um"]) + half])
+
+    def _frame(self) -> dict[str, Any] | None:
+        text = self.attrs.get("frame")
+        try:
+            frame: Any = json.loads(text) if isinstance(text, str) else text
+            numbers = [float(frame["pixel_um"]), *(float(v) for v in frame["origin_um"])]
+        except (TypeError, ValueError, KeyError):
+            return None
+        ok = isinstance(frame, dict) and len(numbers) == 3 and numbers[0] > 0 and all(np.isfinite(numbers))
+        return frame if ok else None
 
     def validate(self, filename: str = "<memory>") -> None:
         o, p = self.object, self.probe

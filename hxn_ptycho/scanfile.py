@@ -260,6 +260,14 @@ def positions_px(points: np.ndarray, pixel_size_m: float, n: int, margin: int) -
     return pos.astype(np.float64), shape
 
 
+def canvas_origin(points: np.ndarray, pixel_size_m: float, margin: int) -> np.ndarray:
+    """Where pixel (0, 0) of the object canvas that :func:`positions_px` lays lies in the positions' own
+    frame, in object pixels (row, col): a view at px (µm over the pixel size) has its corner at
+    round(px − origin)."""
+    px = np.asarray(points, np.float64) * 1e-6 / pixel_size_m
+    return np.array([px[1].min() - margin, px[0].min() - margin])
+
+
 # --- the growing scan file (a scan being measured) ------------------------------------------------
 # Written under SWMR (single writer, multiple readers) while the scan runs: ``diffamp`` and ``points``
 # grow along their view axis, ``n_written`` (1,) says how many views are whole (frames and positions

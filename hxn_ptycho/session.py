@@ -156,6 +156,9 @@ class _LiveReconstruction(Reconstruction):
     def _layout(self, scan: ScanData, margin: int) -> tuple[np.ndarray, tuple[int, int]]:
         return self._session._lay_out(margin)
 
+    def canvas_origin(self) -> np.ndarray:
+        return self._session._canvas_origin()
+
 
 class ReconSession:
     """A reconstruction fed view by view: see the module's docstring.
@@ -272,6 +275,15 @@ class ReconSession:
         o_row = self.extent.y_um[0] * 1e-6 / ps
         pos = np.stack([np.round(px[1] - o_row), np.round(px[0] - o_col)], axis=1) + self.margin + self._shift
         return pos.astype(np.float64)
+
+    def _canvas_origin(self) -> np.ndarray:
+        """Where the canvas's pixel (0, 0) lies (row, col, object pixels of the positions' frame): a view at
+        px has its corner at round(px − origin), as :meth:`_corners` lays it (the extent's start less the
+        margin and the growth up and left)."""
+        assert self.extent is not None and self.margin is not None
+        ps = self._pixel_size_m()
+        start = np.array([self.extent.y_um[0], self.extent.x_um[0]]) * 1e-6 / ps
+        return start - self.margin - self._shift
 
     def _lay_out(self, margin: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The corners and the canvas (from the extent), grown for views outside it; called by the engine."""

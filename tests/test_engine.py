@@ -199,6 +199,43 @@ def test_warm_start_starts_where_the_last_run_ended(sim1, one_mode, tmp_path):
     np.testing.assert_allclose(read_result(path).object, one_mode.object)
 
 
+def test_warm_start_is_laid_on_a_canvas_of_another_margin_by_where_its_object_lies(sim1, one_mode, tmp_path):
+    """A previous result on another canvas of the same scan (another margin; room for refined positions) is
+    laid by where its object lies (the file's ``frame``): every view's window starts with what it ended with
+    there. Without the frame such a file is refused by name (before, any other shape was), and so is a
+    previous object of another pixel size."""
+    import dataclasses
+    import json
+    scan, _ = sim1
+    path = tmp_path / "prev.h5"
+    write_result(path, one_mode)
+    prev = read_result(path)
+    assert prev.origin is not None and prev.pixel_um == pytest.approx(scan.pixel_size_m * 1e6)
+    wide = ReconParams(iterations=1, margin=ReconParams().margin + 7, init_from=str(path))
+    rec = Reconstruction(scan, wide, **QUIET)
+    try:
+        assert rec.obj_shape[1:] != one_mode.object.shape[1:]
+        obj = rec.be.asnumpy(rec.obj)
+        n = scan.n
+        for (r, c), (r2, c2) in zip(np.round(one_mode.positions_px).astype(int),
+                                    np.round(rec.positions_all).astype(int)):
+            np.testing.assert_array_equal(obj[0, r2:r2 + n, c2:c2 + n], one_mode.object[0, r:r + n, c:c + n])
+    finally:
+        rec.close()
+    refined = reconstruct(scan, ReconParams(iterations=3, refine_positions=True, init_from=str(path)), **QUIET)
+    assert refined.error_data[0] < 0.5 * one_mode.error_data[0], (refined.error_data[0], one_mode.error_data[0])
+    old = tmp_path / "old.h5"              # a file written before results said where their object lies
+    write_result(old, dataclasses.replace(prev, attrs={k: v for k, v in prev.attrs.items() if k != "frame"}))
+    with pytest.raises(ParamError, match="differs from this scan's.*'frame'"):
+        reconstruct(scan, dataclasses.replace(wide, init_from=str(old)), **QUIET)
+    frame = json.loads(prev.attrs["frame"])
+    other = tmp_path / "other_pixel.h5"
+    write_result(other, dataclasses.replace(prev, attrs={**prev.attrs, "frame": json.dumps(
+        {**frame, "pixel_um": 1.01 * frame["pixel_um"]})}))
+    with pytest.raises(ParamError, match="pixel is .* µm, this scan's"):
+        reconstruct(scan, dataclasses.replace(wide, init_from=str(other)), **QUIET)
+
+
 def test_memory_bound_is_enforced_with_a_clear_message(sim1):
     scan, _ = sim1
     with pytest.raises(MemoryBoundError, match="max_memory_gb"):

@@ -223,7 +223,7 @@ def test_a_model_from_part_of_the_scan_is_laid_on_the_whole_scans_canvas():
     the engine lays it on its own canvas by their origins: every view's window of the whole canvas holds what
     that view's window of the count's canvas held. Without the origins' difference (laid at the corner) the
     windows do not match."""
-    from hxn_ptycho.initial import initial_object
+    from hxn_ptycho.initial import initial_object, lay_object
     scan, _ = mixture_scan("gsm", spectrum(1, 1.0), 1e6, seed=3, n=32, n_positions=60)
     views = mode_count.central_views(scan.points, 25)
     assert len(views) == 25 and np.all(np.diff(views) > 0)
@@ -237,7 +237,7 @@ def test_a_model_from_part_of_the_scan_is_laid_on_the_whole_scans_canvas():
     obj = rng.normal(size=part.obj_shape) + 1j * rng.normal(size=part.obj_shape)
     model = mode_count.CountedModel(obj, np.ones((1, 32, 32)), origin=part.canvas_origin())
     fill = initial_object(whole.obj_shape, whole.params)
-    laid = model.placed(whole.obj_shape, whole.canvas_origin(), fill).object
+    laid = initial_object(whole.obj_shape, whole.params, model, whole.canvas_origin())
     assert laid.shape == whole.obj_shape
 
     def windows(o: np.ndarray, corners: np.ndarray) -> np.ndarray:
@@ -245,8 +245,7 @@ def test_a_model_from_part_of_the_scan_is_laid_on_the_whole_scans_canvas():
     same = [np.array_equal(a, b) for a, b in zip(windows(obj, part.positions_all),
                                                  windows(laid, whole.positions_all[views]))]
     assert np.mean(same) > 0.9, np.mean(same)               # a view may round one pixel the other way
-    corner = mode_count.CountedModel(obj, model.probe, origin=whole.canvas_origin()).placed(
-        whole.obj_shape, whole.canvas_origin(), fill).object
+    corner = lay_object(obj, whole.canvas_origin(), whole.canvas_origin(), fill)
     assert not any(np.array_equal(a, b) for a, b in zip(windows(obj, part.positions_all),
                                                         windows(corner, whole.positions_all[views])))
     np.testing.assert_array_equal(laid[:, 0, 0], fill[:, 0, 0])            # the whole canvas's own start beyond

@@ -106,6 +106,39 @@ def test_a_view_outside_the_extent_grows_the_canvas_or_is_refused(sim1):
         refuse.iterate(1)
 
 
+def test_a_canvas_from_a_wider_extent_says_where_its_object_lies_and_warm_starts_an_offline_run(sim1, tmp_path):
+    """The start document's extent may be wider than the positions measured: the session's canvas is laid from
+    it, and the result's ``frame`` gives where that canvas lies (before, it was computed from the positions'
+    own extent, 9–10 pixels off here). An offline run of the same scan with another margin, started from that
+    result, lays it by its frame: every view's window starts with what it ended with in the session."""
+    import json
+
+    from hxn_ptycho.engine import Reconstruction
+    from hxn_ptycho.resultfile import read_result, write_result
+    scan, _ = sim1
+    pts, pix = scan.points, scan.pixel_size_m * 1e6
+    wide = Extent((float(pts[0].min()) - 11 * pix, float(pts[0].max()) + 3 * pix),
+                  (float(pts[1].min()) - 9.6 * pix, float(pts[1].max())))
+    s = ReconSession(header_of(scan), ReconParams(iterations=2, threads=1), extent=wide, **QUIET)
+    s.append_views(pts, scan.diffamp)
+    res = s.finish()
+    frame = json.loads(res.attrs["frame"])
+    half = scan.n // 2
+    assert np.abs(res.positions_px[:, 0] - ((pts[1] - frame["origin_um"][1]) / pix - half)).max() <= 0.5
+    assert np.abs(res.positions_px[:, 1] - ((pts[0] - frame["origin_um"][0]) / pix - half)).max() <= 0.5
+    path = tmp_path / "session.h5"
+    write_result(path, res)
+    rec = Reconstruction(scan, ReconParams(iterations=1, threads=1, margin=3, init_from=str(path)), **QUIET)
+    try:
+        assert rec.obj_shape[1:] != res.object.shape[1:]
+        obj, n = rec.be.asnumpy(rec.obj), scan.n
+        prev = read_result(path).object
+        for (r, c), (r2, c2) in zip(np.round(res.positions_px).astype(int), np.round(rec.positions_all).astype(int)):
+            np.testing.assert_array_equal(obj[0, r2:r2 + n, c2:c2 + n], prev[0, r:r + n, c:c + n])
+    finally:
+        rec.close()
+
+
 @pytest.mark.parametrize("modes", [1, 3])
 def test_live_final_is_as_good_as_a_cold_offline_run(sim1, sim3, modes):
     """The default schedule (100 iterations); the live phase keeps up with the scan (60 iterations a
