@@ -360,7 +360,13 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
         chain[k + 1]["z"] = round(z, 2)
     say(f"hxn-ptycho: held-out count: {found} probe mode(s) (steps' z "
         + ", ".join(f"{z:.1f}" for z in steps) + f"; {time.perf_counter() - t0:.0f} s)")
-    evidence = {"rule": "heldout", "found": found, "z_min": how.z_min, "holdout": how.holdout, "fit_modes": M,
+    at_cap = found == M
+    if at_cap:      # every step kept: the data hold at least M modes' worth of structure (on real data: misfit too)
+        log.warning("hxn-ptycho: held-out count: every step of the %d-mode fit kept a held-out gain, so %d is a "
+                    "lower bound, not a count (on measured data, misfit that more modes absorb does this too: "
+                    "docs/auto_modes.md, the Siemens star)", M, M)
+    evidence = {"rule": "heldout", "found": found, "at_cap": at_cap, "z_min": how.z_min, "holdout": how.holdout,
+                "fit_modes": M,
                 "views_counted": len(scan.diffamp), "views_total": total,
                 "starts": starts, "start_chosen": chosen, "fit_error": err,
                 "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,

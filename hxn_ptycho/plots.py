@@ -95,8 +95,9 @@ def count_note(attrs: dict) -> str:
     if auto is None:
         return ""
     zs = [c["z"] for c in auto.get("chain", []) if "z" in c][:int(auto.get("found", 0))]   # up to the deciding step
+    cap = f"; every step of the {auto.get('fit_modes')}-mode fit kept: a lower bound" if auto.get("at_cap") else ""
     return (" (counted on held-out pixels, steps' z " + ", ".join(f"{z:.1f}" for z in zs)
-            + f" against {auto.get('z_min', 2):g})")
+            + f" against {auto.get('z_min', 2):g}{cap})")
 
 
 def mode_changes_from_curves(error_probe: np.ndarray) -> list[tuple[int, str]]:

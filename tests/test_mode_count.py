@@ -36,7 +36,7 @@ def test_the_held_out_count_keeps_a_true_second_mode_and_stops_at_it(monkeypatch
     assert ev["rule"] == "heldout" and ev["found"] == 2 == res.probe.shape[0], ev
     z = [c.get("z") for c in ev["chain"]]
     assert z[1] > 2 >= z[2], z
-    assert [c["modes"] for c in ev["chain"]] == [1, 2, 3, 4] and ev["fit_modes"] == 4
+    assert [c["modes"] for c in ev["chain"]] == [1, 2, 3, 4] and ev["fit_modes"] == 4 and ev["at_cap"] is False
     # each refit's held-out error, and the start choice's evidence
     assert ev["chain"][1]["held_out_error"] < ev["chain"][0]["held_out_error"]
     assert {s["factor"] for s in ev["starts"]} == {1.0, -1.0} and ev["start_chosen"] in (1.0, -1.0)
@@ -209,6 +209,20 @@ def test_a_stop_request_ends_the_count_with_its_own_error_and_no_result():
         mode_count.count_and_model(scan, ReconParams(**HELD), CHEAP, log_fn=lambda m: None, stop=done)
 
 
+def test_a_count_at_the_fits_modes_is_said_to_be_a_lower_bound(caplog):
+    """Where every step of the over-complete fit keeps a held-out gain (here a fit of 2 modes on a 70/30
+    mixture; on the real Siemens star, 6 of 6), the count is the fit's size, not a count: the evidence and
+    the log say so."""
+    import logging
+    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1)
+    with caplog.at_level(logging.WARNING, logger="hxn_ptycho.mode_count"):
+        ev, model = mode_count.count_and_model(scan, ReconParams(**HELD), replace(CHEAP, fit_modes=2),
+                                               log_fn=lambda m: None)
+    assert ev["found"] == 2 == ev["fit_modes"] and ev["at_cap"] is True, ev
+    assert any("lower bound" in r.getMessage() for r in caplog.records)
+    assert model.probe.shape[0] == 2
+
+
 def test_the_summary_figure_says_how_the_count_was_found():
     from hxn_ptycho.plots import count_note
     ev = {"rule": "heldout", "found": 2, "z_min": 2.0, "chain": [{"modes": 1}, {"modes": 2, "z": 24.28},
@@ -216,6 +230,9 @@ def test_the_summary_figure_says_how_the_count_was_found():
     assert count_note({"probe_modes_auto": ev}) == " (counted on held-out pixels, steps' z 24.3, -0.2 against 2)"
     assert count_note({"probe_modes_auto": json.dumps(ev)}) == count_note({"probe_modes_auto": ev})
     assert count_note({"probe_modes_auto": {"rule": "trend", "found": 2}}) == count_note({}) == ""
+    capped = {**ev, "found": 4, "fit_modes": 4, "at_cap": True}
+    assert count_note({"probe_modes_auto": capped}).endswith("6.8 against 2; every step of the 4-mode fit kept: "
+                                                              "a lower bound)")
 
 
 def test_a_model_from_part_of_the_scan_is_laid_on_the_whole_scans_canvas():
