@@ -189,7 +189,7 @@ def test_the_final_line_and_the_startup_tell_the_count_apart_from_the_reconstruc
     assert "counting" not in final_line({"status": "success", "measured": {**facts, "probe_modes_auto": None}})
 
 
-def test_a_stop_request_ends_the_count_with_its_own_error_and_no_result():
+def test_a_stop_request_ends_the_count_with_its_own_error_and_no_result(monkeypatch):
     """Ctrl-C (the engine's ``stop``) during the count: the fit under way stops at its next iteration and the
     count ends with CountInterrupted (exit status 130), not after minutes of fits, and nothing is
     reconstructed."""
@@ -200,9 +200,16 @@ def test_a_stop_request_ends_the_count_with_its_own_error_and_no_result():
     def stop() -> bool:                 # asked once an iteration: true from the 5th on (the first screen)
         calls.append(1)
         return len(calls) >= 5
+    monkeypatch.setattr(mode_count, "RULE", replace(mode_count.RULE, workers=1))
     with pytest.raises(mode_count.CountInterrupted, match="stopped") as info:
         reconstruct(scan, ReconParams(iterations=3, **HELD), stop=stop, **QUIET)
     assert info.value.exit_status == 130 and len(calls) == 5
+    # two fits at a time: each one under way stops at its next iteration, the others do not start
+    calls.clear()
+    monkeypatch.setattr(mode_count, "RULE", replace(mode_count.RULE, workers=2))
+    with pytest.raises(mode_count.CountInterrupted, match="stopped"):
+        reconstruct(scan, ReconParams(iterations=3, **HELD), stop=stop, **QUIET)
+    assert 5 <= len(calls) <= 5 + 1 + len(mode_count.RULE.starts), len(calls)
     done = threading.Event()
     done.set()
     with pytest.raises(mode_count.CountInterrupted):
@@ -216,11 +223,21 @@ def test_a_count_at_the_fits_modes_is_said_to_be_a_lower_bound(caplog):
     import logging
     scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1)
     with caplog.at_level(logging.WARNING, logger="hxn_ptycho.mode_count"):
-        ev, model = mode_count.count_and_model(scan, ReconParams(**HELD), replace(CHEAP, fit_modes=2),
+        ev, model = mode_count.count_and_model(scan, ReconParams(**HELD), replace(CHEAP, fit_modes=2, workers=2),
                                                log_fn=lambda m: None)
     assert ev["found"] == 2 == ev["fit_modes"] and ev["at_cap"] is True, ev
     assert any("lower bound" in r.getMessage() for r in caplog.records)
     assert model.probe.shape[0] == 2
+    # the fits two at a time (threads) are the fits one at a time, bit for bit: the same count and model
+    ev1, model1 = mode_count.count_and_model(scan, ReconParams(**HELD), replace(CHEAP, fit_modes=2, workers=1),
+                                             log_fn=lambda m: None)
+
+    def facts(e: dict) -> str:
+        return json.dumps({k: v for k, v in e.items() if k not in ("seconds", "workers", "starts")}, sort_keys=True)
+    assert facts(ev1) == facts(ev) and ev1["workers"] == 1 and ev["workers"] == 2
+    assert [s["held_out_error"] for s in ev1["starts"]] == [s["held_out_error"] for s in ev["starts"]]
+    np.testing.assert_array_equal(model1.object, model.object)
+    np.testing.assert_array_equal(model1.probe, model.probe)
 
 
 def test_the_summary_figure_says_how_the_count_was_found():
