@@ -90,6 +90,10 @@ class CountInterrupted(HxnPtychoError):
 
     exit_status = 130
 
+    def __init__(self, message: str = "the held-out probe-mode count was stopped (Ctrl-C) before it found a "
+                                      "count: nothing was reconstructed") -> None:
+        super().__init__(message)
+
 
 class FrameMaskBackend(NumpyBackend):
     """The numpy backend with one mask per frame: ``keep`` (views, n, n), True = fitted, in the views'
@@ -195,8 +199,7 @@ def fit(scan: Any, params: ReconParams, keep: np.ndarray | None = None, obj: np.
     finally:
         rec.close()
     if res.attrs.get("interrupted"):
-        raise CountInterrupted("the held-out probe-mode count was stopped (Ctrl-C) before it found a count: "
-                               "nothing was reconstructed")
+        raise CountInterrupted()
     return (np.asarray(res.object), modes.orthogonalize(np.asarray(res.probe))[0],
             float(res.attrs["final_data_error"]))
 
@@ -329,8 +332,7 @@ def in_parallel(fn: Callable[[Any, Callable[[], bool]], Any], items: list[Any], 
 
     def run(item: Any) -> Any:
         if halt():
-            raise CountInterrupted("the held-out probe-mode count was stopped before it found a count: "
-                                   "nothing was reconstructed")
+            raise CountInterrupted()
         try:
             return fn(item, halt)
         except BaseException:
