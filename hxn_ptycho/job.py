@@ -408,7 +408,8 @@ def final_line(outcome: dict[str, Any]) -> str:
     note = ", interrupted" if m.get("interrupted") else ""
     from .mode_count import heldout_evidence
     ev = heldout_evidence(m)
-    count = f" after {count_seconds(m):.1f} s counting {ev.get('found')} probe mode(s)" if ev else ""
+    found = f"at least {ev.get('found')}" if ev and ev.get("at_cap") else (ev or {}).get("found")
+    count = f" after {count_seconds(m):.1f} s counting {found} probe mode(s)" if ev else ""
     return (f"final data error {num(m.get('final_data_error'), '.4g')}, cost {num(m.get('final_cost'), '.4g')}, "
             f"time {num(m.get('elapsed_s'), '.1f')} s{count} ({m.get('iterations_done')} iterations, "
             f"{m.get('ranks')} rank(s){note}) -> {outcome.get('result_file')}")

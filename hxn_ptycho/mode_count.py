@@ -427,9 +427,10 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
         + ", ".join(f"{z:.1f}" for z in steps) + f"; {time.perf_counter() - t0:.0f} s)")
     at_cap = found == M
     if at_cap:      # every step kept: the data hold at least M modes' worth of structure (on real data: misfit too)
-        log.warning("hxn-ptycho: held-out count: every step of the %d-mode fit kept a held-out gain, so %d is a "
-                    "lower bound, not a count (on measured data, misfit that more modes absorb does this too: "
-                    "docs/auto_modes.md, the Siemens star)", M, M)
+        (log_fn or log.warning)(
+            f"hxn-ptycho: held-out count: every step of the {M}-mode fit kept a held-out gain, so {M} is a lower "
+            f"bound, not a count (on measured data, misfit that more modes absorb does this too: "
+            f"docs/auto_modes.md, the Siemens star)")
     evidence = {"rule": "heldout", "found": found, "at_cap": at_cap, "z_min": how.z_min, "holdout": how.holdout,
                 "fit_modes": M,
                 "views_counted": len(scan.diffamp), "views_total": total, "workers": workers,

@@ -216,18 +216,21 @@ def test_a_stop_request_ends_the_count_with_its_own_error_and_no_result(monkeypa
         mode_count.count_and_model(scan, ReconParams(**HELD), CHEAP, log_fn=lambda m: None, stop=done)
 
 
-def test_a_count_at_the_fits_modes_is_said_to_be_a_lower_bound(caplog):
+def test_a_count_at_the_fits_modes_is_said_to_be_a_lower_bound():
     """Where every step of the over-complete fit keeps a held-out gain (here a fit of 2 modes on a 70/30
-    mixture; on the real Siemens star, 6 of 6), the count is the fit's size, not a count: the evidence and
-    the log say so."""
-    import logging
+    mixture; on the real Siemens star, 6 of 6), the count is the fit's size, not a count: the evidence, the
+    count's log and the job's last line say so."""
+    from hxn_ptycho.job import final_line
     scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1)
-    with caplog.at_level(logging.WARNING, logger="hxn_ptycho.mode_count"):
-        ev, model = mode_count.count_and_model(scan, ReconParams(**HELD), replace(CHEAP, fit_modes=2, workers=2),
-                                               log_fn=lambda m: None)
+    said: list[str] = []
+    ev, model = mode_count.count_and_model(scan, ReconParams(**HELD), replace(CHEAP, fit_modes=2, workers=2),
+                                           log_fn=said.append)
     assert ev["found"] == 2 == ev["fit_modes"] and ev["at_cap"] is True, ev
-    assert any("lower bound" in r.getMessage() for r in caplog.records)
+    assert any("so 2 is a lower bound" in line for line in said), said
     assert model.probe.shape[0] == 2
+    done = {"status": "success", "result_file": "r.h5", "measured": {"probe_modes_auto": ev}}
+    assert "counting at least 2 probe mode(s)" in final_line(done)
+    assert "counting 2 probe mode(s)" in final_line({**done, "measured": {"probe_modes_auto": {**ev, "at_cap": False}}})
     # the fits two at a time (threads) are the fits one at a time, bit for bit: the same count and model
     ev1, model1 = mode_count.count_and_model(scan, ReconParams(**HELD), replace(CHEAP, fit_modes=2, workers=1),
                                              log_fn=lambda m: None)
