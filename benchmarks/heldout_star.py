@@ -28,7 +28,8 @@ def main() -> None:
     seconds = time.perf_counter() - t
     ev = counted.attrs["probe_modes_auto"]
     own = reconstruct(scan, replace(p, probe_modes=int(ev["found"])), log=lambda m: None)
-    print(json.dumps({"views": scan.n_views, "n": scan.n, "found": ev["found"], "views_counted": ev["views_counted"],
+    print(json.dumps({"views": scan.n_views, "n": scan.n, "found": ev["found"], "at_cap": ev.get("at_cap"),
+                      "workers": ev.get("workers"), "views_counted": ev["views_counted"],
                       "z": [c.get("z") for c in ev["chain"]], "fit_shares": ev["fit_shares"],
                       "start_chosen": ev["start_chosen"], "count_seconds": ev["seconds"], "seconds": round(seconds, 1),
                       "error_from_count": counted.attrs["final_data_error"],
