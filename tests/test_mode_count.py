@@ -221,7 +221,7 @@ def test_a_count_at_the_fits_modes_is_said_to_be_a_lower_bound():
     mixture; on the real Siemens star, 6 of 6), the count is the fit's size, not a count: the evidence, the
     count's log and the job's last line say so."""
     from hxn_ptycho.job import final_line
-    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1)
+    scan, _ = mixture_scan("fly", np.array([0.7, 0.3]), 1e6, seed=1, n=32, n_positions=60)   # step 1 → 2: z 16
     said: list[str] = []
     ev, model = mode_count.count_and_model(scan, ReconParams(**HELD), replace(CHEAP, fit_modes=2, workers=2),
                                            log_fn=said.append)
