@@ -20,6 +20,7 @@ import numpy as np
 from auto_mode_cv import case_scan
 
 from hxn_ptycho import mode_count
+from hxn_ptycho.backend import available_cores
 from hxn_ptycho.params import ReconParams
 
 
@@ -59,7 +60,7 @@ def main() -> None:
                 ev, model = mode_count.count_and_model(scan, params, replace(mode_count.RULE, workers=w),
                                                        log_fn=lambda m: None)
                 row = {"cell": text, "true": K, "round": rnd, "workers": w, "found": ev["found"],
-                       "seconds": round(time.perf_counter() - t, 1), "cores": mode_count.cores(),
+                       "seconds": round(time.perf_counter() - t, 1), "cores": available_cores(),
                        "load": round(os.getloadavg()[0], 2), "z": [c.get("z") for c in ev["chain"]]}
                 if first is None:
                     first = (facts(ev), model)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from . import dm, modes
-from .backend import NumpyBackend
+from .backend import NumpyBackend, available_cores
 from .errors import HxnPtychoError
 from .params import ParamError, ReconParams, parse_algorithm
 
@@ -309,14 +308,6 @@ class CountedModel:
     origin: np.ndarray | None = None
 
 
-def cores() -> int:
-    """The cores this process may run on (its CPU affinity: a Slurm or MPI binding), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def in_parallel(fn: Callable[[Any, Callable[[], bool]], Any], items: list[Any], workers: int, stop: Any) -> list[Any]:
     """``fn(item, halt)`` for every item, at most ``workers`` at a time, in threads; the results in the
     items' order. Each fit is the fit it would be alone, bit for bit (its own reconstruction and backend, one
@@ -377,7 +368,7 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
         scan = views_of(scan, views)
     counted = len(scan.diffamp)
     where = "every view" if counted == total else f"the {counted} views nearest the scan's centre (of {total})"
-    workers = how.workers or cores()
+    workers = how.workers or available_cores()
     say(f"hxn-ptycho: counting the probe modes on {100 * how.holdout:.0f} % of the pixels held out of every fit "
         f"(auto_rule=heldout), on {where}: {len(how.starts)} starts screened ({how.screen}), one {M}-mode fit "
         f"({how.schedule}), {M} refits (ML:{how.refit}), on the numpy backend, up to {workers} fit(s) at a time")

@@ -173,14 +173,10 @@ def stage_extent(res: ResultData, rows: slice, cols: slice) -> list[float] | Non
     """imshow extent [x left, x right, y of the last row, y of the first row] in µm of the stage's
     x and y for object rows/cols (the result's ``frame``: rows +y, columns +x), as HXN's 2-D maps
     (hxn-profile-collection 53-viewer2d.py ``extent=[x_start, x_end, y_end, y_start]``)."""
-    import json
-    frame = res.attrs.get("frame")
-    try:
-        fr: Any = json.loads(frame) if isinstance(frame, str) else frame
-        x0, y0 = (float(v) for v in fr["origin_um"])
-        p = float(fr["pixel_um"])
-    except (TypeError, ValueError, KeyError):
+    frame = res.frame_um
+    if frame is None:
         return None
+    x0, y0, p = frame
     r0, r1, _ = rows.indices(res.object.shape[-2])
     c0, c1, _ = cols.indices(res.object.shape[-1])
     return [x0 + (c0 - 0.5) * p, x0 + (c1 - 0.5) * p, y0 + (r1 - 0.5) * p, y0 + (r0 - 0.5) * p]

@@ -69,10 +69,24 @@ class ResultData:
         return float(self.error_data[-1])
 
     @property
+    def frame_um(self) -> tuple[float, float, float] | None:
+        """(x, y) in µm of object pixel [0, 0] and the pixel size in µm, from the ``frame`` attribute
+        (:func:`hxn_ptycho.engine.result_frame`; JSON text in a file, a dict from a derived run); None where
+        it is absent or malformed (older files, a live state)."""
+        text = self.attrs.get("frame")
+        try:
+            frame: Any = json.loads(text) if isinstance(text, str) else text
+            x0, y0 = (float(v) for v in frame["origin_um"])
+            pixel = float(frame["pixel_um"])
+        except (TypeError, ValueError, KeyError):
+            return None
+        return (x0, y0, pixel) if pixel > 0 and all(np.isfinite((x0, y0, pixel))) else None
+
+    @property
     def pixel_um(self) -> float | None:
         """The object's pixel size (µm) of the ``frame`` attribute; None for a file without it."""
-        frame = self._frame()
-        return None if frame is None else float(frame["pixel_um"])
+        frame = self.frame_um
+        return None if frame is None else frame[2]
 
     @property
     def origin(self) -> np.ndarray | None:
@@ -82,22 +96,12 @@ class ResultData:
         origin (:func:`hxn_ptycho.engine.result_frame`: that pixel's own (x, y), the beam at the window's
         pixel n/2) plus n/2. None for a file without the attribute (older files, a live state): it is laid
         on a canvas of its own shape only."""
-        frame = self._frame()
+        frame = self.frame_um
         if frame is None:
             return None
-        x0, y0 = (float(v) for v in frame["origin_um"])
+        x0, y0, pixel = frame
         half = self.probe.shape[-1] // 2
-        return np.array([y0 / float(frame["pixel_um"]) + half, x0 / float(frame["pixel_um"]) + half])
-
-    def _frame(self) -> dict[str, Any] | None:
-        text = self.attrs.get("frame")
-        try:
-            frame: Any = json.loads(text) if isinstance(text, str) else text
-            numbers = [float(frame["pixel_um"]), *(float(v) for v in frame["origin_um"])]
-        except (TypeError, ValueError, KeyError):
-            return None
-        ok = isinstance(frame, dict) and len(numbers) == 3 and numbers[0] > 0 and all(np.isfinite(numbers))
-        return frame if ok else None
+        return np.array([y0 / pixel + half, x0 / pixel + half])
 
     def validate(self, filename: str = "<memory>") -> None:
         o, p = self.object, self.probe

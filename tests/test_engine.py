@@ -228,6 +228,11 @@ def test_warm_start_is_laid_on_a_canvas_of_another_margin_by_where_its_object_li
     write_result(old, dataclasses.replace(prev, attrs={k: v for k, v in prev.attrs.items() if k != "frame"}))
     with pytest.raises(ParamError, match="differs from this scan's.*'frame'"):
         reconstruct(scan, dataclasses.replace(wide, init_from=str(old)), **QUIET)
+    bad = tmp_path / "bad_frame.h5"        # a frame that says nothing usable is no frame
+    write_result(bad, dataclasses.replace(prev, attrs={**prev.attrs, "frame": '{"origin_um": "x", "pixel_um": 0}'}))
+    assert read_result(bad).origin is None
+    with pytest.raises(ParamError, match="differs from this scan's.*'frame'"):
+        reconstruct(scan, dataclasses.replace(wide, init_from=str(bad)), **QUIET)
     frame = json.loads(prev.attrs["frame"])
     other = tmp_path / "other_pixel.h5"
     write_result(other, dataclasses.replace(prev, attrs={**prev.attrs, "frame": json.dumps(
