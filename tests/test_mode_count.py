@@ -104,6 +104,8 @@ def test_the_held_out_count_is_refused_where_the_whole_scan_is_not_at_hand():
         mode_count.HeldOutCount(holdout=1.0)
     with pytest.raises(ParamError, match="max_views 2"):
         mode_count.HeldOutCount(max_views=2)
+    with pytest.raises(ParamError, match="at least 1 worker, got 0"):
+        mode_count.HeldOutCount(workers=0)
     with pytest.raises(ParamError, match="holds 5 of its 12 views"):           # a rank's share is not the scan
         mode_count.count_and_model(replace(scan, diffamp=scan.diffamp[:5], views=slice(0, 5)),
                                    ReconParams(**HELD), CHEAP, log_fn=lambda m: None)
