@@ -29,7 +29,7 @@ four held-out families 3, 4, 4 and 5 of 6 cells (README, "probe_modes=auto"; doc
 kernel): one to two minutes for 100 views of 64² pixels (docs/auto_modes.md, "Session 28": 89–110 s on the central
 100 of 400 views, 336–401 s on all 400). The fits that do not depend on each other (the screened starts, the
 k-mode refits) run side by side on the process's cores (:func:`in_parallel`, threads): the same count, bit for
-bit, 1.22–1.23× faster on 2 cores (docs/auto_modes.md, "Session 29"); the M-mode fit between them is one fit.
+bit, 1.1–1.3× faster on 2 cores (docs/auto_modes.md, "Session 29"); the M-mode fit between them is one fit.
 """
 from __future__ import annotations
 
