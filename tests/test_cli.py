@@ -130,7 +130,7 @@ def test_reconstruct_ends_with_one_line_and_the_spec_round_trips(tmp_path, sim_f
     assert done.returncode == 0, done.stderr
     outcome = json.loads((tmp_path / "job.outcome.json").read_text())
     assert outcome["status"] == "success" and outcome["result_file"] == str(tmp_path / "s.h5")
-    assert outcome["measured"]["iterations_done"] == 2 and outcome["measured"]["startup_s"] < 10
+    assert outcome["measured"]["iterations_done"] == 2 and 0 < outcome["measured"]["startup_s"] < 60
     assert read_result(tmp_path / "s.h5").params["power_bound"] == 0.5
 
 
