@@ -926,3 +926,62 @@ def test_the_span_null_records_are_summarised_with_their_count_and_each_steps_ga
     mode_over.main(["--summarise", str(path)])
     out = capsys.readouterr().out
     assert "true 3 found 2 WRONG" in out and "2->3 kept gain     591, null    -86, z   1.5" in out
+
+
+def test_session30s_gauss_newton_fit_has_adjoint_jacobian_products_and_lowers_the_loss():
+    """benchmarks/mode_gn.py (session 30's diagnostic): its Jacobian product and its transpose are adjoint
+    in the real inner product, J·v matches the residual's finite difference, Jᵀr is half the loss's
+    gradient, and Levenberg–Marquardt steps lower the loss of a small random problem."""
+    _benchmarks_on_path()
+    import mode_gn
+
+    rng = np.random.default_rng(0)
+    n, J, k, shape = 16, 6, 2, (30, 30)
+    corners = rng.integers(0, 14, (J, 2))
+
+    def cplx(*s):
+        return rng.standard_normal(s) + 1j * rng.standard_normal(s)
+    O, P = cplx(*shape), cplx(k, n, n)
+    data = np.abs(rng.standard_normal((J, n, n))) * 3
+    model = mode_gn.AmplitudeModel(corners, data, rng.uniform(size=(J, n, n)) > 0.2, shape)
+    s = model.state(O, P)
+    dO, dP, u = cplx(*shape), cplx(k, n, n), rng.standard_normal((J, n, n))
+    jv = model.jv(s, dO, dP)
+    np.testing.assert_allclose(np.sum(u * jv), mode_gn.dot(model.jt(s, u), (dO, dP)), rtol=1e-10)
+    eps = 1e-6
+    plus, minus = model.state(O + eps * dO, P + eps * dP), model.state(O - eps * dO, P - eps * dP)
+    np.testing.assert_allclose(jv, (plus["r"] - minus["r"]) / (2 * eps), atol=1e-6 * np.abs(jv).max())
+    np.testing.assert_allclose(2 * mode_gn.dot(model.jt(s, s["r"]), (dO, dP)),
+                               (plus["loss"] - minus["loss"]) / (2 * eps), rtol=1e-6)
+    _, _, curve = mode_gn.lm_fit(model, O, P, budget=model.passes + 300, inner=5)
+    assert curve[-1][1] < 0.5 * curve[0][1] and all(b[1] <= a[1] for a, b in zip(curve, curve[1:]))
+
+
+def test_session30s_count_fits_hold_every_mode_in_the_pupil():
+    """benchmarks/mode_support.py (session 30's diagnostic): the support from the kept frames' mean amplitude
+    holds every true mode's far field, the projection zeroes what lies outside it and is idempotent, and a fit
+    run through it (DM then ML, from the default start) ends with no mode power outside the support."""
+    _benchmarks_on_path()
+    import mode_support
+
+    from hxn_ptycho import mode_count as mc
+    scan, mix = mixture_scan("gsm", (0.7, 0.3), 1e6, seed=1, n_positions=25)
+    kept, keep = mc.holdout_split(scan, 0.15, 22)
+    support = mode_support.pupil_support(kept.diffamp, 0.3, 2)
+    assert 0.02 < support.mean() < 0.3
+    far = np.abs(np.fft.fft2(mix.probe, norm="ortho")) ** 2
+    assert np.sum(far * support) > 0.9999 * np.sum(far)
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal((2, 64, 64)) + 1j * rng.standard_normal((2, 64, 64))
+    once = mode_support.project(p, support)
+    np.testing.assert_allclose(mode_support.project(once, support), once, atol=1e-12)
+    assert np.abs(np.fft.fft2(once, norm="ortho")[:, ~support]).max() < 1e-12
+
+    def outside(probe):
+        f = np.abs(np.fft.fft2(probe, norm="ortho")) ** 2
+        return float(np.sum(f[:, ~support]) / np.sum(f))
+    params = ReconParams(iterations=6, probe_modes=2, algorithm="DM:3,ML:3", threads=1, detector_gain=1,
+                         backend="numpy")
+    _, free, _ = mc.fit(kept, params, keep)
+    _, held, _ = mode_support.with_support(support)(kept, params, keep)
+    assert outside(free) > 1e-3 and outside(held) < 1e-9
