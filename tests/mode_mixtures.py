@@ -82,6 +82,29 @@ orthonormal mode shapes, to which a chosen power spectrum is given, so the true 
   the mutual intensity over the orbit (the SVD over its times, on the aperture): the mean clipped lens, then
   rim modes (≳ 90 % of their pupil power at ρ > 0.8, against ~27 % for the first): the crescent's changes
   along the orbit (own shares ~93.5/4.8/0.8–1.3/0.4 %).
+- ``crl`` (session 30's held-out family, written by a helper who ran no reconstruction or count on it): the
+  undulator's image prefocused by HXN's compound refractive lens onto the secondary source aperture, whose jaws
+  cut that partially coherent spot, and the zone plate lit by its far field. Hardware as hxn-profile-collection
+  describes it: startup/11-machine.py (the source, the in-vacuum undulator ``IVU20``; the front-end slits),
+  startup/10-optics.py (``crl``, a lens on x/y/pitch stages in the optics hutch XF:03IDA, beside the DCM and
+  mirrors), startup/12-endstation.py (``ssa1`` in XF:03IDB with ``hgap``/``vgap``: taken here as the CRL's image
+  plane, an assumption, as are all distances) and startup/15-zp.py (the zone plate). Physics: each undulator point
+  c is imaged by the CRL onto SSA1 as a coherent spot, a Gaussian (the CRL's parabolic profile makes its absorption
+  aperture Gaussian) on a wavefront diverging from the CRL; the jaws pass |s| ≤ h of it; the lens, far downstream,
+  sees the Fraunhofer field of what passed. From the geometry: a source point tilts the lens's illumination (a
+  phase ramp: the focus moves) and its footprint walks only by c·(1 + L2/d2), ≈ 0.7 % of the footprint's width per
+  spot width of c at 10 keV, a CRL aperture of ~0.2 mm rms and ~30 m (kept, through the curvature phase): the
+  footprint stays round, Gaussian and centred on the lens, lighting the outer zones at ~0.8 of the inner ones
+  (the jaws' cut widens it from the uncut 0.4 at the rim). So, unlike the other families, each coherent mode is a
+  slit-cut coherent spot (not an incoherent point: ``mll``, ``fzp``; not an incoherent slit: ``kbslit``; not an
+  untruncated Gaussian Schell source: ``gsm``), and the lens is not uniformly lit. In probe-plane pixels:
+  the spot's amplitude exp(−(s − c)²/4w²), w = 0.646; undulator image σ_x = 1.5 (horizontal, large), σ_y = 0.3;
+  SSA1 half-gaps h = 1.0 on both axes (closed to about the diffraction-limited spot, as for coherent imaging). On
+  ``fzp``'s zone-plate pupil (central stop 42 %, efficiency falling 30 % outwards, a random ring error, 0.35 out of
+  focus). Not scaled with n (the lens's radius is n/6: its focus has the same width in pixels at any n). The
+  modes are the eigenmodes of the mutual intensity over the undulator points (the SVD on the
+  aperture): the round, apodized fundamental, then the x-lateral mode, then the y one (own shares
+  ~98.2/1.55/0.29/0.003 %: SSA1 closed this far makes the beam nearly coherent; the caller sets the shares).
 
 The object is also independent: an amplitude of random disks and a phase of filtered noise.
 """
@@ -99,6 +122,7 @@ HELD_OUT_S22 = "kbslit"      # session 22's held-out family (docs/auto_modes.md,
 HELD_OUT_S23 = "mll"         # session 23's held-out family (crossed MLLs, SSA source, vibration)
 HELD_OUT_S24 = "fzp"         # session 24's held-out family (polychromatic zone plate, DCM band, SSA source)
 HELD_OUT_S25 = "osa"         # session 25's held-out family (zone plate, its OSA vibrating across the cone's rim)
+HELD_OUT_S30 = "crl"         # session 30's held-out family (CRL-prefocused undulator image cut by SSA1, zone plate)
 ENERGY_KEV, DISTANCE_M, CCD_PIXEL_UM = 10.0, 0.6, 75.0
 
 
@@ -311,6 +335,33 @@ def mode_shapes(family: str, K: int, n: int, rng: np.random.Generator) -> tuple[
         shadow = 0.5 * (1 - np.tanh((dist - 1.0) / 0.08))
         # the fields at each time (equal weights); the mutual intensity's eigenmodes on the aperture (SVD)
         vh = np.linalg.svd(pupil[None] * shadow / np.sqrt(len(t)), full_matrices=False)[2]
+        return _aperture_modes(vh[:K], inside, n), None
+    if family == HELD_OUT_S30:
+        # the zone plate's pupil as in ``fzp``: annular (central stop 42 %), radius n/6, sample 0.35 out of focus
+        ky, kx, inside, r, pupil = _zone_plate_pupil(n, rng)
+        # per axis, in probe-plane pixels (not scaled with n: the lens's radius is n/6, so its focus is the same
+        # size in pixels at any n, and so is the footprint relative to the lens): the CRL images each undulator point c onto
+        # SSA1 as a Gaussian spot (amplitude exp(-(s - c)²/4w²), w = 0.646: the CRL's absorption aperture) on a
+        # wavefront diverging from the CRL (phase π·β·s², β = 0.0074/(4π w²): the geometric walk of the cone,
+        # c·(1 + L2/d2), ≈ 0.7 % of the footprint per w of c); SSA1's jaws pass |s| ≤ h; the lens sees its
+        # far field. Undulator image σ_x = 1.5, σ_y = 0.3 (Gaussian weights, sampled to ±3σ); h_x = h_y = 1.0.
+        w_spot = 0.646
+        beta = 0.0074 / (4 * np.pi * w_spot ** 2)
+        s = np.linspace(-1.0, 1.0, 81)
+        ds = s[1] - s[0]
+
+        def lens_field(c: np.ndarray, k: np.ndarray) -> np.ndarray:
+            # (len(c), len(k)): Σ_s t(s) g(s - c) e^{iπβs²} e^{-2πi s k / n} ds on the aperture's pixels
+            a = np.exp(-(s[None] - c[:, None]) ** 2 / (4 * w_spot ** 2) + 1j * np.pi * beta * s[None] ** 2)
+            return (a * ds) @ np.exp(-2j * np.pi * s[:, None] * k[None] / n)
+
+        tx, ty = np.linspace(-3, 3, 13), np.linspace(-3, 3, 7)
+        ex = lens_field(1.5 * tx, kx[inside])
+        ey = lens_field(0.3 * ty, ky[inside])
+        w = np.exp(-ty ** 2 / 2)[:, None] * np.exp(-tx ** 2 / 2)[None, :]
+        a = pupil * ey[:, None, :] * ex[None, :, :] * np.sqrt(w / w.sum())[:, :, None]
+        # the mutual intensity's eigenmodes on the aperture (SVD over the undulator points), strongest first
+        vh = np.linalg.svd(a.reshape(-1, len(r)), full_matrices=False)[2]
         return _aperture_modes(vh[:K], inside, n), None
     raise ValueError(f"unknown mixture family {family!r}")
 

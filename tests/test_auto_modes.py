@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-from mode_mixtures import (FAMILIES, HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, HELD_OUT_S25, mixture_scan,
-                           mode_shapes, spectrum)
+from mode_mixtures import (FAMILIES, HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, HELD_OUT_S25, HELD_OUT_S30,
+                           mixture_scan, mode_shapes, spectrum)
 
 from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.params import ReconParams
@@ -38,7 +38,8 @@ def _set_ml_cap(monkeypatch, cap: float):
     return init
 
 
-@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, HELD_OUT_S25))
+@pytest.mark.parametrize("family", FAMILIES + (HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, HELD_OUT_S25,
+                                                HELD_OUT_S30))
 def test_mixture_families_have_exactly_the_modes_asked(family):
     """Each family gives K orthonormal shapes (so the true count is exact) and the asked spectrum."""
     shapes, _ = mode_shapes(family, 3, 32, np.random.default_rng(3))
@@ -121,6 +122,29 @@ def test_session25_osa_family_is_well_formed_for_one_to_three_modes():
     pupils = np.abs(np.fft.fft2(np.fft.ifftshift(full, axes=(1, 2)))) ** 2
     rim = [float(p[rho > 0.8].sum() / p.sum()) for p in pupils]
     assert rim[0] < 0.4 and rim[1] > 0.85 and rim[2] > 0.85, rim
+    assert all(float(p[rho > 1 + 1e-9].sum() / p.sum()) < 1e-12 for p in pupils)
+
+
+def test_session30_crl_family_is_well_formed_for_one_to_three_modes():
+    """Session 30's held-out family (the undulator's image prefocused by the CRL onto SSA1, cut by its jaws, then
+    the zone plate) on 64² frames: for K = 1, 2, 3 orthonormal modes, the same first modes whatever K, the asked
+    shares, a probe as wide as the other lens families' with little power at the frame's border; and its own
+    signature: the lens is lit by the CRL's far field, a round Gaussian footprint, so the first mode's pupil
+    intensity over the zone plate's efficiency is exp(a + b·ρ²) across the annulus (a straight line in ρ², residual
+    < 0.02, slope −0.2 to −0.6: the outer zones lit at ~0.8 of the inner ones), where a uniformly lit zone plate (``fzp``)
+    is flat and a clipped rim (``osa``) is not a line; and no mode has power outside the lens."""
+    _held_out_family_widths(HELD_OUT_S30)
+    full, _ = mode_shapes(HELD_OUT_S30, 3, 64, np.random.default_rng(11))
+    k = np.fft.fftfreq(64) * 64
+    rho = np.hypot(*np.meshgrid(k, k, indexing="ij")) / (64 / 6)
+    pupils = np.abs(np.fft.fft2(np.fft.ifftshift(full, axes=(1, 2)))) ** 2
+    ring = (rho >= 0.45) & (rho <= 0.95)
+    eff = 1 - 0.3 * (rho[ring] - 0.42) / 0.58
+    design = np.stack([np.ones(int(ring.sum())), rho[ring] ** 2], 1)
+    y = np.log(pupils[0][ring] / eff)
+    coef = np.linalg.lstsq(design, y, rcond=None)[0]
+    slope, resid = float(coef[1]), float(np.sqrt(np.mean((y - design @ coef) ** 2)))
+    assert -0.6 < slope < -0.2 and resid < 0.02, (slope, resid)
     assert all(float(p[rho > 1 + 1e-9].sum() / p.sum()) < 1e-12 for p in pupils)
 
 
