@@ -90,26 +90,49 @@ def dot(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> float:
     return float(sum(np.vdot(x, y).real for x, y in zip(a, b)))
 
 
+def grad(O: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The object's differences along rows and columns (∇O)."""
+    return O[1:] - O[:-1], O[:, 1:] - O[:, :-1]
+
+
+def laplace(O: np.ndarray) -> np.ndarray:
+    """∇ᵀ∇O (the adjoint of :func:`grad` applied to it): half the gradient of Σ|∇O|²."""
+    gy, gx = grad(O)
+    out = np.zeros_like(O)
+    out[1:] += gy
+    out[:-1] -= gy
+    out[:, 1:] += gx
+    out[:, :-1] -= gx
+    return out
+
+
+def smoothness(O: np.ndarray) -> float:
+    return float(sum(np.sum(np.abs(g) ** 2) for g in grad(O)))
+
+
 def lm_fit(model: AmplitudeModel, O: np.ndarray, P: np.ndarray, budget: int, inner: int,
-           lam: float = 1e-2) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float]]]:
-    """Levenberg–Marquardt until ``budget`` FFT passes: (JᵀJ + λD)δ = −Jᵀr by PCG (``inner`` iterations),
-    D the diagonal of Σ|P|² (object) and Σ|O_j|² (modes) over the views (Marquardt's scaling)."""
+           lam: float = 1e-2, mu: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float]]]:
+    """Levenberg–Marquardt until ``budget`` FFT passes: (JᵀJ + μ∇ᵀ∇ + λD)δ = −(Jᵀr + μ∇ᵀ∇O) by PCG (``inner``
+    iterations), D the diagonal of Σ|P|² (object) and Σ|O_j|² (modes) over the views (Marquardt's scaling);
+    ``mu`` > 0 adds μΣ|∇O|² to the loss (a smooth object: fewer unknowns that fit noise)."""
     s = model.state(O, P)
+    s["loss"] += mu * smoothness(O)
     curve = [(model.passes, s["loss"])]
     while model.passes < budget:
         dO_diag = model.scatter(np.broadcast_to(np.sum(np.abs(s["P"]) ** 2, axis=0), s["W"].shape)).real
         dP_diag = np.sum(np.abs(s["W"]) ** 2, axis=0)[None].repeat(len(s["P"]), 0)
         D = (np.maximum(dO_diag, 1e-12 * dO_diag.max()), np.maximum(dP_diag, 1e-12 * dP_diag.max()))
         gO, gP = model.jt(s, s["r"])
-        b = (-gO, -gP)
+        b = (-gO - mu * laplace(s["O"]), -gP)
+        pre = ((1 + lam) * D[0] + 8 * mu, (1 + lam) * D[1])
 
         def A(v: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             jO, jP = model.jt(s, model.jv(s, *v))
-            return jO + lam * D[0] * v[0], jP + lam * D[1] * v[1]
+            return jO + mu * laplace(v[0]) + lam * D[0] * v[0], jP + lam * D[1] * v[1]
 
         x = (np.zeros_like(O), np.zeros_like(P))
         res = b
-        z = tuple(ri / ((1 + lam) * di) for ri, di in zip(res, D))
+        z = tuple(ri / pi for ri, pi in zip(res, pre))
         p = z
         rz = dot(res, z)
         for _ in range(inner):
@@ -117,11 +140,12 @@ def lm_fit(model: AmplitudeModel, O: np.ndarray, P: np.ndarray, budget: int, inn
             alpha = rz / max(dot(p, Ap), 1e-300)
             x = tuple(xi + alpha * pi for xi, pi in zip(x, p))
             res = tuple(ri - alpha * api for ri, api in zip(res, Ap))
-            z = tuple(ri / ((1 + lam) * di) for ri, di in zip(res, D))
+            z = tuple(ri / pi for ri, pi in zip(res, pre))
             rz_new = dot(res, z)
             p = tuple(zi + (rz_new / max(rz, 1e-300)) * pi for zi, pi in zip(z, p))
             rz = rz_new
         trial = model.state(s["O"] + x[0], s["P"] + x[1])
+        trial["loss"] += mu * smoothness(trial["O"])
         if trial["loss"] < s["loss"]:
             s, lam = trial, max(lam / 3, 1e-6)
         else:
@@ -155,7 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=None, help="the refit's modes (default: the true count)")
     ap.add_argument("--budget", type=int, default=1600, help="FFT passes of the longest run of each arm")
     ap.add_argument("--inner", type=int, default=10, help="CG iterations an LM step")
+    ap.add_argument("--arms", default="ML,GN", help="which arms to run (ML, GN or both)")
+    ap.add_argument("--once", action="store_true", help="each arm once, at the whole budget (not at 1/8 … 1 of it)")
+    ap.add_argument("--mu", type=float, nargs="*", default=[0.0],
+                    help="GN's object smoothness μΣ|∇O|², μ = share × (¼ × kept pixels) / Σ|∇O_start|²: "
+                         "the same μ for every k (the start's object is the 6-mode fit's)")
     a = ap.parse_args(argv)
+    arms = {x.strip().upper() for x in a.arms.split(",")}
     fam, ph, K, weakest = a.case.split(":")
     K = int(K)
     k = a.k or K
@@ -174,19 +204,22 @@ def main(argv: list[str] | None = None) -> None:
     model = AmplitudeModel(corners, data, keep, shape)
     held = AmplitudeModel(corners, engine_canvas(scan, k)[1], ~keep, shape)
     report("start", O0, P0, model, held, mix, 0, 0.0)
-    for div in (32, 16, 8, 4):
+    for div in ((4,) if a.once else (32, 16, 8, 4)) if "ML" in arms else ():
         n_it = max(1, a.budget // div)
         p = replace(base, probe_modes=k, algorithm=f"ML:{n_it}", iterations=n_it)
         t = time.perf_counter()
         o, q, _ = mc.fit(kept, p, keep, obj, pr[:k], mode_cap=10.0)
         report("ML", np.asarray(o, np.complex128).reshape(shape), np.asarray(q, np.complex128), model, held, mix,
                4 * n_it, time.perf_counter() - t, iterations=n_it)
-    for div in (8, 4, 2, 1):
-        m2 = AmplitudeModel(corners, data, keep, shape)
-        t = time.perf_counter()
-        o, q, curve = lm_fit(m2, O0.copy(), P0.copy(), a.budget // div, a.inner)
-        report("GN", o, q, model, held, mix, m2.passes, time.perf_counter() - t, inner=a.inner,
-               steps=len(curve) - 1)
+    noise = 0.25 * float(keep.sum())          # the kept pixels' noise in √I units (¼ a pixel): the same for every k
+    for share in a.mu if "GN" in arms else ():
+        mu = share * noise / max(smoothness(O0), 1e-300)
+        for div in (1,) if a.once else (8, 4, 2, 1):
+            m2 = AmplitudeModel(corners, data, keep, shape)
+            t = time.perf_counter()
+            o, q, curve = lm_fit(m2, O0.copy(), P0.copy(), a.budget // div, a.inner, mu=mu)
+            report("GN", o, q, model, held, mix, m2.passes, time.perf_counter() - t, inner=a.inner,
+                   steps=len(curve) - 1, mu_share=share, smoothness=round(smoothness(o), 2))
 
 
 if __name__ == "__main__":

@@ -979,6 +979,13 @@ def test_session30s_gauss_newton_fit_has_adjoint_jacobian_products_and_lowers_th
                                (plus["loss"] - minus["loss"]) / (2 * eps), rtol=1e-6)
     _, _, curve = mode_gn.lm_fit(model, O, P, budget=model.passes + 300, inner=5)
     assert curve[-1][1] < 0.5 * curve[0][1] and all(b[1] <= a[1] for a, b in zip(curve, curve[1:]))
+    # the smooth object's term: ∇ᵀ∇ is the adjoint of ∇ applied to ∇, and twice it is Σ|∇O|²'s gradient
+    np.testing.assert_allclose(mode_gn.dot(mode_gn.grad(dO), mode_gn.grad(O)),
+                               mode_gn.dot((dO,), (mode_gn.laplace(O),)), rtol=1e-10)
+    np.testing.assert_allclose((mode_gn.smoothness(O + eps * dO) - mode_gn.smoothness(O - eps * dO)) / (2 * eps),
+                               2 * mode_gn.dot((dO,), (mode_gn.laplace(O),)), rtol=1e-6)
+    _, _, smooth = mode_gn.lm_fit(model, O, P, budget=model.passes + 300, inner=5, mu=1.0)
+    assert smooth[-1][1] < smooth[0][1] and all(b[1] <= a[1] for a, b in zip(smooth, smooth[1:]))
 
 
 def test_session30s_count_fits_hold_every_mode_in_the_pupil():
