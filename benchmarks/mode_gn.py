@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np
 import scipy.fft as sfft
+from auto_mode_cv import case_scan
 from mode_fit import captured
-from mode_mixtures import mixture_scan, spectrum
 
 from hxn_ptycho import mode_count as mc
 from hxn_ptycho import modes
@@ -186,10 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                          "the same μ for every k (the start's object is the 6-mode fit's)")
     a = ap.parse_args(argv)
     arms = {x.strip().upper() for x in a.arms.split(",")}
-    fam, ph, K, weakest = a.case.split(":")
-    K = int(K)
+    scan, mix, K = case_scan(a.case)
     k = a.k or K
-    scan, mix = mixture_scan(fam, spectrum(K, float(weakest), fam), float(ph), seed=1)
     kept, keep = mc.holdout_split(scan, 0.15, 22)
     base = ReconParams(iterations=500, probe_modes=6, threads=1, algorithm="DM:20,ML:480", extra_mode_power=0.3,
                        detector_gain=1, backend="numpy")

@@ -1,6 +1,6 @@
 """A diagnostic for issue 18, part 2 (docs/auto_modes.md, "Session 30"): the held-out count with every fit's probe
-modes held to the pupil — their far field zero outside the bright-field disk (the frames' mean amplitude cut at
-``--threshold`` of its maximum, :func:`hxn_ptycho.position_search.mean_pupil`, grown by ``--dilate`` pixels).
+modes held to the pupil — their far field zero outside the bright-field disk (the frames' root-mean-square amplitude cut at
+``--threshold`` of its maximum, :func:`hxn_ptycho.position_search.pupil_amplitude`, grown by ``--dilate`` pixels).
 
 A lens forms every coherent mode of its probe through its own aperture, so every mode's far field lies inside
 the pupil (widened by the source's angular size). A fit without that constraint gives each mode n² free complex
@@ -31,20 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np
 import scipy.ndimage as ndi
+from auto_mode_cv import case_scan
 from mode_fit import captured
-from mode_mixtures import mixture_scan, spectrum
 
 from hxn_ptycho import mode_count as mc
 from hxn_ptycho.params import ReconParams
-from hxn_ptycho.position_search import mean_pupil
+from hxn_ptycho.position_search import pupil_amplitude
 
 
 def pupil_support(diffamp: np.ndarray, threshold: float, dilate: int) -> np.ndarray:
     """The bright-field disk of the frames' mean amplitude (zero frequency at [0, 0]), grown by ``dilate`` px."""
-    inside = mean_pupil(np.asarray(diffamp, np.float64), None) > 0
-    if threshold != 0.3:
-        amp = np.sqrt(np.mean(np.square(np.asarray(diffamp, np.float64)), axis=0))
-        inside = amp >= threshold * amp.max()
+    rms = np.sqrt(np.mean(np.square(np.asarray(diffamp, np.float64)), axis=0))
+    inside = pupil_amplitude(rms, threshold) > 0
     if dilate:
         shifted = np.fft.fftshift(inside)
         shifted = ndi.binary_dilation(shifted, iterations=dilate)
@@ -123,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         summarise(a.summarise, a.against)
         return
     for case in a.cases:
-        fam, ph, K, weakest = case.split(":")
-        scan, mix = mixture_scan(fam, spectrum(int(K), float(weakest), fam), float(ph), seed=1)
+        scan, mix, K = case_scan(case)
         support = pupil_support(mc.holdout_split(scan, mc.RULE.holdout, mc.RULE.seed)[0].diffamp, a.threshold,
                                 a.dilate)                   # from the kept pixels only, as the fits see them
         mc.fit = with_support(support)
@@ -134,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                                                              iterations=100), log_fn=lambda m: None)
         finally:
             mc.fit = FIT
-        rec = {"case": case, "true": int(K), "found": ev["found"], "threshold": a.threshold, "dilate": a.dilate,
+        rec = {"case": case, "true": K, "found": ev["found"], "threshold": a.threshold, "dilate": a.dilate,
                "support_px": int(support.sum()),
                "z": [c.get("z") for c in ev["chain"][1:]], "fit_shares": ev["fit_shares"],
                "start_chosen": ev["start_chosen"], "c_model": round(captured(model.probe, mix.probe), 4),
