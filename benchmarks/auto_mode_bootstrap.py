@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import numpy as np
 from mode_mixtures import mixture_scan, spectrum
+from records import append_record
 
 from hxn_ptycho import dm, modes
 from hxn_ptycho.engine import Reconstruction
@@ -246,11 +247,8 @@ def overcomplete(text: str, a: argparse.Namespace) -> None:
     found = found or M
     dt = time.perf_counter() - t0
     print(f"{text}: true {K_true}, found {found} {'ok' if found == K_true else 'WRONG'}  ({dt:.0f} s)", flush=True)
-    if a.json:
-        with open(a.json, "a") as fh:
-            fh.write(json.dumps({"case": text, "mode": "over", "its": a.its, "max_modes": M, "true": K_true,
-                                 "found": found, "seconds": round(dt, 1), "spectrum": [float(x) for x in s],
-                                 "steps": rows}) + "\n")
+    append_record(a.json, {"case": text, "mode": "over", "its": a.its, "max_modes": M, "true": K_true,
+                           "found": found, "seconds": round(dt, 1), "spectrum": [float(x) for x in s], "steps": rows})
 
 
 def main() -> None:
@@ -350,11 +348,9 @@ def main() -> None:
         found = found or limit
         dt = time.perf_counter() - t0
         print(f"{text}: true {K_true}, found {found} {'ok' if found == K_true else 'WRONG'}  ({dt:.0f} s)", flush=True)
-        if a.json:
-            with open(a.json, "a") as fh:
-                fh.write(json.dumps({"case": text, "its": a.its, "set": a.set,
-                                     "algorithm": a.algorithm, "start": a.start, "alpha_z": a.alpha_z, "ml_cap": a.ml_cap,
-                                     "true": K_true, "found": found, "seconds": round(dt, 1), "steps": steps}) + "\n")
+        append_record(a.json, {"case": text, "its": a.its, "set": a.set, "algorithm": a.algorithm, "start": a.start,
+                               "alpha_z": a.alpha_z, "ml_cap": a.ml_cap, "true": K_true, "found": found,
+                               "seconds": round(dt, 1), "steps": steps})
 
 
 if __name__ == "__main__":

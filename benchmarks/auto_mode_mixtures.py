@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import numpy as np
 from mode_mixtures import (FAMILIES, HELD_OUT, HELD_OUT_S22, HELD_OUT_S23, HELD_OUT_S24, HELD_OUT_S25, mixture_scan,
                            spectrum)
+from records import append_record
 
 from hxn_ptycho.engine import reconstruct
 from hxn_ptycho.params import ReconParams, parse_assignments
@@ -94,13 +95,11 @@ def main() -> None:
                 print(f"{fam:>8} {ph:>7.0e} {'/'.join(f'{100 * s:.0f}' for s in shares):>16} {found:>5}"
                       f"{' ' if found == K else '!'}{'/'.join(f'{100 * s:.1f}' for s in res.probe_power_fraction):>23}"
                       f" {dt:>6.1f}", flush=True)
-                if a.json:
-                    rec = {"family": fam, "photons": ph, "K": K, "weakest": weak,
-                           "shares": [round(float(x), 4) for x in shares], "found": found, "sets": a.set,
-                           "seed": a.seed, "views": a.positions, "evidence": res.attrs.get("probe_modes_auto"),
-                           "seconds": round(dt, 1), "load": os.getloadavg()[0]}
-                    with open(a.json, "a") as fh:
-                        fh.write(json.dumps(rec) + "\n")
+                append_record(a.json, {"family": fam, "photons": ph, "K": K, "weakest": weak,
+                                       "shares": [round(float(x), 4) for x in shares], "found": found, "sets": a.set,
+                                       "seed": a.seed, "views": a.positions,
+                                       "evidence": res.attrs.get("probe_modes_auto"),
+                                       "seconds": round(dt, 1), "load": os.getloadavg()[0]})
                 if a.log:
                     for line in res.attrs["probe_modes_log"]:
                         print("        " + line)

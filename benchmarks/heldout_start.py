@@ -12,7 +12,6 @@ of the fitted modes) and the fitted shares. ``--json F`` appends one record a ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import numpy as np
 from auto_mode_cv import case_scan
 from mode_fit import captured
+from records import append_record
 
 from hxn_ptycho import modes
 from hxn_ptycho.engine import Reconstruction, reconstruct
@@ -74,9 +74,7 @@ def main() -> None:
             + "/".join(f"{100 * s:.1f}" for s in r[name]["shares"])
             for name in ("default", "count", "truth") if name in r)
         print(line, flush=True)
-        if a.json:
-            with open(a.json, "a") as fh:
-                fh.write(json.dumps(r) + "\n")
+        append_record(a.json, r)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ span of the fitted modes). ``--json F`` appends one record a case.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from auto_mode_cv import case_scan
 from heldout_start import arm
+from records import append_record
 
 from hxn_ptycho import mode_count
 from hxn_ptycho.engine import reconstruct
@@ -74,9 +74,7 @@ def main() -> None:
             + ", ".join(f"{z:.1f}" for z in r[name]["z"]) + f"), {r[name]['count_seconds']:.0f} s, "
             f"error {r[name]['error']:.4g}, c_K {r[name]['c_K']:.3f}" for name in ("central", "whole"))
             + f"; engine's start {r['default']['error']:.4g}, c_K {r['default']['c_K']:.3f}", flush=True)
-        if a.json:
-            with open(a.json, "a") as fh:
-                fh.write(json.dumps(r) + "\n")
+        append_record(a.json, r)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import numpy as np
 from auto_mode_cv import case_scan
+from records import append_record
 
 from hxn_ptycho import mode_count
 from hxn_ptycho.backend import available_cores
@@ -71,9 +72,7 @@ def main() -> None:
                                                                 "views_total": ev["views_total"],
                                                                 "at_cap": ev["at_cap"]})
                 print(json.dumps(row), flush=True)
-                if a.json:
-                    with open(a.json, "a") as out:
-                        out.write(json.dumps(row) + "\n")
+                append_record(a.json, row)
 
 
 if __name__ == "__main__":

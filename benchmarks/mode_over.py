@@ -48,6 +48,7 @@ import numpy as np
 from auto_mode_bootstrap import per_view
 from auto_mode_cv import case_scan
 from mode_fit import captured, poisson_gauss_newton
+from records import append_record
 
 from hxn_ptycho import ml, mode_count, modes
 from hxn_ptycho.mode_count import (FrameMaskBackend, chain_count, choose_start, holdout_split,  # noqa: F401
@@ -1212,9 +1213,7 @@ def main(argv: list[str] | None = None) -> None:
                      a.null_from_truth)
         if a.run:
             r["run"] = a.run
-        if a.json:
-            with open(a.json, "a") as fh:
-                fh.write(json.dumps(r) + "\n")
+        append_record(a.json, r)
 
 
 if __name__ == "__main__":

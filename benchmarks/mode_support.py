@@ -33,6 +33,7 @@ import numpy as np
 import scipy.ndimage as ndi
 from auto_mode_cv import case_scan
 from mode_fit import captured
+from records import append_record
 
 from hxn_ptycho import mode_count as mc
 from hxn_ptycho.params import ReconParams
@@ -137,9 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                "start_chosen": ev["start_chosen"], "c_model": round(captured(model.probe, mix.probe), 4),
                "seconds": round(time.perf_counter() - t0, 1), "load": round(os.getloadavg()[0], 2)}
         print(json.dumps(rec), flush=True)
-        if a.json:
-            with open(a.json, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+        append_record(a.json, rec)
 
 
 if __name__ == "__main__":

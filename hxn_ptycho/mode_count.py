@@ -345,6 +345,48 @@ def in_parallel(fn: Callable[[Any, Callable[[], bool]], Any], items: list[Any], 
     return [f.result() for f in futures]
 
 
+@dataclass
+class OverCompleteFit:
+    """The held-out count's M-mode fit on the kept pixels (steps 1–2 of the module's rule): its object, orthogonal
+    modes sorted by power and data error; each screened start's held-out error and z; the start chosen; and
+    ``sched(alg, k)``, the fits' parameters with schedule ``alg`` and ``k`` modes."""
+    obj: np.ndarray
+    probe: np.ndarray
+    error: float
+    starts: list[dict[str, Any]]
+    chosen: float
+    sched: Callable[..., ReconParams]
+
+
+def overcomplete_fit(scan: Any, kept: Any, keep: np.ndarray, params: ReconParams, how: HeldOutCount, M: int,
+                     workers: int, say: Callable[[str], None], stop: Any = None) -> OverCompleteFit:
+    """Steps 1–2 of the rule: the starts screened on the held-out pixels (``~keep``), then the chosen start's
+    ``M``-mode fit of ``kept`` (the scan with its held-out pixels emptied, :func:`holdout_split`)."""
+    base = replace(params, probe_modes=M, extra_mode_power=how.extra_mode_power, refine_positions=False,
+                   backend="numpy", init_from=None)
+
+    def sched(alg: str, k: int = M) -> ReconParams:
+        return replace(base, probe_modes=k, algorithm=alg, iterations=schedule_iterations(alg))
+
+    def screen(f: float, halt: Callable[[], bool]) -> tuple[np.ndarray, float]:
+        ts = time.perf_counter()
+        o_f, p_f, _e = fit(kept, sched(how.screen), keep, phase=f, mode_cap=how.mode_cap, stop=halt)
+        return held_out_errors(scan, o_f, p_f, ~keep), time.perf_counter() - ts
+
+    starts, ho = [], {}
+    for f, (ho[f], secs) in zip(how.starts, in_parallel(screen, list(how.starts), workers, stop)):
+        starts.append({"factor": f, "held_out_error": float(np.sum(ho[f])), "seconds": round(secs, 1)})
+    chosen, zs = choose_start(ho, how.z_min)
+    for s in starts:
+        s["z_vs_default"] = round(zs[s["factor"]], 2)
+    say(f"hxn-ptycho: held-out count: start x{chosen:g} chosen ("
+        + ", ".join(f"x{s['factor']:g} {s['held_out_error']:.4g} z {s['z_vs_default']:.1f}" for s in starts) + ")")
+    obj, pr, err = fit(kept, sched(how.schedule), keep, phase=chosen, mode_cap=how.mode_cap, stop=stop)
+    say(f"hxn-ptycho: held-out count: the {M}-mode fit's shares "
+        + "/".join(f"{100 * s:.1f}" for s in modes.power_fractions(pr)) + " %")
+    return OverCompleteFit(obj, pr, err, starts, chosen, sched)
+
+
 def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
                     log_fn: Callable[[str], None] | None = None, stop: Any = None
                     ) -> tuple[dict[str, Any], CountedModel]:
@@ -373,28 +415,9 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
         f"(auto_rule=heldout), on {where}: {len(how.starts)} starts screened ({how.screen}), one {M}-mode fit "
         f"({how.schedule}), {M} refits (ML:{how.refit}), on the numpy backend, up to {workers} fit(s) at a time")
     kept, keep = holdout_split(scan, how.holdout, how.seed)
-    base = replace(params, probe_modes=M, extra_mode_power=how.extra_mode_power, refine_positions=False,
-                   backend="numpy", init_from=None)
-
-    def sched(alg: str, k: int = M) -> ReconParams:
-        return replace(base, probe_modes=k, algorithm=alg, iterations=schedule_iterations(alg))
-
-    def screen(f: float, halt: Callable[[], bool]) -> tuple[np.ndarray, float]:
-        ts = time.perf_counter()
-        o_f, p_f, _e = fit(kept, sched(how.screen), keep, phase=f, mode_cap=how.mode_cap, stop=halt)
-        return held_out_errors(scan, o_f, p_f, ~keep), time.perf_counter() - ts
-
-    starts, ho = [], {}
-    for f, (ho[f], secs) in zip(how.starts, in_parallel(screen, list(how.starts), workers, stop)):
-        starts.append({"factor": f, "held_out_error": float(np.sum(ho[f])), "seconds": round(secs, 1)})
-    chosen, zs = choose_start(ho, how.z_min)
-    for s in starts:
-        s["z_vs_default"] = round(zs[s["factor"]], 2)
-    say(f"hxn-ptycho: held-out count: start x{chosen:g} chosen ("
-        + ", ".join(f"x{s['factor']:g} {s['held_out_error']:.4g} z {s['z_vs_default']:.1f}" for s in starts) + ")")
-    obj, pr, err = fit(kept, sched(how.schedule), keep, phase=chosen, mode_cap=how.mode_cap, stop=stop)
-    say(f"hxn-ptycho: held-out count: the {M}-mode fit's shares "
-        + "/".join(f"{100 * s:.1f}" for s in modes.power_fractions(pr)) + " %; refitting its k strongest modes")
+    over = overcomplete_fit(scan, kept, keep, params, how, M, workers, say, stop)
+    obj, pr, err, starts, chosen = over.obj, over.probe, over.error, over.starts, over.chosen
+    sched = over.sched
     refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
 
     def refit_k(k: int, halt: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:

@@ -1016,3 +1016,37 @@ def test_session30s_count_fits_hold_every_mode_in_the_pupil():
     _, free, _ = mc.fit(kept, params, keep)
     _, held, _ = mode_support.with_support(support)(kept, params, keep)
     assert outside(free) > 1e-3 and outside(held) < 1e-9
+
+
+def test_session31s_density_matrix_refit_is_linear_and_counts_right_from_the_true_object():
+    """benchmarks/mode_rho.py (session 31's diagnostic): the real features of a Hermitian ρ give
+    Σ_mn ρ_mn ψ_m ψ_n* exactly, and on a simulated scan the weighted least-squares ρ of the held-out pixels, with
+    the true object and the true modes in a span of four, has the true shares and the bootstrap count finds the
+    true count (two modes, and one)."""
+    _benchmarks_on_path()
+    import mode_rho
+
+    from hxn_ptycho import mode_count as mc
+    rng = np.random.default_rng(3)
+    M = 4
+    psi = rng.standard_normal((50, M)) + 1j * rng.standard_normal((50, M))
+    a = rng.standard_normal((M, M)) + 1j * rng.standard_normal((M, M))
+    rho = a @ a.conj().T
+    x = np.concatenate([rho.real[np.diag_indices(M)]] + [[rho[m, n].real, rho[m, n].imag]
+                                                          for m in range(M) for n in range(m + 1, M)])
+    np.testing.assert_allclose(mode_rho.to_matrix(x, M), rho)
+    np.testing.assert_allclose(mode_rho.features(psi) @ x, np.einsum("pm,mn,pn->p", psi, rho, psi.conj()).real,
+                               rtol=1e-10)
+    for shares in ((0.7, 0.3), (1.0,)):
+        scan, mix = mixture_scan("gsm", shares, 1e6, seed=1, n_positions=36)
+        _, keep = mc.holdout_split(scan, 0.15, 22)
+        others = rng.standard_normal((M,) + mix.probe.shape[1:]) + 0j
+        basis = mode_rho.truth_basis(mix.probe, others)
+        psi_v, data, mask = mode_rho.mode_waves(scan, mix.object[None], basis)
+        norms = np.sqrt(np.sum(np.abs(basis) ** 2, axis=(1, 2)))
+        psi_v = psi_v / norms[None, :, None, None]
+        model = np.einsum("vmij,m->vij", np.abs(psi_v) ** 2, norms ** 2)
+        G, h = mode_rho.view_normals(psi_v, data, ~keep, model)
+        d = mode_rho.rho_count(G, h, M, alpha=0.01, boots=300)
+        assert d["found"] == len(shares), d
+        np.testing.assert_allclose(d["eigen_share"][:len(shares)], shares, atol=0.01)

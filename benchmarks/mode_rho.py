@@ -1,0 +1,335 @@
+"""Issue 18 part 2, session 31: the count read from the density matrix refitted on the held-out pixels.
+
+The held-out count's over-complete fit (steps 1–2 of :mod:`hxn_ptycho.mode_count`: the starts screened, the
+M-mode fit of the kept pixels) gives an object O and M modes u_m. With O held, the model intensity is *linear*
+in the probe's density matrix ρ in the span of the u_m:
+
+    I_j(q) = Σ_mn ρ_mn ψ_jm(q) ψ_jn(q)*,   ψ_jm = F(u_m · O_j)          (Thibault & Menzel's mixed state)
+
+so ρ is a weighted least-squares fit (weights 1/(Î + 1), Poisson) of the **held-out** pixels, whose noise no fit
+has seen: its spurious directions carry no signal, and an unconstrained (Hermitian, not positive) ρ spreads
+their noise symmetrically about zero. The count is the number of eigenvalues of ρ that the noise does not
+explain: step k is kept while λ_k exceeds the (1 − α) quantile of the largest eigenvalue of the views'
+bootstrap deviations ρ_b − ρ projected onto the complement of the k − 1 modes kept (one knob, α).
+
+    python benchmarks/mode_rho.py --grid --json F                        # from the rule of record's fit
+    python benchmarks/mode_rho.py --grid --object truth --span truth --json F   # the diagnostics (seconds a cell
+    python benchmarks/mode_rho.py --grid --object truth --json F                 #  once the fits are cached)
+    python benchmarks/mode_rho.py --grid --span truth --json F
+    python benchmarks/mode_rho.py --from-truth 500 --cells gsm:1e6:3:0.03 --json F   # the M-mode fit from the truth
+    python benchmarks/mode_rho.py --alternate 6 20 --cells gsm:1e8:3:0.03 --json F   # exact ρ steps, object refits
+    python benchmarks/mode_rho.py --summarise docs/auto_modes_s31_rho.jsonl --against docs/auto_modes_s27.jsonl
+
+Result (docs/auto_modes.md, "Session 31"; records docs/auto_modes_s31_rho.jsonl, ..._from_truth.jsonl): right on
+all 63 grid cells from the true object and a span holding the true modes, and on 0 of 63 from the rule of record's
+fit — its object and its modes each bias ρ towards the fit's own spectrum. Not adopted. The M-mode fit of every
+cell is kept in ``--cache`` (default /tmp/hxn-rho-cache), so a decision's variants are re-read without refitting.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from auto_mode_cv import case_scan
+from records import append_record, read_records
+
+from hxn_ptycho import mode_count
+from hxn_ptycho.backend import available_cores
+from hxn_ptycho.engine import Reconstruction
+from hxn_ptycho.params import ReconParams
+
+FAMILIES = ("shifted", "defocus", "random", "gsm", "fly")
+CASES = ("1:1", "2:0.3", "2:0.1", "3:0.03")
+
+
+def grid_cells(families: tuple[str, ...] = FAMILIES) -> list[str]:
+    """The grid of docs/auto_modes.md as ``family:photons:K:weakest`` (fly with its 68/24/8 mixture too)."""
+    return [f"{fam}:{ph}:{case}" for fam in families for ph in ("1e5", "1e6", "1e8")
+            for case in CASES + (("3:0.08",) if fam == "fly" else ())]
+
+
+def mode_waves(scan: Any, obj: np.ndarray, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """ψ_jm = F(P_m · O_j) of every mode m and view j (views' given order), the measured I, and the scan's mask."""
+    rec = Reconstruction(scan, ReconParams(iterations=1, probe_modes=len(probe), threads=1),
+                         log=lambda m: None, spatial_order=False)
+    try:
+        rec.obj = obj.astype(rec.cdtype)
+        rec.probe = probe.astype(rec.cdtype)
+        out = np.zeros((len(rec.diffamp),) + probe.shape, np.complex128)
+
+        def batch(w: Any, b: slice) -> None:
+            be, B = rec.be, b.stop - b.start
+            out[b] = be.asnumpy(be.fft2(rec.geom.exit_waves(be, rec.obj, b, rec.probe, w.objwin[:B], w.phi[:B],
+                                                            w.tmp[:B])))[:, 0]
+        rec.scheduler.each(batch)
+        mask = None if rec.mask is None else np.asarray(rec.be.asnumpy(rec.mask), bool)
+        return out, np.square(np.asarray(rec.be.asnumpy(rec.diffamp), np.float64)), mask
+    finally:
+        rec.close()
+
+
+def features(psi: np.ndarray) -> np.ndarray:
+    """The real features of a Hermitian ρ (M² of them) for far fields ψ (..., M): |ψ_m|², then for m < n
+    2Re(ψ_m ψ_n*) and −2Im(ψ_m ψ_n*) (the coefficients of Re ρ_mn and Im ρ_mn)."""
+    M = psi.shape[-1]
+    cols = [np.abs(psi[..., m]) ** 2 for m in range(M)]
+    for m in range(M):
+        for n in range(m + 1, M):
+            c = psi[..., m] * np.conj(psi[..., n])
+            cols += [2 * c.real, -2 * c.imag]
+    return np.stack(cols, axis=-1)
+
+
+def to_matrix(x: np.ndarray, M: int) -> np.ndarray:
+    """ρ (M × M Hermitian) from its real parameters (:func:`features`' order)."""
+    rho = np.zeros((M, M), np.complex128)
+    rho[np.diag_indices(M)] = x[:M]
+    i = M
+    for m in range(M):
+        for n in range(m + 1, M):
+            rho[m, n] = x[i] + 1j * x[i + 1]
+            rho[n, m] = np.conj(rho[m, n])
+            i += 2
+    return rho
+
+
+def view_normals(psi: np.ndarray, data: np.ndarray, pixels: np.ndarray, model: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Each view's weighted normal equations (G_j, h_j) over its ``pixels``, weights 1/(Î + 1)."""
+    V, M = psi.shape[:2]
+    P = M * M
+    G, h = np.zeros((V, P, P)), np.zeros((V, P))
+    for j in range(V):
+        sel = pixels[j]
+        X = features(np.moveaxis(psi[j][:, sel], 0, -1))
+        w = 1.0 / (model[j][sel] + 1.0)
+        G[j] = X.T @ (X * w[:, None])
+        h[j] = X.T @ (w * data[j][sel])
+    return G, h
+
+
+def rho_count(G: np.ndarray, h: np.ndarray, M: int, alpha: float = 0.01, boots: int = 1000, seed: int = 31
+              ) -> dict[str, Any]:
+    """The count from the views' normal equations: ρ's eigenvalues, and per step k the null quantile of the
+    largest eigenvalue of the bootstrap deviations on the complement of the k − 1 modes kept."""
+    rho = to_matrix(np.linalg.solve(G.sum(0), h.sum(0)), M)
+    lam, vec = np.linalg.eigh(rho)
+    lam, vec = lam[::-1], vec[:, ::-1]
+    rng = np.random.default_rng(seed)
+    V = len(G)
+    counts = rng.multinomial(V, np.full(V, 1.0 / V), size=boots).astype(np.float64)
+    Gb, hb = np.einsum("bv,vpq->bpq", counts, G), counts @ h
+    dev = np.array([to_matrix(x, M) for x in np.linalg.solve(Gb, hb[..., None])[..., 0]]) - rho
+    steps, found = [], None
+    for k in range(M):
+        comp = vec[:, k:]                                  # the complement of the k modes kept before this step
+        null = np.linalg.eigvalsh(np.einsum("mi,bmn,nj->bij", comp.conj(), dev, comp))[:, -1]
+        q = float(np.quantile(null, 1 - alpha))
+        p = float((np.sum(null >= lam[k]) + 1) / (boots + 1))
+        steps.append({"lambda": float(lam[k]), "null_q": q, "p": p})
+        if found is None and lam[k] <= q:
+            found = k
+    total = float(np.sum(lam[lam > 0]))
+    return {"found": M if found is None else found, "alpha": alpha, "eigen_share": [float(x / total) for x in lam],
+            "steps": steps}
+
+
+def truth_basis(true: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """The true modes (their powers) and, after them, the fitted modes' parts outside their span,
+    orthonormalised, the strongest first (at a unit power each): an M-dimensional span holding the truth."""
+    K, M = len(true), len(fitted)
+    t = true.reshape(K, -1)
+    q, _ = np.linalg.qr(t.T)
+    f = fitted.reshape(M, -1)
+    f = f - (f @ q.conj()) @ q.T
+    u, s, vh = np.linalg.svd(f, full_matrices=False)
+    extra = vh[:M - K] * np.sqrt(float(np.mean(np.sum(np.abs(t) ** 2, axis=1))))
+    return np.concatenate([t, extra]).reshape(M, *true.shape[1:])
+
+
+def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from: str = "fit",
+         from_truth: int = 0) -> dict[str, Any]:
+    scan, mix, K = case_scan(text)
+    how = mode_count.RULE
+    params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
+                                    "auto_rule": "heldout"})
+    kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
+    path = cache / (text.replace(":", "_") + ".npz")
+    t0 = time.perf_counter()
+    if from_truth:          # the diagnostic: the M-mode fit started from the truth (ML, kept pixels) instead
+        from mode_over import truth_start
+        sched = replace(params, probe_modes=how.fit_modes, algorithm=f"ML:{from_truth}", iterations=from_truth,
+                        backend="numpy", extra_mode_power=how.extra_mode_power)
+        obj, probe, _e = mode_count.fit(kept, sched, keep, mix.object[None],
+                                        truth_start(mix, how.fit_modes, 1e-3), mode_cap=how.mode_cap)
+    elif path.exists():
+        z = np.load(path)
+        obj, probe = z["obj"], z["probe"]
+    else:
+        over = mode_count.overcomplete_fit(scan, kept, keep, params, how, how.fit_modes, workers,
+                                           lambda m: None)
+        obj, probe = over.obj, over.probe
+        np.savez(path, obj=obj, probe=probe)
+    t_fit = time.perf_counter() - t0
+    # the diagnostics: the true object (the engine keeps the truth's frame: no shift or phase ramp between them),
+    # and/or the true modes in the span with the fit's other directions beside them
+    if span_from == "truth":
+        probe = truth_basis(mix.probe, probe)
+    if obj_from == "truth":
+        obj = mix.object[None]
+    psi, data, mask = mode_waves(scan, obj, probe)
+    norms = np.sqrt(np.sum(np.abs(probe) ** 2, axis=(1, 2)))
+    psi = psi / norms[None, :, None, None]                 # the unit modes' far fields
+    model = np.einsum("vmij,m->vij", np.abs(psi) ** 2, norms ** 2)
+    pixels = ~keep if mask is None else (~keep) & mask[None]
+    G, h = view_normals(psi, data, pixels, model)
+    out: dict[str, Any] = {"cell": text, "K": K, "fit_shares": [float(x) for x in norms ** 2 / np.sum(norms ** 2)],
+                           "fit_seconds": round(t_fit, 1), "object": obj_from, "span": span_from,
+                           "from_truth": from_truth}
+    out["decisions"] = {str(a): rho_count(G, h, len(probe), alpha=a) for a in (0.05, 0.01, 0.001)}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def rho_fit(G: np.ndarray, h: np.ndarray, M: int) -> np.ndarray:
+    """ρ from the summed normal equations."""
+    return to_matrix(np.linalg.solve(G.sum(0), h.sum(0)), M)
+
+
+def psd_modes(rho: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """The modes of ρ's positive part in ``basis`` (unit modes, M × n × n), strongest first."""
+    lam, vec = np.linalg.eigh(rho)
+    lam, vec = lam[::-1], vec[:, ::-1]
+    keep = lam > 0
+    return np.einsum("mk,mij->kij", vec[:, keep] * np.sqrt(lam[keep]), basis)
+
+
+def alternate(text: str, cache: Path, rounds: int, obj_its: int) -> list[dict[str, Any]]:
+    """The diagnostic: from the cached M-mode fit, ``rounds`` of (ρ solved exactly on the kept pixels in the span
+    of the current modes, its positive part; the object refitted for ``obj_its`` ML iterations with the modes
+    held); after each, ρ on the held-out pixels and its count, and the share of the true modes' power captured."""
+    scan, mix, K = case_scan(text)
+    how = mode_count.RULE
+    kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
+    z = np.load(cache / (text.replace(":", "_") + ".npz"))
+    obj, probe = z["obj"], z["probe"]
+    M = len(probe)
+    base = ReconParams.from_dict({"iterations": obj_its, "threads": 1, "detector_gain": 1, "probe_modes": M,
+                                  "algorithm": f"ML:{obj_its}", "probe_update_start": 10 ** 9,
+                                  "extra_mode_power": how.extra_mode_power})
+    out = []
+    for r in range(rounds + 1):
+        norms = np.sqrt(np.sum(np.abs(probe) ** 2, axis=(1, 2)))
+        psi, data, mask = mode_waves(scan, obj, probe)
+        psi = psi / norms[None, :, None, None]
+        basis = probe / norms[:, None, None]
+        model = np.einsum("vmij,m->vij", np.abs(psi) ** 2, norms ** 2)
+        good = np.ones_like(keep) if mask is None else np.broadcast_to(mask[None], keep.shape)
+        Gh, hh = view_normals(psi, data, (~keep) & good, model)
+        d = rho_count(Gh, hh, M)
+        q, _ = np.linalg.qr(probe.reshape(M, -1).T.astype(np.complex128))
+        t = mix.probe.reshape(K, -1).T
+        cap = float(np.sum(np.abs(q.conj().T @ t) ** 2) / np.sum(np.abs(t) ** 2))     # the truth's share in the span
+        ho = float(np.sum(mode_count.held_out_errors(scan, obj, probe, ~keep)))
+        shares = norms ** 2 / np.sum(norms ** 2)
+        out.append({"round": r, "shares": [float(x) for x in shares], "held_out_error": ho, "captured": cap,
+                    "rho_found": d["found"], "rho_shares": d["eigen_share"]})
+        print(f"{text} round {r}: fit % " + "/".join(f"{100 * x:.1f}" for x in shares)
+              + f"  c {cap:.4f}  ho {ho:.1f}  held-out rho {d['found']}: "
+              + "/".join(f"{100 * x:.1f}" for x in d["eigen_share"]), flush=True)
+        if r == rounds:
+            break
+        Gk, hk = view_normals(psi, data, keep & good, model)
+        probe = psd_modes(rho_fit(Gk, hk, M), basis)
+        if len(probe) < M:        # keep M modes: pad with tiny copies of the weakest directions
+            probe = np.concatenate([probe, 1e-3 * basis[len(probe):] * norms[len(probe):, None, None]])
+        obj, probe, _e = mode_count.fit(kept, replace(base, probe_modes=M), keep, obj, probe.astype(np.complex64),
+                                        mode_cap=how.mode_cap)
+    return out
+
+
+def kind(r: dict[str, Any]) -> str:
+    """Which object and span a record's ρ was fitted with (and the fit started from the truth, if it was)."""
+    k = f"object {r.get('object', 'fit')}, span {r.get('span', 'fit')}"
+    return k + (f", fit from the truth ({r['from_truth']} ML)" if r.get("from_truth") else "")
+
+
+def summarise(path: str, against: str | None, alpha: str) -> None:
+    """Per cell, the count of each kind of record in ``path`` (:func:`kind`), and the rule of record's
+    (``against``: benchmarks/auto_mode_mixtures.py records); then each kind's right cells."""
+    from auto_mode_mixtures import case_key
+    recs: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in read_records(path):
+        if "alternate" not in r:
+            recs.setdefault(r["cell"], {})[kind(r)] = r
+    ref = {case_key(r["family"], float(r["photons"]), int(r["K"]), float(r["weakest"])): r["found"]
+           for r in read_records(against)} if against else {}
+    kinds = list(dict.fromkeys(k for by in recs.values() for k in by))
+    right, seen = dict.fromkeys(kinds, 0), dict.fromkeys(kinds, 0)
+    rref = 0
+    for c, by in recs.items():
+        K = next(iter(by.values()))["K"]
+        rref += ref.get(c) == K
+        line = f"{c:>22} true {K} record {ref.get(c, '-')}"
+        for t in kinds:
+            if t in by:
+                d = by[t]["decisions"][alpha]
+                seen[t] += 1
+                right[t] += d["found"] == K
+                line += (f" | {t}: {d['found']}{' ' if d['found'] == K else '✗'} eig % "
+                         + "/".join(f"{100 * s:.1f}" for s in d["eigen_share"]))
+        print(line)
+    print(f"alpha {alpha}: " + "; ".join(f"{t}: {right[t]} of {seen[t]}" for t in kinds)
+          + (f"; the rule of record on these cells {rref}" if against else ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", nargs="*", default=[])
+    ap.add_argument("--grid", action="store_true")
+    ap.add_argument("--cache", default="/tmp/hxn-rho-cache")
+    ap.add_argument("--workers", type=int, default=available_cores())
+    ap.add_argument("--json")
+    ap.add_argument("--summarise")
+    ap.add_argument("--against")
+    ap.add_argument("--alpha", default="0.01")
+    ap.add_argument("--object", choices=("fit", "truth"), default="fit", help="the object ρ is fitted with")
+    ap.add_argument("--span", choices=("fit", "truth"), default="fit",
+                    help="ρ's span: the fit's M modes, or the true modes and the fit's others beside them")
+    ap.add_argument("--from-truth", type=int, default=0, metavar="N",
+                    help="the diagnostic: the M-mode fit started from the truth (its extra modes at 1e-3 of "
+                         "the first's power), N ML iterations (not cached)")
+    ap.add_argument("--alternate", nargs=2, type=int, metavar=("ROUNDS", "OBJ_ITS"))
+    a = ap.parse_args()
+    if a.alternate:
+        for text in a.cells:
+            rounds = alternate(text, Path(a.cache), *a.alternate)
+            append_record(a.json, {"cell": text, "alternate": a.alternate, "rounds": rounds})
+        return
+    if a.summarise:
+        summarise(a.summarise, a.against, a.alpha)
+        return
+    cache = Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for text in (grid_cells() if a.grid else []) + a.cells:
+        r = cell(text, cache, a.workers, a.object, a.span, a.from_truth)
+        r["load"] = os.getloadavg()[0]
+        d = r["decisions"]
+        print(f"{text:>22} true {r['K']} found " + " ".join(f"a{k}:{v['found']}" for k, v in d.items())
+              + "  eig % " + "/".join(f"{100 * s:.1f}" for s in d["0.01"]["eigen_share"])
+              + f"  {r['seconds']} s", flush=True)
+        append_record(a.json, r)
+
+
+if __name__ == "__main__":
+    main()
