@@ -18,6 +18,7 @@ bootstrap deviations ρ_b − ρ projected onto the complement of the k − 1 mo
     python benchmarks/mode_rho.py --grid --span truth --json F
     python benchmarks/mode_rho.py --from-truth 500 --cells gsm:1e6:3:0.03 --json F   # the M-mode fit from the truth
     python benchmarks/mode_rho.py --alternate 6 20 --cells gsm:1e8:3:0.03 --json F   # exact ρ steps, object refits
+    python benchmarks/mode_rho.py --self 100 --cells fly:1e6:2:0.1 --json F   # each k's object, ρ in the M-span
     python benchmarks/mode_rho.py --summarise docs/auto_modes_s31_rho.jsonl --against docs/auto_modes_s27.jsonl
 
 Result (docs/auto_modes.md, "Session 31"; records docs/auto_modes_s31_rho.jsonl, ..._from_truth.jsonl): right on
@@ -264,13 +265,41 @@ def kind(r: dict[str, Any]) -> str:
     return k + (f", fit from the truth ({r['from_truth']} ML)" if r.get("from_truth") else "")
 
 
+def self_consistency(text: str, cache: Path, obj_its: int) -> list[dict[str, Any]]:
+    """The diagnostic: for each k, the object refitted (``obj_its`` ML iterations of the kept pixels) with the probe
+    held at the cached M-mode fit's k strongest modes, then ρ fitted on the held-out pixels in the span of all M
+    modes with that object, and its count. A k whose count is k is consistent with its own object."""
+    scan, mix, K = case_scan(text)
+    how = mode_count.RULE
+    kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
+    z = np.load(cache / (text.replace(":", "_") + ".npz"))
+    obj0, probe = z["obj"], z["probe"]
+    M = len(probe)
+    norms = np.sqrt(np.sum(np.abs(probe) ** 2, axis=(1, 2)))
+    out = []
+    for k in range(1, M + 1):
+        base = ReconParams.from_dict({"iterations": obj_its, "threads": 1, "detector_gain": 1, "probe_modes": k,
+                                      "algorithm": f"ML:{obj_its}", "probe_update_start": 10 ** 9})
+        obj, _p, _e = mode_count.fit(kept, base, keep, obj0, probe[:k], mode_cap=how.mode_cap)
+        psi, data, mask = mode_waves(scan, obj, probe)
+        psi = psi / norms[None, :, None, None]
+        model = np.einsum("vmij,m->vij", np.abs(psi[:, :k]) ** 2, norms[:k] ** 2)
+        pixels = ~keep if mask is None else (~keep) & mask[None]
+        d = rho_count(*view_normals(psi, data, pixels, model), M)
+        ho = float(np.sum(mode_count.held_out_errors(scan, obj, probe[:k], ~keep)))
+        out.append({"k": k, "rho_found": d["found"], "rho_shares": d["eigen_share"], "held_out_error": ho})
+        print(f"{text} (true {K}) object fitted with k = {k}: held-out rho count {d['found']}, "
+              + "/".join(f"{100 * x:.1f}" for x in d["eigen_share"]) + f"  ho {ho:.1f}", flush=True)
+    return out
+
+
 def summarise(path: str, against: str | None, alpha: str) -> None:
     """Per cell, the count of each kind of record in ``path`` (:func:`kind`), and the rule of record's
     (``against``: benchmarks/auto_mode_mixtures.py records); then each kind's right cells."""
     from auto_mode_mixtures import case_key
     recs: dict[str, dict[str, dict[str, Any]]] = {}
     for r in read_records(path):
-        if "alternate" not in r:
+        if "alternate" not in r and "self" not in r:
             recs.setdefault(r["cell"], {})[kind(r)] = r
     ref = {case_key(r["family"], float(r["photons"]), int(r["K"]), float(r["weakest"])): r["found"]
            for r in read_records(against)} if against else {}
@@ -309,8 +338,14 @@ def main() -> None:
     ap.add_argument("--from-truth", type=int, default=0, metavar="N",
                     help="the diagnostic: the M-mode fit started from the truth (its extra modes at 1e-3 of "
                          "the first's power), N ML iterations (not cached)")
+    ap.add_argument("--self", type=int, metavar="OBJ_ITS",
+                    help="the diagnostic: each k's object refitted with the fit's k strongest modes held")
     ap.add_argument("--alternate", nargs=2, type=int, metavar=("ROUNDS", "OBJ_ITS"))
     a = ap.parse_args()
+    if a.self:
+        for text in a.cells:
+            append_record(a.json, {"cell": text, "self": a.self, "ks": self_consistency(text, Path(a.cache), a.self)})
+        return
     if a.alternate:
         for text in a.cells:
             rounds = alternate(text, Path(a.cache), *a.alternate)
