@@ -19,6 +19,7 @@ bootstrap deviations ρ_b − ρ projected onto the complement of the k − 1 mo
     python benchmarks/mode_rho.py --from-truth 500 --cells gsm:1e6:3:0.03 --json F   # the M-mode fit from the truth
     python benchmarks/mode_rho.py --alternate 6 20 --cells gsm:1e8:3:0.03 --json F   # exact ρ steps, object refits
     python benchmarks/mode_rho.py --self 100 --cells fly:1e6:2:0.1 --json F   # each k's object, ρ in the M-span
+    python benchmarks/mode_rho.py --more 1500 --cells gsm:1e8:3:0.03 --json F  # the cached fit continued first
     python benchmarks/mode_rho.py --summarise docs/auto_modes_s31_rho.jsonl --against docs/auto_modes_s27.jsonl
 
 Result (docs/auto_modes.md, "Session 31"; records docs/auto_modes_s31_rho.jsonl, ..._from_truth.jsonl): right on
@@ -159,7 +160,7 @@ def truth_basis(true: np.ndarray, fitted: np.ndarray) -> np.ndarray:
 
 
 def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from: str = "fit",
-         from_truth: int = 0) -> dict[str, Any]:
+         from_truth: int = 0, more: int = 0) -> dict[str, Any]:
     scan, mix, K = case_scan(text)
     how = mode_count.RULE
     params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
@@ -181,6 +182,9 @@ def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from:
                                            lambda m: None)
         obj, probe = over.obj, over.probe
         np.savez(path, obj=obj, probe=probe)
+    if more:                # the diagnostic: the cached M-mode fit continued for ``more`` ML iterations (kept pixels)
+        sched = replace(params, probe_modes=how.fit_modes, algorithm=f"ML:{more}", iterations=more, backend="numpy")
+        obj, probe, _e = mode_count.fit(kept, sched, keep, obj, probe, mode_cap=how.mode_cap)
     t_fit = time.perf_counter() - t0
     # the diagnostics: the true object (the engine keeps the truth's frame: no shift or phase ramp between them),
     # and/or the true modes in the span with the fit's other directions beside them
@@ -196,7 +200,7 @@ def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from:
     G, h = view_normals(psi, data, pixels, model)
     out: dict[str, Any] = {"cell": text, "K": K, "fit_shares": [float(x) for x in norms ** 2 / np.sum(norms ** 2)],
                            "fit_seconds": round(t_fit, 1), "object": obj_from, "span": span_from,
-                           "from_truth": from_truth}
+                           "from_truth": from_truth, "more": more}
     out["decisions"] = {str(a): rho_count(G, h, len(probe), alpha=a) for a in (0.05, 0.01, 0.001)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -262,7 +266,8 @@ def alternate(text: str, cache: Path, rounds: int, obj_its: int) -> list[dict[st
 def kind(r: dict[str, Any]) -> str:
     """Which object and span a record's ρ was fitted with (and the fit started from the truth, if it was)."""
     k = f"object {r.get('object', 'fit')}, span {r.get('span', 'fit')}"
-    return k + (f", fit from the truth ({r['from_truth']} ML)" if r.get("from_truth") else "")
+    return (k + (f", fit from the truth ({r['from_truth']} ML)" if r.get("from_truth") else "")
+            + (f", the fit continued ({r['more']} ML)" if r.get("more") else ""))
 
 
 def self_consistency(text: str, cache: Path, obj_its: int) -> list[dict[str, Any]]:
@@ -338,6 +343,8 @@ def main() -> None:
     ap.add_argument("--from-truth", type=int, default=0, metavar="N",
                     help="the diagnostic: the M-mode fit started from the truth (its extra modes at 1e-3 of "
                          "the first's power), N ML iterations (not cached)")
+    ap.add_argument("--more", type=int, default=0, metavar="N",
+                    help="the diagnostic: the cached M-mode fit continued for N ML iterations first")
     ap.add_argument("--self", type=int, metavar="OBJ_ITS",
                     help="the diagnostic: each k's object refitted with the fit's k strongest modes held")
     ap.add_argument("--alternate", nargs=2, type=int, metavar=("ROUNDS", "OBJ_ITS"))
@@ -357,7 +364,7 @@ def main() -> None:
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
     for text in (grid_cells() if a.grid else []) + a.cells:
-        r = cell(text, cache, a.workers, a.object, a.span, a.from_truth)
+        r = cell(text, cache, a.workers, a.object, a.span, a.from_truth, a.more)
         r["load"] = os.getloadavg()[0]
         d = r["decisions"]
         print(f"{text:>22} true {r['K']} found " + " ".join(f"a{k}:{v['found']}" for k, v in d.items())
