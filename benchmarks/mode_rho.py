@@ -219,15 +219,21 @@ def psd_modes(rho: np.ndarray, basis: np.ndarray) -> np.ndarray:
     return np.einsum("mk,mij->kij", vec[:, keep] * np.sqrt(lam[keep]), basis)
 
 
+def cached_cell(text: str, cache: Path) -> tuple[Any, Any, int, Any, np.ndarray, np.ndarray, np.ndarray]:
+    """A cell whose M-mode fit :func:`cell` cached: its scan, mixture and true count, the scan with the rule's held-out
+    pixels emptied and their mask, and the fit's object and modes."""
+    scan, mix, K = case_scan(text)
+    kept, keep = mode_count.holdout_split(scan, mode_count.RULE.holdout, mode_count.RULE.seed)
+    z = np.load(cache / (text.replace(":", "_") + ".npz"))
+    return scan, mix, K, kept, keep, z["obj"], z["probe"]
+
+
 def alternate(text: str, cache: Path, rounds: int, obj_its: int) -> list[dict[str, Any]]:
     """The diagnostic: from the cached M-mode fit, ``rounds`` of (ρ solved exactly on the kept pixels in the span
     of the current modes, its positive part; the object refitted for ``obj_its`` ML iterations with the modes
     held); after each, ρ on the held-out pixels and its count, and the share of the true modes' power captured."""
-    scan, mix, K = case_scan(text)
+    scan, mix, K, kept, keep, obj, probe = cached_cell(text, cache)
     how = mode_count.RULE
-    kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
-    z = np.load(cache / (text.replace(":", "_") + ".npz"))
-    obj, probe = z["obj"], z["probe"]
     M = len(probe)
     base = ReconParams.from_dict({"iterations": obj_its, "threads": 1, "detector_gain": 1, "probe_modes": M,
                                   "algorithm": f"ML:{obj_its}", "probe_update_start": 10 ** 9,
@@ -274,11 +280,8 @@ def self_consistency(text: str, cache: Path, obj_its: int) -> list[dict[str, Any
     """The diagnostic: for each k, the object refitted (``obj_its`` ML iterations of the kept pixels) with the probe
     held at the cached M-mode fit's k strongest modes, then ρ fitted on the held-out pixels in the span of all M
     modes with that object, and its count. A k whose count is k is consistent with its own object."""
-    scan, mix, K = case_scan(text)
+    scan, mix, K, kept, keep, obj0, probe = cached_cell(text, cache)
     how = mode_count.RULE
-    kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
-    z = np.load(cache / (text.replace(":", "_") + ".npz"))
-    obj0, probe = z["obj"], z["probe"]
     M = len(probe)
     norms = np.sqrt(np.sum(np.abs(probe) ** 2, axis=(1, 2)))
     out = []
