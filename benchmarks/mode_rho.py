@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from auto_mode_cv import case_scan
+from mode_fit import captured
 from records import append_record, read_records
 
 from hxn_ptycho import mode_count
@@ -105,6 +106,20 @@ def to_matrix(x: np.ndarray, M: int) -> np.ndarray:
     return rho
 
 
+def unit_waves(scan: Any, obj: np.ndarray, probe: np.ndarray, modelled: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The far fields of ``probe``'s modes at unit power ψ_jm/‖P_m‖ (:func:`mode_waves`), the measured I, the model
+    intensity Î = Σ|ψ_jm|² of its first ``modelled`` modes (all: None) for the weights, the scan's good pixels
+    (views, n, n), and the modes' norms ‖P_m‖."""
+    psi, data, mask = mode_waves(scan, obj, probe)
+    norms = np.sqrt(np.sum(np.abs(probe) ** 2, axis=(1, 2)))
+    psi = psi / norms[None, :, None, None]
+    k = len(probe) if modelled is None else modelled
+    model = np.einsum("vmij,m->vij", np.abs(psi[:, :k]) ** 2, norms[:k] ** 2)
+    good = np.ones(data.shape, bool) if mask is None else np.broadcast_to(mask[None], data.shape)
+    return psi, data, model, good, norms
+
+
 def view_normals(psi: np.ndarray, data: np.ndarray, pixels: np.ndarray, model: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Each view's weighted normal equations (G_j, h_j) over its ``pixels``, weights 1/(Î + 1)."""
@@ -120,11 +135,16 @@ def view_normals(psi: np.ndarray, data: np.ndarray, pixels: np.ndarray, model: n
     return G, h
 
 
+def rho_fit(G: np.ndarray, h: np.ndarray, M: int) -> np.ndarray:
+    """ρ from the summed normal equations."""
+    return to_matrix(np.linalg.solve(G.sum(0), h.sum(0)), M)
+
+
 def rho_count(G: np.ndarray, h: np.ndarray, M: int, alpha: float = 0.01, boots: int = 1000, seed: int = 31
               ) -> dict[str, Any]:
     """The count from the views' normal equations: ρ's eigenvalues, and per step k the null quantile of the
     largest eigenvalue of the bootstrap deviations on the complement of the k − 1 modes kept."""
-    rho = to_matrix(np.linalg.solve(G.sum(0), h.sum(0)), M)
+    rho = rho_fit(G, h, M)
     lam, vec = np.linalg.eigh(rho)
     lam, vec = lam[::-1], vec[:, ::-1]
     rng = np.random.default_rng(seed)
@@ -192,23 +212,14 @@ def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from:
         probe = truth_basis(mix.probe, probe)
     if obj_from == "truth":
         obj = mix.object[None]
-    psi, data, mask = mode_waves(scan, obj, probe)
-    norms = np.sqrt(np.sum(np.abs(probe) ** 2, axis=(1, 2)))
-    psi = psi / norms[None, :, None, None]                 # the unit modes' far fields
-    model = np.einsum("vmij,m->vij", np.abs(psi) ** 2, norms ** 2)
-    pixels = ~keep if mask is None else (~keep) & mask[None]
-    G, h = view_normals(psi, data, pixels, model)
+    psi, data, model, good, norms = unit_waves(scan, obj, probe)
+    G, h = view_normals(psi, data, ~keep & good, model)
     out: dict[str, Any] = {"cell": text, "K": K, "fit_shares": [float(x) for x in norms ** 2 / np.sum(norms ** 2)],
                            "fit_seconds": round(t_fit, 1), "object": obj_from, "span": span_from,
                            "from_truth": from_truth, "more": more}
     out["decisions"] = {str(a): rho_count(G, h, len(probe), alpha=a) for a in (0.05, 0.01, 0.001)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
-
-
-def rho_fit(G: np.ndarray, h: np.ndarray, M: int) -> np.ndarray:
-    """ρ from the summed normal equations."""
-    return to_matrix(np.linalg.solve(G.sum(0), h.sum(0)), M)
 
 
 def psd_modes(rho: np.ndarray, basis: np.ndarray) -> np.ndarray:
@@ -222,9 +233,13 @@ def psd_modes(rho: np.ndarray, basis: np.ndarray) -> np.ndarray:
 def cached_cell(text: str, cache: Path) -> tuple[Any, Any, int, Any, np.ndarray, np.ndarray, np.ndarray]:
     """A cell whose M-mode fit :func:`cell` cached: its scan, mixture and true count, the scan with the rule's held-out
     pixels emptied and their mask, and the fit's object and modes."""
+    path = cache / (text.replace(":", "_") + ".npz")
+    if not path.exists():
+        raise SystemExit(f"mode_rho.py: no cached M-mode fit of {text} in {cache}: run "
+                         f"`python benchmarks/mode_rho.py --cells {text} --cache {cache}` first")
     scan, mix, K = case_scan(text)
     kept, keep = mode_count.holdout_split(scan, mode_count.RULE.holdout, mode_count.RULE.seed)
-    z = np.load(cache / (text.replace(":", "_") + ".npz"))
+    z = np.load(path)
     return scan, mix, K, kept, keep, z["obj"], z["probe"]
 
 
@@ -240,17 +255,10 @@ def alternate(text: str, cache: Path, rounds: int, obj_its: int) -> list[dict[st
                                   "extra_mode_power": how.extra_mode_power})
     out = []
     for r in range(rounds + 1):
-        norms = np.sqrt(np.sum(np.abs(probe) ** 2, axis=(1, 2)))
-        psi, data, mask = mode_waves(scan, obj, probe)
-        psi = psi / norms[None, :, None, None]
+        psi, data, model, good, norms = unit_waves(scan, obj, probe)
         basis = probe / norms[:, None, None]
-        model = np.einsum("vmij,m->vij", np.abs(psi) ** 2, norms ** 2)
-        good = np.ones_like(keep) if mask is None else np.broadcast_to(mask[None], keep.shape)
-        Gh, hh = view_normals(psi, data, (~keep) & good, model)
-        d = rho_count(Gh, hh, M)
-        q, _ = np.linalg.qr(probe.reshape(M, -1).T.astype(np.complex128))
-        t = mix.probe.reshape(K, -1).T
-        cap = float(np.sum(np.abs(q.conj().T @ t) ** 2) / np.sum(np.abs(t) ** 2))     # the truth's share in the span
+        d = rho_count(*view_normals(psi, data, ~keep & good, model), M)
+        cap = captured(probe, mix.probe)                   # the true modes' share of power in the span
         ho = float(np.sum(mode_count.held_out_errors(scan, obj, probe, ~keep)))
         shares = norms ** 2 / np.sum(norms ** 2)
         out.append({"round": r, "shares": [float(x) for x in shares], "held_out_error": ho, "captured": cap,
@@ -283,17 +291,13 @@ def self_consistency(text: str, cache: Path, obj_its: int) -> list[dict[str, Any
     scan, mix, K, kept, keep, obj0, probe = cached_cell(text, cache)
     how = mode_count.RULE
     M = len(probe)
-    norms = np.sqrt(np.sum(np.abs(probe) ** 2, axis=(1, 2)))
     out = []
     for k in range(1, M + 1):
         base = ReconParams.from_dict({"iterations": obj_its, "threads": 1, "detector_gain": 1, "probe_modes": k,
                                       "algorithm": f"ML:{obj_its}", "probe_update_start": 10 ** 9})
         obj, _p, _e = mode_count.fit(kept, base, keep, obj0, probe[:k], mode_cap=how.mode_cap)
-        psi, data, mask = mode_waves(scan, obj, probe)
-        psi = psi / norms[None, :, None, None]
-        model = np.einsum("vmij,m->vij", np.abs(psi[:, :k]) ** 2, norms[:k] ** 2)
-        pixels = ~keep if mask is None else (~keep) & mask[None]
-        d = rho_count(*view_normals(psi, data, pixels, model), M)
+        psi, data, model, good, _norms = unit_waves(scan, obj, probe, modelled=k)
+        d = rho_count(*view_normals(psi, data, ~keep & good, model), M)
         ho = float(np.sum(mode_count.held_out_errors(scan, obj, probe[:k], ~keep)))
         out.append({"k": k, "rho_found": d["found"], "rho_shares": d["eigen_share"], "held_out_error": ho})
         print(f"{text} (true {K}) object fitted with k = {k}: held-out rho count {d['found']}, "
@@ -330,7 +334,7 @@ def summarise(path: str, against: str | None, alpha: str) -> None:
           + (f"; the rule of record on these cells {rref}" if against else ""))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", nargs="*", default=[])
     ap.add_argument("--grid", action="store_true")
@@ -351,7 +355,7 @@ def main() -> None:
     ap.add_argument("--self", type=int, metavar="OBJ_ITS",
                     help="the diagnostic: each k's object refitted with the fit's k strongest modes held")
     ap.add_argument("--alternate", nargs=2, type=int, metavar=("ROUNDS", "OBJ_ITS"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.self:
         for text in a.cells:
             append_record(a.json, {"cell": text, "self": a.self, "ks": self_consistency(text, Path(a.cache), a.self)})

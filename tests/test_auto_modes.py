@@ -1042,11 +1042,19 @@ def test_session31s_density_matrix_refit_is_linear_and_counts_right_from_the_tru
         _, keep = mc.holdout_split(scan, 0.15, 22)
         others = rng.standard_normal((M,) + mix.probe.shape[1:]) + 0j
         basis = mode_rho.truth_basis(mix.probe, others)
-        psi_v, data, mask = mode_rho.mode_waves(scan, mix.object[None], basis)
-        norms = np.sqrt(np.sum(np.abs(basis) ** 2, axis=(1, 2)))
-        psi_v = psi_v / norms[None, :, None, None]
-        model = np.einsum("vmij,m->vij", np.abs(psi_v) ** 2, norms ** 2)
-        G, h = mode_rho.view_normals(psi_v, data, ~keep, model)
+        psi_v, data, model, good, _norms = mode_rho.unit_waves(scan, mix.object[None], basis)
+        G, h = mode_rho.view_normals(psi_v, data, ~keep & good, model)
         d = mode_rho.rho_count(G, h, M, alpha=0.01, boots=300)
         assert d["found"] == len(shares), d
         np.testing.assert_allclose(d["eigen_share"][:len(shares)], shares, atol=0.01)
+
+
+def test_session31s_diagnostics_refuse_a_cell_whose_fit_is_not_cached(tmp_path):
+    """benchmarks/mode_rho.py --self / --alternate read the cell's cached M-mode fit: without it they stop with a
+    message naming the cell and the command that makes it, not a numpy file error."""
+    _benchmarks_on_path()
+    import mode_rho
+
+    for argv in (["--self", "10"], ["--alternate", "1", "10"]):
+        with pytest.raises(SystemExit, match=r"no cached M-mode fit of fly:1e6:1:1 .*--cells fly:1e6:1:1"):
+            mode_rho.main(argv + ["--cells", "fly:1e6:1:1", "--cache", str(tmp_path)])
