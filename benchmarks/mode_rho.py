@@ -22,6 +22,14 @@ bootstrap deviations ρ_b − ρ projected onto the complement of the k − 1 mo
     python benchmarks/mode_rho.py --more 1500 --cells gsm:1e8:3:0.03 --json F  # the cached fit continued first
     python benchmarks/mode_rho.py --summarise docs/auto_modes_s31_rho.jsonl --against docs/auto_modes_s27.jsonl
 
+Session 32's (docs/auto_modes.md, "Session 32"; records docs/auto_modes_s32_*.jsonl):
+
+    python benchmarks/mode_rho.py --hybrid 200 --cells gsm:1e6:3:0.03 --json F   # the true modes + an object from flat
+    python benchmarks/mode_rho.py --basin 500 --cells gsm:1e6:3:0.03 --json F    # from the truth and from the fit
+    python benchmarks/mode_rho.py --pupil --cells gsm:1e6:3:0.03 --json F        # the M-mode fit's modes in the pupil
+    python benchmarks/mode_rho.py --noise poisson --cells gsm:1e6:3:0.03 --json F  # its fits Poisson ML
+    python benchmarks/mode_rho.py --how schedule=DM:100,ML:400 --cells gsm:1e8:3:0.03 --json F  # its schedule
+
 Result (docs/auto_modes.md, "Session 31"; records docs/auto_modes_s31_rho.jsonl, ..._from_truth.jsonl): right on
 all 63 grid cells from the true object and a span holding the true modes, and on 0 of 63 from the rule of record's
 fit — its object and its modes each bias ρ towards the fit's own spectrum. Not adopted. The M-mode fit of every
@@ -46,7 +54,7 @@ from auto_mode_cv import case_scan
 from mode_fit import captured
 from records import append_record, read_records
 
-from hxn_ptycho import mode_count
+from hxn_ptycho import mode_count, modes
 from hxn_ptycho.backend import available_cores
 from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
@@ -180,11 +188,11 @@ def truth_basis(true: np.ndarray, fitted: np.ndarray) -> np.ndarray:
 
 
 def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from: str = "fit",
-         from_truth: int = 0, more: int = 0) -> dict[str, Any]:
+         from_truth: int = 0, more: int = 0, pupil: bool = False, noise: str = "amplitude",
+         how: mode_count.HeldOutCount = mode_count.RULE) -> dict[str, Any]:
     scan, mix, K = case_scan(text)
-    how = mode_count.RULE
     params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
-                                    "auto_rule": "heldout"})
+                                    "auto_rule": "heldout", "ml_noise_model": noise})
     kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
     path = cache / (text.replace(":", "_") + ".npz")
     t0 = time.perf_counter()
@@ -198,14 +206,23 @@ def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from:
         z = np.load(path)
         obj, probe = z["obj"], z["probe"]
     else:
-        over = mode_count.overcomplete_fit(scan, kept, keep, params, how, how.fit_modes, workers,
-                                           lambda m: None)
+        if pupil:           # the variant: every fit's modes held to the pupil (benchmarks/mode_support.py)
+            from mode_support import FIT, pupil_support, with_support
+            mode_count.fit = with_support(pupil_support(kept.diffamp, 0.3, 2))
+        try:
+            over = mode_count.overcomplete_fit(scan, kept, keep, params, how, how.fit_modes, workers,
+                                               lambda m: None)
+        finally:
+            if pupil:
+                mode_count.fit = FIT
         obj, probe = over.obj, over.probe
         np.savez(path, obj=obj, probe=probe)
     if more:                # the diagnostic: the cached M-mode fit continued for ``more`` ML iterations (kept pixels)
         sched = replace(params, probe_modes=how.fit_modes, algorithm=f"ML:{more}", iterations=more, backend="numpy")
         obj, probe, _e = mode_count.fit(kept, sched, keep, obj, probe, mode_cap=how.mode_cap)
     t_fit = time.perf_counter() - t0
+    fit_errors = errors(scan, keep, obj, probe)          # the M-mode fit's own, before any swap below
+    fit_captured = captured(probe, mix.probe)
     # the diagnostics: the true object (the engine keeps the truth's frame: no shift or phase ramp between them),
     # and/or the true modes in the span with the fit's other directions beside them
     if span_from == "truth":
@@ -216,7 +233,9 @@ def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from:
     G, h = view_normals(psi, data, ~keep & good, model)
     out: dict[str, Any] = {"cell": text, "K": K, "fit_shares": [float(x) for x in norms ** 2 / np.sum(norms ** 2)],
                            "fit_seconds": round(t_fit, 1), "object": obj_from, "span": span_from,
-                           "from_truth": from_truth, "more": more}
+                           "from_truth": from_truth, "more": more, "pupil": pupil, "noise": noise,
+                           "errors": fit_errors, "captured": fit_captured,
+                           "how": {f: v for f, v in vars(how).items() if v != getattr(mode_count.RULE, f)}}
     out["decisions"] = {str(a): rho_count(G, h, len(probe), alpha=a) for a in (0.05, 0.01, 0.001)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -277,10 +296,84 @@ def alternate(text: str, cache: Path, rounds: int, obj_its: int) -> list[dict[st
     return out
 
 
+def per_mode_capture(probe: np.ndarray, true: np.ndarray) -> list[float]:
+    """Each true mode's share of its power inside the span of ``probe``'s modes (:func:`mode_fit.captured` per mode)."""
+    q, _ = np.linalg.qr(probe.reshape(len(probe), -1).T.astype(np.complex128))
+    t = true.reshape(len(true), -1)
+    return [float(x) for x in np.sum(np.abs(q.conj().T @ t.T) ** 2, axis=0) / np.sum(np.abs(t) ** 2, axis=1)]
+
+
+def ml_params(M: int, its: int, **extra: Any) -> ReconParams:
+    """``its`` ML iterations with ``M`` modes, as the count's fits run them (one thread, gain 1, numpy)."""
+    return ReconParams.from_dict({"iterations": its, "threads": 1, "detector_gain": 1, "probe_modes": M,
+                                  "algorithm": f"ML:{its}", "backend": "numpy", **extra})
+
+
+def object_fit(kept: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray, its: int) -> np.ndarray:
+    """The object fitted to the kept pixels for ``its`` ML iterations from ``obj`` with ``probe`` held."""
+    return mode_count.fit(kept, ml_params(len(probe), its, probe_update_start=10 ** 9), keep, obj, probe)[0]
+
+
+def errors(scan: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray) -> dict[str, float]:
+    """A model's data error (the count's loss, :func:`mode_count.held_out_errors`) on the kept and held-out pixels."""
+    return {"kept": float(np.sum(mode_count.held_out_errors(scan, obj, probe, keep))),
+            "held_out": float(np.sum(mode_count.held_out_errors(scan, obj, probe, ~keep)))}
+
+
+def hybrid(text: str, cache: Path, obj_its: int) -> dict[str, Any]:
+    """The diagnostic: which half of the cached M-mode fit is wrong. Data errors on the kept and held-out pixels
+    (:func:`errors`) of the truth, of the fit, of the true modes with an object fitted from a flat one (``obj_its``
+    ML iterations of the kept pixels, the modes held), and of the fit's modes with an object fitted from the true
+    one; and each true mode's share inside the fit's span."""
+    scan, mix, K, kept, keep, obj, probe = cached_cell(text, cache)
+    true_obj = mix.object[None]
+    out = {"cell": text, "K": K, "hybrid": obj_its, "truth": errors(scan, keep, true_obj, mix.probe),
+           "fit": errors(scan, keep, obj, probe),
+           "true_modes_object_from_flat": errors(scan, keep, object_fit(kept, keep, np.ones_like(obj), mix.probe,
+                                                                        obj_its), mix.probe),
+           "fit_modes_object_from_truth": errors(scan, keep, object_fit(kept, keep, true_obj.astype(obj.dtype),
+                                                                        probe, obj_its), probe),
+           "per_mode_captured": per_mode_capture(probe, mix.probe)}
+    print(f"{text} (true {K}) kept / held-out error: " + ", ".join(
+        f"{k.replace('_', ' ')} {out[k]['kept']:.1f} / {out[k]['held_out']:.1f}"
+        for k in ("truth", "fit", "true_modes_object_from_flat", "fit_modes_object_from_truth"))
+        + "; true modes inside the fit's span " + "/".join(f"{100 * c:.1f}" for c in out["per_mode_captured"])
+        + " %", flush=True)
+    return out
+
+
+def basin(text: str, cache: Path, its: int) -> dict[str, Any]:
+    """The diagnostic: is the fit's spectrum the loss's or the optimiser's? ``its`` ML iterations of the kept pixels
+    (the count's loss and schedule of its M-mode fit) from the truth with K modes, from the truth with M (the extra
+    ones at 1e-3, as ``--from-truth``), and from the cached M-mode fit; each end's kept and held-out errors,
+    shares and captured power, beside the truth's errors."""
+    from mode_over import truth_start
+    scan, mix, K, kept, keep, obj, probe = cached_cell(text, cache)
+    how = mode_count.RULE
+    out: dict[str, Any] = {"cell": text, "K": K, "basin": its, "truth": errors(scan, keep, mix.object[None], mix.probe)}
+    starts = {"truth_K": (mix.object[None], truth_start(mix, K, 1e-3)),
+              "truth_M": (mix.object[None], truth_start(mix, how.fit_modes, 1e-3)), "fit": (obj, probe)}
+    for name, (o0, p0) in starts.items():
+        sched = ml_params(len(p0), its, extra_mode_power=how.extra_mode_power)
+        o, p, _e = mode_count.fit(kept, sched, keep, o0.astype(np.complex64), p0.astype(np.complex64),
+                                  mode_cap=how.mode_cap)
+        out[name] = {**errors(scan, keep, o, p), "shares": [float(x) for x in modes.power_fractions(p)],
+                     "captured": captured(p, mix.probe)}
+    print(f"{text} (true {K}) +{its} ML, kept / held-out error (truth {out['truth']['kept']:.1f} / "
+          f"{out['truth']['held_out']:.1f}): " + "; ".join(
+              f"from {n.replace('_', ' ')} {out[n]['kept']:.1f} / {out[n]['held_out']:.1f}, "
+              + "/".join(f"{100 * x:.1f}" for x in out[n]["shares"]) + f" %, c {out[n]['captured']:.4f}"
+              for n in starts), flush=True)
+    return out
+
+
 def kind(r: dict[str, Any]) -> str:
-    """Which object and span a record's ρ was fitted with (and the fit started from the truth, if it was)."""
+    """Which object and span a record's ρ was fitted with (and how its fit differs from the rule of record's)."""
     k = f"object {r.get('object', 'fit')}, span {r.get('span', 'fit')}"
-    return (k + (f", fit from the truth ({r['from_truth']} ML)" if r.get("from_truth") else "")
+    return (k + (", modes held to the pupil" if r.get("pupil") else "")
+            + (f", {r['noise']} ML" if r.get("noise", "amplitude") != "amplitude" else "")
+            + "".join(f", {f} {v}" for f, v in (r.get("how") or {}).items())
+            + (f", fit from the truth ({r['from_truth']} ML)" if r.get("from_truth") else "")
             + (f", the fit continued ({r['more']} ML)" if r.get("more") else ""))
 
 
@@ -311,7 +404,7 @@ def summarise(path: str, against: str | None, alpha: str) -> None:
     from auto_mode_mixtures import case_key
     recs: dict[str, dict[str, dict[str, Any]]] = {}
     for r in read_records(path):
-        if "alternate" not in r and "self" not in r:
+        if not {"alternate", "self", "hybrid", "basin"} & set(r):
             recs.setdefault(r["cell"], {})[kind(r)] = r
     ref = {case_key(r["family"], float(r["photons"]), int(r["K"]), float(r["weakest"])): r["found"]
            for r in read_records(against)} if against else {}
@@ -334,6 +427,20 @@ def summarise(path: str, against: str | None, alpha: str) -> None:
           + (f"; the rule of record on these cells {rref}" if against else ""))
 
 
+def schedule_of(changes: list[str]) -> mode_count.HeldOutCount:
+    """The rule of record's schedule with ``FIELD=VALUE`` changes (each value read as the field's own type)."""
+    fields = vars(mode_count.RULE)
+    out = {}
+    for change in changes:
+        name, _sep, value = change.partition("=")
+        if name not in fields or not value:
+            raise SystemExit(f"mode_rho.py: --how {change!r}: expected FIELD=VALUE with FIELD one of "
+                             + ", ".join(fields))
+        kind_of = int if fields[name] is None else type(fields[name])
+        out[name] = tuple(float(v) for v in value.split(",")) if kind_of is tuple else kind_of(value)
+    return replace(mode_count.RULE, **out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", nargs="*", default=[])
@@ -352,13 +459,33 @@ def main(argv: list[str] | None = None) -> None:
                          "the first's power), N ML iterations (not cached)")
     ap.add_argument("--more", type=int, default=0, metavar="N",
                     help="the diagnostic: the cached M-mode fit continued for N ML iterations first")
+    ap.add_argument("--pupil", action="store_true",
+                    help="the M-mode fit's modes held to the pupil (cached apart, in CACHE-pupil)")
+    ap.add_argument("--noise", choices=("amplitude", "poisson"), default="amplitude",
+                    help="the fits' ML noise model (a fit not from the truth is cached apart, in CACHE-poisson)")
     ap.add_argument("--self", type=int, metavar="OBJ_ITS",
                     help="the diagnostic: each k's object refitted with the fit's k strongest modes held")
+    ap.add_argument("--hybrid", type=int, metavar="OBJ_ITS",
+                    help="the diagnostic: the true modes with an object fitted from flat, the fit's modes with one "
+                         "fitted from the truth (held-out errors), and each true mode's share inside the fit's span")
+    ap.add_argument("--how", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="the M-mode fit's schedule changed (HeldOutCount fields: schedule=DM:100,ML:400 "
+                         "extra_mode_power=0.1 …; cached apart)")
+    ap.add_argument("--basin", type=int, metavar="ITS",
+                    help="the diagnostic: ITS ML iterations from the truth (K and M modes) and from the cached fit")
     ap.add_argument("--alternate", nargs=2, type=int, metavar=("ROUNDS", "OBJ_ITS"))
     a = ap.parse_args(argv)
     if a.self:
         for text in a.cells:
             append_record(a.json, {"cell": text, "self": a.self, "ks": self_consistency(text, Path(a.cache), a.self)})
+        return
+    if a.basin:
+        for text in a.cells:
+            append_record(a.json, basin(text, Path(a.cache), a.basin))
+        return
+    if a.hybrid:
+        for text in a.cells:
+            append_record(a.json, hybrid(text, Path(a.cache), a.hybrid))
         return
     if a.alternate:
         for text in a.cells:
@@ -368,14 +495,17 @@ def main(argv: list[str] | None = None) -> None:
     if a.summarise:
         summarise(a.summarise, a.against, a.alpha)
         return
-    cache = Path(a.cache)
+    how = schedule_of(a.how)
+    cache = Path(a.cache + ("-pupil" if a.pupil else "") + ("-poisson" if a.noise == "poisson" else "")
+                 + "".join(f"-{x.replace(':', '').replace(',', '')}" for x in a.how))
     cache.mkdir(parents=True, exist_ok=True)
     for text in (grid_cells() if a.grid else []) + a.cells:
-        r = cell(text, cache, a.workers, a.object, a.span, a.from_truth, a.more)
+        r = cell(text, cache, a.workers, a.object, a.span, a.from_truth, a.more, a.pupil, a.noise, how)
         r["load"] = os.getloadavg()[0]
         d = r["decisions"]
         print(f"{text:>22} true {r['K']} found " + " ".join(f"a{k}:{v['found']}" for k, v in d.items())
               + "  eig % " + "/".join(f"{100 * s:.1f}" for s in d["0.01"]["eigen_share"])
+              + f"  c {r['captured']:.4f}  kept {r['errors']['kept']:.1f} held-out {r['errors']['held_out']:.1f}"
               + f"  {r['seconds']} s", flush=True)
         append_record(a.json, r)
 

@@ -1050,11 +1050,42 @@ def test_session31s_density_matrix_refit_is_linear_and_counts_right_from_the_tru
 
 
 def test_session31s_diagnostics_refuse_a_cell_whose_fit_is_not_cached(tmp_path):
-    """benchmarks/mode_rho.py --self / --alternate read the cell's cached M-mode fit: without it they stop with a
+    """benchmarks/mode_rho.py --self / --alternate / --hybrid / --basin read the cell's cached M-mode fit: without it they stop with a
     message naming the cell and the command that makes it, not a numpy file error."""
     _benchmarks_on_path()
     import mode_rho
 
-    for argv in (["--self", "10"], ["--alternate", "1", "10"]):
+    for argv in (["--self", "10"], ["--alternate", "1", "10"], ["--hybrid", "10"], ["--basin", "10"]):
         with pytest.raises(SystemExit, match=r"no cached M-mode fit of fly:1e6:1:1 .*--cells fly:1e6:1:1"):
             mode_rho.main(argv + ["--cells", "fly:1e6:1:1", "--cache", str(tmp_path)])
+
+
+def test_session32s_per_mode_capture_and_split_errors_add_up():
+    """benchmarks/mode_rho.py (session 32's diagnostics): the true modes' shares inside a span, weighted by their
+    powers, are mode_fit.captured's share of the whole; a true mode inside the span is captured whole and one
+    orthogonal to it not at all; and a model's kept and held-out errors add up to its error over every pixel."""
+    _benchmarks_on_path()
+    import mode_rho
+    from mode_fit import captured
+
+    from hxn_ptycho import mode_count as mc
+    rng = np.random.default_rng(32)
+    true = rng.standard_normal((3, 16, 16)) + 1j * rng.standard_normal((3, 16, 16))
+    span = np.concatenate([true[:1] * 2, rng.standard_normal((2, 16, 16)) + 0j])
+    per = np.array(mode_rho.per_mode_capture(span, true))
+    power = np.sum(np.abs(true) ** 2, axis=(1, 2))
+    assert per[0] == pytest.approx(1.0)
+    assert float(per @ power / power.sum()) == pytest.approx(captured(span, true))
+    q, _ = np.linalg.qr(span.reshape(3, -1).T)
+    outside = true[1].reshape(-1) - q @ (q.conj().T @ true[1].reshape(-1))
+    assert mode_rho.per_mode_capture(span, outside.reshape(1, 16, 16))[0] == pytest.approx(0.0, abs=1e-12)
+    scan, mix = mixture_scan("gsm", (0.7, 0.3), 1e6, seed=1, n_positions=36)
+    _, keep = mc.holdout_split(scan, 0.15, 22)
+    e = mode_rho.errors(scan, keep, mix.object[None], mix.probe)
+    whole = float(np.sum(mc.held_out_errors(scan, mix.object[None], mix.probe, np.ones_like(keep))))
+    assert e["kept"] > 0 and e["held_out"] > 0
+    assert e["kept"] + e["held_out"] == pytest.approx(whole, rel=1e-9)
+    how = mode_rho.schedule_of(["schedule=DM:100,ML:400", "fit_modes=12", "starts=1,0.5", "workers=2"])
+    assert (how.schedule, how.fit_modes, how.starts, how.workers) == ("DM:100,ML:400", 12, (1.0, 0.5), 2)
+    with pytest.raises(SystemExit, match="--how 'bogus=1': expected FIELD=VALUE with FIELD one of holdout"):
+        mode_rho.schedule_of(["bogus=1"])

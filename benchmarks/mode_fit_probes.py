@@ -1,0 +1,192 @@
+"""Issue 18 part 2, session 32: probes of the held-out count's M-mode fit (docs/auto_modes.md, "Session 32", section 3).
+
+Each probe starts from a grid cell (``family:photons:K:weakest``, :func:`auto_mode_cv.case_scan`) and the rule of
+record's held-out pixels; all but ``trajectory`` and ``modes`` read the cell's cached M-mode fit
+(``benchmarks/mode_rho.py --cells CELL`` makes it). Each prints one line per step with the kept and held-out errors
+(:func:`mode_rho.errors`), the captured share of the true modes' power and the fitted shares.
+
+    python benchmarks/mode_fit_probes.py trajectory gsm:1e6:3:0.03      # the rule's fit every 20 iterations
+    python benchmarks/mode_fit_probes.py modes gsm:1e6:3:0.03 --M 12     # the over-complete fit with M modes
+    python benchmarks/mode_fit_probes.py union gsm:1e6:3:0.03 --its 200  # ρ in the span of the fit and its continuation
+    python benchmarks/mode_fit_probes.py reset gsm:1e6:3:0.03            # the object reset to flat, then joint ML
+    python benchmarks/mode_fit_probes.py crossfit fly:1e6:2:0.1 --start truth   # object and modes on different pixels
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import mode_rho as mr
+from auto_mode_cv import case_scan
+from mode_fit import captured
+
+from hxn_ptycho import ml, mode_count, modes
+from hxn_ptycho.params import ReconParams
+
+
+def line(tag: str, scan: Any, keep: np.ndarray, mix: Any, obj: np.ndarray, probe: np.ndarray,
+         rho: bool = False) -> dict[str, Any]:
+    """One step's figures (the modes orthogonalised first); with ``rho`` also the held-out ρ count (session 31)."""
+    probe = modes.orthogonalize(probe)[0]
+    out: dict[str, Any] = {**mr.errors(scan, keep, obj, probe), "captured": captured(probe, mix.probe),
+                           "shares": [float(x) for x in modes.power_fractions(probe)]}
+    text = (f"{tag}: kept {out['kept']:.1f} held-out {out['held_out']:.1f} c {out['captured']:.5f} fit % "
+            + "/".join(f"{100 * x:.1f}" for x in out["shares"]))
+    if rho:
+        out["rho"] = rho_of(scan, keep, obj, probe)
+        text += f"  held-out rho {out['rho']['found']}: " + "/".join(f"{100 * x:.1f}" for x in out["rho"]["eigen_share"])
+    print(text, flush=True)
+    return out
+
+
+def rho_of(scan: Any, keep: np.ndarray, obj: np.ndarray, basis: np.ndarray, weights: np.ndarray | None = None
+           ) -> dict[str, Any]:
+    """Session 31's held-out ρ count in the span of ``basis`` (weights from the modes ``weights``, else ``basis``)."""
+    psi, data, model, good, _n = mr.unit_waves(scan, obj, basis)
+    if weights is not None:
+        model = mr.unit_waves(scan, obj, weights)[2]
+    return mr.rho_count(*mr.view_normals(psi, data, ~keep & good, model), len(basis))
+
+
+def trajectory(text: str, every: int = 20) -> None:
+    """The rule of record's M-mode fit (its starts screened, its schedule) with a snapshot every ``every``
+    iterations; the held-out ρ count at every 100th."""
+    scan, mix, K = case_scan(text)
+    how = mode_count.RULE
+    kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
+    snaps: list[tuple[int, np.ndarray, np.ndarray]] = []
+    fit = mode_count.fit
+
+    def watched(scan_: Any, p: ReconParams, keep_: Any = None, obj: Any = None, probe: Any = None,
+                phase: Any = None, mode_cap: float = 1.0, attach: Any = None, stop: Any = None) -> Any:
+        def hook(rec: Any) -> None:
+            after = rec.modes_mgr.after_iteration
+
+            def after_iteration(it: int, err: float, dm: bool, last: bool) -> None:
+                after(it, err, dm, last)
+                if (it + 1) % every == 0 or last:
+                    snaps.append((it + 1, np.array(rec.be.asnumpy(rec.obj)), np.array(rec.be.asnumpy(rec.probe))))
+            rec.modes_mgr.after_iteration = after_iteration
+        return fit(scan_, p, keep_, obj, probe, phase, mode_cap, hook if p.algorithm == how.schedule else attach, stop)
+    mode_count.fit = watched
+    try:
+        params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
+                                        "auto_rule": "heldout"})
+        mode_count.overcomplete_fit(scan, kept, keep, params, how, how.fit_modes, 2, print)
+    finally:
+        mode_count.fit = fit
+    line(f"{text} truth", scan, keep, mix, mix.object[None], mix.probe)
+    for it, o, p in snaps:
+        line(f"{text} iteration {it}", scan, keep, mix, o, p, rho=it % 100 == 0)
+
+
+def more_modes(text: str, M: int) -> None:
+    """The rule of record's over-complete fit with ``M`` modes instead of its six."""
+    scan, mix, K = case_scan(text)
+    how = mode_count.RULE
+    kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
+    params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
+                                    "auto_rule": "heldout"})
+    over = mode_count.overcomplete_fit(scan, kept, keep, params, how, M, 2, lambda m: None)
+    line(f"{text} M {M}", scan, keep, mix, over.obj, over.probe)
+    print("true modes inside its span " + "/".join(f"{100 * c:.2f}" for c in mr.per_mode_capture(over.probe, mix.probe))
+          + " %", flush=True)
+
+
+def union(text: str, cache: Path, its: int) -> None:
+    """ρ on the held-out pixels in the span of the cached fit's modes and of the same fit continued ``its`` ML
+    iterations (the direction it travels), with the continued fit's object."""
+    scan, mix, K, kept, keep, obj0, p0 = mr.cached_cell(text, cache)
+    obj1, p1, _e = mode_count.fit(kept, mr.ml_params(len(p0), its), keep, obj0, p0, mode_cap=mode_count.RULE.mode_cap)
+    line(f"{text} continued {its}", scan, keep, mix, obj1, p1, rho=True)
+    a = np.concatenate([p0.reshape(len(p0), -1), p1.reshape(len(p1), -1)]).astype(np.complex128)
+    _u, s, vh = np.linalg.svd(a, full_matrices=False)
+    scale = np.sqrt(np.mean(np.sum(np.abs(p0) ** 2, axis=(1, 2))))
+    basis = (vh[s > 1e-3 * s[0]] * scale).reshape(-1, *p0.shape[1:])
+    d = rho_of(scan, keep, obj1, basis, weights=p1)
+    print(f"{text} the union span ({len(basis)} directions, c {captured(basis, mix.probe):.5f}): held-out rho "
+          f"{d['found']}: " + "/".join(f"{100 * x:.1f}" for x in d["eigen_share"]), flush=True)
+
+
+def reset(text: str, cache: Path, obj_its: int, rounds: int) -> None:
+    """The cached fit's object replaced by a flat one, refitted for ``obj_its`` ML iterations with the modes held,
+    then ``rounds`` × 100 joint ML iterations."""
+    scan, mix, K, kept, keep, obj, probe = mr.cached_cell(text, cache)
+    line(f"{text} the fit", scan, keep, mix, obj, probe, rho=True)
+    obj = mr.object_fit(kept, keep, np.ones_like(obj), probe, obj_its)
+    line(f"{text} object from flat, {obj_its} ML", scan, keep, mix, obj, probe, rho=True)
+    for r in range(rounds):
+        obj, probe, _e = mode_count.fit(kept, mr.ml_params(len(probe), 100), keep, obj, probe,
+                                        mode_cap=mode_count.RULE.mode_cap)
+        line(f"{text} +{100 * (r + 1)} joint ML", scan, keep, mix, obj, probe, rho=True)
+
+
+def modes_only(fit_once: Any) -> Any:
+    """ML's first pass with the object's gradient zeroed: its steps move the modes only."""
+    def pass_one(self: Any) -> Any:
+        nll, err, g_obj, d_obj, g_probe, d_probe = fit_once(self)
+        return nll, err, g_obj * 0, d_obj, g_probe, d_probe
+    return pass_one
+
+
+def crossfit(text: str, cache: Path, start: str, M: int, rounds: int, its: int) -> None:
+    """Cross-fitting: the kept pixels split at random into halves A and B; ``its`` ML iterations of the object on
+    A with the modes held, then ``its`` of the modes on B with the object held, ``rounds`` times; from the truth
+    (its K modes, or M with weak extras) or from the cached fit's M strongest modes."""
+    from mode_over import truth_start
+    scan, mix, K, kept, keep, obj, probe = mr.cached_cell(text, cache)
+    M = M or K
+    if start == "truth":
+        obj, probe = mix.object[None], truth_start(mix, M, 1e-3)
+    else:
+        probe = probe[:M]
+    half = np.random.default_rng(32).uniform(size=keep.shape) < 0.5
+    parts = {"object": keep & half, "modes": keep & ~half}
+    scans = {k: mode_count.kept_only(scan, v) for k, v in parts.items()}
+    line(f"{text} start ({start})", scan, keep, mix, obj, probe)
+    once = ml.MLIteration._pass_one
+    for r in range(rounds):
+        obj = mr.object_fit(scans["object"], parts["object"], obj, probe, its)
+        ml.MLIteration._pass_one = modes_only(once)       # type: ignore[method-assign]
+        try:
+            _o, probe, _e = mode_count.fit(scans["modes"], mr.ml_params(len(probe), its), parts["modes"],
+                                           obj.astype(np.complex64), probe.astype(np.complex64),
+                                           mode_cap=mode_count.RULE.mode_cap)
+        finally:
+            ml.MLIteration._pass_one = once               # type: ignore[method-assign]
+        line(f"{text} round {r + 1}", scan, keep, mix, obj, probe, rho=r == rounds - 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("probe", choices=("trajectory", "modes", "union", "reset", "crossfit"))
+    ap.add_argument("cell")
+    ap.add_argument("--cache", default="/tmp/hxn-rho-cache")
+    ap.add_argument("--M", type=int, default=0, help="modes: the fit's modes (12); crossfit: modes kept (K)")
+    ap.add_argument("--its", type=int, default=0, help="union: continuation (200); crossfit: a half-step (30); "
+                                                      "reset: the object's refit (100)")
+    ap.add_argument("--rounds", type=int, default=0, help="reset: joint rounds (4); crossfit: rounds (6)")
+    ap.add_argument("--start", choices=("truth", "fit"), default="fit")
+    a = ap.parse_args(argv)
+    cache = Path(a.cache)
+    if a.probe == "trajectory":
+        trajectory(a.cell)
+    elif a.probe == "modes":
+        more_modes(a.cell, a.M or 12)
+    elif a.probe == "union":
+        union(a.cell, cache, a.its or 200)
+    elif a.probe == "reset":
+        reset(a.cell, cache, a.its or 100, a.rounds or 4)
+    else:
+        crossfit(a.cell, cache, a.start, a.M, a.rounds or 6, a.its or 30)
+
+
+if __name__ == "__main__":
+    main()
