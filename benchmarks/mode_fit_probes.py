@@ -10,6 +10,7 @@ record's held-out pixels; all but ``trajectory`` and ``modes`` read the cell's c
     python benchmarks/mode_fit_probes.py union gsm:1e6:3:0.03 --its 200  # ρ in the span of the fit and its continuation
     python benchmarks/mode_fit_probes.py reset gsm:1e6:3:0.03            # the object reset to flat, then joint ML
     python benchmarks/mode_fit_probes.py crossfit fly:1e6:2:0.1 --start truth   # object and modes on different pixels
+    python benchmarks/mode_fit_probes.py truncate gsm:1e8:3:0.03 --M 3 --its 500  # the fit's 3 strongest + weak extras
 """
 from __future__ import annotations
 
@@ -128,6 +129,25 @@ def reset(text: str, cache: Path, obj_its: int, rounds: int) -> None:
         line(f"{text} +{100 * (r + 1)} joint ML", scan, keep, mix, obj, probe, rho=True)
 
 
+def truncate(text: str, cache: Path, k: int, its: int) -> None:
+    """The cached fit's ``k`` strongest modes and its object, the other M − k modes replaced by weak ones (orthogonal
+    to them, 10⁻³ of the first's power, as ``--from-truth`` pads the truth), then ``its`` ML iterations of the M-mode
+    fit: does a start without the split pieces reach the truth's basin?"""
+    scan, mix, K, kept, keep, obj, probe = mr.cached_cell(text, cache)
+    M = len(probe)
+    top = probe[:k].astype(np.complex128)
+    extra = modes.diverse_modes(top[0], M - k, 1e-3, np.random.default_rng(0)).reshape(M - k, -1)
+    q, _ = np.linalg.qr(top.reshape(k, -1).T)
+    extra = extra - (extra @ q.conj()) @ q.T
+    first = float(np.vdot(top[0], top[0]).real)
+    extra *= np.sqrt(first * 1e-3 / np.arange(1, M - k + 1))[:, None] / np.linalg.norm(extra, axis=1, keepdims=True)
+    start = np.concatenate([top, extra.reshape(M - k, *top.shape[1:])]).astype(np.complex64)
+    how = mode_count.RULE
+    obj, probe, _e = mode_count.fit(kept, mr.ml_params(M, its, extra_mode_power=how.extra_mode_power), keep, obj,
+                                    start, mode_cap=how.mode_cap)
+    line(f"{text} the fit's {k} strongest + weak extras, +{its} ML", scan, keep, mix, obj, probe, rho=True)
+
+
 def modes_only(fit_once: Any) -> Any:
     """ML's first pass with the object's gradient zeroed: its steps move the modes only."""
     def pass_one(self: Any) -> Any:
@@ -166,12 +186,13 @@ def crossfit(text: str, cache: Path, start: str, M: int, rounds: int, its: int) 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=("trajectory", "modes", "union", "reset", "crossfit"))
+    ap.add_argument("probe", choices=("trajectory", "modes", "union", "reset", "crossfit", "truncate"))
     ap.add_argument("cell")
     ap.add_argument("--cache", default="/tmp/hxn-rho-cache")
-    ap.add_argument("--M", type=int, default=0, help="modes: the fit's modes (12); crossfit: modes kept (K)")
+    ap.add_argument("--M", type=int, default=0, help="modes: the fit's modes (12); crossfit: modes kept (K); truncate: "
+                                                        "modes kept (K)")
     ap.add_argument("--its", type=int, default=0, help="union: continuation (200); crossfit: a half-step (30); "
-                                                      "reset: the object's refit (100)")
+                                                      "reset: the object's refit (100); truncate: the fit (500)")
     ap.add_argument("--rounds", type=int, default=0, help="reset: joint rounds (4); crossfit: rounds (6)")
     ap.add_argument("--start", choices=("truth", "fit"), default="fit")
     a = ap.parse_args(argv)
@@ -184,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         union(a.cell, cache, a.its or 200)
     elif a.probe == "reset":
         reset(a.cell, cache, a.its or 100, a.rounds or 4)
+    elif a.probe == "truncate":
+        truncate(a.cell, cache, a.M or case_scan(a.cell)[2], a.its or 500)
     else:
         crossfit(a.cell, cache, a.start, a.M, a.rounds or 6, a.its or 30)
 
