@@ -11,6 +11,7 @@ record's held-out pixels; all but ``trajectory`` and ``modes`` read the cell's c
     python benchmarks/mode_fit_probes.py reset gsm:1e6:3:0.03            # the object reset to flat, then joint ML
     python benchmarks/mode_fit_probes.py crossfit fly:1e6:2:0.1 --start truth   # object and modes on different pixels
     python benchmarks/mode_fit_probes.py truncate gsm:1e8:3:0.03 --M 3 --its 500  # the fit's 3 strongest + weak extras
+    python benchmarks/mode_fit_probes.py coarse gsm:1e8:3:0.03         # the fit at 32², then 64² from its modes
 """
 from __future__ import annotations
 
@@ -148,6 +149,41 @@ def truncate(text: str, cache: Path, k: int, its: int) -> None:
     line(f"{text} the fit's {k} strongest + weak extras, +{its} ML", scan, keep, mix, obj, probe, rho=True)
 
 
+def coarse(text: str, cache: Path, f: int, its: int) -> None:
+    """Coarse to fine: the rule's M-mode fit (its starts screened, its schedule) on the scan at 1/``f`` of the
+    resolution (the central n/f of every frame's far field, which holds the pupil; the held-out pixels cropped
+    alike, as ``position_search.half_resolution`` crops), its modes brought back to n² by zero-padding their far
+    fields, then the full scan's M-mode fit (the rule's schedule, or ``its`` ML iterations) from them and a flat
+    object. Compared with the rule's fit and the truth."""
+    from dataclasses import replace
+    scan, mix, K, kept, keep, obj0, p0 = mr.cached_cell(text, cache)
+    how = mode_count.RULE
+    n = scan.n
+    m, o = n // f, (n - n // f) // 2
+
+    def crop(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.fft.ifftshift(np.fft.fftshift(a, axes=(-2, -1))[..., o:o + m, o:o + m],
+                                                     axes=(-2, -1)))
+    lo = replace(scan, diffamp=crop(scan.diffamp), mask=None if scan.mask is None else crop(scan.mask))
+    keep_lo = crop(keep)
+    params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
+                                    "auto_rule": "heldout"})
+    over = mode_count.overcomplete_fit(lo, mode_count.kept_only(lo, keep_lo), keep_lo, params, how, len(p0), 2,
+                                       lambda msg: None)
+    print(f"{text} at 1/{f} resolution ({m}²): start x{over.chosen:g}, fit % "
+          + "/".join(f"{100 * x:.1f}" for x in modes.power_fractions(over.probe)), flush=True)
+    far = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(over.probe.astype(np.complex128), axes=(-2, -1)), norm="ortho"),
+                          axes=(-2, -1))
+    padded = np.zeros((len(far), n, n), np.complex128)
+    padded[:, o:o + m, o:o + m] = far
+    probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(padded, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    sched = over.sched(how.schedule) if its == 0 else mr.ml_params(len(probe), its)
+    obj, probe, _e = mode_count.fit(kept, sched, keep, np.ones_like(obj0), probe.astype(np.complex64),
+                                    mode_cap=how.mode_cap)
+    line(f"{text} the full scan's fit from them and a flat object", scan, keep, mix, obj, probe, rho=True)
+    line(f"{text} the rule's fit", scan, keep, mix, obj0, p0)
+
+
 def modes_only(fit_once: Any) -> Any:
     """ML's first pass with the object's gradient zeroed: its steps move the modes only."""
     def pass_one(self: Any) -> Any:
@@ -186,11 +222,11 @@ def crossfit(text: str, cache: Path, start: str, M: int, rounds: int, its: int) 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=("trajectory", "modes", "union", "reset", "crossfit", "truncate"))
+    ap.add_argument("probe", choices=("trajectory", "modes", "union", "reset", "crossfit", "truncate", "coarse"))
     ap.add_argument("cell")
     ap.add_argument("--cache", default="/tmp/hxn-rho-cache")
     ap.add_argument("--M", type=int, default=0, help="modes: the fit's modes (12); crossfit: modes kept (K); truncate: "
-                                                        "modes kept (K)")
+                                                        "modes kept (K); coarse: the resolution's divisor (2)")
     ap.add_argument("--its", type=int, default=0, help="union: continuation (200); crossfit: a half-step (30); "
                                                       "reset: the object's refit (100); truncate: the fit (500)")
     ap.add_argument("--rounds", type=int, default=0, help="reset: joint rounds (4); crossfit: rounds (6)")
@@ -205,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         union(a.cell, cache, a.its or 200)
     elif a.probe == "reset":
         reset(a.cell, cache, a.its or 100, a.rounds or 4)
+    elif a.probe == "coarse":
+        coarse(a.cell, cache, a.M or 2, a.its)
     elif a.probe == "truncate":
         truncate(a.cell, cache, a.M or case_scan(a.cell)[2], a.its or 500)
     else:
