@@ -135,14 +135,9 @@ def truncate(text: str, cache: Path, k: int, its: int) -> None:
     to them, 10⁻³ of the first's power, as ``--from-truth`` pads the truth), then ``its`` ML iterations of the M-mode
     fit: does a start without the split pieces reach the truth's basin?"""
     scan, mix, K, kept, keep, obj, probe = mr.cached_cell(text, cache)
+    from mode_over import padded
     M = len(probe)
-    top = probe[:k].astype(np.complex128)
-    extra = modes.diverse_modes(top[0], M - k, 1e-3, np.random.default_rng(0)).reshape(M - k, -1)
-    q, _ = np.linalg.qr(top.reshape(k, -1).T)
-    extra = extra - (extra @ q.conj()) @ q.T
-    first = float(np.vdot(top[0], top[0]).real)
-    extra *= np.sqrt(first * 1e-3 / np.arange(1, M - k + 1))[:, None] / np.linalg.norm(extra, axis=1, keepdims=True)
-    start = np.concatenate([top, extra.reshape(M - k, *top.shape[1:])]).astype(np.complex64)
+    start = padded(probe[:k], M, 1e-3).astype(np.complex64)
     how = mode_count.RULE
     obj, probe, _e = mode_count.fit(kept, mr.ml_params(M, its, extra_mode_power=how.extra_mode_power), keep, obj,
                                     start, mode_cap=how.mode_cap)

@@ -128,19 +128,24 @@ class StopWhenFlat:
 
 
 def truth_start(mix: Any, M: int, extra: float) -> np.ndarray:
-    """The true modes and M − K weak extra ones (derivatives of the first, orthogonal to all true
-    modes, the k-th at extra/k of the first's power), total power kept."""
-    K = len(mix.probe)
+    """The true modes and M − K weak extra ones (:func:`padded`)."""
+    return padded(mix.probe, M, extra)
+
+
+def padded(probe: np.ndarray, M: int, extra: float) -> np.ndarray:
+    """``probe``'s K modes and M − K weak extra ones (derivatives of the first, orthogonal to all K, the k-th at
+    extra/k of the first's power), total power kept."""
+    K = len(probe)
     if M == K:
-        return mix.probe.copy()
-    ex = modes.diverse_modes(mix.probe[0], M - K, extra, np.random.default_rng(0)).astype(np.complex128)
-    t = mix.probe.reshape(K, -1).astype(np.complex128)
+        return probe.copy()
+    ex = modes.diverse_modes(probe[0], M - K, extra, np.random.default_rng(0)).astype(np.complex128)
+    t = probe.reshape(K, -1).astype(np.complex128)
     q, _ = np.linalg.qr(t.T)
     f = ex.reshape(M - K, -1)
     f = f - (f @ q.conj()) @ q.T
     p0 = float(np.vdot(t[0], t[0]).real)
     f = f / np.linalg.norm(f, axis=1, keepdims=True) * np.sqrt(p0 * extra / np.arange(1, M - K + 1))[:, None]
-    pr = np.concatenate([t, f]).reshape(M, *mix.probe.shape[1:])
+    pr = np.concatenate([t, f]).reshape(M, *probe.shape[1:])
     return pr * np.sqrt(float(np.sum(np.abs(t) ** 2)) / float(np.sum(np.abs(pr) ** 2)))
 
 
