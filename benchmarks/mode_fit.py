@@ -48,11 +48,18 @@ from hxn_ptycho.engine import Reconstruction
 from hxn_ptycho.params import ReconParams
 
 
-def captured(probe: np.ndarray, true_probe: np.ndarray) -> float:
-    """Tr(Π ρ_true) / Tr(ρ_true): the share of the true modes' power inside the span of the fitted modes."""
+def per_mode_capture(probe: np.ndarray, true_probe: np.ndarray) -> list[float]:
+    """Each true mode's share of its power inside the span of the fitted modes ``probe``."""
     q, _ = np.linalg.qr(probe.reshape(len(probe), -1).T.astype(np.complex128))
-    t = true_probe.reshape(len(true_probe), -1).T
-    return float(np.sum(np.abs(q.conj().T @ t) ** 2) / np.sum(np.abs(t) ** 2))
+    t = true_probe.reshape(len(true_probe), -1)
+    return [float(x) for x in np.sum(np.abs(q.conj().T @ t.T) ** 2, axis=0) / np.sum(np.abs(t) ** 2, axis=1)]
+
+
+def captured(probe: np.ndarray, true_probe: np.ndarray) -> float:
+    """Tr(Π ρ_true) / Tr(ρ_true): the share of the true modes' power inside the span of the fitted modes (their
+    :func:`per_mode_capture` weighted by power)."""
+    power = np.sum(np.abs(true_probe.reshape(len(true_probe), -1)) ** 2, axis=1)
+    return float(np.asarray(per_mode_capture(probe, true_probe)) @ power / np.sum(power))
 
 def poisson_gauss_newton() -> None:
     """ML Poisson: the line search's curvature Σ (I/I_m²)·c1² (Gauss–Newton, never negative; the exact

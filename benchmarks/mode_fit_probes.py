@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import mode_rho as mr
 from auto_mode_cv import case_scan
-from mode_fit import captured
+from mode_fit import captured, per_mode_capture
 
 from hxn_ptycho import ml, mode_count, modes
 from hxn_ptycho.params import ReconParams
@@ -42,19 +42,10 @@ def line(tag: str, scan: Any, keep: np.ndarray, mix: Any, obj: np.ndarray, probe
     text = (f"{tag}: kept {out['kept']:.1f} held-out {out['held_out']:.1f} c {out['captured']:.5f} fit % "
             + "/".join(f"{100 * x:.1f}" for x in out["shares"]))
     if rho:
-        out["rho"] = rho_of(scan, keep, obj, probe)
+        out["rho"] = mr.held_out_rho(scan, keep, obj, probe)
         text += f"  held-out rho {out['rho']['found']}: " + "/".join(f"{100 * x:.1f}" for x in out["rho"]["eigen_share"])
     print(text, flush=True)
     return out
-
-
-def rho_of(scan: Any, keep: np.ndarray, obj: np.ndarray, basis: np.ndarray, weights: np.ndarray | None = None
-           ) -> dict[str, Any]:
-    """Session 31's held-out ρ count in the span of ``basis`` (weights from the modes ``weights``, else ``basis``)."""
-    psi, data, model, good, _n = mr.unit_waves(scan, obj, basis)
-    if weights is not None:
-        model = mr.unit_waves(scan, obj, weights)[2]
-    return mr.rho_count(*mr.view_normals(psi, data, ~keep & good, model), len(basis))
 
 
 def trajectory(text: str, every: int = 20) -> None:
@@ -98,7 +89,7 @@ def more_modes(text: str, M: int) -> None:
                                     "auto_rule": "heldout"})
     over = mode_count.overcomplete_fit(scan, kept, keep, params, how, M, 2, lambda m: None)
     line(f"{text} M {M}", scan, keep, mix, over.obj, over.probe)
-    print("true modes inside its span " + "/".join(f"{100 * c:.2f}" for c in mr.per_mode_capture(over.probe, mix.probe))
+    print("true modes inside its span " + "/".join(f"{100 * c:.2f}" for c in per_mode_capture(over.probe, mix.probe))
           + " %", flush=True)
 
 
@@ -112,7 +103,7 @@ def union(text: str, cache: Path, its: int) -> None:
     _u, s, vh = np.linalg.svd(a, full_matrices=False)
     scale = np.sqrt(np.mean(np.sum(np.abs(p0) ** 2, axis=(1, 2))))
     basis = (vh[s > 1e-3 * s[0]] * scale).reshape(-1, *p0.shape[1:])
-    d = rho_of(scan, keep, obj1, basis, weights=p1)
+    d = mr.held_out_rho(scan, keep, obj1, basis, weights=p1)
     print(f"{text} the union span ({len(basis)} directions, c {captured(basis, mix.probe):.5f}): held-out rho "
           f"{d['found']}: " + "/".join(f"{100 * x:.1f}" for x in d["eigen_share"]), flush=True)
 
@@ -147,18 +138,18 @@ def truncate(text: str, cache: Path, k: int, its: int) -> None:
 def coarse(text: str, cache: Path, f: int, its: int) -> None:
     """Coarse to fine: the rule's M-mode fit (its starts screened, its schedule) on the scan at 1/``f`` of the
     resolution (the central n/f of every frame's far field, which holds the pupil; the held-out pixels cropped
-    alike, as ``position_search.half_resolution`` crops), its modes brought back to n² by zero-padding their far
+    alike, :func:`position_search.crop_far_field`), its modes brought back to n² by zero-padding their far
     fields, then the full scan's M-mode fit (the rule's schedule, or ``its`` ML iterations) from them and a flat
     object. Compared with the rule's fit and the truth."""
     from dataclasses import replace
+    from functools import partial
+
+    from hxn_ptycho.position_search import crop_far_field
     scan, mix, K, kept, keep, obj0, p0 = mr.cached_cell(text, cache)
     how = mode_count.RULE
     n = scan.n
     m, o = n // f, (n - n // f) // 2
-
-    def crop(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.fft.ifftshift(np.fft.fftshift(a, axes=(-2, -1))[..., o:o + m, o:o + m],
-                                                     axes=(-2, -1)))
+    crop = partial(crop_far_field, f=f)
     lo = replace(scan, diffamp=crop(scan.diffamp), mask=None if scan.mask is None else crop(scan.mask))
     keep_lo = crop(keep)
     params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",

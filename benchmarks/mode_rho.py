@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import nullcontext
 import sys
 import time
 from dataclasses import replace
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from auto_mode_cv import case_scan
-from mode_fit import captured
+from mode_fit import captured, per_mode_capture
 from records import append_record, read_records
 
 from hxn_ptycho import mode_count, modes
@@ -206,15 +207,10 @@ def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from:
         z = np.load(path)
         obj, probe = z["obj"], z["probe"]
     else:
-        if pupil:           # the variant: every fit's modes held to the pupil (benchmarks/mode_support.py)
-            from mode_support import FIT, pupil_support, with_support
-            mode_count.fit = with_support(pupil_support(kept.diffamp, 0.3, 2))
-        try:
+        from mode_support import held_to_pupil
+        with held_to_pupil(kept.diffamp) if pupil else nullcontext():   # the variant: modes held to the pupil
             over = mode_count.overcomplete_fit(scan, kept, keep, params, how, how.fit_modes, workers,
                                                lambda m: None)
-        finally:
-            if pupil:
-                mode_count.fit = FIT
         obj, probe = over.obj, over.probe
         np.savez(path, obj=obj, probe=probe)
     if more:                # the diagnostic: the cached M-mode fit continued for ``more`` ML iterations (kept pixels)
@@ -269,9 +265,6 @@ def alternate(text: str, cache: Path, rounds: int, obj_its: int) -> list[dict[st
     scan, mix, K, kept, keep, obj, probe = cached_cell(text, cache)
     how = mode_count.RULE
     M = len(probe)
-    base = ReconParams.from_dict({"iterations": obj_its, "threads": 1, "detector_gain": 1, "probe_modes": M,
-                                  "algorithm": f"ML:{obj_its}", "probe_update_start": 10 ** 9,
-                                  "extra_mode_power": how.extra_mode_power})
     out = []
     for r in range(rounds + 1):
         psi, data, model, good, norms = unit_waves(scan, obj, probe)
@@ -291,16 +284,9 @@ def alternate(text: str, cache: Path, rounds: int, obj_its: int) -> list[dict[st
         probe = psd_modes(rho_fit(Gk, hk, M), basis)
         if len(probe) < M:        # keep M modes: pad with tiny copies of the weakest directions
             probe = np.concatenate([probe, 1e-3 * basis[len(probe):] * norms[len(probe):, None, None]])
-        obj, probe, _e = mode_count.fit(kept, replace(base, probe_modes=M), keep, obj, probe.astype(np.complex64),
-                                        mode_cap=how.mode_cap)
+        probe = modes.orthogonalize(probe.astype(np.complex64))[0]      # as a fit returns its modes
+        obj = object_fit(kept, keep, obj, probe, obj_its, how.mode_cap)
     return out
-
-
-def per_mode_capture(probe: np.ndarray, true: np.ndarray) -> list[float]:
-    """Each true mode's share of its power inside the span of ``probe``'s modes (:func:`mode_fit.captured` per mode)."""
-    q, _ = np.linalg.qr(probe.reshape(len(probe), -1).T.astype(np.complex128))
-    t = true.reshape(len(true), -1)
-    return [float(x) for x in np.sum(np.abs(q.conj().T @ t.T) ** 2, axis=0) / np.sum(np.abs(t) ** 2, axis=1)]
 
 
 def ml_params(M: int, its: int, **extra: Any) -> ReconParams:
@@ -309,9 +295,22 @@ def ml_params(M: int, its: int, **extra: Any) -> ReconParams:
                                   "algorithm": f"ML:{its}", "backend": "numpy", **extra})
 
 
-def object_fit(kept: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray, its: int) -> np.ndarray:
-    """The object fitted to the kept pixels for ``its`` ML iterations from ``obj`` with ``probe`` held."""
-    return mode_count.fit(kept, ml_params(len(probe), its, probe_update_start=10 ** 9), keep, obj, probe)[0]
+def object_fit(kept: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray, its: int, mode_cap: float = 1.0
+               ) -> np.ndarray:
+    """The object fitted to the kept pixels for ``its`` ML iterations from ``obj`` with ``probe`` held (``mode_cap``:
+    ML's per-mode gradient scaling, which still enters its conjugate-gradient weights)."""
+    return mode_count.fit(kept, ml_params(len(probe), its, probe_update_start=10 ** 9), keep, obj, probe,
+                          mode_cap=mode_cap)[0]
+
+
+def held_out_rho(scan: Any, keep: np.ndarray, obj: np.ndarray, basis: np.ndarray, modelled: int | None = None,
+                 weights: np.ndarray | None = None) -> dict[str, Any]:
+    """The count of ρ fitted on the held-out pixels in the span of ``basis`` (:func:`rho_count`), weighted by the
+    model of its first ``modelled`` modes (:func:`unit_waves`), or of the modes ``weights`` when given."""
+    psi, data, model, good, _norms = unit_waves(scan, obj, basis, modelled)
+    if weights is not None:
+        model = unit_waves(scan, obj, weights)[2]
+    return rho_count(*view_normals(psi, data, ~keep & good, model), len(basis))
 
 
 def errors(scan: Any, keep: np.ndarray, obj: np.ndarray, probe: np.ndarray) -> dict[str, float]:
@@ -386,11 +385,8 @@ def self_consistency(text: str, cache: Path, obj_its: int) -> list[dict[str, Any
     M = len(probe)
     out = []
     for k in range(1, M + 1):
-        base = ReconParams.from_dict({"iterations": obj_its, "threads": 1, "detector_gain": 1, "probe_modes": k,
-                                      "algorithm": f"ML:{obj_its}", "probe_update_start": 10 ** 9})
-        obj, _p, _e = mode_count.fit(kept, base, keep, obj0, probe[:k], mode_cap=how.mode_cap)
-        psi, data, model, good, _norms = unit_waves(scan, obj, probe, modelled=k)
-        d = rho_count(*view_normals(psi, data, ~keep & good, model), M)
+        obj = object_fit(kept, keep, obj0, probe[:k], obj_its, how.mode_cap)
+        d = held_out_rho(scan, keep, obj, probe, modelled=k)
         ho = float(np.sum(mode_count.held_out_errors(scan, obj, probe[:k], ~keep)))
         out.append({"k": k, "rho_found": d["found"], "rho_shares": d["eigen_share"], "held_out_error": ho})
         print(f"{text} (true {K}) object fitted with k = {k}: held-out rho count {d['found']}, "
@@ -437,7 +433,11 @@ def schedule_of(changes: list[str]) -> mode_count.HeldOutCount:
             raise SystemExit(f"mode_rho.py: --how {change!r}: expected FIELD=VALUE with FIELD one of "
                              + ", ".join(fields))
         kind_of = int if fields[name] is None else type(fields[name])
-        out[name] = tuple(float(v) for v in value.split(",")) if kind_of is tuple else kind_of(value)
+        try:
+            out[name] = tuple(float(v) for v in value.split(",")) if kind_of is tuple else kind_of(value)
+        except ValueError:
+            raise SystemExit(f"mode_rho.py: --how {change!r}: {name} takes {kind_of.__name__} "
+                             f"(the rule of record's: {fields[name]!r})") from None
     return replace(mode_count.RULE, **out)
 
 

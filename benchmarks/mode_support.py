@@ -23,6 +23,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,18 @@ def with_support(support: np.ndarray) -> Any:
     return fit_in_pupil
 
 
+@contextmanager
+def held_to_pupil(diffamp: np.ndarray, threshold: float = 0.3, dilate: int = 2) -> Iterator[np.ndarray]:
+    """Within it every ``mode_count.fit`` holds its modes to the pupil of ``diffamp`` (:func:`pupil_support`: pass
+    the kept pixels' frames, as the fits see them); yields the support."""
+    support = pupil_support(diffamp, threshold, dilate)
+    mc.fit = with_support(support)
+    try:
+        yield support
+    finally:
+        mc.fit = FIT
+
+
 def cell_name(family: str, photons: float, K: int, weakest: float) -> str:
     return f"{family}:{photons:.0e}".replace("+0", "") + f":{K}:{1 if K == 1 else f'{weakest:g}'}"
 
@@ -123,15 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     for case in a.cases:
         scan, mix, K = case_scan(case)
-        support = pupil_support(mc.holdout_split(scan, mc.RULE.holdout, mc.RULE.seed)[0].diffamp, a.threshold,
-                                a.dilate)                   # from the kept pixels only, as the fits see them
-        mc.fit = with_support(support)
         t0 = time.perf_counter()
-        try:
+        with held_to_pupil(mc.holdout_split(scan, mc.RULE.holdout, mc.RULE.seed)[0].diffamp, a.threshold,
+                           a.dilate) as support:        # from the kept pixels only, as the fits see them
             ev, model = mc.count_and_model(scan, ReconParams(probe_modes="auto", auto_rule="heldout", detector_gain=1,
                                                              iterations=100), log_fn=lambda m: None)
-        finally:
-            mc.fit = FIT
         rec = {"case": case, "true": K, "found": ev["found"], "threshold": a.threshold, "dilate": a.dilate,
                "support_px": int(support.sum()),
                "z": [c.get("z") for c in ev["chain"][1:]], "fit_shares": ev["fit_shares"],

@@ -233,19 +233,21 @@ def half_resolution(amps: np.ndarray, mask: np.ndarray | None, probe: np.ndarray
     """The scan at 1/``f`` of the resolution for cheap growths: the central n/f of each frame's far
     field (zero frequency at [0, 0]), the probe's far field cropped alike (its real-space pixel f
     times larger), the corners divided by f and the object's shape to hold them. ``f`` = 1: as given."""
-    n = amps.shape[-1]
     if f == 1:
         return amps, mask, np.array(probe, np.complex128), np.round(corners), tuple(shape)
+    far = np.fft.fft2(np.fft.ifftshift(np.asarray(probe, np.complex128), axes=(-2, -1)), norm="ortho")
+    probe_s = np.fft.fftshift(np.fft.ifft2(crop_far_field(far, f), norm="ortho"), axes=(-2, -1))
+    shape_s = (shape[0], shape[1] // f + 1, shape[2] // f + 1)
+    return (np.ascontiguousarray(crop_far_field(amps, f)), None if mask is None else crop_far_field(mask, f), probe_s,
+            np.round(np.asarray(corners) / f), shape_s)
+
+
+def crop_far_field(a: np.ndarray, f: int) -> np.ndarray:
+    """The central n/``f`` × n/``f`` of far fields ``a`` (..., n, n), zero frequency at [0, 0] in and out."""
+    n = a.shape[-1]
     m = n // f
     o = (n - m) // 2
-
-    def crop(a: np.ndarray) -> np.ndarray:
-        return np.fft.ifftshift(np.fft.fftshift(a, axes=(-2, -1))[..., o:o + m, o:o + m], axes=(-2, -1))
-    far = np.fft.fft2(np.fft.ifftshift(np.asarray(probe, np.complex128), axes=(-2, -1)), norm="ortho")
-    probe_s = np.fft.fftshift(np.fft.ifft2(crop(far), norm="ortho"), axes=(-2, -1))
-    shape_s = (shape[0], shape[1] // f + 1, shape[2] // f + 1)
-    return (np.ascontiguousarray(crop(amps)), None if mask is None else crop(mask), probe_s,
-            np.round(np.asarray(corners) / f), shape_s)
+    return np.fft.ifftshift(np.fft.fftshift(a, axes=(-2, -1))[..., o:o + m, o:o + m], axes=(-2, -1))
 
 
 def growth_misfit(probe: np.ndarray, level: np.ndarray, shape: tuple[int, ...], amps: np.ndarray,

@@ -1076,6 +1076,9 @@ def test_session32s_per_mode_capture_and_split_errors_add_up():
     power = np.sum(np.abs(true) ** 2, axis=(1, 2))
     assert per[0] == pytest.approx(1.0)
     assert float(per @ power / power.sum()) == pytest.approx(captured(span, true))
+    q, _ = np.linalg.qr(span.reshape(3, -1).T)                 # Tr(Π ρ_true) / Tr(ρ_true), written out
+    t = true.reshape(3, -1).T
+    assert captured(span, true) == pytest.approx(float(np.sum(np.abs(q.conj().T @ t) ** 2) / np.sum(np.abs(t) ** 2)))
     q, _ = np.linalg.qr(span.reshape(3, -1).T)
     outside = true[1].reshape(-1) - q @ (q.conj().T @ true[1].reshape(-1))
     assert mode_rho.per_mode_capture(span, outside.reshape(1, 16, 16))[0] == pytest.approx(0.0, abs=1e-12)
@@ -1089,3 +1092,5 @@ def test_session32s_per_mode_capture_and_split_errors_add_up():
     assert (how.schedule, how.fit_modes, how.starts, how.workers) == ("DM:100,ML:400", 12, (1.0, 0.5), 2)
     with pytest.raises(SystemExit, match="--how 'bogus=1': expected FIELD=VALUE with FIELD one of holdout"):
         mode_rho.schedule_of(["bogus=1"])
+    with pytest.raises(SystemExit, match="--how 'fit_modes=six': fit_modes takes int"):
+        mode_rho.schedule_of(["fit_modes=six"])
