@@ -246,6 +246,7 @@ class Reconstruction:
         self.stop = stop
         self.scan, self.params = scan, params
         self.ml_mode_cap = 1.0          # ML's per-mode probe-gradient scaling (hxn_ptycho.mode_count's fits)
+        self.ml_mode_sparsity = 0.0     # ML's penalty on the modes' norms, ml.mode_penalty (mode_count's fits)
         self.reducer = reducer or LocalReducer()
         self.be = check_backend(backend or get_backend(params.backend, params.threads))
         self.progress = progress and self.reducer.rank == 0

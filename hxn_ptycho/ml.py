@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 FLOOR = 1e-6          # of the mean measured intensity per pixel: I_m is kept above it
 ARMIJO = 1e-4         # the Poisson step is kept when L(α) ≤ L(0) + ARMIJO·α·L'(0)
 MAX_BACKTRACKS = 8    # shorter trials along one direction before going back to its start
+SPARSITY_EPS = 1e-4   # mode_penalty's smoothing, of the modes' total norm
 TRIAL_STEP = 0.05     # without a usable curvature: the first trial step, ‖(O, P)‖/‖h‖ × this
 
 
@@ -148,6 +149,33 @@ def ml_step(d1: float, d2: float, alpha_last: float) -> float:
     return alpha_last if alpha_last > 0 and np.isfinite(alpha_last) else 0.0
 
 
+# (ML, mode sparsity) R = μ Σ_k √(‖P_k‖² + ε²) and ∂R/∂P_k* = μ P_k / 2√(‖P_k‖² + ε²): the group penalty on the modes
+def mode_penalty(be: Any, probe: Any, mu: float) -> tuple[float, Any]:
+    """The penalty R and its gradient (in ``g_probe``'s convention, dR/dα = 2 Re⟨∂R/∂P*, h⟩).
+
+    For orthogonal modes Σ_k ‖P_k‖ is the nuclear norm of the modes' matrix (Σ_k √λ_k of the density
+    matrix ρ = Σ_k P_k P_k^H), the convex envelope of its rank: it drives modes that the data do not pay for
+    to zero and leaves a mode only where the data's gradient along it exceeds μ/2 (the held-out count's
+    sparse fit, docs/auto_modes.md, "Session 33"). ε = :data:`SPARSITY_EPS` × the total norm smooths it at 0.
+    """
+    xp = be.xp
+    norm2 = xp.sum(xp.square(xp.abs(probe)), axis=(1, 2)).astype(xp.float64)
+    eps2 = (SPARSITY_EPS ** 2) * float(xp.sum(norm2))
+    s = xp.sqrt(norm2 + eps2)
+    return mu * float(xp.sum(s)), (0.5 * mu / s)[:, None, None].astype(probe.real.dtype) * probe
+
+
+# (ML, mode sparsity) R'(0) = μ Σ_k Re⟨P_k, h_k⟩/s_k and R''(0) = μ Σ_k (‖h_k‖² − Re⟨P_k, h_k⟩²/s_k²)/s_k along P + α·h
+def mode_penalty_line(be: Any, probe: Any, h: Any, mu: float) -> tuple[float, float]:
+    """The penalty's slope and (exact, non-negative) curvature along the probe direction ``h``."""
+    xp = be.xp
+    norm2 = xp.sum(xp.square(xp.abs(probe)), axis=(1, 2)).astype(xp.float64)
+    s = xp.sqrt(norm2 + (SPARSITY_EPS ** 2) * float(xp.sum(norm2)))
+    ph = xp.sum(probe.real * h.real + probe.imag * h.imag, axis=(1, 2)).astype(xp.float64)
+    hh = xp.sum(xp.square(xp.abs(h)), axis=(1, 2)).astype(xp.float64)
+    return mu * float(xp.sum(ph / s)), mu * float(xp.sum((hh - ph * ph / (s * s)) / s))
+
+
 class MLIteration:
     """Poisson ML by conjugate gradient over a :class:`~hxn_ptycho.engine.Reconstruction`'s parts."""
 
@@ -183,6 +211,9 @@ class MLIteration:
         # count's over-complete fits (hxn_ptycho.mode_count; docs/auto_modes.md, "Session 20"); 1, off,
         # is the engine's default (``Reconstruction.ml_mode_cap``).
         self.mode_precondition_cap = float(getattr(rec, "ml_mode_cap", 1.0))
+        # > 0: μ of :func:`mode_penalty` in units of √gain (the data's amplitude units): ML minimises L + R
+        # (the held-out count's sparse fit); 0, off, is the engine's default (``Reconstruction.ml_mode_sparsity``)
+        self.mode_sparsity = float(getattr(rec, "ml_mode_sparsity", 0.0)) * float(np.sqrt(getattr(rec, "gain", 1.0)))
 
     # --- pass 1: likelihood and gradient ----------------------------------------------------------
     def _gradient_batch(self, w: Any, b: slice) -> None:
@@ -240,6 +271,10 @@ class MLIteration:
         rec.reducer.allreduce_sum([d_obj, d_probe])
         rec.reducer.allreduce_sum([scal])
         nll, err = float(scal[0]), float(scal[1])
+        if self.mode_sparsity:          # the same on every rank (the probe is): added after the sums
+            r, g_r = mode_penalty(rec.be, rec.probe, self.mode_sparsity)
+            nll += r
+            g_probe = g_probe + g_r.astype(g_probe.dtype, copy=False)
         return nll, err / max(rec.total_intensity, 1e-300), g_obj, d_obj, g_probe, d_probe
 
     def iterate(self, it: int) -> tuple[float, np.ndarray, np.ndarray]:
@@ -300,6 +335,9 @@ class MLIteration:
         curv = np.array([sum(w.d1 for w in rec._workers), sum(w.d2 for w in rec._workers)])
         rec.reducer.allreduce_sum([curv])
         d1, d2 = float(curv[0]), float(curv[1])
+        if self.mode_sparsity:
+            r1, r2 = mode_penalty_line(be, rec.probe, self.h_probe, self.mode_sparsity)
+            d1, d2 = d1 + r1, d2 + r2
         alpha = ml_step(d1, d2, self.alpha_last)
         if self.backtrack and alpha == 0.0 and d1 < 0:      # no usable curvature yet: a trial the check shortens
             alpha = self._first_step()

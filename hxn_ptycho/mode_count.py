@@ -65,6 +65,9 @@ class HeldOutCount:
     z_min: float = 2.0                      # the chain's (and the start choice's) significance level
     mode_cap: float = 10.0                  # ML's per-mode gradient scaling (MLIteration.mode_precondition_cap)
     extra_mode_power: float = 0.3           # the over-complete start's extra modes
+    sparsity: tuple[float, ...] = ()        # μ of the sparse fits (ml.mode_penalty, 0 a plain fit; none: the chain counts)
+    sparse_its: int = 500                   # their ML iterations, from the M-mode fit
+    share_min: float = 0.01                 # the count: modes of the sparse fit chosen holding at least this share
     max_views: int = 100                    # a larger scan is counted on this many views nearest its centre
     workers: int | None = None              # fits at a time (None: this process's cores): the count is the same
 
@@ -77,6 +80,10 @@ class HeldOutCount:
             raise ParamError(f"the held-out count needs at least 3 views to judge a mode on, got max_views {self.max_views}")
         if self.workers is not None and self.workers < 1:
             raise ParamError(f"the held-out count needs at least 1 worker, got {self.workers}")
+        if any(not (mu >= 0 and np.isfinite(mu)) for mu in self.sparsity) or not 0 < self.share_min < 1 \
+                or self.sparse_its < 1:
+            raise ParamError(f"the held-out count's sparse fits need sparsities ≥ 0 (got {self.sparsity}), a share "
+                             f"in (0, 1) (got {self.share_min}) and ≥ 1 iteration (got {self.sparse_its})")
         if self.refit < 1 or self.fit_modes < 2:
             raise ParamError("the held-out count needs refits of ≥ 1 iteration and an over-complete fit of ≥ 2 modes")
 
@@ -167,12 +174,14 @@ def phase_start(rec: Any, factor: float) -> np.ndarray:
 
 def fit(scan: Any, params: ReconParams, keep: np.ndarray | None = None, obj: np.ndarray | None = None,
         probe: np.ndarray | None = None, phase: float | None = None, mode_cap: float = 1.0,
-        attach: Callable[[Any], None] | None = None, stop: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
+        attach: Callable[[Any], None] | None = None, stop: Any = None, sparsity: float = 0.0
+        ) -> tuple[np.ndarray, np.ndarray, float]:
     """One fit with ``params`` (its ``probe_modes`` an integer): object, orthogonal modes sorted by power,
     data error. ``keep`` (views, n, n): only those pixels of each frame are fitted (:class:`FrameMaskBackend`).
     From ``obj``/``probe`` when given, else from the default start with its pupil phase scaled by ``phase``
     (:func:`phase_start`; None or 1: the engine's own start). ``attach(rec)`` runs before the iterations;
-    ``stop`` (as the engine's) ends the fit early and raises :class:`CountInterrupted`."""
+    ``stop`` (as the engine's) ends the fit early and raises :class:`CountInterrupted`. ``sparsity`` > 0: ML
+    minimises the data term plus :func:`ml.mode_penalty` with μ = ``sparsity`` (×√gain)."""
     from .engine import Reconstruction
     if keep is None:
         rec = Reconstruction(scan, params, log=lambda m: None, stop=stop)
@@ -185,6 +194,7 @@ def fit(scan: Any, params: ReconParams, keep: np.ndarray | None = None, obj: np.
         be.base = rec.diffamp
     try:
         rec.ml_mode_cap = mode_cap
+        rec.ml_mode_sparsity = sparsity
         if obj is not None and probe is not None:
             rec.obj = obj.astype(rec.cdtype)
             rec.probe = probe.astype(rec.cdtype)
@@ -387,6 +397,20 @@ def overcomplete_fit(scan: Any, kept: Any, keep: np.ndarray, params: ReconParams
     return OverCompleteFit(obj, pr, err, starts, chosen, sched)
 
 
+def sparse_fit(kept: Any, keep: np.ndarray, over: OverCompleteFit, how: HeldOutCount, mu: float,
+               stop: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """The M-mode fit continued ``how.sparse_its`` ML iterations of the kept pixels with the modes' group penalty
+    (:func:`ml.mode_penalty` with ``mu``; 0: none): modes the data do not pay for go to zero (docs/auto_modes.md,
+    "Session 33")."""
+    return fit(kept, over.sched(f"ML:{how.sparse_its}"), keep, over.obj, over.probe, mode_cap=how.mode_cap,
+               stop=stop, sparsity=mu)
+
+
+def share_count(probe: np.ndarray, share_min: float) -> int:
+    """The modes of ``probe`` (orthogonal) holding at least ``share_min`` of its power; at least 1."""
+    return max(1, int(np.sum(modes.power_fractions(probe) >= share_min)))
+
+
 def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
                     log_fn: Callable[[str], None] | None = None, stop: Any = None
                     ) -> tuple[dict[str, Any], CountedModel]:
@@ -413,12 +437,20 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
     workers = how.workers or available_cores()
     say(f"hxn-ptycho: counting the probe modes on {100 * how.holdout:.0f} % of the pixels held out of every fit "
         f"(auto_rule=heldout), on {where}: {len(how.starts)} starts screened ({how.screen}), one {M}-mode fit "
-        f"({how.schedule}), {M} refits (ML:{how.refit}), on the numpy backend, up to {workers} fit(s) at a time")
+        f"({how.schedule}), " + (f"{len(how.sparsity)} sparse fits (ML:{how.sparse_its}, sparsity "
+                                  + "/".join(f"{mu:g}" for mu in how.sparsity) + f") and the count's refit "
+                                  f"(ML:{how.refit})" if how.sparsity else f"{M} refits (ML:{how.refit})")
+        + f", on the numpy backend, up to {workers} fit(s) at a time")
     kept, keep = holdout_split(scan, how.holdout, how.seed)
     over = overcomplete_fit(scan, kept, keep, params, how, M, workers, say, stop)
     obj, pr, err, starts, chosen = over.obj, over.probe, over.error, over.starts, over.chosen
     sched = over.sched
     refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
+    if how.sparsity:
+        return sparse_count(scan, kept, keep, over, how, refit, workers, say, stop, {
+            "rule": "heldout", "holdout": how.holdout, "fit_modes": M, "views_counted": len(scan.diffamp),
+            "views_total": total, "workers": workers, "starts": starts, "start_chosen": chosen, "fit_error": err,
+            "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)]}, t0)
 
     def refit_k(k: int, halt: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
         where: list[np.ndarray] = []
@@ -452,6 +484,37 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
                 "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,
                 "seconds": round(time.perf_counter() - t0, 1)}
     return evidence, CountedModel(*models[found - 1], origin=origin[found - 1])
+
+
+def sparse_count(scan: Any, kept: Any, keep: np.ndarray, over: OverCompleteFit, how: HeldOutCount,
+                 refit: ReconParams, workers: int, say: Callable[[str], None], stop: Any, evidence: dict[str, Any],
+                 t0: float) -> tuple[dict[str, Any], CountedModel]:
+    """Step 3 with sparse fits (``how.sparsity``): one :func:`sparse_fit` a μ, the one with the lowest held-out
+    error chosen; the count is the number of its modes holding at least ``how.share_min`` of its power, and the
+    model those modes refitted (``refit``, no penalty)."""
+    def one(mu: float, halt: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray, float, float]:
+        o, p, e = sparse_fit(kept, keep, over, how, mu, halt)
+        return o, p, e, float(np.sum(held_out_errors(scan, o, p, ~keep)))
+
+    fits = in_parallel(one, list(how.sparsity), workers, stop)
+    best = int(np.argmin([f[3] for f in fits]))
+    o_s, p_s = fits[best][:2]
+    found = share_count(p_s, how.share_min)
+    where: list[np.ndarray] = []
+    o_k, p_k, _e = fit(kept, replace(refit, probe_modes=found), keep, o_s, p_s[:found], mode_cap=how.mode_cap,
+                       attach=lambda rec: where.append(rec.canvas_origin()), stop=stop)
+    shares = modes.power_fractions(p_s)
+    say(f"hxn-ptycho: held-out count: {found} probe mode(s) (the sparse fit of sparsity {how.sparsity[best]:g} "
+        "chosen on held-out pixels (" + ", ".join(f"{mu:g} {f[3]:.6g}" for mu, f in zip(how.sparsity, fits))
+        + "), its shares " + "/".join(f"{100 * x:.1f}" for x in shares) + f" %, at least {100 * how.share_min:g} %; "
+        f"{time.perf_counter() - t0:.0f} s)")
+    evidence.update({"found": found, "at_cap": found == len(p_s), "count_by": "sparse", "share_min": how.share_min,
+                     "sparse": [{"sparsity": mu, "iterations": how.sparse_its, "data_error": f[2],
+                                 "held_out_error": f[3],
+                                 "shares": [round(float(x), 5) for x in modes.power_fractions(f[1])]}
+                                for mu, f in zip(how.sparsity, fits)],
+                     "sparsity_chosen": how.sparsity[best], "seconds": round(time.perf_counter() - t0, 1)})
+    return evidence, CountedModel(o_k, p_k, origin=where[0])
 
 
 def heldout_evidence(facts: dict[str, Any]) -> dict[str, Any] | None:

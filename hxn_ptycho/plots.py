@@ -94,6 +94,11 @@ def count_note(attrs: dict) -> str:
     auto = heldout_evidence(attrs)
     if auto is None:
         return ""
+    if auto.get("count_by") == "sparse":
+        chosen = [f for f in auto.get("sparse", []) if f.get("sparsity") == auto.get("sparsity_chosen")]
+        shares = chosen[0].get("shares", []) if chosen else []
+        return (f" (counted on the sparse fit of sparsity {auto.get('sparsity_chosen')}: shares "
+                + "/".join(f"{100 * x:.1f}" for x in shares) + f" %, at least {100 * float(auto.get('share_min', 0.01)):g} %)")
     zs = [c["z"] for c in auto.get("chain", []) if "z" in c][:int(auto.get("found", 0))]   # up to the deciding step
     cap = f"; every step of the {auto.get('fit_modes')}-mode fit kept: a lower bound" if auto.get("at_cap") else ""
     return (" (counted on held-out pixels, steps' z " + ", ".join(f"{z:.1f}" for z in zs)
