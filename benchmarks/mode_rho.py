@@ -30,6 +30,10 @@ Session 32's (docs/auto_modes.md, "Session 32"; records docs/auto_modes_s32_*.js
     python benchmarks/mode_rho.py --noise poisson --cells gsm:1e6:3:0.03 --json F  # its fits Poisson ML
     python benchmarks/mode_rho.py --how schedule=DM:100,ML:400 --cells gsm:1e8:3:0.03 --json F  # its schedule
 
+Session 33's (docs/auto_modes.md, "Session 33"; records docs/auto_modes_s33_*.jsonl):
+
+    python benchmarks/mode_rho.py --sparse 0,10 --grid --json F     # the count from sparse fits of the cached fit
+
 Result (docs/auto_modes.md, "Session 31"; records docs/auto_modes_s31_rho.jsonl, ..._from_truth.jsonl): right on
 all 63 grid cells from the true object and a span holding the true modes, and on 0 of 63 from the rule of record's
 fit — its object and its modes each bias ρ towards the fit's own spectrum. Not adopted. The M-mode fit of every
@@ -366,6 +370,26 @@ def basin(text: str, cache: Path, its: int) -> dict[str, Any]:
     return out
 
 
+def sparse(text: str, cache: Path, mus: tuple[float, ...], its: int, workers: int) -> dict[str, Any]:
+    """Session 33's count (docs/auto_modes.md, "Session 33"): the cached M-mode fit continued ``its`` ML iterations
+    once a sparsity in ``mus`` (:func:`mode_count.sparse_fit`), the one with the lowest held-out error chosen, the
+    count its modes above 1 % (:func:`mode_count.sparse_count`, as ``HeldOutCount.sparsity`` runs it)."""
+    scan, mix, K, kept, keep, obj, probe = cached_cell(text, cache)
+    how = replace(mode_count.RULE, sparsity=mus, sparse_its=its)
+    params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
+                                    "auto_rule": "heldout"})
+    sched = mode_count.fit_schedules(params, how, len(probe))
+    over = mode_count.OverCompleteFit(obj, probe, float("nan"), [], 1.0, sched)
+    refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
+    t0 = time.perf_counter()
+    ev, _model = mode_count.sparse_count(scan, kept, keep, over, how, refit, workers, lambda m: None, None, {}, t0)
+    print(f"{text:>22} true {K} found {ev['found']} {'ok' if ev['found'] == K else 'XX'} (sparsity "
+          f"{ev['sparsity_chosen']:g}) " + "; ".join(
+              f"{f['sparsity']:g}: held-out {f['held_out_error']:.1f} " + "/".join(f"{100 * x:.2f}" for x in f["shares"])
+              for f in ev["sparse"]) + f"  {ev['seconds']} s", flush=True)
+    return {"cell": text, "K": K, **ev, "load": os.getloadavg()[0]}
+
+
 def kind(r: dict[str, Any]) -> str:
     """Which object and span a record's ρ was fitted with (and how its fit differs from the rule of record's)."""
     k = f"object {r.get('object', 'fit')}, span {r.get('span', 'fit')}"
@@ -474,7 +498,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--basin", type=int, metavar="ITS",
                     help="the diagnostic: ITS ML iterations from the truth (K and M modes) and from the cached fit")
     ap.add_argument("--alternate", nargs=2, type=int, metavar=("ROUNDS", "OBJ_ITS"))
+    ap.add_argument("--sparse", metavar="MU[,MU…]",
+                    help="session 33's count: the cached fit continued with each sparsity (ml.mode_penalty), the "
+                         "lowest held-out error chosen, its modes above 1 %% counted")
+    ap.add_argument("--sparse-its", type=int, default=500, help="with --sparse: the ML iterations of each")
     a = ap.parse_args(argv)
+    if a.sparse:
+        try:
+            mus = tuple(float(x) for x in a.sparse.split(","))
+        except ValueError:
+            raise SystemExit(f"mode_rho.py: --sparse {a.sparse!r}: expected sparsities such as 0,10") from None
+        for text in (grid_cells() if a.grid else []) + a.cells:
+            append_record(a.json, sparse(text, Path(a.cache), mus, a.sparse_its, a.workers))
+        return
     if a.self:
         for text in a.cells:
             append_record(a.json, {"cell": text, "self": a.self, "ks": self_consistency(text, Path(a.cache), a.self)})

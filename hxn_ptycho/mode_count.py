@@ -368,15 +368,22 @@ class OverCompleteFit:
     sched: Callable[..., ReconParams]
 
 
-def overcomplete_fit(scan: Any, kept: Any, keep: np.ndarray, params: ReconParams, how: HeldOutCount, M: int,
-                     workers: int, say: Callable[[str], None], stop: Any = None) -> OverCompleteFit:
-    """Steps 1–2 of the rule: the starts screened on the held-out pixels (``~keep``), then the chosen start's
-    ``M``-mode fit of ``kept`` (the scan with its held-out pixels emptied, :func:`holdout_split`)."""
+def fit_schedules(params: ReconParams, how: HeldOutCount, M: int) -> Callable[..., ReconParams]:
+    """``sched(alg, k=M)``: the count's fits' parameters (the user's, on numpy, without refinement or a warm start)
+    with schedule ``alg`` and ``k`` modes."""
     base = replace(params, probe_modes=M, extra_mode_power=how.extra_mode_power, refine_positions=False,
                    backend="numpy", init_from=None)
 
     def sched(alg: str, k: int = M) -> ReconParams:
         return replace(base, probe_modes=k, algorithm=alg, iterations=schedule_iterations(alg))
+    return sched
+
+
+def overcomplete_fit(scan: Any, kept: Any, keep: np.ndarray, params: ReconParams, how: HeldOutCount, M: int,
+                     workers: int, say: Callable[[str], None], stop: Any = None) -> OverCompleteFit:
+    """Steps 1–2 of the rule: the starts screened on the held-out pixels (``~keep``), then the chosen start's
+    ``M``-mode fit of ``kept`` (the scan with its held-out pixels emptied, :func:`holdout_split`)."""
+    sched = fit_schedules(params, how, M)
 
     def screen(f: float, halt: Callable[[], bool]) -> tuple[np.ndarray, float]:
         ts = time.perf_counter()
