@@ -33,6 +33,7 @@ Session 32's (docs/auto_modes.md, "Session 32"; records docs/auto_modes_s32_*.js
 Session 33's (docs/auto_modes.md, "Session 33"; records docs/auto_modes_s33_*.jsonl):
 
     python benchmarks/mode_rho.py --sparse 0,10 --grid --json F     # the count from sparse fits of the cached fit
+    python benchmarks/mode_rho.py --summarise docs/auto_modes_s33_sparse.jsonl --against docs/auto_modes_s27.jsonl
 
 Result (docs/auto_modes.md, "Session 31"; records docs/auto_modes_s31_rho.jsonl, ..._from_truth.jsonl): right on
 all 63 grid cells from the true object and a span holding the true modes, and on 0 of 63 from the rule of record's
@@ -447,6 +448,38 @@ def summarise(path: str, against: str | None, alpha: str) -> None:
           + (f"; the rule of record on these cells {rref}" if against else ""))
 
 
+def summarise_sparse(path: str, against: str | None) -> None:
+    """Session 33's records (:func:`sparse`): per cell the count (the chosen sparsity's modes above 1 %), each
+    sparsity's own share count and held-out error, and the rule of record's (``against``); then the right cells,
+    in all and by photon count, of the count, of each sparsity alone, and of the rule of record."""
+    from auto_mode_mixtures import case_key
+    recs = [r for r in read_records(path) if r.get("count_by") == "sparse"]
+    ref = {case_key(r["family"], float(r["photons"]), int(r["K"]), float(r["weakest"])): r["found"]
+           for r in read_records(against)} if against else {}
+    right: dict[str, dict[str, int]] = {}
+
+    def score(name: str, photons: str, ok: bool) -> None:
+        by = right.setdefault(name, {})
+        by[photons] = by.get(photons, 0) + ok
+        by["all"] = by.get("all", 0) + ok
+    for r in recs:
+        K, photons = r["K"], r["cell"].split(":")[1]
+        line = f"{r['cell']:>22} true {K} found {r['found']}{' ' if r['found'] == K else '✗'} (sparsity " \
+               f"{r['sparsity_chosen']:g})"
+        score("count", photons, r["found"] == K)
+        for f in r["sparse"]:
+            n = mode_count.share_count(np.sqrt(np.asarray(f["shares"]))[:, None, None], r["share_min"])
+            score(f"sparsity {f['sparsity']:g} alone", photons, n == K)
+            line += f" | {f['sparsity']:g}: {n} held-out {f['held_out_error']:.1f} " + "/".join(
+                f"{100 * x:.1f}" for x in f["shares"])
+        if against:
+            score("the rule of record", photons, ref.get(r["cell"]) == K)
+            line += f" | record {ref.get(r['cell'], '-')}"
+        print(line)
+    for name, by in right.items():
+        print(f"{name}: {by['all']} of {len(recs)} (" + ", ".join(f"{k} {v}" for k, v in by.items() if k != "all") + ")")
+
+
 def schedule_of(changes: list[str]) -> mode_count.HeldOutCount:
     """The rule of record's schedule with ``FIELD=VALUE`` changes (each value read as the field's own type)."""
     fields = vars(mode_count.RULE)
@@ -529,7 +562,10 @@ def main(argv: list[str] | None = None) -> None:
             append_record(a.json, {"cell": text, "alternate": a.alternate, "rounds": rounds})
         return
     if a.summarise:
-        summarise(a.summarise, a.against, a.alpha)
+        if any(r.get("count_by") == "sparse" for r in read_records(a.summarise)):
+            summarise_sparse(a.summarise, a.against)
+        else:
+            summarise(a.summarise, a.against, a.alpha)
         return
     how = schedule_of(a.how)
     cache = Path(a.cache + ("-pupil" if a.pupil else "") + ("-poisson" if a.noise == "poisson" else "")

@@ -1055,7 +1055,7 @@ def test_session31s_diagnostics_refuse_a_cell_whose_fit_is_not_cached(tmp_path):
     _benchmarks_on_path()
     import mode_rho
 
-    for argv in (["--self", "10"], ["--alternate", "1", "10"], ["--hybrid", "10"], ["--basin", "10"]):
+    for argv in (["--self", "10"], ["--alternate", "1", "10"], ["--hybrid", "10"], ["--basin", "10"], ["--sparse", "0,10"]):
         with pytest.raises(SystemExit, match=r"no cached M-mode fit of fly:1e6:1:1 .*--cells fly:1e6:1:1"):
             mode_rho.main(argv + ["--cells", "fly:1e6:1:1", "--cache", str(tmp_path)])
 
@@ -1094,3 +1094,25 @@ def test_session32s_per_mode_capture_and_split_errors_add_up():
         mode_rho.schedule_of(["bogus=1"])
     with pytest.raises(SystemExit, match="--how 'fit_modes=six': fit_modes takes int"):
         mode_rho.schedule_of(["fit_modes=six"])
+
+
+def test_session33s_sparse_records_are_summarised_and_bad_sparsities_refused(tmp_path, capsys):
+    """benchmarks/mode_rho.py --summarise reads session 33's records (the count, each sparsity's own share count,
+    the rule of record's) and scores them; --sparse with a value that is not a list of numbers stops by name."""
+    _benchmarks_on_path()
+    import mode_rho
+
+    recs = [{"cell": "fly:1e6:2:0.1", "K": 2, "count_by": "sparse", "found": 2, "sparsity_chosen": 10.0,
+             "share_min": 0.01, "sparse": [{"sparsity": 0.0, "held_out_error": 2.0, "shares": [0.9, 0.05, 0.03, 0.02]},
+                                          {"sparsity": 10.0, "held_out_error": 1.0, "shares": [0.95, 0.05, 0.0, 0.0]}]},
+            {"cell": "fly:1e8:1:1", "K": 1, "count_by": "sparse", "found": 2, "sparsity_chosen": 0.0,
+             "share_min": 0.01, "sparse": [{"sparsity": 0.0, "held_out_error": 1.0, "shares": [0.98, 0.02, 0, 0]},
+                                          {"sparsity": 10.0, "held_out_error": 2.0, "shares": [1.0, 0, 0, 0]}]}]
+    path = tmp_path / "s33.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    mode_rho.main(["--summarise", str(path)])
+    out = capsys.readouterr().out
+    assert "count: 1 of 2 (1e6 1, 1e8 0)" in out
+    assert "sparsity 0 alone: 0 of 2" in out and "sparsity 10 alone: 2 of 2" in out
+    with pytest.raises(SystemExit, match="--sparse 'ten'"):
+        mode_rho.main(["--sparse", "ten", "--cells", "fly:1e6:1:1", "--cache", str(tmp_path)])
