@@ -33,6 +33,10 @@ ranks give the 1-process result to rounding):
    then judged against the L of the old positions. The amplitude model keeps its step (an overshoot
    halves the step back and restarts; its results are unchanged). docs/auto_modes.md, "Session 22".
 
+With ``Reconstruction.ml_mode_sparsity`` > 0 (the held-out count's sparse fits only) ML minimises L + R, R the modes'
+group penalty μ Σ_k ‖P_k‖ (:func:`mode_penalty`): its gradient joins the probe's, its slope and curvature along the
+direction join the line search's (:func:`mode_penalty_line`), once per iteration after the sums over ranks.
+
 Four FFTs per view and mode per iteration (three for the amplitude model); the Fourier transforms
 F(Φ) of pass 1 are kept in the exit-wave store for pass 2. The per-pixel work of each pass is one step function here
 (:func:`ml_gradient`, :func:`ml_line_search`, the numpy definition); a backend with a fused version
