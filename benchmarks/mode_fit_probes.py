@@ -70,8 +70,7 @@ def trajectory(text: str, every: int = 20) -> None:
         return fit(scan_, p, keep_, obj, probe, phase, mode_cap, hook if p.algorithm == how.schedule else attach, stop)
     mode_count.fit = watched
     try:
-        params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
-                                        "auto_rule": "heldout"})
+        params = mr.count_params()
         mode_count.overcomplete_fit(scan, kept, keep, params, how, how.fit_modes, 2, print)
     finally:
         mode_count.fit = fit
@@ -85,8 +84,7 @@ def more_modes(text: str, M: int) -> None:
     scan, mix, K = case_scan(text)
     how = mode_count.RULE
     kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
-    params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
-                                    "auto_rule": "heldout"})
+    params = mr.count_params()
     over = mode_count.overcomplete_fit(scan, kept, keep, params, how, M, 2, lambda m: None)
     line(f"{text} M {M}", scan, keep, mix, over.obj, over.probe)
     print("true modes inside its span " + "/".join(f"{100 * c:.2f}" for c in per_mode_capture(over.probe, mix.probe))
@@ -152,8 +150,7 @@ def coarse(text: str, cache: Path, f: int, its: int) -> None:
     crop = partial(crop_far_field, f=f)
     lo = replace(scan, diffamp=crop(scan.diffamp), mask=None if scan.mask is None else crop(scan.mask))
     keep_lo = crop(keep)
-    params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
-                                    "auto_rule": "heldout"})
+    params = mr.count_params()
     over = mode_count.overcomplete_fit(lo, mode_count.kept_only(lo, keep_lo), keep_lo, params, how, len(p0), 2,
                                        lambda msg: None)
     print(f"{text} at 1/{f} resolution ({m}²): start x{over.chosen:g}, fit % "

@@ -197,8 +197,7 @@ def cell(text: str, cache: Path, workers: int, obj_from: str = "fit", span_from:
          from_truth: int = 0, more: int = 0, pupil: bool = False, noise: str = "amplitude",
          how: mode_count.HeldOutCount = mode_count.RULE) -> dict[str, Any]:
     scan, mix, K = case_scan(text)
-    params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
-                                    "auto_rule": "heldout", "ml_noise_model": noise})
+    params = count_params(ml_noise_model=noise)
     kept, keep = mode_count.holdout_split(scan, how.holdout, how.seed)
     path = cache / (text.replace(":", "_") + ".npz")
     t0 = time.perf_counter()
@@ -294,6 +293,12 @@ def alternate(text: str, cache: Path, rounds: int, obj_its: int) -> list[dict[st
     return out
 
 
+def count_params(**extra: Any) -> ReconParams:
+    """The user's parameters of the grid's counts (`--auto-rule heldout`, one thread, gain 1)."""
+    return ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
+                                  "auto_rule": "heldout", **extra})
+
+
 def ml_params(M: int, its: int, **extra: Any) -> ReconParams:
     """``its`` ML iterations with ``M`` modes, as the count's fits run them (one thread, gain 1, numpy)."""
     return ReconParams.from_dict({"iterations": its, "threads": 1, "detector_gain": 1, "probe_modes": M,
@@ -377,13 +382,11 @@ def sparse(text: str, cache: Path, mus: tuple[float, ...], its: int, workers: in
     count its modes above 1 % (:func:`mode_count.sparse_count`, as ``HeldOutCount.sparsity`` runs it)."""
     scan, mix, K, kept, keep, obj, probe = cached_cell(text, cache)
     how = replace(mode_count.RULE, sparsity=mus, sparse_its=its)
-    params = ReconParams.from_dict({"iterations": 100, "threads": 1, "detector_gain": 1, "probe_modes": "auto",
-                                    "auto_rule": "heldout"})
-    sched = mode_count.fit_schedules(params, how, len(probe))
-    over = mode_count.OverCompleteFit(obj, probe, float("nan"), [], 1.0, sched)
-    refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
+    params = count_params()
+    over = mode_count.OverCompleteFit(obj, probe, float("nan"), [], 1.0, mode_count.fit_schedules(params, how, len(probe)))
     t0 = time.perf_counter()
-    ev, _model = mode_count.sparse_count(scan, kept, keep, over, how, refit, workers, lambda m: None, None, {}, t0)
+    ev, _model, _why = mode_count.sparse_count(scan, kept, keep, over, how, params, workers)
+    ev["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"{text:>22} true {K} found {ev['found']} {'ok' if ev['found'] == K else 'XX'} (sparsity "
           f"{ev['sparsity_chosen']:g}) " + "; ".join(
               f"{f['sparsity']:g}: held-out {f['held_out_error']:.1f} " + "/".join(f"{100 * x:.2f}" for x in f["shares"])
@@ -468,7 +471,7 @@ def summarise_sparse(path: str, against: str | None) -> None:
                f"{r['sparsity_chosen']:g})"
         score("count", photons, r["found"] == K)
         for f in r["sparse"]:
-            n = mode_count.share_count(np.sqrt(np.asarray(f["shares"]))[:, None, None], r["share_min"])
+            n = mode_count.share_count(f["shares"], r["share_min"])
             score(f"sparsity {f['sparsity']:g} alone", photons, n == K)
             line += f" | {f['sparsity']:g}: {n} held-out {f['held_out_error']:.1f} " + "/".join(
                 f"{100 * x:.1f}" for x in f["shares"])

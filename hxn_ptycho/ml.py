@@ -162,19 +162,21 @@ def mode_penalty(be: Any, probe: Any, mu: float) -> tuple[float, Any]:
     to zero and leaves a mode only where the data's gradient along it exceeds μ/2 (the held-out count's
     sparse fit, docs/auto_modes.md, "Session 33"). ε = :data:`SPARSITY_EPS` × the total norm smooths it at 0.
     """
-    xp = be.xp
+    s = _smoothed_norms(be.xp, probe)
+    return mu * float(be.xp.sum(s)), (0.5 * mu / s)[:, None, None].astype(probe.real.dtype) * probe
+
+
+def _smoothed_norms(xp: Any, probe: Any) -> Any:
+    """s_k = √(‖P_k‖² + ε²) of every mode, ε = :data:`SPARSITY_EPS` × the modes' total norm (float64)."""
     norm2 = xp.sum(xp.square(xp.abs(probe)), axis=(1, 2)).astype(xp.float64)
-    eps2 = (SPARSITY_EPS ** 2) * float(xp.sum(norm2))
-    s = xp.sqrt(norm2 + eps2)
-    return mu * float(xp.sum(s)), (0.5 * mu / s)[:, None, None].astype(probe.real.dtype) * probe
+    return xp.sqrt(norm2 + (SPARSITY_EPS ** 2) * float(xp.sum(norm2)))
 
 
 # (ML, mode sparsity) R'(0) = μ Σ_k Re⟨P_k, h_k⟩/s_k and R''(0) = μ Σ_k (‖h_k‖² − Re⟨P_k, h_k⟩²/s_k²)/s_k along P + α·h
 def mode_penalty_line(be: Any, probe: Any, h: Any, mu: float) -> tuple[float, float]:
     """The penalty's slope and (exact, non-negative) curvature along the probe direction ``h``."""
     xp = be.xp
-    norm2 = xp.sum(xp.square(xp.abs(probe)), axis=(1, 2)).astype(xp.float64)
-    s = xp.sqrt(norm2 + (SPARSITY_EPS ** 2) * float(xp.sum(norm2)))
+    s = _smoothed_norms(xp, probe)
     ph = xp.sum(probe.real * h.real + probe.imag * h.imag, axis=(1, 2)).astype(xp.float64)
     hh = xp.sum(xp.square(xp.abs(h)), axis=(1, 2)).astype(xp.float64)
     return mu * float(xp.sum(ph / s)), mu * float(xp.sum((hh - ph * ph / (s * s)) / s))

@@ -418,9 +418,9 @@ def sparse_fit(kept: Any, keep: np.ndarray, over: OverCompleteFit, how: HeldOutC
                stop=stop, sparsity=mu)
 
 
-def share_count(probe: np.ndarray, share_min: float) -> int:
-    """The modes of ``probe`` (orthogonal) holding at least ``share_min`` of its power; at least 1."""
-    return max(1, int(np.sum(modes.power_fractions(probe) >= share_min)))
+def share_count(shares: Any, share_min: float) -> int:
+    """The modes whose power fractions ``shares`` (of orthogonal modes) are at least ``share_min``; at least 1."""
+    return max(1, int(np.sum(np.asarray(shares) >= share_min)))
 
 
 def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = None,
@@ -458,11 +458,14 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
     obj, pr, err, starts, chosen = over.obj, over.probe, over.error, over.starts, over.chosen
     sched = over.sched
     refit = replace(sched(f"ML:{how.refit}"), extra_mode_power=params.extra_mode_power)
+    common = {"rule": "heldout", "holdout": how.holdout, "fit_modes": M, "views_counted": len(scan.diffamp),
+              "views_total": total, "workers": workers, "starts": starts, "start_chosen": chosen, "fit_error": err,
+              "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)]}
     if how.sparsity:
-        return sparse_count(scan, kept, keep, over, how, refit, workers, say, stop, {
-            "rule": "heldout", "holdout": how.holdout, "fit_modes": M, "views_counted": len(scan.diffamp),
-            "views_total": total, "workers": workers, "starts": starts, "start_chosen": chosen, "fit_error": err,
-            "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)]}, t0)
+        part, model, why = sparse_count(scan, kept, keep, over, how, params, workers, stop)
+        say(f"hxn-ptycho: held-out count: {part['found']} probe mode(s) ({why}; "
+            f"{time.perf_counter() - t0:.0f} s)")
+        return {**common, **part, "seconds": round(time.perf_counter() - t0, 1)}, model
 
     def refit_k(k: int, halt: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
         where: list[np.ndarray] = []
@@ -489,44 +492,39 @@ def count_and_model(scan: Any, params: ReconParams, how: HeldOutCount | None = N
             f"hxn-ptycho: held-out count: every step of the {M}-mode fit kept a held-out gain, so {M} is a lower "
             f"bound, not a count (on measured data, misfit that more modes absorb does this too: "
             f"docs/auto_modes.md, the Siemens star)")
-    evidence = {"rule": "heldout", "found": found, "at_cap": at_cap, "z_min": how.z_min, "holdout": how.holdout,
-                "fit_modes": M,
-                "views_counted": len(scan.diffamp), "views_total": total, "workers": workers,
-                "starts": starts, "start_chosen": chosen, "fit_error": err,
-                "fit_shares": [round(float(s), 5) for s in modes.power_fractions(pr)], "chain": chain,
+    evidence = {**common, "found": found, "at_cap": at_cap, "z_min": how.z_min, "chain": chain,
                 "seconds": round(time.perf_counter() - t0, 1)}
     return evidence, CountedModel(*models[found - 1], origin=origin[found - 1])
 
 
 def sparse_count(scan: Any, kept: Any, keep: np.ndarray, over: OverCompleteFit, how: HeldOutCount,
-                 refit: ReconParams, workers: int, say: Callable[[str], None], stop: Any, evidence: dict[str, Any],
-                 t0: float) -> tuple[dict[str, Any], CountedModel]:
+                 params: ReconParams, workers: int, stop: Any = None) -> tuple[dict[str, Any], CountedModel, str]:
     """Step 3 with sparse fits (``how.sparsity``): one :func:`sparse_fit` a μ, the one with the lowest held-out
     error chosen; the count is the number of its modes holding at least ``how.share_min`` of its power, and the
-    model those modes refitted (``refit``, no penalty)."""
+    model those modes refitted (ML:``how.refit``, no penalty). Returns the count's part of the evidence, the
+    model, and why (a phrase for the log)."""
     def one(mu: float, halt: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray, float, float]:
         o, p, e = sparse_fit(kept, keep, over, how, mu, halt)
         return o, p, e, float(np.sum(held_out_errors(scan, o, p, ~keep)))
 
     fits = in_parallel(one, list(how.sparsity), workers, stop)
+    shares = [modes.power_fractions(f[1]) for f in fits]
     best = int(np.argmin([f[3] for f in fits]))
     o_s, p_s = fits[best][:2]
-    found = share_count(p_s, how.share_min)
+    found = share_count(shares[best], how.share_min)
+    refit = replace(over.sched(f"ML:{how.refit}", found), extra_mode_power=params.extra_mode_power)
     where: list[np.ndarray] = []
-    o_k, p_k, _e = fit(kept, replace(refit, probe_modes=found), keep, o_s, p_s[:found], mode_cap=how.mode_cap,
+    o_k, p_k, _e = fit(kept, refit, keep, o_s, p_s[:found], mode_cap=how.mode_cap,
                        attach=lambda rec: where.append(rec.canvas_origin()), stop=stop)
-    shares = modes.power_fractions(p_s)
-    say(f"hxn-ptycho: held-out count: {found} probe mode(s) (the sparse fit of sparsity {how.sparsity[best]:g} "
-        "chosen on held-out pixels (" + ", ".join(f"{mu:g} {f[3]:.6g}" for mu, f in zip(how.sparsity, fits))
-        + "), its shares " + "/".join(f"{100 * x:.1f}" for x in shares) + f" %, at least {100 * how.share_min:g} %; "
-        f"{time.perf_counter() - t0:.0f} s)")
-    evidence.update({"found": found, "at_cap": found == len(p_s), "count_by": "sparse", "share_min": how.share_min,
-                     "sparse": [{"sparsity": mu, "iterations": how.sparse_its, "data_error": f[2],
-                                 "held_out_error": f[3],
-                                 "shares": [round(float(x), 5) for x in modes.power_fractions(f[1])]}
-                                for mu, f in zip(how.sparsity, fits)],
-                     "sparsity_chosen": how.sparsity[best], "seconds": round(time.perf_counter() - t0, 1)})
-    return evidence, CountedModel(o_k, p_k, origin=where[0])
+    why = (f"the sparse fit of sparsity {how.sparsity[best]:g} chosen on held-out pixels ("
+           + ", ".join(f"{mu:g} {f[3]:.6g}" for mu, f in zip(how.sparsity, fits)) + "), its shares "
+           + "/".join(f"{100 * x:.1f}" for x in shares[best]) + f" %, at least {100 * how.share_min:g} %")
+    part = {"found": found, "at_cap": found == len(p_s), "count_by": "sparse", "share_min": how.share_min,
+            "sparse": [{"sparsity": mu, "iterations": how.sparse_its, "data_error": f[2], "held_out_error": f[3],
+                        "shares": [round(float(x), 5) for x in sh]}
+                       for mu, f, sh in zip(how.sparsity, fits, shares)],
+            "sparsity_chosen": how.sparsity[best]}
+    return part, CountedModel(o_k, p_k, origin=where[0]), why
 
 
 def heldout_evidence(facts: dict[str, Any]) -> dict[str, Any] | None:
